@@ -1,0 +1,143 @@
+"""The one Celery configuration, imported by every process (CLI, control worker, region workers).
+
+It must be identical everywhere: a chord body and every chain continuation are published by the
+worker that finished the previous task, with *that* worker's routing (design note §5.1).
+Each setting below says why it is set; see ../shared/research/celery-design-note.md §5 and §12.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from app.settings import get_settings
+
+CONTROL_QUEUE = "vmfarm.control"
+EXCHANGE = Exchange("vmfarm", type="direct")
+# Tasks that run on a region's workers (SSH work, discovery); everything else is control.
+REGION_TASKS = frozenset({"vmfarm.run_step"})
+_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Messages may sit reserved or queued this long before Redis redelivers them. With early ack it
+# bounds nothing about how long a task may *run*; it must exceed the longest queue wait (6 h).
+VISIBILITY_TIMEOUT = 6 * 3600
+
+
+def region_queue(region: str) -> str:
+    """``us-east-1`` -> ``vmfarm.us-east-1``; a region name that is not a safe name fails."""
+    if not _REGION_RE.match(region or ""):
+        raise ValueError(f"invalid region name {region!r}")
+    return f"vmfarm.{region}"
+
+
+def make_queue(name: str) -> Queue:
+    return Queue(name, EXCHANGE, routing_key=name)
+
+
+def ensure_region_queue(region: str) -> str:
+    """Declare ``vmfarm.<region>`` in this process's queue table and return its name.
+
+    Regions come from pipeline files, so their queues cannot all be listed up front; every other
+    queue name stays unknown and fails loudly (``task_create_missing_queues = False``).
+    """
+    name = region_queue(region)
+    queues = app.amqp.queues
+    if name not in queues:
+        queues.add(make_queue(name))
+    return name
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+               **_: Any) -> dict[str, str]:
+    """Region tasks go to their host's region queue (from the ``key`` kwarg); the rest to
+    control."""
+    if name in REGION_TASKS:
+        key = (kwargs or {}).get("key") or {}
+        return {"queue": ensure_region_queue(str(key.get("region", "")))}
+    return {"queue": CONTROL_QUEUE}
+
+
+def build_config() -> dict[str, Any]:
+    """The settings dict (a function so tests can inspect it)."""
+    s = get_settings()
+    redis = s.celery_broker.startswith(("redis://", "rediss://"))
+    transport: dict[str, Any] = {}
+    if redis:
+        transport = {
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        }
+    else:
+        # Embedded (kombu's sqla transport) polls, 1 s by default: a second per chain link.
+        # kombu forwards every transport option of this transport to create_engine(), which
+        # rejects polling_interval, so the interval is set on the transport class instead.
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        kombu_sqla.Transport.polling_interval = 0.05
+    conf: dict[str, Any] = {
+        "broker_url": s.celery_broker,
+        "result_backend": s.celery_backend,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT}
+        if redis else {},
+        # JSON only: task arguments are ids and keys, never objects or secrets.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        # Routing: one control queue declared; region queues declared on demand by the router.
+        "task_default_queue": CONTROL_QUEUE,
+        "task_default_exchange": EXCHANGE.name,
+        "task_default_routing_key": CONTROL_QUEUE,
+        "task_queues": [make_queue(CONTROL_QUEUE)],
+        "task_create_missing_queues": False,
+        "task_routes": (route_task,),
+        # SSH steps run at most once per dispatch: early ack, no redelivery of started work,
+        # nothing waiting in a worker's prefetch buffer (a buffered message past the visibility
+        # timeout ran twice in the design note's experiment).
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_disable_prefetch": redis,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_track_started": True,
+        "task_publish_retry": True,
+        # Chords: errbacks only nudge the coordinator, so calling them per failed header task is
+        # harmless and reacts sooner. Set explicitly: the default is pending deprecation.
+        "task_allow_error_cb_on_chord_header": True,
+        "result_chord_join_timeout": 30.0,
+        "result_chord_retry_interval": 1.0 if redis else 0.1,
+        "result_expires": 7 * 24 * 3600,
+        "result_extended": True,  # Flower shows args: they carry ids only, never secrets
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        # Monitoring (Flower).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_max_tasks_per_child": 1000,
+        "worker_hijack_root_logger": False,
+        "worker_soft_shutdown_timeout": 30.0,
+    }
+    return conf
+
+
+app = Celery("vmfarm", include=["tasks.deploy", "tasks.control"])
+app.conf.update(build_config())
+
+
+def reconfigure() -> None:
+    """Re-read settings (tests change the environment after import)."""
+    get_settings.cache_clear()
+    app.conf.update(build_config())
+    # The broker connection pool and the result backend are cached on first use: drop them.
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.__dict__.pop("backend", None)
+    app._local.__dict__.pop("backend", None)

@@ -1,0 +1,152 @@
+"""One error hierarchy for vmfarm.
+
+Third-party errors (paramiko, socket, SQL, cloud SDKs) are turned into these at the boundary,
+so that failure strategies, the CLI and the ledger speak one vocabulary::
+
+    VmfarmError
+    ├── SpecError                 a pipeline file is wrong (file:line:col, field); exit code 2
+    │   └── SpecErrors            several SpecError at once
+    ├── ConfigError               settings or environment are wrong (a missing tool, bad URL)
+    ├── HostError                 something went wrong on one host, in one step
+    │   ├── ConnectivityError     TCP connect refused / reset, SSH protocol failure
+    │   │   ├── UnreachableError  no route, DNS failure, connect timeout
+    │   │   └── HostKeyError      the host key is unknown or changed
+    │   ├── AuthenticationError   the host refused our credentials
+    │   ├── CommandTimeoutError   a command ran past its timeout
+    │   ├── ScriptError           a Script unit exited non-zero
+    │   ├── TransferError         a Copy unit failed (SFTP)
+    │   └── WorkerLostError       the worker running the step vanished (DelegateRestart)
+    └── LabError                  the local lab cannot start (not root, sshd missing, ...)
+
+Every error is picklable (it may cross the broker) and says what happened, where, and what to do.
+The ``error_class`` of a ``HostError`` is the name failure strategies match on (Harness's error
+types: Authentication, Connectivity, Timeout, Unknown, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class VmfarmError(Exception):
+    """Base of every error vmfarm raises on purpose."""
+
+
+@dataclass(eq=False)
+class SpecError(VmfarmError):
+    """A pipeline file is invalid. Printed as ``file:line:col: message``."""
+
+    message: str
+    file: str = "<input>"
+    line: int = 0
+    col: int = 0
+    field: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
+        fld = f" [{self.field}]" if self.field and self.field not in self.message else ""
+        return f"{where}: {self.message}{fld}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.file, self.line, self.col, self.field))
+
+
+@dataclass(eq=False)
+class SpecErrors(VmfarmError):
+    """Several problems found in one load; each is reported."""
+
+    errors: list[SpecError] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.errors,))
+
+
+class ConfigError(VmfarmError):
+    """Settings or the environment are wrong (a bad URL, a missing tool)."""
+
+
+class LabError(VmfarmError):
+    """The local lab cannot do what was asked (not root, sshd missing, ...)."""
+
+
+class HostError(VmfarmError):
+    """Something went wrong on one host. Carries the host and step it happened in."""
+
+    error_class = "Unknown"
+
+    def __init__(self, message: str, *, host: str = "", step: str = "", unit: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.host = host
+        self.step = step
+        self.unit = unit
+
+    def __str__(self) -> str:
+        where = ", ".join(
+            p for p in (f"host {self.host}" if self.host else "",
+                        f"step {self.step}" if self.step else "",
+                        f"unit {self.unit}" if self.unit else "") if p
+        )
+        return f"{self.message} ({where})" if where else self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_host_error, (type(self), self.message, self.host, self.step, self.unit))
+
+
+def _rebuild_host_error(
+    cls: type[HostError], message: str, host: str, step: str, unit: str
+) -> HostError:
+    return cls(message, host=host, step=step, unit=unit)
+
+
+class ConnectivityError(HostError):
+    """The SSH connection failed or broke."""
+
+    error_class = "Connectivity"
+
+
+class UnreachableError(ConnectivityError):
+    """The host could not be reached at all (no route, DNS, connect timeout)."""
+
+
+class HostKeyError(ConnectivityError):
+    """The host key is not in known_hosts, or it changed."""
+
+
+class AuthenticationError(HostError):
+    """The host refused the credentials."""
+
+    error_class = "Authentication"
+
+
+class CommandTimeoutError(HostError):
+    """A command ran longer than its timeout and was stopped."""
+
+    error_class = "Timeout"
+
+
+class ScriptError(HostError):
+    """A Script unit exited non-zero."""
+
+    error_class = "Unknown"
+
+
+class TransferError(HostError):
+    """A Copy unit could not transfer its file."""
+
+    error_class = "Unknown"
+
+
+class WorkerLostError(HostError):
+    """The worker that ran this step disappeared (Harness: DelegateRestart)."""
+
+    error_class = "DelegateRestart"

@@ -1,0 +1,166 @@
+"""The SQL ledger: the source of truth for every execution (Celery's backend is only plumbing).
+
+Table models (``*Run``, ``Execution``, ``Instance``) are kept apart from the file schemas in
+``app.spec``. Times are naive UTC. Nothing here ever holds a secret value: rows hold masked logs
+and references.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import NaiveDatetime
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: one convention for SQLite and PostgreSQL alike."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Status:
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+    ABORTED = "ABORTED"
+    PENDING = "PENDING"
+
+    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED"})
+
+
+class Execution(SQLModel, table=True):
+    """One run of a pipeline."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    pipeline: str = Field(index=True, max_length=128)
+    pipeline_name: str = Field(default="", max_length=256)
+    status: str = Field(default=Status.QUEUED, index=True, max_length=16)
+    plan: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    inputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_by: str = Field(default="", max_length=128)
+    current_stage: int = 0
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: NaiveDatetime = Field(default_factory=utcnow)
+    started_at: NaiveDatetime | None = None
+    finished_at: NaiveDatetime | None = None
+
+
+class StageRun(SQLModel, table=True):
+    """One stage of an execution, with the hosts it targets."""
+
+    __table_args__ = (UniqueConstraint("execution_id", "stage_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    execution_id: str = Field(foreign_key="execution.id", index=True, max_length=32)
+    stage_index: int
+    identifier: str = Field(max_length=128)
+    name: str = Field(default="", max_length=256)
+    status: str = Field(default=Status.PENDING, max_length=16)
+    hosts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
+                                                                             nullable=False))
+    phases: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: NaiveDatetime | None = None
+    finished_at: NaiveDatetime | None = None
+
+
+class PhaseRun(SQLModel, table=True):
+    """A phase dispatched once: the unique key makes a second dispatch fail loudly."""
+
+    __table_args__ = (UniqueConstraint("execution_id", "stage_index", "phase", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    execution_id: str = Field(foreign_key="execution.id", index=True, max_length=32)
+    stage_index: int
+    phase: int
+    kind: str = Field(default="deploy", max_length=16)
+    status: str = Field(default=Status.RUNNING, max_length=16)
+    hosts: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    verdict: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    dispatched_at: NaiveDatetime = Field(default_factory=utcnow)
+    gate_at: NaiveDatetime | None = None
+
+
+class StepRun(SQLModel, table=True):
+    """A step of a stage, summed over its hosts (written by the gate, not per host)."""
+
+    __table_args__ = (UniqueConstraint("execution_id", "stage_index", "step_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    execution_id: str = Field(foreign_key="execution.id", index=True, max_length=32)
+    stage_index: int
+    step_index: int
+    identifier: str = Field(max_length=128)
+    name: str = Field(default="", max_length=256)
+    status: str = Field(default=Status.PENDING, max_length=16)
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    started_at: NaiveDatetime | None = None
+    finished_at: NaiveDatetime | None = None
+
+
+class HostStepRun(SQLModel, table=True):
+    """One step on one host, one attempt. ``idem_key`` is claimed before anything runs."""
+
+    __table_args__ = (
+        Index("ix_hoststeprun_exec_stage_phase", "execution_id", "stage_index", "phase"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    idem_key: str = Field(unique=True, max_length=255)
+    execution_id: str = Field(foreign_key="execution.id", max_length=32)
+    stage_index: int
+    phase: int
+    step_index: int
+    step_id: str = Field(max_length=128)
+    host: str = Field(max_length=255, index=True)
+    region: str = Field(default="", max_length=64)
+    attempt: int = 1
+    status: str = Field(default=Status.RUNNING, max_length=16)
+    error_class: str | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    failed_unit: str | None = Field(default=None, max_length=128)
+    exit_code: int | None = None
+    stdout_tail: str | None = Field(default=None, sa_column=Column(Text))
+    stderr_tail: str | None = Field(default=None, sa_column=Column(Text))
+    outputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    worker: str | None = Field(default=None, max_length=255)
+    queue: str | None = Field(default=None, max_length=128)
+    task_id: str | None = Field(default=None, max_length=64)
+    started_at: NaiveDatetime = Field(default_factory=utcnow)
+    finished_at: NaiveDatetime | None = None
+    heartbeat_at: NaiveDatetime = Field(default_factory=utcnow)
+
+
+class LogChunk(SQLModel, table=True):
+    """Output of a host step, in batches (never one row per line), secrets masked."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    host_step_run_id: int = Field(foreign_key="hoststeprun.id", index=True)
+    seq: int
+    unit: str = Field(default="", max_length=128)
+    stream: str = Field(default="stdout", max_length=8)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: NaiveDatetime = Field(default_factory=utcnow)
+
+
+class Instance(SQLModel, table=True):
+    """Which version runs on which host, per service, environment and infrastructure."""
+
+    __table_args__ = (UniqueConstraint("service", "environment", "infrastructure", "host"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    service: str = Field(max_length=128)
+    environment: str = Field(max_length=128)
+    infrastructure: str = Field(max_length=128)
+    host: str = Field(max_length=255)
+    region: str = Field(default="", max_length=64)
+    version: str | None = Field(default=None, max_length=255)
+    previous_version: str | None = Field(default=None, max_length=255)
+    execution_id: str = Field(max_length=32)
+    updated_at: NaiveDatetime = Field(default_factory=utcnow)

@@ -1,0 +1,56 @@
+"""Provider-neutral host records, and the registry that finds a provider for an infrastructure.
+
+Providers turn an infrastructure definition into ``Host`` records; SDKs are imported lazily so
+that loading a file or running on static hosts never needs a cloud SDK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from app.errors import ConfigError
+
+DEFAULT_REGION = "default"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One target host, whatever found it."""
+
+    name: str
+    address: str
+    region: str
+    infrastructure: str
+    port: int = 22
+    user: str = "root"
+    connection: str = "SSH"  # SSH | Sandbox | Local
+    private_key_file: str | None = None
+    known_hosts_file: str | None = None
+    host_key_policy: str = "strict"
+    connect_timeout: float = 10.0
+    sandbox_root: str | None = None
+    public_ip: str | None = None
+    private_ip: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Host:
+        return cls(**data)
+
+
+def discover(infra: dict[str, Any]) -> list[Host]:
+    """Hosts of one resolved infrastructure (``plan['stages'][i]['infrastructures'][j]``)."""
+    provider = infra.get("provider")
+    if provider == "static":
+        from app.providers.static import discover_static
+
+        return discover_static(infra)
+    raise ConfigError(
+        f"infrastructure '{infra.get('identifier')}' ({infra.get('source', '')}) uses the "
+        f"{provider} provider, whose host discovery is not available in this version; "
+        "use a static (type: Pdc) infrastructure with a hosts list"
+    )

@@ -1,0 +1,155 @@
+"""Read an execution back from the ledger as plain data (for ``status``, ``--watch``, JSON)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.db import session_scope
+from app.models import Execution, HostStepRun, Instance, LogChunk, PhaseRun, StageRun, Status
+
+
+def _t(d: datetime | None) -> str | None:
+    return d.isoformat(timespec="milliseconds") + "Z" if d else None
+
+
+def execution_report(execution_id: str) -> dict[str, Any] | None:
+    """Everything a person or a script wants to know about one execution."""
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            return None
+        stages = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                        .order_by(col(StageRun.stage_index))).all()
+        phases = s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id)
+                        .order_by(col(PhaseRun.stage_index), col(PhaseRun.phase))).all()
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)
+                      .order_by(col(HostStepRun.id))).all()
+        instances = s.exec(select(Instance).where(Instance.execution_id == execution_id)).all()
+    versions = {(i.infrastructure, i.host): i for i in instances}
+    out_stages = []
+    for st in stages:
+        plan = ex.plan["stages"][st.stage_index]
+        step_ids = [x["identifier"] for x in plan["steps"]]
+        latest: dict[tuple[str, int], HostStepRun] = {}
+        for r in rows:
+            if r.stage_index != st.stage_index:
+                continue
+            k = (r.host, r.step_index)
+            if k not in latest or r.attempt >= latest[k].attempt:
+                latest[k] = r
+        row: HostStepRun | None
+        hosts = []
+        for h in st.hosts:
+            steps = []
+            for i, sid in enumerate(step_ids):
+                row = latest.get((h["name"], i))
+                steps.append({
+                    "step": sid,
+                    "status": row.status if row else Status.PENDING,
+                    "exit_code": row.exit_code if row else None,
+                    "failed_unit": row.failed_unit if row else None,
+                    "error_class": row.error_class if row else None,
+                    "error": row.error if row else None,
+                    "stderr_tail": row.stderr_tail if row and row.status == Status.FAILED
+                    else None,
+                    "outputs": row.outputs if row else {},
+                    "worker": row.worker if row else None,
+                    "queue": row.queue if row else None,
+                    "attempt": row.attempt if row else None,
+                    "started_at": _t(row.started_at) if row else None,
+                    "finished_at": _t(row.finished_at) if row else None,
+                })
+            inst = versions.get((h["infrastructure"], h["name"]))
+            hosts.append({
+                "host": h["name"],
+                "region": h["region"],
+                "infrastructure": h["infrastructure"],
+                "status": _host_status(steps),
+                "version": inst.version if inst else None,
+                "previous_version": inst.previous_version if inst else None,
+                "steps": steps,
+            })
+        out_stages.append({
+            "index": st.stage_index,
+            "identifier": st.identifier,
+            "name": st.name,
+            "status": st.status,
+            "error": st.error,
+            "service": plan["service"]["identifier"],
+            "environment": plan["environment"]["identifier"],
+            "version": (plan.get("artifact") or {}).get("tag"),
+            "steps": step_ids,
+            "phases": [
+                {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
+                 "verdict": p.verdict, "dispatched_at": _t(p.dispatched_at),
+                 "gate_at": _t(p.gate_at)}
+                for p in phases if p.stage_index == st.stage_index
+            ],
+            "hosts": hosts,
+            "started_at": _t(st.started_at),
+            "finished_at": _t(st.finished_at),
+        })
+    return {
+        "id": ex.id,
+        "pipeline": ex.pipeline,
+        "pipeline_name": ex.pipeline_name,
+        "status": ex.status,
+        "error": ex.error,
+        "created_by": ex.created_by,
+        "inputs": ex.inputs,
+        "created_at": _t(ex.created_at),
+        "started_at": _t(ex.started_at),
+        "finished_at": _t(ex.finished_at),
+        "stages": out_stages,
+    }
+
+
+def _host_status(steps: list[dict[str, Any]]) -> str:
+    states = [s["status"] for s in steps]
+    if any(x == Status.FAILED for x in states):
+        return Status.FAILED
+    if any(x == Status.RUNNING for x in states):
+        return Status.RUNNING
+    if states and all(x == Status.SUCCEEDED for x in states):
+        return Status.SUCCEEDED
+    if any(x == Status.SKIPPED for x in states) and not any(x == Status.PENDING for x in states):
+        return Status.SKIPPED
+    if any(x == Status.SUCCEEDED for x in states):
+        return Status.RUNNING
+    return Status.PENDING
+
+
+def execution_logs(execution_id: str, *, host: str | None = None,
+                   step: str | None = None) -> list[dict[str, Any]]:
+    """Log chunks in order (host, step, sequence)."""
+    with session_scope() as s:
+        q = select(HostStepRun).where(HostStepRun.execution_id == execution_id)
+        if host:
+            q = q.where(HostStepRun.host == host)
+        if step:
+            q = q.where(HostStepRun.step_id == step)
+        runs = s.exec(q.order_by(col(HostStepRun.stage_index), col(HostStepRun.host),
+                                 col(HostStepRun.step_index), col(HostStepRun.attempt))).all()
+        ids = [r.id for r in runs]
+        chunks = s.exec(select(LogChunk).where(col(LogChunk.host_step_run_id).in_(ids))
+                        .order_by(col(LogChunk.host_step_run_id), col(LogChunk.seq))).all() \
+            if ids else []
+    by_run: dict[int, list[LogChunk]] = {}
+    for c in chunks:
+        by_run.setdefault(c.host_step_run_id, []).append(c)
+    out = []
+    for r in runs:
+        for c in by_run.get(r.id or 0, []):
+            out.append({"host": r.host, "stage": r.stage_index, "step": r.step_id,
+                        "attempt": r.attempt, "unit": c.unit, "stream": c.stream,
+                        "text": c.text})
+    return out
+
+
+def recent_executions(limit: int = 20) -> list[Execution]:
+    with session_scope() as s:
+        return list(s.exec(select(Execution).order_by(col(Execution.created_at).desc())
+                           .limit(limit)).all())

@@ -1,0 +1,179 @@
+"""Harness-style expressions: ``<+service.name>``, ``<+env.variables.x>``, ``<+input>``...
+
+Rendering happens twice. At submit time the coordinator resolves everything that does not depend
+on a host; ``<+instance.*>`` (and later ``<+secrets.*>``) are left in place and rendered by the
+worker for each host. A reference to something that does not exist is an error before anything
+runs. Values that come from outside the pipeline file (runtime inputs, host names, cloud tags)
+are shell-quoted when they land in a script; values written in the files are inserted as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# <+input>, optionally followed by .default(x) / .allowedValues(a,b) / .regex(r)
+INPUT_RE = re.compile(r"<\+input>((?:\.(?:default|allowedValues|regex|executionInput)\([^)]*\))*)")
+EXPR_RE = re.compile(r"<\+([^<>]+)>")
+_INPUT_OPT_RE = re.compile(r"\.(default|allowedValues|regex|executionInput)\(([^)]*)\)")
+
+# Expressions the worker renders for each host (their values depend on the host).
+HOST_KEYS = frozenset({
+    "instance.name", "instance.hostName", "instance.host.hostName", "instance.host.privateIp",
+    "instance.host.publicIp", "instance.host.port", "instance.host.region", "infra.region",
+})
+# Outputs of earlier steps on the same host, read by the worker.
+DEFERRED_PREFIXES = ("steps.",)
+
+
+# Characters that mean nothing to the shell in any quoting context.
+SAFE_VALUE_RE = re.compile(r"[A-Za-z0-9._:/@%+=,-]*")
+
+
+class Binder:
+    """Collects unsafe external values as environment variables for one script."""
+
+    def __init__(self, prefix: str = "VMFARM_VALUE_") -> None:
+        self.prefix = prefix
+        self.env: dict[str, str] = {}
+        self._names: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        name = self._names.get(value)
+        if name is None:
+            name = f"{self.prefix}{len(self._names) + 1}"
+            self._names[value] = name
+            self.env[name] = value
+        return "${" + name + "}"
+
+
+@dataclass(frozen=True)
+class Value:
+    """A resolved value and whether it came from outside the pipeline files."""
+
+    text: str
+    external: bool = False
+
+
+class ExpressionError(Exception):
+    """An expression that cannot be resolved; the loader turns it into a SpecError."""
+
+
+@dataclass
+class Context:
+    """Everything an expression may name, as flat dotted keys (``env.variables.region``)."""
+
+    values: dict[str, Value] = field(default_factory=dict)
+    # Which prefixes are known but resolved later (on the worker).
+    deferred: tuple[str, ...] = DEFERRED_PREFIXES
+    # validate without --set: an unfilled <+input> is fine (run will ask for it).
+    allow_inputs: bool = False
+
+    def set(self, key: str, value: object, *, external: bool = False) -> None:
+        self.values[key] = Value("" if value is None else _scalar(value), external)
+
+    def lookup(self, expr: str) -> Value | None:
+        """The value of ``expr``, None when it is deferred, or ExpressionError when unknown."""
+        key = expr.strip()
+        if key in self.values:
+            return self.values[key]
+        if key in HOST_KEYS or key.startswith(self.deferred):
+            return None
+        raise ExpressionError(_unknown_message(key, self.values))
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _unknown_message(key: str, known: Mapping[str, Value]) -> str:
+    head = key.split(".", 1)[0]
+    close = sorted(k for k in known if k.split(".", 1)[0] == head)
+    hint = ""
+    if close:
+        shown = ", ".join(close[:8]) + (", ..." if len(close) > 8 else "")
+        hint = f" (known: {shown})"
+    elif key.startswith("secrets."):
+        hint = " (secrets are resolved by the secrets backend, not available in this version)"
+    return f"unknown expression <+{key}>{hint}"
+
+
+def has_input(text: str) -> bool:
+    """True when the string is (or contains) a runtime input ``<+input>``."""
+    return "<+input>" in text
+
+
+def parse_input(text: str) -> dict[str, object]:
+    """Options of a ``<+input>...`` field: default and allowed values."""
+    m = INPUT_RE.search(text)
+    opts: dict[str, object] = {}
+    if not m:
+        return opts
+    for name, arg in _INPUT_OPT_RE.findall(m.group(1)):
+        if name == "default":
+            opts["default"] = arg.strip().strip("'\"")
+        elif name == "allowedValues":
+            opts["allowed"] = [a.strip().strip("'\"") for a in arg.split(",") if a.strip()]
+        elif name == "regex":
+            opts["regex"] = arg.strip().strip("'\"")
+    return opts
+
+
+def render(
+    text: str,
+    ctx: Context,
+    *,
+    quote: bool = False,
+    bind: Callable[[str], str] | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> str:
+    """Substitute every resolvable ``<+...>`` in ``text``; deferred ones stay as they are.
+
+    With ``quote`` (the text is a shell script), a value from outside the files is pasted only
+    when it is made of characters the shell treats literally everywhere (``1.4.2``,
+    ``127.0.1.5``). Any other external value is never pasted into the script: ``bind(value)``
+    turns it into a variable reference (``${VMFARM_VALUE_1}``) whose value travels in the
+    command's environment, so ``$(...)``, quotes or backticks in it are never executed, whether
+    the expression stands bare, inside double quotes or in a here-document. Without ``bind``
+    the expression is left for a later render (the worker's).
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        expr = m.group(1)
+        if expr.strip() == "input":
+            if ctx.allow_inputs:
+                return m.group(0)
+            msg = "runtime input <+input> has no value: give it with --set"
+            if on_error:
+                on_error(msg)
+                return m.group(0)
+            raise ExpressionError(msg)
+        try:
+            val = ctx.lookup(expr)
+        except ExpressionError as exc:
+            if on_error:
+                on_error(str(exc))
+                return m.group(0)
+            raise
+        if val is None:
+            return m.group(0)
+        if quote and val.external and not SAFE_VALUE_RE.fullmatch(val.text):
+            return bind(val.text) if bind is not None else m.group(0)
+        return val.text
+
+    # Up to 5 rounds: a variable's value may itself hold an expression.
+    out = text
+    for _ in range(5):
+        new = EXPR_RE.sub(sub, out)
+        if new == out:
+            break
+        out = new
+    return out
+
+
+def expressions_in(text: str) -> list[str]:
+    """The expressions named in ``text`` (without ``<+`` and ``>``)."""
+    return [m.group(1).strip() for m in EXPR_RE.finditer(text)]

@@ -1,0 +1,455 @@
+"""The ``vmfarm`` command.
+
+Exit codes: 0 success, 1 the deployment failed, 2 bad input (files, inputs, options): nothing ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from app.errors import ConfigError, LabError, SpecError, SpecErrors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "bold red", "RUNNING": "yellow",
+                "SKIPPED": "dim", "PENDING": "dim", "QUEUED": "dim", "ABORTED": "red"}
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def output_option(f: F) -> F:
+    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="json: machine-readable output on stdout.")(f)
+
+
+def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    inputs: dict[str, str] = {}
+    for v in values:
+        if "=" not in v or not v.split("=", 1)[0].strip():
+            raise click.BadParameter(f"'{v}' is not KEY=VALUE", param_hint="--set")
+        k, val = v.split("=", 1)
+        inputs[k.strip()] = val
+    return inputs
+
+
+def fail_input(exc: Exception) -> None:
+    """Print a bad-input error (file:line:col: message) and exit 2."""
+    errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
+    for e in errors:
+        err.print(Text(f"error: {e}", style="red"))
+    if len(errors) > 1:
+        err.print(f"{len(errors)} errors; nothing was run.")
+    else:
+        err.print("nothing was run.")
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vmfarm")
+def main() -> None:
+    """Deploy applications to fleets of virtual machines over SSH, on Celery workers per
+    region."""
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@output_option
+def validate(files: tuple[str, ...], sets: tuple[str, ...], output: str) -> None:
+    """Check pipeline files: schema, references and expressions. Exit 2 when invalid."""
+    from app.spec import load
+
+    try:
+        bundle = load(files, inputs=parse_sets(sets), require_inputs=False)
+    except (SpecError, SpecErrors) as exc:
+        if output == "json":
+            errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
+            out.print_json(json.dumps({"valid": False, "errors": [
+                {"file": e.file, "line": e.line, "col": e.col, "field": e.field,
+                 "message": e.message} for e in errors]}))
+            sys.exit(2)
+        fail_input(exc)
+        return
+    summary: dict[str, Any] = {
+        "valid": True,
+        "services": sorted(bundle.services),
+        "environments": sorted(bundle.environments),
+        "infrastructures": sorted(bundle.infrastructures),
+        "pipelines": sorted(bundle.pipelines),
+        "inputs": [{"name": s.name, **({"default": s.options["default"]}
+                                       if "default" in s.options else {})}
+                   for s in bundle.inputs if "<+input>" in str(_value_at(s))],
+    }
+    if output == "json":
+        out.print_json(json.dumps(summary))
+        return
+    out.print(f"[green]valid[/]: {len(bundle.documents)} document(s) in "
+              f"{len({d.file for d in bundle.documents})} file(s)")
+    for kind in ("services", "environments", "infrastructures", "pipelines"):
+        if summary[kind]:
+            out.print(f"  {kind}: {', '.join(summary[kind])}")
+    for i in summary["inputs"]:
+        out.print(f"  runtime input: {i['name']}" + (f" (default {i['default']})"
+                                                      if "default" in i else
+                                                      " (give it with --set)"))
+
+
+def _value_at(slot: Any) -> Any:
+    data = slot.doc.data
+    for p in slot.path:
+        data = data[p]
+    return data
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
+@click.option("--watch/--detach", default=None,
+              help="Show live progress (default on a terminal) or return after submitting.")
+@output_option
+def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
+        watch: bool | None, output: str) -> None:
+    """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input."""
+    from app.coordinator import advance, submit
+    from app.settings import get_settings
+
+    settings = get_settings()
+    try:
+        inputs = parse_sets(sets)
+        execution_id = submit(files, pipeline=pipeline, inputs=inputs,
+                              user=settings.user or os.environ.get("USER", ""), publish=False)
+    except (SpecError, SpecErrors, ConfigError) as exc:
+        fail_input(exc)
+        return
+    if output != "json":
+        err.print(f"execution [bold]{execution_id}[/]")
+    if settings.embedded:
+        if watch is False:
+            err.print("error: --detach needs a broker (VMFARM_BROKER_URL): in embedded mode "
+                      "the worker lives in this process")
+            sys.exit(2)
+        from app.worker import EmbeddedWorker
+
+        with EmbeddedWorker(_regions_of(execution_id)):
+            advance(execution_id)
+            report = _wait(execution_id, live=_live(watch, output))
+    else:
+        advance(execution_id)
+        if watch is False:
+            if output == "json":
+                out.print_json(json.dumps({"id": execution_id, "status": "RUNNING"}))
+            else:
+                out.print(execution_id)
+            return
+        report = _wait(execution_id, live=_live(watch, output))
+    if output == "json":
+        out.print_json(json.dumps(report))
+    else:
+        _print_summary(report)
+    sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
+
+
+def _live(watch: bool | None, output: str) -> bool:
+    if output == "json":
+        return False
+    return sys.stdout.isatty() if watch is None else watch
+
+
+def _regions_of(execution_id: str) -> list[str]:
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import StageRun
+
+    with session_scope() as s:
+        runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)).all()
+        return sorted({h["region"] for r in runs for h in r.hosts}) or ["default"]
+
+
+def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
+    from app.models import Status
+    from app.report import execution_report
+
+    report = execution_report(execution_id)
+    assert report is not None
+    if not live:
+        while report["status"] not in Status.TERMINAL:
+            time.sleep(0.25)
+            report = execution_report(execution_id) or report
+        return report
+    with Live(_render(report), console=out, refresh_per_second=8, transient=False) as view:
+        while report["status"] not in Status.TERMINAL:
+            time.sleep(0.25)
+            report = execution_report(execution_id) or report
+            view.update(_render(report))
+    return report
+
+
+def _styled(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def _render(report: dict[str, Any]) -> Group:
+    parts: list[Any] = [Text.assemble("execution ", (report["id"], "bold"), "  ",
+                                      _styled(report["status"]))]
+    for st in report["stages"]:
+        parts.append(Text.assemble(f"stage {st['identifier']} ", _styled(st["status"])))
+        hosts = st["hosts"]
+        if len(hosts) > 40:
+            counts: dict[str, int] = {}
+            for h in hosts:
+                counts[h["status"]] = counts.get(h["status"], 0) + 1
+            parts.append(Text("  " + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))))
+            hosts = [h for h in hosts if h["status"] in ("FAILED", "RUNNING")][:40]
+        table = Table(box=None, pad_edge=False)
+        table.add_column("host")
+        table.add_column("region")
+        for sid in st["steps"]:
+            table.add_column(sid)
+        for h in hosts:
+            table.add_row(h["host"], h["region"], *[_styled(s["status"]) for s in h["steps"]])
+        parts.append(table)
+    return Group(*parts)
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    out.print(Text.assemble("execution ", (report["id"], "bold"), " ", _styled(report["status"])))
+    for st in report["stages"]:
+        table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
+                            f"{st['environment']}): {st['status']}", title_justify="left")
+        for c in ("host", "region", "status", "version", "previous", "detail"):
+            table.add_column(c)
+        for h in st["hosts"]:
+            detail = ""
+            bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
+            if bad:
+                detail = (f"step {bad['step']}" + (f" unit {bad['failed_unit']}"
+                                                   if bad["failed_unit"] else "")
+                          + (f" exit {bad['exit_code']}" if bad["exit_code"] is not None else "")
+                          + (f": {bad['error']}" if bad["exit_code"] is None and bad["error"]
+                             else ""))
+                tail = (bad.get("stderr_tail") or "").strip().splitlines()[-1:] or []
+                if tail:
+                    detail += f" — {tail[0][:120]}"
+            table.add_row(h["host"], h["region"], _styled(h["status"]), h["version"] or "",
+                          h["previous_version"] or "", detail)
+        out.print(table)
+    if report.get("error"):
+        out.print(Text(report["error"], style="red"))
+
+
+# --- status / logs --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("execution_id")
+@output_option
+def status(execution_id: str, output: str) -> None:
+    """Show an execution: stages, phases and every host's outcome."""
+    from app.report import execution_report
+
+    report = execution_report(execution_id)
+    if report is None:
+        err.print(f"error: no execution '{execution_id}'")
+        sys.exit(2)
+    if output == "json":
+        out.print_json(json.dumps(report))
+    else:
+        _print_summary(report)
+        for st in report["stages"]:
+            for p in st["phases"]:
+                v = p.get("verdict") or {}
+                if v:
+                    out.print(f"  stage {st['identifier']} phase {p['phase'] + 1}: "
+                              f"{'passed' if v.get('passed') else 'FAILED'} "
+                              f"({v.get('succeeded')}/{v.get('hosts')} hosts, rule: "
+                              f"{v.get('rule')})")
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--host", help="Only this host.")
+@click.option("--step", help="Only this step identifier.")
+@output_option
+def logs(execution_id: str, host: str | None, step: str | None, output: str) -> None:
+    """Print the output of an execution's steps, host by host."""
+    from app.report import execution_logs
+
+    chunks = execution_logs(execution_id, host=host, step=step)
+    if output == "json":
+        out.print_json(json.dumps(chunks))
+        return
+    if not chunks:
+        err.print("no log output recorded for that selection")
+    for c in chunks:
+        prefix = f"[{c['host']} {c['step']}/{c['unit']}]"
+        for line in c["text"].splitlines():
+            if c["stream"] == "stderr":
+                out.print(Text(f"{prefix} {line}", style="red"))
+            else:
+                out.print(Text(f"{prefix} {line}"))
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@output_option
+def executions(limit: int, output: str) -> None:
+    """List recent executions."""
+    from app.report import recent_executions
+
+    rows = recent_executions(limit)
+    data = [{"id": e.id, "pipeline": e.pipeline, "status": e.status,
+             "created_at": e.created_at.isoformat() + "Z", "created_by": e.created_by}
+            for e in rows]
+    if output == "json":
+        out.print_json(json.dumps(data))
+        return
+    table = Table()
+    for c in ("id", "pipeline", "status", "created", "by"):
+        table.add_column(c)
+    for d in data:
+        table.add_row(d["id"], d["pipeline"], _styled(d["status"]), d["created_at"],
+                      d["created_by"])
+    out.print(table)
+
+
+# --- worker ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--region", "regions", multiple=True, help="Consume vmfarm.<region> (repeatable).")
+@click.option("--control", is_flag=True, help="Also (or only) consume vmfarm.control.")
+@click.option("--concurrency", "-c", type=int, help="Parallel tasks (threads for regions).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--name", "-n", help="Worker node name (default vmfarm-<region>@<host>).")
+def worker(regions: tuple[str, ...], control: bool, concurrency: int | None, loglevel: str,
+           name: str | None) -> None:
+    """Run a Celery worker for one or more regions (a delegate) and/or the control queue."""
+    from app.settings import get_settings
+    from app.worker import run_worker
+
+    if not regions and not control:
+        raise click.UsageError("give --region R (repeatable) and/or --control")
+    if get_settings().embedded:
+        err.print("error: a standalone worker needs a broker: set VMFARM_BROKER_URL "
+                  "(e.g. redis://127.0.0.1:6379/0)")
+        sys.exit(2)
+    try:
+        run_worker(regions=list(regions), control=control, concurrency=concurrency,
+                   loglevel=loglevel, name=name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--region") from None
+
+
+# --- lab ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def lab() -> None:
+    """A local lab of real OpenSSH hosts on 127.0.1.x (needs root and openssh-server)."""
+
+
+def _lab_root() -> Path:
+    from app.settings import get_settings
+
+    return get_settings().home_dir / "lab"
+
+
+def _lab_json(state: Any) -> dict[str, Any]:
+    return {"mode": state.mode, "reason": state.reason,
+            "infrastructure_file": str(state.infrastructure_file),
+            "hosts": [{"num": h.num, "address": h.address, "port": h.port, "region": h.region,
+                       "pid": h.pid, "alive": h.alive} for h in state.hosts]}
+
+
+def _print_lab(state: Any) -> None:
+    table = Table(title=f"lab ({state.mode})", title_justify="left")
+    for c in ("host", "region", "pid", "alive"):
+        table.add_column(c)
+    for h in state.hosts:
+        table.add_row(f"{h.address}:{h.port}", h.region, str(h.pid or ""),
+                      Text("yes", style="green") if h.alive else Text("no", style="red"))
+    out.print(table)
+    if state.reason:
+        out.print(Text(state.reason, style="yellow"))
+    out.print(f"infrastructure file: {state.infrastructure_file}")
+
+
+@lab.command("up")
+@click.option("--hosts", "n", type=click.IntRange(1, 250), default=5, show_default=True)
+@click.option("--regions", default="local", show_default=True,
+              help="Comma-separated regions, assigned to hosts in turn.")
+@click.option("--sandbox/--ssh", "sandbox", default=None,
+              help="Force local sandbox hosts (no sshd) or real sshd hosts; default: sshd "
+                   "when possible.")
+@output_option
+def lab_up_cmd(n: int, regions: str, sandbox: bool | None, output: str) -> None:
+    """Start N lab hosts and write their Infrastructure file."""
+    from app.lab import lab_up
+
+    try:
+        state = lab_up(n, root=_lab_root(),
+                       regions=[r.strip() for r in regions.split(",") if r.strip()],
+                       sandbox=sandbox)
+    except LabError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(1)
+    if output == "json":
+        out.print_json(json.dumps(_lab_json(state)))
+    else:
+        _print_lab(state)
+
+
+@lab.command("status")
+@output_option
+def lab_status_cmd(output: str) -> None:
+    """Show the lab hosts and whether they are alive."""
+    from app.lab import lab_status
+
+    try:
+        state = lab_status(root=_lab_root())
+    except LabError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(1)
+    if output == "json":
+        out.print_json(json.dumps(_lab_json(state)))
+    else:
+        _print_lab(state)
+
+
+@lab.command("down")
+def lab_down_cmd() -> None:
+    """Stop exactly the lab processes that `lab up` started."""
+    from app.lab import lab_down
+
+    try:
+        n = lab_down(root=_lab_root())
+    except LabError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(1)
+    out.print(f"stopped {n} lab process(es)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Region tasks: run on ``vmfarm.<region>`` workers (threads pool), do the SSH work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.canvas import HostStepKey
+from app.celery import app
+
+
+@app.task(name="vmfarm.run_step", bind=True)
+def run_step(self: Any, prev: dict[str, Any] | None = None, *,
+             key: dict[str, Any]) -> dict[str, Any]:
+    """Run one step on one host. ``prev`` is the host's previous step result (chain link)."""
+    from tasks.hoststep import execute
+
+    req = self.request
+    queue = (req.delivery_info or {}).get("routing_key")
+    return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
+                   queue=queue)

@@ -1,0 +1,395 @@
+"""Run one step's command units on one host and record the outcome in the ledger.
+
+Order matters: the idempotency key is claimed in SQL before anything touches the host, so a
+duplicate delivery returns the recorded result instead of running the commands again. Expected
+failures (non-zero exit, unreachable host, timeout) are recorded and returned, never raised: the
+chord's gate must run and decide from SQL.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import re
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import col, select
+
+from app.canvas import HostStepKey
+from app.connectors.base import Connector, HostTarget
+from app.db import get_engine, session_scope
+from app.errors import HostError, TransferError
+from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
+from app.providers.base import Host
+from app.settings import get_settings
+from app.spec.expressions import Binder, Context, render
+from app.spec.models import parse_duration
+
+log = logging.getLogger("vmfarm.tasks")
+
+TAIL_CHARS = 4000
+FLUSH_BYTES = 64 * 1024
+FLUSH_SECONDS = 1.0
+OUTPUT_MARK = "::vmfarm-output::"
+
+
+# --- per-process caches of immutable execution data --------------------------------------------
+
+_plan_cache: dict[tuple[str, int], tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+_plan_lock = threading.Lock()
+
+
+def _stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
+                                                               dict[str, dict[str, Any]]]:
+    """The resolved stage and its hosts by name; immutable once the stage runs, so cached."""
+    key = (execution_id, stage_index)
+    with _plan_lock:
+        hit = _plan_cache.get(key)
+    if hit:
+        return hit
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                            StageRun.stage_index == stage_index)).one()
+        if ex is None:
+            raise LookupError(f"execution {execution_id} not found")
+        data = (ex.plan["stages"][stage_index], {h["name"]: h for h in run.hosts})
+    with _plan_lock:
+        if len(_plan_cache) > 256:
+            _plan_cache.clear()
+        _plan_cache[key] = data
+    return data
+
+
+# --- claim ----------------------------------------------------------------------------------------
+
+
+def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
+          queue: str | None) -> tuple[int, HostStepRun | None]:
+    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed."""
+    eng = get_engine()
+    values = dict(
+        idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
+        step_index=key.step, step_id="", host=key.host, region=key.region, attempt=key.attempt,
+        status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
+        started_at=utcnow(), heartbeat_at=utcnow(),
+    )
+    ins = pg_insert if eng.dialect.name == "postgresql" else sqlite_insert
+    stmt = ins(HostStepRun).values(**values).on_conflict_do_nothing(
+        index_elements=["idem_key"]).returning(col(HostStepRun.id))
+    with session_scope() as s:
+        new_id = s.execute(stmt).scalar()
+        if new_id is not None:
+            return int(new_id), None
+        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+        return int(row.id or 0), row
+
+
+def _summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": row.status, "host": row.host, "step": row.step_index,
+                           "exit_code": row.exit_code}
+    if duplicate:
+        out["duplicate"] = True
+    return out
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogSink:
+    """Buffers output and writes it as a few LogChunk rows (never one row per line)."""
+
+    run_id: int
+    unit: str = ""
+    seq: int = 0
+    buf: list[tuple[str, str, str]] = field(default_factory=list)
+    size: int = 0
+    last_flush: float = field(default_factory=time.monotonic)
+    tails: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
+    outputs: dict[str, str] = field(default_factory=dict)
+    _partial: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write(self, stream: str, text: str) -> None:
+        if stream == "stdout" and (OUTPUT_MARK in text or self._partial):
+            text = self._strip_outputs(text)
+            if not text:
+                return
+        with self.lock:
+            self.buf.append((self.unit, stream, text))
+            self.size += len(text)
+            self.tails[stream] = (self.tails[stream] + text)[-TAIL_CHARS:]
+            due = self.size >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_SECONDS
+        if due:
+            self.flush()
+
+    def _strip_outputs(self, text: str) -> str:
+        # Output-variable lines may arrive split across chunks: hold an incomplete last line.
+        text = self._partial + text
+        self._partial = ""
+        kept: list[str] = []
+        for line in text.splitlines(keepends=True):
+            if OUTPUT_MARK in line:
+                if not line.endswith("\n"):
+                    self._partial = line
+                    continue
+                m = re.search(re.escape(OUTPUT_MARK) + r"(\w+)=([A-Za-z0-9+/=]*)", line)
+                if m:
+                    import base64
+
+                    self.outputs[m.group(1)] = base64.b64decode(m.group(2)).decode(
+                        "utf-8", "replace")
+                continue
+            kept.append(line)
+        return "".join(kept)
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.buf, self.size = self.buf, [], 0
+            self.last_flush = time.monotonic()
+            start = self.seq
+            self.seq += len(items)
+        with session_scope() as s:
+            for n, (unit, stream, text) in enumerate(_merge(items)):
+                s.add(LogChunk(host_step_run_id=self.run_id, seq=start + n, unit=unit,
+                               stream=stream, text=text))
+            s.execute(update(HostStepRun).where(HostStepRun.id == self.run_id)  # type: ignore[arg-type]
+                      .values(heartbeat_at=utcnow()))
+
+
+def _merge(items: list[tuple[str, str, str]]) -> Iterator[tuple[str, str, str]]:
+    """Adjacent chunks of the same unit and stream become one row."""
+    cur: tuple[str, str, list[str]] | None = None
+    for unit, stream, text in items:
+        if cur and cur[0] == unit and cur[1] == stream:
+            cur[2].append(text)
+        else:
+            if cur:
+                yield cur[0], cur[1], "".join(cur[2])
+            cur = (unit, stream, [text])
+    if cur:
+        yield cur[0], cur[1], "".join(cur[2])
+
+
+# --- artifacts ------------------------------------------------------------------------------------
+
+_artifact_lock = threading.Lock()
+_artifact_cache: dict[tuple[str, str], str] = {}
+
+
+def local_artifact(path: str, tag: str) -> str:
+    """A reproducible .tar.gz of a local folder (or the file itself), cached by content hash."""
+    src = Path(path)
+    if src.is_file():
+        return str(src)
+    if not src.is_dir():
+        raise TransferError(f"artifact path {path} does not exist on this worker")
+    with _artifact_lock:
+        key = (str(src), tag)
+        cached = _artifact_cache.get(key)
+        if cached and Path(cached).exists():
+            return cached
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for p in sorted(src.rglob("*")):
+                rel = p.relative_to(src).as_posix()
+                info = tar.gettarinfo(str(p), arcname=rel)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mtime = 0
+                if p.is_file():
+                    with p.open("rb") as src_fh:
+                        tar.addfile(info, src_fh)
+                elif p.is_dir():
+                    tar.addfile(info)
+        data = raw.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        out_dir = get_settings().home_dir / "cache" / "artifacts"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"{digest}.tar.gz"
+        if not out.exists():
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            with tmp.open("wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz:
+                gz.write(data)
+            tmp.replace(out)
+        _artifact_cache[key] = str(out)
+        return str(out)
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
+    if on_delegate:
+        return HostTarget(hostname=host.address, extra={"connection": "local"})
+    return HostTarget(
+        hostname=host.address, port=host.port, user=host.user,
+        private_key_file=host.private_key_file, known_hosts_file=host.known_hosts_file,
+        host_key_policy=host.host_key_policy, connect_timeout=host.connect_timeout,
+        sandbox_root=host.sandbox_root if host.connection == "Sandbox" else None,
+        extra={"connection": "local"} if host.connection == "Local" else {},
+    )
+
+
+def host_context(host: Host, stage: dict[str, Any]) -> Context:
+    ctx = Context()
+    for k, v in stage.get("externalValues", {}).items():
+        ctx.set(k, v, external=True)
+    for k, v in {
+        "instance.name": host.name, "instance.hostName": host.address,
+        "instance.host.hostName": host.address,
+        "instance.host.privateIp": host.private_ip or host.address,
+        "instance.host.publicIp": host.public_ip or host.address,
+        "instance.host.port": host.port, "instance.host.region": host.region,
+        "infra.region": host.region,
+    }.items():
+        ctx.set(k, v, external=True)
+    return ctx
+
+
+def _earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> None:
+    """``<+steps.ID.output.outputVariables.X>`` from this host's earlier steps in this phase."""
+    with session_scope() as s:
+        rows = s.exec(select(HostStepRun).where(
+            HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+            HostStepRun.phase == key.phase, HostStepRun.host == key.host,
+            HostStepRun.step_index < key.step)).all()
+    for r in rows:
+        sid = stage["steps"][r.step_index]["identifier"]
+        for name, value in (r.outputs or {}).items():
+            ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
+
+
+@contextmanager
+def _connector(target: HostTarget) -> Iterator[Connector]:
+    from app.connectors.pool import get_pool
+
+    with get_pool().lease(target) as conn:
+        yield conn
+
+
+def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None = None,
+            worker: str | None = None, queue: str | None = None) -> dict[str, Any]:
+    """Run one step on one host, once per idempotency key; return a small summary dict."""
+    run_id, existing = claim(key, task_id=task_id, worker=worker, queue=queue)
+    if existing is not None:
+        log.info("duplicate delivery of %s: returning the recorded result", key.idem)
+        return _summary(existing, duplicate=True)
+    fields: dict[str, Any] = {}
+    sink = LogSink(run_id)
+    try:
+        stage, hosts = _stage_data(key.execution, key.stage)
+        step = stage["steps"][key.step]
+        fields["step_id"] = step["identifier"]
+        if prev is not None and prev.get("status") != Status.SUCCEEDED:
+            fields.update(status=Status.SKIPPED,
+                          error="skipped: an earlier step failed on this host")
+            return _finish(run_id, key, fields)
+        with session_scope() as s:
+            ex = s.get(Execution, key.execution)
+            if ex is None or ex.status == Status.ABORTED:
+                fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
+                return _finish(run_id, key, fields)
+        host = Host.from_dict(hosts[key.host])
+        fields.update(_run_units(key, stage, step, host, sink))
+    except HostError as exc:
+        fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
+                      failed_unit=exc.unit or fields.get("failed_unit"))
+    except Exception as exc:  # a bug must not lose the result: record it, the gate decides
+        log.exception("internal error in %s", key.idem)
+        fields.update(status=Status.FAILED, error_class="Unknown",
+                      error=f"internal error: {type(exc).__name__}: {exc}")
+    try:
+        sink.flush()
+    except Exception:  # logs are best effort; the outcome row below is not
+        log.exception("could not write logs for %s", key.idem)
+    fields["stdout_tail"] = sink.tails["stdout"] or None
+    fields["stderr_tail"] = sink.tails["stderr"] or None
+    fields["outputs"] = sink.outputs
+    return _finish(run_id, key, fields)
+
+
+def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,
+               sink: LogSink) -> dict[str, Any]:
+    spec = step["spec"]
+    ctx = host_context(host, stage)
+    if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
+            "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
+        _earlier_outputs(key, ctx, stage)
+    env = {v["name"]: render(str(v.get("value", "")), ctx)
+           for v in spec.get("environmentVariables", []) if v.get("value") is not None}
+    outputs = spec.get("outputVariables", [])
+    timeout = parse_duration(step["timeout"]) if step.get("timeout") else \
+        get_settings().step_timeout
+    deadline = time.monotonic() + timeout
+    target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
+    artifact = stage.get("artifact") or {}
+    with _connector(target) as conn:
+        for unit in spec["commandUnits"]:
+            sink.unit = unit["identifier"]
+            remaining = max(1.0, deadline - time.monotonic())
+            if unit["type"] == "Script":
+                binder = Binder()
+                script = render(unit["spec"]["source"]["spec"]["script"], ctx, quote=True,
+                                bind=binder)
+                if outputs:
+                    script = _with_output_trap(script, outputs)
+                res = conn.run(script, env={**env, **binder.env}, timeout=remaining,
+                               on_output=sink.write,
+                               workdir=unit["spec"].get("workingDirectory"))
+                if res.exit_code != 0:
+                    return {"status": Status.FAILED, "error_class": "Unknown",
+                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
+                            "error": f"unit '{unit['identifier']}' exited with code "
+                                     f"{res.exit_code}"}
+                fields_exit = res.exit_code
+            elif unit["type"] == "Copy":
+                dest = render(unit["spec"]["destinationPath"], ctx)
+                local = local_artifact(artifact["spec"]["path"], str(artifact.get("tag")))
+                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
+                sink.write("stdout", f"copying {artifact['fileName']} to {host.name}:{remote}\n")
+                try:
+                    conn.put(local, remote)
+                except HostError as exc:
+                    exc.unit = unit["identifier"]
+                    raise
+                fields_exit = 0
+    return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
+
+
+def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:
+    """Print the output variables when the script ends, however it ends."""
+    parts = []
+    for o in outputs:
+        var = str(o.get("value") or o["name"])
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            continue
+        parts.append(f'printf "\\n{OUTPUT_MARK}%s=%s\\n" {o["name"]} '
+                     f'"$(printf %s "${{{var}:-}}" | base64 -w0)"')
+    trap = "__vmfarm_out() { " + "; ".join(parts) + "; }\ntrap __vmfarm_out EXIT\n"
+    return trap + script
+
+
+def _finish(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[str, Any]:
+    fields.setdefault("status", Status.FAILED)
+    fields["finished_at"] = utcnow()
+    fields["heartbeat_at"] = fields["finished_at"]
+    with session_scope() as s:
+        s.execute(update(HostStepRun).where(HostStepRun.id == run_id)  # type: ignore[arg-type]
+                  .values(**fields))
+    return {"status": fields["status"], "host": key.host, "step": key.step,
+            "exit_code": fields.get("exit_code")}

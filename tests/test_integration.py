@@ -1,0 +1,145 @@
+"""End to end on real services: Redis broker, PostgreSQL ledger, two region worker processes
+(vmfarm.r1, vmfarm.r2), a control worker, and six sshd lab hosts split over the two regions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, create_engine, select
+
+from app.db import normalise_url
+from app.models import Execution, HostStepRun, Instance, LogChunk
+from tests.conftest import DATA, Cluster
+
+PIPELINE = str(DATA / "itest" / "pipeline.yaml")
+
+
+def _rows(cluster: Cluster, execution_id: str) -> list[HostStepRun]:
+    eng = create_engine(normalise_url(cluster.env["VMFARM_DATABASE_URL"]))
+    with Session(eng) as s:
+        rows = list(s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)))
+    eng.dispose()
+    return rows
+
+
+def _execution_id(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if line.startswith("execution "):
+            return line.split()[1]
+    raise AssertionError(f"no execution id in: {stderr}")
+
+
+def _host_file(lab: Any, address: str, rel: str) -> Path:
+    host = next(h for h in lab.hosts if h.address == address)
+    return Path(host.host_dir) / "opt" / rel
+
+
+def test_pipeline_runs_on_every_host_through_its_region_queue(cluster: Cluster, lab: Any) -> None:
+    # Given six lab hosts in regions r1 and r2 and one worker per region
+    # When the pipeline runs with Redis, PostgreSQL and the workers
+    res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=2.0.1")
+    assert res.returncode == 0, res.stdout + res.stderr + cluster.worker_logs()
+    ex_id = _execution_id(res.stderr)
+
+    # Then every step ran on every host, through the queue of that host's region
+    rows = _rows(cluster, ex_id)
+    regions = {h.address: h.region for h in lab.hosts}
+    assert sorted({r.host for r in rows}) == sorted(regions)
+    assert len(rows) == 2 * len(regions)
+    for r in rows:
+        assert r.status == "SUCCEEDED", (r.host, r.step_id, r.error, r.stderr_tail)
+        assert r.queue == f"vmfarm.{regions[r.host]}"
+        assert r.worker == f"w-{regions[r.host]}@test"
+    # and the hosts themselves hold the evidence, each in its own private /opt
+    for h in lab.hosts:
+        record = _host_file(lab, h.address, "itest/record").read_text().splitlines()
+        mine = [line for line in record if line.startswith(ex_id)]
+        assert mine == [f"{ex_id} {h.address} {h.address} {h.region} itest-marker"]
+        # the artifact was copied and unpacked; the output variable reached the next step
+        assert _host_file(lab, h.address, "itest/itest_app-2.0.1.tar.gz").is_file()
+        checked = _host_file(lab, h.address, "itest/checked").read_text().splitlines()
+        assert f"{ex_id} {h.address}" in checked
+
+    # and status --output json reports each host's outcome and version
+    st = cluster.vmfarm("status", ex_id, "--output", "json")
+    assert st.returncode == 0, st.stderr
+    report = json.loads(st.stdout)
+    assert report["status"] == "SUCCEEDED"
+    hosts = {h["host"]: h for h in report["stages"][0]["hosts"]}
+    assert set(hosts) == set(regions)
+    for addr, h in hosts.items():
+        assert h["status"] == "SUCCEEDED"
+        assert h["region"] == regions[addr]
+        assert h["version"] == "2.0.1"
+        assert [s["status"] for s in h["steps"]] == ["SUCCEEDED", "SUCCEEDED"]
+
+    # and logs were stored in batches, readable per host
+    logs = cluster.vmfarm("logs", ex_id, "--host", lab.hosts[0].address)
+    assert f"recorded on {lab.hosts[0].address}" in logs.stdout
+    assert "payload of the integration test artifact" in logs.stdout
+
+
+def test_one_failing_host_fails_the_run_and_keeps_every_other_result(
+        cluster: Cluster, lab: Any) -> None:
+    bad = lab.hosts[2].address
+    res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=2.0.2",
+                         "--set", f"fail_host={bad}")
+    assert res.returncode == 1, res.stdout + res.stderr
+    ex_id = _execution_id(res.stderr)
+    rows = {(r.host, r.step_id): r for r in _rows(cluster, ex_id)}
+    failed = rows[(bad, "check")]
+    assert failed.status == "FAILED"
+    assert failed.failed_unit == "check"
+    assert failed.exit_code == 3
+    assert "boom" in (failed.stderr_tail or "")
+    for h in lab.hosts:
+        if h.address != bad:
+            assert rows[(h.address, "record")].status == "SUCCEEDED"
+            assert rows[(h.address, "check")].status == "SUCCEEDED"
+    # The CLI names the host, the unit, the exit code and the stderr tail.
+    assert bad in res.stdout and "unit check exit 3" in res.stdout and "boom" in res.stdout
+    report = json.loads(cluster.vmfarm("status", ex_id, "--output", "json").stdout)
+    assert report["status"] == "FAILED"
+    statuses = {h["host"]: h["status"] for h in report["stages"][0]["hosts"]}
+    assert statuses.pop(bad) == "FAILED"
+    assert set(statuses.values()) == {"SUCCEEDED"}
+
+
+def test_duplicate_delivery_runs_the_commands_once(cluster: Cluster, lab: Any,
+                                                    in_process_app: Any) -> None:
+    from tasks.deploy import run_step
+
+    res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=2.0.3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    ex_id = _execution_id(res.stderr)
+    host = lab.hosts[1]
+    row = next(r for r in _rows(cluster, ex_id) if r.host == host.address and r.step_index == 0)
+    key = {"e": ex_id, "s": 0, "p": 0, "h": host.address, "i": 0, "a": 1,
+           "region": host.region}
+    # The same message delivered again, twice, to the region's worker.
+    results = [run_step.apply_async(kwargs={"key": key}).get(timeout=60) for _ in range(2)]
+    assert all(r["duplicate"] and r["status"] == "SUCCEEDED" for r in results)
+    record = _host_file(lab, host.address, "itest/record").read_text().splitlines()
+    assert len([line for line in record if line.startswith(ex_id)]) == 1
+    assert len([r for r in _rows(cluster, ex_id) if r.idem_key == row.idem_key]) == 1
+
+
+def test_ledger_records_instances_and_batched_logs(cluster: Cluster, lab: Any) -> None:
+    first = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=3.0.0")
+    second = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=3.0.1")
+    assert first.returncode == 0 and second.returncode == 0, second.stdout + second.stderr
+    eng = create_engine(normalise_url(cluster.env["VMFARM_DATABASE_URL"]))
+    with Session(eng) as s:
+        inst = list(s.exec(select(Instance).where(Instance.service == "itest_app")))
+        ex = s.get(Execution, _execution_id(second.stderr))
+        n_chunks = len(list(s.exec(select(LogChunk))))
+        n_rows = len(list(s.exec(select(HostStepRun))))
+    eng.dispose()
+    assert ex is not None and ex.status == "SUCCEEDED"
+    assert {i.host for i in inst} == {h.address for h in lab.hosts}
+    assert {(i.version, i.previous_version) for i in inst} == {("3.0.1", "3.0.0")}
+    # One or two chunks per host step (a chunk per unit and stream), not one per line.
+    assert n_chunks <= 4 * n_rows
