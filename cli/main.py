@@ -135,6 +135,10 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
     from app.settings import get_settings
 
     settings = get_settings()
+    if settings.embedded and watch is False:
+        err.print("error: --detach needs a broker (VMFARM_BROKER_URL): in embedded mode the "
+                  "worker lives in this process; nothing was run.")
+        sys.exit(2)
     try:
         inputs = parse_sets(sets)
         execution_id = submit(files, pipeline=pipeline, inputs=inputs,
@@ -145,10 +149,6 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
     if output != "json":
         err.print(f"execution [bold]{execution_id}[/]")
     if settings.embedded:
-        if watch is False:
-            err.print("error: --detach needs a broker (VMFARM_BROKER_URL): in embedded mode "
-                      "the worker lives in this process")
-            sys.exit(2)
         from app.worker import EmbeddedWorker
 
         with EmbeddedWorker(_regions_of(execution_id)):
@@ -238,25 +238,36 @@ def _print_summary(report: dict[str, Any]) -> None:
     for st in report["stages"]:
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
                             f"{st['environment']}): {st['status']}", title_justify="left")
-        for c in ("host", "region", "status", "version", "previous", "detail"):
-            table.add_column(c)
+        for c in ("host", "region", "status", "version", "previous"):
+            table.add_column(c, no_wrap=True)
         for h in st["hosts"]:
-            detail = ""
+            table.add_row(h["host"], h["region"], _styled(h["status"]), h["version"] or "",
+                          h["previous_version"] or "")
+        out.print(table)
+        # Failures as plain lines: readable in a CI log at any width.
+        for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
             if bad:
-                detail = (f"step {bad['step']}" + (f" unit {bad['failed_unit']}"
-                                                   if bad["failed_unit"] else "")
-                          + (f" exit {bad['exit_code']}" if bad["exit_code"] is not None else "")
-                          + (f": {bad['error']}" if bad["exit_code"] is None and bad["error"]
-                             else ""))
-                tail = (bad.get("stderr_tail") or "").strip().splitlines()[-1:] or []
-                if tail:
-                    detail += f" — {tail[0][:120]}"
-            table.add_row(h["host"], h["region"], _styled(h["status"]), h["version"] or "",
-                          h["previous_version"] or "", detail)
-        out.print(table)
+                out.print(Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}",
+                               style="red"))
     if report.get("error"):
         out.print(Text(report["error"], style="red"))
+
+
+def _failure_detail(step: dict[str, Any]) -> str:
+    """``step check, unit check, exit 3: <last stderr line>`` or the error message."""
+    parts = [f"step {step['step']}"]
+    if step.get("failed_unit"):
+        parts.append(f"unit {step['failed_unit']}")
+    if step.get("exit_code") is not None:
+        parts.append(f"exit {step['exit_code']}")
+    detail = ", ".join(parts)
+    tail = (step.get("stderr_tail") or "").strip().splitlines()
+    if tail:
+        return f"{detail}: {tail[-1][:200]}"
+    if step.get("error"):
+        return f"{detail}: {step['error']}"
+    return detail
 
 
 # --- status / logs --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ chord's gate must run and decide from SQL.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -147,12 +148,13 @@ class LogSink:
                 if not line.endswith("\n"):
                     self._partial = line
                     continue
-                m = re.search(re.escape(OUTPUT_MARK) + r"(\w+)=([A-Za-z0-9+/=]*)", line)
+                before, _, rest = line.partition(OUTPUT_MARK)
+                m = re.match(r"(\w+)=([A-Za-z0-9+/=]*)", rest)
                 if m:
-                    import base64
-
                     self.outputs[m.group(1)] = base64.b64decode(m.group(2)).decode(
                         "utf-8", "replace")
+                if before:  # the script's last line had no newline: keep it
+                    kept.append(before + "\n")
                 continue
             kept.append(line)
         return "".join(kept)
@@ -372,15 +374,19 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
 
 
 def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:
-    """Print the output variables when the script ends, however it ends."""
+    """Print the output variables the script set when it ends, however it ends.
+
+    Only variables the unit actually set are printed, so a later unit of the step does not
+    overwrite an earlier unit's value with nothing.
+    """
     parts = []
     for o in outputs:
         var = str(o.get("value") or o["name"])
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             continue
-        parts.append(f'printf "\\n{OUTPUT_MARK}%s=%s\\n" {o["name"]} '
-                     f'"$(printf %s "${{{var}:-}}" | base64 -w0)"')
-    trap = "__vmfarm_out() { " + "; ".join(parts) + "; }\ntrap __vmfarm_out EXIT\n"
+        parts.append(f'[ -n "${{{var}+x}}" ] && printf "%s{o["name"]}=%s\\n" '
+                     f'"{OUTPUT_MARK}" "$(printf %s "${{{var}}}" | base64 -w0)"')
+    trap = "__vmfarm_out() { " + "; ".join([*parts, "true"]) + "; }\ntrap __vmfarm_out EXIT\n"
     return trap + script
 
 

@@ -100,7 +100,8 @@ def test_one_failing_host_fails_the_run_and_keeps_every_other_result(
             assert rows[(h.address, "record")].status == "SUCCEEDED"
             assert rows[(h.address, "check")].status == "SUCCEEDED"
     # The CLI names the host, the unit, the exit code and the stderr tail.
-    assert bad in res.stdout and "unit check exit 3" in res.stdout and "boom" in res.stdout
+    assert (f"{bad} ({lab.hosts[2].region}): step check, unit check, exit 3: boom: {bad} was "
+            "told to fail") in res.stdout
     report = json.loads(cluster.vmfarm("status", ex_id, "--output", "json").stdout)
     assert report["status"] == "FAILED"
     statuses = {h["host"]: h["status"] for h in report["stages"][0]["hosts"]}

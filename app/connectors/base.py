@@ -8,6 +8,7 @@ not an exception.
 
 from __future__ import annotations
 
+import re
 import shlex
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -52,7 +53,13 @@ def env_prelude(env: Mapping[str, str] | None) -> str:
     """Shell lines that export ``env``; values are quoted so nothing in them is evaluated."""
     if not env:
         return ""
+    for k in env:
+        if not _ENV_NAME.fullmatch(k):
+            raise ValueError(f"invalid environment variable name {k!r}")
     return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in env.items())
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Connector(ABC):

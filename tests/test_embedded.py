@@ -1,0 +1,92 @@
+"""The embedded default: no broker configured, SQLite ledger, a real Celery worker inside the
+``vmfarm run`` process; the demo pipeline of configs/demo on real sshd lab hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, base_env, run_vmfarm
+
+DEMO = str(REPO / "configs" / "demo")
+
+
+@pytest.fixture
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    return base_env(VMFARM_HOME=str(tmp_path / "home"))
+
+
+def _health(address: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{address}:8080/health", timeout=5) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def test_demo_pipeline_deploys_and_redeploys_every_lab_host(embedded_env: dict[str, str],
+                                                            lab: Any) -> None:
+    # Given the lab and no broker (embedded mode)
+    first = run_vmfarm("run", DEMO, str(lab.infrastructure_file), "--set", "tag=1.0.0",
+                       env=embedded_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Then every host serves the new version on its own address
+    for h in lab.hosts:
+        assert _health(h.address) == {"status": "UP", "version": "1.0.0"}
+
+    # When a new version is deployed
+    second = run_vmfarm("run", DEMO, str(lab.infrastructure_file), "--set", "tag=1.1.0",
+                        "--output", "json", env=embedded_env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    report = json.loads(second.stdout)
+    # Then the ledger knows what ran before, and the old app was stopped and replaced
+    hosts = report["stages"][0]["hosts"]
+    assert {(h["version"], h["previous_version"]) for h in hosts} == {("1.1.0", "1.0.0")}
+    for h in lab.hosts:
+        assert _health(h.address)["version"] == "1.1.0"
+    deploy_outputs = [h["steps"][0]["outputs"] for h in hosts]
+    assert deploy_outputs == [{"previous_version": "1.0.0"}] * len(hosts)
+
+    # And everything was written to the SQLite ledger under VMFARM_HOME
+    db = Path(embedded_env["VMFARM_HOME"]) / "vmfarm.db"
+    with sqlite3.connect(db) as conn:
+        statuses = conn.execute("select status from execution order by created_at").fetchall()
+    assert statuses == [("SUCCEEDED",), ("SUCCEEDED",)]
+    logs = run_vmfarm("logs", report["id"], "--host", lab.hosts[0].address, env=embedded_env)
+    assert f"started version 1.1.0 on {lab.hosts[0].address}:8080" in logs.stdout
+
+
+def test_a_host_that_cannot_be_reached_fails_alone(embedded_env: dict[str, str], lab: Any,
+                                                   tmp_path: Path) -> None:
+    # Given the lab's infrastructure plus one address where no sshd listens
+    infra = Path(lab.infrastructure_file).read_text()
+    infra = infra.replace("      - hostname: 127.0.1.101\n",
+                          "      - hostname: 127.0.1.99\n        region: r1\n"
+                          "      - hostname: 127.0.1.101\n", 1)
+    assert "127.0.1.99" in infra
+    path = tmp_path / "infra.yaml"
+    path.write_text(infra)
+    res = run_vmfarm("run", DEMO, str(path), "--set", "tag=2.0.0", "--output", "json",
+                     env=embedded_env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    hosts = {h["host"]: h for h in json.loads(res.stdout)["stages"][0]["hosts"]}
+    dead = hosts.pop("127.0.1.99")
+    assert dead["status"] == "FAILED"
+    assert dead["steps"][0]["error_class"] == "Connectivity"
+    assert "127.0.1.99" in dead["steps"][0]["error"]
+    assert {h["status"] for h in hosts.values()} == {"SUCCEEDED"}
+
+
+def test_detach_needs_a_broker(embedded_env: dict[str, str], lab: Any) -> None:
+    res = run_vmfarm("run", DEMO, str(lab.infrastructure_file), "--detach", env=embedded_env)
+    assert res.returncode == 2
+    assert "VMFARM_BROKER_URL" in res.stderr
+
+
+def test_status_of_an_unknown_execution_is_bad_input(embedded_env: dict[str, str]) -> None:
+    res = run_vmfarm("status", "nope", env=embedded_env)
+    assert res.returncode == 2
+    assert "no execution 'nope'" in res.stderr
