@@ -313,7 +313,13 @@ def _up_sandbox(
 
 def _up_ssh(root: Path, nums: list[int], first: int, regions: list[str]) -> dict[str, Any]:
     addresses = [f"{SUBNET}{n}" for n in nums]
+    # A listener stopped a moment ago (a restart) may still hold its port briefly: wait a
+    # little before calling the address taken.
+    deadline = time.monotonic() + 3.0
     busy = [a for a in addresses if _accepts(a, SSH_PORT, 0.2)]
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+        busy = [a for a in busy if _accepts(a, SSH_PORT, 0.2)]
     if busy:
         raise LabError(
             f"port 22 is already in use on {', '.join(busy)} (another lab, or another sshd); "

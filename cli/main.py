@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -198,7 +199,7 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
             time.sleep(0.25)
             report = execution_report(execution_id) or report
         return report
-    with Live(_render(report), console=out, refresh_per_second=8, transient=False) as view:
+    with Live(_render(report), console=out, refresh_per_second=8, transient=True) as view:
         while report["status"] not in Status.TERMINAL:
             time.sleep(0.25)
             report = execution_report(execution_id) or report
@@ -214,8 +215,13 @@ def _render(report: dict[str, Any]) -> Group:
     parts: list[Any] = [Text.assemble("execution ", (report["id"], "bold"), "  ",
                                       _styled(report["status"]))]
     for st in report["stages"]:
-        parts.append(Text.assemble(f"stage {st['identifier']} ", _styled(st["status"])))
         hosts = st["hosts"]
+        done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(Text.assemble(f"stage {st['identifier']} ", _styled(st["status"])),
+                    ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
+                    Text(f"{done}/{len(hosts)} hosts"))
+        parts.append(bar)
         if len(hosts) > 40:
             counts: dict[str, int] = {}
             for h in hosts:
@@ -407,22 +413,10 @@ def _print_lab(state: Any) -> None:
     out.print(f"infrastructure file: {state.infrastructure_file}")
 
 
-@lab.command("up")
-@click.option("--hosts", "n", type=click.IntRange(1, 250), default=5, show_default=True)
-@click.option("--regions", default="local", show_default=True,
-              help="Comma-separated regions, assigned to hosts in turn.")
-@click.option("--sandbox/--ssh", "sandbox", default=None,
-              help="Force local sandbox hosts (no sshd) or real sshd hosts; default: sshd "
-                   "when possible.")
-@output_option
-def lab_up_cmd(n: int, regions: str, sandbox: bool | None, output: str) -> None:
-    """Start N lab hosts and write their Infrastructure file."""
-    from app.lab import lab_up
-
+def _show_lab(action: Callable[[], Any], output: str) -> None:
+    """Run a lab action and print the lab it leaves; a LabError exits 1 with its message."""
     try:
-        state = lab_up(n, root=_lab_root(),
-                       regions=[r.strip() for r in regions.split(",") if r.strip()],
-                       sandbox=sandbox)
+        state = action()
     except LabError as exc:
         err.print(Text(f"error: {exc}", style="red"))
         sys.exit(1)
@@ -430,6 +424,25 @@ def lab_up_cmd(n: int, regions: str, sandbox: bool | None, output: str) -> None:
         out.print_json(json.dumps(_lab_json(state)))
     else:
         _print_lab(state)
+
+
+@lab.command("up")
+@click.option("--hosts", "n", type=click.IntRange(1, 250), default=5, show_default=True)
+@click.option("--regions", default="local", show_default=True,
+              help="Comma-separated regions, assigned to hosts in turn.")
+@click.option("--sandbox/--ssh", "sandbox", default=None,
+              help="Force local sandbox hosts (no sshd) or real sshd hosts; default: sshd "
+                   "when possible.")
+@click.option("--first", type=click.IntRange(1, 254), default=1, show_default=True,
+              help="Address of the first host: 127.0.1.FIRST (run several labs side by side).")
+@output_option
+def lab_up_cmd(n: int, regions: str, sandbox: bool | None, first: int, output: str) -> None:
+    """Start N lab hosts and write their Infrastructure file."""
+    from app.lab import lab_up
+
+    _show_lab(lambda: lab_up(n, root=_lab_root(), sandbox=sandbox, first=first,
+                             regions=[r.strip() for r in regions.split(",") if r.strip()]),
+              output)
 
 
 @lab.command("status")
@@ -438,15 +451,7 @@ def lab_status_cmd(output: str) -> None:
     """Show the lab hosts and whether they are alive."""
     from app.lab import lab_status
 
-    try:
-        state = lab_status(root=_lab_root())
-    except LabError as exc:
-        err.print(Text(f"error: {exc}", style="red"))
-        sys.exit(1)
-    if output == "json":
-        out.print_json(json.dumps(_lab_json(state)))
-    else:
-        _print_lab(state)
+    _show_lab(lambda: lab_status(root=_lab_root()), output)
 
 
 @lab.command("down")

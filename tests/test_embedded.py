@@ -90,3 +90,36 @@ def test_status_of_an_unknown_execution_is_bad_input(embedded_env: dict[str, str
     res = run_vmfarm("status", "nope", env=embedded_env)
     assert res.returncode == 2
     assert "no execution 'nope'" in res.stderr
+
+
+def test_on_delegate_steps_run_on_the_worker_once_per_host(embedded_env: dict[str, str],
+                                                           lab: Any, tmp_path: Path) -> None:
+    out = tmp_path / "delegate.txt"
+    res = run_vmfarm("run", str(REPO / "tests/data/delegate/pipeline.yaml"),
+                     str(lab.infrastructure_file), "--set", f"out_file={out}",
+                     env=embedded_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # The file is on this machine (the worker's), not in any host's private filesystem,
+    # and the host's own output variable reached the delegate step for that host.
+    lines = sorted(out.read_text().splitlines())
+    assert lines == sorted(f"{h.address} host-said={h.address} delegate-sees=unset"
+                           for h in lab.hosts)
+
+
+def test_sandbox_hosts_run_the_demo_without_sshd(embedded_env: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    """What `scripts/demo` falls back to where root or sshd is missing."""
+    from app.lab import lab_down, lab_up
+
+    state = lab_up(2, root=tmp_path / "sandbox", sandbox=True, first=121)
+    try:
+        res = run_vmfarm("run", DEMO, str(state.infrastructure_file), "--set", "tag=3.0.0",
+                         env=embedded_env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        for h in state.hosts:
+            assert _health(h.address) == {"status": "UP", "version": "3.0.0"}
+            # each sandbox host has its own /opt
+            version = Path(str(h.sandbox_root)) / "opt/demo/releases/3.0.0/VERSION"
+            assert version.read_text() == "3.0.0\n"
+    finally:
+        lab_down(root=tmp_path / "sandbox")

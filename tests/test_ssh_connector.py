@@ -264,6 +264,11 @@ def test_workdir_is_the_current_directory_and_a_missing_one_fails(
     assert "missing" in missing.stderr
 
 
+def test_without_workdir_a_script_starts_in_the_hosts_home(conn: SSHConnector, lab: Lab) -> None:
+    # sshd would start in the passwd home (/root); the host's $HOME is where scripts belong.
+    assert conn.run("pwd").stdout == f"{lab.dir}/home\n"
+
+
 def test_commands_that_read_stdin_do_not_eat_the_script(conn: SSHConnector) -> None:
     result = conn.run('read -r line; echo "read:[$line]"; cat; echo after')
     assert (result.exit_code, result.stdout) == (0, "read:[]\nafter\n")

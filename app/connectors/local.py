@@ -133,6 +133,8 @@ class LocalConnector(Connector):
         body = env_prelude(env)
         if workdir:
             body += f"cd {shlex.quote(workdir)} || exit 1\n"
+        elif self.target.sandbox_root:
+            body += 'cd -- "$HOME" 2>/dev/null || true\n'  # the sandbox host's own home
         body += script
         return self._execute(self._argv(body), timeout=timeout, on_output=on_output)
 

@@ -505,6 +505,10 @@ class SSHConnector(Connector):
         body = env_prelude(env)
         if workdir:
             body += f"cd -- {shlex.quote(workdir)} || exit 1\n"
+        else:
+            # sshd starts in the passwd home; $HOME is what the host says (the lab sets a
+            # private one per host). On an ordinary host both are the same directory.
+            body += 'cd -- "$HOME" 2>/dev/null || true\n'
         payload = _WRAPPER.format(body=body + script).encode("utf-8")
 
         chan = self._open_channel()

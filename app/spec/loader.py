@@ -97,6 +97,11 @@ class _Collector:
         if len(self.errors) < MAX_ERRORS and str(err) not in {str(e) for e in self.errors}:
             self.errors.append(err)
 
+    def absorb(self, exc: SpecError | SpecErrors) -> None:
+        """Keep every error of ``exc`` (one, or several)."""
+        for e in exc.errors if isinstance(exc, SpecErrors) else [exc]:
+            self.add(e)
+
     def raise_if_any(self) -> None:
         if self.errors:
             self.errors.sort(key=lambda e: (e.file, e.line, e.col))
@@ -458,11 +463,8 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
         for i, _ in enumerate(pipe.model.spec.stages):
             try:
                 resolve_stage(bundle, pipe, i, execution_id="<validate>", strict_inputs=False)
-            except SpecErrors as exc:
-                for e in exc.errors:
-                    errs.add(e)
-            except SpecError as exc:
-                errs.add(exc)
+            except (SpecError, SpecErrors) as exc:
+                errs.absorb(exc)
     errs.raise_if_any()
     return bundle
 
@@ -872,11 +874,8 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> dict[str,
     for i in range(len(pipeline.model.spec.stages)):
         try:
             stages.append(resolve_stage(bundle, pipeline, i, execution_id=execution_id))
-        except SpecErrors as exc:
-            for e in exc.errors:
-                errs.add(e)
-        except SpecError as exc:
-            errs.add(exc)
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
     errs.raise_if_any()
     return {
         "identifier": pipeline.ident,

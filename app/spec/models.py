@@ -10,12 +10,31 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 Scalar = str | int | float | bool
+
+
+def _check_identifier(v: str) -> str:
+    if not IDENT_RE.match(v):
+        raise ValueError(f"identifier '{v}' must start with a letter or _ and contain only "
+                         "letters, digits and _")
+    return v
+
+
+def _check_variable_name(v: str) -> str:
+    if not IDENT_RE.match(v):
+        raise ValueError(f"variable name '{v}' must be letters, digits and _")
+    return v
+
+
+# Identifiers name things other files and expressions refer to; variable names become shell
+# variables. Both are checked the same way wherever they appear.
+Identifier = Annotated[str, AfterValidator(_check_identifier)]
+VariableName = Annotated[str, AfterValidator(_check_variable_name)]
 
 
 class Model(BaseModel):
@@ -32,21 +51,11 @@ def identifier_of(name: str) -> str:
 
 class Metadata(Model):
     name: str
-    identifier: str | None = None
+    identifier: Identifier | None = None
     description: str | None = None
     tags: dict[str, Scalar] = Field(default_factory=dict)
     org_identifier: str | None = None
     project_identifier: str | None = None
-
-    @field_validator("identifier")
-    @classmethod
-    def _ident(cls, v: str | None) -> str | None:
-        if v is not None and not IDENT_RE.match(v):
-            raise ValueError(
-                f"identifier '{v}' must start with a letter or _ and contain only letters, "
-                "digits and _"
-            )
-        return v
 
     @property
     def ident(self) -> str:
@@ -56,19 +65,12 @@ class Metadata(Model):
 class Variable(Model):
     """``- name: app_port / type: String / value: "8080"``."""
 
-    name: str
+    name: VariableName
     type: Literal["String", "Number", "Secret"] = "String"
     value: Scalar | None = None
     description: str | None = None
     required: bool = False
     default: Scalar | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not IDENT_RE.match(v):
-            raise ValueError(f"variable name '{v}' must be letters, digits and _")
-        return v
 
 
 # --- Service ---------------------------------------------------------------------------------
@@ -280,16 +282,9 @@ CommandUnit = Annotated[ScriptUnit | CopyUnit, Field(discriminator="type")]
 
 
 class StepVariable(Model):
-    name: str
+    name: VariableName
     type: Literal["String", "Number", "Secret"] = "String"
     value: Scalar | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not IDENT_RE.match(v):
-            raise ValueError(f"environment variable name '{v}' must be letters, digits and _")
-        return v
 
 
 class CommandStepSpec(Model):
@@ -305,17 +300,10 @@ class StepSpec(Model):
 
     type: Literal["Command"]
     name: str
-    identifier: str
+    identifier: Identifier
     timeout: str | None = None
     description: str | None = None
     spec: CommandStepSpec
-
-    @field_validator("identifier")
-    @classmethod
-    def _ident(cls, v: str) -> str:
-        if not IDENT_RE.match(v):
-            raise ValueError(f"identifier '{v}' must be letters, digits and _")
-        return v
 
     @field_validator("timeout")
     @classmethod
@@ -359,17 +347,10 @@ class DeploymentStageSpec(Model):
 
 class StageSpec(Model):
     name: str
-    identifier: str
+    identifier: Identifier
     type: Literal["Deployment"]
     description: str | None = None
     spec: DeploymentStageSpec
-
-    @field_validator("identifier")
-    @classmethod
-    def _ident(cls, v: str) -> str:
-        if not IDENT_RE.match(v):
-            raise ValueError(f"identifier '{v}' must be letters, digits and _")
-        return v
 
 
 class StageElement(Model):
