@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
+from app.canvas import HostStepKey
 from app.db import session_scope
 from app.errors import ConfigError, SpecError
 from app.models import (
@@ -230,6 +231,35 @@ def gate(execution_id: str, stage_index: int, phase: int) -> str:
         if pr is not None and pr.status == Status.RUNNING:
             _evaluate_phase(s, ex, run, pr, gate=True)
     return advance(execution_id)
+
+
+def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
+    """A step task failed before it could record its outcome: record it as failed.
+
+    Creates the row when the task never claimed it (expired, revoked); leaves a finished row
+    alone (the task did record its outcome and failed later).
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    with session_scope() as s:
+        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).first()
+        if row is not None and row.status in Status.TERMINAL:
+            return
+        if row is None:
+            stage = s.get(Execution, key.execution)
+            step_id = stage.plan["stages"][key.stage]["steps"][key.step]["identifier"] \
+                if stage else ""
+            row = HostStepRun(idem_key=key.idem, execution_id=key.execution,
+                              stage_index=key.stage, phase=key.phase, step_index=key.step,
+                              step_id=step_id, host=key.host, region=key.region,
+                              attempt=key.attempt)
+        row.status, row.error_class, row.error = Status.FAILED, error_class, error
+        row.finished_at = utcnow()
+        try:
+            with s.begin_nested():
+                s.add(row)
+        except IntegrityError:  # the task claimed it meanwhile: its own outcome wins
+            pass
 
 
 def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,

@@ -28,6 +28,60 @@ def advance_task(*, execution_id: str) -> str:
 
 @app.task(name="vmfarm.nudge")
 def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
-    """Error callback: runs inline on the failing worker, so it only asks control to advance."""
-    log.warning("execution %s: a task failed (%r); nudging the coordinator", execution_id, exc)
-    advance_task.apply_async(kwargs={"execution_id": execution_id})
+    """Error callback of a phase canvas: runs inline on the failing worker, so it only passes
+    what it knows to the control queue.
+
+    Its request is either a failed step task (a header task: that host's step failed without
+    recording it, e.g. it expired or its worker died) or the chord body (Celery calls the
+    errback with the body's request once every header task has finished and one failed).
+    """
+    task = getattr(request, "task", None)
+    kwargs = dict(getattr(request, "kwargs", None) or {})
+    payload: dict[str, Any] = {"execution_id": execution_id, "error": _describe(exc),
+                               "error_class": _error_class(exc)}
+    if task == "vmfarm.run_step" and "key" in kwargs:
+        payload["key"] = kwargs["key"]
+    elif task == "vmfarm.verify_gate":
+        payload["phase_done"] = {"stage_index": kwargs.get("stage_index"),
+                                 "phase": kwargs.get("phase")}
+    log.warning("execution %s: %s failed (%s); nudging the coordinator", execution_id,
+                task or "a task", payload["error"])
+    phase_error.apply_async(kwargs=payload)
+
+
+@app.task(name="vmfarm.phase_error")
+def phase_error(*, execution_id: str, error: str, error_class: str,
+                key: dict[str, Any] | None = None,
+                phase_done: dict[str, int] | None = None) -> str:
+    """Record what a nudge reported, then let the coordinator decide (idempotent)."""
+    from app.canvas import HostStepKey
+    from app.coordinator import advance, gate, record_lost_step
+
+    if key is not None:
+        record_lost_step(HostStepKey.from_dict(key), error_class=error_class, error=error)
+    if phase_done is not None:
+        return gate(execution_id, int(phase_done["stage_index"]), int(phase_done["phase"]))
+    return advance(execution_id)
+
+
+def _describe(exc: Any) -> str:
+    from celery.exceptions import ChordError, TaskRevokedError, WorkerLostError
+
+    if isinstance(exc, TaskRevokedError):
+        return f"the task was revoked or expired before it ran ({exc})"
+    if isinstance(exc, WorkerLostError):
+        return f"the worker running the step was lost ({exc})"
+    if isinstance(exc, ChordError):
+        return f"a step task of the phase failed ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _error_class(exc: Any) -> str:
+    from celery.exceptions import TimeoutError as CeleryTimeout
+    from celery.exceptions import WorkerLostError
+
+    if isinstance(exc, WorkerLostError):
+        return "DelegateRestart"
+    if isinstance(exc, CeleryTimeout):
+        return "Timeout"
+    return str(getattr(exc, "error_class", "Unknown"))

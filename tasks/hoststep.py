@@ -301,6 +301,13 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
             fields.update(status=Status.SKIPPED,
                           error="skipped: an earlier step failed on this host")
             return _finish(run_id, key, fields)
+        if key.deadline is not None and time.time() > key.deadline:
+            waited = get_settings().dispatch_expires
+            fields.update(status=Status.FAILED, error_class="Timeout",
+                          error=f"expired: waited in queue {queue or key.region} past its "
+                                f"dispatch deadline ({waited} s, VMFARM_DISPATCH_EXPIRES); no "
+                                f"worker of region {key.region} took it in time; nothing ran")
+            return _finish(run_id, key, fields)
         with session_scope() as s:
             ex = s.get(Execution, key.execution)
             if ex is None or ex.status == Status.ABORTED:

@@ -144,3 +144,57 @@ def test_ledger_records_instances_and_batched_logs(cluster: Cluster, lab: Any) -
     assert {(i.version, i.previous_version) for i in inst} == {("3.0.1", "3.0.0")}
     # One or two chunks per host step (a chunk per unit and stream), not one per line.
     assert n_chunks <= 4 * n_rows
+
+
+def test_work_that_expired_in_a_queue_fails_its_host_instead_of_hanging(
+        cluster: Cluster, lab: Any, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    # Given one host in region r3, where no worker runs yet, and steps that expire after 2 s
+    late = lab.hosts[5].address
+    infra = Path(lab.infrastructure_file).read_text().replace(
+        f"- hostname: {late}\n        region: r2", f"- hostname: {late}\n        region: r3")
+    assert "region: r3" in infra
+    path = tmp_path / "infra.yaml"
+    path.write_text(infra)
+    env = {**cluster.env, "VMFARM_DISPATCH_EXPIRES": "2"}
+    from tests.conftest import run_vmfarm
+
+    sub = run_vmfarm("run", PIPELINE, str(path), "--set", "tag=4.0.0", "--detach", env=env)
+    assert sub.returncode == 0, sub.stderr
+    ex_id = sub.stdout.strip().splitlines()[-1]
+    # When a worker for r3 starts only after the step expired
+    time.sleep(4)
+    log = tmp_path / "w-r3.log"
+    with log.open("wb") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker", "--region", "r3", "-n", "w-r3@test"],
+            env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        report: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            report = json.loads(cluster.vmfarm("status", ex_id, "-o", "json").stdout)
+            if report["status"] in ("SUCCEEDED", "FAILED"):
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+    # Then the stale work did not run, that host failed, and the execution ended
+    assert report["status"] == "FAILED", log.read_text()[-3000:]
+    hosts = {h["host"]: h for h in report["stages"][0]["hosts"]}
+    lost = hosts.pop(late)
+    assert lost["status"] == "FAILED"
+    assert "expired" in (lost["steps"][0]["error"] or "")
+    assert lost["steps"][0]["error_class"] == "Timeout"
+    assert [s["status"] for s in lost["steps"]] == ["FAILED", "SKIPPED"]
+    assert {h["status"] for h in hosts.values()} == {"SUCCEEDED"}
+    record = _host_file(lab, late, "itest/record").read_text()
+    assert ex_id not in record
