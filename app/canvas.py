@@ -61,8 +61,14 @@ def phase_canvas(
     step_count: int,
     attempt: int = 1,
     expires: int = 3600,
+    lanes: int | None = None,
 ) -> Signature:
-    """The chord for one phase. ``hosts`` is [(host name, region)] in inventory order."""
+    """The chord for one phase. ``hosts`` is [(host name, region)] in inventory order.
+
+    With ``lanes`` (maxConcurrency) smaller than the batch, hosts are dealt round-robin into
+    that many chains that run one host after another, so at most ``lanes`` hosts are in
+    flight; a failed host does not stop the next host of its lane.
+    """
     from tasks.control import nudge, verify_gate
     from tasks.deploy import run_step
 
@@ -71,17 +77,41 @@ def phase_canvas(
     # deadline and records why, so the chain and the chord complete and the gate decides.
     deadline = round(time.time() + expires, 3)
 
-    def link(host: str, region: str, step: int) -> Signature:
-        key = HostStepKey(execution_id, stage_index, phase, host, step, attempt, region,
-                          deadline)
-        # Routing comes from the router (region in the key), identical in every process.
-        return run_step.s(key=key.to_dict())
+    def links(host: str, region: str) -> list[Signature]:
+        return [run_step.s(key=HostStepKey(execution_id, stage_index, phase, host, step,
+                                           attempt, region, deadline).to_dict())
+                for step in range(step_count)]
 
-    header = group(
-        chain(*(link(h, r, i) for i in range(step_count))) if step_count > 1 else link(h, r, 0)
-        for h, r in hosts
-    )
+    n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
+    lines: list[list[Signature]] = [[] for _ in range(n)]
+    for i, (h, r) in enumerate(hosts):
+        lines[i % n].extend(links(h, r))
+    header = group(chain(*line) if len(line) > 1 else line[0] for line in lines)
     body = verify_gate.si(execution_id=execution_id, stage_index=stage_index, phase=phase)
     canvas = chord(header, body)
     canvas.on_error(nudge.s(execution_id=execution_id))
     return canvas
+
+
+def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
+                  hosts: list[tuple[str, str]], expires: int = 3600) -> Signature:
+    """The verification gate: checks on every host of the phase (on its region's worker), then
+    the verdict on control."""
+    from tasks.control import nudge, verification_gate
+    from tasks.deploy import check_host
+
+    deadline = round(time.time() + expires, 3)
+    header = group(check_host.s(key=HostStepKey(execution_id, stage_index, phase, h, -1, 1, r,
+                                                deadline).to_dict()) for h, r in hosts)
+    body = verification_gate.si(execution_id=execution_id, stage_index=stage_index,
+                                phase=phase)
+    canvas = chord(header, body)
+    canvas.on_error(nudge.s(execution_id=execution_id))
+    return canvas
+
+
+def switch_canvas(*, execution_id: str, stage_index: int, phase: int) -> Signature:
+    """Move traffic to the phase's hosts (one control task)."""
+    from tasks.control import switch_traffic
+
+    return switch_traffic.si(execution_id=execution_id, stage_index=stage_index, phase=phase)

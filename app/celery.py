@@ -18,7 +18,7 @@ from app.settings import get_settings
 CONTROL_QUEUE = "vmfarm.control"
 EXCHANGE = Exchange("vmfarm", type="direct")
 # Tasks that run on a region's workers (SSH work, discovery); everything else is control.
-REGION_TASKS = frozenset({"vmfarm.run_step"})
+REGION_TASKS = frozenset({"vmfarm.run_step", "vmfarm.check_host"})
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Messages may sit reserved or queued this long before Redis redelivers them. With early ack it
 # bounds nothing about how long a task may *run*; it must exceed the longest queue wait (6 h).

@@ -33,6 +33,7 @@ from app.models import (
 )
 from app.providers.base import Host, discover
 from app.settings import get_settings
+from strategies.basic import Phase
 
 log = logging.getLogger("vmfarm.coordinator")
 
@@ -108,11 +109,15 @@ def _discover_stage(stage: dict[str, Any]) -> list[Host]:
 
 @dataclass
 class _Dispatch:
+    """Something to publish after the commit: one phase's deploy, verify or switch canvas."""
+
+    kind: str
     execution_id: str
     stage_index: int
     phase: int
     hosts: list[tuple[str, str]]
-    step_count: int
+    step_count: int = 0
+    lanes: int | None = None
 
 
 def _lock_execution(s: Session, execution_id: str) -> Execution | None:
@@ -138,6 +143,29 @@ def advance(execution_id: str) -> str:
     return decision
 
 
+def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any]) -> str:
+    """Discover the stage's hosts and plan its phases; '' or an error message."""
+    from strategies import plan as plan_phases
+
+    try:
+        hosts = [Host.from_dict(h) for h in run.hosts] or _discover_stage(stage_plan)
+        names = [h.name for h in hosts]
+        slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
+        live = _live_set(s, ex, stage_plan) if stage_plan["strategy"].get("type") == \
+            "BlueGreen" else []
+        phases = plan_phases(stage_plan, names, live=live, slots=slots)
+    except (ConfigError, SpecError, ValueError) as exc:
+        return str(exc)
+    run.hosts = [h.to_dict() for h in hosts]
+    run.phases = [p.to_dict() for p in phases]
+    run.status, run.started_at = Status.RUNNING, utcnow()
+    if ex.status == Status.QUEUED:
+        ex.status, ex.started_at = Status.RUNNING, utcnow()
+    s.add(ex)
+    s.add(run)
+    return ""
+
+
 def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
     stages = ex.plan["stages"]
     while True:
@@ -148,45 +176,32 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
         run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                             StageRun.stage_index == ex.current_stage)).one()
         if run.status == Status.PENDING:
-            try:
-                hosts = [Host.from_dict(h) for h in run.hosts] or _discover_stage(stage_plan)
-            except (ConfigError, SpecError) as exc:
-                run.status, run.error, run.finished_at = Status.FAILED, str(exc), utcnow()
-                _finish(s, ex, Status.FAILED, error=f"stage '{run.identifier}': {exc}")
-                return "failed"
-            from strategies import plan as plan_phases
-
-            phases = plan_phases(stage_plan, [h.name for h in hosts])
-            run.hosts = [h.to_dict() for h in hosts]
-            run.phases = [list(p.hosts) for p in phases]
-            run.status, run.started_at = Status.RUNNING, utcnow()
-            if ex.status == Status.QUEUED:
-                ex.status, ex.started_at = Status.RUNNING, utcnow()
-            s.add(ex)
-            s.add(run)
-        last = s.exec(
-            select(PhaseRun)
-            .where(PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-                   PhaseRun.kind == "deploy")
-            .order_by(col(PhaseRun.phase).desc())
-        ).first()
-        if last is None:
-            _dispatch(s, ex, run, 0, dispatches)
-            return "dispatched phase 0"
-        if last.status == Status.RUNNING and not _evaluate_phase(s, ex, run, last, gate=False):
-            return "waiting"
-        if last.status == Status.FAILED:
-            _summarise_steps(s, ex, run)
-            run.status, run.finished_at = Status.FAILED, utcnow()
-            failed = (last.verdict or {}).get("failed", [])
-            run.error = f"{len(failed)} host(s) failed in phase {last.phase + 1}: " + ", ".join(
-                failed[:10]) + (" ..." if len(failed) > 10 else "")
-            s.add(run)
-            _finish(s, ex, Status.FAILED, error=f"stage '{run.identifier}': {run.error}")
-            return "failed"
-        if last.phase + 1 < len(run.phases):
-            _dispatch(s, ex, run, last.phase + 1, dispatches)
-            return f"dispatched phase {last.phase + 1}"
+            problem = _start_stage(s, ex, run, stage_plan)
+            if problem:
+                return _fail_stage(s, ex, run, problem)
+        records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index)).all()}
+        verification = stage_plan["strategy"].get("verification")
+        for ph in run.phases:
+            phase = Phase.from_dict(ph)
+            main = records.get((phase.index, phase.kind))
+            if main is None:
+                _dispatch(s, ex, run, phase, phase.kind, dispatches)
+                return f"dispatched {phase.name}"
+            if main.status == Status.RUNNING and not (
+                    phase.kind == "deploy" and _evaluate_phase(s, ex, run, main, gate=False)):
+                return "waiting"
+            if main.status == Status.FAILED:
+                return _fail_stage(s, ex, run, _phase_failure(phase, main))
+            if phase.verify and verification:
+                check = records.get((phase.index, "verify"))
+                if check is None:
+                    _dispatch(s, ex, run, phase, "verify", dispatches)
+                    return f"verifying {phase.name}"
+                if check.status == Status.RUNNING:
+                    return "waiting"
+                if check.status == Status.FAILED:
+                    return _fail_stage(s, ex, run, _phase_failure(phase, check))
         _summarise_steps(s, ex, run)
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
         s.add(run)
@@ -194,27 +209,71 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
         s.add(ex)
 
 
-def _dispatch(s: Session, ex: Execution, run: StageRun, phase: int,
+def _phase_failure(phase: Phase, record: PhaseRun) -> str:
+    v = record.verdict or {}
+    failed = v.get("failed", [])
+    what = {"deploy": "failed", "verify": "failed verification",
+            "switch": "could not take traffic"}.get(record.kind, "failed")
+    if record.kind == "switch":
+        return f"{phase.name}: traffic switch failed: {v.get('error', 'unknown error')}"
+    hosts = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
+    extra = f" ({'; '.join(v['reasons'])})" if v.get("reasons") else ""
+    return f"{len(failed)} host(s) {what} in {phase.name}: {hosts}{extra}"
+
+
+def _fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
+    _summarise_steps(s, ex, run)
+    run.status, run.error, run.finished_at = Status.FAILED, error, utcnow()
+    s.add(run)
+    _finish(s, ex, Status.FAILED, error=f"stage '{run.identifier}': {error}")
+    return "failed"
+
+
+def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
               out: list[_Dispatch]) -> None:
-    names = run.phases[phase]
     by_name = {h["name"]: h for h in run.hosts}
-    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase,
-                   hosts=list(names)))
+    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase.index,
+                   kind=kind, hosts=list(phase.hosts)))
     s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
-    steps = ex.plan["stages"][run.stage_index]["steps"]
-    out.append(_Dispatch(ex.id, run.stage_index, phase,
-                         [(n, by_name[n]["region"]) for n in names], len(steps)))
+    stage_plan = ex.plan["stages"][run.stage_index]
+    out.append(_Dispatch(kind, ex.id, run.stage_index, phase.index,
+                         [(n, by_name[n]["region"]) for n in phase.hosts],
+                         step_count=len(stage_plan["steps"]),
+                         lanes=stage_plan["strategy"].get("maxConcurrency")))
 
 
 def _publish(d: _Dispatch) -> None:
-    from app.canvas import phase_canvas
+    from app.canvas import phase_canvas, switch_canvas, verify_canvas
 
-    canvas = phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index, phase=d.phase,
-                          hosts=d.hosts, step_count=d.step_count,
-                          expires=get_settings().dispatch_expires)
+    expires = get_settings().dispatch_expires
+    if d.kind == "deploy":
+        canvas = phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                              phase=d.phase, hosts=d.hosts, step_count=d.step_count,
+                              expires=expires, lanes=d.lanes)
+    elif d.kind == "verify":
+        canvas = verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                               phase=d.phase, hosts=d.hosts, expires=expires)
+    else:
+        canvas = switch_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                               phase=d.phase)
     canvas.apply_async()
-    log.info("execution %s: published stage %d phase %d (%d hosts)", d.execution_id,
-             d.stage_index, d.phase, len(d.hosts))
+    log.info("execution %s: published %s of stage %d phase %d (%d hosts)", d.execution_id,
+             d.kind, d.stage_index, d.phase, len(d.hosts))
+
+
+def _live_set(s: Session, ex: Execution, stage_plan: dict[str, Any]) -> list[str]:
+    """Hosts that took traffic after the last successful switch for this service and
+    environment (the ledger's memory of blue-green; the switch task checks the real one)."""
+    svc = stage_plan["service"]["identifier"]
+    env = stage_plan["environment"]["identifier"]
+    rows = s.exec(select(PhaseRun).where(PhaseRun.kind == "switch",
+                                         PhaseRun.status == Status.SUCCEEDED)
+                  .order_by(col(PhaseRun.gate_at).desc()).limit(200)).all()
+    for r in rows:
+        v = r.verdict or {}
+        if v.get("service") == svc and v.get("environment") == env:
+            return list(v.get("live", []))
+    return []
 
 
 def gate(execution_id: str, stage_index: int, phase: int) -> str:
@@ -302,19 +361,122 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
                 "error_class": (bad.error_class if bad else None) or "Unknown",
                 "error": (bad.error if bad else None) or "the host's tasks never ran",
             }
+    passed, rule = _within_budget(s, ex, run, pr, failed)
     pr.verdict = {
-        "passed": not failed,
+        "passed": passed,
         "hosts": len(pr.hosts),
         "succeeded": len(pr.hosts) - len(failed),
         "failed": failed,
         "failures": per_host,
-        "rule": "every host succeeds (failure budget 0)",
+        "rule": rule,
     }
-    pr.status = Status.FAILED if failed else Status.SUCCEEDED
+    pr.status = Status.SUCCEEDED if passed else Status.FAILED
     pr.gate_at = utcnow()
     s.add(pr)
     _record_instances(s, ex, run, [h for h in pr.hosts if h not in failed])
     return True
+
+
+def _within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
+                   failed: list[str]) -> tuple[bool, str]:
+    """Does the stage stay within its failure budget, counting every phase so far?
+
+    Like Ansible's max_fail_percentage, the budget must be *exceeded* to fail.
+    """
+    budget = ex.plan["stages"][run.stage_index]["strategy"].get("failureBudget") or {}
+    total = len(run.hosts)
+    allowed = max(int(budget.get("maxFailedHosts", 0)),
+                  int(float(budget.get("maxFailedPercent", 0.0)) * total / 100))
+    earlier = {h for p in s.exec(select(PhaseRun).where(
+        PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+        PhaseRun.id != pr.id)).all() for h in (p.verdict or {}).get("failed", [])}
+    count = len(earlier | set(failed))
+    rule = (f"at most {allowed} of {total} host(s) may fail in the stage"
+            if allowed else "every host succeeds (failure budget 0)")
+    return count <= allowed, f"{rule}; {count} failed so far"
+
+
+def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
+    """Body of a verification chord: judge the phase's checks from the ledger, then advance."""
+    from app.models import CheckRun
+
+    with session_scope() as s:
+        ex = _lock_execution(s, execution_id)
+        if ex is None or ex.status in Status.TERMINAL:
+            return "noop"
+        pr = s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
+            PhaseRun.phase == phase, PhaseRun.kind == "verify")).first()
+        if pr is None or pr.status != Status.RUNNING:
+            return "noop"
+        run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                            StageRun.stage_index == stage_index)).one()
+        checks = {c.host: c for c in s.exec(select(CheckRun).where(
+            CheckRun.execution_id == execution_id, CheckRun.stage_index == stage_index,
+            CheckRun.phase == phase)).all()}
+        failed, per_host = [], {}
+        for host in pr.hosts:
+            c = checks.get(host)
+            per_host[host] = {"passed": bool(c and c.passed), "results": c.results if c else {},
+                              "reasons": c.reasons if c else ["the host's checks never ran"]}
+            if not (c and c.passed):
+                failed.append(host)
+        verification = ex.plan["stages"][stage_index]["strategy"].get("verification") or {}
+        reasons: list[str] = []
+        prom_result: dict[str, Any] | None = None
+        if verification.get("prometheus"):
+            prom_ok, prom_result = _prometheus_verdict(verification["prometheus"])
+            if not prom_ok:
+                reasons.append(prom_result.get("reason", "prometheus check failed"))
+        passed, rule = _within_budget(s, ex, run, pr, failed)
+        passed = passed and not reasons
+        pr.verdict = {"passed": passed, "hosts": len(pr.hosts),
+                      "succeeded": len(pr.hosts) - len(failed), "failed": failed,
+                      "checks": per_host, "prometheus": prom_result, "reasons": reasons,
+                      "rule": rule}
+        pr.status = Status.SUCCEEDED if passed else Status.FAILED
+        pr.gate_at = utcnow()
+        s.add(pr)
+    return advance(execution_id)
+
+
+def _prometheus_verdict(spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Query Prometheus once for the phase and judge the value (app.verify.evaluate)."""
+    from app.verify.probes import evaluate, prometheus_query
+
+    url = spec.get("url") or get_settings().prometheus_url
+    if not url:
+        return False, {"reason": "a prometheus check needs a URL (prometheus.url or "
+                                 "VMFARM_PROMETHEUS_URL)"}
+    criterion = {k: spec[k] for k in ("query", "below", "above") if spec.get(k) is not None}
+    try:
+        value = prometheus_query(url, spec["query"])
+        ok, reasons = evaluate({"prometheus": criterion}, {"prometheus": value})
+    except Exception as exc:  # a broken metric source fails the gate, with the reason
+        return False, {"query": spec["query"], "reason": f"prometheus check failed: {exc}"}
+    return ok, {"query": spec["query"], "value": value, "reason": "; ".join(reasons)}
+
+
+def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
+                  result: dict[str, Any]) -> str:
+    """Record a traffic switch's outcome (and the new live set), then advance."""
+    with session_scope() as s:
+        ex = _lock_execution(s, execution_id)
+        if ex is None or ex.status in Status.TERMINAL:
+            return "noop"
+        pr = s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
+            PhaseRun.phase == phase, PhaseRun.kind == "switch")).first()
+        if pr is None or pr.status != Status.RUNNING:
+            return "noop"
+        stage = ex.plan["stages"][stage_index]
+        pr.verdict = {**result, "passed": ok, "live": pr.hosts if ok else result.get("live"),
+                      "service": stage["service"]["identifier"],
+                      "environment": stage["environment"]["identifier"]}
+        pr.status = Status.SUCCEEDED if ok else Status.FAILED
+        pr.gate_at = utcnow()
+        s.add(pr)
+    return advance(execution_id)
 
 
 def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]) -> None:

@@ -15,7 +15,8 @@ so that failure strategies, the CLI and the ledger speak one vocabulary::
     │   ├── CommandTimeoutError   a command ran past its timeout
     │   ├── ScriptError           a Script unit exited non-zero
     │   ├── TransferError         a Copy unit failed (SFTP)
-    │   └── WorkerLostError       the worker running the step vanished (DelegateRestart)
+    │   ├── WorkerLostError       the worker running the step vanished (DelegateRestart)
+    │   └── VerificationError     a verification check could not judge (Verification)
     └── LabError                  the local lab cannot start (not root, sshd missing, ...)
 
 Every error is picklable (it may cross the broker) and says what happened, where, and what to do.
@@ -150,3 +151,9 @@ class WorkerLostError(HostError):
     """The worker that ran this step disappeared (Harness: DelegateRestart)."""
 
     error_class = "DelegateRestart"
+
+
+class VerificationError(HostError):
+    """A verification check could not give a number (Prometheus unreachable, ambiguous query)."""
+
+    error_class = "Verification"

@@ -62,7 +62,8 @@ class StageRun(SQLModel, table=True):
     status: str = Field(default=Status.PENDING, max_length=16)
     hosts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
                                                                              nullable=False))
-    phases: list[list[str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    phases: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
+                                                                              nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text))
     started_at: NaiveDatetime | None = None
     finished_at: NaiveDatetime | None = None
@@ -164,3 +165,25 @@ class Instance(SQLModel, table=True):
     previous_version: str | None = Field(default=None, max_length=255)
     execution_id: str = Field(max_length=32)
     updated_at: NaiveDatetime = Field(default_factory=utcnow)
+
+
+class CheckRun(SQLModel, table=True):
+    """One host's verification checks in a gate, with their numbers (health, probe)."""
+
+    __table_args__ = (Index("ix_checkrun_exec_stage_phase", "execution_id", "stage_index",
+                            "phase"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    idem_key: str = Field(unique=True, max_length=255)
+    execution_id: str = Field(foreign_key="execution.id", max_length=32)
+    stage_index: int
+    phase: int
+    host: str = Field(max_length=255)
+    region: str = Field(default="", max_length=64)
+    status: str = Field(default=Status.RUNNING, max_length=16)
+    passed: bool | None = None
+    results: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reasons: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    worker: str | None = Field(default=None, max_length=255)
+    started_at: NaiveDatetime = Field(default_factory=utcnow)
+    finished_at: NaiveDatetime | None = None

@@ -41,6 +41,9 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             if k not in latest or r.attempt >= latest[k].attempt:
                 latest[k] = r
         row: HostStepRun | None
+        # Hosts whose deploy passed but whose verification gate failed them.
+        unverified = {h for p in phases if p.stage_index == st.stage_index
+                      and p.kind == "verify" for h in (p.verdict or {}).get("failed", [])}
         hosts = []
         for h in st.hosts:
             steps = []
@@ -63,11 +66,17 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     "finished_at": _t(row.finished_at) if row else None,
                 })
             inst = versions.get((h["infrastructure"], h["name"]))
+            status = _host_status(steps)
+            if h["name"] in unverified:
+                status = Status.FAILED
+            elif status == Status.PENDING and st.status in Status.TERMINAL:
+                status = Status.SKIPPED  # its phase never started
             hosts.append({
                 "host": h["name"],
                 "region": h["region"],
                 "infrastructure": h["infrastructure"],
-                "status": _host_status(steps),
+                "status": status,
+                "verification": "FAILED" if h["name"] in unverified else None,
                 "version": inst.version if inst else None,
                 "previous_version": inst.previous_version if inst else None,
                 "steps": steps,
@@ -89,6 +98,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 for p in phases if p.stage_index == st.stage_index
             ],
             "hosts": hosts,
+            "strategy": (plan.get("strategy") or {}).get("type", "Basic"),
+            "plan": st.phases,
             "started_at": _t(st.started_at),
             "finished_at": _t(st.finished_at),
         })

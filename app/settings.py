@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # Default command timeout for a step without ``timeout`` (Harness's default is 10m).
     step_timeout: float = 600.0
     user: str | None = None
+    # Prometheus for verification gates (a `prometheus` check without its own url).
+    prometheus_url: str | None = None
 
     @property
     def embedded(self) -> bool:

@@ -256,8 +256,59 @@ def _print_summary(report: dict[str, Any]) -> None:
             if bad:
                 out.print(Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}",
                                style="red"))
+        _print_gates(st, only_failed=True)
     if report.get("error"):
         out.print(Text(report["error"], style="red"))
+
+
+def _print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
+    """One line per phase verdict; for a failed gate, one line per failed host with its
+    numbers."""
+    names = {p["index"]: p["name"] for p in stage.get("plan", [])}
+    for p in stage["phases"]:
+        v = p.get("verdict") or {}
+        if not v or (only_failed and v.get("passed")):
+            continue
+        name = names.get(p["phase"], f"phase {p['phase'] + 1}")
+        what = {"deploy": "deploy", "verify": "verification", "switch": "traffic switch"}.get(
+            p["kind"], p["kind"])
+        if p["kind"] == "switch":
+            detail = (f"live: {', '.join(v.get('backends', []))}" if v.get("passed")
+                      else v.get("error", ""))
+            out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'}"
+                           f" ({detail})", style="" if v.get("passed") else "red"))
+            continue
+        out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
+                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed; {v.get('rule')})",
+                       style="" if v.get("passed") else "red"))
+        for reason in v.get("reasons") or []:
+            out.print(Text(f"    {reason}", style="red"))
+        for host, c in (v.get("checks") or {}).items():
+            numbers = _check_numbers(c.get("results") or {})
+            if not c.get("passed"):
+                out.print(Text(f"    {host}: {'; '.join(c.get('reasons') or [])}"
+                               + (f" [{numbers}]" if numbers else ""), style="red"))
+            elif not only_failed and numbers:
+                out.print(f"    {host}: {numbers}")
+
+
+def _check_numbers(results: dict[str, Any]) -> str:
+    parts = []
+    health = results.get("health") or {}
+    if health:
+        parts.append(f"health {health.get('status_code') or health.get('error') or '-'} in "
+                     f"{health.get('attempts')} attempt(s)")
+    pr = results.get("probe") or {}
+    if pr:
+        rate = pr.get("error_rate")
+        parts.append(f"{pr.get('requests')} requests")
+        if isinstance(rate, int | float):
+            parts.append(f"error rate {rate * 100:.1f}%")
+        for q in ("p50", "p95", "p99"):
+            key = next((k for k in pr if k.startswith(q)), None)
+            if key and pr.get(key) is not None:
+                parts.append(f"{q} {float(pr[key]):.0f} ms")
+    return ", ".join(p for p in parts if p)
 
 
 def _failure_detail(step: dict[str, Any]) -> str:
@@ -295,13 +346,8 @@ def status(execution_id: str, output: str) -> None:
     else:
         _print_summary(report)
         for st in report["stages"]:
-            for p in st["phases"]:
-                v = p.get("verdict") or {}
-                if v:
-                    out.print(f"  stage {st['identifier']} phase {p['phase'] + 1}: "
-                              f"{'passed' if v.get('passed') else 'FAILED'} "
-                              f"({v.get('succeeded')}/{v.get('hosts')} hosts, rule: "
-                              f"{v.get('rule')})")
+            out.print(f"stage {st['identifier']} gates:")
+            _print_gates(st, only_failed=False)
 
 
 @main.command()

@@ -18,6 +18,24 @@ def verify_gate(*, execution_id: str, stage_index: int, phase: int) -> str:
     return gate(execution_id, stage_index, phase)
 
 
+@app.task(name="vmfarm.verification_gate")
+def verification_gate(*, execution_id: str, stage_index: int, phase: int) -> str:
+    """Body of a verification chord: the verdict on the phase's checks, then advance."""
+    from app.coordinator import verification_gate as judge
+
+    return judge(execution_id, stage_index, phase)
+
+
+@app.task(name="vmfarm.switch_traffic")
+def switch_traffic(*, execution_id: str, stage_index: int, phase: int) -> str:
+    """Blue-green: make the phase's hosts the live set, record the outcome, advance."""
+    from app.coordinator import record_switch
+    from tasks.checks import do_switch
+
+    ok, result = do_switch(execution_id, stage_index, phase)
+    return record_switch(execution_id, stage_index, phase, ok=ok, result=result)
+
+
 @app.task(name="vmfarm.advance")
 def advance_task(*, execution_id: str) -> str:
     """Advance an execution (idempotent)."""

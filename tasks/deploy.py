@@ -18,3 +18,11 @@ def run_step(self: Any, prev: dict[str, Any] | None = None, *,
     queue = (req.delivery_info or {}).get("routing_key")
     return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
                    queue=queue)
+
+
+@app.task(name="vmfarm.check_host", bind=True)
+def check_host(self: Any, *, key: dict[str, Any]) -> dict[str, Any]:
+    """Verification checks of one host (health endpoint, probe), from its region's worker."""
+    from tasks.checks import check
+
+    return check(HostStepKey.from_dict(key), worker=self.request.hostname)

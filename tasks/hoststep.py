@@ -297,7 +297,9 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
         stage, hosts = _stage_data(key.execution, key.stage)
         step = stage["steps"][key.step]
         fields["step_id"] = step["identifier"]
-        if prev is not None and prev.get("status") != Status.SUCCEEDED:
+        # In a lane (maxConcurrency) the previous link may be another host's last step.
+        if prev is not None and prev.get("status") != Status.SUCCEEDED \
+                and prev.get("host") == key.host:
             fields.update(status=Status.SKIPPED,
                           error="skipped: an earlier step failed on this host")
             return _finish(run_id, key, fields)
@@ -332,8 +334,51 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     return _finish(run_id, key, fields)
 
 
+def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
+                       sink: LogSink) -> dict[str, Any]:
+    """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
+    spec = step["spec"]
+    sink.unit = step["identifier"]
+    if spec["type"] in ("HTTP", "TCP"):
+        from tasks.checks import health_step
+
+        ok, what = health_step(step, host, stage)
+        sink.write("stdout" if ok else "stderr", what + "\n")
+    else:
+        ok = False
+        retries = int(spec.get("retries", 3))
+        interval = parse_duration(spec.get("interval", "1s"))
+        timeout = parse_duration(spec.get("timeout", "5s"))
+        ctx = host_context(host, stage)
+        with _connector(host_target(host, on_delegate=False)) as conn:
+            for attempt in range(1, retries + 1):  # retries = attempts in all, as for HTTP
+                binder = Binder()
+                command = render(spec["command"], ctx, quote=True, bind=binder)
+                try:
+                    res = conn.run(command, env=binder.env, timeout=timeout,
+                                   on_output=sink.write)
+                    ok = res.exit_code == 0
+                    what = f"attempt {attempt}: exit {res.exit_code}"
+                except HostError as exc:
+                    if exc.error_class != "Timeout":
+                        raise
+                    what = f"attempt {attempt}: timed out after {timeout:g} s"
+                sink.write("stdout" if ok else "stderr", f"health check {what}\n")
+                if ok or attempt >= retries:
+                    break
+                time.sleep(interval)
+    if ok:
+        return {"status": Status.SUCCEEDED, "exit_code": 0}
+    last = (sink.tails["stderr"].strip().splitlines() or ["unhealthy"])[-1]
+    return {"status": Status.FAILED, "error_class": "Verification",
+            "failed_unit": step["identifier"],
+            "error": f"health check '{step['identifier']}' failed: {last}"[:500]}
+
+
 def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,
                sink: LogSink) -> dict[str, Any]:
+    if step.get("type") == "HealthCheck":
+        return _health_check_step(stage, step, host, sink)
     spec = step["spec"]
     ctx = host_context(host, stage)
     if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(

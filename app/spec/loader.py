@@ -636,6 +636,8 @@ def _check_references(bundle: Bundle, errs: _Collector) -> None:
                         errs.add(pipe.error(f"duplicate step identifier '{step.identifier}' in "
                                             f"stage '{st.identifier}'", (*tp, "identifier")))
                     step_ids.add(step.identifier)
+                    if not isinstance(step, m.CommandStep):
+                        continue
                     unit_ids: set[str] = set()
                     for ui, unit in enumerate(step.spec.command_units):
                         up = (*tp, "spec", "commandUnits", ui)
@@ -817,7 +819,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
             "source": f"{infra.doc.file}:{infra.doc.pos(infra.base or ('metadata',))[0]}",
         })
     uses_copy = any(isinstance(u, m.CopyUnit) for s in out_stage.spec.execution.steps
-                    for u in s.step.spec.command_units)
+                    for u in getattr(s.step.spec, "command_units", []))
     if strict_inputs and uses_copy and art is not None and art.type != "Local":
         errs.add(svc.error(f"artifact type {art.type} cannot be fetched by this version; "
                            "use type Local with spec.path", ("spec", "serviceDefinition", "spec",
@@ -834,6 +836,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                                 "spec")))
     errs.raise_if_any()
     return {
+        "strategy": strategy_of(out_stage),
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
@@ -850,6 +853,34 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         "rollbackSteps": [s.step.model_dump(mode="json", by_alias=True, exclude_none=True)
                           for s in out_stage.spec.execution.rollback_steps],
     }
+
+
+def strategy_of(stage: m.StageSpec) -> dict[str, Any]:
+    """The stage's strategy as plain data, whichever form the file used."""
+    sp = stage.spec
+    budget = m.FailureBudget()
+    if sp.rollout_deployment is not None:
+        return {"type": "Rolling", "cumulative": True,
+                "phases": [p.phase.size() for p in sp.rollout_deployment.phases],
+                "phaseNames": [p.phase.name for p in sp.rollout_deployment.phases],
+                "failureBudget": budget.model_dump(by_alias=True)}
+    if sp.canary_deployment is not None:
+        phases = sp.canary_deployment.phases
+        checks = [s for p in phases for s in p.phase.steps if s.is_verification]
+        verification = next((v for v in (s.verification() for s in checks) if v), None)
+        return {"type": "Canary", "cumulative": True,
+                "phases": [p.phase.size() for p in phases],
+                "phaseNames": [p.phase.name for p in phases],
+                "verifyAfter": [i for i, p in enumerate(phases)
+                                if any(s.is_verification for s in p.phase.steps)],
+                "verification": verification.model_dump(mode="json", by_alias=True,
+                                                        exclude_none=True)
+                if verification else None,
+                "failureBudget": budget.model_dump(by_alias=True)}
+    strategy = sp.strategy or m.StrategySpec()
+    out = strategy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    out["cumulative"] = strategy.type == "Canary"
+    return out
 
 
 def choose_pipeline(bundle: Bundle, pipeline: str | None) -> Loaded:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -295,7 +295,7 @@ class CommandStepSpec(Model):
     delegate_selectors: list[str] = Field(default_factory=list)
 
 
-class StepSpec(Model):
+class CommandStep(Model):
     """``- step: {type: Command, name, identifier, timeout, spec: {...}}``."""
 
     type: Literal["Command"]
@@ -311,6 +311,73 @@ class StepSpec(Model):
         if v is not None:
             parse_duration(v)
         return v
+
+
+class HealthCheckSpec(Model):
+    """How a HealthCheck step decides that one host is healthy.
+
+    ```yaml
+    - step:
+        type: HealthCheck
+        name: Health
+        identifier: health
+        spec:
+          type: HTTP                      # HTTP | TCP | Command
+          url: http://<+instance.hostName>:8080/health
+          expectStatus: [200]
+          expectBody: '"status":"UP"'     # substring; JSON-aware for JSON bodies
+          retries: 10
+          interval: 1s
+          timeout: 2s
+    ```
+    HTTP and TCP checks run from the region's worker to the host (as a load balancer would);
+    Command runs on the host over SSH and passes on exit code 0.
+    """
+
+    type: Literal["HTTP", "TCP", "Command"]
+    url: str | None = None
+    host: str | None = None
+    port: int | str | None = None
+    command: str | None = None
+    expect_status: list[int] = Field(default_factory=lambda: [200])
+    expect_body: str | None = None
+    retries: int = Field(default=3, ge=1, le=1000)  # attempts in all
+    interval: str = "1s"
+    timeout: str = "5s"
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _durations(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @model_validator(mode="after")
+    def _required(self) -> HealthCheckSpec:
+        need = {"HTTP": "url", "TCP": "port", "Command": "command"}[self.type]
+        if getattr(self, need) in (None, ""):
+            raise ValueError(f"a {self.type} health check needs '{need}'")
+        return self
+
+
+class HealthCheckStep(Model):
+    """A step that waits until the host is healthy (retries, interval, timeout)."""
+
+    type: Literal["HealthCheck"]
+    name: str
+    identifier: Identifier
+    timeout: str | None = None
+    description: str | None = None
+    spec: HealthCheckSpec
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
+StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
 
 
 class StepElement(Model):
@@ -338,11 +405,228 @@ class EnvironmentRef(Model):
     infrastructure_definitions: list[InfraRef] = Field(min_length=1)
 
 
+Size = int | str  # a host count (3) or a percentage of all hosts ("25%")
+
+
+def parse_size(value: Size) -> tuple[float, bool]:
+    """``3`` -> (3, False); ``"25%"`` -> (25.0, True). Raises ValueError when invalid."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a host count or a percentage")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"a host count must be at least 1, got {value}")
+        return float(value), False
+    text = str(value).strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"'{value}' is not a percentage such as 25%") from None
+        if not 0 < pct <= 100:
+            raise ValueError(f"a percentage must be above 0% and at most 100%, got {value}")
+        return pct, True
+    if text.isdigit() and int(text) >= 1:
+        return float(text), False
+    raise ValueError(f"'{value}' is not a host count (3) or a percentage (25%)")
+
+
+def _check_sizes(v: list[Size]) -> list[Size]:
+    for x in v:
+        parse_size(x)
+    return v
+
+
+Sizes = Annotated[list[Size], AfterValidator(_check_sizes), Field(min_length=1)]
+
+
+class HttpCheckSpec(Model):
+    """A health endpoint every host must answer (the reference's ``"status":"UP"`` check)."""
+
+    url: str
+    expect_status: list[int] = Field(default_factory=lambda: [200])
+    expect_body: str | None = None
+    retries: int = Field(default=10, ge=1, le=1000)  # attempts in all
+    interval: str = "1s"
+    timeout: str = "5s"
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _durations(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class ProbeSpec(Model):
+    """Traffic sent to every host for a while, to measure error rate and response time."""
+
+    url: str
+    duration: str = "10s"
+    concurrency: int = Field(default=1, ge=1, le=64)
+    timeout: str = "2s"
+
+    @field_validator("duration", "timeout")
+    @classmethod
+    def _durations(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class ResponseTime(Model):
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+class PrometheusCheck(Model):
+    """An instant query whose value must stay below/above a threshold."""
+
+    query: str
+    url: str | None = None  # default: VMFARM_PROMETHEUS_URL
+    below: float | None = None
+    above: float | None = None
+
+
+class SuccessCriteria(Model):
+    error_rate_below: float | str | None = None  # 0.01 or "1%"
+    response_time_below: float | ResponseTime | None = None  # ms (p95), or per percentile
+
+
+class FailureBudget(Model):
+    """How many hosts may fail before the stage fails (Ansible: must be exceeded)."""
+
+    max_failed_hosts: int = Field(default=0, ge=0)
+    max_failed_percent: float = Field(default=0.0, ge=0, le=100)
+
+
+class VerificationSpec(Model):
+    """The gate after a phase: checks on every host of the phase, then a verdict."""
+
+    health_check: HttpCheckSpec | None = None
+    probe: ProbeSpec | None = None
+    success_criteria: SuccessCriteria | None = None
+    prometheus: PrometheusCheck | None = None
+
+
+class TrafficSpec(Model):
+    """Where blue-green switches traffic (see app/traffic)."""
+
+    type: Literal["Local", "AwsElbV2"]
+    name: str = "vmfarm"
+    listen: str | None = None
+    port: int = Field(default=8080, ge=1, le=65535)  # the app's port on every host
+    region: str | None = None
+    target_group_arn: str | None = None
+    endpoint_url: str | None = None
+
+
+class StrategySpec(Model):
+    """How a stage reaches its hosts.
+
+    ```yaml
+    strategy:
+      type: Rolling                 # Basic | Rolling | Canary | BlueGreen
+      phases: [1, "25%", "50%"]     # Rolling: batch sizes, the last repeats (Ansible serial)
+                                    # Canary: cumulative targets; a final 100% phase follows
+      maxConcurrency: 5             # hosts in flight inside a phase
+      verification: {...}           # the gate after every phase but the last
+      failureBudget: {maxFailedHosts: 1, maxFailedPercent: 10}
+    ```
+    """
+
+    type: Literal["Basic", "Rolling", "Canary", "BlueGreen"] = "Basic"
+    phases: Sizes | None = None
+    max_concurrency: int | None = Field(default=None, ge=1)
+    verification: VerificationSpec | None = None
+    failure_budget: FailureBudget = Field(default_factory=FailureBudget)
+    traffic: TrafficSpec | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> StrategySpec:
+        if self.type in ("Rolling", "Canary") and not self.phases:
+            raise ValueError(f"a {self.type} strategy needs 'phases'")
+        if self.type == "BlueGreen" and self.traffic is None:
+            raise ValueError("a BlueGreen strategy needs 'traffic' (where to switch traffic)")
+        return self
+
+
+class ReferencePhaseStep(Model):
+    """A step inside a reference phase; ``type: VERIFICATION`` puts a gate after the phase.
+
+    Its ``properties`` may carry vmfarm's verification keys (healthCheck, probe,
+    successCriteria, prometheus); Harness's own keys (analysisType, ...) are accepted and
+    ignored.
+    """
+
+    type: str
+    name: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def is_verification(self) -> bool:
+        return self.type.upper() == "VERIFICATION"
+
+    def verification(self) -> VerificationSpec | None:
+        keys = {"healthCheck", "probe", "successCriteria", "prometheus"}
+        mine = {k: v for k, v in self.properties.items() if k in keys}
+        return VerificationSpec.model_validate(mine) if mine else None
+
+    @model_validator(mode="after")
+    def _valid(self) -> ReferencePhaseStep:
+        self.verification()
+        return self
+
+
+class ReferencePhaseBody(Model):
+    """A phase in the reference's ``rolloutDeployment``/``canaryDeployment`` form.
+
+    ``instanceCount`` is cumulative (Harness: "Instances (cumulative)"): 25%, 50%, 100% deploys
+    to a quarter of the hosts, then to the next quarter, then to the rest.
+    """
+
+    name: str
+    instance_count: int | str
+    instance_unit_type: Literal["PERCENTAGE", "COUNT"] = "PERCENTAGE"
+    deployment_type: str | None = None
+    compute_provider_type: str | None = None
+    infra_definition_id: str | None = None
+    service_id: str | None = None
+    steps: list[ReferencePhaseStep] = Field(default_factory=list)
+
+    def size(self) -> Size:
+        raw = str(self.instance_count).strip().rstrip("%")
+        return f"{raw}%" if self.instance_unit_type == "PERCENTAGE" else int(raw)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ReferencePhaseBody:
+        parse_size(self.size())
+        return self
+
+
+class ReferencePhase(Model):
+    phase: ReferencePhaseBody
+
+
+class ReferencePhases(Model):
+    phases: list[ReferencePhase] = Field(min_length=1)
+
+
 class DeploymentStageSpec(Model):
     deployment_type: Literal["Ssh", "WinRm"] = "Ssh"
     service: ServiceRef
     environment: EnvironmentRef
     execution: Execution
+    strategy: StrategySpec | None = None
+    rollout_deployment: ReferencePhases | None = None
+    canary_deployment: ReferencePhases | None = None
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> DeploymentStageSpec:
+        given = [n for n, v in (("strategy", self.strategy),
+                                ("rolloutDeployment", self.rollout_deployment),
+                                ("canaryDeployment", self.canary_deployment)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}, not several")
+        return self
 
 
 class StageSpec(Model):
@@ -378,16 +662,18 @@ KINDS: dict[str, type[Model]] = {
     "Pipeline": PipelineSpec,
 }
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+_N = r"(\d+(?:\.\d+)?)"
+_DURATION_RE = re.compile(rf"^\s*(?:{_N}d)?\s*(?:{_N}h)?\s*(?:{_N}m(?!s))?\s*(?:{_N}s)?\s*"
+                          rf"(?:{_N}ms)?\s*$")
 
 
 def parse_duration(text: str) -> float:
     """``"10m"``, ``"1h30m"``, ``"45s"``, ``"90"`` (seconds) -> seconds."""
     t = str(text).strip()
-    if t.isdigit():
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
         return float(t)
     m = _DURATION_RE.match(t)
     if not t or not m or not any(m.groups()):
-        raise ValueError(f"'{text}' is not a duration (use e.g. 30s, 10m, 1h30m)")
-    d, h, mi, s = (int(g or 0) for g in m.groups())
-    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+        raise ValueError(f"'{text}' is not a duration (use e.g. 500ms, 0.5s, 30s, 10m, 1h30m)")
+    d, h, mi, sec, ms = (float(g or 0) for g in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + sec + ms / 1000

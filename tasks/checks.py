@@ -1,0 +1,155 @@
+"""Verification checks on a region's worker, and the blue-green traffic switch.
+
+Checks run close to the hosts, from the worker (as a load balancer would probe them); their
+numbers go to the ledger (CheckRun) and the gate on control decides from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import col, select
+
+from app.canvas import HostStepKey
+from app.db import get_engine, session_scope
+from app.models import CheckRun, PhaseRun, Status, utcnow
+from app.providers.base import Host
+from app.settings import get_settings
+from app.spec.expressions import render
+from app.spec.models import parse_duration
+from tasks.hoststep import _stage_data, host_context
+
+log = logging.getLogger("vmfarm.tasks")
+
+
+def _claim(key: HostStepKey, worker: str | None) -> tuple[int, CheckRun | None]:
+    eng = get_engine()
+    ins = pg_insert if eng.dialect.name == "postgresql" else sqlite_insert
+    stmt = ins(CheckRun).values(
+        idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
+        host=key.host, region=key.region, status=Status.RUNNING, results={}, reasons=[],
+        worker=worker, started_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["idem_key"]).returning(col(CheckRun.id))
+    with session_scope() as s:
+        new_id = s.execute(stmt).scalar()
+        if new_id is not None:
+            return int(new_id), None
+        row = s.exec(select(CheckRun).where(CheckRun.idem_key == key.idem)).one()
+        return int(row.id or 0), row
+
+
+def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:
+    """Run the stage's verification checks against one host; record them; return a summary."""
+    run_id, existing = _claim(key, worker)
+    if existing is not None:
+        return {"host": key.host, "passed": existing.passed, "duplicate": True}
+    results: dict[str, Any] = {}
+    reasons: list[str] = []
+    try:
+        if key.deadline is not None and time.time() > key.deadline:
+            reasons.append(f"expired: no worker of region {key.region} ran the checks within "
+                           f"{get_settings().dispatch_expires} s")
+        else:
+            stage, hosts = _stage_data(key.execution, key.stage)
+            host = Host.from_dict(hosts[key.host])
+            results, reasons = _run_checks(stage["strategy"].get("verification") or {},
+                                           host, stage)
+    except Exception as exc:  # record, never lose the host: the gate decides
+        log.exception("verification of %s failed", key.idem)
+        reasons.append(f"internal error: {type(exc).__name__}: {exc}")
+    passed = not reasons
+    with session_scope() as s:
+        s.execute(update(CheckRun).where(col(CheckRun.id) == run_id).values(
+            status=Status.SUCCEEDED if passed else Status.FAILED, passed=passed,
+            results=results, reasons=reasons, finished_at=utcnow()))
+    return {"host": key.host, "passed": passed}
+
+
+def _run_checks(verification: dict[str, Any], host: Host,
+                stage: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    from app.verify.probes import evaluate, http_check, probe
+
+    ctx = host_context(host, stage)
+    results: dict[str, Any] = {}
+    reasons: list[str] = []
+    hc = verification.get("healthCheck")
+    if hc:
+        url = render(hc["url"], ctx)
+        r = http_check(url, expect_status=tuple(hc.get("expectStatus") or [200]),
+                       expect_body=hc.get("expectBody"), retries=int(hc.get("retries", 10)),
+                       interval=parse_duration(hc.get("interval", "1s")),
+                       timeout=parse_duration(hc.get("timeout", "5s")))
+        results["health"] = r.to_dict()
+        if not r.ok:
+            reasons.append(f"health check {url} failed after {r.attempts} attempt(s): "
+                           f"{r.error or f'status {r.status_code}'}")
+    pb = verification.get("probe")
+    if pb:
+        url = render(pb["url"], ctx)
+        stats = probe(url, duration=parse_duration(pb.get("duration", "10s")),
+                      concurrency=int(pb.get("concurrency", 1)),
+                      timeout=parse_duration(pb.get("timeout", "2s")))
+        results["probe"] = stats.to_dict()
+        criteria = verification.get("successCriteria")
+        if criteria:
+            ok, why = evaluate(criteria, stats.to_dict())
+            if not ok:
+                reasons.extend(f"{url}: {w}" for w in why)
+    return results, reasons
+
+
+def health_step(step: dict[str, Any], host: Host, stage: dict[str, Any]) -> tuple[bool, str]:
+    """An HTTP or TCP HealthCheck step from the worker to the host: (healthy, what happened)."""
+    from app.verify.probes import http_check, tcp_check
+
+    spec = step["spec"]
+    ctx = host_context(host, stage)
+    retries, interval = int(spec.get("retries", 3)), parse_duration(spec.get("interval", "1s"))
+    timeout = parse_duration(spec.get("timeout", "5s"))
+    if spec["type"] == "HTTP":
+        url = render(spec["url"], ctx)
+        r = http_check(url, expect_status=tuple(spec.get("expectStatus") or [200]),
+                       expect_body=spec.get("expectBody"), retries=retries, interval=interval,
+                       timeout=timeout)
+        what = f"HTTP {url}"
+    else:
+        address = render(spec.get("host") or host.address, ctx)
+        port = int(render(str(spec["port"]), ctx))
+        r = tcp_check(address, port, retries=retries, interval=interval, timeout=timeout)
+        what = f"TCP {address}:{port}"
+    if r.ok:
+        return True, f"{what}: healthy after {r.attempts} attempt(s) ({r.elapsed_ms:.0f} ms)"
+    return False, (f"{what}: unhealthy after {r.attempts} attempt(s): "
+                   f"{r.error or f'status {r.status_code}'}")
+
+
+def do_switch(execution_id: str, stage_index: int, phase: int) -> tuple[bool, dict[str, Any]]:
+    """Make the phase's hosts the live set of the stage's traffic switch."""
+    from app.traffic import traffic_switch_from_spec
+
+    stage, hosts = _stage_data(execution_id, stage_index)
+    traffic = stage["strategy"]["traffic"]
+    with session_scope() as s:
+        pr = s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
+            PhaseRun.phase == phase, PhaseRun.kind == "switch")).one()
+        names = list(pr.hosts)
+    backends = [f"{hosts[n]['address']}:{traffic.get('port', 8080)}" for n in names]
+    state_dir = get_settings().home_dir / "traffic" / str(traffic.get("name", "vmfarm"))
+    try:
+        switch = traffic_switch_from_spec(traffic, state_dir=state_dir)
+        try:
+            before = switch.live()
+            result = switch.switch(backends)
+        finally:
+            switch.close()
+    except Exception as exc:  # the gate records the reason; the old live set keeps traffic
+        log.exception("traffic switch for %s failed", execution_id)
+        return False, {"error": f"{type(exc).__name__}: {exc}", "backends": backends}
+    return True, {"backends": backends, "before": before,
+                  "result": result.to_dict() if hasattr(result, "to_dict") else str(result)}

@@ -1,0 +1,124 @@
+"""Rolling and canary deployments on 8 real sshd lab hosts, judged from the SQL ledger."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DATA, base_env, run_vmfarm
+
+STRAT = DATA / "strategies"
+
+
+@pytest.fixture(scope="module")
+def lab8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from app.lab import lab_down, lab_up
+
+    root = tmp_path_factory.mktemp("lab8")
+    state = lab_up(8, root=root, regions=["r1", "r2"], sandbox=False, first=141)
+    assert state.running, state.reason
+    yield state
+    lab_down(root=root)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return base_env(VMFARM_HOME=str(tmp_path / "home"))
+
+
+def _db(env: dict[str, str]) -> sqlite3.Connection:
+    conn = sqlite3.connect(Path(env["VMFARM_HOME"]) / "vmfarm.db")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _t(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def test_rolling_phases_wait_for_the_previous_gate(lab8: Any, env: dict[str, str]) -> None:
+    # Given 8 hosts and a rolling strategy of 25%, 50%, 100% with at most 2 hosts in flight
+    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "rolling.yaml"),
+                     str(lab8.infrastructure_file), "--set", "tag=5.0.0", "-o", "json",
+                     env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    report = json.loads(res.stdout)
+    hosts = report["stages"][0]["hosts"]
+    assert {h["version"] for h in hosts} == {"5.0.0"} and len(hosts) == 8
+    with _db(env) as db:
+        phases = db.execute("select phase, kind, status, hosts, gate_at from phaserun "
+                            "order by phase").fetchall()
+        rows = db.execute("select host, phase, step_index, started_at, finished_at "
+                          "from hoststeprun").fetchall()
+    # Then the batches are 2, 4 and the remaining 2 hosts, in inventory order
+    order = [h.address for h in lab8.hosts]
+    assert [json.loads(p["hosts"]) for p in phases] == [order[:2], order[2:6], order[6:]]
+    assert all(p["kind"] == "deploy" and p["status"] == "SUCCEEDED" for p in phases)
+    # and no host of phase k+1 started before the gate of phase k had passed
+    for k in range(len(phases) - 1):
+        later = [_t(r["started_at"]) for r in rows if r["phase"] == k + 1]
+        assert min(later) > _t(phases[k]["gate_at"])
+    # and at most 2 hosts were in flight at once (maxConcurrency)
+    spans = {}
+    for r in rows:
+        a, b = _t(r["started_at"]), _t(r["finished_at"])
+        lo, hi = spans.get(r["host"], (a, b))
+        spans[r["host"]] = (min(lo, a), max(hi, b))
+    for host, (start, _) in spans.items():
+        in_flight = [h for h, (a, b) in spans.items() if a <= start < b]
+        assert len(in_flight) <= 2, (host, in_flight)
+
+
+def test_canary_with_a_broken_build_never_reaches_the_primary_phase(
+        lab8: Any, env: dict[str, str]) -> None:
+    # Given a build whose health endpoint answers 503 {"status": "DOWN"}
+    broken = STRAT / "broken-app"
+    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
+                     str(lab8.infrastructure_file), "--set", "tag=6.6.6",
+                     "--set", f"path={broken}", env=env, timeout=300)
+    # Then the run fails, the canary hosts are named with the check and its numbers
+    assert res.returncode == 1, res.stdout + res.stderr
+    canary = [h.address for h in lab8.hosts[:2]]  # 25% of 8, inventory order
+    assert "verification of Canary: FAILED (0/2 hosts passed" in res.stdout
+    for host in canary:
+        line = next(x for x in res.stdout.splitlines() if x.strip().startswith(f"{host}:"))
+        assert "health check" in line and "503" in line
+    with _db(env) as db:
+        started = db.execute("select distinct phase from hoststeprun").fetchall()
+        verdict = json.loads(db.execute("select verdict from phaserun where kind='verify'")
+                             .fetchone()["verdict"])
+    # and the primary phase never started
+    assert [r["phase"] for r in started] == [0]
+    assert verdict["passed"] is False and sorted(verdict["failed"]) == sorted(canary)
+    for host in canary:
+        assert verdict["checks"][host]["results"]["health"]["status_code"] == 503
+    # and `status` shows the same verdict
+    st = run_vmfarm("status", _exec_id(res.stderr), env=env)
+    assert "verification of Canary: FAILED" in st.stdout
+
+
+def test_canary_that_passes_its_gate_goes_on_to_every_host(lab8: Any,
+                                                          env: dict[str, str]) -> None:
+    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
+                     str(lab8.infrastructure_file), "--set", "tag=7.0.0", "-o", "json",
+                     env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    report = json.loads(res.stdout)
+    stage = report["stages"][0]
+    assert {h["version"] for h in stage["hosts"]} == {"7.0.0"}
+    check = next(p for p in stage["phases"] if p["kind"] == "verify")
+    assert check["verdict"]["passed"] is True
+    for numbers in check["verdict"]["checks"].values():
+        probe = numbers["results"]["probe"]
+        assert probe["requests"] > 0 and probe["error_rate"] == 0
+        assert numbers["results"]["health"]["status_code"] == 200
+
+
+def _exec_id(stderr: str) -> str:
+    return next(line.split()[1] for line in stderr.splitlines() if line.startswith("execution "))

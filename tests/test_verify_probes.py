@@ -1,0 +1,606 @@
+"""Verification checks against real HTTP servers started here, and a real Prometheus.
+
+Every server is a ``ThreadingHTTPServer`` in a thread, bound to a 127.0.1.x address on a port
+the kernel picks, speaking HTTP/1.1 keep-alive as real application servers do. Prometheus is the
+Debian ``prometheus`` binary scraping a tiny exporter served here; only when that binary is not
+installed (``apt-get install prometheus``) do the same tests run against a stub that answers the
+documented ``/api/v1/query`` JSON shapes (copied from Prometheus 2.42's real answers). The test
+id says which one ran.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from app.errors import ConfigError, HostError, VerificationError
+from app.verify import evaluate, http_check, probe, prometheus_query, tcp_check
+
+# --------------------------------------------------------------------------------------------
+# Local servers
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: str = "ok"
+    delay: float = 0.0
+    content_type: str = "text/plain"
+
+
+Respond = Callable[[int, str], Reply]  # (1-based request number, path) -> reply
+
+
+class LocalServer:
+    """An HTTP/1.1 server in a thread that counts requests and client connections."""
+
+    def __init__(self, respond: Respond, host: str, *, idle_timeout: float | None = None) -> None:
+        server = self
+        self.hits = 0
+        self.peers: set[tuple[str, int]] = set()
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, like a real app server
+            timeout = idle_timeout  # closes idle keep-alive connections, like nginx/gunicorn
+
+            def do_GET(self) -> None:
+                with server.lock:
+                    server.hits += 1
+                    number = server.hits
+                    server.peers.add(self.client_address)
+                reply = respond(number, self.path)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                body = reply.body.encode()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", reply.content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.host: str = host
+        self.port: int = self.httpd.server_address[1]
+        self.url = f"http://{self.host}:{self.port}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., LocalServer]]:
+    """Start servers on 127.0.1.x for one test; all of them stop when it ends."""
+    started: list[LocalServer] = []
+
+    def start(respond: Respond, *, idle_timeout: float | None = None) -> LocalServer:
+        server = LocalServer(respond, f"127.0.1.{60 + len(started)}", idle_timeout=idle_timeout)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[tuple[str, int]]:
+    """A port bound but not listening: connecting to it is refused, and nobody else takes it."""
+    sock = socket.socket()
+    sock.bind(("127.0.1.59", 0))
+    yield "127.0.1.59", sock.getsockname()[1]
+    sock.close()
+
+
+def always(reply: Reply) -> Respond:
+    return lambda _n, _path: reply
+
+
+# --------------------------------------------------------------------------------------------
+# http_check
+
+
+def test_healthy_endpoint_passes_on_first_attempt(serve: Callable[..., LocalServer]) -> None:
+    server = serve(always(Reply(body='{"status":"UP"}', content_type="application/json")))
+
+    result = http_check(f"{server.url}/health", expect_body='"status":"UP"', interval=5)
+
+    assert result.ok and result.error is None
+    assert (result.attempts, result.status_code, server.hits) == (1, 200, 1)
+    assert result.body_excerpt == '{"status":"UP"}'
+    assert result.elapsed_ms < 1000  # no wait after a success
+    assert json.loads(json.dumps(result.to_dict()))["target"] == f"{server.url}/health"
+
+
+def test_wrong_status_fails_after_exactly_n_attempts_with_interval_between(
+    serve: Callable[..., LocalServer],
+) -> None:
+    server = serve(always(Reply(status=503, body="warming up")))
+
+    started = time.monotonic()
+    result = http_check(f"{server.url}/health", retries=3, interval=0.3)
+    wall = time.monotonic() - started
+
+    assert not result.ok
+    assert result.attempts == 3 and server.hits == 3
+    assert result.status_code == 503 and result.body_excerpt == "warming up"
+    assert result.error == "HTTP 503, expected 200"
+    # Two waits between three attempts, none after the last one.
+    assert 0.6 <= wall < 0.6 + 0.5
+    assert result.elapsed_ms == pytest.approx(wall * 1000, abs=50)
+
+
+@pytest.mark.parametrize(
+    ("body", "passes"),
+    [
+        ('{"status":"UP"}', True),
+        ('{"status": "UP", "version": "1"}', True),
+        ('{\n  "version": "1",\n  "status" : "UP"\n}', True),
+        ('{"status": "DOWN", "components": {"db": {"status": "UP"}}}', False),
+        ('{"status": "up"}', False),
+        ("status: UP", False),
+    ],
+    ids=[
+        "exact",
+        "spaces-extra-keys",
+        "pretty-printed",
+        "nested-up-top-down",
+        "lowercase",
+        "not-json",
+    ],
+)
+def test_expect_body_matches_json_regardless_of_spacing(
+    serve: Callable[..., LocalServer], body: str, passes: bool
+) -> None:
+    server = serve(always(Reply(body=body, content_type="application/json")))
+
+    fragment = http_check(server.url, expect_body='"status":"UP"', retries=1)
+    whole = http_check(server.url, expect_body='{"status": "UP"}', retries=1)
+
+    assert fragment.ok is passes and whole.ok is passes
+    if not passes:
+        assert fragment.error == 'body does not contain \'"status":"UP"\''
+
+
+def test_body_regex_and_expected_statuses(serve: Callable[..., LocalServer]) -> None:
+    server = serve(always(Reply(status=201, body='{"version": "1.4.2"}')))
+
+    assert http_check(server.url, expect_status=(200, 201), body_regex=r'"1\.4\.\d+"').ok
+    wrong = http_check(server.url, expect_status=201, body_regex=r'"1\.5\.', retries=1)
+    assert wrong.error == 'body does not match /"1\\.5\\./'
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        http_check(server.url, body_regex="(")
+
+
+def test_server_that_becomes_healthy_on_third_try_passes(
+    serve: Callable[..., LocalServer],
+) -> None:
+    server = serve(lambda n, _path: Reply(status=200 if n >= 3 else 503))
+
+    result = http_check(server.url, retries=5, interval=0.1)
+
+    assert result.ok and result.attempts == 3 and server.hits == 3
+
+
+def test_unreachable_and_slow_endpoints_are_results_not_exceptions(
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+) -> None:
+    host, port = closed_port
+    refused = http_check(f"http://{host}:{port}/health", retries=2, interval=0.05)
+    assert not refused.ok and refused.attempts == 2 and refused.status_code is None
+    assert refused.error is not None and refused.error.startswith("connection refused")
+
+    slow = serve(always(Reply(delay=1.0)))
+    started = time.monotonic()
+    timed_out = http_check(slow.url, retries=1, timeout=0.2)
+    assert time.monotonic() - started < 0.8
+    assert timed_out.error == "timed out after 0.2 s"
+
+    with pytest.raises(ConfigError, match="not an http"):
+        http_check("ftp://127.0.1.59/health")
+
+
+def test_tcp_check_open_and_closed_ports(
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+) -> None:
+    server = serve(always(Reply()))
+
+    opened = tcp_check(server.host, server.port, retries=3, interval=0.5)
+    assert opened.ok and opened.attempts == 1 and opened.kind == "tcp"
+    assert opened.target == f"{server.host}:{server.port}"
+
+    host, port = closed_port
+    started = time.monotonic()
+    closed = tcp_check(host, port, retries=3, interval=0.1)
+    assert not closed.ok and closed.attempts == 3
+    assert closed.error is not None and "connection refused" in closed.error
+    assert time.monotonic() - started >= 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# probe
+
+
+def test_probe_measures_error_rate_over_kept_alive_connections(
+    serve: Callable[..., LocalServer],
+) -> None:
+    # Every 4th request fails: 25% errors whatever the interleaving of the two client threads.
+    server = serve(lambda n, _path: Reply(status=500 if n % 4 == 0 else 200))
+
+    stats = probe(server.url, duration=1.0, concurrency=2)
+
+    assert stats.requests == server.hits and stats.requests >= 40
+    assert stats.error_rate == pytest.approx(0.25, abs=0.02)
+    assert stats.error_kinds == {"http_500": stats.errors}
+    # One persistent connection per thread: the probe measures the app, not TCP handshakes.
+    assert stats.connections == 2 and len(server.peers) == 2
+
+    ok, reasons = evaluate({"errorRateBelow": "1%"}, stats.to_dict())
+    assert not ok and reasons[0].startswith("error rate 2") and reasons[0].endswith(">= 1%")
+
+
+def test_probe_reports_latency_percentiles_of_a_slow_endpoint(
+    serve: Callable[..., LocalServer],
+) -> None:
+    server = serve(always(Reply(delay=0.05)))
+
+    stats = probe(server.url, duration=1.0, concurrency=4)
+
+    assert stats.errors == 0 and stats.error_rate == 0.0
+    assert stats.p50_ms is not None and stats.p50_ms >= 45
+    assert stats.p50_ms <= (stats.p95_ms or 0) <= (stats.p99_ms or 0) <= (stats.max_ms or 0)
+    assert stats.mean_ms is not None and stats.mean_ms >= 45
+    # Each thread waits ~50 ms per request: at most ~20 requests per thread in one second.
+    assert 20 <= stats.requests <= 4 * 21
+
+
+def test_probe_respects_duration_and_request_cap(serve: Callable[..., LocalServer]) -> None:
+    server = serve(always(Reply()))
+
+    started = time.monotonic()
+    timed = probe(server.url, duration=2.0, concurrency=2, interval=0.01)
+    assert abs(time.monotonic() - started - 2.0) <= 1.0
+    assert timed.duration_s == pytest.approx(2.0, abs=1.0) and not timed.capped
+
+    started = time.monotonic()
+    capped = probe(server.url, duration=30, concurrency=3, max_requests=50)
+    assert time.monotonic() - started < 5
+    assert capped.requests == 50 and capped.capped
+    assert server.hits == timed.requests + 50
+
+
+def test_probe_counts_connection_errors_and_timeouts_by_kind(
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+) -> None:
+    host, port = closed_port
+    refused = probe(f"http://{host}:{port}/", duration=0.3, interval=0.05)
+    assert refused.requests > 0 and refused.error_rate == 1.0
+    assert refused.error_kinds == {"connection_refused": refused.requests}
+    assert refused.p50_ms is None and refused.mean_ms is None
+
+    slow = serve(always(Reply(delay=0.5)))
+    timed_out = probe(slow.url, duration=0.3, timeout=0.1)
+    assert timed_out.error_kinds == {"timeout": timed_out.requests}
+    assert timed_out.duration_s < 0.3 + 0.1 + 0.5
+
+
+def test_probe_survives_server_closing_idle_keepalive_connections(
+    serve: Callable[..., LocalServer],
+) -> None:
+    # The server drops connections idle for 0.1 s; the probe pauses 0.25 s between requests,
+    # so every reused connection is stale. That is the server's policy, not an app error.
+    server = serve(always(Reply()), idle_timeout=0.1)
+
+    stats = probe(server.url, duration=1.0, interval=0.25)
+
+    assert stats.requests >= 3 and stats.errors == 0, stats.error_kinds
+    assert stats.connections == stats.requests
+
+
+# --------------------------------------------------------------------------------------------
+# prometheus_query
+
+EXPORTER_METRICS = """\
+# TYPE vmfarm_demo_up gauge
+vmfarm_demo_up 1
+# TYPE vmfarm_demo_requests_total counter
+vmfarm_demo_requests_total{code="200"} 990
+vmfarm_demo_requests_total{code="500"} 10
+"""
+ERROR_RATIO = 'sum(vmfarm_demo_requests_total{code="500"}) / sum(vmfarm_demo_requests_total)'
+
+
+def _stub_prometheus_answer(query: str, at: float | None) -> tuple[int, dict[str, Any]]:
+    """The documented /api/v1/query answers, for the queries the tests below send."""
+    now = time.time()
+    series: dict[str, list[tuple[dict[str, str], str]]] = {
+        "vmfarm_demo_up": [({"__name__": "vmfarm_demo_up", "job": "demo"}, "1")],
+        ERROR_RATIO: [({}, "0.01")],
+        "vmfarm_demo_requests_total": [
+            ({"__name__": "vmfarm_demo_requests_total", "code": code}, value)
+            for code, value in (("200", "990"), ("500", "10"))
+        ],
+        "vmfarm_missing_metric": [],
+    }
+    if query == "scalar(vmfarm_demo_up)":
+        return 200, {"status": "success", "data": {"resultType": "scalar", "result": [now, "1"]}}
+    if query == "vmfarm_demo_up[1m]":
+        result = [{"metric": {"__name__": "vmfarm_demo_up"}, "values": [[now, "1"]]}]
+        return 200, {"status": "success", "data": {"resultType": "matrix", "result": result}}
+    if query in series:
+        found = series[query] if at is None or at > now - 300 else []
+        vector = [{"metric": m, "value": [at or now, v]} for m, v in found]
+        return 200, {"status": "success", "data": {"resultType": "vector", "result": vector}}
+    return 400, {
+        "status": "error",
+        "errorType": "bad_data",
+        "error": f'invalid parameter "query": 1:5: parse error in {query!r}',
+    }
+
+
+@pytest.fixture(scope="module")
+def exporter() -> Iterator[str]:
+    """A tiny Prometheus exporter: the application metrics a real Prometheus scrapes."""
+    server = LocalServer(
+        always(Reply(body=EXPORTER_METRICS, content_type="text/plain; version=0.0.4")),
+        "127.0.1.58",
+    )
+    yield f"{server.host}:{server.port}"
+    server.close()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def real_prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Debian prometheus binary on 127.0.0.1, scraping the exporter every 200 ms."""
+    work: Path = tmp_path_factory.mktemp("prometheus")
+    config = work / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 200ms, scrape_timeout: 150ms}\n"
+        f"scrape_configs:\n  - job_name: demo\n    static_configs: [{{targets: ['{exporter}']}}]\n"
+    )
+    port = _free_port("127.0.0.1")
+    log = (work / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # Ready means "has scraped once"; Prometheus 2.42 waits ~5 s before its first scrape.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if prometheus_query(url, "vmfarm_demo_up", timeout=1) == 1.0:
+                    break
+            except VerificationError:
+                pass
+            time.sleep(0.2)
+        else:
+            log.flush()
+            tail = (work / "prometheus.log").read_text()[-2000:]
+            pytest.fail(f"prometheus did not scrape the exporter within 30 s:\n{tail}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def stub_prometheus() -> Iterator[str]:
+    """Stands in for Prometheus only where the binary is not installed (see module docstring)."""
+    server = None
+
+    def respond(_n: int, path: str) -> Reply:
+        params = parse_qs(urlsplit(path).query)
+        at = float(params["time"][0]) if "time" in params else None
+        status, doc = _stub_prometheus_answer(params["query"][0], at)
+        return Reply(status=status, body=json.dumps(doc), content_type="application/json")
+
+    server = LocalServer(respond, "127.0.1.57")
+    yield server.url
+    server.close()
+
+
+PROMETHEUS_BACKEND = "real-prometheus" if shutil.which("prometheus") else "stub-prometheus"
+
+
+@pytest.fixture(scope="module", params=[PROMETHEUS_BACKEND])
+def prometheus_url(request: pytest.FixtureRequest) -> str:
+    """A real Prometheus when installed, else the stub; the test id names the one used."""
+    fixture = "real_prometheus" if request.param == "real-prometheus" else "stub_prometheus"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+def test_prometheus_single_series_scalar_and_expression(prometheus_url: str) -> None:
+    assert prometheus_query(prometheus_url, "vmfarm_demo_up") == 1.0
+    assert prometheus_query(prometheus_url, "scalar(vmfarm_demo_up)") == 1.0
+    assert prometheus_query(prometheus_url, ERROR_RATIO) == pytest.approx(0.01)
+    # A trailing slash on the base URL is fine.
+    assert prometheus_query(prometheus_url + "/", "vmfarm_demo_up", at=time.time()) == 1.0
+
+
+def test_prometheus_empty_result_is_none(prometheus_url: str) -> None:
+    assert prometheus_query(prometheus_url, "vmfarm_missing_metric") is None
+    # An hour ago there was no data yet: `at` is sent as the evaluation time.
+    assert prometheus_query(prometheus_url, "vmfarm_demo_up", at=time.time() - 3600) is None
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("vmfarm_demo_requests_total", "returned 2 series .* aggregate it"),
+        ("vmfarm_demo_up[1m]", "returned a matrix"),
+        ("sum(", r"failed \(HTTP 400\): bad_data: .*parse error"),
+    ],
+    ids=["several-series", "range-vector", "syntax-error"],
+)
+def test_prometheus_ambiguous_or_bad_query_raises_naming_it(
+    prometheus_url: str, query: str, message: str
+) -> None:
+    with pytest.raises(VerificationError, match=message) as caught:
+        prometheus_query(prometheus_url, query)
+    assert repr(query) in str(caught.value)
+    assert caught.value.error_class == "Verification" and isinstance(caught.value, HostError)
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
+
+
+def test_prometheus_unreachable_or_not_prometheus(
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+) -> None:
+    host, port = closed_port
+    with pytest.raises(VerificationError, match=r"cannot reach Prometheus .* connection refused"):
+        prometheus_query(f"http://{host}:{port}", "up", timeout=1)
+
+    # A proxy's HTML error page, which no running Prometheus can be made to send: served here.
+    proxy = serve(always(Reply(status=502, body="<html>Bad Gateway</html>")))
+    with pytest.raises(VerificationError, match="HTTP 502 with a non-JSON body"):
+        prometheus_query(proxy.url, "up")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+MEASURED = {
+    "error_rate": 0.002,
+    "p50_ms": 40.2,
+    "p95_ms": 812.0,
+    "p99_ms": 1200.0,
+    "max_ms": 1500.0,
+    "mean_ms": 90.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("criteria", "measured", "passed", "reasons"),
+    [
+        ({"errorRateBelow": "1%"}, {"error_rate": 0.125}, False, ["error rate 12.5% >= 1%"]),
+        ({"errorRateBelow": 0.01}, MEASURED, True, ["error rate 0.2% < 1%"]),
+        ({"error_rate_below": "0.5%"}, {"error_rate": 0.005}, False, ["error rate 0.5% >= 0.5%"]),
+        (
+            {"errorRateBelow": "1%"},
+            {"error_rate": None},
+            False,
+            ["error rate not measured (no requests), threshold 1%"],
+        ),
+        ({"responseTimeBelow": 500}, MEASURED, False, ["p95 812 ms >= 500 ms"]),
+        ({"response_time_below": "900ms"}, MEASURED, True, ["p95 812 ms < 900 ms"]),
+        ({"responseTimeBelow": "1.5s"}, MEASURED, True, ["p95 812 ms < 1500 ms"]),
+        ({"responseTimeBelow": {"p99": 500}}, MEASURED, False, ["p99 1200 ms >= 500 ms"]),
+        (
+            {"responseTimeBelow": {"p50": 50, "max": 1000}},
+            MEASURED,
+            False,
+            ["max 1500 ms >= 1000 ms"],
+        ),
+        (
+            {"responseTimeBelow": 500},
+            {"p95_ms": None},
+            False,
+            ["p95 not measured (no successful request), threshold 500 ms"],
+        ),
+        (
+            {"prometheus": {"query": "err", "below": 0.05}},
+            {"prometheus": 0.07},
+            False,
+            ["err = 0.07 >= 0.05"],
+        ),
+        (
+            {"prometheus": {"query": "up", "above": 0.9, "below": 1.5}},
+            {"prometheus": 1.0},
+            True,
+            ["up = 1 > 0.9 and < 1.5"],
+        ),
+        (
+            {"prometheus": [{"query": "a", "below": 1}, {"query": "b", "above": 5}]},
+            {"prometheus": {"a": 0.5, "b": 2}},
+            False,
+            ["b = 2 <= 5"],
+        ),
+        (
+            {"prometheus": {"query": "err", "below": 0.05}},
+            {"prometheus": None},
+            False,
+            ["err: no data"],
+        ),
+        (
+            {"prometheus": {"query": "err", "below": 0.05}},
+            {"prometheus": float("nan")},
+            False,
+            ["err: no data"],
+        ),
+        (
+            {"errorRateBelow": "1%", "responseTimeBelow": 500},
+            MEASURED,
+            False,
+            ["p95 812 ms >= 500 ms"],
+        ),
+        (
+            {"errorRateBelow": "1%", "responseTimeBelow": 900},
+            MEASURED,
+            True,
+            ["error rate 0.2% < 1%", "p95 812 ms < 900 ms"],
+        ),
+        ({}, MEASURED, True, []),
+    ],
+)
+def test_evaluate(
+    criteria: dict[str, Any], measured: dict[str, Any], passed: bool, reasons: list[str]
+) -> None:
+    assert evaluate(criteria, measured) == (passed, reasons)
+
+
+@pytest.mark.parametrize(
+    ("criteria", "message"),
+    [
+        ({"errorRateBelo": "1%"}, "unknown success criterion 'errorRateBelo'"),
+        ({"errorRateBelow": 5}, "not in 0..1; write a percentage as a string"),
+        ({"errorRateBelow": "lots"}, "not a fraction"),
+        ({"responseTimeBelow": {"p90": 100}}, "unknown statistic 'p90'"),
+        ({"responseTimeBelow": "fast"}, "not a time"),
+        ({"prometheus": {"query": "up"}}, "needs below and/or above"),
+    ],
+)
+def test_evaluate_rejects_criteria_it_cannot_check(criteria: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        evaluate(criteria, MEASURED)
