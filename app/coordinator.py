@@ -54,16 +54,9 @@ def submit(
 
     Raises SpecError/SpecErrors (nothing is recorded) when the files or inputs are wrong.
     """
-    from app.spec import choose_pipeline, load, resolve
-
-    bundle = load(paths, inputs=dict(inputs or {}), require_inputs=True)
-    pipe = choose_pipeline(bundle, pipeline)
     execution_id = new_execution_id()
-    plan = resolve(bundle, pipe, execution_id=execution_id)
-    # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts: list[list[Host]] = []
-    for stage in plan["stages"]:
-        stage_hosts.append(_discover_stage(stage) if _all_static(stage) else [])
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
+                                execution_id=execution_id)
     with session_scope() as s:
         ex = Execution(
             id=execution_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
@@ -82,6 +75,75 @@ def submit(
     if publish:
         advance(execution_id)
     return execution_id
+
+
+def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,
+            execution_id: str) -> tuple[dict[str, Any], list[list[Host]]]:
+    """Load, validate and resolve the files; discover static hosts (bad input raises)."""
+    from app.spec import choose_pipeline, load, resolve
+
+    bundle = load(paths, inputs=dict(inputs or {}), require_inputs=True)
+    pipe = choose_pipeline(bundle, pipeline)
+    plan = resolve(bundle, pipe, execution_id=execution_id)
+    # Discover static hosts now: a bad host list is bad input, refused before anything runs.
+    stage_hosts = [_discover_stage(st) if _all_static(st) else [] for st in plan["stages"]]
+    return plan, stage_hosts
+
+
+def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
+            inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a run would do, as plain data: hosts per region, phases, every command unit
+    rendered for the stage's first host, and what happens on failure. Touches no host and
+    writes nothing."""
+    from strategies import plan as plan_phases
+    from tasks.hoststep import render_step
+
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
+                                execution_id="<dry-run>")
+    stages = []
+    for stage, hosts in zip(plan["stages"], stage_hosts, strict=True):
+        by_region: dict[str, list[str]] = {}
+        for h in hosts:
+            by_region.setdefault(h.region, []).append(h.name)
+        strategy = stage["strategy"]
+        notes = []
+        live: list[str] = []
+        if strategy.get("type") == "BlueGreen":
+            with session_scope() as s:
+                ex = Execution(id="<dry-run>", pipeline="", plan=plan)
+                live = _live_set(s, ex, stage)
+            notes.append(f"traffic is live on: {', '.join(live) if live else 'no host yet'}")
+        slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
+        phases = [p.to_dict() for p in plan_phases(stage, [h.name for h in hosts],
+                                                   live=live, slots=slots)] if hosts else []
+        sample = hosts[0] if hosts else None
+        steps = [render_step(stage, step, sample) for step in stage["steps"]]
+        stages.append({
+            "identifier": stage["identifier"],
+            "service": stage["service"]["identifier"],
+            "environment": stage["environment"]["identifier"],
+            "version": (stage.get("artifact") or {}).get("tag"),
+            "strategy": strategy,
+            "hosts_by_region": by_region if hosts else "discovered when the run starts",
+            "phases": phases,
+            "rendered_for": sample.name if sample else None,
+            "steps": steps,
+            "on_failure": _failure_policy(stage),
+            "notes": notes,
+        })
+    return {"pipeline": plan["identifier"], "name": plan["name"], "stages": stages}
+
+
+def _failure_policy(stage: dict[str, Any]) -> str:
+    budget = stage["strategy"].get("failureBudget") or {}
+    allowed = budget.get("maxFailedHosts") or 0
+    pct = budget.get("maxFailedPercent") or 0
+    tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
+                 if allowed or pct else "any failed host fails the stage")
+    rollback = ("its rollbackSteps are listed but not run automatically in this version"
+                if stage.get("rollbackSteps") else "no rollbackSteps are defined")
+    return (f"{tolerance}; later phases and stages do not start; hosts already deployed keep "
+            f"the new version ({rollback}).")
 
 
 def _all_static(stage: dict[str, Any]) -> bool:

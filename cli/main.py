@@ -27,8 +27,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "bold red", "RUNNING": "yellow",
                 "SKIPPED": "dim", "PENDING": "dim", "QUEUED": "dim", "ABORTED": "red"}
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No console markup: host names, scripts and errors are printed as they are ("[x]" included).
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def output_option(f: F) -> F:
@@ -100,8 +101,8 @@ def validate(files: tuple[str, ...], sets: tuple[str, ...], output: str) -> None
     if output == "json":
         out.print_json(json.dumps(summary))
         return
-    out.print(f"[green]valid[/]: {len(bundle.documents)} document(s) in "
-              f"{len({d.file for d in bundle.documents})} file(s)")
+    out.print(Text.assemble(("valid", "green"), f": {len(bundle.documents)} document(s) in "
+                            f"{len({d.file for d in bundle.documents})} file(s)"))
     for kind in ("services", "environments", "infrastructures", "pipelines"):
         if summary[kind]:
             out.print(f"  {kind}: {', '.join(summary[kind])}")
@@ -148,7 +149,7 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
         fail_input(exc)
         return
     if output != "json":
-        err.print(f"execution [bold]{execution_id}[/]")
+        err.print(Text.assemble("execution ", (execution_id, "bold")))
     if settings.embedded:
         from app.worker import EmbeddedWorker
 
@@ -325,6 +326,71 @@ def _failure_detail(step: dict[str, Any]) -> str:
     if step.get("error"):
         return f"{detail}: {step['error']}"
     return detail
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+@main.command("plan")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@output_option
+def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
+             output: str) -> None:
+    """Dry run: hosts per region, phases, rendered command units, failure policy. Touches no
+    host and records nothing."""
+    from app.coordinator import dry_run
+
+    try:
+        result = dry_run(files, pipeline=pipeline, inputs=parse_sets(sets))
+    except (SpecError, SpecErrors, ConfigError) as exc:
+        fail_input(exc)
+        return
+    if output == "json":
+        out.print_json(json.dumps(result))
+        return
+    out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
+    for st in result["stages"]:
+        strategy = st["strategy"]
+        out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                f": {st['service']} {st['version'] or ''} -> "
+                                f"{st['environment']}, strategy {strategy.get('type')}"))
+        hosts = st["hosts_by_region"]
+        if isinstance(hosts, dict):
+            for region, names in hosts.items():
+                out.print(f"  region {region} (queue vmfarm.{region}): {len(names)} host(s): "
+                          + ", ".join(names))
+        else:
+            out.print(f"  hosts: {hosts}")
+        for p in st["phases"]:
+            gate = " -> verification gate" if p["verify"] else ""
+            verb = "switch traffic to" if p["kind"] == "switch" else "deploy to"
+            out.print(f"  {p['name']}: {verb} {len(p['hosts'])} host(s): "
+                      f"{', '.join(p['hosts'])}{gate}")
+        for note in st["notes"]:
+            out.print(f"  note: {note}")
+        if st["rendered_for"]:
+            out.print(f"  steps, rendered for {st['rendered_for']}:")
+        for step in st["steps"]:
+            out.print(Text(f"  - {step['identifier']} ({step['type']}"
+                           + (", on the delegate" if step.get("onDelegate") else "") + ")",
+                           style="bold"))
+            for k, v in (step.get("environment") or {}).items():
+                out.print(f"      env {k}={v}")
+            if step.get("check"):
+                out.print(f"      check: {step['check']}")
+            for u in step.get("units", []):
+                if u["type"] == "Copy":
+                    out.print(f"      [{u['identifier']}] copy {u['source']} -> "
+                              f"{u['destination']}")
+                    continue
+                out.print(f"      [{u['identifier']}] script:")
+                for line in u["script"].rstrip("\n").splitlines():
+                    out.print(Text(f"        {line}"))
+                for k, v in u["values"].items():
+                    out.print(f"        (with {k}={v!r})")
+        out.print(f"  on failure: {st['on_failure']}")
 
 
 # --- status / logs --------------------------------------------------------------------------------

@@ -334,6 +334,38 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     return _finish(run_id, key, fields)
 
 
+def render_step(stage: dict[str, Any], step: dict[str, Any],
+                host: Host | None) -> dict[str, Any]:
+    """A step as it would run on ``host``: scripts rendered, unsafe values shown as the
+    environment variables they travel in (for ``vmfarm plan``)."""
+    out: dict[str, Any] = {"identifier": step["identifier"], "type": step["type"]}
+    ctx = host_context(host, stage) if host else Context()
+    spec = step["spec"]
+    if step["type"] == "HealthCheck":
+        out["check"] = {k: render(str(v), ctx) if isinstance(v, str) else v
+                        for k, v in spec.items()}
+        return out
+    out["onDelegate"] = bool(spec.get("onDelegate"))
+    out["environment"] = {v["name"]: render(str(v.get("value", "")), ctx)
+                          for v in spec.get("environmentVariables", [])}
+    units = []
+    for unit in spec["commandUnits"]:
+        if unit["type"] == "Script":
+            binder = Binder()
+            script = render(unit["spec"]["source"]["spec"]["script"], ctx, quote=True,
+                            bind=binder)
+            units.append({"identifier": unit["identifier"], "type": "Script",
+                          "script": script, "values": binder.env})
+        else:
+            art = stage.get("artifact") or {}
+            units.append({"identifier": unit["identifier"], "type": "Copy",
+                          "source": (art.get("spec") or {}).get("path"),
+                          "destination": render(unit["spec"]["destinationPath"], ctx).rstrip("/")
+                          + "/" + str(art.get("fileName"))})
+    out["units"] = units
+    return out
+
+
 def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
                        sink: LogSink) -> dict[str, Any]:
     """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
