@@ -7,6 +7,7 @@ so that failure strategies, the CLI and the ledger speak one vocabulary::
     ├── SpecError                 a pipeline file is wrong (file:line:col, field); exit code 2
     │   └── SpecErrors            several SpecError at once
     ├── ConfigError               settings or environment are wrong (a missing tool, bad URL)
+    ├── TrafficError              a blue-green traffic switch failed (the old set keeps traffic)
     ├── HostError                 something went wrong on one host, in one step
     │   ├── ConnectivityError     TCP connect refused / reset, SSH protocol failure
     │   │   ├── UnreachableError  no route, DNS failure, connect timeout
@@ -157,3 +158,22 @@ class VerificationError(HostError):
     """A verification check could not give a number (Prometheus unreachable, ambiguous query)."""
 
     error_class = "Verification"
+
+
+class TrafficError(VmfarmError):
+    """A traffic switch failed: the load balancer refused or was unreachable, or green never
+    passed its health checks. ``switch`` names the load balancer (HAProxy name, target group ARN).
+    """
+
+    def __init__(self, message: str, *, switch: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.switch = switch
+
+    def __str__(self) -> str:
+        if self.switch and self.switch not in self.message:
+            return f"{self.message} (traffic switch {self.switch})"
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message,), {"switch": self.switch})

@@ -21,7 +21,7 @@ from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
 from app.settings import get_settings
 from app.spec.expressions import render
-from app.spec.models import parse_duration
+from app.spec.models import TrafficSpec, parse_duration
 from tasks.hoststep import _stage_data, host_context
 
 log = logging.getLogger("vmfarm.tasks")
@@ -139,10 +139,14 @@ def do_switch(execution_id: str, stage_index: int, phase: int) -> tuple[bool, di
             PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
             PhaseRun.phase == phase, PhaseRun.kind == "switch")).one()
         names = list(pr.hosts)
-    backends = [f"{hosts[n]['address']}:{traffic.get('port', 8080)}" for n in names]
-    state_dir = get_settings().home_dir / "traffic" / str(traffic.get("name", "vmfarm"))
+    # An AWS target group registers the hosts' private IPs; HAProxy reaches their address.
+    field = "private_ip" if traffic.get("type") == "AwsElbV2" else "address"
+    backends = [f"{hosts[n].get(field) or hosts[n]['address']}:{traffic.get('port', 8080)}"
+                for n in names]
+    state_dir = get_settings().home_dir / "traffic"
     try:
-        switch = traffic_switch_from_spec(traffic, state_dir=state_dir)
+        switch = traffic_switch_from_spec(TrafficSpec.model_validate(traffic).switch_spec(),
+                                          state_dir=state_dir)
         try:
             before = switch.live()
             result = switch.switch(backends)

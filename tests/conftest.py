@@ -83,6 +83,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     lab_down(root=root)
 
 
+@pytest.fixture(scope="session")
+def lab8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Eight real sshd hosts, 127.0.1.141-148, alternating regions r1 and r2 (strategies)."""
+    from app.lab import lab_down, lab_up
+
+    root = tmp_path_factory.mktemp("lab8")
+    state = lab_up(8, root=root, regions=["r1", "r2"], sandbox=False, first=141)
+    assert state.running, state.reason
+    yield state
+    lab_down(root=root)
+
+
 @dataclass
 class Cluster:
     """Redis + PostgreSQL + region and control worker processes, and the env to reach them."""

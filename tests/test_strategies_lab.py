@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,6 @@ import pytest
 from tests.conftest import DATA, base_env, run_vmfarm
 
 STRAT = DATA / "strategies"
-
-
-@pytest.fixture(scope="module")
-def lab8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from app.lab import lab_down, lab_up
-
-    root = tmp_path_factory.mktemp("lab8")
-    state = lab_up(8, root=root, regions=["r1", "r2"], sandbox=False, first=141)
-    assert state.running, state.reason
-    yield state
-    lab_down(root=root)
 
 
 @pytest.fixture
@@ -122,3 +110,77 @@ def test_canary_that_passes_its_gate_goes_on_to_every_host(lab8: Any,
 
 def _exec_id(stderr: str) -> str:
     return next(line.split()[1] for line in stderr.splitlines() if line.startswith("execution "))
+
+
+def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
+    import shutil
+    import socket
+    import tempfile
+    import threading
+    import time
+    import urllib.request
+
+    from app.traffic import traffic_switch_from_spec
+
+    # A short home: HAProxy's UNIX sockets live under it (paths are limited to ~100 bytes).
+    home = tempfile.mkdtemp(prefix="vf-bg-", dir="/tmp")
+    env = base_env(VMFARM_HOME=home)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        lb = f"127.0.0.1:{s.getsockname()[1]}"
+    files = [str(STRAT / "service.yaml"), str(STRAT / "bluegreen.yaml"),
+             str(lab8.infrastructure_file)]
+    blue = [h.address for h in lab8.hosts[:4]]
+    green = [h.address for h in lab8.hosts[4:]]
+    try:
+        # Given a first blue-green deployment: version 1 goes to the green set, which goes live
+        first = run_vmfarm("run", *files, "--set", "tag=1.0.0", "--set", f"lb={lb}",
+                           "-o", "json", env=env, timeout=300)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr
+        phases = json.loads(first.stdout)["stages"][0]["plan"]
+        assert [(p["kind"], p["hosts"]) for p in phases] == [("deploy", green),
+                                                             ("switch", green)]
+
+        # When version 2 goes out while a client keeps calling the load balancer
+        seen: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            deadline = time.monotonic() + 240
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://{lb}/", timeout=5) as resp:
+                        seen.append(json.loads(resp.read())["version"])
+                except Exception as exc:  # every failure counts
+                    seen.append(f"error: {exc!r}")
+                time.sleep(0.01)
+
+        loop = threading.Thread(target=client)
+        loop.start()
+        try:
+            second = run_vmfarm("run", *files, "--set", "tag=2.0.0", "--set", f"lb={lb}",
+                                "-o", "json", env=env, timeout=300)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            loop.join()
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr
+        stage = json.loads(second.stdout)["stages"][0]
+        # Then version 2 went to the blue set (the one without traffic), then traffic moved
+        assert [(p["kind"], p["hosts"]) for p in stage["plan"]] == [("deploy", blue),
+                                                                    ("switch", blue)]
+        # and the client saw only the old version, then only the new one, and no error
+        assert [v for v in seen if v.startswith("error")] == []
+        switch_at = seen.index("2.0.0")
+        assert switch_at > 0 and set(seen[:switch_at]) == {"1.0.0"}
+        assert set(seen[switch_at:]) == {"2.0.0"}, "traffic went back to the old version"
+        # and the old set still runs version 1, ready for a traffic rollback
+        with urllib.request.urlopen(f"http://{green[0]}:8080/health", timeout=5) as resp:
+            assert json.loads(resp.read())["version"] == "1.0.0"
+        assert len(seen) > 50
+    finally:
+        switch = traffic_switch_from_spec({"type": "Local", "name": "bgtest", "listen": lb},
+                                          state_dir=Path(env["VMFARM_HOME"]) / "traffic")
+        switch.stop()  # type: ignore[attr-defined]
+        shutil.rmtree(home, ignore_errors=True)

@@ -511,12 +511,32 @@ class TrafficSpec(Model):
     """Where blue-green switches traffic (see app/traffic)."""
 
     type: Literal["Local", "AwsElbV2"]
+    port: int = Field(default=8080, ge=1, le=65535)  # the app's port on every host
+    # Local (HAProxy on the control machine)
     name: str = "vmfarm"
     listen: str | None = None
-    port: int = Field(default=8080, ge=1, le=65535)  # the app's port on every host
+    mode: Literal["http", "tcp"] = "http"
+    health_check_path: str | None = None
+    # AwsElbV2 (a target group of type ip)
     region: str | None = None
     target_group_arn: str | None = None
     endpoint_url: str | None = None
+    timeout: float = Field(default=600, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TrafficSpec:
+        need = ["listen"] if self.type == "Local" else ["region", "target_group_arn"]
+        missing = [to_camel(n) for n in need if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"traffic type {self.type} needs {', '.join(missing)}")
+        return self
+
+    def switch_spec(self) -> dict[str, Any]:
+        """The keys the traffic switch itself takes (app.traffic.traffic_switch_from_spec)."""
+        keys = (["type", "name", "listen", "mode", "healthCheckPath"] if self.type == "Local"
+                else ["type", "region", "targetGroupArn", "endpointUrl", "timeout"])
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return {k: data[k] for k in keys if k in data}
 
 
 class StrategySpec(Model):
