@@ -375,9 +375,11 @@ def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
         from tasks.checks import health_step
 
         ok, what = health_step(step, host, stage)
+        detail = what
         sink.write("stdout" if ok else "stderr", what + "\n")
     else:
         ok = False
+        detail = "unhealthy"
         retries = int(spec.get("retries", 3))
         interval = parse_duration(spec.get("interval", "1s"))
         timeout = parse_duration(spec.get("timeout", "5s"))
@@ -391,20 +393,21 @@ def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
                                    on_output=sink.write)
                     ok = res.exit_code == 0
                     what = f"attempt {attempt}: exit {res.exit_code}"
+                    said = res.stderr.strip().splitlines()
+                    detail = f"exit {res.exit_code}" + (f": {said[-1]}" if said else "")
                 except HostError as exc:
                     if exc.error_class != "Timeout":
                         raise
-                    what = f"attempt {attempt}: timed out after {timeout:g} s"
+                    what = detail = f"attempt {attempt}: timed out after {timeout:g} s"
                 sink.write("stdout" if ok else "stderr", f"health check {what}\n")
                 if ok or attempt >= retries:
                     break
                 time.sleep(interval)
     if ok:
         return {"status": Status.SUCCEEDED, "exit_code": 0}
-    last = (sink.tails["stderr"].strip().splitlines() or ["unhealthy"])[-1]
     return {"status": Status.FAILED, "error_class": "Verification",
             "failed_unit": step["identifier"],
-            "error": f"health check '{step['identifier']}' failed: {last}"[:500]}
+            "error": f"health check '{step['identifier']}' failed: {detail}"[:500]}
 
 
 def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,

@@ -184,3 +184,31 @@ def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
                                           state_dir=Path(env["VMFARM_HOME"]) / "traffic")
         switch.stop()  # type: ignore[attr-defined]
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_failure_budget_lets_one_host_fail_but_not_two(lab8: Any, env: dict[str, str]) -> None:
+    files = [str(STRAT / "service.yaml"), str(STRAT / "budget.yaml"),
+             str(lab8.infrastructure_file), "--set", "tag=8.0.0"]
+    one = lab8.hosts[1].address
+    ok = run_vmfarm("run", *files, "--set", f"bad_hosts={one}", "-o", "json", env=env)
+    # One failed host is within the budget: the stage goes on to the second phase and passes
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr
+    stage = json.loads(ok.stdout)["stages"][0]
+    statuses = {h["host"]: h["status"] for h in stage["hosts"]}
+    assert statuses.pop(one) == "FAILED" and set(statuses.values()) == {"SUCCEEDED"}
+    failed_step = next(h for h in stage["hosts"] if h["host"] == one)["steps"][1]
+    assert failed_step["error_class"] == "Verification"
+    assert "not ready: disk full" in failed_step["error"]
+    assert [p["verdict"]["rule"] for p in stage["phases"]] == [
+        "at most 1 of 8 host(s) may fail in the stage; 1 failed so far",
+        "at most 1 of 8 host(s) may fail in the stage; 1 failed so far"]
+
+    # A second failed host, in the second phase, exceeds it: the stage fails there
+    two = lab8.hosts[5].address
+    bad = run_vmfarm("run", *files, "--set", f"bad_hosts={one} {two}", "-o", "json",
+                     env=env)
+    assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr
+    phases = json.loads(bad.stdout)["stages"][0]["phases"]
+    assert [p["status"] for p in phases] == ["SUCCEEDED", "FAILED"]
+    assert phases[1]["verdict"]["failed"] == [two]
+    assert phases[1]["verdict"]["rule"].endswith("2 failed so far")
