@@ -338,19 +338,29 @@ def _live_set(s: Session, ex: Execution, stage_plan: dict[str, Any]) -> list[str
     return []
 
 
+def _running_record(s: Session, execution_id: str, stage_index: int, phase: int,
+                    kind: str) -> tuple[Execution, StageRun, PhaseRun] | None:
+    """The locked execution, its stage and the phase record of ``kind`` that still waits for
+    its verdict; None when there is nothing left to judge (a repeated gate, an ended run)."""
+    ex = _lock_execution(s, execution_id)
+    if ex is None or ex.status in Status.TERMINAL:
+        return None
+    pr = s.exec(select(PhaseRun).where(
+        PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
+        PhaseRun.phase == phase, PhaseRun.kind == kind)).first()
+    if pr is None or pr.status != Status.RUNNING:
+        return None
+    run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                        StageRun.stage_index == stage_index)).one()
+    return ex, run, pr
+
+
 def gate(execution_id: str, stage_index: int, phase: int) -> str:
     """The chord body: record the phase's verdict from the ledger, then advance."""
     with session_scope() as s:
-        ex = _lock_execution(s, execution_id)
-        if ex is None or ex.status in Status.TERMINAL:
-            return "noop"
-        pr = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-            PhaseRun.phase == phase, PhaseRun.kind == "deploy")).first()
-        run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                            StageRun.stage_index == stage_index)).one()
-        if pr is not None and pr.status == Status.RUNNING:
-            _evaluate_phase(s, ex, run, pr, gate=True)
+        found = _running_record(s, execution_id, stage_index, phase, "deploy")
+        if found is not None:
+            _evaluate_phase(s, *found, gate=True)
     return advance(execution_id)
 
 
@@ -463,16 +473,10 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
     from app.models import CheckRun
 
     with session_scope() as s:
-        ex = _lock_execution(s, execution_id)
-        if ex is None or ex.status in Status.TERMINAL:
-            return "noop"
-        pr = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-            PhaseRun.phase == phase, PhaseRun.kind == "verify")).first()
-        if pr is None or pr.status != Status.RUNNING:
-            return "noop"
-        run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                            StageRun.stage_index == stage_index)).one()
+        found = _running_record(s, execution_id, stage_index, phase, "verify")
+        if found is None:
+            return advance(execution_id)
+        ex, run, pr = found
         checks = {c.host: c for c in s.exec(select(CheckRun).where(
             CheckRun.execution_id == execution_id, CheckRun.stage_index == stage_index,
             CheckRun.phase == phase)).all()}
@@ -523,14 +527,10 @@ def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
                   result: dict[str, Any]) -> str:
     """Record a traffic switch's outcome (and the new live set), then advance."""
     with session_scope() as s:
-        ex = _lock_execution(s, execution_id)
-        if ex is None or ex.status in Status.TERMINAL:
-            return "noop"
-        pr = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-            PhaseRun.phase == phase, PhaseRun.kind == "switch")).first()
-        if pr is None or pr.status != Status.RUNNING:
-            return "noop"
+        found = _running_record(s, execution_id, stage_index, phase, "switch")
+        if found is None:
+            return advance(execution_id)
+        ex, _, pr = found
         stage = ex.plan["stages"][stage_index]
         pr.verdict = {**result, "passed": ok, "live": pr.hosts if ok else result.get("live"),
                       "service": stage["service"]["identifier"],

@@ -31,6 +31,14 @@ def _check_variable_name(v: str) -> str:
     return v
 
 
+def _check_duration(v: str) -> str:
+    parse_duration(v)
+    return v
+
+
+# A duration written as 500ms, 0.5s, 30s, 10m, 1h30m (parse_duration reads it).
+Duration = Annotated[str, AfterValidator(_check_duration)]
+
 # Identifiers name things other files and expressions refer to; variable names become shell
 # variables. Both are checked the same way wherever they appear.
 Identifier = Annotated[str, AfterValidator(_check_identifier)]
@@ -295,22 +303,18 @@ class CommandStepSpec(Model):
     delegate_selectors: list[str] = Field(default_factory=list)
 
 
-class CommandStep(Model):
+class _StepBase(Model):
+    name: str
+    identifier: Identifier
+    timeout: Duration | None = None
+    description: str | None = None
+
+
+class CommandStep(_StepBase):
     """``- step: {type: Command, name, identifier, timeout, spec: {...}}``."""
 
     type: Literal["Command"]
-    name: str
-    identifier: Identifier
-    timeout: str | None = None
-    description: str | None = None
     spec: CommandStepSpec
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
 
 
 class HealthCheckSpec(Model):
@@ -342,14 +346,8 @@ class HealthCheckSpec(Model):
     expect_status: list[int] = Field(default_factory=lambda: [200])
     expect_body: str | None = None
     retries: int = Field(default=3, ge=1, le=1000)  # attempts in all
-    interval: str = "1s"
-    timeout: str = "5s"
-
-    @field_validator("interval", "timeout")
-    @classmethod
-    def _durations(cls, v: str) -> str:
-        parse_duration(v)
-        return v
+    interval: Duration = "1s"
+    timeout: Duration = "5s"
 
     @model_validator(mode="after")
     def _required(self) -> HealthCheckSpec:
@@ -359,22 +357,11 @@ class HealthCheckSpec(Model):
         return self
 
 
-class HealthCheckStep(Model):
+class HealthCheckStep(_StepBase):
     """A step that waits until the host is healthy (retries, interval, timeout)."""
 
     type: Literal["HealthCheck"]
-    name: str
-    identifier: Identifier
-    timeout: str | None = None
-    description: str | None = None
     spec: HealthCheckSpec
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
 
 
 StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
@@ -446,29 +433,17 @@ class HttpCheckSpec(Model):
     expect_status: list[int] = Field(default_factory=lambda: [200])
     expect_body: str | None = None
     retries: int = Field(default=10, ge=1, le=1000)  # attempts in all
-    interval: str = "1s"
-    timeout: str = "5s"
-
-    @field_validator("interval", "timeout")
-    @classmethod
-    def _durations(cls, v: str) -> str:
-        parse_duration(v)
-        return v
+    interval: Duration = "1s"
+    timeout: Duration = "5s"
 
 
 class ProbeSpec(Model):
     """Traffic sent to every host for a while, to measure error rate and response time."""
 
     url: str
-    duration: str = "10s"
+    duration: Duration = "10s"
     concurrency: int = Field(default=1, ge=1, le=64)
-    timeout: str = "2s"
-
-    @field_validator("duration", "timeout")
-    @classmethod
-    def _durations(cls, v: str) -> str:
-        parse_duration(v)
-        return v
+    timeout: Duration = "2s"
 
 
 class ResponseTime(Model):
