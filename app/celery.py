@@ -123,6 +123,10 @@ def build_config() -> dict[str, Any]:
         "worker_max_tasks_per_child": 1000,
         "worker_hijack_root_logger": False,
         "worker_soft_shutdown_timeout": 30.0,
+        # Exactly one beat (`vmfarm worker --control --beat`): the reconciler is idempotent,
+        # but a second beat would only do the same work twice.
+        "beat_schedule": {"vmfarm-reconcile": {"task": "vmfarm.reconcile",
+                                               "schedule": s.reconcile_interval}},
     }
     return conf
 

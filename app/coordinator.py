@@ -393,6 +393,104 @@ def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
             pass
 
 
+def abort(execution_id: str, *, user: str = "") -> str:
+    """Stop an execution: no new work is sent; running hosts stop at their next unit.
+
+    Returns "aborted", "missing", or the status of an execution that had already ended.
+    """
+    with session_scope() as s:
+        ex = _lock_execution(s, execution_id)
+        if ex is None:
+            return "missing"
+        if ex.status in Status.TERMINAL:
+            return ex.status
+        who = f" by {user}" if user else ""
+        _finish(s, ex, Status.ABORTED, error=f"aborted{who}")
+        for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                                 StageRun.status == Status.RUNNING)).all():
+            run.status, run.finished_at = Status.ABORTED, utcnow()
+            s.add(run)
+        for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
+                                                PhaseRun.status == Status.RUNNING)).all():
+            pr.status, pr.gate_at = Status.ABORTED, utcnow()
+            s.add(pr)
+    return "aborted"
+
+
+def reconcile(*, now: Any = None) -> list[str]:
+    """Catch what error callbacks miss (design note §3): steps whose worker stopped renewing
+    their heartbeat, and dispatched work that no worker took; then let the coordinator decide.
+
+    Safe to run any number of times, from Celery beat and from `vmfarm reconcile`.
+    """
+    from datetime import timedelta
+
+    settings = get_settings()
+    now = now or utcnow()
+    stale = now - timedelta(seconds=settings.heartbeat_timeout)
+    unclaimed = now - timedelta(seconds=settings.dispatch_expires + settings.heartbeat_timeout)
+    actions: list[str] = []
+    touched: set[str] = set()
+    with session_scope() as s:
+        for r in s.exec(select(HostStepRun).where(HostStepRun.status == Status.RUNNING,
+                                                  HostStepRun.heartbeat_at < stale)).all():
+            r.status, r.error_class = Status.FAILED, "DelegateRestart"
+            r.error = (f"worker lost: no heartbeat from {r.worker or 'its worker'} since "
+                       f"{r.heartbeat_at:%H:%M:%S} UTC (timeout {settings.heartbeat_timeout:g} s)")
+            r.finished_at = now
+            s.add(r)
+            touched.add(r.execution_id)
+            actions.append(f"{r.execution_id}: {r.host} step {r.step_id}: worker lost")
+        waiting = {pr.execution_id for pr in s.exec(select(PhaseRun).where(
+            PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
+            PhaseRun.dispatched_at < unclaimed)).all()}
+        # An execution whose submitter died between recording it and dispatching it.
+        touched.update(e.id for e in s.exec(select(Execution).where(
+            Execution.status == Status.QUEUED, Execution.created_at < stale)).all())
+    for ex_id, host, first_step in _unclaimed_hosts(waiting, unclaimed):
+        record_lost_step(first_step, error_class="Timeout",
+                         error=f"no worker took the steps of {host} within "
+                               f"{settings.dispatch_expires:g} s; nothing ran")
+        touched.add(ex_id)
+        actions.append(f"{ex_id}: {host}: no worker took its steps")
+    for ex_id in sorted(touched):
+        with session_scope() as s:
+            ex = _lock_execution(s, ex_id)
+            if ex is None or ex.status in Status.TERMINAL:
+                continue
+            for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex_id,
+                                                    PhaseRun.status == Status.RUNNING,
+                                                    PhaseRun.kind == "deploy")).all():
+                run = s.exec(select(StageRun).where(
+                    StageRun.execution_id == ex_id,
+                    StageRun.stage_index == pr.stage_index)).one()
+                _evaluate_phase(s, ex, run, pr, gate=False)
+        actions.append(f"{ex_id}: {advance(ex_id)}")
+    return actions
+
+
+def _unclaimed_hosts(execution_ids: set[str], before: Any) -> list[tuple[str, str, HostStepKey]]:
+    """(execution, host, key of its first step) for hosts of long-dispatched phases with no
+    row at all: their messages sit in a queue nobody consumes."""
+    out = []
+    with session_scope() as s:
+        for ex_id in execution_ids:
+            for pr in s.exec(select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id, PhaseRun.status == Status.RUNNING,
+                    PhaseRun.kind == "deploy", PhaseRun.dispatched_at < before)).all():
+                run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id,
+                                                    StageRun.stage_index == pr.stage_index)).one()
+                regions = {h["name"]: h["region"] for h in run.hosts}
+                seen = {r.host for r in s.exec(select(HostStepRun).where(
+                    HostStepRun.execution_id == ex_id, HostStepRun.stage_index == pr.stage_index,
+                    HostStepRun.phase == pr.phase)).all()}
+                for host in pr.hosts:
+                    if host not in seen:
+                        out.append((ex_id, host, HostStepKey(ex_id, pr.stage_index, pr.phase,
+                                                             host, 0, 1, regions[host])))
+    return out
+
+
 def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
                     gate: bool) -> bool:
     """Write the phase verdict when every host of it is done; False while any still runs.

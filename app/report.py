@@ -120,6 +120,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
 
 def _host_status(steps: list[dict[str, Any]]) -> str:
     states = [s["status"] for s in steps]
+    if any(x == Status.ABORTED for x in states):
+        return Status.ABORTED
     if any(x == Status.FAILED for x in states):
         return Status.FAILED
     if any(x == Status.RUNNING for x in states):

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     # Default command timeout for a step without ``timeout`` (Harness's default is 10m).
     step_timeout: float = 600.0
     user: str | None = None
+    # A running host step renews its heartbeat this often; the reconciler calls a step whose
+    # heartbeat is older than heartbeat_timeout lost (its worker died: DelegateRestart).
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 90.0
+    # How often the periodic reconciler runs (`vmfarm worker --control --beat`).
+    reconcile_interval: float = 30.0
     # Prometheus for verification gates (a `prometheus` check without its own url).
     prometheus_url: str | None = None
 

@@ -26,7 +26,7 @@ def queues_for(regions: Iterable[str], *, control: bool) -> list[str]:
 
 
 def run_worker(*, regions: list[str], control: bool, concurrency: int | None = None,
-               loglevel: str = "INFO", name: str | None = None) -> None:
+               loglevel: str = "INFO", name: str | None = None, beat: bool = False) -> None:
     """Run a worker in the foreground until it is stopped (SIGTERM: warm shutdown)."""
     queues = queues_for(regions, control=control)
     # Region work is I/O bound (SSH): threads. A control-only worker uses prefork, where
@@ -37,6 +37,10 @@ def run_worker(*, regions: list[str], control: bool, concurrency: int | None = N
     hostname = name or f"vmfarm-{label}@{socket.gethostname()}"
     argv = ["worker", "-Q", ",".join(queues), "-P", pool, "-c", str(conc), "-n", hostname,
             "-E", "-l", loglevel, "--without-mingle", "--without-gossip"]
+    if beat:  # the periodic reconciler; run exactly one beat per deployment
+        from app.settings import get_settings
+
+        argv += ["-B", "-s", str(get_settings().home_dir / "celerybeat-schedule")]
     app.worker_main(argv)
 
 

@@ -463,6 +463,41 @@ def executions(limit: int, output: str) -> None:
     out.print(table)
 
 
+@main.command()
+@click.argument("execution_id")
+def abort(execution_id: str) -> None:
+    """Stop an execution: no new work is sent; running hosts stop at their next unit."""
+    from app.coordinator import abort as do_abort
+    from app.settings import get_settings
+
+    result = do_abort(execution_id, user=get_settings().user or os.environ.get("USER", ""))
+    if result == "missing":
+        err.print(f"error: no execution '{execution_id}'")
+        sys.exit(2)
+    if result != "aborted":
+        out.print(f"execution {execution_id} already ended: {result}")
+        return
+    out.print(f"execution {execution_id} aborted: no new work is sent; running hosts stop at "
+              "their next command unit")
+
+
+@main.command()
+@output_option
+def reconcile(output: str) -> None:
+    """Turn lost workers and unclaimed work into failures and move executions on (what the
+    periodic reconciler does; safe to run at any time)."""
+    from app.coordinator import reconcile as do_reconcile
+
+    actions = do_reconcile()
+    if output == "json":
+        out.print_json(json.dumps({"actions": actions}))
+        return
+    for a in actions:
+        out.print(a)
+    if not actions:
+        out.print("nothing to reconcile")
+
+
 # --- worker ---------------------------------------------------------------------------------------
 
 
@@ -472,8 +507,10 @@ def executions(limit: int, output: str) -> None:
 @click.option("--concurrency", "-c", type=int, help="Parallel tasks (threads for regions).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--name", "-n", help="Worker node name (default vmfarm-<region>@<host>).")
+@click.option("--beat", is_flag=True,
+              help="Also run the periodic reconciler (Celery beat); run exactly one.")
 def worker(regions: tuple[str, ...], control: bool, concurrency: int | None, loglevel: str,
-           name: str | None) -> None:
+           name: str | None, beat: bool) -> None:
     """Run a Celery worker for one or more regions (a delegate) and/or the control queue."""
     from app.settings import get_settings
     from app.worker import run_worker
@@ -486,7 +523,7 @@ def worker(regions: tuple[str, ...], control: bool, concurrency: int | None, log
         sys.exit(2)
     try:
         run_worker(regions=list(regions), control=control, concurrency=concurrency,
-                   loglevel=loglevel, name=name)
+                   loglevel=loglevel, name=name, beat=beat)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--region") from None
 

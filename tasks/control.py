@@ -36,6 +36,14 @@ def switch_traffic(*, execution_id: str, stage_index: int, phase: int) -> str:
     return record_switch(execution_id, stage_index, phase, ok=ok, result=result)
 
 
+@app.task(name="vmfarm.reconcile")
+def reconcile_task() -> list[str]:
+    """Periodic (Celery beat): lost workers and unclaimed work become failures; advance."""
+    from app.coordinator import reconcile
+
+    return reconcile()
+
+
 @app.task(name="vmfarm.advance")
 def advance_task(*, execution_id: str) -> str:
     """Advance an execution (idempotent)."""

@@ -75,6 +75,48 @@ def _stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
     return data
 
 
+# --- heartbeat ------------------------------------------------------------------------------------
+
+
+class _Heartbeats:
+    """One thread per worker process renews the heartbeat of every running step in a single
+    UPDATE, so a silent 20-minute script still looks alive and a dead worker's steps do not."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, run_id: int) -> None:
+        with self._lock:
+            self._ids.add(run_id)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="vmfarm-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def discard(self, run_id: int) -> None:
+        with self._lock:
+            self._ids.discard(run_id)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(get_settings().heartbeat_interval)
+            with self._lock:
+                ids = list(self._ids)
+            if not ids:
+                continue
+            try:
+                with session_scope() as s:
+                    s.execute(update(HostStepRun).where(col(HostStepRun.id).in_(ids))
+                              .values(heartbeat_at=utcnow()))
+            except Exception:  # the database may be restarting: try again next beat
+                log.warning("could not renew heartbeats", exc_info=True)
+
+
+heartbeats = _Heartbeats()
+
+
 # --- claim ----------------------------------------------------------------------------------------
 
 
@@ -293,6 +335,7 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
         return _summary(existing, duplicate=True)
     fields: dict[str, Any] = {}
     sink = LogSink(run_id)
+    heartbeats.add(run_id)
     try:
         stage, hosts = _stage_data(key.execution, key.stage)
         step = stage["steps"][key.step]
@@ -428,8 +471,11 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
     artifact = stage.get("artifact") or {}
     with _connector(target) as conn:
-        for unit in spec["commandUnits"]:
+        for i, unit in enumerate(spec["commandUnits"]):
             sink.unit = unit["identifier"]
+            if i and _aborted(key.execution):  # abort stops a host between units
+                return {"status": Status.ABORTED, "failed_unit": unit["identifier"],
+                        "error": f"aborted before unit '{unit['identifier']}'"}
             remaining = max(1.0, deadline - time.monotonic())
             if unit["type"] == "Script":
                 binder = Binder()
@@ -460,6 +506,12 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
 
 
+def _aborted(execution_id: str) -> bool:
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        return ex is None or ex.status == Status.ABORTED
+
+
 def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:
     """Print the output variables the script set when it ends, however it ends.
 
@@ -478,6 +530,7 @@ def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:
 
 
 def _finish(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[str, Any]:
+    heartbeats.discard(run_id)
     fields.setdefault("status", Status.FAILED)
     fields["finished_at"] = utcnow()
     fields["heartbeat_at"] = fields["finished_at"]
