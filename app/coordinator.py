@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -33,6 +34,7 @@ from app.models import (
 )
 from app.providers.base import Host, discover
 from app.settings import get_settings
+from app.spec.models import parse_duration
 from strategies.basic import Phase
 
 log = logging.getLogger("vmfarm.coordinator")
@@ -86,7 +88,8 @@ def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, 
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts = [_discover_stage(st) if _all_static(st) else [] for st in plan["stages"]]
+    stage_hosts = [_discover_stage(st) if st.get("type") != "Approval" and _all_static(st)
+                   else [] for st in plan["stages"]]
     return plan, stage_hosts
 
 
@@ -100,8 +103,15 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
 
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id="<dry-run>")
-    stages = []
+    stages: list[dict[str, Any]] = []
     for stage, hosts in zip(plan["stages"], stage_hosts, strict=True):
+        if stage.get("type") == "Approval":
+            approvers = stage["approval"]["spec"]["approvers"]
+            stages.append({"identifier": stage["identifier"], "type": "Approval",
+                           "approval": stage["approval"],
+                           "summary": f"waits for {approvers.get('minimumCount', 1)} approval(s) "
+                                      f"from {', '.join(approvers['userGroups'])}"})
+            continue
         by_region: dict[str, list[str]] = {}
         for h in hosts:
             by_region.setdefault(h.region, []).append(h.name)
@@ -237,6 +247,11 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
         stage_plan = stages[ex.current_stage]
         run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                             StageRun.stage_index == ex.current_stage)).one()
+        if stage_plan.get("type") == "Approval":
+            outcome = _decide_approval(s, ex, run, stage_plan)
+            if outcome:
+                return outcome
+            continue
         if run.status == Status.PENDING:
             problem = _start_stage(s, ex, run, stage_plan)
             if problem:
@@ -269,6 +284,113 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
         s.add(run)
         ex.current_stage += 1
         s.add(ex)
+
+
+def _approval_record(s: Session, ex: Execution, stage_index: int) -> PhaseRun | None:
+    return s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+                                         PhaseRun.stage_index == stage_index,
+                                         PhaseRun.kind == "approval")).first()
+
+
+def _decide_approval(s: Session, ex: Execution, run: StageRun,
+                     stage_plan: dict[str, Any]) -> str:
+    """An Approval stage: wait (no work in flight) until approved, rejected or timed out.
+
+    Returns what happened, or '' when the stage is approved and the next one may start."""
+    rec = _approval_record(s, ex, run.stage_index)
+    if rec is None:
+        step = stage_plan["approval"]
+        s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=0,
+                       kind="approval", hosts=[], verdict={
+                           "message": step["spec"].get("approvalMessage", ""),
+                           "groups": step["spec"]["approvers"]["userGroups"],
+                           "required": step["spec"]["approvers"].get("minimumCount", 1),
+                           "approvals": [], "rejected_by": None}))
+        run.status, run.started_at = Status.RUNNING, utcnow()
+        ex.status = Status.WAITING
+        ex.started_at = ex.started_at or utcnow()
+        s.add(run)
+        s.add(ex)
+        return "waiting for approval"
+    if rec.status == Status.RUNNING:
+        return "waiting for approval"
+    if rec.status == Status.FAILED:
+        return _fail_stage(s, ex, run, (rec.verdict or {}).get("reason", "approval failed"))
+    run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+    s.add(run)
+    ex.current_stage += 1
+    s.add(ex)
+    return ""
+
+
+class ApprovalRefused(Exception):
+    """The caller may not approve or reject this execution (the message says why)."""
+
+
+def _approvers(groups: list[str]) -> set[str]:
+    import yaml
+
+    path = get_settings().users_file
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the users file {path} ({exc.strerror}); set "
+                          "VMFARM_USERS_FILE") from None
+    known = data.get("groups") or {}
+    missing = [g for g in groups if g not in known]
+    if missing:
+        raise ConfigError(f"user group(s) {', '.join(missing)} are not in {path} "
+                          f"(groups there: {', '.join(sorted(known)) or 'none'})")
+    return {str(u) for g in groups for u in known[g] or []}
+
+
+def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str = "") -> str:
+    """Record an approval or a rejection by ``user``; returns what it did.
+
+    Raises ApprovalRefused (not an approver, the pipeline's executor when that is disallowed,
+    a second vote) and LookupError (no such execution, or it waits for no approval).
+    """
+    with session_scope() as s:
+        ex = _lock_execution(s, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        rec = _approval_record(s, ex, ex.current_stage) if ex.status == Status.WAITING else None
+        if rec is None or rec.status != Status.RUNNING:
+            raise LookupError(f"execution {execution_id} is not waiting for an approval "
+                              f"(it is {ex.status})")
+        spec = ex.plan["stages"][ex.current_stage]["approval"]["spec"]["approvers"]
+        verdict = dict(rec.verdict or {})
+        if user not in _approvers(spec["userGroups"]):
+            raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
+                                  f"{', '.join(spec['userGroups'])}")
+        if approve and spec.get("disallowPipelineExecutor") and user == ex.created_by:
+            raise ApprovalRefused(f"{user} started this execution and this approval disallows "
+                                  "the pipeline executor; another approver must approve")
+        if any(a["user"] == user for a in verdict.get("approvals", [])):
+            raise ApprovalRefused(f"{user} has already approved this execution")
+        entry = {"user": user, "comment": comment, "at": utcnow().isoformat() + "Z"}
+        if approve:
+            verdict["approvals"] = [*verdict.get("approvals", []), entry]
+            done = len(verdict["approvals"]) >= int(verdict.get("required", 1))
+            if done:
+                rec.status, rec.gate_at = Status.SUCCEEDED, utcnow()
+                ex.status = Status.RUNNING
+            outcome = (f"approved by {user} ({len(verdict['approvals'])} of "
+                       f"{verdict.get('required', 1)})")
+        else:
+            verdict["rejected_by"] = entry
+            verdict["reason"] = f"approval rejected by {user}" + (f": {comment}" if comment
+                                                                    else "")
+            rec.status, rec.gate_at = Status.FAILED, utcnow()
+            ex.status = Status.RUNNING
+            done = True
+            outcome = f"rejected by {user}"
+        rec.verdict = verdict
+        s.add(rec)
+        s.add(ex)
+    if done:
+        outcome += f"; execution {advance(execution_id)}"
+    return outcome
 
 
 def _phase_failure(phase: Phase, record: PhaseRun) -> str:
@@ -441,6 +563,20 @@ def reconcile(*, now: Any = None) -> list[str]:
             s.add(r)
             touched.add(r.execution_id)
             actions.append(f"{r.execution_id}: {r.host} step {r.step_id}: worker lost")
+        for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
+                                                PhaseRun.kind == "approval")).all():
+            ex = s.get(Execution, pr.execution_id)
+            step = ex.plan["stages"][pr.stage_index]["approval"] if ex else {}
+            limit = parse_duration(step.get("timeout") or "1d")
+            if ex is not None and pr.dispatched_at < now - timedelta(seconds=limit):
+                pr.status, pr.gate_at = Status.FAILED, now
+                pr.verdict = {**(pr.verdict or {}),
+                              "reason": f"approval timed out after {step.get('timeout', '1d')}"}
+                ex.status = Status.RUNNING
+                s.add(pr)
+                s.add(ex)
+                touched.add(ex.id)
+                actions.append(f"{ex.id}: approval timed out")
         waiting = {pr.execution_id for pr in s.exec(select(PhaseRun).where(
             PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
             PhaseRun.dispatched_at < unclaimed)).all()}

@@ -28,6 +28,7 @@ class Status:
     SKIPPED = "SKIPPED"
     ABORTED = "ABORTED"
     PENDING = "PENDING"
+    WAITING = "WAITING"  # for people (an approval); no work is in flight
 
     TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED"})
 

@@ -87,8 +87,9 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             "name": st.name,
             "status": st.status,
             "error": st.error,
-            "service": plan["service"]["identifier"],
-            "environment": plan["environment"]["identifier"],
+            "type": plan.get("type", "Deployment"),
+            "service": (plan.get("service") or {}).get("identifier"),
+            "environment": (plan.get("environment") or {}).get("identifier"),
             "version": (plan.get("artifact") or {}).get("tag"),
             "steps": step_ids,
             "phases": [

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # Default command timeout for a step without ``timeout`` (Harness's default is 10m).
     step_timeout: float = 600.0
     user: str | None = None
+    # Who may approve: {groups: {name: [user, ...]}} (HarnessApproval userGroups).
+    users_file: Path = Path("configs/users.yaml")
     # A running host step renews its heartbeat this often; the reconciler calls a step whose
     # heartbeat is older than heartbeat_timeout lost (its worker died: DelegateRestart).
     heartbeat_interval: float = 10.0

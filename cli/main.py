@@ -196,9 +196,14 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
     report = execution_report(execution_id)
     assert report is not None
     if not live:
+        told = False
         while report["status"] not in Status.TERMINAL:
             time.sleep(0.25)
             report = execution_report(execution_id) or report
+            if report["status"] == Status.WAITING and not told:
+                err.print(f"execution {execution_id} is waiting for approval: "
+                          f"vmfarm approve {execution_id} (or reject)")
+                told = True
         return report
     with Live(_render(report), console=out, refresh_per_second=8, transient=True) as view:
         while report["status"] not in Status.TERMINAL:
@@ -243,6 +248,11 @@ def _render(report: dict[str, Any]) -> Group:
 def _print_summary(report: dict[str, Any]) -> None:
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", _styled(report["status"])))
     for st in report["stages"]:
+        if st.get("type") == "Approval":
+            out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
+                                    _styled(st["status"])))
+            _print_gates(st, only_failed=False)
+            continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
                             f"{st['environment']}): {st['status']}", title_justify="left")
         for c in ("host", "region", "status", "version", "previous"):
@@ -270,6 +280,9 @@ def _print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
         v = p.get("verdict") or {}
         if not v or (only_failed and v.get("passed")):
             continue
+        if p["kind"] == "approval":
+            _print_approval(p, only_failed=only_failed)
+            continue
         name = names.get(p["phase"], f"phase {p['phase'] + 1}")
         what = {"deploy": "deploy", "verify": "verification", "switch": "traffic switch"}.get(
             p["kind"], p["kind"])
@@ -291,6 +304,20 @@ def _print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
                                + (f" [{numbers}]" if numbers else ""), style="red"))
             elif not only_failed and numbers:
                 out.print(f"    {host}: {numbers}")
+
+
+def _print_approval(p: dict[str, Any], *, only_failed: bool) -> None:
+    v = p.get("verdict") or {}
+    names = ", ".join(a["user"] for a in v.get("approvals", [])) or "nobody yet"
+    if p["status"] == "RUNNING":
+        out.print(Text(f"  waiting for approval: {v.get('message', '')} — "
+                       f"{len(v.get('approvals', []))} of {v.get('required')} approvals "
+                       f"({names}); approvers: {', '.join(v.get('groups', []))}",
+                       style="yellow"))
+    elif p["status"] == "FAILED":
+        out.print(Text(f"  approval FAILED: {v.get('reason', '')}", style="red"))
+    elif not only_failed:
+        out.print(f"  approved by {names}")
 
 
 def _check_numbers(results: dict[str, Any]) -> str:
@@ -352,6 +379,10 @@ def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...]
         return
     out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
     for st in result["stages"]:
+        if st.get("type") == "Approval":
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    f": approval, {st['summary']}"))
+            continue
         strategy = st["strategy"]
         out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
                                 f": {st['service']} {st['version'] or ''} -> "
@@ -412,6 +443,8 @@ def status(execution_id: str, output: str) -> None:
     else:
         _print_summary(report)
         for st in report["stages"]:
+            if st.get("type") == "Approval" or not st["phases"]:
+                continue  # the summary above already shows it
             out.print(f"stage {st['identifier']} gates:")
             _print_gates(st, only_failed=False)
 
@@ -461,6 +494,39 @@ def executions(limit: int, output: str) -> None:
         table.add_row(d["id"], d["pipeline"], _styled(d["status"]), d["created_at"],
                       d["created_by"])
     out.print(table)
+
+
+def _decide(execution_id: str, comment: str, *, approve: bool) -> None:
+    from app.coordinator import ApprovalRefused, decide_approval
+    from app.settings import get_settings
+
+    user = get_settings().user or os.environ.get("USER", "")
+    try:
+        outcome = decide_approval(execution_id, user=user, approve=approve, comment=comment)
+    except ApprovalRefused as exc:
+        err.print(Text(f"refused: {exc}", style="red"))
+        sys.exit(3)
+    except (LookupError, ConfigError) as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(2)
+    out.print(f"execution {execution_id}: {outcome}")
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--comment", "-m", default="", help="Why (kept with the approval).")
+def approve(execution_id: str, comment: str) -> None:
+    """Approve an execution waiting in an Approval stage (identity: VMFARM_USER). Exit 3 when
+    you may not."""
+    _decide(execution_id, comment, approve=True)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--comment", "-m", default="", help="Why (kept with the rejection).")
+def reject(execution_id: str, comment: str) -> None:
+    """Reject an execution waiting in an Approval stage: it fails (ApprovalRejection)."""
+    _decide(execution_id, comment, approve=False)
 
 
 @main.command()

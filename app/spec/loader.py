@@ -604,6 +604,8 @@ def _check_references(bundle: Bundle, errs: _Collector) -> None:
                 errs.add(pipe.error(f"duplicate stage identifier '{st.identifier}'",
                                     (*sp, "identifier")))
             stage_ids[st.identifier] = si
+            if isinstance(st, m.ApprovalStageSpec):
+                continue  # approvers' groups are checked when someone approves
             svc = st.spec.service.service_ref
             if svc not in bundle.services:
                 errs.add(pipe.error(_missing("Service", svc, bundle.services),
@@ -706,7 +708,7 @@ def _variables_ctx(ctx: Context, prefix: str, owner: Loaded, variables: list[m.V
                 external=ext)
 
 
-def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec, *,
+def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalStageSpec, *,
                   execution_id: str) -> Context:
     """The host-independent expression values for one stage."""
     ctx = Context()
@@ -718,6 +720,9 @@ def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec, *,
     _variables_ctx(ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"),
                    bundle)
     ctx.set("stage.name", stage.name)
+    if isinstance(stage, m.ApprovalStageSpec):
+        ctx.set("stage.identifier", stage.identifier)
+        return ctx
     ctx.set("stage.identifier", stage.identifier)
     svc = bundle.services.get(stage.spec.service.service_ref)
     if svc:
@@ -789,6 +794,13 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = _get_at(pipe.doc.data, base)
     rendered = _render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
+    if isinstance(stage, m.ApprovalStageSpec):
+        errs.raise_if_any()
+        step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
+        return {"type": "Approval", "index": index, "identifier": stage.identifier,
+                "name": stage.name, "steps": [], "rollbackSteps": [], "infrastructures": [],
+                "strategy": {"type": "Basic"},
+                "approval": step.model_dump(mode="json", by_alias=True, exclude_none=True)}
     # Variables of service and environment may hold expressions too.
     svc = bundle.services.get(stage.spec.service.service_ref)
     env = bundle.environments.get(stage.spec.environment.environment_ref)

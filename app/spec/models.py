@@ -632,8 +632,67 @@ class StageSpec(Model):
     spec: DeploymentStageSpec
 
 
+class Approvers(Model):
+    user_groups: list[str] = Field(min_length=1)
+    minimum_count: int = Field(default=1, ge=1)
+    disallow_pipeline_executor: bool = False
+
+
+class ApprovalStepSpec(Model):
+    approval_message: str = "Please review and approve"
+    approvers: Approvers
+    include_pipeline_execution_history: bool = True
+
+
+class ApprovalStep(_StepBase):
+    """Harness's manual approval: the execution waits until enough approvers say yes.
+
+    ```yaml
+    - step:
+        type: HarnessApproval
+        name: Approve production
+        identifier: approve
+        timeout: 1d
+        spec:
+          approvalMessage: Deploy <+artifact.tag> to production?
+          approvers:
+            userGroups: [release_managers]
+            minimumCount: 2
+            disallowPipelineExecutor: true
+    ```
+    """
+
+    type: Literal["HarnessApproval"]
+    spec: ApprovalStepSpec
+
+
+class ApprovalStepElement(Model):
+    step: ApprovalStep
+
+
+class ApprovalExecution(Model):
+    steps: list[ApprovalStepElement] = Field(min_length=1, max_length=1)
+
+
+class ApprovalStageBody(Model):
+    execution: ApprovalExecution
+
+
+class ApprovalStageSpec(Model):
+    """A stage that waits for people: no work is sent while it waits (the canvas has ended)."""
+
+    name: str
+    identifier: Identifier
+    type: Literal["Approval"]
+    description: str | None = None
+    spec: ApprovalStageBody
+
+
+AnyStage = Annotated[StageSpec | ApprovalStageSpec, Field(discriminator="type")]
+
+
 class StageElement(Model):
-    stage: StageSpec
+    stage: AnyStage
 
 
 class PipelineBody(Model):

@@ -27,9 +27,9 @@ def upgrade() -> None:
     sa.Column('created_by', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('current_stage', sa.Integer(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-    sa.Column('started_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('started_at', sa.DateTime(), nullable=True),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('execution', schema=None) as batch_op:
@@ -46,7 +46,7 @@ def upgrade() -> None:
     sa.Column('version', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
     sa.Column('previous_version', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
     sa.Column('execution_id', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-    sa.Column('updated_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('service', 'environment', 'infrastructure', 'host')
     )
@@ -72,9 +72,9 @@ def upgrade() -> None:
     sa.Column('worker', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=True),
     sa.Column('queue', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('task_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-    sa.Column('started_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-    sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
-    sa.Column('heartbeat_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('started_at', sa.DateTime(), nullable=False),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
+    sa.Column('heartbeat_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['execution_id'], ['execution.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('idem_key')
@@ -92,8 +92,8 @@ def upgrade() -> None:
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('hosts', sa.JSON(), nullable=False),
     sa.Column('verdict', sa.JSON(), nullable=True),
-    sa.Column('dispatched_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-    sa.Column('gate_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('dispatched_at', sa.DateTime(), nullable=False),
+    sa.Column('gate_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['execution_id'], ['execution.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('execution_id', 'stage_index', 'phase', 'kind')
@@ -111,8 +111,8 @@ def upgrade() -> None:
     sa.Column('hosts', sa.JSON(), nullable=False),
     sa.Column('phases', sa.JSON(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('started_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('started_at', sa.DateTime(), nullable=True),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['execution_id'], ['execution.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('execution_id', 'stage_index')
@@ -131,8 +131,8 @@ def upgrade() -> None:
     sa.Column('succeeded', sa.Integer(), nullable=False),
     sa.Column('failed', sa.Integer(), nullable=False),
     sa.Column('skipped', sa.Integer(), nullable=False),
-    sa.Column('started_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('started_at', sa.DateTime(), nullable=True),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['execution_id'], ['execution.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('execution_id', 'stage_index', 'step_index')
@@ -147,7 +147,7 @@ def upgrade() -> None:
     sa.Column('unit', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('stream', sqlmodel.sql.sqltypes.AutoString(length=8), nullable=False),
     sa.Column('text', sa.Text(), nullable=False),
-    sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['host_step_run_id'], ['hoststeprun.id'], ),
     sa.PrimaryKeyConstraint('id')
     )
