@@ -654,12 +654,12 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
                                                  for r in steps.values())
         if (running or not (complete or has_failed or gate)) and not gate:
             return False
-        ok = complete and not has_failed and all(r.status == Status.SUCCEEDED
+        ok = complete and not has_failed and all(r.status in Status.PASSED
                                                  for r in steps.values())
         if not ok:
             failed.append(host)
             bad = next((r for r in sorted(steps.values(), key=lambda r: r.step_index)
-                        if r.status != Status.SUCCEEDED), None)
+                        if r.status not in Status.PASSED), None)
             per_host[host] = {
                 "step": bad.step_id if bad else None,
                 "unit": bad.failed_unit if bad else None,

@@ -29,8 +29,11 @@ class Status:
     ABORTED = "ABORTED"
     PENDING = "PENDING"
     WAITING = "WAITING"  # for people (an approval); no work is in flight
+    IGNORED = "IGNORED"  # a step failed and a failure strategy said Ignore: the host goes on
 
-    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED"})
+    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED"})
+    # A host may go on after these.
+    PASSED = frozenset({"SUCCEEDED", "IGNORED"})
 
 
 class Execution(SQLModel, table=True):

@@ -9,6 +9,7 @@ chord's gate must run and decide from SQL.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -328,7 +329,61 @@ def _connector(target: HostTarget) -> Iterator[Connector]:
 
 def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None = None,
             worker: str | None = None, queue: str | None = None) -> dict[str, Any]:
-    """Run one step on one host, once per idempotency key; return a small summary dict."""
+    """Run one step on one host, then apply the failure strategy that matches its error.
+
+    A retry is a new attempt with its own idempotency key and row; Ignore lets the host go
+    on; MarkAsSuccess records success (keeping the error); Abort aborts the execution.
+    """
+    summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
+    if summary["status"] != Status.FAILED or summary.get("duplicate"):
+        return summary
+    stage, _ = _stage_data(key.execution, key.stage)
+    step = stage["steps"][key.step]
+    action = failure_action(step, stage, summary.get("error_class") or "Unknown")
+    while action is not None and action["type"] == "Retry":
+        spec = action["spec"]
+        done = key.attempt - 1
+        if done >= int(spec["retryCount"]):
+            action = (spec.get("onRetryFailure") or {}).get("action")
+            break
+        intervals = spec["retryIntervals"]
+        time.sleep(parse_duration(intervals[min(done, len(intervals) - 1)]))
+        key = dataclasses.replace(key, attempt=key.attempt + 1)
+        summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
+        if summary["status"] != Status.FAILED or summary.get("duplicate"):
+            return summary
+    if action is None or action["type"] in ("Retry", "MarkAsFailure"):
+        return summary
+    note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
+            "Abort": "aborted the execution"}[action["type"]]
+    status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
+        action["type"], Status.FAILED)
+    with session_scope() as s:
+        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+        row.status = status
+        row.error = f"{row.error} ({note} by the failure strategy)"
+        s.add(row)
+    if action["type"] == "Abort":
+        from app.coordinator import abort
+
+        abort(key.execution, user="failure strategy")
+    return {**summary, "status": status}
+
+
+def failure_action(step: dict[str, Any], stage: dict[str, Any],
+                   error_class: str) -> dict[str, Any] | None:
+    """The action of the first failure strategy matching ``error_class``: the step's own
+    entries, then the stage's, then the pipeline's (Harness's precedence)."""
+    for entry in [*step.get("failureStrategies", []), *stage.get("failureStrategies", [])]:
+        on = entry["onFailure"]
+        if "AllErrors" in on["errors"] or error_class in on["errors"]:
+            return dict(on["action"])
+    return None
+
+
+def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None,
+                  worker: str | None, queue: str | None) -> dict[str, Any]:
+    """One attempt: claim its key, run the units, record the outcome."""
     run_id, existing = claim(key, task_id=task_id, worker=worker, queue=queue)
     if existing is not None:
         log.info("duplicate delivery of %s: returning the recorded result", key.idem)
@@ -341,7 +396,7 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
         step = stage["steps"][key.step]
         fields["step_id"] = step["identifier"]
         # In a lane (maxConcurrency) the previous link may be another host's last step.
-        if prev is not None and prev.get("status") != Status.SUCCEEDED \
+        if prev is not None and prev.get("status") not in Status.PASSED \
                 and prev.get("host") == key.host:
             fields.update(status=Status.SKIPPED,
                           error="skipped: an earlier step failed on this host")
@@ -538,4 +593,5 @@ def _finish(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[str, 
         s.execute(update(HostStepRun).where(HostStepRun.id == run_id)  # type: ignore[arg-type]
                   .values(**fields))
     return {"status": fields["status"], "host": key.host, "step": key.step,
-            "exit_code": fields.get("exit_code")}
+            "exit_code": fields.get("exit_code"), "error_class": fields.get("error_class"),
+            "attempt": key.attempt}

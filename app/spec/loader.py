@@ -859,6 +859,11 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         "infrastructures": infras,
         "steps": [s.step.model_dump(mode="json", by_alias=True, exclude_none=True)
                   for s in out_stage.spec.execution.steps],
+        # The failure strategies that apply after the step's own, by precedence.
+        "failureStrategies": [
+            *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
+            *[f.model_dump(mode="json", by_alias=True)
+              for f in pipe.model.spec.failure_strategies]],
         # Values from outside the files (runtime inputs): the worker binds the unsafe ones into
         # the environment of the scripts that name them (see expressions.render).
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},

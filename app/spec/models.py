@@ -303,11 +303,62 @@ class CommandStepSpec(Model):
     delegate_selectors: list[str] = Field(default_factory=list)
 
 
+ErrorType = Literal["AllErrors", "Unknown", "Authentication", "Authorization", "Connectivity",
+                    "Timeout", "Verification", "DelegateRestart", "DelegateProvisioning",
+                    "PolicyEvaluation", "ApprovalRejection"]
+SUPPORTED_ACTIONS = ("Retry", "Ignore", "MarkAsSuccess", "Abort")
+
+
+class FailureAction(Model):
+    """What to do about a failure. Retry takes retryCount, retryIntervals, onRetryFailure."""
+
+    type: Literal["Retry", "Ignore", "MarkAsSuccess", "Abort", "StageRollback",
+                  "PipelineRollback", "ManualIntervention", "MarkAsFailure"]
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _supported(self) -> FailureAction:
+        if self.type == "MarkAsFailure":
+            return self
+        if self.type not in SUPPORTED_ACTIONS:
+            raise ValueError(f"failure action {self.type} is not supported in this version "
+                             f"(supported: {', '.join(SUPPORTED_ACTIONS)}, MarkAsFailure)")
+        if self.type == "Retry":
+            RetrySpec.model_validate(self.spec)
+        return self
+
+
+class RetryOnFailure(Model):
+    action: FailureAction
+
+
+class RetrySpec(Model):
+    retry_count: int = Field(ge=1, le=100)
+    retry_intervals: list[Duration] = Field(min_length=1)
+    on_retry_failure: RetryOnFailure | None = None
+
+
+class OnFailure(Model):
+    errors: list[ErrorType] = Field(min_length=1)
+    action: FailureAction
+
+
+class FailureStrategy(Model):
+    """Harness's ``failureStrategies`` entry: ``- onFailure: {errors: [...], action: {...}}``.
+
+    The first entry whose errors match wins; a step's own entries come before its stage's,
+    which come before the pipeline's.
+    """
+
+    on_failure: OnFailure
+
+
 class _StepBase(Model):
     name: str
     identifier: Identifier
     timeout: Duration | None = None
     description: str | None = None
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
 
 
 class CommandStep(_StepBase):
@@ -630,6 +681,7 @@ class StageSpec(Model):
     type: Literal["Deployment"]
     description: str | None = None
     spec: DeploymentStageSpec
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
 
 
 class Approvers(Model):
@@ -697,6 +749,7 @@ class StageElement(Model):
 
 class PipelineBody(Model):
     stages: list[StageElement] = Field(min_length=1)
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     variables: list[Variable] = Field(default_factory=list)
     description: str | None = None
     tags: dict[str, Scalar] = Field(default_factory=dict)

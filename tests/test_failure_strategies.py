@@ -1,0 +1,83 @@
+"""Failure strategies on the lab: Retry as new attempts, then what onRetryFailure says;
+a step's own strategy comes before its stage's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DATA, base_env, run_vmfarm
+
+FILES = [str(DATA / "failure")]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return base_env(VMFARM_HOME=str(tmp_path / "home"))
+
+
+def _run(env: dict[str, str], lab: Any, failures: int, *extra: str) -> tuple[int, Any]:
+    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file),
+                     "--set", f"flaky_host={lab.hosts[0].address}",
+                     "--set", f"failures={failures}", *extra, "-o", "json", env=env)
+    return res.returncode, json.loads(res.stdout) if res.stdout.strip() else res.stderr
+
+
+def _log(lab: Any, ex_id: str, host: int = 0) -> list[str]:
+    path = Path(lab.hosts[host].host_dir) / "opt" / "fs" / f"{ex_id}.log"
+    return path.read_text().split() if path.exists() else []
+
+
+def _attempts(report: dict[str, Any], env: dict[str, str], host: str) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(Path(env["VMFARM_HOME"]) / "vmfarm.db") as db:
+        rows = db.execute("select attempt, status from hoststeprun where execution_id=? and "
+                          "host=? and step_id='flaky' order by attempt",
+                          (report["id"], host)).fetchall()
+    return [f"{a}:{s}" for a, s in rows]
+
+
+def test_retry_runs_new_attempts_until_the_step_passes(env: dict[str, str], lab: Any) -> None:
+    code, report = _run(env, lab, 2)
+    assert code == 0, report
+    flaky = lab.hosts[0].address
+    # two failed attempts, then a third that passed; each attempt ran once on the host
+    assert _attempts(report, env, flaky) == ["1:FAILED", "2:FAILED", "3:SUCCEEDED"]
+    assert _log(lab, report["id"]) == ["try", "try", "try", "after"]
+    assert _log(lab, report["id"], 1) == ["try", "after"]
+
+
+def test_after_the_retries_on_retry_failure_decides(env: dict[str, str], lab: Any) -> None:
+    flaky = lab.hosts[0].address
+    # Ignore: the host goes on to its next step and the run succeeds
+    code, report = _run(env, lab, 9, "--set", "type=Ignore")
+    assert code == 0, report
+    assert _attempts(report, env, flaky) == ["1:FAILED", "2:FAILED", "3:IGNORED"]
+    assert _log(lab, report["id"]) == ["try", "try", "try", "after"]
+    # MarkAsFailure (the default): the host fails after 3 attempts and the run fails
+    code, report = _run(env, lab, 9)
+    assert code == 1
+    host = next(h for h in report["stages"][0]["hosts"] if h["host"] == flaky)
+    assert host["status"] == "FAILED" and host["steps"][0]["attempt"] == 3
+    assert "flaky failure 3" in host["steps"][0]["stderr_tail"]
+    # Abort: the execution is aborted
+    code, report = _run(env, lab, 9, "--set", "type=Abort")
+    assert code == 1 and report["status"] == "ABORTED"
+
+
+def test_a_step_strategy_comes_before_its_stage_strategy(env: dict[str, str], lab: Any) -> None:
+    """The stage says Abort on AllErrors; the step's own Retry matched first (above). An error
+    the step's strategy does not name falls through to the stage's."""
+    from tasks.hoststep import failure_action
+
+    step = {"failureStrategies": [{"onFailure": {"errors": ["Unknown"],
+                                                 "action": {"type": "Retry"}}}]}
+    stage = {"failureStrategies": [{"onFailure": {"errors": ["AllErrors"],
+                                                  "action": {"type": "Abort"}}}]}
+    assert failure_action(step, stage, "Unknown") == {"type": "Retry"}
+    assert failure_action(step, stage, "Connectivity") == {"type": "Abort"}
+    assert failure_action({}, {}, "Unknown") is None
