@@ -10,6 +10,7 @@ after the commit.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -156,6 +157,64 @@ def _failure_policy(stage: dict[str, Any]) -> str:
             f"the new version ({rollback}).")
 
 
+def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> str:
+    """A new execution of the same plan on the hosts that did not succeed; returns its id.
+
+    Stages where every host succeeded are skipped; so are approvals that were granted. The
+    ledger keeps both executions: the new one names the one it retries.
+    """
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        if ex.status not in Status.TERMINAL:
+            raise LookupError(f"execution {execution_id} is still {ex.status}; retry it when "
+                              "it has ended (or abort it)")
+        runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                      .order_by(col(StageRun.stage_index))).all()
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)).all()
+        approvals = {p.stage_index: p.status for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval")).all()}
+        plan, inputs, stages = ex.plan, dict(ex.inputs), []
+        for run in runs:
+            latest: dict[tuple[str, int], HostStepRun] = {}
+            for r in rows:
+                if r.stage_index == run.stage_index:
+                    k = (r.host, r.step_index)
+                    if k not in latest or r.attempt > latest[k].attempt:
+                        latest[k] = r
+            n_steps = len(plan["stages"][run.stage_index]["steps"])
+            redo = [h for h in run.hosts
+                    if not all((latest.get((h["name"], i)) is not None
+                                and latest[(h["name"], i)].status in Status.PASSED)
+                               for i in range(n_steps))]
+            skip = (approvals.get(run.stage_index) == Status.SUCCEEDED
+                    if plan["stages"][run.stage_index].get("type") == "Approval"
+                    else not redo)
+            stages.append((run, redo, skip))
+    if all(skip for _, _, skip in stages):
+        raise LookupError(f"execution {execution_id} has no failed host to retry")
+    new_id = new_execution_id()
+    # <+pipeline.executionId> was rendered into the plan: the retry is a new execution, so it
+    # names its own id (ids are 12 random hex digits: replacing them is exact).
+    plan = json.loads(json.dumps(plan).replace(execution_id, new_id))
+    with session_scope() as s:
+        s.add(Execution(id=new_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
+                        plan=plan, inputs={**inputs, "retry_of": execution_id},
+                        created_by=user or get_settings().user or ""))
+        s.flush()
+        for run, redo, skip in stages:
+            s.add(StageRun(execution_id=new_id, stage_index=run.stage_index,
+                           identifier=run.identifier, name=run.name, hosts=redo,
+                           status=Status.SKIPPED if skip else Status.PENDING))
+            for j, step in enumerate(plan["stages"][run.stage_index]["steps"]):
+                s.add(StepRun(execution_id=new_id, stage_index=run.stage_index, step_index=j,
+                              identifier=step["identifier"], name=step.get("name", "")))
+    if publish:
+        advance(new_id)
+    return new_id
+
+
 def _all_static(stage: dict[str, Any]) -> bool:
     return all(i["provider"] == "static" for i in stage["infrastructures"])
 
@@ -247,6 +306,10 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
         stage_plan = stages[ex.current_stage]
         run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                             StageRun.stage_index == ex.current_stage)).one()
+        if run.status == Status.SKIPPED:  # a retry leaves out stages that need nothing
+            ex.current_stage += 1
+            s.add(ex)
+            continue
         if stage_plan.get("type") == "Approval":
             outcome = _decide_approval(s, ex, run, stage_plan)
             if outcome:

@@ -133,14 +133,11 @@ def _value_at(slot: Any) -> Any:
 def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
         watch: bool | None, output: str) -> None:
     """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input."""
-    from app.coordinator import advance, submit
+    from app.coordinator import submit
     from app.settings import get_settings
 
     settings = get_settings()
-    if settings.embedded and watch is False:
-        err.print("error: --detach needs a broker (VMFARM_BROKER_URL): in embedded mode the "
-                  "worker lives in this process; nothing was run.")
-        sys.exit(2)
+    _refuse_detach_when_embedded(watch)
     try:
         inputs = parse_sets(sets)
         execution_id = submit(files, pipeline=pipeline, inputs=inputs,
@@ -148,6 +145,24 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
     except (SpecError, SpecErrors, ConfigError) as exc:
         fail_input(exc)
         return
+    _dispatch_and_watch(execution_id, watch=watch, output=output)
+
+
+def _refuse_detach_when_embedded(watch: bool | None) -> None:
+    from app.settings import get_settings
+
+    if get_settings().embedded and watch is False:
+        err.print("error: --detach needs a broker (VMFARM_BROKER_URL): in embedded mode the "
+                  "worker lives in this process; nothing was run.")
+        sys.exit(2)
+
+
+def _dispatch_and_watch(execution_id: str, *, watch: bool | None, output: str) -> None:
+    """Send a recorded execution's first work, then watch it (or return when detached)."""
+    from app.coordinator import advance
+    from app.settings import get_settings
+
+    settings = get_settings()
     if output != "json":
         err.print(Text.assemble("execution ", (execution_id, "bold")))
     if settings.embedded:
@@ -170,6 +185,29 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
     else:
         _print_summary(report)
     sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--only-failed", is_flag=True, required=True,
+              help="Re-run only the hosts that failed or never ran (required: say so).")
+@click.option("--watch/--detach", default=None, help="As for run.")
+@output_option
+def retry(execution_id: str, only_failed: bool, watch: bool | None, output: str) -> None:
+    """Re-run an ended execution on the hosts that did not succeed, as a new execution."""
+    from app.coordinator import retry_failed
+    from app.settings import get_settings
+
+    _refuse_detach_when_embedded(watch)
+    try:
+        new_id = retry_failed(execution_id, publish=False,
+                              user=get_settings().user or os.environ.get("USER", ""))
+    except LookupError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(2)
+    if output != "json":
+        err.print(f"retrying the failed hosts of {execution_id}")
+    _dispatch_and_watch(new_id, watch=watch, output=output)
 
 
 def _live(watch: bool | None, output: str) -> bool:

@@ -81,3 +81,31 @@ def test_a_step_strategy_comes_before_its_stage_strategy(env: dict[str, str], la
     assert failure_action(step, stage, "Unknown") == {"type": "Retry"}
     assert failure_action(step, stage, "Connectivity") == {"type": "Abort"}
     assert failure_action({}, {}, "Unknown") is None
+
+
+def test_retry_only_failed_reruns_just_the_hosts_that_failed(env: dict[str, str],
+                                                             lab: Any) -> None:
+    # Given a host that is broken, so the run fails there (after its retries)
+    broken = Path(lab.hosts[2].host_dir) / "opt" / "fs" / "broken"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_text("")
+    try:
+        code, first = _run(env, lab, 0)
+    finally:
+        broken.unlink()
+    assert code == 1, first
+    bad = lab.hosts[2].address
+    assert [h["host"] for h in first["stages"][0]["hosts"] if h["status"] == "FAILED"] == [bad]
+    # When it is fixed and the run is retried for the failed hosts only
+    res = run_vmfarm("retry", first["id"], "--only-failed", "-o", "json", env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    second = json.loads(res.stdout)
+    # Then a new execution ran on that host alone, and it succeeded
+    assert second["id"] != first["id"] and second["inputs"]["retry_of"] == first["id"]
+    assert [h["host"] for h in second["stages"][0]["hosts"]] == [bad]
+    assert second["stages"][0]["hosts"][0]["status"] == "SUCCEEDED"
+    assert _log(lab, second["id"], 2) == ["try", "after"]
+    assert all(_log(lab, second["id"], i) == [] for i in (0, 1, 3, 4, 5))
+    # and a run with nothing left to retry is refused
+    again = run_vmfarm("retry", second["id"], "--only-failed", env=env)
+    assert again.returncode == 2 and "no failed host to retry" in again.stderr
