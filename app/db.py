@@ -92,3 +92,24 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on error."""
     with Session(get_engine(url), expire_on_commit=False) as s, s.begin():
         yield s
+
+
+def insert_once(model: type[Any], values: dict[str, Any]) -> tuple[int, Any | None]:
+    """Insert a row keyed by its unique ``idem_key`` unless it exists.
+
+    Returns (id, None) when this call inserted it (the caller owns the work), or (id, row) when
+    it was already there (a duplicate delivery: the caller returns the recorded result).
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    from sqlmodel import select
+
+    ins = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
+    stmt = ins(model).values(**values).on_conflict_do_nothing(
+        index_elements=["idem_key"]).returning(model.id)
+    with session_scope() as s:
+        new_id = s.execute(stmt).scalar()
+        if new_id is not None:
+            return int(new_id), None
+        row = s.exec(select(model).where(model.idem_key == values["idem_key"])).one()
+        return int(row.id or 0), row

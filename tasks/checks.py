@@ -11,12 +11,10 @@ import time
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
-from app.db import get_engine, session_scope
+from app.db import insert_once, session_scope
 from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
 from app.settings import get_settings
@@ -28,19 +26,10 @@ log = logging.getLogger("vmfarm.tasks")
 
 
 def _claim(key: HostStepKey, worker: str | None) -> tuple[int, CheckRun | None]:
-    eng = get_engine()
-    ins = pg_insert if eng.dialect.name == "postgresql" else sqlite_insert
-    stmt = ins(CheckRun).values(
+    return insert_once(CheckRun, dict(
         idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
         host=key.host, region=key.region, status=Status.RUNNING, results={}, reasons=[],
-        worker=worker, started_at=utcnow(),
-    ).on_conflict_do_nothing(index_elements=["idem_key"]).returning(col(CheckRun.id))
-    with session_scope() as s:
-        new_id = s.execute(stmt).scalar()
-        if new_id is not None:
-            return int(new_id), None
-        row = s.exec(select(CheckRun).where(CheckRun.idem_key == key.idem)).one()
-        return int(row.id or 0), row
+        worker=worker, started_at=utcnow()))
 
 
 def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:

@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
-from app.db import get_engine, session_scope
+from app.db import insert_once, session_scope
 from app.errors import HostError, TransferError
 from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
 from app.providers.base import Host
@@ -124,22 +122,13 @@ heartbeats = _Heartbeats()
 def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
           queue: str | None) -> tuple[int, HostStepRun | None]:
     """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed."""
-    eng = get_engine()
     values = dict(
         idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
         step_index=key.step, step_id="", host=key.host, region=key.region, attempt=key.attempt,
         status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
         started_at=utcnow(), heartbeat_at=utcnow(),
     )
-    ins = pg_insert if eng.dialect.name == "postgresql" else sqlite_insert
-    stmt = ins(HostStepRun).values(**values).on_conflict_do_nothing(
-        index_elements=["idem_key"]).returning(col(HostStepRun.id))
-    with session_scope() as s:
-        new_id = s.execute(stmt).scalar()
-        if new_id is not None:
-            return int(new_id), None
-        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
-        return int(row.id or 0), row
+    return insert_once(HostStepRun, values)
 
 
 def _summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:

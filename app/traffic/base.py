@@ -31,7 +31,9 @@ Switch specs are YAML-ish dicts, for example::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ from types import TracebackType
 from typing import Any
 
 from app.errors import SpecError, TrafficError
+
+log = logging.getLogger("vmfarm.traffic")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,17 @@ class SwitchResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, for a task's return value or an audit event."""
         return {**asdict(self), "changed": self.changed}
+
+    @classmethod
+    def finish(cls, *, label: str, added: list[str], removed: list[str], previous: list[str],
+               live: list[str], started: float) -> SwitchResult:
+        """The result of a switch that began at ``started`` (monotonic); logged when it moved
+        traffic."""
+        result = cls(added=added, removed=removed, previous=previous, live=live,
+                     duration_s=round(time.monotonic() - started, 3))
+        if result.changed:
+            log.info("%s: +%s -%s in %.2f s", label, added, removed, result.duration_s)
+        return result
 
 
 class TrafficSwitch(ABC):

@@ -184,18 +184,9 @@ class ElbV2Switch(TrafficSwitch):
         if removed:
             self._call("deregister_targets", Targets=self._targets(removed))
             self._wait_leaving(removed)
-        result = SwitchResult(
-            added=added,
-            removed=removed,
-            previous=previous,
-            live=self.live(),
-            duration_s=round(time.monotonic() - started, 3),
-        )
-        if result.changed:
-            log.info(
-                "target group %s: +%s -%s in %.2f s", self.arn, added, removed, result.duration_s
-            )
-        return result
+        return SwitchResult.finish(label=f"target group {self.arn}", added=added,
+                                   removed=removed, previous=previous, live=self.live(),
+                                   started=started)
 
     def close(self) -> None:
         """Close the boto3 client's HTTP connections."""

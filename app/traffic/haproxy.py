@@ -475,16 +475,8 @@ class HAProxySwitch(TrafficSwitch):
     def _result(
         self, added: list[str], removed: list[str], previous: list[str], started: float
     ) -> SwitchResult:
-        result = SwitchResult(
-            added=added,
-            removed=removed,
-            previous=previous,
-            live=self.live(),
-            duration_s=round(time.monotonic() - started, 3),
-        )
-        if result.changed:
-            log.info("HAProxy %s: +%s -%s in %.2f s", self.name, added, removed, result.duration_s)
-        return result
+        return SwitchResult.finish(label=f"HAProxy {self.name}", added=added, removed=removed,
+                                   previous=previous, live=self.live(), started=started)
 
     # -- the runtime API ----------------------------------------------------------------------
 
