@@ -177,3 +177,33 @@ class TrafficError(VmfarmError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.message,), {"switch": self.switch})
+
+
+class DiscoveryError(VmfarmError):
+    """A cloud provider could not list an infrastructure's hosts.
+
+    ``error_class`` is what failure strategies match on: ``Authentication`` (bad or expired
+    credentials, no permission), ``Connectivity`` (endpoint unreachable, throttled past the
+    retries) or ``Unknown``. The message names the infrastructure and what was wrong (an unknown
+    region, resource group, project or zone is named as such).
+    """
+
+    def __init__(self, message: str, *, infrastructure: str = "",
+                 error_class: str = "Unknown") -> None:
+        super().__init__(message)
+        self.message = message
+        self.infrastructure = infrastructure
+        self.error_class = error_class
+
+    def __str__(self) -> str:
+        if self.infrastructure and self.infrastructure not in self.message:
+            return f"infrastructure '{self.infrastructure}': {self.message}"
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_discovery_error, (self.message, self.infrastructure, self.error_class))
+
+
+def _rebuild_discovery_error(message: str, infrastructure: str,
+                             error_class: str) -> DiscoveryError:
+    return DiscoveryError(message, infrastructure=infrastructure, error_class=error_class)

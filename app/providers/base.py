@@ -43,14 +43,24 @@ class Host:
 
 
 def discover(infra: dict[str, Any]) -> list[Host]:
-    """Hosts of one resolved infrastructure (``plan['stages'][i]['infrastructures'][j]``)."""
-    provider = infra.get("provider")
-    if provider == "static":
-        from app.providers.static import discover_static
+    """Hosts of one resolved infrastructure (``plan['stages'][i]['infrastructures'][j]``).
 
-        return discover_static(infra)
-    raise ConfigError(
-        f"infrastructure '{infra.get('identifier')}' ({infra.get('source', '')}) uses the "
-        f"{provider} provider, whose host discovery is not available in this version; "
-        "use a static (type: Pdc) infrastructure with a hosts list"
-    )
+    Each provider module exposes ``discover(infra) -> list[Host]`` and imports its SDK lazily.
+    """
+    import importlib
+
+    provider = infra.get("provider")
+    module = {"static": "app.providers.static", "aws": "app.providers.aws",
+              "azure": "app.providers.azure", "gcp": "app.providers.gcp"}.get(str(provider))
+    if module is None:
+        raise ConfigError(f"infrastructure '{infra.get('identifier')}' "
+                          f"({infra.get('source', '')}) names an unknown provider {provider!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"infrastructure '{infra.get('identifier')}' ({infra.get('source', '')}) uses the "
+            f"{provider} provider, which needs the Python package {exc.name!r}; install it on "
+            "the workers of that region") from None
+    hosts: list[Host] = mod.discover(infra)
+    return hosts

@@ -35,3 +35,6 @@ def discover_static(infra: dict[str, Any]) -> list[Host]:
             attributes=attributes,
         ))
     return hosts
+
+
+discover = discover_static
