@@ -42,6 +42,23 @@ class Host:
         return cls(**data)
 
 
+def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
+               public_ip: str | None = None, private_ip: str | None = None,
+               attributes: dict[str, Any] | None = None) -> Host:
+    """A discovered host, with the infrastructure's ``connection`` settings (user, port, key,
+    known_hosts, host key policy) applied as for a static host."""
+    conn = (infra.get("spec") or {}).get("connection") or {}
+    return Host(
+        name=name, address=address, region=region, infrastructure=str(infra["identifier"]),
+        port=int(conn.get("port", 22)), user=conn.get("user", "root"),
+        connection=conn.get("type", "SSH"), private_key_file=conn.get("privateKeyFile"),
+        known_hosts_file=conn.get("knownHostsFile"),
+        host_key_policy=conn.get("hostKeyPolicy", "strict"),
+        connect_timeout=float(conn.get("connectTimeout", 10.0)),
+        public_ip=public_ip, private_ip=private_ip, attributes=dict(attributes or {}),
+    )
+
+
 def discover(infra: dict[str, Any]) -> list[Host]:
     """Hosts of one resolved infrastructure (``plan['stages'][i]['infrastructures'][j]``).
 
