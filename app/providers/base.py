@@ -48,6 +48,12 @@ def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
     """A discovered host, with the infrastructure's ``connection`` settings (user, port, key,
     known_hosts, host key policy) applied as for a static host."""
     conn = (infra.get("spec") or {}).get("connection") or {}
+    attributes = dict(attributes or {})
+    # Blue-green reads a host's set from its "slot" attribute: a cloud tag or label gives it.
+    for key in ("tags", "labels"):
+        found = attributes.get(key)
+        if isinstance(found, dict) and found.get("slot") and not attributes.get("slot"):
+            attributes["slot"] = str(found["slot"])
     return Host(
         name=name, address=address, region=region, infrastructure=str(infra["identifier"]),
         port=int(conn.get("port", 22)), user=conn.get("user", "root"),
@@ -55,7 +61,7 @@ def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
         known_hosts_file=conn.get("knownHostsFile"),
         host_key_policy=conn.get("hostKeyPolicy", "strict"),
         connect_timeout=float(conn.get("connectTimeout", 10.0)),
-        public_ip=public_ip, private_ip=private_ip, attributes=dict(attributes or {}),
+        public_ip=public_ip, private_ip=private_ip, attributes=attributes,
     )
 
 

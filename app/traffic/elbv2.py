@@ -147,7 +147,7 @@ class ElbV2Switch(TrafficSwitch):
             region_name=region,
             endpoint_url=endpoint_url,
             config=Config(
-                retries={"mode": "standard", "max_attempts": max_attempts},
+                retries={"mode": "standard", "total_max_attempts": max_attempts},
                 connect_timeout=5,
                 read_timeout=30,
             ),
