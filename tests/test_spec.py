@@ -371,3 +371,60 @@ def test_recursive_alias_is_an_error_not_a_crash() -> None:
     with pytest.raises(SpecError, match="recursive YAML alias") as exc:
         load_documents("kind: Service\nloop: &a [1, *a]\n", "r.yaml")
     assert exc.value.line == 2
+
+
+def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> None:
+    """A stepGroup's steps run in order like any steps; a group's failure strategies apply
+    after each step's own and before the stage's (Harness's precedence)."""
+    from tasks.hoststep import failure_action
+
+    group = """- stepGroup:
+                  name: Checks
+                  identifier: checks
+                  failureStrategies:
+                    - onFailure:
+                        errors: [Timeout]
+                        action:
+                          type: Ignore
+                  steps:
+                    - step:
+                        type: Command
+                        name: Probe
+                        identifier: probe
+                        failureStrategies:
+                          - onFailure:
+                              errors: [Unknown]
+                              action:
+                                type: MarkAsSuccess
+                        spec:
+                          commandUnits:
+                            - identifier: probe
+                              type: Script
+                              spec:
+                                source:
+                                  type: Inline
+                                  spec:
+                                    script: echo probe
+              - step:"""
+    folder = good_copy(tmp_path, pipeline=("- step:\n                  type: Command\n"
+                                           "                  name: Install",
+                                           group + "\n                  type: Command\n"
+                                           "                  name: Install"))
+    plan = plan_of([folder], {"tag": "1.0"})
+    stage = plan["stages"][0]
+    probe = stage["steps"][0]
+    assert probe["identifier"] == "probe" and probe["group"] == "checks"
+    assert stage["steps"][1]["identifier"] == "install" and "group" not in stage["steps"][1]
+    assert failure_action(probe, stage, "Unknown") == {"type": "MarkAsSuccess", "spec": {}}
+    assert failure_action(probe, stage, "Timeout") == {"type": "Ignore", "spec": {}}
+
+
+def test_a_step_entry_holds_a_step_or_a_step_group(tmp_path: Path) -> None:
+    folder = good_copy(tmp_path, pipeline=("- step:\n                  type: Command\n"
+                                           "                  name: Install",
+                                           "- {}\n              - step:\n"
+                                           "                  type: Command\n"
+                                           "                  name: Install"))
+    with pytest.raises((SpecError, SpecErrors)) as info:
+        plan_of([folder], {"tag": "1.0"})
+    assert "either 'step' or 'stepGroup'" in str(info.value)

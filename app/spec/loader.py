@@ -631,9 +631,8 @@ def _check_references(bundle: Bundle, errs: _Collector) -> None:
                 steps = getattr(st.spec.execution,
                                 "steps" if section == "steps" else "rollback_steps")
                 step_ids: set[str] = set()
-                for ti, sel in enumerate(steps):
-                    step = sel.step
-                    tp = (*sp, "spec", "execution", section, ti, "step")
+                for at, step, _group in m.flat_steps(steps):
+                    tp = (*sp, "spec", "execution", section, *at)
                     if step.identifier in step_ids:
                         errs.add(pipe.error(f"duplicate step identifier '{step.identifier}' in "
                                             f"stage '{st.identifier}'", (*tp, "identifier")))
@@ -830,8 +829,9 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                                                      exclude_none=True),
             "source": f"{infra.doc.file}:{infra.doc.pos(infra.base or ('metadata',))[0]}",
         })
-    uses_copy = any(isinstance(u, m.CopyUnit) for s in out_stage.spec.execution.steps
-                    for u in getattr(s.step.spec, "command_units", []))
+    uses_copy = any(isinstance(u, m.CopyUnit)
+                    for _, st, _ in m.flat_steps(out_stage.spec.execution.steps)
+                    for u in getattr(st.spec, "command_units", []))
     if strict_inputs and uses_copy and art is not None and art.type != "Local":
         errs.add(svc.error(f"artifact type {art.type} cannot be fetched by this version; "
                            "use type Local with spec.path", ("spec", "serviceDefinition", "spec",
@@ -857,8 +857,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                         "type": env.model.spec.type},
         "artifact": artifact,
         "infrastructures": infras,
-        "steps": [s.step.model_dump(mode="json", by_alias=True, exclude_none=True)
-                  for s in out_stage.spec.execution.steps],
+        "steps": _dump_steps(out_stage.spec.execution.steps),
         # The failure strategies that apply after the step's own, by precedence.
         "failureStrategies": [
             *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
@@ -867,9 +866,22 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         # Values from outside the files (runtime inputs): the worker binds the unsafe ones into
         # the environment of the scripts that name them (see expressions.render).
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
-        "rollbackSteps": [s.step.model_dump(mode="json", by_alias=True, exclude_none=True)
-                          for s in out_stage.spec.execution.rollback_steps],
+        "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
     }
+
+
+def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
+    """Steps as plain data, step groups flattened: a grouped step names its group and carries
+    the group's failure strategies (which apply after its own)."""
+    out = []
+    for _, step, group in m.flat_steps(elements):
+        d = step.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if group is not None:
+            d["group"] = group.identifier
+            d["groupFailureStrategies"] = [f.model_dump(mode="json", by_alias=True)
+                                           for f in group.failure_strategies]
+        out.append(d)
+    return out
 
 
 def strategy_of(stage: m.StageSpec) -> dict[str, Any]:

@@ -170,11 +170,13 @@ class InfraInner(Model):
     region: str | None = None
     host_connection_type: Literal["PublicIP", "PrivateIP", "Hostname"] | None = None
     host_filter: HostFilter | None = None
-    tags: dict[str, Scalar] = Field(default_factory=dict)
+    # AWS/Azure: tag -> value (a list: any of them); GCP: labels, or a list of network tags.
+    tags: dict[str, Scalar | list[Scalar]] | list[str] = Field(default_factory=dict)
     # Azure / GCP
     subscription_id: str | None = None
     resource_group: str | None = None
     project: str | None = None
+    zone: str | None = None
     zones: list[str] = Field(default_factory=list)
     # static (PDC)
     connection: Connection | None = None
@@ -184,6 +186,8 @@ class InfraInner(Model):
     @field_validator("region")
     @classmethod
     def _region(cls, v: str | None) -> str | None:
+        if v is not None and " " in v.strip():  # an Azure display name: "East US" -> eastus
+            v = v.replace(" ", "").lower()
         if v is not None and not REGION_RE.match(v):
             raise ValueError(f"region '{v}' must be lower-case letters, digits and '-'")
         return v
@@ -306,26 +310,45 @@ class CommandStepSpec(Model):
 ErrorType = Literal["AllErrors", "Unknown", "Authentication", "Authorization", "Connectivity",
                     "Timeout", "Verification", "DelegateRestart", "DelegateProvisioning",
                     "PolicyEvaluation", "ApprovalRejection"]
-SUPPORTED_ACTIONS = ("Retry", "Ignore", "MarkAsSuccess", "Abort")
+ActionType = Literal["Retry", "Ignore", "MarkAsSuccess", "Abort", "StageRollback",
+                     "PipelineRollback", "ManualIntervention", "MarkAsFailure"]
+# What a person (or the post-timeout action) may choose after a ManualIntervention.
+INTERVENTION_ACTIONS = ("Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
+                        "MarkAsFailure")
 
 
 class FailureAction(Model):
-    """What to do about a failure. Retry takes retryCount, retryIntervals, onRetryFailure."""
+    """What to do about a failure.
 
-    type: Literal["Retry", "Ignore", "MarkAsSuccess", "Abort", "StageRollback",
-                  "PipelineRollback", "ManualIntervention", "MarkAsFailure"]
+    Retry takes retryCount, retryIntervals and onRetryFailure; ManualIntervention takes timeout
+    and onTimeout (the post-timeout action)."""
+
+    type: ActionType
     spec: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _supported(self) -> FailureAction:
-        if self.type == "MarkAsFailure":
-            return self
-        if self.type not in SUPPORTED_ACTIONS:
-            raise ValueError(f"failure action {self.type} is not supported in this version "
-                             f"(supported: {', '.join(SUPPORTED_ACTIONS)}, MarkAsFailure)")
+    def _spec(self) -> FailureAction:
         if self.type == "Retry":
             RetrySpec.model_validate(self.spec)
+        if self.type == "ManualIntervention":
+            ManualInterventionSpec.model_validate(self.spec)
         return self
+
+
+class TimeoutAction(Model):
+    type: Literal["Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
+                  "MarkAsFailure"]
+
+
+class OnTimeout(Model):
+    action: TimeoutAction
+
+
+class ManualInterventionSpec(Model):
+    """Harness's ManualIntervention: wait for a person for ``timeout``, then ``onTimeout``."""
+
+    timeout: Duration = "1h"
+    on_timeout: OnTimeout
 
 
 class RetryOnFailure(Model):
@@ -418,8 +441,45 @@ class HealthCheckStep(_StepBase):
 StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
 
 
-class StepElement(Model):
+class StepGroupStepElement(Model):
     step: StepSpec
+
+
+class StepGroup(Model):
+    """Harness's ``stepGroup``: steps that share failure strategies (run in order per host).
+
+    A group's failureStrategies come after each step's own and before the stage's."""
+
+    name: str
+    identifier: Identifier
+    steps: list[StepGroupStepElement] = Field(min_length=1)
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+
+
+class StepElement(Model):
+    step: StepSpec | None = None
+    step_group: StepGroup | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StepElement:
+        if (self.step is None) == (self.step_group is None):
+            raise ValueError("each entry holds either 'step' or 'stepGroup'")
+        return self
+
+
+FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep", "StepGroup | None"]
+
+
+def flat_steps(elements: list[StepElement]) -> list[FlatStep]:
+    """Every step in order, with its path under the list and its step group (or None)."""
+    out: list[FlatStep] = []
+    for i, el in enumerate(elements):
+        if el.step is not None:
+            out.append(((i, "step"), el.step, None))
+        elif el.step_group is not None:
+            for k, inner in enumerate(el.step_group.steps):
+                out.append(((i, "stepGroup", "steps", k, "step"), inner.step, el.step_group))
+    return out
 
 
 class Execution(Model):
