@@ -32,10 +32,15 @@ class HostStepKey:
     region: str
     # Unix time after which the step must not start (it waited too long in its region's queue).
     deadline: float | None = None
+    # "deploy", or "rollback": then ``step`` indexes the stage's rollbackSteps, or, with ``src``
+    # (execution, stage index), the steps of the plan that deployed the version to return to.
+    kind: str = "deploy"
+    src: tuple[str, int] | None = None
 
     @property
     def idem(self) -> str:
-        return f"{self.execution}:{self.stage}:{self.phase}:{self.host}:{self.step}:{self.attempt}"
+        base = f"{self.execution}:{self.stage}:{self.phase}:{self.host}:{self.step}:{self.attempt}"
+        return base if self.kind == "deploy" else f"{base}:{self.kind}"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"e": self.execution, "s": self.stage, "p": self.phase,
@@ -43,13 +48,20 @@ class HostStepKey:
                              "region": self.region}
         if self.deadline is not None:
             d["x"] = self.deadline
+        if self.kind != "deploy":
+            d["k"] = self.kind
+        if self.src is not None:
+            d["src"] = list(self.src)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HostStepKey:
+        src = d.get("src")
         return cls(execution=str(d["e"]), stage=int(d["s"]), phase=int(d["p"]), host=str(d["h"]),
                    step=int(d["i"]), attempt=int(d.get("a", 1)), region=str(d["region"]),
-                   deadline=float(d["x"]) if d.get("x") is not None else None)
+                   deadline=float(d["x"]) if d.get("x") is not None else None,
+                   kind=str(d.get("k", "deploy")),
+                   src=(str(src[0]), int(src[1])) if src else None)
 
 
 def phase_canvas(
@@ -62,12 +74,17 @@ def phase_canvas(
     attempt: int = 1,
     expires: int = 3600,
     lanes: int | None = None,
+    kind: str = "deploy",
+    steps_of: dict[str, tuple[int, tuple[str, int] | None]] | None = None,
 ) -> Signature:
     """The chord for one phase. ``hosts`` is [(host name, region)] in inventory order.
 
     With ``lanes`` (maxConcurrency) smaller than the batch, hosts are dealt round-robin into
     that many chains that run one host after another, so at most ``lanes`` hosts are in
     flight; a failed host does not stop the next host of its lane.
+
+    A rollback phase (``kind="rollback"``) gives each host its own step count and source plan
+    in ``steps_of``: {host: (number of steps, (execution, stage) or None)}.
     """
     from tasks.control import nudge, verify_gate
     from tasks.deploy import run_step
@@ -78,16 +95,18 @@ def phase_canvas(
     deadline = round(time.time() + expires, 3)
 
     def links(host: str, region: str) -> list[Signature]:
+        count, src = (steps_of or {}).get(host, (step_count, None))
         return [run_step.s(key=HostStepKey(execution_id, stage_index, phase, host, step,
-                                           attempt, region, deadline).to_dict())
-                for step in range(step_count)]
+                                           attempt, region, deadline, kind, src).to_dict())
+                for step in range(count)]
 
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
     lines: list[list[Signature]] = [[] for _ in range(n)]
     for i, (h, r) in enumerate(hosts):
         lines[i % n].extend(links(h, r))
-    header = group(chain(*line) if len(line) > 1 else line[0] for line in lines)
-    body = verify_gate.si(execution_id=execution_id, stage_index=stage_index, phase=phase)
+    header = group(chain(*line) if len(line) > 1 else line[0] for line in lines if line)
+    body = verify_gate.si(execution_id=execution_id, stage_index=stage_index, phase=phase,
+                          kind=kind)
     canvas = chord(header, body)
     canvas.on_error(nudge.s(execution_id=execution_id))
     return canvas

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from app.models import (
 )
 from app.providers.base import Host, discover
 from app.settings import get_settings
-from app.spec.models import parse_duration
+from app.spec.models import INTERVENTION_ACTIONS, parse_duration
 from strategies.basic import Phase
 
 log = logging.getLogger("vmfarm.coordinator")
@@ -151,10 +153,17 @@ def _failure_policy(stage: dict[str, Any]) -> str:
     pct = budget.get("maxFailedPercent") or 0
     tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
                  if allowed or pct else "any failed host fails the stage")
-    rollback = ("its rollbackSteps are listed but not run automatically in this version"
-                if stage.get("rollbackSteps") else "no rollbackSteps are defined")
-    return (f"{tolerance}; later phases and stages do not start; hosts already deployed keep "
-            f"the new version ({rollback}).")
+    action = stage_action(stage, [(None, "AllErrors")])["type"]
+    how = ("its rollbackSteps run on every host it changed" if stage.get("rollbackSteps")
+           else "every host it changed is redeployed with its previous version")
+    then = {"StageRollback": f"the stage rolls back ({how}), phases in reverse order",
+            "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
+            "Abort": "the execution is aborted; hosts keep what they have",
+            "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
+            "MarkAsFailure": "the stage fails; hosts keep what they have",
+            "Ignore": "the failure is ignored and the stage goes on",
+            "MarkAsSuccess": "the failure is marked as success and the stage goes on"}[action]
+    return f"{tolerance}; later phases and stages do not start; {then}."
 
 
 def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> str:
@@ -249,6 +258,8 @@ class _Dispatch:
     hosts: list[tuple[str, str]]
     step_count: int = 0
     lanes: int | None = None
+    steps_of: dict[str, tuple[int, tuple[str, int] | None]] | None = None
+    countdown: float = 0.0
 
 
 def _lock_execution(s: Session, execution_id: str) -> Execution | None:
@@ -298,6 +309,8 @@ def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str,
 
 
 def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
+    if ex.status == Status.ROLLING_BACK:
+        return _decide_rollback(s, ex, dispatches)
     stages = ex.plan["stages"]
     while True:
         if ex.current_stage >= len(stages):
@@ -311,14 +324,15 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
             s.add(ex)
             continue
         if stage_plan.get("type") == "Approval":
-            outcome = _decide_approval(s, ex, run, stage_plan)
+            outcome = _decide_approval(s, ex, run, stage_plan, dispatches)
             if outcome:
                 return outcome
             continue
         if run.status == Status.PENDING:
             problem = _start_stage(s, ex, run, stage_plan)
             if problem:
-                return _fail_stage(s, ex, run, problem)
+                return _stage_failed(s, ex, run, problem, [(None, "Unknown")], None,
+                                     dispatches) or _fail_stage(s, ex, run, problem)
         records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index)).all()}
         verification = stage_plan["strategy"].get("verification")
@@ -332,7 +346,10 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
                     phase.kind == "deploy" and _evaluate_phase(s, ex, run, main, gate=False)):
                 return "waiting"
             if main.status == Status.FAILED:
-                return _fail_stage(s, ex, run, _phase_failure(phase, main))
+                outcome = _stage_failed(s, ex, run, _phase_failure(phase, main),
+                                        _failures_of(stage_plan, main), main, dispatches)
+                if outcome:
+                    return outcome
             if phase.verify and verification:
                 check = records.get((phase.index, "verify"))
                 if check is None:
@@ -341,7 +358,10 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
                 if check.status == Status.RUNNING:
                     return "waiting"
                 if check.status == Status.FAILED:
-                    return _fail_stage(s, ex, run, _phase_failure(phase, check))
+                    outcome = _stage_failed(s, ex, run, _phase_failure(phase, check),
+                                            [(None, "Verification")], check, dispatches)
+                    if outcome:
+                        return outcome
         _summarise_steps(s, ex, run)
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
         s.add(run)
@@ -356,7 +376,7 @@ def _approval_record(s: Session, ex: Execution, stage_index: int) -> PhaseRun | 
 
 
 def _decide_approval(s: Session, ex: Execution, run: StageRun,
-                     stage_plan: dict[str, Any]) -> str:
+                     stage_plan: dict[str, Any], dispatches: list[_Dispatch]) -> str:
     """An Approval stage: wait (no work in flight) until approved, rejected or timed out.
 
     Returns what happened, or '' when the stage is approved and the next one may start."""
@@ -378,7 +398,11 @@ def _decide_approval(s: Session, ex: Execution, run: StageRun,
     if rec.status == Status.RUNNING:
         return "waiting for approval"
     if rec.status == Status.FAILED:
-        return _fail_stage(s, ex, run, (rec.verdict or {}).get("reason", "approval failed"))
+        reason = (rec.verdict or {}).get("reason", "approval failed")
+        cls = "ApprovalRejection" if (rec.verdict or {}).get("rejected_by") else "Timeout"
+        outcome = _stage_failed(s, ex, run, reason, [(None, cls)], rec, dispatches)
+        if outcome:
+            return outcome
     run.status, run.finished_at = Status.SUCCEEDED, utcnow()
     s.add(run)
     ex.current_stage += 1
@@ -476,6 +500,234 @@ def _fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
     return "failed"
 
 
+# --- failure strategies at the stage: rollback, manual intervention, abort ---------------------
+
+# When hosts of one phase fail in different ways, the strongest action wins.
+_SEVERITY = ("PipelineRollback", "StageRollback", "Abort", "ManualIntervention", "MarkAsFailure",
+             "Ignore", "MarkAsSuccess")
+
+
+def _failures_of(stage: dict[str, Any], pr: PhaseRun) -> list[tuple[dict[str, Any] | None, str]]:
+    """(failed step, error class) per failed host of a deploy phase."""
+    steps = {st["identifier"]: st for st in stage["steps"]}
+    out: list[tuple[dict[str, Any] | None, str]] = []
+    for f in ((pr.verdict or {}).get("failures") or {}).values():
+        out.append((steps.get(f.get("step") or ""), f.get("error_class") or "Unknown"))
+    return out or [(None, "Unknown")]
+
+
+def stage_action(stage: dict[str, Any],
+                 failures: list[tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
+    """The failure strategy action for a failed phase (Harness precedence per failure, then the
+    strongest across failures). A Retry that ran out gives its onRetryFailure action. With no
+    matching strategy a deployment stage rolls back; an approval stage just fails."""
+    from tasks.hoststep import failure_action
+
+    default = {"type": "MarkAsFailure"} if stage.get("type") == "Approval" else \
+        {"type": "StageRollback"}
+    chosen: dict[str, Any] | None = None
+    for step, error_class in failures:
+        action = failure_action(step, stage, error_class)
+        while action is not None and action["type"] == "Retry":
+            action = ((action.get("spec") or {}).get("onRetryFailure") or {}).get("action")
+        action = action or default
+        if chosen is None or _SEVERITY.index(action["type"]) < _SEVERITY.index(chosen["type"]):
+            chosen = action
+    return chosen or default
+
+
+def _stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
+                  failures: list[tuple[dict[str, Any] | None, str]], record: PhaseRun | None,
+                  dispatches: list[_Dispatch]) -> str:
+    """Apply the stage's failure strategy; '' when the failure was overridden (Ignore,
+    MarkAsSuccess) and the stage goes on, else what happened."""
+    stage = ex.plan["stages"][run.stage_index]
+    action = stage_action(stage, failures)
+    if action["type"] == "ManualIntervention":
+        kind = f"mi-{record.kind if record else 'start'}"
+        phase = record.phase if record else -1
+        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+                                           PhaseRun.stage_index == run.stage_index,
+                                           PhaseRun.phase == phase,
+                                           PhaseRun.kind == kind)).first()
+        spec = action.get("spec") or {}
+        timeout = parse_duration(spec.get("timeout") or "1h")
+        if mi is None:
+            s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase,
+                           kind=kind, hosts=list((record.verdict or {}).get("failed", []))
+                           if record else [],
+                           verdict={"error": error, "timeout": spec.get("timeout") or "1h",
+                                    "on_timeout": spec["onTimeout"]["action"]["type"],
+                                    "choices": list(INTERVENTION_ACTIONS)}))
+            ex.status = Status.WAITING
+            s.add(ex)
+            # The post-timeout action is due then: wake the coordinator (the reconciler too).
+            dispatches.append(_Dispatch("timer", ex.id, run.stage_index, phase, [],
+                                        countdown=timeout + 0.5))
+            return "waiting for manual intervention"
+        if mi.status == Status.RUNNING:
+            if utcnow() < mi.dispatched_at + timedelta(seconds=timeout):
+                return "waiting for manual intervention"
+            verdict = dict(mi.verdict or {})
+            verdict.update(chosen=verdict["on_timeout"], by="timeout",
+                           at=utcnow().isoformat() + "Z")
+            mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
+            s.add(mi)
+            ex.status = Status.RUNNING
+            s.add(ex)
+        v = mi.verdict or {}
+        action = {"type": v["chosen"]}
+        who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+            else f"by {v.get('by')}"
+        error = f"{error}; manual intervention: {action['type']} {who}"
+    kind_of = action["type"]
+    if kind_of in ("Ignore", "MarkAsSuccess") and record is not None:
+        verdict = dict(record.verdict or {})
+        verdict.update(overridden=kind_of, overridden_failed=verdict.get("failed", []),
+                       failed=[], passed=True)
+        record.verdict, record.status = verdict, Status.SUCCEEDED
+        s.add(record)
+        return ""
+    if kind_of == "Abort":
+        _summarise_steps(s, ex, run)
+        run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
+        s.add(run)
+        _finish(s, ex, Status.ABORTED, error=f"stage '{run.identifier}': {error} (aborted by "
+                                             "the failure strategy)")
+        return "aborted"
+    if kind_of in ("StageRollback", "PipelineRollback"):
+        return _begin_rollback(s, ex, run, error, scope=kind_of, cause="failure",
+                               dispatches=dispatches)
+    return _fail_stage(s, ex, run, error)
+
+
+def _begin_rollback(s: Session, ex: Execution, run: StageRun, error: str, *, scope: str,
+                    cause: str, dispatches: list[_Dispatch]) -> str:
+    """Mark the stage failed (or aborted) and start rolling back: this stage, or with
+    PipelineRollback every deployment stage so far, latest first."""
+    stages = [run.stage_index]
+    if scope == "PipelineRollback":
+        for i in range(run.stage_index - 1, -1, -1):
+            if ex.plan["stages"][i].get("type") == "Approval":
+                continue
+            earlier = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
+                                                    StageRun.stage_index == i)).one()
+            if earlier.status in (Status.SUCCEEDED, Status.FAILED):
+                stages.append(i)
+    if ex.plan["stages"][run.stage_index].get("type") == "Approval":
+        stages.remove(run.stage_index)
+    _summarise_steps(s, ex, run)
+    run.status = Status.ABORTED if cause == "aborted" else Status.FAILED
+    run.error, run.finished_at = error, utcnow()
+    s.add(run)
+    ex.rollback = {"cause": cause, "scope": scope, "stages": stages, "error": error}
+    ex.status = Status.ROLLING_BACK
+    ex.error = f"stage '{run.identifier}': {error}"
+    s.add(ex)
+    return _decide_rollback(s, ex, dispatches)
+
+
+def _decide_rollback(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
+    """Roll back the stages named in ``ex.rollback``, each phase as its own canvas, once."""
+    from app.rollback import plan_stage_rollback
+
+    info = ex.rollback or {}
+    for si in info.get("stages", []):
+        run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
+                                            StageRun.stage_index == si)).one()
+        if run.status in (Status.ROLLED_BACK, Status.ROLLBACK_FAILED):
+            continue
+        if run.rollback is None:
+            running = s.exec(select(HostStepRun).where(
+                HostStepRun.execution_id == ex.id, HostStepRun.stage_index == si,
+                HostStepRun.kind == "deploy", HostStepRun.status == Status.RUNNING)).all()
+            if running:  # an abort: hosts stop at their next unit, then roll back
+                return f"rolling back: waiting for {len(running)} running step(s) to stop"
+            run.rollback = plan_stage_rollback(s, ex, run)
+            run.status = Status.ROLLING_BACK
+            s.add(run)
+        records = {p.phase: p for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
+            PhaseRun.kind == "rollback")).all()}
+        for ph in run.rollback["phases"]:
+            if not ph["hosts"]:
+                continue
+            rec = records.get(ph["index"])
+            if rec is None:
+                _dispatch_rollback(s, ex, run, ph, dispatches)
+                return f"dispatched {ph['name']}"
+            if rec.status == Status.RUNNING and not _evaluate_phase(s, ex, run, rec,
+                                                                    gate=False):
+                return "rolling back"
+        failed = [r for r in records.values() if r.status == Status.FAILED]
+        run.status = Status.ROLLBACK_FAILED if failed else Status.ROLLED_BACK
+        run.finished_at = utcnow()
+        s.add(run)
+    runs = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
+                                         col(StageRun.stage_index).in_(info.get("stages", []))
+                                         )).all()
+    if any(r.status == Status.ROLLBACK_FAILED for r in runs):
+        _finish(s, ex, Status.ROLLBACK_FAILED,
+                error=f"{ex.error or info.get('error')}; the rollback failed on some hosts")
+        return "rollback failed"
+    final = {"aborted": Status.ABORTED, "requested": Status.SUCCEEDED}.get(
+        info.get("cause", ""), Status.FAILED)
+    done = sum(len(r.hosts) for r in s.exec(select(PhaseRun).where(
+        PhaseRun.execution_id == ex.id, PhaseRun.kind == "rollback",
+        PhaseRun.status == Status.SUCCEEDED)).all())
+    note = "" if info.get("cause") == "requested" else (
+        f"; rolled back {done} host(s)" if done else
+        "; nothing was rolled back (no host had an earlier version recorded)")
+    _finish(s, ex, final, error=f"{ex.error or info.get('error')}{note}"
+            if final != Status.SUCCEEDED else None)
+    return "rolled back"
+
+
+def _dispatch_rollback(s: Session, ex: Execution, run: StageRun, ph: dict[str, Any],
+                       out: list[_Dispatch]) -> None:
+    by_name = {h["name"]: h for h in run.hosts}
+    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=ph["index"],
+                   kind="rollback", hosts=list(ph["hosts"]),
+                   verdict={"skipped": ph.get("skipped", {})}))
+    s.flush()  # unique (execution, stage, phase, "rollback"): dispatched exactly once
+    targets = run.rollback["hosts"] if run.rollback else {}
+    builtin = (run.rollback or {}).get("mode") != "rollbackSteps"
+    steps_of: dict[str, tuple[int, tuple[str, int] | None]] = {}
+    for name in ph["hosts"]:
+        t = targets[name]
+        src = t.get("source") if builtin else None
+        steps_of[name] = (int(t["steps"]), (str(src[0]), int(src[1])) if src else None)
+    out.append(_Dispatch("rollback", ex.id, run.stage_index, ph["index"],
+                         [(n, by_name[n]["region"]) for n in ph["hosts"]],
+                         lanes=ex.plan["stages"][run.stage_index]["strategy"].get(
+                             "maxConcurrency"), steps_of=steps_of))
+
+
+def intervene(execution_id: str, *, action: str, user: str = "", comment: str = "") -> str:
+    """A person's answer to a ManualIntervention: one of INTERVENTION_ACTIONS."""
+    if action not in INTERVENTION_ACTIONS:
+        raise ApprovalRefused(f"unknown action {action!r}; choose one of "
+                              f"{', '.join(INTERVENTION_ACTIONS)}")
+    with session_scope() as s:
+        ex = _lock_execution(s, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
+                                           col(PhaseRun.kind).startswith("mi-"),
+                                           PhaseRun.status == Status.RUNNING)).first()
+        if mi is None or ex.status != Status.WAITING:
+            raise LookupError(f"execution {execution_id} is not waiting for a manual "
+                              f"intervention (it is {ex.status})")
+        verdict = dict(mi.verdict or {})
+        verdict.update(chosen=action, by=user or "someone", comment=comment,
+                       at=utcnow().isoformat() + "Z")
+        mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
+        ex.status = Status.RUNNING
+        s.add(mi)
+        s.add(ex)
+    return f"{action} chosen by {user or 'someone'}; execution {advance(execution_id)}"
+
+
 def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
               out: list[_Dispatch]) -> None:
     by_name = {h["name"]: h for h in run.hosts}
@@ -493,10 +745,15 @@ def _publish(d: _Dispatch) -> None:
     from app.canvas import phase_canvas, switch_canvas, verify_canvas
 
     expires = get_settings().dispatch_expires
-    if d.kind == "deploy":
+    if d.kind == "timer":
+        from tasks.control import advance_task
+
+        advance_task.apply_async(kwargs={"execution_id": d.execution_id}, countdown=d.countdown)
+        return
+    if d.kind in ("deploy", "rollback"):
         canvas = phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                               phase=d.phase, hosts=d.hosts, step_count=d.step_count,
-                              expires=expires, lanes=d.lanes)
+                              expires=expires, lanes=d.lanes, kind=d.kind, steps_of=d.steps_of)
     elif d.kind == "verify":
         canvas = verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                phase=d.phase, hosts=d.hosts, expires=expires)
@@ -540,10 +797,10 @@ def _running_record(s: Session, execution_id: str, stage_index: int, phase: int,
     return ex, run, pr
 
 
-def gate(execution_id: str, stage_index: int, phase: int) -> str:
+def gate(execution_id: str, stage_index: int, phase: int, *, kind: str = "deploy") -> str:
     """The chord body: record the phase's verdict from the ledger, then advance."""
     with session_scope() as s:
-        found = _running_record(s, execution_id, stage_index, phase, "deploy")
+        found = _running_record(s, execution_id, stage_index, phase, kind)
         if found is not None:
             _evaluate_phase(s, *found, gate=True)
     return advance(execution_id)
@@ -578,11 +835,14 @@ def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
             pass
 
 
-def abort(execution_id: str, *, user: str = "") -> str:
+def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
     """Stop an execution: no new work is sent; running hosts stop at their next unit.
 
-    Returns "aborted", "missing", or the status of an execution that had already ended.
+    With ``rollback``, the current stage then rolls back the hosts it changed (once their
+    running steps have stopped). Returns "aborted", "rolling back", "missing", or the status of
+    an execution that had already ended.
     """
+    dispatches: list[_Dispatch] = []
     with session_scope() as s:
         ex = _lock_execution(s, execution_id)
         if ex is None:
@@ -590,16 +850,119 @@ def abort(execution_id: str, *, user: str = "") -> str:
         if ex.status in Status.TERMINAL:
             return ex.status
         who = f" by {user}" if user else ""
-        _finish(s, ex, Status.ABORTED, error=f"aborted{who}")
-        for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                                 StageRun.status == Status.RUNNING)).all():
-            run.status, run.finished_at = Status.ABORTED, utcnow()
-            s.add(run)
         for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
                                                 PhaseRun.status == Status.RUNNING)).all():
-            pr.status, pr.gate_at = Status.ABORTED, utcnow()
-            s.add(pr)
-    return "aborted"
+            if pr.kind != "rollback":
+                pr.status, pr.gate_at = Status.ABORTED, utcnow()
+                s.add(pr)
+        current = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                                StageRun.stage_index == ex.current_stage)
+                         ).first()
+        if rollback and ex.status != Status.ROLLING_BACK and current is not None and \
+                ex.plan["stages"][current.stage_index].get("type") != "Approval" and \
+                current.status == Status.RUNNING:
+            _begin_rollback(s, ex, current, f"aborted{who}", scope="StageRollback",
+                            cause="aborted", dispatches=dispatches)
+            outcome = "rolling back"
+        else:
+            _finish(s, ex, Status.ABORTED, error=f"aborted{who}")
+            for run in s.exec(select(StageRun).where(
+                    StageRun.execution_id == execution_id,
+                    col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))).all():
+                run.status, run.finished_at = Status.ABORTED, utcnow()
+                s.add(run)
+            outcome = "aborted"
+    for d in dispatches:
+        _publish(d)
+    return outcome
+
+
+def rollback_plan(execution_id: str) -> dict[str, Any]:
+    """What ``vmfarm rollback`` would do for a finished execution, per stage and host."""
+    from app.rollback import changed_hosts, rollback_target
+
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        if ex.status != Status.SUCCEEDED:
+            raise LookupError(f"execution {execution_id} is {ex.status}: only a successful "
+                              "execution is rolled back with `vmfarm rollback` (a failed one "
+                              "rolls back by its failure strategy)")
+        stages = []
+        for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                          .order_by(col(StageRun.stage_index).desc())).all():
+            stage = ex.plan["stages"][run.stage_index]
+            if stage.get("type") == "Approval" or run.status != Status.SUCCEEDED:
+                continue
+            changed = changed_hosts(s, execution_id, run.stage_index)
+            hosts = []
+            for h in run.hosts:
+                if h["name"] not in changed:
+                    continue
+                inst = s.exec(select(Instance).where(
+                    Instance.service == stage["service"]["identifier"],
+                    Instance.environment == stage["environment"]["identifier"],
+                    Instance.infrastructure == h["infrastructure"],
+                    Instance.host == h["name"])).first()
+                if inst is not None and inst.execution_id != execution_id:
+                    raise LookupError(
+                        f"host {h['name']} now runs {inst.version} from execution "
+                        f"{inst.execution_id}, deployed after {execution_id}: roll that one "
+                        "back first")
+                target = rollback_target(s, stage, h, execution_id)
+                hosts.append({"host": h["name"], "region": h["region"],
+                              "from": inst.version if inst else None,
+                              "to": target["version"],
+                              "how": ("rollbackSteps" if stage.get("rollbackSteps") else
+                                      f"re-run the steps of execution {target['source'][0]}"
+                                      if target["source"] else None),
+                              "skipped": None if (target["source"] or
+                                                  stage.get("rollbackSteps"))
+                              else target["reason"]})
+            phases = [{"phase": ph["name"], "hosts": [h for h in ph["hosts"] if h in changed]}
+                      for ph in reversed(run.phases) if ph.get("kind", "deploy") == "deploy"]
+            stages.append({"stage": stage["identifier"], "service":
+                           stage["service"]["identifier"], "environment":
+                           stage["environment"]["identifier"], "phases_in_order": phases,
+                           "hosts": hosts})
+    return {"execution": execution_id, "pipeline": ex.pipeline, "stages": stages}
+
+
+def rollback_execution(execution_id: str, *, user: str = "", publish: bool = True) -> str:
+    """Roll a successful execution back on every host it changed: a new execution (the
+    ledger keeps both) whose stages run their rollback phases, latest stage first."""
+    plan = rollback_plan(execution_id)
+    if not any(st["hosts"] for st in plan["stages"]):
+        raise LookupError(f"execution {execution_id} changed no host that can be rolled back")
+    new_id = new_execution_id()
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        assert ex is not None
+        order = [i for i, st in enumerate(ex.plan["stages"])
+                 if st["identifier"] in {x["stage"] for x in plan["stages"]}][::-1]
+        runs = {r.stage_index: r for r in s.exec(select(StageRun).where(
+            StageRun.execution_id == execution_id)).all()}
+        s.add(Execution(id=new_id, pipeline=ex.pipeline, pipeline_name=ex.pipeline_name,
+                        plan=ex.plan, inputs={**ex.inputs, "rollback_of": execution_id},
+                        created_by=user or get_settings().user or "",
+                        status=Status.ROLLING_BACK, started_at=utcnow(),
+                        current_stage=len(ex.plan["stages"]),
+                        rollback={"cause": "requested", "scope": "PipelineRollback",
+                                  "stages": order, "of": execution_id,
+                                  "error": f"rollback of {execution_id}"}))
+        s.flush()
+        for i, st in enumerate(ex.plan["stages"]):
+            old = runs[i]
+            s.add(StageRun(execution_id=new_id, stage_index=i, identifier=old.identifier,
+                           name=old.name, hosts=old.hosts, phases=old.phases,
+                           status=Status.PENDING if i in order else Status.SKIPPED))
+            for j, step in enumerate(st.get("steps", [])):
+                s.add(StepRun(execution_id=new_id, stage_index=i, step_index=j,
+                              identifier=step["identifier"], name=step.get("name", "")))
+    if publish:
+        advance(new_id)
+    return new_id
 
 
 def reconcile(*, now: Any = None) -> list[str]:
@@ -616,6 +979,7 @@ def reconcile(*, now: Any = None) -> list[str]:
     unclaimed = now - timedelta(seconds=settings.dispatch_expires + settings.heartbeat_timeout)
     actions: list[str] = []
     touched: set[str] = set()
+    lost: list[HostStepKey] = []
     with session_scope() as s:
         for r in s.exec(select(HostStepRun).where(HostStepRun.status == Status.RUNNING,
                                                   HostStepRun.heartbeat_at < stale)).all():
@@ -625,6 +989,8 @@ def reconcile(*, now: Any = None) -> list[str]:
             r.finished_at = now
             s.add(r)
             touched.add(r.execution_id)
+            lost.append(HostStepKey(r.execution_id, r.stage_index, r.phase, r.host,
+                                    r.step_index, r.attempt, r.region, kind=r.kind))
             actions.append(f"{r.execution_id}: {r.host} step {r.step_id}: worker lost")
         for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
                                                 PhaseRun.kind == "approval")).all():
@@ -640,12 +1006,21 @@ def reconcile(*, now: Any = None) -> list[str]:
                 s.add(ex)
                 touched.add(ex.id)
                 actions.append(f"{ex.id}: approval timed out")
+        # Manual interventions whose post-timeout action is due (advance applies it).
+        touched.update(pr.execution_id for pr in s.exec(select(PhaseRun).where(
+            PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).startswith("mi-"))).all())
+        # Rolling back after an abort waits for running steps; they may end without a gate.
+        touched.update(e.id for e in s.exec(select(Execution).where(
+            Execution.status == Status.ROLLING_BACK)).all())
         waiting = {pr.execution_id for pr in s.exec(select(PhaseRun).where(
             PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
             PhaseRun.dispatched_at < unclaimed)).all()}
         # An execution whose submitter died between recording it and dispatching it.
         touched.update(e.id for e in s.exec(select(Execution).where(
             Execution.status == Status.QUEUED, Execution.created_at < stale)).all())
+    for key in lost:
+        actions.append(f"{key.execution}: {key.host} step {key.step}: worker lost; "
+                       f"{_after_worker_lost(key)}")
     for ex_id, host, first_step in _unclaimed_hosts(waiting, unclaimed):
         record_lost_step(first_step, error_class="Timeout",
                          error=f"no worker took the steps of {host} within "
@@ -657,15 +1032,90 @@ def reconcile(*, now: Any = None) -> list[str]:
             ex = _lock_execution(s, ex_id)
             if ex is None or ex.status in Status.TERMINAL:
                 continue
-            for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex_id,
-                                                    PhaseRun.status == Status.RUNNING,
-                                                    PhaseRun.kind == "deploy")).all():
+            for pr in s.exec(select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id, PhaseRun.status == Status.RUNNING,
+                    col(PhaseRun.kind).in_(["deploy", "rollback"]))).all():
                 run = s.exec(select(StageRun).where(
                     StageRun.execution_id == ex_id,
                     StageRun.stage_index == pr.stage_index)).one()
                 _evaluate_phase(s, ex, run, pr, gate=False)
         actions.append(f"{ex_id}: {advance(ex_id)}")
     return actions
+
+
+def _lane_followers(hosts: list[str], lanes: int | None, host: str) -> list[str]:
+    """Hosts after ``host`` in its lane (phase_canvas deals hosts round-robin into lanes)."""
+    n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
+    i = hosts.index(host)
+    return [h for j, h in enumerate(hosts) if j > i and j % n == i % n]
+
+
+def _retry_pending(stage: dict[str, Any], row: HostStepRun) -> bool:
+    """A step whose worker was lost and whose failure strategy retries it: the reconciler
+    has sent a new attempt, so the host is not done."""
+    if row.status != Status.FAILED or row.error_class != "DelegateRestart" or \
+            row.kind != "deploy":
+        return False
+    from tasks.hoststep import failure_action
+
+    action = failure_action(stage["steps"][row.step_index], stage, "DelegateRestart")
+    return bool(action and action["type"] == "Retry"
+                and row.attempt - 1 < int(action["spec"]["retryCount"]))
+
+
+def _after_worker_lost(key: HostStepKey) -> str:
+    """Apply the failure strategy to a step whose worker was lost (DelegateRestart).
+
+    Retry: a new attempt of that step and the host's later steps, then of the hosts that
+    waited behind it in its lane, on the same region queue (another worker takes it).
+    Otherwise the hosts behind it in its lane never run: they are recorded as failed."""
+    from celery import chain, chord
+
+    from tasks.control import advance_task
+    from tasks.deploy import run_step
+    from tasks.hoststep import failure_action
+
+    with session_scope() as s:
+        ex = s.get(Execution, key.execution)
+        pr = s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == key.execution, PhaseRun.stage_index == key.stage,
+            PhaseRun.phase == key.phase, PhaseRun.kind == key.kind)).first()
+        if ex is None or pr is None or key.kind != "deploy" or ex.status in Status.TERMINAL:
+            return "nothing more to do"
+        stage = ex.plan["stages"][key.stage]
+        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
+                                            StageRun.stage_index == key.stage)).one()
+        regions = {h["name"]: h["region"] for h in run.hosts}
+        started = {r.host for r in s.exec(select(HostStepRun).where(
+            HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+            HostStepRun.phase == key.phase)).all()}
+        followers = [h for h in _lane_followers(list(pr.hosts),
+                                                stage["strategy"].get("maxConcurrency"),
+                                                key.host) if h not in started]
+        action = failure_action(stage["steps"][key.step], stage, "DelegateRestart")
+        n_steps = len(stage["steps"])
+    deadline = round(time.time() + get_settings().dispatch_expires, 3)
+    if action and action["type"] == "Retry" and key.attempt - 1 < int(
+            action["spec"]["retryCount"]):
+        intervals = action["spec"]["retryIntervals"]
+        wait = parse_duration(intervals[min(key.attempt - 1, len(intervals) - 1)])
+        links = [run_step.s(key=HostStepKey(key.execution, key.stage, key.phase, key.host, i,
+                                            key.attempt + 1, key.region, deadline).to_dict())
+                 for i in range(key.step, n_steps)]
+        links += [run_step.s(key=HostStepKey(key.execution, key.stage, key.phase, h, i, 1,
+                                             regions[h], deadline).to_dict())
+                  for h in followers for i in range(n_steps)]
+        links[0] = links[0].set(countdown=wait)
+        chord([chain(*links)], advance_task.si(execution_id=key.execution)).apply_async()
+        return (f"retrying as attempt {key.attempt + 1} on queue vmfarm.{key.region}"
+                + (f" (then {', '.join(followers)})" if followers else ""))
+    for h in followers:
+        record_lost_step(HostStepKey(key.execution, key.stage, key.phase, h, 0, 1, regions[h]),
+                         error_class="DelegateRestart",
+                         error=f"never ran: the worker running its lane (host {key.host}) "
+                               "was lost")
+    return "failed (no Retry strategy for DelegateRestart)" + (
+        f"; {', '.join(followers)} never ran" if followers else "")
 
 
 def _unclaimed_hosts(execution_ids: set[str], before: Any) -> list[tuple[str, str, HostStepKey]]:
@@ -696,12 +1146,20 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
 
     Called by the gate (every header task has finished) or by a nudge (maybe not). A host is
     done when each step has a finished row, or a step failed (later steps are skipped); with the
-    gate, a missing row means its task never ran, which counts as failed.
+    gate, a missing row means its task never ran, which counts as failed. A rollback phase
+    passes when every host of it rolled back (no failure budget applies to a rollback).
     """
-    n_steps = len(ex.plan["stages"][run.stage_index]["steps"])
+    kind = "rollback" if pr.kind == "rollback" else "deploy"
+    targets = (run.rollback or {}).get("hosts", {})
+
+    def n_steps(host: str) -> int:
+        if kind == "rollback":
+            return int((targets.get(host) or {}).get("steps", 0))
+        return len(ex.plan["stages"][run.stage_index]["steps"])
+
     rows = s.exec(select(HostStepRun).where(
         HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
-        HostStepRun.phase == pr.phase)).all()
+        HostStepRun.phase == pr.phase, HostStepRun.kind == kind)).all()
     by_host: dict[str, dict[int, HostStepRun]] = {}
     for r in rows:
         cur = by_host.setdefault(r.host, {}).get(r.step_index)
@@ -709,12 +1167,14 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
             by_host[r.host][r.step_index] = r
     failed: list[str] = []
     per_host: dict[str, dict[str, Any]] = {}
+    stage_plan = ex.plan["stages"][run.stage_index]
     for host in pr.hosts:
         steps = by_host.get(host, {})
-        running = any(r.status == Status.RUNNING for r in steps.values())
+        running = any(r.status == Status.RUNNING or _retry_pending(stage_plan, r)
+                      for r in steps.values())
         has_failed = any(r.status == Status.FAILED for r in steps.values())
-        complete = len(steps) == n_steps and all(r.status in Status.TERMINAL
-                                                 for r in steps.values())
+        complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
+                                                       for r in steps.values())
         if (running or not (complete or has_failed or gate)) and not gate:
             return False
         ok = complete and not has_failed and all(r.status in Status.PASSED
@@ -730,8 +1190,12 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
                 "error_class": (bad.error_class if bad else None) or "Unknown",
                 "error": (bad.error if bad else None) or "the host's tasks never ran",
             }
-    passed, rule = _within_budget(s, ex, run, pr, failed)
+    if kind == "rollback":
+        passed, rule = not failed, "every host of the phase rolls back"
+    else:
+        passed, rule = _within_budget(s, ex, run, pr, failed)
     pr.verdict = {
+        **(pr.verdict or {}),
         "passed": passed,
         "hosts": len(pr.hosts),
         "succeeded": len(pr.hosts) - len(failed),
@@ -742,7 +1206,13 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     pr.status = Status.SUCCEEDED if passed else Status.FAILED
     pr.gate_at = utcnow()
     s.add(pr)
-    _record_instances(s, ex, run, [h for h in pr.hosts if h not in failed])
+    ok_hosts = [h for h in pr.hosts if h not in failed]
+    if kind == "rollback":
+        from app.rollback import record_rolled_back
+
+        record_rolled_back(s, ex, run, ok_hosts)
+    else:
+        _record_instances(s, ex, run, ok_hosts)
     return True
 
 
@@ -860,6 +1330,7 @@ def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]
                             host=name, region=h["region"], execution_id=ex.id)
         elif inst.version != version:
             inst.previous_version = inst.version
+            inst.previous_execution_id = inst.execution_id
         inst.version, inst.execution_id, inst.updated_at = version, ex.id, utcnow()
         inst.region = h["region"]
         s.add(inst)

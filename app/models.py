@@ -30,8 +30,12 @@ class Status:
     PENDING = "PENDING"
     WAITING = "WAITING"  # for people (an approval); no work is in flight
     IGNORED = "IGNORED"  # a step failed and a failure strategy said Ignore: the host goes on
+    ROLLING_BACK = "ROLLING_BACK"  # rollback phases run; the execution is not over
+    ROLLED_BACK = "ROLLED_BACK"  # a stage (or host) is back on its previous version
+    ROLLBACK_FAILED = "ROLLBACK_FAILED"  # a rollback step failed somewhere: a person must look
 
-    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED"})
+    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED", "ROLLED_BACK",
+                          "ROLLBACK_FAILED"})
     # A host may go on after these.
     PASSED = frozenset({"SUCCEEDED", "IGNORED"})
 
@@ -47,6 +51,9 @@ class Execution(SQLModel, table=True):
     inputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_by: str = Field(default="", max_length=128)
     current_stage: int = 0
+    # While and after rolling back: {"cause": failure|aborted|requested, "scope", "stages": [...],
+    # "error": what started it}.
+    rollback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: NaiveDatetime = Field(default_factory=utcnow)
     started_at: NaiveDatetime | None = None
@@ -68,6 +75,9 @@ class StageRun(SQLModel, table=True):
                                                                              nullable=False))
     phases: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
                                                                               nullable=False))
+    # The stage's rollback plan once it rolls back: phases in reverse order, each with its hosts
+    # and, per host, the version and the plan it returns to (see coordinator._plan_rollback).
+    rollback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = Field(default=None, sa_column=Column(Text))
     started_at: NaiveDatetime | None = None
     finished_at: NaiveDatetime | None = None
@@ -123,6 +133,7 @@ class HostStepRun(SQLModel, table=True):
     phase: int
     step_index: int
     step_id: str = Field(max_length=128)
+    kind: str = Field(default="deploy", max_length=16)  # deploy | rollback
     host: str = Field(max_length=255, index=True)
     region: str = Field(default="", max_length=64)
     attempt: int = 1
@@ -168,6 +179,8 @@ class Instance(SQLModel, table=True):
     version: str | None = Field(default=None, max_length=255)
     previous_version: str | None = Field(default=None, max_length=255)
     execution_id: str = Field(max_length=32)
+    # The execution that deployed previous_version: a built-in rollback re-runs its steps.
+    previous_execution_id: str | None = Field(default=None, max_length=32)
     updated_at: NaiveDatetime = Field(default_factory=utcnow)
 
 

@@ -27,19 +27,28 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                         .order_by(col(PhaseRun.stage_index), col(PhaseRun.phase))).all()
         rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)
                       .order_by(col(HostStepRun.id))).all()
-        instances = s.exec(select(Instance).where(Instance.execution_id == execution_id)).all()
-    versions = {(i.infrastructure, i.host): i for i in instances}
+        names = {h["name"] for st in stages for h in st.hosts}
+        instances = s.exec(select(Instance).where(col(Instance.host).in_(names))).all() \
+            if names else []
+    versions = {(i.service, i.environment, i.infrastructure, i.host): i for i in instances}
+    intervention = next((p.verdict for p in phases if p.kind.startswith("mi-")
+                         and p.status == Status.RUNNING), None)
     out_stages = []
     for st in stages:
         plan = ex.plan["stages"][st.stage_index]
         step_ids = [x["identifier"] for x in plan["steps"]]
         latest: dict[tuple[str, int], HostStepRun] = {}
+        undo: dict[tuple[str, int], HostStepRun] = {}
         for r in rows:
             if r.stage_index != st.stage_index:
                 continue
             k = (r.host, r.step_index)
-            if k not in latest or r.attempt >= latest[k].attempt:
-                latest[k] = r
+            into = latest if r.kind == "deploy" else undo
+            if k not in into or r.attempt >= into[k].attempt:
+                into[k] = r
+        rb_plan = st.rollback or {}
+        rb_skipped = {h: why for ph in rb_plan.get("phases", [])
+                      for h, why in (ph.get("skipped") or {}).items()}
         row: HostStepRun | None
         # Hosts whose deploy passed but whose verification gate failed them.
         unverified = {h for p in phases if p.stage_index == st.stage_index
@@ -65,7 +74,9 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     "started_at": _t(row.started_at) if row else None,
                     "finished_at": _t(row.finished_at) if row else None,
                 })
-            inst = versions.get((h["infrastructure"], h["name"]))
+            inst = versions.get((str((plan.get("service") or {}).get("identifier")),
+                                 str((plan.get("environment") or {}).get("identifier")),
+                                 h["infrastructure"], h["name"]))
             status = _host_status(steps)
             if h["name"] in unverified:
                 status = Status.FAILED
@@ -80,6 +91,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "version": inst.version if inst else None,
                 "previous_version": inst.previous_version if inst else None,
                 "steps": steps,
+                "rollback": _host_rollback(h["name"], undo, rb_plan, rb_skipped),
             })
         out_stages.append({
             "index": st.stage_index,
@@ -101,6 +113,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             "hosts": hosts,
             "strategy": (plan.get("strategy") or {}).get("type", "Basic"),
             "plan": st.phases,
+            "rollback_plan": st.rollback,
             "started_at": _t(st.started_at),
             "finished_at": _t(st.finished_at),
         })
@@ -115,8 +128,33 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "created_at": _t(ex.created_at),
         "started_at": _t(ex.started_at),
         "finished_at": _t(ex.finished_at),
+        "rollback": ex.rollback,
+        "intervention": intervention,
         "stages": out_stages,
     }
+
+
+def _host_rollback(host: str, undo: dict[tuple[str, int], HostStepRun],
+                   plan: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any] | None:
+    """One host's rollback: status, the version it returns to, the failing step if any."""
+    target = (plan.get("hosts") or {}).get(host)
+    if target is None:
+        return None
+    if host in skipped:
+        return {"status": Status.SKIPPED, "to": target.get("version"), "reason": skipped[host]}
+    mine = sorted((r for (h, _), r in undo.items() if h == host), key=lambda r: r.step_index)
+    failed = next((r for r in mine if r.status == Status.FAILED), None)
+    if failed is not None:
+        status = Status.ROLLBACK_FAILED
+    elif len(mine) == int(target.get("steps", 0)) and all(r.status in Status.PASSED
+                                                          for r in mine):
+        status = Status.ROLLED_BACK
+    else:
+        status = Status.RUNNING if mine else Status.PENDING
+    return {"status": status, "to": target.get("version"),
+            "step": failed.step_id if failed else None,
+            "error": failed.error if failed else None,
+            "stderr_tail": failed.stderr_tail if failed else None}
 
 
 def _host_status(steps: list[dict[str, Any]]) -> str:

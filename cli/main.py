@@ -25,7 +25,9 @@ from app.errors import ConfigError, LabError, SpecError, SpecErrors
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "bold red", "RUNNING": "yellow",
-                "SKIPPED": "dim", "PENDING": "dim", "QUEUED": "dim", "ABORTED": "red"}
+                "SKIPPED": "dim", "PENDING": "dim", "QUEUED": "dim", "ABORTED": "red",
+                "ROLLING_BACK": "yellow", "ROLLED_BACK": "magenta", "ROLLBACK_FAILED": "bold red",
+                "WAITING": "cyan", "IGNORED": "dim"}
 
 # No console markup: host names, scripts and errors are printed as they are ("[x]" included).
 out = Console(highlight=False, soft_wrap=True, markup=False)
@@ -239,8 +241,12 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
             time.sleep(0.25)
             report = execution_report(execution_id) or report
             if report["status"] == Status.WAITING and not told:
-                err.print(f"execution {execution_id} is waiting for approval: "
-                          f"vmfarm approve {execution_id} (or reject)")
+                if report.get("intervention"):
+                    err.print(f"execution {execution_id} waits for a manual intervention: "
+                              f"vmfarm intervene {execution_id} ACTION")
+                else:
+                    err.print(f"execution {execution_id} is waiting for approval: "
+                              f"vmfarm approve {execution_id} (or reject)")
                 told = True
         return report
     with Live(_render(report), console=out, refresh_per_second=8, transient=True) as view:
@@ -293,12 +299,24 @@ def _print_summary(report: dict[str, Any]) -> None:
             continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
                             f"{st['environment']}): {st['status']}", title_justify="left")
-        for c in ("host", "region", "status", "version", "previous"):
+        rolled = any(h.get("rollback") for h in st["hosts"])
+        for c in ("host", "region", "status", "version", "previous",
+                  *(("rollback",) if rolled else ())):
             table.add_column(c, no_wrap=True)
         for h in st["hosts"]:
+            rb = h.get("rollback") or {}
+            extra = ([Text.assemble(_styled(rb["status"]), f" -> {rb.get('to') or 'nothing'}")
+                      if rb else Text("")] if rolled else [])
             table.add_row(h["host"], h["region"], _styled(h["status"]), h["version"] or "",
-                          h["previous_version"] or "")
+                          h["previous_version"] or "", *extra)
         out.print(table)
+        for h in st["hosts"]:
+            rb = h.get("rollback") or {}
+            if rb.get("status") == "ROLLBACK_FAILED":
+                out.print(Text(f"  rollback of {h['host']}: step {rb.get('step')} failed: "
+                               f"{rb.get('error')}", style="red"))
+            elif rb.get("status") == "SKIPPED":
+                out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
         # Failures as plain lines: readable in a CI log at any width.
         for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
@@ -306,6 +324,12 @@ def _print_summary(report: dict[str, Any]) -> None:
                 out.print(Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}",
                                style="red"))
         _print_gates(st, only_failed=True)
+    if report.get("intervention"):
+        v = report["intervention"]
+        out.print(Text(f"waiting for a manual intervention: {v.get('error')}; choose one of "
+                       f"{', '.join(v.get('choices', []))} with vmfarm intervene "
+                       f"{report['id']} ACTION (after {v.get('timeout')}: {v.get('on_timeout')})",
+                       style="yellow"))
     if report.get("error"):
         out.print(Text(report["error"], style="red"))
 
@@ -569,20 +593,94 @@ def reject(execution_id: str, comment: str) -> None:
 
 @main.command()
 @click.argument("execution_id")
-def abort(execution_id: str) -> None:
+@click.option("--rollback", is_flag=True,
+              help="Then roll back the hosts the current stage changed (rollback phases in "
+                   "reverse order, as its failure strategy would).")
+def abort(execution_id: str, rollback: bool) -> None:
     """Stop an execution: no new work is sent; running hosts stop at their next unit."""
     from app.coordinator import abort as do_abort
     from app.settings import get_settings
 
-    result = do_abort(execution_id, user=get_settings().user or os.environ.get("USER", ""))
+    result = do_abort(execution_id, user=get_settings().user or os.environ.get("USER", ""),
+                      rollback=rollback)
     if result == "missing":
         err.print(f"error: no execution '{execution_id}'")
         sys.exit(2)
-    if result != "aborted":
+    if result not in ("aborted", "rolling back"):
         out.print(f"execution {execution_id} already ended: {result}")
         return
+    then = ("; then the hosts the stage changed roll back (vmfarm status shows it)"
+            if result == "rolling back" else "")
     out.print(f"execution {execution_id} aborted: no new work is sent; running hosts stop at "
-              "their next command unit")
+              f"their next command unit{then}")
+
+
+@main.command()
+@click.argument("execution_id")
+@click.argument("action", type=click.Choice(["Abort", "StageRollback", "PipelineRollback",
+                                             "MarkAsSuccess", "Ignore", "MarkAsFailure"]))
+@click.option("--comment", "-m", default="", help="Why (kept with the decision).")
+def intervene(execution_id: str, action: str, comment: str) -> None:
+    """Answer a ManualIntervention failure strategy: what the paused stage does now."""
+    from app.coordinator import ApprovalRefused
+    from app.coordinator import intervene as do_intervene
+    from app.settings import get_settings
+
+    user = get_settings().user or os.environ.get("USER", "")
+    try:
+        outcome = do_intervene(execution_id, action=action, user=user, comment=comment)
+    except (LookupError, ApprovalRefused) as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(2)
+    out.print(f"execution {execution_id}: {outcome}")
+
+
+@main.command()
+@click.argument("execution_id")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Print what would be rolled back (hosts, versions, order) and stop.")
+@click.option("--watch/--detach", default=None, help="As for run.")
+@output_option
+def rollback(execution_id: str, show_plan: bool, watch: bool | None, output: str) -> None:
+    """Roll a successful execution back: every host it changed returns to its previous
+    version (its stages' rollbackSteps, or the previous version's own steps), as a new
+    execution. Exit 0 when every host rolled back."""
+    from app.coordinator import rollback_execution, rollback_plan
+    from app.settings import get_settings
+
+    try:
+        if show_plan:
+            preview = rollback_plan(execution_id)
+            _print_rollback_plan(preview, output)
+            return
+        _refuse_detach_when_embedded(watch)
+        new_id = rollback_execution(execution_id, publish=False,
+                                    user=get_settings().user or os.environ.get("USER", ""))
+    except LookupError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(2)
+    if output != "json":
+        err.print(f"rolling back {execution_id}")
+    _dispatch_and_watch(new_id, watch=watch, output=output)
+
+
+def _print_rollback_plan(preview: dict[str, Any], output: str) -> None:
+    if output == "json":
+        out.print_json(json.dumps(preview))
+        return
+    out.print(f"rollback of execution {preview['execution']} ({preview['pipeline']}), "
+              "latest stage first; nothing has run")
+    for st in preview["stages"]:
+        out.print(f"stage {st['stage']} ({st['service']} in {st['environment']}):")
+        for ph in st["phases_in_order"]:
+            out.print(f"  {ph['phase']}: {', '.join(ph['hosts']) or 'no changed host'}")
+        table = Table(box=None)
+        for c in ("host", "region", "from", "to", "how"):
+            table.add_column(c)
+        for h in st["hosts"]:
+            table.add_row(h["host"], h["region"], str(h["from"]), str(h["to"]),
+                          h["how"] or f"left as is: {h['skipped']}")
+        out.print(table)
 
 
 @main.command()

@@ -11,11 +11,11 @@ log = logging.getLogger("vmfarm.tasks")
 
 
 @app.task(name="vmfarm.verify_gate")
-def verify_gate(*, execution_id: str, stage_index: int, phase: int) -> str:
-    """Chord body: record the phase verdict from the ledger, then advance the execution."""
+def verify_gate(*, execution_id: str, stage_index: int, phase: int, kind: str = "deploy") -> str:
+    """Chord body: record the phase verdict (deploy or rollback) from the ledger, then advance."""
     from app.coordinator import gate
 
-    return gate(execution_id, stage_index, phase)
+    return gate(execution_id, stage_index, phase, kind=kind)
 
 
 @app.task(name="vmfarm.verification_gate")
@@ -69,7 +69,8 @@ def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
         payload["key"] = kwargs["key"]
     elif task == "vmfarm.verify_gate":
         payload["phase_done"] = {"stage_index": kwargs.get("stage_index"),
-                                 "phase": kwargs.get("phase")}
+                                 "phase": kwargs.get("phase"),
+                                 "kind": kwargs.get("kind", "deploy")}
     log.warning("execution %s: %s failed (%s); nudging the coordinator", execution_id,
                 task or "a task", payload["error"])
     phase_error.apply_async(kwargs=payload)
@@ -78,7 +79,7 @@ def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
 @app.task(name="vmfarm.phase_error")
 def phase_error(*, execution_id: str, error: str, error_class: str,
                 key: dict[str, Any] | None = None,
-                phase_done: dict[str, int] | None = None) -> str:
+                phase_done: dict[str, Any] | None = None) -> str:
     """Record what a nudge reported, then let the coordinator decide (idempotent)."""
     from app.canvas import HostStepKey
     from app.coordinator import advance, gate, record_lost_step
@@ -86,7 +87,8 @@ def phase_error(*, execution_id: str, error: str, error_class: str,
     if key is not None:
         record_lost_step(HostStepKey.from_dict(key), error_class=error_class, error=error)
     if phase_done is not None:
-        return gate(execution_id, int(phase_done["stage_index"]), int(phase_done["phase"]))
+        return gate(execution_id, int(phase_done["stage_index"]), int(phase_done["phase"]),
+                    kind=str(phase_done.get("kind") or "deploy"))
     return advance(execution_id)
 
 

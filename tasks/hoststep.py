@@ -124,7 +124,8 @@ def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
     """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed."""
     values = dict(
         idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
-        step_index=key.step, step_id="", host=key.host, region=key.region, attempt=key.attempt,
+        step_index=key.step, step_id="", kind=key.kind, host=key.host, region=key.region,
+        attempt=key.attempt,
         status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
         started_at=utcnow(), heartbeat_at=utcnow(),
     )
@@ -301,9 +302,9 @@ def _earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> N
         rows = s.exec(select(HostStepRun).where(
             HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
             HostStepRun.phase == key.phase, HostStepRun.host == key.host,
-            HostStepRun.step_index < key.step)).all()
+            HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all()
     for r in rows:
-        sid = stage["steps"][r.step_index]["identifier"]
+        sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1]["identifier"]
         for name, value in (r.outputs or {}).items():
             ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
 
@@ -324,8 +325,8 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     on; MarkAsSuccess records success (keeping the error); Abort aborts the execution.
     """
     summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
-    if summary["status"] != Status.FAILED or summary.get("duplicate"):
-        return summary
+    if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
+        return summary  # a rollback step's failure is recorded; the rollback verdict decides
     stage, _ = _stage_data(key.execution, key.stage)
     step = stage["steps"][key.step]
     action = failure_action(step, stage, summary.get("error_class") or "Unknown")
@@ -341,8 +342,8 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
         summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
         if summary["status"] != Status.FAILED or summary.get("duplicate"):
             return summary
-    if action is None or action["type"] in ("Retry", "MarkAsFailure"):
-        return summary
+    if action is None or action["type"] not in ("Ignore", "MarkAsSuccess", "Abort"):
+        return summary  # failed; rollback and manual intervention are the coordinator's
     note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
             "Abort": "aborted the execution"}[action["type"]]
     status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
@@ -359,11 +360,14 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     return {**summary, "status": status}
 
 
-def failure_action(step: dict[str, Any], stage: dict[str, Any],
+def failure_action(step: dict[str, Any] | None, stage: dict[str, Any],
                    error_class: str) -> dict[str, Any] | None:
     """The action of the first failure strategy matching ``error_class``: the step's own
-    entries, then the stage's, then the pipeline's (Harness's precedence)."""
-    for entry in [*step.get("failureStrategies", []), *stage.get("failureStrategies", [])]:
+    entries, then its step group's, then the stage's, then the pipeline's (Harness's
+    precedence; the plan lists a stage's entries before the pipeline's)."""
+    own = [*(step or {}).get("failureStrategies", []),
+           *(step or {}).get("groupFailureStrategies", [])]
+    for entry in [*own, *stage.get("failureStrategies", [])]:
         on = entry["onFailure"]
         if "AllErrors" in on["errors"] or error_class in on["errors"]:
             return dict(on["action"])
@@ -382,7 +386,7 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
     heartbeats.add(run_id)
     try:
         stage, hosts = _stage_data(key.execution, key.stage)
-        step = stage["steps"][key.step]
+        stage, step = step_of(key, stage)
         fields["step_id"] = step["identifier"]
         # In a lane (maxConcurrency) the previous link may be another host's last step.
         if prev is not None and prev.get("status") not in Status.PASSED \
@@ -397,11 +401,9 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
                                 f"dispatch deadline ({waited} s, VMFARM_DISPATCH_EXPIRES); no "
                                 f"worker of region {key.region} took it in time; nothing ran")
             return _finish(run_id, key, fields)
-        with session_scope() as s:
-            ex = s.get(Execution, key.execution)
-            if ex is None or ex.status == Status.ABORTED:
-                fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
-                return _finish(run_id, key, fields)
+        if _aborted(key.execution, key.kind):
+            fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
+            return _finish(run_id, key, fields)
         host = Host.from_dict(hosts[key.host])
         fields.update(_run_units(key, stage, step, host, sink))
     except HostError as exc:
@@ -503,6 +505,8 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
         return _health_check_step(stage, step, host, sink)
     spec = step["spec"]
     ctx = host_context(host, stage)
+    if "<+rollbackArtifact." in str(spec):
+        ctx.set("rollbackArtifact.tag", rollback_version(key), external=True)
     if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
             "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
         _earlier_outputs(key, ctx, stage)
@@ -517,7 +521,7 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     with _connector(target) as conn:
         for i, unit in enumerate(spec["commandUnits"]):
             sink.unit = unit["identifier"]
-            if i and _aborted(key.execution):  # abort stops a host between units
+            if i and _aborted(key.execution, key.kind):  # abort stops a host between units
                 return {"status": Status.ABORTED, "failed_unit": unit["identifier"],
                         "error": f"aborted before unit '{unit['identifier']}'"}
             remaining = max(1.0, deadline - time.monotonic())
@@ -550,10 +554,49 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
 
 
-def _aborted(execution_id: str) -> bool:
+def _aborted(execution_id: str, kind: str = "deploy") -> bool:
+    """Must this host stop? Deploy steps stop when the execution is aborted or rolls back;
+    rollback steps only when it is aborted again."""
+    stop = {Status.ABORTED, Status.ROLLING_BACK} if kind == "deploy" else {Status.ABORTED}
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
-        return ex is None or ex.status == Status.ABORTED
+        return ex is None or ex.status in stop
+
+
+def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the stage to render with, the step) for a key: a deploy step, a rollbackStep, or a step
+    of the plan that deployed the version a built-in rollback returns to."""
+    if key.kind == "deploy":
+        return stage, stage["steps"][key.step]
+    if key.src is not None:
+        source, _ = _stage_data(*key.src)
+        return source, source["steps"][key.step]
+    return stage, stage["rollbackSteps"][key.step]
+
+
+def rollback_version(key: HostStepKey) -> str:
+    """``<+rollbackArtifact.tag>``: the version this host returns to on rollback ('' if none).
+
+    In a rollback step it is the version of the stage's rollback plan; in a deploy step, the
+    version the host ran before this execution."""
+    from app.models import Instance
+
+    with session_scope() as s:
+        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
+                                            StageRun.stage_index == key.stage)).one()
+        if key.kind != "deploy":
+            target = ((run.rollback or {}).get("hosts") or {}).get(key.host) or {}
+            return str(target.get("version") or "")
+        ex = s.get(Execution, key.execution)
+        stage = ex.plan["stages"][key.stage] if ex else {}
+        for inst in s.exec(select(Instance).where(
+                Instance.host == key.host,
+                Instance.service == stage.get("service", {}).get("identifier"),
+                Instance.environment == stage.get("environment", {}).get("identifier"))).all():
+            if inst.execution_id == key.execution:
+                return inst.previous_version or ""
+            return inst.version or ""
+    return ""
 
 
 def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:

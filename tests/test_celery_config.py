@@ -48,5 +48,6 @@ def test_a_phase_is_one_chord_of_per_host_step_chains_with_the_gate_on_control()
     assert {k.idem for k in keys} == {"e1:0:2:h1:0:1", "e1:0:2:h1:1:1", "e1:0:2:h1:2:1"}
     assert header[1].tasks[0].kwargs["key"]["region"] == "r2"
     assert canvas.body.name == "vmfarm.verify_gate"
-    assert canvas.body.kwargs == {"execution_id": "e1", "stage_index": 0, "phase": 2}
+    assert canvas.body.kwargs == {"execution_id": "e1", "stage_index": 0, "phase": 2,
+                                  "kind": "deploy"}
     assert canvas.body.immutable

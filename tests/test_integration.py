@@ -20,7 +20,8 @@ PIPELINE = str(DATA / "itest" / "pipeline.yaml")
 def _rows(cluster: Cluster, execution_id: str) -> list[HostStepRun]:
     eng = create_engine(normalise_url(cluster.env["VMFARM_DATABASE_URL"]))
     with Session(eng) as s:
-        rows = list(s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)))
+        rows = list(s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
+                                                     HostStepRun.kind == "deploy")))
     eng.dispose()
     return rows
 

@@ -22,6 +22,8 @@ _INPUT_OPT_RE = re.compile(r"\.(default|allowedValues|regex|executionInput)\(([^
 HOST_KEYS = frozenset({
     "instance.name", "instance.hostName", "instance.host.hostName", "instance.host.privateIp",
     "instance.host.publicIp", "instance.host.port", "instance.host.region", "infra.region",
+    # The version the host returns to on rollback (from the Instance ledger).
+    "rollbackArtifact.tag",
 })
 # Outputs of earlier steps on the same host, read by the worker.
 DEFERRED_PREFIXES = ("steps.",)
