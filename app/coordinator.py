@@ -987,6 +987,12 @@ def reconcile(*, now: Any = None) -> list[str]:
             r.error = (f"worker lost: no heartbeat from {r.worker or 'its worker'} since "
                        f"{r.heartbeat_at:%H:%M:%S} UTC (timeout {settings.heartbeat_timeout:g} s)")
             r.finished_at = now
+            if not r.step_id:  # claimed, never finished: name its step from the plan
+                owner = s.get(Execution, r.execution_id)
+                stage = owner.plan["stages"][r.stage_index] if owner else {}
+                steps = stage.get("steps" if r.kind == "deploy" else "rollbackSteps") or []
+                r.step_id = steps[r.step_index]["identifier"] if r.step_index < len(steps) \
+                    else ""
             s.add(r)
             touched.add(r.execution_id)
             lost.append(HostStepKey(r.execution_id, r.stage_index, r.phase, r.host,
@@ -1043,6 +1049,26 @@ def reconcile(*, now: Any = None) -> list[str]:
     return actions
 
 
+NOT_RETRIED = "not retried:"
+
+
+def _queue_served(region: str) -> bool:
+    """Does a live worker consume the region's queue? Asked of the workers themselves (Celery
+    remote control); a broker without remote control (embedded mode) counts as served."""
+    from app.celery import app, region_queue
+
+    if not get_settings().celery_broker.startswith(("redis://", "rediss://")):
+        return True  # embedded: the worker is this process
+    try:
+        replies = app.control.inspect(timeout=1.0).active_queues()
+    except Exception:  # no remote control on this transport
+        return True
+    if replies is None:
+        return False
+    queue = region_queue(region)
+    return any(q.get("name") == queue for qs in replies.values() for q in qs or [])
+
+
 def _lane_followers(hosts: list[str], lanes: int | None, host: str) -> list[str]:
     """Hosts after ``host`` in its lane (phase_canvas deals hosts round-robin into lanes)."""
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
@@ -1054,7 +1080,7 @@ def _retry_pending(stage: dict[str, Any], row: HostStepRun) -> bool:
     """A step whose worker was lost and whose failure strategy retries it: the reconciler
     has sent a new attempt, so the host is not done."""
     if row.status != Status.FAILED or row.error_class != "DelegateRestart" or \
-            row.kind != "deploy":
+            row.kind != "deploy" or NOT_RETRIED in (row.error or ""):
         return False
     from tasks.hoststep import failure_action
 
@@ -1095,8 +1121,15 @@ def _after_worker_lost(key: HostStepKey) -> str:
         action = failure_action(stage["steps"][key.step], stage, "DelegateRestart")
         n_steps = len(stage["steps"])
     deadline = round(time.time() + get_settings().dispatch_expires, 3)
-    if action and action["type"] == "Retry" and key.attempt - 1 < int(
-            action["spec"]["retryCount"]):
+    retry = bool(action and action["type"] == "Retry"
+                 and key.attempt - 1 < int(action["spec"]["retryCount"]))
+    if retry and not _queue_served(key.region):
+        with session_scope() as s:
+            row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+            row.error = f"{row.error}; {NOT_RETRIED} no live worker consumes vmfarm.{key.region}"
+            s.add(row)
+        retry = False
+    if retry and action is not None:
         intervals = action["spec"]["retryIntervals"]
         wait = parse_duration(intervals[min(key.attempt - 1, len(intervals) - 1)])
         links = [run_step.s(key=HostStepKey(key.execution, key.stage, key.phase, key.host, i,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, REPO, Cluster, run_vmfarm
+from tests.conftest import DATA, REPO, Cluster, _wait_for_workers, run_vmfarm
 
 PIPELINE = str(DATA / "liveness" / "pipeline.yaml")
 FAST = {"VMFARM_HEARTBEAT_INTERVAL": "0.5", "VMFARM_HEARTBEAT_TIMEOUT": "4"}
@@ -147,3 +147,123 @@ def test_abort_stops_hosts_at_their_next_unit_and_sends_no_new_work(
         assert _units(lab, h.address, ex_id) == ["first"]
     again = cluster.vmfarm("abort", ex_id)
     assert "already ended: ABORTED" in again.stdout
+
+
+ROLLING = str(DATA / "liveness" / "rolling.yaml")
+
+
+@pytest.fixture
+def r7_workers(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """Start region r7 workers on demand (their own processes, fast heartbeats)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "worker", "--region", "r7", "-c", "4",
+                 "-n", f"{name}@test"], env={**cluster.env, **FAST}, cwd=REPO, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _second_phase_in_r7(lab: Any, tmp_path: Path) -> str:
+    text = Path(lab.infrastructure_file).read_text()
+    for h in lab.hosts[3:]:
+        old = f"- hostname: {h.address}\n        region: {h.region}"
+        assert old in text
+        text = text.replace(old, f"- hostname: {h.address}\n        region: r7")
+    path = tmp_path / "infra-r7.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _kill_the_worker_running(env: dict[str, str], ex_id: str, host: str,
+                             workers: dict[str, subprocess.Popen[bytes]]) -> str:
+    def running_on() -> str | None:
+        r = _report(env, ex_id)
+        stage = r["stages"][0]
+        others = [h for h in stage["hosts"][3:] if h["host"] != host]
+        step = next(h for h in stage["hosts"] if h["host"] == host)["steps"][0]
+        done = all(h["status"] == "SUCCEEDED" for h in others)
+        return str(step["worker"]) if step["status"] == "RUNNING" and done else None
+
+    name = str(_wait(running_on, 90, "the slow step to run, the other hosts to finish"))
+    proc = workers[name.split("@")[0]]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return name
+
+
+def _attempts(env: dict[str, str], ex_id: str, host: str) -> list[tuple[int, str, str]]:
+    from sqlmodel import Session, create_engine, select
+
+    from app.db import normalise_url
+    from app.models import HostStepRun
+
+    eng = create_engine(normalise_url(env["VMFARM_DATABASE_URL"]))
+    with Session(eng) as s:
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == ex_id,
+                                                HostStepRun.host == host,
+                                                HostStepRun.step_id == "work")
+                      .order_by(HostStepRun.attempt)).all()  # type: ignore[arg-type]
+        out = [(r.attempt, r.status, str(r.worker)) for r in rows]
+    eng.dispose()
+    return out
+
+
+def test_a_lost_worker_s_step_is_retried_on_another_worker_of_its_region(
+        cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]) -> None:
+    workers = {n: r7_workers(n) for n in ("w-r7a", "w-r7b")}
+    _wait_for_workers({**cluster.env}, ["w-r7a@test", "w-r7b@test"])
+    env = {**cluster.env, **FAST}
+    victim = lab.hosts[4].address
+    sub = run_vmfarm("run", ROLLING, _second_phase_in_r7(lab, tmp_path),
+                     "--set", f"slow_host={victim}", "--detach", env=env)
+    assert sub.returncode == 0, sub.stderr
+    ex_id = sub.stdout.strip().splitlines()[-1]
+    killed = _kill_the_worker_running(env, ex_id, victim, workers)
+    time.sleep(5)  # past the heartbeat timeout
+    rec = run_vmfarm("reconcile", "-o", "json", env=env)
+    assert any("retrying as attempt 2 on queue vmfarm.r7" in a
+               for a in json.loads(rec.stdout)["actions"]), rec.stdout
+    report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
+                                                                    "ABORTED") and r,
+                   90, "the execution to end")
+    assert report["status"] == "SUCCEEDED", report.get("error")
+    attempts = _attempts(env, ex_id, victim)
+    assert [(a, st) for a, st, _ in attempts] == [(1, "FAILED"), (2, "SUCCEEDED")]
+    assert attempts[0][2] == killed and attempts[1][2] != killed  # the other worker took it
+    # Every unit ran once per recorded attempt: the killed unit once, then the new attempt.
+    assert _units(lab, victim, ex_id) == ["first", "first", "second", "after"]
+    assert all(h["status"] == "SUCCEEDED" for h in report["stages"][0]["hosts"])
+
+
+def test_a_lost_worker_with_no_other_worker_ends_as_the_strategy_says(
+        cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]) -> None:
+    workers = {"w-r7c": r7_workers("w-r7c")}
+    _wait_for_workers({**cluster.env}, ["w-r7c@test"])
+    env = {**cluster.env, **FAST}
+    victim = lab.hosts[5].address
+    sub = run_vmfarm("run", ROLLING, _second_phase_in_r7(lab, tmp_path),
+                     "--set", f"slow_host={victim}", "--detach", env=env)
+    assert sub.returncode == 0, sub.stderr
+    ex_id = sub.stdout.strip().splitlines()[-1]
+    _kill_the_worker_running(env, ex_id, victim, workers)
+    time.sleep(5)
+    rec = run_vmfarm("reconcile", "-o", "json", env=env)
+    assert rec.returncode == 0, rec.stderr
+    # Retry needs a live worker on vmfarm.r7: none, so onRetryFailure (Abort) applies.
+    report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
+                                                                    "ABORTED") and r,
+                   30, "the execution to end")
+    assert report["status"] == "ABORTED", report.get("error")
+    attempts = _attempts(env, ex_id, victim)
+    assert [(a, st) for a, st, _ in attempts] == [(1, "FAILED")]
+    assert _units(lab, victim, ex_id) == ["first"]
