@@ -161,3 +161,66 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
     assert report["status"] == "SUCCEEDED"
     # The failure was ignored: the second phase ran.
     assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6
+
+
+RB_STEPS = [str(DATA / "rollback" / "service.yaml"),
+            str(DATA / "rollback_steps" / "pipeline.yaml")]
+
+
+def test_rollback_steps_run_on_changed_hosts_and_a_failure_ends_rollback_failed(
+        env: dict[str, str], lab: Any) -> None:
+    addrs = [h.address for h in lab.hosts]
+    code, first = _run(env, lab, RB_STEPS, "1.0")
+    assert code == 0, first
+    # 2.0 fails on the second host (first phase); restoring fails on the first host.
+    res = run_vmfarm("run", *RB_STEPS, str(lab.infrastructure_file), "--set", "tag=2.0",
+                     "--set", f"bad_host={addrs[1]}", "--set", f"stuck_host={addrs[0]}",
+                     env=env)
+    assert res.returncode == 1
+    ex_id = res.stderr.split("execution ")[1].split()[0]
+    report = json.loads(run_vmfarm("status", ex_id, "-o", "json", env=env).stdout)
+    assert report["status"] == "ROLLBACK_FAILED"
+    stage = report["stages"][0]
+    assert stage["status"] == "ROLLBACK_FAILED"
+    rb = {h["host"]: h["rollback"] for h in stage["hosts"]}
+    # The first phase's hosts ran the rollbackSteps with the version they had before.
+    assert rb[addrs[1]]["status"] == rb[addrs[2]]["status"] == "ROLLED_BACK"
+    assert rb[addrs[0]]["status"] == "ROLLBACK_FAILED"
+    assert rb[addrs[0]]["step"] == "restore" and "exited with code 4" in rb[addrs[0]]["error"]
+    assert all(rb[a] is None for a in addrs[3:])  # never touched: nothing to undo
+    assert _on_host(lab, 1, "history")[-1] == "restore 1.0"
+    assert [_on_host(lab, i, "version") for i in range(3)] == [["2.0"], ["1.0"], ["1.0"]]
+    assert _instances(env) == {addrs[0]: "2.0", **{a: "1.0" for a in addrs[1:]}}
+    # The person reading the output is told which host did not roll back, and why.
+    assert f"rollback of {addrs[0]}: step restore failed" in res.stdout
+    assert "the rollback failed on some hosts" in res.stdout
+
+
+def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str],
+                                                             lab: Any) -> None:
+    addrs = [h.address for h in lab.hosts]
+    code, first = _run(env, lab, RB_STEPS, "1.0")
+    assert code == 0, first
+    cmd = [sys.executable, "-m", "cli.main", "run", *RB_STEPS, str(lab.infrastructure_file),
+           "--set", "tag=2.0", "--set", "settle_seconds=3", "-o", "json"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _on_host(lab, 0, "version") != ["2.0"]:
+            time.sleep(0.2)
+        assert _on_host(lab, 0, "version") == ["2.0"], "2.0 never started"
+        ex_id = _ledger(env, "select id from execution order by created_at desc")[0][0]
+        res = run_vmfarm("abort", ex_id, "--rollback", env=env)
+        assert res.returncode == 0 and "roll back" in res.stdout, res.stdout + res.stderr
+        out, errs = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads(out)
+    assert proc.returncode == 1, errs
+    assert report["status"] == "ABORTED" and report["stages"][0]["status"] == "ROLLED_BACK"
+    # The first phase was running: its hosts went back to 1.0; the second never started.
+    assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6
+    assert _on_host(lab, 3, "history") == ["install 1.0", "check 1.0"]
+    assert _instances(env) == {a: "1.0" for a in addrs}
