@@ -129,8 +129,14 @@ def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
     return canvas
 
 
-def switch_canvas(*, execution_id: str, stage_index: int, phase: int) -> Signature:
-    """Move traffic to the phase's hosts (one control task)."""
+def switch_canvas(*, execution_id: str, stage_index: int, phase: int,
+                  kind: str = "switch") -> Signature:
+    """Move traffic to the hosts of the phase record of ``kind`` (switch, or rollback-switch:
+    back to the set that was live before) in one control task."""
     from tasks.control import switch_traffic
 
-    return switch_traffic.si(execution_id=execution_id, stage_index=stage_index, phase=phase)
+    if kind == "switch":  # the message stays as it was for workers of an earlier version
+        return switch_traffic.si(execution_id=execution_id, stage_index=stage_index,
+                                 phase=phase)
+    return switch_traffic.si(execution_id=execution_id, stage_index=stage_index, phase=phase,
+                             kind=kind)

@@ -649,8 +649,22 @@ def _decide_rollback(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> 
         records = {p.phase: p for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
             PhaseRun.kind == "rollback")).all()}
+        switches = {p.phase: p for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
+            PhaseRun.kind == "rollback-switch")).all()}
         for ph in run.rollback["phases"]:
             if not ph["hosts"]:
+                continue
+            if ph.get("kind") == "switch":  # traffic first (blue-green)
+                rec = switches.get(ph["index"])
+                if rec is None:
+                    s.add(PhaseRun(execution_id=ex.id, stage_index=si, phase=ph["index"],
+                                   kind="rollback-switch", hosts=list(ph["hosts"])))
+                    s.flush()
+                    dispatches.append(_Dispatch("rollback-switch", ex.id, si, ph["index"], []))
+                    return f"dispatched {ph['name']}"
+                if rec.status == Status.RUNNING:
+                    return "rolling back"
                 continue
             rec = records.get(ph["index"])
             if rec is None:
@@ -659,7 +673,8 @@ def _decide_rollback(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> 
             if rec.status == Status.RUNNING and not _evaluate_phase(s, ex, run, rec,
                                                                     gate=False):
                 return "rolling back"
-        failed = [r for r in records.values() if r.status == Status.FAILED]
+        failed = [r for r in [*records.values(), *switches.values()]
+                  if r.status == Status.FAILED]
         run.status = Status.ROLLBACK_FAILED if failed else Status.ROLLED_BACK
         run.finished_at = utcnow()
         s.add(run)
@@ -759,7 +774,7 @@ def _publish(d: _Dispatch) -> None:
                                phase=d.phase, hosts=d.hosts, expires=expires)
     else:
         canvas = switch_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                               phase=d.phase)
+                               phase=d.phase, kind=d.kind)
     canvas.apply_async()
     log.info("execution %s: published %s of stage %d phase %d (%d hosts)", d.execution_id,
              d.kind, d.stage_index, d.phase, len(d.hosts))
@@ -770,7 +785,7 @@ def _live_set(s: Session, ex: Execution, stage_plan: dict[str, Any]) -> list[str
     environment (the ledger's memory of blue-green; the switch task checks the real one)."""
     svc = stage_plan["service"]["identifier"]
     env = stage_plan["environment"]["identifier"]
-    rows = s.exec(select(PhaseRun).where(PhaseRun.kind == "switch",
+    rows = s.exec(select(PhaseRun).where(col(PhaseRun.kind).in_(["switch", "rollback-switch"]),
                                          PhaseRun.status == Status.SUCCEEDED)
                   .order_by(col(PhaseRun.gate_at).desc()).limit(200)).all()
     for r in rows:
@@ -878,8 +893,9 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
 
 
 def rollback_plan(execution_id: str) -> dict[str, Any]:
-    """What ``vmfarm rollback`` would do for a finished execution, per stage and host."""
-    from app.rollback import changed_hosts, rollback_target
+    """What ``vmfarm rollback`` would do for a finished execution, per stage and host (the
+    plan the rollback execution itself computes)."""
+    from app.rollback import changed_hosts, plan_stage_rollback
 
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
@@ -889,42 +905,46 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
             raise LookupError(f"execution {execution_id} is {ex.status}: only a successful "
                               "execution is rolled back with `vmfarm rollback` (a failed one "
                               "rolls back by its failure strategy)")
+        probe = Execution(id="<rollback-plan>", pipeline=ex.pipeline, plan=ex.plan,
+                          rollback={"of": execution_id})
         stages = []
         for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
                           .order_by(col(StageRun.stage_index).desc())).all():
             stage = ex.plan["stages"][run.stage_index]
             if stage.get("type") == "Approval" or run.status != Status.SUCCEEDED:
                 continue
-            changed = changed_hosts(s, execution_id, run.stage_index)
-            hosts = []
-            for h in run.hosts:
-                if h["name"] not in changed:
-                    continue
+            by_name = {h["name"]: h for h in run.hosts}
+            for name in changed_hosts(s, execution_id, run.stage_index) & set(by_name):
                 inst = s.exec(select(Instance).where(
                     Instance.service == stage["service"]["identifier"],
                     Instance.environment == stage["environment"]["identifier"],
-                    Instance.infrastructure == h["infrastructure"],
-                    Instance.host == h["name"])).first()
+                    Instance.infrastructure == by_name[name]["infrastructure"],
+                    Instance.host == name)).first()
                 if inst is not None and inst.execution_id != execution_id:
                     raise LookupError(
-                        f"host {h['name']} now runs {inst.version} from execution "
+                        f"host {name} now runs {inst.version} from execution "
                         f"{inst.execution_id}, deployed after {execution_id}: roll that one "
                         "back first")
-                target = rollback_target(s, stage, h, execution_id)
-                hosts.append({"host": h["name"], "region": h["region"],
-                              "from": inst.version if inst else None,
-                              "to": target["version"],
-                              "how": ("rollbackSteps" if stage.get("rollbackSteps") else
-                                      f"re-run the steps of execution {target['source'][0]}"
-                                      if target["source"] else None),
-                              "skipped": None if (target["source"] or
-                                                  stage.get("rollbackSteps"))
-                              else target["reason"]})
-            phases = [{"phase": ph["name"], "hosts": [h for h in ph["hosts"] if h in changed]}
-                      for ph in reversed(run.phases) if ph.get("kind", "deploy") == "deploy"]
-            stages.append({"stage": stage["identifier"], "service":
-                           stage["service"]["identifier"], "environment":
-                           stage["environment"]["identifier"], "phases_in_order": phases,
+            plan = plan_stage_rollback(s, probe, run)
+            current = {i.host: i.version for i in s.exec(select(Instance).where(
+                Instance.service == stage["service"]["identifier"],
+                Instance.environment == stage["environment"]["identifier"],
+                col(Instance.host).in_(list(by_name)))).all()}
+            skipped = {h: why for ph in plan["phases"] for h, why in ph["skipped"].items()}
+            hosts = []
+            for name, t in plan["hosts"].items():
+                how = None
+                if name not in skipped:
+                    how = ("rollbackSteps" if plan["mode"] == "rollbackSteps" else
+                           f"re-run the steps of execution {t['source'][0]}")
+                hosts.append({"host": name, "region": by_name[name]["region"],
+                              "from": current.get(name), "to": t.get("version"), "how": how,
+                              "skipped": skipped.get(name)})
+            stages.append({"stage": stage["identifier"],
+                           "service": stage["service"]["identifier"],
+                           "environment": stage["environment"]["identifier"],
+                           "phases_in_order": [{"phase": ph["name"], "hosts": ph["hosts"]}
+                                               for ph in plan["phases"]],
                            "hosts": hosts})
     return {"execution": execution_id, "pipeline": ex.pipeline, "stages": stages}
 
@@ -1324,10 +1344,10 @@ def _prometheus_verdict(spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
 
 
 def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
-                  result: dict[str, Any]) -> str:
+                  result: dict[str, Any], kind: str = "switch") -> str:
     """Record a traffic switch's outcome (and the new live set), then advance."""
     with session_scope() as s:
-        found = _running_record(s, execution_id, stage_index, phase, "switch")
+        found = _running_record(s, execution_id, stage_index, phase, kind)
         if found is None:
             return advance(execution_id)
         ex, _, pr = found

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app.models import Execution, HostStepRun, Instance, StageRun, Status
+from app.models import Execution, HostStepRun, Instance, PhaseRun, StageRun, Status
 
 # A failed step with one of these error classes and no unit recorded never touched the host.
 _UNTOUCHED_CLASSES = {"Connectivity", "Authentication"}
@@ -94,12 +94,34 @@ def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, A
     by_name = {h["name"]: h for h in run.hosts}
     hosts: dict[str, dict[str, Any]] = {}
     phases: list[dict[str, Any]] = []
+    standby: dict[str, str] = {}
+    switch = s.exec(select(PhaseRun).where(
+        PhaseRun.execution_id == ledger, PhaseRun.stage_index == run.stage_index,
+        PhaseRun.kind == "switch", PhaseRun.status == Status.SUCCEEDED)).first()
+    if switch is not None:
+        # Blue-green moved traffic: traffic goes back first, to the set that had it before;
+        # the switched set then stands by with its version (a later deployment replaces it).
+        before = [h["name"] for h in run.hosts if h["name"] not in switch.hosts]
+        had_traffic = bool((switch.verdict or {}).get("before"))
+        phases.append({"index": switch.phase, "kind": "switch",
+                       "name": f"switch traffic back to {', '.join(before)}",
+                       "hosts": before if had_traffic else [],
+                       "skipped": {} if had_traffic else
+                       {h: "no set had traffic before this deployment" for h in before}})
+        if had_traffic:
+            standby = {h: f"standby again once traffic is back on {', '.join(before)}"
+                       for h in switch.hosts}
     for ph in reversed(run.phases):
         if ph.get("kind", "deploy") != "deploy":
             continue
         names = [h for h in ph["hosts"] if h in changed and h in by_name]
         run_on, skipped = [], {}
         for name in names:
+            if name in standby:
+                skipped[name] = standby[name]
+                hosts[name] = {"version": None, "source": None, "steps": 0,
+                               "reason": standby[name]}
+                continue
             target = rollback_target(s, stage, by_name[name], ledger)
             if custom:  # the stage's own rollbackSteps run, whatever the version
                 target = {**target, "steps": len(custom), "reason": None}

@@ -117,7 +117,8 @@ def health_step(step: dict[str, Any], host: Host, stage: dict[str, Any]) -> tupl
                    f"{r.error or f'status {r.status_code}'}")
 
 
-def do_switch(execution_id: str, stage_index: int, phase: int) -> tuple[bool, dict[str, Any]]:
+def do_switch(execution_id: str, stage_index: int, phase: int,
+              kind: str = "switch") -> tuple[bool, dict[str, Any]]:
     """Make the phase's hosts the live set of the stage's traffic switch."""
     from app.traffic import traffic_switch_from_spec
 
@@ -126,7 +127,7 @@ def do_switch(execution_id: str, stage_index: int, phase: int) -> tuple[bool, di
     with session_scope() as s:
         pr = s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-            PhaseRun.phase == phase, PhaseRun.kind == "switch")).one()
+            PhaseRun.phase == phase, PhaseRun.kind == kind)).one()
         names = list(pr.hosts)
     # An AWS target group registers the hosts' private IPs; HAProxy reaches their address.
     field = "private_ip" if traffic.get("type") == "AwsElbV2" else "address"

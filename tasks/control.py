@@ -27,13 +27,14 @@ def verification_gate(*, execution_id: str, stage_index: int, phase: int) -> str
 
 
 @app.task(name="vmfarm.switch_traffic")
-def switch_traffic(*, execution_id: str, stage_index: int, phase: int) -> str:
+def switch_traffic(*, execution_id: str, stage_index: int, phase: int,
+                   kind: str = "switch") -> str:
     """Blue-green: make the phase's hosts the live set, record the outcome, advance."""
     from app.coordinator import record_switch
     from tasks.checks import do_switch
 
-    ok, result = do_switch(execution_id, stage_index, phase)
-    return record_switch(execution_id, stage_index, phase, ok=ok, result=result)
+    ok, result = do_switch(execution_id, stage_index, phase, kind=kind)
+    return record_switch(execution_id, stage_index, phase, ok=ok, result=result, kind=kind)
 
 
 @app.task(name="vmfarm.reconcile")

@@ -179,6 +179,33 @@ def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
         with urllib.request.urlopen(f"http://{green[0]}:8080/health", timeout=5) as resp:
             assert json.loads(resp.read())["version"] == "1.0.0"
         assert len(seen) > 50
+
+        # When version 2 is rolled back while the client keeps calling
+        v2 = json.loads(second.stdout)["id"]
+        planned = run_vmfarm("rollback", v2, "--plan", "-o", "json", env=env)
+        assert planned.returncode == 0, planned.stderr
+        preview = json.loads(planned.stdout)
+        assert preview["stages"][0]["phases_in_order"][0]["hosts"] == green
+        seen.clear()
+        stop.clear()
+        loop = threading.Thread(target=client)
+        loop.start()
+        try:
+            undo = run_vmfarm("rollback", v2, "-o", "json", env=env, timeout=300)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            loop.join()
+        assert undo.returncode == 0, undo.stdout[-3000:] + undo.stderr
+        # Then traffic went back to the green set (still on 1.0) without a failed request,
+        # and nothing was redeployed: blue stands by with 2.0
+        assert [v for v in seen if v.startswith("error")] == []
+        back_at = seen.index("1.0.0")
+        assert set(seen[back_at:]) == {"1.0.0"} and len(seen) > back_at + 5
+        hosts = {h["host"]: h for h in json.loads(undo.stdout)["stages"][0]["hosts"]}
+        assert all(hosts[b]["rollback"]["status"] == "SKIPPED" for b in blue)
+        with urllib.request.urlopen(f"http://{blue[0]}:8080/health", timeout=5) as resp:
+            assert json.loads(resp.read())["version"] == "2.0.0"
     finally:
         switch = traffic_switch_from_spec({"type": "Local", "name": "bgtest", "listen": lb},
                                           state_dir=Path(env["VMFARM_HOME"]) / "traffic")
