@@ -181,7 +181,8 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                               "it has ended (or abort it)")
         runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
                       .order_by(col(StageRun.stage_index))).all()
-        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)).all()
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
+                                                HostStepRun.kind == "deploy")).all()
         approvals = {p.stage_index: p.status for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval")).all()}
         plan, inputs, stages = ex.plan, dict(ex.inputs), []
@@ -1391,7 +1392,8 @@ def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]
 
 def _summarise_steps(s: Session, ex: Execution, run: StageRun) -> None:
     rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == ex.id,
-                                            HostStepRun.stage_index == run.stage_index)).all()
+                                            HostStepRun.stage_index == run.stage_index,
+                                            HostStepRun.kind == "deploy")).all()
     steps = s.exec(select(StepRun).where(StepRun.execution_id == ex.id,
                                          StepRun.stage_index == run.stage_index)).all()
     for st in steps:

@@ -196,7 +196,8 @@ def execution_logs(execution_id: str, *, host: str | None = None,
     for r in runs:
         for c in by_run.get(r.id or 0, []):
             out.append({"host": r.host, "stage": r.stage_index, "step": r.step_id,
-                        "attempt": r.attempt, "unit": c.unit, "stream": c.stream,
+                        "kind": r.kind, "attempt": r.attempt, "unit": c.unit,
+                        "stream": c.stream,
                         "text": c.text})
     return out
 
