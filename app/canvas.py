@@ -36,6 +36,8 @@ class HostStepKey:
     # (execution, stage index), the steps of the plan that deployed the version to return to.
     kind: str = "deploy"
     src: tuple[str, int] | None = None
+    # Worker tags the step needs (delegate selectors): it goes to vmfarm.<region>[tags].
+    tags: tuple[str, ...] = ()
 
     @property
     def idem(self) -> str:
@@ -52,6 +54,8 @@ class HostStepKey:
             d["k"] = self.kind
         if self.src is not None:
             d["src"] = list(self.src)
+        if self.tags:
+            d["tags"] = list(self.tags)
         return d
 
     @classmethod
@@ -61,7 +65,8 @@ class HostStepKey:
                    step=int(d["i"]), attempt=int(d.get("a", 1)), region=str(d["region"]),
                    deadline=float(d["x"]) if d.get("x") is not None else None,
                    kind=str(d.get("k", "deploy")),
-                   src=(str(src[0]), int(src[1])) if src else None)
+                   src=(str(src[0]), int(src[1])) if src else None,
+                   tags=tuple(str(t) for t in d.get("tags") or ()))
 
 
 def phase_canvas(
@@ -76,6 +81,7 @@ def phase_canvas(
     lanes: int | None = None,
     kind: str = "deploy",
     steps_of: dict[str, tuple[int, tuple[str, int] | None]] | None = None,
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
 ) -> Signature:
     """The chord for one phase. ``hosts`` is [(host name, region)] in inventory order.
 
@@ -84,7 +90,8 @@ def phase_canvas(
     flight; a failed host does not stop the next host of its lane.
 
     A rollback phase (``kind="rollback"``) gives each host its own step count and source plan
-    in ``steps_of``: {host: (number of steps, (execution, stage) or None)}.
+    in ``steps_of``: {host: (number of steps, (execution, stage) or None)}. ``tags_of`` gives
+    the worker tags of (host, step) when delegate selectors apply.
     """
     from tasks.control import nudge, verify_gate
     from tasks.deploy import run_step
@@ -97,7 +104,8 @@ def phase_canvas(
     def links(host: str, region: str) -> list[Signature]:
         count, src = (steps_of or {}).get(host, (step_count, None))
         return [run_step.s(key=HostStepKey(execution_id, stage_index, phase, host, step,
-                                           attempt, region, deadline, kind, src).to_dict())
+                                           attempt, region, deadline, kind, src,
+                                           (tags_of or {}).get((host, step), ())).to_dict())
                 for step in range(count)]
 
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
@@ -113,15 +121,17 @@ def phase_canvas(
 
 
 def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
-                  hosts: list[tuple[str, str]], expires: int = 3600) -> Signature:
+                  hosts: list[tuple[str, str]], expires: int = 3600,
+                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
     """The verification gate: checks on every host of the phase (on its region's worker), then
     the verdict on control."""
     from tasks.control import nudge, verification_gate
     from tasks.deploy import check_host
 
     deadline = round(time.time() + expires, 3)
-    header = group(check_host.s(key=HostStepKey(execution_id, stage_index, phase, h, -1, 1, r,
-                                                deadline).to_dict()) for h, r in hosts)
+    header = group(check_host.s(key=HostStepKey(
+        execution_id, stage_index, phase, h, -1, 1, r, deadline,
+        tags=(tags_of or {}).get((h, -1), ())).to_dict()) for h, r in hosts)
     body = verification_gate.si(execution_id=execution_id, stage_index=stage_index,
                                 phase=phase)
     canvas = chord(header, body)

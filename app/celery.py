@@ -18,7 +18,9 @@ from app.settings import get_settings
 CONTROL_QUEUE = "vmfarm.control"
 EXCHANGE = Exchange("vmfarm", type="direct")
 # Tasks that run on a region's workers (SSH work, discovery); everything else is control.
-REGION_TASKS = frozenset({"vmfarm.run_step", "vmfarm.check_host"})
+REGION_TASKS = frozenset({"vmfarm.run_step", "vmfarm.check_host", "vmfarm.discover"})
+# Region tasks whose kwargs carry ``region`` (and ``tags``) themselves instead of a ``key``.
+_KWARG_ROUTED = frozenset({"vmfarm.discover"})
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Messages may sit reserved or queued this long before Redis redelivers them. With early ack it
 # bounds nothing about how long a task may *run*; it must exceed the longest queue wait (6 h).
@@ -36,26 +38,41 @@ def make_queue(name: str) -> Queue:
     return Queue(name, EXCHANGE, routing_key=name)
 
 
-def ensure_region_queue(region: str) -> str:
-    """Declare ``vmfarm.<region>`` in this process's queue table and return its name.
+def ensure_queue(name: str) -> str:
+    """Declare queue ``name`` in this process's queue table (if new) and return it.
 
-    Regions come from pipeline files, so their queues cannot all be listed up front; every other
-    queue name stays unknown and fails loudly (``task_create_missing_queues = False``).
+    Only for names built by ``region_queue`` or ``app.delegates.queue_for``: every other queue
+    name stays unknown and fails loudly (``task_create_missing_queues = False``).
     """
-    name = region_queue(region)
     queues = app.amqp.queues
     if name not in queues:
         queues.add(make_queue(name))
     return name
 
 
+def ensure_region_queue(region: str) -> str:
+    """Declare ``vmfarm.<region>`` in this process's queue table and return its name.
+
+    Regions come from pipeline files, so their queues cannot all be listed up front; every other
+    queue name stays unknown and fails loudly (``task_create_missing_queues = False``).
+    """
+    return ensure_queue(region_queue(region))
+
+
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
                **_: Any) -> dict[str, str]:
-    """Region tasks go to their host's region queue (from the ``key`` kwarg); the rest to
-    control."""
+    """Region tasks go to their region's queue, or to the queue of the worker tags they need
+    (``vmfarm.<region>[a,b]``, see app.delegates); the rest to control.
+
+    Step tasks carry region and tags in their ``key`` kwarg, discovery as kwargs of its own.
+    """
     if name in REGION_TASKS:
-        key = (kwargs or {}).get("key") or {}
-        return {"queue": ensure_region_queue(str(key.get("region", "")))}
+        from app.delegates import queue_for
+
+        kw = kwargs or {}
+        src = kw if name in _KWARG_ROUTED else (kw.get("key") or {})
+        return {"queue": ensure_queue(queue_for(str(src.get("region", "")),
+                                                src.get("tags") or ()))}
     return {"queue": CONTROL_QUEUE}
 
 
@@ -131,7 +148,7 @@ def build_config() -> dict[str, Any]:
     return conf
 
 
-app = Celery("vmfarm", include=["tasks.deploy", "tasks.control"])
+app = Celery("vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery"])
 app.conf.update(build_config())
 
 
@@ -139,9 +156,13 @@ def reconfigure() -> None:
     """Re-read settings (tests change the environment after import)."""
     get_settings.cache_clear()
     app.conf.update(build_config())
-    # The broker connection pool and the result backend are cached on first use: drop them.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # The broker connection and producer pools and the result backend are cached on first use:
+    # drop them. kombu keeps its pools in global groups keyed by broker URL, so a closed pool
+    # would come back for the same URL later: clear those groups too.
+    from kombu import pools
+
+    pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
     app.__dict__.pop("backend", None)
     app._local.__dict__.pop("backend", None)

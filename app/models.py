@@ -204,3 +204,21 @@ class CheckRun(SQLModel, table=True):
     worker: str | None = Field(default=None, max_length=255)
     started_at: NaiveDatetime = Field(default_factory=utcnow)
     finished_at: NaiveDatetime | None = None
+
+
+class WorkerBeat(SQLModel, table=True):
+    """A running ``vmfarm worker`` (a delegate): what it consumes, renewed every
+    ``heartbeat_interval``; live while ``beat_at`` is younger than ``heartbeat_timeout``.
+    Deleted on a clean shutdown, so a row that stops beating is a worker that died."""
+
+    name: str = Field(primary_key=True, max_length=255)  # Celery node name (-n)
+    hostname: str = Field(default="", max_length=255)
+    pid: int = 0
+    regions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    queues: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    concurrency: int = 0
+    pool: str = Field(default="", max_length=32)
+    in_flight: int = 0
+    started_at: NaiveDatetime = Field(default_factory=utcnow)
+    beat_at: NaiveDatetime = Field(default_factory=utcnow)

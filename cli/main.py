@@ -527,7 +527,8 @@ def logs(execution_id: str, host: str | None, step: str | None, output: str) -> 
     if not chunks:
         err.print("no log output recorded for that selection")
     for c in chunks:
-        prefix = f"[{c['host']} {c['step']}/{c['unit']}]"
+        where = f"{c['step']}/{c['unit']}" + (" (rollback)" if c.get("kind") == "rollback" else "")
+        prefix = f"[{c['host']} {where}]"
         for line in c["text"].splitlines():
             if c["stream"] == "stderr":
                 out.print(Text(f"{prefix} {line}", style="red"))
@@ -817,6 +818,10 @@ def lab_down_cmd() -> None:
         sys.exit(1)
     out.print(f"stopped {n} lab process(es)")
 
+
+from cli import fleet as _fleet  # noqa: E402
+
+_fleet.register(main)
 
 if __name__ == "__main__":
     main()

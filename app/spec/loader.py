@@ -858,6 +858,11 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         "artifact": artifact,
         "infrastructures": infras,
         "steps": _dump_steps(out_stage.spec.execution.steps),
+        # Worker tags for every host of the stage (the pipeline's, then the stage's); the
+        # infrastructure's and each step's are added per host and step.
+        "delegateSelectors": sorted({*pipe.model.spec.delegate_selectors,
+                                     *out_stage.delegate_selectors}),
+        "delegateFallback": out_stage.delegate_fallback,
         # The failure strategies that apply after the step's own, by precedence.
         "failureStrategies": [
             *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],

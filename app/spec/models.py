@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,6 +52,9 @@ Duration = Annotated[str, AfterValidator(_check_duration)]
 Identifier = Annotated[str, AfterValidator(_check_identifier)]
 VariableName = Annotated[str, AfterValidator(_check_variable_name)]
 
+
+# A worker (delegate) tag, as `vmfarm worker --tags` takes it.
+DelegateTag = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 class Model(BaseModel):
     model_config = ConfigDict(
@@ -181,7 +192,7 @@ class InfraInner(Model):
     # static (PDC)
     connection: Connection | None = None
     hosts: list[StaticHost] = Field(default_factory=list)
-    delegate_selectors: list[str] = Field(default_factory=list)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
 
     @field_validator("region")
     @classmethod
@@ -304,7 +315,7 @@ class CommandStepSpec(Model):
     environment_variables: list[StepVariable] = Field(default_factory=list)
     output_variables: list[StepVariable] = Field(default_factory=list)
     command_units: list[CommandUnit] = Field(min_length=1)
-    delegate_selectors: list[str] = Field(default_factory=list)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
 
 
 ErrorType = Literal["AllErrors", "Unknown", "Authentication", "Authorization", "Connectivity",
@@ -742,6 +753,11 @@ class StageSpec(Model):
     description: str | None = None
     spec: DeploymentStageSpec
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    # Workers (delegates) of the hosts' regions must carry these tags (with the pipeline's,
+    # the infrastructure's and the step's). When none is live, delegateFallback names the tags
+    # to use instead ([] = any worker of the region); without it the run is refused.
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+    delegate_fallback: list[DelegateTag] | None = None
 
 
 class Approvers(Model):
@@ -810,6 +826,7 @@ class StageElement(Model):
 class PipelineBody(Model):
     stages: list[StageElement] = Field(min_length=1)
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     variables: list[Variable] = Field(default_factory=list)
     description: str | None = None
     tags: dict[str, Scalar] = Field(default_factory=dict)

@@ -1,0 +1,329 @@
+"""Fleet commands: ``vmfarm worker`` (with ``--tags``), ``vmfarm workers``, ``vmfarm hosts``.
+
+``register(main)`` adds them to the ``vmfarm`` group; its ``worker`` replaces the group's own
+(same options, plus ``--tags``). cli/main.py ends with::
+
+    from cli import fleet as _fleet  # noqa: E402
+    _fleet.register(main)
+
+Helpers of cli/main.py (``fail_input``, ``parse_sets``, the consoles) are taken from the module
+that called ``register``: under ``python -m cli.main`` that module is ``__main__``, and
+importing ``cli.main`` again would build a second copy of the command group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_host: ModuleType | None = None
+
+
+def register(main: click.Group) -> None:
+    """Add ``worker`` (superseding the group's), ``workers`` and ``hosts`` to ``main``."""
+    global _host
+    callback = main.callback
+    _host = sys.modules.get(getattr(callback, "__module__", "") or "")
+    main.add_command(worker, name="worker")
+    main.add_command(workers, name="workers")
+    main.add_command(hosts, name="hosts")
+
+
+def _cli() -> Any:
+    """cli/main.py as loaded in this process (see the module docstring)."""
+    if _host is not None and hasattr(_host, "fail_input"):
+        return _host
+    return importlib.import_module("cli.main")
+
+
+def _output_option(f: F) -> F:
+    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                        show_default=True, help="json: machine-readable output on stdout.")(f)
+
+
+# --- worker ---------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--region", "regions", multiple=True, help="Consume vmfarm.<region> (repeatable).")
+@click.option("--control", is_flag=True, help="Also (or only) consume vmfarm.control.")
+@click.option("--concurrency", "-c", type=int, help="Parallel tasks (threads for regions).")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--name", "-n", help="Worker node name (default vmfarm-<region>@<host>).")
+@click.option("--beat", is_flag=True,
+              help="Also run the periodic reconciler (Celery beat); run exactly one.")
+@click.option("--tags", "tag_values", multiple=True, metavar="A,B",
+              help="This worker's tags (comma-separated or repeated; at most 6): it also "
+                   "takes its regions' tasks that require some of them, on the queues "
+                   "vmfarm.<region>[tags].")
+def worker(regions: tuple[str, ...], control: bool, concurrency: int | None, loglevel: str,
+           name: str | None, beat: bool, tag_values: tuple[str, ...]) -> None:
+    """Run a Celery worker for one or more regions (a delegate) and/or the control queue.
+
+    It registers in the worker registry (vmfarm workers) and renews its entry every
+    VMFARM_HEARTBEAT_INTERVAL seconds until it stops."""
+    from app.delegates import MAX_TAGS, normalise_tags
+    from app.settings import get_settings
+    from app.worker import run_worker
+
+    if not regions and not control:
+        raise click.UsageError("give --region R (repeatable) and/or --control")
+    try:
+        tags = normalise_tags(",".join(tag_values))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tags") from None
+    if len(tags) > MAX_TAGS:
+        raise click.BadParameter(f"at most {MAX_TAGS} tags (got {len(tags)})",
+                                 param_hint="--tags")
+    if tags and not regions:
+        raise click.UsageError("--tags select region work: give --region too")
+    if get_settings().embedded:
+        _cli().err.print("error: a standalone worker needs a broker: set VMFARM_BROKER_URL "
+                         "(e.g. redis://127.0.0.1:6379/0)")
+        sys.exit(2)
+    try:
+        run_worker(regions=list(regions), control=control, concurrency=concurrency,
+                   loglevel=loglevel, name=name, beat=beat, tags=tags)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--region") from None
+
+
+# --- workers --------------------------------------------------------------------------------------
+
+
+def fleet_report() -> dict[str, Any]:
+    """The registry and the queues, as ``vmfarm workers -o json`` prints them."""
+    from app.celery import CONTROL_QUEUE
+    from app.delegates import all_workers, parse_queue, queue_depths
+    from app.settings import get_settings
+
+    settings = get_settings()
+    everyone = all_workers()
+    for w in everyone:
+        w["status"] = "live" if w["live"] else "stale"
+    known = {q for w in everyone for q in w["queues"]}
+    depths = queue_depths(known)
+    queues: list[dict[str, Any]] = []
+    for q, depth in depths.items():
+        parsed = parse_queue(q)
+        region, tags = (parsed[0], list(parsed[1])) if parsed else (None, [])
+        queues.append({"name": q, "region": region, "tags": tags, "depth": depth,
+                       "consumers": [w["name"] for w in everyone
+                                     if w["live"] and q in w["queues"]]})
+    regions: dict[str, dict[str, Any]] = {}
+    for w in everyone:
+        for r in w["regions"] or []:
+            regions.setdefault(r, {"workers": [], "queues": []})["workers"].append(w["name"])
+        if CONTROL_QUEUE in w["queues"]:
+            regions.setdefault("control", {"workers": [], "queues": []})["workers"].append(
+                w["name"])
+    for info in queues:
+        key = info["region"] or ("control" if info["name"] == CONTROL_QUEUE else None)
+        if key is not None:
+            regions.setdefault(key, {"workers": [], "queues": []})["queues"].append(
+                info["name"])
+    return {"broker": "redis" if settings.celery_broker.startswith(("redis://", "rediss://"))
+            else "other",
+            "embedded": settings.embedded,
+            "heartbeat_timeout": settings.heartbeat_timeout,
+            "workers": everyone, "queues": queues,
+            "regions": dict(sorted(regions.items()))}
+
+
+@click.command()
+@_output_option
+def workers(output: str) -> None:
+    """Workers per region: tags, concurrency, tasks in flight, last heartbeat (a worker not
+    heard from within VMFARM_HEARTBEAT_TIMEOUT is stale), and the depth of every queue."""
+    cli = _cli()
+    report = fleet_report()
+    if output == "json":
+        cli.out.print_json(json.dumps(report))
+        return
+    if report["embedded"]:
+        cli.err.print("embedded mode (no VMFARM_BROKER_URL): the worker runs inside "
+                      "`vmfarm run`; there is no fleet to show.")
+    by_name = {w["name"]: w for w in report["workers"]}
+    by_queue = {q["name"]: q for q in report["queues"]}
+    if not report["regions"]:
+        cli.out.print("no worker has registered and no queue is known")
+    for region, entry in report["regions"].items():
+        title = "control" if region == "control" else f"region {region}"
+        table = Table(title=title, title_justify="left")
+        for c in ("worker", "status", "tags", "concurrency", "in flight", "last beat"):
+            table.add_column(c, no_wrap=True)
+        for n in entry["workers"]:
+            w = by_name[n]
+            table.add_row(w["name"], Text(w["status"], style="green" if w["live"] else "red"),
+                          ", ".join(w["tags"]) or "-", f"{w['concurrency']} ({w['pool']})",
+                          str(w["in_flight"]), f"{w['age']:.0f}s ago")
+        if not entry["workers"]:
+            table.add_row("(none)", Text("no worker", style="red"), "", "", "", "")
+        cli.out.print(table)
+        for q in entry["queues"]:
+            info = by_queue[q]
+            depth = "unknown" if info["depth"] is None else str(info["depth"])
+            consumers = ", ".join(info["consumers"])
+            style = "" if consumers or not info["depth"] else "red"
+            cli.out.print(Text(f"  queue {q}: {depth} waiting; "
+                               + (f"consumed by {consumers}" if consumers
+                                  else "no live worker consumes it"), style=style))
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+
+def _infra_of(loaded: Any) -> dict[str, Any]:
+    """An infrastructure as a resolved stage holds it (app.spec.loader.resolve_stage)."""
+    from app.spec.loader import provider_of
+
+    return {
+        "identifier": loaded.ident,
+        "name": loaded.model.metadata.name,
+        "provider": provider_of(loaded.model),
+        "spec": loaded.model.spec.spec.model_dump(mode="json", by_alias=True,
+                                                   exclude_none=True),
+        "source": f"{loaded.doc.file}:{loaded.doc.pos(loaded.base or ('metadata',))[0]}",
+    }
+
+
+def _has_input(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_input(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_input(v) for v in value)
+    return isinstance(value, str) and "<+input" in value
+
+
+def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
+                            infra_id: str | None,
+                            inputs: dict[str, str]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(pipeline identifier, infrastructures with the stages using them) from the files: those
+    of the chosen pipeline's stages, or every one when the files define no pipeline; only
+    ``infra_id`` if given (any infrastructure of the files). Raises SpecError/SpecErrors for
+    bad input."""
+    from app.errors import SpecError
+    from app.spec import choose_pipeline, load
+    from app.spec.loader import resolve_stage
+
+    bundle = load(files, inputs=inputs, require_inputs=False)
+    found: dict[str, dict[str, Any]] = {}
+    pipe_id: str | None = None
+    if bundle.pipelines or pipeline:
+        pipe = choose_pipeline(bundle, pipeline)
+        pipe_id = pipe.ident
+        for i in range(len(pipe.model.spec.stages)):
+            stage = resolve_stage(bundle, pipe, i, execution_id="<hosts>", strict_inputs=False)
+            for infra in stage["infrastructures"]:
+                entry = found.setdefault(infra["identifier"], {**infra, "stages": []})
+                entry["stages"].append(stage["identifier"])
+    else:
+        for loaded in bundle.infrastructures.values():
+            found[loaded.ident] = {**_infra_of(loaded), "stages": []}
+    if infra_id is not None:
+        if infra_id not in found and infra_id in bundle.infrastructures:
+            found[infra_id] = {**_infra_of(bundle.infrastructures[infra_id]), "stages": []}
+        if infra_id not in found:
+            where = f"pipeline '{pipe_id}'" if pipe_id else "the files"
+            raise SpecError(f"no infrastructure '{infra_id}' in {where} (known: "
+                            f"{', '.join(sorted(found)) or 'none'})", file="--infra")
+        found = {infra_id: found[infra_id]}
+    for infra in found.values():
+        if _has_input(infra["spec"]):
+            file, _, line = str(infra["source"]).rpartition(":")
+            raise SpecError(f"infrastructure '{infra['identifier']}' has a runtime input "
+                            "(<+input>) with no value: give it with --set",
+                            file=file or str(infra["source"]),
+                            line=int(line) if line.isdigit() else 0)
+    return pipe_id, list(found.values())
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--infra", "infra_id", help="Only this infrastructure (identifier).")
+@click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@_output_option
+def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
+          sets: tuple[str, ...], output: str) -> None:
+    """Preview the hosts of the infrastructures a pipeline deploys to (or of --infra ID).
+
+    Discovery runs here, with this machine's cloud credentials and network; during a run the
+    region's workers do it (task vmfarm.discover), with theirs. Exit 1 when a provider cannot
+    list an infrastructure, 2 on bad input."""
+    from app.errors import ConfigError, DiscoveryError, SpecError, SpecErrors
+    from app.providers.base import discover
+
+    cli = _cli()
+    try:
+        pipe_id, infras = collect_infrastructures(files, pipeline=pipeline, infra_id=infra_id,
+                                                  inputs=cli.parse_sets(sets))
+    except (SpecError, SpecErrors, ConfigError) as exc:
+        cli.fail_input(exc)
+        return
+    results: list[dict[str, Any]] = []
+    failed = False
+    for infra in infras:
+        entry: dict[str, Any] = {
+            "identifier": infra["identifier"], "name": infra["name"],
+            "provider": infra["provider"], "region": infra["spec"].get("region"),
+            "source": infra["source"], "stages": infra["stages"]}
+        try:
+            found = discover(infra)
+        except DiscoveryError as exc:
+            entry["error"] = {"message": str(exc), "error_class": exc.error_class}
+            failed = True
+        except (SpecError, SpecErrors, ConfigError) as exc:
+            cli.fail_input(exc)
+            return
+        else:
+            entry["hosts"] = [{"name": h.name, "address": h.address, "region": h.region,
+                               "public_ip": h.public_ip, "private_ip": h.private_ip,
+                               "slot": None if h.attributes.get("slot") is None
+                               else str(h.attributes["slot"]), "port": h.port,
+                               "user": h.user} for h in found]
+            if entry["region"] is None:
+                entry["region"] = ", ".join(sorted({h.region for h in found})) or None
+        results.append(entry)
+    if output == "json":
+        cli.out.print_json(json.dumps({"pipeline": pipe_id, "infrastructures": results}))
+    else:
+        _print_hosts(cli, results)
+    for entry in results:
+        if "error" in entry:
+            cli.err.print(Text(f"error: infrastructure '{entry['identifier']}' "
+                               f"({entry['provider']}): discovery failed "
+                               f"[{entry['error']['error_class']}]: "
+                               f"{entry['error']['message']}", style="red"))
+    if failed:
+        sys.exit(1)
+
+
+def _print_hosts(cli: Any, results: list[dict[str, Any]]) -> None:
+    for entry in results:
+        used = f"; stages {', '.join(entry['stages'])}" if entry["stages"] else ""
+        cli.out.print(Text.assemble(
+            "infrastructure ", (entry["identifier"], "bold"),
+            f" ({entry['provider']}, region {entry['region'] or '-'}{used}) {entry['source']}"))
+        if "error" in entry:
+            cli.out.print(Text(f"  discovery failed [{entry['error']['error_class']}]",
+                               style="red"))
+            continue
+        table = Table(box=None, pad_edge=False)
+        for c in ("host", "address", "region", "public ip", "private ip", "slot"):
+            table.add_column(c, no_wrap=True)
+        for h in entry["hosts"]:
+            table.add_row(h["name"], h["address"], h["region"], h["public_ip"] or "-",
+                          h["private_ip"] or "-", h["slot"] or "-")
+        cli.out.print(table)
+        cli.out.print(f"  {len(entry['hosts'])} host(s)")

@@ -1,0 +1,421 @@
+"""Delegate selection: worker tags and their queues, the worker registry and its heartbeats,
+`vmfarm workers`, discovery as a region task, and `vmfarm hosts`.
+
+The fleet tests start real `vmfarm worker` processes on Redis (databases 12 and 13) and the
+session's PostgreSQL; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.celery import CONTROL_QUEUE, app
+from app.delegates import (
+    MAX_TAGS,
+    QueueChoice,
+    normalise_tags,
+    parse_queue,
+    queue_for,
+    resolve_queue,
+    tag_subsets,
+    unserved,
+    worker_queues,
+)
+from tests.conftest import DATA, REDIS_BASE, REPO, _stop, base_env, run_vmfarm
+
+BROKER_DB, RESULT_DB = 12, 13
+GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
+STATIC = {"identifier": "lab_rz", "name": "lab-rz", "provider": "static", "source": "test:1",
+          "spec": {"region": "rz", "hosts": [{"hostname": "127.0.1.250"},
+                                             {"hostname": "127.0.1.251", "region": "ry"}]}}
+
+
+def route(name: str, **kwargs: object) -> str:
+    return str(app.amqp.router.route({}, name, (), kwargs)["queue"].name)
+
+
+# --- names and routing (no services) --------------------------------------------------------------
+
+
+def test_a_task_without_tags_goes_to_the_plain_region_queue() -> None:
+    assert queue_for("eu-west-1") == "vmfarm.eu-west-1"
+    assert queue_for("eu-west-1", []) == "vmfarm.eu-west-1"
+
+
+def test_tags_name_one_queue_whatever_their_order_or_repetition() -> None:
+    assert queue_for("r1", ["gpu"]) == "vmfarm.r1[gpu]"
+    assert queue_for("r1", ["pci", "gpu", "pci"]) == "vmfarm.r1[gpu,pci]"
+    assert queue_for("r1", {"gpu", "pci"}) == queue_for("r1", ("pci", "gpu"))
+    assert queue_for("r1", "pci,gpu") == "vmfarm.r1[gpu,pci]"
+    assert parse_queue("vmfarm.r1[gpu,pci]") == ("r1", ("gpu", "pci"))
+    assert parse_queue("vmfarm.r1") == ("r1", ())
+    assert parse_queue(CONTROL_QUEUE) is None
+
+
+@pytest.mark.parametrize("tags", [["GPU"], ["has space"], ["-x"], ["a,b]"], ["x" * 64], [""]])
+def test_invalid_tag_names_are_refused(tags: list[str]) -> None:
+    if tags == [""]:  # an empty item is no tag at all
+        assert queue_for("r1", tags) == "vmfarm.r1"
+        return
+    with pytest.raises(ValueError, match="invalid worker tag"):
+        queue_for("r1", tags)
+
+
+def test_invalid_regions_and_too_many_tags_are_refused() -> None:
+    with pytest.raises(ValueError, match="invalid region"):
+        queue_for("Bad Region", ["gpu"])
+    with pytest.raises(ValueError, match=f"at most {MAX_TAGS}"):
+        queue_for("r1", [f"t{i}" for i in range(MAX_TAGS + 1)])
+    with pytest.raises(ValueError, match=f"at most {MAX_TAGS}"):
+        tag_subsets([f"t{i}" for i in range(MAX_TAGS + 1)])
+
+
+def test_a_worker_consumes_its_region_queue_and_one_queue_per_subset_of_its_tags() -> None:
+    assert tag_subsets(["b", "a"]) == [("a",), ("b",), ("a", "b")]
+    assert len(tag_subsets([f"t{i}" for i in range(MAX_TAGS)])) == 2 ** MAX_TAGS - 1
+    assert worker_queues(["r1"], ["gpu", "pci"]) == [
+        "vmfarm.r1", "vmfarm.r1[gpu,pci]", "vmfarm.r1[gpu]", "vmfarm.r1[pci]"]
+    assert worker_queues(["r1", "r2"], []) == ["vmfarm.r1", "vmfarm.r2"]
+    # Every requirement a worker can meet is one of its queues; no other is.
+    mine = set(worker_queues(["r1"], ["a", "b", "c"]))
+    for need in (["a"], ["c", "a"], ["a", "b", "c"]):
+        assert queue_for("r1", need) in mine
+    assert queue_for("r1", ["d"]) not in mine and queue_for("r2", ["a"]) not in mine
+
+
+def test_steps_with_tags_in_their_key_go_to_the_tag_queue() -> None:
+    assert route("vmfarm.run_step", key={"region": "r1", "tags": ["gpu"]}) == "vmfarm.r1[gpu]"
+    assert route("vmfarm.check_host", key={"region": "r1", "tags": ["pci", "gpu"]}) == \
+        "vmfarm.r1[gpu,pci]"
+    assert route("vmfarm.run_step", key={"region": "r1", "tags": []}) == "vmfarm.r1"
+    assert route("vmfarm.run_step", key={"region": "r1"}) == "vmfarm.r1"
+    assert route("vmfarm.advance") == CONTROL_QUEUE
+    with pytest.raises(ValueError, match="invalid worker tag"):
+        route("vmfarm.run_step", key={"region": "r1", "tags": ["GPU"]})
+
+
+def test_discovery_is_routed_by_its_region_and_tags_kwargs() -> None:
+    assert route("vmfarm.discover", infra=STATIC, region="rz") == "vmfarm.rz"
+    assert route("vmfarm.discover", infra=STATIC, region="rz", tags=["gpu"]) == "vmfarm.rz[gpu]"
+    assert "tasks.discovery" in app.conf.include
+
+
+def _w(name: str, regions: list[str], tags: list[str], *, live: bool = True,
+       age: float = 1.0) -> dict[str, Any]:
+    return {"name": name, "regions": regions, "tags": tags, "live": live, "age": age}
+
+
+def test_a_requirement_is_served_by_a_live_worker_of_its_region_with_every_tag() -> None:
+    fleet = [_w("a@h", ["r1"], ["gpu", "pci"]), _w("b@h", ["r1"], []),
+             _w("c@h", ["r2"], ["arm"], live=False, age=300)]
+    assert unserved([("r1", frozenset({"gpu"})), ("r1", frozenset()),
+                     ("r1", {"gpu", "pci"})], workers=fleet) == []
+    msgs = unserved([("r1", {"gpu", "arm"}), ("r2", {"arm"}), ("r1", {"gpu", "arm"})],
+                    workers=fleet)
+    assert len(msgs) == 2  # one message per distinct requirement
+    assert msgs[0].startswith("no live worker serves region r1 with tags [arm, gpu] (live "
+                              "workers: a@h (r1, tags: gpu, pci), b@h (r1, tags: none))")
+    assert "region r2 with tags [arm]" in msgs[1]
+    assert "not heard from: c@h (last beat 300s ago)" in msgs[1]
+
+
+def test_fallback_takes_the_plain_region_queue_when_no_tagged_worker_is_live() -> None:
+    fleet = [_w("b@h", ["r1"], []), _w("g@h", ["r1"], ["gpu"], live=False)]
+    choice = resolve_queue("r1", ["gpu"], True, workers=fleet)
+    assert choice == QueueChoice("vmfarm.r1", choice.message)
+    assert "falling back" in choice.message and choice.tags == []
+    assert unserved([("r1", {"gpu"}, True)], workers=fleet) == []
+    assert unserved([("r1", {"gpu"})], workers=fleet) != []
+    nobody = resolve_queue("r2", ["gpu"], True, workers=fleet)
+    assert nobody.queue is None and "region r2 with tags [gpu]" in nobody.message
+    served = resolve_queue("r1", [], workers=fleet)
+    assert served == ("vmfarm.r1", "")
+    tagged = resolve_queue("r1", ["gpu"], workers=[*fleet, _w("g2@h", ["r1"], ["gpu", "x"])])
+    assert tagged == ("vmfarm.r1[gpu]", "") and tagged.tags == ["gpu"]
+
+
+def test_normalised_tags_are_sorted_and_unique() -> None:
+    assert normalise_tags(["b", "a", "b", " c "]) == ("a", "b", "c")
+    assert normalise_tags(None) == ()
+
+
+# --- a fleet of real worker processes -------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]]
+    logs: dict[str, Path]
+
+    def vmfarm(self, *args: str, timeout_s: str = "30") -> subprocess.CompletedProcess[str]:
+        return run_vmfarm(*args, env={**self.env, "VMFARM_HEARTBEAT_TIMEOUT": timeout_s})
+
+    def workers(self, timeout_s: str = "30") -> dict[str, Any]:
+        res = self.vmfarm("workers", "-o", "json", timeout_s=timeout_s)
+        assert res.returncode == 0, res.stderr
+        return dict(json.loads(res.stdout))
+
+    def worker_logs(self) -> str:
+        return "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-3000:]}"
+                         for n, p in self.logs.items() if p.exists())
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"{what} within {timeout}s\n{self.worker_logs()}")
+
+
+def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {w["name"]: w for w in report["workers"]}
+
+
+@pytest.fixture(scope="module")
+def fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Two region workers of region rz: one tagged gpu, one without tags."""
+    import redis
+
+    broker, results = f"{REDIS_BASE}/{BROKER_DB}", f"{REDIS_BASE}/{RESULT_DB}"
+    for url in (broker, results):
+        redis.Redis.from_url(url).flushdb()
+    home = tmp_path_factory.mktemp("delegates")
+    env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
+                   VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(home),
+                   VMFARM_HEARTBEAT_INTERVAL="0.5")
+    specs = {GPU: ["--region", "rz", "--tags", "gpu"], PLAIN: ["--region", "rz"]}
+    procs, logs = {}, {}
+    for name, args in specs.items():
+        logs[name] = home / f"{name.split('@')[0]}.log"
+        with logs[name].open("wb") as fh:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "worker", "-n", name, "-c", "2", *args],
+                env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    fl = Fleet(env=env, procs=procs, logs=logs)
+    try:
+        fl.wait_for("both workers registered as live", lambda: all(
+            _by_name(fl.workers()).get(n, {}).get("live") for n in specs))
+        yield fl
+    finally:
+        _stop(list(procs.values()))
+
+
+@pytest.fixture
+def fleet_app(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """This process's Celery app and ledger, pointed at the fleet's Redis and PostgreSQL."""
+    from app.celery import reconfigure
+    from app.db import reset_engines
+
+    for k, v in fleet.env.items():
+        if k.startswith("VMFARM_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VMFARM_HEARTBEAT_TIMEOUT", "30")
+    reconfigure()
+    reset_engines()
+    yield app
+    monkeypatch.undo()
+    reconfigure()
+    reset_engines()
+
+
+def test_workers_register_with_their_regions_tags_and_queues(fleet: Fleet) -> None:
+    report = fleet.workers()
+    assert report["broker"] == "redis"
+    mine = _by_name(report)
+    gpu, plain = mine[GPU], mine[PLAIN]
+    assert (gpu["regions"], gpu["tags"], gpu["status"]) == (["rz"], ["gpu"], "live")
+    assert (plain["regions"], plain["tags"], plain["status"]) == (["rz"], [], "live")
+    assert gpu["queues"] == ["vmfarm.rz", "vmfarm.rz[gpu]"]
+    assert plain["queues"] == ["vmfarm.rz"]
+    assert gpu["concurrency"] == 2 and gpu["pool"] == "threads" and gpu["in_flight"] == 0
+    assert gpu["pid"] == fleet.procs[GPU].pid
+    depth = {q["name"]: q for q in report["queues"]}
+    assert depth["vmfarm.rz[gpu]"]["consumers"] == [GPU]
+    assert sorted(depth["vmfarm.rz"]["consumers"]) == sorted([GPU, PLAIN])
+    assert {GPU, PLAIN} <= set(report["regions"]["rz"]["workers"])
+    text = fleet.vmfarm("workers")
+    assert text.returncode == 0, text.stderr
+    assert "region rz" in text.stdout and GPU in text.stdout and "vmfarm.rz[gpu]" in text.stdout
+
+
+def test_the_workers_consume_exactly_their_queues(fleet: Fleet, fleet_app: Any) -> None:
+    # What Celery itself says each worker consumes (the queues are not given with -Q).
+    active = fleet_app.control.inspect(destination=[GPU, PLAIN], timeout=5).active_queues()
+    assert sorted(q["name"] for q in active[GPU]) == ["vmfarm.rz", "vmfarm.rz[gpu]"]
+    assert [q["name"] for q in active[PLAIN]] == ["vmfarm.rz"]
+
+
+def test_requirements_are_checked_against_the_live_workers(fleet: Fleet, fleet_app: Any) -> None:
+    assert unserved([("rz", frozenset({"gpu"})), ("rz", frozenset())]) == []
+    [msg] = unserved([("rz", frozenset({"arm"}))])
+    assert "region rz with tags [arm]" in msg and GPU in msg and PLAIN in msg
+    assert resolve_queue("rz", ["gpu"]) == ("vmfarm.rz[gpu]", "")
+    assert resolve_queue("rz", ["arm"], True).queue == "vmfarm.rz"
+
+
+def test_a_discovery_task_that_requires_a_tag_runs_on_a_worker_with_that_tag(
+        fleet: Fleet, fleet_app: Any) -> None:
+    from tasks.discovery import discover_hosts
+
+    tagged = [discover_hosts.apply_async(kwargs={"infra": STATIC, "region": "rz",
+                                                 "tags": ["gpu"]}) for _ in range(4)]
+    for res in tagged:
+        out = res.get(timeout=60)
+        assert (out["worker"], out["queue"], res.worker) == (GPU, "vmfarm.rz[gpu]", GPU)
+        assert [(h["name"], h["region"]) for h in out["hosts"]] == [
+            ("127.0.1.250", "rz"), ("127.0.1.251", "ry")]
+    # Without tags any worker of the region may take it; a bad infrastructure is data.
+    bad = discover_hosts.apply_async(kwargs={"infra": {**STATIC, "provider": "nope"},
+                                             "region": "rz"}).get(timeout=60)
+    assert bad["worker"] in (GPU, PLAIN) and bad["queue"] == "vmfarm.rz"
+    assert bad["error_type"] == "ConfigError" and "unknown provider 'nope'" in bad["error"]
+    assert "hosts" not in bad
+
+
+def test_work_nobody_can_take_shows_as_queue_depth(fleet: Fleet, fleet_app: Any) -> None:
+    from tasks.discovery import discover_hosts
+
+    discover_hosts.apply_async(kwargs={"infra": STATIC, "region": "rz", "tags": ["arm"]},
+                               expires=600)
+    queues = {q["name"]: q for q in fleet.workers()["queues"]}
+    assert queues["vmfarm.rz[arm]"]["depth"] == 1
+    assert queues["vmfarm.rz[arm]"]["consumers"] == []
+    assert queues["vmfarm.rz[arm]"]["tags"] == ["arm"]
+    assert queues["vmfarm.rz[gpu]"]["depth"] == 0
+    with fleet_app.connection_for_write() as conn:
+        conn.default_channel.queue_purge("vmfarm.rz[arm]")
+
+
+def test_a_killed_worker_goes_stale_and_a_stopped_one_leaves(
+        fleet: Fleet, fleet_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs last in this module: it stops both workers.
+    os.killpg(fleet.procs[GPU].pid, signal.SIGKILL)
+    fleet.procs[GPU].wait(timeout=30)
+    fleet.wait_for("the killed worker shown as stale", lambda: _by_name(
+        fleet.workers(timeout_s="2"))[GPU]["status"] == "stale")
+    report = _by_name(fleet.workers(timeout_s="2"))
+    assert report[GPU]["live"] is False
+    text = fleet.vmfarm("workers", timeout_s="2").stdout
+    assert "stale" in text
+
+    from app.settings import get_settings
+
+    monkeypatch.setenv("VMFARM_HEARTBEAT_TIMEOUT", "2")
+    get_settings.cache_clear()
+    [msg] = unserved([("rz", frozenset({"gpu"}))])
+    assert "region rz with tags [gpu]" in msg and f"not heard from: {GPU}" in msg
+
+    # A warm shutdown removes the worker from the registry.
+    os.killpg(fleet.procs[PLAIN].pid, signal.SIGTERM)
+    assert fleet.procs[PLAIN].wait(timeout=60) == 0
+    assert PLAIN not in _by_name(fleet.workers())
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def test_worker_tags_are_validated(tmp_path: Path) -> None:
+    env = base_env(VMFARM_HOME=str(tmp_path), VMFARM_BROKER_URL=f"{REDIS_BASE}/{BROKER_DB}")
+    for args, says in ((["--region", "rz", "--tags", "GPU"], "invalid worker tag"),
+                       (["--region", "rz", "--tags", "a,b,c,d,e,f,g"], "at most 6"),
+                       (["--control", "--tags", "gpu"], "give --region")):
+        res = run_vmfarm("worker", *args, env=env, timeout=60)
+        assert res.returncode == 2 and says in res.stderr, res.stderr
+
+
+def test_workers_without_a_redis_broker_shows_unknown_depths(tmp_path: Path) -> None:
+    env = base_env(VMFARM_HOME=str(tmp_path))
+    res = run_vmfarm("workers", "-o", "json", env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["broker"] == "other" and report["workers"] == []
+    assert {q["name"]: q["depth"] for q in report["queues"]} == {CONTROL_QUEUE: None}
+
+
+def test_hosts_lists_the_hosts_of_a_pipelines_infrastructures(tmp_path: Path) -> None:
+    env = base_env(VMFARM_HOME=str(tmp_path))
+    good = str(DATA / "good")
+    text = run_vmfarm("hosts", good, env=env)
+    assert text.returncode == 0, text.stderr
+    assert "test_hosts" in text.stdout and "static" in text.stdout
+    assert "127.0.1.201" in text.stdout and "127.0.1.202" in text.stdout
+
+    res = run_vmfarm("hosts", good, "--infra", "test_hosts", "-o", "json", env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["pipeline"] == "hello"
+    [infra] = data["infrastructures"]
+    assert (infra["identifier"], infra["provider"], infra["region"], infra["stages"]) == (
+        "test_hosts", "static", "r1", ["deploy"])
+    assert [(h["name"], h["address"], h["region"]) for h in infra["hosts"]] == [
+        ("127.0.1.201", "127.0.1.201", "r1"), ("127.0.1.202", "127.0.1.202", "r2")]
+    assert {"public_ip", "private_ip", "slot"} <= set(infra["hosts"][0])
+
+
+def test_hosts_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
+    env = base_env(VMFARM_HOME=str(tmp_path))
+    bad = DATA / "bad" / "infra_no_hosts.yaml"
+    res = run_vmfarm("hosts", str(bad), env=env)
+    assert res.returncode == 2
+    assert f"{bad}:" in res.stderr and "needs at least one host" in res.stderr
+    res = run_vmfarm("hosts", str(DATA / "good"), "--infra", "nope", env=env)
+    assert res.returncode == 2 and "no infrastructure 'nope'" in res.stderr
+    res = run_vmfarm("hosts", str(tmp_path / "missing.yaml"), env=env)
+    assert res.returncode == 2 and "no such file" in res.stderr
+
+
+class _RefusingEC2(BaseHTTPRequestHandler):
+    """An EC2 endpoint that refuses every credential (AuthFailure)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+                b"<Code>AuthFailure</Code><Message>AWS was not able to validate the provided "
+                b"access credentials</Message></Error></Errors><RequestID>1</RequestID>"
+                b"</Response>")
+        self.send_response(401)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_hosts_exits_1_naming_the_infrastructure_when_discovery_fails(tmp_path: Path) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingEC2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        empty = tmp_path / "none"
+        empty.write_text("")
+        env = base_env(VMFARM_HOME=str(tmp_path / "home"),
+                       AWS_ENDPOINT_URL_EC2=f"http://127.0.0.1:{server.server_port}",
+                       AWS_ACCESS_KEY_ID="AKIATESTTESTTEST0000", AWS_SECRET_ACCESS_KEY="x",
+                       AWS_CONFIG_FILE=str(empty), AWS_SHARED_CREDENTIALS_FILE=str(empty),
+                       AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1")
+        for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "HTTP_PROXY",
+                  "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env.pop(k, None)
+        res = run_vmfarm("hosts", str(DATA / "infra_aws.yaml"), "--infra", "aws_inline",
+                         env=env)
+    finally:
+        server.shutdown()
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "infrastructure 'aws_inline' (aws)" in res.stderr
+    assert "[Authentication]" in res.stderr
