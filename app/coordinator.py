@@ -62,6 +62,20 @@ def submit(
     execution_id = new_execution_id()
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id=execution_id)
+    refused = [f"stage '{st['identifier']}': {why}"
+               for st, hosts in zip(plan["stages"], stage_hosts, strict=True)
+               for why in unserved_delegates(st, [h.to_dict() for h in hosts])]
+    # Cloud hosts are listed by their region's workers: one with the tags must be live.
+    refused += [f"stage '{st['identifier']}', infrastructure '{infra['identifier']}': {why}"
+                for st in plan["stages"] if st.get("type") != "Approval"
+                and _discovered_by_workers(st) for infra in st["infrastructures"]
+                for chosen, why in [_choose_tags(
+                    st, discovery_region(infra),
+                    _wanted_tags(st, {"infrastructure": infra["identifier"]}, None))]
+                if chosen is None]
+    if refused:  # nothing is recorded: no live worker could take this work
+        raise ConfigError("; ".join(refused) + " (start one with `vmfarm worker --region R "
+                          "--tags ...`, or give the stage a delegateFallback)")
     with session_scope() as s:
         ex = Execution(
             id=execution_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
@@ -261,6 +275,8 @@ class _Dispatch:
     lanes: int | None = None
     steps_of: dict[str, tuple[int, tuple[str, int] | None]] | None = None
     countdown: float = 0.0
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None
+    discover: list[tuple[dict[str, Any], str, tuple[str, ...]]] | None = None
 
 
 def _lock_execution(s: Session, execution_id: str) -> Execution | None:
@@ -284,6 +300,112 @@ def advance(execution_id: str) -> str:
     for d in dispatches:
         _publish(d)
     return decision
+
+
+def _discovered_by_workers(stage_plan: dict[str, Any]) -> bool:
+    """Cloud hosts are listed by the region's workers (they hold its credentials); embedded
+    runs, and static host lists, need no task."""
+    return not get_settings().embedded and not _all_static(stage_plan)
+
+
+def discovery_region(infra: dict[str, Any]) -> str:
+    """The region whose workers list an infrastructure's hosts: its ``region``, else the first
+    of ``hostFilter.spec.regions``, else ``default``."""
+    spec = infra.get("spec") or {}
+    regions = ((spec.get("hostFilter") or {}).get("spec") or {}).get("regions") or []
+    return str(spec.get("region") or (regions[0] if regions else "") or "default")
+
+
+def _decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any],
+                      dispatches: list[_Dispatch]) -> str:
+    """'' once the stage's hosts are known, else what is happening (discovery sent, waiting,
+    or the stage failed)."""
+    rec = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+                                        PhaseRun.stage_index == run.stage_index,
+                                        PhaseRun.kind == "discover")).first()
+    if rec is None:
+        work, problems = [], []
+        for infra in stage_plan["infrastructures"]:
+            region = discovery_region(infra)
+            want = _wanted_tags(stage_plan, {"infrastructure": infra["identifier"]}, None)
+            chosen, why = _choose_tags(stage_plan, region, want)
+            if chosen is None:
+                problems.append(f"infrastructure '{infra['identifier']}': {why}")
+            work.append((infra, region, want if chosen is None else chosen))
+        rec = PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=-1,
+                       kind="discover", hosts=[],
+                       verdict={"infrastructures": [{"identifier": i["identifier"],
+                                                     "region": r, "tags": list(t)}
+                                                    for i, r, t in work]})
+        if problems:  # nobody could list the hosts: fail now instead of waiting in a queue
+            rec.status, rec.gate_at = Status.FAILED, utcnow()
+            rec.verdict = {**(rec.verdict or {}), "error": "; ".join(problems),
+                           "error_class": "Unknown"}
+        s.add(rec)
+        s.flush()
+        if ex.status == Status.QUEUED:
+            ex.status, ex.started_at = Status.RUNNING, utcnow()
+            s.add(ex)
+        run.started_at = utcnow()
+        s.add(run)
+        if not problems:
+            dispatches.append(_Dispatch("discover", ex.id, run.stage_index, -1, [],
+                                        discover=work))
+            return "discovering hosts"
+    if rec.status == Status.RUNNING:
+        return "discovering hosts"
+    if rec.status == Status.FAILED:
+        v = rec.verdict or {}
+        return _stage_failed(s, ex, run, v.get("error", "host discovery failed"),
+                             [(None, v.get("error_class") or "Unknown")], None, dispatches) \
+            or _fail_stage(s, ex, run, v.get("error", "host discovery failed"))
+    return ""
+
+
+def discovery_done(execution_id: str, stage_index: int, results: list[dict[str, Any]]) -> str:
+    """Body of a discovery chord: record the hosts each region's workers found (or why they
+    could not), check that live workers can take the stage's tasks, then advance."""
+    with session_scope() as s:
+        found = _running_record(s, execution_id, stage_index, -1, "discover")
+        if found is None:
+            return advance(execution_id)
+        ex, run, rec = found
+        stage_plan = ex.plan["stages"][stage_index]
+        verdict = dict(rec.verdict or {})
+        errors = [r for r in results if r.get("error")]
+        hosts: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+        problem, error_class = "", "Unknown"
+        for r in results:
+            for h in r.get("hosts", []):
+                if h["name"] in seen:
+                    problem = (f"host {h['name']} appears in infrastructures "
+                               f"'{seen[h['name']]}' and '{h['infrastructure']}'")
+                seen[h["name"]] = h["infrastructure"]
+                hosts.append(h)
+        if errors:
+            problem = "; ".join(str(e["error"]) for e in errors)
+            error_class = str(errors[0].get("error_class") or "Unknown")
+        elif not hosts:
+            problem = (f"stage '{stage_plan['identifier']}' targets no hosts: discovery found "
+                       "no running instance that matches")
+        elif not problem:
+            missing = unserved_delegates(stage_plan, hosts)
+            if missing:
+                problem = "; ".join(missing)
+        verdict.update(workers=[{"worker": r.get("worker"), "queue": r.get("queue")}
+                                for r in results], hosts=len(hosts))
+        if problem:
+            verdict.update(error=problem, error_class=error_class)
+            rec.status = Status.FAILED
+        else:
+            rec.status = Status.SUCCEEDED
+            run.hosts = hosts
+            s.add(run)
+        rec.verdict, rec.gate_at = verdict, utcnow()
+        rec.hosts = [h["name"] for h in hosts]
+        s.add(rec)
+    return advance(execution_id)
 
 
 def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any]) -> str:
@@ -329,6 +451,11 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
             if outcome:
                 return outcome
             continue
+        if run.status == Status.PENDING and not run.hosts and _discovered_by_workers(
+                stage_plan):
+            outcome = _decide_discovery(s, ex, run, stage_plan, dispatches)
+            if outcome:
+                return outcome
         if run.status == Status.PENDING:
             problem = _start_stage(s, ex, run, stage_plan)
             if problem:
@@ -713,10 +840,12 @@ def _dispatch_rollback(s: Session, ex: Execution, run: StageRun, ph: dict[str, A
         t = targets[name]
         src = t.get("source") if builtin else None
         steps_of[name] = (int(t["steps"]), (str(src[0]), int(src[1])) if src else None)
+    stage = ex.plan["stages"][run.stage_index]
     out.append(_Dispatch("rollback", ex.id, run.stage_index, ph["index"],
                          [(n, by_name[n]["region"]) for n in ph["hosts"]],
-                         lanes=ex.plan["stages"][run.stage_index]["strategy"].get(
-                             "maxConcurrency"), steps_of=steps_of))
+                         lanes=stage["strategy"].get("maxConcurrency"), steps_of=steps_of,
+                         tags_of=_tags_of(stage, [by_name[n] for n in ph["hosts"]],
+                                          stage.get("rollbackSteps") or stage["steps"])))
 
 
 def intervene(execution_id: str, *, action: str, user: str = "", comment: str = "") -> str:
@@ -744,6 +873,77 @@ def intervene(execution_id: str, *, action: str, user: str = "", comment: str = 
     return f"{action} chosen by {user or 'someone'}; execution {advance(execution_id)}"
 
 
+# --- delegates: which workers take a stage's tasks ------------------------------------------------
+
+
+def _wanted_tags(stage: dict[str, Any], host: dict[str, Any],
+                 step: dict[str, Any] | None) -> tuple[str, ...]:
+    """The worker tags a task on ``host`` needs: the pipeline's and stage's selectors, its
+    infrastructure's, and the step's own."""
+    infra: dict[str, Any] = next((i for i in stage.get("infrastructures", [])
+                                  if i["identifier"] == host.get("infrastructure")), {})
+    tags = {*(stage.get("delegateSelectors") or []),
+            *((infra.get("spec") or {}).get("delegateSelectors") or []),
+            *(((step or {}).get("spec") or {}).get("delegateSelectors") or [])}
+    return tuple(sorted(tags))
+
+
+def _choose_tags(stage: dict[str, Any], region: str,
+                 tags: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str]:
+    """(the tags to route with, a note) for a task of ``region`` that wants ``tags``: the live
+    workers with them, else the stage's delegateFallback; (None, why) when nobody can serve."""
+    from app.delegates import resolve_queue
+
+    if not tags:
+        return (), ""
+    choice = resolve_queue(region, tags)
+    if choice.queue:
+        return tuple(choice.tags), ""
+    fallback = stage.get("delegateFallback")
+    if fallback is not None:
+        second = resolve_queue(region, fallback, True)
+        if second.queue:
+            return tuple(second.tags), (f"no live worker of region {region} has tags "
+                                        f"[{', '.join(tags)}]: using the fallback "
+                                        f"[{', '.join(fallback) or 'any worker'}]")
+    return None, choice.message
+
+
+def _tags_of(stage: dict[str, Any], hosts: list[dict[str, Any]],
+             steps: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """Routing tags per (host, step index), step -1 being the host's verification checks. A
+    requirement no live worker serves keeps its tags: the task waits in its queue for one
+    (and fails with Timeout past its dispatch deadline)."""
+    out: dict[tuple[str, int], tuple[str, ...]] = {}
+    memo: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
+    for h in hosts:
+        for i, step in [(-1, None), *enumerate(steps)]:
+            want = _wanted_tags(stage, h, step)
+            if not want:
+                continue
+            k = (h["region"], want)
+            if k not in memo:
+                chosen, note = _choose_tags(stage, h["region"], want)
+                if note:
+                    log.warning("stage %s: %s", stage.get("identifier"), note)
+                memo[k] = want if chosen is None else chosen
+            if memo[k]:
+                out[(h["name"], i)] = memo[k]
+    return out
+
+
+def unserved_delegates(stage: dict[str, Any], hosts: list[dict[str, Any]]) -> list[str]:
+    """Why no live worker could take some of the stage's tasks (empty when all can)."""
+    problems: dict[str, None] = {}
+    for h in hosts:
+        for step in [None, *stage.get("steps", [])]:
+            want = _wanted_tags(stage, h, step)
+            chosen, why = _choose_tags(stage, h["region"], want)
+            if chosen is None:
+                problems.setdefault(why, None)
+    return list(problems)
+
+
 def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
               out: list[_Dispatch]) -> None:
     by_name = {h["name"]: h for h in run.hosts}
@@ -754,7 +954,9 @@ def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
     out.append(_Dispatch(kind, ex.id, run.stage_index, phase.index,
                          [(n, by_name[n]["region"]) for n in phase.hosts],
                          step_count=len(stage_plan["steps"]),
-                         lanes=stage_plan["strategy"].get("maxConcurrency")))
+                         lanes=stage_plan["strategy"].get("maxConcurrency"),
+                         tags_of=_tags_of(stage_plan, [by_name[n] for n in phase.hosts],
+                                          stage_plan["steps"])))
 
 
 def _publish(d: _Dispatch) -> None:
@@ -769,10 +971,21 @@ def _publish(d: _Dispatch) -> None:
     if d.kind in ("deploy", "rollback"):
         canvas = phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                               phase=d.phase, hosts=d.hosts, step_count=d.step_count,
-                              expires=expires, lanes=d.lanes, kind=d.kind, steps_of=d.steps_of)
+                              expires=expires, lanes=d.lanes, kind=d.kind, steps_of=d.steps_of,
+                              tags_of=d.tags_of)
     elif d.kind == "verify":
         canvas = verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                               phase=d.phase, hosts=d.hosts, expires=expires)
+                               phase=d.phase, hosts=d.hosts, expires=expires,
+                               tags_of=d.tags_of)
+    elif d.kind == "discover":
+        from celery import chord
+
+        from tasks.control import discovery_done
+        from tasks.discovery import discover_hosts
+
+        canvas = chord([discover_hosts.s(infra=i, region=r, tags=list(t))
+                        for i, r, t in d.discover or []],
+                       discovery_done.s(execution_id=d.execution_id, stage_index=d.stage_index))
     else:
         canvas = switch_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                phase=d.phase, kind=d.kind)
@@ -1033,6 +1246,19 @@ def reconcile(*, now: Any = None) -> list[str]:
                 s.add(ex)
                 touched.add(ex.id)
                 actions.append(f"{ex.id}: approval timed out")
+        # Discovery that no worker answered: the stage fails instead of waiting forever.
+        for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
+                                                PhaseRun.kind == "discover",
+                                                PhaseRun.dispatched_at < unclaimed)).all():
+            where = ", ".join(f"vmfarm.{i['region']}" for i in
+                              (pr.verdict or {}).get("infrastructures", []))
+            pr.status, pr.gate_at = Status.FAILED, now
+            pr.verdict = {**(pr.verdict or {}), "error_class": "Timeout",
+                          "error": f"no worker listed the hosts within "
+                                   f"{settings.dispatch_expires:g} s (queues: {where})"}
+            s.add(pr)
+            touched.add(pr.execution_id)
+            actions.append(f"{pr.execution_id}: host discovery timed out")
         # Manual interventions whose post-timeout action is due (advance applies it).
         touched.update(pr.execution_id for pr in s.exec(select(PhaseRun).where(
             PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).startswith("mi-"))).all())
@@ -1073,10 +1299,11 @@ def reconcile(*, now: Any = None) -> list[str]:
 NOT_RETRIED = "not retried:"
 
 
-def _queue_served(region: str) -> bool:
-    """Does a live worker consume the region's queue? Asked of the workers themselves (Celery
-    remote control); a broker without remote control (embedded mode) counts as served."""
-    from app.celery import app, region_queue
+def _queue_served(region: str, tags: tuple[str, ...] = ()) -> bool:
+    """Does a live worker consume the region's queue (its tag queue with ``tags``)? Asked of
+    the workers themselves (Celery remote control); embedded mode counts as served."""
+    from app.celery import app
+    from app.delegates import queue_for
 
     if not get_settings().celery_broker.startswith(("redis://", "rediss://")):
         return True  # embedded: the worker is this process
@@ -1086,7 +1313,7 @@ def _queue_served(region: str) -> bool:
         return True
     if replies is None:
         return False
-    queue = region_queue(region)
+    queue = queue_for(region, tags)
     return any(q.get("name") == queue for qs in replies.values() for q in qs or [])
 
 
@@ -1141,10 +1368,12 @@ def _after_worker_lost(key: HostStepKey) -> str:
                                                 key.host) if h not in started]
         action = failure_action(stage["steps"][key.step], stage, "DelegateRestart")
         n_steps = len(stage["steps"])
+        by_name = {h["name"]: h for h in run.hosts}
+        tags_of = _tags_of(stage, [by_name[h] for h in [key.host, *followers]], stage["steps"])
     deadline = round(time.time() + get_settings().dispatch_expires, 3)
     retry = bool(action and action["type"] == "Retry"
                  and key.attempt - 1 < int(action["spec"]["retryCount"]))
-    if retry and not _queue_served(key.region):
+    if retry and not _queue_served(key.region, tags_of.get((key.host, key.step), ())):
         with session_scope() as s:
             row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
             row.error = f"{row.error}; {NOT_RETRIED} no live worker consumes vmfarm.{key.region}"
@@ -1154,10 +1383,12 @@ def _after_worker_lost(key: HostStepKey) -> str:
         intervals = action["spec"]["retryIntervals"]
         wait = parse_duration(intervals[min(key.attempt - 1, len(intervals) - 1)])
         links = [run_step.s(key=HostStepKey(key.execution, key.stage, key.phase, key.host, i,
-                                            key.attempt + 1, key.region, deadline).to_dict())
+                                            key.attempt + 1, key.region, deadline,
+                                            tags=tags_of.get((key.host, i), ())).to_dict())
                  for i in range(key.step, n_steps)]
         links += [run_step.s(key=HostStepKey(key.execution, key.stage, key.phase, h, i, 1,
-                                             regions[h], deadline).to_dict())
+                                             regions[h], deadline,
+                                             tags=tags_of.get((h, i), ())).to_dict())
                   for h in followers for i in range(n_steps)]
         links[0] = links[0].set(countdown=wait)
         chord([chain(*links)], advance_task.si(execution_id=key.execution)).apply_async()

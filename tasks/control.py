@@ -37,6 +37,15 @@ def switch_traffic(*, execution_id: str, stage_index: int, phase: int,
     return record_switch(execution_id, stage_index, phase, ok=ok, result=result, kind=kind)
 
 
+@app.task(name="vmfarm.discovery_done")
+def discovery_done(results: list[dict[str, Any]], *, execution_id: str,
+                   stage_index: int) -> str:
+    """Body of a discovery chord: record the discovered hosts (or the failure), advance."""
+    from app.coordinator import discovery_done as record
+
+    return record(execution_id, stage_index, list(results or []))
+
+
 @app.task(name="vmfarm.reconcile")
 def reconcile_task() -> list[str]:
     """Periodic (Celery beat): lost workers and unclaimed work become failures; advance."""
