@@ -25,6 +25,9 @@ HOST_KEYS = frozenset({
     # The version the host returns to on rollback (from the Instance ledger).
     "rollbackArtifact.tag",
 })
+# <+secrets.getValue("id")>: left in place by every render; the worker that runs the step
+# resolves it (app.secrets) and passes the value in the command's environment.
+SECRET_RE = re.compile(r"""secrets\.getValue\(\s*(["'])([A-Za-z0-9_./#:@-]+)\1\s*\)""")
 # Outputs of earlier steps on the same host, read by the worker.
 DEFERRED_PREFIXES = ("steps.",)
 
@@ -82,6 +85,11 @@ class Context:
             return self.values[key]
         if key in HOST_KEYS or key.startswith(self.deferred):
             return None
+        if key.startswith("secrets."):
+            if SECRET_RE.fullmatch(key):
+                return None  # resolved on the worker that runs the step, never before
+            raise ExpressionError(f"malformed secret reference <+{key}>: write "
+                                  '<+secrets.getValue("id")>')
         raise ExpressionError(_unknown_message(key, self.values))
 
 
@@ -98,8 +106,6 @@ def _unknown_message(key: str, known: Mapping[str, Value]) -> str:
     if close:
         shown = ", ".join(close[:8]) + (", ..." if len(close) > 8 else "")
         hint = f" (known: {shown})"
-    elif key.startswith("secrets."):
-        hint = " (secrets are resolved by the secrets backend, not available in this version)"
     return f"unknown expression <+{key}>{hint}"
 
 

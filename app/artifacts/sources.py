@@ -1,0 +1,471 @@
+"""Where an artifact version comes from, and fetching it once into the cache, verified.
+
+``fetch(artifact)`` takes the plan's artifact dict (``{"type", "spec", "tag", "fileName"}``)::
+
+    Local            spec.path: a file (copied into the cache) or a folder (packed reproducibly
+                     into a .tar.gz, see app.artifacts.pack)
+    Http             spec.url
+    Artifactory      spec.url, or spec.baseUrl (the server URL with its context, e.g.
+                     https://acme.jfrog.io/artifactory) + spec.repository + the path below
+    Nexus3Registry   spec.url, or spec.baseUrl + "/repository/" + spec.repository + the path
+    Jenkins          spec.url, or spec.baseUrl + /job/<jobName, one job/ per folder>/<build>
+                     /artifact/<artifactPath>; build = spec.build or the tag
+    AmazonS3         spec.bucket (or bucketName) + spec.key (or filePath), spec.region
+    CustomArtifact   refused: use Http or AmazonS3
+
+The repository path (Artifactory and Nexus) is, in this order:
+
+- maven layout when spec.groupId and spec.artifactId are set (also under a nested ``spec``, as
+  Harness writes Nexus): ``g/r/o/u/p/<artifactId>/<tag>/<artifactId>-<tag>[-<classifier>].<ext>``
+  (spec.extension, default jar);
+- else spec.artifactDirectory (or spec.group) joined with spec.artifactPath; an artifactPath
+  ending in "/" is a directory (``artifactPath: /apps/web-app/``), and the file in it is
+  spec.fileName, or else the tag itself (Harness's generic repositories list files as tags).
+
+In every template ``<+artifact.tag>``, ``<+artifacts.primary.tag>``, ``<tag>`` and ``{tag}``
+become the tag (URL-quoted in URLs). ``connectorRef`` is not resolved by this version: name the
+server with spec.baseUrl (or spec.url).
+
+Authentication (HTTP types): a bearer token (``credentials.token`` or spec.token), or basic:
+spec.username (or ``credentials.username``, or ``user:password@`` in the URL) with the password
+from ``credentials.password`` (the resolved secret that spec.passwordRef names) or spec.password.
+S3 uses boto3's credential chain and ``AWS_ENDPOINT_URL(_S3)``.
+
+Checksums: spec.sha256, or spec.checksum ``sha256:<hex>``; else, what the repository publishes:
+Artifactory's ``X-Checksum-Sha256`` header (HEAD, or on the download), a sibling
+``<url>.sha256`` file (first token), S3's ChecksumSHA256 / ``sha256`` metadata /
+``<key>.sha256``. A mismatch raises ChecksumError and the bytes are discarded. With no checksum
+anywhere the computed sha256 is recorded and ``Fetched.verified`` is False.
+
+Caching and concurrency: see app.artifacts.cache. Within one execution a (source, tag) is
+fetched once however many hosts, threads or worker processes on the machine ask; a later
+execution reuses a cached file only when the checksum is known before downloading and the file
+still matches it.
+
+Credentials never appear in ``Fetched.source``, in errors or in logs (URLs are shown without
+their user:password and query).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from app.artifacts.cache import ArtifactCache, cache_key, copy_hashing, sha256_file
+from app.artifacts.errors import ArtifactAuthError, ArtifactError, ChecksumError
+from app.artifacts.httpfetch import CHECKSUM_HEADER, SHA256_RE, HttpAuth, HttpSource
+from app.artifacts.pack import pack_folder
+from app.artifacts.s3 import S3Source, endpoint_url
+
+log = logging.getLogger("vmfarm.artifacts")
+
+TAG_PLACEHOLDERS = ("<+artifact.tag>", "<+artifacts.primary.tag>", "<tag>", "{tag}")
+HTTP_TYPES = ("Http", "Artifactory", "Nexus3Registry", "Jenkins")
+_URL_SAFE = "-._~+@:!$&'()*,;=%"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Resolved secrets for a repository; the repr shows none of them."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An artifact in the local cache.
+
+    ``path`` is ``<cache>/<sha256>.<ext>``; ``source`` describes where it came from (no
+    credentials); ``verified`` says the sha256 matched one from the spec or the repository
+    (``checksum_from`` says which); ``from_cache`` that no bytes were fetched this time.
+    """
+
+    path: str
+    sha256: str
+    size: int
+    source: str
+    from_cache: bool
+    verified: bool
+    checksum_from: str | None = None
+    ext: str = "bin"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An artifact dict turned into something to fetch (no network needed to build it)."""
+
+    type: str
+    kind: Literal["local", "http", "s3"]
+    identity: str  # the cache key's source part: may hold a URL query, never logged
+    source: str  # for people: no credentials, no query
+    ext: str
+    tag: str | None
+    expected: str | None = None
+    expected_from: str | None = None
+    local_path: Path | None = None
+    url: str | None = None
+    auth: HttpAuth = field(default_factory=HttpAuth)
+    bucket: str | None = None
+    key: str | None = None
+    region: str | None = None
+
+
+# --- reading the spec ----------------------------------------------------------------------------
+
+
+def _field(spec: Mapping[str, Any], *names: str) -> str | None:
+    """The first of ``names`` set in ``spec`` (or in a nested ``spec``, as Harness nests Nexus
+    fields), as a string."""
+    nested = spec.get("spec")
+    for where in (spec, nested if isinstance(nested, Mapping) else {}):
+        for name in names:
+            value = where.get(name)
+            if value is not None and str(value) != "":
+                return str(value)
+    return None
+
+
+def _substitute(template: str, tag: str | None, what: str, *, url: bool = False) -> str:
+    out = template
+    for ph in TAG_PLACEHOLDERS:
+        if ph in out:
+            if not tag:
+                raise ArtifactError(f"{what}: {template!r} needs the artifact's tag, and it has "
+                                    "none (spec.tag)")
+            out = out.replace(ph, quote(tag, safe=_URL_SAFE) if url else tag)
+    if "<+" in out:
+        raise ArtifactError(f"{what}: {template!r} holds an unresolved expression (a runtime "
+                            "input without a value?)")
+    return out
+
+
+def _expected(spec: Mapping[str, Any], what: str) -> tuple[str | None, str | None]:
+    for name in ("sha256", "checksum"):
+        raw = _field(spec, name)
+        if raw is None:
+            continue
+        algo, sep, digest = raw.strip().partition(":")
+        if not sep:
+            algo, digest = "sha256", algo
+        if algo.lower() != "sha256" or not SHA256_RE.fullmatch(digest):
+            raise ArtifactError(f"{what}: spec.{name} must be a sha256 (64 hex digits, "
+                                f"optionally prefixed 'sha256:'), got {raw[:80]!r}")
+        return digest.lower(), f"spec.{name}"
+    return None, None
+
+
+def extension(name: str) -> str:
+    """``app-1.2.tar.gz`` -> ``tar.gz``; ``app.jar`` -> ``jar``; no usable suffix -> ``bin``."""
+    name = name.lower()
+    for multi in ("tar.gz", "tar.bz2", "tar.xz", "tar.zst"):
+        if name.endswith("." + multi):
+            return multi
+    suffix = name.rsplit(".", 1)[1] if "." in name else ""
+    return suffix if re.fullmatch(r"[a-z0-9]*[a-z][a-z0-9]*", suffix) and len(suffix) <= 8 \
+        else "bin"
+
+
+def _join(*parts: str) -> list[str]:
+    return [seg for part in parts for seg in part.split("/") if seg]
+
+
+def _repo_path(spec: Mapping[str, Any], tag: str | None, what: str) -> list[str]:
+    """The path segments inside the repository (see the module docstring), tag substituted."""
+    group_id, artifact_id = _field(spec, "groupId"), _field(spec, "artifactId")
+    if group_id and artifact_id:
+        version = _substitute(_field(spec, "version") or "<tag>", tag, what)
+        ext = (_field(spec, "extension") or "jar").lstrip(".")
+        classifier = _field(spec, "classifier")
+        name = f"{artifact_id}-{version}" + (f"-{classifier}" if classifier else "") + f".{ext}"
+        return [*group_id.split("."), artifact_id, version, name]
+    directory = _field(spec, "artifactDirectory", "group", "directory") or ""
+    apath = _field(spec, "artifactPath") or ""
+    if not apath or apath.endswith("/"):
+        segs = _join(directory, apath, _field(spec, "fileName") or "<tag>")
+    else:
+        segs = _join(directory, apath)
+    return [_substitute(s, tag, what) for s in segs]
+
+
+def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
+    """The URL of an Http, Artifactory, Nexus3Registry or Jenkins artifact (may hold
+    user:password if the spec's URL does)."""
+    what = f"{atype} artifact"
+    url = _field(spec, "url", "artifactUrl")
+    if url:
+        return _substitute(url, tag, what, url=True)
+    base = _field(spec, "baseUrl", "serverUrl", "artifactoryServerUrl", "nexusServerUrl",
+                  "jenkinsUrl")
+    if not base:
+        ref = _field(spec, "connectorRef")
+        raise ArtifactError(f"{what}: set spec.url, or spec.baseUrl with the repository fields"
+                            + (f" (connectorRef {ref!r} is not resolved by this version)"
+                               if ref else ""))
+    base = _substitute(base, tag, what, url=True).rstrip("/")
+    if atype == "Http":
+        raise ArtifactError(f"{what}: set spec.url")
+    if atype == "Jenkins":
+        job = _field(spec, "jobName")
+        apath = _field(spec, "artifactPath")
+        if not job or not apath:
+            raise ArtifactError(f"{what}: spec.jobName and spec.artifactPath are required with "
+                                "spec.baseUrl")
+        build = _substitute(_field(spec, "build") or "<tag>", tag, what)
+        jobs = "/".join("job/" + quote(seg, safe=_URL_SAFE) for seg in _join(job))
+        path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
+        return f"{base}/{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}"
+    repo = _field(spec, "repository", "repositoryName")
+    if not repo:
+        raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl")
+    segs = [_substitute(repo, tag, what), *_repo_path(spec, tag, what)]
+    prefix = "repository/" if atype == "Nexus3Registry" else ""
+    return f"{base}/{prefix}" + "/".join(quote(s, safe=_URL_SAFE) for s in segs)
+
+
+def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:
+    if value is None:
+        return Credentials()
+    if isinstance(value, Credentials):
+        return value
+    return Credentials(username=value.get("username"), password=value.get("password"),
+                       token=value.get("token"))
+
+
+def _http_auth(spec: Mapping[str, Any], creds: Credentials, url_user: str | None,
+               url_password: str | None, what: str, *, require_secrets: bool) -> HttpAuth:
+    token = creds.token or _field(spec, "token")
+    if token:
+        return HttpAuth(token=token)
+    username = creds.username or _field(spec, "username") or url_user
+    password = creds.password or _field(spec, "password") or url_password
+    ref = _field(spec, "passwordRef")
+    token_ref = _field(spec, "tokenRef")
+    if require_secrets and password is None and ref:
+        raise ArtifactAuthError(f"{what}: spec.passwordRef {ref!r} names a secret this version "
+                                "cannot resolve; pass its value as credentials", artifact=what)
+    if require_secrets and not username and token_ref:
+        raise ArtifactAuthError(f"{what}: spec.tokenRef {token_ref!r} names a secret this "
+                                "version cannot resolve; pass its value as credentials",
+                                artifact=what)
+    if username:
+        return HttpAuth(username=username, password=password)
+    return HttpAuth()
+
+
+def _describe_url(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+def resolve(artifact: Mapping[str, Any],
+            credentials: Credentials | Mapping[str, str] | None = None, *,
+            require_secrets: bool = True) -> Resolved:
+    """What to fetch, from where, with which checksum; ArtifactError if the spec cannot say.
+
+    Needs no network. With ``require_secrets=False`` a passwordRef without a value is fine
+    (plan time: the secret comes at run time)."""
+    if not artifact or not artifact.get("type"):
+        raise ArtifactError("the service has no artifact (artifacts.primary)")
+    atype = str(artifact["type"])
+    spec: Mapping[str, Any] = artifact.get("spec") or {}
+    raw_tag = artifact.get("tag")
+    if raw_tag is None or str(raw_tag) == "":
+        raw_tag = spec.get("tag")
+    tag = str(raw_tag) if raw_tag is not None and str(raw_tag) != "" else None
+    what = f"{atype} artifact"
+    expected, expected_from = _expected(spec, what)
+    if atype == "Local":
+        raw = _field(spec, "path", "filePath")
+        if not raw:
+            raise ArtifactError(f"{what}: spec.path is required")
+        p = Path(_substitute(raw, tag, what)).expanduser().resolve()
+        if p.is_dir():
+            kind_name, ext = "folder", "tar.gz"
+        elif p.is_file():
+            kind_name, ext = "file", extension(p.name)
+        else:
+            raise ArtifactError(f"{what}: {p} does not exist on this worker",
+                                artifact=f"Local {p}")
+        return Resolved(atype, "local", f"local:{p}", f"Local {kind_name} {p}", ext, tag,
+                        expected, expected_from, local_path=p)
+    if atype in HTTP_TYPES:
+        url = artifact_url(atype, spec, tag)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ArtifactError(f"{what}: {_describe_url(url)!r} is not an http(s) URL")
+        clean = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
+                            parts.query, ""))
+        source = f"{atype} {_describe_url(clean)}"
+        auth = _http_auth(spec, _credentials(credentials), parts.username, parts.password,
+                          source, require_secrets=require_secrets)
+        return Resolved(atype, "http", clean, source, extension(parts.path.rsplit("/", 1)[-1]),
+                        tag, expected, expected_from, url=clean, auth=auth)
+    if atype == "AmazonS3":
+        bucket = _field(spec, "bucket", "bucketName")
+        key_t = _field(spec, "key", "filePath", "artifactPath")
+        if not bucket or not key_t:
+            raise ArtifactError(f"{what}: spec.bucket and spec.key (or bucketName and "
+                                "filePath) are required")
+        key = _substitute(key_t, tag, what).lstrip("/")
+        region = _field(spec, "region") or os.environ.get("AWS_REGION") or \
+            os.environ.get("AWS_DEFAULT_REGION")
+        source = f"AmazonS3 s3://{bucket}/{key}" + (f" ({region})" if region else "")
+        identity = f"s3://{bucket}/{key}?region={region or ''}&endpoint={endpoint_url() or ''}"
+        return Resolved(atype, "s3", identity, source, extension(key.rsplit("/", 1)[-1]), tag,
+                        expected, expected_from, bucket=bucket, key=key, region=region)
+    if atype == "CustomArtifact":
+        raise ArtifactError(f"{what}: CustomArtifact sources are not supported; use Http (spec."
+                            "url) or AmazonS3")
+    raise ArtifactError(f"unknown artifact type {atype!r}")
+
+
+def check(artifact: Mapping[str, Any]) -> list[str]:
+    """Problems fetch would meet before any network (for the loader); [] when fine."""
+    try:
+        resolve(artifact, require_secrets=False)
+    except ArtifactError as exc:
+        return [exc.message]
+    return []
+
+
+def extension_of(artifact: Mapping[str, Any]) -> str:
+    """The file extension the fetched artifact will have (``tar.gz``, ``jar``, ...)."""
+    return resolve(artifact, require_secrets=False).ext
+
+
+# --- fetching ------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    from app.settings import get_settings
+
+    return get_settings().home_dir / "cache" / "artifacts"
+
+
+def fetch(artifact: Mapping[str, Any], *, execution_id: str | None = None,
+          credentials: Credentials | Mapping[str, str] | None = None,
+          cache_dir: Path | str | None = None) -> Fetched:
+    """The artifact as a verified file in the cache (see the module docstring).
+
+    Raises ArtifactError (a TransferError) and its subclasses: ChecksumError,
+    ArtifactAuthError, ArtifactAccessError, ArtifactUnavailableError.
+    """
+    src = resolve(artifact, credentials)
+    cache = ArtifactCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    key = cache_key(src.identity, src.tag)
+    try:
+        with cache.locked(key):
+            if execution_id:
+                entry = cache.index_get(execution_id, key)
+                if entry is not None:
+                    fields = {f.name for f in dataclasses.fields(Fetched)}
+                    hit = Fetched(**{k: v for k, v in entry.items() if k in fields})
+                    return dataclasses.replace(hit, from_cache=True)
+            fetched = _obtain(src, cache)
+            if execution_id:
+                cache.index_put(execution_id, key, dataclasses.asdict(fetched))
+    except OSError as exc:
+        raise ArtifactError(f"artifact {src.source}: cannot use the artifact cache "
+                            f"{cache.root}: {exc.strerror or exc}", artifact=src.source) from None
+    log.info("artifact %s: %s, %d bytes, sha256 %s (%s)", src.source,
+             "reused from the cache" if fetched.from_cache else "fetched", fetched.size,
+             fetched.sha256, f"verified against {fetched.checksum_from}" if fetched.verified
+             else "not verified: no checksum in the spec or the repository")
+    return fetched
+
+
+def forget_execution(execution_id: str, *, cache_dir: Path | str | None = None) -> None:
+    """Drop an execution's index when it ends (its cached files stay)."""
+    ArtifactCache(Path(cache_dir) if cache_dir is not None else default_cache_dir()).forget(
+        execution_id)
+
+
+def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
+    expected, expected_from = src.expected, src.expected_from
+    http: HttpSource | None = None
+    s3: S3Source | None = None
+    if src.kind == "http":
+        assert src.url is not None
+        http = HttpSource(src.url, src.auth, src.source)
+        if expected is None:
+            expected = http.header_checksum()
+            expected_from = CHECKSUM_HEADER if expected else None
+        if expected is None:
+            expected = http.sibling_checksum()
+            expected_from = "<url>.sha256" if expected else None
+    elif src.kind == "s3":
+        assert src.bucket is not None and src.key is not None
+        s3 = S3Source(src.bucket, src.key, src.region, src.source)
+        if expected is None:
+            expected, expected_from = s3.checksum()
+    if expected is not None and src.kind != "local" and \
+            (hit := cache.lookup(expected, src.ext)) is not None:
+        return Fetched(str(hit), expected, hit.stat().st_size, src.source, True, True,
+                       expected_from, src.ext)
+
+    tmp = cache.tmp_path(src.ext)
+    try:
+        if src.kind == "local":
+            assert src.local_path is not None
+            if src.local_path.is_dir():
+                pack_folder(src.local_path, tmp)
+                digest, size = sha256_file(tmp), tmp.stat().st_size
+            else:
+                with src.local_path.open("rb") as fh_in, tmp.open("wb") as fh_out:
+                    digest, size = copy_hashing(fh_in, fh_out)
+        elif http is not None:
+            digest, size, header = http.download(tmp)
+            if expected is None and header:
+                expected, expected_from = header, CHECKSUM_HEADER
+        else:
+            assert s3 is not None
+            s3.download(tmp)
+            digest, size = sha256_file(tmp), tmp.stat().st_size
+        if expected is not None and digest != expected:
+            raise ChecksumError(
+                f"artifact {src.source}: sha256 mismatch: expected {expected} (from "
+                f"{expected_from}), got {digest}; the download was discarded",
+                artifact=src.source, expected=expected, actual=digest,
+                checksum_from=expected_from or "")
+        path = cache.commit(tmp, digest, src.ext)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if expected is None:
+        log.warning("artifact %s: neither the spec nor the repository gives a checksum; "
+                    "recorded the computed sha256 %s", src.source, digest)
+    return Fetched(str(path), digest, size, src.source, False, expected is not None,
+                   expected_from, src.ext)
+
+
+# --- on the host ---------------------------------------------------------------------------------
+
+
+def verify_remote_command(path_on_host: str, sha256: str) -> str:
+    """A POSIX shell snippet that exits 0 if the file on the host has this sha256, else prints
+    why on stderr and exits 1 (``sha256sum -c``; ``shasum -a 256 -c`` where there is none)."""
+    if not SHA256_RE.fullmatch(sha256):
+        raise ValueError(f"not a sha256: {sha256!r}")
+    if not path_on_host or any(c in path_on_host for c in "\n\r\\"):
+        raise ValueError(f"cannot verify a path with a newline or backslash: {path_on_host!r}")
+    line = shlex.quote(f"{sha256.lower()}  {path_on_host}")
+    return (
+        "if command -v sha256sum >/dev/null 2>&1; then "
+        f"printf '%s\\n' {line} | sha256sum -c -; "
+        f"else printf '%s\\n' {line} | shasum -a 256 -c -; fi || "
+        "{ printf 'vmfarm: %s does not have sha256 %s\\n' "
+        f"{shlex.quote(path_on_host)} {sha256.lower()} >&2; exit 1; }}"
+    )
