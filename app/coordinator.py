@@ -1607,18 +1607,36 @@ def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]
                                                Instance.environment == env,
                                                col(Instance.host).in_(hosts))).all()
     }
+    held = releases_held(s, ex.id, run.stage_index, hosts, kind="deploy")
     for name in hosts:
         h = by_name[name]
         inst = existing.get((h["infrastructure"], name))
         if inst is None:
             inst = Instance(service=svc, environment=env, infrastructure=h["infrastructure"],
                             host=name, region=h["region"], execution_id=ex.id)
+        if name in held:
+            inst.releases = held[name]
         elif inst.version != version:
             inst.previous_version = inst.version
             inst.previous_execution_id = inst.execution_id
         inst.version, inst.execution_id, inst.updated_at = version, ex.id, utcnow()
         inst.region = h["region"]
         s.add(inst)
+
+
+def releases_held(s: Session, execution_id: str, stage_index: int, hosts: list[str], *,
+                  kind: str) -> dict[str, list[str]]:
+    """The releases each host reported holding in its last Release unit of the stage."""
+    from tasks.hoststep import RELEASES_OUTPUT
+
+    out: dict[str, tuple[int, list[str]]] = {}
+    for r in s.exec(select(HostStepRun).where(
+            HostStepRun.execution_id == execution_id, HostStepRun.stage_index == stage_index,
+            HostStepRun.kind == kind, col(HostStepRun.host).in_(hosts))).all():
+        listed = (r.outputs or {}).get(RELEASES_OUTPUT)
+        if listed is not None and (r.host not in out or (r.id or 0) > out[r.host][0]):
+            out[r.host] = (r.id or 0, str(listed).split())
+    return {h: v for h, (_, v) in out.items()}
 
 
 def _summarise_steps(s: Session, ex: Execution, run: StageRun) -> None:

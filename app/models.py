@@ -181,6 +181,8 @@ class Instance(SQLModel, table=True):
     execution_id: str = Field(max_length=32)
     # The execution that deployed previous_version: a built-in rollback re-runs its steps.
     previous_execution_id: str | None = Field(default=None, max_length=32)
+    # Releases the host holds under its deployment path (Release units), newest first.
+    releases: list[str] | None = Field(default=None, sa_column=Column(JSON))
     updated_at: NaiveDatetime = Field(default_factory=utcnow)
 
 

@@ -148,9 +148,14 @@ def record_rolled_back(s: Session, ex: Execution, run: StageRun, hosts: list[str
     rows = {(i.infrastructure, i.host): i for i in s.exec(select(Instance).where(
         Instance.service == svc, Instance.environment == env,
         col(Instance.host).in_(hosts))).all()}
+    from app.coordinator import releases_held
+
+    held = releases_held(s, ex.id, run.stage_index, hosts, kind="rollback")
     for name in hosts:
         inst = rows.get((by_name[name]["infrastructure"], name))
         target = targets.get(name) or {}
+        if inst is not None and name in held:
+            inst.releases = held[name]
         if inst is None or not target.get("version"):
             continue
         source = target.get("source")

@@ -820,8 +820,12 @@ def lab_down_cmd() -> None:
 
 
 from cli import fleet as _fleet  # noqa: E402
+from cli import ops_cmd as _ops  # noqa: E402
+from cli import secrets_cmd as _secrets  # noqa: E402
 
 _fleet.register(main)
+_ops.register(main)
+_secrets.register(main)
 
 if __name__ == "__main__":
     main()

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import gzip
-import hashlib
-import io
 import logging
-import os
 import re
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
@@ -31,9 +25,10 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
 from app.db import insert_once, session_scope
-from app.errors import HostError, TransferError
+from app.errors import HostError
 from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
 from app.providers.base import Host
+from app.secrets import SecretError
 from app.settings import get_settings
 from app.spec.expressions import Binder, Context, render
 from app.spec.models import parse_duration
@@ -157,12 +152,18 @@ class LogSink:
     outputs: dict[str, str] = field(default_factory=dict)
     _partial: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Secret values this worker resolved never reach a row: each stream is masked as it
+    # arrives, a value split across two chunks included.
+    _maskers: dict[str, Any] = field(default_factory=dict)
 
     def write(self, stream: str, text: str) -> None:
         if stream == "stdout" and (OUTPUT_MARK in text or self._partial):
             text = self._strip_outputs(text)
             if not text:
                 return
+        text = self._masker(stream).feed(text)
+        if not text:
+            return
         with self.lock:
             self.buf.append((self.unit, stream, text))
             self.size += len(text)
@@ -192,6 +193,24 @@ class LogSink:
             kept.append(line)
         return "".join(kept)
 
+    def _masker(self, stream: str) -> Any:
+        m = self._maskers.get(stream)
+        if m is None:
+            from app.secrets import StreamMasker
+
+            m = self._maskers[stream] = StreamMasker()
+        return m
+
+    def close(self) -> None:
+        """Write what the stream maskers still hold, then flush."""
+        for stream, m in list(self._maskers.items()):
+            rest = m.flush()
+            if rest:
+                with self.lock:
+                    self.buf.append((self.unit, stream, rest))
+                    self.tails[stream] = (self.tails[stream] + rest)[-TAIL_CHARS:]
+        self.flush()
+
     def flush(self) -> None:
         with self.lock:
             items, self.buf, self.size = self.buf, [], 0
@@ -218,51 +237,6 @@ def _merge(items: list[tuple[str, str, str]]) -> Iterator[tuple[str, str, str]]:
             cur = (unit, stream, [text])
     if cur:
         yield cur[0], cur[1], "".join(cur[2])
-
-
-# --- artifacts ------------------------------------------------------------------------------------
-
-_artifact_lock = threading.Lock()
-_artifact_cache: dict[tuple[str, str], str] = {}
-
-
-def local_artifact(path: str, tag: str) -> str:
-    """A reproducible .tar.gz of a local folder (or the file itself), cached by content hash."""
-    src = Path(path)
-    if src.is_file():
-        return str(src)
-    if not src.is_dir():
-        raise TransferError(f"artifact path {path} does not exist on this worker")
-    with _artifact_lock:
-        key = (str(src), tag)
-        cached = _artifact_cache.get(key)
-        if cached and Path(cached).exists():
-            return cached
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for p in sorted(src.rglob("*")):
-                rel = p.relative_to(src).as_posix()
-                info = tar.gettarinfo(str(p), arcname=rel)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                info.mtime = 0
-                if p.is_file():
-                    with p.open("rb") as src_fh:
-                        tar.addfile(info, src_fh)
-                elif p.is_dir():
-                    tar.addfile(info)
-        data = raw.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        out_dir = get_settings().home_dir / "cache" / "artifacts"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / f"{digest}.tar.gz"
-        if not out.exists():
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            with tmp.open("wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz:
-                gz.write(data)
-            tmp.replace(out)
-        _artifact_cache[key] = str(out)
-        return str(out)
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -407,19 +381,27 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
         host = Host.from_dict(hosts[key.host])
         fields.update(_run_units(key, stage, step, host, sink))
     except HostError as exc:
+        exc.host = exc.host or key.host
         fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
                       failed_unit=exc.unit or fields.get("failed_unit"))
+    except SecretError as exc:  # names the id and the backend, never a value
+        fields.update(status=Status.FAILED, error_class=exc.error_class or "Unknown",
+                      error=str(exc))
     except Exception as exc:  # a bug must not lose the result: record it, the gate decides
         log.exception("internal error in %s", key.idem)
         fields.update(status=Status.FAILED, error_class="Unknown",
                       error=f"internal error: {type(exc).__name__}: {exc}")
     try:
-        sink.flush()
+        sink.close()
     except Exception:  # logs are best effort; the outcome row below is not
         log.exception("could not write logs for %s", key.idem)
-    fields["stdout_tail"] = sink.tails["stdout"] or None
-    fields["stderr_tail"] = sink.tails["stderr"] or None
-    fields["outputs"] = sink.outputs
+    from app.secrets import mask
+
+    fields["stdout_tail"] = mask(sink.tails["stdout"]) or None
+    fields["stderr_tail"] = mask(sink.tails["stderr"]) or None
+    fields["outputs"] = {k: mask(v) for k, v in sink.outputs.items()}
+    if fields.get("error"):
+        fields["error"] = mask(str(fields["error"]))
     return _finish(run_id, key, fields)
 
 
@@ -510,7 +492,7 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
             "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
         _earlier_outputs(key, ctx, stage)
-    env = {v["name"]: render(str(v.get("value", "")), ctx)
+    env = {v["name"]: _with_secrets(render(str(v.get("value", "")), ctx))
            for v in spec.get("environmentVariables", []) if v.get("value") is not None}
     outputs = spec.get("outputVariables", [])
     timeout = parse_duration(step["timeout"]) if step.get("timeout") else \
@@ -518,6 +500,7 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     deadline = time.monotonic() + timeout
     target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
     artifact = stage.get("artifact") or {}
+    releases: list[str] | None = None
     with _connector(target) as conn:
         for i, unit in enumerate(spec["commandUnits"]):
             sink.unit = unit["identifier"]
@@ -529,6 +512,8 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
                 binder = Binder()
                 script = render(unit["spec"]["source"]["spec"]["script"], ctx, quote=True,
                                 bind=binder)
+                # Secrets last, in one pass: each value travels in the environment only.
+                script = _with_secrets(script, bind=binder)
                 if outputs:
                     script = _with_output_trap(script, outputs)
                 res = conn.run(script, env={**env, **binder.env}, timeout=remaining,
@@ -542,16 +527,165 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
                 fields_exit = res.exit_code
             elif unit["type"] == "Copy":
                 dest = render(unit["spec"]["destinationPath"], ctx)
-                local = local_artifact(artifact["spec"]["path"], str(artifact.get("tag")))
                 remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
-                sink.write("stdout", f"copying {artifact['fileName']} to {host.name}:{remote}\n")
-                try:
-                    conn.put(local, remote)
-                except HostError as exc:
-                    exc.unit = unit["identifier"]
-                    raise
+                problem = _push_artifact(key, artifact, conn, host, remote, sink, remaining)
+                if problem:
+                    return {**problem, "failed_unit": unit["identifier"]}
                 fields_exit = 0
+            elif unit["type"] == "DownloadArtifact":
+                dest = render(unit["spec"]["destinationPath"], ctx)
+                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
+                problem = _download_on_host(artifact, conn, host, remote, sink, remaining)
+                if problem:
+                    return {**problem, "failed_unit": unit["identifier"]}
+                fields_exit = 0
+            elif unit["type"] == "Release":
+                done = _release(key, artifact, unit, ctx, conn, host, sink, remaining)
+                if done.get("status") == Status.FAILED:
+                    return {**done, "failed_unit": unit["identifier"]}
+                releases = done["releases"]
+                fields_exit = 0
+    if releases is not None:
+        sink.outputs[RELEASES_OUTPUT] = " ".join(releases)
     return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
+
+
+def _with_secrets(text: str, *, bind: Binder | None = None) -> str:
+    """Resolve ``<+secrets.getValue("id")>`` here, on the worker that runs the step; with
+    ``bind`` (a script) each value becomes an environment variable of the command."""
+    from app.secrets import has_refs, substitute
+
+    if not has_refs(text):
+        return text
+    out, _ = substitute(text, bind=bind)
+    return out
+
+
+# The output a Release unit leaves: the releases the host holds, newest first.
+RELEASES_OUTPUT = "vmfarm_releases"
+
+
+def _fetch(key: HostStepKey, artifact: dict[str, Any]) -> Any:
+    """The artifact in this worker's cache: fetched once per execution, checksum verified."""
+    from app.artifacts import fetch
+
+    return fetch(artifact, execution_id=key.execution)
+
+
+def _push_artifact(key: HostStepKey, artifact: dict[str, Any], conn: Connector, host: Host,
+                   remote: str, sink: LogSink, timeout: float) -> dict[str, Any] | None:
+    """Copy the artifact to ``remote`` over SFTP and verify its checksum there; None when it
+    landed intact, else the failure's fields."""
+    from app.artifacts import verify_remote_command
+
+    got = _fetch(key, artifact)
+    sink.write("stdout", f"copying {artifact['fileName']} ({got.source}, sha256 {got.sha256}"
+                         f"{'' if got.verified else ', not verified at the source'}) to "
+                         f"{host.name}:{remote}\n")
+    conn.put(str(got.path), remote)
+    res = conn.run(verify_remote_command(remote, got.sha256), timeout=timeout,
+                   on_output=sink.write)
+    if res.exit_code != 0:
+        return {"status": Status.FAILED, "error_class": "Unknown", "exit_code": res.exit_code,
+                "error": f"checksum mismatch on {host.name}: {artifact['fileName']} from "
+                         f"{got.source} is not sha256 {got.sha256} there"}
+    return None
+
+
+def _download_on_host(artifact: dict[str, Any], conn: Connector, host: Host, remote: str,
+                      sink: LogSink, timeout: float) -> dict[str, Any] | None:
+    """The host fetches the artifact itself; credentials travel only in this command's
+    environment; the checksum (when the source gives one) is verified on the host."""
+    import shlex
+
+    from app.artifacts.sources import resolve
+
+    r = resolve(artifact)
+    env: dict[str, str] = {}
+    if r.kind == "s3":
+        import boto3
+
+        from app.artifacts.s3 import endpoint_url
+
+        client = boto3.client("s3", region_name=r.region, endpoint_url=endpoint_url())
+        env["VMFARM_URL"] = client.generate_presigned_url(
+            "get_object", Params={"Bucket": r.bucket, "Key": r.key}, ExpiresIn=900)
+        auth = ""
+    elif r.kind == "http":
+        env["VMFARM_URL"] = str(r.url)
+        auth = ""
+        if r.auth.token:
+            env["VMFARM_AUTH"] = f"Authorization: Bearer {r.auth.token}"
+            auth = ' -H "$VMFARM_AUTH"'
+        elif r.auth.username:
+            env["VMFARM_AUTH"] = f"{r.auth.username}:{r.auth.password or ''}"
+            auth = ' -u "$VMFARM_AUTH"'
+    else:
+        return {"status": Status.FAILED, "error_class": "Unknown",
+                "error": f"DownloadArtifact cannot fetch a {r.type} artifact on the host; use "
+                         "Copy or Release (the worker fetches it)"}
+    q = shlex.quote(remote)
+    script = (f"set -e\nmkdir -p \"$(dirname {q})\"\n"
+              f"curl -fsSL --retry 3{auth} -o {q}.part \"$VMFARM_URL\"\nmv {q}.part {q}\n")
+    if r.expected:
+        from app.artifacts import verify_remote_command
+
+        script += verify_remote_command(remote, r.expected) + "\n"
+    sink.write("stdout", f"downloading {artifact['fileName']} ({r.source}) on {host.name}\n")
+    res = conn.run(script, env=env, timeout=timeout, on_output=sink.write)
+    if res.exit_code != 0:
+        return {"status": Status.FAILED, "error_class": "Unknown", "exit_code": res.exit_code,
+                "error": f"{host.name} could not download {artifact['fileName']} from "
+                         f"{r.source} (exit {res.exit_code})"}
+    return None
+
+
+def _release(key: HostStepKey, artifact: dict[str, Any], unit: dict[str, Any], ctx: Context,
+             conn: Connector, host: Host, sink: LogSink, timeout: float) -> dict[str, Any]:
+    """Install the artifact as releases/<version>, switch ``current`` atomically, keep the
+    last N. Nothing is fetched when the host already holds that release."""
+    import shlex
+
+    base = render(unit["spec"]["deploymentPath"], ctx).rstrip("/")
+    version = str(artifact.get("tag") or "")
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", version):
+        return {"status": Status.FAILED, "error_class": "Unknown",
+                "error": f"version {version!r} cannot name a release directory"}
+    keep = int(unit["spec"].get("keep", 3))
+    b, v = shlex.quote(base), shlex.quote(version)
+    has = conn.run(f"test -d {b}/releases/{v} && test -e {b}/releases/{v}/.vmfarm-release",
+                   timeout=timeout)
+    if has.exit_code != 0:
+        incoming = f"{base}/incoming/{artifact['fileName']}"
+        problem = _push_artifact(key, artifact, conn, host, incoming, sink, timeout)
+        if problem:
+            return problem
+        i = shlex.quote(incoming)
+        unpack = (f"tar -xzf {i} -C \"$tmp\"" if str(artifact["fileName"]).endswith(
+            (".tar.gz", ".tgz")) else f"cp {i} \"$tmp\"/")
+        install = (f"set -e\nmkdir -p {b}/releases\ntmp=$(mktemp -d {b}/releases/.{v}.XXXX)\n"
+                   f"{unpack}\necho {v} > \"$tmp\"/.vmfarm-release\n"
+                   f"rm -rf {b}/releases/{v}\nmv \"$tmp\" {b}/releases/{v}\nrm -f {i}\n")
+        res = conn.run(install, timeout=timeout, on_output=sink.write)
+        if res.exit_code != 0:
+            return {"status": Status.FAILED, "error_class": "Unknown", "exit_code": res.exit_code,
+                    "error": f"could not unpack release {version} into {base}/releases"}
+    else:
+        sink.write("stdout", f"release {version} is already on {host.name}: nothing to fetch\n")
+    # ln + rename: `current` always points at a whole release, never at nothing.
+    switch = (f"set -e\ncd {b}\nln -sfn releases/{v} .current.$$\nmv -T .current.$$ current\n"
+              f"ls -1t releases | grep -v '^[.]' | tail -n +{keep + 1} | while read -r old; do "
+              f"[ \"$old\" = {v} ] || rm -rf \"releases/$old\"; done\n"
+              f"echo \"RELEASES $(ls -1t releases | grep -v '^[.]' | tr '\\n' ' ')\"\n")
+    res = conn.run(switch, timeout=timeout)
+    if res.exit_code != 0:
+        return {"status": Status.FAILED, "error_class": "Unknown", "exit_code": res.exit_code,
+                "error": f"could not switch {base}/current to release {version}: "
+                         f"{res.stderr.strip()[-300:]}"}
+    listed = next((line for line in res.stdout.splitlines() if line.startswith("RELEASES ")),
+                  "RELEASES ")
+    sink.write("stdout", f"{base}/current -> releases/{version}\n")
+    return {"status": Status.SUCCEEDED, "releases": listed.split()[1:]}
 
 
 def _aborted(execution_id: str, kind: str = "deploy") -> bool:

@@ -106,15 +106,17 @@ def test_inline_infrastructure_definitions_become_infrastructures() -> None:
 
 
 def test_reference_artifact_is_refused_at_run_time_with_its_position() -> None:
-    """Artifactory loads (the reference validates) but cannot be fetched by this version."""
+    """The reference's Artifactory artifact names only a connector: it loads, but a run needs
+    a URL (or base URL and repository fields), and says so where the artifact is written."""
     bundle = load([REFERENCE], inputs={"tag": "1.0"}, require_inputs=True)
     with pytest.raises((SpecError, SpecErrors)) as exc:
         resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
     err = refusal(exc)
-    assert "artifact type Artifactory cannot be fetched" in err.message
+    assert "set spec.url, or spec.baseUrl" in err.message
+    assert "connectorRef 'artifactory_connector'" in err.message
     assert err.file.endswith("reference/service.yaml")
-    assert err.line == line_of(REFERENCE / "service.yaml", "type: Artifactory")
-    assert err.field.endswith("artifacts.primary.type")
+    assert err.line == line_of(REFERENCE / "service.yaml", "connectorRef: artifactory_connector")
+    assert err.field.endswith("artifacts.primary.spec")
 
 
 # --- runtime inputs (--set) ---------------------------------------------------------------------

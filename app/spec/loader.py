@@ -657,6 +657,12 @@ def _check_references(bundle: Bundle, errs: _Collector) -> None:
                                 errs.add(pipe.error(
                                     "Copy with sourceType Config is not supported yet: use "
                                     "sourceType Artifact", (*up, "spec", "sourceType")))
+                        if isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit) and \
+                                svc in bundle.services and not bundle.services[
+                                    svc].model.spec.service_definition.spec.artifacts.primary:
+                            errs.add(pipe.error(
+                                f"{unit.type} needs an artifact, but service '{svc}' has no "
+                                "artifacts.primary", (*up, "type")))
                     for vname in ("environmentVariables", "outputVariables"):
                         attr = "environment_variables" if vname.startswith("env") else \
                             "output_variables"
@@ -829,13 +835,17 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                                                      exclude_none=True),
             "source": f"{infra.doc.file}:{infra.doc.pos(infra.base or ('metadata',))[0]}",
         })
-    uses_copy = any(isinstance(u, m.CopyUnit)
-                    for _, st, _ in m.flat_steps(out_stage.spec.execution.steps)
+    uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
+                    for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
+                                                  *out_stage.spec.execution.rollback_steps])
                     for u in getattr(st.spec, "command_units", []))
-    if strict_inputs and uses_copy and art is not None and art.type != "Local":
-        errs.add(svc.error(f"artifact type {art.type} cannot be fetched by this version; "
-                           "use type Local with spec.path", ("spec", "serviceDefinition", "spec",
-                                                             "artifacts", "primary", "type")))
+    if strict_inputs and uses_copy and art is not None and artifact is not None \
+            and art.type != "Local":
+        from app.artifacts import check as check_artifact
+
+        for problem in check_artifact(artifact):
+            errs.add(svc.error(problem, ("spec", "serviceDefinition", "spec", "artifacts",
+                                         "primary", "spec")))
     if strict_inputs and art is not None and art.type == "Local" and uses_copy:
         p = art.spec.get("path")
         if not isinstance(p, str) or not Path(p).exists():

@@ -98,9 +98,10 @@ class Variable(Model):
 class ArtifactSource(Model):
     """``primary: {type: Local, spec: {path: ./app, tag: <+input>}}``.
 
-    ``Local`` (a file or folder next to the pipeline file, packed reproducibly by the worker)
-    runs today; the repository types load so that Harness files validate, and are refused at
-    run time with a clear message until their fetchers exist.
+    ``Local`` (a file or folder next to the pipeline file, packed reproducibly by the worker),
+    ``Http``/``Artifactory``/``Nexus3Registry``/``Jenkins`` (a URL template, see
+    app.artifacts.sources) and ``AmazonS3`` (bucket and key); a checksum (``spec.sha256``, or
+    the repository's) is verified where the file lands. ``CustomArtifact`` is refused.
     """
 
     type: Literal["Local", "Artifactory", "Nexus3Registry", "AmazonS3", "Jenkins", "CustomArtifact",
@@ -301,7 +302,38 @@ class CopyUnit(_UnitBase):
     spec: CopyUnitSpec
 
 
-CommandUnit = Annotated[ScriptUnit | CopyUnit, Field(discriminator="type")]
+class DownloadArtifactUnitSpec(Model):
+    destination_path: str
+
+
+class DownloadArtifactUnit(_UnitBase):
+    """The host fetches the service's artifact itself (for hosts that reach the repository):
+    HTTP(S) sources with their credentials in that one command's environment, S3 through a
+    short-lived presigned URL made on the worker. The checksum is verified on the host."""
+
+    type: Literal["DownloadArtifact"]
+    spec: DownloadArtifactUnitSpec
+
+
+class ReleaseUnitSpec(Model):
+    deployment_path: str
+    keep: int = Field(default=3, ge=1, le=50)
+
+
+class ReleaseUnit(_UnitBase):
+    """Install the artifact as ``<deploymentPath>/releases/<version>`` and switch
+    ``<deploymentPath>/current`` to it atomically; the last ``keep`` releases stay.
+
+    The artifact is copied (fetched once per execution, pushed over SFTP, checksum verified)
+    only when that release is not on the host yet: going back to a release the host still
+    holds (a rollback) fetches nothing."""
+
+    type: Literal["Release"]
+    spec: ReleaseUnitSpec
+
+
+CommandUnit = Annotated[ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit,
+                        Field(discriminator="type")]
 
 
 class StepVariable(Model):
