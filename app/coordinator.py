@@ -295,11 +295,58 @@ def advance(execution_id: str) -> str:
             return "missing"
         if ex.status in Status.TERMINAL:
             return "noop"
+        before = _snapshot(s, ex)
         decision = _decide(s, ex, dispatches)
+        after = _snapshot(s, ex)
     # Publish only after COMMIT: a task must never run before its rows are visible.
     for d in dispatches:
         _publish(d)
+    _notify(execution_id, before, after)
     return decision
+
+
+def _snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
+    """What notifications compare (app.notify.snapshot); None when the pipeline has no
+    notification rules (nothing to compare, nothing to read)."""
+    if not ex.plan.get("notificationRules"):
+        return None
+    from app.notify import snapshot
+
+    s.flush()
+    runs = s.exec(select(StageRun).where(StageRun.execution_id == ex.id)).all()
+    return snapshot(ex, runs)
+
+
+def _notify(execution_id: str, before: dict[str, Any] | None,
+            after: dict[str, Any] | None) -> None:
+    """Send the notifications of a transition (pipeline started, failed, stage failed,
+    approval needed, rollback done...) once, after the commit: from a control task, so a slow
+    webhook never holds up the coordinator; inline in embedded mode (the worker there stops
+    with the run)."""
+    if after is None or before == after:
+        return
+    from app.notify import events_for
+
+    if not events_for(before, after):
+        return
+    if get_settings().embedded:
+        send_notifications(execution_id, before, after)
+        return
+    from tasks.control import notify_task
+
+    notify_task.apply_async(kwargs={"execution_id": execution_id, "before": before,
+                                    "after": after})
+
+
+def send_notifications(execution_id: str, before: dict[str, Any] | None,
+                       after: dict[str, Any]) -> int:
+    """Deliver the transition's notifications, secrets masked; returns how many were sent.
+    Each transition is seen once, under the execution's lock, so each event is sent once."""
+    from app.notify import notify_transition
+    from app.secrets import mask
+
+    sent = notify_transition(execution_id, before, after, claim=lambda _key: True, mask=mask)
+    return sum(1 for d in sent if d.ok)
 
 
 def _discovered_by_workers(stage_plan: dict[str, Any]) -> bool:
@@ -1078,6 +1125,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
             return "missing"
         if ex.status in Status.TERMINAL:
             return ex.status
+        before = _snapshot(s, ex)
         who = f" by {user}" if user else ""
         for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
                                                 PhaseRun.status == Status.RUNNING)).all():
@@ -1101,8 +1149,10 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
                 run.status, run.finished_at = Status.ABORTED, utcnow()
                 s.add(run)
             outcome = "aborted"
+        after = _snapshot(s, ex)
     for d in dispatches:
         _publish(d)
+    _notify(execution_id, before, after)
     return outcome
 
 
@@ -1614,11 +1664,11 @@ def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]
         if inst is None:
             inst = Instance(service=svc, environment=env, infrastructure=h["infrastructure"],
                             host=name, region=h["region"], execution_id=ex.id)
-        if name in held:
-            inst.releases = held[name]
         elif inst.version != version:
             inst.previous_version = inst.version
             inst.previous_execution_id = inst.execution_id
+        if name in held:
+            inst.releases = held[name]
         inst.version, inst.execution_id, inst.updated_at = version, ex.id, utcnow()
         inst.region = h["region"]
         s.add(inst)

@@ -685,6 +685,51 @@ def _print_rollback_plan(preview: dict[str, Any], output: str) -> None:
 
 
 @main.command()
+@click.argument("service")
+@click.option("--env", "environment", help="Only this environment (identifier).")
+@output_option
+def artifacts(service: str, environment: str | None, output: str) -> None:
+    """Which version of SERVICE runs where: per host its current and previous version and the
+    releases it still holds (a rollback to one of them fetches nothing)."""
+    from sqlmodel import col, select
+
+    from app.db import session_scope
+    from app.models import Instance
+
+    with session_scope() as s:
+        q = select(Instance).where(Instance.service == service)
+        if environment:
+            q = q.where(Instance.environment == environment)
+        rows = s.exec(q.order_by(col(Instance.environment), col(Instance.host))).all()
+        data: list[dict[str, Any]] = [{"environment": i.environment,
+                                       "infrastructure": i.infrastructure,
+                 "host": i.host, "region": i.region, "version": i.version,
+                 "previous_version": i.previous_version, "releases": i.releases or [],
+                 "execution": i.execution_id,
+                 "updated_at": i.updated_at.isoformat(timespec="seconds") + "Z"}
+                for i in rows]
+    if output == "json":
+        out.print_json(json.dumps({"service": service, "instances": data}))
+        return
+    if not data:
+        err.print(f"no host runs service '{service}'" + (f" in {environment}" if environment
+                                                          else ""))
+        return
+    versions: dict[str, int] = {}
+    for d in data:
+        versions[str(d["version"])] = versions.get(str(d["version"]), 0) + 1
+    out.print(f"service {service}: " + ", ".join(f"{v} on {n} host(s)"
+                                                 for v, n in sorted(versions.items())))
+    table = Table(box=None)
+    for c in ("environment", "host", "region", "version", "previous", "releases on host"):
+        table.add_column(c)
+    for d in data:
+        table.add_row(d["environment"], d["host"], d["region"], str(d["version"]),
+                      str(d["previous_version"] or ""), " ".join(d["releases"]))
+    out.print(table)
+
+
+@main.command()
 @output_option
 def reconcile(output: str) -> None:
     """Turn lost workers and unclaimed work into failures and move executions on (what the

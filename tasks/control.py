@@ -46,6 +46,15 @@ def discovery_done(results: list[dict[str, Any]], *, execution_id: str,
     return record(execution_id, stage_index, list(results or []))
 
 
+@app.task(name="vmfarm.notify")
+def notify_task(*, execution_id: str, before: dict[str, Any] | None,
+                after: dict[str, Any]) -> int:
+    """Send an execution's notifications for one transition (webhooks, email)."""
+    from app.coordinator import send_notifications
+
+    return send_notifications(execution_id, before, after)
+
+
 @app.task(name="vmfarm.reconcile")
 def reconcile_task() -> list[str]:
     """Periodic (Celery beat): lost workers and unclaimed work become failures; advance."""

@@ -528,19 +528,22 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
             elif unit["type"] == "Copy":
                 dest = render(unit["spec"]["destinationPath"], ctx)
                 remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
-                problem = _push_artifact(key, artifact, conn, host, remote, sink, remaining)
+                problem = _in_unit(unit, _push_artifact, key, artifact, conn, host, remote,
+                                   sink, remaining)
                 if problem:
                     return {**problem, "failed_unit": unit["identifier"]}
                 fields_exit = 0
             elif unit["type"] == "DownloadArtifact":
                 dest = render(unit["spec"]["destinationPath"], ctx)
                 remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
-                problem = _download_on_host(artifact, conn, host, remote, sink, remaining)
+                problem = _in_unit(unit, _download_on_host, artifact, conn, host, remote,
+                                   sink, remaining)
                 if problem:
                     return {**problem, "failed_unit": unit["identifier"]}
                 fields_exit = 0
             elif unit["type"] == "Release":
-                done = _release(key, artifact, unit, ctx, conn, host, sink, remaining)
+                done = _in_unit(unit, _release, key, artifact, unit, ctx, conn, host, sink,
+                                remaining)
                 if done.get("status") == Status.FAILED:
                     return {**done, "failed_unit": unit["identifier"]}
                 releases = done["releases"]
@@ -559,6 +562,15 @@ def _with_secrets(text: str, *, bind: Binder | None = None) -> str:
         return text
     out, _ = substitute(text, bind=bind)
     return out
+
+
+def _in_unit(unit: dict[str, Any], fn: Any, *args: Any) -> Any:
+    """Call ``fn``; a host error it raises names the unit it happened in."""
+    try:
+        return fn(*args)
+    except HostError as exc:
+        exc.unit = exc.unit or unit["identifier"]
+        raise
 
 
 # The output a Release unit leaves: the releases the host holds, newest first.
