@@ -202,7 +202,9 @@ def execution_logs(execution_id: str, *, host: str | None = None,
     return out
 
 
-def recent_executions(limit: int = 20) -> list[Execution]:
+def recent_executions(limit: int = 20, *, statuses: list[str] | None = None) -> list[Execution]:
     with session_scope() as s:
-        return list(s.exec(select(Execution).order_by(col(Execution.created_at).desc())
-                           .limit(limit)).all())
+        q = select(Execution)
+        if statuses:
+            q = q.where(col(Execution.status).in_(statuses))
+        return list(s.exec(q.order_by(col(Execution.created_at).desc()).limit(limit)).all())

@@ -289,13 +289,21 @@ def _render(report: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def _print_summary(report: dict[str, Any]) -> None:
+# Above this many hosts a stage is shown as a matrix of counts and failure groups.
+MATRIX_FROM = 40
+
+
+def _print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", _styled(report["status"])))
     for st in report["stages"]:
         if st.get("type") == "Approval":
             out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
                                     _styled(st["status"])))
             _print_gates(st, only_failed=False)
+            continue
+        if len(st["hosts"]) > MATRIX_FROM and not every_host:
+            _print_matrix(st)
+            _print_gates(st, only_failed=True)
             continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
                             f"{st['environment']}): {st['status']}", title_justify="left")
@@ -401,6 +409,56 @@ def _check_numbers(results: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _signature(text: str, host: dict[str, Any]) -> str:
+    """An error with the host's own name and address taken out, so that one error on many
+    hosts is one group."""
+    import re
+
+    for name in {host["host"], *(str(s.get("host", "")) for s in host["steps"])} - {""}:
+        text = text.replace(name, "<host>")
+    return re.sub(r"\b\d{1,3}(\.\d{1,3}){3}\b", "<ip>", text)
+
+
+def _print_matrix(st: dict[str, Any]) -> None:
+    """A large stage on one screen: per step, how many hosts ended how; then the hosts that
+    did not succeed, grouped by error, a few named per group."""
+    title = (f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+             f"{st['status']}, {len(st['hosts'])} hosts")
+    states = ["SUCCEEDED", "FAILED", "IGNORED", "SKIPPED", "ABORTED", "RUNNING", "PENDING"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("step")
+    for state in states:
+        table.add_column(state.lower(), justify="right")
+    for i, step_id in enumerate(st["steps"]):
+        counts = {x: 0 for x in states}
+        for h in st["hosts"]:
+            state = h["steps"][i]["status"] if i < len(h["steps"]) else "PENDING"
+            counts[state] = counts.get(state, 0) + 1
+        table.add_row(step_id, *[str(counts[x]) if counts[x] else "" for x in states])
+    out.print(table)
+    by_status: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    for h in st["hosts"]:
+        by_status[h["status"]] = by_status.get(h["status"], 0) + 1
+        versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
+    out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
+              + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    groups: dict[str, list[str]] = {}
+    for h in st["hosts"]:
+        bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
+        if bad is not None:
+            groups.setdefault(_signature(_failure_detail(bad), h), []).append(h["host"])
+        rb = h.get("rollback") or {}
+        if rb.get("status") == "ROLLBACK_FAILED":
+            key = _signature(f"rollback step {rb.get('step')} failed: {rb.get('error')}", h)
+            groups.setdefault(key, []).append(h["host"])
+    for detail, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:10]:
+        shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+        out.print(Text(f"  {len(names)} host(s): {detail}: {shown}", style="red"))
+    if len(groups) > 10:
+        out.print(f"  ... {len(groups) - 10} more kinds of failure (vmfarm status -o json)")
+
+
 def _failure_detail(step: dict[str, Any]) -> str:
     """``step check, unit check, exit 3: <last stderr line>`` or the error message."""
     parts = [f"step {step['step']}"]
@@ -491,9 +549,12 @@ def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...]
 
 @main.command()
 @click.argument("execution_id")
+@click.option("--all-hosts", is_flag=True,
+              help=f"One line per host even for stages of more than {MATRIX_FROM} hosts.")
 @output_option
-def status(execution_id: str, output: str) -> None:
-    """Show an execution: stages, phases and every host's outcome."""
+def status(execution_id: str, all_hosts: bool, output: str) -> None:
+    """Show an execution: stages, phases and every host's outcome (large stages as a matrix
+    of counts, failed hosts grouped by error)."""
     from app.report import execution_report
 
     report = execution_report(execution_id)
@@ -503,7 +564,7 @@ def status(execution_id: str, output: str) -> None:
     if output == "json":
         out.print_json(json.dumps(report))
     else:
-        _print_summary(report)
+        _print_summary(report, every_host=all_hosts)
         for st in report["stages"]:
             if st.get("type") == "Approval" or not st["phases"]:
                 continue  # the summary above already shows it
@@ -538,12 +599,14 @@ def logs(execution_id: str, host: str | None, step: str | None, output: str) -> 
 
 @main.command()
 @click.option("--limit", default=20, show_default=True)
+@click.option("--status", "statuses", multiple=True, metavar="S",
+              help="Only executions in this status (repeatable): RUNNING, FAILED, WAITING...")
 @output_option
-def executions(limit: int, output: str) -> None:
-    """List recent executions."""
+def executions(limit: int, statuses: tuple[str, ...], output: str) -> None:
+    """List recent executions (newest first)."""
     from app.report import recent_executions
 
-    rows = recent_executions(limit)
+    rows = recent_executions(limit, statuses=[x.upper() for x in statuses])
     data = [{"id": e.id, "pipeline": e.pipeline, "status": e.status,
              "created_at": e.created_at.isoformat() + "Z", "created_by": e.created_by}
             for e in rows]
