@@ -59,9 +59,14 @@ def submit(
 
     Raises SpecError/SpecErrors (nothing is recorded) when the files or inputs are wrong.
     """
+    from app import audit, policy, rbac
+
     execution_id = new_execution_id()
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id=execution_id)
+    who = user or get_settings().user or ""
+    rbac.guard("run", user=who, plan=plan, execution_id=execution_id)
+    warnings = policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
     refused = [f"stage '{st['identifier']}': {why}"
                for st, hosts in zip(plan["stages"], stage_hosts, strict=True)
                for why in unserved_delegates(st, [h.to_dict() for h in hosts])]
@@ -91,6 +96,10 @@ def submit(
             for j, step in enumerate(stage["steps"]):
                 s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
                               identifier=step["identifier"], name=step.get("name", "")))
+    audit.record("run", user=who, execution_id=execution_id, pipeline=plan["identifier"],
+                 detail={"inputs": sorted(inputs or {}),
+                         "policy_warnings": [f.to_dict() for f in warnings]},
+                 outcome="submitted")
     if publish:
         advance(execution_id)
     return execution_id

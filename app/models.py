@@ -224,3 +224,18 @@ class WorkerBeat(SQLModel, table=True):
     in_flight: int = 0
     started_at: NaiveDatetime = Field(default_factory=utcnow)
     beat_at: NaiveDatetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who did what, when, and what came of it (``vmfarm audit``): a run, an approval, a
+    refusal by RBAC or policy. No foreign key: a refusal may name an execution that does not
+    exist, and the trail outlives executions. ``detail`` is masked: never a secret value."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: NaiveDatetime = Field(default_factory=utcnow, index=True)
+    user: str = Field(default="", max_length=128, index=True)
+    action: str = Field(max_length=32)
+    execution_id: str | None = Field(default=None, max_length=32, index=True)
+    pipeline: str | None = Field(default=None, max_length=128)
+    outcome: str = Field(max_length=32)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from app.errors import ConfigError, LabError, SpecError, SpecErrors
+from app.policy import PolicyViolation
+from app.rbac import PermissionRefused
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +49,40 @@ def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
         k, val = v.split("=", 1)
         inputs[k.strip()] = val
     return inputs
+
+
+def _user() -> str:
+    from app.settings import get_settings
+
+    return get_settings().user or os.environ.get("USER", "")
+
+
+def _refused(exc: Exception) -> None:
+    """A permission the caller lacks: nothing was done; exit 3."""
+    err.print(Text(f"refused: {exc}", style="red"))
+    sys.exit(3)
+
+
+def _guard(action: str, execution_id: str) -> str:
+    """Check the caller may do ``action`` on the execution (RBAC); exit 3 if not, 2 when the
+    RBAC or users file is wrong. Returns the caller's name."""
+    from app.rbac import guard
+
+    user = _user()
+    try:
+        guard(action, user=user, execution_id=execution_id)
+    except PermissionRefused as exc:
+        _refused(exc)
+    except ConfigError as exc:
+        err.print(Text(f"error: {exc}", style="red"))
+        sys.exit(2)
+    return user
+
+
+def _audit(action: str, user: str, execution_id: str, outcome: str, **detail: Any) -> None:
+    from app.audit import record
+
+    record(action, user=user, execution_id=execution_id, detail=detail, outcome=outcome)
 
 
 def fail_input(exc: Exception) -> None:
@@ -144,7 +180,9 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
         inputs = parse_sets(sets)
         execution_id = submit(files, pipeline=pipeline, inputs=inputs,
                               user=settings.user or os.environ.get("USER", ""), publish=False)
-    except (SpecError, SpecErrors, ConfigError) as exc:
+    except PermissionRefused as exc:
+        _refused(exc)
+    except (SpecError, SpecErrors, ConfigError, PolicyViolation) as exc:
         fail_input(exc)
         return
     _dispatch_and_watch(execution_id, watch=watch, output=output)
@@ -201,12 +239,14 @@ def retry(execution_id: str, only_failed: bool, watch: bool | None, output: str)
     from app.settings import get_settings
 
     _refuse_detach_when_embedded(watch)
+    user = _guard("retry", execution_id)
     try:
         new_id = retry_failed(execution_id, publish=False,
                               user=get_settings().user or os.environ.get("USER", ""))
     except LookupError as exc:
         err.print(Text(f"error: {exc}", style="red"))
         sys.exit(2)
+    _audit("retry", user, new_id, "submitted", retry_of=execution_id)
     if output != "json":
         err.print(f"retrying the failed hosts of {execution_id}")
     _dispatch_and_watch(new_id, watch=watch, output=output)
@@ -626,15 +666,18 @@ def _decide(execution_id: str, comment: str, *, approve: bool) -> None:
     from app.coordinator import ApprovalRefused, decide_approval
     from app.settings import get_settings
 
-    user = get_settings().user or os.environ.get("USER", "")
+    action = "approve" if approve else "reject"
+    user = _guard(action, execution_id) or get_settings().user or ""
     try:
         outcome = decide_approval(execution_id, user=user, approve=approve, comment=comment)
     except ApprovalRefused as exc:
+        _audit(action, user, execution_id, "refused", reason=str(exc))
         err.print(Text(f"refused: {exc}", style="red"))
         sys.exit(3)
     except (LookupError, ConfigError) as exc:
         err.print(Text(f"error: {exc}", style="red"))
         sys.exit(2)
+    _audit(action, user, execution_id, "approved" if approve else "rejected", comment=comment)
     out.print(f"execution {execution_id}: {outcome}")
 
 
@@ -663,13 +706,15 @@ def reject(execution_id: str, comment: str) -> None:
 def abort(execution_id: str, rollback: bool) -> None:
     """Stop an execution: no new work is sent; running hosts stop at their next unit."""
     from app.coordinator import abort as do_abort
-    from app.settings import get_settings
 
-    result = do_abort(execution_id, user=get_settings().user or os.environ.get("USER", ""),
-                      rollback=rollback)
+    user = _guard("abort", execution_id)
+    if rollback:
+        _guard("rollback", execution_id)
+    result = do_abort(execution_id, user=user, rollback=rollback)
     if result == "missing":
         err.print(f"error: no execution '{execution_id}'")
         sys.exit(2)
+    _audit("abort", user, execution_id, result, rollback=rollback)
     if result not in ("aborted", "rolling back"):
         out.print(f"execution {execution_id} already ended: {result}")
         return
@@ -690,12 +735,13 @@ def intervene(execution_id: str, action: str, comment: str) -> None:
     from app.coordinator import intervene as do_intervene
     from app.settings import get_settings
 
-    user = get_settings().user or os.environ.get("USER", "")
+    user = _guard("intervene", execution_id) or get_settings().user or ""
     try:
         outcome = do_intervene(execution_id, action=action, user=user, comment=comment)
     except (LookupError, ApprovalRefused) as exc:
         err.print(Text(f"error: {exc}", style="red"))
         sys.exit(2)
+    _audit("intervene", user, execution_id, action, chosen=action, comment=comment)
     out.print(f"execution {execution_id}: {outcome}")
 
 
@@ -712,6 +758,7 @@ def rollback(execution_id: str, show_plan: bool, watch: bool | None, output: str
     from app.coordinator import rollback_execution, rollback_plan
     from app.settings import get_settings
 
+    user = _guard("view" if show_plan else "rollback", execution_id)
     try:
         if show_plan:
             preview = rollback_plan(execution_id)
@@ -719,10 +766,11 @@ def rollback(execution_id: str, show_plan: bool, watch: bool | None, output: str
             return
         _refuse_detach_when_embedded(watch)
         new_id = rollback_execution(execution_id, publish=False,
-                                    user=get_settings().user or os.environ.get("USER", ""))
+                                    user=user or get_settings().user or "")
     except LookupError as exc:
         err.print(Text(f"error: {exc}", style="red"))
         sys.exit(2)
+    _audit("rollback", user, new_id, "submitted", rollback_of=execution_id)
     if output != "json":
         err.print(f"rolling back {execution_id}")
     _dispatch_and_watch(new_id, watch=watch, output=output)
@@ -928,10 +976,12 @@ def lab_down_cmd() -> None:
 
 
 from cli import fleet as _fleet  # noqa: E402
+from cli import governance_cmd as _gov  # noqa: E402
 from cli import ops_cmd as _ops  # noqa: E402
 from cli import secrets_cmd as _secrets  # noqa: E402
 
 _fleet.register(main)
+_gov.register(main)
 _ops.register(main)
 _secrets.register(main)
 
