@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from kombu import Exchange, Queue
 
 from app.settings import get_settings
@@ -143,12 +144,18 @@ def build_config() -> dict[str, Any]:
         # Exactly one beat (`vmfarm worker --control --beat`): the reconciler is idempotent,
         # but a second beat would only do the same work twice.
         "beat_schedule": {"vmfarm-reconcile": {"task": "vmfarm.reconcile",
-                                               "schedule": s.reconcile_interval}},
+                                               "schedule": s.reconcile_interval},
+                          # Cron triggers of pipelines (app/schedules.py): a tick each minute
+                          # submits the due slots, each claimed once; a late tick is dropped.
+                          "vmfarm-schedules": {"task": "vmfarm.schedules_tick",
+                                               "schedule": crontab(),
+                                               "options": {"expires": 55}}},
     }
     return conf
 
 
-app = Celery("vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery"])
+app = Celery("vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery",
+                                "app.schedules"])
 app.conf.update(build_config())
 
 

@@ -979,11 +979,13 @@ from cli import fleet as _fleet  # noqa: E402
 from cli import governance_cmd as _gov  # noqa: E402
 from cli import ops_cmd as _ops  # noqa: E402
 from cli import secrets_cmd as _secrets  # noqa: E402
+from cli import service_cmd as _service  # noqa: E402
 
 _fleet.register(main)
 _gov.register(main)
 _ops.register(main)
 _secrets.register(main)
+_service.register(main)
 
 if __name__ == "__main__":
     main()
