@@ -110,7 +110,8 @@ def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, 
     """Load, validate and resolve the files; discover static hosts (bad input raises)."""
     from app.spec import choose_pipeline, load, resolve
 
-    bundle = load(paths, inputs=dict(inputs or {}), require_inputs=True)
+    # The mapping as given: an input set's values remember the file and line they came from.
+    bundle = load(paths, inputs=inputs if inputs is not None else {}, require_inputs=True)
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.

@@ -253,9 +253,11 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
 @click.option("--infra", "infra_id", help="Only this infrastructure (identifier).")
 @click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@click.option("--inputs", "input_files", multiple=True, type=click.Path(),
+              help="An input set file or folder (repeatable); --set wins.")
 @_output_option
 def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
-          sets: tuple[str, ...], output: str) -> None:
+          sets: tuple[str, ...], input_files: tuple[str, ...], output: str) -> None:
     """Preview the hosts of the infrastructures a pipeline deploys to (or of --infra ID).
 
     Discovery runs here, with this machine's cloud credentials and network; during a run the
@@ -267,7 +269,8 @@ def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
     cli = _cli()
     try:
         pipe_id, infras = collect_infrastructures(files, pipeline=pipeline, infra_id=infra_id,
-                                                  inputs=cli.parse_sets(sets))
+                                                  inputs=cli.gather_inputs(input_files,
+                                                                           sets))
     except (SpecError, SpecErrors, ConfigError) as exc:
         cli.fail_input(exc)
         return

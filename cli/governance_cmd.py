@@ -117,11 +117,13 @@ def policy() -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@click.option("--inputs", "input_files", multiple=True, type=click.Path(),
+              help="An input set file or folder (repeatable); --set wins.")
 @click.option("--policies", "policies_file", type=click.Path(dir_okay=False),
               help="The policy file (default VMFARM_POLICY_FILE, else configs/policies.yaml).")
 @_output_option
 def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-                 policies_file: str | None, output: str) -> None:
+                 input_files: tuple[str, ...], policies_file: str | None, output: str) -> None:
     """Check a pipeline against the policy rules without running it. Exit 2 when a rule of
     severity error is broken (a run would be refused)."""
     from app.coordinator import prepare
@@ -130,7 +132,12 @@ def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, 
     source = Path(policies_file) if policies_file else policy_file()
     try:
         rules = load_policies(source) if source is not None else []
-        plan, stage_hosts = prepare(files, pipeline=pipeline, inputs=_parse_sets(sets),
+        from app.spec.inputsets import merge_inputs, read_input_sets
+
+        given = _parse_sets(sets)
+        plan, stage_hosts = prepare(files, pipeline=pipeline,
+                                    inputs=merge_inputs(read_input_sets(input_files), given)
+                                    if input_files else given,
                                     execution_id="<policy-check>")
         findings = evaluate(plan, stage_hosts, rules=rules)
     except (SpecError, SpecErrors) as exc:

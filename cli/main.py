@@ -41,6 +41,19 @@ def output_option(f: F) -> F:
                         show_default=True, help="json: machine-readable output on stdout.")(f)
 
 
+INPUTS_HELP = ("An input set file (Harness inputSet, or NAME: VALUE lines), or a folder of them; "
+               "repeatable, later files win, --set wins over all.")
+
+
+def gather_inputs(input_files: tuple[str, ...], sets: tuple[str, ...]) -> Any:
+    """Runtime inputs from --inputs files with --set on top (SpecError names a bad file)."""
+    from app.spec.inputsets import merge_inputs, read_input_sets
+
+    if not input_files:
+        return parse_sets(sets)
+    return merge_inputs(read_input_sets(input_files), parse_sets(sets))
+
+
 def parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     inputs: dict[str, str] = {}
     for v in values:
@@ -110,13 +123,15 @@ def main() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@click.option("--inputs", "input_files", multiple=True, type=click.Path(), help=INPUTS_HELP)
 @output_option
-def validate(files: tuple[str, ...], sets: tuple[str, ...], output: str) -> None:
+def validate(files: tuple[str, ...], sets: tuple[str, ...], input_files: tuple[str, ...],
+             output: str) -> None:
     """Check pipeline files: schema, references and expressions. Exit 2 when invalid."""
     from app.spec import load
 
     try:
-        bundle = load(files, inputs=parse_sets(sets), require_inputs=False)
+        bundle = load(files, inputs=gather_inputs(input_files, sets), require_inputs=False)
     except (SpecError, SpecErrors) as exc:
         if output == "json":
             errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
@@ -165,11 +180,12 @@ def _value_at(slot: Any) -> Any:
 @click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
+@click.option("--inputs", "input_files", multiple=True, type=click.Path(), help=INPUTS_HELP)
 @click.option("--watch/--detach", default=None,
               help="Show live progress (default on a terminal) or return after submitting.")
 @output_option
 def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-        watch: bool | None, output: str) -> None:
+        input_files: tuple[str, ...], watch: bool | None, output: str) -> None:
     """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input."""
     from app.coordinator import submit
     from app.settings import get_settings
@@ -177,7 +193,7 @@ def run(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
     settings = get_settings()
     _refuse_detach_when_embedded(watch)
     try:
-        inputs = parse_sets(sets)
+        inputs = gather_inputs(input_files, sets)
         execution_id = submit(files, pipeline=pipeline, inputs=inputs,
                               user=settings.user or os.environ.get("USER", ""), publish=False)
     except PermissionRefused as exc:
@@ -522,15 +538,16 @@ def _failure_detail(step: dict[str, Any]) -> str:
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
+@click.option("--inputs", "input_files", multiple=True, type=click.Path(), help=INPUTS_HELP)
 @output_option
 def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-             output: str) -> None:
+             input_files: tuple[str, ...], output: str) -> None:
     """Dry run: hosts per region, phases, rendered command units, failure policy. Touches no
     host and records nothing."""
     from app.coordinator import dry_run
 
     try:
-        result = dry_run(files, pipeline=pipeline, inputs=parse_sets(sets))
+        result = dry_run(files, pipeline=pipeline, inputs=gather_inputs(input_files, sets))
     except (SpecError, SpecErrors, ConfigError) as exc:
         fail_input(exc)
         return

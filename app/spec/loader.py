@@ -77,6 +77,9 @@ class Bundle:
     infrastructures: dict[str, Loaded] = field(default_factory=dict)
     pipelines: dict[str, Loaded] = field(default_factory=dict)
     inputs: list[InputSlot] = field(default_factory=list)
+    # Hook (templates): the Template documents of the load, set aside by
+    # app.spec.templates.expand_templates (their bodies are expanded where they are used).
+    templates: list[Document] = field(default_factory=list)
     # (file, path) of every value that came from a runtime input: quoted in scripts.
     external: set[tuple[str, int, tuple[str | int, ...]]] = field(default_factory=set)
 
@@ -265,6 +268,22 @@ def _models_of(tp: Any) -> list[type[Any]]:
 _SCALAR_TAGS = {"str", "int", "float", "bool"}
 
 
+def _where(doc: Document, path: tuple[str | int, ...], *, key: bool = False) -> tuple[
+    str, int, int
+]:
+    """File, line and column of ``path`` in ``doc``.
+
+    Hook (templates): a document expanded from templates (app.spec.templates.ExpandedDocument)
+    knows which file each part came from; any other document is its own file.
+    """
+    where = getattr(doc, "where", None)
+    if callable(where):
+        file, line, col = where(path, key=key)
+        return str(file), int(line), int(col)
+    line, col = doc.pos(path, key=key)
+    return doc.file, line, col
+
+
 def _validate(doc: Document, base: tuple[str | int, ...], model: type[m.Model], data: Any,
               errs: _Collector) -> Any:
     try:
@@ -279,10 +298,10 @@ def _validate(doc: Document, base: tuple[str | int, ...], model: type[m.Model], 
                     continue
                 seen_union.add(loc[:-1])
                 path = _loc_to_path(doc, base, loc[:-1])
-                line, col = doc.pos(path)
+                file, line, col = _where(doc, path)  # hook (templates)
                 errs.add(SpecError(
                     f"'{loc[-2]}' must be a string, number or boolean, got "
-                    f"{_type_name(err.get('input'))}", file=doc.file, line=line, col=col,
+                    f"{_type_name(err.get('input'))}", file=file, line=line, col=col,
                     field=dotted(path[len(base):])))
                 continue
             path = _loc_to_path(doc, base, loc)
@@ -290,11 +309,11 @@ def _validate(doc: Document, base: tuple[str | int, ...], model: type[m.Model], 
                     and "type" in _get_at(doc.data, path):
                 path = (*path, "type")
             key = err["type"] == "extra_forbidden"
-            line, col = doc.pos(path, key=key)
+            file, line, col = _where(doc, path, key=key)  # hook (templates)
             fld = dotted(path[len(base):]) if path[len(base):] else dotted(loc)
             if err["type"] == "missing":
                 fld = dotted((*path[len(base):], loc[-1]))
-            errs.add(SpecError(_friendly(err, model, loc), file=doc.file, line=line, col=col,
+            errs.add(SpecError(_friendly(err, model, loc), file=file, line=line, col=col,
                                field=fld))
         return None
 
@@ -317,8 +336,11 @@ def _input_name(kind: str, ident: str, path: tuple[str | int, ...], data: Any) -
             parts.append(str(nxt["name"]))
             break
         if isinstance(p, int):
-            # Use the element's identifier when it has one (stage/step lists).
-            inner = (nxt.get("stage") or nxt.get("step")) if isinstance(nxt, dict) else None
+            # Use the element's identifier when it has one (stage/step lists). Hook (input
+            # sets): a step group is named by its identifier too, not by its position, so that
+            # an --inputs file (which lists only the entries with inputs) can name its inputs.
+            inner = (nxt.get("stage") or nxt.get("step") or nxt.get("stepGroup")) \
+                if isinstance(nxt, dict) else None
             ident_v = inner.get("identifier") if isinstance(inner, dict) else None
             if ident_v is None and isinstance(nxt, dict):
                 ident_v = nxt.get("identifier")
@@ -370,6 +392,9 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
     for slot in slots:
         names = slot.name.split(".")
         matches = [k for k in inputs if names[-len(k.split(".")):] == k.split(".")]
+        # Hook (input sets): a name that a longer one overrides for this input still names an
+        # input (layered --inputs files and --set give both); it is not reported as unknown.
+        used.update(matches)
         if len(matches) > 1:
             longest = max(len(k.split(".")) for k in matches)
             matches = [k for k in matches if len(k.split(".")) == longest]
@@ -408,8 +433,12 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
     unknown = sorted(set(inputs) - used)
     if unknown:
         known = ", ".join(s.name for s in slots) or "none"
+        # Hook (input sets): a name read from an --inputs file points at its place there
+        # (app.spec.inputsets.InputValues.origins); a --set name is reported as --set.
+        origin = (getattr(inputs, "origins", None) or {}).get(unknown[0])
+        file, line, col = origin if origin else ("--set", 0, 0)
         raise SpecError(f"no runtime input <+input> is named '{unknown[0]}' "
-                        f"(inputs in these files: {known})", file="--set",
+                        f"(inputs in these files: {known})", file=file, line=line, col=col,
                         field=unknown[0])
     errs.raise_if_any()
     return slots, external
@@ -450,6 +479,12 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
                                "kind, metadata and spec", file=str(f), line=1, col=1))
         bundle.documents.extend(docs)
     errs.raise_if_any()
+
+    # Hook (templates): Template documents are set aside and every template reference is
+    # expanded in place, before runtime inputs are named and filled.
+    from app.spec.templates import expand_templates
+
+    bundle.documents, bundle.templates = expand_templates(bundle.documents)
 
     bundle.inputs, bundle.external = apply_inputs(bundle.documents, inputs or {},
                                                   require=require_inputs)
@@ -827,13 +862,14 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     infras = []
     for ref in stage.spec.environment.infrastructure_definitions:
         infra = bundle.infrastructures[ref.identifier]
+        src_file, src_line, _ = _where(infra.doc, infra.base or ("metadata",))  # hook (templates)
         infras.append({
             "identifier": infra.ident,
             "name": infra.model.metadata.name,
             "provider": provider_of(infra.model),
             "spec": infra.model.spec.spec.model_dump(mode="json", by_alias=True,
                                                      exclude_none=True),
-            "source": f"{infra.doc.file}:{infra.doc.pos(infra.base or ('metadata',))[0]}",
+            "source": f"{src_file}:{src_line}",
         })
     uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
                     for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
@@ -955,6 +991,6 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> dict[str,
     return {
         "identifier": pipeline.ident,
         "name": pipeline.model.metadata.name,
-        "files": sorted({d.file for d in bundle.documents}),
+        "files": sorted({d.file for d in [*bundle.documents, *bundle.templates]}),  # + templates
         "stages": stages,
     }
