@@ -993,4 +993,6 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> dict[str,
         "name": pipeline.model.metadata.name,
         "files": sorted({d.file for d in [*bundle.documents, *bundle.templates]}),  # + templates
         "stages": stages,
+        "notificationRules": [r.model_dump(mode="json", by_alias=True, exclude_none=True)
+                               for r in pipeline.model.spec.notification_rules],
     }

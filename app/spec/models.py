@@ -859,6 +859,8 @@ class PipelineBody(Model):
     stages: list[StageElement] = Field(min_length=1)
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+    # Who hears about what (app.notify): Slack/webhook/email per event.
+    notification_rules: list[_notify.NotificationRule] = Field(default_factory=list)
     variables: list[Variable] = Field(default_factory=list)
     description: str | None = None
     tags: dict[str, Scalar] = Field(default_factory=dict)
@@ -893,3 +895,7 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"'{text}' is not a duration (use e.g. 500ms, 0.5s, 30s, 10m, 1h30m)")
     d, h, mi, sec, ms = (float(g or 0) for g in m.groups())
     return ((d * 24 + h) * 60 + mi) * 60 + sec + ms / 1000
+
+
+# At the end: app.notify builds its rule model on Model above (a cycle otherwise).
+from app import notify as _notify  # noqa: E402
