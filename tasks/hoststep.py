@@ -250,7 +250,8 @@ def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
         private_key_file=host.private_key_file, known_hosts_file=host.known_hosts_file,
         host_key_policy=host.host_key_policy, connect_timeout=host.connect_timeout,
         sandbox_root=host.sandbox_root if host.connection == "Sandbox" else None,
-        extra={"connection": "local"} if host.connection == "Local" else {},
+        extra={"connection": "local"} if host.connection == "Local" else
+        {f"{kind}_secret": ident for kind, ident in host.credentials.items()},
     )
 
 

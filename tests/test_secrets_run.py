@@ -179,3 +179,43 @@ def test_a_secret_appears_nowhere_but_on_the_host(cluster: Cluster, lab: Any, tm
     for where, text in places.items():
         for form in forms(SECRET):
             assert form not in text, f"a form of the secret ({form!r}) is in the {where}"
+
+
+def test_the_ssh_key_can_be_a_secret(lab: Any, tmp_path: Path) -> None:
+    """No key file in the files: the worker reads the key from the secrets store when it
+    connects; the key appears in no row."""
+    import yaml
+
+    from tests.conftest import base_env, run_vmfarm
+
+    assert lab.key_file is not None
+    key_text = Path(lab.key_file).read_text()
+    files = _files(tmp_path, lab)  # the pipeline (its infra.yaml is replaced below)
+    infra = yaml.safe_load(Path(lab.infrastructure_file).read_text())
+    conn = infra["spec"]["spec"]["connection"]
+    conn.pop("privateKeyFile")
+    conn["privateKeySecret"] = "lab_key"
+    infra["spec"]["spec"]["hosts"] = [{"hostname": h.address, "region": h.region}
+                                      for h in lab.hosts[:2]]
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(Path(files[0]).read_text().replace(
+        "<+secrets.getValue('db_password')>", "not a secret"))
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SECRET_LAB_KEY=key_text)
+    res = run_vmfarm("run", str(pipeline), str(tmp_path / "infra.yaml"), "-o", "json",
+                     env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    for h in lab.hosts[:2]:
+        assert (Path(h.host_dir) / "opt" / "sec" / "db").read_text() == "not a secret"
+    # without the secret the hosts refuse the connection, named as Authentication
+    res = run_vmfarm("run", str(pipeline), str(tmp_path / "infra.yaml"), "-o", "json",
+                     env=base_env(VMFARM_HOME=str(tmp_path / "home")))
+    assert res.returncode == 1
+    step = json.loads(res.stdout)["stages"][0]["hosts"][0]["steps"][0]
+    assert "lab_key" in step["error"]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+        dump = "\n".join(db.iterdump())
+    body = "".join(key_text.strip().splitlines()[1:-1])
+    assert body[:40] not in dump

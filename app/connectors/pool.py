@@ -58,7 +58,18 @@ def default_connector(target: HostTarget) -> Connector:
         return local
     from app.connectors.ssh import SSHConnector
 
-    return SSHConnector(target)
+    # SSH credentials kept as secrets: resolved here, on the worker, only when connecting.
+    wanted = {k: target.extra[k] for k in ("password_secret", "passphrase_secret",
+                                           "private_key_secret") if target.extra.get(k)}
+    values: dict[str, str] = {}
+    if wanted:
+        from app.secrets import resolve
+
+        got = resolve(list(wanted.values()))
+        values = {k: got[v] for k, v in wanted.items()}
+    return SSHConnector(target, password=values.get("password_secret"),
+                        key_passphrase=values.get("passphrase_secret"),
+                        private_key_text=values.get("private_key_secret"))
 
 
 @dataclass

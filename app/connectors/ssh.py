@@ -205,6 +205,20 @@ class _VerifyHostKey(paramiko.MissingHostKeyPolicy):
         self._connector._verify_host_key(hostname, key)
 
 
+def _key_from_text(text: str, passphrase: Any) -> paramiko.PKey:
+    """A private key given as text (a secret): through a 0600 file that lives only while
+    paramiko reads it (PKey.from_path knows every key type and format)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="vmfarm-key-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+        return paramiko.PKey.from_path(name, password=passphrase)
+    finally:
+        os.unlink(name)
+
+
 class SSHConnector(Connector):
     """One SSH connection to one host; not thread-safe (the pool gives it to one user at a time)."""
 
@@ -214,6 +228,7 @@ class SSHConnector(Connector):
         *,
         password: str | None = None,
         key_passphrase: str | None = None,
+        private_key_text: str | None = None,
     ) -> None:
         """Prepare a connection; nothing is opened until connect() or the first command."""
         if target.host_key_policy not in HOST_KEY_POLICIES:
@@ -226,6 +241,7 @@ class SSHConnector(Connector):
         # Secrets (from the secrets store, resolved on the worker): kept out of repr and logs.
         self._password = password
         self._key_passphrase = key_passphrase
+        self._key_text = private_key_text
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._pkey: paramiko.PKey | None = None
@@ -245,7 +261,7 @@ class SSHConnector(Connector):
             return
         self.close()
         t = self.target
-        pkey = self._load_private_key() if t.private_key_file else None
+        pkey = self._load_private_key() if t.private_key_file or self._key_text else None
         known = _load_known_hosts(self._known_hosts)
         on_record = known.lookup(known_hosts_name(t.hostname, t.port)) if known else None
         known_types = list(on_record.keys()) if on_record else []
@@ -323,6 +339,10 @@ class SSHConnector(Connector):
         # bytes: a str fails with "password must be bytes" even when it is right.
         passphrase: Any = None if self._key_passphrase is None else self._key_passphrase.encode()
         try:
+            if self._key_text is not None:
+                path = "(the private key secret)"
+                self._pkey = _key_from_text(self._key_text, passphrase)
+                return self._pkey
             self._pkey = paramiko.PKey.from_path(path, password=passphrase)
         except (paramiko.PasswordRequiredException, TypeError) as exc:
             if passphrase is None and "password" in str(exc).lower():

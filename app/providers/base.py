@@ -33,6 +33,8 @@ class Host:
     public_ip: str | None = None
     private_ip: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # Secret ids (never values) of SSH credentials: private_key, passphrase, password.
+    credentials: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +64,16 @@ def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
         host_key_policy=conn.get("hostKeyPolicy", "strict"),
         connect_timeout=float(conn.get("connectTimeout", 10.0)),
         public_ip=public_ip, private_ip=private_ip, attributes=attributes,
+        credentials=credentials_of(conn),
     )
+
+
+def credentials_of(conn: dict[str, Any]) -> dict[str, str]:
+    """The secret ids of a connection's SSH credentials."""
+    return {kind: str(conn[key]) for kind, key in (("private_key", "privateKeySecret"),
+                                                   ("passphrase", "passphraseSecret"),
+                                                   ("password", "passwordSecret"))
+            if conn.get(key)}
 
 
 def discover(infra: dict[str, Any]) -> list[Host]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.providers.base import DEFAULT_REGION, Host
+from app.providers.base import DEFAULT_REGION, Host, credentials_of
 
 
 def discover_static(infra: dict[str, Any]) -> list[Host]:
@@ -33,6 +33,7 @@ def discover_static(infra: dict[str, Any]) -> list[Host]:
             public_ip=h.get("publicIp") or attributes.get("publicIp"),
             private_ip=h.get("privateIp") or attributes.get("privateIp"),
             attributes=attributes,
+            credentials=credentials_of(conn),
         ))
     return hosts
 

@@ -150,6 +150,10 @@ class Connection(Model):
     known_hosts_file: str | None = None
     host_key_policy: Literal["strict", "accept-new"] = "strict"
     connect_timeout: float = Field(default=10.0, gt=0)
+    # SSH credentials kept in the secrets store (ids): resolved on the worker when it connects.
+    private_key_secret: str | None = None
+    passphrase_secret: str | None = None
+    password_secret: str | None = None
 
 
 class StaticHost(Model):
