@@ -357,6 +357,7 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
         log.info("duplicate delivery of %s: returning the recorded result", key.idem)
         return _summary(existing, duplicate=True)
     fields: dict[str, Any] = {}
+    step: dict[str, Any] | None = None
     sink = LogSink(run_id)
     heartbeats.add(run_id)
     try:
@@ -400,7 +401,16 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
 
     fields["stdout_tail"] = mask(sink.tails["stdout"]) or None
     fields["stderr_tail"] = mask(sink.tails["stderr"]) or None
-    fields["outputs"] = {k: mask(v) for k, v in sink.outputs.items()}
+    # A Secret-typed output variable is a secret from now on: masked everywhere, and never
+    # stored (later steps cannot read it from the ledger; pass secrets through the store).
+    secret_outputs = {str(o["name"]) for o in ((step or {}).get("spec") or {}).get(
+        "outputVariables", []) if o.get("type") == "Secret"}
+    if secret_outputs:
+        from app.secrets import register
+
+        register([v for k, v in sink.outputs.items() if k in secret_outputs and v])
+    fields["outputs"] = {k: "***" if k in secret_outputs else mask(v)
+                         for k, v in sink.outputs.items()}
     if fields.get("error"):
         fields["error"] = mask(str(fields["error"]))
     return _finish(run_id, key, fields)

@@ -219,3 +219,88 @@ def test_the_ssh_key_can_be_a_secret(lab: Any, tmp_path: Path) -> None:
         dump = "\n".join(db.iterdump())
     body = "".join(key_text.strip().splitlines()[1:-1])
     assert body[:40] not in dump
+
+
+def test_a_secret_output_variable_is_masked_and_not_stored(tmp_path: Path) -> None:
+    from tests.conftest import base_env, run_vmfarm
+
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        apiVersion: v1
+        kind: Service
+        metadata: {name: app}
+        spec: {serviceDefinition: {type: SSH}}
+        ---
+        apiVersion: v1
+        kind: Environment
+        metadata: {name: dev}
+        spec: {type: PreProduction}
+        ---
+        apiVersion: v1
+        kind: Infrastructure
+        metadata: {name: here, identifier: here}
+        spec:
+          environmentRef: dev
+          type: Pdc
+          spec: {connection: {type: Local}, hosts: [{hostname: 10.50.0.1}]}
+        ---
+        apiVersion: v1
+        kind: Pipeline
+        metadata: {name: outputs}
+        spec:
+          stages:
+            - stage:
+                name: Deploy
+                identifier: deploy
+                type: Deployment
+                spec:
+                  service: {serviceRef: app}
+                  environment:
+                    environmentRef: dev
+                    infrastructureDefinitions: [{identifier: here}]
+                  execution:
+                    steps:
+                      - step:
+                          type: Command
+                          name: Mint
+                          identifier: mint
+                          spec:
+                            outputVariables:
+                              - {name: token, type: Secret, value: TOKEN}
+                              - {name: region, type: String, value: REGION}
+                            commandUnits:
+                              - identifier: mint
+                                type: Script
+                                spec:
+                                  source:
+                                    type: Inline
+                                    spec:
+                                      script: |
+                                        TOKEN=$(printf 'tk-%x' 2130706433)
+                                        REGION=eu-west-1
+                      - step:
+                          type: Command
+                          name: Use
+                          identifier: use
+                          spec:
+                            commandUnits:
+                              - identifier: use
+                                type: Script
+                                spec:
+                                  source:
+                                    type: Inline
+                                    spec:
+                                      script: |
+                                        echo "region <+steps.mint.output.outputVariables.region>"
+                                        echo "token $(printf 'tk-%x' 2130706433)"
+        """))
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"))
+    res = run_vmfarm("run", str(tmp_path / "p.yaml"), "-o", "json", env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    mint = json.loads(res.stdout)["stages"][0]["hosts"][0]["steps"][0]
+    assert mint["outputs"] == {"token": "***", "region": "eu-west-1"}
+    logs = run_vmfarm("logs", json.loads(res.stdout)["id"], env=env).stdout
+    assert "region eu-west-1" in logs and "token ***" in logs
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+        assert "tk-7f000001" not in "\n".join(db.iterdump())
