@@ -500,6 +500,9 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
     ctx = host_context(host, stage)
     if "<+rollbackArtifact." in str(spec):
         ctx.set("rollbackArtifact.tag", rollback_version(key), external=True)
+    if "<+artifact.checksum>" in str(spec):
+        ctx.set("artifact.checksum", _fetch(key, stage.get("artifact") or {}).sha256,
+                external=True)
     if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
             "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
         _earlier_outputs(key, ctx, stage)
@@ -552,6 +555,15 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
                 if problem:
                     return {**problem, "failed_unit": unit["identifier"]}
                 fields_exit = 0
+            elif unit["type"] == "Setup":
+                res = conn.run(_setup_script(unit, ctx), timeout=remaining,
+                               on_output=sink.write)
+                if res.exit_code != 0:
+                    return {"status": Status.FAILED, "error_class": "Unknown",
+                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
+                            "error": f"unit '{unit['identifier']}' could not prepare the "
+                                     f"runtime paths (exit {res.exit_code})"}
+                fields_exit = 0
             elif unit["type"] == "Release":
                 done = _in_unit(unit, _release, key, artifact, unit, ctx, conn, host, sink,
                                 remaining)
@@ -582,6 +594,21 @@ def _in_unit(unit: dict[str, Any], fn: Any, *args: Any) -> Any:
     except HostError as exc:
         exc.unit = exc.unit or unit["identifier"]
         raise
+
+
+def _setup_script(unit: dict[str, Any], ctx: Context) -> str:
+    """mkdir -p each runtime path; chown and chmod when asked."""
+    import shlex
+
+    spec = unit["spec"]
+    paths = " ".join(shlex.quote(render(str(p), ctx)) for p in spec["paths"])
+    lines = ["set -e", f"mkdir -p {paths}"]
+    if spec.get("owner"):
+        lines.append(f"chown {shlex.quote(str(spec['owner']))} {paths}")
+    if spec.get("mode"):
+        lines.append(f"chmod {shlex.quote(str(spec['mode']))} {paths}")
+    lines.append(f"ls -ld {paths}")
+    return "\n".join(lines) + "\n"
 
 
 # The output a Release unit leaves: the releases the host holds, newest first.

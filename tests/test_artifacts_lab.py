@@ -46,6 +46,9 @@ PIPELINE = textwrap.dedent("""\
                       identifier: install
                       spec:
                         commandUnits:
+                          - identifier: paths
+                            type: Setup
+                            spec: {paths: [/opt/rel, /opt/rel/logs], mode: "0750"}
                           - identifier: release
                             type: Release
                             spec: {deploymentPath: /opt/rel, keep: 3}
@@ -55,7 +58,9 @@ PIPELINE = textwrap.dedent("""\
                               source:
                                 type: Inline
                                 spec:
-                                  script: cat /opt/rel/current/content.txt > /opt/rel/running
+                                  script: |
+                                    cat /opt/rel/current/content.txt > /opt/rel/running
+                                    echo "<+artifact.checksum> <+artifact.path>" > /opt/rel/info
     """)
 
 
@@ -114,7 +119,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         moto.stop()
 
 
-def _files(tmp_path: Path, world: dict[str, Any], source: str) -> list[str]:
+def _files(tmp_path: Path, world: dict[str, Any], source: str, *,
+           checksum: bool = True) -> list[str]:
     specs = {
         "local": ("Local", f"path: {world['root']}/app-1.0\ntag: <+input>\n"),
         "http": ("Http", f"url: {world['server'].url}/repo/app/<+artifact.tag>/"
@@ -125,7 +131,9 @@ def _files(tmp_path: Path, world: dict[str, Any], source: str) -> list[str]:
     }
     kind, spec = specs[source]
     (tmp_path / "service.yaml").write_text(_service(kind, spec))
-    (tmp_path / "pipeline.yaml").write_text(PIPELINE)
+    # <+artifact.checksum> asks the repository (or this run's fetch) for the checksum.
+    (tmp_path / "pipeline.yaml").write_text(
+        PIPELINE if checksum else PIPELINE.replace("<+artifact.checksum> ", ""))
     return [str(tmp_path / "service.yaml"), str(tmp_path / "pipeline.yaml")]
 
 
@@ -171,6 +179,12 @@ def test_one_pipeline_deploys_the_same_files_from_each_source(
     logs = run_vmfarm("logs", report["id"], "-o", "json", env=env).stdout
     digest = hashlib.sha256(world["packed"]["1.0"]).hexdigest()
     assert logs.count(f"sha256 {digest}") == 8  # the same verified bytes reached every host
+    info = _on_hosts(lab8, "info")[0].split()
+    assert info[0] == digest and info[1].endswith({"local": "app-1.0",
+                                                   "http": "app-1.0.tar.gz",
+                                                   "s3": "app-1.0.tar.gz"}[source])
+    logs_dir = Path(lab8.hosts[0].host_dir) / "opt" / "rel" / "logs"
+    assert logs_dir.is_dir() and oct(logs_dir.stat().st_mode)[-3:] == "750"
     if source == "http":
         # fetched once for the execution, not once per host; the password never shows
         assert world["server"].count("GET", "/repo/app/1.0/app-1.0.tar.gz") == 1
@@ -198,7 +212,7 @@ def test_rollback_to_a_release_the_hosts_hold_fetches_nothing(
         world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
     _clean(lab8)
     env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
-    files = _files(tmp_path, world, "http")
+    files = _files(tmp_path, world, "http", checksum=False)
     assert _run(env, files, lab8, "1.0")[0] == 0
     code, second = _run(env, files, lab8, "2.0")
     assert code == 0 and _current(lab8) == ["releases/2.0"] * 8

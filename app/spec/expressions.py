@@ -24,6 +24,8 @@ HOST_KEYS = frozenset({
     "instance.host.publicIp", "instance.host.port", "instance.host.region", "infra.region",
     # The version the host returns to on rollback (from the Instance ledger).
     "rollbackArtifact.tag",
+    # The artifact's SHA-256, known once the worker has fetched (and verified) it.
+    "artifact.checksum",
 })
 # <+secrets.getValue("id")>: left in place by every render; the worker that runs the step
 # resolves it (app.secrets) and passes the value in the command's environment.

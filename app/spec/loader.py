@@ -782,6 +782,14 @@ def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalS
                 ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)),
                         external=ext)
             ctx.set("artifact.type", art.type)
+            # Where the artifact comes from: the local path, URL path or S3 key (its template;
+            # <+artifact.tag> in it is rendered with the rest).
+            where = next((art.spec.get(k) for k in ("path", "filePath", "artifactPath", "key",
+                                                    "url") if art.spec.get(k)), None)
+            if where is not None:
+                # (a bad expression in it is reported where the artifact's fields are checked)
+                where = render(str(where), ctx, on_error=lambda _msg: None)
+                ctx.set("artifact.path", where, external=ext)
     env = bundle.environments.get(stage.spec.environment.environment_ref)
     if env:
         ctx.set("env.name", env.model.metadata.name)

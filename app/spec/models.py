@@ -336,7 +336,21 @@ class ReleaseUnit(_UnitBase):
     spec: ReleaseUnitSpec
 
 
-CommandUnit = Annotated[ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit,
+class SetupUnitSpec(Model):
+    paths: list[str] = Field(min_length=1)
+    owner: str | None = None  # user[:group]
+    mode: str | None = Field(default=None, pattern=r"^[0-7]{3,4}$")
+
+
+class SetupUnit(_UnitBase):
+    """Prepare the runtime paths on the host (Harness's "Setup Runtime Paths"): each path is
+    created if missing, then given ``owner`` and ``mode`` when set."""
+
+    type: Literal["Setup"]
+    spec: SetupUnitSpec
+
+
+CommandUnit = Annotated[ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit,
                         Field(discriminator="type")]
 
 
