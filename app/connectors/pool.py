@@ -45,11 +45,17 @@ def is_local(target: HostTarget) -> bool:
 
 def pool_key(target: HostTarget) -> PoolKey:
     """The pool's key for a target."""
-    return (*target.pool_key, "local" if is_local(target) else "ssh")
+    kind = "noop" if target.extra.get("connection") == "noop" else \
+        "local" if is_local(target) else "ssh"
+    return (*target.pool_key, kind)
 
 
 def default_connector(target: HostTarget) -> Connector:
     """The connector for a target: local for sandbox/local hosts, SSH otherwise."""
+    if target.extra.get("connection") == "noop":
+        from app.connectors.noop import NoopConnector
+
+        return NoopConnector(target)
     if is_local(target):
         # Imported here: the local connector is optional for SSH-only workers.
         from app.connectors.local import LocalConnector

@@ -143,7 +143,8 @@ class ServiceSpec(Model):
 class Connection(Model):
     """How to reach static hosts. ``type: Sandbox`` = local sandbox hosts (no sshd)."""
 
-    type: Literal["SSH", "Sandbox", "Local"] = "SSH"
+    # Noop: hosts that do nothing, instantly (measuring the coordinator; never a deployment).
+    type: Literal["SSH", "Sandbox", "Local", "Noop"] = "SSH"
     user: str = "root"
     port: int = Field(default=22, ge=1, le=65535)
     private_key_file: str | None = None
