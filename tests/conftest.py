@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,57 @@ def base_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def moto_server(tmp_path_factory: pytest.TempPathFactory, *, region: str,
+                endpoint_env: bool = True) -> Iterator[str]:
+    """moto in server mode on a free 127.0.0.1 port, and an environment in which boto3 reaches
+    only it: fake credentials, no profile, config file, role or instance metadata to fall back
+    on, no proxy; with ``endpoint_env`` AWS_ENDPOINT_URL points at it. Yields its URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    empty = tmp_path_factory.mktemp("aws") / "none"
+    with pytest.MonkeyPatch.context() as env:
+        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_REGION",
+                    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL_EC2",
+                    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+                    "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
+                    "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                    "https_proxy"):
+            env.delenv(key, raising=False)
+        env.setenv("NO_PROXY", "127.0.0.1,localhost")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", region)
+        env.setenv("AWS_CONFIG_FILE", str(empty))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        if endpoint_env:
+            env.setenv("AWS_ENDPOINT_URL", url)
+        try:
+            yield url
+        finally:
+            server.stop()
+
 
 
 @pytest.fixture(scope="session")

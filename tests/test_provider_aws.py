@@ -10,7 +10,6 @@ the server never see each other's hosts.
 from __future__ import annotations
 
 import functools
-import logging
 import pickle
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from app.errors import ConfigError, DiscoveryError
 from app.providers import aws
 from app.providers import base as providers
 from app.spec.loader import choose_pipeline, load, resolve
+from tests.conftest import moto_server
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -46,35 +46,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server on a free 127.0.0.1 port; the environment points boto3 at it with fake
-    credentials and no profile, config file or instance metadata to fall back on."""
-    from moto.server import ThreadedMotoServer
-
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as env:
-        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN",
-                    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL_EC2",
-                    "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-                    "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            env.delenv(key, raising=False)
-        env.setenv("NO_PROXY", "127.0.0.1,localhost")
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", EAST)
-        env.setenv("AWS_CONFIG_FILE", str(empty))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        env.setenv("AWS_ENDPOINT_URL", url)
-        try:
-            yield url
-        finally:
-            server.stop()
+    """moto in server mode on 127.0.0.1, boto3 pointed at it (tests/conftest.moto_server)."""
+    with moto_server(tmp_path_factory, region=EAST) as url:
+        yield url
 
 
 @pytest.fixture()

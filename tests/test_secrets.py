@@ -47,6 +47,7 @@ from app.secrets import (
 from app.secrets.backends import EnvBackend, FileBackend, SecretRef, VaultBackend, env_var_name
 from app.secrets.store import SecretsSettings
 from cli import secrets_cmd
+from tests.conftest import moto_server
 from tests.fakes.vault import FakeVault
 
 EAST = "us-east-1"
@@ -418,34 +419,9 @@ def test_resolve_registers_values_with_the_global_masker(
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server on a free 127.0.0.1 port; boto3 pointed at it with fake credentials."""
-    from moto.server import ThreadedMotoServer
-
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as env:
-        for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN",
-                    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL_SECRETS_MANAGER",
-                    "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_REGION",
-                    "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            env.delenv(var, raising=False)
-        env.setenv("NO_PROXY", "127.0.0.1,localhost")
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", EAST)
-        env.setenv("AWS_CONFIG_FILE", str(empty))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        env.setenv("AWS_ENDPOINT_URL", url)
-        try:
-            yield url
-        finally:
-            server.stop()
+    """moto in server mode on 127.0.0.1, boto3 pointed at it (tests/conftest.moto_server)."""
+    with moto_server(tmp_path_factory, region=EAST) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ instance metadata service is disabled too, so the credential chain never leaves 
 
 from __future__ import annotations
 
-import logging
 import pickle
 import socket
 import time
@@ -21,6 +20,7 @@ import pytest
 from app.errors import SpecError, TrafficError
 from app.traffic import traffic_switch_from_spec
 from app.traffic.elbv2 import ElbV2Switch
+from tests.conftest import moto_server
 
 REGION = "us-east-1"
 
@@ -34,35 +34,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server on a free 127.0.0.1 port, with fake credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as env:
-        for key in (
-            "AWS_PROFILE",
-            "AWS_DEFAULT_PROFILE",
-            "AWS_ROLE_ARN",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        ):
-            env.delenv(key, raising=False)
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_SESSION_TOKEN", "testing")
-        env.setenv("AWS_DEFAULT_REGION", REGION)
-        env.setenv("AWS_CONFIG_FILE", str(empty))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    """moto in server mode on 127.0.0.1 (tests/conftest.moto_server); the switch is given the
+    endpoint explicitly, as a user's configuration would."""
+    with moto_server(tmp_path_factory, region=REGION, endpoint_env=False) as url:
+        yield url
 
 
 def client(moto_url: str, service: str) -> Any:
