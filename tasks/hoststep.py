@@ -531,8 +531,8 @@ def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], ho
                 script = _with_secrets(script, bind=binder)
                 if outputs:
                     script = _with_output_trap(script, outputs)
-                res = conn.run(script, env={**env, **binder.env}, timeout=remaining,
-                               on_output=sink.write,
+                res = _in_unit(unit, conn.run, script, env={**env, **binder.env},
+                               timeout=remaining, on_output=sink.write,
                                workdir=unit["spec"].get("workingDirectory"))
                 if res.exit_code != 0:
                     return {"status": Status.FAILED, "error_class": "Unknown",
@@ -588,10 +588,10 @@ def _with_secrets(text: str, *, bind: Binder | None = None) -> str:
     return out
 
 
-def _in_unit(unit: dict[str, Any], fn: Any, *args: Any) -> Any:
+def _in_unit(unit: dict[str, Any], fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a host error it raises names the unit it happened in."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except HostError as exc:
         exc.unit = exc.unit or unit["identifier"]
         raise

@@ -721,7 +721,11 @@ class SSHConnector(Connector):
                 existing = None
                 if parent:
                     _sftp_makedirs(sftp, parent)
-            sftp.put(local_path, tmp, confirm=True)
+            try:
+                sftp.put(local_path, tmp, confirm=True)
+            except BaseException:  # a partial temp file must not stay (a full disk stays full)
+                _sftp_remove_quietly(sftp, tmp)
+                raise
             try:
                 # Keep the mode of the file we replace unless a mode is given.
                 final_mode = mode if mode is not None else existing

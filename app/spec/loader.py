@@ -410,7 +410,13 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
                     slot.path))
                 continue
             regex = slot.options.get("regex")
-            if isinstance(regex, str) and not re.fullmatch(regex, str(value)):
+            try:
+                fits = not isinstance(regex, str) or bool(re.fullmatch(regex, str(value)))
+            except re.error as exc:
+                errs.add(slot.doc.error(f"input '{key}': .regex({regex}) is not a valid "
+                                        f"regular expression ({exc})", slot.path))
+                continue
+            if not fits:
                 errs.add(slot.doc.error(f"input '{key}' = {value!r} does not match {regex}",
                                         slot.path))
                 continue
@@ -856,7 +862,16 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         if owner is not None:
             _render_tree(copy.deepcopy(owner.raw), ctx, owner, owner.base, errs)
     errs.raise_if_any()
-    out_stage = m.StageSpec.model_validate(rendered)
+    try:
+        out_stage = m.StageSpec.model_validate(rendered)
+    except ValidationError as exc:
+        # A value that became invalid once rendered (an empty variable where a URL must be).
+        for e in exc.errors():
+            where = _loc_to_path(pipe.doc, base, tuple(e["loc"]))
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            errs.add(pipe.error(f"{msg} (once its expressions are rendered)", where))
+        errs.raise_if_any()
+        raise
     assert svc is not None and env is not None
     art = svc.model.spec.service_definition.spec.artifacts.primary
     artifact: dict[str, Any] | None = None

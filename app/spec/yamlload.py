@@ -121,9 +121,11 @@ class _Builder:
 
 def load_documents(text: str, file: str) -> list[Document]:
     """Every non-empty document of a multi-document YAML text, with positions."""
-    loader = yaml.SafeLoader(text)
     docs: list[Document] = []
+    loader: yaml.SafeLoader | None = None
     try:
+        # Inside the try: the reader refuses control characters as soon as it is built.
+        loader = yaml.SafeLoader(text)
         index = 0
         while loader.check_node():
             node = loader.get_node()
@@ -152,8 +154,15 @@ def load_documents(text: str, file: str) -> list[Document]:
         raise SpecError(
             f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line, col=col
         ) from None
-    except yaml.YAMLError as exc:  # e.g. a reader error on bytes that are not text
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (\x07, ...)
+        before = text[:max(0, int(exc.position))]
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        raise SpecError(f"invalid YAML: character {exc.character!r} is not allowed in YAML "
+                        "(a control character?)", file=file, line=line, col=col) from None
+    except yaml.YAMLError as exc:
         raise SpecError(f"invalid YAML: {exc}", file=file, line=1, col=1) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs

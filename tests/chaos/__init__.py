@@ -1,0 +1,1 @@
+"""Host-level chaos: faults injected into real lab hosts while a pipeline runs."""
