@@ -124,7 +124,9 @@ def build_config() -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_disable_prefetch": redis,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "task_track_started": True,
+        # Off: the ledger records when a host step starts (HostStepRun); a STARTED state in
+        # the result backend would cost a Redis write per task for nobody (benchmarks/).
+        "task_track_started": False,
         "task_publish_retry": True,
         # Chords: errbacks only nudge the coordinator, so calling them per failed header task is
         # harmless and reacts sooner. Set explicitly: the default is pending deprecation.

@@ -743,9 +743,9 @@ def _aborted(execution_id: str, kind: str = "deploy") -> bool:
     """Must this host stop? Deploy steps stop when the execution is aborted or rolls back;
     rollback steps only when it is aborted again."""
     stop = {Status.ABORTED, Status.ROLLING_BACK} if kind == "deploy" else {Status.ABORTED}
-    with session_scope() as s:
-        ex = s.get(Execution, execution_id)
-        return ex is None or ex.status in stop
+    with session_scope() as s:  # asked before every unit: read the status column only
+        status = s.exec(select(Execution.status).where(Execution.id == execution_id)).first()
+        return status is None or status in stop
 
 
 def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
