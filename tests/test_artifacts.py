@@ -10,7 +10,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -38,7 +37,7 @@ from app.artifacts import (
 )
 from app.errors import HostError, TransferError
 from app.settings import get_settings
-from tests.conftest import moto_server
+from tests.conftest import free_port, moto_server
 from tests.fakes.artifact_server import ArtifactServer
 
 REGION = "us-east-1"
@@ -46,11 +45,6 @@ SECRET = "pa55-w0rd-never-shown"
 APP_PATH = "/libs/web-app/1.4.2/web-app-1.4.2.tar.gz"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import base_env, run_vmfarm
+from tests.conftest import base_env, free_port, run_vmfarm
 from tests.fakes.artifact_server import ArtifactServer
 
 PIPELINE = textwrap.dedent("""\
@@ -88,7 +88,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from moto.server import ThreadedMotoServer
 
     from app.artifacts.pack import pack_folder
-    from tests.test_cloud_e2e import _free_port
 
     root = tmp_path_factory.mktemp("artifacts")
     packed: dict[str, bytes] = {}
@@ -102,7 +101,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     server = ArtifactServer(username="deployer", password="s3cr3t-pw", siblings=True).start()
     for version, data in packed.items():
         server.add(f"/repo/app/{version}/app-{version}.tar.gz", data)
-    port = _free_port()
+    port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import yaml
 from app.autoscale import load_config
 from app.schedules import load_schedules
 from cli import fleet, service_cmd
-from tests.conftest import REDIS_BASE, REPO, base_env, run_vmfarm
+from tests.conftest import REDIS_BASE, REPO, base_env, free_port, run_vmfarm
 
 COMPOSE = REPO / "docker-compose.yml"
 IMAGE_ROOT = "/srv/vmfarm"
@@ -244,10 +243,6 @@ def test_docker_compose_config_accepts_the_file_when_a_client_is_installed(
 # --- vmfarm flower --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, auth: str | None = None) -> int:
@@ -262,7 +257,7 @@ def _get(url: str, auth: str | None = None) -> int:
 
 
 def test_vmfarm_flower_serves_the_app_behind_basic_auth(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = base_env(VMFARM_BROKER_URL=f"{REDIS_BASE}/14", VMFARM_RESULT_BACKEND=f"{REDIS_BASE}/15",
                    VMFARM_HOME=str(tmp_path), FLOWER_BASIC_AUTH="admin:s3cret")
     log = tmp_path / "flower.log"

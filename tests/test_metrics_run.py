@@ -13,8 +13,7 @@ import time
 import urllib.request
 from typing import Any
 
-from tests.conftest import DATA, REPO, Cluster
-from tests.test_cloud_e2e import _free_port
+from tests.conftest import DATA, REPO, Cluster, free_port
 
 PIPELINE = str(DATA / "liveness" / "pipeline.yaml")
 
@@ -34,7 +33,7 @@ def _value(text: str, name: str, **labels: str) -> float | None:
 
 
 def test_metrics_during_a_run(cluster: Cluster, lab: Any) -> None:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli.main", "metrics", "serve",
                                "--port", str(port)], env=cluster.env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

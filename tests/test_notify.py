@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from app.notify import (
     redact_url,
     snapshot,
 )
+from tests.conftest import free_port
 
 EX = "a1b2c3d4e5f6"
 SECRET = "hunter2-s3cr3t"
@@ -107,15 +107,11 @@ class Mailbox:
         return "250 Message accepted for delivery"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def mailbox() -> Iterator[Mailbox]:
-    box = Mailbox(port=_free_port())
+    box = Mailbox(port=free_port())
     controller = Controller(box, hostname="127.0.0.1", port=box.port)
     controller.start()
     yield box
@@ -287,7 +283,7 @@ def test_a_client_error_is_not_retried(receiver: Receiver, settings: NotifySetti
 
 
 def test_unreachable_receivers_are_reported_not_raised(settings: NotifySettings) -> None:
-    closed = _free_port()  # nothing listens there
+    closed = free_port()  # nothing listens there
     cfg = settings.model_copy(update={"smtp_port": closed})
     sleeps = Sleeps()
     out = notify("PipelineFailed", failed_report(), [
@@ -641,7 +637,7 @@ def test_notify_test_shows_and_sends(ledger: None, receiver: Receiver, mailbox: 
                                  "--stage", "deploy", "-f", str(pipeline), "--send"])
     assert res.exit_code == 0, res.output
     assert len(mailbox.messages) == 1 and mailbox.messages[0][1] == ["x@example.com"]
-    monkeypatch.setenv("VMFARM_SMTP_PORT", str(_free_port()))
+    monkeypatch.setenv("VMFARM_SMTP_PORT", str(free_port()))
     monkeypatch.setenv("VMFARM_WEBHOOK_RETRIES", "0")
     res = runner.invoke(_cli(), ["notify", "test", "clirun000001", "-e", "StageFailed",
                                  "-f", str(pipeline), "--send"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import pickle
-import socket
 import subprocess
 import sys
 import threading
@@ -30,18 +29,13 @@ from app.errors import ConfigError, DiscoveryError
 from app.providers import aws
 from app.providers import base as providers
 from app.spec.loader import choose_pipeline, load, resolve
-from tests.conftest import moto_server
+from tests.conftest import free_port, moto_server
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 EAST, WEST = "us-east-1", "eu-west-1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

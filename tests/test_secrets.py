@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import stat
 import threading
 from collections import namedtuple
@@ -47,18 +46,13 @@ from app.secrets import (
 from app.secrets.backends import EnvBackend, FileBackend, SecretRef, VaultBackend, env_var_name
 from app.secrets.store import SecretsSettings
 from cli import secrets_cmd
-from tests.conftest import moto_server
+from tests.conftest import free_port, moto_server
 from tests.fakes.vault import FakeVault
 
 EAST = "us-east-1"
 TOKEN = "s.test-token-1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(autouse=True)

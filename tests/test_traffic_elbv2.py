@@ -7,7 +7,6 @@ instance metadata service is disabled too, so the credential chain never leaves 
 from __future__ import annotations
 
 import pickle
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,16 +19,11 @@ import pytest
 from app.errors import SpecError, TrafficError
 from app.traffic import traffic_switch_from_spec
 from app.traffic.elbv2 import ElbV2Switch
-from tests.conftest import moto_server
+from tests.conftest import free_port, moto_server
 
 REGION = "us-east-1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import pytest
 from app.errors import SpecError, TrafficError
 from app.traffic import traffic_switch_from_spec
 from app.traffic.haproxy import HAProxySwitch
+from tests.conftest import free_port
 
 V1 = ["127.0.1.211:18081", "127.0.1.212:18081"]
 V2 = ["127.0.1.213:18081", "127.0.1.214:18081"]
@@ -41,11 +42,6 @@ def require_haproxy() -> None:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def alive(pid: int) -> bool:
