@@ -1,12 +1,15 @@
 """Turn one phase of a plan into its Celery canvas (DESIGN.md section 3).
 
     chord(
-        group(chain(run_step(h, step 0), run_step(h, step 1), ...) for h in batch),  # regions
-        verify_gate(execution, stage, phase),                                       # control
+        group(run_host(h, steps 0..n-1) for h in batch),   # regions: one task per host
+        verify_gate(execution, stage, phase),              # control
     ).on_error(nudge(execution))
 
 A canvas is one phase, never a whole pipeline (a static chain of chords grows quadratically).
-Signatures carry a small key of ids; the worker reads everything else from SQL.
+A host's steps run in order in one task (one message, one result, no chain hop per step; each
+step still has its own ledger row, idempotency key and failure strategy). Steps that need other
+worker tags than the step before them (delegate selectors) start a new task on that tag queue,
+chained after it. Signatures carry a small key of ids; the worker reads everything else from SQL.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def phase_canvas(
     the worker tags of (host, step) when delegate selectors apply.
     """
     from tasks.control import nudge, verify_gate
-    from tasks.deploy import run_step
+    from tasks.deploy import run_host
 
     # Not Celery's `expires`: an expired message is discarded silently and the chord, whose
     # header holds chains, would wait forever. The task itself refuses to start past the
@@ -103,10 +106,18 @@ def phase_canvas(
 
     def links(host: str, region: str) -> list[Signature]:
         count, src = (steps_of or {}).get(host, (step_count, None))
-        return [run_step.s(key=HostStepKey(execution_id, stage_index, phase, host, step,
-                                           attempt, region, deadline, kind, src,
-                                           (tags_of or {}).get((host, step), ())).to_dict())
-                for step in range(count)]
+        out: list[Signature] = []
+        start = 0
+        while start < count:  # a run of steps with the same worker tags is one task
+            tags = (tags_of or {}).get((host, start), ())
+            end = start + 1
+            while end < count and (tags_of or {}).get((host, end), ()) == tags:
+                end += 1
+            out.append(run_host.s(key=HostStepKey(execution_id, stage_index, phase, host, start,
+                                                  attempt, region, deadline, kind, src,
+                                                  tags).to_dict(), until=end))
+            start = end
+        return out
 
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
     lines: list[list[Signature]] = [[] for _ in range(n)]

@@ -19,7 +19,8 @@ from app.settings import get_settings
 CONTROL_QUEUE = "vmfarm.control"
 EXCHANGE = Exchange("vmfarm", type="direct")
 # Tasks that run on a region's workers (SSH work, discovery); everything else is control.
-REGION_TASKS = frozenset({"vmfarm.run_step", "vmfarm.check_host", "vmfarm.discover"})
+REGION_TASKS = frozenset({"vmfarm.run_host", "vmfarm.run_step", "vmfarm.check_host",
+                          "vmfarm.discover"})
 # Region tasks whose kwargs carry ``region`` (and ``tags``) themselves instead of a ``key``.
 _KWARG_ROUTED = frozenset({"vmfarm.discover"})
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

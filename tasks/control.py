@@ -84,7 +84,7 @@ def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
     kwargs = dict(getattr(request, "kwargs", None) or {})
     payload: dict[str, Any] = {"execution_id": execution_id, "error": _describe(exc),
                                "error_class": _error_class(exc)}
-    if task == "vmfarm.run_step" and "key" in kwargs:
+    if task in ("vmfarm.run_host", "vmfarm.run_step") and "key" in kwargs:
         payload["key"] = kwargs["key"]
     elif task == "vmfarm.verify_gate":
         payload["phase_done"] = {"stage_index": kwargs.get("stage_index"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from app.canvas import HostStepKey
@@ -18,6 +19,29 @@ def run_step(self: Any, prev: dict[str, Any] | None = None, *,
     queue = (req.delivery_info or {}).get("routing_key")
     return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
                    queue=queue)
+
+
+@app.task(name="vmfarm.run_host", bind=True)
+def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, Any],
+             until: int) -> dict[str, Any]:
+    """Run steps ``key.step`` .. ``until - 1`` of one host, in order, in this one task.
+
+    Each step is what a ``run_step`` task would be: its own ledger row and idempotency key, its
+    failure strategy, skipped after a failed step. The dispatch deadline applies to the first
+    step only: it bounds the wait in the queue, not how long the host's steps take. The result
+    is the last step's (the chain-link protocol of ``run_step``: a lane's next host gets it).
+    """
+    from tasks.hoststep import execute
+
+    req = self.request
+    queue = (req.delivery_info or {}).get("routing_key")
+    first = HostStepKey.from_dict(key)
+    for step in range(first.step, max(until, first.step + 1)):
+        k = first if step == first.step else dataclasses.replace(first, step=step,
+                                                                 deadline=None)
+        prev = execute(k, prev=prev, task_id=req.id, worker=req.hostname, queue=queue)
+    assert prev is not None
+    return prev
 
 
 @app.task(name="vmfarm.check_host", bind=True)
