@@ -72,6 +72,16 @@ class HostStepKey:
                    tags=tuple(str(t) for t in d.get("tags") or ()))
 
 
+def _quiet(sig: Signature) -> Signature:
+    """A header task whose result nobody reads: a phase's gate reads the ledger. Storing and
+    publishing the result (and subscribing to it in the publisher) costs Redis round trips for
+    nobody. Only with a backend that counts chord parts natively (Redis), which Celery does for
+    ignored results too; a polling backend (embedded SQLite) needs the stored results."""
+    from app.celery import app
+
+    return sig.set(ignore_result=True) if app.backend.supports_native_join else sig
+
+
 def phase_canvas(
     *,
     execution_id: str,
@@ -113,9 +123,9 @@ def phase_canvas(
             end = start + 1
             while end < count and (tags_of or {}).get((host, end), ()) == tags:
                 end += 1
-            out.append(run_host.s(key=HostStepKey(execution_id, stage_index, phase, host, start,
-                                                  attempt, region, deadline, kind, src,
-                                                  tags).to_dict(), until=end))
+            out.append(_quiet(run_host.s(key=HostStepKey(
+                execution_id, stage_index, phase, host, start, attempt, region, deadline, kind,
+                src, tags).to_dict(), until=end)))
             start = end
         return out
 
@@ -140,9 +150,9 @@ def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
     from tasks.deploy import check_host
 
     deadline = round(time.time() + expires, 3)
-    header = group(check_host.s(key=HostStepKey(
+    header = group(_quiet(check_host.s(key=HostStepKey(
         execution_id, stage_index, phase, h, -1, 1, r, deadline,
-        tags=(tags_of or {}).get((h, -1), ())).to_dict()) for h, r in hosts)
+        tags=(tags_of or {}).get((h, -1), ())).to_dict())) for h, r in hosts)
     body = verification_gate.si(execution_id=execution_id, stage_index=stage_index,
                                 phase=phase)
     canvas = chord(header, body)

@@ -138,9 +138,10 @@ def build_config() -> dict[str, Any]:
         "result_extended": True,  # Flower shows args: they carry ids only, never secrets
         "result_backend_always_retry": True,
         "result_backend_max_retries": 10,
-        # Monitoring (Flower).
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Monitoring (Flower): task events only when asked for (VMFARM_TASK_EVENTS); Flower
+        # enables them in the running workers itself (its --enable_events, the default).
+        "worker_send_task_events": s.task_events,
+        "task_send_sent_event": s.task_events,
         "worker_max_tasks_per_child": 1000,
         "worker_hijack_root_logger": False,
         "worker_soft_shutdown_timeout": 30.0,

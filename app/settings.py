@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 90.0
     # How often the periodic reconciler runs (`vmfarm worker --control --beat`).
     reconcile_interval: float = 30.0
+    # Celery task events from every worker and publisher (VMFARM_TASK_EVENTS=1). Off by default:
+    # they are three to four Redis messages per task for nobody. `vmfarm flower` (Flower's
+    # --enable_events, on by default) switches them on in the running workers while it watches.
+    task_events: bool = False
     # Prometheus for verification gates (a `prometheus` check without its own url).
     prometheus_url: str | None = None
 

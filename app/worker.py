@@ -60,10 +60,12 @@ def run_worker(*, regions: list[str], control: bool, concurrency: int | None = N
     # queue's name has commas in it (vmfarm.r1[a,b]). Without -Q the worker keeps this choice.
     app.amqp.queues.select(queues)
     argv = ["worker", "-P", pool, "-c", str(conc), "-n", hostname,
-            "-E", "-l", loglevel, "--without-mingle", "--without-gossip"]
-    if beat:  # the periodic reconciler; run exactly one beat per deployment
-        from app.settings import get_settings
+            "-l", loglevel, "--without-mingle", "--without-gossip"]
+    from app.settings import get_settings
 
+    if get_settings().task_events:  # else Flower turns them on while it watches
+        argv.append("-E")
+    if beat:  # the periodic reconciler; run exactly one beat per deployment
         argv += ["-B", "-s", str(get_settings().home_dir / "celerybeat-schedule")]
     heartbeat = Heartbeat(regions=regions, tags=list(tag_list), queues=queues,
                           concurrency=conc, pool=pool)
