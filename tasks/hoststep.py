@@ -4,6 +4,11 @@ Order matters: the idempotency key is claimed in SQL before anything touches the
 duplicate delivery returns the recorded result instead of running the commands again. Expected
 failures (non-zero exit, unreachable host, timeout) are recorded and returned, never raised: the
 chord's gate must run and decide from SQL.
+
+The ledger may restart under a running step (design note: a short outage is survived): the
+claim, the outcome and the reads are tried again on a lost connection (``app.db.retrying``),
+log chunks wait in memory for the next flush, heartbeats resume at the next beat, and a unit
+on the host is never interrupted because the ledger was away.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
-from app.db import insert_once, session_scope
+from app.db import RECONNECT_SECONDS, insert_once, is_disconnect, retrying, session_scope
 from app.errors import HostError
 from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
 from app.providers.base import Host
@@ -55,13 +60,16 @@ def _stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
         hit = _plan_cache.get(key)
     if hit:
         return hit
-    with session_scope() as s:
-        ex = s.get(Execution, execution_id)
-        run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                            StageRun.stage_index == stage_index)).one()
-        if ex is None:
-            raise LookupError(f"execution {execution_id} not found")
-        data = (ex.plan["stages"][stage_index], {h["name"]: h for h in run.hosts})
+    def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        with session_scope() as s:
+            ex = s.get(Execution, execution_id)
+            run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                                StageRun.stage_index == stage_index)).one()
+            if ex is None:
+                raise LookupError(f"execution {execution_id} not found")
+            return ex.plan["stages"][stage_index], {h["name"]: h for h in run.hosts}
+
+    data = retrying(read, what=f"reading the plan of {execution_id}")
     with _plan_lock:
         if len(_plan_cache) > 256:
             _plan_cache.clear()
@@ -94,18 +102,27 @@ class _Heartbeats:
             self._ids.discard(run_id)
 
     def _loop(self) -> None:
+        failing = False
         while True:
             time.sleep(get_settings().heartbeat_interval)
             with self._lock:
                 ids = list(self._ids)
             if not ids:
                 continue
-            try:
+            try:  # waits for a restarting database (session_scope), then renews at once
                 with session_scope() as s:
                     s.execute(update(HostStepRun).where(col(HostStepRun.id).in_(ids))
                               .values(heartbeat_at=utcnow()))
-            except Exception:  # the database may be restarting: try again next beat
-                log.warning("could not renew heartbeats", exc_info=True)
+            except Exception as exc:  # the database may be away: try again next beat
+                if not failing:
+                    log.warning("could not renew the heartbeats of %d running steps (trying "
+                                "again every beat): %s", len(ids), exc,
+                                exc_info=not is_disconnect(exc))
+                failing = True
+                continue
+            if failing:
+                log.warning("heartbeats of %d running steps renewed again", len(ids))
+            failing = False
 
 
 heartbeats = _Heartbeats()
@@ -116,15 +133,29 @@ heartbeats = _Heartbeats()
 
 def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
           queue: str | None) -> tuple[int, HostStepRun | None]:
-    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed."""
+    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed.
+
+    Tried again on a lost connection: when the server committed the insert but the answer was
+    lost, the row found is this call's own (same task, worker and start time to the
+    microsecond), and this call owns it.
+    """
+    now = utcnow()
     values = dict(
         idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
         step_index=key.step, step_id="", kind=key.kind, host=key.host, region=key.region,
         attempt=key.attempt,
         status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
-        started_at=utcnow(), heartbeat_at=utcnow(),
+        started_at=now, heartbeat_at=now,
     )
-    return insert_once(HostStepRun, values)
+
+    def insert() -> tuple[int, HostStepRun | None]:
+        run_id, row = insert_once(HostStepRun, values)
+        if row is not None and row.status == Status.RUNNING and row.task_id == task_id \
+                and row.worker == worker and row.started_at == now:
+            return run_id, None
+        return run_id, row
+
+    return retrying(insert, what=f"claiming {key.idem}")
 
 
 def _summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
@@ -151,6 +182,7 @@ class LogSink:
     tails: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
     outputs: dict[str, str] = field(default_factory=dict)
     _partial: str = ""
+    _failing: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Secret values this worker resolved never reach a row: each stream is masked as it
     # arrives, a value split across two chunks included.
@@ -202,22 +234,65 @@ class LogSink:
         return m
 
     def close(self) -> None:
-        """Write what the stream maskers still hold, then flush."""
+        """Write what the stream maskers still hold, then flush (waiting for a restarting
+        ledger)."""
         for stream, m in list(self._maskers.items()):
             rest = m.flush()
             if rest:
                 with self.lock:
                     self.buf.append((self.unit, stream, rest))
                     self.tails[stream] = (self.tails[stream] + rest)[-TAIL_CHARS:]
-        self.flush()
+        if self.buf:
+            self.flush(wait=RECONNECT_SECONDS)
 
-    def flush(self) -> None:
+    def flush(self, *, wait: float = 0.0) -> None:
+        """Write the buffered output as LogChunk rows. While the ledger is unreachable the
+        output stays buffered for the next flush (never an error in the unit: the command on
+        the host goes on); with ``wait`` (the last flush) a lost connection is tried again
+        for that many seconds."""
         with self.lock:
             items, self.buf, self.size = self.buf, [], 0
             self.last_flush = time.monotonic()
             start = self.seq
             self.seq += len(items)
-        with session_scope() as s:
+        if not items and not wait:
+            return
+        tries = 0
+
+        def write() -> None:
+            nonlocal tries
+            tries += 1
+            self._write(start, items, wait, again=tries > 1)
+
+        try:
+            if wait:
+                retrying(write, what=f"writing the logs of step run {self.run_id}", within=wait)
+            else:
+                write()
+        except Exception as exc:
+            if wait or not is_disconnect(exc):
+                raise
+            with self.lock:  # keep them, ahead of what came meanwhile
+                self.buf[:0] = items
+                self.size += sum(len(text) for _, _, text in items)
+            if not self._failing:
+                log.warning("step run %d: the ledger is unreachable (%s); its output stays "
+                            "buffered until the next flush", self.run_id, exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("step run %d: its buffered output is written again", self.run_id)
+        self._failing = False
+
+    def _write(self, start: int, items: list[tuple[str, str, str]], wait: float, *,
+               again: bool) -> None:
+        """One transaction; ``again`` (a retry: the server may have committed the first try
+        before the connection was cut) replaces the rows of these sequence numbers."""
+        with session_scope(wait=wait) as s:
+            if again:
+                s.execute(delete(LogChunk).where(
+                    col(LogChunk.host_step_run_id) == self.run_id, col(LogChunk.seq) >= start,
+                    col(LogChunk.seq) < start + len(items)))
             for n, (unit, stream, text) in enumerate(_merge(items)):
                 s.add(LogChunk(host_step_run_id=self.run_id, seq=start + n, unit=unit,
                                stream=stream, text=text))
@@ -274,11 +349,14 @@ def host_context(host: Host, stage: dict[str, Any]) -> Context:
 
 def _earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> None:
     """``<+steps.ID.output.outputVariables.X>`` from this host's earlier steps in this phase."""
-    with session_scope() as s:
-        rows = s.exec(select(HostStepRun).where(
-            HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
-            HostStepRun.phase == key.phase, HostStepRun.host == key.host,
-            HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all()
+    def read() -> list[HostStepRun]:
+        with session_scope() as s:
+            return list(s.exec(select(HostStepRun).where(
+                HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+                HostStepRun.phase == key.phase, HostStepRun.host == key.host,
+                HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all())
+
+    rows = retrying(read, what=f"reading earlier outputs for {key.idem}")
     for r in rows:
         sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1]["identifier"]
         for name, value in (r.outputs or {}).items():
@@ -324,11 +402,15 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
             "Abort": "aborted the execution"}[action["type"]]
     status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
         action["type"], Status.FAILED)
-    with session_scope() as s:
-        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
-        row.status = status
-        row.error = f"{row.error} ({note} by the failure strategy)"
-        s.add(row)
+    def record() -> None:
+        with session_scope() as s:
+            row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+            suffix = f" ({note} by the failure strategy)"
+            row.status = status
+            row.error = row.error if (row.error or "").endswith(suffix) else f"{row.error}{suffix}"
+            s.add(row)
+
+    retrying(record, what=f"recording the failure strategy of {key.idem}")
     if action["type"] == "Abort":
         from app.coordinator import abort
 
@@ -743,9 +825,13 @@ def _aborted(execution_id: str, kind: str = "deploy") -> bool:
     """Must this host stop? Deploy steps stop when the execution is aborted or rolls back;
     rollback steps only when it is aborted again."""
     stop = {Status.ABORTED, Status.ROLLING_BACK} if kind == "deploy" else {Status.ABORTED}
-    with session_scope() as s:  # asked before every unit: read the status column only
-        status = s.exec(select(Execution.status).where(Execution.id == execution_id)).first()
-        return status is None or status in stop
+
+    def read() -> str | None:
+        with session_scope() as s:  # asked before every unit: read the status column only
+            return s.exec(select(Execution.status).where(Execution.id == execution_id)).first()
+
+    status = retrying(read, what=f"reading the status of {execution_id}")
+    return status is None or status in stop
 
 
 def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -764,6 +850,10 @@ def rollback_version(key: HostStepKey) -> str:
 
     In a rollback step it is the version of the stage's rollback plan; in a deploy step, the
     version the host ran before this execution."""
+    return retrying(lambda: _rollback_version(key), what=f"reading versions for {key.idem}")
+
+
+def _rollback_version(key: HostStepKey) -> str:
     from app.models import Instance
 
     with session_scope() as s:
@@ -801,14 +891,46 @@ def _with_output_trap(script: str, outputs: list[dict[str, Any]]) -> str:
     return trap + script
 
 
+# How long a step's outcome waits for an unreachable ledger: the units ran, and an outcome
+# that is not recorded ends as "worker lost" (which a Retry strategy would run again).
+FINISH_RETRY_SECONDS = 120.0
+
+
 def _finish(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[str, Any]:
-    heartbeats.discard(run_id)
+    """Record the attempt's outcome (its heartbeat goes on until it is written).
+
+    Only a RUNNING row is written: if the reconciler has meanwhile called this attempt lost
+    (its heartbeat went stale while the ledger was away) its verdict stands, and is returned,
+    since the failure strategy may already have sent a new attempt.
+    """
     fields.setdefault("status", Status.FAILED)
     fields["finished_at"] = utcnow()
     fields["heartbeat_at"] = fields["finished_at"]
-    with session_scope() as s:
-        s.execute(update(HostStepRun).where(HostStepRun.id == run_id)  # type: ignore[arg-type]
-                  .values(**fields))
-    return {"status": fields["status"], "host": key.host, "step": key.step,
-            "exit_code": fields.get("exit_code"), "error_class": fields.get("error_class"),
+
+    def write() -> tuple[str, str | None] | None:
+        with session_scope() as s:
+            done = s.execute(update(HostStepRun).where(
+                col(HostStepRun.id) == run_id, col(HostStepRun.status) == Status.RUNNING)
+                .values(**fields))
+            if getattr(done, "rowcount", 1):
+                return None
+            status, error_class, finished_at = s.exec(select(
+                HostStepRun.status, HostStepRun.error_class, HostStepRun.finished_at).where(
+                HostStepRun.id == run_id)).one()
+            if finished_at == fields["finished_at"]:
+                return None  # this call's own write: its commit's answer was lost
+            return status, error_class
+
+    try:
+        decided = retrying(write, what=f"recording the outcome of {key.idem}",
+                           within=FINISH_RETRY_SECONDS)
+    finally:
+        heartbeats.discard(run_id)
+    status, error_class = fields["status"], fields.get("error_class")
+    if decided is not None:
+        log.warning("%s ended %s on the host, but the ledger had already recorded it as %s "
+                    "(%s): that stands", key.idem, status, decided[0], decided[1])
+        status, error_class = decided
+    return {"status": status, "host": key.host, "step": key.step,
+            "exit_code": fields.get("exit_code"), "error_class": error_class,
             "attempt": key.attempt}

@@ -1,8 +1,10 @@
 """Fixtures of the chaos suite: its own lab and the table of faults and outcomes.
 
-The lab is three real sshd hosts on 127.0.1.90-92 (other suites use 101-148 and 150-252 at the
-same time). Each test adds a row (fault, outcome, time from the fault to the terminal state);
-the table is printed at the end of the session and written to ``tests/chaos/last-run.md``.
+The host faults' lab is three real sshd hosts on 127.0.1.90-92; the service faults
+(test_service_faults.py: Redis and PostgreSQL restarted, on private servers) have their own four
+on 127.0.1.93-96 (other suites use 101-148 and 150-252 at the same time). Each test adds a row
+(fault, outcome, time from the fault to the terminal state); the table is printed at the end of
+the session and written to ``tests/chaos/last-run.md``.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def chaos_table() -> Iterator[ChaosTable]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         LAST_RUN.write_text(
             f"# Chaos run, {stamp} on {platform.node()}\n\n"
-            "Written by tests/chaos (see tests/chaos/test_host_faults.py); time is measured "
-            "from the fault to the execution's terminal state.\n\n" + TABLE.markdown())
+            "Written by tests/chaos (see tests/chaos/test_host_faults.py and "
+            "tests/chaos/test_service_faults.py); time is measured from the fault to the "
+            "execution's terminal state.\n\n" + TABLE.markdown())
 
 
 @pytest.fixture(scope="session")
