@@ -94,8 +94,32 @@ def get_engine(url: str | None = None, *, migrate_schema: bool = True) -> Engine
         return eng
 
 
+def head_revision() -> str:
+    """The newest migration's revision, from the file names (``NNNN_name.py`` with revision
+    ``NNNN``; tests/test_migrations.py checks that this is Alembic's head)."""
+    from pathlib import Path
+
+    versions = Path(__file__).resolve().parent / "migrations" / "versions"
+    return max(p.name[:4] for p in versions.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
+def at_head(engine: Engine) -> bool:
+    """Is the schema at the newest revision? One query; importing Alembic and asking it
+    costs every short CLI command ~0.2 s."""
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except exc.DBAPIError as err:
+        if err.connection_invalidated:
+            raise  # the server went away: let the caller wait or fail
+        return False  # no alembic_version table yet (or no server: the upgrade will say)
+    return list(found) == [head_revision()]
+
+
 def migrate(engine: Engine) -> None:
     """Upgrade the schema to the newest Alembic revision (safe to call from many processes)."""
+    if at_head(engine):
+        return
     from alembic import command
     from alembic.config import Config
 

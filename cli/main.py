@@ -289,14 +289,21 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
     from app.models import Status
     from app.report import execution_report
 
-    report = execution_report(execution_id)
-    assert report is not None
     if not live:
+        # Poll the status column (one short query) and build the report once at the end:
+        # a report of a large run costs tens of milliseconds.
+        from app.settings import get_settings
+
+        # Embedded, every read takes SQLite's write lock (BEGIN IMMEDIATE): ask less often.
+        pause = 0.25 if get_settings().embedded else 0.1
         told = False
-        while report["status"] not in Status.TERMINAL:
-            time.sleep(0.25)
-            report = execution_report(execution_id) or report
-            if report["status"] == Status.WAITING and not told:
+        status = _status_of(execution_id)
+        while status not in Status.TERMINAL:
+            time.sleep(pause)
+            status = _status_of(execution_id) or status
+            if status == Status.WAITING and not told:
+                report = execution_report(execution_id)
+                assert report is not None
                 if report.get("intervention"):
                     err.print(f"execution {execution_id} waits for a manual intervention: "
                               f"vmfarm intervene {execution_id} ACTION")
@@ -304,13 +311,27 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
                     err.print(f"execution {execution_id} is waiting for approval: "
                               f"vmfarm approve {execution_id} (or reject)")
                 told = True
-        return report
+        final = execution_report(execution_id)
+        assert final is not None
+        return final
+    report = execution_report(execution_id)
+    assert report is not None
     with Live(_render(report), console=out, refresh_per_second=8, transient=True) as view:
         while report["status"] not in Status.TERMINAL:
             time.sleep(0.25)
             report = execution_report(execution_id) or report
             view.update(_render(report))
     return report
+
+
+def _status_of(execution_id: str) -> str:
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import Execution
+
+    with session_scope() as s:
+        return s.exec(select(Execution.status).where(Execution.id == execution_id)).one()
 
 
 def _styled(status: str) -> Text:

@@ -27,3 +27,21 @@ def test_migrated_schema_matches_the_models(backend: str, pg_url: str, tmp_path:
         engine.dispose()
     # A model change without its migration shows up here.
     assert diff == []
+
+
+def test_the_quick_head_check_names_alembics_head(tmp_path: Path) -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from app.db import at_head, head_revision
+
+    cfg = Config()
+    cfg.set_main_option("script_location", "app:migrations")
+    assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head()
+    engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        assert not at_head(engine)  # empty database: the upgrade must run
+        migrate(engine)
+        assert at_head(engine)
+    finally:
+        engine.dispose()
