@@ -825,13 +825,34 @@ def _aborted(execution_id: str, kind: str = "deploy") -> bool:
     """Must this host stop? Deploy steps stop when the execution is aborted or rolls back;
     rollback steps only when it is aborted again."""
     stop = {Status.ABORTED, Status.ROLLING_BACK} if kind == "deploy" else {Status.ABORTED}
+    status = _execution_status(execution_id)
+    return status is None or status in stop
+
+
+# Asked before every step and unit of every host: one read per execution and process per
+# STATUS_TTL seconds serves them all (an abort still stops each host at its next unit).
+STATUS_TTL = 0.5
+_status_cache: dict[str, tuple[float, str | None]] = {}
+_status_lock = threading.Lock()
+
+
+def _execution_status(execution_id: str) -> str | None:
+    now = time.monotonic()
+    with _status_lock:
+        hit = _status_cache.get(execution_id)
+    if hit is not None and now - hit[0] < STATUS_TTL:
+        return hit[1]
 
     def read() -> str | None:
-        with session_scope() as s:  # asked before every unit: read the status column only
+        with session_scope() as s:  # the status column only
             return s.exec(select(Execution.status).where(Execution.id == execution_id)).first()
 
     status = retrying(read, what=f"reading the status of {execution_id}")
-    return status is None or status in stop
+    with _status_lock:
+        if len(_status_cache) > 1024:
+            _status_cache.clear()
+        _status_cache[execution_id] = (time.monotonic(), status)
+    return status
 
 
 def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
