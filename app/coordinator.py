@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Text, cast, func, insert, or_
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import defer
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from app.canvas import HostStepKey
@@ -67,9 +73,10 @@ def submit(
     who = user or get_settings().user or ""
     rbac.guard("run", user=who, plan=plan, execution_id=execution_id)
     warnings = policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
+    host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
     refused = [f"stage '{st['identifier']}': {why}"
-               for st, hosts in zip(plan["stages"], stage_hosts, strict=True)
-               for why in unserved_delegates(st, [h.to_dict() for h in hosts])]
+               for st, hosts in zip(plan["stages"], host_dicts, strict=True)
+               for why in unserved_delegates(st, hosts)]
     # Cloud hosts are listed by their region's workers: one with the tags must be live.
     refused += [f"stage '{st['identifier']}', infrastructure '{infra['identifier']}': {why}"
                 for st in plan["stages"] if st.get("type") != "Approval"
@@ -92,7 +99,7 @@ def submit(
         for i, stage in enumerate(plan["stages"]):
             s.add(StageRun(execution_id=execution_id, stage_index=i,
                            identifier=stage["identifier"], name=stage["name"],
-                           hosts=[h.to_dict() for h in stage_hosts[i]]))
+                           hosts=host_dicts[i]))
             for j, step in enumerate(stage["steps"]):
                 s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
                               identifier=step["identifier"], name=step.get("name", "")))
@@ -289,11 +296,105 @@ class _Dispatch:
     discover: list[tuple[dict[str, Any], str, tuple[str, ...]]] | None = None
 
 
+# --- what never changes once written, read once per process -------------------------------------
+#
+# An execution's plan never changes once it is recorded, nor do a started stage's hosts and
+# phases. With 10,000 hosts they are megabytes of JSON: reading and decoding them at every gate
+# and every advance made a stage cost O(hosts x phases), O(hosts^2) with phases of a fixed size.
+# The coordinator reads them once per process. Entries are keyed by database, execution id and
+# creation time (a test database may reuse an id) and only hold what was read back committed.
+
+_MEMO_SIZE = 16
+_memo_lock = threading.Lock()
+_plans: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+_stages: OrderedDict[tuple[Any, ...], _StageData] = OrderedDict()
+
+
+@dataclass
+class _StageData:
+    """A started stage's hosts and phases as stored, and what the coordinator derives."""
+
+    hosts: list[dict[str, Any]]
+    phases: list[dict[str, Any]]
+    by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Position in ``phases`` of the phase with each index.
+    position: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run: StageRun) -> _StageData:
+        return cls(run.hosts, run.phases, {h["name"]: h for h in run.hosts},
+                   {int(ph["index"]): i for i, ph in enumerate(run.phases)})
+
+
+def _memo_get(memo: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...]) -> Any:
+    with _memo_lock:
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+        return hit
+
+
+def _memo_put(memo: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
+    with _memo_lock:
+        memo[key] = value
+        memo.move_to_end(key)
+        while len(memo) > _MEMO_SIZE:
+            memo.popitem(last=False)
+
+
+def _deferred(*attrs: Any) -> list[Any]:
+    """Load options: these (large) columns are read only when used."""
+    return [defer(a) for a in attrs]
+
+
+def _db_key(s: Session) -> str:
+    return str(s.get_bind().engine.url)
+
+
 def _lock_execution(s: Session, execution_id: str) -> Execution | None:
-    stmt = select(Execution).where(Execution.id == execution_id)
+    """The execution row, locked; its plan from this process's memory after the first read."""
+    stmt = select(Execution).where(Execution.id == execution_id).options(
+        *_deferred(Execution.plan))
     if s.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
-    return s.exec(stmt).first()
+    ex = s.exec(stmt).first()
+    if ex is not None and "plan" in sa_inspect(ex).unloaded:
+        key = (_db_key(s), ex.id, ex.created_at)
+        plan = _memo_get(_plans, key)
+        if plan is None:
+            plan = s.exec(select(Execution.plan).where(Execution.id == ex.id)).one()
+            _memo_put(_plans, key, plan)
+        set_committed_value(ex, "plan", plan)
+    return ex
+
+
+def _stage_run(s: Session, ex: Execution, stage_index: int) -> StageRun:
+    """A stage's row; once the stage has started, its hosts and phases come from memory."""
+    key = (_db_key(s), ex.id, ex.created_at, stage_index)
+    data: _StageData | None = _memo_get(_stages, key)
+    where = (StageRun.execution_id == ex.id, StageRun.stage_index == stage_index)
+    if data is None:
+        run = s.exec(select(StageRun).where(*where)).one()
+        if run.status != Status.PENDING and run.phases:
+            _memo_put(_stages, key, _StageData.of(run))
+        return run
+    run = s.exec(select(StageRun).where(*where).options(
+        *_deferred(StageRun.hosts, StageRun.phases))).one()
+    unloaded = sa_inspect(run).unloaded
+    if "hosts" in unloaded:
+        set_committed_value(run, "hosts", data.hosts)
+    if "phases" in unloaded:
+        set_committed_value(run, "phases", data.phases)
+    return run
+
+
+def _stage_data(s: Session, ex: Execution, run: StageRun) -> _StageData:
+    """The derived maps of a stage (from memory when it was read back started)."""
+    data: _StageData | None = _memo_get(_stages, (_db_key(s), ex.id, ex.created_at,
+                                                  run.stage_index))
+    if data is not None and data.hosts is run.hosts and data.phases is run.phases:
+        return data
+    return _StageData.of(run)
 
 
 def advance(execution_id: str) -> str:
@@ -323,7 +424,8 @@ def _snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
     from app.notify import snapshot
 
     s.flush()
-    runs = s.exec(select(StageRun).where(StageRun.execution_id == ex.id)).all()
+    runs: Any = s.exec(select(StageRun.stage_index, StageRun.status).where(  # no hosts
+        StageRun.execution_id == ex.id)).all()
     return snapshot(ex, runs)
 
 
@@ -478,7 +580,10 @@ def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str,
         phases = plan_phases(stage_plan, names, live=live, slots=slots)
     except (ConfigError, SpecError, ValueError) as exc:
         return str(exc)
-    run.hosts = [h.to_dict() for h in hosts]
+    # Rewrite the (large) host list only when it was not stored in its normal form already.
+    normal = [{f.name: getattr(h, f.name) for f in fields(Host)} for h in hosts]
+    if normal != run.hosts:
+        run.hosts = [h.to_dict() for h in hosts]
     run.phases = [p.to_dict() for p in phases]
     run.status, run.started_at = Status.RUNNING, utcnow()
     if ex.status == Status.QUEUED:
@@ -497,8 +602,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
             _finish(s, ex, Status.SUCCEEDED)
             return "succeeded"
         stage_plan = stages[ex.current_stage]
-        run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                            StageRun.stage_index == ex.current_stage)).one()
+        run = _stage_run(s, ex, ex.current_stage)
         if run.status == Status.SKIPPED:  # a retry leaves out stages that need nothing
             ex.current_stage += 1
             s.add(ex)
@@ -518,11 +622,18 @@ def _decide(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> str:
             if problem:
                 return _stage_failed(s, ex, run, problem, [(None, "Unknown")], None,
                                      dispatches) or _fail_stage(s, ex, run, problem)
+        # Phases run one after another: every phase before the last one dispatched has passed
+        # its gates. Read the records from that one on (not all of them at every advance).
+        latest = s.exec(select(func.max(PhaseRun.phase)).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+            col(PhaseRun.kind).in_(["deploy", "switch"]))).one()
         records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index)).all()}
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+            PhaseRun.phase >= (latest if latest is not None else -1))).all()}
         verification = stage_plan["strategy"].get("verification")
-        for ph in run.phases:
-            phase = Phase.from_dict(ph)
+        start = 0 if latest is None else _stage_data(s, ex, run).position.get(int(latest), 0)
+        for i in range(start, len(run.phases)):
+            phase = Phase.from_dict(run.phases[i])
             main = records.get((phase.index, phase.kind))
             if main is None:
                 _dispatch(s, ex, run, phase, phase.kind, dispatches)
@@ -818,8 +929,7 @@ def _decide_rollback(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> 
 
     info = ex.rollback or {}
     for si in info.get("stages", []):
-        run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                            StageRun.stage_index == si)).one()
+        run = _stage_run(s, ex, si)
         if run.status in (Status.ROLLED_BACK, Status.ROLLBACK_FAILED):
             continue
         if run.rollback is None:
@@ -992,7 +1102,12 @@ def _tags_of(stage: dict[str, Any], hosts: list[dict[str, Any]],
 def unserved_delegates(stage: dict[str, Any], hosts: list[dict[str, Any]]) -> list[str]:
     """Why no live worker could take some of the stage's tasks (empty when all can)."""
     problems: dict[str, None] = {}
+    seen: set[tuple[Any, Any]] = set()
     for h in hosts:
+        # The answer depends on the host's infrastructure and region only.
+        if (h.get("infrastructure"), h["region"]) in seen:
+            continue
+        seen.add((h.get("infrastructure"), h["region"]))
         for step in [None, *stage.get("steps", [])]:
             want = _wanted_tags(stage, h, step)
             chosen, why = _choose_tags(stage, h["region"], want)
@@ -1003,7 +1118,7 @@ def unserved_delegates(stage: dict[str, Any], hosts: list[dict[str, Any]]) -> li
 
 def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
               out: list[_Dispatch]) -> None:
-    by_name = {h["name"]: h for h in run.hosts}
+    by_name = _stage_data(s, ex, run).by_name
     s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase.index,
                    kind=kind, hosts=list(phase.hosts)))
     s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
@@ -1078,9 +1193,7 @@ def _running_record(s: Session, execution_id: str, stage_index: int, phase: int,
         PhaseRun.phase == phase, PhaseRun.kind == kind)).first()
     if pr is None or pr.status != Status.RUNNING:
         return None
-    run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                        StageRun.stage_index == stage_index)).one()
-    return ex, run, pr
+    return ex, _stage_run(s, ex, stage_index), pr
 
 
 def gate(execution_id: str, stage_index: int, phase: int, *, kind: str = "deploy") -> str:
@@ -1381,7 +1494,7 @@ def _lane_followers(hosts: list[str], lanes: int | None, host: str) -> list[str]
     """Hosts after ``host`` in its lane (phase_canvas deals hosts round-robin into lanes)."""
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
     i = hosts.index(host)
-    return [h for j, h in enumerate(hosts) if j > i and j % n == i % n]
+    return hosts[i + n::n]
 
 
 def _retry_pending(stage: dict[str, Any], row: HostStepRun) -> bool:
@@ -1504,7 +1617,9 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
 
     rows = s.exec(select(HostStepRun).where(
         HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
-        HostStepRun.phase == pr.phase, HostStepRun.kind == kind)).all()
+        HostStepRun.phase == pr.phase, HostStepRun.kind == kind).options(
+        *_deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail, HostStepRun.outputs))
+    ).all()
     by_host: dict[str, dict[int, HostStepRun]] = {}
     for r in rows:
         cur = by_host.setdefault(r.host, {}).get(r.step_index)
@@ -1557,7 +1672,7 @@ def _evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
 
         record_rolled_back(s, ex, run, ok_hosts)
     else:
-        _record_instances(s, ex, run, ok_hosts)
+        _record_instances(s, ex, run, ok_hosts, phase=pr.phase)
     return True
 
 
@@ -1571,9 +1686,14 @@ def _within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
     total = len(run.hosts)
     allowed = max(int(budget.get("maxFailedHosts", 0)),
                   int(float(budget.get("maxFailedPercent", 0.0)) * total / 100))
-    earlier = {h for p in s.exec(select(PhaseRun).where(
+    # Only the verdicts that may name failed hosts: a passed phase whose verdict says
+    # "failed": [] is left out in SQL (a verdict with any other text is read and checked).
+    earlier = {h for v in s.exec(select(PhaseRun.verdict).where(
         PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-        PhaseRun.id != pr.id)).all() for h in (p.verdict or {}).get("failed", [])}
+        PhaseRun.id != pr.id, col(PhaseRun.verdict).is_not(None),
+        or_(col(PhaseRun.status) != Status.SUCCEEDED,
+            ~cast(PhaseRun.verdict, Text).contains('"failed": []', autoescape=True)))).all()
+        for h in (v or {}).get("failed", [])}
     count = len(earlier | set(failed))
     rule = (f"at most {allowed} of {total} host(s) may fail in the stage"
             if allowed else "every host succeeds (failure budget 0)")
@@ -1653,65 +1773,95 @@ def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
     return advance(execution_id)
 
 
-def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str]) -> None:
+def _record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str],
+                      phase: int | None = None) -> None:
     """Update the per-host ledger: which version now runs where."""
     if not hosts:
         return
     stage = ex.plan["stages"][run.stage_index]
     version = (stage.get("artifact") or {}).get("tag")
-    by_name = {h["name"]: h for h in run.hosts}
+    by_name = _stage_data(s, ex, run).by_name
     svc, env = stage["service"]["identifier"], stage["environment"]["identifier"]
-    existing = {
-        (i.infrastructure, i.host): i
+    by_infra: dict[str, list[str]] = {}
+    for name in hosts:
+        by_infra.setdefault(by_name[name]["infrastructure"], []).append(name)
+    # By the whole unique key (service, environment, infrastructure, host): index lookups
+    # per host, not a scan of every instance the service has (that grew with every phase).
+    existing: dict[tuple[str, str], Instance] = {}
+    for infra, names in by_infra.items():
         for i in s.exec(select(Instance).where(Instance.service == svc,
                                                Instance.environment == env,
-                                               col(Instance.host).in_(hosts))).all()
-    }
-    held = releases_held(s, ex.id, run.stage_index, hosts, kind="deploy")
+                                               Instance.infrastructure == infra,
+                                               col(Instance.host).in_(names))).all():
+            existing[(i.infrastructure, i.host)] = i
+    held = releases_held(s, ex.id, run.stage_index, hosts, kind="deploy", phase=phase)
+    now = utcnow()
+    new: list[dict[str, Any]] = []
     for name in hosts:
         h = by_name[name]
         inst = existing.get((h["infrastructure"], name))
-        if inst is None:
-            inst = Instance(service=svc, environment=env, infrastructure=h["infrastructure"],
-                            host=name, region=h["region"], execution_id=ex.id)
-        elif inst.version != version:
+        if inst is None:  # rows, not model objects: building one costs more than its insert
+            new.append({"service": svc, "environment": env,
+                        "infrastructure": h["infrastructure"], "host": name,
+                        "region": h["region"], "version": version, "previous_version": None,
+                        "execution_id": ex.id, "previous_execution_id": None,
+                        "releases": held.get(name), "updated_at": now})
+            continue
+        if inst.version != version:
             inst.previous_version = inst.version
             inst.previous_execution_id = inst.execution_id
         if name in held:
             inst.releases = held[name]
-        inst.version, inst.execution_id, inst.updated_at = version, ex.id, utcnow()
+        inst.version, inst.execution_id, inst.updated_at = version, ex.id, now
         inst.region = h["region"]
         s.add(inst)
+    if new:
+        s.execute(insert(Instance), new)
 
 
 def releases_held(s: Session, execution_id: str, stage_index: int, hosts: list[str], *,
-                  kind: str) -> dict[str, list[str]]:
-    """The releases each host reported holding in its last Release unit of the stage."""
+                  kind: str, phase: int | None = None) -> dict[str, list[str]]:
+    """The releases each host reported holding in its last Release unit of the stage (of the
+    phase ``phase`` when given: a host's rows of one dispatch all carry its phase)."""
     from tasks.hoststep import RELEASES_OUTPUT
 
     out: dict[str, tuple[int, list[str]]] = {}
-    for r in s.exec(select(HostStepRun).where(
-            HostStepRun.execution_id == execution_id, HostStepRun.stage_index == stage_index,
-            HostStepRun.kind == kind, col(HostStepRun.host).in_(hosts))).all():
-        listed = (r.outputs or {}).get(RELEASES_OUTPUT)
-        if listed is not None and (r.host not in out or (r.id or 0) > out[r.host][0]):
-            out[r.host] = (r.id or 0, str(listed).split())
+    where: list[Any] = [HostStepRun.execution_id == execution_id,
+                        HostStepRun.stage_index == stage_index, HostStepRun.kind == kind,
+                        col(HostStepRun.host).in_(hosts)]
+    if phase is not None:
+        where.append(HostStepRun.phase == phase)
+    for rid, host, outputs in s.exec(select(HostStepRun.id, HostStepRun.host,
+                                            HostStepRun.outputs).where(*where)).all():
+        listed = (outputs or {}).get(RELEASES_OUTPUT)
+        if listed is not None and (host not in out or (rid or 0) > out[host][0]):
+            out[host] = (rid or 0, str(listed).split())
     return {h: v for h, (_, v) in out.items()}
 
 
 def _summarise_steps(s: Session, ex: Execution, run: StageRun) -> None:
-    rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == ex.id,
-                                            HostStepRun.stage_index == run.stage_index,
-                                            HostStepRun.kind == "deploy")).all()
+    """Each step's counts over the stage's hosts (every attempt), summed in SQL."""
+    counts: dict[int, dict[str, int]] = {}
+    for step_index, status, n in s.exec(
+            select(HostStepRun.step_index, HostStepRun.status, func.count())
+            .where(HostStepRun.execution_id == ex.id,
+                   HostStepRun.stage_index == run.stage_index, HostStepRun.kind == "deploy")
+            .group_by(col(HostStepRun.step_index), col(HostStepRun.status))).all():
+        counts.setdefault(step_index, {})[status] = n
+    times = {step_index: (first, last) for step_index, first, last in s.exec(
+        select(HostStepRun.step_index, func.min(HostStepRun.started_at),
+               func.max(HostStepRun.finished_at))
+        .where(HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
+               HostStepRun.kind == "deploy")
+        .group_by(col(HostStepRun.step_index))).all()}
     steps = s.exec(select(StepRun).where(StepRun.execution_id == ex.id,
                                          StepRun.stage_index == run.stage_index)).all()
     for st in steps:
-        mine = [r for r in rows if r.step_index == st.step_index]
-        st.succeeded = sum(r.status == Status.SUCCEEDED for r in mine)
-        st.failed = sum(r.status == Status.FAILED for r in mine)
-        st.skipped = sum(r.status == Status.SKIPPED for r in mine)
-        st.started_at = min((r.started_at for r in mine), default=None)
-        st.finished_at = max((r.finished_at for r in mine if r.finished_at), default=None)
+        mine = counts.get(st.step_index, {})
+        st.succeeded = mine.get(Status.SUCCEEDED, 0)
+        st.failed = mine.get(Status.FAILED, 0)
+        st.skipped = mine.get(Status.SKIPPED, 0)
+        st.started_at, st.finished_at = times.get(st.step_index, (None, None))
         st.status = (Status.FAILED if st.failed else Status.SUCCEEDED if st.succeeded
                      else Status.SKIPPED)
         s.add(st)

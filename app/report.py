@@ -33,19 +33,24 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
     versions = {(i.service, i.environment, i.infrastructure, i.host): i for i in instances}
     intervention = next((p.verdict for p in phases if p.kind.startswith("mi-")
                          and p.status == Status.RUNNING), None)
+    # Every lookup below is by key: the report of a 10,000-host stage is O(rows + hosts).
+    rows_of: dict[int, list[HostStepRun]] = {}
+    for r in rows:
+        rows_of.setdefault(r.stage_index, []).append(r)
     out_stages = []
     for st in stages:
         plan = ex.plan["stages"][st.stage_index]
         step_ids = [x["identifier"] for x in plan["steps"]]
         latest: dict[tuple[str, int], HostStepRun] = {}
         undo: dict[tuple[str, int], HostStepRun] = {}
-        for r in rows:
-            if r.stage_index != st.stage_index:
-                continue
+        for r in rows_of.get(st.stage_index, []):
             k = (r.host, r.step_index)
             into = latest if r.kind == "deploy" else undo
             if k not in into or r.attempt >= into[k].attempt:
                 into[k] = r
+        undo_of: dict[str, list[HostStepRun]] = {}
+        for (h_name, _), r in undo.items():
+            undo_of.setdefault(h_name, []).append(r)
         rb_plan = st.rollback or {}
         rb_skipped = {h: why for ph in rb_plan.get("phases", [])
                       for h, why in (ph.get("skipped") or {}).items()}
@@ -91,7 +96,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "version": inst.version if inst else None,
                 "previous_version": inst.previous_version if inst else None,
                 "steps": steps,
-                "rollback": _host_rollback(h["name"], undo, rb_plan, rb_skipped),
+                "rollback": _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
+                                           rb_skipped),
             })
         out_stages.append({
             "index": st.stage_index,
@@ -134,15 +140,16 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
     }
 
 
-def _host_rollback(host: str, undo: dict[tuple[str, int], HostStepRun],
-                   plan: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any] | None:
-    """One host's rollback: status, the version it returns to, the failing step if any."""
+def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],
+                   skipped: dict[str, str]) -> dict[str, Any] | None:
+    """One host's rollback (``undo``: its latest rollback row per step): status, the version
+    it returns to, the failing step if any."""
     target = (plan.get("hosts") or {}).get(host)
     if target is None:
         return None
     if host in skipped:
         return {"status": Status.SKIPPED, "to": target.get("version"), "reason": skipped[host]}
-    mine = sorted((r for (h, _), r in undo.items() if h == host), key=lambda r: r.step_index)
+    mine = sorted(undo, key=lambda r: r.step_index)
     failed = next((r for r in mine if r.status == Status.FAILED), None)
     if failed is not None:
         status = Status.ROLLBACK_FAILED
