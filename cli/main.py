@@ -287,7 +287,6 @@ def _regions_of(execution_id: str) -> list[str]:
 
 def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
     from app.models import Status
-    from app.report import execution_report
 
     if not live:
         # Poll the status column (one short query) and build the report once at the end:
@@ -302,24 +301,19 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
             time.sleep(pause)
             status = _status_of(execution_id) or status
             if status == Status.WAITING and not told:
-                report = execution_report(execution_id)
-                assert report is not None
-                if report.get("intervention"):
+                if _report(execution_id).get("intervention"):
                     err.print(f"execution {execution_id} waits for a manual intervention: "
                               f"vmfarm intervene {execution_id} ACTION")
                 else:
                     err.print(f"execution {execution_id} is waiting for approval: "
                               f"vmfarm approve {execution_id} (or reject)")
                 told = True
-        final = execution_report(execution_id)
-        assert final is not None
-        return final
-    report = execution_report(execution_id)
-    assert report is not None
+        return _report(execution_id)
+    report = _report(execution_id)
     with Live(_render(report), console=out, refresh_per_second=8, transient=True) as view:
         while report["status"] not in Status.TERMINAL:
             time.sleep(0.25)
-            report = execution_report(execution_id) or report
+            report = _report(execution_id)
             view.update(_render(report))
     return report
 
@@ -327,11 +321,24 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
 def _status_of(execution_id: str) -> str:
     from sqlmodel import select
 
-    from app.db import session_scope
+    from app.db import retrying, session_scope
     from app.models import Execution
 
-    with session_scope() as s:
-        return s.exec(select(Execution.status).where(Execution.id == execution_id)).one()
+    def read() -> str:
+        with session_scope() as s:
+            return s.exec(select(Execution.status).where(Execution.id == execution_id)).one()
+
+    # A watcher outlives a ledger restart: it waits for the server instead of failing.
+    return retrying(read, what="watching the execution")
+
+
+def _report(execution_id: str) -> dict[str, Any]:
+    from app.db import retrying
+    from app.report import execution_report
+
+    report = retrying(lambda: execution_report(execution_id), what="watching the execution")
+    assert report is not None
+    return report
 
 
 def _styled(status: str) -> Text:
