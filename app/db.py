@@ -261,3 +261,18 @@ def insert_once(model: type[Any], values: dict[str, Any]) -> tuple[int, Any | No
             return int(new_id), None
         row = s.exec(select(model).where(model.idem_key == values["idem_key"])).one()
         return int(row.id or 0), row
+
+
+def claim_once(model: type[Any], values: dict[str, Any], *, what: str,
+               owner: tuple[str, ...] = ("status", "worker", "started_at"),
+               ) -> tuple[int, Any | None]:
+    """``insert_once`` tried again on a lost connection. When the server committed the insert
+    but the answer was lost, the row found is this call's own (the same ``owner`` values: the
+    same worker and start time to the microsecond), and this call owns it."""
+    def insert() -> tuple[int, Any | None]:
+        run_id, row = insert_once(model, values)
+        if row is not None and all(getattr(row, k) == values[k] for k in owner):
+            return run_id, None
+        return run_id, row
+
+    return retrying(insert, what=what)

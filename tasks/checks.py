@@ -14,7 +14,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
-from app.db import insert_once, retrying, session_scope
+from app.db import claim_once, retrying, session_scope
 from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
 from app.settings import get_settings
@@ -26,21 +26,11 @@ log = logging.getLogger("vmfarm.tasks")
 
 
 def _claim(key: HostStepKey, worker: str | None) -> tuple[int, CheckRun | None]:
-    """As tasks.hoststep.claim: tried again across a ledger restart; a claim whose commit
-    succeeded but whose answer was lost is recognised as ours."""
-    now = utcnow()
+    """As tasks.hoststep.claim (``claim_once``: tried again across a ledger restart)."""
     values = dict(idem_key=key.idem, execution_id=key.execution, stage_index=key.stage,
                   phase=key.phase, host=key.host, region=key.region, status=Status.RUNNING,
-                  results={}, reasons=[], worker=worker, started_at=now)
-
-    def insert() -> tuple[int, CheckRun | None]:
-        run_id, row = insert_once(CheckRun, values)
-        if row is not None and row.status == Status.RUNNING and row.worker == worker \
-                and row.started_at == now:
-            return run_id, None
-        return run_id, row
-
-    return retrying(insert, what=f"claiming the checks {key.idem}")
+                  results={}, reasons=[], worker=worker, started_at=utcnow())
+    return claim_once(CheckRun, values, what=f"claiming the checks {key.idem}")
 
 
 def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:

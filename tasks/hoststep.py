@@ -29,7 +29,7 @@ from sqlmodel import col, select
 
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
-from app.db import RECONNECT_SECONDS, insert_once, is_disconnect, retrying, session_scope
+from app.db import RECONNECT_SECONDS, claim_once, is_disconnect, retrying, session_scope
 from app.errors import HostError
 from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
 from app.providers.base import Host
@@ -133,12 +133,8 @@ heartbeats = _Heartbeats()
 
 def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
           queue: str | None) -> tuple[int, HostStepRun | None]:
-    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed.
-
-    Tried again on a lost connection: when the server committed the insert but the answer was
-    lost, the row found is this call's own (same task, worker and start time to the
-    microsecond), and this call owns it.
-    """
+    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed
+    (tried again across a ledger restart: ``claim_once``)."""
     now = utcnow()
     values = dict(
         idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
@@ -147,15 +143,8 @@ def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
         status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
         started_at=now, heartbeat_at=now,
     )
-
-    def insert() -> tuple[int, HostStepRun | None]:
-        run_id, row = insert_once(HostStepRun, values)
-        if row is not None and row.status == Status.RUNNING and row.task_id == task_id \
-                and row.worker == worker and row.started_at == now:
-            return run_id, None
-        return run_id, row
-
-    return retrying(insert, what=f"claiming {key.idem}")
+    return claim_once(HostStepRun, values, what=f"claiming {key.idem}",
+                      owner=("status", "task_id", "worker", "started_at"))
 
 
 def _summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
