@@ -2,7 +2,9 @@
 
 The host faults' lab is three real sshd hosts on 127.0.1.90-92; the service faults
 (test_service_faults.py: Redis and PostgreSQL restarted, on private servers) have their own four
-on 127.0.1.93-96 (other suites use 101-148 and 150-252 at the same time). Each test adds a row
+on 127.0.1.93-96, and the worker faults (test_worker_faults.py: a region worker killed with
+SIGKILL mid-phase, on private servers too) three on 127.0.1.97-99 (other suites use 101-148 and
+150-252 at the same time). Each test adds a row
 (fault, outcome, time from the fault to the terminal state); the table is printed at the end of
 the session and written to ``tests/chaos/last-run.md``.
 """
@@ -55,9 +57,10 @@ def chaos_table() -> Iterator[ChaosTable]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         LAST_RUN.write_text(
             f"# Chaos run, {stamp} on {platform.node()}\n\n"
-            "Written by tests/chaos (see tests/chaos/test_host_faults.py and "
-            "tests/chaos/test_service_faults.py); time is measured from the fault to the "
-            "execution's terminal state.\n\n" + TABLE.markdown())
+            "Written by tests/chaos (see tests/chaos/test_host_faults.py, "
+            "tests/chaos/test_service_faults.py and tests/chaos/test_worker_faults.py); time "
+            "is measured from the fault to the execution's terminal state.\n\n"
+            + TABLE.markdown())
 
 
 @pytest.fixture(scope="session")
