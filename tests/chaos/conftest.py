@@ -12,16 +12,25 @@ the session and written to ``tests/chaos/last-run.md``.
 from __future__ import annotations
 
 import platform
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-CHAOS_FIRST = 90  # hosts 127.0.1.90 .. 127.0.1.(90 + CHAOS_HOSTS - 1)
+from tests.chaos.services import FAST, Fleet, PrivatePostgres, PrivateRedis, require_services
+from tests.conftest import _stop, _wait_for_workers, base_env
+
+CHAOS_FIRST = 90  # host faults: 127.0.1.90 .. 127.0.1.(90 + CHAOS_HOSTS - 1)
 CHAOS_HOSTS = 3
+SERVICE_FIRST = 93  # service faults: 127.0.1.93 .. 127.0.1.96
+SERVICE_HOSTS = 4
+WORKER_FIRST = 97  # worker faults: 127.0.1.97 .. 127.0.1.99
+WORKER_HOSTS = 3
 LAST_RUN = Path(__file__).resolve().parent / "last-run.md"
 
 
@@ -38,6 +47,16 @@ class ChaosTable:
 
     def add(self, fault: str, outcome: str, seconds: float | None) -> None:
         self.rows.append(ChaosRow(fault, outcome, seconds))
+
+    @contextmanager
+    def row(self, fault: str) -> Iterator[ChaosRow]:
+        """A row for ``fault``, added when the block ends however it ends; the block sets its
+        outcome and seconds (until then: "no fault injected", no time)."""
+        row = ChaosRow(fault, "no fault injected", None)
+        try:
+            yield row
+        finally:
+            self.rows.append(row)
 
     def markdown(self) -> str:
         lines = ["| fault | outcome | time to terminal state |", "|---|---|---|"]
@@ -63,17 +82,110 @@ def chaos_table() -> Iterator[ChaosTable]:
             + TABLE.markdown())
 
 
+@contextmanager
+def _lab(factory: pytest.TempPathFactory, folder: str, hosts: int, first: int,
+         regions: list[str], what: str) -> Iterator[Any]:
+    """``hosts`` real sshd hosts from 127.0.1.<first>, stopped when the block ends."""
+    from app.lab import lab_down, lab_up
+
+    root = factory.mktemp(folder)
+    # sandbox=False: without root or sshd this raises LabError saying why (never a skip).
+    state = lab_up(hosts, root=root, regions=regions, sandbox=False, first=first)
+    try:
+        assert state.mode == "ssh" and state.running, f"{what} did not start: {state.reason}"
+        yield state
+    finally:
+        lab_down(root=root)
+
+
 @pytest.fixture(scope="session")
 def chaos_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Three real sshd hosts, 127.0.1.90-92, one region (embedded mode runs them all)."""
-    from app.lab import lab_down, lab_up
+    with _lab(tmp_path_factory, "chaoslab", CHAOS_HOSTS, CHAOS_FIRST, ["r1"],
+              "chaos lab") as state:
+        yield state
 
-    root = tmp_path_factory.mktemp("chaoslab")
-    # sandbox=False: without root or sshd this raises LabError saying why (never a skip).
-    state = lab_up(CHAOS_HOSTS, root=root, regions=["r1"], sandbox=False, first=CHAOS_FIRST)
-    assert state.mode == "ssh" and state.running, f"chaos lab did not start: {state.reason}"
-    yield state
-    lab_down(root=root)
+
+@pytest.fixture(scope="module")
+def service_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Four real sshd hosts, 127.0.1.93-96, alternating regions r1 and r2."""
+    require_services()
+    with _lab(tmp_path_factory, "svclab", SERVICE_HOSTS, SERVICE_FIRST, ["r1", "r2"],
+              "lab") as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+def worker_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Three real sshd hosts, 127.0.1.97-99, all in region r1."""
+    require_services()
+    with _lab(tmp_path_factory, "wlab", WORKER_HOSTS, WORKER_FIRST, ["r1"], "lab") as state:
+        yield state
+
+
+# --- private services and workers (see services.py) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """The module's own redis-server."""
+    require_services()
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PrivatePostgres]:
+    """The module's own PostgreSQL cluster."""
+    require_services()
+    cluster = PrivatePostgres()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def fleet_of(request: pytest.FixtureRequest, tmp_path: Path, private_redis: PrivateRedis,
+             private_pg: PrivatePostgres) -> Iterator[Callable[[dict[str, list[str]]], Fleet]]:
+    """fleet_of({name: worker arguments}): those workers (``<name>@chaos``, started in that
+    order, with FAST liveness) on an empty private Redis and a database of the test's own,
+    once every one answers a ping; stopped after the test."""
+    import redis
+
+    if not private_redis.ping():  # an earlier test's restart failed half-way
+        private_redis.start()
+    if not private_pg.running:
+        private_pg.start()
+    for db in (0, 1):
+        redis.Redis.from_url(f"{private_redis.url}/{db}").flushdb()
+    db_url = private_pg.create_database("fleet_" + re.sub(r"\W", "_", request.node.name)[-40:])
+    home = tmp_path / "home"
+    home.mkdir()
+    env = base_env(VMFARM_BROKER_URL=f"{private_redis.url}/0",
+                   VMFARM_RESULT_BACKEND=f"{private_redis.url}/1", VMFARM_DATABASE_URL=db_url,
+                   VMFARM_HOME=str(home), NO_COLOR="1", **FAST)
+    fleet = Fleet(env=env, home=home, workers=[], logs=[])
+
+    def make(workers: dict[str, list[str]]) -> Fleet:
+        for name, args in workers.items():
+            fleet.start(name, args)
+        try:
+            _wait_for_workers(env, [f"{name}@chaos" for name in workers])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{fleet.worker_logs()}") from None
+        return fleet
+
+    try:
+        yield make
+    finally:
+        _stop(fleet.workers)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -32,11 +32,15 @@ from typing import Any
 import pytest
 
 from tests.chaos.conftest import ChaosTable
+from tests.chaos.services import (
+    assert_definite,
+    assert_units_match_attempts,
+    pipeline_file,
+    script_unit,
+    units_ran,
+)
 from tests.conftest import REPO, base_env
 
-TERMINAL = {"SUCCEEDED", "FAILED", "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED"}
-HOST_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "IGNORED", "ABORTED", "ROLLED_BACK",
-             "ROLLBACK_FAILED"}
 RUN_LIMIT = 120.0  # seconds for a run to reach a terminal state (generous: CI is shared)
 
 
@@ -45,10 +49,7 @@ RUN_LIMIT = 120.0  # seconds for a run to reach a terminal state (generous: CI i
 
 def _units_script(case: str, unit: str, extra: str = "") -> dict[str, Any]:
     """A Script unit that leaves "<execution id> <unit>" in /opt/chaos/<case>/units."""
-    script = (f"mkdir -p /opt/chaos/{case}\n"
-              f"echo \"<+pipeline.executionId> {unit}\" >> /opt/chaos/{case}/units\n{extra}")
-    return {"identifier": unit, "type": "Script",
-            "spec": {"source": {"type": "Inline", "spec": {"script": script}}}}
+    return script_unit(f"/opt/chaos/{case}", unit, extra)
 
 
 def _copy(dest: str) -> dict[str, Any]:
@@ -59,26 +60,7 @@ def _copy(dest: str) -> dict[str, Any]:
 def _files(tmp: Path, steps: list[dict[str, Any]], artifact: Path | None = None) -> Path:
     """Service, environment and pipeline files for ``steps`` (the lab's infrastructure is
     given on the command line)."""
-    service: dict[str, Any] = {"type": "Ssh"}
-    if artifact is not None:
-        service["spec"] = {"artifacts": {"primary": {
-            "type": "Local", "spec": {"path": str(artifact), "tag": "1.0"}}}}
-    docs = [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "chaos"},
-         "spec": {"serviceDefinition": service}},
-        {"apiVersion": "v1", "kind": "Environment", "metadata": {"name": "lab"},
-         "spec": {"type": "PreProduction"}},
-        {"apiVersion": "v1", "kind": "Pipeline", "metadata": {"name": "chaos"}, "spec": {
-            "stages": [{"stage": {
-                "name": "Deploy", "identifier": "deploy", "type": "Deployment", "spec": {
-                    "service": {"serviceRef": "chaos"},
-                    "environment": {"environmentRef": "lab",
-                                    "infrastructureDefinitions": [{"identifier": "lab"}]},
-                    "execution": {"steps": [{"step": s} for s in steps]}}}}]}},
-    ]
-    path = tmp / "pipeline.yaml"
-    path.write_text("---\n".join(json.dumps(d) + "\n" for d in docs))  # JSON is YAML
-    return path
+    return pipeline_file(tmp, steps, service="chaos", pipeline="chaos", artifact=artifact)
 
 
 # --- processes of a lab host ----------------------------------------------------------------------
@@ -214,22 +196,14 @@ def _attempts(env: dict[str, str], ex_id: str, host: str) -> list[tuple[str, int
 
 def _units(host: Any, case: str, ex_id: str) -> Counter[str]:
     """How many times each Script unit of this execution ran on ``host``."""
-    path = Path(host.host_dir) / "opt" / "chaos" / case / "units"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return Counter(line.split(" ", 1)[1] for line in lines if line.startswith(ex_id + " "))
+    return units_ran(host, f"/opt/chaos/{case}", ex_id)
 
 
 def _assert_definite(env: dict[str, str], report: dict[str, Any], lab: Any) -> None:
     """A terminal execution, every lab host with a terminal outcome, no attempt left open."""
-    assert report["status"] in TERMINAL, report["status"]
-    hosts = {h["host"]: h for h in report["stages"][0]["hosts"]}
-    assert set(hosts) == {h.address for h in lab.hosts}, sorted(hosts)
-    for name, h in hosts.items():
-        assert h["status"] in HOST_DONE, (name, h["status"])
-    open_rows = _ledger(env, "select host, step_id, attempt, status from hoststeprun where "
-                             "execution_id=? and (status='RUNNING' or finished_at is null)",
-                        report["id"])
-    assert open_rows == [], f"attempts left open in the ledger: {open_rows}"
+    assert_definite(report, lab, _ledger(
+        env, "select host, step_id, attempt, status from hoststeprun where execution_id=? and "
+             "(status='RUNNING' or finished_at is null)", report["id"]), reason=False)
 
 
 def _assert_units_match_attempts(env: dict[str, str], report: dict[str, Any], lab: Any,
@@ -237,14 +211,8 @@ def _assert_units_match_attempts(env: dict[str, str], report: dict[str, Any], la
     """No unit ran more often than its step was attempted; on a host whose step succeeded in
     its last attempt, every unit of that step ran exactly once in that attempt."""
     for host in lab.hosts:
-        ran = _units(host, case, report["id"])
-        attempts = _attempts(env, report["id"], host.address)
-        for step, units in step_units.items():
-            tries = [a for a in attempts if a[0] == step]
-            for unit in units:
-                assert ran[unit] <= len(tries), (host.address, unit, ran[unit], tries)
-            if tries and tries[-1][2] == "SUCCEEDED":
-                assert ran[units[-1]] == 1, (host.address, units[-1], ran, tries)
+        assert_units_match_attempts(host.address, _units(host, case, report["id"]),
+                                    _attempts(env, report["id"], host.address), step_units)
 
 
 @pytest.fixture
