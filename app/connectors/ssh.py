@@ -500,6 +500,22 @@ class SSHConnector(Connector):
             host=host,
         )
 
+    def _dropped_meanwhile(self, exc: BaseException) -> bool:
+        """Did the connection drop under this error? An SFTP status with an errno (no such
+        file, permission denied) is the host's answer. Otherwise the transport thread may not
+        have seen the end of the connection yet: give it a moment before calling it alive."""
+        if isinstance(exc, (EOFError, ConnectionError)):
+            return True
+        if getattr(exc, "errno", None) is not None:
+            return not self.is_alive()
+        deadline = time.monotonic() + 0.3
+        while True:
+            if not self.is_alive():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.03)
+
     def _dropped(self, doing: str, exc: BaseException | None = None) -> ConnectivityError:
         why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
         return ConnectivityError(
@@ -695,7 +711,7 @@ class SSHConnector(Connector):
             except Exception:
                 log.debug("error closing SFTP to %s", self._where, exc_info=True)
             self._sftp = None
-        if not self.is_alive():
+        if self._dropped_meanwhile(exc):
             return self._dropped(doing, exc)
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return TransferError(
