@@ -941,12 +941,13 @@ def _decide_rollback(s: Session, ex: Execution, dispatches: list[_Dispatch]) -> 
             run.rollback = plan_stage_rollback(s, ex, run)
             run.status = Status.ROLLING_BACK
             s.add(run)
+        # Host lists are read only for the phase being judged (a deferred column).
         records = {p.phase: p for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
-            PhaseRun.kind == "rollback")).all()}
+            PhaseRun.kind == "rollback").options(*_deferred(PhaseRun.hosts))).all()}
         switches = {p.phase: p for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
-            PhaseRun.kind == "rollback-switch")).all()}
+            PhaseRun.kind == "rollback-switch").options(*_deferred(PhaseRun.hosts))).all()}
         for ph in run.rollback["phases"]:
             if not ph["hosts"]:
                 continue
