@@ -101,7 +101,8 @@ def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, A
     if switch is not None:
         # Blue-green moved traffic: traffic goes back first, to the set that had it before;
         # the switched set then stands by with its version (a later deployment replaces it).
-        before = [h["name"] for h in run.hosts if h["name"] not in switch.hosts]
+        switched = set(switch.hosts)
+        before = [h["name"] for h in run.hosts if h["name"] not in switched]
         had_traffic = bool((switch.verdict or {}).get("before"))
         phases.append({"index": switch.phase, "kind": "switch",
                        "name": f"switch traffic back to {', '.join(before)}",
@@ -145,9 +146,11 @@ def record_rolled_back(s: Session, ex: Execution, run: StageRun, hosts: list[str
     svc, env = stage["service"]["identifier"], stage["environment"]["identifier"]
     targets = (run.rollback or {}).get("hosts", {})
     by_name = {h["name"]: h for h in run.hosts}
+    # The whole unique key: index lookups, not a scan of every instance of the service.
+    infras = sorted({by_name[n]["infrastructure"] for n in hosts if n in by_name})
     rows = {(i.infrastructure, i.host): i for i in s.exec(select(Instance).where(
         Instance.service == svc, Instance.environment == env,
-        col(Instance.host).in_(hosts))).all()}
+        col(Instance.infrastructure).in_(infras), col(Instance.host).in_(hosts))).all()}
     from app.coordinator import releases_held
 
     held = releases_held(s, ex.id, run.stage_index, hosts, kind="rollback")

@@ -61,70 +61,7 @@ def reconcile_task() -> list[str]:
     gate never came are judged from the ledger; advance."""
     from app.coordinator import reconcile
 
-    return reconcile() + sweep_lost_gates()
-
-
-def sweep_lost_gates(*, now: Any = None) -> list[str]:
-    """Judge deploy and rollback phases whose hosts have all finished but whose gate never ran.
-
-    A phase's gate is its chord's body, and the chord's counters live in the result backend:
-    a Redis restarted without persistence (or flushed) forgets them, the last header task then
-    finds no chord to complete and the body is never sent. Once no step of such a phase has
-    run for ``heartbeat_timeout`` seconds, the phase is judged from the ledger as the gate
-    would have judged it, and the execution advances. A phase with a host that has not
-    finished is left alone (its work may still sit in a queue: the reconciler's dispatch
-    expiry covers that). Idempotent, and harmless next to a late gate: both lock the
-    execution and only a RUNNING phase is judged.
-    """
-    from datetime import timedelta
-
-    from sqlalchemy import func
-    from sqlmodel import col, select
-
-    from app.coordinator import _evaluate_phase, _lock_execution, advance
-    from app.db import session_scope
-    from app.models import HostStepRun, PhaseRun, StageRun, Status, utcnow
-    from app.settings import get_settings
-
-    now = now or utcnow()
-    quiet_for = get_settings().heartbeat_timeout
-    quiet = now - timedelta(seconds=quiet_for)
-    found: list[tuple[str, int, int, str]] = []
-    with session_scope() as s:
-        for pr in s.exec(select(PhaseRun).where(
-                PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).in_(["deploy", "rollback"]),
-                PhaseRun.dispatched_at < quiet)).all():
-            running, last = s.exec(select(
-                func.count().filter(col(HostStepRun.status) == Status.RUNNING),
-                func.max(HostStepRun.finished_at)).where(
-                HostStepRun.execution_id == pr.execution_id,
-                HostStepRun.stage_index == pr.stage_index, HostStepRun.phase == pr.phase,
-                HostStepRun.kind == ("rollback" if pr.kind == "rollback" else "deploy"))).one()
-            if not running and last is not None and last < quiet:
-                found.append((pr.execution_id, pr.stage_index, pr.phase, pr.kind))
-    actions: list[str] = []
-    for ex_id, stage_index, phase, kind in found:
-        with session_scope() as s:
-            ex = _lock_execution(s, ex_id)
-            record = s.exec(select(PhaseRun).where(
-                PhaseRun.execution_id == ex_id, PhaseRun.stage_index == stage_index,
-                PhaseRun.phase == phase, PhaseRun.kind == kind)).first()
-            if ex is None or ex.status in Status.TERMINAL or record is None \
-                    or record.status != Status.RUNNING:
-                continue
-            run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id,
-                                                StageRun.stage_index == stage_index)).one()
-            if not _evaluate_phase(s, ex, run, record, gate=False):
-                continue  # a host has not finished: not a lost gate
-            record.verdict = {**(record.verdict or {}), "judged_by": (
-                f"the reconciler: every host had finished for {quiet_for:g} s and the gate "
-                "never ran (its chord state was lost from the result backend?)")}
-            s.add(record)
-        log.warning("execution %s: %s phase %d of stage %d had no gate; judged from the ledger",
-                    ex_id, kind, phase, stage_index)
-        actions.append(f"{ex_id}: stage {stage_index} {kind} phase {phase}: every host "
-                       f"finished and no gate came; judged from the ledger; {advance(ex_id)}")
-    return actions
+    return reconcile()
 
 
 @app.task(name="vmfarm.advance")

@@ -50,16 +50,29 @@ OUTPUT_MARK = "::vmfarm-output::"
 
 _plan_cache: dict[tuple[str, int], tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
 _plan_lock = threading.Lock()
+_plan_loads: dict[tuple[str, int], threading.Lock] = {}
 
 
 def _stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
                                                                dict[str, dict[str, Any]]]:
-    """The resolved stage and its hosts by name; immutable once the stage runs, so cached."""
+    """The resolved stage and its hosts by name; immutable once the stage runs, so cached.
+
+    One thread reads it; the pool's other threads wait for its copy (32 threads decoding a
+    10,000-host stage at once tripled a worker's memory)."""
     key = (execution_id, stage_index)
     with _plan_lock:
         hit = _plan_cache.get(key)
+        loading = _plan_loads.setdefault(key, threading.Lock())
     if hit:
         return hit
+    with loading:
+        with _plan_lock:
+            hit = _plan_cache.get(key)
+        return hit or _read_stage_data(execution_id, stage_index)
+
+
+def _read_stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
+                                                                    dict[str, dict[str, Any]]]:
     def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         with session_scope() as s:
             ex = s.get(Execution, execution_id)
@@ -73,7 +86,8 @@ def _stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
     with _plan_lock:
         if len(_plan_cache) > 256:
             _plan_cache.clear()
-        _plan_cache[key] = data
+            _plan_loads.clear()
+        _plan_cache[(execution_id, stage_index)] = data
     return data
 
 

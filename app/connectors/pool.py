@@ -105,6 +105,7 @@ class ConnectorPool:
         # Leased connector -> the pool generation it was leased in (close_all bumps it).
         self._leased: dict[Connector, int] = {}
         self._generation = 0
+        self._next_sweep = 0.0
 
     @contextmanager
     def lease(self, target: HostTarget) -> Iterator[Connector]:
@@ -140,13 +141,15 @@ class ConnectorPool:
         key = pool_key(target)
         now = time.monotonic()
         with self._lock:
-            expired = self._expire_locked(now)
+            # A sweep visits every idle connection: at most one a second, not one per lease (a
+            # worker that served 5,000 hosts holds 5,000 idle connections).
+            expired = self._expire_locked(now) if now >= self._next_sweep else []
         for conn in expired:
             _close_quietly(conn)
         while True:
             with self._lock:
                 stack = self._idle.get(key)
-                candidate = stack.pop()[1] if stack else None
+                returned, candidate = stack.pop() if stack else (now, None)
                 if stack is not None and not stack:
                     del self._idle[key]
                 generation = self._generation
@@ -154,7 +157,7 @@ class ConnectorPool:
                     self._leased[candidate] = generation
             if candidate is None:
                 break
-            if candidate.is_alive():
+            if now - returned <= self.max_idle and candidate.is_alive():
                 return candidate, generation
             log.debug("dropping dead pooled connection to %s@%s:%s (%s)", *key)
             self._forget(candidate)
@@ -182,6 +185,7 @@ class ConnectorPool:
         _close_quietly(conn)
 
     def _expire_locked(self, now: float) -> list[Connector]:
+        self._next_sweep = now + min(1.0, self.max_idle / 10)
         expired: list[Connector] = []
         for key in list(self._idle):
             stack = self._idle[key]
