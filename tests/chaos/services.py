@@ -32,7 +32,16 @@ import pytest
 
 from tests.conftest import REPO, Cluster, free_port, run_vmfarm
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _pg_bin() -> Path:
+    """The server binaries of the newest PostgreSQL installed the Debian way (the one that
+    serves 127.0.0.1:5432 in CI: ``ls /etc/postgresql``)."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 TERMINAL = {"SUCCEEDED", "FAILED", "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED"}
 HOST_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "IGNORED", "ABORTED", "ROLLED_BACK",
@@ -56,11 +65,11 @@ def require_services() -> None:
     if not os.access(REDIS_SERVER, os.X_OK):
         missing.append("redis-server (apt-get install -y redis-server)")
     if not os.access(PG_BIN / "initdb", os.X_OK):
-        missing.append(f"{PG_BIN}/initdb (apt-get install -y postgresql-15)")
+        missing.append(f"{PG_BIN}/initdb (apt-get install -y postgresql)")
     try:
         pwd.getpwnam("postgres")
     except KeyError:
-        missing.append("the postgres OS user (apt-get install -y postgresql-15)")
+        missing.append("the postgres OS user (apt-get install -y postgresql)")
     if missing:
         message = "service chaos needs " + ", ".join(missing)
         if os.environ.get("CI"):
