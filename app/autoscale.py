@@ -214,7 +214,7 @@ _DURATIONS = {"scale_up_after", "scale_down_after"}
 
 
 def _seconds(value: Any, what: str) -> float:
-    from app.spec.models import parse_duration
+    from app.definitions.base import parse_duration
 
     try:
         return parse_duration(str(value))

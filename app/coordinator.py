@@ -30,6 +30,8 @@ from sqlmodel import Session, col, select
 
 from app.canvas import HostStepKey
 from app.db import session_scope
+from app.definitions.base import parse_duration
+from app.definitions.models import INTERVENTION_ACTIONS
 from app.errors import ConfigError, SpecError
 from app.models import (
     Execution,
@@ -43,7 +45,6 @@ from app.models import (
 )
 from app.providers.base import Host, discover
 from app.settings import get_settings
-from app.spec.models import INTERVENTION_ACTIONS, parse_duration
 from strategies.basic import Phase
 
 log = logging.getLogger("vmfarm.coordinator")
@@ -115,7 +116,7 @@ def submit(
 def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,
             execution_id: str) -> tuple[dict[str, Any], list[list[Host]]]:
     """Load, validate and resolve the files; discover static hosts (bad input raises)."""
-    from app.spec import choose_pipeline, load, resolve
+    from app.definitions import choose_pipeline, load, resolve
 
     # The mapping as given: an input set's values remember the file and line they came from.
     bundle = load(paths, inputs=inputs if inputs is not None else {}, require_inputs=True)

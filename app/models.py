@@ -1,8 +1,8 @@
 """The SQL ledger: the source of truth for every execution (Celery's backend is only plumbing).
 
 Table models (``*Run``, ``Execution``, ``Instance``) are kept apart from the file schemas in
-``app.spec``. Times are naive UTC. Nothing here ever holds a secret value: rows hold masked logs
-and references.
+``app.definitions``. Times are naive UTC. Nothing here ever holds a secret value: rows hold
+masked logs and references.
 """
 
 from __future__ import annotations

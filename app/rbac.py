@@ -162,7 +162,7 @@ class Need:
 
 def required_permissions(action: str, plan: Mapping[str, Any] | None, *,
                          stage_index: int | None = None) -> list[Need]:
-    """The permissions ``action`` needs on a resolved plan (``app.spec.resolve``): the
+    """The permissions ``action`` needs on a resolved plan (``app.definitions.resolve``): the
     pipeline permission, then one environment permission per deployment stage (only stage
     ``stage_index`` when given). With no plan, only the pipeline permission."""
     if action not in ACTIONS:

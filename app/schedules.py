@@ -266,7 +266,7 @@ _KEYS = {"name", "cron", "files", "pipeline", "inputs", "timezone", "startingDea
 
 
 def _entry(raw: Any, where: str, base: Path) -> Schedule:
-    from app.spec.models import parse_duration
+    from app.definitions.base import parse_duration
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a schedule is a mapping with name, cron and files")

@@ -184,8 +184,8 @@ def workers(output: str) -> None:
 
 
 def _infra_of(loaded: Any) -> dict[str, Any]:
-    """An infrastructure as a resolved stage holds it (app.spec.loader.resolve_stage)."""
-    from app.spec.loader import provider_of
+    """An infrastructure as a resolved stage holds it (app.definitions.loader.resolve_stage)."""
+    from app.definitions.loader import provider_of
 
     return {
         "identifier": loaded.ident,
@@ -212,9 +212,9 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
     of the chosen pipeline's stages, or every one when the files define no pipeline; only
     ``infra_id`` if given (any infrastructure of the files). Raises SpecError/SpecErrors for
     bad input."""
+    from app.definitions import choose_pipeline, load
+    from app.definitions.loader import resolve_stage
     from app.errors import SpecError
-    from app.spec import choose_pipeline, load
-    from app.spec.loader import resolve_stage
 
     bundle = load(files, inputs=inputs, require_inputs=False)
     found: dict[str, dict[str, Any]] = {}

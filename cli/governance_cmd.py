@@ -132,7 +132,7 @@ def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, 
     source = Path(policies_file) if policies_file else policy_file()
     try:
         rules = load_policies(source) if source is not None else []
-        from app.spec.inputsets import merge_inputs, read_input_sets
+        from app.definitions.inputsets import merge_inputs, read_input_sets
 
         given = _parse_sets(sets)
         plan, stage_hosts = prepare(files, pipeline=pipeline,

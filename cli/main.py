@@ -47,7 +47,7 @@ INPUTS_HELP = ("An input set file (Harness inputSet, or NAME: VALUE lines), or a
 
 def gather_inputs(input_files: tuple[str, ...], sets: tuple[str, ...]) -> Any:
     """Runtime inputs from --inputs files with --set on top (SpecError names a bad file)."""
-    from app.spec.inputsets import merge_inputs, read_input_sets
+    from app.definitions.inputsets import merge_inputs, read_input_sets
 
     if not input_files:
         return parse_sets(sets)
@@ -128,7 +128,7 @@ def main() -> None:
 def validate(files: tuple[str, ...], sets: tuple[str, ...], input_files: tuple[str, ...],
              output: str) -> None:
     """Check pipeline files: schema, references and expressions. Exit 2 when invalid."""
-    from app.spec import load
+    from app.definitions import load
 
     try:
         bundle = load(files, inputs=gather_inputs(input_files, sets), require_inputs=False)

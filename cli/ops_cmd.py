@@ -48,7 +48,7 @@ def _window_options(f: F) -> F:
 
 
 def _seconds(window: str | None) -> float | None:
-    from app.spec.models import parse_duration
+    from app.definitions.base import parse_duration
 
     if window is None:
         return None

@@ -203,7 +203,7 @@ def _human(seconds: int | None) -> str:
 
 
 def _duration(value: str | None, hint: str) -> float | None:
-    from app.spec.models import parse_duration
+    from app.definitions.base import parse_duration
 
     if value is None:
         return None

@@ -1,6 +1,6 @@
 """Deployment strategies: plans as plain data, no Celery, no SQL, no I/O.
 
-``plan(stage, hosts)`` reads the resolved stage's ``strategy`` (see ``app.spec.loader``) and
+``plan(stage, hosts)`` reads the resolved stage's ``strategy`` (see ``app.definitions.loader``) and
 returns its phases. Each planner documents its YAML with an example.
 """
 

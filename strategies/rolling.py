@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from app.spec.models import Size, parse_size
+from app.definitions.models import Size, parse_size
 from strategies.basic import Phase
 
 

@@ -15,11 +15,12 @@ from sqlmodel import col, select
 
 from app.canvas import HostStepKey
 from app.db import claim_once, retrying, session_scope
+from app.definitions.base import parse_duration
+from app.definitions.expressions import render
+from app.definitions.models import TrafficSpec
 from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
 from app.settings import get_settings
-from app.spec.expressions import render
-from app.spec.models import TrafficSpec, parse_duration
 from tasks.hoststep import _stage_data, host_context
 
 log = logging.getLogger("vmfarm.tasks")

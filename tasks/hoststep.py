@@ -30,13 +30,13 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
 from app.db import RECONNECT_SECONDS, claim_once, is_disconnect, retrying, session_scope
+from app.definitions.base import parse_duration
+from app.definitions.expressions import Binder, Context, render
 from app.errors import HostError
 from app.models import Execution, HostStepRun, LogChunk, StageRun, Status, utcnow
 from app.providers.base import Host
 from app.secrets import SecretError
 from app.settings import get_settings
-from app.spec.expressions import Binder, Context, render
-from app.spec.models import parse_duration
 
 log = logging.getLogger("vmfarm.tasks")
 

@@ -1,10 +1,10 @@
 """Fuzzing the pipeline-file loader and the expression engine with hypothesis.
 
 Whatever the input, the outcome must be a valid result or one of vmfarm's clean errors
-(``SpecError``/``SpecErrors`` from ``app.spec.load``, ``ExpressionError`` from the expression
+(``SpecError``/``SpecErrors`` from ``app.definitions.load``, ``ExpressionError`` from the expression
 engine): never another exception, which would reach a user as a Python traceback.
 
-* ``app.spec.load`` on generated YAML: random documents, and mutations of the valid files in
+* ``app.definitions.load`` on generated YAML: random documents, and mutations of the valid files in
   ``tests/data/good`` (keys dropped, types changed, unknown keys, odd unicode, huge numbers,
   anchors/aliases, duplicate keys, tabs, truncation, runtime inputs with options), the good
   pipeline with valid-shaped additions whose values are expressions (these pass the schema and
@@ -41,10 +41,8 @@ from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.errors import SpecError, SpecErrors
-from app.secrets import find_refs
-from app.spec import load
-from app.spec.expressions import (
+from app.definitions import load
+from app.definitions.expressions import (
     Binder,
     Context,
     ExpressionError,
@@ -52,6 +50,8 @@ from app.spec.expressions import (
     parse_input,
     render,
 )
+from app.errors import SpecError, SpecErrors
+from app.secrets import find_refs
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = REPO / "tests" / "data" / "good"
@@ -612,15 +612,15 @@ BUGS: list[tuple[str, str, str, dict[str, str], range, type[BaseException]]] = [
 ]
 BUG_REASONS = {
     "control-character":
-        "bug: app/spec/yamlload.py load_documents() builds yaml.SafeLoader(text) outside its "
-        "try block; a control character (e.g. \\x07) anywhere in a file raises "
+        "bug: app/definitions/yamlload.py load_documents() builds yaml.SafeLoader(text) outside "
+        "its try block; a control character (e.g. \\x07) anywhere in a file raises "
         "yaml.reader.ReaderError instead of a SpecError (vmfarm validate: traceback, exit 1)",
     "invalid-input-regex":
-        "bug: app/spec/loader.py apply_inputs() calls re.fullmatch(regex, value) on the "
+        "bug: app/definitions/loader.py apply_inputs() calls re.fullmatch(regex, value) on the "
         "<+input>.regex(...) option unchecked; an invalid pattern with a --set value raises "
         "re.error instead of a SpecError at the input (traceback, exit 1)",
     "expression-renders-check-invalid":
-        "bug: app/spec/loader.py resolve_stage() re-validates the rendered stage with "
+        "bug: app/definitions/loader.py resolve_stage() re-validates the rendered stage with "
         "m.StageSpec.model_validate(rendered) outside any handler; an expression that renders "
         "a field invalid (HealthCheck url <+pipeline.variables.empty> with value '') raises "
         "pydantic ValidationError instead of a SpecError (validate/run: traceback, exit 1)",

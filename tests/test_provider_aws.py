@@ -25,10 +25,10 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+from app.definitions.loader import choose_pipeline, load, resolve
 from app.errors import ConfigError, DiscoveryError
 from app.providers import aws
 from app.providers import base as providers
-from app.spec.loader import choose_pipeline, load, resolve
 from tests.conftest import free_port, moto_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +330,7 @@ def test_filters_sent_to_ec2() -> None:
 
 
 def test_reading_a_file_and_the_filters_never_imports_boto3() -> None:
-    code = ("import sys; from app.providers import aws; from app.spec.loader import load; "
+    code = ("import sys; from app.providers import aws; from app.definitions.loader import load; "
             f"load([{str(DATA / 'infra_aws.yaml')!r}]); "
             "aws.parse_infra({'identifier': 'x', 'spec': {'region': 'us-east-1'}}); "
             "sys.exit(1 if 'boto3' in sys.modules or 'botocore' in sys.modules else 0)")

@@ -422,7 +422,7 @@ def test_region_names_are_normalised() -> None:
 
 
 def test_through_the_loader_and_the_provider_registry(arm: FakeArm, tmp_path: Path) -> None:
-    from app.spec.loader import choose_pipeline, load, resolve
+    from app.definitions.loader import choose_pipeline, load, resolve
 
     fleet(arm)
     files = tmp_path / "files"

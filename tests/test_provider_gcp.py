@@ -454,7 +454,7 @@ def test_bad_settings_are_config_errors_naming_the_field(spec: dict[str, Any],
 
 def test_environment_file_through_loader_and_provider_registry(gce: FakeGce,
                                                                tmp_path: Path) -> None:
-    from app.spec import choose_pipeline, load, resolve
+    from app.definitions import choose_pipeline, load, resolve
 
     fleet(gce)
     gce.add_instance(P, A, "blue-1", private_ip="10.0.0.201", labels={"env": "prod",

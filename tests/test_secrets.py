@@ -145,7 +145,7 @@ def test_substitute_replaces_once_and_returns_values() -> None:
 
 
 def test_substitute_binds_values_for_shell_scripts() -> None:
-    from app.spec.expressions import Binder
+    from app.definitions.expressions import Binder
 
     binder = Binder()
     text, values = substitute("curl -u u:<+secrets.getValue('pw')> && echo "

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from app.definitions.expressions import Context, ExpressionError, render
+from app.definitions.loader import Bundle, apply_inputs, choose_pipeline, load, resolve
+from app.definitions.yamlload import load_documents
 from app.errors import SpecError, SpecErrors, VmfarmError
-from app.spec.expressions import Context, ExpressionError, render
-from app.spec.loader import Bundle, apply_inputs, choose_pipeline, load, resolve
-from app.spec.yamlload import load_documents
 
 DATA = Path(__file__).resolve().parent / "data"
 GOOD = DATA / "good"
@@ -217,8 +217,8 @@ def test_resolve_keeps_the_static_hosts_and_their_regions() -> None:
 def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Path) -> str:
     """Render a unit's script for one host exactly as the worker does, and run it in bash."""
     from app.connectors.base import env_prelude
+    from app.definitions.expressions import Binder
     from app.providers.base import Host
-    from app.spec.expressions import Binder
     from tasks.hoststep import host_context
 
     stage = plan["stages"][0]
@@ -275,7 +275,7 @@ def test_unknown_expression_names_the_known_ones() -> None:
 
 
 def test_render_binds_only_unsafe_external_values_and_only_in_scripts() -> None:
-    from app.spec.expressions import Binder
+    from app.definitions.expressions import Binder
 
     ctx = Context()
     ctx.set("artifact.tag", "a b", external=True)

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from app.definitions.inputsets import merge_inputs, read_input_sets
+from app.definitions.loader import Bundle, choose_pipeline, load, resolve
+from app.definitions.templates import ExpandedDocument, templates_of
 from app.errors import SpecError, SpecErrors, VmfarmError
-from app.spec.inputsets import merge_inputs, read_input_sets
-from app.spec.loader import Bundle, choose_pipeline, load, resolve
-from app.spec.templates import ExpandedDocument, templates_of
 from tests.test_spec import GOOD, line_of, refusal
 
 DATA = Path(__file__).resolve().parent / "data"

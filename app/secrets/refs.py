@@ -114,7 +114,7 @@ def substitute(text: str, resolver: Resolver | None = None, *,
 
     ``resolver`` takes the list of ids and returns their values (default: ``resolve``, which
     also registers the values for masking); a SecretError it raises propagates. With ``bind``
-    (e.g. ``app.spec.expressions.Binder`` for a shell script) a reference is replaced by
+    (e.g. ``app.definitions.expressions.Binder`` for a shell script) a reference is replaced by
     ``bind(value)`` (``${VMFARM_VALUE_1}``) so the value travels in the command's environment
     instead of the script text. One pass: inserted values are never scanned again.
     """

@@ -64,10 +64,10 @@ from typing import Any
 
 import yaml
 
+from app.definitions.expressions import has_input
+from app.definitions.loader import _Collector, _read, _type_name, expand_paths
+from app.definitions.yamlload import Document, Path, load_documents
 from app.errors import SpecError
-from app.spec.expressions import has_input
-from app.spec.loader import _Collector, _read, _type_name, expand_paths
-from app.spec.yamlload import Document, Path, load_documents
 
 _SET_KEYS = {"name", "identifier", "description", "tags", "orgIdentifier", "projectIdentifier",
              "pipeline"}
@@ -244,7 +244,7 @@ def _values_of(src: _Source, errs: _Collector) -> InputValues:
 
 class _Walker:
     """Walks a pipeline-shaped tree and names each filled field as the loader names its input
-    (app.spec.loader._input_name)."""
+    (app.definitions.loader._input_name)."""
 
     def __init__(self, src: _Source, out: InputValues, errs: _Collector) -> None:
         self.src = src

@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.errors import SpecError, SpecErrors
-from app.spec import models as m
-from app.spec.expressions import (
+from app.definitions import base
+from app.definitions import models as m
+from app.definitions.expressions import (
     EXPR_RE,
     INPUT_RE,
     Context,
@@ -30,7 +30,8 @@ from app.spec.expressions import (
     parse_input,
     render,
 )
-from app.spec.yamlload import Document, dotted, load_documents
+from app.definitions.yamlload import Document, dotted, load_documents
+from app.errors import SpecError, SpecErrors
 
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_ERRORS = 50
@@ -78,7 +79,7 @@ class Bundle:
     pipelines: dict[str, Loaded] = field(default_factory=dict)
     inputs: list[InputSlot] = field(default_factory=list)
     # Hook (templates): the Template documents of the load, set aside by
-    # app.spec.templates.expand_templates (their bodies are expanded where they are used).
+    # app.definitions.templates.expand_templates (their bodies are expanded where they are used).
     templates: list[Document] = field(default_factory=list)
     # (file, path) of every value that came from a runtime input: quoted in scripts.
     external: set[tuple[str, int, tuple[str | int, ...]]] = field(default_factory=set)
@@ -254,7 +255,7 @@ def _models_of(tp: Any) -> list[type[Any]]:
     stack = [tp]
     while stack:
         t = stack.pop()
-        if isinstance(t, type) and issubclass(t, m.Model):
+        if isinstance(t, type) and issubclass(t, base.Model):
             out.append(t)
         for a in getattr(t, "__args__", ()) or ():
             stack.append(a)
@@ -273,8 +274,9 @@ def _where(doc: Document, path: tuple[str | int, ...], *, key: bool = False) -> 
 ]:
     """File, line and column of ``path`` in ``doc``.
 
-    Hook (templates): a document expanded from templates (app.spec.templates.ExpandedDocument)
-    knows which file each part came from; any other document is its own file.
+    Hook (templates): a document expanded from templates
+    (app.definitions.templates.ExpandedDocument) knows which file each part came from; any
+    other document is its own file.
     """
     where = getattr(doc, "where", None)
     if callable(where):
@@ -284,7 +286,7 @@ def _where(doc: Document, path: tuple[str | int, ...], *, key: bool = False) -> 
     return doc.file, line, col
 
 
-def _validate(doc: Document, base: tuple[str | int, ...], model: type[m.Model], data: Any,
+def _validate(doc: Document, base: tuple[str | int, ...], model: type[base.Model], data: Any,
               errs: _Collector) -> Any:
     try:
         return model.model_validate(data)
@@ -383,7 +385,7 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
         meta = doc.data.get("metadata")
         if not isinstance(meta, dict):
             meta = {}
-        ident = str(meta.get("identifier") or m.identifier_of(str(meta.get("name", doc.index))))
+        ident = str(meta.get("identifier") or base.identifier_of(str(meta.get("name", doc.index))))
         for path, text in _find_inputs(doc, doc.data):
             slots.append(InputSlot(_input_name(kind, ident, path, doc.data), doc, path,
                                    parse_input(text)))
@@ -440,7 +442,7 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
     if unknown:
         known = ", ".join(s.name for s in slots) or "none"
         # Hook (input sets): a name read from an --inputs file points at its place there
-        # (app.spec.inputsets.InputValues.origins); a --set name is reported as --set.
+        # (app.definitions.inputsets.InputValues.origins); a --set name is reported as --set.
         origin = (getattr(inputs, "origins", None) or {}).get(unknown[0])
         file, line, col = origin if origin else ("--set", 0, 0)
         raise SpecError(f"no runtime input <+input> is named '{unknown[0]}' "
@@ -488,7 +490,7 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
 
     # Hook (templates): Template documents are set aside and every template reference is
     # expanded in place, before runtime inputs are named and filled.
-    from app.spec.templates import expand_templates
+    from app.definitions.templates import expand_templates
 
     bundle.documents, bundle.templates = expand_templates(bundle.documents)
 
@@ -633,7 +635,7 @@ def _check_references(bundle: Bundle, errs: _Collector) -> None:
                     errs.add(infra.error(f"duplicate host '{h.hostname}:{port}'",
                                          ("spec", "spec", "hosts", i, "hostname")))
                 seen[(h.hostname, port)] = i
-                if h.region is not None and not m.REGION_RE.match(h.region):
+                if h.region is not None and not base.REGION_RE.match(h.region):
                     errs.add(infra.error(f"region '{h.region}' must be lower-case letters, digits "
                                          "and '-'", ("spec", "spec", "hosts", i, "region")))
     for pipe in bundle.pipelines.values():

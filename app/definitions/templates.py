@@ -52,11 +52,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from app.definitions import base
+from app.definitions import models as m
+from app.definitions.expressions import INPUT_RE, has_input, parse_input
+from app.definitions.loader import _Collector, _type_name, _validate
+from app.definitions.yamlload import Document, Path, dotted
 from app.errors import SpecError
-from app.spec import models as m
-from app.spec.expressions import INPUT_RE, has_input, parse_input
-from app.spec.loader import _Collector, _type_name, _validate
-from app.spec.yamlload import Document, Path, dotted
 
 TemplateType = Literal["Pipeline", "Stage", "Step", "StepGroup", "Service", "Environment",
                        "Infrastructure"]
@@ -74,7 +75,7 @@ Version = str | int | float
 # --- schema of template documents and references -------------------------------------------------
 
 
-class TemplateBody(m.Model):
+class TemplateBody(base.Model):
     """``spec`` of a ``kind: Template`` document."""
 
     type: TemplateType
@@ -83,22 +84,22 @@ class TemplateBody(m.Model):
     spec: dict[str, Any]
 
 
-class TemplateDocument(m.Model):
+class TemplateDocument(base.Model):
     api_version: Literal["v1"] = "v1"
     kind: Literal["Template"]
     metadata: m.Metadata
     spec: TemplateBody
 
 
-class HarnessTemplate(m.Model):
+class HarnessTemplate(base.Model):
     """Harness's ``template:`` document."""
 
     name: str
-    identifier: m.Identifier | None = None
+    identifier: base.Identifier | None = None
     version_label: Version | None = None
     type: TemplateType
     description: str | None = None
-    tags: dict[str, m.Scalar] = Field(default_factory=dict)
+    tags: dict[str, base.Scalar] = Field(default_factory=dict)
     org_identifier: str | None = None
     project_identifier: str | None = None
     icon: str | None = None
@@ -106,14 +107,14 @@ class HarnessTemplate(m.Model):
 
     @property
     def ident(self) -> str:
-        return self.identifier or m.identifier_of(self.name)
+        return self.identifier or base.identifier_of(self.name)
 
 
-class HarnessTemplateDocument(m.Model):
+class HarnessTemplateDocument(base.Model):
     template: HarnessTemplate
 
 
-class TemplateRef(m.Model):
+class TemplateRef(base.Model):
     """``template: {templateRef, versionLabel, templateInputs}`` where a template is used."""
 
     template_ref: str
@@ -263,7 +264,7 @@ def _register(docs: list[Document], errs: _Collector,
 def _raw_ident(meta: Any) -> str:
     if not isinstance(meta, dict):
         return ""
-    ident = meta.get("identifier") or m.identifier_of(str(meta.get("name", "")))
+    ident = meta.get("identifier") or base.identifier_of(str(meta.get("name", "")))
     return str(ident)
 
 
