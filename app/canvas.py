@@ -1,4 +1,4 @@
-"""Turn one phase of a plan into its Celery canvas (DESIGN.md section 3).
+"""Every canvas vmfarm sends, built here and nowhere else (DESIGN.md section 3).
 
     chord(
         group(run_host(h, steps 0..n-1) for h in batch),   # regions: one task per host
@@ -10,6 +10,9 @@ A host's steps run in order in one task (one message, one result, no chain hop p
 step still has its own ledger row, idempotency key and failure strategy). Steps that need other
 worker tags than the step before them (delegate selectors) start a new task on that tag queue,
 chained after it. Signatures carry a small key of ids; the worker reads everything else from SQL.
+
+Signatures name their tasks (``vmfarm.run_host``...): building a canvas imports no task module,
+so the coordinator never imports worker code.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ from typing import Any
 
 from celery import chain, chord, group
 from celery.canvas import Signature
+
+from app.celery import app as celery_app
+
+
+def task(name: str, **kwargs: Any) -> Signature:
+    """A signature of the task called ``name`` (immutable: it ignores a parent's result)."""
+    return celery_app.signature(name, kwargs=kwargs, immutable=True)
+
+
+def link(name: str, **kwargs: Any) -> Signature:
+    """A chain link: it receives the previous link's result (``prev``)."""
+    return celery_app.signature(name, kwargs=kwargs)
 
 
 @dataclass(frozen=True)
@@ -77,9 +92,7 @@ def _quiet(sig: Signature) -> Signature:
     publishing the result (and subscribing to it in the publisher) costs Redis round trips for
     nobody. Only with a backend that counts chord parts natively (Redis), which Celery does for
     ignored results too; a polling backend (embedded SQLite) needs the stored results."""
-    from app.celery import app
-
-    return sig.set(ignore_result=True) if app.backend.supports_native_join else sig
+    return sig.set(ignore_result=True) if celery_app.backend.supports_native_join else sig
 
 
 def phase_canvas(
@@ -106,9 +119,6 @@ def phase_canvas(
     in ``steps_of``: {host: (number of steps, (execution, stage) or None)}. ``tags_of`` gives
     the worker tags of (host, step) when delegate selectors apply.
     """
-    from tasks.control import nudge, verify_gate
-    from tasks.deploy import run_host
-
     # Not Celery's `expires`: an expired message is discarded silently and the chord, whose
     # header holds chains, would wait forever. The task itself refuses to start past the
     # deadline and records why, so the chain and the chord complete and the gate decides.
@@ -123,7 +133,7 @@ def phase_canvas(
             end = start + 1
             while end < count and (tags_of or {}).get((host, end), ()) == tags:
                 end += 1
-            out.append(_quiet(run_host.s(key=HostStepKey(
+            out.append(_quiet(link("vmfarm.run_host", key=HostStepKey(
                 execution_id, stage_index, phase, host, start, attempt, region, deadline, kind,
                 src, tags).to_dict(), until=end)))
             start = end
@@ -134,10 +144,10 @@ def phase_canvas(
     for i, (h, r) in enumerate(hosts):
         lines[i % n].extend(links(h, r))
     header = group(chain(*line) if len(line) > 1 else line[0] for line in lines if line)
-    body = verify_gate.si(execution_id=execution_id, stage_index=stage_index, phase=phase,
-                          kind=kind)
+    body = task("vmfarm.verify_gate", execution_id=execution_id, stage_index=stage_index,
+                phase=phase, kind=kind)
     canvas = chord(header, body)
-    canvas.on_error(nudge.s(execution_id=execution_id))
+    canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
 
 
@@ -146,17 +156,14 @@ def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
                   tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
     """The verification gate: checks on every host of the phase (on its region's worker), then
     the verdict on control."""
-    from tasks.control import nudge, verification_gate
-    from tasks.deploy import check_host
-
     deadline = round(time.time() + expires, 3)
-    header = group(_quiet(check_host.s(key=HostStepKey(
+    header = group(_quiet(task("vmfarm.check_host", key=HostStepKey(
         execution_id, stage_index, phase, h, -1, 1, r, deadline,
         tags=(tags_of or {}).get((h, -1), ())).to_dict())) for h, r in hosts)
-    body = verification_gate.si(execution_id=execution_id, stage_index=stage_index,
-                                phase=phase)
+    body = task("vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index,
+                phase=phase)
     canvas = chord(header, body)
-    canvas.on_error(nudge.s(execution_id=execution_id))
+    canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
 
 
@@ -164,10 +171,32 @@ def switch_canvas(*, execution_id: str, stage_index: int, phase: int,
                   kind: str = "switch") -> Signature:
     """Move traffic to the hosts of the phase record of ``kind`` (switch, or rollback-switch:
     back to the set that was live before) in one control task."""
-    from tasks.control import switch_traffic
-
     if kind == "switch":  # the message stays as it was for workers of an earlier version
-        return switch_traffic.si(execution_id=execution_id, stage_index=stage_index,
-                                 phase=phase)
-    return switch_traffic.si(execution_id=execution_id, stage_index=stage_index, phase=phase,
-                             kind=kind)
+        return task("vmfarm.switch_traffic", execution_id=execution_id, stage_index=stage_index,
+                    phase=phase)
+    return task("vmfarm.switch_traffic", execution_id=execution_id, stage_index=stage_index,
+                phase=phase, kind=kind)
+
+
+def discovery_canvas(*, execution_id: str, stage_index: int,
+                     work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> Signature:
+    """List a stage's hosts on each infrastructure's region workers (they hold the cloud
+    credentials), then record them on control: [(resolved infrastructure, region, tags)]."""
+    header = [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
+                                                              "tags": list(tags)})
+              for infra, region, tags in work]
+    body = link("vmfarm.discovery_done", execution_id=execution_id, stage_index=stage_index)
+    canvas = chord(header, body)
+    canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
+    return canvas
+
+
+def advance_later(*, execution_id: str) -> Signature:
+    """Wake the coordinator for an execution (a timer: give it a countdown)."""
+    return task("vmfarm.advance", execution_id=execution_id)
+
+
+def notify(*, execution_id: str, before: dict[str, Any] | None,
+           after: dict[str, Any]) -> Signature:
+    """Send an execution's notifications for one transition, from control."""
+    return task("vmfarm.notify", execution_id=execution_id, before=before, after=after)

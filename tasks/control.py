@@ -31,7 +31,7 @@ def switch_traffic(*, execution_id: str, stage_index: int, phase: int,
                    kind: str = "switch") -> str:
     """Blue-green: make the phase's hosts the live set, record the outcome, advance."""
     from app.coordinator import record_switch
-    from tasks.checks import do_switch
+    from app.execution.checks import do_switch
 
     ok, result = do_switch(execution_id, stage_index, phase, kind=kind)
     return record_switch(execution_id, stage_index, phase, ok=ok, result=result, kind=kind)

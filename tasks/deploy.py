@@ -13,7 +13,7 @@ from app.celery import app
 def run_step(self: Any, prev: dict[str, Any] | None = None, *,
              key: dict[str, Any]) -> dict[str, Any]:
     """Run one step on one host. ``prev`` is the host's previous step result (chain link)."""
-    from tasks.hoststep import execute
+    from app.execution.step import execute
 
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
@@ -31,7 +31,7 @@ def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, An
     step only: it bounds the wait in the queue, not how long the host's steps take. The result
     is the last step's (the chain-link protocol of ``run_step``: a lane's next host gets it).
     """
-    from tasks.hoststep import execute
+    from app.execution.step import execute
 
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
@@ -47,6 +47,6 @@ def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, An
 @app.task(name="vmfarm.check_host", bind=True)
 def check_host(self: Any, *, key: dict[str, Any]) -> dict[str, Any]:
     """Verification checks of one host (health endpoint, probe), from its region's worker."""
-    from tasks.checks import check
+    from app.execution.checks import check
 
     return check(HostStepKey.from_dict(key), worker=self.request.hostname)

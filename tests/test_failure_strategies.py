@@ -72,7 +72,7 @@ def test_after_the_retries_on_retry_failure_decides(env: dict[str, str], lab: An
 def test_a_step_strategy_comes_before_its_stage_strategy(env: dict[str, str], lab: Any) -> None:
     """The stage says Abort on AllErrors; the step's own Retry matched first (above). An error
     the step's strategy does not name falls through to the stage's."""
-    from tasks.hoststep import failure_action
+    from app.coordinator.precedence import failure_action
 
     step = {"failureStrategies": [{"onFailure": {"errors": ["Unknown"],
                                                  "action": {"type": "Retry"}}}]}

@@ -219,7 +219,7 @@ def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Pa
     from app.connectors.base import env_prelude
     from app.definitions.expressions import Binder
     from app.providers.base import Host
-    from tasks.hoststep import host_context
+    from app.units import host_context
 
     stage = plan["stages"][0]
     host = Host(name="127.0.1.201", address="127.0.1.201", region="r1", infrastructure="i")
@@ -378,7 +378,7 @@ def test_recursive_alias_is_an_error_not_a_crash() -> None:
 def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> None:
     """A stepGroup's steps run in order like any steps; a group's failure strategies apply
     after each step's own and before the stage's (Harness's precedence)."""
-    from tasks.hoststep import failure_action
+    from app.coordinator.precedence import failure_action
 
     group = """- stepGroup:
                   name: Checks

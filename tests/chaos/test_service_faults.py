@@ -251,8 +251,9 @@ def test_an_outcome_never_overwrites_the_reconciler_s_verdict(ledger: str) -> No
 
     from app.canvas import HostStepKey
     from app.db import session_scope
+    from app.execution.ledger import claim
+    from app.execution.ledger import finish_step as _finish
     from app.models import Execution, HostStepRun, Status, utcnow
-    from tasks.hoststep import _finish, claim
 
     with session_scope() as s:
         s.add(Execution(id="svcfinish", pipeline="p", status=Status.RUNNING))

@@ -18,16 +18,17 @@ from app.db import claim_once, retrying, session_scope
 from app.definitions.base import parse_duration
 from app.definitions.expressions import render
 from app.definitions.models import TrafficSpec
+from app.execution.ledger import stage_data as _stage_data
 from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
 from app.settings import get_settings
-from tasks.hoststep import _stage_data, host_context
+from app.units import host_context
 
 log = logging.getLogger("vmfarm.tasks")
 
 
 def _claim(key: HostStepKey, worker: str | None) -> tuple[int, CheckRun | None]:
-    """As tasks.hoststep.claim (``claim_once``: tried again across a ledger restart)."""
+    """As app.execution.ledger.claim (``claim_once``: tried again across a ledger restart)."""
     values = dict(idem_key=key.idem, execution_id=key.execution, stage_index=key.stage,
                   phase=key.phase, host=key.host, region=key.region, status=Status.RUNNING,
                   results={}, reasons=[], worker=worker, started_at=utcnow())

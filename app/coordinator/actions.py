@@ -1,0 +1,140 @@
+"""What a person does to a running execution: approve or reject, answer a manual
+intervention, abort (with or without a rollback).
+"""
+
+from __future__ import annotations
+
+from sqlmodel import col, select
+
+from app.coordinator.approvals import ApprovalRefused, approval_record, approvers
+from app.coordinator.ledger import finish, lock_execution
+from app.coordinator.machine import advance, notify_snapshot, notify_transition
+from app.coordinator.publish import Dispatch, publish
+from app.coordinator.rollback import begin_rollback
+from app.db import session_scope
+from app.definitions.models import INTERVENTION_ACTIONS
+from app.models import (
+    PhaseRun,
+    StageRun,
+    Status,
+    utcnow,
+)
+
+
+def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str = "") -> str:
+    """Record an approval or a rejection by ``user``; returns what it did.
+
+    Raises ApprovalRefused (not an approver, the pipeline's executor when that is disallowed,
+    a second vote) and LookupError (no such execution, or it waits for no approval).
+    """
+    with session_scope() as s:
+        ex = lock_execution(s, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        rec = approval_record(s, ex, ex.current_stage) if ex.status == Status.WAITING else None
+        if rec is None or rec.status != Status.RUNNING:
+            raise LookupError(f"execution {execution_id} is not waiting for an approval "
+                              f"(it is {ex.status})")
+        spec = ex.plan["stages"][ex.current_stage]["approval"]["spec"]["approvers"]
+        verdict = dict(rec.verdict or {})
+        if user not in approvers(spec["userGroups"]):
+            raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
+                                  f"{', '.join(spec['userGroups'])}")
+        if approve and spec.get("disallowPipelineExecutor") and user == ex.created_by:
+            raise ApprovalRefused(f"{user} started this execution and this approval disallows "
+                                  "the pipeline executor; another approver must approve")
+        if any(a["user"] == user for a in verdict.get("approvals", [])):
+            raise ApprovalRefused(f"{user} has already approved this execution")
+        entry = {"user": user, "comment": comment, "at": utcnow().isoformat() + "Z"}
+        if approve:
+            verdict["approvals"] = [*verdict.get("approvals", []), entry]
+            done = len(verdict["approvals"]) >= int(verdict.get("required", 1))
+            if done:
+                rec.status, rec.gate_at = Status.SUCCEEDED, utcnow()
+                ex.status = Status.RUNNING
+            outcome = (f"approved by {user} ({len(verdict['approvals'])} of "
+                       f"{verdict.get('required', 1)})")
+        else:
+            verdict["rejected_by"] = entry
+            verdict["reason"] = f"approval rejected by {user}" + (f": {comment}" if comment
+                                                                    else "")
+            rec.status, rec.gate_at = Status.FAILED, utcnow()
+            ex.status = Status.RUNNING
+            done = True
+            outcome = f"rejected by {user}"
+        rec.verdict = verdict
+        s.add(rec)
+        s.add(ex)
+    if done:
+        outcome += f"; execution {advance(execution_id)}"
+    return outcome
+
+
+def intervene(execution_id: str, *, action: str, user: str = "", comment: str = "") -> str:
+    """A person's answer to a ManualIntervention: one of INTERVENTION_ACTIONS."""
+    if action not in INTERVENTION_ACTIONS:
+        raise ApprovalRefused(f"unknown action {action!r}; choose one of "
+                              f"{', '.join(INTERVENTION_ACTIONS)}")
+    with session_scope() as s:
+        ex = lock_execution(s, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
+                                           col(PhaseRun.kind).startswith("mi-"),
+                                           PhaseRun.status == Status.RUNNING)).first()
+        if mi is None or ex.status != Status.WAITING:
+            raise LookupError(f"execution {execution_id} is not waiting for a manual "
+                              f"intervention (it is {ex.status})")
+        verdict = dict(mi.verdict or {})
+        verdict.update(chosen=action, by=user or "someone", comment=comment,
+                       at=utcnow().isoformat() + "Z")
+        mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
+        ex.status = Status.RUNNING
+        s.add(mi)
+        s.add(ex)
+    return f"{action} chosen by {user or 'someone'}; execution {advance(execution_id)}"
+
+
+def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
+    """Stop an execution: no new work is sent; running hosts stop at their next unit.
+
+    With ``rollback``, the current stage then rolls back the hosts it changed (once their
+    running steps have stopped). Returns "aborted", "rolling back", "missing", or the status of
+    an execution that had already ended.
+    """
+    dispatches: list[Dispatch] = []
+    with session_scope() as s:
+        ex = lock_execution(s, execution_id)
+        if ex is None:
+            return "missing"
+        if ex.status in Status.TERMINAL:
+            return ex.status
+        before = notify_snapshot(s, ex)
+        who = f" by {user}" if user else ""
+        for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
+                                                PhaseRun.status == Status.RUNNING)).all():
+            if pr.kind != "rollback":
+                pr.status, pr.gate_at = Status.ABORTED, utcnow()
+                s.add(pr)
+        current = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                                StageRun.stage_index == ex.current_stage)
+                         ).first()
+        if rollback and ex.status != Status.ROLLING_BACK and current is not None and \
+                ex.plan["stages"][current.stage_index].get("type") != "Approval" and \
+                current.status == Status.RUNNING:
+            begin_rollback(s, ex, current, f"aborted{who}", scope="StageRollback",
+                            cause="aborted", dispatches=dispatches)
+            outcome = "rolling back"
+        else:
+            finish(s, ex, Status.ABORTED, error=f"aborted{who}")
+            for run in s.exec(select(StageRun).where(
+                    StageRun.execution_id == execution_id,
+                    col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))).all():
+                run.status, run.finished_at = Status.ABORTED, utcnow()
+                s.add(run)
+            outcome = "aborted"
+        after = notify_snapshot(s, ex)
+    for d in dispatches:
+        publish(d)
+    notify_transition(execution_id, before, after)
+    return outcome

@@ -1,0 +1,83 @@
+"""Approval stages: the waiting record, who may vote (the users file), the outcome.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session, select
+
+from app.coordinator.failure import stage_failed
+from app.coordinator.publish import Dispatch
+from app.errors import ConfigError
+from app.models import (
+    Execution,
+    PhaseRun,
+    StageRun,
+    Status,
+    utcnow,
+)
+from app.settings import get_settings
+
+
+def approval_record(s: Session, ex: Execution, stage_index: int) -> PhaseRun | None:
+    return s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+                                         PhaseRun.stage_index == stage_index,
+                                         PhaseRun.kind == "approval")).first()
+
+
+def decide_approval_stage(s: Session, ex: Execution, run: StageRun,
+                     stage_plan: dict[str, Any], dispatches: list[Dispatch]) -> str:
+    """An Approval stage: wait (no work in flight) until approved, rejected or timed out.
+
+    Returns what happened, or '' when the stage is approved and the next one may start."""
+    rec = approval_record(s, ex, run.stage_index)
+    if rec is None:
+        step = stage_plan["approval"]
+        s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=0,
+                       kind="approval", hosts=[], verdict={
+                           "message": step["spec"].get("approvalMessage", ""),
+                           "groups": step["spec"]["approvers"]["userGroups"],
+                           "required": step["spec"]["approvers"].get("minimumCount", 1),
+                           "approvals": [], "rejected_by": None}))
+        run.status, run.started_at = Status.RUNNING, utcnow()
+        ex.status = Status.WAITING
+        ex.started_at = ex.started_at or utcnow()
+        s.add(run)
+        s.add(ex)
+        return "waiting for approval"
+    if rec.status == Status.RUNNING:
+        return "waiting for approval"
+    if rec.status == Status.FAILED:
+        reason = (rec.verdict or {}).get("reason", "approval failed")
+        cls = "ApprovalRejection" if (rec.verdict or {}).get("rejected_by") else "Timeout"
+        outcome = stage_failed(s, ex, run, reason, [(None, cls)], rec, dispatches)
+        if outcome:
+            return outcome
+    run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+    s.add(run)
+    ex.current_stage += 1
+    s.add(ex)
+    return ""
+
+
+class ApprovalRefused(Exception):
+    """The caller may not approve or reject this execution (the message says why)."""
+
+
+def approvers(groups: list[str]) -> set[str]:
+    import yaml
+
+    path = get_settings().users_file
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the users file {path} ({exc.strerror}); set "
+                          "VMFARM_USERS_FILE") from None
+    known = data.get("groups") or {}
+    missing = [g for g in groups if g not in known]
+    if missing:
+        raise ConfigError(f"user group(s) {', '.join(missing)} are not in {path} "
+                          f"(groups there: {', '.join(sorted(known)) or 'none'})")
+    return {str(u) for g in groups for u in known[g] or []}

@@ -1,0 +1,116 @@
+"""Failure strategies at the stage: which action applies (Harness precedence), and what it
+does: ignore, fail, abort, wait for a person, or roll back.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlmodel import Session, select
+
+from app.coordinator.ledger import finish, summarise_steps
+from app.coordinator.precedence import stage_action
+from app.coordinator.publish import Dispatch
+from app.coordinator.rollback import begin_rollback
+from app.definitions.base import parse_duration
+from app.definitions.models import INTERVENTION_ACTIONS
+from app.models import (
+    Execution,
+    PhaseRun,
+    StageRun,
+    Status,
+    utcnow,
+)
+
+
+def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
+                  failures: list[tuple[dict[str, Any] | None, str]], record: PhaseRun | None,
+                  dispatches: list[Dispatch]) -> str:
+    """Apply the stage's failure strategy; '' when the failure was overridden (Ignore,
+    MarkAsSuccess) and the stage goes on, else what happened."""
+    stage = ex.plan["stages"][run.stage_index]
+    action = stage_action(stage, failures)
+    if action["type"] == "ManualIntervention":
+        kind = f"mi-{record.kind if record else 'start'}"
+        phase = record.phase if record else -1
+        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+                                           PhaseRun.stage_index == run.stage_index,
+                                           PhaseRun.phase == phase,
+                                           PhaseRun.kind == kind)).first()
+        spec = action.get("spec") or {}
+        timeout = parse_duration(spec.get("timeout") or "1h")
+        if mi is None:
+            s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase,
+                           kind=kind, hosts=list((record.verdict or {}).get("failed", []))
+                           if record else [],
+                           verdict={"error": error, "timeout": spec.get("timeout") or "1h",
+                                    "on_timeout": spec["onTimeout"]["action"]["type"],
+                                    "choices": list(INTERVENTION_ACTIONS)}))
+            ex.status = Status.WAITING
+            s.add(ex)
+            # The post-timeout action is due then: wake the coordinator (the reconciler too).
+            dispatches.append(Dispatch("timer", ex.id, run.stage_index, phase, [],
+                                        countdown=timeout + 0.5))
+            return "waiting for manual intervention"
+        if mi.status == Status.RUNNING:
+            if utcnow() < mi.dispatched_at + timedelta(seconds=timeout):
+                return "waiting for manual intervention"
+            verdict = dict(mi.verdict or {})
+            verdict.update(chosen=verdict["on_timeout"], by="timeout",
+                           at=utcnow().isoformat() + "Z")
+            mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
+            s.add(mi)
+            ex.status = Status.RUNNING
+            s.add(ex)
+        v = mi.verdict or {}
+        action = {"type": v["chosen"]}
+        who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+            else f"by {v.get('by')}"
+        error = f"{error}; manual intervention: {action['type']} {who}"
+    kind_of = action["type"]
+    if kind_of in ("Ignore", "MarkAsSuccess") and record is not None:
+        verdict = dict(record.verdict or {})
+        verdict.update(overridden=kind_of, overridden_failed=verdict.get("failed", []),
+                       failed=[], passed=True)
+        record.verdict, record.status = verdict, Status.SUCCEEDED
+        s.add(record)
+        return ""
+    if kind_of == "Abort":
+        summarise_steps(s, ex, run)
+        run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
+        s.add(run)
+        finish(s, ex, Status.ABORTED, error=f"stage '{run.identifier}': {error} (aborted by "
+                                             "the failure strategy)")
+        return "aborted"
+    if kind_of in ("StageRollback", "PipelineRollback"):
+        return begin_rollback(s, ex, run, error, scope=kind_of, cause="failure",
+                               dispatches=dispatches)
+    return fail_stage(s, ex, run, error)
+
+
+def fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
+    summarise_steps(s, ex, run)
+    run.status, run.error, run.finished_at = Status.FAILED, error, utcnow()
+    s.add(run)
+    finish(s, ex, Status.FAILED, error=f"stage '{run.identifier}': {error}")
+    return "failed"
+
+
+def failure_policy(stage: dict[str, Any]) -> str:
+    budget = stage["strategy"].get("failureBudget") or {}
+    allowed = budget.get("maxFailedHosts") or 0
+    pct = budget.get("maxFailedPercent") or 0
+    tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
+                 if allowed or pct else "any failed host fails the stage")
+    action = stage_action(stage, [(None, "AllErrors")])["type"]
+    how = ("its rollbackSteps run on every host it changed" if stage.get("rollbackSteps")
+           else "every host it changed is redeployed with its previous version")
+    then = {"StageRollback": f"the stage rolls back ({how}), phases in reverse order",
+            "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
+            "Abort": "the execution is aborted; hosts keep what they have",
+            "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
+            "MarkAsFailure": "the stage fails; hosts keep what they have",
+            "Ignore": "the failure is ignored and the stage goes on",
+            "MarkAsSuccess": "the failure is marked as success and the stage goes on"}[action]
+    return f"{tolerance}; later phases and stages do not start; {then}."

@@ -1,0 +1,130 @@
+"""What finished work reports: a phase's gate, a verification verdict, a traffic switch, the
+hosts discovery found. Each records its outcome under the execution's lock, then advances.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlmodel import select
+
+from app.coordinator.ledger import running_record
+from app.coordinator.machine import advance
+from app.coordinator.routing import unserved_delegates
+from app.coordinator.verdicts import evaluate_phase, prometheus_verdict, within_budget
+from app.db import session_scope
+from app.models import (
+    Status,
+    utcnow,
+)
+
+
+def gate(execution_id: str, stage_index: int, phase: int, *, kind: str = "deploy") -> str:
+    """The chord body: record the phase's verdict from the ledger, then advance."""
+    with session_scope() as s:
+        found = running_record(s, execution_id, stage_index, phase, kind)
+        if found is not None:
+            evaluate_phase(s, *found, gate=True)
+    return advance(execution_id)
+
+
+def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
+    """Body of a verification chord: judge the phase's checks from the ledger, then advance."""
+    from app.models import CheckRun
+
+    with session_scope() as s:
+        found = running_record(s, execution_id, stage_index, phase, "verify")
+        if found is None:
+            return advance(execution_id)
+        ex, run, pr = found
+        checks = {c.host: c for c in s.exec(select(CheckRun).where(
+            CheckRun.execution_id == execution_id, CheckRun.stage_index == stage_index,
+            CheckRun.phase == phase)).all()}
+        failed, per_host = [], {}
+        for host in pr.hosts:
+            c = checks.get(host)
+            per_host[host] = {"passed": bool(c and c.passed), "results": c.results if c else {},
+                              "reasons": c.reasons if c else ["the host's checks never ran"]}
+            if not (c and c.passed):
+                failed.append(host)
+        verification = ex.plan["stages"][stage_index]["strategy"].get("verification") or {}
+        reasons: list[str] = []
+        prom_result: dict[str, Any] | None = None
+        if verification.get("prometheus"):
+            prom_ok, prom_result = prometheus_verdict(verification["prometheus"])
+            if not prom_ok:
+                reasons.append(prom_result.get("reason", "prometheus check failed"))
+        passed, rule = within_budget(s, ex, run, pr, failed)
+        passed = passed and not reasons
+        pr.verdict = {"passed": passed, "hosts": len(pr.hosts),
+                      "succeeded": len(pr.hosts) - len(failed), "failed": failed,
+                      "checks": per_host, "prometheus": prom_result, "reasons": reasons,
+                      "rule": rule}
+        pr.status = Status.SUCCEEDED if passed else Status.FAILED
+        pr.gate_at = utcnow()
+        s.add(pr)
+    return advance(execution_id)
+
+
+def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
+                  result: dict[str, Any], kind: str = "switch") -> str:
+    """Record a traffic switch's outcome (and the new live set), then advance."""
+    with session_scope() as s:
+        found = running_record(s, execution_id, stage_index, phase, kind)
+        if found is None:
+            return advance(execution_id)
+        ex, _, pr = found
+        stage = ex.plan["stages"][stage_index]
+        pr.verdict = {**result, "passed": ok, "live": pr.hosts if ok else result.get("live"),
+                      "service": stage["service"]["identifier"],
+                      "environment": stage["environment"]["identifier"]}
+        pr.status = Status.SUCCEEDED if ok else Status.FAILED
+        pr.gate_at = utcnow()
+        s.add(pr)
+    return advance(execution_id)
+
+
+def discovery_done(execution_id: str, stage_index: int, results: list[dict[str, Any]]) -> str:
+    """Body of a discovery chord: record the hosts each region's workers found (or why they
+    could not), check that live workers can take the stage's tasks, then advance."""
+    with session_scope() as s:
+        found = running_record(s, execution_id, stage_index, -1, "discover")
+        if found is None:
+            return advance(execution_id)
+        ex, run, rec = found
+        stage_plan = ex.plan["stages"][stage_index]
+        verdict = dict(rec.verdict or {})
+        errors = [r for r in results if r.get("error")]
+        hosts: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+        problem, error_class = "", "Unknown"
+        for r in results:
+            for h in r.get("hosts", []):
+                if h["name"] in seen:
+                    problem = (f"host {h['name']} appears in infrastructures "
+                               f"'{seen[h['name']]}' and '{h['infrastructure']}'")
+                seen[h["name"]] = h["infrastructure"]
+                hosts.append(h)
+        if errors:
+            problem = "; ".join(str(e["error"]) for e in errors)
+            error_class = str(errors[0].get("error_class") or "Unknown")
+        elif not hosts:
+            problem = (f"stage '{stage_plan['identifier']}' targets no hosts: discovery found "
+                       "no running instance that matches")
+        elif not problem:
+            missing = unserved_delegates(stage_plan, hosts)
+            if missing:
+                problem = "; ".join(missing)
+        verdict.update(workers=[{"worker": r.get("worker"), "queue": r.get("queue")}
+                                for r in results], hosts=len(hosts))
+        if problem:
+            verdict.update(error=problem, error_class=error_class)
+            rec.status = Status.FAILED
+        else:
+            rec.status = Status.SUCCEEDED
+            run.hosts = hosts
+            s.add(run)
+        rec.verdict, rec.gate_at = verdict, utcnow()
+        rec.hosts = [h["name"] for h in hosts]
+        s.add(rec)
+    return advance(execution_id)

@@ -1,0 +1,217 @@
+"""The state machine: ``advance()`` is the only place that decides what happens next.
+
+It is idempotent and may be called any number of times, from the CLI, a gate, an error
+callback or the reconciler: it locks the execution row (``SELECT ... FOR UPDATE``; SQLite:
+``BEGIN IMMEDIATE``), reads the ledger, records its decision (a unique PhaseRun row per
+dispatch), and publishes the next canvas only after the commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from app.coordinator.approvals import decide_approval_stage
+from app.coordinator.discovery import decide_discovery, discover_stage
+from app.coordinator.failure import fail_stage, stage_failed
+from app.coordinator.ledger import (
+    finish,
+    live_set,
+    lock_execution,
+    stage_data,
+    stage_run,
+    summarise_steps,
+)
+from app.coordinator.publish import Dispatch, publish, publish_notifications
+from app.coordinator.rollback import decide_rollback
+from app.coordinator.routing import discovered_by_workers, tags_of
+from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
+from app.db import session_scope
+from app.errors import ConfigError, SpecError
+from app.models import (
+    Execution,
+    PhaseRun,
+    StageRun,
+    Status,
+    utcnow,
+)
+from app.providers.base import Host
+from app.settings import get_settings
+from strategies.basic import Phase
+
+
+def advance(execution_id: str) -> str:
+    """Decide and perform the next action for an execution; returns what it did."""
+    dispatches: list[Dispatch] = []
+    with session_scope() as s:
+        ex = lock_execution(s, execution_id)
+        if ex is None:
+            return "missing"
+        if ex.status in Status.TERMINAL:
+            return "noop"
+        before = notify_snapshot(s, ex)
+        decision = _decide(s, ex, dispatches)
+        after = notify_snapshot(s, ex)
+    # Publish only after COMMIT: a task must never run before its rows are visible.
+    for d in dispatches:
+        publish(d)
+    notify_transition(execution_id, before, after)
+    return decision
+
+
+def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
+    if ex.status == Status.ROLLING_BACK:
+        return decide_rollback(s, ex, dispatches)
+    stages = ex.plan["stages"]
+    while True:
+        if ex.current_stage >= len(stages):
+            finish(s, ex, Status.SUCCEEDED)
+            return "succeeded"
+        stage_plan = stages[ex.current_stage]
+        run = stage_run(s, ex, ex.current_stage)
+        if run.status == Status.SKIPPED:  # a retry leaves out stages that need nothing
+            ex.current_stage += 1
+            s.add(ex)
+            continue
+        if stage_plan.get("type") == "Approval":
+            outcome = decide_approval_stage(s, ex, run, stage_plan, dispatches)
+            if outcome:
+                return outcome
+            continue
+        if run.status == Status.PENDING and not run.hosts and discovered_by_workers(
+                stage_plan):
+            outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
+            if outcome:
+                return outcome
+        if run.status == Status.PENDING:
+            problem = _start_stage(s, ex, run, stage_plan)
+            if problem:
+                return stage_failed(s, ex, run, problem, [(None, "Unknown")], None,
+                                     dispatches) or fail_stage(s, ex, run, problem)
+        # Phases run one after another: every phase before the last one dispatched has passed
+        # its gates. Read the records from that one on (not all of them at every advance).
+        latest = s.exec(select(func.max(PhaseRun.phase)).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+            col(PhaseRun.kind).in_(["deploy", "switch"]))).one()
+        records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+            PhaseRun.phase >= (latest if latest is not None else -1))).all()}
+        verification = stage_plan["strategy"].get("verification")
+        start = 0 if latest is None else stage_data(s, ex, run).position.get(int(latest), 0)
+        for i in range(start, len(run.phases)):
+            phase = Phase.from_dict(run.phases[i])
+            main = records.get((phase.index, phase.kind))
+            if main is None:
+                _dispatch(s, ex, run, phase, phase.kind, dispatches)
+                return f"dispatched {phase.name}"
+            if main.status == Status.RUNNING and not (
+                    phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)):
+                return "waiting"
+            if main.status == Status.FAILED:
+                outcome = stage_failed(s, ex, run, phase_failure(phase, main),
+                                        failures_of(stage_plan, main), main, dispatches)
+                if outcome:
+                    return outcome
+            if phase.verify and verification:
+                check = records.get((phase.index, "verify"))
+                if check is None:
+                    _dispatch(s, ex, run, phase, "verify", dispatches)
+                    return f"verifying {phase.name}"
+                if check.status == Status.RUNNING:
+                    return "waiting"
+                if check.status == Status.FAILED:
+                    outcome = stage_failed(s, ex, run, phase_failure(phase, check),
+                                            [(None, "Verification")], check, dispatches)
+                    if outcome:
+                        return outcome
+        summarise_steps(s, ex, run)
+        run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+        s.add(run)
+        ex.current_stage += 1
+        s.add(ex)
+
+
+def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any]) -> str:
+    """Discover the stage's hosts and plan its phases; '' or an error message."""
+    from strategies import plan as plan_phases
+
+    try:
+        hosts = [Host.from_dict(h) for h in run.hosts] or discover_stage(stage_plan)
+        names = [h.name for h in hosts]
+        slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
+        live = live_set(s, ex, stage_plan) if stage_plan["strategy"].get("type") == \
+            "BlueGreen" else []
+        phases = plan_phases(stage_plan, names, live=live, slots=slots)
+    except (ConfigError, SpecError, ValueError) as exc:
+        return str(exc)
+    # Rewrite the (large) host list only when it was not stored in its normal form already.
+    normal = [{f.name: getattr(h, f.name) for f in fields(Host)} for h in hosts]
+    if normal != run.hosts:
+        run.hosts = [h.to_dict() for h in hosts]
+    run.phases = [p.to_dict() for p in phases]
+    run.status, run.started_at = Status.RUNNING, utcnow()
+    if ex.status == Status.QUEUED:
+        ex.status, ex.started_at = Status.RUNNING, utcnow()
+    s.add(ex)
+    s.add(run)
+    return ""
+
+
+def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
+              out: list[Dispatch]) -> None:
+    by_name = stage_data(s, ex, run).by_name
+    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase.index,
+                   kind=kind, hosts=list(phase.hosts)))
+    s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
+    stage_plan = ex.plan["stages"][run.stage_index]
+    out.append(Dispatch(kind, ex.id, run.stage_index, phase.index,
+                         [(n, by_name[n]["region"]) for n in phase.hosts],
+                         step_count=len(stage_plan["steps"]),
+                         lanes=stage_plan["strategy"].get("maxConcurrency"),
+                         tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts],
+                                          stage_plan["steps"])))
+
+
+def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
+    """What notifications compare (app.notify.snapshot); None when the pipeline has no
+    notification rules (nothing to compare, nothing to read)."""
+    if not ex.plan.get("notificationRules"):
+        return None
+    from app.notify import snapshot
+
+    s.flush()
+    runs: Any = s.exec(select(StageRun.stage_index, StageRun.status).where(  # no hosts
+        StageRun.execution_id == ex.id)).all()
+    return snapshot(ex, runs)
+
+
+def notify_transition(execution_id: str, before: dict[str, Any] | None,
+            after: dict[str, Any] | None) -> None:
+    """Send the notifications of a transition (pipeline started, failed, stage failed,
+    approval needed, rollback done...) once, after the commit: from a control task, so a slow
+    webhook never holds up the coordinator; inline in embedded mode (the worker there stops
+    with the run)."""
+    if after is None or before == after:
+        return
+    from app.notify import events_for
+
+    if not events_for(before, after):
+        return
+    if get_settings().embedded:
+        send_notifications(execution_id, before, after)
+        return
+    publish_notifications(execution_id, before, after)
+
+
+def send_notifications(execution_id: str, before: dict[str, Any] | None,
+                       after: dict[str, Any]) -> int:
+    """Deliver the transition's notifications, secrets masked; returns how many were sent.
+    Each transition is seen once, under the execution's lock, so each event is sent once."""
+    from app.notify import notify_transition
+    from app.secrets import mask
+
+    sent = notify_transition(execution_id, before, after, claim=lambda _key: True, mask=mask)
+    return sum(1 for d in sent if d.ok)

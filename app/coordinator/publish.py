@@ -1,0 +1,65 @@
+"""The only publisher: every canvas and timer the coordinator sends goes through ``publish``,
+after the transaction that recorded it has committed (a task must never run before its rows
+are visible). The canvases themselves are built in ``app.canvas``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from app import canvas
+from app.settings import get_settings
+
+log = logging.getLogger("vmfarm.coordinator")
+
+
+@dataclass
+class Dispatch:
+    """Something to publish after the commit: one phase's deploy, verify or switch canvas."""
+
+    kind: str
+    execution_id: str
+    stage_index: int
+    phase: int
+    hosts: list[tuple[str, str]]
+    step_count: int = 0
+    lanes: int | None = None
+    steps_of: dict[str, tuple[int, tuple[str, int] | None]] | None = None
+    countdown: float = 0.0
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None
+    discover: list[tuple[dict[str, Any], str, tuple[str, ...]]] | None = None
+
+
+def publish(d: Dispatch) -> None:
+    """Send what ``d`` describes (call after the commit that recorded it)."""
+    expires = get_settings().dispatch_expires
+    if d.kind == "timer":
+        canvas.advance_later(execution_id=d.execution_id).apply_async(countdown=d.countdown)
+        return
+    if d.kind in ("deploy", "rollback"):
+        sig = canvas.phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                                  phase=d.phase, hosts=d.hosts, step_count=d.step_count,
+                                  expires=expires, lanes=d.lanes, kind=d.kind,
+                                  steps_of=d.steps_of, tags_of=d.tags_of)
+    elif d.kind == "verify":
+        sig = canvas.verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                                   phase=d.phase, hosts=d.hosts, expires=expires,
+                                   tags_of=d.tags_of)
+    elif d.kind == "discover":
+        sig = canvas.discovery_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                                      work=d.discover or [])
+    else:
+        sig = canvas.switch_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                                   phase=d.phase, kind=d.kind)
+    sig.apply_async()
+    log.info("execution %s: published %s of stage %d phase %d (%d hosts)", d.execution_id,
+             d.kind, d.stage_index, d.phase, len(d.hosts))
+
+
+def publish_notifications(execution_id: str, before: dict[str, Any] | None,
+                          after: dict[str, Any]) -> None:
+    """Hand a transition's notifications to a control task (a slow webhook never holds up
+    the coordinator)."""
+    canvas.notify(execution_id=execution_id, before=before, after=after).apply_async()

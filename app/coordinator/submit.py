@@ -1,0 +1,205 @@
+"""Recording executions: a new run from pipeline files, a retry of the hosts that failed, a
+rollback of a successful execution. Nothing is recorded when the input is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlmodel import col, select
+
+from app.coordinator.discovery import discover_stage
+from app.coordinator.ledger import all_static, new_execution_id
+from app.coordinator.machine import advance
+from app.coordinator.rollback import rollback_plan
+from app.coordinator.routing import (
+    choose_tags,
+    discovered_by_workers,
+    discovery_region,
+    unserved_delegates,
+    wanted_tags,
+)
+from app.db import session_scope
+from app.errors import ConfigError
+from app.models import (
+    Execution,
+    HostStepRun,
+    PhaseRun,
+    StageRun,
+    Status,
+    StepRun,
+    utcnow,
+)
+from app.providers.base import Host
+from app.settings import get_settings
+
+
+def submit(
+    paths: Iterable[str],
+    *,
+    pipeline: str | None = None,
+    inputs: Mapping[str, str] | None = None,
+    user: str = "",
+    publish: bool = True,
+) -> str:
+    """Validate and record an execution, dispatch its first phase; return the execution id.
+
+    Raises SpecError/SpecErrors (nothing is recorded) when the files or inputs are wrong.
+    """
+    from app import audit, policy, rbac
+
+    execution_id = new_execution_id()
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
+                                execution_id=execution_id)
+    who = user or get_settings().user or ""
+    rbac.guard("run", user=who, plan=plan, execution_id=execution_id)
+    warnings = policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
+    host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
+    refused = [f"stage '{st['identifier']}': {why}"
+               for st, hosts in zip(plan["stages"], host_dicts, strict=True)
+               for why in unserved_delegates(st, hosts)]
+    # Cloud hosts are listed by their region's workers: one with the tags must be live.
+    refused += [f"stage '{st['identifier']}', infrastructure '{infra['identifier']}': {why}"
+                for st in plan["stages"] if st.get("type") != "Approval"
+                and discovered_by_workers(st) for infra in st["infrastructures"]
+                for chosen, why in [choose_tags(
+                    st, discovery_region(infra),
+                    wanted_tags(st, {"infrastructure": infra["identifier"]}, None))]
+                if chosen is None]
+    if refused:  # nothing is recorded: no live worker could take this work
+        raise ConfigError("; ".join(refused) + " (start one with `vmfarm worker --region R "
+                          "--tags ...`, or give the stage a delegateFallback)")
+    with session_scope() as s:
+        ex = Execution(
+            id=execution_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
+            plan=plan, inputs={k: str(v) for k, v in (inputs or {}).items()},
+            created_by=user or get_settings().user or "",
+        )
+        s.add(ex)
+        s.flush()
+        for i, stage in enumerate(plan["stages"]):
+            s.add(StageRun(execution_id=execution_id, stage_index=i,
+                           identifier=stage["identifier"], name=stage["name"],
+                           hosts=host_dicts[i]))
+            for j, step in enumerate(stage["steps"]):
+                s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
+                              identifier=step["identifier"], name=step.get("name", "")))
+    audit.record("run", user=who, execution_id=execution_id, pipeline=plan["identifier"],
+                 detail={"inputs": sorted(inputs or {}),
+                         "policy_warnings": [f.to_dict() for f in warnings]},
+                 outcome="submitted")
+    if publish:
+        advance(execution_id)
+    return execution_id
+
+
+def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,
+            execution_id: str) -> tuple[dict[str, Any], list[list[Host]]]:
+    """Load, validate and resolve the files; discover static hosts (bad input raises)."""
+    from app.definitions import choose_pipeline, load, resolve
+
+    # The mapping as given: an input set's values remember the file and line they came from.
+    bundle = load(paths, inputs=inputs if inputs is not None else {}, require_inputs=True)
+    pipe = choose_pipeline(bundle, pipeline)
+    plan = resolve(bundle, pipe, execution_id=execution_id)
+    # Discover static hosts now: a bad host list is bad input, refused before anything runs.
+    stage_hosts = [discover_stage(st) if st.get("type") != "Approval" and all_static(st)
+                   else [] for st in plan["stages"]]
+    return plan, stage_hosts
+
+
+def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> str:
+    """A new execution of the same plan on the hosts that did not succeed; returns its id.
+
+    Stages where every host succeeded are skipped; so are approvals that were granted. The
+    ledger keeps both executions: the new one names the one it retries.
+    """
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            raise LookupError(f"no execution '{execution_id}'")
+        if ex.status not in Status.TERMINAL:
+            raise LookupError(f"execution {execution_id} is still {ex.status}; retry it when "
+                              "it has ended (or abort it)")
+        runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                      .order_by(col(StageRun.stage_index))).all()
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
+                                                HostStepRun.kind == "deploy")).all()
+        approvals = {p.stage_index: p.status for p in s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval")).all()}
+        plan, inputs, stages = ex.plan, dict(ex.inputs), []
+        for run in runs:
+            latest: dict[tuple[str, int], HostStepRun] = {}
+            for r in rows:
+                if r.stage_index == run.stage_index:
+                    k = (r.host, r.step_index)
+                    if k not in latest or r.attempt > latest[k].attempt:
+                        latest[k] = r
+            n_steps = len(plan["stages"][run.stage_index]["steps"])
+            redo = [h for h in run.hosts
+                    if not all((latest.get((h["name"], i)) is not None
+                                and latest[(h["name"], i)].status in Status.PASSED)
+                               for i in range(n_steps))]
+            skip = (approvals.get(run.stage_index) == Status.SUCCEEDED
+                    if plan["stages"][run.stage_index].get("type") == "Approval"
+                    else not redo)
+            stages.append((run, redo, skip))
+    if all(skip for _, _, skip in stages):
+        raise LookupError(f"execution {execution_id} has no failed host to retry")
+    new_id = new_execution_id()
+    # <+pipeline.executionId> was rendered into the plan: the retry is a new execution, so it
+    # names its own id (ids are 12 random hex digits: replacing them is exact).
+    plan = json.loads(json.dumps(plan).replace(execution_id, new_id))
+    with session_scope() as s:
+        s.add(Execution(id=new_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
+                        plan=plan, inputs={**inputs, "retry_of": execution_id},
+                        created_by=user or get_settings().user or ""))
+        s.flush()
+        for run, redo, skip in stages:
+            s.add(StageRun(execution_id=new_id, stage_index=run.stage_index,
+                           identifier=run.identifier, name=run.name, hosts=redo,
+                           status=Status.SKIPPED if skip else Status.PENDING))
+            for j, step in enumerate(plan["stages"][run.stage_index]["steps"]):
+                s.add(StepRun(execution_id=new_id, stage_index=run.stage_index, step_index=j,
+                              identifier=step["identifier"], name=step.get("name", "")))
+    if publish:
+        advance(new_id)
+    return new_id
+
+
+def rollback_execution(execution_id: str, *, user: str = "", publish: bool = True) -> str:
+    """Roll a successful execution back on every host it changed: a new execution (the
+    ledger keeps both) whose stages run their rollback phases, latest stage first."""
+    plan = rollback_plan(execution_id)
+    if not any(st["hosts"] for st in plan["stages"]):
+        raise LookupError(f"execution {execution_id} changed no host that can be rolled back")
+    new_id = new_execution_id()
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        assert ex is not None
+        order = [i for i, st in enumerate(ex.plan["stages"])
+                 if st["identifier"] in {x["stage"] for x in plan["stages"]}][::-1]
+        runs = {r.stage_index: r for r in s.exec(select(StageRun).where(
+            StageRun.execution_id == execution_id)).all()}
+        s.add(Execution(id=new_id, pipeline=ex.pipeline, pipeline_name=ex.pipeline_name,
+                        plan=ex.plan, inputs={**ex.inputs, "rollback_of": execution_id},
+                        created_by=user or get_settings().user or "",
+                        status=Status.ROLLING_BACK, started_at=utcnow(),
+                        current_stage=len(ex.plan["stages"]),
+                        rollback={"cause": "requested", "scope": "PipelineRollback",
+                                  "stages": order, "of": execution_id,
+                                  "error": f"rollback of {execution_id}"}))
+        s.flush()
+        for i, st in enumerate(ex.plan["stages"]):
+            old = runs[i]
+            s.add(StageRun(execution_id=new_id, stage_index=i, identifier=old.identifier,
+                           name=old.name, hosts=old.hosts, phases=old.phases,
+                           status=Status.PENDING if i in order else Status.SKIPPED))
+            for j, step in enumerate(st.get("steps", [])):
+                s.add(StepRun(execution_id=new_id, stage_index=i, step_index=j,
+                              identifier=step["identifier"], name=step.get("name", "")))
+    if publish:
+        advance(new_id)
+    return new_id

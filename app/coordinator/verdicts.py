@@ -1,0 +1,162 @@
+"""Phase verdicts from the ledger: which hosts passed, the failure budget, verification
+checks and their Prometheus query.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Text, cast, or_
+from sqlmodel import Session, col, select
+
+from app.coordinator.instances import record_instances, record_rolled_back
+from app.coordinator.ledger import deferred
+from app.coordinator.retry import retry_pending
+from app.models import (
+    Execution,
+    HostStepRun,
+    PhaseRun,
+    StageRun,
+    Status,
+    utcnow,
+)
+from app.settings import get_settings
+from strategies.basic import Phase
+
+
+def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
+                    gate: bool) -> bool:
+    """Write the phase verdict when every host of it is done; False while any still runs.
+
+    Called by the gate (every header task has finished) or by a nudge (maybe not). A host is
+    done when each step has a finished row, or a step failed (later steps are skipped); with the
+    gate, a missing row means its task never ran, which counts as failed. A rollback phase
+    passes when every host of it rolled back (no failure budget applies to a rollback).
+    """
+    kind = "rollback" if pr.kind == "rollback" else "deploy"
+    targets = (run.rollback or {}).get("hosts", {})
+
+    def n_steps(host: str) -> int:
+        if kind == "rollback":
+            return int((targets.get(host) or {}).get("steps", 0))
+        return len(ex.plan["stages"][run.stage_index]["steps"])
+
+    rows = s.exec(select(HostStepRun).where(
+        HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
+        HostStepRun.phase == pr.phase, HostStepRun.kind == kind).options(
+        *deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail, HostStepRun.outputs))
+    ).all()
+    by_host: dict[str, dict[int, HostStepRun]] = {}
+    for r in rows:
+        cur = by_host.setdefault(r.host, {}).get(r.step_index)
+        if cur is None or r.attempt > cur.attempt:
+            by_host[r.host][r.step_index] = r
+    failed: list[str] = []
+    per_host: dict[str, dict[str, Any]] = {}
+    stage_plan = ex.plan["stages"][run.stage_index]
+    for host in pr.hosts:
+        steps = by_host.get(host, {})
+        running = any(r.status == Status.RUNNING or retry_pending(stage_plan, r)
+                      for r in steps.values())
+        has_failed = any(r.status == Status.FAILED for r in steps.values())
+        complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
+                                                       for r in steps.values())
+        if (running or not (complete or has_failed or gate)) and not gate:
+            return False
+        ok = complete and not has_failed and all(r.status in Status.PASSED
+                                                 for r in steps.values())
+        if not ok:
+            failed.append(host)
+            bad = next((r for r in sorted(steps.values(), key=lambda r: r.step_index)
+                        if r.status not in Status.PASSED), None)
+            per_host[host] = {
+                "step": bad.step_id if bad else None,
+                "unit": bad.failed_unit if bad else None,
+                "exit_code": bad.exit_code if bad else None,
+                "error_class": (bad.error_class if bad else None) or "Unknown",
+                "error": (bad.error if bad else None) or "the host's tasks never ran",
+            }
+    if kind == "rollback":
+        passed, rule = not failed, "every host of the phase rolls back"
+    else:
+        passed, rule = within_budget(s, ex, run, pr, failed)
+    pr.verdict = {
+        **(pr.verdict or {}),
+        "passed": passed,
+        "hosts": len(pr.hosts),
+        "succeeded": len(pr.hosts) - len(failed),
+        "failed": failed,
+        "failures": per_host,
+        "rule": rule,
+    }
+    pr.status = Status.SUCCEEDED if passed else Status.FAILED
+    pr.gate_at = utcnow()
+    s.add(pr)
+    ok_hosts = [h for h in pr.hosts if h not in failed]
+    if kind == "rollback":
+        record_rolled_back(s, ex, run, ok_hosts)
+    else:
+        record_instances(s, ex, run, ok_hosts, phase=pr.phase)
+    return True
+
+
+def within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
+                   failed: list[str]) -> tuple[bool, str]:
+    """Does the stage stay within its failure budget, counting every phase so far?
+
+    Like Ansible's max_fail_percentage, the budget must be *exceeded* to fail.
+    """
+    budget = ex.plan["stages"][run.stage_index]["strategy"].get("failureBudget") or {}
+    total = len(run.hosts)
+    allowed = max(int(budget.get("maxFailedHosts", 0)),
+                  int(float(budget.get("maxFailedPercent", 0.0)) * total / 100))
+    # Only the verdicts that may name failed hosts: a passed phase whose verdict says
+    # "failed": [] is left out in SQL (a verdict with any other text is read and checked).
+    earlier = {h for v in s.exec(select(PhaseRun.verdict).where(
+        PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
+        PhaseRun.id != pr.id, col(PhaseRun.verdict).is_not(None),
+        or_(col(PhaseRun.status) != Status.SUCCEEDED,
+            ~cast(PhaseRun.verdict, Text).contains('"failed": []', autoescape=True)))).all()
+        for h in (v or {}).get("failed", [])}
+    count = len(earlier | set(failed))
+    rule = (f"at most {allowed} of {total} host(s) may fail in the stage"
+            if allowed else "every host succeeds (failure budget 0)")
+    return count <= allowed, f"{rule}; {count} failed so far"
+
+
+def prometheus_verdict(spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Query Prometheus once for the phase and judge the value (app.verify.evaluate)."""
+    from app.verify.probes import evaluate, prometheus_query
+
+    url = spec.get("url") or get_settings().prometheus_url
+    if not url:
+        return False, {"reason": "a prometheus check needs a URL (prometheus.url or "
+                                 "VMFARM_PROMETHEUS_URL)"}
+    criterion = {k: spec[k] for k in ("query", "below", "above") if spec.get(k) is not None}
+    try:
+        value = prometheus_query(url, spec["query"])
+        ok, reasons = evaluate({"prometheus": criterion}, {"prometheus": value})
+    except Exception as exc:  # a broken metric source fails the gate, with the reason
+        return False, {"query": spec["query"], "reason": f"prometheus check failed: {exc}"}
+    return ok, {"query": spec["query"], "value": value, "reason": "; ".join(reasons)}
+
+
+def phase_failure(phase: Phase, record: PhaseRun) -> str:
+    v = record.verdict or {}
+    failed = v.get("failed", [])
+    what = {"deploy": "failed", "verify": "failed verification",
+            "switch": "could not take traffic"}.get(record.kind, "failed")
+    if record.kind == "switch":
+        return f"{phase.name}: traffic switch failed: {v.get('error', 'unknown error')}"
+    hosts = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
+    extra = f" ({'; '.join(v['reasons'])})" if v.get("reasons") else ""
+    return f"{len(failed)} host(s) {what} in {phase.name}: {hosts}{extra}"
+
+
+def failures_of(stage: dict[str, Any], pr: PhaseRun) -> list[tuple[dict[str, Any] | None, str]]:
+    """(failed step, error class) per failed host of a deploy phase."""
+    steps = {st["identifier"]: st for st in stage["steps"]}
+    out: list[tuple[dict[str, Any] | None, str]] = []
+    for f in ((pr.verdict or {}).get("failures") or {}).values():
+        out.append((steps.get(f.get("step") or ""), f.get("error_class") or "Unknown"))
+    return out or [(None, "Unknown")]

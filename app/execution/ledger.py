@@ -1,0 +1,245 @@
+"""What a step reads and writes in the ledger: its claim (the idempotency key, before anything
+touches the host), the immutable plan of its stage (read once per process), the execution's
+status (abort), earlier outputs, versions, and its outcome.
+
+Run one step's command units on one host and record the outcome in the ledger.
+
+Order matters: the idempotency key is claimed in SQL before anything touches the host, so a
+duplicate delivery returns the recorded result instead of running the commands again. Expected
+failures (non-zero exit, unreachable host, timeout) are recorded and returned, never raised: the
+chord's gate must run and decide from SQL.
+
+The ledger may restart under a running step (design note: a short outage is survived): the
+claim, the outcome and the reads are tried again on a lost connection (``app.db.retrying``),
+log chunks wait in memory for the next flush, heartbeats resume at the next beat, and a unit
+on the host is never interrupted because the ledger was away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from app.canvas import HostStepKey
+from app.db import claim_once, retrying, session_scope
+from app.definitions.expressions import Context
+from app.execution.logs import heartbeats
+from app.models import Execution, HostStepRun, StageRun, Status, utcnow
+
+log = logging.getLogger("vmfarm.tasks")
+
+
+_plan_cache: dict[tuple[str, int], tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+
+
+_plan_lock = threading.Lock()
+
+
+_plan_loads: dict[tuple[str, int], threading.Lock] = {}
+
+
+def stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
+                                                               dict[str, dict[str, Any]]]:
+    """The resolved stage and its hosts by name; immutable once the stage runs, so cached.
+
+    One thread reads it; the pool's other threads wait for its copy (32 threads decoding a
+    10,000-host stage at once tripled a worker's memory)."""
+    key = (execution_id, stage_index)
+    with _plan_lock:
+        hit = _plan_cache.get(key)
+        loading = _plan_loads.setdefault(key, threading.Lock())
+    if hit:
+        return hit
+    with loading:
+        with _plan_lock:
+            hit = _plan_cache.get(key)
+        return hit or _read_stage_data(execution_id, stage_index)
+
+
+def _read_stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
+                                                                    dict[str, dict[str, Any]]]:
+    def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        with session_scope() as s:
+            ex = s.get(Execution, execution_id)
+            run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
+                                                StageRun.stage_index == stage_index)).one()
+            if ex is None:
+                raise LookupError(f"execution {execution_id} not found")
+            return ex.plan["stages"][stage_index], {h["name"]: h for h in run.hosts}
+
+    data = retrying(read, what=f"reading the plan of {execution_id}")
+    with _plan_lock:
+        if len(_plan_cache) > 256:
+            _plan_cache.clear()
+            _plan_loads.clear()
+        _plan_cache[(execution_id, stage_index)] = data
+    return data
+
+
+def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
+          queue: str | None) -> tuple[int, HostStepRun | None]:
+    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed
+    (tried again across a ledger restart: ``claim_once``)."""
+    now = utcnow()
+    values = dict(
+        idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
+        step_index=key.step, step_id="", kind=key.kind, host=key.host, region=key.region,
+        attempt=key.attempt,
+        status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
+        started_at=now, heartbeat_at=now,
+    )
+    return claim_once(HostStepRun, values, what=f"claiming {key.idem}",
+                      owner=("status", "task_id", "worker", "started_at"))
+
+
+def summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": row.status, "host": row.host, "step": row.step_index,
+                           "exit_code": row.exit_code}
+    if duplicate:
+        out["duplicate"] = True
+    return out
+
+
+# Asked before every step and unit of every host: one read per execution and process per
+# STATUS_TTL seconds serves them all (an abort still stops each host at its next unit).
+STATUS_TTL = 0.5
+
+
+_status_cache: dict[str, tuple[float, str | None]] = {}
+
+
+_status_lock = threading.Lock()
+
+
+def _execution_status(execution_id: str) -> str | None:
+    now = time.monotonic()
+    with _status_lock:
+        hit = _status_cache.get(execution_id)
+    if hit is not None and now - hit[0] < STATUS_TTL:
+        return hit[1]
+
+    def read() -> str | None:
+        with session_scope() as s:  # the status column only
+            return s.exec(select(Execution.status).where(Execution.id == execution_id)).first()
+
+    status = retrying(read, what=f"reading the status of {execution_id}")
+    with _status_lock:
+        if len(_status_cache) > 1024:
+            _status_cache.clear()
+        _status_cache[execution_id] = (time.monotonic(), status)
+    return status
+
+
+def aborted(execution_id: str, kind: str = "deploy") -> bool:
+    """Must this host stop? Deploy steps stop when the execution is aborted or rolls back;
+    rollback steps only when it is aborted again."""
+    stop = {Status.ABORTED, Status.ROLLING_BACK} if kind == "deploy" else {Status.ABORTED}
+    status = _execution_status(execution_id)
+    return status is None or status in stop
+
+
+def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the stage to render with, the step) for a key: a deploy step, a rollbackStep, or a step
+    of the plan that deployed the version a built-in rollback returns to."""
+    if key.kind == "deploy":
+        return stage, stage["steps"][key.step]
+    if key.src is not None:
+        source, _ = stage_data(*key.src)
+        return source, source["steps"][key.step]
+    return stage, stage["rollbackSteps"][key.step]
+
+
+def rollback_version(key: HostStepKey) -> str:
+    """``<+rollbackArtifact.tag>``: the version this host returns to on rollback ('' if none).
+
+    In a rollback step it is the version of the stage's rollback plan; in a deploy step, the
+    version the host ran before this execution."""
+    return retrying(lambda: _rollback_version(key), what=f"reading versions for {key.idem}")
+
+
+def _rollback_version(key: HostStepKey) -> str:
+    from app.models import Instance
+
+    with session_scope() as s:
+        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
+                                            StageRun.stage_index == key.stage)).one()
+        if key.kind != "deploy":
+            target = ((run.rollback or {}).get("hosts") or {}).get(key.host) or {}
+            return str(target.get("version") or "")
+        ex = s.get(Execution, key.execution)
+        stage = ex.plan["stages"][key.stage] if ex else {}
+        for inst in s.exec(select(Instance).where(
+                Instance.host == key.host,
+                Instance.service == stage.get("service", {}).get("identifier"),
+                Instance.environment == stage.get("environment", {}).get("identifier"))).all():
+            if inst.execution_id == key.execution:
+                return inst.previous_version or ""
+            return inst.version or ""
+    return ""
+
+
+def earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> None:
+    """``<+steps.ID.output.outputVariables.X>`` from this host's earlier steps in this phase."""
+    def read() -> list[HostStepRun]:
+        with session_scope() as s:
+            return list(s.exec(select(HostStepRun).where(
+                HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+                HostStepRun.phase == key.phase, HostStepRun.host == key.host,
+                HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all())
+
+    rows = retrying(read, what=f"reading earlier outputs for {key.idem}")
+    for r in rows:
+        sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1]["identifier"]
+        for name, value in (r.outputs or {}).items():
+            ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
+
+
+# How long a step's outcome waits for an unreachable ledger: the units ran, and an outcome
+# that is not recorded ends as "worker lost" (which a Retry strategy would run again).
+FINISH_RETRY_SECONDS = 120.0
+
+
+def finish_step(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[str, Any]:
+    """Record the attempt's outcome (its heartbeat goes on until it is written).
+
+    Only a RUNNING row is written: if the reconciler has meanwhile called this attempt lost
+    (its heartbeat went stale while the ledger was away) its verdict stands, and is returned,
+    since the failure strategy may already have sent a new attempt.
+    """
+    fields.setdefault("status", Status.FAILED)
+    fields["finished_at"] = utcnow()
+    fields["heartbeat_at"] = fields["finished_at"]
+
+    def write() -> tuple[str, str | None] | None:
+        with session_scope() as s:
+            done = s.execute(update(HostStepRun).where(
+                col(HostStepRun.id) == run_id, col(HostStepRun.status) == Status.RUNNING)
+                .values(**fields))
+            if getattr(done, "rowcount", 1):
+                return None
+            status, error_class, finished_at = s.exec(select(
+                HostStepRun.status, HostStepRun.error_class, HostStepRun.finished_at).where(
+                HostStepRun.id == run_id)).one()
+            if finished_at == fields["finished_at"]:
+                return None  # this call's own write: its commit's answer was lost
+            return status, error_class
+
+    try:
+        decided = retrying(write, what=f"recording the outcome of {key.idem}",
+                           within=FINISH_RETRY_SECONDS)
+    finally:
+        heartbeats.discard(run_id)
+    status, error_class = fields["status"], fields.get("error_class")
+    if decided is not None:
+        log.warning("%s ended %s on the host, but the ledger had already recorded it as %s "
+                    "(%s): that stands", key.idem, status, decided[0], decided[1])
+        status, error_class = decided
+    return {"status": status, "host": key.host, "step": key.step,
+            "exit_code": fields.get("exit_code"), "error_class": error_class,
+            "attempt": key.attempt}

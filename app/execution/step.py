@@ -1,0 +1,314 @@
+"""Run one step on one host: claim, run its command units (or its health check), record the
+outcome, then apply the failure strategy that matches its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlmodel import select
+
+from app.canvas import HostStepKey
+from app.connectors.base import Connector, HostTarget
+from app.coordinator.precedence import failure_action
+from app.db import retrying, session_scope
+from app.definitions.base import parse_duration
+from app.definitions.expressions import Binder, render
+from app.errors import HostError
+from app.execution.ledger import (
+    aborted,
+    claim,
+    earlier_outputs,
+    finish_step,
+    rollback_version,
+    stage_data,
+    step_of,
+    summary,
+)
+from app.execution.logs import LogSink, heartbeats
+from app.execution.units import (
+    download_on_host,
+    fetch_artifact,
+    in_unit,
+    push_artifact,
+    release,
+    setup_script,
+    with_output_trap,
+    with_secrets,
+)
+from app.models import HostStepRun, Status
+from app.providers.base import Host
+from app.secrets import SecretError
+from app.settings import get_settings
+from app.units import RELEASES_OUTPUT, host_context
+
+log = logging.getLogger("vmfarm.tasks")
+
+
+def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None = None,
+            worker: str | None = None, queue: str | None = None) -> dict[str, Any]:
+    """Run one step on one host, then apply the failure strategy that matches its error.
+
+    A retry is a new attempt with its own idempotency key and row; Ignore lets the host go
+    on; MarkAsSuccess records success (keeping the error); Abort aborts the execution.
+    """
+    summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
+    if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
+        return summary  # a rollback step's failure is recorded; the rollback verdict decides
+    stage, _ = stage_data(key.execution, key.stage)
+    step = stage["steps"][key.step]
+    action = failure_action(step, stage, summary.get("error_class") or "Unknown")
+    while action is not None and action["type"] == "Retry":
+        spec = action["spec"]
+        done = key.attempt - 1
+        if done >= int(spec["retryCount"]):
+            action = (spec.get("onRetryFailure") or {}).get("action")
+            break
+        intervals = spec["retryIntervals"]
+        time.sleep(parse_duration(intervals[min(done, len(intervals) - 1)]))
+        key = dataclasses.replace(key, attempt=key.attempt + 1)
+        summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
+        if summary["status"] != Status.FAILED or summary.get("duplicate"):
+            return summary
+    if action is None or action["type"] not in ("Ignore", "MarkAsSuccess", "Abort"):
+        return summary  # failed; rollback and manual intervention are the coordinator's
+    note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
+            "Abort": "aborted the execution"}[action["type"]]
+    status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
+        action["type"], Status.FAILED)
+    def record() -> None:
+        with session_scope() as s:
+            row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+            suffix = f" ({note} by the failure strategy)"
+            row.status = status
+            row.error = row.error if (row.error or "").endswith(suffix) else f"{row.error}{suffix}"
+            s.add(row)
+
+    retrying(record, what=f"recording the failure strategy of {key.idem}")
+    if action["type"] == "Abort":
+        from app.coordinator import abort
+
+        abort(key.execution, user="failure strategy")
+    return {**summary, "status": status}
+
+
+def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None,
+                  worker: str | None, queue: str | None) -> dict[str, Any]:
+    """One attempt: claim its key, run the units, record the outcome."""
+    run_id, existing = claim(key, task_id=task_id, worker=worker, queue=queue)
+    if existing is not None:
+        log.info("duplicate delivery of %s: returning the recorded result", key.idem)
+        return summary(existing, duplicate=True)
+    fields: dict[str, Any] = {}
+    step: dict[str, Any] | None = None
+    sink = LogSink(run_id)
+    heartbeats.add(run_id)
+    try:
+        stage, hosts = stage_data(key.execution, key.stage)
+        stage, step = step_of(key, stage)
+        fields["step_id"] = step["identifier"]
+        # In a lane (maxConcurrency) the previous link may be another host's last step.
+        if prev is not None and prev.get("status") not in Status.PASSED \
+                and prev.get("host") == key.host:
+            fields.update(status=Status.SKIPPED,
+                          error="skipped: an earlier step failed on this host")
+            return finish_step(run_id, key, fields)
+        if key.deadline is not None and time.time() > key.deadline:
+            waited = get_settings().dispatch_expires
+            fields.update(status=Status.FAILED, error_class="Timeout",
+                          error=f"expired: waited in queue {queue or key.region} past its "
+                                f"dispatch deadline ({waited} s, VMFARM_DISPATCH_EXPIRES); no "
+                                f"worker of region {key.region} took it in time; nothing ran")
+            return finish_step(run_id, key, fields)
+        if aborted(key.execution, key.kind):
+            fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
+            return finish_step(run_id, key, fields)
+        host = Host.from_dict(hosts[key.host])
+        fields.update(_run_units(key, stage, step, host, sink))
+    except HostError as exc:
+        exc.host = exc.host or key.host
+        fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
+                      failed_unit=exc.unit or fields.get("failed_unit"))
+    except SecretError as exc:  # names the id and the backend, never a value
+        fields.update(status=Status.FAILED, error_class=exc.error_class or "Unknown",
+                      error=str(exc))
+    except Exception as exc:  # a bug must not lose the result: record it, the gate decides
+        log.exception("internal error in %s", key.idem)
+        fields.update(status=Status.FAILED, error_class="Unknown",
+                      error=f"internal error: {type(exc).__name__}: {exc}")
+    try:
+        sink.close()
+    except Exception:  # logs are best effort; the outcome row below is not
+        log.exception("could not write logs for %s", key.idem)
+    from app.secrets import mask
+
+    fields["stdout_tail"] = mask(sink.tails["stdout"]) or None
+    fields["stderr_tail"] = mask(sink.tails["stderr"]) or None
+    # A Secret-typed output variable is a secret from now on: masked everywhere, and never
+    # stored (later steps cannot read it from the ledger; pass secrets through the store).
+    secret_outputs = {str(o["name"]) for o in ((step or {}).get("spec") or {}).get(
+        "outputVariables", []) if o.get("type") == "Secret"}
+    if secret_outputs:
+        from app.secrets import register
+
+        register([v for k, v in sink.outputs.items() if k in secret_outputs and v])
+    fields["outputs"] = {k: "***" if k in secret_outputs else mask(v)
+                         for k, v in sink.outputs.items()}
+    if fields.get("error"):
+        fields["error"] = mask(str(fields["error"]))
+    return finish_step(run_id, key, fields)
+
+
+def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
+                       sink: LogSink) -> dict[str, Any]:
+    """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
+    spec = step["spec"]
+    sink.unit = step["identifier"]
+    if spec["type"] in ("HTTP", "TCP"):
+        from app.execution.checks import health_step
+
+        ok, what = health_step(step, host, stage)
+        detail = what
+        sink.write("stdout" if ok else "stderr", what + "\n")
+    else:
+        ok = False
+        detail = "unhealthy"
+        retries = int(spec.get("retries", 3))
+        interval = parse_duration(spec.get("interval", "1s"))
+        timeout = parse_duration(spec.get("timeout", "5s"))
+        ctx = host_context(host, stage)
+        with _connector(host_target(host, on_delegate=False)) as conn:
+            for attempt in range(1, retries + 1):  # retries = attempts in all, as for HTTP
+                binder = Binder()
+                command = render(spec["command"], ctx, quote=True, bind=binder)
+                try:
+                    res = conn.run(command, env=binder.env, timeout=timeout,
+                                   on_output=sink.write)
+                    ok = res.exit_code == 0
+                    what = f"attempt {attempt}: exit {res.exit_code}"
+                    said = res.stderr.strip().splitlines()
+                    detail = f"exit {res.exit_code}" + (f": {said[-1]}" if said else "")
+                except HostError as exc:
+                    if exc.error_class != "Timeout":
+                        raise
+                    what = detail = f"attempt {attempt}: timed out after {timeout:g} s"
+                sink.write("stdout" if ok else "stderr", f"health check {what}\n")
+                if ok or attempt >= retries:
+                    break
+                time.sleep(interval)
+    if ok:
+        return {"status": Status.SUCCEEDED, "exit_code": 0}
+    return {"status": Status.FAILED, "error_class": "Verification",
+            "failed_unit": step["identifier"],
+            "error": f"health check '{step['identifier']}' failed: {detail}"[:500]}
+
+
+def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,
+               sink: LogSink) -> dict[str, Any]:
+    if step.get("type") == "HealthCheck":
+        return _health_check_step(stage, step, host, sink)
+    spec = step["spec"]
+    ctx = host_context(host, stage)
+    if "<+rollbackArtifact." in str(spec):
+        ctx.set("rollbackArtifact.tag", rollback_version(key), external=True)
+    if "<+artifact.checksum>" in str(spec):
+        ctx.set("artifact.checksum", fetch_artifact(key, stage.get("artifact") or {}).sha256,
+                external=True)
+    if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
+            "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
+        earlier_outputs(key, ctx, stage)
+    env = {v["name"]: with_secrets(render(str(v.get("value", "")), ctx))
+           for v in spec.get("environmentVariables", []) if v.get("value") is not None}
+    outputs = spec.get("outputVariables", [])
+    timeout = parse_duration(step["timeout"]) if step.get("timeout") else \
+        get_settings().step_timeout
+    deadline = time.monotonic() + timeout
+    target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
+    artifact = stage.get("artifact") or {}
+    releases: list[str] | None = None
+    with _connector(target) as conn:
+        for i, unit in enumerate(spec["commandUnits"]):
+            sink.unit = unit["identifier"]
+            if i and aborted(key.execution, key.kind):  # abort stops a host between units
+                return {"status": Status.ABORTED, "failed_unit": unit["identifier"],
+                        "error": f"aborted before unit '{unit['identifier']}'"}
+            remaining = max(1.0, deadline - time.monotonic())
+            if unit["type"] == "Script":
+                binder = Binder()
+                script = render(unit["spec"]["source"]["spec"]["script"], ctx, quote=True,
+                                bind=binder)
+                # Secrets last, in one pass: each value travels in the environment only.
+                script = with_secrets(script, bind=binder)
+                if outputs:
+                    script = with_output_trap(script, outputs)
+                res = in_unit(unit, conn.run, script, env={**env, **binder.env},
+                               timeout=remaining, on_output=sink.write,
+                               workdir=unit["spec"].get("workingDirectory"))
+                if res.exit_code != 0:
+                    return {"status": Status.FAILED, "error_class": "Unknown",
+                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
+                            "error": f"unit '{unit['identifier']}' exited with code "
+                                     f"{res.exit_code}"}
+                fields_exit = res.exit_code
+            elif unit["type"] == "Copy":
+                dest = render(unit["spec"]["destinationPath"], ctx)
+                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
+                problem = in_unit(unit, push_artifact, key, artifact, conn, host, remote,
+                                   sink, remaining)
+                if problem:
+                    return {**problem, "failed_unit": unit["identifier"]}
+                fields_exit = 0
+            elif unit["type"] == "DownloadArtifact":
+                dest = render(unit["spec"]["destinationPath"], ctx)
+                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
+                problem = in_unit(unit, download_on_host, artifact, conn, host, remote,
+                                   sink, remaining)
+                if problem:
+                    return {**problem, "failed_unit": unit["identifier"]}
+                fields_exit = 0
+            elif unit["type"] == "Setup":
+                res = conn.run(setup_script(unit, ctx), timeout=remaining,
+                               on_output=sink.write)
+                if res.exit_code != 0:
+                    return {"status": Status.FAILED, "error_class": "Unknown",
+                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
+                            "error": f"unit '{unit['identifier']}' could not prepare the "
+                                     f"runtime paths (exit {res.exit_code})"}
+                fields_exit = 0
+            elif unit["type"] == "Release":
+                done = in_unit(unit, release, key, artifact, unit, ctx, conn, host, sink,
+                                remaining)
+                if done.get("status") == Status.FAILED:
+                    return {**done, "failed_unit": unit["identifier"]}
+                releases = done["releases"]
+                fields_exit = 0
+    if releases is not None:
+        sink.outputs[RELEASES_OUTPUT] = " ".join(releases)
+    return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
+
+
+def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
+    if on_delegate:
+        return HostTarget(hostname=host.address, extra={"connection": "local"})
+    return HostTarget(
+        hostname=host.address, port=host.port, user=host.user,
+        private_key_file=host.private_key_file, known_hosts_file=host.known_hosts_file,
+        host_key_policy=host.host_key_policy, connect_timeout=host.connect_timeout,
+        sandbox_root=host.sandbox_root if host.connection == "Sandbox" else None,
+        extra={"connection": "local"} if host.connection == "Local" else
+        {"connection": "noop"} if host.connection == "Noop" else
+        {f"{kind}_secret": ident for kind, ident in host.credentials.items()},
+    )
+
+
+@contextmanager
+def _connector(target: HostTarget) -> Iterator[Connector]:
+    from app.connectors.pool import get_pool
+
+    with get_pool().lease(target) as conn:
+        yield conn
