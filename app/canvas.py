@@ -17,6 +17,7 @@ so the coordinator never imports worker code.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,31 +125,60 @@ def phase_canvas(
     # deadline and records why, so the chain and the chord complete and the gate decides.
     deadline = round(time.time() + expires, 3)
 
-    def links(host: str, region: str) -> list[Signature]:
-        count, src = (steps_of or {}).get(host, (step_count, None))
-        out: list[Signature] = []
-        start = 0
-        while start < count:  # a run of steps with the same worker tags is one task
-            tags = (tags_of or {}).get((host, start), ())
-            end = start + 1
-            while end < count and (tags_of or {}).get((host, end), ()) == tags:
-                end += 1
-            out.append(_quiet(link("vmfarm.run_host", key=HostStepKey(
-                execution_id, stage_index, phase, host, start, attempt, region, deadline, kind,
-                src, tags).to_dict(), until=end)))
-            start = end
-        return out
-
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
     lines: list[list[Signature]] = [[] for _ in range(n)]
     for i, (h, r) in enumerate(hosts):
-        lines[i % n].extend(links(h, r))
+        count, src = (steps_of or {}).get(h, (step_count, None))
+        lines[i % n].extend(_host_links(HostStepKey(
+            execution_id, stage_index, phase, h, 0, attempt, r, deadline, kind, src), count,
+            tags_of))
+    return _gated(lines, execution_id=execution_id, stage_index=stage_index, phase=phase,
+                  kind=kind)
+
+
+def _host_links(first: HostStepKey, count: int,
+                tags_of: dict[tuple[str, int], tuple[str, ...]] | None) -> list[Signature]:
+    """The tasks running steps ``first.step`` .. ``count - 1`` of one host: a run of steps
+    with the same worker tags is one task."""
+    out: list[Signature] = []
+    start = first.step
+    while start < count:
+        tags = (tags_of or {}).get((first.host, start), ())
+        end = start + 1
+        while end < count and (tags_of or {}).get((first.host, end), ()) == tags:
+            end += 1
+        key = dataclasses.replace(first, step=start, tags=tags)
+        out.append(_quiet(link("vmfarm.run_host", key=key.to_dict(), until=end)))
+        start = end
+    return out
+
+
+def _gated(lines: list[list[Signature]], *, execution_id: str, stage_index: int, phase: int,
+           kind: str) -> Signature:
+    """chord(group(chain per lane), the phase's gate), with the error nudge."""
     header = group(chain(*line) if len(line) > 1 else line[0] for line in lines if line)
     body = task("vmfarm.verify_gate", execution_id=execution_id, stage_index=stage_index,
                 phase=phase, kind=kind)
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
+
+
+def retry_canvas(*, execution_id: str, stage_index: int, phase: int,
+                 lane: list[tuple[str, str, int, int]], step_count: int, deadline: float,
+                 countdown: float,
+                 tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+    """A retry (app.coordinator.retry): one lane of [(host, region, first step, attempt)], the
+    retried host first, then the hosts that waited behind it; its first task waits
+    ``countdown`` seconds in the broker (no worker sleeps). The body is the phase's own gate:
+    the phase is judged once the last attempt has run."""
+    links: list[Signature] = []
+    for host, region, step, attempt in lane:
+        links.extend(_host_links(HostStepKey(execution_id, stage_index, phase, host, step,
+                                             attempt, region, deadline), step_count, tags_of))
+    links[0] = links[0].set(countdown=countdown)
+    return _gated([links], execution_id=execution_id, stage_index=stage_index, phase=phase,
+                  kind="deploy")
 
 
 def verify_canvas(*, execution_id: str, stage_index: int, phase: int,

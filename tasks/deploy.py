@@ -15,6 +15,8 @@ def run_step(self: Any, prev: dict[str, Any] | None = None, *,
     """Run one step on one host. ``prev`` is the host's previous step result (chain link)."""
     from app.execution.step import execute
 
+    if prev is not None and prev.get("handover"):
+        return prev  # a retry took this lane over
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
     return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
@@ -35,11 +37,15 @@ def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, An
 
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
+    if prev is not None and prev.get("handover"):
+        return prev  # a retry took this lane over: its chain runs this host later
     first = HostStepKey.from_dict(key)
     for step in range(first.step, max(until, first.step + 1)):
         k = first if step == first.step else dataclasses.replace(first, step=step,
                                                                  deadline=None)
         prev = execute(k, prev=prev, task_id=req.id, worker=req.hostname, queue=queue)
+        if prev.get("handover"):
+            break
     assert prev is not None
     return prev
 

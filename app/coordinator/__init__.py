@@ -1,12 +1,13 @@
 """The coordinator: turns pipeline files into an execution and drives it phase by phase.
 
-Read it in this order (each module imports only the ones below it)::
+Read it in this order (each module imports only the ones below it: an import-linter contract
+in pyproject.toml holds it)::
 
+    dryrun      ``vmfarm plan``: what submit would record, as plain data, nothing recorded
     submit      record an execution (a run, a retry of failed hosts, a rollback), then advance
     actions     what a person does to a running execution: approve, reject, intervene, abort
     gates       what finished work reports (a phase's gate, verification, a switch, discovery)
     reconcile   what error callbacks miss: lost workers, unclaimed work, lost gates, timeouts
-    dryrun      ``vmfarm plan``: the same decisions as plain data, nothing recorded
     machine     ``advance()``: the state machine, the only place that decides what happens next
     approvals   Approval stages         discovery   cloud hosts listed by region workers
     failure     failure strategies at the stage: ignore, fail, abort, intervene, roll back

@@ -10,6 +10,7 @@ from app.coordinator.approvals import ApprovalRefused, approval_record, approver
 from app.coordinator.ledger import finish, lock_execution
 from app.coordinator.machine import advance, notify_snapshot, notify_transition
 from app.coordinator.publish import Dispatch, publish
+from app.coordinator.retry import cancel_pending
 from app.coordinator.rollback import begin_rollback
 from app.db import session_scope
 from app.definitions.models import INTERVENTION_ACTIONS
@@ -111,6 +112,8 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
             return ex.status
         before = notify_snapshot(s, ex)
         who = f" by {user}" if user else ""
+        cancel_pending(s, execution_id, f"skipped: the execution was aborted{who} before this "
+                                        "attempt started")
         for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
                                                 PhaseRun.status == Status.RUNNING)).all():
             if pr.kind != "rollback":

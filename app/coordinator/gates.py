@@ -30,8 +30,20 @@ def gate(execution_id: str, stage_index: int, phase: int, *, kind: str = "deploy
 
 def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
     """Body of a verification chord: judge the phase's checks from the ledger, then advance."""
-    from app.models import CheckRun
+    from app.models import CheckRun, Execution
 
+    # The metric source is asked before the execution is locked: a slow Prometheus never holds
+    # up the coordinator (every other advance of this execution waits for its lock).
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        verification = (ex.plan["stages"][stage_index]["strategy"].get("verification") or {}) \
+            if ex is not None else {}
+    reasons: list[str] = []
+    prom_result: dict[str, Any] | None = None
+    if verification.get("prometheus"):
+        prom_ok, prom_result = prometheus_verdict(verification["prometheus"])
+        if not prom_ok:
+            reasons.append(prom_result.get("reason", "prometheus check failed"))
     with session_scope() as s:
         found = running_record(s, execution_id, stage_index, phase, "verify")
         if found is None:
@@ -47,13 +59,6 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
                               "reasons": c.reasons if c else ["the host's checks never ran"]}
             if not (c and c.passed):
                 failed.append(host)
-        verification = ex.plan["stages"][stage_index]["strategy"].get("verification") or {}
-        reasons: list[str] = []
-        prom_result: dict[str, Any] | None = None
-        if verification.get("prometheus"):
-            prom_ok, prom_result = prometheus_verdict(verification["prometheus"])
-            if not prom_ok:
-                reasons.append(prom_result.get("reason", "prometheus check failed"))
         passed, rule = within_budget(s, ex, run, pr, failed)
         passed = passed and not reasons
         pr.verdict = {"passed": passed, "hosts": len(pr.hosts),

@@ -15,7 +15,7 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.coordinator.ledger import lock_execution, record_lost_step
 from app.coordinator.machine import advance
-from app.coordinator.retry import after_worker_lost
+from app.coordinator.retry import after_worker_lost, expire_pending
 from app.coordinator.verdicts import evaluate_phase
 from app.db import session_scope
 from app.definitions.base import parse_duration
@@ -113,6 +113,10 @@ def reconcile(*, now: Any = None) -> list[str]:
                                f"{settings.dispatch_expires:g} s; nothing ran")
         touched.add(ex_id)
         actions.append(f"{ex_id}: {host}: no worker took its steps")
+    for key in expire_pending(now):
+        touched.add(key.execution)
+        actions.append(f"{key.execution}: {key.host} step {key.step} attempt {key.attempt}: "
+                       "no worker took it")
     for ex_id in sorted(touched):
         with session_scope() as s:
             ex = lock_execution(s, ex_id)
@@ -149,7 +153,8 @@ def _judge_lost_gates(now: Any) -> list[str]:
                 PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).in_(["deploy", "rollback"]),
                 PhaseRun.dispatched_at < quiet)).all():
             running, last = s.exec(select(
-                func.count().filter(col(HostStepRun.status) == Status.RUNNING),
+                func.count().filter(col(HostStepRun.status).in_([Status.RUNNING,
+                                                                 Status.PENDING])),
                 func.max(HostStepRun.finished_at)).where(
                 HostStepRun.execution_id == pr.execution_id,
                 HostStepRun.stage_index == pr.stage_index, HostStepRun.phase == pr.phase,

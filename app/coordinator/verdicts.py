@@ -11,7 +11,7 @@ from sqlmodel import Session, col, select
 
 from app.coordinator.instances import record_instances, record_rolled_back
 from app.coordinator.ledger import deferred
-from app.coordinator.retry import retry_pending
+from app.coordinator.retry import retry_due
 from app.models import (
     Execution,
     HostStepRun,
@@ -30,7 +30,8 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
 
     Called by the gate (every header task has finished) or by a nudge (maybe not). A host is
     done when each step has a finished row, or a step failed (later steps are skipped); with the
-    gate, a missing row means its task never ran, which counts as failed. A rollback phase
+    gate, a missing row means its task never ran, which counts as failed. A host with a step
+    running or an attempt waiting to be retried is not done, whoever asks. A rollback phase
     passes when every host of it rolled back (no failure budget applies to a rollback).
     """
     kind = "rollback" if pr.kind == "rollback" else "deploy"
@@ -56,12 +57,16 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     stage_plan = ex.plan["stages"][run.stage_index]
     for host in pr.hosts:
         steps = by_host.get(host, {})
-        running = any(r.status == Status.RUNNING or retry_pending(stage_plan, r)
-                      for r in steps.values())
+        # Work in flight: a running step, or an attempt that waits for its retry (recorded
+        # PENDING by the retry engine), however long the wait: the phase is not judged, even
+        # by its gate (the retry's own chord ends with this phase's gate).
+        if any(r.status in (Status.RUNNING, Status.PENDING) or retry_due(stage_plan, r)
+               for r in steps.values()):
+            return False
         has_failed = any(r.status == Status.FAILED for r in steps.values())
         complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
                                                        for r in steps.values())
-        if (running or not (complete or has_failed or gate)) and not gate:
+        if not (complete or has_failed or gate):
             return False
         ok = complete and not has_failed and all(r.status in Status.PASSED
                                                  for r in steps.values())

@@ -94,6 +94,23 @@ def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
         status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
         started_at=now, heartbeat_at=now,
     )
+    owner = {"status": Status.RUNNING, "worker": worker, "queue": queue, "task_id": task_id,
+             "started_at": now, "heartbeat_at": now}
+
+    def take_pending() -> int | None:
+        # A retried attempt (or a host handed over to a retry's lane) was recorded PENDING by
+        # the retry engine before it was sent: the first delivery takes it over.
+        with session_scope() as s:
+            taken = s.execute(update(HostStepRun).where(
+                col(HostStepRun.idem_key) == key.idem, col(HostStepRun.status) == Status.PENDING)
+                .values(**owner))
+            if not getattr(taken, "rowcount", 0):
+                return None
+            return s.exec(select(HostStepRun.id).where(HostStepRun.idem_key == key.idem)).one()
+
+    taken = retrying(take_pending, what=f"claiming {key.idem}")
+    if taken is not None:
+        return int(taken), None
     return claim_once(HostStepRun, values, what=f"claiming {key.idem}",
                       owner=("status", "task_id", "worker", "started_at"))
 

@@ -4,7 +4,6 @@ outcome, then apply the failure strategy that matches its error.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -15,7 +14,8 @@ from sqlmodel import select
 
 from app.canvas import HostStepKey
 from app.connectors.base import Connector, HostTarget
-from app.coordinator.precedence import failure_action
+from app.coordinator.precedence import after_failure
+from app.coordinator.retry import schedule_retry
 from app.db import retrying, session_scope
 from app.definitions.base import parse_duration
 from app.definitions.expressions import Binder, render
@@ -54,27 +54,23 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
             worker: str | None = None, queue: str | None = None) -> dict[str, Any]:
     """Run one step on one host, then apply the failure strategy that matches its error.
 
-    A retry is a new attempt with its own idempotency key and row; Ignore lets the host go
-    on; MarkAsSuccess records success (keeping the error); Abort aborts the execution.
+    A retry is a new attempt with its own idempotency key and row, recorded now and sent with
+    a countdown by the coordinator's retry engine (app.coordinator.retry): this worker does not
+    wait for it, and its result says ``handover`` (the retry runs this host's later steps and
+    the hosts behind it in its lane). Ignore lets the host go on; MarkAsSuccess records success
+    (keeping the error); Abort aborts the execution.
     """
     summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
     if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
         return summary  # a rollback step's failure is recorded; the rollback verdict decides
     stage, _ = stage_data(key.execution, key.stage)
     step = stage["steps"][key.step]
-    action = failure_action(step, stage, summary.get("error_class") or "Unknown")
-    while action is not None and action["type"] == "Retry":
-        spec = action["spec"]
-        done = key.attempt - 1
-        if done >= int(spec["retryCount"]):
-            action = (spec.get("onRetryFailure") or {}).get("action")
-            break
-        intervals = spec["retryIntervals"]
-        time.sleep(parse_duration(intervals[min(done, len(intervals) - 1)]))
-        key = dataclasses.replace(key, attempt=key.attempt + 1)
-        summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
-        if summary["status"] != Status.FAILED or summary.get("duplicate"):
-            return summary
+    after = after_failure(step, stage, summary.get("error_class") or "Unknown", key.attempt)
+    if after.wait is not None:
+        scheduled = schedule_retry(key, wait=after.wait)
+        log.info("%s failed; retry: %s", key.idem, scheduled or "already scheduled")
+        return {**summary, "handover": True}
+    action = after.action
     if action is None or action["type"] not in ("Ignore", "MarkAsSuccess", "Abort"):
         return summary  # failed; rollback and manual intervention are the coordinator's
     note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
