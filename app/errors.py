@@ -1,33 +1,56 @@
-"""One error hierarchy for vmfarm.
+"""One error hierarchy for vmfarm: every error vmfarm raises on purpose is a ``VmfarmError``.
 
-Third-party errors (paramiko, socket, SQL, cloud SDKs) are turned into these at the boundary,
-so that failure strategies, the CLI and the ledger speak one vocabulary::
+Third-party errors (paramiko, socket, SQL, cloud SDKs, HTTP) are turned into these at the
+boundary, so that failure strategies, the CLI and the ledger speak one vocabulary. Classes live
+here unless a package owns them (the module is named)::
 
     VmfarmError
-    ├── SpecError                 a pipeline file is wrong (file:line:col, field); exit code 2
-    │   └── SpecErrors            several SpecError at once
-    ├── ConfigError               settings or environment are wrong (a missing tool, bad URL)
-    ├── TrafficError              a blue-green traffic switch failed (the old set keeps traffic)
-    ├── HostError                 something went wrong on one host, in one step
-    │   ├── ConnectivityError     TCP connect refused / reset, SSH protocol failure
-    │   │   ├── UnreachableError  no route, DNS failure, connect timeout
-    │   │   └── HostKeyError      the host key is unknown or changed
-    │   ├── AuthenticationError   the host refused our credentials
-    │   ├── CommandTimeoutError   a command ran past its timeout
-    │   ├── ScriptError           a Script unit exited non-zero
-    │   ├── TransferError         a Copy unit failed (SFTP)
-    │   ├── WorkerLostError       the worker running the step vanished (DelegateRestart)
-    │   └── VerificationError     a verification check could not judge (Verification)
-    └── LabError                  the local lab cannot start (not root, sshd missing, ...)
+    ├── SpecError                   a pipeline file is wrong (file:line:col, field); exit 2
+    │   └── SpecErrors              several SpecError at once
+    ├── ExpressionError             an expression cannot be resolved (app.definitions.expressions;
+    │                               the loader turns it into a SpecError with its place)
+    ├── ConfigError                 settings or environment are wrong (a missing tool, a bad URL)
+    ├── PolicyViolation             a plan breaks a policy rule; nothing ran (app.policy); exit 2
+    ├── PermissionRefused           the caller lacks a permission (app.rbac); exit 3
+    ├── ApprovalRefused             the caller may not vote on this approval; exit 3
+    ├── LabError                    the local lab cannot start (not root, sshd missing, ...)
+    ├── DiscoveryError              a cloud provider could not list an infrastructure's hosts
+    ├── TrafficError                a blue-green traffic switch failed (the old set keeps traffic)
+    ├── SecretError                 a secret could not be resolved; never holds the value
+    │   │                           (app.secrets.errors)
+    │   ├── SecretNotFoundError     no enabled backend holds it
+    │   ├── SecretAccessError       the backend refused (Authorization)
+    │   └── SecretConfigError       the secrets settings are wrong
+    ├── RetryableFetchError         one failed attempt of an artifact download that is tried
+    │                               again (app.artifacts.httpfetch; never leaves that module)
+    └── HostError                   something went wrong on one host, in one step
+        ├── ConnectivityError       TCP connect refused / reset, SSH protocol failure
+        │   ├── UnreachableError    no route, DNS failure, connect timeout
+        │   └── HostKeyError        the host key is unknown or changed
+        ├── AuthenticationError     the host refused our credentials
+        ├── CommandTimeoutError     a command ran past its timeout
+        ├── ScriptError             a command unit exited non-zero
+        ├── TransferError           a Copy unit failed (SFTP)
+        │   └── ArtifactError       an artifact could not be fetched (app.artifacts.errors)
+        │       ├── ArtifactAuthError          the repository refused the credentials
+        │       ├── ArtifactAccessError        the credentials may not read it
+        │       ├── ArtifactUnavailableError   unreachable, or 5xx after the retries
+        │       └── ChecksumError              the bytes do not have the expected sha256
+        ├── WorkerLostError         the worker running the step vanished (DelegateRestart)
+        └── VerificationError       a verification check could not judge (Verification)
 
 Every error is picklable (it may cross the broker) and says what happened, where, and what to do.
-The ``error_class`` of a ``HostError`` is the name failure strategies match on (Harness's error
-types: Authentication, Connectivity, Timeout, Unknown, ...).
+The ``error_class`` of a ``HostError`` (and of ``DiscoveryError`` and ``SecretError``) is the
+name failure strategies match on: Harness's error types, ``ERROR_TYPES`` below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# The error types of Harness's failure strategies (``onFailure.errors``) that vmfarm records.
+ERROR_TYPES = ("Unknown", "Authentication", "Authorization", "Connectivity", "Timeout",
+               "Verification", "DelegateRestart", "ApprovalRejection")
 
 
 class VmfarmError(Exception):
@@ -74,6 +97,10 @@ class SpecErrors(VmfarmError):
 
 class ConfigError(VmfarmError):
     """Settings or the environment are wrong (a bad URL, a missing tool)."""
+
+
+class ApprovalRefused(VmfarmError):
+    """The caller may not approve or reject this execution (the message says why)."""
 
 
 class LabError(VmfarmError):
@@ -137,7 +164,7 @@ class CommandTimeoutError(HostError):
 
 
 class ScriptError(HostError):
-    """A Script unit exited non-zero."""
+    """A command unit exited non-zero (``exit_code``)."""
 
     error_class = "Unknown"
 

@@ -33,6 +33,7 @@ from app.artifacts.errors import (
     ArtifactError,
     ArtifactUnavailableError,
 )
+from app.errors import VmfarmError
 
 log = logging.getLogger("vmfarm.artifacts")
 
@@ -71,8 +72,8 @@ class HttpAuth:
         return ""
 
 
-class _Retry(Exception):
-    """A failure worth another attempt."""
+class RetryableFetchError(VmfarmError):
+    """One failed attempt worth another (never leaves this module)."""
 
     def __init__(self, reason: str, delay: float | None = None, *, status: int = 0) -> None:
         super().__init__(reason)
@@ -135,14 +136,16 @@ class HttpSource:
         return req
 
     def _open(self, method: str, url: str, *, missing_ok: bool = False) -> Any:
-        """The response, or None (404/405/... when ``missing_ok``); raises _Retry or errors."""
+        """The response, or None (404/405/... when ``missing_ok``); raises RetryableFetchError
+        or errors."""
         try:
             return self._opener.open(self._request(method, url), timeout=TIMEOUT)
         except urllib.error.HTTPError as exc:
             code, headers = exc.code, exc.headers
             exc.close()
             if code in RETRY_STATUSES:
-                raise _Retry(f"HTTP {code}", _retry_after(headers), status=code) from None
+                raise RetryableFetchError(f"HTTP {code}", _retry_after(headers),
+                                          status=code) from None
             if code == 401:
                 who = self.auth.who()
                 hint = (f"the repository refused the credentials of {who} (HTTP 401); check "
@@ -168,15 +171,15 @@ class HttpSource:
                 raise ArtifactError(f"artifact {self.what}: the server's TLS certificate is not "
                                     f"trusted ({exc.reason.verify_message})",
                                     artifact=self.what) from None
-            raise _Retry(f"cannot connect: {exc.reason}") from None
+            raise RetryableFetchError(f"cannot connect: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise _Retry(f"connection failed: {exc!r}") from None
+            raise RetryableFetchError(f"connection failed: {exc!r}") from None
 
     def _retrying(self, fn: Callable[[], T]) -> T:
         for attempt in range(1, self.attempts + 1):
             try:
                 return fn()
-            except _Retry as exc:
+            except RetryableFetchError as exc:
                 if attempt >= self.attempts:
                     raise ArtifactUnavailableError(
                         f"artifact {self.what}: {exc.reason} (gave up after {attempt} "
@@ -235,7 +238,7 @@ class HttpSource:
                         try:
                             chunk = resp.read(CHUNK)
                         except (OSError, http.client.HTTPException) as exc:
-                            raise _Retry(f"the download broke off: {exc!r}") from None
+                            raise RetryableFetchError(f"the download broke off: {exc!r}") from None
                         if not chunk:
                             break
                         fh.write(chunk)  # a full disk is an OSError that is not retried
@@ -243,7 +246,7 @@ class HttpSource:
                         size += len(chunk)
                 digest = h.hexdigest()
             if length is not None and length.isdigit() and int(length) != size:
-                raise _Retry(f"the download broke off after {size} of {length} bytes")
+                raise RetryableFetchError(f"the download broke off after {size} of {length} bytes")
             return digest, size, checksum_token(header) if header else None
 
         return self._retrying(get)

@@ -25,7 +25,6 @@ The coordinator never imports worker code (``tasks/``, ``app.execution``); worke
 from __future__ import annotations
 
 from app.coordinator.actions import abort, decide_approval, intervene
-from app.coordinator.approvals import ApprovalRefused
 from app.coordinator.dryrun import dry_run
 from app.coordinator.gates import discovery_done, gate, record_switch, verification_gate
 from app.coordinator.instances import releases_held
@@ -36,6 +35,7 @@ from app.coordinator.reconcile import reconcile
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import discovery_region, unserved_delegates
 from app.coordinator.submit import prepare, retry_failed, rollback_execution, submit
+from app.errors import ApprovalRefused
 
 __all__ = [
     "ApprovalRefused",

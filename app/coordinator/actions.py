@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlmodel import col, select
 
-from app.coordinator.approvals import ApprovalRefused, approval_record, approvers
+from app.coordinator.approvals import approval_record, approvers
 from app.coordinator.ledger import finish, lock_execution
 from app.coordinator.machine import advance, notify_snapshot, notify_transition
 from app.coordinator.publish import Dispatch, publish
@@ -14,6 +14,7 @@ from app.coordinator.retry import cancel_pending
 from app.coordinator.rollback import begin_rollback
 from app.db import session_scope
 from app.definitions.models import INTERVENTION_ACTIONS
+from app.errors import ApprovalRefused
 from app.models import (
     PhaseRun,
     StageRun,

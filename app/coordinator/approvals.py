@@ -62,10 +62,6 @@ def decide_approval_stage(s: Session, ex: Execution, run: StageRun,
     return ""
 
 
-class ApprovalRefused(Exception):
-    """The caller may not approve or reject this execution (the message says why)."""
-
-
 def approvers(groups: list[str]) -> set[str]:
     import yaml
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from app.errors import VmfarmError
+
 # <+input>, optionally followed by .default(x) / .allowedValues(a,b) / .regex(r)
 INPUT_RE = re.compile(r"<\+input>((?:\.(?:default|allowedValues|regex|executionInput)\([^)]*\))*)")
 EXPR_RE = re.compile(r"<\+([^<>]+)>")
@@ -63,7 +65,7 @@ class Value:
     external: bool = False
 
 
-class ExpressionError(Exception):
+class ExpressionError(VmfarmError):
     """An expression that cannot be resolved; the loader turns it into a SpecError."""
 
 
