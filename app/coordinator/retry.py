@@ -144,8 +144,9 @@ def after_worker_lost(key: HostStepKey) -> str:
             row.error = f"{row.error}; {NOT_RETRIED} no live worker consumes vmfarm.{key.region}"
             s.add(row)
     elif decision.wait is not None:
-        scheduled = schedule_retry(key, wait=decision.wait)
-        return f"retrying: {scheduled or 'already scheduled'} on queue vmfarm.{key.region}"
+        schedule_retry(key, wait=decision.wait)
+        return (f"retrying as attempt {key.attempt + 1} on queue vmfarm.{key.region}"
+                + (f" (then {', '.join(followers)})" if followers else ""))
     for h in followers:
         record_lost_step(HostStepKey(key.execution, key.stage, key.phase, h, 0, 1, regions[h]),
                          error_class="DelegateRestart",
