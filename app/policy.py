@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.definitions.plan import Plan
 from app.errors import ConfigError, VmfarmError
 
 DEFAULT_POLICY_FILE = Path("configs/policies.yaml")
@@ -309,11 +310,13 @@ def _check(rule: Rule, plan: Mapping[str, Any], index: int, stage: Mapping[str, 
     return None
 
 
-def evaluate(plan: Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
+def evaluate(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
              rules: Sequence[Rule] | None = None) -> list[Finding]:
     """Every finding of ``rules`` (default: the policy file's) on a resolved plan, in stage
     then rule order. ``hosts_by_stage``: hosts (``Host`` or its dict) per stage, as a list
-    aligned with ``plan['stages']`` or a mapping by stage identifier."""
+    aligned with the plan's stages or a mapping by stage identifier. Rules read the plan as
+    the document the ledger stores (``Plan.to_json()``): their paths are its fields."""
+    plan = _document(plan)
     rules = load_policies() if rules is None else rules
     findings: list[Finding] = []
     for index, stage in _deployments(plan):
@@ -325,11 +328,16 @@ def evaluate(plan: Mapping[str, Any], hosts_by_stage: HostsByStage | None = None
     return findings
 
 
-def enforce(plan: Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
+def _document(plan: Plan | Mapping[str, Any]) -> Mapping[str, Any]:
+    return plan if isinstance(plan, Mapping) else plan.to_json()
+
+
+def enforce(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
             user: str = "", execution_id: str | None = None, action: str = "run",
             rules: Sequence[Rule] | None = None) -> list[Finding]:
     """``evaluate``, then raise PolicyViolation (recording an audit event ``denied``) when a
     finding is an error; returns the findings (warnings only) otherwise."""
+    plan = _document(plan)
     findings = evaluate(plan, hosts_by_stage, rules=rules)
     if any(f.severity == "error" for f in findings):
         from app import audit

@@ -8,6 +8,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from app.db import session_scope
+from app.definitions.plan import DeploymentStagePlan, Plan
 from app.models import Execution, HostStepRun, Instance, LogChunk, PhaseRun, StageRun, Status
 
 
@@ -38,9 +39,11 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
     for r in rows:
         rows_of.setdefault(r.stage_index, []).append(r)
     out_stages = []
+    typed = Plan.of(ex.plan)
     for st in stages:
-        plan = ex.plan["stages"][st.stage_index]
-        step_ids = [x["identifier"] for x in plan["steps"]]
+        plan = typed.stages[st.stage_index]
+        deploying = plan if isinstance(plan, DeploymentStagePlan) else None
+        step_ids = [x.identifier for x in plan.steps]
         latest: dict[tuple[str, int], HostStepRun] = {}
         undo: dict[tuple[str, int], HostStepRun] = {}
         for r in rows_of.get(st.stage_index, []):
@@ -79,8 +82,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     "started_at": _t(row.started_at) if row else None,
                     "finished_at": _t(row.finished_at) if row else None,
                 })
-            inst = versions.get((str((plan.get("service") or {}).get("identifier")),
-                                 str((plan.get("environment") or {}).get("identifier")),
+            inst = versions.get((str(deploying.service.identifier if deploying else None),
+                                 str(deploying.environment.identifier if deploying else None),
                                  h["infrastructure"], h["name"]))
             status = _host_status(steps)
             if h["name"] in unverified:
@@ -105,10 +108,10 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             "name": st.name,
             "status": st.status,
             "error": st.error,
-            "type": plan.get("type", "Deployment"),
-            "service": (plan.get("service") or {}).get("identifier"),
-            "environment": (plan.get("environment") or {}).get("identifier"),
-            "version": (plan.get("artifact") or {}).get("tag"),
+            "type": plan.type,
+            "service": deploying.service.identifier if deploying else None,
+            "environment": deploying.environment.identifier if deploying else None,
+            "version": deploying.artifact.tag if deploying and deploying.artifact else None,
             "steps": step_ids,
             "phases": [
                 {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
@@ -117,7 +120,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 for p in phases if p.stage_index == st.stage_index
             ],
             "hosts": hosts,
-            "strategy": (plan.get("strategy") or {}).get("type", "Basic"),
+            "strategy": plan.strategy.type,
             "plan": st.phases,
             "rollback_plan": st.rollback,
             "started_at": _t(st.started_at),

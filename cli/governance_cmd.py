@@ -149,7 +149,7 @@ def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, 
     errors = sum(1 for f in findings if f.severity == "error")
     if output == "json":
         out.print_json(json.dumps({
-            "pipeline": plan["identifier"], "policy_file": str(source) if source else None,
+            "pipeline": plan.identifier, "policy_file": str(source) if source else None,
             "rules": [r.name for r in rules], "passed": errors == 0,
             "findings": [f.to_dict() for f in findings]}))
     elif source is None:
@@ -162,7 +162,7 @@ def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, 
                                     f" [{f.rule}] {where}{f.message}"))
         warnings = len(findings) - errors
         verdict = ("a run would be refused" if errors else "a run would be allowed")
-        out.print(f"pipeline {plan['identifier']}: {len(rules)} rule(s) from {source}, "
+        out.print(f"pipeline {plan.identifier}: {len(rules)} rule(s) from {source}, "
                   f"{errors} error(s), {warnings} warning(s): {verdict}")
     if errors:
         sys.exit(2)

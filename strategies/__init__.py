@@ -1,14 +1,14 @@
 """Deployment strategies: plans as plain data, no Celery, no SQL, no I/O.
 
-``plan(stage, hosts)`` reads the resolved stage's ``strategy`` (see ``app.definitions.loader``) and
+``plan(strategy, hosts)`` reads a resolved stage's strategy (``app.definitions.plan``) and
 returns its phases. Each planner documents its YAML with an example.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
+from app.definitions.plan import StrategyPlan
 from strategies.basic import Phase, plan_basic
 from strategies.bluegreen import plan_blue_green
 from strategies.rolling import batch_sizes, plan_canary, plan_rolling, size_of
@@ -17,19 +17,18 @@ __all__ = ["Phase", "batch_sizes", "plan", "plan_basic", "plan_blue_green", "pla
            "plan_rolling", "size_of"]
 
 
-def plan(stage: dict[str, Any], hosts: Sequence[str], *, live: Collection[str] = (),
+def plan(strategy: StrategyPlan, hosts: Sequence[str], *, live: Collection[str] = (),
          slots: Mapping[str, str] | None = None) -> list[Phase]:
-    """Phases for a resolved stage over its hosts (inventory order), by its strategy."""
-    strategy = stage.get("strategy") or {}
-    kind = strategy.get("type", "Basic")
-    verify = bool(strategy.get("verification"))
-    names = strategy.get("phaseNames")
+    """Phases for a resolved stage's strategy over its hosts (inventory order)."""
+    kind = strategy.type
+    verify = strategy.verification is not None
+    names = strategy.phase_names
     if kind == "Rolling":
-        return plan_rolling(hosts, strategy["phases"], names=names,
-                            cumulative=bool(strategy.get("cumulative")), verify=verify)
+        return plan_rolling(hosts, strategy.phases or [], names=names,
+                            cumulative=strategy.cumulative, verify=verify)
     if kind == "Canary":
-        return plan_canary(hosts, strategy["phases"], names=names,
-                           verify_after=strategy.get("verifyAfter"))
+        return plan_canary(hosts, strategy.phases or [], names=names,
+                           verify_after=strategy.verify_after)
     if kind == "BlueGreen":
         return plan_blue_green(hosts, live=live, slots=slots)
     return plan_basic(hosts)

@@ -73,14 +73,22 @@ def test_a_step_strategy_comes_before_its_stage_strategy(env: dict[str, str], la
     """The stage says Abort on AllErrors; the step's own Retry matched first (above). An error
     the step's strategy does not name falls through to the stage's."""
     from app.coordinator.precedence import failure_action
+    from app.definitions.models import FailureAction, FailureStrategy
+    from app.definitions.plan import CommandStepPlan, DeploymentStagePlan
 
-    step = {"failureStrategies": [{"onFailure": {"errors": ["Unknown"],
-                                                 "action": {"type": "Retry"}}}]}
-    stage = {"failureStrategies": [{"onFailure": {"errors": ["AllErrors"],
-                                                  "action": {"type": "Abort"}}}]}
-    assert failure_action(step, stage, "Unknown") == {"type": "Retry"}
-    assert failure_action(step, stage, "Connectivity") == {"type": "Abort"}
-    assert failure_action({}, {}, "Unknown") is None
+    def on(errors: list[str], action: dict[str, Any]) -> FailureStrategy:
+        return FailureStrategy.model_validate({"onFailure": {"errors": errors,
+                                                             "action": action}})
+
+    retry = {"type": "Retry", "spec": {"retryCount": 1, "retryIntervals": ["1s"]}}
+    step = CommandStepPlan.model_construct(failure_strategies=[on(["Unknown"], retry)],
+                                           group_failure_strategies=[])
+    stage = DeploymentStagePlan.model_construct(
+        failure_strategies=[on(["AllErrors"], {"type": "Abort"})])
+    assert failure_action(step, stage, "Unknown") == FailureAction.model_validate(retry)
+    assert failure_action(step, stage, "Connectivity") == FailureAction(type="Abort")
+    assert failure_action(None, DeploymentStagePlan.model_construct(failure_strategies=[]),
+                          "Unknown") is None
 
 
 def test_retry_only_failed_reruns_just_the_hosts_that_failed(env: dict[str, str],

@@ -240,7 +240,7 @@ def test_nothing_matching_is_an_empty_list(aws_env: str) -> None:
 def test_loader_output_dispatches_to_the_aws_provider(aws_env: str) -> None:
     # Given the two forms a user writes (inline in an Environment, and an Infrastructure)
     bundle = load([DATA / "infra_aws.yaml"])
-    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
     inline, standalone = plan["stages"][0]["infrastructures"]
     # the loader resolves them to the dict the provider reads
     assert inline["provider"] == standalone["provider"] == "aws"

@@ -495,7 +495,7 @@ def test_through_the_loader_and_the_provider_registry(arm: FakeArm, tmp_path: Pa
                                     spec: {script: echo hi}
         """))
     bundle = load(sorted(files.glob("*.yaml")), inputs={}, require_inputs=True)
-    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
     (resolved,) = plan["stages"][0]["infrastructures"]
     assert resolved["provider"] == "azure"
     got = by_name(discover_any(resolved))

@@ -518,7 +518,7 @@ def test_environment_file_through_loader_and_provider_registry(gce: FakeGce,
                                   source: {{spec: {{script: echo hi}}}}
         """))
     bundle = load([tmp_path / "all.yaml"])
-    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
     (resolved,) = plan["stages"][0]["infrastructures"]
     assert resolved["provider"] == "gcp" and resolved["identifier"] == "gcp_prod"
     hosts = by_name(base.discover(resolved))

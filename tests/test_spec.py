@@ -45,7 +45,7 @@ def line_of(path: Path, needle: str) -> int:
 def plan_of(paths: list[Path], inputs: dict[str, str] | None = None, *,
             execution_id: str = "EX1") -> dict[str, Any]:
     bundle = load(paths, inputs=inputs or {}, require_inputs=True)
-    return resolve(bundle, choose_pipeline(bundle, None), execution_id=execution_id)
+    return resolve(bundle, choose_pipeline(bundle, None), execution_id=execution_id).to_json()
 
 
 def step(plan: dict[str, Any], ident: str) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def test_reference_artifact_is_refused_at_run_time_with_its_position() -> None:
     a URL (or base URL and repository fields), and says so where the artifact is written."""
     bundle = load([REFERENCE], inputs={"tag": "1.0"}, require_inputs=True)
     with pytest.raises((SpecError, SpecErrors)) as exc:
-        resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
+        resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
     err = refusal(exc)
     assert "set spec.url, or spec.baseUrl" in err.message
     assert "connectorRef 'artifactory_connector'" in err.message
@@ -379,6 +379,8 @@ def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> No
     """A stepGroup's steps run in order like any steps; a group's failure strategies apply
     after each step's own and before the stage's (Harness's precedence)."""
     from app.coordinator.precedence import failure_action
+    from app.definitions.models import FailureAction
+    from app.definitions.plan import DeploymentStagePlan
 
     group = """- stepGroup:
                   name: Checks
@@ -417,8 +419,10 @@ def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> No
     probe = stage["steps"][0]
     assert probe["identifier"] == "probe" and probe["group"] == "checks"
     assert stage["steps"][1]["identifier"] == "install" and "group" not in stage["steps"][1]
-    assert failure_action(probe, stage, "Unknown") == {"type": "MarkAsSuccess", "spec": {}}
-    assert failure_action(probe, stage, "Timeout") == {"type": "Ignore", "spec": {}}
+    typed = DeploymentStagePlan.model_validate(stage)
+    (step,) = [s for s in typed.steps if s.identifier == "probe"]
+    assert failure_action(step, typed, "Unknown") == FailureAction(type="MarkAsSuccess")
+    assert failure_action(step, typed, "Timeout") == FailureAction(type="Ignore")
 
 
 def test_a_step_entry_holds_a_step_or_a_step_group(tmp_path: Path) -> None:

@@ -100,5 +100,7 @@ def test_blue_green_uses_slot_attributes_when_given() -> None:
 
 
 def test_a_stage_without_a_strategy_is_basic() -> None:
-    phases = plan({"identifier": "deploy", "steps": []}, ["a", "b", "c"])
+    from app.definitions.plan import StrategyPlan
+
+    phases = plan(StrategyPlan(), ["a", "b", "c"])
     assert [p.hosts for p in phases] == [("a", "b", "c")]

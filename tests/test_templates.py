@@ -50,7 +50,7 @@ def templated(root: Path = TPL, inputs: dict[str, str] | None = None, *,
 
 
 def plan(bundle: Bundle) -> dict[str, Any]:
-    return resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
+    return resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
 
 
 def inline_plan(inputs: dict[str, str] = SETS) -> dict[str, Any]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 from sqlmodel import col, select
 
 from app.coordinator.approvals import approval_record, approvers
-from app.coordinator.ledger import finish, lock_execution
+from app.coordinator.ledger import finish, lock_execution, stage_of
 from app.coordinator.machine import advance, notify_snapshot, notify_transition
 from app.coordinator.publish import Dispatch, publish
 from app.coordinator.retry import cancel_pending
 from app.coordinator.rollback import begin_rollback
 from app.db import session_scope
 from app.definitions.models import INTERVENTION_ACTIONS
+from app.definitions.plan import ApprovalStagePlan
 from app.errors import ApprovalRefused
 from app.models import (
     PhaseRun,
@@ -37,12 +38,14 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
         if rec is None or rec.status != Status.RUNNING:
             raise LookupError(f"execution {execution_id} is not waiting for an approval "
                               f"(it is {ex.status})")
-        spec = ex.plan["stages"][ex.current_stage]["approval"]["spec"]["approvers"]
+        stage = stage_of(ex, ex.current_stage)
+        assert isinstance(stage, ApprovalStagePlan)
+        spec = stage.approval.spec.approvers
         verdict = dict(rec.verdict or {})
-        if user not in approvers(spec["userGroups"]):
+        if user not in approvers(spec.user_groups):
             raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
-                                  f"{', '.join(spec['userGroups'])}")
-        if approve and spec.get("disallowPipelineExecutor") and user == ex.created_by:
+                                  f"{', '.join(spec.user_groups)}")
+        if approve and spec.disallow_pipeline_executor and user == ex.created_by:
             raise ApprovalRefused(f"{user} started this execution and this approval disallows "
                                   "the pipeline executor; another approver must approve")
         if any(a["user"] == user for a in verdict.get("approvals", [])):
@@ -124,7 +127,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
                                                 StageRun.stage_index == ex.current_stage)
                          ).first()
         if rollback and ex.status != Status.ROLLING_BACK and current is not None and \
-                ex.plan["stages"][current.stage_index].get("type") != "Approval" and \
+                stage_of(ex, current.stage_index).type != "Approval" and \
                 current.status == Status.RUNNING:
             begin_rollback(s, ex, current, f"aborted{who}", scope="StageRollback",
                             cause="aborted", dispatches=dispatches)

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from sqlmodel import Session, select
 
 from app.coordinator.failure import stage_failed
 from app.coordinator.publish import Dispatch
+from app.definitions.plan import ApprovalStagePlan
 from app.errors import ConfigError
 from app.models import (
     Execution,
@@ -28,18 +28,18 @@ def approval_record(s: Session, ex: Execution, stage_index: int) -> PhaseRun | N
 
 
 def decide_approval_stage(s: Session, ex: Execution, run: StageRun,
-                     stage_plan: dict[str, Any], dispatches: list[Dispatch]) -> str:
+                          stage_plan: ApprovalStagePlan, dispatches: list[Dispatch]) -> str:
     """An Approval stage: wait (no work in flight) until approved, rejected or timed out.
 
     Returns what happened, or '' when the stage is approved and the next one may start."""
     rec = approval_record(s, ex, run.stage_index)
     if rec is None:
-        step = stage_plan["approval"]
+        spec = stage_plan.approval.spec
         s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=0,
                        kind="approval", hosts=[], verdict={
-                           "message": step["spec"].get("approvalMessage", ""),
-                           "groups": step["spec"]["approvers"]["userGroups"],
-                           "required": step["spec"]["approvers"].get("minimumCount", 1),
+                           "message": spec.approval_message,
+                           "groups": spec.approvers.user_groups,
+                           "required": spec.approvers.minimum_count,
                            "approvals": [], "rejected_by": None}))
         run.status, run.started_at = Status.RUNNING, utcnow()
         ex.status = Status.WAITING

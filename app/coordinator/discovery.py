@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlmodel import Session, select
 
 from app.coordinator.failure import fail_stage, stage_failed
 from app.coordinator.publish import Dispatch
-from app.coordinator.routing import choose_tags, discovery_region, wanted_tags
+from app.coordinator.routing import choose_tags, discovery_region, infra_tags
+from app.definitions.plan import DeploymentStagePlan
 from app.errors import SpecError
 from app.models import (
     Execution,
@@ -21,27 +20,27 @@ from app.models import (
 from app.providers.base import Host, discover
 
 
-def discover_stage(stage: dict[str, Any]) -> list[Host]:
+def discover_stage(stage: DeploymentStagePlan) -> list[Host]:
+    """The hosts of every infrastructure of the stage, listed here (static lists, or cloud
+    discovery in embedded mode); a host named twice or no host at all is bad input."""
     hosts: list[Host] = []
     seen: dict[str, str] = {}
-    for infra in stage["infrastructures"]:
-        for h in discover(infra):
+    for infra in stage.infrastructures:
+        for h in discover(infra.to_json()):
             if h.name in seen:
                 raise SpecError(
                     f"host {h.name} appears in infrastructures '{seen[h.name]}' and "
-                    f"'{infra['identifier']}' of stage '{stage['identifier']}'",
-                    file=infra.get("source", ""))
-            seen[h.name] = infra["identifier"]
+                    f"'{infra.identifier}' of stage '{stage.identifier}'", file=infra.source)
+            seen[h.name] = infra.identifier
             hosts.append(h)
     if not hosts:
-        raise SpecError(f"stage '{stage['identifier']}' targets no hosts",
-                        file=stage["infrastructures"][0].get("source", "") if
-                        stage["infrastructures"] else "")
+        raise SpecError(f"stage '{stage.identifier}' targets no hosts",
+                        file=stage.infrastructures[0].source if stage.infrastructures else "")
     return hosts
 
 
-def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any],
-                      dispatches: list[Dispatch]) -> str:
+def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: DeploymentStagePlan,
+                     dispatches: list[Dispatch]) -> str:
     """'' once the stage's hosts are known, else what is happening (discovery sent, waiting,
     or the stage failed)."""
     rec = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
@@ -49,13 +48,13 @@ def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: dict[
                                         PhaseRun.kind == "discover")).first()
     if rec is None:
         work, problems = [], []
-        for infra in stage_plan["infrastructures"]:
+        for infra in stage_plan.infrastructures:
             region = discovery_region(infra)
-            want = wanted_tags(stage_plan, {"infrastructure": infra["identifier"]}, None)
+            want = infra_tags(stage_plan, infra)
             chosen, why = choose_tags(stage_plan, region, want)
             if chosen is None:
-                problems.append(f"infrastructure '{infra['identifier']}': {why}")
-            work.append((infra, region, want if chosen is None else chosen))
+                problems.append(f"infrastructure '{infra.identifier}': {why}")
+            work.append((infra.to_json(), region, want if chosen is None else chosen))
         rec = PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=-1,
                        kind="discover", hosts=[],
                        verdict={"infrastructures": [{"identifier": i["identifier"],

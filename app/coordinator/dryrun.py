@@ -10,9 +10,7 @@ from app.coordinator.failure import failure_policy
 from app.coordinator.ledger import live_set
 from app.coordinator.submit import prepare
 from app.db import session_scope
-from app.models import (
-    Execution,
-)
+from app.definitions.plan import ApprovalStagePlan
 
 
 def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
@@ -26,36 +24,35 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id="<dry-run>")
     stages: list[dict[str, Any]] = []
-    for stage, hosts in zip(plan["stages"], stage_hosts, strict=True):
-        if stage.get("type") == "Approval":
-            approvers = stage["approval"]["spec"]["approvers"]
-            stages.append({"identifier": stage["identifier"], "type": "Approval",
-                           "approval": stage["approval"],
-                           "summary": f"waits for {approvers.get('minimumCount', 1)} approval(s) "
-                                      f"from {', '.join(approvers['userGroups'])}"})
+    for stage, hosts in zip(plan.stages, stage_hosts, strict=True):
+        if isinstance(stage, ApprovalStagePlan):
+            approvers = stage.approval.spec.approvers
+            stages.append({"identifier": stage.identifier, "type": "Approval",
+                           "approval": stage.approval.to_json(),
+                           "summary": f"waits for {approvers.minimum_count} approval(s) "
+                                      f"from {', '.join(approvers.user_groups)}"})
             continue
         by_region: dict[str, list[str]] = {}
         for h in hosts:
             by_region.setdefault(h.region, []).append(h.name)
-        strategy = stage["strategy"]
         notes = []
         live: list[str] = []
-        if strategy.get("type") == "BlueGreen":
+        if stage.strategy.type == "BlueGreen":
             with session_scope() as s:
-                ex = Execution(id="<dry-run>", pipeline="", plan=plan)
-                live = live_set(s, ex, stage)
+                live = live_set(s, stage)
             notes.append(f"traffic is live on: {', '.join(live) if live else 'no host yet'}")
         slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
-        phases = [p.to_dict() for p in plan_phases(stage, [h.name for h in hosts],
+        phases = [p.to_dict() for p in plan_phases(stage.strategy, [h.name for h in hosts],
                                                    live=live, slots=slots)] if hosts else []
         sample = hosts[0] if hosts else None
-        steps = [render_step(stage, step, sample) for step in stage["steps"]]
+        raw = stage.to_json()  # command units render from the plan as stored (app.units)
+        steps = [render_step(raw, step, sample) for step in raw["steps"]]
         stages.append({
-            "identifier": stage["identifier"],
-            "service": stage["service"]["identifier"],
-            "environment": stage["environment"]["identifier"],
-            "version": (stage.get("artifact") or {}).get("tag"),
-            "strategy": strategy,
+            "identifier": stage.identifier,
+            "service": stage.service.identifier,
+            "environment": stage.environment.identifier,
+            "version": stage.artifact.tag if stage.artifact else None,
+            "strategy": stage.strategy.to_json(),
             "hosts_by_region": by_region if hosts else "discovered when the run starts",
             "phases": phases,
             "rendered_for": sample.name if sample else None,
@@ -63,4 +60,4 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
             "on_failure": failure_policy(stage),
             "notes": notes,
         })
-    return {"pipeline": plan["identifier"], "name": plan["name"], "stages": stages}
+    return {"pipeline": plan.identifier, "name": plan.name, "stages": stages}

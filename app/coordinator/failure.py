@@ -5,16 +5,16 @@ does: ignore, fail, abort, wait for a person, or roll back.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from sqlmodel import Session, select
 
-from app.coordinator.ledger import finish, summarise_steps
+from app.coordinator.ledger import finish, stage_of, summarise_steps
 from app.coordinator.precedence import stage_action
 from app.coordinator.publish import Dispatch
 from app.coordinator.rollback import begin_rollback
 from app.definitions.base import parse_duration
-from app.definitions.models import INTERVENTION_ACTIONS
+from app.definitions.models import INTERVENTION_ACTIONS, FailureAction
+from app.definitions.plan import DeploymentStagePlan, StepPlan
 from app.models import (
     Execution,
     PhaseRun,
@@ -25,27 +25,26 @@ from app.models import (
 
 
 def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
-                  failures: list[tuple[dict[str, Any] | None, str]], record: PhaseRun | None,
-                  dispatches: list[Dispatch]) -> str:
+                 failures: list[tuple[StepPlan | None, str]], record: PhaseRun | None,
+                 dispatches: list[Dispatch]) -> str:
     """Apply the stage's failure strategy; '' when the failure was overridden (Ignore,
     MarkAsSuccess) and the stage goes on, else what happened."""
-    stage = ex.plan["stages"][run.stage_index]
-    action = stage_action(stage, failures)
-    if action["type"] == "ManualIntervention":
+    action = stage_action(stage_of(ex, run.stage_index), failures)
+    intervention = action.intervention
+    if intervention is not None:
         kind = f"mi-{record.kind if record else 'start'}"
         phase = record.phase if record else -1
         mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
                                            PhaseRun.stage_index == run.stage_index,
                                            PhaseRun.phase == phase,
                                            PhaseRun.kind == kind)).first()
-        spec = action.get("spec") or {}
-        timeout = parse_duration(spec.get("timeout") or "1h")
+        timeout = parse_duration(intervention.timeout)
         if mi is None:
             s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase,
                            kind=kind, hosts=list((record.verdict or {}).get("failed", []))
                            if record else [],
-                           verdict={"error": error, "timeout": spec.get("timeout") or "1h",
-                                    "on_timeout": spec["onTimeout"]["action"]["type"],
+                           verdict={"error": error, "timeout": intervention.timeout,
+                                    "on_timeout": intervention.on_timeout.action.type,
                                     "choices": list(INTERVENTION_ACTIONS)}))
             ex.status = Status.WAITING
             s.add(ex)
@@ -64,11 +63,11 @@ def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
             ex.status = Status.RUNNING
             s.add(ex)
         v = mi.verdict or {}
-        action = {"type": v["chosen"]}
+        action = FailureAction(type=v["chosen"])
         who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
             else f"by {v.get('by')}"
-        error = f"{error}; manual intervention: {action['type']} {who}"
-    kind_of = action["type"]
+        error = f"{error}; manual intervention: {action.type} {who}"
+    kind_of = action.type
     if kind_of in ("Ignore", "MarkAsSuccess") and record is not None:
         verdict = dict(record.verdict or {})
         verdict.update(overridden=kind_of, overridden_failed=verdict.get("failed", []),
@@ -97,14 +96,15 @@ def fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
     return "failed"
 
 
-def failure_policy(stage: dict[str, Any]) -> str:
-    budget = stage["strategy"].get("failureBudget") or {}
-    allowed = budget.get("maxFailedHosts") or 0
-    pct = budget.get("maxFailedPercent") or 0
+def failure_policy(stage: DeploymentStagePlan) -> str:
+    """What happens when hosts of the stage fail, in one sentence (``vmfarm plan``)."""
+    budget = stage.strategy.failure_budget
+    allowed = budget.max_failed_hosts
+    pct = budget.max_failed_percent
     tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
                  if allowed or pct else "any failed host fails the stage")
-    action = stage_action(stage, [(None, "AllErrors")])["type"]
-    how = ("its rollbackSteps run on every host it changed" if stage.get("rollbackSteps")
+    action = stage_action(stage, [(None, "AllErrors")]).type
+    how = ("its rollbackSteps run on every host it changed" if stage.rollback_steps
            else "every host it changed is redeployed with its previous version")
     then = {"StageRollback": f"the stage rolls back ({how}), phases in reverse order",
             "PipelineRollback": f"this stage and the earlier ones roll back ({how})",

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlmodel import select
 
-from app.coordinator.ledger import running_record
+from app.coordinator.ledger import deployment_stage, running_record
 from app.coordinator.machine import advance
 from app.coordinator.routing import unserved_delegates
 from app.coordinator.verdicts import evaluate_phase, prometheus_verdict, within_budget
@@ -36,12 +36,12 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
     # up the coordinator (every other advance of this execution waits for its lock).
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
-        verification = (ex.plan["stages"][stage_index]["strategy"].get("verification") or {}) \
-            if ex is not None else {}
+        verification = deployment_stage(ex, stage_index).strategy.verification \
+            if ex is not None else None
     reasons: list[str] = []
     prom_result: dict[str, Any] | None = None
-    if verification.get("prometheus"):
-        prom_ok, prom_result = prometheus_verdict(verification["prometheus"])
+    if verification is not None and verification.prometheus is not None:
+        prom_ok, prom_result = prometheus_verdict(verification.prometheus)
         if not prom_ok:
             reasons.append(prom_result.get("reason", "prometheus check failed"))
     with session_scope() as s:
@@ -79,10 +79,10 @@ def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
         if found is None:
             return advance(execution_id)
         ex, _, pr = found
-        stage = ex.plan["stages"][stage_index]
+        stage = deployment_stage(ex, stage_index)
         pr.verdict = {**result, "passed": ok, "live": pr.hosts if ok else result.get("live"),
-                      "service": stage["service"]["identifier"],
-                      "environment": stage["environment"]["identifier"]}
+                      "service": stage.service.identifier,
+                      "environment": stage.environment.identifier}
         pr.status = Status.SUCCEEDED if ok else Status.FAILED
         pr.gate_at = utcnow()
         s.add(pr)
@@ -97,7 +97,7 @@ def discovery_done(execution_id: str, stage_index: int, results: list[dict[str, 
         if found is None:
             return advance(execution_id)
         ex, run, rec = found
-        stage_plan = ex.plan["stages"][stage_index]
+        stage_plan = deployment_stage(ex, stage_index)
         verdict = dict(rec.verdict or {})
         errors = [r for r in results if r.get("error")]
         hosts: list[dict[str, Any]] = []
@@ -114,7 +114,7 @@ def discovery_done(execution_id: str, stage_index: int, results: list[dict[str, 
             problem = "; ".join(str(e["error"]) for e in errors)
             error_class = str(errors[0].get("error_class") or "Unknown")
         elif not hosts:
-            problem = (f"stage '{stage_plan['identifier']}' targets no hosts: discovery found "
+            problem = (f"stage '{stage_plan.identifier}' targets no hosts: discovery found "
                        "no running instance that matches")
         elif not problem:
             missing = unserved_delegates(stage_plan, hosts)

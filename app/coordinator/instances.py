@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
-from app.coordinator.ledger import stage_data
+from app.coordinator.ledger import deployment_stage, stage_data
 from app.models import (
     Execution,
     HostStepRun,
@@ -23,10 +23,10 @@ def record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str],
     """Update the per-host ledger: which version now runs where."""
     if not hosts:
         return
-    stage = ex.plan["stages"][run.stage_index]
-    version = (stage.get("artifact") or {}).get("tag")
+    stage = deployment_stage(ex, run.stage_index)
+    version = stage.artifact.tag if stage.artifact else None
     by_name = stage_data(s, ex, run).by_name
-    svc, env = stage["service"]["identifier"], stage["environment"]["identifier"]
+    svc, env = stage.service.identifier, stage.environment.identifier
     by_infra: dict[str, list[str]] = {}
     for name in hosts:
         by_infra.setdefault(by_name[name]["infrastructure"], []).append(name)
@@ -88,8 +88,8 @@ def record_rolled_back(s: Session, ex: Execution, run: StageRun, hosts: list[str
     """Instance rows of hosts that are back on their earlier version."""
     if not hosts:
         return
-    stage = ex.plan["stages"][run.stage_index]
-    svc, env = stage["service"]["identifier"], stage["environment"]["identifier"]
+    stage = deployment_stage(ex, run.stage_index)
+    svc, env = stage.service.identifier, stage.environment.identifier
     targets = (run.rollback or {}).get("hosts", {})
     by_name = {h["name"]: h for h in run.hosts}
     # The whole unique key: index lookups, not a scan of every instance of the service.

@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from app.canvas import HostStepKey
 from app.db import session_scope
+from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan, Plan
 from app.models import (
     Execution,
     HostStepRun,
@@ -47,6 +48,31 @@ _plans: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
 
 
 _stages: OrderedDict[tuple[Any, ...], _StageData] = OrderedDict()
+
+
+_typed: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+
+
+def plan_of(ex: Execution) -> Plan:
+    """The execution's plan, typed (decoded once per process: it never changes)."""
+    key = (ex.id, ex.created_at, id(ex.plan))
+    plan: Plan | None = _memo_get(_typed, key)
+    if plan is None:
+        plan = Plan.of(ex.plan)
+        _memo_put(_typed, key, plan)
+    return plan
+
+
+def stage_of(ex: Execution, index: int) -> DeploymentStagePlan | ApprovalStagePlan:
+    """Stage ``index`` of the execution's plan."""
+    return plan_of(ex).stages[index]
+
+
+def deployment_stage(ex: Execution, index: int) -> DeploymentStagePlan:
+    """Stage ``index``, which is a Deployment stage (the caller knows it)."""
+    stage = stage_of(ex, index)
+    assert isinstance(stage, DeploymentStagePlan), f"stage {index} is {stage.type}"
+    return stage
 
 
 @dataclass
@@ -165,8 +191,7 @@ def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
             return
         if row is None:
             stage = s.get(Execution, key.execution)
-            step_id = stage.plan["stages"][key.stage]["steps"][key.step]["identifier"] \
-                if stage else ""
+            step_id = step_identifier(stage, key) if stage else ""
             row = HostStepRun(idem_key=key.idem, execution_id=key.execution,
                               stage_index=key.stage, phase=key.phase, step_index=key.step,
                               step_id=step_id, host=key.host, region=key.region,
@@ -178,6 +203,13 @@ def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
                 s.add(row)
         except IntegrityError:  # the task claimed it meanwhile: its own outcome wins
             pass
+
+
+def step_identifier(ex: Execution, key: HostStepKey) -> str:
+    """The identifier of the step a key names ('' when it names one of another plan)."""
+    stage = stage_of(ex, key.stage)
+    steps = stage.steps if key.kind == "deploy" else [] if key.src else stage.rollback_steps
+    return steps[key.step].identifier if 0 <= key.step < len(steps) else ""
 
 
 def summarise_steps(s: Session, ex: Execution, run: StageRun) -> None:
@@ -219,15 +251,15 @@ def finish(s: Session, ex: Execution, status: str, *, error: str | None = None) 
     s.add(ex)
 
 
-def all_static(stage: dict[str, Any]) -> bool:
-    return all(i["provider"] == "static" for i in stage["infrastructures"])
+def all_static(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
+    return all(i.provider == "static" for i in stage.infrastructures)
 
 
-def live_set(s: Session, ex: Execution, stage_plan: dict[str, Any]) -> list[str]:
+def live_set(s: Session, stage: DeploymentStagePlan) -> list[str]:
     """Hosts that took traffic after the last successful switch for this service and
     environment (the ledger's memory of blue-green; the switch task checks the real one)."""
-    svc = stage_plan["service"]["identifier"]
-    env = stage_plan["environment"]["identifier"]
+    svc = stage.service.identifier
+    env = stage.environment.identifier
     rows = s.exec(select(PhaseRun).where(col(PhaseRun.kind).in_(["switch", "rollback-switch"]),
                                          PhaseRun.status == Status.SUCCEEDED)
                   .order_by(col(PhaseRun.gate_at).desc()).limit(200)).all()

@@ -18,9 +18,11 @@ from app.coordinator.approvals import decide_approval_stage
 from app.coordinator.discovery import decide_discovery, discover_stage
 from app.coordinator.failure import fail_stage, stage_failed
 from app.coordinator.ledger import (
+    deployment_stage,
     finish,
     live_set,
     lock_execution,
+    plan_of,
     stage_data,
     stage_run,
     summarise_steps,
@@ -30,6 +32,7 @@ from app.coordinator.rollback import decide_rollback
 from app.coordinator.routing import discovered_by_workers, tags_of
 from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
 from app.db import session_scope
+from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan
 from app.errors import ConfigError, SpecError
 from app.models import (
     Execution,
@@ -65,7 +68,7 @@ def advance(execution_id: str) -> str:
 def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
     if ex.status == Status.ROLLING_BACK:
         return decide_rollback(s, ex, dispatches)
-    stages = ex.plan["stages"]
+    stages = plan_of(ex).stages
     while True:
         if ex.current_stage >= len(stages):
             finish(s, ex, Status.SUCCEEDED)
@@ -76,7 +79,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             ex.current_stage += 1
             s.add(ex)
             continue
-        if stage_plan.get("type") == "Approval":
+        if isinstance(stage_plan, ApprovalStagePlan):
             outcome = decide_approval_stage(s, ex, run, stage_plan, dispatches)
             if outcome:
                 return outcome
@@ -99,7 +102,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
             PhaseRun.phase >= (latest if latest is not None else -1))).all()}
-        verification = stage_plan["strategy"].get("verification")
+        verification = stage_plan.strategy.verification
         start = 0 if latest is None else stage_data(s, ex, run).position.get(int(latest), 0)
         for i in range(start, len(run.phases)):
             phase = Phase.from_dict(run.phases[i])
@@ -134,7 +137,8 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         s.add(ex)
 
 
-def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str, Any]) -> str:
+def _start_stage(s: Session, ex: Execution, run: StageRun,
+                 stage_plan: DeploymentStagePlan) -> str:
     """Discover the stage's hosts and plan its phases; '' or an error message."""
     from strategies import plan as plan_phases
 
@@ -142,9 +146,8 @@ def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: dict[str,
         hosts = [Host.from_dict(h) for h in run.hosts] or discover_stage(stage_plan)
         names = [h.name for h in hosts]
         slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
-        live = live_set(s, ex, stage_plan) if stage_plan["strategy"].get("type") == \
-            "BlueGreen" else []
-        phases = plan_phases(stage_plan, names, live=live, slots=slots)
+        live = live_set(s, stage_plan) if stage_plan.strategy.type == "BlueGreen" else []
+        phases = plan_phases(stage_plan.strategy, names, live=live, slots=slots)
     except (ConfigError, SpecError, ValueError) as exc:
         return str(exc)
     # Rewrite the (large) host list only when it was not stored in its normal form already.
@@ -166,19 +169,19 @@ def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
     s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase.index,
                    kind=kind, hosts=list(phase.hosts)))
     s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
-    stage_plan = ex.plan["stages"][run.stage_index]
+    stage_plan = deployment_stage(ex, run.stage_index)
     out.append(Dispatch(kind, ex.id, run.stage_index, phase.index,
-                         [(n, by_name[n]["region"]) for n in phase.hosts],
-                         step_count=len(stage_plan["steps"]),
-                         lanes=stage_plan["strategy"].get("maxConcurrency"),
-                         tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts],
-                                          stage_plan["steps"])))
+                        [(n, by_name[n]["region"]) for n in phase.hosts],
+                        step_count=len(stage_plan.steps),
+                        lanes=stage_plan.strategy.max_concurrency,
+                        tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts],
+                                        stage_plan.steps)))
 
 
 def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
     """What notifications compare (app.notify.snapshot); None when the pipeline has no
     notification rules (nothing to compare, nothing to read)."""
-    if not ex.plan.get("notificationRules"):
+    if not plan_of(ex).notification_rules:
         return None
     from app.notify import snapshot
 

@@ -6,26 +6,29 @@ the failed hosts of one phase the strongest action. Pure functions of the plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from app.definitions.base import parse_duration
+from app.definitions.models import FailureAction
+from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan, StepPlan
+
+Stage = DeploymentStagePlan | ApprovalStagePlan
 
 # When hosts of one phase fail in different ways, the strongest action wins.
 _SEVERITY = ("PipelineRollback", "StageRollback", "Abort", "ManualIntervention", "MarkAsFailure",
              "Ignore", "MarkAsSuccess")
 
 
-def failure_action(step: dict[str, Any] | None, stage: dict[str, Any],
-                   error_class: str) -> dict[str, Any] | None:
+def failure_action(step: StepPlan | None, stage: Stage,
+                   error_class: str) -> FailureAction | None:
     """The action of the first failure strategy matching ``error_class``: the step's own
     entries, then its step group's, then the stage's, then the pipeline's (Harness's
     precedence; the plan lists a stage's entries before the pipeline's)."""
-    own = [*(step or {}).get("failureStrategies", []),
-           *(step or {}).get("groupFailureStrategies", [])]
-    for entry in [*own, *stage.get("failureStrategies", [])]:
-        on = entry["onFailure"]
-        if "AllErrors" in on["errors"] or error_class in on["errors"]:
-            return dict(on["action"])
+    own = [*step.failure_strategies, *step.group_failure_strategies] if step else []
+    stage_level = stage.failure_strategies if isinstance(stage, DeploymentStagePlan) else []
+    for entry in [*own, *stage_level]:
+        on = entry.on_failure
+        if "AllErrors" in on.errors or error_class in on.errors:
+            return on.action
     return None
 
 
@@ -36,37 +39,39 @@ class AfterFailure:
     None when no strategy matches."""
 
     wait: float | None
-    action: dict[str, Any] | None
+    action: FailureAction | None
 
 
-def after_failure(step: dict[str, Any] | None, stage: dict[str, Any], error_class: str,
+def after_failure(step: StepPlan | None, stage: Stage, error_class: str,
                   attempt: int) -> AfterFailure:
     """The one place that decides whether attempt number ``attempt`` of ``step``, failed with
     ``error_class``, is retried and when (``retryCount`` retries after the first attempt, the
     n-th waiting ``retryIntervals[n-1]``, the last interval repeating)."""
     action = failure_action(step, stage, error_class)
-    if action is None or action["type"] != "Retry":
+    retry = action.retry if action is not None else None
+    if retry is None:
         return AfterFailure(None, action)
-    spec = action.get("spec") or {}
-    if attempt - 1 >= int(spec.get("retryCount", 0)):
-        return AfterFailure(None, (spec.get("onRetryFailure") or {}).get("action"))
-    intervals = spec.get("retryIntervals") or ["0s"]
+    if attempt - 1 >= retry.retry_count:
+        return AfterFailure(None, retry.on_retry_failure.action if retry.on_retry_failure
+                            else None)
+    intervals = retry.retry_intervals
     return AfterFailure(parse_duration(intervals[min(attempt - 1, len(intervals) - 1)]), None)
 
 
-def stage_action(stage: dict[str, Any],
-                 failures: list[tuple[dict[str, Any] | None, str]]) -> dict[str, Any]:
+def stage_action(stage: Stage,
+                 failures: list[tuple[StepPlan | None, str]]) -> FailureAction:
     """The failure strategy action for a failed phase (Harness precedence per failure, then the
     strongest across failures). A Retry that ran out gives its onRetryFailure action. With no
     matching strategy a deployment stage rolls back; an approval stage just fails."""
-    default = {"type": "MarkAsFailure"} if stage.get("type") == "Approval" else \
-        {"type": "StageRollback"}
-    chosen: dict[str, Any] | None = None
+    default = FailureAction(type="MarkAsFailure" if isinstance(stage, ApprovalStagePlan)
+                            else "StageRollback")
+    chosen: FailureAction | None = None
     for step, error_class in failures:
         action = failure_action(step, stage, error_class)
-        while action is not None and action["type"] == "Retry":
-            action = ((action.get("spec") or {}).get("onRetryFailure") or {}).get("action")
+        while action is not None and action.retry is not None:
+            action = action.retry.on_retry_failure.action if action.retry.on_retry_failure \
+                else None
         action = action or default
-        if chosen is None or _SEVERITY.index(action["type"]) < _SEVERITY.index(chosen["type"]):
+        if chosen is None or _SEVERITY.index(action.type) < _SEVERITY.index(chosen.type):
             chosen = action
     return chosen or default

@@ -13,12 +13,13 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
-from app.coordinator.ledger import lock_execution, record_lost_step
+from app.coordinator.ledger import lock_execution, record_lost_step, stage_of, step_identifier
 from app.coordinator.machine import advance
 from app.coordinator.retry import after_worker_lost, expire_pending
 from app.coordinator.verdicts import evaluate_phase
 from app.db import session_scope
 from app.definitions.base import parse_duration
+from app.definitions.plan import ApprovalStagePlan
 from app.models import (
     Execution,
     HostStepRun,
@@ -56,10 +57,9 @@ def reconcile(*, now: Any = None) -> list[str]:
             r.finished_at = now
             if not r.step_id:  # claimed, never finished: name its step from the plan
                 owner = s.get(Execution, r.execution_id)
-                stage = owner.plan["stages"][r.stage_index] if owner else {}
-                steps = stage.get("steps" if r.kind == "deploy" else "rollbackSteps") or []
-                r.step_id = steps[r.step_index]["identifier"] if r.step_index < len(steps) \
-                    else ""
+                r.step_id = step_identifier(owner, HostStepKey(
+                    r.execution_id, r.stage_index, r.phase, r.host, r.step_index, r.attempt,
+                    r.region, kind=r.kind)) if owner else ""
             s.add(r)
             touched.add(r.execution_id)
             lost.append(HostStepKey(r.execution_id, r.stage_index, r.phase, r.host,
@@ -68,12 +68,14 @@ def reconcile(*, now: Any = None) -> list[str]:
         for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
                                                 PhaseRun.kind == "approval")).all():
             ex = s.get(Execution, pr.execution_id)
-            step = ex.plan["stages"][pr.stage_index]["approval"] if ex else {}
-            limit = parse_duration(step.get("timeout") or "1d")
+            stage = stage_of(ex, pr.stage_index) if ex else None
+            timeout = (stage.approval.timeout if isinstance(stage, ApprovalStagePlan) else
+                       None) or "1d"
+            limit = parse_duration(timeout)
             if ex is not None and pr.dispatched_at < now - timedelta(seconds=limit):
                 pr.status, pr.gate_at = Status.FAILED, now
                 pr.verdict = {**(pr.verdict or {}),
-                              "reason": f"approval timed out after {step.get('timeout', '1d')}"}
+                              "reason": f"approval timed out after {timeout}"}
                 ex.status = Status.RUNNING
                 s.add(pr)
                 s.add(ex)

@@ -30,11 +30,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
-from app.coordinator.ledger import record_lost_step
+from app.coordinator.ledger import deployment_stage, record_lost_step
 from app.coordinator.precedence import after_failure
 from app.coordinator.publish import Dispatch, publish
 from app.coordinator.routing import queue_served, tags_of
 from app.db import session_scope
+from app.definitions.plan import DeploymentStagePlan
 from app.models import Execution, HostStepRun, PhaseRun, StageRun, Status, utcnow
 from app.settings import get_settings
 
@@ -63,7 +64,7 @@ def schedule_retry(key: HostStepKey, *, wait: float) -> str | None:
             PhaseRun.phase == key.phase, PhaseRun.kind == key.kind)).first()
         if ex is None or pr is None or ex.status in Status.TERMINAL:
             return None
-        stage = ex.plan["stages"][key.stage]
+        stage = deployment_stage(ex, key.stage)
         run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
                                             StageRun.stage_index == key.stage)).one()
         by_name = {h["name"]: h for h in run.hosts}
@@ -73,16 +74,16 @@ def schedule_retry(key: HostStepKey, *, wait: float) -> str | None:
             HostStepRun.phase == key.phase, HostStepRun.kind == key.kind,
             HostStepRun.status != Status.PENDING)).all()}
         followers = [h for h in lane_followers(list(pr.hosts),
-                                               stage["strategy"].get("maxConcurrency"),
+                                               stage.strategy.max_concurrency,
                                                key.host)
                      if h not in claimed and h != key.host]
-        steps = stage["steps"]
+        steps = stage.steps
 
         def pending(k: HostStepKey) -> HostStepRun:
             # started_at is when the attempt may start; a worker's claim sets the real time.
             return HostStepRun(idem_key=k.idem, execution_id=k.execution, stage_index=k.stage,
                                phase=k.phase, step_index=k.step,
-                               step_id=steps[k.step]["identifier"], kind=k.kind, host=k.host,
+                               step_id=steps[k.step].identifier, kind=k.kind, host=k.host,
                                region=k.region, attempt=k.attempt, status=Status.PENDING,
                                started_at=now, heartbeat_at=now)
 
@@ -122,7 +123,7 @@ def after_worker_lost(key: HostStepKey) -> str:
             PhaseRun.phase == key.phase, PhaseRun.kind == key.kind)).first()
         if ex is None or pr is None or key.kind != "deploy" or ex.status in Status.TERMINAL:
             return "nothing more to do"
-        stage = ex.plan["stages"][key.stage]
+        stage = deployment_stage(ex, key.stage)
         run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
                                             StageRun.stage_index == key.stage)).one()
         regions = {h["name"]: h["region"] for h in run.hosts}
@@ -130,13 +131,12 @@ def after_worker_lost(key: HostStepKey) -> str:
             HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
             HostStepRun.phase == key.phase, HostStepRun.status != Status.PENDING)).all()}
         followers = [h for h in lane_followers(list(pr.hosts),
-                                               stage["strategy"].get("maxConcurrency"),
+                                               stage.strategy.max_concurrency,
                                                key.host) if h not in started]
-        decision = after_failure(stage["steps"][key.step], stage, "DelegateRestart",
+        decision = after_failure(stage.steps[key.step], stage, "DelegateRestart",
                                  key.attempt)
         by_name = {h["name"]: h for h in run.hosts}
-        route: dict[tuple[str, int], tuple[str, ...]] = tags_of(stage, [by_name[key.host]],
-                                                                stage["steps"])
+        route = tags_of(stage, [by_name[key.host]], stage.steps)
     if decision.wait is not None and not queue_served(
             key.region, route.get((key.host, key.step), ())):
         with session_scope() as s:
@@ -156,13 +156,13 @@ def after_worker_lost(key: HostStepKey) -> str:
         f"; {', '.join(followers)} never ran" if followers else "")
 
 
-def retry_due(stage: dict[str, Any], row: HostStepRun) -> bool:
+def retry_due(stage: DeploymentStagePlan, row: HostStepRun) -> bool:
     """A step whose worker was lost (DelegateRestart) and whose strategy retries it, in the
     moment between the reconciler recording the loss and recording the retry: not done."""
     if row.status != Status.FAILED or row.error_class != "DelegateRestart" or \
             row.kind != "deploy" or NOT_RETRIED in (row.error or ""):
         return False
-    return after_failure(stage["steps"][row.step_index], stage, "DelegateRestart",
+    return after_failure(stage.steps[row.step_index], stage, "DelegateRestart",
                          row.attempt).wait is not None
 
 

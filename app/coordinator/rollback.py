@@ -24,11 +24,20 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app.coordinator.ledger import deferred, finish, stage_run, summarise_steps
+from app.coordinator.ledger import (
+    deferred,
+    deployment_stage,
+    finish,
+    plan_of,
+    stage_of,
+    stage_run,
+    summarise_steps,
+)
 from app.coordinator.publish import Dispatch
 from app.coordinator.routing import tags_of
 from app.coordinator.verdicts import evaluate_phase
 from app.db import session_scope
+from app.definitions.plan import DeploymentStagePlan, Plan
 from app.models import (
     Execution,
     HostStepRun,
@@ -62,21 +71,19 @@ def changed_hosts(s: Session, execution_id: str, stage_index: int) -> set[str]:
     return {r.host for r in rows if _touched(r)}
 
 
-def _source_stage(plan: dict[str, Any], service: str, environment: str) -> int | None:
-    for i, st in enumerate(plan["stages"]):
-        if st.get("type") == "Approval":
-            continue
-        if (st["service"]["identifier"], st["environment"]["identifier"]) == (service,
-                                                                              environment):
+def _source_stage(plan: Plan, service: str, environment: str) -> int | None:
+    for i, st in enumerate(plan.stages):
+        if isinstance(st, DeploymentStagePlan) and \
+                (st.service.identifier, st.environment.identifier) == (service, environment):
             return i
     return None
 
 
-def rollback_target(s: Session, stage: dict[str, Any], host: dict[str, Any],
+def rollback_target(s: Session, stage: DeploymentStagePlan, host: dict[str, Any],
                     deployed_by: str) -> dict[str, Any]:
     """What ``host`` returns to: {"version", "source": [execution, stage] | None, "steps",
     "reason"} where ``reason`` says why there is no source."""
-    svc, env = stage["service"]["identifier"], stage["environment"]["identifier"]
+    svc, env = stage.service.identifier, stage.environment.identifier
     inst = s.exec(select(Instance).where(
         Instance.service == svc, Instance.environment == env,
         Instance.infrastructure == host["infrastructure"],
@@ -92,21 +99,21 @@ def rollback_target(s: Session, stage: dict[str, Any], host: dict[str, Any],
         return {"version": version, "source": None, "steps": 0,
                 "reason": "no earlier version recorded (first deployment on this host)"}
     source = s.get(Execution, source_id)
-    index = _source_stage(source.plan, svc, env) if source else None
+    index = _source_stage(plan_of(source), svc, env) if source else None
     if source is None or index is None:
         return {"version": version, "source": None, "steps": 0,
                 "reason": f"the execution {source_id} that deployed {version} is no longer in "
                           "the ledger"}
     return {"version": version, "source": [source_id, index],
-            "steps": len(source.plan["stages"][index]["steps"]), "reason": None}
+            "steps": len(plan_of(source).stages[index].steps), "reason": None}
 
 
 def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, Any]:
     """The stage's rollback plan: {"mode", "phases": [...reverse order...], "hosts": {...}}."""
-    stage = ex.plan["stages"][run.stage_index]
+    stage = deployment_stage(ex, run.stage_index)
     ledger = (ex.rollback or {}).get("of") or ex.id  # `vmfarm rollback` reads the original run
     changed = changed_hosts(s, ledger, run.stage_index) & {h["name"] for h in run.hosts}
-    custom = stage.get("rollbackSteps") or []
+    custom = stage.rollback_steps
     by_name = {h["name"]: h for h in run.hosts}
     hosts: dict[str, dict[str, Any]] = {}
     phases: list[dict[str, Any]] = []
@@ -161,13 +168,13 @@ def begin_rollback(s: Session, ex: Execution, run: StageRun, error: str, *, scop
     stages = [run.stage_index]
     if scope == "PipelineRollback":
         for i in range(run.stage_index - 1, -1, -1):
-            if ex.plan["stages"][i].get("type") == "Approval":
+            if stage_of(ex, i).type == "Approval":
                 continue
             earlier = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                                     StageRun.stage_index == i)).one()
             if earlier.status in (Status.SUCCEEDED, Status.FAILED):
                 stages.append(i)
-    if ex.plan["stages"][run.stage_index].get("type") == "Approval":
+    if stage_of(ex, run.stage_index).type == "Approval":
         stages.remove(run.stage_index)
     summarise_steps(s, ex, run)
     run.status = Status.ABORTED if cause == "aborted" else Status.FAILED
@@ -263,12 +270,12 @@ def _dispatch_rollback(s: Session, ex: Execution, run: StageRun, ph: dict[str, A
         t = targets[name]
         src = t.get("source") if builtin else None
         steps_of[name] = (int(t["steps"]), (str(src[0]), int(src[1])) if src else None)
-    stage = ex.plan["stages"][run.stage_index]
+    stage = deployment_stage(ex, run.stage_index)
     out.append(Dispatch("rollback", ex.id, run.stage_index, ph["index"],
                          [(n, by_name[n]["region"]) for n in ph["hosts"]],
-                         lanes=stage["strategy"].get("maxConcurrency"), steps_of=steps_of,
+                         lanes=stage.strategy.max_concurrency, steps_of=steps_of,
                          tags_of=tags_of(stage, [by_name[n] for n in ph["hosts"]],
-                                          stage.get("rollbackSteps") or stage["steps"])))
+                                          stage.rollback_steps or stage.steps)))
 
 
 def rollback_plan(execution_id: str) -> dict[str, Any]:
@@ -287,14 +294,14 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
         stages = []
         for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
                           .order_by(col(StageRun.stage_index).desc())).all():
-            stage = ex.plan["stages"][run.stage_index]
-            if stage.get("type") == "Approval" or run.status != Status.SUCCEEDED:
+            stage = stage_of(ex, run.stage_index)
+            if not isinstance(stage, DeploymentStagePlan) or run.status != Status.SUCCEEDED:
                 continue
             by_name = {h["name"]: h for h in run.hosts}
             for name in changed_hosts(s, execution_id, run.stage_index) & set(by_name):
                 inst = s.exec(select(Instance).where(
-                    Instance.service == stage["service"]["identifier"],
-                    Instance.environment == stage["environment"]["identifier"],
+                    Instance.service == stage.service.identifier,
+                    Instance.environment == stage.environment.identifier,
                     Instance.infrastructure == by_name[name]["infrastructure"],
                     Instance.host == name)).first()
                 if inst is not None and inst.execution_id != execution_id:
@@ -304,8 +311,8 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
                         "back first")
             plan = plan_stage_rollback(s, probe, run)
             current = {i.host: i.version for i in s.exec(select(Instance).where(
-                Instance.service == stage["service"]["identifier"],
-                Instance.environment == stage["environment"]["identifier"],
+                Instance.service == stage.service.identifier,
+                Instance.environment == stage.environment.identifier,
                 col(Instance.host).in_(list(by_name)))).all()}
             skipped = {h: why for ph in plan["phases"] for h, why in ph["skipped"].items()}
             hosts = []
@@ -317,9 +324,9 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
                 hosts.append({"host": name, "region": by_name[name]["region"],
                               "from": current.get(name), "to": t.get("version"), "how": how,
                               "skipped": skipped.get(name)})
-            stages.append({"stage": stage["identifier"],
-                           "service": stage["service"]["identifier"],
-                           "environment": stage["environment"]["identifier"],
+            stages.append({"stage": stage.identifier,
+                           "service": stage.service.identifier,
+                           "environment": stage.environment.identifier,
                            "phases_in_order": [{"phase": ph["name"], "hosts": ph["hosts"]}
                                                for ph in plan["phases"]],
                            "hosts": hosts})

@@ -7,24 +7,35 @@ import logging
 from typing import Any
 
 from app.coordinator.ledger import all_static
+from app.definitions.plan import (
+    ApprovalStagePlan,
+    DeploymentStagePlan,
+    InfrastructurePlan,
+    StepPlan,
+)
 from app.settings import get_settings
 
 log = logging.getLogger("vmfarm.coordinator")
 
 
-def wanted_tags(stage: dict[str, Any], host: dict[str, Any],
-                 step: dict[str, Any] | None) -> tuple[str, ...]:
+def wanted_tags(stage: DeploymentStagePlan, host: dict[str, Any],
+                step: StepPlan | None) -> tuple[str, ...]:
     """The worker tags a task on ``host`` needs: the pipeline's and stage's selectors, its
     infrastructure's, and the step's own."""
-    infra: dict[str, Any] = next((i for i in stage.get("infrastructures", [])
-                                  if i["identifier"] == host.get("infrastructure")), {})
-    tags = {*(stage.get("delegateSelectors") or []),
-            *((infra.get("spec") or {}).get("delegateSelectors") or []),
-            *(((step or {}).get("spec") or {}).get("delegateSelectors") or [])}
+    infra = next((i for i in stage.infrastructures
+                  if i.identifier == host.get("infrastructure")), None)
+    tags = {*stage.delegate_selectors,
+            *((infra.spec.get("delegateSelectors") or []) if infra else []),
+            *(getattr(step.spec, "delegate_selectors", []) if step is not None else [])}
     return tuple(sorted(tags))
 
 
-def choose_tags(stage: dict[str, Any], region: str,
+def infra_tags(stage: DeploymentStagePlan, infra: InfrastructurePlan) -> tuple[str, ...]:
+    """The worker tags that list an infrastructure's hosts (discovery)."""
+    return wanted_tags(stage, {"infrastructure": infra.identifier}, None)
+
+
+def choose_tags(stage: DeploymentStagePlan, region: str,
                  tags: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str]:
     """(the tags to route with, a note) for a task of ``region`` that wants ``tags``: the live
     workers with them, else the stage's delegateFallback; (None, why) when nobody can serve."""
@@ -35,7 +46,7 @@ def choose_tags(stage: dict[str, Any], region: str,
     choice = resolve_queue(region, tags)
     if choice.queue:
         return tuple(choice.tags), ""
-    fallback = stage.get("delegateFallback")
+    fallback = stage.delegate_fallback
     if fallback is not None:
         second = resolve_queue(region, fallback, True)
         if second.queue:
@@ -45,15 +56,16 @@ def choose_tags(stage: dict[str, Any], region: str,
     return None, choice.message
 
 
-def tags_of(stage: dict[str, Any], hosts: list[dict[str, Any]],
-             steps: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[str, ...]]:
+def tags_of(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
+            steps: list[StepPlan]) -> dict[tuple[str, int], tuple[str, ...]]:
     """Routing tags per (host, step index), step -1 being the host's verification checks. A
     requirement no live worker serves keeps its tags: the task waits in its queue for one
     (and fails with Timeout past its dispatch deadline)."""
     out: dict[tuple[str, int], tuple[str, ...]] = {}
     memo: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = {}
     for h in hosts:
-        for i, step in [(-1, None), *enumerate(steps)]:
+        pairs: list[tuple[int, StepPlan | None]] = [(-1, None), *enumerate(steps)]
+        for i, step in pairs:
             want = wanted_tags(stage, h, step)
             if not want:
                 continue
@@ -61,14 +73,14 @@ def tags_of(stage: dict[str, Any], hosts: list[dict[str, Any]],
             if k not in memo:
                 chosen, note = choose_tags(stage, h["region"], want)
                 if note:
-                    log.warning("stage %s: %s", stage.get("identifier"), note)
+                    log.warning("stage %s: %s", stage.identifier, note)
                 memo[k] = want if chosen is None else chosen
             if memo[k]:
                 out[(h["name"], i)] = memo[k]
     return out
 
 
-def unserved_delegates(stage: dict[str, Any], hosts: list[dict[str, Any]]) -> list[str]:
+def unserved_delegates(stage: DeploymentStagePlan, hosts: list[dict[str, Any]]) -> list[str]:
     """Why no live worker could take some of the stage's tasks (empty when all can)."""
     problems: dict[str, None] = {}
     seen: set[tuple[Any, Any]] = set()
@@ -77,7 +89,7 @@ def unserved_delegates(stage: dict[str, Any], hosts: list[dict[str, Any]]) -> li
         if (h.get("infrastructure"), h["region"]) in seen:
             continue
         seen.add((h.get("infrastructure"), h["region"]))
-        for step in [None, *stage.get("steps", [])]:
+        for step in [None, *stage.steps]:
             want = wanted_tags(stage, h, step)
             chosen, why = choose_tags(stage, h["region"], want)
             if chosen is None:
@@ -103,15 +115,15 @@ def queue_served(region: str, tags: tuple[str, ...] = ()) -> bool:
     return any(q.get("name") == queue for qs in replies.values() for q in qs or [])
 
 
-def discovered_by_workers(stage_plan: dict[str, Any]) -> bool:
+def discovered_by_workers(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
     """Cloud hosts are listed by the region's workers (they hold its credentials); embedded
     runs, and static host lists, need no task."""
-    return not get_settings().embedded and not all_static(stage_plan)
+    return not get_settings().embedded and not all_static(stage)
 
 
-def discovery_region(infra: dict[str, Any]) -> str:
+def discovery_region(infra: InfrastructurePlan) -> str:
     """The region whose workers list an infrastructure's hosts: its ``region``, else the first
     of ``hostFilter.spec.regions``, else ``default``."""
-    spec = infra.get("spec") or {}
+    spec = infra.spec
     regions = ((spec.get("hostFilter") or {}).get("spec") or {}).get("regions") or []
     return str(spec.get("region") or (regions[0] if regions else "") or "default")

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from sqlmodel import col, select
 
 from app.coordinator.discovery import discover_stage
-from app.coordinator.ledger import all_static, new_execution_id
+from app.coordinator.ledger import all_static, new_execution_id, plan_of
 from app.coordinator.machine import advance
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import (
     choose_tags,
     discovered_by_workers,
     discovery_region,
+    infra_tags,
     unserved_delegates,
-    wanted_tags,
 )
 from app.db import session_scope
+from app.definitions.plan import DeploymentStagePlan, Plan
 from app.errors import ConfigError
 from app.models import (
     Execution,
@@ -54,39 +54,40 @@ def submit(
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id=execution_id)
     who = user or get_settings().user or ""
-    rbac.guard("run", user=who, plan=plan, execution_id=execution_id)
-    warnings = policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
+    data = plan.to_json()  # what the ledger stores; rules and policies read it as documents
+    rbac.guard("run", user=who, plan=data, execution_id=execution_id)
+    warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
-    refused = [f"stage '{st['identifier']}': {why}"
-               for st, hosts in zip(plan["stages"], host_dicts, strict=True)
+    deployments = [(st, hosts) for st, hosts in zip(plan.stages, host_dicts, strict=True)
+                   if isinstance(st, DeploymentStagePlan)]
+    refused = [f"stage '{st.identifier}': {why}" for st, hosts in deployments
                for why in unserved_delegates(st, hosts)]
     # Cloud hosts are listed by their region's workers: one with the tags must be live.
-    refused += [f"stage '{st['identifier']}', infrastructure '{infra['identifier']}': {why}"
-                for st in plan["stages"] if st.get("type") != "Approval"
-                and discovered_by_workers(st) for infra in st["infrastructures"]
-                for chosen, why in [choose_tags(
-                    st, discovery_region(infra),
-                    wanted_tags(st, {"infrastructure": infra["identifier"]}, None))]
+    refused += [f"stage '{st.identifier}', infrastructure '{infra.identifier}': {why}"
+                for st, _ in deployments if discovered_by_workers(st)
+                for infra in st.infrastructures
+                for chosen, why in [choose_tags(st, discovery_region(infra),
+                                                infra_tags(st, infra))]
                 if chosen is None]
     if refused:  # nothing is recorded: no live worker could take this work
         raise ConfigError("; ".join(refused) + " (start one with `vmfarm worker --region R "
                           "--tags ...`, or give the stage a delegateFallback)")
     with session_scope() as s:
         ex = Execution(
-            id=execution_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
-            plan=plan, inputs={k: str(v) for k, v in (inputs or {}).items()},
+            id=execution_id, pipeline=plan.identifier, pipeline_name=plan.name,
+            plan=data, inputs={k: str(v) for k, v in (inputs or {}).items()},
             created_by=user or get_settings().user or "",
         )
         s.add(ex)
         s.flush()
-        for i, stage in enumerate(plan["stages"]):
+        for i, stage in enumerate(plan.stages):
             s.add(StageRun(execution_id=execution_id, stage_index=i,
-                           identifier=stage["identifier"], name=stage["name"],
+                           identifier=stage.identifier, name=stage.name,
                            hosts=host_dicts[i]))
-            for j, step in enumerate(stage["steps"]):
+            for j, step in enumerate(stage.steps):
                 s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
-                              identifier=step["identifier"], name=step.get("name", "")))
-    audit.record("run", user=who, execution_id=execution_id, pipeline=plan["identifier"],
+                              identifier=step.identifier, name=step.name))
+    audit.record("run", user=who, execution_id=execution_id, pipeline=plan.identifier,
                  detail={"inputs": sorted(inputs or {}),
                          "policy_warnings": [f.to_dict() for f in warnings]},
                  outcome="submitted")
@@ -96,7 +97,7 @@ def submit(
 
 
 def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,
-            execution_id: str) -> tuple[dict[str, Any], list[list[Host]]]:
+            execution_id: str) -> tuple[Plan, list[list[Host]]]:
     """Load, validate and resolve the files; discover static hosts (bad input raises)."""
     from app.definitions import choose_pipeline, load, resolve
 
@@ -105,8 +106,8 @@ def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, 
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts = [discover_stage(st) if st.get("type") != "Approval" and all_static(st)
-                   else [] for st in plan["stages"]]
+    stage_hosts = [discover_stage(st) if isinstance(st, DeploymentStagePlan) and all_static(st)
+                   else [] for st in plan.stages]
     return plan, stage_hosts
 
 
@@ -129,7 +130,7 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                                                 HostStepRun.kind == "deploy")).all()
         approvals = {p.stage_index: p.status for p in s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval")).all()}
-        plan, inputs, stages = ex.plan, dict(ex.inputs), []
+        plan, inputs, stages = plan_of(ex), dict(ex.inputs), []
         for run in runs:
             latest: dict[tuple[str, int], HostStepRun] = {}
             for r in rows:
@@ -137,13 +138,13 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                     k = (r.host, r.step_index)
                     if k not in latest or r.attempt > latest[k].attempt:
                         latest[k] = r
-            n_steps = len(plan["stages"][run.stage_index]["steps"])
+            n_steps = len(plan.stages[run.stage_index].steps)
             redo = [h for h in run.hosts
                     if not all((latest.get((h["name"], i)) is not None
                                 and latest[(h["name"], i)].status in Status.PASSED)
                                for i in range(n_steps))]
             skip = (approvals.get(run.stage_index) == Status.SUCCEEDED
-                    if plan["stages"][run.stage_index].get("type") == "Approval"
+                    if plan.stages[run.stage_index].type == "Approval"
                     else not redo)
             stages.append((run, redo, skip))
     if all(skip for _, _, skip in stages):
@@ -151,19 +152,19 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
     new_id = new_execution_id()
     # <+pipeline.executionId> was rendered into the plan: the retry is a new execution, so it
     # names its own id (ids are 12 random hex digits: replacing them is exact).
-    plan = json.loads(json.dumps(plan).replace(execution_id, new_id))
+    data = json.loads(json.dumps(plan.to_json()).replace(execution_id, new_id))
     with session_scope() as s:
-        s.add(Execution(id=new_id, pipeline=plan["identifier"], pipeline_name=plan["name"],
-                        plan=plan, inputs={**inputs, "retry_of": execution_id},
+        s.add(Execution(id=new_id, pipeline=plan.identifier, pipeline_name=plan.name,
+                        plan=data, inputs={**inputs, "retry_of": execution_id},
                         created_by=user or get_settings().user or ""))
         s.flush()
         for run, redo, skip in stages:
             s.add(StageRun(execution_id=new_id, stage_index=run.stage_index,
                            identifier=run.identifier, name=run.name, hosts=redo,
                            status=Status.SKIPPED if skip else Status.PENDING))
-            for j, step in enumerate(plan["stages"][run.stage_index]["steps"]):
+            for j, step in enumerate(plan.stages[run.stage_index].steps):
                 s.add(StepRun(execution_id=new_id, stage_index=run.stage_index, step_index=j,
-                              identifier=step["identifier"], name=step.get("name", "")))
+                              identifier=step.identifier, name=step.name))
     if publish:
         advance(new_id)
     return new_id
@@ -179,27 +180,28 @@ def rollback_execution(execution_id: str, *, user: str = "", publish: bool = Tru
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
         assert ex is not None
-        order = [i for i, st in enumerate(ex.plan["stages"])
-                 if st["identifier"] in {x["stage"] for x in plan["stages"]}][::-1]
+        stored = plan_of(ex)
+        order = [i for i, st in enumerate(stored.stages)
+                 if st.identifier in {x["stage"] for x in plan["stages"]}][::-1]
         runs = {r.stage_index: r for r in s.exec(select(StageRun).where(
             StageRun.execution_id == execution_id)).all()}
         s.add(Execution(id=new_id, pipeline=ex.pipeline, pipeline_name=ex.pipeline_name,
                         plan=ex.plan, inputs={**ex.inputs, "rollback_of": execution_id},
                         created_by=user or get_settings().user or "",
                         status=Status.ROLLING_BACK, started_at=utcnow(),
-                        current_stage=len(ex.plan["stages"]),
+                        current_stage=len(stored.stages),
                         rollback={"cause": "requested", "scope": "PipelineRollback",
                                   "stages": order, "of": execution_id,
                                   "error": f"rollback of {execution_id}"}))
         s.flush()
-        for i, st in enumerate(ex.plan["stages"]):
+        for i, st in enumerate(stored.stages):
             old = runs[i]
             s.add(StageRun(execution_id=new_id, stage_index=i, identifier=old.identifier,
                            name=old.name, hosts=old.hosts, phases=old.phases,
                            status=Status.PENDING if i in order else Status.SKIPPED))
-            for j, step in enumerate(st.get("steps", [])):
+            for j, step in enumerate(st.steps):
                 s.add(StepRun(execution_id=new_id, stage_index=i, step_index=j,
-                              identifier=step["identifier"], name=step.get("name", "")))
+                              identifier=step.identifier, name=step.name))
     if publish:
         advance(new_id)
     return new_id

@@ -10,8 +10,10 @@ from sqlalchemy import Text, cast, or_
 from sqlmodel import Session, col, select
 
 from app.coordinator.instances import record_instances, record_rolled_back
-from app.coordinator.ledger import deferred
+from app.coordinator.ledger import deferred, deployment_stage
 from app.coordinator.retry import retry_due
+from app.definitions.models import PrometheusCheck
+from app.definitions.plan import DeploymentStagePlan, StepPlan
 from app.models import (
     Execution,
     HostStepRun,
@@ -36,11 +38,12 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     """
     kind = "rollback" if pr.kind == "rollback" else "deploy"
     targets = (run.rollback or {}).get("hosts", {})
+    stage_plan = deployment_stage(ex, run.stage_index)
 
     def n_steps(host: str) -> int:
         if kind == "rollback":
             return int((targets.get(host) or {}).get("steps", 0))
-        return len(ex.plan["stages"][run.stage_index]["steps"])
+        return len(stage_plan.steps)
 
     rows = s.exec(select(HostStepRun).where(
         HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
@@ -54,7 +57,6 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
             by_host[r.host][r.step_index] = r
     failed: list[str] = []
     per_host: dict[str, dict[str, Any]] = {}
-    stage_plan = ex.plan["stages"][run.stage_index]
     for host in pr.hosts:
         steps = by_host.get(host, {})
         # Work in flight: a running step, or an attempt that waits for its retry (recorded
@@ -111,10 +113,9 @@ def within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
 
     Like Ansible's max_fail_percentage, the budget must be *exceeded* to fail.
     """
-    budget = ex.plan["stages"][run.stage_index]["strategy"].get("failureBudget") or {}
+    budget = deployment_stage(ex, run.stage_index).strategy.failure_budget
     total = len(run.hosts)
-    allowed = max(int(budget.get("maxFailedHosts", 0)),
-                  int(float(budget.get("maxFailedPercent", 0.0)) * total / 100))
+    allowed = max(budget.max_failed_hosts, int(budget.max_failed_percent * total / 100))
     # Only the verdicts that may name failed hosts: a passed phase whose verdict says
     # "failed": [] is left out in SQL (a verdict with any other text is read and checked).
     earlier = {h for v in s.exec(select(PhaseRun.verdict).where(
@@ -129,21 +130,21 @@ def within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
     return count <= allowed, f"{rule}; {count} failed so far"
 
 
-def prometheus_verdict(spec: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+def prometheus_verdict(check: PrometheusCheck) -> tuple[bool, dict[str, Any]]:
     """Query Prometheus once for the phase and judge the value (app.verify.evaluate)."""
     from app.verify.probes import evaluate, prometheus_query
 
-    url = spec.get("url") or get_settings().prometheus_url
+    url = check.url or get_settings().prometheus_url
     if not url:
         return False, {"reason": "a prometheus check needs a URL (prometheus.url or "
                                  "VMFARM_PROMETHEUS_URL)"}
-    criterion = {k: spec[k] for k in ("query", "below", "above") if spec.get(k) is not None}
+    criterion = check.model_dump(include={"query", "below", "above"}, exclude_none=True)
     try:
-        value = prometheus_query(url, spec["query"])
+        value = prometheus_query(url, check.query)
         ok, reasons = evaluate({"prometheus": criterion}, {"prometheus": value})
     except Exception as exc:  # a broken metric source fails the gate, with the reason
-        return False, {"query": spec["query"], "reason": f"prometheus check failed: {exc}"}
-    return ok, {"query": spec["query"], "value": value, "reason": "; ".join(reasons)}
+        return False, {"query": check.query, "reason": f"prometheus check failed: {exc}"}
+    return ok, {"query": check.query, "value": value, "reason": "; ".join(reasons)}
 
 
 def phase_failure(phase: Phase, record: PhaseRun) -> str:
@@ -158,10 +159,10 @@ def phase_failure(phase: Phase, record: PhaseRun) -> str:
     return f"{len(failed)} host(s) {what} in {phase.name}: {hosts}{extra}"
 
 
-def failures_of(stage: dict[str, Any], pr: PhaseRun) -> list[tuple[dict[str, Any] | None, str]]:
+def failures_of(stage: DeploymentStagePlan, pr: PhaseRun) -> list[tuple[StepPlan | None, str]]:
     """(failed step, error class) per failed host of a deploy phase."""
-    steps = {st["identifier"]: st for st in stage["steps"]}
-    out: list[tuple[dict[str, Any] | None, str]] = []
+    steps = {st.identifier: st for st in stage.steps}
+    out: list[tuple[StepPlan | None, str]] = []
     for f in ((pr.verdict or {}).get("failures") or {}).values():
         out.append((steps.get(f.get("step") or ""), f.get("error_class") or "Unknown"))
     return out or [(None, "Unknown")]

@@ -7,7 +7,7 @@ not a silently ignored setting; field names follow the files (camelCase) through
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 from pydantic.alias_generators import to_camel
@@ -51,6 +51,10 @@ class Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, alias_generator=to_camel, frozen=False
     )
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON, camelCase as the files write it (for rows, messages and output)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def identifier_of(name: str) -> str:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -32,6 +32,9 @@ from app.definitions.expressions import (
 )
 from app.definitions.yamlload import Document, dotted, load_documents
 from app.errors import SpecError, SpecErrors
+
+if TYPE_CHECKING:
+    from app.definitions.plan import Plan
 
 YAML_SUFFIXES = (".yaml", ".yml")
 MAX_ERRORS = 50
@@ -1003,8 +1006,10 @@ def choose_pipeline(bundle: Bundle, pipeline: str | None) -> Loaded:
                     + ", ".join(sorted(bundle.pipelines)) + ")", file="--pipeline")
 
 
-def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> dict[str, Any]:
-    """The whole pipeline as the plain data an execution stores."""
+def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> Plan:
+    """The whole pipeline as an execution runs it (stored with ``Plan.to_json()``)."""
+    from app.definitions.plan import Plan
+
     errs = _Collector()
     stages = []
     for i in range(len(pipeline.model.spec.stages)):
@@ -1013,11 +1018,11 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> dict[str,
         except (SpecError, SpecErrors) as exc:
             errs.absorb(exc)
     errs.raise_if_any()
-    return {
+    return Plan.model_validate({
         "identifier": pipeline.ident,
         "name": pipeline.model.metadata.name,
         "files": sorted({d.file for d in [*bundle.documents, *bundle.templates]}),  # + templates
         "stages": stages,
         "notificationRules": [r.model_dump(mode="json", by_alias=True, exclude_none=True)
                                for r in pipeline.model.spec.notification_rules],
-    }
+    })

@@ -353,6 +353,17 @@ class FailureAction(Model):
             ManualInterventionSpec.model_validate(self.spec)
         return self
 
+    @property
+    def retry(self) -> RetrySpec | None:
+        """A Retry's spec, typed (None for any other action)."""
+        return RetrySpec.model_validate(self.spec) if self.type == "Retry" else None
+
+    @property
+    def intervention(self) -> ManualInterventionSpec | None:
+        """A ManualIntervention's spec, typed (None for any other action)."""
+        return ManualInterventionSpec.model_validate(self.spec) \
+            if self.type == "ManualIntervention" else None
+
 
 class TimeoutAction(Model):
     type: Literal["Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",

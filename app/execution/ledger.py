@@ -29,6 +29,7 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.db import claim_once, retrying, session_scope
 from app.definitions.expressions import Context
+from app.definitions.plan import DeploymentStagePlan
 from app.execution.logs import heartbeats
 from app.models import Execution, HostStepRun, StageRun, Status, utcnow
 
@@ -60,6 +61,23 @@ def stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
         with _plan_lock:
             hit = _plan_cache.get(key)
         return hit or _read_stage_data(execution_id, stage_index)
+
+
+_typed: dict[tuple[str, int], DeploymentStagePlan] = {}
+
+
+def typed_stage(execution_id: str, stage_index: int) -> DeploymentStagePlan:
+    """The resolved stage, typed (decoded once per process)."""
+    key = (execution_id, stage_index)
+    with _plan_lock:
+        hit = _typed.get(key)
+    if hit is None:
+        hit = DeploymentStagePlan.model_validate(stage_data(execution_id, stage_index)[0])
+        with _plan_lock:
+            if len(_typed) > 256:
+                _typed.clear()
+            _typed[key] = hit
+    return hit
 
 
 def _read_stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],

@@ -29,6 +29,7 @@ from app.execution.ledger import (
     stage_data,
     step_of,
     summary,
+    typed_stage,
 )
 from app.execution.logs import LogSink, heartbeats
 from app.execution.units import (
@@ -63,20 +64,20 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
     if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
         return summary  # a rollback step's failure is recorded; the rollback verdict decides
-    stage, _ = stage_data(key.execution, key.stage)
-    step = stage["steps"][key.step]
+    stage = typed_stage(key.execution, key.stage)
+    step = stage.steps[key.step]
     after = after_failure(step, stage, summary.get("error_class") or "Unknown", key.attempt)
     if after.wait is not None:
         scheduled = schedule_retry(key, wait=after.wait)
         log.info("%s failed; retry: %s", key.idem, scheduled or "already scheduled")
         return {**summary, "handover": True}
     action = after.action
-    if action is None or action["type"] not in ("Ignore", "MarkAsSuccess", "Abort"):
+    if action is None or action.type not in ("Ignore", "MarkAsSuccess", "Abort"):
         return summary  # failed; rollback and manual intervention are the coordinator's
     note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
-            "Abort": "aborted the execution"}[action["type"]]
+            "Abort": "aborted the execution"}[action.type]
     status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
-        action["type"], Status.FAILED)
+        action.type, Status.FAILED)
     def record() -> None:
         with session_scope() as s:
             row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
@@ -86,7 +87,7 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
             s.add(row)
 
     retrying(record, what=f"recording the failure strategy of {key.idem}")
-    if action["type"] == "Abort":
+    if action.type == "Abort":
         from app.coordinator import abort
 
         abort(key.execution, user="failure strategy")

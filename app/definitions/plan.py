@@ -1,0 +1,153 @@
+"""The resolved plan: what an execution runs, typed.
+
+``resolve()`` turns pipeline files into a ``Plan``: every stage with its service, environment,
+artifact, infrastructures, strategy and steps, every host-independent expression rendered. An
+execution stores it as JSON (``Plan.to_json()``, the ``Execution.plan`` column) and every reader
+takes it back typed (``Plan.of(data)``): the JSON is the boundary, never the working form.
+
+Steps and failure strategies are the file schema's own models (``CommandStep``,
+``HealthCheckStep``, ``FailureStrategy``), so a plan means what its file said.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag
+
+from app.definitions.base import Model
+from app.definitions.models import (
+    ApprovalStep,
+    CommandStep,
+    FailureStrategy,
+    HealthCheckStep,
+    StrategySpec,
+)
+from app.definitions.notifications import NotificationRule
+
+
+class ServiceOf(Model):
+    """The service a stage deploys."""
+
+    identifier: str
+    name: str
+
+
+class EnvironmentOf(Model):
+    """The environment a stage deploys to (its type decides production rules)."""
+
+    identifier: str
+    name: str
+    type: Literal["Production", "PreProduction"]
+
+
+class ArtifactPlan(Model):
+    """The service's primary artifact, its spec rendered; ``file_name`` is what lands on hosts."""
+
+    type: str
+    spec: dict[str, Any] = Field(default_factory=dict)
+    tag: str | None = None
+    file_name: str | None = None
+
+
+class InfrastructurePlan(Model):
+    """An infrastructure a stage's hosts come from; ``source`` is its file:line."""
+
+    identifier: str
+    name: str
+    provider: str
+    spec: dict[str, Any] = Field(default_factory=dict)
+    source: str = ""
+
+
+class StrategyPlan(StrategySpec):
+    """The stage's strategy in one form, whichever form the file used."""
+
+    # Canary and the reference's phase forms: phase sizes are cumulative targets.
+    cumulative: bool = False
+    phase_names: list[str] | None = None
+    # Canary in the reference's form: the phases followed by a verification gate.
+    verify_after: list[int] | None = None
+
+
+class _Grouped(Model):
+    # A step of a stepGroup names its group and carries the group's failure strategies,
+    # which apply after its own.
+    group: str | None = None
+    group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+
+
+class CommandStepPlan(CommandStep, _Grouped):
+    """A Command step as it runs: its command units, in order, on each host."""
+
+
+class HealthCheckStepPlan(HealthCheckStep, _Grouped):
+    """A HealthCheck step as it runs on each host."""
+
+
+StepPlan = Annotated[CommandStepPlan | HealthCheckStepPlan, Field(discriminator="type")]
+
+
+class DeploymentStagePlan(Model):
+    """A Deployment stage: hosts, phases from its strategy, steps on every host."""
+
+    type: Literal["Deployment"] = "Deployment"
+    index: int
+    identifier: str
+    name: str
+    service: ServiceOf
+    environment: EnvironmentOf
+    artifact: ArtifactPlan | None = None
+    infrastructures: list[InfrastructurePlan]
+    steps: list[StepPlan]
+    rollback_steps: list[StepPlan] = Field(default_factory=list)
+    strategy: StrategyPlan
+    # Worker tags for every host (the pipeline's, then the stage's); the infrastructure's and
+    # each step's are added per host and step.
+    delegate_selectors: list[str] = Field(default_factory=list)
+    delegate_fallback: list[str] | None = None
+    # The failure strategies that apply after a step's own: the stage's, then the pipeline's.
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    # Values from outside the files (runtime inputs): workers bind them into scripts.
+    external_values: dict[str, str] = Field(default_factory=dict)
+
+
+class ApprovalStagePlan(Model):
+    """An Approval stage: no hosts; the execution waits for people."""
+
+    type: Literal["Approval"]
+    index: int
+    identifier: str
+    name: str
+    approval: ApprovalStep
+    steps: list[StepPlan] = Field(default_factory=list)
+    rollback_steps: list[StepPlan] = Field(default_factory=list)
+    infrastructures: list[InfrastructurePlan] = Field(default_factory=list)
+    strategy: StrategyPlan = Field(default_factory=StrategyPlan)
+
+
+def _stage_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type") or "Deployment")
+    return str(getattr(value, "type", "Deployment"))
+
+
+StagePlan = Annotated[
+    Annotated[DeploymentStagePlan, Tag("Deployment")] | Annotated[ApprovalStagePlan,
+                                                                  Tag("Approval")],
+    Discriminator(_stage_kind)]
+
+
+class Plan(Model):
+    """A whole pipeline as an execution runs it."""
+
+    identifier: str
+    name: str
+    files: list[str] = Field(default_factory=list)
+    stages: list[StagePlan]
+    notification_rules: list[NotificationRule] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Plan:
+        """The plan an execution stored (``Execution.plan``, written with ``to_json()``)."""
+        return cls.model_validate(data)
