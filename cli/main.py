@@ -573,6 +573,7 @@ def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...]
     """Dry run: hosts per region, phases, rendered command units, failure policy. Touches no
     host and records nothing."""
     from app.coordinator import dry_run
+    from app.units import describe_unit
 
     try:
         result = dry_run(files, pipeline=pipeline, inputs=gather_inputs(input_files, sets))
@@ -616,16 +617,9 @@ def plan_cmd(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...]
                 out.print(f"      env {k}={v}")
             if step.get("check"):
                 out.print(f"      check: {step['check']}")
-            for u in step.get("units", []):
-                if u["type"] == "Copy":
-                    out.print(f"      [{u['identifier']}] copy {u['source']} -> "
-                              f"{u['destination']}")
-                    continue
-                out.print(f"      [{u['identifier']}] script:")
-                for line in u["script"].rstrip("\n").splitlines():
-                    out.print(Text(f"        {line}"))
-                for k, v in u["values"].items():
-                    out.print(f"        (with {k}={v!r})")
+            for u in step.get("units", []):  # each unit type says how it reads (app.units)
+                for line in describe_unit(u):
+                    out.print(Text(f"      {line}"))
         out.print(f"  on failure: {st['on_failure']}")
 
 

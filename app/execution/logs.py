@@ -19,6 +19,7 @@ from sqlmodel import col
 from app.db import RECONNECT_SECONDS, is_disconnect, retrying, session_scope
 from app.models import HostStepRun, LogChunk, utcnow
 from app.settings import get_settings
+from app.units.script import OUTPUT_MARK  # the Script unit's output trap prints it
 
 log = logging.getLogger("vmfarm.tasks")
 
@@ -30,9 +31,6 @@ FLUSH_BYTES = 64 * 1024
 
 
 FLUSH_SECONDS = 1.0
-
-
-OUTPUT_MARK = "::vmfarm-output::"
 
 
 class _Heartbeats:

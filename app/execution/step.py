@@ -32,21 +32,11 @@ from app.execution.ledger import (
     typed_stage,
 )
 from app.execution.logs import LogSink, heartbeats
-from app.execution.units import (
-    download_on_host,
-    fetch_artifact,
-    in_unit,
-    push_artifact,
-    release,
-    setup_script,
-    with_output_trap,
-    with_secrets,
-)
 from app.models import HostStepRun, Status
 from app.providers.base import Host
 from app.secrets import SecretError
 from app.settings import get_settings
-from app.units import RELEASES_OUTPUT, host_context
+from app.units import HostSession, host_context, run_unit, step_environment, step_scope
 
 log = logging.getLogger("vmfarm.tasks")
 
@@ -207,86 +197,47 @@ def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
 
 def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,
                sink: LogSink) -> dict[str, Any]:
+    """Each command unit of the step in turn, rendered and run by its type (app.units);
+    an abort stops the host between units."""
     if step.get("type") == "HealthCheck":
         return _health_check_step(stage, step, host, sink)
     spec = step["spec"]
+    # What the units' expressions need from the ledger and the artifact cache, read once.
     ctx = host_context(host, stage)
     if "<+rollbackArtifact." in str(spec):
         ctx.set("rollbackArtifact.tag", rollback_version(key), external=True)
     if "<+artifact.checksum>" in str(spec):
-        ctx.set("artifact.checksum", fetch_artifact(key, stage.get("artifact") or {}).sha256,
-                external=True)
+        from app.artifacts import fetch
+
+        ctx.set("artifact.checksum", fetch(stage.get("artifact") or {},
+                                           execution_id=key.execution).sha256, external=True)
     if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
             "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
         earlier_outputs(key, ctx, stage)
-    env = {v["name"]: with_secrets(render(str(v.get("value", "")), ctx))
-           for v in spec.get("environmentVariables", []) if v.get("value") is not None}
-    outputs = spec.get("outputVariables", [])
+    env = step_environment(step, ctx, secrets=True)
+    scope = step_scope(stage, step, ctx, secrets=True)
     timeout = parse_duration(step["timeout"]) if step.get("timeout") else \
         get_settings().step_timeout
     deadline = time.monotonic() + timeout
     target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
-    artifact = stage.get("artifact") or {}
-    releases: list[str] | None = None
+    outputs: dict[str, str] = {}
     with _connector(target) as conn:
         for i, unit in enumerate(spec["commandUnits"]):
             sink.unit = unit["identifier"]
             if i and aborted(key.execution, key.kind):  # abort stops a host between units
                 return {"status": Status.ABORTED, "failed_unit": unit["identifier"],
                         "error": f"aborted before unit '{unit['identifier']}'"}
-            remaining = max(1.0, deadline - time.monotonic())
-            if unit["type"] == "Script":
-                binder = Binder()
-                script = render(unit["spec"]["source"]["spec"]["script"], ctx, quote=True,
-                                bind=binder)
-                # Secrets last, in one pass: each value travels in the environment only.
-                script = with_secrets(script, bind=binder)
-                if outputs:
-                    script = with_output_trap(script, outputs)
-                res = in_unit(unit, conn.run, script, env={**env, **binder.env},
-                               timeout=remaining, on_output=sink.write,
-                               workdir=unit["spec"].get("workingDirectory"))
-                if res.exit_code != 0:
-                    return {"status": Status.FAILED, "error_class": "Unknown",
-                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
-                            "error": f"unit '{unit['identifier']}' exited with code "
-                                     f"{res.exit_code}"}
-                fields_exit = res.exit_code
-            elif unit["type"] == "Copy":
-                dest = render(unit["spec"]["destinationPath"], ctx)
-                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
-                problem = in_unit(unit, push_artifact, key, artifact, conn, host, remote,
-                                   sink, remaining)
-                if problem:
-                    return {**problem, "failed_unit": unit["identifier"]}
-                fields_exit = 0
-            elif unit["type"] == "DownloadArtifact":
-                dest = render(unit["spec"]["destinationPath"], ctx)
-                remote = dest.rstrip("/") + "/" + str(artifact["fileName"])
-                problem = in_unit(unit, download_on_host, artifact, conn, host, remote,
-                                   sink, remaining)
-                if problem:
-                    return {**problem, "failed_unit": unit["identifier"]}
-                fields_exit = 0
-            elif unit["type"] == "Setup":
-                res = conn.run(setup_script(unit, ctx), timeout=remaining,
-                               on_output=sink.write)
-                if res.exit_code != 0:
-                    return {"status": Status.FAILED, "error_class": "Unknown",
-                            "exit_code": res.exit_code, "failed_unit": unit["identifier"],
-                            "error": f"unit '{unit['identifier']}' could not prepare the "
-                                     f"runtime paths (exit {res.exit_code})"}
-                fields_exit = 0
-            elif unit["type"] == "Release":
-                done = in_unit(unit, release, key, artifact, unit, ctx, conn, host, sink,
-                                remaining)
-                if done.get("status") == Status.FAILED:
-                    return {**done, "failed_unit": unit["identifier"]}
-                releases = done["releases"]
-                fields_exit = 0
-    if releases is not None:
-        sink.outputs[RELEASES_OUTPUT] = " ".join(releases)
-    return {"status": Status.SUCCEEDED, "exit_code": fields_exit if spec["commandUnits"] else 0}
+            session = HostSession(conn=conn, host=host, out=sink, env=env,
+                                  timeout=max(1.0, deadline - time.monotonic()),
+                                  execution_id=key.execution)
+            done = run_unit(unit, scope, session)
+            if not done.ok:
+                return {"status": Status.FAILED, "error_class": done.error_class,
+                        "exit_code": done.exit_code, "failed_unit": unit["identifier"],
+                        "error": done.error}
+            outputs.update(done.outputs)
+    sink.outputs.update(outputs)  # only a step that succeeded reports them
+    return {"status": Status.SUCCEEDED, "exit_code": 0}
 
 
 def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
