@@ -95,10 +95,10 @@ def test_a_value_reaches_bash_intact_or_is_refused(name: str, value: str,
 def test_refusals_name_why() -> None:
     ctx = Context()
     ctx.set("v", "1+1", external=True)
-    with pytest.raises(ExpressionError, match="arithmetic expression.*only an integer"):
+    with pytest.raises(ExpressionError, match=r"arithmetic expression.*only an integer"):
         render_script("echo $(( <+v> ))", ctx, bind=Binder())
     ctx.set("v", "ok\nEOF\nrm -rf /", external=True)
-    with pytest.raises(ExpressionError, match="would end the quoted here-document <<'EOF'"):
+    with pytest.raises(ExpressionError, match=r"would end the quoted here-document <<.EOF."):
         render_script("cat <<'EOF'\n<+v>\nEOF\n", ctx, bind=Binder())
 
 
