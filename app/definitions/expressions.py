@@ -49,12 +49,16 @@ class Binder:
         self._names: dict[str, str] = {}
 
     def __call__(self, value: str) -> str:
+        return "${" + self.name(value) + "}"
+
+    def name(self, value: str) -> str:
+        """The variable that carries ``value`` (one per distinct value)."""
         name = self._names.get(value)
         if name is None:
             name = f"{self.prefix}{len(self._names) + 1}"
             self._names[value] = name
             self.env[name] = value
-        return "${" + name + "}"
+        return name
 
 
 @dataclass(frozen=True)
@@ -189,3 +193,102 @@ def render(
 def expressions_in(text: str) -> list[str]:
     """The expressions named in ``text`` (without ``<+`` and ``>``)."""
     return [m.group(1).strip() for m in EXPR_RE.finditer(text)]
+
+
+def render_script(
+    text: str,
+    ctx: Context,
+    *,
+    bind: Binder | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> str:
+    """``render`` for a bash script: every value from outside the files stands in the form its
+    quoting context needs (app.definitions.shell), so it reaches bash byte-identical, as one
+    word, never executed; with ``bind`` it travels in the command's environment, without it
+    (at submit) the expression is left for the worker. A value made only of characters the
+    shell reads literally everywhere is pasted, so the plan stays readable. A value that no
+    form can carry intact (a non-integer in arithmetic, a line that would end a quoted
+    here-document) is an error naming the expression and why.
+    """
+    from app.definitions.shell import ShellSyntaxError, Where, places
+
+    def fail(msg: str) -> None:
+        if on_error is None:
+            raise ExpressionError(msg)
+        on_error(msg)
+
+    out = text
+    for _ in range(5):  # a value written in the files may itself hold an expression
+        try:
+            spots = places(out)
+        except ShellSyntaxError as exc:
+            if any(v is not None and v.external for v in _values(out, ctx)):
+                fail(f"vmfarm cannot tell where the values of this script stand ({exc}), so it "
+                     "cannot pass them to bash intact")
+                return out
+            return render(out, ctx, on_error=on_error)
+        pieces: list[str] = []
+        last = 0
+        for p in spots:
+            expr = p.expression
+            if "<" in expr:
+                continue
+            if expr.strip() == "input":
+                if not ctx.allow_inputs:
+                    fail("runtime input <+input> has no value: give it with --set")
+                continue
+            try:
+                val = ctx.lookup(expr)
+            except ExpressionError as exc:
+                fail(str(exc))
+                continue
+            if val is None:
+                continue
+            if not val.external:
+                new = val.text
+            else:
+                why = p.refusal(val.text)
+                if why:
+                    fail(f"the value of <+{expr.strip()}> cannot be passed to bash intact: "
+                         f"{why}")
+                    continue
+                if p.where in (Where.ARITHMETIC, Where.HEREDOC_QUOTED) or \
+                        _readable(val.text, p.where):
+                    new = val.text
+                elif bind is not None:
+                    new = p.form(val.text, bind.name(val.text))
+                else:
+                    continue  # the worker binds it
+            pieces += [out[last:p.start], new]
+            last = p.end
+        new_out = "".join(pieces) + out[last:]
+        if new_out == out:
+            break
+        out = new_out
+    return out
+
+
+# Words bash reads as syntax where a command may start, and so never pasted as bare words.
+_RESERVED = frozenset({"if", "then", "else", "elif", "fi", "case", "esac", "for", "select",
+                       "while", "until", "do", "done", "in", "function", "time", "coproc"})
+
+
+def _readable(value: str, where: object) -> bool:
+    """May this external value be pasted as it is (so the plan shows it)? Only a non-empty value
+    of characters the shell reads literally everywhere; as a bare word, not a reserved word nor
+    an assignment."""
+    from app.definitions.shell import Where
+
+    if not value or not SAFE_VALUE_RE.fullmatch(value):
+        return False
+    return where != Where.WORD or ("=" not in value and value not in _RESERVED)
+
+
+def _values(text: str, ctx: Context) -> list[Value | None]:
+    found: list[Value | None] = []
+    for expr in expressions_in(text):
+        try:
+            found.append(ctx.lookup(expr))
+        except ExpressionError:
+            found.append(None)
+    return found
