@@ -17,7 +17,8 @@ from app.errors import VmfarmError
 
 # <+input>, optionally followed by .default(x) / .allowedValues(a,b) / .regex(r)
 INPUT_RE = re.compile(r"<\+input>((?:\.(?:default|allowedValues|regex|executionInput)\([^)]*\))*)")
-EXPR_RE = re.compile(r"<\+([^<>]+)>")
+# An expression never spans lines: `<+a` on one line and a `>` on a later one are text.
+EXPR_RE = re.compile(r"<\+([^<>\n]+)>")
 _INPUT_OPT_RE = re.compile(r"\.(default|allowedValues|regex|executionInput)\(([^)]*)\)")
 
 # Expressions the worker renders for each host (their values depend on the host).
@@ -201,6 +202,7 @@ def render_script(
     *,
     bind: Binder | None = None,
     on_error: Callable[[str], None] | None = None,
+    secrets: Callable[[str], str] | None = None,
 ) -> str:
     """``render`` for a bash script: every value from outside the files stands in the form its
     quoting context needs (app.definitions.shell), so it reaches bash byte-identical, as one
@@ -209,6 +211,10 @@ def render_script(
     shell reads literally everywhere is pasted, so the plan stays readable. A value that no
     form can carry intact (a non-integer in arithmetic, a line that would end a quoted
     here-document) is an error naming the expression and why.
+
+    With ``secrets`` (on the worker that runs the step) ``<+secrets.getValue("id")>`` is
+    resolved by it and always travels in the environment, in any context where a variable can
+    stand; never pasted, so a secret is never part of the script's text.
     """
     from app.definitions.shell import ShellSyntaxError, Where, places
 
@@ -236,6 +242,19 @@ def render_script(
             if expr.strip() == "input":
                 if not ctx.allow_inputs:
                     fail("runtime input <+input> has no value: give it with --set")
+                continue
+            secret = SECRET_RE.fullmatch(expr.strip())
+            if secret is not None:
+                if secrets is None or bind is None:
+                    continue  # resolved by the worker that runs the step
+                if p.where in (Where.ARITHMETIC, Where.HEREDOC_QUOTED):
+                    fail(f"<+{expr.strip()}> stands in a {p.where} (line {p.line}), where its "
+                         "value would be written into the script: assign it to a variable "
+                         "outside and use the variable there")
+                    continue
+                value = secrets(secret.group(2))
+                pieces += [out[last:p.start], p.form(value, bind.name(value))]
+                last = p.end
                 continue
             try:
                 val = ctx.lookup(expr)

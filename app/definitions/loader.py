@@ -29,7 +29,9 @@ from app.definitions.expressions import (
     has_input,
     parse_input,
     render,
+    render_script,
 )
+from app.definitions.shell import unterminated
 from app.definitions.yamlload import Document, dotted, load_documents
 from app.errors import SpecError, SpecErrors
 
@@ -832,14 +834,21 @@ def _render_tree(data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ..
     if isinstance(data, list):
         return [_render_tree(v, ctx, doc, (*path, i), errs) for i, v in enumerate(data)]
     if isinstance(data, str) and "<+" in data:
-        quote = path[-1] == "script"
 
         def on_error(msg: str) -> None:
             named = EXPR_RE.search(msg)  # the message quotes the expression: find its line
             errs.add(doc.doc.error(msg, (*doc.base, *path),
                                    within=named.group(0) if named else None))
 
-        return render(data, ctx, quote=quote, on_error=on_error)
+        for n in unterminated(data):  # an expression ends on its own line, with '>'
+            line = data.split("\n")[n - 1]
+            start = line.index("<+")
+            errs.add(doc.doc.error(
+                f"unterminated expression '{line[start:start + 60]}': an expression ends with "
+                "'>' on the line it starts", (*doc.base, *path), within=line[start:]))
+        if path[-1] == "script":  # values from outside the files stand intact, or are refused
+            return render_script(data, ctx, on_error=on_error)
+        return render(data, ctx, on_error=on_error)
     return data
 
 

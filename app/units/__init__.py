@@ -102,7 +102,10 @@ def run_unit(unit: Mapping[str, Any], scope: Scope, session: HostSession) -> Out
     the unit."""
     kind = unit_type(str(unit["type"]))
     try:
-        return kind.run(kind.render(unit, scope), session)
+        rendered = kind.render(unit, scope)
+        if rendered.problem:  # it cannot run as written: nothing touches the host
+            return Outcome.failed(rendered.problem)
+        return kind.run(rendered, session)
     except HostError as exc:
         exc.unit = exc.unit or str(unit["identifier"])
         raise

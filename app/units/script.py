@@ -12,10 +12,12 @@
           echo "starting <+artifact.tag> on <+instance.hostName>"
 ```
 
-Expressions are rendered for the host. A value from outside the files that is not plainly safe
-for the shell is never pasted into the script: it travels in the command's environment
-(``${VMFARM_VALUE_1}``, shown by ``vmfarm plan`` as the values bound). Secrets are resolved
-last, on the worker, in the same way. When the step has outputVariables, a trap prints the
+Expressions are rendered for the host. A value from outside the files (a runtime input, a host
+name, an earlier step's output) reaches bash byte-identical, as one word, never executed: it
+travels in the command's environment (``VMFARM_VALUE_1``, shown by ``vmfarm plan`` as the values
+bound), written for the quoting context the expression stands in (app.definitions.shell); one
+that no form can carry intact is refused. Secrets are resolved on the worker, in the same way,
+and never pasted. When the step has outputVariables, a trap prints the
 ones the script set when it exits, however it exits.
 """
 
@@ -26,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.definitions.expressions import Binder, render
-from app.units.base import HostSession, Outcome, Rendered, Scope, UnitType, register, with_secrets
+from app.definitions.expressions import Binder, ExpressionError, render_script
+from app.units.base import HostSession, Outcome, Rendered, Scope, UnitType, register
 
 # Marks an output-variable line in stdout (app.execution.logs picks these lines out).
 OUTPUT_MARK = "::vmfarm-output::"
@@ -67,6 +69,13 @@ def output_trap(outputs: Sequence[Mapping[str, Any]]) -> str:
     return "__vmfarm_out() { " + "; ".join([*parts, "true"]) + "; }\ntrap __vmfarm_out EXIT\n"
 
 
+def _secret_value(secret_id: str) -> str:
+    """A secret's value, resolved here (the worker) and registered for masking."""
+    from app.secrets import resolve
+
+    return resolve([secret_id])[secret_id.strip()]
+
+
 @register
 class Script(UnitType[RenderedScript]):
     type = "Script"
@@ -74,11 +83,16 @@ class Script(UnitType[RenderedScript]):
     def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedScript:
         spec = unit["spec"]
         binder = Binder()
-        script = render(spec["source"]["spec"]["script"], scope.ctx, quote=True, bind=binder)
-        if scope.secrets:  # last, in one pass: each value travels in the environment only
-            script = with_secrets(script, bind=binder)
+        problem = None
+        text = spec["source"]["spec"]["script"]
+        try:
+            script = render_script(text, scope.ctx, bind=binder,
+                                   secrets=_secret_value if scope.secrets else None)
+        except ExpressionError as exc:  # the run fails with it, touching nothing
+            script, problem = text, str(exc)
         return RenderedScript(
             identifier=unit["identifier"], type=self.type, script=script, values=dict(binder.env),
+            problem=problem,
             workingDirectory=spec.get("workingDirectory"),
             outputVariables={str(o["name"]): str(o.get("value") or o["name"])
                              for o in scope.outputs})

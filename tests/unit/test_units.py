@@ -302,7 +302,7 @@ def worker(planned: dict[str, Any], tmp_path: Path,
     secrets.reset()
     plan, hosts = prepare(planned["files"], pipeline=None, inputs=INPUTS,
                           execution_id="test-units")
-    stage, host = plan["stages"][0], hosts[0][0]
+    stage, host = plan.to_json()["stages"][0], hosts[0][0]  # as the worker reads it
     assert host.name == planned["stage"]["rendered_for"]
 
     def run(step_id: str, unit_id: str) -> Sent:
