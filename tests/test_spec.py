@@ -235,15 +235,29 @@ def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Pa
 @pytest.mark.parametrize("hostile", ["1.0; touch pwned", "$(touch pwned)", "`touch pwned`",
                                      "1.0' ; touch pwned; echo '", '1.0" ; touch pwned; "'])
 def test_a_runtime_input_never_runs_as_shell_code(hostile: str, tmp_path: Path) -> None:
-    # Given a tag given at run time that holds shell syntax
-    plan = plan_of([GOOD], {"tag": hostile})
+    # Given a value given at run time that holds shell syntax (the tag may say anything: its
+    # input has its own pattern)
+    files = good_copy(tmp_path, pipeline=("value: first release", "value: <+input>"),
+                      service=("tag: <+input>", "tag: <+input>.regex(.*)"))
+    plan = plan_of([files], {"tag": hostile, "release_note": hostile})
     # When the worker renders and runs the script that names it
     out = run_as_worker(plan, "install", "prepare", tmp_path)
     # Then the value is printed as it was given and nothing was executed
-    assert f"version {hostile}\n" in out
+    assert f"version {hostile}\n" in out and f"run EX1: {hostile}\n" in out
     assert not (tmp_path / "pwned").exists()
     # An environment variable is a value, not shell text: it stays as given.
     assert env_vars(plan, "install")["VERSION"] == hostile
+
+
+@pytest.mark.parametrize("tag", ["../../../../etc", "x /some/dir/keepme", "-rf", "1.0/evil",
+                                 "1.0; touch pwned"])
+def test_a_tag_that_is_not_a_version_is_refused_before_anything_runs(tag: str) -> None:
+    with pytest.raises(SpecError) as info:
+        plan_of([GOOD], {"tag": tag})
+    err = info.value
+    assert err.file.endswith("service.yaml") and err.line == line_of(GOOD / "service.yaml",
+                                                                     "tag: <+input>")
+    assert f"artifact tag {tag!r} is not a version" in err.message
 
 
 def test_a_safe_runtime_input_is_written_into_the_script_as_is() -> None:

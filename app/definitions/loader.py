@@ -891,6 +891,14 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     artifact: dict[str, Any] | None = None
     if art is not None:
         tag = ctx.values.get("artifact.tag")
+        if tag is not None and "<+" not in tag.text and not _own_regex(bundle, svc) \
+                and not TAG_RE.fullmatch(tag.text):
+            errs.add(svc.error(
+                f"artifact tag {tag.text!r} is not a version: a tag names a file and a release "
+                "directory on every host, so it starts with a letter or digit and holds only "
+                "letters, digits and . _ + ~ - (no '/', no '..', no spaces); give the input "
+                "its own pattern with <+input>.regex(...) to allow others",
+                ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")))
         art_spec = _render_tree(copy.deepcopy(art.spec), ctx, svc,
                                 ("spec", "serviceDefinition", "spec", "artifacts", "primary",
                                  "spec"), errs)
@@ -956,6 +964,17 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
     }
+
+
+# What an artifact tag may be unless its runtime input says otherwise with .regex(): it names
+# a file and a release directory on every host (a leading '-' would read as an option).
+TAG_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def _own_regex(bundle: Bundle, svc: Loaded) -> bool:
+    """Does the service's artifact tag come from a runtime input with its own .regex()?"""
+    return any(slot.doc is svc.doc and slot.path[-1:] == ("tag",) and "regex" in slot.options
+               for slot in bundle.inputs)
 
 
 def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
