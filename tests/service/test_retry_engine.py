@@ -50,7 +50,7 @@ def _finished(report: dict[str, Any]) -> list[datetime]:
 
 def test_a_phase_waits_for_a_retry_whose_interval_is_longer_than_the_heartbeat_timeout(
         cluster: Cluster, lab: Any) -> None:
-    # Given a step that fails once on one host and is retried after 8 s, and a reconciler whose
+    # Given a step that fails once on one host and is retried after 20 s, and a reconciler whose
     # heartbeat timeout (1 s) is far shorter than that wait
     flaky = lab.hosts[0].address
     res = cluster.vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
@@ -74,10 +74,12 @@ def test_a_phase_waits_for_a_retry_whose_interval_is_longer_than_the_heartbeat_t
     rec = run_vmfarm("reconcile", "-o", "json", env=impatient)
     assert rec.returncode == 0, rec.stderr
 
-    # Then the waiting attempt is in the ledger, and the phase is not judged
-    assert _attempts(cluster, ex_id, flaky) == ["1:FAILED", "2:PENDING"]
+    # Then (in one reading of the ledger) the waiting attempt is there, and the phase is not
+    # judged
     report = _report(cluster.env, ex_id)
-    assert report["status"] == "RUNNING", report.get("error")
+    host = next(h for h in report["stages"][0]["hosts"] if h["host"] == flaky)
+    assert (host["steps"][0]["attempt"], host["steps"][0]["status"]) == (2, "PENDING"), host
+    assert report["status"] == "RUNNING", (report.get("error"), report["stages"][0]["phases"])
     deploy = [p for p in report["stages"][0]["phases"] if p["kind"] == "deploy"]
     assert deploy and all(p["status"] == "RUNNING" for p in deploy), deploy
 
