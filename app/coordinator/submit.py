@@ -47,15 +47,15 @@ def submit(
     """Validate and record an execution, dispatch its first phase; return the execution id.
 
     Raises SpecError/SpecErrors (nothing is recorded) when the files or inputs are wrong.
+    Who may run it, and the audit trail, are the caller's: ``app.operations.run``.
     """
-    from app import audit, policy, rbac
+    from app import policy
 
     execution_id = new_execution_id()
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id=execution_id)
     who = user or get_settings().user or ""
-    rbac.guard("run", user=who, plan=plan, execution_id=execution_id)
-    warnings = policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
+    policy.enforce(plan, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
     refused = [f"stage '{st['identifier']}': {why}"
                for st, hosts in zip(plan["stages"], host_dicts, strict=True)
@@ -86,10 +86,6 @@ def submit(
             for j, step in enumerate(stage["steps"]):
                 s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
                               identifier=step["identifier"], name=step.get("name", "")))
-    audit.record("run", user=who, execution_id=execution_id, pipeline=plan["identifier"],
-                 detail={"inputs": sorted(inputs or {}),
-                         "policy_warnings": [f.to_dict() for f in warnings]},
-                 outcome="submitted")
     if publish:
         advance(execution_id)
     return execution_id
