@@ -237,6 +237,25 @@ def test_run_records_the_execution_as_the_actors_and_audits_it(home: Path) -> No
     assert _trail(execution_id) == [("run", "alice", "submitted")]
 
 
+@pytest.mark.parametrize("rbac", [True, False], ids=["rbac on", "single-user"])
+def test_a_run_let_through_with_policy_warnings_is_audited_with_them(
+        home: Path, monkeypatch: pytest.MonkeyPatch, rbac: bool) -> None:
+    # Given a warn-severity rule the pipeline breaks (no approval before production)
+    (home / "policies.yaml").write_text(
+        "policies:\n  - name: approval please\n    severity: warn\n"
+        "    requireApprovalBefore: {environmentType: Production}\n")
+    monkeypatch.setenv("VMFARM_POLICY_FILE", str(home / "policies.yaml"))
+    if not rbac:
+        monkeypatch.delenv("VMFARM_RBAC_FILE")
+    # When it runs, it is recorded, and its audit row says what it was warned about
+    execution_id = operations.run(ALICE, [str(home / "deploy.yaml")], publish=False)
+    from app.audit import events
+
+    [row] = events(10, execution_id=execution_id)
+    assert (row["action"], row["user"], row["outcome"]) == ("run", "alice", "submitted")
+    assert [w["rule"] for w in row["detail"]["policy_warnings"]] == ["approval please"]
+
+
 def test_retry_is_a_new_execution_by_the_actor_audited_with_what_it_retries(home: Path) -> None:
     ended = _state(home, "ended")
     assert ended is not None
