@@ -15,6 +15,10 @@ A command takes the shared context with ``@cli.context.pass_cli``, its options f
 ``cli.options``, and stops through ``cli.console`` (``fail``, ``fail_input``, ``refused``).
 A user action goes through ``app.operations`` (RBAC and the audit trail, whoever calls).
 Modules import what needs SQL or Celery inside the command: ``vmfarm --help`` loads neither.
+
+A new command goes in the module of its group (a new group: a new module with ``register``,
+listed in ``MODULES``); ``tests/unit/test_operations.py`` shows how to drive one with
+click's ``CliRunner``.
 """
 
 from __future__ import annotations
