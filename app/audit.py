@@ -1,11 +1,12 @@
 """The audit trail: who did what to which execution, and what came of it (``vmfarm audit``).
 
-Rows are ``AuditEvent`` in the ledger. Commands record what they did (``run``, ``approve``,
-``abort``, ...) with an outcome (``submitted``, ``approved``, ``aborted``, ``failed``, ...);
-``app.rbac.guard`` records RBAC refusals (``refused``) and ``app.policy.enforce`` policy
-denials (``denied``). ``detail`` is a small JSON object: it is masked with the process's secret
-values (``app.secrets.mask_obj``), values under keys that name a secret (password, token, ...)
-are replaced with ``***``, and long strings are cut, so a row never holds a secret.
+Rows are ``AuditEvent`` in the ledger. ``app.operations`` records what users did (``run``,
+``approve``, ``abort``, ...), whoever asked (the CLI, a schedule, the server), with an outcome
+(``submitted``, ``approved``, ``aborted``, ``failed``, ...); ``app.rbac.guard`` records RBAC
+refusals (``refused``) and ``app.policy.enforce`` policy denials (``denied``). ``detail`` is a
+small JSON object: it is masked with the process's secret values (``app.secrets.mask_obj``),
+values under keys that name a secret (password, token, ...) are replaced with ``***``, and long
+strings are cut, so a row never holds a secret.
 """
 
 from __future__ import annotations

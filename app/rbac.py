@@ -56,8 +56,8 @@ exist, RBAC is off and everything is allowed (``rbac_enabled()`` says which). Wh
 permission.
 
 ``PermissionRefused`` names the user, the missing permission, the resource and the roles that
-would grant it. ``guard()`` is the one call commands make: authorize every permission the action
-needs and record a refusal in the audit trail.
+would grant it. ``guard()`` is the one call ``app.operations`` makes for every user action:
+authorize every permission the action needs and record a refusal in the audit trail.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ offset before the jump applies), and a repeated time runs once (its first occurr
 The tick (task ``vmfarm.schedules_tick``, sent every minute by the beat of
 ``vmfarm worker --control --beat``) takes, for each schedule, the latest slot at or before now;
 a slot younger than ``startingDeadline`` is *claimed*, then submitted with
-``app.coordinator.submit(files, pipeline=..., inputs=..., user="scheduler")``. A slot is claimed
-at most once, whoever ticks and however often:
+``app.operations.run(Actor("scheduler"), files, pipeline=..., inputs=...)``: RBAC applies to the
+user ``scheduler`` as to anyone (it needs ``pipeline:execute``), and the run is audited as
+``scheduler``'s. A slot is claimed at most once, whoever ticks and however often:
 
 * with a Redis broker, by ``SET vmfarm:schedule:<name>:<slot> NX`` on the broker (kept 8 days);
 * otherwise (embedded mode), under an exclusive ``flock`` of ``$VMFARM_HOME/schedules.lock``,
@@ -463,9 +464,9 @@ Submit = Callable[..., str]
 
 def _submit(files: Sequence[str], *, pipeline: str | None, inputs: Mapping[str, str],
             user: str) -> str:
-    from app.coordinator import submit
+    from app import operations
 
-    return submit(files, pipeline=pipeline, inputs=inputs, user=user)
+    return operations.run(operations.Actor(user), files, pipeline=pipeline, inputs=inputs)
 
 
 def tick(now: datetime | None = None, *, schedules: Sequence[Schedule] | None = None,

@@ -42,8 +42,7 @@ from tests.conftest import REDIS_BASE, REPO, base_env
 BROKER_DB, RESULT_DB = 14, 15
 # `vmfarm` with the service commands registered (cli/main.py may or may not do it already).
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
-          "main()"]
+          "sys.argv[0] = 'vmfarm'; main()"]
 
 P = Policy(region="rs", min=1, max=4, scale_up_depth=10, scale_up_after=30,
            scale_down_depth=2, scale_down_after=60, step=1)

@@ -29,14 +29,14 @@ import yaml
 
 from app.autoscale import load_config
 from app.schedules import load_schedules
-from cli import fleet, service_cmd
+from cli.commands import fleet
+from cli.commands import service as service_cmd
 from tests.conftest import REDIS_BASE, REPO, base_env, free_port, run_vmfarm
 
 COMPOSE = REPO / "docker-compose.yml"
 IMAGE_ROOT = "/srv/vmfarm"
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
-          "main()"]
+          "sys.argv[0] = 'vmfarm'; main()"]
 REGIONS = {"worker-us-east-1": "us-east-1", "worker-eu-west-1": "eu-west-1"}
 TARGETS = ["target-1", "target-2", "target-3"]
 

@@ -495,7 +495,7 @@ def test_the_example_policy_file_loads_and_disabled_rules_are_skipped(tmp_path: 
 
 
 def _cli() -> click.Group:
-    from cli.governance_cmd import register
+    from cli.commands.governance import register
 
     @click.group()
     def root() -> None:

@@ -256,7 +256,7 @@ def test_the_http_endpoint_serves_the_same_metrics(ledger: datetime) -> None:
 
 
 def _cli() -> click.Group:
-    from cli.ops_cmd import register
+    from cli.commands.ops import register
 
     @click.group()
     def main() -> None:

@@ -600,7 +600,7 @@ def test_a_claim_that_fails_sends_nothing_and_raises_nothing(
 
 
 def _cli() -> click.Group:
-    from cli.ops_cmd import register
+    from cli.commands.ops import register
 
     @click.group()
     def main() -> None:

@@ -35,8 +35,7 @@ from tests.conftest import REDIS_BASE, REPO, _stop, base_env
 
 BROKER_DB, RESULT_DB = 14, 15
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
-          "main()"]
+          "sys.argv[0] = 'vmfarm'; main()"]
 BERLIN = ZoneInfo("Europe/Berlin")
 
 

@@ -45,7 +45,7 @@ from app.secrets import (
 )
 from app.secrets.backends import EnvBackend, FileBackend, SecretRef, VaultBackend, env_var_name
 from app.secrets.store import SecretsSettings
-from cli import secrets_cmd
+from cli.commands import secrets as secrets_cmd
 from tests.conftest import free_port, moto_server
 from tests.fakes.vault import FakeVault
 

@@ -34,7 +34,7 @@ from app.coordinator.precedence import stage_action
 from app.coordinator.reconcile import reconcile
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import discovery_region, unserved_delegates
-from app.coordinator.submit import prepare, retry_failed, rollback_execution, submit
+from app.coordinator.submit import prepare, record, retry_failed, rollback_execution, submit
 from app.errors import ApprovalRefused
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "new_execution_id",
     "prepare",
     "reconcile",
+    "record",
     "record_lost_step",
     "record_switch",
     "releases_held",

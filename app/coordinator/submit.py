@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from sqlmodel import col, select
 
@@ -35,6 +36,9 @@ from app.models import (
 from app.providers.base import Host
 from app.settings import get_settings
 
+if TYPE_CHECKING:
+    from app.policy import Finding
+
 
 def submit(
     paths: Iterable[str],
@@ -47,15 +51,27 @@ def submit(
     """Validate and record an execution, dispatch its first phase; return the execution id.
 
     Raises SpecError/SpecErrors (nothing is recorded) when the files or inputs are wrong.
+    Who may run it, and the audit trail, are the caller's: ``app.operations.run`` (which
+    prepares once, checks RBAC on the plan, then calls ``record``).
     """
-    from app import audit, policy, rbac
-
     execution_id = new_execution_id()
     plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
                                 execution_id=execution_id)
+    record(plan, stage_hosts, execution_id=execution_id, inputs=inputs, user=user,
+           publish=publish)
+    return execution_id
+
+
+def record(plan: Plan, stage_hosts: list[list[Host]], *, execution_id: str,
+           inputs: Mapping[str, str] | None, user: str, publish: bool = True) -> list[Finding]:
+    """Record a prepared plan as execution ``execution_id`` (the id it was resolved with),
+    after its policy rules and the live workers allow it; returns the policy's warnings.
+
+    Raises PolicyViolation or ConfigError (nothing is recorded) when it may not run."""
+    from app import policy
+
     who = user or get_settings().user or ""
-    data = plan.to_json()  # what the ledger stores; rules and policies read it as documents
-    rbac.guard("run", user=who, plan=data, execution_id=execution_id)
+    data = plan.to_json()  # what the ledger stores; policies read it as a document
     warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
     deployments = [(st, hosts) for st, hosts in zip(plan.stages, host_dicts, strict=True)
@@ -76,7 +92,7 @@ def submit(
         ex = Execution(
             id=execution_id, pipeline=plan.identifier, pipeline_name=plan.name,
             plan=data, inputs={k: str(v) for k, v in (inputs or {}).items()},
-            created_by=user or get_settings().user or "",
+            created_by=who,
         )
         s.add(ex)
         s.flush()
@@ -87,13 +103,9 @@ def submit(
             for j, step in enumerate(stage.steps):
                 s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
                               identifier=step.identifier, name=step.name))
-    audit.record("run", user=who, execution_id=execution_id, pipeline=plan.identifier,
-                 detail={"inputs": sorted(inputs or {}),
-                         "policy_warnings": [f.to_dict() for f in warnings]},
-                 outcome="submitted")
     if publish:
         advance(execution_id)
-    return execution_id
+    return list(warnings)
 
 
 def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,

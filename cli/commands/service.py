@@ -1,9 +1,6 @@
-"""Service commands: ``vmfarm flower``, ``vmfarm schedules`` and ``vmfarm autoscale``.
-
-``register(main)`` adds them to the ``vmfarm`` group; cli/main.py ends with::
-
-    from cli import service_cmd as _service  # noqa: E402
-    _service.register(main)
+"""Services around the fleet: ``vmfarm flower`` (Celery's monitor), ``vmfarm schedules`` (the
+cron triggers and their last runs) and ``vmfarm autoscale`` (workers per region from the queue
+depth).
 
 Exit codes as elsewhere: 0 success, 2 bad input or settings (nothing was started).
 """
@@ -16,43 +13,28 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.text import Text
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-# No console markup: names and errors are printed as they are (as in cli/main.py).
-out = Console(highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+from cli.console import fail
+from cli.context import Cli, pass_cli
+from cli.options import output_option
 
 
 def register(main: click.Group) -> None:
     """Add ``flower``, ``schedules`` and ``autoscale`` to ``main``."""
-    main.add_command(flower, name="flower")
-    main.add_command(schedules, name="schedules")
-    main.add_command(autoscale, name="autoscale")
-
-
-def _output_option(f: F) -> F:
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
-
-
-def _fail(message: str) -> NoReturn:
-    err.print(Text(f"error: {message}", style="red"))
-    sys.exit(2)
+    for command in (flower, schedules, autoscale):
+        main.add_command(command)
 
 
 def _need_broker(what: str) -> None:
     from app.settings import get_settings
 
     if get_settings().embedded:
-        _fail(f"{what} needs a broker: set VMFARM_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
+        fail(f"{what} needs a broker: set VMFARM_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
 
 
 # --- flower ---------------------------------------------------------------------------------------
@@ -79,7 +61,8 @@ def check_basic_auth(value: str) -> list[str]:
 @click.option("--no-auth", is_flag=True,
               help="Run without FLOWER_BASIC_AUTH (only sensible on a loopback address).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower(address: str, port: int, url_prefix: str | None, no_auth: bool,
+@pass_cli
+def flower(cli: Cli, address: str, port: int, url_prefix: str | None, no_auth: bool,
            flower_args: tuple[str, ...]) -> None:
     """Run Flower (Celery's monitor: workers, tasks, queues, /metrics) on vmfarm's app.
 
@@ -93,18 +76,18 @@ def flower(address: str, port: int, url_prefix: str | None, no_auth: bool,
         try:
             check_basic_auth(auth)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         os.environ["FLOWER_BASIC_AUTH"] = auth.strip()
     elif not no_auth:
-        _fail("set FLOWER_BASIC_AUTH=user:password (or give --no-auth on a loopback address)")
+        fail("set FLOWER_BASIC_AUTH=user:password (or give --no-auth on a loopback address)")
     else:
         os.environ.pop("FLOWER_BASIC_AUTH", None)
         if not _loopback(address):
-            err.print(Text(f"warning: Flower on {address} without authentication: anyone who "
-                           "reaches it can revoke tasks and read task arguments",
-                           style="yellow"))
+            cli.err.print(Text(f"warning: Flower on {address} without authentication: anyone who "
+                               "reaches it can revoke tasks and read task arguments",
+                               style="yellow"))
     if any(a.split("=", 1)[0] in ("--basic-auth", "--basic_auth") for a in flower_args):
-        _fail("give the credentials in FLOWER_BASIC_AUTH, not on the command line")
+        fail("give the credentials in FLOWER_BASIC_AUTH, not on the command line")
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix}")
@@ -130,8 +113,9 @@ def _loopback(address: str) -> bool:
 @click.option("--file", "-f", "path", type=click.Path(path_type=Path), default=None,
               help="Schedules file (default VMFARM_SCHEDULES_FILE, else "
                    "configs/schedules.yaml if present).")
-@_output_option
-def schedules(path: Path | None, output: str) -> None:
+@output_option
+@pass_cli
+def schedules(cli: Cli, path: Path | None, output: str) -> None:
     """List the pipeline schedules (cron triggers) with their next and last run.
 
     The beat of `vmfarm worker --control --beat` submits each due slot once (as user
@@ -143,26 +127,25 @@ def schedules(path: Path | None, output: str) -> None:
     try:
         loaded = load_schedules(source) if source is not None else []
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     store: Any = None
     if loaded:
         try:
             store = default_store()
         except Exception as exc:  # the last run is a nicety: list the schedules anyway
-            err.print(f"warning: last runs unknown: {exc}")
+            cli.err.print(f"warning: last runs unknown: {exc}")
     rows = describe(loaded, store=store)
     if output == "json":
-        out.print_json(json.dumps({"file": str(source) if source else None,
-                                   "schedules": rows}))
+        cli.json({"file": str(source) if source else None, "schedules": rows})
         return
     if source is None:
-        out.print("no schedules file (set VMFARM_SCHEDULES_FILE or create "
-                  "configs/schedules.yaml)")
+        cli.out.print("no schedules file (set VMFARM_SCHEDULES_FILE or create "
+                      "configs/schedules.yaml)")
         return
     if not rows:
-        out.print(f"{source}: no schedules")
+        cli.out.print(f"{source}: no schedules")
         return
-    out.print(f"schedules in {source}:")
+    cli.out.print(f"schedules in {source}:")
     for r in rows:
         nxt = "disabled" if not r["enabled"] else \
             f"next {r['next_run_local']} (in {_human(r['in_seconds'])})" if r["next_run"] \
@@ -171,16 +154,16 @@ def schedules(path: Path | None, output: str) -> None:
         last_text = "never run" if not last else f"last {last['slot']}: " + (
             f"execution {last['execution']}" if "execution" in last
             else f"not submitted: {last['error']}" if "error" in last else "claimed")
-        out.print(Text.assemble((r["name"], "bold"), f"  {r['cron']} ({r['timezone']})  ",
-                                (nxt, "dim" if not r["enabled"] else "green")))
+        cli.out.print(Text.assemble((r["name"], "bold"), f"  {r['cron']} ({r['timezone']})  ",
+                                    (nxt, "dim" if not r["enabled"] else "green")))
         what = f"pipeline {r['pipeline']} of " if r["pipeline"] else ""
-        out.print(f"  runs {what}{' '.join(_short(f) for f in r['files'])}"
-                  + (f" with {', '.join(f'{k}={v}' for k, v in r['inputs'].items())}"
-                     if r["inputs"] else ""))
-        out.print(Text(f"  {last_text}", style="red" if "error" in last else ""))
+        cli.out.print(f"  runs {what}{' '.join(_short(f) for f in r['files'])}"
+                      + (f" with {', '.join(f'{k}={v}' for k, v in r['inputs'].items())}"
+                         if r["inputs"] else ""))
+        cli.out.print(Text(f"  {last_text}", style="red" if "error" in last else ""))
     for r in rows:
         for f in r["missing_files"]:
-            err.print(Text(f"warning: schedule {r['name']}: no such file {f}", style="yellow"))
+            cli.err.print(Text(f"warning: schedule {r['name']}: no such file {f}", style="yellow"))
 
 
 def _short(path: str) -> str:
@@ -241,8 +224,9 @@ def _duration(value: str | None, hint: str) -> float | None:
               help="Worker logs (default $VMFARM_HOME/autoscale).")
 @click.option("--stop-timeout", default="10m", show_default=True, metavar="DURATION",
               help="On exit, how long workers may take to finish their tasks before SIGKILL.")
-@_output_option
-def autoscale(config_path: Path | None, regions: tuple[str, ...], min_: int | None,
+@output_option
+@pass_cli
+def autoscale(cli: Cli, config_path: Path | None, regions: tuple[str, ...], min_: int | None,
               max_: int | None, scale_up_depth: int | None, scale_up_after: str | None,
               scale_down_depth: int | None, scale_down_after: str | None, step: int | None,
               concurrency: int | None, tag_values: tuple[str, ...], interval: str | None,
@@ -290,14 +274,14 @@ def autoscale(config_path: Path | None, regions: tuple[str, ...], min_: int | No
         # The options apply to the regions named with --region, else to the file's regions.
         names = list(dict.fromkeys(regions)) or list(file_policies)
         if not names:
-            _fail("nothing to scale: give --region R and/or --config FILE")
+            fail("nothing to scale: give --region R and/or --config FILE")
         policies = [policy_from(r, flags, base=file_policies.get(r)) for r in names]
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     every = every or file_interval
     if not get_settings().celery_broker.startswith(("redis://", "rediss://")):
-        err.print(Text("warning: queue depths are known only with a Redis broker: only min "
-                       "and max apply", style="yellow"))
+        cli.err.print(Text("warning: queue depths are known only with a Redis broker: only min "
+                           "and max apply", style="yellow"))
 
     executor = None if dry_run else LocalProcessExecutor(
         log_dir=log_dir or get_settings().home_dir / "autoscale")
@@ -305,18 +289,17 @@ def autoscale(config_path: Path | None, regions: tuple[str, ...], min_: int | No
 
     def show(d: Any) -> None:
         if output == "json":
-            out.print(json.dumps({**d.as_dict(), "dry_run": dry_run}))
+            cli.out.print(json.dumps({**d.as_dict(), "dry_run": dry_run}))
         else:
             style = {"up": "green", "down": "yellow"}.get(d.action, "")
-            out.print(Text(("[dry run] " if dry_run else "") + str(d), style=style))
+            cli.out.print(Text(("[dry run] " if dry_run else "") + str(d), style=style))
         sys.stdout.flush()
 
     if once:
         try:
             decisions = scaler.step()
         except Exception as exc:  # the registry or the broker cannot be read
-            err.print(Text(f"error: cannot observe the fleet: {exc}", style="red"))
-            sys.exit(1)
+            fail(f"cannot observe the fleet: {exc}", code=1)
         for d in decisions:
             show(d)
         return
@@ -328,12 +311,12 @@ def autoscale(config_path: Path | None, regions: tuple[str, ...], min_: int | No
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    err.print(f"autoscaling {', '.join(p.region for p in policies)} every {every:g}s"
-              + (" (dry run)" if dry_run else "") + "; Ctrl-C to stop")
+    cli.err.print(f"autoscaling {', '.join(p.region for p in policies)} every {every:g}s"
+                  + (" (dry run)" if dry_run else "") + "; Ctrl-C to stop")
     try:
         scaler.run(every, should_stop=lambda: bool(stopping), report=show)
     finally:
         if executor is not None:
-            err.print("stopping the autoscaled workers (warm shutdown) ...")
+            cli.err.print("stopping the autoscaled workers (warm shutdown) ...")
             executor.shutdown(grace)
-    err.print("autoscaler stopped")
+    cli.err.print("autoscaler stopped")

@@ -13,48 +13,33 @@ The file is ``VMFARM_SECRETS_FILE`` (default ``$VMFARM_HOME/secrets.enc``); its 
 standard input is the value, less one trailing newline (``printf`` and ``echo`` both work;
 inner newlines stay). Exit codes: 0 done; 2 bad input (bad name, empty value, key missing or
 wrong, no such secret to remove): nothing was changed.
-
-``register(main)`` adds the ``secrets`` group to the ``vmfarm`` group; cli/main.py calls it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn
 
 import click
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from app.secrets.backends import FileBackend, check_name, env_var_name
 from app.secrets.errors import SecretError
 from app.secrets.store import SecretsSettings, file_backend, load_settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# No markup: names are printed as they are. Never a value.
-out = Console(highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+from cli import console
+from cli.context import Cli, pass_cli
+from cli.options import output_option
 
 
 def register(main: click.Group) -> None:
     """Add the ``secrets`` group to ``main``."""
-    main.add_command(secrets, name="secrets")
+    main.add_command(secrets)
 
 
-def _output_option(f: F) -> F:
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(Text(f"error: {message}", style="red"))
-    err.print("nothing was changed.")
-    sys.exit(code)
+def _fail(message: str) -> NoReturn:
+    """Bad input: exit 2, saying nothing was changed. Never a value in the message."""
+    console.fail(message, then="nothing was changed.")
 
 
 def _settings() -> tuple[SecretsSettings, FileBackend]:
@@ -63,10 +48,6 @@ def _settings() -> tuple[SecretsSettings, FileBackend]:
         return settings, file_backend(settings)
     except SecretError as exc:
         _fail(str(exc))
-
-
-def _print_json(doc: dict[str, Any]) -> None:
-    out.print_json(json.dumps(doc))
 
 
 @click.group("secrets")
@@ -81,8 +62,9 @@ def secrets() -> None:
 @click.argument("name")
 @click.option("--value-stdin", is_flag=True,
               help="Read the value from standard input (less one trailing newline).")
-@_output_option
-def set_cmd(name: str, value_stdin: bool, output: str) -> None:
+@output_option
+@pass_cli
+def set_cmd(cli: Cli, name: str, value_stdin: bool, output: str) -> None:
     """Store the secret NAME (replacing its value if it exists). Prompts for the value."""
     problem = check_name(name)
     if problem:
@@ -106,10 +88,10 @@ def set_cmd(name: str, value_stdin: bool, output: str) -> None:
     except SecretError as exc:
         _fail(str(exc))
     if output == "json":
-        _print_json({"name": name, "created": created, "file": str(backend.path)})
+        cli.json({"name": name, "created": created, "file": str(backend.path)})
     else:
-        out.print(f"secret {name} {'created' if created else 'updated'} in {backend.path}")
-    _warn_shadowing(settings, name)
+        cli.out.print(f"secret {name} {'created' if created else 'updated'} in {backend.path}")
+    _warn_shadowing(cli, settings, name)
 
 
 def _interactive() -> bool:
@@ -117,26 +99,27 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _warn_shadowing(settings: SecretsSettings, name: str) -> None:
+def _warn_shadowing(cli: Cli, settings: SecretsSettings, name: str) -> None:
     """Say so when pipelines will not read what was just stored."""
     try:
         order = settings.order
     except SecretError as exc:
-        err.print(f"warning: {exc}")
+        cli.err.print(f"warning: {exc}")
         return
     if "file" not in order:
-        err.print(f"warning: the file backend is not enabled (VMFARM_SECRETS="
-                  f"{','.join(order) or '(none)'}): pipelines will not read this secret")
+        cli.err.print(f"warning: the file backend is not enabled (VMFARM_SECRETS="
+                      f"{','.join(order) or '(none)'}): pipelines will not read this secret")
         return
     var = env_var_name(name)
     if "env" in order[: order.index("file")] and os.environ.get(var):
-        err.print(f"warning: {var} is set here and the env backend is asked first: "
-                  "pipelines run with this environment read that variable instead")
+        cli.err.print(f"warning: {var} is set here and the env backend is asked first: "
+                      "pipelines run with this environment read that variable instead")
 
 
 @secrets.command("list")
-@_output_option
-def list_cmd(output: str) -> None:
+@output_option
+@pass_cli
+def list_cmd(cli: Cli, output: str) -> None:
     """The names of the stored secrets and when each was last set (never their values)."""
     _, backend = _settings()
     try:
@@ -144,24 +127,25 @@ def list_cmd(output: str) -> None:
     except SecretError as exc:
         _fail(str(exc))
     if output == "json":
-        _print_json({"file": str(backend.path),
+        cli.json({"file": str(backend.path),
                      "secrets": [{"name": e.name, "updated": e.updated} for e in entries]})
         return
     if not entries:
-        err.print(f"no secrets in {backend.path}")
+        cli.err.print(f"no secrets in {backend.path}")
         return
     table = Table(box=None, show_edge=False, pad_edge=False)
     table.add_column("NAME")
     table.add_column("UPDATED")
     for e in entries:
         table.add_row(e.name, e.updated)
-    out.print(table)
+    cli.out.print(table)
 
 
 @secrets.command("rm")
 @click.argument("name")
-@_output_option
-def rm_cmd(name: str, output: str) -> None:
+@output_option
+@pass_cli
+def rm_cmd(cli: Cli, name: str, output: str) -> None:
     """Delete the secret NAME from the file."""
     _, backend = _settings()
     try:
@@ -171,14 +155,15 @@ def rm_cmd(name: str, output: str) -> None:
     if not removed:
         _fail(f"no secret {name!r} in {backend.path}")
     if output == "json":
-        _print_json({"name": name, "removed": True, "file": str(backend.path)})
+        cli.json({"name": name, "removed": True, "file": str(backend.path)})
     else:
-        out.print(f"secret {name} removed from {backend.path}")
+        cli.out.print(f"secret {name} removed from {backend.path}")
 
 
 @secrets.command("keygen")
-def keygen_cmd() -> None:
+@pass_cli
+def keygen_cmd(cli: Cli) -> None:
     """Print a new random Fernet key (for VMFARM_SECRETS_KEY or VMFARM_SECRETS_KEY_FILE)."""
     from cryptography.fernet import Fernet
 
-    out.print(Fernet.generate_key().decode("ascii"))
+    cli.out.print(Fernet.generate_key().decode("ascii"))

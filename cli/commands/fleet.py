@@ -1,54 +1,33 @@
-"""Fleet commands: ``vmfarm worker`` (with ``--tags``), ``vmfarm workers``, ``vmfarm hosts``.
-
-``register(main)`` adds them to the ``vmfarm`` group; its ``worker`` replaces the group's own
-(same options, plus ``--tags``). cli/main.py ends with::
-
-    from cli import fleet as _fleet  # noqa: E402
-    _fleet.register(main)
-
-Helpers of cli/main.py (``fail_input``, ``parse_sets``, the consoles) are taken from the module
-that called ``register``: under ``python -m cli.main`` that module is ``__main__``, and
-importing ``cli.main`` again would build a second copy of the command group.
+"""The fleet: ``vmfarm worker`` (a Celery worker for regions and/or the control queue, with
+``--tags``), ``vmfarm workers`` (the registry and the queues) and ``vmfarm hosts`` (the hosts a
+pipeline would deploy to, discovered here).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import sys
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_host: ModuleType | None = None
+from app.errors import ConfigError, SpecError, SpecErrors
+from cli.console import error, fail, fail_input
+from cli.context import Cli, pass_cli
+from cli.options import (
+    files_argument,
+    gather_inputs,
+    input_options,
+    output_option,
+    pipeline_option,
+)
 
 
 def register(main: click.Group) -> None:
-    """Add ``worker`` (superseding the group's), ``workers`` and ``hosts`` to ``main``."""
-    global _host
-    callback = main.callback
-    _host = sys.modules.get(getattr(callback, "__module__", "") or "")
-    main.add_command(worker, name="worker")
-    main.add_command(workers, name="workers")
-    main.add_command(hosts, name="hosts")
-
-
-def _cli() -> Any:
-    """cli/main.py as loaded in this process (see the module docstring)."""
-    if _host is not None and hasattr(_host, "fail_input"):
-        return _host
-    return importlib.import_module("cli.main")
-
-
-def _output_option(f: F) -> F:
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
+    """Add ``worker``, ``workers`` and ``hosts`` to ``main``."""
+    for command in (worker, workers, hosts):
+        main.add_command(command)
 
 
 # --- worker ---------------------------------------------------------------------------------------
@@ -88,9 +67,8 @@ def worker(regions: tuple[str, ...], control: bool, concurrency: int | None, log
     if tags and not regions:
         raise click.UsageError("--tags select region work: give --region too")
     if get_settings().embedded:
-        _cli().err.print("error: a standalone worker needs a broker: set VMFARM_BROKER_URL "
-                         "(e.g. redis://127.0.0.1:6379/0)")
-        sys.exit(2)
+        fail("a standalone worker needs a broker: set VMFARM_BROKER_URL "
+             "(e.g. redis://127.0.0.1:6379/0)")
     try:
         run_worker(regions=list(regions), control=control, concurrency=concurrency,
                    loglevel=loglevel, name=name, beat=beat, tags=tags)
@@ -141,14 +119,14 @@ def fleet_report() -> dict[str, Any]:
 
 
 @click.command()
-@_output_option
-def workers(output: str) -> None:
+@output_option
+@pass_cli
+def workers(cli: Cli, output: str) -> None:
     """Workers per region: tags, concurrency, tasks in flight, last heartbeat (a worker not
     heard from within VMFARM_HEARTBEAT_TIMEOUT is stale), and the depth of every queue."""
-    cli = _cli()
     report = fleet_report()
     if output == "json":
-        cli.out.print_json(json.dumps(report))
+        cli.json(report)
         return
     if report["embedded"]:
         cli.err.print("embedded mode (no VMFARM_BROKER_URL): the worker runs inside "
@@ -214,8 +192,6 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
     bad input."""
     from app.definitions import choose_pipeline, load
     from app.definitions.loader import resolve_stage
-    from app.errors import SpecError
-
     bundle = load(files, inputs=inputs, require_inputs=False)
     found: dict[str, dict[str, Any]] = {}
     pipe_id: str | None = None
@@ -249,31 +225,27 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
 
 
 @click.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path())
+@files_argument
 @click.option("--infra", "infra_id", help="Only this infrastructure (identifier).")
-@click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
-@click.option("--inputs", "input_files", multiple=True, type=click.Path(),
-              help="An input set file or folder (repeatable); --set wins.")
-@_output_option
-def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
+@pipeline_option
+@input_options(inputs_help="An input set file or folder (repeatable); --set wins.")
+@output_option
+@pass_cli
+def hosts(cli: Cli, files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
           sets: tuple[str, ...], input_files: tuple[str, ...], output: str) -> None:
     """Preview the hosts of the infrastructures a pipeline deploys to (or of --infra ID).
 
     Discovery runs here, with this machine's cloud credentials and network; during a run the
     region's workers do it (task vmfarm.discover), with theirs. Exit 1 when a provider cannot
     list an infrastructure, 2 on bad input."""
-    from app.errors import ConfigError, DiscoveryError, SpecError, SpecErrors
+    from app.errors import DiscoveryError
     from app.providers.base import discover
 
-    cli = _cli()
     try:
         pipe_id, infras = collect_infrastructures(files, pipeline=pipeline, infra_id=infra_id,
-                                                  inputs=cli.gather_inputs(input_files,
-                                                                           sets))
+                                                  inputs=gather_inputs(input_files, sets))
     except (SpecError, SpecErrors, ConfigError) as exc:
-        cli.fail_input(exc)
-        return
+        fail_input(exc)
     results: list[dict[str, Any]] = []
     failed = False
     for infra in infras:
@@ -287,8 +259,7 @@ def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
             entry["error"] = {"message": str(exc), "error_class": exc.error_class}
             failed = True
         except (SpecError, SpecErrors, ConfigError) as exc:
-            cli.fail_input(exc)
-            return
+            fail_input(exc)
         else:
             entry["hosts"] = [{"name": h.name, "address": h.address, "region": h.region,
                                "public_ip": h.public_ip, "private_ip": h.private_ip,
@@ -299,20 +270,18 @@ def hosts(files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
                 entry["region"] = ", ".join(sorted({h.region for h in found})) or None
         results.append(entry)
     if output == "json":
-        cli.out.print_json(json.dumps({"pipeline": pipe_id, "infrastructures": results}))
+        cli.json({"pipeline": pipe_id, "infrastructures": results})
     else:
         _print_hosts(cli, results)
     for entry in results:
         if "error" in entry:
-            cli.err.print(Text(f"error: infrastructure '{entry['identifier']}' "
-                               f"({entry['provider']}): discovery failed "
-                               f"[{entry['error']['error_class']}]: "
-                               f"{entry['error']['message']}", style="red"))
+            error(f"infrastructure '{entry['identifier']}' ({entry['provider']}): discovery "
+                  f"failed [{entry['error']['error_class']}]: {entry['error']['message']}")
     if failed:
         sys.exit(1)
 
 
-def _print_hosts(cli: Any, results: list[dict[str, Any]]) -> None:
+def _print_hosts(cli: Cli, results: list[dict[str, Any]]) -> None:
     for entry in results:
         used = f"; stages {', '.join(entry['stages'])}" if entry["stages"] else ""
         cli.out.print(Text.assemble(

@@ -1,41 +1,28 @@
-"""Operations commands: ``vmfarm metrics serve|show`` and ``vmfarm notify test``.
-
-``register(main)`` adds them to the ``vmfarm`` group; cli/main.py ends with::
-
-    from cli import ops_cmd as _ops  # noqa: E402
-    _ops.register(main)
+"""Operating vmfarm: ``vmfarm metrics serve|show`` (Prometheus metrics from the ledger, the
+registry and the broker), ``vmfarm notify test`` (what an event's notification says and who
+gets it) and ``vmfarm reconcile`` (what the periodic reconciler does, now).
 
 Exit codes as elsewhere: 0 success, 1 a notification could not be delivered, 2 bad input.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-# No console markup: host names and errors are printed as they are (as in cli/main.py).
-out = Console(highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+from cli.console import error, fail
+from cli.context import Cli, pass_cli
+from cli.options import F, output_option
 
 
 def register(main: click.Group) -> None:
-    """Add the ``metrics`` and ``notify`` groups to ``main``."""
-    main.add_command(metrics, name="metrics")
-    main.add_command(notify, name="notify")
-
-
-def _output_option(f: F) -> F:
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
+    """Add the ``metrics`` and ``notify`` groups and ``reconcile`` to ``main``."""
+    for command in (metrics, notify, reconcile):
+        main.add_command(command)
 
 
 def _window_options(f: F) -> F:
@@ -74,7 +61,9 @@ def metrics() -> None:
 @click.option("--addr", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface).")
 @_window_options
-def metrics_serve(port: int, addr: str, window: str | None, max_executions: int | None) -> None:
+@pass_cli
+def metrics_serve(cli: Cli, port: int, addr: str, window: str | None,
+                  max_executions: int | None) -> None:
     """Serve the metrics over HTTP (GET /metrics) in the foreground until interrupted."""
     from app.metrics import serve
 
@@ -82,16 +71,16 @@ def metrics_serve(port: int, addr: str, window: str | None, max_executions: int 
     try:
         server = serve(port, addr, window=seconds, max_executions=max_executions)
     except OSError as exc:
-        err.print(Text(f"error: cannot listen on {addr}:{port}: {exc}", style="red"))
-        sys.exit(2)
-    out.print(f"serving metrics on {server.url} (Ctrl-C stops)")
+        fail(f"cannot listen on {addr}:{port}: {exc}")
+    cli.out.print(f"serving metrics on {server.url} (Ctrl-C stops)")
     server.wait()
 
 
 @metrics.command("show")
 @_window_options
-@_output_option
-def metrics_show(window: str | None, max_executions: int | None, output: str) -> None:
+@output_option
+@pass_cli
+def metrics_show(cli: Cli, window: str | None, max_executions: int | None, output: str) -> None:
     """Print one scrape: the Prometheus exposition text, or its samples as JSON."""
     from app.metrics import render
 
@@ -103,7 +92,7 @@ def metrics_show(window: str | None, max_executions: int | None, output: str) ->
                      "samples": [{"name": s.name, "labels": s.labels, "value": s.value}
                                  for s in f.samples]}
                     for f in text_string_to_metric_families(text)]
-        out.print_json(json.dumps({"metrics": families}))
+        cli.json({"metrics": families})
         return
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -150,9 +139,10 @@ def _rules_from_files(paths: tuple[str, ...]) -> list[dict[str, Any]]:
               help="Take the rules from these pipeline files (default: the execution's plan).")
 @click.option("--send", is_flag=True,
               help="Deliver it (not only show it); not recorded as sent.")
-@_output_option
-def notify_test(execution_id: str, event: str, stage: str | None, files: tuple[str, ...],
-                send: bool, output: str) -> None:
+@output_option
+@pass_cli
+def notify_test(cli: Cli, execution_id: str, event: str, stage: str | None,
+                files: tuple[str, ...], send: bool, output: str) -> None:
     """Show the message an event of an execution gives and who gets it; --send delivers it."""
     from app.notify import build_message, parse_rules, plan_rules
     from app.notify import notify as send_notification
@@ -160,14 +150,13 @@ def notify_test(execution_id: str, event: str, stage: str | None, files: tuple[s
 
     report = execution_report(execution_id)
     if report is None:
-        err.print(Text(f"error: no execution {execution_id}", style="red"))
-        sys.exit(2)
+        fail(f"no execution {execution_id}")
     where: int | str | None = int(stage) if stage is not None and stage.isdigit() else stage
     rules = _rules_from_files(files) if files else plan_rules(execution_id)
     parsed, invalid = parse_rules(rules)
     if invalid:
         for why in invalid:
-            err.print(Text(f"error: {why}", style="red"))
+            error(why)
         sys.exit(2)
     msg = build_message(event, report, stage=where)
     ident = msg.stage if event in ("StageFailed", "ApprovalNeeded", "InterventionNeeded") \
@@ -175,17 +164,17 @@ def notify_test(execution_id: str, event: str, stage: str | None, files: tuple[s
     chosen = [r for r in parsed if r.wants(event, ident)]
     deliveries = send_notification(event, report, chosen, stage=where) if send else []
     if output == "json":
-        out.print_json(json.dumps({
+        cli.json({
             "event": event, "subject": msg.title, "text": msg.text, "commands": msg.commands,
             "rules": [{"name": r.name, "channel": r.channel.type} for r in chosen],
-            "deliveries": [d.to_dict() for d in deliveries]}))
+            "deliveries": [d.to_dict() for d in deliveries]})
     else:
-        out.print(msg.title)
-        out.print(msg.text)
-        out.print("")
+        cli.out.print(msg.title)
+        cli.out.print(msg.text)
+        cli.out.print("")
         if not chosen:
-            out.print(Text(f"no notification rule wants {event}"
-                           + (f" of stage {ident}" if ident else ""), style="yellow"))
+            cli.out.print(Text(f"no notification rule wants {event}"
+                               + (f" of stage {ident}" if ident else ""), style="yellow"))
         table = Table(title="deliveries" if send else "would notify", title_justify="left")
         for c in ("rule", "channel", *(("target", "result") if send else ())):
             table.add_column(c)
@@ -199,6 +188,27 @@ def notify_test(execution_id: str, event: str, stage: str | None, files: tuple[s
             for r in chosen:
                 table.add_row(r.name, r.channel.type)
         if chosen:
-            out.print(table)
+            cli.out.print(table)
     if any(not d.ok for d in deliveries):
         sys.exit(1)
+
+
+# --- reconcile ------------------------------------------------------------------------------------
+
+
+@click.command()
+@output_option
+@pass_cli
+def reconcile(cli: Cli, output: str) -> None:
+    """Turn lost workers and unclaimed work into failures and move executions on (what the
+    periodic reconciler does; safe to run at any time)."""
+    from app.coordinator import reconcile as do_reconcile
+
+    actions = do_reconcile()
+    if output == "json":
+        cli.json({"actions": actions})
+        return
+    for a in actions:
+        cli.out.print(a)
+    if not actions:
+        cli.out.print("nothing to reconcile")

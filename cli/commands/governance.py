@@ -11,29 +11,28 @@
 
 Exit codes: 0 fine (warnings included); 2 bad input (files, inputs, policy file) or a finding
 of severity ``error`` (the run would be refused).
-
-``register(main)`` adds them to the ``vmfarm`` group; cli/main.py calls it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.text import Text
 
 from app.errors import ConfigError, SpecError, SpecErrors
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# No console markup: names and messages are printed as they are (as in cli/main.py).
-out = Console(highlight=False, soft_wrap=True, markup=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+from cli.console import error, fail
+from cli.context import Cli, pass_cli
+from cli.options import (
+    files_argument,
+    gather_inputs,
+    input_options,
+    output_option,
+    pipeline_option,
+)
 
 SEVERITY_STYLE = {"error": "bold red", "warn": "yellow"}
 OUTCOME_STYLE = {"refused": "bold red", "denied": "bold red", "failed": "red"}
@@ -41,28 +40,8 @@ OUTCOME_STYLE = {"refused": "bold red", "denied": "bold red", "failed": "red"}
 
 def register(main: click.Group) -> None:
     """Add ``audit`` and the ``policy`` group to ``main``."""
-    main.add_command(audit, name="audit")
-    main.add_command(policy, name="policy")
-
-
-def _output_option(f: F) -> F:
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
-
-
-def _fail(message: str) -> NoReturn:
-    err.print(Text(f"error: {message}", style="red"))
-    sys.exit(2)
-
-
-def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
-    inputs: dict[str, str] = {}
-    for v in values:
-        key, sep, val = v.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"'{v}' is not KEY=VALUE", param_hint="--set")
-        inputs[key.strip()] = val
-    return inputs
+    main.add_command(audit)
+    main.add_command(policy)
 
 
 # --- audit ----------------------------------------------------------------------------------------
@@ -74,26 +53,27 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--action", help="Only this action (run, approve, reject, abort, rollback, retry, "
                                "intervene).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@_output_option
-def audit(execution_id: str | None, user: str | None, action: str | None, limit: int,
+@output_option
+@pass_cli
+def audit(cli: Cli, execution_id: str | None, user: str | None, action: str | None, limit: int,
           output: str) -> None:
     """The audit trail, newest first: who did what, to which execution, and what came of it."""
     from app.audit import events
 
     rows = events(limit, execution_id=execution_id, user=user, action=action)
     if output == "json":
-        out.print_json(json.dumps(rows))
+        cli.json(rows)
         return
     if not rows:
-        err.print("no audit events for that selection")
+        cli.err.print("no audit events for that selection")
         return
     for r in rows:
         at = r["at"][:19].replace("T", " ")
         target = (r["execution_id"] or "-") + (f" ({r['pipeline']})" if r["pipeline"] else "")
         detail = _brief(r["detail"])
-        out.print(Text.assemble(f"{at}  {r['user'] or '-'}  {r['action']}  ",
-                                (r["outcome"], OUTCOME_STYLE.get(r["outcome"], "bold")),
-                                f"  {target}" + (f": {detail}" if detail else "")))
+        cli.out.print(Text.assemble(f"{at}  {r['user'] or '-'}  {r['action']}  ",
+                                    (r["outcome"], OUTCOME_STYLE.get(r["outcome"], "bold")),
+                                    f"  {target}" + (f": {detail}" if detail else "")))
 
 
 def _brief(detail: dict[str, Any]) -> str:
@@ -114,15 +94,14 @@ def policy() -> None:
 
 
 @policy.command("check")
-@click.argument("files", nargs=-1, required=True, type=click.Path())
-@click.option("--pipeline", "-p", help="Pipeline identifier (when the files define several).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fill a runtime input.")
-@click.option("--inputs", "input_files", multiple=True, type=click.Path(),
-              help="An input set file or folder (repeatable); --set wins.")
+@files_argument
+@pipeline_option
+@input_options(inputs_help="An input set file or folder (repeatable); --set wins.")
 @click.option("--policies", "policies_file", type=click.Path(dir_okay=False),
               help="The policy file (default VMFARM_POLICY_FILE, else configs/policies.yaml).")
-@_output_option
-def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
+@output_option
+@pass_cli
+def policy_check(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
                  input_files: tuple[str, ...], policies_file: str | None, output: str) -> None:
     """Check a pipeline against the policy rules without running it. Exit 2 when a rule of
     severity error is broken (a run would be refused)."""
@@ -132,37 +111,33 @@ def policy_check(files: tuple[str, ...], pipeline: str | None, sets: tuple[str, 
     source = Path(policies_file) if policies_file else policy_file()
     try:
         rules = load_policies(source) if source is not None else []
-        from app.definitions.inputsets import merge_inputs, read_input_sets
-
-        given = _parse_sets(sets)
         plan, stage_hosts = prepare(files, pipeline=pipeline,
-                                    inputs=merge_inputs(read_input_sets(input_files), given)
-                                    if input_files else given,
+                                    inputs=gather_inputs(input_files, sets),
                                     execution_id="<policy-check>")
         findings = evaluate(plan, stage_hosts, rules=rules)
     except (SpecError, SpecErrors) as exc:
         for e in exc.errors if isinstance(exc, SpecErrors) else [exc]:
-            err.print(Text(f"error: {e}", style="red"))
+            error(str(e))
         sys.exit(2)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     errors = sum(1 for f in findings if f.severity == "error")
     if output == "json":
-        out.print_json(json.dumps({
+        cli.json({
             "pipeline": plan.identifier, "policy_file": str(source) if source else None,
             "rules": [r.name for r in rules], "passed": errors == 0,
-            "findings": [f.to_dict() for f in findings]}))
+            "findings": [f.to_dict() for f in findings]})
     elif source is None:
-        out.print("no policy file (VMFARM_POLICY_FILE is unset and configs/policies.yaml does "
-                  "not exist): nothing to check")
+        cli.out.print("no policy file (VMFARM_POLICY_FILE is unset and configs/policies.yaml does "
+                      "not exist): nothing to check")
     else:
         for f in findings:
             where = f"stage '{f.stage}': " if f.stage else ""
-            out.print(Text.assemble((f"{f.severity:5}", SEVERITY_STYLE.get(f.severity, "")),
-                                    f" [{f.rule}] {where}{f.message}"))
+            cli.out.print(Text.assemble((f"{f.severity:5}", SEVERITY_STYLE.get(f.severity, "")),
+                                        f" [{f.rule}] {where}{f.message}"))
         warnings = len(findings) - errors
         verdict = ("a run would be refused" if errors else "a run would be allowed")
-        out.print(f"pipeline {plan.identifier}: {len(rules)} rule(s) from {source}, "
-                  f"{errors} error(s), {warnings} warning(s): {verdict}")
+        cli.out.print(f"pipeline {plan.identifier}: {len(rules)} rule(s) from {source}, "
+                      f"{errors} error(s), {warnings} warning(s): {verdict}")
     if errors:
         sys.exit(2)

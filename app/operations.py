@@ -1,0 +1,163 @@
+"""What a user does to vmfarm, one function per action, whoever asks: the CLI, a schedule, the
+server. Each checks RBAC (``app.rbac.guard``) and records the audit trail (``app.audit``) here,
+once, then asks the coordinator to do it.
+
+The caller says who acts, as an ``Actor``; nothing here reads the environment to find out
+(the CLI takes ``VMFARM_USER``, ``$USER`` or the OS account; schedules act as ``scheduler``)::
+
+    action          permission (app.rbac.ACTIONS)        audit row (action, outcome)
+    run             pipeline:execute  + environment:deploy   run, submitted
+    retry           pipeline:execute  + environment:deploy   retry, submitted (the new execution)
+    approve         pipeline:approve                         approve, approved | refused
+    reject          pipeline:approve                         reject, rejected | refused
+    abort           pipeline:abort (+ pipeline:rollback)     abort, <what came of it>
+    intervene       pipeline:intervene + environment:deploy  intervene, <the action chosen>
+    rollback        pipeline:rollback + environment:deploy   rollback, submitted (the new one)
+    rollback_plan   pipeline:view     + environment:view     (a read: no row)
+
+A refusal raises ``PermissionRefused`` after ``guard`` has recorded it (outcome ``refused``);
+nothing was done. Other errors, raised before anything is recorded: ``ConfigError`` (a wrong
+RBAC, users or policy file), ``SpecError``/``SpecErrors`` (bad files or inputs),
+``PolicyViolation`` (audited ``denied`` by the policy), ``ApprovalRefused`` (the approval's own
+rules: not an approver, a second vote) and ``LookupError`` (no such execution, or it is not in
+a state that allows the action).
+
+``publish=False`` records a new execution without sending its first work: the caller sends it
+with ``app.coordinator.advance`` (the CLI does, once its embedded worker is up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from app import audit, coordinator, rbac
+from app.coordinator import ApprovalRefused
+from app.rbac import PermissionRefused
+
+__all__ = ["Actor", "ApprovalRefused", "PermissionRefused", "abort", "approve", "intervene",
+           "reject", "retry", "rollback", "rollback_plan", "run"]
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts: ``name`` is the user RBAC bindings, approvals and the audit trail know.
+
+    ``groups`` and ``token_id`` are for identities that carry them (a verified token); RBAC
+    takes groups from the users file today."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+    token_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("an Actor needs a user name (an execution's creator is never "
+                             "blank)")
+
+
+# --- new executions -------------------------------------------------------------------------------
+
+
+def run(actor: Actor, files: Iterable[str], *, pipeline: str | None = None,
+        inputs: Mapping[str, str] | None = None, publish: bool = True) -> str:
+    """Record a run of the pipeline in ``files`` by ``actor``; returns the execution id.
+
+    The files are resolved once; RBAC is checked on that plan (the permissions depend on its
+    stages' environments) before anything is recorded; the coordinator then checks the policy
+    rules and the live workers, and records the execution."""
+    execution_id = coordinator.new_execution_id()
+    plan, stage_hosts = coordinator.prepare(list(files), pipeline=pipeline, inputs=inputs,
+                                            execution_id=execution_id)
+    if rbac.rbac_enabled():
+        rbac.guard("run", user=actor.name, plan=plan.to_json())
+    warnings = coordinator.record(plan, stage_hosts, execution_id=execution_id, inputs=inputs,
+                                  user=actor.name, publish=False)
+    audit.record("run", user=actor.name, execution_id=execution_id,
+                 detail={"inputs": sorted(inputs or {}),
+                         "policy_warnings": [f.to_dict() for f in warnings]},
+                 outcome="submitted")
+    if publish:
+        coordinator.advance(execution_id)
+    return execution_id
+
+
+def retry(actor: Actor, execution_id: str, *, publish: bool = True) -> str:
+    """Re-run an ended execution on the hosts that did not succeed; returns the new id."""
+    rbac.guard("retry", user=actor.name, execution_id=execution_id)
+    new_id = coordinator.retry_failed(execution_id, user=actor.name, publish=False)
+    audit.record("retry", user=actor.name, execution_id=new_id,
+                 detail={"retry_of": execution_id}, outcome="submitted")
+    if publish:
+        coordinator.advance(new_id)
+    return new_id
+
+
+def rollback(actor: Actor, execution_id: str, *, publish: bool = True) -> str:
+    """Roll a successful execution back on every host it changed; returns the new id."""
+    rbac.guard("rollback", user=actor.name, execution_id=execution_id)
+    new_id = coordinator.rollback_execution(execution_id, user=actor.name, publish=False)
+    audit.record("rollback", user=actor.name, execution_id=new_id,
+                 detail={"rollback_of": execution_id}, outcome="submitted")
+    if publish:
+        coordinator.advance(new_id)
+    return new_id
+
+
+def rollback_plan(actor: Actor, execution_id: str) -> dict[str, Any]:
+    """What ``rollback`` would do (hosts, versions, order); a read: nothing is recorded."""
+    rbac.guard("view", user=actor.name, execution_id=execution_id)
+    return coordinator.rollback_plan(execution_id)
+
+
+# --- decisions on a running execution -------------------------------------------------------------
+
+
+def approve(actor: Actor, execution_id: str, *, comment: str = "") -> str:
+    """Approve the Approval stage the execution waits in; returns what it did."""
+    return _decide(actor, execution_id, approve=True, comment=comment)
+
+
+def reject(actor: Actor, execution_id: str, *, comment: str = "") -> str:
+    """Reject the Approval stage the execution waits in: the stage fails."""
+    return _decide(actor, execution_id, approve=False, comment=comment)
+
+
+def _decide(actor: Actor, execution_id: str, *, approve: bool, comment: str) -> str:
+    action = "approve" if approve else "reject"
+    rbac.guard(action, user=actor.name, execution_id=execution_id)
+    try:
+        outcome = coordinator.decide_approval(execution_id, user=actor.name, approve=approve,
+                                              comment=comment)
+    except ApprovalRefused as exc:
+        audit.record(action, user=actor.name, execution_id=execution_id,
+                     detail={"reason": str(exc)}, outcome="refused")
+        raise
+    audit.record(action, user=actor.name, execution_id=execution_id,
+                 detail={"comment": comment}, outcome="approved" if approve else "rejected")
+    return outcome
+
+
+def abort(actor: Actor, execution_id: str, *, rollback: bool = False) -> str:
+    """Stop an execution (then roll back its current stage with ``rollback``). Returns
+    "aborted", "rolling back", or the status of an execution that had already ended."""
+    rbac.guard("abort", user=actor.name, execution_id=execution_id)
+    if rollback:
+        rbac.guard("rollback", user=actor.name, execution_id=execution_id)
+    result = coordinator.abort(execution_id, user=actor.name, rollback=rollback)
+    if result == "missing":
+        raise LookupError(f"no execution '{execution_id}'")
+    audit.record("abort", user=actor.name, execution_id=execution_id,
+                 detail={"rollback": rollback}, outcome=result)
+    return result
+
+
+def intervene(actor: Actor, execution_id: str, action: str, *, comment: str = "") -> str:
+    """Answer a ManualIntervention with ``action`` (Abort, Ignore, StageRollback, ...)."""
+    rbac.guard("intervene", user=actor.name, execution_id=execution_id)
+    outcome = coordinator.intervene(execution_id, action=action, user=actor.name,
+                                    comment=comment)
+    audit.record("intervene", user=actor.name, execution_id=execution_id,
+                 detail={"chosen": action, "comment": comment}, outcome=action)
+    return outcome

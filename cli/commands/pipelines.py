@@ -1,0 +1,156 @@
+"""Pipeline files and new executions: ``vmfarm validate``, ``plan``, ``run`` and ``retry``.
+
+``validate`` and ``plan`` only read the files (nothing is recorded, no host is touched);
+``run`` and ``retry`` go through ``app.operations`` (RBAC and the audit trail), then send the
+execution its first work and watch it (``cli.watch``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from rich.text import Text
+
+from app.errors import ConfigError, SpecError, SpecErrors
+from app.policy import PolicyViolation
+from app.rbac import PermissionRefused
+from cli.console import err, fail, fail_input, refused
+from cli.context import Cli, pass_cli
+from cli.options import (
+    files_argument,
+    gather_inputs,
+    input_options,
+    output_option,
+    pipeline_option,
+    watch_option,
+)
+from cli.render import print_plan
+from cli.watch import dispatch_and_watch, refuse_detach_when_embedded
+
+
+def register(main: click.Group) -> None:
+    """Add ``validate``, ``plan``, ``run`` and ``retry`` to ``main``."""
+    for command in (validate, plan_cmd, run, retry):
+        main.add_command(command)
+
+
+@click.command()
+@files_argument
+@input_options()
+@output_option
+@pass_cli
+def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
+             input_files: tuple[str, ...], output: str) -> None:
+    """Check pipeline files: schema, references and expressions. Exit 2 when invalid."""
+    from app.definitions import load
+
+    try:
+        bundle = load(files, inputs=gather_inputs(input_files, sets), require_inputs=False)
+    except (SpecError, SpecErrors) as exc:
+        if output == "json":
+            errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
+            cli.json({"valid": False, "errors": [
+                {"file": e.file, "line": e.line, "col": e.col, "field": e.field,
+                 "message": e.message} for e in errors]})
+            sys.exit(2)
+        fail_input(exc)
+    summary: dict[str, Any] = {
+        "valid": True,
+        "services": sorted(bundle.services),
+        "environments": sorted(bundle.environments),
+        "infrastructures": sorted(bundle.infrastructures),
+        "pipelines": sorted(bundle.pipelines),
+        "inputs": [{"name": s.name, **({"default": s.options["default"]}
+                                       if "default" in s.options else {})}
+                   for s in bundle.inputs if "<+input>" in str(_value_at(s))],
+    }
+    if output == "json":
+        cli.json(summary)
+        return
+    cli.out.print(Text.assemble(("valid", "green"), f": {len(bundle.documents)} document(s) in "
+                                f"{len({d.file for d in bundle.documents})} file(s)"))
+    for kind in ("services", "environments", "infrastructures", "pipelines"):
+        if summary[kind]:
+            cli.out.print(f"  {kind}: {', '.join(summary[kind])}")
+    for i in summary["inputs"]:
+        cli.out.print(f"  runtime input: {i['name']}" + (f" (default {i['default']})"
+                                                          if "default" in i else
+                                                          " (give it with --set)"))
+
+
+def _value_at(slot: Any) -> Any:
+    data = slot.doc.data
+    for p in slot.path:
+        data = data[p]
+    return data
+
+
+@click.command("plan")
+@files_argument
+@pipeline_option
+@input_options()
+@output_option
+@pass_cli
+def plan_cmd(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
+             input_files: tuple[str, ...], output: str) -> None:
+    """Dry run: hosts per region, phases, rendered command units, failure policy. Touches no
+    host and records nothing."""
+    from app.coordinator import dry_run
+
+    try:
+        result = dry_run(files, pipeline=pipeline, inputs=gather_inputs(input_files, sets))
+    except (SpecError, SpecErrors, ConfigError) as exc:
+        fail_input(exc)
+    if output == "json":
+        cli.json(result)
+        return
+    print_plan(result)
+
+
+@click.command()
+@files_argument
+@pipeline_option
+@input_options(set_help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
+@watch_option("Show live progress (default on a terminal) or return after submitting.")
+@output_option
+@pass_cli
+def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
+        input_files: tuple[str, ...], watch: bool | None, output: str) -> None:
+    """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input."""
+    from app import operations
+
+    refuse_detach_when_embedded(watch)
+    try:
+        execution_id = operations.run(cli.actor, files, pipeline=pipeline,
+                                      inputs=gather_inputs(input_files, sets), publish=False)
+    except PermissionRefused as exc:
+        refused(exc)
+    except (SpecError, SpecErrors, ConfigError, PolicyViolation) as exc:
+        fail_input(exc)
+    dispatch_and_watch(cli, execution_id, watch=watch, output=output)
+
+
+@click.command()
+@click.argument("execution_id")
+@click.option("--only-failed", is_flag=True, required=True,
+              help="Re-run only the hosts that failed or never ran (required: say so).")
+@watch_option()
+@output_option
+@pass_cli
+def retry(cli: Cli, execution_id: str, only_failed: bool, watch: bool | None,
+          output: str) -> None:
+    """Re-run an ended execution on the hosts that did not succeed, as a new execution."""
+    from app import operations
+
+    refuse_detach_when_embedded(watch)
+    try:
+        new_id = operations.retry(cli.actor, execution_id, publish=False)
+    except PermissionRefused as exc:
+        refused(exc)
+    except (LookupError, ConfigError) as exc:
+        fail(str(exc))
+    if output != "json":
+        err.print(f"retrying the failed hosts of {execution_id}")
+    dispatch_and_watch(cli, execution_id=new_id, watch=watch, output=output)

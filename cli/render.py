@@ -1,0 +1,292 @@
+"""How executions and plans look on a terminal: the live view of a run, the summary of an
+ended execution (a matrix of counts for stages of more than ``MATRIX_FROM`` hosts), phase
+verdicts, ``vmfarm plan`` and the preview of ``vmfarm rollback --plan``. Everything is printed
+to ``cli.console.out``; ``-o json`` prints the report itself instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from cli.console import out, styled
+
+# Above this many hosts a stage is shown as a matrix of counts and failure groups.
+MATRIX_FROM = 40
+
+
+def live_view(report: dict[str, Any]) -> Group:
+    """The live view of ``vmfarm run --watch``: a progress bar and a host table per stage."""
+    parts: list[Any] = [Text.assemble("execution ", (report["id"], "bold"), "  ",
+                                      styled(report["status"]))]
+    for st in report["stages"]:
+        hosts = st["hosts"]
+        done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
+                    ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
+                    Text(f"{done}/{len(hosts)} hosts"))
+        parts.append(bar)
+        if len(hosts) > MATRIX_FROM:
+            counts: dict[str, int] = {}
+            for h in hosts:
+                counts[h["status"]] = counts.get(h["status"], 0) + 1
+            parts.append(Text("  " + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))))
+            hosts = [h for h in hosts if h["status"] in ("FAILED", "RUNNING")][:MATRIX_FROM]
+        table = Table(box=None, pad_edge=False)
+        table.add_column("host")
+        table.add_column("region")
+        for sid in st["steps"]:
+            table.add_column(sid)
+        for h in hosts:
+            table.add_row(h["host"], h["region"], *[styled(s["status"]) for s in h["steps"]])
+        parts.append(table)
+    return Group(*parts)
+
+
+def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
+    """An ended (or waiting) execution: per stage its hosts, failures and gates."""
+    out.print(Text.assemble("execution ", (report["id"], "bold"), " ", styled(report["status"])))
+    for st in report["stages"]:
+        if st.get("type") == "Approval":
+            out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
+                                    styled(st["status"])))
+            print_gates(st, only_failed=False)
+            continue
+        if len(st["hosts"]) > MATRIX_FROM and not every_host:
+            _print_matrix(st)
+            print_gates(st, only_failed=True)
+            continue
+        table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
+                            f"{st['environment']}): {st['status']}", title_justify="left")
+        rolled = any(h.get("rollback") for h in st["hosts"])
+        for c in ("host", "region", "status", "version", "previous",
+                  *(("rollback",) if rolled else ())):
+            table.add_column(c, no_wrap=True)
+        for h in st["hosts"]:
+            rb = h.get("rollback") or {}
+            extra = ([Text.assemble(styled(rb["status"]), f" -> {rb.get('to') or 'nothing'}")
+                      if rb else Text("")] if rolled else [])
+            table.add_row(h["host"], h["region"], styled(h["status"]), h["version"] or "",
+                          h["previous_version"] or "", *extra)
+        out.print(table)
+        for h in st["hosts"]:
+            rb = h.get("rollback") or {}
+            if rb.get("status") == "ROLLBACK_FAILED":
+                out.print(Text(f"  rollback of {h['host']}: step {rb.get('step')} failed: "
+                               f"{rb.get('error')}", style="red"))
+            elif rb.get("status") == "SKIPPED":
+                out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
+        # Failures as plain lines: readable in a CI log at any width.
+        for h in st["hosts"]:
+            bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
+            if bad:
+                out.print(Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}",
+                               style="red"))
+        print_gates(st, only_failed=True)
+    if report.get("intervention"):
+        v = report["intervention"]
+        out.print(Text(f"waiting for a manual intervention: {v.get('error')}; choose one of "
+                       f"{', '.join(v.get('choices', []))} with vmfarm intervene "
+                       f"{report['id']} ACTION (after {v.get('timeout')}: {v.get('on_timeout')})",
+                       style="yellow"))
+    if report.get("error"):
+        out.print(Text(report["error"], style="red"))
+
+
+def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
+    """One line per phase verdict; for a failed gate, one line per failed host with its
+    numbers."""
+    names = {p["index"]: p["name"] for p in stage.get("plan", [])}
+    for p in stage["phases"]:
+        v = p.get("verdict") or {}
+        if not v or (only_failed and v.get("passed")):
+            continue
+        if p["kind"] == "approval":
+            _print_approval(p, only_failed=only_failed)
+            continue
+        name = names.get(p["phase"], f"phase {p['phase'] + 1}")
+        what = {"deploy": "deploy", "verify": "verification", "switch": "traffic switch"}.get(
+            p["kind"], p["kind"])
+        if p["kind"] == "switch":
+            detail = (f"live: {', '.join(v.get('backends', []))}" if v.get("passed")
+                      else v.get("error", ""))
+            out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'}"
+                           f" ({detail})", style="" if v.get("passed") else "red"))
+            continue
+        out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
+                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed; {v.get('rule')})",
+                       style="" if v.get("passed") else "red"))
+        for reason in v.get("reasons") or []:
+            out.print(Text(f"    {reason}", style="red"))
+        for host, c in (v.get("checks") or {}).items():
+            numbers = _check_numbers(c.get("results") or {})
+            if not c.get("passed"):
+                out.print(Text(f"    {host}: {'; '.join(c.get('reasons') or [])}"
+                               + (f" [{numbers}]" if numbers else ""), style="red"))
+            elif not only_failed and numbers:
+                out.print(f"    {host}: {numbers}")
+
+
+def _print_approval(p: dict[str, Any], *, only_failed: bool) -> None:
+    v = p.get("verdict") or {}
+    names = ", ".join(a["user"] for a in v.get("approvals", [])) or "nobody yet"
+    if p["status"] == "RUNNING":
+        out.print(Text(f"  waiting for approval: {v.get('message', '')} — "
+                       f"{len(v.get('approvals', []))} of {v.get('required')} approvals "
+                       f"({names}); approvers: {', '.join(v.get('groups', []))}",
+                       style="yellow"))
+    elif p["status"] == "FAILED":
+        out.print(Text(f"  approval FAILED: {v.get('reason', '')}", style="red"))
+    elif not only_failed:
+        out.print(f"  approved by {names}")
+
+
+def _check_numbers(results: dict[str, Any]) -> str:
+    parts = []
+    health = results.get("health") or {}
+    if health:
+        parts.append(f"health {health.get('status_code') or health.get('error') or '-'} in "
+                     f"{health.get('attempts')} attempt(s)")
+    pr = results.get("probe") or {}
+    if pr:
+        rate = pr.get("error_rate")
+        parts.append(f"{pr.get('requests')} requests")
+        if isinstance(rate, int | float):
+            parts.append(f"error rate {rate * 100:.1f}%")
+        for q in ("p50", "p95", "p99"):
+            key = next((k for k in pr if k.startswith(q)), None)
+            if key and pr.get(key) is not None:
+                parts.append(f"{q} {float(pr[key]):.0f} ms")
+    return ", ".join(p for p in parts if p)
+
+
+def _signature(text: str, host: dict[str, Any]) -> str:
+    """An error with the host's own name and address taken out, so that one error on many
+    hosts is one group."""
+    import re
+
+    for name in {host["host"], *(str(s.get("host", "")) for s in host["steps"])} - {""}:
+        text = text.replace(name, "<host>")
+    return re.sub(r"\b\d{1,3}(\.\d{1,3}){3}\b", "<ip>", text)
+
+
+def _print_matrix(st: dict[str, Any]) -> None:
+    """A large stage on one screen: per step, how many hosts ended how; then the hosts that
+    did not succeed, grouped by error, a few named per group."""
+    title = (f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+             f"{st['status']}, {len(st['hosts'])} hosts")
+    states = ["SUCCEEDED", "FAILED", "IGNORED", "SKIPPED", "ABORTED", "RUNNING", "PENDING"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("step")
+    for state in states:
+        table.add_column(state.lower(), justify="right")
+    for i, step_id in enumerate(st["steps"]):
+        counts = {x: 0 for x in states}
+        for h in st["hosts"]:
+            state = h["steps"][i]["status"] if i < len(h["steps"]) else "PENDING"
+            counts[state] = counts.get(state, 0) + 1
+        table.add_row(step_id, *[str(counts[x]) if counts[x] else "" for x in states])
+    out.print(table)
+    by_status: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    for h in st["hosts"]:
+        by_status[h["status"]] = by_status.get(h["status"], 0) + 1
+        versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
+    out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
+              + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    groups: dict[str, list[str]] = {}
+    for h in st["hosts"]:
+        bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
+        if bad is not None:
+            groups.setdefault(_signature(_failure_detail(bad), h), []).append(h["host"])
+        rb = h.get("rollback") or {}
+        if rb.get("status") == "ROLLBACK_FAILED":
+            key = _signature(f"rollback step {rb.get('step')} failed: {rb.get('error')}", h)
+            groups.setdefault(key, []).append(h["host"])
+    for detail, names in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:10]:
+        shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+        out.print(Text(f"  {len(names)} host(s): {detail}: {shown}", style="red"))
+    if len(groups) > 10:
+        out.print(f"  ... {len(groups) - 10} more kinds of failure (vmfarm status -o json)")
+
+
+def _failure_detail(step: dict[str, Any]) -> str:
+    """``step check, unit check, exit 3: <last stderr line>`` or the error message."""
+    parts = [f"step {step['step']}"]
+    if step.get("failed_unit"):
+        parts.append(f"unit {step['failed_unit']}")
+    if step.get("exit_code") is not None:
+        parts.append(f"exit {step['exit_code']}")
+    detail = ", ".join(parts)
+    tail = (step.get("stderr_tail") or "").strip().splitlines()
+    if tail:
+        return f"{detail}: {tail[-1][:200]}"
+    if step.get("error"):
+        return f"{detail}: {step['error']}"
+    return detail
+
+
+def print_plan(result: dict[str, Any]) -> None:
+    """``vmfarm plan``: per stage its hosts by region, phases, rendered steps, failure policy."""
+    from app.units import describe_unit
+
+    out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
+    for st in result["stages"]:
+        if st.get("type") == "Approval":
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    f": approval, {st['summary']}"))
+            continue
+        strategy = st["strategy"]
+        out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                f": {st['service']} {st['version'] or ''} -> "
+                                f"{st['environment']}, strategy {strategy.get('type')}"))
+        hosts = st["hosts_by_region"]
+        if isinstance(hosts, dict):
+            for region, names in hosts.items():
+                out.print(f"  region {region} (queue vmfarm.{region}): {len(names)} host(s): "
+                          + ", ".join(names))
+        else:
+            out.print(f"  hosts: {hosts}")
+        for p in st["phases"]:
+            gate = " -> verification gate" if p["verify"] else ""
+            verb = "switch traffic to" if p["kind"] == "switch" else "deploy to"
+            out.print(f"  {p['name']}: {verb} {len(p['hosts'])} host(s): "
+                      f"{', '.join(p['hosts'])}{gate}")
+        for note in st["notes"]:
+            out.print(f"  note: {note}")
+        if st["rendered_for"]:
+            out.print(f"  steps, rendered for {st['rendered_for']}:")
+        for step in st["steps"]:
+            out.print(Text(f"  - {step['identifier']} ({step['type']}"
+                           + (", on the delegate" if step.get("onDelegate") else "") + ")",
+                           style="bold"))
+            for k, v in (step.get("environment") or {}).items():
+                out.print(f"      env {k}={v}")
+            if step.get("check"):
+                out.print(f"      check: {step['check']}")
+            for u in step.get("units", []):  # each unit type says how it reads (app.units)
+                for line in describe_unit(u):
+                    out.print(Text(f"      {line}"))
+        out.print(f"  on failure: {st['on_failure']}")
+
+
+def print_rollback_plan(preview: dict[str, Any]) -> None:
+    """``vmfarm rollback --plan``: per stage, the phases in order and each host's versions."""
+    out.print(f"rollback of execution {preview['execution']} ({preview['pipeline']}), "
+              "latest stage first; nothing has run")
+    for st in preview["stages"]:
+        out.print(f"stage {st['stage']} ({st['service']} in {st['environment']}):")
+        for ph in st["phases_in_order"]:
+            out.print(f"  {ph['phase']}: {', '.join(ph['hosts']) or 'no changed host'}")
+        table = Table(box=None)
+        for c in ("host", "region", "from", "to", "how"):
+            table.add_column(c)
+        for h in st["hosts"]:
+            table.add_row(h["host"], h["region"], str(h["from"]), str(h["to"]),
+                          h["how"] or f"left as is: {h['skipped']}")
+        out.print(table)

@@ -1,0 +1,135 @@
+"""Sending a recorded execution its first work, then watching it to the end.
+
+Embedded (no broker) the worker is a thread of this process, so a run is always watched; with
+a broker ``--detach`` returns as soon as the work is sent. The command exits 0 when the
+execution succeeded, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.live import Live
+from rich.text import Text
+
+from cli.console import err, fail, out
+from cli.context import Cli
+from cli.render import live_view, print_summary
+
+
+def refuse_detach_when_embedded(watch: bool | None) -> None:
+    """``--detach`` needs a broker: embedded, the worker lives (and dies) with this process."""
+    from app.settings import get_settings
+
+    if get_settings().embedded and watch is False:
+        fail("--detach needs a broker (VMFARM_BROKER_URL): in embedded mode the worker lives "
+             "in this process; nothing was run.")
+
+
+def dispatch_and_watch(cli: Cli, execution_id: str, *, watch: bool | None,
+                       output: str) -> None:
+    """Send a recorded execution's first work, then watch it (or return when detached)."""
+    from app.coordinator import advance
+    from app.settings import get_settings
+
+    settings = get_settings()
+    if output != "json":
+        err.print(Text.assemble("execution ", (execution_id, "bold")))
+    if settings.embedded:
+        from app.worker import EmbeddedWorker
+
+        with EmbeddedWorker(_regions_of(execution_id)):
+            advance(execution_id)
+            report = _wait(execution_id, live=_live(watch, output))
+    else:
+        advance(execution_id)
+        if watch is False:
+            if output == "json":
+                cli.json({"id": execution_id, "status": "RUNNING"})
+            else:
+                out.print(execution_id)
+            return
+        report = _wait(execution_id, live=_live(watch, output))
+    if output == "json":
+        cli.json(report)
+    else:
+        print_summary(report)
+    sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
+
+
+def _live(watch: bool | None, output: str) -> bool:
+    """Whether to show the live view: --watch, or by default when stdout is a terminal."""
+    if output == "json":
+        return False
+    return sys.stdout.isatty() if watch is None else watch
+
+
+def _regions_of(execution_id: str) -> list[str]:
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import StageRun
+
+    with session_scope() as s:
+        runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)).all()
+        return sorted({h["region"] for r in runs for h in r.hosts}) or ["default"]
+
+
+def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
+    from app.models import Status
+
+    if not live:
+        # Poll the status column (one short query) and build the report once at the end:
+        # a report of a large run costs tens of milliseconds.
+        from app.settings import get_settings
+
+        # Embedded, every read takes SQLite's write lock (BEGIN IMMEDIATE): ask less often.
+        pause = 0.25 if get_settings().embedded else 0.1
+        told = False
+        status = _status_of(execution_id)
+        while status not in Status.TERMINAL:
+            time.sleep(pause)
+            status = _status_of(execution_id) or status
+            if status == Status.WAITING and not told:
+                if _report(execution_id).get("intervention"):
+                    err.print(f"execution {execution_id} waits for a manual intervention: "
+                              f"vmfarm intervene {execution_id} ACTION")
+                else:
+                    err.print(f"execution {execution_id} is waiting for approval: "
+                              f"vmfarm approve {execution_id} (or reject)")
+                told = True
+        return _report(execution_id)
+    report = _report(execution_id)
+    with Live(live_view(report), console=out, refresh_per_second=8, transient=True) as view:
+        while report["status"] not in Status.TERMINAL:
+            time.sleep(0.25)
+            report = _report(execution_id)
+            view.update(live_view(report))
+    return report
+
+
+def _status_of(execution_id: str) -> str:
+    from sqlmodel import select
+
+    from app.db import retrying, session_scope
+    from app.models import Execution
+
+    def read() -> str:
+        with session_scope() as s:
+            return s.exec(select(Execution.status).where(Execution.id == execution_id)).one()
+
+    # A watcher outlives a ledger restart: it waits for the server instead of failing.
+    return retrying(read, what="watching the execution")
+
+
+def _report(execution_id: str) -> dict[str, Any]:
+    from app.db import retrying
+    from app.report import execution_report
+
+    report = retrying(lambda: execution_report(execution_id), what="watching the execution")
+    assert report is not None
+    return report
+
+
