@@ -246,3 +246,8 @@ class EmbeddedWorker:
                 log.debug("embedded worker stop raised", exc_info=True)
         if self.thread is not None:
             self.thread.join(timeout=30)
+        # A worker marks its process as one whose tasks must not wait on results; once it has
+        # stopped, this process (the CLI, a test) may wait on them again.
+        from celery._state import _set_task_join_will_block
+
+        _set_task_join_will_block(False)

@@ -15,7 +15,7 @@ FILES = [str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
 
 def test_plan_shows_regions_phases_and_rendered_units_without_running(tmp_path: Path) -> None:
     env = base_env(VMFARM_HOME=str(tmp_path / "home"))
-    res = run_vmfarm("plan", *FILES, "--set", "tag=1.2.3; reboot", "-o", "json", env=env)
+    res = run_vmfarm("plan", *FILES, "--set", "tag=1.2.3+build~7", "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     (stage,) = json.loads(res.stdout)["stages"]
     assert stage["hosts_by_region"] == {"r1": ["127.0.1.231", "127.0.1.233"],
@@ -27,9 +27,9 @@ def test_plan_shows_regions_phases_and_rendered_units_without_running(tmp_path: 
     start = next(u for u in deploy["units"] if u["identifier"] == "start")
     assert stage["rendered_for"] == "127.0.1.231"
     assert "printf 'listen=%s\\nport=8080\\nversion=%s\\n' 127.0.1.231" in start["script"]
-    assert deploy["environment"]["VERSION"] == "1.2.3; reboot"
+    assert deploy["environment"]["VERSION"] == "1.2.3+build~7"
     copy = next(u for u in deploy["units"] if u["type"] == "Copy")
-    assert copy["destination"] == "/opt/web/incoming/web-1.2.3__reboot.tar.gz"
+    assert copy["destination"] == "/opt/web/incoming/web-1.2.3_build_7.tar.gz"
     assert "fails the stage" in stage["on_failure"]
     # nothing was recorded (and the hosts above do not exist: nothing was contacted)
     db = tmp_path / "home" / "vmfarm.db"
@@ -47,3 +47,6 @@ def test_plan_text_names_the_gate_and_refuses_bad_input(tmp_path: Path) -> None:
     assert "[start] script:" in res.stdout
     missing = run_vmfarm("plan", *FILES, env=env)
     assert missing.returncode == 2 and "runtime input <+input> has no value" in missing.stderr
+    hostile = run_vmfarm("plan", *FILES, "--set", "tag=1.2.3; reboot", env=env)
+    assert hostile.returncode == 2 and "artifact tag '1.2.3; reboot' is not a version" in \
+        hostile.stderr
