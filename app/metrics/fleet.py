@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -140,10 +140,3 @@ def queue_families(names: Iterable[str], depths: dict[str, int | None],
         served.add_metric([q], consumers.get(q, 0))
     return [depth, served]
 
-
-def since(now: datetime, window: float) -> datetime:
-    return now - timedelta(seconds=window)
-
-
-__all__: Sequence[str] = ["Fleet", "fleet_families", "fleet_of", "queue_families",
-                          "queue_names", "regions_of_executions"]
