@@ -61,6 +61,9 @@ GATE_KINDS = ("deploy", "verify", "approval", "switch", "rollback", "rollback-sw
 # Phases whose duration is the deployment's (not a person's wait: approvals, interventions).
 PHASE_KINDS = ("deploy", "verify", "switch", "rollback", "rollback-switch")
 ROLLBACK_OUTCOMES = (Status.ROLLED_BACK, Status.ROLLBACK_FAILED)
+# How executions end (exposed from the start, as 0, per pipeline and environments).
+OUTCOMES = (Status.SUCCEEDED, Status.FAILED, Status.ABORTED, Status.ROLLED_BACK,
+            Status.ROLLBACK_FAILED)
 # What the reconciler (app.coordinator.reconcile) does, recognised in the rows it writes.
 RECONCILER_ACTIONS = ("lost_step", "unclaimed_step", "approval_timeout", "discovery_timeout",
                       "lost_gate")
@@ -392,8 +395,11 @@ def families(t: Totals, o: Open) -> Iterator[Metric]:
     finished = CounterMetricFamily(
         "vmfarm_executions_finished", "Executions that ended, by pipeline, environments and "
         "final status", labels=["pipeline", "environment", "status"])
-    for keys, n in sorted(t.finished.items()):
-        finished.add_metric(list(keys), n)
+    # Every outcome of every pipeline and environments seen, as 0 until it happens: the first
+    # failure must be an increase() of a series that was already there.
+    seen = {(p, env, st) for (p, env) in t.started for st in OUTCOMES} | set(t.finished)
+    for keys in sorted(seen):
+        finished.add_metric(list(keys), t.finished.get(keys, 0))
     yield finished
     pipelines = sorted({k[0] for k in t.started} | {k[0] for k in o.active})
     active = GaugeMetricFamily("vmfarm_executions_active", "Unfinished executions by pipeline "
