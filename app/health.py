@@ -1,5 +1,8 @@
 """Liveness checks for container healthchecks: ``python -m app.health worker|control|autoscaler``.
 
+``worker`` and ``control`` check every such worker registered from this host, or only the
+worker names given after the role (``python -m app.health worker vmfarm-r1@host``).
+
 Each checks the process of *this* machine (container), exits 0 when it is alive and 1 when it
 is not, with one line on stderr saying why:
 
@@ -39,10 +42,11 @@ def mark_alive(path: Path, *, interval: float) -> None:
     os.replace(tmp, path)
 
 
-def check_worker(role: str, *, hostname: str | None = None, ping: bool = True,
-                 timeout: float = 5.0, workers: list[dict[str, Any]] | None = None
-                 ) -> tuple[bool, str]:
-    """Whether this host's ``role`` worker (``worker`` or ``control``) is alive, and why."""
+def check_worker(role: str, *, hostname: str | None = None, names: list[str] | None = None,
+                 ping: bool = True, timeout: float = 5.0,
+                 workers: list[dict[str, Any]] | None = None) -> tuple[bool, str]:
+    """Whether this host's ``role`` workers (``worker`` or ``control``; only ``names`` when
+    given) are alive, and why."""
     from app.celery import CONTROL_QUEUE
     from app.settings import get_settings
 
@@ -55,10 +59,12 @@ def check_worker(role: str, *, hostname: str | None = None, ping: bool = True,
         workers = all_workers()
     mine = [w for w in workers if w.get("hostname") == host and (
         CONTROL_QUEUE in (w.get("queues") or []) if role == "control"
-        else bool(w.get("regions")))]
+        else bool(w.get("regions"))) and (not names or w.get("name") in names)]
     if not mine:
-        return False, (f"no {role} worker of {host} is registered (still starting, or it "
-                       "cannot write the ledger)")
+        what = "control worker" if role == "control" else "region worker"
+        return False, (f"no {what} of {host} is registered" + (f" as {', '.join(names)}"
+                                                                if names else "")
+                       + " (still starting, or it cannot write the ledger)")
     live = [w for w in mine if w.get("live")]
     if not live:
         limit = get_settings().heartbeat_timeout
@@ -96,11 +102,13 @@ def check_autoscaler(path: Path | None = None, *, now: float | None = None
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] not in ROLES:
-        print(f"usage: python -m app.health {{{'|'.join(ROLES)}}}", file=sys.stderr)
+    if not args or args[0] not in ROLES or (args[0] == "autoscaler" and len(args) > 1):
+        print("usage: python -m app.health {worker|control} [NAME...] | autoscaler",
+              file=sys.stderr)
         return 2
     try:
-        ok, why = check_autoscaler() if args[0] == "autoscaler" else check_worker(args[0])
+        ok, why = check_autoscaler() if args[0] == "autoscaler" else \
+            check_worker(args[0], names=args[1:] or None)
     except Exception as exc:  # the ledger or the broker cannot be read: not healthy
         ok, why = False, f"cannot check: {type(exc).__name__}: {exc}"
     print(f"{args[0]}: {why}", file=sys.stdout if ok else sys.stderr)

@@ -14,17 +14,20 @@ from app.flower import KEY, FlowerWatch
 from tests.conftest import REPO, Cluster
 
 
-def _health(cluster: Cluster, role: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.health", role], env=cluster.env,
+def _health(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.health", *args], env=cluster.env,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_the_healthchecks_find_this_host_s_workers_alive(cluster: Cluster) -> None:
-    # The cluster's workers run on this host, as a container's worker runs in its container.
-    res = _health(cluster, "worker")
+    # The cluster's workers run on this host, as a container's worker runs in its container
+    # (other tests of the session may have left workers of this host too: name ours).
+    res = _health(cluster, "worker", "w-r1@test", "w-r2@test")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "w-r1@test" in res.stdout and "w-r2@test" in res.stdout
-    res = _health(cluster, "control")
+    res = _health(cluster, "worker", "w-control@test")  # a control worker is no region worker
+    assert res.returncode == 1 and "no region worker of" in res.stderr
+    res = _health(cluster, "control", "w-control@test")
     assert res.returncode == 0 and "w-control@test: live" in res.stdout, res.stderr
     res = _health(cluster, "autoscaler")  # no autoscaler runs here
     assert res.returncode == 1 and "no autoscale round recorded" in res.stderr

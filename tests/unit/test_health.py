@@ -41,7 +41,7 @@ def test_a_worker_of_this_host_must_be_registered_and_beating(service_mode: None
     ok, why = check_worker("worker", hostname="c2", ping=False, workers=fleet)
     assert not ok and "vmfarm-r2@c2: last heartbeat 400s ago" in why
     ok, why = check_worker("worker", hostname="c9", ping=False, workers=fleet)
-    assert not ok and "no worker worker of c9 is registered" in why
+    assert not ok and "no region worker of c9 is registered" in why
     # The control check wants the control queue: a region worker is not a control worker.
     assert not check_worker("control", hostname="c1", ping=False, workers=fleet)[0]
     assert check_worker("control", hostname="c3", ping=False, workers=fleet)[0]
