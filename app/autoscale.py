@@ -139,6 +139,11 @@ class Observation:
 
 @dataclass(frozen=True)
 class Decision:
+    """What the policy wants for a region (``target``) and, when it scales down, which
+    workers are stopped (``stops``) and which over the target are not, because this
+    autoscaler did not start them (``keeps``: started by hand, by another machine's
+    autoscaler...). A dry run says the same as the real run would."""
+
     region: str
     current: int
     target: int
@@ -146,15 +151,31 @@ class Decision:
     reason: str
     depth: int | None
     state: State
+    stops: tuple[str, ...] = ()
+    keeps: tuple[str, ...] = ()
+
+    @property
+    def reached(self) -> int:
+        """The workers the region will have once this decision is applied."""
+        if self.target < self.current:
+            return self.current - len(self.stops)
+        return self.target
 
     def as_dict(self) -> dict[str, Any]:
         return {"region": self.region, "current": self.current, "target": self.target,
-                "action": self.action, "reason": self.reason, "depth": self.depth}
+                "action": self.action, "reason": self.reason, "depth": self.depth,
+                "stops": list(self.stops), "keeps": list(self.keeps), "reached": self.reached}
 
     def __str__(self) -> str:
         arrow = f"{self.current} -> {self.target}" if self.target != self.current \
             else f"{self.current}"
-        return f"region {self.region}: {arrow} worker(s) ({self.action}): {self.reason}"
+        text = f"region {self.region}: {arrow} worker(s) ({self.action}): {self.reason}"
+        if self.target < self.current:
+            text += f"; stops {', '.join(self.stops) or 'none'}"
+            if self.keeps:
+                text += (f"; not stopped (not started by this autoscaler): "
+                         f"{', '.join(self.keeps)}; the region stays at {self.reached}")
+        return text
 
 
 def decide(state: State, observation: Observation, now: float) -> Decision:
@@ -356,6 +377,8 @@ class LocalProcessExecutor:
     hostname: str = field(default_factory=socket.gethostname)
     kill_after: float = 600.0
     procs: dict[str, _Proc] = field(default_factory=dict)
+    # A dry run's view: it finds its workers as a real run would, and says nothing of it.
+    quiet: bool = False
 
     def name(self, region: str, k: int) -> str:
         return f"{NAME_PREFIX}-{region}-{k}@{self.hostname}"
@@ -387,7 +410,8 @@ class LocalProcessExecutor:
                 if name not in self.procs and self.owns(name, region) and \
                         _is_our_worker(int(w.get("pid") or 0), name):
                     self.procs[name] = _Proc(name=name, region=region, pid=int(w["pid"]))
-                    log.info("adopted worker %s (pid %s)", name, w["pid"])
+                    log.log(logging.DEBUG if self.quiet else logging.INFO,
+                            "adopted worker %s (pid %s)", name, w["pid"])
 
     def _alive(self, proc: _Proc) -> bool:
         if proc.popen is not None:
@@ -438,7 +462,7 @@ class LocalProcessExecutor:
             started.append(name)
         return started
 
-    def stop(self, region: str, count: int, fleet: Fleet) -> list[str]:
+    def _choose(self, region: str, count: int, fleet: Fleet) -> list[_Proc]:
         registered = fleet.workers.get(region, {})
         mine = [p for p in self.procs.values()
                 if p.region == region and p.stopping_since is None]
@@ -451,7 +475,14 @@ class LocalProcessExecutor:
             return (-1 if w is None else int(w.get("in_flight") or 0),
                     -int(m["k"]) if m else 0, p.name)
 
-        chosen = sorted(mine, key=busy)[:count]
+        return sorted(mine, key=busy)[:count]
+
+    def would_stop(self, region: str, count: int, fleet: Fleet) -> list[str]:
+        """The workers ``stop`` would stop now (nothing is signalled): the dry run's view."""
+        return [p.name for p in self._choose(region, count, fleet)]
+
+    def stop(self, region: str, count: int, fleet: Fleet) -> list[str]:
+        chosen = self._choose(region, count, fleet)
         for p in chosen:
             p.stopping_since = time.monotonic()
             self._signal(p, signal.SIGTERM)
@@ -499,18 +530,28 @@ class Autoscaler:
     observe: Callable[[Sequence[Policy]], Fleet] = observe
     clock: Callable[[], float] = time.monotonic
     states: dict[str, State] = field(default_factory=dict)
+    # Dry run (no executor): the executor whose choices the decisions describe, which only
+    # looks (by default the LocalProcessExecutor a real run on this machine would use).
+    preview: LocalProcessExecutor | None = None
+    # Rewritten after every round of ``run`` (``python -m app.health autoscaler`` reads it);
+    # default $VMFARM_HOME/autoscale/alive.json.
+    alive: Path | None = None
 
     def __post_init__(self) -> None:
         for p in self.policies:
             self.states.setdefault(p.region, State(policy=p))
+        if self.executor is None and self.preview is None:
+            self.preview = LocalProcessExecutor(log_dir=Path(os.devnull), quiet=True)
 
     def step(self) -> list[Decision]:
-        """One round; with no executor (dry run) nothing is applied."""
+        """One round; with no executor (dry run) nothing is applied, and the decisions say
+        what would be."""
         fleet = self.observe(self.policies)
         now = self.clock()
         ex = self.executor
-        if ex is not None:
-            ex.refresh(fleet)
+        view: Executor | None = ex if ex is not None else self.preview
+        if view is not None:
+            view.refresh(fleet)
         decisions = []
         for p in self.policies:
             registered = set(fleet.workers.get(p.region, {}))
@@ -521,27 +562,41 @@ class Autoscaler:
                               Observation(depth=fleet.depth(p.queues()), workers=len(registered)),
                               now)
             self.states[p.region] = decision.state
-            if ex is not None and decision.target != decision.current:
-                self._apply(ex, p, decision, fleet)
+            if decision.target < decision.current:
+                decision = self._down(p, decision, registered, fleet)
+            elif ex is not None and decision.target > decision.current:
+                ex.start(p, decision.target - decision.current,
+                         [n for ws in fleet.workers.values() for n in ws])
             decisions.append(decision)
         return decisions
 
-    def _apply(self, ex: Executor, policy: Policy, d: Decision, fleet: Fleet) -> None:
-        if d.target > d.current:
-            ex.start(policy, d.target - d.current,
-                     [n for ws in fleet.workers.values() for n in ws])
+    def _down(self, policy: Policy, d: Decision, counted: set[str], fleet: Fleet) -> Decision:
+        """Stop (or, in a dry run, choose) the workers over the target that this autoscaler
+        may stop; name the others, which keep running."""
+        count = d.current - d.target
+        if self.executor is not None:
+            mine = set(self.executor.running(policy.region))
+            stops = self.executor.stop(policy.region, count, fleet)
+        elif self.preview is not None:
+            mine = set(self.preview.running(policy.region))
+            stops = self.preview.would_stop(policy.region, count, fleet)
         else:
-            stopped = ex.stop(policy.region, d.current - d.target, fleet)
-            if len(stopped) < d.current - d.target:
-                log.warning("region %s: %d worker(s) over target but not started by this "
-                            "autoscaler: they keep running", policy.region,
-                            d.current - d.target - len(stopped))
+            mine, stops = set(), []
+        keeps = sorted(counted - mine) if len(stops) < count else []
+        if keeps and self.executor is not None:
+            log.warning("region %s: %d worker(s) over target but not started by this "
+                        "autoscaler keep running: %s", policy.region, count - len(stops),
+                        ", ".join(keeps))
+        return dataclasses.replace(d, stops=tuple(stops), keeps=tuple(keeps))
 
     def run(self, interval: float, *, should_stop: Callable[[], bool],
             report: Callable[[Decision], None] | None = None) -> None:
         """Step every ``interval`` seconds until ``should_stop()``; ``report`` gets each
         decision that changes something, and each region's first one."""
+        from app.health import alive_file, mark_alive
+
         last: dict[str, tuple[Action, int]] = {}
+        alive = self.alive or alive_file()
         while not should_stop():
             started = self.clock()
             try:
@@ -549,6 +604,11 @@ class Autoscaler:
             except Exception as exc:  # the registry or the broker is down: try again
                 log.warning("autoscale: cannot observe the fleet: %s", exc)
                 decisions = []
+            else:
+                try:
+                    mark_alive(alive, interval=interval)
+                except OSError as exc:
+                    log.warning("autoscale: cannot record this round in %s: %s", alive, exc)
             for d in decisions:
                 key = (d.action, d.current)
                 if report is not None and (d.action != "hold" or last.get(d.region) != key):

@@ -263,13 +263,15 @@ def unserved(requirements: Iterable[Requirement], *,
 # --- queues on the broker -------------------------------------------------------------------------
 
 
-def queue_depths(names: Iterable[str] = ()) -> dict[str, int | None]:
+def queue_depths(names: Iterable[str] = (), *, strict: bool = False) -> dict[str, int | None]:
     """Messages waiting in each of ``names`` and in every other ``vmfarm.*`` queue the broker
-    knows (declared by a worker or a publisher), by queue name.
+    knows: declared by a worker or a publisher (bound to the vmfarm exchange), or holding
+    messages (a Redis list named after the queue), whether or not anyone consumes it.
 
     Only a Redis broker can say: a queue is a Redis list named as the queue, plus one list per
     priority step (``<queue>\\x06\\x16<priority>``), which kombu's ``_size`` sums. For any other
-    broker, or when Redis cannot be reached, every depth is ``None`` (unknown).
+    broker every depth is ``None`` (unknown); so it is when Redis cannot be reached, unless
+    ``strict`` (then the error is raised).
     """
     from app.celery import CONTROL_QUEUE, EXCHANGE, app
     from app.settings import get_settings
@@ -286,7 +288,67 @@ def queue_depths(names: Iterable[str] = ()) -> dict[str, int | None]:
                 wanted.update(q for _rk, _pattern, q in channel.get_table(EXCHANGE.name))
             except Exception:  # no binding yet: the table does not exist
                 log.debug("no bindings for exchange %s", EXCHANGE.name, exc_info=True)
+            wanted.update(queues_holding_messages(channel.client))
             return {q: int(channel._size(q)) for q in sorted(wanted) if q.startswith("vmfarm.")}
     except Exception as exc:
+        if strict:
+            raise
         log.warning("cannot read queue depths from the broker: %s", exc)
         return dict.fromkeys(sorted(wanted))
+
+
+# kombu's Redis transport keeps priority steps of a queue in lists named queue + this + step.
+_PRIORITY_SEP = "\x06\x16"
+
+
+def queues_holding_messages(client: Any) -> set[str]:
+    """Names of the vmfarm queues that hold messages on a Redis broker: its ``vmfarm.*``
+    lists (priority lists count for their queue). ``client``: a redis-py client."""
+    found: set[str] = set()
+    for key in client.scan_iter(match="vmfarm.*", count=1000):
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        name = name.split(_PRIORITY_SEP, 1)[0]
+        if name == "vmfarm.control" or _QUEUE_RE.match(name):
+            found.add(name)
+    return found
+
+
+def forget_workers(names: Iterable[str] = (), *, stale: bool = False,
+                   now: datetime | None = None) -> list[str]:
+    """Remove workers from the registry: those named, and with ``stale`` every worker not
+    heard from within heartbeat_timeout. A live worker is never removed (it would register
+    again at its next beat): LookupError names it, and unknown names. Returns the names
+    removed.
+
+    A worker that dies without its clean shutdown stays registered as stale (``vmfarm
+    workers`` and the ``vmfarm_workers{state="stale"}`` metric show it) until it restarts
+    under the same name or is forgotten here.
+    """
+    from datetime import timedelta
+
+    from sqlalchemy import delete
+    from sqlmodel import col
+
+    from app.db import session_scope
+    from app.models import WorkerBeat, utcnow
+    from app.settings import get_settings
+
+    now = now or utcnow()
+    every = {w["name"]: w for w in all_workers(now)}
+    wanted = list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in every]
+    if unknown:
+        raise LookupError(f"no registered worker {', '.join(unknown)} (registered: "
+                          f"{', '.join(sorted(every)) or 'none'})")
+    live = [n for n in wanted if every[n]["live"]]
+    if live:
+        raise LookupError(f"worker {', '.join(live)} is live (heard from within the heartbeat "
+                          "timeout): stop it instead; a stopped worker removes itself")
+    chosen = set(wanted) | ({n for n, w in every.items() if not w["live"]} if stale else set())
+    if chosen:
+        # Only rows still stale: a worker that beat again meanwhile stays.
+        quiet = now - timedelta(seconds=get_settings().heartbeat_timeout)
+        with session_scope() as s:
+            s.exec(delete(WorkerBeat).where(
+                col(WorkerBeat.name).in_(sorted(chosen)), col(WorkerBeat.beat_at) < quiet))
+    return sorted(chosen)

@@ -38,6 +38,9 @@ class Status:
                           "ROLLBACK_FAILED"})
     # A host may go on after these.
     PASSED = frozenset({"SUCCEEDED", "IGNORED"})
+    # The statuses an Execution takes (what `vmfarm executions --status` accepts).
+    EXECUTION = ("QUEUED", "RUNNING", "WAITING", "ROLLING_BACK", "SUCCEEDED", "FAILED",
+                 "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED")
 
 
 class Execution(SQLModel, table=True):

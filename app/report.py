@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -212,9 +213,25 @@ def execution_logs(execution_id: str, *, host: str | None = None,
     return out
 
 
+def execution_statuses(values: Iterable[str]) -> list[str]:
+    """``values`` as execution statuses (any case); ValueError naming an unknown one and the
+    statuses there are."""
+    out = []
+    for value in values:
+        status = value.strip().upper()
+        if status not in Status.EXECUTION:
+            raise ValueError(f"unknown execution status {value!r} (one of: "
+                             f"{', '.join(Status.EXECUTION)})")
+        out.append(status)
+    return out
+
+
 def recent_executions(limit: int = 20, *, statuses: list[str] | None = None) -> list[Execution]:
+    """The newest executions, of these statuses only when given (ValueError for a status
+    an execution never has: a typo must not look like "no such executions")."""
+    wanted = execution_statuses(statuses or [])
     with session_scope() as s:
         q = select(Execution)
-        if statuses:
-            q = q.where(col(Execution.status).in_(statuses))
+        if wanted:
+            q = q.where(col(Execution.status).in_(wanted))
         return list(s.exec(q.order_by(col(Execution.created_at).desc()).limit(limit)).all())

@@ -517,20 +517,53 @@ def schedules_tick() -> list[dict[str, Any]]:
         return []
 
 
+def execution_statuses(ids: Sequence[str]) -> dict[str, str]:
+    """The ledger's status of each of these executions (those it has)."""
+    if not ids:
+        return {}
+    from sqlmodel import col, select
+
+    from app.db import session_scope
+    from app.models import Execution
+
+    with session_scope() as s:
+        rows = s.exec(select(Execution.id, Execution.status)
+                      .where(col(Execution.id).in_(list(ids)))).all()
+    return {str(i): str(st) for i, st in rows}
+
+
 def describe(schedules: Sequence[Schedule], now: datetime | None = None, *,
-             store: ClaimStore | None = None) -> list[dict[str, Any]]:
+             store: ClaimStore | None = None,
+             statuses: Callable[[Sequence[str]], Mapping[str, str]] | None = execution_statuses
+             ) -> list[dict[str, Any]]:
     """The schedules as ``vmfarm schedules -o json`` prints them, with their next run and, when
-    the claim store answers, their last one."""
+    the claim store answers, their last one: ``last`` is ``{slot, at, execution, status}``
+    (``status``: the execution's status in the ledger now, e.g. SUCCEEDED, FAILED, RUNNING;
+    None when the ledger cannot say), or ``{slot, at, error}`` for a slot whose submission
+    failed, or ``{slot}`` while it is being submitted."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
+    lasts: dict[str, dict[str, Any] | None] = {}
+    for s in schedules:
+        lasts[s.name] = None
+        if store is not None:
+            try:
+                lasts[s.name] = store.last(s.name)
+            except Exception as exc:
+                log.debug("schedule %s: last run unknown: %s", s.name, exc)
+    ids = sorted({str(v["execution"]) for v in lasts.values() if v and v.get("execution")})
+    known: Mapping[str, str] = {}
+    if ids and statuses is not None:
+        try:
+            known = statuses(ids)
+        except Exception as exc:  # the ledger is a nicety here: list the schedules anyway
+            log.warning("schedules: the last executions' status is unknown: %s", exc)
+    for v in lasts.values():
+        if v and v.get("execution"):
+            v["status"] = known.get(str(v["execution"]))
     out: list[dict[str, Any]] = []
     for s in schedules:
         nxt = s.next_run(now) if s.enabled else None
-        last: dict[str, Any] | None = None
-        if store is not None:
-            try:
-                last = store.last(s.name)
-            except Exception as exc:
-                log.debug("schedule %s: last run unknown: %s", s.name, exc)
+        last = lasts[s.name]
         out.append({
             "name": s.name, "cron": s.cron.text, "timezone": s.timezone,
             "files": list(s.files), "pipeline": s.pipeline, "inputs": dict(s.inputs),

@@ -427,7 +427,8 @@ def test_autoscale_once_in_dry_run_prints_decisions_and_starts_nothing(
     assert res.returncode == 0, res.stderr
     [line] = res.stdout.strip().splitlines()
     assert json.loads(line) == {"region": "rs", "current": 0, "target": 2, "action": "up",
-                                "reason": "0 below min 2", "depth": 0, "dry_run": True}
+                                "reason": "0 below min 2", "depth": 0, "dry_run": True,
+                                "stops": [], "keeps": [], "reached": 2}
     assert _rs_workers() == {}
     bad = subprocess.run([*VMFARM, "autoscale", "--region", "rs", "--min", "3", "--max", "2",
                           "--once"], env=as_env, cwd=REPO, capture_output=True, text=True,
