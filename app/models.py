@@ -14,33 +14,15 @@ from pydantic import NaiveDatetime
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from app import status as _status
+
+# The rows' states (app.status holds them, so that naming them needs no SQL).
+Status = _status.Status
+
 
 def utcnow() -> datetime:
     """Naive UTC now: one convention for SQLite and PostgreSQL alike."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-class Status:
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
-    ABORTED = "ABORTED"
-    PENDING = "PENDING"
-    WAITING = "WAITING"  # for people (an approval); no work is in flight
-    IGNORED = "IGNORED"  # a step failed and a failure strategy said Ignore: the host goes on
-    ROLLING_BACK = "ROLLING_BACK"  # rollback phases run; the execution is not over
-    ROLLED_BACK = "ROLLED_BACK"  # a stage (or host) is back on its previous version
-    ROLLBACK_FAILED = "ROLLBACK_FAILED"  # a rollback step failed somewhere: a person must look
-
-    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED", "ROLLED_BACK",
-                          "ROLLBACK_FAILED"})
-    # A host may go on after these.
-    PASSED = frozenset({"SUCCEEDED", "IGNORED"})
-    # The statuses an Execution takes (what `vmfarm executions --status` accepts).
-    EXECUTION = ("QUEUED", "RUNNING", "WAITING", "ROLLING_BACK", "SUCCEEDED", "FAILED",
-                 "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED")
 
 
 class Execution(SQLModel, table=True):

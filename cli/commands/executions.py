@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from app.status import Status
 from cli.console import fail, styled
 from cli.context import Cli, pass_cli
 from cli.options import output_option
@@ -75,8 +76,9 @@ def logs(cli: Cli, execution_id: str, host: str | None, step: str | None, output
 
 @click.command()
 @click.option("--limit", default=20, show_default=True)
-@click.option("--status", "statuses", multiple=True, metavar="S",
-              help="Only executions in this status (repeatable): RUNNING, FAILED, WAITING...")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(Status.EXECUTION, case_sensitive=False),
+              help="Only executions in this status (repeatable).")
 @output_option
 @pass_cli
 def executions(cli: Cli, limit: int, statuses: tuple[str, ...], output: str) -> None:

@@ -119,11 +119,29 @@ def fleet_report() -> dict[str, Any]:
 
 
 @click.command()
+@click.option("--forget", "forget", multiple=True, metavar="NAME",
+              help="Remove this stale worker from the registry (repeatable); a live one stays.")
+@click.option("--forget-stale", is_flag=True,
+              help="Remove every worker not heard from within VMFARM_HEARTBEAT_TIMEOUT.")
 @output_option
 @pass_cli
-def workers(cli: Cli, output: str) -> None:
+def workers(cli: Cli, forget: tuple[str, ...], forget_stale: bool, output: str) -> None:
     """Workers per region: tags, concurrency, tasks in flight, last heartbeat (a worker not
     heard from within VMFARM_HEARTBEAT_TIMEOUT is stale), and the depth of every queue."""
+    if forget or forget_stale:
+        from app.delegates import forget_workers
+
+        try:
+            gone = forget_workers(forget, stale=forget_stale)
+        except LookupError as exc:
+            fail_input(exc)
+            return
+        if output == "json":
+            cli.json({"forgotten": gone})
+        else:
+            cli.out.print(f"forgot {len(gone)} worker(s)" + (f": {', '.join(gone)}" if gone
+                                                              else ""))
+        return
     report = fleet_report()
     if output == "json":
         cli.json(report)

@@ -30,8 +30,9 @@ def _window_options(f: F) -> F:
                      help="Newest executions a scrape looks at (default "
                           "VMFARM_METRICS_MAX_EXECUTIONS or 500).")(f)
     return click.option("--window", default=None, metavar="DURATION",
-                        help="How far back the ledger metrics look, e.g. 24h, 30m (default "
-                             "VMFARM_METRICS_WINDOW seconds or 24h).")(f)
+                        help="How far back recent executions name the queues to report, e.g. "
+                             "24h, 30m (default VMFARM_METRICS_WINDOW seconds or 24h); "
+                             "counters always count every execution.")(f)
 
 
 def _seconds(window: str | None) -> float | None:

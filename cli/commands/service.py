@@ -92,8 +92,11 @@ def flower(cli: Cli, address: str, port: int, url_prefix: str | None, no_auth: b
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix}")
     from app.celery import app
+    from app.flower import FlowerWatch
 
-    code = app.start([*argv, *flower_args])
+    # Flower turns task events on in the workers; the last Flower to exit turns them off.
+    with FlowerWatch(app):
+        code = app.start([*argv, *flower_args])
     sys.exit(code or 0)
 
 
@@ -152,7 +155,8 @@ def schedules(cli: Cli, path: Path | None, output: str) -> None:
             else "never runs"
         last = r["last"] or {}
         last_text = "never run" if not last else f"last {last['slot']}: " + (
-            f"execution {last['execution']}" if "execution" in last
+            f"execution {last['execution']} {last.get('status') or 'not in the ledger'}"
+            if "execution" in last
             else f"not submitted: {last['error']}" if "error" in last else "claimed")
         cli.out.print(Text.assemble((r["name"], "bold"), f"  {r['cron']} ({r['timezone']})  ",
                                     (nxt, "dim" if not r["enabled"] else "green")))
