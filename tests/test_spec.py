@@ -217,15 +217,16 @@ def test_resolve_keeps_the_static_hosts_and_their_regions() -> None:
 def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Path) -> str:
     """Render a unit's script for one host exactly as the worker does, and run it in bash."""
     from app.connectors.base import env_prelude
-    from app.definitions.expressions import Binder
+    from app.definitions.expressions import Binder, render_script
+    from app.definitions.plan import DeploymentStagePlan
     from app.providers.base import Host
     from app.units import host_context
 
-    stage = plan["stages"][0]
+    stage = DeploymentStagePlan.model_validate(plan["stages"][0])
     host = Host(name="127.0.1.201", address="127.0.1.201", region="r1", infrastructure="i")
     binder = Binder()
-    text = render(script(plan, step_ident, unit), host_context(host, stage), quote=True,
-                  bind=binder)
+    text = render_script(script(plan, step_ident, unit), host_context(host, stage),
+                         bind=binder)
     assert "<+" not in text.split("\n", 3)[0]
     done = subprocess.run(["bash", "-c", env_prelude(binder.env) + text], cwd=tmp_path,
                           capture_output=True, text=True, timeout=30)

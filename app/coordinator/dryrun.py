@@ -45,8 +45,7 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         phases = [p.to_dict() for p in plan_phases(stage.strategy, [h.name for h in hosts],
                                                    live=live, slots=slots)] if hosts else []
         sample = hosts[0] if hosts else None
-        raw = stage.to_json()  # command units render from the plan as stored (app.units)
-        steps = [render_step(raw, step, sample) for step in raw["steps"]]
+        steps = [render_step(stage, step, sample) for step in stage.steps]
         stages.append({
             "identifier": stage.identifier,
             "service": stage.service.identifier,

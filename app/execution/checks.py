@@ -17,7 +17,8 @@ from app.canvas import HostStepKey
 from app.db import claim_once, retrying, session_scope
 from app.definitions.base import parse_duration
 from app.definitions.expressions import render
-from app.definitions.models import TrafficSpec
+from app.definitions.models import VerificationSpec
+from app.definitions.plan import DeploymentStagePlan, HealthCheckStepPlan
 from app.execution.ledger import stage_data as _stage_data
 from app.models import CheckRun, PhaseRun, Status, utcnow
 from app.providers.base import Host
@@ -49,8 +50,9 @@ def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:
         else:
             stage, hosts = _stage_data(key.execution, key.stage)
             host = Host.from_dict(hosts[key.host])
-            results, reasons = _run_checks(stage["strategy"].get("verification") or {},
-                                           host, stage)
+            verification = stage.strategy.verification
+            if verification is not None:
+                results, reasons = _run_checks(verification, host, stage)
     except Exception as exc:  # record, never lose the host: the gate decides
         log.exception("verification of %s failed", key.idem)
         reasons.append(f"internal error: {type(exc).__name__}: {exc}")
@@ -66,56 +68,56 @@ def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:
     return {"host": key.host, "passed": passed}
 
 
-def _run_checks(verification: dict[str, Any], host: Host,
-                stage: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _run_checks(verification: VerificationSpec, host: Host,
+                stage: DeploymentStagePlan) -> tuple[dict[str, Any], list[str]]:
     from app.verify.probes import evaluate, http_check, probe
 
     ctx = host_context(host, stage)
     results: dict[str, Any] = {}
     reasons: list[str] = []
-    hc = verification.get("healthCheck")
-    if hc:
-        url = render(hc["url"], ctx)
-        r = http_check(url, expect_status=tuple(hc.get("expectStatus") or [200]),
-                       expect_body=hc.get("expectBody"), retries=int(hc.get("retries", 10)),
-                       interval=parse_duration(hc.get("interval", "1s")),
-                       timeout=parse_duration(hc.get("timeout", "5s")))
+    hc = verification.health_check
+    if hc is not None:
+        url = render(hc.url, ctx)
+        r = http_check(url, expect_status=tuple(hc.expect_status or [200]),
+                       expect_body=hc.expect_body, retries=hc.retries,
+                       interval=parse_duration(hc.interval),
+                       timeout=parse_duration(hc.timeout))
         results["health"] = r.to_dict()
         if not r.ok:
             reasons.append(f"health check {url} failed after {r.attempts} attempt(s): "
                            f"{r.error or f'status {r.status_code}'}")
-    pb = verification.get("probe")
-    if pb:
-        url = render(pb["url"], ctx)
-        stats = probe(url, duration=parse_duration(pb.get("duration", "10s")),
-                      concurrency=int(pb.get("concurrency", 1)),
-                      timeout=parse_duration(pb.get("timeout", "2s")))
+    pb = verification.probe
+    if pb is not None:
+        url = render(pb.url, ctx)
+        stats = probe(url, duration=parse_duration(pb.duration), concurrency=pb.concurrency,
+                      timeout=parse_duration(pb.timeout))
         results["probe"] = stats.to_dict()
-        criteria = verification.get("successCriteria")
-        if criteria:
-            ok, why = evaluate(criteria, stats.to_dict())
+        criteria = verification.success_criteria
+        if criteria is not None:
+            ok, why = evaluate(criteria.to_json(), stats.to_dict())
             if not ok:
                 reasons.extend(f"{url}: {w}" for w in why)
     return results, reasons
 
 
-def health_step(step: dict[str, Any], host: Host, stage: dict[str, Any]) -> tuple[bool, str]:
+def health_step(step: HealthCheckStepPlan, host: Host,
+                stage: DeploymentStagePlan) -> tuple[bool, str]:
     """An HTTP or TCP HealthCheck step from the worker to the host: (healthy, what happened)."""
     from app.verify.probes import http_check, tcp_check
 
-    spec = step["spec"]
+    spec = step.spec
     ctx = host_context(host, stage)
-    retries, interval = int(spec.get("retries", 3)), parse_duration(spec.get("interval", "1s"))
-    timeout = parse_duration(spec.get("timeout", "5s"))
-    if spec["type"] == "HTTP":
-        url = render(spec["url"], ctx)
-        r = http_check(url, expect_status=tuple(spec.get("expectStatus") or [200]),
-                       expect_body=spec.get("expectBody"), retries=retries, interval=interval,
+    retries, interval = spec.retries, parse_duration(spec.interval)
+    timeout = parse_duration(spec.timeout)
+    if spec.type == "HTTP":
+        url = render(spec.url or "", ctx)
+        r = http_check(url, expect_status=tuple(spec.expect_status or [200]),
+                       expect_body=spec.expect_body, retries=retries, interval=interval,
                        timeout=timeout)
         what = f"HTTP {url}"
     else:
-        address = render(spec.get("host") or host.address, ctx)
-        port = int(render(str(spec["port"]), ctx))
+        address = render(spec.host or host.address, ctx)
+        port = int(render(str(spec.port), ctx))
         r = tcp_check(address, port, retries=retries, interval=interval, timeout=timeout)
         what = f"TCP {address}:{port}"
     if r.ok:
@@ -130,7 +132,9 @@ def do_switch(execution_id: str, stage_index: int, phase: int,
     from app.traffic import traffic_switch_from_spec
 
     stage, hosts = _stage_data(execution_id, stage_index)
-    traffic = stage["strategy"]["traffic"]
+    spec = stage.strategy.traffic
+    assert spec is not None, "a switch phase belongs to a BlueGreen stage with traffic"
+    traffic = spec.to_json()
     with session_scope() as s:
         pr = s.exec(select(PhaseRun).where(
             PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
@@ -142,8 +146,7 @@ def do_switch(execution_id: str, stage_index: int, phase: int,
                 for n in names]
     state_dir = get_settings().home_dir / "traffic"
     try:
-        switch = traffic_switch_from_spec(TrafficSpec.model_validate(traffic).switch_spec(),
-                                          state_dir=state_dir)
+        switch = traffic_switch_from_spec(spec.switch_spec(), state_dir=state_dir)
         try:
             before = switch.live()
             result = switch.switch(backends)

@@ -29,14 +29,14 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.db import claim_once, retrying, session_scope
 from app.definitions.expressions import Context
-from app.definitions.plan import DeploymentStagePlan
+from app.definitions.plan import DeploymentStagePlan, StepPlan
 from app.execution.logs import heartbeats
 from app.models import Execution, HostStepRun, StageRun, Status, utcnow
 
 log = logging.getLogger("vmfarm.tasks")
 
 
-_plan_cache: dict[tuple[str, int], tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}
+_plan_cache: dict[tuple[str, int], tuple[DeploymentStagePlan, dict[str, dict[str, Any]]]] = {}
 
 
 _plan_lock = threading.Lock()
@@ -45,9 +45,10 @@ _plan_lock = threading.Lock()
 _plan_loads: dict[tuple[str, int], threading.Lock] = {}
 
 
-def stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
-                                                               dict[str, dict[str, Any]]]:
-    """The resolved stage and its hosts by name; immutable once the stage runs, so cached.
+def stage_data(execution_id: str, stage_index: int) -> tuple[DeploymentStagePlan,
+                                                              dict[str, dict[str, Any]]]:
+    """The resolved stage (typed) and its hosts by name; immutable once the stage runs, so
+    cached.
 
     One thread reads it; the pool's other threads wait for its copy (32 threads decoding a
     10,000-host stage at once tripled a worker's memory)."""
@@ -63,33 +64,22 @@ def stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
         return hit or _read_stage_data(execution_id, stage_index)
 
 
-_typed: dict[tuple[str, int], DeploymentStagePlan] = {}
-
-
 def typed_stage(execution_id: str, stage_index: int) -> DeploymentStagePlan:
-    """The resolved stage, typed (decoded once per process)."""
-    key = (execution_id, stage_index)
-    with _plan_lock:
-        hit = _typed.get(key)
-    if hit is None:
-        hit = DeploymentStagePlan.model_validate(stage_data(execution_id, stage_index)[0])
-        with _plan_lock:
-            if len(_typed) > 256:
-                _typed.clear()
-            _typed[key] = hit
-    return hit
+    """The resolved stage (decoded once per process)."""
+    return stage_data(execution_id, stage_index)[0]
 
 
-def _read_stage_data(execution_id: str, stage_index: int) -> tuple[dict[str, Any],
+def _read_stage_data(execution_id: str, stage_index: int) -> tuple[DeploymentStagePlan,
                                                                     dict[str, dict[str, Any]]]:
-    def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def read() -> tuple[DeploymentStagePlan, dict[str, dict[str, Any]]]:
         with session_scope() as s:
             ex = s.get(Execution, execution_id)
             run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
                                                 StageRun.stage_index == stage_index)).one()
             if ex is None:
                 raise LookupError(f"execution {execution_id} not found")
-            return ex.plan["stages"][stage_index], {h["name"]: h for h in run.hosts}
+            stage = DeploymentStagePlan.model_validate(ex.plan["stages"][stage_index])
+            return stage, {h["name"]: h for h in run.hosts}
 
     data = retrying(read, what=f"reading the plan of {execution_id}")
     with _plan_lock:
@@ -179,15 +169,16 @@ def aborted(execution_id: str, kind: str = "deploy") -> bool:
     return status is None or status in stop
 
 
-def step_of(key: HostStepKey, stage: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def step_of(key: HostStepKey,
+            stage: DeploymentStagePlan) -> tuple[DeploymentStagePlan, StepPlan]:
     """(the stage to render with, the step) for a key: a deploy step, a rollbackStep, or a step
     of the plan that deployed the version a built-in rollback returns to."""
     if key.kind == "deploy":
-        return stage, stage["steps"][key.step]
+        return stage, stage.steps[key.step]
     if key.src is not None:
         source, _ = stage_data(*key.src)
-        return source, source["steps"][key.step]
-    return stage, stage["rollbackSteps"][key.step]
+        return source, source.steps[key.step]
+    return stage, stage.rollback_steps[key.step]
 
 
 def rollback_version(key: HostStepKey) -> str:
@@ -207,19 +198,18 @@ def _rollback_version(key: HostStepKey) -> str:
         if key.kind != "deploy":
             target = ((run.rollback or {}).get("hosts") or {}).get(key.host) or {}
             return str(target.get("version") or "")
-        ex = s.get(Execution, key.execution)
-        stage = ex.plan["stages"][key.stage] if ex else {}
+        stage = typed_stage(key.execution, key.stage)
         for inst in s.exec(select(Instance).where(
                 Instance.host == key.host,
-                Instance.service == stage.get("service", {}).get("identifier"),
-                Instance.environment == stage.get("environment", {}).get("identifier"))).all():
+                Instance.service == stage.service.identifier,
+                Instance.environment == stage.environment.identifier)).all():
             if inst.execution_id == key.execution:
                 return inst.previous_version or ""
             return inst.version or ""
     return ""
 
 
-def earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> None:
+def earlier_outputs(key: HostStepKey, ctx: Context, stage: DeploymentStagePlan) -> None:
     """``<+steps.ID.output.outputVariables.X>`` from this host's earlier steps in this phase."""
     def read() -> list[HostStepRun]:
         with session_scope() as s:
@@ -230,7 +220,7 @@ def earlier_outputs(key: HostStepKey, ctx: Context, stage: dict[str, Any]) -> No
 
     rows = retrying(read, what=f"reading earlier outputs for {key.idem}")
     for r in rows:
-        sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1]["identifier"]
+        sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1].identifier
         for name, value in (r.outputs or {}).items():
             ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
 

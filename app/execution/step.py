@@ -18,7 +18,13 @@ from app.coordinator.precedence import after_failure
 from app.coordinator.retry import schedule_retry
 from app.db import retrying, session_scope
 from app.definitions.base import parse_duration
-from app.definitions.expressions import Binder, render
+from app.definitions.expressions import Binder, render_script
+from app.definitions.plan import (
+    CommandStepPlan,
+    DeploymentStagePlan,
+    HealthCheckStepPlan,
+    StepPlan,
+)
 from app.errors import HostError
 from app.execution.ledger import (
     aborted,
@@ -92,13 +98,13 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
         log.info("duplicate delivery of %s: returning the recorded result", key.idem)
         return summary(existing, duplicate=True)
     fields: dict[str, Any] = {}
-    step: dict[str, Any] | None = None
+    step: StepPlan | None = None
     sink = LogSink(run_id)
     heartbeats.add(run_id)
     try:
         stage, hosts = stage_data(key.execution, key.stage)
         stage, step = step_of(key, stage)
-        fields["step_id"] = step["identifier"]
+        fields["step_id"] = step.identifier
         # In a lane (maxConcurrency) the previous link may be another host's last step.
         if prev is not None and prev.get("status") not in Status.PASSED \
                 and prev.get("host") == key.host:
@@ -138,8 +144,8 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
     fields["stderr_tail"] = mask(sink.tails["stderr"]) or None
     # A Secret-typed output variable is a secret from now on: masked everywhere, and never
     # stored (later steps cannot read it from the ledger; pass secrets through the store).
-    secret_outputs = {str(o["name"]) for o in ((step or {}).get("spec") or {}).get(
-        "outputVariables", []) if o.get("type") == "Secret"}
+    secret_outputs = {o.name for o in (step.spec.output_variables if isinstance(
+        step, CommandStepPlan) else []) if o.type == "Secret"}
     if secret_outputs:
         from app.secrets import register
 
@@ -151,12 +157,12 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
     return finish_step(run_id, key, fields)
 
 
-def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
+def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, host: Host,
                        sink: LogSink) -> dict[str, Any]:
     """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
-    spec = step["spec"]
-    sink.unit = step["identifier"]
-    if spec["type"] in ("HTTP", "TCP"):
+    spec = step.spec
+    sink.unit = step.identifier
+    if spec.type in ("HTTP", "TCP"):
         from app.execution.checks import health_step
 
         ok, what = health_step(step, host, stage)
@@ -165,14 +171,14 @@ def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
     else:
         ok = False
         detail = "unhealthy"
-        retries = int(spec.get("retries", 3))
-        interval = parse_duration(spec.get("interval", "1s"))
-        timeout = parse_duration(spec.get("timeout", "5s"))
+        retries = spec.retries
+        interval = parse_duration(spec.interval)
+        timeout = parse_duration(spec.timeout)
         ctx = host_context(host, stage)
         with _connector(host_target(host, on_delegate=False)) as conn:
             for attempt in range(1, retries + 1):  # retries = attempts in all, as for HTTP
-                binder = Binder()
-                command = render(spec["command"], ctx, quote=True, bind=binder)
+                binder = Binder()  # values from outside stand intact, as in Script units
+                command = render_script(spec.command or "", ctx, bind=binder)
                 try:
                     res = conn.run(command, env=binder.env, timeout=timeout,
                                    on_output=sink.write)
@@ -191,49 +197,48 @@ def _health_check_step(stage: dict[str, Any], step: dict[str, Any], host: Host,
     if ok:
         return {"status": Status.SUCCEEDED, "exit_code": 0}
     return {"status": Status.FAILED, "error_class": "Verification",
-            "failed_unit": step["identifier"],
-            "error": f"health check '{step['identifier']}' failed: {detail}"[:500]}
+            "failed_unit": step.identifier,
+            "error": f"health check '{step.identifier}' failed: {detail}"[:500]}
 
 
-def _run_units(key: HostStepKey, stage: dict[str, Any], step: dict[str, Any], host: Host,
+def _run_units(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, host: Host,
                sink: LogSink) -> dict[str, Any]:
     """Each command unit of the step in turn, rendered and run by its type (app.units);
     an abort stops the host between units."""
-    if step.get("type") == "HealthCheck":
+    if isinstance(step, HealthCheckStepPlan):
         return _health_check_step(stage, step, host, sink)
-    spec = step["spec"]
+    spec = step.spec
+    written = str(spec.to_json())  # what the units' expressions name
     # What the units' expressions need from the ledger and the artifact cache, read once.
     ctx = host_context(host, stage)
-    if "<+rollbackArtifact." in str(spec):
+    if "<+rollbackArtifact." in written:
         ctx.set("rollbackArtifact.tag", rollback_version(key), external=True)
-    if "<+artifact.checksum>" in str(spec):
+    if "<+artifact.checksum>" in written and stage.artifact is not None:
         from app.artifacts import fetch
 
-        ctx.set("artifact.checksum", fetch(stage.get("artifact") or {},
+        ctx.set("artifact.checksum", fetch(stage.artifact.to_json(),
                                            execution_id=key.execution).sha256, external=True)
-    if any("<+steps." in str(u) for u in spec["commandUnits"]) or any(
-            "<+steps." in str(v.get("value", "")) for v in spec.get("environmentVariables", [])):
+    if "<+steps." in written:
         earlier_outputs(key, ctx, stage)
     env = step_environment(step, ctx, secrets=True)
     scope = step_scope(stage, step, ctx, secrets=True)
-    timeout = parse_duration(step["timeout"]) if step.get("timeout") else \
-        get_settings().step_timeout
+    timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     deadline = time.monotonic() + timeout
-    target = host_target(host, on_delegate=bool(spec.get("onDelegate")))
+    target = host_target(host, on_delegate=spec.on_delegate)
     outputs: dict[str, str] = {}
     with _connector(target) as conn:
-        for i, unit in enumerate(spec["commandUnits"]):
-            sink.unit = unit["identifier"]
+        for i, unit in enumerate(spec.command_units):
+            sink.unit = unit.identifier
             if i and aborted(key.execution, key.kind):  # abort stops a host between units
-                return {"status": Status.ABORTED, "failed_unit": unit["identifier"],
-                        "error": f"aborted before unit '{unit['identifier']}'"}
+                return {"status": Status.ABORTED, "failed_unit": unit.identifier,
+                        "error": f"aborted before unit '{unit.identifier}'"}
             session = HostSession(conn=conn, host=host, out=sink, env=env,
                                   timeout=max(1.0, deadline - time.monotonic()),
                                   execution_id=key.execution)
             done = run_unit(unit, scope, session)
             if not done.ok:
                 return {"status": Status.FAILED, "error_class": done.error_class,
-                        "exit_code": done.exit_code, "failed_unit": unit["identifier"],
+                        "exit_code": done.exit_code, "failed_unit": unit.identifier,
                         "error": done.error}
             outputs.update(done.outputs)
     sink.outputs.update(outputs)  # only a step that succeeded reports them

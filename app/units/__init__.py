@@ -19,11 +19,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.definitions.expressions import Context, render
+from app.definitions.plan import (
+    CommandStepPlan,
+    DeploymentStagePlan,
+    HealthCheckStepPlan,
+    StepPlan,
+)
 from app.errors import HostError, VmfarmError
 from app.providers.base import Host
 from app.units import copy, download, release, script, setup  # noqa: F401 (they register)
 from app.units.base import (
     UNIT_TYPES,
+    CommandUnit,
     HostSession,
     Outcome,
     Rendered,
@@ -51,7 +58,7 @@ __all__ = [
 ]
 
 
-def unit_type(name: str) -> UnitType[Any]:
+def unit_type(name: str) -> UnitType[Any, Any]:
     """The registered type of that name (the loader has refused any other)."""
     try:
         return UNIT_TYPES[name]
@@ -60,32 +67,33 @@ def unit_type(name: str) -> UnitType[Any]:
                          f"{', '.join(sorted(UNIT_TYPES))})") from None
 
 
-def host_context(host: Host, stage: dict[str, Any]) -> Context:
+def host_context(host: Host, stage: DeploymentStagePlan) -> Context:
     """The expressions one host renders with: the stage's values and the host's own."""
     ctx = Context()
-    for k, v in stage.get("externalValues", {}).items():
+    for k, v in stage.external_values.items():
         ctx.set(k, v, external=True)
-    for k, v in {
+    own: dict[str, object] = {
         "instance.name": host.name, "instance.hostName": host.address,
         "instance.host.hostName": host.address,
         "instance.host.privateIp": host.private_ip or host.address,
         "instance.host.publicIp": host.public_ip or host.address,
         "instance.host.port": host.port, "instance.host.region": host.region,
         "infra.region": host.region,
-    }.items():
-        ctx.set(k, v, external=True)
+    }
+    for k, value in own.items():
+        ctx.set(k, value, external=True)
     return ctx
 
 
-def step_scope(stage: Mapping[str, Any], step: Mapping[str, Any], ctx: Context, *,
+def step_scope(stage: DeploymentStagePlan, step: CommandStepPlan, ctx: Context, *,
                secrets: bool = False) -> Scope:
     """What the units of a Command step render with on one host (``ctx``: ``host_context``,
     plus what the worker read from the ledger)."""
-    return Scope(ctx=ctx, artifact=stage.get("artifact") or {},
-                 outputs=tuple(step["spec"].get("outputVariables", [])), secrets=secrets)
+    return Scope(ctx=ctx, artifact=stage.artifact,
+                 outputs=tuple(step.spec.output_variables), secrets=secrets)
 
 
-def step_environment(step: Mapping[str, Any], ctx: Context, *,
+def step_environment(step: CommandStepPlan, ctx: Context, *,
                      secrets: bool = False) -> dict[str, str]:
     """The step's environmentVariables rendered for one host (secrets resolved on the worker
     only)."""
@@ -93,30 +101,30 @@ def step_environment(step: Mapping[str, Any], ctx: Context, *,
         text = render(str(raw), ctx)
         return with_secrets(text) if secrets else text
 
-    return {v["name"]: value(v["value"]) for v in step["spec"].get("environmentVariables", [])
-            if v.get("value") is not None}
+    return {v.name: value(v.value) for v in step.spec.environment_variables
+            if v.value is not None}
 
 
-def run_unit(unit: Mapping[str, Any], scope: Scope, session: HostSession) -> Outcome:
+def run_unit(unit: CommandUnit, scope: Scope, session: HostSession) -> Outcome:
     """Render one unit and run that rendering (the worker's way); a host error it raises names
     the unit."""
-    kind = unit_type(str(unit["type"]))
+    kind = unit_type(unit.type)
     try:
         rendered = kind.render(unit, scope)
         if rendered.problem:  # it cannot run as written: nothing touches the host
             return Outcome.failed(rendered.problem)
         return kind.run(rendered, session)
     except HostError as exc:
-        exc.unit = exc.unit or str(unit["identifier"])
+        exc.unit = exc.unit or unit.identifier
         raise
 
 
-def render_unit(unit: Mapping[str, Any], scope: Scope) -> dict[str, Any]:
+def render_unit(unit: CommandUnit, scope: Scope) -> dict[str, Any]:
     """One unit as ``vmfarm plan`` shows it; a unit that cannot be rendered shows why."""
     try:
-        shown: dict[str, Any] = unit_type(str(unit["type"])).render(unit, scope).to_dict()
+        shown: dict[str, Any] = unit_type(unit.type).render(unit, scope).to_dict()
     except VmfarmError as exc:  # an artifact the spec cannot name: the run would fail so
-        return {"identifier": unit["identifier"], "type": unit["type"],
+        return {"identifier": unit.identifier, "type": unit.type,
                 "problem": getattr(exc, "message", None) or str(exc)}
     return shown
 
@@ -128,19 +136,17 @@ def describe_unit(shown: Mapping[str, Any]) -> list[str]:
     return unit_type(str(shown["type"])).describe(shown)
 
 
-def render_step(stage: dict[str, Any], step: dict[str, Any],
-                host: Host | None) -> dict[str, Any]:
+def render_step(stage: DeploymentStagePlan, step: StepPlan, host: Host | None) -> dict[str, Any]:
     """A step as it would run on ``host``: every command unit rendered by its type, unsafe
     values shown as the environment variables they travel in (for ``vmfarm plan``)."""
-    out: dict[str, Any] = {"identifier": step["identifier"], "type": step["type"]}
+    out: dict[str, Any] = {"identifier": step.identifier, "type": step.type}
     ctx = host_context(host, stage) if host else Context()
-    spec = step["spec"]
-    if step["type"] == "HealthCheck":
+    if isinstance(step, HealthCheckStepPlan):
         out["check"] = {k: render(str(v), ctx) if isinstance(v, str) else v
-                        for k, v in spec.items()}
+                        for k, v in step.spec.to_json().items()}
         return out
-    out["onDelegate"] = bool(spec.get("onDelegate"))
+    out["onDelegate"] = step.spec.on_delegate
     out["environment"] = step_environment(step, ctx)
     scope = step_scope(stage, step, ctx)
-    out["units"] = [render_unit(unit, scope) for unit in spec["commandUnits"]]
+    out["units"] = [render_unit(unit, scope) for unit in step.spec.command_units]
     return out

@@ -28,6 +28,18 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from app.connectors.base import Connector
 from app.definitions.expressions import Binder, Context
+from app.definitions.models import (
+    CopyUnit,
+    DownloadArtifactUnit,
+    ReleaseUnit,
+    ScriptUnit,
+    SetupUnit,
+    StepVariable,
+)
+from app.definitions.plan import ArtifactPlan
+
+# A command unit as the plan holds it (the file schema's own models).
+CommandUnit = ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit
 from app.providers.base import Host
 
 
@@ -44,8 +56,18 @@ class Scope:
     """What every unit of one step renders with on one host."""
 
     ctx: Context  # the host's expression context (and, on the worker, what the ledger knows)
-    artifact: Mapping[str, Any]  # the stage's artifact: {"type", "spec", "tag", "fileName"}
-    outputs: Sequence[Mapping[str, Any]] = ()  # the step's outputVariables
+    artifact: ArtifactPlan | None  # the stage's artifact
+    outputs: Sequence[StepVariable] = ()  # the step's outputVariables
+
+    @property
+    def artifact_json(self) -> dict[str, Any]:
+        """The artifact as app.artifacts reads it ({} when the service has none)."""
+        return self.artifact.to_json() if self.artifact else {}
+
+    @property
+    def file_name(self) -> str:
+        """The name the artifact's file takes on the host."""
+        return str(self.artifact.file_name if self.artifact else None)
     # Resolve <+secrets.getValue("id")>: only on the worker that runs the step, never for plan.
     secrets: bool = False
 
@@ -110,15 +132,16 @@ class Outcome:
 
 
 R = TypeVar("R", bound=Rendered)
+U = TypeVar("U", bound=CommandUnit)
 
 
-class UnitType(ABC, Generic[R]):
+class UnitType(ABC, Generic[U, R]):
     """One ``type`` of command unit. Subclasses set ``type`` and register with ``@register``."""
 
     type: ClassVar[str]
 
     @abstractmethod
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> R:
+    def render(self, unit: U, scope: Scope) -> R:
         """The unit as it will run on the scope's host; no I/O beyond reading local files."""
 
     @abstractmethod
@@ -130,9 +153,9 @@ class UnitType(ABC, Generic[R]):
         """Lines for the text plan, from the record's JSON form (continuation lines indented)."""
 
 
-UNIT_TYPES: dict[str, UnitType[Any]] = {}
+UNIT_TYPES: dict[str, UnitType[Any, Any]] = {}
 
-T = TypeVar("T", bound=type[UnitType[Any]])
+T = TypeVar("T", bound=type[UnitType[Any, Any]])
 
 
 def register(cls: T) -> T:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.definitions.expressions import render
+from app.definitions.models import CopyUnit
 from app.units.base import HIDDEN, HostSession, Outcome, Rendered, Scope, UnitType, register
 
 
@@ -25,7 +26,7 @@ class RenderedCopy(Rendered):
     source: str  # where the artifact comes from: no credentials, no query string
     destination: str  # the file on the host
     checksum: str | None  # the sha256 known before fetching (else computed when fetched)
-    artifact: Mapping[str, Any] = field(repr=False, compare=False, metadata=HIDDEN)
+    artifact: Mapping[str, Any] = field(repr=False, compare=False, metadata=HIDDEN)  # JSON
 
 
 def artifact_source(artifact: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -41,7 +42,7 @@ def artifact_source(artifact: Mapping[str, Any]) -> tuple[str, str | None]:
 def destination(path: str, scope: Scope) -> str:
     """The file on the host: ``path`` (a directory, rendered for the host) + the artifact's
     file name."""
-    return render(path, scope.ctx).rstrip("/") + "/" + str(scope.artifact.get("fileName"))
+    return render(path, scope.ctx).rstrip("/") + "/" + scope.file_name
 
 
 def push_artifact(artifact: Mapping[str, Any], session: HostSession, remote: str) -> Outcome:
@@ -64,14 +65,14 @@ def push_artifact(artifact: Mapping[str, Any], session: HostSession, remote: str
 
 
 @register
-class Copy(UnitType[RenderedCopy]):
+class Copy(UnitType[CopyUnit, RenderedCopy]):
     type = "Copy"
 
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedCopy:
-        source, checksum = artifact_source(scope.artifact)
-        return RenderedCopy(identifier=unit["identifier"], type=self.type, source=source,
-                            destination=destination(unit["spec"]["destinationPath"], scope),
-                            checksum=checksum, artifact=scope.artifact)
+    def render(self, unit: CopyUnit, scope: Scope) -> RenderedCopy:
+        source, checksum = artifact_source(scope.artifact_json)
+        return RenderedCopy(identifier=unit.identifier, type=self.type, source=source,
+                            destination=destination(unit.spec.destination_path, scope),
+                            checksum=checksum, artifact=scope.artifact_json)
 
     def run(self, rendered: RenderedCopy, session: HostSession) -> Outcome:
         return push_artifact(rendered.artifact, session, rendered.destination)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from app.definitions.models import DownloadArtifactUnit
 from app.units.base import HIDDEN, HostSession, Outcome, Rendered, Scope, UnitType, register
 from app.units.copy import destination
 
@@ -54,24 +55,24 @@ def download_script(remote: str, *, auth: str, checksum: str | None) -> str:
 
 
 @register
-class DownloadArtifact(UnitType[RenderedDownload]):
+class DownloadArtifact(UnitType[DownloadArtifactUnit, RenderedDownload]):
     type = "DownloadArtifact"
 
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedDownload:
+    def render(self, unit: DownloadArtifactUnit, scope: Scope) -> RenderedDownload:
         from app.artifacts import resolve
 
         # On the worker a secret the source names must be there; for plan it comes later.
-        r = resolve(scope.artifact, require_secrets=scope.secrets)
-        remote = destination(unit["spec"]["destinationPath"], scope)
+        r = resolve(scope.artifact_json, require_secrets=scope.secrets)
+        remote = destination(unit.spec.destination_path, scope)
         auth = "token" if r.auth.token else "basic" if r.auth.username else ""
         problem = None if r.kind in ("http", "s3") else (
             f"DownloadArtifact cannot fetch a {r.type} artifact on the host; use Copy or "
             "Release (the worker fetches it)")
         return RenderedDownload(
-            identifier=unit["identifier"], type=self.type, problem=problem, source=r.source,
+            identifier=unit.identifier, type=self.type, problem=problem, source=r.source,
             destination=remote, checksum=r.expected,
             script=download_script(remote, auth=auth, checksum=r.expected),
-            fileName=str(scope.artifact.get("fileName")), resolved=r)
+            fileName=scope.file_name, resolved=r)
 
     def run(self, rendered: RenderedDownload, session: HostSession) -> Outcome:
         r = rendered.resolved

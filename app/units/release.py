@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.definitions.expressions import render
+from app.definitions.models import ReleaseUnit
 from app.units.base import HIDDEN, HostSession, Outcome, Rendered, Scope, UnitType, register
 from app.units.copy import artifact_source, push_artifact
 
@@ -75,22 +76,22 @@ def switch_script(r: RenderedRelease) -> str:
 
 
 @register
-class Release(UnitType[RenderedRelease]):
+class Release(UnitType[ReleaseUnit, RenderedRelease]):
     type = "Release"
 
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedRelease:
-        spec = unit["spec"]
-        base = render(spec["deploymentPath"], scope.ctx).rstrip("/")
-        version = str(scope.artifact.get("tag") or "")
-        source, _ = artifact_source(scope.artifact)
+    def render(self, unit: ReleaseUnit, scope: Scope) -> RenderedRelease:
+        spec = unit.spec
+        base = render(spec.deployment_path, scope.ctx).rstrip("/")
+        version = str((scope.artifact.tag if scope.artifact else None) or "")
+        source, _ = artifact_source(scope.artifact_json)
         return RenderedRelease(
-            identifier=unit["identifier"], type=self.type, source=source,
+            identifier=unit.identifier, type=self.type, source=source,
             problem=None if VERSION_RE.fullmatch(version) else
             f"version {version!r} cannot name a release directory",
             deploymentPath=base, version=version, releasesDirectory=f"{base}/releases",
-            keep=int(spec.get("keep", 3)), current=f"{base}/current",
-            currentTarget=f"releases/{version}", fileName=str(scope.artifact.get("fileName")),
-            artifact=scope.artifact)
+            keep=spec.keep, current=f"{base}/current",
+            currentTarget=f"releases/{version}", fileName=scope.file_name,
+            artifact=scope.artifact_json)
 
     def run(self, r: RenderedRelease, session: HostSession) -> Outcome:
         if r.problem:

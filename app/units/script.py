@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.definitions.expressions import Binder, ExpressionError, render_script
+from app.definitions.models import ScriptUnit
 from app.units.base import HostSession, Outcome, Rendered, Scope, UnitType, register
 
 # Marks an output-variable line in stdout (app.execution.logs picks these lines out).
@@ -77,25 +78,24 @@ def _secret_value(secret_id: str) -> str:
 
 
 @register
-class Script(UnitType[RenderedScript]):
+class Script(UnitType[ScriptUnit, RenderedScript]):
     type = "Script"
 
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedScript:
-        spec = unit["spec"]
+    def render(self, unit: ScriptUnit, scope: Scope) -> RenderedScript:
+        spec = unit.spec
         binder = Binder()
         problem = None
-        text = spec["source"]["spec"]["script"]
+        text = spec.source.spec.script
         try:
             script = render_script(text, scope.ctx, bind=binder,
                                    secrets=_secret_value if scope.secrets else None)
         except ExpressionError as exc:  # the run fails with it, touching nothing
             script, problem = text, str(exc)
         return RenderedScript(
-            identifier=unit["identifier"], type=self.type, script=script, values=dict(binder.env),
+            identifier=unit.identifier, type=self.type, script=script, values=dict(binder.env),
             problem=problem,
-            workingDirectory=spec.get("workingDirectory"),
-            outputVariables={str(o["name"]): str(o.get("value") or o["name"])
-                             for o in scope.outputs})
+            workingDirectory=spec.working_directory,
+            outputVariables={o.name: str(o.value or o.name) for o in scope.outputs})
 
     def run(self, rendered: RenderedScript, session: HostSession) -> Outcome:
         res = session.conn.run(rendered.command(), env={**session.env, **rendered.values},

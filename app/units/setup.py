@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.definitions.expressions import render
+from app.definitions.models import SetupUnit
 from app.units.base import HostSession, Outcome, Rendered, Scope, UnitType, register
 
 
@@ -44,15 +45,15 @@ def setup_script(paths: tuple[str, ...], owner: str | None, mode: str | None) ->
 
 
 @register
-class Setup(UnitType[RenderedSetup]):
+class Setup(UnitType[SetupUnit, RenderedSetup]):
     type = "Setup"
 
-    def render(self, unit: Mapping[str, Any], scope: Scope) -> RenderedSetup:
-        spec = unit["spec"]
-        paths = tuple(render(str(p), scope.ctx) for p in spec["paths"])
-        owner = str(spec["owner"]) if spec.get("owner") else None
-        mode = str(spec["mode"]) if spec.get("mode") else None
-        return RenderedSetup(identifier=unit["identifier"], type=self.type, paths=paths,
+    def render(self, unit: SetupUnit, scope: Scope) -> RenderedSetup:
+        spec = unit.spec
+        paths = tuple(render(str(p), scope.ctx) for p in spec.paths)
+        owner = spec.owner or None
+        mode = spec.mode or None
+        return RenderedSetup(identifier=unit.identifier, type=self.type, paths=paths,
                              owner=owner, mode=mode, script=setup_script(paths, owner, mode))
 
     def run(self, rendered: RenderedSetup, session: HostSession) -> Outcome:

@@ -294,6 +294,7 @@ def worker(planned: dict[str, Any], tmp_path: Path,
     the host was sent."""
     from app import secrets
     from app.coordinator.submit import prepare
+    from app.definitions.plan import CommandStepPlan, DeploymentStagePlan
     from app.units import HostSession, host_context, run_unit, step_environment, step_scope
 
     monkeypatch.setenv("VMFARM_HOME", str(tmp_path / "home"))
@@ -302,12 +303,14 @@ def worker(planned: dict[str, Any], tmp_path: Path,
     secrets.reset()
     plan, hosts = prepare(planned["files"], pipeline=None, inputs=INPUTS,
                           execution_id="test-units")
-    stage, host = plan.to_json()["stages"][0], hosts[0][0]  # as the worker reads it
+    stage, host = plan.stages[0], hosts[0][0]
+    assert isinstance(stage, DeploymentStagePlan)
     assert host.name == planned["stage"]["rendered_for"]
 
     def run(step_id: str, unit_id: str) -> Sent:
-        step = next(s for s in stage["steps"] if s["identifier"] == step_id)
-        unit = next(u for u in step["spec"]["commandUnits"] if u["identifier"] == unit_id)
+        step = next(s for s in stage.steps if s.identifier == step_id)
+        assert isinstance(step, CommandStepPlan)
+        unit = next(u for u in step.spec.command_units if u.identifier == unit_id)
         ctx = host_context(host, stage)
         conn = RecordingConnector()
         done = run_unit(unit, step_scope(stage, step, ctx, secrets=True),
