@@ -37,10 +37,10 @@ from app.definitions.models import (
     StepVariable,
 )
 from app.definitions.plan import ArtifactPlan
+from app.providers.base import Host
 
 # A command unit as the plan holds it (the file schema's own models).
 CommandUnit = ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit
-from app.providers.base import Host
 
 
 class Output(Protocol):
