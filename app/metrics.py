@@ -25,6 +25,12 @@ Metrics::
     vmfarm_worker_slots{region}, vmfarm_worker_busy{region}   live concurrency and in flight
     vmfarm_metrics_window_seconds, vmfarm_metrics_window_executions
     vmfarm_metrics_source_up{source}              1 when ledger / workers / broker could be read
+
+One metric is counted in process, by the worker that sees the event (Prometheus's default
+registry of that process, not the ledger collector's)::
+
+    vmfarm_refused_messages_total{queue,task,reason}  task messages a worker refused to run:
+                                                      unsigned or bad-signature (app.signing)
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from datetime import timedelta
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +65,10 @@ VERDICTS = {Status.SUCCEEDED: "true", Status.FAILED: "false"}
 GATE_KINDS = ("deploy", "verify", "approval", "switch", "rollback", "rollback-switch")
 # Kinds always present (as 0) so that an alert on them never sees "no data".
 ALWAYS_KINDS = ("deploy", "verify")
+# Counted by the worker that refused them (app.signing.note_refusal).
+REFUSED_MESSAGES = Counter("vmfarm_refused_messages",
+                           "Task messages this process refused to run (unsigned, or a signature "
+                           "that does not verify)", ["queue", "task", "reason"])
 
 
 class MetricsSettings(BaseSettings):
@@ -356,5 +366,5 @@ def serve(port: int = 9464, addr: str = "127.0.0.1", *,
     return running
 
 
-__all__ = ["DEFAULT_BUCKETS", "LedgerCollector", "MetricsServer", "MetricsSettings",
-           "build_registry", "render", "serve"]
+__all__ = ["DEFAULT_BUCKETS", "REFUSED_MESSAGES", "LedgerCollector", "MetricsServer",
+           "MetricsSettings", "build_registry", "render", "serve"]

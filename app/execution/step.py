@@ -91,9 +91,13 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
 
     retrying(record, what=f"recording the failure strategy of {key.idem}")
     if action["type"] == "Abort":
-        from app.coordinator import abort
+        # The control worker aborts: a region worker writes only its step rows (its database
+        # role may not touch executions). Hosts stop at their next unit once it has run.
+        from app.celery import app as celery_app
 
-        abort(key.execution, user="failure strategy")
+        celery_app.send_task("vmfarm.abort_execution",
+                             kwargs={"execution_id": key.execution, "by": "failure strategy",
+                                     "idem": key.idem})
     return {**summary, "status": status}
 
 
