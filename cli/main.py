@@ -1024,6 +1024,7 @@ from cli import fleet as _fleet  # noqa: E402
 from cli import governance_cmd as _gov  # noqa: E402
 from cli import ops_cmd as _ops  # noqa: E402
 from cli import secrets_cmd as _secrets  # noqa: E402
+from cli import server_cmd as _server  # noqa: E402
 from cli import service_cmd as _service  # noqa: E402
 
 _fleet.register(main)
@@ -1031,6 +1032,7 @@ _gov.register(main)
 _ops.register(main)
 _secrets.register(main)
 _service.register(main)
+_server.register(main)
 
 def entry() -> None:
     """The `vmfarm` command: the click group, then a quick exit (freezing the heap skips the

@@ -86,10 +86,7 @@ class OidcVerifier:
         if header.get("alg") not in ALGORITHMS:
             raise AuthError(f"token algorithm {header.get('alg')!r} is not accepted "
                             f"({', '.join(ALGORITHMS)})")
-        try:
-            key = self._client().get_signing_key(str(header.get("kid") or ""))
-        except jwt.PyJWKClientError as exc:
-            raise AuthError(f"no key of issuer {self.issuer} signed this token ({exc})") from None
+        key = self._key(header.get("kid"))
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, key.key, algorithms=list(ALGORITHMS), audience=self.audience,
@@ -122,6 +119,21 @@ class OidcVerifier:
         return Identity(subject=subject, kind="oidc", groups=self.groups_of(claims),
                         token_id=str(claims["jti"]) if claims.get("jti") else None,
                         issuer=self.issuer, claims=claims)
+
+    def _key(self, kid: Any) -> jwt.PyJWK:
+        """The issuer's key named by the token's ``kid`` (the key set is fetched again for a
+        kid it does not hold); a token without a kid only when the issuer has one key."""
+        client = self._client()
+        try:
+            if kid:
+                return client.get_signing_key(str(kid))
+            keys = client.get_signing_keys()
+        except jwt.PyJWKClientError as exc:
+            raise AuthError(f"no key of issuer {self.issuer} signed this token ({exc})") from None
+        if len(keys) != 1:
+            raise AuthError(f"the token names no key id and issuer {self.issuer} has "
+                            f"{len(keys)} keys")
+        return keys[0]
 
     def groups_of(self, claims: dict[str, Any]) -> frozenset[str]:
         value: Any = claims
