@@ -115,7 +115,7 @@ def setup(app: Any, paths: SigningPaths | None) -> None:
     or go back to JSON. Keeps the remote-control mailbox in step with the configuration."""
     if paths is not None:
         # JSON stays enabled: results and events are JSON (their accept lists say so).
-        app.setup_security(allowed_serializers=["json", "auth"])
+        app.setup_security(allowed_serializers=["json"])
     control = app.__dict__.get("control")  # created once, with the serializer of its day
     if control is not None:
         control.mailbox.serializer = app.conf.task_serializer
@@ -141,7 +141,11 @@ def note_refusal(message: Any, exc: BaseException) -> None:
         why = f"not signed (content type {getattr(message, 'content_type', '?')})"
     else:
         reason = "bad-signature"
-        why = f"its signature does not verify ({str(exc)[:200]})"
+        # Celery's own message here can be a TypeError of its error handling (celery #7645):
+        # the refusal stands either way, so say what it means and keep Celery's words below.
+        why = "its signature does not verify (a key whose certificate is not in the store, " \
+              "or an altered message)"
+        log.debug("refusal detail: %s", exc)
     REFUSED_MESSAGES.labels(queue=queue, task=task, reason=reason).inc()
     log.warning("refused a message on queue %s for task %s (id %s): %s; nothing ran",
                 queue, task, headers.get("id", "?") if isinstance(headers, dict) else "?", why)

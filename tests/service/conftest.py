@@ -250,3 +250,23 @@ def server(pg_url: str, oidc: Provider, tmp_path_factory: pytest.TempPathFactory
         raise AssertionError(f"the server did not become healthy: {log.read_text()}")
     yield Server(url, proc, log, oidc)
     _stop([proc])
+
+
+@dataclass
+class SignedRun:
+    execution_id: str
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def signed_run(secure_cluster: Cluster, lab: Any) -> SignedRun:
+    """The integration pipeline run once through the signed cluster (tag 3.0.1)."""
+    from tests.conftest import DATA
+
+    res = secure_cluster.vmfarm("run", str(DATA / "itest" / "pipeline.yaml"),
+                                str(lab.infrastructure_file), "--set", "tag=3.0.1")
+    assert res.returncode == 0, res.stdout + res.stderr + secure_cluster.worker_logs()
+    ex_id = next(line.split()[1] for line in res.stderr.splitlines()
+                 if line.startswith("execution "))
+    return SignedRun(ex_id, res.stdout, res.stderr)
