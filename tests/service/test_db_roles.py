@@ -94,3 +94,24 @@ def test_the_readonly_role_reads_the_ledger_but_not_token_hashes(pg_url: str) ->
             conn.execute("SELECT token_hash FROM apitoken")
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("UPDATE execution SET error = 'x' WHERE false")
+
+
+def test_the_abort_failure_strategy_aborts_through_control(secure_cluster: Cluster,
+                                                           lab: object) -> None:
+    # Given a step whose failure strategy is Abort, run by region workers on the worker role
+    import json
+
+    from tests.conftest import DATA
+
+    hosts = lab.hosts  # type: ignore[attr-defined]
+    res = secure_cluster.vmfarm("run", str(DATA / "failure"),
+                                str(lab.infrastructure_file),  # type: ignore[attr-defined]
+                                "--set", f"flaky_host={hosts[0].address}", "--set", "failures=9",
+                                "--set", "type=Abort", "-o", "json")
+    # Then the execution is aborted (by the control worker, asked by the region worker)
+    report = json.loads(res.stdout)
+    assert res.returncode == 1 and report["status"] == "ABORTED", res.stderr
+    control = secure_cluster.logs[2].read_text(errors="replace")
+    assert f"execution {report['id']}: aborting (failure strategy of {report['id']}:" in control
+    regions = "\n".join(p.read_text(errors="replace") for p in secure_cluster.logs[:2])
+    assert "permission denied" not in regions

@@ -23,7 +23,7 @@ def _raw_rows() -> list[tuple[object, ...]]:
 
 def test_the_ledger_holds_the_tokens_hash_never_the_token(ledger: Path) -> None:
     # Given a token made for CI
-    token, row = create_token(name="ci", roles=["deployer"], created_by="alice")
+    token, _ = create_token(name="ci", roles=["deployer"], created_by="alice")
     # Then the caller got a vmf_ token, and no column of any row holds it
     assert token.startswith("vmf_") and len(token) > 40
     rows = _raw_rows()
