@@ -115,3 +115,30 @@ def test_the_abort_failure_strategy_aborts_through_control(secure_cluster: Clust
     assert f"execution {report['id']}: aborting (failure strategy of {report['id']}:" in control
     regions = "\n".join(p.read_text(errors="replace") for p in secure_cluster.logs[:2])
     assert "permission denied" not in regions
+
+
+def test_a_worker_role_meeting_an_old_schema_says_who_must_upgrade_it(pg_url: str) -> None:
+    # Given an empty database (a new vmfarm version would find an old schema the same way)
+    from sqlalchemy import create_engine
+
+    from app.db import migrate, normalise_url
+    from app.errors import ConfigError
+
+    worker_role_url(pg_url)  # the roles and the worker's login exist
+    name = f"{pg_url.rsplit('/', 1)[1]}_fresh"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = worker_role_url(pg_url).rsplit("/", 1)[0] + f"/{name}"
+        engine = create_engine(normalise_url(url))
+        # When a process on the worker role starts, it may not upgrade it: it says so
+        try:
+            with pytest.raises(ConfigError, match="may not upgrade it: run any vmfarm command "
+                                                  "once as the database's owner"):
+                migrate(engine)
+        finally:
+            engine.dispose()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
