@@ -14,6 +14,8 @@ from tests.service.conftest import SignedRun, worker_role_url
 
 
 def _login(pg_url: str, name: str, group: str) -> str:
+    """A login role in ``group`` on the migrated ledger (the migration made the roles)."""
+    worker_role_url(pg_url)  # migrates the ledger as its owner
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"DO $$ BEGIN CREATE ROLE {name} LOGIN IN ROLE {group}; "
                      "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
