@@ -15,6 +15,7 @@ from celery.schedules import crontab
 from kombu import Exchange, Queue
 
 from app.settings import get_settings
+from app.signing import celery_settings, setup, signing_paths
 
 CONTROL_QUEUE = "vmfarm.control"
 EXCHANGE = Exchange("vmfarm", type="direct")
@@ -105,11 +106,16 @@ def build_config() -> dict[str, Any]:
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT}
         if redis else {},
-        # JSON only: task arguments are ids and keys, never objects or secrets.
-        "task_serializer": "json",
+        # JSON only: task arguments are ids and keys, never objects or secrets. With message
+        # signing (app.signing) tasks and remote control are JSON signed by the sender's key,
+        # and only signed messages are taken; results and events stay plain JSON.
+        **celery_settings(signing_paths(s)),
         "result_serializer": "json",
-        "accept_content": ["json"],
+        "result_accept_content": ["json"],
         "event_serializer": "json",
+        # Counts and logs the messages a worker refuses (unsigned, forged) instead of only
+        # kombu's traceback.
+        "worker_consumer": "app.signing:Consumer",
         # Routing: one control queue declared; region queues declared on demand by the router.
         "task_default_queue": CONTROL_QUEUE,
         "task_default_exchange": EXCHANGE.name,
@@ -161,12 +167,14 @@ def build_config() -> dict[str, Any]:
 app = Celery("vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery",
                                 "app.schedules"])
 app.conf.update(build_config())
+setup(app, signing_paths(get_settings()))
 
 
 def reconfigure() -> None:
     """Re-read settings (tests change the environment after import)."""
     get_settings.cache_clear()
     app.conf.update(build_config())
+    setup(app, signing_paths(get_settings()))
     # The broker connection and producer pools and the result backend are cached on first use:
     # drop them. kombu keeps its pools in global groups keyed by broker URL, so a closed pool
     # would come back for the same URL later: clear those groups too.

@@ -125,11 +125,23 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", "app:migrations")
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except exc.ProgrammingError as err:
+        if getattr(err.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        from app.errors import ConfigError
+
+        # A role of app.dbroles (a worker, the server) may not change the schema.
+        raise ConfigError(
+            f"the ledger's schema is older than this vmfarm (revision {head_revision()}) and "
+            f"{engine.url.username or 'this database user'} may not upgrade it: run any "
+            "vmfarm command once as the database's owner, then start this process again"
+        ) from None
 
 
 def reset_engines() -> None:

@@ -141,6 +141,8 @@ class HostStepRun(SQLModel, table=True):
 class LogChunk(SQLModel, table=True):
     """Output of a host step, in batches (never one row per line), secrets masked."""
 
+    __table_args__ = (UniqueConstraint("host_step_run_id", "seq"),)
+
     id: int | None = Field(default=None, primary_key=True)
     host_step_run_id: int = Field(foreign_key="hoststeprun.id", index=True)
     seq: int
@@ -224,3 +226,21 @@ class AuditEvent(SQLModel, table=True):
     pipeline: str | None = Field(default=None, max_length=128)
     outcome: str = Field(max_length=32)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ApiToken(SQLModel, table=True):
+    """A machine's credential for the server (``vmfarm tokens create``): only the SHA-256 of
+    the token is kept (the token itself is shown once), with the roles it carries, who made
+    it, when it expires, when it was last used and whether it was revoked (app.auth.tokens)."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128, index=True)
+    token_hash: str = Field(unique=True, max_length=64)
+    prefix: str = Field(max_length=16)  # the first characters, to recognise a token in a list
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_by: str = Field(default="", max_length=255)
+    created_at: NaiveDatetime = Field(default_factory=utcnow)
+    expires_at: NaiveDatetime | None = None
+    last_used_at: NaiveDatetime | None = None
+    revoked_at: NaiveDatetime | None = None
+    revoked_by: str | None = Field(default=None, max_length=255)

@@ -376,9 +376,12 @@ def _users_groups(referenced: set[str], rbac_path: Path) -> dict[str, frozenset[
     return groups
 
 
-def load_rbac(path: Path | str | None = None) -> RbacConfig | None:
+def load_rbac(path: Path | str | None = None, *,
+              groups: Mapping[str, frozenset[str]] | None = None) -> RbacConfig | None:
     """The RBAC file (default ``rbac_file()``) with its groups; None in single-user mode.
 
+    With ``groups`` (the server: its own users file, and groups that tokens carry) the group
+    members are those, and a bound group need not be listed in any file.
     Raises ConfigError naming the file and the problem (unreadable, bad YAML, an unknown key,
     role or group, a malformed permission)."""
     import yaml
@@ -431,6 +434,8 @@ def load_rbac(path: Path | str | None = None) -> RbacConfig | None:
                               "user or group")
         bindings.append(Binding(tuple(names), frozenset(b.users), frozenset(b.groups),
                                 tuple(b.resources)))
+    if groups is not None:
+        return RbacConfig(p, roles, bindings, dict(groups))
     referenced = {g for b in bindings for g in b.groups}
     return RbacConfig(p, roles, bindings, _users_groups(referenced, p))
 

@@ -38,10 +38,24 @@ class Settings(BaseSettings):
     task_events: bool = False
     # Prometheus for verification gates (a `prometheus` check without its own url).
     prometheus_url: str | None = None
+    # Celery message signing (app/signing.py): this process's private key and certificate, and
+    # the certificates whose signatures it accepts (a directory or a glob). Set all three and
+    # every task message is signed and only signed messages are taken; set none and messages
+    # are plain JSON. Embedded mode (no broker URL) never signs: it has no broker to attack.
+    security_key: Path | None = None
+    security_certificate: Path | None = None
+    security_cert_store: str | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.broker_url
+
+    @property
+    def signing(self) -> bool:
+        """Are task messages signed? In service mode, when any security_* path is set (all
+        three must then be: app.signing says which is missing)."""
+        return not self.embedded and any((self.security_key, self.security_certificate,
+                                          self.security_cert_store))
 
     @property
     def home_dir(self) -> Path:

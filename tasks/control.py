@@ -72,6 +72,30 @@ def advance_task(*, execution_id: str) -> str:
     return advance(execution_id)
 
 
+@app.task(name="vmfarm.abort_execution")
+def abort_execution(*, execution_id: str, by: str, idem: str) -> str:
+    """A host step's failure strategy said Abort: abort the execution here, on control (the
+    region worker that saw it may not write executions). Only when the ledger shows that step
+    attempt (``idem``) of this execution ended so; idempotent: an ended execution stays."""
+    from sqlmodel import select
+
+    from app.coordinator import abort
+    from app.db import session_scope
+    from app.models import HostStepRun, Status
+
+    with session_scope() as s:
+        row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == idem)).first()
+        said = row is not None and row.execution_id == execution_id and \
+            row.status == Status.FAILED and \
+            (row.error or "").endswith("(aborted the execution by the failure strategy)")
+    if not said:
+        log.warning("execution %s: an abort was asked for step %s, but the ledger does not "
+                    "show its failure strategy aborting: ignored", execution_id, idem)
+        return "ignored"
+    log.info("execution %s: aborting (%s of %s)", execution_id, by, idem)
+    return abort(execution_id, user=by)
+
+
 @app.task(name="vmfarm.nudge")
 def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
     """Error callback of a phase canvas: runs inline on the failing worker, so it only passes

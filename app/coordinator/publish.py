@@ -66,6 +66,13 @@ def publish(d: Dispatch) -> None:
              d.kind, d.stage_index, d.phase, len(d.hosts))
 
 
+def request_abort(execution_id: str, *, by: str, idem: str) -> None:
+    """Ask the control worker to abort an execution (a region worker's failure strategy said
+    Abort for the step attempt ``idem``; its role may not write executions)."""
+    canvas.task("vmfarm.abort_execution", execution_id=execution_id, by=by,
+                idem=idem).apply_async()
+
+
 def publish_notifications(execution_id: str, before: dict[str, Any] | None,
                           after: dict[str, Any]) -> None:
     """Hand a transition's notifications to a control task (a slow webhook never holds up

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import update
 from sqlmodel import col
 
 from app.db import RECONNECT_SECONDS, is_disconnect, retrying, session_scope
@@ -198,16 +198,24 @@ class LogSink:
 
     def _write(self, start: int, items: list[tuple[str, str, str]], wait: float, *,
                again: bool) -> None:
-        """One transaction; ``again`` (a retry: the server may have committed the first try
-        before the connection was cut) replaces the rows of these sequence numbers."""
+        """One transaction. On ``again`` (a retry: the server may have committed the first
+        try before the connection was cut) the rows of these sequence numbers may exist, with
+        the same text: they are kept (insert-only, so a worker's database role needs no
+        DELETE on logs)."""
+        rows = [{"host_step_run_id": self.run_id, "seq": start + n, "unit": unit,
+                 "stream": stream, "text": text, "created_at": utcnow()}
+                for n, (unit, stream, text) in enumerate(_merge(items))]
         with session_scope(wait=wait) as s:
-            if again:
-                s.execute(delete(LogChunk).where(
-                    col(LogChunk.host_step_run_id) == self.run_id, col(LogChunk.seq) >= start,
-                    col(LogChunk.seq) < start + len(items)))
-            for n, (unit, stream, text) in enumerate(_merge(items)):
-                s.add(LogChunk(host_step_run_id=self.run_id, seq=start + n, unit=unit,
-                               stream=stream, text=text))
+            if rows:
+                if s.get_bind().dialect.name == "postgresql":
+                    from sqlalchemy.dialects.postgresql import insert
+                else:
+                    from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+                stmt = insert(LogChunk).values(rows)
+                if again:
+                    stmt = stmt.on_conflict_do_nothing(index_elements=["host_step_run_id",
+                                                                       "seq"])
+                s.execute(stmt)
             s.execute(update(HostStepRun).where(HostStepRun.id == self.run_id)  # type: ignore[arg-type]
                       .values(heartbeat_at=utcnow()))
 

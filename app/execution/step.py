@@ -84,9 +84,11 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
 
     retrying(record, what=f"recording the failure strategy of {key.idem}")
     if action.type == "Abort":
-        from app.coordinator import abort
+        # The control worker aborts: a region worker writes only its step rows (its database
+        # role may not touch executions). Hosts stop at their next unit once it has run.
+        from app.coordinator.publish import request_abort
 
-        abort(key.execution, user="failure strategy")
+        request_abort(key.execution, by="failure strategy", idem=key.idem)
     return {**summary, "status": status}
 
 

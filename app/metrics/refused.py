@@ -20,7 +20,7 @@ log = logging.getLogger("vmfarm.metrics")
 
 KEY = "vmfarm:metrics:refused-messages"
 # Always exposed (as 0 until one is refused): an alert on increase() needs a series.
-REASONS = ("unsigned",)
+REASONS = ("unsigned", "bad-signature")
 _local: Counter[str] = Counter()
 _lock = threading.Lock()
 

@@ -10,6 +10,7 @@ adds its commands to the root group::
     ops          metrics serve|show, notify test, reconcile
     secrets      secrets set|list|rm|keygen
     governance   audit, policy check
+    server       server (the control plane's HTTP API), server keys, server db-roles
 
 A command takes the shared context with ``@cli.context.pass_cli``, its options from
 ``cli.options``, and stops through ``cli.console`` (``fail``, ``fail_input``, ``refused``).
@@ -34,10 +35,12 @@ from cli.commands import (
     ops,
     pipelines,
     secrets,
+    server,
     service,
 )
 
-MODULES = (pipelines, executions, decisions, fleet, lab, service, ops, secrets, governance)
+MODULES = (pipelines, executions, decisions, fleet, lab, service, ops, secrets, governance,
+           server)
 
 
 def register_all(main: click.Group) -> None:

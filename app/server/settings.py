@@ -1,0 +1,29 @@
+"""The server's settings (``VMFARM_SERVER_*``); the ledger and broker come from app.settings.
+
+The RBAC configuration is the server's own file (``VMFARM_SERVER_RBAC_FILE``), with an
+optional users file for groups the identity provider does not send: nothing the caller has
+(environment, working directory, files) decides what they may do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VMFARM_SERVER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # OpenID Connect: the issuer URL (its discovery document and JWKS), the audience tokens
+    # must name (the client id the CLI signs in with), the claim that lists a person's groups.
+    issuer: str | None = None
+    audience: str | None = None
+    groups_claim: str = "groups"
+    jwks_cache_seconds: float = 300.0
+    # Roles and bindings (app.rbac's file format); required: a server without it refuses.
+    rbac_file: Path | None = None
+    # Groups the identity provider does not send (``groups: {name: [subject, ...]}``).
+    users_file: Path | None = None

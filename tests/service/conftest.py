@@ -1,0 +1,272 @@
+"""Service fixtures: a cluster whose messages are signed and whose region workers connect to
+PostgreSQL as the worker role; an OpenID Connect provider process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REDIS_BASE, REPO, Cluster, _stop, _wait_for_workers, base_env, free_port
+
+# Redis databases of the signed cluster (the plain cluster uses 10 and 11).
+SECURE_BROKER_DB, SECURE_RESULT_DB = 12, 13
+WORKER_LOGIN = "vmfarm_test_worker"
+
+
+def worker_role_url(pg_url: str) -> str:
+    """``pg_url`` as the login role WORKER_LOGIN, a member of vmfarm_worker (created here;
+    the lab's PostgreSQL trusts 127.0.0.1, so no password)."""
+    import psycopg
+    from sqlalchemy import create_engine
+
+    from app.db import migrate, normalise_url
+
+    engine = create_engine(normalise_url(pg_url))
+    try:
+        migrate(engine)  # as the owner: creates the tables, the roles and their grants
+    finally:
+        engine.dispose()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DO $$ BEGIN CREATE ROLE {WORKER_LOGIN} LOGIN IN ROLE vmfarm_worker; "
+                     "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    scheme, rest = pg_url.split("://", 1)
+    return f"{scheme}://{WORKER_LOGIN}@{rest.split('@', 1)[1]}"
+
+
+@dataclass
+class Keys:
+    root: Path
+
+    def env(self, name: str) -> dict[str, str]:
+        return {"VMFARM_SECURITY_KEY": str(self.root / f"{name}.key"),
+                "VMFARM_SECURITY_CERTIFICATE": str(self.root / f"{name}.pem"),
+                "VMFARM_SECURITY_CERT_STORE": str(self.root / "certs")}
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    from app.signing import init_keys
+
+    root = tmp_path_factory.mktemp("keys")
+    for name in ("server", "control", "region-r1", "region-r2"):
+        init_keys(root, name)
+    return Keys(root)
+
+
+@pytest.fixture(scope="session")
+def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Region workers r1 and r2 (each its own signing key, connected as the worker role) and
+    a control worker (its own key, the owner's connection), on Redis databases of their own;
+    ``env`` is the CLI's: the server's key and the owner's connection."""
+    import redis
+
+    broker, results = f"{REDIS_BASE}/{SECURE_BROKER_DB}", f"{REDIS_BASE}/{SECURE_RESULT_DB}"
+    for url in (broker, results):
+        redis.Redis.from_url(url).flushdb()
+    worker_url = worker_role_url(pg_url)
+    home = tmp_path_factory.mktemp("secure-home")
+    common = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
+                      VMFARM_HOME=str(home))
+    env = {**common, "VMFARM_DATABASE_URL": pg_url, **signing_keys.env("server")}
+    specs = [("s-r1@test", ["--region", "r1", "-c", "4"],
+              {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r1")}),
+             ("s-r2@test", ["--region", "r2", "-c", "4"],
+              {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r2")}),
+             ("s-control@test", ["--control", "-c", "2"],
+              {"VMFARM_DATABASE_URL": pg_url, **signing_keys.env("control")})]
+    workers, logs = [], []
+    for name, args, extra in specs:
+        log = home / f"{name.split('@')[0]}.log"
+        logs.append(log)
+        with log.open("wb") as fh:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
+                env={**common, **extra}, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                start_new_session=True))
+    cl = Cluster(env=env, home=home, workers=workers, logs=logs)
+    try:
+        _wait_for_workers(env, [n for n, _, _ in specs])
+    except AssertionError:
+        _stop(workers)
+        raise AssertionError(cl.worker_logs()) from None
+    yield cl
+    _stop(workers)
+
+
+# --- an OpenID Connect provider -------------------------------------------------------------
+
+
+@dataclass
+class Provider:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_provider(tmp: Path, users: list[dict[str, Any]], *,
+                   max_age: int | None = None) -> Provider:
+    """A real ``oidc-provider-mock`` process on a free 127.0.0.1 port, with ``users``."""
+    import httpx
+
+    port = free_port()
+    args = [sys.executable, "-m", "oidc_provider_mock", "-p", str(port), "-H", "127.0.0.1"]
+    for u in users:
+        args += ["--user-claims", json.dumps(u)]
+    if max_age is not None:
+        args += ["-e", str(max_age)]
+    log = tmp / f"oidc-{port}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/.well-known/openid-configuration", timeout=1).status_code \
+                    == 200:
+                return Provider(url, proc, log)
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    _stop([proc])
+    raise AssertionError(f"the OIDC provider did not start: {log.read_text()}")
+
+
+def sign_in(provider: str, subject: str, *, client_id: str) -> dict[str, Any]:
+    """The authorization-code flow with PKCE, as a CLI drives it (the provider's sign-in
+    form answered with ``subject``); returns the token response (id_token, access_token)."""
+    import base64
+    import hashlib
+    import secrets
+    from urllib.parse import parse_qs, urlparse
+
+    import httpx
+
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
+                                         ).rstrip(b"=").decode()
+    redirect = "http://127.0.0.1:1/callback"  # never contacted: the code is read from it
+    state = secrets.token_urlsafe(16)
+    with httpx.Client(base_url=provider, timeout=10) as http:
+        conf = http.get("/.well-known/openid-configuration").json()
+        params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect,
+                  "scope": "openid profile email", "state": state,
+                  "code_challenge": challenge, "code_challenge_method": "S256"}
+        resp = http.post(conf["authorization_endpoint"], params=params, data={"sub": subject})
+        assert resp.status_code in (302, 303), resp.text
+        query = parse_qs(urlparse(resp.headers["location"]).query)
+        assert query["state"] == [state]
+        token = http.post(conf["token_endpoint"], data={
+            "grant_type": "authorization_code", "code": query["code"][0],
+            "redirect_uri": redirect, "client_id": client_id, "code_verifier": verifier,
+            # The mock takes any client secret but requires one (no public clients).
+            "client_secret": "test-client-secret"})
+        assert token.status_code == 200, token.text
+        return dict(token.json())
+
+
+@pytest.fixture(scope="session")
+def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
+    """An OIDC provider whose users are alice (deployers), bob (viewers) and carol (none)."""
+    p = start_provider(tmp_path_factory.mktemp("oidc"), [
+        {"sub": "alice", "groups": ["deployers"]},
+        {"sub": "bob", "groups": ["viewers"]},
+        {"sub": "carol"},
+    ])
+    yield p
+    _stop([p.proc])
+
+
+# --- the server -------------------------------------------------------------------------------
+
+SERVER_RBAC = """
+roles:
+  token-admin: [token:create, token:view, token:revoke]
+  only-token-create: [token:create]
+  only-token-view: [token:view]
+  only-token-revoke: [token:revoke]
+  viewer: [pipeline:view]
+bindings:
+  - role: token-admin
+    groups: [deployers]
+  - role: viewer
+    users: [carol]
+"""
+SERVER_BROKER_DB = 14
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    oidc: Provider
+
+
+@pytest.fixture(scope="session")
+def server(pg_url: str, oidc: Provider, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """``vmfarm server`` as a process: the session's PostgreSQL, Redis, the OIDC provider
+    (audience ``vmfarm``), and an RBAC file of its own (SERVER_RBAC)."""
+    import httpx
+
+    root = tmp_path_factory.mktemp("server")
+    rbac = root / "rbac.yaml"
+    rbac.write_text(SERVER_RBAC)
+    port = free_port()
+    env = base_env(VMFARM_DATABASE_URL=pg_url,
+                   VMFARM_BROKER_URL=f"{REDIS_BASE}/{SERVER_BROKER_DB}",
+                   VMFARM_HOME=str(root / "home"), VMFARM_SERVER_RBAC_FILE=str(rbac),
+                   VMFARM_SERVER_ISSUER=oidc.url, VMFARM_SERVER_AUDIENCE="vmfarm")
+    log = root / "server.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "server", "--port",
+                                 str(port)], env=env, cwd=REPO, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the server stopped: {log.read_text()}")
+        time.sleep(0.2)
+    else:
+        _stop([proc])
+        raise AssertionError(f"the server did not become healthy: {log.read_text()}")
+    yield Server(url, proc, log, oidc)
+    _stop([proc])
+
+
+@dataclass
+class SignedRun:
+    execution_id: str
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def signed_run(secure_cluster: Cluster, lab: Any) -> SignedRun:
+    """The integration pipeline run once through the signed cluster (tag 3.0.1)."""
+    from tests.conftest import DATA
+
+    res = secure_cluster.vmfarm("run", str(DATA / "itest" / "pipeline.yaml"),
+                                str(lab.infrastructure_file), "--set", "tag=3.0.1")
+    assert res.returncode == 0, res.stdout + res.stderr + secure_cluster.worker_logs()
+    ex_id = next(line.split()[1] for line in res.stderr.splitlines()
+                 if line.startswith("execution "))
+    return SignedRun(ex_id, res.stdout, res.stderr)

@@ -1,0 +1,141 @@
+"""Every route of the server checks who calls and what they may do: no token is 401, a token
+without the route's permission is 403, a token with it succeeds. The table is the server's
+own OpenAPI document, so a new route without a permission fails here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.conftest import Server, sign_in
+
+OPEN = {("GET", "/api/health")}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _routes(server: Server) -> list[tuple[str, str, str | None]]:
+    doc = httpx.get(server.url + "/api/openapi.json").json()
+    return [(method.upper(), path, op.get("x-permission"))
+            for path, ops in doc["paths"].items() for method, op in ops.items()]
+
+
+def _person(server: Server, subject: str) -> str:
+    return str(sign_in(server.oidc.url, subject, client_id="vmfarm")["id_token"])
+
+
+def _api_token(server: Server, creator: str, name: str, role: str) -> dict[str, Any]:
+    resp = httpx.post(server.url + "/api/v1/tokens", headers=_bearer(creator),
+                      json={"name": name, "roles": [role], "expires": "1d"})
+    assert resp.status_code == 201, resp.text
+    return dict(resp.json())
+
+
+# How to call each route: (method, path) -> a function of a fresh victim token id giving
+# (path, json body).
+CALLS: dict[tuple[str, str], Callable[[str], tuple[str, dict[str, Any] | None]]] = {
+    ("POST", "/api/v1/tokens"): lambda _: (
+        "/api/v1/tokens", {"name": "made", "roles": ["only-token-create"], "expires": "1h"}),
+    ("GET", "/api/v1/tokens"): lambda _: ("/api/v1/tokens", None),
+    ("DELETE", "/api/v1/tokens/{token_id}"): lambda victim: (f"/api/v1/tokens/{victim}", None),
+}
+
+
+def test_every_route_but_health_names_its_permission_and_is_in_the_table(
+        server: Server) -> None:
+    routes = _routes(server)
+    assert {(m, p) for m, p, perm in routes if perm is None} == OPEN
+    assert {(m, p) for m, p, perm in routes if perm is not None} == set(CALLS)
+
+
+def test_health_says_the_ledger_and_broker_answer_without_a_token(server: Server) -> None:
+    resp = httpx.get(server.url + "/api/health")
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok", "ledger": True, "broker": True}
+
+
+def test_every_route_refuses_the_unauthenticated_and_the_unauthorised(server: Server) -> None:
+    alice = _person(server, "alice")  # token-admin through her deployers group
+    carol = _person(server, "carol")  # a viewer of pipelines: no token permission
+    wrong_audience = str(sign_in(server.oidc.url, "alice", client_id="other-app")["id_token"])
+    checked = []
+    for method, path, permission in _routes(server):
+        if permission is None:
+            continue
+        victim = _api_token(server, alice, "victim", "only-token-view")["id"]
+        url_path, body = CALLS[(method, path)](victim)
+
+        def call(headers: dict[str, str], url_path: str = url_path,
+                 body: dict[str, Any] | None = body, method: str = method) -> httpx.Response:
+            return httpx.request(method, server.url + url_path, headers=headers, json=body)
+
+        # Given no token, a malformed one, or a valid one for another client: 401
+        for headers in ({}, _bearer("garbage"), _bearer("vmf_" + "x" * 43),
+                        _bearer(wrong_audience), {"Authorization": f"Basic {alice}"}):
+            resp = call(headers)
+            assert resp.status_code == 401, (method, path, headers.keys(), resp.text)
+            assert resp.headers["www-authenticate"].startswith("Bearer")
+        # A person and a token without the permission: 403, and nothing happened
+        others = {"only-token-create", "only-token-view", "only-token-revoke"} - {
+            f"only-{permission.replace(':', '-')}"}
+        other = _api_token(server, alice, "other", sorted(others)[0])["token"]
+        for token in (carol, other):
+            resp = call(_bearer(token))
+            assert resp.status_code == 403, (method, path, resp.text)
+            assert permission in resp.json()["detail"]
+        # A token holding exactly that permission: 2xx
+        holder = _api_token(server, alice, "holder", f"only-{permission.replace(':', '-')}")
+        resp = call(_bearer(holder["token"]))
+        assert 200 <= resp.status_code < 300, (method, path, resp.text)
+        checked.append((method, path))
+    assert len(checked) == len(CALLS)
+
+
+def test_a_revoked_api_token_is_refused_from_then_on(server: Server) -> None:
+    alice = _person(server, "alice")
+    made = _api_token(server, alice, "ci", "only-token-view")
+    assert httpx.get(server.url + "/api/v1/tokens",
+                     headers=_bearer(made["token"])).status_code == 200
+    assert httpx.delete(server.url + f"/api/v1/tokens/{made['id']}",
+                        headers=_bearer(alice)).status_code == 204
+    resp = httpx.get(server.url + "/api/v1/tokens", headers=_bearer(made["token"]))
+    assert resp.status_code == 401 and "revoked" in resp.json()["detail"]
+
+
+def test_the_token_list_shows_no_token_or_hash_and_creation_is_audited(
+        server: Server, pg_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from app.db import normalise_url
+
+    alice = _person(server, "alice")
+    made = _api_token(server, alice, "audited", "only-token-view")
+    listed = httpx.get(server.url + "/api/v1/tokens", headers=_bearer(alice)).text
+    assert made["token"] not in listed and "hash" not in listed
+    engine = create_engine(normalise_url(pg_url))
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text(
+                'SELECT "user", outcome, detail FROM auditevent '
+                "WHERE action = 'token-create' "
+                "AND detail::text LIKE :ref"), {"ref": f"%{made['id']}%"}).one()
+    finally:
+        engine.dispose()
+    assert row[0] == "alice" and row[1] == "created"
+    assert row[2]["actor"]["subject"] == "alice" and made["token"] not in str(row[2])
+
+
+@pytest.mark.parametrize("roles", [["token-admin"], ["no-such-role"]])
+def test_a_token_cannot_be_made_stronger_than_its_maker(server: Server,
+                                                        roles: list[str]) -> None:
+    alice = _person(server, "alice")
+    weak = _api_token(server, alice, "weak", "only-token-create")["token"]
+    resp = httpx.post(server.url + "/api/v1/tokens", headers=_bearer(weak),
+                      json={"name": "escalated", "roles": roles})
+    assert resp.status_code in (403, 422), resp.text
+    assert "token" not in resp.json() or not str(resp.json().get("token", "")).startswith("vmf_")

@@ -1,0 +1,59 @@
+"""Message-signing keys and settings: a key is private, never overwritten, and half a
+configuration is an error rather than unsigned messages."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from app.errors import ConfigError
+from app.settings import Settings
+from app.signing import celery_settings, init_keys, signing_paths
+
+
+def test_keys_are_private_and_their_certificate_is_in_the_store(tmp_path: Path) -> None:
+    made = init_keys(tmp_path, "control")
+    assert stat.S_IMODE(made.key.stat().st_mode) == 0o600
+    assert (made.store / "control.pem").read_bytes() == made.certificate.read_bytes()
+    # Celery's own classes read them: what the key signs, the store's certificate verifies
+    from celery.security.certificate import FSCertStore
+    from celery.security.key import PrivateKey
+    from cryptography.hazmat.primitives.hashes import SHA256
+
+    signature = PrivateKey(made.key.read_text()).sign(b"body", SHA256())
+    [cert] = list(FSCertStore(str(made.store)).itercerts())
+    cert.verify(b"body", signature, SHA256())
+
+
+def test_an_existing_key_is_never_overwritten(tmp_path: Path) -> None:
+    made = init_keys(tmp_path, "server")
+    before = made.key.read_bytes()
+    with pytest.raises(ConfigError, match="never overwritten"):
+        init_keys(tmp_path, "server")
+    assert made.key.read_bytes() == before
+
+
+def test_half_a_signing_configuration_is_an_error(tmp_path: Path) -> None:
+    made = init_keys(tmp_path, "server")
+    s = Settings(broker_url="redis://127.0.0.1:6379/0", security_key=made.key)
+    with pytest.raises(ConfigError, match="VMFARM_SECURITY_CERTIFICATE, "
+                                          "VMFARM_SECURITY_CERT_STORE not set"):
+        signing_paths(s)
+
+
+def test_service_mode_with_keys_signs_and_accepts_only_signed(tmp_path: Path) -> None:
+    made = init_keys(tmp_path, "server")
+    s = Settings(broker_url="redis://127.0.0.1:6379/0", security_key=made.key,
+                 security_certificate=made.certificate, security_cert_store=str(made.store))
+    conf = celery_settings(signing_paths(s))
+    assert conf["task_serializer"] == "auth" and conf["accept_content"] == ["auth"]
+
+
+def test_embedded_mode_does_not_sign(tmp_path: Path) -> None:
+    made = init_keys(tmp_path, "server")
+    s = Settings(home=tmp_path, security_key=made.key, security_certificate=made.certificate,
+                 security_cert_store=str(made.store))
+    assert signing_paths(s) is None
+    assert celery_settings(None)["accept_content"] == ["json"]
