@@ -61,7 +61,7 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(root)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its workers leave the registry before other modules count
 def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Region workers r1 and r2 (each its own signing key, connected as the worker role) and
