@@ -27,7 +27,9 @@ What a region worker writes, read from app/execution, tasks/deploy.py, tasks/dis
 app/worker.py: the claim and the outcome of a host step (HostStepRun insert, update: status,
 outputs, heartbeat), of a host's checks (CheckRun), log chunks, its WorkerBeat row. The Abort
 failure strategy no longer aborts from the worker: it asks the control queue
-(``vmfarm.abort_execution``), which the coordinator runs.
+(``vmfarm.abort_execution``), which the coordinator runs. A retry (app.coordinator.retry) is
+recorded by the worker whose attempt failed: it reads the phase's record (its hosts and lanes)
+and inserts the next attempt as a PENDING step row, nothing else.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ APPEND_ONLY = ("auditevent",)
 SERVER_ONLY = ("apitoken",)
 # What a region worker reads: its plan (execution, stagerun), versions (instance), the step
 # rows it claims and the earlier outputs of its host, the worker registry, the schema version.
-WORKER_READS = ("alembic_version", "execution", "stagerun", "hoststeprun", "checkrun",
-                "instance", "workerbeat")
+WORKER_READS = ("alembic_version", "execution", "stagerun", "phaserun", "hoststeprun",
+                "checkrun", "instance", "workerbeat")
 WORKER_WRITES: dict[str, tuple[str, ...]] = {
     "hoststeprun": ("INSERT", "UPDATE"),
     "checkrun": ("INSERT", "UPDATE"),

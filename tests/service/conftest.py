@@ -259,7 +259,7 @@ class SignedRun:
     stderr: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def signed_run(secure_cluster: Cluster, lab: Any) -> SignedRun:
     """The integration pipeline run once through the signed cluster (tag 3.0.1)."""
     from tests.conftest import DATA
