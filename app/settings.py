@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     task_events: bool = False
     # Prometheus for verification gates (a `prometheus` check without its own url).
     prometheus_url: str | None = None
+    # Benchmarks and tests only: every host of the workers a no-op (app.connectors.pool reads
+    # VMFARM_TEST_CONNECTION itself); with it set, the coordinator records no deployment.
+    test_connection: str | None = None
 
     @property
     def embedded(self) -> bool:
