@@ -358,3 +358,20 @@ def test_a_noop_connection_in_a_pipeline_file_is_refused(tmp_path: Path) -> None
     res = validate(*paths)
     assert_refused(res, paths[2], "connection:", "connection type Noop is not allowed",
                    "VMFARM_TEST_CONNECTION", "spec.spec.connection.type")
+
+
+def test_only_the_workers_setting_makes_hosts_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.connectors.base import HostTarget
+    from app.connectors.noop import NoopConnector
+    from app.connectors.pool import default_connector, pool_key
+    from app.errors import ConfigError
+
+    target = HostTarget(hostname="127.0.1.48")
+    monkeypatch.delenv("VMFARM_TEST_CONNECTION", raising=False)
+    assert not isinstance(default_connector(target), NoopConnector)
+    monkeypatch.setenv("VMFARM_TEST_CONNECTION", "noop")
+    assert isinstance(default_connector(target), NoopConnector)
+    assert pool_key(target)[-1] == "noop"
+    monkeypatch.setenv("VMFARM_TEST_CONNECTION", "nop")  # a typo must not mean "real hosts"
+    with pytest.raises(ConfigError, match="VMFARM_TEST_CONNECTION='nop' names no test"):
+        default_connector(target)
