@@ -261,8 +261,11 @@ def _documents(text: str, file: str, loader: Any) -> list[Document]:
 
 # libyaml's parser (when PyYAML has it) reads a 10,000-host inventory ~4x faster. The same
 # constructor and resolver build the values; any error reads the file again with PyYAML's own
-# parser, whose messages and positions are the ones reported.
+# parser, whose messages and positions are the ones reported, unless the file is larger than
+# REPARSE_BYTES: then libyaml's own error is reported (a second, slower parse of a big file
+# would cost a minute for an error found at its end).
 _FAST: Any = getattr(yaml, "CSafeLoader", None)
+REPARSE_BYTES = 1024 * 1024
 
 
 def load_documents(text: str, file: str) -> list[Document]:
@@ -278,6 +281,9 @@ def load_documents(text: str, file: str) -> list[Document]:
             return _documents(text, file, fast)
         except SpecError:  # a limit, or a duplicate key: the same in either parser
             raise
+        except yaml.MarkedYAMLError as exc:
+            if len(text) > REPARSE_BYTES:
+                raise _yaml_error(exc, text, file) from None
         except Exception:  # whatever it was, PyYAML's own parser reports it
             pass
         finally:
@@ -289,22 +295,7 @@ def load_documents(text: str, file: str) -> list[Document]:
         loader = yaml.SafeLoader(text)
         return _documents(text, file, loader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = exc.problem or "invalid YAML"
-        context = f" ({exc.context})" if exc.context else ""
-        hint = ""
-        if "mapping values are not allowed" in problem or "expected <block end>" in problem:
-            hint = "; check the indentation of this line and the one above"
-        if "'\\t'" in problem:
-            problem, context = "a tab character where YAML expects spaces", ""
-            hint = "; indent with spaces, not tabs"
-        lines = text.split("\n")
-        src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
-        near = f" (line: {src[:60]!r})" if src else ""
-        raise SpecError(
-            f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line, col=col
-        ) from None
+        raise _yaml_error(exc, text, file) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow (\x07, ...)
         before = text[:max(0, int(exc.position))]
         line = before.count("\n") + 1
@@ -316,3 +307,22 @@ def load_documents(text: str, file: str) -> list[Document]:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError, text: str, file: str) -> SpecError:
+    """A parser's error as a positioned SpecError, with a hint for the usual mistakes."""
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or "invalid YAML"
+    context = f" ({exc.context})" if exc.context else ""
+    hint = ""
+    if "mapping values are not allowed" in problem or "expected <block end>" in problem:
+        hint = "; check the indentation of this line and the one above"
+    if "'\\t'" in problem:
+        problem, context = "a tab character where YAML expects spaces", ""
+        hint = "; indent with spaces, not tabs"
+    lines = text.split("\n")
+    src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    near = f" (line: {src[:60]!r})" if src else ""
+    return SpecError(f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line,
+                     col=col)
