@@ -137,7 +137,7 @@ def lab_up(
     _check_request(hosts, first, regions)
     root = root.resolve()
     _check_root_path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     nums = list(range(first, first + hosts))
     with _locked(root):
         mode, reason = _choose_mode(sandbox)
@@ -497,11 +497,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 # -------------------------------------------------------------------------------- files
 
 
-def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write atomically (a reader never sees half a known_hosts or state.json)."""
+def _write_text(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write atomically (a reader never sees half a known_hosts or state.json); private: the
+    lab's state, keys and sshd configs are nobody else's."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, mode)
+        fh.write(text)
     os.replace(tmp, path)
 
 

@@ -406,8 +406,8 @@ class FileClaims:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
-        self.lock.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock.open("a") as fh:
+        self.lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 data = self._read()
@@ -415,7 +415,9 @@ class FileClaims:
                 yield data
                 if json.dumps(data, sort_keys=True) != before:
                     tmp = self.state.with_name(self.state.name + ".tmp")
-                    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with open(fd, "w") as out:
+                        out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
                     os.replace(tmp, self.state)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)

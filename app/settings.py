@@ -2,10 +2,20 @@
 
 With no ``VMFARM_BROKER_URL`` vmfarm runs embedded: SQLite files under ``VMFARM_HOME`` for the
 ledger, the broker and the result backend (each its own file: SQLite has one writer).
+
+What vmfarm keeps is private: ``VMFARM_HOME`` is created 0700, and every SQLite file it opens
+(ledger, broker, result backend, wherever their URLs point) is 0600 before SQLite opens it, so
+its -wal, -shm and -journal files, which SQLite creates with the database's mode, are 0600 too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
+import stat
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +55,9 @@ class Settings(BaseSettings):
     security_key: Path | None = None
     security_certificate: Path | None = None
     security_cert_store: str | None = None
+    # Benchmarks and tests only: every host of the workers a no-op (app.connectors.pool reads
+    # VMFARM_TEST_CONNECTION itself); with it set, the coordinator records no deployment.
+    test_connection: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -59,29 +72,104 @@ class Settings(BaseSettings):
 
     @property
     def home_dir(self) -> Path:
-        self.home.mkdir(parents=True, exist_ok=True)
-        return self.home.resolve()
+        return private_dir(self.home).resolve()
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home_dir / 'vmfarm.db'}"
+        return private_sqlite(self.database_url or f"sqlite:///{self.home_dir / 'vmfarm.db'}")
 
     @property
     def celery_broker(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.home_dir / 'broker.sqlite'}"
+        return private_sqlite(
+            self.broker_url or f"sqla+sqlite:///{self.home_dir / 'broker.sqlite'}")
 
     @property
     def celery_backend(self) -> str:
         if self.result_backend:
-            return self.result_backend
+            return private_sqlite(self.result_backend)
         if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
             # Same Redis, next database: chords get Redis's native counters.
             base, _, db = self.broker_url.rpartition("/")
             nxt = int(db) + 1 if db.isdigit() else 1
             return f"{base}/{nxt}" if db.isdigit() else f"{self.broker_url.rstrip('/')}/1"
-        return f"db+sqlite:///{self.home_dir / 'results.sqlite'}"
+        return private_sqlite(f"db+sqlite:///{self.home_dir / 'results.sqlite'}")
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+# --- private files -------------------------------------------------------------------------------
+
+log = logging.getLogger("vmfarm.settings")
+_SQLITE_URL = re.compile(r"^(?:[a-z0-9]+\+)?sqlite(?:\+[a-z0-9]+)?:///(?P<path>[^?]+)")
+# The files of vmfarm's own making: a folder that holds one of them is a vmfarm home.
+_STATE_FILES = ("vmfarm.db", "broker.sqlite", "results.sqlite", "secrets.enc")
+_checked: set[str] = set()  # paths made private by this process (while they exist)
+_checked_lock = threading.Lock()
+
+
+def _first_time(path: Path) -> bool:
+    """True unless this process has made ``path`` private already and it is still there."""
+    key = str(path)
+    with _checked_lock:
+        if key in _checked and os.path.lexists(path):
+            return False
+        _checked.add(key)
+        return True
+
+
+def private_dir(path: Path, *, tighten: bool = True) -> Path:
+    """``path``, created 0700 when missing (with its parents). With ``tighten``, an existing
+    folder of ours that is empty or a vmfarm home an earlier version left open to others (it
+    holds vmfarm's files) is made 0700; any other folder is left as it is, with a warning
+    (VMFARM_HOME=/tmp must not close /tmp to everyone else)."""
+    if not _first_time(path):
+        return path
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        return path
+    except FileExistsError:
+        if not tighten:
+            return path
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if not st.st_mode & 0o077 or not stat.S_ISDIR(st.st_mode):
+            return path
+        ours = st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX
+        if ours and (not any(path.iterdir()) or any((path / f).exists() for f in _STATE_FILES)):
+            os.chmod(path, 0o700)
+        else:
+            log.warning("%s is open to other users (mode %o); vmfarm's own files in it are "
+                        "0600", path, stat.S_IMODE(st.st_mode))
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """``path`` as a 0600 file: created empty when missing, else its mode tightened (when it
+    is ours); an SQLite database's -wal, -shm and -journal files with it."""
+    if not _first_time(path):
+        return path
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            os.chmod(f"{path}{suffix}", 0o600)
+    return path
+
+
+def private_sqlite(url: str) -> str:
+    """``url`` unchanged; when it names a SQLite file, that file is made private first
+    (``private_file``), its folder created 0700 when missing."""
+    m = _SQLITE_URL.match(url)
+    if m is None or m.group("path") in (":memory:", "") or m.group("path").startswith("file:"):
+        return url
+    path = Path(m.group("path"))
+    private_dir(path.parent, tighten=False)
+    private_file(path)
+    return url

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Coordinator scale: plan, submit and run a rolling stage on N no-op hosts (`connection:
-{type: Noop}`: every command "runs" instantly), on Redis + PostgreSQL with a control worker and
+"""Coordinator scale: plan, submit and run a rolling stage on N no-op hosts (every process runs
+with VMFARM_TEST_CONNECTION=noop: every command "runs" instantly, nothing is recorded in the
+Instance ledger; a pipeline file cannot ask for it), on Redis + PostgreSQL with a control worker and
 two region workers, and report the coordinator and broker overhead per host-step and the peak
 memory of every process.
 
@@ -96,7 +97,7 @@ spec:
   environmentRef: scale
   type: Pdc
   spec:
-    connection: {{type: Noop}}
+    connection: {{type: SSH}}
     hosts:
 {chr(10).join(lines)}
 ---
@@ -412,7 +413,10 @@ def main() -> int:
     env.update(VMFARM_HOME=str(root / "home"), PYTHONPATH=str(REPO),
                VMFARM_BROKER_URL="redis://127.0.0.1:6379/6",
                VMFARM_RESULT_BACKEND="redis://127.0.0.1:6379/7",
-               VMFARM_DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB}")
+               VMFARM_DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB}",
+               # No host is contacted (the hosts h00000... do not exist): every process's
+               # connections are no-ops, and the coordinator records no deployment.
+               VMFARM_TEST_CONNECTION="noop")
     spec = files(root, args.hosts, args.steps, args.phases, args.lanes)
     if args.coordinator_only:
         try:

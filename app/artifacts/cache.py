@@ -81,7 +81,7 @@ class ArtifactCache:
         return None
 
     def tmp_path(self, ext: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.root / f".{uuid.uuid4().hex}.{ext}.part"
 
     def commit(self, tmp: Path, sha256: str, ext: str) -> Path:
@@ -90,6 +90,7 @@ class ArtifactCache:
         if out.is_file() and out.stat().st_size == tmp.stat().st_size:
             tmp.unlink()  # the same content is already there (another source, execution)
         else:
+            os.chmod(tmp, 0o600)  # the worker's cache is nobody else's
             tmp.replace(out)
         return out
 
@@ -111,9 +112,10 @@ class ArtifactCache:
 
     def index_put(self, execution_id: str, key: str, entry: dict[str, Any]) -> None:
         path = self._index_file(execution_id, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(entry, sort_keys=True))
+        os.chmod(tmp, 0o600)
         tmp.replace(path)
 
     def forget(self, execution_id: str) -> None:
@@ -135,8 +137,8 @@ class ArtifactCache:
             lock = _thread_locks.setdefault((str(self.root), key), threading.Lock())
         with lock:
             folder = self.root / "locks"
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield

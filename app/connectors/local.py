@@ -2,13 +2,20 @@
 
 Two uses:
 
-* ``onDelegate: true`` steps (no ``sandbox_root``): ``bash -c`` on the worker itself, with the
-  worker's environment and working directory.
+* ``onDelegate: true`` steps and ``connection: {type: Local}`` hosts (no ``sandbox_root``):
+  ``bash`` on the worker itself, in the worker's working directory.
 * the lab's sandbox hosts (``HostTarget.sandbox_root`` set): each command runs in a fresh private
   mount namespace where ``<sandbox_root>/opt`` is /opt and ``<sandbox_root>/var/log`` is /var/log,
   with ``HOME=<sandbox_root>/home`` and ``HOSTADDR=<hostname>``. ``put``/``get`` run inside that
   namespace too, so they see exactly the files the commands see (a ``/opt/app/current`` symlink
   to ``/opt/app/releases/v2`` resolves inside the sandbox, not on the real /opt).
+
+A command never sees the worker's environment (its secrets key, cloud credentials, other
+steps' secrets): it starts with PATH, HOME and LANG only (and HOSTADDR on a sandbox host), and
+the step's own variables and the values and secrets it references are exported by the script's
+first lines. The script, those lines included, goes to ``bash -s`` over stdin, as over SSH: no
+value is ever in a process's argv (``ps`` shows ``bash -s``). It is wrapped so that bash reads all
+of it before running any of it, and the script's own stdin is /dev/null.
 
 As with ssh, ``run`` returns when the script has exited *and* its stdout and stderr are closed: a
 background process that keeps them open (``sleep 60 &``) holds the command until its timeout.
@@ -48,6 +55,11 @@ log = logging.getLogger(__name__)
 _MOUNT_FAILED_CODE = 125
 _MOUNT_FAILED_TEXT = "vmfarm-sandbox: cannot mount the host's /opt and /var/log"
 _READ_SIZE = 65536
+# What a command inherits from the worker's environment: nothing else (see the module docstring).
+INHERITED = ("PATH", "HOME", "LANG")
+# bash reads a compound command whole before it runs it: a script with a syntax error runs
+# nothing, and a command in it that reads stdin cannot swallow the rest of the script.
+_WRAPPER = "{{\n{body}\n}} </dev/null\nexit\n"
 
 
 @functools.cache
@@ -136,7 +148,8 @@ class LocalConnector(Connector):
         elif self.target.sandbox_root:
             body += 'cd -- "$HOME" 2>/dev/null || true\n'  # the sandbox host's own home
         body += script
-        return self._execute(self._argv(body), timeout=timeout, on_output=on_output)
+        return self._execute(self._stdin_argv(), stdin=_WRAPPER.format(body=body).encode(),
+                             timeout=timeout, on_output=on_output)
 
     def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
         """Copy a local file to the host (parent directories are created); TransferError."""
@@ -206,23 +219,34 @@ class LocalConnector(Connector):
         return self._sandbox is not None and self._namespace is not None
 
     def _argv(self, body: str, *args: str) -> list[str]:
-        """The command line that runs ``body`` (with ``args`` as $1...) on this host."""
+        """The command line that runs ``body`` (with ``args`` as $1...) on this host; only for
+        vmfarm's own fixed scripts (put, get) whose arguments are paths, never values."""
         if self._sandbox is None or self._namespace is None:
             return ["bash", "-c", body, "vmfarm", *args]
+        return [*self._namespace, "--", "bash", "-c", self._mounts() + body, "vmfarm", *args]
+
+    def _stdin_argv(self) -> list[str]:
+        """The command line of ``run``: bash reads the script from stdin."""
+        if self._sandbox is None or self._namespace is None:
+            return ["bash", "-s"]
+        # The mounts first; then this bash reads the script from the same stdin.
+        return [*self._namespace, "--", "bash", "-c", self._mounts() + "exec bash -s"]
+
+    def _mounts(self) -> str:
+        assert self._sandbox is not None
         opt = shlex.quote(str(self._sandbox / "opt"))
         var_log = shlex.quote(str(self._sandbox / "var/log"))
-        mounts = (
+        return (
             f"mount --bind {opt} /opt && mount --bind {var_log} /var/log || "
             f"{{ echo {shlex.quote(_MOUNT_FAILED_TEXT)} >&2; exit {_MOUNT_FAILED_CODE}; }}\n"
         )
-        return [*self._namespace, "--", "bash", "-c", mounts + body, "vmfarm", *args]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """A clean environment: the worker's PATH, HOME and LANG; a sandbox host's own HOME and
+        HOSTADDR. (No BASH_ENV or ENV: nothing runs before the script.)"""
+        env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+        env.setdefault("PATH", os.defpath)
         if self._sandbox is not None:
-            # A sandbox host starts clean, like a login on a fresh machine.
-            env.pop("BASH_ENV", None)
-            env.pop("ENV", None)
             env["HOME"] = str(self._sandbox / "home")
             env["HOSTADDR"] = self.target.hostname
         return env
@@ -254,14 +278,19 @@ class LocalConnector(Connector):
             )
 
     def _execute(
-        self, argv: list[str], *, timeout: float | None, on_output: OutputCallback | None
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes,
+        timeout: float | None,
+        on_output: OutputCallback | None,
     ) -> CommandResult:
         started = time.monotonic()
         deadline = started + timeout if timeout is not None else None
         try:
             proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self._env(),
@@ -273,12 +302,14 @@ class LocalConnector(Connector):
             raise ConnectivityError(
                 f"cannot start bash: {e.strerror or e}", host=self.target.hostname
             ) from e
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
         try:
-            # One selector loop instead of reader threads: on_output is always called on the
-            # caller's thread, one chunk at a time, and the timeout is checked in the same loop.
-            if not self._pump(proc.stdout, proc.stderr, chunks, deadline, on_output):
+            # One selector loop instead of reader threads: the script is written, on_output is
+            # always called on the caller's thread, one chunk at a time, and the timeout is
+            # checked in the same loop.
+            if not self._pump(proc.stdin, stdin, proc.stdout, proc.stderr, chunks, deadline,
+                              on_output):
                 raise self._timeout(timeout)
             try:
                 code = proc.wait(
@@ -291,6 +322,8 @@ class LocalConnector(Connector):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
             proc.stdout.close()
             proc.stderr.close()
         if code < 0:
@@ -306,18 +339,24 @@ class LocalConnector(Connector):
 
     def _pump(
         self,
+        stdin: IO[bytes],
+        payload: bytes,
         stdout: IO[bytes],
         stderr: IO[bytes],
         chunks: dict[str, list[str]],
         deadline: float | None,
         on_output: OutputCallback | None,
     ) -> bool:
-        """Pass each decoded chunk on as it arrives; True at EOF on both, False at the deadline."""
+        """Write ``payload`` to stdin, then close it; pass each decoded chunk of output on as it
+        arrives; True at EOF on both, False at the deadline."""
         # Incremental decoders: a UTF-8 character split across two reads stays whole.
         decoders = {
             name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in chunks
         }
+        todo = memoryview(payload)
+        os.set_blocking(stdin.fileno(), False)
         with selectors.DefaultSelector() as sel:
+            sel.register(stdin, selectors.EVENT_WRITE, "stdin")
             sel.register(stdout, selectors.EVENT_READ, "stdout")
             sel.register(stderr, selectors.EVENT_READ, "stderr")
             while sel.get_map():
@@ -326,6 +365,15 @@ class LocalConnector(Connector):
                     return False
                 for key, _ in sel.select(wait):
                     name: str = key.data
+                    if name == "stdin":
+                        try:
+                            todo = todo[os.write(key.fd, todo[:_READ_SIZE]):]
+                        except BrokenPipeError:  # bash is gone (it will say why)
+                            todo = todo[:0]
+                        if not todo:
+                            sel.unregister(stdin)
+                            stdin.close()
+                        continue
                     data = os.read(key.fd, _READ_SIZE)
                     if not data:
                         sel.unregister(key.fileobj)

@@ -1,8 +1,9 @@
-"""NoopConnector: a host that does nothing, instantly (``connection: {type: Noop}``).
+"""NoopConnector: a host that does nothing, instantly (``VMFARM_TEST_CONNECTION=noop``).
 
 For measuring the coordinator and the broker without SSH or processes (benchmarks/scale.py):
 every command "runs" and exits 0 with no output, every copy "lands". Nothing on any machine is
-touched. Never use it for a real deployment: the step results it records are not true.
+touched. Only a worker-side setting turns it on (app.connectors.pool.forced_connection),
+never a pipeline file; the coordinator then records no deployment in the Instance ledger.
 """
 
 from __future__ import annotations

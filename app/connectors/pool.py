@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from app.connectors.base import Connector, HostTarget
-from app.errors import ConnectivityError
+from app.errors import ConfigError, ConnectivityError
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,43 @@ def is_local(target: HostTarget) -> bool:
     return bool(target.sandbox_root) or target.extra.get("connection") == "local"
 
 
+# A worker-side switch for benchmarks and tests, never written in a pipeline file (the loader
+# refuses ``connection: {type: Noop}``): VMFARM_TEST_CONNECTION=noop makes every host of this
+# worker a NoopConnector (nothing runs anywhere, every command "succeeds"). The coordinator reads
+# the same setting (app.settings.Settings.test_connection) and then records no deployment in the
+# Instance ledger: set it on every process of such a run.
+TEST_CONNECTION_VAR = "VMFARM_TEST_CONNECTION"
+TEST_CONNECTIONS = ("noop",)
+_warned = False
+
+
+def forced_connection() -> str | None:
+    """The test-only connection this worker uses for every host (VMFARM_TEST_CONNECTION), if
+    any; ConfigError for a value that names none."""
+    value = os.environ.get(TEST_CONNECTION_VAR, "").strip().lower()
+    if value and value not in TEST_CONNECTIONS:
+        raise ConfigError(f"{TEST_CONNECTION_VAR}={value!r} names no test connection (known: "
+                          f"{', '.join(TEST_CONNECTIONS)}); unset it for real deployments")
+    return value or None
+
+
 def pool_key(target: HostTarget) -> PoolKey:
     """The pool's key for a target."""
-    kind = "noop" if target.extra.get("connection") == "noop" else \
-        "local" if is_local(target) else "ssh"
+    kind = forced_connection() or ("local" if is_local(target) else "ssh")
     return (*target.pool_key, kind)
 
 
 def default_connector(target: HostTarget) -> Connector:
-    """The connector for a target: local for sandbox/local hosts, SSH otherwise."""
-    if target.extra.get("connection") == "noop":
+    """The connector for a target: local for sandbox/local hosts, SSH otherwise (every host a
+    NoopConnector under VMFARM_TEST_CONNECTION=noop)."""
+    if forced_connection() == "noop":
         from app.connectors.noop import NoopConnector
 
+        global _warned
+        if not _warned:
+            _warned = True
+            log.warning("%s=noop: no command runs on any host of this worker; every step "
+                        "records success (benchmarks and tests only)", TEST_CONNECTION_VAR)
         return NoopConnector(target)
     if is_local(target):
         # Imported here: the local connector is optional for SSH-only workers.

@@ -16,13 +16,14 @@ from app.models import (
     StageRun,
     utcnow,
 )
+from app.settings import get_settings
 
 
 def record_instances(s: Session, ex: Execution, run: StageRun, hosts: list[str],
                       phase: int | None = None) -> None:
     """Update the per-host ledger: which version now runs where."""
-    if not hosts:
-        return
+    if not hosts or get_settings().test_connection:
+        return  # (VMFARM_TEST_CONNECTION: nothing ran on the hosts, nothing was deployed)
     stage = deployment_stage(ex, run.stage_index)
     version = stage.artifact.tag if stage.artifact else None
     by_name = stage_data(s, ex, run).by_name
@@ -86,7 +87,7 @@ def releases_held(s: Session, execution_id: str, stage_index: int, hosts: list[s
 
 def record_rolled_back(s: Session, ex: Execution, run: StageRun, hosts: list[str]) -> None:
     """Instance rows of hosts that are back on their earlier version."""
-    if not hosts:
+    if not hosts or get_settings().test_connection:
         return
     stage = deployment_stage(ex, run.stage_index)
     svc, env = stage.service.identifier, stage.environment.identifier

@@ -26,13 +26,15 @@ from app.definitions.expressions import (
     EXPR_RE,
     INPUT_RE,
     Context,
+    compile_input_regex,
     has_input,
     parse_input,
     render,
     render_script,
 )
+from app.definitions.schemas import check_maps
 from app.definitions.shell import unterminated
-from app.definitions.yamlload import Document, dotted, load_documents
+from app.definitions.yamlload import MAX_FILE_BYTES, Document, dotted, load_documents
 from app.errors import SpecError, SpecErrors
 
 if TYPE_CHECKING:
@@ -139,9 +141,14 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def _read(path: Path) -> str:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as fh:  # never more than the limit into memory
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"cannot read file: {exc.strerror}", file=str(path)) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB, the most vmfarm "
+                        "reads in one pipeline file (MAX_FILE_BYTES): split it into several "
+                        "files", file=str(path), line=1, col=1)
     if b"\x00" in data:
         raise SpecError("not a YAML file (binary content)", file=str(path), line=1, col=1)
     try:
@@ -396,7 +403,16 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
                                    parse_input(text)))
     used: set[str] = set()
     external: set[tuple[str, int, tuple[Any, ...]]] = set()
-    for slot in slots:
+    patterns: dict[int, Any] = {}  # slot -> its compiled .regex(), checked with or without a value
+    for i, slot in enumerate(slots):
+        regex = slot.options.get("regex")
+        if isinstance(regex, str):
+            try:
+                patterns[i] = compile_input_regex(regex)
+            except ValueError as exc:
+                errs.add(slot.doc.error(f"<+input>.regex({regex}) cannot be used: {exc}",
+                                        slot.path, within=".regex("))
+    for i, slot in enumerate(slots):
         names = slot.name.split(".")
         matches = [k for k in inputs if names[-len(k.split(".")):] == k.split(".")]
         # Hook (input sets): a name that a longer one overrides for this input still names an
@@ -417,13 +433,9 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
                     slot.path))
                 continue
             regex = slot.options.get("regex")
-            try:
-                fits = not isinstance(regex, str) or bool(re.fullmatch(regex, str(value)))
-            except re.error as exc:
-                errs.add(slot.doc.error(f"input '{key}': .regex({regex}) is not a valid "
-                                        f"regular expression ({exc})", slot.path))
-                continue
-            if not fits:
+            if isinstance(regex, str) and i not in patterns:
+                continue  # an unusable pattern, reported above
+            if i in patterns and patterns[i].fullmatch(str(value)) is None:
                 errs.add(slot.doc.error(f"input '{key}' = {value!r} does not match {regex}",
                                         slot.path))
                 continue
@@ -506,6 +518,8 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
         _load_document(doc, bundle, errs)
     errs.raise_if_any()
     _check_references(bundle, errs)
+    for err in check_maps(bundle, provider_of):  # every free-form map is a schema too
+        errs.add(err)
     errs.raise_if_any()
     for pipe in bundle.pipelines.values():
         for i, _ in enumerate(pipe.model.spec.stages):

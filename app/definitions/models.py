@@ -98,10 +98,10 @@ class ServiceSpec(Model):
 
 
 class Connection(Model):
-    """How to reach static hosts. ``type: Sandbox`` = local sandbox hosts (no sshd)."""
+    """How to reach static hosts. ``type: Sandbox`` = local sandbox hosts (no sshd);
+    ``Local`` = commands run on the worker itself. SSH settings apply to SSH only."""
 
-    # Noop: hosts that do nothing, instantly (measuring the coordinator; never a deployment).
-    type: Literal["SSH", "Sandbox", "Local", "Noop"] = "SSH"
+    type: Literal["SSH", "Sandbox", "Local"] = "SSH"
     user: str = "root"
     port: int = Field(default=22, ge=1, le=65535)
     private_key_file: str | None = None
@@ -112,6 +112,17 @@ class Connection(Model):
     private_key_secret: str | None = None
     passphrase_secret: str | None = None
     password_secret: str | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _not_test_only(cls, v: object) -> object:
+        if isinstance(v, str) and v.lower() == "noop":
+            # It runs nothing and records success: a deployment that never happened.
+            raise ValueError("connection type Noop is not allowed in pipeline files: it runs "
+                             "nothing and records every step as succeeded. Benchmarks and "
+                             "tests set VMFARM_TEST_CONNECTION=noop on the workers instead "
+                             "(such a run is never recorded as a deployment)")
+        return v
 
 
 class StaticHost(Model):
@@ -688,9 +699,9 @@ class StrategySpec(Model):
 class ReferencePhaseStep(Model):
     """A step inside a reference phase; ``type: VERIFICATION`` puts a gate after the phase.
 
-    Its ``properties`` may carry vmfarm's verification keys (healthCheck, probe,
-    successCriteria, prometheus); Harness's own keys (analysisType, ...) are accepted and
-    ignored.
+    Its ``properties`` carry vmfarm's verification keys (healthCheck, probe, successCriteria,
+    prometheus); any other type or key (Harness's analysisType, ...) is refused by the loader
+    (app.definitions.schemas), never ignored.
     """
 
     type: str
@@ -716,7 +727,9 @@ class ReferencePhaseBody(Model):
     """A phase in the reference's ``rolloutDeployment``/``canaryDeployment`` form.
 
     ``instanceCount`` is cumulative (Harness: "Instances (cumulative)"): 25%, 50%, 100% deploys
-    to a quarter of the hosts, then to the next quarter, then to the rest.
+    to a quarter of the hosts, then to the next quarter, then to the rest. deploymentType,
+    computeProviderType, infraDefinitionId and serviceId repeat what the stage says: the loader
+    checks that they agree with it (app.definitions.schemas.phase_problems).
     """
 
     name: str

@@ -54,7 +54,7 @@ from pydantic import Field
 
 from app.definitions import base
 from app.definitions import models as m
-from app.definitions.expressions import INPUT_RE, has_input, parse_input
+from app.definitions.expressions import INPUT_RE, compile_input_regex, has_input, parse_input
 from app.definitions.loader import _Collector, _type_name, _validate
 from app.definitions.yamlload import Document, Path, dotted
 from app.errors import SpecError
@@ -485,7 +485,14 @@ class _Filler:
                            f"{self.tpl.label} allows {allowed}", ipath)
                 return t
             regex = opts.get("regex")
-            if isinstance(regex, str) and not re.fullmatch(regex, text):
+            try:  # RE2: linear in the value, whatever the pattern
+                fits = not isinstance(regex, str) or \
+                    compile_input_regex(regex).fullmatch(text) is not None
+            except ValueError as exc:
+                self.error(f"'{dotted(tpath)}': <+input>.regex({regex}) of template "
+                           f"{self.tpl.label} cannot be used: {exc}", ipath)
+                return t
+            if not fits:
                 self.error(f"'{dotted(tpath)}' = {i!r} does not match {regex} (template "
                            f"{self.tpl.label})", ipath)
                 return t

@@ -4,6 +4,16 @@ PyYAML's node graph carries marks; we keep them in two maps keyed by the value's
 (a tuple of mapping keys and list indexes) so that any later error, from pydantic or from our
 own checks, can be reported as ``file:line:col``. Duplicate keys are an error (PyYAML would keep
 the last one silently), and so are YAML's anchors-merge surprises such as non-string keys.
+
+A file is hostile input: the nodes are composed here, from the parser's events, with limits
+checked as each event arrives, so that a document beyond them is refused at once (a 455-byte
+"billion laughs" alias bomb took 48 s and 3.2 GB before), never expanded. The limits:
+
+* ``MAX_FILE_BYTES``: the size of one file (checked before it is read);
+* ``MAX_DEPTH``: collections nested in collections (a pipeline needs about 15);
+* ``MAX_ALIASES``: alias uses (``*name``) in one document;
+* ``MAX_NODES``: values in one document once every alias is expanded, and
+  ``MAX_ALIAS_NODES``: how many of those may be copies made by aliases.
 """
 
 from __future__ import annotations
@@ -12,10 +22,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.events import (
+    AliasEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 
 from app.errors import SpecError
 
 Path = tuple[str | int, ...]
+
+# Limits on one pipeline file (see the module docstring). A 20,000-host inventory is about
+# 2 MB and 300,000 values; the reference's pipelines nest about 15 deep.
+MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_ALIASES = 10_000
+MAX_NODES = 1_000_000
+MAX_ALIAS_NODES = 100_000
 
 
 @dataclass
@@ -123,13 +149,107 @@ class _Builder:
         return [self.build(v, (*path, i)) for i, v in enumerate(node.value)]
 
 
+def _limit(file: str, mark: Any, message: str) -> SpecError:
+    return SpecError(message, file=file, line=mark.line + 1, col=mark.column + 1)
+
+
+def _compose(loader: Any, file: str) -> Any:
+    """The root node of the loader's next document, built from its events (as PyYAML's
+    Composer does, iteratively) while every limit is checked; None at the end of the stream."""
+    if loader.check_event(StreamEndEvent):
+        return None
+    loader.get_event()  # DocumentStart
+    anchors: dict[str, yaml.Node] = {}
+    sizes: dict[int, int] = {}  # expanded size of each anchored node (what an alias copies)
+    # Open collections: [node, pending mapping key, expanded size so far].
+    stack: list[list[Any]] = []
+    open_ids: set[int] = set()
+    aliases = distinct = expanded = 0
+    while True:
+        event: Any = loader.get_event()
+        kind: Any = type(event)
+        size = 1
+        if kind is AliasEvent:
+            node = anchors.get(event.anchor)
+            if node is None:
+                raise ComposerError(None, None, f"found undefined alias {event.anchor!r}",
+                                    event.start_mark)
+            if id(node) in open_ids:
+                raise _limit(file, event.start_mark,
+                             "recursive YAML alias: a value cannot contain itself")
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise _limit(file, event.start_mark,
+                             f"more than {MAX_ALIASES:,} YAML aliases in one document (limit "
+                             "MAX_ALIASES): write the values out, or use a template")
+            size = sizes[id(node)]
+            expanded += size
+            if expanded - distinct > MAX_ALIAS_NODES:
+                raise _limit(file, event.start_mark,
+                             f"YAML aliases copy more than {MAX_ALIAS_NODES:,} values into this "
+                             "document (limit MAX_ALIAS_NODES): an alias bomb? write the values "
+                             "out, or use a template")
+            if expanded > MAX_NODES:
+                raise _limit(file, event.start_mark,
+                             f"more than {MAX_NODES:,} values in one document once its aliases "
+                             "are expanded (limit MAX_NODES): split it into several files")
+        elif kind in (ScalarEvent, SequenceStartEvent, MappingStartEvent):
+            distinct += 1
+            expanded += 1
+            if expanded > MAX_NODES:
+                raise _limit(file, event.start_mark,
+                             f"more than {MAX_NODES:,} values in one document (limit "
+                             "MAX_NODES): split it into several files")
+            if event.anchor is not None and event.anchor in anchors:
+                raise ComposerError(f"found duplicate anchor {event.anchor!r}; first occurrence",
+                                    anchors[event.anchor].start_mark, "second occurrence",
+                                    event.start_mark)
+            tag = event.tag
+            if kind is ScalarEvent:
+                if tag is None or tag == "!":
+                    tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+                node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark,
+                                       style=event.style)
+            else:
+                cls = yaml.SequenceNode if kind is SequenceStartEvent else yaml.MappingNode
+                if tag is None or tag == "!":
+                    tag = loader.resolve(cls, None, event.implicit)
+                node = cls(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            if event.anchor is not None:
+                anchors[event.anchor] = node
+                sizes[id(node)] = 1
+            if kind is not ScalarEvent:
+                if len(stack) >= MAX_DEPTH:
+                    raise _limit(file, event.start_mark,
+                                 f"values nested more than {MAX_DEPTH} deep (limit MAX_DEPTH)")
+                stack.append([node, None, 1])
+                open_ids.add(id(node))
+                continue
+        else:  # SequenceEnd / MappingEnd
+            node, _, size = stack.pop()
+            open_ids.discard(id(node))
+            node.end_mark = event.end_mark
+            if id(node) in sizes:
+                sizes[id(node)] = size
+        if not stack:
+            loader.get_event()  # DocumentEnd
+            return node
+        top = stack[-1]
+        top[2] += size
+        if isinstance(top[0], yaml.SequenceNode):
+            top[0].value.append(node)
+        elif top[1] is None:
+            top[1] = node
+        else:
+            top[0].value.append((top[1], node))
+            top[1] = None
+
+
 def _documents(text: str, file: str, loader: Any) -> list[Document]:
     docs: list[Document] = []
     index = 0
-    while loader.check_node():
-        node = loader.get_node()
-        if node is None:
-            continue
+    loader.get_event()  # StreamStart
+    while (node := _compose(loader, file)) is not None:
         doc = Document(file=file, index=index, data=None, line=node.start_mark.line + 1)
         doc.data = _Builder(doc, loader, text).build(node, ())
         index += 1
@@ -141,17 +261,29 @@ def _documents(text: str, file: str, loader: Any) -> list[Document]:
 
 # libyaml's parser (when PyYAML has it) reads a 10,000-host inventory ~4x faster. The same
 # constructor and resolver build the values; any error reads the file again with PyYAML's own
-# parser, whose messages and positions are the ones reported.
+# parser, whose messages and positions are the ones reported, unless the file is larger than
+# REPARSE_BYTES: then libyaml's own error is reported (a second, slower parse of a big file
+# would cost a minute for an error found at its end).
 _FAST: Any = getattr(yaml, "CSafeLoader", None)
+REPARSE_BYTES = 1024 * 1024
 
 
 def load_documents(text: str, file: str) -> list[Document]:
     """Every non-empty document of a multi-document YAML text, with positions."""
+    if len(text) > MAX_FILE_BYTES:  # (characters: at most as many as bytes)
+        raise SpecError(f"file is {len(text.encode()) / 2**20:.1f} MiB; vmfarm reads pipeline "
+                        f"files of at most {MAX_FILE_BYTES // 2**20} MiB (MAX_FILE_BYTES): "
+                        "split it into several files", file=file, line=1, col=1)
     if _FAST is not None:
         fast = None
         try:
             fast = _FAST(text)
             return _documents(text, file, fast)
+        except SpecError:  # a limit, or a duplicate key: the same in either parser
+            raise
+        except yaml.MarkedYAMLError as exc:
+            if len(text) > REPARSE_BYTES:
+                raise _yaml_error(exc, text, file) from None
         except Exception:  # whatever it was, PyYAML's own parser reports it
             pass
         finally:
@@ -163,22 +295,7 @@ def load_documents(text: str, file: str) -> list[Document]:
         loader = yaml.SafeLoader(text)
         return _documents(text, file, loader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = exc.problem or "invalid YAML"
-        context = f" ({exc.context})" if exc.context else ""
-        hint = ""
-        if "mapping values are not allowed" in problem or "expected <block end>" in problem:
-            hint = "; check the indentation of this line and the one above"
-        if "'\\t'" in problem:
-            problem, context = "a tab character where YAML expects spaces", ""
-            hint = "; indent with spaces, not tabs"
-        lines = text.split("\n")
-        src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
-        near = f" (line: {src[:60]!r})" if src else ""
-        raise SpecError(
-            f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line, col=col
-        ) from None
+        raise _yaml_error(exc, text, file) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow (\x07, ...)
         before = text[:max(0, int(exc.position))]
         line = before.count("\n") + 1
@@ -190,3 +307,22 @@ def load_documents(text: str, file: str) -> list[Document]:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError, text: str, file: str) -> SpecError:
+    """A parser's error as a positioned SpecError, with a hint for the usual mistakes."""
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or "invalid YAML"
+    context = f" ({exc.context})" if exc.context else ""
+    hint = ""
+    if "mapping values are not allowed" in problem or "expected <block end>" in problem:
+        hint = "; check the indentation of this line and the one above"
+    if "'\\t'" in problem:
+        problem, context = "a tab character where YAML expects spaces", ""
+        hint = "; indent with spaces, not tabs"
+    lines = text.split("\n")
+    src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    near = f" (line: {src[:60]!r})" if src else ""
+    return SpecError(f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line,
+                     col=col)

@@ -256,7 +256,6 @@ def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
         host_key_policy=host.host_key_policy, connect_timeout=host.connect_timeout,
         sandbox_root=host.sandbox_root if host.connection == "Sandbox" else None,
         extra={"connection": "local"} if host.connection == "Local" else
-        {"connection": "noop"} if host.connection == "Noop" else
         {f"{kind}_secret": ident for kind, ident in host.credentials.items()},
     )
 

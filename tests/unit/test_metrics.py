@@ -358,7 +358,8 @@ def test_an_empty_ledger_still_exposes_the_series_alerts_need(ledger: datetime) 
 
 def test_an_unreadable_ledger_is_reported_not_raised(ledger: datetime,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VMFARM_DATABASE_URL", "sqlite:////nonexistent-dir/x/vmfarm.db")
+    # under a file: no folder can be made there, so the ledger cannot be opened
+    monkeypatch.setenv("VMFARM_DATABASE_URL", "sqlite:////dev/null/x/vmfarm.db")
     get_settings.cache_clear()
     m = _render()
     assert _get(m, "vmfarm_metrics_source_up", source="ledger") == 0

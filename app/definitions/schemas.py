@@ -1,0 +1,335 @@
+"""Every map is a schema: the fields of the file format's free-form maps, per type.
+
+An artifact's ``spec``, a ``hostFilter.spec`` and a reference phase's fields are maps whose keys
+depend on a type written next to them (the artifact's type, the filter's type and the
+infrastructure's provider, the stage they sit in). Each table below lists the keys the code that
+carries them out reads (app/artifacts/sources.py, app/providers/*); a key that is not there
+would be dropped in silence (``sha256sum:`` instead of ``sha256:``, and the intended checksum is
+never verified), so it is an error naming the key, with the nearest known key as a suggestion.
+A key vmfarm knows but does not carry out in that place is refused as "not supported", with
+the vmfarm way to write it.
+
+The checks return ``Problem`` records (a message and where it points, relative to the map);
+the loader turns them into ``file:line:col`` errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.definitions import models as m
+from app.errors import SpecError
+
+Where = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong and where: ``path`` below the checked map; ``key`` points at the key."""
+
+    message: str
+    path: Where
+    key: bool = True
+
+
+def unknown(name: str, allowed: Sequence[str], what: str) -> str:
+    """``unknown field 'x' in <what>; did you mean 'y'? (allowed: ...)``."""
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    shown = f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""
+    return f"unknown field '{name}' in {what}{hint}{shown}"
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+
+_CHECKSUM = ("sha256", "checksum")
+_AUTH = ("username", "password", "token", "passwordRef", "tokenRef")
+_URL = ("url", "artifactUrl")
+# The path inside an Artifactory or Nexus repository (sources._repo_path).
+_REPO_PATH = ("groupId", "artifactId", "version", "extension", "classifier",
+              "artifactDirectory", "group", "directory", "artifactPath", "fileName")
+_REPOSITORY = ("repository", "repositoryName", "repositoryFormat", "connectorRef")
+
+ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
+    "Local": ("path", "filePath", "tag", *_CHECKSUM),
+    "Http": (*_URL, "tag", *_CHECKSUM, *_AUTH),
+    "Artifactory": (*_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", *_REPOSITORY,
+                    *_REPO_PATH, "tag", *_CHECKSUM, *_AUTH),
+    # Harness writes a Nexus repository's maven or raw fields in a nested ``spec``.
+    "Nexus3Registry": (*_URL, "baseUrl", "serverUrl", "nexusServerUrl", *_REPOSITORY,
+                       *_REPO_PATH, "spec", "tag", *_CHECKSUM, *_AUTH),
+    "Jenkins": (*_URL, "baseUrl", "serverUrl", "jenkinsUrl", "connectorRef", "jobName",
+                "artifactPath", "build", "tag", *_CHECKSUM, *_AUTH),
+    "AmazonS3": ("bucket", "bucketName", "key", "filePath", "artifactPath", "region",
+                 "connectorRef", "tag", *_CHECKSUM),
+}
+NEXUS_NESTED_FIELDS = _REPO_PATH
+# repositoryFormat: the layouts app/artifacts/sources.py builds paths for.
+REPOSITORY_FORMATS = {"Artifactory": ("generic", "maven"), "Nexus3Registry": ("raw", "maven")}
+
+
+def artifact_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
+    """Unknown or unsupported keys of an artifact's ``spec`` (paths below ``spec``)."""
+    allowed = ARTIFACT_FIELDS.get(atype)
+    if allowed is None:  # CustomArtifact is refused where it is fetched; a bad type by the model
+        return []
+    what = f"a {atype} artifact's spec"
+    out = [Problem(unknown(k, allowed, what), (k,)) for k in spec if k not in allowed]
+    nested = spec.get("spec")
+    if isinstance(nested, Mapping):
+        out += [Problem(unknown(k, NEXUS_NESTED_FIELDS, f"{what}.spec"), ("spec", k))
+                for k in nested if k not in NEXUS_NESTED_FIELDS]
+    elif "spec" in spec and atype in ARTIFACT_FIELDS and "spec" in allowed:
+        out.append(Problem("'spec' must be a mapping (groupId, artifactId, ...)", ("spec",),
+                           key=False))
+    fields = {**(nested if isinstance(nested, Mapping) else {}), **spec}
+    fmt = spec.get("repositoryFormat")
+    formats = REPOSITORY_FORMATS.get(atype, ("generic",))
+    if fmt is not None and "<+" not in str(fmt):
+        maven = bool(fields.get("groupId")) and bool(fields.get("artifactId"))
+        if str(fmt) not in formats:
+            out.append(Problem(
+                f"repositoryFormat {fmt!r} is not supported for {atype}: vmfarm fetches "
+                f"{' or '.join(formats)} repositories (write repositoryFormat: {formats[0]} with "
+                "artifactPath, or maven with groupId and artifactId), or give the file's "
+                "spec.url", ("repositoryFormat",), key=False))
+        elif fmt == "maven" and not maven:
+            out.append(Problem("repositoryFormat maven needs groupId and artifactId",
+                               ("repositoryFormat",), key=False))
+        elif fmt != "maven" and maven:
+            out.append(Problem(
+                f"repositoryFormat {fmt}, but groupId and artifactId make a maven path: write "
+                "repositoryFormat: maven, or remove them", ("repositoryFormat",), key=False))
+    if spec.get("connectorRef") and any(spec.get(k) for k in (
+            *_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", "nexusServerUrl",
+            "jenkinsUrl")):
+        out.append(Problem(
+            "connectorRef is not supported next to a URL: this version does not resolve "
+            "connectors, the URL names the server; remove connectorRef", ("connectorRef",)))
+    if atype == "AmazonS3" and spec.get("connectorRef"):
+        out.append(Problem(
+            "connectorRef is not supported for AmazonS3: the worker uses its own AWS "
+            "credentials (boto3's chain, AWS_ENDPOINT_URL); remove connectorRef",
+            ("connectorRef",)))
+    return out
+
+
+# --- host filters --------------------------------------------------------------------------------
+
+# hostFilter.spec keys each provider reads, per filter type (app/providers/aws.py, azure.py,
+# gcp.py). A type missing for a provider does not apply to it.
+_AZURE = ("resourceGroups", "tags")
+_GCP = ("zones", "labels", "networkTags", "tags")
+HOST_FILTER_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "aws": {"AwsInstanceFilter": ("regions", "tags", "vpcs"),
+            "All": ("regions", "tags", "vpcs")},
+    "azure": {"AzureVMSSFilter": (*_AZURE, "scaleSets"),
+              "AzureVmFilter": _AZURE,
+              "HostNames": (*_AZURE, "scaleSets", "hostNames"),
+              "All": (*_AZURE, "scaleSets")},
+    "gcp": {"GcpInstanceFilter": _GCP,
+            "GcpInstanceGroupFilter": (*_GCP, "instanceGroups", "instanceGroup"),
+            "HostNames": (*_GCP, "hostNames", "names"),
+            "All": _GCP},
+    "static": {"All": ()},
+}
+_PROVIDER_NAMES = {"aws": "an AWS", "azure": "an Azure", "gcp": "a GCP",
+                   "static": "a static (Pdc)"}
+
+
+def host_filter_problems(provider: str, host_filter: Mapping[str, Any]) -> list[Problem]:
+    """A filter type that does not apply to the provider, and unknown keys of its ``spec``
+    (paths below ``hostFilter``)."""
+    by_type = HOST_FILTER_FIELDS.get(provider)
+    ftype = host_filter.get("type")
+    if by_type is None or not isinstance(ftype, str):
+        return []
+    infra = f"{_PROVIDER_NAMES[provider]} infrastructure"
+    if ftype not in by_type:
+        if provider == "static":
+            how = ("list only the hosts to deploy to under spec.hosts (a host filter on static "
+                   "hosts is not supported)")
+        else:
+            how = f"use {' or '.join(by_type)}"
+        return [Problem(f"hostFilter type {ftype} does not apply to {infra}: {how}", ("type",),
+                        key=False)]
+    spec = host_filter.get("spec")
+    if not isinstance(spec, Mapping):
+        return []
+    allowed = by_type[ftype]
+    return [Problem(unknown(k, allowed, f"a {ftype} hostFilter.spec of {infra}"), ("spec", k))
+            for k in spec if k not in allowed]
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+# Fields only an SSH connection uses: a Local or Sandbox host runs its commands on the worker.
+SSH_ONLY_FIELDS = ("user", "port", "privateKeyFile", "knownHostsFile", "hostKeyPolicy",
+                   "connectTimeout", "privateKeySecret", "passphraseSecret", "passwordSecret")
+
+
+def connection_problems(connection: Mapping[str, Any] | None,
+                        hosts: Sequence[Any]) -> list[Problem]:
+    """SSH settings given to a Local or Sandbox connection, and ``sandboxRoot`` on hosts that
+    are not sandbox hosts (paths below the infrastructure's inner ``spec``)."""
+    out: list[Problem] = []
+    ctype = str((connection or {}).get("type", "SSH"))
+    if ctype in ("Local", "Sandbox"):
+        out += [Problem(f"'{k}' is not supported by a {ctype} connection: its commands run on "
+                        "the worker, not over SSH; remove it", ("connection", k))
+                for k in SSH_ONLY_FIELDS if k in (connection or {})]
+    for i, h in enumerate(hosts):
+        if not isinstance(h, Mapping):
+            continue
+        if ctype != "Sandbox" and "sandboxRoot" in h:
+            out.append(Problem(f"'sandboxRoot' is only read with connection type Sandbox (this "
+                               f"one is {ctype}); remove it", ("hosts", i, "sandboxRoot")))
+        if ctype in ("Local", "Sandbox"):
+            out += [Problem(f"'{k}' is not supported on a {ctype} host: its commands run on the "
+                            "worker, not over SSH; remove it", ("hosts", i, k))
+                    for k in ("user", "port", "privateKeyFile") if k in h]
+        if ctype == "Sandbox" and not h.get("sandboxRoot"):
+            out.append(Problem("a Sandbox host needs 'sandboxRoot' (the folder that is its "
+                               "/opt, /var/log and home)", ("hosts", i), key=False))
+    return out
+
+
+# --- the reference's phases ----------------------------------------------------------------------
+
+# computeProviderType (Harness FirstGen) -> the provider vmfarm finds for the infrastructure.
+COMPUTE_PROVIDERS = {"AWS": "aws", "AZURE": "azure", "GCP": "gcp",
+                     "PHYSICAL_DATA_CENTER": "static", "PDC": "static"}
+_PROVIDER_WORD = {"aws": "AWS", "azure": "AZURE", "gcp": "GCP", "static": "PHYSICAL_DATA_CENTER"}
+
+
+def phase_problems(phase: Mapping[str, Any], *, service: str, deployment_type: str,
+                   infrastructures: Mapping[str, str]) -> list[Problem]:
+    """The reference phase's own copy of what the stage already says (serviceId,
+    infraDefinitionId, computeProviderType, deploymentType) must agree with the stage;
+    ``infrastructures`` maps each of the stage's infrastructures to its provider (paths
+    below ``phase``)."""
+    out: list[Problem] = []
+    dtype = phase.get("deploymentType")
+    if dtype is not None and str(dtype).lower() != deployment_type.lower():
+        out.append(Problem(f"deploymentType {dtype} contradicts the stage's deploymentType "
+                           f"{deployment_type}; remove it from the phase",
+                           ("deploymentType",), key=False))
+    sid = phase.get("serviceId")
+    if sid is not None and str(sid) != service:
+        out.append(Problem(f"serviceId '{sid}' is not the stage's service '{service}': every "
+                           "phase deploys the stage's service; remove it or write "
+                           f"serviceId: {service}", ("serviceId",), key=False))
+    iid = phase.get("infraDefinitionId")
+    if iid is not None:
+        names = ", ".join(sorted(infrastructures))
+        if str(iid) not in infrastructures:
+            out.append(Problem(f"infraDefinitionId '{iid}' is not an infrastructure of this "
+                               f"stage ({names})", ("infraDefinitionId",), key=False))
+        elif len(infrastructures) > 1:
+            out.append(Problem(
+                "infraDefinitionId is not supported when the stage has several infrastructures "
+                f"({names}): each phase deploys to hosts of all of them; remove it",
+                ("infraDefinitionId",), key=False))
+    cpt = phase.get("computeProviderType")
+    if cpt is not None:
+        want = COMPUTE_PROVIDERS.get(str(cpt).upper())
+        chosen = {infrastructures[str(iid)]} if iid is not None and str(iid) in \
+            infrastructures else set(infrastructures.values())
+        if want is None:
+            out.append(Problem(f"unknown computeProviderType '{cpt}' (expected one of "
+                               f"{', '.join(_PROVIDER_WORD.values())})",
+                               ("computeProviderType",), key=False))
+        elif chosen and want not in chosen:
+            real = " and ".join(sorted(_PROVIDER_WORD[p] for p in chosen))
+            out.append(Problem(f"computeProviderType {cpt} contradicts the stage's "
+                               f"infrastructure, which is {real}: write computeProviderType: "
+                               f"{real} or remove it", ("computeProviderType",), key=False))
+    return out
+
+
+VERIFICATION_KEYS = ("healthCheck", "probe", "successCriteria", "prometheus")
+
+
+def phase_step_problems(step: Mapping[str, Any]) -> list[Problem]:
+    """A reference phase step: only ``type: VERIFICATION`` with vmfarm's verification keys
+    (paths below the step)."""
+    stype = step.get("type")
+    if isinstance(stype, str) and stype.upper() != "VERIFICATION":
+        return [Problem(f"phase step type {stype} is not supported: a reference phase's steps "
+                        "are VERIFICATION gates; write deployment steps under "
+                        "execution.steps", ("type",), key=False)]
+    props = step.get("properties")
+    if not isinstance(props, Mapping):
+        return []
+    return [Problem(f"'{k}' is not supported: vmfarm verifies a phase with "
+                    f"{', '.join(VERIFICATION_KEYS)} (see StrategySpec.verification)",
+                    ("properties", k))
+            for k in props if k not in VERIFICATION_KEYS]
+
+
+# --- the whole load ------------------------------------------------------------------------------
+
+
+def _at(data: Any, path: Where) -> Any:
+    for p in path:
+        found = (p in data) if isinstance(data, Mapping) else (
+            isinstance(data, list) and isinstance(p, int) and 0 <= p < len(data))
+        if not found:
+            return None
+        data = data[p]
+    return data
+
+
+def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError]:
+    """Every problem of the free-form maps of a loaded bundle (app.definitions.loader.Bundle),
+    as positioned errors; ``provider_of`` tells an infrastructure's provider."""
+    out: list[SpecError] = []
+
+    def report(owner: Any, base: Where, problems: list[Problem]) -> None:
+        out.extend(owner.doc.error(p.message, (*owner.base, *base, *p.path), key=p.key)
+                   for p in problems)
+
+    for svc in bundle.services.values():
+        art = svc.model.spec.service_definition.spec.artifacts.primary
+        if art is not None:
+            report(svc, ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+                   artifact_problems(art.type, art.spec))
+    for infra in bundle.infrastructures.values():
+        inner = _at(infra.raw, ("spec", "spec"))
+        if not isinstance(inner, Mapping):
+            continue
+        hf = inner.get("hostFilter")
+        if isinstance(hf, Mapping):
+            report(infra, ("spec", "spec", "hostFilter"),
+                   host_filter_problems(provider_of(infra.model), hf))
+        conn = inner.get("connection")
+        hosts = inner.get("hosts")
+        report(infra, ("spec", "spec"), connection_problems(
+            conn if isinstance(conn, Mapping) else None, hosts if isinstance(hosts, list) else []))
+    for pipe in bundle.pipelines.values():
+        for si, el in enumerate(pipe.model.spec.stages):
+            st = el.stage
+            if not isinstance(st, m.StageSpec):
+                continue
+            providers = {ref.identifier: provider_of(bundle.infrastructures[ref.identifier].model)
+                         for ref in st.spec.environment.infrastructure_definitions
+                         if ref.identifier in bundle.infrastructures}
+            for form in ("rolloutDeployment", "canaryDeployment"):
+                base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
+                phases = _at(pipe.raw, base)
+                for pi, entry in enumerate(phases if isinstance(phases, list) else []):
+                    phase = _at(entry, ("phase",))
+                    if not isinstance(phase, Mapping):
+                        continue
+                    report(pipe, (*base, pi, "phase"), phase_problems(
+                        phase, service=st.spec.service.service_ref,
+                        deployment_type=st.spec.deployment_type, infrastructures=providers))
+                    steps = phase.get("steps")
+                    for k, step in enumerate(steps if isinstance(steps, list) else []):
+                        if isinstance(step, Mapping):
+                            report(pipe, (*base, pi, "phase", "steps", k),
+                                   phase_step_problems(step))
+    return out
