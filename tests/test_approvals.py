@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import DATA, Cluster, run_vmfarm
+from tests.waiting import wait_for
 
 FILES = [str(DATA / "approval")]
 USERS = str(DATA / "approval-users.yaml")
@@ -22,13 +22,15 @@ def _status(cluster: Cluster, ex_id: str) -> dict[str, Any]:
 
 
 def _wait_for(cluster: Cluster, ex_id: str, statuses: set[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        report = _status(cluster, ex_id)
-        if report["status"] in statuses:
-            return report
-        time.sleep(0.3)
-    raise AssertionError(f"{ex_id} never reached {statuses}: {report['status']}")
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        last.update(_status(cluster, ex_id))
+        return dict(last) if last["status"] in statuses else None
+
+    report: dict[str, Any] = wait_for(reached, 60, f"{ex_id} to reach {statuses}",
+                                      interval=0.3, explain=lambda: f"status: {last['status']}")
+    return report
 
 
 def _runs_on(lab: Any, ex_id: str) -> int:
@@ -100,10 +102,14 @@ def test_a_rejection_fails_the_run_and_nothing_is_deployed(cluster: Cluster,
 
 def test_an_approval_that_times_out_fails_the_run(cluster: Cluster, lab: Any) -> None:
     ex_id = _start(cluster, lab, "--set", "timeout=2s")
-    time.sleep(2.5)
-    rec = run_vmfarm("reconcile", "-o", "json", env=_as(cluster, "alice"))
-    assert rec.returncode == 0, rec.stderr
-    assert f"{ex_id}: approval timed out" in json.loads(rec.stdout)["actions"]
+
+    # The reconciler does nothing until the 2 s have passed, then times the approval out.
+    def reconciled() -> bool:
+        rec = run_vmfarm("reconcile", "-o", "json", env=_as(cluster, "alice"))
+        assert rec.returncode == 0, rec.stderr
+        return f"{ex_id}: approval timed out" in json.loads(rec.stdout)["actions"]
+
+    wait_for(reconciled, 60, "reconcile to time the approval out", interval=0.5)
     report = _wait_for(cluster, ex_id, {"SUCCEEDED", "FAILED"})
     assert report["status"] == "FAILED" and "approval timed out after 2s" in report["error"]
     assert _runs_on(lab, ex_id) == 0

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from app.artifacts import (
 )
 from app.errors import HostError, TransferError
 from app.settings import get_settings
-from tests.conftest import free_port, moto_server
+from tests.conftest import moto_server
 from tests.fakes.artifact_server import ArtifactServer
 
 REGION = "us-east-1"
@@ -385,7 +385,8 @@ def test_503_then_200_is_retried(repo: ArtifactServer,
     assert info.value.error_class == "Connectivity"
 
 
-def test_unreachable_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_repository(
+        monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
     monkeypatch.setattr(httpfetch, "ATTEMPTS", 2)
     with pytest.raises(ArtifactUnavailableError, match="cannot connect") as info:
         fetch(http(f"http://127.0.0.1:{free_port()}/libs/app-<tag>.tar.gz"))

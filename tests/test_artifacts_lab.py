@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import base_env, free_port, run_vmfarm
+from tests.alloc import Allocator
+from tests.conftest import base_env, run_vmfarm
 from tests.fakes.artifact_server import ArtifactServer
 
 PIPELINE = textwrap.dedent("""\
@@ -81,7 +82,7 @@ def _service(kind: str, spec: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def world(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[dict[str, Any]]:
     """Two versions of an app as folders, as .tar.gz on an HTTP server with basic auth, and
     in a moto S3 bucket."""
     import boto3
@@ -101,7 +102,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     server = ArtifactServer(username="deployer", password="s3cr3t-pw", siblings=True).start()
     for version, data in packed.items():
         server.add(f"/repo/app/{version}/app-{version}.tar.gz", data)
-    port = free_port()
+    lease = alloc.port()
+    port = lease.port
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
@@ -116,6 +118,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         server.stop()
         moto.stop()
+        lease.release()
 
 
 def _files(tmp_path: Path, world: dict[str, Any], source: str, *,

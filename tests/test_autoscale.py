@@ -37,9 +37,9 @@ from app.autoscale import (
     policy_from,
 )
 from app.errors import ConfigError
-from tests.conftest import REDIS_BASE, REPO, base_env
+from tests.conftest import REPO, base_env
+from tests.waiting import wait_for
 
-BROKER_DB, RESULT_DB = 14, 15
 # `vmfarm` with the service commands registered (cli/main.py may or may not do it already).
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
           "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
@@ -221,6 +221,7 @@ def test_workers_starting_or_stopping_are_counted_as_such() -> None:
 def test_the_executor_adopts_and_stops_only_its_own_workers_by_name_and_pid(
         tmp_path: Path) -> None:
     ex = LocalProcessExecutor(log_dir=tmp_path, hostname="hostx")
+    # Stand-ins for worker processes: they only need to exist, with these command lines.
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "worker"]
     mine = subprocess.Popen([*sleeper, "autoscale-rs-7@hostx"])
     other = subprocess.Popen([*sleeper, "w-rs@hostx"])
@@ -259,7 +260,7 @@ class _SlowEC2(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with _SlowEC2.lock:
             _SlowEC2.calls += 1
-        time.sleep(0.25)
+        time.sleep(0.25)  # the behaviour under test: a slow endpoint keeps discovery in flight
         body = (b'<?xml version="1.0" encoding="UTF-8"?><DescribeInstancesResponse '
                 b'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>1</requestId>'
                 b"<reservationSet/></DescribeInstancesResponse>")
@@ -290,18 +291,14 @@ def slow_ec2() -> Iterator[str]:
 
 
 @pytest.fixture
-def as_env(pg_url: str, slow_ec2: str, tmp_path: Path,
-           monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def as_env(pg_url: str, slow_ec2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           redis_db: Callable[[], str]) -> Iterator[dict[str, str]]:
     """The environment of the autoscaler and its workers; this process's app and ledger point
     at the same Redis databases and PostgreSQL."""
-    import redis
-
     from app.celery import reconfigure
     from app.db import reset_engines
 
-    broker, results = f"{REDIS_BASE}/{BROKER_DB}", f"{REDIS_BASE}/{RESULT_DB}"
-    for url in (broker, results):
-        redis.Redis.from_url(url).flushdb()
+    broker, results = redis_db(), redis_db()
     empty = tmp_path / "empty"
     empty.write_text("")
     env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
@@ -322,8 +319,6 @@ def as_env(pg_url: str, slow_ec2: str, tmp_path: Path,
     monkeypatch.undo()
     reconfigure()
     reset_engines()
-    for url in (broker, results):
-        redis.Redis.from_url(url).flushdb()
 
 
 def _rs_workers() -> dict[str, dict[str, Any]]:
@@ -340,12 +335,7 @@ def _runs_an_autoscaled_worker(pid: int) -> bool:
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float, logs: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout}s\n{logs()}")
+    wait_for(check, timeout, what, interval=0.25, explain=logs)
 
 
 def test_vmfarm_autoscale_scales_a_region_up_under_load_and_back_down(

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from tests.alloc import AddressLease
 from tests.conftest import base_env, run_vmfarm
 
 
-def test_lab_up_status_down_through_the_cli(tmp_path: Path) -> None:
+def test_lab_up_status_down_through_the_cli(
+    tmp_path: Path, lease_addresses: Callable[[int], AddressLease]
+) -> None:
     env = base_env(VMFARM_HOME=str(tmp_path / "home"))
+    block = lease_addresses(2)
     none = json.loads(run_vmfarm("lab", "status", "-o", "json", env=env).stdout)
     assert none["mode"] == "none" and none["hosts"] == []
 
-    up = run_vmfarm("lab", "up", "--hosts", "2", "--first", "131", "--regions", "a,b",
+    up = run_vmfarm("lab", "up", "--hosts", "2", "--first", str(block.first), "--regions", "a,b",
                     "--ssh", "-o", "json", env=env)
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
     try:
         assert [(h["address"], h["region"], h["alive"]) for h in state["hosts"]] == [
-            ("127.0.1.131", "a", True), ("127.0.1.132", "b", True)]
+            (block.addresses[0], "a", True), (block.addresses[1], "b", True)]
         pids = [h["pid"] for h in state["hosts"]]
         infra = Path(state["infrastructure_file"])
         assert infra == tmp_path / "home" / "lab" / "infrastructure.yaml"
         # The file it writes is a valid static infrastructure for the files that name it.
-        assert "127.0.1.131" in infra.read_text()
+        assert block.addresses[0] in infra.read_text()
         status = json.loads(run_vmfarm("lab", "status", "-o", "json", env=env).stdout)
         assert [h["alive"] for h in status["hosts"]] == [True, True]
     finally:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Cluster, _wait_for_workers, free_port, run_vmfarm
+from tests.alloc import Allocator
+from tests.conftest import REPO, Cluster, _wait_for_workers, run_vmfarm
 from tests.fakes.azure_arm import CLIENT_ID, CLIENT_SECRET, SUBSCRIPTION, TENANT, FakeArm
 from tests.fakes.gce import FakeGce
 
@@ -36,14 +37,16 @@ NO_WAY_OUT = {"HTTPS_PROXY": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY, "https_proxy"
 
 
 @pytest.fixture(scope="module")
-def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any) -> Iterator[dict[str, Any]]:
+def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
+           alloc: Allocator) -> Iterator[dict[str, Any]]:
     """EC2 (us-east-1) with hosts 1-2, Azure (eastus) with 3-4, GCP (us-central1) with 5-6,
     plus a stopped instance in each that must not be deployed to."""
     import boto3
     from moto.server import ThreadedMotoServer
 
     addrs = [h.address for h in lab.hosts]
-    port = free_port()
+    lease = alloc.port()
+    port = lease.port
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     # moto's state is per process, shared by every moto server of the test session: start
@@ -88,6 +91,7 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any) -> Iterator[dict[
         gce.stop()
         arm.stop()
         moto.stop()
+        lease.release()
 
 
 def _files(tmp_path: Path, lab: Any, *, tags: str = "", fallback: bool = False) -> list[str]:

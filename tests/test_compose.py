@@ -16,10 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ import yaml
 from app.autoscale import load_config
 from app.schedules import load_schedules
 from cli import fleet, service_cmd
-from tests.conftest import REDIS_BASE, REPO, base_env, free_port, run_vmfarm
+from tests.conftest import REPO, base_env, run_vmfarm
+from tests.waiting import wait_for
 
 COMPOSE = REPO / "docker-compose.yml"
 IMAGE_ROOT = "/srv/vmfarm"
@@ -256,25 +257,26 @@ def _get(url: str, auth: str | None = None) -> int:
         return int(exc.code)
 
 
-def test_vmfarm_flower_serves_the_app_behind_basic_auth(tmp_path: Path) -> None:
+def test_vmfarm_flower_serves_the_app_behind_basic_auth(
+        tmp_path: Path, free_port: Callable[[], int], redis_db: Callable[[], str]) -> None:
     port = free_port()
-    env = base_env(VMFARM_BROKER_URL=f"{REDIS_BASE}/14", VMFARM_RESULT_BACKEND=f"{REDIS_BASE}/15",
+    env = base_env(VMFARM_BROKER_URL=redis_db(), VMFARM_RESULT_BACKEND=redis_db(),
                    VMFARM_HOME=str(tmp_path), FLOWER_BASIC_AUTH="admin:s3cret")
     log = tmp_path / "flower.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen([*VMFARM, "flower", "--port", str(port)], env=env, cwd=tmp_path,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return _get(f"{base}/healthcheck") == 200
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if _get(f"{base}/healthcheck") == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_for(healthy, 90, "flower to answer its health check", interval=0.3,
+                 explain=log.read_text)
         assert _get(f"{base}/") == 401
         assert _get(f"{base}/", "admin:wrong") == 401
         assert _get(f"{base}/", "admin:s3cret") == 200
@@ -288,13 +290,11 @@ def test_vmfarm_flower_serves_the_app_behind_basic_auth(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        import redis
-
-        redis.Redis.from_url(f"{REDIS_BASE}/14").flushdb()
 
 
 def test_vmfarm_flower_refuses_to_start_without_credentials_or_broker(tmp_path: Path) -> None:
-    env = base_env(VMFARM_BROKER_URL=f"{REDIS_BASE}/14", VMFARM_HOME=str(tmp_path))
+    # Refused before the broker is reached: nothing listens at this URL (a closed port).
+    env = base_env(VMFARM_BROKER_URL="redis://127.0.0.1:1/0", VMFARM_HOME=str(tmp_path))
     for extra, args, says in (({}, [], "set FLOWER_BASIC_AUTH"),
                               ({"FLOWER_BASIC_AUTH": "admin"}, [], "is not user:password"),
                               ({"FLOWER_BASIC_AUTH": "a:b"}, ["--basic-auth=a:b"],

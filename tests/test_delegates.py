@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,9 +33,10 @@ from app.delegates import (
     unserved,
     worker_queues,
 )
+from tests.alloc import Allocator
 from tests.conftest import DATA, REDIS_BASE, REPO, _stop, base_env, run_vmfarm
+from tests.waiting import wait_for
 
-BROKER_DB, RESULT_DB = 12, 13
 GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
 STATIC = {"identifier": "lab_rz", "name": "lab-rz", "provider": "static", "source": "test:1",
           "spec": {"region": "rz", "hosts": [{"hostname": "127.0.1.250"},
@@ -174,12 +174,7 @@ class Fleet:
                          for n, p in self.logs.items() if p.exists())
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"{what} within {timeout}s\n{self.worker_logs()}")
+        wait_for(check, timeout, what, interval=0.25, explain=self.worker_logs)
 
 
 def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -187,13 +182,15 @@ def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory,
+          alloc: Allocator) -> Iterator[Fleet]:
     """Two region workers of region rz: one tagged gpu, one without tags."""
-    import redis
+    with alloc.redis_db(REDIS_BASE) as broker, alloc.redis_db(REDIS_BASE) as results:
+        yield from _fleet(pg_url, tmp_path_factory, broker.url, results.url)
 
-    broker, results = f"{REDIS_BASE}/{BROKER_DB}", f"{REDIS_BASE}/{RESULT_DB}"
-    for url in (broker, results):
-        redis.Redis.from_url(url).flushdb()
+
+def _fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory, broker: str,
+           results: str) -> Iterator[Fleet]:
     home = tmp_path_factory.mktemp("delegates")
     env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
                    VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(home),
@@ -330,7 +327,8 @@ def test_a_killed_worker_goes_stale_and_a_stopped_one_leaves(
 
 
 def test_worker_tags_are_validated(tmp_path: Path) -> None:
-    env = base_env(VMFARM_HOME=str(tmp_path), VMFARM_BROKER_URL=f"{REDIS_BASE}/{BROKER_DB}")
+    # Refused before the broker is reached: nothing listens at this URL (a closed port).
+    env = base_env(VMFARM_HOME=str(tmp_path), VMFARM_BROKER_URL="redis://127.0.0.1:1/0")
     for args, says in ((["--region", "rz", "--tags", "GPU"], "invalid worker tag"),
                        (["--region", "rz", "--tags", "a,b,c,d,e,f,g"], "at most 6"),
                        (["--control", "--tags", "gpu"], "give --region")):

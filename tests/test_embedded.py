@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.alloc import AddressLease
 from tests.conftest import REPO, base_env, run_vmfarm
 
 DEMO = str(REPO / "configs" / "demo")
@@ -59,24 +61,27 @@ def test_demo_pipeline_deploys_and_redeploys_every_lab_host(embedded_env: dict[s
     assert f"started version 1.1.0 on {lab.hosts[0].address}:8080" in logs.stdout
 
 
-def test_a_host_that_cannot_be_reached_fails_alone(embedded_env: dict[str, str], lab: Any,
-                                                   tmp_path: Path) -> None:
-    # Given the lab's infrastructure plus one address where no sshd listens
+def test_a_host_that_cannot_be_reached_fails_alone(
+        embedded_env: dict[str, str], lab: Any, tmp_path: Path,
+        lease_addresses: Callable[[int], AddressLease]) -> None:
+    # Given the lab's infrastructure plus one (leased) address where no sshd listens
+    gone = lease_addresses(1).addresses[0]
+    first = lab.hosts[0].address
     infra = Path(lab.infrastructure_file).read_text()
-    infra = infra.replace("      - hostname: 127.0.1.101\n",
-                          "      - hostname: 127.0.1.99\n        region: r1\n"
-                          "      - hostname: 127.0.1.101\n", 1)
-    assert "127.0.1.99" in infra
+    infra = infra.replace(f"      - hostname: {first}\n",
+                          f"      - hostname: {gone}\n        region: r1\n"
+                          f"      - hostname: {first}\n", 1)
+    assert gone in infra
     path = tmp_path / "infra.yaml"
     path.write_text(infra)
     res = run_vmfarm("run", DEMO, str(path), "--set", "tag=2.0.0", "--output", "json",
                      env=embedded_env)
     assert res.returncode == 1, res.stdout + res.stderr
     hosts = {h["host"]: h for h in json.loads(res.stdout)["stages"][0]["hosts"]}
-    dead = hosts.pop("127.0.1.99")
+    dead = hosts.pop(gone)
     assert dead["status"] == "FAILED"
     assert dead["steps"][0]["error_class"] == "Connectivity"
-    assert "127.0.1.99" in dead["steps"][0]["error"]
+    assert gone in dead["steps"][0]["error"]
     assert {h["status"] for h in hosts.values()} == {"SUCCEEDED"}
 
 
@@ -106,12 +111,14 @@ def test_on_delegate_steps_run_on_the_worker_once_per_host(embedded_env: dict[st
                            for h in lab.hosts)
 
 
-def test_sandbox_hosts_run_the_demo_without_sshd(embedded_env: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_sandbox_hosts_run_the_demo_without_sshd(
+        embedded_env: dict[str, str], tmp_path: Path,
+        lease_addresses: Callable[[int], AddressLease]) -> None:
     """What `scripts/demo` falls back to where root or sshd is missing."""
     from app.lab import lab_down, lab_up
 
-    state = lab_up(2, root=tmp_path / "sandbox", sandbox=True, first=121)
+    # The demo app listens on each host's address: leased, like a lab's.
+    state = lab_up(2, root=tmp_path / "sandbox", sandbox=True, first=lease_addresses(2).first)
     try:
         res = run_vmfarm("run", DEMO, str(state.infrastructure_file), "--set", "tag=3.0.0",
                          env=embedded_env)

@@ -1,22 +1,23 @@
 """The local lab, as a user sees it: real sshd hosts one can log in to, and a clean `down`.
 
-Every test uses its own lab root (tmp_path) and its own host numbers (``first=``), so they can run
-next to another lab on 127.0.1.1...; each fixture stops its lab even when the test fails.
+Every test uses its own lab root (tmp_path) and its own block of addresses leased from the
+allocator (``first=block.first``), so they can run next to other labs on 127.0.1.x; each fixture
+stops its lab even when the test fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,10 @@ import yaml
 from app.connectors.local import LocalConnector, private_namespace_supported
 from app.errors import LabError
 from app.lab import SSHD, LabHost, LabState, lab_down, lab_status, lab_up
+from tests.alloc import AddressLease
+from tests.waiting import process_gone, wait_for
+
+Lease = Callable[[int], AddressLease]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,13 +105,16 @@ def ssh(state: LabState, host: LabHost, command: str) -> subprocess.CompletedPro
     )
 
 
-def test_up_starts_real_sshd_hosts_that_accept_the_lab_key(ssh_lab_root: Path) -> None:
+def test_up_starts_real_sshd_hosts_that_accept_the_lab_key(
+    ssh_lab_root: Path, lease_addresses: Lease
+) -> None:
     # Given a lab of three hosts in two regions
-    state = lab_up(3, root=ssh_lab_root, regions=["r1", "r2"], first=200)
+    block = lease_addresses(3)
+    state = lab_up(3, root=ssh_lab_root, regions=["r1", "r2"], first=block.first)
 
     # Then three sshd processes run, one per address, each listening on port 22
     assert state.mode == "ssh"
-    assert [h.address for h in state.hosts] == ["127.0.1.200", "127.0.1.201", "127.0.1.202"]
+    assert [h.address for h in state.hosts] == block.addresses
     assert [h.region for h in state.hosts] == ["r1", "r2", "r1"]
     for h in state.hosts:
         assert h.pid is not None and running(h.pid) and h.alive
@@ -137,8 +145,9 @@ def test_up_starts_real_sshd_hosts_that_accept_the_lab_key(ssh_lab_root: Path) -
     ]
 
 
-def test_infrastructure_file_describes_the_lab(ssh_lab_root: Path) -> None:
-    state = lab_up(2, root=ssh_lab_root, regions=["eu", "us"], first=205)
+def test_infrastructure_file_describes_the_lab(ssh_lab_root: Path, lease_addresses: Lease) -> None:
+    block = lease_addresses(2)
+    state = lab_up(2, root=ssh_lab_root, regions=["eu", "us"], first=block.first)
 
     doc = yaml.safe_load(state.infrastructure_file.read_text())
 
@@ -160,8 +169,8 @@ def test_infrastructure_file_describes_the_lab(ssh_lab_root: Path) -> None:
                     "knownHostsFile": str(ssh_lab_root.resolve() / "known_hosts"),
                 },
                 "hosts": [
-                    {"hostname": "127.0.1.205", "region": "eu"},
-                    {"hostname": "127.0.1.206", "region": "us"},
+                    {"hostname": block.addresses[0], "region": "eu"},
+                    {"hostname": block.addresses[1], "region": "us"},
                 ],
             },
         },
@@ -170,8 +179,10 @@ def test_infrastructure_file_describes_the_lab(ssh_lab_root: Path) -> None:
     assert [h["pid"] for h in state_json["hosts"]] == [h.pid for h in state.hosts]
 
 
-def test_each_host_has_a_private_opt_and_var_log(ssh_lab_root: Path) -> None:
-    state = lab_up(2, root=ssh_lab_root, first=210)
+def test_each_host_has_a_private_opt_and_var_log(
+    ssh_lab_root: Path, lease_addresses: Lease
+) -> None:
+    state = lab_up(2, root=ssh_lab_root, first=lease_addresses(2).first)
     one, two = state.hosts
     name = f"vmfarm-lab-test-{uuid.uuid4().hex}"
 
@@ -189,8 +200,10 @@ def test_each_host_has_a_private_opt_and_var_log(ssh_lab_root: Path) -> None:
     assert not Path(f"/var/log/{name}").exists()
 
 
-def test_shells_on_the_hosts_use_the_clean_home_not_roots_bashrc(ssh_lab_root: Path) -> None:
-    state = lab_up(1, root=ssh_lab_root, first=215)
+def test_shells_on_the_hosts_use_the_clean_home_not_roots_bashrc(
+    ssh_lab_root: Path, lease_addresses: Lease
+) -> None:
+    state = lab_up(1, root=ssh_lab_root, first=lease_addresses(1).first)
     (host,) = state.hosts
     home = host.host_dir / "home"
     # The lab's HOME starts with an empty .bashrc: nothing (like `pyenv init`) runs per shell.
@@ -206,24 +219,27 @@ def test_shells_on_the_hosts_use_the_clean_home_not_roots_bashrc(ssh_lab_root: P
     assert out.stdout.strip() == f"{home}|host-home|none"
 
 
-def test_up_again_is_a_no_op_and_a_new_size_restarts(ssh_lab_root: Path) -> None:
-    first_state = lab_up(2, root=ssh_lab_root, first=220)
+def test_up_again_is_a_no_op_and_a_new_size_restarts(
+    ssh_lab_root: Path, lease_addresses: Lease
+) -> None:
+    first = lease_addresses(3).first
+    first_state = lab_up(2, root=ssh_lab_root, first=first)
     pids = [h.pid for h in first_state.hosts]
 
     # Same size: the same processes, only the regions are rewritten
-    again = lab_up(2, root=ssh_lab_root, first=220, regions=["a", "b"])
+    again = lab_up(2, root=ssh_lab_root, first=first, regions=["a", "b"])
     assert [h.pid for h in again.hosts] == pids
     assert [h.region for h in again.hosts] == ["a", "b"]
     assert "region: b" in again.infrastructure_file.read_text()
 
     # Another size: the old servers stop, new ones start
-    bigger = lab_up(3, root=ssh_lab_root, first=220)
+    bigger = lab_up(3, root=ssh_lab_root, first=first)
     assert len(bigger.hosts) == 3 and bigger.running
     assert not any(running(p) for p in pids if p is not None)
 
 
-def test_down_stops_exactly_the_lab_processes(ssh_lab_root: Path) -> None:
-    state = lab_up(2, root=ssh_lab_root, first=225)
+def test_down_stops_exactly_the_lab_processes(ssh_lab_root: Path, lease_addresses: Lease) -> None:
+    state = lab_up(2, root=ssh_lab_root, first=lease_addresses(2).first)
     sshd_pids = [h.pid for h in state.hosts]
     # Given an app started on a lab host over ssh
     out = ssh(state, state.hosts[0], "nohup sleep 300 >/dev/null 2>&1 & echo $!")
@@ -252,33 +268,33 @@ def test_down_stops_exactly_the_lab_processes(ssh_lab_root: Path) -> None:
         decoy.wait()
 
 
-def test_status_shows_a_host_that_died(ssh_lab_root: Path) -> None:
-    state = lab_up(2, root=ssh_lab_root, first=230)
+def test_status_shows_a_host_that_died(ssh_lab_root: Path, lease_addresses: Lease) -> None:
+    first = lease_addresses(2).first
+    state = lab_up(2, root=ssh_lab_root, first=first)
     dead = state.hosts[1]
     assert dead.pid is not None
     os.kill(dead.pid, signal.SIGKILL)
     # The signal is delivered asynchronously: wait until the process is really gone.
-    deadline = time.monotonic() + 10
-    while running(dead.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: process_gone(dead.pid), 10, f"sshd {dead.pid} to die", interval=0.01)
 
     status = lab_status(root=ssh_lab_root)
 
     assert [h.alive for h in status.hosts] == [True, False]
     assert not status.running
     # `up` again notices and brings the whole lab back
-    assert lab_up(2, root=ssh_lab_root, first=230).running
+    assert lab_up(2, root=ssh_lab_root, first=first).running
 
 
-def test_up_refuses_an_address_already_in_use(ssh_lab_root: Path) -> None:
-    # Given something else listening on 127.0.1.235:22
+def test_up_refuses_an_address_already_in_use(ssh_lab_root: Path, lease_addresses: Lease) -> None:
+    # Given something else listening on port 22 of the (leased) address
+    block = lease_addresses(1)
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.1.235", 22))
+        squatter.bind((block.addresses[0], 22))
         squatter.listen()
 
-        with pytest.raises(LabError, match=r"127\.0\.1\.235"):
-            lab_up(1, root=ssh_lab_root, first=235)
+        with pytest.raises(LabError, match=re.escape(block.addresses[0])):
+            lab_up(1, root=ssh_lab_root, first=block.first)
 
     assert lab_status(root=ssh_lab_root).mode == "none"
 
@@ -288,14 +304,15 @@ def test_up_rejects_hosts_beyond_the_subnet(lab_root: Path) -> None:
         lab_up(10, root=lab_root, first=250, sandbox=True)
 
 
-def test_sandbox_mode_needs_no_sshd(lab_root: Path) -> None:
+def test_sandbox_mode_needs_no_sshd(lab_root: Path, lease_addresses: Lease) -> None:
     if not private_namespace_supported():
         message = "sandbox hosts need a private mount namespace (root, or user namespaces)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     # Given a sandbox lab (what a machine without root or sshd gets)
-    state = lab_up(2, root=lab_root, sandbox=True, regions=["r1", "r2"], first=240)
+    state = lab_up(2, root=lab_root, sandbox=True, regions=["r1", "r2"],
+                   first=lease_addresses(2).first)
 
     assert state.mode == "sandbox" and "requested" in state.reason
     assert all(h.pid is None and h.alive for h in state.hosts)
@@ -345,7 +362,7 @@ def _skip_or_fail(message: str) -> None:
     pytest.skip(message)
 
 
-def test_without_root_the_lab_falls_back_to_sandbox_hosts() -> None:
+def test_without_root_the_lab_falls_back_to_sandbox_hosts(lease_addresses: Lease) -> None:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         _skip_or_fail("needs root (to become another user) and setpriv")
     nobody = 65534
@@ -364,7 +381,7 @@ try:
     refused = ""
 except LabError as e:
     refused = str(e)
-state = lab_up(1, root=root, first=245)
+state = lab_up(1, root=root, first=int(sys.argv[2]))
 lab_down(root=root)
 print(json.dumps({"refused": refused, "mode": state.mode, "reason": state.reason}))
 """
@@ -382,6 +399,7 @@ print(json.dumps({"refused": refused, "mode": state.mode, "reason": state.reason
                 "-c",
                 code,
                 f"{tmp}/lab",
+                str(lease_addresses(1).first),
             ],
             capture_output=True,
             text=True,

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DATA, REPO, Cluster, _wait_for_workers, run_vmfarm
+from tests.waiting import wait_for
 
 PIPELINE = str(DATA / "liveness" / "pipeline.yaml")
 FAST = {"VMFARM_HEARTBEAT_INTERVAL": "0.5", "VMFARM_HEARTBEAT_TIMEOUT": "4"}
@@ -41,13 +41,21 @@ def _units(lab: Any, address: str, ex_id: str) -> list[str]:
 
 
 def _wait(check: Callable[[], Any], seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(check, seconds, what, interval=0.3)
+
+
+def _reconcile_until(env: dict[str, str], action: str, seconds: float = 60) -> list[str]:
+    """Run `vmfarm reconcile` until one of its actions contains ``action`` (it does nothing
+    until the heartbeat or the dispatch is stale: FAST makes that a few seconds); its actions."""
+    def reconciled() -> list[str] | None:
+        rec = run_vmfarm("reconcile", "-o", "json", env=env)
+        assert rec.returncode == 0, rec.stderr
+        actions: list[str] = json.loads(rec.stdout)["actions"]
+        return actions if any(action in a for a in actions) else None
+
+    found: list[str] = wait_for(reconciled, seconds, f"reconcile to report {action!r}",
+                                interval=0.5)
+    return found
 
 
 def _report(env: dict[str, str], ex_id: str) -> dict[str, Any]:
@@ -85,10 +93,7 @@ def test_a_worker_killed_mid_step_fails_its_host_instead_of_hanging(
     worker_r5.wait()
     # Then, once its heartbeat is stale, the reconciler fails that host as DelegateRestart
     # and the execution ends instead of staying RUNNING
-    time.sleep(5)
-    rec = run_vmfarm("reconcile", "-o", "json", env=env)
-    assert rec.returncode == 0, rec.stderr
-    assert any("worker lost" in a for a in json.loads(rec.stdout)["actions"])
+    _reconcile_until(env, "worker lost")
     report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("FAILED",) and r, 60,
                    "the execution to end")
     hosts = {h["host"]: h for h in report["stages"][0]["hosts"]}
@@ -114,10 +119,8 @@ def test_work_for_a_region_without_any_worker_fails_instead_of_waiting(
     _wait(lambda: sum(h["status"] == "SUCCEEDED"
                       for h in _report(env, ex_id)["stages"][0]["hosts"]) == 5, 60,
           "the other hosts")
-    time.sleep(5.5)  # past dispatch expiry + heartbeat timeout
-    rec = run_vmfarm("reconcile", "-o", "json", env=env)
-    assert any(f"{orphan}: no worker took its steps" in a
-               for a in json.loads(rec.stdout)["actions"])
+    # Once past dispatch expiry + heartbeat timeout, the reconciler fails that host
+    _reconcile_until(env, f"{orphan}: no worker took its steps")
     report = _wait(lambda: (r := _report(env, ex_id))["status"] == "FAILED" and r, 30,
                    "the execution to end")
     lost = next(h for h in report["stages"][0]["hosts"] if h["host"] == orphan)
@@ -229,10 +232,8 @@ def test_a_lost_worker_s_step_is_retried_on_another_worker_of_its_region(
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     killed = _kill_the_worker_running(env, ex_id, victim, workers)
-    time.sleep(5)  # past the heartbeat timeout
-    rec = run_vmfarm("reconcile", "-o", "json", env=env)
-    assert any("retrying as attempt 2 on queue vmfarm.r7" in a
-               for a in json.loads(rec.stdout)["actions"]), rec.stdout
+    # Once past the heartbeat timeout, the reconciler retries the step on the other worker
+    _reconcile_until(env, "retrying as attempt 2 on queue vmfarm.r7")
     report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
                                                                     "ABORTED") and r,
                    90, "the execution to end")
@@ -256,9 +257,7 @@ def test_a_lost_worker_with_no_other_worker_ends_as_the_strategy_says(
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     _kill_the_worker_running(env, ex_id, victim, workers)
-    time.sleep(5)
-    rec = run_vmfarm("reconcile", "-o", "json", env=env)
-    assert rec.returncode == 0, rec.stderr
+    _reconcile_until(env, "worker lost")
     # Retry needs a live worker on vmfarm.r7: none, so onRetryFailure (Abort) applies.
     report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
                                                                     "ABORTED") and r,

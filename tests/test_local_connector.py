@@ -12,6 +12,7 @@ import pytest
 from app.connectors.base import HostTarget
 from app.connectors.local import LocalConnector, private_namespace_supported
 from app.errors import CommandTimeoutError, TransferError
+from tests.waiting import process_gone, wait_for
 
 
 @pytest.fixture
@@ -32,14 +33,6 @@ def sandboxes(tmp_path: Path) -> tuple[LocalConnector, LocalConnector]:
         LocalConnector(HostTarget(hostname="127.0.1.1", sandbox_root=str(tmp_path / "h1"))),
         LocalConnector(HostTarget(hostname="127.0.1.2", sandbox_root=str(tmp_path / "h2"))),
     )
-
-
-def running(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2] not in "ZX"
 
 
 def test_output_streams_while_the_command_runs(local: LocalConnector, tmp_path: Path) -> None:
@@ -86,7 +79,9 @@ def test_timeout_kills_the_whole_process_group(local: LocalConnector, tmp_path: 
     assert info.value.host == "delegate"
     assert "0.5 s" in str(info.value) and "host delegate" in str(info.value)
     assert info.value.error_class == "Timeout"
-    assert not running(int(pidfile.read_text()))
+    # SIGKILL is delivered, and the orphan reaped, asynchronously: poll until it is gone.
+    child = int(pidfile.read_text())
+    wait_for(lambda: process_gone(child), 10, f"the background child {child} to die")
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
-from tests.conftest import DATA, REPO, Cluster, free_port
+from tests.conftest import DATA, REPO, Cluster
+from tests.waiting import wait_for
 
 PIPELINE = str(DATA / "liveness" / "pipeline.yaml")
 
@@ -32,46 +33,41 @@ def _value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_metrics_during_a_run(cluster: Cluster, lab: Any) -> None:
+def test_metrics_during_a_run(cluster: Cluster, lab: Any, free_port: Callable[[], int]) -> None:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli.main", "metrics", "serve",
                                "--port", str(port)], env=cluster.env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     url = f"http://127.0.0.1:{port}/metrics"
+    def up() -> bool:
+        try:
+            _scrape(url)
+        except OSError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _scrape(url)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the metrics endpoint never came up"
-                time.sleep(0.2)
+        wait_for(up, 30, "the metrics endpoint to come up", interval=0.2)
         sub = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set",
                              "slow_host=all", "--set", "slow_seconds=3", "--detach")
         assert sub.returncode == 0, sub.stderr
         ex_id = sub.stdout.strip().splitlines()[-1]
-        during = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            during = _scrape(url)
-            if (_value(during, "vmfarm_executions_active", status="RUNNING") or 0) >= 1:
-                break
-            time.sleep(0.3)
+        def running() -> str | None:
+            text = _scrape(url)
+            active = _value(text, "vmfarm_executions_active", status="RUNNING") or 0
+            return text if active >= 1 else None
+
+        during: str = wait_for(running, 60, "a RUNNING execution in the metrics", interval=0.3)
         # while it runs: the execution, the region queues and their live workers
         assert (_value(during, "vmfarm_executions_active", status="RUNNING") or 0) >= 1
         assert _value(during, "vmfarm_queue_depth", queue="vmfarm.r1") is not None, during
         assert (_value(during, "vmfarm_workers_live", region="r1") or 0) >= 1
         # once it is done: its host-step durations (6 hosts x 2 steps, each >= 3 s for the
         # first step)
-        deadline = time.monotonic() + 90
-        after = ""
-        while time.monotonic() < deadline:
-            status = cluster.vmfarm("status", ex_id, "-o", "json").stdout
-            if re.search(r'"status": "(SUCCEEDED|FAILED)"', status[:400]):
-                break
-            time.sleep(0.5)
+        wait_for(lambda: re.search(r'"status": "(SUCCEEDED|FAILED)"',
+                                   cluster.vmfarm("status", ex_id, "-o", "json").stdout[:400]),
+                 90, "the execution to end", interval=0.5)
         after = _scrape(url)
         count = _value(after, "vmfarm_host_step_duration_seconds_gcount", kind="deploy",
                        status="SUCCEEDED")

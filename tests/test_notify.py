@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message as EmailMessage
@@ -40,7 +40,6 @@ from app.notify import (
     redact_url,
     snapshot,
 )
-from tests.conftest import free_port
 
 EX = "a1b2c3d4e5f6"
 SECRET = "hunter2-s3cr3t"
@@ -110,7 +109,7 @@ class Mailbox:
 
 
 @pytest.fixture
-def mailbox() -> Iterator[Mailbox]:
+def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
     box = Mailbox(port=free_port())
     controller = Controller(box, hostname="127.0.0.1", port=box.port)
     controller.start()
@@ -282,7 +281,8 @@ def test_a_client_error_is_not_retried(receiver: Receiver, settings: NotifySetti
     assert [(d.ok, d.attempts, d.status) for d in out] == [(False, 1, 404)]
 
 
-def test_unreachable_receivers_are_reported_not_raised(settings: NotifySettings) -> None:
+def test_unreachable_receivers_are_reported_not_raised(
+        settings: NotifySettings, free_port: Callable[[], int]) -> None:
     closed = free_port()  # nothing listens there
     cfg = settings.model_copy(update={"smtp_port": closed})
     sleeps = Sleeps()
@@ -611,7 +611,8 @@ def _cli() -> click.Group:
 
 
 def test_notify_test_shows_and_sends(ledger: None, receiver: Receiver, mailbox: Mailbox,
-                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     free_port: Callable[[], int]) -> None:
     _record_failed_run("clirun000001", rules(receiver)[:1])
     runner = CliRunner()
     res = runner.invoke(_cli(), ["notify", "test", "clirun000001"])

@@ -29,7 +29,7 @@ from app.definitions.loader import choose_pipeline, load, resolve
 from app.errors import ConfigError, DiscoveryError
 from app.providers import aws
 from app.providers import base as providers
-from tests.conftest import free_port, moto_server
+from tests.conftest import moto_server
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -403,7 +403,7 @@ def test_no_credentials_at_all_is_an_authentication_error(
 
 
 def test_an_unreachable_endpoint_is_a_connectivity_error_naming_region_and_endpoint(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", closed)
     monkeypatch.setattr(aws, "MAX_ATTEMPTS", 1)
@@ -416,7 +416,7 @@ def test_an_unreachable_endpoint_is_a_connectivity_error_naming_region_and_endpo
 
 
 def test_an_unknown_region_that_cannot_be_reached_is_called_misspelled(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
     # (Real AWS has no endpoint for it: the DNS lookup fails. Here a closed local port stands in.)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(aws, "MAX_ATTEMPTS", 1)

@@ -10,13 +10,13 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import DATA, REPO, base_env, run_vmfarm
+from tests.waiting import wait_for
 
 RB = [str(DATA / "rollback" / "service.yaml"), str(DATA / "rollback" / "pipeline.yaml")]
 RB_MI = [str(DATA / "rollback" / "service.yaml"), str(DATA / "rollback_mi" / "pipeline.yaml")]
@@ -136,18 +136,15 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        ex_id = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def waiting() -> str | None:
             rows: list[tuple[Any, ...]] = []
             # The CLI creates the ledger's file, then its tables.
             with contextlib.suppress(sqlite3.OperationalError):
                 rows = _ledger(env, "select id, status from execution")
-            if rows and rows[0][1] == "WAITING":
-                ex_id = rows[0][0]
-                break
-            time.sleep(0.5)
-        assert ex_id, "the execution never waited for an intervention"
+            return str(rows[0][0]) if rows and rows[0][1] == "WAITING" else None
+
+        ex_id = wait_for(waiting, 120, "the execution to wait for an intervention",
+                         interval=0.5)
         shown = run_vmfarm("status", ex_id, env=env)
         assert "waiting for a manual intervention" in shown.stdout
         res = run_vmfarm("intervene", ex_id, "Ignore", "-m", "known flaky check",
@@ -208,10 +205,8 @@ def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _on_host(lab, 0, "version") != ["2.0"]:
-            time.sleep(0.2)
-        assert _on_host(lab, 0, "version") == ["2.0"], "2.0 never started"
+        wait_for(lambda: _on_host(lab, 0, "version") == ["2.0"], 60, "2.0 to start",
+                 interval=0.2)
         ex_id = _ledger(env, "select id from execution order by created_at desc")[0][0]
         res = run_vmfarm("abort", ex_id, "--rollback", env=env)
         assert res.returncode == 0 and "roll back" in res.stdout, res.stdout + res.stderr

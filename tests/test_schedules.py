@@ -11,8 +11,7 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ from app.schedules import (
     schedules_file,
     tick,
 )
-from tests.conftest import REDIS_BASE, REPO, _stop, base_env
+from tests.conftest import REPO, _stop, base_env
+from tests.waiting import wait_for
 
-BROKER_DB, RESULT_DB = 14, 15
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
           "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
           "main()"]
@@ -233,9 +232,14 @@ def sched(name: str = "nightly", cron: str = "0 2 * * *", **kw: Any) -> Schedule
 
 
 @pytest.fixture
-def redis_claims() -> Iterator[RedisClaims]:
-    store = RedisClaims(f"{REDIS_BASE}/{BROKER_DB}")
-    store.client.flushdb()
+def claims_url(redis_db: Callable[[], str]) -> str:
+    """A Redis database leased for the test (emptied when leased), for the claims."""
+    return redis_db()
+
+
+@pytest.fixture
+def redis_claims(claims_url: str) -> Iterator[RedisClaims]:
+    store = RedisClaims(claims_url)
     yield store
     store.client.flushdb()
 
@@ -266,15 +270,13 @@ def test_a_due_schedule_is_submitted_once_however_often_the_tick_runs(
 
 
 @pytest.mark.parametrize("kind", ["file", "redis"])
-def test_concurrent_ticks_claim_a_slot_once(kind: str, tmp_path: Path,
-                                            redis_claims: RedisClaims) -> None:
+def test_concurrent_ticks_claim_a_slot_once(kind: str, tmp_path: Path, claims_url: str) -> None:
     submit = FakeSubmit()
     plan = [sched(f"s{i}", "*/5 * * * *") for i in range(5)]
     barrier = threading.Barrier(8)
 
     def one() -> None:
-        store = FileClaims(tmp_path) if kind == "file" else RedisClaims(
-            f"{REDIS_BASE}/{BROKER_DB}")
+        store = FileClaims(tmp_path) if kind == "file" else RedisClaims(claims_url)
         barrier.wait()
         tick(at(2025, 5, 1, 2, 5, 9), schedules=plan, submit=submit, store=store)
 
@@ -437,14 +439,15 @@ spec:
 
 
 def test_the_tick_task_on_a_control_worker_submits_a_real_execution(
-        pg_url: str, tmp_path: Path, redis_claims: RedisClaims) -> None:
+        pg_url: str, tmp_path: Path, claims_url: str, redis_claims: RedisClaims,
+        redis_db: Callable[[], str]) -> None:
     write(tmp_path / "pipe" / "all.yaml", PIPELINE)
     users = write(tmp_path / "users.yaml", "groups:\n  ops: [alice]\n")
     f = write(tmp_path / "schedules.yaml",
               "schedules:\n  - {name: every-minute, cron: '* * * * *', files: [pipe],\n"
               "     pipeline: scheduled, startingDeadline: 1h}\n")
-    env = base_env(VMFARM_BROKER_URL=f"{REDIS_BASE}/{BROKER_DB}",
-                   VMFARM_RESULT_BACKEND=f"{REDIS_BASE}/{RESULT_DB}",
+    # The broker's database is where the tick keeps its claims.
+    env = base_env(VMFARM_BROKER_URL=claims_url, VMFARM_RESULT_BACKEND=redis_db(),
                    VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(tmp_path / "home"),
                    VMFARM_SCHEDULES_FILE=str(f), VMFARM_USERS_FILE=str(users),
                    VMFARM_HEARTBEAT_INTERVAL="0.5")
@@ -457,21 +460,21 @@ def test_the_tick_task_on_a_control_worker_submits_a_real_execution(
             stderr=subprocess.STDOUT, start_new_session=True)
     # Two ticks in a row, as two beats would send them.
     send = "from app.celery import app\nfor _ in range(2): app.send_task('vmfarm.schedules_tick')\n"
+    def worker_log() -> str:
+        return log.read_text(errors="replace")[-4000:]
+
+    def logged(pattern: str, times: int = 1) -> bool:
+        assert worker.poll() is None, f"the worker exited:\n{worker_log()}"
+        return len(re.findall(pattern, log.read_text(errors="replace"))) >= times
+
     try:
-        deadline = time.monotonic() + 120
-        sent = False
-        last: dict[str, Any] | None = None
-        while time.monotonic() < deadline and worker.poll() is None:
-            if not sent and b"ready." in log.read_bytes():
-                subprocess.run([sys.executable, "-c", send], env=env, cwd=REPO, check=True,
-                               timeout=60)
-                sent = True
-            last = redis_claims.last("every-minute")
-            if last and ("execution" in last or "error" in last):
-                break
-            time.sleep(0.3)
-        assert last and "execution" in last, (last, log.read_text()[-4000:])
-        time.sleep(2)  # let the second tick finish
+        wait_for(lambda: logged(r" ready\."), 120, "the worker to start", explain=worker_log)
+        subprocess.run([sys.executable, "-c", send], env=env, cwd=REPO, check=True, timeout=60)
+        # Both ticks done (the worker logs each task it finished; ticks keep no result).
+        wait_for(lambda: logged(r"Task vmfarm\.schedules_tick\[[^\]]+\] succeeded", 2), 120,
+                 "both ticks to finish", explain=worker_log)
+        last = redis_claims.last("every-minute")
+        assert last and "execution" in last, (last, worker_log())
         res = subprocess.run([sys.executable, "-m", "cli.main", "executions", "-o", "json"],
                              env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr

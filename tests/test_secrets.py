@@ -15,7 +15,7 @@ import pickle
 import stat
 import threading
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -46,7 +46,7 @@ from app.secrets import (
 from app.secrets.backends import EnvBackend, FileBackend, SecretRef, VaultBackend, env_var_name
 from app.secrets.store import SecretsSettings
 from cli import secrets_cmd
-from tests.conftest import free_port, moto_server
+from tests.conftest import moto_server
 from tests.fakes.vault import FakeVault
 
 EAST = "us-east-1"
@@ -466,7 +466,8 @@ def test_aws_missing_secret_and_missing_field(sm_secrets: dict[str, str]) -> Non
 
 
 def test_aws_honours_aws_endpoint_url(sm_secrets: dict[str, str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      free_port: Callable[[], int]) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SecretError) as exc:
         store(secrets="aws").get("aws:vmfarm/api")
@@ -572,7 +573,8 @@ def test_vault_mount_namespace_and_failures(vault: FakeVault,
     assert exc.value.error_class == "Connectivity"
 
 
-def test_vault_settings_missing_or_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vault_settings_missing_or_unreachable(
+        monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
     monkeypatch.setenv("VMFARM_SECRETS", "vault")
     with pytest.raises(SecretConfigError, match="VAULT_ADDR is not set"):
         store().get("vault:a#b")

@@ -1,6 +1,8 @@
 """SSHConnector and the connection pool against a real OpenSSH server started by this module.
 
-The sshd listens on 127.0.1.250:22, 127.0.1.251:22 and 127.0.1.250:2222 (loopback only), with
+The sshd listens on HOST:22, HOST2:22 and HOST:ALT_PORT, three addresses and a port leased from
+the allocator (tests/alloc.py) for the module (a third address, SILENT_HOST, is for a listener
+that never speaks SSH), with
 its own host key, root login by key only and a clean HOME. Everything the tests check is what a
 user of the connector sees: results, streamed output, errors and files on the "host" (which is
 this machine, so the tests can look at remote files and processes directly).
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from app.connectors import pool as pool_module
 from app.connectors.base import CommandResult, Connector, HostTarget
 from app.connectors.pool import ConnectorPool, default_connector, get_pool
 from app.connectors.ssh import SSHConnector
@@ -38,13 +41,14 @@ from app.errors import (
     TransferError,
     UnreachableError,
 )
+from tests.alloc import Allocator
+from tests.waiting import wait_for
 
 SSHD = "/usr/sbin/sshd"
-HOST = "127.0.1.250"
-HOST2 = "127.0.1.251"
-ALT_PORT = 2222
-SILENT_HOST = "127.0.1.252"  # a TCP listener that never speaks SSH
-CLOSED_PORT = 2  # nothing listens there
+# Set by the module's `lab` fixture from its leases (every test here uses `lab`).
+HOST = HOST2 = SILENT_HOST = ""  # SILENT_HOST: for a TCP listener that never speaks SSH
+ALT_PORT = 0
+CLOSED_PORT = 2  # on the leased HOST, where only the lab's sshd listens (on 22 and ALT_PORT)
 
 # Skipped only on a developer's machine without sshd; in CI (CI=true) a missing sshd fails.
 pytestmark = pytest.mark.skipif(
@@ -64,7 +68,7 @@ class Lab:
     known_hosts: Path
     sshd: subprocess.Popen[bytes]
 
-    def target(self, host: str = HOST, port: int = 22, **kw: Any) -> HostTarget:
+    def target(self, host: str | None = None, port: int = 22, **kw: Any) -> HostTarget:
         """A target for the lab sshd; keyword arguments override fields."""
         fields: dict[str, Any] = {
             "private_key_file": str(self.keys["ed25519"]),
@@ -72,7 +76,7 @@ class Lab:
             "connect_timeout": 5.0,
         }
         fields.update(kw)
-        return HostTarget(host, port=port, **fields)
+        return HostTarget(host or HOST, port=port, **fields)
 
 
 def _keygen(path: Path, kind: str, *extra: str) -> Path:
@@ -96,14 +100,14 @@ def _keygen(path: Path, kind: str, *extra: str) -> Path:
 
 
 def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"sshd exited with {proc.returncode}: {log.read_text(errors='replace')}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"sshd did not listen on {host}:{port} within 10 s")
+            return True
+        return False
+
+    wait_for(listening, 10, f"sshd to listen on {host}:{port}")
 
 
 def _children(pid: int) -> list[int]:
@@ -125,18 +129,17 @@ def _pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_until(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Lab]:
     """Start one sshd for the module, stop it (and every session it left) at the end."""
+    global HOST, HOST2, SILENT_HOST, ALT_PORT
+    with alloc.addresses(3) as block, alloc.port() as alt:
+        HOST, HOST2, SILENT_HOST = block.addresses
+        ALT_PORT = alt.port
+        yield from _sshd(tmp_path_factory)
+
+
+def _sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     d = tmp_path_factory.mktemp("sshd")
     (d / "home").mkdir()
     host_key = _keygen(d / "ssh_host_ed25519_key", "ed25519")
@@ -303,27 +306,27 @@ def test_timeout_raises_stops_the_command_and_keeps_the_connection(
 ) -> None:
     before = _peer(conn)
     pids = tmp_path / "pids"
-    started = time.monotonic()
     with pytest.raises(CommandTimeoutError) as info:
         conn.run(f"sleep 60 & echo $$ $! > {pids}; wait", timeout=1.0)
-    assert time.monotonic() - started < 5
     assert f"{HOST}:22" in str(info.value) and "1s" in str(info.value)
     assert info.value.host == HOST
     # The script and its child were stopped on the host, not left running.
     shell, child = (int(p) for p in pids.read_text().split())
-    assert _wait_until(lambda: not _pid_alive(shell) and not _pid_alive(child), 5)
+    wait_for(lambda: not _pid_alive(shell) and not _pid_alive(child), 5,
+             "the timed-out script and its child to stop")
     # And the same connection takes the next command.
     assert _peer(conn) == before
 
 
 def test_detached_processes_survive_a_normal_exit(conn: SSHConnector, tmp_path: Path) -> None:
     pidfile = tmp_path / "daemon.pid"
-    result = conn.run(f"nohup sleep 30 >/dev/null 2>&1 & echo $! > {pidfile}")
+    # $PPID is this session's sshd process: once it has exited, the session is torn down.
+    result = conn.run(f"nohup sleep 30 >/dev/null 2>&1 & echo $! > {pidfile}; echo $PPID")
     assert result.exit_code == 0
-    pid = int(pidfile.read_text())
+    pid, session = int(pidfile.read_text()), int(result.stdout)
     try:
         conn.close()
-        time.sleep(0.5)
+        wait_for(lambda: not _pid_alive(session), 10, "the ssh session to end")
         assert _pid_alive(pid), "a service started by a deploy script must keep running"
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -427,7 +430,7 @@ def test_unknown_host_key_is_refused_and_nothing_runs(lab: Lab, tmp_path: Path) 
     with pytest.raises(HostKeyError) as info:
         c.run(f"touch {marker}")
     message = str(info.value)
-    assert f"{HOST}:22" in message and "ssh-keyscan -H 127.0.1.250" in message
+    assert f"{HOST}:22" in message and f"ssh-keyscan -H {HOST}" in message
     assert not marker.exists()
     assert empty.read_text() == ""  # strict never writes
 
@@ -687,12 +690,15 @@ def test_pool_drops_dead_connections_and_reconnects(lab: Lab, pool: ConnectorPoo
         assert _peer(c) not in (first, second)
 
 
-def test_pool_closes_connections_idle_too_long(lab: Lab) -> None:
+def test_pool_closes_connections_idle_too_long(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pool's clock is injected: the connection has been idle 0.4 s when it is leased again.
+    later = types.SimpleNamespace(monotonic=time.monotonic)
+    monkeypatch.setattr(pool_module, "time", later)
     pool = ConnectorPool(max_idle=0.2)
     try:
         with pool.lease(lab.target()) as c:
             old, first = c, _peer(c)
-        time.sleep(0.4)
+        later.monotonic = lambda: time.monotonic() + 0.4
         with pool.lease(lab.target()) as c:
             assert _peer(c) != first
         assert not old.is_alive()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DATA, base_env, run_vmfarm
+from tests.waiting import wait_for
 
 STRAT = DATA / "strategies"
 
@@ -108,13 +110,19 @@ def test_canary_that_passes_its_gate_goes_on_to_every_host(lab8: Any,
         assert numbers["results"]["health"]["status_code"] == 200
 
 
+def answered(seen: list[str], count: int = 20) -> None:
+    """Wait until the client thread has had ``count`` more answers than it has now."""
+    mark = len(seen)
+    wait_for(lambda: len(seen) >= mark + count, 30, f"{count} more answers through the LB")
+
+
 def _exec_id(stderr: str) -> str:
     return next(line.split()[1] for line in stderr.splitlines() if line.startswith("execution "))
 
 
-def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
+def test_blue_green_moves_traffic_with_no_failed_request(
+        lab8: Any, free_port: Callable[[], int]) -> None:
     import shutil
-    import socket
     import tempfile
     import threading
     import time
@@ -126,9 +134,7 @@ def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
     home = tempfile.mkdtemp(prefix="vf-bg-", dir="/tmp")
     env = base_env(VMFARM_HOME=home)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        lb = f"127.0.0.1:{s.getsockname()[1]}"
+    lb = f"127.0.0.1:{free_port()}"
     files = [str(STRAT / "service.yaml"), str(STRAT / "bluegreen.yaml"),
              str(lab8.infrastructure_file)]
     blue = [h.address for h in lab8.hosts[:4]]
@@ -154,14 +160,14 @@ def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
                         seen.append(json.loads(resp.read())["version"])
                 except Exception as exc:  # every failure counts
                     seen.append(f"error: {exc!r}")
-                time.sleep(0.01)
+                stop.wait(0.01)  # the client's pace: about a hundred calls a second
 
         loop = threading.Thread(target=client)
         loop.start()
         try:
             second = run_vmfarm("run", *files, "--set", "tag=2.0.0", "--set", f"lb={lb}",
                                 "-o", "json", env=env, timeout=300)
-            time.sleep(0.5)
+            answered(seen)  # and a few more calls after the run
         finally:
             stop.set()
             loop.join()
@@ -192,7 +198,7 @@ def test_blue_green_moves_traffic_with_no_failed_request(lab8: Any) -> None:
         loop.start()
         try:
             undo = run_vmfarm("rollback", v2, "-o", "json", env=env, timeout=300)
-            time.sleep(0.5)
+            answered(seen)
         finally:
             stop.set()
             loop.join()

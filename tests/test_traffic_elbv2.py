@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -19,7 +19,7 @@ import pytest
 from app.errors import SpecError, TrafficError
 from app.traffic import traffic_switch_from_spec
 from app.traffic.elbv2 import ElbV2Switch
-from tests.conftest import free_port, moto_server
+from tests.conftest import moto_server
 
 REGION = "us-east-1"
 
@@ -194,7 +194,7 @@ def test_backends_must_match_the_target_type(moto_url: str) -> None:
     assert registered(moto_url, arn) == []
 
 
-def test_unreachable_endpoint_is_a_clear_error(moto_url: str) -> None:
+def test_unreachable_endpoint_is_a_clear_error(moto_url: str, free_port: Callable[[], int]) -> None:
     # moto_url only for its credentials; nothing listens on this port
     endpoint = f"http://127.0.0.1:{free_port()}"
     arn = f"arn:aws:elasticloadbalancing:{REGION}:123456789012:targetgroup/web/0123456789abcdef"

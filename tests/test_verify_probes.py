@@ -1,7 +1,12 @@
 """Verification checks against real HTTP servers started here, and a real Prometheus.
 
-Every server is a ``ThreadingHTTPServer`` in a thread, bound to a 127.0.1.x address on a port
-the kernel picks, speaking HTTP/1.1 keep-alive as real application servers do. Prometheus is the
+Every server is a ``ThreadingHTTPServer`` in a thread, bound to a leased 127.0.1.x address (the
+allocator's, tests/alloc.py) on a port the kernel picks, speaking HTTP/1.1 keep-alive as real
+application servers do. Time is injected, never measured: the checks run on a :class:`Clock`
+that stands in for the ``time`` module inside ``app.verify.probes``, so the waits between
+attempts, a probe's deadline and the latencies it reports are exact numbers a test can assert
+(a server "takes 50 ms" by moving that clock), and no assertion depends on how fast this machine
+is. Prometheus is the
 Debian ``prometheus`` binary scraping a tiny exporter served here; only when that binary is not
 installed (``apt-get install prometheus``) do the same tests run against a stub that answers the
 documented ``/api/v1/query`` JSON shapes (copied from Prometheus 2.42's real answers). The test
@@ -28,6 +33,53 @@ import pytest
 
 from app.errors import ConfigError, HostError, VerificationError
 from app.verify import evaluate, http_check, probe, prometheus_query, tcp_check
+from app.verify import probes as probes_module
+from tests.alloc import AddressLease, Allocator
+from tests.waiting import wait_for
+
+# --------------------------------------------------------------------------------------------
+# The injected clock
+
+
+class Clock:
+    """The ``time`` module as app.verify.probes sees it: time moves only when the code under
+    test sleeps or a test server takes time (:meth:`advance`); ``real_sleep`` also waits for
+    real, for the one test whose server must see a real idle gap."""
+
+    def __init__(self, *, real_sleep: bool = False) -> None:
+        self.now = 1024.0  # binary fractions below (0.125 s) add up exactly
+        self.sleeps: list[float] = []
+        self.real_sleep = real_sleep
+        self.lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        with self.lock:
+            return self.now
+
+    perf_counter = monotonic
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+        if self.real_sleep:
+            time.sleep(seconds)  # the behaviour under test: a real idle gap (see its test)
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A :class:`Clock` installed as app.verify.probes' ``time`` for one test."""
+    fake = Clock()
+    monkeypatch.setattr(probes_module, "time", fake)
+    return fake
+
 
 # --------------------------------------------------------------------------------------------
 # Local servers
@@ -37,7 +89,8 @@ from app.verify import evaluate, http_check, probe, prometheus_query, tcp_check
 class Reply:
     status: int = 200
     body: str = "ok"
-    delay: float = 0.0
+    takes: float = 0.0  # seconds the answer takes on the injected clock
+    hang: bool = False  # answer only when the server closes (or after 30 s): a dead app
     content_type: str = "text/plain"
 
 
@@ -47,11 +100,13 @@ Respond = Callable[[int, str], Reply]  # (1-based request number, path) -> reply
 class LocalServer:
     """An HTTP/1.1 server in a thread that counts requests and client connections."""
 
-    def __init__(self, respond: Respond, host: str, *, idle_timeout: float | None = None) -> None:
+    def __init__(self, respond: Respond, host: str, *, idle_timeout: float | None = None,
+                 clock: Clock | None = None) -> None:
         server = self
         self.hits = 0
         self.peers: set[tuple[str, int]] = set()
         self.lock = threading.Lock()
+        self.closing = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, like a real app server
@@ -63,8 +118,11 @@ class LocalServer:
                     number = server.hits
                     server.peers.add(self.client_address)
                 reply = respond(number, self.path)
-                if reply.delay:
-                    time.sleep(reply.delay)
+                if reply.hang:
+                    server.closing.wait(30)
+                if reply.takes:
+                    assert clock is not None, "Reply(takes=...) needs the server's clock"
+                    clock.advance(reply.takes)
                 body = reply.body.encode()
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.content_type)
@@ -85,18 +143,21 @@ class LocalServer:
         self.thread.start()
 
     def close(self) -> None:
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(5)
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., LocalServer]]:
-    """Start servers on 127.0.1.x for one test; all of them stop when it ends."""
+def serve(lease_addresses: Callable[[int], AddressLease]) -> Iterator[Callable[..., LocalServer]]:
+    """Start servers, each on a leased 127.0.1.x address, for one test; all stop when it ends."""
     started: list[LocalServer] = []
 
-    def start(respond: Respond, *, idle_timeout: float | None = None) -> LocalServer:
-        server = LocalServer(respond, f"127.0.1.{60 + len(started)}", idle_timeout=idle_timeout)
+    def start(respond: Respond, *, idle_timeout: float | None = None,
+              clock: Clock | None = None) -> LocalServer:
+        server = LocalServer(respond, lease_addresses(1).addresses[0], idle_timeout=idle_timeout,
+                             clock=clock)
         started.append(server)
         return server
 
@@ -106,11 +167,13 @@ def serve() -> Iterator[Callable[..., LocalServer]]:
 
 
 @pytest.fixture
-def closed_port() -> Iterator[tuple[str, int]]:
-    """A port bound but not listening: connecting to it is refused, and nobody else takes it."""
+def closed_port(lease_addresses: Callable[[int], AddressLease]) -> Iterator[tuple[str, int]]:
+    """A port bound but not listening, on a leased address: connecting to it is refused, and
+    nobody else takes it."""
+    host = lease_addresses(1).addresses[0]
     sock = socket.socket()
-    sock.bind(("127.0.1.59", 0))
-    yield "127.0.1.59", sock.getsockname()[1]
+    sock.bind((host, 0))
+    yield host, sock.getsockname()[1]
     sock.close()
 
 
@@ -122,7 +185,9 @@ def always(reply: Reply) -> Respond:
 # http_check
 
 
-def test_healthy_endpoint_passes_on_first_attempt(serve: Callable[..., LocalServer]) -> None:
+def test_healthy_endpoint_passes_on_first_attempt(
+    serve: Callable[..., LocalServer], clock: Clock
+) -> None:
     server = serve(always(Reply(body='{"status":"UP"}', content_type="application/json")))
 
     result = http_check(f"{server.url}/health", expect_body='"status":"UP"', interval=5)
@@ -130,26 +195,24 @@ def test_healthy_endpoint_passes_on_first_attempt(serve: Callable[..., LocalServ
     assert result.ok and result.error is None
     assert (result.attempts, result.status_code, server.hits) == (1, 200, 1)
     assert result.body_excerpt == '{"status":"UP"}'
-    assert result.elapsed_ms < 1000  # no wait after a success
+    assert clock.sleeps == [] and result.elapsed_ms == 0  # no wait after a success
     assert json.loads(json.dumps(result.to_dict()))["target"] == f"{server.url}/health"
 
 
 def test_wrong_status_fails_after_exactly_n_attempts_with_interval_between(
-    serve: Callable[..., LocalServer],
+    serve: Callable[..., LocalServer], clock: Clock
 ) -> None:
     server = serve(always(Reply(status=503, body="warming up")))
 
-    started = time.monotonic()
     result = http_check(f"{server.url}/health", retries=3, interval=0.3)
-    wall = time.monotonic() - started
 
     assert not result.ok
     assert result.attempts == 3 and server.hits == 3
     assert result.status_code == 503 and result.body_excerpt == "warming up"
     assert result.error == "HTTP 503, expected 200"
-    # Two waits between three attempts, none after the last one.
-    assert 0.6 <= wall < 0.6 + 0.5
-    assert result.elapsed_ms == pytest.approx(wall * 1000, abs=50)
+    # Two waits between three attempts, none after the last one; elapsed counts the waits.
+    assert clock.sleeps == [0.3, 0.3]
+    assert result.elapsed_ms == pytest.approx(600)
 
 
 @pytest.mark.parametrize(
@@ -195,48 +258,50 @@ def test_body_regex_and_expected_statuses(serve: Callable[..., LocalServer]) -> 
 
 
 def test_server_that_becomes_healthy_on_third_try_passes(
-    serve: Callable[..., LocalServer],
+    serve: Callable[..., LocalServer], clock: Clock
 ) -> None:
     server = serve(lambda n, _path: Reply(status=200 if n >= 3 else 503))
 
     result = http_check(server.url, retries=5, interval=0.1)
 
     assert result.ok and result.attempts == 3 and server.hits == 3
+    assert clock.sleeps == [0.1, 0.1]
 
 
 def test_unreachable_and_slow_endpoints_are_results_not_exceptions(
-    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int], clock: Clock
 ) -> None:
     host, port = closed_port
     refused = http_check(f"http://{host}:{port}/health", retries=2, interval=0.05)
     assert not refused.ok and refused.attempts == 2 and refused.status_code is None
     assert refused.error is not None and refused.error.startswith("connection refused")
 
-    slow = serve(always(Reply(delay=1.0)))
-    started = time.monotonic()
-    timed_out = http_check(slow.url, retries=1, timeout=0.2)
-    assert time.monotonic() - started < 0.8
+    # A server that never answers (until it closes): the attempt's own timeout ends the check,
+    # which would otherwise pass once the server answered at the end of the test.
+    hung = serve(always(Reply(hang=True)))
+    timed_out = http_check(hung.url, retries=1, timeout=0.2)
+    assert not timed_out.ok and timed_out.status_code is None
     assert timed_out.error == "timed out after 0.2 s"
 
     with pytest.raises(ConfigError, match="not an http"):
-        http_check("ftp://127.0.1.59/health")
+        http_check(f"ftp://{host}/health")
 
 
 def test_tcp_check_open_and_closed_ports(
-    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int], clock: Clock
 ) -> None:
     server = serve(always(Reply()))
 
     opened = tcp_check(server.host, server.port, retries=3, interval=0.5)
     assert opened.ok and opened.attempts == 1 and opened.kind == "tcp"
     assert opened.target == f"{server.host}:{server.port}"
+    assert clock.sleeps == []
 
     host, port = closed_port
-    started = time.monotonic()
     closed = tcp_check(host, port, retries=3, interval=0.1)
     assert not closed.ok and closed.attempts == 3
     assert closed.error is not None and "connection refused" in closed.error
-    assert time.monotonic() - started >= 0.2
+    assert clock.sleeps == [0.1, 0.1] and closed.elapsed_ms == pytest.approx(200)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,16 +309,17 @@ def test_tcp_check_open_and_closed_ports(
 
 
 def test_probe_measures_error_rate_over_kept_alive_connections(
-    serve: Callable[..., LocalServer],
+    serve: Callable[..., LocalServer], clock: Clock
 ) -> None:
     # Every 4th request fails: 25% errors whatever the interleaving of the two client threads.
+    # The clock stands still (no request takes time), so the cap of 40 requests ends the probe.
     server = serve(lambda n, _path: Reply(status=500 if n % 4 == 0 else 200))
 
-    stats = probe(server.url, duration=1.0, concurrency=2)
+    stats = probe(server.url, duration=1.0, concurrency=2, max_requests=40)
 
-    assert stats.requests == server.hits and stats.requests >= 40
-    assert stats.error_rate == pytest.approx(0.25, abs=0.02)
-    assert stats.error_kinds == {"http_500": stats.errors}
+    assert stats.requests == server.hits == 40 and stats.capped
+    assert stats.errors == 10 and stats.error_rate == 0.25
+    assert stats.error_kinds == {"http_500": 10}
     # One persistent connection per thread: the probe measures the app, not TCP handshakes.
     assert stats.connections == 2 and len(server.peers) == 2
 
@@ -262,61 +328,85 @@ def test_probe_measures_error_rate_over_kept_alive_connections(
 
 
 def test_probe_reports_latency_percentiles_of_a_slow_endpoint(
-    serve: Callable[..., LocalServer],
+    serve: Callable[..., LocalServer], clock: Clock
 ) -> None:
-    server = serve(always(Reply(delay=0.05)))
+    # Each answer takes 125 ms of the injected clock; with one client thread every request
+    # measures exactly that, and the 1 s deadline passes after exactly 8 of them.
+    server = serve(always(Reply(takes=0.125)), clock=clock)
 
-    stats = probe(server.url, duration=1.0, concurrency=4)
+    stats = probe(server.url, duration=1.0, concurrency=1)
 
     assert stats.errors == 0 and stats.error_rate == 0.0
-    assert stats.p50_ms is not None and stats.p50_ms >= 45
-    assert stats.p50_ms <= (stats.p95_ms or 0) <= (stats.p99_ms or 0) <= (stats.max_ms or 0)
-    assert stats.mean_ms is not None and stats.mean_ms >= 45
-    # Each thread waits ~50 ms per request: at most ~20 requests per thread in one second.
-    assert 20 <= stats.requests <= 4 * 21
+    assert stats.requests == server.hits == 8 and not stats.capped
+    for value in (stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.max_ms, stats.mean_ms):
+        assert value == 125
+    # A response-time threshold is judged on the latency the probe reports: 125 ms against it.
+    assert evaluate({"responseTimeBelow": 150}, stats.to_dict()) == (
+        True, ["p95 125 ms < 150 ms"])
+    assert evaluate({"responseTimeBelow": "100ms"}, stats.to_dict()) == (
+        False, ["p95 125 ms >= 100 ms"])
 
 
-def test_probe_respects_duration_and_request_cap(serve: Callable[..., LocalServer]) -> None:
+def test_probe_percentiles_rank_slow_and_fast_answers(
+    serve: Callable[..., LocalServer], clock: Clock
+) -> None:
+    # Every 10th answer takes 900 ms, the others 10 ms: p50 is fast, p95 and max are the slow.
+    server = serve(lambda n, _path: Reply(takes=0.9 if n % 10 == 0 else 0.01), clock=clock)
+
+    stats = probe(server.url, duration=60, concurrency=1, max_requests=20)
+
+    assert stats.requests == 20 and stats.capped
+    assert stats.p50_ms == pytest.approx(10) and stats.p95_ms == pytest.approx(900)
+    assert stats.max_ms == pytest.approx(900) and stats.mean_ms == pytest.approx(99)
+    assert evaluate({"responseTimeBelow": {"p50": 100}}, stats.to_dict())[0]
+    assert not evaluate({"responseTimeBelow": 500}, stats.to_dict())[0]
+
+
+def test_probe_respects_duration_and_request_cap(
+    serve: Callable[..., LocalServer], clock: Clock
+) -> None:
     server = serve(always(Reply()))
 
-    started = time.monotonic()
-    timed = probe(server.url, duration=2.0, concurrency=2, interval=0.01)
-    assert abs(time.monotonic() - started - 2.0) <= 1.0
-    assert timed.duration_s == pytest.approx(2.0, abs=1.0) and not timed.capped
+    # One request every 0.5 s for 2 s: requests at 0, 0.5, 1 and 1.5 s, none at the deadline.
+    timed = probe(server.url, duration=2.0, concurrency=1, interval=0.5)
+    assert timed.requests == 4 and timed.duration_s == 2.0 and not timed.capped
+    assert clock.sleeps == [0.5, 0.5, 0.5, 0.5]
 
-    started = time.monotonic()
+    # The cap ends a probe long before its duration (the clock never moves here).
     capped = probe(server.url, duration=30, concurrency=3, max_requests=50)
-    assert time.monotonic() - started < 5
-    assert capped.requests == 50 and capped.capped
+    assert capped.requests == 50 and capped.capped and capped.duration_s == 0
     assert server.hits == timed.requests + 50
 
 
 def test_probe_counts_connection_errors_and_timeouts_by_kind(
-    serve: Callable[..., LocalServer], closed_port: tuple[str, int]
+    serve: Callable[..., LocalServer], closed_port: tuple[str, int], clock: Clock
 ) -> None:
     host, port = closed_port
-    refused = probe(f"http://{host}:{port}/", duration=0.3, interval=0.05)
-    assert refused.requests > 0 and refused.error_rate == 1.0
-    assert refused.error_kinds == {"connection_refused": refused.requests}
+    refused = probe(f"http://{host}:{port}/", duration=0.375, interval=0.125)
+    assert refused.requests == 3 and refused.error_rate == 1.0
+    assert refused.error_kinds == {"connection_refused": 3}
     assert refused.p50_ms is None and refused.mean_ms is None
 
-    slow = serve(always(Reply(delay=0.5)))
-    timed_out = probe(slow.url, duration=0.3, timeout=0.1)
-    assert timed_out.error_kinds == {"timeout": timed_out.requests}
-    assert timed_out.duration_s < 0.3 + 0.1 + 0.5
+    # A server that never answers: each request ends by its own timeout, counted as such.
+    hung = serve(always(Reply(hang=True)))
+    timed_out = probe(hung.url, duration=30, timeout=0.1, max_requests=3)
+    assert timed_out.requests == 3 and timed_out.error_kinds == {"timeout": 3}
+    assert timed_out.p50_ms is None
 
 
 def test_probe_survives_server_closing_idle_keepalive_connections(
-    serve: Callable[..., LocalServer],
+    serve: Callable[..., LocalServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The server drops connections idle for 0.1 s; the probe pauses 0.25 s between requests,
-    # so every reused connection is stale. That is the server's policy, not an app error.
+    # The server drops connections idle for 0.1 s; the probe pauses 0.25 s between requests
+    # (really: the server's idle timeout runs on real time), so every reused connection is
+    # stale. That is the server's policy, not an app error.
+    monkeypatch.setattr(probes_module, "time", Clock(real_sleep=True))
     server = serve(always(Reply()), idle_timeout=0.1)
 
     stats = probe(server.url, duration=1.0, interval=0.25)
 
-    assert stats.requests >= 3 and stats.errors == 0, stats.error_kinds
-    assert stats.connections == stats.requests
+    assert stats.requests == 4 and stats.errors == 0, stats.error_kinds
+    assert stats.connections == 4 and server.hits == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,25 +451,21 @@ def _stub_prometheus_answer(query: str, at: float | None) -> tuple[int, dict[str
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[str]:
+def exporter(alloc: Allocator) -> Iterator[str]:
     """A tiny Prometheus exporter: the application metrics a real Prometheus scrapes."""
-    server = LocalServer(
-        always(Reply(body=EXPORTER_METRICS, content_type="text/plain; version=0.0.4")),
-        "127.0.1.58",
-    )
-    yield f"{server.host}:{server.port}"
-    server.close()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with alloc.addresses(1) as address:
+        server = LocalServer(
+            always(Reply(body=EXPORTER_METRICS, content_type="text/plain; version=0.0.4")),
+            address.addresses[0],
+        )
+        yield f"{server.host}:{server.port}"
+        server.close()
 
 
 @pytest.fixture(scope="module")
-def real_prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def real_prometheus(
+    exporter: str, tmp_path_factory: pytest.TempPathFactory, alloc: Allocator
+) -> Iterator[str]:
     """The Debian prometheus binary on 127.0.0.1, scraping the exporter every 200 ms."""
     work: Path = tmp_path_factory.mktemp("prometheus")
     config = work / "prometheus.yml"
@@ -387,7 +473,8 @@ def real_prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "global: {scrape_interval: 200ms, scrape_timeout: 150ms}\n"
         f"scrape_configs:\n  - job_name: demo\n    static_configs: [{{targets: ['{exporter}']}}]\n"
     )
-    port = _free_port("127.0.0.1")
+    lease = alloc.port()
+    port = lease.port
     log = (work / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -402,18 +489,18 @@ def real_prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> 
     url = f"http://127.0.0.1:{port}"
     try:
         # Ready means "has scraped once"; Prometheus 2.42 waits ~5 s before its first scrape.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
+        def scraped() -> bool:
+            assert proc.poll() is None, f"prometheus exited with {proc.returncode}"
             try:
-                if prometheus_query(url, "vmfarm_demo_up", timeout=1) == 1.0:
-                    break
+                return prometheus_query(url, "vmfarm_demo_up", timeout=1) == 1.0
             except VerificationError:
-                pass
-            time.sleep(0.2)
-        else:
+                return False
+
+        def tail() -> str:
             log.flush()
-            tail = (work / "prometheus.log").read_text()[-2000:]
-            pytest.fail(f"prometheus did not scrape the exporter within 30 s:\n{tail}")
+            return (work / "prometheus.log").read_text()[-2000:]
+
+        wait_for(scraped, 30, "prometheus to scrape the exporter", interval=0.2, explain=tail)
         yield url
     finally:
         proc.terminate()
@@ -423,10 +510,11 @@ def real_prometheus(exporter: str, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.kill()
             proc.wait()
         log.close()
+        lease.release()
 
 
 @pytest.fixture(scope="module")
-def stub_prometheus() -> Iterator[str]:
+def stub_prometheus(alloc: Allocator) -> Iterator[str]:
     """Stands in for Prometheus only where the binary is not installed (see module docstring)."""
     server = None
 
@@ -436,9 +524,10 @@ def stub_prometheus() -> Iterator[str]:
         status, doc = _stub_prometheus_answer(params["query"][0], at)
         return Reply(status=status, body=json.dumps(doc), content_type="application/json")
 
-    server = LocalServer(respond, "127.0.1.57")
-    yield server.url
-    server.close()
+    with alloc.addresses(1) as address:
+        server = LocalServer(respond, address.addresses[0])
+        yield server.url
+        server.close()
 
 
 PROMETHEUS_BACKEND = "real-prometheus" if shutil.which("prometheus") else "stub-prometheus"
