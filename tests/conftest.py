@@ -4,9 +4,11 @@ hosts and Celery workers.
 Tests live in lanes, one directory each, run in this order by ``scripts/test`` (DESIGN §10):
 ``unit/`` (no root, no network service, no lab, no subprocess worker), ``lab/`` (real sshd lab
 hosts, embedded mode), ``service/`` (Redis, PostgreSQL, Celery worker processes, the server),
-``cloud/`` (moto, the fake Azure and GCP servers of ``fakes/``), ``browser/`` and ``chaos/``. Each
-test gets its lane's marker from its directory, so ``pytest -m unit`` works as well as
-``pytest tests/unit``; a run of several lanes runs them in that order.
+``cloud/`` (moto, the fake Azure and GCP servers of ``fakes/``), ``browser/``, ``chaos/`` and
+``e2e/`` (the ``vmfarm`` command in a subprocess, as a user runs it, where it needs no
+service: too slow for the unit lane's minute). Each test gets its lane's marker from its
+directory, so ``pytest -m unit`` works as well as ``pytest tests/unit``; a run of several lanes
+runs them in that order.
 
 Nothing here is mocked. A missing service fails the test (it never skips): CI must provide
 Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432 and openssh-server, and run as root.
@@ -37,7 +39,7 @@ TESTS = REPO / "tests"
 DATA = REPO / "tests" / "data"
 PG_ADMIN_URL = os.environ.get("VMFARM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("VMFARM_TEST_REDIS", "redis://127.0.0.1:6379")
-LANES = ("unit", "lab", "service", "cloud", "browser", "chaos")
+LANES = ("unit", "lab", "service", "cloud", "browser", "chaos", "e2e")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

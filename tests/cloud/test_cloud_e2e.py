@@ -34,8 +34,6 @@ NO_WAY_OUT = {"HTTPS_PROXY": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY, "https_proxy"
               "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
 
 
-
-
 @pytest.fixture(scope="module")
 def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
            alloc: Allocator) -> Iterator[dict[str, Any]]:

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import click
 import pytest
-from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet
 
 from app import secrets
@@ -28,7 +26,6 @@ from app.secrets import (
 )
 from app.secrets.backends import VaultBackend
 from app.secrets.store import SecretsSettings
-from cli import secrets_cmd
 from tests.conftest import moto_server
 from tests.fakes.vault import FakeVault
 
@@ -261,16 +258,3 @@ def test_vault_settings_missing_or_unreachable(
 
 
 # --- CLI ------------------------------------------------------------------------------------------
-
-
-def cli() -> click.Group:
-    @click.group()
-    def main() -> None:
-        """test group"""
-
-    secrets_cmd.register(main)
-    return main
-
-
-def run(*args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(cli(), ["secrets", *args], input=input, catch_exceptions=False)

@@ -22,11 +22,7 @@ from typing import Any
 import pytest
 
 from app.autoscale import (
-    Decision,
-    Observation,
-    State,
     _is_our_worker,
-    decide,
 )
 from tests.conftest import REPO, base_env
 from tests.waiting import wait_for
@@ -35,10 +31,6 @@ from tests.waiting import wait_for
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
           "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
           "main()"]
-
-
-def run(state: State, depth: int | None, workers: int, now: float) -> Decision:
-    return decide(state, Observation(depth=depth, workers=workers), now)
 
 
 # --- the decision --------------------------------------------------------------------------------

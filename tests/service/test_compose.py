@@ -13,29 +13,13 @@ import urllib.request
 from base64 import b64encode
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-import yaml
-
-from tests.conftest import REPO, base_env
+from tests.conftest import base_env
 from tests.waiting import wait_for
 
-COMPOSE = REPO / "docker-compose.yml"
 VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
           "from cli import service_cmd; service_cmd.register(main); sys.argv[0] = 'vmfarm'; "
           "main()"]
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE.read_text())  # merge keys (<<) resolved as compose does
-    assert isinstance(data, dict)
-    return data
-
-
-def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return dict(compose["services"])
 
 
 # --- vmfarm flower --------------------------------------------------------------------------------

@@ -28,9 +28,6 @@ from app.artifacts import (
     verify_remote_command,
 )
 from app.settings import get_settings
-from tests.fakes.artifact_server import ArtifactServer
-
-SECRET = "pa55-w0rd-never-shown"
 
 
 @pytest.fixture(autouse=True)
@@ -62,19 +59,8 @@ def app_dir(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture()
-def repo() -> Iterator[ArtifactServer]:
-    with ArtifactServer(username="deploy", password=SECRET) as server:
-        yield server
-
-
 def local(path: Path, tag: str = "1.4.2", **spec: Any) -> dict[str, Any]:
     return {"type": "Local", "spec": {"path": str(path), **spec}, "tag": tag,
-            "fileName": f"web_app-{tag}.tar.gz"}
-
-
-def http(url: str, tag: str = "1.4.2", atype: str = "Artifactory", **spec: Any) -> dict[str, Any]:
-    return {"type": atype, "spec": {"url": url, **spec}, "tag": tag,
             "fileName": f"web_app-{tag}.tar.gz"}
 
 

@@ -5,12 +5,6 @@ no broker. The real worker fleet is in tests/service/test_delegates.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,9 +21,6 @@ from app.delegates import (
     unserved,
     worker_queues,
 )
-from tests.alloc import Allocator
-from tests.conftest import DATA, REDIS_BASE, REPO, _stop, base_env, run_vmfarm
-from tests.waiting import wait_for
 
 GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
 STATIC = {"identifier": "lab_rz", "name": "lab-rz", "provider": "static", "source": "test:1",
@@ -146,115 +137,4 @@ def test_normalised_tags_are_sorted_and_unique() -> None:
     assert normalise_tags(None) == ()
 
 
-# --- a fleet of real worker processes -------------------------------------------------------------
-
-
-@dataclass
-class Fleet:
-    env: dict[str, str]
-    procs: dict[str, subprocess.Popen[bytes]]
-    logs: dict[str, Path]
-
-    def vmfarm(self, *args: str, timeout_s: str = "30") -> subprocess.CompletedProcess[str]:
-        return run_vmfarm(*args, env={**self.env, "VMFARM_HEARTBEAT_TIMEOUT": timeout_s})
-
-    def workers(self, timeout_s: str = "30") -> dict[str, Any]:
-        res = self.vmfarm("workers", "-o", "json", timeout_s=timeout_s)
-        assert res.returncode == 0, res.stderr
-        return dict(json.loads(res.stdout))
-
-    def worker_logs(self) -> str:
-        return "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-3000:]}"
-                         for n, p in self.logs.items() if p.exists())
-
-    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-        wait_for(check, timeout, what, interval=0.25, explain=self.worker_logs)
-
-
-def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {w["name"]: w for w in report["workers"]}
-
-
-@pytest.fixture(scope="module")
-def fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory,
-          alloc: Allocator) -> Iterator[Fleet]:
-    """Two region workers of region rz: one tagged gpu, one without tags."""
-    with alloc.redis_db(REDIS_BASE) as broker, alloc.redis_db(REDIS_BASE) as results:
-        yield from _fleet(pg_url, tmp_path_factory, broker.url, results.url)
-
-
-def _fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory, broker: str,
-           results: str) -> Iterator[Fleet]:
-    home = tmp_path_factory.mktemp("delegates")
-    env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
-                   VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(home),
-                   VMFARM_HEARTBEAT_INTERVAL="0.5")
-    specs = {GPU: ["--region", "rz", "--tags", "gpu"], PLAIN: ["--region", "rz"]}
-    procs, logs = {}, {}
-    for name, args in specs.items():
-        logs[name] = home / f"{name.split('@')[0]}.log"
-        with logs[name].open("wb") as fh:
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "-n", name, "-c", "2", *args],
-                env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    fl = Fleet(env=env, procs=procs, logs=logs)
-    try:
-        fl.wait_for("both workers registered as live", lambda: all(
-            _by_name(fl.workers()).get(n, {}).get("live") for n in specs))
-        yield fl
-    finally:
-        _stop(list(procs.values()))
-
-
 # --- command line ---------------------------------------------------------------------------------
-
-
-def test_worker_tags_are_validated(tmp_path: Path) -> None:
-    # Refused before the broker is reached: nothing listens at this URL (a closed port).
-    env = base_env(VMFARM_HOME=str(tmp_path), VMFARM_BROKER_URL="redis://127.0.0.1:1/0")
-    for args, says in ((["--region", "rz", "--tags", "GPU"], "invalid worker tag"),
-                       (["--region", "rz", "--tags", "a,b,c,d,e,f,g"], "at most 6"),
-                       (["--control", "--tags", "gpu"], "give --region")):
-        res = run_vmfarm("worker", *args, env=env, timeout=60)
-        assert res.returncode == 2 and says in res.stderr, res.stderr
-
-
-def test_workers_without_a_redis_broker_shows_unknown_depths(tmp_path: Path) -> None:
-    env = base_env(VMFARM_HOME=str(tmp_path))
-    res = run_vmfarm("workers", "-o", "json", env=env)
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
-    assert report["broker"] == "other" and report["workers"] == []
-    assert {q["name"]: q["depth"] for q in report["queues"]} == {CONTROL_QUEUE: None}
-
-
-def test_hosts_lists_the_hosts_of_a_pipelines_infrastructures(tmp_path: Path) -> None:
-    env = base_env(VMFARM_HOME=str(tmp_path))
-    good = str(DATA / "good")
-    text = run_vmfarm("hosts", good, env=env)
-    assert text.returncode == 0, text.stderr
-    assert "test_hosts" in text.stdout and "static" in text.stdout
-    assert "127.0.1.201" in text.stdout and "127.0.1.202" in text.stdout
-
-    res = run_vmfarm("hosts", good, "--infra", "test_hosts", "-o", "json", env=env)
-    assert res.returncode == 0, res.stderr
-    data = json.loads(res.stdout)
-    assert data["pipeline"] == "hello"
-    [infra] = data["infrastructures"]
-    assert (infra["identifier"], infra["provider"], infra["region"], infra["stages"]) == (
-        "test_hosts", "static", "r1", ["deploy"])
-    assert [(h["name"], h["address"], h["region"]) for h in infra["hosts"]] == [
-        ("127.0.1.201", "127.0.1.201", "r1"), ("127.0.1.202", "127.0.1.202", "r2")]
-    assert {"public_ip", "private_ip", "slot"} <= set(infra["hosts"][0])
-
-
-def test_hosts_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
-    env = base_env(VMFARM_HOME=str(tmp_path))
-    bad = DATA / "bad" / "infra_no_hosts.yaml"
-    res = run_vmfarm("hosts", str(bad), env=env)
-    assert res.returncode == 2
-    assert f"{bad}:" in res.stderr and "needs at least one host" in res.stderr
-    res = run_vmfarm("hosts", str(DATA / "good"), "--infra", "nope", env=env)
-    assert res.returncode == 2 and "no infrastructure 'nope'" in res.stderr
-    res = run_vmfarm("hosts", str(tmp_path / "missing.yaml"), env=env)
-    assert res.returncode == 2 and "no such file" in res.stderr

@@ -11,8 +11,8 @@ engine): never another exception, which would reach a user as a Python traceback
   reach rendering), with and without ``--set`` values;
 * ``render``, ``expressions_in``, ``parse_input`` and ``app.secrets.find_refs`` on arbitrary text
   made of ``<+...>`` fragments;
-* ``vmfarm validate FILE`` in a subprocess on a few generated bad files: exit 2, ``file:line`` on
-  stderr and no traceback.
+* ``vmfarm validate FILE`` in a subprocess on generated bad files is in
+  tests/e2e/test_fuzz.py (it uses the generators here).
 
 Bugs found this way are pinned by strict xfail tests at the end of the module (see
 ``KNOWN_BUGS``). Runs are deterministic (``derandomize=True``, no example database), so CI sees
@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +35,7 @@ from typing import Any
 import pytest
 import yaml
 import yaml.reader
-from hypothesis import HealthCheck, assume, given, reject, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -551,36 +549,6 @@ def test_expression_scanners_accept_any_text(text: str) -> None:
 # --- through the command line ---------------------------------------------------------------------
 
 
-def _validate_cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMFARM_")}
-    env.update(PYTHONPATH=str(REPO), NO_COLOR="1")
-    with tempfile.TemporaryDirectory(prefix="vmfarm-fuzz-home-") as home:
-        env["VMFARM_HOME"] = home
-        return subprocess.run([sys.executable, "-m", "cli.main", "validate", str(path), *args],
-                              cwd=path.parent, env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
-
-
-@_profile(10)
-@given(file=mutated_good_file())
-def test_validate_cli_refuses_bad_files_with_file_and_line(file: tuple[str, str]) -> None:
-    name, text = file
-    with bundle_dir(name, text) as root:
-        # Only files the loader refuses with a position are interesting here.
-        first: SpecError | None = None
-        try:
-            with unless_known_bug():
-                load([root])
-        except (SpecError, SpecErrors) as exc:
-            first = (exc.errors if isinstance(exc, SpecErrors) else [exc])[0]
-        assume(first is not None and first.line > 0)
-        assert first is not None
-        proc = _validate_cli(root)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr, proc.stderr
-        assert f"{first.file}:{first.line}:" in proc.stderr, proc.stderr
-
-
 # --- bugs found by the properties above (fixed; these keep them fixed) ---------------------------
 
 GOOD_PIPELINE_WITH_EMPTY_URL = GOOD_FILES["pipeline.yaml"].replace(
@@ -610,6 +578,7 @@ BUGS: list[tuple[str, str, str, dict[str, str], range, type[BaseException]]] = [
     ("expression-renders-check-invalid", "pipeline.yaml", GOOD_PIPELINE_WITH_EMPTY_URL, {},
      HEALTH_STEP_LINES, ValidationError),
 ]
+
 BUG_REASONS = {
     "control-character":
         "bug: app/definitions/yamlload.py load_documents() builds yaml.SafeLoader(text) outside "
@@ -625,7 +594,6 @@ BUG_REASONS = {
         "a field invalid (HealthCheck url <+pipeline.variables.empty> with value '') raises "
         "pydantic ValidationError instead of a SpecError (validate/run: traceback, exit 1)",
 }
-
 
 def _bug_params(cli: bool) -> list[Any]:
     """The inputs that once escaped as tracebacks (BUG_REASONS says how); fixed, kept."""
@@ -643,13 +611,3 @@ def test_found_bug_in_process_is_a_clean_spec_error(name: str, text: str, sets: 
         assert isinstance(exc, SpecError | SpecErrors)
         errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
         assert any(e.file == str(root / name) and e.line in lines for e in errors), errors
-
-
-@pytest.mark.parametrize(("name", "text", "sets", "lines"), _bug_params(cli=True))
-def test_found_bug_through_validate_exits_2_with_file_and_line(
-        name: str, text: str, sets: dict[str, str], lines: range) -> None:
-    with bundle_dir(name, text) as root:
-        proc = _validate_cli(root, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert any(f"{root / name}:{n}:" in proc.stderr for n in lines), proc.stderr

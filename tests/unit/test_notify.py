@@ -5,20 +5,10 @@ is in tests/service/test_notify.py.
 
 from __future__ import annotations
 
-import json
-import os
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email import message_from_bytes
-from email.message import Message as EmailMessage
-from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from pydantic import ValidationError
 
 from app.models import Status
@@ -26,7 +16,6 @@ from app.notify import (
     Delivery,
     EmailChannel,
     NotificationRule,
-    NotifySettings,
     build_message,
     events_for,
     failed_hosts,
@@ -39,80 +28,6 @@ SECRET = "hunter2-s3cr3t"
 
 
 # --- receivers ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Receiver:
-    """An HTTP server that records POSTs and answers with the statuses it is given in turn
-    (the last one repeats)."""
-
-    server: ThreadingHTTPServer
-    statuses: list[int]
-    requests: list[dict[str, Any]] = field(default_factory=list)
-
-    def url(self, path: str = "/hooks/T000/B000/token") -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    @property
-    def bodies(self) -> list[Any]:
-        return [json.loads(r["body"]) for r in self.requests]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rec: Receiver
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            rec.requests.append({"path": self.path, "headers": dict(self.headers),
-                                 "body": body.decode()})
-            status = rec.statuses[min(len(rec.requests), len(rec.statuses)) - 1]
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    rec = Receiver(server=server, statuses=[200])
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield rec
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
-@dataclass
-class Mailbox:
-    port: int
-    messages: list[tuple[str, list[str], EmailMessage]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = message_from_bytes(envelope.content, policy=default_policy)
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
-        return "250 Message accepted for delivery"
-
-
-@pytest.fixture
-def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
-    box = Mailbox(port=free_port())
-    controller = Controller(box, hostname="127.0.0.1", port=box.port)
-    controller.start()
-    yield box
-    controller.stop()
-
-
-@pytest.fixture
-def settings(mailbox: Mailbox) -> NotifySettings:
-    return NotifySettings(smtp_host="127.0.0.1", smtp_port=mailbox.port,
-                          smtp_from="vmfarm@ci.example", webhook_retries=2,
-                          webhook_backoff=0.25, webhook_timeout=10, smtp_timeout=10)
 
 
 # --- a failed run -------------------------------------------------------------------------------
@@ -296,22 +211,6 @@ def test_events_between_snapshots() -> None:
 
 
 # --- from the ledger ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    from app.db import reset_engines
-    from app.settings import get_settings
-
-    for key in list(os.environ):
-        if key.startswith("VMFARM_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("VMFARM_HOME", str(tmp_path))
-    get_settings.cache_clear()
-    reset_engines()
-    yield
-    reset_engines()
-    get_settings.cache_clear()
 
 
 def test_delivery_to_dict() -> None:

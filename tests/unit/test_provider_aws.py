@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -21,10 +20,6 @@ from app.providers import aws
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
 EAST, WEST = "us-east-1", "eu-west-1"
-
-
-def ec2(region: str) -> Any:
-    return boto3.client("ec2", region_name=region)
 
 
 def infra(spec: dict[str, Any], ident: str = "aws_test") -> dict[str, Any]:

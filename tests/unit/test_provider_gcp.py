@@ -4,14 +4,12 @@ clients against a fake GCE server is in tests/cloud/test_provider_gcp.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from app.errors import ConfigError
 from app.providers.gcp import discover
-from tests.fakes.gce import FakeGce
 
 P = "shop-prod"
 A, B, C = "us-central1-a", "us-central1-b", "us-central1-c"
@@ -28,16 +26,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
     monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
     monkeypatch.setenv("CLOUDSDK_CONFIG", "/nonexistent-gcloud-config")
-
-
-@pytest.fixture
-def gce(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGce]:
-    fake = FakeGce(page_size=2).start()
-    monkeypatch.setenv("VMFARM_GCP_ENDPOINT", fake.url)
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 def infra(**spec: Any) -> dict[str, Any]:

@@ -4,12 +4,11 @@ tests/data/templates holds a pipeline built from a Stage template that uses a St
 (templated/, templates/), the same pipeline written out (inline/), and input sets (inputs/). The
 templated pipeline with an input set must plan exactly like the inline one with --set values;
 every refusal names the file, line and field a user has to change. Nothing here needs a host,
-a network or a database.
+a network or a database; `vmfarm plan` in a subprocess is in tests/e2e/test_templates.py.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -591,27 +590,3 @@ def test_expanded_documents_keep_their_file_for_inputs_and_plans() -> None:
     # A value given by templateInputs points at templateInputs.
     assert doc.where(("spec", "stages", 0, "stage", "spec", "service", "serviceRef"))[:2] == (
         str(pipe), line_of(pipe, "serviceRef: hello_app"))
-
-
-def test_vmfarm_plan_with_inputs_matches_the_inline_pipeline_with_set(tmp_path: Path) -> None:
-    """The same comparison through the command a user types: `--inputs FILE` and `--set`."""
-    from tests.conftest import base_env, run_vmfarm
-
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"))
-    files = [str(p) for p in COMMON]
-    got = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                     "--inputs", str(TPL / "inputs" / "prod.yaml"), "-o", "json", env=env)
-    sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
-    want = run_vmfarm("plan", *files, str(TPL / "inline"), *sets, "-o", "json", env=env)
-    assert got.returncode == 0 and want.returncode == 0, got.stderr + want.stderr
-    assert json.loads(got.stdout) == json.loads(want.stdout)
-    # --set wins over the input set
-    tagged = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                        "--inputs", str(TPL / "inputs" / "prod.yaml"), "--set", "tag=2.0",
-                        "-o", "json", env=env)
-    assert json.loads(tagged.stdout)["stages"][0]["version"] == "2.0"
-    # a broken input set is bad input: exit 2 naming the file
-    bad = write(tmp_path / "bad.yaml", "inputSet: [not, a, mapping]\n")
-    res = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                     "--inputs", str(bad), env=env)
-    assert res.returncode == 2 and "bad.yaml:1" in res.stderr, res.stderr

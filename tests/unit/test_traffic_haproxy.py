@@ -4,34 +4,12 @@ tests/service/test_traffic_haproxy.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.errors import SpecError
 from app.traffic import traffic_switch_from_spec
-from tests.alloc import Allocator
-
-# Set by the module's `backends` fixture from its leases: "address:port" of each server.
-V1: list[str] = []
-V2: list[str] = []
-NOBODY = ""  # a leased address:port where nothing listens
-
-
-def alive(pid: int) -> bool:
-    """Whether /proc still lists ``pid`` (a zombie counts: it must have been reaped)."""
-    return Path(f"/proc/{pid}").exists()
-
-
-@pytest.fixture(scope="module")
-def backends(alloc: Allocator) -> Iterator[None]:
-    """Lease five addresses and a port for the module's backends (V1, V2, NOBODY)."""
-    global NOBODY
-    with alloc.addresses(5) as block, alloc.port() as port:
-        at = [f"{address}:{port.port}" for address in block.addresses]
-        V1[:], V2[:], NOBODY = at[0:2], at[2:4], at[4]
-        yield
 
 
 @pytest.mark.parametrize(

@@ -5,134 +5,19 @@ that measure them run against real servers in tests/service/test_verify_probes.p
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from app.errors import ConfigError
 from app.verify import evaluate
-from app.verify import probes as probes_module
-from tests.alloc import Allocator
 
 # --------------------------------------------------------------------------------------------
 # The injected clock
 
 
-class Clock:
-    """The ``time`` module as app.verify.probes sees it: time moves only when the code under
-    test sleeps or a test server takes time (:meth:`advance`); ``real_sleep`` also waits for
-    real, for the one test whose server must see a real idle gap."""
-
-    def __init__(self, *, real_sleep: bool = False) -> None:
-        self.now = 1024.0  # binary fractions below (0.125 s) add up exactly
-        self.sleeps: list[float] = []
-        self.real_sleep = real_sleep
-        self.lock = threading.Lock()
-
-    def monotonic(self) -> float:
-        with self.lock:
-            return self.now
-
-    perf_counter = monotonic
-
-    def time(self) -> float:
-        return time.time()
-
-    def sleep(self, seconds: float) -> None:
-        with self.lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-        if self.real_sleep:
-            time.sleep(seconds)  # the behaviour under test: a real idle gap (see its test)
-
-    def advance(self, seconds: float) -> None:
-        with self.lock:
-            self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """A :class:`Clock` installed as app.verify.probes' ``time`` for one test."""
-    fake = Clock()
-    monkeypatch.setattr(probes_module, "time", fake)
-    return fake
-
-
 # --------------------------------------------------------------------------------------------
 # Local servers
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: str = "ok"
-    takes: float = 0.0  # seconds the answer takes on the injected clock
-    hang: bool = False  # answer only when the server closes (or after 30 s): a dead app
-    content_type: str = "text/plain"
-
-
-Respond = Callable[[int, str], Reply]  # (1-based request number, path) -> reply
-
-
-class LocalServer:
-    """An HTTP/1.1 server in a thread that counts requests and client connections."""
-
-    def __init__(self, respond: Respond, host: str, *, idle_timeout: float | None = None,
-                 clock: Clock | None = None) -> None:
-        server = self
-        self.hits = 0
-        self.peers: set[tuple[str, int]] = set()
-        self.lock = threading.Lock()
-        self.closing = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, like a real app server
-            timeout = idle_timeout  # closes idle keep-alive connections, like nginx/gunicorn
-
-            def do_GET(self) -> None:
-                with server.lock:
-                    server.hits += 1
-                    number = server.hits
-                    server.peers.add(self.client_address)
-                reply = respond(number, self.path)
-                if reply.hang:
-                    server.closing.wait(30)
-                if reply.takes:
-                    assert clock is not None, "Reply(takes=...) needs the server's clock"
-                    clock.advance(reply.takes)
-                body = reply.body.encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", reply.content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, 0), Handler)
-        self.host: str = host
-        self.port: int = self.httpd.server_address[1]
-        self.url = f"http://{self.host}:{self.port}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.closing.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
-
-def always(reply: Reply) -> Respond:
-    return lambda _n, _path: reply
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,26 +30,6 @@ def always(reply: Reply) -> Respond:
 
 # --------------------------------------------------------------------------------------------
 # prometheus_query
-
-EXPORTER_METRICS = """\
-# TYPE vmfarm_demo_up gauge
-vmfarm_demo_up 1
-# TYPE vmfarm_demo_requests_total counter
-vmfarm_demo_requests_total{code="200"} 990
-vmfarm_demo_requests_total{code="500"} 10
-"""
-
-
-@pytest.fixture(scope="module")
-def exporter(alloc: Allocator) -> Iterator[str]:
-    """A tiny Prometheus exporter: the application metrics a real Prometheus scrapes."""
-    with alloc.addresses(1) as address:
-        server = LocalServer(
-            always(Reply(body=EXPORTER_METRICS, content_type="text/plain; version=0.0.4")),
-            address.addresses[0],
-        )
-        yield f"{server.host}:{server.port}"
-        server.close()
 
 
 # --------------------------------------------------------------------------------------------
