@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 LOCK_DIR = Path(os.environ.get("VMFARM_TEST_ALLOC_DIR", "/tmp/vmfarm-alloc"))
 SUBNET = "127.0.1."
@@ -82,7 +83,7 @@ class Lease:
         while self.fds:
             os.close(self.fds.pop())
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

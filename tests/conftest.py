@@ -160,8 +160,8 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, r
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        port = alloc.port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port.port, verbose=False)
+        lease = alloc.port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=lease.port, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
@@ -171,7 +171,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, r
             yield url
         finally:
             server.stop()
-            port.release()
+            lease.release()
 
 
 

@@ -34,6 +34,7 @@ from app.artifacts import (
 )
 from app.errors import HostError, TransferError
 from app.settings import get_settings
+from tests.alloc import Allocator
 from tests.conftest import moto_server
 from tests.fakes.artifact_server import ArtifactServer
 
@@ -57,9 +58,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_url(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[str]:
     """moto in server mode on 127.0.0.1, boto3 pointed at it (tests/conftest.moto_server)."""
-    with moto_server(tmp_path_factory, region=REGION) as url:
+    with moto_server(tmp_path_factory, alloc, region=REGION) as url:
         yield url
 
 

@@ -26,6 +26,7 @@ from app.definitions.loader import choose_pipeline, load, resolve
 from app.errors import DiscoveryError
 from app.providers import aws
 from app.providers import base as providers
+from tests.alloc import Allocator
 from tests.conftest import moto_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,9 +35,9 @@ EAST, WEST = "us-east-1", "eu-west-1"
 
 
 @pytest.fixture(scope="module")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_url(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[str]:
     """moto in server mode on 127.0.0.1, boto3 pointed at it (tests/conftest.moto_server)."""
-    with moto_server(tmp_path_factory, region=EAST) as url:
+    with moto_server(tmp_path_factory, alloc, region=EAST) as url:
         yield url
 
 

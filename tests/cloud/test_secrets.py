@@ -26,6 +26,7 @@ from app.secrets import (
 )
 from app.secrets.backends import VaultBackend
 from app.secrets.store import SecretsSettings
+from tests.alloc import Allocator
 from tests.conftest import moto_server
 from tests.fakes.vault import FakeVault
 
@@ -78,9 +79,9 @@ def store(**overrides: Any) -> SecretStore:
 
 
 @pytest.fixture(scope="module")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_url(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[str]:
     """moto in server mode on 127.0.0.1, boto3 pointed at it (tests/conftest.moto_server)."""
-    with moto_server(tmp_path_factory, region=EAST) as url:
+    with moto_server(tmp_path_factory, alloc, region=EAST) as url:
         yield url
 
 

@@ -19,16 +19,17 @@ import pytest
 from app.errors import TrafficError
 from app.traffic import traffic_switch_from_spec
 from app.traffic.elbv2 import ElbV2Switch
+from tests.alloc import Allocator
 from tests.conftest import moto_server
 
 REGION = "us-east-1"
 
 
 @pytest.fixture(scope="module")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def moto_url(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[str]:
     """moto in server mode on 127.0.0.1 (tests/conftest.moto_server); the switch is given the
     endpoint explicitly, as a user's configuration would."""
-    with moto_server(tmp_path_factory, region=REGION, endpoint_env=False) as url:
+    with moto_server(tmp_path_factory, alloc, region=REGION, endpoint_env=False) as url:
         yield url
 
 
