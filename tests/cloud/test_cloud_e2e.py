@@ -3,8 +3,8 @@ hosts (a `vmfarm.discover` task on its own queue) and deploys to them over SSH.
 
 The clouds are fakes that run here: moto in server mode for EC2, and small HTTP(S) servers for
 Azure Resource Manager and GCP Compute that the real SDK clients talk to (tests/fakes). They
-return lab addresses (127.0.1.101-106), so the deployment reaches real sshd hosts. The CLI and
-the control worker get no cloud credentials at all.
+return the lab's addresses (leased from the allocator), so the deployment reaches real sshd
+hosts. The CLI and the control worker get no cloud credentials at all.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
     from moto.server import ThreadedMotoServer
 
     addrs = [h.address for h in lab.hosts]
+    # The stopped instances' addresses are leased too: nothing listens there, and nothing may.
+    stopped = alloc.addresses(3)
+    off = stopped.addresses
     lease = alloc.port()
     port = lease.port
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -57,7 +60,7 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="127.0.1.0/24")["Subnet"]["SubnetId"]
-    for ip, state in ((addrs[0], "running"), (addrs[1], "running"), ("127.0.1.240", "stopped")):
+    for ip, state in ((addrs[0], "running"), (addrs[1], "running"), (off[0], "stopped")):
         iid = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet,
                                 PrivateIpAddress=ip, TagSpecifications=[{
                                     "ResourceType": "instance",
@@ -69,7 +72,7 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
     arm = FakeArm(tmp_path_factory.mktemp("arm-certs")).start()
     arm.add_vm("rg-web", "web-1", private_ip=addrs[2], tags={"app": "web"})
     arm.add_vm("rg-web", "web-2", private_ip=addrs[3], tags={"app": "web"})
-    arm.add_vm("rg-web", "web-off", private_ip="127.0.1.241", tags={"app": "web"},
+    arm.add_vm("rg-web", "web-off", private_ip=off[1], tags={"app": "web"},
                power_state="deallocated")
     azure_env = {"AZURE_TENANT_ID": TENANT, "AZURE_CLIENT_ID": CLIENT_ID,
                  "AZURE_CLIENT_SECRET": CLIENT_SECRET, "AZURE_AUTHORITY_HOST": arm.url,
@@ -80,7 +83,7 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
                      labels={"app": "web"})
     gce.add_instance("lab-project", "us-central1-b", "gce-2", private_ip=addrs[5],
                      labels={"app": "web"})
-    gce.add_instance("lab-project", "us-central1-a", "gce-off", private_ip="127.0.1.242",
+    gce.add_instance("lab-project", "us-central1-a", "gce-off", private_ip=off[2],
                      labels={"app": "web"}, status="TERMINATED")
     gcp_env = {"VMFARM_GCP_ENDPOINT": gce.url}
     try:
@@ -90,6 +93,7 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
         arm.stop()
         moto.stop()
         lease.release()
+        stopped.release()
 
 
 def _files(tmp_path: Path, lab: Any, *, tags: str = "", fallback: bool = False) -> list[str]:
