@@ -45,7 +45,8 @@ def _lock(name: str) -> int | None:
     if LOCK_DIR.stat().st_uid == os.geteuid():
         os.chmod(LOCK_DIR, 0o1777)  # other users' test runs lock here too
     path = LOCK_DIR / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    # Read-only is enough for flock, so another user's lock file (0644 under their umask) works.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
