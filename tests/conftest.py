@@ -1,7 +1,19 @@
-"""Fixtures for integration tests: real PostgreSQL, Redis, sshd lab hosts and Celery workers.
+"""Fixtures every lane shares: the allocator, the vmfarm command, PostgreSQL, Redis, sshd lab
+hosts and Celery workers.
+
+Tests live in lanes, one directory each, run in this order by ``scripts/test`` (DESIGN §10):
+``unit/`` (no root, no network service, no lab, no subprocess worker), ``lab/`` (real sshd lab
+hosts, embedded mode), ``service/`` (Redis, PostgreSQL, Celery worker processes, the server),
+``cloud/`` (moto, the fake Azure and GCP servers of ``fakes/``), ``browser/``, ``chaos/`` and
+``e2e/`` (the ``vmfarm`` command in a subprocess, as a user runs it, where it needs no
+service: too slow for the unit lane's minute). Each test gets its lane's marker from its
+directory, so ``pytest -m unit`` works as well as ``pytest tests/unit``; a run of several lanes
+runs them in that order.
 
 Nothing here is mocked. A missing service fails the test (it never skips): CI must provide
 Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:5432 and openssh-server, and run as root.
+Lab addresses, TCP ports and Redis databases come from the allocator (``tests/alloc.py``), never
+from a number written in a test: other checkouts run their tests on this machine at the same time.
 """
 
 from __future__ import annotations
@@ -11,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +31,89 @@ from typing import Any
 
 import pytest
 
+from tests.alloc import AddressLease, Allocator
+from tests.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 DATA = REPO / "tests" / "data"
 PG_ADMIN_URL = os.environ.get("VMFARM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("VMFARM_TEST_REDIS", "redis://127.0.0.1:6379")
-# Redis databases reserved for the test session (broker, results).
-BROKER_DB, RESULT_DB = 10, 11
+LANES = ("unit", "lab", "service", "cloud", "browser", "chaos", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its lane (its directory under tests/) and run the lanes in order."""
+    def lane(item: pytest.Item) -> str | None:
+        try:
+            first = item.path.relative_to(TESTS).parts[0]
+        except ValueError:
+            return None
+        return first if first in LANES else None
+
+    for item in items:
+        name = lane(item)
+        if name is not None:
+            item.add_marker(getattr(pytest.mark, name))
+    items.sort(key=lambda item: LANES.index(lane(item) or "chaos"))  # stable within a lane
+
+
+# --- the allocator -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def alloc() -> Iterator[Allocator]:
+    """The session's allocator of lab addresses, TCP ports and Redis databases (tests/alloc.py);
+    fixtures take leases from it for their own scope, and whatever is left is released here."""
+    allocator = Allocator()
+    yield allocator
+    allocator.close()
+
+
+@pytest.fixture
+def free_port(alloc: Allocator) -> Iterator[Callable[[], int]]:
+    """``free_port()``: a TCP port leased for this test (nobody else is handed it meanwhile)."""
+    leases = []
+
+    def take() -> int:
+        lease = alloc.port()
+        leases.append(lease)
+        return lease.port
+
+    yield take
+    for lease in leases:
+        lease.release()
+
+
+@pytest.fixture
+def redis_db(alloc: Allocator) -> Iterator[Callable[[], str]]:
+    """``redis_db()``: the URL of an emptied database of the test Redis, leased for this test."""
+    leases = []
+
+    def take() -> str:
+        lease = alloc.redis_db(REDIS_BASE)
+        leases.append(lease)
+        return lease.url
+
+    yield take
+    for lease in leases:
+        lease.release()
+
+
+@pytest.fixture
+def lease_addresses(alloc: Allocator) -> Iterator[Callable[[int], AddressLease]]:
+    """``lease_addresses(n)``: a block of n consecutive 127.0.1.x addresses leased for this test
+    (``.first`` for ``lab_up(first=...)``, ``.addresses``); every port on them is the test's."""
+    leases = []
+
+    def take(count: int) -> AddressLease:
+        lease = alloc.addresses(count)
+        leases.append(lease)
+        return lease
+
+    yield take
+    for lease in leases:
+        lease.release()
 
 
 def run_vmfarm(*args: str, env: dict[str, str], timeout: float = 180,
@@ -43,18 +132,8 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
-def moto_server(tmp_path_factory: pytest.TempPathFactory, *, region: str,
+def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, region: str,
                 endpoint_env: bool = True) -> Iterator[str]:
     """moto in server mode on a free 127.0.0.1 port, and an environment in which boto3 reaches
     only it: fake credentials, no profile, config file, role or instance metadata to fall back
@@ -81,7 +160,8 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, *, region: str,
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        lease = alloc.port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=lease.port, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
@@ -91,6 +171,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, *, region: str,
             yield url
         finally:
             server.stop()
+            lease.release()
 
 
 
@@ -113,38 +194,41 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_urls() -> tuple[str, str]:
-    """Broker and result-backend URLs on two emptied Redis databases."""
-    import redis
+def redis_urls(alloc: Allocator) -> Iterator[tuple[str, str]]:
+    """Broker and result-backend URLs on two emptied Redis databases leased for the session."""
+    with alloc.redis_db(REDIS_BASE) as broker, alloc.redis_db(REDIS_BASE) as results:
+        yield broker.url, results.url
 
-    broker, results = f"{REDIS_BASE}/{BROKER_DB}", f"{REDIS_BASE}/{RESULT_DB}"
-    for url in (broker, results):
-        redis.Redis.from_url(url).flushdb()
-    return broker, results
+
+@contextmanager
+def lab_hosts(factory: pytest.TempPathFactory, alloc: Allocator, hosts: int, *,
+              regions: list[str], folder: str = "lab") -> Iterator[Any]:
+    """``hosts`` real sshd hosts on leased addresses, stopped (and the lease released) when the
+    block ends. sandbox=False: without root or sshd, lab_up raises LabError saying why."""
+    from app.lab import lab_down, lab_up
+
+    root = factory.mktemp(folder)
+    with alloc.addresses(hosts) as block:
+        state = lab_up(hosts, root=root, regions=regions, sandbox=False, first=block.first)
+        try:
+            assert state.mode == "ssh" and state.running, state.reason
+            yield state
+        finally:
+            lab_down(root=root)
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Six real sshd hosts, 127.0.1.101-106, alternating regions r1 and r2."""
-    from app.lab import lab_down, lab_up
-
-    root = tmp_path_factory.mktemp("lab")
-    state = lab_up(6, root=root, regions=["r1", "r2"], sandbox=False, first=101)
-    assert state.mode == "ssh" and state.running, state.reason
-    yield state
-    lab_down(root=root)
+def lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
+    """Six real sshd hosts on leased addresses, alternating regions r1 and r2."""
+    with lab_hosts(tmp_path_factory, alloc, 6, regions=["r1", "r2"]) as state:
+        yield state
 
 
 @pytest.fixture(scope="session")
-def lab8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Eight real sshd hosts, 127.0.1.141-148, alternating regions r1 and r2 (strategies)."""
-    from app.lab import lab_down, lab_up
-
-    root = tmp_path_factory.mktemp("lab8")
-    state = lab_up(8, root=root, regions=["r1", "r2"], sandbox=False, first=141)
-    assert state.running, state.reason
-    yield state
-    lab_down(root=root)
+def lab8(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
+    """Eight real sshd hosts on leased addresses, alternating regions r1 and r2 (strategies)."""
+    with lab_hosts(tmp_path_factory, alloc, 8, regions=["r1", "r2"], folder="lab8") as state:
+        yield state
 
 
 @dataclass
@@ -171,19 +255,19 @@ def _wait_for_workers(env: dict[str, str], names: list[str], timeout: float = 60
         "r = app.control.ping(timeout=1.0) or []\n"
         "print(json.dumps(sorted(k for d in r for k in d)))\n"
     )
-    deadline = time.monotonic() + timeout
+    import json
+
     seen: list[str] = []
-    while time.monotonic() < deadline:
+
+    def all_answer() -> bool:
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
                              capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.strip():
-            import json
+            seen[:] = json.loads(out.stdout.strip().splitlines()[-1])
+        return all(n in seen for n in names)
 
-            seen = json.loads(out.stdout.strip().splitlines()[-1])
-            if all(n in seen for n in names):
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"workers {names} did not answer a ping within {timeout}s (saw {seen})")
+    wait_for(all_answer, timeout, f"workers {names} to answer a ping",
+             explain=lambda: f"(saw {seen})")
 
 
 @pytest.fixture(scope="session")

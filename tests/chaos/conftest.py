@@ -1,10 +1,10 @@
 """Fixtures of the chaos suite: its own lab and the table of faults and outcomes.
 
-The host faults' lab is three real sshd hosts on 127.0.1.90-92; the service faults
-(test_service_faults.py: Redis and PostgreSQL restarted, on private servers) have their own four
-on 127.0.1.93-96, and the worker faults (test_worker_faults.py: a region worker killed with
-SIGKILL mid-phase, on private servers too) three on 127.0.1.97-99 (other suites use 101-148 and
-150-252 at the same time). Each test adds a row
+The host faults' lab is three real sshd hosts; the service faults (test_service_faults.py:
+Redis and PostgreSQL restarted, on private servers) have their own four, and the worker faults
+(test_worker_faults.py: a region worker killed with SIGKILL mid-phase, on private servers too)
+three. Their addresses, and the private servers' ports, are leased from the allocator
+(tests/alloc.py), like every other suite's. Each test adds a row
 (fault, outcome, time from the fault to the terminal state); the table is printed at the end of
 the session and written to ``tests/chaos/last-run.md``.
 """
@@ -22,15 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.alloc import Allocator
 from tests.chaos.services import FAST, Fleet, PrivatePostgres, PrivateRedis, require_services
-from tests.conftest import _stop, _wait_for_workers, base_env
+from tests.conftest import _stop, _wait_for_workers, base_env, lab_hosts
 
-CHAOS_FIRST = 90  # host faults: 127.0.1.90 .. 127.0.1.(90 + CHAOS_HOSTS - 1)
-CHAOS_HOSTS = 3
-SERVICE_FIRST = 93  # service faults: 127.0.1.93 .. 127.0.1.96
-SERVICE_HOSTS = 4
-WORKER_FIRST = 97  # worker faults: 127.0.1.97 .. 127.0.1.99
-WORKER_HOSTS = 3
+CHAOS_HOSTS = 3  # host faults
+SERVICE_HOSTS = 4  # service faults
+WORKER_HOSTS = 3  # worker faults
 LAST_RUN = Path(__file__).resolve().parent / "last-run.md"
 
 
@@ -82,44 +80,29 @@ def chaos_table() -> Iterator[ChaosTable]:
             + TABLE.markdown())
 
 
-@contextmanager
-def _lab(factory: pytest.TempPathFactory, folder: str, hosts: int, first: int,
-         regions: list[str], what: str) -> Iterator[Any]:
-    """``hosts`` real sshd hosts from 127.0.1.<first>, stopped when the block ends."""
-    from app.lab import lab_down, lab_up
-
-    root = factory.mktemp(folder)
-    # sandbox=False: without root or sshd this raises LabError saying why (never a skip).
-    state = lab_up(hosts, root=root, regions=regions, sandbox=False, first=first)
-    try:
-        assert state.mode == "ssh" and state.running, f"{what} did not start: {state.reason}"
-        yield state
-    finally:
-        lab_down(root=root)
-
-
 @pytest.fixture(scope="session")
-def chaos_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Three real sshd hosts, 127.0.1.90-92, one region (embedded mode runs them all)."""
-    with _lab(tmp_path_factory, "chaoslab", CHAOS_HOSTS, CHAOS_FIRST, ["r1"],
-              "chaos lab") as state:
+def chaos_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
+    """Three real sshd hosts, one region (embedded mode runs them all)."""
+    with lab_hosts(tmp_path_factory, alloc, CHAOS_HOSTS, regions=["r1"],
+                   folder="chaoslab") as state:
         yield state
 
 
 @pytest.fixture(scope="module")
-def service_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Four real sshd hosts, 127.0.1.93-96, alternating regions r1 and r2."""
+def service_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
+    """Four real sshd hosts, alternating regions r1 and r2."""
     require_services()
-    with _lab(tmp_path_factory, "svclab", SERVICE_HOSTS, SERVICE_FIRST, ["r1", "r2"],
-              "lab") as state:
+    with lab_hosts(tmp_path_factory, alloc, SERVICE_HOSTS, regions=["r1", "r2"],
+                   folder="svclab") as state:
         yield state
 
 
 @pytest.fixture(scope="module")
-def worker_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Three real sshd hosts, 127.0.1.97-99, all in region r1."""
+def worker_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
+    """Three real sshd hosts, all in region r1."""
     require_services()
-    with _lab(tmp_path_factory, "wlab", WORKER_HOSTS, WORKER_FIRST, ["r1"], "lab") as state:
+    with lab_hosts(tmp_path_factory, alloc, WORKER_HOSTS, regions=["r1"],
+                   folder="wlab") as state:
         yield state
 
 
@@ -127,22 +110,29 @@ def worker_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    """The module's own redis-server."""
+def private_redis(tmp_path_factory: pytest.TempPathFactory,
+                  alloc: Allocator) -> Iterator[PrivateRedis]:
+    """The module's own redis-server, on a leased port."""
     require_services()
-    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    with alloc.port() as port:
+        server = PrivateRedis(tmp_path_factory.mktemp("redis"), port.port)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def private_pg() -> Iterator[PrivatePostgres]:
-    """The module's own PostgreSQL cluster."""
+def private_pg(alloc: Allocator) -> Iterator[PrivatePostgres]:
+    """The module's own PostgreSQL cluster, on a leased port."""
     require_services()
-    cluster = PrivatePostgres()
+    with alloc.port() as port:
+        yield from _private_pg(port.port)
+
+
+def _private_pg(port: int) -> Iterator[PrivatePostgres]:
+    cluster = PrivatePostgres(port)
     try:
         cluster.init()
         cluster.start()

@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, Cluster, free_port, run_vmfarm
+from tests.conftest import REPO, Cluster, run_vmfarm
+from tests.waiting import wait_for as poll
 
 
 def _pg_bin() -> Path:
@@ -83,9 +84,9 @@ def require_services() -> None:
 class PrivateRedis:
     """A redis-server of one test module: own port and directory, no persistence."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int) -> None:
         self.root = root
-        self.port = free_port()
+        self.port = port  # leased from the allocator (tests/alloc.py)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,13 +101,13 @@ class PrivateRedis:
              "--protected-mode", "no"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.ping():
-                return
-            assert self.proc.poll() is None, (self.root / "redis.log").read_text()[-2000:]
-            time.sleep(0.05)
-        raise AssertionError(f"private redis-server on port {self.port} did not answer")
+        proc = self.proc
+
+        def answers() -> bool:
+            assert proc.poll() is None, (self.root / "redis.log").read_text()[-2000:]
+            return self.ping()
+
+        poll(answers, 20, f"the private redis-server on port {self.port} to answer")
 
     def ping(self) -> bool:
         import redis
@@ -132,7 +133,7 @@ class PrivateRedis:
 
     def restart(self, down: float) -> None:
         self.stop()
-        time.sleep(down)
+        time.sleep(down)  # the fault under test: the service stays down this long
         self.start()
 
 
@@ -141,13 +142,13 @@ class PrivatePostgres:
     temporary directory it owns: trust auth, 127.0.0.1 on a free port, its socket in that
     directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="vmfarm-chaos-pg-"))
         user = pwd.getpwnam("postgres")
         os.chown(self.root, user.pw_uid, user.pw_gid)
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        self.port = free_port()
+        self.port = port  # leased from the allocator (tests/alloc.py)
         self.running = False
 
     def _run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -178,7 +179,7 @@ class PrivatePostgres:
 
     def restart(self, down: float) -> None:
         self.stop()
-        time.sleep(down)
+        time.sleep(down)  # the fault under test: the service stays down this long
         self.start()
 
     def url(self, db: str = "postgres") -> str:
@@ -341,14 +342,7 @@ def report(env: dict[str, str], ex_id: str) -> dict[str, Any]:
 
 def wait_for(check: Callable[[], Any], seconds: float, what: str, fleet: Fleet) -> Any:
     """``check()``'s first true answer, polled every 0.1 s for ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}\n"
-                         f"{fleet.worker_logs()}")
+    return poll(check, seconds, what, interval=0.1, explain=fleet.worker_logs)
 
 
 def fault_mid_phase(fleet: Fleet, lab: Any, pipeline: Path, folder: str,
@@ -380,18 +374,20 @@ def wait_terminal(fleet: Fleet, ex_id: str, fault_at: float, limit: float) -> Ru
     again while it cannot be read)."""
     import psycopg
 
-    deadline = time.monotonic() + limit
-    status: str = "unknown"
-    error: str | None = None
-    while time.monotonic() < deadline:
+    last: list[Any] = ["unknown", None]
+
+    def ended() -> bool:
         with contextlib.suppress(psycopg.Error):
             rows = sql(fleet.db_url, "select status, error from execution where id = %s", ex_id)
             if rows:
-                status, error = str(rows[0][0]), rows[0][1]
-        if status in TERMINAL:
-            return Run(ex_id, time.monotonic() - fault_at, status, error)
-        time.sleep(0.1)
-    return Run(ex_id, None, status, error)
+                last[:] = [str(rows[0][0]), rows[0][1]]
+        return last[0] in TERMINAL
+
+    try:
+        poll(ended, limit, "a terminal state", interval=0.1)
+    except AssertionError:  # not within the limit: the table says so
+        return Run(ex_id, None, last[0], last[1])
+    return Run(ex_id, time.monotonic() - fault_at, last[0], last[1])
 
 
 def outcome(fleet: Fleet, run: Run, limit: float, details: Callable[[], str]) -> str:

@@ -1,5 +1,5 @@
 """Host faults while a pipeline runs, in embedded mode (SQLite ledger, worker in the run process)
-on the chaos lab (127.0.1.90-92): a host that hangs, a host whose connection drops during a
+on the chaos lab (three leased addresses): a host that hangs, a host whose connection drops during a
 Copy, a host whose disk is full.
 
 Every test ends in a definite execution state with every host's outcome recorded, and no
@@ -40,6 +40,7 @@ from tests.chaos.services import (
     units_ran,
 )
 from tests.conftest import REPO, base_env
+from tests.waiting import wait_for
 
 RUN_LIMIT = 120.0  # seconds for a run to reach a terminal state (generous: CI is shared)
 
@@ -168,17 +169,15 @@ def _finish(proc: subprocess.Popen[str], limit: float = RUN_LIMIT) -> tuple[int,
 
 def _wait_for(check: Callable[[], Any], seconds: float, what: str,
               proc: subprocess.Popen[str] | None = None, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def done() -> Any:
         got = check()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
+        if not got and proc is not None and proc.poll() is not None:
             out, err = proc.communicate()
             raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n"
                                  f"{out[-2000:]}\n{err[-2000:]}")
-        time.sleep(every)
-    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")
+        return got
+
+    return wait_for(done, seconds, what, interval=every)
 
 
 def _ledger(env: dict[str, str], sql: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -5,10 +5,10 @@ Neither fault may touch what other suites share (Redis on 127.0.0.1:6379, Postgr
 127.0.0.1:5432): this module starts a private redis-server (no persistence: a restart loses
 every queue, result and chord counter, as a crashed cache would) and a private PostgreSQL 15
 cluster (initdb into a temporary directory owned by the ``postgres`` user, trust auth, its own
-port and socket directory), both on free ports of 127.0.0.1, and restarts those. The lab is
-four real sshd hosts on 127.0.1.93-96 in two regions; one region worker serves both regions
-(threads pool) and a control worker runs the periodic reconciler (Celery beat) with short
-heartbeat and reconcile intervals.
+port and socket directory), both on ports of 127.0.0.1 leased from the allocator, and restarts
+those. The lab is four real sshd hosts on leased addresses in two regions; one region worker
+serves both regions (threads pool) and a control worker runs the periodic reconciler (Celery
+beat) with short heartbeat and reconcile intervals.
 
 The pipeline rolls out in two phases of two hosts. The fault hits while the first phase runs a
 Script unit that prints a line every half second for a few seconds (log flushes and heartbeats

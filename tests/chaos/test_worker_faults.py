@@ -8,10 +8,10 @@ DelegateRestart, once, then Abort) sends a new attempt to the region queue if a 
 consumes it, otherwise the execution ends by onRetryFailure.
 
 Nothing shared is touched: like test_service_faults.py this module runs a private redis-server
-and a private PostgreSQL 15 cluster (services.py, fixtures in conftest.py) on free ports of
-127.0.0.1, and its
-own three sshd lab hosts on 127.0.1.97-99 (other suites use 90-96, 101-148, 150-254), all in
-region r1. The pipeline rolls out in phases of two hosts (97 and 98, then 99); its "work" step
+and a private PostgreSQL 15 cluster (services.py, fixtures in conftest.py) on ports of
+127.0.0.1 leased from the allocator, and its own three sshd lab hosts on leased addresses, all in
+region r1. The pipeline rolls out in phases of two hosts (the first two, then the third); its
+"work" step
 runs a Script unit that prints a line every half second for a few seconds, and the worker is
 killed while the first phase runs it. Every unit appends "<execution id> <unit>" to a file on
 its host, and the lines are counted against the attempts recorded in the ledger.

@@ -165,6 +165,8 @@ class ArtifactServer:
             self._send(req, 404, b"not found\n", {}, method=method)
             return
         if method == "GET" and self.delay:
+            # The behaviour under test: a slow download, so that the other hosts' fetches
+            # arrive while it runs (nothing to poll: the server cannot see them wait).
             time.sleep(self.delay)
         self._send(req, 200, data, headers, method=method)
 

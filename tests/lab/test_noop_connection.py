@@ -1,17 +1,19 @@
 """The test-only no-op connection: a worker-side setting, never a pipeline's, and never a
 deployment. An embedded ``vmfarm run`` (its worker in the CLI process) with
-VMFARM_TEST_CONNECTION=noop "runs" a stage on lab addresses where no sshd listens
-(127.0.1.48-49); the steps succeed and the Instance ledger stays empty."""
+VMFARM_TEST_CONNECTION=noop "runs" a stage on leased lab addresses where no sshd listens; the
+steps succeed and the Instance ledger stays empty."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from tests.alloc import AddressLease
 from tests.conftest import base_env, run_vmfarm
 
 PIPELINE = """\
@@ -37,7 +39,7 @@ spec:
   type: Pdc
   spec:
     connection: {type: SSH, user: deploy, connectTimeout: 1}
-    hosts: [{hostname: 127.0.1.48}, {hostname: 127.0.1.49}]
+    hosts: [{hostname: HOST_A}, {hostname: HOST_B}]
 ---
 apiVersion: v1
 kind: Pipeline
@@ -72,11 +74,14 @@ def instances(home: Path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.timeout(180)
-def test_noop_hosts_run_nothing_and_record_no_deployment(tmp_path: Path) -> None:
-    # Given a pipeline on hosts where nothing listens, and workers told to use no-op connections
+def test_noop_hosts_run_nothing_and_record_no_deployment(
+        tmp_path: Path, lease_addresses: Callable[[int], AddressLease]) -> None:
+    # Given a pipeline on hosts where nothing listens (leased: no other run binds them), and
+    # workers told to use no-op connections
+    a, b = lease_addresses(2).addresses
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "start.sh").write_text("echo start\n")
-    (tmp_path / "p.yaml").write_text(PIPELINE)
+    (tmp_path / "p.yaml").write_text(PIPELINE.replace("HOST_A", a).replace("HOST_B", b))
     env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_TEST_CONNECTION="noop")
 
     # When it runs
@@ -85,8 +90,7 @@ def test_noop_hosts_run_nothing_and_record_no_deployment(tmp_path: Path) -> None
     # Then every step "succeeds" (even `exit 1`: nothing ran) and no deployment is recorded
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     hosts = json.loads(res.stdout)["stages"][0]["hosts"]
-    assert {h["host"]: h["status"] for h in hosts} == {"127.0.1.48": "SUCCEEDED",
-                                                       "127.0.1.49": "SUCCEEDED"}
+    assert {h["host"]: h["status"] for h in hosts} == {a: "SUCCEEDED", b: "SUCCEEDED"}
     assert instances(tmp_path / "home") == []
 
     # And without the setting the same files are a real deployment: the hosts are unreachable

@@ -1,23 +1,29 @@
-"""Service fixtures: a cluster whose messages are signed and whose region workers connect to
-PostgreSQL as the worker role; an OpenID Connect provider process."""
+"""Fixtures of the service lane: a cluster whose messages are signed and whose region workers
+connect to PostgreSQL as the worker role; an OpenID Connect provider process; a real HTTP
+receiver and a real SMTP server on 127.0.0.1 (notifications)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message as EmailMessage
+from email.policy import default as default_policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
-from tests.conftest import REDIS_BASE, REPO, Cluster, _stop, _wait_for_workers, base_env, free_port
+from tests.alloc import Allocator
+from tests.conftest import REDIS_BASE, REPO, Cluster, _stop, _wait_for_workers, base_env
 
-# Redis databases of the signed cluster (the plain cluster uses 10 and 11).
-SECURE_BROKER_DB, SECURE_RESULT_DB = 12, 13
 WORKER_LOGIN = "vmfarm_test_worker"
 
 
@@ -62,16 +68,17 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="module")  # its workers leave the registry before other modules count
-def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys,
+def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys, alloc: Allocator,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Region workers r1 and r2 (each its own signing key, connected as the worker role) and
     a control worker (its own key, the owner's connection), on Redis databases of their own;
     ``env`` is the CLI's: the server's key and the owner's connection."""
-    import redis
+    with alloc.redis_db(REDIS_BASE) as b, alloc.redis_db(REDIS_BASE) as r:
+        yield from _secure_cluster(pg_url, signing_keys, tmp_path_factory, b.url, r.url)
 
-    broker, results = f"{REDIS_BASE}/{SECURE_BROKER_DB}", f"{REDIS_BASE}/{SECURE_RESULT_DB}"
-    for url in (broker, results):
-        redis.Redis.from_url(url).flushdb()
+
+def _secure_cluster(pg_url: str, signing_keys: Keys, tmp_path_factory: pytest.TempPathFactory,
+                    broker: str, results: str) -> Iterator[Cluster]:
     worker_url = worker_role_url(pg_url)
     home = tmp_path_factory.mktemp("secure-home")
     common = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
@@ -112,12 +119,11 @@ class Provider:
     log: Path
 
 
-def start_provider(tmp: Path, users: list[dict[str, Any]], *,
+def start_provider(tmp: Path, users: list[dict[str, Any]], *, port: int,
                    max_age: int | None = None) -> Provider:
-    """A real ``oidc-provider-mock`` process on a free 127.0.0.1 port, with ``users``."""
+    """A real ``oidc-provider-mock`` process on 127.0.0.1:``port`` (leased), with ``users``."""
     import httpx
 
-    port = free_port()
     args = [sys.executable, "-m", "oidc_provider_mock", "-p", str(port), "-H", "127.0.0.1"]
     for u in users:
         args += ["--user-claims", json.dumps(u)]
@@ -177,15 +183,16 @@ def sign_in(provider: str, subject: str, *, client_id: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
+def oidc(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Provider]:
     """An OIDC provider whose users are alice (deployers), bob (viewers) and carol (none)."""
-    p = start_provider(tmp_path_factory.mktemp("oidc"), [
-        {"sub": "alice", "groups": ["deployers"]},
-        {"sub": "bob", "groups": ["viewers"]},
-        {"sub": "carol"},
-    ])
-    yield p
-    _stop([p.proc])
+    with alloc.port() as leased:
+        p = start_provider(tmp_path_factory.mktemp("oidc"), [
+            {"sub": "alice", "groups": ["deployers"]},
+            {"sub": "bob", "groups": ["viewers"]},
+            {"sub": "carol"},
+        ], port=leased.port)
+        yield p
+        _stop([p.proc])
 
 
 # --- the server -------------------------------------------------------------------------------
@@ -203,7 +210,6 @@ bindings:
   - role: viewer
     users: [carol]
 """
-SERVER_BROKER_DB = 14
 
 
 @dataclass
@@ -215,18 +221,24 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(pg_url: str, oidc: Provider, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Server]:
+def server(pg_url: str, oidc: Provider, alloc: Allocator,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``vmfarm server`` as a process: the session's PostgreSQL, Redis, the OIDC provider
     (audience ``vmfarm``), and an RBAC file of its own (SERVER_RBAC)."""
-    import httpx
 
     root = tmp_path_factory.mktemp("server")
     rbac = root / "rbac.yaml"
     rbac.write_text(SERVER_RBAC)
-    port = free_port()
+    with alloc.port() as leased, alloc.redis_db(REDIS_BASE) as broker:
+        yield from _server(pg_url, oidc, root, rbac, leased.port, broker.url)
+
+
+def _server(pg_url: str, oidc: Provider, root: Path, rbac: Path, port: int,
+            broker: str) -> Iterator[Server]:
+    import httpx
+
     env = base_env(VMFARM_DATABASE_URL=pg_url,
-                   VMFARM_BROKER_URL=f"{REDIS_BASE}/{SERVER_BROKER_DB}",
+                   VMFARM_BROKER_URL=broker,
                    VMFARM_HOME=str(root / "home"), VMFARM_SERVER_RBAC_FILE=str(rbac),
                    VMFARM_SERVER_ISSUER=oidc.url, VMFARM_SERVER_AUDIENCE="vmfarm")
     log = root / "server.log"
@@ -270,3 +282,70 @@ def signed_run(secure_cluster: Cluster, lab: Any) -> SignedRun:
     ex_id = next(line.split()[1] for line in res.stderr.splitlines()
                  if line.startswith("execution "))
     return SignedRun(ex_id, res.stdout, res.stderr)
+
+
+@dataclass
+class Receiver:
+    """An HTTP server that records POSTs and answers with the statuses it is given in turn
+    (the last one repeats)."""
+
+    server: ThreadingHTTPServer
+    statuses: list[int]
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    def url(self, path: str = "/hooks/T000/B000/token") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [json.loads(r["body"]) for r in self.requests]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec: Receiver
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            rec.requests.append({"path": self.path, "headers": dict(self.headers),
+                                 "body": body.decode()})
+            status = rec.statuses[min(len(rec.requests), len(rec.statuses)) - 1]
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    rec = Receiver(server=server, statuses=[200])
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield rec
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@dataclass
+class Mailbox:
+    port: int
+    messages: list[tuple[str, list[str], EmailMessage]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = message_from_bytes(envelope.content, policy=default_policy)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
+    box = Mailbox(port=free_port())
+    controller = Controller(box, hostname="127.0.0.1", port=box.port)
+    controller.start()
+    yield box
+    controller.stop()

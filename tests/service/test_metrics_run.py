@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DATA, REPO, Cluster, free_port
+from tests.conftest import DATA, REPO, Cluster
 from tests.unit.metric_names import tool
 
 PIPELINE = str(DATA / "liveness" / "pipeline.yaml")
@@ -39,7 +39,7 @@ def _get(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture
-def exporter(cluster: Cluster) -> Iterator[str]:
+def exporter(cluster: Cluster, free_port: Callable[[], int]) -> Iterator[str]:
     """A metrics exporter process on the cluster's ledger and broker; its /metrics URL."""
     port = free_port()
     code = f"from app.metrics import serve; serve({port}, '127.0.0.1', block=True)"

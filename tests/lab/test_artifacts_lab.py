@@ -1,0 +1,230 @@
+"""Artifacts on 8 lab hosts: one pipeline (a Release unit, then a start script) deploys from a
+local folder, from an HTTP repository with basic auth (a local server) and from S3 (moto);
+the artifact is fetched once per execution; a corrupted download fails with a checksum error;
+a rollback to the release the hosts still hold fetches nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.alloc import Allocator
+from tests.conftest import base_env, run_vmfarm
+from tests.fakes.artifact_server import ArtifactServer
+
+PIPELINE = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Environment
+    metadata: {name: lab}
+    spec: {type: PreProduction}
+    ---
+    apiVersion: v1
+    kind: Pipeline
+    metadata: {name: releases}
+    spec:
+      stages:
+        - stage:
+            name: Deploy
+            identifier: deploy
+            type: Deployment
+            spec:
+              service: {serviceRef: app}
+              environment:
+                environmentRef: lab
+                infrastructureDefinitions: [{identifier: lab}]
+              strategy: {type: Rolling, phases: [4]}
+              execution:
+                steps:
+                  - step:
+                      type: Command
+                      name: Install
+                      identifier: install
+                      spec:
+                        commandUnits:
+                          - identifier: paths
+                            type: Setup
+                            spec: {paths: [/opt/rel, /opt/rel/logs], mode: "0750"}
+                          - identifier: release
+                            type: Release
+                            spec: {deploymentPath: /opt/rel, keep: 3}
+                          - identifier: start
+                            type: Script
+                            spec:
+                              source:
+                                type: Inline
+                                spec:
+                                  script: |
+                                    cat /opt/rel/current/content.txt > /opt/rel/running
+                                    echo "<+artifact.checksum> <+artifact.path>" > /opt/rel/info
+    """)
+
+
+def _service(kind: str, spec: str) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: app}}
+        spec:
+          serviceDefinition:
+            type: Ssh
+            spec:
+              artifacts:
+                primary:
+                  type: {kind}
+                  spec:
+        """) + textwrap.indent(textwrap.dedent(spec), " " * 12)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[dict[str, Any]]:
+    """Two versions of an app as folders, as .tar.gz on an HTTP server with basic auth, and
+    in a moto S3 bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from app.artifacts.pack import pack_folder
+
+    root = tmp_path_factory.mktemp("artifacts")
+    packed: dict[str, bytes] = {}
+    for version in ("1.0", "2.0"):
+        folder = root / f"app-{version}"
+        folder.mkdir()
+        (folder / "content.txt").write_text(f"app version {version}\n")
+        pack_folder(folder, root / f"app-{version}.tar.gz")
+        packed[version] = (root / f"app-{version}.tar.gz").read_bytes()
+    # The repository publishes <file>.sha256 beside each file (as Artifactory and Nexus can).
+    server = ArtifactServer(username="deployer", password="s3cr3t-pw", siblings=True).start()
+    for version, data in packed.items():
+        server.add(f"/repo/app/{version}/app-{version}.tar.gz", data)
+    lease = alloc.port()
+    port = lease.port
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=aws["AWS_ENDPOINT_URL"],
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="builds")
+    for version, data in packed.items():
+        s3.put_object(Bucket="builds", Key=f"app/app-{version}.tar.gz", Body=data)
+    try:
+        yield {"root": root, "server": server, "aws": aws, "packed": packed}
+    finally:
+        server.stop()
+        moto.stop()
+        lease.release()
+
+
+def _files(tmp_path: Path, world: dict[str, Any], source: str, *,
+           checksum: bool = True) -> list[str]:
+    specs = {
+        "local": ("Local", f"path: {world['root']}/app-1.0\ntag: <+input>\n"),
+        "http": ("Http", f"url: {world['server'].url}/repo/app/<+artifact.tag>/"
+                         "app-<+artifact.tag>.tar.gz\nusername: deployer\n"
+                         "password: s3cr3t-pw\ntag: <+input>\n"),
+        "s3": ("AmazonS3", "bucket: builds\nkey: app/app-<+artifact.tag>.tar.gz\n"
+                           "region: us-east-1\ntag: <+input>\n"),
+    }
+    kind, spec = specs[source]
+    (tmp_path / "service.yaml").write_text(_service(kind, spec))
+    # <+artifact.checksum> asks the repository (or this run's fetch) for the checksum.
+    (tmp_path / "pipeline.yaml").write_text(
+        PIPELINE if checksum else PIPELINE.replace("<+artifact.checksum> ", ""))
+    return [str(tmp_path / "service.yaml"), str(tmp_path / "pipeline.yaml")]
+
+
+def _on_hosts(lab8: Any, name: str) -> list[str]:
+    out = []
+    for h in lab8.hosts:
+        p = Path(h.host_dir) / "opt" / "rel" / name
+        out.append(p.read_text() if p.exists() else "")
+    return out
+
+
+def _current(lab8: Any) -> list[str]:
+    return [str((Path(h.host_dir) / "opt" / "rel" / "current").readlink())
+            if (Path(h.host_dir) / "opt" / "rel" / "current").is_symlink() else ""
+            for h in lab8.hosts]
+
+
+def _run(env: dict[str, str], files: list[str], lab8: Any, tag: str) -> tuple[int, Any]:
+    res = run_vmfarm("run", *files, str(lab8.infrastructure_file), "--set", f"tag={tag}",
+                     "-o", "json", env=env, timeout=300)
+    assert res.stdout.strip(), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def _clean(lab8: Any) -> None:
+    import shutil
+
+    for h in lab8.hosts:
+        shutil.rmtree(Path(h.host_dir) / "opt" / "rel", ignore_errors=True)
+
+
+@pytest.mark.parametrize("source", ["local", "http", "s3"])
+def test_one_pipeline_deploys_the_same_files_from_each_source(
+        source: str, world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    world["server"].reset_counts()
+    code, report = _run(env, _files(tmp_path, world, source), lab8, "1.0")
+    assert code == 0, report.get("error")
+    # identical files on every host, from whichever source
+    assert _on_hosts(lab8, "running") == ["app version 1.0\n"] * 8
+    assert _current(lab8) == ["releases/1.0"] * 8
+    logs = run_vmfarm("logs", report["id"], "-o", "json", env=env).stdout
+    digest = hashlib.sha256(world["packed"]["1.0"]).hexdigest()
+    assert logs.count(f"sha256 {digest}") == 8  # the same verified bytes reached every host
+    info = _on_hosts(lab8, "info")[0].split()
+    assert info[0] == digest and info[1].endswith({"local": "app-1.0",
+                                                   "http": "app-1.0.tar.gz",
+                                                   "s3": "app-1.0.tar.gz"}[source])
+    logs_dir = Path(lab8.hosts[0].host_dir) / "opt" / "rel" / "logs"
+    assert logs_dir.is_dir() and oct(logs_dir.stat().st_mode)[-3:] == "750"
+    if source == "http":
+        # fetched once for the execution, not once per host; the password never shows
+        assert world["server"].count("GET", "/repo/app/1.0/app-1.0.tar.gz") == 1
+        assert "s3cr3t-pw" not in logs + json.dumps(report)
+
+
+def test_a_corrupted_download_fails_with_a_checksum_error(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    world["server"].corrupt = True
+    try:
+        code, report = _run(env, _files(tmp_path, world, "http"), lab8, "2.0")
+    finally:
+        world["server"].corrupt = False
+    assert code == 1
+    host = report["stages"][0]["hosts"][0]
+    error = host["steps"][0]["error"]
+    assert "sha256 mismatch" in error and "app-2.0.tar.gz" in error
+    assert host["host"] in error
+    assert _on_hosts(lab8, "running")[0] == ""
+
+
+def test_rollback_to_a_release_the_hosts_hold_fetches_nothing(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    files = _files(tmp_path, world, "http", checksum=False)
+    assert _run(env, files, lab8, "1.0")[0] == 0
+    code, second = _run(env, files, lab8, "2.0")
+    assert code == 0 and _current(lab8) == ["releases/2.0"] * 8
+    held = json.loads(run_vmfarm("artifacts", "app", "-o", "json", env=env).stdout)
+    assert {tuple(i["releases"]) for i in held["instances"]} == {("2.0", "1.0")}
+    world["server"].reset_counts()
+    res = run_vmfarm("rollback", second["id"], "-o", "json", env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert world["server"].log == []  # no request reached the repository
+    assert _current(lab8) == ["releases/1.0"] * 8
+    assert _on_hosts(lab8, "running") == ["app version 1.0\n"] * 8
+    held = json.loads(run_vmfarm("artifacts", "app", "-o", "json", env=env).stdout)
+    assert {i["version"] for i in held["instances"]} == {"1.0"}
