@@ -326,9 +326,15 @@ def _record_failed_run(ex_id: str, notification_rules: list[dict[str, Any]]) -> 
     from app.db import session_scope
     from app.models import Execution, HostStepRun, StageRun
 
+    step = {"type": "Command", "name": "Install", "identifier": "install",
+            "spec": {"commandUnits": [{"identifier": "run", "type": "Script", "spec": {
+                "source": {"spec": {"script": "./install.sh"}}}}]}}
     plan = {"identifier": "web_app", "name": "Web App", "notificationRules": notification_rules,
             "stages": [{"identifier": "deploy", "name": "Deploy", "type": "Deployment",
-                        "steps": [{"identifier": "install"}], "strategy": {"type": "Basic"}}]}
+                        "index": 0, "service": {"identifier": "web_app", "name": "web-app"},
+                        "environment": {"identifier": "prod", "name": "prod",
+                                        "type": "Production"},
+                        "infrastructures": [], "steps": [step], "strategy": {"type": "Basic"}}]}
     with session_scope() as s:
         s.add(Execution(id=ex_id, pipeline="web_app", pipeline_name="Web App", plan=plan,
                         status=Status.FAILED, error="stage 'deploy': 1 host(s) failed"))
