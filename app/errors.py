@@ -29,7 +29,6 @@ here unless a package owns them (the module is named)::
         │   └── HostKeyError        the host key is unknown or changed
         ├── AuthenticationError     the host refused our credentials
         ├── CommandTimeoutError     a command ran past its timeout
-        ├── ScriptError             a command unit exited non-zero
         ├── TransferError           a Copy unit failed (SFTP)
         │   └── ArtifactError       an artifact could not be fetched (app.artifacts.errors)
         │       ├── ArtifactAuthError          the repository refused the credentials
@@ -40,6 +39,8 @@ here unless a package owns them (the module is named)::
         └── VerificationError       a verification check could not judge (Verification)
 
 Every error is picklable (it may cross the broker) and says what happened, where, and what to do.
+A command that exits non-zero is not an error but an outcome (``app.units.base.Outcome``): it is
+recorded and judged, never raised.
 The ``error_class`` of a ``HostError`` (and of ``DiscoveryError`` and ``SecretError``) is the
 name failure strategies match on: Harness's error types, ``ERROR_TYPES`` below.
 """
@@ -162,11 +163,6 @@ class CommandTimeoutError(HostError):
 
     error_class = "Timeout"
 
-
-class ScriptError(HostError):
-    """A command unit exited non-zero (``exit_code``)."""
-
-    error_class = "Unknown"
 
 
 class TransferError(HostError):

@@ -31,14 +31,21 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys
 
 from app.connectors.base import CommandResult, Connector, HostTarget, OutputCallback, env_prelude
+from app.connectors.hostkeys import (
+    default_known_hosts_file,
+    describe_key,
+    known_hosts_name,
+    load_known_hosts,
+    parse_known_hosts,
+    preferred_key_types,
+)
+from app.connectors.sockets import tune_socket
 from app.errors import (
     AuthenticationError,
     CommandTimeoutError,
@@ -52,7 +59,10 @@ from app.errors import (
 
 log = logging.getLogger(__name__)
 
+
 KEEPALIVE_SECONDS = 15
+
+
 # Paramiko negotiates mlkem768x25519 / curve25519, ed25519 host keys and aes-ctr + hmac-sha2 with
 # OpenSSH by default. Its list still carries CBC modes, 3DES and MD5/SHA1-96 MACs for old peers:
 # switch those off so a downgrade can never pick them (OpenSSH >= 7.x never needs them).
@@ -60,10 +70,17 @@ DISABLED_ALGORITHMS: dict[str, list[str]] = {
     "ciphers": ["3des-cbc", "aes128-cbc", "aes192-cbc", "aes256-cbc"],
     "macs": ["hmac-md5", "hmac-md5-96", "hmac-sha1-96"],
 }
+
+
 HOST_KEY_POLICIES = ("strict", "accept-new")
+
+
 _READ_SIZE = 65536
+
+
 # Safety net for the wait loop: wake up at least this often even if no event arrives.
 _MAX_WAIT = 1.0
+
 
 # Lines 1 and the last two are the wrapper; {body} is env, cd and the script. bash reads a whole
 # compound command before running it, so every byte of the script is consumed from stdin first.
@@ -75,121 +92,13 @@ _WRAPPER = (
     "exit\n"
     "}}\n"
 )
+
+
 _REMOTE_COMMAND = "exec bash -s"
 
 
-def known_hosts_name(hostname: str, port: int) -> str:
-    """The name a host has in known_hosts: ``host`` on port 22, ``[host]:port`` elsewhere."""
-    return hostname if port == 22 else f"[{hostname}]:{port}"
-
-
-def default_known_hosts_file() -> str:
-    """OpenSSH's per-user known_hosts, used when a target names none."""
-    return os.path.expanduser("~/.ssh/known_hosts")
-
-
-@dataclass(frozen=True)
-class _KnownHosts:
-    """A parsed known_hosts file."""
-
-    keys: HostKeys
-    revoked: frozenset[str]  # "type base64" of every @revoked key
-
-    def lookup(self, name: str) -> Mapping[str, paramiko.PKey] | None:
-        """The keys on record for a known_hosts name, by key type (None if none)."""
-        return self.keys.lookup(name)
-
-
-# known_hosts parsing costs ~3 ms per 100 lines: cache the parsed file per process, keyed by
-# (inode, size, mtime) so an edit (ours or anyone's) is picked up on the next connect.
-_known_hosts_lock = threading.Lock()
-_known_hosts_cache: dict[str, tuple[tuple[int, int, int], _KnownHosts]] = {}
 # Serialises accept-new appends between threads; flock() does it between processes.
 _known_hosts_append_lock = threading.Lock()
-
-
-def _load_known_hosts(path: str) -> _KnownHosts | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
-    with _known_hosts_lock:
-        cached = _known_hosts_cache.get(path)
-    if cached is not None and cached[0] == sig:
-        return cached[1]
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        keys = _parse_known_hosts(fh.read())
-    with _known_hosts_lock:
-        _known_hosts_cache[path] = (sig, keys)
-    return keys
-
-
-def _parse_known_hosts(text: str) -> _KnownHosts:
-    # Not HostKeys.load(): it raises on lines it cannot decode (@cert-authority, @revoked, a
-    # corrupt line), and one such line must not make every host unreachable. A skipped line can
-    # only leave a host unknown, never make it trusted; @revoked keys are kept and refused.
-    keys = HostKeys()
-    revoked: set[str] = set()
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("@"):
-            fields = line.split()
-            if fields[0] == "@revoked" and len(fields) >= 4:
-                revoked.add(f"{fields[2]} {fields[3]}")
-            continue  # @cert-authority: host certificates are not supported
-        try:
-            entry = HostKeyEntry.from_line(line, lineno)
-        except Exception:
-            log.debug("known_hosts line %d skipped: cannot parse it", lineno)
-            continue
-        if entry is not None and entry.key is not None:
-            for hostname in entry.hostnames:
-                keys.add(hostname, entry.key.get_name(), entry.key)
-    return _KnownHosts(keys=keys, revoked=frozenset(revoked))
-
-
-def _preferred_key_types(known: Iterable[str], offered: Sequence[str]) -> list[str]:
-    # Ask the server for a key type we already have on record, as OpenSSH does; otherwise a host
-    # with several host keys would show us one we do not know and look "changed".
-    wanted: list[str] = []
-    for name in known:
-        wanted += ["rsa-sha2-512", "rsa-sha2-256"] if name == "ssh-rsa" else [name]
-    first = [t for t in wanted if t in offered]
-    return first + [t for t in offered if t not in first]
-
-
-class _QuickAckSocket(socket.socket):
-    """A TCP socket that acknowledges what it reads at once (Linux TCP_QUICKACK)."""
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """Read, then re-arm quick ACKs: the kernel falls back to delayed ACKs by itself."""
-        data = super().recv(bufsize, flags)
-        with contextlib.suppress(OSError):
-            self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        return data
-
-
-_TCP_QUICKACK: int = getattr(socket, "TCP_QUICKACK", 0)
-
-
-def _tune_socket(sock: socket.socket) -> socket.socket:
-    """Remove two ~40 ms stalls per connection, measured on loopback against OpenSSH 9.2.
-
-    sshd sends small packets with Nagle on (it sets TCP_NODELAY only for pty sessions). After
-    authentication it sends a hostkeys-00@openssh.com notice; its reply to our channel open then
-    waits for our ACK of that notice, which a delayed ACK holds back ~40 ms: the first command on
-    a fresh connection took 47 ms instead of 6. Quick ACKs on our side release it. And with Nagle
-    on our side, our own back-to-back small writes (channel open, exec, stdin) wait for the
-    server's delayed ACK: every command took ~47 ms instead of ~4 ms; TCP_NODELAY fixes that.
-    """
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if not _TCP_QUICKACK or sock.type != socket.SOCK_STREAM:
-        return sock
-    return _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
 
 
 class _VerifyHostKey(paramiko.MissingHostKeyPolicy):
@@ -262,19 +171,19 @@ class SSHConnector(Connector):
         self.close()
         t = self.target
         pkey = self._load_private_key() if t.private_key_file or self._key_text else None
-        known = _load_known_hosts(self._known_hosts)
+        known = load_known_hosts(self._known_hosts)
         on_record = known.lookup(known_hosts_name(t.hostname, t.port)) if known else None
         known_types = list(on_record.keys()) if on_record else []
 
         def transport_factory(sock: Any, /, **kwargs: Any) -> paramiko.Transport:
             if isinstance(sock, socket.socket):
-                sock = _tune_socket(sock)
+                sock = tune_socket(sock)
             transport = paramiko.Transport(
                 sock, disabled_algorithms=kwargs.get("disabled_algorithms")
             )
             if known_types:
                 opts = transport.get_security_options()
-                opts.key_types = _preferred_key_types(known_types, opts.key_types)
+                opts.key_types = preferred_key_types(known_types, opts.key_types)
             return transport
 
         client = paramiko.SSHClient()
@@ -369,10 +278,10 @@ class SSHConnector(Connector):
     # -- host keys ---------------------------------------------------------------------------
 
     def _verify_host_key(self, name: str, key: paramiko.PKey) -> None:
-        known = _load_known_hosts(self._known_hosts)
+        known = load_known_hosts(self._known_hosts)
         if known is not None and f"{key.get_name()} {key.get_base64()}" in known.revoked:
             raise HostKeyError(
-                f"host key of {self._where} ({_describe(key)}) is marked @revoked in "
+                f"host key of {self._where} ({describe_key(key)}) is marked @revoked in "
                 f"{self._known_hosts}; nothing was run. The host must get a new host key",
                 host=self.target.hostname,
             )
@@ -387,7 +296,7 @@ class SSHConnector(Connector):
         port = f"-p {self.target.port} " if self.target.port != 22 else ""
         missing = "" if known is not None else " (the file does not exist)"
         raise HostKeyError(
-            f"host key of {self._where} ({_describe(key)}) is not in {self._known_hosts}"
+            f"host key of {self._where} ({describe_key(key)}) is not in {self._known_hosts}"
             f"{missing}; nothing was run. Check the fingerprint out of band, then add it: "
             f"`ssh-keyscan {port}-H {self.target.hostname} >> {self._known_hosts}` "
             "(or set host_key_policy: accept-new to trust it on first use)",
@@ -397,9 +306,9 @@ class SSHConnector(Connector):
     def _changed_key_error(
         self, name: str, key: paramiko.PKey, on_record: Mapping[str, paramiko.PKey]
     ) -> HostKeyError:
-        recorded = ", ".join(_describe(k) for k in on_record.values())
+        recorded = ", ".join(describe_key(k) for k in on_record.values())
         return HostKeyError(
-            f"host key of {self._where} CHANGED: the server offers {_describe(key)}, "
+            f"host key of {self._where} CHANGED: the server offers {describe_key(key)}, "
             f"{self._known_hosts} has {recorded}; nothing was run. This is either a reinstalled "
             "host or someone in the middle. If the change is expected, remove the old entry with "
             f"`ssh-keygen -R '{name}' -f {self._known_hosts}` and connect again",
@@ -416,7 +325,7 @@ class SSHConnector(Connector):
                 # Another thread or worker may have recorded this host since we looked: re-read
                 # under the lock so two first connections do not write two different keys.
                 text = fh.read()
-                fresh = _parse_known_hosts(text)
+                fresh = parse_known_hosts(text)
                 on_record = fresh.lookup(name)
                 if on_record:
                     if on_record.get(key.get_name()) == key:
@@ -428,7 +337,7 @@ class SSHConnector(Connector):
         log.warning(
             "accept-new: permanently added the host key of %s (%s) to %s",
             self._where,
-            _describe(key),
+            describe_key(key),
             path,
         )
 
@@ -801,10 +710,6 @@ def _sftp_replace(sftp: paramiko.SFTPClient, src: str, dst: str) -> None:
 def _sftp_remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
     with contextlib.suppress(OSError, paramiko.SSHException, EOFError):
         sftp.remove(path)
-
-
-def _describe(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} {key.fingerprint}"
 
 
 def _wait_slice(deadline: float | None) -> float:

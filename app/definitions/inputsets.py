@@ -64,8 +64,10 @@ from typing import Any
 
 import yaml
 
+from app.definitions.bundle import Collector as _Collector
 from app.definitions.expressions import has_input
-from app.definitions.loader import _Collector, _read, _type_name, expand_paths
+from app.definitions.loader import _read, expand_paths
+from app.definitions.validation import _type_name
 from app.definitions.yamlload import Document, Path, load_documents
 from app.errors import SpecError
 
@@ -244,7 +246,7 @@ def _values_of(src: _Source, errs: _Collector) -> InputValues:
 
 class _Walker:
     """Walks a pipeline-shaped tree and names each filled field as the loader names its input
-    (app.definitions.loader._input_name)."""
+    (app.definitions.inputs.input_name)."""
 
     def __init__(self, src: _Source, out: InputValues, errs: _Collector) -> None:
         self.src = src

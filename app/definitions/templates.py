@@ -54,8 +54,10 @@ from pydantic import Field
 
 from app.definitions import base
 from app.definitions import models as m
+from app.definitions.bundle import Collector as _Collector
 from app.definitions.expressions import INPUT_RE, compile_input_regex, has_input, parse_input
-from app.definitions.loader import _Collector, _type_name, _validate
+from app.definitions.validation import _type_name
+from app.definitions.validation import validate as _validate
 from app.definitions.yamlload import Document, Path, dotted
 from app.errors import SpecError
 

@@ -181,7 +181,7 @@ def workers(cli: Cli, forget: tuple[str, ...], forget_stale: bool, output: str) 
 
 def _infra_of(loaded: Any) -> dict[str, Any]:
     """An infrastructure as a resolved stage holds it (app.definitions.loader.resolve_stage)."""
-    from app.definitions.loader import provider_of
+    from app.definitions.bundle import provider_of
 
     return {
         "identifier": loaded.ident,
@@ -209,7 +209,7 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
     ``infra_id`` if given (any infrastructure of the files). Raises SpecError/SpecErrors for
     bad input."""
     from app.definitions import choose_pipeline, load
-    from app.definitions.loader import resolve_stage
+    from app.definitions.resolve import resolve_stage
     bundle = load(files, inputs=inputs, require_inputs=False)
     found: dict[str, dict[str, Any]] = {}
     pipe_id: str | None = None

@@ -22,7 +22,8 @@ from uuid import uuid4
 import boto3
 import pytest
 
-from app.definitions.loader import choose_pipeline, load, resolve
+from app.definitions.loader import choose_pipeline, load
+from app.definitions.resolve import resolve
 from app.errors import DiscoveryError
 from app.providers import aws
 from app.providers import base as providers

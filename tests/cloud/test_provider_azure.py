@@ -400,7 +400,8 @@ def test_hostname_connection_type_uses_the_computer_name(arm: FakeArm) -> None:
 
 
 def test_through_the_loader_and_the_provider_registry(arm: FakeArm, tmp_path: Path) -> None:
-    from app.definitions.loader import choose_pipeline, load, resolve
+    from app.definitions.loader import choose_pipeline, load
+    from app.definitions.resolve import resolve
 
     fleet(arm)
     files = tmp_path / "files"

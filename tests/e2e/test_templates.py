@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.definitions.loader import Bundle, choose_pipeline, load, resolve
+from app.definitions.bundle import Bundle
+from app.definitions.loader import choose_pipeline, load
+from app.definitions.resolve import resolve
 from tests.unit.test_spec import GOOD
 
 DATA = Path(__file__).resolve().parents[1] / "data"

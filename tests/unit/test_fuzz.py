@@ -585,11 +585,11 @@ BUG_REASONS = {
         "its try block; a control character (e.g. \\x07) anywhere in a file raises "
         "yaml.reader.ReaderError instead of a SpecError (vmfarm validate: traceback, exit 1)",
     "invalid-input-regex":
-        "bug: app/definitions/loader.py apply_inputs() calls re.fullmatch(regex, value) on the "
+        "bug: app/definitions/inputs.py apply_inputs() calls re.fullmatch(regex, value) on the "
         "<+input>.regex(...) option unchecked; an invalid pattern with a --set value raises "
         "re.error instead of a SpecError at the input (traceback, exit 1)",
     "expression-renders-check-invalid":
-        "bug: app/definitions/loader.py resolve_stage() re-validates the rendered stage with "
+        "bug: app/definitions/resolve.py resolve_stage() re-validates the rendered stage with "
         "m.StageSpec.model_validate(rendered) outside any handler; an expression that renders "
         "a field invalid (HealthCheck url <+pipeline.variables.empty> with value '') raises "
         "pydantic ValidationError instead of a SpecError (validate/run: traceback, exit 1)",

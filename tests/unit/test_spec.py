@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from app.definitions.bundle import Bundle
 from app.definitions.expressions import Context, ExpressionError, render
-from app.definitions.loader import Bundle, apply_inputs, choose_pipeline, load, resolve
+from app.definitions.inputs import apply_inputs
+from app.definitions.loader import choose_pipeline, load
+from app.definitions.resolve import resolve
 from app.definitions.yamlload import load_documents
 from app.errors import SpecError, SpecErrors, VmfarmError
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from app.definitions.bundle import Bundle
 from app.definitions.inputsets import merge_inputs, read_input_sets
-from app.definitions.loader import Bundle, choose_pipeline, load, resolve
+from app.definitions.loader import choose_pipeline, load
+from app.definitions.resolve import resolve
 from app.definitions.templates import ExpandedDocument, templates_of
 from app.errors import SpecError, SpecErrors, VmfarmError
 from tests.unit.test_spec import GOOD, line_of, refusal

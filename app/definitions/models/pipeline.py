@@ -1,0 +1,158 @@
+"""Pipelines and their stages (Deployment and Approval), and the kinds a file may hold.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from app.definitions.base import (
+    DelegateTag,
+    Identifier,
+    Model,
+    Scalar,
+)
+from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
+from app.definitions.models.service import Metadata, ServiceSpec, Variable
+from app.definitions.models.steps import Execution, FailureStrategy, _StepBase
+from app.definitions.models.strategy import ReferencePhases, StrategySpec
+from app.definitions.notifications import NotificationRule
+
+
+class ServiceRef(Model):
+    service_ref: str
+    service_inputs: dict[str, Any] | None = None
+
+
+class InfraRef(Model):
+    identifier: str
+    inputs: dict[str, Any] | None = None
+
+
+class EnvironmentRef(Model):
+    environment_ref: str
+    deploy_to_all: bool = False
+    infrastructure_definitions: list[InfraRef] = Field(min_length=1)
+
+
+class DeploymentStageSpec(Model):
+    deployment_type: Literal["Ssh", "WinRm"] = "Ssh"
+    service: ServiceRef
+    environment: EnvironmentRef
+    execution: Execution
+    strategy: StrategySpec | None = None
+    rollout_deployment: ReferencePhases | None = None
+    canary_deployment: ReferencePhases | None = None
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> DeploymentStageSpec:
+        given = [n for n, v in (("strategy", self.strategy),
+                                ("rolloutDeployment", self.rollout_deployment),
+                                ("canaryDeployment", self.canary_deployment)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}, not several")
+        return self
+
+
+class StageSpec(Model):
+    name: str
+    identifier: Identifier
+    type: Literal["Deployment"]
+    description: str | None = None
+    spec: DeploymentStageSpec
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    # Workers (delegates) of the hosts' regions must carry these tags (with the pipeline's,
+    # the infrastructure's and the step's). When none is live, delegateFallback names the tags
+    # to use instead ([] = any worker of the region); without it the run is refused.
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+    delegate_fallback: list[DelegateTag] | None = None
+
+
+class Approvers(Model):
+    user_groups: list[str] = Field(min_length=1)
+    minimum_count: int = Field(default=1, ge=1)
+    disallow_pipeline_executor: bool = False
+
+
+class ApprovalStepSpec(Model):
+    approval_message: str = "Please review and approve"
+    approvers: Approvers
+    include_pipeline_execution_history: bool = True
+
+
+class ApprovalStep(_StepBase):
+    """Harness's manual approval: the execution waits until enough approvers say yes.
+
+    ```yaml
+    - step:
+        type: HarnessApproval
+        name: Approve production
+        identifier: approve
+        timeout: 1d
+        spec:
+          approvalMessage: Deploy <+artifact.tag> to production?
+          approvers:
+            userGroups: [release_managers]
+            minimumCount: 2
+            disallowPipelineExecutor: true
+    ```
+    """
+
+    type: Literal["HarnessApproval"]
+    spec: ApprovalStepSpec
+
+
+class ApprovalStepElement(Model):
+    step: ApprovalStep
+
+
+class ApprovalExecution(Model):
+    steps: list[ApprovalStepElement] = Field(min_length=1, max_length=1)
+
+
+class ApprovalStageBody(Model):
+    execution: ApprovalExecution
+
+
+class ApprovalStageSpec(Model):
+    """A stage that waits for people: no work is sent while it waits (the canvas has ended)."""
+
+    name: str
+    identifier: Identifier
+    type: Literal["Approval"]
+    description: str | None = None
+    spec: ApprovalStageBody
+
+
+AnyStage = Annotated[StageSpec | ApprovalStageSpec, Field(discriminator="type")]
+
+
+class StageElement(Model):
+    stage: AnyStage
+
+
+class PipelineBody(Model):
+    stages: list[StageElement] = Field(min_length=1)
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+    # Who hears about what (app.notify): Slack/webhook/email per event.
+    notification_rules: list[NotificationRule] = Field(default_factory=list)
+    variables: list[Variable] = Field(default_factory=list)
+    description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
+
+
+class PipelineSpec(Model):
+    api_version: Literal["v1"] = "v1"
+    kind: Literal["Pipeline"]
+    metadata: Metadata
+    spec: PipelineBody
+
+
+KINDS: dict[str, type[Model]] = {
+    "Service": ServiceSpec,
+    "Environment": EnvironmentSpec,
+    "Infrastructure": InfrastructureSpec,
+    "Pipeline": PipelineSpec,
+}

@@ -1,0 +1,82 @@
+"""Services and their artifacts (``kind: Service``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from app.definitions.base import (
+    Identifier,
+    Model,
+    Scalar,
+    VariableName,
+    identifier_of,
+)
+
+
+class Metadata(Model):
+    name: str
+    identifier: Identifier | None = None
+    description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
+    org_identifier: str | None = None
+    project_identifier: str | None = None
+
+    @property
+    def ident(self) -> str:
+        return self.identifier or identifier_of(self.name)
+
+
+class Variable(Model):
+    """``- name: app_port / type: String / value: "8080"``."""
+
+    name: VariableName
+    type: Literal["String", "Number", "Secret"] = "String"
+    value: Scalar | None = None
+    description: str | None = None
+    required: bool = False
+    default: Scalar | None = None
+
+
+class ArtifactSource(Model):
+    """``primary: {type: Local, spec: {path: ./app, tag: <+input>}}``.
+
+    ``Local`` (a file or folder next to the pipeline file, packed reproducibly by the worker),
+    ``Http``/``Artifactory``/``Nexus3Registry``/``Jenkins`` (a URL template, see
+    app.artifacts.sources) and ``AmazonS3`` (bucket and key); a checksum (``spec.sha256``, or
+    the repository's) is verified where the file lands. ``CustomArtifact`` is refused.
+    """
+
+    type: Literal["Local", "Artifactory", "Nexus3Registry", "AmazonS3", "Jenkins", "CustomArtifact",
+                  "Http"]
+    spec: dict[str, Any] = Field(default_factory=dict)
+    identifier: str | None = None
+
+
+class Artifacts(Model):
+    primary: ArtifactSource | None = None
+    sidecars: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ServiceInner(Model):
+    artifacts: Artifacts = Field(default_factory=Artifacts)
+    variables: list[Variable] = Field(default_factory=list)
+    config_files: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ServiceDefinition(Model):
+    type: Literal["SSH", "Ssh", "WinRm"]
+    spec: ServiceInner = Field(default_factory=ServiceInner)
+
+
+class ServiceBody(Model):
+    service_definition: ServiceDefinition
+
+
+class ServiceSpec(Model):
+    api_version: Literal["v1"] = "v1"
+    kind: Literal["Service"]
+    metadata: Metadata
+    spec: ServiceBody

@@ -1,0 +1,314 @@
+"""Steps and their command units, step groups and failure strategies.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from app.definitions.base import (
+    DelegateTag,
+    Duration,
+    Identifier,
+    Model,
+    Scalar,
+    VariableName,
+)
+
+
+class InlineSource(Model):
+    script: str
+
+
+class ScriptSource(Model):
+    type: Literal["Inline"] = "Inline"
+    spec: InlineSource
+
+
+class ScriptUnitSpec(Model):
+    shell: Literal["Bash"] = "Bash"
+    source: ScriptSource
+    working_directory: str | None = None
+    tail_files: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class CopyUnitSpec(Model):
+    source_type: Literal["Artifact", "Config"] = "Artifact"
+    destination_path: str
+
+
+class _UnitBase(Model):
+    identifier: str
+    name: str | None = None
+
+
+class ScriptUnit(_UnitBase):
+    """Runs a bash script on the host (one remote command)."""
+
+    type: Literal["Script"]
+    spec: ScriptUnitSpec
+
+
+class CopyUnit(_UnitBase):
+    """Pushes the service's artifact to ``destinationPath`` on the host over SFTP."""
+
+    type: Literal["Copy"]
+    spec: CopyUnitSpec
+
+
+class DownloadArtifactUnitSpec(Model):
+    destination_path: str
+
+
+class DownloadArtifactUnit(_UnitBase):
+    """The host fetches the service's artifact itself (for hosts that reach the repository):
+    HTTP(S) sources with their credentials in that one command's environment, S3 through a
+    short-lived presigned URL made on the worker. The checksum is verified on the host."""
+
+    type: Literal["DownloadArtifact"]
+    spec: DownloadArtifactUnitSpec
+
+
+class ReleaseUnitSpec(Model):
+    deployment_path: str
+    keep: int = Field(default=3, ge=1, le=50)
+
+
+class ReleaseUnit(_UnitBase):
+    """Install the artifact as ``<deploymentPath>/releases/<version>`` and switch
+    ``<deploymentPath>/current`` to it atomically; the last ``keep`` releases stay.
+
+    The artifact is copied (fetched once per execution, pushed over SFTP, checksum verified)
+    only when that release is not on the host yet: going back to a release the host still
+    holds (a rollback) fetches nothing."""
+
+    type: Literal["Release"]
+    spec: ReleaseUnitSpec
+
+
+class SetupUnitSpec(Model):
+    paths: list[str] = Field(min_length=1)
+    owner: str | None = None  # user[:group]
+    mode: str | None = Field(default=None, pattern=r"^[0-7]{3,4}$")
+
+
+class SetupUnit(_UnitBase):
+    """Prepare the runtime paths on the host (Harness's "Setup Runtime Paths"): each path is
+    created if missing, then given ``owner`` and ``mode`` when set."""
+
+    type: Literal["Setup"]
+    spec: SetupUnitSpec
+
+
+CommandUnit = Annotated[ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit,
+                        Field(discriminator="type")]
+
+
+class StepVariable(Model):
+    name: VariableName
+    type: Literal["String", "Number", "Secret"] = "String"
+    value: Scalar | None = None
+
+
+class CommandStepSpec(Model):
+    on_delegate: bool = False
+    environment_variables: list[StepVariable] = Field(default_factory=list)
+    output_variables: list[StepVariable] = Field(default_factory=list)
+    command_units: list[CommandUnit] = Field(min_length=1)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+
+
+ErrorType = Literal["AllErrors", "Unknown", "Authentication", "Authorization", "Connectivity",
+                    "Timeout", "Verification", "DelegateRestart", "DelegateProvisioning",
+                    "PolicyEvaluation", "ApprovalRejection"]
+
+
+ActionType = Literal["Retry", "Ignore", "MarkAsSuccess", "Abort", "StageRollback",
+                     "PipelineRollback", "ManualIntervention", "MarkAsFailure"]
+
+
+# What a person (or the post-timeout action) may choose after a ManualIntervention.
+INTERVENTION_ACTIONS = ("Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
+                        "MarkAsFailure")
+
+
+class FailureAction(Model):
+    """What to do about a failure.
+
+    Retry takes retryCount, retryIntervals and onRetryFailure; ManualIntervention takes timeout
+    and onTimeout (the post-timeout action)."""
+
+    type: ActionType
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _spec(self) -> FailureAction:
+        if self.type == "Retry":
+            RetrySpec.model_validate(self.spec)
+        if self.type == "ManualIntervention":
+            ManualInterventionSpec.model_validate(self.spec)
+        return self
+
+    @property
+    def retry(self) -> RetrySpec | None:
+        """A Retry's spec, typed (None for any other action)."""
+        return RetrySpec.model_validate(self.spec) if self.type == "Retry" else None
+
+    @property
+    def intervention(self) -> ManualInterventionSpec | None:
+        """A ManualIntervention's spec, typed (None for any other action)."""
+        return ManualInterventionSpec.model_validate(self.spec) \
+            if self.type == "ManualIntervention" else None
+
+
+class TimeoutAction(Model):
+    type: Literal["Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
+                  "MarkAsFailure"]
+
+
+class OnTimeout(Model):
+    action: TimeoutAction
+
+
+class ManualInterventionSpec(Model):
+    """Harness's ManualIntervention: wait for a person for ``timeout``, then ``onTimeout``."""
+
+    timeout: Duration = "1h"
+    on_timeout: OnTimeout
+
+
+class RetryOnFailure(Model):
+    action: FailureAction
+
+
+class RetrySpec(Model):
+    retry_count: int = Field(ge=1, le=100)
+    retry_intervals: list[Duration] = Field(min_length=1)
+    on_retry_failure: RetryOnFailure | None = None
+
+
+class OnFailure(Model):
+    errors: list[ErrorType] = Field(min_length=1)
+    action: FailureAction
+
+
+class FailureStrategy(Model):
+    """Harness's ``failureStrategies`` entry: ``- onFailure: {errors: [...], action: {...}}``.
+
+    The first entry whose errors match wins; a step's own entries come before its stage's,
+    which come before the pipeline's.
+    """
+
+    on_failure: OnFailure
+
+
+class _StepBase(Model):
+    name: str
+    identifier: Identifier
+    timeout: Duration | None = None
+    description: str | None = None
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+
+
+class CommandStep(_StepBase):
+    """``- step: {type: Command, name, identifier, timeout, spec: {...}}``."""
+
+    type: Literal["Command"]
+    spec: CommandStepSpec
+
+
+class HealthCheckSpec(Model):
+    """How a HealthCheck step decides that one host is healthy.
+
+    ```yaml
+    - step:
+        type: HealthCheck
+        name: Health
+        identifier: health
+        spec:
+          type: HTTP                      # HTTP | TCP | Command
+          url: http://<+instance.hostName>:8080/health
+          expectStatus: [200]
+          expectBody: '"status":"UP"'     # substring; JSON-aware for JSON bodies
+          retries: 10
+          interval: 1s
+          timeout: 2s
+    ```
+    HTTP and TCP checks run from the region's worker to the host (as a load balancer would);
+    Command runs on the host over SSH and passes on exit code 0.
+    """
+
+    type: Literal["HTTP", "TCP", "Command"]
+    url: str | None = None
+    host: str | None = None
+    port: int | str | None = None
+    command: str | None = None
+    expect_status: list[int] = Field(default_factory=lambda: [200])
+    expect_body: str | None = None
+    retries: int = Field(default=3, ge=1, le=1000)  # attempts in all
+    interval: Duration = "1s"
+    timeout: Duration = "5s"
+
+    @model_validator(mode="after")
+    def _required(self) -> HealthCheckSpec:
+        need = {"HTTP": "url", "TCP": "port", "Command": "command"}[self.type]
+        if getattr(self, need) in (None, ""):
+            raise ValueError(f"a {self.type} health check needs '{need}'")
+        return self
+
+
+class HealthCheckStep(_StepBase):
+    """A step that waits until the host is healthy (retries, interval, timeout)."""
+
+    type: Literal["HealthCheck"]
+    spec: HealthCheckSpec
+
+
+StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
+
+
+class StepGroupStepElement(Model):
+    step: StepSpec
+
+
+class StepGroup(Model):
+    """Harness's ``stepGroup``: steps that share failure strategies (run in order per host).
+
+    A group's failureStrategies come after each step's own and before the stage's."""
+
+    name: str
+    identifier: Identifier
+    steps: list[StepGroupStepElement] = Field(min_length=1)
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+
+
+class StepElement(Model):
+    step: StepSpec | None = None
+    step_group: StepGroup | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StepElement:
+        if (self.step is None) == (self.step_group is None):
+            raise ValueError("each entry holds either 'step' or 'stepGroup'")
+        return self
+
+
+FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep", "StepGroup | None"]
+
+
+def flat_steps(elements: list[StepElement]) -> list[FlatStep]:
+    """Every step in order, with its path under the list and its step group (or None)."""
+    out: list[FlatStep] = []
+    for i, el in enumerate(elements):
+        if el.step is not None:
+            out.append(((i, "step"), el.step, None))
+        elif el.step_group is not None:
+            for k, inner in enumerate(el.step_group.steps):
+                out.append(((i, "stepGroup", "steps", k, "step"), inner.step, el.step_group))
+    return out
+
+
+class Execution(Model):
+    steps: list[StepElement] = Field(min_length=1)
+    rollback_steps: list[StepElement] = Field(default_factory=list)

@@ -1,0 +1,319 @@
+"""Resolving a pipeline into the plan an execution runs: every host-independent expression
+rendered, scripts placed by quoting context, the strategy in one form.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from app.definitions import models as m
+from app.definitions.expressions import (
+    EXPR_RE,
+    Context,
+    render,
+    render_script,
+)
+from app.definitions.shell import unterminated
+from app.errors import SpecError, SpecErrors
+
+if TYPE_CHECKING:
+    from app.definitions.plan import Plan
+
+from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
+from app.definitions.validation import loc_to_path, position
+
+
+def _variables_ctx(ctx: Context, prefix: str, owner: Loaded, variables: list[m.Variable],
+                   base: tuple[str | int, ...], bundle: Bundle) -> None:
+    for i, v in enumerate(variables):
+        if v.type == "Secret":
+            continue  # resolved on the worker by the secrets backend
+        ext = (owner.doc.file, owner.doc.index, (*owner.base, *base, i, "value")) in \
+            bundle.external
+        ctx.set(f"{prefix}.{v.name}", v.value if v.value is not None else v.default,
+                external=ext)
+
+
+def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalStageSpec, *,
+                  execution_id: str) -> Context:
+    """The host-independent expression values for one stage."""
+    ctx = Context()
+    pm = pipe.model
+    ctx.set("pipeline.name", pm.metadata.name)
+    ctx.set("pipeline.identifier", pipe.ident)
+    ctx.set("pipeline.executionId", execution_id)
+    ctx.set("pipeline.sequenceId", execution_id)
+    _variables_ctx(ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"),
+                   bundle)
+    ctx.set("stage.name", stage.name)
+    if isinstance(stage, m.ApprovalStageSpec):
+        ctx.set("stage.identifier", stage.identifier)
+        return ctx
+    ctx.set("stage.identifier", stage.identifier)
+    svc = bundle.services.get(stage.spec.service.service_ref)
+    if svc:
+        sd = svc.model.spec.service_definition.spec
+        ctx.set("service.name", svc.model.metadata.name)
+        ctx.set("service.identifier", svc.ident)
+        _variables_ctx(ctx, "serviceVariables", svc, sd.variables,
+                       ("spec", "serviceDefinition", "spec", "variables"), bundle)
+        art = sd.artifacts.primary
+        if art:
+            tag = art.spec.get("tag")
+            tag_path = ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")
+            ext = (svc.doc.file, svc.doc.index, tag_path) in bundle.external
+            if tag is not None:
+                ctx.set("artifact.tag", tag, external=ext)
+                ctx.set("artifacts.primary.tag", tag, external=ext)
+                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)),
+                        external=ext)
+            ctx.set("artifact.type", art.type)
+            # Where the artifact comes from: the local path, URL path or S3 key (its template;
+            # <+artifact.tag> in it is rendered with the rest).
+            where = next((art.spec.get(k) for k in ("path", "filePath", "artifactPath", "key",
+                                                    "url") if art.spec.get(k)), None)
+            if where is not None:
+                # (a bad expression in it is reported where the artifact's fields are checked)
+                where = render(str(where), ctx, on_error=lambda _msg: None)
+                ctx.set("artifact.path", where, external=ext)
+    env = bundle.environments.get(stage.spec.environment.environment_ref)
+    if env:
+        ctx.set("env.name", env.model.metadata.name)
+        ctx.set("env.identifier", env.ident)
+        ctx.set("env.type", env.model.spec.type)
+        _variables_ctx(ctx, "env.variables", env, env.model.spec.variables,
+                       ("spec", "variables"), bundle)
+    refs = stage.spec.environment.infrastructure_definitions
+    infra = bundle.infrastructures.get(refs[0].identifier) if refs else None
+    if infra:
+        ctx.set("infra.name", infra.model.metadata.name)
+        ctx.set("infra.identifier", infra.ident)
+        ctx.set("infra.connectorRef", infra.model.spec.spec.connector_ref or "")
+        ctx.set("infra.environmentRef", infra.model.spec.environment_ref)
+        # infra.region is per host (a static infra may span regions): rendered on the worker.
+    return ctx
+
+
+def artifact_file_name(service: str, tag: str) -> str:
+    """The file name an artifact gets on the hosts: ``<service>-<tag>.tar.gz``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+    return f"{service}-{safe}.tar.gz"
+
+
+def render_tree(data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ...],
+                 errs: Collector) -> Any:
+    if isinstance(data, dict):
+        return {k: render_tree(v, ctx, doc, (*path, k), errs) for k, v in data.items()}
+    if isinstance(data, list):
+        return [render_tree(v, ctx, doc, (*path, i), errs) for i, v in enumerate(data)]
+    if isinstance(data, str) and "<+" in data:
+
+        def on_error(msg: str) -> None:
+            named = EXPR_RE.search(msg)  # the message quotes the expression: find its line
+            errs.add(doc.doc.error(msg, (*doc.base, *path),
+                                   within=named.group(0) if named else None))
+
+        for n in unterminated(data):  # an expression ends on its own line, with '>'
+            line = data.split("\n")[n - 1]
+            start = line.index("<+")
+            errs.add(doc.doc.error(
+                f"unterminated expression '{line[start:start + 60]}': an expression ends with "
+                "'>' on the line it starts", (*doc.base, *path), within=line[start:]))
+        if path[-1] == "script":  # values from outside the files stand intact, or are refused
+            return render_script(data, ctx, on_error=on_error)
+        return render(data, ctx, on_error=on_error)
+    return data
+
+
+def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str,
+                  strict_inputs: bool = True) -> dict[str, Any]:
+    """One stage as plain data, every host-independent expression rendered."""
+    errs = Collector()
+    stage = pipe.model.spec.stages[index].stage
+    ctx = stage_context(bundle, pipe, stage, execution_id=execution_id)
+    ctx.allow_inputs = not strict_inputs
+    base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
+    raw = get_at(pipe.doc.data, base)
+    rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
+    if isinstance(stage, m.ApprovalStageSpec):
+        errs.raise_if_any()
+        step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
+        return {"type": "Approval", "index": index, "identifier": stage.identifier,
+                "name": stage.name, "steps": [], "rollbackSteps": [], "infrastructures": [],
+                "strategy": {"type": "Basic"},
+                "approval": step.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    # Variables of service and environment may hold expressions too.
+    svc = bundle.services.get(stage.spec.service.service_ref)
+    env = bundle.environments.get(stage.spec.environment.environment_ref)
+    for owner in (svc, env):
+        if owner is not None:
+            render_tree(copy.deepcopy(owner.raw), ctx, owner, owner.base, errs)
+    errs.raise_if_any()
+    try:
+        out_stage = m.StageSpec.model_validate(rendered)
+    except ValidationError as exc:
+        # A value that became invalid once rendered (an empty variable where a URL must be).
+        for e in exc.errors():
+            where = loc_to_path(pipe.doc, base, tuple(e["loc"]))
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            errs.add(pipe.error(f"{msg} (once its expressions are rendered)", where))
+        errs.raise_if_any()
+        raise
+    assert svc is not None and env is not None
+    art = svc.model.spec.service_definition.spec.artifacts.primary
+    artifact: dict[str, Any] | None = None
+    if art is not None:
+        tag = ctx.values.get("artifact.tag")
+        if tag is not None and "<+" not in tag.text and not _own_regex(bundle, svc) \
+                and not TAG_RE.fullmatch(tag.text):
+            errs.add(svc.error(
+                f"artifact tag {tag.text!r} is not a version: a tag names a file and a release "
+                "directory on every host, so it starts with a letter or digit and holds only "
+                "letters, digits and . _ + ~ - (no '/', no '..', no spaces); give the input "
+                "its own pattern with <+input>.regex(...) to allow others",
+                ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")))
+        art_spec = render_tree(copy.deepcopy(art.spec), ctx, svc,
+                                ("spec", "serviceDefinition", "spec", "artifacts", "primary",
+                                 "spec"), errs)
+        artifact = {"type": art.type, "spec": art_spec, "tag": tag.text if tag else None,
+                    "fileName": artifact_file_name(svc.ident, tag.text) if tag else None}
+    infras = []
+    for ref in stage.spec.environment.infrastructure_definitions:
+        infra = bundle.infrastructures[ref.identifier]
+        src_file, src_line, _ = position(infra.doc, infra.base or ("metadata",))  # hook (templates)
+        infras.append({
+            "identifier": infra.ident,
+            "name": infra.model.metadata.name,
+            "provider": provider_of(infra.model),
+            "spec": infra.model.spec.spec.model_dump(mode="json", by_alias=True,
+                                                     exclude_none=True),
+            "source": f"{src_file}:{src_line}",
+        })
+    uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
+                    for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
+                                                  *out_stage.spec.execution.rollback_steps])
+                    for u in getattr(st.spec, "command_units", []))
+    if strict_inputs and uses_copy and art is not None and artifact is not None \
+            and art.type != "Local":
+        from app.artifacts import check as check_artifact
+
+        for problem in check_artifact(artifact):
+            errs.add(svc.error(problem, ("spec", "serviceDefinition", "spec", "artifacts",
+                                         "primary", "spec")))
+    if strict_inputs and art is not None and art.type == "Local" and uses_copy:
+        p = art.spec.get("path")
+        if not isinstance(p, str) or not Path(p).exists():
+            errs.add(svc.error(f"local artifact path {p!r} does not exist",
+                               ("spec", "serviceDefinition", "spec", "artifacts", "primary",
+                                "spec", "path")))
+        if not (artifact and artifact.get("tag")):
+            errs.add(svc.error("the artifact needs a tag (spec.tag)",
+                               ("spec", "serviceDefinition", "spec", "artifacts", "primary",
+                                "spec")))
+    errs.raise_if_any()
+    return {
+        "strategy": strategy_of(out_stage),
+        "index": index,
+        "identifier": stage.identifier,
+        "name": stage.name,
+        "service": {"identifier": svc.ident, "name": svc.model.metadata.name},
+        "environment": {"identifier": env.ident, "name": env.model.metadata.name,
+                        "type": env.model.spec.type},
+        "artifact": artifact,
+        "infrastructures": infras,
+        "steps": _dump_steps(out_stage.spec.execution.steps),
+        # Worker tags for every host of the stage (the pipeline's, then the stage's); the
+        # infrastructure's and each step's are added per host and step.
+        "delegateSelectors": sorted({*pipe.model.spec.delegate_selectors,
+                                     *out_stage.delegate_selectors}),
+        "delegateFallback": out_stage.delegate_fallback,
+        # The failure strategies that apply after the step's own, by precedence.
+        "failureStrategies": [
+            *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
+            *[f.model_dump(mode="json", by_alias=True)
+              for f in pipe.model.spec.failure_strategies]],
+        # Values from outside the files (runtime inputs): the worker binds the unsafe ones into
+        # the environment of the scripts that name them (see expressions.render).
+        "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
+        "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
+    }
+
+
+# What an artifact tag may be unless its runtime input says otherwise with .regex(): it names
+# a file and a release directory on every host (a leading '-' would read as an option).
+TAG_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def _own_regex(bundle: Bundle, svc: Loaded) -> bool:
+    """Does the service's artifact tag come from a runtime input with its own .regex()?"""
+    return any(slot.doc is svc.doc and slot.path[-1:] == ("tag",) and "regex" in slot.options
+               for slot in bundle.inputs)
+
+
+def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
+    """Steps as plain data, step groups flattened: a grouped step names its group and carries
+    the group's failure strategies (which apply after its own)."""
+    out = []
+    for _, step, group in m.flat_steps(elements):
+        d = step.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if group is not None:
+            d["group"] = group.identifier
+            d["groupFailureStrategies"] = [f.model_dump(mode="json", by_alias=True)
+                                           for f in group.failure_strategies]
+        out.append(d)
+    return out
+
+
+def strategy_of(stage: m.StageSpec) -> dict[str, Any]:
+    """The stage's strategy as plain data, whichever form the file used."""
+    sp = stage.spec
+    budget = m.FailureBudget()
+    if sp.rollout_deployment is not None:
+        return {"type": "Rolling", "cumulative": True,
+                "phases": [p.phase.size() for p in sp.rollout_deployment.phases],
+                "phaseNames": [p.phase.name for p in sp.rollout_deployment.phases],
+                "failureBudget": budget.model_dump(by_alias=True)}
+    if sp.canary_deployment is not None:
+        phases = sp.canary_deployment.phases
+        checks = [s for p in phases for s in p.phase.steps if s.is_verification]
+        verification = next((v for v in (s.verification() for s in checks) if v), None)
+        return {"type": "Canary", "cumulative": True,
+                "phases": [p.phase.size() for p in phases],
+                "phaseNames": [p.phase.name for p in phases],
+                "verifyAfter": [i for i, p in enumerate(phases)
+                                if any(s.is_verification for s in p.phase.steps)],
+                "verification": verification.model_dump(mode="json", by_alias=True,
+                                                        exclude_none=True)
+                if verification else None,
+                "failureBudget": budget.model_dump(by_alias=True)}
+    strategy = sp.strategy or m.StrategySpec()
+    out = strategy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    out["cumulative"] = strategy.type == "Canary"
+    return out
+
+
+def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> Plan:
+    """The whole pipeline as an execution runs it (stored with ``Plan.to_json()``)."""
+    from app.definitions.plan import Plan
+
+    errs = Collector()
+    stages = []
+    for i in range(len(pipeline.model.spec.stages)):
+        try:
+            stages.append(resolve_stage(bundle, pipeline, i, execution_id=execution_id))
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
+    errs.raise_if_any()
+    return Plan.model_validate({
+        "identifier": pipeline.ident,
+        "name": pipeline.model.metadata.name,
+        "files": sorted({d.file for d in [*bundle.documents, *bundle.templates]}),  # + templates
+        "stages": stages,
+        "notificationRules": [r.model_dump(mode="json", by_alias=True, exclude_none=True)
+                               for r in pipeline.model.spec.notification_rules],
+    })
