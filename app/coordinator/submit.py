@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import text
 from sqlmodel import col, select
 
 from app.coordinator.discovery import discover_stage
@@ -89,6 +90,9 @@ def record(plan: Plan, stage_hosts: list[list[Host]], *, execution_id: str,
         raise ConfigError("; ".join(refused) + " (start one with `vmfarm worker --region R "
                           "--tags ...`, or give the stage a delegateFallback)")
     with session_scope() as s:
+        busy = _deploying_elsewhere(s, plan)
+        if busy:  # nothing is recorded: allowSimultaneousDeployments is false there
+            raise ConfigError("; ".join(busy))
         ex = Execution(
             id=execution_id, pipeline=plan.identifier, pipeline_name=plan.name,
             plan=data, inputs={k: str(v) for k, v in (inputs or {}).items()},
@@ -106,6 +110,41 @@ def record(plan: Plan, stage_hosts: list[list[Host]], *, execution_id: str,
     if publish:
         advance(execution_id)
     return list(warnings)
+
+
+def _deploying_elsewhere(s: Any, plan: Plan) -> list[str]:
+    """Why ``plan`` may not start now: a stage under way deploys one of its services to one of
+    its infrastructures that does not allow simultaneous deployments (Harness's
+    ``allowSimultaneousDeployments: false``, the default). Checked under a lock that serialises
+    the recording of runs, so two runs cannot both pass it. (A run refused here can simply be
+    submitted again once the other has ended.)"""
+    wanted = {(st.service.identifier, infra.identifier): infra
+              for st in plan.stages if isinstance(st, DeploymentStagePlan)
+              for infra in st.infrastructures if not infra.allow_simultaneous_deployments}
+    if not wanted:
+        return []
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(hashtext('vmfarm.deployment-lock'))"))
+    busy = []
+    # Only a stage under way holds its infrastructures (one waiting to start holds nothing).
+    for run in s.exec(select(StageRun).where(
+            col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))).all():
+        other = s.get(Execution, run.execution_id)
+        if other is None or other.status in Status.TERMINAL:
+            continue
+        st = plan_of(other).stages[run.stage_index]
+        if not isinstance(st, DeploymentStagePlan):
+            continue
+        for infra in st.infrastructures:
+            mine = wanted.get((st.service.identifier, infra.identifier))
+            if mine is not None:
+                busy.append(f"service '{st.service.identifier}' is being deployed to "
+                            f"infrastructure '{infra.identifier}' ({mine.source}) by "
+                            f"execution {other.id} (stage '{st.identifier}'), and that "
+                            "infrastructure does not allow simultaneous deployments: wait "
+                            f"for it (vmfarm status {other.id}), or set "
+                            "allowSimultaneousDeployments: true")
+    return list(dict.fromkeys(busy))
 
 
 def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,

@@ -79,3 +79,11 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"'{text}' is not a duration (use e.g. 500ms, 0.5s, 30s, 10m, 1h30m)")
     d, h, mi, sec, ms = (float(g or 0) for g in m.groups())
     return ((d * 24 + h) * 60 + mi) * 60 + sec + ms / 1000
+
+
+def ssh_only(v: str) -> str:
+    """WinRM is refused by name: vmfarm deploys over SSH, never runs a WinRM deployment as SSH."""
+    if v == "WinRm":
+        raise ValueError("deploymentType WinRm is not supported: vmfarm deploys over SSH to "
+                         "Linux hosts (bash); write Ssh")
+    return v

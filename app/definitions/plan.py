@@ -58,6 +58,9 @@ class InfrastructurePlan(Model):
     provider: str
     spec: dict[str, Any] = Field(default_factory=dict)
     source: str = ""
+    # False (Harness's default): a second run deploying this service to this infrastructure is
+    # refused while one is under way (app.coordinator.submit.record).
+    allow_simultaneous_deployments: bool = False
 
 
 class StrategyPlan(StrategySpec):

@@ -193,6 +193,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
             "spec": infra.model.spec.spec.model_dump(mode="json", by_alias=True,
                                                      exclude_none=True),
             "source": f"{src_file}:{src_line}",
+            "allowSimultaneousDeployments": infra.model.spec.allow_simultaneous_deployments,
         })
     uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
                     for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,

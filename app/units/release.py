@@ -31,7 +31,8 @@ from app.units.copy import artifact_source, push_artifact
 # The output a Release unit leaves: the releases the host holds, newest first.
 RELEASES_OUTPUT = "vmfarm_releases"
 
-VERSION_RE = re.compile(r"[A-Za-z0-9._+-]+")
+# A version names a folder: it starts with a letter or a digit and never climbs out ('..').
+VERSION_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,15 +54,22 @@ def has_release_command(r: RenderedRelease) -> str:
     return f"test -d {rel} && test -e {rel}/.vmfarm-release"
 
 
+def is_tarball(file_name: str) -> bool:
+    return file_name.endswith((".tar.gz", ".tgz"))
+
+
 def install_script(r: RenderedRelease, incoming: str) -> str:
     """Unpack (or copy) ``incoming`` into a temporary directory, mark it, rename it into
-    place."""
+    place. Files belong to the SSH user with its umask (never the archive's owners or modes);
+    whatever happens, the temporary directory and the pushed archive are gone at the end."""
     b, v, i = shlex.quote(r.deploymentPath), shlex.quote(r.version), shlex.quote(incoming)
-    unpack = (f"tar -xzf {i} -C \"$tmp\"" if r.fileName.endswith((".tar.gz", ".tgz"))
-              else f"cp {i} \"$tmp\"/")
-    return (f"set -e\nmkdir -p {b}/releases\ntmp=$(mktemp -d {b}/releases/.{v}.XXXX)\n"
+    unpack = (f"tar --no-same-owner --no-same-permissions -xzf {i} -C \"$tmp\""
+              if is_tarball(r.fileName) else f"cp {i} \"$tmp\"/")
+    return (f"set -e\nincoming={i}\nmkdir -p {b}/releases\n"
+            f"tmp=$(mktemp -d {b}/releases/.{v}.XXXX)\n"
+            "trap 'rm -rf \"$tmp\" \"$incoming\"' EXIT\n"
             f"{unpack}\necho {v} > \"$tmp\"/.vmfarm-release\n"
-            f"rm -rf {b}/releases/{v}\nmv \"$tmp\" {b}/releases/{v}\nrm -f {i}\n")
+            f"rm -rf {b}/releases/{v}\nmv \"$tmp\" {b}/releases/{v}\n")
 
 
 def switch_script(r: RenderedRelease) -> str:
@@ -73,6 +81,23 @@ def switch_script(r: RenderedRelease) -> str:
             f"ls -1t releases | grep -v '^[.]' | tail -n +{r.keep + 1} | while read -r old; do "
             f"[ \"$old\" = {v} ] || rm -rf \"releases/$old\"; done\n"
             f"echo \"RELEASES $(ls -1t releases | grep -v '^[.]' | tr '\\n' ' ')\"\n")
+
+
+def check_archive(r: RenderedRelease, session: HostSession) -> Outcome | None:
+    """The archive's members, checked here before anything is pushed (app.artifacts.archive);
+    a failure naming the first members refused, or None."""
+    if not is_tarball(r.fileName):
+        return None
+    from app.artifacts import fetch
+    from app.artifacts.archive import unsafe_members
+
+    got = fetch(r.artifact, execution_id=session.execution_id)
+    problems = unsafe_members(str(got.path))
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return Outcome.failed(f"release {r.version}: {r.fileName} is refused before anything is "
+                          f"unpacked: {'; '.join(problems[:3])}{more}")
 
 
 @register
@@ -99,6 +124,9 @@ class Release(UnitType[ReleaseUnit, RenderedRelease]):
         conn, host, out = session.conn, session.host, session.out
         has = conn.run(has_release_command(r), timeout=session.timeout)
         if has.exit_code != 0:
+            refused = check_archive(r, session)
+            if refused is not None:
+                return refused
             incoming = f"{r.deploymentPath}/incoming/{r.fileName}"
             pushed = push_artifact(r.artifact, session, incoming)
             if not pushed.ok:

@@ -228,3 +228,40 @@ def test_rollback_to_a_release_the_hosts_hold_fetches_nothing(
     assert _on_hosts(lab8, "running") == ["app version 1.0\n"] * 8
     held = json.loads(run_vmfarm("artifacts", "app", "-o", "json", env=env).stdout)
     assert {i["version"] for i in held["instances"]} == {"1.0"}
+
+
+def test_a_hostile_archive_is_refused_before_anything_reaches_the_hosts(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    # Given a release whose archive climbs out of its folder, links to /etc and is setuid
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, kind, mode, link in [("../escaped", tarfile.REGTYPE, 0o644, ""),
+                                       ("passwd", tarfile.SYMTYPE, 0o777, "/etc/passwd"),
+                                       ("su", tarfile.REGTYPE, 0o4755, "")]:
+            m = tarfile.TarInfo(name)
+            m.type, m.mode, m.linkname = kind, mode, link
+            data = b"x" if kind == tarfile.REGTYPE else b""
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    world["server"].add("/repo/app/6.6/app-6.6.tar.gz", buf.getvalue())
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    # When it is deployed
+    code, report = _run(env, _files(tmp_path, world, "http", checksum=False), lab8, "6.6")
+    # Then every host fails in the Release unit, the message names the members, and nothing
+    # was pushed or unpacked anywhere
+    assert code == 1
+    errors = {s["error"] for h in report["stages"][0]["hosts"] for s in h["steps"]
+              if s["status"] == "FAILED"}
+    assert len(errors) == 1
+    (error,) = errors
+    assert "app-6.6.tar.gz is refused before anything is unpacked" in error
+    assert "'../escaped' would land outside" in error and "'/etc/passwd'" in error
+    for h in lab8.hosts:
+        rel = Path(h.host_dir) / "opt" / "rel"
+        assert not (rel / "releases" / "6.6").exists()
+        assert not (rel / "incoming" / "app-6.6.tar.gz").exists()
+        assert not (rel / "escaped").exists()

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from app.definitions.base import (
     REGION_RE,
@@ -13,6 +13,7 @@ from app.definitions.base import (
     Model,
     Scalar,
     identifier_of,
+    ssh_only,
 )
 from app.definitions.models.service import Metadata, Variable
 
@@ -103,7 +104,7 @@ InfraType = Literal["Pdc", "DirectConnection", "SshWinRmAws", "SshWinRmAzure", "
 
 class InfrastructureBody(Model):
     environment_ref: str
-    deployment_type: Literal["Ssh", "WinRm"] = "Ssh"
+    deployment_type: Annotated[Literal["Ssh", "WinRm"], AfterValidator(ssh_only)] = "Ssh"
     type: InfraType = "DirectConnection"
     spec: InfraInner = Field(default_factory=InfraInner)
     allow_simultaneous_deployments: bool = False
@@ -118,7 +119,7 @@ class InfrastructureSpec(Model):
 
 class InlineInfraBody(Model):
     cloud_provider_type: Literal["Aws", "Azure", "Gcp", "Physical", "Pdc"]
-    deployment_type: Literal["Ssh", "WinRm"] = "Ssh"
+    deployment_type: Annotated[Literal["Ssh", "WinRm"], AfterValidator(ssh_only)] = "Ssh"
     spec: InfraInner = Field(default_factory=InfraInner)
 
 

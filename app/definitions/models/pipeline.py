@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from app.definitions.base import (
     DelegateTag,
     Identifier,
     Model,
     Scalar,
+    ssh_only,
 )
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
@@ -37,7 +38,7 @@ class EnvironmentRef(Model):
 
 
 class DeploymentStageSpec(Model):
-    deployment_type: Literal["Ssh", "WinRm"] = "Ssh"
+    deployment_type: Annotated[Literal["Ssh", "WinRm"], AfterValidator(ssh_only)] = "Ssh"
     service: ServiceRef
     environment: EnvironmentRef
     execution: Execution

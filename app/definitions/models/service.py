@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, field_validator
 
 from app.definitions.base import (
     Identifier,
@@ -13,6 +13,7 @@ from app.definitions.base import (
     Scalar,
     VariableName,
     identifier_of,
+    ssh_only,
 )
 
 
@@ -65,9 +66,17 @@ class ServiceInner(Model):
     variables: list[Variable] = Field(default_factory=list)
     config_files: list[dict[str, Any]] = Field(default_factory=list)
 
+    @field_validator("config_files")
+    @classmethod
+    def _no_config_files(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if v:
+            raise ValueError("configFiles are not supported yet: write each file with a Script "
+                             "unit (a here-document), or ship it in the artifact")
+        return v
+
 
 class ServiceDefinition(Model):
-    type: Literal["SSH", "Ssh", "WinRm"]
+    type: Annotated[Literal["SSH", "Ssh", "WinRm"], AfterValidator(ssh_only)]
     spec: ServiceInner = Field(default_factory=ServiceInner)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.definitions.base import (
     DelegateTag,
@@ -32,10 +32,28 @@ class ScriptUnitSpec(Model):
     working_directory: str | None = None
     tail_files: list[dict[str, Any]] = Field(default_factory=list)
 
+    @field_validator("tail_files")
+    @classmethod
+    def _no_tail_files(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if v:
+            raise ValueError(
+                "tailFiles is not supported: wait for the line in the script itself, e.g. "
+                "timeout 300 bash -c 'until grep -q PATTERN FILE; do sleep 1; done'")
+        return v
+
 
 class CopyUnitSpec(Model):
     source_type: Literal["Artifact", "Config"] = "Artifact"
     destination_path: str
+
+    @field_validator("source_type")
+    @classmethod
+    def _artifact_only(cls, v: str) -> str:
+        if v != "Artifact":
+            raise ValueError("sourceType Config (the service's config files) is not supported "
+                             "yet: write the file with a Script unit (a here-document), or ship "
+                             "it in the artifact")
+        return v
 
 
 class _UnitBase(Model):
