@@ -22,8 +22,7 @@ CASES = {
                   "tailPattern: started}]\n",
                   "tailFiles is not supported"),
     "Copy from config files": ("pipeline", "sourceType: Artifact", "sourceType: Config",
-                               "sourceType Config (the service's config files) is not "
-                               "supported"),
+                               "Copy with sourceType Config is not supported yet"),
     "WinRM stage": ("pipeline", "deploymentType: Ssh", "deploymentType: WinRm",
                     "deploymentType WinRm is not supported: vmfarm deploys over SSH"),
     "WinRM infrastructure": ("infrastructure", "deploymentType: Ssh", "deploymentType: WinRm",

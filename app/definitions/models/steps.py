@@ -46,15 +46,6 @@ class CopyUnitSpec(Model):
     source_type: Literal["Artifact", "Config"] = "Artifact"
     destination_path: str
 
-    @field_validator("source_type")
-    @classmethod
-    def _artifact_only(cls, v: str) -> str:
-        if v != "Artifact":
-            raise ValueError("sourceType Config (the service's config files) is not supported "
-                             "yet: write the file with a Script unit (a here-document), or ship "
-                             "it in the artifact")
-        return v
-
 
 class _UnitBase(Model):
     identifier: str
