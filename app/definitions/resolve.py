@@ -60,8 +60,9 @@ def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalS
         sd = svc.model.spec.service_definition.spec
         ctx.set("service.name", svc.model.metadata.name)
         ctx.set("service.identifier", svc.ident)
-        _variables_ctx(ctx, "serviceVariables", svc, sd.variables,
-                       ("spec", "serviceDefinition", "spec", "variables"), bundle)
+        for prefix in ("serviceVariables", "service.variables"):  # Harness spells it both ways
+            _variables_ctx(ctx, prefix, svc, sd.variables,
+                           ("spec", "serviceDefinition", "spec", "variables"), bundle)
         art = sd.artifacts.primary
         if art:
             tag = art.spec.get("tag")

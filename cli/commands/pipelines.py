@@ -56,8 +56,13 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
                  "message": e.message} for e in errors]})
             sys.exit(2)
         fail_input(exc)
+    from app.definitions.templates import templates_of
+
+    all_docs = [*bundle.documents, *bundle.templates]
     summary: dict[str, Any] = {
         "valid": True,
+        "templates": sorted(f"{ident} ({kind}{', ' + version if version else ''})"
+                            for ident, version, kind in templates_of(bundle.templates)),
         "services": sorted(bundle.services),
         "environments": sorted(bundle.environments),
         "infrastructures": sorted(bundle.infrastructures),
@@ -69,9 +74,9 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
     if output == "json":
         cli.json(summary)
         return
-    cli.out.print(Text.assemble(("valid", "green"), f": {len(bundle.documents)} document(s) in "
-                                f"{len({d.file for d in bundle.documents})} file(s)"))
-    for kind in ("services", "environments", "infrastructures", "pipelines"):
+    cli.out.print(Text.assemble(("valid", "green"), f": {len(all_docs)} document(s) in "
+                                f"{len({d.file for d in all_docs})} file(s)"))
+    for kind in ("templates", "services", "environments", "infrastructures", "pipelines"):
         if summary[kind]:
             cli.out.print(f"  {kind}: {', '.join(summary[kind])}")
     for i in summary["inputs"]:
