@@ -60,6 +60,15 @@ class Artifacts(Model):
     primary: ArtifactSource | None = None
     sidecars: list[dict[str, Any]] = Field(default_factory=list)
 
+    @field_validator("sidecars")
+    @classmethod
+    def _no_sidecars(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if v:
+            raise ValueError("sidecar artifacts are not supported: vmfarm deploys the primary "
+                             "artifact; fetch others with a Script unit, or make them a service "
+                             "of their own")
+        return v
+
 
 class ServiceInner(Model):
     artifacts: Artifacts = Field(default_factory=Artifacts)
