@@ -89,7 +89,17 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
                                "kind, metadata and spec", file=str(f), line=1, col=1))
         bundle.documents.extend(docs)
     errs.raise_if_any()
+    from app.definitions.native import from_native, rename_fields
 
+    bundle.documents = [from_native(d) for d in bundle.documents]  # Harness's own shape
+    try:
+        return _load_bundle(bundle, errs, inputs, require_inputs)
+    except (SpecError, SpecErrors) as exc:
+        raise rename_fields(exc, bundle.documents) from None
+
+
+def _load_bundle(bundle: Bundle, errs: Collector, inputs: Mapping[str, str] | None,
+                 require_inputs: bool) -> Bundle:
     # Hook (templates): Template documents are set aside and every template reference is
     # expanded in place, before runtime inputs are named and filled.
     from app.definitions.templates import expand_templates
@@ -135,6 +145,9 @@ NOT_A_DOCUMENT = {
                   "Operating vmfarm); an application's checks are verification gates",
     "monitoring_alerts": "alert rules are in configs/prometheus/alerts.yaml (README: Operating "
                          "vmfarm)",
+    "connector": "connectors are not supported yet: write the URL (artifacts) or the credentials "
+                 "(workers' environment, secrets) where they are used",
+    "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
     "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "
                          "workers",
