@@ -449,4 +449,6 @@ def test_a_host_that_downloads_the_artifact_shows_ps_no_url_and_no_password(
     everything = "".join(listings)
     assert PASSWORD not in everything
     assert "/repo/app/1.0/app-1.0.tar.gz" not in everything
+    # ... nor did the output, the ledger or a task message
     assert PASSWORD not in stdout + stderr
+    assert PASSWORD.encode() not in _kept_bytes(tmp_path / "home")
