@@ -13,6 +13,10 @@
     AmazonS3         spec.bucket (or bucketName) + spec.key (or filePath), spec.region
     CustomArtifact   refused: use Http or AmazonS3
 
+Artifactory without spec.repository reads the first segment of artifactPath as the
+repository (Artifactory's own URLs are ``<server>/<repository>/<path>``): the reference's
+``artifactPath: /apps/web-app/`` is the folder ``web-app`` of the repository ``apps``.
+
 The repository path (Artifactory and Nexus) is, in this order:
 
 - maven layout when spec.groupId and spec.artifactId are set (also under a nested ``spec``, as
@@ -23,8 +27,9 @@ The repository path (Artifactory and Nexus) is, in this order:
   spec.fileName, or else the tag itself (Harness's generic repositories list files as tags).
 
 In every template ``<+artifact.tag>``, ``<+artifacts.primary.tag>``, ``<tag>`` and ``{tag}``
-become the tag (URL-quoted in URLs). ``connectorRef`` is not resolved by this version: name the
-server with spec.baseUrl (or spec.url).
+become the tag (URL-quoted in URLs). ``connectorRef`` is resolved by the loader
+(app.definitions.connectors): the plan's spec holds the connector's server URL as baseUrl (or
+url) and its credentials as username and passwordRef.
 
 Authentication (HTTP types): a bearer token or basic (a username and a password). Secrets are
 named, never written: ``spec.passwordRef`` / ``spec.tokenRef`` hold a secret id, and
@@ -220,8 +225,9 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
     if not base:
         ref = _field(spec, "connectorRef")
         raise ArtifactError(f"{what}: set spec.url, or spec.baseUrl with the repository fields"
-                            + (f" (connectorRef {ref!r} is not resolved by this version)"
-                               if ref else ""))
+                            + (f" (connectorRef {ref!r} is not resolved here: the loader "
+                               "writes the connector's server URL into the plan)" if ref
+                               else ""))
     base = _substitute(base, tag, what, url=True).rstrip("/")
     if atype == "Http":
         raise ArtifactError(f"{what}: set spec.url")
@@ -236,9 +242,11 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
         return f"{base}/{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}"
     repo = _field(spec, "repository", "repositoryName")
-    if not repo:
-        raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl")
-    segs = [_substitute(repo, tag, what), *_repo_path(spec, tag, what)]
+    if not repo and not (atype == "Artifactory" and _field(spec, "artifactPath")):
+        raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl"
+                            + (" (or an artifactPath that starts with the repository)"
+                               if atype == "Artifactory" else ""))
+    segs = [*([_substitute(repo, tag, what)] if repo else []), *_repo_path(spec, tag, what)]
     prefix = "repository/" if atype == "Nexus3Registry" else ""
     return f"{base}/{prefix}" + "/".join(quote(s, safe=_URL_SAFE) for s in segs)
 

@@ -64,6 +64,7 @@ class Bundle:
     environments: dict[str, Loaded] = field(default_factory=dict)
     infrastructures: dict[str, Loaded] = field(default_factory=dict)
     pipelines: dict[str, Loaded] = field(default_factory=dict)
+    connectors: dict[str, Loaded] = field(default_factory=dict)
     inputs: list[InputSlot] = field(default_factory=list)
     # Hook (templates): the Template documents of the load, set aside by
     # app.definitions.templates.expand_templates (their bodies are expanded where they are used).
@@ -77,6 +78,7 @@ class Bundle:
             "Environment": self.environments,
             "Infrastructure": self.infrastructures,
             "Pipeline": self.pipelines,
+            "Connector": self.connectors,
         }[kind]
 
 

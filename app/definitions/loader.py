@@ -145,8 +145,6 @@ NOT_A_DOCUMENT = {
                   "Operating vmfarm); an application's checks are verification gates",
     "monitoring_alerts": "alert rules are in configs/prometheus/alerts.yaml (README: Operating "
                          "vmfarm)",
-    "connector": "connectors are not supported yet: write the URL (artifacts) or the credentials "
-                 "(workers' environment, secrets) where they are used",
     "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
     "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "

@@ -8,11 +8,11 @@ Harness writes one entity per document with its kind as the top key::
       projectIdentifier: web          spec:
       stages: [...]                     stages: [...]
 
-(``service:``, ``environment:``, ``infrastructureDefinition:`` the same way; ``template:`` is
-read by app.definitions.templates, ``inputSet:`` by app.definitions.inputsets). The loader turns
-such a document into vmfarm's shape before anything else looks at it; every position still
-points into the file as written, and error fields are named as the file names them
-(``pipeline.stages[0]...``, not ``spec.stages[0]...``). ``vmfarm convert`` prints either shape
+(``service:``, ``environment:``, ``infrastructureDefinition:``, ``connector:`` the same way;
+``template:`` is read by app.definitions.templates, ``inputSet:`` by app.definitions.inputsets).
+The loader turns such a document into vmfarm's shape before anything else looks at it; every
+position still points into the file as written, and error fields are named as the file names
+them (``pipeline.stages[0]...``, not ``spec.stages[0]...``). ``vmfarm convert`` prints either shape
 from the other, as text, so comments stay where they were.
 """
 
@@ -28,7 +28,7 @@ from app.definitions.yamlload import Document
 from app.errors import SpecError, SpecErrors
 
 KINDS = {"pipeline": "Pipeline", "service": "Service", "environment": "Environment",
-         "infrastructureDefinition": "Infrastructure"}
+         "infrastructureDefinition": "Infrastructure", "connector": "Connector"}
 TOP_KEY = {kind: key for key, kind in KINDS.items()}
 # Keys of a native body that are vmfarm's metadata; the rest is the spec (an environment's
 # tags are its spec's in vmfarm's shape).

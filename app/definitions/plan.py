@@ -61,6 +61,9 @@ class InfrastructurePlan(Model):
     # False (Harness's default): a second run deploying this service to this infrastructure is
     # refused while one is under way (app.coordinator.submit.record).
     allow_simultaneous_deployments: bool = False
+    # The infrastructure's connector (app.definitions.connectors.infra_connector): its type and
+    # credential by secret ids; app.providers resolves them on the worker that discovers.
+    connector: dict[str, Any] | None = None
 
 
 class StrategyPlan(StrategySpec):

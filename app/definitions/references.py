@@ -16,6 +16,9 @@ from app.definitions.bundle import Bundle, Collector, Loaded, missing, provider_
 
 
 def check_references(bundle: Bundle, errs: Collector) -> None:
+    from app.definitions.connectors import check_connector_refs
+
+    check_connector_refs(bundle, errs)
     for infra in bundle.infrastructures.values():
         env_ref = infra.model.spec.environment_ref
         if env_ref not in bundle.environments:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from app.definitions.plan import Plan
 
 from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
+from app.definitions.connectors import artifact_spec, infra_connector
 from app.definitions.validation import loc_to_path, position
 
 
@@ -181,6 +182,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         art_spec = render_tree(copy.deepcopy(art.spec), ctx, svc,
                                 ("spec", "serviceDefinition", "spec", "artifacts", "primary",
                                  "spec"), errs)
+        art_spec = artifact_spec(bundle, svc, art.type, art_spec, errs)
         artifact = {"type": art.type, "spec": art_spec, "tag": tag.text if tag else None,
                     "fileName": artifact_file_name(svc.ident, tag.text) if tag else None}
     infras = []
@@ -196,6 +198,9 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
             "source": f"{src_file}:{src_line}",
             "allowSimultaneousDeployments": infra.model.spec.allow_simultaneous_deployments,
         })
+        connector = infra_connector(bundle, infra)
+        if connector is not None:  # secret ids only: the region's worker resolves them
+            infras[-1]["connector"] = connector
     uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
                     for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
                                                   *out_stage.spec.execution.rollback_steps])
@@ -215,11 +220,13 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
             "spec.checksum: sha256:<hex>), or write spec.allowUnverified: true to deploy it "
             "unverified", ("spec", "serviceDefinition", "spec", "artifacts", "primary",
                            "spec")))
-    if strict_inputs and uses_copy and art is not None and artifact is not None \
-            and art.type != "Local":
+    if uses_copy and art is not None and artifact is not None and art.type != "Local" \
+            and (strict_inputs or "<+" not in repr(artifact["spec"])):
         from app.artifacts import check as check_artifact
 
-        for problem in check_artifact(artifact):
+        # (at validate, a tag given at run time stands in as "1.0": validate and plan agree)
+        for problem in check_artifact(artifact if strict_inputs or artifact["tag"] else
+                                      {**artifact, "tag": "1.0"}):
             errs.add(svc.error(problem, ("spec", "serviceDefinition", "spec", "artifacts",
                                          "primary", "spec")))
     if strict_inputs and art is not None and art.type == "Local" and uses_copy:

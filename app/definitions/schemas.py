@@ -62,7 +62,7 @@ _REPOSITORY = ("repository", "repositoryName", "repositoryFormat", "connectorRef
 
 ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
     "Local": ("path", "filePath", "tag", *_CHECKSUM),
-    "Http": (*_URL, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
+    "Http": (*_URL, "connectorRef", "artifactPath", "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "Artifactory": (*_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", *_REPOSITORY,
                     *_REPO_PATH, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     # Harness writes a Nexus repository's maven or raw fields in a nested ``spec``.
@@ -74,6 +74,8 @@ ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
                  "connectorRef", "tag", *_CHECKSUM, *_UNVERIFIED),
 }
 NEXUS_NESTED_FIELDS = _REPO_PATH
+# Artifact types whose connectorRef names a server connector (app.definitions.connectors).
+CONNECTOR_ARTIFACTS = ("Artifactory", "Nexus3Registry", "Http")
 # repositoryFormat: the layouts app/artifacts/sources.py builds paths for.
 REPOSITORY_FORMATS = {"Artifactory": ("generic", "maven"), "Nexus3Registry": ("raw", "maven")}
 
@@ -110,12 +112,18 @@ def artifact_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
             out.append(Problem(
                 f"repositoryFormat {fmt}, but groupId and artifactId make a maven path: write "
                 "repositoryFormat: maven, or remove them", ("repositoryFormat",), key=False))
-    if spec.get("connectorRef") and any(spec.get(k) for k in (
-            *_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", "nexusServerUrl",
-            "jenkinsUrl")):
-        out.append(Problem(
-            "connectorRef is not supported next to a URL: this version does not resolve "
-            "connectors, the URL names the server; remove connectorRef", ("connectorRef",)))
+    if spec.get("connectorRef") and atype in CONNECTOR_ARTIFACTS:
+        out += [Problem(f"'{k}' next to connectorRef: the connector names the server; remove "
+                        f"{k}, or remove connectorRef", (k,))
+                for k in (*_URL, "baseUrl", "serverUrl", "artifactoryServerUrl",
+                          "nexusServerUrl", "jenkinsUrl") if spec.get(k)]
+        out += [Problem(f"'{k}' next to connectorRef: the connector gives the credentials "
+                        "(auth, by secret reference); remove it", (k,))
+                for k in _AUTH if spec.get(k)]
+    if atype == "Http" and spec.get("artifactPath") and not spec.get("connectorRef"):
+        out.append(Problem("an Http artifact's artifactPath is read below its connector's URL "
+                           "(connectorRef); without a connector write the whole spec.url",
+                           ("artifactPath",)))
     out += credential_problems(atype, spec)
     if atype == "AmazonS3" and spec.get("connectorRef"):
         out.append(Problem(

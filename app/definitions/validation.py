@@ -50,6 +50,13 @@ UNSUPPORTED_TYPES = {
     "Custom": "Custom stages (steps on the delegate outside a deployment) are not supported yet",
     "HarnessApproval": "an approval step inside a Deployment stage is not supported yet: put it in "
                        "an Approval stage before the deployment",
+    "Pdc": "a Pdc connector is not supported: list the hosts under a Pdc infrastructure's "
+           "spec.hosts",
+    "Github": "write the repository as a Git connector (type: Git)",
+    "Gitlab": "write the repository as a Git connector (type: Git)",
+    "Bitbucket": "write the repository as a Git connector (type: Git)",
+    "DockerRegistry": "vmfarm deploys files to VMs, not images: use an Artifactory, Nexus or "
+                      "Http connector",
     "TerraformPlan": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",

@@ -10,7 +10,7 @@ type ``AwsInstanceFilter``)::
       environmentRef: prod_vm_env
       type: SshWinRmAws
       spec:
-        connectorRef: aws_connector     # informational: credentials are the worker's (below)
+        connectorRef: aws_connector     # an Aws connector (below); cloudProviderRef the same
         region: us-east-1               # used when hostFilter.spec.regions is not given
         hostConnectionType: PrivateIP   # PrivateIP (default) | PublicIP | Hostname
         hostFilter:
@@ -48,7 +48,11 @@ whose ``spec`` holds the same fields (there, ``spec.tags`` is the usual place fo
   dict) and each tag flattened as ``tag:<Key>``. The infrastructure's ``connection`` settings
   (user, port, key, known_hosts, host key policy) apply as for a static host.
 
-Credentials and endpoint are boto3's usual ones on the worker doing the discovery: the
+Credentials: the connector's (``connectorRef``/``cloudProviderRef``, an Aws connector) when it
+is ``ManualConfig``: ``accessKey`` (or ``accessKeyRef``) and ``secretKeyRef``, resolved through
+app.secrets here, on the worker doing the discovery (the plan and the task's arguments hold
+only the ids). Without a connector, or with ``InheritFromDelegate``, they and the endpoint are
+boto3's usual ones on the worker doing the discovery: the
 environment (``AWS_ACCESS_KEY_ID`` ...), ``AWS_PROFILE`` and the shared files, an instance role;
 ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_EC2`` point at another endpoint. Throttled or failed
 calls are retried by botocore (``standard`` retry mode, ``MAX_ATTEMPTS`` attempts, with backoff).
@@ -70,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import ConfigError, DiscoveryError
-from app.providers.base import Host, cloud_host
+from app.providers.base import Host, cloud_host, connector_credential
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def discover(infra: dict[str, Any]) -> list[Host]:
     """The running EC2 instances that match ``infra``, as hosts sorted by region and id."""
     query = parse_infra(infra)
     ident = str(infra.get("identifier", ""))
-    session = _session(ident)
+    session = _session(ident, connector_credential(infra))
     hosts: list[Host] = []
     for region in query.regions:
         client: Any = None
@@ -246,12 +250,16 @@ def _tags(where: str, name: str, raw: Any) -> dict[str, list[str]]:
 # -- asking EC2 ---------------------------------------------------------------------------------
 
 
-def _session(ident: str) -> Any:
-    """A boto3 session of its own (the default one is not thread-safe)."""
+def _session(ident: str, manual: dict[str, Any] | None = None) -> Any:
+    """A boto3 session of its own (the default one is not thread-safe): with the connector's
+    access key and secret key when it has them (ManualConfig), else the worker's own."""
     import boto3
     from botocore.exceptions import BotoCoreError
 
     try:
+        if manual is not None:
+            return boto3.session.Session(aws_access_key_id=str(manual["accessKey"]),
+                                         aws_secret_access_key=str(manual["secretKey"]))
         return boto3.session.Session()
     except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
         raise DiscoveryError(f"cannot set up AWS credentials: {_scrub(str(exc))}",

@@ -5,7 +5,7 @@ of ``type: SshWinRmAzure``, or an Environment's inline ``cloudProviderType: Azur
 definition; the Harness reference's shape)::
 
     spec:
-      connectorRef: azure_conn              # informational; credentials come from the worker
+      connectorRef: azure_conn              # an Azure connector; InheritFromDelegate: the worker's
       subscriptionId: "1234...-..."         # or AZURE_SUBSCRIPTION_ID on the worker
       resourceGroup: rg-web                 # and/or hostFilter.spec.resourceGroups
       region: eastus                        # optional: only VMs in this location
@@ -45,6 +45,9 @@ appended so that host names stay unique.
 Credentials and endpoint (worker environment; nothing is needed on the real cloud beyond the
 usual Azure variables):
 
+* An Azure connector with ``credential: {type: ManualConfig, spec: {applicationId, tenantId,
+  auth: {type: Secret, spec: {secretRef: <id>}}}}``: that service principal, its secret
+  resolved on the worker that discovers. ``InheritFromDelegate`` (or no connector): below.
 * ``AZURE_TENANT_ID`` + ``AZURE_CLIENT_ID`` + ``AZURE_CLIENT_SECRET``: a service principal
   (``ClientSecretCredential``); otherwise ``DefaultAzureCredential`` (managed identity,
   workload identity, Azure CLI login, ...).
@@ -77,7 +80,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError, DiscoveryError
-from app.providers.base import DEFAULT_REGION, Host, cloud_host
+from app.providers.base import DEFAULT_REGION, Host, cloud_host, connector_credential
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +229,11 @@ def _client_kwargs() -> dict[str, Any]:
     return kw
 
 
-def make_credential() -> Any:
-    """The worker's Azure credential: a service principal from ``AZURE_TENANT_ID`` /
-    ``AZURE_CLIENT_ID`` / ``AZURE_CLIENT_SECRET`` when all are set, else
-    ``DefaultAzureCredential``."""
+def make_credential(manual: dict[str, Any] | None = None) -> Any:
+    """The connector's service principal (ManualConfig: ``applicationId``, ``tenantId`` and
+    the secret ``secretRef`` names, resolved on this worker) when given; else the worker's:
+    a service principal from ``AZURE_TENANT_ID`` / ``AZURE_CLIENT_ID`` / ``AZURE_CLIENT_SECRET``
+    when all are set, else ``DefaultAzureCredential``."""
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
 
     kw = _transport_kwargs()
@@ -240,6 +244,9 @@ def make_credential() -> Any:
             kw["disable_instance_discovery"] = True
     tenant, client = os.environ.get("AZURE_TENANT_ID"), os.environ.get("AZURE_CLIENT_ID")
     secret = os.environ.get("AZURE_CLIENT_SECRET")
+    if manual is not None:
+        tenant, client = str(manual["tenantId"]), str(manual["applicationId"])
+        secret = str(manual["secret"])
     try:
         if tenant and client and secret:
             return ClientSecretCredential(tenant, client, secret, **kw)
@@ -248,13 +255,13 @@ def make_credential() -> Any:
         raise ConfigError(f"Azure credentials: {exc}") from None
 
 
-def _clients(subscription: str) -> tuple[Any, Any, Any]:
+def _clients(subscription: str, manual: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """(credential, compute client, network client); each is a context manager."""
     from azure.mgmt.compute import ComputeManagementClient
     from azure.mgmt.network import NetworkManagementClient
 
     kw = _client_kwargs()
-    cred = make_credential()
+    cred = make_credential(manual)
     return (cred, ComputeManagementClient(cred, subscription, **kw),
             NetworkManagementClient(cred, subscription, **kw))
 
@@ -564,7 +571,7 @@ def _discovery_error(target: AzureTarget, what: str, exc: Exception,
 def discover(infra: dict[str, Any]) -> list[Host]:
     """The running VMs and scale-set VMs an Azure infrastructure selects, as hosts."""
     target = AzureTarget.from_infra(infra)
-    cred, compute, network = _clients(target.subscription)
+    cred, compute, network = _clients(target.subscription, connector_credential(infra))
     with cred, compute, network:
         d = _Discovery(target, compute, network)
         machines: dict[str, _Machine] = {}

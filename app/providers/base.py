@@ -98,3 +98,32 @@ def discover(infra: dict[str, Any]) -> list[Host]:
             "the workers of that region") from None
     hosts: list[Host] = mod.discover(infra)
     return hosts
+
+
+def connector_credential(infra: dict[str, Any]) -> dict[str, Any] | None:
+    """The infrastructure's connector credential with its secrets resolved here, on the worker
+    that discovers (``{"type": "ManualConfig", "accessKey": ..., "secretKey": ...}``: each
+    ``<name>Ref`` becomes ``<name>``); None when the connector inherits the worker's own
+    credentials (``InheritFromDelegate``) or there is no connector. A secret that cannot be
+    resolved raises DiscoveryError (Authentication) naming its id, never a value."""
+    from app.errors import DiscoveryError
+    from app.secrets import SecretError, resolve
+
+    connector = infra.get("connector") or {}
+    cred = dict(connector.get("credential") or {})
+    if cred.get("type") != "ManualConfig":
+        return None
+    out: dict[str, Any] = {}
+    for key, value in cred.items():
+        if not key.endswith("Ref"):
+            out[key] = value
+            continue
+        try:
+            out[key[:-3]] = resolve([str(value)])[str(value).strip()]
+        except SecretError as exc:
+            raise DiscoveryError(
+                f"infrastructure '{infra.get('identifier')}': connector "
+                f"'{connector.get('identifier')}': {key} {str(value)!r} cannot be resolved on "
+                f"this worker: {exc}", infrastructure=str(infra.get("identifier", "")),
+                error_class="Authentication") from None
+    return out

@@ -3,7 +3,7 @@
 What is read, from a resolved infrastructure's ``spec`` (the file's camelCase keys)::
 
     spec:
-      connectorRef: gcp_conn          # recorded only; credentials come from ADC (below)
+      connectorRef: gcp_conn          # a Gcp connector; InheritFromDelegate: ADC (below)
       project: my-project             # required
       region: us-central1             # without zones: every zone of the region, in one
                                       #   instances.aggregatedList call
@@ -41,9 +41,11 @@ label, for blue-green).
 
 Credentials and endpoint:
 
-* Normally: Application Default Credentials (``google.auth.default()``, scope
-  ``compute.readonly``): ``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default
-  login``, or the worker's service account on GCP.
+* A Gcp connector with ``credential: {type: ManualConfig, spec: {secretKeyRef: <id>}}``: the
+  service account JSON key in that secret, resolved on the worker that discovers.
+* Otherwise (no connector, or ``InheritFromDelegate``): Application Default Credentials
+  (``google.auth.default()``, scope ``compute.readonly``): ``GOOGLE_APPLICATION_CREDENTIALS``,
+  ``gcloud auth application-default login``, or the worker's service account on GCP.
 * ``VMFARM_GCP_ENDPOINT=http://127.0.0.1:PORT`` sends every call to that base URL instead of
   ``https://compute.googleapis.com`` (REST transport; give the scheme, ``http://`` is used as
   written) and uses anonymous credentials (no Authorization header), for tests against a fake
@@ -69,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import ConfigError, DiscoveryError
-from app.providers.base import Host, cloud_host
+from app.providers.base import Host, cloud_host, connector_credential
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +241,8 @@ def _read(infra: dict[str, Any]) -> _Query:
 class _Api:
     """The SDK clients, credentials, retry and error mapping for one discovery."""
 
-    def __init__(self, q: _Query, policy: RetryPolicy) -> None:
+    def __init__(self, q: _Query, policy: RetryPolicy,
+                 manual: dict[str, Any] | None = None) -> None:
         from google.api_core import retry as gretry  # lazy: SDKs load only when used
 
         self.q = q
@@ -247,6 +250,7 @@ class _Api:
         self.endpoint = os.environ.get(ENDPOINT_ENV, "").strip() or None
         self._clients: dict[str, Any] = {}
         self._credentials: Any = None
+        self.manual = manual  # the connector's service account key (ManualConfig), resolved
         # A custom endpoint means a fake server unless VMFARM_GCP_AUTH=adc says otherwise.
         self.anonymous = (bool(self.endpoint)
                           and os.environ.get(AUTH_ENV, "").strip().lower() != "adc")
@@ -265,7 +269,22 @@ class _Api:
 
     def credentials(self) -> Any:
         if self._credentials is None:
-            if self.anonymous:
+            if self.manual is not None:
+                import json
+
+                from google.oauth2 import service_account
+
+                with self.errors("reading the connector's service account key (secretKeyRef)"):
+                    try:
+                        info = json.loads(str(self.manual["secretKey"]))
+                    except ValueError:
+                        raise DiscoveryError(
+                            f"infrastructure '{self.q.ident}': the connector's secretKeyRef "
+                            "does not hold a service account JSON key",
+                            infrastructure=self.q.ident, error_class="Authentication") from None
+                    self._credentials = service_account.Credentials.from_service_account_info(
+                        info, scopes=list(SCOPES))
+            elif self.anonymous:
                 from google.auth.credentials import AnonymousCredentials
 
                 self._credentials = AnonymousCredentials()
@@ -606,7 +625,7 @@ def _instances_of_groups(api: _Api, q: _Query) -> list[Any]:
 def discover(infra: dict[str, Any], *, retry: RetryPolicy | None = None) -> list[Host]:
     """The running instances of a GCP infrastructure that pass its filters, as hosts."""
     q = _read(infra)
-    api = _Api(q, retry or DEFAULT_RETRY)
+    api = _Api(q, retry or DEFAULT_RETRY, connector_credential(infra))
     source: Callable[[_Api, _Query], list[Any]]
     if q.filter_type == "GcpInstanceGroupFilter":
         source = _instances_of_groups

@@ -67,6 +67,8 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
         "environments": sorted(bundle.environments),
         "infrastructures": sorted(bundle.infrastructures),
         "pipelines": sorted(bundle.pipelines),
+        "connectors": sorted(f"{ident} ({c.model.spec.type})"
+                             for ident, c in bundle.connectors.items()),
         "inputs": [{"name": s.name, **({"default": s.options["default"]}
                                        if "default" in s.options else {})}
                    for s in bundle.inputs if "<+input>" in str(_value_at(s))],
@@ -76,7 +78,8 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
         return
     cli.out.print(Text.assemble(("valid", "green"), f": {len(all_docs)} document(s) in "
                                 f"{len({d.file for d in all_docs})} file(s)"))
-    for kind in ("templates", "services", "environments", "infrastructures", "pipelines"):
+    for kind in ("templates", "services", "environments", "infrastructures", "pipelines",
+                 "connectors"):
         if summary[kind]:
             cli.out.print(f"  {kind}: {', '.join(summary[kind])}")
     for i in summary["inputs"]:
@@ -88,8 +91,8 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
 @click.command("convert")
 @files_argument
 @click.option("--to", "to", type=click.Choice(["harness", "vmfarm"]), required=True,
-              help="harness: pipeline:/service:/environment:/infrastructureDefinition: at the "
-                   "top; vmfarm: apiVersion, kind, metadata, spec.")
+              help="harness: pipeline:/service:/environment:/infrastructureDefinition:/"
+                   "connector: at the top; vmfarm: apiVersion, kind, metadata, spec.")
 @click.option("--write", is_flag=True, help="Rewrite the files in place instead of printing.")
 @pass_cli
 def convert(cli: Cli, files: tuple[str, ...], to: str, write: bool) -> None:

@@ -290,8 +290,12 @@ def test_a_misspelt_checksum_key_is_an_error_with_a_suggestion(tmp_path: Path) -
     ("Nexus3Registry", "baseUrl: https://n\nrepository: r\nrepositoryFormat: raw\n"
                        "spec: {groupId: com.acme, artifactId: web}", "repositoryFormat",
      ["maven path"]),
-    ("Artifactory", "url: https://a/x.tgz\nconnectorRef: art", "connectorRef",
-     ["not supported", "remove connectorRef"]),
+    ("Artifactory", "url: https://a/x.tgz\nconnectorRef: art", "url:",
+     ["'url' next to connectorRef", "the connector names the server"]),
+    ("Artifactory", "connectorRef: art\nartifactPath: a/x.tgz\npasswordRef: pw", "passwordRef",
+     ["the connector gives the credentials"]),
+    ("Jenkins", "jobName: j\nartifactPath: a.tgz\nconnectorRef: art", "connectorRef",
+     ["not supported for a Jenkins artifact"]),
     # Secrets are named, never written: a value in the file would be stored with every plan.
     ("Http", "url: https://a/x.tgz\nusername: u\npassword: hunter2", "password:",
      ["a password written in the file is refused", "passwordRef: <secret id>"]),

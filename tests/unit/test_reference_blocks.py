@@ -76,9 +76,68 @@ def errors(exc: pytest.ExceptionInfo[Any]) -> list[SpecError]:
     return exc.value.errors if isinstance(exc.value, SpecErrors) else [exc.value]
 
 
-def documents(tmp_path: Path) -> list[Path]:
-    """The reference's Service, Environment and AWS Infrastructure, as written."""
-    return [write(tmp_path, f"b{i}.yaml", BLOCKS[i]) for i in (SERVICE, ENVIRONMENT, INFRA_AWS)]
+# The connectors the reference's documents name and never define (its Service's
+# `connectorRef: artifactory_connector`, its infrastructures' aws/azure/gcp connectors), in
+# Harness's `connector:` shape and in the document shape, credentials by secret reference.
+CONNECTORS = """\
+connector:
+  name: artifactory_connector
+  identifier: artifactory_connector
+  orgIdentifier: default
+  projectIdentifier: web
+  type: Artifactory
+  spec:
+    artifactoryServerUrl: https://artifactory.example.com/artifactory
+    auth:
+      type: UsernamePassword
+      spec:
+        username: deployer
+        passwordRef: account.artifactory_password
+---
+connector:
+  name: aws_connector
+  identifier: aws_connector
+  type: Aws
+  spec:
+    credential:
+      type: InheritFromDelegate
+---
+apiVersion: v1
+kind: Connector
+metadata:
+  name: azure_connector
+spec:
+  type: Azure
+  spec:
+    credential:
+      type: ManualConfig
+      spec:
+        applicationId: 00000000-0000-0000-0000-000000000001
+        tenantId: 00000000-0000-0000-0000-000000000002
+        auth:
+          type: Secret
+          spec:
+            secretRef: azure_client_secret
+---
+apiVersion: v1
+kind: Connector
+metadata:
+  name: gcp_connector
+spec:
+  type: Gcp
+  spec:
+    credential:
+      type: ManualConfig
+      spec:
+        secretKeyRef: gcp_service_account_key
+"""
+
+
+def documents(tmp_path: Path, *, connectors: bool = True) -> list[Path]:
+    """The reference's Service, Environment and AWS Infrastructure, as written, and the
+    connectors they name (written here: the reference has none)."""
+    out = [write(tmp_path, f"b{i}.yaml", BLOCKS[i]) for i in (SERVICE, ENVIRONMENT, INFRA_AWS)]
+    return [*out, write(tmp_path, "connectors.yaml", CONNECTORS)] if connectors else out
 
 
 def pipeline_with(tmp_path: Path, part: str, *, at: str, indent: int) -> Path:
@@ -122,16 +181,31 @@ def test_service_environment_infrastructures_and_pipeline_load_as_written(
 
 def test_the_pipeline_plans_only_once_its_artifact_connector_can_be_resolved(
         tmp_path: Path) -> None:
-    """The reference's service names `connectorRef: artifactory_connector` and no URL: without
-    a connector vmfarm cannot know where to fetch, and says so where the artifact is written
-    (validate and plan name the same place)."""
-    files = [*documents(tmp_path), write(tmp_path, "pipeline.yaml", BLOCKS[PIPELINE])]
-    bundle = load(files, inputs={"tag": "1.0"}, require_inputs=True)
+    """The reference's service names `connectorRef: artifactory_connector` and no URL. Without
+    the connector, validate refuses it where it is written; with an Artifactory connector
+    document, the service and pipeline plan as written: the connector gives the server and the
+    credentials' secret id, the artifact's artifactPath and tag the file."""
+    pipeline = write(tmp_path, "pipeline.yaml", BLOCKS[PIPELINE])
+    alone = [*documents(tmp_path, connectors=False), pipeline]
     with pytest.raises((SpecError, SpecErrors)) as exc:
-        resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1")
-    (err,) = errors(exc)
-    assert "connectorRef 'artifactory_connector'" in err.message
-    assert err.file == str(files[0])
+        load(alone)
+    hit = [e for e in errors(exc) if e.file == str(alone[0])]
+    assert len(hit) == 1, [str(e) for e in errors(exc)]
+    assert "Connector 'artifactory_connector' is not defined" in hit[0].message
+    assert hit[0].field.endswith("artifacts.primary.spec.connectorRef")
+    assert hit[0].line == BLOCKS[SERVICE].split("\n").index(
+        "            connectorRef: artifactory_connector") + 1
+
+    bundle = load([*documents(tmp_path), pipeline], inputs={"tag": "1.0"}, require_inputs=True)
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
+    artifact = plan["stages"][0]["artifact"]
+    assert artifact["spec"]["baseUrl"] == "https://artifactory.example.com/artifactory"
+    assert artifact["spec"]["username"] == "deployer"
+    assert artifact["spec"]["passwordRef"] == "account.artifactory_password"
+    from app.artifacts.sources import resolve as source_of
+
+    assert source_of(artifact, require_secrets=False).url == \
+        "https://artifactory.example.com/artifactory/apps/web-app/1.0"
 
 
 def test_the_rolling_block_in_the_reference_pipeline_plans_three_phases(tmp_path: Path) -> None:
@@ -192,7 +266,8 @@ def test_the_configuration_pipeline_names_a_variable_it_never_defines(tmp_path: 
     is refused for `<+pipeline.variables.ansible_repo>`, which the reference never defines."""
     files = [write(tmp_path, "service.yaml", BLOCKS[SERVICE]),
              write(tmp_path, "environment.yaml", BLOCKS[ENVIRONMENT]),
-             write(tmp_path, "pipeline.yaml", BLOCKS[CONFIG_PIPELINE])]
+             write(tmp_path, "pipeline.yaml", BLOCKS[CONFIG_PIPELINE]),
+             write(tmp_path, "connectors.yaml", CONNECTORS)]
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load(files)
     (err,) = errors(exc)

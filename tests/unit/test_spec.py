@@ -129,18 +129,18 @@ def test_inline_infrastructure_definitions_become_infrastructures() -> None:
     assert inline.model.spec.spec.tags == {"Environment": "production", "Team": "platform"}
 
 
-def test_reference_artifact_is_refused_at_run_time_with_its_position() -> None:
-    """The reference's Artifactory artifact names only a connector: it loads, but a run needs
-    a URL (or base URL and repository fields), and says so where the artifact is written."""
+def test_reference_artifact_is_fetched_from_its_connector() -> None:
+    """The reference's Artifactory artifact names only a connector (reference/connectors.yaml
+    defines it): the plan holds the connector's server URL and its password's secret id, never
+    a secret's value."""
     bundle = load([REFERENCE], inputs={"tag": "1.0"}, require_inputs=True)
-    with pytest.raises((SpecError, SpecErrors)) as exc:
-        resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
-    err = refusal(exc)
-    assert "set spec.url, or spec.baseUrl" in err.message
-    assert "connectorRef 'artifactory_connector'" in err.message
-    assert err.file.endswith("reference/service.yaml")
-    assert err.line == line_of(REFERENCE / "service.yaml", "connectorRef: artifactory_connector")
-    assert err.field.endswith("artifacts.primary.spec")
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
+    spec = plan["stages"][0]["artifact"]["spec"]
+    assert spec["baseUrl"] == "https://artifactory.example.com/artifactory"
+    assert (spec["username"], spec["passwordRef"]) == ("deployer", "account.artifactory_password")
+    (infra,) = plan["stages"][0]["infrastructures"]
+    assert infra["connector"] == {"identifier": "aws_connector", "type": "Aws",
+                                  "credential": {"type": "InheritFromDelegate"}}
 
 
 # --- runtime inputs (--set) ---------------------------------------------------------------------

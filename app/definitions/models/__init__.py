@@ -13,6 +13,13 @@ Field names follow the files (camelCase) through aliases.
 
 from __future__ import annotations
 
+from app.definitions.models.connector import (
+    ARTIFACT_CONNECTORS,
+    CLOUD_CONNECTORS,
+    AnyConnector,
+    ConnectorSpec,
+    connector_id,
+)
 from app.definitions.models.infrastructure import (
     Connection,
     EnvironmentBody,
@@ -116,9 +123,12 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ARTIFACT_CONNECTORS",
+    "CLOUD_CONNECTORS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "ActionType",
+    "AnyConnector",
     "AnyStage",
     "ApprovalExecution",
     "ApprovalStageBody",
@@ -133,6 +143,7 @@ __all__ = [
     "CommandStepSpec",
     "CommandUnit",
     "Connection",
+    "ConnectorSpec",
     "CopyUnit",
     "CopyUnitSpec",
     "DeploymentStageSpec",
@@ -205,6 +216,7 @@ __all__ = [
     "_StepBase",
     "_UnitBase",
     "_check_sizes",
+    "connector_id",
     "flat_steps",
     "parse_size",
 ]

@@ -14,6 +14,7 @@ from app.definitions.base import (
     Scalar,
     ssh_only,
 )
+from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
 from app.definitions.models.steps import Execution, FailureStrategy, _StepBase
@@ -178,4 +179,5 @@ KINDS: dict[str, type[Model]] = {
     "Environment": EnvironmentSpec,
     "Infrastructure": InfrastructureSpec,
     "Pipeline": PipelineSpec,
+    "Connector": ConnectorSpec,
 }
