@@ -220,13 +220,19 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
             "spec.checksum: sha256:<hex>), or write spec.allowUnverified: true to deploy it "
             "unverified", ("spec", "serviceDefinition", "spec", "artifacts", "primary",
                            "spec")))
-    if uses_copy and art is not None and artifact is not None and art.type != "Local" \
-            and (strict_inputs or "<+" not in repr(artifact["spec"])):
+    checked = artifact
+    if not strict_inputs and artifact is not None:
+        # At validate a tag given at run time stands in as "1.0" (validate and plan agree); an
+        # artifact with other runtime inputs is checked at plan time only.
+        rest = {k: v for k, v in artifact["spec"].items() if k != "tag"}
+        tag = artifact["tag"] if artifact["tag"] and "<+" not in artifact["tag"] else "1.0"
+        inputs = re.sub(r"<\+secrets\.getValue\([^)]*\)>", "", repr(rest))  # worker's
+        checked = None if "<+" in inputs else \
+            {**artifact, "tag": tag, "spec": {**rest, "tag": tag}}
+    if uses_copy and art is not None and checked is not None and art.type != "Local":
         from app.artifacts import check as check_artifact
 
-        # (at validate, a tag given at run time stands in as "1.0": validate and plan agree)
-        for problem in check_artifact(artifact if strict_inputs or artifact["tag"] else
-                                      {**artifact, "tag": "1.0"}):
+        for problem in check_artifact(checked):
             errs.add(svc.error(problem, ("spec", "serviceDefinition", "spec", "artifacts",
                                          "primary", "spec")))
     if strict_inputs and art is not None and art.type == "Local" and uses_copy:

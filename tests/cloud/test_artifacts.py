@@ -510,3 +510,69 @@ def test_s3_checksums_and_errors(s3: Any) -> None:
 
 
 # --- on the host ---------------------------------------------------------------------------------
+
+
+# --- connectors ----------------------------------------------------------------------------------
+
+
+def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference(
+        repo: ArtifactServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The reference's service form (connectorRef + artifactPath + tag) with a connector in
+    Harness's shape: the plan names the server and the password's secret id, the worker that
+    fetches resolves the secret and the repository receives it; it shows nowhere."""
+    import json
+    import shutil
+
+    from app import secrets
+    from app.definitions.loader import choose_pipeline, load
+    from app.definitions.resolve import resolve
+
+    # Given the good pipeline files with an Artifactory service that names only a connector,
+    # and the connector's password only in the worker's secrets
+    files = tmp_path / "files"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "good", files)
+    (files / "service.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hello-app, identifier: hello_app}\n"
+        "spec:\n  serviceDefinition:\n    type: SSH\n    spec:\n      artifacts:\n"
+        "        primary:\n          type: Artifactory\n          spec:\n"
+        "            connectorRef: account.libs\n            artifactPath: /libs/web-app/\n"
+        "            fileName: web-app-<+artifact.tag>.tar.gz\n            tag: <+input>\n"
+        "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
+        "        - {name: greeting, type: String, value: hi}\n")
+    (files / "connectors.yaml").write_text(
+        "connector:\n  name: libs\n  identifier: libs\n  orgIdentifier: default\n"
+        "  type: Artifactory\n  spec:\n"
+        f"    artifactoryServerUrl: {repo.url}\n"
+        "    auth:\n      type: UsernamePassword\n      spec:\n        username: deploy\n"
+        "        passwordRef: account.artifactory_password\n")
+    repo.add("/libs/web-app/web-app-2.0.1.tar.gz", b"from the connector's server")
+    repo.checksum_header = True
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    monkeypatch.setenv("VMFARM_SECRET_ARTIFACTORY_PASSWORD", SECRET)
+    secrets.reset()
+    try:
+        # When the pipeline is planned and the worker fetches the plan's artifact
+        bundle = load([files], inputs={"tag": "2.0.1"}, require_inputs=True)
+        plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="ex-conn").to_json()
+        artifact = plan["stages"][0]["artifact"]
+        with caplog.at_level(logging.DEBUG):
+            got = fetch(artifact, execution_id="ex-conn")
+        # Then the bytes came from the connector's server, with its credentials
+        assert Path(got.path).read_bytes() == b"from the connector's server" and got.verified
+        assert ("GET", "/libs/web-app/web-app-2.0.1.tar.gz", "Basic") in repo.log
+        # And the plan holds the secret's id, never its value; no log shows it
+        assert "account.artifactory_password" in json.dumps(plan)
+        assert SECRET not in json.dumps(plan) and SECRET not in caplog.text
+        # And a connector naming a secret the worker does not hold fails the fetch, naming it
+        (files / "connectors.yaml").write_text(
+            (files / "connectors.yaml").read_text().replace("account.artifactory_password",
+                                                            "account.no_such_password"))
+        bundle = load([files], inputs={"tag": "2.0.1"}, require_inputs=True)
+        plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="ex-c2").to_json()
+        repo.reset_counts()
+        with pytest.raises(ArtifactAuthError, match="'account.no_such_password'"):
+            fetch(plan["stages"][0]["artifact"], execution_id="ex-c2")
+        assert repo.log == []
+    finally:
+        secrets.reset()

@@ -200,7 +200,7 @@ def test_public_ip_mode_connects_to_the_public_addresses(aws_env: str) -> None:
 
 def test_hostname_mode_connects_to_the_dns_name(aws_env: str) -> None:
     fleet = uuid4().hex
-    ids = launch(EAST, {"Fleet": fleet})
+    ids = launch(EAST, {"Fleet": fleet, "App": "web"})
 
     hosts = aws.discover(filtered([EAST], {"Fleet": fleet}, hostConnectionType="Hostname"))
 
@@ -404,3 +404,62 @@ def test_throttling_is_retried_then_reported_as_connectivity(
     assert Throttling.calls == 3  # the first call and two retries
     assert err.value.error_class == "Connectivity"
     assert "RequestLimitExceeded" in str(err.value) and "throttl" in str(err.value)
+
+
+# -- an Aws connector with its own credentials --------------------------------------------------
+
+
+def test_a_manual_aws_connector_discovers_with_its_keys_resolved_on_the_worker(
+        aws_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from app import secrets
+
+    # Given an infrastructure whose connector gives an access key and names its secret key
+    fleet = uuid4().hex
+    ids = launch(EAST, {"Fleet": fleet, "App": "web"})
+    (tmp_path / "files.yaml").write_text(
+        (DATA / "infra_aws.yaml").read_text().replace("loader-filter", fleet).replace(
+            "      type: InheritFromDelegate\n",
+            "      type: ManualConfig\n      spec:\n        accessKey: AKIACONNECTOR0000001\n"
+            "        secretKeyRef: account.aws_secret_key\n"))
+    bundle = load([tmp_path / "files.yaml"])
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
+    standalone = plan["stages"][0]["infrastructures"][1]
+    assert standalone["connector"]["credential"] == {
+        "type": "ManualConfig", "accessKey": "AKIACONNECTOR0000001",
+        "secretKeyRef": "account.aws_secret_key"}
+    # and a worker whose environment has no AWS credentials, only the secret
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    monkeypatch.setenv("VMFARM_SECRET_AWS_SECRET_KEY", "connector-secret-key-never-shown")
+    secrets.reset()
+    signed: list[str] = []
+    real: Callable[[Any, str], Any] = aws._client
+
+    def watching(session: Any, region: str) -> Any:
+        client = real(session, region)
+        client.meta.events.register("before-send.ec2.DescribeInstances", lambda request, **_:
+                                    signed.append(str(request.headers.get("Authorization"))))
+        return client
+
+    monkeypatch.setattr(aws, "_client", watching)
+    try:
+        # When the region's worker discovers the hosts (from the plan's infrastructure, which
+        # is what the discovery task receives)
+        hosts = providers.discover(json.loads(json.dumps(standalone)))
+        # Then the connector's keys signed the calls and the hosts are found
+        assert [h.name for h in hosts] == ids
+        assert signed and all("Credential=AKIACONNECTOR0000001/" in a for a in signed)
+        # And neither the plan nor the task's arguments hold the secret
+        assert "connector-secret-key-never-shown" not in json.dumps(plan)
+        # And a secret the worker does not hold is an Authentication failure naming its id
+        monkeypatch.delenv("VMFARM_SECRET_AWS_SECRET_KEY")
+        secrets.reset()
+        with pytest.raises(DiscoveryError) as info:
+            providers.discover(standalone)
+        assert info.value.error_class == "Authentication"
+        assert "secretKeyRef 'account.aws_secret_key'" in str(info.value)
+    finally:
+        secrets.reset()

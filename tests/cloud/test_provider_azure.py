@@ -440,6 +440,14 @@ def test_through_the_loader_and_the_provider_registry(arm: FakeArm, tmp_path: Pa
                   connection:
                     user: azureuser
                     privateKeyFile: keys/id_ed25519
+        ---
+        connector:
+          name: azure_conn
+          identifier: azure_conn
+          type: Azure
+          spec:
+            credential:
+              type: InheritFromDelegate
         """))
     (files / "pipeline.yaml").write_text(textwrap.dedent("""\
         apiVersion: v1

@@ -469,6 +469,14 @@ def test_environment_file_through_loader_and_provider_registry(gce: FakeGce,
                       labels: {{env: prod}}
                       networkTags: [web]
         ---
+        connector:
+          name: gcp_conn
+          identifier: gcp_conn
+          type: Gcp
+          spec:
+            credential:
+              type: InheritFromDelegate
+        ---
         apiVersion: v1
         kind: Pipeline
         metadata: {{name: deploy, identifier: deploy}}
