@@ -225,10 +225,11 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         # At validate a tag given at run time stands in as "1.0" (validate and plan agree); an
         # artifact with other runtime inputs is checked at plan time only.
         rest = {k: v for k, v in artifact["spec"].items() if k != "tag"}
-        tag = artifact["tag"] if artifact["tag"] and "<+" not in artifact["tag"] else "1.0"
+        given = artifact["tag"]
+        stand_in = given if given and "<+" not in given else "1.0"
         inputs = re.sub(r"<\+secrets\.getValue\([^)]*\)>", "", repr(rest))  # worker's
         checked = None if "<+" in inputs else \
-            {**artifact, "tag": tag, "spec": {**rest, "tag": tag}}
+            {**artifact, "tag": stand_in, "spec": {**rest, "tag": stand_in}}
     if uses_copy and art is not None and checked is not None and art.type != "Local":
         from app.artifacts import check as check_artifact
 

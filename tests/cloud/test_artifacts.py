@@ -571,7 +571,7 @@ def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference
         bundle = load([files], inputs={"tag": "2.0.1"}, require_inputs=True)
         plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="ex-c2").to_json()
         repo.reset_counts()
-        with pytest.raises(ArtifactAuthError, match="'account.no_such_password'"):
+        with pytest.raises(ArtifactAuthError, match=r"'account\.no_such_password'"):
             fetch(plan["stages"][0]["artifact"], execution_id="ex-c2")
         assert repo.log == []
     finally:

@@ -367,7 +367,7 @@ def test_validate_and_plan_agree_on_an_artifact_the_connector_cannot_locate(
     svc = service("Nexus3Registry", "connectorRef: conn\nartifactPath: web.tgz\n"
                                     "tag: <+input>\nallowUnverified: true\n")
     files = good_files(tmp_path, svc, connector(VALID["Nexus"]))
-    with pytest.raises(SpecError, match="spec.repository is required") as exc:
+    with pytest.raises(SpecError, match=r"spec\.repository is required") as exc:
         load(files)
     assert exc.value.file == str(tmp_path / "service.yaml")
 
