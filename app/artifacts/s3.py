@@ -1,6 +1,7 @@
 """AmazonS3 sources: one object, downloaded with boto3's ``download_file``.
 
-Credentials are boto3's usual chain on the worker (environment, profile, instance role); the
+Credentials are an Aws connector's keys when the artifact names one (resolved on the worker),
+else boto3's usual chain on the worker (environment, profile, instance role); the
 endpoint is ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (path-style addressing
 then, as S3-compatible stores and moto need). The object's sha256 is known before downloading
 when S3 has one: a full-object ``ChecksumSHA256`` (uploaded with ``ChecksumAlgorithm=SHA256``),
@@ -39,8 +40,10 @@ def endpoint_url() -> str | None:
 class S3Source:
     """``s3://bucket/key`` in ``region``; ``what`` names it in errors."""
 
-    def __init__(self, bucket: str, key: str, region: str | None, what: str) -> None:
+    def __init__(self, bucket: str, key: str, region: str | None, what: str, *,
+                 keys: tuple[str, str] | None = None) -> None:
         self.bucket = bucket
+        self.keys = keys  # an Aws connector's (access key, secret key); None: the worker's
         self.key = key
         self.region = region
         self.what = what
@@ -57,7 +60,9 @@ class S3Source:
                             connect_timeout=10, read_timeout=60,
                             s3={"addressing_style": "path"} if endpoint else None)
             try:
-                session = boto3.session.Session()
+                session = boto3.session.Session(
+                    **({"aws_access_key_id": self.keys[0], "aws_secret_access_key": self.keys[1]}
+                       if self.keys else {}))
                 self._client_obj = session.client("s3", region_name=self.region,
                                                   endpoint_url=endpoint, config=config)
             except Exception as exc:  # e.g. a profile that does not exist

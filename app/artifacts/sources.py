@@ -10,7 +10,9 @@
     Nexus3Registry   spec.url, or spec.baseUrl + "/repository/" + spec.repository + the path
     Jenkins          spec.url, or spec.baseUrl + /job/<jobName, one job/ per folder>/<build>
                      /artifact/<artifactPath>; build = spec.build or the tag
-    AmazonS3         spec.bucket (or bucketName) + spec.key (or filePath), spec.region
+    AmazonS3         spec.bucket (or bucketName) + spec.key (or filePath), spec.region; with an
+                     Aws connector (ManualConfig) spec.accessKey + spec.secretKeyRef, written in
+                     by the loader and resolved here
     CustomArtifact   refused: use Http or AmazonS3
 
 Artifactory without spec.repository reads the first segment of artifactPath as the
@@ -134,6 +136,8 @@ class Resolved:
     key: str | None = None
     region: str | None = None
     allow_unverified: bool = False  # spec.allowUnverified: no checksum anywhere is fine
+    # S3: the Aws connector's keys (accessKey, secretKeyRef), resolved here; None: the worker's.
+    aws_keys: tuple[str, str] | None = field(default=None, repr=False)
 
 
 # --- reading the spec ----------------------------------------------------------------------------
@@ -393,10 +397,14 @@ def resolve(artifact: Mapping[str, Any],
         region = _field(spec, "region") or os.environ.get("AWS_REGION") or \
             os.environ.get("AWS_DEFAULT_REGION")
         source = f"AmazonS3 s3://{bucket}/{key}" + (f" ({region})" if region else "")
+        aws_keys = None
+        if require_secrets and (ref := _field(spec, "secretKeyRef")):
+            access = _resolved(_field(spec, "accessKey"), source, "spec.accessKey")
+            aws_keys = (access or "", _secret(ref, source, "the connector's secretKeyRef"))
         identity = f"s3://{bucket}/{key}?region={region or ''}&endpoint={endpoint_url() or ''}"
         return Resolved(atype, "s3", identity, source, extension(key.rsplit("/", 1)[-1]), tag,
                         expected, expected_from, bucket=bucket, key=key, region=region,
-                        allow_unverified=allow_unverified(spec))
+                        allow_unverified=allow_unverified(spec), aws_keys=aws_keys)
     if atype == "CustomArtifact":
         raise ArtifactError(f"{what}: CustomArtifact sources are not supported; use Http (spec."
                             "url) or AmazonS3")
@@ -480,7 +488,7 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
             expected_from = "<url>.sha256" if expected else None
     elif src.kind == "s3":
         assert src.bucket is not None and src.key is not None
-        s3 = S3Source(src.bucket, src.key, src.region, src.source)
+        s3 = S3Source(src.bucket, src.key, src.region, src.source, keys=src.aws_keys)
         if expected is None:
             expected, expected_from = s3.checksum()
     if expected is None and src.kind == "s3" and not src.allow_unverified:

@@ -7,7 +7,8 @@ Users of a connector (app.definitions.models.connector says which types each tak
   artifact's ``baseUrl`` (Artifactory, Nexus3Registry; the repository fields build the path as
   app.artifacts.sources does) or ``url`` (Http: the server URL joined with ``artifactPath``);
   its credentials become ``username`` (or ``<+secrets.getValue("usernameRef")>``) and
-  ``passwordRef``, resolved by the worker that fetches;
+  ``passwordRef``, resolved by the worker that fetches; an AmazonS3 artifact's Aws connector
+  (ManualConfig) gives ``accessKey`` and ``secretKeyRef`` the same way;
 - an infrastructure (``spec.connectorRef`` or ``spec.cloudProviderRef``): the plan's
   infrastructure gets ``connector: {identifier, type, credential}`` with the credential's type
   and secret ids; app.providers resolves them on the region worker that discovers.
@@ -31,6 +32,10 @@ _NAMES = {"Artifactory": "an Artifactory", "Nexus": "a Nexus", "Http": "an Http"
           "Gcp": "a Gcp", "Git": "a Git"}
 _INFRA_USER = {"aws": "an AWS infrastructure", "azure": "an Azure infrastructure",
                "gcp": "a GCP infrastructure"}
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1].upper() in "AEIOU" else "a"
 
 
 def _fixed(ref: Any) -> str | None:
@@ -64,13 +69,13 @@ def check_connector_refs(bundle: Bundle, errs: Collector) -> None:
             continue
         want = m.ARTIFACT_CONNECTORS.get(art.type)
         if want is None:
-            if art.type != "AmazonS3":  # AmazonS3's refusal is in app.definitions.schemas
-                errs.add(svc.error(
-                    f"connectorRef is not supported for a {art.type} artifact: connectors serve "
-                    f"{', '.join(m.ARTIFACT_CONNECTORS)} artifacts; name the server with "
-                    "spec.baseUrl (or spec.url)", (*ART, "connectorRef")))
+            errs.add(svc.error(
+                f"connectorRef is not supported for {_a(art.type)} {art.type} artifact: "
+                f"connectors serve {', '.join(m.ARTIFACT_CONNECTORS)} artifacts; name the "
+                "server with "
+                "spec.baseUrl (or spec.url)", (*ART, "connectorRef")))
             continue
-        _, problem = find(bundle, ref, want, f"a {art.type} artifact")
+        _, problem = find(bundle, ref, want, f"{_a(art.type)} {art.type} artifact")
         if problem:
             errs.add(svc.error(problem, (*ART, "connectorRef")))
     for infra in bundle.infrastructures.values():
@@ -104,12 +109,19 @@ def artifact_spec(bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any],
     want = m.ARTIFACT_CONNECTORS.get(atype)
     if ref is None or want is None:
         return spec
-    found, problem = find(bundle, ref, want, f"a {atype} artifact")
+    found, problem = find(bundle, ref, want, f"{_a(atype)} {atype} artifact")
     if found is None:
         errs.add(svc.error(problem or "", (*ART, "connectorRef")))
         return spec
-    conn = found.model.spec.spec
     out = dict(spec)
+    if atype == "AmazonS3":  # an Aws connector: its keys by reference, or the worker's own
+        cred = found.model.spec.spec.credential
+        if cred.type == "ManualConfig" and cred.spec is not None:
+            out["accessKey"] = cred.spec.access_key if cred.spec.access_key is not None else \
+                f'<+secrets.getValue("{cred.spec.access_key_ref}")>'
+            out["secretKeyRef"] = cred.spec.secret_key_ref
+        return out
+    conn = found.model.spec.spec
     server = conn.url().rstrip("/")
     if atype == "Http":
         path = spec.get("artifactPath")

@@ -125,11 +125,6 @@ def artifact_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
                            "(connectorRef); without a connector write the whole spec.url",
                            ("artifactPath",)))
     out += credential_problems(atype, spec)
-    if atype == "AmazonS3" and spec.get("connectorRef"):
-        out.append(Problem(
-            "connectorRef is not supported for AmazonS3: the worker uses its own AWS "
-            "credentials (boto3's chain, AWS_ENDPOINT_URL); remove connectorRef",
-            ("connectorRef",)))
     return out
 
 

@@ -109,7 +109,10 @@ class DownloadArtifact(UnitType[DownloadArtifactUnit, RenderedDownload]):
 
             from app.artifacts.s3 import endpoint_url
 
-            client = boto3.client("s3", region_name=r.region, endpoint_url=endpoint_url())
+            keys = ({"aws_access_key_id": r.aws_keys[0], "aws_secret_access_key": r.aws_keys[1]}
+                    if r.aws_keys else {})  # an Aws connector's, resolved on this worker
+            client = boto3.client("s3", region_name=r.region, endpoint_url=endpoint_url(),
+                                  **keys)
             config = curl_config(client.generate_presigned_url(
                 "get_object", Params={"Bucket": r.bucket, "Key": r.key},
                 ExpiresIn=PRESIGNED_SECONDS))

@@ -576,3 +576,53 @@ def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference
         assert repo.log == []
     finally:
         secrets.reset()
+
+
+def test_an_s3_artifact_fetches_with_its_aws_connectors_keys(
+        s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AmazonS3 artifact naming an Aws connector (ManualConfig): the plan holds the access
+    key and the secret key's id; the worker, which has no AWS credentials of its own, fetches
+    with the connector's keys."""
+    from app import secrets
+    from app.definitions.loader import choose_pipeline, load
+    from app.definitions.resolve import resolve
+
+    s3.create_bucket(Bucket="connector-builds")
+    s3.put_object(Bucket="connector-builds", Key="web/3.1/web.tar.gz", Body=b"by the connector",
+                  ChecksumAlgorithm="SHA256")
+    files = tmp_path / "files"
+    import shutil
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "good", files)
+    (files / "service.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hello-app, identifier: hello_app}\n"
+        "spec:\n  serviceDefinition:\n    type: SSH\n    spec:\n      artifacts:\n"
+        "        primary:\n          type: AmazonS3\n          spec:\n"
+        "            connectorRef: aws_builds\n            bucketName: connector-builds\n"
+        f"            filePath: web/<+artifact.tag>/web.tar.gz\n            region: {REGION}\n"
+        "            tag: <+input>\n"
+        "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
+        "        - {name: greeting, type: String, value: hi}\n")
+    (files / "connectors.yaml").write_text(
+        "connector:\n  name: aws_builds\n  identifier: aws_builds\n  type: Aws\n  spec:\n"
+        "    credential:\n      type: ManualConfig\n      spec:\n"
+        "        accessKey: AKIABUILDS0000000001\n        secretKeyRef: builds_secret_key\n")
+    bundle = load([files], inputs={"tag": "3.1"}, require_inputs=True)
+    artifact = resolve(bundle, choose_pipeline(bundle, None),
+                       execution_id="ex-s3c").to_json()["stages"][0]["artifact"]
+    assert (artifact["spec"]["accessKey"], artifact["spec"]["secretKeyRef"]) == (
+        "AKIABUILDS0000000001", "builds_secret_key")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    secrets.reset()
+    try:
+        # Without the secret on the worker, the fetch fails naming it
+        with pytest.raises(ArtifactAuthError, match=r"'builds_secret_key'"):
+            fetch(artifact, execution_id="ex-s3c")
+        monkeypatch.setenv("VMFARM_SECRET_BUILDS_SECRET_KEY", "builds-secret-never-shown")
+        secrets.reset()
+        got = fetch(artifact, execution_id="ex-s3c")
+        assert Path(got.path).read_bytes() == b"by the connector" and got.verified
+    finally:
+        secrets.reset()

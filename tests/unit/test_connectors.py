@@ -313,7 +313,7 @@ def test_a_connector_of_the_wrong_type_is_refused_where_it_is_named(tmp_path: Pa
     svc = service("Artifactory", "connectorRef: repo\nartifactPath: apps/x.tgz\ntag: <+input>\n")
     errs = refusals(tmp_path, ("service.yaml", svc),
                     ("c.yaml", connector(VALID["Git"], "repo")))
-    assert any("connector 'repo' is a Git connector; a Artifactory artifact takes an "
+    assert any("connector 'repo' is a Git connector; an Artifactory artifact takes an "
                "Artifactory connector" in e.message and e.line == line_of(svc, "connectorRef")
                for e in errs), [str(e) for e in errs]
 
@@ -428,3 +428,15 @@ def test_a_git_connector_is_taken_by_nothing_yet(tmp_path: Path) -> None:
     svc = service("Http", "connectorRef: repo\nartifactPath: x.tgz\ntag: <+input>\n")
     errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", connector(VALID["Git"], "repo")))
     assert any("is a Git connector" in e.message for e in errs)
+
+
+def test_an_s3_artifact_takes_an_aws_connectors_keys_by_reference(tmp_path: Path) -> None:
+    svc = service("AmazonS3", "connectorRef: conn\nbucketName: builds\n"
+                              "filePath: web/<+artifact.tag>/web.tgz\ntag: <+input>\n")
+    plan = planned(good_files(tmp_path, svc, connector(VALID["Aws"])))
+    spec = plan["stages"][0]["artifact"]["spec"]
+    assert (spec["accessKey"], spec["secretKeyRef"]) == ("AKIAEXAMPLE", "account.aws_sk")
+    svc = service("AmazonS3", "connectorRef: conn\nbucketName: builds\nfilePath: w.tgz\n"
+                              "tag: <+input>\n")
+    errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", connector(VALID["Gcp"])))
+    assert any("an AmazonS3 artifact takes an Aws connector" in e.message for e in errs)

@@ -403,7 +403,7 @@ AnyConnector = Annotated[ArtifactoryConnector | NexusConnector | HttpConnector
 
 # Which connector types each user of ``connectorRef`` takes.
 ARTIFACT_CONNECTORS = {"Artifactory": ("Artifactory",), "Nexus3Registry": ("Nexus",),
-                       "Http": ("Http", "HttpHelmRepo")}
+                       "Http": ("Http", "HttpHelmRepo"), "AmazonS3": ("Aws",)}
 CLOUD_CONNECTORS = {"aws": "Aws", "azure": "Azure", "gcp": "Gcp"}
 
 
