@@ -142,7 +142,9 @@ def _allowed_fields(model: type[Any], loc: tuple[Any, ...]) -> list[str]:
         cur = nxt
     fields: list[str] = []
     for cand in _models_of(cur):
-        fields.extend(f.alias or n for n, f in cand.model_fields.items())
+        fields.extend(f.alias or n for n, f in cand.model_fields.items()
+                      if not (isinstance(f.json_schema_extra, dict)
+                              and f.json_schema_extra.get("refused")))
     return sorted(set(fields))
 
 

@@ -73,7 +73,9 @@ def _camel(name: str) -> str:
 # A secret id (app.secrets.parse_id), never a value.
 SecretId = Annotated[str, AfterValidator(_secret_id)]
 # A field that would hold a secret's value: refused, with the ...Ref field to write instead.
-Plaintext = Annotated[Any, AfterValidator(_refuse_plaintext)]
+# (``refused``: not listed among a model's allowed fields in unknown-field messages)
+Plaintext = Annotated[Any, AfterValidator(_refuse_plaintext), Field(json_schema_extra={
+    "refused": True})]
 
 
 def _server_url(v: str) -> str:
