@@ -440,3 +440,41 @@ def test_an_s3_artifact_takes_an_aws_connectors_keys_by_reference(tmp_path: Path
                               "tag: <+input>\n")
     errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", connector(VALID["Gcp"])))
     assert any("an AmazonS3 artifact takes an Aws connector" in e.message for e in errs)
+
+
+# --- the worker's side: a cloud connector's secrets resolved where discovery runs ----------------
+
+
+def test_the_discovering_worker_resolves_a_manual_connectors_secrets(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import secrets
+    from app.errors import DiscoveryError
+    from app.providers import azure
+    from app.providers.base import connector_credential
+
+    infra = {"identifier": "web", "connector": {
+        "identifier": "az", "type": "Azure",
+        "credential": {"type": "ManualConfig", "applicationId": "app-id",
+                       "tenantId": "tenant-id", "secretRef": "account.az_secret"}}}
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    monkeypatch.setenv("VMFARM_SECRET_AZ_SECRET", "az-secret-value")
+    for key in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
+        monkeypatch.delenv(key, raising=False)
+    secrets.reset()
+    try:
+        manual = connector_credential(infra)
+        assert manual == {"type": "ManualConfig", "applicationId": "app-id",
+                          "tenantId": "tenant-id", "secret": "az-secret-value"}
+        cred = azure.make_credential(manual)
+        assert type(cred).__name__ == "ClientSecretCredential"
+        assert connector_credential({**infra, "connector": {
+            "identifier": "az", "type": "Azure",
+            "credential": {"type": "InheritFromDelegate"}}}) is None
+        monkeypatch.delenv("VMFARM_SECRET_AZ_SECRET")
+        secrets.reset()
+        with pytest.raises(DiscoveryError) as info:
+            connector_credential(infra)
+        assert info.value.error_class == "Authentication"
+        assert "secretRef 'account.az_secret'" in str(info.value)
+    finally:
+        secrets.reset()
