@@ -9,6 +9,7 @@ Field names follow the files (camelCase) through aliases.
     steps           steps, command units, step groups, failure strategies
     strategy        strategies, phase sizes, verification gates, traffic switch
     pipeline        Pipeline and its stages (Deployment, Approval); KINDS
+    connector       Connector: artifact servers, cloud accounts, Git; secrets by id only
 """
 
 from __future__ import annotations
