@@ -104,7 +104,8 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
-        if not v or (only_failed and v.get("passed")):
+        # A canary analysis is shown passed or not: its numbers are what the user reads.
+        if not v or (only_failed and v.get("passed") and not v.get("analysis")):
             continue
         if p["kind"] == "approval":
             _print_approval(p, only_failed=only_failed)
@@ -121,8 +122,12 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
         out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
                        f"({v.get('succeeded')}/{v.get('hosts')} hosts passed; {v.get('rule')})",
                        style="" if v.get("passed") else "red"))
+        analysis = v.get("analysis") or {}
         for reason in v.get("reasons") or []:
-            out.print(Text(f"    {reason}", style="red"))
+            if not (analysis and reason.startswith("canary analysis: ")):
+                out.print(Text(f"    {reason}", style="red"))
+        if analysis:
+            _print_analysis(analysis)
         for host, c in (v.get("checks") or {}).items():
             numbers = _check_numbers(c.get("results") or {})
             if not c.get("passed"):
@@ -130,6 +135,24 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
                                + (f" [{numbers}]" if numbers else ""), style="red"))
             elif not only_failed and numbers:
                 out.print(f"    {host}: {numbers}")
+
+
+def _print_analysis(a: dict[str, Any]) -> None:
+    """A canary analysis: one line per metric with both sides' numbers (app.verify.canary)."""
+    window = a.get("window") or {}
+    seconds = float(window.get("seconds") or 0)
+    span = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+    ok = a.get("passed")
+    canary, baseline = a.get("canary") or {}, a.get("baseline") or {}
+    out.print(Text(f"    canary analysis ({a.get('analysisType', 'Prometheus')}, "
+                   f"{a.get('comparisonStrategy', 'COMPARE_WITH_CURRENT')}, {span}): "
+                   f"{'passed' if ok else 'FAILED'}; canary {len(canary.get('hosts') or [])} "
+                   f"host(s) vs current version {len(baseline.get('hosts') or [])} host(s)",
+                   style="" if ok else "red"))
+    for m in a.get("metrics") or []:
+        out.print(Text(f"      {m.get('reason')}", style="" if m.get("passed") else "red"))
+    for reason in (a.get("reasons") or []) if not a.get("metrics") else []:
+        out.print(Text(f"      {reason}", style="red"))
 
 
 def _print_approval(p: dict[str, Any], *, only_failed: bool) -> None:

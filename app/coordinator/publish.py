@@ -54,7 +54,7 @@ def publish(d: Dispatch) -> None:
     elif d.kind == "verify":
         sig = canvas.verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                    phase=d.phase, hosts=d.hosts, expires=expires,
-                                   tags_of=d.tags_of)
+                                   tags_of=d.tags_of, countdown=d.countdown)
     elif d.kind == "discover":
         sig = canvas.discovery_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                       work=d.discover or [])

@@ -96,6 +96,9 @@ from app.definitions.models.steps import (
     flat_steps,
 )
 from app.definitions.models.strategy import (
+    ANALYSIS_KEYS,
+    CanaryAnalysisSpec,
+    CanaryMetric,
     FailureBudget,
     HttpCheckSpec,
     ProbeSpec,
@@ -116,6 +119,7 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ANALYSIS_KEYS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "ActionType",
@@ -129,6 +133,8 @@ __all__ = [
     "Approvers",
     "ArtifactSource",
     "Artifacts",
+    "CanaryAnalysisSpec",
+    "CanaryMetric",
     "CommandStep",
     "CommandStepSpec",
     "CommandUnit",
