@@ -275,8 +275,14 @@ def print_plan(result: dict[str, Any]) -> None:
                           + ", ".join(names))
         else:
             out.print(f"  hosts: {hosts}")
+        analysis = (strategy.get("verification") or {}).get("canaryAnalysis")
+        window = str((analysis or {}).get("timeDuration", ""))
+        window += " min" if window.replace(".", "", 1).isdigit() else ""  # Harness's unit
+        gate_text = " -> verification gate" + (
+            f" (canary analysis: {analysis['analysisType']}, {analysis['comparisonStrategy']}, "
+            f"over {window})" if analysis else "")
         for p in st["phases"]:
-            gate = " -> verification gate" if p["verify"] else ""
+            gate = gate_text if p["verify"] else ""
             verb = "switch traffic to" if p["kind"] == "switch" else "deploy to"
             out.print(f"  {p['name']}: {verb} {len(p['hosts'])} host(s): "
                       f"{', '.join(p['hosts'])}{gate}")
