@@ -395,6 +395,7 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
             for form in ("rolloutDeployment", "canaryDeployment"):
                 base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
                 phases = _at(pipe.raw, base)
+                first: Any = None  # the stage's gate: one verification for all its phases
                 for pi, entry in enumerate(phases if isinstance(phases, list) else []):
                     phase = _at(entry, ("phase",))
                     if not isinstance(phase, Mapping):
@@ -407,4 +408,13 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
                         if isinstance(step, Mapping):
                             report(pipe, (*base, pi, "phase", "steps", k),
                                    phase_step_problems(step))
+                            props = step.get("properties")
+                            if first is None:
+                                first = props
+                            elif props != first:
+                                report(pipe, (*base, pi, "phase", "steps", k), [Problem(
+                                    "this VERIFICATION step's properties differ from the "
+                                    "first one's: vmfarm runs one verification after every "
+                                    "gated phase of a stage; write the same properties",
+                                    ("properties",), key=True)])
     return out

@@ -347,3 +347,28 @@ def test_a_failing_metric_source_fails_the_analysis_with_the_reason() -> None:
     verdict = analyse(spec, url="http://prom:9090", canary=["a"], baseline=["b"], query=query)
     assert verdict["passed"] is False
     assert "canary query failed: connection refused" in verdict["reasons"][0]
+
+
+def test_verification_steps_that_differ_within_a_stage_are_refused(tmp_path: Path) -> None:
+    # Given a second canary phase whose VERIFICATION step says something else
+    second = (
+        "    - phase:\n"
+        "        name: Canary Two\n"
+        '        instanceCount: "50%"\n'
+        "        instanceUnitType: PERCENTAGE\n"
+        "        steps:\n"
+        "          - type: VERIFICATION\n"
+        "            properties:\n"
+        "              analysisType: Prometheus\n"
+        "              comparisonStrategy: COMPARE_WITH_CURRENT\n"
+        '              timeDuration: "5"\n'
+    )
+    old = '              timeDuration: "10"\n'
+    new = old + "".join(f"          {line}\n" for line in second.splitlines())
+    pipeline = reference_with_canary(tmp_path, old, new)
+    # Then only the first would run: refused, not ignored
+    errors = refused(pipeline.parent)
+    (err,) = [e for e in errors if "differ from the first one's" in e.message]
+    assert (
+        err.line > pipeline.read_text().split("\n").index("                  name: Canary Two") + 1
+    )
