@@ -372,3 +372,30 @@ def test_verification_steps_that_differ_within_a_stage_are_refused(tmp_path: Pat
     assert (
         err.line > pipeline.read_text().split("\n").index("                  name: Canary Two") + 1
     )
+
+
+def test_the_checks_of_an_analysis_wait_its_window_in_the_broker() -> None:
+    import time
+
+    from app.canvas import verify_canvas
+
+    # Given a verification gate after a canary whose analysis window is 10 minutes
+    before = time.time()
+    canvas = verify_canvas(
+        execution_id="e1",
+        stage_index=0,
+        phase=0,
+        hosts=[("h1", "r1"), ("h2", "r2")],
+        expires=60,
+        countdown=600,
+    )
+    # Then every check is sent with that countdown (no worker sleeps), and its dispatch
+    # deadline counts from the window's end
+    assert [t.options.get("countdown") for t in canvas.tasks] == [600, 600]
+    assert all(t.kwargs["key"]["x"] > before + 659 for t in canvas.tasks)
+    assert canvas.body.name == "vmfarm.verification_gate"
+    # and a gate without an analysis is sent at once, as before
+    plain = verify_canvas(
+        execution_id="e1", stage_index=0, phase=0, hosts=[("h1", "r1")], expires=60
+    )
+    assert "countdown" not in plain.tasks[0].options
