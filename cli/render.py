@@ -119,8 +119,10 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
             out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'}"
                            f" ({detail})", style="" if v.get("passed") else "red"))
             continue
+        checks = " their checks" if v.get("analysis") else ""  # the analysis says the rest
         out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
-                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed; {v.get('rule')})",
+                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed{checks}; "
+                       f"{v.get('rule')})",
                        style="" if v.get("passed") else "red"))
         analysis = v.get("analysis") or {}
         for reason in v.get("reasons") or []:

@@ -5,35 +5,31 @@ still on the current version.
 The lab hosts run tests/data/canary/*-app: a small HTTP app exposing Prometheus metrics (a
 request counter by status code, a latency histogram) on ``<host>:8080/metrics``; the bad build
 answers one request in five with a 500 and 150 ms slower. The Debian ``prometheus`` binary
-scrapes every host; a client thread here sends requests to every host all along, as users would.
+scrapes every host; client threads send requests to every host all along, as users would
+(tests/prometheus.py). Embedded mode here; tests/service/test_canary_analysis_run.py runs a
+canary with Redis, PostgreSQL and worker processes.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import subprocess
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.errors import VerificationError
-from app.verify import prometheus_query
 from tests.alloc import Allocator
 from tests.conftest import DATA, base_env, run_vmfarm
-from tests.waiting import wait_for
+from tests.prometheus import HAVE_PROMETHEUS, Users, scraping, version_on
 
 CANARY = DATA / "canary"
 STRAT = DATA / "strategies"
 
 pytestmark = pytest.mark.skipif(
-    not shutil.which("prometheus"),
+    not HAVE_PROMETHEUS,
     reason="needs the prometheus binary (apt-get install prometheus)",
 )
 
@@ -42,91 +38,11 @@ pytestmark = pytest.mark.skipif(
 def prometheus(
     lab8: Any, tmp_path_factory: pytest.TempPathFactory, alloc: Allocator
 ) -> Iterator[str]:
-    """The Debian prometheus binary on 127.0.0.1, scraping every lab host's app every 250 ms."""
-    work: Path = tmp_path_factory.mktemp("prometheus")
-    targets = ", ".join(f"'{h.address}:8080'" for h in lab8.hosts)
-    (work / "prometheus.yml").write_text(
-        "global: {scrape_interval: 250ms, scrape_timeout: 200ms}\n"
-        f"scrape_configs:\n  - job_name: web\n    static_configs: [{{targets: [{targets}]}}]\n"
-    )
-    lease = alloc.port()
-    log = (work / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{lease.port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{lease.port}"
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, f"prometheus exited with {proc.returncode}"
-            try:
-                return prometheus_query(url, "count(up)", timeout=1) == 8.0
-            except VerificationError:
-                return False
-
-        wait_for(
-            ready,
-            30,
-            "prometheus to scrape the lab hosts",
-            interval=0.2,
-            explain=lambda: (work / "prometheus.log").read_text()[-2000:],
-        )
+    """The Debian prometheus binary scraping every lab host's app (tests/prometheus.py)."""
+    with scraping(
+        [h.address for h in lab8.hosts], alloc, tmp_path_factory.mktemp("prometheus")
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        lease.release()
-
-
-class Users:
-    """Requests to every host's app, round and round, until stopped (answers counted per
-    host; refused connections while a host restarts are part of a deployment)."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        self.addresses = addresses
-        self.answers: dict[str, int] = dict.fromkeys(addresses, 0)
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._loop, args=(addresses[i::2],), daemon=True)
-            for i in range(2)
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _loop(self, mine: list[str]) -> None:
-        while not self.stop.is_set():
-            for address in mine:
-                try:
-                    with urllib.request.urlopen(f"http://{address}:8080/", timeout=2):
-                        pass
-                except urllib.error.HTTPError:
-                    pass  # an answer all the same (the bad build's 500s)
-                except OSError:
-                    self.stop.wait(0.05)
-                    continue
-                self.answers[address] += 1
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(5)
-
-
-def version_on(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}:8080/health", timeout=5) as resp:
-        return str(json.loads(resp.read())["version"])
 
 
 def run(
