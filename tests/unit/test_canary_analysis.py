@@ -80,7 +80,10 @@ def strategy_of(folder: Path) -> dict[str, Any]:
 def refused(folder: Path) -> list[SpecError]:
     with pytest.raises((SpecError, SpecErrors)) as info:
         load([folder])
-    return info.value.errors if isinstance(info.value, SpecErrors) else [info.value]
+    if isinstance(info.value, SpecErrors):
+        return info.value.errors
+    assert isinstance(info.value, SpecError)
+    return [info.value]
 
 
 # --- loading ---------------------------------------------------------------------------------
