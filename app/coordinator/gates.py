@@ -40,13 +40,23 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
     # The metric source is asked before the execution is locked: a slow Prometheus never holds
     # up the coordinator (every other advance of this execution waits for its lock).
     analysis: dict[str, Any] | None = None
+    stage = None
+    hosts: list[dict[str, Any]] = []
+    phases: list[dict[str, Any]] = []
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
-        verification = deployment_stage(ex, stage_index).strategy.verification \
-            if ex is not None else None
+        stage = deployment_stage(ex, stage_index) if ex is not None else None
+        verification = stage.strategy.verification if stage is not None else None
         if ex is not None and verification is not None \
                 and verification.canary_analysis is not None:
-            analysis = canary_verdict(ex, stage_run(s, ex, stage_index), phase)
+            run = stage_run(s, ex, stage_index)
+            hosts, phases = list(run.hosts), list(run.phases)
+    if stage is not None and phases:  # a canary analysis, outside the transaction
+        try:
+            analysis = canary_verdict(stage, hosts, phases, phase)
+        except Exception as exc:  # the gate always gets a verdict: a failed one, with why
+            analysis = {"passed": False,
+                        "reasons": [f"canary analysis failed: {type(exc).__name__}: {exc}"]}
     reasons: list[str] = []
     prom_result: dict[str, Any] | None = None
     if verification is not None and verification.prometheus is not None:

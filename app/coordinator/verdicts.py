@@ -147,29 +147,29 @@ def prometheus_verdict(check: PrometheusCheck) -> tuple[bool, dict[str, Any]]:
     return ok, {"query": check.query, "value": value, "reason": "; ".join(reasons)}
 
 
-def canary_verdict(ex: Execution, run: StageRun, phase: int) -> dict[str, Any] | None:
+def canary_verdict(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
+                   phases: list[dict[str, Any]], phase: int) -> dict[str, Any] | None:
     """The stage's canary analysis after ``phase`` (app.verify.canary): the hosts deployed so
     far against the hosts still on the current version (those of the later phases); None
-    when the stage has no canary analysis. Call it outside the execution's lock: it waits for
-    Prometheus."""
+    when the stage has no canary analysis. ``hosts`` and ``phases`` are the stage run's, as
+    stored. Call it outside any transaction: it waits for Prometheus."""
     from app.definitions.expressions import render
     from app.providers.base import Host
     from app.units import host_context
     from app.verify.canary import analyse
     from app.verify.probes import prometheus_query
 
-    stage = deployment_stage(ex, run.stage_index)
     spec = stage.strategy.verification.canary_analysis if stage.strategy.verification else None
     if spec is None:
         return None
-    by_name = {h["name"]: Host.from_dict(h) for h in run.hosts}
+    by_name = {h["name"]: Host.from_dict(h) for h in hosts}
 
     def labels(names: list[str]) -> list[str]:
         return [render(spec.instance, host_context(by_name[n], stage)) for n in names]
 
-    phases = [Phase.from_dict(p) for p in run.phases]
-    canary = [n for p in phases if p.index <= phase and p.kind == "deploy" for n in p.hosts]
-    baseline = [n for p in phases if p.index > phase and p.kind == "deploy" for n in p.hosts]
+    planned = [Phase.from_dict(p) for p in phases]
+    canary = [n for p in planned if p.index <= phase and p.kind == "deploy" for n in p.hosts]
+    baseline = [n for p in planned if p.index > phase and p.kind == "deploy" for n in p.hosts]
     url = spec.prometheus_url or get_settings().prometheus_url
     if not url:
         return {"passed": False, "reasons": ["canary analysis needs a Prometheus URL "
