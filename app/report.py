@@ -114,6 +114,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             "environment": deploying.environment.identifier if deploying else None,
             "version": deploying.artifact.tag if deploying and deploying.artifact else None,
             "steps": step_ids,
+            "discovery": _discovery(next((p for p in phases if p.stage_index == st.stage_index
+                                          and p.kind == "discover"), None)),
             "phases": [
                 {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
                  "verdict": p.verdict, "dispatched_at": _t(p.dispatched_at),
@@ -142,6 +144,18 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "intervention": intervention,
         "stages": out_stages,
     }
+
+
+def _discovery(rec: PhaseRun | None) -> dict[str, Any] | None:
+    """How the region workers listed a stage's hosts (None: the hosts were static): status,
+    how many hosts, which workers on which queues, the infrastructures asked, the error."""
+    if rec is None:
+        return None
+    v = rec.verdict or {}
+    return {"status": rec.status, "hosts": v.get("hosts", len(rec.hosts)),
+            "workers": list(v.get("workers") or []),
+            "infrastructures": list(v.get("infrastructures") or []),
+            "error": v.get("error")}
 
 
 def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],

@@ -59,6 +59,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             continue
         if len(st["hosts"]) > MATRIX_FROM and not every_host:
             _print_matrix(st)
+            print_discovery(st)
             print_gates(st, only_failed=True)
             continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
@@ -74,6 +75,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             table.add_row(h["host"], h["region"], styled(h["status"]), h["version"] or "",
                           h["previous_version"] or "", *extra)
         out.print(table)
+        print_discovery(st)
         for h in st["hosts"]:
             rb = h.get("rollback") or {}
             if rb.get("status") == "ROLLBACK_FAILED":
@@ -98,12 +100,52 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
         out.print(Text(report["error"], style="red"))
 
 
+def _workers(found: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{w.get('worker') or 'a worker'} ({w.get('queue') or 'no queue'})"
+                     for w in found)
+
+
+def print_discovery(stage: dict[str, Any]) -> None:
+    """How the stage's hosts were listed by the region workers (nothing for static hosts)."""
+    d = stage.get("discovery")
+    if not d:
+        return
+    if d["status"] == "FAILED":
+        where = f" on {_workers(d['workers'])}" if d["workers"] else ""
+        out.print(Text(f"  discovery FAILED{where}: {d.get('error') or 'no reason recorded'}",
+                       style="red"))
+    elif d["status"] == "SUCCEEDED":
+        out.print(f"  discovery: {d['hosts']} host(s) listed by {_workers(d['workers'])}")
+    else:
+        queues = sorted({f"vmfarm.{i['region']}" + (f"[{','.join(i['tags'])}]"
+                                                     if i.get("tags") else "")
+                         for i in d["infrastructures"]})
+        out.print(Text(f"  discovery: waiting for a worker on {', '.join(queues)}",
+                       style="yellow"))
+
+
+def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage's phase records that are verdicts (not discovery, not an intervention)."""
+    return [p for p in stage["phases"]
+            if p["kind"] != "discover" and not p["kind"].startswith("mi-")]
+
+
 def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     """One line per phase verdict; for a failed gate, one line per failed host with its
-    numbers."""
+    numbers. Discovery is not a gate (``print_discovery``); a manual intervention shows who
+    chose what."""
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
+        if p["kind"] == "discover":
+            continue
+        if p["kind"].startswith("mi-"):
+            if not only_failed and v.get("chosen"):
+                why = f" ({v['comment']})" if v.get("comment") else ""
+                who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+                    else f"by {v.get('by')}"
+                out.print(f"  manual intervention: {v['chosen']} chosen {who}{why}")
+            continue
         if not v or (only_failed and v.get("passed")):
             continue
         if p["kind"] == "approval":

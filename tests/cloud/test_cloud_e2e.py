@@ -259,6 +259,12 @@ def test_hosts_found_on_three_clouds_are_deployed_through_their_region_workers(
     # discovery ran as tasks on each cloud's own worker (the CLI has no credentials)
     discover = next(p for p in stage["phases"] if p["kind"] == "discover")
     assert {w["worker"] for w in discover["verdict"]["workers"]} == set(cloud_workers)
+    # ... and the reports say so: discovery, not a failed gate
+    assert stage["discovery"]["status"] == "SUCCEEDED" and stage["discovery"]["hosts"] == 6
+    shown = run_vmfarm("status", report["id"], env=cluster.env)
+    assert shown.returncode == 0, shown.stderr
+    assert "discovery: 6 host(s) listed by " in shown.stdout and "FAILED" not in shown.stdout
+    assert all(name in shown.stdout for name in cloud_workers)
 
 
 def test_tagged_work_goes_to_tagged_workers_and_falls_back_where_allowed(
