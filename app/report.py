@@ -201,8 +201,11 @@ def _host_status(steps: list[dict[str, Any]]) -> str:
 
 def execution_logs(execution_id: str, *, host: str | None = None,
                    step: str | None = None) -> list[dict[str, Any]]:
-    """Log chunks in order (host, step, sequence)."""
+    """Log chunks in order (host, step, sequence); LookupError when there is no such
+    execution (an execution that logged nothing yet is an empty list)."""
     with session_scope() as s:
+        if s.get(Execution, execution_id) is None:
+            raise LookupError(f"no execution '{execution_id}'")
         q = select(HostStepRun).where(HostStepRun.execution_id == execution_id)
         if host:
             q = q.where(HostStepRun.host == host)

@@ -58,7 +58,10 @@ def logs(cli: Cli, execution_id: str, host: str | None, step: str | None, output
     """Print the output of an execution's steps, host by host."""
     from app.report import execution_logs
 
-    chunks = execution_logs(execution_id, host=host, step=step)
+    try:
+        chunks = execution_logs(execution_id, host=host, step=step)
+    except LookupError as exc:
+        fail(str(exc))
     if output == "json":
         cli.json(chunks)
         return

@@ -143,3 +143,19 @@ def test_a_manual_intervention_shows_who_chose_what_not_a_failed_gate(recorded: 
     res = _vmfarm("status", recorded)
     assert "manual intervention: Ignore chosen by oncall (known flaky check)" in res.stdout
     assert "FAILED" not in res.stdout and "None" not in res.stdout
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def test_logs_of_an_unknown_execution_is_an_error_as_status_is(recorded: str) -> None:
+    for command in ("logs", "status"):
+        res = _vmfarm(command, "NO-SUCH-ID")
+        assert res.exit_code == 2, (command, res.output)
+        assert res.stderr.strip() == "error: no execution 'NO-SUCH-ID'"
+        assert res.stdout == ""
+    assert _vmfarm("logs", "NO-SUCH-ID", "-o", "json").exit_code == 2
+    # An execution that exists but logged nothing (yet) is not an error.
+    res = _vmfarm("logs", recorded)
+    assert res.exit_code == 0 and "no log output recorded" in res.stderr
+    assert json.loads(_vmfarm("logs", recorded, "-o", "json").stdout) == []
