@@ -47,8 +47,11 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         step_ids = [x.identifier for x in plan.steps]
         latest: dict[tuple[str, int], HostStepRun] = {}
         undo: dict[tuple[str, int], HostStepRun] = {}
+        tries: dict[tuple[str, int], list[HostStepRun]] = {}  # every deploy attempt
         for r in rows_of.get(st.stage_index, []):
             k = (r.host, r.step_index)
+            if r.kind == "deploy":
+                tries.setdefault(k, []).append(r)
             into = latest if r.kind == "deploy" else undo
             if k not in into or r.attempt >= into[k].attempt:
                 into[k] = r
@@ -82,6 +85,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     "attempt": row.attempt if row else None,
                     "started_at": _t(row.started_at) if row else None,
                     "finished_at": _t(row.finished_at) if row else None,
+                    "attempts": [_attempt(a) for a in sorted(tries.get((h["name"], i), []),
+                                                             key=lambda a: a.attempt)],
                 })
             inst = versions.get((str(deploying.service.identifier if deploying else None),
                                  str(deploying.environment.identifier if deploying else None),
@@ -144,6 +149,14 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "intervention": intervention,
         "stages": out_stages,
     }
+
+
+def _attempt(r: HostStepRun) -> dict[str, Any]:
+    """One attempt of a host's step, as ``status`` shows it among the others."""
+    return {"attempt": r.attempt, "status": r.status, "exit_code": r.exit_code,
+            "failed_unit": r.failed_unit, "error_class": r.error_class, "error": r.error,
+            "worker": r.worker, "queue": r.queue, "started_at": _t(r.started_at),
+            "finished_at": _t(r.finished_at)}
 
 
 def _discovery(rec: PhaseRun | None) -> dict[str, Any] | None:

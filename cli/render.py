@@ -83,6 +83,11 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                                f"{rb.get('error')}", style="red"))
             elif rb.get("status") == "SKIPPED":
                 out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
+        for h in st["hosts"]:  # retried steps: every attempt, the last one first
+            for s in h["steps"]:
+                if len(s.get("attempts") or []) > 1:
+                    out.print(f"  {h['host']} ({h['region']}): step {s['step']} "
+                              f"{attempts_line(s)}")
         # Failures as plain lines: readable in a CI log at any width.
         for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
@@ -241,6 +246,13 @@ def _print_matrix(st: dict[str, Any]) -> None:
         versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
     out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
               + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    retried = [h["host"] for h in st["hosts"]
+               if any(len(s.get("attempts") or []) > 1 for s in h["steps"])]
+    if retried:
+        out.print(f"  {len(retried)} host(s) needed more than one attempt: "
+                  + ", ".join(retried[:6]) + (f" (+{len(retried) - 6} more)"
+                                              if len(retried) > 6 else "")
+                  + " (vmfarm status --all-hosts)")
     groups: dict[str, list[str]] = {}
     for h in st["hosts"]:
         bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
@@ -255,6 +267,30 @@ def _print_matrix(st: dict[str, Any]) -> None:
         out.print(Text(f"  {len(names)} host(s): {detail}: {shown}", style="red"))
     if len(groups) > 10:
         out.print(f"  ... {len(groups) - 10} more kinds of failure (vmfarm status -o json)")
+
+
+def attempts_line(step: dict[str, Any]) -> str:
+    """``SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)``: how a retried step ended, then
+    each earlier attempt (``attempt 1 DelegateRestart (worker lost: ...)`` for a lost worker)."""
+    tries = step.get("attempts") or []
+    if not tries:
+        return str(step["status"])
+    last, earlier = tries[-1], tries[:-1]
+    parts = [f"{last['status']} on attempt {last['attempt']}"]
+    for a in earlier:
+        error = (a.get("error") or "").strip().splitlines()
+        error_text = error[0][:160] if error else ""
+        if a.get("error_class") == "DelegateRestart":
+            parts.append(f"attempt {a['attempt']} DelegateRestart"
+                         + (f" ({error_text})" if error_text else ""))
+        elif a.get("exit_code") is not None and a["status"] != "SUCCEEDED":
+            parts.append(f"attempt {a['attempt']} {a['status']} (exit {a['exit_code']})")
+        elif error_text:
+            why = f"{a['error_class']}: {error_text}" if a.get("error_class") else error_text
+            parts.append(f"attempt {a['attempt']} {a['status']} ({why})")
+        else:
+            parts.append(f"attempt {a['attempt']} {a['status']}")
+    return "; ".join(parts)
 
 
 def _failure_detail(step: dict[str, Any]) -> str:

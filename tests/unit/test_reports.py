@@ -159,3 +159,45 @@ def test_logs_of_an_unknown_execution_is_an_error_as_status_is(recorded: str) ->
     res = _vmfarm("logs", recorded)
     assert res.exit_code == 0 and "no log output recorded" in res.stderr
     assert json.loads(_vmfarm("logs", recorded, "-o", "json").stdout) == []
+
+
+# --- attempts ----------------------------------------------------------------------------------
+
+
+def test_status_shows_every_attempt_of_a_retried_step(recorded: str) -> None:
+    # Given: on the first host, install failed with exit 1, then passed on attempt 2 (Retry);
+    # configure's worker was lost (the reconciler's DelegateRestart), then it passed.
+    first, second = HOSTS
+    rows = [_row(recorded, first, 0, 1, Status.FAILED, exit_code=1, error_class="Unknown",
+                 error="exited with code 1", failed_unit="prepare"),
+            _row(recorded, first, 0, 2, Status.SUCCEEDED, exit_code=0),
+            _row(recorded, first, 1, 1, Status.FAILED, error_class="DelegateRestart",
+                 error="worker lost: no heartbeat from w-r1@test since 12:00:00 UTC "
+                       "(timeout 30 s)"),
+            _row(recorded, first, 1, 2, Status.SUCCEEDED, exit_code=0),
+            _row(recorded, second, 0, 1, Status.SUCCEEDED, exit_code=0),
+            _row(recorded, second, 1, 1, Status.SUCCEEDED, exit_code=0)]
+    _ended(recorded, rows)
+    # When status is asked; Then the text names each earlier attempt and how it ended
+    res = _vmfarm("status", recorded)
+    assert res.exit_code == 0, res.output
+    assert (f"{first} (r1): step install SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)"
+            in res.stdout)
+    assert (f"{first} (r1): step configure SUCCEEDED on attempt 2; attempt 1 DelegateRestart "
+            "(worker lost: no heartbeat from w-r1@test since 12:00:00 UTC (timeout 30 s))"
+            in res.stdout)
+    assert f"{second} (r2): step" not in res.stdout  # one attempt: nothing more to say
+    # and the JSON holds every attempt per host step, in order
+    shown = json.loads(_vmfarm("status", recorded, "-o", "json").stdout)
+    host = next(h for h in shown["stages"][0]["hosts"] if h["host"] == first)
+    assert host["status"] == "SUCCEEDED"
+    install, configure = host["steps"]
+    assert install["status"] == "SUCCEEDED" and install["attempt"] == 2
+    assert [(a["attempt"], a["status"], a["exit_code"], a["failed_unit"])
+            for a in install["attempts"]] == [(1, "FAILED", 1, "prepare"),
+                                              (2, "SUCCEEDED", 0, None)]
+    assert [(a["attempt"], a["error_class"]) for a in configure["attempts"]] == \
+        [(1, "DelegateRestart"), (2, None)]
+    assert all(a["worker"] == "w-r1@test" for a in configure["attempts"])
+    other = next(h for h in shown["stages"][0]["hosts"] if h["host"] == second)
+    assert [len(s["attempts"]) for s in other["steps"]] == [1, 1]
