@@ -41,58 +41,54 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         rows_of.setdefault(r.stage_index, []).append(r)
     out_stages = []
     typed = Plan.of(ex.plan)
+    requested = (ex.rollback or {}).get("cause") == "requested"
     for st in stages:
         plan = typed.stages[st.stage_index]
         deploying = plan if isinstance(plan, DeploymentStagePlan) else None
-        step_ids = [x.identifier for x in plan.steps]
+        # A `vmfarm rollback` execution ran rollback steps only: they are its hosts' steps.
+        shown = "rollback" if requested else "deploy"
         latest: dict[tuple[str, int], HostStepRun] = {}
         undo: dict[tuple[str, int], HostStepRun] = {}
-        tries: dict[tuple[str, int], list[HostStepRun]] = {}  # every deploy attempt
+        tries: dict[tuple[str, int], list[HostStepRun]] = {}  # every attempt of the shown kind
         for r in rows_of.get(st.stage_index, []):
             k = (r.host, r.step_index)
-            if r.kind == "deploy":
+            if r.kind == shown:
                 tries.setdefault(k, []).append(r)
             into = latest if r.kind == "deploy" else undo
             if k not in into or r.attempt >= into[k].attempt:
                 into[k] = r
+        if requested:
+            undo_ids = {i: r.step_id for (_, i), r in sorted(undo.items())}
+            indexes = sorted(undo_ids)
+            step_ids = [undo_ids[i] for i in indexes]
+        else:
+            step_ids = [x.identifier for x in plan.steps]
+            indexes = list(range(len(step_ids)))
         undo_of: dict[str, list[HostStepRun]] = {}
         for (h_name, _), r in undo.items():
             undo_of.setdefault(h_name, []).append(r)
         rb_plan = st.rollback or {}
         rb_skipped = {h: why for ph in rb_plan.get("phases", [])
                       for h, why in (ph.get("skipped") or {}).items()}
-        row: HostStepRun | None
         # Hosts whose deploy passed but whose verification gate failed them.
         unverified = {h for p in phases if p.stage_index == st.stage_index
                       and p.kind == "verify" for h in (p.verdict or {}).get("failed", [])}
         hosts = []
         for h in st.hosts:
-            steps = []
-            for i, sid in enumerate(step_ids):
-                row = latest.get((h["name"], i))
-                steps.append({
-                    "step": sid,
-                    "status": row.status if row else Status.PENDING,
-                    "exit_code": row.exit_code if row else None,
-                    "failed_unit": row.failed_unit if row else None,
-                    "error_class": row.error_class if row else None,
-                    "error": row.error if row else None,
-                    "stderr_tail": row.stderr_tail if row and row.status == Status.FAILED
-                    else None,
-                    "outputs": row.outputs if row else {},
-                    "worker": row.worker if row else None,
-                    "queue": row.queue if row else None,
-                    "attempt": row.attempt if row else None,
-                    "started_at": _t(row.started_at) if row else None,
-                    "finished_at": _t(row.finished_at) if row else None,
-                    "attempts": [_attempt(a) for a in sorted(tries.get((h["name"], i), []),
-                                                             key=lambda a: a.attempt)],
-                })
+            steps = [_step(sid, (undo if requested else latest).get((h["name"], i)),
+                           tries.get((h["name"], i), []))
+                     for i, sid in zip(indexes, step_ids, strict=True)]
             inst = versions.get((str(deploying.service.identifier if deploying else None),
                                  str(deploying.environment.identifier if deploying else None),
                                  h["infrastructure"], h["name"]))
+            rollback = _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
+                                      rb_skipped)
             status = _host_status(steps)
-            if h["name"] in unverified:
+            if requested:  # what the rollback did on the host (nothing: SKIPPED)
+                status = rollback["status"] if rollback else Status.SKIPPED
+                if status == Status.PENDING and st.status in Status.TERMINAL:
+                    status = Status.SKIPPED
+            elif h["name"] in unverified:
                 status = Status.FAILED
             elif status == Status.PENDING and st.status in Status.TERMINAL:
                 status = Status.SKIPPED  # its phase never started
@@ -105,8 +101,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "version": inst.version if inst else None,
                 "previous_version": inst.previous_version if inst else None,
                 "steps": steps,
-                "rollback": _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
-                                           rb_skipped),
+                "rollback": rollback,
             })
         out_stages.append({
             "index": st.stage_index,
@@ -148,6 +143,26 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "rollback": ex.rollback,
         "intervention": intervention,
         "stages": out_stages,
+    }
+
+
+def _step(sid: str, row: HostStepRun | None, tries: list[HostStepRun]) -> dict[str, Any]:
+    """One host's step: its latest attempt (``row``; None: not started) and every attempt."""
+    return {
+        "step": row.step_id if row and row.step_id else sid,
+        "status": row.status if row else Status.PENDING,
+        "exit_code": row.exit_code if row else None,
+        "failed_unit": row.failed_unit if row else None,
+        "error_class": row.error_class if row else None,
+        "error": row.error if row else None,
+        "stderr_tail": row.stderr_tail if row and row.status == Status.FAILED else None,
+        "outputs": row.outputs if row else {},
+        "worker": row.worker if row else None,
+        "queue": row.queue if row else None,
+        "attempt": row.attempt if row else None,
+        "started_at": _t(row.started_at) if row else None,
+        "finished_at": _t(row.finished_at) if row else None,
+        "attempts": [_attempt(a) for a in sorted(tries, key=lambda a: a.attempt)],
     }
 
 
