@@ -46,8 +46,15 @@ def unknown(name: str, allowed: Sequence[str], what: str) -> str:
 # --- artifacts -----------------------------------------------------------------------------------
 
 _CHECKSUM = ("sha256", "checksum")
+# Credentials: secrets by reference (passwordRef, tokenRef: a secret id; password, token:
+# <+secrets.getValue("id")>), resolved on the worker that fetches (app.artifacts.sources).
 _AUTH = ("username", "password", "token", "passwordRef", "tokenRef")
+_SECRET_VALUED = ("password", "token")
 _URL = ("url", "artifactUrl")
+_SERVER_URLS = ("url", "artifactUrl", "baseUrl", "serverUrl", "artifactoryServerUrl",
+                "nexusServerUrl", "jenkinsUrl")
+# A remote artifact with no checksum anywhere deploys only with allowUnverified: true.
+_UNVERIFIED = ("allowUnverified",)
 # The path inside an Artifactory or Nexus repository (sources._repo_path).
 _REPO_PATH = ("groupId", "artifactId", "version", "extension", "classifier",
               "artifactDirectory", "group", "directory", "artifactPath", "fileName")
@@ -55,16 +62,16 @@ _REPOSITORY = ("repository", "repositoryName", "repositoryFormat", "connectorRef
 
 ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
     "Local": ("path", "filePath", "tag", *_CHECKSUM),
-    "Http": (*_URL, "tag", *_CHECKSUM, *_AUTH),
+    "Http": (*_URL, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "Artifactory": (*_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", *_REPOSITORY,
-                    *_REPO_PATH, "tag", *_CHECKSUM, *_AUTH),
+                    *_REPO_PATH, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     # Harness writes a Nexus repository's maven or raw fields in a nested ``spec``.
     "Nexus3Registry": (*_URL, "baseUrl", "serverUrl", "nexusServerUrl", *_REPOSITORY,
-                       *_REPO_PATH, "spec", "tag", *_CHECKSUM, *_AUTH),
+                       *_REPO_PATH, "spec", "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "Jenkins": (*_URL, "baseUrl", "serverUrl", "jenkinsUrl", "connectorRef", "jobName",
-                "artifactPath", "build", "tag", *_CHECKSUM, *_AUTH),
+                "artifactPath", "build", "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "AmazonS3": ("bucket", "bucketName", "key", "filePath", "artifactPath", "region",
-                 "connectorRef", "tag", *_CHECKSUM),
+                 "connectorRef", "tag", *_CHECKSUM, *_UNVERIFIED),
 }
 NEXUS_NESTED_FIELDS = _REPO_PATH
 # repositoryFormat: the layouts app/artifacts/sources.py builds paths for.
@@ -109,11 +116,55 @@ def artifact_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
         out.append(Problem(
             "connectorRef is not supported next to a URL: this version does not resolve "
             "connectors, the URL names the server; remove connectorRef", ("connectorRef",)))
+    out += credential_problems(atype, spec)
     if atype == "AmazonS3" and spec.get("connectorRef"):
         out.append(Problem(
             "connectorRef is not supported for AmazonS3: the worker uses its own AWS "
             "credentials (boto3's chain, AWS_ENDPOINT_URL); remove connectorRef",
             ("connectorRef",)))
+    return out
+
+
+def credential_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
+    """Secrets written into the file (they would be stored with every plan, in SQL),
+    credentials over plain http, and an allowUnverified that is not a boolean."""
+    from urllib.parse import urlsplit
+
+    from app.secrets import REF_RE
+
+    out: list[Problem] = []
+    if atype not in ARTIFACT_FIELDS or atype == "Local":
+        return out
+    for name in _SECRET_VALUED:
+        value = spec.get(name)
+        if value is not None and not REF_RE.fullmatch(str(value).strip()):
+            out.append(Problem(
+                f"a {name} written in the file is refused: it would be stored with every plan "
+                f"(in SQL); name a secret instead: {name}Ref: <secret id>, or {name}: "
+                '<+secrets.getValue("<secret id>")> (resolved on the worker that fetches)',
+                (name,), key=False))
+    urls = [(k, str(spec[k])) for k in _SERVER_URLS if spec.get(k) is not None]
+    for key, url in urls:
+        try:
+            parts = urlsplit(url)
+            password = parts.password
+        except ValueError:
+            continue
+        if password is not None:
+            out.append(Problem(
+                f"a password in {key} is refused: it would be stored with every plan (in SQL); "
+                "write username: and passwordRef: <secret id> instead", (key,), key=False))
+    named = any(spec.get(k) for k in _AUTH) or any(
+        "@" in url.partition("://")[2].partition("/")[0] for _, url in urls)
+    plain = [k for k, url in urls if url.lower().startswith("http://")]
+    if named and plain:
+        out.append(Problem(
+            f"credentials are sent over https only, and {plain[0]} is plain http (anyone on "
+            "the way could read them): use an https:// URL", (plain[0],), key=False))
+    flag = spec.get("allowUnverified")
+    if flag is not None and not isinstance(flag, bool):
+        out.append(Problem(f"allowUnverified must be true or false, not {flag!r}",
+                           ("allowUnverified",), key=False))
     return out
 
 
