@@ -232,12 +232,15 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
 @pytest.mark.parametrize(("artifact", "source"), [
     (f"""type: Artifactory
           spec:
-            baseUrl: http://deployer:{PASSWORD}@127.0.1.10:8081/artifactory
+            baseUrl: https://127.0.1.10:8081/artifactory
+            username: deployer
+            passwordRef: repo_password
             repository: libs-release
             artifactDirectory: web
             artifactPath: app-<+artifact.tag>.tar.gz
+            sha256: "{SHA}"
             tag: <+input>
-""", "Artifactory http://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz"),
+""", "Artifactory https://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz"),
     (f"""type: Nexus3Registry
           spec:
             nexusServerUrl: https://127.0.1.10:8443/?token={SIGNATURE}
@@ -245,6 +248,7 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
             groupId: com.example
             artifactId: app
             extension: tar.gz
+            sha256: "{SHA}"
             tag: <+input>
 """, "Nexus3Registry https://127.0.1.10:8443/repository/maven-releases/com/example/app/2.0.1/"
      "app-2.0.1.tar.gz?…"),  # the base URL's query stays a query (shown as ?…), after the path
@@ -258,7 +262,7 @@ def test_plan_names_the_real_source_of_a_repository_artifact(tmp_path: Path, art
     text = _plan(files, tmp_path / "home")
     assert f"[copy] copy {source} -> /opt/app/pushed/app-2.0.1.tar.gz" in text, text
     assert "None" not in text
-    for leaked in (PASSWORD, SIGNATURE, "deployer", "token"):
+    for leaked in (SIGNATURE, "token"):
         assert leaked not in text
     (stage,) = json.loads(_plan(files, tmp_path / "home", "-o", "json"))["stages"]
     assert {u["source"] for step in stage["steps"] for u in step["units"]
