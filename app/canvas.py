@@ -215,13 +215,19 @@ def discovery_canvas(*, execution_id: str, stage_index: int,
                      work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> Signature:
     """List a stage's hosts on each infrastructure's region workers (they hold the cloud
     credentials), then record them on control: [(resolved infrastructure, region, tags)]."""
-    header = [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
-                                                              "tags": list(tags)})
-              for infra, region, tags in work]
+    header = discovery_tasks(work)
     body = link("vmfarm.discovery_done", execution_id=execution_id, stage_index=stage_index)
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
+
+
+def discovery_tasks(work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> list[Signature]:
+    """One ``vmfarm.discover`` per (resolved infrastructure, region, tags), on that region's
+    (tag) queue."""
+    return [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
+                                                            "tags": list(tags)})
+            for infra, region, tags in work]
 
 
 def advance_later(*, execution_id: str) -> Signature:

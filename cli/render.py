@@ -59,6 +59,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             continue
         if len(st["hosts"]) > MATRIX_FROM and not every_host:
             _print_matrix(st)
+            print_discovery(st)
             print_gates(st, only_failed=True)
             continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
@@ -74,6 +75,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             table.add_row(h["host"], h["region"], styled(h["status"]), h["version"] or "",
                           h["previous_version"] or "", *extra)
         out.print(table)
+        print_discovery(st)
         for h in st["hosts"]:
             rb = h.get("rollback") or {}
             if rb.get("status") == "ROLLBACK_FAILED":
@@ -81,6 +83,11 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                                f"{rb.get('error')}", style="red"))
             elif rb.get("status") == "SKIPPED":
                 out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
+        for h in st["hosts"]:  # retried steps: every attempt, the last one first
+            for s in h["steps"]:
+                if len(s.get("attempts") or []) > 1:
+                    out.print(f"  {h['host']} ({h['region']}): step {s['step']} "
+                              f"{attempts_line(s)}")
         # Failures as plain lines: readable in a CI log at any width.
         for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
@@ -98,12 +105,52 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
         out.print(Text(report["error"], style="red"))
 
 
+def _workers(found: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{w.get('worker') or 'a worker'} ({w.get('queue') or 'no queue'})"
+                     for w in found)
+
+
+def print_discovery(stage: dict[str, Any]) -> None:
+    """How the stage's hosts were listed by the region workers (nothing for static hosts)."""
+    d = stage.get("discovery")
+    if not d:
+        return
+    if d["status"] == "FAILED":
+        where = f" on {_workers(d['workers'])}" if d["workers"] else ""
+        out.print(Text(f"  discovery FAILED{where}: {d.get('error') or 'no reason recorded'}",
+                       style="red"))
+    elif d["status"] == "SUCCEEDED":
+        out.print(f"  discovery: {d['hosts']} host(s) listed by {_workers(d['workers'])}")
+    else:
+        queues = sorted({f"vmfarm.{i['region']}" + (f"[{','.join(i['tags'])}]"
+                                                     if i.get("tags") else "")
+                         for i in d["infrastructures"]})
+        out.print(Text(f"  discovery: waiting for a worker on {', '.join(queues)}",
+                       style="yellow"))
+
+
+def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage's phase records that are verdicts (not discovery, not an intervention)."""
+    return [p for p in stage["phases"]
+            if p["kind"] != "discover" and not p["kind"].startswith("mi-")]
+
+
 def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     """One line per phase verdict; for a failed gate, one line per failed host with its
-    numbers."""
+    numbers. Discovery is not a gate (``print_discovery``); a manual intervention shows who
+    chose what."""
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
+        if p["kind"] == "discover":
+            continue
+        if p["kind"].startswith("mi-"):
+            if not only_failed and v.get("chosen"):
+                why = f" ({v['comment']})" if v.get("comment") else ""
+                who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+                    else f"by {v.get('by')}"
+                out.print(f"  manual intervention: {v['chosen']} chosen {who}{why}")
+            continue
         # A canary analysis is shown passed or not: its numbers are what the user reads.
         if not v or (only_failed and v.get("passed") and not v.get("analysis")):
             continue
@@ -224,6 +271,13 @@ def _print_matrix(st: dict[str, Any]) -> None:
         versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
     out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
               + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    retried = [h["host"] for h in st["hosts"]
+               if any(len(s.get("attempts") or []) > 1 for s in h["steps"])]
+    if retried:
+        out.print(f"  {len(retried)} host(s) needed more than one attempt: "
+                  + ", ".join(retried[:6]) + (f" (+{len(retried) - 6} more)"
+                                              if len(retried) > 6 else "")
+                  + " (vmfarm status --all-hosts)")
     groups: dict[str, list[str]] = {}
     for h in st["hosts"]:
         bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
@@ -238,6 +292,30 @@ def _print_matrix(st: dict[str, Any]) -> None:
         out.print(Text(f"  {len(names)} host(s): {detail}: {shown}", style="red"))
     if len(groups) > 10:
         out.print(f"  ... {len(groups) - 10} more kinds of failure (vmfarm status -o json)")
+
+
+def attempts_line(step: dict[str, Any]) -> str:
+    """``SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)``: how a retried step ended, then
+    each earlier attempt (``attempt 1 DelegateRestart (worker lost: ...)`` for a lost worker)."""
+    tries = step.get("attempts") or []
+    if not tries:
+        return str(step["status"])
+    last, earlier = tries[-1], tries[:-1]
+    parts = [f"{last['status']} on attempt {last['attempt']}"]
+    for a in earlier:
+        error = (a.get("error") or "").strip().splitlines()
+        error_text = error[0][:160] if error else ""
+        if a.get("error_class") == "DelegateRestart":
+            parts.append(f"attempt {a['attempt']} DelegateRestart"
+                         + (f" ({error_text})" if error_text else ""))
+        elif a.get("exit_code") is not None and a["status"] != "SUCCEEDED":
+            parts.append(f"attempt {a['attempt']} {a['status']} (exit {a['exit_code']})")
+        elif error_text:
+            why = f"{a['error_class']}: {error_text}" if a.get("error_class") else error_text
+            parts.append(f"attempt {a['attempt']} {a['status']} ({why})")
+        else:
+            parts.append(f"attempt {a['attempt']} {a['status']}")
+    return "; ".join(parts)
 
 
 def _failure_detail(step: dict[str, Any]) -> str:

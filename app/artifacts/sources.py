@@ -222,7 +222,12 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         raise ArtifactError(f"{what}: set spec.url, or spec.baseUrl with the repository fields"
                             + (f" (connectorRef {ref!r} is not resolved by this version)"
                                if ref else ""))
-    base = _substitute(base, tag, what, url=True).rstrip("/")
+    server = urlsplit(_substitute(base, tag, what, url=True))
+
+    def under_base(path: str) -> str:  # a query of the base URL stays a query, after the path
+        return urlunsplit((server.scheme, server.netloc, f"{server.path.rstrip('/')}/{path}",
+                           server.query, ""))
+
     if atype == "Http":
         raise ArtifactError(f"{what}: set spec.url")
     if atype == "Jenkins":
@@ -234,13 +239,13 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         build = _substitute(_field(spec, "build") or "<tag>", tag, what)
         jobs = "/".join("job/" + quote(seg, safe=_URL_SAFE) for seg in _join(job))
         path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
-        return f"{base}/{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}"
+        return under_base(f"{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}")
     repo = _field(spec, "repository", "repositoryName")
     if not repo:
         raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl")
     segs = [_substitute(repo, tag, what), *_repo_path(spec, tag, what)]
     prefix = "repository/" if atype == "Nexus3Registry" else ""
-    return f"{base}/{prefix}" + "/".join(quote(s, safe=_URL_SAFE) for s in segs)
+    return under_base(prefix + "/".join(quote(s, safe=_URL_SAFE) for s in segs))
 
 
 def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:
