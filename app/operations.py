@@ -14,6 +14,7 @@ The caller says who acts, as an ``Actor``; nothing here reads the environment to
     intervene       pipeline:intervene + environment:deploy  intervene, <the action chosen>
     rollback        pipeline:rollback + environment:deploy   rollback, submitted (the new one)
     rollback_plan   pipeline:view     + environment:view     (a read: no row)
+    view            pipeline:view     + environment:view     (a read: no row)
 
 A refusal raises ``PermissionRefused`` after ``guard`` has recorded it (outcome ``refused``);
 nothing was done. Other errors, raised before anything is recorded: ``ConfigError`` (a wrong
@@ -42,7 +43,7 @@ from app.coordinator import ApprovalRefused
 from app.rbac import PermissionRefused
 
 __all__ = ["Actor", "ApprovalRefused", "PermissionRefused", "abort", "approve", "intervene",
-           "reject", "retry", "rollback", "rollback_plan", "run"]
+           "reject", "retry", "rollback", "rollback_plan", "run", "view"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,12 @@ def rollback(actor: Actor, execution_id: str, *, publish: bool = True,
     if publish:
         coordinator.advance(new_id)
     return new_id
+
+
+def view(actor: Actor, execution_id: str, *, rules: rbac.RbacConfig | None = None) -> None:
+    """Return when ``actor`` may read the execution (its status, logs, events); a read: only
+    a refusal is recorded. An execution that does not exist is the caller's to report."""
+    _guard(actor, "view", rules, execution_id=execution_id)
 
 
 def rollback_plan(actor: Actor, execution_id: str, *,

@@ -7,6 +7,7 @@ group to a deployer role. bob is bound to nothing."""
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any
 
 import httpx
@@ -319,3 +320,37 @@ def test_logs_and_the_list_read_the_ledger(server: Server) -> None:
     assert httpx.get(f"{server.url}{EX}/nosuch", headers=_bearer(erin)).status_code == 404
     assert httpx.get(f"{server.url}{EX}/nosuch/events",
                      headers=_bearer(erin)).status_code == 404
+
+
+def test_reading_an_execution_needs_view_on_the_environments_it_deploys_to(
+        server: Server, pg_url: str, tmp_path: Any) -> None:
+    from sqlmodel import Session
+
+    from app.definitions import choose_pipeline, load, resolve
+    from app.models import Execution
+
+    # Given a recorded execution of a Production deployment (written straight to the ledger:
+    # this server has no worker to take one)
+    path = tmp_path / "production.yaml"
+    path.write_text(PRODUCTION)
+    bundle = load([str(path)], inputs={}, require_inputs=True)
+    ex_id = uuid.uuid4().hex[:12]
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id=ex_id).to_json()
+    engine = create_engine(normalise_url(pg_url))
+    try:
+        with Session(engine) as s:
+            s.add(Execution(id=ex_id, pipeline=plan["identifier"], plan=plan,
+                            created_by="alice", status="FAILED"))
+            s.commit()
+    finally:
+        engine.dispose()
+    # carol may view pipelines but no environment: refused, naming what she lacks
+    resp = httpx.get(f"{server.url}{EX}/{ex_id}", headers=_bearer(_person(server, "carol")))
+    assert resp.status_code == 403
+    assert "environment:view:production" in resp.json()["detail"]
+    for tail in ("/logs", "/events"):
+        assert httpx.get(f"{server.url}{EX}/{ex_id}{tail}",
+                         headers=_bearer(_person(server, "carol"))).status_code == 403
+    # erin (a deployer: environment:*) reads it
+    resp = httpx.get(f"{server.url}{EX}/{ex_id}/logs", headers=_bearer(_person(server, "erin")))
+    assert resp.status_code == 200 and resp.json() == []

@@ -5,6 +5,8 @@
     POST /api/v1/executions                      pipeline:execute   201 {"id": ...}
     GET  /api/v1/executions                      pipeline:view      as ``vmfarm executions -o json``
     GET  /api/v1/executions/{id}                 pipeline:view      as ``vmfarm status -o json``
+                                                 (+ environment:view per stage, as every read
+                                                 of one execution)
     GET  /api/v1/executions/{id}/logs            pipeline:view      as ``vmfarm logs -o json``
     GET  /api/v1/executions/{id}/events          pipeline:view      server-sent events until it ends
     POST /api/v1/executions/{id}/approve|reject  pipeline:approve
@@ -300,13 +302,25 @@ def list_(who: Annotated[Identity, Depends(require("pipeline:view"))],
             for e in rows]
 
 
+def _may_view(who: Identity, cfg: RbacConfig, execution_id: str) -> None:
+    """pipeline:view on the execution's pipeline and environment:view on each environment it
+    deploys to (403 otherwise)."""
+    from app import operations
+
+    try:
+        operations.view(actor_of(who), execution_id, rules=cfg)
+    except Exception as exc:
+        raise _http(exc) from None
+
+
 @router.get("/{execution_id}", openapi_extra=needs("pipeline:view"))
-def show(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:view"))]
-         ) -> dict[str, Any]:
+def show(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:view"))],
+         cfg: Annotated[RbacConfig, Depends(rbac)]) -> dict[str, Any]:
     """One execution: stages, phases, hosts, approvals (``vmfarm status -o json``)."""
     from app.report import execution_report
     from app.secrets import mask_obj
 
+    _may_view(who, cfg, execution_id)
     report = execution_report(execution_id)
     if report is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no execution '{execution_id}'")
@@ -316,12 +330,14 @@ def show(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:v
 
 @router.get("/{execution_id}/logs", openapi_extra=needs("pipeline:view"))
 def logs(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:view"))],
-         host: str | None = None, step: str | None = None) -> list[dict[str, Any]]:
+         cfg: Annotated[RbacConfig, Depends(rbac)], host: str | None = None,
+         step: str | None = None) -> list[dict[str, Any]]:
     """The output of an execution's steps in order (``vmfarm logs -o json``), secrets
     masked."""
     from app.report import execution_logs, execution_progress
     from app.secrets import mask_obj
 
+    _may_view(who, cfg, execution_id)
     if execution_progress(execution_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no execution '{execution_id}'")
     chunks: list[dict[str, Any]] = mask_obj(execution_logs(execution_id, host=host, step=step))
@@ -339,11 +355,13 @@ def _event(name: str, data: dict[str, Any], event_id: int) -> str:
                           "``end`` event when it has ended",
                           "content": {"text/event-stream": {}}}}})
 def events(execution_id: str, request: Request,
-           who: Annotated[Identity, Depends(require("pipeline:view"))]) -> StreamingResponse:
+           who: Annotated[Identity, Depends(require("pipeline:view"))],
+           cfg: Annotated[RbacConfig, Depends(rbac)]) -> StreamingResponse:
     """Follow an execution: server-sent events of its status changes until it ends. The
     server reads the ledger every half second; a comment line keeps a quiet stream open."""
     from app.report import execution_progress
 
+    _may_view(who, cfg, execution_id)
     first = execution_progress(execution_id)
     if first is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no execution '{execution_id}'")
