@@ -85,8 +85,11 @@ def _detail(actor: Actor, detail: Mapping[str, Any] | None = None) -> dict[str, 
 
 
 def _guard(actor: Actor, action: str, rules: rbac.RbacConfig | None, **where: Any) -> None:
-    rbac.guard(action, user=actor.name, rules=rules, groups=actor.groups, roles=actor.roles,
-               audit_detail=_detail(actor) or None, **where)
+    # A token's groups and roles count only under the server's rules (see the docstring).
+    served = rules is not None
+    rbac.guard(action, user=actor.name, rules=rules, groups=actor.groups if served else (),
+               roles=actor.roles if served else None, audit_detail=_detail(actor) or None,
+               **where)
 
 
 def _approver_groups(actor: Actor, rules: rbac.RbacConfig | None) -> frozenset[str] | None:
