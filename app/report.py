@@ -258,6 +258,22 @@ def execution_logs(execution_id: str, *, host: str | None = None,
     return out
 
 
+def execution_progress(execution_id: str) -> dict[str, Any] | None:
+    """Where an execution stands, cheaply (two small reads, whatever its number of hosts):
+    its status, current stage and each stage's status; None when there is no such
+    execution. What a follower (the server's event stream) polls."""
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            return None
+        stages = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                        .order_by(col(StageRun.stage_index))).all()
+        return {"id": ex.id, "pipeline": ex.pipeline, "status": ex.status,
+                "current_stage": ex.current_stage, "error": ex.error,
+                "stages": [{"identifier": st.identifier, "status": st.status}
+                           for st in stages]}
+
+
 def execution_statuses(values: Iterable[str]) -> list[str]:
     """``values`` as execution statuses (any case); ValueError naming an unknown one and the
     statuses there are."""
