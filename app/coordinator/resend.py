@@ -1,0 +1,216 @@
+"""Messages the broker lost, sent again.
+
+A Redis restarted without persistence (or flushed) forgets the messages still waiting in its
+queues. A host whose message was lost would wait for the dispatch expiry
+(``VMFARM_DISPATCH_EXPIRES``, an hour) and then fail as "no worker took its steps", although a
+worker was consuming all along. So the reconciler looks, at each run, for the hosts of running
+deploy phases that have no row in the ledger although their message should be in a queue: the
+host is first in its ``maxConcurrency`` lane, or its lane predecessor has finished (a later
+host of a lane is published by the chain only then, so "no row" alone does not mean "lost"),
+and that since at least one reconcile interval. Host tasks carry a task id derived from their
+idempotency key (``app.canvas.task_id_of``), so the question "is its message still there?" is
+a lookup of that id in the headers of the messages in the ``vmfarm.*`` queues and in the
+transport's ``unacked`` hash (messages a worker has taken and not yet acknowledged; with early
+ack they leave it as the task starts). A message found nowhere was lost: the lane from that
+host on is published again through the one publisher (``app.canvas.retry_canvas``, at once),
+under the same idempotency keys and the phase's dispatch deadline. That is safe: a step runs
+only after its key is claimed in SQL, so a copy that was not lost after all runs nothing twice.
+The resend is recorded in the phase's verdict (``resent``: host -> when, each time; ``vmfarm
+status -o json`` shows it) and in the reconciler's actions, and the same host is not sent again
+within a reconcile interval.
+
+Only with a Redis broker and the Redis result backend (``app.canvas.traced``). The embedded
+SQLite broker keeps its messages in its database file, which a restart does not lose: there,
+nothing is sent again, and a host no worker took still fails after the dispatch expiry.
+Rollback phases and the later tasks of a host (a step with other worker tags) are not covered:
+they keep the dispatch expiry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlmodel import select
+
+from app import canvas
+from app.canvas import HostStepKey
+from app.coordinator.ledger import deployment_stage, lock_execution
+from app.coordinator.publish import Dispatch, publish
+from app.coordinator.retry import lane_followers
+from app.coordinator.routing import tags_of
+from app.db import session_scope
+from app.models import Execution, HostStepRun, PhaseRun, StageRun, Status
+from app.settings import get_settings
+
+log = logging.getLogger("vmfarm.coordinator")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A host of a running deploy phase whose first message should be in a queue: it has no
+    row in the ledger, and its lane reached it (``since``) a while ago."""
+
+    key: HostStepKey  # its first step, attempt 1
+    since: datetime
+
+
+def resend_lost(now: datetime) -> list[str]:
+    """Send again the lanes whose next host's message the broker lost; the reconciler's action
+    lines. A no-op unless the broker is Redis and host tasks carry their key's task id."""
+    settings = get_settings()
+    if not settings.celery_broker.startswith(("redis://", "rediss://")) or not canvas.traced():
+        return []
+    due = now - timedelta(seconds=settings.reconcile_interval)
+    waiting = waiting_hosts(due)
+    if not waiting:
+        return []
+    present = task_ids_in_broker()
+    if present is None:
+        return []  # the broker cannot be read now (restarting?): next time
+    actions = []
+    for w in waiting:
+        if canvas.task_id_of(w.key) not in present:
+            done = _resend(w.key, due, now)
+            if done:
+                actions.append(done)
+    return actions
+
+
+def waiting_hosts(due: datetime) -> list[Waiting]:
+    """The hosts of running deploy phases that have no row in the ledger and whose message
+    should have been in a queue since before ``due``: first in their lane (the phase was
+    dispatched before ``due``), or their lane predecessor finished before ``due``. A host sent
+    again after ``due`` waits for the next run."""
+    out: list[Waiting] = []
+    with session_scope() as s:
+        for pr in s.exec(select(PhaseRun).where(
+                PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
+                PhaseRun.dispatched_at < due)).all():
+            rows = s.exec(select(HostStepRun.host, HostStepRun.step_index, HostStepRun.status,
+                                 HostStepRun.finished_at).where(
+                HostStepRun.execution_id == pr.execution_id,
+                HostStepRun.stage_index == pr.stage_index, HostStepRun.phase == pr.phase,
+                HostStepRun.kind == "deploy")).all()
+            seen = {r[0] for r in rows}
+            if all(h in seen for h in pr.hosts):
+                continue
+            ex = s.get(Execution, pr.execution_id)
+            if ex is None or ex.status != Status.RUNNING:
+                continue
+            stage = deployment_stage(ex, pr.stage_index)
+            run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
+                                                StageRun.stage_index == pr.stage_index)).one()
+            regions = {h["name"]: h["region"] for h in run.hosts}
+            finished = _finished(rows, len(stage.steps))
+            resent = (pr.verdict or {}).get("resent") or {}
+            hosts = list(pr.hosts)
+            lanes = stage.strategy.max_concurrency
+            n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
+            for i, host in enumerate(hosts):
+                if host in seen:
+                    continue
+                since = pr.dispatched_at if i < n else finished.get(hosts[i - n])
+                if since is None:
+                    continue  # its lane has not reached it: its message is not sent yet
+                if resent.get(host):
+                    since = max(since, datetime.fromisoformat(resent[host][-1]))
+                if since < due:
+                    out.append(Waiting(HostStepKey(ex.id, pr.stage_index, pr.phase, host, 0, 1,
+                                                   regions[host]), since))
+    return out
+
+
+def _finished(rows: Any, step_count: int) -> dict[str, datetime]:
+    """When each host of ``rows`` (host, step, status, finished_at) finished its last step,
+    for the hosts that did (and have no attempt running or waiting)."""
+    busy = {h for h, _, status, _ in rows if status not in Status.TERMINAL}
+    out: dict[str, datetime] = {}
+    for host, step, _, finished_at in rows:
+        if host in busy or step != step_count - 1 or finished_at is None:
+            continue
+        out[host] = max(out.get(host, finished_at), finished_at)
+    return out
+
+
+def task_ids_in_broker() -> set[str] | None:
+    """The task ids of every message in the broker's ``vmfarm.*`` queues (priority lists
+    included) and in its unacked hash; None when the broker cannot be read."""
+    from app.celery import app
+    from app.delegates import queues_holding_messages
+
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+            channel: Any = conn.default_channel
+            client = channel.client
+            ids: set[str] = set()
+            for queue in queues_holding_messages(client):
+                for pri in channel.priority_steps:
+                    for raw in client.lrange(channel._q_for_pri(queue, pri), 0, -1):
+                        ids.add(_task_id(raw))
+            for raw in client.hvals(channel.unacked_key):
+                with_route = json.loads(raw)  # [message, exchange, routing key]
+                ids.add(_task_id(with_route[0] if isinstance(with_route, list) else raw))
+            return ids
+    except Exception as exc:  # the broker is away: nothing is judged lost
+        log.warning("cannot read the broker's queues: %s", exc)
+        return None
+
+
+def _task_id(raw: Any) -> str:
+    """The task id in the headers of a kombu message (JSON; a signed body leaves them
+    readable)."""
+    message = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    return str((message.get("headers") or {}).get("id") or "")
+
+
+def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
+    """Publish the lane from ``key``'s host on again (the hosts behind it that have not
+    started), recording it in the phase; None when the host claimed its step meanwhile or was
+    sent again since ``due``."""
+    settings = get_settings()
+    with session_scope() as s:
+        ex = lock_execution(s, key.execution)
+        pr = s.exec(select(PhaseRun).where(
+            PhaseRun.execution_id == key.execution, PhaseRun.stage_index == key.stage,
+            PhaseRun.phase == key.phase, PhaseRun.kind == "deploy")).first()
+        if ex is None or ex.status != Status.RUNNING or pr is None \
+                or pr.status != Status.RUNNING:
+            return None
+        resent = dict((pr.verdict or {}).get("resent") or {})
+        if resent.get(key.host) and datetime.fromisoformat(resent[key.host][-1]) >= due:
+            return None  # sent again by a concurrent reconciler
+        stage = deployment_stage(ex, key.stage)
+        started = {h for (h,) in s.execute(select(HostStepRun.host).where(
+            HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+            HostStepRun.phase == key.phase, HostStepRun.kind == "deploy")).all()}
+        if key.host in started:
+            return None  # a worker took it after all (the broker was read before the ledger)
+        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
+                                            StageRun.stage_index == key.stage)).one()
+        by_name = {h["name"]: h for h in run.hosts}
+        followers = [h for h in lane_followers(list(pr.hosts), stage.strategy.max_concurrency,
+                                               key.host) if h not in started]
+        lane = [(h, by_name[h]["region"], 0, 1) for h in [key.host, *followers]]
+        route = tags_of(stage, [by_name[h] for h in [key.host, *followers]], stage.steps)
+        resent[key.host] = [*resent.get(key.host, []), now.isoformat()]
+        pr.verdict = {**(pr.verdict or {}), "resent": resent}
+        s.add(pr)
+        # The phase's own dispatch deadline: a resend does not lengthen the wait in the queue.
+        deadline = round(pr.dispatched_at.replace(tzinfo=UTC).timestamp()
+                         + settings.dispatch_expires, 3)
+        steps = len(stage.steps)
+    publish(Dispatch("resend", key.execution, key.stage, key.phase,
+                     [(h, r) for h, r, _, _ in lane], step_count=steps, tags_of=route,
+                     lane=lane, deadline=deadline))
+    queue = f"vmfarm.{key.region}"
+    log.warning("execution %s: the message of %s (stage %d phase %d) was in no queue of the "
+                "broker and the host has not started: sent again", key.execution, key.host,
+                key.stage, key.phase)
+    then = f" (then {', '.join(followers)})" if followers else ""
+    return (f"{key.execution}: {key.host}: its message was lost from {queue} (the broker "
+            f"restarted?); re-sent under the same idempotency key{then}")
