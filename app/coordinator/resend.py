@@ -4,10 +4,11 @@ A Redis restarted without persistence (or flushed) forgets the messages still wa
 queues. A host whose message was lost would wait for the dispatch expiry
 (``VMFARM_DISPATCH_EXPIRES``, an hour) and then fail as "no worker took its steps", although a
 worker was consuming all along. So the reconciler looks, at each run, for the hosts of running
-deploy phases that have no row in the ledger although their message should be in a queue: the
-host is first in its ``maxConcurrency`` lane, or its lane predecessor has finished (a later
-host of a lane is published by the chain only then, so "no row" alone does not mean "lost"),
-and that since at least one reconcile interval. Host tasks carry a task id derived from their
+deploy phases that have not started (no row in the ledger, or only the PENDING first attempt
+a resend records) although their message should be in a queue: the host is first in its
+``maxConcurrency`` lane, or its lane predecessor has finished (a later host of a lane is
+published by the chain only then, so "no row" alone does not mean "lost"), and that since at
+least one reconcile interval. Host tasks carry a task id derived from their
 idempotency key (``app.canvas.task_id_of``), so the question "is its message still there?" is
 a lookup of that id in the headers of the messages in the ``vmfarm.*`` queues and in the
 transport's ``unacked`` hash (messages a worker has taken and not yet acknowledged; with early
@@ -15,6 +16,10 @@ ack they leave it as the task starts). A message found nowhere was lost: the lan
 host on is published again through the one publisher (``app.canvas.retry_canvas``, at once),
 under the same idempotency keys and the phase's dispatch deadline. That is safe: a step runs
 only after its key is claimed in SQL, so a copy that was not lost after all runs nothing twice.
+The lane's hosts are recorded PENDING first (as the retry engine does, app.coordinator.retry):
+the resent lane's chord ends with the phase's gate, which must not judge the phase while
+another resent lane still waits, and a PENDING row that no worker claims fails after the
+dispatch expiry (``expire_pending``).
 The resend is recorded in the phase's verdict (``resent``: host -> when, each time; ``vmfarm
 status -o json`` shows it) and in the reconciler's actions, and the same host is not sent again
 within a reconcile interval.
@@ -38,7 +43,7 @@ from sqlmodel import select
 
 from app import canvas
 from app.canvas import HostStepKey
-from app.coordinator.ledger import deployment_stage, lock_execution
+from app.coordinator.ledger import deferred, deployment_stage, lock_execution
 from app.coordinator.publish import Dispatch, publish
 from app.coordinator.retry import lane_followers
 from app.coordinator.routing import tags_of
@@ -90,12 +95,14 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
         for pr in s.exec(select(PhaseRun).where(
                 PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
                 PhaseRun.dispatched_at < due)).all():
-            rows = s.exec(select(HostStepRun.host, HostStepRun.step_index, HostStepRun.status,
-                                 HostStepRun.finished_at).where(
-                HostStepRun.execution_id == pr.execution_id,
-                HostStepRun.stage_index == pr.stage_index, HostStepRun.phase == pr.phase,
-                HostStepRun.kind == "deploy")).all()
-            seen = {r[0] for r in rows}
+            rows = [(r.host, r.step_index, r.status, r.finished_at, r.attempt)
+                    for r in s.exec(select(HostStepRun).where(
+                        HostStepRun.execution_id == pr.execution_id,
+                        HostStepRun.stage_index == pr.stage_index,
+                        HostStepRun.phase == pr.phase, HostStepRun.kind == "deploy").options(
+                        *deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail,
+                                  HostStepRun.outputs, HostStepRun.error))).all()]
+            seen = {r[0] for r in rows if not _unstarted(r[1], r[4], r[2])}
             if all(h in seen for h in pr.hosts):
                 continue
             ex = s.get(Execution, pr.execution_id)
@@ -124,12 +131,18 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
     return out
 
 
+def _unstarted(step: int, attempt: int, status: str) -> bool:
+    """A row that says nothing has started: the first attempt of a host's first step,
+    recorded PENDING before it was sent."""
+    return step == 0 and attempt == 1 and status == Status.PENDING
+
+
 def _finished(rows: Any, step_count: int) -> dict[str, datetime]:
-    """When each host of ``rows`` (host, step, status, finished_at) finished its last step,
-    for the hosts that did (and have no attempt running or waiting)."""
-    busy = {h for h, _, status, _ in rows if status not in Status.TERMINAL}
+    """When each host of ``rows`` (host, step, status, finished_at, attempt) finished its
+    last step, for the hosts that did (and have no attempt running or waiting)."""
+    busy = {r[0] for r in rows if r[2] not in Status.TERMINAL}
     out: dict[str, datetime] = {}
-    for host, step, _, finished_at in rows:
+    for host, step, _, finished_at, _ in rows:
         if host in busy or step != step_count - 1 or finished_at is None:
             continue
         out[host] = max(out.get(host, finished_at), finished_at)
@@ -185,9 +198,13 @@ def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
         if resent.get(key.host) and datetime.fromisoformat(resent[key.host][-1]) >= due:
             return None  # sent again by a concurrent reconciler
         stage = deployment_stage(ex, key.stage)
-        started = {h for (h,) in s.execute(select(HostStepRun.host).where(
+        rows = s.exec(select(HostStepRun.host, HostStepRun.step_index, HostStepRun.status,
+                             HostStepRun.attempt).where(
             HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
-            HostStepRun.phase == key.phase, HostStepRun.kind == "deploy")).all()}
+            HostStepRun.phase == key.phase, HostStepRun.kind == "deploy")).all()
+        started = {h for h, step, status, attempt in rows
+                   if not _unstarted(step, attempt, status)}
+        recorded = {h for h, *_ in rows}
         if key.host in started:
             return None  # a worker took it after all (the broker was read before the ledger)
         run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
@@ -197,6 +214,15 @@ def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
                                                key.host) if h not in started]
         lane = [(h, by_name[h]["region"], 0, 1) for h in [key.host, *followers]]
         route = tags_of(stage, [by_name[h] for h in [key.host, *followers]], stage.steps)
+        for h in [key.host, *followers]:
+            if h not in recorded:  # PENDING: in flight for the gates (see the module's doc)
+                s.add(HostStepRun(idem_key=HostStepKey(key.execution, key.stage, key.phase, h,
+                                                       0, 1, by_name[h]["region"]).idem,
+                                  execution_id=key.execution, stage_index=key.stage,
+                                  phase=key.phase, step_index=0,
+                                  step_id=stage.steps[0].identifier, kind="deploy", host=h,
+                                  region=by_name[h]["region"], attempt=1,
+                                  status=Status.PENDING, started_at=now, heartbeat_at=now))
         resent[key.host] = [*resent.get(key.host, []), now.isoformat()]
         pr.verdict = {**(pr.verdict or {}), "resent": resent}
         s.add(pr)
