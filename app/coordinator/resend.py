@@ -86,10 +86,9 @@ def resend_lost(now: datetime) -> list[str]:
 
 
 def waiting_hosts(due: datetime) -> list[Waiting]:
-    """The hosts of running deploy phases that have no row in the ledger and whose message
-    should have been in a queue since before ``due``: first in their lane (the phase was
-    dispatched before ``due``), or their lane predecessor finished before ``due``. A host sent
-    again after ``due`` waits for the next run."""
+    """The hosts of running deploy phases that have not started and whose message should have
+    been in a queue since before ``due`` (``lane_reached``). A host sent again after ``due``
+    waits for the next run."""
     out: list[Waiting] = []
     with session_scope() as s:
         for pr in s.exec(select(PhaseRun).where(
@@ -102,8 +101,8 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
                         HostStepRun.phase == pr.phase, HostStepRun.kind == "deploy").options(
                         *deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail,
                                   HostStepRun.outputs, HostStepRun.error))).all()]
-            seen = {r[0] for r in rows if not _unstarted(r[1], r[4], r[2])}
-            if all(h in seen for h in pr.hosts):
+            started = {r[0] for r in rows if not _unstarted(r[1], r[4], r[2])}
+            if all(h in started for h in pr.hosts):
                 continue
             ex = s.get(Execution, pr.execution_id)
             if ex is None or ex.status != Status.RUNNING:
@@ -112,22 +111,38 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
             run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                                 StageRun.stage_index == pr.stage_index)).one()
             regions = {h["name"]: h["region"] for h in run.hosts}
-            finished = _finished(rows, len(stage.steps))
-            resent = (pr.verdict or {}).get("resent") or {}
-            hosts = list(pr.hosts)
-            lanes = stage.strategy.max_concurrency
-            n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
-            for i, host in enumerate(hosts):
-                if host in seen:
-                    continue
-                since = pr.dispatched_at if i < n else finished.get(hosts[i - n])
-                if since is None:
-                    continue  # its lane has not reached it: its message is not sent yet
-                if resent.get(host):
-                    since = max(since, datetime.fromisoformat(resent[host][-1]))
+            resent = {h: datetime.fromisoformat(t[-1])
+                      for h, t in ((pr.verdict or {}).get("resent") or {}).items() if t}
+            for host, since in lane_reached(list(pr.hosts), stage.strategy.max_concurrency,
+                                            len(stage.steps), rows, pr.dispatched_at, resent):
                 if since < due:
                     out.append(Waiting(HostStepKey(ex.id, pr.stage_index, pr.phase, host, 0, 1,
                                                    regions[host]), since))
+    return out
+
+
+def lane_reached(hosts: list[str], lanes: int | None, step_count: int, rows: list[Any],
+                 dispatched_at: datetime,
+                 resent: dict[str, datetime]) -> list[tuple[str, datetime]]:
+    """(host, since when its message should be in a queue) for the hosts of a phase that have
+    not started; ``rows``: the phase's (host, step, status, finished_at, attempt).
+
+    ``phase_canvas`` deals ``hosts`` round-robin into ``lanes`` (maxConcurrency) chains: the
+    first host of a lane is sent with the phase (``dispatched_at``), a later one only when the
+    host before it in its lane has finished its last step; a host whose lane has not reached it
+    has no message anywhere and is left out. A resend (``resent``: host -> last time) starts
+    the wait again."""
+    started = {r[0] for r in rows if not _unstarted(r[1], r[4], r[2])}
+    finished = _finished(rows, step_count)
+    n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
+    out: list[tuple[str, datetime]] = []
+    for i, host in enumerate(hosts):
+        if host in started:
+            continue
+        since = dispatched_at if i < n else finished.get(hosts[i - n])
+        if since is None:
+            continue  # its lane has not reached it: its message is not sent yet
+        out.append((host, max(since, resent.get(host, since))))
     return out
 
 
