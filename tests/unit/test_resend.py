@@ -56,9 +56,9 @@ def test_a_resent_host_recorded_pending_is_still_waiting_and_its_resend_restarts
     assert lane_reached(["h1"], None, 1, [row("h1", 0, "RUNNING")], T0, {}) == []
 
 
-def _ids(sig: Any) -> list[str]:
+def _ids(sig: Any) -> list[str | None]:
     """The task ids of a chord's header tasks, lane by lane."""
-    out = []
+    out: list[str | None] = []
     for lane in sig.tasks:
         out.extend(t.options.get("task_id") for t in getattr(lane, "tasks", [lane]))
     return out
