@@ -10,8 +10,8 @@ a resend records) although their message should be in a queue: the host is first
 published by the chain only then, so "no row" alone does not mean "lost"), and that since at
 least one reconcile interval. Host tasks carry a task id derived from their
 idempotency key (``app.canvas.task_id_of``), so the question "is its message still there?" is
-a lookup of that id in the headers of the messages in the ``vmfarm.*`` queues and in the
-transport's ``unacked`` hash (messages a worker has taken and not yet acknowledged; with early
+a lookup of that id in the headers of the messages in its region's queues (``vmfarm.<region>``
+and its tag queues) and in the transport's ``unacked`` hash (messages a worker has taken and not yet acknowledged; with early
 ack they leave it as the task starts). A message found nowhere was lost: the lane from that
 host on is published again through the one publisher (``app.canvas.retry_canvas``, at once),
 under the same idempotency keys and the phase's dispatch deadline. That is safe: a step runs
@@ -73,7 +73,7 @@ def resend_lost(now: datetime) -> list[str]:
     waiting = waiting_hosts(due)
     if not waiting:
         return []
-    present = task_ids_in_broker()
+    present = task_ids_in_broker({w.key.region for w in waiting})
     if present is None:
         return []  # the broker cannot be read now (restarting?): next time
     actions = []
@@ -164,9 +164,10 @@ def _finished(rows: Any, step_count: int) -> dict[str, datetime]:
     return out
 
 
-def task_ids_in_broker() -> set[str] | None:
-    """The task ids of every message in the broker's ``vmfarm.*`` queues (priority lists
-    included) and in its unacked hash; None when the broker cannot be read."""
+def task_ids_in_broker(regions: set[str]) -> set[str] | None:
+    """The task ids of every message in the queues of ``regions`` (``vmfarm.<region>`` and
+    its tag queues ``vmfarm.<region>[...]``, priority lists included) and in the broker's
+    unacked hash; None when the broker cannot be read."""
     from app.celery import app
     from app.delegates import queues_holding_messages
 
@@ -177,6 +178,8 @@ def task_ids_in_broker() -> set[str] | None:
             client = channel.client
             ids: set[str] = set()
             for queue in queues_holding_messages(client):
+                if queue.split("[", 1)[0].removeprefix("vmfarm.") not in regions:
+                    continue
                 for pri in channel.priority_steps:
                     for raw in client.lrange(channel._q_for_pri(queue, pri), 0, -1):
                         ids.add(_task_id(raw))
