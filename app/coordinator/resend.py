@@ -21,7 +21,7 @@ the resent lane's chord ends with the phase's gate, which must not judge the pha
 another resent lane still waits, and a PENDING row that no worker claims fails after the
 dispatch expiry (``expire_pending``).
 The resend is recorded in the phase's verdict (``resent``: host -> when, each time; ``vmfarm
-status -o json`` shows it) and in the reconciler's actions, and the same host is not sent again
+status -o json`` shows it as the phase's ``resent``, apart from the gate's verdict) and in the reconciler's actions, and the same host is not sent again
 within a reconcile interval.
 
 Only with a Redis broker and the Redis result backend (``app.canvas.traced``). The embedded
