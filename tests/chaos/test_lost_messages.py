@@ -121,6 +121,8 @@ def test_a_host_still_queued_when_redis_restarts_is_sent_again_and_runs_once(
         # and, while they wait there for several reconcile intervals, it does not send them
         # again (it finds them in the queue)
         resent = _resent(fleet, ex_id)
+        shown = run_vmfarm("status", ex_id, env=fleet.env, timeout=60)
+        assert shown.returncode == 0 and "FAILED" not in shown.stdout, shown.stdout
         wait_for(_quiet_since(max(datetime.fromisoformat(t[-1]) for t in resent.values()),
                               4 * RECONCILE), 10, "four reconcile intervals", fleet)
         assert _resent(fleet, ex_id) == resent
