@@ -3,32 +3,37 @@
 A Redis restarted without persistence (or flushed) forgets the messages still waiting in its
 queues. A host whose message was lost would wait for the dispatch expiry
 (``VMFARM_DISPATCH_EXPIRES``, an hour) and then fail as "no worker took its steps", although a
-worker was consuming all along. So the reconciler looks, at each run, for the hosts of running
-deploy phases that have not started (no row in the ledger, or only the PENDING first attempt
-a resend records) although their message should be in a queue: the host is first in its
-``maxConcurrency`` lane, or its lane predecessor has finished (a later host of a lane is
-published by the chain only then, so "no row" alone does not mean "lost"), and that since at
-least one reconcile interval. Host tasks carry a task id derived from their
-idempotency key (``app.canvas.task_id_of``), so the question "is its message still there?" is
-a lookup of that id in the headers of the messages in its region's queues (``vmfarm.<region>``
-and its tag queues) and in the transport's ``unacked`` hash (messages a worker has taken and not yet acknowledged; with early
-ack they leave it as the task starts). A message found nowhere was lost: the lane from that
-host on is published again through the one publisher (``app.canvas.retry_canvas``, at once),
-under the same idempotency keys and the phase's dispatch deadline. That is safe: a step runs
-only after its key is claimed in SQL, so a copy that was not lost after all runs nothing twice.
-The lane's hosts are recorded PENDING first (as the retry engine does, app.coordinator.retry):
-the resent lane's chord ends with the phase's gate, which must not judge the phase while
-another resent lane still waits, and a PENDING row that no worker claims fails after the
-dispatch expiry (``expire_pending``).
-The resend is recorded in the phase's verdict (``resent``: host -> when, each time; ``vmfarm
-status -o json`` shows it as the phase's ``resent``, apart from the gate's verdict) and in the reconciler's actions, and the same host is not sent again
-within a reconcile interval.
+worker was consuming all along.
+
+So the reconciler looks, at each run, for the hosts of running deploy phases that have not
+started (no row in the ledger, or only the PENDING first attempt a resend records) although
+their message should be in a queue, and has been for at least one reconcile interval: the host
+is first in its ``maxConcurrency`` lane, or the host before it in its lane has finished (a later
+host of a lane is published by the chain only then, so "no row" alone does not mean "lost").
+Host tasks carry a task id derived from their idempotency key (``app.canvas.task_id_of``), so
+"is its message still there?" is a lookup of that id in the headers of the messages in its
+region's queues (``vmfarm.<region>`` and its tag queues; a signed body leaves the headers
+readable) and in the transport's ``unacked`` hash (messages a worker has taken and not yet
+acknowledged; with early ack they leave it as the task starts).
+
+A message found nowhere was lost: the lane from that host on is published again through the one
+publisher (``app.canvas.retry_canvas``, at once), under the same idempotency keys and the
+phase's dispatch deadline. That is safe: a step runs only after its key is claimed in SQL, so a
+copy that was not lost after all runs nothing twice. The broker is read before the ledger is
+checked again, so a worker that took the message meanwhile has claimed it by then. The lane's
+hosts are recorded PENDING first (as the retry engine does, app.coordinator.retry): the resent
+lane's chord ends with the phase's gate, which must not judge the phase while another resent
+lane still waits, and a PENDING row that no worker claims fails after the dispatch expiry
+(``expire_pending``). The resend is recorded in the phase's verdict (``resent``: host -> each
+time; ``vmfarm status -o json`` shows it as the phase's ``resent``, apart from the gate's
+verdict) and in the reconciler's actions; the same host is not sent again within a reconcile
+interval. A lost message is so sent again within two reconcile intervals of the broker's return.
 
 Only with a Redis broker and the Redis result backend (``app.canvas.traced``). The embedded
 SQLite broker keeps its messages in its database file, which a restart does not lose: there,
 nothing is sent again, and a host no worker took still fails after the dispatch expiry.
-Rollback phases and the later tasks of a host (a step with other worker tags) are not covered:
-they keep the dispatch expiry.
+Rollback phases, verification checks and the later tasks of a host (a step with other worker
+tags) are not covered: they keep the dispatch expiry.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from app import canvas
@@ -56,8 +62,8 @@ log = logging.getLogger("vmfarm.coordinator")
 
 @dataclass(frozen=True)
 class Waiting:
-    """A host of a running deploy phase whose first message should be in a queue: it has no
-    row in the ledger, and its lane reached it (``since``) a while ago."""
+    """A host of a running deploy phase whose first message should be in a queue: it has not
+    started, and its lane reached it (``since``) a while ago."""
 
     key: HostStepKey  # its first step, attempt 1
     since: datetime
@@ -108,6 +114,8 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
             if ex is None or ex.status != Status.RUNNING:
                 continue
             stage = deployment_stage(ex, pr.stage_index)
+            if not stage.steps:
+                continue  # nothing to send
             run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                                 StageRun.stage_index == pr.stage_index)).one()
             regions = {h["name"]: h["region"] for h in run.hosts}
@@ -230,17 +238,24 @@ def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
         by_name = {h["name"]: h for h in run.hosts}
         followers = [h for h in lane_followers(list(pr.hosts), stage.strategy.max_concurrency,
                                                key.host) if h not in started]
-        lane = [(h, by_name[h]["region"], 0, 1) for h in [key.host, *followers]]
         route = tags_of(stage, [by_name[h] for h in [key.host, *followers]], stage.steps)
         for h in [key.host, *followers]:
-            if h not in recorded:  # PENDING: in flight for the gates (see the module's doc)
-                s.add(HostStepRun(idem_key=HostStepKey(key.execution, key.stage, key.phase, h,
-                                                       0, 1, by_name[h]["region"]).idem,
-                                  execution_id=key.execution, stage_index=key.stage,
-                                  phase=key.phase, step_index=0,
-                                  step_id=stage.steps[0].identifier, kind="deploy", host=h,
-                                  region=by_name[h]["region"], attempt=1,
-                                  status=Status.PENDING, started_at=now, heartbeat_at=now))
+            if h in recorded:
+                continue
+            try:  # PENDING: in flight for the gates (see the module's doc)
+                with s.begin_nested():
+                    s.add(HostStepRun(
+                        idem_key=HostStepKey(key.execution, key.stage, key.phase, h, 0, 1,
+                                             by_name[h]["region"]).idem,
+                        execution_id=key.execution, stage_index=key.stage, phase=key.phase,
+                        step_index=0, step_id=stage.steps[0].identifier, kind="deploy",
+                        host=h, region=by_name[h]["region"], attempt=1, status=Status.PENDING,
+                        started_at=now, heartbeat_at=now))
+            except IntegrityError:  # a worker claimed it this very moment: it has started
+                if h == key.host:
+                    return None
+                followers.remove(h)
+        lane = [(h, by_name[h]["region"], 0, 1) for h in [key.host, *followers]]
         resent[key.host] = [*resent.get(key.host, []), now.isoformat()]
         pr.verdict = {**(pr.verdict or {}), "resent": resent}
         s.add(pr)
