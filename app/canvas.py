@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,25 @@ class HostStepKey:
                    tags=tuple(str(t) for t in d.get("tags") or ()))
 
 
+# Task ids of host tasks are derived from their first step's idempotency key (design note §5.3):
+# the reconciler finds a host's message in its queue by that id (app.coordinator.resend).
+_TASK_IDS = uuid.UUID("6f1c3d2a-9b7e-5c41-8d0f-2a4e6b8c1d35")
+
+
+def traced() -> bool:
+    """Do host tasks carry the task id of their key (``task_id_of``)? Only with a result
+    backend that counts chord parts natively (Redis): a polling backend (embedded SQLite)
+    joins a chord by its members' stored results, and a retry's lane reuses the ids of the
+    old lane's hosts, whose pass-through results would complete the retry's chord early."""
+    return bool(celery_app.backend.supports_native_join)
+
+
+def task_id_of(key: HostStepKey) -> str:
+    """The Celery task id of the host task whose first step is ``key``: the same for every
+    dispatch of the same attempt, so a message sent again is the same message."""
+    return str(uuid.uuid5(_TASK_IDS, key.idem))
+
+
 def _quiet(sig: Signature) -> Signature:
     """A header task whose result nobody reads: a phase's gate reads the ledger. Storing and
     publishing the result (and subscribing to it in the publisher) costs Redis round trips for
@@ -148,7 +168,8 @@ def _host_links(first: HostStepKey, count: int,
         while end < count and (tags_of or {}).get((first.host, end), ()) == tags:
             end += 1
         key = dataclasses.replace(first, step=start, tags=tags)
-        out.append(_quiet(link("vmfarm.run_host", key=key.to_dict(), until=end)))
+        sig = _quiet(link("vmfarm.run_host", key=key.to_dict(), until=end))
+        out.append(sig.set(task_id=task_id_of(key)) if traced() else sig)
         start = end
     return out
 
@@ -176,7 +197,8 @@ def retry_canvas(*, execution_id: str, stage_index: int, phase: int,
     for host, region, step, attempt in lane:
         links.extend(_host_links(HostStepKey(execution_id, stage_index, phase, host, step,
                                              attempt, region, deadline), step_count, tags_of))
-    links[0] = links[0].set(countdown=countdown)
+    if countdown:  # none: a resent lane (app.coordinator.resend) goes at once
+        links[0] = links[0].set(countdown=countdown)
     return _gated([links], execution_id=execution_id, stage_index=stage_index, phase=phase,
                   kind="deploy")
 

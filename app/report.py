@@ -17,6 +17,14 @@ def _t(d: datetime | None) -> str | None:
     return d.isoformat(timespec="milliseconds") + "Z" if d else None
 
 
+def _gate_verdict(verdict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A phase's verdict without ``resent`` (the hosts whose message the reconciler sent again,
+    app.coordinator.resend: shown apart); None while the gate has not written one."""
+    if not verdict:
+        return verdict
+    return {k: v for k, v in verdict.items() if k != "resent"} or None
+
+
 def execution_report(execution_id: str) -> dict[str, Any] | None:
     """Everything a person or a script wants to know about one execution."""
     with session_scope() as s:
@@ -118,8 +126,9 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                                           and p.kind == "discover"), None)),
             "phases": [
                 {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
-                 "verdict": p.verdict, "dispatched_at": _t(p.dispatched_at),
-                 "gate_at": _t(p.gate_at)}
+                 "verdict": _gate_verdict(p.verdict),
+                 "resent": (p.verdict or {}).get("resent") or {},
+                 "dispatched_at": _t(p.dispatched_at), "gate_at": _t(p.gate_at)}
                 for p in phases if p.stage_index == st.stage_index
             ],
             "hosts": hosts,

@@ -31,7 +31,8 @@ class Dispatch:
     countdown: float = 0.0
     tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None
     discover: list[tuple[dict[str, Any], str, tuple[str, ...]]] | None = None
-    # A retry: one lane of (host, region, first step, attempt), and its dispatch deadline.
+    # A retry or a resend: one lane of (host, region, first step, attempt), and its dispatch
+    # deadline.
     lane: list[tuple[str, str, int, int]] | None = None
     deadline: float | None = None
 
@@ -47,7 +48,7 @@ def publish(d: Dispatch) -> None:
                                   phase=d.phase, hosts=d.hosts, step_count=d.step_count,
                                   expires=expires, lanes=d.lanes, kind=d.kind,
                                   steps_of=d.steps_of, tags_of=d.tags_of)
-    elif d.kind == "retry":
+    elif d.kind in ("retry", "resend"):  # resend: a lane whose message the broker lost
         sig = canvas.retry_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                   phase=d.phase, lane=d.lane or [], step_count=d.step_count,
                                   deadline=d.deadline or 0.0, countdown=d.countdown,
