@@ -232,7 +232,12 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
                             + (f" (connectorRef {ref!r} is not resolved here: the loader "
                                "writes the connector's server URL into the plan)" if ref
                                else ""))
-    base = _substitute(base, tag, what, url=True).rstrip("/")
+    server = urlsplit(_substitute(base, tag, what, url=True))
+
+    def under_base(path: str) -> str:  # a query of the base URL stays a query, after the path
+        return urlunsplit((server.scheme, server.netloc, f"{server.path.rstrip('/')}/{path}",
+                           server.query, ""))
+
     if atype == "Http":
         raise ArtifactError(f"{what}: set spec.url")
     if atype == "Jenkins":
@@ -244,7 +249,7 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         build = _substitute(_field(spec, "build") or "<tag>", tag, what)
         jobs = "/".join("job/" + quote(seg, safe=_URL_SAFE) for seg in _join(job))
         path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
-        return f"{base}/{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}"
+        return under_base(f"{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}")
     repo = _field(spec, "repository", "repositoryName")
     if not repo and not (atype == "Artifactory" and _field(spec, "artifactPath")):
         raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl"
@@ -252,7 +257,7 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
                                if atype == "Artifactory" else ""))
     segs = [*([_substitute(repo, tag, what)] if repo else []), *_repo_path(spec, tag, what)]
     prefix = "repository/" if atype == "Nexus3Registry" else ""
-    return f"{base}/{prefix}" + "/".join(quote(s, safe=_URL_SAFE) for s in segs)
+    return under_base(prefix + "/".join(quote(s, safe=_URL_SAFE) for s in segs))
 
 
 def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:

@@ -304,16 +304,13 @@ def strategy_of(stage: m.StageSpec) -> dict[str, Any]:
     """The stage's strategy as plain data, whichever form the file used."""
     sp = stage.spec
     budget = m.FailureBudget()
-    if sp.rollout_deployment is not None:
-        return {"type": "Rolling", "cumulative": True,
-                "phases": [p.phase.size() for p in sp.rollout_deployment.phases],
-                "phaseNames": [p.phase.name for p in sp.rollout_deployment.phases],
-                "failureBudget": budget.model_dump(by_alias=True)}
-    if sp.canary_deployment is not None:
-        phases = sp.canary_deployment.phases
+    for kind, form in (("Rolling", sp.rollout_deployment), ("Canary", sp.canary_deployment)):
+        if form is None:
+            continue
+        phases = form.phases
         checks = [s for p in phases for s in p.phase.steps if s.is_verification]
         verification = next((v for v in (s.verification() for s in checks) if v), None)
-        return {"type": "Canary", "cumulative": True,
+        return {"type": kind, "cumulative": True,
                 "phases": [p.phase.size() for p in phases],
                 "phaseNames": [p.phase.name for p in phases],
                 "verifyAfter": [i for i, p in enumerate(phases)

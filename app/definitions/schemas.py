@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.definitions import models as m
 from app.errors import SpecError
 
@@ -309,7 +311,7 @@ VERIFICATION_KEYS = ("healthCheck", "probe", "successCriteria", "prometheus")
 
 def phase_step_problems(step: Mapping[str, Any]) -> list[Problem]:
     """A reference phase step: only ``type: VERIFICATION`` with vmfarm's verification keys
-    (paths below the step)."""
+    and a canary analysis vmfarm runs (paths below the step)."""
     stype = step.get("type")
     if isinstance(stype, str) and stype.upper() != "VERIFICATION":
         return [Problem(f"phase step type {stype} is not supported: a reference phase's steps "
@@ -318,10 +320,32 @@ def phase_step_problems(step: Mapping[str, Any]) -> list[Problem]:
     props = step.get("properties")
     if not isinstance(props, Mapping):
         return []
-    return [Problem(f"'{k}' is not supported: vmfarm verifies a phase with "
-                    f"{', '.join(VERIFICATION_KEYS)} (see StrategySpec.verification)",
-                    ("properties", k))
-            for k in props if k not in VERIFICATION_KEYS]
+    known = (*VERIFICATION_KEYS, *m.ANALYSIS_KEYS)
+    out = [Problem(f"'{k}' is not supported: vmfarm verifies a phase with "
+                   f"{', '.join(known)} (see StrategySpec.verification)", ("properties", k))
+           for k in props if k not in known]
+    analysis = {k: props[k] for k in m.ANALYSIS_KEYS if k in props}
+    return out + (analysis_problems(analysis, ("properties",)) if analysis else [])
+
+
+def analysis_problems(analysis: Mapping[str, Any], base: Where) -> list[Problem]:
+    """A canary analysis (m.CanaryAnalysisSpec), field by field: an analysisType or
+    comparisonStrategy vmfarm does not run is refused by name (paths below ``base``)."""
+    out: list[Problem] = []
+    try:
+        m.CanaryAnalysisSpec.model_validate(dict(analysis))
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = tuple(p for p in err["loc"] if p not in ("int", "str"))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "missing":
+                message = (f"a canary analysis needs {where[-1]} (analysisType: Prometheus, "
+                           "comparisonStrategy: COMPARE_WITH_CURRENT, timeDuration: minutes)")
+                where = where[:-1]
+            elif err["type"] == "extra_forbidden":
+                message = f"unknown field '{where[-1]}' in a canary analysis metric"
+            out.append(Problem(message, (*base, *where), key=err["type"] == "extra_forbidden"))
+    return out
 
 
 # --- the whole load ------------------------------------------------------------------------------
@@ -374,6 +398,7 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
             for form in ("rolloutDeployment", "canaryDeployment"):
                 base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
                 phases = _at(pipe.raw, base)
+                first: Any = None  # the stage's gate: one verification for all its phases
                 for pi, entry in enumerate(phases if isinstance(phases, list) else []):
                     phase = _at(entry, ("phase",))
                     if not isinstance(phase, Mapping):
@@ -386,4 +411,13 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
                         if isinstance(step, Mapping):
                             report(pipe, (*base, pi, "phase", "steps", k),
                                    phase_step_problems(step))
+                            props = step.get("properties")
+                            if first is None:
+                                first = props
+                            elif props != first:
+                                report(pipe, (*base, pi, "phase", "steps", k), [Problem(
+                                    "this VERIFICATION step's properties differ from the "
+                                    "first one's: vmfarm runs one verification after every "
+                                    "gated phase of a stage; write the same properties",
+                                    ("properties",), key=True)])
     return out

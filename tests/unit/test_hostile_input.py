@@ -376,9 +376,14 @@ def test_reference_phase_fields_that_agree_load(tmp_path: Path) -> None:
 
 
 def test_harness_verification_keys_are_not_silently_ignored(tmp_path: Path) -> None:
+    # A canary analysis with half its keys (tests/unit/test_canary_analysis.py has the rest)
     paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
                                   "    properties: {analysisType: Prometheus}")
-    assert_refused(validate(*paths), paths[3], "analysisType", "'analysisType' is not "
+    assert_refused(validate(*paths), paths[3], "analysisType", "a canary analysis needs "
+                   "comparisonStrategy")
+    paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
+                                  "    properties: {analysisProvider: Prometheus}")
+    assert_refused(validate(*paths), paths[3], "analysisProvider", "'analysisProvider' is not "
                    "supported", "healthCheck")
 
 

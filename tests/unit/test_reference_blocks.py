@@ -217,9 +217,22 @@ def test_the_rolling_block_in_the_reference_pipeline_plans_three_phases(tmp_path
         "25%", "50%", "100%"]
 
 
+def test_the_canary_block_in_the_reference_pipeline_plans_a_canary_analysis(
+        tmp_path: Path) -> None:
+    """A 10 % canary, then ten minutes of canary analysis against the current version
+    (tests/unit/test_canary_analysis.py has the rest)."""
+    pipe = pipeline_with(tmp_path, body(BLOCKS[CANARY]), at="          execution:\n", indent=10)
+    bundle = load([*documents(tmp_path), pipe])
+    stage = bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage
+    assert stage.spec.canary_deployment is not None
+    (check,) = stage.spec.canary_deployment.phases[0].phase.steps
+    verification = check.verification()
+    assert verification is not None and verification.canary_analysis is not None
+    assert verification.canary_analysis.window_seconds() == 600
+
+
 @pytest.mark.parametrize(("block", "says"), [
     (BLUE_GREEN, "blueGreenDeployment"),
-    (CANARY, "analysisType"),
 ])
 def test_strategy_blocks_vmfarm_cannot_carry_out_are_refused_never_ignored(
         tmp_path: Path, block: int, says: str) -> None:

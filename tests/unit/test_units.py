@@ -229,6 +229,46 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
     assert '<+secrets.getValue("db_password")>' in planned["units"]["start"]["script"]
 
 
+@pytest.mark.parametrize(("artifact", "source"), [
+    (f"""type: Artifactory
+          spec:
+            baseUrl: https://127.0.1.10:8081/artifactory
+            username: deployer
+            passwordRef: repo_password
+            repository: libs-release
+            artifactDirectory: web
+            artifactPath: app-<+artifact.tag>.tar.gz
+            sha256: "{SHA}"
+            tag: <+input>
+""", "Artifactory https://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz"),
+    (f"""type: Nexus3Registry
+          spec:
+            nexusServerUrl: https://127.0.1.10:8443/?token={SIGNATURE}
+            repository: maven-releases
+            groupId: com.example
+            artifactId: app
+            extension: tar.gz
+            sha256: "{SHA}"
+            tag: <+input>
+""", "Nexus3Registry https://127.0.1.10:8443/repository/maven-releases/com/example/app/2.0.1/"
+     "app-2.0.1.tar.gz?…"),  # the base URL's query stays a query (shown as ?…), after the path
+], ids=["Artifactory", "Nexus3Registry"])
+def test_plan_names_the_real_source_of_a_repository_artifact(tmp_path: Path, artifact: str,
+                                                             source: str) -> None:
+    """Regression (issue 17): ``copy None -> ...`` for Http/Artifactory artifacts."""
+    service = SERVICE.replace(
+        SERVICE[SERVICE.index("type: Http"):SERVICE.index("---")], artifact)
+    files = _write(tmp_path, service)
+    text = _plan(files, tmp_path / "home")
+    assert f"[copy] copy {source} -> /opt/app/pushed/app-2.0.1.tar.gz" in text, text
+    assert "None" not in text
+    for leaked in (SIGNATURE, "token"):
+        assert leaked not in text
+    (stage,) = json.loads(_plan(files, tmp_path / "home", "-o", "json"))["stages"]
+    assert {u["source"] for step in stage["steps"] for u in step["units"]
+            if u["type"] in ("Copy", "DownloadArtifact", "Release")} == {source}
+
+
 def test_a_unit_that_cannot_run_shows_why_instead_of_a_traceback(tmp_path: Path) -> None:
     # Given a DownloadArtifact unit, and an artifact only the worker can read (a local folder)
     (tmp_path / "app").mkdir()

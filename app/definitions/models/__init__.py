@@ -104,6 +104,9 @@ from app.definitions.models.steps import (
     flat_steps,
 )
 from app.definitions.models.strategy import (
+    ANALYSIS_KEYS,
+    CanaryAnalysisSpec,
+    CanaryMetric,
     FailureBudget,
     HttpCheckSpec,
     ProbeSpec,
@@ -124,6 +127,7 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ANALYSIS_KEYS",
     "ARTIFACT_CONNECTORS",
     "CLOUD_CONNECTORS",
     "INTERVENTION_ACTIONS",
@@ -140,6 +144,8 @@ __all__ = [
     "Approvers",
     "ArtifactSource",
     "Artifacts",
+    "CanaryAnalysisSpec",
+    "CanaryMetric",
     "CommandStep",
     "CommandStepSpec",
     "CommandUnit",
