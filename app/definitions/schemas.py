@@ -404,7 +404,7 @@ def blue_green_problems(block: Mapping[str, Any], *, infrastructures: Mapping[st
                 "infrastructure one region (spec.region), or list a target group ARN, which "
                 "names it",
                 (*where, "classicLoadBalancers"), key=False))
-    if not switches:
+    if not switches and not any(isinstance(step, Mapping) for step in steps):
         out.append(Problem(
             f"blueGreenDeployment needs a {m.SWITCH_STEP_TYPE} step with targetGroupArns or "
             "classicLoadBalancers: vmfarm's blue-green switches traffic to the staging set",

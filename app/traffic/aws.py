@@ -54,13 +54,20 @@ from app.traffic.elbv2 import ElbV2Switch
 log = logging.getLogger(__name__)
 
 # A classic instance OutOfService for one of these will not come InService by waiting.
-_CLASSIC_FAILED = ("failed at least the UnhealthyThreshold", "is in stopped state",
-                   "is in terminated state", "is in stopping state")
+_CLASSIC_FAILED = (
+    "failed at least the UnhealthyThreshold",
+    "is in stopped state",
+    "is in terminated state",
+    "is in stopping state",
+)
 
 
 def _config(max_attempts: int) -> Config:
-    return Config(retries={"mode": "standard", "total_max_attempts": max_attempts},
-                  connect_timeout=5, read_timeout=30)
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        connect_timeout=5,
+        read_timeout=30,
+    )
 
 
 class _Member(Protocol):
@@ -82,15 +89,24 @@ def _no_instance_id(host: HostIds, where: str) -> TrafficError:
         f"host {host.name} has no EC2 instance id, and {where} registers instances: hosts of a "
         "static infrastructure have none; give the host attributes.instanceId, or use an AWS "
         "infrastructure (SshWinRmAws), whose discovered hosts carry it. Nothing was switched",
-        switch=where)
+        switch=where,
+    )
 
 
 class ClassicElbSwitch:
     """A classic load balancer whose registered instances are the live set."""
 
-    def __init__(self, *, name: str, region: str, endpoint_url: str | None = None,
-                 timeout: float = 600.0, poll_interval: float = 5.0, max_attempts: int = 5,
-                 client: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        region: str,
+        endpoint_url: str | None = None,
+        timeout: float = 600.0,
+        poll_interval: float = 5.0,
+        max_attempts: int = 5,
+        client: Any = None,
+    ) -> None:
         self.name = name
         self.region = region
         self.endpoint_url = endpoint_url
@@ -98,7 +114,8 @@ class ClassicElbSwitch:
         self.poll_interval = poll_interval
         self.label = f"classic load balancer {name}"
         self._client: Any = client or boto3.session.Session().client(
-            "elb", region_name=region, endpoint_url=endpoint_url, config=_config(max_attempts))
+            "elb", region_name=region, endpoint_url=endpoint_url, config=_config(max_attempts)
+        )
 
     def id_of(self, host: HostIds) -> str:
         """The host's instance id (a classic load balancer registers instances)."""
@@ -121,13 +138,19 @@ class ClassicElbSwitch:
 
     def register(self, ids: list[str]) -> None:
         """Register instances (they take traffic once InService)."""
-        self._call("register_instances_with_load_balancer", LoadBalancerName=self.name,
-                   Instances=[{"InstanceId": i} for i in ids])
+        self._call(
+            "register_instances_with_load_balancer",
+            LoadBalancerName=self.name,
+            Instances=[{"InstanceId": i} for i in ids],
+        )
 
     def deregister(self, ids: list[str]) -> None:
         """Deregister instances (connection draining, if on, lets requests finish)."""
-        self._call("deregister_instances_from_load_balancer", LoadBalancerName=self.name,
-                   Instances=[{"InstanceId": i} for i in ids])
+        self._call(
+            "deregister_instances_from_load_balancer",
+            LoadBalancerName=self.name,
+            Instances=[{"InstanceId": i} for i in ids],
+        )
 
     def wait_ready(self, ids: list[str]) -> None:
         """Wait until every instance is InService; TrafficError when one failed or time is
@@ -138,14 +161,18 @@ class ClassicElbSwitch:
             pending = [r for r in rows if r.get("State") != "InService"]
             if not pending:
                 return
-            failed = [r for r in pending if any(
-                f in str(r.get("Description", "")) for f in _CLASSIC_FAILED)]
+            failed = [
+                r
+                for r in pending
+                if any(f in str(r.get("Description", "")) for f in _CLASSIC_FAILED)
+            ]
             if failed or time.monotonic() >= deadline:
                 waited = "" if failed else f" within {self.timeout:.0f} s"
                 raise TrafficError(
                     f"green instances did not come InService{waited} in {self.label}; blue "
                     "keeps the traffic: " + "; ".join(_describe(r) for r in (failed or pending)),
-                    switch=self.label)
+                    switch=self.label,
+                )
             time.sleep(self.poll_interval)
 
     def wait_leaving(self, ids: list[str]) -> None:
@@ -161,8 +188,10 @@ class ClassicElbSwitch:
         if not ids:
             return []
         rows: list[dict[str, Any]] = self._call(
-            "describe_instance_health", LoadBalancerName=self.name,
-            Instances=[{"InstanceId": i} for i in ids])["InstanceStates"]
+            "describe_instance_health",
+            LoadBalancerName=self.name,
+            Instances=[{"InstanceId": i} for i in ids],
+        )["InstanceStates"]
         return rows
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
@@ -174,25 +203,31 @@ class ClassicElbSwitch:
             code, message = error.get("Code", "Unknown"), error.get("Message", str(exc))
             raise TrafficError(
                 f"ELB {exc.operation_name} on {self.label} failed: {code}: {message}; "
-                f"{_classic_hint(code)}", switch=self.label) from None
+                f"{_classic_hint(code)}",
+                switch=self.label,
+            ) from None
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise TrafficError(
                 f"no usable AWS credentials for {self.label} ({exc}); give the worker "
                 "credentials (instance profile, environment or ~/.aws)",
-                switch=self.label) from None
+                switch=self.label,
+            ) from None
         except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
             where = self.endpoint_url or f"the ELB endpoint of {self.region}"
-            raise TrafficError(f"cannot reach {where} for {self.label}: {exc}",
-                               switch=self.label) from None
+            raise TrafficError(
+                f"cannot reach {where} for {self.label}: {exc}", switch=self.label
+            ) from None
         except BotoCoreError as exc:
-            raise TrafficError(f"ELB {operation} on {self.label} failed: {exc}",
-                               switch=self.label) from None
+            raise TrafficError(
+                f"ELB {operation} on {self.label} failed: {exc}", switch=self.label
+            ) from None
 
 
 def _describe(row: Mapping[str, Any]) -> str:
     text = f"{row.get('InstanceId')} {row.get('State')}"
-    detail = " ".join(str(row.get(k)) for k in ("ReasonCode", "Description")
-                      if row.get(k) and row.get(k) != "N/A")
+    detail = " ".join(
+        str(row.get(k)) for k in ("ReasonCode", "Description") if row.get(k) and row.get(k) != "N/A"
+    )
     return f"{text} ({detail})" if detail else text
 
 
@@ -201,11 +236,19 @@ def _classic_hint(code: str) -> str:
         return "check classicLoadBalancers and the region (the target groups' or the hosts')"
     if code == "InvalidInstance":
         return "the instances must be running, in the load balancer's region and VPC"
-    if code in ("AccessDenied", "AccessDeniedException", "UnauthorizedOperation",
-                "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken"):
-        return ("AWS refused the worker's credentials; check them and their permissions "
-                "(elasticloadbalancing:DescribeLoadBalancers, DescribeInstanceHealth, "
-                "RegisterInstancesWithLoadBalancer, DeregisterInstancesFromLoadBalancer)")
+    if code in (
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnauthorizedOperation",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+    ):
+        return (
+            "AWS refused the worker's credentials; check them and their permissions "
+            "(elasticloadbalancing:DescribeLoadBalancers, DescribeInstanceHealth, "
+            "RegisterInstancesWithLoadBalancer, DeregisterInstancesFromLoadBalancer)"
+        )
     return "see the AWS message"
 
 
@@ -222,7 +265,8 @@ class _TargetGroup:
                 raise TrafficError(
                     f"host {host.name} has no private IP, and {self.label} (target type ip) "
                     "registers private IPs: give the host privateIp. Nothing was switched",
-                    switch=self.label)
+                    switch=self.label,
+                )
             return self.switch.canonical(host.private_ip)
         if not host.instance_id:
             raise _no_instance_id(host, self.label)
@@ -254,10 +298,18 @@ class AwsLoadBalancersSwitch(TrafficSwitch):
     host has is returned as it is).
     """
 
-    def __init__(self, *, region: str, target_group_arns: list[str],
-                 classic_load_balancers: list[str], endpoint_url: str | None = None,
-                 timeout: float = 600.0, poll_interval: float = 5.0,
-                 hosts: Mapping[str, HostIds] | None = None, max_attempts: int = 5) -> None:
+    def __init__(
+        self,
+        *,
+        region: str,
+        target_group_arns: list[str],
+        classic_load_balancers: list[str],
+        endpoint_url: str | None = None,
+        timeout: float = 600.0,
+        poll_interval: float = 5.0,
+        hosts: Mapping[str, HostIds] | None = None,
+        max_attempts: int = 5,
+    ) -> None:
         self.region = region
         self.hosts = dict(hosts or {})
         names = [*target_group_arns, *classic_load_balancers]
@@ -267,17 +319,31 @@ class AwsLoadBalancersSwitch(TrafficSwitch):
         self._closers: list[Any] = []
         if target_group_arns:
             elbv2 = boto3.session.Session().client(
-                "elbv2", region_name=region, endpoint_url=endpoint_url,
-                config=_config(max_attempts))
+                "elbv2", region_name=region, endpoint_url=endpoint_url, config=_config(max_attempts)
+            )
             self._closers.append(elbv2)
         for arn in unique(target_group_arns):
-            self._members.append(_TargetGroup(ElbV2Switch(
-                region=region, target_group_arn=arn, endpoint_url=endpoint_url,
-                timeout=timeout, poll_interval=poll_interval, client=elbv2)))
+            self._members.append(
+                _TargetGroup(
+                    ElbV2Switch(
+                        region=region,
+                        target_group_arn=arn,
+                        endpoint_url=endpoint_url,
+                        timeout=timeout,
+                        poll_interval=poll_interval,
+                        client=elbv2,
+                    )
+                )
+            )
         for name in unique(classic_load_balancers):
-            member = ClassicElbSwitch(name=name, region=region, endpoint_url=endpoint_url,
-                                      timeout=timeout, poll_interval=poll_interval,
-                                      max_attempts=max_attempts)
+            member = ClassicElbSwitch(
+                name=name,
+                region=region,
+                endpoint_url=endpoint_url,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                max_attempts=max_attempts,
+            )
             self._closers.append(member)
             self._members.append(member)
 
@@ -290,11 +356,12 @@ class AwsLoadBalancersSwitch(TrafficSwitch):
         started = time.monotonic()
         names = unique(backends)
         if not names:
-            raise TrafficError(f"refusing to switch {self.label} to an empty set: every "
-                               "request would fail", switch=self.label)
+            raise TrafficError(
+                f"refusing to switch {self.label} to an empty set: every request would fail",
+                switch=self.label,
+            )
         # Every id first: a host a load balancer cannot know fails the switch before any change.
-        wanted = {m.label: unique([m.id_of(self._host(n)) for n in names])
-                  for m in self._members}
+        wanted = {m.label: unique([m.id_of(self._host(n)) for n in names]) for m in self._members}
         previous: dict[str, list[str]] = {m.label: m.registered() for m in self._members}
         added = {k: [i for i in wanted[k] if i not in previous[k]] for k in wanted}
         removed = {k: [i for i in previous[k] if i not in wanted[k]] for k in wanted}
@@ -325,7 +392,9 @@ class AwsLoadBalancersSwitch(TrafficSwitch):
             removed=unique([n for k in removed for n in self._names(removed[k])]),
             previous=unique([n for k in previous for n in self._names(previous[k])]),
             live=unique([n for k in live for n in self._names(live[k])]),
-            started=started, balancers=live)
+            started=started,
+            balancers=live,
+        )
 
     def close(self) -> None:
         """Close the boto3 clients' HTTP connections."""
