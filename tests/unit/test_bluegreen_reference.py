@@ -146,7 +146,6 @@ def test_the_block_becomes_blue_green_with_its_load_balancers_as_traffic() -> No
         "region": "us-east-1",
         "targetGroupArns": [ARN],
         "classicLoadBalancers": ["web-app-clb"],
-        "timeout": 600.0,
     }
 
 
@@ -378,3 +377,76 @@ def test_blue_green_and_another_strategy_form_is_refused(tmp_path: Path) -> None
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load(paths, inputs={"version": "1.0"}, require_inputs=True)
     assert any("give one of strategy, blueGreenDeployment" in e.message for e in errors_of(exc))
+
+
+# --- the same traffic in vmfarm's own strategy form ---------------------------------------------
+
+
+def test_vmfarm_form_takes_the_same_load_balancers_and_refuses_what_it_would_ignore() -> None:
+    from pydantic import ValidationError
+
+    from app.definitions.models import StrategySpec
+
+    spec = StrategySpec.model_validate(
+        {
+            "type": "BlueGreen",
+            "switchName": "Swap",
+            "traffic": {
+                "type": "AwsLoadBalancers",
+                "region": "us-east-1",
+                "classicLoadBalancers": ["web"],
+            },
+        }
+    )
+    assert spec.traffic is not None
+    assert spec.traffic.switch_spec() == {
+        "type": "AwsLoadBalancers",
+        "region": "us-east-1",
+        "targetGroupArns": [],
+        "classicLoadBalancers": ["web"],
+    }
+    # A port would be ignored (each target group has its own): refused, saying why
+    with pytest.raises(ValidationError) as exc:
+        StrategySpec.model_validate(
+            {
+                "type": "BlueGreen",
+                "traffic": {
+                    "type": "AwsLoadBalancers",
+                    "region": "us-east-1",
+                    "classicLoadBalancers": ["web"],
+                    "port": 9090,
+                },
+            }
+        )
+    assert "does not take port (the target groups' ports apply)" in str(exc.value)
+    # HAProxy fields on an AWS switch, and a switch name without a switch, are refused too
+    with pytest.raises(ValidationError, match="does not take listen"):
+        StrategySpec.model_validate(
+            {
+                "type": "BlueGreen",
+                "traffic": {
+                    "type": "AwsElbV2",
+                    "region": "us-east-1",
+                    "targetGroupArn": "arn",
+                    "listen": "127.0.0.1:80",
+                },
+            }
+        )
+    with pytest.raises(ValidationError, match="switchName names a BlueGreen switch"):
+        StrategySpec.model_validate({"type": "Rolling", "phases": [1], "switchName": "x"})
+    # Plans stored before: their defaults (port 8080, name vmfarm, mode http) still read
+    old = StrategySpec.model_validate(
+        {
+            "type": "BlueGreen",
+            "traffic": {
+                "type": "AwsElbV2",
+                "region": "us-east-1",
+                "targetGroupArn": "arn",
+                "port": 8080,
+                "name": "vmfarm",
+                "mode": "http",
+                "timeout": 600,
+            },
+        }
+    )
+    assert old.traffic is not None and old.traffic.switch_spec()["timeout"] == 600

@@ -108,17 +108,19 @@ class TrafficSpec(Model):
     """Where blue-green switches traffic (see app/traffic)."""
 
     type: Literal["Local", "AwsElbV2", "AwsLoadBalancers"]
-    port: int = Field(default=8080, ge=1, le=65535)  # the app's port on every host
-    # Local (HAProxy on the control machine)
-    name: str = "vmfarm"
+    # Defaults are applied where a field is read (None: not written), so that a field the type
+    # does not read can be refused: the app's port on every host (8080).
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # Local (HAProxy on the control machine): name "vmfarm", mode http
+    name: str | None = None
     listen: str | None = None
-    mode: Literal["http", "tcp"] = "http"
+    mode: Literal["http", "tcp"] | None = None
     health_check_path: str | None = None
-    # AwsElbV2 (a target group of type ip)
+    # AwsElbV2 (a target group of type ip); timeout 600 s
     region: str | None = None
     target_group_arn: str | None = None
     endpoint_url: str | None = None
-    timeout: float = Field(default=600, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
     # AwsLoadBalancers (the reference's AWS_AMI_SWITCH_ROUTES): any number of ELBv2 target
     # groups and classic load balancers, switched together.
     target_group_arns: list[str] = Field(default_factory=list)
@@ -126,6 +128,21 @@ class TrafficSpec(Model):
 
     @model_validator(mode="after")
     def _complete(self) -> TrafficSpec:
+        # A field another type reads would be ignored here: say so instead.
+        takes = {"Local": {"port", "name", "listen", "mode", "health_check_path"},
+                 "AwsElbV2": {"port", "region", "target_group_arn", "endpoint_url", "timeout"},
+                 "AwsLoadBalancers": {"region", "target_group_arns", "classic_load_balancers",
+                                      "endpoint_url", "timeout"}}[self.type]
+        # Plans stored before these defaults became None hold them for every type.
+        stored = {"port": 8080, "name": "vmfarm", "mode": "http", "timeout": 600}
+        extra = sorted(to_camel(n) for n in self.model_fields_set - takes - {"type"}
+                       if getattr(self, n) is not None and not (
+                           self.type != "AwsLoadBalancers" and stored.get(n) == getattr(self, n)))
+        if extra:
+            why = (" (the target groups' ports apply)" if self.type == "AwsLoadBalancers"
+                   and "port" in extra else "")
+            raise ValueError(f"traffic type {self.type} does not take {', '.join(extra)}{why}; "
+                             f"it takes {', '.join(sorted(to_camel(n) for n in takes))}")
         need = {"Local": ["listen"], "AwsElbV2": ["region", "target_group_arn"],
                 "AwsLoadBalancers": ["region"]}[self.type]
         missing = [to_camel(n) for n in need if not getattr(self, n)]
@@ -140,7 +157,7 @@ class TrafficSpec(Model):
     def describe(self) -> str:
         """Where traffic switches, in words (``plan`` prints it)."""
         if self.type == "Local":
-            return f"HAProxy {self.name} on {self.listen}"
+            return f"HAProxy {self.name or 'vmfarm'} on {self.listen}"
         if self.type == "AwsElbV2":
             return f"target group {self.target_group_arn} ({self.region})"
         parts = [f"target group {a}" for a in self.target_group_arns]
@@ -155,6 +172,8 @@ class TrafficSpec(Model):
                                      "classicLoadBalancers", "endpointUrl", "timeout"],
                 }[self.type]
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.type == "Local":
+            data.setdefault("name", "vmfarm")
         return {k: data[k] for k in keys if k in data}
 
 
@@ -183,6 +202,9 @@ class StrategySpec(Model):
 
     @model_validator(mode="after")
     def _fits(self) -> StrategySpec:
+        if self.switch_name is not None and self.type != "BlueGreen":
+            raise ValueError(f"switchName names a BlueGreen switch; a {self.type} strategy "
+                             "has none")
         if self.type in ("Rolling", "Canary") and not self.phases:
             raise ValueError(f"a {self.type} strategy needs 'phases'")
         if self.type == "BlueGreen" and self.traffic is None:
