@@ -136,7 +136,7 @@ class TrafficSpec(Model):
         # Plans stored before these defaults became None hold them for every type.
         stored = {"port": 8080, "name": "vmfarm", "mode": "http", "timeout": 600}
         extra = sorted(to_camel(n) for n in self.model_fields_set - takes - {"type"}
-                       if getattr(self, n) is not None and not (
+                       if getattr(self, n) not in (None, []) and not (
                            self.type != "AwsLoadBalancers" and stored.get(n) == getattr(self, n)))
         if extra:
             why = (" (the target groups' ports apply)" if self.type == "AwsLoadBalancers"
