@@ -58,6 +58,7 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
             if env not in bundle.environments:
                 errs.add(pipe.error(missing("Environment", env, bundle.environments),
                                     (*sp, "spec", "environment", "environmentRef")))
+            _choose_infrastructures(bundle, pipe, st, sp, errs)
             for ii, ref in enumerate(st.spec.environment.infrastructure_definitions):
                 ip = (*sp, "spec", "environment", "infrastructureDefinitions", ii, "identifier")
                 target = bundle.infrastructures.get(ref.identifier)
@@ -134,3 +135,36 @@ def check_variables(owner: Loaded, errs: Collector) -> None:
         if v.name in seen:
             errs.add(owner.error(f"duplicate variable '{v.name}'", (*base, i, "name")))
         seen.add(v.name)
+
+
+def _choose_infrastructures(bundle: Bundle, pipe: Loaded, st: m.StageSpec,
+                            sp: tuple[str | int, ...], errs: Collector) -> None:
+    """``deployToAll: true``: every infrastructure of the environment; neither it nor a list:
+    the environment's only infrastructure. Fills ``infrastructure_definitions`` in place."""
+    target = st.spec.environment
+    at = (*sp, "spec", "environment")
+    if target.environment_ref not in bundle.environments:
+        return  # reported above
+    mine = sorted(i for i, inf in bundle.infrastructures.items()
+                  if inf.model.spec.environment_ref == target.environment_ref)
+    if target.deploy_to_all:
+        if target.infrastructure_definitions:
+            errs.add(pipe.error("deployToAll: true deploys to every infrastructure of the "
+                                "environment: leave infrastructureDefinitions out, or set "
+                                "deployToAll: false", (*at, "deployToAll")))
+        elif not mine:
+            errs.add(pipe.error(f"deployToAll: environment '{target.environment_ref}' has no "
+                                "infrastructure in the given files", (*at, "deployToAll")))
+        else:
+            target.infrastructure_definitions = [m.InfraRef(identifier=i) for i in mine]
+        return
+    if target.infrastructure_definitions:
+        return
+    if len(mine) == 1:
+        target.infrastructure_definitions = [m.InfraRef(identifier=mine[0])]
+        return
+    which = (f"it has {len(mine)}: {', '.join(mine)}" if mine else
+             "it has none in the given files")
+    errs.add(pipe.error(f"the stage names no infrastructure of environment "
+                        f"'{target.environment_ref}' and {which}: list them under "
+                        "infrastructureDefinitions, or set deployToAll: true", at))

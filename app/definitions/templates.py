@@ -225,8 +225,99 @@ def expand_templates(documents: list[Document]) -> tuple[list[Document], list[Do
     registry = _register(templates, errs, broken)
     expander = _Expander(registry, errs, broken)
     out = [expander.document(doc) for doc in others]
+    for tpl in (t for versions in registry.values() for t in versions.values()):
+        if (tpl.ident, tpl.version) not in expander.used:
+            check_unused(tpl, expander, errs)
     errs.raise_if_any()
     return out, templates
+
+
+# Where a template of each type stands in a document that uses it, to check a template that no
+# loaded document uses: (kind of the using document, path of the entry, slot).
+_USE_AT: dict[str, tuple[str, Path, str]] = {
+    "Pipeline": ("Pipeline", ("spec",), "Pipeline"),
+    "Service": ("Service", ("spec",), "Service"),
+    "Environment": ("Environment", ("spec",), "Environment"),
+    "Infrastructure": ("Infrastructure", ("spec",), "Infrastructure"),
+    "Stage": ("Pipeline", ("spec", "stages", 0, "stage"), "stage"),
+    "Step": ("Pipeline", ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "step"),
+             "step"),
+    "StepGroup": ("Pipeline",
+                  ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "stepGroup"),
+                  "stepGroup"),
+}
+_UNUSED = "template_check"
+
+
+def check_unused(tpl: Template, expander: _Expander, errs: _Collector) -> None:
+    """Check a template that no loaded document uses, as if a document used it with no
+    templateInputs: unknown keys, unknown types and wrong values are errors in the template's
+    file, like those of any other document. A value that holds ``<+input>`` is left to the user
+    of the template, and so is the type check of a part whose ``type`` is an input."""
+    kind, at, slot = _USE_AT[tpl.type]
+    ref: dict[str, Any] = {"templateRef": tpl.ident}
+    if tpl.version is not None:
+        ref["versionLabel"] = tpl.version
+    entry: dict[str, Any] = {"template": ref}
+    if slot in ELEMENT_TYPES:
+        entry = {"name": _UNUSED, "identifier": _UNUSED, **entry}
+    data: dict[str, Any] = {"apiVersion": "v1", "kind": kind,
+                            "metadata": {"name": _UNUSED, "identifier": _UNUSED}}
+    if slot == "stage":
+        data["spec"] = {"stages": [{"stage": entry}]}
+    elif slot in ("step", "stepGroup"):
+        data["spec"] = {"stages": [{"stage": {
+            "name": _UNUSED, "identifier": _UNUSED, "type": "Deployment",
+            "spec": {"deploymentType": "Ssh", "service": {"serviceRef": _UNUSED},
+                     "environment": {"environmentRef": _UNUSED,
+                                     "infrastructureDefinitions": [{"identifier": _UNUSED}]},
+                     "execution": {"steps": [{slot: entry}]}}}}]}
+    else:
+        data["spec"] = entry
+    out = ExpandedDocument(file=tpl.doc.file, index=tpl.doc.index, data=data,
+                           line=tpl.doc.line)
+    out.origins[()] = (tpl.doc, tpl.body_path)
+    mine = _Collector()
+    sub = _Expander(expander.registry, mine, expander.broken)
+    sub.used = expander.used
+    if slot in DOCUMENT_KINDS:
+        sub.expand(out, at, slot, ())
+    else:
+        sub.walk(out, out.data, (), ())
+    if mine.errors:  # errors of the templates it uses are reported with those
+        for e in mine.errors:
+            errs.add(e)
+        return
+    model = m.KINDS[kind]
+    checked = _Collector()
+    _validate(out, (), model, out.data, checked)
+    inside, body = dotted(at), dotted(tpl.body_path)
+    for e in checked.errors:
+        if _input_in(out.data, e.field):
+            continue
+        fld = e.field or ""
+        if fld.startswith(inside) and fld[len(inside):len(inside) + 1] in ("", ".", "["):
+            fld = body + fld[len(inside):]  # named from the template document's root
+        errs.add(SpecError(e.message, file=e.file, line=e.line, col=e.col, field=fld))
+
+
+def _input_in(data: Any, field_name: str | None) -> bool:
+    """Whether the value at the dotted ``field_name`` (or a ``type`` beside it, which decides
+    what the part may hold) is or holds a runtime input."""
+    if not field_name:
+        return False
+    node: Any = data
+    parents: list[Any] = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", field_name):
+        parents.append(node)
+        if part.startswith("["):
+            i = int(part[1:-1])
+            node = node[i] if isinstance(node, list) and i < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    if node is not None and has_input(repr(node)):
+        return True
+    return any(isinstance(p, dict) and has_input(str(p.get("type", ""))) for p in parents)
 
 
 def _register(docs: list[Document], errs: _Collector,
@@ -276,6 +367,7 @@ class _Expander:
         self.registry = registry
         self.errs = errs
         self.broken = broken
+        self.used: set[tuple[str, str | None]] = set()
 
     def document(self, doc: Document) -> Document:
         data = doc.data
@@ -335,6 +427,7 @@ class _Expander:
         if tpl is None:
             return
         ref_at: Path = (*path, "template", "templateRef")
+        self.used.add((tpl.ident, tpl.version))
         if tpl.type != want:
             self.errs.add(out.error(
                 f"template {tpl.label} is a {tpl.type} template; {what} needs a {want} template",

@@ -41,6 +41,22 @@ def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
     return tuple(path)
 
 
+# Harness types a user may bring that vmfarm knows of and does not carry out: refused with the
+# reason, not as an unknown word.
+UNSUPPORTED_TYPES = {
+    "CI": "a CI stage is not supported: vmfarm deploys and does not build; let your CI system "
+          "build and publish the artifact, then run the Deployment stages with vmfarm (a webhook "
+          "or `vmfarm run --set tag=...` from the CI job)",
+    "Custom": "Custom stages (steps on the delegate outside a deployment) are not supported yet",
+    "HarnessApproval": "an approval step inside a Deployment stage is not supported yet: put it in "
+                       "an Approval stage before the deployment",
+    "TerraformPlan": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
+    "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
+    "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
+    "TerraformRollback": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
+}
+
+
 def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]) -> str:
     etype = err["type"]
     loc = err["loc"]
@@ -60,6 +76,8 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
         expected = err.get("ctx", {}).get("expected") or err.get("ctx", {}).get("expected_tags")
         if isinstance(inp, dict) and etype == "union_tag_invalid":
             tag = err.get("ctx", {}).get("tag")
+            if tag in UNSUPPORTED_TYPES:
+                return f"type '{tag}': {UNSUPPORTED_TYPES[tag]} (vmfarm has {expected})"
             return f"unknown type '{tag}' (expected one of {expected})"
         return f"invalid value {inp!r} for '{name}' (expected one of {expected})"
     if etype == "union_tag_not_found":

@@ -31,8 +31,8 @@ from cli.watch import dispatch_and_watch, refuse_detach_when_embedded
 
 
 def register(main: click.Group) -> None:
-    """Add ``validate``, ``plan``, ``run`` and ``retry`` to ``main``."""
-    for command in (validate, plan_cmd, run, retry):
+    """Add ``validate``, ``plan``, ``convert``, ``run`` and ``retry`` to ``main``."""
+    for command in (validate, plan_cmd, convert, run, retry):
         main.add_command(command)
 
 
@@ -56,8 +56,13 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
                  "message": e.message} for e in errors]})
             sys.exit(2)
         fail_input(exc)
+    from app.definitions.templates import templates_of
+
+    all_docs = [*bundle.documents, *bundle.templates]
     summary: dict[str, Any] = {
         "valid": True,
+        "templates": sorted(f"{ident} ({kind}{', ' + version if version else ''})"
+                            for ident, version, kind in templates_of(bundle.templates)),
         "services": sorted(bundle.services),
         "environments": sorted(bundle.environments),
         "infrastructures": sorted(bundle.infrastructures),
@@ -69,15 +74,52 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
     if output == "json":
         cli.json(summary)
         return
-    cli.out.print(Text.assemble(("valid", "green"), f": {len(bundle.documents)} document(s) in "
-                                f"{len({d.file for d in bundle.documents})} file(s)"))
-    for kind in ("services", "environments", "infrastructures", "pipelines"):
+    cli.out.print(Text.assemble(("valid", "green"), f": {len(all_docs)} document(s) in "
+                                f"{len({d.file for d in all_docs})} file(s)"))
+    for kind in ("templates", "services", "environments", "infrastructures", "pipelines"):
         if summary[kind]:
             cli.out.print(f"  {kind}: {', '.join(summary[kind])}")
     for i in summary["inputs"]:
         cli.out.print(f"  runtime input: {i['name']}" + (f" (default {i['default']})"
                                                           if "default" in i else
                                                           " (give it with --set)"))
+
+
+@click.command("convert")
+@files_argument
+@click.option("--to", "to", type=click.Choice(["harness", "vmfarm"]), required=True,
+              help="harness: pipeline:/service:/environment:/infrastructureDefinition: at the "
+                   "top; vmfarm: apiVersion, kind, metadata, spec.")
+@click.option("--write", is_flag=True, help="Rewrite the files in place instead of printing.")
+@pass_cli
+def convert(cli: Cli, files: tuple[str, ...], to: str, write: bool) -> None:
+    """Print pipeline files in Harness's shape or vmfarm's (either loads), comments kept.
+
+    Templates, input sets and documents already in the asked shape are left as they are.
+    """
+    from pathlib import Path
+
+    from app.definitions.loader import expand_paths
+    from app.definitions.native import convert_text
+
+    try:
+        paths = expand_paths(files)
+    except SpecError as exc:
+        fail_input(exc)
+    out: dict[Path, str] = {}
+    for path in paths:
+        try:
+            out[path] = convert_text(path.read_text(), to)
+        except (ValueError, OSError) as exc:
+            fail(f"{path}: cannot convert: {exc}", code=2)
+    for path, text in out.items():
+        if write:
+            path.write_text(text)
+            err.print(f"{path}: written in {to}'s shape", markup=False, highlight=False)
+        else:
+            if len(out) > 1:
+                cli.out.print(f"# ==> {path} <==", markup=False, highlight=False)
+            cli.out.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
 
 def _value_at(slot: Any) -> Any:

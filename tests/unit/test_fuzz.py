@@ -438,30 +438,6 @@ def assert_clean_load(root: Path, inputs: Mapping[str, str], require: bool) -> N
 
 
 @_profile(200)
-@given(file=mutated_good_file(), inputs=set_values(), require=st.booleans())
-def test_load_of_mutated_good_files_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str], require: bool) -> None:
-    with bundle_dir(*file) as root:
-        assert_clean_load(root, inputs, require)
-
-
-@_profile(200)
-@given(file=near_valid_pipeline(), inputs=set_values(), require=st.booleans())
-def test_load_of_near_valid_pipelines_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str], require: bool) -> None:
-    with bundle_dir(*file) as root:
-        assert_clean_load(root, inputs, require)
-
-
-@_profile(200)
-@given(file=random_file(), inputs=set_values())
-def test_load_of_random_documents_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str]) -> None:
-    with bundle_dir(*file) as root:
-        assert_clean_load(root, inputs, False)
-
-
-@_profile(200)
 @given(raw=st.binary(max_size=200))
 def test_load_of_arbitrary_bytes_ends_in_a_clean_result(raw: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="vmfarm-fuzz-") as tmp:

@@ -33,6 +33,10 @@ CASES = {
                      "      configFiles:\n        - configFile: {name: app.conf}\n"
                      "      variables:\n",
                      "configFiles are not supported yet"),
+    "sidecar artifacts": ("service", "            tag: <+input>\n",
+                          "            tag: <+input>\n        sidecars:\n"
+                          "          - sidecar: {identifier: agent, type: Http}\n",
+                          "sidecar artifacts are not supported"),
 }
 
 

@@ -88,6 +88,27 @@ def test_reference_examples_load() -> None:
         "stop_app", "deploy_artifact", "configure_app", "start_app"]
 
 
+@pytest.mark.parametrize(("file", "needle", "says"), [
+    ("cicd_pipeline.yaml", "type: CI", "vmfarm deploys and does not build"),
+    ("cicd_pipeline.yaml", "type: Custom", "Custom stages"),
+    ("cicd_pipeline.yaml", "type: HarnessApproval", "put it in an Approval stage"),
+    ("terraform_pipeline.yaml", "identifier: terraform_plan", "not supported"),
+])
+def test_reference_pipelines_vmfarm_cannot_run_are_refused_with_the_reason(
+        file: str, needle: str, says: str) -> None:
+    """The reference's CI/CD and Terraform pipelines, verbatim: refused where the unsupported
+    type is written, saying why (not 'unknown type')."""
+    path = DATA / "reference_refused" / file
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load([path])
+    errors = exc.value.errors if isinstance(exc.value, SpecErrors) else [exc.value]
+    hit = [e for e in errors if says in e.message]
+    assert hit, [e.message for e in errors]
+    line = line_of(path, needle)
+    assert hit[0].line == line + (1 if needle.startswith("identifier") else 0)
+    assert "unknown type" not in hit[0].message
+
+
 def test_identifier_is_derived_from_the_name_when_missing() -> None:
     bundle = load([REFERENCE])
     # infrastructure.yaml has metadata.name 'aws-ec2-infrastructure' and no identifier.
@@ -452,3 +473,79 @@ def test_a_step_entry_holds_a_step_or_a_step_group(tmp_path: Path) -> None:
     with pytest.raises((SpecError, SpecErrors)) as info:
         plan_of([folder], {"tag": "1.0"})
     assert "either 'step' or 'stepGroup'" in str(info.value)
+
+
+# --- which infrastructures a stage deploys to -----------------------------------------------------
+
+INFRA_LIST = "            infrastructureDefinitions:\n              - identifier: test_hosts\n"
+
+
+def _good_copy(tmp_path: Path, old: str, new: str, *, second_infra: bool = False) -> list[Path]:
+    """tests/data/good with ``old`` replaced by ``new`` in the pipeline (and a second
+    infrastructure of test_env)."""
+    for f in ("service.yaml", "environment.yaml", "infrastructure.yaml"):
+        (tmp_path / f).write_text((GOOD / f).read_text())
+    (tmp_path / "app").mkdir(exist_ok=True)
+    text = (GOOD / "pipeline.yaml").read_text()
+    assert text.count(old) == 1
+    (tmp_path / "pipeline.yaml").write_text(text.replace(old, new))
+    if second_infra:
+        (tmp_path / "infra2.yaml").write_text(
+            (GOOD / "infrastructure.yaml").read_text()
+            .replace("identifier: test_hosts", "identifier: more_hosts")
+            .replace("127.0.1.201", "127.0.1.203").replace("127.0.1.202", "127.0.1.204"))
+    return sorted(tmp_path.glob("*.yaml"))
+
+
+def _infras(plan: dict[str, Any]) -> list[str]:
+    return [i["identifier"] for i in plan["stages"][0]["infrastructures"]]
+
+
+def test_a_stage_without_infrastructure_definitions_uses_the_environments_only_one(
+        tmp_path: Path) -> None:
+    """As the reference's configuration-management pipeline writes it."""
+    assert _infras(plan_of(_good_copy(tmp_path, INFRA_LIST, ""), {"tag": "1"})) == ["test_hosts"]
+
+
+def test_deploy_to_all_deploys_to_every_infrastructure_of_the_environment(
+        tmp_path: Path) -> None:
+    files = _good_copy(tmp_path, INFRA_LIST, "            deployToAll: true\n",
+                       second_infra=True)
+    assert _infras(plan_of(files, {"tag": "1"})) == ["more_hosts", "test_hosts"]
+
+
+@pytest.mark.parametrize(("new", "says"), [
+    ("", "it has 2: more_hosts, test_hosts"),
+    ("            deployToAll: true\n" + INFRA_LIST, "leave infrastructureDefinitions out"),
+])
+def test_an_ambiguous_or_contradictory_choice_of_infrastructures_is_refused(
+        tmp_path: Path, new: str, says: str) -> None:
+    files = _good_copy(tmp_path, INFRA_LIST, new, second_infra=True)
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load(files, inputs={"tag": "1"})
+    err = refusal(exc)
+    assert says in err.message
+    assert err.file.endswith("pipeline.yaml")
+    assert err.field.startswith("spec.stages[0].stage.spec.environment")
+
+
+@pytest.mark.parametrize(("old", "new", "ok"), [
+    ("              - identifier: test_hosts\n",
+     "              - identifier: test_hosts\n                inputs: {region: r9}\n", False),
+    ("            environmentRef: test_env\n",
+     "            environmentRef: test_env\n            environmentInputs: {type: Production}\n",
+     False),
+    ("            environmentRef: test_env\n",
+     "            environmentRef: test_env\n            environmentInputs: <+input>\n", True),
+])
+def test_inputs_written_in_a_pipeline_are_refused_never_dropped(
+        tmp_path: Path, old: str, new: str, ok: bool) -> None:
+    files = _good_copy(tmp_path, old, new)
+    if ok:
+        load(files, inputs={"tag": "1"})
+        return
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load(files, inputs={"tag": "1"})
+    err = refusal(exc)
+    assert "not supported in a pipeline file" in err.message
+    assert err.line == line_of(tmp_path / "pipeline.yaml", new.strip().split("\n")[-1].strip())

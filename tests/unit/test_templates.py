@@ -592,3 +592,101 @@ def test_expanded_documents_keep_their_file_for_inputs_and_plans() -> None:
     # A value given by templateInputs points at templateInputs.
     assert doc.where(("spec", "stages", 0, "stage", "spec", "service", "serviceRef"))[:2] == (
         str(pipe), line_of(pipe, "serviceRef: hello_app"))
+
+
+# --- templates nobody uses are checked too ------------------------------------------------------
+
+REF_PIPELINE_TPL = TPL / "reference_pipeline" / "pipeline_template.yaml"
+
+
+def test_the_references_templates_load_alone_and_are_counted() -> None:
+    """The reference's pipeline, environment and service templates, verbatim and used by no
+    document, are valid and listed (a template file is not 'valid: 0 documents')."""
+    bundle = load([REF_PIPELINE_TPL, TPL / "reference" / "environment_template.yaml",
+                   TPL / "reference" / "service_template.yaml"])
+    assert sorted((i, k) for i, _, k in templates_of(bundle.templates)) == [
+        ("vm_deployment_template", "Pipeline"), ("vm_environment_template", "Environment"),
+        ("vm_service_template", "Service")]
+
+
+@pytest.mark.parametrize(("old", "new", "needle", "says"), [
+    ("              steps:", "              stepz:", "stepz:", "unknown field 'stepz'"),
+    ("                    type: Command\n                    name: Deploy Application",
+     "                    type: Commandx\n                    name: Deploy Application",
+     "type: Commandx", "unknown type 'Commandx'"),
+    ("                            shell: Bash\n                            source:\n"
+     "                              type: Inline\n                              spec:\n"
+     "                                script: sudo",
+     "                            shell: Bashh\n                            source:\n"
+     "                              type: Inline\n                              spec:\n"
+     "                                script: sudo", "shell: Bashh", "Bashh"),
+])
+def test_an_unused_template_with_a_mistake_is_refused_where_the_mistake_is(
+        tmp_path: Path, old: str, new: str, needle: str, says: str) -> None:
+    text = REF_PIPELINE_TPL.read_text()
+    assert text.count(old) == 1
+    bad = write(tmp_path / "tpl.yaml", text.replace(old, new))
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load([bad])
+    errors = errors_of(exc)
+    hit = [e for e in errors if says in e.message]
+    assert hit, [e.message for e in errors]
+    assert hit[0].file == str(bad)
+    assert hit[0].line == line_of(bad, needle)
+    assert hit[0].field is not None and hit[0].field.startswith("spec.spec.stages[0].stage.")
+
+
+def test_a_runtime_input_in_an_unused_template_is_left_to_its_user(tmp_path: Path) -> None:
+    """`type: <+input>` and `region: <+input>` cannot be checked before someone fills them."""
+    bundle = load([TPL / "reference" / "environment_template.yaml"])
+    assert [k for _, _, k in templates_of(bundle.templates)] == ["Environment"]
+
+
+def test_unused_stage_and_step_templates_are_checked(tmp_path: Path) -> None:
+    """Stage and Step templates alone load; a mistake in an unused Step template is found."""
+    bundle = load([TPL / "templates"])
+    assert {k for _, _, k in templates_of(bundle.templates)} >= {"Stage", "Step"}
+    root = tpl_copy(tmp_path)
+    step = next(p for p in sorted((root / "templates").rglob("*.yaml"))
+                if "type: Step" in p.read_text() and "commandUnits:" in p.read_text())
+    step.write_text(step.read_text().replace("commandUnits:", "commandUnitz:", 1))
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load([root / "templates"])
+    assert any("commandUnitz" in e.message and e.file == str(step) for e in errors_of(exc))
+
+
+def test_the_reference_pipeline_template_reads_service_variables_as_harness_spells_them(
+        tmp_path: Path) -> None:
+    """`<+service.variables.X>` is `<+serviceVariables.X>`: the reference's pipeline template,
+    used as written, puts the service's deployment_path and port into the plan."""
+    service = (GOOD / "service.yaml").read_text().replace(
+        '      variables:\n', '      variables:\n'
+        '        - {name: deployment_path, type: String, value: /srv/hello}\n'
+        '        - {name: port, type: String, value: "9191"}\n')
+    write(tmp_path / "service.yaml", service)
+    (tmp_path / "app").mkdir()
+    write(tmp_path / "pipeline.yaml", """\
+apiVersion: v1
+kind: Pipeline
+metadata: {name: from template, identifier: from_template}
+spec:
+  template:
+    templateRef: vm_deployment_template
+    templateInputs:
+      stages:
+        - stage:
+            identifier: deploy_stage
+            name: Deploy to test
+            spec:
+              service: {serviceRef: hello_app}
+              environment:
+                environmentRef: test_env
+                infrastructureDefinitions: [{identifier: test_hosts}]
+""")
+    bundle = load([tmp_path / "service.yaml", GOOD / "environment.yaml",
+                   GOOD / "infrastructure.yaml", REF_PIPELINE_TPL, tmp_path / "pipeline.yaml"],
+                  inputs={"tag": "1.0"})
+    text = str(plan(bundle))
+    assert "/srv/hello" in text
+    assert "localhost:9191/health" in text
+    assert "service.variables" not in text

@@ -96,7 +96,10 @@ from app.definitions.models.steps import (
     flat_steps,
 )
 from app.definitions.models.strategy import (
+    ANALYSIS_KEYS,
     SWITCH_STEP_TYPE,
+    CanaryAnalysisSpec,
+    CanaryMetric,
     FailureBudget,
     HttpCheckSpec,
     ProbeSpec,
@@ -119,6 +122,7 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ANALYSIS_KEYS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "SWITCH_STEP_TYPE",
@@ -133,6 +137,8 @@ __all__ = [
     "Approvers",
     "ArtifactSource",
     "Artifacts",
+    "CanaryAnalysisSpec",
+    "CanaryMetric",
     "CommandStep",
     "CommandStepSpec",
     "CommandUnit",

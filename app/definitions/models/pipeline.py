@@ -21,20 +21,42 @@ from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases,
 from app.definitions.notifications import NotificationRule
 
 
+def _inputs_at_run_time(where: str) -> Any:
+    """Harness writes the runtime inputs of a referenced entity in the pipeline
+    (``serviceInputs``, an infrastructure's ``inputs``). vmfarm takes them from --set and input
+    sets (where these keys are read); in a pipeline file only ``<+input>`` (or nothing) is
+    accepted, so that a value written here is never silently dropped."""
+
+    def check(v: Any) -> Any:
+        if v is None or v == {} or (isinstance(v, str) and v.strip() == "<+input>"):
+            return None
+        raise ValueError(f"{where} with values is not supported in a pipeline file: give them "
+                         "with --set or an input set (--inputs), or write them in the "
+                         "referenced file")
+    return check
+
+
 class ServiceRef(Model):
     service_ref: str
-    service_inputs: dict[str, Any] | None = None
+    service_inputs: Annotated[Any, AfterValidator(_inputs_at_run_time("serviceInputs"))] = None
 
 
 class InfraRef(Model):
     identifier: str
-    inputs: dict[str, Any] | None = None
+    inputs: Annotated[Any, AfterValidator(_inputs_at_run_time("inputs"))] = None
 
 
 class EnvironmentRef(Model):
+    """The stage's environment and the infrastructures it deploys to: those listed; with
+    ``deployToAll: true`` every infrastructure of the environment; with neither, the
+    environment's only infrastructure (several: an error naming them). Filled in by the
+    reference check (app.definitions.references)."""
+
     environment_ref: str
     deploy_to_all: bool = False
-    infrastructure_definitions: list[InfraRef] = Field(min_length=1)
+    environment_inputs: Annotated[Any, AfterValidator(
+        _inputs_at_run_time("environmentInputs"))] = None
+    infrastructure_definitions: list[InfraRef] = Field(default_factory=list)
 
 
 class DeploymentStageSpec(Model):
