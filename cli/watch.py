@@ -67,14 +67,31 @@ def _live(watch: bool | None, output: str) -> bool:
 
 
 def _regions_of(execution_id: str) -> list[str]:
+    """The region queues the embedded worker consumes: those of the hosts known now, and those
+    cloud discovery will give hosts (it runs once the worker is up: an AWS host's region is
+    the region searched)."""
     from sqlmodel import select
 
+    from app.coordinator.routing import discovery_region
     from app.db import session_scope
-    from app.models import StageRun
+    from app.definitions.plan import DeploymentStagePlan, Plan
+    from app.models import Execution, StageRun
 
     with session_scope() as s:
         runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)).all()
-        return sorted({h["region"] for r in runs for h in r.hosts}) or ["default"]
+        regions = {h["region"] for r in runs for h in r.hosts}
+        ex = s.get(Execution, execution_id)
+        plan = Plan.of(ex.plan) if ex is not None and ex.plan else None
+    for stage in plan.stages if plan is not None else []:
+        if not isinstance(stage, DeploymentStagePlan):
+            continue
+        for infra in stage.infrastructures:
+            if infra.provider == "static":
+                continue
+            regions.add(discovery_region(infra))
+            listed = ((infra.spec.get("hostFilter") or {}).get("spec") or {}).get("regions")
+            regions.update(str(r) for r in listed or [])
+    return sorted(regions) or ["default"]
 
 
 def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:

@@ -31,5 +31,5 @@ def plan(strategy: StrategyPlan, hosts: Sequence[str], *, live: Collection[str] 
         return plan_canary(hosts, strategy.phases or [], names=names,
                            verify_after=strategy.verify_after)
     if kind == "BlueGreen":
-        return plan_blue_green(hosts, live=live, slots=slots)
+        return plan_blue_green(hosts, live=live, slots=slots, switch_name=strategy.switch_name)
     return plan_basic(hosts)

@@ -11,6 +11,11 @@ Hosts belong to two sets: by their ``slot`` attribute (``blue``/``green``) when 
 infrastructure gives one, else the first and second half of the inventory. The set that does
 not receive traffic now is the standby set; the old live set keeps the old version, so a
 traffic rollback is one switch back.
+
+The reference's ``blueGreenDeployment`` (``productionSlots: 1``, ``stagingSlots: 1`` and an
+``AWS_AMI_SWITCH_ROUTES`` step) is this plan: production is the live set, staging the standby
+set, and the switch step's load balancers are the traffic (app.definitions.models.strategy
+.ReferenceBlueGreen).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ def slots_of(hosts: Sequence[str], slots: Mapping[str, str] | None = None) -> di
 
 
 def plan_blue_green(hosts: Sequence[str], *, live: Collection[str],
-                    slots: Mapping[str, str] | None = None) -> list[Phase]:
-    """Deploy to the standby set (verified), then switch traffic to it."""
+                    slots: Mapping[str, str] | None = None,
+                    switch_name: str | None = None) -> list[Phase]:
+    """Deploy to the standby set (verified), then switch traffic to it; ``switch_name`` names
+    the switch phase (the reference's switch step name)."""
     sets = slots_of(hosts, slots)
     if len(sets) != 2 or not all(sets.values()):
         got = ", ".join(f"{k}: {len(v)}" for k, v in sets.items())
@@ -47,4 +54,5 @@ def plan_blue_green(hosts: Sequence[str], *, live: Collection[str],
     standby = next(n for n in names if n != current) if current else names[-1]
     target = tuple(sets[standby])
     return [Phase(index=0, name=f"Deploy to {standby}", hosts=target, verify=True),
-            Phase(index=1, name=f"Switch traffic to {standby}", hosts=target, kind="switch")]
+            Phase(index=1, name=f"{switch_name or 'Switch traffic'} to {standby}", hosts=target,
+                  kind="switch")]

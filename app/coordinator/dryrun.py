@@ -41,6 +41,8 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
             with session_scope() as s:
                 live = live_set(s, stage)
             notes.append(f"traffic is live on: {', '.join(live) if live else 'no host yet'}")
+            if stage.strategy.traffic is not None:
+                notes.append(f"traffic switches in: {stage.strategy.traffic.describe()}")
         slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
         phases = [p.to_dict() for p in plan_phases(stage.strategy, [h.name for h in hosts],
                                                    live=live, slots=slots)] if hosts else []

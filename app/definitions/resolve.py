@@ -248,7 +248,10 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                                 "spec")))
     errs.raise_if_any()
     return {
-        "strategy": strategy_of(out_stage),
+        "strategy": strategy_of(out_stage, regions=[
+            r for i in infras if i["provider"] == "aws"
+            for r in ((i["spec"].get("hostFilter") or {}).get("spec", {}).get("regions")
+                      or [i["spec"].get("region")]) if r]),
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
@@ -300,10 +303,23 @@ def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
     return out
 
 
-def strategy_of(stage: m.StageSpec) -> dict[str, Any]:
-    """The stage's strategy as plain data, whichever form the file used."""
+def strategy_of(stage: m.StageSpec, *, regions: list[str] | None = None) -> dict[str, Any]:
+    """The stage's strategy as plain data, whichever form the file used; ``regions`` are the
+    AWS regions of the stage's infrastructures (the reference's blue-green switches there
+    when no target group ARN names a region)."""
     sp = stage.spec
     budget = m.FailureBudget()
+    if sp.blue_green_deployment is not None:
+        bg = sp.blue_green_deployment
+        step = bg.switch_step()
+        props = step.properties if step else {}
+        region = bg.region() or next(iter(sorted(set(regions or []))), None)
+        return {"type": "BlueGreen", "switchName": step.name if step else None,
+                "traffic": {"type": "AwsLoadBalancers", "region": region,
+                            "targetGroupArns": list(props.get("targetGroupArns") or []),
+                            "classicLoadBalancers": list(props.get("classicLoadBalancers")
+                                                         or [])},
+                "failureBudget": budget.model_dump(by_alias=True)}
     for kind, form in (("Rolling", sp.rollout_deployment), ("Canary", sp.canary_deployment)):
         if form is None:
             continue

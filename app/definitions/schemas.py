@@ -16,6 +16,7 @@ the loader turns them into ``file:line:col`` errors.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -348,7 +349,156 @@ def analysis_problems(analysis: Mapping[str, Any], base: Where) -> list[Problem]
     return out
 
 
+# --- the reference's blue-green ------------------------------------------------------------------
+
+# The switch step's properties vmfarm carries out (app.traffic.aws), and those of Harness's AMI
+# deployments it knows but does not: an Auto Scaling group is created and swapped there, while
+# vmfarm deploys to running instances and registers them.
+SWITCH_FIELDS = ("targetGroupArns", "classicLoadBalancers")
+_ASG = ("vmfarm deploys to running instances over SSH and switches traffic by registering them "
+        "in the load balancers; it does not create, swap or resize Auto Scaling groups (Harness's "
+        "AMI deployments)")
+SWITCH_REFUSED: dict[str, str] = {
+    "useAppAutoScaling": f"{_ASG}; remove useAppAutoScaling (or write false)",
+    "autoScalingGroupName": f"{_ASG}; remove autoScalingGroupName",
+    "downsizeOldAsg": f"{_ASG}; remove downsizeOldAsg (or write false)",
+}
+_TG_ARN = re.compile(r"arn:aws[a-z-]*:elasticloadbalancing:([a-z0-9-]+):\d{12}:"
+                     r"targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}")
+_CLB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?")
+
+
+def _names(value: Any, what: str, key: str, pattern: re.Pattern[str],
+           form: str) -> tuple[list[Problem], list[str]]:
+    """A list of names or ARNs (expressions allowed); problems, and the regex groups found."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return [Problem(f"{key} must be a list of {what}", (key,), key=False)], []
+    out: list[Problem] = []
+    groups: list[str] = []
+    for i, v in enumerate(value):
+        if "<+" in v:
+            continue
+        found = pattern.fullmatch(v.strip())
+        if found is None:
+            out.append(Problem(f"{v!r} is not {form}", (key, i), key=False))
+        elif found.groups():
+            groups.append(found.group(1))
+    return out, groups
+
+
+def blue_green_problems(block: Mapping[str, Any], *, infrastructures: Mapping[str, str],
+                        regions: Sequence[str] = (),
+                        without_ids: Mapping[str, Sequence[str]] | None = None) -> list[Problem]:
+    """The reference's ``blueGreenDeployment``: one production and one staging slot, one
+    AWS_AMI_SWITCH_ROUTES step whose properties vmfarm carries out. ``infrastructures`` maps
+    the stage's infrastructures to their providers, ``regions`` are the AWS regions their
+    files name, ``without_ids`` the static hosts with no EC2 instance id, per infrastructure
+    (paths below the block)."""
+    out: list[Problem] = []
+    for key in ("productionSlots", "stagingSlots"):
+        n = block.get(key, 1)
+        if isinstance(n, int) and not isinstance(n, bool) and n != 1:
+            out.append(Problem(
+                f"{key}: {n} is not supported: vmfarm's blue-green has one production set and "
+                "one staging set (hosts split by their slot attribute or tag, else in halves); "
+                f"write {key}: 1", (key,), key=False))
+    steps = block.get("steps")
+    steps = steps if isinstance(steps, list) else []
+    switches: list[int] = []
+    for k, step in enumerate(steps):
+        if not isinstance(step, Mapping):
+            continue
+        stype = step.get("stepType")
+        if stype != m.SWITCH_STEP_TYPE:
+            out.append(Problem(
+                f"stepType {stype} is not supported in blueGreenDeployment: its one step is the "
+                f"load balancer switch, {m.SWITCH_STEP_TYPE}; write deployment steps under "
+                "execution.steps", ("steps", k, "stepType"), key=False))
+            continue
+        if switches:
+            out.append(Problem(
+                f"a second {m.SWITCH_STEP_TYPE} step is not supported: one switch moves every "
+                "load balancer; list them all in the first one", ("steps", k), key=False))
+            continue
+        switches.append(k)
+        props = step.get("properties")
+        props = props if isinstance(props, Mapping) else {}
+        known = (*SWITCH_FIELDS, *SWITCH_REFUSED)
+        for key, value in props.items():
+            if key in SWITCH_REFUSED:
+                if value is False:  # asks for nothing vmfarm would have to do
+                    continue
+                out.append(Problem(f"'{key}' is not supported: {SWITCH_REFUSED[key]}",
+                                   ("steps", k, "properties", key)))
+            elif key not in known:
+                out.append(Problem(unknown(key, known, f"the {m.SWITCH_STEP_TYPE} step's "
+                                                       "properties"),
+                                   ("steps", k, "properties", key)))
+        where: Where = ("steps", k, "properties")
+        arn_regions: list[str] = []
+        if "targetGroupArns" in props:
+            found, arn_regions = _names(
+                props["targetGroupArns"], "ELBv2 target group ARNs", "targetGroupArns", _TG_ARN,
+                "an ELBv2 target group ARN (arn:aws:elasticloadbalancing:REGION:ACCOUNT:"
+                "targetgroup/NAME/ID)")
+            out += [Problem(p.message, (*where, *p.path), p.key) for p in found]
+            if len(set(arn_regions)) > 1:
+                several = ", ".join(sorted(set(arn_regions)))
+                out.append(Problem(
+                    f"the target groups are in several regions ({several}): one switch works "
+                    "in one region; deploy each region in its own stage",
+                    (*where, "targetGroupArns"), key=False))
+        clbs = props.get("classicLoadBalancers")
+        if clbs is not None:
+            found, _ = _names(clbs, "classic load balancer names", "classicLoadBalancers",
+                              _CLB_NAME, "a classic load balancer name (letters, digits and "
+                              "'-', at most 32)")
+            out += [Problem(p.message, (*where, *p.path), p.key) for p in found]
+        if not props.get("targetGroupArns") and not clbs:
+            out.append(Problem(
+                f"the {m.SWITCH_STEP_TYPE} step needs targetGroupArns or classicLoadBalancers: "
+                "they are where vmfarm switches traffic", (*where[:-1],), key=False))
+        missing = {i: list(h) for i, h in (without_ids or {}).items() if h}
+        if clbs and missing:
+            listed = "; ".join(f"{i}: {', '.join(h)}" for i, h in sorted(missing.items()))
+            out.append(Problem(
+                "classic load balancers register EC2 instance ids, and these static hosts have "
+                f"none ({listed}): give each host attributes.instanceId, or use an AWS "
+                "infrastructure (SshWinRmAws), whose discovered hosts carry their ids",
+                (*where, "classicLoadBalancers"), key=False))
+        other = sorted({p for p in infrastructures.values() if p not in ("aws", "static")})
+        if other:
+            names = ", ".join(sorted(i for i, p in infrastructures.items()
+                                     if p not in ("aws", "static")))
+            out.append(Problem(
+                "the load balancer switch registers EC2 instances and their addresses, but "
+                f"infrastructure {names} is not AWS ({', '.join(other)}): use an AWS "
+                "infrastructure (SshWinRmAws), or vmfarm's own strategy with traffic type "
+                "Local", ("steps", k, "stepType"), key=False))
+        elif not arn_regions and not any("<+" in str(a) for a in props.get(
+                "targetGroupArns") or []) and len(set(regions)) != 1:
+            out.append(Problem(
+                "the classic load balancers' region is not known: give the AWS "
+                "infrastructure one region (spec.region), or list a target group ARN, which "
+                "names it",
+                (*where, "classicLoadBalancers"), key=False))
+    if not switches and not any(isinstance(step, Mapping) for step in steps):
+        out.append(Problem(
+            f"blueGreenDeployment needs a {m.SWITCH_STEP_TYPE} step with targetGroupArns or "
+            "classicLoadBalancers: vmfarm's blue-green switches traffic to the staging set",
+            ("steps",) if "steps" in block else (), key=False))
+    return out
+
+
 # --- the whole load ------------------------------------------------------------------------------
+
+
+def _aws_regions(inner: m.InfraInner) -> list[str]:
+    """The regions an infrastructure names (hostFilter.spec.regions, else spec.region)."""
+    listed = inner.host_filter.spec.get("regions") if inner.host_filter else None
+    if isinstance(listed, list) and listed:
+        return [str(r) for r in listed]
+    return [inner.region] if inner.region else []
 
 
 def _at(data: Any, path: Where) -> Any:
@@ -395,6 +545,22 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
             providers = {ref.identifier: provider_of(bundle.infrastructures[ref.identifier].model)
                          for ref in st.spec.environment.infrastructure_definitions
                          if ref.identifier in bundle.infrastructures}
+            bg_base: Where = ("spec", "stages", si, "stage", "spec", "blueGreenDeployment")
+            block = _at(pipe.raw, bg_base)
+            if isinstance(block, Mapping):
+                infras = [bundle.infrastructures[ref.identifier].model.spec.spec
+                          for ref in st.spec.environment.infrastructure_definitions
+                          if providers.get(ref.identifier) == "aws"]
+                regions = [r for inner in infras for r in _aws_regions(inner)]
+                without_ids = {
+                    ref.identifier: [h.hostname for h in bundle.infrastructures[
+                        ref.identifier].model.spec.spec.hosts
+                        if not (h.attributes.get("instanceId")
+                                or h.host_attributes.get("instanceId"))]
+                    for ref in st.spec.environment.infrastructure_definitions
+                    if providers.get(ref.identifier) == "static"}
+                report(pipe, bg_base, blue_green_problems(
+                    block, infrastructures=providers, regions=regions, without_ids=without_ids))
             for form in ("rolloutDeployment", "canaryDeployment"):
                 base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
                 phases = _at(pipe.raw, base)

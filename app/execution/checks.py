@@ -129,7 +129,7 @@ def health_step(step: HealthCheckStepPlan, host: Host,
 def do_switch(execution_id: str, stage_index: int, phase: int,
               kind: str = "switch") -> tuple[bool, dict[str, Any]]:
     """Make the phase's hosts the live set of the stage's traffic switch."""
-    from app.traffic import traffic_switch_from_spec
+    from app.traffic import HostIds, traffic_switch_from_spec
 
     stage, hosts = _stage_data(execution_id, stage_index)
     spec = stage.strategy.traffic
@@ -140,13 +140,22 @@ def do_switch(execution_id: str, stage_index: int, phase: int,
             PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
             PhaseRun.phase == phase, PhaseRun.kind == kind)).one()
         names = list(pr.hosts)
-    # An AWS target group registers the hosts' private IPs; HAProxy reaches their address.
-    field = "private_ip" if traffic.get("type") == "AwsElbV2" else "address"
-    backends = [f"{hosts[n].get(field) or hosts[n]['address']}:{traffic.get('port', 8080)}"
-                for n in names]
+    ids: dict[str, HostIds] = {}
+    if traffic.get("type") == "AwsLoadBalancers":
+        # Each load balancer knows a host by its own id (instance id, private IP): the switch
+        # takes host names and looks them up here.
+        backends = list(names)
+        ids = {n: HostIds(name=n, instance_id=(h.get("attributes") or {}).get("instanceId"),
+                          private_ip=h.get("private_ip"))
+               for n, h in hosts.items()}
+    else:
+        # An AWS target group registers the hosts' private IPs; HAProxy reaches their address.
+        field = "private_ip" if traffic.get("type") == "AwsElbV2" else "address"
+        backends = [f"{hosts[n].get(field) or hosts[n]['address']}:{traffic.get('port', 8080)}"
+                    for n in names]
     state_dir = get_settings().home_dir / "traffic"
     try:
-        switch = traffic_switch_from_spec(spec.switch_spec(), state_dir=state_dir)
+        switch = traffic_switch_from_spec(spec.switch_spec(), state_dir=state_dir, hosts=ids)
         try:
             before = switch.live()
             result = switch.switch(backends)

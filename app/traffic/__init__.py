@@ -7,6 +7,6 @@ HAProxy nor boto3.
 
 from __future__ import annotations
 
-from app.traffic.base import SwitchResult, TrafficSwitch, traffic_switch_from_spec
+from app.traffic.base import HostIds, SwitchResult, TrafficSwitch, traffic_switch_from_spec
 
-__all__ = ["SwitchResult", "TrafficSwitch", "traffic_switch_from_spec"]
+__all__ = ["HostIds", "SwitchResult", "TrafficSwitch", "traffic_switch_from_spec"]

@@ -9,7 +9,9 @@ Implementations:
 
 - ``HAProxySwitch`` (``type: Local``): an HAProxy on the control machine, for the lab and
   on-prem hosts;
-- ``ElbV2Switch`` (``type: AwsElbV2``): an AWS ALB/NLB target group.
+- ``ElbV2Switch`` (``type: AwsElbV2``): an AWS ALB/NLB target group;
+- ``AwsLoadBalancersSwitch`` (``type: AwsLoadBalancers``, the reference's
+  ``AWS_AMI_SWITCH_ROUTES``): ELBv2 target groups and classic load balancers together.
 
 Switch specs are YAML-ish dicts, for example::
 
@@ -26,6 +28,12 @@ Switch specs are YAML-ish dicts, for example::
       targetGroupArn: arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123
       endpointUrl: http://127.0.0.1:5000   # optional (moto in tests)
       timeout: 600                         # optional: seconds green may take to be healthy
+
+    traffic:
+      type: AwsLoadBalancers
+      region: us-east-1
+      targetGroupArns: [arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/0123]
+      classicLoadBalancers: [web-clb]
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ class SwitchResult:
     previous: list[str] = field(default_factory=list)
     live: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    # Several load balancers switched together (AwsLoadBalancers): each one's live ids.
+    balancers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -67,14 +77,25 @@ class SwitchResult:
 
     @classmethod
     def finish(cls, *, label: str, added: list[str], removed: list[str], previous: list[str],
-               live: list[str], started: float) -> SwitchResult:
+               live: list[str], started: float,
+               balancers: dict[str, list[str]] | None = None) -> SwitchResult:
         """The result of a switch that began at ``started`` (monotonic); logged when it moved
         traffic."""
         result = cls(added=added, removed=removed, previous=previous, live=live,
-                     duration_s=round(time.monotonic() - started, 3))
+                     duration_s=round(time.monotonic() - started, 3),
+                     balancers=dict(balancers or {}))
         if result.changed:
             log.info("%s: +%s -%s in %.2f s", label, added, removed, result.duration_s)
         return result
+
+
+@dataclass(frozen=True)
+class HostIds:
+    """What a load balancer may know a host by: its EC2 instance id, its private IP."""
+
+    name: str
+    instance_id: str | None = None
+    private_ip: str | None = None
 
 
 class TrafficSwitch(ABC):
@@ -158,11 +179,46 @@ def unique(items: list[str]) -> list[str]:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOCAL_KEYS = {"type", "name", "listen", "healthCheckPath", "mode"}
 _ELB_KEYS = {"type", "region", "targetGroupArn", "endpointUrl", "timeout"}
+_AWS_LB_KEYS = {"type", "region", "targetGroupArns", "classicLoadBalancers", "endpointUrl",
+                "timeout"}
 
 
-def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path) -> TrafficSwitch:
-    """Build the switch a spec describes; ``state_dir`` holds local state (HAProxy's files)."""
+def _timeout(spec: dict[str, Any]) -> float:
+    timeout = spec.get("timeout", 600)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise SpecError(
+            f"traffic timeout {timeout!r} must be a positive number of seconds",
+            field="traffic.timeout",
+        )
+    return float(timeout)
+
+
+def _str_list(spec: dict[str, Any], key: str) -> list[str]:
+    value = spec.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise SpecError(f"traffic {key} must be a list of names", field=f"traffic.{key}")
+    return [v.strip() for v in value]
+
+
+def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path,
+                             hosts: dict[str, HostIds] | None = None) -> TrafficSwitch:
+    """Build the switch a spec describes; ``state_dir`` holds local state (HAProxy's files);
+    ``hosts`` tells an AwsLoadBalancers switch each host's instance id and private IP."""
     kind = spec.get("type")
+    if kind == "AwsLoadBalancers":
+        _check_keys(spec, _AWS_LB_KEYS, required={"region"})
+        arns = _str_list(spec, "targetGroupArns")
+        classic = _str_list(spec, "classicLoadBalancers")
+        if not arns and not classic:
+            raise SpecError("traffic type AwsLoadBalancers needs targetGroupArns or "
+                            "classicLoadBalancers", field="traffic.targetGroupArns")
+        from app.traffic.aws import AwsLoadBalancersSwitch
+
+        endpoint = spec.get("endpointUrl")
+        return AwsLoadBalancersSwitch(
+            region=_str(spec, "region"), target_group_arns=arns, classic_load_balancers=classic,
+            endpoint_url=_str(spec, "endpointUrl") if endpoint is not None else None,
+            timeout=_timeout(spec), hosts=hosts or {})
     if kind == "Local":
         _check_keys(spec, _LOCAL_KEYS, required={"listen"})
         name = spec.get("name", "default")
@@ -196,12 +252,7 @@ def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path) -> Traffi
         )
     if kind == "AwsElbV2":
         _check_keys(spec, _ELB_KEYS, required={"region", "targetGroupArn"})
-        timeout = spec.get("timeout", 600)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise SpecError(
-                f"traffic timeout {timeout!r} must be a positive number of seconds",
-                field="traffic.timeout",
-            )
+        timeout = _timeout(spec)
         from app.traffic.elbv2 import ElbV2Switch
 
         endpoint = spec.get("endpointUrl")
@@ -209,11 +260,12 @@ def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path) -> Traffi
             region=_str(spec, "region"),
             target_group_arn=_str(spec, "targetGroupArn"),
             endpoint_url=_str(spec, "endpointUrl") if endpoint is not None else None,
-            timeout=float(timeout),
+            timeout=timeout,
         )
     raise SpecError(
-        f"traffic type {kind!r} is not known; use Local (HAProxy on the control machine) "
-        "or AwsElbV2 (an AWS target group)",
+        f"traffic type {kind!r} is not known; use Local (HAProxy on the control machine), "
+        "AwsElbV2 (an AWS target group) or AwsLoadBalancers (target groups and classic load "
+        "balancers)",
         field="traffic.type",
     )
 

@@ -169,21 +169,21 @@ class ElbV2Switch(TrafficSwitch):
                 "would fail",
                 switch=self.label,
             )
-        previous = [h.backend for h in self._health() if h.registered]
+        previous = self.registered()
         added = [b for b in target if b not in previous]
         removed = [b for b in previous if b not in target]
         if added:
-            self._call("register_targets", Targets=self._targets(added))
+            self.register(added)
             try:
-                self._wait_ready(added)
+                self.wait_ready(added)
             except TrafficError:
                 # Best effort: green must not keep receiving traffic after a failed switch.
                 with contextlib.suppress(TrafficError):
-                    self._call("deregister_targets", Targets=self._targets(added))
+                    self.deregister(added)
                 raise
         if removed:
-            self._call("deregister_targets", Targets=self._targets(removed))
-            self._wait_leaving(removed)
+            self.deregister(removed)
+            self.wait_leaving(removed)
         return SwitchResult.finish(label=f"target group {self.arn}", added=added,
                                    removed=removed, previous=previous, live=self.live(),
                                    started=started)
@@ -194,7 +194,36 @@ class ElbV2Switch(TrafficSwitch):
         if callable(close):
             close()
 
-    # -- steps --------------------------------------------------------------------------------
+    # -- steps (app.traffic.aws switches several load balancers with them) ---------------------
+
+    @property
+    def target_type(self) -> str:
+        """``ip`` or ``instance``: what a target's id is."""
+        return str(self._group().get("TargetType", "instance"))
+
+    def canonical(self, backend: str) -> str:
+        """``id:port`` as ``live()`` returns it (the group's port when none is given)."""
+        return self._canonical(backend)
+
+    def registered(self) -> list[str]:
+        """Targets in the group and not leaving it."""
+        return [h.backend for h in self._health() if h.registered]
+
+    def register(self, backends: list[str]) -> None:
+        """Add targets to the group (they take traffic once healthy)."""
+        self._call("register_targets", Targets=self._targets(backends))
+
+    def deregister(self, backends: list[str]) -> None:
+        """Take targets out of the group (they drain)."""
+        self._call("deregister_targets", Targets=self._targets(backends))
+
+    def wait_ready(self, backends: list[str]) -> None:
+        """Wait until every target is healthy; TrafficError when one fails or time is up."""
+        self._wait_ready(backends)
+
+    def wait_leaving(self, backends: list[str]) -> None:
+        """Wait until deregistered targets get no new requests (not until drained)."""
+        self._wait_leaving(backends)
 
     def _wait_ready(self, backends: list[str]) -> None:
         deadline = time.monotonic() + self.timeout

@@ -18,7 +18,7 @@ from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
 from app.definitions.models.steps import Execution, FailureStrategy, _StepBase
-from app.definitions.models.strategy import ReferencePhases, StrategySpec
+from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -68,12 +68,15 @@ class DeploymentStageSpec(Model):
     strategy: StrategySpec | None = None
     rollout_deployment: ReferencePhases | None = None
     canary_deployment: ReferencePhases | None = None
+    blue_green_deployment: ReferenceBlueGreen | None = None
 
     @model_validator(mode="after")
     def _one_strategy(self) -> DeploymentStageSpec:
         given = [n for n, v in (("strategy", self.strategy),
                                 ("rolloutDeployment", self.rollout_deployment),
-                                ("canaryDeployment", self.canary_deployment)) if v is not None]
+                                ("canaryDeployment", self.canary_deployment),
+                                ("blueGreenDeployment", self.blue_green_deployment))
+                 if v is not None]
         if len(given) > 1:
             raise ValueError(f"give one of {', '.join(given)}, not several")
         return self

@@ -194,32 +194,73 @@ class VerificationSpec(Model):
 class TrafficSpec(Model):
     """Where blue-green switches traffic (see app/traffic)."""
 
-    type: Literal["Local", "AwsElbV2"]
-    port: int = Field(default=8080, ge=1, le=65535)  # the app's port on every host
-    # Local (HAProxy on the control machine)
-    name: str = "vmfarm"
+    type: Literal["Local", "AwsElbV2", "AwsLoadBalancers"]
+    # Defaults are applied where a field is read (None: not written), so that a field the type
+    # does not read can be refused: the app's port on every host (8080).
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # Local (HAProxy on the control machine): name "vmfarm", mode http
+    name: str | None = None
     listen: str | None = None
-    mode: Literal["http", "tcp"] = "http"
+    mode: Literal["http", "tcp"] | None = None
     health_check_path: str | None = None
-    # AwsElbV2 (a target group of type ip)
+    # AwsElbV2 (a target group of type ip); timeout 600 s
     region: str | None = None
     target_group_arn: str | None = None
     endpoint_url: str | None = None
-    timeout: float = Field(default=600, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    # AwsLoadBalancers (the reference's AWS_AMI_SWITCH_ROUTES): any number of ELBv2 target
+    # groups and classic load balancers, switched together.
+    target_group_arns: list[str] = Field(default_factory=list)
+    classic_load_balancers: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _complete(self) -> TrafficSpec:
-        need = ["listen"] if self.type == "Local" else ["region", "target_group_arn"]
+        # A field another type reads would be ignored here: say so instead.
+        takes = {"Local": {"port", "name", "listen", "mode", "health_check_path"},
+                 "AwsElbV2": {"port", "region", "target_group_arn", "endpoint_url", "timeout"},
+                 "AwsLoadBalancers": {"region", "target_group_arns", "classic_load_balancers",
+                                      "endpoint_url", "timeout"}}[self.type]
+        # Plans stored before these defaults became None hold them for every type.
+        stored = {"port": 8080, "name": "vmfarm", "mode": "http", "timeout": 600}
+        extra = sorted(to_camel(n) for n in self.model_fields_set - takes - {"type"}
+                       if getattr(self, n) not in (None, []) and not (
+                           self.type != "AwsLoadBalancers" and stored.get(n) == getattr(self, n)))
+        if extra:
+            why = (" (the target groups' ports apply)" if self.type == "AwsLoadBalancers"
+                   and "port" in extra else "")
+            raise ValueError(f"traffic type {self.type} does not take {', '.join(extra)}{why}; "
+                             f"it takes {', '.join(sorted(to_camel(n) for n in takes))}")
+        need = {"Local": ["listen"], "AwsElbV2": ["region", "target_group_arn"],
+                "AwsLoadBalancers": ["region"]}[self.type]
         missing = [to_camel(n) for n in need if not getattr(self, n)]
         if missing:
             raise ValueError(f"traffic type {self.type} needs {', '.join(missing)}")
+        if self.type == "AwsLoadBalancers" and not (self.target_group_arns
+                                                     or self.classic_load_balancers):
+            raise ValueError("traffic type AwsLoadBalancers needs targetGroupArns or "
+                             "classicLoadBalancers (where the live hosts are registered)")
         return self
+
+    def describe(self) -> str:
+        """Where traffic switches, in words (``plan`` prints it)."""
+        if self.type == "Local":
+            return f"HAProxy {self.name or 'vmfarm'} on {self.listen}"
+        if self.type == "AwsElbV2":
+            return f"target group {self.target_group_arn} ({self.region})"
+        parts = [f"target group {a}" for a in self.target_group_arns]
+        parts += [f"classic load balancer {n}" for n in self.classic_load_balancers]
+        return f"{', '.join(parts)} ({self.region})"
 
     def switch_spec(self) -> dict[str, Any]:
         """The keys the traffic switch itself takes (app.traffic.traffic_switch_from_spec)."""
-        keys = (["type", "name", "listen", "mode", "healthCheckPath"] if self.type == "Local"
-                else ["type", "region", "targetGroupArn", "endpointUrl", "timeout"])
+        keys = {"Local": ["type", "name", "listen", "mode", "healthCheckPath"],
+                "AwsElbV2": ["type", "region", "targetGroupArn", "endpointUrl", "timeout"],
+                "AwsLoadBalancers": ["type", "region", "targetGroupArns",
+                                     "classicLoadBalancers", "endpointUrl", "timeout"],
+                }[self.type]
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.type == "Local":
+            data.setdefault("name", "vmfarm")
         return {k: data[k] for k in keys if k in data}
 
 
@@ -239,6 +280,8 @@ class StrategySpec(Model):
 
     type: Literal["Basic", "Rolling", "Canary", "BlueGreen"] = "Basic"
     phases: Sizes | None = None
+    # BlueGreen: the switch phase's name (the reference's switch step name).
+    switch_name: str | None = None
     max_concurrency: int | None = Field(default=None, ge=1)
     verification: VerificationSpec | None = None
     failure_budget: FailureBudget = Field(default_factory=FailureBudget)
@@ -246,6 +289,9 @@ class StrategySpec(Model):
 
     @model_validator(mode="after")
     def _fits(self) -> StrategySpec:
+        if self.switch_name is not None and self.type != "BlueGreen":
+            raise ValueError(f"switchName names a BlueGreen switch; a {self.type} strategy "
+                             "has none")
         if self.type in ("Rolling", "Canary") and not self.phases:
             raise ValueError(f"a {self.type} strategy needs 'phases'")
         if self.type == "BlueGreen" and self.traffic is None:
@@ -329,3 +375,62 @@ class ReferencePhase(Model):
 
 class ReferencePhases(Model):
     phases: list[ReferencePhase] = Field(min_length=1)
+
+
+SWITCH_STEP_TYPE = "AWS_AMI_SWITCH_ROUTES"
+
+
+class ReferenceSwitchStep(Model):
+    """A step of the reference's ``blueGreenDeployment``: the load balancer switch.
+
+    Its ``properties`` are checked key by key by the loader (app.definitions.schemas
+    .blue_green_problems): targetGroupArns and classicLoadBalancers are carried out, the
+    Auto Scaling group settings of Harness's AMI deployments are refused by name.
+    """
+
+    step_type: str
+    name: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReferenceBlueGreen(Model):
+    """The reference's ``blueGreenDeployment``: vmfarm's BlueGreen strategy with the switch
+    step's load balancers as its traffic (``type: AwsLoadBalancers``).
+
+    ```yaml
+    blueGreenDeployment:
+      productionSlots: 1          # the set that has traffic (blue)
+      stagingSlots: 1             # the set deployed to, then switched to (green)
+      steps:
+        - stepType: AWS_AMI_SWITCH_ROUTES
+          name: Switch Load Balancer
+          properties:
+            classicLoadBalancers: [web-app-clb]
+            targetGroupArns:
+              - arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web-app-tg/0123
+    ```
+
+    One production and one staging slot are what vmfarm's blue-green is: the hosts split in
+    two sets (their ``slot`` attribute or tag, else halves of the inventory). Other counts are
+    refused by the loader, as is any step but the one switch.
+    """
+
+    production_slots: int = 1
+    staging_slots: int = 1
+    steps: list[ReferenceSwitchStep] = Field(default_factory=list)
+
+    def switch_step(self) -> ReferenceSwitchStep | None:
+        """The switch step (the loader refuses any other, and a second one)."""
+        return next((s for s in self.steps if s.step_type == SWITCH_STEP_TYPE), None)
+
+    def region(self) -> str | None:
+        """The AWS region the target groups' ARNs name (the loader checks they agree)."""
+        step = self.switch_step()
+        arns = (step.properties.get("targetGroupArns") if step else None) or []
+        return next((region_of_arn(str(a)) for a in arns if region_of_arn(str(a))), None)
+
+
+def region_of_arn(arn: str) -> str | None:
+    """``arn:aws:elasticloadbalancing:us-east-1:...`` -> ``us-east-1``; None if not an ARN."""
+    parts = arn.split(":")
+    return parts[3] if len(parts) >= 6 and parts[0] == "arn" and parts[3] else None
