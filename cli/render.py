@@ -237,6 +237,9 @@ def print_plan(result: dict[str, Any]) -> None:
 
     out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
     for st in result["stages"]:
+        if st.get("skipped_by_when"):
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    f": SKIPPED by its when: {st['skipped_by_when']}"))
         if st.get("type") == "Approval":
             out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
                                     f": approval, {st['summary']}"))
@@ -265,6 +268,8 @@ def print_plan(result: dict[str, Any]) -> None:
             out.print(Text(f"  - {step['identifier']} ({step['type']}"
                            + (", on the delegate" if step.get("onDelegate") else "") + ")",
                            style="bold"))
+            if step.get("when"):
+                out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():
                 out.print(f"      env {k}={v}")
             if step.get("check"):

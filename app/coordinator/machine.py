@@ -75,8 +75,13 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             return "succeeded"
         stage_plan = stages[ex.current_stage]
         run = stage_run(s, ex, ex.current_stage)
-        if run.status == Status.SKIPPED:  # a retry leaves out stages that need nothing
-            ex.current_stage += 1
+        if run.status == Status.PENDING and stage_plan.when is not None:
+            why = stage_skip(stage_plan)
+            if why:
+                run.status, run.error, run.finished_at = Status.SKIPPED, why, utcnow()
+                s.add(run)
+        if run.status == Status.SKIPPED:  # by its when; or a retry leaves out stages that
+            ex.current_stage += 1          # need nothing
             s.add(ex)
             continue
         if isinstance(stage_plan, ApprovalStagePlan):
@@ -135,6 +140,26 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         s.add(run)
         ex.current_stage += 1
         s.add(ex)
+
+
+def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan) -> str:
+    """Why the stage's ``when`` leaves it out ('' when it runs). Its condition was bound when
+    the plan was resolved (only literals are left); the pipeline so far has succeeded, or this
+    stage would not be next (a failed stage ends the pipeline)."""
+    from app.definitions.conditions import ConditionError, evaluate, parse
+
+    condition = stage.when.condition if stage.when is not None else None
+    if not condition:
+        return ""
+
+    def lookup(name: str) -> str:
+        raise ConditionError(f"<+{name}> has no value when the stage starts")
+
+    try:
+        runs = evaluate(parse(condition), lookup)
+    except ConditionError as exc:
+        return f"{Status.WHEN}its condition could not be judged: {exc}"
+    return "" if runs else f"{Status.WHEN}condition {condition} is false"
 
 
 def _start_stage(s: Session, ex: Execution, run: StageRun,

@@ -16,7 +16,7 @@ from app.definitions.base import (
 )
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
-from app.definitions.models.steps import Execution, FailureStrategy, _StepBase
+from app.definitions.models.steps import Condition, Execution, FailureStrategy, _StepBase
 from app.definitions.models.strategy import ReferencePhases, StrategySpec
 from app.definitions.notifications import NotificationRule
 
@@ -78,6 +78,45 @@ class DeploymentStageSpec(Model):
         return self
 
 
+def _no_stage_after_failure(v: str | None) -> str | None:
+    if v in ("Failure", "All"):
+        raise ValueError(
+            f"{v} is not supported: vmfarm ends a pipeline at its first failed stage (after its "
+            "failure strategy), so no stage runs after one; collect diagnostics in the failed "
+            "stage with a step's when: {stageStatus: Failure}, or write Success")
+    return v
+
+
+class StageWhen(Model):
+    """Harness's ``when`` of a stage: run it only if ``condition`` is true (and the pipeline
+    so far succeeded: ``pipelineStatus: Success``, the default; ``stageStatus`` is read the
+    same way). A stage skipped by its ``when`` is SKIPPED, with the reason, and the pipeline
+    goes on.
+
+    ```yaml
+    - stage:
+        name: Smoke tests
+        identifier: smoke
+        when:
+          pipelineStatus: Success
+          condition: <+env.type> == "Production"
+    ```
+    """
+
+    pipeline_status: Annotated[Literal["Success", "Failure", "All"] | None,
+                               AfterValidator(_no_stage_after_failure)] = None
+    stage_status: Annotated[Literal["Success", "Failure", "All"] | None,
+                            AfterValidator(_no_stage_after_failure)] = None
+    condition: Condition | None = None
+
+    @model_validator(mode="after")
+    def _one_status(self) -> StageWhen:
+        if self.pipeline_status is not None and self.stage_status is not None:
+            raise ValueError("give pipelineStatus or stageStatus, not both (a stage's status "
+                             "is the pipeline's so far)")
+        return self
+
+
 class StageSpec(Model):
     name: str
     identifier: Identifier
@@ -90,6 +129,7 @@ class StageSpec(Model):
     # to use instead ([] = any worker of the region); without it the run is refused.
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
+    when: StageWhen | None = None
 
 
 class Approvers(Model):
@@ -146,6 +186,7 @@ class ApprovalStageSpec(Model):
     type: Literal["Approval"]
     description: str | None = None
     spec: ApprovalStageBody
+    when: StageWhen | None = None
 
 
 AnyStage = Annotated[StageSpec | ApprovalStageSpec, Field(discriminator="type")]
