@@ -13,6 +13,8 @@ here unless a package owns them (the module is named)::
     │                               (app.definitions.conditions)
     ├── ConfigError                 settings or environment are wrong (a missing tool, a bad URL)
     ├── PolicyViolation             a plan breaks a policy rule; nothing ran (app.policy); exit 2
+    ├── FreezeActiveError           a run falls in an active freeze window; nothing ran
+    │                               (app.definitions.freeze); exit 2
     ├── PermissionRefused           the caller lacks a permission (app.rbac); exit 3
     ├── ApprovalRefused             the caller may not vote on this approval; exit 3
     ├── LabError                    the local lab cannot start (not root, sshd missing, ...)
