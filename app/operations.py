@@ -105,9 +105,8 @@ def check_freeze(actor: Actor, action: str, plan: Plan, *, freeze_files: Iterabl
     FreezeActiveError naming the window and its end (audited ``frozen``), or PermissionRefused
     naming freeze:override (audited ``refused``)."""
     from app.definitions import freeze
-    from app.settings import get_settings
 
-    freezes = freeze.load(freeze_files, directory=get_settings().freeze_dir)
+    freezes = freeze.load(freeze_files, directory=freeze.freeze_dir())
     holding = freeze.active(freezes, plan, now or datetime.now(UTC)) if freezes else []
     if not holding:
         return []

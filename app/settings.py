@@ -46,9 +46,6 @@ class Settings(BaseSettings):
     # they are three to four Redis messages per task for nobody. `vmfarm flower` (Flower's
     # --enable_events, on by default) switches them on in the running workers while it watches.
     task_events: bool = False
-    # The operator's deployment freezes (app.definitions.freeze): every *.yaml in this folder
-    # applies to every run, whoever submits it (a run's own --freeze files only add to them).
-    freeze_dir: Path | None = None
     # Prometheus for verification gates (a `prometheus` check without its own url).
     prometheus_url: str | None = None
     # Celery message signing (app/signing.py): this process's private key and certificate, and

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import calendar
 import math
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -374,6 +375,12 @@ def active(freezes: Iterable[Freeze], plan: Any, now: datetime) -> list[ActiveFr
                 out.append(ActiveFreeze(f, ends, w.time_zone, tuple(stages)))
                 break
     return out
+
+
+def freeze_dir() -> Path | None:
+    """The operator's freeze folder, ``VMFARM_FREEZE_DIR`` (None when unset)."""
+    explicit = os.environ.get("VMFARM_FREEZE_DIR", "").strip()
+    return Path(explicit) if explicit else None
 
 
 def load(files: Iterable[str | Path] = (), *, directory: Path | None = None) -> list[Freeze]:
