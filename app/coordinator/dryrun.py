@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from app.coordinator.failure import failure_policy
-from app.coordinator.ledger import live_set
+from app.coordinator.ledger import after_failure_status, live_set
 from app.coordinator.submit import prepare
 from app.db import session_scope
 from app.definitions.plan import ApprovalStagePlan, StepPlan
@@ -28,7 +28,11 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
     for stage, hosts in zip(plan.stages, stage_hosts, strict=True):
         from app.coordinator.machine import stage_skip
 
-        skipped = stage_skip(stage).removeprefix(Status.WHEN) or None
+        skipped = stage_skip(stage, failed=False).removeprefix(Status.WHEN) or None
+        after = after_failure_status(stage)
+        if after != "Success":  # what the plan of a run that goes well cannot show
+            skipped = (f"{skipped}; it runs only if an earlier stage fails" if skipped
+                       else None) if after == "Failure" else skipped
         if isinstance(stage, ApprovalStagePlan):
             approvers = stage.approval.spec.approvers
             stages.append({"identifier": stage.identifier, "type": "Approval",
@@ -41,6 +45,11 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         for h in hosts:
             by_region.setdefault(h.region, []).append(h.name)
         notes = []
+        later = [st.identifier for st in plan.stages[stage.index + 1:]
+                 if after_failure_status(st) != "Success"]
+        if later:
+            notes.append(f"if this stage fails, the pipeline goes on to {', '.join(later)} "
+                         "(their when runs them after a failure), then ends FAILED")
         live: list[str] = []
         if stage.strategy.type == "BlueGreen":
             with session_scope() as s:

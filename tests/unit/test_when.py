@@ -102,8 +102,8 @@ def test_a_wrong_step_when_is_refused_at_load_with_its_place(
 
 
 @pytest.mark.parametrize(("when", "message"), [
-    ("pipelineStatus: Failure", "Failure is not supported: vmfarm ends a pipeline"),
-    ("pipelineStatus: All", "All is not supported"),
+    ("pipelineStatus: Sometimes", "Sometimes"),
+    ("pipelineStatus: All\n          stageStatus: All", "not both"),
     ("condition: <+instance.name> == \"a\"", "known only on a host"),
 ])
 def test_a_stage_when_vmfarm_cannot_carry_out_is_refused(tmp_path: Path, when: str,

@@ -78,20 +78,14 @@ class DeploymentStageSpec(Model):
         return self
 
 
-def _no_stage_after_failure(v: str | None) -> str | None:
-    if v in ("Failure", "All"):
-        raise ValueError(
-            f"{v} is not supported: vmfarm ends a pipeline at its first failed stage (after its "
-            "failure strategy), so no stage runs after one; collect diagnostics in the failed "
-            "stage with a step's when: {stageStatus: Failure}, or write Success")
-    return v
-
-
 class StageWhen(Model):
-    """Harness's ``when`` of a stage: run it only if ``condition`` is true (and the pipeline
-    so far succeeded: ``pipelineStatus: Success``, the default; ``stageStatus`` is read the
-    same way). A stage skipped by its ``when`` is SKIPPED, with the reason, and the pipeline
-    goes on.
+    """Harness's ``when`` of a stage: run it only if the pipeline so far succeeded
+    (``pipelineStatus: Success``, the default), failed (``Failure``) or either way (``All``),
+    and ``condition`` is true; ``stageStatus`` is read the same way. A stage skipped by its
+    ``when`` is SKIPPED, with the reason. When a stage fails for good (its failure strategy:
+    MarkAsFailure, or StageRollback once rolled back) and a later stage runs after a failure,
+    the pipeline goes on to it, and ends FAILED after its last stage; otherwise a failed stage
+    ends the pipeline (Abort, PipelineRollback and a failed rollback always do).
 
     ```yaml
     - stage:
@@ -103,10 +97,8 @@ class StageWhen(Model):
     ```
     """
 
-    pipeline_status: Annotated[Literal["Success", "Failure", "All"] | None,
-                               AfterValidator(_no_stage_after_failure)] = None
-    stage_status: Annotated[Literal["Success", "Failure", "All"] | None,
-                            AfterValidator(_no_stage_after_failure)] = None
+    pipeline_status: Literal["Success", "Failure", "All"] | None = None
+    stage_status: Literal["Success", "Failure", "All"] | None = None
     condition: Condition | None = None
 
     @model_validator(mode="after")
