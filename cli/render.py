@@ -52,6 +52,10 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     """An ended (or waiting) execution: per stage its hosts, failures and gates."""
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", styled(report["status"])))
     for st in report["stages"]:
+        if st["status"] == "SKIPPED" and st.get("error"):
+            out.print(Text.assemble(f"stage {st['identifier']}: ", styled(st["status"]),
+                                    f" ({st['error']})"))  # its when, or a failed stage
+            continue
         if st.get("type") == "Approval":
             out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
                                     styled(st["status"])))

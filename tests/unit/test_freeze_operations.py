@@ -13,7 +13,7 @@ from app.definitions.freeze import FreezeActiveError
 from tests.unit import test_operations
 from tests.unit.test_operations import ALICE, RBAC, _count, _state, _tick, _trail
 
-ledger = test_operations.home  # the fixture `home`: an empty ledger, RBAC on
+ledger = test_operations.home  # its `home` fixture, here named `ledger`: an empty ledger, RBAC on
 
 FREEZE = """\
 freeze:
