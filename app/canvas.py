@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,25 @@ class HostStepKey:
                    tags=tuple(str(t) for t in d.get("tags") or ()))
 
 
+# Task ids of host tasks are derived from their first step's idempotency key (design note §5.3):
+# the reconciler finds a host's message in its queue by that id (app.coordinator.resend).
+_TASK_IDS = uuid.UUID("6f1c3d2a-9b7e-5c41-8d0f-2a4e6b8c1d35")
+
+
+def traced() -> bool:
+    """Do host tasks carry the task id of their key (``task_id_of``)? Only with a result
+    backend that counts chord parts natively (Redis): a polling backend (embedded SQLite)
+    joins a chord by its members' stored results, and a retry's lane reuses the ids of the
+    old lane's hosts, whose pass-through results would complete the retry's chord early."""
+    return bool(celery_app.backend.supports_native_join)
+
+
+def task_id_of(key: HostStepKey) -> str:
+    """The Celery task id of the host task whose first step is ``key``: the same for every
+    dispatch of the same attempt, so a message sent again is the same message."""
+    return str(uuid.uuid5(_TASK_IDS, key.idem))
+
+
 def _quiet(sig: Signature) -> Signature:
     """A header task whose result nobody reads: a phase's gate reads the ledger. Storing and
     publishing the result (and subscribing to it in the publisher) costs Redis round trips for
@@ -148,7 +168,8 @@ def _host_links(first: HostStepKey, count: int,
         while end < count and (tags_of or {}).get((first.host, end), ()) == tags:
             end += 1
         key = dataclasses.replace(first, step=start, tags=tags)
-        out.append(_quiet(link("vmfarm.run_host", key=key.to_dict(), until=end)))
+        sig = _quiet(link("vmfarm.run_host", key=key.to_dict(), until=end))
+        out.append(sig.set(task_id=task_id_of(key)) if traced() else sig)
         start = end
     return out
 
@@ -176,20 +197,24 @@ def retry_canvas(*, execution_id: str, stage_index: int, phase: int,
     for host, region, step, attempt in lane:
         links.extend(_host_links(HostStepKey(execution_id, stage_index, phase, host, step,
                                              attempt, region, deadline), step_count, tags_of))
-    links[0] = links[0].set(countdown=countdown)
+    if countdown:  # none: a resent lane (app.coordinator.resend) goes at once
+        links[0] = links[0].set(countdown=countdown)
     return _gated([links], execution_id=execution_id, stage_index=stage_index, phase=phase,
                   kind="deploy")
 
 
 def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
                   hosts: list[tuple[str, str]], expires: int = 3600,
-                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
+                  countdown: float = 0.0) -> Signature:
     """The verification gate: checks on every host of the phase (on its region's worker), then
-    the verdict on control."""
-    deadline = round(time.time() + expires, 3)
+    the verdict on control. With ``countdown`` (a canary analysis's window) the checks wait
+    that long in the broker first, so the verdict comes when the window has passed."""
+    deadline = round(time.time() + countdown + expires, 3)
     header = group(_quiet(task("vmfarm.check_host", key=HostStepKey(
         execution_id, stage_index, phase, h, -1, 1, r, deadline,
-        tags=(tags_of or {}).get((h, -1), ())).to_dict())) for h, r in hosts)
+        tags=(tags_of or {}).get((h, -1), ())).to_dict()).set(
+            **({"countdown": countdown} if countdown else {}))) for h, r in hosts)
     body = task("vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index,
                 phase=phase)
     canvas = chord(header, body)
@@ -212,13 +237,19 @@ def discovery_canvas(*, execution_id: str, stage_index: int,
                      work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> Signature:
     """List a stage's hosts on each infrastructure's region workers (they hold the cloud
     credentials), then record them on control: [(resolved infrastructure, region, tags)]."""
-    header = [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
-                                                              "tags": list(tags)})
-              for infra, region, tags in work]
+    header = discovery_tasks(work)
     body = link("vmfarm.discovery_done", execution_id=execution_id, stage_index=stage_index)
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
+
+
+def discovery_tasks(work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> list[Signature]:
+    """One ``vmfarm.discover`` per (resolved infrastructure, region, tags), on that region's
+    (tag) queue."""
+    return [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
+                                                            "tags": list(tags)})
+            for infra, region, tags in work]
 
 
 def advance_later(*, execution_id: str) -> Signature:

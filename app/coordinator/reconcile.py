@@ -15,6 +15,7 @@ from sqlmodel import col, select
 from app.canvas import HostStepKey
 from app.coordinator.ledger import lock_execution, record_lost_step, stage_of, step_identifier
 from app.coordinator.machine import advance
+from app.coordinator.resend import resend_lost
 from app.coordinator.retry import after_worker_lost, expire_pending
 from app.coordinator.verdicts import evaluate_phase
 from app.db import session_scope
@@ -109,6 +110,7 @@ def reconcile(*, now: Any = None) -> list[str]:
     for key in lost:
         actions.append(f"{key.execution}: {key.host} step {key.step}: worker lost; "
                        f"{after_worker_lost(key)}")
+    actions.extend(resend_lost(now))  # before the dispatch expiry: a lost message goes again
     for ex_id, host, first_step in _unclaimed_hosts(waiting, unclaimed):
         record_lost_step(first_step, error_class="Timeout",
                          error=f"no worker took the steps of {host} within "

@@ -98,6 +98,9 @@ from app.definitions.models.steps import (
     flat_steps,
 )
 from app.definitions.models.strategy import (
+    ANALYSIS_KEYS,
+    CanaryAnalysisSpec,
+    CanaryMetric,
     FailureBudget,
     HttpCheckSpec,
     ProbeSpec,
@@ -118,6 +121,7 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ANALYSIS_KEYS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "ActionType",
@@ -131,6 +135,8 @@ __all__ = [
     "Approvers",
     "ArtifactSource",
     "Artifacts",
+    "CanaryAnalysisSpec",
+    "CanaryMetric",
     "CommandStep",
     "CommandStepSpec",
     "CommandUnit",
