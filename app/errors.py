@@ -8,9 +8,13 @@ here unless a package owns them (the module is named)::
     ├── SpecError                   a pipeline file is wrong (file:line:col, field); exit 2
     │   └── SpecErrors              several SpecError at once
     ├── ExpressionError             an expression cannot be resolved (app.definitions.expressions;
-    │                               the loader turns it into a SpecError with its place)
+    │   │                           the loader turns it into a SpecError with its place)
+    │   └── ConditionError          a ``when`` condition that does not parse or cannot be judged
+    │                               (app.definitions.conditions)
     ├── ConfigError                 settings or environment are wrong (a missing tool, a bad URL)
     ├── PolicyViolation             a plan breaks a policy rule; nothing ran (app.policy); exit 2
+    ├── FreezeActiveError           a run falls in an active freeze window; nothing ran
+    │                               (app.definitions.freeze); exit 2
     ├── PermissionRefused           the caller lacks a permission (app.rbac); exit 3
     ├── ApprovalRefused             the caller may not vote on this approval; exit 3
     ├── LabError                    the local lab cannot start (not root, sshd missing, ...)

@@ -7,6 +7,8 @@ The caller says who acts, as an ``Actor``; nothing here reads the environment to
 
     action          permission (app.rbac.ACTIONS)        audit row (action, outcome)
     run             pipeline:execute  + environment:deploy   run, submitted
+                    inside a freeze window: freeze:override  run, frozen | override_freeze,
+                    (with override_freeze=True)              overridden | refused
     retry           pipeline:execute  + environment:deploy   retry, submitted (the new execution)
     approve         pipeline:approve                         approve, approved | refused
     reject          pipeline:approve                         reject, rejected | refused
@@ -19,9 +21,10 @@ The caller says who acts, as an ``Actor``; nothing here reads the environment to
 A refusal raises ``PermissionRefused`` after ``guard`` has recorded it (outcome ``refused``);
 nothing was done. Other errors, raised before anything is recorded: ``ConfigError`` (a wrong
 RBAC, users or policy file), ``SpecError``/``SpecErrors`` (bad files or inputs),
-``PolicyViolation`` (audited ``denied`` by the policy), ``ApprovalRefused`` (the approval's own
-rules: not an approver, a second vote) and ``LookupError`` (no such execution, or it is not in
-a state that allows the action).
+``PolicyViolation`` (audited ``denied`` by the policy), ``FreezeActiveError`` (audited
+``frozen``: a freeze window holds and the caller did not override it), ``ApprovalRefused``
+(the approval's own rules: not an approver, a second vote) and ``LookupError`` (no such
+execution, or it is not in a state that allows the action).
 
 ``publish=False`` records a new execution without sending its first work: the caller sends it
 with ``app.coordinator.advance`` (the CLI does, once its embedded worker is up).
@@ -36,11 +39,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from app import audit, coordinator, rbac
 from app.coordinator import ApprovalRefused
+from app.definitions.plan import Plan
 from app.rbac import PermissionRefused
+
+if TYPE_CHECKING:
+    from app.definitions.freeze import ActiveFreeze
 
 __all__ = ["Actor", "ApprovalRefused", "PermissionRefused", "abort", "approve", "intervene",
            "reject", "retry", "rollback", "rollback_plan", "run", "view"]
@@ -104,35 +112,79 @@ def _approver_groups(actor: Actor, rules: rbac.RbacConfig | None) -> frozenset[s
 
 def run(actor: Actor, files: Iterable[str], *, pipeline: str | None = None,
         inputs: Mapping[str, str] | None = None, publish: bool = True,
-        rules: rbac.RbacConfig | None = None) -> str:
+        rules: rbac.RbacConfig | None = None, freeze_files: Iterable[str] = (),
+        override_freeze: bool = False, now: datetime | None = None) -> str:
     """Record a run of the pipeline in ``files`` by ``actor``; returns the execution id.
 
     The files are resolved once; RBAC is checked on that plan (the permissions depend on its
-    stages' environments) before anything is recorded; the coordinator then checks the policy
-    rules and the live workers, and records the execution."""
+    stages' environments) before anything is recorded; then the freeze windows (the
+    operator's ``VMFARM_FREEZE_DIR`` and ``freeze_files``) at ``now`` (default: the clock);
+    the coordinator then checks the policy rules and the live workers, and records the
+    execution."""
     execution_id = coordinator.new_execution_id()
     plan, stage_hosts = coordinator.prepare(list(files), pipeline=pipeline, inputs=inputs,
                                             execution_id=execution_id)
     if rules is not None or rbac.rbac_enabled():
         _guard(actor, "run", rules, plan=plan.to_json())
+    overridden = check_freeze(actor, "run", plan, freeze_files=freeze_files,
+                              override=override_freeze, now=now, rules=rules)
     warnings = coordinator.record(plan, stage_hosts, execution_id=execution_id, inputs=inputs,
                                   user=actor.name, publish=False)
     audit.record("run", user=actor.name, execution_id=execution_id,
                  detail=_detail(actor, {"inputs": sorted(inputs or {}),
                                         "policy_warnings": [f.to_dict() for f in warnings]}),
                  outcome="submitted")
+    _record_override(actor, execution_id, overridden)
     if publish:
         coordinator.advance(execution_id)
     return execution_id
 
 
+def check_freeze(actor: Actor, action: str, plan: Plan, *, freeze_files: Iterable[str] = (),
+                 override: bool = False, now: datetime | None = None,
+                 rules: rbac.RbacConfig | None = None) -> list[ActiveFreeze]:
+    """The freeze windows that hold for ``plan`` at ``now``: none, or ``override`` by a user
+    with freeze:override (returned, to audit with the new execution). Otherwise refused:
+    FreezeActiveError naming the window and its end (audited ``frozen``), or PermissionRefused
+    naming freeze:override (audited ``refused``)."""
+    from app.definitions import freeze
+
+    freezes = freeze.load(freeze_files, directory=freeze.freeze_dir())
+    holding = freeze.active(freezes, plan, now or datetime.now(UTC)) if freezes else []
+    if not holding:
+        return []
+    detail = {"windows": [f.to_dict() for f in holding]}
+    if not override:
+        audit.record_quietly(action, user=actor.name, pipeline=plan.identifier,
+                             detail=_detail(actor, detail), outcome="frozen")
+        raise freeze.FreezeActiveError(
+            "; ".join(f.describe() for f in holding) + f": {action} refused (a user with the "
+            "permission freeze:override may pass --override-freeze)")
+    if rules is not None or rbac.rbac_enabled():
+        _guard(actor, "override_freeze", rules, plan=plan.to_json())
+    return holding
+
+
+def _record_override(actor: Actor, execution_id: str, overridden: list[ActiveFreeze]) -> None:
+    if overridden:
+        audit.record("override_freeze", user=actor.name, execution_id=execution_id,
+                     detail=_detail(actor, {"windows": [f.to_dict() for f in overridden]}),
+                     outcome="overridden")
+
+
 def retry(actor: Actor, execution_id: str, *, publish: bool = True,
-          rules: rbac.RbacConfig | None = None) -> str:
-    """Re-run an ended execution on the hosts that did not succeed; returns the new id."""
+          rules: rbac.RbacConfig | None = None, override_freeze: bool = False,
+          now: datetime | None = None) -> str:
+    """Re-run an ended execution on the hosts that did not succeed; returns the new id. It
+    deploys again: the operator's freeze windows apply as to ``run``."""
     _guard(actor, "retry", rules, execution_id=execution_id)
+    old = rbac.plan_of_execution(execution_id)
+    overridden = check_freeze(actor, "retry", Plan.of(old), override=override_freeze,
+                              now=now, rules=rules) if old else []
     new_id = coordinator.retry_failed(execution_id, user=actor.name, publish=False)
     audit.record("retry", user=actor.name, execution_id=new_id,
                  detail=_detail(actor, {"retry_of": execution_id}), outcome="submitted")
+    _record_override(actor, new_id, overridden)
     if publish:
         coordinator.advance(new_id)
     return new_id

@@ -45,6 +45,7 @@ What each action needs (``required_permissions``)::
     abort          pipeline:abort
     approve/reject pipeline:approve      (the approval's own userGroups still decide who votes)
     view           pipeline:view         + environment:view:<qualifier> per deployment stage
+    override_freeze freeze:override      (run or retry inside an active freeze window)
 
 Pipeline permissions are checked on the pipeline's identifier, environment permissions on the
 environment's (what a binding's ``resources`` globs match).
@@ -87,6 +88,8 @@ ACTIONS: dict[str, tuple[str, str | None]] = {
     "approve": ("pipeline:approve", None),
     "reject": ("pipeline:approve", None),
     "view": ("pipeline:view", "environment:view"),
+    # run (or retry) inside an active freeze window (app.definitions.freeze)
+    "override_freeze": ("freeze:override", None),
 }
 
 
@@ -467,6 +470,12 @@ def _from_ledger(execution_id: str) -> tuple[dict[str, Any], int] | None:
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
         return None if ex is None else (dict(ex.plan or {}), ex.current_stage)
+
+
+def plan_of_execution(execution_id: str) -> dict[str, Any] | None:
+    """The plan an execution recorded (None when there is no such execution)."""
+    found = _from_ledger(execution_id)
+    return found[0] if found else None
 
 
 def guard(action: str, *, user: str, plan: Mapping[str, Any] | None = None,

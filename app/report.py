@@ -208,7 +208,7 @@ def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],
     failed = next((r for r in mine if r.status == Status.FAILED), None)
     if failed is not None:
         status = Status.ROLLBACK_FAILED
-    elif len(mine) == int(target.get("steps", 0)) and all(r.status in Status.PASSED
+    elif len(mine) == int(target.get("steps", 0)) and all(Status.passed(r.status, r.error)
                                                           for r in mine):
         status = Status.ROLLED_BACK
     else:
@@ -227,7 +227,7 @@ def _host_status(steps: list[dict[str, Any]]) -> str:
         return Status.FAILED
     if any(x == Status.RUNNING for x in states):
         return Status.RUNNING
-    if states and all(x in Status.PASSED for x in states):
+    if states and all(Status.passed(x["status"], x.get("error")) for x in steps):
         return Status.SUCCEEDED
     if any(x == Status.SKIPPED for x in states) and not any(x == Status.PENDING for x in states):
         return Status.SKIPPED

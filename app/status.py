@@ -22,6 +22,16 @@ class Status:
                           "ROLLBACK_FAILED"})
     # A host may go on after these.
     PASSED = frozenset({"SUCCEEDED", "IGNORED"})
+    # A step or stage its ``when`` left out starts its error with this (the reason follows):
+    # such a step does not make its host fail.
+    WHEN = "skipped by when: "
+
+    @staticmethod
+    def passed(status: str | None, error: str | None = None) -> bool:
+        """Did a host step pass, counting a step its ``when`` left out?"""
+        return status in Status.PASSED or (status == Status.SKIPPED
+                                           and (error or "").startswith(Status.WHEN))
+
     # The statuses an Execution takes (what `vmfarm executions --status` accepts).
     EXECUTION = ("QUEUED", "RUNNING", "WAITING", "ROLLING_BACK", "SUCCEEDED", "FAILED",
                  "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED")

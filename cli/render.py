@@ -52,6 +52,10 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     """An ended (or waiting) execution: per stage its hosts, failures and gates."""
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", styled(report["status"])))
     for st in report["stages"]:
+        if st["status"] == "SKIPPED" and st.get("error"):
+            out.print(Text.assemble(f"stage {st['identifier']}: ", styled(st["status"]),
+                                    f" ({st['error']})"))  # its when, or a failed stage
+            continue
         if st.get("type") == "Approval":
             out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
                                     styled(st["status"])))
@@ -340,6 +344,9 @@ def print_plan(result: dict[str, Any]) -> None:
 
     out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
     for st in result["stages"]:
+        if st.get("skipped_by_when"):
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    f": SKIPPED by its when: {st['skipped_by_when']}"))
         if st.get("type") == "Approval":
             out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
                                     f": approval, {st['summary']}"))
@@ -374,6 +381,8 @@ def print_plan(result: dict[str, Any]) -> None:
             out.print(Text(f"  - {step['identifier']} ({step['type']}"
                            + (", on the delegate" if step.get("onDelegate") else "") + ")",
                            style="bold"))
+            if step.get("when"):
+                out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():
                 out.print(f"      env {k}={v}")
             if step.get("check"):

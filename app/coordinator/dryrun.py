@@ -7,10 +7,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from app.coordinator.failure import failure_policy
-from app.coordinator.ledger import live_set
+from app.coordinator.ledger import after_failure_status, live_set
 from app.coordinator.submit import prepare
 from app.db import session_scope
-from app.definitions.plan import ApprovalStagePlan
+from app.definitions.plan import ApprovalStagePlan, StepPlan
+from app.status import Status
 
 
 def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
@@ -25,9 +26,17 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
                                 execution_id="<dry-run>")
     stages: list[dict[str, Any]] = []
     for stage, hosts in zip(plan.stages, stage_hosts, strict=True):
+        from app.coordinator.machine import stage_skip
+
+        skipped = stage_skip(stage, failed=False).removeprefix(Status.WHEN) or None
+        after = after_failure_status(stage)
+        if after != "Success":  # what the plan of a run that goes well cannot show
+            skipped = (f"{skipped}; it runs only if an earlier stage fails" if skipped
+                       else None) if after == "Failure" else skipped
         if isinstance(stage, ApprovalStagePlan):
             approvers = stage.approval.spec.approvers
             stages.append({"identifier": stage.identifier, "type": "Approval",
+                           "skipped_by_when": skipped,
                            "approval": stage.approval.to_json(),
                            "summary": f"waits for {approvers.minimum_count} approval(s) "
                                       f"from {', '.join(approvers.user_groups)}"})
@@ -36,6 +45,11 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         for h in hosts:
             by_region.setdefault(h.region, []).append(h.name)
         notes = []
+        later = [st.identifier for st in plan.stages[stage.index + 1:]
+                 if after_failure_status(st) != "Success"]
+        if later:
+            notes.append(f"if this stage fails, the pipeline goes on to {', '.join(later)} "
+                         "(their when runs them after a failure), then ends FAILED")
         live: list[str] = []
         if stage.strategy.type == "BlueGreen":
             with session_scope() as s:
@@ -47,9 +61,11 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         phases = [p.to_dict() for p in plan_phases(stage.strategy, [h.name for h in hosts],
                                                    live=live, slots=slots)] if hosts else []
         sample = hosts[0] if hosts else None
-        steps = [render_step(stage, step, sample) for step in stage.steps]
+        steps = [{**render_step(stage, step, sample), "when": step_when(step)}
+                 for step in stage.steps]
         stages.append({
             "identifier": stage.identifier,
+            "skipped_by_when": skipped,
             "service": stage.service.identifier,
             "environment": stage.environment.identifier,
             "version": stage.artifact.tag if stage.artifact else None,
@@ -62,3 +78,33 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
             "notes": notes,
         })
     return {"pipeline": plan.identifier, "name": plan.name, "stages": stages}
+
+
+def step_when(step: StepPlan) -> str | None:
+    """What the step's ``when`` (and its group's) does, in one sentence; None without one."""
+    from app.definitions.conditions import ConditionError, evaluate, parse
+
+    whens = [w for w in (step.when, step.group_when) if w is not None]
+    if not whens:
+        return None
+    statuses = {w.stage_status for w in whens}
+    said = []
+    if "Failure" in statuses:
+        said.append("runs only on hosts where an earlier step failed (skipped on the others)")
+    elif statuses == {"All"}:
+        said.append("runs on every host, whether earlier steps failed or not")
+    for w in whens:
+        if not w.condition:
+            continue
+
+        def lookup(name: str) -> str:
+            raise ConditionError(name)
+
+        try:
+            holds = evaluate(parse(w.condition), lookup)
+        except ConditionError:  # names a host's value: judged on each host
+            said.append(f"runs where {w.condition} holds (judged on each host)")
+            continue
+        said.append(f"condition {w.condition} is {'true' if holds else 'false'}"
+                    + ("" if holds else ": skipped on every host"))
+    return "; ".join(said) or None

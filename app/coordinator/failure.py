@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from app.coordinator.ledger import finish, stage_of, summarise_steps
+from app.coordinator.ledger import end_failed, finish, stage_of, summarise_steps
 from app.coordinator.precedence import stage_action
 from app.coordinator.publish import Dispatch
 from app.coordinator.rollback import begin_rollback
@@ -89,11 +89,12 @@ def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
 
 
 def fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
+    """The stage fails; so does the execution, unless a later stage runs after a failure
+    (then GO_ON)."""
     summarise_steps(s, ex, run)
     run.status, run.error, run.finished_at = Status.FAILED, error, utcnow()
     s.add(run)
-    finish(s, ex, Status.FAILED, error=f"stage '{run.identifier}': {error}")
-    return "failed"
+    return end_failed(s, ex, f"stage '{run.identifier}': {error}") or "failed"
 
 
 def failure_policy(stage: DeploymentStagePlan) -> str:

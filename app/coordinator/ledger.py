@@ -251,6 +251,40 @@ def finish(s: Session, ex: Execution, status: str, *, error: str | None = None) 
     s.add(ex)
 
 
+# What a failed stage returns when the pipeline goes on: a later stage runs after a failure
+# (``when: {pipelineStatus: Failure | All}``). ``advance`` then decides again at once.
+GO_ON = "a stage failed; the stages that run after a failure go on"
+# Stages in these states make the pipeline "failed so far" for the stages after them.
+FAILED_STAGES = frozenset({Status.FAILED, Status.ROLLED_BACK})
+
+
+def after_failure_status(stage: DeploymentStagePlan | ApprovalStagePlan) -> str:
+    """The pipeline status a stage's ``when`` asks for (Success without one)."""
+    when = stage.when
+    return (when.pipeline_status or when.stage_status or "Success") if when else "Success"
+
+
+def end_failed(s: Session, ex: Execution, error: str) -> str | None:
+    """A stage failed for good: the execution ends FAILED, unless a later stage runs after a
+    failure; then it goes on with the next stage (GO_ON) and ends FAILED after the last one."""
+    stages = plan_of(ex).stages
+    if not any(after_failure_status(st) != "Success"
+               for st in stages[ex.current_stage + 1:]):
+        finish(s, ex, Status.FAILED, error=error)
+        return None
+    ex.error, ex.status = error, Status.RUNNING
+    ex.current_stage += 1
+    s.add(ex)
+    return GO_ON
+
+
+def failed_so_far(s: Session, ex: Execution) -> bool:
+    """Did a stage before the current one fail (the pipeline went on after it)?"""
+    return s.exec(select(StageRun.id).where(
+        StageRun.execution_id == ex.id, StageRun.stage_index < ex.current_stage,
+        col(StageRun.status).in_(list(FAILED_STAGES)))).first() is not None
+
+
 def all_static(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
     return all(i.provider == "static" for i in stage.infrastructures)
 

@@ -18,7 +18,10 @@ from app.coordinator.approvals import decide_approval_stage
 from app.coordinator.discovery import decide_discovery, discover_stage
 from app.coordinator.failure import fail_stage, stage_failed
 from app.coordinator.ledger import (
+    GO_ON,
+    after_failure_status,
     deployment_stage,
+    failed_so_far,
     finish,
     live_set,
     lock_execution,
@@ -57,6 +60,8 @@ def advance(execution_id: str) -> str:
             return "noop"
         before = notify_snapshot(s, ex)
         decision = _decide(s, ex, dispatches)
+        while decision == GO_ON:  # a stage failed and a later one runs after a failure
+            decision = _decide(s, ex, dispatches)
         after = notify_snapshot(s, ex)
     # Publish only after COMMIT: a task must never run before its rows are visible.
     for d in dispatches:
@@ -71,12 +76,20 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
     stages = plan_of(ex).stages
     while True:
         if ex.current_stage >= len(stages):
+            if failed_so_far(s, ex):  # the pipeline went on after a failed stage
+                finish(s, ex, Status.FAILED, error=ex.error)
+                return "failed"
             finish(s, ex, Status.SUCCEEDED)
             return "succeeded"
         stage_plan = stages[ex.current_stage]
         run = stage_run(s, ex, ex.current_stage)
-        if run.status == Status.SKIPPED:  # a retry leaves out stages that need nothing
-            ex.current_stage += 1
+        if run.status == Status.PENDING:
+            why = stage_skip(stage_plan, failed=ex.current_stage > 0 and failed_so_far(s, ex))
+            if why:
+                run.status, run.error, run.finished_at = Status.SKIPPED, why, utcnow()
+                s.add(run)
+        if run.status == Status.SKIPPED:  # by its when; or a retry leaves out stages that
+            ex.current_stage += 1          # need nothing
             s.add(ex)
             continue
         if isinstance(stage_plan, ApprovalStagePlan):
@@ -135,6 +148,32 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         s.add(run)
         ex.current_stage += 1
         s.add(ex)
+
+
+def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan, *, failed: bool) -> str:
+    """Why the stage does not run ('' when it does): an earlier stage ``failed`` and its
+    ``when`` does not ask to run after a failure, or it asks for a failure and none happened,
+    or its condition (bound when the plan was resolved: only literals are left) is false."""
+    from app.definitions.conditions import ConditionError, evaluate, parse
+
+    wanted = after_failure_status(stage)
+    if failed and wanted == "Success":
+        return ("skipped: an earlier stage failed" if stage.when is None else
+                f"{Status.WHEN}pipelineStatus Success, and an earlier stage failed")
+    if not failed and wanted == "Failure":
+        return f"{Status.WHEN}pipelineStatus Failure, and no earlier stage failed"
+    condition = stage.when.condition if stage.when is not None else None
+    if not condition:
+        return ""
+
+    def lookup(name: str) -> str:
+        raise ConditionError(f"<+{name}> has no value when the stage starts")
+
+    try:
+        runs = evaluate(parse(condition), lookup)
+    except ConditionError as exc:
+        return f"{Status.WHEN}its condition could not be judged: {exc}"
+    return "" if runs else f"{Status.WHEN}condition {condition} is false"
 
 
 def _start_stage(s: Session, ex: Execution, run: StageRun,

@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 from app.coordinator.ledger import (
     deferred,
     deployment_stage,
+    end_failed,
     finish,
     plan_of,
     stage_of,
@@ -251,8 +252,10 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
     note = "" if info.get("cause") == "requested" else (
         f"; rolled back {done} host(s)" if done else
         "; nothing was rolled back (no host had an earlier version recorded)")
-    finish(s, ex, final, error=f"{ex.error or info.get('error')}{note}"
-            if final != Status.SUCCEEDED else None)
+    error = f"{ex.error or info.get('error')}{note}"
+    if final == Status.FAILED and info.get("scope") == "StageRollback":
+        return end_failed(s, ex, error) or "rolled back"  # later stages may run after it
+    finish(s, ex, final, error=error if final != Status.SUCCEEDED else None)
     return "rolled back"
 
 

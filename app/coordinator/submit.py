@@ -192,7 +192,8 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
             n_steps = len(plan.stages[run.stage_index].steps)
             redo = [h for h in run.hosts
                     if not all((latest.get((h["name"], i)) is not None
-                                and latest[(h["name"], i)].status in Status.PASSED)
+                                and Status.passed(latest[(h["name"], i)].status,
+                                                  latest[(h["name"], i)].error))
                                for i in range(n_steps))]
             skip = (approvals.get(run.stage_index) == Status.SUCCEEDED
                     if plan.stages[run.stage_index].type == "Approval"

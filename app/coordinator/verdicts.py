@@ -57,6 +57,9 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
             by_host[r.host][r.step_index] = r
     failed: list[str] = []
     per_host: dict[str, dict[str, Any]] = {}
+    # Steps whose when lets them run after a failure (stageStatus Failure or All).
+    after_failure_steps = {i for i, st in enumerate(stage_plan.steps) if any(
+        w is not None and w.stage_status != "Success" for w in (st.when, st.group_when))}
     for host in pr.hosts:
         steps = by_host.get(host, {})
         # Work in flight: a running step, or an attempt that waits for its retry (recorded
@@ -68,14 +71,17 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
         has_failed = any(r.status == Status.FAILED for r in steps.values())
         complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
                                                        for r in steps.values())
+        if has_failed and not (complete or gate) and kind == "deploy" and any(
+                i not in steps for i in after_failure_steps):
+            return False  # a step that runs after a failure (its when) is still to come
         if not (complete or has_failed or gate):
             return False
-        ok = complete and not has_failed and all(r.status in Status.PASSED
+        ok = complete and not has_failed and all(Status.passed(r.status, r.error)
                                                  for r in steps.values())
         if not ok:
             failed.append(host)
             bad = next((r for r in sorted(steps.values(), key=lambda r: r.step_index)
-                        if r.status not in Status.PASSED), None)
+                        if not Status.passed(r.status, r.error)), None)
             per_host[host] = {
                 "step": bad.step_id if bad else None,
                 "unit": bad.failed_unit if bad else None,

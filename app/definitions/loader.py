@@ -159,6 +159,11 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
                            f"spec, got {_type_name(data)}", ()))
         return
     kind = data.get("kind")
+    if kind == "Freeze" or (kind is None and "freeze" in data):
+        errs.add(doc.error("a freeze does not go with the pipeline files (they could lift it): "
+                           "give it with vmfarm run --freeze FILE, or an operator puts it in "
+                           "VMFARM_FREEZE_DIR", ("kind",) if kind else ("freeze",), key=True))
+        return
     if kind is None and not {"apiVersion", "metadata", "spec"} & set(data) and data:
         first = next(iter(data))
         hint = NOT_A_DOCUMENT.get(str(first), "")

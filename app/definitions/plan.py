@@ -21,6 +21,8 @@ from app.definitions.models import (
     CommandStep,
     FailureStrategy,
     HealthCheckStep,
+    StageWhen,
+    StepWhen,
     StrategySpec,
 )
 from app.definitions.notifications import NotificationRule
@@ -81,6 +83,8 @@ class _Grouped(Model):
     # which apply after its own.
     group: str | None = None
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    # The group's ``when``: the step runs only when both its own and its group's allow it.
+    group_when: StepWhen | None = None
 
 
 class CommandStepPlan(CommandStep, _Grouped):
@@ -116,6 +120,8 @@ class DeploymentStagePlan(Model):
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # Values from outside the files (runtime inputs): workers bind them into scripts.
     external_values: dict[str, str] = Field(default_factory=dict)
+    # Its condition holds only literals once resolved: the coordinator judges it at the start.
+    when: StageWhen | None = None
 
 
 class ApprovalStagePlan(Model):
@@ -130,6 +136,7 @@ class ApprovalStagePlan(Model):
     rollback_steps: list[StepPlan] = Field(default_factory=list)
     infrastructures: list[InfrastructurePlan] = Field(default_factory=list)
     strategy: StrategyPlan = Field(default_factory=StrategyPlan)
+    when: StageWhen | None = None
 
 
 def _stage_kind(value: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,9 @@ from pydantic import ValidationError
 from app.definitions import models as m
 from app.definitions.expressions import (
     EXPR_RE,
+    HOST_KEYS,
     Context,
+    ExpressionError,
     render,
     render_script,
 )
@@ -126,10 +129,55 @@ def render_tree(data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ...
             errs.add(doc.doc.error(
                 f"unterminated expression '{line[start:start + 60]}': an expression ends with "
                 "'>' on the line it starts", (*doc.base, *path), within=line[start:]))
+        if path[-2:] == ("when", "condition"):  # values bound as quoted literals
+            return render_condition(data, ctx, on_error=on_error)
         if path[-1] == "script":  # values from outside the files stand intact, or are refused
             return render_script(data, ctx, on_error=on_error)
         return render(data, ctx, on_error=on_error)
     return data
+
+
+def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]) -> str:
+    """A ``when`` condition with the values known now written in as quoted strings (so that no
+    value can change its shape); the host's values stay for the worker."""
+    from app.definitions.conditions import ConditionError, bind
+
+    def lookup(name: str) -> str | None:
+        if name == "input":
+            if not ctx.allow_inputs:
+                on_error("runtime input <+input> has no value: give it with --set")
+            return None
+        try:
+            val = ctx.lookup(name)
+        except ExpressionError as exc:
+            on_error(str(exc))
+            return None
+        if val is None:
+            return None
+        return render(val.text, ctx, on_error=on_error) if "<+" in val.text else val.text
+
+    try:
+        return bind(text, lookup)
+    except ConditionError as exc:
+        on_error(f"invalid condition {text!r}: {exc}")
+        return text
+
+
+def _stage_when(stage: m.StageSpec | m.ApprovalStageSpec, rendered: dict[str, Any], pipe: Loaded,
+                base: tuple[str | int, ...], errs: Collector) -> dict[str, Any] | None:
+    """The stage's ``when``, its condition bound; a value only a host knows is refused."""
+    if stage.when is None:
+        return None
+    when = dict(rendered.get("when") or {})
+    # (an unknown name was reported where it was bound; secrets and hosts' values are left)
+    left = [e for e in EXPR_RE.findall(str(when.get("condition") or ""))
+            if e.strip() in HOST_KEYS or e.strip().startswith(("steps.", "secrets."))]
+    if left:
+        errs.add(pipe.error(
+            f"a stage's condition reads values known before the stage starts; <+{left[0]}> "
+            "is known only on a host, when a step runs (put the condition on a step)",
+            (*base, "when", "condition")))
+    return when
 
 
 def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str,
@@ -142,12 +190,13 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
         errs.raise_if_any()
         step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
         return {"type": "Approval", "index": index, "identifier": stage.identifier,
                 "name": stage.name, "steps": [], "rollbackSteps": [], "infrastructures": [],
-                "strategy": {"type": "Basic"},
+                "strategy": {"type": "Basic"}, "when": when,
                 "approval": step.model_dump(mode="json", by_alias=True, exclude_none=True)}
     # Variables of service and environment may hold expressions too.
     svc = bundle.services.get(stage.spec.service.service_ref)
@@ -275,6 +324,7 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         # the environment of the scripts that name them (see expressions.render).
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
+        "when": when,
     }
 
 
@@ -299,6 +349,8 @@ def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
             d["group"] = group.identifier
             d["groupFailureStrategies"] = [f.model_dump(mode="json", by_alias=True)
                                            for f in group.failure_strategies]
+            if group.when is not None:
+                d["groupWhen"] = group.when.to_json()
         out.append(d)
     return out
 

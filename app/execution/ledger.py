@@ -128,7 +128,26 @@ def summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
                            "exit_code": row.exit_code}
     if duplicate:
         out["duplicate"] = True
+    if row.status == Status.SKIPPED:
+        out["skipped"] = row.error
     return out
+
+
+def failed_before(key: HostStepKey) -> bool:
+    """Did a step before ``key``'s fail on this host in this phase (its latest attempt)?"""
+    def read() -> list[tuple[int, int, str, str | None]]:
+        with session_scope() as s:
+            return list(s.exec(select(HostStepRun.step_index, HostStepRun.attempt,
+                                      HostStepRun.status, HostStepRun.error).where(
+                HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
+                HostStepRun.phase == key.phase, HostStepRun.host == key.host,
+                HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all())
+
+    latest: dict[int, tuple[int, str, str | None]] = {}
+    for step, attempt, status, error in retrying(read, what=f"reading earlier steps of {key.idem}"):
+        if step not in latest or attempt > latest[step][0]:
+            latest[step] = (attempt, status, error)
+    return any(not Status.passed(st, err) for _, st, err in latest.values())
 
 
 # Asked before every step and unit of every host: one read per execution and process per

@@ -18,7 +18,7 @@ from app.coordinator.precedence import after_failure
 from app.coordinator.retry import schedule_retry
 from app.db import retrying, session_scope
 from app.definitions.base import parse_duration
-from app.definitions.expressions import Binder, render_script
+from app.definitions.expressions import Binder, ExpressionError, render_script
 from app.definitions.plan import (
     CommandStepPlan,
     DeploymentStagePlan,
@@ -57,7 +57,31 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     the hosts behind it in its lane). Ignore lets the host go on; MarkAsSuccess records success
     (keeping the error); Abort aborts the execution.
     """
-    summary = _execute_once(key, prev=prev, task_id=task_id, worker=worker, queue=queue)
+    before = earlier_failed(key, prev)
+    result = _execute(key, before=before, task_id=task_id, worker=worker, queue=queue)
+    # Whether a step of this host has failed so far (``when: {stageStatus: Failure}`` reads
+    # it): a step that ran after a failure does not make the host pass again.
+    result["host_failed"] = before or not Status.passed(result.get("status"),
+                                                         result.get("skipped"))
+    return result
+
+
+def earlier_failed(key: HostStepKey, prev: dict[str, Any] | None) -> bool:
+    """Did an earlier step of the stage fail on this host? The previous link says so when it
+    was this host's step; a host's first link after a retry asks the ledger."""
+    if prev is not None and prev.get("host") == key.host:
+        return bool(prev.get("host_failed")) or not Status.passed(prev.get("status"),
+                                                                  prev.get("skipped"))
+    if key.step == 0:
+        return False
+    from app.execution.ledger import failed_before
+
+    return failed_before(key)
+
+
+def _execute(key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None,
+             queue: str | None) -> dict[str, Any]:
+    summary = _execute_once(key, before=before, task_id=task_id, worker=worker, queue=queue)
     if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
         return summary  # a rollback step's failure is recorded; the rollback verdict decides
     stage = typed_stage(key.execution, key.stage)
@@ -92,13 +116,18 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     return {**summary, "status": status}
 
 
-def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None,
-                  worker: str | None, queue: str | None) -> dict[str, Any]:
+def _execute_once(key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None,
+                  queue: str | None) -> dict[str, Any]:
     """One attempt: claim its key, run the units, record the outcome."""
     run_id, existing = claim(key, task_id=task_id, worker=worker, queue=queue)
     if existing is not None:
         log.info("duplicate delivery of %s: returning the recorded result", key.idem)
         return summary(existing, duplicate=True)
+    return _attempt(run_id, key, before=before, queue=queue)
+
+
+def _attempt(run_id: int, key: HostStepKey, *, before: bool, queue: str | None) -> dict[str, Any]:
+    """The claimed attempt: its ``when``, then its units; the outcome recorded."""
     fields: dict[str, Any] = {}
     step: StepPlan | None = None
     sink = LogSink(run_id)
@@ -107,12 +136,11 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
         stage, hosts = stage_data(key.execution, key.stage)
         stage, step = step_of(key, stage)
         fields["step_id"] = step.identifier
-        # In a lane (maxConcurrency) the previous link may be another host's last step.
-        if prev is not None and prev.get("status") not in Status.PASSED \
-                and prev.get("host") == key.host:
-            fields.update(status=Status.SKIPPED,
-                          error="skipped: an earlier step failed on this host")
-            return finish_step(run_id, key, fields)
+        skip = when_skips(key, stage, step, before=before, hosts=hosts)
+        if skip:
+            fields.update(status=Status.SKIPPED, error=skip)
+            # the reason travels with the chain link: the host's next step reads it
+            return {**finish_step(run_id, key, fields), "skipped": skip}
         if key.deadline is not None and time.time() > key.deadline:
             waited = get_settings().dispatch_expires
             fields.update(status=Status.FAILED, error_class="Timeout",
@@ -129,6 +157,9 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
         exc.host = exc.host or key.host
         fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
                       failed_unit=exc.unit or fields.get("failed_unit"))
+    except ExpressionError as exc:  # a when condition that cannot be judged on this host
+        fields.update(status=Status.FAILED, error_class="Unknown",
+                      error=f"could not judge the step's when: {exc}")
     except SecretError as exc:  # names the id and the backend, never a value
         fields.update(status=Status.FAILED, error_class=exc.error_class or "Unknown",
                       error=str(exc))
@@ -157,6 +188,37 @@ def _execute_once(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str
     if fields.get("error"):
         fields["error"] = mask(str(fields["error"]))
     return finish_step(run_id, key, fields)
+
+
+def when_skips(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, *, before: bool,
+               hosts: dict[str, dict[str, Any]]) -> str:
+    """Why this step does not run on this host ('' when it runs): its own ``when`` and its
+    group's (both must allow it; without one, a step runs only while the host has not failed)."""
+    whens = [w for w in (step.when, step.group_when) if w is not None]
+    statuses = [w.stage_status for w in whens] or ["Success"]
+    if before and "Success" in statuses:
+        return "skipped: an earlier step failed on this host"
+    if not before and "Failure" in statuses:
+        return f"{Status.WHEN}stageStatus Failure, and no earlier step failed on this host"
+    conditions = [w.condition for w in whens if w.condition]
+    if not conditions:
+        return ""
+    from app.definitions.conditions import ConditionError, evaluate, parse
+
+    ctx = host_context(Host.from_dict(hosts[key.host]), stage)
+    if any("<+steps." in c for c in conditions):
+        earlier_outputs(key, ctx, stage)
+
+    def lookup(name: str) -> str:
+        val = ctx.lookup(name)
+        if val is None:
+            raise ConditionError(f"<+{name}> has no value on host {key.host}")
+        return val.text
+
+    for text in conditions:
+        if not evaluate(parse(text), lookup):
+            return f"{Status.WHEN}condition {text} is false"
+    return ""
 
 
 def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, host: Host,

@@ -159,20 +159,31 @@ def plan_cmd(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple
 @pipeline_option
 @input_options(set_help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
 @watch_option("Show live progress (default on a terminal) or return after submitting.")
+@click.option("--freeze", "freeze_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A deployment freeze file (Harness's freeze YAML); repeatable. It adds to "
+                   "the operator's (VMFARM_FREEZE_DIR), never lifts them.")
+@click.option("--override-freeze", is_flag=True,
+              help="Run inside an active freeze window (needs the permission freeze:override; "
+                   "audited).")
 @output_option
 @pass_cli
 def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-        input_files: tuple[str, ...], watch: bool | None, output: str) -> None:
-    """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input."""
+        input_files: tuple[str, ...], watch: bool | None, freeze_files: tuple[str, ...],
+        override_freeze: bool, output: str) -> None:
+    """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input or inside a
+    freeze window, 3 when a permission is missing."""
     from app import operations
+    from app.definitions.freeze import FreezeActiveError
 
     refuse_detach_when_embedded(watch)
     try:
         execution_id = operations.run(cli.actor, files, pipeline=pipeline,
-                                      inputs=gather_inputs(input_files, sets), publish=False)
+                                      inputs=gather_inputs(input_files, sets), publish=False,
+                                      freeze_files=freeze_files,
+                                      override_freeze=override_freeze)
     except PermissionRefused as exc:
         refused(exc)
-    except (SpecError, SpecErrors, ConfigError, PolicyViolation) as exc:
+    except (SpecError, SpecErrors, ConfigError, PolicyViolation, FreezeActiveError) as exc:
         fail_input(exc)
     dispatch_and_watch(cli, execution_id, watch=watch, output=output)
 
@@ -182,18 +193,24 @@ def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str,
 @click.option("--only-failed", is_flag=True, required=True,
               help="Re-run only the hosts that failed or never ran (required: say so).")
 @watch_option()
+@click.option("--override-freeze", is_flag=True,
+              help="Retry inside an active freeze window (needs freeze:override; audited).")
 @output_option
 @pass_cli
 def retry(cli: Cli, execution_id: str, only_failed: bool, watch: bool | None,
-          output: str) -> None:
+          override_freeze: bool, output: str) -> None:
     """Re-run an ended execution on the hosts that did not succeed, as a new execution."""
     from app import operations
+    from app.definitions.freeze import FreezeActiveError
 
     refuse_detach_when_embedded(watch)
     try:
-        new_id = operations.retry(cli.actor, execution_id, publish=False)
+        new_id = operations.retry(cli.actor, execution_id, publish=False,
+                                  override_freeze=override_freeze)
     except PermissionRefused as exc:
         refused(exc)
+    except (SpecError, SpecErrors, FreezeActiveError) as exc:
+        fail_input(exc)
     except (LookupError, ConfigError) as exc:
         fail(str(exc))
     if output != "json":

@@ -17,7 +17,7 @@ from app.definitions.base import (
 from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
-from app.definitions.models.steps import Execution, FailureStrategy, _StepBase
+from app.definitions.models.steps import Condition, Execution, FailureStrategy, _StepBase
 from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
 from app.definitions.notifications import NotificationRule
 
@@ -82,6 +82,37 @@ class DeploymentStageSpec(Model):
         return self
 
 
+class StageWhen(Model):
+    """Harness's ``when`` of a stage: run it only if the pipeline so far succeeded
+    (``pipelineStatus: Success``, the default), failed (``Failure``) or either way (``All``),
+    and ``condition`` is true; ``stageStatus`` is read the same way. A stage skipped by its
+    ``when`` is SKIPPED, with the reason. When a stage fails for good (its failure strategy:
+    MarkAsFailure, or StageRollback once rolled back) and a later stage runs after a failure,
+    the pipeline goes on to it, and ends FAILED after its last stage; otherwise a failed stage
+    ends the pipeline (Abort, PipelineRollback and a failed rollback always do).
+
+    ```yaml
+    - stage:
+        name: Smoke tests
+        identifier: smoke
+        when:
+          pipelineStatus: Success
+          condition: <+env.type> == "Production"
+    ```
+    """
+
+    pipeline_status: Literal["Success", "Failure", "All"] | None = None
+    stage_status: Literal["Success", "Failure", "All"] | None = None
+    condition: Condition | None = None
+
+    @model_validator(mode="after")
+    def _one_status(self) -> StageWhen:
+        if self.pipeline_status is not None and self.stage_status is not None:
+            raise ValueError("give pipelineStatus or stageStatus, not both (a stage's status "
+                             "is the pipeline's so far)")
+        return self
+
+
 class StageSpec(Model):
     name: str
     identifier: Identifier
@@ -94,6 +125,7 @@ class StageSpec(Model):
     # to use instead ([] = any worker of the region); without it the run is refused.
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
+    when: StageWhen | None = None
 
 
 class Approvers(Model):
@@ -150,6 +182,7 @@ class ApprovalStageSpec(Model):
     type: Literal["Approval"]
     description: str | None = None
     spec: ApprovalStageBody
+    when: StageWhen | None = None
 
 
 AnyStage = Annotated[StageSpec | ApprovalStageSpec, Field(discriminator="type")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from app.definitions.base import (
     DelegateTag,
@@ -15,6 +15,7 @@ from app.definitions.base import (
     Scalar,
     VariableName,
 )
+from app.definitions.conditions import check as check_condition
 
 
 class InlineSource(Model):
@@ -212,6 +213,32 @@ class FailureStrategy(Model):
     on_failure: OnFailure
 
 
+# A condition as written: checked when the file is loaded (app.definitions.conditions).
+Condition = Annotated[str, AfterValidator(check_condition)]
+
+
+class StepWhen(Model):
+    """Harness's ``when`` of a step or step group: run it only if the host's earlier steps in
+    the stage succeeded (``Success``, the default), failed (``Failure``) or either way
+    (``All``), and ``condition`` is true.
+
+    ```yaml
+    - step:
+        type: Command
+        name: Collect diagnostics
+        identifier: diagnostics
+        when:
+          stageStatus: Failure             # only on the hosts where an earlier step failed
+          condition: <+env.type> == "Production"
+    ```
+    A step skipped by its ``when`` is recorded SKIPPED with the reason; it does not make the
+    host fail. A step that runs after a failure does not make the host pass.
+    """
+
+    stage_status: Literal["Success", "Failure", "All"] = "Success"
+    condition: Condition | None = None
+
+
 class _StepBase(Model):
     name: str
     identifier: Identifier
@@ -225,6 +252,7 @@ class CommandStep(_StepBase):
 
     type: Literal["Command"]
     spec: CommandStepSpec
+    when: StepWhen | None = None
 
 
 class HealthCheckSpec(Model):
@@ -272,6 +300,7 @@ class HealthCheckStep(_StepBase):
 
     type: Literal["HealthCheck"]
     spec: HealthCheckSpec
+    when: StepWhen | None = None
 
 
 StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
@@ -290,6 +319,8 @@ class StepGroup(Model):
     identifier: Identifier
     steps: list[StepGroupStepElement] = Field(min_length=1)
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    # Applies to each of its steps, with the step's own (both must let it run).
+    when: StepWhen | None = None
 
 
 class StepElement(Model):
