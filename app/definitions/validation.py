@@ -44,12 +44,9 @@ def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
 # Harness types a user may bring that vmfarm knows of and does not carry out: refused with the
 # reason, not as an unknown word.
 UNSUPPORTED_TYPES = {
-    "CI": "a CI stage is not supported: vmfarm deploys and does not build; let your CI system "
+    "CI": "a CI stage is refused: vmfarm deploys and does not build; let your CI system "
           "build and publish the artifact, then run the Deployment stages with vmfarm (a webhook "
           "or `vmfarm run --set tag=...` from the CI job)",
-    "Custom": "Custom stages (steps on the delegate outside a deployment) are not supported yet",
-    "HarnessApproval": "an approval step inside a Deployment stage is not supported yet: put it in "
-                       "an Approval stage before the deployment",
     "TerraformPlan": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
