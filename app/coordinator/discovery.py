@@ -20,7 +20,6 @@ from app.models import (
 from app.providers.base import Host, discover
 from app.settings import get_settings
 
-
 # The one host of a Custom stage: the delegate (a worker) that runs its steps.
 DELEGATE = "delegate"
 

@@ -27,7 +27,7 @@ USERS = str(DATA / "approval-users.yaml")
 class _Health(BaseHTTPRequestHandler):
     seen: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         type(self).seen.append(self.path)
         body = b"status: UP\n"
         self.send_response(200)
