@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from app.coordinator.ledger import stage_data
@@ -69,7 +68,7 @@ def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentSt
             step.spec.duration))
         now = utcnow()
         if now < due:
-            if _record_once(s, ex, run, pr, f"wait-{index}"[:16], index):
+            if _timer_once(s, pr, index):
                 dispatches.append(Dispatch("timer", ex.id, run.stage_index, pr.phase, [],
                                            countdown=(due - now).total_seconds() + 0.05))
             return f"waiting until {due:%H:%M:%S} UTC (Wait step '{step.identifier}')"
@@ -112,21 +111,16 @@ def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentSt
     return "waiting"
 
 
-def _record_once(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, kind: str,
-                 index: int) -> bool:
-    """Record that the timer of a Wait was sent; False when it was already."""
-    found = s.exec(select(PhaseRun).where(
-        PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-        PhaseRun.phase == pr.phase, PhaseRun.kind == kind)).first()
-    if found is not None:
+def _timer_once(s: Session, pr: PhaseRun, index: int) -> bool:
+    """Note in the phase's record that the timer of the Wait at ``index`` was sent (the
+    execution is locked); False when it was already."""
+    verdict = dict(pr.verdict or {})
+    sent = list(verdict.get("timers") or [])
+    if index in sent:
         return False
-    try:
-        with s.begin_nested():
-            s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=pr.phase,
-                           kind=kind, hosts=[], status=Status.SUCCEEDED,
-                           verdict={"step": index}))
-    except IntegrityError:
-        return False
+    verdict["timers"] = [*sent, index]
+    pr.verdict = verdict
+    s.add(pr)
     return True
 
 

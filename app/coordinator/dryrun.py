@@ -48,6 +48,7 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         steps = [render_step(stage, step, sample) for step in stage.steps]
         stages.append({
             "identifier": stage.identifier,
+            "type": stage.type,
             "service": stage.service.identifier,
             "environment": stage.environment.identifier,
             "version": stage.artifact.tag if stage.artifact else None,

@@ -109,7 +109,8 @@ def failure_policy(stage: DeploymentStagePlan) -> str:
     action = stage_action(stage, [(None, "AllErrors")]).type
     if stage.type == "Custom":
         then = {"StageRollback": "the stage fails (a Custom stage has nothing to roll back)",
-                "PipelineRollback": "the earlier Deployment stages roll back"}.get(action, "")
+                "PipelineRollback": "the earlier Deployment stages roll back",
+                "MarkAsFailure": "the stage fails"}.get(action, "")
         then = then or _THEN[action]
         return f"a failed step fails the stage; later stages do not start; {then}."
     how = ("its rollbackSteps run on every host it changed" if stage.rollback_steps

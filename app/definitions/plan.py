@@ -83,7 +83,10 @@ class _Grouped(Model):
 
 
 class CommandStepPlan(CommandStep, _Grouped):
-    """A Command step as it runs: its command units, in order, on each host."""
+    """A Command step as it runs: its command units, in order, on each host. A Custom stage's
+    ShellScript is one too (``writtenAs: ShellScript``): one Script unit on the delegate."""
+
+    written_as: str | None = None
 
 
 class HealthCheckStepPlan(HealthCheckStep, _Grouped):

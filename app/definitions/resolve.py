@@ -278,7 +278,7 @@ def _resolve_custom(pipe: Loaded, stage: m.CustomStageSpec, index: int, raw: Any
         if isinstance(step, m.ShellScriptStep):
             d = step.model_dump(mode="json", by_alias=True, exclude_none=True)
             sp = d.pop("spec")
-            d["type"] = "Command"
+            d["type"], d["writtenAs"] = "Command", "ShellScript"
             d["spec"] = {
                 "onDelegate": True,
                 "environmentVariables": sp.get("environmentVariables", []),

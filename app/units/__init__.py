@@ -142,7 +142,8 @@ def describe_unit(shown: Mapping[str, Any]) -> list[str]:
 def render_step(stage: DeploymentStagePlan, step: StepPlan, host: Host | None) -> dict[str, Any]:
     """A step as it would run on ``host``: every command unit rendered by its type, unsafe
     values shown as the environment variables they travel in (for ``vmfarm plan``)."""
-    out: dict[str, Any] = {"identifier": step.identifier, "type": step.type}
+    out: dict[str, Any] = {"identifier": step.identifier, "type": getattr(
+        step, "written_as", None) or step.type}
     ctx = host_context(host, stage) if host else Context()
     if isinstance(step, HealthCheckStepPlan):
         out["check"] = {k: render(str(v), ctx) if isinstance(v, str) else v
