@@ -102,11 +102,14 @@ def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentSt
         verdict = rec.verdict or {}
         cls = "ApprovalRejection" if verdict.get("rejected_by") else "Timeout"
         now = utcnow()
+        reason = str(verdict.get("reason") or "approval failed")
         for r in at:
             r.status, r.error_class, r.finished_at = Status.FAILED, cls, now
-            r.failed_unit = step.identifier
-            r.error = str(verdict.get("reason") or "approval failed")
+            r.failed_unit, r.error = step.identifier, reason
             s.add(r)
+        # The phase's failure names it (its verdict keeps what is there).
+        pr.verdict = {**(pr.verdict or {}), "reasons": [f"step '{step.identifier}': {reason}"]}
+        s.add(pr)
         return None
     return "waiting"
 

@@ -64,11 +64,15 @@ def _touched(row: HostStepRun) -> bool:
 
 
 def changed_hosts(s: Session, execution_id: str, stage_index: int) -> set[str]:
-    """Hosts on which a deploy step of the stage ran (see the module docstring)."""
+    """Hosts on which a deploy step of the stage ran (see the module docstring). A Wait or
+    approval step touches no host, whatever its outcome."""
     rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
                                             HostStepRun.stage_index == stage_index,
                                             HostStepRun.kind == "deploy")).all()
-    return {r.host for r in rows if _touched(r)}
+    ex = s.get(Execution, execution_id) if rows else None
+    steps = stage_of(ex, stage_index).steps if ex is not None else []
+    barriers = {i for i, st in enumerate(steps) if st.type in ("Wait", "HarnessApproval")}
+    return {r.host for r in rows if r.step_index not in barriers and _touched(r)}
 
 
 def _source_stage(plan: Plan, service: str, environment: str) -> int | None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +16,18 @@ import pytest
 
 from tests.alloc import Allocator
 from tests.conftest import DATA, REPO, base_env, run_vmfarm
+from tests.fakes.status_server import StatusServer
 from tests.waiting import wait_for
 
 FILES = [str(DATA / "custom")]
 USERS = str(DATA / "approval-users.yaml")
 
 
-class _Health(BaseHTTPRequestHandler):
-    seen: list[str] = []
-
-    def do_GET(self) -> None:
-        type(self).seen.append(self.path)
-        body = b"status: UP\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def health_url(alloc: Allocator) -> Iterator[str]:
+def health(alloc: Allocator) -> Iterator[StatusServer]:
     """A local HTTP server answering 200 'status: UP' on a leased port."""
-    with alloc.port() as lease:
-        server = ThreadingHTTPServer(("127.0.0.1", lease.port), _Health)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{lease.port}/health"
-        finally:
-            server.shutdown()
-            server.server_close()
+    with alloc.port() as lease, StatusServer(lease.port) as server:
+        yield server
 
 
 def _env(tmp_path: Path, user: str) -> dict[str, str]:
@@ -74,13 +51,13 @@ def _runs_on(lab: Any, ex_id: str) -> int:
 
 
 def test_custom_stage_then_an_approval_step_in_the_deployment_runs_to_success(
-        tmp_path: Path, lab: Any, health_url: str) -> None:
+        tmp_path: Path, lab: Any, health: StatusServer) -> None:
     # Given alice runs a pipeline: a Custom stage (script with an output, Http check, Wait 2s),
     # then a Deployment stage whose first step is a HarnessApproval
     alice = _env(tmp_path, "alice")
     run = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "run", *FILES, str(lab.infrastructure_file),
-         "--set", f"check_url={health_url}", "-o", "json"],
+         "--set", f"check_url={health.url}", "-o", "json"],
         env=alice, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ex_id = wait_for(lambda: _waiting_execution(alice), 120, "the run to wait for approval",
@@ -94,7 +71,7 @@ def test_custom_stage_then_an_approval_step_in_the_deployment_runs_to_success(
         steps = {s["step"]: s for s in delegate["steps"]}
         assert [steps[k]["status"] for k in ("prepare", "smoke", "soak")] == ["SUCCEEDED"] * 3
         assert steps["prepare"]["outputs"] == {"build": f"build-{ex_id}"}
-        assert _Health.seen == [f"/health?build=build-{ex_id}"]
+        assert health.seen == [f"/health?build=build-{ex_id}"]
         # and nothing was deployed while the approval waits
         assert _runs_on(lab, ex_id) == 0
         text = run_vmfarm("status", ex_id, env=alice)
@@ -133,11 +110,11 @@ def _waiting_execution(env: dict[str, str]) -> str | None:
 
 
 def test_a_failing_http_assertion_fails_the_custom_stage(tmp_path: Path, lab: Any,
-                                                          health_url: str) -> None:
+                                                          health: StatusServer) -> None:
     # Given the health endpoint says UP, and the pipeline expects READY
     alice = _env(tmp_path, "alice")
     res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health_url}", "--set", "expect=READY", "-o", "json",
+                     f"check_url={health.url}", "--set", "expect=READY", "-o", "json",
                      env=alice)
     # Then the Custom stage fails at the Http step, saying why, and nothing is deployed
     assert res.returncode == 1, res.stdout + res.stderr
