@@ -100,3 +100,44 @@ def test_a_rejected_approval_step_fails_the_stage_with_its_failure_strategy(
         first = h["steps"][0]
         assert (first["status"], first["error_class"]) == ("FAILED", "ApprovalRejection")
     assert _runs_on(lab, ex_id) == 0
+
+
+def test_an_approval_step_that_times_out_fails_its_hosts(cluster: Cluster, lab: Any,
+                                                         health: StatusServer) -> None:
+    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
+                     f"check_url={health.url}", "--set", "timeout=2s", "--detach",
+                     env=_as(cluster, "alice"))
+    assert res.returncode == 0, res.stderr
+    ex_id = res.stdout.strip().splitlines()[-1]
+    assert _wait_for(cluster, ex_id, {"WAITING", "FAILED"})["status"] == "WAITING"
+
+    # The reconciler times the approval step out once its 2 s have passed
+    def reconciled() -> bool:
+        rec = run_vmfarm("reconcile", "-o", "json", env=_as(cluster, "alice"))
+        assert rec.returncode == 0, rec.stderr
+        return f"{ex_id}: approval timed out" in json.loads(rec.stdout)["actions"]
+
+    wait_for(reconciled, 60, "reconcile to time the approval step out", interval=0.5)
+    done = _wait_for(cluster, ex_id, {"FAILED", "SUCCEEDED"})
+    assert done["status"] == "FAILED"
+    assert "approval timed out after 2s" in done["error"]
+    assert {h["steps"][0]["error_class"] for h in done["stages"][1]["hosts"]} == {"Timeout"}
+    assert _runs_on(lab, ex_id) == 0
+
+
+def test_aborting_a_run_stopped_at_an_approval_step_ends_it(cluster: Cluster, lab: Any,
+                                                           health: StatusServer) -> None:
+    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
+                     f"check_url={health.url}", "--detach", env=_as(cluster, "alice"))
+    assert res.returncode == 0, res.stderr
+    ex_id = res.stdout.strip().splitlines()[-1]
+    assert _wait_for(cluster, ex_id, {"WAITING", "FAILED"})["status"] == "WAITING"
+
+    stop = run_vmfarm("abort", ex_id, env=_as(cluster, "alice"))
+    assert stop.returncode == 0, stop.stderr
+    done = _wait_for(cluster, ex_id, {"ABORTED", "FAILED", "SUCCEEDED"})
+    assert done["status"] == "ABORTED"
+    assert {h["steps"][0]["status"] for h in done["stages"][1]["hosts"]} == {"SKIPPED"}
+    late = run_vmfarm("approve", ex_id, env=_as(cluster, "bob"))
+    assert late.returncode == 2 and "not waiting for an approval" in late.stderr
+    assert _runs_on(lab, ex_id) == 0

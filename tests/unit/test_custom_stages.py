@@ -330,3 +330,29 @@ def test_http_assertions(assertion: str, code: int, body: str, holds_: bool) -> 
 def test_an_http_assertion_vmfarm_cannot_read_is_refused(assertion: str) -> None:
     with pytest.raises(ValueError):
         check(assertion)
+
+
+def test_a_custom_stage_runs_on_the_control_worker_or_a_live_worker_with_its_tags(
+        monkeypatch: pytest.MonkeyPatch, lab_file: Path) -> None:
+    """Where the delegate is: control without delegateSelectors; with them, the region of a
+    live worker that has every tag; none live: the tags stay (submitting is then refused,
+    naming the live workers)."""
+    from types import SimpleNamespace
+
+    import app.coordinator.discovery as discovery
+    import app.delegates
+    from app.definitions.plan import Plan
+
+    plan = Plan.of(plan_of([CUSTOM, lab_file], check_url="http://127.0.0.1:8080/health"))
+    stage = plan.stages[0]
+    assert stage.type == "Custom"
+    monkeypatch.setattr(discovery, "get_settings", lambda: SimpleNamespace(embedded=False))
+    workers = [{"name": "w-eu@x", "regions": ["eu-west-1"], "tags": ["gpu"]},
+               {"name": "w-us@x", "regions": ["us-east-1"], "tags": ["gpu", "terraform"]}]
+    monkeypatch.setattr(app.delegates, "live_workers", lambda: workers)
+    host = discovery.discover_stage(stage)
+    assert [(h.name, h.region, h.connection) for h in host] == [("delegate", "control", "Local")]
+    tagged = stage.model_copy(update={"delegate_selectors": ["terraform"]})
+    assert discovery.delegate_host(tagged).region == "us-east-1"
+    nobody = stage.model_copy(update={"delegate_selectors": ["arm"]})
+    assert discovery.delegate_host(nobody).region == "control"
