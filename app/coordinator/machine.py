@@ -193,7 +193,12 @@ def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
     s.flush()
     runs: Any = s.exec(select(StageRun.stage_index, StageRun.status).where(  # no hosts
         StageRun.execution_id == ex.id)).all()
-    return snapshot(ex, runs)
+    snap = snapshot(ex, runs)
+    if snap["waiting"] == "intervention" and s.exec(select(PhaseRun.id).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == ex.current_stage,
+            PhaseRun.kind == "approval", PhaseRun.status == Status.RUNNING)).first():
+        snap["waiting"] = "approval"  # an approval step among the stage's steps
+    return snap
 
 
 def notify_transition(execution_id: str, before: dict[str, Any] | None,

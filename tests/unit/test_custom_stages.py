@@ -356,3 +356,29 @@ def test_a_custom_stage_runs_on_the_control_worker_or_a_live_worker_with_its_tag
     assert discovery.delegate_host(tagged).region == "us-east-1"
     nobody = stage.model_copy(update={"delegate_selectors": ["arm"]})
     assert discovery.delegate_host(nobody).region == "control"
+
+
+def test_an_approval_step_first_in_a_production_stage_satisfies_an_approval_policy() -> None:
+    """The reference's CI/CD pipeline asks for approval inside its production stage: that is
+    an approval before it deploys; one after its first deploying step is not."""
+    from app.policy import Rule, evaluate
+
+    rules = [Rule.model_validate({"name": "prod approval", "requireApprovalBefore": {
+        "environmentType": "Production", "approverGroups": ["production_approvers"]}})]
+
+    def prod(*steps: dict[str, Any]) -> dict[str, Any]:
+        return {"identifier": "prod", "name": "prod", "type": "Deployment",
+                "service": {"identifier": "web", "name": "web"},
+                "environment": {"identifier": "prod_env", "name": "prod", "type": "Production"},
+                "steps": list(steps), "infrastructures": [{
+                    "identifier": "h", "provider": "static",
+                    "spec": {"hosts": [{"hostname": "127.0.1.250"}]}}],
+                "strategy": {"type": "Basic"}}
+
+    approval = {"identifier": "ok", "type": "HarnessApproval",
+                "spec": {"approvers": {"userGroups": ["production_approvers"]}}}
+    deploy = {"identifier": "deploy", "type": "Command", "spec": {}}
+    plan = {"identifier": "p", "name": "p"}
+    assert evaluate({**plan, "stages": [prod(approval, deploy)]}, rules=rules) == []
+    (finding,) = evaluate({**plan, "stages": [prod(deploy, approval)]}, rules=rules)
+    assert finding.stage == "prod"
