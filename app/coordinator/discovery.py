@@ -26,14 +26,16 @@ DELEGATE = "delegate"
 
 def delegate_host(stage: DeploymentStagePlan) -> Host:
     """Where a Custom stage's steps run: the control worker (region ``control``, the queue
-    vmfarm.control), or with delegateSelectors a live worker that has every tag (the first by
-    name; its first region). When none is live, the stage keeps its tags on the control region
+    vmfarm.control), or with delegateSelectors (the stage's and its steps') a live worker that
+    has every tag (the first by name; its first region). When none is live, the stage keeps its tags on the control region
     and submitting it is refused with the live workers named (routing.unserved_delegates)."""
     region = "control"
-    if stage.delegate_selectors and not get_settings().embedded:
+    tags = {*stage.delegate_selectors,
+            *(t for st in stage.steps for t in getattr(st.spec, "delegate_selectors", []))}
+    if tags and not get_settings().embedded:
         from app.delegates import live_workers, normalise_tags
 
-        want = set(normalise_tags(stage.delegate_selectors))
+        want = set(normalise_tags(tags))
         for w in live_workers():
             if want <= set(w.get("tags") or []) and w.get("regions"):
                 region = sorted(w["regions"])[0]

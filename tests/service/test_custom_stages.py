@@ -141,3 +141,21 @@ def test_aborting_a_run_stopped_at_an_approval_step_ends_it(cluster: Cluster, la
     late = run_vmfarm("approve", ex_id, env=_as(cluster, "bob"))
     assert late.returncode == 2 and "not waiting for an approval" in late.stderr
     assert _runs_on(lab, ex_id) == 0
+
+
+def test_an_approval_step_in_a_custom_stage_holds_its_later_steps(cluster: Cluster) -> None:
+    res = run_vmfarm("run", str(DATA / "custom_approval"), "--detach",
+                     env=_as(cluster, "alice"))
+    assert res.returncode == 0, res.stderr
+    ex_id = res.stdout.strip().splitlines()[-1]
+    waiting = _wait_for(cluster, ex_id, {"WAITING", "FAILED"})
+    assert waiting["status"] == "WAITING"
+    steps = {s["step"]: s["status"] for s in waiting["stages"][0]["hosts"][0]["steps"]}
+    assert steps == {"draft": "SUCCEEDED", "sign_off": "WAITING", "publish": "PENDING"}
+
+    ok = run_vmfarm("approve", ex_id, env=_as(cluster, "bob"))
+    assert ok.returncode == 0, ok.stderr
+    done = _wait_for(cluster, ex_id, {"SUCCEEDED", "FAILED"})
+    assert done["status"] == "SUCCEEDED", done.get("error")
+    publish = done["stages"][0]["hosts"][0]["steps"][2]
+    assert publish["outputs"] == {"published": f"published draft-{ex_id}"}
