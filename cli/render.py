@@ -297,7 +297,7 @@ def print_plan(result: dict[str, Any]) -> None:
                 out.print(f"      env {k}={v}")
             if step.get("check"):
                 out.print(f"      check: {step['check']}")
-            for line in _barrier_or_http(step):
+            for line in _barrier_or_http(step, custom=st.get("type") == "Custom"):
                 out.print(Text(f"      {line}"))
             for u in step.get("units", []):  # each unit type says how it reads (app.units)
                 for line in describe_unit(u):
@@ -305,7 +305,7 @@ def print_plan(result: dict[str, Any]) -> None:
         out.print(f"  on failure: {st['on_failure']}")
 
 
-def _barrier_or_http(step: dict[str, Any]) -> list[str]:
+def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:
     """The plan's lines for an Http, Wait or HarnessApproval step."""
     spec = step.get("spec") or {}
     if step["type"] == "Http":
@@ -315,7 +315,8 @@ def _barrier_or_http(step: dict[str, Any]) -> list[str]:
         return [f"waits {spec.get('duration')} (a timer in the coordinator; no worker sleeps)"]
     if step["type"] == "HarnessApproval":
         who = spec.get("approvers") or {}
-        return [f"every host of the phase stops here until {who.get('minimumCount', 1)} "
+        where = "the stage stops" if custom else "every host of the phase stops"
+        return [f"{where} here until {who.get('minimumCount', 1)} "
                 f"approval(s) from {', '.join(who.get('userGroups') or [])}"
                 + (" (not the executor)" if who.get("disallowPipelineExecutor") else "")
                 + f": {spec.get('approvalMessage')}"]
