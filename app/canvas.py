@@ -200,13 +200,16 @@ def resume_canvas(*, execution_id: str, stage_index: int, phase: int,
 
 def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
                   hosts: list[tuple[str, str]], expires: int = 3600,
-                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
+                  countdown: float = 0.0) -> Signature:
     """The verification gate: checks on every host of the phase (on its region's worker), then
-    the verdict on control."""
-    deadline = round(time.time() + expires, 3)
+    the verdict on control. With ``countdown`` (a canary analysis's window) the checks wait
+    that long in the broker first, so the verdict comes when the window has passed."""
+    deadline = round(time.time() + countdown + expires, 3)
     header = group(_quiet(task("vmfarm.check_host", key=HostStepKey(
         execution_id, stage_index, phase, h, -1, 1, r, deadline,
-        tags=(tags_of or {}).get((h, -1), ())).to_dict())) for h, r in hosts)
+        tags=(tags_of or {}).get((h, -1), ())).to_dict()).set(
+            **({"countdown": countdown} if countdown else {}))) for h, r in hosts)
     body = task("vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index,
                 phase=phase)
     canvas = chord(header, body)
@@ -229,13 +232,19 @@ def discovery_canvas(*, execution_id: str, stage_index: int,
                      work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> Signature:
     """List a stage's hosts on each infrastructure's region workers (they hold the cloud
     credentials), then record them on control: [(resolved infrastructure, region, tags)]."""
-    header = [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
-                                                              "tags": list(tags)})
-              for infra, region, tags in work]
+    header = discovery_tasks(work)
     body = link("vmfarm.discovery_done", execution_id=execution_id, stage_index=stage_index)
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
+
+
+def discovery_tasks(work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> list[Signature]:
+    """One ``vmfarm.discover`` per (resolved infrastructure, region, tags), on that region's
+    (tag) queue."""
+    return [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
+                                                            "tags": list(tags)})
+            for infra, region, tags in work]
 
 
 def advance_later(*, execution_id: str) -> Signature:

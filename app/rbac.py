@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -278,11 +278,18 @@ class RbacConfig:
         return out
 
     def allows(self, user: str, permission: str, *, resource: str | None = None,
-               environment_type: str | None = None) -> bool:
+               environment_type: str | None = None, groups: Iterable[str] = (),
+               roles: Iterable[str] | None = None) -> bool:
+        """Whether ``user`` holds ``permission`` on ``resource``. ``groups`` adds to those
+        of the users file (a verified token's groups claim); ``roles`` (an API token's) are
+        held directly instead of through bindings."""
         needed = qualified(check_permission(permission), environment_type)
+        if roles is not None:
+            return any(grants(p, needed) for r in roles if r in self.roles
+                       for p in self.roles[r].permissions)
         if not user:
             return False
-        mine = set(self.groups_of(user))
+        mine = set(self.groups_of(user)) | set(groups)
         for b in self.bindings:
             if not (user in b.users or "*" in b.users or b.groups & mine) or not b.covers(resource):
                 continue
@@ -296,10 +303,11 @@ class RbacConfig:
 
     def authorize(self, user: str, permission: str, *, resource: str | None = None,
                   environment_type: str | None = None, action: str | None = None,
-                  stage: str | None = None) -> None:
+                  stage: str | None = None, groups: Iterable[str] = (),
+                  roles: Iterable[str] | None = None) -> None:
         """Return when ``user`` holds ``permission``; raise PermissionRefused otherwise."""
         needed = qualified(check_permission(permission), environment_type)
-        if self.allows(user, needed, resource=resource):
+        if self.allows(user, needed, resource=resource, groups=groups, roles=roles):
             return
         raise PermissionRefused(self._refusal(user, needed, resource, action, stage),
                                 user=user, permission=needed, resource=resource,
@@ -462,16 +470,24 @@ def _from_ledger(execution_id: str) -> tuple[dict[str, Any], int] | None:
 
 
 def guard(action: str, *, user: str, plan: Mapping[str, Any] | None = None,
-          execution_id: str | None = None, stage_index: int | None = None) -> None:
+          execution_id: str | None = None, stage_index: int | None = None,
+          rules: RbacConfig | None = None, groups: Iterable[str] = (),
+          roles: Iterable[str] | None = None,
+          audit_detail: Mapping[str, Any] | None = None) -> None:
     """Authorize ``user`` for ``action`` (see ``required_permissions``); on refusal record an
-    audit event (outcome ``refused``) and raise PermissionRefused. A no-op in single-user mode.
+    audit event (outcome ``refused``, with ``audit_detail``) and raise PermissionRefused. A
+    no-op in single-user mode.
 
-    Without ``plan`` the execution's plan is read from the ledger (``intervene`` then checks
-    the stage it is paused in); an execution that does not exist is left to the command to
-    report. Raises ConfigError when the RBAC or users file is wrong."""
-    cfg = load_rbac()
+    ``rules`` is the configuration to apply (the server's own); without it the RBAC file of
+    this process (``load_rbac()``). ``groups`` and ``roles`` are a verified token's (see
+    ``RbacConfig.allows``). Without ``plan`` the execution's plan is read from the ledger
+    (``intervene`` then checks the stage it is paused in); an execution that does not exist
+    is left to the command to report. Raises ConfigError when the RBAC or users file is
+    wrong."""
+    cfg = rules if rules is not None else load_rbac()
     if cfg is None:
         return
+    roles = tuple(roles) if roles is not None else None
     if plan is None and execution_id:
         found = _from_ledger(execution_id)
         if found is None:
@@ -482,12 +498,13 @@ def guard(action: str, *, user: str, plan: Mapping[str, Any] | None = None,
     for need in required_permissions(action, plan, stage_index=stage_index):
         try:
             cfg.authorize(user, need.permission, resource=need.resource, action=action,
-                          stage=need.stage)
+                          stage=need.stage, groups=groups, roles=roles)
         except PermissionRefused as exc:
             from app import audit
 
             audit.record_quietly(action, user=user, execution_id=execution_id,
                                  pipeline=str(plan["identifier"]) if plan else None,
-                                 detail={**need.to_dict(), "reason": str(exc)},
+                                 detail={**need.to_dict(), "reason": str(exc),
+                                         **(audit_detail or {})},
                                  outcome="refused")
             raise

@@ -41,53 +41,54 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         rows_of.setdefault(r.stage_index, []).append(r)
     out_stages = []
     typed = Plan.of(ex.plan)
+    requested = (ex.rollback or {}).get("cause") == "requested"
     for st in stages:
         plan = typed.stages[st.stage_index]
         deploying = plan if isinstance(plan, DeploymentStagePlan) else None
-        step_ids = [x.identifier for x in plan.steps]
+        # A `vmfarm rollback` execution ran rollback steps only: they are its hosts' steps.
+        shown = "rollback" if requested else "deploy"
         latest: dict[tuple[str, int], HostStepRun] = {}
         undo: dict[tuple[str, int], HostStepRun] = {}
+        tries: dict[tuple[str, int], list[HostStepRun]] = {}  # every attempt of the shown kind
         for r in rows_of.get(st.stage_index, []):
             k = (r.host, r.step_index)
+            if r.kind == shown:
+                tries.setdefault(k, []).append(r)
             into = latest if r.kind == "deploy" else undo
             if k not in into or r.attempt >= into[k].attempt:
                 into[k] = r
+        if requested:
+            undo_ids = {i: r.step_id for (_, i), r in sorted(undo.items())}
+            indexes = sorted(undo_ids)
+            step_ids = [undo_ids[i] for i in indexes]
+        else:
+            step_ids = [x.identifier for x in plan.steps]
+            indexes = list(range(len(step_ids)))
         undo_of: dict[str, list[HostStepRun]] = {}
         for (h_name, _), r in undo.items():
             undo_of.setdefault(h_name, []).append(r)
         rb_plan = st.rollback or {}
         rb_skipped = {h: why for ph in rb_plan.get("phases", [])
                       for h, why in (ph.get("skipped") or {}).items()}
-        row: HostStepRun | None
         # Hosts whose deploy passed but whose verification gate failed them.
         unverified = {h for p in phases if p.stage_index == st.stage_index
                       and p.kind == "verify" for h in (p.verdict or {}).get("failed", [])}
         hosts = []
         for h in st.hosts:
-            steps = []
-            for i, sid in enumerate(step_ids):
-                row = latest.get((h["name"], i))
-                steps.append({
-                    "step": sid,
-                    "status": row.status if row else Status.PENDING,
-                    "exit_code": row.exit_code if row else None,
-                    "failed_unit": row.failed_unit if row else None,
-                    "error_class": row.error_class if row else None,
-                    "error": row.error if row else None,
-                    "stderr_tail": row.stderr_tail if row and row.status == Status.FAILED
-                    else None,
-                    "outputs": row.outputs if row else {},
-                    "worker": row.worker if row else None,
-                    "queue": row.queue if row else None,
-                    "attempt": row.attempt if row else None,
-                    "started_at": _t(row.started_at) if row else None,
-                    "finished_at": _t(row.finished_at) if row else None,
-                })
+            steps = [_step(sid, (undo if requested else latest).get((h["name"], i)),
+                           tries.get((h["name"], i), []))
+                     for i, sid in zip(indexes, step_ids, strict=True)]
             inst = versions.get((str(deploying.service.identifier if deploying else None),
                                  str(deploying.environment.identifier if deploying else None),
                                  h["infrastructure"], h["name"]))
+            rollback = _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
+                                      rb_skipped)
             status = _host_status(steps)
-            if h["name"] in unverified:
+            if requested:  # what the rollback did on the host (nothing: SKIPPED)
+                status = rollback["status"] if rollback else Status.SKIPPED
+                if status == Status.PENDING and st.status in Status.TERMINAL:
+                    status = Status.SKIPPED
+            elif h["name"] in unverified:
                 status = Status.FAILED
             elif status == Status.PENDING and st.status in Status.TERMINAL:
                 status = Status.SKIPPED  # its phase never started
@@ -100,8 +101,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "version": inst.version if inst else None,
                 "previous_version": inst.previous_version if inst else None,
                 "steps": steps,
-                "rollback": _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
-                                           rb_skipped),
+                "rollback": rollback,
             })
         out_stages.append({
             "index": st.stage_index,
@@ -114,6 +114,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             "environment": deploying.environment.identifier if deploying else None,
             "version": deploying.artifact.tag if deploying and deploying.artifact else None,
             "steps": step_ids,
+            "discovery": _discovery(next((p for p in phases if p.stage_index == st.stage_index
+                                          and p.kind == "discover"), None)),
             "phases": [
                 {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
                  "verdict": p.verdict, "dispatched_at": _t(p.dispatched_at),
@@ -142,6 +144,46 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "intervention": intervention,
         "stages": out_stages,
     }
+
+
+def _step(sid: str, row: HostStepRun | None, tries: list[HostStepRun]) -> dict[str, Any]:
+    """One host's step: its latest attempt (``row``; None: not started) and every attempt."""
+    return {
+        "step": row.step_id if row and row.step_id else sid,
+        "status": row.status if row else Status.PENDING,
+        "exit_code": row.exit_code if row else None,
+        "failed_unit": row.failed_unit if row else None,
+        "error_class": row.error_class if row else None,
+        "error": row.error if row else None,
+        "stderr_tail": row.stderr_tail if row and row.status == Status.FAILED else None,
+        "outputs": row.outputs if row else {},
+        "worker": row.worker if row else None,
+        "queue": row.queue if row else None,
+        "attempt": row.attempt if row else None,
+        "started_at": _t(row.started_at) if row else None,
+        "finished_at": _t(row.finished_at) if row else None,
+        "attempts": [_attempt(a) for a in sorted(tries, key=lambda a: a.attempt)],
+    }
+
+
+def _attempt(r: HostStepRun) -> dict[str, Any]:
+    """One attempt of a host's step, as ``status`` shows it among the others."""
+    return {"attempt": r.attempt, "status": r.status, "exit_code": r.exit_code,
+            "failed_unit": r.failed_unit, "error_class": r.error_class, "error": r.error,
+            "worker": r.worker, "queue": r.queue, "started_at": _t(r.started_at),
+            "finished_at": _t(r.finished_at)}
+
+
+def _discovery(rec: PhaseRun | None) -> dict[str, Any] | None:
+    """How the region workers listed a stage's hosts (None: the hosts were static): status,
+    how many hosts, which workers on which queues, the infrastructures asked, the error."""
+    if rec is None:
+        return None
+    v = rec.verdict or {}
+    return {"status": rec.status, "hosts": v.get("hosts", len(rec.hosts)),
+            "workers": list(v.get("workers") or []),
+            "infrastructures": list(v.get("infrastructures") or []),
+            "error": v.get("error")}
 
 
 def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],
@@ -189,8 +231,11 @@ def _host_status(steps: list[dict[str, Any]]) -> str:
 
 def execution_logs(execution_id: str, *, host: str | None = None,
                    step: str | None = None) -> list[dict[str, Any]]:
-    """Log chunks in order (host, step, sequence)."""
+    """Log chunks in order (host, step, sequence); LookupError when there is no such
+    execution (an execution that logged nothing yet is an empty list)."""
     with session_scope() as s:
+        if s.get(Execution, execution_id) is None:
+            raise LookupError(f"no execution '{execution_id}'")
         q = select(HostStepRun).where(HostStepRun.execution_id == execution_id)
         if host:
             q = q.where(HostStepRun.host == host)
@@ -213,6 +258,22 @@ def execution_logs(execution_id: str, *, host: str | None = None,
                         "stream": c.stream,
                         "text": c.text})
     return out
+
+
+def execution_progress(execution_id: str) -> dict[str, Any] | None:
+    """Where an execution stands, cheaply (two small reads, whatever its number of hosts):
+    its status, current stage and each stage's status; None when there is no such
+    execution. What a follower (the server's event stream) polls."""
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        if ex is None:
+            return None
+        stages = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
+                        .order_by(col(StageRun.stage_index))).all()
+        return {"id": ex.id, "pipeline": ex.pipeline, "status": ex.status,
+                "current_stage": ex.current_stage, "error": ex.error,
+                "stages": [{"identifier": st.identifier, "status": st.status}
+                           for st in stages]}
 
 
 def execution_statuses(values: Iterable[str]) -> list[str]:

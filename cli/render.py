@@ -62,6 +62,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             continue
         if len(st["hosts"]) > MATRIX_FROM and not every_host:
             _print_matrix(st)
+            print_discovery(st)
             print_gates(st, only_failed=True)
             continue
         table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
@@ -77,6 +78,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             table.add_row(h["host"], h["region"], styled(h["status"]), h["version"] or "",
                           h["previous_version"] or "", *extra)
         out.print(table)
+        print_discovery(st)
         for h in st["hosts"]:
             rb = h.get("rollback") or {}
             if rb.get("status") == "ROLLBACK_FAILED":
@@ -84,6 +86,11 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                                f"{rb.get('error')}", style="red"))
             elif rb.get("status") == "SKIPPED":
                 out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
+        for h in st["hosts"]:  # retried steps: every attempt, the last one first
+            for s in h["steps"]:
+                if len(s.get("attempts") or []) > 1:
+                    out.print(f"  {h['host']} ({h['region']}): step {s['step']} "
+                              f"{attempts_line(s)}")
         # Failures as plain lines: readable in a CI log at any width.
         for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
@@ -119,13 +126,54 @@ def _print_custom(st: dict[str, Any]) -> None:
     print_gates(st, only_failed=True)
 
 
+def _workers(found: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{w.get('worker') or 'a worker'} ({w.get('queue') or 'no queue'})"
+                     for w in found)
+
+
+def print_discovery(stage: dict[str, Any]) -> None:
+    """How the stage's hosts were listed by the region workers (nothing for static hosts)."""
+    d = stage.get("discovery")
+    if not d:
+        return
+    if d["status"] == "FAILED":
+        where = f" on {_workers(d['workers'])}" if d["workers"] else ""
+        out.print(Text(f"  discovery FAILED{where}: {d.get('error') or 'no reason recorded'}",
+                       style="red"))
+    elif d["status"] == "SUCCEEDED":
+        out.print(f"  discovery: {d['hosts']} host(s) listed by {_workers(d['workers'])}")
+    else:
+        queues = sorted({f"vmfarm.{i['region']}" + (f"[{','.join(i['tags'])}]"
+                                                     if i.get("tags") else "")
+                         for i in d["infrastructures"]})
+        out.print(Text(f"  discovery: waiting for a worker on {', '.join(queues)}",
+                       style="yellow"))
+
+
+def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage's phase records that are verdicts (not discovery, not an intervention)."""
+    return [p for p in stage["phases"]
+            if p["kind"] != "discover" and not p["kind"].startswith("mi-")]
+
+
 def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     """One line per phase verdict; for a failed gate, one line per failed host with its
-    numbers."""
+    numbers. Discovery is not a gate (``print_discovery``); a manual intervention shows who
+    chose what."""
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
-        if not v or (only_failed and v.get("passed")):
+        if p["kind"] == "discover":
+            continue
+        if p["kind"].startswith("mi-"):
+            if not only_failed and v.get("chosen"):
+                why = f" ({v['comment']})" if v.get("comment") else ""
+                who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+                    else f"by {v.get('by')}"
+                out.print(f"  manual intervention: {v['chosen']} chosen {who}{why}")
+            continue
+        # A canary analysis is shown passed or not: its numbers are what the user reads.
+        if not v or (only_failed and v.get("passed") and not v.get("analysis")):
             continue
         if p["kind"] == "approval":
             _print_approval(p, only_failed=only_failed)
@@ -141,11 +189,17 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
             out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'}"
                            f" ({detail})", style="" if v.get("passed") else "red"))
             continue
+        checks = " their checks" if v.get("analysis") else ""  # the analysis says the rest
         out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
-                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed; {v.get('rule')})",
+                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed{checks}; "
+                       f"{v.get('rule')})",
                        style="" if v.get("passed") else "red"))
+        analysis = v.get("analysis") or {}
         for reason in v.get("reasons") or []:
-            out.print(Text(f"    {reason}", style="red"))
+            if not (analysis and reason.startswith("canary analysis: ")):
+                out.print(Text(f"    {reason}", style="red"))
+        if analysis:
+            _print_analysis(analysis)
         for host, c in (v.get("checks") or {}).items():
             numbers = _check_numbers(c.get("results") or {})
             if not c.get("passed"):
@@ -153,6 +207,24 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
                                + (f" [{numbers}]" if numbers else ""), style="red"))
             elif not only_failed and numbers:
                 out.print(f"    {host}: {numbers}")
+
+
+def _print_analysis(a: dict[str, Any]) -> None:
+    """A canary analysis: one line per metric with both sides' numbers (app.verify.canary)."""
+    window = a.get("window") or {}
+    seconds = float(window.get("seconds") or 0)
+    span = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+    ok = a.get("passed")
+    canary, baseline = a.get("canary") or {}, a.get("baseline") or {}
+    out.print(Text(f"    canary analysis ({a.get('analysisType', 'Prometheus')}, "
+                   f"{a.get('comparisonStrategy', 'COMPARE_WITH_CURRENT')}, {span}): "
+                   f"{'passed' if ok else 'FAILED'}; canary {len(canary.get('hosts') or [])} "
+                   f"host(s) vs current version {len(baseline.get('hosts') or [])} host(s)",
+                   style="" if ok else "red"))
+    for m in a.get("metrics") or []:
+        out.print(Text(f"      {m.get('reason')}", style="" if m.get("passed") else "red"))
+    for reason in (a.get("reasons") or []) if not a.get("metrics") else []:
+        out.print(Text(f"      {reason}", style="red"))
 
 
 def _print_approval(p: dict[str, Any], *, only_failed: bool) -> None:
@@ -223,6 +295,13 @@ def _print_matrix(st: dict[str, Any]) -> None:
         versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
     out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
               + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
+    retried = [h["host"] for h in st["hosts"]
+               if any(len(s.get("attempts") or []) > 1 for s in h["steps"])]
+    if retried:
+        out.print(f"  {len(retried)} host(s) needed more than one attempt: "
+                  + ", ".join(retried[:6]) + (f" (+{len(retried) - 6} more)"
+                                              if len(retried) > 6 else "")
+                  + " (vmfarm status --all-hosts)")
     groups: dict[str, list[str]] = {}
     for h in st["hosts"]:
         bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
@@ -237,6 +316,30 @@ def _print_matrix(st: dict[str, Any]) -> None:
         out.print(Text(f"  {len(names)} host(s): {detail}: {shown}", style="red"))
     if len(groups) > 10:
         out.print(f"  ... {len(groups) - 10} more kinds of failure (vmfarm status -o json)")
+
+
+def attempts_line(step: dict[str, Any]) -> str:
+    """``SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)``: how a retried step ended, then
+    each earlier attempt (``attempt 1 DelegateRestart (worker lost: ...)`` for a lost worker)."""
+    tries = step.get("attempts") or []
+    if not tries:
+        return str(step["status"])
+    last, earlier = tries[-1], tries[:-1]
+    parts = [f"{last['status']} on attempt {last['attempt']}"]
+    for a in earlier:
+        error = (a.get("error") or "").strip().splitlines()
+        error_text = error[0][:160] if error else ""
+        if a.get("error_class") == "DelegateRestart":
+            parts.append(f"attempt {a['attempt']} DelegateRestart"
+                         + (f" ({error_text})" if error_text else ""))
+        elif a.get("exit_code") is not None and a["status"] != "SUCCEEDED":
+            parts.append(f"attempt {a['attempt']} {a['status']} (exit {a['exit_code']})")
+        elif error_text:
+            why = f"{a['error_class']}: {error_text}" if a.get("error_class") else error_text
+            parts.append(f"attempt {a['attempt']} {a['status']} ({why})")
+        else:
+            parts.append(f"attempt {a['attempt']} {a['status']}")
+    return "; ".join(parts)
 
 
 def _failure_detail(step: dict[str, Any]) -> str:
@@ -280,8 +383,14 @@ def print_plan(result: dict[str, Any]) -> None:
                           + ", ".join(names))
         else:
             out.print(f"  hosts: {hosts}")
+        analysis = (strategy.get("verification") or {}).get("canaryAnalysis")
+        window = str((analysis or {}).get("timeDuration", ""))
+        window += " min" if window.replace(".", "", 1).isdigit() else ""  # Harness's unit
+        gate_text = " -> verification gate" + (
+            f" (canary analysis: {analysis['analysisType']}, {analysis['comparisonStrategy']}, "
+            f"over {window})" if analysis else "")
         for p in st["phases"]:
-            gate = " -> verification gate" if p["verify"] else ""
+            gate = gate_text if p["verify"] else ""
             verb = "switch traffic to" if p["kind"] == "switch" else "deploy to"
             out.print(f"  {p['name']}: {verb} {len(p['hosts'])} host(s): "
                       f"{', '.join(p['hosts'])}{gate}")

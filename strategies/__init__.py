@@ -25,7 +25,8 @@ def plan(strategy: StrategyPlan, hosts: Sequence[str], *, live: Collection[str] 
     names = strategy.phase_names
     if kind == "Rolling":
         return plan_rolling(hosts, strategy.phases or [], names=names,
-                            cumulative=strategy.cumulative, verify=verify)
+                            cumulative=strategy.cumulative, verify=verify,
+                            verify_after=strategy.verify_after)
     if kind == "Canary":
         return plan_canary(hosts, strategy.phases or [], names=names,
                            verify_after=strategy.verify_after)

@@ -75,13 +75,16 @@ def _name(names: Sequence[str] | None, entry: int | None, default: str) -> str:
 
 
 def plan_rolling(hosts: Sequence[str], sizes: Sequence[Size], *, cumulative: bool = False,
-                 verify: bool = False, names: Sequence[str] | None = None) -> list[Phase]:
-    """Phases in inventory order; with ``verify``, a gate after every phase but the last."""
+                 verify: bool = False, names: Sequence[str] | None = None,
+                 verify_after: Sequence[int] | None = None) -> list[Phase]:
+    """Phases in inventory order; with ``verify``, a gate after every phase but the last (or
+    after the entries of ``sizes`` listed in ``verify_after``, when given)."""
     batches = _batches(len(hosts), sizes, cumulative=cumulative)
     groups = _split(hosts, [n for n, _ in batches])
     last = len(groups) - 1
     return [Phase(index=i, name=_name(names, batches[i][1], f"Phase {i + 1}"), hosts=g,
-                  verify=verify and i < last)
+                  verify=verify and i < last
+                  and (verify_after is None or batches[i][1] in verify_after))
             for i, g in enumerate(groups)]
 
 

@@ -6,6 +6,9 @@ and HTTP 429/500/502/503/504 are retried ``ATTEMPTS`` times in all with exponent
 replaces it, capped at ``BACKOFF_MAX``). 401, 403 and 404 are not retried. The
 ``Authorization`` header follows a redirect only to the same scheme, host and port (Artifactory
 may redirect to signed S3 URLs).
+
+TLS: the system's trusted CAs, plus the bundle file ``VMFARM_ARTIFACT_CA_BUNDLE`` names (a
+private repository's CA) when it is set.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import base64
 import hashlib
 import http.client
 import logging
+import os
 import re
 import ssl
 import time
@@ -44,6 +48,7 @@ TIMEOUT = 60.0
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CHECKSUM_HEADER = "X-Checksum-Sha256"
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+CA_BUNDLE_ENV = "VMFARM_ARTIFACT_CA_BUNDLE"
 
 T = TypeVar("T")
 
@@ -99,6 +104,19 @@ class _Redirect(urllib.request.HTTPRedirectHandler):
         return new
 
 
+def _tls_context(what: str) -> ssl.SSLContext:
+    """The system's CAs, and ``VMFARM_ARTIFACT_CA_BUNDLE``'s when set."""
+    ctx = ssl.create_default_context()
+    bundle = os.environ.get(CA_BUNDLE_ENV)
+    if bundle:
+        try:
+            ctx.load_verify_locations(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ArtifactError(f"artifact {what}: {CA_BUNDLE_ENV}={bundle!r} is not a readable "
+                                f"CA bundle: {exc}", artifact=what) from None
+    return ctx
+
+
 def _retry_after(headers: Message | None) -> float | None:
     value = headers.get("Retry-After") if headers is not None else None
     try:
@@ -123,7 +141,8 @@ class HttpSource:
         self.auth = auth
         self.what = what
         self.attempts = max(1, attempts if attempts is not None else ATTEMPTS)
-        self._opener = urllib.request.build_opener(_Redirect())
+        self._opener = urllib.request.build_opener(
+            _Redirect(), urllib.request.HTTPSHandler(context=_tls_context(what)))
 
     # --- requests ------------------------------------------------------------------------------
 

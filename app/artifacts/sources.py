@@ -26,16 +26,24 @@ In every template ``<+artifact.tag>``, ``<+artifacts.primary.tag>``, ``<tag>`` a
 become the tag (URL-quoted in URLs). ``connectorRef`` is not resolved by this version: name the
 server with spec.baseUrl (or spec.url).
 
-Authentication (HTTP types): a bearer token (``credentials.token`` or spec.token), or basic:
-spec.username (or ``credentials.username``, or ``user:password@`` in the URL) with the password
-from ``credentials.password`` (the resolved secret that spec.passwordRef names) or spec.password.
-S3 uses boto3's credential chain and ``AWS_ENDPOINT_URL(_S3)``.
+Authentication (HTTP types): a bearer token or basic (a username and a password). Secrets are
+named, never written: ``spec.passwordRef`` / ``spec.tokenRef`` hold a secret id, and
+``spec.password`` / ``spec.token`` (and ``spec.username``) may hold ``<+secrets.getValue("id")>``.
+They are resolved by ``fetch`` (and DownloadArtifact's worker side) through app.secrets, on the
+worker that fetches, so the plan and every SQL row keep only the reference; a secret that cannot
+be resolved fails the fetch (ArtifactAuthError) naming its id. ``credentials`` passed to
+``fetch`` (values already resolved) win over the spec. The loader refuses a password or token
+written in the file (app.definitions.schemas). Credentials are sent over https only: an http://
+URL with credentials is refused before anything is fetched. S3 uses boto3's credential chain and
+``AWS_ENDPOINT_URL(_S3)``.
 
 Checksums: spec.sha256, or spec.checksum ``sha256:<hex>``; else, what the repository publishes:
 Artifactory's ``X-Checksum-Sha256`` header (HEAD, or on the download), a sibling
 ``<url>.sha256`` file (first token), S3's ChecksumSHA256 / ``sha256`` metadata /
-``<key>.sha256``. A mismatch raises ChecksumError and the bytes are discarded. With no checksum
-anywhere the computed sha256 is recorded and ``Fetched.verified`` is False.
+``<key>.sha256``. A mismatch raises ChecksumError and the bytes are discarded. A remote artifact
+with no checksum anywhere is refused (ArtifactError, the bytes discarded) unless its spec says
+``allowUnverified: true``; then the computed sha256 is recorded and ``Fetched.verified`` is
+False. Local artifacts are hashed here and need none.
 
 Caching and concurrency: see app.artifacts.cache. Within one execution a (source, tag) is
 fetched once however many hosts, threads or worker processes on the machine ask; a later
@@ -69,6 +77,8 @@ log = logging.getLogger("vmfarm.artifacts")
 
 TAG_PLACEHOLDERS = ("<+artifact.tag>", "<+artifacts.primary.tag>", "<tag>", "{tag}")
 HTTP_TYPES = ("Http", "Artifactory", "Nexus3Registry", "Jenkins")
+# The spec fields that give credentials (app.definitions.schemas lists them for the loader).
+AUTH_FIELDS = ("username", "password", "token", "passwordRef", "tokenRef")
 _URL_SAFE = "-._~+@:!$&'()*,;=%"
 
 
@@ -118,6 +128,7 @@ class Resolved:
     bucket: str | None = None
     key: str | None = None
     region: str | None = None
+    allow_unverified: bool = False  # spec.allowUnverified: no checksum anywhere is fine
 
 
 # --- reading the spec ----------------------------------------------------------------------------
@@ -211,7 +222,12 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         raise ArtifactError(f"{what}: set spec.url, or spec.baseUrl with the repository fields"
                             + (f" (connectorRef {ref!r} is not resolved by this version)"
                                if ref else ""))
-    base = _substitute(base, tag, what, url=True).rstrip("/")
+    server = urlsplit(_substitute(base, tag, what, url=True))
+
+    def under_base(path: str) -> str:  # a query of the base URL stays a query, after the path
+        return urlunsplit((server.scheme, server.netloc, f"{server.path.rstrip('/')}/{path}",
+                           server.query, ""))
+
     if atype == "Http":
         raise ArtifactError(f"{what}: set spec.url")
     if atype == "Jenkins":
@@ -223,13 +239,13 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         build = _substitute(_field(spec, "build") or "<tag>", tag, what)
         jobs = "/".join("job/" + quote(seg, safe=_URL_SAFE) for seg in _join(job))
         path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
-        return f"{base}/{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}"
+        return under_base(f"{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}")
     repo = _field(spec, "repository", "repositoryName")
     if not repo:
         raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl")
     segs = [_substitute(repo, tag, what), *_repo_path(spec, tag, what)]
     prefix = "repository/" if atype == "Nexus3Registry" else ""
-    return f"{base}/{prefix}" + "/".join(quote(s, safe=_URL_SAFE) for s in segs)
+    return under_base(prefix + "/".join(quote(s, safe=_URL_SAFE) for s in segs))
 
 
 def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:
@@ -241,25 +257,68 @@ def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:
                        token=value.get("token"))
 
 
+def _resolved(text: str | None, what: str, where: str) -> str | None:
+    """``text`` with its ``<+secrets.getValue("id")>`` resolved here, on the worker."""
+    from app.secrets import SecretError, has_refs, substitute
+
+    if text is None or not has_refs(text):
+        return text
+    try:
+        out, _ = substitute(text)
+    except SecretError as exc:  # names the id and the backend, never a value
+        raise ArtifactAuthError(f"{what}: {where}: {exc}", artifact=what) from None
+    return out
+
+
+def _secret(secret_id: str, what: str, where: str) -> str:
+    """The value of the secret ``where`` (spec.passwordRef, spec.tokenRef) names."""
+    from app.secrets import SecretError
+    from app.secrets import resolve as resolve_secrets
+
+    try:
+        return resolve_secrets([secret_id])[secret_id.strip()]
+    except SecretError as exc:
+        raise ArtifactAuthError(f"{what}: {where} {secret_id.strip()!r}: the secret cannot be "
+                                f"resolved on this worker: {exc}", artifact=what) from None
+
+
+def names_credentials(spec: Mapping[str, Any], url: str | None = None) -> bool:
+    """True when the spec (or the URL's user:password@) gives any credential."""
+    return any(_field(spec, k) for k in AUTH_FIELDS) or bool(url and urlsplit(url).username)
+
+
 def _http_auth(spec: Mapping[str, Any], creds: Credentials, url_user: str | None,
                url_password: str | None, what: str, *, require_secrets: bool) -> HttpAuth:
-    token = creds.token or _field(spec, "token")
-    if token:
-        return HttpAuth(token=token)
-    username = creds.username or _field(spec, "username") or url_user
-    password = creds.password or _field(spec, "password") or url_password
-    ref = _field(spec, "passwordRef")
-    token_ref = _field(spec, "tokenRef")
-    if require_secrets and password is None and ref:
-        raise ArtifactAuthError(f"{what}: spec.passwordRef {ref!r} names a secret this version "
-                                "cannot resolve; pass its value as credentials", artifact=what)
-    if require_secrets and not username and token_ref:
-        raise ArtifactAuthError(f"{what}: spec.tokenRef {token_ref!r} names a secret this "
-                                "version cannot resolve; pass its value as credentials",
-                                artifact=what)
-    if username:
-        return HttpAuth(username=username, password=password)
-    return HttpAuth()
+    """The credentials to send. With ``require_secrets`` (the worker that fetches) the secrets
+    the spec names are resolved here; without (plan time) none is, and none is returned."""
+    if creds.token:
+        return HttpAuth(token=creds.token)
+    if not require_secrets:
+        return HttpAuth()
+    if creds.password is None and not creds.username:
+        token = _resolved(_field(spec, "token"), what, "spec.token")
+        if not token and (token_ref := _field(spec, "tokenRef")):
+            token = _secret(token_ref, what, "spec.tokenRef")
+        if token:
+            return HttpAuth(token=token)
+    username = creds.username or _resolved(_field(spec, "username"), what, "spec.username") \
+        or url_user
+    if not username:
+        return HttpAuth()
+    password = creds.password
+    if password is None:
+        password = _resolved(_field(spec, "password"), what, "spec.password")
+    if password is None and (ref := _field(spec, "passwordRef")):
+        password = _secret(ref, what, "spec.passwordRef")
+    if password is None:
+        password = url_password
+    return HttpAuth(username=username, password=password)
+
+
+def allow_unverified(spec: Mapping[str, Any]) -> bool:
+    """``spec.allowUnverified: true``: a remote artifact without any checksum may deploy."""
+    value = spec.get("allowUnverified")
+    return value is True or str(value).lower() == "true"
 
 
 def _describe_url(url: str) -> str:
@@ -276,8 +335,9 @@ def resolve(artifact: Mapping[str, Any],
             require_secrets: bool = True) -> Resolved:
     """What to fetch, from where, with which checksum; ArtifactError if the spec cannot say.
 
-    Needs no network. With ``require_secrets=False`` a passwordRef without a value is fine
-    (plan time: the secret comes at run time)."""
+    Needs no network. With ``require_secrets`` (the worker that fetches) the secrets the spec
+    names are resolved (ArtifactAuthError naming the one that cannot be); with
+    ``require_secrets=False`` (plan time) none is, and ``auth`` is empty."""
     if not artifact or not artifact.get("type"):
         raise ArtifactError("the service has no artifact (artifacts.primary)")
     atype = str(artifact["type"])
@@ -310,10 +370,16 @@ def resolve(artifact: Mapping[str, Any],
         clean = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
                             parts.query, ""))
         source = f"{atype} {_describe_url(clean)}"
-        auth = _http_auth(spec, _credentials(credentials), parts.username, parts.password,
-                          source, require_secrets=require_secrets)
+        given = _credentials(credentials)
+        if parts.scheme == "http" and (names_credentials(spec, url) or given != Credentials()):
+            raise ArtifactError(f"{source}: credentials are sent over https only, and this URL "
+                                "is plain http (anyone on the way could read them): use an "
+                                "https:// URL", artifact=source)
+        auth = _http_auth(spec, given, parts.username, parts.password, source,
+                          require_secrets=require_secrets)
         return Resolved(atype, "http", clean, source, extension(parts.path.rsplit("/", 1)[-1]),
-                        tag, expected, expected_from, url=clean, auth=auth)
+                        tag, expected, expected_from, url=clean, auth=auth,
+                        allow_unverified=allow_unverified(spec))
     if atype == "AmazonS3":
         bucket = _field(spec, "bucket", "bucketName")
         key_t = _field(spec, "key", "filePath", "artifactPath")
@@ -326,7 +392,8 @@ def resolve(artifact: Mapping[str, Any],
         source = f"AmazonS3 s3://{bucket}/{key}" + (f" ({region})" if region else "")
         identity = f"s3://{bucket}/{key}?region={region or ''}&endpoint={endpoint_url() or ''}"
         return Resolved(atype, "s3", identity, source, extension(key.rsplit("/", 1)[-1]), tag,
-                        expected, expected_from, bucket=bucket, key=key, region=region)
+                        expected, expected_from, bucket=bucket, key=key, region=region,
+                        allow_unverified=allow_unverified(spec))
     if atype == "CustomArtifact":
         raise ArtifactError(f"{what}: CustomArtifact sources are not supported; use Http (spec."
                             "url) or AmazonS3")
@@ -384,7 +451,8 @@ def fetch(artifact: Mapping[str, Any], *, execution_id: str | None = None,
     log.info("artifact %s: %s, %d bytes, sha256 %s (%s)", src.source,
              "reused from the cache" if fetched.from_cache else "fetched", fetched.size,
              fetched.sha256, f"verified against {fetched.checksum_from}" if fetched.verified
-             else "not verified: no checksum in the spec or the repository")
+             else "hashed here" if src.kind == "local"
+             else "not verified: no checksum anywhere, and spec.allowUnverified is true")
     return fetched
 
 
@@ -412,6 +480,8 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
         s3 = S3Source(src.bucket, src.key, src.region, src.source)
         if expected is None:
             expected, expected_from = s3.checksum()
+    if expected is None and src.kind == "s3" and not src.allow_unverified:
+        raise ArtifactError(unverified_message(src), artifact=src.source)
     if expected is not None and src.kind != "local" and \
             (hit := cache.lookup(expected, src.ext)) is not None:
         return Fetched(str(hit), expected, hit.stat().st_size, src.source, True, True,
@@ -435,6 +505,8 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
             assert s3 is not None
             s3.download(tmp)
             digest, size = sha256_file(tmp), tmp.stat().st_size
+        if expected is None and src.kind != "local" and not src.allow_unverified:
+            raise ArtifactError(unverified_message(src), artifact=src.source)
         if expected is not None and digest != expected:
             raise ChecksumError(
                 f"artifact {src.source}: sha256 mismatch: expected {expected} (from "
@@ -444,11 +516,22 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
         path = cache.commit(tmp, digest, src.ext)
     finally:
         tmp.unlink(missing_ok=True)
-    if expected is None:
-        log.warning("artifact %s: neither the spec nor the repository gives a checksum; "
-                    "recorded the computed sha256 %s", src.source, digest)
+    if expected is None and src.kind != "local":
+        log.warning("artifact %s: neither the spec nor the repository gives a checksum "
+                    "(spec.allowUnverified: true); recorded the computed sha256 %s",
+                    src.source, digest)
     return Fetched(str(path), digest, size, src.source, False, expected is not None,
                    expected_from, src.ext)
+
+
+def unverified_message(src: Resolved) -> str:
+    """Why a remote artifact without any checksum is refused, and how to fix it."""
+    published = ("S3's ChecksumSHA256, a sha256 metadata entry or <key>.sha256" if src.kind == "s3"
+                 else f"{CHECKSUM_HEADER} or <url>.sha256")
+    return (f"artifact {src.source}: refused: no checksum from any source (the spec, or the "
+            f"repository's {published}), so the bytes cannot be verified; set spec.sha256 "
+            "(or spec.checksum: sha256:<hex>), publish a checksum in the repository, or write "
+            "spec.allowUnverified: true to deploy it unverified")
 
 
 # --- on the host ---------------------------------------------------------------------------------

@@ -10,27 +10,14 @@ caller's environment, files and headers play no part.
 from __future__ import annotations
 
 from app.auth.identity import Identity
-from app.rbac import PermissionRefused, RbacConfig, check_permission, grants, qualified
-
-
-def _groups(cfg: RbacConfig, who: Identity) -> set[str]:
-    return set(who.groups) | set(cfg.groups_of(who.subject))
+from app.rbac import PermissionRefused, RbacConfig, check_permission, qualified
 
 
 def allows(cfg: RbacConfig, who: Identity, permission: str, *, resource: str | None = None,
            environment_type: str | None = None) -> bool:
-    needed = qualified(check_permission(permission), environment_type)
-    if who.kind == "token":
-        return any(grants(p, needed) for r in who.roles if r in cfg.roles
-                   for p in cfg.roles[r].permissions)
-    groups = _groups(cfg, who)
-    for b in cfg.bindings:
-        if not (who.subject in b.users or "*" in b.users or b.groups & groups) \
-                or not b.covers(resource):
-            continue
-        if any(grants(p, needed) for r in b.roles for p in cfg.roles[r].permissions):
-            return True
-    return False
+    return cfg.allows(who.subject, permission, resource=resource,
+                      environment_type=environment_type, groups=who.groups,
+                      roles=who.roles if who.kind == "token" else None)
 
 
 def authorize(cfg: RbacConfig, who: Identity, permission: str, *,

@@ -10,6 +10,7 @@ in pyproject.toml holds it)::
     reconcile   what error callbacks miss: lost workers, unclaimed work, lost gates, timeouts
     machine     ``advance()``: the state machine, the only place that decides what happens next
     approvals   Approval stages         discovery   cloud hosts listed by region workers
+                                        (also for ``vmfarm hosts``: discover_on_workers)
     failure     failure strategies at the stage: ignore, fail, abort, intervene, roll back
     rollback    rollback plans from the ledger and the rollback phases
     verdicts    phase verdicts from the ledger: budget, verification checks
@@ -25,6 +26,7 @@ The coordinator never imports worker code (``tasks/``, ``app.execution``); worke
 from __future__ import annotations
 
 from app.coordinator.actions import abort, decide_approval, intervene
+from app.coordinator.discovery import discover_on_workers
 from app.coordinator.dryrun import dry_run
 from app.coordinator.gates import discovery_done, gate, record_switch, verification_gate
 from app.coordinator.instances import releases_held
@@ -42,6 +44,7 @@ __all__ = [
     "abort",
     "advance",
     "decide_approval",
+    "discover_on_workers",
     "discovery_done",
     "discovery_region",
     "dry_run",

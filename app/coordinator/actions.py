@@ -4,6 +4,8 @@ intervention, abort (with or without a rollback).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlmodel import col, select
 
 from app.coordinator.approvals import approval_record, approvers
@@ -24,8 +26,15 @@ from app.models import (
 )
 
 
-def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str = "") -> str:
+def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str = "",
+                    groups: Collection[str] | None = None, token_id: str | None = None) -> str:
     """Record an approval or a rejection by ``user``; returns what it did.
+
+    ``user`` is compared with the execution's creator (``disallowPipelineExecutor``) and
+    with earlier votes (one vote each). Who is an approver: with ``groups`` (the server: a
+    verified token's groups and the server's users file), a member of one of them; without,
+    a member in the users file (``VMFARM_USERS_FILE``). ``token_id`` (an API token's, or a
+    token's ``jti``) is recorded with the vote.
 
     Raises ApprovalRefused (not an approver, the pipeline's executor when that is disallowed,
     a second vote) and LookupError (no such execution, or it waits for no approval).
@@ -42,21 +51,24 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
         verdict = dict(rec.verdict or {})
         # Who may vote: written in the record when it was opened (an approval step's, or an
         # Approval stage's); an older Approval stage record reads its stage.
-        groups = list(verdict.get("groups") or [])
+        asked = list(verdict.get("groups") or [])
         disallow = verdict.get("disallow_executor")
         if isinstance(stage, ApprovalStagePlan):
-            groups = groups or stage.approval.spec.approvers.user_groups
+            asked = asked or stage.approval.spec.approvers.user_groups
             if disallow is None:
                 disallow = stage.approval.spec.approvers.disallow_pipeline_executor
-        if user not in approvers(groups):
+        member = (bool(set(asked) & set(groups)) if groups is not None
+                  else user in approvers(asked))
+        if not user or not member:
             raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
-                                  f"{', '.join(groups)}")
+                                  f"{', '.join(asked)}")
         if approve and disallow and user == ex.created_by:
             raise ApprovalRefused(f"{user} started this execution and this approval disallows "
                                   "the pipeline executor; another approver must approve")
         if any(a["user"] == user for a in verdict.get("approvals", [])):
             raise ApprovalRefused(f"{user} has already approved this execution")
-        entry = {"user": user, "comment": comment, "at": utcnow().isoformat() + "Z"}
+        entry = {"user": user, "comment": comment, "at": utcnow().isoformat() + "Z",
+                 **({"token_id": token_id} if token_id else {})}
         if approve:
             verdict["approvals"] = [*verdict.get("approvals", []), entry]
             done = len(verdict["approvals"]) >= int(verdict.get("required", 1))

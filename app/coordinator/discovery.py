@@ -1,7 +1,11 @@
-"""Host discovery: static hosts at submit, cloud hosts by the region's workers (a chord).
+"""Host discovery: static hosts at submit, cloud hosts by the region's workers (a chord);
+``vmfarm hosts`` in service mode asks the region's workers too (``discover_on_workers``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from sqlmodel import Session, select
 
@@ -27,8 +31,9 @@ DELEGATE = "delegate"
 def delegate_host(stage: DeploymentStagePlan) -> Host:
     """Where a Custom stage's steps run: the control worker (region ``control``, the queue
     vmfarm.control), or with delegateSelectors (the stage's and its steps') a live worker that
-    has every tag (the first by name; its first region). When none is live, the stage keeps its tags on the control region
-    and submitting it is refused with the live workers named (routing.unserved_delegates)."""
+    has every tag (the first by name; its first region). When none is live, the stage keeps
+    its tags on the control region and submitting it is refused with the live workers named
+    (routing.unserved_delegates)."""
     region = "control"
     tags = {*stage.delegate_selectors,
             *(t for st in stage.steps for t in getattr(st.spec, "delegate_selectors", []))}
@@ -110,3 +115,44 @@ def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: Deplo
                              [(None, v.get("error_class") or "Unknown")], None, dispatches) \
             or fail_stage(s, ex, run, v.get("error", "host discovery failed"))
     return ""
+
+
+def discover_on_workers(work: Sequence[tuple[dict[str, Any], Sequence[str], Sequence[str] | None]],
+                        *, timeout: float) -> list[dict[str, Any]]:
+    """The hosts of each (infrastructure, worker tags, fallback tags or None) as a worker of
+    its region lists them: the ``vmfarm.discover`` task a run sends, on the region's (tag)
+    queue, so that the caller needs no cloud credentials. One result per item, in order: the
+    task's (``{"hosts", "worker", "queue"}``, or ``{"error", "error_class", ...}``), or an error
+    when no live worker serves the region or none answered within ``timeout`` seconds."""
+    from app import canvas
+    from app.coordinator.publish import NO_ANSWER, ask
+    from app.delegates import resolve_queue
+
+    out: list[dict[str, Any]] = []
+    sent: list[tuple[int, str]] = []
+    asked: list[tuple[dict[str, Any], str, tuple[str, ...]]] = []
+    for infra, tags, fallback in work:
+        region = discovery_region(infra)
+        choice = resolve_queue(region, tags)
+        if not choice.queue and fallback is not None:
+            choice = resolve_queue(region, fallback, True)
+        if not choice.queue:
+            out.append({"error": choice.message, "error_class": "Unknown",
+                        "error_type": "NoWorker", "infrastructure": infra.get("identifier")})
+            continue
+        out.append({})
+        sent.append((len(out) - 1, choice.queue))
+        asked.append((infra, region, tuple(choice.tags)))
+    answers = ask(canvas.discovery_tasks(asked), timeout=timeout) if asked else []
+    for (i, queue), value in zip(sent, answers, strict=True):
+        ident = str(work[i][0].get("identifier", ""))
+        if value is NO_ANSWER:
+            value = {"error": f"infrastructure '{ident}': no worker took the discovery from "
+                              f"queue {queue} within {timeout:g} s",
+                     "error_class": "Unknown", "error_type": "NoAnswer"}
+        elif isinstance(value, BaseException):
+            value = {"error": f"infrastructure '{ident}': discovery failed on the worker: "
+                              f"{type(value).__name__}: {value}",
+                     "error_class": "Unknown", "error_type": type(value).__name__}
+        out[i] = {"infrastructure": ident, "queue": queue, **value}
+    return out

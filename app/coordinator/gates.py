@@ -8,10 +8,15 @@ from typing import Any
 
 from sqlmodel import select
 
-from app.coordinator.ledger import deployment_stage, running_record
+from app.coordinator.ledger import deployment_stage, running_record, stage_run
 from app.coordinator.machine import advance
 from app.coordinator.routing import unserved_delegates
-from app.coordinator.verdicts import evaluate_phase, prometheus_verdict, within_budget
+from app.coordinator.verdicts import (
+    canary_verdict,
+    evaluate_phase,
+    prometheus_verdict,
+    within_budget,
+)
 from app.db import session_scope
 from app.models import (
     Status,
@@ -34,16 +39,32 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
 
     # The metric source is asked before the execution is locked: a slow Prometheus never holds
     # up the coordinator (every other advance of this execution waits for its lock).
+    analysis: dict[str, Any] | None = None
+    stage = None
+    hosts: list[dict[str, Any]] = []
+    phases: list[dict[str, Any]] = []
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
-        verification = deployment_stage(ex, stage_index).strategy.verification \
-            if ex is not None else None
+        stage = deployment_stage(ex, stage_index) if ex is not None else None
+        verification = stage.strategy.verification if stage is not None else None
+        if ex is not None and verification is not None \
+                and verification.canary_analysis is not None:
+            run = stage_run(s, ex, stage_index)
+            hosts, phases = list(run.hosts), list(run.phases)
+    if stage is not None and phases:  # a canary analysis, outside the transaction
+        try:
+            analysis = canary_verdict(stage, hosts, phases, phase)
+        except Exception as exc:  # the gate always gets a verdict: a failed one, with why
+            analysis = {"passed": False,
+                        "reasons": [f"canary analysis failed: {type(exc).__name__}: {exc}"]}
     reasons: list[str] = []
     prom_result: dict[str, Any] | None = None
     if verification is not None and verification.prometheus is not None:
         prom_ok, prom_result = prometheus_verdict(verification.prometheus)
         if not prom_ok:
             reasons.append(prom_result.get("reason", "prometheus check failed"))
+    if analysis is not None:
+        reasons.extend(analysis.get("reasons") or [])
     with session_scope() as s:
         found = running_record(s, execution_id, stage_index, phase, "verify")
         if found is None:
@@ -64,7 +85,7 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
         pr.verdict = {"passed": passed, "hosts": len(pr.hosts),
                       "succeeded": len(pr.hosts) - len(failed), "failed": failed,
                       "checks": per_host, "prometheus": prom_result, "reasons": reasons,
-                      "rule": rule}
+                      "rule": rule, **({"analysis": analysis} if analysis is not None else {})}
         pr.status = Status.SUCCEEDED if passed else Status.FAILED
         pr.gate_at = utcnow()
         s.add(pr)

@@ -175,12 +175,17 @@ def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
                    kind=kind, hosts=list(phase.hosts)))
     s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
     stage_plan = deployment_stage(ex, run.stage_index)
+    analysis = stage_plan.strategy.verification.canary_analysis \
+        if kind == "verify" and stage_plan.strategy.verification else None
     out.append(Dispatch(kind, ex.id, run.stage_index, phase.index,
                         [(n, by_name[n]["region"]) for n in phase.hosts],
                         step_count=len(stage_plan.steps),
                         lanes=stage_plan.strategy.max_concurrency,
                         tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts],
-                                        stage_plan.steps)))
+                                        stage_plan.steps),
+                        # A canary analysis judges the window after the phase: its checks wait
+                        # that long in the broker (no worker sleeps).
+                        countdown=analysis.window_seconds() if analysis else 0.0))
 
 
 def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """The only publisher: every canvas and timer the coordinator sends goes through ``publish``,
 after the transaction that recorded it has committed (a task must never run before its rows
-are visible). The canvases themselves are built in ``app.canvas``.
+are visible); ``ask`` sends tasks that record nothing and waits for their answers (``vmfarm
+hosts``). The canvases themselves are built in ``app.canvas``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def publish(d: Dispatch) -> None:
     elif d.kind == "verify":
         sig = canvas.verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                    phase=d.phase, hosts=d.hosts, expires=expires,
-                                   tags_of=d.tags_of)
+                                   tags_of=d.tags_of, countdown=d.countdown)
     elif d.kind == "discover":
         sig = canvas.discovery_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                       work=d.discover or [])
@@ -85,3 +86,27 @@ def publish_notifications(execution_id: str, before: dict[str, Any] | None,
     """Hand a transition's notifications to a control task (a slow webhook never holds up
     the coordinator)."""
     canvas.notify(execution_id=execution_id, before=before, after=after).apply_async()
+
+
+NO_ANSWER = object()  # what ``ask`` returns for a task no worker answered in time
+
+
+def ask(signatures: list[Any], *, timeout: float) -> list[Any]:
+    """Send tasks that record nothing (expiring after ``timeout`` seconds) and return their
+    results in order: a value, the exception a task raised, or ``NO_ANSWER``."""
+    import time
+
+    from celery import group
+    from celery.exceptions import TimeoutError as NoAnswer
+
+    result = group(signatures).apply_async(expires=timeout)
+    deadline = time.monotonic() + timeout
+    answers: list[Any] = []
+    for child in result.results:
+        try:
+            answers.append(child.get(timeout=max(0.1, deadline - time.monotonic()),
+                                     propagate=False, disable_sync_subtasks=False))
+        except NoAnswer:
+            answers.append(NO_ANSWER)
+        child.forget()
+    return answers

@@ -289,13 +289,24 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
         ex = s.get(Execution, execution_id)
         if ex is None:
             raise LookupError(f"no execution '{execution_id}'")
+        of = (ex.rollback or {}).get("of") if (ex.rollback or {}).get("cause") == "requested" \
+            else None
+        if of:
+            raise LookupError(f"execution {execution_id} is a rollback (of {of}): a rollback is "
+                              f"not rolled back; to deploy what {of} deployed again, run its "
+                              "pipeline again")
         if ex.status != Status.SUCCEEDED:
             raise LookupError(f"execution {execution_id} is {ex.status}: only a successful "
                               "execution is rolled back with `vmfarm rollback` (a failed one "
                               "rolls back by its failure strategy)")
+        undone = _rolled_back_by(s, ex)
+        if undone is not None:
+            raise LookupError(f"execution {execution_id} was rolled back already by execution "
+                              f"{undone.id} ({undone.status}); its hosts run what they ran "
+                              "before it (vmfarm artifacts SERVICE)")
         probe = Execution(id="<rollback-plan>", pipeline=ex.pipeline, plan=ex.plan,
                           rollback={"of": execution_id})
-        stages = []
+        stages: list[dict[str, Any]] = []
         for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
                           .order_by(col(StageRun.stage_index).desc())).all():
             stage = stage_of(ex, run.stage_index)
@@ -310,10 +321,16 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
                     Instance.infrastructure == by_name[name]["infrastructure"],
                     Instance.host == name)).first()
                 if inst is not None and inst.execution_id != execution_id:
+                    now = s.get(Execution, inst.execution_id)
+                    if now is not None and now.created_at > ex.created_at:
+                        raise LookupError(
+                            f"host {name} now runs {inst.version} from execution "
+                            f"{inst.execution_id}, deployed after {execution_id}: roll that "
+                            "one back first")
                     raise LookupError(
-                        f"host {name} now runs {inst.version} from execution "
-                        f"{inst.execution_id}, deployed after {execution_id}: roll that one "
-                        "back first")
+                        f"host {name} no longer runs what execution {execution_id} deployed: "
+                        f"it runs {inst.version} again, from the older execution "
+                        f"{inst.execution_id}")
             plan = plan_stage_rollback(s, probe, run)
             current = {i.host: i.version for i in s.exec(select(Instance).where(
                 Instance.service == stage.service.identifier,
@@ -335,4 +352,24 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
                            "phases_in_order": [{"phase": ph["name"], "hosts": ph["hosts"]}
                                                for ph in plan["phases"]],
                            "hosts": hosts})
+    if not any(ph["hosts"] for st in stages for ph in st["phases_in_order"]):
+        reasons: dict[str, int] = {}
+        for st in stages:
+            for h in st["hosts"]:
+                why_not = str(h["skipped"] or "nothing to do")
+                reasons[why_not] = reasons.get(why_not, 0) + 1
+        why = "; ".join(f"{n} host(s): {r}" for r, n in sorted(reasons.items())) or \
+            "it changed no host"
+        raise LookupError(f"execution {execution_id} has no host to roll back ({why})")
     return {"execution": execution_id, "pipeline": ex.pipeline, "stages": stages}
+
+
+def _rolled_back_by(s: Session, ex: Execution) -> Execution | None:
+    """The `vmfarm rollback` of ``ex`` that ran or runs (the newest), if any."""
+    later = s.exec(select(Execution).where(Execution.pipeline == ex.pipeline,
+                                           col(Execution.created_at) >= ex.created_at,
+                                           Execution.id != ex.id)
+                   .order_by(col(Execution.created_at).desc())).all()
+    return next((e for e in later if (e.rollback or {}).get("cause") == "requested"
+                 and (e.rollback or {}).get("of") == ex.id), None)
+

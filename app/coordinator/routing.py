@@ -121,9 +121,9 @@ def discovered_by_workers(stage: DeploymentStagePlan | ApprovalStagePlan) -> boo
     return not get_settings().embedded and not all_static(stage)
 
 
-def discovery_region(infra: InfrastructurePlan) -> str:
+def discovery_region(infra: InfrastructurePlan | dict[str, Any]) -> str:
     """The region whose workers list an infrastructure's hosts: its ``region``, else the first
     of ``hostFilter.spec.regions``, else ``default``."""
-    spec = infra.spec
+    spec = infra.spec if isinstance(infra, InfrastructurePlan) else (infra.get("spec") or {})
     regions = ((spec.get("hostFilter") or {}).get("spec") or {}).get("regions") or []
     return str(spec.get("region") or (regions[0] if regions else "") or "default")

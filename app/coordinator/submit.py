@@ -224,9 +224,7 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
 def rollback_execution(execution_id: str, *, user: str = "", publish: bool = True) -> str:
     """Roll a successful execution back on every host it changed: a new execution (the
     ledger keeps both) whose stages run their rollback phases, latest stage first."""
-    plan = rollback_plan(execution_id)
-    if not any(st["hosts"] for st in plan["stages"]):
-        raise LookupError(f"execution {execution_id} changed no host that can be rolled back")
+    plan = rollback_plan(execution_id)  # LookupError when there is nothing to roll back
     new_id = new_execution_id()
     with session_scope() as s:
         ex = s.get(Execution, execution_id)

@@ -148,6 +148,39 @@ def prometheus_verdict(check: PrometheusCheck) -> tuple[bool, dict[str, Any]]:
     return ok, {"query": check.query, "value": value, "reason": "; ".join(reasons)}
 
 
+def canary_verdict(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
+                   phases: list[dict[str, Any]], phase: int) -> dict[str, Any] | None:
+    """The stage's canary analysis after ``phase`` (app.verify.canary): the hosts deployed so
+    far against the hosts still on the current version (those of the later phases); None
+    when the stage has no canary analysis. ``hosts`` and ``phases`` are the stage run's, as
+    stored. Call it outside any transaction: it waits for Prometheus."""
+    from app.definitions.expressions import render
+    from app.providers.base import Host
+    from app.units import host_context
+    from app.verify.canary import analyse
+    from app.verify.probes import prometheus_query
+
+    spec = stage.strategy.verification.canary_analysis if stage.strategy.verification else None
+    if spec is None:
+        return None
+    by_name = {h["name"]: Host.from_dict(h) for h in hosts}
+
+    def labels(names: list[str]) -> list[str]:
+        return [render(spec.instance, host_context(by_name[n], stage)) for n in names]
+
+    planned = [Phase.from_dict(p) for p in phases]
+    canary = [n for p in planned if p.index <= phase and p.kind == "deploy" for n in p.hosts]
+    baseline = [n for p in planned if p.index > phase and p.kind == "deploy" for n in p.hosts]
+    url = spec.prometheus_url or get_settings().prometheus_url
+    if not url:
+        return {"passed": False, "reasons": ["canary analysis needs a Prometheus URL "
+                                             "(prometheusUrl or VMFARM_PROMETHEUS_URL)"]}
+    verdict = analyse(spec, url=url, canary=labels(canary), baseline=labels(baseline),
+                      query=prometheus_query)
+    verdict["canary"]["hosts"], verdict["baseline"]["hosts"] = canary, baseline
+    return verdict
+
+
 def phase_failure(phase: Phase, record: PhaseRun) -> str:
     v = record.verdict or {}
     failed = v.get("failed", [])
@@ -157,6 +190,8 @@ def phase_failure(phase: Phase, record: PhaseRun) -> str:
         return f"{phase.name}: traffic switch failed: {v.get('error', 'unknown error')}"
     hosts = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")
     extra = f" ({'; '.join(v['reasons'])})" if v.get("reasons") else ""
+    if not failed and extra:  # every host passed its checks; the phase as a whole did not
+        return f"{phase.name} {what}: {'; '.join(v['reasons'])}"
     return f"{len(failed)} host(s) {what} in {phase.name}: {hosts}{extra}"
 
 

@@ -89,7 +89,17 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
                                "kind, metadata and spec", file=str(f), line=1, col=1))
         bundle.documents.extend(docs)
     errs.raise_if_any()
+    from app.definitions.native import from_native, rename_fields
 
+    bundle.documents = [from_native(d) for d in bundle.documents]  # Harness's own shape
+    try:
+        return _load_bundle(bundle, errs, inputs, require_inputs)
+    except (SpecError, SpecErrors) as exc:
+        raise rename_fields(exc, bundle.documents) from None
+
+
+def _load_bundle(bundle: Bundle, errs: Collector, inputs: Mapping[str, str] | None,
+                 require_inputs: bool) -> Bundle:
     # Hook (templates): Template documents are set aside and every template reference is
     # expanded in place, before runtime inputs are named and filled.
     from app.definitions.templates import expand_templates
@@ -116,6 +126,34 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
     return bundle
 
 
+# Blocks of the Harness reference (and of Harness docs) that are not pipeline documents, and
+# where their vmfarm counterpart lives.
+_STRATEGY_HINT = ("a strategy block goes inside a Deployment stage's spec, next to execution "
+                  "(README: Strategies)")
+NOT_A_DOCUMENT = {
+    "rolloutDeployment": _STRATEGY_HINT,
+    "canaryDeployment": _STRATEGY_HINT,
+    "blueGreenDeployment": _STRATEGY_HINT,
+    "healthCheck": "write it as a `- step:` (type HealthCheck or Command) in a stage's "
+                   "execution.steps",
+    "secrets": "secrets live in a backend (`vmfarm secrets set`, VMFARM_SECRET_* variables, "
+               "Vault, AWS Secrets Manager) and pipelines read them with "
+               "<+secrets.getValue(\"id\")> (README: Secrets)",
+    "rbac": "roles and bindings are the operator's configuration (VMFARM_RBAC_FILE, "
+            "configs/rbac.yaml; README: Governance)",
+    "monitoring": "vmfarm's own metrics and alert rules are in configs/prometheus/ (README: "
+                  "Operating vmfarm); an application's checks are verification gates",
+    "monitoring_alerts": "alert rules are in configs/prometheus/alerts.yaml (README: Operating "
+                         "vmfarm)",
+    "connector": "connectors are not supported yet: write the URL (artifacts) or the credentials "
+                 "(workers' environment, secrets) where they are used",
+    "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
+    "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
+    "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "
+                         "workers",
+}
+
+
 def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
     data = doc.data
     if not isinstance(data, dict):
@@ -123,6 +161,15 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
                            f"spec, got {_type_name(data)}", ()))
         return
     kind = data.get("kind")
+    if kind is None and not {"apiVersion", "metadata", "spec"} & set(data) and data:
+        first = next(iter(data))
+        hint = NOT_A_DOCUMENT.get(str(first), "")
+        errs.add(doc.error(
+            f"'{first}' at the top of a document is not something vmfarm reads: a pipeline "
+            "file holds documents with apiVersion, kind (" + ", ".join([*m.KINDS, "Template"])
+            + "), "
+            "metadata and spec" + (f"; {hint}" if hint else ""), (first,), key=True))
+        return
     if kind is None:
         errs.add(doc.error("missing required field 'kind' (one of: "
                            + ", ".join(m.KINDS) + ")", ()))

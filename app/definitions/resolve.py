@@ -203,6 +203,21 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
                     for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
                                                   *out_stage.spec.execution.rollback_steps])
                     for u in getattr(st.spec, "command_units", []))
+    downloads = any(isinstance(u, m.DownloadArtifactUnit)
+                    for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
+                                                  *out_stage.spec.execution.rollback_steps])
+                    for u in getattr(st.spec, "command_units", []))
+    if downloads and art is not None and artifact is not None and art.type != "Local" \
+            and not any(artifact["spec"].get(k) for k in ("sha256", "checksum")) \
+            and artifact["spec"].get("allowUnverified") is not True:
+        # The host checks what it downloads against the spec's checksum only: the worker
+        # never sees the bytes, so the repository's checksum cannot stand in for it.
+        errs.add(svc.error(
+            "a DownloadArtifact unit fetches this artifact on the host, which can verify it "
+            "only against spec.sha256, and the spec gives none: set spec.sha256 (or "
+            "spec.checksum: sha256:<hex>), or write spec.allowUnverified: true to deploy it "
+            "unverified", ("spec", "serviceDefinition", "spec", "artifacts", "primary",
+                           "spec")))
     if strict_inputs and uses_copy and art is not None and artifact is not None \
             and art.type != "Local":
         from app.artifacts import check as check_artifact
@@ -343,16 +358,13 @@ def strategy_of(stage: m.StageSpec) -> dict[str, Any]:
     """The stage's strategy as plain data, whichever form the file used."""
     sp = stage.spec
     budget = m.FailureBudget()
-    if sp.rollout_deployment is not None:
-        return {"type": "Rolling", "cumulative": True,
-                "phases": [p.phase.size() for p in sp.rollout_deployment.phases],
-                "phaseNames": [p.phase.name for p in sp.rollout_deployment.phases],
-                "failureBudget": budget.model_dump(by_alias=True)}
-    if sp.canary_deployment is not None:
-        phases = sp.canary_deployment.phases
+    for kind, form in (("Rolling", sp.rollout_deployment), ("Canary", sp.canary_deployment)):
+        if form is None:
+            continue
+        phases = form.phases
         checks = [s for p in phases for s in p.phase.steps if s.is_verification]
         verification = next((v for v in (s.verification() for s in checks) if v), None)
-        return {"type": "Canary", "cumulative": True,
+        return {"type": kind, "cumulative": True,
                 "phases": [p.phase.size() for p in phases],
                 "phaseNames": [p.phase.name for p in phases],
                 "verifyAfter": [i for i, p in enumerate(phases)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.definitions import models as m
 from app.errors import SpecError
 
@@ -46,8 +48,15 @@ def unknown(name: str, allowed: Sequence[str], what: str) -> str:
 # --- artifacts -----------------------------------------------------------------------------------
 
 _CHECKSUM = ("sha256", "checksum")
+# Credentials: secrets by reference (passwordRef, tokenRef: a secret id; password, token:
+# <+secrets.getValue("id")>), resolved on the worker that fetches (app.artifacts.sources).
 _AUTH = ("username", "password", "token", "passwordRef", "tokenRef")
+_SECRET_VALUED = ("password", "token")
 _URL = ("url", "artifactUrl")
+_SERVER_URLS = ("url", "artifactUrl", "baseUrl", "serverUrl", "artifactoryServerUrl",
+                "nexusServerUrl", "jenkinsUrl")
+# A remote artifact with no checksum anywhere deploys only with allowUnverified: true.
+_UNVERIFIED = ("allowUnverified",)
 # The path inside an Artifactory or Nexus repository (sources._repo_path).
 _REPO_PATH = ("groupId", "artifactId", "version", "extension", "classifier",
               "artifactDirectory", "group", "directory", "artifactPath", "fileName")
@@ -55,16 +64,16 @@ _REPOSITORY = ("repository", "repositoryName", "repositoryFormat", "connectorRef
 
 ARTIFACT_FIELDS: dict[str, tuple[str, ...]] = {
     "Local": ("path", "filePath", "tag", *_CHECKSUM),
-    "Http": (*_URL, "tag", *_CHECKSUM, *_AUTH),
+    "Http": (*_URL, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "Artifactory": (*_URL, "baseUrl", "serverUrl", "artifactoryServerUrl", *_REPOSITORY,
-                    *_REPO_PATH, "tag", *_CHECKSUM, *_AUTH),
+                    *_REPO_PATH, "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     # Harness writes a Nexus repository's maven or raw fields in a nested ``spec``.
     "Nexus3Registry": (*_URL, "baseUrl", "serverUrl", "nexusServerUrl", *_REPOSITORY,
-                       *_REPO_PATH, "spec", "tag", *_CHECKSUM, *_AUTH),
+                       *_REPO_PATH, "spec", "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "Jenkins": (*_URL, "baseUrl", "serverUrl", "jenkinsUrl", "connectorRef", "jobName",
-                "artifactPath", "build", "tag", *_CHECKSUM, *_AUTH),
+                "artifactPath", "build", "tag", *_CHECKSUM, *_UNVERIFIED, *_AUTH),
     "AmazonS3": ("bucket", "bucketName", "key", "filePath", "artifactPath", "region",
-                 "connectorRef", "tag", *_CHECKSUM),
+                 "connectorRef", "tag", *_CHECKSUM, *_UNVERIFIED),
 }
 NEXUS_NESTED_FIELDS = _REPO_PATH
 # repositoryFormat: the layouts app/artifacts/sources.py builds paths for.
@@ -109,11 +118,55 @@ def artifact_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
         out.append(Problem(
             "connectorRef is not supported next to a URL: this version does not resolve "
             "connectors, the URL names the server; remove connectorRef", ("connectorRef",)))
+    out += credential_problems(atype, spec)
     if atype == "AmazonS3" and spec.get("connectorRef"):
         out.append(Problem(
             "connectorRef is not supported for AmazonS3: the worker uses its own AWS "
             "credentials (boto3's chain, AWS_ENDPOINT_URL); remove connectorRef",
             ("connectorRef",)))
+    return out
+
+
+def credential_problems(atype: str, spec: Mapping[str, Any]) -> list[Problem]:
+    """Secrets written into the file (they would be stored with every plan, in SQL),
+    credentials over plain http, and an allowUnverified that is not a boolean."""
+    from urllib.parse import urlsplit
+
+    from app.secrets import REF_RE
+
+    out: list[Problem] = []
+    if atype not in ARTIFACT_FIELDS or atype == "Local":
+        return out
+    for name in _SECRET_VALUED:
+        value = spec.get(name)
+        if value is not None and not REF_RE.fullmatch(str(value).strip()):
+            out.append(Problem(
+                f"a {name} written in the file is refused: it would be stored with every plan "
+                f"(in SQL); name a secret instead: {name}Ref: <secret id>, or {name}: "
+                '<+secrets.getValue("<secret id>")> (resolved on the worker that fetches)',
+                (name,), key=False))
+    urls = [(k, str(spec[k])) for k in _SERVER_URLS if spec.get(k) is not None]
+    for key, url in urls:
+        try:
+            parts = urlsplit(url)
+            password = parts.password
+        except ValueError:
+            continue
+        if password is not None:
+            out.append(Problem(
+                f"a password in {key} is refused: it would be stored with every plan (in SQL); "
+                "write username: and passwordRef: <secret id> instead", (key,), key=False))
+    named = any(spec.get(k) for k in _AUTH) or any(
+        "@" in url.partition("://")[2].partition("/")[0] for _, url in urls)
+    plain = [k for k, url in urls if url.lower().startswith("http://")]
+    if named and plain:
+        out.append(Problem(
+            f"credentials are sent over https only, and {plain[0]} is plain http (anyone on "
+            "the way could read them): use an https:// URL", (plain[0],), key=False))
+    flag = spec.get("allowUnverified")
+    if flag is not None and not isinstance(flag, bool):
+        out.append(Problem(f"allowUnverified must be true or false, not {flag!r}",
+                           ("allowUnverified",), key=False))
     return out
 
 
@@ -255,7 +308,7 @@ VERIFICATION_KEYS = ("healthCheck", "probe", "successCriteria", "prometheus")
 
 def phase_step_problems(step: Mapping[str, Any]) -> list[Problem]:
     """A reference phase step: only ``type: VERIFICATION`` with vmfarm's verification keys
-    (paths below the step)."""
+    and a canary analysis vmfarm runs (paths below the step)."""
     stype = step.get("type")
     if isinstance(stype, str) and stype.upper() != "VERIFICATION":
         return [Problem(f"phase step type {stype} is not supported: a reference phase's steps "
@@ -264,10 +317,32 @@ def phase_step_problems(step: Mapping[str, Any]) -> list[Problem]:
     props = step.get("properties")
     if not isinstance(props, Mapping):
         return []
-    return [Problem(f"'{k}' is not supported: vmfarm verifies a phase with "
-                    f"{', '.join(VERIFICATION_KEYS)} (see StrategySpec.verification)",
-                    ("properties", k))
-            for k in props if k not in VERIFICATION_KEYS]
+    known = (*VERIFICATION_KEYS, *m.ANALYSIS_KEYS)
+    out = [Problem(f"'{k}' is not supported: vmfarm verifies a phase with "
+                   f"{', '.join(known)} (see StrategySpec.verification)", ("properties", k))
+           for k in props if k not in known]
+    analysis = {k: props[k] for k in m.ANALYSIS_KEYS if k in props}
+    return out + (analysis_problems(analysis, ("properties",)) if analysis else [])
+
+
+def analysis_problems(analysis: Mapping[str, Any], base: Where) -> list[Problem]:
+    """A canary analysis (m.CanaryAnalysisSpec), field by field: an analysisType or
+    comparisonStrategy vmfarm does not run is refused by name (paths below ``base``)."""
+    out: list[Problem] = []
+    try:
+        m.CanaryAnalysisSpec.model_validate(dict(analysis))
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = tuple(p for p in err["loc"] if p not in ("int", "str"))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "missing":
+                message = (f"a canary analysis needs {where[-1]} (analysisType: Prometheus, "
+                           "comparisonStrategy: COMPARE_WITH_CURRENT, timeDuration: minutes)")
+                where = where[:-1]
+            elif err["type"] == "extra_forbidden":
+                message = f"unknown field '{where[-1]}' in a canary analysis metric"
+            out.append(Problem(message, (*base, *where), key=err["type"] == "extra_forbidden"))
+    return out
 
 
 # --- the whole load ------------------------------------------------------------------------------
@@ -320,6 +395,7 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
             for form in ("rolloutDeployment", "canaryDeployment"):
                 base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
                 phases = _at(pipe.raw, base)
+                first: Any = None  # the stage's gate: one verification for all its phases
                 for pi, entry in enumerate(phases if isinstance(phases, list) else []):
                     phase = _at(entry, ("phase",))
                     if not isinstance(phase, Mapping):
@@ -332,4 +408,13 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
                         if isinstance(step, Mapping):
                             report(pipe, (*base, pi, "phase", "steps", k),
                                    phase_step_problems(step))
+                            props = step.get("properties")
+                            if first is None:
+                                first = props
+                            elif props != first:
+                                report(pipe, (*base, pi, "phase", "steps", k), [Problem(
+                                    "this VERIFICATION step's properties differ from the "
+                                    "first one's: vmfarm runs one verification after every "
+                                    "gated phase of a stage; write the same properties",
+                                    ("properties",), key=True)])
     return out

@@ -77,7 +77,7 @@ class RbacSource:
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The server application. ConfigError when its configuration is incomplete: no RBAC
     file, or an issuer without an audience."""
-    from app.server.routes import health, tokens
+    from app.server.routes import executions, health, tokens
 
     cfg = settings or ServerSettings()
     if cfg.rbac_file is None:
@@ -97,6 +97,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     state.rbac = RbacSource(cfg.rbac_file, cfg.users_file)
     api.include_router(health.router)
     api.include_router(tokens.router)
+    api.include_router(executions.router)
     return api
 
 

@@ -3,7 +3,8 @@
 Plain synchronous functions (no Celery, no SQL) that run on the region worker next to the hosts:
 :func:`http_check` and :func:`tcp_check` (health), :func:`probe` (error rate and latency under
 load), :func:`prometheus_query` (one number from PromQL), and :func:`evaluate`, which compares
-the numbers with a pipeline's success criteria.
+the numbers with a pipeline's success criteria. Canary analysis, which compares the canary
+hosts' Prometheus metrics with the current version's, is :mod:`app.verify.canary`.
 """
 
 from __future__ import annotations

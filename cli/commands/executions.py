@@ -14,7 +14,7 @@ from app.status import Status
 from cli.console import fail, styled
 from cli.context import Cli, pass_cli
 from cli.options import output_option
-from cli.render import MATRIX_FROM, print_gates, print_summary
+from cli.render import MATRIX_FROM, gate_phases, print_gates, print_summary
 
 
 def register(main: click.Group) -> None:
@@ -42,7 +42,7 @@ def status(cli: Cli, execution_id: str, all_hosts: bool, output: str) -> None:
         return
     print_summary(report, every_host=all_hosts)
     for st in report["stages"]:
-        if st.get("type") == "Approval" or not st["phases"]:
+        if st.get("type") == "Approval" or not gate_phases(st):
             continue  # the summary above already shows it
         cli.out.print(f"stage {st['identifier']} gates:")
         print_gates(st, only_failed=False)
@@ -58,7 +58,10 @@ def logs(cli: Cli, execution_id: str, host: str | None, step: str | None, output
     """Print the output of an execution's steps, host by host."""
     from app.report import execution_logs
 
-    chunks = execution_logs(execution_id, host=host, step=step)
+    try:
+        chunks = execution_logs(execution_id, host=host, step=step)
+    except LookupError as exc:
+        fail(str(exc))
     if output == "json":
         cli.json(chunks)
         return

@@ -1,6 +1,6 @@
 """The fleet: ``vmfarm worker`` (a Celery worker for regions and/or the control queue, with
 ``--tags``), ``vmfarm workers`` (the registry and the queues) and ``vmfarm hosts`` (the hosts a
-pipeline would deploy to, discovered here).
+pipeline would deploy to: listed by the region's workers in service mode, here when embedded).
 """
 
 from __future__ import annotations
@@ -219,7 +219,12 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
         for i in range(len(pipe.model.spec.stages)):
             stage = resolve_stage(bundle, pipe, i, execution_id="<hosts>", strict_inputs=False)
             for infra in stage["infrastructures"]:
-                entry = found.setdefault(infra["identifier"], {**infra, "stages": []})
+                # The worker tags that list it: those of the first stage that uses it.
+                tags = sorted({*stage.get("delegateSelectors", []),
+                               *(infra["spec"].get("delegateSelectors") or [])})
+                entry = found.setdefault(infra["identifier"], {
+                    **infra, "stages": [], "tags": tags,
+                    "fallback": stage.get("delegateFallback")})
                 entry["stages"].append(stage["identifier"])
     else:
         for loaded in bundle.infrastructures.values():
@@ -233,6 +238,8 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
                             f"{', '.join(sorted(found)) or 'none'})", file="--infra")
         found = {infra_id: found[infra_id]}
     for infra in found.values():
+        infra.setdefault("tags", sorted(infra["spec"].get("delegateSelectors") or []))
+        infra.setdefault("fallback", None)
         if _has_input(infra["spec"]):
             file, _, line = str(infra["source"]).rpartition(":")
             raise SpecError(f"infrastructure '{infra['identifier']}' has a runtime input "
@@ -247,23 +254,41 @@ def collect_infrastructures(files: tuple[str, ...], *, pipeline: str | None,
 @click.option("--infra", "infra_id", help="Only this infrastructure (identifier).")
 @pipeline_option
 @input_options(inputs_help="An input set file or folder (repeatable); --set wins.")
+@click.option("--wait", "wait", type=float, default=60, show_default=True,
+              help="Service mode: seconds to wait for the region workers' answer.")
 @output_option
 @pass_cli
 def hosts(cli: Cli, files: tuple[str, ...], infra_id: str | None, pipeline: str | None,
-          sets: tuple[str, ...], input_files: tuple[str, ...], output: str) -> None:
+          sets: tuple[str, ...], input_files: tuple[str, ...], wait: float,
+          output: str) -> None:
     """Preview the hosts of the infrastructures a pipeline deploys to (or of --infra ID).
 
-    Discovery runs here, with this machine's cloud credentials and network; during a run the
-    region's workers do it (task vmfarm.discover), with theirs. Exit 1 when a provider cannot
-    list an infrastructure, 2 on bad input."""
+    In service mode (VMFARM_BROKER_URL set) a worker of each cloud infrastructure's region
+    lists its hosts (task vmfarm.discover, as in a run), with that worker's credentials: this
+    machine needs none. Embedded, discovery runs here, with this machine's credentials. Exit 1
+    when an infrastructure cannot be listed, 2 on bad input."""
     from app.errors import DiscoveryError
-    from app.providers.base import discover
+    from app.providers.base import Host, discover
+    from app.settings import get_settings
 
     try:
         pipe_id, infras = collect_infrastructures(files, pipeline=pipeline, infra_id=infra_id,
                                                   inputs=gather_inputs(input_files, sets))
     except (SpecError, SpecErrors, ConfigError) as exc:
         fail_input(exc)
+    remote = [] if get_settings().embedded else [i for i in infras
+                                                   if i["provider"] != "static"]
+    answers: dict[str, dict[str, Any]] = {}
+    if remote:
+        from app.coordinator import discover_on_workers
+
+        keep = ("identifier", "name", "provider", "spec", "source")
+        try:
+            listed = discover_on_workers([({k: i[k] for k in keep}, i["tags"], i["fallback"])
+                                          for i in remote], timeout=wait)
+        except ValueError as exc:  # an invalid tag name
+            fail(str(exc))
+        answers = {i["identifier"]: a for i, a in zip(remote, listed, strict=True)}
     results: list[dict[str, Any]] = []
     failed = False
     for infra in infras:
@@ -271,14 +296,26 @@ def hosts(cli: Cli, files: tuple[str, ...], infra_id: str | None, pipeline: str 
             "identifier": infra["identifier"], "name": infra["name"],
             "provider": infra["provider"], "region": infra["spec"].get("region"),
             "source": infra["source"], "stages": infra["stages"]}
-        try:
-            found = discover(infra)
-        except DiscoveryError as exc:
-            entry["error"] = {"message": str(exc), "error_class": exc.error_class}
-            failed = True
-        except (SpecError, SpecErrors, ConfigError) as exc:
-            fail_input(exc)
+        answer = answers.get(infra["identifier"])
+        if answer is not None:
+            if answer.get("queue"):
+                entry["discovered_by"] = {"worker": answer.get("worker"),
+                                          "queue": answer.get("queue")}
+            if answer.get("error"):
+                entry["error"] = {"message": str(answer["error"]),
+                                  "error_class": str(answer.get("error_class") or "Unknown")}
+                failed = True
+            else:
+                found = [Host.from_dict(h) for h in answer.get("hosts", [])]
         else:
+            try:
+                found = discover(infra)
+            except DiscoveryError as exc:
+                entry["error"] = {"message": str(exc), "error_class": exc.error_class}
+                failed = True
+            except (SpecError, SpecErrors, ConfigError) as exc:
+                fail_input(exc)
+        if "error" not in entry:
             entry["hosts"] = [{"name": h.name, "address": h.address, "region": h.region,
                                "public_ip": h.public_ip, "private_ip": h.private_ip,
                                "slot": None if h.attributes.get("slot") is None
@@ -316,4 +353,6 @@ def _print_hosts(cli: Cli, results: list[dict[str, Any]]) -> None:
             table.add_row(h["name"], h["address"], h["region"], h["public_ip"] or "-",
                           h["private_ip"] or "-", h["slot"] or "-")
         cli.out.print(table)
-        cli.out.print(f"  {len(entry['hosts'])} host(s)")
+        by = entry.get("discovered_by")
+        cli.out.print(f"  {len(entry['hosts'])} host(s)" + (
+            f", listed by {by['worker']} ({by['queue']})" if by else ""))

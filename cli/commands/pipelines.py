@@ -31,8 +31,8 @@ from cli.watch import dispatch_and_watch, refuse_detach_when_embedded
 
 
 def register(main: click.Group) -> None:
-    """Add ``validate``, ``plan``, ``run`` and ``retry`` to ``main``."""
-    for command in (validate, plan_cmd, run, retry):
+    """Add ``validate``, ``plan``, ``convert``, ``run`` and ``retry`` to ``main``."""
+    for command in (validate, plan_cmd, convert, run, retry):
         main.add_command(command)
 
 
@@ -83,6 +83,43 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
         cli.out.print(f"  runtime input: {i['name']}" + (f" (default {i['default']})"
                                                           if "default" in i else
                                                           " (give it with --set)"))
+
+
+@click.command("convert")
+@files_argument
+@click.option("--to", "to", type=click.Choice(["harness", "vmfarm"]), required=True,
+              help="harness: pipeline:/service:/environment:/infrastructureDefinition: at the "
+                   "top; vmfarm: apiVersion, kind, metadata, spec.")
+@click.option("--write", is_flag=True, help="Rewrite the files in place instead of printing.")
+@pass_cli
+def convert(cli: Cli, files: tuple[str, ...], to: str, write: bool) -> None:
+    """Print pipeline files in Harness's shape or vmfarm's (either loads), comments kept.
+
+    Templates, input sets and documents already in the asked shape are left as they are.
+    """
+    from pathlib import Path
+
+    from app.definitions.loader import expand_paths
+    from app.definitions.native import convert_text
+
+    try:
+        paths = expand_paths(files)
+    except SpecError as exc:
+        fail_input(exc)
+    out: dict[Path, str] = {}
+    for path in paths:
+        try:
+            out[path] = convert_text(path.read_text(), to)
+        except (ValueError, OSError) as exc:
+            fail(f"{path}: cannot convert: {exc}", code=2)
+    for path, text in out.items():
+        if write:
+            path.write_text(text)
+            err.print(f"{path}: written in {to}'s shape", markup=False, highlight=False)
+        else:
+            if len(out) > 1:
+                cli.out.print(f"# ==> {path} <==", markup=False, highlight=False)
+            cli.out.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
 
 def _value_at(slot: Any) -> Any:

@@ -84,9 +84,19 @@ def app_dir(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the fake repositories' self-signed certificate is made."""
+    return tmp_path_factory.mktemp("tls")
+
+
 @pytest.fixture()
-def repo() -> Iterator[ArtifactServer]:
-    with ArtifactServer(username="deploy", password=SECRET) as server:
+def repo(tls_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ArtifactServer]:
+    """A repository with basic auth over https; the worker trusts its certificate through
+    VMFARM_ARTIFACT_CA_BUNDLE (credentials are never sent over plain http)."""
+    with ArtifactServer(username="deploy", password=SECRET, tls_dir=tls_dir) as server:
+        assert server.ca_file is not None
+        monkeypatch.setenv("VMFARM_ARTIFACT_CA_BUNDLE", str(server.ca_file))
         yield server
 
 
@@ -103,7 +113,7 @@ def http(url: str, tag: str = "1.4.2", atype: str = "Artifactory", **spec: Any) 
 def basic(server: ArtifactServer, path: str = APP_PATH, **spec: Any) -> dict[str, Any]:
     """An Artifactory artifact on ``server`` with a ``<tag>`` URL template and a username."""
     template = server.url + path.replace("1.4.2", "<tag>")
-    return http(template, username="deploy", passwordRef="artifactory_password", **spec)
+    return http(template, **{"username": "deploy", "passwordRef": "artifactory_password", **spec})
 
 
 CREDS = Credentials(password=SECRET)
@@ -121,10 +131,13 @@ def test_local_http_and_s3_give_the_same_sha256(app_dir: Path, repo: ArtifactSer
     data = Path(from_local.path).read_bytes()
 
     repo.add(APP_PATH, data)
-    from_http = fetch(basic(repo), execution_id="ex-same", credentials=CREDS)
+    # (no checksum known before the download: the bytes really come over the wire)
+    from_http = fetch(basic(repo, allowUnverified=True), execution_id="ex-same",
+                      credentials=CREDS)
 
     s3.create_bucket(Bucket="releases")
-    s3.put_object(Bucket="releases", Key="web-app/1.4.2/web-app.tar.gz", Body=data)
+    s3.put_object(Bucket="releases", Key="web-app/1.4.2/web-app.tar.gz", Body=data,
+                  Metadata={"sha256": from_local.sha256})
     from_s3 = fetch({"type": "AmazonS3", "tag": "1.4.2", "fileName": "x",
                      "spec": {"bucket": "releases", "key": "web-app/<+artifact.tag>/web-app.tar.gz",
                               "region": REGION}}, execution_id="ex-same")
@@ -187,13 +200,21 @@ def test_sibling_sha256_file_verifies(repo: ArtifactServer) -> None:
         fetch(basic(repo, path="/libs/web-app/1.4.2/other.tar.gz"), credentials=CREDS)
 
 
-def test_spec_checksum_wins_and_unverified_is_said(repo: ArtifactServer,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_spec_checksum_wins_and_no_checksum_anywhere_is_refused_unless_allowed(
+        repo: ArtifactServer, caplog: pytest.LogCaptureFixture, home: Path) -> None:
     data = b"plain web server\n"
     repo.add(APP_PATH, data)
     digest = hashlib.sha256(data).hexdigest()
+    # A remote artifact with no checksum from any source is refused, its bytes discarded
+    with pytest.raises(ArtifactError) as info:
+        fetch(basic(repo), credentials=CREDS)
+    text = str(info.value)
+    assert f"artifact Artifactory {repo.url}{APP_PATH}: refused: no checksum" in text
+    assert "spec.sha256" in text and "spec.allowUnverified: true" in text
+    assert not [p for p in (home / "cache" / "artifacts").iterdir() if p.is_file()]
+    # ... unless the artifact says allowUnverified: true (then it is said, not verified)
     with caplog.at_level(logging.INFO, logger="vmfarm.artifacts"):
-        got = fetch(basic(repo), credentials=CREDS)
+        got = fetch(basic(repo, allowUnverified=True), credentials=CREDS)
     assert got.sha256 == digest and not got.verified and got.checksum_from is None
     assert "neither the spec nor the repository gives a checksum" in caplog.text
     assert SECRET not in caplog.text
@@ -246,6 +267,7 @@ def test_twenty_concurrent_fetches_hit_the_server_once(repo: ArtifactServer) -> 
 def test_worker_processes_on_one_machine_share_the_fetch(repo: ArtifactServer,
                                                         home: Path) -> None:
     repo.add(APP_PATH, b"shared by processes" * 1000)
+    repo.checksum_header = True
     repo.delay = 0.2
     code = (
         "import sys\n"
@@ -284,9 +306,10 @@ def test_later_executions_reuse_the_cache_only_with_a_known_checksum(
     # Without any checksum, each execution downloads again; within one it does not.
     repo.checksum_header = False
     repo.reset_counts()
-    fetch(basic(repo), execution_id="ex-4", credentials=CREDS)
-    fetch(basic(repo), execution_id="ex-4", credentials=CREDS)
-    fetch(basic(repo), execution_id="ex-5", credentials=CREDS)
+    unverified = basic(repo, allowUnverified=True)
+    fetch(unverified, execution_id="ex-4", credentials=CREDS)
+    fetch(unverified, execution_id="ex-4", credentials=CREDS)
+    fetch(unverified, execution_id="ex-5", credentials=CREDS)
     assert repo.count("GET", APP_PATH) == 2
 
     artifacts.forget_execution("ex-4")
@@ -348,14 +371,19 @@ def test_wrong_password_is_a_clear_error_without_the_password(
     assert artifacts.check(basic(repo)) == []  # at plan time the secret may come later
 
 
-def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer) -> None:
+def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer, tls_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     repo.add(APP_PATH, b"payload")
-    url = repo.url.replace("http://", f"http://deploy:{SECRET}@") + APP_PATH
+    repo.checksum_header = True
+    url = repo.url.replace("https://", f"https://deploy:{SECRET}@") + APP_PATH
     got = fetch(http(url + "?download=1"))
     assert got.source == f"Artifactory {repo.url}{APP_PATH}?…"
     assert SECRET not in repr(got)
 
-    with ArtifactServer(token="tok-123-secret") as bearer:
+    with ArtifactServer(token="tok-123-secret", checksum_header=True,
+                        tls_dir=tls_dir / "bearer") as bearer:
+        assert bearer.ca_file is not None
+        monkeypatch.setenv("VMFARM_ARTIFACT_CA_BUNDLE", str(bearer.ca_file))
         bearer.add("/a/app.zip", b"zip bytes")
         got = fetch(http(bearer.url + "/a/app.zip", atype="Http"),
                     credentials={"token": "tok-123-secret"})
@@ -365,11 +393,57 @@ def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer) -> None:
         assert "nope-x" not in str(info.value)
 
 
+def test_a_password_ref_is_resolved_from_the_workers_secrets_when_fetching(
+        repo: ArtifactServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from app import secrets
+
+    # Given the password only in the worker's secrets (env backend), named by passwordRef
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    monkeypatch.setenv("VMFARM_SECRET_ARTIFACTORY_PASSWORD", SECRET)
+    secrets.reset()
+    repo.add(APP_PATH, b"by reference")
+    repo.checksum_header = True
+    try:
+        # When it is fetched without any credentials passed in
+        with caplog.at_level(logging.DEBUG):
+            got = fetch(basic(repo), execution_id="ex-ref")
+        # Then the repository received them, and they show nowhere
+        assert Path(got.path).read_bytes() == b"by reference" and got.verified
+        assert ("GET", APP_PATH, "Basic") in repo.log
+        assert SECRET not in caplog.text and SECRET not in repr(got)
+        # And a secret the worker does not hold fails the fetch naming it, before any request
+        repo.reset_counts()
+        with pytest.raises(ArtifactAuthError) as info:
+            fetch(basic(repo, passwordRef="account.nexus_password"))
+        assert "spec.passwordRef 'account.nexus_password'" in str(info.value)
+        assert "VMFARM_SECRET_NEXUS_PASSWORD" in str(info.value)  # where it was looked for
+        assert repo.log == []
+    finally:
+        secrets.reset()
+
+
+def test_credentials_over_plain_http_never_leave_the_worker() -> None:
+    # Given a plain-http repository that would accept them
+    with ArtifactServer(username="deploy", password=SECRET) as plain:
+        plain.add(APP_PATH, b"bytes")
+        for art, creds in [(basic(plain), CREDS),
+                           (http(plain.url + APP_PATH, username="deploy",
+                                 passwordRef="artifactory_password"), None),
+                           (http(plain.url + APP_PATH, atype="Http"),
+                            Credentials(token="tok-never-sent"))]:
+            # When it is fetched, it is refused before any request
+            with pytest.raises(ArtifactError, match="credentials are sent over https only"):
+                fetch(art, credentials=creds)
+        assert plain.log == []
+
+
 def test_redirects_keep_credentials_on_the_same_origin_only(repo: ArtifactServer) -> None:
     with ArtifactServer() as storage:
         storage.add("/blob/abc", b"redirected bytes")
         repo.redirects[APP_PATH] = storage.url + "/blob/abc"
-        got = fetch(basic(repo), credentials=CREDS)
+        got = fetch(basic(repo, sha256=hashlib.sha256(b"redirected bytes").hexdigest()),
+                    credentials=CREDS)
     assert Path(got.path).read_bytes() == b"redirected bytes"
     assert ("GET", "/blob/abc", "") in storage.log  # no Authorization sent to the other host
 
@@ -418,7 +492,10 @@ def test_s3_checksums_and_errors(s3: Any) -> None:
     s3.put_object(Bucket="builds", Key="web/2.2/web.tar.gz", Body=data)
     with pytest.raises(ChecksumError, match=r"spec\.sha256"):
         fetch({**art, "tag": "2.2", "spec": {**spec, "sha256": "0" * 64}})
-    plain = fetch({**art, "tag": "2.2"})
+    with pytest.raises(ArtifactError, match=r"refused: no checksum .*ChecksumSHA256") as refused:
+        fetch({**art, "tag": "2.2"})
+    assert "s3://builds/web/2.2/web.tar.gz" in str(refused.value)
+    plain = fetch({**art, "tag": "2.2", "spec": {**spec, "allowUnverified": True}})
     assert not plain.verified and plain.sha256 == digest
 
     s3.put_object(Bucket="builds", Key="web/3.0/web.tgz", Body=b"tgz", ChecksumAlgorithm="SHA256")

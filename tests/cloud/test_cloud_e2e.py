@@ -259,6 +259,42 @@ def test_hosts_found_on_three_clouds_are_deployed_through_their_region_workers(
     # discovery ran as tasks on each cloud's own worker (the CLI has no credentials)
     discover = next(p for p in stage["phases"] if p["kind"] == "discover")
     assert {w["worker"] for w in discover["verdict"]["workers"]} == set(cloud_workers)
+    # ... and the reports say so: discovery, not a failed gate
+    assert stage["discovery"]["status"] == "SUCCEEDED" and stage["discovery"]["hosts"] == 6
+    shown = run_vmfarm("status", report["id"], env=cluster.env)
+    assert shown.returncode == 0, shown.stderr
+    assert "discovery: 6 host(s) listed by " in shown.stdout and "FAILED" not in shown.stdout
+    assert all(name in shown.stdout for name in cloud_workers)
+
+
+def test_hosts_are_listed_by_the_region_workers_in_service_mode(
+        cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path) -> None:
+    # Given a CLI with no cloud credentials and no way out (the README says it needs none)
+    env = {k: v for k, v in cluster.env.items() if not k.startswith(("AWS_", "AZURE_"))}
+    env.update(NO_WAY_OUT)
+    files = _files(tmp_path, lab)
+    # When it previews the hosts
+    res = run_vmfarm("hosts", *files, "-o", "json", env=env)
+    # Then each cloud's worker listed its own, and only the running instances
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    shown = {i["identifier"]: i for i in json.loads(res.stdout)["infrastructures"]}
+    assert {k: v["discovered_by"] for k, v in shown.items()} == {
+        "ec2": {"worker": "w-aws@test", "queue": "vmfarm.us-east-1"},
+        "azure": {"worker": "w-azure@test", "queue": "vmfarm.eastus"},
+        "gce": {"worker": "w-gcp@test", "queue": "vmfarm.us-central1"}}
+    assert {h["name"] for h in shown["azure"]["hosts"]} == {"web-1", "web-2"}
+    assert {h["name"] for h in shown["gce"]["hosts"]} == {"gce-1", "gce-2"}
+    assert sorted(h["address"] for i in shown.values() for h in i["hosts"]) == \
+        sorted(h.address for h in lab.hosts)
+    text = run_vmfarm("hosts", *files, "--infra", "azure", env=env)
+    assert text.returncode == 0, text.stderr
+    assert "2 host(s), listed by w-azure@test (vmfarm.eastus)" in text.stdout
+    # A region no live worker serves is named, exit 1 (nothing waits for an hour)
+    orphan = Path(files[0]).read_text().replace("region: eastus", "region: westeurope")
+    (tmp_path / "orphan.yaml").write_text(orphan)
+    res = run_vmfarm("hosts", str(tmp_path / "orphan.yaml"), "--infra", "azure", env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "westeurope" in res.stderr and "no live worker" in res.stderr
 
 
 def test_tagged_work_goes_to_tagged_workers_and_falls_back_where_allowed(

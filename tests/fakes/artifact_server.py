@@ -5,13 +5,15 @@ plain web server, with switches for the cases a fetcher must handle::
 
     with ArtifactServer(username="deploy", password="s3cret") as repo:
         repo.add("/libs/app/1.0/app-1.0.tar.gz", data)
-        repo.url                     # http://127.0.0.1:PORT
+        repo.url                     # http://127.0.0.1:PORT (https:// with tls_dir)
         repo.checksum_header = True  # send X-Checksum-Sha256 (Artifactory)
         repo.siblings = True         # serve <path>.sha256 ("<hex>  <name>")
         repo.corrupt = True          # send altered bytes (the checksums stay right)
         repo.fail_next("/libs/app/1.0/app-1.0.tar.gz", status=503)   # then 200
         repo.count("GET", "/libs/app/1.0/app-1.0.tar.gz")            # requests seen
 
+With ``tls_dir`` it speaks https with a self-signed certificate made there (``ca_file``: trust
+it with ``VMFARM_ARTIFACT_CA_BUNDLE`` on the worker, ``CURL_CA_BUNDLE`` for curl on a host).
 Authentication, when ``username`` or ``token`` is set: HTTP basic or a bearer token; a request
 without valid credentials gets 401 with ``WWW-Authenticate``. ``delay`` holds each GET body
 that many seconds (so that concurrent clients overlap). ``redirects`` maps a path to a URL to
@@ -22,19 +24,29 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ssl
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that drops the connection (or refuses the certificate) is not news."""
 
 
 class ArtifactServer:
     def __init__(self, *, username: str | None = None, password: str | None = None,
                  token: str | None = None, checksum_header: bool = False,
-                 siblings: bool = False, delay: float = 0.0) -> None:
+                 siblings: bool = False, delay: float = 0.0,
+                 tls_dir: Path | None = None) -> None:
         self.username = username
+        self.tls_dir = tls_dir
+        self.ca_file: Path | None = None
         self.password = password
         self.token = token
         self.checksum_header = checksum_header
@@ -76,7 +88,7 @@ class ArtifactServer:
     def url(self) -> str:
         assert self._server is not None, "start the server first"
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls_dir else 'http'}://{host!s}:{port}"
 
     def start(self) -> ArtifactServer:
         fake = self
@@ -93,8 +105,18 @@ class ArtifactServer:
             def do_HEAD(self) -> None:
                 fake._handle(self, "HEAD")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls_dir is not None:
+            from tests.fakes.azure_arm import make_self_signed_cert
+
+            cert, key = make_self_signed_cert(self.tls_dir)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            self.ca_file = cert
+            # The handshake happens in the request's thread, not in the accepting loop.
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="fake-artifact-server")
         self._thread.start()

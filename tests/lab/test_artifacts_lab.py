@@ -1,12 +1,16 @@
 """Artifacts on 8 lab hosts: one pipeline (a Release unit, then a start script) deploys from a
-local folder, from an HTTP repository with basic auth (a local server) and from S3 (moto);
-the artifact is fetched once per execution; a corrupted download fails with a checksum error;
-a rollback to the release the hosts still hold fetches nothing."""
+local folder, from an HTTPS repository with basic auth (a local server; the password is a
+secret of the worker, named by passwordRef) and from S3 (moto); the artifact is fetched once
+per execution; a corrupted download fails with a checksum error; a rollback to the release the
+hosts still hold fetches nothing. A remote artifact without any checksum is refused unless it
+says allowUnverified; credentials over plain http are refused before anything runs; hosts that
+download the artifact themselves never show its URL or password to ``ps``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,8 @@ import pytest
 from tests.alloc import Allocator
 from tests.conftest import base_env, run_vmfarm
 from tests.fakes.artifact_server import ArtifactServer
+
+PASSWORD = "s3cr3t-pw-only-in-the-worker"
 
 PIPELINE = textwrap.dedent("""\
     apiVersion: v1
@@ -99,7 +105,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterato
         pack_folder(folder, root / f"app-{version}.tar.gz")
         packed[version] = (root / f"app-{version}.tar.gz").read_bytes()
     # The repository publishes <file>.sha256 beside each file (as Artifactory and Nexus can).
-    server = ArtifactServer(username="deployer", password="s3cr3t-pw", siblings=True).start()
+    server = ArtifactServer(username="deployer", password=PASSWORD, siblings=True,
+                            tls_dir=root / "tls").start()
+    assert server.ca_file is not None
     for version, data in packed.items():
         server.add(f"/repo/app/{version}/app-{version}.tar.gz", data)
     lease = alloc.port()
@@ -112,9 +120,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterato
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     s3.create_bucket(Bucket="builds")
     for version, data in packed.items():
-        s3.put_object(Bucket="builds", Key=f"app/app-{version}.tar.gz", Body=data)
+        s3.put_object(Bucket="builds", Key=f"app/app-{version}.tar.gz", Body=data,
+                      Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+    # The worker trusts the repository's certificate and holds its password as a secret.
+    worker = {**aws, "VMFARM_ARTIFACT_CA_BUNDLE": str(server.ca_file), "VMFARM_SECRETS": "env",
+              "VMFARM_SECRET_REPO_PASSWORD": PASSWORD}
     try:
-        yield {"root": root, "server": server, "aws": aws, "packed": packed}
+        yield {"root": root, "server": server, "aws": aws, "packed": packed, "worker": worker}
     finally:
         server.stop()
         moto.stop()
@@ -127,7 +139,7 @@ def _files(tmp_path: Path, world: dict[str, Any], source: str, *,
         "local": ("Local", f"path: {world['root']}/app-1.0\ntag: <+input>\n"),
         "http": ("Http", f"url: {world['server'].url}/repo/app/<+artifact.tag>/"
                          "app-<+artifact.tag>.tar.gz\nusername: deployer\n"
-                         "password: s3cr3t-pw\ntag: <+input>\n"),
+                         "passwordRef: repo_password\ntag: <+input>\n"),
         "s3": ("AmazonS3", "bucket: builds\nkey: app/app-<+artifact.tag>.tar.gz\n"
                            "region: us-east-1\ntag: <+input>\n"),
     }
@@ -171,7 +183,7 @@ def _clean(lab8: Any) -> None:
 def test_one_pipeline_deploys_the_same_files_from_each_source(
         source: str, world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
     _clean(lab8)
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
     world["server"].reset_counts()
     code, report = _run(env, _files(tmp_path, world, source), lab8, "1.0")
     assert code == 0, report.get("error")
@@ -190,13 +202,13 @@ def test_one_pipeline_deploys_the_same_files_from_each_source(
     if source == "http":
         # fetched once for the execution, not once per host; the password never shows
         assert world["server"].count("GET", "/repo/app/1.0/app-1.0.tar.gz") == 1
-        assert "s3cr3t-pw" not in logs + json.dumps(report)
+        assert PASSWORD not in logs + json.dumps(report)
 
 
 def test_a_corrupted_download_fails_with_a_checksum_error(
         world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
     _clean(lab8)
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
     world["server"].corrupt = True
     try:
         code, report = _run(env, _files(tmp_path, world, "http"), lab8, "2.0")
@@ -213,7 +225,7 @@ def test_a_corrupted_download_fails_with_a_checksum_error(
 def test_rollback_to_a_release_the_hosts_hold_fetches_nothing(
         world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
     _clean(lab8)
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
     files = _files(tmp_path, world, "http", checksum=False)
     assert _run(env, files, lab8, "1.0")[0] == 0
     code, second = _run(env, files, lab8, "2.0")
@@ -248,7 +260,7 @@ def test_a_hostile_archive_is_refused_before_anything_reaches_the_hosts(
             tar.addfile(m, io.BytesIO(data))
     world["server"].add("/repo/app/6.6/app-6.6.tar.gz", buf.getvalue())
     _clean(lab8)
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["aws"])
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
     # When it is deployed
     code, report = _run(env, _files(tmp_path, world, "http", checksum=False), lab8, "6.6")
     # Then every host fails in the Release unit, the message names the members, and nothing
@@ -265,3 +277,178 @@ def test_a_hostile_archive_is_refused_before_anything_reaches_the_hosts(
         assert not (rel / "releases" / "6.6").exists()
         assert not (rel / "incoming" / "app-6.6.tar.gz").exists()
         assert not (rel / "escaped").exists()
+
+
+# --- credentials by reference, checksums, plain http ----------------------------------------
+
+
+def _kept_bytes(home: Path) -> bytes:
+    """Everything the run kept under VMFARM_HOME but the artifact cache: the ledger (plan,
+    step and log rows), the broker's messages (task arguments) and the results."""
+    return b"".join(p.read_bytes() for p in home.rglob("*")
+                    if p.is_file() and "cache" not in p.relative_to(home).parts)
+
+
+def test_a_password_named_by_reference_reaches_the_repository_and_is_kept_nowhere(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    # Given an https repository whose password only the worker's secrets hold (passwordRef)
+    _clean(lab8)
+    home = tmp_path / "home"
+    env = base_env(VMFARM_HOME=str(home), **world["worker"])
+    files = _files(tmp_path, world, "http")
+    world["server"].reset_counts()
+    # When the pipeline runs
+    res = run_vmfarm("run", *files, str(lab8.infrastructure_file), "--set", "tag=2.0",
+                     "-o", "json", env=env, timeout=300)
+    report = json.loads(res.stdout)
+    # Then the repository got the password, every host runs the release
+    assert res.returncode == 0, report.get("error")
+    assert ("GET", "/repo/app/2.0/app-2.0.tar.gz", "Basic") in world["server"].log
+    assert _on_hosts(lab8, "running") == ["app version 2.0\n"] * 8
+    # And the password is in no CLI output, no log, no SQL row and no task message
+    logs = run_vmfarm("logs", report["id"], "-o", "json", env=env)
+    shown = run_vmfarm("status", report["id"], "-o", "json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    for text in (res.stdout, res.stderr, logs.stdout, logs.stderr, shown.stdout):
+        assert PASSWORD not in text
+    kept = _kept_bytes(home)
+    assert b"passwordRef" in kept or b"repo_password" in kept  # (the plan row is there)
+    assert PASSWORD.encode() not in kept
+
+
+def test_a_remote_artifact_without_any_checksum_is_refused_unless_it_allows_it(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    # Given a repository that publishes no checksum, and a spec that gives none
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
+    files = _files(tmp_path, world, "http", checksum=False)
+    world["server"].siblings = False
+    try:
+        # When it is deployed, every host fails naming the artifact and the fix
+        code, report = _run(env, files, lab8, "1.0")
+        assert code == 1
+        errors = {s["error"] for h in report["stages"][0]["hosts"] for s in h["steps"]
+                  if s["status"] == "FAILED"}
+        assert errors and all("app-1.0.tar.gz: refused: no checksum" in e for e in errors)
+        assert all("spec.allowUnverified: true" in e for e in errors)
+        assert _on_hosts(lab8, "running") == [""] * 8
+        # And when the artifact says allowUnverified: true, it deploys
+        service = Path(files[0])
+        text = service.read_text()
+        line = next(li for li in text.splitlines() if li.strip() == "tag: <+input>")
+        service.write_text(text.replace(line, f"{line}\n{line[:line.index('tag')]}"
+                                              "allowUnverified: true"))
+        code, report = _run(env, files, lab8, "1.0")
+        assert code == 0, report.get("error")
+        assert _on_hosts(lab8, "running") == ["app version 1.0\n"] * 8
+    finally:
+        world["server"].siblings = True
+
+
+def test_credentials_over_plain_http_are_refused_before_anything_runs(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    _clean(lab8)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
+    files = _files(tmp_path, world, "http")
+    service = Path(files[0])
+    service.write_text(service.read_text().replace("https://", "http://"))
+    world["server"].reset_counts()
+    res = run_vmfarm("run", *files, str(lab8.infrastructure_file), "--set", "tag=1.0",
+                     env=env, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "service.yaml:" in res.stderr and "credentials are sent over https only" in \
+        res.stderr
+    assert world["server"].log == []
+    assert _on_hosts(lab8, "running") == [""] * 8
+
+
+DOWNLOAD = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Environment
+    metadata: {name: lab}
+    spec: {type: PreProduction}
+    ---
+    apiVersion: v1
+    kind: Pipeline
+    metadata: {name: download}
+    spec:
+      stages:
+        - stage:
+            name: Deploy
+            identifier: deploy
+            type: Deployment
+            spec:
+              service: {serviceRef: app}
+              environment:
+                environmentRef: lab
+                infrastructureDefinitions: [{identifier: lab}]
+              execution:
+                steps:
+                  - step:
+                      type: Command
+                      name: Download
+                      identifier: download
+                      spec:
+                        environmentVariables:
+                          - {name: CURL_CA_BUNDLE, value: %(ca)s}
+                        commandUnits:
+                          - identifier: fetch
+                            type: DownloadArtifact
+                            spec: {destinationPath: /opt/dl}
+    """)
+
+
+@pytest.mark.timeout(300)
+def test_a_host_that_downloads_the_artifact_shows_ps_no_url_and_no_password(
+        world: dict[str, Any], lab8: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    # Given one lab host that downloads the artifact itself (DownloadArtifact), the password
+    # named by passwordRef, and a repository slow enough for ps to see curl at work
+    server = world["server"]
+    digest = hashlib.sha256(world["packed"]["1.0"]).hexdigest()
+    (tmp_path / "service.yaml").write_text(_service("Artifactory", (
+        f"url: {server.url}/repo/app/<+artifact.tag>/app-<+artifact.tag>.tar.gz\n"
+        f"username: deployer\npasswordRef: repo_password\nsha256: {digest}\ntag: <+input>\n")))
+    (tmp_path / "pipeline.yaml").write_text(DOWNLOAD % {"ca": server.ca_file})
+    infra = yaml.safe_load(Path(lab8.infrastructure_file).read_text())
+    infra["spec"]["spec"]["hosts"] = infra["spec"]["spec"]["hosts"][:1]
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra))
+    host_dir = Path(lab8.hosts[0].host_dir)
+    shutil.rmtree(host_dir / "opt" / "dl", ignore_errors=True)
+    env = base_env(VMFARM_HOME=str(tmp_path / "home"), **world["worker"])
+    server.reset_counts()
+    server.delay = 2.0
+    listings: list[str] = []
+    try:
+        # When it runs, ps is sampled (as any local user could) until the run ends
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "run", str(tmp_path / "service.yaml"),
+             str(tmp_path / "pipeline.yaml"), str(tmp_path / "infra.yaml"),
+             "--set", "tag=1.0", "-o", "json"],
+            env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while proc.poll() is None:
+            listings.append(subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                           text=True, check=True).stdout)
+        stdout, stderr = proc.communicate()
+    finally:
+        server.delay = 0.0
+    # Then the host downloaded it (basic auth, verified) ...
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert ("GET", "/repo/app/1.0/app-1.0.tar.gz", "Basic") in server.log
+    assert (host_dir / "opt" / "dl" / "app-1.0.tar.gz").read_bytes() == world["packed"]["1.0"]
+    # ... and while curl ran, no process showed the password or the URL
+    curls = [line for text in listings for line in text.splitlines()
+             if line.startswith("curl ") and "-K -" in line]
+    assert curls, "ps never saw curl run"
+    everything = "".join(listings)
+    assert PASSWORD not in everything
+    assert "/repo/app/1.0/app-1.0.tar.gz" not in everything
+    # ... nor did the output, the ledger or a task message
+    assert PASSWORD not in stdout + stderr
+    assert PASSWORD.encode() not in _kept_bytes(tmp_path / "home")

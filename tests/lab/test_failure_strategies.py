@@ -49,6 +49,13 @@ def test_retry_runs_new_attempts_until_the_step_passes(env: dict[str, str], lab:
     assert _attempts(report, env, flaky) == ["1:FAILED", "2:FAILED", "3:SUCCEEDED"]
     assert _log(lab, report["id"]) == ["try", "try", "try", "after"]
     assert _log(lab, report["id"], 1) == ["try", "after"]
+    # status shows each attempt, in text and in JSON (not only the last one)
+    step = next(h for h in report["stages"][0]["hosts"] if h["host"] == flaky)["steps"][0]
+    assert [(a["attempt"], a["status"], a["exit_code"]) for a in step["attempts"]] == \
+        [(1, "FAILED", 1), (2, "FAILED", 1), (3, "SUCCEEDED", 0)]
+    shown = run_vmfarm("status", report["id"], env=env)
+    assert (f"{flaky} (r1): step flaky SUCCEEDED on attempt 3; attempt 1 FAILED (exit 1); "
+            "attempt 2 FAILED (exit 1)") in shown.stdout, shown.stdout
 
 
 def test_after_the_retries_on_retry_failure_decides(env: dict[str, str], lab: Any) -> None:

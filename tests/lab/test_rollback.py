@@ -221,3 +221,48 @@ def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str]
     assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6
     assert _on_host(lab, 3, "history") == ["install 1.0", "check 1.0"]
     assert _instances(env) == {a: "1.0" for a in addrs}
+
+
+def test_rollback_reports_say_what_happened(env: dict[str, str], lab: Any) -> None:
+    addrs = [h.address for h in lab.hosts]
+    code, first = _run(env, lab, RB, "1.0")
+    assert code == 0, first
+    code, third = _run(env, lab, RB, "3.0")
+    assert code == 0, third
+    res = run_vmfarm("rollback", third["id"], "-o", "json", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    undo = json.loads(res.stdout)
+    # The rollback execution shows the hosts it rolled back, with their real states and the
+    # steps it ran on them (not every host SKIPPED).
+    hosts = undo["stages"][0]["hosts"]
+    assert {h["host"]: (h["status"], h["version"]) for h in hosts} == \
+        {a: ("ROLLED_BACK", "1.0") for a in addrs}
+    assert all([s["status"] for s in h["steps"]] == ["SUCCEEDED", "SUCCEEDED"] for h in hosts)
+    shown = run_vmfarm("status", undo["id"], env=env)
+    assert "SKIPPED" not in shown.stdout and shown.stdout.count("ROLLED_BACK") >= 6
+    executions = len(json.loads(run_vmfarm("executions", "-o", "json", env=env).stdout))
+
+    # A second rollback of the same run names the rollback that already undid it.
+    res = run_vmfarm("rollback", third["id"], env=env)
+    assert res.returncode == 2
+    assert f"execution {third['id']} was rolled back already by execution {undo['id']}" \
+        in res.stderr, res.stderr
+    assert "deployed after" not in res.stderr
+    assert run_vmfarm("rollback", third["id"], "--plan", env=env).stderr == res.stderr
+
+    # The run 1.0 came from has nothing older recorded: refused, nothing recorded.
+    for extra in ((), ("--plan",)):
+        res = run_vmfarm("rollback", first["id"], *extra, env=env)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"execution {first['id']} has no host to roll back" in res.stderr
+        assert "no earlier version recorded" in res.stderr
+
+    # A rollback is not rolled back: --plan and the rollback refuse it alike, exit 2.
+    refusals = [run_vmfarm("rollback", undo["id"], *extra, env=env) for extra in ((),
+                                                                                  ("--plan",))]
+    assert [r.returncode for r in refusals] == [2, 2]
+    assert refusals[0].stderr == refusals[1].stderr
+    assert f"execution {undo['id']} is a rollback (of {third['id']})" in refusals[0].stderr
+    assert len(json.loads(run_vmfarm("executions", "-o", "json", env=env).stdout)) == \
+        executions
+    assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6

@@ -184,12 +184,15 @@ def sign_in(provider: str, subject: str, *, client_id: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def oidc(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Provider]:
-    """An OIDC provider whose users are alice (deployers), bob (viewers) and carol (none)."""
+    """An OIDC provider whose users are alice (deployers), bob (viewers), carol (none), and
+    erin, frank and grace (release_managers)."""
     with alloc.port() as leased:
         p = start_provider(tmp_path_factory.mktemp("oidc"), [
             {"sub": "alice", "groups": ["deployers"]},
             {"sub": "bob", "groups": ["viewers"]},
             {"sub": "carol"},
+            *({"sub": name, "groups": ["release_managers"]}
+              for name in ("erin", "frank", "grace")),
         ], port=leased.port)
         yield p
         _stop([p.proc])
@@ -203,12 +206,25 @@ roles:
   only-token-create: [token:create]
   only-token-view: [token:view]
   only-token-revoke: [token:revoke]
+  only-pipeline-execute: [pipeline:execute]
+  only-pipeline-view: [pipeline:view]
+  only-pipeline-approve: [pipeline:approve]
+  only-pipeline-abort: [pipeline:abort]
+  only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
+  deployer: ["pipeline:*", "environment:*"]
 bindings:
   - role: token-admin
     groups: [deployers]
+  - role: deployer
+    groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+"""
+# Groups the identity provider does not send: API tokens named "holder" approve in "ci".
+SERVER_USERS = """
+groups:
+  ci: ["token:holder"]
 """
 
 
@@ -229,6 +245,7 @@ def server(pg_url: str, oidc: Provider, alloc: Allocator,
     root = tmp_path_factory.mktemp("server")
     rbac = root / "rbac.yaml"
     rbac.write_text(SERVER_RBAC)
+    (root / "users.yaml").write_text(SERVER_USERS)
     with alloc.port() as leased, alloc.redis_db(REDIS_BASE) as broker:
         yield from _server(pg_url, oidc, root, rbac, leased.port, broker.url)
 
@@ -240,6 +257,7 @@ def _server(pg_url: str, oidc: Provider, root: Path, rbac: Path, port: int,
     env = base_env(VMFARM_DATABASE_URL=pg_url,
                    VMFARM_BROKER_URL=broker,
                    VMFARM_HOME=str(root / "home"), VMFARM_SERVER_RBAC_FILE=str(rbac),
+                   VMFARM_SERVER_USERS_FILE=str(root / "users.yaml"),
                    VMFARM_SERVER_ISSUER=oidc.url, VMFARM_SERVER_AUDIENCE="vmfarm")
     log = root / "server.log"
     with log.open("wb") as fh:
@@ -349,3 +367,35 @@ def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
     controller.start()
     yield box
     controller.stop()
+
+
+def gated_pipeline(name: str, *, groups: list[str], minimum: int = 1,
+                   disallow_executor: bool = False) -> str:
+    """A pipeline of one Approval stage (no hosts, no worker needed): what the server's
+    execution routes are tried on."""
+    return f"""\
+apiVersion: v1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  stages:
+    - stage:
+        name: Approve
+        identifier: approve
+        type: Approval
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: HarnessApproval
+                  name: Approve
+                  identifier: approve
+                  timeout: 1d
+                  spec:
+                    approvalMessage: Release <+pipeline.executionId>?
+                    approvers:
+                      userGroups: {groups}
+                      minimumCount: {minimum}
+                      disallowPipelineExecutor: {str(disallow_executor).lower()}
+"""

@@ -35,7 +35,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: web}
 spec:
-  serviceDefinition: {type: SSH}
+  serviceDefinition:
+    type: SSH
+    spec:
+      artifacts:
+        primary: {type: Local, spec: {path: ., tag: <+input>}}
 ---
 apiVersion: v1
 kind: Environment
@@ -139,14 +143,15 @@ def _trail(execution_id: str) -> list[tuple[str, str, str]]:
 
 
 @contextmanager
-def _run(pipeline: str, result: int) -> Iterator[str]:
-    """Run the pipeline (its step exits ``result``) on the embedded worker; yields the
-    execution id once it has ended or waits for a person, the worker still running."""
+def _run(pipeline: str, result: int, tag: str = "1.0") -> Iterator[str]:
+    """Run the pipeline (its step exits ``result``; version ``tag``) on the embedded worker;
+    yields the execution id once it has ended or waits for a person, the worker still
+    running."""
     from app.coordinator import advance
     from app.providers.base import DEFAULT_REGION
     from app.worker import EmbeddedWorker
 
-    execution_id = operations.run(ALICE, [pipeline], inputs={"result": str(result)},
+    execution_id = operations.run(ALICE, [pipeline], inputs={"result": str(result), "tag": tag},
                                   publish=False)
     with EmbeddedWorker([DEFAULT_REGION]):  # the region of a host that names none
         advance(execution_id)
@@ -173,7 +178,15 @@ def test_intervene_is_refused_without_the_permission_and_audited_with_it(
 
 def test_rollback_is_refused_without_the_permission_and_audited_with_it(
         pipeline: str) -> None:
-    with _run(pipeline, 0) as execution_id:
+    with _run(pipeline, 0, "1.0") as first:
+        assert _status(first) == Status.SUCCEEDED
+        # A first deployment has nothing to go back to: refused alike, nothing recorded
+        for action in (operations.rollback_plan, operations.rollback):
+            with pytest.raises(LookupError, match=f"execution {first} has no host to roll "
+                                                  r"back \(1 host\(s\): no earlier version"):
+                action(ALICE, first)
+        assert _trail(first)[-1] == ("run", "alice", "submitted")
+    with _run(pipeline, 0, "2.0") as execution_id:
         assert _status(execution_id) == Status.SUCCEEDED
         # mallory may neither see the plan nor roll back: refused, audited, nothing new
         with pytest.raises(PermissionRefused, match="mallory may not view"):

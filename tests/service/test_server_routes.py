@@ -5,12 +5,13 @@ own OpenAPI document, so a new route without a permission fails here."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.service.conftest import Server, sign_in
+from tests.service.conftest import Server, gated_pipeline, sign_in
 
 OPEN = {("GET", "/api/health")}
 
@@ -36,14 +37,61 @@ def _api_token(server: Server, creator: str, name: str, role: str) -> dict[str, 
     return dict(resp.json())
 
 
-# How to call each route: (method, path) -> a function of a fresh victim token id giving
-# (path, json body).
-CALLS: dict[tuple[str, str], Callable[[str], tuple[str, dict[str, Any] | None]]] = {
+@dataclass
+class Setup:
+    """What a route is called on: a fresh victim token, executions made by alice."""
+
+    server: Server
+    alice: str
+    victim: str
+
+    def waiting(self, group: str = "ci") -> str:
+        """A new execution waiting for one approval by ``group`` (ci: the "holder" tokens)."""
+        resp = httpx.post(self.server.url + "/api/v1/executions", headers=_bearer(self.alice),
+                          json={"files": {"gate.yaml": gated_pipeline("routes", groups=[group])}})
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["id"])
+
+    def succeeded(self) -> str:
+        """A new execution that succeeded (alice approved it: she may, here)."""
+        ex_id = self.waiting("deployers")
+        resp = httpx.post(self.server.url + f"/api/v1/executions/{ex_id}/approve",
+                          headers=_bearer(self.alice))
+        assert resp.status_code == 200 and "succeeded" in resp.text, resp.text
+        return ex_id
+
+    def ended(self) -> str:
+        """A new execution that has ended (aborted while it waited)."""
+        ex_id = self.waiting()
+        resp = httpx.post(self.server.url + f"/api/v1/executions/{ex_id}/abort",
+                          headers=_bearer(self.alice))
+        assert resp.status_code == 200, resp.text
+        return ex_id
+
+
+EX = "/api/v1/executions"
+# How to call each route: (method, path) -> a function of the Setup giving (path, json body).
+CALLS: dict[tuple[str, str], Callable[[Setup], tuple[str, dict[str, Any] | None]]] = {
     ("POST", "/api/v1/tokens"): lambda _: (
         "/api/v1/tokens", {"name": "made", "roles": ["only-token-create"], "expires": "1h"}),
     ("GET", "/api/v1/tokens"): lambda _: ("/api/v1/tokens", None),
-    ("DELETE", "/api/v1/tokens/{token_id}"): lambda victim: (f"/api/v1/tokens/{victim}", None),
+    ("DELETE", "/api/v1/tokens/{token_id}"): lambda s: (f"/api/v1/tokens/{s.victim}", None),
+    ("POST", EX): lambda _: (EX, {"files": {"gate.yaml": gated_pipeline("made", groups=["ci"])}}),
+    ("GET", EX): lambda _: (EX, None),
+    ("GET", EX + "/{execution_id}"): lambda s: (f"{EX}/{s.ended()}", None),
+    ("GET", EX + "/{execution_id}/logs"): lambda s: (f"{EX}/{s.ended()}/logs", None),
+    ("GET", EX + "/{execution_id}/events"): lambda s: (f"{EX}/{s.ended()}/events", None),
+    ("POST", EX + "/{execution_id}/approve"): lambda s: (f"{EX}/{s.waiting()}/approve", None),
+    ("POST", EX + "/{execution_id}/reject"): lambda s: (f"{EX}/{s.waiting()}/reject",
+                                                        {"comment": "not today"}),
+    ("POST", EX + "/{execution_id}/abort"): lambda s: (f"{EX}/{s.waiting()}/abort", None),
+    ("POST", EX + "/{execution_id}/retry"): lambda s: (f"{EX}/{s.ended()}/retry", None),
+    ("POST", EX + "/{execution_id}/rollback"): lambda s: (f"{EX}/{s.succeeded()}/rollback",
+                                                          None),
 }
+# What the holder of exactly the permission gets when it is not 2xx: allowed, and then told
+# why there is nothing to do (an approval has no hosts to roll back).
+HOLDER = {("POST", EX + "/{execution_id}/rollback"): (409, "changed no host")}
 
 
 def test_every_route_but_health_names_its_permission_and_is_in_the_table(
@@ -60,15 +108,16 @@ def test_health_says_the_ledger_and_broker_answer_without_a_token(server: Server
 
 
 def test_every_route_refuses_the_unauthenticated_and_the_unauthorised(server: Server) -> None:
-    alice = _person(server, "alice")  # token-admin through her deployers group
-    carol = _person(server, "carol")  # a viewer of pipelines: no token permission
+    alice = _person(server, "alice")  # token-admin and deployer through her deployers group
+    carol = _person(server, "carol")  # a viewer of pipelines: nothing else
+    bob = _person(server, "bob")  # in a group the server binds to nothing
     wrong_audience = str(sign_in(server.oidc.url, "alice", client_id="other-app")["id_token"])
     checked = []
     for method, path, permission in _routes(server):
         if permission is None:
             continue
         victim = _api_token(server, alice, "victim", "only-token-view")["id"]
-        url_path, body = CALLS[(method, path)](victim)
+        url_path, body = CALLS[(method, path)](Setup(server, alice, victim))
 
         def call(headers: dict[str, str], url_path: str = url_path,
                  body: dict[str, Any] | None = body, method: str = method) -> httpx.Response:
@@ -84,14 +133,19 @@ def test_every_route_refuses_the_unauthenticated_and_the_unauthorised(server: Se
         others = {"only-token-create", "only-token-view", "only-token-revoke"} - {
             f"only-{permission.replace(':', '-')}"}
         other = _api_token(server, alice, "other", sorted(others)[0])["token"]
-        for token in (carol, other):
+        person = bob if permission == "pipeline:view" else carol
+        for token in (person, other):
             resp = call(_bearer(token))
             assert resp.status_code == 403, (method, path, resp.text)
             assert permission in resp.json()["detail"]
         # A token holding exactly that permission: 2xx
         holder = _api_token(server, alice, "holder", f"only-{permission.replace(':', '-')}")
         resp = call(_bearer(holder["token"]))
-        assert 200 <= resp.status_code < 300, (method, path, resp.text)
+        if (method, path) in HOLDER:
+            code, why = HOLDER[(method, path)]
+            assert resp.status_code == code and why in resp.text, (method, path, resp.text)
+        else:
+            assert 200 <= resp.status_code < 300, (method, path, resp.text)
         checked.append((method, path))
     assert len(checked) == len(CALLS)
 

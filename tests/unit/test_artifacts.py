@@ -19,14 +19,18 @@ import pytest
 
 from app import artifacts
 from app.artifacts import (
+    ArtifactAuthError,
     ArtifactError,
     ChecksumError,
+    Credentials,
     artifact_url,
     fetch,
     httpfetch,
     pack_folder,
+    resolve,
     verify_remote_command,
 )
+from app.artifacts.httpfetch import HttpAuth
 from app.settings import get_settings
 
 
@@ -171,6 +175,80 @@ def test_url_mapping_of_repository_fields() -> None:
         == "http://ci:8080/job/team/job/web-app/57/artifact/dist/web-app.tar.gz"
     assert artifacts.extension("web-app-1.2.3") == "bin"
     assert artifacts.extension("web-app-1.2.3.TAR.GZ") == "tar.gz"
+
+
+# --- credentials by reference --------------------------------------------------------------------
+
+PW, TOKEN = "pw-from-the-store", "tok-from-the-store"
+
+
+def repo(url: str = "https://repo.example/libs/web-<tag>.tgz", **spec: Any) -> dict[str, Any]:
+    return {"type": "Artifactory", "tag": "1.4.2", "fileName": "web-1.4.2.tgz",
+            "spec": {"url": url, **spec}}
+
+
+@pytest.fixture()
+def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The worker's secrets: the env backend only, with a password and a token."""
+    from app import secrets
+
+    monkeypatch.setenv("VMFARM_SECRETS", "env")
+    monkeypatch.setenv("VMFARM_SECRET_ARTIFACTORY_PW", PW)
+    monkeypatch.setenv("VMFARM_SECRET_CI_TOKEN", TOKEN)
+    secrets.reset()
+    yield
+    secrets.reset()
+
+
+@pytest.mark.parametrize(("spec", "auth"), [
+    ({"username": "deployer", "passwordRef": "account.artifactory_pw"}, ("deployer", PW, None)),
+    ({"username": "deployer", "password": '<+secrets.getValue("artifactory_pw")>'},
+     ("deployer", PW, None)),
+    ({"tokenRef": "env:ci_token"}, (None, None, TOKEN)),
+    ({"token": "<+secrets.getValue('ci_token')>"}, (None, None, TOKEN)),
+])
+def test_the_secrets_a_spec_names_are_resolved_on_the_worker_that_fetches(
+        store: None, spec: dict[str, str], auth: tuple[str | None, ...]) -> None:
+    # When the worker resolves the artifact, the secrets come from its store
+    got = resolve(repo(**spec))
+    assert (got.auth.username, got.auth.password, got.auth.token) == auth
+    assert PW not in repr(got) and TOKEN not in repr(got)
+    # And at plan time none is resolved
+    assert resolve(repo(**spec), require_secrets=False).auth == HttpAuth()
+    # And the values are masked in whatever this process prints
+    from app.secrets import mask
+
+    value = str(got.auth.password or got.auth.token)
+    assert mask(f"sent {value}") == "sent ***"
+
+
+def test_a_secret_the_worker_cannot_resolve_fails_the_fetch_naming_it(store: None) -> None:
+    with pytest.raises(ArtifactAuthError) as info:
+        fetch(repo(username="deployer", passwordRef="no_such_secret"))
+    text = str(info.value)
+    assert "spec.passwordRef 'no_such_secret': the secret cannot be resolved" in text
+    assert info.value.error_class == "Authentication"
+    with pytest.raises(ArtifactAuthError, match=r"spec\.token: .*'missing_token'"):
+        fetch(repo(token='<+secrets.getValue("missing_token")>'))
+    assert artifacts.check(repo(username="d", passwordRef="no_such_secret")) == []  # plan time
+
+
+@pytest.mark.parametrize("spec", [
+    {"username": "deployer", "passwordRef": "artifactory_pw"},
+    {"tokenRef": "ci_token"},
+    {"username": "deployer"},
+    {"url": "http://deployer:secret@127.0.0.1:9/libs/web-<tag>.tgz"},
+])
+def test_credentials_over_plain_http_are_refused_before_anything_is_fetched(
+        store: None, spec: dict[str, str]) -> None:
+    art = repo(**{"url": "http://127.0.0.1:9/libs/web-<tag>.tgz", **spec})
+    with pytest.raises(ArtifactError, match="credentials are sent over https only") as info:
+        fetch(art)  # (port 9 would refuse the connection: the refusal comes first)
+    assert ":secret@" not in str(info.value) and PW not in str(info.value)
+    assert [p for p in artifacts.check(art) if "https only" in p]
+    with pytest.raises(ArtifactError, match="https only"):
+        fetch(repo("http://127.0.0.1:9/x.tgz"), credentials=Credentials(password="x"))
+    assert artifacts.check(repo("http://127.0.0.1:9/x.tgz")) == []  # no credentials: fine
 
 
 # --- S3 ------------------------------------------------------------------------------------------

@@ -292,11 +292,39 @@ def test_a_misspelt_checksum_key_is_an_error_with_a_suggestion(tmp_path: Path) -
      ["maven path"]),
     ("Artifactory", "url: https://a/x.tgz\nconnectorRef: art", "connectorRef",
      ["not supported", "remove connectorRef"]),
+    # Secrets are named, never written: a value in the file would be stored with every plan.
+    ("Http", "url: https://a/x.tgz\nusername: u\npassword: hunter2", "password:",
+     ["a password written in the file is refused", "passwordRef: <secret id>"]),
+    ("Jenkins", "url: https://a/x.tgz\ntoken: <+input>", "token:",
+     ["a token written in the file is refused", "tokenRef"]),
+    ("Artifactory", "url: https://u:hunter2@a/x.tgz", "url:",
+     ["a password in url is refused", "passwordRef"]),
+    # Credentials go over https only.
+    ("Http", "url: http://a/x.tgz\nusername: u\npasswordRef: pw", "url:",
+     ["credentials are sent over https only", "use an https:// URL"]),
+    ("Nexus3Registry", "baseUrl: http://n\nrepository: r\nartifactPath: a.tgz\ntokenRef: t",
+     "baseUrl:", ["credentials are sent over https only"]),
+    # allowUnverified is a real switch of remote artifacts, and only of those.
+    ("Http", "url: https://a/x.tgz\nallowUnverified: yes please", "allowUnverified",
+     ["allowUnverified must be true or false"]),
+    ("Local", "path: ./app\ntag: 1.0\nallowUnverified: true", "allowUnverified",
+     ["unknown field 'allowUnverified' in a Local artifact's spec"]),
 ])
 def test_artifact_specs_are_checked_per_type(tmp_path: Path, atype: str, aspec: str,
                                              needle: str, words: list[str]) -> None:
     paths = files(tmp_path, atype=atype, aspec=aspec)
     assert_refused(validate(*paths), paths[0], needle, *words)
+
+
+def test_credentials_named_by_reference_over_https_load(tmp_path: Path) -> None:
+    paths = files(tmp_path, atype="Artifactory", aspec=(
+        "url: https://a/x-<+artifact.tag>.tgz\ntag: 1.0\nusername: deployer\n"
+        "passwordRef: account.artifactory_pw\nallowUnverified: true"))
+    assert validate(*paths).exit_code == 0
+    paths = files(tmp_path, aspec=("url: https://a/x.tgz\ntag: 1.0\n"
+                                   "token: <+secrets.getValue(\"ci_token\")>"))
+    res = validate(*paths)
+    assert res.exit_code == 0, res.output
 
 
 def test_a_misspelt_host_filter_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
@@ -344,9 +372,14 @@ def test_reference_phase_fields_that_agree_load(tmp_path: Path) -> None:
 
 
 def test_harness_verification_keys_are_not_silently_ignored(tmp_path: Path) -> None:
+    # A canary analysis with half its keys (tests/unit/test_canary_analysis.py has the rest)
     paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
                                   "    properties: {analysisType: Prometheus}")
-    assert_refused(validate(*paths), paths[3], "analysisType", "'analysisType' is not "
+    assert_refused(validate(*paths), paths[3], "analysisType", "a canary analysis needs "
+                   "comparisonStrategy")
+    paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
+                                  "    properties: {analysisProvider: Prometheus}")
+    assert_refused(validate(*paths), paths[3], "analysisProvider", "'analysisProvider' is not "
                    "supported", "healthCheck")
 
 

@@ -72,3 +72,28 @@ def test_nobody_makes_a_token_stronger_than_themselves(cfg) -> None:  # type: ig
     assert may_grant_roles(cfg, alice, ["admin"]) == ["*"]
     with pytest.raises(ValueError, match="unknown role"):
         may_grant_roles(cfg, alice, ["nope"])
+
+
+def test_operations_guard_with_the_servers_rules_counts_token_groups_and_roles(
+        cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from app import rbac
+
+    # A local RBAC file that would allow everyone everything is not the one applied
+    local = tmp_path / "local-rbac.yaml"
+    local.write_text('roles: {all: ["*"]}\nbindings: [{role: all, users: ["*"]}]\n')
+    monkeypatch.setenv("VMFARM_RBAC_FILE", str(local))
+    plan = {"identifier": "web", "stages": [{"type": "Deployment", "identifier": "d",
+                                             "environment": {"identifier": "prod",
+                                                             "type": "Production"}}]}
+    with pytest.raises(PermissionRefused, match="carol may not run: missing permission "
+                                                "pipeline:execute"):
+        rbac.guard("run", user="carol", plan=plan, rules=cfg)
+    # alice's token says she is a deployer: that is enough outside production only
+    with pytest.raises(PermissionRefused, match="environment:deploy:production"):
+        rbac.guard("run", user="alice", plan=plan, rules=cfg, groups=["deployers"])
+    plan["stages"][0]["environment"]["type"] = "PreProduction"
+    rbac.guard("run", user="alice", plan=plan, rules=cfg, groups=["deployers"])
+    # an API token holds its roles (not the bindings of its name)
+    rbac.guard("run", user="token:ci", plan=plan, rules=cfg, roles=["admin"])
+    with pytest.raises(PermissionRefused):
+        rbac.guard("run", user="bob", plan=plan, rules=cfg, roles=["viewer"])

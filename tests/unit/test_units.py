@@ -37,7 +37,9 @@ SERVICE = textwrap.dedent(f"""\
             primary:
               type: Http
               spec:
-                url: http://deployer:{PASSWORD}@127.0.1.10:8081/repo/app-<+artifact.tag>.tar.gz?X-Amz-Signature={SIGNATURE}
+                url: https://127.0.1.10:8081/repo/app-<+artifact.tag>.tar.gz?X-Amz-Signature={SIGNATURE}
+                username: deployer
+                passwordRef: repo_password
                 sha256: "{SHA}"
                 tag: <+input>
     ---
@@ -132,7 +134,7 @@ PIPELINE = textwrap.dedent("""\
                                     pid=$!
     """)
 
-SOURCE = "Http http://127.0.1.10:8081/repo/app-2.0.1.tar.gz?…"
+SOURCE = "Http https://127.0.1.10:8081/repo/app-2.0.1.tar.gz?…"
 SETUP_SCRIPT = ("set -e\nmkdir -p /opt/app/2.0.1 /opt/app/logs\n"
                 "chown deploy:deploy /opt/app/2.0.1 /opt/app/logs\n"
                 "chmod 0750 /opt/app/2.0.1 /opt/app/logs\nls -ld /opt/app/2.0.1 /opt/app/logs\n")
@@ -147,8 +149,8 @@ EXPECTED: dict[str, tuple[dict[str, Any], list[str]]] = {
                "destination": "/opt/app/incoming/app-2.0.1.tar.gz", "checksum": SHA},
               [f"[fetch] download {SOURCE} -> /opt/app/incoming/app-2.0.1.tar.gz (by the host, "
                f"sha256 {SHA} checked):",
-               '  curl -fsSL --retry 3 -u "$VMFARM_AUTH" -o '
-               '/opt/app/incoming/app-2.0.1.tar.gz.part "$VMFARM_URL"']),
+               """  printf '%s\\n' "$VMFARM_CURL_CONFIG" | curl -fsSL --retry 3 -K - -o """
+               '/opt/app/incoming/app-2.0.1.tar.gz.part']),
     "copy": ({"type": "Copy", "source": SOURCE,
               "destination": "/opt/app/pushed/app-2.0.1.tar.gz", "checksum": SHA},
              [f"[copy] copy {SOURCE} -> /opt/app/pushed/app-2.0.1.tar.gz"]),
@@ -208,8 +210,8 @@ def test_plan_shows_the_download_script_and_where_each_unit_comes_from(
         planned: dict[str, Any]) -> None:
     fetch = planned["units"]["fetch"]["script"]
     # the host writes a .part file and renames it: a file is whole or absent; then checks it
-    assert fetch.index(".part \"$VMFARM_URL\"") < fetch.index("mv /opt/app/incoming/app-2.0.1"
-                                                             ".tar.gz.part") < fetch.index(SHA)
+    assert fetch.index("-K - -o /opt/app/incoming/app-2.0.1.tar.gz.part") < fetch.index(
+        "mv /opt/app/incoming/app-2.0.1.tar.gz.part") < fetch.index(SHA)
     assert planned["stage"]["steps"][0]["environment"] == {"APP_HOME": "/opt/app"}
     start = planned["units"]["start"]
     assert start["outputVariables"] == {"PID": "pid"}
@@ -225,6 +227,46 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
     for leaked in (PASSWORD, SIGNATURE, "deployer", "X-Amz-Signature", DB_PASSWORD):
         assert leaked not in shown
     assert '<+secrets.getValue("db_password")>' in planned["units"]["start"]["script"]
+
+
+@pytest.mark.parametrize(("artifact", "source"), [
+    (f"""type: Artifactory
+          spec:
+            baseUrl: https://127.0.1.10:8081/artifactory
+            username: deployer
+            passwordRef: repo_password
+            repository: libs-release
+            artifactDirectory: web
+            artifactPath: app-<+artifact.tag>.tar.gz
+            sha256: "{SHA}"
+            tag: <+input>
+""", "Artifactory https://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz"),
+    (f"""type: Nexus3Registry
+          spec:
+            nexusServerUrl: https://127.0.1.10:8443/?token={SIGNATURE}
+            repository: maven-releases
+            groupId: com.example
+            artifactId: app
+            extension: tar.gz
+            sha256: "{SHA}"
+            tag: <+input>
+""", "Nexus3Registry https://127.0.1.10:8443/repository/maven-releases/com/example/app/2.0.1/"
+     "app-2.0.1.tar.gz?…"),  # the base URL's query stays a query (shown as ?…), after the path
+], ids=["Artifactory", "Nexus3Registry"])
+def test_plan_names_the_real_source_of_a_repository_artifact(tmp_path: Path, artifact: str,
+                                                             source: str) -> None:
+    """Regression (issue 17): ``copy None -> ...`` for Http/Artifactory artifacts."""
+    service = SERVICE.replace(
+        SERVICE[SERVICE.index("type: Http"):SERVICE.index("---")], artifact)
+    files = _write(tmp_path, service)
+    text = _plan(files, tmp_path / "home")
+    assert f"[copy] copy {source} -> /opt/app/pushed/app-2.0.1.tar.gz" in text, text
+    assert "None" not in text
+    for leaked in (SIGNATURE, "token"):
+        assert leaked not in text
+    (stage,) = json.loads(_plan(files, tmp_path / "home", "-o", "json"))["stages"]
+    assert {u["source"] for step in stage["steps"] for u in step["units"]
+            if u["type"] in ("Copy", "DownloadArtifact", "Release")} == {source}
 
 
 def test_a_unit_that_cannot_run_shows_why_instead_of_a_traceback(tmp_path: Path) -> None:
@@ -300,6 +342,7 @@ def worker(planned: dict[str, Any], tmp_path: Path,
     monkeypatch.setenv("VMFARM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VMFARM_SECRETS", "env")
     monkeypatch.setenv("VMFARM_SECRET_DB_PASSWORD", DB_PASSWORD)
+    monkeypatch.setenv("VMFARM_SECRET_REPO_PASSWORD", PASSWORD)
     secrets.reset()
     plan, hosts = prepare(planned["files"], pipeline=None, inputs=INPUTS,
                           execution_id="test-units")
@@ -357,3 +400,64 @@ def test_a_secret_reaches_the_script_only_through_its_environment_on_the_worker(
     assert '"${pid}"' in trap and "PID=" in trap
     assert sent.env == {var: DB_PASSWORD}
     assert DB_PASSWORD not in sent.script
+
+
+def test_the_host_downloads_with_credentials_curl_reads_from_stdin_never_from_its_argv(
+        planned: dict[str, Any], worker: Callable[[str, str], Sent], tmp_path: Path) -> None:
+    # Given the DownloadArtifact unit, whose password the worker resolves from passwordRef
+    shown = planned["units"]["fetch"]
+    sent = worker("install", "fetch")
+    # Then the host gets the script the plan showed, the URL and credentials only as curl's
+    # config in the command's environment
+    assert sent.script == shown["script"]
+    config = sent.env["VMFARM_CURL_CONFIG"]
+    assert f'user = "deployer:{PASSWORD}"' in config
+    assert f"X-Amz-Signature={SIGNATURE}" in config
+    assert PASSWORD not in sent.script and SIGNATURE not in sent.script
+    assert sent.env["APP_HOME"] == "/opt/app"  # the step's environment reaches curl
+
+    # When a real bash runs it (a curl that records its argv, stdin and environment)
+    import subprocess
+
+    from app.connectors.base import env_prelude
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "curl").write_text(
+        "#!/bin/sh\nprintf '%s\\n' \"$*\" > \"$REC/argv\"\ncat > \"$REC/stdin\"\n"
+        "env > \"$REC/env\"\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && echo body > \"$2\"; "
+        "shift; done\n")
+    (bin_dir / "curl").chmod(0o755)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    script = sent.script.replace("/opt/app/incoming", str(tmp_path / "incoming"))
+    script = script[:script.index("if command -v sha256sum")]  # (the bytes are not the build)
+    done = subprocess.run(["bash", "-s"], input=env_prelude(sent.env) + script, text=True,
+                          capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin",
+                                                    "REC": str(rec)}, check=False)
+    # Then curl had the credentials on stdin, none in its argv or its environment
+    assert done.returncode == 0, done.stderr
+    argv = (rec / "argv").read_text()
+    assert "-K -" in argv and PASSWORD not in argv and SIGNATURE not in argv
+    assert f'user = "deployer:{PASSWORD}"' in (rec / "stdin").read_text()
+    assert PASSWORD not in (rec / "env").read_text()
+    assert (tmp_path / "incoming" / "app-2.0.1.tar.gz").read_text() == "body\n"
+
+
+def test_a_download_without_a_checksum_is_refused_at_load(tmp_path: Path) -> None:
+    # Given the DownloadArtifact unit and an artifact whose spec gives no checksum
+    service = SERVICE.replace(f'            sha256: "{SHA}"\n', "")
+    assert SHA not in service
+    files = _write(tmp_path, service)
+    sets = [a for k, v in INPUTS.items() for a in ("--set", f"{k}={v}")]
+    # When it is planned, it is refused: the host could verify nothing
+    res = run_vmfarm("plan", *files, *sets, env=base_env(VMFARM_HOME=str(tmp_path / "home")))
+    assert res.returncode == 2
+    assert "a DownloadArtifact unit fetches this artifact on the host" in res.stderr
+    assert "spec.allowUnverified: true" in res.stderr and "service.yaml:" in res.stderr
+    # And with allowUnverified: true it is planned, unverified
+    files = _write(tmp_path, service.replace("tag: <+input>", "tag: <+input>\n"
+                                             "            allowUnverified: true"))
+    res = run_vmfarm("plan", *files, *sets, env=base_env(VMFARM_HOME=str(tmp_path / "home")))
+    assert res.returncode == 0, res.stderr
+    assert "no checksum from the source: not verified" in res.stdout

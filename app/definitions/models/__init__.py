@@ -109,6 +109,9 @@ from app.definitions.models.steps import (
     flat_steps,
 )
 from app.definitions.models.strategy import (
+    ANALYSIS_KEYS,
+    CanaryAnalysisSpec,
+    CanaryMetric,
     FailureBudget,
     HttpCheckSpec,
     ProbeSpec,
@@ -129,6 +132,7 @@ from app.definitions.models.strategy import (
 )
 
 __all__ = [
+    "ANALYSIS_KEYS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "ActionType",
@@ -142,6 +146,8 @@ __all__ = [
     "Approvers",
     "ArtifactSource",
     "Artifacts",
+    "CanaryAnalysisSpec",
+    "CanaryMetric",
     "CommandStep",
     "CommandStepSpec",
     "CommandUnit",

@@ -47,7 +47,10 @@ class ArtifactSource(Model):
     ``Local`` (a file or folder next to the pipeline file, packed reproducibly by the worker),
     ``Http``/``Artifactory``/``Nexus3Registry``/``Jenkins`` (a URL template, see
     app.artifacts.sources) and ``AmazonS3`` (bucket and key); a checksum (``spec.sha256``, or
-    the repository's) is verified where the file lands. ``CustomArtifact`` is refused.
+    the repository's) is verified where the file lands; a remote artifact with none anywhere is
+    refused unless ``spec.allowUnverified: true``. Credentials are secrets named by
+    ``passwordRef``/``tokenRef`` (or ``<+secrets.getValue("id")>``), resolved on the worker that
+    fetches, sent over https only. ``CustomArtifact`` is refused.
     """
 
     type: Literal["Local", "Artifactory", "Nexus3Registry", "AmazonS3", "Jenkins", "CustomArtifact",

@@ -12,6 +12,7 @@ from pydantic.alias_generators import to_camel
 from app.definitions.base import (
     Duration,
     Model,
+    parse_duration,
 )
 
 Size = int | str  # a host count (3) or a percentage of all hosts ("25%")
@@ -95,6 +96,91 @@ class FailureBudget(Model):
     max_failed_percent: float = Field(default=0.0, ge=0, le=100)
 
 
+#: The longest canary analysis: its checks wait that long in the broker (a countdown).
+MAX_ANALYSIS_SECONDS = 3600
+
+
+def analysis_seconds(value: int | str) -> float:
+    """``timeDuration`` in seconds: a bare number is minutes, as in Harness (``"10"`` is ten
+    minutes); with a unit it is what it says (``30s``, ``2m``). Raises ValueError."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text:
+        raise ValueError(f"timeDuration {value!r} is not a number of minutes or a duration")
+    seconds = float(text) * 60 if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    if not 0 < seconds <= MAX_ANALYSIS_SECONDS:
+        raise ValueError(f"timeDuration {value!r} must be above 0 and at most 60 minutes")
+    return seconds
+
+
+def _window(v: int | str) -> int | str:
+    analysis_seconds(v)
+    return v
+
+
+def _analysis_type(v: str) -> str:
+    # Harness's other verification providers (Datadog, AppDynamics, NewRelic, ...) are refused
+    # by name: a safety check the user wrote must never be skipped in silence.
+    if v != "Prometheus":
+        raise ValueError(f"analysisType {v} is not supported: vmfarm's canary analysis reads "
+                         "Prometheus (analysisType: Prometheus)")
+    return v
+
+
+def _comparison(v: str) -> str:
+    if v != "COMPARE_WITH_CURRENT":
+        raise ValueError(f"comparisonStrategy {v} is not supported: vmfarm compares the canary "
+                         "with the hosts still on the current version "
+                         "(comparisonStrategy: COMPARE_WITH_CURRENT)")
+    return v
+
+
+class CanaryMetric(Model):
+    """One metric of a canary analysis: a PromQL template run once per side, and how much
+    worse the canary may be. ``$instances`` becomes a regular expression matching the side's
+    ``instance`` labels, ``$window`` the analysis window (``600s``). Higher is worse; the canary
+    fails the metric when it exceeds the baseline by more than ``maxIncrease`` (absolute) *and*
+    more than ``maxRatio`` times (either alone when only one is given)."""
+
+    name: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    max_increase: float | None = Field(default=None, ge=0)
+    max_ratio: float | None = Field(default=None, ge=1)
+    unit: Literal["fraction", "seconds", "number"] = "number"
+
+    @model_validator(mode="after")
+    def _margin(self) -> CanaryMetric:
+        if self.max_increase is None and self.max_ratio is None:
+            raise ValueError(f"metric '{self.name}' needs maxIncrease and/or maxRatio (how "
+                             "much worse than the baseline the canary may be)")
+        if "$instances" not in self.query:
+            raise ValueError(f"metric '{self.name}': the query must select the side's hosts "
+                             'with $instances, e.g. {instance=~"$instances"}')
+        return self
+
+
+class CanaryAnalysisSpec(Model):
+    """Harness CV's canary analysis (the reference's ``VERIFICATION`` step): the canary hosts'
+    metrics compared with those of the hosts still on the current version, over ``timeDuration``.
+    Only ``analysisType: Prometheus`` and ``comparisonStrategy: COMPARE_WITH_CURRENT`` exist;
+    ``metrics`` default to the error rate and p95 latency of app.verify.canary.DEFAULT_METRICS.
+    """
+
+    analysis_type: Annotated[str, AfterValidator(_analysis_type)]
+    comparison_strategy: Annotated[str, AfterValidator(_comparison)]
+    time_duration: Annotated[int | str, AfterValidator(_window)]
+    prometheus_url: str | None = None  # default: VMFARM_PROMETHEUS_URL
+    instance: str = "<+instance.hostName>:8080"  # a host's `instance` label in Prometheus
+    metrics: list[CanaryMetric] | None = Field(default=None, min_length=1)
+
+    def window_seconds(self) -> float:
+        return analysis_seconds(self.time_duration)
+
+
+#: The reference step's keys that make a canary analysis (vmfarm's additions after the first 3).
+ANALYSIS_KEYS = ("analysisType", "comparisonStrategy", "timeDuration", "prometheusUrl",
+                 "instance", "metrics")
+
+
 class VerificationSpec(Model):
     """The gate after a phase: checks on every host of the phase, then a verdict."""
 
@@ -102,6 +188,7 @@ class VerificationSpec(Model):
     probe: ProbeSpec | None = None
     success_criteria: SuccessCriteria | None = None
     prometheus: PrometheusCheck | None = None
+    canary_analysis: CanaryAnalysisSpec | None = None
 
 
 class TrafficSpec(Model):
@@ -163,6 +250,11 @@ class StrategySpec(Model):
             raise ValueError(f"a {self.type} strategy needs 'phases'")
         if self.type == "BlueGreen" and self.traffic is None:
             raise ValueError("a BlueGreen strategy needs 'traffic' (where to switch traffic)")
+        if self.type in ("Basic", "BlueGreen") and self.verification is not None \
+                and self.verification.canary_analysis is not None:
+            raise ValueError(f"canaryAnalysis is not supported with a {self.type} strategy: it "
+                             "compares the hosts of a phase with those not yet deployed; use "
+                             "Canary or Rolling")
         return self
 
 
@@ -170,8 +262,10 @@ class ReferencePhaseStep(Model):
     """A step inside a reference phase; ``type: VERIFICATION`` puts a gate after the phase.
 
     Its ``properties`` carry vmfarm's verification keys (healthCheck, probe, successCriteria,
-    prometheus); any other type or key (Harness's analysisType, ...) is refused by the loader
-    (app.definitions.schemas), never ignored.
+    prometheus) and Harness's canary analysis (analysisType, comparisonStrategy, timeDuration,
+    plus vmfarm's prometheusUrl, instance, metrics: CanaryAnalysisSpec); any other type, key or
+    analysis vmfarm does not run is refused by the loader (app.definitions.schemas), with its
+    position, never ignored.
     """
 
     type: str
@@ -184,12 +278,20 @@ class ReferencePhaseStep(Model):
 
     def verification(self) -> VerificationSpec | None:
         keys = {"healthCheck", "probe", "successCriteria", "prometheus"}
-        mine = {k: v for k, v in self.properties.items() if k in keys}
+        mine: dict[str, Any] = {k: v for k, v in self.properties.items() if k in keys}
+        analysis = {k: v for k, v in self.properties.items() if k in ANALYSIS_KEYS}
+        if analysis:
+            mine["canaryAnalysis"] = analysis
         return VerificationSpec.model_validate(mine) if mine else None
 
     @model_validator(mode="after")
     def _valid(self) -> ReferencePhaseStep:
-        self.verification()
+        # The analysis keys are checked by the loader with their positions
+        # (app.definitions.schemas.phase_step_problems); the rest here.
+        keys = {"healthCheck", "probe", "successCriteria", "prometheus"}
+        mine = {k: v for k, v in self.properties.items() if k in keys}
+        if mine:
+            VerificationSpec.model_validate(mine)
         return self
 
 
