@@ -54,6 +54,20 @@ UNSUPPORTED_TYPES = {
 }
 
 
+# Step types of one kind of stage written in the other: refused saying where they belong.
+OTHER_STAGE_TYPES = {
+    "ShellScript": "a ShellScript step runs in a Custom stage (on the delegate); in a Deployment "
+                   "stage write a Command step with a Script unit (onDelegate: true runs it on "
+                   "the worker)",
+    "Http": "an Http step runs in a Custom stage (from the delegate); in a Deployment stage use "
+            "a HealthCheck step of type HTTP",
+    "Command": "a Command step runs on hosts, in a Deployment stage; in a Custom stage write a "
+               "ShellScript step",
+    "HealthCheck": "a HealthCheck step checks hosts, in a Deployment stage; in a Custom stage "
+                   "write an Http step",
+}
+
+
 def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]) -> str:
     etype = err["type"]
     loc = err["loc"]
@@ -75,6 +89,8 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
             tag = err.get("ctx", {}).get("tag")
             if tag in UNSUPPORTED_TYPES:
                 return f"type '{tag}': {UNSUPPORTED_TYPES[tag]} (vmfarm has {expected})"
+            if tag in OTHER_STAGE_TYPES:
+                return f"type '{tag}' here: {OTHER_STAGE_TYPES[tag]} (expected one of {expected})"
             return f"unknown type '{tag}' (expected one of {expected})"
         return f"invalid value {inp!r} for '{name}' (expected one of {expected})"
     if etype == "union_tag_not_found":

@@ -198,7 +198,7 @@ def test_a_custom_stage_resolves_to_steps_on_the_delegate(lab_file: Path) -> Non
                                           '<+httpResponseBody>.contains("UP")')
     assert the_step(checks, "soak")["spec"] == {"duration": "2s"}
     deploy = plan["stages"][1]
-    assert [s["type"] for s in deploy["steps"]] == ["HarnessApproval", "Command"]
+    assert [s["type"] for s in deploy["steps"]] == ["HarnessApproval", "Wait", "Command"]
 
 
 CUSTOM_STAGE = """\
@@ -269,7 +269,8 @@ type: Command
 name: Work
 identifier: work
 spec: {commandUnits: [{identifier: a, type: Script, spec: {source: {spec: {script: x}}}}]}""",
-     "spec.stages[0].stage.spec.execution.steps[0].step.type", "unknown type 'Command'"),
+     "spec.stages[0].stage.spec.execution.steps[0].step.type",
+     "in a Custom stage write a ShellScript"),
 ])
 def test_what_a_custom_stage_cannot_do_is_refused_where_it_is_written(
         tmp_path: Path, step: str, field: str, says: str) -> None:

@@ -333,7 +333,24 @@ class ApprovalStep(_StepBase):
     spec: ApprovalStepSpec
 
 
-StepSpec = Annotated[CommandStep | HealthCheckStep | ApprovalStep, Field(discriminator="type")]
+class WaitStepSpec(Model):
+    duration: Duration
+
+
+class WaitStep(_StepBase):
+    """Wait ``duration`` before the next step: a timer in the coordinator, no worker sleeps.
+
+    ```yaml
+    - step: {type: Wait, name: Soak, identifier: soak, spec: {duration: 10m}}
+    ```
+    """
+
+    type: Literal["Wait"]
+    spec: WaitStepSpec
+
+
+StepSpec = Annotated[CommandStep | HealthCheckStep | ApprovalStep | WaitStep,
+                     Field(discriminator="type")]
 
 
 class StepGroupStepElement(Model):
@@ -362,7 +379,7 @@ class StepElement(Model):
         return self
 
 
-FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep | ApprovalStep",
+FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep | ApprovalStep | WaitStep",
                  "StepGroup | None"]
 
 
@@ -386,11 +403,11 @@ class Execution(Model):
     @classmethod
     def _no_approval_in_rollback(cls, v: list[StepElement]) -> list[StepElement]:
         for _, step, _ in flat_steps(v):
-            if isinstance(step, ApprovalStep):
+            if isinstance(step, ApprovalStep | WaitStep):
                 raise ValueError(
-                    f"HarnessApproval step '{step.identifier}' in rollbackSteps is not "
-                    "supported: a rollback does not wait for people (put the approval in the "
-                    "stage's steps, or answer a ManualIntervention failure strategy)")
+                    f"{step.type} step '{step.identifier}' in rollbackSteps is not "
+                    "supported: a rollback does not wait (put it in the stage's steps; a person "
+                    "answers a ManualIntervention failure strategy)")
         return v
 
 
@@ -498,22 +515,6 @@ class HttpStep(_StepBase):
 
     type: Literal["Http"]
     spec: HttpStepSpec
-
-
-class WaitStepSpec(Model):
-    duration: Duration
-
-
-class WaitStep(_StepBase):
-    """Wait ``duration`` before the next step: a timer in the coordinator, no worker sleeps.
-
-    ```yaml
-    - step: {type: Wait, name: Soak, identifier: soak, spec: {duration: 10m}}
-    ```
-    """
-
-    type: Literal["Wait"]
-    spec: WaitStepSpec
 
 
 CustomStepSpec = Annotated[ShellScriptStep | HttpStep | WaitStep | ApprovalStep,
