@@ -203,6 +203,23 @@ def retry_canvas(*, execution_id: str, stage_index: int, phase: int,
                   kind="deploy")
 
 
+def resume_canvas(*, execution_id: str, stage_index: int, phase: int,
+                  hosts: list[tuple[str, str]], first_step: int, step_count: int,
+                  deadline: float, lanes: int | None = None,
+                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+    """The hosts of a phase going on after a Wait or approval step (app.coordinator.barriers):
+    steps ``first_step`` .. ``step_count - 1`` of each host, dealt into ``lanes`` as
+    ``phase_canvas`` does; the body is the phase's own gate."""
+    n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
+    lines: list[list[Signature]] = [[] for _ in range(n)]
+    for i, (h, r) in enumerate(hosts):
+        lines[i % n].extend(_host_links(HostStepKey(
+            execution_id, stage_index, phase, h, first_step, 1, r, deadline), step_count,
+            tags_of))
+    return _gated(lines, execution_id=execution_id, stage_index=stage_index, phase=phase,
+                  kind="deploy")
+
+
 def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
                   hosts: list[tuple[str, str]], expires: int = 3600,
                   tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,

@@ -192,7 +192,7 @@ HostsByStage = Mapping[str, Sequence[Any]] | Sequence[Sequence[Any]]
 
 def _deployments(plan: Mapping[str, Any]) -> Iterator[tuple[int, Mapping[str, Any]]]:
     for i, st in enumerate(plan.get("stages") or []):
-        if st.get("type") != "Approval":
+        if st.get("type") not in ("Approval", "Custom"):
             yield i, st
 
 
@@ -225,13 +225,23 @@ def _stage_hosts(plan: Mapping[str, Any], index: int, stage: Mapping[str, Any],
 
 
 def _approval_before(rule: RequireApprovalBefore, plan: Mapping[str, Any], index: int) -> bool:
-    for st in list(plan.get("stages") or [])[:index]:
-        if st.get("type") != "Approval":
-            continue
+    stages = list(plan.get("stages") or [])
+    asked: list[Mapping[str, Any]] = []
+    for st in stages[:index]:
+        if st.get("type") == "Approval":
+            asked.append(st.get("approval") or {})
+        elif st.get("type") == "Custom":  # an approval step of a Custom stage before it
+            asked += [s for s in st.get("steps") or [] if s.get("type") == "HarnessApproval"]
+    # The stage's own HarnessApproval steps before its first step that touches a host.
+    for step in (stages[index].get("steps") or []) if index < len(stages) else []:
+        if step.get("type") != "HarnessApproval":
+            break
+        asked.append(step)
+    for approval in asked:
         if not rule.approver_groups:
             return True
-        asked = ((st.get("approval") or {}).get("spec") or {}).get("approvers") or {}
-        if set(asked.get("userGroups") or []) & set(rule.approver_groups):
+        approvers = (approval.get("spec") or {}).get("approvers") or {}
+        if set(approvers.get("userGroups") or []) & set(rule.approver_groups):
             return True
     return False
 

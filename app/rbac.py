@@ -179,7 +179,7 @@ def required_permissions(action: str, plan: Mapping[str, Any] | None, *,
         if stage_index is not None and i != stage_index:
             continue
         env = stage.get("environment")
-        if stage.get("type") == "Approval" or not isinstance(env, Mapping):
+        if stage.get("type") in ("Approval", "Custom") or not isinstance(env, Mapping):
             continue
         need = Need(qualified(env_perm, str(env.get("type") or "Production")),
                     str(env.get("identifier") or "") or None, str(stage.get("identifier", "")))

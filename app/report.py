@@ -227,6 +227,8 @@ def _host_status(steps: list[dict[str, Any]]) -> str:
         return Status.FAILED
     if any(x == Status.RUNNING for x in states):
         return Status.RUNNING
+    if any(x == Status.WAITING for x in states):  # stopped at a Wait or approval step
+        return Status.WAITING
     if states and all(Status.passed(x["status"], x.get("error")) for x in steps):
         return Status.SUCCEEDED
     if any(x == Status.SKIPPED for x in states) and not any(x == Status.PENDING for x in states):

@@ -61,6 +61,9 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                                     styled(st["status"])))
             print_gates(st, only_failed=False)
             continue
+        if st.get("type") == "Custom":
+            _print_custom(st)
+            continue
         if len(st["hosts"]) > MATRIX_FROM and not every_host:
             _print_matrix(st)
             print_discovery(st)
@@ -107,6 +110,24 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                        style="yellow"))
     if report.get("error"):
         out.print(Text(report["error"], style="red"))
+
+
+def _print_custom(st: dict[str, Any]) -> None:
+    """A Custom stage: its steps on the delegate, one row each (status, worker, outputs)."""
+    table = Table(title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
+                  title_justify="left")
+    for c in ("step", "status", "worker", "outputs"):
+        table.add_column(c, no_wrap=c != "outputs")
+    for h in st["hosts"]:
+        for s in h["steps"]:
+            shown = ", ".join(f"{k}={v}" for k, v in (s.get("outputs") or {}).items())
+            table.add_row(s["step"], styled(s["status"]), s.get("worker") or "", shown)
+    out.print(table)
+    for h in st["hosts"]:
+        bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
+        if bad:
+            out.print(Text(f"  {bad['step']}: {_failure_detail(bad)}", style="red"))
+    print_gates(st, only_failed=True)
 
 
 def _workers(found: list[dict[str, Any]]) -> str:
@@ -161,6 +182,8 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
         if p["kind"] == "approval":
             _print_approval(p, only_failed=only_failed)
             continue
+        if p["kind"] == "deploy" and "passed" not in v:
+            continue  # not judged yet (a Wait step's timer note)
         name = names.get(p["phase"], f"phase {p['phase'] + 1}")
         what = {"deploy": "deploy", "verify": "verification", "switch": "traffic switch"}.get(
             p["kind"], p["kind"])
@@ -256,7 +279,8 @@ def _print_matrix(st: dict[str, Any]) -> None:
     did not succeed, grouped by error, a few named per group."""
     title = (f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
              f"{st['status']}, {len(st['hosts'])} hosts")
-    states = ["SUCCEEDED", "FAILED", "IGNORED", "SKIPPED", "ABORTED", "RUNNING", "PENDING"]
+    states = ["SUCCEEDED", "FAILED", "IGNORED", "SKIPPED", "ABORTED", "RUNNING", "WAITING",
+              "PENDING"]
     table = Table(title=title, title_justify="left")
     table.add_column("step")
     for state in states:
@@ -352,9 +376,13 @@ def print_plan(result: dict[str, Any]) -> None:
                                     f": approval, {st['summary']}"))
             continue
         strategy = st["strategy"]
-        out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
-                                f": {st['service']} {st['version'] or ''} -> "
-                                f"{st['environment']}, strategy {strategy.get('type')}"))
+        if st.get("type") == "Custom":
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    ": custom, its steps run on a delegate (a worker)"))
+        else:
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
+                                    f": {st['service']} {st['version'] or ''} -> "
+                                    f"{st['environment']}, strategy {strategy.get('type')}"))
         hosts = st["hosts_by_region"]
         if isinstance(hosts, dict):
             for region, names in hosts.items():
@@ -387,10 +415,30 @@ def print_plan(result: dict[str, Any]) -> None:
                 out.print(f"      env {k}={v}")
             if step.get("check"):
                 out.print(f"      check: {step['check']}")
+            for line in _barrier_or_http(step, custom=st.get("type") == "Custom"):
+                out.print(Text(f"      {line}"))
             for u in step.get("units", []):  # each unit type says how it reads (app.units)
                 for line in describe_unit(u):
                     out.print(Text(f"      {line}"))
         out.print(f"  on failure: {st['on_failure']}")
+
+
+def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:
+    """The plan's lines for an Http, Wait or HarnessApproval step."""
+    spec = step.get("spec") or {}
+    if step["type"] == "Http":
+        return [f"{spec.get('method', 'GET')} {spec.get('url')}",
+                f"passes when: {spec.get('assertion') or 'the status is below 400'}"]
+    if step["type"] == "Wait":
+        return [f"waits {spec.get('duration')} (a timer in the coordinator; no worker sleeps)"]
+    if step["type"] == "HarnessApproval":
+        who = spec.get("approvers") or {}
+        where = "the stage stops" if custom else "every host of the phase stops"
+        return [f"{where} here until {who.get('minimumCount', 1)} "
+                f"approval(s) from {', '.join(who.get('userGroups') or [])}"
+                + (" (not the executor)" if who.get("disallowPipelineExecutor") else "")
+                + f": {spec.get('approvalMessage')}"]
+    return []
 
 
 def print_rollback_plan(preview: dict[str, Any]) -> None:

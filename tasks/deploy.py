@@ -17,6 +17,8 @@ def run_step(self: Any, prev: dict[str, Any] | None = None, *,
 
     if prev is not None and prev.get("handover"):
         return prev  # a retry took this lane over
+    if prev is not None and _stopped(prev, key):
+        return prev
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
     return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
@@ -39,15 +41,23 @@ def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, An
     queue = (req.delivery_info or {}).get("routing_key")
     if prev is not None and prev.get("handover"):
         return prev  # a retry took this lane over: its chain runs this host later
+    if prev is not None and _stopped(prev, key):
+        return prev
     first = HostStepKey.from_dict(key)
     for step in range(first.step, max(until, first.step + 1)):
         k = first if step == first.step else dataclasses.replace(first, step=step,
                                                                  deadline=None)
         prev = execute(k, prev=prev, task_id=req.id, worker=req.hostname, queue=queue)
-        if prev.get("handover"):
-            break
+        if prev.get("handover") or prev.get("status") == "WAITING":
+            break  # WAITING: a Wait or approval step; the coordinator continues the host
     assert prev is not None
     return prev
+
+
+def _stopped(prev: dict[str, Any], key: dict[str, Any]) -> bool:
+    """This host stopped at a Wait or approval step in an earlier link of its chain: its later
+    steps run when the coordinator continues it, not now."""
+    return prev.get("status") == "WAITING" and prev.get("host") == key["h"]
 
 
 @app.task(name="vmfarm.check_host", bind=True)

@@ -48,15 +48,21 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
             raise LookupError(f"execution {execution_id} is not waiting for an approval "
                               f"(it is {ex.status})")
         stage = stage_of(ex, ex.current_stage)
-        assert isinstance(stage, ApprovalStagePlan)
-        spec = stage.approval.spec.approvers
         verdict = dict(rec.verdict or {})
-        member = (bool(set(spec.user_groups) & set(groups)) if groups is not None
-                  else user in approvers(spec.user_groups))
+        # Who may vote: written in the record when it was opened (an approval step's, or an
+        # Approval stage's); an older Approval stage record reads its stage.
+        asked = list(verdict.get("groups") or [])
+        disallow = verdict.get("disallow_executor")
+        if isinstance(stage, ApprovalStagePlan):
+            asked = asked or stage.approval.spec.approvers.user_groups
+            if disallow is None:
+                disallow = stage.approval.spec.approvers.disallow_pipeline_executor
+        member = (bool(set(asked) & set(groups)) if groups is not None
+                  else user in approvers(asked))
         if not user or not member:
             raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
-                                  f"{', '.join(spec.user_groups)}")
-        if approve and spec.disallow_pipeline_executor and user == ex.created_by:
+                                  f"{', '.join(asked)}")
+        if approve and disallow and user == ex.created_by:
             raise ApprovalRefused(f"{user} started this execution and this approval disallows "
                                   "the pipeline executor; another approver must approve")
         if any(a["user"] == user for a in verdict.get("approvals", [])):
@@ -139,7 +145,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
                                                 StageRun.stage_index == ex.current_stage)
                          ).first()
         if rollback and ex.status != Status.ROLLING_BACK and current is not None and \
-                stage_of(ex, current.stage_index).type != "Approval" and \
+                stage_of(ex, current.stage_index).type not in ("Approval", "Custom") and \
                 current.status == Status.RUNNING:
             begin_rollback(s, ex, current, f"aborted{who}", scope="StageRollback",
                             cause="aborted", dispatches=dispatches)

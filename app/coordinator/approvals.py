@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.coordinator.failure import stage_failed
 from app.coordinator.publish import Dispatch
@@ -22,9 +22,13 @@ from app.settings import get_settings
 
 
 def approval_record(s: Session, ex: Execution, stage_index: int) -> PhaseRun | None:
-    return s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
+    """The stage's approval that waits (an Approval stage's, or an approval step's), else its
+    first one."""
+    recs = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
                                          PhaseRun.stage_index == stage_index,
-                                         PhaseRun.kind == "approval")).first()
+                                         PhaseRun.kind == "approval")
+                  .order_by(col(PhaseRun.phase))).all()
+    return next((r for r in recs if r.status == Status.RUNNING), recs[0] if recs else None)
 
 
 def decide_approval_stage(s: Session, ex: Execution, run: StageRun,
@@ -40,6 +44,7 @@ def decide_approval_stage(s: Session, ex: Execution, run: StageRun,
                            "message": spec.approval_message,
                            "groups": spec.approvers.user_groups,
                            "required": spec.approvers.minimum_count,
+                           "disallow_executor": spec.approvers.disallow_pipeline_executor,
                            "approvals": [], "rejected_by": None}))
         run.status, run.started_at = Status.RUNNING, utcnow()
         ex.status = Status.WAITING

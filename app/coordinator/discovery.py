@@ -22,11 +22,39 @@ from app.models import (
     utcnow,
 )
 from app.providers.base import Host, discover
+from app.settings import get_settings
+
+# The one host of a Custom stage: the delegate (a worker) that runs its steps.
+DELEGATE = "delegate"
+
+
+def delegate_host(stage: DeploymentStagePlan) -> Host:
+    """Where a Custom stage's steps run: the control worker (region ``control``, the queue
+    vmfarm.control), or with delegateSelectors (the stage's and its steps') a live worker that
+    has every tag (the first by name; its first region). When none is live, the stage keeps
+    its tags on the control region and submitting it is refused with the live workers named
+    (routing.unserved_delegates)."""
+    region = "control"
+    tags = {*stage.delegate_selectors,
+            *(t for st in stage.steps for t in getattr(st.spec, "delegate_selectors", []))}
+    if tags and not get_settings().embedded:
+        from app.delegates import live_workers, normalise_tags
+
+        want = set(normalise_tags(tags))
+        for w in live_workers():
+            if want <= set(w.get("tags") or []) and w.get("regions"):
+                region = sorted(w["regions"])[0]
+                break
+    return Host(name=DELEGATE, address="localhost", region=region, infrastructure="",
+                connection="Local")
 
 
 def discover_stage(stage: DeploymentStagePlan) -> list[Host]:
     """The hosts of every infrastructure of the stage, listed here (static lists, or cloud
-    discovery in embedded mode); a host named twice or no host at all is bad input."""
+    discovery in embedded mode); a host named twice or no host at all is bad input. A Custom
+    stage's one host is its delegate."""
+    if stage.type == "Custom":
+        return [delegate_host(stage)]
     hosts: list[Host] = []
     seen: dict[str, str] = {}
     for infra in stage.infrastructures:

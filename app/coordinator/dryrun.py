@@ -66,6 +66,7 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         stages.append({
             "identifier": stage.identifier,
             "skipped_by_when": skipped,
+            "type": stage.type,
             "service": stage.service.identifier,
             "environment": stage.environment.identifier,
             "version": stage.artifact.tag if stage.artifact else None,

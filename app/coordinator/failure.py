@@ -82,6 +82,9 @@ def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
         finish(s, ex, Status.ABORTED, error=f"stage '{run.identifier}': {error} (aborted by "
                                              "the failure strategy)")
         return "aborted"
+    if kind_of == "StageRollback" and stage_of(ex, run.stage_index).type == "Custom":
+        return fail_stage(s, ex, run, f"{error} (a Custom stage deploys nothing: there is "
+                                      "nothing to roll back)")
     if kind_of in ("StageRollback", "PipelineRollback"):
         return begin_rollback(s, ex, run, error, scope=kind_of, cause="failure",
                                dispatches=dispatches)
@@ -105,13 +108,22 @@ def failure_policy(stage: DeploymentStagePlan) -> str:
     tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
                  if allowed or pct else "any failed host fails the stage")
     action = stage_action(stage, [(None, "AllErrors")]).type
+    if stage.type == "Custom":
+        then = {"StageRollback": "the stage fails (a Custom stage has nothing to roll back)",
+                "PipelineRollback": "the earlier Deployment stages roll back",
+                "MarkAsFailure": "the stage fails"}.get(action, "")
+        then = then or _THEN[action]
+        return f"a failed step fails the stage; later stages do not start; {then}."
     how = ("its rollbackSteps run on every host it changed" if stage.rollback_steps
            else "every host it changed is redeployed with its previous version")
     then = {"StageRollback": f"the stage rolls back ({how}), phases in reverse order",
             "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
-            "Abort": "the execution is aborted; hosts keep what they have",
-            "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
-            "MarkAsFailure": "the stage fails; hosts keep what they have",
-            "Ignore": "the failure is ignored and the stage goes on",
-            "MarkAsSuccess": "the failure is marked as success and the stage goes on"}[action]
+            **_THEN}[action]
     return f"{tolerance}; later phases and stages do not start; {then}."
+
+
+_THEN = {"Abort": "the execution is aborted; hosts keep what they have",
+         "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
+         "MarkAsFailure": "the stage fails; hosts keep what they have",
+         "Ignore": "the failure is ignored and the stage goes on",
+         "MarkAsSuccess": "the failure is marked as success and the stage goes on"}

@@ -15,6 +15,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from app.coordinator.approvals import decide_approval_stage
+from app.coordinator.barriers import decide_barrier
 from app.coordinator.discovery import decide_discovery, discover_stage
 from app.coordinator.failure import fail_stage, stage_failed
 from app.coordinator.ledger import (
@@ -125,7 +126,11 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
                 return f"dispatched {phase.name}"
             if main.status == Status.RUNNING and not (
                     phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)):
-                return "waiting"
+                # Hosts stopped at a Wait or approval step wait for the coordinator.
+                said = decide_barrier(s, ex, run, stage_plan, main, dispatches) \
+                    if phase.kind == "deploy" else "waiting"
+                if said is not None or not evaluate_phase(s, ex, run, main, gate=False):
+                    return said or "waiting"
             if main.status == Status.FAILED:
                 outcome = stage_failed(s, ex, run, phase_failure(phase, main),
                                         failures_of(stage_plan, main), main, dispatches)
@@ -232,7 +237,12 @@ def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
     s.flush()
     runs: Any = s.exec(select(StageRun.stage_index, StageRun.status).where(  # no hosts
         StageRun.execution_id == ex.id)).all()
-    return snapshot(ex, runs)
+    snap = snapshot(ex, runs)
+    if snap["waiting"] == "intervention" and s.exec(select(PhaseRun.id).where(
+            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == ex.current_stage,
+            PhaseRun.kind == "approval", PhaseRun.status == Status.RUNNING)).first():
+        snap["waiting"] = "approval"  # an approval step among the stage's steps
+    return snap
 
 
 def notify_transition(execution_id: str, before: dict[str, Any] | None,

@@ -62,8 +62,9 @@ def stage_action(stage: Stage,
                  failures: list[tuple[StepPlan | None, str]]) -> FailureAction:
     """The failure strategy action for a failed phase (Harness precedence per failure, then the
     strongest across failures). A Retry that ran out gives its onRetryFailure action. With no
-    matching strategy a deployment stage rolls back; an approval stage just fails."""
-    default = FailureAction(type="MarkAsFailure" if isinstance(stage, ApprovalStagePlan)
+    matching strategy a deployment stage rolls back; an approval or Custom stage (nothing
+    deployed to roll back) just fails."""
+    default = FailureAction(type="MarkAsFailure" if stage.type in ("Approval", "Custom")
                             else "StageRollback")
     chosen: FailureAction | None = None
     for step, error_class in failures:

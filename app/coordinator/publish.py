@@ -35,6 +35,8 @@ class Dispatch:
     # deadline.
     lane: list[tuple[str, str, int, int]] | None = None
     deadline: float | None = None
+    # Hosts going on after a Wait or approval step: the first step they run.
+    first_step: int = 0
 
 
 def publish(d: Dispatch) -> None:
@@ -53,6 +55,11 @@ def publish(d: Dispatch) -> None:
                                   phase=d.phase, lane=d.lane or [], step_count=d.step_count,
                                   deadline=d.deadline or 0.0, countdown=d.countdown,
                                   tags_of=d.tags_of)
+    elif d.kind == "resume":
+        sig = canvas.resume_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
+                                   phase=d.phase, hosts=d.hosts, first_step=d.first_step,
+                                   step_count=d.step_count, deadline=d.deadline or 0.0,
+                                   lanes=d.lanes, tags_of=d.tags_of)
     elif d.kind == "verify":
         sig = canvas.verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
                                    phase=d.phase, hosts=d.hosts, expires=expires,

@@ -70,8 +70,8 @@ def reconcile(*, now: Any = None) -> list[str]:
                                                 PhaseRun.kind == "approval")).all():
             ex = s.get(Execution, pr.execution_id)
             stage = stage_of(ex, pr.stage_index) if ex else None
-            timeout = (stage.approval.timeout if isinstance(stage, ApprovalStagePlan) else
-                       None) or "1d"
+            timeout = (pr.verdict or {}).get("timeout") or (
+                stage.approval.timeout if isinstance(stage, ApprovalStagePlan) else None) or "1d"
             limit = parse_duration(timeout)
             if ex is not None and pr.dispatched_at < now - timedelta(seconds=limit):
                 pr.status, pr.gate_at = Status.FAILED, now
@@ -95,6 +95,9 @@ def reconcile(*, now: Any = None) -> list[str]:
             s.add(pr)
             touched.add(pr.execution_id)
             actions.append(f"{pr.execution_id}: host discovery timed out")
+        # Hosts stopped at a Wait step (its timer may be lost) or a decided approval step.
+        touched.update(r for (r,) in s.execute(select(HostStepRun.execution_id).where(
+            HostStepRun.status == Status.WAITING).distinct()).all())
         # Manual interventions whose post-timeout action is due (advance applies it).
         touched.update(pr.execution_id for pr in s.exec(select(PhaseRun).where(
             PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).startswith("mi-"))).all())

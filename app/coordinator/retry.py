@@ -186,10 +186,12 @@ def expire_pending(now: Any) -> list[HostStepKey]:
 
 
 def cancel_pending(s: Any, execution_id: str, why: str) -> int:
-    """Attempts still waiting to start will not run (the execution was aborted)."""
+    """Attempts still waiting to start, and hosts stopped at a Wait or approval step, will not
+    run (the execution was aborted)."""
     n = 0
-    for r in s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
-                                              HostStepRun.status == Status.PENDING)).all():
+    for r in s.exec(select(HostStepRun).where(
+            HostStepRun.execution_id == execution_id,
+            col(HostStepRun.status).in_([Status.PENDING, Status.WAITING]))).all():
         r.status, r.error, r.finished_at = Status.SKIPPED, why, utcnow()
         s.add(r)
         n += 1

@@ -65,11 +65,15 @@ def _touched(row: HostStepRun) -> bool:
 
 
 def changed_hosts(s: Session, execution_id: str, stage_index: int) -> set[str]:
-    """Hosts on which a deploy step of the stage ran (see the module docstring)."""
+    """Hosts on which a deploy step of the stage ran (see the module docstring). A Wait or
+    approval step touches no host, whatever its outcome."""
     rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
                                             HostStepRun.stage_index == stage_index,
                                             HostStepRun.kind == "deploy")).all()
-    return {r.host for r in rows if _touched(r)}
+    ex = s.get(Execution, execution_id) if rows else None
+    steps = stage_of(ex, stage_index).steps if ex is not None else []
+    barriers = {i for i, st in enumerate(steps) if st.type in ("Wait", "HarnessApproval")}
+    return {r.host for r in rows if r.step_index not in barriers and _touched(r)}
 
 
 def _source_stage(plan: Plan, service: str, environment: str) -> int | None:
@@ -169,13 +173,13 @@ def begin_rollback(s: Session, ex: Execution, run: StageRun, error: str, *, scop
     stages = [run.stage_index]
     if scope == "PipelineRollback":
         for i in range(run.stage_index - 1, -1, -1):
-            if stage_of(ex, i).type == "Approval":
+            if stage_of(ex, i).type in ("Approval", "Custom"):  # nothing deployed there
                 continue
             earlier = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
                                                     StageRun.stage_index == i)).one()
             if earlier.status in (Status.SUCCEEDED, Status.FAILED):
                 stages.append(i)
-    if stage_of(ex, run.stage_index).type == "Approval":
+    if stage_of(ex, run.stage_index).type in ("Approval", "Custom"):
         stages.remove(run.stage_index)
     summarise_steps(s, ex, run)
     run.status = Status.ABORTED if cause == "aborted" else Status.FAILED
@@ -309,7 +313,8 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
         for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
                           .order_by(col(StageRun.stage_index).desc())).all():
             stage = stage_of(ex, run.stage_index)
-            if not isinstance(stage, DeploymentStagePlan) or run.status != Status.SUCCEEDED:
+            if not isinstance(stage, DeploymentStagePlan) or stage.type == "Custom" \
+                    or run.status != Status.SUCCEEDED:
                 continue
             by_name = {h["name"]: h for h in run.hosts}
             for name in changed_hosts(s, execution_id, run.stage_index) & set(by_name):

@@ -65,8 +65,9 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
         # Work in flight: a running step, or an attempt that waits for its retry (recorded
         # PENDING by the retry engine), however long the wait: the phase is not judged, even
         # by its gate (the retry's own chord ends with this phase's gate).
-        if any(r.status in (Status.RUNNING, Status.PENDING) or retry_due(stage_plan, r)
-               for r in steps.values()):
+        # A host stopped at a Wait or approval step (WAITING) is not done either.
+        if any(r.status in (Status.RUNNING, Status.PENDING, Status.WAITING)
+               or retry_due(stage_plan, r) for r in steps.values()):
             return False
         has_failed = any(r.status == Status.FAILED for r in steps.values())
         complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
@@ -108,7 +109,7 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     ok_hosts = [h for h in pr.hosts if h not in failed]
     if kind == "rollback":
         record_rolled_back(s, ex, run, ok_hosts)
-    else:
+    elif stage_plan.type != "Custom":  # a Custom stage deploys nothing anywhere
         record_instances(s, ex, run, ok_hosts, phase=pr.phase)
     return True
 

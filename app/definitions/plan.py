@@ -23,7 +23,9 @@ from app.definitions.models import (
     HealthCheckStep,
     StageWhen,
     StepWhen,
+    HttpStep,
     StrategySpec,
+    WaitStep,
 )
 from app.definitions.notifications import NotificationRule
 
@@ -88,20 +90,43 @@ class _Grouped(Model):
 
 
 class CommandStepPlan(CommandStep, _Grouped):
-    """A Command step as it runs: its command units, in order, on each host."""
+    """A Command step as it runs: its command units, in order, on each host. A Custom stage's
+    ShellScript is one too (``writtenAs: ShellScript``): one Script unit on the delegate."""
+
+    written_as: str | None = None
 
 
 class HealthCheckStepPlan(HealthCheckStep, _Grouped):
     """A HealthCheck step as it runs on each host."""
 
 
-StepPlan = Annotated[CommandStepPlan | HealthCheckStepPlan, Field(discriminator="type")]
+class HttpStepPlan(HttpStep, _Grouped):
+    """An Http step as it runs on the delegate (Custom stages)."""
+
+
+class WaitStepPlan(WaitStep, _Grouped):
+    """A Wait step: the host stops there and the coordinator continues it when it is due."""
+
+
+class ApprovalStepPlan(ApprovalStep, _Grouped):
+    """A HarnessApproval step among a stage's steps: the hosts stop there until approved."""
+
+
+StepPlan = Annotated[CommandStepPlan | HealthCheckStepPlan | HttpStepPlan | WaitStepPlan
+                     | ApprovalStepPlan, Field(discriminator="type")]
+
+# Steps the coordinator carries out between a host's other steps (no worker waits for them).
+BarrierStep = WaitStepPlan | ApprovalStepPlan
 
 
 class DeploymentStagePlan(Model):
-    """A Deployment stage: hosts, phases from its strategy, steps on every host."""
+    """A Deployment stage: hosts, phases from its strategy, steps on every host.
 
-    type: Literal["Deployment"] = "Deployment"
+    A Custom stage is one too (``type: Custom``): its one host is the delegate that runs its
+    steps (``app.coordinator.discovery.delegate_host``); it has no service, environment,
+    artifact or infrastructure (their fields stay empty) and records no instances."""
+
+    type: Literal["Deployment", "Custom"] = "Deployment"
     index: int
     identifier: str
     name: str
@@ -140,9 +165,9 @@ class ApprovalStagePlan(Model):
 
 
 def _stage_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("type") or "Deployment")
-    return str(getattr(value, "type", "Deployment"))
+    kind = str((value.get("type") if isinstance(value, dict) else getattr(value, "type", None))
+               or "Deployment")
+    return "Deployment" if kind == "Custom" else kind
 
 
 StagePlan = Annotated[

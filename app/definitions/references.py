@@ -53,6 +53,9 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
             stage_ids[st.identifier] = si
             if isinstance(st, m.ApprovalStageSpec):
                 continue  # approvers' groups are checked when someone approves
+            if isinstance(st, m.CustomStageSpec):
+                _custom_steps(pipe, st, sp, errs)
+                continue
             svc = st.spec.service.service_ref
             if svc not in bundle.services:
                 errs.add(pipe.error(missing("Service", svc, bundle.services),
@@ -122,6 +125,29 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                             names.add(var.name)
         for vars_owner in [pipe, *bundle.services.values(), *bundle.environments.values()]:
             check_variables(vars_owner, errs)
+
+
+def _custom_steps(pipe: Loaded, st: m.CustomStageSpec, sp: tuple[str | int, ...],
+                  errs: Collector) -> None:
+    """A Custom stage's step identifiers and variable names are unique."""
+    step_ids: set[str] = set()
+    for k, el in enumerate(st.spec.execution.steps):
+        step = el.step
+        tp = (*sp, "spec", "execution", "steps", k, "step")
+        if step.identifier in step_ids:
+            errs.add(pipe.error(f"duplicate step identifier '{step.identifier}' in stage "
+                                f"'{st.identifier}'", (*tp, "identifier")))
+        step_ids.add(step.identifier)
+        if not isinstance(step, m.ShellScriptStep):
+            continue
+        for vname, attr in (("environmentVariables", "environment_variables"),
+                            ("outputVariables", "output_variables")):
+            names: set[str] = set()
+            for vi, var in enumerate(getattr(step.spec, attr)):
+                if var.name in names:
+                    errs.add(pipe.error(f"duplicate variable '{var.name}'",
+                                        (*tp, "spec", vname, vi, "name")))
+                names.add(var.name)
 
 
 def check_variables(owner: Loaded, errs: Collector) -> None:

@@ -43,7 +43,8 @@ def _variables_ctx(ctx: Context, prefix: str, owner: Loaded, variables: list[m.V
                 external=ext)
 
 
-def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalStageSpec, *,
+def stage_context(bundle: Bundle, pipe: Loaded,
+                  stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec, *,
                   execution_id: str) -> Context:
     """The host-independent expression values for one stage."""
     ctx = Context()
@@ -55,7 +56,7 @@ def stage_context(bundle: Bundle, pipe: Loaded, stage: m.StageSpec | m.ApprovalS
     _variables_ctx(ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"),
                    bundle)
     ctx.set("stage.name", stage.name)
-    if isinstance(stage, m.ApprovalStageSpec):
+    if isinstance(stage, m.ApprovalStageSpec | m.CustomStageSpec):
         ctx.set("stage.identifier", stage.identifier)
         return ctx
     ctx.set("stage.identifier", stage.identifier)
@@ -189,6 +190,8 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     ctx.allow_inputs = not strict_inputs
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
+    if isinstance(stage, m.CustomStageSpec):
+        return _resolve_custom(pipe, stage, index, raw, ctx, base, errs)
     rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
@@ -325,6 +328,71 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
         "when": when,
+    }
+
+
+def _resolve_custom(pipe: Loaded, stage: m.CustomStageSpec, index: int, raw: Any, ctx: Context,
+                    base: tuple[str | int, ...], errs: Collector) -> dict[str, Any]:
+    """A Custom stage as plain data: a stage whose one host is the delegate. A ShellScript
+    becomes a Command step on the delegate (onDelegate: true, one Script unit): the same
+    clean environment, output variables and masking as any onDelegate step."""
+    data = copy.deepcopy(raw)
+    # An Http assertion names the response (<+httpResponseCode>), known only on the worker:
+    # those expressions stand as written while the others are rendered.
+    held = {f"<+{name}>": f"__vmfarm_{name}__" for name in ("httpResponseCode",
+                                                             "httpResponseBody")}
+    for el in ((data.get("spec") or {}).get("execution") or {}).get("steps") or []:
+        spec = ((el or {}).get("step") or {}).get("spec") if isinstance(el, dict) else None
+        if isinstance(spec, dict) and isinstance(spec.get("assertion"), str):
+            for expr, token in held.items():
+                spec["assertion"] = spec["assertion"].replace(expr, token)
+    rendered = render_tree(data, ctx, pipe, base, errs)
+    errs.raise_if_any()
+    for el in rendered["spec"]["execution"]["steps"]:
+        spec = el["step"].get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("assertion"), str):
+            for expr, token in held.items():
+                spec["assertion"] = spec["assertion"].replace(token, expr)
+    out_stage = m.CustomStageSpec.model_validate(rendered)
+    steps: list[dict[str, Any]] = []
+    for el in out_stage.spec.execution.steps:
+        step = el.step
+        if isinstance(step, m.ShellScriptStep):
+            d = step.model_dump(mode="json", by_alias=True, exclude_none=True)
+            sp = d.pop("spec")
+            d["type"], d["writtenAs"] = "Command", "ShellScript"
+            d["spec"] = {
+                "onDelegate": True,
+                "environmentVariables": sp.get("environmentVariables", []),
+                "outputVariables": sp.get("outputVariables", []),
+                "delegateSelectors": sp.get("delegateSelectors", []),
+                "commandUnits": [{"identifier": step.identifier, "name": step.name,
+                                  "type": "Script",
+                                  "spec": {"shell": sp["shell"], "source": sp["source"]}}],
+            }
+            steps.append(d)
+        else:
+            steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return {
+        "type": "Custom",
+        "strategy": {"type": "Basic"},
+        "index": index,
+        "identifier": stage.identifier,
+        "name": stage.name,
+        "service": {"identifier": "", "name": ""},
+        "environment": {"identifier": "", "name": "", "type": "PreProduction"},
+        "artifact": None,
+        "infrastructures": [],
+        "steps": steps,
+        "delegateSelectors": sorted({*pipe.model.spec.delegate_selectors,
+                                     *out_stage.delegate_selectors}),
+        "delegateFallback": out_stage.delegate_fallback,
+        "failureStrategies": [
+            *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
+            *[f.model_dump(mode="json", by_alias=True)
+              for f in pipe.model.spec.failure_strategies]],
+        "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
+        "rollbackSteps": [],
     }
 
 

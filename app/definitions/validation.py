@@ -44,12 +44,9 @@ def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
 # Harness types a user may bring that vmfarm knows of and does not carry out: refused with the
 # reason, not as an unknown word.
 UNSUPPORTED_TYPES = {
-    "CI": "a CI stage is not supported: vmfarm deploys and does not build; let your CI system "
+    "CI": "a CI stage is refused: vmfarm deploys and does not build; let your CI system "
           "build and publish the artifact, then run the Deployment stages with vmfarm (a webhook "
           "or `vmfarm run --set tag=...` from the CI job)",
-    "Custom": "Custom stages (steps on the delegate outside a deployment) are not supported yet",
-    "HarnessApproval": "an approval step inside a Deployment stage is not supported yet: put it in "
-                       "an Approval stage before the deployment",
     "Pdc": "a Pdc connector is not supported: list the hosts under a Pdc infrastructure's "
            "spec.hosts",
     "Github": "write the repository as a Git connector (type: Git)",
@@ -61,6 +58,20 @@ UNSUPPORTED_TYPES = {
     "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformRollback": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
+}
+
+
+# Step types of one kind of stage written in the other: refused saying where they belong.
+OTHER_STAGE_TYPES = {
+    "ShellScript": "a ShellScript step runs in a Custom stage (on the delegate); in a Deployment "
+                   "stage write a Command step with a Script unit (onDelegate: true runs it on "
+                   "the worker)",
+    "Http": "an Http step runs in a Custom stage (from the delegate); in a Deployment stage use "
+            "a HealthCheck step of type HTTP",
+    "Command": "a Command step runs on hosts, in a Deployment stage; in a Custom stage write a "
+               "ShellScript step",
+    "HealthCheck": "a HealthCheck step checks hosts, in a Deployment stage; in a Custom stage "
+                   "write an Http step",
 }
 
 
@@ -85,6 +96,8 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
             tag = err.get("ctx", {}).get("tag")
             if tag in UNSUPPORTED_TYPES:
                 return f"type '{tag}': {UNSUPPORTED_TYPES[tag]} (vmfarm has {expected})"
+            if tag in OTHER_STAGE_TYPES:
+                return f"type '{tag}' here: {OTHER_STAGE_TYPES[tag]} (expected one of {expected})"
             return f"unknown type '{tag}' (expected one of {expected})"
         return f"invalid value {inp!r} for '{name}' (expected one of {expected})"
     if etype == "union_tag_not_found":

@@ -20,10 +20,13 @@ from app.db import retrying, session_scope
 from app.definitions.base import parse_duration
 from app.definitions.expressions import Binder, ExpressionError, render_script
 from app.definitions.plan import (
+    ApprovalStepPlan,
     CommandStepPlan,
     DeploymentStagePlan,
     HealthCheckStepPlan,
+    HttpStepPlan,
     StepPlan,
+    WaitStepPlan,
 )
 from app.errors import HostError
 from app.execution.ledger import (
@@ -152,7 +155,10 @@ def _attempt(run_id: int, key: HostStepKey, *, before: bool, queue: str | None) 
             fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
             return finish_step(run_id, key, fields)
         host = Host.from_dict(hosts[key.host])
-        fields.update(_run_units(key, stage, step, host, sink))
+        if isinstance(step, WaitStepPlan | ApprovalStepPlan):
+            fields.update(_stop_at_barrier(step, sink))
+        else:
+            fields.update(_run_units(key, stage, step, host, sink))
     except HostError as exc:
         exc.host = exc.host or key.host
         fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
@@ -221,6 +227,31 @@ def when_skips(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, *, 
     return ""
 
 
+def _stop_at_barrier(step: WaitStepPlan | ApprovalStepPlan, sink: LogSink) -> dict[str, Any]:
+    """A Wait or HarnessApproval step: the host stops here (WAITING) and this worker goes on;
+    the coordinator continues the host when the wait is over or the approvers said yes
+    (app.coordinator.barriers). No worker sleeps."""
+    sink.unit = step.identifier
+    if isinstance(step, WaitStepPlan):
+        sink.write("stdout", f"waiting {step.spec.duration} before the next step\n")
+    else:
+        sink.write("stdout", f"waiting for approval: {step.spec.approval_message}\n")
+    return {"status": Status.WAITING}
+
+
+def _http_step(key: HostStepKey, stage: DeploymentStagePlan, step: HttpStepPlan, host: Host,
+               sink: LogSink) -> dict[str, Any]:
+    """Http step: one request from this worker (the delegate), judged by its assertion."""
+    from app.execution.httpstep import request
+
+    ctx = host_context(host, stage)
+    if "<+steps." in str(step.spec.to_json()):
+        earlier_outputs(key, ctx, stage)
+    sink.unit = step.identifier
+    timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
+    return request(step, ctx, sink, timeout=timeout)
+
+
 def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, host: Host,
                        sink: LogSink) -> dict[str, Any]:
     """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
@@ -271,6 +302,10 @@ def _run_units(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, hos
     an abort stops the host between units."""
     if isinstance(step, HealthCheckStepPlan):
         return _health_check_step(stage, step, host, sink)
+    if isinstance(step, HttpStepPlan):
+        return _http_step(key, stage, step, host, sink)
+    if isinstance(step, WaitStepPlan | ApprovalStepPlan):  # (handled before: never here)
+        return _stop_at_barrier(step, sink)
     spec = step.spec
     written = str(spec.to_json())  # what the units' expressions name
     # What the units' expressions need from the ledger and the artifact cache, read once.

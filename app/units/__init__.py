@@ -20,10 +20,13 @@ from typing import Any
 
 from app.definitions.expressions import Context, render
 from app.definitions.plan import (
+    ApprovalStepPlan,
     CommandStepPlan,
     DeploymentStagePlan,
     HealthCheckStepPlan,
+    HttpStepPlan,
     StepPlan,
+    WaitStepPlan,
 )
 from app.errors import HostError, VmfarmError
 from app.providers.base import Host
@@ -139,11 +142,20 @@ def describe_unit(shown: Mapping[str, Any]) -> list[str]:
 def render_step(stage: DeploymentStagePlan, step: StepPlan, host: Host | None) -> dict[str, Any]:
     """A step as it would run on ``host``: every command unit rendered by its type, unsafe
     values shown as the environment variables they travel in (for ``vmfarm plan``)."""
-    out: dict[str, Any] = {"identifier": step.identifier, "type": step.type}
+    out: dict[str, Any] = {"identifier": step.identifier, "type": getattr(
+        step, "written_as", None) or step.type}
     ctx = host_context(host, stage) if host else Context()
     if isinstance(step, HealthCheckStepPlan):
         out["check"] = {k: render(str(v), ctx) if isinstance(v, str) else v
                         for k, v in step.spec.to_json().items()}
+        return out
+    if not isinstance(step, CommandStepPlan):  # Http, Wait, HarnessApproval: as written
+        spec = step.spec.to_json()
+        if isinstance(step, HttpStepPlan):  # the assertion names the response: kept as is
+            spec = {k: v if k == "assertion" or not isinstance(v, str) else render(v, ctx)
+                    for k, v in spec.items()}
+        out["onDelegate"] = not isinstance(step, WaitStepPlan | ApprovalStepPlan)
+        out["spec"] = spec
         return out
     out["onDelegate"] = step.spec.on_delegate
     out["environment"] = step_environment(step, ctx)

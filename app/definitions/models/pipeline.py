@@ -17,7 +17,14 @@ from app.definitions.base import (
 from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
-from app.definitions.models.steps import Condition, Execution, FailureStrategy, _StepBase
+from app.definitions.models.steps import (
+    ApprovalStep,
+    Condition,
+    CustomExecution,
+    Execution,
+    FailureStrategy,
+    _StepBase,
+)
 from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
 from app.definitions.notifications import NotificationRule
 
@@ -128,40 +135,6 @@ class StageSpec(Model):
     when: StageWhen | None = None
 
 
-class Approvers(Model):
-    user_groups: list[str] = Field(min_length=1)
-    minimum_count: int = Field(default=1, ge=1)
-    disallow_pipeline_executor: bool = False
-
-
-class ApprovalStepSpec(Model):
-    approval_message: str = "Please review and approve"
-    approvers: Approvers
-    include_pipeline_execution_history: bool = True
-
-
-class ApprovalStep(_StepBase):
-    """Harness's manual approval: the execution waits until enough approvers say yes.
-
-    ```yaml
-    - step:
-        type: HarnessApproval
-        name: Approve production
-        identifier: approve
-        timeout: 1d
-        spec:
-          approvalMessage: Deploy <+artifact.tag> to production?
-          approvers:
-            userGroups: [release_managers]
-            minimumCount: 2
-            disallowPipelineExecutor: true
-    ```
-    """
-
-    type: Literal["HarnessApproval"]
-    spec: ApprovalStepSpec
-
-
 class ApprovalStepElement(Model):
     step: ApprovalStep
 
@@ -185,7 +158,41 @@ class ApprovalStageSpec(Model):
     when: StageWhen | None = None
 
 
-AnyStage = Annotated[StageSpec | ApprovalStageSpec, Field(discriminator="type")]
+class CustomStageBody(Model):
+    execution: CustomExecution
+
+
+class CustomStageSpec(Model):
+    """A stage of steps on a delegate (a worker), not on hosts: ShellScript, Http, Wait and
+    HarnessApproval. It runs on the control worker, or with delegateSelectors on a live worker
+    that has those tags (any region).
+
+    ```yaml
+    - stage:
+        name: Checks
+        identifier: checks
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step: {type: ShellScript, ...}
+              - step: {type: Http, ...}
+              - step: {type: Wait, name: Soak, identifier: soak, spec: {duration: 2m}}
+    ```
+    """
+
+    name: str
+    identifier: Identifier
+    type: Literal["Custom"]
+    description: str | None = None
+    spec: CustomStageBody
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+    delegate_fallback: list[DelegateTag] | None = None
+
+
+AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec,
+                     Field(discriminator="type")]
 
 
 class StageElement(Model):

@@ -303,7 +303,83 @@ class HealthCheckStep(_StepBase):
     when: StepWhen | None = None
 
 
-StepSpec = Annotated[CommandStep | HealthCheckStep, Field(discriminator="type")]
+class Approvers(Model):
+    user_groups: list[str] = Field(min_length=1)
+    minimum_count: int = Field(default=1, ge=1)
+    disallow_pipeline_executor: bool = False
+
+
+class ApprovalStepSpec(Model):
+    """Approvers, and (as the reference writes them) ``minimumCount`` and
+    ``disallowPipelineExecutor`` next to ``approvers`` rather than inside it: either place
+    means the same."""
+
+    approval_message: str = "Please review and approve"
+    approvers: Approvers
+    include_pipeline_execution_history: bool = True
+    minimum_count: int | None = Field(default=None, ge=1)
+    disallow_pipeline_executor: bool | None = None
+
+    @model_validator(mode="after")
+    def _fold(self) -> ApprovalStepSpec:
+        given = self.approvers.model_fields_set
+        for name in ("minimum_count", "disallow_pipeline_executor"):
+            outer = getattr(self, name)
+            if outer is None:
+                continue
+            if name in given and getattr(self.approvers, name) != outer:
+                raise ValueError(f"{name} is given twice with different values (in approvers "
+                                 "and next to it): give it once")
+            setattr(self.approvers, name, outer)
+            setattr(self, name, None)
+        return self
+
+
+class ApprovalStep(_StepBase):
+    """Harness's manual approval: the execution waits until enough approvers say yes.
+
+    ```yaml
+    - step:
+        type: HarnessApproval
+        name: Approve production
+        identifier: approve
+        timeout: 1d
+        spec:
+          approvalMessage: Deploy <+artifact.tag> to production?
+          approvers:
+            userGroups: [release_managers]
+            minimumCount: 2
+            disallowPipelineExecutor: true
+    ```
+
+    In an Approval stage it is the stage. In a Deployment stage's steps every host of the
+    phase stops at it (a barrier) and the execution waits for the approvers once per phase;
+    rejected, the hosts fail with ApprovalRejection and the failure strategies apply. In a
+    Custom stage the stage waits at it. Past its ``timeout`` (default 1d) it fails (Timeout).
+    """
+
+    type: Literal["HarnessApproval"]
+    spec: ApprovalStepSpec
+
+
+class WaitStepSpec(Model):
+    duration: Duration
+
+
+class WaitStep(_StepBase):
+    """Wait ``duration`` before the next step: a timer in the coordinator, no worker sleeps.
+
+    ```yaml
+    - step: {type: Wait, name: Soak, identifier: soak, spec: {duration: 10m}}
+    ```
+    """
+
+    type: Literal["Wait"]
+    spec: WaitStepSpec
+
+
+StepSpec = Annotated[CommandStep | HealthCheckStep | ApprovalStep | WaitStep,
+                     Field(discriminator="type")]
 
 
 class StepGroupStepElement(Model):
@@ -334,7 +410,8 @@ class StepElement(Model):
         return self
 
 
-FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep", "StepGroup | None"]
+FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep | ApprovalStep | WaitStep",
+                 "StepGroup | None"]
 
 
 def flat_steps(elements: list[StepElement]) -> list[FlatStep]:
@@ -352,3 +429,132 @@ def flat_steps(elements: list[StepElement]) -> list[FlatStep]:
 class Execution(Model):
     steps: list[StepElement] = Field(min_length=1)
     rollback_steps: list[StepElement] = Field(default_factory=list)
+
+    @field_validator("rollback_steps")
+    @classmethod
+    def _no_approval_in_rollback(cls, v: list[StepElement]) -> list[StepElement]:
+        for _, step, _ in flat_steps(v):
+            if isinstance(step, ApprovalStep | WaitStep):
+                raise ValueError(
+                    f"{step.type} step '{step.identifier}' in rollbackSteps is not "
+                    "supported: a rollback does not wait (put it in the stage's steps; a person "
+                    "answers a ManualIntervention failure strategy)")
+        return v
+
+
+# --- steps of a Custom stage: they run on a delegate (a worker), not on hosts ----------------
+
+
+class ExecutionTarget(Model):
+    host: str | None = None
+    connector_ref: str | None = None
+    working_directory: str | None = None
+
+
+class ShellScriptSpec(Model):
+    shell: Literal["Bash"] = "Bash"
+    on_delegate: bool = True
+    source: ScriptSource
+    environment_variables: list[StepVariable] = Field(default_factory=list)
+    output_variables: list[StepVariable] = Field(default_factory=list)
+    execution_target: ExecutionTarget | None = None
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _on_delegate(self) -> ShellScriptSpec:
+        target = self.execution_target
+        if not self.on_delegate or (target is not None and target.to_json()):
+            raise ValueError(
+                "a ShellScript step in a Custom stage runs on the delegate (onDelegate: true, "
+                "executionTarget: {}); running it on a host (executionTarget) is not supported: "
+                "use a Command step in a Deployment stage to run on hosts")
+        return self
+
+
+class ShellScriptStep(_StepBase):
+    """A bash script on the delegate (a worker), in the clean delegate environment: script over
+    stdin, only its environmentVariables and a minimal PATH; outputVariables as in Command
+    steps (``- {name: X, type: String, value: SHELL_VAR}``).
+
+    ```yaml
+    - step:
+        type: ShellScript
+        name: Prepare
+        identifier: prepare
+        spec:
+          shell: Bash
+          onDelegate: true
+          source: {type: Inline, spec: {script: "export BUILD=42"}}
+          environmentVariables: [{name: TARGET, type: String, value: <+pipeline.name>}]
+          outputVariables: [{name: build, type: String, value: BUILD}]
+    ```
+    """
+
+    type: Literal["ShellScript"]
+    spec: ShellScriptSpec
+
+
+class HttpHeader(Model):
+    key: str
+    value: str
+
+
+class HttpStepSpec(Model):
+    """An HTTP request from the delegate; ``assertion`` (app.definitions.httpassert) decides
+    success (without one, any status below 400)."""
+
+    url: str
+    method: Literal["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"] = "GET"
+    headers: list[HttpHeader] = Field(default_factory=list)
+    request_body: str | None = None
+    assertion: str | None = None
+    delegate_selectors: list[DelegateTag] = Field(default_factory=list)
+
+    @field_validator("assertion")
+    @classmethod
+    def _readable(cls, v: str | None) -> str | None:
+        from app.definitions.httpassert import check
+
+        if v is not None:
+            check(v)
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "<+")):
+            raise ValueError(f"url {v!r} must start with http:// or https://")
+        return v
+
+
+class HttpStep(_StepBase):
+    """An HTTP request from the delegate.
+
+    ```yaml
+    - step:
+        type: Http
+        name: Smoke
+        identifier: smoke
+        timeout: 10s
+        spec:
+          url: https://status.example.com/health
+          method: GET
+          headers: [{key: Accept, value: application/json}]
+          assertion: <+httpResponseCode> == 200
+    ```
+    """
+
+    type: Literal["Http"]
+    spec: HttpStepSpec
+
+
+CustomStepSpec = Annotated[ShellScriptStep | HttpStep | WaitStep | ApprovalStep,
+                           Field(discriminator="type")]
+
+
+class CustomStepElement(Model):
+    step: CustomStepSpec
+
+
+class CustomExecution(Model):
+    steps: list[CustomStepElement] = Field(min_length=1)
