@@ -11,6 +11,7 @@ from app.coordinator.ledger import after_failure_status, live_set
 from app.coordinator.submit import prepare
 from app.db import session_scope
 from app.definitions.plan import ApprovalStagePlan, StepPlan
+from app.definitions.plan import step_when as own_when
 from app.status import Status
 
 
@@ -85,7 +86,7 @@ def step_when(step: StepPlan) -> str | None:
     """What the step's ``when`` (and its group's) does, in one sentence; None without one."""
     from app.definitions.conditions import ConditionError, evaluate, parse
 
-    whens = [w for w in (step.when, step.group_when) if w is not None]
+    whens = [w for w in (own_when(step), step.group_when) if w is not None]
     if not whens:
         return None
     statuses = {w.stage_status for w in whens}

@@ -13,7 +13,7 @@ from app.coordinator.instances import record_instances, record_rolled_back
 from app.coordinator.ledger import deferred, deployment_stage
 from app.coordinator.retry import retry_due
 from app.definitions.models import PrometheusCheck
-from app.definitions.plan import DeploymentStagePlan, StepPlan
+from app.definitions.plan import DeploymentStagePlan, StepPlan, step_when
 from app.models import (
     Execution,
     HostStepRun,
@@ -59,7 +59,7 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     per_host: dict[str, dict[str, Any]] = {}
     # Steps whose when lets them run after a failure (stageStatus Failure or All).
     after_failure_steps = {i for i, st in enumerate(stage_plan.steps) if any(
-        w is not None and w.stage_status != "Success" for w in (st.when, st.group_when))}
+        w is not None and w.stage_status != "Success" for w in (step_when(st), st.group_when))}
     for host in pr.hosts:
         steps = by_host.get(host, {})
         # Work in flight: a running step, or an attempt that waits for its retry (recorded

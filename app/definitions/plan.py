@@ -21,9 +21,9 @@ from app.definitions.models import (
     CommandStep,
     FailureStrategy,
     HealthCheckStep,
+    HttpStep,
     StageWhen,
     StepWhen,
-    HttpStep,
     StrategySpec,
     WaitStep,
 )
@@ -87,6 +87,13 @@ class _Grouped(Model):
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # The group's ``when``: the step runs only when both its own and its group's allow it.
     group_when: StepWhen | None = None
+
+
+def step_when(step: Any) -> StepWhen | None:
+    """A step's own ``when`` (Http, Wait and approval steps have none: the schema refuses it
+    there, and they follow the default, run while the host has not failed)."""
+    when = getattr(step, "when", None)
+    return when if isinstance(when, StepWhen) else None
 
 
 class CommandStepPlan(CommandStep, _Grouped):

@@ -27,6 +27,7 @@ from app.definitions.plan import (
     HttpStepPlan,
     StepPlan,
     WaitStepPlan,
+    step_when,
 )
 from app.errors import HostError
 from app.execution.ledger import (
@@ -200,7 +201,7 @@ def when_skips(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, *, 
                hosts: dict[str, dict[str, Any]]) -> str:
     """Why this step does not run on this host ('' when it runs): its own ``when`` and its
     group's (both must allow it; without one, a step runs only while the host has not failed)."""
-    whens = [w for w in (step.when, step.group_when) if w is not None]
+    whens = [w for w in (step_when(step), step.group_when) if w is not None]
     statuses = [w.stage_status for w in whens] or ["Success"]
     if before and "Success" in statuses:
         return "skipped: an earlier step failed on this host"

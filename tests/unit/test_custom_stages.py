@@ -383,3 +383,14 @@ def test_an_approval_step_first_in_a_production_stage_satisfies_an_approval_poli
     assert evaluate({**plan, "stages": [prod(approval, deploy)]}, rules=rules) == []
     (finding,) = evaluate({**plan, "stages": [prod(deploy, approval)]}, rules=rules)
     assert finding.stage == "prod"
+
+
+def test_a_wait_step_with_a_timeout_is_refused_not_ignored() -> None:
+    """A Wait step waits its duration; a timeout on it would be accepted and mean nothing."""
+    from pydantic import ValidationError
+
+    from app.definitions.models.steps import WaitStep
+
+    with pytest.raises(ValidationError, match="a Wait step has no timeout"):
+        WaitStep.model_validate({"type": "Wait", "name": "w", "identifier": "w",
+                                 "timeout": "5m", "spec": {"duration": "1m"}})

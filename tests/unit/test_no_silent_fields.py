@@ -33,6 +33,9 @@ CASES = {
                      "      configFiles:\n        - configFile: {name: app.conf}\n"
                      "      variables:\n",
                      "configFiles are not supported yet"),
+    "SSH credential reference": ("infrastructure", "    region: r1\n",
+                                 "    region: r1\n    credentialsRef: lab_ssh_key\n",
+                                 "credentialsRef (a Harness SSH credential) is not supported"),
     "sidecar artifacts": ("service", "            tag: <+input>\n",
                           "            tag: <+input>\n        sidecars:\n"
                           "          - sidecar: {identifier: agent, type: Http}\n",

@@ -89,6 +89,15 @@ class InfraInner(Model):
     hosts: list[StaticHost] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
 
+    @field_validator("credentials_ref")
+    @classmethod
+    def _no_credentials_ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("credentialsRef (a Harness SSH credential) is not supported yet: "
+                             "give the user and the key as spec.connection.user and "
+                             "spec.connection.privateKeySecret (a secret id)")
+        return v
+
     @field_validator("region")
     @classmethod
     def _region(cls, v: str | None) -> str | None:

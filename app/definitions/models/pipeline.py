@@ -23,7 +23,6 @@ from app.definitions.models.steps import (
     CustomExecution,
     Execution,
     FailureStrategy,
-    _StepBase,
 )
 from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
 from app.definitions.notifications import NotificationRule

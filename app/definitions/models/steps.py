@@ -377,6 +377,13 @@ class WaitStep(_StepBase):
     type: Literal["Wait"]
     spec: WaitStepSpec
 
+    @field_validator("timeout")
+    @classmethod
+    def _no_timeout(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("a Wait step has no timeout: spec.duration is how long it waits")
+        return v
+
 
 StepSpec = Annotated[CommandStep | HealthCheckStep | ApprovalStep | WaitStep,
                      Field(discriminator="type")]
