@@ -25,8 +25,20 @@ from app.models import AuditEvent, Execution, utcnow
 log = logging.getLogger("vmfarm.audit")
 
 # A value under a key with such a word (db_password, apiKey, X-Auth-Token) is never stored.
-_SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "token",
-                           "credential", "credentials", "apikey", "privatekey"})
+_SECRET_WORDS = frozenset(
+    {
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "secrets",
+        "token",
+        "credential",
+        "credentials",
+        "apikey",
+        "privatekey",
+    }
+)
 MAX_STRING = 2000
 
 
@@ -40,8 +52,10 @@ def _clean(obj: Any, depth: int = 0) -> Any:
     if depth > 20:
         return "..."
     if isinstance(obj, Mapping):
-        return {str(k): "***" if _secret_key(str(k)) and v not in (None, "")
-                else _clean(v, depth + 1) for k, v in obj.items()}
+        return {
+            str(k): "***" if _secret_key(str(k)) and v not in (None, "") else _clean(v, depth + 1)
+            for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple | set | frozenset):
         return [_clean(v, depth + 1) for v in obj]
     if isinstance(obj, str):
@@ -60,9 +74,16 @@ def safe_detail(detail: Mapping[str, Any] | None) -> dict[str, Any]:
     return json.loads(json.dumps(masked))  # type: ignore[no-any-return]
 
 
-def record(action: str, *, user: str, execution_id: str | None = None,
-           pipeline: str | None = None, detail: Mapping[str, Any] | None = None,
-           outcome: str, session: Session | None = None) -> int | None:
+def record(
+    action: str,
+    *,
+    user: str,
+    execution_id: str | None = None,
+    pipeline: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    outcome: str,
+    session: Session | None = None,
+) -> int | None:
     """Write one audit event; returns its id. ``pipeline`` defaults to the execution's.
 
     Without ``session`` the event is committed in a transaction of its own: never call it so
@@ -76,10 +97,15 @@ def record(action: str, *, user: str, execution_id: str | None = None,
         if pipeline is None and execution_id:
             ex = s.get(Execution, execution_id)
             pipeline = ex.pipeline if ex is not None else None
-        row = AuditEvent(at=utcnow(), user=(user or "")[:128], action=action[:32],
-                         execution_id=execution_id[:32] if execution_id else None,
-                         pipeline=pipeline[:128] if pipeline else None,
-                         outcome=outcome[:32], detail=safe_detail(detail))
+        row = AuditEvent(
+            at=utcnow(),
+            user=(user or "")[:128],
+            action=action[:32],
+            execution_id=execution_id[:32] if execution_id else None,
+            pipeline=pipeline[:128] if pipeline else None,
+            outcome=outcome[:32],
+            detail=safe_detail(detail),
+        )
         s.add(row)
         return row
 
@@ -92,28 +118,51 @@ def record(action: str, *, user: str, execution_id: str | None = None,
         return int(row.id or 0)
 
 
-def record_quietly(action: str, *, user: str, execution_id: str | None = None,
-                   pipeline: str | None = None, detail: Mapping[str, Any] | None = None,
-                   outcome: str) -> int | None:
+def record_quietly(
+    action: str,
+    *,
+    user: str,
+    execution_id: str | None = None,
+    pipeline: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    outcome: str,
+) -> int | None:
     """``record``, logging (not raising) when the ledger cannot take it: for refusals, whose
     own error must reach the user whatever happens to the audit row."""
     try:
-        return record(action, user=user, execution_id=execution_id, pipeline=pipeline,
-                      detail=detail, outcome=outcome)
+        return record(
+            action,
+            user=user,
+            execution_id=execution_id,
+            pipeline=pipeline,
+            detail=detail,
+            outcome=outcome,
+        )
     except Exception as exc:  # the refusal is what the caller must see
-        log.error("could not record the audit event %s/%s by %r: %s", action, outcome, user,
-                  exc)
+        log.error("could not record the audit event %s/%s by %r: %s", action, outcome, user, exc)
         return None
 
 
 def to_dict(row: AuditEvent) -> dict[str, Any]:
-    return {"id": row.id, "at": row.at.isoformat() + "Z", "user": row.user,
-            "action": row.action, "execution_id": row.execution_id, "pipeline": row.pipeline,
-            "outcome": row.outcome, "detail": row.detail}
+    return {
+        "id": row.id,
+        "at": row.at.isoformat() + "Z",
+        "user": row.user,
+        "action": row.action,
+        "execution_id": row.execution_id,
+        "pipeline": row.pipeline,
+        "outcome": row.outcome,
+        "detail": row.detail,
+    }
 
 
-def events(limit: int = 50, *, execution_id: str | None = None, user: str | None = None,
-           action: str | None = None) -> list[dict[str, Any]]:
+def events(
+    limit: int = 50,
+    *,
+    execution_id: str | None = None,
+    user: str | None = None,
+    action: str | None = None,
+) -> list[dict[str, Any]]:
     """The newest ``limit`` events matching every filter given, newest first."""
     from app.db import session_scope
 

@@ -97,15 +97,18 @@ class Policy:
         if self.min < 0:
             raise ConfigError(f"{where}: min must be 0 or more (got {self.min})")
         if self.max < max(self.min, 1):
-            raise ConfigError(f"{where}: max ({self.max}) must be at least min ({self.min}) "
-                              "and at least 1")
+            raise ConfigError(
+                f"{where}: max ({self.max}) must be at least min ({self.min}) and at least 1"
+            )
         if self.step < 1:
             raise ConfigError(f"{where}: step must be 1 or more")
         if self.scale_down_depth < 0 or self.scale_up_depth < 0:
             raise ConfigError(f"{where}: queue depths must not be negative")
         if self.scale_down_depth > self.scale_up_depth:
-            raise ConfigError(f"{where}: scaleDownQueueDepth ({self.scale_down_depth}) must not "
-                              f"exceed scaleUpQueueDepth ({self.scale_up_depth})")
+            raise ConfigError(
+                f"{where}: scaleDownQueueDepth ({self.scale_down_depth}) must not "
+                f"exceed scaleUpQueueDepth ({self.scale_up_depth})"
+            )
         if self.scale_up_after < 0 or self.scale_down_after < 0:
             raise ConfigError(f"{where}: scaleUpAfter and scaleDownAfter must not be negative")
         if self.concurrency is not None and self.concurrency < 1:
@@ -162,19 +165,30 @@ class Decision:
         return self.target
 
     def as_dict(self) -> dict[str, Any]:
-        return {"region": self.region, "current": self.current, "target": self.target,
-                "action": self.action, "reason": self.reason, "depth": self.depth,
-                "stops": list(self.stops), "keeps": list(self.keeps), "reached": self.reached}
+        return {
+            "region": self.region,
+            "current": self.current,
+            "target": self.target,
+            "action": self.action,
+            "reason": self.reason,
+            "depth": self.depth,
+            "stops": list(self.stops),
+            "keeps": list(self.keeps),
+            "reached": self.reached,
+        }
 
     def __str__(self) -> str:
-        arrow = f"{self.current} -> {self.target}" if self.target != self.current \
-            else f"{self.current}"
+        arrow = (
+            f"{self.current} -> {self.target}" if self.target != self.current else f"{self.current}"
+        )
         text = f"region {self.region}: {arrow} worker(s) ({self.action}): {self.reason}"
         if self.target < self.current:
             text += f"; stops {', '.join(self.stops) or 'none'}"
             if self.keeps:
-                text += (f"; not stopped (not started by this autoscaler): "
-                         f"{', '.join(self.keeps)}; the region stays at {self.reached}")
+                text += (
+                    f"; not stopped (not started by this autoscaler): "
+                    f"{', '.join(self.keeps)}; the region stays at {self.reached}"
+                )
         return text
 
 
@@ -183,10 +197,18 @@ def decide(state: State, observation: Observation, now: float) -> Decision:
     state. Pure: no clock, no I/O."""
     p, cur, depth = state.policy, observation.workers, observation.depth
 
-    def out(target: int, action: Action, reason: str, above: float | None,
-            below: float | None) -> Decision:
-        return Decision(p.region, cur, target, action, reason, depth,
-                        dataclasses.replace(state, above_since=above, below_since=below))
+    def out(
+        target: int, action: Action, reason: str, above: float | None, below: float | None
+    ) -> Decision:
+        return Decision(
+            p.region,
+            cur,
+            target,
+            action,
+            reason,
+            depth,
+            dataclasses.replace(state, above_since=above, below_since=below),
+        )
 
     if cur < p.min:
         return out(p.min, "up", f"{cur} below min {p.min}", None, None)
@@ -201,8 +223,9 @@ def decide(state: State, observation: Observation, now: float) -> Decision:
         if cur >= p.max:
             return out(cur, "hold", f"{what}; at max {p.max}", since, None)
         if held >= p.scale_up_after:
-            return out(min(p.max, cur + p.step), "up", f"{what} (>= {p.scale_up_after:g}s)",
-                       now, None)
+            return out(
+                min(p.max, cur + p.step), "up", f"{what} (>= {p.scale_up_after:g}s)", now, None
+            )
         return out(cur, "hold", f"{what} (of {p.scale_up_after:g}s)", since, None)
     if depth < p.scale_down_depth:
         since = state.below_since if state.below_since is not None else now
@@ -211,11 +234,13 @@ def decide(state: State, observation: Observation, now: float) -> Decision:
         if cur <= p.min:
             return out(cur, "hold", f"{what}; at min {p.min}", None, since)
         if held >= p.scale_down_after:
-            return out(max(p.min, cur - p.step), "down",
-                       f"{what} (>= {p.scale_down_after:g}s)", None, now)
+            return out(
+                max(p.min, cur - p.step), "down", f"{what} (>= {p.scale_down_after:g}s)", None, now
+            )
         return out(cur, "hold", f"{what} (of {p.scale_down_after:g}s)", None, since)
-    return out(cur, "hold", f"depth {depth} within {p.scale_down_depth}..{p.scale_up_depth}",
-               None, None)
+    return out(
+        cur, "hold", f"depth {depth} within {p.scale_down_depth}..{p.scale_up_depth}", None, None
+    )
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -227,10 +252,17 @@ class Config:
     interval: float = DEFAULT_INTERVAL
 
 
-_YAML_KEYS = {"min": "min", "max": "max", "scaleUpQueueDepth": "scale_up_depth",
-              "scaleUpAfter": "scale_up_after", "scaleDownQueueDepth": "scale_down_depth",
-              "scaleDownAfter": "scale_down_after", "step": "step",
-              "concurrency": "concurrency", "tags": "tags"}
+_YAML_KEYS = {
+    "min": "min",
+    "max": "max",
+    "scaleUpQueueDepth": "scale_up_depth",
+    "scaleUpAfter": "scale_up_after",
+    "scaleDownQueueDepth": "scale_down_depth",
+    "scaleDownAfter": "scale_down_after",
+    "step": "step",
+    "concurrency": "concurrency",
+    "tags": "tags",
+}
 _DURATIONS = {"scale_up_after", "scale_down_after"}
 
 
@@ -243,14 +275,16 @@ def _seconds(value: Any, what: str) -> float:
         raise ConfigError(f"{what}: {exc}") from None
 
 
-def policy_from(region: str, values: Mapping[str, Any], *, where: str = "",
-                base: Policy | None = None) -> Policy:
+def policy_from(
+    region: str, values: Mapping[str, Any], *, where: str = "", base: Policy | None = None
+) -> Policy:
     """A policy from a YAML mapping (camelCase keys, as in the file) over ``base``."""
     where = where or f"autoscale region {region!r}"
     unknown = sorted(set(map(str, values)) - set(_YAML_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(_YAML_KEYS)})")
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(_YAML_KEYS)})"
+        )
     kw: dict[str, Any] = {}
     for key, value in values.items():
         attr = _YAML_KEYS[str(key)]
@@ -259,8 +293,9 @@ def policy_from(region: str, values: Mapping[str, Any], *, where: str = "",
         if attr in _DURATIONS:
             kw[attr] = _seconds(value, f"{where}: {key}")
         elif attr == "tags":
-            kw[attr] = tuple(value.split(",")) if isinstance(value, str) else \
-                tuple(str(v) for v in value)
+            kw[attr] = (
+                tuple(value.split(",")) if isinstance(value, str) else tuple(str(v) for v in value)
+            )
         else:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{where}: {key} must be a whole number (got {value!r})")
@@ -290,8 +325,11 @@ def load_config(path: Path | str) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: regions.{region}: expected a mapping of settings")
         policies.append(policy_from(str(region), values, where=f"{p}: regions.{region}"))
-    interval = _seconds(data["interval"], f"{p}: interval") \
-        if data.get("interval") is not None else DEFAULT_INTERVAL
+    interval = (
+        _seconds(data["interval"], f"{p}: interval")
+        if data.get("interval") is not None
+        else DEFAULT_INTERVAL
+    )
     if interval <= 0:
         raise ConfigError(f"{p}: interval must be positive")
     return Config(policies=tuple(policies), interval=interval)
@@ -320,8 +358,9 @@ def observe(policies: Sequence[Policy]) -> Fleet:
     from app.delegates import live_workers, queue_depths
 
     live = live_workers()
-    workers = {p.region: {w["name"]: w for w in live if p.region in w.get("regions", [])}
-               for p in policies}
+    workers = {
+        p.region: {w["name"]: w for w in live if p.region in w.get("regions", [])} for p in policies
+    }
     depths = queue_depths([q for p in policies for q in p.queues()])
     return Fleet(workers=workers, depths=depths)
 
@@ -394,24 +433,39 @@ class LocalProcessExecutor:
             if not self._alive(proc):
                 code = proc.popen.returncode if proc.popen is not None else None
                 if proc.stopping_since is None:
-                    log.warning("worker %s exited on its own (exit code %s; log %s)", name,
-                                code, self.log_dir / f"{name.split('@')[0]}.log")
+                    log.warning(
+                        "worker %s exited on its own (exit code %s; log %s)",
+                        name,
+                        code,
+                        self.log_dir / f"{name.split('@')[0]}.log",
+                    )
                 else:
                     log.info("worker %s stopped (exit code %s)", name, code)
                 del self.procs[name]
-            elif proc.stopping_since is not None and proc.popen is not None and \
-                    time.monotonic() - proc.stopping_since > self.kill_after:
-                log.warning("worker %s still running %ss after SIGTERM: SIGKILL", name,
-                            self.kill_after)
+            elif (
+                proc.stopping_since is not None
+                and proc.popen is not None
+                and time.monotonic() - proc.stopping_since > self.kill_after
+            ):
+                log.warning(
+                    "worker %s still running %ss after SIGTERM: SIGKILL", name, self.kill_after
+                )
                 self._signal(proc, signal.SIGKILL)
         # Adopt live workers of ours that another autoscaler run on this host started.
         for region, workers in fleet.workers.items():
             for name, w in workers.items():
-                if name not in self.procs and self.owns(name, region) and \
-                        _is_our_worker(int(w.get("pid") or 0), name):
+                if (
+                    name not in self.procs
+                    and self.owns(name, region)
+                    and _is_our_worker(int(w.get("pid") or 0), name)
+                ):
                     self.procs[name] = _Proc(name=name, region=region, pid=int(w["pid"]))
-                    log.log(logging.DEBUG if self.quiet else logging.INFO,
-                            "adopted worker %s (pid %s)", name, w["pid"])
+                    log.log(
+                        logging.DEBUG if self.quiet else logging.INFO,
+                        "adopted worker %s (pid %s)",
+                        name,
+                        w["pid"],
+                    )
 
     def _alive(self, proc: _Proc) -> bool:
         if proc.popen is not None:
@@ -426,12 +480,16 @@ class LocalProcessExecutor:
             os.kill(proc.pid, sig)
 
     def running(self, region: str) -> list[str]:
-        return [p.name for p in self.procs.values()
-                if p.region == region and p.stopping_since is None]
+        return [
+            p.name for p in self.procs.values() if p.region == region and p.stopping_since is None
+        ]
 
     def stopping(self, region: str) -> list[str]:
-        return [p.name for p in self.procs.values()
-                if p.region == region and p.stopping_since is not None]
+        return [
+            p.name
+            for p in self.procs.values()
+            if p.region == region and p.stopping_since is not None
+        ]
 
     # -- actions --
 
@@ -445,35 +503,49 @@ class LocalProcessExecutor:
             k += 1
             if name in used:
                 continue
-            argv = [*self.command, "worker", "--region", policy.region, "-n", name,
-                    "-l", self.loglevel]
+            argv = [
+                *self.command,
+                "worker",
+                "--region",
+                policy.region,
+                "-n",
+                name,
+                "-l",
+                self.loglevel,
+            ]
             if policy.concurrency:
                 argv += ["-c", str(policy.concurrency)]
             if policy.tags:
                 argv += ["--tags", ",".join(policy.tags)]
             logfile = self.log_dir / f"{name.split('@')[0]}.log"
             with logfile.open("ab") as fh:
-                popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env=dict(self.env) if self.env is not None else None)
-            self.procs[name] = _Proc(name=name, region=policy.region, pid=popen.pid,
-                                     popen=popen)
+                popen = subprocess.Popen(
+                    argv,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=dict(self.env) if self.env is not None else None,
+                )
+            self.procs[name] = _Proc(name=name, region=policy.region, pid=popen.pid, popen=popen)
             log.info("started worker %s (pid %s; log %s)", name, popen.pid, logfile)
             started.append(name)
         return started
 
     def _choose(self, region: str, count: int, fleet: Fleet) -> list[_Proc]:
         registered = fleet.workers.get(region, {})
-        mine = [p for p in self.procs.values()
-                if p.region == region and p.stopping_since is None]
+        mine = [p for p in self.procs.values() if p.region == region and p.stopping_since is None]
 
         def busy(p: _Proc) -> tuple[int, int, str]:
             # Not registered yet: nothing running, stop it first; then the least busy, the
             # most recently numbered.
             w = registered.get(p.name)
             m = _NAME_RE.match(p.name)
-            return (-1 if w is None else int(w.get("in_flight") or 0),
-                    -int(m["k"]) if m else 0, p.name)
+            return (
+                -1 if w is None else int(w.get("in_flight") or 0),
+                -int(m["k"]) if m else 0,
+                p.name,
+            )
 
         return sorted(mine, key=busy)[:count]
 
@@ -558,15 +630,20 @@ class Autoscaler:
             if ex is not None:
                 registered -= set(ex.stopping(p.region))
                 registered |= set(ex.running(p.region))
-            decision = decide(self.states[p.region],
-                              Observation(depth=fleet.depth(p.queues()), workers=len(registered)),
-                              now)
+            decision = decide(
+                self.states[p.region],
+                Observation(depth=fleet.depth(p.queues()), workers=len(registered)),
+                now,
+            )
             self.states[p.region] = decision.state
             if decision.target < decision.current:
                 decision = self._down(p, decision, registered, fleet)
             elif ex is not None and decision.target > decision.current:
-                ex.start(p, decision.target - decision.current,
-                         [n for ws in fleet.workers.values() for n in ws])
+                ex.start(
+                    p,
+                    decision.target - decision.current,
+                    [n for ws in fleet.workers.values() for n in ws],
+                )
             decisions.append(decision)
         return decisions
 
@@ -584,13 +661,22 @@ class Autoscaler:
             mine, stops = set(), []
         keeps = sorted(counted - mine) if len(stops) < count else []
         if keeps and self.executor is not None:
-            log.warning("region %s: %d worker(s) over target but not started by this "
-                        "autoscaler keep running: %s", policy.region, count - len(stops),
-                        ", ".join(keeps))
+            log.warning(
+                "region %s: %d worker(s) over target but not started by this "
+                "autoscaler keep running: %s",
+                policy.region,
+                count - len(stops),
+                ", ".join(keeps),
+            )
         return dataclasses.replace(d, stops=tuple(stops), keeps=tuple(keeps))
 
-    def run(self, interval: float, *, should_stop: Callable[[], bool],
-            report: Callable[[Decision], None] | None = None) -> None:
+    def run(
+        self,
+        interval: float,
+        *,
+        should_stop: Callable[[], bool],
+        report: Callable[[Decision], None] | None = None,
+    ) -> None:
         """Step every ``interval`` seconds until ``should_stop()``; ``report`` gets each
         decision that changes something, and each region's first one."""
         from app.health import alive_file, mark_alive

@@ -65,9 +65,15 @@ class HostStepKey:
         return base if self.kind == "deploy" else f"{base}:{self.kind}"
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"e": self.execution, "s": self.stage, "p": self.phase,
-                             "h": self.host, "i": self.step, "a": self.attempt,
-                             "region": self.region}
+        d: dict[str, Any] = {
+            "e": self.execution,
+            "s": self.stage,
+            "p": self.phase,
+            "h": self.host,
+            "i": self.step,
+            "a": self.attempt,
+            "region": self.region,
+        }
         if self.deadline is not None:
             d["x"] = self.deadline
         if self.kind != "deploy":
@@ -81,12 +87,19 @@ class HostStepKey:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HostStepKey:
         src = d.get("src")
-        return cls(execution=str(d["e"]), stage=int(d["s"]), phase=int(d["p"]), host=str(d["h"]),
-                   step=int(d["i"]), attempt=int(d.get("a", 1)), region=str(d["region"]),
-                   deadline=float(d["x"]) if d.get("x") is not None else None,
-                   kind=str(d.get("k", "deploy")),
-                   src=(str(src[0]), int(src[1])) if src else None,
-                   tags=tuple(str(t) for t in d.get("tags") or ()))
+        return cls(
+            execution=str(d["e"]),
+            stage=int(d["s"]),
+            phase=int(d["p"]),
+            host=str(d["h"]),
+            step=int(d["i"]),
+            attempt=int(d.get("a", 1)),
+            region=str(d["region"]),
+            deadline=float(d["x"]) if d.get("x") is not None else None,
+            kind=str(d.get("k", "deploy")),
+            src=(str(src[0]), int(src[1])) if src else None,
+            tags=tuple(str(t) for t in d.get("tags") or ()),
+        )
 
 
 # Task ids of host tasks are derived from their first step's idempotency key (design note §5.3):
@@ -149,15 +162,21 @@ def phase_canvas(
     lines: list[list[Signature]] = [[] for _ in range(n)]
     for i, (h, r) in enumerate(hosts):
         count, src = (steps_of or {}).get(h, (step_count, None))
-        lines[i % n].extend(_host_links(HostStepKey(
-            execution_id, stage_index, phase, h, 0, attempt, r, deadline, kind, src), count,
-            tags_of))
-    return _gated(lines, execution_id=execution_id, stage_index=stage_index, phase=phase,
-                  kind=kind)
+        lines[i % n].extend(
+            _host_links(
+                HostStepKey(
+                    execution_id, stage_index, phase, h, 0, attempt, r, deadline, kind, src
+                ),
+                count,
+                tags_of,
+            )
+        )
+    return _gated(lines, execution_id=execution_id, stage_index=stage_index, phase=phase, kind=kind)
 
 
-def _host_links(first: HostStepKey, count: int,
-                tags_of: dict[tuple[str, int], tuple[str, ...]] | None) -> list[Signature]:
+def _host_links(
+    first: HostStepKey, count: int, tags_of: dict[tuple[str, int], tuple[str, ...]] | None
+) -> list[Signature]:
     """The tasks running steps ``first.step`` .. ``count - 1`` of one host: a run of steps
     with the same worker tags is one task."""
     out: list[Signature] = []
@@ -174,84 +193,148 @@ def _host_links(first: HostStepKey, count: int,
     return out
 
 
-def _gated(lines: list[list[Signature]], *, execution_id: str, stage_index: int, phase: int,
-           kind: str) -> Signature:
+def _gated(
+    lines: list[list[Signature]], *, execution_id: str, stage_index: int, phase: int, kind: str
+) -> Signature:
     """chord(group(chain per lane), the phase's gate), with the error nudge."""
     header = group(chain(*line) if len(line) > 1 else line[0] for line in lines if line)
-    body = task("vmfarm.verify_gate", execution_id=execution_id, stage_index=stage_index,
-                phase=phase, kind=kind)
+    body = task(
+        "vmfarm.verify_gate",
+        execution_id=execution_id,
+        stage_index=stage_index,
+        phase=phase,
+        kind=kind,
+    )
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
 
 
-def retry_canvas(*, execution_id: str, stage_index: int, phase: int,
-                 lane: list[tuple[str, str, int, int]], step_count: int, deadline: float,
-                 countdown: float,
-                 tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+def retry_canvas(
+    *,
+    execution_id: str,
+    stage_index: int,
+    phase: int,
+    lane: list[tuple[str, str, int, int]],
+    step_count: int,
+    deadline: float,
+    countdown: float,
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
+) -> Signature:
     """A retry (app.coordinator.retry): one lane of [(host, region, first step, attempt)], the
     retried host first, then the hosts that waited behind it; its first task waits
     ``countdown`` seconds in the broker (no worker sleeps). The body is the phase's own gate:
     the phase is judged once the last attempt has run."""
     links: list[Signature] = []
     for host, region, step, attempt in lane:
-        links.extend(_host_links(HostStepKey(execution_id, stage_index, phase, host, step,
-                                             attempt, region, deadline), step_count, tags_of))
+        links.extend(
+            _host_links(
+                HostStepKey(
+                    execution_id, stage_index, phase, host, step, attempt, region, deadline
+                ),
+                step_count,
+                tags_of,
+            )
+        )
     if countdown:  # none: a resent lane (app.coordinator.resend) goes at once
         links[0] = links[0].set(countdown=countdown)
-    return _gated([links], execution_id=execution_id, stage_index=stage_index, phase=phase,
-                  kind="deploy")
+    return _gated(
+        [links], execution_id=execution_id, stage_index=stage_index, phase=phase, kind="deploy"
+    )
 
 
-def resume_canvas(*, execution_id: str, stage_index: int, phase: int,
-                  hosts: list[tuple[str, str]], first_step: int, step_count: int,
-                  deadline: float, lanes: int | None = None,
-                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None) -> Signature:
+def resume_canvas(
+    *,
+    execution_id: str,
+    stage_index: int,
+    phase: int,
+    hosts: list[tuple[str, str]],
+    first_step: int,
+    step_count: int,
+    deadline: float,
+    lanes: int | None = None,
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
+) -> Signature:
     """The hosts of a phase going on after a Wait or approval step (app.coordinator.barriers):
     steps ``first_step`` .. ``step_count - 1`` of each host, dealt into ``lanes`` as
     ``phase_canvas`` does; the body is the phase's own gate."""
     n = len(hosts) if not lanes or lanes >= len(hosts) else lanes
     lines: list[list[Signature]] = [[] for _ in range(n)]
     for i, (h, r) in enumerate(hosts):
-        lines[i % n].extend(_host_links(HostStepKey(
-            execution_id, stage_index, phase, h, first_step, 1, r, deadline), step_count,
-            tags_of))
-    return _gated(lines, execution_id=execution_id, stage_index=stage_index, phase=phase,
-                  kind="deploy")
+        lines[i % n].extend(
+            _host_links(
+                HostStepKey(execution_id, stage_index, phase, h, first_step, 1, r, deadline),
+                step_count,
+                tags_of,
+            )
+        )
+    return _gated(
+        lines, execution_id=execution_id, stage_index=stage_index, phase=phase, kind="deploy"
+    )
 
 
-def verify_canvas(*, execution_id: str, stage_index: int, phase: int,
-                  hosts: list[tuple[str, str]], expires: int = 3600,
-                  tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
-                  countdown: float = 0.0) -> Signature:
+def verify_canvas(
+    *,
+    execution_id: str,
+    stage_index: int,
+    phase: int,
+    hosts: list[tuple[str, str]],
+    expires: int = 3600,
+    tags_of: dict[tuple[str, int], tuple[str, ...]] | None = None,
+    countdown: float = 0.0,
+) -> Signature:
     """The verification gate: checks on every host of the phase (on its region's worker), then
     the verdict on control. With ``countdown`` (a canary analysis's window) the checks wait
     that long in the broker first, so the verdict comes when the window has passed."""
     deadline = round(time.time() + countdown + expires, 3)
-    header = group(_quiet(task("vmfarm.check_host", key=HostStepKey(
-        execution_id, stage_index, phase, h, -1, 1, r, deadline,
-        tags=(tags_of or {}).get((h, -1), ())).to_dict()).set(
-            **({"countdown": countdown} if countdown else {}))) for h, r in hosts)
-    body = task("vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index,
-                phase=phase)
+    header = group(
+        _quiet(
+            task(
+                "vmfarm.check_host",
+                key=HostStepKey(
+                    execution_id,
+                    stage_index,
+                    phase,
+                    h,
+                    -1,
+                    1,
+                    r,
+                    deadline,
+                    tags=(tags_of or {}).get((h, -1), ()),
+                ).to_dict(),
+            ).set(**({"countdown": countdown} if countdown else {}))
+        )
+        for h, r in hosts
+    )
+    body = task(
+        "vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index, phase=phase
+    )
     canvas = chord(header, body)
     canvas.on_error(link("vmfarm.nudge", execution_id=execution_id))
     return canvas
 
 
-def switch_canvas(*, execution_id: str, stage_index: int, phase: int,
-                  kind: str = "switch") -> Signature:
+def switch_canvas(
+    *, execution_id: str, stage_index: int, phase: int, kind: str = "switch"
+) -> Signature:
     """Move traffic to the hosts of the phase record of ``kind`` (switch, or rollback-switch:
     back to the set that was live before) in one control task."""
     if kind == "switch":  # the message stays as it was for workers of an earlier version
-        return task("vmfarm.switch_traffic", execution_id=execution_id, stage_index=stage_index,
-                    phase=phase)
-    return task("vmfarm.switch_traffic", execution_id=execution_id, stage_index=stage_index,
-                phase=phase, kind=kind)
+        return task(
+            "vmfarm.switch_traffic", execution_id=execution_id, stage_index=stage_index, phase=phase
+        )
+    return task(
+        "vmfarm.switch_traffic",
+        execution_id=execution_id,
+        stage_index=stage_index,
+        phase=phase,
+        kind=kind,
+    )
 
 
-def discovery_canvas(*, execution_id: str, stage_index: int,
-                     work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> Signature:
+def discovery_canvas(
+    *, execution_id: str, stage_index: int, work: list[tuple[dict[str, Any], str, tuple[str, ...]]]
+) -> Signature:
     """List a stage's hosts on each infrastructure's region workers (they hold the cloud
     credentials), then record them on control: [(resolved infrastructure, region, tags)]."""
     header = discovery_tasks(work)
@@ -264,9 +347,12 @@ def discovery_canvas(*, execution_id: str, stage_index: int,
 def discovery_tasks(work: list[tuple[dict[str, Any], str, tuple[str, ...]]]) -> list[Signature]:
     """One ``vmfarm.discover`` per (resolved infrastructure, region, tags), on that region's
     (tag) queue."""
-    return [celery_app.signature("vmfarm.discover", kwargs={"infra": infra, "region": region,
-                                                            "tags": list(tags)})
-            for infra, region, tags in work]
+    return [
+        celery_app.signature(
+            "vmfarm.discover", kwargs={"infra": infra, "region": region, "tags": list(tags)}
+        )
+        for infra, region, tags in work
+    ]
 
 
 def advance_later(*, execution_id: str) -> Signature:
@@ -274,7 +360,6 @@ def advance_later(*, execution_id: str) -> Signature:
     return task("vmfarm.advance", execution_id=execution_id)
 
 
-def notify(*, execution_id: str, before: dict[str, Any] | None,
-           after: dict[str, Any]) -> Signature:
+def notify(*, execution_id: str, before: dict[str, Any] | None, after: dict[str, Any]) -> Signature:
     """Send an execution's notifications for one transition, from control."""
     return task("vmfarm.notify", execution_id=execution_id, before=before, after=after)

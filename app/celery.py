@@ -20,8 +20,9 @@ from app.signing import celery_settings, setup, signing_paths
 CONTROL_QUEUE = "vmfarm.control"
 EXCHANGE = Exchange("vmfarm", type="direct")
 # Tasks that run on a region's workers (SSH work, discovery); everything else is control.
-REGION_TASKS = frozenset({"vmfarm.run_host", "vmfarm.run_step", "vmfarm.check_host",
-                          "vmfarm.discover"})
+REGION_TASKS = frozenset(
+    {"vmfarm.run_host", "vmfarm.run_step", "vmfarm.check_host", "vmfarm.discover"}
+)
 # Region tasks whose kwargs carry ``region`` (and ``tags``) themselves instead of a ``key``.
 _KWARG_ROUTED = frozenset({"vmfarm.discover"})
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -62,8 +63,9 @@ def ensure_region_queue(region: str) -> str:
     return ensure_queue(region_queue(region))
 
 
-def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
-               **_: Any) -> dict[str, str]:
+def route_task(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, str]:
     """Region tasks go to their region's queue, or to the queue of the worker tags they need
     (``vmfarm.<region>[a,b]``, see app.delegates); the rest to control.
 
@@ -74,8 +76,7 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
 
         kw = kwargs or {}
         src = kw if name in _KWARG_ROUTED else (kw.get("key") or {})
-        return {"queue": ensure_queue(queue_for(str(src.get("region", "")),
-                                                src.get("tags") or ()))}
+        return {"queue": ensure_queue(queue_for(str(src.get("region", "")), src.get("tags") or ()))}
     return {"queue": CONTROL_QUEUE}
 
 
@@ -105,7 +106,8 @@ def build_config() -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT}
-        if redis else {},
+        if redis
+        else {},
         # JSON only: task arguments are ids and keys, never objects or secrets. With message
         # signing (app.signing) tasks and remote control are JSON signed by the sender's key,
         # and only signed messages are taken; results and events stay plain JSON.
@@ -153,19 +155,23 @@ def build_config() -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 30.0,
         # Exactly one beat (`vmfarm worker --control --beat`): the reconciler is idempotent,
         # but a second beat would only do the same work twice.
-        "beat_schedule": {"vmfarm-reconcile": {"task": "vmfarm.reconcile",
-                                               "schedule": s.reconcile_interval},
-                          # Cron triggers of pipelines (app/schedules.py): a tick each minute
-                          # submits the due slots, each claimed once; a late tick is dropped.
-                          "vmfarm-schedules": {"task": "vmfarm.schedules_tick",
-                                               "schedule": crontab(),
-                                               "options": {"expires": 55}}},
+        "beat_schedule": {
+            "vmfarm-reconcile": {"task": "vmfarm.reconcile", "schedule": s.reconcile_interval},
+            # Cron triggers of pipelines (app/schedules.py): a tick each minute
+            # submits the due slots, each claimed once; a late tick is dropped.
+            "vmfarm-schedules": {
+                "task": "vmfarm.schedules_tick",
+                "schedule": crontab(),
+                "options": {"expires": 55},
+            },
+        },
     }
     return conf
 
 
-app = Celery("vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery",
-                                "app.schedules"])
+app = Celery(
+    "vmfarm", include=["tasks.deploy", "tasks.control", "tasks.discovery", "app.schedules"]
+)
 app.conf.update(build_config())
 setup(app, signing_paths(get_settings()))
 

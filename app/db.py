@@ -64,9 +64,9 @@ def _sqlite_begin(conn: Any) -> None:
 def normalise_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 (the driver we install)."""
     if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("postgres://"):
-        return "postgresql+psycopg://" + url[len("postgres://"):]
+        return "postgresql+psycopg://" + url[len("postgres://") :]
     return url
 
 
@@ -83,10 +83,18 @@ def get_engine(url: str | None = None, *, migrate_schema: bool = True) -> Engine
             event.listen(eng, "begin", _sqlite_begin)
         else:
             # No pool_pre_ping (a round trip per transaction): _check_socket at checkout.
-            connect_args = {} if "connect_timeout" in make_url(url).query else {
-                "connect_timeout": CONNECT_TIMEOUT}
-            eng = create_engine(url, pool_size=10, max_overflow=40, pool_recycle=POOL_RECYCLE,
-                                connect_args=connect_args)
+            connect_args = (
+                {}
+                if "connect_timeout" in make_url(url).query
+                else {"connect_timeout": CONNECT_TIMEOUT}
+            )
+            eng = create_engine(
+                url,
+                pool_size=10,
+                max_overflow=40,
+                pool_recycle=POOL_RECYCLE,
+                connect_args=connect_args,
+            )
             event.listen(eng, "checkout", _check_socket)
         if migrate_schema:  # idempotent: waits out a server that is restarting
             retrying(lambda: migrate(eng), what="upgrading the ledger's schema")
@@ -215,15 +223,15 @@ def _wait_for_server(s: Session, deadline: float) -> None:
         except exc.DBAPIError as err:
             if not is_disconnect(err) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("the database is unreachable (%s); trying again in %.1f s",
-                        _brief(err), delay)
+            log.warning(
+                "the database is unreachable (%s); trying again in %.1f s", _brief(err), delay
+            )
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
 
 
 @contextmanager
-def session_scope(url: str | None = None, *,
-                  wait: float = RECONNECT_SECONDS) -> Iterator[Session]:
+def session_scope(url: str | None = None, *, wait: float = RECONNECT_SECONDS) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on error.
 
     On a database server the connection is taken before the body runs, waiting up to
@@ -248,8 +256,12 @@ def retrying(fn: Callable[[], T], *, what: str, within: float = RECONNECT_SECOND
         except Exception as err:
             if not is_disconnect(err) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s: the database connection was lost (%s); trying again in %.1f s",
-                        what, _brief(err), delay)
+            log.warning(
+                "%s: the database connection was lost (%s); trying again in %.1f s",
+                what,
+                _brief(err),
+                delay,
+            )
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
 
@@ -265,8 +277,12 @@ def insert_once(model: type[Any], values: dict[str, Any]) -> tuple[int, Any | No
     from sqlmodel import select
 
     ins = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
-    stmt = ins(model).values(**values).on_conflict_do_nothing(
-        index_elements=["idem_key"]).returning(model.id)
+    stmt = (
+        ins(model)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idem_key"])
+        .returning(model.id)
+    )
     with session_scope() as s:
         new_id = s.execute(stmt).scalar()
         if new_id is not None:
@@ -275,12 +291,17 @@ def insert_once(model: type[Any], values: dict[str, Any]) -> tuple[int, Any | No
         return int(row.id or 0), row
 
 
-def claim_once(model: type[Any], values: dict[str, Any], *, what: str,
-               owner: tuple[str, ...] = ("status", "worker", "started_at"),
-               ) -> tuple[int, Any | None]:
+def claim_once(
+    model: type[Any],
+    values: dict[str, Any],
+    *,
+    what: str,
+    owner: tuple[str, ...] = ("status", "worker", "started_at"),
+) -> tuple[int, Any | None]:
     """``insert_once`` tried again on a lost connection. When the server committed the insert
     but the answer was lost, the row found is this call's own (the same ``owner`` values: the
     same worker and start time to the microsecond), and this call owns it."""
+
     def insert() -> tuple[int, Any | None]:
         run_id, row = insert_once(model, values)
         if row is not None and all(getattr(row, k) == values[k] for k in owner):

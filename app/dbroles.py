@@ -49,8 +49,16 @@ APPEND_ONLY = ("auditevent",)
 SERVER_ONLY = ("apitoken",)
 # What a region worker reads: its plan (execution, stagerun), versions (instance), the step
 # rows it claims and the earlier outputs of its host, the worker registry, the schema version.
-WORKER_READS = ("alembic_version", "execution", "stagerun", "phaserun", "hoststeprun",
-                "checkrun", "instance", "workerbeat")
+WORKER_READS = (
+    "alembic_version",
+    "execution",
+    "stagerun",
+    "phaserun",
+    "hoststeprun",
+    "checkrun",
+    "instance",
+    "workerbeat",
+)
 WORKER_WRITES: dict[str, tuple[str, ...]] = {
     "hoststeprun": ("INSERT", "UPDATE"),
     "checkrun": ("INSERT", "UPDATE"),
@@ -72,39 +80,61 @@ def append_only(conn: Any, table: str) -> None:
     """A trigger refusing UPDATE, DELETE and TRUNCATE on ``table``, whoever asks."""
     conn.execute(text(_TRIGGER_FN))
     conn.execute(text(f'DROP TRIGGER IF EXISTS {table}_append_only ON "{table}"'))
-    conn.execute(text(f'CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON '
-                      f'"{table}" FOR EACH ROW EXECUTE FUNCTION vmfarm_append_only()'))
+    conn.execute(
+        text(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON "
+            f'"{table}" FOR EACH ROW EXECUTE FUNCTION vmfarm_append_only()'
+        )
+    )
     conn.execute(text(f'DROP TRIGGER IF EXISTS {table}_no_truncate ON "{table}"'))
-    conn.execute(text(f'CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON "{table}" '
-                      'FOR EACH STATEMENT EXECUTE FUNCTION vmfarm_append_only()'))
+    conn.execute(
+        text(
+            f'CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON "{table}" '
+            "FOR EACH STATEMENT EXECUTE FUNCTION vmfarm_append_only()"
+        )
+    )
 
 
 def _tables(conn: Any) -> list[str]:
-    return list(conn.execute(text(
-        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")).scalars())
+    return list(
+        conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        ).scalars()
+    )
 
 
 def _sequences(conn: Any) -> list[str]:
-    return list(conn.execute(text(
-        "SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()")).scalars())
+    return list(
+        conn.execute(
+            text("SELECT sequencename FROM pg_sequences WHERE schemaname = current_schema()")
+        ).scalars()
+    )
 
 
 def ensure_roles(conn: Any) -> list[str]:
     """Create the missing group roles; returns those still missing (the migrating role may
     not create roles: then a database administrator runs ``vmfarm server db-roles``)."""
-    have = set(conn.execute(text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)"),
-                            {"names": list(ROLES)}).scalars())
+    have = set(
+        conn.execute(
+            text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)"), {"names": list(ROLES)}
+        ).scalars()
+    )
     missing = [r for r in ROLES if r not in have]
     if not missing:
         return []
-    may = conn.execute(text("SELECT rolsuper OR rolcreaterole FROM pg_roles "
-                            "WHERE rolname = current_user")).scalar()
+    may = conn.execute(
+        text("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
+    ).scalar()
     if not may:
         return missing
     for role in missing:
         # Two databases on one server may migrate at once: roles are server-wide.
-        conn.execute(text(f"DO $$ BEGIN CREATE ROLE {role} NOLOGIN; "
-                          "EXCEPTION WHEN duplicate_object THEN NULL; END $$"))
+        conn.execute(
+            text(
+                f"DO $$ BEGIN CREATE ROLE {role} NOLOGIN; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+        )
     return []
 
 
@@ -118,9 +148,12 @@ def apply(conn: Any) -> bool:
         append_only(conn, table)
     missing = ensure_roles(conn)
     if missing:
-        log.warning("the ledger's roles %s do not exist and %s may not create them: run "
-                    "`vmfarm server db-roles` as a database administrator",
-                    ", ".join(missing), conn.execute(text("SELECT current_user")).scalar())
+        log.warning(
+            "the ledger's roles %s do not exist and %s may not create them: run "
+            "`vmfarm server db-roles` as a database administrator",
+            ", ".join(missing),
+            conn.execute(text("SELECT current_user")).scalar(),
+        )
         return False
     tables, sequences = _tables(conn), _sequences(conn)
     schema = conn.execute(text("SELECT current_schema()")).scalar()
@@ -137,7 +170,7 @@ def apply(conn: Any) -> bool:
         conn.execute(text(f'GRANT {server} ON "{t}" TO {SERVER}'))
         if t not in SERVER_ONLY:
             conn.execute(text(f'GRANT SELECT ON "{t}" TO {READONLY}'))
-        worker = ([*(["SELECT"] if t in WORKER_READS else []), *WORKER_WRITES.get(t, ())])
+        worker = [*(["SELECT"] if t in WORKER_READS else []), *WORKER_WRITES.get(t, ())]
         if worker:
             conn.execute(text(f'GRANT {", ".join(worker)} ON "{t}" TO {WORKER}'))
     for seq in sequences:
@@ -147,14 +180,33 @@ def apply(conn: Any) -> bool:
             conn.execute(text(f'GRANT USAGE, SELECT ON SEQUENCE "{seq}" TO {WORKER}'))
     # Tables and sequences later migrations create (as this role): the server and readonly
     # can use them at once; the worker only after its grants are listed here.
-    conn.execute(text(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT SELECT, INSERT, '
-                      f'UPDATE, DELETE ON TABLES TO {SERVER}'))
-    conn.execute(text(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT SELECT ON TABLES '
-                      f'TO {READONLY}'))
-    conn.execute(text(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT USAGE, SELECT ON '
-                      f'SEQUENCES TO {SERVER}'))
+    conn.execute(
+        text(
+            f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT SELECT, INSERT, '
+            f"UPDATE, DELETE ON TABLES TO {SERVER}"
+        )
+    )
+    conn.execute(
+        text(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT SELECT ON TABLES TO {READONLY}')
+    )
+    conn.execute(
+        text(
+            f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT USAGE, SELECT ON '
+            f"SEQUENCES TO {SERVER}"
+        )
+    )
     return True
 
 
-__all__ = ["APPEND_ONLY", "READONLY", "ROLES", "SERVER", "WORKER", "WORKER_READS",
-           "WORKER_WRITES", "append_only", "apply", "ensure_roles"]
+__all__ = [
+    "APPEND_ONLY",
+    "READONLY",
+    "ROLES",
+    "SERVER",
+    "WORKER",
+    "WORKER_READS",
+    "WORKER_WRITES",
+    "append_only",
+    "apply",
+    "ensure_roles",
+]

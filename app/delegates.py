@@ -55,8 +55,10 @@ def normalise_tags(tags: Iterable[str] | str | None) -> tuple[str, ...]:
         if not tag:
             continue
         if not _TAG_RE.match(tag):
-            raise ValueError(f"invalid worker tag {tag!r}: use lower-case letters, digits, '-' "
-                             "and '_', starting with a letter or a digit")
+            raise ValueError(
+                f"invalid worker tag {tag!r}: use lower-case letters, digits, '-' "
+                "and '_', starting with a letter or a digit"
+            )
         found.add(tag)
     return tuple(sorted(found))
 
@@ -73,8 +75,10 @@ def queue_for(region: str, tags: Iterable[str] = ()) -> str:
     if not wanted:
         return base
     if len(wanted) > MAX_TAGS:
-        raise ValueError(f"a task may require at most {MAX_TAGS} worker tags (a worker takes "
-                         f"at most {MAX_TAGS}); got {len(wanted)}: {', '.join(wanted)}")
+        raise ValueError(
+            f"a task may require at most {MAX_TAGS} worker tags (a worker takes "
+            f"at most {MAX_TAGS}); got {len(wanted)}: {', '.join(wanted)}"
+        )
     return f"{base}[{','.join(wanted)}]"
 
 
@@ -90,8 +94,10 @@ def tag_subsets(tags: Iterable[str]) -> list[tuple[str, ...]]:
     """Every non-empty subset of a worker's tags, each sorted: the tag queues it consumes."""
     have = normalise_tags(tags)
     if len(have) > MAX_TAGS:
-        raise ValueError(f"a worker takes at most {MAX_TAGS} tags (it consumes a queue per "
-                         f"subset of them); got {len(have)}: {', '.join(have)}")
+        raise ValueError(
+            f"a worker takes at most {MAX_TAGS} tags (it consumes a queue per "
+            f"subset of them); got {len(have)}: {', '.join(have)}"
+        )
     return [c for n in range(1, len(have) + 1) for c in itertools.combinations(have, n)]
 
 
@@ -112,12 +118,19 @@ def worker_queues(regions: Iterable[str], tags: Iterable[str] = ()) -> list[str]
 def _as_dict(row: Any, now: datetime, timeout: float) -> dict[str, Any]:
     age = max(0.0, (now - row.beat_at).total_seconds())
     return {
-        "name": row.name, "hostname": row.hostname, "pid": row.pid,
-        "regions": list(row.regions or []), "tags": list(row.tags or []),
-        "queues": list(row.queues or []), "concurrency": row.concurrency, "pool": row.pool,
+        "name": row.name,
+        "hostname": row.hostname,
+        "pid": row.pid,
+        "regions": list(row.regions or []),
+        "tags": list(row.tags or []),
+        "queues": list(row.queues or []),
+        "concurrency": row.concurrency,
+        "pool": row.pool,
         "in_flight": row.in_flight,
-        "started_at": row.started_at.isoformat() + "Z", "beat_at": row.beat_at.isoformat() + "Z",
-        "age": round(age, 1), "live": age <= timeout,
+        "started_at": row.started_at.isoformat() + "Z",
+        "beat_at": row.beat_at.isoformat() + "Z",
+        "age": round(age, 1),
+        "live": age <= timeout,
     }
 
 
@@ -146,8 +159,9 @@ def live_workers(now: datetime | None = None) -> list[dict[str, Any]]:
 
 def serves(worker: dict[str, Any], region: str, tags: Iterable[str] = ()) -> bool:
     """Whether ``worker`` (a registry dict) consumes ``region`` with every one of ``tags``."""
-    return region in worker.get("regions", []) and \
-        set(normalise_tags(tags)) <= set(worker.get("tags", []))
+    return region in worker.get("regions", []) and set(normalise_tags(tags)) <= set(
+        worker.get("tags", [])
+    )
 
 
 def describe(worker: dict[str, Any]) -> str:
@@ -185,8 +199,9 @@ def _embedded() -> bool:
     return get_settings().embedded
 
 
-def _choose(region: str, tags: Iterable[str], fallback: bool,
-            workers: Sequence[dict[str, Any]]) -> QueueChoice:
+def _choose(
+    region: str, tags: Iterable[str], fallback: bool, workers: Sequence[dict[str, Any]]
+) -> QueueChoice:
     wanted = normalise_tags(tags)
     queue = queue_for(region, wanted)
     live = [w for w in workers if w.get("live", True)]
@@ -196,18 +211,27 @@ def _choose(region: str, tags: Iterable[str], fallback: bool,
     what = f"region {region}" + (f" with tags [{', '.join(wanted)}]" if wanted else "")
     if wanted and fallback and in_region:
         plain = region_queue(region)
-        return QueueChoice(plain, f"no live worker serves {what}; falling back to the other "
-                                  f"workers of region {region} (queue {plain})")
+        return QueueChoice(
+            plain,
+            f"no live worker serves {what}; falling back to the other "
+            f"workers of region {region} (queue {plain})",
+        )
     message = f"no live worker serves {what} (live workers: {_describe_many(live)})"
     silent = [w for w in workers if not w.get("live", True) and serves(w, region, wanted)]
     if silent:
         message += "; not heard from: " + ", ".join(
-            f"{w['name']} (last beat {w['age']:.0f}s ago)" for w in silent)
+            f"{w['name']} (last beat {w['age']:.0f}s ago)" for w in silent
+        )
     return QueueChoice(None, message)
 
 
-def resolve_queue(region: str, tags: Iterable[str] = (), fallback: bool = False, *,
-                  workers: Sequence[dict[str, Any]] | None = None) -> QueueChoice:
+def resolve_queue(
+    region: str,
+    tags: Iterable[str] = (),
+    fallback: bool = False,
+    *,
+    workers: Sequence[dict[str, Any]] | None = None,
+) -> QueueChoice:
     """The queue for tasks of ``region`` that need ``tags``, given the live workers.
 
     * a live worker of the region has every tag: ``(queue_for(region, tags), "")``;
@@ -237,8 +261,9 @@ def _requirements(requirements: Iterable[Requirement]) -> list[tuple[str, tuple[
     return list(seen)
 
 
-def unserved(requirements: Iterable[Requirement], *,
-             workers: Sequence[dict[str, Any]] | None = None) -> list[str]:
+def unserved(
+    requirements: Iterable[Requirement], *, workers: Sequence[dict[str, Any]] | None = None
+) -> list[str]:
     """One message per distinct requirement ``(region, tags)`` or ``(region, tags, fallback)``
     that no live worker can serve, e.g. ``no live worker serves region eu-west-1 with tags
     [gpu, pci] (live workers: w-r1@host (r1, tags: none))``. Empty when all are served.
@@ -313,8 +338,9 @@ def queues_holding_messages(client: Any) -> set[str]:
     return found
 
 
-def forget_workers(names: Iterable[str] = (), *, stale: bool = False,
-                   now: datetime | None = None) -> list[str]:
+def forget_workers(
+    names: Iterable[str] = (), *, stale: bool = False, now: datetime | None = None
+) -> list[str]:
     """Remove workers from the registry: those named, and with ``stale`` every worker not
     heard from within heartbeat_timeout. A live worker is never removed (it would register
     again at its next beat): LookupError names it, and unknown names. Returns the names
@@ -338,17 +364,24 @@ def forget_workers(names: Iterable[str] = (), *, stale: bool = False,
     wanted = list(dict.fromkeys(names))
     unknown = [n for n in wanted if n not in every]
     if unknown:
-        raise LookupError(f"no registered worker {', '.join(unknown)} (registered: "
-                          f"{', '.join(sorted(every)) or 'none'})")
+        raise LookupError(
+            f"no registered worker {', '.join(unknown)} (registered: "
+            f"{', '.join(sorted(every)) or 'none'})"
+        )
     live = [n for n in wanted if every[n]["live"]]
     if live:
-        raise LookupError(f"worker {', '.join(live)} is live (heard from within the heartbeat "
-                          "timeout): stop it instead; a stopped worker removes itself")
+        raise LookupError(
+            f"worker {', '.join(live)} is live (heard from within the heartbeat "
+            "timeout): stop it instead; a stopped worker removes itself"
+        )
     chosen = set(wanted) | ({n for n, w in every.items() if not w["live"]} if stale else set())
     if chosen:
         # Only rows still stale: a worker that beat again meanwhile stays.
         quiet = now - timedelta(seconds=get_settings().heartbeat_timeout)
         with session_scope() as s:
-            s.exec(delete(WorkerBeat).where(
-                col(WorkerBeat.name).in_(sorted(chosen)), col(WorkerBeat.beat_at) < quiet))
+            s.exec(
+                delete(WorkerBeat).where(
+                    col(WorkerBeat.name).in_(sorted(chosen)), col(WorkerBeat.beat_at) < quiet
+                )
+            )
     return sorted(chosen)

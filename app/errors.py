@@ -54,8 +54,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The error types of Harness's failure strategies (``onFailure.errors``) that vmfarm records.
-ERROR_TYPES = ("Unknown", "Authentication", "Authorization", "Connectivity", "Timeout",
-               "Verification", "DelegateRestart", "ApprovalRejection")
+ERROR_TYPES = (
+    "Unknown",
+    "Authentication",
+    "Authorization",
+    "Connectivity",
+    "Timeout",
+    "Verification",
+    "DelegateRestart",
+    "ApprovalRejection",
+)
 
 
 class VmfarmError(Exception):
@@ -126,9 +134,13 @@ class HostError(VmfarmError):
 
     def __str__(self) -> str:
         where = ", ".join(
-            p for p in (f"host {self.host}" if self.host else "",
-                        f"step {self.step}" if self.step else "",
-                        f"unit {self.unit}" if self.unit else "") if p
+            p
+            for p in (
+                f"host {self.host}" if self.host else "",
+                f"step {self.step}" if self.step else "",
+                f"unit {self.unit}" if self.unit else "",
+            )
+            if p
         )
         return f"{self.message} ({where})" if where else self.message
 
@@ -166,7 +178,6 @@ class CommandTimeoutError(HostError):
     """A command ran longer than its timeout and was stopped."""
 
     error_class = "Timeout"
-
 
 
 class TransferError(HostError):
@@ -215,8 +226,9 @@ class DiscoveryError(VmfarmError):
     region, resource group, project or zone is named as such).
     """
 
-    def __init__(self, message: str, *, infrastructure: str = "",
-                 error_class: str = "Unknown") -> None:
+    def __init__(
+        self, message: str, *, infrastructure: str = "", error_class: str = "Unknown"
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.infrastructure = infrastructure
@@ -231,6 +243,5 @@ class DiscoveryError(VmfarmError):
         return (_rebuild_discovery_error, (self.message, self.infrastructure, self.error_class))
 
 
-def _rebuild_discovery_error(message: str, infrastructure: str,
-                             error_class: str) -> DiscoveryError:
+def _rebuild_discovery_error(message: str, infrastructure: str, error_class: str) -> DiscoveryError:
     return DiscoveryError(message, infrastructure=infrastructure, error_class=error_class)

@@ -33,8 +33,9 @@ class FlowerWatch:
     """``with FlowerWatch(app): run Flower`` (see the module docstring). ``disabled`` tells,
     after the block, whether this exit turned the events off (the workers' replies)."""
 
-    def __init__(self, app: Any, *, url: str | None = None, ttl: float = 60.0,
-                 client: Any = None) -> None:
+    def __init__(
+        self, app: Any, *, url: str | None = None, ttl: float = 60.0, client: Any = None
+    ) -> None:
         from app.settings import get_settings
 
         self.app = app
@@ -50,8 +51,9 @@ class FlowerWatch:
         if self.client is None:
             import redis
 
-            self.client = redis.Redis.from_url(self.url, socket_timeout=10,
-                                               socket_connect_timeout=5)
+            self.client = redis.Redis.from_url(
+                self.url, socket_timeout=10, socket_connect_timeout=5
+            )
         return self.client
 
     def _renew(self) -> None:
@@ -75,13 +77,16 @@ class FlowerWatch:
 
     def __enter__(self) -> FlowerWatch:
         self._renew()
-        self._thread = threading.Thread(target=self._run, name="vmfarm-flower-watch",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="vmfarm-flower-watch", daemon=True)
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def stop(self) -> list[dict[str, Any]] | None:

@@ -42,9 +42,15 @@ def mark_alive(path: Path, *, interval: float) -> None:
     os.replace(tmp, path)
 
 
-def check_worker(role: str, *, hostname: str | None = None, names: list[str] | None = None,
-                 ping: bool = True, timeout: float = 5.0,
-                 workers: list[dict[str, Any]] | None = None) -> tuple[bool, str]:
+def check_worker(
+    role: str,
+    *,
+    hostname: str | None = None,
+    names: list[str] | None = None,
+    ping: bool = True,
+    timeout: float = 5.0,
+    workers: list[dict[str, Any]] | None = None,
+) -> tuple[bool, str]:
     """Whether this host's ``role`` workers (``worker`` or ``control``; only ``names`` when
     given) are alive, and why."""
     from app.celery import CONTROL_QUEUE
@@ -57,19 +63,30 @@ def check_worker(role: str, *, hostname: str | None = None, names: list[str] | N
         from app.delegates import all_workers
 
         workers = all_workers()
-    mine = [w for w in workers if w.get("hostname") == host and (
-        CONTROL_QUEUE in (w.get("queues") or []) if role == "control"
-        else bool(w.get("regions"))) and (not names or w.get("name") in names)]
+    mine = [
+        w
+        for w in workers
+        if w.get("hostname") == host
+        and (
+            CONTROL_QUEUE in (w.get("queues") or [])
+            if role == "control"
+            else bool(w.get("regions"))
+        )
+        and (not names or w.get("name") in names)
+    ]
     if not mine:
         what = "control worker" if role == "control" else "region worker"
-        return False, (f"no {what} of {host} is registered" + (f" as {', '.join(names)}"
-                                                                if names else "")
-                       + " (still starting, or it cannot write the ledger)")
+        return False, (
+            f"no {what} of {host} is registered"
+            + (f" as {', '.join(names)}" if names else "")
+            + " (still starting, or it cannot write the ledger)"
+        )
     live = [w for w in mine if w.get("live")]
     if not live:
         limit = get_settings().heartbeat_timeout
-        return False, ", ".join(f"{w['name']}: last heartbeat {w['age']:.0f}s ago"
-                                for w in mine) + f" (timeout {limit:g}s)"
+        return False, ", ".join(
+            f"{w['name']}: last heartbeat {w['age']:.0f}s ago" for w in mine
+        ) + f" (timeout {limit:g}s)"
     names = [str(w["name"]) for w in live]
     if ping:
         from app.celery import app
@@ -78,13 +95,14 @@ def check_worker(role: str, *, hostname: str | None = None, names: list[str] | N
         answered = {name for reply in replies for name in reply}
         silent = [n for n in names if n not in answered]
         if silent:
-            return False, (f"{', '.join(silent)}: beating but not answering a ping within "
-                           f"{timeout:g}s (its consumer is stuck, or the broker is unreachable)")
+            return False, (
+                f"{', '.join(silent)}: beating but not answering a ping within "
+                f"{timeout:g}s (its consumer is stuck, or the broker is unreachable)"
+            )
     return True, f"{', '.join(names)}: live"
 
 
-def check_autoscaler(path: Path | None = None, *, now: float | None = None
-                     ) -> tuple[bool, str]:
+def check_autoscaler(path: Path | None = None, *, now: float | None = None) -> tuple[bool, str]:
     """Whether ``vmfarm autoscale`` completed a round within three of its intervals (at
     least 60 s)."""
     path = path or alive_file()
@@ -103,12 +121,16 @@ def check_autoscaler(path: Path | None = None, *, now: float | None = None
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in ROLES or (args[0] == "autoscaler" and len(args) > 1):
-        print("usage: python -m app.health {worker|control} [NAME...] | autoscaler",
-              file=sys.stderr)
+        print(
+            "usage: python -m app.health {worker|control} [NAME...] | autoscaler", file=sys.stderr
+        )
         return 2
     try:
-        ok, why = check_autoscaler() if args[0] == "autoscaler" else \
-            check_worker(args[0], names=args[1:] or None)
+        ok, why = (
+            check_autoscaler()
+            if args[0] == "autoscaler"
+            else check_worker(args[0], names=args[1:] or None)
+        )
     except Exception as exc:  # the ledger or the broker cannot be read: not healthy
         ok, why = False, f"cannot check: {type(exc).__name__}: {exc}"
     print(f"{args[0]}: {why}", file=sys.stdout if ok else sys.stderr)

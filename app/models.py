@@ -56,10 +56,12 @@ class StageRun(SQLModel, table=True):
     identifier: str = Field(max_length=128)
     name: str = Field(default="", max_length=256)
     status: str = Field(default=Status.PENDING, max_length=16)
-    hosts: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
-                                                                             nullable=False))
-    phases: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON,
-                                                                              nullable=False))
+    hosts: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    phases: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
     # The stage's rollback plan once it rolls back: phases in reverse order, each with its hosts
     # and, per host, the version and the plan it returns to (see coordinator._plan_rollback).
     rollback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
@@ -176,8 +178,9 @@ class Instance(SQLModel, table=True):
 class CheckRun(SQLModel, table=True):
     """One host's verification checks in a gate, with their numbers (health, probe)."""
 
-    __table_args__ = (Index("ix_checkrun_exec_stage_phase", "execution_id", "stage_index",
-                            "phase"),)
+    __table_args__ = (
+        Index("ix_checkrun_exec_stage_phase", "execution_id", "stage_index", "phase"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     idem_key: str = Field(unique=True, max_length=255)

@@ -87,7 +87,6 @@ Mask = Callable[[str], str]
 Claim = Callable[[str], bool]
 
 
-
 # --- settings -----------------------------------------------------------------------------------
 
 
@@ -120,8 +119,9 @@ def rules_of(plan: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return [dict(r) for r in rules if isinstance(r, Mapping)]
 
 
-def parse_rules(rules: Iterable[Mapping[str, Any] | NotificationRule]
-                ) -> tuple[list[NotificationRule], list[str]]:
+def parse_rules(
+    rules: Iterable[Mapping[str, Any] | NotificationRule],
+) -> tuple[list[NotificationRule], list[str]]:
     """Rules as models, and one message per invalid rule (which is left out)."""
     good: list[NotificationRule] = []
     bad: list[str] = []
@@ -133,8 +133,9 @@ def parse_rules(rules: Iterable[Mapping[str, Any] | NotificationRule]
             good.append(NotificationRule.model_validate(r))
         except ValidationError as exc:
             name = r.get("name") if isinstance(r, Mapping) else None
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                 for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
             bad.append(f"notification rule {name or i}: {problems}")
     return good, bad
 
@@ -181,10 +182,17 @@ class Message:
 
     def data(self) -> dict[str, Any]:
         """The structured fields of a generic webhook."""
-        return {"event": self.event, "execution": self.execution_id, "pipeline": self.pipeline,
-                "status": self.status, "stage": self.stage, "error": self.error,
-                "failed_hosts": self.failed_hosts, "command": self.command,
-                "commands": self.commands}
+        return {
+            "event": self.event,
+            "execution": self.execution_id,
+            "pipeline": self.pipeline,
+            "status": self.status,
+            "stage": self.stage,
+            "error": self.error,
+            "failed_hosts": self.failed_hosts,
+            "command": self.command,
+            "commands": self.commands,
+        }
 
 
 _HEADLINE = {
@@ -197,13 +205,18 @@ _HEADLINE = {
     "RollbackDone": "rollback ended: {status}",
 }
 
-_FAILED_STAGE = (Status.FAILED, Status.ABORTED, Status.ROLLBACK_FAILED, Status.ROLLED_BACK,
-                 Status.ROLLING_BACK)
+_FAILED_STAGE = (
+    Status.FAILED,
+    Status.ABORTED,
+    Status.ROLLBACK_FAILED,
+    Status.ROLLED_BACK,
+    Status.ROLLING_BACK,
+)
 
 
 def _first_line(text: str | None, limit: int = 160) -> str:
     line = next((x.strip() for x in (text or "").splitlines() if x.strip()), "")
-    return line if len(line) <= limit else line[:limit - 1] + "…"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _find_stage(report: Mapping[str, Any], stage: int | str | None) -> dict[str, Any] | None:
@@ -216,8 +229,9 @@ def _find_stage(report: Mapping[str, Any], stage: int | str | None) -> dict[str,
     return None
 
 
-def _stage_of_interest(report: Mapping[str, Any], event: str,
-                       stage: int | str | None) -> dict[str, Any] | None:
+def _stage_of_interest(
+    report: Mapping[str, Any], event: str, stage: int | str | None
+) -> dict[str, Any] | None:
     """The stage a message is about: the given one, else the one that failed (or waits)."""
     found = _find_stage(report, stage)
     if found is not None or event in ("PipelineStart", "PipelineSuccess"):
@@ -244,8 +258,11 @@ def _host_reason(host: Mapping[str, Any]) -> str:
             reason = f"step {step.get('step')}: {what}" + (f": {err}" if err else "")
             break
     if not reason:
-        reason = "verification failed" if host.get("verification") == "FAILED" else \
-            str(host.get("status") or "failed").lower()
+        reason = (
+            "verification failed"
+            if host.get("verification") == "FAILED"
+            else str(host.get("status") or "failed").lower()
+        )
     # One error on many hosts often names each host: group them anyway.
     return reason.replace(name, "<host>") if len(name) >= 3 else reason
 
@@ -256,8 +273,9 @@ def _rollback_reason(host: Mapping[str, Any]) -> str:
     return f"rollback step {rb.get('step')}" + (f": {err}" if err else "")
 
 
-def failed_hosts(report: Mapping[str, Any], stage: Mapping[str, Any] | None = None, *,
-                 rollback: bool = False) -> list[tuple[str, list[str]]]:
+def failed_hosts(
+    report: Mapping[str, Any], stage: Mapping[str, Any] | None = None, *, rollback: bool = False
+) -> list[tuple[str, list[str]]]:
     """Failed hosts grouped by error, biggest group first: [(reason, [host, ...]), ...].
 
     Hosts of ``stage`` (default: every stage) whose status is FAILED; with ``rollback``, also
@@ -283,9 +301,15 @@ def _deep_mask(value: Any, mask: Mask) -> Any:
     return value
 
 
-def build_message(event: str, report: Mapping[str, Any], *, stage: int | str | None = None,
-                  mask: Mask | None = None, max_groups: int = 5,
-                  max_hosts: int = 10) -> Message:
+def build_message(
+    event: str,
+    report: Mapping[str, Any],
+    *,
+    stage: int | str | None = None,
+    mask: Mask | None = None,
+    max_groups: int = 5,
+    max_hosts: int = 10,
+) -> Message:
     """The message for ``event`` about an execution (``app.report.execution_report``)."""
     if event not in EVENTS:
         raise ValueError(f"unknown notification event {event!r} (one of {', '.join(EVENTS)})")
@@ -295,21 +319,22 @@ def build_message(event: str, report: Mapping[str, Any], *, stage: int | str | N
     status = str(report.get("status") or "")
     st = _stage_of_interest(report, event, stage)
     st_name = str(st.get("identifier")) if st else None
-    headline = _HEADLINE[event].format(status=status, stage=st_name or "?",
-                                       stage_status=(st or {}).get("status") or "?")
-    shown = f"{pipeline_name} ({pipeline})" if pipeline_name and pipeline_name != pipeline \
-        else pipeline
+    headline = _HEADLINE[event].format(
+        status=status, stage=st_name or "?", stage_status=(st or {}).get("status") or "?"
+    )
+    shown = (
+        f"{pipeline_name} ({pipeline})" if pipeline_name and pipeline_name != pipeline else pipeline
+    )
     title = f"[vmfarm] {event}: pipeline {pipeline} {headline} (execution {ex_id})"
-    lines = [f"Pipeline: {shown}", f"Execution: {ex_id}", f"Event: {event}",
-             f"Status: {status}"]
+    lines = [f"Pipeline: {shown}", f"Execution: {ex_id}", f"Event: {event}", f"Status: {status}"]
     if st is not None:
-        label = f"{st.get('identifier')}" + (f" ({st['name']})" if st.get("name")
-                                             and st.get("name") != st.get("identifier") else "")
+        label = f"{st.get('identifier')}" + (
+            f" ({st['name']})" if st.get("name") and st.get("name") != st.get("identifier") else ""
+        )
         lines.append(f"Stage: {label}: {st.get('status')}")
     error: Any = None
     if event not in ("PipelineStart", "PipelineSuccess", "ApprovalNeeded"):
-        error = ((st or {}).get("error") if event in STAGE_EVENTS else None) or \
-            report.get("error")
+        error = ((st or {}).get("error") if event in STAGE_EVENTS else None) or report.get("error")
     if error:
         lines.append(f"Error: {_first_line(str(error), 500)}")
     commands = [f"vmfarm status {ex_id}"]
@@ -319,8 +344,10 @@ def build_message(event: str, report: Mapping[str, Any], *, stage: int | str | N
         if verdict.get("message"):
             lines.append(f"Approval: {_first_line(str(verdict['message']), 300)}")
         if verdict.get("groups"):
-            lines.append(f"Approvers: {', '.join(map(str, verdict['groups']))} "
-                         f"({verdict.get('required', 1)} needed)")
+            lines.append(
+                f"Approvers: {', '.join(map(str, verdict['groups']))} "
+                f"({verdict.get('required', 1)} needed)"
+            )
         commands += [f"vmfarm approve {ex_id}", f"vmfarm reject {ex_id}"]
     if event == "InterventionNeeded":
         mi = report.get("intervention") or {}
@@ -331,8 +358,7 @@ def build_message(event: str, report: Mapping[str, Any], *, stage: int | str | N
     groups: list[dict[str, Any]] = []
     if event in ("PipelineFailed", "StageFailed", "RollbackDone", "InterventionNeeded"):
         scope = st if event in STAGE_EVENTS else None
-        grouped = failed_hosts(report, scope, rollback=event in ("RollbackDone",
-                                                                 "PipelineFailed"))
+        grouped = failed_hosts(report, scope, rollback=event in ("RollbackDone", "PipelineFailed"))
         total = len({h for _, hs in grouped for h in hs})
         if grouped:
             lines.append(f"Failed hosts ({total}):")
@@ -343,16 +369,26 @@ def build_message(event: str, report: Mapping[str, Any], *, stage: int | str | N
             groups.append({"reason": reason, "count": len(hosts), "hosts": hosts[:max_hosts]})
         if len(grouped) > max_groups:
             rest = grouped[max_groups:]
-            lines.append(f"  - and {len(rest)} more error(s) on "
-                         f"{sum(len(h) for _, h in rest)} host(s)")
+            lines.append(
+                f"  - and {len(rest)} more error(s) on {sum(len(h) for _, h in rest)} host(s)"
+            )
         if grouped:
             first = grouped[0][1][0]
             commands.append(f"vmfarm logs {ex_id} --host {first}")
     lines.append("Details: " + commands[0])
     lines += [f"Then: {c}" for c in commands[1:]]
-    msg = Message(event=event, execution_id=ex_id, pipeline=pipeline, status=status,
-                  stage=st_name, title=title, text="\n".join(lines), commands=commands,
-                  failed_hosts=groups, error=_first_line(str(error), 500) if error else None)
+    msg = Message(
+        event=event,
+        execution_id=ex_id,
+        pipeline=pipeline,
+        status=status,
+        stage=st_name,
+        title=title,
+        text="\n".join(lines),
+        commands=commands,
+        failed_hosts=groups,
+        error=_first_line(str(error), 500) if error else None,
+    )
     if mask is None:
         return msg
     return Message(**_deep_mask(asdict(msg), mask))
@@ -368,16 +404,21 @@ def _slack_escape(text: str) -> str:
 def slack_payload(msg: Message) -> dict[str, Any]:
     """Slack incoming-webhook body: ``text`` (the notification) and Block Kit ``blocks``."""
     body = msg.text.split("\n")
-    details = "\n".join(_slack_escape(x) for x in body if not x.startswith(("Details:",
-                                                                             "Then:")))
+    details = "\n".join(_slack_escape(x) for x in body if not x.startswith(("Details:", "Then:")))
     return {
         "text": _slack_escape(f"{msg.title}\n{msg.text}")[:3900],
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": msg.title[:150]}},
             {"type": "section", "text": {"type": "mrkdwn", "text": details[:2900]}},
-            {"type": "context", "elements": [
-                {"type": "mrkdwn", "text": " · ".join(f"`{_slack_escape(c)}`"
-                                                      for c in msg.commands)[:2900]}]},
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": " · ".join(f"`{_slack_escape(c)}`" for c in msg.commands)[:2900],
+                    }
+                ],
+            },
         ],
     }
 
@@ -409,9 +450,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def post_json(url: str, payload: Mapping[str, Any], *, timeout: float, retries: int,
-              backoff: float, sleep: Callable[[float], None] = time.sleep
-              ) -> tuple[bool, int, int | None, str | None]:
+def post_json(
+    url: str,
+    payload: Mapping[str, Any],
+    *,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[bool, int, int | None, str | None]:
     """POST ``payload`` as JSON: (ok, attempts, last HTTP status, error). Retries connection
     errors, timeouts, 429 and 5xx up to ``retries`` times, waiting ``backoff`` (doubled each
     time; a 429's Retry-After up to 30 s). Never raises; errors never contain the URL."""
@@ -425,8 +472,15 @@ def post_json(url: str, payload: Mapping[str, Any], *, timeout: float, retries: 
     while True:
         attempts += 1
         retry_after: float | None = None
-        req = urllib.request.Request(url, data=data, method="POST", headers={
-            "Content-Type": "application/json; charset=utf-8", "User-Agent": "vmfarm-notify"})
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method="POST",
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "User-Agent": "vmfarm-notify",
+            },
+        )
         try:
             with opener.open(req, timeout=timeout) as resp:
                 status = int(resp.status)
@@ -453,16 +507,22 @@ def post_json(url: str, payload: Mapping[str, Any], *, timeout: float, retries: 
 
 
 def _format_subject(template: str, msg: Message) -> str:
-    values = {"event": msg.event, "pipeline": msg.pipeline, "execution": msg.execution_id,
-              "status": msg.status, "stage": msg.stage or ""}
+    values = {
+        "event": msg.event,
+        "pipeline": msg.pipeline,
+        "execution": msg.execution_id,
+        "status": msg.status,
+        "stage": msg.stage or "",
+    }
     out = template
     for k, v in values.items():
         out = out.replace("{" + k + "}", v)
     return " ".join(out.split())[:200]
 
 
-def email_message(msg: Message, to: Sequence[str], sender: str,
-                  subject: str | None = None) -> EmailMessage:
+def email_message(
+    msg: Message, to: Sequence[str], sender: str, subject: str | None = None
+) -> EmailMessage:
     em = EmailMessage()
     em["Subject"] = _format_subject(subject, msg) if subject else msg.title
     em["From"] = sender
@@ -475,13 +535,12 @@ def email_message(msg: Message, to: Sequence[str], sender: str,
     return em
 
 
-_TRANSIENT_SMTP = (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected,
-                   ConnectionRefusedError)
+_TRANSIENT_SMTP = (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected, ConnectionRefusedError)
 
 
-def send_email(em: EmailMessage, settings: NotifySettings, *,
-               sleep: Callable[[float], None] = time.sleep
-               ) -> tuple[bool, int, int | None, str | None]:
+def send_email(
+    em: EmailMessage, settings: NotifySettings, *, sleep: Callable[[float], None] = time.sleep
+) -> tuple[bool, int, int | None, str | None]:
     """Send over SMTP: (ok, attempts, SMTP code, error). Retries (like webhooks) only what
     cannot have delivered the message: connection failures and 4xx (temporary) replies."""
     if not settings.smtp_host:
@@ -492,25 +551,27 @@ def send_email(em: EmailMessage, settings: NotifySettings, *,
         code: int | None = None
         try:
             cls = smtplib.SMTP_SSL if settings.smtp_ssl else smtplib.SMTP
-            with cls(settings.smtp_host, settings.smtp_port,
-                     timeout=settings.smtp_timeout) as smtp:
+            with cls(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout) as smtp:
                 if settings.smtp_starttls and not settings.smtp_ssl:
                     smtp.starttls(context=ssl.create_default_context())
                 if settings.smtp_user:
-                    password = settings.smtp_password.get_secret_value() \
-                        if settings.smtp_password else ""
+                    password = (
+                        settings.smtp_password.get_secret_value() if settings.smtp_password else ""
+                    )
                     smtp.login(settings.smtp_user, password)
                 refused = smtp.send_message(em)
             if refused:
                 return True, attempts, 250, "refused recipients: " + ", ".join(sorted(refused))
             return True, attempts, 250, None
         except smtplib.SMTPRecipientsRefused as exc:
-            return False, attempts, None, "refused recipients: " + ", ".join(
-                sorted(exc.recipients))
+            return False, attempts, None, "refused recipients: " + ", ".join(sorted(exc.recipients))
         except smtplib.SMTPResponseException as exc:
             code = int(exc.smtp_code)
-            msg = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) \
+            msg = (
+                exc.smtp_error.decode(errors="replace")
+                if isinstance(exc.smtp_error, bytes)
                 else str(exc.smtp_error)
+            )
             error = f"SMTP {code}: {_first_line(msg, 200)}"
             retriable = 400 <= code < 500
         except _TRANSIENT_SMTP as exc:
@@ -528,8 +589,9 @@ def send_email(em: EmailMessage, settings: NotifySettings, *,
 # --- sending ----------------------------------------------------------------------------------
 
 
-def _deliver(rule: NotificationRule, msg: Message, settings: NotifySettings,
-             sleep: Callable[[float], None]) -> Delivery:
+def _deliver(
+    rule: NotificationRule, msg: Message, settings: NotifySettings, sleep: Callable[[float], None]
+) -> Delivery:
     ch = rule.channel
     if isinstance(ch, EmailChannel):
         target = ", ".join(ch.spec.to)
@@ -540,19 +602,33 @@ def _deliver(rule: NotificationRule, msg: Message, settings: NotifySettings,
     if spec.webhook_url_env:
         url = os.environ.get(spec.webhook_url_env, "").strip()
         if not url:
-            return Delivery(rule.name, ch.type, f"${spec.webhook_url_env}", msg.event, False,
-                            0, None, f"environment variable {spec.webhook_url_env} is not set")
+            return Delivery(
+                rule.name,
+                ch.type,
+                f"${spec.webhook_url_env}",
+                msg.event,
+                False,
+                0,
+                None,
+                f"environment variable {spec.webhook_url_env} is not set",
+            )
         try:
             check_url(url)
         except ValueError as exc:
-            return Delivery(rule.name, ch.type, f"${spec.webhook_url_env}", msg.event, False,
-                            0, None, str(exc))
+            return Delivery(
+                rule.name, ch.type, f"${spec.webhook_url_env}", msg.event, False, 0, None, str(exc)
+            )
     else:
         url = str(spec.webhook_url)
     payload = slack_payload(msg) if isinstance(ch, SlackChannel) else webhook_payload(msg)
     ok, attempts, status, error = post_json(
-        url, payload, timeout=settings.webhook_timeout, retries=settings.webhook_retries,
-        backoff=settings.webhook_backoff, sleep=sleep)
+        url,
+        payload,
+        timeout=settings.webhook_timeout,
+        retries=settings.webhook_retries,
+        backoff=settings.webhook_backoff,
+        sleep=sleep,
+    )
     return Delivery(rule.name, ch.type, redact_url(url), msg.event, ok, attempts, status, error)
 
 
@@ -563,11 +639,16 @@ def _stage_ident(report: Mapping[str, Any], stage: int | str | None) -> str | No
     return stage if isinstance(stage, str) else None
 
 
-def notify(event: str, report: Mapping[str, Any],
-           rules: Iterable[Mapping[str, Any] | NotificationRule], *,
-           stage: int | str | None = None, settings: NotifySettings | None = None,
-           mask: Mask | None = None, sleep: Callable[[float], None] = time.sleep
-           ) -> list[Delivery]:
+def notify(
+    event: str,
+    report: Mapping[str, Any],
+    rules: Iterable[Mapping[str, Any] | NotificationRule],
+    *,
+    stage: int | str | None = None,
+    settings: NotifySettings | None = None,
+    mask: Mask | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Delivery]:
     """Send ``event`` about the execution in ``report`` on every rule that wants it.
 
     ``stage`` (index or identifier) is the stage a stage event is about. Returns one Delivery
@@ -576,8 +657,10 @@ def notify(event: str, report: Mapping[str, Any],
     if event not in EVENTS:
         raise ValueError(f"unknown notification event {event!r} (one of {', '.join(EVENTS)})")
     parsed, invalid = parse_rules(rules)
-    out = [Delivery(rule="?", channel="?", target="", event=event, ok=False, error=why)
-           for why in invalid]
+    out = [
+        Delivery(rule="?", channel="?", target="", event=event, ok=False, error=why)
+        for why in invalid
+    ]
     for why in invalid:
         log.warning("%s", why)
     ident = _stage_ident(report, stage)
@@ -588,22 +671,49 @@ def notify(event: str, report: Mapping[str, Any],
     if not wanted:
         return out
     cfg = settings or NotifySettings()
-    msg = build_message(event, report, stage=stage, mask=mask,
-                        max_groups=cfg.notify_max_groups, max_hosts=cfg.notify_max_hosts)
+    msg = build_message(
+        event,
+        report,
+        stage=stage,
+        mask=mask,
+        max_groups=cfg.notify_max_groups,
+        max_hosts=cfg.notify_max_hosts,
+    )
     for rule in wanted.values():
         try:
             d = _deliver(rule, msg, cfg, sleep)
         except Exception as exc:  # never let a notification break the caller
             log.exception("notification rule %r failed", rule.name)
-            d = Delivery(rule.name, rule.channel.type, "", event, False, 0, None,
-                         f"{type(exc).__name__}: {exc}")
+            d = Delivery(
+                rule.name,
+                rule.channel.type,
+                "",
+                event,
+                False,
+                0,
+                None,
+                f"{type(exc).__name__}: {exc}",
+            )
         if d.ok:
-            log.info("notified %s for execution %s via %s %s (rule %r)", event,
-                     msg.execution_id, d.channel, d.target, d.rule)
+            log.info(
+                "notified %s for execution %s via %s %s (rule %r)",
+                event,
+                msg.execution_id,
+                d.channel,
+                d.target,
+                d.rule,
+            )
         else:
-            log.warning("could not notify %s for execution %s via %s %s (rule %r) after %d "
-                        "attempt(s): %s", event, msg.execution_id, d.channel, d.target, d.rule,
-                        d.attempts, d.error)
+            log.warning(
+                "could not notify %s for execution %s via %s %s (rule %r) after %d attempt(s): %s",
+                event,
+                msg.execution_id,
+                d.channel,
+                d.target,
+                d.rule,
+                d.attempts,
+                d.error,
+            )
         out.append(d)
     return out
 
@@ -651,12 +761,18 @@ def plan_rules(execution_id: str) -> list[dict[str, Any]]:
         return rules_of(ex.plan) if ex is not None else []
 
 
-def notify_once(event: str, execution_id: str,
-                rules: Iterable[Mapping[str, Any] | NotificationRule] | None = None, *,
-                stage: int | str | None = None, report: Mapping[str, Any] | None = None,
-                claim: Claim | None = None, settings: NotifySettings | None = None,
-                mask: Mask | None = None, sleep: Callable[[float], None] = time.sleep
-                ) -> list[Delivery]:
+def notify_once(
+    event: str,
+    execution_id: str,
+    rules: Iterable[Mapping[str, Any] | NotificationRule] | None = None,
+    *,
+    stage: int | str | None = None,
+    report: Mapping[str, Any] | None = None,
+    claim: Claim | None = None,
+    settings: NotifySettings | None = None,
+    mask: Mask | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Delivery]:
     """``notify`` at most once per (event, execution, stage), whoever calls it how often.
 
     ``rules`` default to the execution's plan (``plan["notificationRules"]``), ``report`` to
@@ -669,8 +785,7 @@ def notify_once(event: str, execution_id: str,
     try:
         rule_list = list(rules) if rules is not None else plan_rules(execution_id)
         parsed, _ = parse_rules(rule_list)
-        if not any(r.enabled and (event in r.events or ALL_EVENTS in r.events)
-                   for r in parsed):
+        if not any(r.enabled and (event in r.events or ALL_EVENTS in r.events) for r in parsed):
             return []
         if report is None:
             from app.report import execution_report
@@ -690,8 +805,7 @@ def notify_once(event: str, execution_id: str,
     except Exception:
         log.exception("cannot notify %s for execution %s", event, execution_id)
         return []
-    return notify(event, report, rule_list, stage=stage, settings=settings, mask=mask,
-                  sleep=sleep)
+    return notify(event, report, rule_list, stage=stage, settings=settings, mask=mask, sleep=sleep)
 
 
 # --- transitions ----------------------------------------------------------------------------------
@@ -718,17 +832,22 @@ def snapshot(ex: _ExecutionLike, runs: Iterable[_StageLike]) -> dict[str, Any]:
     if ex.status == Status.WAITING:
         current = stages[ex.current_stage] if 0 <= ex.current_stage < len(stages) else {}
         waiting = "approval" if current.get("type") == "Approval" else "intervention"
-    return {"status": ex.status, "stage": ex.current_stage, "waiting": waiting,
-            "cause": (ex.rollback or {}).get("cause"),
-            "stages": {int(r.stage_index): r.status for r in runs}}
+    return {
+        "status": ex.status,
+        "stage": ex.current_stage,
+        "waiting": waiting,
+        "cause": (ex.rollback or {}).get("cause"),
+        "stages": {int(r.stage_index): r.status for r in runs},
+    }
 
 
 _ACTIVE_STAGE = (None, Status.PENDING, Status.RUNNING)
 _PIPELINE_FAILED = (Status.FAILED, Status.ABORTED, Status.ROLLBACK_FAILED)
 
 
-def events_for(before: Mapping[str, Any] | None,
-               after: Mapping[str, Any]) -> list[tuple[str, int | None]]:
+def events_for(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any]
+) -> list[tuple[str, int | None]]:
     """The events between two snapshots, as (event, stage index or None), in order."""
     b: Mapping[str, Any] = before or {"status": Status.QUEUED, "stages": {}, "waiting": None}
     out: list[tuple[str, int | None]] = []
@@ -742,8 +861,12 @@ def events_for(before: Mapping[str, Any] | None,
             out.append(("StageFailed", int(idx)))
     waiting = after.get("waiting")
     if waiting and (waiting != b.get("waiting") or after.get("stage") != b.get("stage")):
-        out.append(("ApprovalNeeded" if waiting == "approval" else "InterventionNeeded",
-                    after.get("stage")))
+        out.append(
+            (
+                "ApprovalNeeded" if waiting == "approval" else "InterventionNeeded",
+                after.get("stage"),
+            )
+        )
     if was != status:
         if status in Status.TERMINAL and was not in Status.TERMINAL and after.get("cause"):
             out.append(("RollbackDone", None))
@@ -754,11 +877,16 @@ def events_for(before: Mapping[str, Any] | None,
     return out
 
 
-def notify_transition(execution_id: str, before: Mapping[str, Any] | None,
-                      after: Mapping[str, Any], *,
-                      rules: Iterable[Mapping[str, Any] | NotificationRule] | None = None,
-                      claim: Claim | None = None, settings: NotifySettings | None = None,
-                      mask: Mask | None = None) -> list[Delivery]:
+def notify_transition(
+    execution_id: str,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any],
+    *,
+    rules: Iterable[Mapping[str, Any] | NotificationRule] | None = None,
+    claim: Claim | None = None,
+    settings: NotifySettings | None = None,
+    mask: Mask | None = None,
+) -> list[Delivery]:
     """Send every event between two snapshots (each once: ``notify_once``). Call it after the
     transaction that made the change has committed, outside any lock. Never raises."""
     try:
@@ -778,6 +906,14 @@ def notify_transition(execution_id: str, before: Mapping[str, Any] | None,
         return []
     out: list[Delivery] = []
     for event, stage in events:
-        out += notify_once(event, execution_id, rule_list, stage=stage, report=report,
-                           claim=claim, settings=settings, mask=mask)
+        out += notify_once(
+            event,
+            execution_id,
+            rule_list,
+            stage=stage,
+            report=report,
+            claim=claim,
+            settings=settings,
+            mask=mask,
+        )
     return out

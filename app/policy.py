@@ -85,9 +85,13 @@ class PolicyViolation(VmfarmError):
     def __init__(self, findings: Sequence[Finding]) -> None:
         self.findings = list(findings)
         errors = [f for f in self.findings if f.severity == "error"]
-        super().__init__("refused by policy: " + "; ".join(
-            f"'{f.rule}': " + (f"stage '{f.stage}': " if f.stage else "") + f.message
-            for f in errors))
+        super().__init__(
+            "refused by policy: "
+            + "; ".join(
+                f"'{f.rule}': " + (f"stage '{f.stage}': " if f.stage else "") + f.message
+                for f in errors
+            )
+        )
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.findings,))
@@ -126,19 +130,31 @@ class Rule(_Strict):
     enabled: bool = True
     description: str = ""
     require_approval_before: RequireApprovalBefore | None = Field(
-        None, alias="requireApprovalBefore")
+        None, alias="requireApprovalBefore"
+    )
     required_steps: RequiredSteps | None = Field(None, alias="requiredSteps")
     forbidden_instance_types: ForbiddenInstanceTypes | None = Field(
-        None, alias="forbiddenInstanceTypes")
+        None, alias="forbiddenInstanceTypes"
+    )
     deny: Deny | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Rule:
-        kinds = [k for k in ("require_approval_before", "required_steps",
-                             "forbidden_instance_types", "deny") if getattr(self, k) is not None]
+        kinds = [
+            k
+            for k in (
+                "require_approval_before",
+                "required_steps",
+                "forbidden_instance_types",
+                "deny",
+            )
+            if getattr(self, k) is not None
+        ]
         if len(kinds) != 1:
-            raise ValueError("a rule has exactly one of requireApprovalBefore, requiredSteps, "
-                             f"forbiddenInstanceTypes, deny (got {len(kinds)})")
+            raise ValueError(
+                "a rule has exactly one of requireApprovalBefore, requiredSteps, "
+                f"forbiddenInstanceTypes, deny (got {len(kinds)})"
+            )
         return self
 
 
@@ -166,8 +182,9 @@ def load_policies(path: Path | str | None = None) -> list[Rule]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read the policy file {p} ({exc.strerror}); fix "
-                          "VMFARM_POLICY_FILE or unset it") from None
+        raise ConfigError(
+            f"cannot read the policy file {p} ({exc.strerror}); fix VMFARM_POLICY_FILE or unset it"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if isinstance(data, list):
@@ -175,8 +192,9 @@ def load_policies(path: Path | str | None = None) -> list[Rule]:
     try:
         spec = _FileSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'file'}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
         raise ConfigError(f"{p}: {problems}") from None
     names = [r.name for r in spec.policies]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -206,8 +224,12 @@ def _host_view(h: Any) -> tuple[str, Mapping[str, Any]]:
     return str(getattr(h, "name", "?")), getattr(h, "attributes", None) or {}
 
 
-def _stage_hosts(plan: Mapping[str, Any], index: int, stage: Mapping[str, Any],
-                 hosts_by_stage: HostsByStage | None) -> list[tuple[str, Mapping[str, Any]]]:
+def _stage_hosts(
+    plan: Mapping[str, Any],
+    index: int,
+    stage: Mapping[str, Any],
+    hosts_by_stage: HostsByStage | None,
+) -> list[tuple[str, Mapping[str, Any]]]:
     given: Sequence[Any] | None = None
     if isinstance(hosts_by_stage, Mapping):
         given = hosts_by_stage.get(str(stage.get("identifier")))
@@ -262,42 +284,58 @@ def _lookup(ctx: Mapping[str, Any], path: str) -> Any:
 
 def _deny(rule: Deny, plan: Mapping[str, Any], stage: Mapping[str, Any]) -> list[str]:
     """What in ``stage`` matches every path of the rule (descriptions, for the message)."""
-    base = {"pipeline": {"identifier": plan.get("identifier"), "name": plan.get("name")},
-            "stage": stage, "environment": stage.get("environment"),
-            "service": stage.get("service"), "strategy": stage.get("strategy"),
-            "artifact": stage.get("artifact")}
+    base = {
+        "pipeline": {"identifier": plan.get("identifier"), "name": plan.get("name")},
+        "stage": stage,
+        "environment": stage.get("environment"),
+        "service": stage.get("service"),
+        "strategy": stage.get("strategy"),
+        "artifact": stage.get("artifact"),
+    }
     roots = {p.split(".", 1)[0] for p in rule.match}
     steps: list[Any] = list(stage.get("steps") or []) if "step" in roots else [None]
-    infras: list[Any] = (list(stage.get("infrastructures") or []) if "infrastructure" in roots
-                         else [None])
+    infras: list[Any] = (
+        list(stage.get("infrastructures") or []) if "infrastructure" in roots else [None]
+    )
     hits = []
     for step in steps:
         for infra in infras:
             ctx = {**base, "step": step, "infrastructure": infra}
             if all(_any_glob(_lookup(ctx, path), pats) for path, pats in rule.match.items()):
-                what = [f"step '{step['identifier']}'" if step else "",
-                        f"infrastructure '{infra['identifier']}'" if infra else ""]
+                what = [
+                    f"step '{step['identifier']}'" if step else "",
+                    f"infrastructure '{infra['identifier']}'" if infra else "",
+                ]
                 hits.append(" ".join(w for w in what if w))
     return hits
 
 
-def _check(rule: Rule, plan: Mapping[str, Any], index: int, stage: Mapping[str, Any],
-           hosts_by_stage: HostsByStage | None) -> str | None:
+def _check(
+    rule: Rule,
+    plan: Mapping[str, Any],
+    index: int,
+    stage: Mapping[str, Any],
+    hosts_by_stage: HostsByStage | None,
+) -> str | None:
     """The message when ``stage`` breaks ``rule``, else None."""
     env = stage.get("environment") or {}
     env_desc = f"{env.get('type', '?')} environment '{env.get('identifier', '?')}'"
     if (r := rule.require_approval_before) is not None:
         if _env_matches(stage, r.environment_type) and not _approval_before(r, plan, index):
-            groups = (f" asking {' or '.join(r.approver_groups)}" if r.approver_groups else "")
-            return (f"deploys to {env_desc} with no Approval stage{groups} before it (add an "
-                    "Approval stage earlier in the pipeline)")
+            groups = f" asking {' or '.join(r.approver_groups)}" if r.approver_groups else ""
+            return (
+                f"deploys to {env_desc} with no Approval stage{groups} before it (add an "
+                "Approval stage earlier in the pipeline)"
+            )
     elif (s := rule.required_steps) is not None:
         if _env_matches(stage, s.environment_type):
             have = [str(st.get("identifier")) for st in stage.get("steps") or []]
             missing = [p for p in s.steps if not any(fnmatchcase(h, p) for h in have)]
             if missing:
-                return (f"deploys to {env_desc} without the required step(s) "
-                        f"{', '.join(missing)} (steps: {', '.join(have) or 'none'})")
+                return (
+                    f"deploys to {env_desc} without the required step(s) "
+                    f"{', '.join(missing)} (steps: {', '.join(have) or 'none'})"
+                )
     elif (f := rule.forbidden_instance_types) is not None:
         if _env_matches(stage, f.environment_type):
             bad = []
@@ -307,21 +345,27 @@ def _check(rule: Rule, plan: Mapping[str, Any], index: int, stage: Mapping[str, 
                         bad.append(f"{name} ({key} {attrs[key]})")
                         break
             if bad:
-                shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10
-                                               else "")
+                shown = ", ".join(bad[:10]) + (
+                    f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+                )
                 return f"targets host(s) of a forbidden instance type: {shown}"
     elif (d := rule.deny) is not None:
         hits = _deny(d, plan, stage)
         if hits:
             where = ", ".join(h for h in hits if h)
             because = d.message or "matches " + ", ".join(
-                f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in d.match.items())
+                f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in d.match.items()
+            )
             return because + (f" ({where})" if where else "")
     return None
 
 
-def evaluate(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
-             rules: Sequence[Rule] | None = None) -> list[Finding]:
+def evaluate(
+    plan: Plan | Mapping[str, Any],
+    hosts_by_stage: HostsByStage | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+) -> list[Finding]:
     """Every finding of ``rules`` (default: the policy file's) on a resolved plan, in stage
     then rule order. ``hosts_by_stage``: hosts (``Host`` or its dict) per stage, as a list
     aligned with the plan's stages or a mapping by stage identifier. Rules read the plan as
@@ -333,8 +377,9 @@ def evaluate(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None
         for rule in rules:
             message = _check(rule, plan, index, stage, hosts_by_stage)
             if message is not None:
-                findings.append(Finding(rule.name, rule.severity,
-                                        str(stage.get("identifier")), message))
+                findings.append(
+                    Finding(rule.name, rule.severity, str(stage.get("identifier")), message)
+                )
     return findings
 
 
@@ -342,9 +387,15 @@ def _document(plan: Plan | Mapping[str, Any]) -> Mapping[str, Any]:
     return plan if isinstance(plan, Mapping) else plan.to_json()
 
 
-def enforce(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None = None, *,
-            user: str = "", execution_id: str | None = None, action: str = "run",
-            rules: Sequence[Rule] | None = None) -> list[Finding]:
+def enforce(
+    plan: Plan | Mapping[str, Any],
+    hosts_by_stage: HostsByStage | None = None,
+    *,
+    user: str = "",
+    execution_id: str | None = None,
+    action: str = "run",
+    rules: Sequence[Rule] | None = None,
+) -> list[Finding]:
     """``evaluate``, then raise PolicyViolation (recording an audit event ``denied``) when a
     finding is an error; returns the findings (warnings only) otherwise."""
     plan = _document(plan)
@@ -352,9 +403,13 @@ def enforce(plan: Plan | Mapping[str, Any], hosts_by_stage: HostsByStage | None 
     if any(f.severity == "error" for f in findings):
         from app import audit
 
-        audit.record_quietly(action, user=user, execution_id=execution_id,
-                             pipeline=str(plan.get("identifier") or "") or None,
-                             detail={"findings": [f.to_dict() for f in findings]},
-                             outcome="denied")
+        audit.record_quietly(
+            action,
+            user=user,
+            execution_id=execution_id,
+            pipeline=str(plan.get("identifier") or "") or None,
+            detail={"findings": [f.to_dict() for f in findings]},
+            outcome="denied",
+        )
         raise PolicyViolation(findings)
     return findings

@@ -97,8 +97,15 @@ class PermissionRefused(VmfarmError):
     """``user`` lacks ``permission`` (on ``resource``); ``granted_by`` lists the roles that
     would grant it. The message says all of it and what to change."""
 
-    def __init__(self, message: str, *, user: str = "", permission: str = "",
-                 resource: str | None = None, granted_by: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        user: str = "",
+        permission: str = "",
+        resource: str | None = None,
+        granted_by: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.user = user
@@ -110,9 +117,16 @@ class PermissionRefused(VmfarmError):
         return self.message
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.message,), {"user": self.user, "permission": self.permission,
-                                              "resource": self.resource,
-                                              "granted_by": self.granted_by})
+        return (
+            type(self),
+            (self.message,),
+            {
+                "user": self.user,
+                "permission": self.permission,
+                "resource": self.resource,
+                "granted_by": self.granted_by,
+            },
+        )
 
 
 # --- permissions ----------------------------------------------------------------------------------
@@ -122,8 +136,10 @@ def check_permission(permission: str) -> str:
     """``permission`` if well formed (``resource:action[:qualifier]``, ``*`` per segment)."""
     parts = permission.split(":")
     if not permission or not all(_SEGMENT.match(p) for p in parts):
-        raise ValueError(f"'{permission}' is not a permission (resource:action[:qualifier], "
-                         "letters, digits, _ . - or * per segment)")
+        raise ValueError(
+            f"'{permission}' is not a permission (resource:action[:qualifier], "
+            "letters, digits, _ . - or * per segment)"
+        )
     return permission
 
 
@@ -163,8 +179,9 @@ class Need:
         return {"permission": self.permission, "resource": self.resource, "stage": self.stage}
 
 
-def required_permissions(action: str, plan: Mapping[str, Any] | None, *,
-                         stage_index: int | None = None) -> list[Need]:
+def required_permissions(
+    action: str, plan: Mapping[str, Any] | None, *, stage_index: int | None = None
+) -> list[Need]:
     """The permissions ``action`` needs on a resolved plan (``app.definitions.resolve``): the
     pipeline permission, then one environment permission per deployment stage (only stage
     ``stage_index`` when given). With no plan, only the pipeline permission."""
@@ -181,10 +198,12 @@ def required_permissions(action: str, plan: Mapping[str, Any] | None, *,
         env = stage.get("environment")
         if stage.get("type") in ("Approval", "Custom") or not isinstance(env, Mapping):
             continue
-        need = Need(qualified(env_perm, str(env.get("type") or "Production")),
-                    str(env.get("identifier") or "") or None, str(stage.get("identifier", "")))
-        if not any(n.permission == need.permission and n.resource == need.resource
-                   for n in needs):
+        need = Need(
+            qualified(env_perm, str(env.get("type") or "Production")),
+            str(env.get("identifier") or "") or None,
+            str(stage.get("identifier", "")),
+        )
+        if not any(n.permission == need.permission and n.resource == need.resource for n in needs):
             needs.append(need)
     return needs
 
@@ -273,23 +292,35 @@ class RbacConfig:
         mine = set(self.groups_of(user))
         out: list[Grant] = []
         for b in self.bindings:
-            vias = ([f"user {user}"] if user in b.users else ["all users"] if "*" in b.users
-                    else []) + [f"group {g}" for g in sorted(b.groups & mine)]
+            vias = (
+                [f"user {user}"] if user in b.users else ["all users"] if "*" in b.users else []
+            ) + [f"group {g}" for g in sorted(b.groups & mine)]
             for via in vias[:1]:
                 for r in b.roles:
                     out += [Grant(p, r, via, b.resources) for p in self.roles[r].permissions]
         return out
 
-    def allows(self, user: str, permission: str, *, resource: str | None = None,
-               environment_type: str | None = None, groups: Iterable[str] = (),
-               roles: Iterable[str] | None = None) -> bool:
+    def allows(
+        self,
+        user: str,
+        permission: str,
+        *,
+        resource: str | None = None,
+        environment_type: str | None = None,
+        groups: Iterable[str] = (),
+        roles: Iterable[str] | None = None,
+    ) -> bool:
         """Whether ``user`` holds ``permission`` on ``resource``. ``groups`` adds to those
         of the users file (a verified token's groups claim); ``roles`` (an API token's) are
         held directly instead of through bindings."""
         needed = qualified(check_permission(permission), environment_type)
         if roles is not None:
-            return any(grants(p, needed) for r in roles if r in self.roles
-                       for p in self.roles[r].permissions)
+            return any(
+                grants(p, needed)
+                for r in roles
+                if r in self.roles
+                for p in self.roles[r].permissions
+            )
         if not user:
             return False
         mine = set(self.groups_of(user)) | set(groups)
@@ -301,46 +332,72 @@ class RbacConfig:
         return False
 
     def roles_granting(self, permission: str) -> list[str]:
-        return sorted(r.name for r in self.roles.values()
-                      if any(grants(p, permission) for p in r.permissions))
+        return sorted(
+            r.name for r in self.roles.values() if any(grants(p, permission) for p in r.permissions)
+        )
 
-    def authorize(self, user: str, permission: str, *, resource: str | None = None,
-                  environment_type: str | None = None, action: str | None = None,
-                  stage: str | None = None, groups: Iterable[str] = (),
-                  roles: Iterable[str] | None = None) -> None:
+    def authorize(
+        self,
+        user: str,
+        permission: str,
+        *,
+        resource: str | None = None,
+        environment_type: str | None = None,
+        action: str | None = None,
+        stage: str | None = None,
+        groups: Iterable[str] = (),
+        roles: Iterable[str] | None = None,
+    ) -> None:
         """Return when ``user`` holds ``permission``; raise PermissionRefused otherwise."""
         needed = qualified(check_permission(permission), environment_type)
         if self.allows(user, needed, resource=resource, groups=groups, roles=roles):
             return
-        raise PermissionRefused(self._refusal(user, needed, resource, action, stage),
-                                user=user, permission=needed, resource=resource,
-                                granted_by=tuple(self.roles_granting(needed)))
+        raise PermissionRefused(
+            self._refusal(user, needed, resource, action, stage),
+            user=user,
+            permission=needed,
+            resource=resource,
+            granted_by=tuple(self.roles_granting(needed)),
+        )
 
-    def _refusal(self, user: str, needed: str, resource: str | None, action: str | None,
-                 stage: str | None) -> str:
+    def _refusal(
+        self, user: str, needed: str, resource: str | None, action: str | None, stage: str | None
+    ) -> str:
         who = user or "an unnamed user (set VMFARM_USER)"
         kind = needed.split(":", 1)[0]
         on = f" on {kind} '{resource}'" if resource else ""
         where = f" (stage '{stage}')" if stage else ""
-        parts = [(f"{who} may not {action}: " if action else f"{who}: ")
-                 + f"missing permission {needed}{on}{where}"]
+        parts = [
+            (f"{who} may not {action}: " if action else f"{who}: ")
+            + f"missing permission {needed}{on}{where}"
+        ]
         mine = self.grants_of(user)
-        elsewhere = sorted({p for g in mine if g.resources and grants(g.permission, needed)
-                            for p in g.resources})
+        elsewhere = sorted(
+            {p for g in mine if g.resources and grants(g.permission, needed) for p in g.resources}
+        )
         if elsewhere:
             parts.append(f"{user} holds it only on {', '.join(elsewhere)}")
         granting = self.roles_granting(needed)
-        parts.append(f"role(s) granting it in {self.path}: {', '.join(granting)}" if granting
-                     else f"no role in {self.path} grants it (add it to a role)")
-        held = sorted({g.role + f" ({g.via}" + (f", on {', '.join(g.resources)})"
-                                                 if g.resources else ")") for g in mine})
+        parts.append(
+            f"role(s) granting it in {self.path}: {', '.join(granting)}"
+            if granting
+            else f"no role in {self.path} grants it (add it to a role)"
+        )
+        held = sorted(
+            {
+                g.role + f" ({g.via}" + (f", on {', '.join(g.resources)})" if g.resources else ")")
+                for g in mine
+            }
+        )
         if user:
-            parts.append(f"{user} has role(s) {', '.join(held)}" if held
-                         else f"{user} has no role")
+            parts.append(f"{user} has role(s) {', '.join(held)}" if held else f"{user} has no role")
         groups = self.groups_of(user)
         if granting and user:
-            parts.append(f"bind {user} or one of their groups ({', '.join(groups)}) to one of "
-                         "those roles" if groups else f"bind {user} to one of those roles")
+            parts.append(
+                f"bind {user} or one of their groups ({', '.join(groups)}) to one of those roles"
+                if groups
+                else f"bind {user} to one of those roles"
+            )
         return "; ".join(parts)
 
 
@@ -369,26 +426,31 @@ def _users_groups(referenced: set[str], rbac_path: Path) -> dict[str, frozenset[
     except FileNotFoundError:
         data = {}
         if referenced:
-            raise ConfigError(f"{rbac_path} binds group(s) {', '.join(sorted(referenced))} but "
-                              f"the users file {path} does not exist (set VMFARM_USERS_FILE)"
-                              ) from None
+            raise ConfigError(
+                f"{rbac_path} binds group(s) {', '.join(sorted(referenced))} but "
+                f"the users file {path} does not exist (set VMFARM_USERS_FILE)"
+            ) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read the users file {path}: {exc}") from None
     raw = data.get("groups") if isinstance(data, dict) else None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: 'groups' must map group names to lists of users")
-    groups = {str(g): frozenset(str(u) for u in (members or [])) for g, members
-              in (raw or {}).items()}
+    groups = {
+        str(g): frozenset(str(u) for u in (members or [])) for g, members in (raw or {}).items()
+    }
     missing = sorted(referenced - set(groups))
     if missing:
-        raise ConfigError(f"{rbac_path} binds group(s) {', '.join(missing)} that are not in "
-                          f"the users file {path} (groups there: "
-                          f"{', '.join(sorted(groups)) or 'none'})")
+        raise ConfigError(
+            f"{rbac_path} binds group(s) {', '.join(missing)} that are not in "
+            f"the users file {path} (groups there: "
+            f"{', '.join(sorted(groups)) or 'none'})"
+        )
     return groups
 
 
-def load_rbac(path: Path | str | None = None, *,
-              groups: Mapping[str, frozenset[str]] | None = None) -> RbacConfig | None:
+def load_rbac(
+    path: Path | str | None = None, *, groups: Mapping[str, frozenset[str]] | None = None
+) -> RbacConfig | None:
     """The RBAC file (default ``rbac_file()``) with its groups; None in single-user mode.
 
     With ``groups`` (the server: its own users file, and groups that tokens carry) the group
@@ -403,8 +465,10 @@ def load_rbac(path: Path | str | None = None, *,
     try:
         data = yaml.safe_load(p.read_text())
     except OSError as exc:
-        raise ConfigError(f"cannot read the RBAC file {p} ({exc.strerror}); fix "
-                          "VMFARM_RBAC_FILE or unset it for single-user mode") from None
+        raise ConfigError(
+            f"cannot read the RBAC file {p} ({exc.strerror}); fix "
+            "VMFARM_RBAC_FILE or unset it for single-user mode"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     data = data or {}
@@ -413,8 +477,9 @@ def load_rbac(path: Path | str | None = None, *,
     try:
         spec = _FileSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
         raise ConfigError(f"{p}: {problems}") from None
     roles: dict[str, Role] = {}
     bindings: list[Binding] = []
@@ -438,13 +503,17 @@ def load_rbac(path: Path | str | None = None, *,
             raise ConfigError(f"{p}: bindings[{i}] names no role (role: or roles:)")
         unknown = [n for n in names if n not in roles]
         if unknown:
-            raise ConfigError(f"{p}: bindings[{i}] names unknown role(s) {', '.join(unknown)} "
-                              f"(roles: {', '.join(sorted(roles)) or 'none'})")
+            raise ConfigError(
+                f"{p}: bindings[{i}] names unknown role(s) {', '.join(unknown)} "
+                f"(roles: {', '.join(sorted(roles)) or 'none'})"
+            )
         if not b.users and not b.groups:
-            raise ConfigError(f"{p}: bindings[{i}] binds role(s) {', '.join(names)} to no "
-                              "user or group")
-        bindings.append(Binding(tuple(names), frozenset(b.users), frozenset(b.groups),
-                                tuple(b.resources)))
+            raise ConfigError(
+                f"{p}: bindings[{i}] binds role(s) {', '.join(names)} to no user or group"
+            )
+        bindings.append(
+            Binding(tuple(names), frozenset(b.users), frozenset(b.groups), tuple(b.resources))
+        )
     if groups is not None:
         return RbacConfig(p, roles, bindings, dict(groups))
     referenced = {g for b in bindings for g in b.groups}
@@ -454,8 +523,9 @@ def load_rbac(path: Path | str | None = None, *,
 # --- the calls commands make ----------------------------------------------------------------------
 
 
-def authorize(user: str, permission: str, *, resource: str | None = None,
-              environment_type: str | None = None) -> None:
+def authorize(
+    user: str, permission: str, *, resource: str | None = None, environment_type: str | None = None
+) -> None:
     """Return when ``user`` holds ``permission`` (qualified by ``environment_type`` when given)
     on ``resource``, or RBAC is off; raise PermissionRefused otherwise."""
     cfg = load_rbac()
@@ -478,11 +548,18 @@ def plan_of_execution(execution_id: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def guard(action: str, *, user: str, plan: Mapping[str, Any] | None = None,
-          execution_id: str | None = None, stage_index: int | None = None,
-          rules: RbacConfig | None = None, groups: Iterable[str] = (),
-          roles: Iterable[str] | None = None,
-          audit_detail: Mapping[str, Any] | None = None) -> None:
+def guard(
+    action: str,
+    *,
+    user: str,
+    plan: Mapping[str, Any] | None = None,
+    execution_id: str | None = None,
+    stage_index: int | None = None,
+    rules: RbacConfig | None = None,
+    groups: Iterable[str] = (),
+    roles: Iterable[str] | None = None,
+    audit_detail: Mapping[str, Any] | None = None,
+) -> None:
     """Authorize ``user`` for ``action`` (see ``required_permissions``); on refusal record an
     audit event (outcome ``refused``, with ``audit_detail``) and raise PermissionRefused. A
     no-op in single-user mode.
@@ -506,14 +583,24 @@ def guard(action: str, *, user: str, plan: Mapping[str, Any] | None = None,
             stage_index = found[1]
     for need in required_permissions(action, plan, stage_index=stage_index):
         try:
-            cfg.authorize(user, need.permission, resource=need.resource, action=action,
-                          stage=need.stage, groups=groups, roles=roles)
+            cfg.authorize(
+                user,
+                need.permission,
+                resource=need.resource,
+                action=action,
+                stage=need.stage,
+                groups=groups,
+                roles=roles,
+            )
         except PermissionRefused as exc:
             from app import audit
 
-            audit.record_quietly(action, user=user, execution_id=execution_id,
-                                 pipeline=str(plan["identifier"]) if plan else None,
-                                 detail={**need.to_dict(), "reason": str(exc),
-                                         **(audit_detail or {})},
-                                 outcome="refused")
+            audit.record_quietly(
+                action,
+                user=user,
+                execution_id=execution_id,
+                pipeline=str(plan["identifier"]) if plan else None,
+                detail={**need.to_dict(), "reason": str(exc), **(audit_detail or {})},
+                outcome="refused",
+            )
             raise

@@ -31,18 +31,29 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         ex = s.get(Execution, execution_id)
         if ex is None:
             return None
-        stages = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
-                        .order_by(col(StageRun.stage_index))).all()
-        phases = s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id)
-                        .order_by(col(PhaseRun.stage_index), col(PhaseRun.phase))).all()
-        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)
-                      .order_by(col(HostStepRun.id))).all()
+        stages = s.exec(
+            select(StageRun)
+            .where(StageRun.execution_id == execution_id)
+            .order_by(col(StageRun.stage_index))
+        ).all()
+        phases = s.exec(
+            select(PhaseRun)
+            .where(PhaseRun.execution_id == execution_id)
+            .order_by(col(PhaseRun.stage_index), col(PhaseRun.phase))
+        ).all()
+        rows = s.exec(
+            select(HostStepRun)
+            .where(HostStepRun.execution_id == execution_id)
+            .order_by(col(HostStepRun.id))
+        ).all()
         names = {h["name"] for st in stages for h in st.hosts}
-        instances = s.exec(select(Instance).where(col(Instance.host).in_(names))).all() \
-            if names else []
+        instances = (
+            s.exec(select(Instance).where(col(Instance.host).in_(names))).all() if names else []
+        )
     versions = {(i.service, i.environment, i.infrastructure, i.host): i for i in instances}
-    intervention = next((p.verdict for p in phases if p.kind.startswith("mi-")
-                         and p.status == Status.RUNNING), None)
+    intervention = next(
+        (p.verdict for p in phases if p.kind.startswith("mi-") and p.status == Status.RUNNING), None
+    )
     # Every lookup below is by key: the report of a 10,000-host stage is O(rows + hosts).
     rows_of: dict[int, list[HostStepRun]] = {}
     for r in rows:
@@ -76,21 +87,37 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         for (h_name, _), r in undo.items():
             undo_of.setdefault(h_name, []).append(r)
         rb_plan = st.rollback or {}
-        rb_skipped = {h: why for ph in rb_plan.get("phases", [])
-                      for h, why in (ph.get("skipped") or {}).items()}
+        rb_skipped = {
+            h: why
+            for ph in rb_plan.get("phases", [])
+            for h, why in (ph.get("skipped") or {}).items()
+        }
         # Hosts whose deploy passed but whose verification gate failed them.
-        unverified = {h for p in phases if p.stage_index == st.stage_index
-                      and p.kind == "verify" for h in (p.verdict or {}).get("failed", [])}
+        unverified = {
+            h
+            for p in phases
+            if p.stage_index == st.stage_index and p.kind == "verify"
+            for h in (p.verdict or {}).get("failed", [])
+        }
         hosts = []
         for h in st.hosts:
-            steps = [_step(sid, (undo if requested else latest).get((h["name"], i)),
-                           tries.get((h["name"], i), []))
-                     for i, sid in zip(indexes, step_ids, strict=True)]
-            inst = versions.get((str(deploying.service.identifier if deploying else None),
-                                 str(deploying.environment.identifier if deploying else None),
-                                 h["infrastructure"], h["name"]))
-            rollback = _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan,
-                                      rb_skipped)
+            steps = [
+                _step(
+                    sid,
+                    (undo if requested else latest).get((h["name"], i)),
+                    tries.get((h["name"], i), []),
+                )
+                for i, sid in zip(indexes, step_ids, strict=True)
+            ]
+            inst = versions.get(
+                (
+                    str(deploying.service.identifier if deploying else None),
+                    str(deploying.environment.identifier if deploying else None),
+                    h["infrastructure"],
+                    h["name"],
+                )
+            )
+            rollback = _host_rollback(h["name"], undo_of.get(h["name"], []), rb_plan, rb_skipped)
             status = _host_status(steps)
             if requested:  # what the rollback did on the host (nothing: SKIPPED)
                 status = rollback["status"] if rollback else Status.SKIPPED
@@ -100,44 +127,63 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 status = Status.FAILED
             elif status == Status.PENDING and st.status in Status.TERMINAL:
                 status = Status.SKIPPED  # its phase never started
-            hosts.append({
-                "host": h["name"],
-                "region": h["region"],
-                "infrastructure": h["infrastructure"],
-                "status": status,
-                "verification": "FAILED" if h["name"] in unverified else None,
-                "version": inst.version if inst else None,
-                "previous_version": inst.previous_version if inst else None,
-                "steps": steps,
-                "rollback": rollback,
-            })
-        out_stages.append({
-            "index": st.stage_index,
-            "identifier": st.identifier,
-            "name": st.name,
-            "status": st.status,
-            "error": st.error,
-            "type": plan.type,
-            "service": deploying.service.identifier if deploying else None,
-            "environment": deploying.environment.identifier if deploying else None,
-            "version": deploying.artifact.tag if deploying and deploying.artifact else None,
-            "steps": step_ids,
-            "discovery": _discovery(next((p for p in phases if p.stage_index == st.stage_index
-                                          and p.kind == "discover"), None)),
-            "phases": [
-                {"phase": p.phase, "kind": p.kind, "status": p.status, "hosts": p.hosts,
-                 "verdict": _gate_verdict(p.verdict),
-                 "resent": (p.verdict or {}).get("resent") or {},
-                 "dispatched_at": _t(p.dispatched_at), "gate_at": _t(p.gate_at)}
-                for p in phases if p.stage_index == st.stage_index
-            ],
-            "hosts": hosts,
-            "strategy": plan.strategy.type,
-            "plan": st.phases,
-            "rollback_plan": st.rollback,
-            "started_at": _t(st.started_at),
-            "finished_at": _t(st.finished_at),
-        })
+            hosts.append(
+                {
+                    "host": h["name"],
+                    "region": h["region"],
+                    "infrastructure": h["infrastructure"],
+                    "status": status,
+                    "verification": "FAILED" if h["name"] in unverified else None,
+                    "version": inst.version if inst else None,
+                    "previous_version": inst.previous_version if inst else None,
+                    "steps": steps,
+                    "rollback": rollback,
+                }
+            )
+        out_stages.append(
+            {
+                "index": st.stage_index,
+                "identifier": st.identifier,
+                "name": st.name,
+                "status": st.status,
+                "error": st.error,
+                "type": plan.type,
+                "service": deploying.service.identifier if deploying else None,
+                "environment": deploying.environment.identifier if deploying else None,
+                "version": deploying.artifact.tag if deploying and deploying.artifact else None,
+                "steps": step_ids,
+                "discovery": _discovery(
+                    next(
+                        (
+                            p
+                            for p in phases
+                            if p.stage_index == st.stage_index and p.kind == "discover"
+                        ),
+                        None,
+                    )
+                ),
+                "phases": [
+                    {
+                        "phase": p.phase,
+                        "kind": p.kind,
+                        "status": p.status,
+                        "hosts": p.hosts,
+                        "verdict": _gate_verdict(p.verdict),
+                        "resent": (p.verdict or {}).get("resent") or {},
+                        "dispatched_at": _t(p.dispatched_at),
+                        "gate_at": _t(p.gate_at),
+                    }
+                    for p in phases
+                    if p.stage_index == st.stage_index
+                ],
+                "hosts": hosts,
+                "strategy": plan.strategy.type,
+                "plan": st.phases,
+                "rollback_plan": st.rollback,
+                "started_at": _t(st.started_at),
+                "finished_at": _t(st.finished_at),
+            }
+        )
     return {
         "id": ex.id,
         "pipeline": ex.pipeline,
@@ -177,10 +223,18 @@ def _step(sid: str, row: HostStepRun | None, tries: list[HostStepRun]) -> dict[s
 
 def _attempt(r: HostStepRun) -> dict[str, Any]:
     """One attempt of a host's step, as ``status`` shows it among the others."""
-    return {"attempt": r.attempt, "status": r.status, "exit_code": r.exit_code,
-            "failed_unit": r.failed_unit, "error_class": r.error_class, "error": r.error,
-            "worker": r.worker, "queue": r.queue, "started_at": _t(r.started_at),
-            "finished_at": _t(r.finished_at)}
+    return {
+        "attempt": r.attempt,
+        "status": r.status,
+        "exit_code": r.exit_code,
+        "failed_unit": r.failed_unit,
+        "error_class": r.error_class,
+        "error": r.error,
+        "worker": r.worker,
+        "queue": r.queue,
+        "started_at": _t(r.started_at),
+        "finished_at": _t(r.finished_at),
+    }
 
 
 def _discovery(rec: PhaseRun | None) -> dict[str, Any] | None:
@@ -189,14 +243,18 @@ def _discovery(rec: PhaseRun | None) -> dict[str, Any] | None:
     if rec is None:
         return None
     v = rec.verdict or {}
-    return {"status": rec.status, "hosts": v.get("hosts", len(rec.hosts)),
-            "workers": list(v.get("workers") or []),
-            "infrastructures": list(v.get("infrastructures") or []),
-            "error": v.get("error")}
+    return {
+        "status": rec.status,
+        "hosts": v.get("hosts", len(rec.hosts)),
+        "workers": list(v.get("workers") or []),
+        "infrastructures": list(v.get("infrastructures") or []),
+        "error": v.get("error"),
+    }
 
 
-def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],
-                   skipped: dict[str, str]) -> dict[str, Any] | None:
+def _host_rollback(
+    host: str, undo: list[HostStepRun], plan: dict[str, Any], skipped: dict[str, str]
+) -> dict[str, Any] | None:
     """One host's rollback (``undo``: its latest rollback row per step): status, the version
     it returns to, the failing step if any."""
     target = (plan.get("hosts") or {}).get(host)
@@ -208,15 +266,19 @@ def _host_rollback(host: str, undo: list[HostStepRun], plan: dict[str, Any],
     failed = next((r for r in mine if r.status == Status.FAILED), None)
     if failed is not None:
         status = Status.ROLLBACK_FAILED
-    elif len(mine) == int(target.get("steps", 0)) and all(Status.passed(r.status, r.error)
-                                                          for r in mine):
+    elif len(mine) == int(target.get("steps", 0)) and all(
+        Status.passed(r.status, r.error) for r in mine
+    ):
         status = Status.ROLLED_BACK
     else:
         status = Status.RUNNING if mine else Status.PENDING
-    return {"status": status, "to": target.get("version"),
-            "step": failed.step_id if failed else None,
-            "error": failed.error if failed else None,
-            "stderr_tail": failed.stderr_tail if failed else None}
+    return {
+        "status": status,
+        "to": target.get("version"),
+        "step": failed.step_id if failed else None,
+        "error": failed.error if failed else None,
+        "stderr_tail": failed.stderr_tail if failed else None,
+    }
 
 
 def _host_status(steps: list[dict[str, Any]]) -> str:
@@ -238,8 +300,9 @@ def _host_status(steps: list[dict[str, Any]]) -> str:
     return Status.PENDING
 
 
-def execution_logs(execution_id: str, *, host: str | None = None,
-                   step: str | None = None) -> list[dict[str, Any]]:
+def execution_logs(
+    execution_id: str, *, host: str | None = None, step: str | None = None
+) -> list[dict[str, Any]]:
     """Log chunks in order (host, step, sequence); LookupError when there is no such
     execution (an execution that logged nothing yet is an empty list)."""
     with session_scope() as s:
@@ -250,22 +313,42 @@ def execution_logs(execution_id: str, *, host: str | None = None,
             q = q.where(HostStepRun.host == host)
         if step:
             q = q.where(HostStepRun.step_id == step)
-        runs = s.exec(q.order_by(col(HostStepRun.stage_index), col(HostStepRun.host),
-                                 col(HostStepRun.step_index), col(HostStepRun.attempt))).all()
+        runs = s.exec(
+            q.order_by(
+                col(HostStepRun.stage_index),
+                col(HostStepRun.host),
+                col(HostStepRun.step_index),
+                col(HostStepRun.attempt),
+            )
+        ).all()
         ids = [r.id for r in runs]
-        chunks = s.exec(select(LogChunk).where(col(LogChunk.host_step_run_id).in_(ids))
-                        .order_by(col(LogChunk.host_step_run_id), col(LogChunk.seq))).all() \
-            if ids else []
+        chunks = (
+            s.exec(
+                select(LogChunk)
+                .where(col(LogChunk.host_step_run_id).in_(ids))
+                .order_by(col(LogChunk.host_step_run_id), col(LogChunk.seq))
+            ).all()
+            if ids
+            else []
+        )
     by_run: dict[int, list[LogChunk]] = {}
     for c in chunks:
         by_run.setdefault(c.host_step_run_id, []).append(c)
     out = []
     for r in runs:
         for c in by_run.get(r.id or 0, []):
-            out.append({"host": r.host, "stage": r.stage_index, "step": r.step_id,
-                        "kind": r.kind, "attempt": r.attempt, "unit": c.unit,
-                        "stream": c.stream,
-                        "text": c.text})
+            out.append(
+                {
+                    "host": r.host,
+                    "stage": r.stage_index,
+                    "step": r.step_id,
+                    "kind": r.kind,
+                    "attempt": r.attempt,
+                    "unit": c.unit,
+                    "stream": c.stream,
+                    "text": c.text,
+                }
+            )
     return out
 
 
@@ -277,12 +360,19 @@ def execution_progress(execution_id: str) -> dict[str, Any] | None:
         ex = s.get(Execution, execution_id)
         if ex is None:
             return None
-        stages = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
-                        .order_by(col(StageRun.stage_index))).all()
-        return {"id": ex.id, "pipeline": ex.pipeline, "status": ex.status,
-                "current_stage": ex.current_stage, "error": ex.error,
-                "stages": [{"identifier": st.identifier, "status": st.status}
-                           for st in stages]}
+        stages = s.exec(
+            select(StageRun)
+            .where(StageRun.execution_id == execution_id)
+            .order_by(col(StageRun.stage_index))
+        ).all()
+        return {
+            "id": ex.id,
+            "pipeline": ex.pipeline,
+            "status": ex.status,
+            "current_stage": ex.current_stage,
+            "error": ex.error,
+            "stages": [{"identifier": st.identifier, "status": st.status} for st in stages],
+        }
 
 
 def execution_statuses(values: Iterable[str]) -> list[str]:
@@ -292,8 +382,9 @@ def execution_statuses(values: Iterable[str]) -> list[str]:
     for value in values:
         status = value.strip().upper()
         if status not in Status.EXECUTION:
-            raise ValueError(f"unknown execution status {value!r} (one of: "
-                             f"{', '.join(Status.EXECUTION)})")
+            raise ValueError(
+                f"unknown execution status {value!r} (one of: {', '.join(Status.EXECUTION)})"
+            )
         out.append(status)
     return out
 

@@ -72,16 +72,23 @@ _CLAIM_TTL = 8 * 24 * 3600
 # --- cron expressions ----------------------------------------------------------------------------
 
 MACROS = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
 _MONTHS = {m.lower(): i for i, m in enumerate(calendar.month_abbr) if m}
 _DAYS = {"sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
 # (name, low, high, names)
 _FIELDS: tuple[tuple[str, int, int, Mapping[str, int]], ...] = (
-    ("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
-    ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS),
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
 )
 
 
@@ -90,16 +97,19 @@ def _value(text: str, what: str, low: int, high: int, names: Mapping[str, int]) 
     if t in names:
         return names[t]
     if not t.isdigit():
-        raise ValueError(f"{what}: {text!r} is not a number"
-                         + (f" or a name ({', '.join(names)})" if names else ""))
+        raise ValueError(
+            f"{what}: {text!r} is not a number"
+            + (f" or a name ({', '.join(names)})" if names else "")
+        )
     n = int(t)
     if not low <= n <= high:
         raise ValueError(f"{what}: {n} is out of range {low}-{high}")
     return n
 
 
-def _parse_field(text: str, what: str, low: int, high: int,
-                 names: Mapping[str, int]) -> frozenset[int]:
+def _parse_field(
+    text: str, what: str, low: int, high: int, names: Mapping[str, int]
+) -> frozenset[int]:
     out: set[int] = set()
     for part in text.split(","):
         if not part:
@@ -147,17 +157,27 @@ class Cron:
             raise ValueError(f"unknown macro {raw!r} (known: {', '.join(MACROS)})")
         parts = expr.split()
         if len(parts) != 5:
-            raise ValueError(f"{raw!r} has {len(parts)} fields; a cron expression has 5: "
-                             "minute hour day-of-month month day-of-week")
+            raise ValueError(
+                f"{raw!r} has {len(parts)} fields; a cron expression has 5: "
+                "minute hour day-of-month month day-of-week"
+            )
         sets = [_parse_field(p, *spec) for p, spec in zip(parts, _FIELDS, strict=True)]
         weekdays = frozenset(d % 7 for d in sets[4])
-        cron = cls(text=raw, minutes=sets[0], hours=sets[1], days=sets[2], months=sets[3],
-                   weekdays=weekdays, dom_star=parts[2].startswith("*"),
-                   dow_star=parts[4].startswith("*"))
-        if cron.dow_star and not any(d <= _month_days(m) for m in cron.months
-                                     for d in cron.days):
-            raise ValueError(f"{raw!r} never fires: no month of "
-                             f"{sorted(cron.months)} has day {sorted(cron.days)}")
+        cron = cls(
+            text=raw,
+            minutes=sets[0],
+            hours=sets[1],
+            days=sets[2],
+            months=sets[3],
+            weekdays=weekdays,
+            dom_star=parts[2].startswith("*"),
+            dow_star=parts[4].startswith("*"),
+        )
+        if cron.dow_star and not any(d <= _month_days(m) for m in cron.months for d in cron.days):
+            raise ValueError(
+                f"{raw!r} never fires: no month of "
+                f"{sorted(cron.months)} has day {sorted(cron.days)}"
+            )
         return cron
 
     def matches_day(self, d: date) -> bool:
@@ -262,8 +282,7 @@ def schedules_file() -> Path | None:
     return DEFAULT_FILE if DEFAULT_FILE.is_file() else None
 
 
-_KEYS = {"name", "cron", "files", "pipeline", "inputs", "timezone", "startingDeadline",
-         "enabled"}
+_KEYS = {"name", "cron", "files", "pipeline", "inputs", "timezone", "startingDeadline", "enabled"}
 
 
 def _entry(raw: Any, where: str, base: Path) -> Schedule:
@@ -273,14 +292,15 @@ def _entry(raw: Any, where: str, base: Path) -> Schedule:
         raise ConfigError(f"{where}: a schedule is a mapping with name, cron and files")
     unknown = sorted(set(map(str, raw)) - _KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(sorted(_KEYS))})")
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
+        )
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        hint = " (quote it: YAML reads yes/no/on/off as booleans)" \
-            if isinstance(name, bool) else ""
-        raise ConfigError(f"{where}: 'name' must be a name of letters, digits, '_', '.', '-' "
-                          f"(got {name!r}){hint}")
+        hint = " (quote it: YAML reads yes/no/on/off as booleans)" if isinstance(name, bool) else ""
+        raise ConfigError(
+            f"{where}: 'name' must be a name of letters, digits, '_', '.', '-' (got {name!r}){hint}"
+        )
     where = f"{where} ({name})"
     try:
         cron = Cron.parse(str(raw.get("cron", "")))
@@ -289,8 +309,7 @@ def _entry(raw: Any, where: str, base: Path) -> Schedule:
     files = raw.get("files")
     if isinstance(files, str):
         files = [files]
-    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f
-                                                            for f in files):
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
         raise ConfigError(f"{where}: 'files' must list the pipeline files or folders to run")
     pipeline = raw.get("pipeline")
     if pipeline is not None and not isinstance(pipeline, str):
@@ -302,8 +321,9 @@ def _entry(raw: Any, where: str, base: Path) -> Schedule:
     try:
         ZoneInfo(tz_name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{where}: unknown timezone {tz_name!r} (use an IANA name such as "
-                          "Europe/Paris or UTC)") from None
+        raise ConfigError(
+            f"{where}: unknown timezone {tz_name!r} (use an IANA name such as Europe/Paris or UTC)"
+        ) from None
     deadline = DEFAULT_DEADLINE
     if raw.get("startingDeadline") is not None:
         try:
@@ -316,10 +336,16 @@ def _entry(raw: Any, where: str, base: Path) -> Schedule:
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: 'enabled' must be true or false")
     return Schedule(
-        name=name, cron=cron, files=tuple(str((base / f).resolve()) for f in files),
-        pipeline=pipeline, inputs={str(k): "" if v is None else str(v)
-                                   for k, v in inputs.items()},
-        timezone=tz_name, deadline=deadline, enabled=enabled, source=where)
+        name=name,
+        cron=cron,
+        files=tuple(str((base / f).resolve()) for f in files),
+        pipeline=pipeline,
+        inputs={str(k): "" if v is None else str(v) for k, v in inputs.items()},
+        timezone=tz_name,
+        deadline=deadline,
+        enabled=enabled,
+        source=where,
+    )
 
 
 def load_schedules(path: Path | str | None = None) -> list[Schedule]:
@@ -383,13 +409,17 @@ class RedisClaims:
         key = f"vmfarm:schedule:{name}:{_iso(slot)}"
         if not self.client.set(key, _iso(datetime.now(UTC)), nx=True, ex=_CLAIM_TTL):
             return False
-        self.client.set(f"vmfarm:schedule-last:{name}", json.dumps({"slot": _iso(slot)}),
-                        ex=_CLAIM_TTL * 8)
+        self.client.set(
+            f"vmfarm:schedule-last:{name}", json.dumps({"slot": _iso(slot)}), ex=_CLAIM_TTL * 8
+        )
         return True
 
     def record(self, name: str, slot: datetime, outcome: dict[str, Any]) -> None:
-        self.client.set(f"vmfarm:schedule-last:{name}",
-                        json.dumps({"slot": _iso(slot), **outcome}), ex=_CLAIM_TTL * 8)
+        self.client.set(
+            f"vmfarm:schedule-last:{name}",
+            json.dumps({"slot": _iso(slot), **outcome}),
+            ex=_CLAIM_TTL * 8,
+        )
 
     def last(self, name: str) -> dict[str, Any] | None:
         raw = self.client.get(f"vmfarm:schedule-last:{name}")
@@ -464,15 +494,21 @@ def default_store() -> ClaimStore:
 Submit = Callable[..., str]
 
 
-def _submit(files: Sequence[str], *, pipeline: str | None, inputs: Mapping[str, str],
-            user: str) -> str:
+def _submit(
+    files: Sequence[str], *, pipeline: str | None, inputs: Mapping[str, str], user: str
+) -> str:
     from app import operations
 
     return operations.run(operations.Actor(user), files, pipeline=pipeline, inputs=inputs)
 
 
-def tick(now: datetime | None = None, *, schedules: Sequence[Schedule] | None = None,
-         submit: Submit | None = None, store: ClaimStore | None = None) -> list[dict[str, Any]]:
+def tick(
+    now: datetime | None = None,
+    *,
+    schedules: Sequence[Schedule] | None = None,
+    submit: Submit | None = None,
+    store: ClaimStore | None = None,
+) -> list[dict[str, Any]]:
     """Submit every schedule whose latest slot is due and not yet claimed; return what was
     done, one dict per due schedule: ``{name, slot, execution}`` or ``{name, slot, error}``,
     or ``{name, slot, claimed: False}`` when another tick had it."""
@@ -492,14 +528,19 @@ def tick(now: datetime | None = None, *, schedules: Sequence[Schedule] | None = 
             continue
         outcome: dict[str, Any]
         try:
-            execution = submit(list(sched.files), pipeline=sched.pipeline,
-                               inputs=dict(sched.inputs), user=SCHEDULER_USER)
+            execution = submit(
+                list(sched.files),
+                pipeline=sched.pipeline,
+                inputs=dict(sched.inputs),
+                user=SCHEDULER_USER,
+            )
         except Exception as exc:  # bad files, no live worker: kept as the last outcome
             log.error("schedule %s (slot %s): not submitted: %s", sched.name, _iso(slot), exc)
             outcome = {"error": str(exc), "at": _iso(now)}
         else:
-            log.info("schedule %s (slot %s): submitted execution %s", sched.name, _iso(slot),
-                     execution)
+            log.info(
+                "schedule %s (slot %s): submitted execution %s", sched.name, _iso(slot), execution
+            )
             outcome = {"execution": execution, "at": _iso(now)}
         try:
             store.record(sched.name, slot, outcome)
@@ -529,15 +570,19 @@ def execution_statuses(ids: Sequence[str]) -> dict[str, str]:
     from app.models import Execution
 
     with session_scope() as s:
-        rows = s.exec(select(Execution.id, Execution.status)
-                      .where(col(Execution.id).in_(list(ids)))).all()
+        rows = s.exec(
+            select(Execution.id, Execution.status).where(col(Execution.id).in_(list(ids)))
+        ).all()
     return {str(i): str(st) for i, st in rows}
 
 
-def describe(schedules: Sequence[Schedule], now: datetime | None = None, *,
-             store: ClaimStore | None = None,
-             statuses: Callable[[Sequence[str]], Mapping[str, str]] | None = execution_statuses
-             ) -> list[dict[str, Any]]:
+def describe(
+    schedules: Sequence[Schedule],
+    now: datetime | None = None,
+    *,
+    store: ClaimStore | None = None,
+    statuses: Callable[[Sequence[str]], Mapping[str, str]] | None = execution_statuses,
+) -> list[dict[str, Any]]:
     """The schedules as ``vmfarm schedules -o json`` prints them, with their next run and, when
     the claim store answers, their last one: ``last`` is ``{slot, at, execution, status}``
     (``status``: the execution's status in the ledger now, e.g. SUCCEEDED, FAILED, RUNNING;
@@ -566,14 +611,21 @@ def describe(schedules: Sequence[Schedule], now: datetime | None = None, *,
     for s in schedules:
         nxt = s.next_run(now) if s.enabled else None
         last = lasts[s.name]
-        out.append({
-            "name": s.name, "cron": s.cron.text, "timezone": s.timezone,
-            "files": list(s.files), "pipeline": s.pipeline, "inputs": dict(s.inputs),
-            "enabled": s.enabled, "startingDeadline": s.deadline,
-            "next_run": _iso(nxt) if nxt else None,
-            "next_run_local": nxt.astimezone(s.tz).isoformat() if nxt else None,
-            "in_seconds": round((nxt - now).total_seconds()) if nxt else None,
-            "missing_files": [f for f in s.files if not Path(f).exists()],
-            "last": last,
-        })
+        out.append(
+            {
+                "name": s.name,
+                "cron": s.cron.text,
+                "timezone": s.timezone,
+                "files": list(s.files),
+                "pipeline": s.pipeline,
+                "inputs": dict(s.inputs),
+                "enabled": s.enabled,
+                "startingDeadline": s.deadline,
+                "next_run": _iso(nxt) if nxt else None,
+                "next_run_local": nxt.astimezone(s.tz).isoformat() if nxt else None,
+                "in_seconds": round((nxt - now).total_seconds()) if nxt else None,
+                "missing_files": [f for f in s.files if not Path(f).exists()],
+                "last": last,
+            }
+        )
     return out

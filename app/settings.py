@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     def signing(self) -> bool:
         """Are task messages signed? In service mode, when any security_* path is set (all
         three must then be: app.signing says which is missing)."""
-        return not self.embedded and any((self.security_key, self.security_certificate,
-                                          self.security_cert_store))
+        return not self.embedded and any(
+            (self.security_key, self.security_certificate, self.security_cert_store)
+        )
 
     @property
     def home_dir(self) -> Path:
@@ -81,7 +82,8 @@ class Settings(BaseSettings):
     @property
     def celery_broker(self) -> str:
         return private_sqlite(
-            self.broker_url or f"sqla+sqlite:///{self.home_dir / 'broker.sqlite'}")
+            self.broker_url or f"sqla+sqlite:///{self.home_dir / 'broker.sqlite'}"
+        )
 
     @property
     def celery_backend(self) -> str:
@@ -141,8 +143,11 @@ def private_dir(path: Path, *, tighten: bool = True) -> Path:
         if ours and (not any(path.iterdir()) or any((path / f).exists() for f in _STATE_FILES)):
             os.chmod(path, 0o700)
         else:
-            log.warning("%s is open to other users (mode %o); vmfarm's own files in it are "
-                        "0600", path, stat.S_IMODE(st.st_mode))
+            log.warning(
+                "%s is open to other users (mode %o); vmfarm's own files in it are 0600",
+                path,
+                stat.S_IMODE(st.st_mode),
+            )
     return path
 
 

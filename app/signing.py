@@ -68,29 +68,38 @@ def signing_paths(settings: Settings) -> SigningPaths | None:
     missing: half a configuration must not silently mean "unsigned"."""
     if not settings.signing:
         if settings.embedded and settings.security_cert_store:
-            log.info("embedded mode: task messages are not signed (one process, no broker to "
-                     "reach); the VMFARM_SECURITY_* settings apply to service mode")
+            log.info(
+                "embedded mode: task messages are not signed (one process, no broker to "
+                "reach); the VMFARM_SECURITY_* settings apply to service mode"
+            )
         return None
-    named = {"VMFARM_SECURITY_KEY": settings.security_key,
-             "VMFARM_SECURITY_CERTIFICATE": settings.security_certificate,
-             "VMFARM_SECURITY_CERT_STORE": settings.security_cert_store}
+    named = {
+        "VMFARM_SECURITY_KEY": settings.security_key,
+        "VMFARM_SECURITY_CERTIFICATE": settings.security_certificate,
+        "VMFARM_SECURITY_CERT_STORE": settings.security_cert_store,
+    }
     missing = [k for k, v in named.items() if not v]
     if missing:
-        raise ConfigError(f"message signing is half configured: {', '.join(missing)} not set "
-                          "(set all three VMFARM_SECURITY_* paths, or none for unsigned "
-                          "messages); see `vmfarm server keys --help`")
-    assert settings.security_key and settings.security_certificate \
-        and settings.security_cert_store
-    for env, path in (("VMFARM_SECURITY_KEY", settings.security_key),
-                      ("VMFARM_SECURITY_CERTIFICATE", settings.security_certificate)):
+        raise ConfigError(
+            f"message signing is half configured: {', '.join(missing)} not set "
+            "(set all three VMFARM_SECURITY_* paths, or none for unsigned "
+            "messages); see `vmfarm server keys --help`"
+        )
+    assert settings.security_key and settings.security_certificate and settings.security_cert_store
+    for env, path in (
+        ("VMFARM_SECURITY_KEY", settings.security_key),
+        ("VMFARM_SECURITY_CERTIFICATE", settings.security_certificate),
+    ):
         if not Path(path).is_file():
             raise ConfigError(f"{env}={path}: no such file")
     store = settings.security_cert_store
     import glob
 
     if not (os.path.isdir(store) and os.listdir(store)) and not glob.glob(store):
-        raise ConfigError(f"VMFARM_SECURITY_CERT_STORE={store}: no certificate there (a "
-                          "directory of PEM certificates, or a glob)")
+        raise ConfigError(
+            f"VMFARM_SECURITY_CERT_STORE={store}: no certificate there (a "
+            "directory of PEM certificates, or a glob)"
+        )
     return SigningPaths(Path(settings.security_key), Path(settings.security_certificate), store)
 
 
@@ -143,12 +152,19 @@ def note_refusal(message: Any, exc: BaseException) -> None:
         reason = "bad-signature"
         # Celery's own message here can be a TypeError of its error handling (celery #7645):
         # the refusal stands either way, so say what it means and keep Celery's words below.
-        why = "its signature does not verify (a key whose certificate is not in the store, " \
-              "or an altered message)"
+        why = (
+            "its signature does not verify (a key whose certificate is not in the store, "
+            "or an altered message)"
+        )
         log.debug("refusal detail: %s", exc)
     count_refused_message(reason)  # on the broker: every exporter sees it
-    log.warning("refused a message on queue %s for task %s (id %s): %s; nothing ran",
-                queue, task, headers.get("id", "?") if isinstance(headers, dict) else "?", why)
+    log.warning(
+        "refused a message on queue %s for task %s (id %s): %s; nothing ran",
+        queue,
+        task,
+        headers.get("id", "?") if isinstance(headers, dict) else "?",
+        why,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -185,8 +201,9 @@ class KeyFiles:
     store: Path
 
 
-def init_keys(directory: Path, name: str, *, days: int = CERT_DAYS,
-              now: datetime | None = None) -> KeyFiles:
+def init_keys(
+    directory: Path, name: str, *, days: int = CERT_DAYS, now: datetime | None = None
+) -> KeyFiles:
     """Create ``DIR/NAME.key`` (RSA, mode 0600), its self-signed certificate ``DIR/NAME.pem``,
     and a copy of the certificate in the store ``DIR/certs/``. Refuses to overwrite a key."""
     from cryptography import x509
@@ -201,20 +218,33 @@ def init_keys(directory: Path, name: str, *, days: int = CERT_DAYS,
     store = directory / "certs"
     for p in (key_path, cert_path, store / f"{name}.pem"):
         if p.exists():
-            raise ConfigError(f"{p} exists: a key is never overwritten (remove it, and its "
-                              "certificate from every store, to replace it)")
+            raise ConfigError(
+                f"{p} exists: a key is never overwritten (remove it, and its "
+                "certificate from every store, to replace it)"
+            )
     store.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmfarm"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, f"vmfarm {name}")])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmfarm"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"vmfarm {name}"),
+        ]
+    )
     start = (now or datetime.now(UTC)) - timedelta(minutes=5)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(start + timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem_key)
@@ -224,5 +254,14 @@ def init_keys(directory: Path, name: str, *, days: int = CERT_DAYS,
     return KeyFiles(key_path, cert_path, store)
 
 
-__all__ = ["CERT_DAYS", "KeyFiles", "SigningPaths", "celery_settings", "counting_consumer",
-           "init_keys", "note_refusal", "setup", "signing_paths"]
+__all__ = [
+    "CERT_DAYS",
+    "KeyFiles",
+    "SigningPaths",
+    "celery_settings",
+    "counting_consumer",
+    "init_keys",
+    "note_refusal",
+    "setup",
+    "signing_paths",
+]

@@ -18,8 +18,9 @@ class Status:
     ROLLED_BACK = "ROLLED_BACK"  # a stage (or host) is back on its previous version
     ROLLBACK_FAILED = "ROLLBACK_FAILED"  # a rollback step failed somewhere: a person must look
 
-    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED", "ROLLED_BACK",
-                          "ROLLBACK_FAILED"})
+    TERMINAL = frozenset(
+        {"SUCCEEDED", "FAILED", "SKIPPED", "ABORTED", "IGNORED", "ROLLED_BACK", "ROLLBACK_FAILED"}
+    )
     # A host may go on after these.
     PASSED = frozenset({"SUCCEEDED", "IGNORED"})
     # A step or stage its ``when`` left out starts its error with this (the reason follows):
@@ -29,9 +30,19 @@ class Status:
     @staticmethod
     def passed(status: str | None, error: str | None = None) -> bool:
         """Did a host step pass, counting a step its ``when`` left out?"""
-        return status in Status.PASSED or (status == Status.SKIPPED
-                                           and (error or "").startswith(Status.WHEN))
+        return status in Status.PASSED or (
+            status == Status.SKIPPED and (error or "").startswith(Status.WHEN)
+        )
 
     # The statuses an Execution takes (what `vmfarm executions --status` accepts).
-    EXECUTION = ("QUEUED", "RUNNING", "WAITING", "ROLLING_BACK", "SUCCEEDED", "FAILED",
-                 "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED")
+    EXECUTION = (
+        "QUEUED",
+        "RUNNING",
+        "WAITING",
+        "ROLLING_BACK",
+        "SUCCEEDED",
+        "FAILED",
+        "ABORTED",
+        "ROLLED_BACK",
+        "ROLLBACK_FAILED",
+    )

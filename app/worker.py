@@ -37,9 +37,16 @@ def queues_for(regions: Iterable[str], *, control: bool, tags: Iterable[str] = (
     return sorted(set(names))
 
 
-def run_worker(*, regions: list[str], control: bool, concurrency: int | None = None,
-               loglevel: str = "INFO", name: str | None = None, beat: bool = False,
-               tags: Iterable[str] = ()) -> None:
+def run_worker(
+    *,
+    regions: list[str],
+    control: bool,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
+    name: str | None = None,
+    beat: bool = False,
+    tags: Iterable[str] = (),
+) -> None:
     """Run a worker in the foreground until it is stopped (SIGTERM: warm shutdown).
 
     ValueError for an invalid region or tag, more than MAX_TAGS tags, or tags without regions.
@@ -59,16 +66,28 @@ def run_worker(*, regions: list[str], control: bool, concurrency: int | None = N
     # The queues are selected here rather than with -Q: Celery splits -Q at commas, and a tag
     # queue's name has commas in it (vmfarm.r1[a,b]). Without -Q the worker keeps this choice.
     app.amqp.queues.select(queues)
-    argv = ["worker", "-P", pool, "-c", str(conc), "-n", hostname,
-            "-l", loglevel, "--without-mingle", "--without-gossip"]
+    argv = [
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(conc),
+        "-n",
+        hostname,
+        "-l",
+        loglevel,
+        "--without-mingle",
+        "--without-gossip",
+    ]
     from app.settings import get_settings
 
     if get_settings().task_events:  # else Flower turns them on while it watches
         argv.append("-E")
     if beat:  # the periodic reconciler; run exactly one beat per deployment
         argv += ["-B", "-s", str(get_settings().home_dir / "celerybeat-schedule")]
-    heartbeat = Heartbeat(regions=regions, tags=list(tag_list), queues=queues,
-                          concurrency=conc, pool=pool)
+    heartbeat = Heartbeat(
+        regions=regions, tags=list(tag_list), queues=queues, concurrency=conc, pool=pool
+    )
     heartbeat.connect(default_name=hostname)
     try:
         app.worker_main(argv)
@@ -85,14 +104,20 @@ class Heartbeat:
     A failing write is logged and retried at the next beat; it never stops the worker.
     """
 
-    def __init__(self, *, regions: list[str], tags: list[str], queues: list[str],
-                 concurrency: int, pool: str) -> None:
+    def __init__(
+        self, *, regions: list[str], tags: list[str], queues: list[str], concurrency: int, pool: str
+    ) -> None:
         from app.settings import get_settings
 
         self.values: dict[str, Any] = {
-            "hostname": socket.gethostname(), "pid": os.getpid(), "regions": list(regions),
-            "tags": list(tags), "queues": list(queues), "concurrency": concurrency,
-            "pool": pool}
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "regions": list(regions),
+            "tags": list(tags),
+            "queues": list(queues),
+            "concurrency": concurrency,
+            "pool": pool,
+        }
         self.interval = max(0.05, float(get_settings().heartbeat_interval))
         self.name: str | None = None
         self._stop = threading.Event()
@@ -140,8 +165,11 @@ class Heartbeat:
 
             url = normalise_url(get_settings().db_url)
             if url.startswith("sqlite"):  # as app.db sets SQLite up: WAL, BEGIN IMMEDIATE
-                engine = create_engine(url, poolclass=NullPool, connect_args={
-                    "check_same_thread": False, "timeout": 60})
+                engine = create_engine(
+                    url,
+                    poolclass=NullPool,
+                    connect_args={"check_same_thread": False, "timeout": 60},
+                )
                 event.listen(engine, "connect", _sqlite_pragmas)
                 event.listen(engine, "begin", _sqlite_begin)
             else:
@@ -157,8 +185,12 @@ class Heartbeat:
         from app.models import WorkerBeat, utcnow
 
         assert self.name is not None
-        values = {**self.values, "name": self.name, "in_flight": len(state.active_requests),
-                  "beat_at": utcnow()}
+        values = {
+            **self.values,
+            "name": self.name,
+            "in_flight": len(state.active_requests),
+            "beat_at": utcnow(),
+        }
         try:
             from sqlalchemy.dialects.postgresql import insert as pg_insert
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -167,14 +199,18 @@ class Heartbeat:
             insert: Any = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
             stmt = insert(WorkerBeat).values(**values)
             stmt = stmt.on_conflict_do_update(
-                index_elements=["name"],
-                set_={k: stmt.excluded[k] for k in values if k != "name"})
+                index_elements=["name"], set_={k: stmt.excluded[k] for k in values if k != "name"}
+            )
             with engine.begin() as conn:
                 conn.execute(stmt)
         except Exception as exc:
             if not self._failing:
-                log.warning("worker %s: cannot write its heartbeat (retrying every %ss): %s",
-                            self.name, self.interval, exc)
+                log.warning(
+                    "worker %s: cannot write its heartbeat (retrying every %ss): %s",
+                    self.name,
+                    self.interval,
+                    exc,
+                )
             self._failing = True
             return False
         if self._failing:
@@ -228,13 +264,20 @@ class EmbeddedWorker:
         app.set_current()
         app.set_default()
         self.controller = app.WorkController(
-            pool_cls="threads", concurrency=self.concurrency, queues=self.queues,
-            hostname=f"vmfarm-embedded-{socket.gethostname()}", loglevel="WARNING",
-            without_heartbeat=True, without_mingle=True, without_gossip=True,
-            ready_callback=None, send_events=False,
+            pool_cls="threads",
+            concurrency=self.concurrency,
+            queues=self.queues,
+            hostname=f"vmfarm-embedded-{socket.gethostname()}",
+            loglevel="WARNING",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            ready_callback=None,
+            send_events=False,
         )
-        self.thread = threading.Thread(target=self.controller.start, name="vmfarm-worker",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.controller.start, name="vmfarm-worker", daemon=True
+        )
         self.thread.start()
 
     def stop(self) -> None:

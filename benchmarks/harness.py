@@ -57,8 +57,11 @@ APP_DIR_ON_HOST = "opt/bench"  # /opt/bench inside each host = <lab>/hosts/hK/op
 TICK = os.sysconf("SC_CLK_TCK")
 ALL_PEERS = ("ansible", "pyinfra", "asyncssh")
 # What each peer name runs (asyncssh: the one-channel lower bound and the per-step variant).
-PEER_TOOLS = {"ansible": ["ansible"], "pyinfra": ["pyinfra"],
-              "asyncssh": ["asyncssh-1chan", "asyncssh-steps"]}
+PEER_TOOLS = {
+    "ansible": ["ansible"],
+    "pyinfra": ["pyinfra"],
+    "asyncssh": ["asyncssh-1chan", "asyncssh-steps"],
+}
 # ../shared/research/performance-anchors.md section 3: wall median (s) per tool and N.
 ANCHORS = {
     "asyncssh-1chan": {10: 0.58, 50: 1.83, 100: 3.92},
@@ -83,6 +86,7 @@ class Interrupted(Exception):
 def shielded(fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
     """``fn(*args)`` with Ctrl-C and SIGTERM held off: a second Ctrl-C must not cut a teardown
     short (the signals are restored afterwards; one that came in between is dropped)."""
+
     def call() -> None:
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -92,6 +96,7 @@ def shielded(fn: Callable[..., Any], *args: Any) -> Callable[[], None]:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
     return call
 
 
@@ -102,12 +107,25 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------- processes
 
 
-def run_cmd(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cmd(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """Run a command in its own session; on timeout or Ctrl-C its whole group is killed."""
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as exc:
@@ -119,8 +137,7 @@ def run_cmd(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | N
         raise
     res = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}: "
-                           f"{tail(err or out)}")
+        raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}: {tail(err or out)}")
     return res
 
 
@@ -134,7 +151,7 @@ def _stat(pid: int) -> list[str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def all_procs() -> dict[int, list[str]]:
@@ -235,41 +252,66 @@ class Config:
 
     def vmfarm_env(self) -> dict[str, str]:
         env = {k: v for k, v in self.tool_env().items() if not k.startswith("VMFARM_")}
-        env.update(PYTHONPATH=str(REPO), VMFARM_HOME=str(self.home),
-                   VMFARM_BROKER_URL=f"{self.redis}/{self.broker_db}",
-                   VMFARM_RESULT_BACKEND=f"{self.redis}/{self.result_db}",
-                   VMFARM_DATABASE_URL=f"{self.pg}/{self.database}")
+        env.update(
+            PYTHONPATH=str(REPO),
+            VMFARM_HOME=str(self.home),
+            VMFARM_BROKER_URL=f"{self.redis}/{self.broker_db}",
+            VMFARM_RESULT_BACKEND=f"{self.redis}/{self.result_db}",
+            VMFARM_DATABASE_URL=f"{self.pg}/{self.database}",
+        )
         return env
 
 
 def parse_args(argv: list[str]) -> Config:
-    p = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hosts", default="10,50",
-                   help="host counts, comma-separated (default 10,50)")
+    p = argparse.ArgumentParser(
+        prog="benchmarks/run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--hosts", default="10,50", help="host counts, comma-separated (default 10,50)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per tool and host count")
-    p.add_argument("--first", type=int, default=150,
-                   help="host K is 127.0.1.(FIRST+K-1); the largest N needs FIRST..FIRST+N-1 "
-                        "free (default 150)")
-    p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help=f"peer tools, comma-separated, from {','.join(ALL_PEERS)} "
-                        "(empty: vmfarm only)")
+    p.add_argument(
+        "--first",
+        type=int,
+        default=150,
+        help="host K is 127.0.1.(FIRST+K-1); the largest N needs FIRST..FIRST+N-1 "
+        "free (default 150)",
+    )
+    p.add_argument(
+        "--peers",
+        default=",".join(ALL_PEERS),
+        help=f"peer tools, comma-separated, from {','.join(ALL_PEERS)} (empty: vmfarm only)",
+    )
     p.add_argument("--regions", default="r1,r2")
-    p.add_argument("--work", default=str(HERE / "work"),
-                   help="scratch folder: lab, VMFARM_HOME, inventories, logs, raw results")
+    p.add_argument(
+        "--work",
+        default=str(HERE / "work"),
+        help="scratch folder: lab, VMFARM_HOME, inventories, logs, raw results",
+    )
     p.add_argument("--redis", default="redis://127.0.0.1:6379")
     p.add_argument("--broker-db", type=int, default=8)
     p.add_argument("--result-db", type=int, default=9)
-    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432",
-                   help="PostgreSQL server URL without a database")
-    p.add_argument("--database", default="vmfarm_bench",
-                   help="created (dropped first) for the run, dropped at the end")
+    p.add_argument(
+        "--pg",
+        default="postgresql://postgres@127.0.0.1:5432",
+        help="PostgreSQL server URL without a database",
+    )
+    p.add_argument(
+        "--database",
+        default="vmfarm_bench",
+        help="created (dropped first) for the run, dropped at the end",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds per tool run")
-    p.add_argument("--profile", type=int, metavar="N",
-                   help="after the timed runs at N hosts, one more vmfarm run under py-spy "
-                        "(region and control workers, and the CLI)")
-    p.add_argument("--no-readme", action="store_true",
-                   help="print the table only; leave README.md alone")
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        help="after the timed runs at N hosts, one more vmfarm run under py-spy "
+        "(region and control workers, and the CLI)",
+    )
+    p.add_argument(
+        "--no-readme", action="store_true", help="print the table only; leave README.md alone"
+    )
     p.add_argument("--keep-db", action="store_true", help="do not drop the database at the end")
     a = p.parse_args(argv)
     hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
@@ -287,11 +329,23 @@ def parse_args(argv: list[str]) -> Config:
         p.error("--repeat must be at least 1")
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", a.database):
         p.error("--database: lowercase letters, digits and _ only")
-    return Config(hosts=hosts, repeat=a.repeat, first=a.first, peers=peers,
-                  regions=[r for r in a.regions.split(",") if r], work=Path(a.work).resolve(),
-                  redis=a.redis.rstrip("/"), broker_db=a.broker_db, result_db=a.result_db,
-                  pg=a.pg.rstrip("/"), database=a.database, timeout=a.timeout,
-                  profile=a.profile, write_readme=not a.no_readme, keep_db=a.keep_db)
+    return Config(
+        hosts=hosts,
+        repeat=a.repeat,
+        first=a.first,
+        peers=peers,
+        regions=[r for r in a.regions.split(",") if r],
+        work=Path(a.work).resolve(),
+        redis=a.redis.rstrip("/"),
+        broker_db=a.broker_db,
+        result_db=a.result_db,
+        pg=a.pg.rstrip("/"),
+        database=a.database,
+        timeout=a.timeout,
+        profile=a.profile,
+        write_readme=not a.no_readme,
+        keep_db=a.keep_db,
+    )
 
 
 # ---------------------------------------------------------------------------------- preparation
@@ -312,8 +366,9 @@ def ensure_peers_venv(with_pyspy: bool) -> None:
     missing = [w for w in wanted if w.lower() not in names]
     if missing:
         log(f"pip install {' '.join(missing)} into {PEERS_VENV}")
-        run_cmd([str(peers_python()), "-m", "pip", "install", "-q", *missing], timeout=900,
-                check=True)
+        run_cmd(
+            [str(peers_python()), "-m", "pip", "install", "-q", *missing], timeout=900, check=True
+        )
 
 
 def make_artifact(path: Path) -> str:
@@ -334,8 +389,11 @@ def make_artifact(path: Path) -> str:
 
 
 def psql(cfg: Config, sql: str) -> None:
-    run_cmd(["psql", f"{cfg.pg}/postgres", "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
-            check=True, timeout=120)
+    run_cmd(
+        ["psql", f"{cfg.pg}/postgres", "-v", "ON_ERROR_STOP=1", "-q", "-c", sql],
+        check=True,
+        timeout=120,
+    )
 
 
 def reset_stores(cfg: Config) -> None:
@@ -352,6 +410,7 @@ def flush_redis(cfg: Config) -> None:
 
 def versions(cfg: Config) -> dict[str, str]:
     """What was measured with (best effort: a missing tool says so)."""
+
     def first_line(argv: list[str]) -> str:
         try:
             r = run_cmd(argv, timeout=60)
@@ -360,10 +419,12 @@ def versions(cfg: Config) -> dict[str, str]:
             return f"unavailable ({type(exc).__name__})"
 
     def pkgs(py: Path, names: list[str]) -> str:
-        code = ("import importlib.metadata as m, sys\n"
-                "for n in sys.argv[1:]:\n"
-                "    try: print(n, m.version(n))\n"
-                "    except Exception: pass\n")
+        code = (
+            "import importlib.metadata as m, sys\n"
+            "for n in sys.argv[1:]:\n"
+            "    try: print(n, m.version(n))\n"
+            "    except Exception: pass\n"
+        )
         try:
             out = run_cmd([str(py), "-c", code, *names], timeout=60).stdout
         except Exception:
@@ -371,26 +432,46 @@ def versions(cfg: Config) -> dict[str, str]:
         return ", ".join(line for line in out.splitlines() if line)
 
     rev = run_cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
-    dirty = run_cmd(["git", "-C", str(REPO), "status", "--porcelain", "--", "app", "tasks",
-                     "cli", "strategies"]).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")))
-    osname = next((line.split("=", 1)[1].strip('"') for line in
-                   Path("/etc/os-release").read_text().splitlines()
-                   if line.startswith("PRETTY_NAME=")), "unknown")
+    dirty = run_cmd(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "app", "tasks", "cli", "strategies"]
+    ).stdout.strip()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = int(
+        next(
+            line.split()[1]
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+    )
+    osname = next(
+        (
+            line.split("=", 1)[1].strip('"')
+            for line in Path("/etc/os-release").read_text().splitlines()
+            if line.startswith("PRETTY_NAME=")
+        ),
+        "unknown",
+    )
     return {
         "machine": f"{os.cpu_count()} vCPU ({cpu}), {mem / 1024 / 1024:.0f} GiB RAM, {osname}, "
-                   f"Linux {platform.release()}",
+        f"Linux {platform.release()}",
         "vmfarm": f"git {rev}"
-                  + (" + uncommitted changes in app/tasks/cli/strategies" if dirty else ""),
+        + (" + uncommitted changes in app/tasks/cli/strategies" if dirty else ""),
         "python": platform.python_version(),
-        "project venv": pkgs(PROJECT_PY, ["celery", "kombu", "redis", "paramiko", "cryptography",
-                                          "sqlalchemy", "psycopg"]),
-        "peers venv": pkgs(peers_python(), ["ansible-core", "pyinfra", "paramiko", "gevent",
-                                            "asyncssh", "cryptography", "py-spy"]),
+        "project venv": pkgs(
+            PROJECT_PY,
+            ["celery", "kombu", "redis", "paramiko", "cryptography", "sqlalchemy", "psycopg"],
+        ),
+        "peers venv": pkgs(
+            peers_python(),
+            ["ansible-core", "pyinfra", "paramiko", "gevent", "asyncssh", "cryptography", "py-spy"],
+        ),
         "openssh": first_line(["ssh", "-V"]),
         "redis-server": first_line(["redis-server", "--version"]),
         "postgresql": first_line(["psql", "--version"]),
@@ -434,9 +515,24 @@ def vmfarm_cmd(*args: str) -> list[str]:
 
 
 def lab_up(cfg: Config, n: int) -> Lab:
-    res = run_cmd(vmfarm_cmd("lab", "up", "--ssh", "--hosts", str(n), "--first", str(cfg.first),
-                             "--regions", ",".join(cfg.regions), "-o", "json"),
-                  env=cfg.vmfarm_env(), cwd=REPO, timeout=300)
+    res = run_cmd(
+        vmfarm_cmd(
+            "lab",
+            "up",
+            "--ssh",
+            "--hosts",
+            str(n),
+            "--first",
+            str(cfg.first),
+            "--regions",
+            ",".join(cfg.regions),
+            "-o",
+            "json",
+        ),
+        env=cfg.vmfarm_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"vmfarm lab up failed: {tail(res.stderr or res.stdout)}")
     state = json.loads((cfg.lab_root / "state.json").read_text())
@@ -522,8 +618,11 @@ class Workers:
         return self.procs[name].pid
 
     def log_tails(self) -> str:
-        return " | ".join(f"{n}: {tail(p.read_text(errors='replace'), 300)}"
-                          for n, p in self.logs.items() if p.exists())
+        return " | ".join(
+            f"{n}: {tail(p.read_text(errors='replace'), 300)}"
+            for n, p in self.logs.items()
+            if p.exists()
+        )
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -555,8 +654,13 @@ def start_workers(cfg: Config, n: int, logdir: Path) -> Workers:
         with path.open("wb") as fh:
             w.procs[name] = subprocess.Popen(
                 vmfarm_cmd("worker", "-n", f"{name}@bench", "-l", "INFO", *args),
-                env=cfg.vmfarm_env(), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                env=cfg.vmfarm_env(),
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
     try:
         wait_for_workers(cfg, [f"{name}@bench" for name, _ in specs], w)
     except BaseException:
@@ -566,9 +670,11 @@ def start_workers(cfg: Config, n: int, logdir: Path) -> Workers:
 
 
 def wait_for_workers(cfg: Config, names: list[str], w: Workers, timeout: float = 90) -> None:
-    code = ("import json\nfrom app.celery import app\n"
-            "r = app.control.ping(timeout=1.0) or []\n"
-            "print(json.dumps(sorted(k for d in r for k in d)))\n")
+    code = (
+        "import json\nfrom app.celery import app\n"
+        "r = app.control.ping(timeout=1.0) or []\n"
+        "print(json.dumps(sorted(k for d in r for k in d)))\n"
+    )
     deadline = time.monotonic() + timeout
     seen: list[str] = []
     while time.monotonic() < deadline:
@@ -583,8 +689,9 @@ def wait_for_workers(cfg: Config, names: list[str], w: Workers, timeout: float =
                 time.sleep(1.0)
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"workers {names} did not answer a ping in {timeout:.0f}s "
-                       f"(saw {seen}): {w.log_tails()}")
+    raise RuntimeError(
+        f"workers {names} did not answer a ping in {timeout:.0f}s (saw {seen}): {w.log_tails()}"
+    )
 
 
 # ----------------------------------------------------------------------------------- the tools
@@ -648,12 +755,18 @@ class Bench:
         res.ctrl_cpu = after["ctrl"] - before["ctrl"] + extra
         res.remote_cpu = after["remote"] - before["remote"]
         res.db_cpu = after["db"] - before["db"] if tool.startswith("vmfarm") else None
-        res.other_cpu = (after["machine"] - before["machine"] - res.ctrl_cpu - res.remote_cpu
-                         - (res.db_cpu or 0.0))
+        res.other_cpu = (
+            after["machine"]
+            - before["machine"]
+            - res.ctrl_cpu
+            - res.remote_cpu
+            - (res.db_cpu or 0.0)
+        )
         if tool.startswith("vmfarm") and self.last_execution:
             with contextlib.suppress(Exception):
-                res.timeline = vmfarm_timeline(self.cfg, self.last_execution, started_epoch,
-                                               started_epoch + res.wall)
+                res.timeline = vmfarm_timeline(
+                    self.cfg, self.last_execution, started_epoch, started_epoch + res.wall
+                )
         problems = verify(self.lab, version, self.sha256)
         if problems:
             res.error = f"verification: {len(problems)} problem(s): {'; '.join(problems[:3])}"
@@ -670,8 +783,12 @@ class Bench:
         if tool.startswith("vmfarm") and self.workers is not None:
             ctrl += tree_cpu(self.workers.pids, procs)
             db = self._pg_cpu(procs)
-        return {"ctrl": ctrl, "remote": tree_cpu(self.lab.sshd_pids, procs), "db": db,
-                "machine": machine_cpu()}
+        return {
+            "ctrl": ctrl,
+            "remote": tree_cpu(self.lab.sshd_pids, procs),
+            "db": db,
+            "machine": machine_cpu(),
+        }
 
     def _pg_cpu(self, procs: dict[int, list[str]]) -> float:
         """CPU of the PostgreSQL backends serving our database (backends that exited during
@@ -688,8 +805,9 @@ class Bench:
         text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
         m = re.search(r"^execution (\w+)", text, re.M)
         if m:
-            r = run_cmd(vmfarm_cmd("abort", m.group(1)), env=self.cfg.vmfarm_env(), cwd=REPO,
-                        timeout=120)
+            r = run_cmd(
+                vmfarm_cmd("abort", m.group(1)), env=self.cfg.vmfarm_env(), cwd=REPO, timeout=120
+            )
             log(f"aborted execution {m.group(1)}: {tail(r.stdout or r.stderr, 200)}")
             time.sleep(2.0)  # running hosts stop at their next command unit
 
@@ -705,10 +823,20 @@ class Bench:
         if tool.startswith("vmfarm"):
             if self.workers is None:
                 raise RuntimeError(self.worker_error or "no workers")
-            res = run_cmd(vmfarm_cmd("run", str(HERE / "vmfarm"), str(self.lab.infrastructure),
-                                     "--set", f"path={self.cfg.artifact}",
-                                     "--set", f"tag={version}"),
-                          env=self.cfg.vmfarm_env(), cwd=REPO, timeout=self.cfg.timeout)
+            res = run_cmd(
+                vmfarm_cmd(
+                    "run",
+                    str(HERE / "vmfarm"),
+                    str(self.lab.infrastructure),
+                    "--set",
+                    f"path={self.cfg.artifact}",
+                    "--set",
+                    f"tag={version}",
+                ),
+                env=self.cfg.vmfarm_env(),
+                cwd=REPO,
+                timeout=self.cfg.timeout,
+            )
             m = re.search(r"^execution (\w+)", res.stderr or "", re.M)
             self.last_execution = m.group(1) if m else ""
             self._check(res, tool)
@@ -717,20 +845,45 @@ class Bench:
             return self._ansible(version)
         if tool == "pyinfra":
             inv = self._pyinfra_inventory()
-            env = self.cfg.tool_env(BENCH_VERSION=version, BENCH_ARTIFACT=str(self.cfg.artifact),
-                                    BENCH_ROOT=str(HERE))
-            res = run_cmd([str(PEERS_VENV / "bin" / "pyinfra"), "-y", "--parallel", str(self.n),
-                           str(inv), str(HERE / "pyinfra" / "deploy.py")],
-                          env=env, cwd=inv.parent, timeout=self.cfg.timeout)
+            env = self.cfg.tool_env(
+                BENCH_VERSION=version, BENCH_ARTIFACT=str(self.cfg.artifact), BENCH_ROOT=str(HERE)
+            )
+            res = run_cmd(
+                [
+                    str(PEERS_VENV / "bin" / "pyinfra"),
+                    "-y",
+                    "--parallel",
+                    str(self.n),
+                    str(inv),
+                    str(HERE / "pyinfra" / "deploy.py"),
+                ],
+                env=env,
+                cwd=inv.parent,
+                timeout=self.cfg.timeout,
+            )
             self._check(res, tool)
             return 0.0
         if tool.startswith("asyncssh"):
             mode = "one" if tool == "asyncssh-1chan" else "steps"
-            res = run_cmd([str(peers_python()), str(HERE / "peers" / "raw_asyncssh.py"), mode,
-                           "--hosts", ",".join(self.lab.addresses), "--key", str(self.lab.key),
-                           "--known-hosts", str(self.lab.known_hosts),
-                           "--artifact", str(self.cfg.artifact), "--version", version],
-                          env=self.cfg.tool_env(), timeout=self.cfg.timeout)
+            res = run_cmd(
+                [
+                    str(peers_python()),
+                    str(HERE / "peers" / "raw_asyncssh.py"),
+                    mode,
+                    "--hosts",
+                    ",".join(self.lab.addresses),
+                    "--key",
+                    str(self.lab.key),
+                    "--known-hosts",
+                    str(self.lab.known_hosts),
+                    "--artifact",
+                    str(self.cfg.artifact),
+                    "--version",
+                    version,
+                ],
+                env=self.cfg.tool_env(),
+                timeout=self.cfg.timeout,
+            )
             self._check(res, tool)
             return 0.0
         raise ValueError(f"unknown tool {tool}")
@@ -738,8 +891,10 @@ class Bench:
     def _check(self, res: subprocess.CompletedProcess[str], tool: str) -> None:
         log_file = self.logdir / f"{tool}.log"
         with log_file.open("a") as fh:
-            fh.write(f"=== {time.strftime('%H:%M:%S')} {shlex.join(res.args)} -> "
-                     f"{res.returncode}\n{res.stdout}\n{res.stderr}\n")
+            fh.write(
+                f"=== {time.strftime('%H:%M:%S')} {shlex.join(res.args)} -> "
+                f"{res.returncode}\n{res.stdout}\n{res.stderr}\n"
+            )
         if res.returncode != 0:
             raise RuntimeError(f"exit {res.returncode}: {tail(res.stderr or res.stdout)}")
 
@@ -749,22 +904,37 @@ class Bench:
         inv = self.logdir / "inventory.ini"
         if not inv.exists():
             common = f"-o UserKnownHostsFile={self.lab.known_hosts} -o StrictHostKeyChecking=yes"
-            inv.write_text("[lab]\n" + "\n".join(self.lab.addresses) + "\n\n[lab:vars]\n"
-                           "ansible_user=root\n"
-                           f"ansible_ssh_private_key_file={self.lab.key}\n"
-                           f"ansible_ssh_common_args={common}\n")
+            inv.write_text(
+                "[lab]\n" + "\n".join(self.lab.addresses) + "\n\n[lab:vars]\n"
+                "ansible_user=root\n"
+                f"ansible_ssh_private_key_file={self.lab.key}\n"
+                f"ansible_ssh_common_args={common}\n"
+            )
         cp = self.cfg.work / "cp" / f"{int(time.time() * 1000)}"
         cp.mkdir(parents=True)
         env = self.cfg.tool_env(
-                   BENCH_VERSION=version, BENCH_ARTIFACT=str(self.cfg.artifact),
-                   ANSIBLE_CONFIG=str(HERE / "ansible" / "ansible.cfg"),
-                   ANSIBLE_HOME=str(self.cfg.work / "ansible-home"),
-                   ANSIBLE_LOCAL_TEMP=str(self.cfg.work / "ansible-home" / "tmp"),
-                   ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp), ANSIBLE_NOCOLOR="1")
+            BENCH_VERSION=version,
+            BENCH_ARTIFACT=str(self.cfg.artifact),
+            ANSIBLE_CONFIG=str(HERE / "ansible" / "ansible.cfg"),
+            ANSIBLE_HOME=str(self.cfg.work / "ansible-home"),
+            ANSIBLE_LOCAL_TEMP=str(self.cfg.work / "ansible-home" / "tmp"),
+            ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp),
+            ANSIBLE_NOCOLOR="1",
+        )
         try:
-            res = run_cmd([str(PEERS_VENV / "bin" / "ansible-playbook"), "-i", str(inv),
-                           "-f", str(self.n), str(HERE / "ansible" / "deploy.yml")],
-                          env=env, cwd=self.logdir, timeout=self.cfg.timeout)
+            res = run_cmd(
+                [
+                    str(PEERS_VENV / "bin" / "ansible-playbook"),
+                    "-i",
+                    str(inv),
+                    "-f",
+                    str(self.n),
+                    str(HERE / "ansible" / "deploy.yml"),
+                ],
+                env=env,
+                cwd=self.logdir,
+                timeout=self.cfg.timeout,
+            )
         finally:
             master_cpu = self._close_masters(cp)
         self._check(res, "ansible")
@@ -787,9 +957,12 @@ class Bench:
     def _pyinfra_inventory(self) -> Path:
         inv = self.logdir / "inventory.py"
         if not inv.exists():
-            data = {"ssh_user": "root", "ssh_key": str(self.lab.key),
-                    "ssh_known_hosts_file": str(self.lab.known_hosts),
-                    "ssh_strict_host_key_checking": "yes"}
+            data = {
+                "ssh_user": "root",
+                "ssh_key": str(self.lab.key),
+                "ssh_known_hosts_file": str(self.lab.known_hosts),
+                "ssh_strict_host_key_checking": "yes",
+            }
             inv.write_text("hosts = " + repr([(a, data) for a in self.lab.addresses]) + "\n")
         return inv
 
@@ -798,8 +971,9 @@ class Bench:
 
 
 def psql_rows(cfg: Config, sql: str) -> list[list[str]]:
-    res = run_cmd(["psql", f"{cfg.pg}/{cfg.database}", "-At", "-F", "|", "-c", sql],
-                  check=True, timeout=60)
+    res = run_cmd(
+        ["psql", f"{cfg.pg}/{cfg.database}", "-At", "-F", "|", "-c", sql], check=True, timeout=60
+    )
     return [line.split("|") for line in res.stdout.splitlines() if line]
 
 
@@ -812,31 +986,47 @@ TIMELINE_KEYS = [
 ]
 
 
-def vmfarm_timeline(cfg: Config, execution: str, t_start: float, t_end: float
-                    ) -> dict[str, float]:
+def vmfarm_timeline(cfg: Config, execution: str, t_start: float, t_end: float) -> dict[str, float]:
     """Where one vmfarm run's wall time went, from the ledger's timestamps (naive UTC)."""
     if not re.fullmatch(r"\w+", execution):
         return {}
-    ex = psql_rows(cfg, "SELECT extract(epoch from created_at), extract(epoch from finished_at)"
-                        f" FROM execution WHERE id = '{execution}'")[0]
-    spread = psql_rows(cfg, "SELECT extract(epoch from max(started_at) - min(started_at)) "
-                            f"FROM hoststeprun WHERE execution_id = '{execution}' "
-                            "AND step_index = 0")
-    steps = psql_rows(cfg, "SELECT step_index, extract(epoch from min(started_at)), "
-                           "extract(epoch from max(finished_at)), "
-                           "avg(extract(epoch from finished_at - started_at)), "
-                           "max(extract(epoch from finished_at - started_at)) "
-                           f"FROM hoststeprun WHERE execution_id = '{execution}' "
-                           "GROUP BY step_index ORDER BY step_index")
-    hop = psql_rows(cfg, "SELECT avg(extract(epoch from b.started_at - a.finished_at)) "
-                         "FROM hoststeprun a JOIN hoststeprun b ON a.execution_id = "
-                         "b.execution_id AND a.host = b.host AND b.step_index = "
-                         f"a.step_index + 1 WHERE a.execution_id = '{execution}'")
+    ex = psql_rows(
+        cfg,
+        "SELECT extract(epoch from created_at), extract(epoch from finished_at)"
+        f" FROM execution WHERE id = '{execution}'",
+    )[0]
+    spread = psql_rows(
+        cfg,
+        "SELECT extract(epoch from max(started_at) - min(started_at)) "
+        f"FROM hoststeprun WHERE execution_id = '{execution}' "
+        "AND step_index = 0",
+    )
+    steps = psql_rows(
+        cfg,
+        "SELECT step_index, extract(epoch from min(started_at)), "
+        "extract(epoch from max(finished_at)), "
+        "avg(extract(epoch from finished_at - started_at)), "
+        "max(extract(epoch from finished_at - started_at)) "
+        f"FROM hoststeprun WHERE execution_id = '{execution}' "
+        "GROUP BY step_index ORDER BY step_index",
+    )
+    hop = psql_rows(
+        cfg,
+        "SELECT avg(extract(epoch from b.started_at - a.finished_at)) "
+        "FROM hoststeprun a JOIN hoststeprun b ON a.execution_id = "
+        "b.execution_id AND a.host = b.host AND b.step_index = "
+        f"a.step_index + 1 WHERE a.execution_id = '{execution}'",
+    )
     created, finished = float(ex[0]), float(ex[1])
     first = min(float(r[1]) for r in steps)
     last = max(float(r[2]) for r in steps)
-    out = {"submit": created - t_start, "dispatch": first - created, "steps": last - first,
-           "gate": finished - last, "report": t_end - finished}
+    out = {
+        "submit": created - t_start,
+        "dispatch": first - created,
+        "steps": last - first,
+        "gate": finished - last,
+        "report": t_end - finished,
+    }
     for r in steps:
         out[f"step{r[0]}_avg"] = float(r[3])
         out[f"step{r[0]}_max"] = float(r[4])
@@ -864,8 +1054,9 @@ def _redis_monitor(cfg: Config, counts: dict[str, int], stop: Any) -> None:
 
 def _pg_counters(cfg: Config) -> dict[str, int]:
     cols = ["xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_fetched"]
-    row = psql_rows(cfg, f"SELECT {', '.join(cols)} FROM pg_stat_database "
-                         f"WHERE datname = '{cfg.database}'")[0]
+    row = psql_rows(
+        cfg, f"SELECT {', '.join(cols)} FROM pg_stat_database WHERE datname = '{cfg.database}'"
+    )[0]
     return dict(zip(cols, (int(x) for x in row), strict=True))
 
 
@@ -897,12 +1088,16 @@ def profile_vmfarm(bench: Bench, outdir: Path) -> dict[str, Any]:
     stop.set()
     procs = all_procs()
     summary["counted_run"] = {
-        "wall": res.wall, "ok": res.ok, "error": res.error, "timeline": res.timeline,
-        "cpu": {"vmfarm run (CLI)": (own1.ru_utime + own1.ru_stime)
-                - (own0.ru_utime + own0.ru_stime),
-                **{n: tree_cpu([bench.workers.pid(n)], procs) - before[n]
-                   for n in bench.workers.procs},
-                "lab sshd (remote)": res.remote_cpu, "PostgreSQL backends": res.db_cpu},
+        "wall": res.wall,
+        "ok": res.ok,
+        "error": res.error,
+        "timeline": res.timeline,
+        "cpu": {
+            "vmfarm run (CLI)": (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime),
+            **{n: tree_cpu([bench.workers.pid(n)], procs) - before[n] for n in bench.workers.procs},
+            "lab sshd (remote)": res.remote_cpu,
+            "PostgreSQL backends": res.db_cpu,
+        },
         "postgres": {k: v - pg0[k] for k, v in _pg_counters(bench.cfg).items()},
         "redis_commands": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
         "redis_total": sum(counts.values()),
@@ -914,22 +1109,53 @@ def profile_vmfarm(bench: Bench, outdir: Path) -> dict[str, Any]:
     recorders = []
     for name in bench.workers.procs:
         out = outdir / f"{name}.txt"
-        args = [str(pyspy), "record", "--pid", str(bench.workers.pid(name)), *sample,
-                "--output", str(out)]
+        args = [
+            str(pyspy),
+            "record",
+            "--pid",
+            str(bench.workers.pid(name)),
+            *sample,
+            "--output",
+            str(out),
+        ]
         if name == "w-control":
             args.append("--subprocesses")
-        recorders.append((name, out, subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)))
+        recorders.append(
+            (
+                name,
+                out,
+                subprocess.Popen(
+                    args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                ),
+            )
+        )
     time.sleep(1.5)  # py-spy attaches
     version = f"profile-n{bench.n}-{int(time.time())}"
     reset_hosts(bench.lab)
     cli_out = outdir / "cli.txt"
     started = time.perf_counter()
-    res2 = run_cmd([str(pyspy), "record", *sample, "--output", str(cli_out), "--",
-                    *vmfarm_cmd("run", str(HERE / "vmfarm"), str(bench.lab.infrastructure),
-                                "--set", f"path={bench.cfg.artifact}",
-                                "--set", f"tag={version}")],
-                   env=bench.cfg.vmfarm_env(), cwd=REPO, timeout=bench.cfg.timeout)
+    res2 = run_cmd(
+        [
+            str(pyspy),
+            "record",
+            *sample,
+            "--output",
+            str(cli_out),
+            "--",
+            *vmfarm_cmd(
+                "run",
+                str(HERE / "vmfarm"),
+                str(bench.lab.infrastructure),
+                "--set",
+                f"path={bench.cfg.artifact}",
+                "--set",
+                f"tag={version}",
+            ),
+        ],
+        env=bench.cfg.vmfarm_env(),
+        cwd=REPO,
+        timeout=bench.cfg.timeout,
+    )
     wall = time.perf_counter() - started
     time.sleep(0.5)
     for _, _, p in recorders:
@@ -941,13 +1167,18 @@ def profile_vmfarm(bench: Bench, outdir: Path) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    summary["sampled_run"] = {"wall": wall, "rc": res2.returncode,
-                              "problems": verify(bench.lab, version, bench.sha256),
-                              "samples_at_100_hz": {}}
+    summary["sampled_run"] = {
+        "wall": wall,
+        "rc": res2.returncode,
+        "problems": verify(bench.lab, version, bench.sha256),
+        "samples_at_100_hz": {},
+    }
     for name, path in [*((n, o) for n, o, _ in recorders), ("cli", cli_out)]:
         if path.exists():
             summary["sampled_run"]["samples_at_100_hz"][name] = {
-                "path": str(path), **summarize_raw(path)}
+                "path": str(path),
+                **summarize_raw(path),
+            }
     (outdir / "summary.json").write_text(json.dumps(summary, indent=2))
     (outdir / "summary.md").write_text(profile_md(summary))
     return summary
@@ -956,18 +1187,27 @@ def profile_vmfarm(bench: Bench, outdir: Path) -> dict[str, Any]:
 def profile_md(summary: dict[str, Any]) -> str:
     """The profile's numbers as text (benchmarks/work/profile/summary.md)."""
     c = summary["counted_run"]
-    lines = [f"# vmfarm run at N={summary['n']}: counted run", "",
-             f"wall {fmt(c['wall'])} s, ok {c['ok']} {c['error']}", "",
-             "timeline (s): " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                           (c["timeline"] or {}).items()), "",
-             "CPU (s): " + ", ".join(f"{k} {fmt(v)}" for k, v in c["cpu"].items()), "",
-             "PostgreSQL (vmfarm_bench): " + ", ".join(f"{k} {v}" for k, v in
-                                                       c["postgres"].items()), "",
-             f"Redis commands on our databases: {c['redis_total']}: "
-             + ", ".join(f"{k} {v}" for k, v in c["redis_commands"].items()), ""]
+    lines = [
+        f"# vmfarm run at N={summary['n']}: counted run",
+        "",
+        f"wall {fmt(c['wall'])} s, ok {c['ok']} {c['error']}",
+        "",
+        "timeline (s): " + ", ".join(f"{k} {v:.2f}" for k, v in (c["timeline"] or {}).items()),
+        "",
+        "CPU (s): " + ", ".join(f"{k} {fmt(v)}" for k, v in c["cpu"].items()),
+        "",
+        "PostgreSQL (vmfarm_bench): " + ", ".join(f"{k} {v}" for k, v in c["postgres"].items()),
+        "",
+        f"Redis commands on our databases: {c['redis_total']}: "
+        + ", ".join(f"{k} {v}" for k, v in c["redis_commands"].items()),
+        "",
+    ]
     s = summary["sampled_run"]
-    lines += [f"# sampled run (py-spy --gil --nonblocking, 100 Hz): wall {fmt(s['wall'])} s, "
-              f"rc {s['rc']}, problems {s['problems'][:3]}", ""]
+    lines += [
+        f"# sampled run (py-spy --gil --nonblocking, 100 Hz): wall {fmt(s['wall'])} s, "
+        f"rc {s['rc']}, problems {s['problems'][:3]}",
+        "",
+    ]
     for name, v in s["samples_at_100_hz"].items():
         lines += [f"## {name}: {v['samples']} samples holding the GIL", "", "inclusive:"]
         lines += [f"  {count:6d}  {frame}" for frame, count in v["inclusive"]]
@@ -1017,15 +1257,23 @@ def summarize(results: list[RunResult], cfg: Config) -> list[dict[str, Any]]:
                 continue
             ok = [r for r in rs if r.ok]
             walls = [r.wall for r in ok if r.wall is not None]
-            row: dict[str, Any] = {"tool": tool, "n": n, "runs": len(rs), "ok": len(ok),
-                                   "errors": sorted({r.error for r in rs if r.error})}
+            row: dict[str, Any] = {
+                "tool": tool,
+                "n": n,
+                "runs": len(rs),
+                "ok": len(ok),
+                "errors": sorted({r.error for r in rs if r.error}),
+            }
             if walls:
                 row.update(
-                    median=med(walls), min=min(walls), max=max(walls),
+                    median=med(walls),
+                    min=min(walls),
+                    max=max(walls),
                     ctrl=med([r.ctrl_cpu for r in ok if r.ctrl_cpu is not None]),
                     remote=med([r.remote_cpu for r in ok if r.remote_cpu is not None]),
                     db=med([r.db_cpu for r in ok if r.db_cpu is not None])
-                    if tool.startswith("vmfarm") else None,
+                    if tool.startswith("vmfarm")
+                    else None,
                     other=med([r.other_cpu for r in ok if r.other_cpu is not None]),
                 )
                 if vm_ok and not tool.startswith("vmfarm"):
@@ -1040,25 +1288,33 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def table_md(rows: list[dict[str, Any]]) -> str:
-    head = ("| tool | N | ok/runs | wall median (s) | min | max | per host (ms) "
-            "| vmfarm / this | anchor median (s) | ctrl CPU (s) | remote CPU (s) "
-            "| PostgreSQL CPU (s) | other CPU (s) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| tool | N | ok/runs | wall median (s) | min | max | per host (ms) "
+        "| vmfarm / this | anchor median (s) | ctrl CPU (s) | remote CPU (s) "
+        "| PostgreSQL CPU (s) | other CPU (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for r in rows:
         label = LABELS.get(r["tool"], r["tool"])
         if "median" not in r:
             err = "; ".join(r["errors"])[:300].replace("|", "/")
-            lines.append(f"| {label} | {r['n']} | {r['ok']}/{r['runs']} | **failed**: {err} "
-                         "| | | | | | | | | |")
+            lines.append(
+                f"| {label} | {r['n']} | {r['ok']}/{r['runs']} | **failed**: {err} "
+                "| | | | | | | | | |"
+            )
             continue
-        ratio = "-" if not r.get("ratio") else (
-            f"{r['ratio']:.1f}x" if r["ratio"] >= 1 else f"{r['ratio']:.2f}x")
+        ratio = (
+            "-"
+            if not r.get("ratio")
+            else (f"{r['ratio']:.1f}x" if r["ratio"] >= 1 else f"{r['ratio']:.2f}x")
+        )
         lines.append(
             f"| {label} | {r['n']} | {r['ok']}/{r['runs']} | {fmt(r['median'])} "
             f"| {fmt(r['min'])} | {fmt(r['max'])} | {r['median'] / r['n'] * 1000:.0f} "
             f"| {ratio} | {fmt(r['anchor'])} | {fmt(r['ctrl'])} | {fmt(r['remote'])} "
-            f"| {fmt(r.get('db'))} | {fmt(r['other'])} |")
+            f"| {fmt(r.get('db'))} | {fmt(r['other'])} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -1066,29 +1322,32 @@ def timeline_md(results: list[RunResult], cfg: Config) -> str:
     """Medians of where vmfarm's wall time went (warm runs that passed)."""
     lines = []
     for n in cfg.hosts:
-        tls = [r.timeline for r in results
-               if r.tool == "vmfarm" and r.n == n and r.ok and r.timeline]
+        tls = [
+            r.timeline for r in results if r.tool == "vmfarm" and r.n == n and r.ok and r.timeline
+        ]
         if not tls:
             continue
-        cells = [fmt(med([t[k] for t in tls if k in t])) if any(k in t for t in tls) else "-"
-                 for k in [k for k, _ in TIMELINE_KEYS] + ["start_spread", "step0_avg", "step0_max",
-                                                           "step1_avg", "step1_max",
-                                                           "chain_hop_avg"]]
+        cells = [
+            fmt(med([t[k] for t in tls if k in t])) if any(k in t for t in tls) else "-"
+            for k in [k for k, _ in TIMELINE_KEYS]
+            + ["start_spread", "step0_avg", "step0_max", "step1_avg", "step1_max", "chain_hop_avg"]
+        ]
         lines.append(f"| {n} | {len(tls)} | " + " | ".join(cells) + " |")
     if not lines:
         return ""
     legend = "; ".join(f"*{k}* = {v}" for k, v in TIMELINE_KEYS)
-    return ("Where vmfarm's wall time went (warm runs, medians in seconds, from the ledger's "
-            f"timestamps): {legend}; *spread* = from the first host's deploy step starting to "
-            "the last one's (one message per host, published one after another while the first "
-            "hosts already run); *step0/step1* = time one host spends in the deploy "
-            "step / the health step (claim, SSH commands, log rows; both steps run in one "
-            "Celery task per host), average and slowest host; *hop* = from a host's deploy "
-            "step ending to its health step starting.\n\n"
-            "| N | runs | submit | dispatch | steps | gate | report | spread | step0 avg "
-            "| step0 max | step1 avg | step1 max | hop |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-            + "\n".join(lines) + "\n\n")
+    return (
+        "Where vmfarm's wall time went (warm runs, medians in seconds, from the ledger's "
+        f"timestamps): {legend}; *spread* = from the first host's deploy step starting to "
+        "the last one's (one message per host, published one after another while the first "
+        "hosts already run); *step0/step1* = time one host spends in the deploy "
+        "step / the health step (claim, SSH commands, log rows; both steps run in one "
+        "Celery task per host), average and slowest host; *hop* = from a host's deploy "
+        "step ending to its health step starting.\n\n"
+        "| N | runs | submit | dispatch | steps | gate | report | spread | step0 avg "
+        "| step0 max | step1 avg | step1 max | hop |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+    )
 
 
 def failures_md(results: list[RunResult]) -> str:
@@ -1100,9 +1359,16 @@ def failures_md(results: list[RunResult]) -> str:
     return "\n".join(out) + "\n"
 
 
-def results_md(cfg: Config, rows: list[dict[str, Any]], results: list[RunResult],
-               info: dict[str, str], started: dt.datetime, elapsed: float,
-               argv: list[str], load: str) -> str:
+def results_md(
+    cfg: Config,
+    rows: list[dict[str, Any]],
+    results: list[RunResult],
+    info: dict[str, str],
+    started: dt.datetime,
+    elapsed: float,
+    argv: list[str],
+    load: str,
+) -> str:
     v = "\n".join(f"- {k}: {val}" for k, val in info.items())
     return (
         f"Measured {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min in all, with "
@@ -1118,7 +1384,8 @@ def results_md(cfg: Config, rows: list[dict[str, Any]], results: list[RunResult]
         "PostgreSQL CPU = the backends of the benchmark database (vmfarm only; Redis is shared "
         "with other suites and not counted); other = the rest of the machine (other tenants: "
         "a noise indicator).\n\n"
-        f"{failures_md(results)}")
+        f"{failures_md(results)}"
+    )
 
 
 def write_readme(section: str) -> None:
@@ -1138,8 +1405,14 @@ def save_result(cfg: Config, r: RunResult) -> None:
         fh.write(json.dumps(asdict(r)) + "\n")
 
 
-def run_host_count(cfg: Config, n: int, stack: contextlib.ExitStack, sha256: str,
-                   results: list[RunResult], tools: list[str]) -> None:
+def run_host_count(
+    cfg: Config,
+    n: int,
+    stack: contextlib.ExitStack,
+    sha256: str,
+    results: list[RunResult],
+    tools: list[str],
+) -> None:
     logdir = cfg.work / f"n{n}"
     shutil.rmtree(logdir, ignore_errors=True)
     logdir.mkdir(parents=True)
@@ -1150,8 +1423,9 @@ def run_host_count(cfg: Config, n: int, stack: contextlib.ExitStack, sha256: str
         shielded(lab_down, cfg)()
         err = f"lab up failed: {tail(str(exc))}"
         log(err)
-        results.extend(RunResult(tool=t, n=n, round=0, version="", ok=False, error=err)
-                       for t in tools)
+        results.extend(
+            RunResult(tool=t, n=n, round=0, version="", ok=False, error=err) for t in tools
+        )
         return
     stack.callback(shielded(lab_down, cfg))
     workers, worker_error = None, ""
@@ -1162,8 +1436,15 @@ def run_host_count(cfg: Config, n: int, stack: contextlib.ExitStack, sha256: str
     except Exception as exc:
         worker_error = f"workers did not start: {tail(str(exc))}"
         log(worker_error)
-    bench = Bench(cfg=cfg, lab=lab, sha256=sha256, n=n, workers=workers, logdir=logdir,
-                  worker_error=worker_error)
+    bench = Bench(
+        cfg=cfg,
+        lab=lab,
+        sha256=sha256,
+        n=n,
+        workers=workers,
+        logdir=logdir,
+        worker_error=worker_error,
+    )
     # Untimed: every host then runs an app, so the first timed "stop" really stops one.
     if "asyncssh" in cfg.peers:
         warm = bench.measure("asyncssh-1chan", 0, timed=False)
@@ -1172,23 +1453,29 @@ def run_host_count(cfg: Config, n: int, stack: contextlib.ExitStack, sha256: str
     cold.tool = "vmfarm-cold"
     results.append(cold)
     save_result(cfg, cold)
-    log(f"N={n}: vmfarm, first run after the workers started: {fmt(cold.wall)} s "
-        f"{'ok' if cold.ok else cold.error}")
+    log(
+        f"N={n}: vmfarm, first run after the workers started: {fmt(cold.wall)} s "
+        f"{'ok' if cold.ok else cold.error}"
+    )
     for rnd in range(1, cfg.repeat + 1):
         # Rotate the order each round: no tool always runs right after the same one.
-        order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]
+        order = tools[rnd % len(tools) :] + tools[: rnd % len(tools)]
         for tool in order:
             r = bench.measure(tool, rnd)
             results.append(r)
-            log(f"N={n} round {rnd}/{cfg.repeat} {tool}: {fmt(r.wall)} s "
-                f"{'ok' if r.ok else 'FAILED ' + r.error}")
+            log(
+                f"N={n} round {rnd}/{cfg.repeat} {tool}: {fmt(r.wall)} s "
+                f"{'ok' if r.ok else 'FAILED ' + r.error}"
+            )
             save_result(cfg, r)
     if cfg.profile == n and workers is not None:
         log(f"N={n}: profiling one vmfarm run with py-spy")
         try:
             profile_vmfarm(bench, cfg.work / "profile")
-            log(f"profile written to {cfg.work / 'profile'} (summary.md, summary.json, raw "
-                "py-spy stacks)")
+            log(
+                f"profile written to {cfg.work / 'profile'} (summary.md, summary.json, raw "
+                "py-spy stacks)"
+            )
         except Exception as exc:
             log(f"profiling failed: {type(exc).__name__}: {exc}")
 
@@ -1196,8 +1483,9 @@ def run_host_count(cfg: Config, n: int, stack: contextlib.ExitStack, sha256: str
 def main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     if os.geteuid() != 0:
-        print("benchmarks/run needs root (the lab's sshd bind port 22 on 127.0.1.K)",
-              file=sys.stderr)
+        print(
+            "benchmarks/run needs root (the lab's sshd bind port 22 on 127.0.1.K)", file=sys.stderr
+        )
         return 2
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -1224,21 +1512,26 @@ def main(argv: list[str]) -> int:
             reset_stores(cfg)
             stack.callback(shielded(flush_redis, cfg))
             if not cfg.keep_db:
-                stack.callback(shielded(psql, cfg,
-                                        f'DROP DATABASE IF EXISTS "{cfg.database}" WITH (FORCE)'))
+                stack.callback(
+                    shielded(psql, cfg, f'DROP DATABASE IF EXISTS "{cfg.database}" WITH (FORCE)')
+                )
             for n in cfg.hosts:
                 with contextlib.ExitStack() as per_n:
                     if peers_error:
-                        results.extend(RunResult(tool=t, n=n, round=0, version="", ok=False,
-                                                 error=peers_error)
-                                       for t in tools if t != "vmfarm")
+                        results.extend(
+                            RunResult(tool=t, n=n, round=0, version="", ok=False, error=peers_error)
+                            for t in tools
+                            if t != "vmfarm"
+                        )
                         run_host_count(cfg, n, per_n, sha256, results, ["vmfarm"])
                     else:
                         run_host_count(cfg, n, per_n, sha256, results, tools)
         except (KeyboardInterrupt, Interrupted) as exc:
             interrupted = True
-            log(f"interrupted ({type(exc).__name__}): tearing down; partial results follow "
-                "(README.md is left as it was)")
+            log(
+                f"interrupted ({type(exc).__name__}): tearing down; partial results follow "
+                "(README.md is left as it was)"
+            )
         finally:
             log("teardown")
     rows = summarize(results, cfg)
@@ -1250,8 +1543,9 @@ def main(argv: list[str]) -> int:
         return 130
     if cfg.write_readme and results:
         info = versions(cfg)
-        write_readme(results_md(cfg, rows, results, info, started, time.monotonic() - t0,
-                                argv, load))
+        write_readme(
+            results_md(cfg, rows, results, info, started, time.monotonic() - t0, argv, load)
+        )
         log(f"results written to {README}")
     return 0 if results and all(r.ok for r in results) else 1
 

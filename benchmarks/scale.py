@@ -65,8 +65,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def files(root: Path, hosts: int, steps: int, phases: str, lanes: int | None) -> Path:
-    lines = [f"      - {{hostname: h{i:05d}, region: {'r1' if i % 2 else 'r2'}}}"
-             for i in range(hosts)]
+    lines = [
+        f"      - {{hostname: h{i:05d}, region: {'r1' if i % 2 else 'r2'}}}" for i in range(hosts)
+    ]
     step = """\
               - step:
                   type: Command
@@ -130,8 +131,9 @@ def children(pid: int) -> list[int]:
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
-                out += [int(p) for p in
-                        Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+                out += [
+                    int(p) for p in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+                ]
     return out
 
 
@@ -188,31 +190,53 @@ def worker_cpu(pid: int) -> float:
 
 
 def psql(sql: str, db: str = DB) -> str:
-    return subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-XAtc", sql],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-XAtc", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def pg_counters() -> dict[str, Any]:
-    row = psql("SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, "
-               f"tup_updated, tup_deleted FROM pg_stat_database WHERE datname = '{DB}'")
-    names = ["commits", "rollbacks", "rows_returned", "rows_fetched", "rows_inserted",
-             "rows_updated", "rows_deleted"]
+    row = psql(
+        "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, "
+        f"tup_updated, tup_deleted FROM pg_stat_database WHERE datname = '{DB}'"
+    )
+    names = [
+        "commits",
+        "rollbacks",
+        "rows_returned",
+        "rows_fetched",
+        "rows_inserted",
+        "rows_updated",
+        "rows_deleted",
+    ]
     out: dict[str, Any] = dict(zip(names, (int(x) for x in row.split("|")), strict=True))
     tables = {}
-    for line in psql("SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0), n_tup_ins, "
-                     "n_tup_upd FROM pg_stat_user_tables").splitlines():
+    for line in psql(
+        "SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0), n_tup_ins, "
+        "n_tup_upd FROM pg_stat_user_tables"
+    ).splitlines():
         name, *nums = line.split("|")
-        tables[name] = dict(zip(["seq_scan", "seq_rows_read", "idx_scan", "inserted", "updated"],
-                                (int(x) for x in nums), strict=True))
+        tables[name] = dict(
+            zip(
+                ["seq_scan", "seq_rows_read", "idx_scan", "inserted", "updated"],
+                (int(x) for x in nums),
+                strict=True,
+            )
+        )
     out["tables"] = tables
     return out
 
 
 def pg_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: b[k] - a.get(k, 0) for k in b if k != "tables"}
-    out["tables"] = {t: {k: v - a["tables"].get(t, {}).get(k, 0) for k, v in c.items()}
-                     for t, c in b["tables"].items()
-                     if any(v - a["tables"].get(t, {}).get(k, 0) for k, v in c.items())}
+    out["tables"] = {
+        t: {k: v - a["tables"].get(t, {}).get(k, 0) for k, v in c.items()}
+        for t, c in b["tables"].items()
+        if any(v - a["tables"].get(t, {}).get(k, 0) for k, v in c.items())
+    }
     return out
 
 
@@ -226,8 +250,10 @@ def redis_commands() -> int:
 
 def execution_row(ex_id: str) -> tuple[str, float, float | None]:
     """(status, created, finished) as Unix times from the ledger."""
-    row = psql("SELECT status, extract(epoch from created_at), "
-               f"extract(epoch from finished_at) FROM execution WHERE id = '{ex_id}'")
+    row = psql(
+        "SELECT status, extract(epoch from created_at), "
+        f"extract(epoch from finished_at) FROM execution WHERE id = '{ex_id}'"
+    )
     status, created, finished = [*row.split("|"), "", "", ""][:3]
     return status, float(created or 0), float(finished) if finished else None
 
@@ -242,14 +268,22 @@ def phase_timings(ex_id: str) -> list[dict[str, Any]]:
         "extract(epoch from (SELECT min(started_at) FROM hoststeprun r WHERE "
         "r.execution_id = p.execution_id AND r.stage_index = p.stage_index AND "
         "r.phase = p.phase) - p.dispatched_at) "
-        f"FROM phaserun p WHERE p.execution_id = '{ex_id}' ORDER BY p.stage_index, p.phase")
+        f"FROM phaserun p WHERE p.execution_id = '{ex_id}' ORDER BY p.stage_index, p.phase"
+    )
     out = []
     for line in rows.splitlines():
         phase, kind, status, hosts, span, lag, start = line.split("|")
-        out.append({"phase": int(phase), "kind": kind, "status": status, "hosts": int(hosts),
-                    "dispatch_to_gate_s": round(float(span or 0), 2),
-                    "first_step_after_s": round(float(start or 0), 3),
-                    "gate_lag_s": round(float(lag or 0), 3)})
+        out.append(
+            {
+                "phase": int(phase),
+                "kind": kind,
+                "status": status,
+                "hosts": int(hosts),
+                "dispatch_to_gate_s": round(float(span or 0), 2),
+                "first_step_after_s": round(float(start or 0), 3),
+                "gate_lag_s": round(float(lag or 0), 3),
+            }
+        )
     return out
 
 
@@ -260,8 +294,12 @@ def timed(cmd: list[str], *, env: dict[str, str], out: Path) -> tuple[int, float
         p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return (p.returncode, time.monotonic() - t0, ru.ru_utime + ru.ru_stime,
-            round(ru.ru_maxrss / 1024, 1))
+    return (
+        p.returncode,
+        time.monotonic() - t0,
+        ru.ru_utime + ru.ru_stime,
+        round(ru.ru_maxrss / 1024, 1),
+    )
 
 
 def wait_workers(names: list[str], timeout: float) -> None:
@@ -309,21 +347,43 @@ def inproc(args: argparse.Namespace, spec: Path) -> int:
     gates: list[tuple[int, int, float, float]] = []
     while True:
         with session_scope() as s:
-            pr = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex_id,
-                                               PhaseRun.status == Status.RUNNING)).first()
+            pr = s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id, PhaseRun.status == Status.RUNNING
+                )
+            ).first()
             if pr is None:
                 break
-            run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id,
-                                                StageRun.stage_index == pr.stage_index)).one()
+            run = s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == ex_id, StageRun.stage_index == pr.stage_index
+                )
+            ).one()
             region = {h["name"]: h["region"] for h in run.hosts}
             stage_index, phase, hosts = pr.stage_index, pr.phase, list(pr.hosts)
         now = utcnow()
-        rows = [dict(idem_key=f"{ex_id}:{stage_index}:{phase}:{h}:{i}:1", execution_id=ex_id,
-                     stage_index=stage_index, phase=phase, step_index=i, step_id=f"step{i}",
-                     kind="deploy", host=h, region=region[h], attempt=1,
-                     status=Status.SUCCEEDED, exit_code=0, outputs={}, started_at=now,
-                     finished_at=now, heartbeat_at=now)
-                for h in hosts for i in range(args.steps)]
+        rows = [
+            dict(
+                idem_key=f"{ex_id}:{stage_index}:{phase}:{h}:{i}:1",
+                execution_id=ex_id,
+                stage_index=stage_index,
+                phase=phase,
+                step_index=i,
+                step_id=f"step{i}",
+                kind="deploy",
+                host=h,
+                region=region[h],
+                attempt=1,
+                status=Status.SUCCEEDED,
+                exit_code=0,
+                outputs={},
+                started_at=now,
+                finished_at=now,
+                heartbeat_at=now,
+            )
+            for h in hosts
+            for i in range(args.steps)
+        ]
         with session_scope() as s:
             s.execute(insert(HostStepRun), rows)
         time.sleep(0.05)  # let PostgreSQL finish the insert's work before sampling its CPU
@@ -347,22 +407,32 @@ def inproc(args: argparse.Namespace, spec: Path) -> int:
     host_steps = args.hosts * args.steps
     wall = submit_s + sum(g[2] for g in gates)
     cpu = submit_cpu + sum(g[3] for g in gates)
-    first, last = gates[: max(1, len(gates) // 10)], gates[-max(1, len(gates) // 10):]
+    first, last = gates[: max(1, len(gates) // 10)], gates[-max(1, len(gates) // 10) :]
     result = {
-        "mode": "coordinator-only", "hosts": args.hosts, "steps": args.steps,
-        "host_steps": host_steps, "phases": args.phases, "phase_count": len(gates),
-        "execution": ex_id, "status": status,
-        "plan_s": round(plan_s, 3), "plan_cpu_s": round(plan_cpu, 3),
-        "submit_s": round(submit_s, 3), "submit_cpu_s": round(submit_cpu, 3),
+        "mode": "coordinator-only",
+        "hosts": args.hosts,
+        "steps": args.steps,
+        "host_steps": host_steps,
+        "phases": args.phases,
+        "phase_count": len(gates),
+        "execution": ex_id,
+        "status": status,
+        "plan_s": round(plan_s, 3),
+        "plan_cpu_s": round(plan_cpu, 3),
+        "submit_s": round(submit_s, 3),
+        "submit_cpu_s": round(submit_cpu, 3),
         "gates_s": round(sum(g[2] for g in gates), 3),
-        "coordinator_s": round(wall, 3), "coordinator_cpu_s": round(cpu, 3),
+        "coordinator_s": round(wall, 3),
+        "coordinator_cpu_s": round(cpu, 3),
         "ms_per_host_step": round(1000 * wall / host_steps, 4),
         "cpu_ms_per_host_step": round(1000 * cpu / host_steps, 4),
-        "redis_cpu_s": round(srv[0], 2), "postgres_cpu_s": round(srv[1], 2),
+        "redis_cpu_s": round(srv[0], 2),
+        "postgres_cpu_s": round(srv[1], 2),
         "broker_and_sql_ms_per_host_step": round(1000 * sum(srv) / host_steps, 4),
         "gate_ms_per_host": {
             "first_tenth": round(1000 * sum(g[2] for g in first) / sum(g[1] for g in first), 4),
-            "last_tenth": round(1000 * sum(g[2] for g in last) / sum(g[1] for g in last), 4)},
+            "last_tenth": round(1000 * sum(g[2] for g in last) / sum(g[1] for g in last), 4),
+        },
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
     text = json.dumps(result, indent=2)
@@ -384,18 +454,37 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--lanes", type=int, default=None, help="maxConcurrency of the stage")
     ap.add_argument("--timeout", type=float, default=3600, help="give up after this many s")
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="record the workers with py-spy into this directory")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record the workers with py-spy into this directory",
+    )
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
-    ap.add_argument("--sql-log", action="store_true",
-                    help="log_statement=all on the scale database (PostgreSQL's log)")
+    ap.add_argument(
+        "--sql-log",
+        action="store_true",
+        help="log_statement=all on the scale database (PostgreSQL's log)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
-    ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment of the workers (e.g. MALLOC_ARENA_MAX=2)")
-    ap.add_argument("--coordinator-only", action="store_true",
-                    help="the coordinator alone, in process, no workers (see above)")
-    ap.add_argument("--cprofile", type=Path, default=None,
-                    help="with --coordinator-only: cProfile of the timed calls")
+    ap.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the workers (e.g. MALLOC_ARENA_MAX=2)",
+    )
+    ap.add_argument(
+        "--coordinator-only",
+        action="store_true",
+        help="the coordinator alone, in process, no workers (see above)",
+    )
+    ap.add_argument(
+        "--cprofile",
+        type=Path,
+        default=None,
+        help="with --coordinator-only: cProfile of the timed calls",
+    )
     ap.add_argument("--inproc-spec", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
@@ -410,39 +499,64 @@ def main() -> int:
     subprocess.run(["redis-cli", "-n", "6", "flushdb"], check=True, capture_output=True)
     subprocess.run(["redis-cli", "-n", "7", "flushdb"], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMFARM_")}
-    env.update(VMFARM_HOME=str(root / "home"), PYTHONPATH=str(REPO),
-               VMFARM_BROKER_URL="redis://127.0.0.1:6379/6",
-               VMFARM_RESULT_BACKEND="redis://127.0.0.1:6379/7",
-               VMFARM_DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB}",
-               # No host is contacted (the hosts h00000... do not exist): every process's
-               # connections are no-ops, and the coordinator records no deployment.
-               VMFARM_TEST_CONNECTION="noop")
+    env.update(
+        VMFARM_HOME=str(root / "home"),
+        PYTHONPATH=str(REPO),
+        VMFARM_BROKER_URL="redis://127.0.0.1:6379/6",
+        VMFARM_RESULT_BACKEND="redis://127.0.0.1:6379/7",
+        VMFARM_DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{DB}",
+        # No host is contacted (the hosts h00000... do not exist): every process's
+        # connections are no-ops, and the coordinator records no deployment.
+        VMFARM_TEST_CONNECTION="noop",
+    )
     spec = files(root, args.hosts, args.steps, args.phases, args.lanes)
     if args.coordinator_only:
         try:
-            return subprocess.run([PY, __file__, *sys.argv[1:], "--inproc-spec", str(spec)],
-                                  env=env, cwd=REPO).returncode
+            return subprocess.run(
+                [PY, __file__, *sys.argv[1:], "--inproc-spec", str(spec)], env=env, cwd=REPO
+            ).returncode
         finally:
             for db in ("6", "7"):  # the published phases nobody consumed
                 subprocess.run(["redis-cli", "-n", db, "flushdb"], capture_output=True)
     worker_env = {**env, **dict(kv.split("=", 1) for kv in args.worker_env)}
     workers: list[tuple[str, subprocess.Popen[bytes]]] = []
     spies: list[subprocess.Popen[bytes]] = []
-    for name, extra in (("control", ["--control"]),
-                        ("r1", ["--region", "r1", "-c", str(args.concurrency)]),
-                        ("r2", ["--region", "r2", "-c", str(args.concurrency)])):
+    for name, extra in (
+        ("control", ["--control"]),
+        ("r1", ["--region", "r1", "-c", str(args.concurrency)]),
+        ("r2", ["--region", "r2", "-c", str(args.concurrency)]),
+    ):
         log = (root / f"{name}.log").open("wb")
-        workers.append((name, subprocess.Popen(
-            [PY, "-m", "cli.main", "worker", *extra, "-n", f"scale-{name}@bench",
-             "-l", "WARNING"], env=worker_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)))
+        workers.append(
+            (
+                name,
+                subprocess.Popen(
+                    [
+                        PY,
+                        "-m",
+                        "cli.main",
+                        "worker",
+                        *extra,
+                        "-n",
+                        f"scale-{name}@bench",
+                        "-l",
+                        "WARNING",
+                    ],
+                    env=worker_env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+            )
+        )
     try:
         wait_workers([f"scale-{n}@bench" for n, _ in workers], 120)
         time.sleep(1)
         load0 = os.getloadavg()
         code, plan_s, plan_cpu, plan_rss = timed(
-            [PY, "-m", "cli.main", "plan", str(spec), "-o", "json"], env=env,
-            out=root / "plan.json")
+            [PY, "-m", "cli.main", "plan", str(spec), "-o", "json"], env=env, out=root / "plan.json"
+        )
         if code != 0:
             print((root / "plan.json").read_text()[-3000:])
             return 1
@@ -450,19 +564,35 @@ def main() -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
             for name, p in workers:
                 for pid in tree(p.pid):
-                    spies.append(subprocess.Popen(
-                        [args.py_spy, "record", "--nonblocking", "--rate", "200",
-                         "--pid", str(pid), "--format", "raw",
-                         "-o", str(args.profile / f"{name}-{pid}.txt")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    spies.append(
+                        subprocess.Popen(
+                            [
+                                args.py_spy,
+                                "record",
+                                "--nonblocking",
+                                "--rate",
+                                "200",
+                                "--pid",
+                                str(pid),
+                                "--format",
+                                "raw",
+                                "-o",
+                                str(args.profile / f"{name}-{pid}.txt"),
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    )
             time.sleep(1)
         cpu0 = {name: worker_cpu(p.pid) for name, p in workers}
         cpu0["redis"], cpu0["postgres"] = server_cpu("redis-server"), server_cpu("postgres")
         pg0, redis0 = pg_counters(), redis_commands()
         t0 = time.monotonic()
         code, submit_s, submit_cpu, submit_rss = timed(
-            [PY, "-m", "cli.main", "run", str(spec), "--detach", "-o", "json"], env=env,
-            out=root / "submit.json")
+            [PY, "-m", "cli.main", "run", str(spec), "--detach", "-o", "json"],
+            env=env,
+            out=root / "submit.json",
+        )
         if code != 0:
             print((root / "submit.json").read_text()[-3000:])
             return 1
@@ -495,20 +625,32 @@ def main() -> int:
                 peaks[f"{name}_pool"] = [hwm_mb(c) for c in pids[1:]]
                 rss_end[f"{name}_pool"] = [hwm_mb(c, "VmRSS") for c in pids[1:]]
         result = {
-            "hosts": args.hosts, "steps": args.steps, "host_steps": host_steps,
-            "phases": args.phases, "lanes": args.lanes, "concurrency": args.concurrency,
-            "execution": ex_id, "status": status,
-            "plan_s": round(plan_s, 2), "plan_cpu_s": round(plan_cpu, 2),
-            "submit_s": round(submit_s, 2), "run_s": round(run_s, 2),
+            "hosts": args.hosts,
+            "steps": args.steps,
+            "host_steps": host_steps,
+            "phases": args.phases,
+            "lanes": args.lanes,
+            "concurrency": args.concurrency,
+            "execution": ex_id,
+            "status": status,
+            "plan_s": round(plan_s, 2),
+            "plan_cpu_s": round(plan_cpu, 2),
+            "submit_s": round(submit_s, 2),
+            "run_s": round(run_s, 2),
             "total_s": round(total, 2),
             "ms_per_host_step": round(1000 * run_s / host_steps, 3),
-            "cpu_s": cpu, "cpu_s_total": round(sum(cpu.values()), 2),
+            "cpu_s": cpu,
+            "cpu_s_total": round(sum(cpu.values()), 2),
             "cpu_ms_per_host_step": round(1000 * sum(cpu.values()) / host_steps, 3),
-            "peak_rss_mb": peaks, "rss_at_end_mb": rss_end,
+            "peak_rss_mb": peaks,
+            "rss_at_end_mb": rss_end,
             "worker_env": args.worker_env,
-            "loadavg": {"before": [round(x, 2) for x in load0],
-                        "after": [round(x, 2) for x in load1]},
-            "sql": pg, "redis_commands": redis,
+            "loadavg": {
+                "before": [round(x, 2) for x in load0],
+                "after": [round(x, 2) for x in load1],
+            },
+            "sql": pg,
+            "redis_commands": redis,
             "redis_commands_per_host_step": round(redis / host_steps, 1),
             "sql_commits_per_host_step": round(pg["commits"] / host_steps, 2),
             "phase_timings": phase_timings(ex_id),

@@ -30,8 +30,10 @@ def app_conf(addr: str, version: str) -> str:
 
 def stop(d: str = APP_DIR) -> str:
     q = shlex.quote(d)
-    return (f'mkdir -p {q} && if [ -f {q}/app.pid ]; then kill "$(cat {q}/app.pid)" '
-            f"2>/dev/null || true; rm -f {q}/app.pid; fi")
+    return (
+        f'mkdir -p {q} && if [ -f {q}/app.pid ]; then kill "$(cat {q}/app.pid)" '
+        f"2>/dev/null || true; rm -f {q}/app.pid; fi"
+    )
 
 
 def extract(d: str = APP_DIR) -> str:
@@ -47,22 +49,34 @@ def start(d: str = APP_DIR) -> str:
     q = shlex.quote(d)
     # `&` on the setsid command alone: a backgrounded `cd && setsid ...` list would be a
     # subshell that keeps the channel's stdout open until the app exits.
-    return (f"cd {q} || exit 1; setsid nohup {q}/current/app-1.0/bin/app.sh >/dev/null 2>&1 "
-            f"</dev/null & echo $! > {q}/app.pid")
+    return (
+        f"cd {q} || exit 1; setsid nohup {q}/current/app-1.0/bin/app.sh >/dev/null 2>&1 "
+        f"</dev/null & echo $! > {q}/app.pid"
+    )
 
 
 def health(version: str, d: str = APP_DIR) -> str:
     q = shlex.quote(d)
     v = shlex.quote(f"version={version}")
-    return (f"for i in 1 2 3 4 5 6 7 8 9 10; do "
-            f'if kill -0 "$(cat {q}/app.pid 2>/dev/null)" 2>/dev/null && '
-            f"grep -qx {v} {q}/app.conf; then exit 0; fi; sleep 0.2; done; "
-            f"echo 'app not healthy after 10 tries' >&2; exit 1")
+    return (
+        f"for i in 1 2 3 4 5 6 7 8 9 10; do "
+        f'if kill -0 "$(cat {q}/app.pid 2>/dev/null)" 2>/dev/null && '
+        f"grep -qx {v} {q}/app.conf; then exit 0; fi; sleep 0.2; done; "
+        f"echo 'app not healthy after 10 tries' >&2; exit 1"
+    )
 
 
 def one_channel(addr: str, version: str, d: str = APP_DIR) -> str:
     """All steps as one command; the artifact arrives on its stdin."""
     q = shlex.quote(d)
-    return " && ".join([
-        "set -e", stop(d), f"cat > {q}/artifact.tgz", extract(d), write_conf(addr, version, d),
-        f"( {start(d)} )", f"( {health(version, d)} )"])
+    return " && ".join(
+        [
+            "set -e",
+            stop(d),
+            f"cat > {q}/artifact.tgz",
+            extract(d),
+            write_conf(addr, version, d),
+            f"( {start(d)} )",
+            f"( {health(version, d)} )",
+        ]
+    )

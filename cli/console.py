@@ -23,10 +23,20 @@ from app.errors import SpecErrors
 out = Console(highlight=False, soft_wrap=True, markup=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
-STATUS_STYLE = {"SUCCEEDED": "green", "FAILED": "bold red", "RUNNING": "yellow",
-                "SKIPPED": "dim", "PENDING": "dim", "QUEUED": "dim", "ABORTED": "red",
-                "ROLLING_BACK": "yellow", "ROLLED_BACK": "magenta", "ROLLBACK_FAILED": "bold red",
-                "WAITING": "cyan", "IGNORED": "dim"}
+STATUS_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "bold red",
+    "RUNNING": "yellow",
+    "SKIPPED": "dim",
+    "PENDING": "dim",
+    "QUEUED": "dim",
+    "ABORTED": "red",
+    "ROLLING_BACK": "yellow",
+    "ROLLED_BACK": "magenta",
+    "ROLLBACK_FAILED": "bold red",
+    "WAITING": "cyan",
+    "IGNORED": "dim",
+}
 
 
 def styled(status: str) -> Text:

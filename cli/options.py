@@ -19,15 +19,23 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-INPUTS_HELP = ("An input set file (Harness inputSet, or NAME: VALUE lines), or a folder of them; "
-               "repeatable, later files win, --set wins over all.")
+INPUTS_HELP = (
+    "An input set file (Harness inputSet, or NAME: VALUE lines), or a folder of them; "
+    "repeatable, later files win, --set wins over all."
+)
 SET_HELP = "Fill a runtime input."
 
 
 def output_option(f: F) -> F:
     """``--output/-o text|json``: the command gets ``output``."""
-    return click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                        show_default=True, help="json: machine-readable output on stdout.")(f)
+    return click.option(
+        "--output",
+        "-o",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="json: machine-readable output on stdout.",
+    )(f)
 
 
 def files_argument(f: F) -> F:
@@ -37,20 +45,20 @@ def files_argument(f: F) -> F:
 
 def pipeline_option(f: F) -> F:
     """``--pipeline/-p ID``: the command gets ``pipeline``."""
-    return click.option("--pipeline", "-p",
-                        help="Pipeline identifier (when the files define several).")(f)
+    return click.option(
+        "--pipeline", "-p", help="Pipeline identifier (when the files define several)."
+    )(f)
 
 
-def input_options(*, set_help: str = SET_HELP,
-                  inputs_help: str = INPUTS_HELP) -> Callable[[F], F]:
+def input_options(*, set_help: str = SET_HELP, inputs_help: str = INPUTS_HELP) -> Callable[[F], F]:
     """``--set KEY=VALUE`` and ``--inputs FILE`` (both repeatable): the command gets ``sets``
     and ``input_files``; ``gather_inputs`` merges them."""
 
     def decorate(f: F) -> F:
-        f = click.option("--inputs", "input_files", multiple=True, type=click.Path(),
-                         help=inputs_help)(f)
-        return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                            help=set_help)(f)
+        f = click.option(
+            "--inputs", "input_files", multiple=True, type=click.Path(), help=inputs_help
+        )(f)
+        return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=set_help)(f)
 
     return decorate
 

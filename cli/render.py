@@ -21,15 +21,18 @@ MATRIX_FROM = 40
 
 def live_view(report: dict[str, Any]) -> Group:
     """The live view of ``vmfarm run --watch``: a progress bar and a host table per stage."""
-    parts: list[Any] = [Text.assemble("execution ", (report["id"], "bold"), "  ",
-                                      styled(report["status"]))]
+    parts: list[Any] = [
+        Text.assemble("execution ", (report["id"], "bold"), "  ", styled(report["status"]))
+    ]
     for st in report["stages"]:
         hosts = st["hosts"]
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))
-        bar.add_row(Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
-                    ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
-                    Text(f"{done}/{len(hosts)} hosts"))
+        bar.add_row(
+            Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
+            ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
+            Text(f"{done}/{len(hosts)} hosts"),
+        )
         parts.append(bar)
         if len(hosts) > MATRIX_FROM:
             counts: dict[str, int] = {}
@@ -53,12 +56,14 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", styled(report["status"])))
     for st in report["stages"]:
         if st["status"] == "SKIPPED" and st.get("error"):
-            out.print(Text.assemble(f"stage {st['identifier']}: ", styled(st["status"]),
-                                    f" ({st['error']})"))  # its when, or a failed stage
+            out.print(
+                Text.assemble(
+                    f"stage {st['identifier']}: ", styled(st["status"]), f" ({st['error']})"
+                )
+            )  # its when, or a failed stage
             continue
         if st.get("type") == "Approval":
-            out.print(Text.assemble(f"stage {st['identifier']} (approval): ",
-                                    styled(st["status"])))
+            out.print(Text.assemble(f"stage {st['identifier']} (approval): ", styled(st["status"])))
             print_gates(st, only_failed=False)
             continue
         if st.get("type") == "Custom":
@@ -69,53 +74,86 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             print_discovery(st)
             print_gates(st, only_failed=True)
             continue
-        table = Table(title=f"stage {st['identifier']} ({st['service']} -> "
-                            f"{st['environment']}): {st['status']}", title_justify="left")
+        table = Table(
+            title=f"stage {st['identifier']} ({st['service']} -> "
+            f"{st['environment']}): {st['status']}",
+            title_justify="left",
+        )
         rolled = any(h.get("rollback") for h in st["hosts"])
-        for c in ("host", "region", "status", "version", "previous",
-                  *(("rollback",) if rolled else ())):
+        for c in (
+            "host",
+            "region",
+            "status",
+            "version",
+            "previous",
+            *(("rollback",) if rolled else ()),
+        ):
             table.add_column(c, no_wrap=True)
         for h in st["hosts"]:
             rb = h.get("rollback") or {}
-            extra = ([Text.assemble(styled(rb["status"]), f" -> {rb.get('to') or 'nothing'}")
-                      if rb else Text("")] if rolled else [])
-            table.add_row(h["host"], h["region"], styled(h["status"]), h["version"] or "",
-                          h["previous_version"] or "", *extra)
+            extra = (
+                [
+                    Text.assemble(styled(rb["status"]), f" -> {rb.get('to') or 'nothing'}")
+                    if rb
+                    else Text("")
+                ]
+                if rolled
+                else []
+            )
+            table.add_row(
+                h["host"],
+                h["region"],
+                styled(h["status"]),
+                h["version"] or "",
+                h["previous_version"] or "",
+                *extra,
+            )
         out.print(table)
         print_discovery(st)
         for h in st["hosts"]:
             rb = h.get("rollback") or {}
             if rb.get("status") == "ROLLBACK_FAILED":
-                out.print(Text(f"  rollback of {h['host']}: step {rb.get('step')} failed: "
-                               f"{rb.get('error')}", style="red"))
+                out.print(
+                    Text(
+                        f"  rollback of {h['host']}: step {rb.get('step')} failed: "
+                        f"{rb.get('error')}",
+                        style="red",
+                    )
+                )
             elif rb.get("status") == "SKIPPED":
                 out.print(f"  rollback of {h['host']}: nothing done: {rb.get('reason')}")
         for h in st["hosts"]:  # retried steps: every attempt, the last one first
             for s in h["steps"]:
                 if len(s.get("attempts") or []) > 1:
-                    out.print(f"  {h['host']} ({h['region']}): step {s['step']} "
-                              f"{attempts_line(s)}")
+                    out.print(f"  {h['host']} ({h['region']}): step {s['step']} {attempts_line(s)}")
         # Failures as plain lines: readable in a CI log at any width.
         for h in st["hosts"]:
             bad = next((s for s in h["steps"] if s["status"] == "FAILED"), None)
             if bad:
-                out.print(Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}",
-                               style="red"))
+                out.print(
+                    Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}", style="red")
+                )
         print_gates(st, only_failed=True)
     if report.get("intervention"):
         v = report["intervention"]
-        out.print(Text(f"waiting for a manual intervention: {v.get('error')}; choose one of "
-                       f"{', '.join(v.get('choices', []))} with vmfarm intervene "
-                       f"{report['id']} ACTION (after {v.get('timeout')}: {v.get('on_timeout')})",
-                       style="yellow"))
+        out.print(
+            Text(
+                f"waiting for a manual intervention: {v.get('error')}; choose one of "
+                f"{', '.join(v.get('choices', []))} with vmfarm intervene "
+                f"{report['id']} ACTION (after {v.get('timeout')}: {v.get('on_timeout')})",
+                style="yellow",
+            )
+        )
     if report.get("error"):
         out.print(Text(report["error"], style="red"))
 
 
 def _print_custom(st: dict[str, Any]) -> None:
     """A Custom stage: its steps on the delegate, one row each (status, worker, outputs)."""
-    table = Table(title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
-                  title_justify="left")
+    table = Table(
+        title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
+        title_justify="left",
+    )
     for c in ("step", "status", "worker", "outputs"):
         table.add_column(c, no_wrap=c != "outputs")
     for h in st["hosts"]:
@@ -131,8 +169,9 @@ def _print_custom(st: dict[str, Any]) -> None:
 
 
 def _workers(found: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{w.get('worker') or 'a worker'} ({w.get('queue') or 'no queue'})"
-                     for w in found)
+    return ", ".join(
+        f"{w.get('worker') or 'a worker'} ({w.get('queue') or 'no queue'})" for w in found
+    )
 
 
 def print_discovery(stage: dict[str, Any]) -> None:
@@ -142,22 +181,28 @@ def print_discovery(stage: dict[str, Any]) -> None:
         return
     if d["status"] == "FAILED":
         where = f" on {_workers(d['workers'])}" if d["workers"] else ""
-        out.print(Text(f"  discovery FAILED{where}: {d.get('error') or 'no reason recorded'}",
-                       style="red"))
+        out.print(
+            Text(
+                f"  discovery FAILED{where}: {d.get('error') or 'no reason recorded'}", style="red"
+            )
+        )
     elif d["status"] == "SUCCEEDED":
         out.print(f"  discovery: {d['hosts']} host(s) listed by {_workers(d['workers'])}")
     else:
-        queues = sorted({f"vmfarm.{i['region']}" + (f"[{','.join(i['tags'])}]"
-                                                     if i.get("tags") else "")
-                         for i in d["infrastructures"]})
-        out.print(Text(f"  discovery: waiting for a worker on {', '.join(queues)}",
-                       style="yellow"))
+        queues = sorted(
+            {
+                f"vmfarm.{i['region']}" + (f"[{','.join(i['tags'])}]" if i.get("tags") else "")
+                for i in d["infrastructures"]
+            }
+        )
+        out.print(Text(f"  discovery: waiting for a worker on {', '.join(queues)}", style="yellow"))
 
 
 def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """The stage's phase records that are verdicts (not discovery, not an intervention)."""
-    return [p for p in stage["phases"]
-            if p["kind"] != "discover" and not p["kind"].startswith("mi-")]
+    return [
+        p for p in stage["phases"] if p["kind"] != "discover" and not p["kind"].startswith("mi-")
+    ]
 
 
 def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
@@ -172,8 +217,11 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
         if p["kind"].startswith("mi-"):
             if not only_failed and v.get("chosen"):
                 why = f" ({v['comment']})" if v.get("comment") else ""
-                who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+                who = (
+                    f"after the {v.get('timeout')} timeout"
+                    if v.get("by") == "timeout"
                     else f"by {v.get('by')}"
+                )
                 out.print(f"  manual intervention: {v['chosen']} chosen {who}{why}")
             continue
         # A canary analysis is shown passed or not: its numbers are what the user reads.
@@ -186,18 +234,30 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
             continue  # not judged yet (a Wait step's timer note)
         name = names.get(p["phase"], f"phase {p['phase'] + 1}")
         what = {"deploy": "deploy", "verify": "verification", "switch": "traffic switch"}.get(
-            p["kind"], p["kind"])
+            p["kind"], p["kind"]
+        )
         if p["kind"] == "switch":
-            detail = (f"live: {', '.join(v.get('backends', []))}" if v.get("passed")
-                      else v.get("error", ""))
-            out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'}"
-                           f" ({detail})", style="" if v.get("passed") else "red"))
+            detail = (
+                f"live: {', '.join(v.get('backends', []))}"
+                if v.get("passed")
+                else v.get("error", "")
+            )
+            out.print(
+                Text(
+                    f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} ({detail})",
+                    style="" if v.get("passed") else "red",
+                )
+            )
             continue
         checks = " their checks" if v.get("analysis") else ""  # the analysis says the rest
-        out.print(Text(f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
-                       f"({v.get('succeeded')}/{v.get('hosts')} hosts passed{checks}; "
-                       f"{v.get('rule')})",
-                       style="" if v.get("passed") else "red"))
+        out.print(
+            Text(
+                f"  {what} of {name}: {'passed' if v.get('passed') else 'FAILED'} "
+                f"({v.get('succeeded')}/{v.get('hosts')} hosts passed{checks}; "
+                f"{v.get('rule')})",
+                style="" if v.get("passed") else "red",
+            )
+        )
         analysis = v.get("analysis") or {}
         for reason in v.get("reasons") or []:
             if not (analysis and reason.startswith("canary analysis: ")):
@@ -207,8 +267,13 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
         for host, c in (v.get("checks") or {}).items():
             numbers = _check_numbers(c.get("results") or {})
             if not c.get("passed"):
-                out.print(Text(f"    {host}: {'; '.join(c.get('reasons') or [])}"
-                               + (f" [{numbers}]" if numbers else ""), style="red"))
+                out.print(
+                    Text(
+                        f"    {host}: {'; '.join(c.get('reasons') or [])}"
+                        + (f" [{numbers}]" if numbers else ""),
+                        style="red",
+                    )
+                )
             elif not only_failed and numbers:
                 out.print(f"    {host}: {numbers}")
 
@@ -220,11 +285,15 @@ def _print_analysis(a: dict[str, Any]) -> None:
     span = f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
     ok = a.get("passed")
     canary, baseline = a.get("canary") or {}, a.get("baseline") or {}
-    out.print(Text(f"    canary analysis ({a.get('analysisType', 'Prometheus')}, "
-                   f"{a.get('comparisonStrategy', 'COMPARE_WITH_CURRENT')}, {span}): "
-                   f"{'passed' if ok else 'FAILED'}; canary {len(canary.get('hosts') or [])} "
-                   f"host(s) vs current version {len(baseline.get('hosts') or [])} host(s)",
-                   style="" if ok else "red"))
+    out.print(
+        Text(
+            f"    canary analysis ({a.get('analysisType', 'Prometheus')}, "
+            f"{a.get('comparisonStrategy', 'COMPARE_WITH_CURRENT')}, {span}): "
+            f"{'passed' if ok else 'FAILED'}; canary {len(canary.get('hosts') or [])} "
+            f"host(s) vs current version {len(baseline.get('hosts') or [])} host(s)",
+            style="" if ok else "red",
+        )
+    )
     for m in a.get("metrics") or []:
         out.print(Text(f"      {m.get('reason')}", style="" if m.get("passed") else "red"))
     for reason in (a.get("reasons") or []) if not a.get("metrics") else []:
@@ -235,10 +304,14 @@ def _print_approval(p: dict[str, Any], *, only_failed: bool) -> None:
     v = p.get("verdict") or {}
     names = ", ".join(a["user"] for a in v.get("approvals", [])) or "nobody yet"
     if p["status"] == "RUNNING":
-        out.print(Text(f"  waiting for approval: {v.get('message', '')} — "
-                       f"{len(v.get('approvals', []))} of {v.get('required')} approvals "
-                       f"({names}); approvers: {', '.join(v.get('groups', []))}",
-                       style="yellow"))
+        out.print(
+            Text(
+                f"  waiting for approval: {v.get('message', '')} — "
+                f"{len(v.get('approvals', []))} of {v.get('required')} approvals "
+                f"({names}); approvers: {', '.join(v.get('groups', []))}",
+                style="yellow",
+            )
+        )
     elif p["status"] == "FAILED":
         out.print(Text(f"  approval FAILED: {v.get('reason', '')}", style="red"))
     elif not only_failed:
@@ -249,8 +322,10 @@ def _check_numbers(results: dict[str, Any]) -> str:
     parts = []
     health = results.get("health") or {}
     if health:
-        parts.append(f"health {health.get('status_code') or health.get('error') or '-'} in "
-                     f"{health.get('attempts')} attempt(s)")
+        parts.append(
+            f"health {health.get('status_code') or health.get('error') or '-'} in "
+            f"{health.get('attempts')} attempt(s)"
+        )
     pr = results.get("probe") or {}
     if pr:
         rate = pr.get("error_rate")
@@ -277,10 +352,20 @@ def _signature(text: str, host: dict[str, Any]) -> str:
 def _print_matrix(st: dict[str, Any]) -> None:
     """A large stage on one screen: per step, how many hosts ended how; then the hosts that
     did not succeed, grouped by error, a few named per group."""
-    title = (f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
-             f"{st['status']}, {len(st['hosts'])} hosts")
-    states = ["SUCCEEDED", "FAILED", "IGNORED", "SKIPPED", "ABORTED", "RUNNING", "WAITING",
-              "PENDING"]
+    title = (
+        f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+        f"{st['status']}, {len(st['hosts'])} hosts"
+    )
+    states = [
+        "SUCCEEDED",
+        "FAILED",
+        "IGNORED",
+        "SKIPPED",
+        "ABORTED",
+        "RUNNING",
+        "WAITING",
+        "PENDING",
+    ]
     table = Table(title=title, title_justify="left")
     table.add_column("step")
     for state in states:
@@ -297,15 +382,22 @@ def _print_matrix(st: dict[str, Any]) -> None:
     for h in st["hosts"]:
         by_status[h["status"]] = by_status.get(h["status"], 0) + 1
         versions[str(h["version"])] = versions.get(str(h["version"]), 0) + 1
-    out.print("  hosts: " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
-              + "; versions: " + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items())))
-    retried = [h["host"] for h in st["hosts"]
-               if any(len(s.get("attempts") or []) > 1 for s in h["steps"])]
+    out.print(
+        "  hosts: "
+        + ", ".join(f"{n} {k.lower()}" for k, n in sorted(by_status.items()))
+        + "; versions: "
+        + ", ".join(f"{v} on {n}" for v, n in sorted(versions.items()))
+    )
+    retried = [
+        h["host"] for h in st["hosts"] if any(len(s.get("attempts") or []) > 1 for s in h["steps"])
+    ]
     if retried:
-        out.print(f"  {len(retried)} host(s) needed more than one attempt: "
-                  + ", ".join(retried[:6]) + (f" (+{len(retried) - 6} more)"
-                                              if len(retried) > 6 else "")
-                  + " (vmfarm status --all-hosts)")
+        out.print(
+            f"  {len(retried)} host(s) needed more than one attempt: "
+            + ", ".join(retried[:6])
+            + (f" (+{len(retried) - 6} more)" if len(retried) > 6 else "")
+            + " (vmfarm status --all-hosts)"
+        )
     groups: dict[str, list[str]] = {}
     for h in st["hosts"]:
         bad = next((x for x in h["steps"] if x["status"] in ("FAILED", "ABORTED")), None)
@@ -334,8 +426,10 @@ def attempts_line(step: dict[str, Any]) -> str:
         error = (a.get("error") or "").strip().splitlines()
         error_text = error[0][:160] if error else ""
         if a.get("error_class") == "DelegateRestart":
-            parts.append(f"attempt {a['attempt']} DelegateRestart"
-                         + (f" ({error_text})" if error_text else ""))
+            parts.append(
+                f"attempt {a['attempt']} DelegateRestart"
+                + (f" ({error_text})" if error_text else "")
+            )
         elif a.get("exit_code") is not None and a["status"] != "SUCCEEDED":
             parts.append(f"attempt {a['attempt']} {a['status']} (exit {a['exit_code']})")
         elif error_text:
@@ -369,25 +463,45 @@ def print_plan(result: dict[str, Any]) -> None:
     out.print(Text.assemble("pipeline ", (result["pipeline"], "bold"), f" ({result['name']})"))
     for st in result["stages"]:
         if st.get("skipped_by_when"):
-            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
-                                    f": SKIPPED by its when: {st['skipped_by_when']}"))
+            out.print(
+                Text.assemble(
+                    "\nstage ",
+                    (st["identifier"], "bold"),
+                    f": SKIPPED by its when: {st['skipped_by_when']}",
+                )
+            )
         if st.get("type") == "Approval":
-            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
-                                    f": approval, {st['summary']}"))
+            out.print(
+                Text.assemble(
+                    "\nstage ", (st["identifier"], "bold"), f": approval, {st['summary']}"
+                )
+            )
             continue
         strategy = st["strategy"]
         if st.get("type") == "Custom":
-            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
-                                    ": custom, its steps run on a delegate (a worker)"))
+            out.print(
+                Text.assemble(
+                    "\nstage ",
+                    (st["identifier"], "bold"),
+                    ": custom, its steps run on a delegate (a worker)",
+                )
+            )
         else:
-            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"),
-                                    f": {st['service']} {st['version'] or ''} -> "
-                                    f"{st['environment']}, strategy {strategy.get('type')}"))
+            out.print(
+                Text.assemble(
+                    "\nstage ",
+                    (st["identifier"], "bold"),
+                    f": {st['service']} {st['version'] or ''} -> "
+                    f"{st['environment']}, strategy {strategy.get('type')}",
+                )
+            )
         hosts = st["hosts_by_region"]
         if isinstance(hosts, dict):
             for region, names in hosts.items():
-                out.print(f"  region {region} (queue vmfarm.{region}): {len(names)} host(s): "
-                          + ", ".join(names))
+                out.print(
+                    f"  region {region} (queue vmfarm.{region}): {len(names)} host(s): "
+                    + ", ".join(names)
+                )
         else:
             out.print(f"  hosts: {hosts}")
         analysis = (strategy.get("verification") or {}).get("canaryAnalysis")
@@ -395,20 +509,29 @@ def print_plan(result: dict[str, Any]) -> None:
         window += " min" if window.replace(".", "", 1).isdigit() else ""  # Harness's unit
         gate_text = " -> verification gate" + (
             f" (canary analysis: {analysis['analysisType']}, {analysis['comparisonStrategy']}, "
-            f"over {window})" if analysis else "")
+            f"over {window})"
+            if analysis
+            else ""
+        )
         for p in st["phases"]:
             gate = gate_text if p["verify"] else ""
             verb = "switch traffic to" if p["kind"] == "switch" else "deploy to"
-            out.print(f"  {p['name']}: {verb} {len(p['hosts'])} host(s): "
-                      f"{', '.join(p['hosts'])}{gate}")
+            out.print(
+                f"  {p['name']}: {verb} {len(p['hosts'])} host(s): {', '.join(p['hosts'])}{gate}"
+            )
         for note in st["notes"]:
             out.print(f"  note: {note}")
         if st["rendered_for"]:
             out.print(f"  steps, rendered for {st['rendered_for']}:")
         for step in st["steps"]:
-            out.print(Text(f"  - {step['identifier']} ({step['type']}"
-                           + (", on the delegate" if step.get("onDelegate") else "") + ")",
-                           style="bold"))
+            out.print(
+                Text(
+                    f"  - {step['identifier']} ({step['type']}"
+                    + (", on the delegate" if step.get("onDelegate") else "")
+                    + ")",
+                    style="bold",
+                )
+            )
             if step.get("when"):
                 out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():
@@ -427,24 +550,30 @@ def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:
     """The plan's lines for an Http, Wait or HarnessApproval step."""
     spec = step.get("spec") or {}
     if step["type"] == "Http":
-        return [f"{spec.get('method', 'GET')} {spec.get('url')}",
-                f"passes when: {spec.get('assertion') or 'the status is below 400'}"]
+        return [
+            f"{spec.get('method', 'GET')} {spec.get('url')}",
+            f"passes when: {spec.get('assertion') or 'the status is below 400'}",
+        ]
     if step["type"] == "Wait":
         return [f"waits {spec.get('duration')} (a timer in the coordinator; no worker sleeps)"]
     if step["type"] == "HarnessApproval":
         who = spec.get("approvers") or {}
         where = "the stage stops" if custom else "every host of the phase stops"
-        return [f"{where} here until {who.get('minimumCount', 1)} "
-                f"approval(s) from {', '.join(who.get('userGroups') or [])}"
-                + (" (not the executor)" if who.get("disallowPipelineExecutor") else "")
-                + f": {spec.get('approvalMessage')}"]
+        return [
+            f"{where} here until {who.get('minimumCount', 1)} "
+            f"approval(s) from {', '.join(who.get('userGroups') or [])}"
+            + (" (not the executor)" if who.get("disallowPipelineExecutor") else "")
+            + f": {spec.get('approvalMessage')}"
+        ]
     return []
 
 
 def print_rollback_plan(preview: dict[str, Any]) -> None:
     """``vmfarm rollback --plan``: per stage, the phases in order and each host's versions."""
-    out.print(f"rollback of execution {preview['execution']} ({preview['pipeline']}), "
-              "latest stage first; nothing has run")
+    out.print(
+        f"rollback of execution {preview['execution']} ({preview['pipeline']}), "
+        "latest stage first; nothing has run"
+    )
     for st in preview["stages"]:
         out.print(f"stage {st['stage']} ({st['service']} in {st['environment']}):")
         for ph in st["phases_in_order"]:
@@ -453,6 +582,11 @@ def print_rollback_plan(preview: dict[str, Any]) -> None:
         for c in ("host", "region", "from", "to", "how"):
             table.add_column(c)
         for h in st["hosts"]:
-            table.add_row(h["host"], h["region"], str(h["from"]), str(h["to"]),
-                          h["how"] or f"left as is: {h['skipped']}")
+            table.add_row(
+                h["host"],
+                h["region"],
+                str(h["from"]),
+                str(h["to"]),
+                h["how"] or f"left as is: {h['skipped']}",
+            )
         out.print(table)

@@ -24,12 +24,13 @@ def refuse_detach_when_embedded(watch: bool | None) -> None:
     from app.settings import get_settings
 
     if get_settings().embedded and watch is False:
-        fail("--detach needs a broker (VMFARM_BROKER_URL): in embedded mode the worker lives "
-             "in this process; nothing was run.")
+        fail(
+            "--detach needs a broker (VMFARM_BROKER_URL): in embedded mode the worker lives "
+            "in this process; nothing was run."
+        )
 
 
-def dispatch_and_watch(cli: Cli, execution_id: str, *, watch: bool | None,
-                       output: str) -> None:
+def dispatch_and_watch(cli: Cli, execution_id: str, *, watch: bool | None, output: str) -> None:
     """Send a recorded execution's first work, then watch it (or return when detached)."""
     from app.coordinator import advance
     from app.settings import get_settings
@@ -111,11 +112,15 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
             status = _status_of(execution_id) or status
             if status == Status.WAITING and not told:
                 if _report(execution_id).get("intervention"):
-                    err.print(f"execution {execution_id} waits for a manual intervention: "
-                              f"vmfarm intervene {execution_id} ACTION")
+                    err.print(
+                        f"execution {execution_id} waits for a manual intervention: "
+                        f"vmfarm intervene {execution_id} ACTION"
+                    )
                 else:
-                    err.print(f"execution {execution_id} is waiting for approval: "
-                              f"vmfarm approve {execution_id} (or reject)")
+                    err.print(
+                        f"execution {execution_id} is waiting for approval: "
+                        f"vmfarm approve {execution_id} (or reject)"
+                    )
                 told = True
         return _report(execution_id)
     report = _report(execution_id)
@@ -148,5 +153,3 @@ def _report(execution_id: str) -> dict[str, Any]:
     report = retrying(lambda: execution_report(execution_id), what="watching the execution")
     assert report is not None
     return report
-
-

@@ -38,8 +38,13 @@ class Phase:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Phase:
-        return cls(index=int(d["index"]), name=str(d["name"]), hosts=tuple(d["hosts"]),
-                   kind=str(d.get("kind", "deploy")), verify=bool(d.get("verify", False)))
+        return cls(
+            index=int(d["index"]),
+            name=str(d["name"]),
+            hosts=tuple(d["hosts"]),
+            kind=str(d.get("kind", "deploy")),
+            verify=bool(d.get("verify", False)),
+        )
 
 
 def plan_basic(hosts: Sequence[str]) -> list[Phase]:

@@ -25,8 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 from strategies.basic import Phase
 
 
-def slots_of(hosts: Sequence[str], slots: Mapping[str, str] | None = None) -> dict[str,
-                                                                                  list[str]]:
+def slots_of(hosts: Sequence[str], slots: Mapping[str, str] | None = None) -> dict[str, list[str]]:
     """The two sets, by slot attribute or by halves of the inventory."""
     if slots and all(slots.get(h) for h in hosts):
         out: dict[str, list[str]] = {}
@@ -37,22 +36,34 @@ def slots_of(hosts: Sequence[str], slots: Mapping[str, str] | None = None) -> di
     return {"blue": list(hosts[:half]), "green": list(hosts[half:])}
 
 
-def plan_blue_green(hosts: Sequence[str], *, live: Collection[str],
-                    slots: Mapping[str, str] | None = None,
-                    switch_name: str | None = None) -> list[Phase]:
+def plan_blue_green(
+    hosts: Sequence[str],
+    *,
+    live: Collection[str],
+    slots: Mapping[str, str] | None = None,
+    switch_name: str | None = None,
+) -> list[Phase]:
     """Deploy to the standby set (verified), then switch traffic to it; ``switch_name`` names
     the switch phase (the reference's switch step name)."""
     sets = slots_of(hosts, slots)
     if len(sets) != 2 or not all(sets.values()):
         got = ", ".join(f"{k}: {len(v)}" for k, v in sets.items())
-        raise ValueError("blue-green needs two non-empty sets of hosts (slot blue/green, or at "
-                         f"least two hosts); got {got}")
+        raise ValueError(
+            "blue-green needs two non-empty sets of hosts (slot blue/green, or at "
+            f"least two hosts); got {got}"
+        )
     live_set = set(live)
     names = sorted(sets)
     # The standby set is the one not taking traffic; the first time, the second set.
     current = next((n for n in names if live_set & set(sets[n])), None)
     standby = next(n for n in names if n != current) if current else names[-1]
     target = tuple(sets[standby])
-    return [Phase(index=0, name=f"Deploy to {standby}", hosts=target, verify=True),
-            Phase(index=1, name=f"{switch_name or 'Switch traffic'} to {standby}", hosts=target,
-                  kind="switch")]
+    return [
+        Phase(index=0, name=f"Deploy to {standby}", hosts=target, verify=True),
+        Phase(
+            index=1,
+            name=f"{switch_name or 'Switch traffic'} to {standby}",
+            hosts=target,
+            kind="switch",
+        ),
+    ]

@@ -38,8 +38,9 @@ def batch_sizes(total: int, sizes: Sequence[Size], *, cumulative: bool) -> list[
     return [n for n, _ in _batches(total, sizes, cumulative=cumulative)]
 
 
-def _batches(total: int, sizes: Sequence[Size], *,
-             cumulative: bool) -> list[tuple[int, int | None]]:
+def _batches(
+    total: int, sizes: Sequence[Size], *, cumulative: bool
+) -> list[tuple[int, int | None]]:
     """(batch size, index of the entry it comes from; None for the added remainder)."""
     out: list[tuple[int, int | None]] = []
     done = 0
@@ -65,7 +66,7 @@ def _batches(total: int, sizes: Sequence[Size], *,
 def _split(hosts: Sequence[str], batches: list[int]) -> list[tuple[str, ...]]:
     out, start = [], 0
     for n in batches:
-        out.append(tuple(hosts[start:start + n]))
+        out.append(tuple(hosts[start : start + n]))
         start += n
     return out
 
@@ -74,23 +75,38 @@ def _name(names: Sequence[str] | None, entry: int | None, default: str) -> str:
     return names[entry] if names and entry is not None and entry < len(names) else default
 
 
-def plan_rolling(hosts: Sequence[str], sizes: Sequence[Size], *, cumulative: bool = False,
-                 verify: bool = False, names: Sequence[str] | None = None,
-                 verify_after: Sequence[int] | None = None) -> list[Phase]:
+def plan_rolling(
+    hosts: Sequence[str],
+    sizes: Sequence[Size],
+    *,
+    cumulative: bool = False,
+    verify: bool = False,
+    names: Sequence[str] | None = None,
+    verify_after: Sequence[int] | None = None,
+) -> list[Phase]:
     """Phases in inventory order; with ``verify``, a gate after every phase but the last (or
     after the entries of ``sizes`` listed in ``verify_after``, when given)."""
     batches = _batches(len(hosts), sizes, cumulative=cumulative)
     groups = _split(hosts, [n for n, _ in batches])
     last = len(groups) - 1
-    return [Phase(index=i, name=_name(names, batches[i][1], f"Phase {i + 1}"), hosts=g,
-                  verify=verify and i < last
-                  and (verify_after is None or batches[i][1] in verify_after))
-            for i, g in enumerate(groups)]
+    return [
+        Phase(
+            index=i,
+            name=_name(names, batches[i][1], f"Phase {i + 1}"),
+            hosts=g,
+            verify=verify and i < last and (verify_after is None or batches[i][1] in verify_after),
+        )
+        for i, g in enumerate(groups)
+    ]
 
 
-def plan_canary(hosts: Sequence[str], sizes: Sequence[Size], *,
-                verify_after: Sequence[int] | None = None,
-                names: Sequence[str] | None = None) -> list[Phase]:
+def plan_canary(
+    hosts: Sequence[str],
+    sizes: Sequence[Size],
+    *,
+    verify_after: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[Phase]:
     """Canary phases (cumulative targets) then the primary phase with every remaining host.
 
     The gate runs after every canary phase, or after the phases (entries of ``sizes``) listed
@@ -105,6 +121,7 @@ def plan_canary(hosts: Sequence[str], sizes: Sequence[Size], *,
         default = "Primary" if i == last and last > 0 else f"Canary {i + 1}"
         # A gate decides whether to go on, so none is needed after the last phase.
         check = (entry in verify_after) if verify_after is not None else True
-        phases.append(Phase(index=i, name=_name(names, entry, default), hosts=g,
-                            verify=check and i < last))
+        phases.append(
+            Phase(index=i, name=_name(names, entry, default), hosts=g, verify=check and i < last)
+        )
     return phases

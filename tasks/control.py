@@ -27,8 +27,7 @@ def verification_gate(*, execution_id: str, stage_index: int, phase: int) -> str
 
 
 @app.task(name="vmfarm.switch_traffic")
-def switch_traffic(*, execution_id: str, stage_index: int, phase: int,
-                   kind: str = "switch") -> str:
+def switch_traffic(*, execution_id: str, stage_index: int, phase: int, kind: str = "switch") -> str:
     """Blue-green: make the phase's hosts the live set, record the outcome, advance."""
     from app.coordinator import record_switch
     from app.execution.checks import do_switch
@@ -38,8 +37,7 @@ def switch_traffic(*, execution_id: str, stage_index: int, phase: int,
 
 
 @app.task(name="vmfarm.discovery_done")
-def discovery_done(results: list[dict[str, Any]], *, execution_id: str,
-                   stage_index: int) -> str:
+def discovery_done(results: list[dict[str, Any]], *, execution_id: str, stage_index: int) -> str:
     """Body of a discovery chord: record the discovered hosts (or the failure), advance."""
     from app.coordinator import discovery_done as record
 
@@ -47,8 +45,7 @@ def discovery_done(results: list[dict[str, Any]], *, execution_id: str,
 
 
 @app.task(name="vmfarm.notify")
-def notify_task(*, execution_id: str, before: dict[str, Any] | None,
-                after: dict[str, Any]) -> int:
+def notify_task(*, execution_id: str, before: dict[str, Any] | None, after: dict[str, Any]) -> int:
     """Send an execution's notifications for one transition (webhooks, email)."""
     from app.coordinator import send_notifications
 
@@ -85,12 +82,19 @@ def abort_execution(*, execution_id: str, by: str, idem: str) -> str:
 
     with session_scope() as s:
         row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == idem)).first()
-        said = row is not None and row.execution_id == execution_id and \
-            row.status == Status.FAILED and \
-            (row.error or "").endswith("(aborted the execution by the failure strategy)")
+        said = (
+            row is not None
+            and row.execution_id == execution_id
+            and row.status == Status.FAILED
+            and (row.error or "").endswith("(aborted the execution by the failure strategy)")
+        )
     if not said:
-        log.warning("execution %s: an abort was asked for step %s, but the ledger does not "
-                    "show its failure strategy aborting: ignored", execution_id, idem)
+        log.warning(
+            "execution %s: an abort was asked for step %s, but the ledger does not "
+            "show its failure strategy aborting: ignored",
+            execution_id,
+            idem,
+        )
         return "ignored"
     log.info("execution %s: aborting (%s of %s)", execution_id, by, idem)
     return abort(execution_id, user=by)
@@ -107,23 +111,37 @@ def nudge(request: Any, exc: Any, traceback: Any, *, execution_id: str) -> None:
     """
     task = getattr(request, "task", None)
     kwargs = dict(getattr(request, "kwargs", None) or {})
-    payload: dict[str, Any] = {"execution_id": execution_id, "error": _describe(exc),
-                               "error_class": _error_class(exc)}
+    payload: dict[str, Any] = {
+        "execution_id": execution_id,
+        "error": _describe(exc),
+        "error_class": _error_class(exc),
+    }
     if task in ("vmfarm.run_host", "vmfarm.run_step") and "key" in kwargs:
         payload["key"] = kwargs["key"]
     elif task == "vmfarm.verify_gate":
-        payload["phase_done"] = {"stage_index": kwargs.get("stage_index"),
-                                 "phase": kwargs.get("phase"),
-                                 "kind": kwargs.get("kind", "deploy")}
-    log.warning("execution %s: %s failed (%s); nudging the coordinator", execution_id,
-                task or "a task", payload["error"])
+        payload["phase_done"] = {
+            "stage_index": kwargs.get("stage_index"),
+            "phase": kwargs.get("phase"),
+            "kind": kwargs.get("kind", "deploy"),
+        }
+    log.warning(
+        "execution %s: %s failed (%s); nudging the coordinator",
+        execution_id,
+        task or "a task",
+        payload["error"],
+    )
     phase_error.apply_async(kwargs=payload)
 
 
 @app.task(name="vmfarm.phase_error")
-def phase_error(*, execution_id: str, error: str, error_class: str,
-                key: dict[str, Any] | None = None,
-                phase_done: dict[str, Any] | None = None) -> str:
+def phase_error(
+    *,
+    execution_id: str,
+    error: str,
+    error_class: str,
+    key: dict[str, Any] | None = None,
+    phase_done: dict[str, Any] | None = None,
+) -> str:
     """Record what a nudge reported, then let the coordinator decide (idempotent)."""
     from app.canvas import HostStepKey
     from app.coordinator import advance, gate, record_lost_step
@@ -131,8 +149,12 @@ def phase_error(*, execution_id: str, error: str, error_class: str,
     if key is not None:
         record_lost_step(HostStepKey.from_dict(key), error_class=error_class, error=error)
     if phase_done is not None:
-        return gate(execution_id, int(phase_done["stage_index"]), int(phase_done["phase"]),
-                    kind=str(phase_done.get("kind") or "deploy"))
+        return gate(
+            execution_id,
+            int(phase_done["stage_index"]),
+            int(phase_done["phase"]),
+            kind=str(phase_done.get("kind") or "deploy"),
+        )
     return advance(execution_id)
 
 

@@ -10,8 +10,9 @@ from app.celery import app
 
 
 @app.task(name="vmfarm.run_step", bind=True)
-def run_step(self: Any, prev: dict[str, Any] | None = None, *,
-             key: dict[str, Any]) -> dict[str, Any]:
+def run_step(
+    self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, Any]
+) -> dict[str, Any]:
     """Run one step on one host. ``prev`` is the host's previous step result (chain link)."""
     from app.execution.step import execute
 
@@ -21,13 +22,15 @@ def run_step(self: Any, prev: dict[str, Any] | None = None, *,
         return prev
     req = self.request
     queue = (req.delivery_info or {}).get("routing_key")
-    return execute(HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname,
-                   queue=queue)
+    return execute(
+        HostStepKey.from_dict(key), prev=prev, task_id=req.id, worker=req.hostname, queue=queue
+    )
 
 
 @app.task(name="vmfarm.run_host", bind=True)
-def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, Any],
-             until: int) -> dict[str, Any]:
+def run_host(
+    self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, Any], until: int
+) -> dict[str, Any]:
     """Run steps ``key.step`` .. ``until - 1`` of one host, in order, in this one task.
 
     Each step is what a ``run_step`` task would be: its own ledger row and idempotency key, its
@@ -45,8 +48,7 @@ def run_host(self: Any, prev: dict[str, Any] | None = None, *, key: dict[str, An
         return prev
     first = HostStepKey.from_dict(key)
     for step in range(first.step, max(until, first.step + 1)):
-        k = first if step == first.step else dataclasses.replace(first, step=step,
-                                                                 deadline=None)
+        k = first if step == first.step else dataclasses.replace(first, step=step, deadline=None)
         prev = execute(k, prev=prev, task_id=req.id, worker=req.hostname, queue=queue)
         if prev.get("handover") or prev.get("status") == "WAITING":
             break  # WAITING: a Wait or approval step; the coordinator continues the host

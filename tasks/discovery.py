@@ -14,8 +14,9 @@ log = logging.getLogger("vmfarm.tasks")
 
 
 @app.task(name="vmfarm.discover", bind=True)
-def discover_hosts(self: Any, *, infra: dict[str, Any], region: str,
-                   tags: Sequence[str] = ()) -> dict[str, Any]:
+def discover_hosts(
+    self: Any, *, infra: dict[str, Any], region: str, tags: Sequence[str] = ()
+) -> dict[str, Any]:
     """The hosts of one resolved infrastructure (``plan['stages'][i]['infrastructures'][j]``).
 
     ``region`` and ``tags`` only route the task (app.celery.route_task). Returns
@@ -33,15 +34,28 @@ def discover_hosts(self: Any, *, infra: dict[str, Any], region: str,
     try:
         hosts = discover(infra)
     except DiscoveryError as exc:
-        return {"error": str(exc), "error_class": exc.error_class,
-                "error_type": "DiscoveryError", "infrastructure": ident, **where}
+        return {
+            "error": str(exc),
+            "error_class": exc.error_class,
+            "error_type": "DiscoveryError",
+            "infrastructure": ident,
+            **where,
+        }
     except ConfigError as exc:
-        return {"error": str(exc), "error_class": "Unknown", "error_type": "ConfigError",
-                "infrastructure": ident, **where}
+        return {
+            "error": str(exc),
+            "error_class": "Unknown",
+            "error_type": "ConfigError",
+            "infrastructure": ident,
+            **where,
+        }
     except Exception as exc:  # a provider bug: still the caller's decision, with the details
         log.exception("discovery of infrastructure %s failed unexpectedly", ident)
-        return {"error": f"infrastructure '{ident}': discovery failed: "
-                         f"{type(exc).__name__}: {exc}",
-                "error_class": "Unknown", "error_type": type(exc).__name__,
-                "infrastructure": ident, **where}
+        return {
+            "error": f"infrastructure '{ident}': discovery failed: {type(exc).__name__}: {exc}",
+            "error_class": "Unknown",
+            "error_type": type(exc).__name__,
+            "infrastructure": ident,
+            **where,
+        }
     return {"hosts": [h.to_dict() for h in hosts], **where}

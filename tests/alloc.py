@@ -153,8 +153,9 @@ class Allocator:
         """A block of ``count`` consecutive 127.0.1.x addresses, unused by any socket."""
         if not 1 <= count <= LAST_HOST - FIRST_HOST + 1:
             raise ValueError(f"cannot lease {count} addresses")
-        lease = self._until_free(f"block of {count} lab address(es)",
-                                 lambda: self._try_addresses(count))
+        lease = self._until_free(
+            f"block of {count} lab address(es)", lambda: self._try_addresses(count)
+        )
         assert isinstance(lease, AddressLease)
         return lease
 
@@ -176,8 +177,9 @@ class Allocator:
             else:
                 # Locked: look again, a lab started without the allocator may have come up.
                 if not any(f"{SUBNET}{n}" in _addresses_in_use() for n in nums):
-                    return AddressLease(what=f"{SUBNET}{first}+{count}", fds=fds,
-                                        first=first, count=count)
+                    return AddressLease(
+                        what=f"{SUBNET}{first}+{count}", fds=fds, first=first, count=count
+                    )
             for fd in fds:
                 os.close(fd)
         return None

@@ -44,6 +44,7 @@ LANES = ("unit", "lab", "service", "cloud", "browser", "chaos", "e2e")
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its lane (its directory under tests/) and run the lanes in order."""
+
     def lane(item: pytest.Item) -> str | None:
         try:
             first = item.path.relative_to(TESTS).parts[0]
@@ -116,12 +117,18 @@ def lease_addresses(alloc: Allocator) -> Iterator[Callable[[int], AddressLease]]
         lease.release()
 
 
-def run_vmfarm(*args: str, env: dict[str, str], timeout: float = 180,
-               input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_vmfarm(
+    *args: str, env: dict[str, str], timeout: float = 180, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the vmfarm command as a user would, in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO, capture_output=True,
-        text=True, timeout=timeout, input=input,
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 
@@ -133,8 +140,13 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, region: str,
-                endpoint_env: bool = True) -> Iterator[str]:
+def moto_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    alloc: Allocator,
+    *,
+    region: str,
+    endpoint_env: bool = True,
+) -> Iterator[str]:
     """moto in server mode on a free 127.0.0.1 port, and an environment in which boto3 reaches
     only it: fake credentials, no profile, config file, role or instance metadata to fall back
     on, no proxy; with ``endpoint_env`` AWS_ENDPOINT_URL points at it. Yields its URL."""
@@ -144,13 +156,26 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, r
 
     empty = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as env:
-        for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_REGION",
-                    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_ENDPOINT_URL_EC2",
-                    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SECRETS_MANAGER",
-                    "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS",
-                    "AWS_RETRY_MODE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                    "https_proxy"):
+        for key in (
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+            "AWS_ROLE_ARN",
+            "AWS_REGION",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_ENDPOINT_URL_EC2",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+            "AWS_ENDPOINT_URL",
+            "AWS_SESSION_TOKEN",
+            "AWS_MAX_ATTEMPTS",
+            "AWS_RETRY_MODE",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+        ):
             env.delenv(key, raising=False)
         env.setenv("NO_PROXY", "127.0.0.1,localhost")
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -172,7 +197,6 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator, *, r
         finally:
             server.stop()
             lease.release()
-
 
 
 @pytest.fixture(scope="session")
@@ -201,8 +225,14 @@ def redis_urls(alloc: Allocator) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def lab_hosts(factory: pytest.TempPathFactory, alloc: Allocator, hosts: int, *,
-              regions: list[str], folder: str = "lab") -> Iterator[Any]:
+def lab_hosts(
+    factory: pytest.TempPathFactory,
+    alloc: Allocator,
+    hosts: int,
+    *,
+    regions: list[str],
+    folder: str = "lab",
+) -> Iterator[Any]:
     """``hosts`` real sshd hosts on leased addresses, stopped (and the lease released) when the
     block ends. sandbox=False: without root or sshd, lab_up raises LabError saying why."""
     from app.lab import lab_down, lab_up
@@ -244,8 +274,11 @@ class Cluster:
         return run_vmfarm(*args, env=self.env, timeout=timeout)
 
     def worker_logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in self.logs if p.exists())
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in self.logs
+            if p.exists()
+        )
 
 
 def _wait_for_workers(env: dict[str, str], names: list[str], timeout: float = 60) -> None:
@@ -260,34 +293,55 @@ def _wait_for_workers(env: dict[str, str], names: list[str], timeout: float = 60
     seen: list[str] = []
 
     def all_answer() -> bool:
-        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode == 0 and out.stdout.strip():
             seen[:] = json.loads(out.stdout.strip().splitlines()[-1])
         return all(n in seen for n in names)
 
-    wait_for(all_answer, timeout, f"workers {names} to answer a ping",
-             explain=lambda: f"(saw {seen})")
+    wait_for(
+        all_answer, timeout, f"workers {names} to answer a ping", explain=lambda: f"(saw {seen})"
+    )
 
 
 @pytest.fixture(scope="session")
-def cluster(pg_url: str, redis_urls: tuple[str, str], lab: Any,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    pg_url: str, redis_urls: tuple[str, str], lab: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     """Two region workers (vmfarm.r1, vmfarm.r2) and a control worker, as separate processes."""
     home = tmp_path_factory.mktemp("home")
-    env = base_env(VMFARM_BROKER_URL=redis_urls[0], VMFARM_RESULT_BACKEND=redis_urls[1],
-                   VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(home))
-    specs = [("w-r1@test", ["--region", "r1", "-c", "8"]),
-             ("w-r2@test", ["--region", "r2", "-c", "8"]),
-             ("w-control@test", ["--control", "-c", "2"])]
+    env = base_env(
+        VMFARM_BROKER_URL=redis_urls[0],
+        VMFARM_RESULT_BACKEND=redis_urls[1],
+        VMFARM_DATABASE_URL=pg_url,
+        VMFARM_HOME=str(home),
+    )
+    specs = [
+        ("w-r1@test", ["--region", "r1", "-c", "8"]),
+        ("w-r2@test", ["--region", "r2", "-c", "8"]),
+        ("w-control@test", ["--control", "-c", "2"]),
+    ]
     workers, logs = [], []
     for name, args in specs:
         log = home / f"{name.split('@')[0]}.log"
         logs.append(log)
         fh = log.open("wb")
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
-            env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
+                env=env,
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     cl = Cluster(env=env, home=home, workers=workers, logs=logs)
     try:
         _wait_for_workers(env, [n for n, _ in specs])

@@ -16,8 +16,14 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T], timeout: float, what: str = "the condition", *,
-             interval: float = 0.05, explain: Callable[[], str] | None = None) -> T:
+def wait_for(
+    check: Callable[[], T],
+    timeout: float,
+    what: str = "the condition",
+    *,
+    interval: float = 0.05,
+    explain: Callable[[], str] | None = None,
+) -> T:
     """Call ``check`` until it returns something truthy, and return that; fail after
     ``timeout`` seconds naming ``what`` (and ``explain()``, if given)."""
     deadline = time.monotonic() + timeout

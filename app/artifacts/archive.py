@@ -46,15 +46,16 @@ def unsafe_members(path: str) -> list[str]:
                     base = posixpath.dirname(name) if member.issym() else ""
                     if target.startswith("/") or _escapes(posixpath.join(base, target)):
                         kind = "symbolic" if member.issym() else "hard"
-                        problems.append(f"member {name!r} is a {kind} link to {target!r}, "
-                                        "outside the release folder")
+                        problems.append(
+                            f"member {name!r} is a {kind} link to {target!r}, "
+                            "outside the release folder"
+                        )
                     continue
                 if not (member.isfile() or member.isdir()):
                     problems.append(f"member {name!r} is a device, FIFO or other special file")
                     continue
                 if member.mode & (stat.S_ISUID | stat.S_ISGID):
-                    problems.append(f"member {name!r} is setuid or setgid "
-                                    f"(mode {member.mode:o})")
+                    problems.append(f"member {name!r} is setuid or setgid (mode {member.mode:o})")
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"not a readable tar archive ({exc})")
     return problems

@@ -26,8 +26,9 @@ class ArtifactError(TransferError):
 
     error_class = "Unknown"
 
-    def __init__(self, message: str, *, artifact: str = "", host: str = "", step: str = "",
-                 unit: str = "") -> None:
+    def __init__(
+        self, message: str, *, artifact: str = "", host: str = "", step: str = "", unit: str = ""
+    ) -> None:
         super().__init__(message, host=host, step=step, unit=unit)
         self.artifact = artifact
 
@@ -62,9 +63,18 @@ class ChecksumError(ArtifactError):
 
     error_class = "Unknown"
 
-    def __init__(self, message: str, *, artifact: str = "", expected: str = "",
-                 actual: str = "", checksum_from: str = "", host: str = "", step: str = "",
-                 unit: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        artifact: str = "",
+        expected: str = "",
+        actual: str = "",
+        checksum_from: str = "",
+        host: str = "",
+        step: str = "",
+        unit: str = "",
+    ) -> None:
         super().__init__(message, artifact=artifact, host=host, step=step, unit=unit)
         self.expected = expected
         self.actual = actual

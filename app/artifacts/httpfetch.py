@@ -95,9 +95,15 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 class _Redirect(urllib.request.HTTPRedirectHandler):
     """Follows redirects, but sends credentials only back to the same origin."""
 
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
-                         headers: http.client.HTTPMessage,
-                         newurl: str) -> urllib.request.Request | None:
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and _origin(newurl) != _origin(req.full_url):
             new.remove_header("Authorization")
@@ -112,8 +118,10 @@ def _tls_context(what: str) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=bundle)
         except (OSError, ssl.SSLError) as exc:
-            raise ArtifactError(f"artifact {what}: {CA_BUNDLE_ENV}={bundle!r} is not a readable "
-                                f"CA bundle: {exc}", artifact=what) from None
+            raise ArtifactError(
+                f"artifact {what}: {CA_BUNDLE_ENV}={bundle!r} is not a readable CA bundle: {exc}",
+                artifact=what,
+            ) from None
     return ctx
 
 
@@ -135,14 +143,14 @@ def checksum_token(text: str) -> str | None:
 class HttpSource:
     """Downloads one URL (no credentials in it) with ``auth``; ``what`` names it in errors."""
 
-    def __init__(self, url: str, auth: HttpAuth, what: str, *,
-                 attempts: int | None = None) -> None:
+    def __init__(self, url: str, auth: HttpAuth, what: str, *, attempts: int | None = None) -> None:
         self.url = url
         self.auth = auth
         self.what = what
         self.attempts = max(1, attempts if attempts is not None else ATTEMPTS)
         self._opener = urllib.request.build_opener(
-            _Redirect(), urllib.request.HTTPSHandler(context=_tls_context(what)))
+            _Redirect(), urllib.request.HTTPSHandler(context=_tls_context(what))
+        )
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -163,33 +171,48 @@ class HttpSource:
             code, headers = exc.code, exc.headers
             exc.close()
             if code in RETRY_STATUSES:
-                raise RetryableFetchError(f"HTTP {code}", _retry_after(headers),
-                                          status=code) from None
+                raise RetryableFetchError(
+                    f"HTTP {code}", _retry_after(headers), status=code
+                ) from None
             if code == 401:
                 who = self.auth.who()
-                hint = (f"the repository refused the credentials of {who} (HTTP 401); check "
-                        "the username and the password or token secret") if who else (
+                hint = (
+                    (
+                        f"the repository refused the credentials of {who} (HTTP 401); check "
+                        "the username and the password or token secret"
+                    )
+                    if who
+                    else (
                         "the repository needs credentials (HTTP 401): set spec.username and "
-                        "spec.passwordRef, or a token")
-                raise ArtifactAuthError(f"artifact {self.what}: {hint}",
-                                        artifact=self.what) from None
+                        "spec.passwordRef, or a token"
+                    )
+                )
+                raise ArtifactAuthError(
+                    f"artifact {self.what}: {hint}", artifact=self.what
+                ) from None
             if code == 403:
                 raise ArtifactAccessError(
                     f"artifact {self.what}: access denied (HTTP 403)"
                     + (f" for {self.auth.who()}" if self.auth.who() else ""),
-                    artifact=self.what) from None
+                    artifact=self.what,
+                ) from None
             if missing_ok:
                 return None
             if code == 404:
-                raise ArtifactError(f"artifact {self.what}: not found (HTTP 404); check the "
-                                    "URL fields and the tag", artifact=self.what) from None
-            raise ArtifactError(f"artifact {self.what}: HTTP {code} {exc.reason}",
-                                artifact=self.what) from None
+                raise ArtifactError(
+                    f"artifact {self.what}: not found (HTTP 404); check the URL fields and the tag",
+                    artifact=self.what,
+                ) from None
+            raise ArtifactError(
+                f"artifact {self.what}: HTTP {code} {exc.reason}", artifact=self.what
+            ) from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ssl.SSLCertVerificationError):
-                raise ArtifactError(f"artifact {self.what}: the server's TLS certificate is not "
-                                    f"trusted ({exc.reason.verify_message})",
-                                    artifact=self.what) from None
+                raise ArtifactError(
+                    f"artifact {self.what}: the server's TLS certificate is not "
+                    f"trusted ({exc.reason.verify_message})",
+                    artifact=self.what,
+                ) from None
             raise RetryableFetchError(f"cannot connect: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise RetryableFetchError(f"connection failed: {exc!r}") from None
@@ -202,12 +225,20 @@ class HttpSource:
                 if attempt >= self.attempts:
                     raise ArtifactUnavailableError(
                         f"artifact {self.what}: {exc.reason} (gave up after {attempt} "
-                        f"attempt{'s' if attempt > 1 else ''})", artifact=self.what) from None
+                        f"attempt{'s' if attempt > 1 else ''})",
+                        artifact=self.what,
+                    ) from None
                 delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1))
                 if exc.delay is not None:  # the server's Retry-After
                     delay = min(exc.delay, BACKOFF_MAX)
-                log.warning("artifact %s: %s; retrying in %.1f s (attempt %d of %d)",
-                            self.what, exc.reason, delay, attempt + 1, self.attempts)
+                log.warning(
+                    "artifact %s: %s; retrying in %.1f s (attempt %d of %d)",
+                    self.what,
+                    exc.reason,
+                    delay,
+                    attempt + 1,
+                    self.attempts,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -215,6 +246,7 @@ class HttpSource:
 
     def header_checksum(self) -> str | None:
         """Artifactory's ``X-Checksum-Sha256`` on a HEAD request (None if not sent)."""
+
         def head() -> str | None:
             resp = self._open("HEAD", self.url, missing_ok=True)
             if resp is None:
@@ -246,6 +278,7 @@ class HttpSource:
 
     def download(self, tmp: Path) -> tuple[str, int, str | None]:
         """Stream the artifact to ``tmp``: (sha256, size, X-Checksum-Sha256 if sent)."""
+
         def get() -> tuple[str, int, str | None]:
             with self._open("GET", self.url) as resp:
                 header = resp.headers.get(CHECKSUM_HEADER)

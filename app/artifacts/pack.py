@@ -19,9 +19,11 @@ from pathlib import Path
 def pack_folder(src: Path, out: Path) -> None:
     """Write the folder ``src`` as a reproducible .tar.gz to ``out``."""
     entries = sorted(src.rglob("*"), key=lambda p: p.relative_to(src).as_posix())
-    with out.open("wb") as fh, \
-            gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0, compresslevel=9) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        out.open("wb") as fh,
+        gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0, compresslevel=9) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for p in entries:
             st = os.lstat(p)
             info = tarfile.TarInfo(p.relative_to(src).as_posix())

@@ -28,8 +28,15 @@ from app.artifacts.httpfetch import checksum_token
 log = logging.getLogger("vmfarm.artifacts")
 
 MAX_ATTEMPTS = 5
-_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-               "UnrecognizedClientException", "AuthFailure", "InvalidClientTokenId"}
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "UnrecognizedClientException",
+    "AuthFailure",
+    "InvalidClientTokenId",
+}
 _MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 
 
@@ -40,8 +47,15 @@ def endpoint_url() -> str | None:
 class S3Source:
     """``s3://bucket/key`` in ``region``; ``what`` names it in errors."""
 
-    def __init__(self, bucket: str, key: str, region: str | None, what: str, *,
-                 keys: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        key: str,
+        region: str | None,
+        what: str,
+        *,
+        keys: tuple[str, str] | None = None,
+    ) -> None:
         self.bucket = bucket
         self.keys = keys  # an Aws connector's (access key, secret key); None: the worker's
         self.key = key
@@ -56,18 +70,28 @@ class S3Source:
             from botocore.config import Config
 
             endpoint = endpoint_url()
-            config = Config(retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
-                            connect_timeout=10, read_timeout=60,
-                            s3={"addressing_style": "path"} if endpoint else None)
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+                connect_timeout=10,
+                read_timeout=60,
+                s3={"addressing_style": "path"} if endpoint else None,
+            )
             try:
                 session = boto3.session.Session(
-                    **({"aws_access_key_id": self.keys[0], "aws_secret_access_key": self.keys[1]}
-                       if self.keys else {}))
-                self._client_obj = session.client("s3", region_name=self.region,
-                                                  endpoint_url=endpoint, config=config)
+                    **(
+                        {"aws_access_key_id": self.keys[0], "aws_secret_access_key": self.keys[1]}
+                        if self.keys
+                        else {}
+                    )
+                )
+                self._client_obj = session.client(
+                    "s3", region_name=self.region, endpoint_url=endpoint, config=config
+                )
             except Exception as exc:  # e.g. a profile that does not exist
-                raise ArtifactAuthError(f"artifact {self.what}: cannot set up AWS credentials: "
-                                        f"{type(exc).__name__}", artifact=self.what) from None
+                raise ArtifactAuthError(
+                    f"artifact {self.what}: cannot set up AWS credentials: {type(exc).__name__}",
+                    artifact=self.what,
+                ) from None
         return self._client_obj
 
     def _error(self, exc: Exception, doing: str) -> ArtifactError:
@@ -80,41 +104,55 @@ class S3Source:
         )
 
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return ArtifactAuthError(f"artifact {self.what}: no AWS credentials on this worker "
-                                     "(environment, profile or instance role)",
-                                     artifact=self.what)
+            return ArtifactAuthError(
+                f"artifact {self.what}: no AWS credentials on this worker "
+                "(environment, profile or instance role)",
+                artifact=self.what,
+            )
         if isinstance(exc, EndpointConnectionError | ConnectionError):
-            return ArtifactUnavailableError(f"artifact {self.what}: cannot reach S3 while "
-                                            f"{doing}: {type(exc).__name__}", artifact=self.what)
+            return ArtifactUnavailableError(
+                f"artifact {self.what}: cannot reach S3 while {doing}: {type(exc).__name__}",
+                artifact=self.what,
+            )
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if code in _AUTH_CODES:
-                return ArtifactAuthError(f"artifact {self.what}: S3 refused the credentials "
-                                         f"({code})", artifact=self.what)
+                return ArtifactAuthError(
+                    f"artifact {self.what}: S3 refused the credentials ({code})", artifact=self.what
+                )
             if code in _MISSING_CODES:
                 what = "bucket" if code == "NoSuchBucket" else "object"
-                return ArtifactError(f"artifact {self.what}: the {what} does not exist ({code});"
-                                     " check spec.bucket, spec.key and the tag",
-                                     artifact=self.what)
+                return ArtifactError(
+                    f"artifact {self.what}: the {what} does not exist ({code});"
+                    " check spec.bucket, spec.key and the tag",
+                    artifact=self.what,
+                )
             if code in ("403", "AccessDenied", "Forbidden") or status == 403:
-                return ArtifactAccessError(f"artifact {self.what}: access denied ({code or 403});"
-                                           " the object may also not exist", artifact=self.what)
+                return ArtifactAccessError(
+                    f"artifact {self.what}: access denied ({code or 403});"
+                    " the object may also not exist",
+                    artifact=self.what,
+                )
             if status >= 500:
-                return ArtifactUnavailableError(f"artifact {self.what}: S3 error {code} "
-                                                f"(HTTP {status}) while {doing}",
-                                                artifact=self.what)
-            return ArtifactError(f"artifact {self.what}: S3 error {code or status} while "
-                                 f"{doing}", artifact=self.what)
-        return ArtifactError(f"artifact {self.what}: {doing} failed: {type(exc).__name__}",
-                             artifact=self.what)
+                return ArtifactUnavailableError(
+                    f"artifact {self.what}: S3 error {code} (HTTP {status}) while {doing}",
+                    artifact=self.what,
+                )
+            return ArtifactError(
+                f"artifact {self.what}: S3 error {code or status} while {doing}", artifact=self.what
+            )
+        return ArtifactError(
+            f"artifact {self.what}: {doing} failed: {type(exc).__name__}", artifact=self.what
+        )
 
     def checksum(self) -> tuple[str | None, str | None]:
         """(sha256, where it came from) as S3 knows it before the download, or (None, None)."""
         try:
-            head = self._client().head_object(Bucket=self.bucket, Key=self.key,
-                                              ChecksumMode="ENABLED")
+            head = self._client().head_object(
+                Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED"
+            )
         except ArtifactError:
             raise
         except Exception as exc:
@@ -122,8 +160,7 @@ class S3Source:
         version = head.get("VersionId")
         self._version = str(version) if version and version != "null" else None
         b64 = head.get("ChecksumSHA256")
-        if b64 and "-" not in str(b64) and head.get("ChecksumType", "FULL_OBJECT") == \
-                "FULL_OBJECT":
+        if b64 and "-" not in str(b64) and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
             try:
                 raw = base64.b64decode(str(b64), validate=True)
                 if len(raw) == 32:
@@ -134,8 +171,9 @@ class S3Source:
         if meta.get("sha256") and (digest := checksum_token(meta["sha256"])):
             return digest, "S3 metadata sha256"
         try:
-            body = self._client().get_object(Bucket=self.bucket, Key=self.key + ".sha256",
-                                             Range="bytes=0-4095")["Body"]
+            body = self._client().get_object(
+                Bucket=self.bucket, Key=self.key + ".sha256", Range="bytes=0-4095"
+            )["Body"]
             with body:
                 text = body.read().decode("utf-8", "replace")
         except Exception as exc:

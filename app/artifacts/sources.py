@@ -160,12 +160,15 @@ def _substitute(template: str, tag: str | None, what: str, *, url: bool = False)
     for ph in TAG_PLACEHOLDERS:
         if ph in out:
             if not tag:
-                raise ArtifactError(f"{what}: {template!r} needs the artifact's tag, and it has "
-                                    "none (spec.tag)")
+                raise ArtifactError(
+                    f"{what}: {template!r} needs the artifact's tag, and it has none (spec.tag)"
+                )
             out = out.replace(ph, quote(tag, safe=_URL_SAFE) if url else tag)
     if "<+" in out:
-        raise ArtifactError(f"{what}: {template!r} holds an unresolved expression (a runtime "
-                            "input without a value?)")
+        raise ArtifactError(
+            f"{what}: {template!r} holds an unresolved expression (a runtime "
+            "input without a value?)"
+        )
     return out
 
 
@@ -178,8 +181,10 @@ def _expected(spec: Mapping[str, Any], what: str) -> tuple[str | None, str | Non
         if not sep:
             algo, digest = "sha256", algo
         if algo.lower() != "sha256" or not SHA256_RE.fullmatch(digest):
-            raise ArtifactError(f"{what}: spec.{name} must be a sha256 (64 hex digits, "
-                                f"optionally prefixed 'sha256:'), got {raw[:80]!r}")
+            raise ArtifactError(
+                f"{what}: spec.{name} must be a sha256 (64 hex digits, "
+                f"optionally prefixed 'sha256:'), got {raw[:80]!r}"
+            )
         return digest.lower(), f"spec.{name}"
     return None, None
 
@@ -191,8 +196,9 @@ def extension(name: str) -> str:
         if name.endswith("." + multi):
             return multi
     suffix = name.rsplit(".", 1)[1] if "." in name else ""
-    return suffix if re.fullmatch(r"[a-z0-9]*[a-z][a-z0-9]*", suffix) and len(suffix) <= 8 \
-        else "bin"
+    return (
+        suffix if re.fullmatch(r"[a-z0-9]*[a-z][a-z0-9]*", suffix) and len(suffix) <= 8 else "bin"
+    )
 
 
 def _join(*parts: str) -> list[str]:
@@ -224,19 +230,26 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
     url = _field(spec, "url", "artifactUrl")
     if url:
         return _substitute(url, tag, what, url=True)
-    base = _field(spec, "baseUrl", "serverUrl", "artifactoryServerUrl", "nexusServerUrl",
-                  "jenkinsUrl")
+    base = _field(
+        spec, "baseUrl", "serverUrl", "artifactoryServerUrl", "nexusServerUrl", "jenkinsUrl"
+    )
     if not base:
         ref = _field(spec, "connectorRef")
-        raise ArtifactError(f"{what}: set spec.url, or spec.baseUrl with the repository fields"
-                            + (f" (connectorRef {ref!r} is not resolved here: the loader "
-                               "writes the connector's server URL into the plan)" if ref
-                               else ""))
+        raise ArtifactError(
+            f"{what}: set spec.url, or spec.baseUrl with the repository fields"
+            + (
+                f" (connectorRef {ref!r} is not resolved here: the loader "
+                "writes the connector's server URL into the plan)"
+                if ref
+                else ""
+            )
+        )
     server = urlsplit(_substitute(base, tag, what, url=True))
 
     def under_base(path: str) -> str:  # a query of the base URL stays a query, after the path
-        return urlunsplit((server.scheme, server.netloc, f"{server.path.rstrip('/')}/{path}",
-                           server.query, ""))
+        return urlunsplit(
+            (server.scheme, server.netloc, f"{server.path.rstrip('/')}/{path}", server.query, "")
+        )
 
     if atype == "Http":
         raise ArtifactError(f"{what}: set spec.url")
@@ -244,17 +257,23 @@ def artifact_url(atype: str, spec: Mapping[str, Any], tag: str | None) -> str:
         job = _field(spec, "jobName")
         apath = _field(spec, "artifactPath")
         if not job or not apath:
-            raise ArtifactError(f"{what}: spec.jobName and spec.artifactPath are required with "
-                                "spec.baseUrl")
+            raise ArtifactError(
+                f"{what}: spec.jobName and spec.artifactPath are required with spec.baseUrl"
+            )
         build = _substitute(_field(spec, "build") or "<tag>", tag, what)
         jobs = "/".join("job/" + quote(seg, safe=_URL_SAFE) for seg in _join(job))
         path = "/".join(quote(_substitute(s, tag, what), safe=_URL_SAFE) for s in _join(apath))
         return under_base(f"{jobs}/{quote(build, safe=_URL_SAFE)}/artifact/{path}")
     repo = _field(spec, "repository", "repositoryName")
     if not repo and not (atype == "Artifactory" and _field(spec, "artifactPath")):
-        raise ArtifactError(f"{what}: spec.repository is required with spec.baseUrl"
-                            + (" (or an artifactPath that starts with the repository)"
-                               if atype == "Artifactory" else ""))
+        raise ArtifactError(
+            f"{what}: spec.repository is required with spec.baseUrl"
+            + (
+                " (or an artifactPath that starts with the repository)"
+                if atype == "Artifactory"
+                else ""
+            )
+        )
     segs = [*([_substitute(repo, tag, what)] if repo else []), *_repo_path(spec, tag, what)]
     prefix = "repository/" if atype == "Nexus3Registry" else ""
     return under_base(prefix + "/".join(quote(s, safe=_URL_SAFE) for s in segs))
@@ -265,8 +284,9 @@ def _credentials(value: Credentials | Mapping[str, str] | None) -> Credentials:
         return Credentials()
     if isinstance(value, Credentials):
         return value
-    return Credentials(username=value.get("username"), password=value.get("password"),
-                       token=value.get("token"))
+    return Credentials(
+        username=value.get("username"), password=value.get("password"), token=value.get("token")
+    )
 
 
 def _resolved(text: str | None, what: str, where: str) -> str | None:
@@ -290,8 +310,11 @@ def _secret(secret_id: str, what: str, where: str) -> str:
     try:
         return resolve_secrets([secret_id])[secret_id.strip()]
     except SecretError as exc:
-        raise ArtifactAuthError(f"{what}: {where} {secret_id.strip()!r}: the secret cannot be "
-                                f"resolved on this worker: {exc}", artifact=what) from None
+        raise ArtifactAuthError(
+            f"{what}: {where} {secret_id.strip()!r}: the secret cannot be "
+            f"resolved on this worker: {exc}",
+            artifact=what,
+        ) from None
 
 
 def names_credentials(spec: Mapping[str, Any], url: str | None = None) -> bool:
@@ -299,8 +322,15 @@ def names_credentials(spec: Mapping[str, Any], url: str | None = None) -> bool:
     return any(_field(spec, k) for k in AUTH_FIELDS) or bool(url and urlsplit(url).username)
 
 
-def _http_auth(spec: Mapping[str, Any], creds: Credentials, url_user: str | None,
-               url_password: str | None, what: str, *, require_secrets: bool) -> HttpAuth:
+def _http_auth(
+    spec: Mapping[str, Any],
+    creds: Credentials,
+    url_user: str | None,
+    url_password: str | None,
+    what: str,
+    *,
+    require_secrets: bool,
+) -> HttpAuth:
     """The credentials to send. With ``require_secrets`` (the worker that fetches) the secrets
     the spec names are resolved here; without (plan time) none is, and none is returned."""
     if creds.token:
@@ -313,8 +343,9 @@ def _http_auth(spec: Mapping[str, Any], creds: Credentials, url_user: str | None
             token = _secret(token_ref, what, "spec.tokenRef")
         if token:
             return HttpAuth(token=token)
-    username = creds.username or _resolved(_field(spec, "username"), what, "spec.username") \
-        or url_user
+    username = (
+        creds.username or _resolved(_field(spec, "username"), what, "spec.username") or url_user
+    )
     if not username:
         return HttpAuth()
     password = creds.password
@@ -342,9 +373,12 @@ def _describe_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
-def resolve(artifact: Mapping[str, Any],
-            credentials: Credentials | Mapping[str, str] | None = None, *,
-            require_secrets: bool = True) -> Resolved:
+def resolve(
+    artifact: Mapping[str, Any],
+    credentials: Credentials | Mapping[str, str] | None = None,
+    *,
+    require_secrets: bool = True,
+) -> Resolved:
     """What to fetch, from where, with which checksum; ArtifactError if the spec cannot say.
 
     Needs no network. With ``require_secrets`` (the worker that fetches) the secrets the spec
@@ -370,49 +404,89 @@ def resolve(artifact: Mapping[str, Any],
         elif p.is_file():
             kind_name, ext = "file", extension(p.name)
         else:
-            raise ArtifactError(f"{what}: {p} does not exist on this worker",
-                                artifact=f"Local {p}")
-        return Resolved(atype, "local", f"local:{p}", f"Local {kind_name} {p}", ext, tag,
-                        expected, expected_from, local_path=p)
+            raise ArtifactError(f"{what}: {p} does not exist on this worker", artifact=f"Local {p}")
+        return Resolved(
+            atype,
+            "local",
+            f"local:{p}",
+            f"Local {kind_name} {p}",
+            ext,
+            tag,
+            expected,
+            expected_from,
+            local_path=p,
+        )
     if atype in HTTP_TYPES:
         url = artifact_url(atype, spec, tag)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ArtifactError(f"{what}: {_describe_url(url)!r} is not an http(s) URL")
-        clean = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
-                            parts.query, ""))
+        clean = urlunsplit(
+            (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, "")
+        )
         source = f"{atype} {_describe_url(clean)}"
         given = _credentials(credentials)
         if parts.scheme == "http" and (names_credentials(spec, url) or given != Credentials()):
-            raise ArtifactError(f"{source}: credentials are sent over https only, and this URL "
-                                "is plain http (anyone on the way could read them): use an "
-                                "https:// URL", artifact=source)
-        auth = _http_auth(spec, given, parts.username, parts.password, source,
-                          require_secrets=require_secrets)
-        return Resolved(atype, "http", clean, source, extension(parts.path.rsplit("/", 1)[-1]),
-                        tag, expected, expected_from, url=clean, auth=auth,
-                        allow_unverified=allow_unverified(spec))
+            raise ArtifactError(
+                f"{source}: credentials are sent over https only, and this URL "
+                "is plain http (anyone on the way could read them): use an "
+                "https:// URL",
+                artifact=source,
+            )
+        auth = _http_auth(
+            spec, given, parts.username, parts.password, source, require_secrets=require_secrets
+        )
+        return Resolved(
+            atype,
+            "http",
+            clean,
+            source,
+            extension(parts.path.rsplit("/", 1)[-1]),
+            tag,
+            expected,
+            expected_from,
+            url=clean,
+            auth=auth,
+            allow_unverified=allow_unverified(spec),
+        )
     if atype == "AmazonS3":
         bucket = _field(spec, "bucket", "bucketName")
         key_t = _field(spec, "key", "filePath", "artifactPath")
         if not bucket or not key_t:
-            raise ArtifactError(f"{what}: spec.bucket and spec.key (or bucketName and "
-                                "filePath) are required")
+            raise ArtifactError(
+                f"{what}: spec.bucket and spec.key (or bucketName and filePath) are required"
+            )
         key = _substitute(key_t, tag, what).lstrip("/")
-        region = _field(spec, "region") or os.environ.get("AWS_REGION") or \
-            os.environ.get("AWS_DEFAULT_REGION")
+        region = (
+            _field(spec, "region")
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
         source = f"AmazonS3 s3://{bucket}/{key}" + (f" ({region})" if region else "")
         aws_keys = None
         if require_secrets and (ref := _field(spec, "secretKeyRef")):
             access = _resolved(_field(spec, "accessKey"), source, "spec.accessKey")
             aws_keys = (access or "", _secret(ref, source, "the connector's secretKeyRef"))
         identity = f"s3://{bucket}/{key}?region={region or ''}&endpoint={endpoint_url() or ''}"
-        return Resolved(atype, "s3", identity, source, extension(key.rsplit("/", 1)[-1]), tag,
-                        expected, expected_from, bucket=bucket, key=key, region=region,
-                        allow_unverified=allow_unverified(spec), aws_keys=aws_keys)
+        return Resolved(
+            atype,
+            "s3",
+            identity,
+            source,
+            extension(key.rsplit("/", 1)[-1]),
+            tag,
+            expected,
+            expected_from,
+            bucket=bucket,
+            key=key,
+            region=region,
+            allow_unverified=allow_unverified(spec),
+            aws_keys=aws_keys,
+        )
     if atype == "CustomArtifact":
-        raise ArtifactError(f"{what}: CustomArtifact sources are not supported; use Http (spec."
-                            "url) or AmazonS3")
+        raise ArtifactError(
+            f"{what}: CustomArtifact sources are not supported; use Http (spec.url) or AmazonS3"
+        )
     raise ArtifactError(f"unknown artifact type {atype!r}")
 
 
@@ -439,9 +513,13 @@ def default_cache_dir() -> Path:
     return get_settings().home_dir / "cache" / "artifacts"
 
 
-def fetch(artifact: Mapping[str, Any], *, execution_id: str | None = None,
-          credentials: Credentials | Mapping[str, str] | None = None,
-          cache_dir: Path | str | None = None) -> Fetched:
+def fetch(
+    artifact: Mapping[str, Any],
+    *,
+    execution_id: str | None = None,
+    credentials: Credentials | Mapping[str, str] | None = None,
+    cache_dir: Path | str | None = None,
+) -> Fetched:
     """The artifact as a verified file in the cache (see the module docstring).
 
     Raises ArtifactError (a TransferError) and its subclasses: ChecksumError,
@@ -462,20 +540,31 @@ def fetch(artifact: Mapping[str, Any], *, execution_id: str | None = None,
             if execution_id:
                 cache.index_put(execution_id, key, dataclasses.asdict(fetched))
     except OSError as exc:
-        raise ArtifactError(f"artifact {src.source}: cannot use the artifact cache "
-                            f"{cache.root}: {exc.strerror or exc}", artifact=src.source) from None
-    log.info("artifact %s: %s, %d bytes, sha256 %s (%s)", src.source,
-             "reused from the cache" if fetched.from_cache else "fetched", fetched.size,
-             fetched.sha256, f"verified against {fetched.checksum_from}" if fetched.verified
-             else "hashed here" if src.kind == "local"
-             else "not verified: no checksum anywhere, and spec.allowUnverified is true")
+        raise ArtifactError(
+            f"artifact {src.source}: cannot use the artifact cache "
+            f"{cache.root}: {exc.strerror or exc}",
+            artifact=src.source,
+        ) from None
+    log.info(
+        "artifact %s: %s, %d bytes, sha256 %s (%s)",
+        src.source,
+        "reused from the cache" if fetched.from_cache else "fetched",
+        fetched.size,
+        fetched.sha256,
+        f"verified against {fetched.checksum_from}"
+        if fetched.verified
+        else "hashed here"
+        if src.kind == "local"
+        else "not verified: no checksum anywhere, and spec.allowUnverified is true",
+    )
     return fetched
 
 
 def forget_execution(execution_id: str, *, cache_dir: Path | str | None = None) -> None:
     """Drop an execution's index when it ends (its cached files stay)."""
     ArtifactCache(Path(cache_dir) if cache_dir is not None else default_cache_dir()).forget(
-        execution_id)
+        execution_id
+    )
 
 
 def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
@@ -498,10 +587,14 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
             expected, expected_from = s3.checksum()
     if expected is None and src.kind == "s3" and not src.allow_unverified:
         raise ArtifactError(unverified_message(src), artifact=src.source)
-    if expected is not None and src.kind != "local" and \
-            (hit := cache.lookup(expected, src.ext)) is not None:
-        return Fetched(str(hit), expected, hit.stat().st_size, src.source, True, True,
-                       expected_from, src.ext)
+    if (
+        expected is not None
+        and src.kind != "local"
+        and (hit := cache.lookup(expected, src.ext)) is not None
+    ):
+        return Fetched(
+            str(hit), expected, hit.stat().st_size, src.source, True, True, expected_from, src.ext
+        )
 
     tmp = cache.tmp_path(src.ext)
     try:
@@ -527,27 +620,39 @@ def _obtain(src: Resolved, cache: ArtifactCache) -> Fetched:
             raise ChecksumError(
                 f"artifact {src.source}: sha256 mismatch: expected {expected} (from "
                 f"{expected_from}), got {digest}; the download was discarded",
-                artifact=src.source, expected=expected, actual=digest,
-                checksum_from=expected_from or "")
+                artifact=src.source,
+                expected=expected,
+                actual=digest,
+                checksum_from=expected_from or "",
+            )
         path = cache.commit(tmp, digest, src.ext)
     finally:
         tmp.unlink(missing_ok=True)
     if expected is None and src.kind != "local":
-        log.warning("artifact %s: neither the spec nor the repository gives a checksum "
-                    "(spec.allowUnverified: true); recorded the computed sha256 %s",
-                    src.source, digest)
-    return Fetched(str(path), digest, size, src.source, False, expected is not None,
-                   expected_from, src.ext)
+        log.warning(
+            "artifact %s: neither the spec nor the repository gives a checksum "
+            "(spec.allowUnverified: true); recorded the computed sha256 %s",
+            src.source,
+            digest,
+        )
+    return Fetched(
+        str(path), digest, size, src.source, False, expected is not None, expected_from, src.ext
+    )
 
 
 def unverified_message(src: Resolved) -> str:
     """Why a remote artifact without any checksum is refused, and how to fix it."""
-    published = ("S3's ChecksumSHA256, a sha256 metadata entry or <key>.sha256" if src.kind == "s3"
-                 else f"{CHECKSUM_HEADER} or <url>.sha256")
-    return (f"artifact {src.source}: refused: no checksum from any source (the spec, or the "
-            f"repository's {published}), so the bytes cannot be verified; set spec.sha256 "
-            "(or spec.checksum: sha256:<hex>), publish a checksum in the repository, or write "
-            "spec.allowUnverified: true to deploy it unverified")
+    published = (
+        "S3's ChecksumSHA256, a sha256 metadata entry or <key>.sha256"
+        if src.kind == "s3"
+        else f"{CHECKSUM_HEADER} or <url>.sha256"
+    )
+    return (
+        f"artifact {src.source}: refused: no checksum from any source (the spec, or the "
+        f"repository's {published}), so the bytes cannot be verified; set spec.sha256 "
+        "(or spec.checksum: sha256:<hex>), publish a checksum in the repository, or write "
+        "spec.allowUnverified: true to deploy it unverified"
+    )
 
 
 # --- on the host ---------------------------------------------------------------------------------

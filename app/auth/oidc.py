@@ -28,10 +28,18 @@ DISCOVERY = "/.well-known/openid-configuration"
 
 
 class OidcVerifier:
-    def __init__(self, issuer: str, audience: str, *, groups_claim: str = "groups",
-                 leeway: float = 30.0, jwks_lifespan: float = 300.0,
-                 jwks_cooldown: float = 30.0, timeout: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        groups_claim: str = "groups",
+        leeway: float = 30.0,
+        jwks_lifespan: float = 300.0,
+        jwks_cooldown: float = 30.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not issuer or not audience:
             raise ValueError("an OIDC verifier needs an issuer and an audience")
         self.issuer = issuer.rstrip("/")
@@ -60,8 +68,7 @@ class OidcVerifier:
             raise AuthError(f"cannot read the OIDC discovery document {url}: {exc}") from None
         named = doc.get("issuer") if isinstance(doc, dict) else None
         if not isinstance(doc, dict) or str(named or "").rstrip("/") != self.issuer:
-            raise AuthError(f"{url} names issuer {named!r}, not {self.issuer!r}: refusing "
-                            "its keys")
+            raise AuthError(f"{url} names issuer {named!r}, not {self.issuer!r}: refusing its keys")
         if not doc.get("jwks_uri"):
             raise AuthError(f"{url} has no jwks_uri")
         return doc
@@ -70,9 +77,13 @@ class OidcVerifier:
         with self._lock:
             if self._jwks is None:
                 uri = str(self.discovery()["jwks_uri"])
-                self._jwks = jwt.PyJWKClient(uri, cache_jwk_set=True, lifespan=self._lifespan,
-                                             timeout=self.timeout,
-                                             cooldown_duration=self._cooldown)
+                self._jwks = jwt.PyJWKClient(
+                    uri,
+                    cache_jwk_set=True,
+                    lifespan=self._lifespan,
+                    timeout=self.timeout,
+                    cooldown_duration=self._cooldown,
+                )
             return self._jwks
 
     # --- a token ------------------------------------------------------------------------------
@@ -84,19 +95,29 @@ class OidcVerifier:
         except jwt.PyJWTError:
             raise AuthError("the bearer token is not a JWT") from None
         if header.get("alg") not in ALGORITHMS:
-            raise AuthError(f"token algorithm {header.get('alg')!r} is not accepted "
-                            f"({', '.join(ALGORITHMS)})")
+            raise AuthError(
+                f"token algorithm {header.get('alg')!r} is not accepted ({', '.join(ALGORITHMS)})"
+            )
         key = self._key(header.get("kid"))
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key.key, algorithms=list(ALGORITHMS), audience=self.audience,
+                token,
+                key.key,
+                algorithms=list(ALGORITHMS),
+                audience=self.audience,
                 issuer=self.issuer,
                 # Time is checked below against the verifier's clock.
-                options={"require": ["exp", "iss", "aud", "sub"], "verify_exp": False,
-                         "verify_nbf": False, "verify_iat": False})
+                options={
+                    "require": ["exp", "iss", "aud", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
         except jwt.InvalidAudienceError:
-            raise AuthError(f"the token is not for this server (audience {self.audience!r})"
-                            ) from None
+            raise AuthError(
+                f"the token is not for this server (audience {self.audience!r})"
+            ) from None
         except jwt.InvalidIssuerError:
             raise AuthError(f"the token was not issued by {self.issuer}") from None
         except jwt.InvalidSignatureError:
@@ -116,9 +137,14 @@ class OidcVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise AuthError("the token names no subject")
-        return Identity(subject=subject, kind="oidc", groups=self.groups_of(claims),
-                        token_id=str(claims["jti"]) if claims.get("jti") else None,
-                        issuer=self.issuer, claims=claims)
+        return Identity(
+            subject=subject,
+            kind="oidc",
+            groups=self.groups_of(claims),
+            token_id=str(claims["jti"]) if claims.get("jti") else None,
+            issuer=self.issuer,
+            claims=claims,
+        )
 
     def _key(self, kid: Any) -> jwt.PyJWK:
         """The issuer's key named by the token's ``kid`` (the key set is fetched again for a
@@ -131,8 +157,9 @@ class OidcVerifier:
         except jwt.PyJWKClientError as exc:
             raise AuthError(f"no key of issuer {self.issuer} signed this token ({exc})") from None
         if len(keys) != 1:
-            raise AuthError(f"the token names no key id and issuer {self.issuer} has "
-                            f"{len(keys)} keys")
+            raise AuthError(
+                f"the token names no key id and issuer {self.issuer} has {len(keys)} keys"
+            )
         return keys[0]
 
     def groups_of(self, claims: dict[str, Any]) -> frozenset[str]:

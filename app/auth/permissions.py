@@ -13,15 +13,32 @@ from app.auth.identity import Identity
 from app.rbac import PermissionRefused, RbacConfig, check_permission, qualified
 
 
-def allows(cfg: RbacConfig, who: Identity, permission: str, *, resource: str | None = None,
-           environment_type: str | None = None) -> bool:
-    return cfg.allows(who.subject, permission, resource=resource,
-                      environment_type=environment_type, groups=who.groups,
-                      roles=who.roles if who.kind == "token" else None)
+def allows(
+    cfg: RbacConfig,
+    who: Identity,
+    permission: str,
+    *,
+    resource: str | None = None,
+    environment_type: str | None = None,
+) -> bool:
+    return cfg.allows(
+        who.subject,
+        permission,
+        resource=resource,
+        environment_type=environment_type,
+        groups=who.groups,
+        roles=who.roles if who.kind == "token" else None,
+    )
 
 
-def authorize(cfg: RbacConfig, who: Identity, permission: str, *,
-              resource: str | None = None, environment_type: str | None = None) -> None:
+def authorize(
+    cfg: RbacConfig,
+    who: Identity,
+    permission: str,
+    *,
+    resource: str | None = None,
+    environment_type: str | None = None,
+) -> None:
     """Return when ``who`` holds ``permission`` (on ``resource``); PermissionRefused naming
     what is missing and which roles would grant it otherwise."""
     needed = qualified(check_permission(permission), environment_type)
@@ -29,11 +46,18 @@ def authorize(cfg: RbacConfig, who: Identity, permission: str, *,
         return
     on = f" on '{resource}'" if resource else ""
     granting = cfg.roles_granting(needed)
-    hint = (f"role(s) granting it: {', '.join(granting)}" if granting
-            else "no role of the server's RBAC configuration grants it")
-    raise PermissionRefused(f"{who.subject} lacks permission {needed}{on}; {hint}",
-                            user=who.subject, permission=needed, resource=resource,
-                            granted_by=tuple(granting))
+    hint = (
+        f"role(s) granting it: {', '.join(granting)}"
+        if granting
+        else "no role of the server's RBAC configuration grants it"
+    )
+    raise PermissionRefused(
+        f"{who.subject} lacks permission {needed}{on}; {hint}",
+        user=who.subject,
+        permission=needed,
+        resource=resource,
+        granted_by=tuple(granting),
+    )
 
 
 def may_grant_roles(cfg: RbacConfig, who: Identity, roles: list[str]) -> list[str]:
@@ -42,10 +66,11 @@ def may_grant_roles(cfg: RbacConfig, who: Identity, roles: list[str]) -> list[st
     ValueError."""
     unknown = [r for r in roles if r not in cfg.roles]
     if unknown:
-        raise ValueError(f"unknown role(s) {', '.join(unknown)} (the server's roles: "
-                         f"{', '.join(sorted(cfg.roles)) or 'none'})")
-    return sorted({p for r in roles for p in cfg.roles[r].permissions
-                   if not allows(cfg, who, p)})
+        raise ValueError(
+            f"unknown role(s) {', '.join(unknown)} (the server's roles: "
+            f"{', '.join(sorted(cfg.roles)) or 'none'})"
+        )
+    return sorted({p for r in roles for p in cfg.roles[r].permissions if not allows(cfg, who, p)})
 
 
 __all__ = ["allows", "authorize", "may_grant_roles"]

@@ -36,9 +36,14 @@ def looks_like_api_token(token: str) -> bool:
     return token.startswith(PREFIX)
 
 
-def create_token(*, name: str, roles: list[str], created_by: str,
-                 lifetime: timedelta | None = DEFAULT_LIFETIME,
-                 now: datetime | None = None) -> tuple[str, ApiToken]:
+def create_token(
+    *,
+    name: str,
+    roles: list[str],
+    created_by: str,
+    lifetime: timedelta | None = DEFAULT_LIFETIME,
+    now: datetime | None = None,
+) -> tuple[str, ApiToken]:
     """Make a token; returns (the token, its row). The token is never stored."""
     from app.db import session_scope
 
@@ -50,9 +55,16 @@ def create_token(*, name: str, roles: list[str], created_by: str,
         raise ValueError(f"a token lives more than 0 and at most {MAX_LIFETIME.days} days")
     token = PREFIX + secrets.token_urlsafe(32)
     at = now or utcnow()
-    row = ApiToken(id=uuid.uuid4().hex, name=name, token_hash=hash_token(token),
-                   prefix=token[:10], roles=list(roles), created_by=created_by[:255],
-                   created_at=at, expires_at=at + lifetime if lifetime else None)
+    row = ApiToken(
+        id=uuid.uuid4().hex,
+        name=name,
+        token_hash=hash_token(token),
+        prefix=token[:10],
+        roles=list(roles),
+        created_by=created_by[:255],
+        created_at=at,
+        expires_at=at + lifetime if lifetime else None,
+    )
     with session_scope() as s:
         s.add(row)
     return token, row
@@ -98,9 +110,19 @@ def verify_token(token: str, *, now: datetime | None = None) -> Identity:
         if row.last_used_at is None or at - row.last_used_at >= LAST_USED_EVERY:
             row.last_used_at = at
             s.add(row)
-        return Identity(subject=f"token:{row.name}", kind="token", roles=tuple(row.roles),
-                        token_id=row.id)
+        return Identity(
+            subject=f"token:{row.name}", kind="token", roles=tuple(row.roles), token_id=row.id
+        )
 
 
-__all__ = ["DEFAULT_LIFETIME", "MAX_LIFETIME", "PREFIX", "create_token", "hash_token",
-           "list_tokens", "looks_like_api_token", "revoke_token", "verify_token"]
+__all__ = [
+    "DEFAULT_LIFETIME",
+    "MAX_LIFETIME",
+    "PREFIX",
+    "create_token",
+    "hash_token",
+    "list_tokens",
+    "looks_like_api_token",
+    "revoke_token",
+    "verify_token",
+]

@@ -148,8 +148,12 @@ class LocalConnector(Connector):
         elif self.target.sandbox_root:
             body += 'cd -- "$HOME" 2>/dev/null || true\n'  # the sandbox host's own home
         body += script
-        return self._execute(self._stdin_argv(), stdin=_WRAPPER.format(body=body).encode(),
-                             timeout=timeout, on_output=on_output)
+        return self._execute(
+            self._stdin_argv(),
+            stdin=_WRAPPER.format(body=body).encode(),
+            timeout=timeout,
+            on_output=on_output,
+        )
 
     def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
         """Copy a local file to the host (parent directories are created); TransferError."""
@@ -308,8 +312,9 @@ class LocalConnector(Connector):
             # One selector loop instead of reader threads: the script is written, on_output is
             # always called on the caller's thread, one chunk at a time, and the timeout is
             # checked in the same loop.
-            if not self._pump(proc.stdin, stdin, proc.stdout, proc.stderr, chunks, deadline,
-                              on_output):
+            if not self._pump(
+                proc.stdin, stdin, proc.stdout, proc.stderr, chunks, deadline, on_output
+            ):
                 raise self._timeout(timeout)
             try:
                 code = proc.wait(
@@ -367,7 +372,7 @@ class LocalConnector(Connector):
                     name: str = key.data
                     if name == "stdin":
                         try:
-                            todo = todo[os.write(key.fd, todo[:_READ_SIZE]):]
+                            todo = todo[os.write(key.fd, todo[:_READ_SIZE]) :]
                         except BrokenPipeError:  # bash is gone (it will say why)
                             todo = todo[:0]
                         if not todo:

@@ -20,9 +20,15 @@ class NoopConnector(Connector):
     def connect(self) -> None:
         return None
 
-    def run(self, script: str, *, env: Mapping[str, str] | None = None,
-            timeout: float | None = None, on_output: OutputCallback | None = None,
-            workdir: str | None = None) -> CommandResult:
+    def run(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        workdir: str | None = None,
+    ) -> CommandResult:
         return CommandResult(exit_code=0)
 
     def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:

@@ -58,8 +58,10 @@ def forced_connection() -> str | None:
     any; ConfigError for a value that names none."""
     value = os.environ.get(TEST_CONNECTION_VAR, "").strip().lower()
     if value and value not in TEST_CONNECTIONS:
-        raise ConfigError(f"{TEST_CONNECTION_VAR}={value!r} names no test connection (known: "
-                          f"{', '.join(TEST_CONNECTIONS)}); unset it for real deployments")
+        raise ConfigError(
+            f"{TEST_CONNECTION_VAR}={value!r} names no test connection (known: "
+            f"{', '.join(TEST_CONNECTIONS)}); unset it for real deployments"
+        )
     return value or None
 
 
@@ -78,8 +80,11 @@ def default_connector(target: HostTarget) -> Connector:
         global _warned
         if not _warned:
             _warned = True
-            log.warning("%s=noop: no command runs on any host of this worker; every step "
-                        "records success (benchmarks and tests only)", TEST_CONNECTION_VAR)
+            log.warning(
+                "%s=noop: no command runs on any host of this worker; every step "
+                "records success (benchmarks and tests only)",
+                TEST_CONNECTION_VAR,
+            )
         return NoopConnector(target)
     if is_local(target):
         # Imported here: the local connector is optional for SSH-only workers.
@@ -90,17 +95,23 @@ def default_connector(target: HostTarget) -> Connector:
     from app.connectors.ssh import SSHConnector
 
     # SSH credentials kept as secrets: resolved here, on the worker, only when connecting.
-    wanted = {k: target.extra[k] for k in ("password_secret", "passphrase_secret",
-                                           "private_key_secret") if target.extra.get(k)}
+    wanted = {
+        k: target.extra[k]
+        for k in ("password_secret", "passphrase_secret", "private_key_secret")
+        if target.extra.get(k)
+    }
     values: dict[str, str] = {}
     if wanted:
         from app.secrets import resolve
 
         got = resolve(list(wanted.values()))
         values = {k: got[v] for k, v in wanted.items()}
-    return SSHConnector(target, password=values.get("password_secret"),
-                        key_passphrase=values.get("passphrase_secret"),
-                        private_key_text=values.get("private_key_secret"))
+    return SSHConnector(
+        target,
+        password=values.get("password_secret"),
+        key_passphrase=values.get("passphrase_secret"),
+        private_key_text=values.get("private_key_secret"),
+    )
 
 
 @dataclass

@@ -26,8 +26,15 @@ from app.models import (
 )
 
 
-def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str = "",
-                    groups: Collection[str] | None = None, token_id: str | None = None) -> str:
+def decide_approval(
+    execution_id: str,
+    *,
+    user: str,
+    approve: bool,
+    comment: str = "",
+    groups: Collection[str] | None = None,
+    token_id: str | None = None,
+) -> str:
     """Record an approval or a rejection by ``user``; returns what it did.
 
     ``user`` is compared with the execution's creator (``disallowPipelineExecutor``) and
@@ -45,8 +52,9 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
             raise LookupError(f"no execution '{execution_id}'")
         rec = approval_record(s, ex, ex.current_stage) if ex.status == Status.WAITING else None
         if rec is None or rec.status != Status.RUNNING:
-            raise LookupError(f"execution {execution_id} is not waiting for an approval "
-                              f"(it is {ex.status})")
+            raise LookupError(
+                f"execution {execution_id} is not waiting for an approval (it is {ex.status})"
+            )
         stage = stage_of(ex, ex.current_stage)
         verdict = dict(rec.verdict or {})
         # Who may vote: written in the record when it was opened (an approval step's, or an
@@ -57,30 +65,36 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
             asked = asked or stage.approval.spec.approvers.user_groups
             if disallow is None:
                 disallow = stage.approval.spec.approvers.disallow_pipeline_executor
-        member = (bool(set(asked) & set(groups)) if groups is not None
-                  else user in approvers(asked))
+        member = bool(set(asked) & set(groups)) if groups is not None else user in approvers(asked)
         if not user or not member:
-            raise ApprovalRefused(f"{user or 'this user'} is not in the approver groups "
-                                  f"{', '.join(asked)}")
+            raise ApprovalRefused(
+                f"{user or 'this user'} is not in the approver groups {', '.join(asked)}"
+            )
         if approve and disallow and user == ex.created_by:
-            raise ApprovalRefused(f"{user} started this execution and this approval disallows "
-                                  "the pipeline executor; another approver must approve")
+            raise ApprovalRefused(
+                f"{user} started this execution and this approval disallows "
+                "the pipeline executor; another approver must approve"
+            )
         if any(a["user"] == user for a in verdict.get("approvals", [])):
             raise ApprovalRefused(f"{user} has already approved this execution")
-        entry = {"user": user, "comment": comment, "at": utcnow().isoformat() + "Z",
-                 **({"token_id": token_id} if token_id else {})}
+        entry = {
+            "user": user,
+            "comment": comment,
+            "at": utcnow().isoformat() + "Z",
+            **({"token_id": token_id} if token_id else {}),
+        }
         if approve:
             verdict["approvals"] = [*verdict.get("approvals", []), entry]
             done = len(verdict["approvals"]) >= int(verdict.get("required", 1))
             if done:
                 rec.status, rec.gate_at = Status.SUCCEEDED, utcnow()
                 ex.status = Status.RUNNING
-            outcome = (f"approved by {user} ({len(verdict['approvals'])} of "
-                       f"{verdict.get('required', 1)})")
+            outcome = (
+                f"approved by {user} ({len(verdict['approvals'])} of {verdict.get('required', 1)})"
+            )
         else:
             verdict["rejected_by"] = entry
-            verdict["reason"] = f"approval rejected by {user}" + (f": {comment}" if comment
-                                                                    else "")
+            verdict["reason"] = f"approval rejected by {user}" + (f": {comment}" if comment else "")
             rec.status, rec.gate_at = Status.FAILED, utcnow()
             ex.status = Status.RUNNING
             done = True
@@ -96,21 +110,29 @@ def decide_approval(execution_id: str, *, user: str, approve: bool, comment: str
 def intervene(execution_id: str, *, action: str, user: str = "", comment: str = "") -> str:
     """A person's answer to a ManualIntervention: one of INTERVENTION_ACTIONS."""
     if action not in INTERVENTION_ACTIONS:
-        raise ApprovalRefused(f"unknown action {action!r}; choose one of "
-                              f"{', '.join(INTERVENTION_ACTIONS)}")
+        raise ApprovalRefused(
+            f"unknown action {action!r}; choose one of {', '.join(INTERVENTION_ACTIONS)}"
+        )
     with session_scope() as s:
         ex = lock_execution(s, execution_id)
         if ex is None:
             raise LookupError(f"no execution '{execution_id}'")
-        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
-                                           col(PhaseRun.kind).startswith("mi-"),
-                                           PhaseRun.status == Status.RUNNING)).first()
+        mi = s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == execution_id,
+                col(PhaseRun.kind).startswith("mi-"),
+                PhaseRun.status == Status.RUNNING,
+            )
+        ).first()
         if mi is None or ex.status != Status.WAITING:
-            raise LookupError(f"execution {execution_id} is not waiting for a manual "
-                              f"intervention (it is {ex.status})")
+            raise LookupError(
+                f"execution {execution_id} is not waiting for a manual "
+                f"intervention (it is {ex.status})"
+            )
         verdict = dict(mi.verdict or {})
-        verdict.update(chosen=action, by=user or "someone", comment=comment,
-                       at=utcnow().isoformat() + "Z")
+        verdict.update(
+            chosen=action, by=user or "someone", comment=comment, at=utcnow().isoformat() + "Z"
+        )
         mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
         ex.status = Status.RUNNING
         s.add(mi)
@@ -134,27 +156,47 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
             return ex.status
         before = notify_snapshot(s, ex)
         who = f" by {user}" if user else ""
-        cancel_pending(s, execution_id, f"skipped: the execution was aborted{who} before this "
-                                        "attempt started")
-        for pr in s.exec(select(PhaseRun).where(PhaseRun.execution_id == execution_id,
-                                                PhaseRun.status == Status.RUNNING)).all():
+        cancel_pending(
+            s, execution_id, f"skipped: the execution was aborted{who} before this attempt started"
+        )
+        for pr in s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == execution_id, PhaseRun.status == Status.RUNNING
+            )
+        ).all():
             if pr.kind != "rollback":
                 pr.status, pr.gate_at = Status.ABORTED, utcnow()
                 s.add(pr)
-        current = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                                StageRun.stage_index == ex.current_stage)
-                         ).first()
-        if rollback and ex.status != Status.ROLLING_BACK and current is not None and \
-                stage_of(ex, current.stage_index).type not in ("Approval", "Custom") and \
-                current.status == Status.RUNNING:
-            begin_rollback(s, ex, current, f"aborted{who}", scope="StageRollback",
-                            cause="aborted", dispatches=dispatches)
+        current = s.exec(
+            select(StageRun).where(
+                StageRun.execution_id == execution_id, StageRun.stage_index == ex.current_stage
+            )
+        ).first()
+        if (
+            rollback
+            and ex.status != Status.ROLLING_BACK
+            and current is not None
+            and stage_of(ex, current.stage_index).type not in ("Approval", "Custom")
+            and current.status == Status.RUNNING
+        ):
+            begin_rollback(
+                s,
+                ex,
+                current,
+                f"aborted{who}",
+                scope="StageRollback",
+                cause="aborted",
+                dispatches=dispatches,
+            )
             outcome = "rolling back"
         else:
             finish(s, ex, Status.ABORTED, error=f"aborted{who}")
-            for run in s.exec(select(StageRun).where(
+            for run in s.exec(
+                select(StageRun).where(
                     StageRun.execution_id == execution_id,
-                    col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))).all():
+                    col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]),
+                )
+            ).all():
                 run.status, run.finished_at = Status.ABORTED, utcnow()
                 s.add(run)
             outcome = "aborted"

@@ -39,13 +39,24 @@ def approval_phase(phase: int, step: int) -> int:
     return (phase + 1) * 1000 + step
 
 
-def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentStagePlan,
-                   pr: PhaseRun, dispatches: list[Dispatch]) -> str | None:
+def decide_barrier(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    stage: DeploymentStagePlan,
+    pr: PhaseRun,
+    dispatches: list[Dispatch],
+) -> str | None:
     """What the phase's hosts stopped at a barrier wait for: a message while they wait (or
     once they were sent on), None when rows changed and the phase may be judged now."""
-    rows = s.exec(select(HostStepRun).where(
-        HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
-        HostStepRun.phase == pr.phase, HostStepRun.kind == "deploy")).all()
+    rows = s.exec(
+        select(HostStepRun).where(
+            HostStepRun.execution_id == ex.id,
+            HostStepRun.stage_index == run.stage_index,
+            HostStepRun.phase == pr.phase,
+            HostStepRun.kind == "deploy",
+        )
+    ).all()
     latest: dict[tuple[str, int], HostStepRun] = {}
     for r in rows:
         cur = latest.get((r.host, r.step_index))
@@ -64,32 +75,54 @@ def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentSt
     step = stage.steps[index]
     at = [r for r in waiting if r.step_index == index]
     if isinstance(step, WaitStepPlan):
-        due = min(r.started_at for r in at) + timedelta(seconds=parse_duration(
-            step.spec.duration))
+        due = min(r.started_at for r in at) + timedelta(seconds=parse_duration(step.spec.duration))
         now = utcnow()
         if now < due:
             if _timer_once(s, pr, index):
-                dispatches.append(Dispatch("timer", ex.id, run.stage_index, pr.phase, [],
-                                           countdown=(due - now).total_seconds() + 0.05))
+                dispatches.append(
+                    Dispatch(
+                        "timer",
+                        ex.id,
+                        run.stage_index,
+                        pr.phase,
+                        [],
+                        countdown=(due - now).total_seconds() + 0.05,
+                    )
+                )
             return f"waiting until {due:%H:%M:%S} UTC (Wait step '{step.identifier}')"
-        return _go_on(s, ex, run, stage, pr, at, index, dispatches,
-                      note=f"waited {step.spec.duration}")
+        return _go_on(
+            s, ex, run, stage, pr, at, index, dispatches, note=f"waited {step.spec.duration}"
+        )
     if isinstance(step, ApprovalStepPlan):
-        rec = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-            PhaseRun.phase == approval_phase(pr.phase, index),
-            PhaseRun.kind == "approval")).first()
+        rec = s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.phase == approval_phase(pr.phase, index),
+                PhaseRun.kind == "approval",
+            )
+        ).first()
         if rec is None:
             spec = step.spec
-            s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index,
-                           phase=approval_phase(pr.phase, index), kind="approval",
-                           hosts=sorted(stopped), verdict={
-                               "message": spec.approval_message,
-                               "groups": spec.approvers.user_groups,
-                               "required": spec.approvers.minimum_count,
-                               "disallow_executor": spec.approvers.disallow_pipeline_executor,
-                               "timeout": step.timeout or "1d", "step": step.identifier,
-                               "approvals": [], "rejected_by": None}))
+            s.add(
+                PhaseRun(
+                    execution_id=ex.id,
+                    stage_index=run.stage_index,
+                    phase=approval_phase(pr.phase, index),
+                    kind="approval",
+                    hosts=sorted(stopped),
+                    verdict={
+                        "message": spec.approval_message,
+                        "groups": spec.approvers.user_groups,
+                        "required": spec.approvers.minimum_count,
+                        "disallow_executor": spec.approvers.disallow_pipeline_executor,
+                        "timeout": step.timeout or "1d",
+                        "step": step.identifier,
+                        "approvals": [],
+                        "rejected_by": None,
+                    },
+                )
+            )
             ex.status = Status.WAITING
             s.add(ex)
             return "waiting for approval"
@@ -97,8 +130,7 @@ def decide_barrier(s: Session, ex: Execution, run: StageRun, stage: DeploymentSt
             return "waiting for approval"
         if rec.status == Status.SUCCEEDED:
             who = ", ".join(a["user"] for a in (rec.verdict or {}).get("approvals", []))
-            return _go_on(s, ex, run, stage, pr, at, index, dispatches,
-                          note=f"approved by {who}")
+            return _go_on(s, ex, run, stage, pr, at, index, dispatches, note=f"approved by {who}")
         verdict = rec.verdict or {}
         cls = "ApprovalRejection" if verdict.get("rejected_by") else "Timeout"
         now = utcnow()
@@ -127,9 +159,18 @@ def _timer_once(s: Session, pr: PhaseRun, index: int) -> bool:
     return True
 
 
-def _go_on(s: Session, ex: Execution, run: StageRun, stage: DeploymentStagePlan, pr: PhaseRun,
-           at: list[HostStepRun], index: int, dispatches: list[Dispatch], *,
-           note: str) -> str | None:
+def _go_on(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    stage: DeploymentStagePlan,
+    pr: PhaseRun,
+    at: list[HostStepRun],
+    index: int,
+    dispatches: list[Dispatch],
+    *,
+    note: str,
+) -> str | None:
     """The barrier is passed: its rows succeed, and the hosts run their later steps."""
     now = utcnow()
     for r in at:
@@ -144,15 +185,36 @@ def _go_on(s: Session, ex: Execution, run: StageRun, stage: DeploymentStagePlan,
     step_id = stage.steps[nxt].identifier
     deadline = round(time.time() + get_settings().dispatch_expires, 3)
     for h in order:
-        s.add(HostStepRun(idem_key=f"{ex.id}:{run.stage_index}:{pr.phase}:{h}:{nxt}:1",
-                          execution_id=ex.id, stage_index=run.stage_index, phase=pr.phase,
-                          step_index=nxt, step_id=step_id, kind="deploy", host=h,
-                          region=by_name[h]["region"], attempt=1, status=Status.PENDING,
-                          started_at=now, heartbeat_at=now))
+        s.add(
+            HostStepRun(
+                idem_key=f"{ex.id}:{run.stage_index}:{pr.phase}:{h}:{nxt}:1",
+                execution_id=ex.id,
+                stage_index=run.stage_index,
+                phase=pr.phase,
+                step_index=nxt,
+                step_id=step_id,
+                kind="deploy",
+                host=h,
+                region=by_name[h]["region"],
+                attempt=1,
+                status=Status.PENDING,
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
     s.flush()  # the unique idempotency keys: a second resume fails here, before any send
-    dispatches.append(Dispatch(
-        "resume", ex.id, run.stage_index, pr.phase, [(h, by_name[h]["region"]) for h in order],
-        step_count=len(stage.steps), lanes=stage.strategy.max_concurrency, first_step=nxt,
-        deadline=deadline,
-        tags_of=tags_of(stage, [by_name[h] for h in order], stage.steps)))
+    dispatches.append(
+        Dispatch(
+            "resume",
+            ex.id,
+            run.stage_index,
+            pr.phase,
+            [(h, by_name[h]["region"]) for h in order],
+            step_count=len(stage.steps),
+            lanes=stage.strategy.max_concurrency,
+            first_step=nxt,
+            deadline=deadline,
+            tags_of=tags_of(stage, [by_name[h] for h in order], stage.steps),
+        )
+    )
     return f"{note}; {len(order)} host(s) go on from step '{step_id}'"

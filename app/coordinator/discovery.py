@@ -35,8 +35,10 @@ def delegate_host(stage: DeploymentStagePlan) -> Host:
     its tags on the control region and submitting it is refused with the live workers named
     (routing.unserved_delegates)."""
     region = "control"
-    tags = {*stage.delegate_selectors,
-            *(t for st in stage.steps for t in getattr(st.spec, "delegate_selectors", []))}
+    tags = {
+        *stage.delegate_selectors,
+        *(t for st in stage.steps for t in getattr(st.spec, "delegate_selectors", [])),
+    }
     if tags and not get_settings().embedded:
         from app.delegates import live_workers, normalise_tags
 
@@ -45,8 +47,9 @@ def delegate_host(stage: DeploymentStagePlan) -> Host:
             if want <= set(w.get("tags") or []) and w.get("regions"):
                 region = sorted(w["regions"])[0]
                 break
-    return Host(name=DELEGATE, address="localhost", region=region, infrastructure="",
-                connection="Local")
+    return Host(
+        name=DELEGATE, address="localhost", region=region, infrastructure="", connection="Local"
+    )
 
 
 def discover_stage(stage: DeploymentStagePlan) -> list[Host]:
@@ -62,22 +65,35 @@ def discover_stage(stage: DeploymentStagePlan) -> list[Host]:
             if h.name in seen:
                 raise SpecError(
                     f"host {h.name} appears in infrastructures '{seen[h.name]}' and "
-                    f"'{infra.identifier}' of stage '{stage.identifier}'", file=infra.source)
+                    f"'{infra.identifier}' of stage '{stage.identifier}'",
+                    file=infra.source,
+                )
             seen[h.name] = infra.identifier
             hosts.append(h)
     if not hosts:
-        raise SpecError(f"stage '{stage.identifier}' targets no hosts",
-                        file=stage.infrastructures[0].source if stage.infrastructures else "")
+        raise SpecError(
+            f"stage '{stage.identifier}' targets no hosts",
+            file=stage.infrastructures[0].source if stage.infrastructures else "",
+        )
     return hosts
 
 
-def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: DeploymentStagePlan,
-                     dispatches: list[Dispatch]) -> str:
+def decide_discovery(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    stage_plan: DeploymentStagePlan,
+    dispatches: list[Dispatch],
+) -> str:
     """'' once the stage's hosts are known, else what is happening (discovery sent, waiting,
     or the stage failed)."""
-    rec = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
-                                        PhaseRun.stage_index == run.stage_index,
-                                        PhaseRun.kind == "discover")).first()
+    rec = s.exec(
+        select(PhaseRun).where(
+            PhaseRun.execution_id == ex.id,
+            PhaseRun.stage_index == run.stage_index,
+            PhaseRun.kind == "discover",
+        )
+    ).first()
     if rec is None:
         work, problems = [], []
         for infra in stage_plan.infrastructures:
@@ -87,15 +103,26 @@ def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: Deplo
             if chosen is None:
                 problems.append(f"infrastructure '{infra.identifier}': {why}")
             work.append((infra.to_json(), region, want if chosen is None else chosen))
-        rec = PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=-1,
-                       kind="discover", hosts=[],
-                       verdict={"infrastructures": [{"identifier": i["identifier"],
-                                                     "region": r, "tags": list(t)}
-                                                    for i, r, t in work]})
+        rec = PhaseRun(
+            execution_id=ex.id,
+            stage_index=run.stage_index,
+            phase=-1,
+            kind="discover",
+            hosts=[],
+            verdict={
+                "infrastructures": [
+                    {"identifier": i["identifier"], "region": r, "tags": list(t)}
+                    for i, r, t in work
+                ]
+            },
+        )
         if problems:  # nobody could list the hosts: fail now instead of waiting in a queue
             rec.status, rec.gate_at = Status.FAILED, utcnow()
-            rec.verdict = {**(rec.verdict or {}), "error": "; ".join(problems),
-                           "error_class": "Unknown"}
+            rec.verdict = {
+                **(rec.verdict or {}),
+                "error": "; ".join(problems),
+                "error_class": "Unknown",
+            }
         s.add(rec)
         s.flush()
         if ex.status == Status.QUEUED:
@@ -104,21 +131,27 @@ def decide_discovery(s: Session, ex: Execution, run: StageRun, stage_plan: Deplo
         run.started_at = utcnow()
         s.add(run)
         if not problems:
-            dispatches.append(Dispatch("discover", ex.id, run.stage_index, -1, [],
-                                        discover=work))
+            dispatches.append(Dispatch("discover", ex.id, run.stage_index, -1, [], discover=work))
             return "discovering hosts"
     if rec.status == Status.RUNNING:
         return "discovering hosts"
     if rec.status == Status.FAILED:
         v = rec.verdict or {}
-        return stage_failed(s, ex, run, v.get("error", "host discovery failed"),
-                             [(None, v.get("error_class") or "Unknown")], None, dispatches) \
-            or fail_stage(s, ex, run, v.get("error", "host discovery failed"))
+        return stage_failed(
+            s,
+            ex,
+            run,
+            v.get("error", "host discovery failed"),
+            [(None, v.get("error_class") or "Unknown")],
+            None,
+            dispatches,
+        ) or fail_stage(s, ex, run, v.get("error", "host discovery failed"))
     return ""
 
 
-def discover_on_workers(work: Sequence[tuple[dict[str, Any], Sequence[str], Sequence[str] | None]],
-                        *, timeout: float) -> list[dict[str, Any]]:
+def discover_on_workers(
+    work: Sequence[tuple[dict[str, Any], Sequence[str], Sequence[str] | None]], *, timeout: float
+) -> list[dict[str, Any]]:
     """The hosts of each (infrastructure, worker tags, fallback tags or None) as a worker of
     its region lists them: the ``vmfarm.discover`` task a run sends, on the region's (tag)
     queue, so that the caller needs no cloud credentials. One result per item, in order: the
@@ -137,8 +170,14 @@ def discover_on_workers(work: Sequence[tuple[dict[str, Any], Sequence[str], Sequ
         if not choice.queue and fallback is not None:
             choice = resolve_queue(region, fallback, True)
         if not choice.queue:
-            out.append({"error": choice.message, "error_class": "Unknown",
-                        "error_type": "NoWorker", "infrastructure": infra.get("identifier")})
+            out.append(
+                {
+                    "error": choice.message,
+                    "error_class": "Unknown",
+                    "error_type": "NoWorker",
+                    "infrastructure": infra.get("identifier"),
+                }
+            )
             continue
         out.append({})
         sent.append((len(out) - 1, choice.queue))
@@ -147,12 +186,18 @@ def discover_on_workers(work: Sequence[tuple[dict[str, Any], Sequence[str], Sequ
     for (i, queue), value in zip(sent, answers, strict=True):
         ident = str(work[i][0].get("identifier", ""))
         if value is NO_ANSWER:
-            value = {"error": f"infrastructure '{ident}': no worker took the discovery from "
-                              f"queue {queue} within {timeout:g} s",
-                     "error_class": "Unknown", "error_type": "NoAnswer"}
+            value = {
+                "error": f"infrastructure '{ident}': no worker took the discovery from "
+                f"queue {queue} within {timeout:g} s",
+                "error_class": "Unknown",
+                "error_type": "NoAnswer",
+            }
         elif isinstance(value, BaseException):
-            value = {"error": f"infrastructure '{ident}': discovery failed on the worker: "
-                              f"{type(value).__name__}: {value}",
-                     "error_class": "Unknown", "error_type": type(value).__name__}
+            value = {
+                "error": f"infrastructure '{ident}': discovery failed on the worker: "
+                f"{type(value).__name__}: {value}",
+                "error_class": "Unknown",
+                "error_type": type(value).__name__,
+            }
         out[i] = {"infrastructure": ident, "queue": queue, **value}
     return out

@@ -1,5 +1,4 @@
-"""``vmfarm plan``: what a run would do, as plain data. Touches no host and writes nothing.
-"""
+"""``vmfarm plan``: what a run would do, as plain data. Touches no host and writes nothing."""
 
 from __future__ import annotations
 
@@ -15,16 +14,16 @@ from app.definitions.plan import step_when as own_when
 from app.status import Status
 
 
-def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
-            inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+def dry_run(
+    paths: Iterable[str], *, pipeline: str | None = None, inputs: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """What a run would do, as plain data: hosts per region, phases, every command unit
     rendered for the stage's first host, and what happens on failure. Touches no host and
     writes nothing."""
     from app.units import render_step
     from strategies import plan as plan_phases
 
-    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
-                                execution_id="<dry-run>")
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs, execution_id="<dry-run>")
     stages: list[dict[str, Any]] = []
     for stage, hosts in zip(plan.stages, stage_hosts, strict=True):
         from app.coordinator.machine import stage_skip
@@ -32,25 +31,38 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
         skipped = stage_skip(stage, failed=False).removeprefix(Status.WHEN) or None
         after = after_failure_status(stage)
         if after != "Success":  # what the plan of a run that goes well cannot show
-            skipped = (f"{skipped}; it runs only if an earlier stage fails" if skipped
-                       else None) if after == "Failure" else skipped
+            skipped = (
+                (f"{skipped}; it runs only if an earlier stage fails" if skipped else None)
+                if after == "Failure"
+                else skipped
+            )
         if isinstance(stage, ApprovalStagePlan):
             approvers = stage.approval.spec.approvers
-            stages.append({"identifier": stage.identifier, "type": "Approval",
-                           "skipped_by_when": skipped,
-                           "approval": stage.approval.to_json(),
-                           "summary": f"waits for {approvers.minimum_count} approval(s) "
-                                      f"from {', '.join(approvers.user_groups)}"})
+            stages.append(
+                {
+                    "identifier": stage.identifier,
+                    "type": "Approval",
+                    "skipped_by_when": skipped,
+                    "approval": stage.approval.to_json(),
+                    "summary": f"waits for {approvers.minimum_count} approval(s) "
+                    f"from {', '.join(approvers.user_groups)}",
+                }
+            )
             continue
         by_region: dict[str, list[str]] = {}
         for h in hosts:
             by_region.setdefault(h.region, []).append(h.name)
         notes = []
-        later = [st.identifier for st in plan.stages[stage.index + 1:]
-                 if after_failure_status(st) != "Success"]
+        later = [
+            st.identifier
+            for st in plan.stages[stage.index + 1 :]
+            if after_failure_status(st) != "Success"
+        ]
         if later:
-            notes.append(f"if this stage fails, the pipeline goes on to {', '.join(later)} "
-                         "(their when runs them after a failure), then ends FAILED")
+            notes.append(
+                f"if this stage fails, the pipeline goes on to {', '.join(later)} "
+                "(their when runs them after a failure), then ends FAILED"
+            )
         live: list[str] = []
         if stage.strategy.type == "BlueGreen":
             with session_scope() as s:
@@ -59,26 +71,37 @@ def dry_run(paths: Iterable[str], *, pipeline: str | None = None,
             if stage.strategy.traffic is not None:
                 notes.append(f"traffic switches in: {stage.strategy.traffic.describe()}")
         slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
-        phases = [p.to_dict() for p in plan_phases(stage.strategy, [h.name for h in hosts],
-                                                   live=live, slots=slots)] if hosts else []
+        phases = (
+            [
+                p.to_dict()
+                for p in plan_phases(
+                    stage.strategy, [h.name for h in hosts], live=live, slots=slots
+                )
+            ]
+            if hosts
+            else []
+        )
         sample = hosts[0] if hosts else None
-        steps = [{**render_step(stage, step, sample), "when": step_when(step)}
-                 for step in stage.steps]
-        stages.append({
-            "identifier": stage.identifier,
-            "skipped_by_when": skipped,
-            "type": stage.type,
-            "service": stage.service.identifier,
-            "environment": stage.environment.identifier,
-            "version": stage.artifact.tag if stage.artifact else None,
-            "strategy": stage.strategy.to_json(),
-            "hosts_by_region": by_region if hosts else "discovered when the run starts",
-            "phases": phases,
-            "rendered_for": sample.name if sample else None,
-            "steps": steps,
-            "on_failure": failure_policy(stage),
-            "notes": notes,
-        })
+        steps = [
+            {**render_step(stage, step, sample), "when": step_when(step)} for step in stage.steps
+        ]
+        stages.append(
+            {
+                "identifier": stage.identifier,
+                "skipped_by_when": skipped,
+                "type": stage.type,
+                "service": stage.service.identifier,
+                "environment": stage.environment.identifier,
+                "version": stage.artifact.tag if stage.artifact else None,
+                "strategy": stage.strategy.to_json(),
+                "hosts_by_region": by_region if hosts else "discovered when the run starts",
+                "phases": phases,
+                "rendered_for": sample.name if sample else None,
+                "steps": steps,
+                "on_failure": failure_policy(stage),
+                "notes": notes,
+            }
+        )
     return {"pipeline": plan.identifier, "name": plan.name, "stages": stages}
 
 
@@ -107,6 +130,8 @@ def step_when(step: StepPlan) -> str | None:
         except ConditionError:  # names a host's value: judged on each host
             said.append(f"runs where {w.condition} holds (judged on each host)")
             continue
-        said.append(f"condition {w.condition} is {'true' if holds else 'false'}"
-                    + ("" if holds else ": skipped on every host"))
+        said.append(
+            f"condition {w.condition} is {'true' if holds else 'false'}"
+            + ("" if holds else ": skipped on every host")
+        )
     return "; ".join(said) or None

@@ -24,9 +24,15 @@ from app.models import (
 )
 
 
-def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
-                 failures: list[tuple[StepPlan | None, str]], record: PhaseRun | None,
-                 dispatches: list[Dispatch]) -> str:
+def stage_failed(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    error: str,
+    failures: list[tuple[StepPlan | None, str]],
+    record: PhaseRun | None,
+    dispatches: list[Dispatch],
+) -> str:
     """Apply the stage's failure strategy; '' when the failure was overridden (Ignore,
     MarkAsSuccess) and the stage goes on, else what happened."""
     action = stage_action(stage_of(ex, run.stage_index), failures)
@@ -34,44 +40,63 @@ def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
     if intervention is not None:
         kind = f"mi-{record.kind if record else 'start'}"
         phase = record.phase if record else -1
-        mi = s.exec(select(PhaseRun).where(PhaseRun.execution_id == ex.id,
-                                           PhaseRun.stage_index == run.stage_index,
-                                           PhaseRun.phase == phase,
-                                           PhaseRun.kind == kind)).first()
+        mi = s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.phase == phase,
+                PhaseRun.kind == kind,
+            )
+        ).first()
         timeout = parse_duration(intervention.timeout)
         if mi is None:
-            s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase,
-                           kind=kind, hosts=list((record.verdict or {}).get("failed", []))
-                           if record else [],
-                           verdict={"error": error, "timeout": intervention.timeout,
-                                    "on_timeout": intervention.on_timeout.action.type,
-                                    "choices": list(INTERVENTION_ACTIONS)}))
+            s.add(
+                PhaseRun(
+                    execution_id=ex.id,
+                    stage_index=run.stage_index,
+                    phase=phase,
+                    kind=kind,
+                    hosts=list((record.verdict or {}).get("failed", [])) if record else [],
+                    verdict={
+                        "error": error,
+                        "timeout": intervention.timeout,
+                        "on_timeout": intervention.on_timeout.action.type,
+                        "choices": list(INTERVENTION_ACTIONS),
+                    },
+                )
+            )
             ex.status = Status.WAITING
             s.add(ex)
             # The post-timeout action is due then: wake the coordinator (the reconciler too).
-            dispatches.append(Dispatch("timer", ex.id, run.stage_index, phase, [],
-                                        countdown=timeout + 0.5))
+            dispatches.append(
+                Dispatch("timer", ex.id, run.stage_index, phase, [], countdown=timeout + 0.5)
+            )
             return "waiting for manual intervention"
         if mi.status == Status.RUNNING:
             if utcnow() < mi.dispatched_at + timedelta(seconds=timeout):
                 return "waiting for manual intervention"
             verdict = dict(mi.verdict or {})
-            verdict.update(chosen=verdict["on_timeout"], by="timeout",
-                           at=utcnow().isoformat() + "Z")
+            verdict.update(
+                chosen=verdict["on_timeout"], by="timeout", at=utcnow().isoformat() + "Z"
+            )
             mi.verdict, mi.status, mi.gate_at = verdict, Status.SUCCEEDED, utcnow()
             s.add(mi)
             ex.status = Status.RUNNING
             s.add(ex)
         v = mi.verdict or {}
         action = FailureAction(type=v["chosen"])
-        who = f"after the {v.get('timeout')} timeout" if v.get("by") == "timeout" \
+        who = (
+            f"after the {v.get('timeout')} timeout"
+            if v.get("by") == "timeout"
             else f"by {v.get('by')}"
+        )
         error = f"{error}; manual intervention: {action.type} {who}"
     kind_of = action.type
     if kind_of in ("Ignore", "MarkAsSuccess") and record is not None:
         verdict = dict(record.verdict or {})
-        verdict.update(overridden=kind_of, overridden_failed=verdict.get("failed", []),
-                       failed=[], passed=True)
+        verdict.update(
+            overridden=kind_of, overridden_failed=verdict.get("failed", []), failed=[], passed=True
+        )
         record.verdict, record.status = verdict, Status.SUCCEEDED
         s.add(record)
         return ""
@@ -79,15 +104,21 @@ def stage_failed(s: Session, ex: Execution, run: StageRun, error: str,
         summarise_steps(s, ex, run)
         run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
         s.add(run)
-        finish(s, ex, Status.ABORTED, error=f"stage '{run.identifier}': {error} (aborted by "
-                                             "the failure strategy)")
+        finish(
+            s,
+            ex,
+            Status.ABORTED,
+            error=f"stage '{run.identifier}': {error} (aborted by the failure strategy)",
+        )
         return "aborted"
     if kind_of == "StageRollback" and stage_of(ex, run.stage_index).type == "Custom":
-        return fail_stage(s, ex, run, f"{error} (a Custom stage deploys nothing: there is "
-                                      "nothing to roll back)")
+        return fail_stage(
+            s, ex, run, f"{error} (a Custom stage deploys nothing: there is nothing to roll back)"
+        )
     if kind_of in ("StageRollback", "PipelineRollback"):
-        return begin_rollback(s, ex, run, error, scope=kind_of, cause="failure",
-                               dispatches=dispatches)
+        return begin_rollback(
+            s, ex, run, error, scope=kind_of, cause="failure", dispatches=dispatches
+        )
     return fail_stage(s, ex, run, error)
 
 
@@ -105,25 +136,37 @@ def failure_policy(stage: DeploymentStagePlan) -> str:
     budget = stage.strategy.failure_budget
     allowed = budget.max_failed_hosts
     pct = budget.max_failed_percent
-    tolerance = (f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
-                 if allowed or pct else "any failed host fails the stage")
+    tolerance = (
+        f"up to {allowed} host(s) or {pct:g}% may fail; more fails the stage"
+        if allowed or pct
+        else "any failed host fails the stage"
+    )
     action = stage_action(stage, [(None, "AllErrors")]).type
     if stage.type == "Custom":
-        then = {"StageRollback": "the stage fails (a Custom stage has nothing to roll back)",
-                "PipelineRollback": "the earlier Deployment stages roll back",
-                "MarkAsFailure": "the stage fails"}.get(action, "")
+        then = {
+            "StageRollback": "the stage fails (a Custom stage has nothing to roll back)",
+            "PipelineRollback": "the earlier Deployment stages roll back",
+            "MarkAsFailure": "the stage fails",
+        }.get(action, "")
         then = then or _THEN[action]
         return f"a failed step fails the stage; later stages do not start; {then}."
-    how = ("its rollbackSteps run on every host it changed" if stage.rollback_steps
-           else "every host it changed is redeployed with its previous version")
-    then = {"StageRollback": f"the stage rolls back ({how}), phases in reverse order",
-            "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
-            **_THEN}[action]
+    how = (
+        "its rollbackSteps run on every host it changed"
+        if stage.rollback_steps
+        else "every host it changed is redeployed with its previous version"
+    )
+    then = {
+        "StageRollback": f"the stage rolls back ({how}), phases in reverse order",
+        "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
+        **_THEN,
+    }[action]
     return f"{tolerance}; later phases and stages do not start; {then}."
 
 
-_THEN = {"Abort": "the execution is aborted; hosts keep what they have",
-         "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
-         "MarkAsFailure": "the stage fails; hosts keep what they have",
-         "Ignore": "the failure is ignored and the stage goes on",
-         "MarkAsSuccess": "the failure is marked as success and the stage goes on"}
+_THEN = {
+    "Abort": "the execution is aborted; hosts keep what they have",
+    "ManualIntervention": "the execution waits for a person (vmfarm intervene)",
+    "MarkAsFailure": "the stage fails; hosts keep what they have",
+    "Ignore": "the failure is ignored and the stage goes on",
+    "MarkAsSuccess": "the failure is marked as success and the stage goes on",
+}

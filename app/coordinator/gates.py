@@ -47,16 +47,17 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
         ex = s.get(Execution, execution_id)
         stage = deployment_stage(ex, stage_index) if ex is not None else None
         verification = stage.strategy.verification if stage is not None else None
-        if ex is not None and verification is not None \
-                and verification.canary_analysis is not None:
+        if ex is not None and verification is not None and verification.canary_analysis is not None:
             run = stage_run(s, ex, stage_index)
             hosts, phases = list(run.hosts), list(run.phases)
     if stage is not None and phases:  # a canary analysis, outside the transaction
         try:
             analysis = canary_verdict(stage, hosts, phases, phase)
         except Exception as exc:  # the gate always gets a verdict: a failed one, with why
-            analysis = {"passed": False,
-                        "reasons": [f"canary analysis failed: {type(exc).__name__}: {exc}"]}
+            analysis = {
+                "passed": False,
+                "reasons": [f"canary analysis failed: {type(exc).__name__}: {exc}"],
+            }
     reasons: list[str] = []
     prom_result: dict[str, Any] | None = None
     if verification is not None and verification.prometheus is not None:
@@ -70,30 +71,54 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
         if found is None:
             return advance(execution_id)
         ex, run, pr = found
-        checks = {c.host: c for c in s.exec(select(CheckRun).where(
-            CheckRun.execution_id == execution_id, CheckRun.stage_index == stage_index,
-            CheckRun.phase == phase)).all()}
+        checks = {
+            c.host: c
+            for c in s.exec(
+                select(CheckRun).where(
+                    CheckRun.execution_id == execution_id,
+                    CheckRun.stage_index == stage_index,
+                    CheckRun.phase == phase,
+                )
+            ).all()
+        }
         failed, per_host = [], {}
         for host in pr.hosts:
             c = checks.get(host)
-            per_host[host] = {"passed": bool(c and c.passed), "results": c.results if c else {},
-                              "reasons": c.reasons if c else ["the host's checks never ran"]}
+            per_host[host] = {
+                "passed": bool(c and c.passed),
+                "results": c.results if c else {},
+                "reasons": c.reasons if c else ["the host's checks never ran"],
+            }
             if not (c and c.passed):
                 failed.append(host)
         passed, rule = within_budget(s, ex, run, pr, failed)
         passed = passed and not reasons
-        pr.verdict = {"passed": passed, "hosts": len(pr.hosts),
-                      "succeeded": len(pr.hosts) - len(failed), "failed": failed,
-                      "checks": per_host, "prometheus": prom_result, "reasons": reasons,
-                      "rule": rule, **({"analysis": analysis} if analysis is not None else {})}
+        pr.verdict = {
+            "passed": passed,
+            "hosts": len(pr.hosts),
+            "succeeded": len(pr.hosts) - len(failed),
+            "failed": failed,
+            "checks": per_host,
+            "prometheus": prom_result,
+            "reasons": reasons,
+            "rule": rule,
+            **({"analysis": analysis} if analysis is not None else {}),
+        }
         pr.status = Status.SUCCEEDED if passed else Status.FAILED
         pr.gate_at = utcnow()
         s.add(pr)
     return advance(execution_id)
 
 
-def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
-                  result: dict[str, Any], kind: str = "switch") -> str:
+def record_switch(
+    execution_id: str,
+    stage_index: int,
+    phase: int,
+    *,
+    ok: bool,
+    result: dict[str, Any],
+    kind: str = "switch",
+) -> str:
     """Record a traffic switch's outcome (and the new live set), then advance."""
     with session_scope() as s:
         found = running_record(s, execution_id, stage_index, phase, kind)
@@ -101,9 +126,13 @@ def record_switch(execution_id: str, stage_index: int, phase: int, *, ok: bool,
             return advance(execution_id)
         ex, _, pr = found
         stage = deployment_stage(ex, stage_index)
-        pr.verdict = {**result, "passed": ok, "live": pr.hosts if ok else result.get("live"),
-                      "service": stage.service.identifier,
-                      "environment": stage.environment.identifier}
+        pr.verdict = {
+            **result,
+            "passed": ok,
+            "live": pr.hosts if ok else result.get("live"),
+            "service": stage.service.identifier,
+            "environment": stage.environment.identifier,
+        }
         pr.status = Status.SUCCEEDED if ok else Status.FAILED
         pr.gate_at = utcnow()
         s.add(pr)
@@ -127,22 +156,28 @@ def discovery_done(execution_id: str, stage_index: int, results: list[dict[str, 
         for r in results:
             for h in r.get("hosts", []):
                 if h["name"] in seen:
-                    problem = (f"host {h['name']} appears in infrastructures "
-                               f"'{seen[h['name']]}' and '{h['infrastructure']}'")
+                    problem = (
+                        f"host {h['name']} appears in infrastructures "
+                        f"'{seen[h['name']]}' and '{h['infrastructure']}'"
+                    )
                 seen[h["name"]] = h["infrastructure"]
                 hosts.append(h)
         if errors:
             problem = "; ".join(str(e["error"]) for e in errors)
             error_class = str(errors[0].get("error_class") or "Unknown")
         elif not hosts:
-            problem = (f"stage '{stage_plan.identifier}' targets no hosts: discovery found "
-                       "no running instance that matches")
+            problem = (
+                f"stage '{stage_plan.identifier}' targets no hosts: discovery found "
+                "no running instance that matches"
+            )
         elif not problem:
             missing = unserved_delegates(stage_plan, hosts)
             if missing:
                 problem = "; ".join(missing)
-        verdict.update(workers=[{"worker": r.get("worker"), "queue": r.get("queue")}
-                                for r in results], hosts=len(hosts))
+        verdict.update(
+            workers=[{"worker": r.get("worker"), "queue": r.get("queue")} for r in results],
+            hosts=len(hosts),
+        )
         if problem:
             verdict.update(error=problem, error_class=error_class)
             rec.status = Status.FAILED

@@ -87,8 +87,12 @@ class _StageData:
 
     @classmethod
     def of(cls, run: StageRun) -> _StageData:
-        return cls(run.hosts, run.phases, {h["name"]: h for h in run.hosts},
-                   {int(ph["index"]): i for i, ph in enumerate(run.phases)})
+        return cls(
+            run.hosts,
+            run.phases,
+            {h["name"]: h for h in run.hosts},
+            {int(ph["index"]): i for i, ph in enumerate(run.phases)},
+        )
 
 
 def _memo_get(memo: OrderedDict[tuple[Any, ...], Any], key: tuple[Any, ...]) -> Any:
@@ -118,8 +122,7 @@ def _db_key(s: Session) -> str:
 
 def lock_execution(s: Session, execution_id: str) -> Execution | None:
     """The execution row, locked; its plan from this process's memory after the first read."""
-    stmt = select(Execution).where(Execution.id == execution_id).options(
-        *deferred(Execution.plan))
+    stmt = select(Execution).where(Execution.id == execution_id).options(*deferred(Execution.plan))
     if s.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     ex = s.exec(stmt).first()
@@ -143,8 +146,9 @@ def stage_run(s: Session, ex: Execution, stage_index: int) -> StageRun:
         if run.status != Status.PENDING and run.phases:
             _memo_put(_stages, key, _StageData.of(run))
         return run
-    run = s.exec(select(StageRun).where(*where).options(
-        *deferred(StageRun.hosts, StageRun.phases))).one()
+    run = s.exec(
+        select(StageRun).where(*where).options(*deferred(StageRun.hosts, StageRun.phases))
+    ).one()
     unloaded = sa_inspect(run).unloaded
     if "hosts" in unloaded:
         set_committed_value(run, "hosts", data.hosts)
@@ -155,23 +159,30 @@ def stage_run(s: Session, ex: Execution, stage_index: int) -> StageRun:
 
 def stage_data(s: Session, ex: Execution, run: StageRun) -> _StageData:
     """The derived maps of a stage (from memory when it was read back started)."""
-    data: _StageData | None = _memo_get(_stages, (_db_key(s), ex.id, ex.created_at,
-                                                  run.stage_index))
+    data: _StageData | None = _memo_get(
+        _stages, (_db_key(s), ex.id, ex.created_at, run.stage_index)
+    )
     if data is not None and data.hosts is run.hosts and data.phases is run.phases:
         return data
     return _StageData.of(run)
 
 
-def running_record(s: Session, execution_id: str, stage_index: int, phase: int,
-                    kind: str) -> tuple[Execution, StageRun, PhaseRun] | None:
+def running_record(
+    s: Session, execution_id: str, stage_index: int, phase: int, kind: str
+) -> tuple[Execution, StageRun, PhaseRun] | None:
     """The locked execution, its stage and the phase record of ``kind`` that still waits for
     its verdict; None when there is nothing left to judge (a repeated gate, an ended run)."""
     ex = lock_execution(s, execution_id)
     if ex is None or ex.status in Status.TERMINAL:
         return None
-    pr = s.exec(select(PhaseRun).where(
-        PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-        PhaseRun.phase == phase, PhaseRun.kind == kind)).first()
+    pr = s.exec(
+        select(PhaseRun).where(
+            PhaseRun.execution_id == execution_id,
+            PhaseRun.stage_index == stage_index,
+            PhaseRun.phase == phase,
+            PhaseRun.kind == kind,
+        )
+    ).first()
     if pr is None or pr.status != Status.RUNNING:
         return None
     return ex, stage_run(s, ex, stage_index), pr
@@ -192,10 +203,17 @@ def record_lost_step(key: HostStepKey, *, error_class: str, error: str) -> None:
         if row is None:
             stage = s.get(Execution, key.execution)
             step_id = step_identifier(stage, key) if stage else ""
-            row = HostStepRun(idem_key=key.idem, execution_id=key.execution,
-                              stage_index=key.stage, phase=key.phase, step_index=key.step,
-                              step_id=step_id, host=key.host, region=key.region,
-                              attempt=key.attempt)
+            row = HostStepRun(
+                idem_key=key.idem,
+                execution_id=key.execution,
+                stage_index=key.stage,
+                phase=key.phase,
+                step_index=key.step,
+                step_id=step_id,
+                host=key.host,
+                region=key.region,
+                attempt=key.attempt,
+            )
         row.status, row.error_class, row.error = Status.FAILED, error_class, error
         row.finished_at = utcnow()
         try:
@@ -216,27 +234,43 @@ def summarise_steps(s: Session, ex: Execution, run: StageRun) -> None:
     """Each step's counts over the stage's hosts (every attempt), summed in SQL."""
     counts: dict[int, dict[str, int]] = {}
     for step_index, status, n in s.exec(
-            select(HostStepRun.step_index, HostStepRun.status, func.count())
-            .where(HostStepRun.execution_id == ex.id,
-                   HostStepRun.stage_index == run.stage_index, HostStepRun.kind == "deploy")
-            .group_by(col(HostStepRun.step_index), col(HostStepRun.status))).all():
+        select(HostStepRun.step_index, HostStepRun.status, func.count())
+        .where(
+            HostStepRun.execution_id == ex.id,
+            HostStepRun.stage_index == run.stage_index,
+            HostStepRun.kind == "deploy",
+        )
+        .group_by(col(HostStepRun.step_index), col(HostStepRun.status))
+    ).all():
         counts.setdefault(step_index, {})[status] = n
-    times = {step_index: (first, last) for step_index, first, last in s.exec(
-        select(HostStepRun.step_index, func.min(HostStepRun.started_at),
-               func.max(HostStepRun.finished_at))
-        .where(HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
-               HostStepRun.kind == "deploy")
-        .group_by(col(HostStepRun.step_index))).all()}
-    steps = s.exec(select(StepRun).where(StepRun.execution_id == ex.id,
-                                         StepRun.stage_index == run.stage_index)).all()
+    times = {
+        step_index: (first, last)
+        for step_index, first, last in s.exec(
+            select(
+                HostStepRun.step_index,
+                func.min(HostStepRun.started_at),
+                func.max(HostStepRun.finished_at),
+            )
+            .where(
+                HostStepRun.execution_id == ex.id,
+                HostStepRun.stage_index == run.stage_index,
+                HostStepRun.kind == "deploy",
+            )
+            .group_by(col(HostStepRun.step_index))
+        ).all()
+    }
+    steps = s.exec(
+        select(StepRun).where(StepRun.execution_id == ex.id, StepRun.stage_index == run.stage_index)
+    ).all()
     for st in steps:
         mine = counts.get(st.step_index, {})
         st.succeeded = mine.get(Status.SUCCEEDED, 0)
         st.failed = mine.get(Status.FAILED, 0)
         st.skipped = mine.get(Status.SKIPPED, 0)
         st.started_at, st.finished_at = times.get(st.step_index, (None, None))
-        st.status = (Status.FAILED if st.failed else Status.SUCCEEDED if st.succeeded
-                     else Status.SKIPPED)
+        st.status = (
+            Status.FAILED if st.failed else Status.SUCCEEDED if st.succeeded else Status.SKIPPED
+        )
         s.add(st)
 
 
@@ -244,8 +278,9 @@ def finish(s: Session, ex: Execution, status: str, *, error: str | None = None) 
     ex.status, ex.finished_at = status, utcnow()
     if error:
         ex.error = error
-    for run in s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                             StageRun.status == Status.PENDING)).all():
+    for run in s.exec(
+        select(StageRun).where(StageRun.execution_id == ex.id, StageRun.status == Status.PENDING)
+    ).all():
         run.status = Status.SKIPPED
         s.add(run)
     s.add(ex)
@@ -268,8 +303,7 @@ def end_failed(s: Session, ex: Execution, error: str) -> str | None:
     """A stage failed for good: the execution ends FAILED, unless a later stage runs after a
     failure; then it goes on with the next stage (GO_ON) and ends FAILED after the last one."""
     stages = plan_of(ex).stages
-    if not any(after_failure_status(st) != "Success"
-               for st in stages[ex.current_stage + 1:]):
+    if not any(after_failure_status(st) != "Success" for st in stages[ex.current_stage + 1 :]):
         finish(s, ex, Status.FAILED, error=error)
         return None
     ex.error, ex.status = error, Status.RUNNING
@@ -280,9 +314,16 @@ def end_failed(s: Session, ex: Execution, error: str) -> str | None:
 
 def failed_so_far(s: Session, ex: Execution) -> bool:
     """Did a stage before the current one fail (the pipeline went on after it)?"""
-    return s.exec(select(StageRun.id).where(
-        StageRun.execution_id == ex.id, StageRun.stage_index < ex.current_stage,
-        col(StageRun.status).in_(list(FAILED_STAGES)))).first() is not None
+    return (
+        s.exec(
+            select(StageRun.id).where(
+                StageRun.execution_id == ex.id,
+                StageRun.stage_index < ex.current_stage,
+                col(StageRun.status).in_(list(FAILED_STAGES)),
+            )
+        ).first()
+        is not None
+    )
 
 
 def all_static(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
@@ -294,9 +335,15 @@ def live_set(s: Session, stage: DeploymentStagePlan) -> list[str]:
     environment (the ledger's memory of blue-green; the switch task checks the real one)."""
     svc = stage.service.identifier
     env = stage.environment.identifier
-    rows = s.exec(select(PhaseRun).where(col(PhaseRun.kind).in_(["switch", "rollback-switch"]),
-                                         PhaseRun.status == Status.SUCCEEDED)
-                  .order_by(col(PhaseRun.gate_at).desc()).limit(200)).all()
+    rows = s.exec(
+        select(PhaseRun)
+        .where(
+            col(PhaseRun.kind).in_(["switch", "rollback-switch"]),
+            PhaseRun.status == Status.SUCCEEDED,
+        )
+        .order_by(col(PhaseRun.gate_at).desc())
+        .limit(200)
+    ).all()
     for r in rows:
         v = r.verdict or {}
         if v.get("service") == svc and v.get("environment") == env:

@@ -90,7 +90,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
                 run.status, run.error, run.finished_at = Status.SKIPPED, why, utcnow()
                 s.add(run)
         if run.status == Status.SKIPPED:  # by its when; or a retry leaves out stages that
-            ex.current_stage += 1          # need nothing
+            ex.current_stage += 1  # need nothing
             s.add(ex)
             continue
         if isinstance(stage_plan, ApprovalStagePlan):
@@ -98,24 +98,35 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             if outcome:
                 return outcome
             continue
-        if run.status == Status.PENDING and not run.hosts and discovered_by_workers(
-                stage_plan):
+        if run.status == Status.PENDING and not run.hosts and discovered_by_workers(stage_plan):
             outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
             if outcome:
                 return outcome
         if run.status == Status.PENDING:
             problem = _start_stage(s, ex, run, stage_plan)
             if problem:
-                return stage_failed(s, ex, run, problem, [(None, "Unknown")], None,
-                                     dispatches) or fail_stage(s, ex, run, problem)
+                return stage_failed(
+                    s, ex, run, problem, [(None, "Unknown")], None, dispatches
+                ) or fail_stage(s, ex, run, problem)
         # Phases run one after another: every phase before the last one dispatched has passed
         # its gates. Read the records from that one on (not all of them at every advance).
-        latest = s.exec(select(func.max(PhaseRun.phase)).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-            col(PhaseRun.kind).in_(["deploy", "switch"]))).one()
-        records = {(p.phase, p.kind): p for p in s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-            PhaseRun.phase >= (latest if latest is not None else -1))).all()}
+        latest = s.exec(
+            select(func.max(PhaseRun.phase)).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                col(PhaseRun.kind).in_(["deploy", "switch"]),
+            )
+        ).one()
+        records = {
+            (p.phase, p.kind): p
+            for p in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == ex.id,
+                    PhaseRun.stage_index == run.stage_index,
+                    PhaseRun.phase >= (latest if latest is not None else -1),
+                )
+            ).all()
+        }
         verification = stage_plan.strategy.verification
         start = 0 if latest is None else stage_data(s, ex, run).position.get(int(latest), 0)
         for i in range(start, len(run.phases)):
@@ -125,15 +136,26 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
                 _dispatch(s, ex, run, phase, phase.kind, dispatches)
                 return f"dispatched {phase.name}"
             if main.status == Status.RUNNING and not (
-                    phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)):
+                phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)
+            ):
                 # Hosts stopped at a Wait or approval step wait for the coordinator.
-                said = decide_barrier(s, ex, run, stage_plan, main, dispatches) \
-                    if phase.kind == "deploy" else "waiting"
+                said = (
+                    decide_barrier(s, ex, run, stage_plan, main, dispatches)
+                    if phase.kind == "deploy"
+                    else "waiting"
+                )
                 if said is not None or not evaluate_phase(s, ex, run, main, gate=False):
                     return said or "waiting"
             if main.status == Status.FAILED:
-                outcome = stage_failed(s, ex, run, phase_failure(phase, main),
-                                        failures_of(stage_plan, main), main, dispatches)
+                outcome = stage_failed(
+                    s,
+                    ex,
+                    run,
+                    phase_failure(phase, main),
+                    failures_of(stage_plan, main),
+                    main,
+                    dispatches,
+                )
                 if outcome:
                     return outcome
             if phase.verify and verification:
@@ -144,8 +166,15 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
                 if check.status == Status.RUNNING:
                     return "waiting"
                 if check.status == Status.FAILED:
-                    outcome = stage_failed(s, ex, run, phase_failure(phase, check),
-                                            [(None, "Verification")], check, dispatches)
+                    outcome = stage_failed(
+                        s,
+                        ex,
+                        run,
+                        phase_failure(phase, check),
+                        [(None, "Verification")],
+                        check,
+                        dispatches,
+                    )
                     if outcome:
                         return outcome
         summarise_steps(s, ex, run)
@@ -163,8 +192,11 @@ def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan, *, failed: bool) 
 
     wanted = after_failure_status(stage)
     if failed and wanted == "Success":
-        return ("skipped: an earlier stage failed" if stage.when is None else
-                f"{Status.WHEN}pipelineStatus Success, and an earlier stage failed")
+        return (
+            "skipped: an earlier stage failed"
+            if stage.when is None
+            else f"{Status.WHEN}pipelineStatus Success, and an earlier stage failed"
+        )
     if not failed and wanted == "Failure":
         return f"{Status.WHEN}pipelineStatus Failure, and no earlier stage failed"
     condition = stage.when.condition if stage.when is not None else None
@@ -181,8 +213,7 @@ def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan, *, failed: bool) 
     return "" if runs else f"{Status.WHEN}condition {condition} is false"
 
 
-def _start_stage(s: Session, ex: Execution, run: StageRun,
-                 stage_plan: DeploymentStagePlan) -> str:
+def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: DeploymentStagePlan) -> str:
     """Discover the stage's hosts and plan its phases; '' or an error message."""
     from strategies import plan as plan_phases
 
@@ -207,24 +238,41 @@ def _start_stage(s: Session, ex: Execution, run: StageRun,
     return ""
 
 
-def _dispatch(s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str,
-              out: list[Dispatch]) -> None:
+def _dispatch(
+    s: Session, ex: Execution, run: StageRun, phase: Phase, kind: str, out: list[Dispatch]
+) -> None:
     by_name = stage_data(s, ex, run).by_name
-    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=phase.index,
-                   kind=kind, hosts=list(phase.hosts)))
+    s.add(
+        PhaseRun(
+            execution_id=ex.id,
+            stage_index=run.stage_index,
+            phase=phase.index,
+            kind=kind,
+            hosts=list(phase.hosts),
+        )
+    )
     s.flush()  # the unique (execution, stage, phase, kind) row: a second dispatch fails here
     stage_plan = deployment_stage(ex, run.stage_index)
-    analysis = stage_plan.strategy.verification.canary_analysis \
-        if kind == "verify" and stage_plan.strategy.verification else None
-    out.append(Dispatch(kind, ex.id, run.stage_index, phase.index,
-                        [(n, by_name[n]["region"]) for n in phase.hosts],
-                        step_count=len(stage_plan.steps),
-                        lanes=stage_plan.strategy.max_concurrency,
-                        tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts],
-                                        stage_plan.steps),
-                        # A canary analysis judges the window after the phase: its checks wait
-                        # that long in the broker (no worker sleeps).
-                        countdown=analysis.window_seconds() if analysis else 0.0))
+    analysis = (
+        stage_plan.strategy.verification.canary_analysis
+        if kind == "verify" and stage_plan.strategy.verification
+        else None
+    )
+    out.append(
+        Dispatch(
+            kind,
+            ex.id,
+            run.stage_index,
+            phase.index,
+            [(n, by_name[n]["region"]) for n in phase.hosts],
+            step_count=len(stage_plan.steps),
+            lanes=stage_plan.strategy.max_concurrency,
+            tags_of=tags_of(stage_plan, [by_name[n] for n in phase.hosts], stage_plan.steps),
+            # A canary analysis judges the window after the phase: its checks wait
+            # that long in the broker (no worker sleeps).
+            countdown=analysis.window_seconds() if analysis else 0.0,
+        )
+    )
 
 
 def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
@@ -235,18 +283,30 @@ def notify_snapshot(s: Session, ex: Execution) -> dict[str, Any] | None:
     from app.notify import snapshot
 
     s.flush()
-    runs: Any = s.exec(select(StageRun.stage_index, StageRun.status).where(  # no hosts
-        StageRun.execution_id == ex.id)).all()
+    runs: Any = s.exec(
+        select(StageRun.stage_index, StageRun.status).where(  # no hosts
+            StageRun.execution_id == ex.id
+        )
+    ).all()
     snap = snapshot(ex, runs)
-    if snap["waiting"] == "intervention" and s.exec(select(PhaseRun.id).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == ex.current_stage,
-            PhaseRun.kind == "approval", PhaseRun.status == Status.RUNNING)).first():
+    if (
+        snap["waiting"] == "intervention"
+        and s.exec(
+            select(PhaseRun.id).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == ex.current_stage,
+                PhaseRun.kind == "approval",
+                PhaseRun.status == Status.RUNNING,
+            )
+        ).first()
+    ):
         snap["waiting"] = "approval"  # an approval step among the stage's steps
     return snap
 
 
-def notify_transition(execution_id: str, before: dict[str, Any] | None,
-            after: dict[str, Any] | None) -> None:
+def notify_transition(
+    execution_id: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
     """Send the notifications of a transition (pipeline started, failed, stage failed,
     approval needed, rollback done...) once, after the commit: from a control task, so a slow
     webhook never holds up the coordinator; inline in embedded mode (the worker there stops
@@ -263,8 +323,9 @@ def notify_transition(execution_id: str, before: dict[str, Any] | None,
     publish_notifications(execution_id, before, after)
 
 
-def send_notifications(execution_id: str, before: dict[str, Any] | None,
-                       after: dict[str, Any]) -> int:
+def send_notifications(
+    execution_id: str, before: dict[str, Any] | None, after: dict[str, Any]
+) -> int:
     """Deliver the transition's notifications, secrets masked; returns how many were sent.
     Each transition is seen once, under the execution's lock, so each event is sent once."""
     from app.notify import notify_transition

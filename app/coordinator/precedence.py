@@ -14,12 +14,18 @@ from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan, StepPla
 Stage = DeploymentStagePlan | ApprovalStagePlan
 
 # When hosts of one phase fail in different ways, the strongest action wins.
-_SEVERITY = ("PipelineRollback", "StageRollback", "Abort", "ManualIntervention", "MarkAsFailure",
-             "Ignore", "MarkAsSuccess")
+_SEVERITY = (
+    "PipelineRollback",
+    "StageRollback",
+    "Abort",
+    "ManualIntervention",
+    "MarkAsFailure",
+    "Ignore",
+    "MarkAsSuccess",
+)
 
 
-def failure_action(step: StepPlan | None, stage: Stage,
-                   error_class: str) -> FailureAction | None:
+def failure_action(step: StepPlan | None, stage: Stage, error_class: str) -> FailureAction | None:
     """The action of the first failure strategy matching ``error_class``: the step's own
     entries, then its step group's, then the stage's, then the pipeline's (Harness's
     precedence; the plan lists a stage's entries before the pipeline's)."""
@@ -42,8 +48,9 @@ class AfterFailure:
     action: FailureAction | None
 
 
-def after_failure(step: StepPlan | None, stage: Stage, error_class: str,
-                  attempt: int) -> AfterFailure:
+def after_failure(
+    step: StepPlan | None, stage: Stage, error_class: str, attempt: int
+) -> AfterFailure:
     """The one place that decides whether attempt number ``attempt`` of ``step``, failed with
     ``error_class``, is retried and when (``retryCount`` retries after the first attempt, the
     n-th waiting ``retryIntervals[n-1]``, the last interval repeating)."""
@@ -52,26 +59,24 @@ def after_failure(step: StepPlan | None, stage: Stage, error_class: str,
     if retry is None:
         return AfterFailure(None, action)
     if attempt - 1 >= retry.retry_count:
-        return AfterFailure(None, retry.on_retry_failure.action if retry.on_retry_failure
-                            else None)
+        return AfterFailure(None, retry.on_retry_failure.action if retry.on_retry_failure else None)
     intervals = retry.retry_intervals
     return AfterFailure(parse_duration(intervals[min(attempt - 1, len(intervals) - 1)]), None)
 
 
-def stage_action(stage: Stage,
-                 failures: list[tuple[StepPlan | None, str]]) -> FailureAction:
+def stage_action(stage: Stage, failures: list[tuple[StepPlan | None, str]]) -> FailureAction:
     """The failure strategy action for a failed phase (Harness precedence per failure, then the
     strongest across failures). A Retry that ran out gives its onRetryFailure action. With no
     matching strategy a deployment stage rolls back; an approval or Custom stage (nothing
     deployed to roll back) just fails."""
-    default = FailureAction(type="MarkAsFailure" if stage.type in ("Approval", "Custom")
-                            else "StageRollback")
+    default = FailureAction(
+        type="MarkAsFailure" if stage.type in ("Approval", "Custom") else "StageRollback"
+    )
     chosen: FailureAction | None = None
     for step, error_class in failures:
         action = failure_action(step, stage, error_class)
         while action is not None and action.retry is not None:
-            action = action.retry.on_retry_failure.action if action.retry.on_retry_failure \
-                else None
+            action = action.retry.on_retry_failure.action if action.retry.on_retry_failure else None
         action = action or default
         if chosen is None or _SEVERITY.index(action.type) < _SEVERITY.index(chosen.type):
             chosen = action

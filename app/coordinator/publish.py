@@ -46,44 +46,79 @@ def publish(d: Dispatch) -> None:
         canvas.advance_later(execution_id=d.execution_id).apply_async(countdown=d.countdown)
         return
     if d.kind in ("deploy", "rollback"):
-        sig = canvas.phase_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                  phase=d.phase, hosts=d.hosts, step_count=d.step_count,
-                                  expires=expires, lanes=d.lanes, kind=d.kind,
-                                  steps_of=d.steps_of, tags_of=d.tags_of)
+        sig = canvas.phase_canvas(
+            execution_id=d.execution_id,
+            stage_index=d.stage_index,
+            phase=d.phase,
+            hosts=d.hosts,
+            step_count=d.step_count,
+            expires=expires,
+            lanes=d.lanes,
+            kind=d.kind,
+            steps_of=d.steps_of,
+            tags_of=d.tags_of,
+        )
     elif d.kind in ("retry", "resend"):  # resend: a lane whose message the broker lost
-        sig = canvas.retry_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                  phase=d.phase, lane=d.lane or [], step_count=d.step_count,
-                                  deadline=d.deadline or 0.0, countdown=d.countdown,
-                                  tags_of=d.tags_of)
+        sig = canvas.retry_canvas(
+            execution_id=d.execution_id,
+            stage_index=d.stage_index,
+            phase=d.phase,
+            lane=d.lane or [],
+            step_count=d.step_count,
+            deadline=d.deadline or 0.0,
+            countdown=d.countdown,
+            tags_of=d.tags_of,
+        )
     elif d.kind == "resume":
-        sig = canvas.resume_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                   phase=d.phase, hosts=d.hosts, first_step=d.first_step,
-                                   step_count=d.step_count, deadline=d.deadline or 0.0,
-                                   lanes=d.lanes, tags_of=d.tags_of)
+        sig = canvas.resume_canvas(
+            execution_id=d.execution_id,
+            stage_index=d.stage_index,
+            phase=d.phase,
+            hosts=d.hosts,
+            first_step=d.first_step,
+            step_count=d.step_count,
+            deadline=d.deadline or 0.0,
+            lanes=d.lanes,
+            tags_of=d.tags_of,
+        )
     elif d.kind == "verify":
-        sig = canvas.verify_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                   phase=d.phase, hosts=d.hosts, expires=expires,
-                                   tags_of=d.tags_of, countdown=d.countdown)
+        sig = canvas.verify_canvas(
+            execution_id=d.execution_id,
+            stage_index=d.stage_index,
+            phase=d.phase,
+            hosts=d.hosts,
+            expires=expires,
+            tags_of=d.tags_of,
+            countdown=d.countdown,
+        )
     elif d.kind == "discover":
-        sig = canvas.discovery_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                      work=d.discover or [])
+        sig = canvas.discovery_canvas(
+            execution_id=d.execution_id, stage_index=d.stage_index, work=d.discover or []
+        )
     else:
-        sig = canvas.switch_canvas(execution_id=d.execution_id, stage_index=d.stage_index,
-                                   phase=d.phase, kind=d.kind)
+        sig = canvas.switch_canvas(
+            execution_id=d.execution_id, stage_index=d.stage_index, phase=d.phase, kind=d.kind
+        )
     sig.apply_async()
-    log.info("execution %s: published %s of stage %d phase %d (%d hosts)", d.execution_id,
-             d.kind, d.stage_index, d.phase, len(d.hosts))
+    log.info(
+        "execution %s: published %s of stage %d phase %d (%d hosts)",
+        d.execution_id,
+        d.kind,
+        d.stage_index,
+        d.phase,
+        len(d.hosts),
+    )
 
 
 def request_abort(execution_id: str, *, by: str, idem: str) -> None:
     """Ask the control worker to abort an execution (a region worker's failure strategy said
     Abort for the step attempt ``idem``; its role may not write executions)."""
-    canvas.task("vmfarm.abort_execution", execution_id=execution_id, by=by,
-                idem=idem).apply_async()
+    canvas.task("vmfarm.abort_execution", execution_id=execution_id, by=by, idem=idem).apply_async()
 
 
-def publish_notifications(execution_id: str, before: dict[str, Any] | None,
-                          after: dict[str, Any]) -> None:
+def publish_notifications(
+    execution_id: str, before: dict[str, Any] | None, after: dict[str, Any]
+) -> None:
     """Hand a transition's notifications to a control task (a slow webhook never holds up
     the coordinator)."""
     canvas.notify(execution_id=execution_id, before=before, after=after).apply_async()
@@ -105,8 +140,13 @@ def ask(signatures: list[Any], *, timeout: float) -> list[Any]:
     answers: list[Any] = []
     for child in result.results:
         try:
-            answers.append(child.get(timeout=max(0.1, deadline - time.monotonic()),
-                                     propagate=False, disable_sync_subtasks=False))
+            answers.append(
+                child.get(
+                    timeout=max(0.1, deadline - time.monotonic()),
+                    propagate=False,
+                    disable_sync_subtasks=False,
+                )
+            )
         except NoAnswer:
             answers.append(NO_ANSWER)
         child.forget()

@@ -50,91 +50,169 @@ def reconcile(*, now: Any = None) -> list[str]:
     touched: set[str] = set()
     lost: list[HostStepKey] = []
     with session_scope() as s:
-        for r in s.exec(select(HostStepRun).where(HostStepRun.status == Status.RUNNING,
-                                                  HostStepRun.heartbeat_at < stale)).all():
+        for r in s.exec(
+            select(HostStepRun).where(
+                HostStepRun.status == Status.RUNNING, HostStepRun.heartbeat_at < stale
+            )
+        ).all():
             r.status, r.error_class = Status.FAILED, "DelegateRestart"
-            r.error = (f"worker lost: no heartbeat from {r.worker or 'its worker'} since "
-                       f"{r.heartbeat_at:%H:%M:%S} UTC (timeout {settings.heartbeat_timeout:g} s)")
+            r.error = (
+                f"worker lost: no heartbeat from {r.worker or 'its worker'} since "
+                f"{r.heartbeat_at:%H:%M:%S} UTC (timeout {settings.heartbeat_timeout:g} s)"
+            )
             r.finished_at = now
             if not r.step_id:  # claimed, never finished: name its step from the plan
                 owner = s.get(Execution, r.execution_id)
-                r.step_id = step_identifier(owner, HostStepKey(
-                    r.execution_id, r.stage_index, r.phase, r.host, r.step_index, r.attempt,
-                    r.region, kind=r.kind)) if owner else ""
+                r.step_id = (
+                    step_identifier(
+                        owner,
+                        HostStepKey(
+                            r.execution_id,
+                            r.stage_index,
+                            r.phase,
+                            r.host,
+                            r.step_index,
+                            r.attempt,
+                            r.region,
+                            kind=r.kind,
+                        ),
+                    )
+                    if owner
+                    else ""
+                )
             s.add(r)
             touched.add(r.execution_id)
-            lost.append(HostStepKey(r.execution_id, r.stage_index, r.phase, r.host,
-                                    r.step_index, r.attempt, r.region, kind=r.kind))
+            lost.append(
+                HostStepKey(
+                    r.execution_id,
+                    r.stage_index,
+                    r.phase,
+                    r.host,
+                    r.step_index,
+                    r.attempt,
+                    r.region,
+                    kind=r.kind,
+                )
+            )
             actions.append(f"{r.execution_id}: {r.host} step {r.step_id}: worker lost")
-        for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
-                                                PhaseRun.kind == "approval")).all():
+        for pr in s.exec(
+            select(PhaseRun).where(PhaseRun.status == Status.RUNNING, PhaseRun.kind == "approval")
+        ).all():
             ex = s.get(Execution, pr.execution_id)
             stage = stage_of(ex, pr.stage_index) if ex else None
-            timeout = (pr.verdict or {}).get("timeout") or (
-                stage.approval.timeout if isinstance(stage, ApprovalStagePlan) else None) or "1d"
+            timeout = (
+                (pr.verdict or {}).get("timeout")
+                or (stage.approval.timeout if isinstance(stage, ApprovalStagePlan) else None)
+                or "1d"
+            )
             limit = parse_duration(timeout)
             if ex is not None and pr.dispatched_at < now - timedelta(seconds=limit):
                 pr.status, pr.gate_at = Status.FAILED, now
-                pr.verdict = {**(pr.verdict or {}),
-                              "reason": f"approval timed out after {timeout}"}
+                pr.verdict = {**(pr.verdict or {}), "reason": f"approval timed out after {timeout}"}
                 ex.status = Status.RUNNING
                 s.add(pr)
                 s.add(ex)
                 touched.add(ex.id)
                 actions.append(f"{ex.id}: approval timed out")
         # Discovery that no worker answered: the stage fails instead of waiting forever.
-        for pr in s.exec(select(PhaseRun).where(PhaseRun.status == Status.RUNNING,
-                                                PhaseRun.kind == "discover",
-                                                PhaseRun.dispatched_at < unclaimed)).all():
-            where = ", ".join(f"vmfarm.{i['region']}" for i in
-                              (pr.verdict or {}).get("infrastructures", []))
+        for pr in s.exec(
+            select(PhaseRun).where(
+                PhaseRun.status == Status.RUNNING,
+                PhaseRun.kind == "discover",
+                PhaseRun.dispatched_at < unclaimed,
+            )
+        ).all():
+            where = ", ".join(
+                f"vmfarm.{i['region']}" for i in (pr.verdict or {}).get("infrastructures", [])
+            )
             pr.status, pr.gate_at = Status.FAILED, now
-            pr.verdict = {**(pr.verdict or {}), "error_class": "Timeout",
-                          "error": f"no worker listed the hosts within "
-                                   f"{settings.dispatch_expires:g} s (queues: {where})"}
+            pr.verdict = {
+                **(pr.verdict or {}),
+                "error_class": "Timeout",
+                "error": f"no worker listed the hosts within "
+                f"{settings.dispatch_expires:g} s (queues: {where})",
+            }
             s.add(pr)
             touched.add(pr.execution_id)
             actions.append(f"{pr.execution_id}: host discovery timed out")
         # Hosts stopped at a Wait step (its timer may be lost) or a decided approval step.
-        touched.update(r for (r,) in s.execute(select(HostStepRun.execution_id).where(
-            HostStepRun.status == Status.WAITING).distinct()).all())
+        touched.update(
+            r
+            for (r,) in s.execute(
+                select(HostStepRun.execution_id)
+                .where(HostStepRun.status == Status.WAITING)
+                .distinct()
+            ).all()
+        )
         # Manual interventions whose post-timeout action is due (advance applies it).
-        touched.update(pr.execution_id for pr in s.exec(select(PhaseRun).where(
-            PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).startswith("mi-"))).all())
+        touched.update(
+            pr.execution_id
+            for pr in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).startswith("mi-")
+                )
+            ).all()
+        )
         # Rolling back after an abort waits for running steps; they may end without a gate.
-        touched.update(e.id for e in s.exec(select(Execution).where(
-            Execution.status == Status.ROLLING_BACK)).all())
-        waiting = {pr.execution_id for pr in s.exec(select(PhaseRun).where(
-            PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
-            PhaseRun.dispatched_at < unclaimed)).all()}
+        touched.update(
+            e.id
+            for e in s.exec(select(Execution).where(Execution.status == Status.ROLLING_BACK)).all()
+        )
+        waiting = {
+            pr.execution_id
+            for pr in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.status == Status.RUNNING,
+                    PhaseRun.kind == "deploy",
+                    PhaseRun.dispatched_at < unclaimed,
+                )
+            ).all()
+        }
         # An execution whose submitter died between recording it and dispatching it.
-        touched.update(e.id for e in s.exec(select(Execution).where(
-            Execution.status == Status.QUEUED, Execution.created_at < stale)).all())
+        touched.update(
+            e.id
+            for e in s.exec(
+                select(Execution).where(
+                    Execution.status == Status.QUEUED, Execution.created_at < stale
+                )
+            ).all()
+        )
     for key in lost:
-        actions.append(f"{key.execution}: {key.host} step {key.step}: worker lost; "
-                       f"{after_worker_lost(key)}")
+        actions.append(
+            f"{key.execution}: {key.host} step {key.step}: worker lost; {after_worker_lost(key)}"
+        )
     actions.extend(resend_lost(now))  # before the dispatch expiry: a lost message goes again
     for ex_id, host, first_step in _unclaimed_hosts(waiting, unclaimed):
-        record_lost_step(first_step, error_class="Timeout",
-                         error=f"no worker took the steps of {host} within "
-                               f"{settings.dispatch_expires:g} s; nothing ran")
+        record_lost_step(
+            first_step,
+            error_class="Timeout",
+            error=f"no worker took the steps of {host} within "
+            f"{settings.dispatch_expires:g} s; nothing ran",
+        )
         touched.add(ex_id)
         actions.append(f"{ex_id}: {host}: no worker took its steps")
     for key in expire_pending(now):
         touched.add(key.execution)
-        actions.append(f"{key.execution}: {key.host} step {key.step} attempt {key.attempt}: "
-                       "no worker took it")
+        actions.append(
+            f"{key.execution}: {key.host} step {key.step} attempt {key.attempt}: no worker took it"
+        )
     for ex_id in sorted(touched):
         with session_scope() as s:
             ex = lock_execution(s, ex_id)
             if ex is None or ex.status in Status.TERMINAL:
                 continue
-            for pr in s.exec(select(PhaseRun).where(
-                    PhaseRun.execution_id == ex_id, PhaseRun.status == Status.RUNNING,
-                    col(PhaseRun.kind).in_(["deploy", "rollback"]))).all():
-                run = s.exec(select(StageRun).where(
-                    StageRun.execution_id == ex_id,
-                    StageRun.stage_index == pr.stage_index)).one()
+            for pr in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id,
+                    PhaseRun.status == Status.RUNNING,
+                    col(PhaseRun.kind).in_(["deploy", "rollback"]),
+                )
+            ).all():
+                run = s.exec(
+                    select(StageRun).where(
+                        StageRun.execution_id == ex_id, StageRun.stage_index == pr.stage_index
+                    )
+                ).one()
                 evaluate_phase(s, ex, run, pr, gate=False)
         actions.append(f"{ex_id}: {advance(ex_id)}")
     return actions + _judge_lost_gates(now)
@@ -156,40 +234,73 @@ def _judge_lost_gates(now: Any) -> list[str]:
     quiet = now - timedelta(seconds=quiet_for)
     found: list[tuple[str, int, int, str]] = []
     with session_scope() as s:
-        for pr in s.exec(select(PhaseRun).where(
-                PhaseRun.status == Status.RUNNING, col(PhaseRun.kind).in_(["deploy", "rollback"]),
-                PhaseRun.dispatched_at < quiet)).all():
-            running, last = s.exec(select(
-                func.count().filter(col(HostStepRun.status).in_([Status.RUNNING,
-                                                                 Status.PENDING])),
-                func.max(HostStepRun.finished_at)).where(
-                HostStepRun.execution_id == pr.execution_id,
-                HostStepRun.stage_index == pr.stage_index, HostStepRun.phase == pr.phase,
-                HostStepRun.kind == ("rollback" if pr.kind == "rollback" else "deploy"))).one()
+        for pr in s.exec(
+            select(PhaseRun).where(
+                PhaseRun.status == Status.RUNNING,
+                col(PhaseRun.kind).in_(["deploy", "rollback"]),
+                PhaseRun.dispatched_at < quiet,
+            )
+        ).all():
+            running, last = s.exec(
+                select(
+                    func.count().filter(
+                        col(HostStepRun.status).in_([Status.RUNNING, Status.PENDING])
+                    ),
+                    func.max(HostStepRun.finished_at),
+                ).where(
+                    HostStepRun.execution_id == pr.execution_id,
+                    HostStepRun.stage_index == pr.stage_index,
+                    HostStepRun.phase == pr.phase,
+                    HostStepRun.kind == ("rollback" if pr.kind == "rollback" else "deploy"),
+                )
+            ).one()
             if not running and last is not None and last < quiet:
                 found.append((pr.execution_id, pr.stage_index, pr.phase, pr.kind))
     actions: list[str] = []
     for ex_id, stage_index, phase, kind in found:
         with session_scope() as s:
             ex = lock_execution(s, ex_id)
-            record = s.exec(select(PhaseRun).where(
-                PhaseRun.execution_id == ex_id, PhaseRun.stage_index == stage_index,
-                PhaseRun.phase == phase, PhaseRun.kind == kind)).first()
-            if ex is None or ex.status in Status.TERMINAL or record is None \
-                    or record.status != Status.RUNNING:
+            record = s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id,
+                    PhaseRun.stage_index == stage_index,
+                    PhaseRun.phase == phase,
+                    PhaseRun.kind == kind,
+                )
+            ).first()
+            if (
+                ex is None
+                or ex.status in Status.TERMINAL
+                or record is None
+                or record.status != Status.RUNNING
+            ):
                 continue
-            run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id,
-                                                StageRun.stage_index == stage_index)).one()
+            run = s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == ex_id, StageRun.stage_index == stage_index
+                )
+            ).one()
             if not evaluate_phase(s, ex, run, record, gate=False):
                 continue  # a host has not finished: not a lost gate
-            record.verdict = {**(record.verdict or {}), "judged_by": (
-                f"the reconciler: every host had finished for {quiet_for:g} s and the gate "
-                "never ran (its chord state was lost from the result backend?)")}
+            record.verdict = {
+                **(record.verdict or {}),
+                "judged_by": (
+                    f"the reconciler: every host had finished for {quiet_for:g} s and the gate "
+                    "never ran (its chord state was lost from the result backend?)"
+                ),
+            }
             s.add(record)
-        log.warning("execution %s: %s phase %d of stage %d had no gate; judged from the ledger",
-                    ex_id, kind, phase, stage_index)
-        actions.append(f"{ex_id}: stage {stage_index} {kind} phase {phase}: every host "
-                       f"finished and no gate came; judged from the ledger; {advance(ex_id)}")
+        log.warning(
+            "execution %s: %s phase %d of stage %d had no gate; judged from the ledger",
+            ex_id,
+            kind,
+            phase,
+            stage_index,
+        )
+        actions.append(
+            f"{ex_id}: stage {stage_index} {kind} phase {phase}: every host "
+            f"finished and no gate came; judged from the ledger; {advance(ex_id)}"
+        )
     return actions
 
 
@@ -199,17 +310,39 @@ def _unclaimed_hosts(execution_ids: set[str], before: Any) -> list[tuple[str, st
     out = []
     with session_scope() as s:
         for ex_id in execution_ids:
-            for pr in s.exec(select(PhaseRun).where(
-                    PhaseRun.execution_id == ex_id, PhaseRun.status == Status.RUNNING,
-                    PhaseRun.kind == "deploy", PhaseRun.dispatched_at < before)).all():
-                run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id,
-                                                    StageRun.stage_index == pr.stage_index)).one()
+            for pr in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == ex_id,
+                    PhaseRun.status == Status.RUNNING,
+                    PhaseRun.kind == "deploy",
+                    PhaseRun.dispatched_at < before,
+                )
+            ).all():
+                run = s.exec(
+                    select(StageRun).where(
+                        StageRun.execution_id == ex_id, StageRun.stage_index == pr.stage_index
+                    )
+                ).one()
                 regions = {h["name"]: h["region"] for h in run.hosts}
-                seen = {r.host for r in s.exec(select(HostStepRun).where(
-                    HostStepRun.execution_id == ex_id, HostStepRun.stage_index == pr.stage_index,
-                    HostStepRun.phase == pr.phase)).all()}
+                seen = {
+                    r.host
+                    for r in s.exec(
+                        select(HostStepRun).where(
+                            HostStepRun.execution_id == ex_id,
+                            HostStepRun.stage_index == pr.stage_index,
+                            HostStepRun.phase == pr.phase,
+                        )
+                    ).all()
+                }
                 for host in pr.hosts:
                     if host not in seen:
-                        out.append((ex_id, host, HostStepKey(ex_id, pr.stage_index, pr.phase,
-                                                             host, 0, 1, regions[host])))
+                        out.append(
+                            (
+                                ex_id,
+                                host,
+                                HostStepKey(
+                                    ex_id, pr.stage_index, pr.phase, host, 0, 1, regions[host]
+                                ),
+                            )
+                        )
     return out

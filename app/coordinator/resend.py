@@ -97,16 +97,33 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
     waits for the next run."""
     out: list[Waiting] = []
     with session_scope() as s:
-        for pr in s.exec(select(PhaseRun).where(
-                PhaseRun.status == Status.RUNNING, PhaseRun.kind == "deploy",
-                PhaseRun.dispatched_at < due)).all():
-            rows = [(r.host, r.step_index, r.status, r.finished_at, r.attempt)
-                    for r in s.exec(select(HostStepRun).where(
+        for pr in s.exec(
+            select(PhaseRun).where(
+                PhaseRun.status == Status.RUNNING,
+                PhaseRun.kind == "deploy",
+                PhaseRun.dispatched_at < due,
+            )
+        ).all():
+            rows = [
+                (r.host, r.step_index, r.status, r.finished_at, r.attempt)
+                for r in s.exec(
+                    select(HostStepRun)
+                    .where(
                         HostStepRun.execution_id == pr.execution_id,
                         HostStepRun.stage_index == pr.stage_index,
-                        HostStepRun.phase == pr.phase, HostStepRun.kind == "deploy").options(
-                        *deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail,
-                                  HostStepRun.outputs, HostStepRun.error))).all()]
+                        HostStepRun.phase == pr.phase,
+                        HostStepRun.kind == "deploy",
+                    )
+                    .options(
+                        *deferred(
+                            HostStepRun.stdout_tail,
+                            HostStepRun.stderr_tail,
+                            HostStepRun.outputs,
+                            HostStepRun.error,
+                        )
+                    )
+                ).all()
+            ]
             started = {r[0] for r in rows if not _unstarted(r[1], r[4], r[2])}
             if all(h in started for h in pr.hosts):
                 continue
@@ -116,22 +133,43 @@ def waiting_hosts(due: datetime) -> list[Waiting]:
             stage = deployment_stage(ex, pr.stage_index)
             if not stage.steps:
                 continue  # nothing to send
-            run = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                                StageRun.stage_index == pr.stage_index)).one()
+            run = s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == ex.id, StageRun.stage_index == pr.stage_index
+                )
+            ).one()
             regions = {h["name"]: h["region"] for h in run.hosts}
-            resent = {h: datetime.fromisoformat(t[-1])
-                      for h, t in ((pr.verdict or {}).get("resent") or {}).items() if t}
-            for host, since in lane_reached(list(pr.hosts), stage.strategy.max_concurrency,
-                                            len(stage.steps), rows, pr.dispatched_at, resent):
+            resent = {
+                h: datetime.fromisoformat(t[-1])
+                for h, t in ((pr.verdict or {}).get("resent") or {}).items()
+                if t
+            }
+            for host, since in lane_reached(
+                list(pr.hosts),
+                stage.strategy.max_concurrency,
+                len(stage.steps),
+                rows,
+                pr.dispatched_at,
+                resent,
+            ):
                 if since < due:
-                    out.append(Waiting(HostStepKey(ex.id, pr.stage_index, pr.phase, host, 0, 1,
-                                                   regions[host]), since))
+                    out.append(
+                        Waiting(
+                            HostStepKey(ex.id, pr.stage_index, pr.phase, host, 0, 1, regions[host]),
+                            since,
+                        )
+                    )
     return out
 
 
-def lane_reached(hosts: list[str], lanes: int | None, step_count: int, rows: list[Any],
-                 dispatched_at: datetime,
-                 resent: dict[str, datetime]) -> list[tuple[str, datetime]]:
+def lane_reached(
+    hosts: list[str],
+    lanes: int | None,
+    step_count: int,
+    rows: list[Any],
+    dispatched_at: datetime,
+    resent: dict[str, datetime],
+) -> list[tuple[str, datetime]]:
     """(host, since when its message should be in a queue) for the hosts of a phase that have
     not started; ``rows``: the phase's (host, step, status, finished_at, attempt).
 
@@ -214,43 +252,70 @@ def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
     settings = get_settings()
     with session_scope() as s:
         ex = lock_execution(s, key.execution)
-        pr = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == key.execution, PhaseRun.stage_index == key.stage,
-            PhaseRun.phase == key.phase, PhaseRun.kind == "deploy")).first()
-        if ex is None or ex.status != Status.RUNNING or pr is None \
-                or pr.status != Status.RUNNING:
+        pr = s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == key.execution,
+                PhaseRun.stage_index == key.stage,
+                PhaseRun.phase == key.phase,
+                PhaseRun.kind == "deploy",
+            )
+        ).first()
+        if ex is None or ex.status != Status.RUNNING or pr is None or pr.status != Status.RUNNING:
             return None
         resent = dict((pr.verdict or {}).get("resent") or {})
         if resent.get(key.host) and datetime.fromisoformat(resent[key.host][-1]) >= due:
             return None  # sent again by a concurrent reconciler
         stage = deployment_stage(ex, key.stage)
-        rows = s.exec(select(HostStepRun.host, HostStepRun.step_index, HostStepRun.status,
-                             HostStepRun.attempt).where(
-            HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
-            HostStepRun.phase == key.phase, HostStepRun.kind == "deploy")).all()
-        started = {h for h, step, status, attempt in rows
-                   if not _unstarted(step, attempt, status)}
+        rows = s.exec(
+            select(
+                HostStepRun.host, HostStepRun.step_index, HostStepRun.status, HostStepRun.attempt
+            ).where(
+                HostStepRun.execution_id == key.execution,
+                HostStepRun.stage_index == key.stage,
+                HostStepRun.phase == key.phase,
+                HostStepRun.kind == "deploy",
+            )
+        ).all()
+        started = {h for h, step, status, attempt in rows if not _unstarted(step, attempt, status)}
         recorded = {h for h, *_ in rows}
         if key.host in started:
             return None  # a worker took it after all (the broker was read before the ledger)
-        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
-                                            StageRun.stage_index == key.stage)).one()
+        run = s.exec(
+            select(StageRun).where(
+                StageRun.execution_id == key.execution, StageRun.stage_index == key.stage
+            )
+        ).one()
         by_name = {h["name"]: h for h in run.hosts}
-        followers = [h for h in lane_followers(list(pr.hosts), stage.strategy.max_concurrency,
-                                               key.host) if h not in started]
+        followers = [
+            h
+            for h in lane_followers(list(pr.hosts), stage.strategy.max_concurrency, key.host)
+            if h not in started
+        ]
         route = tags_of(stage, [by_name[h] for h in [key.host, *followers]], stage.steps)
         for h in [key.host, *followers]:
             if h in recorded:
                 continue
             try:  # PENDING: in flight for the gates (see the module's doc)
                 with s.begin_nested():
-                    s.add(HostStepRun(
-                        idem_key=HostStepKey(key.execution, key.stage, key.phase, h, 0, 1,
-                                             by_name[h]["region"]).idem,
-                        execution_id=key.execution, stage_index=key.stage, phase=key.phase,
-                        step_index=0, step_id=stage.steps[0].identifier, kind="deploy",
-                        host=h, region=by_name[h]["region"], attempt=1, status=Status.PENDING,
-                        started_at=now, heartbeat_at=now))
+                    s.add(
+                        HostStepRun(
+                            idem_key=HostStepKey(
+                                key.execution, key.stage, key.phase, h, 0, 1, by_name[h]["region"]
+                            ).idem,
+                            execution_id=key.execution,
+                            stage_index=key.stage,
+                            phase=key.phase,
+                            step_index=0,
+                            step_id=stage.steps[0].identifier,
+                            kind="deploy",
+                            host=h,
+                            region=by_name[h]["region"],
+                            attempt=1,
+                            status=Status.PENDING,
+                            started_at=now,
+                            heartbeat_at=now,
+                        )
+                    )
             except IntegrityError:  # a worker claimed it this very moment: it has started
                 if h == key.host:
                     return None
@@ -260,16 +325,34 @@ def _resend(key: HostStepKey, due: datetime, now: datetime) -> str | None:
         pr.verdict = {**(pr.verdict or {}), "resent": resent}
         s.add(pr)
         # The phase's own dispatch deadline: a resend does not lengthen the wait in the queue.
-        deadline = round(pr.dispatched_at.replace(tzinfo=UTC).timestamp()
-                         + settings.dispatch_expires, 3)
+        deadline = round(
+            pr.dispatched_at.replace(tzinfo=UTC).timestamp() + settings.dispatch_expires, 3
+        )
         steps = len(stage.steps)
-    publish(Dispatch("resend", key.execution, key.stage, key.phase,
-                     [(h, r) for h, r, _, _ in lane], step_count=steps, tags_of=route,
-                     lane=lane, deadline=deadline))
+    publish(
+        Dispatch(
+            "resend",
+            key.execution,
+            key.stage,
+            key.phase,
+            [(h, r) for h, r, _, _ in lane],
+            step_count=steps,
+            tags_of=route,
+            lane=lane,
+            deadline=deadline,
+        )
+    )
     queue = f"vmfarm.{key.region}"
-    log.warning("execution %s: the message of %s (stage %d phase %d) was in no queue of the "
-                "broker and the host has not started: sent again", key.execution, key.host,
-                key.stage, key.phase)
+    log.warning(
+        "execution %s: the message of %s (stage %d phase %d) was in no queue of the "
+        "broker and the host has not started: sent again",
+        key.execution,
+        key.host,
+        key.stage,
+        key.phase,
+    )
     then = f" (then {', '.join(followers)})" if followers else ""
-    return (f"{key.execution}: {key.host}: its message was lost from {queue} (the broker "
-            f"restarted?); re-sent under the same idempotency key{then}")
+    return (
+        f"{key.execution}: {key.host}: its message was lost from {queue} (the broker "
+        f"restarted?); re-sent under the same idempotency key{then}"
+    )

@@ -67,9 +67,13 @@ def _touched(row: HostStepRun) -> bool:
 def changed_hosts(s: Session, execution_id: str, stage_index: int) -> set[str]:
     """Hosts on which a deploy step of the stage ran (see the module docstring). A Wait or
     approval step touches no host, whatever its outcome."""
-    rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
-                                            HostStepRun.stage_index == stage_index,
-                                            HostStepRun.kind == "deploy")).all()
+    rows = s.exec(
+        select(HostStepRun).where(
+            HostStepRun.execution_id == execution_id,
+            HostStepRun.stage_index == stage_index,
+            HostStepRun.kind == "deploy",
+        )
+    ).all()
     ex = s.get(Execution, execution_id) if rows else None
     steps = stage_of(ex, stage_index).steps if ex is not None else []
     barriers = {i for i, st in enumerate(steps) if st.type in ("Wait", "HarnessApproval")}
@@ -78,39 +82,62 @@ def changed_hosts(s: Session, execution_id: str, stage_index: int) -> set[str]:
 
 def _source_stage(plan: Plan, service: str, environment: str) -> int | None:
     for i, st in enumerate(plan.stages):
-        if isinstance(st, DeploymentStagePlan) and \
-                (st.service.identifier, st.environment.identifier) == (service, environment):
+        if isinstance(st, DeploymentStagePlan) and (
+            st.service.identifier,
+            st.environment.identifier,
+        ) == (service, environment):
             return i
     return None
 
 
-def rollback_target(s: Session, stage: DeploymentStagePlan, host: dict[str, Any],
-                    deployed_by: str) -> dict[str, Any]:
+def rollback_target(
+    s: Session, stage: DeploymentStagePlan, host: dict[str, Any], deployed_by: str
+) -> dict[str, Any]:
     """What ``host`` returns to: {"version", "source": [execution, stage] | None, "steps",
     "reason"} where ``reason`` says why there is no source."""
     svc, env = stage.service.identifier, stage.environment.identifier
-    inst = s.exec(select(Instance).where(
-        Instance.service == svc, Instance.environment == env,
-        Instance.infrastructure == host["infrastructure"],
-        Instance.host == host["name"])).first()
+    inst = s.exec(
+        select(Instance).where(
+            Instance.service == svc,
+            Instance.environment == env,
+            Instance.infrastructure == host["infrastructure"],
+            Instance.host == host["name"],
+        )
+    ).first()
     if inst is None:
-        return {"version": None, "source": None, "steps": 0,
-                "reason": "no earlier version recorded (first deployment on this host)"}
+        return {
+            "version": None,
+            "source": None,
+            "steps": 0,
+            "reason": "no earlier version recorded (first deployment on this host)",
+        }
     if inst.execution_id == deployed_by:
         version, source_id = inst.previous_version, inst.previous_execution_id
     else:  # this execution never finished on the host: it still has what was there
         version, source_id = inst.version, inst.execution_id
     if not version or not source_id:
-        return {"version": version, "source": None, "steps": 0,
-                "reason": "no earlier version recorded (first deployment on this host)"}
+        return {
+            "version": version,
+            "source": None,
+            "steps": 0,
+            "reason": "no earlier version recorded (first deployment on this host)",
+        }
     source = s.get(Execution, source_id)
     index = _source_stage(plan_of(source), svc, env) if source else None
     if source is None or index is None:
-        return {"version": version, "source": None, "steps": 0,
-                "reason": f"the execution {source_id} that deployed {version} is no longer in "
-                          "the ledger"}
-    return {"version": version, "source": [source_id, index],
-            "steps": len(plan_of(source).stages[index].steps), "reason": None}
+        return {
+            "version": version,
+            "source": None,
+            "steps": 0,
+            "reason": f"the execution {source_id} that deployed {version} is no longer in "
+            "the ledger",
+        }
+    return {
+        "version": version,
+        "source": [source_id, index],
+        "steps": len(plan_of(source).stages[index].steps),
+        "reason": None,
+    }
 
 
 def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, Any]:
@@ -123,23 +150,36 @@ def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, A
     hosts: dict[str, dict[str, Any]] = {}
     phases: list[dict[str, Any]] = []
     standby: dict[str, str] = {}
-    switch = s.exec(select(PhaseRun).where(
-        PhaseRun.execution_id == ledger, PhaseRun.stage_index == run.stage_index,
-        PhaseRun.kind == "switch", PhaseRun.status == Status.SUCCEEDED)).first()
+    switch = s.exec(
+        select(PhaseRun).where(
+            PhaseRun.execution_id == ledger,
+            PhaseRun.stage_index == run.stage_index,
+            PhaseRun.kind == "switch",
+            PhaseRun.status == Status.SUCCEEDED,
+        )
+    ).first()
     if switch is not None:
         # Blue-green moved traffic: traffic goes back first, to the set that had it before;
         # the switched set then stands by with its version (a later deployment replaces it).
         switched = set(switch.hosts)
         before = [h["name"] for h in run.hosts if h["name"] not in switched]
         had_traffic = bool((switch.verdict or {}).get("before"))
-        phases.append({"index": switch.phase, "kind": "switch",
-                       "name": f"switch traffic back to {', '.join(before)}",
-                       "hosts": before if had_traffic else [],
-                       "skipped": {} if had_traffic else
-                       {h: "no set had traffic before this deployment" for h in before}})
+        phases.append(
+            {
+                "index": switch.phase,
+                "kind": "switch",
+                "name": f"switch traffic back to {', '.join(before)}",
+                "hosts": before if had_traffic else [],
+                "skipped": {}
+                if had_traffic
+                else {h: "no set had traffic before this deployment" for h in before},
+            }
+        )
         if had_traffic:
-            standby = {h: f"standby again once traffic is back on {', '.join(before)}"
-                       for h in switch.hosts}
+            standby = {
+                h: f"standby again once traffic is back on {', '.join(before)}"
+                for h in switch.hosts
+            }
     for ph in reversed(run.phases):
         if ph.get("kind", "deploy") != "deploy":
             continue
@@ -148,8 +188,7 @@ def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, A
         for name in names:
             if name in standby:
                 skipped[name] = standby[name]
-                hosts[name] = {"version": None, "source": None, "steps": 0,
-                               "reason": standby[name]}
+                hosts[name] = {"version": None, "source": None, "steps": 0, "reason": standby[name]}
                 continue
             target = rollback_target(s, stage, by_name[name], ledger)
             if custom:  # the stage's own rollbackSteps run, whatever the version
@@ -159,15 +198,33 @@ def plan_stage_rollback(s: Session, ex: Execution, run: StageRun) -> dict[str, A
                 run_on.append(name)
             else:
                 skipped[name] = target["reason"]
-        phases.append({"index": ph["index"], "name": f"rollback of {ph['name']}",
-                       "hosts": run_on, "skipped": skipped})
+        phases.append(
+            {
+                "index": ph["index"],
+                "name": f"rollback of {ph['name']}",
+                "hosts": run_on,
+                "skipped": skipped,
+            }
+        )
     untouched = sorted({h["name"] for h in run.hosts} - changed)
-    return {"mode": "rollbackSteps" if custom else "previous version", "phases": phases,
-            "hosts": hosts, "untouched": untouched}
+    return {
+        "mode": "rollbackSteps" if custom else "previous version",
+        "phases": phases,
+        "hosts": hosts,
+        "untouched": untouched,
+    }
 
 
-def begin_rollback(s: Session, ex: Execution, run: StageRun, error: str, *, scope: str,
-                    cause: str, dispatches: list[Dispatch]) -> str:
+def begin_rollback(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    error: str,
+    *,
+    scope: str,
+    cause: str,
+    dispatches: list[Dispatch],
+) -> str:
     """Mark the stage failed (or aborted) and start rolling back: this stage, or with
     PipelineRollback every deployment stage so far, latest first."""
     stages = [run.stage_index]
@@ -175,8 +232,9 @@ def begin_rollback(s: Session, ex: Execution, run: StageRun, error: str, *, scop
         for i in range(run.stage_index - 1, -1, -1):
             if stage_of(ex, i).type in ("Approval", "Custom"):  # nothing deployed there
                 continue
-            earlier = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                                    StageRun.stage_index == i)).one()
+            earlier = s.exec(
+                select(StageRun).where(StageRun.execution_id == ex.id, StageRun.stage_index == i)
+            ).one()
             if earlier.status in (Status.SUCCEEDED, Status.FAILED):
                 stages.append(i)
     if stage_of(ex, run.stage_index).type in ("Approval", "Custom"):
@@ -200,29 +258,59 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
         if run.status in (Status.ROLLED_BACK, Status.ROLLBACK_FAILED):
             continue
         if run.rollback is None:
-            running = s.exec(select(HostStepRun).where(
-                HostStepRun.execution_id == ex.id, HostStepRun.stage_index == si,
-                HostStepRun.kind == "deploy", HostStepRun.status == Status.RUNNING)).all()
+            running = s.exec(
+                select(HostStepRun).where(
+                    HostStepRun.execution_id == ex.id,
+                    HostStepRun.stage_index == si,
+                    HostStepRun.kind == "deploy",
+                    HostStepRun.status == Status.RUNNING,
+                )
+            ).all()
             if running:  # an abort: hosts stop at their next unit, then roll back
                 return f"rolling back: waiting for {len(running)} running step(s) to stop"
             run.rollback = plan_stage_rollback(s, ex, run)
             run.status = Status.ROLLING_BACK
             s.add(run)
         # Host lists are read only for the phase being judged (a deferred column).
-        records = {p.phase: p for p in s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
-            PhaseRun.kind == "rollback").options(*deferred(PhaseRun.hosts))).all()}
-        switches = {p.phase: p for p in s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == ex.id, PhaseRun.stage_index == si,
-            PhaseRun.kind == "rollback-switch").options(*deferred(PhaseRun.hosts))).all()}
+        records = {
+            p.phase: p
+            for p in s.exec(
+                select(PhaseRun)
+                .where(
+                    PhaseRun.execution_id == ex.id,
+                    PhaseRun.stage_index == si,
+                    PhaseRun.kind == "rollback",
+                )
+                .options(*deferred(PhaseRun.hosts))
+            ).all()
+        }
+        switches = {
+            p.phase: p
+            for p in s.exec(
+                select(PhaseRun)
+                .where(
+                    PhaseRun.execution_id == ex.id,
+                    PhaseRun.stage_index == si,
+                    PhaseRun.kind == "rollback-switch",
+                )
+                .options(*deferred(PhaseRun.hosts))
+            ).all()
+        }
         for ph in run.rollback["phases"]:
             if not ph["hosts"]:
                 continue
             if ph.get("kind") == "switch":  # traffic first (blue-green)
                 rec = switches.get(ph["index"])
                 if rec is None:
-                    s.add(PhaseRun(execution_id=ex.id, stage_index=si, phase=ph["index"],
-                                   kind="rollback-switch", hosts=list(ph["hosts"])))
+                    s.add(
+                        PhaseRun(
+                            execution_id=ex.id,
+                            stage_index=si,
+                            phase=ph["index"],
+                            kind="rollback-switch",
+                            hosts=list(ph["hosts"]),
+                        )
+                    )
                     s.flush()
                     dispatches.append(Dispatch("rollback-switch", ex.id, si, ph["index"], []))
                     return f"dispatched {ph['name']}"
@@ -233,29 +321,47 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
             if rec is None:
                 _dispatch_rollback(s, ex, run, ph, dispatches)
                 return f"dispatched {ph['name']}"
-            if rec.status == Status.RUNNING and not evaluate_phase(s, ex, run, rec,
-                                                                    gate=False):
+            if rec.status == Status.RUNNING and not evaluate_phase(s, ex, run, rec, gate=False):
                 return "rolling back"
-        failed = [r for r in [*records.values(), *switches.values()]
-                  if r.status == Status.FAILED]
+        failed = [r for r in [*records.values(), *switches.values()] if r.status == Status.FAILED]
         run.status = Status.ROLLBACK_FAILED if failed else Status.ROLLED_BACK
         run.finished_at = utcnow()
         s.add(run)
-    runs = s.exec(select(StageRun).where(StageRun.execution_id == ex.id,
-                                         col(StageRun.stage_index).in_(info.get("stages", []))
-                                         )).all()
+    runs = s.exec(
+        select(StageRun).where(
+            StageRun.execution_id == ex.id, col(StageRun.stage_index).in_(info.get("stages", []))
+        )
+    ).all()
     if any(r.status == Status.ROLLBACK_FAILED for r in runs):
-        finish(s, ex, Status.ROLLBACK_FAILED,
-                error=f"{ex.error or info.get('error')}; the rollback failed on some hosts")
+        finish(
+            s,
+            ex,
+            Status.ROLLBACK_FAILED,
+            error=f"{ex.error or info.get('error')}; the rollback failed on some hosts",
+        )
         return "rollback failed"
     final = {"aborted": Status.ABORTED, "requested": Status.SUCCEEDED}.get(
-        info.get("cause", ""), Status.FAILED)
-    done = sum(len(r.hosts) for r in s.exec(select(PhaseRun).where(
-        PhaseRun.execution_id == ex.id, PhaseRun.kind == "rollback",
-        PhaseRun.status == Status.SUCCEEDED)).all())
-    note = "" if info.get("cause") == "requested" else (
-        f"; rolled back {done} host(s)" if done else
-        "; nothing was rolled back (no host had an earlier version recorded)")
+        info.get("cause", ""), Status.FAILED
+    )
+    done = sum(
+        len(r.hosts)
+        for r in s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.kind == "rollback",
+                PhaseRun.status == Status.SUCCEEDED,
+            )
+        ).all()
+    )
+    note = (
+        ""
+        if info.get("cause") == "requested"
+        else (
+            f"; rolled back {done} host(s)"
+            if done
+            else "; nothing was rolled back (no host had an earlier version recorded)"
+        )
+    )
     error = f"{ex.error or info.get('error')}{note}"
     if final == Status.FAILED and info.get("scope") == "StageRollback":
         return end_failed(s, ex, error) or "rolled back"  # later stages may run after it
@@ -263,12 +369,20 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
     return "rolled back"
 
 
-def _dispatch_rollback(s: Session, ex: Execution, run: StageRun, ph: dict[str, Any],
-                       out: list[Dispatch]) -> None:
+def _dispatch_rollback(
+    s: Session, ex: Execution, run: StageRun, ph: dict[str, Any], out: list[Dispatch]
+) -> None:
     by_name = {h["name"]: h for h in run.hosts}
-    s.add(PhaseRun(execution_id=ex.id, stage_index=run.stage_index, phase=ph["index"],
-                   kind="rollback", hosts=list(ph["hosts"]),
-                   verdict={"skipped": ph.get("skipped", {})}))
+    s.add(
+        PhaseRun(
+            execution_id=ex.id,
+            stage_index=run.stage_index,
+            phase=ph["index"],
+            kind="rollback",
+            hosts=list(ph["hosts"]),
+            verdict={"skipped": ph.get("skipped", {})},
+        )
+    )
     s.flush()  # unique (execution, stage, phase, "rollback"): dispatched exactly once
     targets = run.rollback["hosts"] if run.rollback else {}
     builtin = (run.rollback or {}).get("mode") != "rollbackSteps"
@@ -278,11 +392,20 @@ def _dispatch_rollback(s: Session, ex: Execution, run: StageRun, ph: dict[str, A
         src = t.get("source") if builtin else None
         steps_of[name] = (int(t["steps"]), (str(src[0]), int(src[1])) if src else None)
     stage = deployment_stage(ex, run.stage_index)
-    out.append(Dispatch("rollback", ex.id, run.stage_index, ph["index"],
-                         [(n, by_name[n]["region"]) for n in ph["hosts"]],
-                         lanes=stage.strategy.max_concurrency, steps_of=steps_of,
-                         tags_of=tags_of(stage, [by_name[n] for n in ph["hosts"]],
-                                          stage.rollback_steps or stage.steps)))
+    out.append(
+        Dispatch(
+            "rollback",
+            ex.id,
+            run.stage_index,
+            ph["index"],
+            [(n, by_name[n]["region"]) for n in ph["hosts"]],
+            lanes=stage.strategy.max_concurrency,
+            steps_of=steps_of,
+            tags_of=tags_of(
+                stage, [by_name[n] for n in ph["hosts"]], stage.rollback_steps or stage.steps
+            ),
+        )
+    )
 
 
 def rollback_plan(execution_id: str) -> dict[str, Any]:
@@ -292,87 +415,142 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
         ex = s.get(Execution, execution_id)
         if ex is None:
             raise LookupError(f"no execution '{execution_id}'")
-        of = (ex.rollback or {}).get("of") if (ex.rollback or {}).get("cause") == "requested" \
+        of = (
+            (ex.rollback or {}).get("of")
+            if (ex.rollback or {}).get("cause") == "requested"
             else None
+        )
         if of:
-            raise LookupError(f"execution {execution_id} is a rollback (of {of}): a rollback is "
-                              f"not rolled back; to deploy what {of} deployed again, run its "
-                              "pipeline again")
+            raise LookupError(
+                f"execution {execution_id} is a rollback (of {of}): a rollback is "
+                f"not rolled back; to deploy what {of} deployed again, run its "
+                "pipeline again"
+            )
         if ex.status != Status.SUCCEEDED:
-            raise LookupError(f"execution {execution_id} is {ex.status}: only a successful "
-                              "execution is rolled back with `vmfarm rollback` (a failed one "
-                              "rolls back by its failure strategy)")
+            raise LookupError(
+                f"execution {execution_id} is {ex.status}: only a successful "
+                "execution is rolled back with `vmfarm rollback` (a failed one "
+                "rolls back by its failure strategy)"
+            )
         undone = _rolled_back_by(s, ex)
         if undone is not None:
-            raise LookupError(f"execution {execution_id} was rolled back already by execution "
-                              f"{undone.id} ({undone.status}); its hosts run what they ran "
-                              "before it (vmfarm artifacts SERVICE)")
-        probe = Execution(id="<rollback-plan>", pipeline=ex.pipeline, plan=ex.plan,
-                          rollback={"of": execution_id})
+            raise LookupError(
+                f"execution {execution_id} was rolled back already by execution "
+                f"{undone.id} ({undone.status}); its hosts run what they ran "
+                "before it (vmfarm artifacts SERVICE)"
+            )
+        probe = Execution(
+            id="<rollback-plan>", pipeline=ex.pipeline, plan=ex.plan, rollback={"of": execution_id}
+        )
         stages: list[dict[str, Any]] = []
-        for run in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
-                          .order_by(col(StageRun.stage_index).desc())).all():
+        for run in s.exec(
+            select(StageRun)
+            .where(StageRun.execution_id == execution_id)
+            .order_by(col(StageRun.stage_index).desc())
+        ).all():
             stage = stage_of(ex, run.stage_index)
-            if not isinstance(stage, DeploymentStagePlan) or stage.type == "Custom" \
-                    or run.status != Status.SUCCEEDED:
+            if (
+                not isinstance(stage, DeploymentStagePlan)
+                or stage.type == "Custom"
+                or run.status != Status.SUCCEEDED
+            ):
                 continue
             by_name = {h["name"]: h for h in run.hosts}
             for name in changed_hosts(s, execution_id, run.stage_index) & set(by_name):
-                inst = s.exec(select(Instance).where(
-                    Instance.service == stage.service.identifier,
-                    Instance.environment == stage.environment.identifier,
-                    Instance.infrastructure == by_name[name]["infrastructure"],
-                    Instance.host == name)).first()
+                inst = s.exec(
+                    select(Instance).where(
+                        Instance.service == stage.service.identifier,
+                        Instance.environment == stage.environment.identifier,
+                        Instance.infrastructure == by_name[name]["infrastructure"],
+                        Instance.host == name,
+                    )
+                ).first()
                 if inst is not None and inst.execution_id != execution_id:
                     now = s.get(Execution, inst.execution_id)
                     if now is not None and now.created_at > ex.created_at:
                         raise LookupError(
                             f"host {name} now runs {inst.version} from execution "
                             f"{inst.execution_id}, deployed after {execution_id}: roll that "
-                            "one back first")
+                            "one back first"
+                        )
                     raise LookupError(
                         f"host {name} no longer runs what execution {execution_id} deployed: "
                         f"it runs {inst.version} again, from the older execution "
-                        f"{inst.execution_id}")
+                        f"{inst.execution_id}"
+                    )
             plan = plan_stage_rollback(s, probe, run)
-            current = {i.host: i.version for i in s.exec(select(Instance).where(
-                Instance.service == stage.service.identifier,
-                Instance.environment == stage.environment.identifier,
-                col(Instance.host).in_(list(by_name)))).all()}
+            current = {
+                i.host: i.version
+                for i in s.exec(
+                    select(Instance).where(
+                        Instance.service == stage.service.identifier,
+                        Instance.environment == stage.environment.identifier,
+                        col(Instance.host).in_(list(by_name)),
+                    )
+                ).all()
+            }
             skipped = {h: why for ph in plan["phases"] for h, why in ph["skipped"].items()}
             hosts = []
             for name, t in plan["hosts"].items():
                 how = None
                 if name not in skipped:
-                    how = ("rollbackSteps" if plan["mode"] == "rollbackSteps" else
-                           f"re-run the steps of execution {t['source'][0]}")
-                hosts.append({"host": name, "region": by_name[name]["region"],
-                              "from": current.get(name), "to": t.get("version"), "how": how,
-                              "skipped": skipped.get(name)})
-            stages.append({"stage": stage.identifier,
-                           "service": stage.service.identifier,
-                           "environment": stage.environment.identifier,
-                           "phases_in_order": [{"phase": ph["name"], "hosts": ph["hosts"]}
-                                               for ph in plan["phases"]],
-                           "hosts": hosts})
+                    how = (
+                        "rollbackSteps"
+                        if plan["mode"] == "rollbackSteps"
+                        else f"re-run the steps of execution {t['source'][0]}"
+                    )
+                hosts.append(
+                    {
+                        "host": name,
+                        "region": by_name[name]["region"],
+                        "from": current.get(name),
+                        "to": t.get("version"),
+                        "how": how,
+                        "skipped": skipped.get(name),
+                    }
+                )
+            stages.append(
+                {
+                    "stage": stage.identifier,
+                    "service": stage.service.identifier,
+                    "environment": stage.environment.identifier,
+                    "phases_in_order": [
+                        {"phase": ph["name"], "hosts": ph["hosts"]} for ph in plan["phases"]
+                    ],
+                    "hosts": hosts,
+                }
+            )
     if not any(ph["hosts"] for st in stages for ph in st["phases_in_order"]):
         reasons: dict[str, int] = {}
         for st in stages:
             for h in st["hosts"]:
                 why_not = str(h["skipped"] or "nothing to do")
                 reasons[why_not] = reasons.get(why_not, 0) + 1
-        why = "; ".join(f"{n} host(s): {r}" for r, n in sorted(reasons.items())) or \
-            "it changed no host"
+        why = (
+            "; ".join(f"{n} host(s): {r}" for r, n in sorted(reasons.items()))
+            or "it changed no host"
+        )
         raise LookupError(f"execution {execution_id} has no host to roll back ({why})")
     return {"execution": execution_id, "pipeline": ex.pipeline, "stages": stages}
 
 
 def _rolled_back_by(s: Session, ex: Execution) -> Execution | None:
     """The `vmfarm rollback` of ``ex`` that ran or runs (the newest), if any."""
-    later = s.exec(select(Execution).where(Execution.pipeline == ex.pipeline,
-                                           col(Execution.created_at) >= ex.created_at,
-                                           Execution.id != ex.id)
-                   .order_by(col(Execution.created_at).desc())).all()
-    return next((e for e in later if (e.rollback or {}).get("cause") == "requested"
-                 and (e.rollback or {}).get("of") == ex.id), None)
-
+    later = s.exec(
+        select(Execution)
+        .where(
+            Execution.pipeline == ex.pipeline,
+            col(Execution.created_at) >= ex.created_at,
+            Execution.id != ex.id,
+        )
+        .order_by(col(Execution.created_at).desc())
+    ).all()
+    return next(
+        (
+            e
+            for e in later
+            if (e.rollback or {}).get("cause") == "requested"
+            and (e.rollback or {}).get("of") == ex.id
+        ),
+        None,
+    )

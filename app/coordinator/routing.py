@@ -1,5 +1,4 @@
-"""Delegates: which workers (region queue and tags) take a stage's tasks.
-"""
+"""Delegates: which workers (region queue and tags) take a stage's tasks."""
 
 from __future__ import annotations
 
@@ -18,15 +17,19 @@ from app.settings import get_settings
 log = logging.getLogger("vmfarm.coordinator")
 
 
-def wanted_tags(stage: DeploymentStagePlan, host: dict[str, Any],
-                step: StepPlan | None) -> tuple[str, ...]:
+def wanted_tags(
+    stage: DeploymentStagePlan, host: dict[str, Any], step: StepPlan | None
+) -> tuple[str, ...]:
     """The worker tags a task on ``host`` needs: the pipeline's and stage's selectors, its
     infrastructure's, and the step's own."""
-    infra = next((i for i in stage.infrastructures
-                  if i.identifier == host.get("infrastructure")), None)
-    tags = {*stage.delegate_selectors,
-            *((infra.spec.get("delegateSelectors") or []) if infra else []),
-            *(getattr(step.spec, "delegate_selectors", []) if step is not None else [])}
+    infra = next(
+        (i for i in stage.infrastructures if i.identifier == host.get("infrastructure")), None
+    )
+    tags = {
+        *stage.delegate_selectors,
+        *((infra.spec.get("delegateSelectors") or []) if infra else []),
+        *(getattr(step.spec, "delegate_selectors", []) if step is not None else []),
+    }
     return tuple(sorted(tags))
 
 
@@ -35,8 +38,9 @@ def infra_tags(stage: DeploymentStagePlan, infra: InfrastructurePlan) -> tuple[s
     return wanted_tags(stage, {"infrastructure": infra.identifier}, None)
 
 
-def choose_tags(stage: DeploymentStagePlan, region: str,
-                 tags: tuple[str, ...]) -> tuple[tuple[str, ...] | None, str]:
+def choose_tags(
+    stage: DeploymentStagePlan, region: str, tags: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, str]:
     """(the tags to route with, a note) for a task of ``region`` that wants ``tags``: the live
     workers with them, else the stage's delegateFallback; (None, why) when nobody can serve."""
     from app.delegates import resolve_queue
@@ -50,14 +54,17 @@ def choose_tags(stage: DeploymentStagePlan, region: str,
     if fallback is not None:
         second = resolve_queue(region, fallback, True)
         if second.queue:
-            return tuple(second.tags), (f"no live worker of region {region} has tags "
-                                        f"[{', '.join(tags)}]: using the fallback "
-                                        f"[{', '.join(fallback) or 'any worker'}]")
+            return tuple(second.tags), (
+                f"no live worker of region {region} has tags "
+                f"[{', '.join(tags)}]: using the fallback "
+                f"[{', '.join(fallback) or 'any worker'}]"
+            )
     return None, choice.message
 
 
-def tags_of(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
-            steps: list[StepPlan]) -> dict[tuple[str, int], tuple[str, ...]]:
+def tags_of(
+    stage: DeploymentStagePlan, hosts: list[dict[str, Any]], steps: list[StepPlan]
+) -> dict[tuple[str, int], tuple[str, ...]]:
     """Routing tags per (host, step index), step -1 being the host's verification checks. A
     requirement no live worker serves keeps its tags: the task waits in its queue for one
     (and fails with Timeout past its dispatch deadline)."""

@@ -56,15 +56,20 @@ def submit(
     prepares once, checks RBAC on the plan, then calls ``record``).
     """
     execution_id = new_execution_id()
-    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs,
-                                execution_id=execution_id)
-    record(plan, stage_hosts, execution_id=execution_id, inputs=inputs, user=user,
-           publish=publish)
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs, execution_id=execution_id)
+    record(plan, stage_hosts, execution_id=execution_id, inputs=inputs, user=user, publish=publish)
     return execution_id
 
 
-def record(plan: Plan, stage_hosts: list[list[Host]], *, execution_id: str,
-           inputs: Mapping[str, str] | None, user: str, publish: bool = True) -> list[Finding]:
+def record(
+    plan: Plan,
+    stage_hosts: list[list[Host]],
+    *,
+    execution_id: str,
+    inputs: Mapping[str, str] | None,
+    user: str,
+    publish: bool = True,
+) -> list[Finding]:
     """Record a prepared plan as execution ``execution_id`` (the id it was resolved with),
     after its policy rules and the live workers allow it; returns the policy's warnings.
 
@@ -75,38 +80,64 @@ def record(plan: Plan, stage_hosts: list[list[Host]], *, execution_id: str,
     data = plan.to_json()  # what the ledger stores; policies read it as a document
     warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
-    deployments = [(st, hosts) for st, hosts in zip(plan.stages, host_dicts, strict=True)
-                   if isinstance(st, DeploymentStagePlan)]
-    refused = [f"stage '{st.identifier}': {why}" for st, hosts in deployments
-               for why in unserved_delegates(st, hosts)]
+    deployments = [
+        (st, hosts)
+        for st, hosts in zip(plan.stages, host_dicts, strict=True)
+        if isinstance(st, DeploymentStagePlan)
+    ]
+    refused = [
+        f"stage '{st.identifier}': {why}"
+        for st, hosts in deployments
+        for why in unserved_delegates(st, hosts)
+    ]
     # Cloud hosts are listed by their region's workers: one with the tags must be live.
-    refused += [f"stage '{st.identifier}', infrastructure '{infra.identifier}': {why}"
-                for st, _ in deployments if discovered_by_workers(st)
-                for infra in st.infrastructures
-                for chosen, why in [choose_tags(st, discovery_region(infra),
-                                                infra_tags(st, infra))]
-                if chosen is None]
+    refused += [
+        f"stage '{st.identifier}', infrastructure '{infra.identifier}': {why}"
+        for st, _ in deployments
+        if discovered_by_workers(st)
+        for infra in st.infrastructures
+        for chosen, why in [choose_tags(st, discovery_region(infra), infra_tags(st, infra))]
+        if chosen is None
+    ]
     if refused:  # nothing is recorded: no live worker could take this work
-        raise ConfigError("; ".join(refused) + " (start one with `vmfarm worker --region R "
-                          "--tags ...`, or give the stage a delegateFallback)")
+        raise ConfigError(
+            "; ".join(refused) + " (start one with `vmfarm worker --region R "
+            "--tags ...`, or give the stage a delegateFallback)"
+        )
     with session_scope() as s:
         busy = _deploying_elsewhere(s, plan)
         if busy:  # nothing is recorded: allowSimultaneousDeployments is false there
             raise ConfigError("; ".join(busy))
         ex = Execution(
-            id=execution_id, pipeline=plan.identifier, pipeline_name=plan.name,
-            plan=data, inputs={k: str(v) for k, v in (inputs or {}).items()},
+            id=execution_id,
+            pipeline=plan.identifier,
+            pipeline_name=plan.name,
+            plan=data,
+            inputs={k: str(v) for k, v in (inputs or {}).items()},
             created_by=who,
         )
         s.add(ex)
         s.flush()
         for i, stage in enumerate(plan.stages):
-            s.add(StageRun(execution_id=execution_id, stage_index=i,
-                           identifier=stage.identifier, name=stage.name,
-                           hosts=host_dicts[i]))
+            s.add(
+                StageRun(
+                    execution_id=execution_id,
+                    stage_index=i,
+                    identifier=stage.identifier,
+                    name=stage.name,
+                    hosts=host_dicts[i],
+                )
+            )
             for j, step in enumerate(stage.steps):
-                s.add(StepRun(execution_id=execution_id, stage_index=i, step_index=j,
-                              identifier=step.identifier, name=step.name))
+                s.add(
+                    StepRun(
+                        execution_id=execution_id,
+                        stage_index=i,
+                        step_index=j,
+                        identifier=step.identifier,
+                        name=step.name,
+                    )
+                )
     if publish:
         advance(execution_id)
     return list(warnings)
@@ -118,17 +149,22 @@ def _deploying_elsewhere(s: Any, plan: Plan) -> list[str]:
     ``allowSimultaneousDeployments: false``, the default). Checked under a lock that serialises
     the recording of runs, so two runs cannot both pass it. (A run refused here can simply be
     submitted again once the other has ended.)"""
-    wanted = {(st.service.identifier, infra.identifier): infra
-              for st in plan.stages if isinstance(st, DeploymentStagePlan)
-              for infra in st.infrastructures if not infra.allow_simultaneous_deployments}
+    wanted = {
+        (st.service.identifier, infra.identifier): infra
+        for st in plan.stages
+        if isinstance(st, DeploymentStagePlan)
+        for infra in st.infrastructures
+        if not infra.allow_simultaneous_deployments
+    }
     if not wanted:
         return []
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(hashtext('vmfarm.deployment-lock'))"))
     busy = []
     # Only a stage under way holds its infrastructures (one waiting to start holds nothing).
-    for run in s.exec(select(StageRun).where(
-            col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))).all():
+    for run in s.exec(
+        select(StageRun).where(col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))
+    ).all():
         other = s.get(Execution, run.execution_id)
         if other is None or other.status in Status.TERMINAL:
             continue
@@ -138,17 +174,24 @@ def _deploying_elsewhere(s: Any, plan: Plan) -> list[str]:
         for infra in st.infrastructures:
             mine = wanted.get((st.service.identifier, infra.identifier))
             if mine is not None:
-                busy.append(f"service '{st.service.identifier}' is being deployed to "
-                            f"infrastructure '{infra.identifier}' ({mine.source}) by "
-                            f"execution {other.id} (stage '{st.identifier}'), and that "
-                            "infrastructure does not allow simultaneous deployments: wait "
-                            f"for it (vmfarm status {other.id}), or set "
-                            "allowSimultaneousDeployments: true")
+                busy.append(
+                    f"service '{st.service.identifier}' is being deployed to "
+                    f"infrastructure '{infra.identifier}' ({mine.source}) by "
+                    f"execution {other.id} (stage '{st.identifier}'), and that "
+                    "infrastructure does not allow simultaneous deployments: wait "
+                    f"for it (vmfarm status {other.id}), or set "
+                    "allowSimultaneousDeployments: true"
+                )
     return list(dict.fromkeys(busy))
 
 
-def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, str] | None,
-            execution_id: str) -> tuple[Plan, list[list[Host]]]:
+def prepare(
+    paths: Iterable[str],
+    *,
+    pipeline: str | None,
+    inputs: Mapping[str, str] | None,
+    execution_id: str,
+) -> tuple[Plan, list[list[Host]]]:
     """Load, validate and resolve the files; discover static hosts (bad input raises)."""
     from app.definitions import choose_pipeline, load, resolve
 
@@ -157,8 +200,10 @@ def prepare(paths: Iterable[str], *, pipeline: str | None, inputs: Mapping[str, 
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts = [discover_stage(st) if isinstance(st, DeploymentStagePlan) and all_static(st)
-                   else [] for st in plan.stages]
+    stage_hosts = [
+        discover_stage(st) if isinstance(st, DeploymentStagePlan) and all_static(st) else []
+        for st in plan.stages
+    ]
     return plan, stage_hosts
 
 
@@ -173,14 +218,28 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
         if ex is None:
             raise LookupError(f"no execution '{execution_id}'")
         if ex.status not in Status.TERMINAL:
-            raise LookupError(f"execution {execution_id} is still {ex.status}; retry it when "
-                              "it has ended (or abort it)")
-        runs = s.exec(select(StageRun).where(StageRun.execution_id == execution_id)
-                      .order_by(col(StageRun.stage_index))).all()
-        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
-                                                HostStepRun.kind == "deploy")).all()
-        approvals = {p.stage_index: p.status for p in s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval")).all()}
+            raise LookupError(
+                f"execution {execution_id} is still {ex.status}; retry it when "
+                "it has ended (or abort it)"
+            )
+        runs = s.exec(
+            select(StageRun)
+            .where(StageRun.execution_id == execution_id)
+            .order_by(col(StageRun.stage_index))
+        ).all()
+        rows = s.exec(
+            select(HostStepRun).where(
+                HostStepRun.execution_id == execution_id, HostStepRun.kind == "deploy"
+            )
+        ).all()
+        approvals = {
+            p.stage_index: p.status
+            for p in s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == execution_id, PhaseRun.kind == "approval"
+                )
+            ).all()
+        }
         plan, inputs, stages = plan_of(ex), dict(ex.inputs), []
         for run in runs:
             latest: dict[tuple[str, int], HostStepRun] = {}
@@ -190,14 +249,24 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                     if k not in latest or r.attempt > latest[k].attempt:
                         latest[k] = r
             n_steps = len(plan.stages[run.stage_index].steps)
-            redo = [h for h in run.hosts
-                    if not all((latest.get((h["name"], i)) is not None
-                                and Status.passed(latest[(h["name"], i)].status,
-                                                  latest[(h["name"], i)].error))
-                               for i in range(n_steps))]
-            skip = (approvals.get(run.stage_index) == Status.SUCCEEDED
-                    if plan.stages[run.stage_index].type == "Approval"
-                    else not redo)
+            redo = [
+                h
+                for h in run.hosts
+                if not all(
+                    (
+                        latest.get((h["name"], i)) is not None
+                        and Status.passed(
+                            latest[(h["name"], i)].status, latest[(h["name"], i)].error
+                        )
+                    )
+                    for i in range(n_steps)
+                )
+            ]
+            skip = (
+                approvals.get(run.stage_index) == Status.SUCCEEDED
+                if plan.stages[run.stage_index].type == "Approval"
+                else not redo
+            )
             stages.append((run, redo, skip))
     if all(skip for _, _, skip in stages):
         raise LookupError(f"execution {execution_id} has no failed host to retry")
@@ -206,17 +275,38 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
     # names its own id (ids are 12 random hex digits: replacing them is exact).
     data = json.loads(json.dumps(plan.to_json()).replace(execution_id, new_id))
     with session_scope() as s:
-        s.add(Execution(id=new_id, pipeline=plan.identifier, pipeline_name=plan.name,
-                        plan=data, inputs={**inputs, "retry_of": execution_id},
-                        created_by=user or get_settings().user or ""))
+        s.add(
+            Execution(
+                id=new_id,
+                pipeline=plan.identifier,
+                pipeline_name=plan.name,
+                plan=data,
+                inputs={**inputs, "retry_of": execution_id},
+                created_by=user or get_settings().user or "",
+            )
+        )
         s.flush()
         for run, redo, skip in stages:
-            s.add(StageRun(execution_id=new_id, stage_index=run.stage_index,
-                           identifier=run.identifier, name=run.name, hosts=redo,
-                           status=Status.SKIPPED if skip else Status.PENDING))
+            s.add(
+                StageRun(
+                    execution_id=new_id,
+                    stage_index=run.stage_index,
+                    identifier=run.identifier,
+                    name=run.name,
+                    hosts=redo,
+                    status=Status.SKIPPED if skip else Status.PENDING,
+                )
+            )
             for j, step in enumerate(plan.stages[run.stage_index].steps):
-                s.add(StepRun(execution_id=new_id, stage_index=run.stage_index, step_index=j,
-                              identifier=step.identifier, name=step.name))
+                s.add(
+                    StepRun(
+                        execution_id=new_id,
+                        stage_index=run.stage_index,
+                        step_index=j,
+                        identifier=step.identifier,
+                        name=step.name,
+                    )
+                )
     if publish:
         advance(new_id)
     return new_id
@@ -231,27 +321,59 @@ def rollback_execution(execution_id: str, *, user: str = "", publish: bool = Tru
         ex = s.get(Execution, execution_id)
         assert ex is not None
         stored = plan_of(ex)
-        order = [i for i, st in enumerate(stored.stages)
-                 if st.identifier in {x["stage"] for x in plan["stages"]}][::-1]
-        runs = {r.stage_index: r for r in s.exec(select(StageRun).where(
-            StageRun.execution_id == execution_id)).all()}
-        s.add(Execution(id=new_id, pipeline=ex.pipeline, pipeline_name=ex.pipeline_name,
-                        plan=ex.plan, inputs={**ex.inputs, "rollback_of": execution_id},
-                        created_by=user or get_settings().user or "",
-                        status=Status.ROLLING_BACK, started_at=utcnow(),
-                        current_stage=len(stored.stages),
-                        rollback={"cause": "requested", "scope": "PipelineRollback",
-                                  "stages": order, "of": execution_id,
-                                  "error": f"rollback of {execution_id}"}))
+        order = [
+            i
+            for i, st in enumerate(stored.stages)
+            if st.identifier in {x["stage"] for x in plan["stages"]}
+        ][::-1]
+        runs = {
+            r.stage_index: r
+            for r in s.exec(select(StageRun).where(StageRun.execution_id == execution_id)).all()
+        }
+        s.add(
+            Execution(
+                id=new_id,
+                pipeline=ex.pipeline,
+                pipeline_name=ex.pipeline_name,
+                plan=ex.plan,
+                inputs={**ex.inputs, "rollback_of": execution_id},
+                created_by=user or get_settings().user or "",
+                status=Status.ROLLING_BACK,
+                started_at=utcnow(),
+                current_stage=len(stored.stages),
+                rollback={
+                    "cause": "requested",
+                    "scope": "PipelineRollback",
+                    "stages": order,
+                    "of": execution_id,
+                    "error": f"rollback of {execution_id}",
+                },
+            )
+        )
         s.flush()
         for i, st in enumerate(stored.stages):
             old = runs[i]
-            s.add(StageRun(execution_id=new_id, stage_index=i, identifier=old.identifier,
-                           name=old.name, hosts=old.hosts, phases=old.phases,
-                           status=Status.PENDING if i in order else Status.SKIPPED))
+            s.add(
+                StageRun(
+                    execution_id=new_id,
+                    stage_index=i,
+                    identifier=old.identifier,
+                    name=old.name,
+                    hosts=old.hosts,
+                    phases=old.phases,
+                    status=Status.PENDING if i in order else Status.SKIPPED,
+                )
+            )
             for j, step in enumerate(st.steps):
-                s.add(StepRun(execution_id=new_id, stage_index=i, step_index=j,
-                              identifier=step.identifier, name=step.name))
+                s.add(
+                    StepRun(
+                        execution_id=new_id,
+                        stage_index=i,
+                        step_index=j,
+                        identifier=step.identifier,
+                        name=step.name,
+                    )
+                )
     if publish:
         advance(new_id)
     return new_id

@@ -26,8 +26,7 @@ from app.settings import get_settings
 from strategies.basic import Phase
 
 
-def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
-                    gate: bool) -> bool:
+def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *, gate: bool) -> bool:
     """Write the phase verdict when every host of it is done; False while any still runs.
 
     Called by the gate (every header task has finished) or by a nudge (maybe not). A host is
@@ -45,10 +44,15 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
             return int((targets.get(host) or {}).get("steps", 0))
         return len(stage_plan.steps)
 
-    rows = s.exec(select(HostStepRun).where(
-        HostStepRun.execution_id == ex.id, HostStepRun.stage_index == run.stage_index,
-        HostStepRun.phase == pr.phase, HostStepRun.kind == kind).options(
-        *deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail, HostStepRun.outputs))
+    rows = s.exec(
+        select(HostStepRun)
+        .where(
+            HostStepRun.execution_id == ex.id,
+            HostStepRun.stage_index == run.stage_index,
+            HostStepRun.phase == pr.phase,
+            HostStepRun.kind == kind,
+        )
+        .options(*deferred(HostStepRun.stdout_tail, HostStepRun.stderr_tail, HostStepRun.outputs))
     ).all()
     by_host: dict[str, dict[int, HostStepRun]] = {}
     for r in rows:
@@ -58,31 +62,52 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     failed: list[str] = []
     per_host: dict[str, dict[str, Any]] = {}
     # Steps whose when lets them run after a failure (stageStatus Failure or All).
-    after_failure_steps = {i for i, st in enumerate(stage_plan.steps) if any(
-        w is not None and w.stage_status != "Success" for w in (step_when(st), st.group_when))}
+    after_failure_steps = {
+        i
+        for i, st in enumerate(stage_plan.steps)
+        if any(
+            w is not None and w.stage_status != "Success" for w in (step_when(st), st.group_when)
+        )
+    }
     for host in pr.hosts:
         steps = by_host.get(host, {})
         # Work in flight: a running step, or an attempt that waits for its retry (recorded
         # PENDING by the retry engine), however long the wait: the phase is not judged, even
         # by its gate (the retry's own chord ends with this phase's gate).
         # A host stopped at a Wait or approval step (WAITING) is not done either.
-        if any(r.status in (Status.RUNNING, Status.PENDING, Status.WAITING)
-               or retry_due(stage_plan, r) for r in steps.values()):
+        if any(
+            r.status in (Status.RUNNING, Status.PENDING, Status.WAITING) or retry_due(stage_plan, r)
+            for r in steps.values()
+        ):
             return False
         has_failed = any(r.status == Status.FAILED for r in steps.values())
-        complete = len(steps) == n_steps(host) and all(r.status in Status.TERMINAL
-                                                       for r in steps.values())
-        if has_failed and not (complete or gate) and kind == "deploy" and any(
-                i not in steps for i in after_failure_steps):
+        complete = len(steps) == n_steps(host) and all(
+            r.status in Status.TERMINAL for r in steps.values()
+        )
+        if (
+            has_failed
+            and not (complete or gate)
+            and kind == "deploy"
+            and any(i not in steps for i in after_failure_steps)
+        ):
             return False  # a step that runs after a failure (its when) is still to come
         if not (complete or has_failed or gate):
             return False
-        ok = complete and not has_failed and all(Status.passed(r.status, r.error)
-                                                 for r in steps.values())
+        ok = (
+            complete
+            and not has_failed
+            and all(Status.passed(r.status, r.error) for r in steps.values())
+        )
         if not ok:
             failed.append(host)
-            bad = next((r for r in sorted(steps.values(), key=lambda r: r.step_index)
-                        if not Status.passed(r.status, r.error)), None)
+            bad = next(
+                (
+                    r
+                    for r in sorted(steps.values(), key=lambda r: r.step_index)
+                    if not Status.passed(r.status, r.error)
+                ),
+                None,
+            )
             per_host[host] = {
                 "step": bad.step_id if bad else None,
                 "unit": bad.failed_unit if bad else None,
@@ -114,8 +139,9 @@ def evaluate_phase(s: Session, ex: Execution, run: StageRun, pr: PhaseRun, *,
     return True
 
 
-def within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
-                   failed: list[str]) -> tuple[bool, str]:
+def within_budget(
+    s: Session, ex: Execution, run: StageRun, pr: PhaseRun, failed: list[str]
+) -> tuple[bool, str]:
     """Does the stage stay within its failure budget, counting every phase so far?
 
     Like Ansible's max_fail_percentage, the budget must be *exceeded* to fail.
@@ -125,15 +151,28 @@ def within_budget(s: Session, ex: Execution, run: StageRun, pr: PhaseRun,
     allowed = max(budget.max_failed_hosts, int(budget.max_failed_percent * total / 100))
     # Only the verdicts that may name failed hosts: a passed phase whose verdict says
     # "failed": [] is left out in SQL (a verdict with any other text is read and checked).
-    earlier = {h for v in s.exec(select(PhaseRun.verdict).where(
-        PhaseRun.execution_id == ex.id, PhaseRun.stage_index == run.stage_index,
-        PhaseRun.id != pr.id, col(PhaseRun.verdict).is_not(None),
-        or_(col(PhaseRun.status) != Status.SUCCEEDED,
-            ~cast(PhaseRun.verdict, Text).contains('"failed": []', autoescape=True)))).all()
-        for h in (v or {}).get("failed", [])}
+    earlier = {
+        h
+        for v in s.exec(
+            select(PhaseRun.verdict).where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.id != pr.id,
+                col(PhaseRun.verdict).is_not(None),
+                or_(
+                    col(PhaseRun.status) != Status.SUCCEEDED,
+                    ~cast(PhaseRun.verdict, Text).contains('"failed": []', autoescape=True),
+                ),
+            )
+        ).all()
+        for h in (v or {}).get("failed", [])
+    }
     count = len(earlier | set(failed))
-    rule = (f"at most {allowed} of {total} host(s) may fail in the stage"
-            if allowed else "every host succeeds (failure budget 0)")
+    rule = (
+        f"at most {allowed} of {total} host(s) may fail in the stage"
+        if allowed
+        else "every host succeeds (failure budget 0)"
+    )
     return count <= allowed, f"{rule}; {count} failed so far"
 
 
@@ -143,8 +182,9 @@ def prometheus_verdict(check: PrometheusCheck) -> tuple[bool, dict[str, Any]]:
 
     url = check.url or get_settings().prometheus_url
     if not url:
-        return False, {"reason": "a prometheus check needs a URL (prometheus.url or "
-                                 "VMFARM_PROMETHEUS_URL)"}
+        return False, {
+            "reason": "a prometheus check needs a URL (prometheus.url or VMFARM_PROMETHEUS_URL)"
+        }
     criterion = check.model_dump(include={"query", "below", "above"}, exclude_none=True)
     try:
         value = prometheus_query(url, check.query)
@@ -154,8 +194,12 @@ def prometheus_verdict(check: PrometheusCheck) -> tuple[bool, dict[str, Any]]:
     return ok, {"query": check.query, "value": value, "reason": "; ".join(reasons)}
 
 
-def canary_verdict(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
-                   phases: list[dict[str, Any]], phase: int) -> dict[str, Any] | None:
+def canary_verdict(
+    stage: DeploymentStagePlan,
+    hosts: list[dict[str, Any]],
+    phases: list[dict[str, Any]],
+    phase: int,
+) -> dict[str, Any] | None:
     """The stage's canary analysis after ``phase`` (app.verify.canary): the hosts deployed so
     far against the hosts still on the current version (those of the later phases); None
     when the stage has no canary analysis. ``hosts`` and ``phases`` are the stage run's, as
@@ -179,10 +223,15 @@ def canary_verdict(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
     baseline = [n for p in planned if p.index > phase and p.kind == "deploy" for n in p.hosts]
     url = spec.prometheus_url or get_settings().prometheus_url
     if not url:
-        return {"passed": False, "reasons": ["canary analysis needs a Prometheus URL "
-                                             "(prometheusUrl or VMFARM_PROMETHEUS_URL)"]}
-    verdict = analyse(spec, url=url, canary=labels(canary), baseline=labels(baseline),
-                      query=prometheus_query)
+        return {
+            "passed": False,
+            "reasons": [
+                "canary analysis needs a Prometheus URL (prometheusUrl or VMFARM_PROMETHEUS_URL)"
+            ],
+        }
+    verdict = analyse(
+        spec, url=url, canary=labels(canary), baseline=labels(baseline), query=prometheus_query
+    )
     verdict["canary"]["hosts"], verdict["baseline"]["hosts"] = canary, baseline
     return verdict
 
@@ -190,8 +239,11 @@ def canary_verdict(stage: DeploymentStagePlan, hosts: list[dict[str, Any]],
 def phase_failure(phase: Phase, record: PhaseRun) -> str:
     v = record.verdict or {}
     failed = v.get("failed", [])
-    what = {"deploy": "failed", "verify": "failed verification",
-            "switch": "could not take traffic"}.get(record.kind, "failed")
+    what = {
+        "deploy": "failed",
+        "verify": "failed verification",
+        "switch": "could not take traffic",
+    }.get(record.kind, "failed")
     if record.kind == "switch":
         return f"{phase.name}: traffic switch failed: {v.get('error', 'unknown error')}"
     hosts = ", ".join(failed[:10]) + (" ..." if len(failed) > 10 else "")

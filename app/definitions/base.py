@@ -19,8 +19,9 @@ Scalar = str | int | float | bool
 
 def _check_identifier(v: str) -> str:
     if not IDENT_RE.match(v):
-        raise ValueError(f"identifier '{v}' must start with a letter or _ and contain only "
-                         "letters, digits and _")
+        raise ValueError(
+            f"identifier '{v}' must start with a letter or _ and contain only letters, digits and _"
+        )
     return v
 
 
@@ -47,6 +48,7 @@ VariableName = Annotated[str, AfterValidator(_check_variable_name)]
 # A worker (delegate) tag, as `vmfarm worker --tags` takes it.
 DelegateTag = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
+
 class Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, alias_generator=to_camel, frozen=False
@@ -63,10 +65,11 @@ def identifier_of(name: str) -> str:
     return ident if ident and not ident[0].isdigit() else f"_{ident}"
 
 
-
 _N = r"(\d+(?:\.\d+)?)"
-_DURATION_RE = re.compile(rf"^\s*(?:{_N}d)?\s*(?:{_N}h)?\s*(?:{_N}m(?!s))?\s*(?:{_N}s)?\s*"
-                          rf"(?:{_N}ms)?\s*$")
+_DURATION_RE = re.compile(
+    rf"^\s*(?:{_N}d)?\s*(?:{_N}h)?\s*(?:{_N}m(?!s))?\s*(?:{_N}s)?\s*"
+    rf"(?:{_N}ms)?\s*$"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -84,6 +87,8 @@ def parse_duration(text: str) -> float:
 def ssh_only(v: str) -> str:
     """WinRM is refused by name: vmfarm deploys over SSH, never runs a WinRM deployment as SSH."""
     if v == "WinRm":
-        raise ValueError("deploymentType WinRm is not supported: vmfarm deploys over SSH to "
-                         "Linux hosts (bash); write Ssh")
+        raise ValueError(
+            "deploymentType WinRm is not supported: vmfarm deploys over SSH to "
+            "Linux hosts (bash); write Ssh"
+        )
     return v

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     pass
 
 
-
 YAML_SUFFIXES = (".yaml", ".yml")
 
 

@@ -27,11 +27,21 @@ from app.definitions.bundle import Bundle, Collector, Loaded, missing, provider_
 ART = ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec")
 # An infrastructure's fields that name a connector (both spellings the reference uses).
 INFRA_REFS = (("connectorRef", "connector_ref"), ("cloudProviderRef", "cloud_provider_ref"))
-_NAMES = {"Artifactory": "an Artifactory", "Nexus": "a Nexus", "Http": "an Http",
-          "HttpHelmRepo": "an HttpHelmRepo", "Aws": "an Aws", "Azure": "an Azure",
-          "Gcp": "a Gcp", "Git": "a Git"}
-_INFRA_USER = {"aws": "an AWS infrastructure", "azure": "an Azure infrastructure",
-               "gcp": "a GCP infrastructure"}
+_NAMES = {
+    "Artifactory": "an Artifactory",
+    "Nexus": "a Nexus",
+    "Http": "an Http",
+    "HttpHelmRepo": "an HttpHelmRepo",
+    "Aws": "an Aws",
+    "Azure": "an Azure",
+    "Gcp": "a Gcp",
+    "Git": "a Git",
+}
+_INFRA_USER = {
+    "aws": "an AWS infrastructure",
+    "azure": "an Azure infrastructure",
+    "gcp": "a GCP infrastructure",
+}
 
 
 def _a(word: str) -> str:
@@ -45,16 +55,19 @@ def _fixed(ref: Any) -> str | None:
     return str(ref)
 
 
-def find(bundle: Bundle, ref: str, want: tuple[str, ...],
-         user: str) -> tuple[Loaded | None, str | None]:
+def find(
+    bundle: Bundle, ref: str, want: tuple[str, ...], user: str
+) -> tuple[Loaded | None, str | None]:
     """The connector ``ref`` names and fits ``want``; else (None, error message)."""
     found = bundle.connectors.get(m.connector_id(ref))
     if found is None:
         return None, missing("Connector", m.connector_id(ref), bundle.connectors)
     ctype = found.model.spec.type
     if ctype not in want:
-        return None, (f"connector '{found.ident}' is {_NAMES.get(ctype, ctype)} connector; "
-                      f"{user} takes {' or '.join(_NAMES[w] for w in want)} connector")
+        return None, (
+            f"connector '{found.ident}' is {_NAMES.get(ctype, ctype)} connector; "
+            f"{user} takes {' or '.join(_NAMES[w] for w in want)} connector"
+        )
     return found, None
 
 
@@ -69,11 +82,15 @@ def check_connector_refs(bundle: Bundle, errs: Collector) -> None:
             continue
         want = m.ARTIFACT_CONNECTORS.get(art.type)
         if want is None:
-            errs.add(svc.error(
-                f"connectorRef is not supported for {_a(art.type)} {art.type} artifact: "
-                f"connectors serve {', '.join(m.ARTIFACT_CONNECTORS)} artifacts; name the "
-                "server with "
-                "spec.baseUrl (or spec.url)", (*ART, "connectorRef")))
+            errs.add(
+                svc.error(
+                    f"connectorRef is not supported for {_a(art.type)} {art.type} artifact: "
+                    f"connectors serve {', '.join(m.ARTIFACT_CONNECTORS)} artifacts; name the "
+                    "server with "
+                    "spec.baseUrl (or spec.url)",
+                    (*ART, "connectorRef"),
+                )
+            )
             continue
         _, problem = find(bundle, ref, want, f"{_a(art.type)} {art.type} artifact")
         if problem:
@@ -85,24 +102,33 @@ def check_connector_refs(bundle: Bundle, errs: Collector) -> None:
         if not given:
             continue
         if len(given) == 2 and m.connector_id(given[0][1]) != m.connector_id(given[1][1]):
-            errs.add(infra.error(f"connectorRef '{given[0][1]}' and cloudProviderRef "
-                                 f"'{given[1][1]}' name different connectors: write one",
-                                 ("spec", "spec", "cloudProviderRef")))
+            errs.add(
+                infra.error(
+                    f"connectorRef '{given[0][1]}' and cloudProviderRef "
+                    f"'{given[1][1]}' name different connectors: write one",
+                    ("spec", "spec", "cloudProviderRef"),
+                )
+            )
             continue
         name, ref = given[0]
         provider = provider_of(infra.model)
         if provider not in m.CLOUD_CONNECTORS:
-            errs.add(infra.error(f"{name} is not supported on a static (Pdc) infrastructure: "
-                                 "its hosts are listed in the file; remove it",
-                                 ("spec", "spec", name)))
+            errs.add(
+                infra.error(
+                    f"{name} is not supported on a static (Pdc) infrastructure: "
+                    "its hosts are listed in the file; remove it",
+                    ("spec", "spec", name),
+                )
+            )
             continue
         _, problem = find(bundle, ref, (m.CLOUD_CONNECTORS[provider],), _INFRA_USER[provider])
         if problem:
             errs.add(infra.error(problem, ("spec", "spec", name)))
 
 
-def artifact_spec(bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any],
-                  errs: Collector) -> dict[str, Any]:
+def artifact_spec(
+    bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any], errs: Collector
+) -> dict[str, Any]:
     """The rendered artifact ``spec`` with its connector's server URL and credentials' secret
     ids written in (``spec`` itself when it names no connector)."""
     ref = _fixed(spec.get("connectorRef"))
@@ -117,8 +143,11 @@ def artifact_spec(bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any],
     if atype == "AmazonS3":  # an Aws connector: its keys by reference, or the worker's own
         cred = found.model.spec.spec.credential
         if cred.type == "ManualConfig" and cred.spec is not None:
-            out["accessKey"] = cred.spec.access_key if cred.spec.access_key is not None else \
-                f'<+secrets.getValue("{cred.spec.access_key_ref}")>'
+            out["accessKey"] = (
+                cred.spec.access_key
+                if cred.spec.access_key is not None
+                else f'<+secrets.getValue("{cred.spec.access_key_ref}")>'
+            )
             out["secretKeyRef"] = cred.spec.secret_key_ref
         return out
     conn = found.model.spec.spec
@@ -126,8 +155,13 @@ def artifact_spec(bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any],
     if atype == "Http":
         path = spec.get("artifactPath")
         if not path or str(path).endswith("/"):
-            errs.add(svc.error("an Http artifact with a connector needs spec.artifactPath: the "
-                               "file's path below the connector's URL", (*ART, "connectorRef")))
+            errs.add(
+                svc.error(
+                    "an Http artifact with a connector needs spec.artifactPath: the "
+                    "file's path below the connector's URL",
+                    (*ART, "connectorRef"),
+                )
+            )
             return spec
         out["url"] = f"{server}/{str(path).lstrip('/')}"
         out.pop("artifactPath")
@@ -135,8 +169,9 @@ def artifact_spec(bundle: Bundle, svc: Loaded, atype: str, spec: dict[str, Any],
         out["baseUrl"] = server
     if conn.auth.type == "UsernamePassword" and conn.auth.spec is not None:
         a = conn.auth.spec
-        out["username"] = a.username if a.username is not None else \
-            f'<+secrets.getValue("{a.username_ref}")>'
+        out["username"] = (
+            a.username if a.username is not None else f'<+secrets.getValue("{a.username_ref}")>'
+        )
         out["passwordRef"] = a.password_ref
     return out
 

@@ -30,14 +30,22 @@ EXPR_RE = re.compile(r"<\+([^<>\n]+)>")
 _INPUT_OPT_RE = re.compile(rf"\.({_OPTS})\(({_ARG})\)")
 
 # Expressions the worker renders for each host (their values depend on the host).
-HOST_KEYS = frozenset({
-    "instance.name", "instance.hostName", "instance.host.hostName", "instance.host.privateIp",
-    "instance.host.publicIp", "instance.host.port", "instance.host.region", "infra.region",
-    # The version the host returns to on rollback (from the Instance ledger).
-    "rollbackArtifact.tag",
-    # The artifact's SHA-256, known once the worker has fetched (and verified) it.
-    "artifact.checksum",
-})
+HOST_KEYS = frozenset(
+    {
+        "instance.name",
+        "instance.hostName",
+        "instance.host.hostName",
+        "instance.host.privateIp",
+        "instance.host.publicIp",
+        "instance.host.port",
+        "instance.host.region",
+        "infra.region",
+        # The version the host returns to on rollback (from the Instance ledger).
+        "rollbackArtifact.tag",
+        # The artifact's SHA-256, known once the worker has fetched (and verified) it.
+        "artifact.checksum",
+    }
+)
 # <+secrets.getValue("id")>: left in place by every render; the worker that runs the step
 # resolves it (app.secrets) and passes the value in the command's environment.
 SECRET_RE = re.compile(r"""secrets\.getValue\(\s*(["'])([A-Za-z0-9_./#:@-]+)\1\s*\)""")
@@ -105,8 +113,9 @@ class Context:
         if key.startswith("secrets."):
             if SECRET_RE.fullmatch(key):
                 return None  # resolved on the worker that runs the step, never before
-            raise ExpressionError(f"malformed secret reference <+{key}>: write "
-                                  '<+secrets.getValue("id")>')
+            raise ExpressionError(
+                f'malformed secret reference <+{key}>: write <+secrets.getValue("id")>'
+            )
         raise ExpressionError(_unknown_message(key, self.values))
 
 
@@ -162,11 +171,16 @@ def compile_input_regex(pattern: str) -> Any:
     try:
         return re2.compile(pattern, options)
     except re2.error as exc:
-        why = exc.args[0].decode(errors="replace") if exc.args and isinstance(
-            exc.args[0], bytes) else str(exc)
+        why = (
+            exc.args[0].decode(errors="replace")
+            if exc.args and isinstance(exc.args[0], bytes)
+            else str(exc)
+        )
         hint = "; write \\z for the end of the value" if "\\Z" in pattern else ""
-        raise ValueError(f"{why}{hint} (vmfarm matches .regex() with RE2, in linear time: no "
-                         f"backreferences or look-around; see {_RE2_SYNTAX})") from None
+        raise ValueError(
+            f"{why}{hint} (vmfarm matches .regex() with RE2, in linear time: no "
+            f"backreferences or look-around; see {_RE2_SYNTAX})"
+        ) from None
 
 
 def render(
@@ -259,8 +273,10 @@ def render_script(
             spots = places(out)
         except ShellSyntaxError as exc:
             if any(v is not None and v.external for v in _values(out, ctx)):
-                fail(f"vmfarm cannot tell where the values of this script stand ({exc}), so it "
-                     "cannot pass them to bash intact")
+                fail(
+                    f"vmfarm cannot tell where the values of this script stand ({exc}), so it "
+                    "cannot pass them to bash intact"
+                )
                 return out
             return render(out, ctx, on_error=on_error)
         pieces: list[str] = []
@@ -278,12 +294,14 @@ def render_script(
                 if secrets is None or bind is None:
                     continue  # resolved by the worker that runs the step
                 if p.where in (Where.ARITHMETIC, Where.HEREDOC_QUOTED):
-                    fail(f"<+{expr.strip()}> stands in a {p.where} (line {p.line}), where its "
-                         "value would be written into the script: assign it to a variable "
-                         "outside and use the variable there")
+                    fail(
+                        f"<+{expr.strip()}> stands in a {p.where} (line {p.line}), where its "
+                        "value would be written into the script: assign it to a variable "
+                        "outside and use the variable there"
+                    )
                     continue
                 value = secrets(secret.group(2))
-                pieces += [out[last:p.start], p.form(value, bind.name(value))]
+                pieces += [out[last : p.start], p.form(value, bind.name(value))]
                 last = p.end
                 continue
             try:
@@ -298,17 +316,17 @@ def render_script(
             else:
                 why = p.refusal(val.text)
                 if why:
-                    fail(f"the value of <+{expr.strip()}> cannot be passed to bash intact: "
-                         f"{why}")
+                    fail(f"the value of <+{expr.strip()}> cannot be passed to bash intact: {why}")
                     continue
-                if p.where in (Where.ARITHMETIC, Where.HEREDOC_QUOTED) or \
-                        _readable(val.text, p.where):
+                if p.where in (Where.ARITHMETIC, Where.HEREDOC_QUOTED) or _readable(
+                    val.text, p.where
+                ):
                     new = val.text
                 elif bind is not None:
                     new = p.form(val.text, bind.name(val.text))
                 else:
                     continue  # the worker binds it
-            pieces += [out[last:p.start], new]
+            pieces += [out[last : p.start], new]
             last = p.end
         new_out = "".join(pieces) + out[last:]
         if new_out == out:
@@ -318,8 +336,27 @@ def render_script(
 
 
 # Words bash reads as syntax where a command may start, and so never pasted as bare words.
-_RESERVED = frozenset({"if", "then", "else", "elif", "fi", "case", "esac", "for", "select",
-                       "while", "until", "do", "done", "in", "function", "time", "coproc"})
+_RESERVED = frozenset(
+    {
+        "if",
+        "then",
+        "else",
+        "elif",
+        "fi",
+        "case",
+        "esac",
+        "for",
+        "select",
+        "while",
+        "until",
+        "do",
+        "done",
+        "in",
+        "function",
+        "time",
+        "coproc",
+    }
+)
 
 
 def _readable(value: str, where: object) -> bool:

@@ -21,8 +21,13 @@ _CODE = re.compile(r"^<\+httpResponseCode>\s*(==|!=|>=|<=|>|<)\s*(\d{1,3})$")
 _BODY = re.compile(r'^<\+httpResponseBody>\s*(==|!=)\s*"((?:[^"\\]|\\.)*)"$')
 _CONTAINS = re.compile(r'^<\+httpResponseBody>\.contains\(\s*"((?:[^"\\]|\\.)*)"\s*\)$')
 _OPS: dict[str, Callable[[int, int], bool]] = {
-    "==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
-    ">": operator.gt, "<": operator.lt}
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
 
 
 def _unquote(text: str) -> str:
@@ -43,7 +48,8 @@ def _term(text: str) -> Callable[[int, str], bool]:
     raise ValueError(
         f"assertion term {t!r} is not supported: write <+httpResponseCode> == 200 (or != >= <= "
         '> <), <+httpResponseBody> == "text", or <+httpResponseBody>.contains("text"), '
-        "joined by && and ||")
+        "joined by && and ||"
+    )
 
 
 def check(assertion: str) -> Callable[[int, str], bool]:
@@ -52,8 +58,7 @@ def check(assertion: str) -> Callable[[int, str], bool]:
     if not assertion.strip():
         raise ValueError("the assertion is empty")
     alternatives = [[_term(t) for t in part.split("&&")] for part in assertion.split("||")]
-    return lambda code, body: any(all(t(code, body) for t in terms)
-                                  for terms in alternatives)
+    return lambda code, body: any(all(t(code, body) for t in terms) for terms in alternatives)
 
 
 def holds(assertion: str, code: int, body: str) -> bool:

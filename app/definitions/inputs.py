@@ -34,16 +34,24 @@ def input_name(kind: str, ident: str, path: tuple[str | int, ...], data: Any) ->
         p = path[i]
         walked = (*walked, p)
         nxt = cur[p]
-        if (isinstance(p, int) and isinstance(nxt, dict) and "name" in nxt
-                and i + 1 < len(path) and path[i + 1] == "value"):
+        if (
+            isinstance(p, int)
+            and isinstance(nxt, dict)
+            and "name" in nxt
+            and i + 1 < len(path)
+            and path[i + 1] == "value"
+        ):
             parts.append(str(nxt["name"]))
             break
         if isinstance(p, int):
             # Use the element's identifier when it has one (stage/step lists). Hook (input
             # sets): a step group is named by its identifier too, not by its position, so that
             # an --inputs file (which lists only the entries with inputs) can name its inputs.
-            inner = (nxt.get("stage") or nxt.get("step") or nxt.get("stepGroup")) \
-                if isinstance(nxt, dict) else None
+            inner = (
+                (nxt.get("stage") or nxt.get("step") or nxt.get("stepGroup"))
+                if isinstance(nxt, dict)
+                else None
+            )
             ident_v = inner.get("identifier") if isinstance(inner, dict) else None
             if ident_v is None and isinstance(nxt, dict):
                 ident_v = nxt.get("identifier")
@@ -55,9 +63,9 @@ def input_name(kind: str, ident: str, path: tuple[str | int, ...], data: Any) ->
     return ".".join(parts)
 
 
-def find_inputs(doc: Document, data: Any, path: tuple[str | int, ...] = ()) -> Iterable[
-    tuple[tuple[str | int, ...], str]
-]:
+def find_inputs(
+    doc: Document, data: Any, path: tuple[str | int, ...] = ()
+) -> Iterable[tuple[tuple[str | int, ...], str]]:
     if isinstance(data, dict):
         for k, v in data.items():
             yield from find_inputs(doc, v, (*path, k))
@@ -68,8 +76,9 @@ def find_inputs(doc: Document, data: Any, path: tuple[str | int, ...] = ()) -> I
         yield path, data
 
 
-def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
-                 require: bool) -> tuple[list[InputSlot], set[tuple[str, int, tuple[Any, ...]]]]:
+def apply_inputs(
+    bundle_docs: list[Document], inputs: Mapping[str, str], *, require: bool
+) -> tuple[list[InputSlot], set[tuple[str, int, tuple[Any, ...]]]]:
     """Fill every ``<+input>`` from ``inputs`` (``--set`` keys match a name's trailing parts)."""
     errs = Collector()
     slots: list[InputSlot] = []
@@ -82,8 +91,9 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
             meta = {}
         ident = str(meta.get("identifier") or base.identifier_of(str(meta.get("name", doc.index))))
         for path, text in find_inputs(doc, doc.data):
-            slots.append(InputSlot(input_name(kind, ident, path, doc.data), doc, path,
-                                   parse_input(text)))
+            slots.append(
+                InputSlot(input_name(kind, ident, path, doc.data), doc, path, parse_input(text))
+            )
     used: set[str] = set()
     external: set[tuple[str, int, tuple[Any, ...]]] = set()
     patterns: dict[int, Any] = {}  # slot -> its compiled .regex(), checked with or without a value
@@ -93,11 +103,16 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
             try:
                 patterns[i] = compile_input_regex(regex)
             except ValueError as exc:
-                errs.add(slot.doc.error(f"<+input>.regex({regex}) cannot be used: {exc}",
-                                        slot.path, within=".regex("))
+                errs.add(
+                    slot.doc.error(
+                        f"<+input>.regex({regex}) cannot be used: {exc}",
+                        slot.path,
+                        within=".regex(",
+                    )
+                )
     for i, slot in enumerate(slots):
         names = slot.name.split(".")
-        matches = [k for k in inputs if names[-len(k.split(".")):] == k.split(".")]
+        matches = [k for k in inputs if names[-len(k.split(".")) :] == k.split(".")]
         # Hook (input sets): a name that a longer one overrides for this input still names an
         # input (layered --inputs files and --set give both); it is not reported as unknown.
         used.update(matches)
@@ -111,29 +126,40 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
             value: object = inputs[key]
             allowed = slot.options.get("allowed")
             if isinstance(allowed, list) and allowed and value not in allowed:
-                errs.add(slot.doc.error(
-                    f"input '{key}' = {value!r} is not one of the allowed values {allowed}",
-                    slot.path))
+                errs.add(
+                    slot.doc.error(
+                        f"input '{key}' = {value!r} is not one of the allowed values {allowed}",
+                        slot.path,
+                    )
+                )
                 continue
             regex = slot.options.get("regex")
             if isinstance(regex, str) and i not in patterns:
                 continue  # an unusable pattern, reported above
             if i in patterns and patterns[i].fullmatch(str(value)) is None:
-                errs.add(slot.doc.error(f"input '{key}' = {value!r} does not match {regex}",
-                                        slot.path))
+                errs.add(
+                    slot.doc.error(f"input '{key}' = {value!r} does not match {regex}", slot.path)
+                )
                 continue
         elif "default" in slot.options:
             value = slot.options["default"]
         elif require:
-            errs.add(slot.doc.error(
-                f"runtime input <+input> has no value: give it with --set {slot.name}=VALUE "
-                f"(or --set {slot.name.rsplit('.', 1)[-1]}=VALUE)", slot.path,
-                within="<+input>"))
+            errs.add(
+                slot.doc.error(
+                    f"runtime input <+input> has no value: give it with --set {slot.name}=VALUE "
+                    f"(or --set {slot.name.rsplit('.', 1)[-1]}=VALUE)",
+                    slot.path,
+                    within="<+input>",
+                )
+            )
             continue
         else:
             continue
-        if isinstance(text, str) and text.strip() != INPUT_RE.sub("", text).strip() and \
-                INPUT_RE.fullmatch(text.strip()) is None:
+        if (
+            isinstance(text, str)
+            and text.strip() != INPUT_RE.sub("", text).strip()
+            and INPUT_RE.fullmatch(text.strip()) is None
+        ):
             # <+input> inside a longer string: substitute in place.
             value = INPUT_RE.sub(str(value), text)
         set_at(slot.doc.data, slot.path, _coerce(value))
@@ -145,9 +171,13 @@ def apply_inputs(bundle_docs: list[Document], inputs: Mapping[str, str], *,
         # (app.definitions.inputsets.InputValues.origins); a --set name is reported as --set.
         origin = (getattr(inputs, "origins", None) or {}).get(unknown[0])
         file, line, col = origin if origin else ("--set", 0, 0)
-        raise SpecError(f"no runtime input <+input> is named '{unknown[0]}' "
-                        f"(inputs in these files: {known})", file=file, line=line, col=col,
-                        field=unknown[0])
+        raise SpecError(
+            f"no runtime input <+input> is named '{unknown[0]}' (inputs in these files: {known})",
+            file=file,
+            line=line,
+            col=col,
+            field=unknown[0],
+        )
     errs.raise_if_any()
     return slots, external
 

@@ -71,10 +71,25 @@ from app.definitions.validation import _type_name
 from app.definitions.yamlload import Document, Path, load_documents
 from app.errors import SpecError
 
-_SET_KEYS = {"name", "identifier", "description", "tags", "orgIdentifier", "projectIdentifier",
-             "pipeline"}
-_OVERLAY_KEYS = {"name", "identifier", "description", "tags", "orgIdentifier",
-                 "projectIdentifier", "pipelineIdentifier", "inputSetReferences"}
+_SET_KEYS = {
+    "name",
+    "identifier",
+    "description",
+    "tags",
+    "orgIdentifier",
+    "projectIdentifier",
+    "pipeline",
+}
+_OVERLAY_KEYS = {
+    "name",
+    "identifier",
+    "description",
+    "tags",
+    "orgIdentifier",
+    "projectIdentifier",
+    "pipelineIdentifier",
+    "inputSetReferences",
+}
 # Keys that say which entry values belong to; never values themselves.
 _ENTRY_KEYS = {"identifier", "type", "name"}
 _INNER = ("stage", "step", "stepGroup")
@@ -94,7 +109,7 @@ class InputValues(dict[str, str]):
 def _suffix(short: str, long: str) -> bool:
     """True when the dotted name ``short`` is ``long`` or ends it (``--set`` matching)."""
     s, t = short.split("."), long.split(".")
-    return len(s) <= len(t) and t[len(t) - len(s):] == s
+    return len(s) <= len(t) and t[len(t) - len(s) :] == s
 
 
 def overlay(base: Mapping[str, str], newer: Mapping[str, str]) -> InputValues:
@@ -144,8 +159,14 @@ def read_input_sets(paths: Iterable[str | os.PathLike[str]]) -> InputValues:
             errs.add(exc)
             continue
         if not docs:
-            errs.add(SpecError("input file is empty: expected input names and values, or an "
-                               "inputSet", file=str(f), line=1, col=1))
+            errs.add(
+                SpecError(
+                    "input file is empty: expected input names and values, or an inputSet",
+                    file=str(f),
+                    line=1,
+                    col=1,
+                )
+            )
         raws = _raw_scalars(text)
         sources.extend(_Source(d, raws.get(d.index, {})) for d in docs)
     errs.raise_if_any()
@@ -172,28 +193,46 @@ def _overlay_refs(src: _Source, by_id: Mapping[str, _Source], errs: _Collector) 
     doc = src.doc
     body = doc.data["overlayInputSet"]
     if not isinstance(body, dict):
-        errs.add(doc.error(f"'overlayInputSet' must be a mapping, got {_type_name(body)}",
-                           ("overlayInputSet",)))
+        errs.add(
+            doc.error(
+                f"'overlayInputSet' must be a mapping, got {_type_name(body)}", ("overlayInputSet",)
+            )
+        )
         return []
-    extra = [k for k in body if k not in _OVERLAY_KEYS] + [k for k in doc.data
-                                                           if k != "overlayInputSet"]
+    extra = [k for k in body if k not in _OVERLAY_KEYS] + [
+        k for k in doc.data if k != "overlayInputSet"
+    ]
     for k in extra:
         where: Path = ("overlayInputSet", k) if k in body else (k,)
-        errs.add(doc.error(f"unknown field '{k}' (allowed: {', '.join(sorted(_OVERLAY_KEYS))})",
-                           where, key=True))
+        errs.add(
+            doc.error(
+                f"unknown field '{k}' (allowed: {', '.join(sorted(_OVERLAY_KEYS))})",
+                where,
+                key=True,
+            )
+        )
     refs = body.get("inputSetReferences")
     if not isinstance(refs, list) or not refs:
-        errs.add(doc.error("an overlayInputSet needs inputSetReferences: a list of input set "
-                           "identifiers", ("overlayInputSet", "inputSetReferences")
-                           if "inputSetReferences" in body else ("overlayInputSet",)))
+        errs.add(
+            doc.error(
+                "an overlayInputSet needs inputSetReferences: a list of input set identifiers",
+                ("overlayInputSet", "inputSetReferences")
+                if "inputSetReferences" in body
+                else ("overlayInputSet",),
+            )
+        )
         return []
     out: list[_Source] = []
     for i, ref in enumerate(refs):
         target = by_id.get(str(ref))
         if target is None:
             known = ", ".join(sorted(by_id)) or "none"
-            errs.add(doc.error(f"input set '{ref}' is not in the given --inputs files (input "
-                               f"sets: {known})", ("overlayInputSet", "inputSetReferences", i)))
+            errs.add(
+                doc.error(
+                    f"input set '{ref}' is not in the given --inputs files (input sets: {known})",
+                    ("overlayInputSet", "inputSetReferences", i),
+                )
+            )
             continue
         out.append(target)
     return out
@@ -205,8 +244,13 @@ def _values_of(src: _Source, errs: _Collector) -> InputValues:
     data = doc.data
     out = InputValues()
     if not isinstance(data, dict):
-        errs.add(doc.error(f"an input file holds a mapping of input names to values (or an "
-                           f"inputSet), got {_type_name(data)}", ()))
+        errs.add(
+            doc.error(
+                f"an input file holds a mapping of input names to values (or an "
+                f"inputSet), got {_type_name(data)}",
+                (),
+            )
+        )
         return out
     walker = _Walker(src, out, errs)
     if "inputSet" in data or "pipeline" in data:
@@ -217,17 +261,30 @@ def _values_of(src: _Source, errs: _Collector) -> InputValues:
         if top == "inputSet":
             body = data["inputSet"]
             if not isinstance(body, dict):
-                errs.add(doc.error(f"'inputSet' must be a mapping, got {_type_name(body)}",
-                                   ("inputSet",)))
+                errs.add(
+                    doc.error(
+                        f"'inputSet' must be a mapping, got {_type_name(body)}", ("inputSet",)
+                    )
+                )
                 return out
             for k in body:
                 if k not in _SET_KEYS:
-                    errs.add(doc.error(f"unknown field '{k}' (allowed: "
-                                       f"{', '.join(sorted(_SET_KEYS))})", ("inputSet", k),
-                                       key=True))
+                    errs.add(
+                        doc.error(
+                            f"unknown field '{k}' (allowed: {', '.join(sorted(_SET_KEYS))})",
+                            ("inputSet", k),
+                            key=True,
+                        )
+                    )
             if "pipeline" not in body:
-                errs.add(doc.error("an inputSet needs 'pipeline' (the pipeline's shape with "
-                                   "its runtime inputs filled)", ("inputSet",), key=True))
+                errs.add(
+                    doc.error(
+                        "an inputSet needs 'pipeline' (the pipeline's shape with "
+                        "its runtime inputs filled)",
+                        ("inputSet",),
+                        key=True,
+                    )
+                )
                 return out
             walker.pipeline(body["pipeline"], ("inputSet", "pipeline"))
         else:
@@ -235,10 +292,14 @@ def _values_of(src: _Source, errs: _Collector) -> InputValues:
         return out
     for k, v in data.items():
         if isinstance(v, dict | list):
-            errs.add(doc.error(
-                f"'{k}' must be a string, number or boolean, got {_type_name(v)} (a flat input "
-                "file maps input names to values; for the pipeline's shape use 'inputSet:')",
-                (k,), key=True))
+            errs.add(
+                doc.error(
+                    f"'{k}' must be a string, number or boolean, got {_type_name(v)} (a flat input "
+                    "file maps input names to values; for the pipeline's shape use 'inputSet:')",
+                    (k,),
+                    key=True,
+                )
+            )
         elif v is not None:
             walker.emit(k, v, (k,))
     return out
@@ -262,8 +323,9 @@ class _Walker:
 
     def pipeline(self, body: Any, path: Path) -> None:
         if not isinstance(body, dict):
-            self.errs.add(self.doc.error(f"'pipeline' must be a mapping, got {_type_name(body)}",
-                                         path))
+            self.errs.add(
+                self.doc.error(f"'pipeline' must be a mapping, got {_type_name(body)}", path)
+            )
             return
         pid = body.get("identifier")
         names = ["pipeline", str(pid)] if isinstance(pid, str) and pid else []
@@ -290,8 +352,11 @@ class _Walker:
                 elif k == "environmentInputs":
                     ref = data.get("environmentRef")
                     self.node(v, self._owner("environment", ref, at), at, entry=True)
-                elif k == "infrastructureDefinitions" and isinstance(v, list) and \
-                        any(isinstance(e, dict) and "inputs" in e for e in v):
+                elif (
+                    k == "infrastructureDefinitions"
+                    and isinstance(v, list)
+                    and any(isinstance(e, dict) and "inputs" in e for e in v)
+                ):
                     self.infrastructures(v, names, at)
                 else:
                     self.node(v, [*names, k], at)
@@ -327,10 +392,13 @@ class _Walker:
     def service(self, parent: dict[str, Any], inputs: Any, at: Path) -> None:
         names = self._owner("service", parent.get("serviceRef"), at)
         sd = inputs.get("serviceDefinition") if isinstance(inputs, dict) else None
-        if not isinstance(inputs, dict) or set(inputs) - {"serviceDefinition"} or \
-                not isinstance(sd, dict) or set(sd) - {"type", "spec"}:
-            self.errs.add(self.doc.error("serviceInputs holds serviceDefinition: {type, spec}",
-                                         at))
+        if (
+            not isinstance(inputs, dict)
+            or set(inputs) - {"serviceDefinition"}
+            or not isinstance(sd, dict)
+            or set(sd) - {"type", "spec"}
+        ):
+            self.errs.add(self.doc.error("serviceInputs holds serviceDefinition: {type, spec}", at))
             return
         if "spec" in sd:
             self.node(sd["spec"], names, (*at, "serviceDefinition", "spec"), entry=True)
@@ -379,8 +447,9 @@ def _raw_scalars(text: str) -> dict[int, dict[Path, str]]:
     return out
 
 
-def _walk_nodes(loader: yaml.SafeLoader, node: yaml.Node, path: Path,
-                found: dict[Path, str]) -> None:
+def _walk_nodes(
+    loader: yaml.SafeLoader, node: yaml.Node, path: Path, found: dict[Path, str]
+) -> None:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         for k, v in node.value:
@@ -389,7 +458,9 @@ def _walk_nodes(loader: yaml.SafeLoader, node: yaml.Node, path: Path,
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             _walk_nodes(loader, v, (*path, i), found)
-    elif isinstance(node, yaml.ScalarNode) and node.style is None \
-            and node.tag != "tag:yaml.org,2002:str":
+    elif (
+        isinstance(node, yaml.ScalarNode)
+        and node.style is None
+        and node.tag != "tag:yaml.org,2002:str"
+    ):
         found[path] = str(node.value)
-

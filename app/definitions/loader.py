@@ -57,20 +57,30 @@ def _read(path: Path) -> str:
     except OSError as exc:
         raise SpecError(f"cannot read file: {exc.strerror}", file=str(path)) from None
     if len(data) > MAX_FILE_BYTES:
-        raise SpecError(f"file is larger than {MAX_FILE_BYTES // 2**20} MiB, the most vmfarm "
-                        "reads in one pipeline file (MAX_FILE_BYTES): split it into several "
-                        "files", file=str(path), line=1, col=1)
+        raise SpecError(
+            f"file is larger than {MAX_FILE_BYTES // 2**20} MiB, the most vmfarm "
+            "reads in one pipeline file (MAX_FILE_BYTES): split it into several "
+            "files",
+            file=str(path),
+            line=1,
+            col=1,
+        )
     if b"\x00" in data:
         raise SpecError("not a YAML file (binary content)", file=str(path), line=1, col=1)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(f"not UTF-8 text (byte {exc.start})", file=str(path), line=1, col=1) \
-            from None
+        raise SpecError(
+            f"not UTF-8 text (byte {exc.start})", file=str(path), line=1, col=1
+        ) from None
 
 
-def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] | None = None,
-         require_inputs: bool = False) -> Bundle:
+def load(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    inputs: Mapping[str, str] | None = None,
+    require_inputs: bool = False,
+) -> Bundle:
     """Read, validate and cross-check pipeline files. Raises SpecError / SpecErrors."""
     errs = Collector()
     bundle = Bundle()
@@ -85,8 +95,15 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
             errs.add(exc)
             continue
         if not docs:
-            errs.add(SpecError("file is empty: expected at least one document with apiVersion, "
-                               "kind, metadata and spec", file=str(f), line=1, col=1))
+            errs.add(
+                SpecError(
+                    "file is empty: expected at least one document with apiVersion, "
+                    "kind, metadata and spec",
+                    file=str(f),
+                    line=1,
+                    col=1,
+                )
+            )
         bundle.documents.extend(docs)
     errs.raise_if_any()
     from app.definitions.native import from_native, rename_fields
@@ -98,16 +115,18 @@ def load(paths: Iterable[str | os.PathLike[str]], *, inputs: Mapping[str, str] |
         raise rename_fields(exc, bundle.documents) from None
 
 
-def _load_bundle(bundle: Bundle, errs: Collector, inputs: Mapping[str, str] | None,
-                 require_inputs: bool) -> Bundle:
+def _load_bundle(
+    bundle: Bundle, errs: Collector, inputs: Mapping[str, str] | None, require_inputs: bool
+) -> Bundle:
     # Hook (templates): Template documents are set aside and every template reference is
     # expanded in place, before runtime inputs are named and filled.
     from app.definitions.templates import expand_templates
 
     bundle.documents, bundle.templates = expand_templates(bundle.documents)
 
-    bundle.inputs, bundle.external = apply_inputs(bundle.documents, inputs or {},
-                                                  require=require_inputs)
+    bundle.inputs, bundle.external = apply_inputs(
+        bundle.documents, inputs or {}, require=require_inputs
+    )
 
     for doc in bundle.documents:
         _load_document(doc, bundle, errs)
@@ -128,61 +147,84 @@ def _load_bundle(bundle: Bundle, errs: Collector, inputs: Mapping[str, str] | No
 
 # Blocks of the Harness reference (and of Harness docs) that are not pipeline documents, and
 # where their vmfarm counterpart lives.
-_STRATEGY_HINT = ("a strategy block goes inside a Deployment stage's spec, next to execution "
-                  "(README: Strategies)")
+_STRATEGY_HINT = (
+    "a strategy block goes inside a Deployment stage's spec, next to execution (README: Strategies)"
+)
 NOT_A_DOCUMENT = {
     "rolloutDeployment": _STRATEGY_HINT,
     "canaryDeployment": _STRATEGY_HINT,
     "blueGreenDeployment": _STRATEGY_HINT,
     "healthCheck": "write it as a `- step:` (type HealthCheck or Command) in a stage's "
-                   "execution.steps",
+    "execution.steps",
     "secrets": "secrets live in a backend (`vmfarm secrets set`, VMFARM_SECRET_* variables, "
-               "Vault, AWS Secrets Manager) and pipelines read them with "
-               "<+secrets.getValue(\"id\")> (README: Secrets)",
+    "Vault, AWS Secrets Manager) and pipelines read them with "
+    '<+secrets.getValue("id")> (README: Secrets)',
     "rbac": "roles and bindings are the operator's configuration (VMFARM_RBAC_FILE, "
-            "configs/rbac.yaml; README: Governance)",
+    "configs/rbac.yaml; README: Governance)",
     "monitoring": "vmfarm's own metrics and alert rules are in configs/prometheus/ (README: "
-                  "Operating vmfarm); an application's checks are verification gates",
+    "Operating vmfarm); an application's checks are verification gates",
     "monitoring_alerts": "alert rules are in configs/prometheus/alerts.yaml (README: Operating "
-                         "vmfarm)",
+    "vmfarm)",
     "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
     "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "
-                         "workers",
+    "workers",
 }
 
 
 def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
     data = doc.data
     if not isinstance(data, dict):
-        errs.add(doc.error(f"a document must be a mapping with apiVersion, kind, metadata and "
-                           f"spec, got {_type_name(data)}", ()))
+        errs.add(
+            doc.error(
+                f"a document must be a mapping with apiVersion, kind, metadata and "
+                f"spec, got {_type_name(data)}",
+                (),
+            )
+        )
         return
     kind = data.get("kind")
     if kind == "Freeze" or (kind is None and "freeze" in data):
-        errs.add(doc.error("a freeze does not go with the pipeline files (they could lift it): "
-                           "give it with vmfarm run --freeze FILE, or an operator puts it in "
-                           "VMFARM_FREEZE_DIR", ("kind",) if kind else ("freeze",), key=True))
+        errs.add(
+            doc.error(
+                "a freeze does not go with the pipeline files (they could lift it): "
+                "give it with vmfarm run --freeze FILE, or an operator puts it in "
+                "VMFARM_FREEZE_DIR",
+                ("kind",) if kind else ("freeze",),
+                key=True,
+            )
+        )
         return
     if kind is None and not {"apiVersion", "metadata", "spec"} & set(data) and data:
         first = next(iter(data))
         hint = NOT_A_DOCUMENT.get(str(first), "")
-        errs.add(doc.error(
-            f"'{first}' at the top of a document is not something vmfarm reads: a pipeline "
-            "file holds documents with apiVersion, kind (" + ", ".join([*m.KINDS, "Template"])
-            + "), "
-            "metadata and spec" + (f"; {hint}" if hint else ""), (first,), key=True))
+        errs.add(
+            doc.error(
+                f"'{first}' at the top of a document is not something vmfarm reads: a pipeline "
+                "file holds documents with apiVersion, kind ("
+                + ", ".join([*m.KINDS, "Template"])
+                + "), "
+                "metadata and spec" + (f"; {hint}" if hint else ""),
+                (first,),
+                key=True,
+            )
+        )
         return
     if kind is None:
-        errs.add(doc.error("missing required field 'kind' (one of: "
-                           + ", ".join(m.KINDS) + ")", ()))
+        errs.add(
+            doc.error("missing required field 'kind' (one of: " + ", ".join(m.KINDS) + ")", ())
+        )
         return
     model = m.KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         close = difflib.get_close_matches(str(kind), list(m.KINDS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        errs.add(doc.error(f"unknown kind '{kind}'{hint} (expected one of: "
-                           + ", ".join(m.KINDS) + ")", ("kind",)))
+        errs.add(
+            doc.error(
+                f"unknown kind '{kind}'{hint} (expected one of: " + ", ".join(m.KINDS) + ")",
+                ("kind",),
+            )
+        )
         return
     obj = validate(doc, (), model, data, errs)
     if obj is None:
@@ -191,11 +233,15 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
     table = bundle.by_kind(kind)
     if ident in table:
         first = table[ident]
-        errs.add(doc.error(
-            f"duplicate {kind} identifier '{ident}' (first defined at "
-            f"{first.doc.file}:{first.doc.pos(('metadata', 'identifier'))[0]})",
-            ("metadata", "identifier")
-            if "identifier" in data.get("metadata", {}) else ("metadata", "name")))
+        errs.add(
+            doc.error(
+                f"duplicate {kind} identifier '{ident}' (first defined at "
+                f"{first.doc.file}:{first.doc.pos(('metadata', 'identifier'))[0]})",
+                ("metadata", "identifier")
+                if "identifier" in data.get("metadata", {})
+                else ("metadata", "name"),
+            )
+        )
         return
     table[ident] = Loaded(kind, ident, obj, doc)
     _resolve_relative_paths(doc, obj)
@@ -203,25 +249,40 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
         for i, inline in enumerate(obj.spec.infrastructure_definitions):
             iid = inline.ident
             if iid in bundle.infrastructures:
-                errs.add(doc.error(f"duplicate Infrastructure identifier '{iid}'",
-                                   ("spec", "infrastructureDefinitions", i)))
+                errs.add(
+                    doc.error(
+                        f"duplicate Infrastructure identifier '{iid}'",
+                        ("spec", "infrastructureDefinitions", i),
+                    )
+                )
                 continue
             bundle.infrastructures[iid] = Loaded(
-                "Infrastructure", iid, _inline_to_infra(inline, ident), doc,
-                ("spec", "infrastructureDefinitions", i))
+                "Infrastructure",
+                iid,
+                _inline_to_infra(inline, ident),
+                doc,
+                ("spec", "infrastructureDefinitions", i),
+            )
 
 
 def _inline_to_infra(inline: m.InlineInfra, env_ident: str) -> m.InfrastructureSpec:
     kind = inline.spec.cloud_provider_type
-    itype = {"Aws": "SshWinRmAws", "Azure": "SshWinRmAzure", "Gcp": "SshWinRmGcp",
-             "Physical": "Pdc", "Pdc": "Pdc"}[kind]
+    itype = {
+        "Aws": "SshWinRmAws",
+        "Azure": "SshWinRmAzure",
+        "Gcp": "SshWinRmGcp",
+        "Physical": "Pdc",
+        "Pdc": "Pdc",
+    }[kind]
     return m.InfrastructureSpec(
         kind="Infrastructure",
         metadata=m.Metadata(name=inline.name, identifier=inline.ident),
-        spec=m.InfrastructureBody(environment_ref=env_ident,
-                                  deployment_type=inline.spec.deployment_type,
-                                  type=itype,  # type: ignore[arg-type]
-                                  spec=inline.spec.spec),
+        spec=m.InfrastructureBody(
+            environment_ref=env_ident,
+            deployment_type=inline.spec.deployment_type,
+            type=itype,  # type: ignore[arg-type]
+            spec=inline.spec.spec,
+        ),
     )
 
 
@@ -236,8 +297,11 @@ def _resolve_relative_paths(doc: Document, obj: Any) -> None:
         return str(q if q.is_absolute() else (here / q).resolve())
 
     if isinstance(obj, m.InfrastructureSpec | m.EnvironmentSpec):
-        inners = ([obj.spec.spec] if isinstance(obj, m.InfrastructureSpec)
-                  else [i.spec.spec for i in obj.spec.infrastructure_definitions])
+        inners = (
+            [obj.spec.spec]
+            if isinstance(obj, m.InfrastructureSpec)
+            else [i.spec.spec for i in obj.spec.infrastructure_definitions]
+        )
         for inner in inners:
             if inner.connection:
                 inner.connection.private_key_file = absolute(inner.connection.private_key_file)
@@ -260,7 +324,13 @@ def choose_pipeline(bundle: Bundle, pipeline: str | None) -> Loaded:
     if len(bundle.pipelines) == 1:
         return next(iter(bundle.pipelines.values()))
     if not bundle.pipelines:
-        raise SpecError("the given files define no Pipeline", file=", ".join(
-            sorted({d.file for d in bundle.documents})))
-    raise SpecError("the given files define several pipelines; choose one with --pipeline ("
-                    + ", ".join(sorted(bundle.pipelines)) + ")", file="--pipeline")
+        raise SpecError(
+            "the given files define no Pipeline",
+            file=", ".join(sorted({d.file for d in bundle.documents})),
+        )
+    raise SpecError(
+        "the given files define several pipelines; choose one with --pipeline ("
+        + ", ".join(sorted(bundle.pipelines))
+        + ")",
+        file="--pipeline",
+    )

@@ -27,8 +27,13 @@ from app.definitions.templates import ExpandedDocument
 from app.definitions.yamlload import Document
 from app.errors import SpecError, SpecErrors
 
-KINDS = {"pipeline": "Pipeline", "service": "Service", "environment": "Environment",
-         "infrastructureDefinition": "Infrastructure", "connector": "Connector"}
+KINDS = {
+    "pipeline": "Pipeline",
+    "service": "Service",
+    "environment": "Environment",
+    "infrastructureDefinition": "Infrastructure",
+    "connector": "Connector",
+}
 TOP_KEY = {kind: key for key, kind in KINDS.items()}
 # Keys of a native body that are vmfarm's metadata; the rest is the spec (an environment's
 # tags are its spec's in vmfarm's shape).
@@ -63,10 +68,12 @@ def from_native(doc: Document) -> Document:
     mk = meta_keys(key)
     meta = {k: body[k] for k in mk if k in body}
     spec = {k: v for k, v in body.items() if k not in mk}
-    out = NativeDocument(file=doc.file, index=doc.index,
-                         data={"apiVersion": "v1", "kind": KINDS[key], "metadata": meta,
-                               "spec": spec},
-                         line=doc.line)
+    out = NativeDocument(
+        file=doc.file,
+        index=doc.index,
+        data={"apiVersion": "v1", "kind": KINDS[key], "metadata": meta, "spec": spec},
+        line=doc.line,
+    )
     out.top = key
     for part in ((), ("apiVersion",), ("kind",), ("metadata",), ("spec",)):
         out.origins[part] = (doc, (key,))
@@ -75,8 +82,7 @@ def from_native(doc: Document) -> Document:
     return out
 
 
-def rename_fields(exc: SpecError | SpecErrors,
-                  documents: list[Document]) -> SpecError | SpecErrors:
+def rename_fields(exc: SpecError | SpecErrors, documents: list[Document]) -> SpecError | SpecErrors:
     """Errors of Harness-shaped documents with their fields named as the file names them."""
     natives = [d for d in documents if isinstance(d, NativeDocument)]
     if not natives:
@@ -94,8 +100,9 @@ def rename_fields(exc: SpecError | SpecErrors,
     return out[0] if isinstance(exc, SpecError) else SpecErrors(out)
 
 
-def _document_at(natives: list[NativeDocument], starts: dict[str, list[int]], file: str | None,
-                 line: int) -> NativeDocument | None:
+def _document_at(
+    natives: list[NativeDocument], starts: dict[str, list[int]], file: str | None, line: int
+) -> NativeDocument | None:
     for d in natives:
         if d.file != file:
             continue
@@ -120,8 +127,9 @@ def _blocks(lines: list[str], indent: int) -> list[tuple[str, list[str]]]:
         if m and len(m.group("indent")) == indent:
             out.append((m.group("key").strip("'\""), [*pending, line]))
             pending = []
-        elif not line.strip() or (line.lstrip().startswith("#")
-                                  and len(line) - len(line.lstrip()) <= indent):
+        elif not line.strip() or (
+            line.lstrip().startswith("#") and len(line) - len(line.lstrip()) <= indent
+        ):
             pending.append(line)
         elif out:
             out[-1][1].extend([*pending, line])
@@ -152,8 +160,9 @@ def convert_document(text: str, to: str) -> str:
     Raises ValueError for text it cannot rewrite as text (flow style at the top)."""
     lines = text.split("\n")
     head: list[str] = []
-    while lines and (not lines[0].strip() or lines[0].lstrip().startswith("#")
-                     or lines[0].startswith("---")):
+    while lines and (
+        not lines[0].strip() or lines[0].lstrip().startswith("#") or lines[0].startswith("---")
+    ):
         head.append(lines.pop(0))
     top = _blocks(lines, 0)
     keys = [k for k, _ in top]
@@ -183,8 +192,10 @@ def convert_document(text: str, to: str) -> str:
             if not block[0].split(":", 1)[1].split(" #", 1)[0].strip():
                 names = {k for k, _ in _blocks(block[1:], _child_indent(block[1:]))}
                 if seen & names:
-                    raise ValueError(f"'{sorted(seen & names)[0]}' is in both metadata and "
-                                     "spec; Harness's shape has one")
+                    raise ValueError(
+                        f"'{sorted(seen & names)[0]}' is in both metadata and "
+                        "spec; Harness's shape has one"
+                    )
                 seen |= names
             inline = block[0].split(":", 1)[1].split(" #", 1)[0].strip()
             if inline:  # a flow mapping on the key's line

@@ -14,14 +14,29 @@ from pydantic import Field, field_validator, model_validator
 
 from app.definitions.base import Identifier, Model
 
-EVENTS: tuple[str, ...] = ("PipelineStart", "PipelineSuccess", "PipelineFailed", "StageFailed",
-                           "ApprovalNeeded", "InterventionNeeded", "RollbackDone")
+EVENTS: tuple[str, ...] = (
+    "PipelineStart",
+    "PipelineSuccess",
+    "PipelineFailed",
+    "StageFailed",
+    "ApprovalNeeded",
+    "InterventionNeeded",
+    "RollbackDone",
+)
 ALL_EVENTS = "AllEvents"
 # Events about one stage: a rule's ``stages`` filter applies to them.
 STAGE_EVENTS = frozenset({"StageFailed", "ApprovalNeeded", "InterventionNeeded"})
 
-EventName = Literal["AllEvents", "PipelineStart", "PipelineSuccess", "PipelineFailed",
-                    "StageFailed", "ApprovalNeeded", "InterventionNeeded", "RollbackDone"]
+EventName = Literal[
+    "AllEvents",
+    "PipelineStart",
+    "PipelineSuccess",
+    "PipelineFailed",
+    "StageFailed",
+    "ApprovalNeeded",
+    "InterventionNeeded",
+    "RollbackDone",
+]
 
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EMAIL_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")
@@ -117,5 +132,3 @@ class NotificationRule(Model):
         if not self.enabled or (event not in self.events and ALL_EVENTS not in self.events):
             return False
         return not (self.stages and event in STAGE_EVENTS and stage not in self.stages)
-
-

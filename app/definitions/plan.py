@@ -119,8 +119,10 @@ class ApprovalStepPlan(ApprovalStep, _Grouped):
     """A HarnessApproval step among a stage's steps: the hosts stop there until approved."""
 
 
-StepPlan = Annotated[CommandStepPlan | HealthCheckStepPlan | HttpStepPlan | WaitStepPlan
-                     | ApprovalStepPlan, Field(discriminator="type")]
+StepPlan = Annotated[
+    CommandStepPlan | HealthCheckStepPlan | HttpStepPlan | WaitStepPlan | ApprovalStepPlan,
+    Field(discriminator="type"),
+]
 
 # Steps the coordinator carries out between a host's other steps (no worker waits for them).
 BarrierStep = WaitStepPlan | ApprovalStepPlan
@@ -172,15 +174,18 @@ class ApprovalStagePlan(Model):
 
 
 def _stage_kind(value: Any) -> str:
-    kind = str((value.get("type") if isinstance(value, dict) else getattr(value, "type", None))
-               or "Deployment")
+    kind = str(
+        (value.get("type") if isinstance(value, dict) else getattr(value, "type", None))
+        or "Deployment"
+    )
     return "Deployment" if kind == "Custom" else kind
 
 
 StagePlan = Annotated[
-    Annotated[DeploymentStagePlan, Tag("Deployment")] | Annotated[ApprovalStagePlan,
-                                                                  Tag("Approval")],
-    Discriminator(_stage_kind)]
+    Annotated[DeploymentStagePlan, Tag("Deployment")]
+    | Annotated[ApprovalStagePlan, Tag("Approval")],
+    Discriminator(_stage_kind),
+]
 
 
 class Plan(Model):

@@ -22,34 +22,49 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
     for infra in bundle.infrastructures.values():
         env_ref = infra.model.spec.environment_ref
         if env_ref not in bundle.environments:
-            errs.add(infra.error(missing("Environment", env_ref, bundle.environments),
-                                 ("spec", "environmentRef")))
+            errs.add(
+                infra.error(
+                    missing("Environment", env_ref, bundle.environments), ("spec", "environmentRef")
+                )
+            )
         inner = infra.model.spec.spec
         if provider_of(infra.model) == "static":
             if infra.kind == "Infrastructure" and not inner.hosts and infra.base == ():
                 where: tuple[str, ...] = ("spec", "spec", "hosts")
                 if where not in infra.doc.values:
                     where = ("spec", "spec")
-                errs.add(infra.error("a static (Pdc) infrastructure needs at least one host in "
-                                     "'hosts'", where))
+                errs.add(
+                    infra.error(
+                        "a static (Pdc) infrastructure needs at least one host in 'hosts'", where
+                    )
+                )
             seen: dict[tuple[str, int], int] = {}
             for i, h in enumerate(inner.hosts):
                 port = h.port or (inner.connection.port if inner.connection else 22)
                 if (h.hostname, port) in seen:
-                    errs.add(infra.error(f"duplicate host '{h.hostname}:{port}'",
-                                         ("spec", "spec", "hosts", i, "hostname")))
+                    errs.add(
+                        infra.error(
+                            f"duplicate host '{h.hostname}:{port}'",
+                            ("spec", "spec", "hosts", i, "hostname"),
+                        )
+                    )
                 seen[(h.hostname, port)] = i
                 if h.region is not None and not base.REGION_RE.match(h.region):
-                    errs.add(infra.error(f"region '{h.region}' must be lower-case letters, digits "
-                                         "and '-'", ("spec", "spec", "hosts", i, "region")))
+                    errs.add(
+                        infra.error(
+                            f"region '{h.region}' must be lower-case letters, digits and '-'",
+                            ("spec", "spec", "hosts", i, "region"),
+                        )
+                    )
     for pipe in bundle.pipelines.values():
         stage_ids: dict[str, int] = {}
         for si, el in enumerate(pipe.model.spec.stages):
             st = el.stage
             sp: tuple[str | int, ...] = ("spec", "stages", si, "stage")
             if st.identifier in stage_ids:
-                errs.add(pipe.error(f"duplicate stage identifier '{st.identifier}'",
-                                    (*sp, "identifier")))
+                errs.add(
+                    pipe.error(f"duplicate stage identifier '{st.identifier}'", (*sp, "identifier"))
+                )
             stage_ids[st.identifier] = si
             if isinstance(st, m.ApprovalStageSpec):
                 continue  # approvers' groups are checked when someone approves
@@ -58,35 +73,58 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                 continue
             svc = st.spec.service.service_ref
             if svc not in bundle.services:
-                errs.add(pipe.error(missing("Service", svc, bundle.services),
-                                    (*sp, "spec", "service", "serviceRef")))
+                errs.add(
+                    pipe.error(
+                        missing("Service", svc, bundle.services),
+                        (*sp, "spec", "service", "serviceRef"),
+                    )
+                )
             env = st.spec.environment.environment_ref
             if env not in bundle.environments:
-                errs.add(pipe.error(missing("Environment", env, bundle.environments),
-                                    (*sp, "spec", "environment", "environmentRef")))
+                errs.add(
+                    pipe.error(
+                        missing("Environment", env, bundle.environments),
+                        (*sp, "spec", "environment", "environmentRef"),
+                    )
+                )
             _choose_infrastructures(bundle, pipe, st, sp, errs)
             for ii, ref in enumerate(st.spec.environment.infrastructure_definitions):
                 ip = (*sp, "spec", "environment", "infrastructureDefinitions", ii, "identifier")
                 target = bundle.infrastructures.get(ref.identifier)
                 if target is None:
-                    errs.add(pipe.error(missing("Infrastructure", ref.identifier,
-                                                 bundle.infrastructures), ip))
-                elif (env in bundle.environments
-                      and target.model.spec.environment_ref in bundle.environments
-                      and target.model.spec.environment_ref != env):
+                    errs.add(
+                        pipe.error(
+                            missing("Infrastructure", ref.identifier, bundle.infrastructures), ip
+                        )
+                    )
+                elif (
+                    env in bundle.environments
+                    and target.model.spec.environment_ref in bundle.environments
+                    and target.model.spec.environment_ref != env
+                ):
                     # (an infrastructure naming an unknown environment is reported above)
-                    errs.add(pipe.error(
-                        f"infrastructure '{ref.identifier}' belongs to environment "
-                        f"'{target.model.spec.environment_ref}', not '{env}'", ip))
+                    errs.add(
+                        pipe.error(
+                            f"infrastructure '{ref.identifier}' belongs to environment "
+                            f"'{target.model.spec.environment_ref}', not '{env}'",
+                            ip,
+                        )
+                    )
             for section in ("steps", "rollbackSteps"):
-                steps = getattr(st.spec.execution,
-                                "steps" if section == "steps" else "rollback_steps")
+                steps = getattr(
+                    st.spec.execution, "steps" if section == "steps" else "rollback_steps"
+                )
                 step_ids: set[str] = set()
                 for at, step, _group in m.flat_steps(steps):
                     tp = (*sp, "spec", "execution", section, *at)
                     if step.identifier in step_ids:
-                        errs.add(pipe.error(f"duplicate step identifier '{step.identifier}' in "
-                                            f"stage '{st.identifier}'", (*tp, "identifier")))
+                        errs.add(
+                            pipe.error(
+                                f"duplicate step identifier '{step.identifier}' in "
+                                f"stage '{st.identifier}'",
+                                (*tp, "identifier"),
+                            )
+                        )
                     step_ids.add(step.identifier)
                     if not isinstance(step, m.CommandStep):
                         continue
@@ -94,59 +132,96 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                     for ui, unit in enumerate(step.spec.command_units):
                         up = (*tp, "spec", "commandUnits", ui)
                         if unit.identifier in unit_ids:
-                            errs.add(pipe.error(f"duplicate command unit identifier "
-                                                f"'{unit.identifier}' in step '{step.identifier}'",
-                                                (*up, "identifier")))
+                            errs.add(
+                                pipe.error(
+                                    f"duplicate command unit identifier "
+                                    f"'{unit.identifier}' in step '{step.identifier}'",
+                                    (*up, "identifier"),
+                                )
+                            )
                         unit_ids.add(unit.identifier)
                         if isinstance(unit, m.CopyUnit) and svc in bundle.services:
                             art = bundle.services[svc].model.spec.service_definition.spec
                             if unit.spec.source_type == "Artifact" and not art.artifacts.primary:
-                                errs.add(pipe.error(
-                                    f"Copy with sourceType Artifact, but service '{svc}' has no "
-                                    "artifacts.primary", (*up, "spec", "sourceType")))
+                                errs.add(
+                                    pipe.error(
+                                        f"Copy with sourceType Artifact, but service '{svc}' has no "
+                                        "artifacts.primary",
+                                        (*up, "spec", "sourceType"),
+                                    )
+                                )
                             if unit.spec.source_type == "Config":
-                                errs.add(pipe.error(
-                                    "Copy with sourceType Config is not supported yet: use "
-                                    "sourceType Artifact", (*up, "spec", "sourceType")))
-                        if isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit) and \
-                                svc in bundle.services and not bundle.services[
-                                    svc].model.spec.service_definition.spec.artifacts.primary:
-                            errs.add(pipe.error(
-                                f"{unit.type} needs an artifact, but service '{svc}' has no "
-                                "artifacts.primary", (*up, "type")))
+                                errs.add(
+                                    pipe.error(
+                                        "Copy with sourceType Config is not supported yet: use "
+                                        "sourceType Artifact",
+                                        (*up, "spec", "sourceType"),
+                                    )
+                                )
+                        if (
+                            isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit)
+                            and svc in bundle.services
+                            and not bundle.services[
+                                svc
+                            ].model.spec.service_definition.spec.artifacts.primary
+                        ):
+                            errs.add(
+                                pipe.error(
+                                    f"{unit.type} needs an artifact, but service '{svc}' has no "
+                                    "artifacts.primary",
+                                    (*up, "type"),
+                                )
+                            )
                     for vname in ("environmentVariables", "outputVariables"):
-                        attr = "environment_variables" if vname.startswith("env") else \
-                            "output_variables"
+                        attr = (
+                            "environment_variables"
+                            if vname.startswith("env")
+                            else "output_variables"
+                        )
                         names: set[str] = set()
                         for vi, var in enumerate(getattr(step.spec, attr)):
                             if var.name in names:
-                                errs.add(pipe.error(f"duplicate variable '{var.name}'",
-                                                    (*tp, "spec", vname, vi, "name")))
+                                errs.add(
+                                    pipe.error(
+                                        f"duplicate variable '{var.name}'",
+                                        (*tp, "spec", vname, vi, "name"),
+                                    )
+                                )
                             names.add(var.name)
         for vars_owner in [pipe, *bundle.services.values(), *bundle.environments.values()]:
             check_variables(vars_owner, errs)
 
 
-def _custom_steps(pipe: Loaded, st: m.CustomStageSpec, sp: tuple[str | int, ...],
-                  errs: Collector) -> None:
+def _custom_steps(
+    pipe: Loaded, st: m.CustomStageSpec, sp: tuple[str | int, ...], errs: Collector
+) -> None:
     """A Custom stage's step identifiers and variable names are unique."""
     step_ids: set[str] = set()
     for k, el in enumerate(st.spec.execution.steps):
         step = el.step
         tp = (*sp, "spec", "execution", "steps", k, "step")
         if step.identifier in step_ids:
-            errs.add(pipe.error(f"duplicate step identifier '{step.identifier}' in stage "
-                                f"'{st.identifier}'", (*tp, "identifier")))
+            errs.add(
+                pipe.error(
+                    f"duplicate step identifier '{step.identifier}' in stage '{st.identifier}'",
+                    (*tp, "identifier"),
+                )
+            )
         step_ids.add(step.identifier)
         if not isinstance(step, m.ShellScriptStep):
             continue
-        for vname, attr in (("environmentVariables", "environment_variables"),
-                            ("outputVariables", "output_variables")):
+        for vname, attr in (
+            ("environmentVariables", "environment_variables"),
+            ("outputVariables", "output_variables"),
+        ):
             names: set[str] = set()
             for vi, var in enumerate(getattr(step.spec, attr)):
                 if var.name in names:
-                    errs.add(pipe.error(f"duplicate variable '{var.name}'",
-                                        (*tp, "spec", vname, vi, "name")))
+                    errs.add(
+                        pipe.error(
+                            f"duplicate variable '{var.name}'", (*tp, "spec", vname, vi, "name")
+                        )
+                    )
                 names.add(var.name)
 
 
@@ -166,24 +241,38 @@ def check_variables(owner: Loaded, errs: Collector) -> None:
         seen.add(v.name)
 
 
-def _choose_infrastructures(bundle: Bundle, pipe: Loaded, st: m.StageSpec,
-                            sp: tuple[str | int, ...], errs: Collector) -> None:
+def _choose_infrastructures(
+    bundle: Bundle, pipe: Loaded, st: m.StageSpec, sp: tuple[str | int, ...], errs: Collector
+) -> None:
     """``deployToAll: true``: every infrastructure of the environment; neither it nor a list:
     the environment's only infrastructure. Fills ``infrastructure_definitions`` in place."""
     target = st.spec.environment
     at = (*sp, "spec", "environment")
     if target.environment_ref not in bundle.environments:
         return  # reported above
-    mine = sorted(i for i, inf in bundle.infrastructures.items()
-                  if inf.model.spec.environment_ref == target.environment_ref)
+    mine = sorted(
+        i
+        for i, inf in bundle.infrastructures.items()
+        if inf.model.spec.environment_ref == target.environment_ref
+    )
     if target.deploy_to_all:
         if target.infrastructure_definitions:
-            errs.add(pipe.error("deployToAll: true deploys to every infrastructure of the "
-                                "environment: leave infrastructureDefinitions out, or set "
-                                "deployToAll: false", (*at, "deployToAll")))
+            errs.add(
+                pipe.error(
+                    "deployToAll: true deploys to every infrastructure of the "
+                    "environment: leave infrastructureDefinitions out, or set "
+                    "deployToAll: false",
+                    (*at, "deployToAll"),
+                )
+            )
         elif not mine:
-            errs.add(pipe.error(f"deployToAll: environment '{target.environment_ref}' has no "
-                                "infrastructure in the given files", (*at, "deployToAll")))
+            errs.add(
+                pipe.error(
+                    f"deployToAll: environment '{target.environment_ref}' has no "
+                    "infrastructure in the given files",
+                    (*at, "deployToAll"),
+                )
+            )
         else:
             target.infrastructure_definitions = [m.InfraRef(identifier=i) for i in mine]
         return
@@ -192,8 +281,12 @@ def _choose_infrastructures(bundle: Bundle, pipe: Loaded, st: m.StageSpec,
     if len(mine) == 1:
         target.infrastructure_definitions = [m.InfraRef(identifier=mine[0])]
         return
-    which = (f"it has {len(mine)}: {', '.join(mine)}" if mine else
-             "it has none in the given files")
-    errs.add(pipe.error(f"the stage names no infrastructure of environment "
-                        f"'{target.environment_ref}' and {which}: list them under "
-                        "infrastructureDefinitions, or set deployToAll: true", at))
+    which = f"it has {len(mine)}: {', '.join(mine)}" if mine else "it has none in the given files"
+    errs.add(
+        pipe.error(
+            f"the stage names no infrastructure of environment "
+            f"'{target.environment_ref}' and {which}: list them under "
+            "infrastructureDefinitions, or set deployToAll: true",
+            at,
+        )
+    )

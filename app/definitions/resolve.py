@@ -32,20 +32,28 @@ from app.definitions.connectors import artifact_spec, infra_connector
 from app.definitions.validation import loc_to_path, position
 
 
-def _variables_ctx(ctx: Context, prefix: str, owner: Loaded, variables: list[m.Variable],
-                   base: tuple[str | int, ...], bundle: Bundle) -> None:
+def _variables_ctx(
+    ctx: Context,
+    prefix: str,
+    owner: Loaded,
+    variables: list[m.Variable],
+    base: tuple[str | int, ...],
+    bundle: Bundle,
+) -> None:
     for i, v in enumerate(variables):
         if v.type == "Secret":
             continue  # resolved on the worker by the secrets backend
-        ext = (owner.doc.file, owner.doc.index, (*owner.base, *base, i, "value")) in \
-            bundle.external
-        ctx.set(f"{prefix}.{v.name}", v.value if v.value is not None else v.default,
-                external=ext)
+        ext = (owner.doc.file, owner.doc.index, (*owner.base, *base, i, "value")) in bundle.external
+        ctx.set(f"{prefix}.{v.name}", v.value if v.value is not None else v.default, external=ext)
 
 
-def stage_context(bundle: Bundle, pipe: Loaded,
-                  stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec, *,
-                  execution_id: str) -> Context:
+def stage_context(
+    bundle: Bundle,
+    pipe: Loaded,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
+    *,
+    execution_id: str,
+) -> Context:
     """The host-independent expression values for one stage."""
     ctx = Context()
     pm = pipe.model
@@ -53,8 +61,9 @@ def stage_context(bundle: Bundle, pipe: Loaded,
     ctx.set("pipeline.identifier", pipe.ident)
     ctx.set("pipeline.executionId", execution_id)
     ctx.set("pipeline.sequenceId", execution_id)
-    _variables_ctx(ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"),
-                   bundle)
+    _variables_ctx(
+        ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"), bundle
+    )
     ctx.set("stage.name", stage.name)
     if isinstance(stage, m.ApprovalStageSpec | m.CustomStageSpec):
         ctx.set("stage.identifier", stage.identifier)
@@ -66,8 +75,14 @@ def stage_context(bundle: Bundle, pipe: Loaded,
         ctx.set("service.name", svc.model.metadata.name)
         ctx.set("service.identifier", svc.ident)
         for prefix in ("serviceVariables", "service.variables"):  # Harness spells it both ways
-            _variables_ctx(ctx, prefix, svc, sd.variables,
-                           ("spec", "serviceDefinition", "spec", "variables"), bundle)
+            _variables_ctx(
+                ctx,
+                prefix,
+                svc,
+                sd.variables,
+                ("spec", "serviceDefinition", "spec", "variables"),
+                bundle,
+            )
         art = sd.artifacts.primary
         if art:
             tag = art.spec.get("tag")
@@ -76,13 +91,18 @@ def stage_context(bundle: Bundle, pipe: Loaded,
             if tag is not None:
                 ctx.set("artifact.tag", tag, external=ext)
                 ctx.set("artifacts.primary.tag", tag, external=ext)
-                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)),
-                        external=ext)
+                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)), external=ext)
             ctx.set("artifact.type", art.type)
             # Where the artifact comes from: the local path, URL path or S3 key (its template;
             # <+artifact.tag> in it is rendered with the rest).
-            where = next((art.spec.get(k) for k in ("path", "filePath", "artifactPath", "key",
-                                                    "url") if art.spec.get(k)), None)
+            where = next(
+                (
+                    art.spec.get(k)
+                    for k in ("path", "filePath", "artifactPath", "key", "url")
+                    if art.spec.get(k)
+                ),
+                None,
+            )
             if where is not None:
                 # (a bad expression in it is reported where the artifact's fields are checked)
                 where = render(str(where), ctx, on_error=lambda _msg: None)
@@ -92,8 +112,9 @@ def stage_context(bundle: Bundle, pipe: Loaded,
         ctx.set("env.name", env.model.metadata.name)
         ctx.set("env.identifier", env.ident)
         ctx.set("env.type", env.model.spec.type)
-        _variables_ctx(ctx, "env.variables", env, env.model.spec.variables,
-                       ("spec", "variables"), bundle)
+        _variables_ctx(
+            ctx, "env.variables", env, env.model.spec.variables, ("spec", "variables"), bundle
+        )
     refs = stage.spec.environment.infrastructure_definitions
     infra = bundle.infrastructures.get(refs[0].identifier) if refs else None
     if infra:
@@ -111,8 +132,9 @@ def artifact_file_name(service: str, tag: str) -> str:
     return f"{service}-{safe}.tar.gz"
 
 
-def render_tree(data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ...],
-                 errs: Collector) -> Any:
+def render_tree(
+    data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ...], errs: Collector
+) -> Any:
     if isinstance(data, dict):
         return {k: render_tree(v, ctx, doc, (*path, k), errs) for k, v in data.items()}
     if isinstance(data, list):
@@ -121,15 +143,21 @@ def render_tree(data: Any, ctx: Context, doc: Loaded, path: tuple[str | int, ...
 
         def on_error(msg: str) -> None:
             named = EXPR_RE.search(msg)  # the message quotes the expression: find its line
-            errs.add(doc.doc.error(msg, (*doc.base, *path),
-                                   within=named.group(0) if named else None))
+            errs.add(
+                doc.doc.error(msg, (*doc.base, *path), within=named.group(0) if named else None)
+            )
 
         for n in unterminated(data):  # an expression ends on its own line, with '>'
             line = data.split("\n")[n - 1]
             start = line.index("<+")
-            errs.add(doc.doc.error(
-                f"unterminated expression '{line[start:start + 60]}': an expression ends with "
-                "'>' on the line it starts", (*doc.base, *path), within=line[start:]))
+            errs.add(
+                doc.doc.error(
+                    f"unterminated expression '{line[start : start + 60]}': an expression ends with "
+                    "'>' on the line it starts",
+                    (*doc.base, *path),
+                    within=line[start:],
+                )
+            )
         if path[-2:] == ("when", "condition"):  # values bound as quoted literals
             return render_condition(data, ctx, on_error=on_error)
         if path[-1] == "script":  # values from outside the files stand intact, or are refused
@@ -164,25 +192,37 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
         return text
 
 
-def _stage_when(stage: m.StageSpec | m.ApprovalStageSpec, rendered: dict[str, Any], pipe: Loaded,
-                base: tuple[str | int, ...], errs: Collector) -> dict[str, Any] | None:
+def _stage_when(
+    stage: m.StageSpec | m.ApprovalStageSpec,
+    rendered: dict[str, Any],
+    pipe: Loaded,
+    base: tuple[str | int, ...],
+    errs: Collector,
+) -> dict[str, Any] | None:
     """The stage's ``when``, its condition bound; a value only a host knows is refused."""
     if stage.when is None:
         return None
     when = dict(rendered.get("when") or {})
     # (an unknown name was reported where it was bound; secrets and hosts' values are left)
-    left = [e for e in EXPR_RE.findall(str(when.get("condition") or ""))
-            if e.strip() in HOST_KEYS or e.strip().startswith(("steps.", "secrets."))]
+    left = [
+        e
+        for e in EXPR_RE.findall(str(when.get("condition") or ""))
+        if e.strip() in HOST_KEYS or e.strip().startswith(("steps.", "secrets."))
+    ]
     if left:
-        errs.add(pipe.error(
-            f"a stage's condition reads values known before the stage starts; <+{left[0]}> "
-            "is known only on a host, when a step runs (put the condition on a step)",
-            (*base, "when", "condition")))
+        errs.add(
+            pipe.error(
+                f"a stage's condition reads values known before the stage starts; <+{left[0]}> "
+                "is known only on a host, when a step runs (put the condition on a step)",
+                (*base, "when", "condition"),
+            )
+        )
     return when
 
 
-def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str,
-                  strict_inputs: bool = True) -> dict[str, Any]:
+def resolve_stage(
+    bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str, strict_inputs: bool = True
+) -> dict[str, Any]:
     """One stage as plain data, every host-independent expression rendered."""
     errs = Collector()
     stage = pipe.model.spec.stages[index].stage
@@ -197,10 +237,18 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     if isinstance(stage, m.ApprovalStageSpec):
         errs.raise_if_any()
         step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
-        return {"type": "Approval", "index": index, "identifier": stage.identifier,
-                "name": stage.name, "steps": [], "rollbackSteps": [], "infrastructures": [],
-                "strategy": {"type": "Basic"}, "when": when,
-                "approval": step.model_dump(mode="json", by_alias=True, exclude_none=True)}
+        return {
+            "type": "Approval",
+            "index": index,
+            "identifier": stage.identifier,
+            "name": stage.name,
+            "steps": [],
+            "rollbackSteps": [],
+            "infrastructures": [],
+            "strategy": {"type": "Basic"},
+            "when": when,
+            "approval": step.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
     # Variables of service and environment may hold expressions too.
     svc = bundle.services.get(stage.spec.service.service_ref)
     env = bundle.environments.get(stage.spec.environment.environment_ref)
@@ -223,55 +271,87 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     artifact: dict[str, Any] | None = None
     if art is not None:
         tag = ctx.values.get("artifact.tag")
-        if tag is not None and "<+" not in tag.text and not _own_regex(bundle, svc) \
-                and not TAG_RE.fullmatch(tag.text):
-            errs.add(svc.error(
-                f"artifact tag {tag.text!r} is not a version: a tag names a file and a release "
-                "directory on every host, so it starts with a letter or digit and holds only "
-                "letters, digits and . _ + ~ - (no '/', no '..', no spaces); give the input "
-                "its own pattern with <+input>.regex(...) to allow others",
-                ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")))
-        art_spec = render_tree(copy.deepcopy(art.spec), ctx, svc,
-                                ("spec", "serviceDefinition", "spec", "artifacts", "primary",
-                                 "spec"), errs)
+        if (
+            tag is not None
+            and "<+" not in tag.text
+            and not _own_regex(bundle, svc)
+            and not TAG_RE.fullmatch(tag.text)
+        ):
+            errs.add(
+                svc.error(
+                    f"artifact tag {tag.text!r} is not a version: a tag names a file and a release "
+                    "directory on every host, so it starts with a letter or digit and holds only "
+                    "letters, digits and . _ + ~ - (no '/', no '..', no spaces); give the input "
+                    "its own pattern with <+input>.regex(...) to allow others",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag"),
+                )
+            )
+        art_spec = render_tree(
+            copy.deepcopy(art.spec),
+            ctx,
+            svc,
+            ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+            errs,
+        )
         art_spec = artifact_spec(bundle, svc, art.type, art_spec, errs)
-        artifact = {"type": art.type, "spec": art_spec, "tag": tag.text if tag else None,
-                    "fileName": artifact_file_name(svc.ident, tag.text) if tag else None}
+        artifact = {
+            "type": art.type,
+            "spec": art_spec,
+            "tag": tag.text if tag else None,
+            "fileName": artifact_file_name(svc.ident, tag.text) if tag else None,
+        }
     infras = []
     for ref in stage.spec.environment.infrastructure_definitions:
         infra = bundle.infrastructures[ref.identifier]
         src_file, src_line, _ = position(infra.doc, infra.base or ("metadata",))  # hook (templates)
-        infras.append({
-            "identifier": infra.ident,
-            "name": infra.model.metadata.name,
-            "provider": provider_of(infra.model),
-            "spec": infra.model.spec.spec.model_dump(mode="json", by_alias=True,
-                                                     exclude_none=True),
-            "source": f"{src_file}:{src_line}",
-            "allowSimultaneousDeployments": infra.model.spec.allow_simultaneous_deployments,
-        })
+        infras.append(
+            {
+                "identifier": infra.ident,
+                "name": infra.model.metadata.name,
+                "provider": provider_of(infra.model),
+                "spec": infra.model.spec.spec.model_dump(
+                    mode="json", by_alias=True, exclude_none=True
+                ),
+                "source": f"{src_file}:{src_line}",
+                "allowSimultaneousDeployments": infra.model.spec.allow_simultaneous_deployments,
+            }
+        )
         connector = infra_connector(bundle, infra)
         if connector is not None:  # secret ids only: the region's worker resolves them
             infras[-1]["connector"] = connector
-    uses_copy = any(isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
-                    for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
-                                                  *out_stage.spec.execution.rollback_steps])
-                    for u in getattr(st.spec, "command_units", []))
-    downloads = any(isinstance(u, m.DownloadArtifactUnit)
-                    for _, st, _ in m.flat_steps([*out_stage.spec.execution.steps,
-                                                  *out_stage.spec.execution.rollback_steps])
-                    for u in getattr(st.spec, "command_units", []))
-    if downloads and art is not None and artifact is not None and art.type != "Local" \
-            and not any(artifact["spec"].get(k) for k in ("sha256", "checksum")) \
-            and artifact["spec"].get("allowUnverified") is not True:
+    uses_copy = any(
+        isinstance(u, m.CopyUnit | m.DownloadArtifactUnit | m.ReleaseUnit)
+        for _, st, _ in m.flat_steps(
+            [*out_stage.spec.execution.steps, *out_stage.spec.execution.rollback_steps]
+        )
+        for u in getattr(st.spec, "command_units", [])
+    )
+    downloads = any(
+        isinstance(u, m.DownloadArtifactUnit)
+        for _, st, _ in m.flat_steps(
+            [*out_stage.spec.execution.steps, *out_stage.spec.execution.rollback_steps]
+        )
+        for u in getattr(st.spec, "command_units", [])
+    )
+    if (
+        downloads
+        and art is not None
+        and artifact is not None
+        and art.type != "Local"
+        and not any(artifact["spec"].get(k) for k in ("sha256", "checksum"))
+        and artifact["spec"].get("allowUnverified") is not True
+    ):
         # The host checks what it downloads against the spec's checksum only: the worker
         # never sees the bytes, so the repository's checksum cannot stand in for it.
-        errs.add(svc.error(
-            "a DownloadArtifact unit fetches this artifact on the host, which can verify it "
-            "only against spec.sha256, and the spec gives none: set spec.sha256 (or "
-            "spec.checksum: sha256:<hex>), or write spec.allowUnverified: true to deploy it "
-            "unverified", ("spec", "serviceDefinition", "spec", "artifacts", "primary",
-                           "spec")))
+        errs.add(
+            svc.error(
+                "a DownloadArtifact unit fetches this artifact on the host, which can verify it "
+                "only against spec.sha256, and the spec gives none: set spec.sha256 (or "
+                "spec.checksum: sha256:<hex>), or write spec.allowUnverified: true to deploy it "
+                "unverified",
+                ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+            )
+        )
     checked = artifact
     if not strict_inputs and artifact is not None:
         # At validate a tag given at run time stands in as "1.0" (validate and plan agree); an
@@ -280,49 +360,74 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
         given = artifact["tag"]
         stand_in = given if given and "<+" not in given else "1.0"
         inputs = re.sub(r"<\+secrets\.getValue\([^)]*\)>", "", repr(rest))  # worker's
-        checked = None if "<+" in inputs else \
-            {**artifact, "tag": stand_in, "spec": {**rest, "tag": stand_in}}
+        checked = (
+            None
+            if "<+" in inputs
+            else {**artifact, "tag": stand_in, "spec": {**rest, "tag": stand_in}}
+        )
     if uses_copy and art is not None and checked is not None and art.type != "Local":
         from app.artifacts import check as check_artifact
 
         for problem in check_artifact(checked):
-            errs.add(svc.error(problem, ("spec", "serviceDefinition", "spec", "artifacts",
-                                         "primary", "spec")))
+            errs.add(
+                svc.error(
+                    problem, ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec")
+                )
+            )
     if strict_inputs and art is not None and art.type == "Local" and uses_copy:
         p = art.spec.get("path")
         if not isinstance(p, str) or not Path(p).exists():
-            errs.add(svc.error(f"local artifact path {p!r} does not exist",
-                               ("spec", "serviceDefinition", "spec", "artifacts", "primary",
-                                "spec", "path")))
+            errs.add(
+                svc.error(
+                    f"local artifact path {p!r} does not exist",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "path"),
+                )
+            )
         if not (artifact and artifact.get("tag")):
-            errs.add(svc.error("the artifact needs a tag (spec.tag)",
-                               ("spec", "serviceDefinition", "spec", "artifacts", "primary",
-                                "spec")))
+            errs.add(
+                svc.error(
+                    "the artifact needs a tag (spec.tag)",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+                )
+            )
     errs.raise_if_any()
     return {
-        "strategy": strategy_of(out_stage, regions=[
-            r for i in infras if i["provider"] == "aws"
-            for r in ((i["spec"].get("hostFilter") or {}).get("spec", {}).get("regions")
-                      or [i["spec"].get("region")]) if r]),
+        "strategy": strategy_of(
+            out_stage,
+            regions=[
+                r
+                for i in infras
+                if i["provider"] == "aws"
+                for r in (
+                    (i["spec"].get("hostFilter") or {}).get("spec", {}).get("regions")
+                    or [i["spec"].get("region")]
+                )
+                if r
+            ],
+        ),
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
         "service": {"identifier": svc.ident, "name": svc.model.metadata.name},
-        "environment": {"identifier": env.ident, "name": env.model.metadata.name,
-                        "type": env.model.spec.type},
+        "environment": {
+            "identifier": env.ident,
+            "name": env.model.metadata.name,
+            "type": env.model.spec.type,
+        },
         "artifact": artifact,
         "infrastructures": infras,
         "steps": _dump_steps(out_stage.spec.execution.steps),
         # Worker tags for every host of the stage (the pipeline's, then the stage's); the
         # infrastructure's and each step's are added per host and step.
-        "delegateSelectors": sorted({*pipe.model.spec.delegate_selectors,
-                                     *out_stage.delegate_selectors}),
+        "delegateSelectors": sorted(
+            {*pipe.model.spec.delegate_selectors, *out_stage.delegate_selectors}
+        ),
         "delegateFallback": out_stage.delegate_fallback,
         # The failure strategies that apply after the step's own, by precedence.
         "failureStrategies": [
             *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
-            *[f.model_dump(mode="json", by_alias=True)
-              for f in pipe.model.spec.failure_strategies]],
+            *[f.model_dump(mode="json", by_alias=True) for f in pipe.model.spec.failure_strategies],
+        ],
         # Values from outside the files (runtime inputs): the worker binds the unsafe ones into
         # the environment of the scripts that name them (see expressions.render).
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
@@ -331,16 +436,22 @@ def resolve_stage(bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str
     }
 
 
-def _resolve_custom(pipe: Loaded, stage: m.CustomStageSpec, index: int, raw: Any, ctx: Context,
-                    base: tuple[str | int, ...], errs: Collector) -> dict[str, Any]:
+def _resolve_custom(
+    pipe: Loaded,
+    stage: m.CustomStageSpec,
+    index: int,
+    raw: Any,
+    ctx: Context,
+    base: tuple[str | int, ...],
+    errs: Collector,
+) -> dict[str, Any]:
     """A Custom stage as plain data: a stage whose one host is the delegate. A ShellScript
     becomes a Command step on the delegate (onDelegate: true, one Script unit): the same
     clean environment, output variables and masking as any onDelegate step."""
     data = copy.deepcopy(raw)
     # An Http assertion names the response (<+httpResponseCode>), known only on the worker:
     # those expressions stand as written while the others are rendered.
-    held = {f"<+{name}>": f"__vmfarm_{name}__" for name in ("httpResponseCode",
-                                                             "httpResponseBody")}
+    held = {f"<+{name}>": f"__vmfarm_{name}__" for name in ("httpResponseCode", "httpResponseBody")}
     for el in ((data.get("spec") or {}).get("execution") or {}).get("steps") or []:
         spec = ((el or {}).get("step") or {}).get("spec") if isinstance(el, dict) else None
         if isinstance(spec, dict) and isinstance(spec.get("assertion"), str):
@@ -366,9 +477,14 @@ def _resolve_custom(pipe: Loaded, stage: m.CustomStageSpec, index: int, raw: Any
                 "environmentVariables": sp.get("environmentVariables", []),
                 "outputVariables": sp.get("outputVariables", []),
                 "delegateSelectors": sp.get("delegateSelectors", []),
-                "commandUnits": [{"identifier": step.identifier, "name": step.name,
-                                  "type": "Script",
-                                  "spec": {"shell": sp["shell"], "source": sp["source"]}}],
+                "commandUnits": [
+                    {
+                        "identifier": step.identifier,
+                        "name": step.name,
+                        "type": "Script",
+                        "spec": {"shell": sp["shell"], "source": sp["source"]},
+                    }
+                ],
             }
             steps.append(d)
         else:
@@ -384,13 +500,14 @@ def _resolve_custom(pipe: Loaded, stage: m.CustomStageSpec, index: int, raw: Any
         "artifact": None,
         "infrastructures": [],
         "steps": steps,
-        "delegateSelectors": sorted({*pipe.model.spec.delegate_selectors,
-                                     *out_stage.delegate_selectors}),
+        "delegateSelectors": sorted(
+            {*pipe.model.spec.delegate_selectors, *out_stage.delegate_selectors}
+        ),
         "delegateFallback": out_stage.delegate_fallback,
         "failureStrategies": [
             *[f.model_dump(mode="json", by_alias=True) for f in out_stage.failure_strategies],
-            *[f.model_dump(mode="json", by_alias=True)
-              for f in pipe.model.spec.failure_strategies]],
+            *[f.model_dump(mode="json", by_alias=True) for f in pipe.model.spec.failure_strategies],
+        ],
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": [],
     }
@@ -403,8 +520,10 @@ TAG_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 
 def _own_regex(bundle: Bundle, svc: Loaded) -> bool:
     """Does the service's artifact tag come from a runtime input with its own .regex()?"""
-    return any(slot.doc is svc.doc and slot.path[-1:] == ("tag",) and "regex" in slot.options
-               for slot in bundle.inputs)
+    return any(
+        slot.doc is svc.doc and slot.path[-1:] == ("tag",) and "regex" in slot.options
+        for slot in bundle.inputs
+    )
 
 
 def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
@@ -415,8 +534,9 @@ def _dump_steps(elements: list[m.StepElement]) -> list[dict[str, Any]]:
         d = step.model_dump(mode="json", by_alias=True, exclude_none=True)
         if group is not None:
             d["group"] = group.identifier
-            d["groupFailureStrategies"] = [f.model_dump(mode="json", by_alias=True)
-                                           for f in group.failure_strategies]
+            d["groupFailureStrategies"] = [
+                f.model_dump(mode="json", by_alias=True) for f in group.failure_strategies
+            ]
             if group.when is not None:
                 d["groupWhen"] = group.when.to_json()
         out.append(d)
@@ -434,27 +554,36 @@ def strategy_of(stage: m.StageSpec, *, regions: list[str] | None = None) -> dict
         step = bg.switch_step()
         props = step.properties if step else {}
         region = bg.region() or next(iter(sorted(set(regions or []))), None)
-        return {"type": "BlueGreen", "switchName": step.name if step else None,
-                "traffic": {"type": "AwsLoadBalancers", "region": region,
-                            "targetGroupArns": list(props.get("targetGroupArns") or []),
-                            "classicLoadBalancers": list(props.get("classicLoadBalancers")
-                                                         or [])},
-                "failureBudget": budget.model_dump(by_alias=True)}
+        return {
+            "type": "BlueGreen",
+            "switchName": step.name if step else None,
+            "traffic": {
+                "type": "AwsLoadBalancers",
+                "region": region,
+                "targetGroupArns": list(props.get("targetGroupArns") or []),
+                "classicLoadBalancers": list(props.get("classicLoadBalancers") or []),
+            },
+            "failureBudget": budget.model_dump(by_alias=True),
+        }
     for kind, form in (("Rolling", sp.rollout_deployment), ("Canary", sp.canary_deployment)):
         if form is None:
             continue
         phases = form.phases
         checks = [s for p in phases for s in p.phase.steps if s.is_verification]
         verification = next((v for v in (s.verification() for s in checks) if v), None)
-        return {"type": kind, "cumulative": True,
-                "phases": [p.phase.size() for p in phases],
-                "phaseNames": [p.phase.name for p in phases],
-                "verifyAfter": [i for i, p in enumerate(phases)
-                                if any(s.is_verification for s in p.phase.steps)],
-                "verification": verification.model_dump(mode="json", by_alias=True,
-                                                        exclude_none=True)
-                if verification else None,
-                "failureBudget": budget.model_dump(by_alias=True)}
+        return {
+            "type": kind,
+            "cumulative": True,
+            "phases": [p.phase.size() for p in phases],
+            "phaseNames": [p.phase.name for p in phases],
+            "verifyAfter": [
+                i for i, p in enumerate(phases) if any(s.is_verification for s in p.phase.steps)
+            ],
+            "verification": verification.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if verification
+            else None,
+            "failureBudget": budget.model_dump(by_alias=True),
+        }
     strategy = sp.strategy or m.StrategySpec()
     out = strategy.model_dump(mode="json", by_alias=True, exclude_none=True)
     out["cumulative"] = strategy.type == "Canary"
@@ -473,11 +602,17 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> Plan:
         except (SpecError, SpecErrors) as exc:
             errs.absorb(exc)
     errs.raise_if_any()
-    return Plan.model_validate({
-        "identifier": pipeline.ident,
-        "name": pipeline.model.metadata.name,
-        "files": sorted({d.file for d in [*bundle.documents, *bundle.templates]}),  # + templates
-        "stages": stages,
-        "notificationRules": [r.model_dump(mode="json", by_alias=True, exclude_none=True)
-                               for r in pipeline.model.spec.notification_rules],
-    })
+    return Plan.model_validate(
+        {
+            "identifier": pipeline.ident,
+            "name": pipeline.model.metadata.name,
+            "files": sorted(
+                {d.file for d in [*bundle.documents, *bundle.templates]}
+            ),  # + templates
+            "stages": stages,
+            "notificationRules": [
+                r.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for r in pipeline.model.spec.notification_rules
+            ],
+        }
+    )

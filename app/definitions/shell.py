@@ -69,17 +69,23 @@ class Place:
     def refusal(self, value: str) -> str | None:
         """Why ``value`` cannot stand here intact, or None when it can."""
         if self.where == Where.ARITHMETIC and not _INTEGER.fullmatch(value):
-            return (f"it stands in an arithmetic expression (line {self.line}), where bash would "
-                    "evaluate it: only an integer may stand there")
+            return (
+                f"it stands in an arithmetic expression (line {self.line}), where bash would "
+                "evaluate it: only an integer may stand there"
+            )
         if self.where == Where.HEREDOC_QUOTED:
             for piece in value.split("\n"):
                 if (piece.lstrip("\t") if self.strip_tabs else piece) == self.delimiter:
-                    return (f"a line of the value would end the quoted here-document "
-                            f"<<'{self.delimiter}' (line {self.line}) early and run the rest")
+                    return (
+                        f"a line of the value would end the quoted here-document "
+                        f"<<'{self.delimiter}' (line {self.line}) early and run the rest"
+                    )
             if self.strip_tabs and any(p.startswith("\t") for p in value.split("\n")):
-                return (f"bash strips leading tabs from the lines of a <<-'{self.delimiter}' "
-                        f"here-document (line {self.line}), and some lines of the value have "
-                        "them")
+                return (
+                    f"bash strips leading tabs from the lines of a <<-'{self.delimiter}' "
+                    f"here-document (line {self.line}), and some lines of the value have "
+                    "them"
+                )
         return None
 
     def form(self, value: str, name: str) -> str:
@@ -157,7 +163,7 @@ class _Scanner:
         if end < 0:
             return False
         place = Place(self.i, end + 1, self.line(), where, **extra)  # type: ignore[arg-type]
-        object.__setattr__(place, "_expr", self.s[self.i + 2:end])
+        object.__setattr__(place, "_expr", self.s[self.i + 2 : end])
         self.out.append(place)
         self.i = end + 1
         return True
@@ -369,13 +375,14 @@ class _Scanner:
                 quoted = True
                 end = s.find(c, self.i + 1)
                 if end < 0:
-                    raise ShellSyntaxError(f"unclosed quote in a here-document delimiter on line "
-                                           f"{self.line()}")
-                word.append(s[self.i + 1:end])
+                    raise ShellSyntaxError(
+                        f"unclosed quote in a here-document delimiter on line {self.line()}"
+                    )
+                word.append(s[self.i + 1 : end])
                 self.i = end + 1
             elif c == "\\":
                 quoted = True
-                word.append(s[self.i + 1:self.i + 2])
+                word.append(s[self.i + 1 : self.i + 2])
                 self.i += 2
             else:
                 word.append(c)
@@ -392,18 +399,21 @@ class _Scanner:
             start = self.line()
             while True:
                 if self.i >= len(s):
-                    raise ShellSyntaxError(f"here-document <<{delimiter} from line {start} "
-                                           f"never ends (no line '{delimiter}')")
+                    raise ShellSyntaxError(
+                        f"here-document <<{delimiter} from line {start} "
+                        f"never ends (no line '{delimiter}')"
+                    )
                 eol = s.find("\n", self.i)
                 eol = len(s) if eol < 0 else eol
-                text = s[self.i:eol]
+                text = s[self.i : eol]
                 if (text.lstrip("\t") if strip else text) == delimiter:
                     self.i = min(eol + 1, len(s))
                     break
                 if quoted:
                     while self.i < eol:
-                        if not self.expr(Where.HEREDOC_QUOTED, delimiter=delimiter,
-                                         strip_tabs=strip):
+                        if not self.expr(
+                            Where.HEREDOC_QUOTED, delimiter=delimiter, strip_tabs=strip
+                        ):
                             self.i += 1
                 else:  # expansions work here: $(...) may even run over several lines
                     self.double(where=Where.HEREDOC, until="\n")

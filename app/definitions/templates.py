@@ -61,8 +61,9 @@ from app.definitions.validation import validate as _validate
 from app.definitions.yamlload import Document, Path, dotted
 from app.errors import SpecError
 
-TemplateType = Literal["Pipeline", "Stage", "Step", "StepGroup", "Service", "Environment",
-                       "Infrastructure"]
+TemplateType = Literal[
+    "Pipeline", "Stage", "Step", "StepGroup", "Service", "Environment", "Infrastructure"
+]
 # Document kinds whose whole spec may come from a template of the same type.
 DOCUMENT_KINDS = ("Pipeline", "Service", "Environment", "Infrastructure")
 # Keys of a pipeline's list entries that may hold a template reference, and the type they need.
@@ -154,8 +155,9 @@ def is_template_document(data: Any) -> bool:
     """``kind: Template``, or Harness's top-level ``template:`` form."""
     if not isinstance(data, dict):
         return False
-    return data.get("kind") == "Template" or ("template" in data and "kind" not in data
-                                              and "apiVersion" not in data)
+    return data.get("kind") == "Template" or (
+        "template" in data and "kind" not in data and "apiVersion" not in data
+    )
 
 
 # --- a document with content from templates ----------------------------------------------------
@@ -198,8 +200,9 @@ class ExpandedDocument(Document):
             return (self.file, *super().pos(p, key=key))
         return (src.file, *src.pos(p, key=key))
 
-    def error(self, message: str, path: Path, *, key: bool = False,
-              within: str | None = None) -> SpecError:
+    def error(
+        self, message: str, path: Path, *, key: bool = False, within: str | None = None
+    ) -> SpecError:
         src, p = self.origin(path)
         if src is None:
             return super().error(message, path, key=key, within=within)
@@ -240,11 +243,16 @@ _USE_AT: dict[str, tuple[str, Path, str]] = {
     "Environment": ("Environment", ("spec",), "Environment"),
     "Infrastructure": ("Infrastructure", ("spec",), "Infrastructure"),
     "Stage": ("Pipeline", ("spec", "stages", 0, "stage"), "stage"),
-    "Step": ("Pipeline", ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "step"),
-             "step"),
-    "StepGroup": ("Pipeline",
-                  ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "stepGroup"),
-                  "stepGroup"),
+    "Step": (
+        "Pipeline",
+        ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "step"),
+        "step",
+    ),
+    "StepGroup": (
+        "Pipeline",
+        ("spec", "stages", 0, "stage", "spec", "execution", "steps", 0, "stepGroup"),
+        "stepGroup",
+    ),
 }
 _UNUSED = "template_check"
 
@@ -261,21 +269,37 @@ def check_unused(tpl: Template, expander: _Expander, errs: _Collector) -> None:
     entry: dict[str, Any] = {"template": ref}
     if slot in ELEMENT_TYPES:
         entry = {"name": _UNUSED, "identifier": _UNUSED, **entry}
-    data: dict[str, Any] = {"apiVersion": "v1", "kind": kind,
-                            "metadata": {"name": _UNUSED, "identifier": _UNUSED}}
+    data: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {"name": _UNUSED, "identifier": _UNUSED},
+    }
     if slot == "stage":
         data["spec"] = {"stages": [{"stage": entry}]}
     elif slot in ("step", "stepGroup"):
-        data["spec"] = {"stages": [{"stage": {
-            "name": _UNUSED, "identifier": _UNUSED, "type": "Deployment",
-            "spec": {"deploymentType": "Ssh", "service": {"serviceRef": _UNUSED},
-                     "environment": {"environmentRef": _UNUSED,
-                                     "infrastructureDefinitions": [{"identifier": _UNUSED}]},
-                     "execution": {"steps": [{slot: entry}]}}}}]}
+        data["spec"] = {
+            "stages": [
+                {
+                    "stage": {
+                        "name": _UNUSED,
+                        "identifier": _UNUSED,
+                        "type": "Deployment",
+                        "spec": {
+                            "deploymentType": "Ssh",
+                            "service": {"serviceRef": _UNUSED},
+                            "environment": {
+                                "environmentRef": _UNUSED,
+                                "infrastructureDefinitions": [{"identifier": _UNUSED}],
+                            },
+                            "execution": {"steps": [{slot: entry}]},
+                        },
+                    }
+                }
+            ]
+        }
     else:
         data["spec"] = entry
-    out = ExpandedDocument(file=tpl.doc.file, index=tpl.doc.index, data=data,
-                           line=tpl.doc.line)
+    out = ExpandedDocument(file=tpl.doc.file, index=tpl.doc.index, data=data, line=tpl.doc.line)
     out.origins[()] = (tpl.doc, tpl.body_path)
     mine = _Collector()
     sub = _Expander(expander.registry, mine, expander.broken)
@@ -296,8 +320,8 @@ def check_unused(tpl: Template, expander: _Expander, errs: _Collector) -> None:
         if _input_in(out.data, e.field):
             continue
         fld = e.field or ""
-        if fld.startswith(inside) and fld[len(inside):len(inside) + 1] in ("", ".", "["):
-            fld = body + fld[len(inside):]  # named from the template document's root
+        if fld.startswith(inside) and fld[len(inside) : len(inside) + 1] in ("", ".", "["):
+            fld = body + fld[len(inside) :]  # named from the template document's root
         errs.add(SpecError(e.message, file=e.file, line=e.line, col=e.col, field=fld))
 
 
@@ -320,8 +344,9 @@ def _input_in(data: Any, field_name: str | None) -> bool:
     return any(isinstance(p, dict) and has_input(str(p.get("type", ""))) for p in parents)
 
 
-def _register(docs: list[Document], errs: _Collector,
-              broken: set[str]) -> dict[str, dict[str | None, Template]]:
+def _register(
+    docs: list[Document], errs: _Collector, broken: set[str]
+) -> dict[str, dict[str | None, Template]]:
     """Templates by identifier and version; ``broken`` gets the identifiers of the invalid ones
     (their errors are reported; references to them are not reported again)."""
     registry: dict[str, dict[str | None, Template]] = {}
@@ -331,10 +356,18 @@ def _register(docs: list[Document], errs: _Collector,
             if obj is None:
                 broken.add(_raw_ident(doc.data.get("metadata")))
                 continue
-            tpl = Template(obj.metadata.ident, _label(obj.spec.version_label), obj.spec.type, doc,
-                           ("spec", "spec"))
-            where: Path = ("metadata", "identifier") if "identifier" in doc.data["metadata"] \
+            tpl = Template(
+                obj.metadata.ident,
+                _label(obj.spec.version_label),
+                obj.spec.type,
+                doc,
+                ("spec", "spec"),
+            )
+            where: Path = (
+                ("metadata", "identifier")
+                if "identifier" in doc.data["metadata"]
                 else ("metadata", "name")
+            )
         else:
             hobj = _validate(doc, (), HarnessTemplateDocument, doc.data, errs)
             if hobj is None:
@@ -342,13 +375,21 @@ def _register(docs: list[Document], errs: _Collector,
                 continue
             t = hobj.template
             tpl = Template(t.ident, _label(t.version_label), t.type, doc, ("template", "spec"))
-            where = ("template", "identifier") if "identifier" in doc.data["template"] \
+            where = (
+                ("template", "identifier")
+                if "identifier" in doc.data["template"]
                 else ("template", "name")
+            )
         versions = registry.setdefault(tpl.ident, {})
         if tpl.version in versions:
             first = versions[tpl.version]
-            errs.add(doc.error(f"duplicate template {tpl.label} (first defined at "
-                               f"{first.doc.file}:{first.doc.line})", where))
+            errs.add(
+                doc.error(
+                    f"duplicate template {tpl.label} (first defined at "
+                    f"{first.doc.file}:{first.doc.line})",
+                    where,
+                )
+            )
             continue
         versions[tpl.version] = tpl
     return registry
@@ -362,8 +403,9 @@ def _raw_ident(meta: Any) -> str:
 
 
 class _Expander:
-    def __init__(self, registry: dict[str, dict[str | None, Template]], errs: _Collector,
-                 broken: set[str]) -> None:
+    def __init__(
+        self, registry: dict[str, dict[str | None, Template]], errs: _Collector, broken: set[str]
+    ) -> None:
         self.registry = registry
         self.errs = errs
         self.broken = broken
@@ -371,12 +413,21 @@ class _Expander:
 
     def document(self, doc: Document) -> Document:
         data = doc.data
-        if not isinstance(data, dict) or data.get("kind") not in DOCUMENT_KINDS \
-                or not _uses_templates(data):
+        if (
+            not isinstance(data, dict)
+            or data.get("kind") not in DOCUMENT_KINDS
+            or not _uses_templates(data)
+        ):
             return doc
-        out = ExpandedDocument(file=doc.file, index=doc.index, data=copy.deepcopy(data),
-                               values=doc.values, keys=doc.keys, line=doc.line,
-                               sources=doc.sources)
+        out = ExpandedDocument(
+            file=doc.file,
+            index=doc.index,
+            data=copy.deepcopy(data),
+            values=doc.values,
+            keys=doc.keys,
+            line=doc.line,
+            sources=doc.sources,
+        )
         spec = out.data.get("spec")
         if isinstance(spec, dict) and "template" in spec:
             self.expand(out, ("spec",), str(data["kind"]), ())
@@ -384,8 +435,13 @@ class _Expander:
             self.walk(out, out.data, (), ())
         return out
 
-    def walk(self, out: ExpandedDocument, data: Any, path: Path,
-             stack: tuple[tuple[str, str | None], ...]) -> None:
+    def walk(
+        self,
+        out: ExpandedDocument,
+        data: Any,
+        path: Path,
+        stack: tuple[tuple[str, str | None], ...],
+    ) -> None:
         """Expand every stage/step/stepGroup entry of ``data`` that names a template."""
         if isinstance(data, dict):
             for k in list(data):
@@ -398,8 +454,13 @@ class _Expander:
             for i, v in enumerate(data):
                 self.walk(out, v, (*path, i), stack)
 
-    def expand(self, out: ExpandedDocument, path: Path, slot: str,
-               stack: tuple[tuple[str, str | None], ...]) -> None:
+    def expand(
+        self,
+        out: ExpandedDocument,
+        path: Path,
+        slot: str,
+        stack: tuple[tuple[str, str | None], ...],
+    ) -> None:
         """Replace the entry at ``path`` (``slot``: stage/step/stepGroup or a document kind)."""
         entry = _get(out.data, path)
         document_level = slot in DOCUMENT_KINDS
@@ -409,16 +470,22 @@ class _Expander:
         allowed = ("template",) if document_level else _ENTRY_FIELDS
         for k in entry:
             if k not in allowed:
-                self.errs.add(out.error(
-                    f"'{k}' cannot stand next to 'template': {what} that uses a template takes "
-                    f"only {', '.join(allowed)} (put '{k}' in the template, or give it through "
-                    "templateInputs)", (*path, k), key=True))
+                self.errs.add(
+                    out.error(
+                        f"'{k}' cannot stand next to 'template': {what} that uses a template takes "
+                        f"only {', '.join(allowed)} (put '{k}' in the template, or give it through "
+                        "templateInputs)",
+                        (*path, k),
+                        key=True,
+                    )
+                )
                 ok = False
         if not document_level:
             for k in ("name", "identifier"):
                 if k not in entry:
-                    self.errs.add(out.error(f"{what} that uses a template needs '{k}'", path,
-                                            key=True))
+                    self.errs.add(
+                        out.error(f"{what} that uses a template needs '{k}'", path, key=True)
+                    )
                     ok = False
         ref = self.reference(out, (*path, "template"), entry["template"])
         if ref is None or not ok:
@@ -429,9 +496,12 @@ class _Expander:
         ref_at: Path = (*path, "template", "templateRef")
         self.used.add((tpl.ident, tpl.version))
         if tpl.type != want:
-            self.errs.add(out.error(
-                f"template {tpl.label} is a {tpl.type} template; {what} needs a {want} template",
-                ref_at))
+            self.errs.add(
+                out.error(
+                    f"template {tpl.label} is a {tpl.type} template; {what} needs a {want} template",
+                    ref_at,
+                )
+            )
             return
         key = (tpl.ident, tpl.version)
         if key in stack or len(stack) >= MAX_DEPTH:
@@ -445,10 +515,12 @@ class _Expander:
         filled: dict[Path, Path] = {}
         if ref.template_inputs:
             body = _Filler(out, tpl, inputs_at, filled, self.errs).fill(
-                body, entry["template"]["templateInputs"], (), ())
+                body, entry["template"]["templateInputs"], (), ()
+            )
         # Where each part was written, worked out before the entry is replaced.
-        kept = {k: out.origin((*path, k)) for k in ("name", "identifier", "description")
-                if k in entry}
+        kept = {
+            k: out.origin((*path, k)) for k in ("name", "identifier", "description") if k in entry
+        }
         from_inputs = {s: out.origin((*inputs_at, *ip)) for s, ip in filled.items()}
         if document_level:
             new: dict[str, Any] = body
@@ -458,7 +530,7 @@ class _Expander:
             if "description" in entry:
                 new["description"] = entry["description"]
         _set(out.data, path, new)
-        for p in [p for p in out.origins if len(p) > len(path) and p[:len(path)] == path]:
+        for p in [p for p in out.origins if len(p) > len(path) and p[: len(path)] == path]:
             del out.origins[p]
         for k in body:
             out.origins[(*path, k)] = (tpl.doc, (*tpl.body_path, k))
@@ -488,8 +560,13 @@ class _Expander:
             close = difflib.get_close_matches(name, list(self.registry), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             known = ", ".join(sorted(self.registry)) or "none loaded"
-            self.errs.add(out.error(f"template '{name}' is not defined in the given files{hint} "
-                                    f"(templates: {known})", ref_at))
+            self.errs.add(
+                out.error(
+                    f"template '{name}' is not defined in the given files{hint} "
+                    f"(templates: {known})",
+                    ref_at,
+                )
+            )
             return None
         wanted = _label(ref.version_label)
         shown = ", ".join(sorted(str(v) for v in versions if v is not None)) or "no versionLabel"
@@ -498,14 +575,23 @@ class _Expander:
                 return next(iter(versions.values()))
             if name in self.broken:
                 return None
-            self.errs.add(out.error(f"template '{name}' has several versions ({shown}): choose "
-                                    "one with versionLabel", ref_at))
+            self.errs.add(
+                out.error(
+                    f"template '{name}' has several versions ({shown}): choose "
+                    "one with versionLabel",
+                    ref_at,
+                )
+            )
             return None
         if wanted not in versions:
             if name in self.broken:
                 return None  # perhaps the invalid one: reported there
-            self.errs.add(out.error(f"template '{name}' has no version '{wanted}' (versions: "
-                                    f"{shown})", (*path, "template", "versionLabel")))
+            self.errs.add(
+                out.error(
+                    f"template '{name}' has no version '{wanted}' (versions: {shown})",
+                    (*path, "template", "versionLabel"),
+                )
+            )
             return None
         return versions[wanted]
 
@@ -514,8 +600,14 @@ class _Filler:
     """Fill a template body's <+input> fields from templateInputs, recording where each filled
     value came from (body path -> templateInputs path)."""
 
-    def __init__(self, out: ExpandedDocument, tpl: Template, inputs_at: Path,
-                 filled: dict[Path, Path], errs: _Collector) -> None:
+    def __init__(
+        self,
+        out: ExpandedDocument,
+        tpl: Template,
+        inputs_at: Path,
+        filled: dict[Path, Path],
+        errs: _Collector,
+    ) -> None:
         self.out = out
         self.tpl = tpl
         self.inputs_at = inputs_at
@@ -532,22 +624,32 @@ class _Filler:
         shown = dotted(tpath) or "templateInputs"
         if isinstance(t, dict):
             if not isinstance(i, dict):
-                self.error(f"'{shown}' must be a mapping (as in template {self.tpl.label}), got "
-                           f"{_type_name(i)}", ipath)
+                self.error(
+                    f"'{shown}' must be a mapping (as in template {self.tpl.label}), got "
+                    f"{_type_name(i)}",
+                    ipath,
+                )
                 return t
             for k, v in i.items():
                 if k not in t:
                     close = difflib.get_close_matches(k, list(t), n=1)
                     hint = f"; did you mean '{close[0]}'?" if close else ""
-                    self.error(f"templateInputs names '{dotted((*tpath, k))}', which template "
-                               f"{self.tpl.label} does not have{hint}", (*ipath, k), key=True)
+                    self.error(
+                        f"templateInputs names '{dotted((*tpath, k))}', which template "
+                        f"{self.tpl.label} does not have{hint}",
+                        (*ipath, k),
+                        key=True,
+                    )
                     continue
                 t[k] = self.fill(t[k], v, (*tpath, k), (*ipath, k))
             return t
         if isinstance(t, list):
             if not isinstance(i, list):
-                self.error(f"'{shown}' must be a list (as in template {self.tpl.label}), got "
-                           f"{_type_name(i)}", ipath)
+                self.error(
+                    f"'{shown}' must be a list (as in template {self.tpl.label}), got "
+                    f"{_type_name(i)}",
+                    ipath,
+                )
                 return t
             used: set[int] = set()
             for j, v in enumerate(i):
@@ -555,16 +657,22 @@ class _Filler:
                 if k is None:
                     key = _entry_key(v)
                     which = f"with {key[0]} '{key[1]}'" if key else f"number {j + 1}"
-                    self.error(f"templateInputs names an entry of '{shown}' {which}, which "
-                               f"template {self.tpl.label} does not have", (*ipath, j))
+                    self.error(
+                        f"templateInputs names an entry of '{shown}' {which}, which "
+                        f"template {self.tpl.label} does not have",
+                        (*ipath, j),
+                    )
                     continue
                 used.add(k)
                 t[k] = self.fill(t[k], v, (*tpath, k), (*ipath, j))
             return t
         if i == t or (_is_scalar(i) and _is_scalar(t) and str(i) == str(t)):
             return t  # repeats what the template says (type, identifier): fine
-        self.error(f"'{shown}' is fixed to {t!r} by template {self.tpl.label}; templateInputs can "
-                   "only give its <+input> fields", ipath)
+        self.error(
+            f"'{shown}' is fixed to {t!r} by template {self.tpl.label}; templateInputs can "
+            "only give its <+input> fields",
+            ipath,
+        )
         return t
 
     def _input(self, t: str, i: Any, tpath: Path, ipath: Path) -> Any:
@@ -576,20 +684,30 @@ class _Filler:
             allowed = opts.get("allowed")
             text = str(i).lower() if isinstance(i, bool) else str(i)
             if isinstance(allowed, list) and allowed and text not in allowed:
-                self.error(f"'{dotted(tpath)}' = {i!r} is not one of the values template "
-                           f"{self.tpl.label} allows {allowed}", ipath)
+                self.error(
+                    f"'{dotted(tpath)}' = {i!r} is not one of the values template "
+                    f"{self.tpl.label} allows {allowed}",
+                    ipath,
+                )
                 return t
             regex = opts.get("regex")
             try:  # RE2: linear in the value, whatever the pattern
-                fits = not isinstance(regex, str) or \
-                    compile_input_regex(regex).fullmatch(text) is not None
+                fits = (
+                    not isinstance(regex, str)
+                    or compile_input_regex(regex).fullmatch(text) is not None
+                )
             except ValueError as exc:
-                self.error(f"'{dotted(tpath)}': <+input>.regex({regex}) of template "
-                           f"{self.tpl.label} cannot be used: {exc}", ipath)
+                self.error(
+                    f"'{dotted(tpath)}': <+input>.regex({regex}) of template "
+                    f"{self.tpl.label} cannot be used: {exc}",
+                    ipath,
+                )
                 return t
             if not fits:
-                self.error(f"'{dotted(tpath)}' = {i!r} does not match {regex} (template "
-                           f"{self.tpl.label})", ipath)
+                self.error(
+                    f"'{dotted(tpath)}' = {i!r} does not match {regex} (template {self.tpl.label})",
+                    ipath,
+                )
                 return t
             if INPUT_RE.fullmatch(t.strip()) is None:
                 value = INPUT_RE.sub(lambda _: text, t)  # <+input> inside a longer string
@@ -659,8 +777,11 @@ def templates_of(documents: list[Document]) -> Iterator[tuple[str, str | None, s
             continue
         if data.get("kind") == "Template":
             spec = data.get("spec") if isinstance(data.get("spec"), dict) else {}
-            yield _raw_ident(data.get("metadata")), _label(spec.get("versionLabel")), \
-                str(spec.get("type"))
+            yield (
+                _raw_ident(data.get("metadata")),
+                _label(spec.get("versionLabel")),
+                str(spec.get("type")),
+            )
         else:
             t = data.get("template") if isinstance(data.get("template"), dict) else {}
             yield _raw_ident(t), _label(t.get("versionLabel")), str(t.get("type"))

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 from app.definitions.bundle import Collector, get_at
 
 
-def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]) -> tuple[
-    str | int, ...
-]:
+def loc_to_path(
+    doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
+) -> tuple[str | int, ...]:
     """Map pydantic's loc (which includes union tags) onto the data path in the document."""
     path = list(base)
     data: Any = doc.data
@@ -30,8 +30,9 @@ def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
         data = data[p]
     for part in loc:
         present = isinstance(data, dict) and isinstance(part, str) and part in data
-        present = present or (isinstance(data, list) and isinstance(part, int)
-                              and 0 <= part < len(data))
+        present = present or (
+            isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        )
         if present:
             path.append(part)
             data = data[part]
@@ -45,15 +46,15 @@ def loc_to_path(doc: Document, base: tuple[str | int, ...], loc: tuple[Any, ...]
 # reason, not as an unknown word.
 UNSUPPORTED_TYPES = {
     "CI": "a CI stage is refused: vmfarm deploys and does not build; let your CI system "
-          "build and publish the artifact, then run the Deployment stages with vmfarm (a webhook "
-          "or `vmfarm run --set tag=...` from the CI job)",
+    "build and publish the artifact, then run the Deployment stages with vmfarm (a webhook "
+    "or `vmfarm run --set tag=...` from the CI job)",
     "Pdc": "a Pdc connector is not supported: list the hosts under a Pdc infrastructure's "
-           "spec.hosts",
+    "spec.hosts",
     "Github": "write the repository as a Git connector (type: Git)",
     "Gitlab": "write the repository as a Git connector (type: Git)",
     "Bitbucket": "write the repository as a Git connector (type: Git)",
     "DockerRegistry": "vmfarm deploys files to VMs, not images: use an Artifactory, Nexus or "
-                      "Http connector",
+    "Http connector",
     "TerraformPlan": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
     "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
@@ -64,14 +65,14 @@ UNSUPPORTED_TYPES = {
 # Step types of one kind of stage written in the other: refused saying where they belong.
 OTHER_STAGE_TYPES = {
     "ShellScript": "a ShellScript step runs in a Custom stage (on the delegate); in a Deployment "
-                   "stage write a Command step with a Script unit (onDelegate: true runs it on "
-                   "the worker)",
+    "stage write a Command step with a Script unit (onDelegate: true runs it on "
+    "the worker)",
     "Http": "an Http step runs in a Custom stage (from the delegate); in a Deployment stage use "
-            "a HealthCheck step of type HTTP",
+    "a HealthCheck step of type HTTP",
     "Command": "a Command step runs on hosts, in a Deployment stage; in a Custom stage write a "
-               "ShellScript step",
+    "ShellScript step",
     "HealthCheck": "a HealthCheck step checks hosts, in a Deployment stage; in a Custom stage "
-                   "write an Http step",
+    "write an Http step",
 }
 
 
@@ -107,11 +108,18 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
     if etype == "list_type":
         return f"'{name}' must be a list, got {_type_name(inp)}"
     if etype.startswith(("int_", "float_", "bool_", "string_")) or etype in (
-        "string_type", "int_type", "bool_type", "float_type"
+        "string_type",
+        "int_type",
+        "bool_type",
+        "float_type",
     ):
         want = etype.split("_")[0]
-        want = {"int": "an integer", "float": "a number", "bool": "true or false",
-                "string": "a string"}.get(want, want)
+        want = {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "string": "a string",
+        }.get(want, want)
         shown = f" {inp!r}" if isinstance(inp, str | int | float) else ""
         return f"'{name}' must be {want}, got {_type_name(inp)}{shown}"
     if etype == "too_short":
@@ -124,9 +132,15 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
 
 
 def _type_name(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer",
-            float: "a number", bool: "a boolean", type(None): "nothing (null)"}.get(
-        type(v), type(v).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "nothing (null)",
+    }.get(type(v), type(v).__name__)
 
 
 def _allowed_fields(model: type[Any], loc: tuple[Any, ...]) -> list[str]:
@@ -155,9 +169,11 @@ def _allowed_fields(model: type[Any], loc: tuple[Any, ...]) -> list[str]:
         cur = nxt
     fields: list[str] = []
     for cand in _models_of(cur):
-        fields.extend(f.alias or n for n, f in cand.model_fields.items()
-                      if not (isinstance(f.json_schema_extra, dict)
-                              and f.json_schema_extra.get("refused")))
+        fields.extend(
+            f.alias or n
+            for n, f in cand.model_fields.items()
+            if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("refused"))
+        )
     return sorted(set(fields))
 
 
@@ -180,9 +196,9 @@ def _models_of(tp: Any) -> list[type[Any]]:
 _SCALAR_TAGS = {"str", "int", "float", "bool"}
 
 
-def position(doc: Document, path: tuple[str | int, ...], *, key: bool = False) -> tuple[
-    str, int, int
-]:
+def position(
+    doc: Document, path: tuple[str | int, ...], *, key: bool = False
+) -> tuple[str, int, int]:
     """File, line and column of ``path`` in ``doc``.
 
     Hook (templates): a document expanded from templates
@@ -197,8 +213,9 @@ def position(doc: Document, path: tuple[str | int, ...], *, key: bool = False) -
     return doc.file, line, col
 
 
-def validate(doc: Document, base: tuple[str | int, ...], model: type[base.Model], data: Any,
-              errs: Collector) -> Any:
+def validate(
+    doc: Document, base: tuple[str | int, ...], model: type[base.Model], data: Any, errs: Collector
+) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -212,20 +229,28 @@ def validate(doc: Document, base: tuple[str | int, ...], model: type[base.Model]
                 seen_union.add(loc[:-1])
                 path = loc_to_path(doc, base, loc[:-1])
                 file, line, col = position(doc, path)  # hook (templates)
-                errs.add(SpecError(
-                    f"'{loc[-2]}' must be a string, number or boolean, got "
-                    f"{_type_name(err.get('input'))}", file=file, line=line, col=col,
-                    field=dotted(path[len(base):])))
+                errs.add(
+                    SpecError(
+                        f"'{loc[-2]}' must be a string, number or boolean, got "
+                        f"{_type_name(err.get('input'))}",
+                        file=file,
+                        line=line,
+                        col=col,
+                        field=dotted(path[len(base) :]),
+                    )
+                )
                 continue
             path = loc_to_path(doc, base, loc)
-            if err["type"] == "union_tag_invalid" and isinstance(get_at(doc.data, path), dict) \
-                    and "type" in get_at(doc.data, path):
+            if (
+                err["type"] == "union_tag_invalid"
+                and isinstance(get_at(doc.data, path), dict)
+                and "type" in get_at(doc.data, path)
+            ):
                 path = (*path, "type")
             key = err["type"] == "extra_forbidden"
             file, line, col = position(doc, path, key=key)  # hook (templates)
-            fld = dotted(path[len(base):]) if path[len(base):] else dotted(loc)
+            fld = dotted(path[len(base) :]) if path[len(base) :] else dotted(loc)
             if err["type"] == "missing":
-                fld = dotted((*path[len(base):], loc[-1]))
-            errs.add(SpecError(friendly(err, model, loc), file=file, line=line, col=col,
-                               field=fld))
+                fld = dotted((*path[len(base) :], loc[-1]))
+            errs.add(SpecError(friendly(err, model, loc), file=file, line=line, col=col, field=fld))
         return None

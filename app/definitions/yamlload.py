@@ -77,8 +77,9 @@ class Document:
         nl = raw.rfind("\n", 0, i)
         return (line + raw.count("\n", 0, i), col + i if nl < 0 else i - nl)
 
-    def error(self, message: str, path: Path, *, key: bool = False,
-              within: str | None = None) -> SpecError:
+    def error(
+        self, message: str, path: Path, *, key: bool = False, within: str | None = None
+    ) -> SpecError:
         """A SpecError that points at ``path`` (at ``within`` inside it, when found)."""
         line, col = self.locate(path, within) if within else self.pos(path, key=key)
         return SpecError(message, file=self.file, line=line, col=col, field=dotted(path))
@@ -108,8 +109,13 @@ class _Builder:
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if id(node) in self.open:
                 line, col = _mark(node)
-                raise SpecError("recursive YAML alias: a value cannot contain itself",
-                                file=self.doc.file, line=line, col=col, field=dotted(path))
+                raise SpecError(
+                    "recursive YAML alias: a value cannot contain itself",
+                    file=self.doc.file,
+                    line=line,
+                    col=col,
+                    field=dotted(path),
+                )
             self.open.add(id(node))
             try:
                 return self._collection(node, path)
@@ -119,9 +125,9 @@ class _Builder:
         mark = node.start_mark
         if isinstance(value, str) and "<+" in value:
             if mark.buffer is not None:
-                raw = str(mark.buffer[mark.pointer:node.end_mark.pointer])
+                raw = str(mark.buffer[mark.pointer : node.end_mark.pointer])
             else:  # libyaml's marks carry no buffer; their index counts characters too
-                raw = self.text[mark.index:node.end_mark.index]
+                raw = self.text[mark.index : node.end_mark.index]
             self.doc.sources[path] = (*_mark(node), raw)
         return value
 
@@ -134,13 +140,19 @@ class _Builder:
                 if not isinstance(key, str):
                     line, col = _mark(knode)
                     raise SpecError(
-                        f"mapping key {key!r} must be a string", file=self.doc.file,
-                        line=line, col=col, field=dotted(path),
+                        f"mapping key {key!r} must be a string",
+                        file=self.doc.file,
+                        line=line,
+                        col=col,
+                        field=dotted(path),
                     )
                 if key in out:
                     line, col = _mark(knode)
                     raise SpecError(
-                        f"duplicate key '{key}'", file=self.doc.file, line=line, col=col,
+                        f"duplicate key '{key}'",
+                        file=self.doc.file,
+                        line=line,
+                        col=col,
                         field=dotted((*path, key)),
                     )
                 self.doc.keys[(*path, key)] = _mark(knode)
@@ -172,44 +184,62 @@ def _compose(loader: Any, file: str) -> Any:
         if kind is AliasEvent:
             node = anchors.get(event.anchor)
             if node is None:
-                raise ComposerError(None, None, f"found undefined alias {event.anchor!r}",
-                                    event.start_mark)
+                raise ComposerError(
+                    None, None, f"found undefined alias {event.anchor!r}", event.start_mark
+                )
             if id(node) in open_ids:
-                raise _limit(file, event.start_mark,
-                             "recursive YAML alias: a value cannot contain itself")
+                raise _limit(
+                    file, event.start_mark, "recursive YAML alias: a value cannot contain itself"
+                )
             aliases += 1
             if aliases > MAX_ALIASES:
-                raise _limit(file, event.start_mark,
-                             f"more than {MAX_ALIASES:,} YAML aliases in one document (limit "
-                             "MAX_ALIASES): write the values out, or use a template")
+                raise _limit(
+                    file,
+                    event.start_mark,
+                    f"more than {MAX_ALIASES:,} YAML aliases in one document (limit "
+                    "MAX_ALIASES): write the values out, or use a template",
+                )
             size = sizes[id(node)]
             expanded += size
             if expanded - distinct > MAX_ALIAS_NODES:
-                raise _limit(file, event.start_mark,
-                             f"YAML aliases copy more than {MAX_ALIAS_NODES:,} values into this "
-                             "document (limit MAX_ALIAS_NODES): an alias bomb? write the values "
-                             "out, or use a template")
+                raise _limit(
+                    file,
+                    event.start_mark,
+                    f"YAML aliases copy more than {MAX_ALIAS_NODES:,} values into this "
+                    "document (limit MAX_ALIAS_NODES): an alias bomb? write the values "
+                    "out, or use a template",
+                )
             if expanded > MAX_NODES:
-                raise _limit(file, event.start_mark,
-                             f"more than {MAX_NODES:,} values in one document once its aliases "
-                             "are expanded (limit MAX_NODES): split it into several files")
+                raise _limit(
+                    file,
+                    event.start_mark,
+                    f"more than {MAX_NODES:,} values in one document once its aliases "
+                    "are expanded (limit MAX_NODES): split it into several files",
+                )
         elif kind in (ScalarEvent, SequenceStartEvent, MappingStartEvent):
             distinct += 1
             expanded += 1
             if expanded > MAX_NODES:
-                raise _limit(file, event.start_mark,
-                             f"more than {MAX_NODES:,} values in one document (limit "
-                             "MAX_NODES): split it into several files")
+                raise _limit(
+                    file,
+                    event.start_mark,
+                    f"more than {MAX_NODES:,} values in one document (limit "
+                    "MAX_NODES): split it into several files",
+                )
             if event.anchor is not None and event.anchor in anchors:
-                raise ComposerError(f"found duplicate anchor {event.anchor!r}; first occurrence",
-                                    anchors[event.anchor].start_mark, "second occurrence",
-                                    event.start_mark)
+                raise ComposerError(
+                    f"found duplicate anchor {event.anchor!r}; first occurrence",
+                    anchors[event.anchor].start_mark,
+                    "second occurrence",
+                    event.start_mark,
+                )
             tag = event.tag
             if kind is ScalarEvent:
                 if tag is None or tag == "!":
                     tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
-                node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark,
-                                       style=event.style)
+                node = yaml.ScalarNode(
+                    tag, event.value, event.start_mark, event.end_mark, style=event.style
+                )
             else:
                 cls = yaml.SequenceNode if kind is SequenceStartEvent else yaml.MappingNode
                 if tag is None or tag == "!":
@@ -220,8 +250,11 @@ def _compose(loader: Any, file: str) -> Any:
                 sizes[id(node)] = 1
             if kind is not ScalarEvent:
                 if len(stack) >= MAX_DEPTH:
-                    raise _limit(file, event.start_mark,
-                                 f"values nested more than {MAX_DEPTH} deep (limit MAX_DEPTH)")
+                    raise _limit(
+                        file,
+                        event.start_mark,
+                        f"values nested more than {MAX_DEPTH} deep (limit MAX_DEPTH)",
+                    )
                 stack.append([node, None, 1])
                 open_ids.add(id(node))
                 continue
@@ -271,9 +304,14 @@ REPARSE_BYTES = 1024 * 1024
 def load_documents(text: str, file: str) -> list[Document]:
     """Every non-empty document of a multi-document YAML text, with positions."""
     if len(text) > MAX_FILE_BYTES:  # (characters: at most as many as bytes)
-        raise SpecError(f"file is {len(text.encode()) / 2**20:.1f} MiB; vmfarm reads pipeline "
-                        f"files of at most {MAX_FILE_BYTES // 2**20} MiB (MAX_FILE_BYTES): "
-                        "split it into several files", file=file, line=1, col=1)
+        raise SpecError(
+            f"file is {len(text.encode()) / 2**20:.1f} MiB; vmfarm reads pipeline "
+            f"files of at most {MAX_FILE_BYTES // 2**20} MiB (MAX_FILE_BYTES): "
+            "split it into several files",
+            file=file,
+            line=1,
+            col=1,
+        )
     if _FAST is not None:
         fast = None
         try:
@@ -297,11 +335,16 @@ def load_documents(text: str, file: str) -> list[Document]:
     except yaml.MarkedYAMLError as exc:
         raise _yaml_error(exc, text, file) from None
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow (\x07, ...)
-        before = text[:max(0, int(exc.position))]
+        before = text[: max(0, int(exc.position))]
         line = before.count("\n") + 1
         col = len(before) - (before.rfind("\n") + 1) + 1
-        raise SpecError(f"invalid YAML: character {exc.character!r} is not allowed in YAML "
-                        "(a control character?)", file=file, line=line, col=col) from None
+        raise SpecError(
+            f"invalid YAML: character {exc.character!r} is not allowed in YAML "
+            "(a control character?)",
+            file=file,
+            line=line,
+            col=col,
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"invalid YAML: {exc}", file=file, line=1, col=1) from None
     finally:
@@ -324,5 +367,4 @@ def _yaml_error(exc: yaml.MarkedYAMLError, text: str, file: str) -> SpecError:
     lines = text.split("\n")
     src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
     near = f" (line: {src[:60]!r})" if src else ""
-    return SpecError(f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line,
-                     col=col)
+    return SpecError(f"invalid YAML: {problem}{context}{hint}{near}", file=file, line=line, col=col)

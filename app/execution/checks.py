@@ -30,9 +30,19 @@ log = logging.getLogger("vmfarm.tasks")
 
 def _claim(key: HostStepKey, worker: str | None) -> tuple[int, CheckRun | None]:
     """As app.execution.ledger.claim (``claim_once``: tried again across a ledger restart)."""
-    values = dict(idem_key=key.idem, execution_id=key.execution, stage_index=key.stage,
-                  phase=key.phase, host=key.host, region=key.region, status=Status.RUNNING,
-                  results={}, reasons=[], worker=worker, started_at=utcnow())
+    values = dict(
+        idem_key=key.idem,
+        execution_id=key.execution,
+        stage_index=key.stage,
+        phase=key.phase,
+        host=key.host,
+        region=key.region,
+        status=Status.RUNNING,
+        results={},
+        reasons=[],
+        worker=worker,
+        started_at=utcnow(),
+    )
     return claim_once(CheckRun, values, what=f"claiming the checks {key.idem}")
 
 
@@ -45,8 +55,10 @@ def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:
     reasons: list[str] = []
     try:
         if key.deadline is not None and time.time() > key.deadline:
-            reasons.append(f"expired: no worker of region {key.region} ran the checks within "
-                           f"{get_settings().dispatch_expires} s")
+            reasons.append(
+                f"expired: no worker of region {key.region} ran the checks within "
+                f"{get_settings().dispatch_expires} s"
+            )
         else:
             stage, hosts = _stage_data(key.execution, key.stage)
             host = Host.from_dict(hosts[key.host])
@@ -60,16 +72,25 @@ def check(key: HostStepKey, *, worker: str | None = None) -> dict[str, Any]:
 
     def write() -> None:
         with session_scope() as s:
-            s.execute(update(CheckRun).where(col(CheckRun.id) == run_id).values(
-                status=Status.SUCCEEDED if passed else Status.FAILED, passed=passed,
-                results=results, reasons=reasons, finished_at=utcnow()))
+            s.execute(
+                update(CheckRun)
+                .where(col(CheckRun.id) == run_id)
+                .values(
+                    status=Status.SUCCEEDED if passed else Status.FAILED,
+                    passed=passed,
+                    results=results,
+                    reasons=reasons,
+                    finished_at=utcnow(),
+                )
+            )
 
     retrying(write, what=f"recording the checks {key.idem}")
     return {"host": key.host, "passed": passed}
 
 
-def _run_checks(verification: VerificationSpec, host: Host,
-                stage: DeploymentStagePlan) -> tuple[dict[str, Any], list[str]]:
+def _run_checks(
+    verification: VerificationSpec, host: Host, stage: DeploymentStagePlan
+) -> tuple[dict[str, Any], list[str]]:
     from app.verify.probes import evaluate, http_check, probe
 
     ctx = host_context(host, stage)
@@ -78,19 +99,29 @@ def _run_checks(verification: VerificationSpec, host: Host,
     hc = verification.health_check
     if hc is not None:
         url = render(hc.url, ctx)
-        r = http_check(url, expect_status=tuple(hc.expect_status or [200]),
-                       expect_body=hc.expect_body, retries=hc.retries,
-                       interval=parse_duration(hc.interval),
-                       timeout=parse_duration(hc.timeout))
+        r = http_check(
+            url,
+            expect_status=tuple(hc.expect_status or [200]),
+            expect_body=hc.expect_body,
+            retries=hc.retries,
+            interval=parse_duration(hc.interval),
+            timeout=parse_duration(hc.timeout),
+        )
         results["health"] = r.to_dict()
         if not r.ok:
-            reasons.append(f"health check {url} failed after {r.attempts} attempt(s): "
-                           f"{r.error or f'status {r.status_code}'}")
+            reasons.append(
+                f"health check {url} failed after {r.attempts} attempt(s): "
+                f"{r.error or f'status {r.status_code}'}"
+            )
     pb = verification.probe
     if pb is not None:
         url = render(pb.url, ctx)
-        stats = probe(url, duration=parse_duration(pb.duration), concurrency=pb.concurrency,
-                      timeout=parse_duration(pb.timeout))
+        stats = probe(
+            url,
+            duration=parse_duration(pb.duration),
+            concurrency=pb.concurrency,
+            timeout=parse_duration(pb.timeout),
+        )
         results["probe"] = stats.to_dict()
         criteria = verification.success_criteria
         if criteria is not None:
@@ -100,8 +131,9 @@ def _run_checks(verification: VerificationSpec, host: Host,
     return results, reasons
 
 
-def health_step(step: HealthCheckStepPlan, host: Host,
-                stage: DeploymentStagePlan) -> tuple[bool, str]:
+def health_step(
+    step: HealthCheckStepPlan, host: Host, stage: DeploymentStagePlan
+) -> tuple[bool, str]:
     """An HTTP or TCP HealthCheck step from the worker to the host: (healthy, what happened)."""
     from app.verify.probes import http_check, tcp_check
 
@@ -111,9 +143,14 @@ def health_step(step: HealthCheckStepPlan, host: Host,
     timeout = parse_duration(spec.timeout)
     if spec.type == "HTTP":
         url = render(spec.url or "", ctx)
-        r = http_check(url, expect_status=tuple(spec.expect_status or [200]),
-                       expect_body=spec.expect_body, retries=retries, interval=interval,
-                       timeout=timeout)
+        r = http_check(
+            url,
+            expect_status=tuple(spec.expect_status or [200]),
+            expect_body=spec.expect_body,
+            retries=retries,
+            interval=interval,
+            timeout=timeout,
+        )
         what = f"HTTP {url}"
     else:
         address = render(spec.host or host.address, ctx)
@@ -122,12 +159,14 @@ def health_step(step: HealthCheckStepPlan, host: Host,
         what = f"TCP {address}:{port}"
     if r.ok:
         return True, f"{what}: healthy after {r.attempts} attempt(s) ({r.elapsed_ms:.0f} ms)"
-    return False, (f"{what}: unhealthy after {r.attempts} attempt(s): "
-                   f"{r.error or f'status {r.status_code}'}")
+    return False, (
+        f"{what}: unhealthy after {r.attempts} attempt(s): {r.error or f'status {r.status_code}'}"
+    )
 
 
-def do_switch(execution_id: str, stage_index: int, phase: int,
-              kind: str = "switch") -> tuple[bool, dict[str, Any]]:
+def do_switch(
+    execution_id: str, stage_index: int, phase: int, kind: str = "switch"
+) -> tuple[bool, dict[str, Any]]:
     """Make the phase's hosts the live set of the stage's traffic switch."""
     from app.traffic import HostIds, traffic_switch_from_spec
 
@@ -136,23 +175,35 @@ def do_switch(execution_id: str, stage_index: int, phase: int,
     assert spec is not None, "a switch phase belongs to a BlueGreen stage with traffic"
     traffic = spec.to_json()
     with session_scope() as s:
-        pr = s.exec(select(PhaseRun).where(
-            PhaseRun.execution_id == execution_id, PhaseRun.stage_index == stage_index,
-            PhaseRun.phase == phase, PhaseRun.kind == kind)).one()
+        pr = s.exec(
+            select(PhaseRun).where(
+                PhaseRun.execution_id == execution_id,
+                PhaseRun.stage_index == stage_index,
+                PhaseRun.phase == phase,
+                PhaseRun.kind == kind,
+            )
+        ).one()
         names = list(pr.hosts)
     ids: dict[str, HostIds] = {}
     if traffic.get("type") == "AwsLoadBalancers":
         # Each load balancer knows a host by its own id (instance id, private IP): the switch
         # takes host names and looks them up here.
         backends = list(names)
-        ids = {n: HostIds(name=n, instance_id=(h.get("attributes") or {}).get("instanceId"),
-                          private_ip=h.get("private_ip"))
-               for n, h in hosts.items()}
+        ids = {
+            n: HostIds(
+                name=n,
+                instance_id=(h.get("attributes") or {}).get("instanceId"),
+                private_ip=h.get("private_ip"),
+            )
+            for n, h in hosts.items()
+        }
     else:
         # An AWS target group registers the hosts' private IPs; HAProxy reaches their address.
         field = "private_ip" if traffic.get("type") == "AwsElbV2" else "address"
-        backends = [f"{hosts[n].get(field) or hosts[n]['address']}:{traffic.get('port', 8080)}"
-                    for n in names]
+        backends = [
+            f"{hosts[n].get(field) or hosts[n]['address']}:{traffic.get('port', 8080)}"
+            for n in names
+        ]
     state_dir = get_settings().home_dir / "traffic"
     try:
         switch = traffic_switch_from_spec(spec.switch_spec(), state_dir=state_dir, hosts=ids)
@@ -164,5 +215,8 @@ def do_switch(execution_id: str, stage_index: int, phase: int,
     except Exception as exc:  # the gate records the reason; the old live set keeps traffic
         log.exception("traffic switch for %s failed", execution_id)
         return False, {"error": f"{type(exc).__name__}: {exc}", "backends": backends}
-    return True, {"backends": backends, "before": before,
-                  "result": result.to_dict() if hasattr(result, "to_dict") else str(result)}
+    return True, {
+        "backends": backends,
+        "before": before,
+        "result": result.to_dict() if hasattr(result, "to_dict") else str(result),
+    }

@@ -29,8 +29,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # the 3xx response is the answer
 
 
-def request(step: HttpStepPlan, ctx: Context, sink: LogSink, *,
-            timeout: float) -> dict[str, Any]:
+def request(step: HttpStepPlan, ctx: Context, sink: LogSink, *, timeout: float) -> dict[str, Any]:
     """Send the step's request and judge the response; the step's ledger fields."""
     spec = step.spec
 
@@ -53,10 +52,14 @@ def request(step: HttpStepPlan, ctx: Context, sink: LogSink, *,
         reason = getattr(exc, "reason", exc)
         timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
         sink.write("stderr", f"no response: {reason}\n")
-        return {"status": Status.FAILED, "error_class": "Timeout" if timed_out
-                else "Connectivity", "failed_unit": step.identifier,
-                "error": f"Http step '{step.identifier}': {spec.method} {url}: no response "
-                         f"({reason})"[:500]}
+        return {
+            "status": Status.FAILED,
+            "error_class": "Timeout" if timed_out else "Connectivity",
+            "failed_unit": step.identifier,
+            "error": f"Http step '{step.identifier}': {spec.method} {url}: no response ({reason})"[
+                :500
+            ],
+        }
     took = time.monotonic() - started
     sink.write("stdout", f"HTTP {code} in {took:.2f} s\n")
     if text:
@@ -67,6 +70,10 @@ def request(step: HttpStepPlan, ctx: Context, sink: LogSink, *,
         sink.write("stdout", f"assertion holds: {rule}\n")
         return {"status": Status.SUCCEEDED, "exit_code": 0}
     sink.write("stderr", f"assertion failed: {rule} (status {code})\n")
-    return {"status": Status.FAILED, "error_class": "Unknown", "failed_unit": step.identifier,
-            "error": f"Http step '{step.identifier}': assertion failed: {rule} (the response "
-                     f"was HTTP {code})"[:500]}
+    return {
+        "status": Status.FAILED,
+        "error_class": "Unknown",
+        "failed_unit": step.identifier,
+        "error": f"Http step '{step.identifier}': assertion failed: {rule} (the response "
+        f"was HTTP {code})"[:500],
+    }

@@ -45,8 +45,9 @@ _plan_lock = threading.Lock()
 _plan_loads: dict[tuple[str, int], threading.Lock] = {}
 
 
-def stage_data(execution_id: str, stage_index: int) -> tuple[DeploymentStagePlan,
-                                                              dict[str, dict[str, Any]]]:
+def stage_data(
+    execution_id: str, stage_index: int
+) -> tuple[DeploymentStagePlan, dict[str, dict[str, Any]]]:
     """The resolved stage (typed) and its hosts by name; immutable once the stage runs, so
     cached.
 
@@ -69,13 +70,17 @@ def typed_stage(execution_id: str, stage_index: int) -> DeploymentStagePlan:
     return stage_data(execution_id, stage_index)[0]
 
 
-def _read_stage_data(execution_id: str, stage_index: int) -> tuple[DeploymentStagePlan,
-                                                                    dict[str, dict[str, Any]]]:
+def _read_stage_data(
+    execution_id: str, stage_index: int
+) -> tuple[DeploymentStagePlan, dict[str, dict[str, Any]]]:
     def read() -> tuple[DeploymentStagePlan, dict[str, dict[str, Any]]]:
         with session_scope() as s:
             ex = s.get(Execution, execution_id)
-            run = s.exec(select(StageRun).where(StageRun.execution_id == execution_id,
-                                                StageRun.stage_index == stage_index)).one()
+            run = s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == execution_id, StageRun.stage_index == stage_index
+                )
+            ).one()
             if ex is None:
                 raise LookupError(f"execution {execution_id} not found")
             stage = DeploymentStagePlan.model_validate(ex.plan["stages"][stage_index])
@@ -90,28 +95,51 @@ def _read_stage_data(execution_id: str, stage_index: int) -> tuple[DeploymentSta
     return data
 
 
-def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
-          queue: str | None) -> tuple[int, HostStepRun | None]:
+def claim(
+    key: HostStepKey, *, task_id: str | None, worker: str | None, queue: str | None
+) -> tuple[int, HostStepRun | None]:
     """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed
     (tried again across a ledger restart: ``claim_once``)."""
     now = utcnow()
     values = dict(
-        idem_key=key.idem, execution_id=key.execution, stage_index=key.stage, phase=key.phase,
-        step_index=key.step, step_id="", kind=key.kind, host=key.host, region=key.region,
+        idem_key=key.idem,
+        execution_id=key.execution,
+        stage_index=key.stage,
+        phase=key.phase,
+        step_index=key.step,
+        step_id="",
+        kind=key.kind,
+        host=key.host,
+        region=key.region,
         attempt=key.attempt,
-        status=Status.RUNNING, outputs={}, worker=worker, queue=queue, task_id=task_id,
-        started_at=now, heartbeat_at=now,
+        status=Status.RUNNING,
+        outputs={},
+        worker=worker,
+        queue=queue,
+        task_id=task_id,
+        started_at=now,
+        heartbeat_at=now,
     )
-    owner = {"status": Status.RUNNING, "worker": worker, "queue": queue, "task_id": task_id,
-             "started_at": now, "heartbeat_at": now}
+    owner = {
+        "status": Status.RUNNING,
+        "worker": worker,
+        "queue": queue,
+        "task_id": task_id,
+        "started_at": now,
+        "heartbeat_at": now,
+    }
 
     def take_pending() -> int | None:
         # A retried attempt (or a host handed over to a retry's lane) was recorded PENDING by
         # the retry engine before it was sent: the first delivery takes it over.
         with session_scope() as s:
-            taken = s.execute(update(HostStepRun).where(
-                col(HostStepRun.idem_key) == key.idem, col(HostStepRun.status) == Status.PENDING)
-                .values(**owner))
+            taken = s.execute(
+                update(HostStepRun)
+                .where(
+                    col(HostStepRun.idem_key) == key.idem, col(HostStepRun.status) == Status.PENDING
+                )
+                .values(**owner)
+            )
             if not getattr(taken, "rowcount", 0):
                 return None
             return s.exec(select(HostStepRun.id).where(HostStepRun.idem_key == key.idem)).one()
@@ -119,13 +147,21 @@ def claim(key: HostStepKey, *, task_id: str | None, worker: str | None,
     taken = retrying(take_pending, what=f"claiming {key.idem}")
     if taken is not None:
         return int(taken), None
-    return claim_once(HostStepRun, values, what=f"claiming {key.idem}",
-                      owner=("status", "task_id", "worker", "started_at"))
+    return claim_once(
+        HostStepRun,
+        values,
+        what=f"claiming {key.idem}",
+        owner=("status", "task_id", "worker", "started_at"),
+    )
 
 
 def summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": row.status, "host": row.host, "step": row.step_index,
-                           "exit_code": row.exit_code}
+    out: dict[str, Any] = {
+        "status": row.status,
+        "host": row.host,
+        "step": row.step_index,
+        "exit_code": row.exit_code,
+    }
     if duplicate:
         out["duplicate"] = True
     if row.status == Status.SKIPPED:
@@ -135,13 +171,26 @@ def summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:
 
 def failed_before(key: HostStepKey) -> bool:
     """Did a step before ``key``'s fail on this host in this phase (its latest attempt)?"""
+
     def read() -> list[tuple[int, int, str, str | None]]:
         with session_scope() as s:
-            return list(s.exec(select(HostStepRun.step_index, HostStepRun.attempt,
-                                      HostStepRun.status, HostStepRun.error).where(
-                HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
-                HostStepRun.phase == key.phase, HostStepRun.host == key.host,
-                HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all())
+            return list(
+                s.exec(
+                    select(
+                        HostStepRun.step_index,
+                        HostStepRun.attempt,
+                        HostStepRun.status,
+                        HostStepRun.error,
+                    ).where(
+                        HostStepRun.execution_id == key.execution,
+                        HostStepRun.stage_index == key.stage,
+                        HostStepRun.phase == key.phase,
+                        HostStepRun.host == key.host,
+                        HostStepRun.kind == key.kind,
+                        HostStepRun.step_index < key.step,
+                    )
+                ).all()
+            )
 
     latest: dict[int, tuple[int, str, str | None]] = {}
     for step, attempt, status, error in retrying(read, what=f"reading earlier steps of {key.idem}"):
@@ -188,8 +237,7 @@ def aborted(execution_id: str, kind: str = "deploy") -> bool:
     return status is None or status in stop
 
 
-def step_of(key: HostStepKey,
-            stage: DeploymentStagePlan) -> tuple[DeploymentStagePlan, StepPlan]:
+def step_of(key: HostStepKey, stage: DeploymentStagePlan) -> tuple[DeploymentStagePlan, StepPlan]:
     """(the stage to render with, the step) for a key: a deploy step, a rollbackStep, or a step
     of the plan that deployed the version a built-in rollback returns to."""
     if key.kind == "deploy":
@@ -212,16 +260,22 @@ def _rollback_version(key: HostStepKey) -> str:
     from app.models import Instance
 
     with session_scope() as s:
-        run = s.exec(select(StageRun).where(StageRun.execution_id == key.execution,
-                                            StageRun.stage_index == key.stage)).one()
+        run = s.exec(
+            select(StageRun).where(
+                StageRun.execution_id == key.execution, StageRun.stage_index == key.stage
+            )
+        ).one()
         if key.kind != "deploy":
             target = ((run.rollback or {}).get("hosts") or {}).get(key.host) or {}
             return str(target.get("version") or "")
         stage = typed_stage(key.execution, key.stage)
-        for inst in s.exec(select(Instance).where(
+        for inst in s.exec(
+            select(Instance).where(
                 Instance.host == key.host,
                 Instance.service == stage.service.identifier,
-                Instance.environment == stage.environment.identifier)).all():
+                Instance.environment == stage.environment.identifier,
+            )
+        ).all():
             if inst.execution_id == key.execution:
                 return inst.previous_version or ""
             return inst.version or ""
@@ -230,12 +284,21 @@ def _rollback_version(key: HostStepKey) -> str:
 
 def earlier_outputs(key: HostStepKey, ctx: Context, stage: DeploymentStagePlan) -> None:
     """``<+steps.ID.output.outputVariables.X>`` from this host's earlier steps in this phase."""
+
     def read() -> list[HostStepRun]:
         with session_scope() as s:
-            return list(s.exec(select(HostStepRun).where(
-                HostStepRun.execution_id == key.execution, HostStepRun.stage_index == key.stage,
-                HostStepRun.phase == key.phase, HostStepRun.host == key.host,
-                HostStepRun.kind == key.kind, HostStepRun.step_index < key.step)).all())
+            return list(
+                s.exec(
+                    select(HostStepRun).where(
+                        HostStepRun.execution_id == key.execution,
+                        HostStepRun.stage_index == key.stage,
+                        HostStepRun.phase == key.phase,
+                        HostStepRun.host == key.host,
+                        HostStepRun.kind == key.kind,
+                        HostStepRun.step_index < key.step,
+                    )
+                ).all()
+            )
 
     rows = retrying(read, what=f"reading earlier outputs for {key.idem}")
     for r in rows:
@@ -262,28 +325,44 @@ def finish_step(run_id: int, key: HostStepKey, fields: dict[str, Any]) -> dict[s
 
     def write() -> tuple[str, str | None] | None:
         with session_scope() as s:
-            done = s.execute(update(HostStepRun).where(
-                col(HostStepRun.id) == run_id, col(HostStepRun.status) == Status.RUNNING)
-                .values(**fields))
+            done = s.execute(
+                update(HostStepRun)
+                .where(col(HostStepRun.id) == run_id, col(HostStepRun.status) == Status.RUNNING)
+                .values(**fields)
+            )
             if getattr(done, "rowcount", 1):
                 return None
-            status, error_class, finished_at = s.exec(select(
-                HostStepRun.status, HostStepRun.error_class, HostStepRun.finished_at).where(
-                HostStepRun.id == run_id)).one()
+            status, error_class, finished_at = s.exec(
+                select(HostStepRun.status, HostStepRun.error_class, HostStepRun.finished_at).where(
+                    HostStepRun.id == run_id
+                )
+            ).one()
             if finished_at == fields["finished_at"]:
                 return None  # this call's own write: its commit's answer was lost
             return status, error_class
 
     try:
-        decided = retrying(write, what=f"recording the outcome of {key.idem}",
-                           within=FINISH_RETRY_SECONDS)
+        decided = retrying(
+            write, what=f"recording the outcome of {key.idem}", within=FINISH_RETRY_SECONDS
+        )
     finally:
         heartbeats.discard(run_id)
     status, error_class = fields["status"], fields.get("error_class")
     if decided is not None:
-        log.warning("%s ended %s on the host, but the ledger had already recorded it as %s "
-                    "(%s): that stands", key.idem, status, decided[0], decided[1])
+        log.warning(
+            "%s ended %s on the host, but the ledger had already recorded it as %s "
+            "(%s): that stands",
+            key.idem,
+            status,
+            decided[0],
+            decided[1],
+        )
         status, error_class = decided
-    return {"status": status, "host": key.host, "step": key.step,
-            "exit_code": fields.get("exit_code"), "error_class": error_class,
-            "attempt": key.attempt}
+    return {
+        "status": status,
+        "host": key.host,
+        "step": key.step,
+        "exit_code": fields.get("exit_code"),
+        "error_class": error_class,
+        "attempt": key.attempt,
+    }

@@ -46,8 +46,9 @@ class _Heartbeats:
         with self._lock:
             self._ids.add(run_id)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="vmfarm-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name="vmfarm-heartbeat", daemon=True
+                )
                 self._thread.start()
 
     def discard(self, run_id: int) -> None:
@@ -64,13 +65,20 @@ class _Heartbeats:
                 continue
             try:  # waits for a restarting database (session_scope), then renews at once
                 with session_scope() as s:
-                    s.execute(update(HostStepRun).where(col(HostStepRun.id).in_(ids))
-                              .values(heartbeat_at=utcnow()))
+                    s.execute(
+                        update(HostStepRun)
+                        .where(col(HostStepRun.id).in_(ids))
+                        .values(heartbeat_at=utcnow())
+                    )
             except Exception as exc:  # the database may be away: try again next beat
                 if not failing:
-                    log.warning("could not renew the heartbeats of %d running steps (trying "
-                                "again every beat): %s", len(ids), exc,
-                                exc_info=not is_disconnect(exc))
+                    log.warning(
+                        "could not renew the heartbeats of %d running steps (trying "
+                        "again every beat): %s",
+                        len(ids),
+                        exc,
+                        exc_info=not is_disconnect(exc),
+                    )
                 failing = True
                 continue
             if failing:
@@ -130,7 +138,8 @@ class LogSink:
                 m = re.match(r"(\w+)=([A-Za-z0-9+/=]*)", rest)
                 if m:
                     self.outputs[m.group(1)] = base64.b64decode(m.group(2)).decode(
-                        "utf-8", "replace")
+                        "utf-8", "replace"
+                    )
                 if before:  # the script's last line had no newline: keep it
                     kept.append(before + "\n")
                 continue
@@ -188,23 +197,36 @@ class LogSink:
                 self.buf[:0] = items
                 self.size += sum(len(text) for _, _, text in items)
             if not self._failing:
-                log.warning("step run %d: the ledger is unreachable (%s); its output stays "
-                            "buffered until the next flush", self.run_id, exc)
+                log.warning(
+                    "step run %d: the ledger is unreachable (%s); its output stays "
+                    "buffered until the next flush",
+                    self.run_id,
+                    exc,
+                )
             self._failing = True
             return
         if self._failing:
             log.warning("step run %d: its buffered output is written again", self.run_id)
         self._failing = False
 
-    def _write(self, start: int, items: list[tuple[str, str, str]], wait: float, *,
-               again: bool) -> None:
+    def _write(
+        self, start: int, items: list[tuple[str, str, str]], wait: float, *, again: bool
+    ) -> None:
         """One transaction. On ``again`` (a retry: the server may have committed the first
         try before the connection was cut) the rows of these sequence numbers may exist, with
         the same text: they are kept (insert-only, so a worker's database role needs no
         DELETE on logs)."""
-        rows = [{"host_step_run_id": self.run_id, "seq": start + n, "unit": unit,
-                 "stream": stream, "text": text, "created_at": utcnow()}
-                for n, (unit, stream, text) in enumerate(_merge(items))]
+        rows = [
+            {
+                "host_step_run_id": self.run_id,
+                "seq": start + n,
+                "unit": unit,
+                "stream": stream,
+                "text": text,
+                "created_at": utcnow(),
+            }
+            for n, (unit, stream, text) in enumerate(_merge(items))
+        ]
         with session_scope(wait=wait) as s:
             if rows:
                 if s.get_bind().dialect.name == "postgresql":
@@ -213,11 +235,13 @@ class LogSink:
                     from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
                 stmt = insert(LogChunk).values(rows)
                 if again:
-                    stmt = stmt.on_conflict_do_nothing(index_elements=["host_step_run_id",
-                                                                       "seq"])
+                    stmt = stmt.on_conflict_do_nothing(index_elements=["host_step_run_id", "seq"])
                 s.execute(stmt)
-            s.execute(update(HostStepRun).where(HostStepRun.id == self.run_id)  # type: ignore[arg-type]
-                      .values(heartbeat_at=utcnow()))
+            s.execute(
+                update(HostStepRun)
+                .where(HostStepRun.id == self.run_id)  # type: ignore[arg-type]
+                .values(heartbeat_at=utcnow())
+            )
 
 
 def _merge(items: list[tuple[str, str, str]]) -> Iterator[tuple[str, str, str]]:

@@ -51,8 +51,14 @@ from app.units import HostSession, host_context, run_unit, step_environment, ste
 log = logging.getLogger("vmfarm.tasks")
 
 
-def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | None = None,
-            worker: str | None = None, queue: str | None = None) -> dict[str, Any]:
+def execute(
+    key: HostStepKey,
+    *,
+    prev: dict[str, Any] | None,
+    task_id: str | None = None,
+    worker: str | None = None,
+    queue: str | None = None,
+) -> dict[str, Any]:
     """Run one step on one host, then apply the failure strategy that matches its error.
 
     A retry is a new attempt with its own idempotency key and row, recorded now and sent with
@@ -65,8 +71,7 @@ def execute(key: HostStepKey, *, prev: dict[str, Any] | None, task_id: str | Non
     result = _execute(key, before=before, task_id=task_id, worker=worker, queue=queue)
     # Whether a step of this host has failed so far (``when: {stageStatus: Failure}`` reads
     # it): a step that ran after a failure does not make the host pass again.
-    result["host_failed"] = before or not Status.passed(result.get("status"),
-                                                         result.get("skipped"))
+    result["host_failed"] = before or not Status.passed(result.get("status"), result.get("skipped"))
     return result
 
 
@@ -74,8 +79,9 @@ def earlier_failed(key: HostStepKey, prev: dict[str, Any] | None) -> bool:
     """Did an earlier step of the stage fail on this host? The previous link says so when it
     was this host's step; a host's first link after a retry asks the ledger."""
     if prev is not None and prev.get("host") == key.host:
-        return bool(prev.get("host_failed")) or not Status.passed(prev.get("status"),
-                                                                  prev.get("skipped"))
+        return bool(prev.get("host_failed")) or not Status.passed(
+            prev.get("status"), prev.get("skipped")
+        )
     if key.step == 0:
         return False
     from app.execution.ledger import failed_before
@@ -83,8 +89,9 @@ def earlier_failed(key: HostStepKey, prev: dict[str, Any] | None) -> bool:
     return failed_before(key)
 
 
-def _execute(key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None,
-             queue: str | None) -> dict[str, Any]:
+def _execute(
+    key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None, queue: str | None
+) -> dict[str, Any]:
     summary = _execute_once(key, before=before, task_id=task_id, worker=worker, queue=queue)
     if summary["status"] != Status.FAILED or summary.get("duplicate") or key.kind != "deploy":
         return summary  # a rollback step's failure is recorded; the rollback verdict decides
@@ -98,10 +105,15 @@ def _execute(key: HostStepKey, *, before: bool, task_id: str | None, worker: str
     action = after.action
     if action is None or action.type not in ("Ignore", "MarkAsSuccess", "Abort"):
         return summary  # failed; rollback and manual intervention are the coordinator's
-    note = {"Ignore": "ignored", "MarkAsSuccess": "marked as success",
-            "Abort": "aborted the execution"}[action.type]
+    note = {
+        "Ignore": "ignored",
+        "MarkAsSuccess": "marked as success",
+        "Abort": "aborted the execution",
+    }[action.type]
     status = {"Ignore": Status.IGNORED, "MarkAsSuccess": Status.SUCCEEDED}.get(
-        action.type, Status.FAILED)
+        action.type, Status.FAILED
+    )
+
     def record() -> None:
         with session_scope() as s:
             row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
@@ -120,8 +132,9 @@ def _execute(key: HostStepKey, *, before: bool, task_id: str | None, worker: str
     return {**summary, "status": status}
 
 
-def _execute_once(key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None,
-                  queue: str | None) -> dict[str, Any]:
+def _execute_once(
+    key: HostStepKey, *, before: bool, task_id: str | None, worker: str | None, queue: str | None
+) -> dict[str, Any]:
     """One attempt: claim its key, run the units, record the outcome."""
     run_id, existing = claim(key, task_id=task_id, worker=worker, queue=queue)
     if existing is not None:
@@ -147,10 +160,13 @@ def _attempt(run_id: int, key: HostStepKey, *, before: bool, queue: str | None) 
             return {**finish_step(run_id, key, fields), "skipped": skip}
         if key.deadline is not None and time.time() > key.deadline:
             waited = get_settings().dispatch_expires
-            fields.update(status=Status.FAILED, error_class="Timeout",
-                          error=f"expired: waited in queue {queue or key.region} past its "
-                                f"dispatch deadline ({waited} s, VMFARM_DISPATCH_EXPIRES); no "
-                                f"worker of region {key.region} took it in time; nothing ran")
+            fields.update(
+                status=Status.FAILED,
+                error_class="Timeout",
+                error=f"expired: waited in queue {queue or key.region} past its "
+                f"dispatch deadline ({waited} s, VMFARM_DISPATCH_EXPIRES); no "
+                f"worker of region {key.region} took it in time; nothing ran",
+            )
             return finish_step(run_id, key, fields)
         if aborted(key.execution, key.kind):
             fields.update(status=Status.SKIPPED, error="skipped: the execution was aborted")
@@ -162,18 +178,29 @@ def _attempt(run_id: int, key: HostStepKey, *, before: bool, queue: str | None) 
             fields.update(_run_units(key, stage, step, host, sink))
     except HostError as exc:
         exc.host = exc.host or key.host
-        fields.update(status=Status.FAILED, error_class=exc.error_class, error=str(exc),
-                      failed_unit=exc.unit or fields.get("failed_unit"))
+        fields.update(
+            status=Status.FAILED,
+            error_class=exc.error_class,
+            error=str(exc),
+            failed_unit=exc.unit or fields.get("failed_unit"),
+        )
     except ExpressionError as exc:  # a when condition that cannot be judged on this host
-        fields.update(status=Status.FAILED, error_class="Unknown",
-                      error=f"could not judge the step's when: {exc}")
+        fields.update(
+            status=Status.FAILED,
+            error_class="Unknown",
+            error=f"could not judge the step's when: {exc}",
+        )
     except SecretError as exc:  # names the id and the backend, never a value
-        fields.update(status=Status.FAILED, error_class=exc.error_class or "Unknown",
-                      error=str(exc))
+        fields.update(
+            status=Status.FAILED, error_class=exc.error_class or "Unknown", error=str(exc)
+        )
     except Exception as exc:  # a bug must not lose the result: record it, the gate decides
         log.exception("internal error in %s", key.idem)
-        fields.update(status=Status.FAILED, error_class="Unknown",
-                      error=f"internal error: {type(exc).__name__}: {exc}")
+        fields.update(
+            status=Status.FAILED,
+            error_class="Unknown",
+            error=f"internal error: {type(exc).__name__}: {exc}",
+        )
     try:
         sink.close()
     except Exception:  # logs are best effort; the outcome row below is not
@@ -184,21 +211,31 @@ def _attempt(run_id: int, key: HostStepKey, *, before: bool, queue: str | None) 
     fields["stderr_tail"] = mask(sink.tails["stderr"]) or None
     # A Secret-typed output variable is a secret from now on: masked everywhere, and never
     # stored (later steps cannot read it from the ledger; pass secrets through the store).
-    secret_outputs = {o.name for o in (step.spec.output_variables if isinstance(
-        step, CommandStepPlan) else []) if o.type == "Secret"}
+    secret_outputs = {
+        o.name
+        for o in (step.spec.output_variables if isinstance(step, CommandStepPlan) else [])
+        if o.type == "Secret"
+    }
     if secret_outputs:
         from app.secrets import register
 
         register([v for k, v in sink.outputs.items() if k in secret_outputs and v])
-    fields["outputs"] = {k: "***" if k in secret_outputs else mask(v)
-                         for k, v in sink.outputs.items()}
+    fields["outputs"] = {
+        k: "***" if k in secret_outputs else mask(v) for k, v in sink.outputs.items()
+    }
     if fields.get("error"):
         fields["error"] = mask(str(fields["error"]))
     return finish_step(run_id, key, fields)
 
 
-def when_skips(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, *, before: bool,
-               hosts: dict[str, dict[str, Any]]) -> str:
+def when_skips(
+    key: HostStepKey,
+    stage: DeploymentStagePlan,
+    step: StepPlan,
+    *,
+    before: bool,
+    hosts: dict[str, dict[str, Any]],
+) -> str:
     """Why this step does not run on this host ('' when it runs): its own ``when`` and its
     group's (both must allow it; without one, a step runs only while the host has not failed)."""
     whens = [w for w in (step_when(step), step.group_when) if w is not None]
@@ -240,8 +277,9 @@ def _stop_at_barrier(step: WaitStepPlan | ApprovalStepPlan, sink: LogSink) -> di
     return {"status": Status.WAITING}
 
 
-def _http_step(key: HostStepKey, stage: DeploymentStagePlan, step: HttpStepPlan, host: Host,
-               sink: LogSink) -> dict[str, Any]:
+def _http_step(
+    key: HostStepKey, stage: DeploymentStagePlan, step: HttpStepPlan, host: Host, sink: LogSink
+) -> dict[str, Any]:
     """Http step: one request from this worker (the delegate), judged by its assertion."""
     from app.execution.httpstep import request
 
@@ -253,8 +291,9 @@ def _http_step(key: HostStepKey, stage: DeploymentStagePlan, step: HttpStepPlan,
     return request(step, ctx, sink, timeout=timeout)
 
 
-def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, host: Host,
-                       sink: LogSink) -> dict[str, Any]:
+def _health_check_step(
+    stage: DeploymentStagePlan, step: HealthCheckStepPlan, host: Host, sink: LogSink
+) -> dict[str, Any]:
     """HealthCheck step: HTTP/TCP from this worker to the host, or a command on the host."""
     spec = step.spec
     sink.unit = step.identifier
@@ -276,8 +315,7 @@ def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, ho
                 binder = Binder()  # values from outside stand intact, as in Script units
                 command = render_script(spec.command or "", ctx, bind=binder)
                 try:
-                    res = conn.run(command, env=binder.env, timeout=timeout,
-                                   on_output=sink.write)
+                    res = conn.run(command, env=binder.env, timeout=timeout, on_output=sink.write)
                     ok = res.exit_code == 0
                     what = f"attempt {attempt}: exit {res.exit_code}"
                     said = res.stderr.strip().splitlines()
@@ -292,13 +330,17 @@ def _health_check_step(stage: DeploymentStagePlan, step: HealthCheckStepPlan, ho
                 time.sleep(interval)
     if ok:
         return {"status": Status.SUCCEEDED, "exit_code": 0}
-    return {"status": Status.FAILED, "error_class": "Verification",
-            "failed_unit": step.identifier,
-            "error": f"health check '{step.identifier}' failed: {detail}"[:500]}
+    return {
+        "status": Status.FAILED,
+        "error_class": "Verification",
+        "failed_unit": step.identifier,
+        "error": f"health check '{step.identifier}' failed: {detail}"[:500],
+    }
 
 
-def _run_units(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, host: Host,
-               sink: LogSink) -> dict[str, Any]:
+def _run_units(
+    key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, host: Host, sink: LogSink
+) -> dict[str, Any]:
     """Each command unit of the step in turn, rendered and run by its type (app.units);
     an abort stops the host between units."""
     if isinstance(step, HealthCheckStepPlan):
@@ -316,8 +358,11 @@ def _run_units(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, hos
     if "<+artifact.checksum>" in written and stage.artifact is not None:
         from app.artifacts import fetch
 
-        ctx.set("artifact.checksum", fetch(stage.artifact.to_json(),
-                                           execution_id=key.execution).sha256, external=True)
+        ctx.set(
+            "artifact.checksum",
+            fetch(stage.artifact.to_json(), execution_id=key.execution).sha256,
+            external=True,
+        )
     if "<+steps." in written:
         earlier_outputs(key, ctx, stage)
     env = step_environment(step, ctx, secrets=True)
@@ -330,16 +375,28 @@ def _run_units(key: HostStepKey, stage: DeploymentStagePlan, step: StepPlan, hos
         for i, unit in enumerate(spec.command_units):
             sink.unit = unit.identifier
             if i and aborted(key.execution, key.kind):  # abort stops a host between units
-                return {"status": Status.ABORTED, "failed_unit": unit.identifier,
-                        "error": f"aborted before unit '{unit.identifier}'"}
-            session = HostSession(conn=conn, host=host, out=sink, env=env,
-                                  timeout=max(1.0, deadline - time.monotonic()),
-                                  execution_id=key.execution)
+                return {
+                    "status": Status.ABORTED,
+                    "failed_unit": unit.identifier,
+                    "error": f"aborted before unit '{unit.identifier}'",
+                }
+            session = HostSession(
+                conn=conn,
+                host=host,
+                out=sink,
+                env=env,
+                timeout=max(1.0, deadline - time.monotonic()),
+                execution_id=key.execution,
+            )
             done = run_unit(unit, scope, session)
             if not done.ok:
-                return {"status": Status.FAILED, "error_class": done.error_class,
-                        "exit_code": done.exit_code, "failed_unit": unit.identifier,
-                        "error": done.error}
+                return {
+                    "status": Status.FAILED,
+                    "error_class": done.error_class,
+                    "exit_code": done.exit_code,
+                    "failed_unit": unit.identifier,
+                    "error": done.error,
+                }
             outputs.update(done.outputs)
     sink.outputs.update(outputs)  # only a step that succeeded reports them
     return {"status": Status.SUCCEEDED, "exit_code": 0}
@@ -349,12 +406,17 @@ def host_target(host: Host, *, on_delegate: bool) -> HostTarget:
     if on_delegate:
         return HostTarget(hostname=host.address, extra={"connection": "local"})
     return HostTarget(
-        hostname=host.address, port=host.port, user=host.user,
-        private_key_file=host.private_key_file, known_hosts_file=host.known_hosts_file,
-        host_key_policy=host.host_key_policy, connect_timeout=host.connect_timeout,
+        hostname=host.address,
+        port=host.port,
+        user=host.user,
+        private_key_file=host.private_key_file,
+        known_hosts_file=host.known_hosts_file,
+        host_key_policy=host.host_key_policy,
+        connect_timeout=host.connect_timeout,
         sandbox_root=host.sandbox_root if host.connection == "Sandbox" else None,
-        extra={"connection": "local"} if host.connection == "Local" else
-        {f"{kind}_secret": ident for kind, ident in host.credentials.items()},
+        extra={"connection": "local"}
+        if host.connection == "Local"
+        else {f"{kind}_secret": ident for kind, ident in host.credentials.items()},
     )
 
 

@@ -77,17 +77,29 @@ class MetricsSettings(BaseSettings):
 class VmfarmCollector(Collector):
     """Reads the ledger, the worker registry and the broker at every scrape."""
 
-    def __init__(self, *, window: float | None = None, max_executions: int | None = None,
-                 regions: Iterable[str] | None = None, workers: bool = True,
-                 queues: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        window: float | None = None,
+        max_executions: int | None = None,
+        regions: Iterable[str] | None = None,
+        workers: bool = True,
+        queues: bool = True,
+    ) -> None:
         cfg = MetricsSettings()
         self.window = float(window if window is not None else cfg.window)
-        self.max_executions = int(max_executions if max_executions is not None
-                                  else cfg.max_executions)
+        self.max_executions = int(
+            max_executions if max_executions is not None else cfg.max_executions
+        )
         if self.window <= 0 or self.max_executions <= 0:
             raise ValueError("the metrics window and max_executions must be positive")
-        self.regions = sorted({r.strip() for r in (regions if regions is not None
-                                                    else cfg.regions.split(",")) if r.strip()})
+        self.regions = sorted(
+            {
+                r.strip()
+                for r in (regions if regions is not None else cfg.regions.split(","))
+                if r.strip()
+            }
+        )
         self.workers = workers
         self.queues = queues
         self.fold = LedgerFold(grace=cfg.settle)
@@ -111,8 +123,9 @@ class VmfarmCollector(Collector):
             self.fold.advance(s, dialect, now)
             totals = self.fold.totals.merged(self.fold.open_totals(s, dialect))
             work = open_work(s, now)
-            regions = regions_of_executions(s, since=now - timedelta(seconds=self.window),
-                                            limit=self.max_executions)
+            regions = regions_of_executions(
+                s, since=now - timedelta(seconds=self.window), limit=self.max_executions
+            )
         return list(families(totals, work)), regions
 
     def collect(self) -> Iterable[Metric]:
@@ -120,8 +133,11 @@ class VmfarmCollector(Collector):
         from app.metrics.fleet import Fleet, fleet_families, fleet_of, queue_families, queue_names
         from app.settings import get_settings
 
-        up = GaugeMetricFamily("vmfarm_metrics_source_up", "1 when the source could be read "
-                               "in this scrape", labels=["source"])
+        up = GaugeMetricFamily(
+            "vmfarm_metrics_source_up",
+            "1 when the source could be read in this scrape",
+            labels=["source"],
+        )
         out: list[Metric] = []
         regions: set[str] = set(self.regions)
         with self._lock:
@@ -156,8 +172,10 @@ class VmfarmCollector(Collector):
                     up.add_metric(["broker"], 0)
             out += queue_families(names, depths, fleet.consumers)
         refused = CounterMetricFamily(
-            "vmfarm_refused_messages", "Messages workers refused (unsigned, or signed by no "
-            "one they trust), by reason", labels=["reason"])
+            "vmfarm_refused_messages",
+            "Messages workers refused (unsigned, or signed by no one they trust), by reason",
+            labels=["reason"],
+        )
         try:
             for reason, n in sorted(refused_counts().items()):
                 refused.add_metric([reason], n)
@@ -215,13 +233,19 @@ class MetricsServer:
             self.close()
 
 
-def serve(port: int = 9464, addr: str = "127.0.0.1", *,
-          registry: CollectorRegistry | None = None, block: bool = False,
-          **options: Any) -> MetricsServer:
+def serve(
+    port: int = 9464,
+    addr: str = "127.0.0.1",
+    *,
+    registry: CollectorRegistry | None = None,
+    block: bool = False,
+    **options: Any,
+) -> MetricsServer:
     """Serve the metrics over HTTP on ``addr:port`` (port 0: any free port) in a daemon
     thread; with ``block`` wait until interrupted. Returns the server (``.url``, ``.close()``)."""
-    server, thread = start_http_server(port, addr=addr,
-                                       registry=registry or build_registry(**options))
+    server, thread = start_http_server(
+        port, addr=addr, registry=registry or build_registry(**options)
+    )
     running = MetricsServer(server, thread)
     log.info("serving metrics on %s", running.url)
     if block:
@@ -229,5 +253,13 @@ def serve(port: int = 9464, addr: str = "127.0.0.1", *,
     return running
 
 
-__all__ = ["LedgerCollector", "MetricsServer", "MetricsSettings", "VmfarmCollector",
-           "build_registry", "count_refused_message", "render", "serve"]
+__all__ = [
+    "LedgerCollector",
+    "MetricsServer",
+    "MetricsSettings",
+    "VmfarmCollector",
+    "build_registry",
+    "count_refused_message",
+    "render",
+    "serve",
+]

@@ -70,21 +70,32 @@ def fleet_of(workers: Iterable[dict[str, Any]]) -> Fleet:
 
 def fleet_families(fleet: Fleet) -> list[Metric]:
     workers = GaugeMetricFamily(
-        "vmfarm_workers", "Registered region workers (delegates) by region and state: live "
+        "vmfarm_workers",
+        "Registered region workers (delegates) by region and state: live "
         "(heartbeat within VMFARM_HEARTBEAT_TIMEOUT) or stale (registered, not heard from)",
-        labels=["region", "state"])
+        labels=["region", "state"],
+    )
     for region in sorted({r for r, _ in fleet.workers}):
         for state in STATES:
             workers.add_metric([region, state], fleet.workers.get((region, state), 0))
-    control = GaugeMetricFamily("vmfarm_control_workers", "Registered workers consuming the "
-                                "control queue, by state (live, stale)", labels=["state"])
+    control = GaugeMetricFamily(
+        "vmfarm_control_workers",
+        "Registered workers consuming the control queue, by state (live, stale)",
+        labels=["state"],
+    )
     for state in STATES:
         control.add_metric([state], fleet.control.get(state, 0))
-    slots = GaugeMetricFamily("vmfarm_worker_slots", "Concurrency of the live workers of each "
-                              "region (a worker of several regions counts in each)",
-                              labels=["region"])
-    busy = GaugeMetricFamily("vmfarm_worker_tasks_in_flight", "Tasks running on the live "
-                             "workers of each region", labels=["region"])
+    slots = GaugeMetricFamily(
+        "vmfarm_worker_slots",
+        "Concurrency of the live workers of each "
+        "region (a worker of several regions counts in each)",
+        labels=["region"],
+    )
+    busy = GaugeMetricFamily(
+        "vmfarm_worker_tasks_in_flight",
+        "Tasks running on the live workers of each region",
+        labels=["region"],
+    )
     for region in sorted({r for r, _ in fleet.workers}):
         slots.add_metric([region], fleet.slots.get(region, 0))
         busy.add_metric([region], fleet.in_flight.get(region, 0))
@@ -96,20 +107,27 @@ def regions_of_executions(s: Session, *, since: datetime, limit: int) -> set[str
     created after ``since`` (from their stages' host lists, read in SQL)."""
     dialect = s.get_bind().dialect.name
     terminal = sorted(Status.TERMINAL)
-    ids = ("(SELECT id FROM execution WHERE status NOT IN :terminal UNION SELECT id FROM "
-           "(SELECT id FROM execution WHERE created_at >= :since ORDER BY created_at DESC "
-           "LIMIT :limit) AS recent)")
+    ids = (
+        "(SELECT id FROM execution WHERE status NOT IN :terminal UNION SELECT id FROM "
+        "(SELECT id FROM execution WHERE created_at >= :since ORDER BY created_at DESC "
+        "LIMIT :limit) AS recent)"
+    )
     if dialect == "postgresql":
-        sql = ("SELECT DISTINCT h.value->>'region' FROM stagerun, json_array_elements("
-               f"stagerun.hosts) AS h(value) WHERE stagerun.execution_id IN {ids}")
+        sql = (
+            "SELECT DISTINCT h.value->>'region' FROM stagerun, json_array_elements("
+            f"stagerun.hosts) AS h(value) WHERE stagerun.execution_id IN {ids}"
+        )
     elif dialect == "sqlite":
-        sql = ("SELECT DISTINCT json_extract(h.value, '$.region') FROM stagerun, json_each("
-               f"stagerun.hosts) AS h WHERE stagerun.execution_id IN {ids}")
+        sql = (
+            "SELECT DISTINCT json_extract(h.value, '$.region') FROM stagerun, json_each("
+            f"stagerun.hosts) AS h WHERE stagerun.execution_id IN {ids}"
+        )
     else:
         return set()
     query = text(sql).bindparams(bindparam("terminal", expanding=True))
-    rows = s.connection().execute(query, {"terminal": terminal, "since": since,
-                                          "limit": limit}).all()
+    rows = (
+        s.connection().execute(query, {"terminal": terminal, "since": since, "limit": limit}).all()
+    )
     return {str(r[0]) for r in rows if r[0]}
 
 
@@ -126,12 +144,19 @@ def queue_names(fleet: Fleet, regions: Iterable[str]) -> set[str]:
     return names
 
 
-def queue_families(names: Iterable[str], depths: dict[str, int | None],
-                   consumers: Counter[str]) -> list[Metric]:
-    depth = GaugeMetricFamily("vmfarm_queue_depth", "Messages waiting in each vmfarm queue "
-                              "(Redis broker only)", labels=["queue"])
-    served = GaugeMetricFamily("vmfarm_queue_consumers", "Live registered workers consuming "
-                               "each vmfarm queue", labels=["queue"])
+def queue_families(
+    names: Iterable[str], depths: dict[str, int | None], consumers: Counter[str]
+) -> list[Metric]:
+    depth = GaugeMetricFamily(
+        "vmfarm_queue_depth",
+        "Messages waiting in each vmfarm queue (Redis broker only)",
+        labels=["queue"],
+    )
+    served = GaugeMetricFamily(
+        "vmfarm_queue_consumers",
+        "Live registered workers consuming each vmfarm queue",
+        labels=["queue"],
+    )
     every = sorted(set(names) | set(depths))
     for q in every:
         n = depths.get(q)
@@ -139,4 +164,3 @@ def queue_families(names: Iterable[str], depths: dict[str, int | None],
             depth.add_metric([q], n)
         served.add_metric([q], consumers.get(q, 0))
     return [depth, served]
-

@@ -91,22 +91,52 @@ FILTER_FIELDS = ("regions", "tags", "vpcs")
 # What botocore itself accepts as a region name, a little stricter (lower case).
 REGION_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
-AUTH_CODES = frozenset({
-    "AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
-    "IncompleteSignature", "MissingAuthenticationToken", "ExpiredToken", "ExpiredTokenException",
-    "RequestExpired", "UnrecognizedClientException", "AccessDenied", "AccessDeniedException",
-    "OptInRequired", "Blocked", "InvalidAccessKeyId", "InvalidToken",
-})
-THROTTLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "RequestThrottled", "RequestLimitExceeded", "TooManyRequestsException", "SlowDown",
-    "EC2ThrottledException", "BandwidthLimitExceeded", "PriorRequestNotComplete",
-    "ProvisionedThroughputExceededException", "TransactionInProgressException",
-})
-SERVER_CODES = frozenset({
-    "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable",
-    "InsufficientInstanceCapacity",
-})
+AUTH_CODES = frozenset(
+    {
+        "AuthFailure",
+        "UnauthorizedOperation",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "UnrecognizedClientException",
+        "AccessDenied",
+        "AccessDeniedException",
+        "OptInRequired",
+        "Blocked",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+    }
+)
+THROTTLE_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "SlowDown",
+        "EC2ThrottledException",
+        "BandwidthLimitExceeded",
+        "PriorRequestNotComplete",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+    }
+)
+SERVER_CODES = frozenset(
+    {
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+        "InsufficientInstanceCapacity",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -132,9 +162,12 @@ def discover(infra: dict[str, Any]) -> list[Host]:
             instances = _describe(client, query.filters)
         except Exception as exc:
             mapped = discovery_error(
-                exc, infrastructure=ident, region=region,
+                exc,
+                infrastructure=ident,
+                region=region,
                 endpoint=getattr(getattr(client, "meta", None), "endpoint_url", None),
-                credentials_source=_credentials_source(session))
+                credentials_source=_credentials_source(session),
+            )
             if mapped is None:
                 raise
             raise mapped from exc
@@ -161,42 +194,55 @@ def parse_infra(infra: dict[str, Any]) -> AwsQuery:
     if not isinstance(hf, dict):
         raise ConfigError(f"{where}: spec.hostFilter must be a mapping with type and spec")
     if hf and hf.get("type", "AwsInstanceFilter") not in FILTER_TYPES:
-        raise ConfigError(f"{where}: hostFilter.type {hf.get('type')!r} does not apply to an AWS "
-                          f"infrastructure (use {' or '.join(FILTER_TYPES)})")
+        raise ConfigError(
+            f"{where}: hostFilter.type {hf.get('type')!r} does not apply to an AWS "
+            f"infrastructure (use {' or '.join(FILTER_TYPES)})"
+        )
     fspec = hf.get("spec") or {}
     if not isinstance(fspec, dict):
         raise ConfigError(f"{where}: hostFilter.spec must be a mapping")
     unknown = sorted(set(fspec) - set(FILTER_FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: hostFilter.spec.{unknown[0]} is not a field of an "
-                          f"AwsInstanceFilter (fields: {', '.join(FILTER_FIELDS)})")
+        raise ConfigError(
+            f"{where}: hostFilter.spec.{unknown[0]} is not a field of an "
+            f"AwsInstanceFilter (fields: {', '.join(FILTER_FIELDS)})"
+        )
     if spec.get("hosts"):
-        raise ConfigError(f"{where}: spec.hosts lists static hosts, but this is an AWS "
-                          "infrastructure whose hosts are discovered; remove spec.hosts or use "
-                          "type Pdc")
+        raise ConfigError(
+            f"{where}: spec.hosts lists static hosts, but this is an AWS "
+            "infrastructure whose hosts are discovered; remove spec.hosts or use "
+            "type Pdc"
+        )
 
     regions = _regions(where, spec, fspec)
     conn_type = spec.get("hostConnectionType") or "PrivateIP"
     if conn_type not in CONNECTION_TYPES:
-        raise ConfigError(f"{where}: spec.hostConnectionType {conn_type!r} must be one of "
-                          f"{', '.join(CONNECTION_TYPES)}")
+        raise ConfigError(
+            f"{where}: spec.hostConnectionType {conn_type!r} must be one of "
+            f"{', '.join(CONNECTION_TYPES)}"
+        )
 
     tags = _tags(where, "spec.tags", spec.get("tags"))
     for key, values in _tags(where, "hostFilter.spec.tags", fspec.get("tags")).items():
         if key in tags and sorted(tags[key]) != sorted(values):
             raise ConfigError(
                 f"{where}: tag {key!r} is given both in spec.tags ({tags[key]}) and in "
-                f"hostFilter.spec.tags ({values}) with different values; keep one")
+                f"hostFilter.spec.tags ({values}) with different values; keep one"
+            )
         tags[key] = values
 
     filters: list[dict[str, Any]] = [{"Name": "instance-state-name", "Values": ["running"]}]
     filters += [{"Name": f"tag:{k}", "Values": v} for k, v in sorted(tags.items())]
     vpcs = fspec.get("vpcs")
     if vpcs is not None:
-        if not isinstance(vpcs, list) or not vpcs or not all(
-                isinstance(v, str) and v for v in vpcs):
-            raise ConfigError(f"{where}: hostFilter.spec.vpcs must be a non-empty list of VPC "
-                              "ids (vpc-...)")
+        if (
+            not isinstance(vpcs, list)
+            or not vpcs
+            or not all(isinstance(v, str) and v for v in vpcs)
+        ):
+            raise ConfigError(
+                f"{where}: hostFilter.spec.vpcs must be a non-empty list of VPC ids (vpc-...)"
+            )
         filters.append({"Name": "vpc-id", "Values": list(vpcs)})
     return AwsQuery(regions=regions, filters=filters, connection_type=conn_type, tags=tags)
 
@@ -206,19 +252,25 @@ def _regions(where: str, spec: dict[str, Any], fspec: dict[str, Any]) -> list[st
     if raw is None:
         region = spec.get("region")
         if not region:
-            raise ConfigError(f"{where}: spec.region is required (the AWS region to search), "
-                              "unless hostFilter.spec.regions lists the regions")
+            raise ConfigError(
+                f"{where}: spec.region is required (the AWS region to search), "
+                "unless hostFilter.spec.regions lists the regions"
+            )
         raw, name = [region], "spec.region"
     else:
         name = "hostFilter.spec.regions"
         if not isinstance(raw, list) or not raw:
-            raise ConfigError(f"{where}: {name} must be a non-empty list of AWS regions "
-                              "(e.g. [us-east-1, eu-west-1])")
+            raise ConfigError(
+                f"{where}: {name} must be a non-empty list of AWS regions "
+                "(e.g. [us-east-1, eu-west-1])"
+            )
     out: list[str] = []
     for r in raw:
         if not isinstance(r, str) or not REGION_RE.match(r):
-            raise ConfigError(f"{where}: {name}: {r!r} is not an AWS region name (lower-case "
-                              "letters, digits and '-', e.g. us-east-1)")
+            raise ConfigError(
+                f"{where}: {name}: {r!r} is not an AWS region name (lower-case "
+                "letters, digits and '-', e.g. us-east-1)"
+            )
         if r not in out:
             out.append(r)
     return out
@@ -228,8 +280,10 @@ def _tags(where: str, name: str, raw: Any) -> dict[str, list[str]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {name} must be a mapping of tag key to value "
-                          "(e.g. {Environment: production})")
+        raise ConfigError(
+            f"{where}: {name} must be a mapping of tag key to value "
+            "(e.g. {Environment: production})"
+        )
     out: dict[str, list[str]] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not key:
@@ -240,8 +294,10 @@ def _tags(where: str, name: str, raw: Any) -> dict[str, list[str]]:
         texts = []
         for v in values:
             if v is None or isinstance(v, dict | list):
-                raise ConfigError(f"{where}: {name}.{key} must be a value or a list of values "
-                                  '(write "*" to match any value of the tag)')
+                raise ConfigError(
+                    f"{where}: {name}.{key} must be a value or a list of values "
+                    '(write "*" to match any value of the tag)'
+                )
             texts.append(("true" if v else "false") if isinstance(v, bool) else str(v))
         out[key] = texts
     return out
@@ -258,21 +314,32 @@ def _session(ident: str, manual: dict[str, Any] | None = None) -> Any:
 
     try:
         if manual is not None:
-            return boto3.session.Session(aws_access_key_id=str(manual["accessKey"]),
-                                         aws_secret_access_key=str(manual["secretKey"]))
+            return boto3.session.Session(
+                aws_access_key_id=str(manual["accessKey"]),
+                aws_secret_access_key=str(manual["secretKey"]),
+            )
         return boto3.session.Session()
     except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
-        raise DiscoveryError(f"cannot set up AWS credentials: {_scrub(str(exc))}",
-                             infrastructure=ident, error_class="Authentication") from exc
+        raise DiscoveryError(
+            f"cannot set up AWS credentials: {_scrub(str(exc))}",
+            infrastructure=ident,
+            error_class="Authentication",
+        ) from exc
 
 
 def _client(session: Any, region: str) -> Any:
     """An EC2 client for ``region``; the endpoint follows AWS_ENDPOINT_URL(_EC2) if set."""
     from botocore.config import Config
 
-    return session.client("ec2", region_name=region, config=Config(
-        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
-        connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT))
+    return session.client(
+        "ec2",
+        region_name=region,
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+        ),
+    )
 
 
 def _describe(client: Any, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,8 +371,11 @@ def _host(infra: dict[str, Any], query: AwsQuery, region: str, inst: dict[str, A
     private_ip = inst.get("PrivateIpAddress") or None
     public_dns = inst.get("PublicDnsName") or None
     private_dns = inst.get("PrivateDnsName") or None
-    address = {"PublicIP": public_ip, "PrivateIP": private_ip,
-               "Hostname": public_dns or private_dns}[query.connection_type]
+    address = {
+        "PublicIP": public_ip,
+        "PrivateIP": private_ip,
+        "Hostname": public_dns or private_dns,
+    }[query.connection_type]
     launch: Any = inst.get("LaunchTime")
     attributes: dict[str, Any] = {
         "instanceId": iid,
@@ -321,30 +391,52 @@ def _host(infra: dict[str, Any], query: AwsQuery, region: str, inst: dict[str, A
         "tags": tags,
         **{f"tag:{k}": v for k, v in tags.items()},
     }
-    return cloud_host(infra, name=iid, address=address or "", region=region,
-                      public_ip=public_ip, private_ip=private_ip, attributes=attributes)
+    return cloud_host(
+        infra,
+        name=iid,
+        address=address or "",
+        region=region,
+        public_ip=public_ip,
+        private_ip=private_ip,
+        attributes=attributes,
+    )
 
 
 def _refuse_missing_addresses(ident: str, query: AwsQuery, hosts: list[Host]) -> None:
     missing = sorted(f"{h.name} ({h.region})" for h in hosts if not h.address)
     if not missing:
         return
-    what = {"PublicIP": "public IP address", "PrivateIP": "private IP address",
-            "Hostname": "DNS name"}[query.connection_type]
-    hint = (" (hostConnectionType PublicIP needs a public IP on every matching instance; use "
-            "PrivateIP when the workers reach the instances inside the VPC, or tag these "
-            "instances differently)" if query.connection_type == "PublicIP" else "")
+    what = {
+        "PublicIP": "public IP address",
+        "PrivateIP": "private IP address",
+        "Hostname": "DNS name",
+    }[query.connection_type]
+    hint = (
+        " (hostConnectionType PublicIP needs a public IP on every matching instance; use "
+        "PrivateIP when the workers reach the instances inside the VPC, or tag these "
+        "instances differently)"
+        if query.connection_type == "PublicIP"
+        else ""
+    )
     raise DiscoveryError(
         f"{len(missing)} running instance(s) matching the filter have no {what} to connect to: "
-        f"{', '.join(missing)}{hint}", infrastructure=ident, error_class="Unknown")
+        f"{', '.join(missing)}{hint}",
+        infrastructure=ident,
+        error_class="Unknown",
+    )
 
 
 # -- errors -------------------------------------------------------------------------------------
 
 
-def discovery_error(exc: BaseException, *, infrastructure: str, region: str,
-                    endpoint: str | None = None,
-                    credentials_source: str | None = None) -> DiscoveryError | None:
+def discovery_error(
+    exc: BaseException,
+    *,
+    infrastructure: str,
+    region: str,
+    endpoint: str | None = None,
+    credentials_source: str | None = None,
+) -> DiscoveryError | None:
     """The ``DiscoveryError`` for a boto3/botocore failure while listing ``region``; ``None``
     for an exception that is not an AWS SDK one (a bug, to be raised as it is)."""
     from botocore.exceptions import (
@@ -375,41 +467,53 @@ def discovery_error(exc: BaseException, *, infrastructure: str, region: str,
         msg = _scrub(str(error.get("Message") or ""))[:300]
         said = f"{code}: {msg}" if msg else code or "no error code"
         if code in AUTH_CODES:
-            hint = ("the credentials need ec2:DescribeInstances"
-                    if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
-                    else f"check the worker's AWS credentials, and that region {region} is "
-                    "enabled for the account")
-            return err(f"AWS refused the credentials{source} {doing} ({said}); {hint}",
-                       "Authentication")
+            hint = (
+                "the credentials need ec2:DescribeInstances"
+                if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException")
+                else f"check the worker's AWS credentials, and that region {region} is "
+                "enabled for the account"
+            )
+            return err(
+                f"AWS refused the credentials{source} {doing} ({said}); {hint}", "Authentication"
+            )
         if code in THROTTLE_CODES:
-            return err(f"AWS kept throttling {doing} after {MAX_ATTEMPTS} attempts ({said})",
-                       "Connectivity")
+            return err(
+                f"AWS kept throttling {doing} after {MAX_ATTEMPTS} attempts ({said})",
+                "Connectivity",
+            )
         if code in SERVER_CODES or _status(exc) >= 500:
-            return err(f"AWS failed {doing}{at} after {MAX_ATTEMPTS} attempts ({said})",
-                       "Connectivity")
+            return err(
+                f"AWS failed {doing}{at} after {MAX_ATTEMPTS} attempts ({said})", "Connectivity"
+            )
         if code in ("InvalidRegion", "InvalidEndpoint", "UnknownEndpoint"):
             return err(f"region {region!r} is not a usable EC2 region ({said})", "Unknown")
         return err(f"AWS refused {doing} ({said})", "Unknown")
     if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return err(f"no usable AWS credentials for {doing}: {_scrub(str(exc))}; set "
-                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or give the "
-                   "worker an instance role", "Authentication")
+        return err(
+            f"no usable AWS credentials for {doing}: {_scrub(str(exc))}; set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or give the "
+            "worker an instance role",
+            "Authentication",
+        )
     if isinstance(exc, TokenRetrievalError | SSOError | ProfileNotFound):
-        return err(f"AWS credentials unusable for {doing}: {_scrub(str(exc))}",
-                   "Authentication")
+        return err(f"AWS credentials unusable for {doing}: {_scrub(str(exc))}", "Authentication")
     if isinstance(exc, EndpointConnectionError) and not _known_region(region):
-        return err(f"cannot reach the EC2 endpoint for region {region!r}{at}, and {region!r} "
-                   "is not an AWS region this botocore knows: is it misspelled? "
-                   f"({type(exc).__name__})", "Unknown")
+        return err(
+            f"cannot reach the EC2 endpoint for region {region!r}{at}, and {region!r} "
+            "is not an AWS region this botocore knows: is it misspelled? "
+            f"({type(exc).__name__})",
+            "Unknown",
+        )
     if isinstance(exc, BotoConnectionError | HTTPClientError):
-        return err(f"cannot reach the EC2 endpoint for region {region}{at} after "
-                   f"{MAX_ATTEMPTS} attempts ({type(exc).__name__}: {_scrub(str(exc))})",
-                   "Connectivity")
+        return err(
+            f"cannot reach the EC2 endpoint for region {region}{at} after "
+            f"{MAX_ATTEMPTS} attempts ({type(exc).__name__}: {_scrub(str(exc))})",
+            "Connectivity",
+        )
     if isinstance(exc, InvalidRegionError):
         return err(f"region {region!r} is not a valid AWS region name", "Unknown")
     if isinstance(exc, BotoCoreError):
-        return err(f"{doing}{at} failed: {type(exc).__name__}: {_scrub(str(exc))[:300]}",
-                   "Unknown")
+        return err(f"{doing}{at} failed: {type(exc).__name__}: {_scrub(str(exc))[:300]}", "Unknown")
     return None
 
 
@@ -426,8 +530,10 @@ def _known_region(region: str) -> bool:
         import boto3
 
         session = boto3.session.Session()
-        return any(region in session.get_available_regions("ec2", partition_name=p)
-                   for p in session.get_available_partitions())
+        return any(
+            region in session.get_available_regions("ec2", partition_name=p)
+            for p in session.get_available_partitions()
+        )
     except Exception:
         return True  # cannot tell: do not call it misspelled
 

@@ -124,26 +124,36 @@ class AzureTarget:
         hf_type = str(hf.get("type") or "All")
         hf_spec = hf.get("spec") or {}
 
-        subscription = str(spec.get("subscriptionId") or
-                           os.environ.get("AZURE_SUBSCRIPTION_ID") or "").strip()
+        subscription = str(
+            spec.get("subscriptionId") or os.environ.get("AZURE_SUBSCRIPTION_ID") or ""
+        ).strip()
         if not subscription:
-            raise ConfigError(f"{where}: the Azure infrastructure needs 'subscriptionId' "
-                              "(spec.subscriptionId, or AZURE_SUBSCRIPTION_ID on the worker)")
+            raise ConfigError(
+                f"{where}: the Azure infrastructure needs 'subscriptionId' "
+                "(spec.subscriptionId, or AZURE_SUBSCRIPTION_ID on the worker)"
+            )
         groups: list[str] = []
-        for g in [*_str_list(hf_spec.get("resourceGroups"), f"{where}: hostFilter.spec."
-                             "resourceGroups"), spec.get("resourceGroup")]:
+        for g in [
+            *_str_list(hf_spec.get("resourceGroups"), f"{where}: hostFilter.spec.resourceGroups"),
+            spec.get("resourceGroup"),
+        ]:
             if g and str(g).strip().lower() not in {x.lower() for x in groups}:
                 groups.append(str(g).strip())
         if not groups:
-            raise ConfigError(f"{where}: the Azure infrastructure needs 'resourceGroup' "
-                              "(spec.resourceGroup or hostFilter.spec.resourceGroups)")
+            raise ConfigError(
+                f"{where}: the Azure infrastructure needs 'resourceGroup' "
+                "(spec.resourceGroup or hostFilter.spec.resourceGroups)"
+            )
         conn = str(spec.get("hostConnectionType") or "PrivateIP")
         if conn not in CONNECTION_TYPES:
-            raise ConfigError(f"{where}: hostConnectionType '{conn}' is not one of "
-                              + ", ".join(CONNECTION_TYPES))
+            raise ConfigError(
+                f"{where}: hostConnectionType '{conn}' is not one of " + ", ".join(CONNECTION_TYPES)
+            )
         if hf_type not in (VM_FILTER, VMSS_FILTER, "All", "HostNames"):
-            raise ConfigError(f"{where}: hostFilter type '{hf_type}' does not apply to Azure "
-                              f"(use {VM_FILTER}, {VMSS_FILTER}, HostNames or All)")
+            raise ConfigError(
+                f"{where}: hostFilter type '{hf_type}' does not apply to Azure "
+                f"(use {VM_FILTER}, {VMSS_FILTER}, HostNames or All)"
+            )
         tags: dict[str, str] = {}
         for source in (spec.get("tags") or {}, hf_spec.get("tags") or {}):
             if not isinstance(source, dict):
@@ -155,14 +165,19 @@ class AzureTarget:
         if hf_type == "HostNames" and not host_names:
             raise ConfigError(f"{where}: a HostNames filter needs 'hostNames' in hostFilter.spec")
         return cls(
-            identifier=ident, subscription=subscription, resource_groups=groups,
+            identifier=ident,
+            subscription=subscription,
+            resource_groups=groups,
             location=normalize_region(str(region)) if region else None,
             connection_type=conn,
-            want_vms=hf_type != VMSS_FILTER, want_scale_sets=hf_type != VM_FILTER,
+            want_vms=hf_type != VMSS_FILTER,
+            want_scale_sets=hf_type != VM_FILTER,
             scale_sets=_str_list(scale_sets, f"{where}: hostFilter.spec.scaleSets")
-            if scale_sets else None,
+            if scale_sets
+            else None,
             host_names=_str_list(host_names, f"{where}: hostFilter.spec.hostNames")
-            if host_names else None,
+            if host_names
+            else None,
             tags=tags,
         )
 
@@ -218,8 +233,10 @@ def _client_kwargs() -> dict[str, Any]:
     scope = os.environ.get(SCOPE_ENV)
     if scope:
         kw["credential_scopes"] = [scope]
-    for env, key, conv in ((RETRY_TOTAL_ENV, "retry_total", int),
-                           (RETRY_BACKOFF_ENV, "retry_backoff_factor", float)):
+    for env, key, conv in (
+        (RETRY_TOTAL_ENV, "retry_total", int),
+        (RETRY_BACKOFF_ENV, "retry_backoff_factor", float),
+    ):
         raw = os.environ.get(env)
         if raw:
             try:
@@ -262,8 +279,11 @@ def _clients(subscription: str, manual: dict[str, Any] | None = None) -> tuple[A
 
     kw = _client_kwargs()
     cred = make_credential(manual)
-    return (cred, ComputeManagementClient(cred, subscription, **kw),
-            NetworkManagementClient(cred, subscription, **kw))
+    return (
+        cred,
+        ComputeManagementClient(cred, subscription, **kw),
+        NetworkManagementClient(cred, subscription, **kw),
+    )
 
 
 def _value(x: Any) -> Any:
@@ -330,20 +350,27 @@ def _power_state(view: Any) -> str | None:
 
 def _machine(vm: Any, rg: str, *, scale_set: str | None = None) -> _Machine:
     view = _attr(vm, "instance_view")
-    nics = [(str(_attr(n, "id")), _attr(n, "primary"))
-            for n in (_attr(vm, "network_profile", "network_interfaces") or [])
-            if _attr(n, "id")]
+    nics = [
+        (str(_attr(n, "id")), _attr(n, "primary"))
+        for n in (_attr(vm, "network_profile", "network_interfaces") or [])
+        if _attr(n, "id")
+    ]
     vmss_id = _attr(vm, "virtual_machine_scale_set", "id")
     size = _attr(vm, "hardware_profile", "vm_size") or _attr(vm, "sku", "name")
     return _Machine(
-        id=str(_attr(vm, "id") or ""), name=str(_attr(vm, "name") or ""), resource_group=rg,
-        location=str(_attr(vm, "location") or ""), tags=dict(_attr(vm, "tags") or {}),
+        id=str(_attr(vm, "id") or ""),
+        name=str(_attr(vm, "name") or ""),
+        resource_group=rg,
+        location=str(_attr(vm, "location") or ""),
+        tags=dict(_attr(vm, "tags") or {}),
         size=str(_value(size)) if size else None,
         computer_name=_attr(vm, "os_profile", "computer_name") or _attr(view, "computer_name"),
-        nic_refs=nics, power_state=_power_state(view) if view is not None else None,
-        scale_set=scale_set or (_id_parts(str(vmss_id)).get("virtualmachinescalesets")
-                                if vmss_id else None),
-        instance_id=_attr(vm, "instance_id"), zones=list(_attr(vm, "zones") or []),
+        nic_refs=nics,
+        power_state=_power_state(view) if view is not None else None,
+        scale_set=scale_set
+        or (_id_parts(str(vmss_id)).get("virtualmachinescalesets") if vmss_id else None),
+        instance_id=_attr(vm, "instance_id"),
+        zones=list(_attr(vm, "zones") or []),
     )
 
 
@@ -365,8 +392,11 @@ class _Network:
         ops = self.network.network_interfaces
         scope = f"{rg}/{ss}".lower() if ss else rg.lower()
         if scope not in self._nics:
-            pager = (ops.list_virtual_machine_scale_set_network_interfaces(rg, ss) if ss
-                     else ops.list(rg))
+            pager = (
+                ops.list_virtual_machine_scale_set_network_interfaces(rg, ss)
+                if ss
+                else ops.list(rg)
+            )
             self._nics[scope] = self._index(pager)
         found = self._nics[scope].get(nic_id.lower())
         if found is not None:
@@ -374,7 +404,8 @@ class _Network:
         try:  # created since the list was read, or listed under another id spelling
             if ss:
                 return ops.get_virtual_machine_scale_set_network_interface(
-                    rg, ss, p.get("virtualmachines", ""), p.get("networkinterfaces", ""))
+                    rg, ss, p.get("virtualmachines", ""), p.get("networkinterfaces", "")
+                )
             return ops.get(rg, p.get("networkinterfaces", ""))
         except Exception as exc:
             if _not_found(exc):
@@ -387,16 +418,27 @@ class _Network:
         ops = self.network.public_ip_addresses
         scope = f"{rg}/{ss}".lower() if ss else rg.lower()
         if scope not in self._pips:
-            pager = (ops.list_virtual_machine_scale_set_public_ip_addresses(rg, ss) if ss
-                     else ops.list(rg))
+            pager = (
+                ops.list_virtual_machine_scale_set_public_ip_addresses(rg, ss)
+                if ss
+                else ops.list(rg)
+            )
             self._pips[scope] = self._index(pager)
         pip = self._pips[scope].get(pip_id.lower())
         if pip is None:
             try:
-                pip = (ops.get_virtual_machine_scale_set_public_ip_address(
-                    rg, ss, p.get("virtualmachines", ""), p.get("networkinterfaces", ""),
-                    p.get("ipconfigurations", ""), p.get("publicipaddresses", "")) if ss
-                    else ops.get(rg, p.get("publicipaddresses", "")))
+                pip = (
+                    ops.get_virtual_machine_scale_set_public_ip_address(
+                        rg,
+                        ss,
+                        p.get("virtualmachines", ""),
+                        p.get("networkinterfaces", ""),
+                        p.get("ipconfigurations", ""),
+                        p.get("publicipaddresses", ""),
+                    )
+                    if ss
+                    else ops.get(rg, p.get("publicipaddresses", ""))
+                )
             except Exception as exc:
                 if _not_found(exc):
                     return None
@@ -429,8 +471,7 @@ class _Network:
             except Exception as exc:
                 if need_public or getattr(exc, "status_code", None) != 403:
                     raise
-                log.warning("azure: not allowed to read public IP %s; leaving it unknown",
-                            pip_id)
+                log.warning("azure: not allowed to read public IP %s; leaving it unknown", pip_id)
         return (str(private) if private else None), public
 
 
@@ -448,8 +489,10 @@ class _Discovery:
         def all_vms() -> list[_Machine]:
             nonlocal vms
             if vms is None:
-                vms = [_machine(v, rg) for v in
-                       self.compute.virtual_machines.list(rg, expand="instanceView")]
+                vms = [
+                    _machine(v, rg)
+                    for v in self.compute.virtual_machines.list(rg, expand="instanceView")
+                ]
             return vms
 
         found: list[_Machine] = []
@@ -462,16 +505,18 @@ class _Discovery:
                 if wanted is not None and name.lower() not in wanted:
                     continue
                 self.scale_sets_seen.add(name.lower())
-                if t.location and normalize_region(str(_attr(ss, "location") or "")) \
-                        != t.location:
+                if t.location and normalize_region(str(_attr(ss, "location") or "")) != t.location:
                     continue
                 mode = str(_value(_attr(ss, "orchestration_mode")) or "Uniform")
                 if mode.lower() == "flexible":
                     members = [m for m in all_vms() if (m.scale_set or "").lower() == name.lower()]
                 else:
-                    members = [_machine(v, rg, scale_set=name) for v in
-                               self.compute.virtual_machine_scale_set_vms.list(
-                                   rg, name, expand="instanceView")]
+                    members = [
+                        _machine(v, rg, scale_set=name)
+                        for v in self.compute.virtual_machine_scale_set_vms.list(
+                            rg, name, expand="instanceView"
+                        )
+                    ]
                 for m in members:
                     m.tags = {**dict(_attr(ss, "tags") or {}), **m.tags}
                 found.extend(members)
@@ -488,10 +533,14 @@ class _Discovery:
 
     def running(self, m: _Machine) -> bool:
         if m.power_state is None:  # the list carried no instance view: ask for it
-            if m.scale_set and m.instance_id is not None and \
-                    "/virtualmachinescalesets/" in m.id.lower():  # a Uniform instance
+            if (
+                m.scale_set
+                and m.instance_id is not None
+                and "/virtualmachinescalesets/" in m.id.lower()
+            ):  # a Uniform instance
                 view = self.compute.virtual_machine_scale_set_vms.get_instance_view(
-                    m.resource_group, m.scale_set, m.instance_id)
+                    m.resource_group, m.scale_set, m.instance_id
+                )
             else:
                 view = self.compute.virtual_machines.instance_view(m.resource_group, m.name)
             m.power_state = _power_state(view)
@@ -499,8 +548,7 @@ class _Discovery:
         return m.power_state == "running"
 
 
-def _call(target: AzureTarget, what: str, fn: Callable[[], T], *,
-          resource_group: str = "") -> T:
+def _call(target: AzureTarget, what: str, fn: Callable[[], T], *, resource_group: str = "") -> T:
     """Run ``fn`` and turn Azure SDK errors into DiscoveryError naming ``what``."""
     try:
         return fn()
@@ -510,8 +558,9 @@ def _call(target: AzureTarget, what: str, fn: Callable[[], T], *,
         raise _discovery_error(target, what, exc, resource_group) from exc
 
 
-def _discovery_error(target: AzureTarget, what: str, exc: Exception,
-                     resource_group: str = "") -> DiscoveryError:
+def _discovery_error(
+    target: AzureTarget, what: str, exc: Exception, resource_group: str = ""
+) -> DiscoveryError:
     from azure.core.exceptions import (
         ClientAuthenticationError,
         HttpResponseError,
@@ -528,43 +577,62 @@ def _discovery_error(target: AzureTarget, what: str, exc: Exception,
     sub = target.subscription
 
     def fail(message: str, error_class: str = "Unknown") -> DiscoveryError:
-        return DiscoveryError(f"infrastructure '{ident}': {message}", infrastructure=ident,
-                              error_class=error_class)
+        return DiscoveryError(
+            f"infrastructure '{ident}': {message}", infrastructure=ident, error_class=error_class
+        )
 
     if isinstance(exc, ClientAuthenticationError) and status is None:
-        return fail(f"could not get an Azure access token while {what}: {detail} (check "
-                    "AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_CLIENT_SECRET or the worker's "
-                    "managed identity)", "Authentication")
+        return fail(
+            f"could not get an Azure access token while {what}: {detail} (check "
+            "AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_CLIENT_SECRET or the worker's "
+            "managed identity)",
+            "Authentication",
+        )
     if status == 401 or isinstance(exc, ClientAuthenticationError):
-        return fail(f"Azure rejected the credentials while {what} (401"
-                    f"{' ' + code if code else ''}: {detail})", "Authentication")
+        return fail(
+            f"Azure rejected the credentials while {what} (401"
+            f"{' ' + code if code else ''}: {detail})",
+            "Authentication",
+        )
     if status == 403:
-        return fail(f"the Azure identity has no permission for {what} in subscription "
-                    f"'{sub}' (403{' ' + code if code else ''}: {detail}); it needs read access "
-                    "to virtual machines, scale sets and network interfaces (e.g. the Reader "
-                    "role)", "Authentication")
+        return fail(
+            f"the Azure identity has no permission for {what} in subscription "
+            f"'{sub}' (403{' ' + code if code else ''}: {detail}); it needs read access "
+            "to virtual machines, scale sets and network interfaces (e.g. the Reader "
+            "role)",
+            "Authentication",
+        )
     if status == 404:
         if code == "ResourceGroupNotFound":
             m = re.search(r"resource group '([^']+)'", detail, re.I)
             rg = m.group(1) if m else (resource_group or "?")
-            return fail(f"resource group '{rg}' does not exist in subscription '{sub}' "
-                        f"(or the identity cannot see it): {detail}")
+            return fail(
+                f"resource group '{rg}' does not exist in subscription '{sub}' "
+                f"(or the identity cannot see it): {detail}"
+            )
         if code in ("SubscriptionNotFound", "InvalidSubscriptionId"):
-            return fail(f"subscription '{sub}' was not found or is not visible to the Azure "
-                        f"identity ({code}: {detail})")
+            return fail(
+                f"subscription '{sub}' was not found or is not visible to the Azure "
+                f"identity ({code}: {detail})"
+            )
         return fail(f"not found while {what} (404{' ' + code if code else ''}: {detail})")
     if status == 429:
-        return fail(f"Azure kept throttling the requests while {what} (429: {detail}); "
-                    "retry later", "Connectivity")
+        return fail(
+            f"Azure kept throttling the requests while {what} (429: {detail}); retry later",
+            "Connectivity",
+        )
     if isinstance(status, int) and status >= 500:
-        return fail(f"Azure Resource Manager failed while {what} ({status}"
-                    f"{' ' + code if code else ''}: {detail})", "Connectivity")
+        return fail(
+            f"Azure Resource Manager failed while {what} ({status}"
+            f"{' ' + code if code else ''}: {detail})",
+            "Connectivity",
+        )
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return fail(f"could not reach Azure Resource Manager while {what}: {detail}",
-                    "Connectivity")
+        return fail(
+            f"could not reach Azure Resource Manager while {what}: {detail}", "Connectivity"
+        )
     if isinstance(exc, HttpResponseError):
-        return fail(f"Azure answered {status}{' ' + code if code else ''} while {what}: "
-                    f"{detail}")
+        return fail(f"Azure answered {status}{' ' + code if code else ''} while {what}: {detail}")
     return fail(f"{type(exc).__name__} while {what}: {detail}")
 
 
@@ -576,8 +644,12 @@ def discover(infra: dict[str, Any]) -> list[Host]:
         d = _Discovery(target, compute, network)
         machines: dict[str, _Machine] = {}
         for rg in target.resource_groups:
-            for m in _call(target, f"listing the VMs of resource group '{rg}'",
-                           partial(d.machines, rg), resource_group=rg):
+            for m in _call(
+                target,
+                f"listing the VMs of resource group '{rg}'",
+                partial(d.machines, rg),
+                resource_group=rg,
+            ):
                 if m.id.lower() not in machines and d.matches(m):
                     machines[m.id.lower()] = m
         if target.scale_sets and target.want_scale_sets:
@@ -585,21 +657,37 @@ def discover(infra: dict[str, Any]) -> list[Host]:
             if missing:
                 raise DiscoveryError(
                     f"infrastructure '{target.identifier}': scale set(s) "
-                    + ", ".join(f"'{s}'" for s in missing) + " not found in resource group(s) "
+                    + ", ".join(f"'{s}'" for s in missing)
+                    + " not found in resource group(s) "
                     + ", ".join(f"'{g}'" for g in target.resource_groups),
-                    infrastructure=target.identifier)
-        running = [m for m in machines.values()
-                   if _call(target, f"reading the power state of VM '{m.name}'",
-                            partial(d.running, m), resource_group=m.resource_group)]
-        hosts = _call(target, "reading network interfaces",
-                      lambda: _hosts(infra, target, d, running))
-    log.info("azure: infrastructure %s: %d running of %d matching VMs in %s",
-             target.identifier, len(hosts), len(machines), ", ".join(target.resource_groups))
+                    infrastructure=target.identifier,
+                )
+        running = [
+            m
+            for m in machines.values()
+            if _call(
+                target,
+                f"reading the power state of VM '{m.name}'",
+                partial(d.running, m),
+                resource_group=m.resource_group,
+            )
+        ]
+        hosts = _call(
+            target, "reading network interfaces", lambda: _hosts(infra, target, d, running)
+        )
+    log.info(
+        "azure: infrastructure %s: %d running of %d matching VMs in %s",
+        target.identifier,
+        len(hosts),
+        len(machines),
+        ", ".join(target.resource_groups),
+    )
     return hosts
 
 
-def _hosts(infra: dict[str, Any], t: AzureTarget, d: _Discovery,
-           running: list[_Machine]) -> list[Host]:
+def _hosts(
+    infra: dict[str, Any], t: AzureTarget, d: _Discovery, running: list[_Machine]
+) -> list[Host]:
     counts: dict[str, int] = {}
     for m in running:
         counts[m.name.lower()] = counts.get(m.name.lower(), 0) + 1
@@ -607,25 +695,48 @@ def _hosts(infra: dict[str, Any], t: AzureTarget, d: _Discovery,
     lacking: list[str] = []
     for m in sorted(running, key=lambda m: (m.resource_group.lower(), m.name.lower())):
         private, public = d.net.addresses(m, need_public=t.connection_type == "PublicIP")
-        address = {"PrivateIP": private, "PublicIP": public,
-                   "Hostname": m.computer_name or m.name}[t.connection_type]
+        address = {"PrivateIP": private, "PublicIP": public, "Hostname": m.computer_name or m.name}[
+            t.connection_type
+        ]
         if not address:
             lacking.append(f"{m.name} ({m.resource_group})")
             continue
         name = m.name if counts[m.name.lower()] == 1 else f"{m.name}.{m.resource_group}"
-        hosts.append(cloud_host(
-            infra, name=name, address=address, region=normalize_region(m.location),
-            public_ip=public, private_ip=private,
-            attributes={"id": m.id, "resourceGroup": m.resource_group,
-                        "subscriptionId": t.subscription, "location": m.location,
-                        "tags": m.tags, "vmss": m.scale_set, "instanceId": m.instance_id,
-                        "size": m.size, "computerName": m.computer_name, "zones": m.zones}))
+        hosts.append(
+            cloud_host(
+                infra,
+                name=name,
+                address=address,
+                region=normalize_region(m.location),
+                public_ip=public,
+                private_ip=private,
+                attributes={
+                    "id": m.id,
+                    "resourceGroup": m.resource_group,
+                    "subscriptionId": t.subscription,
+                    "location": m.location,
+                    "tags": m.tags,
+                    "vmss": m.scale_set,
+                    "instanceId": m.instance_id,
+                    "size": m.size,
+                    "computerName": m.computer_name,
+                    "zones": m.zones,
+                },
+            )
+        )
     if lacking:
         kind = {"PrivateIP": "private IP address", "PublicIP": "public IP address"}.get(
-            t.connection_type, "address")
-        hint = (" (use hostConnectionType PrivateIP, or give them public IPs)"
-                if t.connection_type == "PublicIP" else "")
+            t.connection_type, "address"
+        )
+        hint = (
+            " (use hostConnectionType PrivateIP, or give them public IPs)"
+            if t.connection_type == "PublicIP"
+            else ""
+        )
         raise DiscoveryError(
             f"infrastructure '{t.identifier}': running VM(s) without a {kind}: "
-            + ", ".join(lacking) + hint, infrastructure=t.identifier)
+            + ", ".join(lacking)
+            + hint,
+            infrastructure=t.identifier,
+        )
     return hosts

@@ -44,9 +44,16 @@ class Host:
         return cls(**data)
 
 
-def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
-               public_ip: str | None = None, private_ip: str | None = None,
-               attributes: dict[str, Any] | None = None) -> Host:
+def cloud_host(
+    infra: dict[str, Any],
+    *,
+    name: str,
+    address: str,
+    region: str,
+    public_ip: str | None = None,
+    private_ip: str | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> Host:
     """A discovered host, with the infrastructure's ``connection`` settings (user, port, key,
     known_hosts, host key policy) applied as for a static host."""
     conn = (infra.get("spec") or {}).get("connection") or {}
@@ -57,23 +64,35 @@ def cloud_host(infra: dict[str, Any], *, name: str, address: str, region: str,
         if isinstance(found, dict) and found.get("slot") and not attributes.get("slot"):
             attributes["slot"] = str(found["slot"])
     return Host(
-        name=name, address=address, region=region, infrastructure=str(infra["identifier"]),
-        port=int(conn.get("port", 22)), user=conn.get("user", "root"),
-        connection=conn.get("type", "SSH"), private_key_file=conn.get("privateKeyFile"),
+        name=name,
+        address=address,
+        region=region,
+        infrastructure=str(infra["identifier"]),
+        port=int(conn.get("port", 22)),
+        user=conn.get("user", "root"),
+        connection=conn.get("type", "SSH"),
+        private_key_file=conn.get("privateKeyFile"),
         known_hosts_file=conn.get("knownHostsFile"),
         host_key_policy=conn.get("hostKeyPolicy", "strict"),
         connect_timeout=float(conn.get("connectTimeout", 10.0)),
-        public_ip=public_ip, private_ip=private_ip, attributes=attributes,
+        public_ip=public_ip,
+        private_ip=private_ip,
+        attributes=attributes,
         credentials=credentials_of(conn),
     )
 
 
 def credentials_of(conn: dict[str, Any]) -> dict[str, str]:
     """The secret ids of a connection's SSH credentials."""
-    return {kind: str(conn[key]) for kind, key in (("private_key", "privateKeySecret"),
-                                                   ("passphrase", "passphraseSecret"),
-                                                   ("password", "passwordSecret"))
-            if conn.get(key)}
+    return {
+        kind: str(conn[key])
+        for kind, key in (
+            ("private_key", "privateKeySecret"),
+            ("passphrase", "passphraseSecret"),
+            ("password", "passwordSecret"),
+        )
+        if conn.get(key)
+    }
 
 
 def discover(infra: dict[str, Any]) -> list[Host]:
@@ -84,18 +103,25 @@ def discover(infra: dict[str, Any]) -> list[Host]:
     import importlib
 
     provider = infra.get("provider")
-    module = {"static": "app.providers.static", "aws": "app.providers.aws",
-              "azure": "app.providers.azure", "gcp": "app.providers.gcp"}.get(str(provider))
+    module = {
+        "static": "app.providers.static",
+        "aws": "app.providers.aws",
+        "azure": "app.providers.azure",
+        "gcp": "app.providers.gcp",
+    }.get(str(provider))
     if module is None:
-        raise ConfigError(f"infrastructure '{infra.get('identifier')}' "
-                          f"({infra.get('source', '')}) names an unknown provider {provider!r}")
+        raise ConfigError(
+            f"infrastructure '{infra.get('identifier')}' "
+            f"({infra.get('source', '')}) names an unknown provider {provider!r}"
+        )
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"infrastructure '{infra.get('identifier')}' ({infra.get('source', '')}) uses the "
             f"{provider} provider, which needs the Python package {exc.name!r}; install it on "
-            "the workers of that region") from None
+            "the workers of that region"
+        ) from None
     hosts: list[Host] = mod.discover(infra)
     return hosts
 
@@ -124,6 +150,8 @@ def connector_credential(infra: dict[str, Any]) -> dict[str, Any] | None:
             raise DiscoveryError(
                 f"infrastructure '{infra.get('identifier')}': connector "
                 f"'{connector.get('identifier')}': {key} {str(value)!r} cannot be resolved on "
-                f"this worker: {exc}", infrastructure=str(infra.get("identifier", "")),
-                error_class="Authentication") from None
+                f"this worker: {exc}",
+                infrastructure=str(infra.get("identifier", "")),
+                error_class="Authentication",
+            ) from None
     return out

@@ -78,8 +78,9 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "VMFARM_GCP_ENDPOINT"
 AUTH_ENV = "VMFARM_GCP_AUTH"
 SCOPES = ("https://www.googleapis.com/auth/compute.readonly",)
-RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded",
-                                "quotaExceeded", "RATE_LIMIT_EXCEEDED"})
+RATE_LIMIT_REASONS = frozenset(
+    {"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded", "RATE_LIMIT_EXCEEDED"}
+)
 _ZONE_RE = re.compile(r"^[a-z][a-z0-9-]*-[a-z]$")
 _MEMBER_RE = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/?#]+)$")
 _SAFE_LABEL = re.compile(r"^[\w-]+$")
@@ -151,8 +152,10 @@ def _read(infra: dict[str, Any]) -> _Query:
     if not isinstance(hfs, dict):
         raise ConfigError(f"{at}: hostFilter.spec must be a mapping")
     if hf_type not in ("GcpInstanceFilter", "GcpInstanceGroupFilter", "All", "HostNames"):
-        raise ConfigError(f"{at}: hostFilter.type {hf_type} does not apply to GCP (use "
-                          "GcpInstanceFilter or GcpInstanceGroupFilter)")
+        raise ConfigError(
+            f"{at}: hostFilter.type {hf_type} does not apply to GCP (use "
+            "GcpInstanceFilter or GcpInstanceGroupFilter)"
+        )
 
     project = spec.get("project")
     if not project or not isinstance(project, str):
@@ -160,8 +163,11 @@ def _read(infra: dict[str, Any]) -> _Query:
 
     region = spec.get("region") or None
     zones: list[str] = []
-    for src, value in (("spec.zones", spec.get("zones")), ("spec.zone", spec.get("zone")),
-                       ("hostFilter.spec.zones", hfs.get("zones"))):
+    for src, value in (
+        ("spec.zones", spec.get("zones")),
+        ("spec.zone", spec.get("zone")),
+        ("hostFilter.spec.zones", hfs.get("zones")),
+    ):
         if value in (None, "", []):
             continue
         items = [value] if isinstance(value, str) else value
@@ -171,18 +177,21 @@ def _read(infra: dict[str, Any]) -> _Query:
             if not _ZONE_RE.match(z):
                 raise ConfigError(f"{at}: {src}: '{z}' is not a zone name (like us-central1-a)")
             if region and region_of(z) != region:
-                raise ConfigError(f"{at}: {src}: zone '{z}' is not in region '{region}' "
-                                  "(spec.region)")
+                raise ConfigError(
+                    f"{at}: {src}: zone '{z}' is not in region '{region}' (spec.region)"
+                )
             if z not in zones:
                 zones.append(z)
     if not zones and not region:
-        raise ConfigError(f"{at}: give the GCP region (field spec.region) or the zones "
-                          "(field spec.zones)")
+        raise ConfigError(
+            f"{at}: give the GCP region (field spec.region) or the zones (field spec.zones)"
+        )
 
     ctype = spec.get("hostConnectionType") or "PrivateIP"
     if ctype not in ("PrivateIP", "PublicIP", "Hostname"):
-        raise ConfigError(f"{at}: hostConnectionType must be PrivateIP, PublicIP or Hostname, "
-                          f"not {ctype!r}")
+        raise ConfigError(
+            f"{at}: hostConnectionType must be PrivateIP, PublicIP or Hostname, not {ctype!r}"
+        )
 
     labels: dict[str, str] = {}
     tags: list[str] = []
@@ -218,11 +227,13 @@ def _read(infra: dict[str, Any]) -> _Query:
     if raw_groups not in (None, "", []):
         items = [raw_groups] if isinstance(raw_groups, str) else raw_groups
         if not isinstance(items, list) or not all(isinstance(g, str) and g for g in items):
-            raise ConfigError(f"{at}: hostFilter.spec.instanceGroups must be a list of "
-                              "instance group names")
+            raise ConfigError(
+                f"{at}: hostFilter.spec.instanceGroups must be a list of instance group names"
+            )
         if hf_type != "GcpInstanceGroupFilter":
-            raise ConfigError(f"{at}: hostFilter.spec.instanceGroups needs hostFilter.type "
-                              "GcpInstanceGroupFilter")
+            raise ConfigError(
+                f"{at}: hostFilter.spec.instanceGroups needs hostFilter.type GcpInstanceGroupFilter"
+            )
         groups = [_short(g) for g in items]
 
     names: list[str] = []
@@ -241,8 +252,9 @@ def _read(infra: dict[str, Any]) -> _Query:
 class _Api:
     """The SDK clients, credentials, retry and error mapping for one discovery."""
 
-    def __init__(self, q: _Query, policy: RetryPolicy,
-                 manual: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, q: _Query, policy: RetryPolicy, manual: dict[str, Any] | None = None
+    ) -> None:
         from google.api_core import retry as gretry  # lazy: SDKs load only when used
 
         self.q = q
@@ -252,15 +264,24 @@ class _Api:
         self._credentials: Any = None
         self.manual = manual  # the connector's service account key (ManualConfig), resolved
         # A custom endpoint means a fake server unless VMFARM_GCP_AUTH=adc says otherwise.
-        self.anonymous = (bool(self.endpoint)
-                          and os.environ.get(AUTH_ENV, "").strip().lower() != "adc")
+        self.anonymous = (
+            bool(self.endpoint) and os.environ.get(AUTH_ENV, "").strip().lower() != "adc"
+        )
         self.retry: Any = gretry.Retry(
-            predicate=_retryable, initial=policy.initial, maximum=policy.maximum,
-            multiplier=policy.multiplier, timeout=policy.deadline, on_error=self._on_retry)
+            predicate=_retryable,
+            initial=policy.initial,
+            maximum=policy.maximum,
+            multiplier=policy.multiplier,
+            timeout=policy.deadline,
+            on_error=self._on_retry,
+        )
 
     def _on_retry(self, exc: Exception) -> None:
-        log.info("GCP Compute API call for infrastructure '%s' failed (%s); retrying",
-                 self.q.ident, _brief(exc))
+        log.info(
+            "GCP Compute API call for infrastructure '%s' failed (%s); retrying",
+            self.q.ident,
+            _brief(exc),
+        )
 
     @property
     def call(self) -> dict[str, Any]:
@@ -281,9 +302,12 @@ class _Api:
                         raise DiscoveryError(
                             f"infrastructure '{self.q.ident}': the connector's secretKeyRef "
                             "does not hold a service account JSON key",
-                            infrastructure=self.q.ident, error_class="Authentication") from None
+                            infrastructure=self.q.ident,
+                            error_class="Authentication",
+                        ) from None
                     self._credentials = service_account.Credentials.from_service_account_info(
-                        info, scopes=list(SCOPES))
+                        info, scopes=list(SCOPES)
+                    )
             elif self.anonymous:
                 from google.auth.credentials import AnonymousCredentials
 
@@ -308,8 +332,14 @@ class _Api:
         return self._clients[kind]
 
     @contextmanager
-    def errors(self, what: str, *, zone: str | None = None, region: str | None = None,
-               group: str | None = None) -> Iterator[None]:
+    def errors(
+        self,
+        what: str,
+        *,
+        zone: str | None = None,
+        region: str | None = None,
+        group: str | None = None,
+    ) -> Iterator[None]:
         """Turn SDK, auth and transport exceptions raised inside into ``DiscoveryError``."""
         try:
             yield
@@ -321,8 +351,9 @@ class _Api:
                 raise
             raise mapped from exc
 
-    def _map(self, exc: Exception, what: str, *, zone: str | None, region: str | None,
-             group: str | None) -> DiscoveryError | None:
+    def _map(
+        self, exc: Exception, what: str, *, zone: str | None, region: str | None, group: str | None
+    ) -> DiscoveryError | None:
         import google.auth.exceptions as gauth
         import requests
         from google.api_core import exceptions as gexc
@@ -331,70 +362,107 @@ class _Api:
         endpoint = self.endpoint or "https://compute.googleapis.com"
 
         def err(message: str, error_class: str) -> DiscoveryError:
-            return DiscoveryError(f"infrastructure '{q.ident}': {message}",
-                                  infrastructure=q.ident, error_class=error_class)
+            return DiscoveryError(
+                f"infrastructure '{q.ident}': {message}",
+                infrastructure=q.ident,
+                error_class=error_class,
+            )
 
         if isinstance(exc, gexc.RetryError):
             cause = exc.cause if exc.cause is not None else exc
-            return err(f"{what}: the GCP Compute API ({endpoint}) still failed after retrying "
-                       f"for {self.policy.deadline:g}s: {_brief(cause)}", "Connectivity")
+            return err(
+                f"{what}: the GCP Compute API ({endpoint}) still failed after retrying "
+                f"for {self.policy.deadline:g}s: {_brief(cause)}",
+                "Connectivity",
+            )
         if isinstance(exc, gauth.TransportError):
-            return err(f"{what}: could not reach the Google token endpoint: {exc}",
-                       "Connectivity")
+            return err(f"{what}: could not reach the Google token endpoint: {exc}", "Connectivity")
         if isinstance(exc, gauth.InvalidOperation) and self.anonymous:
-            return err(f"{what}: the API answered 401 Unauthorized to anonymous credentials "
-                       f"(anonymous because {ENDPOINT_ENV} is set; set {AUTH_ENV}=adc to use "
-                       "Application Default Credentials with it)", "Authentication")
+            return err(
+                f"{what}: the API answered 401 Unauthorized to anonymous credentials "
+                f"(anonymous because {ENDPOINT_ENV} is set; set {AUTH_ENV}=adc to use "
+                "Application Default Credentials with it)",
+                "Authentication",
+            )
         if isinstance(exc, gauth.DefaultCredentialsError):
-            return err(f"{what}: no usable Google Application Default Credentials ({exc}). Set "
-                       "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
-                       "`gcloud auth application-default login`, or run the worker on GCP "
-                       "with a service account", "Authentication")
+            return err(
+                f"{what}: no usable Google Application Default Credentials ({exc}). Set "
+                "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
+                "`gcloud auth application-default login`, or run the worker on GCP "
+                "with a service account",
+                "Authentication",
+            )
         if isinstance(exc, gauth.GoogleAuthError):
-            return err(f"{what}: the GCP credentials were refused or could not be refreshed "
-                       f"({type(exc).__name__}: {exc})", "Authentication")
+            return err(
+                f"{what}: the GCP credentials were refused or could not be refreshed "
+                f"({type(exc).__name__}: {exc})",
+                "Authentication",
+            )
         if isinstance(exc, gexc.Unauthorized):
-            return err(f"{what}: GCP refused the credentials (401): {exc.message}",
-                       "Authentication")
+            return err(
+                f"{what}: GCP refused the credentials (401): {exc.message}", "Authentication"
+            )
         if isinstance(exc, gexc.Forbidden):
             if _reasons(exc) & RATE_LIMIT_REASONS:
-                return err(f"{what}: throttled by the GCP Compute API (403): {exc.message}",
-                           "Connectivity")
-            return err(f"{what}: permission denied in {q.where} (403; the credentials need "
-                       f"compute.instances.list/get, e.g. roles/compute.viewer): {exc.message}",
-                       "Authentication")
-        if isinstance(exc, gexc.TooManyRequests | gexc.ServiceUnavailable | gexc.BadGateway
-                      | gexc.GatewayTimeout | gexc.DeadlineExceeded):
-            return err(f"{what}: the GCP Compute API is throttling or unavailable "
-                       f"({_brief(exc)})", "Connectivity")
+                return err(
+                    f"{what}: throttled by the GCP Compute API (403): {exc.message}", "Connectivity"
+                )
+            return err(
+                f"{what}: permission denied in {q.where} (403; the credentials need "
+                f"compute.instances.list/get, e.g. roles/compute.viewer): {exc.message}",
+                "Authentication",
+            )
+        if isinstance(
+            exc,
+            gexc.TooManyRequests
+            | gexc.ServiceUnavailable
+            | gexc.BadGateway
+            | gexc.GatewayTimeout
+            | gexc.DeadlineExceeded,
+        ):
+            return err(
+                f"{what}: the GCP Compute API is throttling or unavailable ({_brief(exc)})",
+                "Connectivity",
+            )
         if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-            return err(f"{what}: cannot reach the GCP Compute API at {endpoint} "
-                       f"({type(exc).__name__})", "Connectivity")
+            return err(
+                f"{what}: cannot reach the GCP Compute API at {endpoint} ({type(exc).__name__})",
+                "Connectivity",
+            )
         if isinstance(exc, gexc.NotFound | gexc.BadRequest):
-            return err(self._not_found(exc, what, zone=zone, region=region, group=group),
-                       "Unknown")
+            return err(self._not_found(exc, what, zone=zone, region=region, group=group), "Unknown")
         if isinstance(exc, gexc.GoogleAPICallError):
             return err(f"{what}: the GCP Compute API failed: {_brief(exc)}", "Unknown")
         return None
 
-    def _not_found(self, exc: Any, what: str, *, zone: str | None, region: str | None,
-                   group: str | None) -> str:
+    def _not_found(
+        self, exc: Any, what: str, *, zone: str | None, region: str | None, group: str | None
+    ) -> str:
         msg = str(exc.message or "")
         project = self.q.project
-        if f"'projects/{project}'" in msg or (not zone and not region and not group
-                                               and isinstance(exc, _gexc().NotFound)):
-            return (f"GCP project '{project}' was not found (or is not visible to these "
-                    f"credentials); check spec.project. The API said: {msg}")
+        if f"'projects/{project}'" in msg or (
+            not zone and not region and not group and isinstance(exc, _gexc().NotFound)
+        ):
+            return (
+                f"GCP project '{project}' was not found (or is not visible to these "
+                f"credentials); check spec.project. The API said: {msg}"
+            )
         if zone and (f"zones/{zone}'" in msg or "zone" in msg.lower()) and not group:
-            return (f"zone '{zone}' is not a zone of GCP project '{project}'; check "
-                    f"spec.zones. The API said: {msg}")
+            return (
+                f"zone '{zone}' is not a zone of GCP project '{project}'; check "
+                f"spec.zones. The API said: {msg}"
+            )
         if group:
             where = f"zone '{zone}'" if zone else f"region '{region}'"
-            return (f"instance group '{group}' was not found in {where} of GCP project "
-                    f"'{project}'. The API said: {msg}")
+            return (
+                f"instance group '{group}' was not found in {where} of GCP project "
+                f"'{project}'. The API said: {msg}"
+            )
         if region:
-            return (f"region '{region}' is not a region of GCP project '{project}'; check "
-                    f"spec.region. The API said: {msg}")
+            return (
+                f"region '{region}' is not a region of GCP project '{project}'; check "
+                f"spec.region. The API said: {msg}"
+            )
         return f"{what} in {self.q.where}: {exc.code} {msg}"
 
 
@@ -427,8 +495,15 @@ def _retryable(exc: Exception) -> bool:
     import requests
     from google.api_core import exceptions as gexc
 
-    if isinstance(exc, gexc.TooManyRequests | gexc.ServiceUnavailable | gexc.InternalServerError
-                  | gexc.BadGateway | gexc.GatewayTimeout | gexc.DeadlineExceeded):
+    if isinstance(
+        exc,
+        gexc.TooManyRequests
+        | gexc.ServiceUnavailable
+        | gexc.InternalServerError
+        | gexc.BadGateway
+        | gexc.GatewayTimeout
+        | gexc.DeadlineExceeded,
+    ):
         return True
     if isinstance(exc, gexc.Forbidden):
         return bool(_reasons(exc) & RATE_LIMIT_REASONS)
@@ -492,23 +567,40 @@ def _hosts(infra: dict[str, Any], q: _Query, found: Iterable[Any]) -> list[Host]
             continue
         labels = dict(inst.labels)
         attributes: dict[str, Any] = {
-            "zone": zone, "machineType": _short(inst.machine_type), "labels": labels,
+            "zone": zone,
+            "machineType": _short(inst.machine_type),
+            "labels": labels,
             "networkTags": list(inst.tags.items) if "tags" in inst else [],
-            "id": str(inst.id), "project": q.project,
+            "id": str(inst.id),
+            "project": q.project,
         }
         if labels.get("slot"):
             attributes["slot"] = labels["slot"]
         name = inst.name if names[inst.name] == 1 else f"{inst.name}.{zone}"
-        hosts.append(cloud_host(infra, name=name, address=address, region=region_of(zone),
-                                public_ip=public, private_ip=private, attributes=attributes))
+        hosts.append(
+            cloud_host(
+                infra,
+                name=name,
+                address=address,
+                region=region_of(zone),
+                public_ip=public,
+                private_ip=private,
+                attributes=attributes,
+            )
+        )
     if missing:
-        what = ("an external IP (networkInterfaces[0].accessConfigs[0].natIP)"
-                if q.connection_type == "PublicIP"
-                else "an internal IP (networkInterfaces[0].networkIP)")
+        what = (
+            "an external IP (networkInterfaces[0].accessConfigs[0].natIP)"
+            if q.connection_type == "PublicIP"
+            else "an internal IP (networkInterfaces[0].networkIP)"
+        )
         raise DiscoveryError(
             f"infrastructure '{q.ident}': hostConnectionType is {q.connection_type} but "
             f"running instance(s) {', '.join(missing)} have no {what}; give them one or "
-            "change hostConnectionType", infrastructure=q.ident, error_class="Unknown")
+            "change hostConnectionType",
+            infrastructure=q.ident,
+            error_class="Unknown",
+        )
     return hosts
 
 
@@ -521,8 +613,9 @@ def _instances_by_zone(api: _Api, q: _Query) -> list[Any]:
     out: list[Any] = []
     for zone in q.zones:
         with api.errors(f"listing instances in zone '{zone}'", zone=zone):
-            pager = client.list(request={"project": q.project, "zone": zone, "filter": flt},
-                                **api.call)
+            pager = client.list(
+                request={"project": q.project, "zone": zone, "filter": flt}, **api.call
+            )
             out.extend(pager)
     return out
 
@@ -534,7 +627,8 @@ def _instances_by_region(api: _Api, q: _Query) -> list[Any]:
     out: list[Any] = []
     with api.errors(f"listing instances of region '{q.region}' (aggregatedList)"):
         pager = client.aggregated_list(
-            request={"project": q.project, "filter": _server_filter(q)}, **api.call)
+            request={"project": q.project, "filter": _server_filter(q)}, **api.call
+        )
         for scope, scoped in pager:
             kind, _, name = str(scope).partition("/")
             if kind != "zones" or region_of(name) != q.region:
@@ -571,7 +665,9 @@ def _groups_in_scope(api: _Api, q: _Query) -> list[tuple[str, str, str]]:
             raise DiscoveryError(
                 f"infrastructure '{q.ident}': instance group(s) {', '.join(missing)} not found "
                 f"in {q.where} (hostFilter.spec.instanceGroups)",
-                infrastructure=q.ident, error_class="Unknown")
+                infrastructure=q.ident,
+                error_class="Unknown",
+            )
         found = [f for f in found if f[2] in q.groups]
     return found
 
@@ -581,18 +677,31 @@ def _group_members(api: _Api, q: _Query, kind: str, loc: str, name: str) -> list
 
     if kind == "zones":
         with api.errors(f"listing instances of instance group '{name}'", zone=loc, group=name):
-            return list(api.client("InstanceGroupsClient").list_instances(
-                project=q.project, zone=loc, instance_group=name,
-                instance_groups_list_instances_request_resource=(
-                    compute_v1.InstanceGroupsListInstancesRequest(instance_state="RUNNING")),
-                **api.call))
-    with api.errors(f"listing instances of regional instance group '{name}'", region=loc,
-                    group=name):
-        return list(api.client("RegionInstanceGroupsClient").list_instances(
-            project=q.project, region=loc, instance_group=name,
-            region_instance_groups_list_instances_request_resource=(
-                compute_v1.RegionInstanceGroupsListInstancesRequest(instance_state="RUNNING")),
-            **api.call))
+            return list(
+                api.client("InstanceGroupsClient").list_instances(
+                    project=q.project,
+                    zone=loc,
+                    instance_group=name,
+                    instance_groups_list_instances_request_resource=(
+                        compute_v1.InstanceGroupsListInstancesRequest(instance_state="RUNNING")
+                    ),
+                    **api.call,
+                )
+            )
+    with api.errors(
+        f"listing instances of regional instance group '{name}'", region=loc, group=name
+    ):
+        return list(
+            api.client("RegionInstanceGroupsClient").list_instances(
+                project=q.project,
+                region=loc,
+                instance_group=name,
+                region_instance_groups_list_instances_request_resource=(
+                    compute_v1.RegionInstanceGroupsListInstancesRequest(instance_state="RUNNING")
+                ),
+                **api.call,
+            )
+        )
 
 
 def _instances_of_groups(api: _Api, q: _Query) -> list[Any]:
@@ -635,6 +744,5 @@ def discover(infra: dict[str, Any], *, retry: RetryPolicy | None = None) -> list
         source = _instances_by_region
     found = [inst for inst in source(api, q) if _wanted(q, inst)]
     hosts = _hosts(infra, q, found)
-    log.info("GCP infrastructure '%s': %d running instance(s) in %s", q.ident, len(hosts),
-             q.where)
+    log.info("GCP infrastructure '%s': %d running instance(s) in %s", q.ident, len(hosts), q.where)
     return hosts

@@ -17,24 +17,26 @@ def discover_static(infra: dict[str, Any]) -> list[Host]:
         port = int(h.get("port") or conn.get("port") or 22)
         address = str(h["hostname"])
         attributes = {**h.get("hostAttributes", {}), **h.get("attributes", {})}
-        hosts.append(Host(
-            name=address if port == 22 else f"{address}:{port}",
-            address=address,
-            region=h.get("region") or default_region,
-            infrastructure=str(infra["identifier"]),
-            port=port,
-            user=h.get("user") or conn.get("user") or "root",
-            connection=conn.get("type", "SSH"),
-            private_key_file=h.get("privateKeyFile") or conn.get("privateKeyFile"),
-            known_hosts_file=conn.get("knownHostsFile"),
-            host_key_policy=conn.get("hostKeyPolicy", "strict"),
-            connect_timeout=float(conn.get("connectTimeout", 10.0)),
-            sandbox_root=h.get("sandboxRoot"),
-            public_ip=h.get("publicIp") or attributes.get("publicIp"),
-            private_ip=h.get("privateIp") or attributes.get("privateIp"),
-            attributes=attributes,
-            credentials=credentials_of(conn),
-        ))
+        hosts.append(
+            Host(
+                name=address if port == 22 else f"{address}:{port}",
+                address=address,
+                region=h.get("region") or default_region,
+                infrastructure=str(infra["identifier"]),
+                port=port,
+                user=h.get("user") or conn.get("user") or "root",
+                connection=conn.get("type", "SSH"),
+                private_key_file=h.get("privateKeyFile") or conn.get("privateKeyFile"),
+                known_hosts_file=conn.get("knownHostsFile"),
+                host_key_policy=conn.get("hostKeyPolicy", "strict"),
+                connect_timeout=float(conn.get("connectTimeout", 10.0)),
+                sandbox_root=h.get("sandboxRoot"),
+                public_ip=h.get("publicIp") or attributes.get("publicIp"),
+                private_ip=h.get("privateIp") or attributes.get("privateIp"),
+                attributes=attributes,
+                credentials=credentials_of(conn),
+            )
+        )
     return hosts
 
 

@@ -95,11 +95,17 @@ def field_of(raw: str, ref: SecretRef, backend: str) -> str:
     if not isinstance(doc, dict):
         raise SecretError(
             f"secret {ref.id!r}: the value of {ref.name!r} is not a JSON object, so it has no "
-            f"field {ref.key!r}", secret_id=ref.id, backend=backend)
+            f"field {ref.key!r}",
+            secret_id=ref.id,
+            backend=backend,
+        )
     if ref.key not in doc:
         raise SecretNotFoundError(
             f"secret {ref.id!r}: {ref.name!r} has no field {ref.key!r} (fields: "
-            f"{', '.join(sorted(map(str, doc))) or 'none'})", secret_id=ref.id, backend=backend)
+            f"{', '.join(sorted(map(str, doc))) or 'none'})",
+            secret_id=ref.id,
+            backend=backend,
+        )
     return as_text(doc[ref.key])
 
 
@@ -158,13 +164,17 @@ def is_fernet_key(key: str) -> bool:
 def check_name(name: str) -> str | None:
     """Why ``name`` cannot be stored in the file (None when it can)."""
     if not NAME_RE.match(name):
-        return (f"secret name {name!r} is not valid: use letters, digits, '_', '.', '-', '/' "
-                "(up to 256 characters, not starting with '.', '-' or '/')")
+        return (
+            f"secret name {name!r} is not valid: use letters, digits, '_', '.', '-', '/' "
+            "(up to 256 characters, not starting with '.', '-' or '/')"
+        )
     for sc in ("account", "org", "project"):
         if name.startswith(sc + "."):
-            return (f"secret name {name!r} starts with the scope {sc!r}: vmfarm has one store "
-                    f"and strips scopes when looking up, so store it as {name[len(sc) + 1:]!r} "
-                    f"(<+secrets.getValue(\"{name}\")> finds it)")
+            return (
+                f"secret name {name!r} starts with the scope {sc!r}: vmfarm has one store "
+                f"and strips scopes when looking up, so store it as {name[len(sc) + 1 :]!r} "
+                f'(<+secrets.getValue("{name}")> finds it)'
+            )
     return None
 
 
@@ -216,7 +226,9 @@ class FileBackend:
         except (InvalidToken, UnicodeEncodeError):
             raise SecretAccessError(
                 f"cannot decrypt {self.path}: {self.key_source} is not the key it was written "
-                "with (or the file was altered)", secret_id=secret_id, backend=self.name,
+                "with (or the file was altered)",
+                secret_id=secret_id,
+                backend=self.name,
             ) from None
         try:
             doc = json.loads(plain)
@@ -224,8 +236,11 @@ class FileBackend:
             if not isinstance(entries, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise SecretError(f"{self.path} decrypts to something that is not a secrets store",
-                              secret_id=secret_id, backend=self.name) from None
+            raise SecretError(
+                f"{self.path} decrypts to something that is not a secrets store",
+                secret_id=secret_id,
+                backend=self.name,
+            ) from None
         return entries
 
     def _envelope(self, secret_id: str = "") -> dict[str, Any] | None:
@@ -234,21 +249,34 @@ class FileBackend:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise SecretError(f"cannot read {self.path}: {exc.strerror or exc}",
-                              secret_id=secret_id, backend=self.name) from None
+            raise SecretError(
+                f"cannot read {self.path}: {exc.strerror or exc}",
+                secret_id=secret_id,
+                backend=self.name,
+            ) from None
         try:
             env = json.loads(text)
-            ok = (isinstance(env, dict) and env.get("format") == FILE_FORMAT
-                  and isinstance(env.get("kdf"), dict) and isinstance(env.get("data"), str))
+            ok = (
+                isinstance(env, dict)
+                and env.get("format") == FILE_FORMAT
+                and isinstance(env.get("kdf"), dict)
+                and isinstance(env.get("data"), str)
+            )
         except ValueError:
             ok = False
         if not ok:
-            raise SecretError(f"{self.path} is not a vmfarm secrets file (or it is damaged)",
-                              secret_id=secret_id, backend=self.name)
+            raise SecretError(
+                f"{self.path} is not a vmfarm secrets file (or it is damaged)",
+                secret_id=secret_id,
+                backend=self.name,
+            )
         version = env.get("version")
         if version != 1:
-            raise SecretError(f"{self.path} has format version {version!r}; this vmfarm reads "
-                              "version 1", secret_id=secret_id, backend=self.name)
+            raise SecretError(
+                f"{self.path} has format version {version!r}; this vmfarm reads version 1",
+                secret_id=secret_id,
+                backend=self.name,
+            )
         return dict(env)
 
     # -- keys -------------------------------------------------------------------------------
@@ -257,8 +285,10 @@ class FileBackend:
         if not self._key:
             raise SecretConfigError(
                 f"{KEY_ENV} is not set (nor {KEY_FILE_ENV}): the secrets file {self.path} "
-                "cannot be read or written without its key", secret_id=secret_id,
-                backend=self.name)
+                "cannot be read or written without its key",
+                secret_id=secret_id,
+                backend=self.name,
+            )
         return self._key
 
     def _fernet(self, kdf: dict[str, Any], secret_id: str = "") -> Any:
@@ -270,18 +300,27 @@ class FileBackend:
             if not is_fernet_key(key):
                 raise SecretAccessError(
                     f"{self.path} is encrypted with a Fernet key, but {self.key_source} is not "
-                    "one (a passphrase?)", secret_id=secret_id, backend=self.name)
+                    "one (a passphrase?)",
+                    secret_id=secret_id,
+                    backend=self.name,
+                )
             return Fernet(key.encode("ascii"))
         if kind == "scrypt":
             try:
                 salt = base64.b64decode(kdf["salt"])
                 n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
             except (KeyError, ValueError, TypeError, binascii.Error):
-                raise SecretError(f"{self.path} has damaged key-derivation settings",
-                                  secret_id=secret_id, backend=self.name) from None
+                raise SecretError(
+                    f"{self.path} has damaged key-derivation settings",
+                    secret_id=secret_id,
+                    backend=self.name,
+                ) from None
             return Fernet(derive_key(key, salt, n=n, r=r, p=p))
-        raise SecretError(f"{self.path} uses an unknown key derivation {kind!r}",
-                          secret_id=secret_id, backend=self.name)
+        raise SecretError(
+            f"{self.path} uses an unknown key derivation {kind!r}",
+            secret_id=secret_id,
+            backend=self.name,
+        )
 
     def _new_kdf(self) -> dict[str, Any]:
         key = self._require_key("")
@@ -291,9 +330,15 @@ class FileBackend:
             raise SecretConfigError(
                 f"{self.key_source} is neither a Fernet key nor a passphrase of at least "
                 f"{MIN_PASSPHRASE} characters (make a key with: vmfarm secrets keygen)",
-                backend=self.name)
-        return {"name": "scrypt", "salt": base64.b64encode(os.urandom(16)).decode("ascii"),
-                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+                backend=self.name,
+            )
+        return {
+            "name": "scrypt",
+            "salt": base64.b64encode(os.urandom(16)).decode("ascii"),
+            "n": SCRYPT_N,
+            "r": SCRYPT_R,
+            "p": SCRYPT_P,
+        }
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -303,13 +348,16 @@ class FileBackend:
         if problem:
             raise SecretConfigError(problem, secret_id=name, backend=self.name)
         if not isinstance(value, str) or value == "":
-            raise SecretConfigError(f"secret {name!r}: the value is empty", secret_id=name,
-                                    backend=self.name)
+            raise SecretConfigError(
+                f"secret {name!r}: the value is empty", secret_id=name, backend=self.name
+            )
         with self._locked():
             kdf, entries = self._load_for_write()
             created = name not in entries
-            entries[name] = {"value": value,
-                             "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            entries[name] = {
+                "value": value,
+                "updated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
             self._write(kdf, entries)
         return created
 
@@ -348,8 +396,9 @@ class FileBackend:
             os.close(fd)  # closing releases the lock
 
 
-def derive_key(passphrase: str, salt: bytes, *, n: int = SCRYPT_N, r: int = SCRYPT_R,
-               p: int = SCRYPT_P) -> bytes:
+def derive_key(
+    passphrase: str, salt: bytes, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
+) -> bytes:
     """The Fernet key for ``passphrase`` and ``salt`` (scrypt; cached for this process)."""
     from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -391,11 +440,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 # --- AWS Secrets Manager --------------------------------------------------------------------------
 
 AWS_NOT_FOUND = frozenset({"ResourceNotFoundException"})
-AWS_DENIED = frozenset({
-    "AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
-    "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredTokenException", "ExpiredToken",
-    "DecryptionFailure", "MissingAuthenticationToken", "IncompleteSignature",
-})
+AWS_DENIED = frozenset(
+    {
+        "AccessDeniedException",
+        "AccessDenied",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "DecryptionFailure",
+        "MissingAuthenticationToken",
+        "IncompleteSignature",
+    }
+)
 AWS_ATTEMPTS = 3
 ARN_RE = re.compile(r"^arn:aws[a-z-]*:secretsmanager:(?P<region>[a-z0-9-]+):")
 
@@ -424,10 +482,14 @@ class AwsBackend:
                 if self._session is None:
                     self._session = boto3.session.Session()
                 client = self._session.client(
-                    "secretsmanager", region_name=region,
-                    config=Config(retries={"mode": "standard",
-                                           "total_max_attempts": AWS_ATTEMPTS},
-                                  connect_timeout=5, read_timeout=15))
+                    "secretsmanager",
+                    region_name=region,
+                    config=Config(
+                        retries={"mode": "standard", "total_max_attempts": AWS_ATTEMPTS},
+                        connect_timeout=5,
+                        read_timeout=15,
+                    ),
+                )
                 self._clients[region] = client
             return client
 
@@ -451,35 +513,51 @@ class AwsBackend:
                 return None
             msg = str(err.get("Message", "")) or code
             cls = SecretAccessError if code in AWS_DENIED else SecretError
-            raise cls(f"secret {ref.id!r}: AWS Secrets Manager refused GetSecretValue for "
-                      f"{ref.name!r}: {code}: {msg}", secret_id=ref.id,
-                      backend=self.name) from None
+            raise cls(
+                f"secret {ref.id!r}: AWS Secrets Manager refused GetSecretValue for "
+                f"{ref.name!r}: {code}: {msg}",
+                secret_id=ref.id,
+                backend=self.name,
+            ) from None
         except NoRegionError:
             raise SecretConfigError(
                 f"secret {ref.id!r}: no AWS region for Secrets Manager (set "
-                "VMFARM_SECRETS_AWS_REGION or AWS_DEFAULT_REGION)", secret_id=ref.id,
-                backend=self.name) from None
+                "VMFARM_SECRETS_AWS_REGION or AWS_DEFAULT_REGION)",
+                secret_id=ref.id,
+                backend=self.name,
+            ) from None
         except NoCredentialsError:
             raise SecretConfigError(
                 f"secret {ref.id!r}: no AWS credentials found for Secrets Manager",
-                secret_id=ref.id, backend=self.name) from None
+                secret_id=ref.id,
+                backend=self.name,
+            ) from None
         except EndpointConnectionError as exc:
             raise SecretError(
                 f"secret {ref.id!r}: cannot reach AWS Secrets Manager at "
-                f"{getattr(exc, 'kwargs', {}).get('endpoint_url', '?')}", secret_id=ref.id,
-                backend=self.name, error_class="Connectivity") from None
+                f"{getattr(exc, 'kwargs', {}).get('endpoint_url', '?')}",
+                secret_id=ref.id,
+                backend=self.name,
+                error_class="Connectivity",
+            ) from None
         except BotoCoreError as exc:
-            raise SecretError(f"secret {ref.id!r}: AWS Secrets Manager failed: "
-                              f"{type(exc).__name__}", secret_id=ref.id, backend=self.name,
-                              error_class="Connectivity") from None
+            raise SecretError(
+                f"secret {ref.id!r}: AWS Secrets Manager failed: {type(exc).__name__}",
+                secret_id=ref.id,
+                backend=self.name,
+                error_class="Connectivity",
+            ) from None
         if answer.get("SecretString") is not None:
             raw = str(answer["SecretString"])
         else:
             try:
                 raw = bytes(answer.get("SecretBinary") or b"").decode("utf-8")
             except UnicodeDecodeError:
-                raise SecretError(f"secret {ref.id!r}: {ref.name!r} is binary, not text",
-                                  secret_id=ref.id, backend=self.name) from None
+                raise SecretError(
+                    f"secret {ref.id!r}: {ref.name!r} is binary, not text",
+                    secret_id=ref.id,
+                    backend=self.name,
+                ) from None
         return field_of(raw, ref, self.name)
 
 
@@ -493,9 +571,16 @@ class VaultBackend:
 
     name = "vault"
 
-    def __init__(self, addr: str | None, token: str | None, *, mount: str = "secret",
-                 namespace: str | None = None, cacert: str | None = None,
-                 timeout: float = VAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        addr: str | None,
+        token: str | None,
+        *,
+        mount: str = "secret",
+        namespace: str | None = None,
+        cacert: str | None = None,
+        timeout: float = VAULT_TIMEOUT,
+    ) -> None:
         self.addr = (addr or "").rstrip("/")
         self._token = token
         self.mount = mount.strip("/") or "secret"
@@ -507,12 +592,17 @@ class VaultBackend:
         return f"<VaultBackend {self.addr or '(no VAULT_ADDR)'} mount={self.mount}>"
 
     @classmethod
-    def from_env(cls, mount: str = "secret", environ: Mapping[str, str] | None = None
-                 ) -> VaultBackend:
+    def from_env(
+        cls, mount: str = "secret", environ: Mapping[str, str] | None = None
+    ) -> VaultBackend:
         env = os.environ if environ is None else environ
-        return cls(env.get("VAULT_ADDR"), env.get("VAULT_TOKEN"), mount=mount,
-                   namespace=env.get("VAULT_NAMESPACE") or None,
-                   cacert=env.get("VAULT_CACERT") or None)
+        return cls(
+            env.get("VAULT_ADDR"),
+            env.get("VAULT_TOKEN"),
+            mount=mount,
+            namespace=env.get("VAULT_NAMESPACE") or None,
+            cacert=env.get("VAULT_CACERT") or None,
+        )
 
     def url_for(self, name: str) -> str:
         path = urllib.parse.quote(name.strip("/"), safe="/")
@@ -523,11 +613,13 @@ class VaultBackend:
 
     def lookup(self, ref: SecretRef) -> str | None:
         if not self.addr:
-            raise SecretConfigError(f"secret {ref.id!r}: VAULT_ADDR is not set",
-                                    secret_id=ref.id, backend=self.name)
+            raise SecretConfigError(
+                f"secret {ref.id!r}: VAULT_ADDR is not set", secret_id=ref.id, backend=self.name
+            )
         if not self._token:
-            raise SecretConfigError(f"secret {ref.id!r}: VAULT_TOKEN is not set",
-                                    secret_id=ref.id, backend=self.name)
+            raise SecretConfigError(
+                f"secret {ref.id!r}: VAULT_TOKEN is not set", secret_id=ref.id, backend=self.name
+            )
         headers = {"X-Vault-Token": self._token, "Accept": "application/json"}
         if self.namespace:
             headers["X-Vault-Namespace"] = self.namespace
@@ -547,28 +639,42 @@ class VaultBackend:
                 raise SecretAccessError(
                     f"secret {ref.id!r}: Vault at {self.addr} denied reading {where} "
                     f"(403{': ' + detail if detail else ''}); check VAULT_TOKEN and its policy",
-                    secret_id=ref.id, backend=self.name) from None
+                    secret_id=ref.id,
+                    backend=self.name,
+                ) from None
             raise SecretError(
                 f"secret {ref.id!r}: Vault at {self.addr} answered {status} for {where}"
-                f"{': ' + detail if detail else ''}", secret_id=ref.id, backend=self.name,
-                error_class="Connectivity" if status >= 500 else "Unknown") from None
+                f"{': ' + detail if detail else ''}",
+                secret_id=ref.id,
+                backend=self.name,
+                error_class="Connectivity" if status >= 500 else "Unknown",
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise SecretError(f"secret {ref.id!r}: cannot reach Vault at {self.addr}: {reason}",
-                              secret_id=ref.id, backend=self.name,
-                              error_class="Connectivity") from None
+            raise SecretError(
+                f"secret {ref.id!r}: cannot reach Vault at {self.addr}: {reason}",
+                secret_id=ref.id,
+                backend=self.name,
+                error_class="Connectivity",
+            ) from None
         try:
             doc = json.loads(body)
             data = doc["data"]["data"]
         except (ValueError, KeyError, TypeError):
-            raise SecretError(f"secret {ref.id!r}: Vault's answer for {where} is not a KV "
-                              f"version 2 secret (is {self.mount!r} a KV v2 mount?)",
-                              secret_id=ref.id, backend=self.name) from None
+            raise SecretError(
+                f"secret {ref.id!r}: Vault's answer for {where} is not a KV "
+                f"version 2 secret (is {self.mount!r} a KV v2 mount?)",
+                secret_id=ref.id,
+                backend=self.name,
+            ) from None
         if data is None:  # the latest version is deleted
             return None
         if not isinstance(data, dict):
-            raise SecretError(f"secret {ref.id!r}: Vault's data for {where} is not an object",
-                              secret_id=ref.id, backend=self.name)
+            raise SecretError(
+                f"secret {ref.id!r}: Vault's data for {where} is not an object",
+                secret_id=ref.id,
+                backend=self.name,
+            )
         return self._field(ref, data, where)
 
     def _field(self, ref: SecretRef, data: dict[str, Any], where: str) -> str:
@@ -576,8 +682,10 @@ class VaultBackend:
         if ref.key is not None:
             if ref.key not in data:
                 raise SecretNotFoundError(
-                    f"secret {ref.id!r}: Vault {where} has no field {ref.key!r} (fields: "
-                    f"{fields})", secret_id=ref.id, backend=self.name)
+                    f"secret {ref.id!r}: Vault {where} has no field {ref.key!r} (fields: {fields})",
+                    secret_id=ref.id,
+                    backend=self.name,
+                )
             return as_text(data[ref.key])
         if len(data) == 1:
             return as_text(next(iter(data.values())))
@@ -585,7 +693,10 @@ class VaultBackend:
             return as_text(data["value"])
         raise SecretConfigError(
             f"secret {ref.id!r}: Vault {where} has several fields ({fields}): name one, "
-            f"as in vault:{ref.name}#field", secret_id=ref.id, backend=self.name)
+            f"as in vault:{ref.name}#field",
+            secret_id=ref.id,
+            backend=self.name,
+        )
 
 
 def _vault_errors(body: bytes) -> str:

@@ -23,8 +23,15 @@ class SecretError(VmfarmError):
 
     default_error_class = "Unknown"
 
-    def __init__(self, message: str, *, secret_id: str = "", backend: str = "",
-                 error_class: str = "", errors: list[SecretError] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        secret_id: str = "",
+        backend: str = "",
+        error_class: str = "",
+        errors: list[SecretError] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.secret_id = secret_id
@@ -41,14 +48,23 @@ class SecretError(VmfarmError):
         return f"{self.message} ({', '.join(extra)})" if extra else self.message
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.message, self.secret_id, self.backend,
-                           self.error_class, self.errors))
+        return (
+            _rebuild,
+            (type(self), self.message, self.secret_id, self.backend, self.error_class, self.errors),
+        )
 
 
-def _rebuild(cls: type[SecretError], message: str, secret_id: str, backend: str,
-             error_class: str, errors: list[SecretError]) -> SecretError:
-    return cls(message, secret_id=secret_id, backend=backend, error_class=error_class,
-               errors=errors)
+def _rebuild(
+    cls: type[SecretError],
+    message: str,
+    secret_id: str,
+    backend: str,
+    error_class: str,
+    errors: list[SecretError],
+) -> SecretError:
+    return cls(
+        message, secret_id=secret_id, backend=backend, error_class=error_class, errors=errors
+    )
 
 
 class SecretNotFoundError(SecretError):

@@ -110,7 +110,7 @@ def _emit(node: dict[str, Any]) -> str:
     for ch in sorted(k for k in node if k):
         chars, sub = [ch], node[ch]
         while len(sub) == 1 and "" not in sub:  # a chain: one literal, no group
-            (c2, sub), = sub.items()
+            ((c2, sub),) = sub.items()
             chars.append(c2)
         alts.append(re.escape("".join(chars)) + _emit(sub))
     if not alts:
@@ -135,8 +135,13 @@ def compile_forms(words: Iterable[str]) -> re.Pattern[str] | None:
 class Masker:
     """Secret values, and ``mask``/``mask_obj`` replacing them (see the module docstring)."""
 
-    def __init__(self, values: str | Iterable[str] = (), *, min_length: int = MIN_LENGTH,
-                 placeholder: str = MASK) -> None:
+    def __init__(
+        self,
+        values: str | Iterable[str] = (),
+        *,
+        min_length: int = MIN_LENGTH,
+        placeholder: str = MASK,
+    ) -> None:
         self.min_length = min_length
         self.placeholder = placeholder
         self._repl = placeholder.replace("\\", "\\\\")
@@ -240,8 +245,9 @@ class StreamMasker:
     chunks is still found. A line longer than ``STREAM_PENDING_MAX`` is given back masked as it
     is. Multi-line values are masked line by line (each line is a form of the value)."""
 
-    def __init__(self, masker: Masker | None = None, *,
-                 pending_max: int = STREAM_PENDING_MAX) -> None:
+    def __init__(
+        self, masker: Masker | None = None, *, pending_max: int = STREAM_PENDING_MAX
+    ) -> None:
         self._masker = masker
         self._pending = ""
         self._pending_max = pending_max

@@ -61,7 +61,7 @@ def parse_id(secret_id: str) -> SecretRef:
     scope = ""
     for sc in SCOPES:
         if rest.startswith(sc + "."):
-            scope, rest = sc, rest[len(sc) + 1:]
+            scope, rest = sc, rest[len(sc) + 1 :]
             break
     backend: str | None = None
     m = _BACKEND_RE.match(rest)
@@ -70,13 +70,16 @@ def parse_id(secret_id: str) -> SecretRef:
     name, sep, key = rest.partition("#")
     name = name.strip()
     if not name:
-        raise SecretConfigError(f"secret id {raw!r} names no secret", secret_id=raw,
-                                backend=backend or "")
+        raise SecretConfigError(
+            f"secret id {raw!r} names no secret", secret_id=raw, backend=backend or ""
+        )
     if sep and not key.strip():
-        raise SecretConfigError(f"secret id {raw!r} has an empty '#' field name",
-                                secret_id=raw, backend=backend or "")
-    return SecretRef(id=raw, name=name, backend=backend, key=key.strip() if sep else None,
-                     scope=scope)
+        raise SecretConfigError(
+            f"secret id {raw!r} has an empty '#' field name", secret_id=raw, backend=backend or ""
+        )
+    return SecretRef(
+        id=raw, name=name, backend=backend, key=key.strip() if sep else None, scope=scope
+    )
 
 
 def _id_of(m: re.Match[str]) -> str:
@@ -108,8 +111,9 @@ def find_refs_in(texts: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def substitute(text: str, resolver: Resolver | None = None, *,
-               bind: Callable[[str], str] | None = None) -> tuple[str, dict[str, str]]:
+def substitute(
+    text: str, resolver: Resolver | None = None, *, bind: Callable[[str], str] | None = None
+) -> tuple[str, dict[str, str]]:
     """Replace every secret reference in ``text``; return the new text and ``{id: value}``.
 
     ``resolver`` takes the list of ids and returns their values (default: ``resolve``, which

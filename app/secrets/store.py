@@ -74,7 +74,8 @@ class SecretsSettings(BaseSettings):
         if unknown:
             raise SecretConfigError(
                 f"VMFARM_SECRETS names unknown backend(s) {', '.join(unknown)}; known: "
-                f"{', '.join(BACKEND_NAMES)}")
+                f"{', '.join(BACKEND_NAMES)}"
+            )
         return list(dict.fromkeys(names))
 
     @property
@@ -91,8 +92,8 @@ class SecretsSettings(BaseSettings):
                 text = path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise SecretConfigError(
-                    f"{KEY_FILE_ENV}={path}: cannot read it ({exc.strerror or exc})",
-                    backend="file") from None
+                    f"{KEY_FILE_ENV}={path}: cannot read it ({exc.strerror or exc})", backend="file"
+                ) from None
             return (text or None), f"{KEY_FILE_ENV} ({path})"
         return None, KEY_ENV
 
@@ -104,7 +105,8 @@ def load_settings() -> SecretsSettings:
         return SecretsSettings()
     except ValidationError as exc:
         bad = ", ".join(
-            f"VMFARM_{'_'.join(map(str, e['loc'])).upper()} ({e['msg']})" for e in exc.errors())
+            f"VMFARM_{'_'.join(map(str, e['loc'])).upper()} ({e['msg']})" for e in exc.errors()
+        )
         raise SecretConfigError(f"bad secrets settings: {bad}") from None
 
 
@@ -134,9 +136,15 @@ def build_backends(settings: SecretsSettings | None = None) -> list[Backend]:
 class SecretStore:
     """Looks ids up in backends (explicit prefix, else in order), caching values for ``ttl``."""
 
-    def __init__(self, backends: Sequence[Backend], *, ttl: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 masker: Masker | None = None, register: bool = True) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        masker: Masker | None = None,
+        register: bool = True,
+    ) -> None:
         self.backends: dict[str, Backend] = {b.name: b for b in backends}
         self.order = [b.name for b in backends]
         self.ttl = ttl
@@ -150,12 +158,18 @@ class SecretStore:
         return f"<SecretStore {','.join(self.order) or '(no backends)'} ttl={self.ttl:g}>"
 
     @classmethod
-    def from_settings(cls, settings: SecretsSettings | None = None, *,
-                      clock: Callable[[], float] = time.monotonic,
-                      masker: Masker | None = None, register: bool = True) -> SecretStore:
+    def from_settings(
+        cls,
+        settings: SecretsSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        masker: Masker | None = None,
+        register: bool = True,
+    ) -> SecretStore:
         s = settings or load_settings()
-        return cls(build_backends(s), ttl=s.secrets_ttl, clock=clock, masker=masker,
-                   register=register)
+        return cls(
+            build_backends(s), ttl=s.secrets_ttl, clock=clock, masker=masker, register=register
+        )
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -190,7 +204,9 @@ class SecretStore:
                 + "\n".join(f"  {e}" for e in errors),
                 secret_id=", ".join(e.secret_id for e in errors),
                 backend=", ".join(dict.fromkeys(e.backend for e in errors if e.backend)),
-                error_class=errors[0].error_class, errors=errors)
+                error_class=errors[0].error_class,
+                errors=errors,
+            )
         return values
 
     def _one(self, ref: SecretRef) -> str:
@@ -213,20 +229,27 @@ class SecretStore:
                 raise SecretConfigError(
                     f"secret {ref.id!r} asks the {ref.backend} backend, which is not enabled "
                     f"(VMFARM_SECRETS={','.join(self.order) or '(none)'})",
-                    secret_id=ref.id, backend=ref.backend)
+                    secret_id=ref.id,
+                    backend=ref.backend,
+                )
             chain = [backend]
         else:
             chain = [self.backends[n] for n in self.order]
         if not chain:
-            raise SecretConfigError(f"secret {ref.id!r}: no secrets backend is enabled "
-                                    "(VMFARM_SECRETS is empty)", secret_id=ref.id)
+            raise SecretConfigError(
+                f"secret {ref.id!r}: no secrets backend is enabled (VMFARM_SECRETS is empty)",
+                secret_id=ref.id,
+            )
         for backend in chain:
             value = backend.lookup(ref)
             if value is not None:
                 return value
         looked = "; ".join(b.where(ref) for b in chain)
-        raise SecretNotFoundError(f"secret {ref.id!r} not found (looked in: {looked})",
-                                  secret_id=ref.id, backend=",".join(b.name for b in chain))
+        raise SecretNotFoundError(
+            f"secret {ref.id!r} not found (looked in: {looked})",
+            secret_id=ref.id,
+            backend=",".join(b.name for b in chain),
+        )
 
 
 _default: SecretStore | None = None

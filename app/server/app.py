@@ -27,8 +27,9 @@ class RbacSource:
         self.get()  # a bad file stops the server at start, not at the first request
 
     def _mtimes(self) -> tuple[float, float]:
-        users = self.users_file.stat().st_mtime if self.users_file and \
-            self.users_file.exists() else 0.0
+        users = (
+            self.users_file.stat().st_mtime if self.users_file and self.users_file.exists() else 0.0
+        )
         return self.path.stat().st_mtime, users
 
     def _groups(self) -> dict[str, frozenset[str]]:
@@ -39,12 +40,14 @@ class RbacSource:
         try:
             data = yaml.safe_load(self.users_file.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read the server's users file {self.users_file}: {exc}"
-                              ) from None
+            raise ConfigError(
+                f"cannot read the server's users file {self.users_file}: {exc}"
+            ) from None
         raw = data.get("groups") if isinstance(data, dict) else None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{self.users_file}: 'groups' must map group names to lists of "
-                              "subjects")
+            raise ConfigError(
+                f"{self.users_file}: 'groups' must map group names to lists of subjects"
+            )
         return {str(g): frozenset(str(u) for u in (m or [])) for g, m in raw.items()}
 
     def get(self) -> RbacConfig:
@@ -53,8 +56,9 @@ class RbacSource:
                 stamp = self._mtimes()
             except OSError as exc:
                 if self._cfg is None:
-                    raise ConfigError(f"cannot read the server's RBAC file {self.path}: "
-                                      f"{exc.strerror}") from None
+                    raise ConfigError(
+                        f"cannot read the server's RBAC file {self.path}: {exc.strerror}"
+                    ) from None
                 return self._cfg
             if self._cfg is not None and stamp == self._stamp:
                 return self._cfg
@@ -66,7 +70,8 @@ class RbacSource:
                 import logging
 
                 logging.getLogger("vmfarm.server").exception(
-                    "the RBAC configuration changed and is invalid: keeping the last good one")
+                    "the RBAC configuration changed and is invalid: keeping the last good one"
+                )
                 self._stamp = stamp
                 return self._cfg
             assert cfg is not None
@@ -81,16 +86,32 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     cfg = settings or ServerSettings()
     if cfg.rbac_file is None:
-        raise ConfigError("the server needs its RBAC configuration: set "
-                          "VMFARM_SERVER_RBAC_FILE (roles and bindings; see app/rbac.py)")
+        raise ConfigError(
+            "the server needs its RBAC configuration: set "
+            "VMFARM_SERVER_RBAC_FILE (roles and bindings; see app/rbac.py)"
+        )
     if bool(cfg.issuer) != bool(cfg.audience):
-        raise ConfigError("OIDC needs both VMFARM_SERVER_ISSUER and VMFARM_SERVER_AUDIENCE "
-                          "(the client id tokens are issued to)")
-    verifier = OidcVerifier(cfg.issuer, cfg.audience, groups_claim=cfg.groups_claim,
-                            jwks_lifespan=cfg.jwks_cache_seconds) \
-        if cfg.issuer and cfg.audience else None
-    api = FastAPI(title="vmfarm", summary="Deployments to fleets of VMs: the control plane",
-                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+        raise ConfigError(
+            "OIDC needs both VMFARM_SERVER_ISSUER and VMFARM_SERVER_AUDIENCE "
+            "(the client id tokens are issued to)"
+        )
+    verifier = (
+        OidcVerifier(
+            cfg.issuer,
+            cfg.audience,
+            groups_claim=cfg.groups_claim,
+            jwks_lifespan=cfg.jwks_cache_seconds,
+        )
+        if cfg.issuer and cfg.audience
+        else None
+    )
+    api = FastAPI(
+        title="vmfarm",
+        summary="Deployments to fleets of VMs: the control plane",
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
     state: Any = api.state
     state.settings = cfg
     state.verifier = verifier

@@ -15,22 +15,26 @@ from app.rbac import PermissionRefused, RbacConfig
 
 log = logging.getLogger("vmfarm.server")
 
-bearer = HTTPBearer(auto_error=False, description="An OIDC token of the server's issuer, or "
-                    "an API token (vmf_...)")
+bearer = HTTPBearer(
+    auto_error=False, description="An OIDC token of the server's issuer, or an API token (vmf_...)"
+)
 
 
 def _unauthorized(error: str, description: str) -> HTTPException:
     # RFC 6750: the challenge says what went wrong, never echoing the token.
     desc = description.replace('"', "'")
-    challenge = 'Bearer realm="vmfarm"' + (f', error="{error}", error_description="{desc}"'
-                                           if error else "")
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=description,
-                         headers={"WWW-Authenticate": challenge})
+    challenge = 'Bearer realm="vmfarm"' + (
+        f', error="{error}", error_description="{desc}"' if error else ""
+    )
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail=description, headers={"WWW-Authenticate": challenge}
+    )
 
 
-def current_identity(request: Request,
-                     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                     ) -> Identity:
+def current_identity(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Identity:
     """The caller, from ``Authorization: Bearer TOKEN``; 401 when there is none or it proves
     nothing."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
@@ -47,8 +51,11 @@ def current_identity(request: Request,
         who: Identity = verifier.verify(token)
         return who
     except AuthError as exc:
-        log.info("refused a bearer token from %s: %s",
-                 request.client.host if request.client else "?", exc)
+        log.info(
+            "refused a bearer token from %s: %s",
+            request.client.host if request.client else "?",
+            exc,
+        )
         raise _unauthorized("invalid_token", str(exc)) from None
 
 
@@ -66,8 +73,7 @@ def require(permission: str) -> Callable[..., Identity]:
 
     check_permission(permission)
 
-    def dependency(who: CurrentIdentity, cfg: Annotated[RbacConfig, Depends(rbac)]
-                   ) -> Identity:
+    def dependency(who: CurrentIdentity, cfg: Annotated[RbacConfig, Depends(rbac)]) -> Identity:
         from app.auth.permissions import authorize
 
         try:

@@ -76,14 +76,27 @@ class SwitchResult:
         return {**asdict(self), "changed": self.changed}
 
     @classmethod
-    def finish(cls, *, label: str, added: list[str], removed: list[str], previous: list[str],
-               live: list[str], started: float,
-               balancers: dict[str, list[str]] | None = None) -> SwitchResult:
+    def finish(
+        cls,
+        *,
+        label: str,
+        added: list[str],
+        removed: list[str],
+        previous: list[str],
+        live: list[str],
+        started: float,
+        balancers: dict[str, list[str]] | None = None,
+    ) -> SwitchResult:
         """The result of a switch that began at ``started`` (monotonic); logged when it moved
         traffic."""
-        result = cls(added=added, removed=removed, previous=previous, live=live,
-                     duration_s=round(time.monotonic() - started, 3),
-                     balancers=dict(balancers or {}))
+        result = cls(
+            added=added,
+            removed=removed,
+            previous=previous,
+            live=live,
+            duration_s=round(time.monotonic() - started, 3),
+            balancers=dict(balancers or {}),
+        )
         if result.changed:
             log.info("%s: +%s -%s in %.2f s", label, added, removed, result.duration_s)
         return result
@@ -179,8 +192,14 @@ def unique(items: list[str]) -> list[str]:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LOCAL_KEYS = {"type", "name", "listen", "healthCheckPath", "mode"}
 _ELB_KEYS = {"type", "region", "targetGroupArn", "endpointUrl", "timeout"}
-_AWS_LB_KEYS = {"type", "region", "targetGroupArns", "classicLoadBalancers", "endpointUrl",
-                "timeout"}
+_AWS_LB_KEYS = {
+    "type",
+    "region",
+    "targetGroupArns",
+    "classicLoadBalancers",
+    "endpointUrl",
+    "timeout",
+}
 
 
 def _timeout(spec: dict[str, Any]) -> float:
@@ -200,8 +219,9 @@ def _str_list(spec: dict[str, Any], key: str) -> list[str]:
     return [v.strip() for v in value]
 
 
-def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path,
-                             hosts: dict[str, HostIds] | None = None) -> TrafficSwitch:
+def traffic_switch_from_spec(
+    spec: dict[str, Any], *, state_dir: Path, hosts: dict[str, HostIds] | None = None
+) -> TrafficSwitch:
     """Build the switch a spec describes; ``state_dir`` holds local state (HAProxy's files);
     ``hosts`` tells an AwsLoadBalancers switch each host's instance id and private IP."""
     kind = spec.get("type")
@@ -210,15 +230,21 @@ def traffic_switch_from_spec(spec: dict[str, Any], *, state_dir: Path,
         arns = _str_list(spec, "targetGroupArns")
         classic = _str_list(spec, "classicLoadBalancers")
         if not arns and not classic:
-            raise SpecError("traffic type AwsLoadBalancers needs targetGroupArns or "
-                            "classicLoadBalancers", field="traffic.targetGroupArns")
+            raise SpecError(
+                "traffic type AwsLoadBalancers needs targetGroupArns or classicLoadBalancers",
+                field="traffic.targetGroupArns",
+            )
         from app.traffic.aws import AwsLoadBalancersSwitch
 
         endpoint = spec.get("endpointUrl")
         return AwsLoadBalancersSwitch(
-            region=_str(spec, "region"), target_group_arns=arns, classic_load_balancers=classic,
+            region=_str(spec, "region"),
+            target_group_arns=arns,
+            classic_load_balancers=classic,
             endpoint_url=_str(spec, "endpointUrl") if endpoint is not None else None,
-            timeout=_timeout(spec), hosts=hosts or {})
+            timeout=_timeout(spec),
+            hosts=hosts or {},
+        )
     if kind == "Local":
         _check_keys(spec, _LOCAL_KEYS, required={"listen"})
         name = spec.get("name", "default")

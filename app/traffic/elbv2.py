@@ -184,9 +184,14 @@ class ElbV2Switch(TrafficSwitch):
         if removed:
             self.deregister(removed)
             self.wait_leaving(removed)
-        return SwitchResult.finish(label=f"target group {self.arn}", added=added,
-                                   removed=removed, previous=previous, live=self.live(),
-                                   started=started)
+        return SwitchResult.finish(
+            label=f"target group {self.arn}",
+            added=added,
+            removed=removed,
+            previous=previous,
+            live=self.live(),
+            started=started,
+        )
 
     def close(self) -> None:
         """Close the boto3 client's HTTP connections."""

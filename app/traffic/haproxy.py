@@ -475,8 +475,14 @@ class HAProxySwitch(TrafficSwitch):
     def _result(
         self, added: list[str], removed: list[str], previous: list[str], started: float
     ) -> SwitchResult:
-        return SwitchResult.finish(label=f"HAProxy {self.name}", added=added, removed=removed,
-                                   previous=previous, live=self.live(), started=started)
+        return SwitchResult.finish(
+            label=f"HAProxy {self.name}",
+            added=added,
+            removed=removed,
+            previous=previous,
+            live=self.live(),
+            started=started,
+        )
 
     # -- the runtime API ----------------------------------------------------------------------
 

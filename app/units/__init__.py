@@ -66,8 +66,9 @@ def unit_type(name: str) -> UnitType[Any, Any]:
     try:
         return UNIT_TYPES[name]
     except KeyError:
-        raise ValueError(f"unknown command unit type {name!r} (known: "
-                         f"{', '.join(sorted(UNIT_TYPES))})") from None
+        raise ValueError(
+            f"unknown command unit type {name!r} (known: {', '.join(sorted(UNIT_TYPES))})"
+        ) from None
 
 
 def host_context(host: Host, stage: DeploymentStagePlan) -> Context:
@@ -76,11 +77,13 @@ def host_context(host: Host, stage: DeploymentStagePlan) -> Context:
     for k, v in stage.external_values.items():
         ctx.set(k, v, external=True)
     own: dict[str, object] = {
-        "instance.name": host.name, "instance.hostName": host.address,
+        "instance.name": host.name,
+        "instance.hostName": host.address,
         "instance.host.hostName": host.address,
         "instance.host.privateIp": host.private_ip or host.address,
         "instance.host.publicIp": host.public_ip or host.address,
-        "instance.host.port": host.port, "instance.host.region": host.region,
+        "instance.host.port": host.port,
+        "instance.host.region": host.region,
         "infra.region": host.region,
     }
     for k, value in own.items():
@@ -88,24 +91,27 @@ def host_context(host: Host, stage: DeploymentStagePlan) -> Context:
     return ctx
 
 
-def step_scope(stage: DeploymentStagePlan, step: CommandStepPlan, ctx: Context, *,
-               secrets: bool = False) -> Scope:
+def step_scope(
+    stage: DeploymentStagePlan, step: CommandStepPlan, ctx: Context, *, secrets: bool = False
+) -> Scope:
     """What the units of a Command step render with on one host (``ctx``: ``host_context``,
     plus what the worker read from the ledger)."""
-    return Scope(ctx=ctx, artifact=stage.artifact,
-                 outputs=tuple(step.spec.output_variables), secrets=secrets)
+    return Scope(
+        ctx=ctx, artifact=stage.artifact, outputs=tuple(step.spec.output_variables), secrets=secrets
+    )
 
 
-def step_environment(step: CommandStepPlan, ctx: Context, *,
-                     secrets: bool = False) -> dict[str, str]:
+def step_environment(
+    step: CommandStepPlan, ctx: Context, *, secrets: bool = False
+) -> dict[str, str]:
     """The step's environmentVariables rendered for one host (secrets resolved on the worker
     only)."""
+
     def value(raw: Any) -> str:
         text = render(str(raw), ctx)
         return with_secrets(text) if secrets else text
 
-    return {v.name: value(v.value) for v in step.spec.environment_variables
-            if v.value is not None}
+    return {v.name: value(v.value) for v in step.spec.environment_variables if v.value is not None}
 
 
 def run_unit(unit: CommandUnit, scope: Scope, session: HostSession) -> Outcome:
@@ -127,8 +133,11 @@ def render_unit(unit: CommandUnit, scope: Scope) -> dict[str, Any]:
     try:
         shown: dict[str, Any] = unit_type(unit.type).render(unit, scope).to_dict()
     except VmfarmError as exc:  # an artifact the spec cannot name: the run would fail so
-        return {"identifier": unit.identifier, "type": unit.type,
-                "problem": getattr(exc, "message", None) or str(exc)}
+        return {
+            "identifier": unit.identifier,
+            "type": unit.type,
+            "problem": getattr(exc, "message", None) or str(exc),
+        }
     return shown
 
 
@@ -142,18 +151,24 @@ def describe_unit(shown: Mapping[str, Any]) -> list[str]:
 def render_step(stage: DeploymentStagePlan, step: StepPlan, host: Host | None) -> dict[str, Any]:
     """A step as it would run on ``host``: every command unit rendered by its type, unsafe
     values shown as the environment variables they travel in (for ``vmfarm plan``)."""
-    out: dict[str, Any] = {"identifier": step.identifier, "type": getattr(
-        step, "written_as", None) or step.type}
+    out: dict[str, Any] = {
+        "identifier": step.identifier,
+        "type": getattr(step, "written_as", None) or step.type,
+    }
     ctx = host_context(host, stage) if host else Context()
     if isinstance(step, HealthCheckStepPlan):
-        out["check"] = {k: render(str(v), ctx) if isinstance(v, str) else v
-                        for k, v in step.spec.to_json().items()}
+        out["check"] = {
+            k: render(str(v), ctx) if isinstance(v, str) else v
+            for k, v in step.spec.to_json().items()
+        }
         return out
     if not isinstance(step, CommandStepPlan):  # Http, Wait, HarnessApproval: as written
         spec = step.spec.to_json()
         if isinstance(step, HttpStepPlan):  # the assertion names the response: kept as is
-            spec = {k: v if k == "assertion" or not isinstance(v, str) else render(v, ctx)
-                    for k, v in spec.items()}
+            spec = {
+                k: v if k == "assertion" or not isinstance(v, str) else render(v, ctx)
+                for k, v in spec.items()
+            }
         out["onDelegate"] = not isinstance(step, WaitStepPlan | ApprovalStepPlan)
         out["spec"] = spec
         return out

@@ -68,6 +68,7 @@ class Scope:
     def file_name(self) -> str:
         """The name the artifact's file takes on the host."""
         return str(self.artifact.file_name if self.artifact else None)
+
     # Resolve <+secrets.getValue("id")>: only on the worker that runs the step, never for plan.
     secrets: bool = False
 
@@ -126,8 +127,9 @@ class Outcome:
         return self.error is None
 
     @classmethod
-    def failed(cls, error: str, *, exit_code: int | None = None,
-               error_class: str = "Unknown") -> Outcome:
+    def failed(
+        cls, error: str, *, exit_code: int | None = None, error_class: str = "Unknown"
+    ) -> Outcome:
         return cls(exit_code=exit_code, error=error, error_class=error_class)
 
 
@@ -177,5 +179,4 @@ def with_secrets(text: str, *, bind: Callable[[str], str] | Binder | None = None
 
 def problem_lines(shown: Mapping[str, Any]) -> list[str]:
     """The text plan's lines for a unit that cannot run."""
-    return [f"[{shown['identifier']}] {str(shown['type']).lower()}: cannot run: "
-            f"{shown['problem']}"]
+    return [f"[{shown['identifier']}] {str(shown['type']).lower()}: cannot run: {shown['problem']}"]

@@ -52,15 +52,23 @@ def push_artifact(artifact: Mapping[str, Any], session: HostSession, remote: str
     got = fetch(artifact, execution_id=session.execution_id)
     host = session.host
     unverified = "" if got.verified else ", not verified at the source"
-    session.out.write("stdout", f"copying {artifact['fileName']} ({got.source}, sha256 "
-                                f"{got.sha256}{unverified}) to {host.name}:{remote}\n")
+    session.out.write(
+        "stdout",
+        f"copying {artifact['fileName']} ({got.source}, sha256 "
+        f"{got.sha256}{unverified}) to {host.name}:{remote}\n",
+    )
     session.conn.put(str(got.path), remote)
-    res = session.conn.run(verify_remote_command(remote, got.sha256), timeout=session.timeout,
-                           on_output=session.out.write)
+    res = session.conn.run(
+        verify_remote_command(remote, got.sha256),
+        timeout=session.timeout,
+        on_output=session.out.write,
+    )
     if res.exit_code != 0:
-        return Outcome.failed(f"checksum mismatch on {host.name}: {artifact['fileName']} from "
-                              f"{got.source} is not sha256 {got.sha256} there",
-                              exit_code=res.exit_code)
+        return Outcome.failed(
+            f"checksum mismatch on {host.name}: {artifact['fileName']} from "
+            f"{got.source} is not sha256 {got.sha256} there",
+            exit_code=res.exit_code,
+        )
     return Outcome()
 
 
@@ -70,15 +78,25 @@ class Copy(UnitType[CopyUnit, RenderedCopy]):
 
     def render(self, unit: CopyUnit, scope: Scope) -> RenderedCopy:
         source, checksum = artifact_source(scope.artifact_json)
-        return RenderedCopy(identifier=unit.identifier, type=self.type, source=source,
-                            destination=destination(unit.spec.destination_path, scope),
-                            checksum=checksum, artifact=scope.artifact_json)
+        return RenderedCopy(
+            identifier=unit.identifier,
+            type=self.type,
+            source=source,
+            destination=destination(unit.spec.destination_path, scope),
+            checksum=checksum,
+            artifact=scope.artifact_json,
+        )
 
     def run(self, rendered: RenderedCopy, session: HostSession) -> Outcome:
         return push_artifact(rendered.artifact, session, rendered.destination)
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
-        check = f"sha256 {shown['checksum']}" if shown.get("checksum") else \
-            "sha256 computed when fetched"
-        return [f"[{shown['identifier']}] copy {shown['source']} -> {shown['destination']}",
-                f"  (pushed over SFTP by the worker, {check}, checked on the host)"]
+        check = (
+            f"sha256 {shown['checksum']}"
+            if shown.get("checksum")
+            else "sha256 computed when fetched"
+        )
+        return [
+            f"[{shown['identifier']}] copy {shown['source']} -> {shown['destination']}",
+            f"  (pushed over SFTP by the worker, {check}, checked on the host)",
+        ]

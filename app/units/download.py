@@ -46,17 +46,18 @@ class RenderedDownload(Rendered):
     checksum: str | None  # verified on the host when the source gives one
     script: str  # what the host runs (curl's config comes in its environment, then on stdin)
     fileName: str = field(repr=False, compare=False, metadata=HIDDEN)
-    resolved: Resolved | None = field(default=None, repr=False, compare=False,
-                                      metadata=HIDDEN)
+    resolved: Resolved | None = field(default=None, repr=False, compare=False, metadata=HIDDEN)
 
 
 def download_script(remote: str, *, checksum: str | None) -> str:
     """curl into ``remote``.part, then rename: a file is whole or absent. curl reads its URL
     and credentials from stdin (``-K -``), never from its command line."""
     q = shlex.quote(remote)
-    script = (f"set -e\nexport -n {CONFIG_VAR}\nmkdir -p \"$(dirname {q})\"\n"
-              f"printf '%s\\n' \"${CONFIG_VAR}\" | curl -fsSL --retry 3 -K - -o {q}.part\n"
-              f"mv {q}.part {q}\n")
+    script = (
+        f'set -e\nexport -n {CONFIG_VAR}\nmkdir -p "$(dirname {q})"\n'
+        f"printf '%s\\n' \"${CONFIG_VAR}\" | curl -fsSL --retry 3 -K - -o {q}.part\n"
+        f"mv {q}.part {q}\n"
+    )
     if checksum:
         from app.artifacts import verify_remote_command
 
@@ -91,14 +92,25 @@ class DownloadArtifact(UnitType[DownloadArtifactUnit, RenderedDownload]):
         # On the worker a secret the source names must be there; for plan it comes later.
         r = resolve(scope.artifact_json, require_secrets=scope.secrets)
         remote = destination(unit.spec.destination_path, scope)
-        problem = None if r.kind in ("http", "s3") else (
-            f"DownloadArtifact cannot fetch a {r.type} artifact on the host; use Copy or "
-            "Release (the worker fetches it)")
+        problem = (
+            None
+            if r.kind in ("http", "s3")
+            else (
+                f"DownloadArtifact cannot fetch a {r.type} artifact on the host; use Copy or "
+                "Release (the worker fetches it)"
+            )
+        )
         return RenderedDownload(
-            identifier=unit.identifier, type=self.type, problem=problem, source=r.source,
-            destination=remote, checksum=r.expected,
+            identifier=unit.identifier,
+            type=self.type,
+            problem=problem,
+            source=r.source,
+            destination=remote,
+            checksum=r.expected,
             script=download_script(remote, checksum=r.expected),
-            fileName=scope.file_name, resolved=r)
+            fileName=scope.file_name,
+            resolved=r,
+        )
 
     def run(self, rendered: RenderedDownload, session: HostSession) -> Outcome:
         r = rendered.resolved
@@ -109,13 +121,19 @@ class DownloadArtifact(UnitType[DownloadArtifactUnit, RenderedDownload]):
 
             from app.artifacts.s3 import endpoint_url
 
-            keys = ({"aws_access_key_id": r.aws_keys[0], "aws_secret_access_key": r.aws_keys[1]}
-                    if r.aws_keys else {})  # an Aws connector's, resolved on this worker
-            client = boto3.client("s3", region_name=r.region, endpoint_url=endpoint_url(),
-                                  **keys)
-            config = curl_config(client.generate_presigned_url(
-                "get_object", Params={"Bucket": r.bucket, "Key": r.key},
-                ExpiresIn=PRESIGNED_SECONDS))
+            keys = (
+                {"aws_access_key_id": r.aws_keys[0], "aws_secret_access_key": r.aws_keys[1]}
+                if r.aws_keys
+                else {}
+            )  # an Aws connector's, resolved on this worker
+            client = boto3.client("s3", region_name=r.region, endpoint_url=endpoint_url(), **keys)
+            config = curl_config(
+                client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": r.bucket, "Key": r.key},
+                    ExpiresIn=PRESIGNED_SECONDS,
+                )
+            )
         else:
             try:
                 config = curl_config(str(r.url), r.auth)
@@ -123,18 +141,28 @@ class DownloadArtifact(UnitType[DownloadArtifactUnit, RenderedDownload]):
                 return Outcome.failed(f"cannot download {rendered.fileName}: {exc}")
         env = {**session.env, CONFIG_VAR: config}
         host = session.host
-        session.out.write("stdout", f"downloading {rendered.fileName} ({r.source}) on "
-                                    f"{host.name}\n")
-        res = session.conn.run(rendered.script, env=env, timeout=session.timeout,
-                               on_output=session.out.write)
+        session.out.write(
+            "stdout", f"downloading {rendered.fileName} ({r.source}) on {host.name}\n"
+        )
+        res = session.conn.run(
+            rendered.script, env=env, timeout=session.timeout, on_output=session.out.write
+        )
         if res.exit_code != 0:
-            return Outcome.failed(f"{host.name} could not download {rendered.fileName} from "
-                                  f"{r.source} (exit {res.exit_code})", exit_code=res.exit_code)
+            return Outcome.failed(
+                f"{host.name} could not download {rendered.fileName} from "
+                f"{r.source} (exit {res.exit_code})",
+                exit_code=res.exit_code,
+            )
         return Outcome()
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
-        check = f"sha256 {shown['checksum']} checked" if shown.get("checksum") else \
-            "no checksum from the source: not verified"
-        return [f"[{shown['identifier']}] download {shown['source']} -> {shown['destination']}"
-                f" (by the host, {check}):",
-                *(f"  {line}" for line in str(shown["script"]).rstrip("\n").splitlines())]
+        check = (
+            f"sha256 {shown['checksum']} checked"
+            if shown.get("checksum")
+            else "no checksum from the source: not verified"
+        )
+        return [
+            f"[{shown['identifier']}] download {shown['source']} -> {shown['destination']}"
+            f" (by the host, {check}):",
+            *(f"  {line}" for line in str(shown["script"]).rstrip("\n").splitlines()),
+        ]

@@ -63,13 +63,18 @@ def install_script(r: RenderedRelease, incoming: str) -> str:
     place. Files belong to the SSH user with its umask (never the archive's owners or modes);
     whatever happens, the temporary directory and the pushed archive are gone at the end."""
     b, v, i = shlex.quote(r.deploymentPath), shlex.quote(r.version), shlex.quote(incoming)
-    unpack = (f"tar --no-same-owner --no-same-permissions -xzf {i} -C \"$tmp\""
-              if is_tarball(r.fileName) else f"cp {i} \"$tmp\"/")
-    return (f"set -e\nincoming={i}\nmkdir -p {b}/releases\n"
-            f"tmp=$(mktemp -d {b}/releases/.{v}.XXXX)\n"
-            "trap 'rm -rf \"$tmp\" \"$incoming\"' EXIT\n"
-            f"{unpack}\necho {v} > \"$tmp\"/.vmfarm-release\n"
-            f"rm -rf {b}/releases/{v}\nmv \"$tmp\" {b}/releases/{v}\n")
+    unpack = (
+        f'tar --no-same-owner --no-same-permissions -xzf {i} -C "$tmp"'
+        if is_tarball(r.fileName)
+        else f'cp {i} "$tmp"/'
+    )
+    return (
+        f"set -e\nincoming={i}\nmkdir -p {b}/releases\n"
+        f"tmp=$(mktemp -d {b}/releases/.{v}.XXXX)\n"
+        'trap \'rm -rf "$tmp" "$incoming"\' EXIT\n'
+        f'{unpack}\necho {v} > "$tmp"/.vmfarm-release\n'
+        f'rm -rf {b}/releases/{v}\nmv "$tmp" {b}/releases/{v}\n'
+    )
 
 
 def switch_script(r: RenderedRelease) -> str:
@@ -77,10 +82,12 @@ def switch_script(r: RenderedRelease) -> str:
 
     ln + rename: ``current`` always points at a whole release, never at nothing."""
     b, v = shlex.quote(r.deploymentPath), shlex.quote(r.version)
-    return (f"set -e\ncd {b}\nln -sfn releases/{v} .current.$$\nmv -T .current.$$ current\n"
-            f"ls -1t releases | grep -v '^[.]' | tail -n +{r.keep + 1} | while read -r old; do "
-            f"[ \"$old\" = {v} ] || rm -rf \"releases/$old\"; done\n"
-            f"echo \"RELEASES $(ls -1t releases | grep -v '^[.]' | tr '\\n' ' ')\"\n")
+    return (
+        f"set -e\ncd {b}\nln -sfn releases/{v} .current.$$\nmv -T .current.$$ current\n"
+        f"ls -1t releases | grep -v '^[.]' | tail -n +{r.keep + 1} | while read -r old; do "
+        f'[ "$old" = {v} ] || rm -rf "releases/$old"; done\n'
+        f"echo \"RELEASES $(ls -1t releases | grep -v '^[.]' | tr '\\n' ' ')\"\n"
+    )
 
 
 def check_archive(r: RenderedRelease, session: HostSession) -> Outcome | None:
@@ -96,8 +103,10 @@ def check_archive(r: RenderedRelease, session: HostSession) -> Outcome | None:
     if not problems:
         return None
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    return Outcome.failed(f"release {r.version}: {r.fileName} is refused before anything is "
-                          f"unpacked: {'; '.join(problems[:3])}{more}")
+    return Outcome.failed(
+        f"release {r.version}: {r.fileName} is refused before anything is "
+        f"unpacked: {'; '.join(problems[:3])}{more}"
+    )
 
 
 @register
@@ -110,13 +119,21 @@ class Release(UnitType[ReleaseUnit, RenderedRelease]):
         version = str((scope.artifact.tag if scope.artifact else None) or "")
         source, _ = artifact_source(scope.artifact_json)
         return RenderedRelease(
-            identifier=unit.identifier, type=self.type, source=source,
-            problem=None if VERSION_RE.fullmatch(version) else
-            f"version {version!r} cannot name a release directory",
-            deploymentPath=base, version=version, releasesDirectory=f"{base}/releases",
-            keep=spec.keep, current=f"{base}/current",
-            currentTarget=f"releases/{version}", fileName=scope.file_name,
-            artifact=scope.artifact_json)
+            identifier=unit.identifier,
+            type=self.type,
+            source=source,
+            problem=None
+            if VERSION_RE.fullmatch(version)
+            else f"version {version!r} cannot name a release directory",
+            deploymentPath=base,
+            version=version,
+            releasesDirectory=f"{base}/releases",
+            keep=spec.keep,
+            current=f"{base}/current",
+            currentTarget=f"releases/{version}",
+            fileName=scope.file_name,
+            artifact=scope.artifact_json,
+        )
 
     def run(self, r: RenderedRelease, session: HostSession) -> Outcome:
         if r.problem:
@@ -131,25 +148,34 @@ class Release(UnitType[ReleaseUnit, RenderedRelease]):
             pushed = push_artifact(r.artifact, session, incoming)
             if not pushed.ok:
                 return pushed
-            res = conn.run(install_script(r, incoming), timeout=session.timeout,
-                           on_output=out.write)
+            res = conn.run(
+                install_script(r, incoming), timeout=session.timeout, on_output=out.write
+            )
             if res.exit_code != 0:
-                return Outcome.failed(f"could not unpack release {r.version} into "
-                                      f"{r.releasesDirectory}", exit_code=res.exit_code)
+                return Outcome.failed(
+                    f"could not unpack release {r.version} into {r.releasesDirectory}",
+                    exit_code=res.exit_code,
+                )
         else:
-            out.write("stdout", f"release {r.version} is already on {host.name}: nothing to "
-                                "fetch\n")
+            out.write(
+                "stdout", f"release {r.version} is already on {host.name}: nothing to fetch\n"
+            )
         res = conn.run(switch_script(r), timeout=session.timeout)
         if res.exit_code != 0:
-            return Outcome.failed(f"could not switch {r.current} to release {r.version}: "
-                                  f"{res.stderr.strip()[-300:]}", exit_code=res.exit_code)
-        listed = next((line for line in res.stdout.splitlines()
-                       if line.startswith("RELEASES ")), "RELEASES ")
+            return Outcome.failed(
+                f"could not switch {r.current} to release {r.version}: {res.stderr.strip()[-300:]}",
+                exit_code=res.exit_code,
+            )
+        listed = next(
+            (line for line in res.stdout.splitlines() if line.startswith("RELEASES ")), "RELEASES "
+        )
         out.write("stdout", f"{r.current} -> {r.currentTarget}\n")
         return Outcome(outputs={RELEASES_OUTPUT: " ".join(listed.split()[1:])})
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
-        return [f"[{shown['identifier']}] release {shown['version']} ({shown['source']}) into "
-                f"{shown['releasesDirectory']}/{shown['version']}, keeping the newest "
-                f"{shown['keep']}",
-                f"  {shown['current']} -> {shown['currentTarget']}"]
+        return [
+            f"[{shown['identifier']}] release {shown['version']} ({shown['source']}) into "
+            f"{shown['releasesDirectory']}/{shown['version']}, keeping the newest "
+            f"{shown['keep']}",
+            f"  {shown['current']} -> {shown['currentTarget']}",
+        ]

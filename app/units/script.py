@@ -49,8 +49,10 @@ class RenderedScript(Rendered):
         then the script, unchanged."""
         if not self.outputVariables:
             return self.script
-        return output_trap([{"name": k, "value": v} for k, v in self.outputVariables.items()]) \
+        return (
+            output_trap([{"name": k, "value": v} for k, v in self.outputVariables.items()])
             + self.script
+        )
 
 
 def output_trap(outputs: Sequence[Mapping[str, Any]]) -> str:
@@ -65,8 +67,10 @@ def output_trap(outputs: Sequence[Mapping[str, Any]]) -> str:
         var = str(o.get("value") or o["name"])
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             continue
-        parts.append(f'[ -n "${{{var}+x}}" ] && printf "%s{o["name"]}=%s\\n" '
-                     f'"{OUTPUT_MARK}" "$(printf %s "${{{var}}}" | base64 -w0)"')
+        parts.append(
+            f'[ -n "${{{var}+x}}" ] && printf "%s{o["name"]}=%s\\n" '
+            f'"{OUTPUT_MARK}" "$(printf %s "${{{var}}}" | base64 -w0)"'
+        )
     return "__vmfarm_out() { " + "; ".join([*parts, "true"]) + "; }\ntrap __vmfarm_out EXIT\n"
 
 
@@ -87,23 +91,34 @@ class Script(UnitType[ScriptUnit, RenderedScript]):
         problem = None
         text = spec.source.spec.script
         try:
-            script = render_script(text, scope.ctx, bind=binder,
-                                   secrets=_secret_value if scope.secrets else None)
+            script = render_script(
+                text, scope.ctx, bind=binder, secrets=_secret_value if scope.secrets else None
+            )
         except ExpressionError as exc:  # the run fails with it, touching nothing
             script, problem = text, str(exc)
         return RenderedScript(
-            identifier=unit.identifier, type=self.type, script=script, values=dict(binder.env),
+            identifier=unit.identifier,
+            type=self.type,
+            script=script,
+            values=dict(binder.env),
             problem=problem,
             workingDirectory=spec.working_directory,
-            outputVariables={o.name: str(o.value or o.name) for o in scope.outputs})
+            outputVariables={o.name: str(o.value or o.name) for o in scope.outputs},
+        )
 
     def run(self, rendered: RenderedScript, session: HostSession) -> Outcome:
-        res = session.conn.run(rendered.command(), env={**session.env, **rendered.values},
-                               timeout=session.timeout, on_output=session.out.write,
-                               workdir=rendered.workingDirectory)
+        res = session.conn.run(
+            rendered.command(),
+            env={**session.env, **rendered.values},
+            timeout=session.timeout,
+            on_output=session.out.write,
+            workdir=rendered.workingDirectory,
+        )
         if res.exit_code != 0:
-            return Outcome.failed(f"unit '{rendered.identifier}' exited with code "
-                                  f"{res.exit_code}", exit_code=res.exit_code)
+            return Outcome.failed(
+                f"unit '{rendered.identifier}' exited with code {res.exit_code}",
+                exit_code=res.exit_code,
+            )
         return Outcome(exit_code=res.exit_code)
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
@@ -112,6 +127,9 @@ class Script(UnitType[ScriptUnit, RenderedScript]):
         lines += [f"  {line}" for line in str(shown["script"]).rstrip("\n").splitlines()]
         lines += [f"  (with {k}={v!r})" for k, v in (shown.get("values") or {}).items()]
         if shown.get("outputVariables"):
-            lines.append("  (prints output variables "
-                         + ", ".join(shown["outputVariables"]) + " when it exits)")
+            lines.append(
+                "  (prints output variables "
+                + ", ".join(shown["outputVariables"])
+                + " when it exits)"
+            )
         return lines

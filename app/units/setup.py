@@ -53,20 +53,39 @@ class Setup(UnitType[SetupUnit, RenderedSetup]):
         paths = tuple(render(str(p), scope.ctx) for p in spec.paths)
         owner = spec.owner or None
         mode = spec.mode or None
-        return RenderedSetup(identifier=unit.identifier, type=self.type, paths=paths,
-                             owner=owner, mode=mode, script=setup_script(paths, owner, mode))
+        return RenderedSetup(
+            identifier=unit.identifier,
+            type=self.type,
+            paths=paths,
+            owner=owner,
+            mode=mode,
+            script=setup_script(paths, owner, mode),
+        )
 
     def run(self, rendered: RenderedSetup, session: HostSession) -> Outcome:
-        res = session.conn.run(rendered.script, timeout=session.timeout,
-                               on_output=session.out.write)
+        res = session.conn.run(
+            rendered.script, timeout=session.timeout, on_output=session.out.write
+        )
         if res.exit_code != 0:
-            return Outcome.failed(f"unit '{rendered.identifier}' could not prepare the runtime "
-                                  f"paths (exit {res.exit_code})", exit_code=res.exit_code)
+            return Outcome.failed(
+                f"unit '{rendered.identifier}' could not prepare the runtime "
+                f"paths (exit {res.exit_code})",
+                exit_code=res.exit_code,
+            )
         return Outcome()
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
-        how = ", ".join(x for x in (f"owner {shown['owner']}" if shown.get("owner") else "",
-                                    f"mode {shown['mode']}" if shown.get("mode") else "") if x)
-        return [f"[{shown['identifier']}] setup {' '.join(shown['paths'])}"
-                + (f" ({how})" if how else "") + ":",
-                *(f"  {line}" for line in str(shown["script"]).rstrip("\n").splitlines())]
+        how = ", ".join(
+            x
+            for x in (
+                f"owner {shown['owner']}" if shown.get("owner") else "",
+                f"mode {shown['mode']}" if shown.get("mode") else "",
+            )
+            if x
+        )
+        return [
+            f"[{shown['identifier']}] setup {' '.join(shown['paths'])}"
+            + (f" ({how})" if how else "")
+            + ":",
+            *(f"  {line}" for line in str(shown["script"]).rstrip("\n").splitlines()),
+        ]

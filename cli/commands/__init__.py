@@ -39,8 +39,7 @@ from cli.commands import (
     service,
 )
 
-MODULES = (pipelines, executions, decisions, fleet, lab, service, ops, secrets, governance,
-           server)
+MODULES = (pipelines, executions, decisions, fleet, lab, service, ops, secrets, governance, server)
 
 
 def register_all(main: click.Group) -> None:

@@ -17,8 +17,14 @@ from cli.options import output_option, watch_option
 from cli.render import print_rollback_plan
 from cli.watch import dispatch_and_watch, refuse_detach_when_embedded
 
-INTERVENTIONS = ["Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
-                 "MarkAsFailure"]
+INTERVENTIONS = [
+    "Abort",
+    "StageRollback",
+    "PipelineRollback",
+    "MarkAsSuccess",
+    "Ignore",
+    "MarkAsFailure",
+]
 
 
 def register(main: click.Group) -> None:
@@ -61,9 +67,12 @@ def _decide(cli: Cli, execution_id: str, comment: str, *, approve: bool) -> None
 
 @click.command()
 @click.argument("execution_id")
-@click.option("--rollback", is_flag=True,
-              help="Then roll back the hosts the current stage changed (rollback phases in "
-                   "reverse order, as its failure strategy would).")
+@click.option(
+    "--rollback",
+    is_flag=True,
+    help="Then roll back the hosts the current stage changed (rollback phases in "
+    "reverse order, as its failure strategy would).",
+)
 @pass_cli
 def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
     """Stop an execution: no new work is sent; running hosts stop at their next unit."""
@@ -78,10 +87,15 @@ def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
     if result not in ("aborted", "rolling back"):
         cli.out.print(f"execution {execution_id} already ended: {result}")
         return
-    then = ("; then the hosts the stage changed roll back (vmfarm status shows it)"
-            if result == "rolling back" else "")
-    cli.out.print(f"execution {execution_id} aborted: no new work is sent; running hosts stop "
-                  f"at their next command unit{then}")
+    then = (
+        "; then the hosts the stage changed roll back (vmfarm status shows it)"
+        if result == "rolling back"
+        else ""
+    )
+    cli.out.print(
+        f"execution {execution_id} aborted: no new work is sent; running hosts stop "
+        f"at their next command unit{then}"
+    )
 
 
 @click.command()
@@ -104,13 +118,16 @@ def intervene(cli: Cli, execution_id: str, action: str, comment: str) -> None:
 
 @click.command()
 @click.argument("execution_id")
-@click.option("--plan", "show_plan", is_flag=True,
-              help="Print what would be rolled back (hosts, versions, order) and stop.")
+@click.option(
+    "--plan",
+    "show_plan",
+    is_flag=True,
+    help="Print what would be rolled back (hosts, versions, order) and stop.",
+)
 @watch_option()
 @output_option
 @pass_cli
-def rollback(cli: Cli, execution_id: str, show_plan: bool, watch: bool | None,
-             output: str) -> None:
+def rollback(cli: Cli, execution_id: str, show_plan: bool, watch: bool | None, output: str) -> None:
     """Roll a successful execution back: every host it changed returns to its previous
     version (its stages' rollbackSteps, or the previous version's own steps), as a new
     execution. Exit 0 when every host rolled back."""

@@ -25,8 +25,11 @@ def register(main: click.Group) -> None:
 
 @click.command()
 @click.argument("execution_id")
-@click.option("--all-hosts", is_flag=True,
-              help=f"One line per host even for stages of more than {MATRIX_FROM} hosts.")
+@click.option(
+    "--all-hosts",
+    is_flag=True,
+    help=f"One line per host even for stages of more than {MATRIX_FROM} hosts.",
+)
 @output_option
 @pass_cli
 def status(cli: Cli, execution_id: str, all_hosts: bool, output: str) -> None:
@@ -79,9 +82,13 @@ def logs(cli: Cli, execution_id: str, host: str | None, step: str | None, output
 
 @click.command()
 @click.option("--limit", default=20, show_default=True)
-@click.option("--status", "statuses", multiple=True,
-              type=click.Choice(Status.EXECUTION, case_sensitive=False),
-              help="Only executions in this status (repeatable).")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(Status.EXECUTION, case_sensitive=False),
+    help="Only executions in this status (repeatable).",
+)
 @output_option
 @pass_cli
 def executions(cli: Cli, limit: int, statuses: tuple[str, ...], output: str) -> None:
@@ -89,9 +96,16 @@ def executions(cli: Cli, limit: int, statuses: tuple[str, ...], output: str) -> 
     from app.report import recent_executions
 
     rows = recent_executions(limit, statuses=[x.upper() for x in statuses])
-    data = [{"id": e.id, "pipeline": e.pipeline, "status": e.status,
-             "created_at": e.created_at.isoformat() + "Z", "created_by": e.created_by}
-            for e in rows]
+    data = [
+        {
+            "id": e.id,
+            "pipeline": e.pipeline,
+            "status": e.status,
+            "created_at": e.created_at.isoformat() + "Z",
+            "created_by": e.created_by,
+        }
+        for e in rows
+    ]
     if output == "json":
         cli.json(data)
         return
@@ -99,8 +113,7 @@ def executions(cli: Cli, limit: int, statuses: tuple[str, ...], output: str) -> 
     for c in ("id", "pipeline", "status", "created", "by"):
         table.add_column(c)
     for d in data:
-        table.add_row(d["id"], d["pipeline"], styled(d["status"]), d["created_at"],
-                      d["created_by"])
+        table.add_row(d["id"], d["pipeline"], styled(d["status"]), d["created_at"], d["created_by"])
     cli.out.print(table)
 
 
@@ -123,28 +136,44 @@ def artifacts(cli: Cli, service: str, environment: str | None, output: str) -> N
             q = q.where(Instance.environment == environment)
         rows = s.exec(q.order_by(col(Instance.environment), col(Instance.host))).all()
         data: list[dict[str, Any]] = [
-            {"environment": i.environment, "infrastructure": i.infrastructure,
-             "host": i.host, "region": i.region, "version": i.version,
-             "previous_version": i.previous_version, "releases": i.releases or [],
-             "execution": i.execution_id,
-             "updated_at": i.updated_at.isoformat(timespec="seconds") + "Z"}
-            for i in rows]
+            {
+                "environment": i.environment,
+                "infrastructure": i.infrastructure,
+                "host": i.host,
+                "region": i.region,
+                "version": i.version,
+                "previous_version": i.previous_version,
+                "releases": i.releases or [],
+                "execution": i.execution_id,
+                "updated_at": i.updated_at.isoformat(timespec="seconds") + "Z",
+            }
+            for i in rows
+        ]
     if output == "json":
         cli.json({"service": service, "instances": data})
         return
     if not data:
-        cli.err.print(f"no host runs service '{service}'" + (f" in {environment}"
-                                                              if environment else ""))
+        cli.err.print(
+            f"no host runs service '{service}'" + (f" in {environment}" if environment else "")
+        )
         return
     versions: dict[str, int] = {}
     for d in data:
         versions[str(d["version"])] = versions.get(str(d["version"]), 0) + 1
-    cli.out.print(f"service {service}: " + ", ".join(f"{v} on {n} host(s)"
-                                                     for v, n in sorted(versions.items())))
+    cli.out.print(
+        f"service {service}: "
+        + ", ".join(f"{v} on {n} host(s)" for v, n in sorted(versions.items()))
+    )
     table = Table(box=None)
     for c in ("environment", "host", "region", "version", "previous", "releases on host"):
         table.add_column(c)
     for d in data:
-        table.add_row(d["environment"], d["host"], d["region"], str(d["version"]),
-                      str(d["previous_version"] or ""), " ".join(d["releases"]))
+        table.add_row(
+            d["environment"],
+            d["host"],
+            d["region"],
+            str(d["version"]),
+            str(d["previous_version"] or ""),
+            " ".join(d["releases"]),
+        )
     cli.out.print(table)

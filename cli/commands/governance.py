@@ -50,13 +50,20 @@ def register(main: click.Group) -> None:
 @click.command("audit")
 @click.option("--execution", "execution_id", metavar="ID", help="Only this execution.")
 @click.option("--user", help="Only what this user did.")
-@click.option("--action", help="Only this action (run, approve, reject, abort, rollback, retry, "
-                               "intervene).")
+@click.option(
+    "--action", help="Only this action (run, approve, reject, abort, rollback, retry, intervene)."
+)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @output_option
 @pass_cli
-def audit(cli: Cli, execution_id: str | None, user: str | None, action: str | None, limit: int,
-          output: str) -> None:
+def audit(
+    cli: Cli,
+    execution_id: str | None,
+    user: str | None,
+    action: str | None,
+    limit: int,
+    output: str,
+) -> None:
     """The audit trail, newest first: who did what, to which execution, and what came of it."""
     from app.audit import events
 
@@ -71,9 +78,13 @@ def audit(cli: Cli, execution_id: str | None, user: str | None, action: str | No
         at = r["at"][:19].replace("T", " ")
         target = (r["execution_id"] or "-") + (f" ({r['pipeline']})" if r["pipeline"] else "")
         detail = _brief(r["detail"])
-        cli.out.print(Text.assemble(f"{at}  {r['user'] or '-'}  {r['action']}  ",
-                                    (r["outcome"], OUTCOME_STYLE.get(r["outcome"], "bold")),
-                                    f"  {target}" + (f": {detail}" if detail else "")))
+        cli.out.print(
+            Text.assemble(
+                f"{at}  {r['user'] or '-'}  {r['action']}  ",
+                (r["outcome"], OUTCOME_STYLE.get(r["outcome"], "bold")),
+                f"  {target}" + (f": {detail}" if detail else ""),
+            )
+        )
 
 
 def _brief(detail: dict[str, Any]) -> str:
@@ -81,8 +92,9 @@ def _brief(detail: dict[str, Any]) -> str:
         return str(detail["reason"])
     if "findings" in detail:
         return "; ".join(f"{f.get('rule')}: {f.get('message')}" for f in detail["findings"])
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in detail.items() if v not in (None, "",
-                                                                                       [], {}))
+    return ", ".join(
+        f"{k}={json.dumps(v)}" for k, v in detail.items() if v not in (None, "", [], {})
+    )
 
 
 # --- policy ---------------------------------------------------------------------------------------
@@ -97,12 +109,23 @@ def policy() -> None:
 @files_argument
 @pipeline_option
 @input_options(inputs_help="An input set file or folder (repeatable); --set wins.")
-@click.option("--policies", "policies_file", type=click.Path(dir_okay=False),
-              help="The policy file (default VMFARM_POLICY_FILE, else configs/policies.yaml).")
+@click.option(
+    "--policies",
+    "policies_file",
+    type=click.Path(dir_okay=False),
+    help="The policy file (default VMFARM_POLICY_FILE, else configs/policies.yaml).",
+)
 @output_option
 @pass_cli
-def policy_check(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-                 input_files: tuple[str, ...], policies_file: str | None, output: str) -> None:
+def policy_check(
+    cli: Cli,
+    files: tuple[str, ...],
+    pipeline: str | None,
+    sets: tuple[str, ...],
+    input_files: tuple[str, ...],
+    policies_file: str | None,
+    output: str,
+) -> None:
     """Check a pipeline against the policy rules without running it. Exit 2 when a rule of
     severity error is broken (a run would be refused)."""
     from app.coordinator import prepare
@@ -111,9 +134,12 @@ def policy_check(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: t
     source = Path(policies_file) if policies_file else policy_file()
     try:
         rules = load_policies(source) if source is not None else []
-        plan, stage_hosts = prepare(files, pipeline=pipeline,
-                                    inputs=gather_inputs(input_files, sets),
-                                    execution_id="<policy-check>")
+        plan, stage_hosts = prepare(
+            files,
+            pipeline=pipeline,
+            inputs=gather_inputs(input_files, sets),
+            execution_id="<policy-check>",
+        )
         findings = evaluate(plan, stage_hosts, rules=rules)
     except (SpecError, SpecErrors) as exc:
         for e in exc.errors if isinstance(exc, SpecErrors) else [exc]:
@@ -123,21 +149,34 @@ def policy_check(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: t
         fail(str(exc))
     errors = sum(1 for f in findings if f.severity == "error")
     if output == "json":
-        cli.json({
-            "pipeline": plan.identifier, "policy_file": str(source) if source else None,
-            "rules": [r.name for r in rules], "passed": errors == 0,
-            "findings": [f.to_dict() for f in findings]})
+        cli.json(
+            {
+                "pipeline": plan.identifier,
+                "policy_file": str(source) if source else None,
+                "rules": [r.name for r in rules],
+                "passed": errors == 0,
+                "findings": [f.to_dict() for f in findings],
+            }
+        )
     elif source is None:
-        cli.out.print("no policy file (VMFARM_POLICY_FILE is unset and configs/policies.yaml does "
-                      "not exist): nothing to check")
+        cli.out.print(
+            "no policy file (VMFARM_POLICY_FILE is unset and configs/policies.yaml does "
+            "not exist): nothing to check"
+        )
     else:
         for f in findings:
             where = f"stage '{f.stage}': " if f.stage else ""
-            cli.out.print(Text.assemble((f"{f.severity:5}", SEVERITY_STYLE.get(f.severity, "")),
-                                        f" [{f.rule}] {where}{f.message}"))
+            cli.out.print(
+                Text.assemble(
+                    (f"{f.severity:5}", SEVERITY_STYLE.get(f.severity, "")),
+                    f" [{f.rule}] {where}{f.message}",
+                )
+            )
         warnings = len(findings) - errors
-        verdict = ("a run would be refused" if errors else "a run would be allowed")
-        cli.out.print(f"pipeline {plan.identifier}: {len(rules)} rule(s) from {source}, "
-                      f"{errors} error(s), {warnings} warning(s): {verdict}")
+        verdict = "a run would be refused" if errors else "a run would be allowed"
+        cli.out.print(
+            f"pipeline {plan.identifier}: {len(rules)} rule(s) from {source}, "
+            f"{errors} error(s), {warnings} warning(s): {verdict}"
+        )
     if errors:
         sys.exit(2)

@@ -37,10 +37,22 @@ def _lab_root() -> Path:
 
 
 def _lab_json(state: Any) -> dict[str, Any]:
-    return {"mode": state.mode, "reason": state.reason,
-            "infrastructure_file": str(state.infrastructure_file),
-            "hosts": [{"num": h.num, "address": h.address, "port": h.port, "region": h.region,
-                       "pid": h.pid, "alive": h.alive} for h in state.hosts]}
+    return {
+        "mode": state.mode,
+        "reason": state.reason,
+        "infrastructure_file": str(state.infrastructure_file),
+        "hosts": [
+            {
+                "num": h.num,
+                "address": h.address,
+                "port": h.port,
+                "region": h.region,
+                "pid": h.pid,
+                "alive": h.alive,
+            }
+            for h in state.hosts
+        ],
+    }
 
 
 def _print_lab(cli: Cli, state: Any) -> None:
@@ -48,8 +60,12 @@ def _print_lab(cli: Cli, state: Any) -> None:
     for c in ("host", "region", "pid", "alive"):
         table.add_column(c)
     for h in state.hosts:
-        table.add_row(f"{h.address}:{h.port}", h.region, str(h.pid or ""),
-                      Text("yes", style="green") if h.alive else Text("no", style="red"))
+        table.add_row(
+            f"{h.address}:{h.port}",
+            h.region,
+            str(h.pid or ""),
+            Text("yes", style="green") if h.alive else Text("no", style="red"),
+        )
     cli.out.print(table)
     if state.reason:
         cli.out.print(Text(state.reason, style="yellow"))
@@ -70,23 +86,44 @@ def _show_lab(cli: Cli, action: Callable[[], Any], output: str) -> None:
 
 @lab.command("up")
 @click.option("--hosts", "n", type=click.IntRange(1, 250), default=5, show_default=True)
-@click.option("--regions", default="local", show_default=True,
-              help="Comma-separated regions, assigned to hosts in turn.")
-@click.option("--sandbox/--ssh", "sandbox", default=None,
-              help="Force local sandbox hosts (no sshd) or real sshd hosts; default: sshd "
-                   "when possible.")
-@click.option("--first", type=click.IntRange(1, 254), default=1, show_default=True,
-              help="Address of the first host: 127.0.1.FIRST (run several labs side by side).")
+@click.option(
+    "--regions",
+    default="local",
+    show_default=True,
+    help="Comma-separated regions, assigned to hosts in turn.",
+)
+@click.option(
+    "--sandbox/--ssh",
+    "sandbox",
+    default=None,
+    help="Force local sandbox hosts (no sshd) or real sshd hosts; default: sshd when possible.",
+)
+@click.option(
+    "--first",
+    type=click.IntRange(1, 254),
+    default=1,
+    show_default=True,
+    help="Address of the first host: 127.0.1.FIRST (run several labs side by side).",
+)
 @output_option
 @pass_cli
-def lab_up_cmd(cli: Cli, n: int, regions: str, sandbox: bool | None, first: int,
-               output: str) -> None:
+def lab_up_cmd(
+    cli: Cli, n: int, regions: str, sandbox: bool | None, first: int, output: str
+) -> None:
     """Start N lab hosts and write their Infrastructure file."""
     from app.lab import lab_up
 
-    _show_lab(cli, lambda: lab_up(n, root=_lab_root(), sandbox=sandbox, first=first,
-                                  regions=[r.strip() for r in regions.split(",") if r.strip()]),
-              output)
+    _show_lab(
+        cli,
+        lambda: lab_up(
+            n,
+            root=_lab_root(),
+            sandbox=sandbox,
+            first=first,
+            regions=[r.strip() for r in regions.split(",") if r.strip()],
+        ),
+        output,
+    )
 
 
 @lab.command("status")

@@ -26,13 +26,20 @@ def register(main: click.Group) -> None:
 
 
 def _window_options(f: F) -> F:
-    f = click.option("--max-executions", type=click.IntRange(min=1), default=None,
-                     help="Newest executions a scrape looks at (default "
-                          "VMFARM_METRICS_MAX_EXECUTIONS or 500).")(f)
-    return click.option("--window", default=None, metavar="DURATION",
-                        help="How far back recent executions name the queues to report, e.g. "
-                             "24h, 30m (default VMFARM_METRICS_WINDOW seconds or 24h); "
-                             "counters always count every execution.")(f)
+    f = click.option(
+        "--max-executions",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Newest executions a scrape looks at (default VMFARM_METRICS_MAX_EXECUTIONS or 500).",
+    )(f)
+    return click.option(
+        "--window",
+        default=None,
+        metavar="DURATION",
+        help="How far back recent executions name the queues to report, e.g. "
+        "24h, 30m (default VMFARM_METRICS_WINDOW seconds or 24h); "
+        "counters always count every execution.",
+    )(f)
 
 
 def _seconds(window: str | None) -> float | None:
@@ -59,12 +66,17 @@ def metrics() -> None:
 
 @metrics.command("serve")
 @click.option("--port", type=click.IntRange(0, 65535), default=9464, show_default=True)
-@click.option("--addr", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface).")
+@click.option(
+    "--addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface).",
+)
 @_window_options
 @pass_cli
-def metrics_serve(cli: Cli, port: int, addr: str, window: str | None,
-                  max_executions: int | None) -> None:
+def metrics_serve(
+    cli: Cli, port: int, addr: str, window: str | None, max_executions: int | None
+) -> None:
     """Serve the metrics over HTTP (GET /metrics) in the foreground until interrupted."""
     from app.metrics import serve
 
@@ -89,10 +101,17 @@ def metrics_show(cli: Cli, window: str | None, max_executions: int | None, outpu
     if output == "json":
         from prometheus_client.parser import text_string_to_metric_families
 
-        families = [{"name": f.name, "type": f.type, "help": f.documentation,
-                     "samples": [{"name": s.name, "labels": s.labels, "value": s.value}
-                                 for s in f.samples]}
-                    for f in text_string_to_metric_families(text)]
+        families = [
+            {
+                "name": f.name,
+                "type": f.type,
+                "help": f.documentation,
+                "samples": [
+                    {"name": s.name, "labels": s.labels, "value": s.value} for s in f.samples
+                ],
+            }
+            for f in text_string_to_metric_families(text)
+        ]
         cli.json({"metrics": families})
         return
     sys.stdout.write(text)
@@ -122,28 +141,53 @@ def _rules_from_files(paths: tuple[str, ...]) -> list[dict[str, Any]]:
             if isinstance(doc, dict) and doc.get("kind") == "Pipeline":
                 found = (doc.get("spec") or {}).get("notificationRules") or []
                 if not isinstance(found, list):
-                    raise click.BadParameter(f"{path}: spec.notificationRules is not a list",
-                                             param_hint="--file")
+                    raise click.BadParameter(
+                        f"{path}: spec.notificationRules is not a list", param_hint="--file"
+                    )
                 rules += [r for r in found if isinstance(r, dict)]
     return rules
 
 
 @notify.command("test")
 @click.argument("execution_id")
-@click.option("--event", "-e", type=click.Choice(["PipelineStart", "PipelineSuccess",
-                                                  "PipelineFailed", "StageFailed",
-                                                  "ApprovalNeeded", "InterventionNeeded",
-                                                  "RollbackDone"]),
-              default="PipelineFailed", show_default=True)
+@click.option(
+    "--event",
+    "-e",
+    type=click.Choice(
+        [
+            "PipelineStart",
+            "PipelineSuccess",
+            "PipelineFailed",
+            "StageFailed",
+            "ApprovalNeeded",
+            "InterventionNeeded",
+            "RollbackDone",
+        ]
+    ),
+    default="PipelineFailed",
+    show_default=True,
+)
 @click.option("--stage", help="Stage identifier or index (stage events).")
-@click.option("--file", "-f", "files", multiple=True, type=click.Path(exists=True),
-              help="Take the rules from these pipeline files (default: the execution's plan).")
-@click.option("--send", is_flag=True,
-              help="Deliver it (not only show it); not recorded as sent.")
+@click.option(
+    "--file",
+    "-f",
+    "files",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Take the rules from these pipeline files (default: the execution's plan).",
+)
+@click.option("--send", is_flag=True, help="Deliver it (not only show it); not recorded as sent.")
 @output_option
 @pass_cli
-def notify_test(cli: Cli, execution_id: str, event: str, stage: str | None,
-                files: tuple[str, ...], send: bool, output: str) -> None:
+def notify_test(
+    cli: Cli,
+    execution_id: str,
+    event: str,
+    stage: str | None,
+    files: tuple[str, ...],
+    send: bool,
+    output: str,
+) -> None:
     """Show the message an event of an execution gives and who gets it; --send delivers it."""
     from app.notify import build_message, parse_rules, plan_rules
     from app.notify import notify as send_notification
@@ -160,31 +204,44 @@ def notify_test(cli: Cli, execution_id: str, event: str, stage: str | None,
             error(why)
         sys.exit(2)
     msg = build_message(event, report, stage=where)
-    ident = msg.stage if event in ("StageFailed", "ApprovalNeeded", "InterventionNeeded") \
-        else None
+    ident = msg.stage if event in ("StageFailed", "ApprovalNeeded", "InterventionNeeded") else None
     chosen = [r for r in parsed if r.wants(event, ident)]
     deliveries = send_notification(event, report, chosen, stage=where) if send else []
     if output == "json":
-        cli.json({
-            "event": event, "subject": msg.title, "text": msg.text, "commands": msg.commands,
-            "rules": [{"name": r.name, "channel": r.channel.type} for r in chosen],
-            "deliveries": [d.to_dict() for d in deliveries]})
+        cli.json(
+            {
+                "event": event,
+                "subject": msg.title,
+                "text": msg.text,
+                "commands": msg.commands,
+                "rules": [{"name": r.name, "channel": r.channel.type} for r in chosen],
+                "deliveries": [d.to_dict() for d in deliveries],
+            }
+        )
     else:
         cli.out.print(msg.title)
         cli.out.print(msg.text)
         cli.out.print("")
         if not chosen:
-            cli.out.print(Text(f"no notification rule wants {event}"
-                               + (f" of stage {ident}" if ident else ""), style="yellow"))
+            cli.out.print(
+                Text(
+                    f"no notification rule wants {event}" + (f" of stage {ident}" if ident else ""),
+                    style="yellow",
+                )
+            )
         table = Table(title="deliveries" if send else "would notify", title_justify="left")
         for c in ("rule", "channel", *(("target", "result") if send else ())):
             table.add_column(c)
         if send:
             for d in deliveries:
-                table.add_row(d.rule, d.channel, d.target,
-                              Text("sent", style="green") if d.ok else
-                              Text(f"failed after {d.attempts} attempt(s): {d.error}",
-                                   style="red"))
+                table.add_row(
+                    d.rule,
+                    d.channel,
+                    d.target,
+                    Text("sent", style="green")
+                    if d.ok
+                    else Text(f"failed after {d.attempts} attempt(s): {d.error}", style="red"),
+                )
         else:
             for r in chosen:
                 table.add_row(r.name, r.channel.type)

@@ -41,8 +41,13 @@ def register(main: click.Group) -> None:
 @input_options()
 @output_option
 @pass_cli
-def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
-             input_files: tuple[str, ...], output: str) -> None:
+def validate(
+    cli: Cli,
+    files: tuple[str, ...],
+    sets: tuple[str, ...],
+    input_files: tuple[str, ...],
+    output: str,
+) -> None:
     """Check pipeline files: schema, references and expressions. Exit 2 when invalid."""
     from app.definitions import load
 
@@ -51,9 +56,21 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
     except (SpecError, SpecErrors) as exc:
         if output == "json":
             errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
-            cli.json({"valid": False, "errors": [
-                {"file": e.file, "line": e.line, "col": e.col, "field": e.field,
-                 "message": e.message} for e in errors]})
+            cli.json(
+                {
+                    "valid": False,
+                    "errors": [
+                        {
+                            "file": e.file,
+                            "line": e.line,
+                            "col": e.col,
+                            "field": e.field,
+                            "message": e.message,
+                        }
+                        for e in errors
+                    ],
+                }
+            )
             sys.exit(2)
         fail_input(exc)
     from app.definitions.templates import templates_of
@@ -61,38 +78,62 @@ def validate(cli: Cli, files: tuple[str, ...], sets: tuple[str, ...],
     all_docs = [*bundle.documents, *bundle.templates]
     summary: dict[str, Any] = {
         "valid": True,
-        "templates": sorted(f"{ident} ({kind}{', ' + version if version else ''})"
-                            for ident, version, kind in templates_of(bundle.templates)),
+        "templates": sorted(
+            f"{ident} ({kind}{', ' + version if version else ''})"
+            for ident, version, kind in templates_of(bundle.templates)
+        ),
         "services": sorted(bundle.services),
         "environments": sorted(bundle.environments),
         "infrastructures": sorted(bundle.infrastructures),
         "pipelines": sorted(bundle.pipelines),
-        "connectors": sorted(f"{ident} ({c.model.spec.type})"
-                             for ident, c in bundle.connectors.items()),
-        "inputs": [{"name": s.name, **({"default": s.options["default"]}
-                                       if "default" in s.options else {})}
-                   for s in bundle.inputs if "<+input>" in str(_value_at(s))],
+        "connectors": sorted(
+            f"{ident} ({c.model.spec.type})" for ident, c in bundle.connectors.items()
+        ),
+        "inputs": [
+            {
+                "name": s.name,
+                **({"default": s.options["default"]} if "default" in s.options else {}),
+            }
+            for s in bundle.inputs
+            if "<+input>" in str(_value_at(s))
+        ],
     }
     if output == "json":
         cli.json(summary)
         return
-    cli.out.print(Text.assemble(("valid", "green"), f": {len(all_docs)} document(s) in "
-                                f"{len({d.file for d in all_docs})} file(s)"))
-    for kind in ("templates", "services", "environments", "infrastructures", "pipelines",
-                 "connectors"):
+    cli.out.print(
+        Text.assemble(
+            ("valid", "green"),
+            f": {len(all_docs)} document(s) in {len({d.file for d in all_docs})} file(s)",
+        )
+    )
+    for kind in (
+        "templates",
+        "services",
+        "environments",
+        "infrastructures",
+        "pipelines",
+        "connectors",
+    ):
         if summary[kind]:
             cli.out.print(f"  {kind}: {', '.join(summary[kind])}")
     for i in summary["inputs"]:
-        cli.out.print(f"  runtime input: {i['name']}" + (f" (default {i['default']})"
-                                                          if "default" in i else
-                                                          " (give it with --set)"))
+        cli.out.print(
+            f"  runtime input: {i['name']}"
+            + (f" (default {i['default']})" if "default" in i else " (give it with --set)")
+        )
 
 
 @click.command("convert")
 @files_argument
-@click.option("--to", "to", type=click.Choice(["harness", "vmfarm"]), required=True,
-              help="harness: pipeline:/service:/environment:/infrastructureDefinition:/"
-                   "connector: at the top; vmfarm: apiVersion, kind, metadata, spec.")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["harness", "vmfarm"]),
+    required=True,
+    help="harness: pipeline:/service:/environment:/infrastructureDefinition:/"
+    "connector: at the top; vmfarm: apiVersion, kind, metadata, spec.",
+)
 @click.option("--write", is_flag=True, help="Rewrite the files in place instead of printing.")
 @pass_cli
 def convert(cli: Cli, files: tuple[str, ...], to: str, write: bool) -> None:
@@ -138,8 +179,14 @@ def _value_at(slot: Any) -> Any:
 @input_options()
 @output_option
 @pass_cli
-def plan_cmd(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-             input_files: tuple[str, ...], output: str) -> None:
+def plan_cmd(
+    cli: Cli,
+    files: tuple[str, ...],
+    pipeline: str | None,
+    sets: tuple[str, ...],
+    input_files: tuple[str, ...],
+    output: str,
+) -> None:
     """Dry run: hosts per region, phases, rendered command units, failure policy. Touches no
     host and records nothing."""
     from app.coordinator import dry_run
@@ -159,17 +206,32 @@ def plan_cmd(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple
 @pipeline_option
 @input_options(set_help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
 @watch_option("Show live progress (default on a terminal) or return after submitting.")
-@click.option("--freeze", "freeze_files", multiple=True, type=click.Path(dir_okay=False),
-              help="A deployment freeze file (Harness's freeze YAML); repeatable. It adds to "
-                   "the operator's (VMFARM_FREEZE_DIR), never lifts them.")
-@click.option("--override-freeze", is_flag=True,
-              help="Run inside an active freeze window (needs the permission freeze:override; "
-                   "audited).")
+@click.option(
+    "--freeze",
+    "freeze_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A deployment freeze file (Harness's freeze YAML); repeatable. It adds to "
+    "the operator's (VMFARM_FREEZE_DIR), never lifts them.",
+)
+@click.option(
+    "--override-freeze",
+    is_flag=True,
+    help="Run inside an active freeze window (needs the permission freeze:override; audited).",
+)
 @output_option
 @pass_cli
-def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str, ...],
-        input_files: tuple[str, ...], watch: bool | None, freeze_files: tuple[str, ...],
-        override_freeze: bool, output: str) -> None:
+def run(
+    cli: Cli,
+    files: tuple[str, ...],
+    pipeline: str | None,
+    sets: tuple[str, ...],
+    input_files: tuple[str, ...],
+    watch: bool | None,
+    freeze_files: tuple[str, ...],
+    override_freeze: bool,
+    output: str,
+) -> None:
     """Run a pipeline. Exit 0 when it succeeds, 1 when it fails, 2 on bad input or inside a
     freeze window, 3 when a permission is missing."""
     from app import operations
@@ -177,10 +239,15 @@ def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str,
 
     refuse_detach_when_embedded(watch)
     try:
-        execution_id = operations.run(cli.actor, files, pipeline=pipeline,
-                                      inputs=gather_inputs(input_files, sets), publish=False,
-                                      freeze_files=freeze_files,
-                                      override_freeze=override_freeze)
+        execution_id = operations.run(
+            cli.actor,
+            files,
+            pipeline=pipeline,
+            inputs=gather_inputs(input_files, sets),
+            publish=False,
+            freeze_files=freeze_files,
+            override_freeze=override_freeze,
+        )
     except PermissionRefused as exc:
         refused(exc)
     except (SpecError, SpecErrors, ConfigError, PolicyViolation, FreezeActiveError) as exc:
@@ -190,23 +257,37 @@ def run(cli: Cli, files: tuple[str, ...], pipeline: str | None, sets: tuple[str,
 
 @click.command()
 @click.argument("execution_id")
-@click.option("--only-failed", is_flag=True, required=True,
-              help="Re-run only the hosts that failed or never ran (required: say so).")
+@click.option(
+    "--only-failed",
+    is_flag=True,
+    required=True,
+    help="Re-run only the hosts that failed or never ran (required: say so).",
+)
 @watch_option()
-@click.option("--override-freeze", is_flag=True,
-              help="Retry inside an active freeze window (needs freeze:override; audited).")
+@click.option(
+    "--override-freeze",
+    is_flag=True,
+    help="Retry inside an active freeze window (needs freeze:override; audited).",
+)
 @output_option
 @pass_cli
-def retry(cli: Cli, execution_id: str, only_failed: bool, watch: bool | None,
-          override_freeze: bool, output: str) -> None:
+def retry(
+    cli: Cli,
+    execution_id: str,
+    only_failed: bool,
+    watch: bool | None,
+    override_freeze: bool,
+    output: str,
+) -> None:
     """Re-run an ended execution on the hosts that did not succeed, as a new execution."""
     from app import operations
     from app.definitions.freeze import FreezeActiveError
 
     refuse_detach_when_embedded(watch)
     try:
-        new_id = operations.retry(cli.actor, execution_id, publish=False,
-                                  override_freeze=override_freeze)
+        new_id = operations.retry(
+            cli.actor, execution_id, publish=False, override_freeze=override_freeze
+        )
     except PermissionRefused as exc:
         refused(exc)
     except (SpecError, SpecErrors, FreezeActiveError) as exc:

@@ -60,8 +60,11 @@ def secrets() -> None:
 
 @secrets.command("set")
 @click.argument("name")
-@click.option("--value-stdin", is_flag=True,
-              help="Read the value from standard input (less one trailing newline).")
+@click.option(
+    "--value-stdin",
+    is_flag=True,
+    help="Read the value from standard input (less one trailing newline).",
+)
 @output_option
 @pass_cli
 def set_cmd(cli: Cli, name: str, value_stdin: bool, output: str) -> None:
@@ -77,8 +80,9 @@ def set_cmd(cli: Cli, name: str, value_stdin: bool, output: str) -> None:
         elif value.endswith("\n"):
             value = value[:-1]
     elif _interactive():
-        value = click.prompt(f"value of {name}", hide_input=True, confirmation_prompt=True,
-                             err=True)
+        value = click.prompt(
+            f"value of {name}", hide_input=True, confirmation_prompt=True, err=True
+        )
     else:
         _fail("no terminal to ask for the value on: give it with --value-stdin")
     if not value:
@@ -107,13 +111,17 @@ def _warn_shadowing(cli: Cli, settings: SecretsSettings, name: str) -> None:
         cli.err.print(f"warning: {exc}")
         return
     if "file" not in order:
-        cli.err.print(f"warning: the file backend is not enabled (VMFARM_SECRETS="
-                      f"{','.join(order) or '(none)'}): pipelines will not read this secret")
+        cli.err.print(
+            f"warning: the file backend is not enabled (VMFARM_SECRETS="
+            f"{','.join(order) or '(none)'}): pipelines will not read this secret"
+        )
         return
     var = env_var_name(name)
     if "env" in order[: order.index("file")] and os.environ.get(var):
-        cli.err.print(f"warning: {var} is set here and the env backend is asked first: "
-                      "pipelines run with this environment read that variable instead")
+        cli.err.print(
+            f"warning: {var} is set here and the env backend is asked first: "
+            "pipelines run with this environment read that variable instead"
+        )
 
 
 @secrets.command("list")
@@ -127,8 +135,12 @@ def list_cmd(cli: Cli, output: str) -> None:
     except SecretError as exc:
         _fail(str(exc))
     if output == "json":
-        cli.json({"file": str(backend.path),
-                     "secrets": [{"name": e.name, "updated": e.updated} for e in entries]})
+        cli.json(
+            {
+                "file": str(backend.path),
+                "secrets": [{"name": e.name, "updated": e.updated} for e in entries],
+            }
+        )
         return
     if not entries:
         cli.err.print(f"no secrets in {backend.path}")

@@ -15,12 +15,21 @@ def register(main: click.Group) -> None:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--host", default=None, help="Address to listen on [VMFARM_SERVER_HOST, "
-              "default 127.0.0.1].")
-@click.option("--port", type=click.IntRange(1, 65535), default=None,
-              help="Port [VMFARM_SERVER_PORT, default 8000].")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option(
+    "--host", default=None, help="Address to listen on [VMFARM_SERVER_HOST, default 127.0.0.1]."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port [VMFARM_SERVER_PORT, default 8000].",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
 @click.pass_context
 def server(ctx: click.Context, host: str | None, port: int | None, log_level: str) -> None:
     """Run the vmfarm server (the HTTP API; OpenAPI at /api/docs).
@@ -48,15 +57,21 @@ def server(ctx: click.Context, host: str | None, port: int | None, log_level: st
         api = create_app(settings)
     except ConfigError as exc:
         fail(str(exc))
-    uvicorn.run(api, host=settings.host, port=settings.port, log_level=log_level,
-                proxy_headers=False)
+    uvicorn.run(
+        api, host=settings.host, port=settings.port, log_level=log_level, proxy_headers=False
+    )
 
 
 @server.command("keys")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Whose key: server, control, region-r1, ...")
-@click.option("--days", type=click.IntRange(1, 3650), default=825, show_default=True,
-              help="How long the certificate is valid.")
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=825,
+    show_default=True,
+    help="How long the certificate is valid.",
+)
 def keys(directory: Path, name: str, days: int) -> None:
     """Make a message-signing key for one kind of process: DIRECTORY/NAME.key (mode 0600),
     DIRECTORY/NAME.pem, and the certificate in the store DIRECTORY/certs/.

@@ -54,16 +54,29 @@ def check_basic_auth(value: str) -> list[str]:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--address", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 in a container).")
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 in a container).",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
 @click.option("--url-prefix", default=None, help="Serve under this path (behind a proxy).")
-@click.option("--no-auth", is_flag=True,
-              help="Run without FLOWER_BASIC_AUTH (only sensible on a loopback address).")
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Run without FLOWER_BASIC_AUTH (only sensible on a loopback address).",
+)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 @pass_cli
-def flower(cli: Cli, address: str, port: int, url_prefix: str | None, no_auth: bool,
-           flower_args: tuple[str, ...]) -> None:
+def flower(
+    cli: Cli,
+    address: str,
+    port: int,
+    url_prefix: str | None,
+    no_auth: bool,
+    flower_args: tuple[str, ...],
+) -> None:
     """Run Flower (Celery's monitor: workers, tasks, queues, /metrics) on vmfarm's app.
 
     Basic auth comes from FLOWER_BASIC_AUTH=user:password[,user2:password2], which Flower
@@ -83,9 +96,13 @@ def flower(cli: Cli, address: str, port: int, url_prefix: str | None, no_auth: b
     else:
         os.environ.pop("FLOWER_BASIC_AUTH", None)
         if not _loopback(address):
-            cli.err.print(Text(f"warning: Flower on {address} without authentication: anyone who "
-                               "reaches it can revoke tasks and read task arguments",
-                               style="yellow"))
+            cli.err.print(
+                Text(
+                    f"warning: Flower on {address} without authentication: anyone who "
+                    "reaches it can revoke tasks and read task arguments",
+                    style="yellow",
+                )
+            )
     if any(a.split("=", 1)[0] in ("--basic-auth", "--basic_auth") for a in flower_args):
         fail("give the credentials in FLOWER_BASIC_AUTH, not on the command line")
     argv = ["flower", f"--address={address}", f"--port={port}"]
@@ -113,9 +130,14 @@ def _loopback(address: str) -> bool:
 
 
 @click.command()
-@click.option("--file", "-f", "path", type=click.Path(path_type=Path), default=None,
-              help="Schedules file (default VMFARM_SCHEDULES_FILE, else "
-                   "configs/schedules.yaml if present).")
+@click.option(
+    "--file",
+    "-f",
+    "path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Schedules file (default VMFARM_SCHEDULES_FILE, else configs/schedules.yaml if present).",
+)
 @output_option
 @pass_cli
 def schedules(cli: Cli, path: Path | None, output: str) -> None:
@@ -142,28 +164,51 @@ def schedules(cli: Cli, path: Path | None, output: str) -> None:
         cli.json({"file": str(source) if source else None, "schedules": rows})
         return
     if source is None:
-        cli.out.print("no schedules file (set VMFARM_SCHEDULES_FILE or create "
-                      "configs/schedules.yaml)")
+        cli.out.print(
+            "no schedules file (set VMFARM_SCHEDULES_FILE or create configs/schedules.yaml)"
+        )
         return
     if not rows:
         cli.out.print(f"{source}: no schedules")
         return
     cli.out.print(f"schedules in {source}:")
     for r in rows:
-        nxt = "disabled" if not r["enabled"] else \
-            f"next {r['next_run_local']} (in {_human(r['in_seconds'])})" if r["next_run"] \
+        nxt = (
+            "disabled"
+            if not r["enabled"]
+            else f"next {r['next_run_local']} (in {_human(r['in_seconds'])})"
+            if r["next_run"]
             else "never runs"
+        )
         last = r["last"] or {}
-        last_text = "never run" if not last else f"last {last['slot']}: " + (
-            f"execution {last['execution']} {last.get('status') or 'not in the ledger'}"
-            if "execution" in last
-            else f"not submitted: {last['error']}" if "error" in last else "claimed")
-        cli.out.print(Text.assemble((r["name"], "bold"), f"  {r['cron']} ({r['timezone']})  ",
-                                    (nxt, "dim" if not r["enabled"] else "green")))
+        last_text = (
+            "never run"
+            if not last
+            else f"last {last['slot']}: "
+            + (
+                f"execution {last['execution']} {last.get('status') or 'not in the ledger'}"
+                if "execution" in last
+                else f"not submitted: {last['error']}"
+                if "error" in last
+                else "claimed"
+            )
+        )
+        cli.out.print(
+            Text.assemble(
+                (r["name"], "bold"),
+                f"  {r['cron']} ({r['timezone']})  ",
+                (nxt, "dim" if not r["enabled"] else "green"),
+            )
+        )
         what = f"pipeline {r['pipeline']} of " if r["pipeline"] else ""
-        cli.out.print(f"  runs {what}{' '.join(_short(f) for f in r['files'])}"
-                      + (f" with {', '.join(f'{k}={v}' for k, v in r['inputs'].items())}"
-                         if r["inputs"] else ""))
+        cli.out.print(
+            f"  runs {what}{' '.join(_short(f) for f in r['files'])}"
+            + (
+                f" with {', '.join(f'{k}={v}' for k, v in r['inputs'].items())}"
+                if r["inputs"]
+                else ""
+            )
+        )
         cli.out.print(Text(f"  {last_text}", style="red" if "error" in last else ""))
     for r in rows:
         for f in r["missing_files"]:
@@ -201,41 +246,82 @@ def _duration(value: str | None, hint: str) -> float | None:
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path),
-              help="Autoscale file (regions and their settings; see configs/autoscale.yaml).")
-@click.option("--region", "regions", multiple=True,
-              help="Scale this region (repeatable); the options below apply to it, over the "
-                   "file's settings. Default: every region of the file.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Autoscale file (regions and their settings; see configs/autoscale.yaml).",
+)
+@click.option(
+    "--region",
+    "regions",
+    multiple=True,
+    help="Scale this region (repeatable); the options below apply to it, over the "
+    "file's settings. Default: every region of the file.",
+)
 @click.option("--min", "min_", type=int, help="Fewest workers serving the region.")
 @click.option("--max", "max_", type=int, help="Most workers serving the region.")
-@click.option("--scale-up-depth", type=int, metavar="N",
-              help="Scale up when more than N tasks wait ...")
+@click.option(
+    "--scale-up-depth", type=int, metavar="N", help="Scale up when more than N tasks wait ..."
+)
 @click.option("--scale-up-after", metavar="DURATION", help="... for this long (e.g. 5m).")
-@click.option("--scale-down-depth", type=int, metavar="M",
-              help="Scale down when fewer than M tasks wait ...")
+@click.option(
+    "--scale-down-depth", type=int, metavar="M", help="Scale down when fewer than M tasks wait ..."
+)
 @click.option("--scale-down-after", metavar="DURATION", help="... for this long (e.g. 15m).")
 @click.option("--step", type=int, help="Workers added or removed at a time.")
 @click.option("--concurrency", "-c", type=int, help="Concurrency of each worker started.")
-@click.option("--tags", "tag_values", multiple=True, metavar="A,B",
-              help="Tags of the workers started (their tag queues count in the depth).")
-@click.option("--interval", metavar="DURATION", help="Between observations (default: the "
-              "file's, else 15s).")
+@click.option(
+    "--tags",
+    "tag_values",
+    multiple=True,
+    metavar="A,B",
+    help="Tags of the workers started (their tag queues count in the depth).",
+)
+@click.option(
+    "--interval", metavar="DURATION", help="Between observations (default: the file's, else 15s)."
+)
 @click.option("--dry-run", is_flag=True, help="Print the decisions; start or stop nothing.")
-@click.option("--once", is_flag=True,
-              help="One observation and its decision, then exit (workers started keep "
-                   "running; a later run adopts them).")
-@click.option("--log-dir", type=click.Path(path_type=Path),
-              help="Worker logs (default $VMFARM_HOME/autoscale).")
-@click.option("--stop-timeout", default="10m", show_default=True, metavar="DURATION",
-              help="On exit, how long workers may take to finish their tasks before SIGKILL.")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="One observation and its decision, then exit (workers started keep "
+    "running; a later run adopts them).",
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path),
+    help="Worker logs (default $VMFARM_HOME/autoscale).",
+)
+@click.option(
+    "--stop-timeout",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="On exit, how long workers may take to finish their tasks before SIGKILL.",
+)
 @output_option
 @pass_cli
-def autoscale(cli: Cli, config_path: Path | None, regions: tuple[str, ...], min_: int | None,
-              max_: int | None, scale_up_depth: int | None, scale_up_after: str | None,
-              scale_down_depth: int | None, scale_down_after: str | None, step: int | None,
-              concurrency: int | None, tag_values: tuple[str, ...], interval: str | None,
-              dry_run: bool, once: bool, log_dir: Path | None, stop_timeout: str,
-              output: str) -> None:
+def autoscale(
+    cli: Cli,
+    config_path: Path | None,
+    regions: tuple[str, ...],
+    min_: int | None,
+    max_: int | None,
+    scale_up_depth: int | None,
+    scale_up_after: str | None,
+    scale_down_depth: int | None,
+    scale_down_after: str | None,
+    step: int | None,
+    concurrency: int | None,
+    tag_values: tuple[str, ...],
+    interval: str | None,
+    dry_run: bool,
+    once: bool,
+    log_dir: Path | None,
+    stop_timeout: str,
+    output: str,
+) -> None:
     """Scale the workers of each region with its queue depth (Harness delegate
     auto_scaling): up when the queue stays above N for a while, down when it stays below M.
 
@@ -254,15 +340,23 @@ def autoscale(cli: Cli, config_path: Path | None, regions: tuple[str, ...], min_
     from app.settings import get_settings
 
     _need_broker("autoscale")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("vmfarm.autoscale").setLevel(logging.INFO)
     flags: dict[str, Any] = {
-        "min": min_, "max": max_, "scaleUpQueueDepth": scale_up_depth,
-        "scaleDownQueueDepth": scale_down_depth, "step": step, "concurrency": concurrency,
+        "min": min_,
+        "max": max_,
+        "scaleUpQueueDepth": scale_up_depth,
+        "scaleDownQueueDepth": scale_down_depth,
+        "step": step,
+        "concurrency": concurrency,
         "scaleUpAfter": _duration(scale_up_after, "--scale-up-after"),
         "scaleDownAfter": _duration(scale_down_after, "--scale-down-after"),
-        "tags": ",".join(tag_values) if tag_values else None}
+        "tags": ",".join(tag_values) if tag_values else None,
+    }
     flags = {k: v for k, v in flags.items() if v is not None}
     every = _duration(interval, "--interval")
     if every is not None and every <= 0:
@@ -284,11 +378,18 @@ def autoscale(cli: Cli, config_path: Path | None, regions: tuple[str, ...], min_
         fail(str(exc))
     every = every or file_interval
     if not get_settings().celery_broker.startswith(("redis://", "rediss://")):
-        cli.err.print(Text("warning: queue depths are known only with a Redis broker: only min "
-                           "and max apply", style="yellow"))
+        cli.err.print(
+            Text(
+                "warning: queue depths are known only with a Redis broker: only min and max apply",
+                style="yellow",
+            )
+        )
 
-    executor = None if dry_run else LocalProcessExecutor(
-        log_dir=log_dir or get_settings().home_dir / "autoscale")
+    executor = (
+        None
+        if dry_run
+        else LocalProcessExecutor(log_dir=log_dir or get_settings().home_dir / "autoscale")
+    )
     scaler = Autoscaler(policies=policies, executor=executor)
 
     def show(d: Any) -> None:
@@ -315,8 +416,11 @@ def autoscale(cli: Cli, config_path: Path | None, regions: tuple[str, ...], min_
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    cli.err.print(f"autoscaling {', '.join(p.region for p in policies)} every {every:g}s"
-                  + (" (dry run)" if dry_run else "") + "; Ctrl-C to stop")
+    cli.err.print(
+        f"autoscaling {', '.join(p.region for p in policies)} every {every:g}s"
+        + (" (dry run)" if dry_run else "")
+        + "; Ctrl-C to stop"
+    )
     try:
         scaler.run(every, should_stop=lambda: bool(stopping), report=show)
     finally:

@@ -76,15 +76,16 @@ def chaos_table() -> Iterator[ChaosTable]:
             f"# Chaos run, {stamp} on {platform.node()}\n\n"
             "Written by tests/chaos (see tests/chaos/test_host_faults.py, "
             "tests/chaos/test_service_faults.py and tests/chaos/test_worker_faults.py); time "
-            "is measured from the fault to the execution's terminal state.\n\n"
-            + TABLE.markdown())
+            "is measured from the fault to the execution's terminal state.\n\n" + TABLE.markdown()
+        )
 
 
 @pytest.fixture(scope="session")
 def chaos_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
     """Three real sshd hosts, one region (embedded mode runs them all)."""
-    with lab_hosts(tmp_path_factory, alloc, CHAOS_HOSTS, regions=["r1"],
-                   folder="chaoslab") as state:
+    with lab_hosts(
+        tmp_path_factory, alloc, CHAOS_HOSTS, regions=["r1"], folder="chaoslab"
+    ) as state:
         yield state
 
 
@@ -92,8 +93,9 @@ def chaos_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Ite
 def service_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
     """Four real sshd hosts, alternating regions r1 and r2."""
     require_services()
-    with lab_hosts(tmp_path_factory, alloc, SERVICE_HOSTS, regions=["r1", "r2"],
-                   folder="svclab") as state:
+    with lab_hosts(
+        tmp_path_factory, alloc, SERVICE_HOSTS, regions=["r1", "r2"], folder="svclab"
+    ) as state:
         yield state
 
 
@@ -101,8 +103,7 @@ def service_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> I
 def worker_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator[Any]:
     """Three real sshd hosts, all in region r1."""
     require_services()
-    with lab_hosts(tmp_path_factory, alloc, WORKER_HOSTS, regions=["r1"],
-                   folder="wlab") as state:
+    with lab_hosts(tmp_path_factory, alloc, WORKER_HOSTS, regions=["r1"], folder="wlab") as state:
         yield state
 
 
@@ -110,8 +111,9 @@ def worker_lab(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> It
 
 
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory,
-                  alloc: Allocator) -> Iterator[PrivateRedis]:
+def private_redis(
+    tmp_path_factory: pytest.TempPathFactory, alloc: Allocator
+) -> Iterator[PrivateRedis]:
     """The module's own redis-server, on a leased port."""
     require_services()
     with alloc.port() as port:
@@ -142,8 +144,12 @@ def _private_pg(port: int) -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
-def fleet_of(request: pytest.FixtureRequest, tmp_path: Path, private_redis: PrivateRedis,
-             private_pg: PrivatePostgres) -> Iterator[Callable[[dict[str, list[str]]], Fleet]]:
+def fleet_of(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    private_redis: PrivateRedis,
+    private_pg: PrivatePostgres,
+) -> Iterator[Callable[[dict[str, list[str]]], Fleet]]:
     """fleet_of({name: worker arguments}): those workers (``<name>@chaos``, started in that
     order, with FAST liveness) on an empty private Redis and a database of the test's own,
     once every one answers a ping; stopped after the test."""
@@ -158,9 +164,14 @@ def fleet_of(request: pytest.FixtureRequest, tmp_path: Path, private_redis: Priv
     db_url = private_pg.create_database("fleet_" + re.sub(r"\W", "_", request.node.name)[-40:])
     home = tmp_path / "home"
     home.mkdir()
-    env = base_env(VMFARM_BROKER_URL=f"{private_redis.url}/0",
-                   VMFARM_RESULT_BACKEND=f"{private_redis.url}/1", VMFARM_DATABASE_URL=db_url,
-                   VMFARM_HOME=str(home), NO_COLOR="1", **FAST)
+    env = base_env(
+        VMFARM_BROKER_URL=f"{private_redis.url}/0",
+        VMFARM_RESULT_BACKEND=f"{private_redis.url}/1",
+        VMFARM_DATABASE_URL=db_url,
+        VMFARM_HOME=str(home),
+        NO_COLOR="1",
+        **FAST,
+    )
     fleet = Fleet(env=env, home=home, workers=[], logs=[])
 
     def make(workers: dict[str, list[str]]) -> Fleet:

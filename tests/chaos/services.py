@@ -37,20 +37,32 @@ from tests.waiting import wait_for as poll
 def _pg_bin() -> Path:
     """The server binaries of the newest PostgreSQL installed the Debian way (the one that
     serves 127.0.0.1:5432 in CI: ``ls /etc/postgresql``)."""
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
     return versions[-1].parent if versions else Path("/usr/lib/postgresql/15/bin")
 
 
 PG_BIN = _pg_bin()
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 TERMINAL = {"SUCCEEDED", "FAILED", "ABORTED", "ROLLED_BACK", "ROLLBACK_FAILED"}
-HOST_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "IGNORED", "ABORTED", "ROLLED_BACK",
-             "ROLLBACK_FAILED"}
+HOST_DONE = {
+    "SUCCEEDED",
+    "FAILED",
+    "SKIPPED",
+    "IGNORED",
+    "ABORTED",
+    "ROLLED_BACK",
+    "ROLLBACK_FAILED",
+}
 # Fast liveness: heartbeats every 0.5 s, a step is lost after 6 s (a margin for a loaded
 # machine: a live worker's step must never look lost), the reconciler runs every 1 s.
-FAST = {"VMFARM_HEARTBEAT_INTERVAL": "0.5", "VMFARM_HEARTBEAT_TIMEOUT": "6",
-        "VMFARM_RECONCILE_INTERVAL": "1"}
+FAST = {
+    "VMFARM_HEARTBEAT_INTERVAL": "0.5",
+    "VMFARM_HEARTBEAT_TIMEOUT": "6",
+    "VMFARM_RECONCILE_INTERVAL": "1",
+}
 TICKS = 10  # the long unit prints a line every 0.5 s, this many times (5 s)
 UNITS = {"work": ["first", "second"], "after": ["after"]}  # the units of ticking_steps()
 
@@ -96,10 +108,27 @@ class PrivateRedis:
     def start(self) -> None:
         log = (self.root / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.root), "--daemonize", "no",
-             "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         proc = self.proc
 
@@ -113,8 +142,11 @@ class PrivateRedis:
         import redis
 
         try:
-            return bool(redis.Redis(host="127.0.0.1", port=self.port,
-                                    socket_connect_timeout=1, socket_timeout=1).ping())
+            return bool(
+                redis.Redis(
+                    host="127.0.0.1", port=self.port, socket_connect_timeout=1, socket_timeout=1
+                ).ping()
+            )
         except redis.RedisError:
             return False
 
@@ -152,23 +184,54 @@ class PrivatePostgres:
         self.running = False
 
     def _run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / argv[0]),
-                              *argv[1:]], capture_output=True, text=True, timeout=timeout,
-                             cwd=self.root, check=False)
-        assert res.returncode == 0, (f"{argv[0]} failed ({res.returncode}): {res.stderr}"
-                                     f"{self.log.read_text()[-2000:] if self.log.exists() else ''}")
+        res = subprocess.run(
+            ["runuser", "-u", "postgres", "--", str(PG_BIN / argv[0]), *argv[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
+        )
+        assert res.returncode == 0, (
+            f"{argv[0]} failed ({res.returncode}): {res.stderr}"
+            f"{self.log.read_text()[-2000:] if self.log.exists() else ''}"
+        )
         return res
 
     def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        )
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 "
-                f"-c unix_socket_directories={self.root} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
-                  "-t", "60", "start")
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={self.root} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         self.running = True
 
     def stop(self, mode: str = "fast") -> None:
@@ -216,9 +279,23 @@ class Fleet(Cluster):
         self.logs.append(log)
         with log.open("wb") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "-n", f"{name}@chaos", "-l",
-                 "INFO", *args], env=self.env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "worker",
+                    "-n",
+                    f"{name}@chaos",
+                    "-l",
+                    "INFO",
+                    *args,
+                ],
+                env=self.env,
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.workers.append(proc)
         self.named[name] = proc
         return proc
@@ -230,51 +307,92 @@ class Fleet(Cluster):
 def script_unit(folder: str, unit: str, extra: str = "") -> dict[str, Any]:
     """A Script unit that leaves "<execution id> <unit>" in ``<folder>/units``, then runs
     ``extra``."""
-    script = (f"mkdir -p {folder}\n"
-              f"echo \"<+pipeline.executionId> {unit}\" >> {folder}/units\n{extra}")
-    return {"identifier": unit, "type": "Script",
-            "spec": {"source": {"type": "Inline", "spec": {"script": script}}}}
+    script = f'mkdir -p {folder}\necho "<+pipeline.executionId> {unit}" >> {folder}/units\n{extra}'
+    return {
+        "identifier": unit,
+        "type": "Script",
+        "spec": {"source": {"type": "Inline", "spec": {"script": script}}},
+    }
 
 
 def ticking_steps(folder: str) -> list[dict[str, Any]]:
     """Step "work": a unit that prints a line every 0.5 s for TICKS lines, then a quick one;
     step "after": one quick unit (see UNITS)."""
-    ticking = f"for i in $(seq 1 {TICKS}); do echo \"tick $i\"; sleep 0.5; done\n"
+    ticking = f'for i in $(seq 1 {TICKS}); do echo "tick $i"; sleep 0.5; done\n'
     return [
-        {"type": "Command", "name": "Work", "identifier": "work", "timeout": "60s",
-         "spec": {"commandUnits": [script_unit(folder, "first", ticking),
-                                   script_unit(folder, "second")]}},
-        {"type": "Command", "name": "After", "identifier": "after", "timeout": "60s",
-         "spec": {"commandUnits": [script_unit(folder, "after")]}},
+        {
+            "type": "Command",
+            "name": "Work",
+            "identifier": "work",
+            "timeout": "60s",
+            "spec": {
+                "commandUnits": [
+                    script_unit(folder, "first", ticking),
+                    script_unit(folder, "second"),
+                ]
+            },
+        },
+        {
+            "type": "Command",
+            "name": "After",
+            "identifier": "after",
+            "timeout": "60s",
+            "spec": {"commandUnits": [script_unit(folder, "after")]},
+        },
     ]
 
 
-def pipeline_file(tmp: Path, steps: list[dict[str, Any]], *, service: str, pipeline: str,
-                  artifact: Path | None = None, strategy: dict[str, Any] | None = None,
-                  failure_strategies: list[dict[str, Any]] | None = None) -> Path:
+def pipeline_file(
+    tmp: Path,
+    steps: list[dict[str, Any]],
+    *,
+    service: str,
+    pipeline: str,
+    artifact: Path | None = None,
+    strategy: dict[str, Any] | None = None,
+    failure_strategies: list[dict[str, Any]] | None = None,
+) -> Path:
     """Service, environment and pipeline (one Deployment stage of ``steps``) in one file; the
     lab's infrastructure is given on the command line."""
     definition: dict[str, Any] = {"type": "Ssh"}
     if artifact is not None:
-        definition["spec"] = {"artifacts": {"primary": {
-            "type": "Local", "spec": {"path": str(artifact), "tag": "1.0"}}}}
+        definition["spec"] = {
+            "artifacts": {
+                "primary": {"type": "Local", "spec": {"path": str(artifact), "tag": "1.0"}}
+            }
+        }
     stage: dict[str, Any] = {"name": "Deploy", "identifier": "deploy", "type": "Deployment"}
     if failure_strategies is not None:
         stage["failureStrategies"] = failure_strategies
     spec: dict[str, Any] = {
         "service": {"serviceRef": service},
-        "environment": {"environmentRef": "lab",
-                        "infrastructureDefinitions": [{"identifier": "lab"}]}}
+        "environment": {
+            "environmentRef": "lab",
+            "infrastructureDefinitions": [{"identifier": "lab"}],
+        },
+    }
     if strategy is not None:
         spec["strategy"] = strategy
     stage["spec"] = {**spec, "execution": {"steps": [{"step": s} for s in steps]}}
     docs = [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": service},
-         "spec": {"serviceDefinition": definition}},
-        {"apiVersion": "v1", "kind": "Environment", "metadata": {"name": "lab"},
-         "spec": {"type": "PreProduction"}},
-        {"apiVersion": "v1", "kind": "Pipeline", "metadata": {"name": pipeline},
-         "spec": {"stages": [{"stage": stage}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service},
+            "spec": {"serviceDefinition": definition},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Environment",
+            "metadata": {"name": "lab"},
+            "spec": {"type": "PreProduction"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pipeline",
+            "metadata": {"name": pipeline},
+            "spec": {"stages": [{"stage": stage}]},
+        },
     ]
     path = tmp / "pipeline.yaml"
     path.write_text("---\n".join(json.dumps(d) + "\n" for d in docs))  # JSON is YAML
@@ -283,8 +401,9 @@ def pipeline_file(tmp: Path, steps: list[dict[str, Any]], *, service: str, pipel
 
 def submit(fleet: Fleet, pipeline: Path, lab: Any) -> str:
     """``vmfarm run --detach`` on the lab; the execution id."""
-    sub = run_vmfarm("run", str(pipeline), str(lab.infrastructure_file), "--detach",
-                     env=fleet.env, timeout=60)
+    sub = run_vmfarm(
+        "run", str(pipeline), str(lab.infrastructure_file), "--detach", env=fleet.env, timeout=60
+    )
     assert sub.returncode == 0, f"{sub.stdout}\n{sub.stderr}"
     return sub.stdout.strip().splitlines()[-1]
 
@@ -309,8 +428,9 @@ def assert_mid_unit(lab: Any, folder: str, ex_id: str, fault: str) -> None:
     second phase has not started."""
     ran = {h.address: dict(units_ran(h, folder, ex_id)) for h in lab.hosts}
     first = {h.address for h in lab.hosts[:2]}
-    assert all(ran[a] == ({"first": 1} if a in first else {}) for a in ran), \
+    assert all(ran[a] == ({"first": 1} if a in first else {}) for a in ran), (
         f"the {fault} did not hit while the first phase ran its long unit: {ran}"
+    )
 
 
 # --- the ledger -----------------------------------------------------------------------------------
@@ -324,13 +444,21 @@ def sql(db_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return list(conn.execute(query, args).fetchall())
 
 
-def attempts(db_url: str, ex_id: str, host: str) -> list[tuple[str, int, str, str | None,
-                                                                str | None, str | None]]:
+def attempts(
+    db_url: str, ex_id: str, host: str
+) -> list[tuple[str, int, str, str | None, str | None, str | None]]:
     """(step, attempt, status, error class, error, worker) of ``host``'s deploy steps."""
-    return [(str(r[0]), int(r[1]), str(r[2]), r[3], r[4], r[5]) for r in sql(
-        db_url, "select step_id, attempt, status, error_class, error, worker from hoststeprun "
-                "where execution_id = %s and host = %s and kind = 'deploy' "
-                "order by step_index, attempt", ex_id, host)]
+    return [
+        (str(r[0]), int(r[1]), str(r[2]), r[3], r[4], r[5])
+        for r in sql(
+            db_url,
+            "select step_id, attempt, status, error_class, error, worker from hoststeprun "
+            "where execution_id = %s and host = %s and kind = 'deploy' "
+            "order by step_index, attempt",
+            ex_id,
+            host,
+        )
+    ]
 
 
 def report(env: dict[str, str], ex_id: str) -> dict[str, Any]:
@@ -345,9 +473,16 @@ def wait_for(check: Callable[[], Any], seconds: float, what: str, fleet: Fleet) 
     return poll(check, seconds, what, interval=0.1, explain=fleet.worker_logs)
 
 
-def fault_mid_phase(fleet: Fleet, lab: Any, pipeline: Path, folder: str,
-                    ready: Callable[[str], Any], fault: Callable[[Any], None], what: str,
-                    limit: float) -> Run:
+def fault_mid_phase(
+    fleet: Fleet,
+    lab: Any,
+    pipeline: Path,
+    folder: str,
+    ready: Callable[[str], Any],
+    fault: Callable[[Any], None],
+    what: str,
+    limit: float,
+) -> Run:
     """Submit ``pipeline``; once ``ready(execution id)`` answers (within 60 s), call
     ``fault(answer)``; check that it hit while the first phase ran its long unit
     (assert_mid_unit); wait up to ``limit`` seconds for the end."""
@@ -395,12 +530,18 @@ def outcome(fleet: Fleet, run: Run, limit: float, details: Callable[[], str]) ->
     if run.seconds is None:
         return f"did not end within {limit:.0f} s (still {run.status})"
     hosts = Counter(h["status"] for h in report(fleet.env, run.ex_id)["stages"][0]["hosts"])
-    return (run.status + (f" ({run.error})" if run.error else "") + "; hosts "
-            + ", ".join(f"{n} {s}" for s, n in sorted(hosts.items())) + details())
+    return (
+        run.status
+        + (f" ({run.error})" if run.error else "")
+        + "; hosts "
+        + ", ".join(f"{n} {s}" for s, n in sorted(hosts.items()))
+        + details()
+    )
 
 
-def assert_definite(report: dict[str, Any], lab: Any, open_rows: list[tuple[Any, ...]], *,
-                    reason: bool = True) -> None:
+def assert_definite(
+    report: dict[str, Any], lab: Any, open_rows: list[tuple[Any, ...]], *, reason: bool = True
+) -> None:
     """A terminal execution (with ``reason``: a failure says why), every lab host with a
     terminal outcome, no attempt left open (``open_rows``)."""
     assert report["status"] in TERMINAL, report["status"]
@@ -413,8 +554,9 @@ def assert_definite(report: dict[str, Any], lab: Any, open_rows: list[tuple[Any,
     assert open_rows == [], f"attempts left open in the ledger: {open_rows}"
 
 
-def assert_units_match_attempts(host: str, ran: Counter[str], tries_of: Iterable[Any],
-                                step_units: dict[str, list[str]]) -> None:
+def assert_units_match_attempts(
+    host: str, ran: Counter[str], tries_of: Iterable[Any], step_units: dict[str, list[str]]
+) -> None:
     """No unit ran on ``host`` more often than its step was attempted (``tries_of``: the
     host's attempts, (step, attempt, status, ...)); where a step succeeded in its last attempt,
     its last unit ran exactly once."""
@@ -432,11 +574,22 @@ def assert_run_definite(fleet: Fleet, ex_id: str, lab: Any, folder: str) -> dict
     ticking_steps() run more often than its step was attempted (exactly once in a step's last
     attempt that succeeded). The execution's report."""
     got = report(fleet.env, ex_id)
-    assert_definite(got, lab, sql(fleet.db_url, "select host, step_id, attempt, status from "
-                                                "hoststeprun where execution_id = %s and "
-                                                "(status = 'RUNNING' or finished_at is null)",
-                                  ex_id))
+    assert_definite(
+        got,
+        lab,
+        sql(
+            fleet.db_url,
+            "select host, step_id, attempt, status from "
+            "hoststeprun where execution_id = %s and "
+            "(status = 'RUNNING' or finished_at is null)",
+            ex_id,
+        ),
+    )
     for host in lab.hosts:
-        assert_units_match_attempts(host.address, units_ran(host, folder, ex_id),
-                                    attempts(fleet.db_url, ex_id, host.address), UNITS)
+        assert_units_match_attempts(
+            host.address,
+            units_ran(host, folder, ex_id),
+            attempts(fleet.db_url, ex_id, host.address),
+            UNITS,
+        )
     return got

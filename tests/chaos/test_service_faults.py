@@ -48,49 +48,83 @@ RUN_LIMIT = 120.0  # seconds from the fault to a terminal state (generous: CI is
 
 
 @pytest.fixture
-def fleet(request: pytest.FixtureRequest, fleet_of: Callable[[dict[str, list[str]]], Fleet],
-          service_lab: Any) -> Fleet:
+def fleet(
+    request: pytest.FixtureRequest,
+    fleet_of: Callable[[dict[str, list[str]]], Fleet],
+    service_lab: Any,
+) -> Fleet:
     """A region worker for r1 and r2 and a control worker with the reconciler (beat)."""
     tag = request.node.name[-20:].replace("[", "-").replace("]", "")
-    return fleet_of({f"w-svc-region-{tag}": ["--region", "r1", "--region", "r2", "-c", "8"],
-                     f"w-svc-control-{tag}": ["--control", "--beat", "-c", "2"]})
+    return fleet_of(
+        {
+            f"w-svc-region-{tag}": ["--region", "r1", "--region", "r2", "-c", "8"],
+            f"w-svc-control-{tag}": ["--control", "--beat", "-c", "2"],
+        }
+    )
 
 
 def _folder(case: str) -> str:
     return f"/opt/svc/{case}"
 
 
-def _run_through(fault: Callable[[], None], fleet: Fleet, lab: Any, case: str,
-                 tmp_path: Path) -> Run:
+def _run_through(
+    fault: Callable[[], None], fleet: Fleet, lab: Any, case: str, tmp_path: Path
+) -> Run:
     """Submit the pipeline (rolling, two phases of two hosts: the second is sent after the
     fault, through the restarted service), inject ``fault`` once the first phase's hosts run
     their long unit, wait for the end."""
     folder = _folder(case)
-    pipeline = pipeline_file(tmp_path, ticking_steps(folder), service="svc",
-                             pipeline=f"svc-{case}",
-                             strategy={"type": "Rolling", "phases": [2]})
-    return fault_mid_phase(fleet, lab, pipeline, folder,
-                           lambda ex_id: first_phase_started(lab, folder, ex_id),
-                           lambda _: fault(), "fault", RUN_LIMIT)
+    pipeline = pipeline_file(
+        tmp_path,
+        ticking_steps(folder),
+        service="svc",
+        pipeline=f"svc-{case}",
+        strategy={"type": "Rolling", "phases": [2]},
+    )
+    return fault_mid_phase(
+        fleet,
+        lab,
+        pipeline,
+        folder,
+        lambda ex_id: first_phase_started(lab, folder, ex_id),
+        lambda _: fault(),
+        "fault",
+        RUN_LIMIT,
+    )
 
 
 def _gates(fleet: Fleet, ex_id: str) -> str:
     """Which phases the reconciler judged (their gate was lost), for the chaos table."""
-    judged = [str(p + 1) for p, v in sql(fleet.db_url, "select phase, verdict from phaserun "
-                                                      "where execution_id = %s order by phase",
-                                         ex_id)
-              if (v or {}).get("judged_by")]
-    return (f"; gate of phase {', '.join(judged)} lost, phase judged by the reconciler"
-            if judged else "; every gate ran")
+    judged = [
+        str(p + 1)
+        for p, v in sql(
+            fleet.db_url,
+            "select phase, verdict from phaserun where execution_id = %s order by phase",
+            ex_id,
+        )
+        if (v or {}).get("judged_by")
+    ]
+    return (
+        f"; gate of phase {', '.join(judged)} lost, phase judged by the reconciler"
+        if judged
+        else "; every gate ran"
+    )
 
 
 def _assert_logs_whole(db_url: str, ex_id: str, lab: Any) -> None:
     """Every tick the long unit printed is in the ledger's log chunks, once."""
     for host in lab.hosts:
-        text = "".join(r[0] for r in sql(
-            db_url, "select c.text from logchunk c join hoststeprun r on "
-                    "r.id = c.host_step_run_id where r.execution_id = %s and r.host = %s and "
-                    "r.step_id = 'work' order by c.seq", ex_id, host.address))
+        text = "".join(
+            r[0]
+            for r in sql(
+                db_url,
+                "select c.text from logchunk c join hoststeprun r on "
+                "r.id = c.host_step_run_id where r.execution_id = %s and r.host = %s and "
+                "r.step_id = 'work' order by c.seq",
+                ex_id,
+                host.address,
+            )
+        )
         ticks = [line for line in text.splitlines() if line.startswith("tick ")]
         assert ticks == [f"tick {i}" for i in range(1, TICKS + 1)], (host.address, text)
 
@@ -98,24 +132,41 @@ def _assert_logs_whole(db_url: str, ex_id: str, lab: Any) -> None:
 # --- the faults -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("case", "fault"), [
-    # Redis restarts (down 1 s, all in it lost: queues, results, the phase's chord counters);
-    # the workers reconnect, the first phase's hosts finish their steps, the reconciler judges
-    # that phase (its gate was lost with the chord's counters), the second phase goes through
-    # the new Redis
-    pytest.param("redis", "Redis (broker and result backend, no persistence) restarted, down "
-                          "1 s, while the first of two phases runs a step", id="redis"),
-    # PostgreSQL restarts (fast shutdown: every connection is terminated; down 1 s) while
-    # heartbeats and log flushes are in flight; the workers' SQL survives the outage (no
-    # output lost), every host's steps are recorded, the second phase runs on the pooled
-    # connections that outlived the restart
-    pytest.param("pg", "PostgreSQL (the ledger) restarted, fast shutdown, down 1 s, while "
-                       "the first of two phases runs a step", id="pg"),
-])
+@pytest.mark.parametrize(
+    ("case", "fault"),
+    [
+        # Redis restarts (down 1 s, all in it lost: queues, results, the phase's chord counters);
+        # the workers reconnect, the first phase's hosts finish their steps, the reconciler judges
+        # that phase (its gate was lost with the chord's counters), the second phase goes through
+        # the new Redis
+        pytest.param(
+            "redis",
+            "Redis (broker and result backend, no persistence) restarted, down "
+            "1 s, while the first of two phases runs a step",
+            id="redis",
+        ),
+        # PostgreSQL restarts (fast shutdown: every connection is terminated; down 1 s) while
+        # heartbeats and log flushes are in flight; the workers' SQL survives the outage (no
+        # output lost), every host's steps are recorded, the second phase runs on the pooled
+        # connections that outlived the restart
+        pytest.param(
+            "pg",
+            "PostgreSQL (the ledger) restarted, fast shutdown, down 1 s, while "
+            "the first of two phases runs a step",
+            id="pg",
+        ),
+    ],
+)
 def test_a_service_restarted_mid_run_ends_the_execution_with_each_unit_run_once(
-        case: str, fault: str, fleet: Fleet, private_redis: PrivateRedis,
-        private_pg: PrivatePostgres, service_lab: Any, chaos_table: ChaosTable,
-        tmp_path: Path) -> None:
+    case: str,
+    fault: str,
+    fleet: Fleet,
+    private_redis: PrivateRedis,
+    private_pg: PrivatePostgres,
+    service_lab: Any,
+    chaos_table: ChaosTable,
+    tmp_path: Path,
+) -> None:
     lab = service_lab
     server = private_redis if case == "redis" else private_pg
     # When the first phase's hosts run their long unit, the service restarts (down 1 s)
@@ -128,8 +179,7 @@ def test_a_service_restarted_mid_run_ends_the_execution_with_each_unit_run_once(
     assert_run_definite(fleet, run.ex_id, lab, _folder(case))
     assert run.status == "SUCCEEDED", f"{run.status}: {run.error}\n{fleet.worker_logs()}"
     for host in lab.hosts:
-        assert units_ran(host, _folder(case), run.ex_id) == {"first": 1, "second": 1,
-                                                              "after": 1}
+        assert units_ran(host, _folder(case), run.ex_id) == {"first": 1, "second": 1, "after": 1}
     _assert_logs_whole(fleet.db_url, run.ex_id, lab)
 
 
@@ -163,8 +213,9 @@ def _statements(engine: Any) -> list[str]:
     from sqlalchemy import event
 
     seen: list[str] = []
-    event.listen(engine, "before_cursor_execute",
-                 lambda _c, _cur, statement, *_: seen.append(statement))
+    event.listen(
+        engine, "before_cursor_execute", lambda _c, _cur, statement, *_: seen.append(statement)
+    )
     ping = engine.dialect.do_ping
 
     def counted(conn: Any) -> bool:
@@ -176,7 +227,8 @@ def _statements(engine: Any) -> list[str]:
 
 
 def test_pooled_connections_outlive_a_restart_without_a_ping_per_transaction(
-        ledger: str, private_pg: PrivatePostgres) -> None:
+    ledger: str, private_pg: PrivatePostgres
+) -> None:
     from sqlalchemy import text
 
     from app.db import get_engine, session_scope
@@ -198,7 +250,8 @@ def test_pooled_connections_outlive_a_restart_without_a_ping_per_transaction(
 
 
 def test_a_transaction_waits_for_a_restarting_server_and_a_cut_one_is_tried_again(
-        ledger: str, private_pg: PrivatePostgres) -> None:
+    ledger: str, private_pg: PrivatePostgres
+) -> None:
     import threading
 
     from sqlalchemy import text

@@ -47,9 +47,19 @@ FOLDER = "/opt/wrk"  # where the units leave their lines
 REGION_R1 = ["--region", "r1", "-c", "4"]  # a region worker of r1 (threads, -c 4)
 CONTROL = ["--control", "--beat", "-c", "2"]  # the control worker with the reconciler beat
 # A lost worker's step is retried once (0.1 s later), then the stage aborts.
-RETRY = {"onFailure": {"errors": ["DelegateRestart"], "action": {
-    "type": "Retry", "spec": {"retryCount": 1, "retryIntervals": ["0.1s"],
-                              "onRetryFailure": {"action": {"type": "Abort"}}}}}}
+RETRY = {
+    "onFailure": {
+        "errors": ["DelegateRestart"],
+        "action": {
+            "type": "Retry",
+            "spec": {
+                "retryCount": 1,
+                "retryIntervals": ["0.1s"],
+                "onRetryFailure": {"action": {"type": "Abort"}},
+            },
+        },
+    }
+}
 
 
 @dataclass
@@ -62,9 +72,14 @@ def _kill_mid_phase(fleet: Fleet, lab: Any, tmp_path: Path, pick: str) -> Kill:
     """Submit the pipeline (rolling in phases of two hosts, RETRY); once both first-phase
     hosts run their long unit, SIGKILL the process group of the region worker ``pick`` (or,
     for "busiest", the one running most of them); wait for the execution to end."""
-    pipeline = pipeline_file(tmp_path, ticking_steps(FOLDER), service="wrk",
-                             pipeline="worker-faults", failure_strategies=[RETRY],
-                             strategy={"type": "Rolling", "phases": [2]})
+    pipeline = pipeline_file(
+        tmp_path,
+        ticking_steps(FOLDER),
+        service="wrk",
+        pipeline="worker-faults",
+        failure_strategies=[RETRY],
+        strategy={"type": "Rolling", "phases": [2]},
+    )
     first_phase = [h.address for h in lab.hosts[:2]]
     killed = Kill("", None, "", None)
 
@@ -72,8 +87,12 @@ def _kill_mid_phase(fleet: Fleet, lab: Any, tmp_path: Path, pick: str) -> Kill:
         """{host: worker} of the first phase's running steps, once both run the long unit."""
         if not first_phase_started(lab, FOLDER, ex_id):
             return None
-        rows = sql(fleet.db_url, "select host, worker from hoststeprun where execution_id = %s "
-                                 "and step_index = 0 and status = 'RUNNING'", ex_id)
+        rows = sql(
+            fleet.db_url,
+            "select host, worker from hoststeprun where execution_id = %s "
+            "and step_index = 0 and status = 'RUNNING'",
+            ex_id,
+        )
         on = {str(h): str(w) for h, w in rows}
         return on if set(on) == set(first_phase) else None
 
@@ -95,15 +114,21 @@ def _work_attempts(fleet: Fleet, kill: Kill) -> str:
     tries = []
     for host in kill.lost:
         work = [a for a in attempts(fleet.db_url, kill.ex_id, host) if a[0] == "work"]
-        tries.append(f"{host} " + ", ".join(
-            f"{a}:{st}" + (f"/{ec}" if ec else "")
-            + (" on the other worker" if w and w != kill.victim else "")
-            for _, a, st, ec, _, w in work))
+        tries.append(
+            f"{host} "
+            + ", ".join(
+                f"{a}:{st}"
+                + (f"/{ec}" if ec else "")
+                + (" on the other worker" if w and w != kill.victim else "")
+                for _, a, st, ec, _, w in work
+            )
+        )
     return "; work attempts: " + "; ".join(tries)
 
 
-def _kill_and_record(fleet: Fleet, lab: Any, tmp_path: Path, pick: str,
-                     chaos_table: ChaosTable, fault: str) -> tuple[Kill, dict[str, Any]]:
+def _kill_and_record(
+    fleet: Fleet, lab: Any, tmp_path: Path, pick: str, chaos_table: ChaosTable, fault: str
+) -> tuple[Kill, dict[str, Any]]:
     """_kill_mid_phase, its row in the chaos table; the execution must have ended, in a
     definite state (_assert_definite). The kill and the execution's report."""
     with chaos_table.row(fault) as row:
@@ -126,8 +151,10 @@ def _assert_definite(fleet: Fleet, kill: Kill, lab: Any) -> dict[str, Any]:
         assert first[5] == kill.victim and "worker lost" in (first[4] or ""), first
     for host in lab.hosts:
         tries = attempts(fleet.db_url, kill.ex_id, host.address)
-        assert all(a[5] != kill.victim for a in tries if a[3] != "DelegateRestart"
-                   or a[1] > 1), (host.address, tries)
+        assert all(a[5] != kill.victim for a in tries if a[3] != "DelegateRestart" or a[1] > 1), (
+            host.address,
+            tries,
+        )
     return got
 
 
@@ -135,15 +162,23 @@ def _assert_definite(fleet: Fleet, kill: Kill, lab: Any) -> dict[str, Any]:
 
 
 def test_a_region_worker_killed_mid_phase_has_its_steps_retried_on_the_other_worker(
-        fleet_of: Callable[[dict[str, list[str]]], Fleet], worker_lab: Any,
-        chaos_table: ChaosTable, tmp_path: Path) -> None:
+    fleet_of: Callable[[dict[str, list[str]]], Fleet],
+    worker_lab: Any,
+    chaos_table: ChaosTable,
+    tmp_path: Path,
+) -> None:
     # Given two region workers of r1 and a control worker with the reconciler
     fleet = fleet_of({"w-ra": REGION_R1, "w-rb": REGION_R1, "w-control": CONTROL})
     # When the worker running (most of) the first phase's long units is SIGKILLed
     kill, got = _kill_and_record(
-        fleet, worker_lab, tmp_path, "busiest", chaos_table,
+        fleet,
+        worker_lab,
+        tmp_path,
+        "busiest",
+        chaos_table,
         "SIGKILL of a region worker (its process group) mid-phase, while the first of two "
-        "phases runs a step; a second worker of the region; Retry on DelegateRestart")
+        "phases runs a step; a second worker of the region; Retry on DelegateRestart",
+    )
     # Then the reconciler calls its steps lost (DelegateRestart), retries them on the other
     # worker, the second phase follows, and no unit ran more than once per attempt
     assert got["status"] == "SUCCEEDED", f"{got['status']}\n{fleet.worker_logs()}"
@@ -153,24 +188,30 @@ def test_a_region_worker_killed_mid_phase_has_its_steps_retried_on_the_other_wor
         if host.address in (kill.lost):
             assert [(a, st) for _, a, st, *_ in work] == [(1, "FAILED"), (2, "SUCCEEDED")]
             assert work[1][5] not in (None, kill.victim), work  # the other worker took it
-            assert units_ran(host, FOLDER, kill.ex_id) == {"first": 2, "second": 1,
-                                                           "after": 1}
+            assert units_ran(host, FOLDER, kill.ex_id) == {"first": 2, "second": 1, "after": 1}
         else:
             assert [(a, st) for _, a, st, *_ in work] == [(1, "SUCCEEDED")]
-            assert units_ran(host, FOLDER, kill.ex_id) == {"first": 1, "second": 1,
-                                                           "after": 1}
+            assert units_ran(host, FOLDER, kill.ex_id) == {"first": 1, "second": 1, "after": 1}
 
 
 def test_the_only_region_worker_killed_mid_phase_ends_the_execution_by_on_retry_failure(
-        fleet_of: Callable[[dict[str, list[str]]], Fleet], worker_lab: Any,
-        chaos_table: ChaosTable, tmp_path: Path) -> None:
+    fleet_of: Callable[[dict[str, list[str]]], Fleet],
+    worker_lab: Any,
+    chaos_table: ChaosTable,
+    tmp_path: Path,
+) -> None:
     # Given a single region worker of r1 and a control worker with the reconciler
     fleet = fleet_of({"w-rc": REGION_R1, "w-control": CONTROL})
     # When it is SIGKILLed while the first phase runs its long units
     kill, got = _kill_and_record(
-        fleet, worker_lab, tmp_path, "w-rc", chaos_table,
+        fleet,
+        worker_lab,
+        tmp_path,
+        "w-rc",
+        chaos_table,
         "SIGKILL of the only region worker (its process group) mid-phase, while the first of "
-        "two phases runs a step; Retry on DelegateRestart, onRetryFailure Abort")
+        "two phases runs a step; Retry on DelegateRestart, onRetryFailure Abort",
+    )
     # Then its steps are DelegateRestart, not retried (no live worker consumes vmfarm.r1),
     # the execution ends as onRetryFailure says, the second phase never ran
     assert kill.lost == [h.address for h in worker_lab.hosts[:2]]

@@ -46,8 +46,7 @@ APP_PATH = "/libs/web-app/1.4.2/web-app-1.4.2.tar.gz"
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Each test has its own VMFARM_HOME (so its own cache), no proxies and quick retries."""
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
-                "all_proxy"):
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("VMFARM_HOME", str(tmp_path / "home"))
@@ -101,13 +100,21 @@ def repo(tls_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ArtifactSer
 
 
 def local(path: Path, tag: str = "1.4.2", **spec: Any) -> dict[str, Any]:
-    return {"type": "Local", "spec": {"path": str(path), **spec}, "tag": tag,
-            "fileName": f"web_app-{tag}.tar.gz"}
+    return {
+        "type": "Local",
+        "spec": {"path": str(path), **spec},
+        "tag": tag,
+        "fileName": f"web_app-{tag}.tar.gz",
+    }
 
 
 def http(url: str, tag: str = "1.4.2", atype: str = "Artifactory", **spec: Any) -> dict[str, Any]:
-    return {"type": atype, "spec": {"url": url, **spec}, "tag": tag,
-            "fileName": f"web_app-{tag}.tar.gz"}
+    return {
+        "type": atype,
+        "spec": {"url": url, **spec},
+        "tag": tag,
+        "fileName": f"web_app-{tag}.tar.gz",
+    }
 
 
 def basic(server: ArtifactServer, path: str = APP_PATH, **spec: Any) -> dict[str, Any]:
@@ -125,22 +132,36 @@ CREDS = Credentials(password=SECRET)
 # --- one content, three sources -----------------------------------------------------------------
 
 
-def test_local_http_and_s3_give_the_same_sha256(app_dir: Path, repo: ArtifactServer, s3: Any,
-                                                tmp_path: Path) -> None:
+def test_local_http_and_s3_give_the_same_sha256(
+    app_dir: Path, repo: ArtifactServer, s3: Any, tmp_path: Path
+) -> None:
     from_local = fetch(local(app_dir), execution_id="ex-same")
     data = Path(from_local.path).read_bytes()
 
     repo.add(APP_PATH, data)
     # (no checksum known before the download: the bytes really come over the wire)
-    from_http = fetch(basic(repo, allowUnverified=True), execution_id="ex-same",
-                      credentials=CREDS)
+    from_http = fetch(basic(repo, allowUnverified=True), execution_id="ex-same", credentials=CREDS)
 
     s3.create_bucket(Bucket="releases")
-    s3.put_object(Bucket="releases", Key="web-app/1.4.2/web-app.tar.gz", Body=data,
-                  Metadata={"sha256": from_local.sha256})
-    from_s3 = fetch({"type": "AmazonS3", "tag": "1.4.2", "fileName": "x",
-                     "spec": {"bucket": "releases", "key": "web-app/<+artifact.tag>/web-app.tar.gz",
-                              "region": REGION}}, execution_id="ex-same")
+    s3.put_object(
+        Bucket="releases",
+        Key="web-app/1.4.2/web-app.tar.gz",
+        Body=data,
+        Metadata={"sha256": from_local.sha256},
+    )
+    from_s3 = fetch(
+        {
+            "type": "AmazonS3",
+            "tag": "1.4.2",
+            "fileName": "x",
+            "spec": {
+                "bucket": "releases",
+                "key": "web-app/<+artifact.tag>/web-app.tar.gz",
+                "region": REGION,
+            },
+        },
+        execution_id="ex-same",
+    )
 
     assert from_local.sha256 == from_http.sha256 == from_s3.sha256
     assert from_local.path == from_http.path == from_s3.path  # one cached file per content
@@ -172,8 +193,11 @@ def test_corrupted_download_raises_checksum_error(repo: ArtifactServer, home: Pa
     text = str(err)
     assert f"Artifactory {repo.url}{APP_PATH}" in text
     assert good in text and bad in text and "X-Checksum-Sha256" in text
-    assert (err.expected, err.actual, err.artifact) == (good, bad,
-                                                        f"Artifactory {repo.url}{APP_PATH}")
+    assert (err.expected, err.actual, err.artifact) == (
+        good,
+        bad,
+        f"Artifactory {repo.url}{APP_PATH}",
+    )
     assert isinstance(err, TransferError) and isinstance(err, HostError)
     assert err.error_class == "Unknown"
     assert SECRET not in text
@@ -201,7 +225,8 @@ def test_sibling_sha256_file_verifies(repo: ArtifactServer) -> None:
 
 
 def test_spec_checksum_wins_and_no_checksum_anywhere_is_refused_unless_allowed(
-        repo: ArtifactServer, caplog: pytest.LogCaptureFixture, home: Path) -> None:
+    repo: ArtifactServer, caplog: pytest.LogCaptureFixture, home: Path
+) -> None:
     data = b"plain web server\n"
     repo.add(APP_PATH, data)
     digest = hashlib.sha256(data).hexdigest()
@@ -264,8 +289,7 @@ def test_twenty_concurrent_fetches_hit_the_server_once(repo: ArtifactServer) -> 
     assert results[0].sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_worker_processes_on_one_machine_share_the_fetch(repo: ArtifactServer,
-                                                        home: Path) -> None:
+def test_worker_processes_on_one_machine_share_the_fetch(repo: ArtifactServer, home: Path) -> None:
     repo.add(APP_PATH, b"shared by processes" * 1000)
     repo.checksum_header = True
     repo.delay = 0.2
@@ -278,9 +302,16 @@ def test_worker_processes_on_one_machine_share_the_fetch(repo: ArtifactServer,
         "print(got.sha256)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    procs = [subprocess.Popen([sys.executable, "-c", code, repo.url + APP_PATH, SECRET],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, repo.url + APP_PATH, SECRET],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len({out.strip() for out, _ in outs}) == 1
@@ -288,7 +319,8 @@ def test_worker_processes_on_one_machine_share_the_fetch(repo: ArtifactServer,
 
 
 def test_later_executions_reuse_the_cache_only_with_a_known_checksum(
-        repo: ArtifactServer, home: Path) -> None:
+    repo: ArtifactServer, home: Path
+) -> None:
     data = b"v1.4.2" * 1000
     repo.add(APP_PATH, data)
     repo.checksum_header = True
@@ -319,8 +351,7 @@ def test_later_executions_reuse_the_cache_only_with_a_known_checksum(
 # --- HTTP behaviour ------------------------------------------------------------------------------
 
 
-def test_503_then_200_is_retried(repo: ArtifactServer,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_503_then_200_is_retried(repo: ArtifactServer, caplog: pytest.LogCaptureFixture) -> None:
     data = b"flaky repository\n" * 100
     repo.add(APP_PATH, data)
     repo.checksum_header = True
@@ -332,14 +363,16 @@ def test_503_then_200_is_retried(repo: ArtifactServer,
     assert "HTTP 503; retrying" in caplog.text
 
     repo.fail_next(APP_PATH, status=502, times=10, method="HEAD")
-    with pytest.raises(ArtifactUnavailableError, match=r"HTTP 502 \(gave up after 5 attempts") \
-            as info:
+    with pytest.raises(
+        ArtifactUnavailableError, match=r"HTTP 502 \(gave up after 5 attempts"
+    ) as info:
         fetch(basic(repo), credentials=CREDS)
     assert info.value.error_class == "Connectivity"
 
 
 def test_unreachable_repository(
-        monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
+    monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
     monkeypatch.setattr(httpfetch, "ATTEMPTS", 2)
     with pytest.raises(ArtifactUnavailableError, match="cannot connect") as info:
         fetch(http(f"http://127.0.0.1:{free_port()}/libs/app-<tag>.tar.gz"))
@@ -347,7 +380,8 @@ def test_unreachable_repository(
 
 
 def test_wrong_password_is_a_clear_error_without_the_password(
-        repo: ArtifactServer, caplog: pytest.LogCaptureFixture, home: Path) -> None:
+    repo: ArtifactServer, caplog: pytest.LogCaptureFixture, home: Path
+) -> None:
     repo.add(APP_PATH, b"secret build")
     wrong = "Wr0ng-" + SECRET
     with caplog.at_level(logging.DEBUG), pytest.raises(ArtifactAuthError) as info:
@@ -371,8 +405,9 @@ def test_wrong_password_is_a_clear_error_without_the_password(
     assert artifacts.check(basic(repo)) == []  # at plan time the secret may come later
 
 
-def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer, tls_dir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_in_the_url_and_bearer_tokens(
+    repo: ArtifactServer, tls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     repo.add(APP_PATH, b"payload")
     repo.checksum_header = True
     url = repo.url.replace("https://", f"https://deploy:{SECRET}@") + APP_PATH
@@ -380,13 +415,15 @@ def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer, tls_dir:
     assert got.source == f"Artifactory {repo.url}{APP_PATH}?…"
     assert SECRET not in repr(got)
 
-    with ArtifactServer(token="tok-123-secret", checksum_header=True,
-                        tls_dir=tls_dir / "bearer") as bearer:
+    with ArtifactServer(
+        token="tok-123-secret", checksum_header=True, tls_dir=tls_dir / "bearer"
+    ) as bearer:
         assert bearer.ca_file is not None
         monkeypatch.setenv("VMFARM_ARTIFACT_CA_BUNDLE", str(bearer.ca_file))
         bearer.add("/a/app.zip", b"zip bytes")
-        got = fetch(http(bearer.url + "/a/app.zip", atype="Http"),
-                    credentials={"token": "tok-123-secret"})
+        got = fetch(
+            http(bearer.url + "/a/app.zip", atype="Http"), credentials={"token": "tok-123-secret"}
+        )
         assert got.ext == "zip" and ("GET", "/a/app.zip", "Bearer") in bearer.log
         with pytest.raises(ArtifactAuthError, match="the bearer token") as info:
             fetch(http(bearer.url + "/a/app.zip"), credentials=Credentials(token="nope-x"))
@@ -394,8 +431,8 @@ def test_credentials_in_the_url_and_bearer_tokens(repo: ArtifactServer, tls_dir:
 
 
 def test_a_password_ref_is_resolved_from_the_workers_secrets_when_fetching(
-        repo: ArtifactServer, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    repo: ArtifactServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from app import secrets
 
     # Given the password only in the worker's secrets (env backend), named by passwordRef
@@ -427,11 +464,14 @@ def test_credentials_over_plain_http_never_leave_the_worker() -> None:
     # Given a plain-http repository that would accept them
     with ArtifactServer(username="deploy", password=SECRET) as plain:
         plain.add(APP_PATH, b"bytes")
-        for art, creds in [(basic(plain), CREDS),
-                           (http(plain.url + APP_PATH, username="deploy",
-                                 passwordRef="artifactory_password"), None),
-                           (http(plain.url + APP_PATH, atype="Http"),
-                            Credentials(token="tok-never-sent"))]:
+        for art, creds in [
+            (basic(plain), CREDS),
+            (
+                http(plain.url + APP_PATH, username="deploy", passwordRef="artifactory_password"),
+                None,
+            ),
+            (http(plain.url + APP_PATH, atype="Http"), Credentials(token="tok-never-sent")),
+        ]:
             # When it is fetched, it is refused before any request
             with pytest.raises(ArtifactError, match="credentials are sent over https only"):
                 fetch(art, credentials=creds)
@@ -442,8 +482,9 @@ def test_redirects_keep_credentials_on_the_same_origin_only(repo: ArtifactServer
     with ArtifactServer() as storage:
         storage.add("/blob/abc", b"redirected bytes")
         repo.redirects[APP_PATH] = storage.url + "/blob/abc"
-        got = fetch(basic(repo, sha256=hashlib.sha256(b"redirected bytes").hexdigest()),
-                    credentials=CREDS)
+        got = fetch(
+            basic(repo, sha256=hashlib.sha256(b"redirected bytes").hexdigest()), credentials=CREDS
+        )
     assert Path(got.path).read_bytes() == b"redirected bytes"
     assert ("GET", "/blob/abc", "") in storage.log  # no Authorization sent to the other host
 
@@ -453,8 +494,13 @@ def test_not_found_and_bad_specs(repo: ArtifactServer) -> None:
         fetch(basic(repo, path="/libs/none-1.4.2.tar.gz"), credentials=CREDS)
     assert info.value.error_class == "Unknown"
     with pytest.raises(ArtifactError, match="connectorRef 'artifactory_connector' is not"):
-        fetch({"type": "Artifactory", "tag": "1",
-               "spec": {"connectorRef": "artifactory_connector", "artifactPath": "/apps/"}})
+        fetch(
+            {
+                "type": "Artifactory",
+                "tag": "1",
+                "spec": {"connectorRef": "artifactory_connector", "artifactPath": "/apps/"},
+            }
+        )
     with pytest.raises(ArtifactError, match="needs the artifact's tag"):
         fetch(http(repo.url + "/libs/app-<tag>.tar.gz", tag=""))
     with pytest.raises(ArtifactError, match="unresolved expression"):
@@ -462,7 +508,8 @@ def test_not_found_and_bad_specs(repo: ArtifactServer) -> None:
     with pytest.raises(ArtifactError, match="not supported"):
         fetch({"type": "CustomArtifact", "tag": "1", "spec": {}})
     assert artifacts.check({"type": "Http", "tag": "1", "spec": {}}) == [
-        "Http artifact: set spec.url, or spec.baseUrl with the repository fields"]
+        "Http artifact: set spec.url, or spec.baseUrl with the repository fields"
+    ]
 
 
 # --- S3 ------------------------------------------------------------------------------------------
@@ -472,8 +519,7 @@ def test_s3_checksums_and_errors(s3: Any) -> None:
     s3.create_bucket(Bucket="builds")
     data = b"s3 artifact\n" * 500
     digest = hashlib.sha256(data).hexdigest()
-    s3.put_object(Bucket="builds", Key="web/2.0/web.tar.gz", Body=data,
-                  Metadata={"sha256": digest})
+    s3.put_object(Bucket="builds", Key="web/2.0/web.tar.gz", Body=data, Metadata={"sha256": digest})
     spec = {"bucketName": "builds", "filePath": "web/<tag>/web.tar.gz", "region": REGION}
     art = {"type": "AmazonS3", "tag": "2.0", "fileName": "x", "spec": spec}
     got = fetch(art, execution_id="ex-s3")
@@ -483,8 +529,9 @@ def test_s3_checksums_and_errors(s3: Any) -> None:
 
     s3.put_object(Bucket="builds", Key="web/2.1/web.tar.gz", Body=b"damaged bytes")
     meant = hashlib.sha256(b"built bytes").hexdigest()
-    s3.put_object(Bucket="builds", Key="web/2.1/web.tar.gz.sha256",
-                  Body=f"{meant}  web.tar.gz\n".encode())
+    s3.put_object(
+        Bucket="builds", Key="web/2.1/web.tar.gz.sha256", Body=f"{meant}  web.tar.gz\n".encode()
+    )
     with pytest.raises(ChecksumError, match=r"AmazonS3 s3://builds/web/2.1/web.tar.gz") as info:
         fetch({**art, "tag": "2.1"})
     assert info.value.checksum_from == "<key>.sha256" and info.value.expected == meant
@@ -516,8 +563,11 @@ def test_s3_checksums_and_errors(s3: Any) -> None:
 
 
 def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference(
-        repo: ArtifactServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    repo: ArtifactServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The reference's service form (connectorRef + artifactPath + tag) with a connector in
     Harness's shape: the plan names the server and the password's secret id, the worker that
     fetches resolves the secret and the repository receives it; it shows nowhere."""
@@ -539,13 +589,15 @@ def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference
         "            connectorRef: account.libs\n            artifactPath: /libs/web-app/\n"
         "            fileName: web-app-<+artifact.tag>.tar.gz\n            tag: <+input>\n"
         "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
-        "        - {name: greeting, type: String, value: hi}\n")
+        "        - {name: greeting, type: String, value: hi}\n"
+    )
     (files / "connectors.yaml").write_text(
         "connector:\n  name: libs\n  identifier: libs\n  orgIdentifier: default\n"
         "  type: Artifactory\n  spec:\n"
         f"    artifactoryServerUrl: {repo.url}\n"
         "    auth:\n      type: UsernamePassword\n      spec:\n        username: deploy\n"
-        "        passwordRef: account.artifactory_password\n")
+        "        passwordRef: account.artifactory_password\n"
+    )
     repo.add("/libs/web-app/web-app-2.0.1.tar.gz", b"from the connector's server")
     repo.checksum_header = True
     monkeypatch.setenv("VMFARM_SECRETS", "env")
@@ -566,8 +618,10 @@ def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference
         assert SECRET not in json.dumps(plan) and SECRET not in caplog.text
         # And a connector naming a secret the worker does not hold fails the fetch, naming it
         (files / "connectors.yaml").write_text(
-            (files / "connectors.yaml").read_text().replace("account.artifactory_password",
-                                                            "account.no_such_password"))
+            (files / "connectors.yaml")
+            .read_text()
+            .replace("account.artifactory_password", "account.no_such_password")
+        )
         bundle = load([files], inputs={"tag": "2.0.1"}, require_inputs=True)
         plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="ex-c2").to_json()
         repo.reset_counts()
@@ -579,7 +633,8 @@ def test_an_artifactory_connector_gives_the_server_and_the_password_by_reference
 
 
 def test_an_s3_artifact_fetches_with_its_aws_connectors_keys(
-        s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An AmazonS3 artifact naming an Aws connector (ManualConfig): the plan holds the access
     key and the secret key's id; the worker, which has no AWS credentials of its own, fetches
     with the connector's keys."""
@@ -588,8 +643,12 @@ def test_an_s3_artifact_fetches_with_its_aws_connectors_keys(
     from app.definitions.resolve import resolve
 
     s3.create_bucket(Bucket="connector-builds")
-    s3.put_object(Bucket="connector-builds", Key="web/3.1/web.tar.gz", Body=b"by the connector",
-                  ChecksumAlgorithm="SHA256")
+    s3.put_object(
+        Bucket="connector-builds",
+        Key="web/3.1/web.tar.gz",
+        Body=b"by the connector",
+        ChecksumAlgorithm="SHA256",
+    )
     files = tmp_path / "files"
     import shutil
 
@@ -602,16 +661,21 @@ def test_an_s3_artifact_fetches_with_its_aws_connectors_keys(
         f"            filePath: web/<+artifact.tag>/web.tar.gz\n            region: {REGION}\n"
         "            tag: <+input>\n"
         "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
-        "        - {name: greeting, type: String, value: hi}\n")
+        "        - {name: greeting, type: String, value: hi}\n"
+    )
     (files / "connectors.yaml").write_text(
         "connector:\n  name: aws_builds\n  identifier: aws_builds\n  type: Aws\n  spec:\n"
         "    credential:\n      type: ManualConfig\n      spec:\n"
-        "        accessKey: AKIABUILDS0000000001\n        secretKeyRef: builds_secret_key\n")
+        "        accessKey: AKIABUILDS0000000001\n        secretKeyRef: builds_secret_key\n"
+    )
     bundle = load([files], inputs={"tag": "3.1"}, require_inputs=True)
-    artifact = resolve(bundle, choose_pipeline(bundle, None),
-                       execution_id="ex-s3c").to_json()["stages"][0]["artifact"]
+    artifact = resolve(bundle, choose_pipeline(bundle, None), execution_id="ex-s3c").to_json()[
+        "stages"
+    ][0]["artifact"]
     assert (artifact["spec"]["accessKey"], artifact["spec"]["secretKeyRef"]) == (
-        "AKIABUILDS0000000001", "builds_secret_key")
+        "AKIABUILDS0000000001",
+        "builds_secret_key",
+    )
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("VMFARM_SECRETS", "env")

@@ -20,19 +20,38 @@ STRAT = DATA / "strategies"
 
 
 def test_blue_green_registers_and_deregisters_the_right_targets(
-        lab8: Any, moto_url: str, tmp_path: Path) -> None:  # noqa: F811  (fixture)
+    lab8: Any,
+    moto_url: str,  # noqa: F811  (fixture)
+    tmp_path: Path,
+) -> None:
     arn = target_group(moto_url, target_type="ip")
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"),
-                   **{k: v for k, v in os.environ.items() if k.startswith("AWS_")})
-    files = [str(STRAT / "service.yaml"), str(STRAT / "bluegreen-aws.yaml"),
-             str(lab8.infrastructure_file)]
+    env = base_env(
+        VMFARM_HOME=str(tmp_path / "home"),
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+    )
+    files = [
+        str(STRAT / "service.yaml"),
+        str(STRAT / "bluegreen-aws.yaml"),
+        str(lab8.infrastructure_file),
+    ]
     blue = [f"{h.address}:8080" for h in lab8.hosts[:4]]
     green = [f"{h.address}:8080" for h in lab8.hosts[4:]]
 
     def run(tag: str) -> dict[str, Any]:
-        res = run_vmfarm("run", *files, "--set", f"tag={tag}", "--set", f"target_group={arn}",
-                         "--set", f"aws_endpoint={moto_url}", "-o", "json", env=env,
-                         timeout=300)
+        res = run_vmfarm(
+            "run",
+            *files,
+            "--set",
+            f"tag={tag}",
+            "--set",
+            f"target_group={arn}",
+            "--set",
+            f"aws_endpoint={moto_url}",
+            "-o",
+            "json",
+            env=env,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr
         return dict(json.loads(res.stdout))
 
@@ -45,5 +64,9 @@ def test_blue_green_registers_and_deregisters_the_right_targets(
     switch = next(p for p in report["stages"][0]["phases"] if p["kind"] == "switch")
     result = switch["verdict"]["result"]
     assert sorted(result["added"]) == sorted(blue) and sorted(result["removed"]) == sorted(green)
-    assert client(moto_url, "elbv2").describe_target_groups(
-        TargetGroupArns=[arn])["TargetGroups"][0]["TargetType"] == "ip"
+    assert (
+        client(moto_url, "elbv2").describe_target_groups(TargetGroupArns=[arn])["TargetGroups"][0][
+            "TargetType"
+        ]
+        == "ip"
+    )

@@ -28,15 +28,23 @@ from tests.fakes.azure_arm import CLIENT_ID, CLIENT_SECRET, SUBSCRIPTION, TENANT
 from tests.fakes.gce import FakeGce
 
 DEAD_PROXY = "http://127.0.0.1:9"
-NO_WAY_OUT = {"HTTPS_PROXY": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY, "https_proxy": DEAD_PROXY,
-              "http_proxy": DEAD_PROXY, "NO_PROXY": "127.0.0.1,localhost",
-              "no_proxy": "127.0.0.1,localhost", "AWS_EC2_METADATA_DISABLED": "true",
-              "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
+NO_WAY_OUT = {
+    "HTTPS_PROXY": DEAD_PROXY,
+    "HTTP_PROXY": DEAD_PROXY,
+    "https_proxy": DEAD_PROXY,
+    "http_proxy": DEAD_PROXY,
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "GCE_METADATA_HOST": "127.0.0.1:9",
+    "GCE_METADATA_IP": "127.0.0.1:9",
+}
 
 
 @pytest.fixture(scope="module")
-def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
-           alloc: Allocator) -> Iterator[dict[str, Any]]:
+def clouds(
+    tmp_path_factory: pytest.TempPathFactory, lab: Any, alloc: Allocator
+) -> Iterator[dict[str, Any]]:
     """EC2 (us-east-1) with hosts 1-2, Azure (eastus) with 3-4, GCP (us-central1) with 5-6,
     plus a stopped instance in each that must not be deployed to."""
     import boto3
@@ -52,39 +60,68 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
     moto.start()
     # moto's state is per process, shared by every moto server of the test session: start
     # from an empty cloud whatever other test modules created.
-    urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10).close()
-    aws_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws_env["AWS_ENDPOINT_URL"],
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    urllib.request.urlopen(
+        urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10
+    ).close()
+    aws_env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    ec2 = boto3.client(
+        "ec2",
+        region_name="us-east-1",
+        endpoint_url=aws_env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     vpc = ec2.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="127.0.1.0/24")["Subnet"]["SubnetId"]
     for ip, state in ((addrs[0], "running"), (addrs[1], "running"), (off[0], "stopped")):
-        iid = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=subnet,
-                                PrivateIpAddress=ip, TagSpecifications=[{
-                                    "ResourceType": "instance",
-                                    "Tags": [{"Key": "App", "Value": "web"}]}],
-                                )["Instances"][0]["InstanceId"]
+        iid = ec2.run_instances(
+            ImageId="ami-12c6146b",
+            MinCount=1,
+            MaxCount=1,
+            SubnetId=subnet,
+            PrivateIpAddress=ip,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "App", "Value": "web"}]}
+            ],
+        )["Instances"][0]["InstanceId"]
         if state == "stopped":
             ec2.stop_instances(InstanceIds=[iid])
 
     arm = FakeArm(tmp_path_factory.mktemp("arm-certs")).start()
     arm.add_vm("rg-web", "web-1", private_ip=addrs[2], tags={"app": "web"})
     arm.add_vm("rg-web", "web-2", private_ip=addrs[3], tags={"app": "web"})
-    arm.add_vm("rg-web", "web-off", private_ip=off[1], tags={"app": "web"},
-               power_state="deallocated")
-    azure_env = {"AZURE_TENANT_ID": TENANT, "AZURE_CLIENT_ID": CLIENT_ID,
-                 "AZURE_CLIENT_SECRET": CLIENT_SECRET, "AZURE_AUTHORITY_HOST": arm.url,
-                 "VMFARM_AZURE_ENDPOINT": arm.url, "VMFARM_AZURE_CA_BUNDLE": str(arm.ca_file)}
+    arm.add_vm(
+        "rg-web", "web-off", private_ip=off[1], tags={"app": "web"}, power_state="deallocated"
+    )
+    azure_env = {
+        "AZURE_TENANT_ID": TENANT,
+        "AZURE_CLIENT_ID": CLIENT_ID,
+        "AZURE_CLIENT_SECRET": CLIENT_SECRET,
+        "AZURE_AUTHORITY_HOST": arm.url,
+        "VMFARM_AZURE_ENDPOINT": arm.url,
+        "VMFARM_AZURE_CA_BUNDLE": str(arm.ca_file),
+    }
 
     gce = FakeGce().start()
-    gce.add_instance("lab-project", "us-central1-a", "gce-1", private_ip=addrs[4],
-                     labels={"app": "web"})
-    gce.add_instance("lab-project", "us-central1-b", "gce-2", private_ip=addrs[5],
-                     labels={"app": "web"})
-    gce.add_instance("lab-project", "us-central1-a", "gce-off", private_ip=off[2],
-                     labels={"app": "web"}, status="TERMINATED")
+    gce.add_instance(
+        "lab-project", "us-central1-a", "gce-1", private_ip=addrs[4], labels={"app": "web"}
+    )
+    gce.add_instance(
+        "lab-project", "us-central1-b", "gce-2", private_ip=addrs[5], labels={"app": "web"}
+    )
+    gce.add_instance(
+        "lab-project",
+        "us-central1-a",
+        "gce-off",
+        private_ip=off[2],
+        labels={"app": "web"},
+        status="TERMINATED",
+    )
     gcp_env = {"VMFARM_GCP_ENDPOINT": gce.url}
     try:
         yield {"aws": aws_env, "azure": azure_env, "gcp": gcp_env, "arm": arm, "gce": gce}
@@ -97,16 +134,20 @@ def clouds(tmp_path_factory: pytest.TempPathFactory, lab: Any,
 
 
 def _files(tmp_path: Path, lab: Any, *, tags: str = "", fallback: bool = False) -> list[str]:
-    conn = textwrap.indent(textwrap.dedent(f"""\
+    conn = textwrap.indent(
+        textwrap.dedent(f"""\
         connection:
           user: root
           privateKeyFile: {lab.key_file}
           knownHostsFile: {lab.known_hosts_file}
-        """), "    ")
+        """),
+        "    ",
+    )
     selectors = f"        delegateSelectors: [{tags}]\n" if tags else ""
     if fallback:
         selectors += "        delegateFallback: []\n"
-    text = textwrap.dedent("""\
+    text = (
+        textwrap.dedent("""\
         apiVersion: v1
         kind: Service
         metadata: {name: web, identifier: web}
@@ -195,31 +236,56 @@ def _files(tmp_path: Path, lab: Any, *, tags: str = "", fallback: bool = False) 
                                         mkdir -p /opt/cloud
                                         echo "<+instance.name> <+pipeline.executionId>" \
                                           > /opt/cloud/marker
-        """).replace("CONN", conn).replace("SUB", SUBSCRIPTION).replace(
-        "SELECTORS", selectors)
+        """)
+        .replace("CONN", conn)
+        .replace("SUB", SUBSCRIPTION)
+        .replace("SELECTORS", selectors)
+    )
     path = tmp_path / "clouds.yaml"
     path.write_text(text)
     return [str(path)]
 
 
 @pytest.fixture(scope="module")
-def cloud_workers(cluster: Cluster, clouds: dict[str, Any],
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+def cloud_workers(
+    cluster: Cluster, clouds: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[str]]:
     """One worker per cloud region, each with only its own cloud's credentials."""
     logs = tmp_path_factory.mktemp("cloud-workers")
     procs = []
     names = []
-    for region, cloud, extra in (("us-east-1", "aws", ["--tags", "prod"]),
-                                 ("eastus", "azure", []), ("us-central1", "gcp", [])):
+    for region, cloud, extra in (
+        ("us-east-1", "aws", ["--tags", "prod"]),
+        ("eastus", "azure", []),
+        ("us-central1", "gcp", []),
+    ):
         env = {k: v for k, v in cluster.env.items() if not k.startswith(("AWS_", "AZURE_"))}
         env.update(NO_WAY_OUT)
         env.update(clouds[cloud])
         name = f"w-{cloud}@test"
         with (logs / f"{cloud}.log").open("wb") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "--region", region, "-c", "4",
-                 "-n", name, *extra], env=env, cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cli.main",
+                        "worker",
+                        "--region",
+                        region,
+                        "-c",
+                        "4",
+                        "-n",
+                        name,
+                        *extra,
+                    ],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         names.append(name)
     _wait_for_workers(cluster.env, names)
     yield names
@@ -234,7 +300,8 @@ def cloud_workers(cluster: Cluster, clouds: dict[str, Any],
 
 
 def test_hosts_found_on_three_clouds_are_deployed_through_their_region_workers(
-        cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path
+) -> None:
     files = _files(tmp_path, lab)
     res = cluster.vmfarm("run", *files, "-o", "json", timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
@@ -249,8 +316,9 @@ def test_hosts_found_on_three_clouds_are_deployed_through_their_region_workers(
     assert set(by_region) == {"us-east-1", "eastus", "us-central1"}
     assert by_region["eastus"] == {"web-1", "web-2"}
     assert by_region["us-central1"] == {"gce-1", "gce-2"}
-    assert len(by_region["us-east-1"]) == 2 and all(n.startswith("i-")
-                                                    for n in by_region["us-east-1"])
+    assert len(by_region["us-east-1"]) == 2 and all(
+        n.startswith("i-") for n in by_region["us-east-1"]
+    )
     # every running instance got the deployment, at its lab address; the stopped ones did not
     for h in lab.hosts:
         marker = (Path(h.host_dir) / "opt" / "cloud" / "marker").read_text().split()
@@ -268,7 +336,8 @@ def test_hosts_found_on_three_clouds_are_deployed_through_their_region_workers(
 
 
 def test_hosts_are_listed_by_the_region_workers_in_service_mode(
-        cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path
+) -> None:
     # Given a CLI with no cloud credentials and no way out (the README says it needs none)
     env = {k: v for k, v in cluster.env.items() if not k.startswith(("AWS_", "AZURE_"))}
     env.update(NO_WAY_OUT)
@@ -281,11 +350,13 @@ def test_hosts_are_listed_by_the_region_workers_in_service_mode(
     assert {k: v["discovered_by"] for k, v in shown.items()} == {
         "ec2": {"worker": "w-aws@test", "queue": "vmfarm.us-east-1"},
         "azure": {"worker": "w-azure@test", "queue": "vmfarm.eastus"},
-        "gce": {"worker": "w-gcp@test", "queue": "vmfarm.us-central1"}}
+        "gce": {"worker": "w-gcp@test", "queue": "vmfarm.us-central1"},
+    }
     assert {h["name"] for h in shown["azure"]["hosts"]} == {"web-1", "web-2"}
     assert {h["name"] for h in shown["gce"]["hosts"]} == {"gce-1", "gce-2"}
-    assert sorted(h["address"] for i in shown.values() for h in i["hosts"]) == \
-        sorted(h.address for h in lab.hosts)
+    assert sorted(h["address"] for i in shown.values() for h in i["hosts"]) == sorted(
+        h.address for h in lab.hosts
+    )
     text = run_vmfarm("hosts", *files, "--infra", "azure", env=env)
     assert text.returncode == 0, text.stderr
     assert "2 host(s), listed by w-azure@test (vmfarm.eastus)" in text.stdout
@@ -298,34 +369,44 @@ def test_hosts_are_listed_by_the_region_workers_in_service_mode(
 
 
 def test_tagged_work_goes_to_tagged_workers_and_falls_back_where_allowed(
-        cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path
+) -> None:
     # Only the AWS worker has tag prod; the stage allows any worker where none has it.
-    res = cluster.vmfarm("run", *_files(tmp_path, lab, tags="prod", fallback=True),
-                         "-o", "json", timeout=240)
+    res = cluster.vmfarm(
+        "run", *_files(tmp_path, lab, tags="prod", fallback=True), "-o", "json", timeout=240
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
-    queues = {h["region"]: h["steps"][0]["queue"]
-              for h in json.loads(res.stdout)["stages"][0]["hosts"]}
-    assert queues == {"us-east-1": "vmfarm.us-east-1[prod]", "eastus": "vmfarm.eastus",
-                      "us-central1": "vmfarm.us-central1"}
+    queues = {
+        h["region"]: h["steps"][0]["queue"] for h in json.loads(res.stdout)["stages"][0]["hosts"]
+    }
+    assert queues == {
+        "us-east-1": "vmfarm.us-east-1[prod]",
+        "eastus": "vmfarm.eastus",
+        "us-central1": "vmfarm.us-central1",
+    }
 
 
 def test_a_run_whose_delegate_tags_no_live_worker_has_is_refused(
-        cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, cloud_workers: list[str], tmp_path: Path
+) -> None:
     # The AWS worker has tag prod; nobody has tag gpu.
     files = _files(tmp_path, lab, tags="gpu")
     before = run_vmfarm("executions", "-o", "json", env=cluster.env).stdout
     res = cluster.vmfarm("run", *files, timeout=120)
     # Only a worker of the region with the tags may list and deploy the hosts: none is live.
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "infrastructure 'ec2': no live worker serves region us-east-1 with tags [gpu]" \
-        in res.stderr
+    assert (
+        "infrastructure 'ec2': no live worker serves region us-east-1 with tags [gpu]" in res.stderr
+    )
     assert run_vmfarm("executions", "-o", "json", env=cluster.env).stdout == before
 
 
 def test_a_static_run_whose_tags_no_live_worker_has_is_refused_before_it_starts(
-        cluster: Cluster, lab: Any, tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path
+) -> None:
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(textwrap.dedent("""\
+    pipeline.write_text(
+        textwrap.dedent("""\
         apiVersion: v1
         kind: Service
         metadata: {name: live}
@@ -364,7 +445,8 @@ def test_a_static_run_whose_tags_no_live_worker_has_is_refused_before_it_starts(
                                 type: Script
                                 spec:
                                   source: {type: Inline, spec: {script: touch /opt/tagged}}
-        """))
+        """)
+    )
     before = run_vmfarm("executions", "-o", "json", env=cluster.env).stdout
     res = cluster.vmfarm("run", str(pipeline), str(lab.infrastructure_file))
     assert res.returncode == 2, res.stdout + res.stderr

@@ -58,14 +58,25 @@ def image(region: str) -> str:
     return str(images[0]["ImageId"])
 
 
-def launch(region: str, tags: dict[str, str], *, count: int = 1, subnet: str | None = None,
-           stopped: bool = False) -> list[str]:
+def launch(
+    region: str,
+    tags: dict[str, str],
+    *,
+    count: int = 1,
+    subnet: str | None = None,
+    stopped: bool = False,
+) -> list[str]:
     """Run ``count`` instances in one reservation; their ids."""
-    args: dict[str, Any] = {"ImageId": image(region), "MinCount": count, "MaxCount": count,
-                            "InstanceType": "t3.micro"}
+    args: dict[str, Any] = {
+        "ImageId": image(region),
+        "MinCount": count,
+        "MaxCount": count,
+        "InstanceType": "t3.micro",
+    }
     if tags:
-        args["TagSpecifications"] = [{"ResourceType": "instance",
-                                      "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        args["TagSpecifications"] = [
+            {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+        ]
     if subnet:
         args["SubnetId"] = subnet
     ids = [i["InstanceId"] for i in ec2(region).run_instances(**args)["Instances"]]
@@ -84,15 +95,27 @@ def described(region: str, ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def infra(spec: dict[str, Any], ident: str = "aws_test") -> dict[str, Any]:
-    return {"identifier": ident, "name": ident, "provider": "aws", "source": "test.yaml:1",
-            "spec": spec}
+    return {
+        "identifier": ident,
+        "name": ident,
+        "provider": "aws",
+        "source": "test.yaml:1",
+        "spec": spec,
+    }
 
 
 def filtered(regions: list[str], filter_tags: dict[str, Any], **spec: Any) -> dict[str, Any]:
     """An infrastructure with an AwsInstanceFilter, and other ``spec`` fields."""
-    return infra({"connectorRef": "aws_connector", **spec,
-                  "hostFilter": {"type": "AwsInstanceFilter",
-                                 "spec": {"regions": regions, "tags": filter_tags}}})
+    return infra(
+        {
+            "connectorRef": "aws_connector",
+            **spec,
+            "hostFilter": {
+                "type": "AwsInstanceFilter",
+                "spec": {"regions": regions, "tags": filter_tags},
+            },
+        }
+    )
 
 
 @pytest.fixture()
@@ -118,7 +141,8 @@ def count_pages(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def test_discovers_exactly_the_running_matching_instances_across_regions_and_pages(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch, count_pages: dict[str, int]) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch, count_pages: dict[str, int]
+) -> None:
     fleet = uuid4().hex
     prod_web = {"Fleet": fleet, "Environment": "production", "App": "web"}
     # Given, in us-east-1, 8 matching running instances in 7 reservations (2 pages of 5) ...
@@ -136,13 +160,19 @@ def test_discovers_exactly_the_running_matching_instances_across_regions_and_pag
     monkeypatch.setattr(aws, "PAGE_SIZE", 5)
 
     # When the hosts of an infrastructure filtering on those tags in both regions are discovered
-    hosts = aws.discover(filtered([EAST, WEST], {"Environment": "production", "App": "web"},
-                                  tags={"Fleet": fleet},
-                                  connection={"user": "ubuntu", "port": 2200}))
+    hosts = aws.discover(
+        filtered(
+            [EAST, WEST],
+            {"Environment": "production", "App": "web"},
+            tags={"Fleet": fleet},
+            connection={"user": "ubuntu", "port": 2200},
+        )
+    )
 
     # Then exactly the running matching ones come back, sorted by region then instance id
     assert [(h.region, h.name) for h in hosts] == (
-        [(WEST, i) for i in sorted(west)] + [(EAST, i) for i in sorted(east)])
+        [(WEST, i) for i in sorted(west)] + [(EAST, i) for i in sorted(east)]
+    )
     # with their private addresses (the default), both IPs, and the connection settings
     truth = {**described(EAST, east), **described(WEST, west)}
     for h in hosts:
@@ -155,8 +185,7 @@ def test_discovers_exactly_the_running_matching_instances_across_regions_and_pag
         assert h.attributes["instanceType"] == "t3.micro"
         assert h.attributes["availabilityZone"] == inst["Placement"]["AvailabilityZone"]
         assert h.attributes["availabilityZone"].startswith(h.region)
-        assert h.attributes["tags"] == {"Fleet": fleet, "Environment": "production",
-                                        "App": "web"}
+        assert h.attributes["tags"] == {"Fleet": fleet, "Environment": "production", "App": "web"}
         assert h.attributes["tag:App"] == "web"
     # and every page was followed: us-east-1 took more than one
     assert count_pages[EAST] >= 2
@@ -222,8 +251,17 @@ def test_public_ip_mode_refuses_a_matching_instance_without_a_public_ip(aws_env:
     assert "public IP" in str(err.value) and "PrivateIP" in str(err.value)
     # while PrivateIP mode reaches both, and a VPC filter narrows to that subnet's VPC
     assert len(aws.discover(filtered([EAST], {"Fleet": fleet}))) == 2
-    in_vpc = aws.discover(infra({"region": EAST, "hostFilter": {
-        "type": "AwsInstanceFilter", "spec": {"tags": {"Fleet": fleet}, "vpcs": [vpc]}}}))
+    in_vpc = aws.discover(
+        infra(
+            {
+                "region": EAST,
+                "hostFilter": {
+                    "type": "AwsInstanceFilter",
+                    "spec": {"tags": {"Fleet": fleet}, "vpcs": [vpc]},
+                },
+            }
+        )
+    )
     assert [h.name for h in in_vpc] == private
 
 
@@ -247,8 +285,11 @@ def test_loader_output_dispatches_to_the_aws_provider(aws_env: str) -> None:
     assert inline["spec"]["connection"]["privateKeyFile"] == str(DATA / "keys" / "aws.pem")
     assert standalone["spec"]["hostFilter"] == {
         "type": "AwsInstanceFilter",
-        "spec": {"regions": [EAST, WEST], "tags": {"Fleet": "loader-filter",
-                                                   "App": ["web", "api"]}}}
+        "spec": {
+            "regions": [EAST, WEST],
+            "tags": {"Fleet": "loader-filter", "App": ["web", "api"]},
+        },
+    }
     # and instances exist for them
     inline_ids = launch(WEST, {"Fleet": "loader-inline"})
     launch(WEST, {"Fleet": "loader-inline"}, stopped=True)
@@ -281,15 +322,19 @@ def test_loader_output_dispatches_to_the_aws_provider(aws_env: str) -> None:
 
 def moto_auth(url: str, initial_free_requests: str) -> None:
     """Turn moto's IAM checks on ("0": from the next request) or off ("inf")."""
-    req = urllib.request.Request(f"{url}/moto-api/reset-auth", method="POST",
-                                 data=initial_free_requests.encode(),
-                                 headers={"Content-Type": "text/plain"})
+    req = urllib.request.Request(
+        f"{url}/moto-api/reset-auth",
+        method="POST",
+        data=initial_free_requests.encode(),
+        headers={"Content-Type": "text/plain"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
 
 
 def test_credentials_aws_does_not_know_are_an_authentication_error(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNUNKNOWN00")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-printed")
     moto_auth(aws_env, "0")
@@ -309,7 +354,8 @@ def test_credentials_aws_does_not_know_are_an_authentication_error(
 
 
 def test_credentials_without_permission_are_an_authentication_error(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     iam = boto3.client("iam", region_name=EAST)
     user = f"nobody-{uuid4().hex[:8]}"
     iam.create_user(UserName=user)
@@ -328,7 +374,8 @@ def test_credentials_without_permission_are_an_authentication_error(
 
 
 def test_no_credentials_at_all_is_an_authentication_error(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
 
@@ -340,7 +387,8 @@ def test_no_credentials_at_all_is_an_authentication_error(
 
 
 def test_an_unreachable_endpoint_is_a_connectivity_error_naming_region_and_endpoint(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", closed)
     monkeypatch.setattr(aws, "MAX_ATTEMPTS", 1)
@@ -353,7 +401,8 @@ def test_an_unreachable_endpoint_is_a_connectivity_error_naming_region_and_endpo
 
 
 def test_an_unknown_region_that_cannot_be_reached_is_called_misspelled(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
     # (Real AWS has no endpoint for it: the DNS lookup fails. Here a closed local port stands in.)
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(aws, "MAX_ATTEMPTS", 1)
@@ -373,9 +422,11 @@ class Throttling(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         type(self).calls += 1
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-                b"<Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>"
-                b"</Error></Errors><RequestID>r1</RequestID></Response>")
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+            b"<Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>"
+            b"</Error></Errors><RequestID>r1</RequestID></Response>"
+        )
         self.send_response(503)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -387,7 +438,8 @@ class Throttling(BaseHTTPRequestHandler):
 
 
 def test_throttling_is_retried_then_reported_as_connectivity(
-        aws_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -410,7 +462,8 @@ def test_throttling_is_retried_then_reported_as_connectivity(
 
 
 def test_a_manual_aws_connector_discovers_with_its_keys_resolved_on_the_worker(
-        aws_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     from app import secrets
@@ -419,16 +472,23 @@ def test_a_manual_aws_connector_discovers_with_its_keys_resolved_on_the_worker(
     fleet = uuid4().hex
     ids = launch(EAST, {"Fleet": fleet, "App": "web"})
     (tmp_path / "files.yaml").write_text(
-        (DATA / "infra_aws.yaml").read_text().replace("loader-filter", fleet).replace(
+        (DATA / "infra_aws.yaml")
+        .read_text()
+        .replace("loader-filter", fleet)
+        .replace(
             "      type: InheritFromDelegate\n",
             "      type: ManualConfig\n      spec:\n        accessKey: AKIACONNECTOR0000001\n"
-            "        secretKeyRef: account.aws_secret_key\n"))
+            "        secretKeyRef: account.aws_secret_key\n",
+        )
+    )
     bundle = load([tmp_path / "files.yaml"])
     plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
     standalone = plan["stages"][0]["infrastructures"][1]
     assert standalone["connector"]["credential"] == {
-        "type": "ManualConfig", "accessKey": "AKIACONNECTOR0000001",
-        "secretKeyRef": "account.aws_secret_key"}
+        "type": "ManualConfig",
+        "accessKey": "AKIACONNECTOR0000001",
+        "secretKeyRef": "account.aws_secret_key",
+    }
     # and a worker whose environment has no AWS credentials, only the secret
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
@@ -440,8 +500,10 @@ def test_a_manual_aws_connector_discovers_with_its_keys_resolved_on_the_worker(
 
     def watching(session: Any, region: str) -> Any:
         client = real(session, region)
-        client.meta.events.register("before-send.ec2.DescribeInstances", lambda request, **_:
-                                    signed.append(str(request.headers.get("Authorization"))))
+        client.meta.events.register(
+            "before-send.ec2.DescribeInstances",
+            lambda request, **_: signed.append(str(request.headers.get("Authorization"))),
+        )
         return client
 
     monkeypatch.setattr(aws, "_client", watching)

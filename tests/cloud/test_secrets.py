@@ -40,7 +40,10 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     the process's default store is rebuilt for each test."""
     for key in list(os.environ):
         if key.startswith(("VMFARM_SECRET", "VAULT_")) or key.lower() in (
-                "http_proxy", "https_proxy", "all_proxy"):
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ):
             monkeypatch.delenv(key)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     home = tmp_path / "home"
@@ -92,8 +95,9 @@ def sm_secrets(moto_url: str) -> dict[str, str]:
     arns = {}
     for name, kw in {
         "vmfarm/api": {"SecretString": "aws-api-s3cret"},
-        "vmfarm/db": {"SecretString": json.dumps({"user": "app", "password": "aws-db-pw!",
-                                                  "port": 5432})},
+        "vmfarm/db": {
+            "SecretString": json.dumps({"user": "app", "password": "aws-db-pw!", "port": 5432})
+        },
         "vmfarm/bin": {"SecretBinary": b"binary-but-utf8"},
         "db_password": {"SecretString": "aws-db-password-plain"},
     }.items():
@@ -103,15 +107,27 @@ def sm_secrets(moto_url: str) -> dict[str, str]:
 
 def test_aws_string_json_field_binary_and_arn(sm_secrets: dict[str, str]) -> None:
     s = store(secrets="aws")
-    got = s.resolve(["aws:vmfarm/api", "aws:vmfarm/db#password", "vmfarm/db#port",
-                     "aws:vmfarm/bin", sm_secrets["vmfarm/api"]])
-    assert got == {"aws:vmfarm/api": "aws-api-s3cret", "aws:vmfarm/db#password": "aws-db-pw!",
-                   "vmfarm/db#port": "5432", "aws:vmfarm/bin": "binary-but-utf8",
-                   sm_secrets["vmfarm/api"]: "aws-api-s3cret"}
+    got = s.resolve(
+        [
+            "aws:vmfarm/api",
+            "aws:vmfarm/db#password",
+            "vmfarm/db#port",
+            "aws:vmfarm/bin",
+            sm_secrets["vmfarm/api"],
+        ]
+    )
+    assert got == {
+        "aws:vmfarm/api": "aws-api-s3cret",
+        "aws:vmfarm/db#password": "aws-db-pw!",
+        "vmfarm/db#port": "5432",
+        "aws:vmfarm/bin": "binary-but-utf8",
+        sm_secrets["vmfarm/api"]: "aws-api-s3cret",
+    }
 
 
-def test_aws_in_lookup_order_after_env(sm_secrets: dict[str, str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aws_in_lookup_order_after_env(
+    sm_secrets: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     s = store(secrets="env,aws")
     assert s.get("account.db_password") == "aws-db-password-plain"
     monkeypatch.setenv("VMFARM_SECRET_DB_PASSWORD", "env-wins-1")
@@ -125,16 +141,17 @@ def test_aws_missing_secret_and_missing_field(sm_secrets: dict[str, str]) -> Non
     assert "'aws:vmfarm/nope'" in str(exc.value) and exc.value.backend == "aws"
     with pytest.raises(SecretNotFoundError) as exc:
         s.get("vmfarm/nope2")
-    assert "Secrets Manager 'vmfarm/nope2'" in str(exc.value) and "VMFARM_SECRET_VMFARM_NOPE2" \
-        in str(exc.value)
+    assert "Secrets Manager 'vmfarm/nope2'" in str(
+        exc.value
+    ) and "VMFARM_SECRET_VMFARM_NOPE2" in str(exc.value)
     with pytest.raises(SecretNotFoundError, match="no field 'pass'") as exc:
         s.get("aws:vmfarm/db#pass")
     assert "aws-db-pw!" not in str(exc.value) and "password, port, user" in str(exc.value)
 
 
-def test_aws_honours_aws_endpoint_url(sm_secrets: dict[str, str],
-                                      monkeypatch: pytest.MonkeyPatch,
-                                      free_port: Callable[[], int]) -> None:
+def test_aws_honours_aws_endpoint_url(
+    sm_secrets: dict[str, str], monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SecretError) as exc:
         store(secrets="aws").get("aws:vmfarm/api")
@@ -142,16 +159,19 @@ def test_aws_honours_aws_endpoint_url(sm_secrets: dict[str, str],
     assert exc.value.backend == "aws"
 
 
-def test_aws_denied_is_an_access_error(sm_secrets: dict[str, str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_aws_denied_is_an_access_error(
+    sm_secrets: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.secrets.backends import AwsBackend
 
     class Denying:
         def get_secret_value(self, **kw: Any) -> Any:
             from botocore.exceptions import ClientError
 
-            raise ClientError({"Error": {"Code": "AccessDeniedException",
-                                         "Message": "not allowed"}}, "GetSecretValue")
+            raise ClientError(
+                {"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}},
+                "GetSecretValue",
+            )
 
     backend = AwsBackend()
     monkeypatch.setattr(backend, "_client", lambda region: Denying())
@@ -181,10 +201,15 @@ def vault(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeVault]:
 
 
 def test_vault_reads_kv_v2_fields(vault: FakeVault) -> None:
-    got = store().resolve(["vault:app/db#password", "app/db#user", "vault:app/single",
-                           "org.app/valued"])
-    assert got == {"vault:app/db#password": "vault-db-pw", "app/db#user": "app",
-                   "vault:app/single": "vault-single-tok", "org.app/valued": "vault-valued"}
+    got = store().resolve(
+        ["vault:app/db#password", "app/db#user", "vault:app/single", "org.app/valued"]
+    )
+    assert got == {
+        "vault:app/db#password": "vault-db-pw",
+        "app/db#user": "app",
+        "vault:app/single": "vault-single-tok",
+        "org.app/valued": "vault-valued",
+    }
     first = vault.requests[0]
     assert (first.method, first.path) == ("GET", "/v1/secret/data/app/db")
     assert first.headers["x-vault-token"] == TOKEN
@@ -203,8 +228,11 @@ def test_vault_field_errors_never_show_values(vault: FakeVault) -> None:
 def test_vault_404_and_deleted_versions_are_not_found(vault: FakeVault) -> None:
     with pytest.raises(SecretNotFoundError) as exc:
         store().get("vault:app/missing#k")
-    assert "'vault:app/missing#k'" in str(exc.value) and "secret/data/app/missing" \
-        in str(exc.value) and exc.value.backend == "vault"
+    assert (
+        "'vault:app/missing#k'" in str(exc.value)
+        and "secret/data/app/missing" in str(exc.value)
+        and exc.value.backend == "vault"
+    )
     vault.delete("secret", "app/single")
     with pytest.raises(SecretNotFoundError):
         store().get("vault:app/single")
@@ -213,8 +241,7 @@ def test_vault_404_and_deleted_versions_are_not_found(vault: FakeVault) -> None:
         store().get("app/missing")
 
 
-def test_vault_403_is_an_access_error(vault: FakeVault,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vault_403_is_an_access_error(vault: FakeVault, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAULT_TOKEN", "s.wrong")
     with pytest.raises(SecretAccessError, match="403") as exc:
         store().get("vault:app/db#password")
@@ -226,8 +253,9 @@ def test_vault_403_is_an_access_error(vault: FakeVault,
         store().get("vault:app/db#password")
 
 
-def test_vault_mount_namespace_and_failures(vault: FakeVault,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vault_mount_namespace_and_failures(
+    vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vault.put("kv", "team/a b", {"value": "other-mount-v"})
     monkeypatch.setenv("VMFARM_SECRETS_VAULT_MOUNT", "kv")
     monkeypatch.setenv("VAULT_NAMESPACE", "team1")
@@ -241,7 +269,8 @@ def test_vault_mount_namespace_and_failures(vault: FakeVault,
 
 
 def test_vault_settings_missing_or_unreachable(
-        monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]) -> None:
+    monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
     monkeypatch.setenv("VMFARM_SECRETS", "vault")
     with pytest.raises(SecretConfigError, match="VAULT_ADDR is not set"):
         store().get("vault:a#b")

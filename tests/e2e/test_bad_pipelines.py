@@ -30,8 +30,13 @@ def vmfarm(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMFARM_")}
     env.update(VMFARM_HOME=str(home), PYTHONPATH=str(REPO), NO_COLOR="1")
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], cwd=DATA, env=env, capture_output=True,
-        text=True, timeout=120, check=False,
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=DATA,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -161,11 +166,21 @@ def test_unknown_set_key_names_the_known_inputs(tmp_path: Path) -> None:
 
 def test_several_problems_are_reported_together(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    proc = vmfarm("run", "good/service.yaml", "good/environment.yaml", "bad/infra_port_abc.yaml",
-                  "bad/bad_timeout.yaml", "--set", "tag=1.0", home=home)
+    proc = vmfarm(
+        "run",
+        "good/service.yaml",
+        "good/environment.yaml",
+        "bad/infra_port_abc.yaml",
+        "bad/bad_timeout.yaml",
+        "--set",
+        "tag=1.0",
+        home=home,
+    )
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert [e.split(":")[1].strip() for e in errors] == ["bad/bad_timeout.yaml",
-                                                         "bad/infra_port_abc.yaml"]
+    assert [e.split(":")[1].strip() for e in errors] == [
+        "bad/bad_timeout.yaml",
+        "bad/infra_port_abc.yaml",
+    ]
     assert "2 errors; nothing was run." in proc.stderr
     assert executions_recorded(home) == 0

@@ -16,8 +16,11 @@ import yaml
 from tests.conftest import REPO, base_env
 
 COMPOSE = REPO / "docker-compose.yml"
-VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "sys.argv[0] = 'vmfarm'; main()"]
+VMFARM = [
+    sys.executable,
+    "-c",
+    "import sys; from cli.main import main; sys.argv[0] = 'vmfarm'; main()",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +37,26 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_vmfarm_flower_refuses_to_start_without_credentials_or_broker(tmp_path: Path) -> None:
     # Refused before the broker is reached: nothing listens at this URL (a closed port).
     env = base_env(VMFARM_BROKER_URL="redis://127.0.0.1:1/0", VMFARM_HOME=str(tmp_path))
-    for extra, args, says in (({}, [], "set FLOWER_BASIC_AUTH"),
-                              ({"FLOWER_BASIC_AUTH": "admin"}, [], "is not user:password"),
-                              ({"FLOWER_BASIC_AUTH": "a:b"}, ["--basic-auth=a:b"],
-                               "not on the command line")):
-        res = subprocess.run([*VMFARM, "flower", *args], env={**env, **extra}, cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
+    for extra, args, says in (
+        ({}, [], "set FLOWER_BASIC_AUTH"),
+        ({"FLOWER_BASIC_AUTH": "admin"}, [], "is not user:password"),
+        ({"FLOWER_BASIC_AUTH": "a:b"}, ["--basic-auth=a:b"], "not on the command line"),
+    ):
+        res = subprocess.run(
+            [*VMFARM, "flower", *args],
+            env={**env, **extra},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 2 and says in res.stderr, res.stderr
-    res = subprocess.run([*VMFARM, "flower"], env=base_env(VMFARM_HOME=str(tmp_path),
-                                                           FLOWER_BASIC_AUTH="a:b"),
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [*VMFARM, "flower"],
+        env=base_env(VMFARM_HOME=str(tmp_path), FLOWER_BASIC_AUTH="a:b"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "needs a broker" in res.stderr

@@ -26,10 +26,12 @@ def echoing(alloc: Allocator) -> Iterator[StatusServer]:
 
 
 def test_secrets_of_custom_steps_reach_their_targets_and_are_masked_everywhere(
-        tmp_path: Path, echoing: StatusServer) -> None:
+    tmp_path: Path, echoing: StatusServer
+) -> None:
     token = f"tok-{secrets.token_hex(8)}"
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(textwrap.dedent(f"""\
+    pipeline.write_text(
+        textwrap.dedent(f"""\
         apiVersion: v1
         kind: Pipeline
         metadata:
@@ -71,9 +73,11 @@ def test_secrets_of_custom_steps_reach_their_targets_and_are_masked_everywhere(
                               - key: Authorization
                                 value: Bearer <+secrets.getValue("deploy_token")>
                             assertion: <+httpResponseCode> == 200
-        """))
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SECRETS="env",
-                   VMFARM_SECRET_DEPLOY_TOKEN=token)
+        """)
+    )
+    env = base_env(
+        VMFARM_HOME=str(tmp_path / "home"), VMFARM_SECRETS="env", VMFARM_SECRET_DEPLOY_TOKEN=token
+    )
     res = run_vmfarm("run", str(pipeline), "-o", "json", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(res.stdout)
@@ -85,7 +89,10 @@ def test_secrets_of_custom_steps_reach_their_targets_and_are_masked_everywhere(
     assert "Bearer ***" in logs.stdout  # the echoed header, in the response body
     status = run_vmfarm("status", report["id"], "-o", "json", env=env)
     with sqlite3.connect(Path(env["VMFARM_HOME"]) / "vmfarm.db") as db:
-        rows = "\n".join(str(r) for table in ("logchunk", "hoststeprun", "execution")
-                         for r in db.execute(f"select * from {table}").fetchall())
+        rows = "\n".join(
+            str(r)
+            for table in ("logchunk", "hoststeprun", "execution")
+            for r in db.execute(f"select * from {table}").fetchall()
+        )
     for seen in (res.stdout, res.stderr, logs.stdout, logs.stderr, status.stdout, rows):
         assert token not in seen

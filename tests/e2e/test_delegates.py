@@ -24,9 +24,11 @@ GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
 def test_worker_tags_are_validated(tmp_path: Path) -> None:
     # Refused before the broker is reached: nothing listens at this URL (a closed port).
     env = base_env(VMFARM_HOME=str(tmp_path), VMFARM_BROKER_URL="redis://127.0.0.1:1/0")
-    for args, says in ((["--region", "rz", "--tags", "GPU"], "invalid worker tag"),
-                       (["--region", "rz", "--tags", "a,b,c,d,e,f,g"], "at most 6"),
-                       (["--control", "--tags", "gpu"], "give --region")):
+    for args, says in (
+        (["--region", "rz", "--tags", "GPU"], "invalid worker tag"),
+        (["--region", "rz", "--tags", "a,b,c,d,e,f,g"], "at most 6"),
+        (["--control", "--tags", "gpu"], "give --region"),
+    ):
         res = run_vmfarm("worker", *args, env=env, timeout=60)
         assert res.returncode == 2 and says in res.stderr, res.stderr
 
@@ -54,9 +56,15 @@ def test_hosts_lists_the_hosts_of_a_pipelines_infrastructures(tmp_path: Path) ->
     assert data["pipeline"] == "hello"
     [infra] = data["infrastructures"]
     assert (infra["identifier"], infra["provider"], infra["region"], infra["stages"]) == (
-        "test_hosts", "static", "r1", ["deploy"])
+        "test_hosts",
+        "static",
+        "r1",
+        ["deploy"],
+    )
     assert [(h["name"], h["address"], h["region"]) for h in infra["hosts"]] == [
-        ("127.0.1.201", "127.0.1.201", "r1"), ("127.0.1.202", "127.0.1.202", "r2")]
+        ("127.0.1.201", "127.0.1.201", "r1"),
+        ("127.0.1.202", "127.0.1.202", "r2"),
+    ]
     assert {"public_ip", "private_ip", "slot"} <= set(infra["hosts"][0])
 
 

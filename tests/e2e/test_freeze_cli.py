@@ -91,17 +91,21 @@ def freeze_yaml(identifier: str, *, status: str = "Enabled") -> str:
 def env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "pipeline.yaml").write_text(FILES)
     (tmp_path / "users.yaml").write_text("groups:\n  sre: [alice]\n  developers: [dan]\n")
-    (tmp_path / "rbac.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "rbac.yaml").write_text(
+        textwrap.dedent("""\
         roles:
           deployer: [pipeline:view, pipeline:execute, environment:deploy:non-production]
           freeze_breaker: [freeze:override]
         bindings:
           - {role: deployer, groups: [developers, sre]}
           - {role: freeze_breaker, groups: [sre]}
-        """))
-    return base_env(VMFARM_HOME=str(tmp_path / "home"),
-                    VMFARM_USERS_FILE=str(tmp_path / "users.yaml"),
-                    VMFARM_RBAC_FILE=str(tmp_path / "rbac.yaml"))
+        """)
+    )
+    return base_env(
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_USERS_FILE=str(tmp_path / "users.yaml"),
+        VMFARM_RBAC_FILE=str(tmp_path / "rbac.yaml"),
+    )
 
 
 def _audit(env: dict[str, str]) -> list[dict[str, Any]]:
@@ -110,7 +114,8 @@ def _audit(env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def test_a_run_in_a_freeze_window_is_refused_unless_overridden_with_the_permission(
-        env: dict[str, str], tmp_path: Path) -> None:
+    env: dict[str, str], tmp_path: Path
+) -> None:
     pipeline = str(tmp_path / "pipeline.yaml")
     frozen = tmp_path / "freeze.yaml"
     frozen.write_text(freeze_yaml("staging_freeze"))
@@ -121,15 +126,29 @@ def test_a_run_in_a_freeze_window_is_refused_unless_overridden_with_the_permissi
     assert "is active until" in res.stderr and "Asia/Tokyo" in res.stderr
     assert "--override-freeze" in res.stderr
     # dan overrides without the permission: exit 3, freeze:override named
-    res = run_vmfarm("run", pipeline, "--freeze", str(frozen), "--override-freeze",
-                     env={**env, "VMFARM_USER": "dan"})
+    res = run_vmfarm(
+        "run",
+        pipeline,
+        "--freeze",
+        str(frozen),
+        "--override-freeze",
+        env={**env, "VMFARM_USER": "dan"},
+    )
     assert res.returncode == 3, res.stdout + res.stderr
     assert "freeze:override" in res.stderr and "dan" in res.stderr
     # nothing was recorded
     assert json.loads(run_vmfarm("executions", "-o", "json", env=env).stdout) == []
     # alice holds freeze:override: her run proceeds and succeeds
-    res = run_vmfarm("run", pipeline, "--freeze", str(frozen), "--override-freeze", "-o",
-                     "json", env={**env, "VMFARM_USER": "alice"})
+    res = run_vmfarm(
+        "run",
+        pipeline,
+        "--freeze",
+        str(frozen),
+        "--override-freeze",
+        "-o",
+        "json",
+        env={**env, "VMFARM_USER": "alice"},
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = json.loads(res.stdout)["id"]
     # and the trail has the refusal, the refused override and alice's override of the window
@@ -143,7 +162,8 @@ def test_a_run_in_a_freeze_window_is_refused_unless_overridden_with_the_permissi
 
 
 def test_the_operator_freeze_folder_applies_and_no_file_of_the_caller_lifts_it(
-        env: dict[str, str], tmp_path: Path) -> None:
+    env: dict[str, str], tmp_path: Path
+) -> None:
     folder = tmp_path / "freezes"
     folder.mkdir()
     (folder / "ops.yaml").write_text(freeze_yaml("ops_freeze"))

@@ -34,9 +34,15 @@ def _validate_cli(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env.update(PYTHONPATH=str(REPO), NO_COLOR="1")
     with tempfile.TemporaryDirectory(prefix="vmfarm-fuzz-home-") as home:
         env["VMFARM_HOME"] = home
-        return subprocess.run([sys.executable, "-m", "cli.main", "validate", str(path), *args],
-                              cwd=path.parent, env=env, capture_output=True, text=True,
-                              timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "cli.main", "validate", str(path), *args],
+            cwd=path.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 @_profile(10)
@@ -64,7 +70,8 @@ def test_validate_cli_refuses_bad_files_with_file_and_line(file: tuple[str, str]
 
 @pytest.mark.parametrize(("name", "text", "sets", "lines"), _bug_params(cli=True))
 def test_found_bug_through_validate_exits_2_with_file_and_line(
-        name: str, text: str, sets: dict[str, str], lines: range) -> None:
+    name: str, text: str, sets: dict[str, str], lines: range
+) -> None:
     with bundle_dir(name, text) as root:
         proc = _validate_cli(root, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -24,7 +24,8 @@ from tests.unit.test_fuzz import (
 @_profile(200)
 @given(file=mutated_good_file(), inputs=set_values(), require=st.booleans())
 def test_load_of_mutated_good_files_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str], require: bool) -> None:
+    file: tuple[str, str], inputs: dict[str, str], require: bool
+) -> None:
     with bundle_dir(*file) as root:
         assert_clean_load(root, inputs, require)
 
@@ -32,7 +33,8 @@ def test_load_of_mutated_good_files_ends_in_a_clean_result(
 @_profile(200)
 @given(file=near_valid_pipeline(), inputs=set_values(), require=st.booleans())
 def test_load_of_near_valid_pipelines_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str], require: bool) -> None:
+    file: tuple[str, str], inputs: dict[str, str], require: bool
+) -> None:
     with bundle_dir(*file) as root:
         assert_clean_load(root, inputs, require)
 
@@ -40,6 +42,7 @@ def test_load_of_near_valid_pipelines_ends_in_a_clean_result(
 @_profile(200)
 @given(file=random_file(), inputs=set_values())
 def test_load_of_random_documents_ends_in_a_clean_result(
-        file: tuple[str, str], inputs: dict[str, str]) -> None:
+    file: tuple[str, str], inputs: dict[str, str]
+) -> None:
     with bundle_dir(*file) as root:
         assert_clean_load(root, inputs, False)

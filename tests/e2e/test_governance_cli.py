@@ -67,25 +67,32 @@ FILES = textwrap.dedent("""\
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "pipeline.yaml").write_text(FILES)
-    (tmp_path / "users.yaml").write_text("groups:\n  release_managers: [alice]\n"
-                                         "  developers: [dan]\n")
-    (tmp_path / "rbac.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "users.yaml").write_text(
+        "groups:\n  release_managers: [alice]\n  developers: [dan]\n"
+    )
+    (tmp_path / "rbac.yaml").write_text(
+        textwrap.dedent("""\
         roles:
           deployer: [pipeline:view, pipeline:execute, environment:deploy:non-production]
           release_manager: [pipeline:*, environment:*]
         bindings:
           - {role: release_manager, groups: [release_managers]}
           - {role: deployer, groups: [developers]}
-        """))
-    (tmp_path / "policies.yaml").write_text(textwrap.dedent("""\
+        """)
+    )
+    (tmp_path / "policies.yaml").write_text(
+        textwrap.dedent("""\
         policies:
           - name: Require Approval for Production
             requireApprovalBefore: {environmentType: Production}
-        """))
-    return base_env(VMFARM_HOME=str(tmp_path / "home"),
-                    VMFARM_USERS_FILE=str(tmp_path / "users.yaml"),
-                    VMFARM_RBAC_FILE=str(tmp_path / "rbac.yaml"),
-                    VMFARM_POLICY_FILE=str(tmp_path / "policies.yaml"))
+        """)
+    )
+    return base_env(
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_USERS_FILE=str(tmp_path / "users.yaml"),
+        VMFARM_RBAC_FILE=str(tmp_path / "rbac.yaml"),
+        VMFARM_POLICY_FILE=str(tmp_path / "policies.yaml"),
+    )
 
 
 def test_rbac_and_policy_refusals_from_the_cli(env: dict[str, str], tmp_path: Path) -> None:
@@ -103,14 +110,13 @@ def test_rbac_and_policy_refusals_from_the_cli(env: dict[str, str], tmp_path: Pa
     assert json.loads(listed.stdout) == []
     audit = json.loads(run_vmfarm("audit", "-o", "json", env=env).stdout)
     rows = audit["events"] if isinstance(audit, dict) else audit
-    assert {(e["user"], e["outcome"]) for e in rows} >= {("dan", "refused"),
-                                                         ("alice", "denied")}
+    assert {(e["user"], e["outcome"]) for e in rows} >= {("dan", "refused"), ("alice", "denied")}
     # without the policy, alice's run goes through and is audited as hers
-    res = run_vmfarm("run", pipeline, "-o", "json",
-                     env={**env, "VMFARM_USER": "alice", "VMFARM_POLICY_FILE": ""})
+    res = run_vmfarm(
+        "run", pipeline, "-o", "json", env={**env, "VMFARM_USER": "alice", "VMFARM_POLICY_FILE": ""}
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = json.loads(res.stdout)["id"]
     audit = json.loads(run_vmfarm("audit", "--execution", run_id, "-o", "json", env=env).stdout)
     rows = audit["events"] if isinstance(audit, dict) else audit
-    assert [(e["user"], e["action"], e["outcome"]) for e in rows] == [
-        ("alice", "run", "submitted")]
+    assert [(e["user"], e["action"], e["outcome"]) for e in rows] == [("alice", "run", "submitted")]

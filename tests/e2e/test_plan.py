@@ -9,8 +9,7 @@ from pathlib import Path
 from tests.conftest import DATA, base_env, run_vmfarm
 
 STRAT = DATA / "strategies"
-FILES = [str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
-         str(STRAT / "paper-infra.yaml")]
+FILES = [str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"), str(STRAT / "paper-infra.yaml")]
 
 
 def test_plan_shows_regions_phases_and_rendered_units_without_running(tmp_path: Path) -> None:
@@ -18,11 +17,14 @@ def test_plan_shows_regions_phases_and_rendered_units_without_running(tmp_path: 
     res = run_vmfarm("plan", *FILES, "--set", "tag=1.2.3+build~7", "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     (stage,) = json.loads(res.stdout)["stages"]
-    assert stage["hosts_by_region"] == {"r1": ["127.0.1.231", "127.0.1.233"],
-                                        "r2": ["127.0.1.232", "127.0.1.234"]}
+    assert stage["hosts_by_region"] == {
+        "r1": ["127.0.1.231", "127.0.1.233"],
+        "r2": ["127.0.1.232", "127.0.1.234"],
+    }
     assert [(p["name"], p["hosts"], p["verify"]) for p in stage["phases"]] == [
         ("Canary", ["127.0.1.231"], True),
-        ("Primary", ["127.0.1.232", "127.0.1.233", "127.0.1.234"], False)]
+        ("Primary", ["127.0.1.232", "127.0.1.233", "127.0.1.234"], False),
+    ]
     deploy = stage["steps"][0]
     start = next(u for u in deploy["units"] if u["identifier"] == "start")
     assert stage["rendered_for"] == "127.0.1.231"
@@ -48,5 +50,7 @@ def test_plan_text_names_the_gate_and_refuses_bad_input(tmp_path: Path) -> None:
     missing = run_vmfarm("plan", *FILES, env=env)
     assert missing.returncode == 2 and "runtime input <+input> has no value" in missing.stderr
     hostile = run_vmfarm("plan", *FILES, "--set", "tag=1.2.3; reboot", env=env)
-    assert hostile.returncode == 2 and "artifact tag '1.2.3; reboot' is not a version" in \
-        hostile.stderr
+    assert (
+        hostile.returncode == 2
+        and "artifact tag '1.2.3; reboot' is not a version" in hostile.stderr
+    )

@@ -16,8 +16,11 @@ from app.schedules import (
 )
 from tests.conftest import REPO, base_env
 
-VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "sys.argv[0] = 'vmfarm'; main()"]
+VMFARM = [
+    sys.executable,
+    "-c",
+    "import sys; from cli.main import main; sys.argv[0] = 'vmfarm'; main()",
+]
 
 
 # --- cron expressions ----------------------------------------------------------------------------
@@ -39,17 +42,26 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_vmfarm_schedules_lists_them_with_their_next_run(tmp_path: Path) -> None:
-    f = write(tmp_path / "s.yaml", """
+    f = write(
+        tmp_path / "s.yaml",
+        """
 schedules:
   - {name: nightly, cron: "0 2 * * *", files: [p.yaml], pipeline: app}
   - {name: paris, cron: "30 8 * * mon-fri", timezone: Europe/Paris, files: [p.yaml]}
   - {name: paused, cron: "@hourly", files: [p.yaml], enabled: false}
-""")
+""",
+    )
     write(tmp_path / "p.yaml", "")
     env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SCHEDULES_FILE=str(f))
     before = datetime.now(UTC)
-    res = subprocess.run([*VMFARM, "schedules", "-o", "json"], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [*VMFARM, "schedules", "-o", "json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["file"] == str(f)
@@ -67,19 +79,26 @@ schedules:
     assert rows["paused"]["enabled"] is False and rows["paused"]["next_run"] is None
     assert rows["nightly"]["last"] is None and rows["nightly"]["missing_files"] == []
 
-    text = subprocess.run([*VMFARM, "schedules"], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    text = subprocess.run(
+        [*VMFARM, "schedules"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert text.returncode == 0, text.stderr
     assert "nightly" in text.stdout and "0 2 * * *" in text.stdout
     assert "disabled" in text.stdout and "Europe/Paris" in text.stdout
 
     write(f, "- {name: a, cron: '61 * * * *', files: [p.yaml]}\n")
-    bad = subprocess.run([*VMFARM, "schedules"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [*VMFARM, "schedules"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "minute: 61 is out of range" in bad.stderr
-    none = subprocess.run([*VMFARM, "schedules", "-o", "json"],
-                          env={**env, "VMFARM_SCHEDULES_FILE": ""}, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    none = subprocess.run(
+        [*VMFARM, "schedules", "-o", "json"],
+        env={**env, "VMFARM_SCHEDULES_FILE": ""},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert none.returncode == 0 and json.loads(none.stdout) == {"file": None, "schedules": []}
 
 

@@ -14,9 +14,9 @@ HOSTS = 500
 
 
 def test_status_of_a_500_host_run_fits_one_screen(tmp_path: Path) -> None:
-    hosts = "\n".join(f"      - hostname: 10.20.{i // 250}.{i % 250 + 1}"
-                      for i in range(HOSTS))
-    (tmp_path / "fleet.yaml").write_text(textwrap.dedent("""\
+    hosts = "\n".join(f"      - hostname: 10.20.{i // 250}.{i % 250 + 1}" for i in range(HOSTS))
+    (tmp_path / "fleet.yaml").write_text(
+        textwrap.dedent("""\
         apiVersion: v1
         kind: Service
         metadata: {name: fleet-app}
@@ -79,7 +79,8 @@ def test_status_of_a_500_host_run_fits_one_screen(tmp_path: Path) -> None:
                                           *.13) echo "permission denied" >&2; exit 4;;
                                         esac
                                         echo ok
-        """).replace("HOSTS", hosts))
+        """).replace("HOSTS", hosts)
+    )
     env = base_env(VMFARM_HOME=str(tmp_path / "home"))
     run = run_vmfarm("run", str(tmp_path / "fleet.yaml"), "-o", "json", env=env, timeout=600)
     assert run.returncode == 1, run.stderr[-2000:]

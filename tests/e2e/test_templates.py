@@ -18,14 +18,23 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 TPL = DATA / "templates"
 COMMON = [GOOD / "service.yaml", GOOD / "environment.yaml", GOOD / "infrastructure.yaml"]
 # What the input set inputs/prod.yaml gives, as --set values for the inline pipeline.
-SETS = {"release_note": "second release", "tag": "1.10", "CHANNEL": "beta",
-        "destinationPath": "/srv/hello/incoming", "PORT": "9090"}
+SETS = {
+    "release_note": "second release",
+    "tag": "1.10",
+    "CHANNEL": "beta",
+    "destinationPath": "/srv/hello/incoming",
+    "PORT": "9090",
+}
 
 
-def templated(root: Path = TPL, inputs: dict[str, str] | None = None, *,
-              require: bool = True) -> Bundle:
-    return load([*COMMON, root / "templates", root / "templated"], inputs=inputs or {},
-                require_inputs=require)
+def templated(
+    root: Path = TPL, inputs: dict[str, str] | None = None, *, require: bool = True
+) -> Bundle:
+    return load(
+        [*COMMON, root / "templates", root / "templated"],
+        inputs=inputs or {},
+        require_inputs=require,
+    )
 
 
 def plan(bundle: Bundle) -> dict[str, Any]:
@@ -53,19 +62,45 @@ def test_vmfarm_plan_with_inputs_matches_the_inline_pipeline_with_set(tmp_path: 
 
     env = base_env(VMFARM_HOME=str(tmp_path / "home"))
     files = [str(p) for p in COMMON]
-    got = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                     "--inputs", str(TPL / "inputs" / "prod.yaml"), "-o", "json", env=env)
+    got = run_vmfarm(
+        "plan",
+        *files,
+        str(TPL / "templates"),
+        str(TPL / "templated"),
+        "--inputs",
+        str(TPL / "inputs" / "prod.yaml"),
+        "-o",
+        "json",
+        env=env,
+    )
     sets = [a for k, v in SETS.items() for a in ("--set", f"{k}={v}")]
     want = run_vmfarm("plan", *files, str(TPL / "inline"), *sets, "-o", "json", env=env)
     assert got.returncode == 0 and want.returncode == 0, got.stderr + want.stderr
     assert json.loads(got.stdout) == json.loads(want.stdout)
     # --set wins over the input set
-    tagged = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                        "--inputs", str(TPL / "inputs" / "prod.yaml"), "--set", "tag=2.0",
-                        "-o", "json", env=env)
+    tagged = run_vmfarm(
+        "plan",
+        *files,
+        str(TPL / "templates"),
+        str(TPL / "templated"),
+        "--inputs",
+        str(TPL / "inputs" / "prod.yaml"),
+        "--set",
+        "tag=2.0",
+        "-o",
+        "json",
+        env=env,
+    )
     assert json.loads(tagged.stdout)["stages"][0]["version"] == "2.0"
     # a broken input set is bad input: exit 2 naming the file
     bad = write(tmp_path / "bad.yaml", "inputSet: [not, a, mapping]\n")
-    res = run_vmfarm("plan", *files, str(TPL / "templates"), str(TPL / "templated"),
-                     "--inputs", str(bad), env=env)
+    res = run_vmfarm(
+        "plan",
+        *files,
+        str(TPL / "templates"),
+        str(TPL / "templated"),
+        "--inputs",
+        str(bad),
+        env=env,
+    )
     assert res.returncode == 2 and "bad.yaml:1" in res.stderr, res.stderr

@@ -40,10 +40,17 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class ArtifactServer:
-    def __init__(self, *, username: str | None = None, password: str | None = None,
-                 token: str | None = None, checksum_header: bool = False,
-                 siblings: bool = False, delay: float = 0.0,
-                 tls_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        checksum_header: bool = False,
+        siblings: bool = False,
+        delay: float = 0.0,
+        tls_dir: Path | None = None,
+    ) -> None:
         self.username = username
         self.tls_dir = tls_dir
         self.ca_file: Path | None = None
@@ -69,8 +76,9 @@ class ArtifactServer:
         self.files[path] = data
         return self.url + path
 
-    def fail_next(self, path: str, *, status: int = 503, times: int = 1,
-                  method: str = "GET") -> None:
+    def fail_next(
+        self, path: str, *, status: int = 503, times: int = 1, method: str = "GET"
+    ) -> None:
         """Answer the next ``times`` ``method`` requests for ``path`` with ``status``."""
         with self._lock:
             self._failures.setdefault((method, path), []).extend([status] * times)
@@ -115,10 +123,12 @@ class ArtifactServer:
             ctx.load_cert_chain(cert, key)
             self.ca_file = cert
             # The handshake happens in the request's thread, not in the accepting loop.
-            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="fake-artifact-server")
+            self._server.socket = ctx.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="fake-artifact-server"
+        )
         self._thread.start()
         return self
 
@@ -167,13 +177,22 @@ class ArtifactServer:
             self._send(req, 302, b"", {"Location": self.redirects[path]}, method=method)
             return
         if not self._authorized(auth):
-            self._send(req, 401, b"unauthorized\n",
-                       {"WWW-Authenticate": 'Basic realm="artifacts"'}, method=method)
+            self._send(
+                req,
+                401,
+                b"unauthorized\n",
+                {"WWW-Authenticate": 'Basic realm="artifacts"'},
+                method=method,
+            )
             return
         data = self.files.get(path)
         headers: dict[str, str] = {"Content-Type": "application/octet-stream"}
-        if data is None and self.siblings and path.endswith(".sha256") and \
-                path.removesuffix(".sha256") in self.files:
+        if (
+            data is None
+            and self.siblings
+            and path.endswith(".sha256")
+            and path.removesuffix(".sha256") in self.files
+        ):
             base = path.removesuffix(".sha256")
             digest = hashlib.sha256(self.files[base]).hexdigest()
             data = f"{digest}  {base.rsplit('/', 1)[-1]}\n".encode()
@@ -193,8 +212,14 @@ class ArtifactServer:
         self._send(req, 200, data, headers, method=method)
 
     @staticmethod
-    def _send(req: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str],
-              *, method: str = "GET") -> None:
+    def _send(
+        req: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        method: str = "GET",
+    ) -> None:
         req.send_response(status)
         for k, v in headers.items():
             req.send_header(k, v)

@@ -132,12 +132,13 @@ def _matches(obj: dict[str, Any], terms: list[tuple[str, str, str]]) -> bool:
 class FakeGce:
     """The fake server. ``start()`` binds 127.0.0.1 on a free port; ``url`` is its base."""
 
-    def __init__(self, *, page_size: int = 500, unknown_zone_status: int = 400,
-                 honor_filter: bool = True) -> None:
+    def __init__(
+        self, *, page_size: int = 500, unknown_zone_status: int = 400, honor_filter: bool = True
+    ) -> None:
         self.page_size = page_size
         self.unknown_zone_status = unknown_zone_status
         self.honor_filter = honor_filter
-        self.projects: dict[str, set[str]] = {}          # project -> zones
+        self.projects: dict[str, set[str]] = {}  # project -> zones
         self.instances: dict[tuple[str, str, str], dict[str, Any]] = {}  # (project, zone, name)
         self.groups: list[Group] = []
         self.faults: list[Fault] = []
@@ -166,8 +167,9 @@ class FakeGce:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="fake-gce", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fake-gce", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -202,11 +204,21 @@ class FakeGce:
         with self._lock:
             self.projects.setdefault(project, set()).add(zone)
 
-    def add_instance(self, project: str, zone: str, name: str, *, status: str = "RUNNING",
-                     private_ip: str | None = None, public_ip: str | None = None,
-                     labels: dict[str, str] | None = None, tags: list[str] | None = None,
-                     machine_type: str = "e2-small", hostname: str | None = None,
-                     with_nic: bool = True) -> dict[str, Any]:
+    def add_instance(
+        self,
+        project: str,
+        zone: str,
+        name: str,
+        *,
+        status: str = "RUNNING",
+        private_ip: str | None = None,
+        public_ip: str | None = None,
+        labels: dict[str, str] | None = None,
+        tags: list[str] | None = None,
+        machine_type: str = "e2-small",
+        hostname: str | None = None,
+        with_nic: bool = True,
+    ) -> dict[str, Any]:
         """Add (or replace) an instance; returns its JSON body, which may be edited."""
         with self._lock:
             self.projects.setdefault(project, set()).add(zone)
@@ -229,14 +241,21 @@ class FakeGce:
                 body["hostname"] = hostname
             if with_nic:
                 nic: dict[str, Any] = {
-                    "kind": "compute#networkInterface", "name": "nic0",
+                    "kind": "compute#networkInterface",
+                    "name": "nic0",
                     "network": f"{SELF_BASE}/projects/{project}/global/networks/default",
                     "networkIP": private_ip or "",
                 }
                 if public_ip:
-                    nic["accessConfigs"] = [{"kind": "compute#accessConfig",
-                                             "name": "External NAT", "type": "ONE_TO_ONE_NAT",
-                                             "natIP": public_ip, "networkTier": "PREMIUM"}]
+                    nic["accessConfigs"] = [
+                        {
+                            "kind": "compute#accessConfig",
+                            "name": "External NAT",
+                            "type": "ONE_TO_ONE_NAT",
+                            "natIP": public_ip,
+                            "networkTier": "PREMIUM",
+                        }
+                    ]
                 body["networkInterfaces"].append(nic)
             if not body["labels"]:
                 del body["labels"]
@@ -247,9 +266,15 @@ class FakeGce:
         with self._lock:
             self.instances[(project, zone, name)]["status"] = status
 
-    def add_instance_group(self, project: str, name: str, *, zone: str | None = None,
-                           region: str | None = None,
-                           members: list[tuple[str, str]] | list[str] | None = None) -> Group:
+    def add_instance_group(
+        self,
+        project: str,
+        name: str,
+        *,
+        zone: str | None = None,
+        region: str | None = None,
+        members: list[tuple[str, str]] | list[str] | None = None,
+    ) -> Group:
         """A zonal (``zone=``) or regional (``region=``) instance group. ``members`` are
         instance names (in the group's zone) or ``(zone, name)`` pairs."""
         assert (zone is None) != (region is None), "give zone or region"
@@ -269,8 +294,16 @@ class FakeGce:
             self.groups.append(group)
             return group
 
-    def fail(self, status: int, *, times: int | None = 1, match: str = "", method: str = "",
-             reason: str = "", message: str = "") -> Fault:
+    def fail(
+        self,
+        status: int,
+        *,
+        times: int | None = 1,
+        match: str = "",
+        method: str = "",
+        reason: str = "",
+        message: str = "",
+    ) -> Fault:
         """Answer the next ``times`` requests whose path contains ``match`` with ``status``."""
         fault = Fault(status, times, match, method, reason, message)
         with self._lock:
@@ -283,8 +316,11 @@ class FakeGce:
 
     def requests_to(self, fragment: str, method: str = "") -> list[Recorded]:
         with self._lock:
-            return [r for r in self.requests
-                    if fragment in r.path and (not method or r.method == method)]
+            return [
+                r
+                for r in self.requests
+                if fragment in r.path and (not method or r.method == method)
+            ]
 
     # --- HTTP -----------------------------------------------------------------------------------
 
@@ -303,8 +339,12 @@ class FakeGce:
             self.requests.append(rec)
             fault = self._take_fault(rec)
         if fault is not None:
-            reason = fault.reason or {401: "authError", 403: "forbidden", 429: "rateLimitExceeded",
-                                      503: "backendError"}.get(fault.status, "error")
+            reason = fault.reason or {
+                401: "authError",
+                403: "forbidden",
+                429: "rateLimitExceeded",
+                503: "backendError",
+            }.get(fault.status, "error")
             message = fault.message or {
                 401: "Request had invalid authentication credentials.",
                 403: "Required 'compute.instances.list' permission for 'projects/p'",
@@ -340,40 +380,77 @@ class FakeGce:
         h.end_headers()
         h.wfile.write(data)
 
-    def _send_error(self, h: BaseHTTPRequestHandler, status: int, message: str,
-                    reason: str) -> None:
-        self._send(h, status, {"error": {"code": status, "message": message, "errors": [
-            {"message": message, "domain": "global", "reason": reason}]}})
+    def _send_error(
+        self, h: BaseHTTPRequestHandler, status: int, message: str, reason: str
+    ) -> None:
+        self._send(
+            h,
+            status,
+            {
+                "error": {
+                    "code": status,
+                    "message": message,
+                    "errors": [{"message": message, "domain": "global", "reason": reason}],
+                }
+            },
+        )
 
     # --- routes ---------------------------------------------------------------------------------
 
     _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-        ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instances$"),
-         "_list_instances"),
-        ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$"),
-         "_get_instance"),
-        ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/aggregated/instances$"),
-         "_aggregated_instances"),
-        ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/aggregated/instanceGroups$"),
-         "_aggregated_groups"),
-        ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instanceGroups$"),
-         "_list_groups"),
-        ("POST", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instanceGroups/"
-                            r"([^/]+)/listInstances$"), "_zonal_group_instances"),
-        ("POST", re.compile(r"^/compute/v1/projects/([^/]+)/regions/([^/]+)/instanceGroups/"
-                            r"([^/]+)/listInstances$"), "_regional_group_instances"),
+        (
+            "GET",
+            re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instances$"),
+            "_list_instances",
+        ),
+        (
+            "GET",
+            re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$"),
+            "_get_instance",
+        ),
+        (
+            "GET",
+            re.compile(r"^/compute/v1/projects/([^/]+)/aggregated/instances$"),
+            "_aggregated_instances",
+        ),
+        (
+            "GET",
+            re.compile(r"^/compute/v1/projects/([^/]+)/aggregated/instanceGroups$"),
+            "_aggregated_groups",
+        ),
+        (
+            "GET",
+            re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instanceGroups$"),
+            "_list_groups",
+        ),
+        (
+            "POST",
+            re.compile(
+                r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/instanceGroups/"
+                r"([^/]+)/listInstances$"
+            ),
+            "_zonal_group_instances",
+        ),
+        (
+            "POST",
+            re.compile(
+                r"^/compute/v1/projects/([^/]+)/regions/([^/]+)/instanceGroups/"
+                r"([^/]+)/listInstances$"
+            ),
+            "_regional_group_instances",
+        ),
         ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/regions/([^/]+)$"), "_get_region"),
         ("GET", re.compile(r"^/compute/v1/projects/([^/]+)/zones$"), "_list_zones"),
     ]
 
-    def _route(self, method: str, path: str, query: dict[str, str],
-               body: Any) -> tuple[int, Any]:
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
         for m, rx, handler in self._ROUTES:
             match = rx.match(path)
             if match and m == method:
                 with self._lock:
-                    result: tuple[int, Any] = getattr(self, handler)(*match.groups(),
-                                                                     query=query, body=body)
+                    result: tuple[int, Any] = getattr(self, handler)(
+                        *match.groups(), query=query, body=body
+                    )
                     return result
         raise _HttpError(404, f"fake GCE has no route for {method} {path}", "notFound")
 
@@ -385,19 +462,25 @@ class FakeGce:
     def _zone(self, project: str, zone: str) -> None:
         if zone not in self._project(project):
             if self.unknown_zone_status == 404:
-                raise _HttpError(404, f"The resource 'projects/{project}/zones/{zone}' was not "
-                                 "found", "notFound")
-            raise _HttpError(self.unknown_zone_status,
-                             f"Invalid value for field 'zone': '{zone}'. Unknown zone.",
-                             "invalid")
+                raise _HttpError(
+                    404, f"The resource 'projects/{project}/zones/{zone}' was not found", "notFound"
+                )
+            raise _HttpError(
+                self.unknown_zone_status,
+                f"Invalid value for field 'zone': '{zone}'. Unknown zone.",
+                "invalid",
+            )
 
     def _filtered(self, items: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
         text = query.get("filter", "")
         try:
             terms = parse_filter(text)
         except FilterError:
-            raise _HttpError(400, f"Invalid value for field 'filter': '{text}'. Invalid list "
-                             "filter expression.", "invalid") from None
+            raise _HttpError(
+                400,
+                f"Invalid value for field 'filter': '{text}'. Invalid list filter expression.",
+                "invalid",
+            ) from None
         if not self.honor_filter:
             return items
         return [i for i in items if _matches(i, terms)]
@@ -411,18 +494,19 @@ class FakeGce:
         if token:
             m = re.fullmatch(r"p(\d+)", token)
             if not m:
-                raise _HttpError(400, f"Invalid value for field 'pageToken': '{token}'.",
-                                 "invalid")
+                raise _HttpError(400, f"Invalid value for field 'pageToken': '{token}'.", "invalid")
             start = int(m.group(1))
         end = start + size
         return items[start:end], (f"p{end}" if end < len(items) else None)
 
     def _sorted_instances(self, project: str, zones: set[str]) -> list[dict[str, Any]]:
-        return [self.instances[k] for k in sorted(self.instances)
-                if k[0] == project and k[1] in zones]
+        return [
+            self.instances[k] for k in sorted(self.instances) if k[0] == project and k[1] in zones
+        ]
 
-    def _list_instances(self, project: str, zone: str, *, query: dict[str, str],
-                        body: Any) -> tuple[int, Any]:
+    def _list_instances(
+        self, project: str, zone: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._zone(project, zone)
         items = self._filtered(self._sorted_instances(project, {zone}), query)
         page, token = self._page(items, query)
@@ -430,24 +514,30 @@ class FakeGce:
             "kind": "compute#instanceList",
             "id": f"projects/{project}/zones/{zone}/instances",
             "selfLink": f"{SELF_BASE}/projects/{project}/zones/{zone}/instances",
-            "items": page}
+            "items": page,
+        }
         if token:
             out["nextPageToken"] = token
         if not page:
             del out["items"]
         return 200, out
 
-    def _get_instance(self, project: str, zone: str, name: str, *, query: dict[str, str],
-                      body: Any) -> tuple[int, Any]:
+    def _get_instance(
+        self, project: str, zone: str, name: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._zone(project, zone)
         inst = self.instances.get((project, zone, name))
         if inst is None:
-            raise _HttpError(404, f"The resource 'projects/{project}/zones/{zone}/instances/"
-                             f"{name}' was not found", "notFound")
+            raise _HttpError(
+                404,
+                f"The resource 'projects/{project}/zones/{zone}/instances/{name}' was not found",
+                "notFound",
+            )
         return 200, inst
 
-    def _aggregated_instances(self, project: str, *, query: dict[str, str],
-                              body: Any) -> tuple[int, Any]:
+    def _aggregated_instances(
+        self, project: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         zones = self._project(project)
         items = self._filtered(self._sorted_instances(project, zones), query)
         page, token = self._page(items, query)
@@ -456,64 +546,88 @@ class FakeGce:
             zone = inst["zone"].rsplit("/", 1)[-1]
             scoped.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(inst)
         for zone in sorted(zones):
-            scoped.setdefault(f"zones/{zone}", {"warning": {
-                "code": "NO_RESULTS_ON_PAGE",
-                "message": f"There are no results for scope 'zones/{zone}' on this page.",
-                "data": [{"key": "scope", "value": f"zones/{zone}"}]}})
-        out: dict[str, Any] = {"kind": "compute#instanceAggregatedList",
-                               "id": f"projects/{project}/aggregated/instances",
-                               "items": scoped}
+            scoped.setdefault(
+                f"zones/{zone}",
+                {
+                    "warning": {
+                        "code": "NO_RESULTS_ON_PAGE",
+                        "message": f"There are no results for scope 'zones/{zone}' on this page.",
+                        "data": [{"key": "scope", "value": f"zones/{zone}"}],
+                    }
+                },
+            )
+        out: dict[str, Any] = {
+            "kind": "compute#instanceAggregatedList",
+            "id": f"projects/{project}/aggregated/instances",
+            "items": scoped,
+        }
         if token:
             out["nextPageToken"] = token
         return 200, out
 
     def _group_body(self, g: Group) -> dict[str, Any]:
         loc = f"{SELF_BASE}/projects/{g.project}/{g.scope}"
-        out: dict[str, Any] = {"kind": "compute#instanceGroup", "id": str(g.id), "name": g.name,
-                               "size": len(g.members), "selfLink": f"{loc}/instanceGroups/{g.name}",
-                               "network": f"{SELF_BASE}/projects/{g.project}/global/networks/"
-                                          "default"}
+        out: dict[str, Any] = {
+            "kind": "compute#instanceGroup",
+            "id": str(g.id),
+            "name": g.name,
+            "size": len(g.members),
+            "selfLink": f"{loc}/instanceGroups/{g.name}",
+            "network": f"{SELF_BASE}/projects/{g.project}/global/networks/default",
+        }
         if g.zone:
             out["zone"] = loc
         else:
             out["region"] = loc
         return out
 
-    def _aggregated_groups(self, project: str, *, query: dict[str, str],
-                           body: Any) -> tuple[int, Any]:
+    def _aggregated_groups(
+        self, project: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._project(project)
-        groups = self._filtered([self._group_body(g) for g in self.groups
-                                 if g.project == project], query)
+        groups = self._filtered(
+            [self._group_body(g) for g in self.groups if g.project == project], query
+        )
         page, token = self._page(groups, query)
         scoped: dict[str, Any] = {}
         for g in page:
-            scope = ("zones/" + g["zone"].rsplit("/", 1)[-1] if "zone" in g
-                     else "regions/" + g["region"].rsplit("/", 1)[-1])
+            scope = (
+                "zones/" + g["zone"].rsplit("/", 1)[-1]
+                if "zone" in g
+                else "regions/" + g["region"].rsplit("/", 1)[-1]
+            )
             scoped.setdefault(scope, {"instanceGroups": []})["instanceGroups"].append(g)
         out: dict[str, Any] = {"kind": "compute#instanceGroupAggregatedList", "items": scoped}
         if token:
             out["nextPageToken"] = token
         return 200, out
 
-    def _list_groups(self, project: str, zone: str, *, query: dict[str, str],
-                     body: Any) -> tuple[int, Any]:
+    def _list_groups(
+        self, project: str, zone: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._zone(project, zone)
-        groups = self._filtered([self._group_body(g) for g in self.groups
-                                 if g.project == project and g.zone == zone], query)
+        groups = self._filtered(
+            [self._group_body(g) for g in self.groups if g.project == project and g.zone == zone],
+            query,
+        )
         page, token = self._page(groups, query)
         out: dict[str, Any] = {"kind": "compute#instanceGroupList", "items": page}
         if token:
             out["nextPageToken"] = token
         return 200, out
 
-    def _group(self, project: str, name: str, *, zone: str | None = None,
-               region: str | None = None) -> Group:
+    def _group(
+        self, project: str, name: str, *, zone: str | None = None, region: str | None = None
+    ) -> Group:
         for g in self.groups:
             if g.project == project and g.name == name and g.zone == zone and g.region == region:
                 return g
         where = f"zones/{zone}" if zone else f"regions/{region}"
-        raise _HttpError(404, f"The resource 'projects/{project}/{where}/instanceGroups/{name}' "
-                         "was not found", "notFound")
+        raise _HttpError(
+            404,
+            f"The resource 'projects/{project}/{where}/instanceGroups/{name}' was not found",
+            "notFound",
+        )
 
     def _members(self, g: Group, query: dict[str, str], body: Any) -> tuple[int, Any]:
         state = (body or {}).get("instanceState", "ALL") if isinstance(body, dict) else "ALL"
@@ -523,21 +637,27 @@ class FakeGce:
             status = inst["status"] if inst else "TERMINATED"
             if state == "RUNNING" and status != "RUNNING":
                 continue
-            items.append({"instance": f"{SELF_BASE}/projects/{g.project}/zones/{zone}/instances/"
-                                      f"{name}", "status": status})
+            items.append(
+                {
+                    "instance": f"{SELF_BASE}/projects/{g.project}/zones/{zone}/instances/{name}",
+                    "status": status,
+                }
+            )
         page, token = self._page(items, query)
         out: dict[str, Any] = {"kind": "compute#instanceGroupsListInstances", "items": page}
         if token:
             out["nextPageToken"] = token
         return 200, out
 
-    def _zonal_group_instances(self, project: str, zone: str, name: str, *,
-                               query: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _zonal_group_instances(
+        self, project: str, zone: str, name: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._zone(project, zone)
         return self._members(self._group(project, name, zone=zone), query, body)
 
-    def _regional_group_instances(self, project: str, region: str, name: str, *,
-                                  query: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _regional_group_instances(
+        self, project: str, region: str, name: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         self._get_region(project, region, query=query, body=body)
         return self._members(self._group(project, name, region=region), query, body)
 
@@ -546,20 +666,32 @@ class FakeGce:
         regions |= {g.region for g in self.groups if g.project == project and g.region}
         return regions
 
-    def _get_region(self, project: str, region: str, *, query: dict[str, str],
-                    body: Any) -> tuple[int, Any]:
+    def _get_region(
+        self, project: str, region: str, *, query: dict[str, str], body: Any
+    ) -> tuple[int, Any]:
         if region not in self._regions(project):
-            raise _HttpError(404, f"The resource 'projects/{project}/regions/{region}' was not "
-                             "found", "notFound")
+            raise _HttpError(
+                404, f"The resource 'projects/{project}/regions/{region}' was not found", "notFound"
+            )
         zones = sorted(z for z in self.projects[project] if region_of(z) == region)
-        return 200, {"kind": "compute#region", "name": region, "status": "UP",
-                     "selfLink": f"{SELF_BASE}/projects/{project}/regions/{region}",
-                     "zones": [f"{SELF_BASE}/projects/{project}/zones/{z}" for z in zones]}
+        return 200, {
+            "kind": "compute#region",
+            "name": region,
+            "status": "UP",
+            "selfLink": f"{SELF_BASE}/projects/{project}/regions/{region}",
+            "zones": [f"{SELF_BASE}/projects/{project}/zones/{z}" for z in zones],
+        }
 
     def _list_zones(self, project: str, *, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        items = [{"kind": "compute#zone", "name": z, "status": "UP",
-                  "region": f"{SELF_BASE}/projects/{project}/regions/{region_of(z)}"}
-                 for z in sorted(self._project(project))]
+        items = [
+            {
+                "kind": "compute#zone",
+                "name": z,
+                "status": "UP",
+                "region": f"{SELF_BASE}/projects/{project}/regions/{region_of(z)}",
+            }
+            for z in sorted(self._project(project))
+        ]
         page, token = self._page(items, query)
         out: dict[str, Any] = {"kind": "compute#zoneList", "items": page}
         if token:

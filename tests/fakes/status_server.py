@@ -15,8 +15,9 @@ from typing import Any, Self
 
 
 class StatusServer:
-    def __init__(self, port: int, *, status: int = 200, body: str = "status: UP\n",
-                 echo: str | None = None) -> None:
+    def __init__(
+        self, port: int, *, status: int = 200, body: str = "status: UP\n", echo: str | None = None
+    ) -> None:
         self.status, self.body, self.seen = status, body.encode(), list[str]()
         self.headers: list[dict[str, str]] = []
         owner = self

@@ -93,8 +93,9 @@ class FakeVault:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="fake-vault")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="fake-vault"
+        )
         self._thread.start()
         return self
 
@@ -123,8 +124,14 @@ class FakeVault:
         with self._lock:
             self.store[(mount, path.strip("/"))][-1].deleted = _now()
 
-    def fail(self, status: int, errors: list[str] | None = None, *, times: int | None = 1,
-             match: str = "") -> None:
+    def fail(
+        self,
+        status: int,
+        errors: list[str] | None = None,
+        *,
+        times: int | None = 1,
+        match: str = "",
+    ) -> None:
         """The next ``times`` requests whose path contains ``match`` get ``status``."""
         with self._lock:
             self.faults.append(Fault(status, errors or [], times, match))
@@ -147,8 +154,9 @@ class FakeVault:
         full = f"{mount}/data/{path}"
         return any(p == "*" or full.startswith(p) for p in prefixes)
 
-    def answer(self, method: str, raw_path: str, query: dict[str, str], token: str | None,
-               body: bytes) -> tuple[int, dict[str, Any] | None]:
+    def answer(
+        self, method: str, raw_path: str, query: dict[str, str], token: str | None, body: bytes
+    ) -> tuple[int, dict[str, Any] | None]:
         fault = self._fault(raw_path)
         if fault is not None:
             return fault.status, {"errors": fault.errors}
@@ -158,15 +166,17 @@ class FakeVault:
             return 404, {"errors": []}
         rest = parts[2:]
         if "data" not in rest:
-            return 404, {"errors": [f'no handler for route "{"/".join(rest)}". route entry '
-                                    "not found."]}
+            return 404, {
+                "errors": [f'no handler for route "{"/".join(rest)}". route entry not found.']
+            }
         i = rest.index("data")
-        mount, path = "/".join(rest[:i]), "/".join(unquote(p) for p in rest[i + 1:])
+        mount, path = "/".join(rest[:i]), "/".join(unquote(p) for p in rest[i + 1 :])
         if token not in self.tokens:
             return 403, {"errors": ["permission denied"]}
         if mount not in self.mounts:
-            return 404, {"errors": [f'no handler for route "{mount}/data/{path}". route entry '
-                                    "not found."]}
+            return 404, {
+                "errors": [f'no handler for route "{mount}/data/{path}". route entry not found.']
+            }
         if not self._allowed(token, mount, path):
             return 403, {"errors": ["1 error occurred:\n\t* permission denied\n\n"]}
         if method == "GET":
@@ -184,8 +194,7 @@ class FakeVault:
             return 204, None
         return 405, {"errors": ["unsupported operation"]}
 
-    def _read(self, mount: str, path: str, query: dict[str, str]
-              ) -> tuple[int, dict[str, Any]]:
+    def _read(self, mount: str, path: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         with self._lock:
             versions = list(self.store.get((mount, path), []))
         if not versions:
@@ -201,14 +210,27 @@ class FakeVault:
 
     @staticmethod
     def _metadata(v: Version, n: int) -> dict[str, Any]:
-        return {"created_time": v.created, "custom_metadata": None, "deletion_time": v.deleted,
-                "destroyed": v.destroyed, "version": n}
+        return {
+            "created_time": v.created,
+            "custom_metadata": None,
+            "deletion_time": v.deleted,
+            "destroyed": v.destroyed,
+            "version": n,
+        }
 
     @staticmethod
     def _envelope(data: dict[str, Any]) -> dict[str, Any]:
-        return {"request_id": str(uuid.uuid4()), "lease_id": "", "renewable": False,
-                "lease_duration": 0, "data": data, "wrap_info": None, "warnings": None,
-                "auth": None, "mount_type": "kv"}
+        return {
+            "request_id": str(uuid.uuid4()),
+            "lease_id": "",
+            "renewable": False,
+            "lease_duration": 0,
+            "data": data,
+            "wrap_info": None,
+            "warnings": None,
+            "auth": None,
+            "mount_type": "kv",
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -223,10 +245,14 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.vault.requests.append(Recorded(self.command, split.path, query,
-                                            {k.lower(): v for k, v in self.headers.items()}))
-        status, doc = self.vault.answer(self.command, split.path, query,
-                                        self.headers.get("X-Vault-Token"), body)
+        self.vault.requests.append(
+            Recorded(
+                self.command, split.path, query, {k.lower(): v for k, v in self.headers.items()}
+            )
+        )
+        status, doc = self.vault.answer(
+            self.command, split.path, query, self.headers.get("X-Vault-Token"), body
+        )
         payload = b"" if doc is None else json.dumps(doc).encode()
         self.send_response(status)
         if payload:

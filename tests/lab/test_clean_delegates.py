@@ -115,31 +115,51 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> No
 
 def process_args() -> str:
     """Every process's command line, as `ps -eo args` shows them to any user."""
-    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.mark.timeout(240)
 def test_delegate_sees_only_what_it_declared_and_no_secret_is_in_any_argv(
-        lab: Any, tmp_path: Path) -> None:
+    lab: Any, tmp_path: Path
+) -> None:
     # Given a worker whose environment holds its own secrets, and a referenced and an
     # unreferenced secret in the env backend
     out = tmp_path / "out"
     out.mkdir()
     token, unreferenced = f"tok-{secrets.token_hex(8)}", f"other-{secrets.token_hex(8)}"
-    worker_only = {"VMFARM_SECRETS_KEY": f"key-{secrets.token_hex(8)}",
-                   "AWS_SECRET_ACCESS_KEY": f"aws-{secrets.token_hex(8)}"}
+    worker_only = {
+        "VMFARM_SECRETS_KEY": f"key-{secrets.token_hex(8)}",
+        "AWS_SECRET_ACCESS_KEY": f"aws-{secrets.token_hex(8)}",
+    }
     (tmp_path / "p.yaml").write_text(PIPELINE.format(out=out))
     infra = one_host_infrastructure(lab, tmp_path / "infra.yaml")
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SECRETS="env",
-                   VMFARM_SECRET_DEPLOY_TOKEN=token, VMFARM_SECRET_UNREFERENCED=unreferenced,
-                   **worker_only)
+    env = base_env(
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_SECRETS="env",
+        VMFARM_SECRET_DEPLOY_TOKEN=token,
+        VMFARM_SECRET_UNREFERENCED=unreferenced,
+        **worker_only,
+    )
     hidden = [token, unreferenced, *worker_only.values()]
 
     # When the pipeline runs (embedded: the worker is the vmfarm process)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "run", str(tmp_path / "p.yaml"),
-                             str(infra), "-o", "json"], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "run",
+            str(tmp_path / "p.yaml"),
+            str(infra),
+            "-o",
+            "json",
+        ],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         # Then while the delegate step runs, no process shows a secret or the script
         wait_for(out / "delegate.started", proc)
@@ -164,8 +184,11 @@ def test_delegate_sees_only_what_it_declared_and_no_secret_is_in_any_argv(
 
     # And the delegate's environment held what it declared (the secret it references
     # included), the worker's PATH, HOME and LANG, and nothing else of the worker's
-    seen = dict(line.split("=", 1) for line in (out / "delegate.env").read_text().splitlines()
-                if "=" in line and not line.startswith((" ", "\t")))
+    seen = dict(
+        line.split("=", 1)
+        for line in (out / "delegate.env").read_text().splitlines()
+        if "=" in line and not line.startswith((" ", "\t"))
+    )
     assert seen["DECLARED"] == "declared-value"
     assert seen["TOKEN"] == token
     allowed = {"DECLARED", "TOKEN", "PATH", "HOME", "LANG"} | BASH_OWN

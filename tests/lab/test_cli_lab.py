@@ -19,13 +19,27 @@ def test_lab_up_status_down_through_the_cli(
     none = json.loads(run_vmfarm("lab", "status", "-o", "json", env=env).stdout)
     assert none["mode"] == "none" and none["hosts"] == []
 
-    up = run_vmfarm("lab", "up", "--hosts", "2", "--first", str(block.first), "--regions", "a,b",
-                    "--ssh", "-o", "json", env=env)
+    up = run_vmfarm(
+        "lab",
+        "up",
+        "--hosts",
+        "2",
+        "--first",
+        str(block.first),
+        "--regions",
+        "a,b",
+        "--ssh",
+        "-o",
+        "json",
+        env=env,
+    )
     assert up.returncode == 0, up.stderr
     state = json.loads(up.stdout)
     try:
         assert [(h["address"], h["region"], h["alive"]) for h in state["hosts"]] == [
-            (block.addresses[0], "a", True), (block.addresses[1], "b", True)]
+            (block.addresses[0], "a", True),
+            (block.addresses[1], "b", True),
+        ]
         pids = [h["pid"] for h in state["hosts"]]
         infra = Path(state["infrastructure_file"])
         assert infra == tmp_path / "home" / "lab" / "infrastructure.yaml"

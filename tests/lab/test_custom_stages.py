@@ -31,8 +31,7 @@ def health(alloc: Allocator) -> Iterator[StatusServer]:
 
 
 def _env(tmp_path: Path, user: str) -> dict[str, str]:
-    return base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_USER=user,
-                    VMFARM_USERS_FILE=USERS)
+    return base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_USER=user, VMFARM_USERS_FILE=USERS)
 
 
 def _status(env: dict[str, str], ex_id: str) -> dict[str, Any]:
@@ -51,17 +50,34 @@ def _runs_on(lab: Any, ex_id: str) -> int:
 
 
 def test_custom_stage_then_an_approval_step_in_the_deployment_runs_to_success(
-        tmp_path: Path, lab: Any, health: StatusServer) -> None:
+    tmp_path: Path, lab: Any, health: StatusServer
+) -> None:
     # Given alice runs a pipeline: a Custom stage (script with an output, Http check, Wait 2s),
     # then a Deployment stage whose first step is a HarnessApproval
     alice = _env(tmp_path, "alice")
     run = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "run", *FILES, str(lab.infrastructure_file),
-         "--set", f"check_url={health.url}", "-o", "json"],
-        env=alice, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "run",
+            *FILES,
+            str(lab.infrastructure_file),
+            "--set",
+            f"check_url={health.url}",
+            "-o",
+            "json",
+        ],
+        env=alice,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        ex_id = wait_for(lambda: _waiting_execution(alice), 120, "the run to wait for approval",
-                         interval=0.3)
+        ex_id = wait_for(
+            lambda: _waiting_execution(alice), 120, "the run to wait for approval", interval=0.3
+        )
         # Then the Custom stage ran on the delegate: its output reached the Http step
         report = _status(alice, ex_id)
         checks = report["stages"][0]
@@ -109,13 +125,23 @@ def _waiting_execution(env: dict[str, str]) -> str | None:
     return waiting[0] if waiting else None
 
 
-def test_a_failing_http_assertion_fails_the_custom_stage(tmp_path: Path, lab: Any,
-                                                          health: StatusServer) -> None:
+def test_a_failing_http_assertion_fails_the_custom_stage(
+    tmp_path: Path, lab: Any, health: StatusServer
+) -> None:
     # Given the health endpoint says UP, and the pipeline expects READY
     alice = _env(tmp_path, "alice")
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health.url}", "--set", "expect=READY", "-o", "json",
-                     env=alice)
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"check_url={health.url}",
+        "--set",
+        "expect=READY",
+        "-o",
+        "json",
+        env=alice,
+    )
     # Then the Custom stage fails at the Http step, saying why, and nothing is deployed
     assert res.returncode == 1, res.stdout + res.stderr
     report = json.loads(res.stdout)
@@ -124,7 +150,9 @@ def test_a_failing_http_assertion_fails_the_custom_stage(tmp_path: Path, lab: An
     assert checks["status"] == "FAILED" and deploy["status"] == "SKIPPED"
     steps = {s["step"]: s for s in checks["hosts"][0]["steps"]}
     assert steps["smoke"]["status"] == "FAILED"
-    assert 'assertion failed: <+httpResponseCode> == 200 && <+httpResponseBody>.contains(' \
-           '"READY")' in steps["smoke"]["error"]
+    assert (
+        "assertion failed: <+httpResponseCode> == 200 && <+httpResponseBody>.contains("
+        '"READY")' in steps["smoke"]["error"]
+    )
     assert "soak" not in steps or steps["soak"]["status"] == "SKIPPED"
     assert _runs_on(lab, report["id"]) == 0

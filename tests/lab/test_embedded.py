@@ -29,19 +29,29 @@ def _health(address: str) -> dict[str, Any]:
         return dict(json.loads(resp.read()))
 
 
-def test_demo_pipeline_deploys_and_redeploys_every_lab_host(embedded_env: dict[str, str],
-                                                            lab: Any) -> None:
+def test_demo_pipeline_deploys_and_redeploys_every_lab_host(
+    embedded_env: dict[str, str], lab: Any
+) -> None:
     # Given the lab and no broker (embedded mode)
-    first = run_vmfarm("run", DEMO, str(lab.infrastructure_file), "--set", "tag=1.0.0",
-                       env=embedded_env)
+    first = run_vmfarm(
+        "run", DEMO, str(lab.infrastructure_file), "--set", "tag=1.0.0", env=embedded_env
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     # Then every host serves the new version on its own address
     for h in lab.hosts:
         assert _health(h.address) == {"status": "UP", "version": "1.0.0"}
 
     # When a new version is deployed
-    second = run_vmfarm("run", DEMO, str(lab.infrastructure_file), "--set", "tag=1.1.0",
-                        "--output", "json", env=embedded_env)
+    second = run_vmfarm(
+        "run",
+        DEMO,
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=1.1.0",
+        "--output",
+        "json",
+        env=embedded_env,
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     report = json.loads(second.stdout)
     # Then the ledger knows what ran before, and the old app was stopped and replaced
@@ -62,20 +72,26 @@ def test_demo_pipeline_deploys_and_redeploys_every_lab_host(embedded_env: dict[s
 
 
 def test_a_host_that_cannot_be_reached_fails_alone(
-        embedded_env: dict[str, str], lab: Any, tmp_path: Path,
-        lease_addresses: Callable[[int], AddressLease]) -> None:
+    embedded_env: dict[str, str],
+    lab: Any,
+    tmp_path: Path,
+    lease_addresses: Callable[[int], AddressLease],
+) -> None:
     # Given the lab's infrastructure plus one (leased) address where no sshd listens
     gone = lease_addresses(1).addresses[0]
     first = lab.hosts[0].address
     infra = Path(lab.infrastructure_file).read_text()
-    infra = infra.replace(f"      - hostname: {first}\n",
-                          f"      - hostname: {gone}\n        region: r1\n"
-                          f"      - hostname: {first}\n", 1)
+    infra = infra.replace(
+        f"      - hostname: {first}\n",
+        f"      - hostname: {gone}\n        region: r1\n      - hostname: {first}\n",
+        1,
+    )
     assert gone in infra
     path = tmp_path / "infra.yaml"
     path.write_text(infra)
-    res = run_vmfarm("run", DEMO, str(path), "--set", "tag=2.0.0", "--output", "json",
-                     env=embedded_env)
+    res = run_vmfarm(
+        "run", DEMO, str(path), "--set", "tag=2.0.0", "--output", "json", env=embedded_env
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     hosts = {h["host"]: h for h in json.loads(res.stdout)["stages"][0]["hosts"]}
     dead = hosts.pop(gone)
@@ -91,31 +107,39 @@ def test_detach_needs_a_broker(embedded_env: dict[str, str], lab: Any) -> None:
     assert "VMFARM_BROKER_URL" in res.stderr
 
 
-def test_on_delegate_steps_run_on_the_worker_once_per_host(embedded_env: dict[str, str],
-                                                           lab: Any, tmp_path: Path) -> None:
+def test_on_delegate_steps_run_on_the_worker_once_per_host(
+    embedded_env: dict[str, str], lab: Any, tmp_path: Path
+) -> None:
     out = tmp_path / "delegate.txt"
-    res = run_vmfarm("run", str(REPO / "tests/data/delegate/pipeline.yaml"),
-                     str(lab.infrastructure_file), "--set", f"out_file={out}",
-                     env=embedded_env)
+    res = run_vmfarm(
+        "run",
+        str(REPO / "tests/data/delegate/pipeline.yaml"),
+        str(lab.infrastructure_file),
+        "--set",
+        f"out_file={out}",
+        env=embedded_env,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     # The file is on this machine (the worker's), not in any host's private filesystem,
     # and the host's own output variable reached the delegate step for that host.
     lines = sorted(out.read_text().splitlines())
-    assert lines == sorted(f"{h.address} host-said={h.address} delegate-sees=unset"
-                           for h in lab.hosts)
+    assert lines == sorted(
+        f"{h.address} host-said={h.address} delegate-sees=unset" for h in lab.hosts
+    )
 
 
 def test_sandbox_hosts_run_the_demo_without_sshd(
-        embedded_env: dict[str, str], tmp_path: Path,
-        lease_addresses: Callable[[int], AddressLease]) -> None:
+    embedded_env: dict[str, str], tmp_path: Path, lease_addresses: Callable[[int], AddressLease]
+) -> None:
     """What `scripts/demo` falls back to where root or sshd is missing."""
     from app.lab import lab_down, lab_up
 
     # The demo app listens on each host's address: leased, like a lab's.
     state = lab_up(2, root=tmp_path / "sandbox", sandbox=True, first=lease_addresses(2).first)
     try:
-        res = run_vmfarm("run", DEMO, str(state.infrastructure_file), "--set", "tag=3.0.0",
-                         env=embedded_env)
+        res = run_vmfarm(
+            "run", DEMO, str(state.infrastructure_file), "--set", "tag=3.0.0", env=embedded_env
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         for h in state.hosts:
             assert _health(h.address) == {"status": "UP", "version": "3.0.0"}

@@ -20,9 +20,19 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def _run(env: dict[str, str], lab: Any, failures: int, *extra: str) -> tuple[int, Any]:
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file),
-                     "--set", f"flaky_host={lab.hosts[0].address}",
-                     "--set", f"failures={failures}", *extra, "-o", "json", env=env)
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"flaky_host={lab.hosts[0].address}",
+        "--set",
+        f"failures={failures}",
+        *extra,
+        "-o",
+        "json",
+        env=env,
+    )
     return res.returncode, json.loads(res.stdout) if res.stdout.strip() else res.stderr
 
 
@@ -35,9 +45,11 @@ def _attempts(report: dict[str, Any], env: dict[str, str], host: str) -> list[st
     import sqlite3
 
     with sqlite3.connect(Path(env["VMFARM_HOME"]) / "vmfarm.db") as db:
-        rows = db.execute("select attempt, status from hoststeprun where execution_id=? and "
-                          "host=? and step_id='flaky' order by attempt",
-                          (report["id"], host)).fetchall()
+        rows = db.execute(
+            "select attempt, status from hoststeprun where execution_id=? and "
+            "host=? and step_id='flaky' order by attempt",
+            (report["id"], host),
+        ).fetchall()
     return [f"{a}:{s}" for a, s in rows]
 
 
@@ -51,11 +63,16 @@ def test_retry_runs_new_attempts_until_the_step_passes(env: dict[str, str], lab:
     assert _log(lab, report["id"], 1) == ["try", "after"]
     # status shows each attempt, in text and in JSON (not only the last one)
     step = next(h for h in report["stages"][0]["hosts"] if h["host"] == flaky)["steps"][0]
-    assert [(a["attempt"], a["status"], a["exit_code"]) for a in step["attempts"]] == \
-        [(1, "FAILED", 1), (2, "FAILED", 1), (3, "SUCCEEDED", 0)]
+    assert [(a["attempt"], a["status"], a["exit_code"]) for a in step["attempts"]] == [
+        (1, "FAILED", 1),
+        (2, "FAILED", 1),
+        (3, "SUCCEEDED", 0),
+    ]
     shown = run_vmfarm("status", report["id"], env=env)
-    assert (f"{flaky} (r1): step flaky SUCCEEDED on attempt 3; attempt 1 FAILED (exit 1); "
-            "attempt 2 FAILED (exit 1)") in shown.stdout, shown.stdout
+    assert (
+        f"{flaky} (r1): step flaky SUCCEEDED on attempt 3; attempt 1 FAILED (exit 1); "
+        "attempt 2 FAILED (exit 1)"
+    ) in shown.stdout, shown.stdout
 
 
 def test_after_the_retries_on_retry_failure_decides(env: dict[str, str], lab: Any) -> None:
@@ -84,22 +101,24 @@ def test_a_step_strategy_comes_before_its_stage_strategy(env: dict[str, str], la
     from app.definitions.plan import CommandStepPlan, DeploymentStagePlan
 
     def on(errors: list[str], action: dict[str, Any]) -> FailureStrategy:
-        return FailureStrategy.model_validate({"onFailure": {"errors": errors,
-                                                             "action": action}})
+        return FailureStrategy.model_validate({"onFailure": {"errors": errors, "action": action}})
 
     retry = {"type": "Retry", "spec": {"retryCount": 1, "retryIntervals": ["1s"]}}
-    step = CommandStepPlan.model_construct(failure_strategies=[on(["Unknown"], retry)],
-                                           group_failure_strategies=[])
+    step = CommandStepPlan.model_construct(
+        failure_strategies=[on(["Unknown"], retry)], group_failure_strategies=[]
+    )
     stage = DeploymentStagePlan.model_construct(
-        failure_strategies=[on(["AllErrors"], {"type": "Abort"})])
+        failure_strategies=[on(["AllErrors"], {"type": "Abort"})]
+    )
     assert failure_action(step, stage, "Unknown") == FailureAction.model_validate(retry)
     assert failure_action(step, stage, "Connectivity") == FailureAction(type="Abort")
-    assert failure_action(None, DeploymentStagePlan.model_construct(failure_strategies=[]),
-                          "Unknown") is None
+    assert (
+        failure_action(None, DeploymentStagePlan.model_construct(failure_strategies=[]), "Unknown")
+        is None
+    )
 
 
-def test_retry_only_failed_reruns_just_the_hosts_that_failed(env: dict[str, str],
-                                                             lab: Any) -> None:
+def test_retry_only_failed_reruns_just_the_hosts_that_failed(env: dict[str, str], lab: Any) -> None:
     # Given a host that is broken, so the run fails there (after its retries)
     broken = Path(lab.hosts[2].host_dir) / "opt" / "fs" / "broken"
     broken.parent.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,21 @@ def env(tmp_path: Path) -> dict[str, str]:
     return base_env(VMFARM_HOME=str(tmp_path / "home"))
 
 
-@pytest.mark.parametrize("note", [
-    "x /opt/hv/work/keep",  # split in two, it would delete the folder it names
-    "it's \"quoted\" $(touch /opt/hv/pwned) `touch /opt/hv/pwned` ${HOME} *\nsecond line",
-    "-rf",
-])
-def test_a_value_lands_on_the_host_as_given_in_every_context(env: dict[str, str], lab: Any,
-                                                              note: str) -> None:
+@pytest.mark.parametrize(
+    "note",
+    [
+        "x /opt/hv/work/keep",  # split in two, it would delete the folder it names
+        'it\'s "quoted" $(touch /opt/hv/pwned) `touch /opt/hv/pwned` ${HOME} *\nsecond line',
+        "-rf",
+    ],
+)
+def test_a_value_lands_on_the_host_as_given_in_every_context(
+    env: dict[str, str], lab: Any, note: str
+) -> None:
     # Given a runtime value that is not made of plain characters
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set", f"note={note}",
-                     "-o", "json", env=env)
+    res = run_vmfarm(
+        "run", *FILES, str(lab.infrastructure_file), "--set", f"note={note}", "-o", "json", env=env
+    )
     # When a script names it bare, in quotes, in here-documents and in an array
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     report = json.loads(res.stdout)
@@ -47,11 +52,18 @@ def test_a_value_lands_on_the_host_as_given_in_every_context(env: dict[str, str]
         assert not (out / "pwned").exists()
 
 
-def test_a_value_that_would_end_a_quoted_here_document_is_refused(env: dict[str, str],
-                                                                   lab: Any) -> None:
+def test_a_value_that_would_end_a_quoted_here_document_is_refused(
+    env: dict[str, str], lab: Any
+) -> None:
     # Given a value one of whose lines is the here-document's delimiter
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     "note=ok\nEOF\ntouch /opt/hv/pwned", env=env)
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        "note=ok\nEOF\ntouch /opt/hv/pwned",
+        env=env,
+    )
     # Then nothing is recorded or run, and the message names the file, the line and why
     assert res.returncode == 2, res.stdout + res.stderr
     assert "pipeline.yaml:" in res.stderr

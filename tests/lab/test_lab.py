@@ -306,8 +306,9 @@ def test_sandbox_mode_needs_no_sshd(lab_root: Path, lease_addresses: Lease) -> N
             pytest.fail(message)
         pytest.skip(message)
     # Given a sandbox lab (what a machine without root or sshd gets)
-    state = lab_up(2, root=lab_root, sandbox=True, regions=["r1", "r2"],
-                   first=lease_addresses(2).first)
+    state = lab_up(
+        2, root=lab_root, sandbox=True, regions=["r1", "r2"], first=lease_addresses(2).first
+    )
 
     assert state.mode == "sandbox" and "requested" in state.reason
     assert all(h.pid is None and h.alive for h in state.hosts)

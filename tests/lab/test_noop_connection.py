@@ -75,7 +75,8 @@ def instances(home: Path) -> list[tuple[str, str]]:
 
 @pytest.mark.timeout(180)
 def test_noop_hosts_run_nothing_and_record_no_deployment(
-        tmp_path: Path, lease_addresses: Callable[[int], AddressLease]) -> None:
+    tmp_path: Path, lease_addresses: Callable[[int], AddressLease]
+) -> None:
     # Given a pipeline on hosts where nothing listens (leased: no other run binds them), and
     # workers told to use no-op connections
     a, b = lease_addresses(2).addresses
@@ -94,7 +95,12 @@ def test_noop_hosts_run_nothing_and_record_no_deployment(
     assert instances(tmp_path / "home") == []
 
     # And without the setting the same files are a real deployment: the hosts are unreachable
-    real = run_vmfarm("run", str(tmp_path / "p.yaml"), "-o", "json",
-                      env=base_env(VMFARM_HOME=str(tmp_path / "home")))
+    real = run_vmfarm(
+        "run",
+        str(tmp_path / "p.yaml"),
+        "-o",
+        "json",
+        env=base_env(VMFARM_HOME=str(tmp_path / "home")),
+    )
     assert real.returncode == 1, real.stdout[-2000:] + real.stderr[-2000:]
     assert instances(tmp_path / "home") == []

@@ -36,10 +36,20 @@ def clean_hosts(lab: Any) -> None:
                 p.unlink()
 
 
-def _run(env: dict[str, str], lab: Any, files: list[str], version: str,
-         *extra: str) -> tuple[int, dict[str, Any]]:
-    res = run_vmfarm("run", *files, str(lab.infrastructure_file), "--set", f"tag={version}",
-                     *extra, "-o", "json", env=env)
+def _run(
+    env: dict[str, str], lab: Any, files: list[str], version: str, *extra: str
+) -> tuple[int, dict[str, Any]]:
+    res = run_vmfarm(
+        "run",
+        *files,
+        str(lab.infrastructure_file),
+        "--set",
+        f"tag={version}",
+        *extra,
+        "-o",
+        "json",
+        env=env,
+    )
     assert res.stdout.strip(), res.stderr
     return res.returncode, json.loads(res.stdout)
 
@@ -58,8 +68,9 @@ def _instances(env: dict[str, str]) -> dict[str, str]:
     return dict(_ledger(env, "select host, version from instance where service='rbapp'"))
 
 
-def test_retry_then_stage_rollback_restores_every_changed_host(env: dict[str, str],
-                                                                lab: Any) -> None:
+def test_retry_then_stage_rollback_restores_every_changed_host(
+    env: dict[str, str], lab: Any
+) -> None:
     addrs = [h.address for h in lab.hosts]
     code, first = _run(env, lab, RB, "1.0")
     assert code == 0, first
@@ -67,9 +78,13 @@ def test_retry_then_stage_rollback_restores_every_changed_host(env: dict[str, st
     code, report = _run(env, lab, RB, "2.0", "--set", f"bad_host={addrs[4]}")
     assert code == 1
     assert report["status"] == "FAILED" and "rolled back 6 host(s)" in report["error"]
-    attempts = _ledger(env, "select attempt, status from hoststeprun where execution_id=? and "
-                            "host=? and step_id='check' and kind='deploy' order by attempt",
-                       report["id"], addrs[4])
+    attempts = _ledger(
+        env,
+        "select attempt, status from hoststeprun where execution_id=? and "
+        "host=? and step_id='check' and kind='deploy' order by attempt",
+        report["id"],
+        addrs[4],
+    )
     assert attempts == [(1, "FAILED"), (2, "FAILED"), (3, "FAILED")]  # two retries
     stage = report["stages"][0]
     assert stage["status"] == "ROLLED_BACK"
@@ -78,8 +93,14 @@ def test_retry_then_stage_rollback_restores_every_changed_host(env: dict[str, st
     assert _instances(env) == {a: "1.0" for a in addrs}
     assert all(h["rollback"]["status"] == "ROLLED_BACK" for h in stage["hosts"])
     # A host of the first phase was changed by 2.0 and got 1.0's steps again.
-    assert _on_host(lab, 0, "history") == ["install 1.0", "check 1.0", "install 2.0",
-                                           "check 2.0", "install 1.0", "check 1.0"]
+    assert _on_host(lab, 0, "history") == [
+        "install 1.0",
+        "check 1.0",
+        "install 2.0",
+        "check 2.0",
+        "install 1.0",
+        "check 1.0",
+    ]
     # Phases rolled back in reverse order: the second phase first.
     rb = [p for p in stage["phases"] if p["kind"] == "rollback"]
     assert [p["phase"] for p in sorted(rb, key=lambda p: p["dispatched_at"])] == [1, 0]
@@ -90,8 +111,9 @@ def test_retry_then_stage_rollback_restores_every_changed_host(env: dict[str, st
     res = run_vmfarm("rollback", third["id"], "--plan", "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     preview = json.loads(res.stdout)
-    assert {(h["host"], h["from"], h["to"]) for h in preview["stages"][0]["hosts"]} == \
-        {(a, "3.0", "1.0") for a in addrs}
+    assert {(h["host"], h["from"], h["to"]) for h in preview["stages"][0]["hosts"]} == {
+        (a, "3.0", "1.0") for a in addrs
+    }
     assert _on_host(lab, 0, "version") == ["3.0"]  # --plan ran nothing
     res = run_vmfarm("rollback", third["id"], "-o", "json", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -112,13 +134,16 @@ def test_a_first_deployment_has_nothing_to_roll_back_to(env: dict[str, str], lab
     # Only the first phase ran; its hosts stay as they are, and the report says why.
     changed = [h for h in stage["hosts"] if h["rollback"]]
     assert {h["host"] for h in changed} == set(addrs[:3])
-    assert all(h["rollback"]["status"] == "SKIPPED" and "first deployment" in
-               h["rollback"]["reason"] for h in changed)
+    assert all(
+        h["rollback"]["status"] == "SKIPPED" and "first deployment" in h["rollback"]["reason"]
+        for h in changed
+    )
     assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 3 + [[]] * 3
 
 
-def test_manual_intervention_times_out_into_its_post_timeout_action(env: dict[str, str],
-                                                                     lab: Any) -> None:
+def test_manual_intervention_times_out_into_its_post_timeout_action(
+    env: dict[str, str], lab: Any
+) -> None:
     addrs = [h.address for h in lab.hosts]
     code, report = _run(env, lab, RB_MI, "1.0", "--set", f"bad_host={addrs[0]}")
     assert code == 1
@@ -130,12 +155,27 @@ def test_manual_intervention_times_out_into_its_post_timeout_action(env: dict[st
 
 def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -> None:
     addrs = [h.address for h in lab.hosts]
-    cmd = [sys.executable, "-m", "cli.main", "run", *RB_MI, str(lab.infrastructure_file),
-           "--set", "tag=1.0", "--set", f"bad_host={addrs[0]}", "--set", "timeout=5m",
-           "-o", "json"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "run",
+        *RB_MI,
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=1.0",
+        "--set",
+        f"bad_host={addrs[0]}",
+        "--set",
+        "timeout=5m",
+        "-o",
+        "json",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
+
         def waiting() -> str | None:
             rows: list[tuple[Any, ...]] = []
             # The CLI creates the ledger's file, then its tables.
@@ -143,12 +183,17 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
                 rows = _ledger(env, "select id, status from execution")
             return str(rows[0][0]) if rows and rows[0][1] == "WAITING" else None
 
-        ex_id = wait_for(waiting, 120, "the execution to wait for an intervention",
-                         interval=0.5)
+        ex_id = wait_for(waiting, 120, "the execution to wait for an intervention", interval=0.5)
         shown = run_vmfarm("status", ex_id, env=env)
         assert "waiting for a manual intervention" in shown.stdout
-        res = run_vmfarm("intervene", ex_id, "Ignore", "-m", "known flaky check",
-                         env={**env, "VMFARM_USER": "oncall"})
+        res = run_vmfarm(
+            "intervene",
+            ex_id,
+            "Ignore",
+            "-m",
+            "known flaky check",
+            env={**env, "VMFARM_USER": "oncall"},
+        )
         assert res.returncode == 0, res.stderr
         assert "Ignore chosen by oncall" in res.stdout
         out, errs = proc.communicate(timeout=120)
@@ -162,19 +207,28 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
     assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6
 
 
-RB_STEPS = [str(DATA / "rollback" / "service.yaml"),
-            str(DATA / "rollback_steps" / "pipeline.yaml")]
+RB_STEPS = [str(DATA / "rollback" / "service.yaml"), str(DATA / "rollback_steps" / "pipeline.yaml")]
 
 
 def test_rollback_steps_run_on_changed_hosts_and_a_failure_ends_rollback_failed(
-        env: dict[str, str], lab: Any) -> None:
+    env: dict[str, str], lab: Any
+) -> None:
     addrs = [h.address for h in lab.hosts]
     code, first = _run(env, lab, RB_STEPS, "1.0")
     assert code == 0, first
     # 2.0 fails on the second host (first phase); restoring fails on the first host.
-    res = run_vmfarm("run", *RB_STEPS, str(lab.infrastructure_file), "--set", "tag=2.0",
-                     "--set", f"bad_host={addrs[1]}", "--set", f"stuck_host={addrs[0]}",
-                     env=env)
+    res = run_vmfarm(
+        "run",
+        *RB_STEPS,
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=2.0",
+        "--set",
+        f"bad_host={addrs[1]}",
+        "--set",
+        f"stuck_host={addrs[0]}",
+        env=env,
+    )
     assert res.returncode == 1
     ex_id = res.stderr.split("execution ")[1].split()[0]
     report = json.loads(run_vmfarm("status", ex_id, "-o", "json", env=env).stdout)
@@ -195,18 +249,29 @@ def test_rollback_steps_run_on_changed_hosts_and_a_failure_ends_rollback_failed(
     assert "the rollback failed on some hosts" in res.stdout
 
 
-def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str],
-                                                             lab: Any) -> None:
+def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str], lab: Any) -> None:
     addrs = [h.address for h in lab.hosts]
     code, first = _run(env, lab, RB_STEPS, "1.0")
     assert code == 0, first
-    cmd = [sys.executable, "-m", "cli.main", "run", *RB_STEPS, str(lab.infrastructure_file),
-           "--set", "tag=2.0", "--set", "settle_seconds=3", "-o", "json"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "run",
+        *RB_STEPS,
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=2.0",
+        "--set",
+        "settle_seconds=3",
+        "-o",
+        "json",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: _on_host(lab, 0, "version") == ["2.0"], 60, "2.0 to start",
-                 interval=0.2)
+        wait_for(lambda: _on_host(lab, 0, "version") == ["2.0"], 60, "2.0 to start", interval=0.2)
         ex_id = _ledger(env, "select id from execution order by created_at desc")[0][0]
         res = run_vmfarm("abort", ex_id, "--rollback", env=env)
         assert res.returncode == 0 and "roll back" in res.stdout, res.stdout + res.stderr
@@ -235,8 +300,9 @@ def test_rollback_reports_say_what_happened(env: dict[str, str], lab: Any) -> No
     # The rollback execution shows the hosts it rolled back, with their real states and the
     # steps it ran on them (not every host SKIPPED).
     hosts = undo["stages"][0]["hosts"]
-    assert {h["host"]: (h["status"], h["version"]) for h in hosts} == \
-        {a: ("ROLLED_BACK", "1.0") for a in addrs}
+    assert {h["host"]: (h["status"], h["version"]) for h in hosts} == {
+        a: ("ROLLED_BACK", "1.0") for a in addrs
+    }
     assert all([s["status"] for s in h["steps"]] == ["SUCCEEDED", "SUCCEEDED"] for h in hosts)
     shown = run_vmfarm("status", undo["id"], env=env)
     assert "SKIPPED" not in shown.stdout and shown.stdout.count("ROLLED_BACK") >= 6
@@ -245,8 +311,9 @@ def test_rollback_reports_say_what_happened(env: dict[str, str], lab: Any) -> No
     # A second rollback of the same run names the rollback that already undid it.
     res = run_vmfarm("rollback", third["id"], env=env)
     assert res.returncode == 2
-    assert f"execution {third['id']} was rolled back already by execution {undo['id']}" \
-        in res.stderr, res.stderr
+    assert (
+        f"execution {third['id']} was rolled back already by execution {undo['id']}" in res.stderr
+    ), res.stderr
     assert "deployed after" not in res.stderr
     assert run_vmfarm("rollback", third["id"], "--plan", env=env).stderr == res.stderr
 
@@ -258,11 +325,9 @@ def test_rollback_reports_say_what_happened(env: dict[str, str], lab: Any) -> No
         assert "no earlier version recorded" in res.stderr
 
     # A rollback is not rolled back: --plan and the rollback refuse it alike, exit 2.
-    refusals = [run_vmfarm("rollback", undo["id"], *extra, env=env) for extra in ((),
-                                                                                  ("--plan",))]
+    refusals = [run_vmfarm("rollback", undo["id"], *extra, env=env) for extra in ((), ("--plan",))]
     assert [r.returncode for r in refusals] == [2, 2]
     assert refusals[0].stderr == refusals[1].stderr
     assert f"execution {undo['id']} is a rollback (of {third['id']})" in refusals[0].stderr
-    assert len(json.loads(run_vmfarm("executions", "-o", "json", env=env).stdout)) == \
-        executions
+    assert len(json.loads(run_vmfarm("executions", "-o", "json", env=env).stdout)) == executions
     assert [_on_host(lab, i, "version") for i in range(6)] == [["1.0"]] * 6

@@ -312,8 +312,11 @@ def test_timeout_raises_stops_the_command_and_keeps_the_connection(
     assert info.value.host == HOST
     # The script and its child were stopped on the host, not left running.
     shell, child = (int(p) for p in pids.read_text().split())
-    wait_for(lambda: not _pid_alive(shell) and not _pid_alive(child), 5,
-             "the timed-out script and its child to stop")
+    wait_for(
+        lambda: not _pid_alive(shell) and not _pid_alive(child),
+        5,
+        "the timed-out script and its child to stop",
+    )
     # And the same connection takes the next command.
     assert _peer(conn) == before
 

@@ -34,18 +34,29 @@ def _t(text: str) -> datetime:
 
 def test_rolling_phases_wait_for_the_previous_gate(lab8: Any, env: dict[str, str]) -> None:
     # Given 8 hosts and a rolling strategy of 25%, 50%, 100% with at most 2 hosts in flight
-    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "rolling.yaml"),
-                     str(lab8.infrastructure_file), "--set", "tag=5.0.0", "-o", "json",
-                     env=env, timeout=300)
+    res = run_vmfarm(
+        "run",
+        str(STRAT / "service.yaml"),
+        str(STRAT / "rolling.yaml"),
+        str(lab8.infrastructure_file),
+        "--set",
+        "tag=5.0.0",
+        "-o",
+        "json",
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     report = json.loads(res.stdout)
     hosts = report["stages"][0]["hosts"]
     assert {h["version"] for h in hosts} == {"5.0.0"} and len(hosts) == 8
     with _db(env) as db:
-        phases = db.execute("select phase, kind, status, hosts, gate_at from phaserun "
-                            "order by phase").fetchall()
-        rows = db.execute("select host, phase, step_index, started_at, finished_at "
-                          "from hoststeprun").fetchall()
+        phases = db.execute(
+            "select phase, kind, status, hosts, gate_at from phaserun order by phase"
+        ).fetchall()
+        rows = db.execute(
+            "select host, phase, step_index, started_at, finished_at from hoststeprun"
+        ).fetchall()
     # Then the batches are 2, 4 and the remaining 2 hosts, in inventory order
     order = [h.address for h in lab8.hosts]
     assert [json.loads(p["hosts"]) for p in phases] == [order[:2], order[2:6], order[6:]]
@@ -66,12 +77,22 @@ def test_rolling_phases_wait_for_the_previous_gate(lab8: Any, env: dict[str, str
 
 
 def test_canary_with_a_broken_build_never_reaches_the_primary_phase(
-        lab8: Any, env: dict[str, str]) -> None:
+    lab8: Any, env: dict[str, str]
+) -> None:
     # Given a build whose health endpoint answers 503 {"status": "DOWN"}
     broken = STRAT / "broken-app"
-    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
-                     str(lab8.infrastructure_file), "--set", "tag=6.6.6",
-                     "--set", f"path={broken}", env=env, timeout=300)
+    res = run_vmfarm(
+        "run",
+        str(STRAT / "service.yaml"),
+        str(STRAT / "canary.yaml"),
+        str(lab8.infrastructure_file),
+        "--set",
+        "tag=6.6.6",
+        "--set",
+        f"path={broken}",
+        env=env,
+        timeout=300,
+    )
     # Then the run fails, the canary hosts are named with the check and its numbers
     assert res.returncode == 1, res.stdout + res.stderr
     canary = [h.address for h in lab8.hosts[:2]]  # 25% of 8, inventory order
@@ -81,8 +102,9 @@ def test_canary_with_a_broken_build_never_reaches_the_primary_phase(
         assert "health check" in line and "503" in line
     with _db(env) as db:
         started = db.execute("select distinct phase from hoststeprun").fetchall()
-        verdict = json.loads(db.execute("select verdict from phaserun where kind='verify'")
-                             .fetchone()["verdict"])
+        verdict = json.loads(
+            db.execute("select verdict from phaserun where kind='verify'").fetchone()["verdict"]
+        )
     # and the primary phase never started
     assert [r["phase"] for r in started] == [0]
     assert verdict["passed"] is False and sorted(verdict["failed"]) == sorted(canary)
@@ -93,11 +115,19 @@ def test_canary_with_a_broken_build_never_reaches_the_primary_phase(
     assert "verification of Canary: FAILED" in st.stdout
 
 
-def test_canary_that_passes_its_gate_goes_on_to_every_host(lab8: Any,
-                                                          env: dict[str, str]) -> None:
-    res = run_vmfarm("run", str(STRAT / "service.yaml"), str(STRAT / "canary.yaml"),
-                     str(lab8.infrastructure_file), "--set", "tag=7.0.0", "-o", "json",
-                     env=env, timeout=300)
+def test_canary_that_passes_its_gate_goes_on_to_every_host(lab8: Any, env: dict[str, str]) -> None:
+    res = run_vmfarm(
+        "run",
+        str(STRAT / "service.yaml"),
+        str(STRAT / "canary.yaml"),
+        str(lab8.infrastructure_file),
+        "--set",
+        "tag=7.0.0",
+        "-o",
+        "json",
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     report = json.loads(res.stdout)
     stage = report["stages"][0]
@@ -121,7 +151,8 @@ def _exec_id(stderr: str) -> str:
 
 
 def test_blue_green_moves_traffic_with_no_failed_request(
-        lab8: Any, free_port: Callable[[], int]) -> None:
+    lab8: Any, free_port: Callable[[], int]
+) -> None:
     import shutil
     import tempfile
     import threading
@@ -135,18 +166,30 @@ def test_blue_green_moves_traffic_with_no_failed_request(
     env = base_env(VMFARM_HOME=home)
 
     lb = f"127.0.0.1:{free_port()}"
-    files = [str(STRAT / "service.yaml"), str(STRAT / "bluegreen.yaml"),
-             str(lab8.infrastructure_file)]
+    files = [
+        str(STRAT / "service.yaml"),
+        str(STRAT / "bluegreen.yaml"),
+        str(lab8.infrastructure_file),
+    ]
     blue = [h.address for h in lab8.hosts[:4]]
     green = [h.address for h in lab8.hosts[4:]]
     try:
         # Given a first blue-green deployment: version 1 goes to the green set, which goes live
-        first = run_vmfarm("run", *files, "--set", "tag=1.0.0", "--set", f"lb={lb}",
-                           "-o", "json", env=env, timeout=300)
+        first = run_vmfarm(
+            "run",
+            *files,
+            "--set",
+            "tag=1.0.0",
+            "--set",
+            f"lb={lb}",
+            "-o",
+            "json",
+            env=env,
+            timeout=300,
+        )
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr
         phases = json.loads(first.stdout)["stages"][0]["plan"]
-        assert [(p["kind"], p["hosts"]) for p in phases] == [("deploy", green),
-                                                             ("switch", green)]
+        assert [(p["kind"], p["hosts"]) for p in phases] == [("deploy", green), ("switch", green)]
 
         # When version 2 goes out while a client keeps calling the load balancer
         seen: list[str] = []
@@ -165,8 +208,18 @@ def test_blue_green_moves_traffic_with_no_failed_request(
         loop = threading.Thread(target=client)
         loop.start()
         try:
-            second = run_vmfarm("run", *files, "--set", "tag=2.0.0", "--set", f"lb={lb}",
-                                "-o", "json", env=env, timeout=300)
+            second = run_vmfarm(
+                "run",
+                *files,
+                "--set",
+                "tag=2.0.0",
+                "--set",
+                f"lb={lb}",
+                "-o",
+                "json",
+                env=env,
+                timeout=300,
+            )
             answered(seen)  # and a few more calls after the run
         finally:
             stop.set()
@@ -174,8 +227,10 @@ def test_blue_green_moves_traffic_with_no_failed_request(
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr
         stage = json.loads(second.stdout)["stages"][0]
         # Then version 2 went to the blue set (the one without traffic), then traffic moved
-        assert [(p["kind"], p["hosts"]) for p in stage["plan"]] == [("deploy", blue),
-                                                                    ("switch", blue)]
+        assert [(p["kind"], p["hosts"]) for p in stage["plan"]] == [
+            ("deploy", blue),
+            ("switch", blue),
+        ]
         # and the client saw only the old version, then only the new one, and no error
         assert [v for v in seen if v.startswith("error")] == []
         switch_at = seen.index("2.0.0")
@@ -213,15 +268,22 @@ def test_blue_green_moves_traffic_with_no_failed_request(
         with urllib.request.urlopen(f"http://{blue[0]}:8080/health", timeout=5) as resp:
             assert json.loads(resp.read())["version"] == "2.0.0"
     finally:
-        switch = traffic_switch_from_spec({"type": "Local", "name": "bgtest", "listen": lb},
-                                          state_dir=Path(env["VMFARM_HOME"]) / "traffic")
+        switch = traffic_switch_from_spec(
+            {"type": "Local", "name": "bgtest", "listen": lb},
+            state_dir=Path(env["VMFARM_HOME"]) / "traffic",
+        )
         switch.stop()  # type: ignore[attr-defined]
         shutil.rmtree(home, ignore_errors=True)
 
 
 def test_failure_budget_lets_one_host_fail_but_not_two(lab8: Any, env: dict[str, str]) -> None:
-    files = [str(STRAT / "service.yaml"), str(STRAT / "budget.yaml"),
-             str(lab8.infrastructure_file), "--set", "tag=8.0.0"]
+    files = [
+        str(STRAT / "service.yaml"),
+        str(STRAT / "budget.yaml"),
+        str(lab8.infrastructure_file),
+        "--set",
+        "tag=8.0.0",
+    ]
     one = lab8.hosts[1].address
     ok = run_vmfarm("run", *files, "--set", f"bad_hosts={one}", "-o", "json", env=env)
     # One failed host is within the budget: the stage goes on to the second phase and passes
@@ -234,12 +296,12 @@ def test_failure_budget_lets_one_host_fail_but_not_two(lab8: Any, env: dict[str,
     assert "not ready: disk full" in failed_step["error"]
     assert [p["verdict"]["rule"] for p in stage["phases"]] == [
         "at most 1 of 8 host(s) may fail in the stage; 1 failed so far",
-        "at most 1 of 8 host(s) may fail in the stage; 1 failed so far"]
+        "at most 1 of 8 host(s) may fail in the stage; 1 failed so far",
+    ]
 
     # A second failed host, in the second phase, exceeds it: the stage fails there
     two = lab8.hosts[5].address
-    bad = run_vmfarm("run", *files, "--set", f"bad_hosts={one} {two}", "-o", "json",
-                     env=env)
+    bad = run_vmfarm("run", *files, "--set", f"bad_hosts={one} {two}", "-o", "json", env=env)
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr
     phases = [p for p in json.loads(bad.stdout)["stages"][0]["phases"] if p["kind"] == "deploy"]
     assert [p["status"] for p in phases] == ["SUCCEEDED", "FAILED"]

@@ -24,14 +24,16 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def _environment(tmp_path: Path, kind: str) -> str:
     path = tmp_path / f"env-{kind}.yaml"
-    path.write_text("apiVersion: v1\nkind: Environment\nmetadata:\n  name: lab\nspec:\n"
-                    f"  type: {kind}\n")
+    path.write_text(
+        f"apiVersion: v1\nkind: Environment\nmetadata:\n  name: lab\nspec:\n  type: {kind}\n"
+    )
     return str(path)
 
 
 def _run(env: dict[str, str], lab: Any, env_file: str, *extra: str) -> tuple[int, Any]:
-    res = run_vmfarm("run", *FILES, env_file, str(lab.infrastructure_file), *extra,
-                     "-o", "json", env=env)
+    res = run_vmfarm(
+        "run", *FILES, env_file, str(lab.infrastructure_file), *extra, "-o", "json", env=env
+    )
     return res.returncode, json.loads(res.stdout) if res.stdout.strip() else res.stderr
 
 
@@ -42,17 +44,19 @@ def _log(lab: Any, ex_id: str, host: int) -> list[str]:
 
 def _rows(env: dict[str, str], ex_id: str, step: str) -> dict[str, tuple[str, str | None]]:
     with sqlite3.connect(Path(env["VMFARM_HOME"]) / "vmfarm.db") as db:
-        rows = db.execute("select host, status, error from hoststeprun where execution_id=? "
-                          "and step_id=?", (ex_id, step)).fetchall()
+        rows = db.execute(
+            "select host, status, error from hoststeprun where execution_id=? and step_id=?",
+            (ex_id, step),
+        ).fetchall()
     return {h: (s, e) for h, s, e in rows}
 
 
 def test_a_failure_only_step_runs_on_the_hosts_that_failed_and_the_stage_still_fails(
-        env: dict[str, str], lab: Any, tmp_path: Path) -> None:
+    env: dict[str, str], lab: Any, tmp_path: Path
+) -> None:
     # Given a host where the work step fails, and a stage that says MarkAsFailure
     bad = lab.hosts[1].address
-    code, report = _run(env, lab, _environment(tmp_path, "Production"),
-                        "--set", f"bad_host={bad}")
+    code, report = _run(env, lab, _environment(tmp_path, "Production"), "--set", f"bad_host={bad}")
     # Then the run fails, in the first stage; the second (Success only) does not run, the
     # third (pipelineStatus: Failure) does
     assert code == 1, report
@@ -73,24 +77,29 @@ def test_a_failure_only_step_runs_on_the_hosts_that_failed_and_the_stage_still_f
     assert diag[bad][0] == "SUCCEEDED"
     others = {h: r for h, r in diag.items() if h != bad}
     assert len(others) == len(lab.hosts) - 1
-    assert all(s == "SKIPPED" and "stageStatus Failure" in (e or "")
-               for s, e in others.values())
+    assert all(s == "SKIPPED" and "stageStatus Failure" in (e or "") for s, e in others.values())
     # the failed host's later step is skipped as before (an earlier step failed)
     assert _rows(env, report["id"], "after")[bad] == (
-        "SKIPPED", "skipped: an earlier step failed on this host")
+        "SKIPPED",
+        "skipped: an earlier step failed on this host",
+    )
 
 
 def test_a_stage_conditioned_on_the_environment_type_is_skipped_in_preproduction(
-        env: dict[str, str], lab: Any, tmp_path: Path) -> None:
+    env: dict[str, str], lab: Any, tmp_path: Path
+) -> None:
     pre = _environment(tmp_path, "PreProduction")
     # vmfarm plan says so before anything runs
     plan = run_vmfarm("plan", *FILES, pre, str(lab.infrastructure_file), env=env)
     assert plan.returncode == 0, plan.stderr
-    assert ('stage smoke: SKIPPED by its when: condition "PreProduction" == "Production"'
-            in plan.stdout)
+    assert (
+        'stage smoke: SKIPPED by its when: condition "PreProduction" == "Production"' in plan.stdout
+    )
     assert "runs only on hosts where an earlier step failed" in plan.stdout
-    assert "stage cleanup: SKIPPED by its when: pipelineStatus Failure, and no earlier stage " \
+    assert (
+        "stage cleanup: SKIPPED by its when: pipelineStatus Failure, and no earlier stage "
         "failed; it runs only if an earlier stage fails" in plan.stdout
+    )
     # When it runs in PreProduction
     code, report = _run(env, lab, pre)
     # Then it succeeds, and the smoke stage is SKIPPED with the reason, nothing run on a host
@@ -108,16 +117,25 @@ def test_a_stage_conditioned_on_the_environment_type_is_skipped_in_preproduction
     code, report = _run(env, lab, _environment(tmp_path, "Production"))
     assert code == 0, report
     assert [s["status"] for s in report["stages"]] == ["SUCCEEDED", "SUCCEEDED", "SKIPPED"]
-    assert all(_log(lab, report["id"], i) == ["work", "after", "smoke"]
-               for i in range(len(lab.hosts)))
+    assert all(
+        _log(lab, report["id"], i) == ["work", "after", "smoke"] for i in range(len(lab.hosts))
+    )
 
 
 def test_after_a_stage_rollback_the_stage_that_runs_on_failure_still_runs(
-        env: dict[str, str], lab: Any, tmp_path: Path) -> None:
+    env: dict[str, str], lab: Any, tmp_path: Path
+) -> None:
     # Given the first stage rolls back when a host fails
     bad = lab.hosts[2].address
-    code, report = _run(env, lab, _environment(tmp_path, "Production"),
-                        "--set", f"bad_host={bad}", "--set", "type=StageRollback")
+    code, report = _run(
+        env,
+        lab,
+        _environment(tmp_path, "Production"),
+        "--set",
+        f"bad_host={bad}",
+        "--set",
+        "type=StageRollback",
+    )
     # Then it is rolled back, the clean-up stage runs after it, and the run ends FAILED
     assert code == 1, report
     assert report["status"] == "FAILED"

@@ -41,8 +41,10 @@ def worker_role_url(pg_url: str) -> str:
     finally:
         engine.dispose()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"DO $$ BEGIN CREATE ROLE {WORKER_LOGIN} LOGIN IN ROLE vmfarm_worker; "
-                     "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        conn.execute(
+            f"DO $$ BEGIN CREATE ROLE {WORKER_LOGIN} LOGIN IN ROLE vmfarm_worker; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
     scheme, rest = pg_url.split("://", 1)
     return f"{scheme}://{WORKER_LOGIN}@{rest.split('@', 1)[1]}"
 
@@ -52,9 +54,11 @@ class Keys:
     root: Path
 
     def env(self, name: str) -> dict[str, str]:
-        return {"VMFARM_SECURITY_KEY": str(self.root / f"{name}.key"),
-                "VMFARM_SECURITY_CERTIFICATE": str(self.root / f"{name}.pem"),
-                "VMFARM_SECURITY_CERT_STORE": str(self.root / "certs")}
+        return {
+            "VMFARM_SECURITY_KEY": str(self.root / f"{name}.key"),
+            "VMFARM_SECURITY_CERTIFICATE": str(self.root / f"{name}.pem"),
+            "VMFARM_SECURITY_CERT_STORE": str(self.root / "certs"),
+        }
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +72,13 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="module")  # its workers leave the registry before other modules count
-def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys, alloc: Allocator,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def secure_cluster(
+    pg_url: str,
+    lab: Any,
+    signing_keys: Keys,
+    alloc: Allocator,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
     """Region workers r1 and r2 (each its own signing key, connected as the worker role) and
     a control worker (its own key, the owner's connection), on Redis databases of their own;
     ``env`` is the CLI's: the server's key and the owner's connection."""
@@ -77,28 +86,51 @@ def secure_cluster(pg_url: str, lab: Any, signing_keys: Keys, alloc: Allocator,
         yield from _secure_cluster(pg_url, signing_keys, tmp_path_factory, b.url, r.url)
 
 
-def _secure_cluster(pg_url: str, signing_keys: Keys, tmp_path_factory: pytest.TempPathFactory,
-                    broker: str, results: str) -> Iterator[Cluster]:
+def _secure_cluster(
+    pg_url: str,
+    signing_keys: Keys,
+    tmp_path_factory: pytest.TempPathFactory,
+    broker: str,
+    results: str,
+) -> Iterator[Cluster]:
     worker_url = worker_role_url(pg_url)
     home = tmp_path_factory.mktemp("secure-home")
-    common = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
-                      VMFARM_HOME=str(home))
+    common = base_env(
+        VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results, VMFARM_HOME=str(home)
+    )
     env = {**common, "VMFARM_DATABASE_URL": pg_url, **signing_keys.env("server")}
-    specs = [("s-r1@test", ["--region", "r1", "-c", "4"],
-              {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r1")}),
-             ("s-r2@test", ["--region", "r2", "-c", "4"],
-              {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r2")}),
-             ("s-control@test", ["--control", "-c", "2"],
-              {"VMFARM_DATABASE_URL": pg_url, **signing_keys.env("control")})]
+    specs = [
+        (
+            "s-r1@test",
+            ["--region", "r1", "-c", "4"],
+            {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r1")},
+        ),
+        (
+            "s-r2@test",
+            ["--region", "r2", "-c", "4"],
+            {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r2")},
+        ),
+        (
+            "s-control@test",
+            ["--control", "-c", "2"],
+            {"VMFARM_DATABASE_URL": pg_url, **signing_keys.env("control")},
+        ),
+    ]
     workers, logs = [], []
     for name, args, extra in specs:
         log = home / f"{name.split('@')[0]}.log"
         logs.append(log)
         with log.open("wb") as fh:
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
-                env={**common, **extra}, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
+                    env={**common, **extra},
+                    cwd=REPO,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     cl = Cluster(env=env, home=home, workers=workers, logs=logs)
     try:
         _wait_for_workers(env, [n for n, _, _ in specs])
@@ -119,8 +151,9 @@ class Provider:
     log: Path
 
 
-def start_provider(tmp: Path, users: list[dict[str, Any]], *, port: int,
-                   max_age: int | None = None) -> Provider:
+def start_provider(
+    tmp: Path, users: list[dict[str, Any]], *, port: int, max_age: int | None = None
+) -> Provider:
     """A real ``oidc-provider-mock`` process on 127.0.0.1:``port`` (leased), with ``users``."""
     import httpx
 
@@ -131,14 +164,12 @@ def start_provider(tmp: Path, users: list[dict[str, Any]], *, port: int,
         args += ["-e", str(max_age)]
     log = tmp / f"oidc-{port}.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/.well-known/openid-configuration", timeout=1).status_code \
-                    == 200:
+            if httpx.get(url + "/.well-known/openid-configuration", timeout=1).status_code == 200:
                 return Provider(url, proc, log)
         except httpx.HTTPError:
             pass
@@ -160,24 +191,38 @@ def sign_in(provider: str, subject: str, *, client_id: str) -> dict[str, Any]:
     import httpx
 
     verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
-                                         ).rstrip(b"=").decode()
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     redirect = "http://127.0.0.1:1/callback"  # never contacted: the code is read from it
     state = secrets.token_urlsafe(16)
     with httpx.Client(base_url=provider, timeout=10) as http:
         conf = http.get("/.well-known/openid-configuration").json()
-        params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect,
-                  "scope": "openid profile email", "state": state,
-                  "code_challenge": challenge, "code_challenge_method": "S256"}
+        params = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect,
+            "scope": "openid profile email",
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        }
         resp = http.post(conf["authorization_endpoint"], params=params, data={"sub": subject})
         assert resp.status_code in (302, 303), resp.text
         query = parse_qs(urlparse(resp.headers["location"]).query)
         assert query["state"] == [state]
-        token = http.post(conf["token_endpoint"], data={
-            "grant_type": "authorization_code", "code": query["code"][0],
-            "redirect_uri": redirect, "client_id": client_id, "code_verifier": verifier,
-            # The mock takes any client secret but requires one (no public clients).
-            "client_secret": "test-client-secret"})
+        token = http.post(
+            conf["token_endpoint"],
+            data={
+                "grant_type": "authorization_code",
+                "code": query["code"][0],
+                "redirect_uri": redirect,
+                "client_id": client_id,
+                "code_verifier": verifier,
+                # The mock takes any client secret but requires one (no public clients).
+                "client_secret": "test-client-secret",
+            },
+        )
         assert token.status_code == 200, token.text
         return dict(token.json())
 
@@ -187,13 +232,19 @@ def oidc(tmp_path_factory: pytest.TempPathFactory, alloc: Allocator) -> Iterator
     """An OIDC provider whose users are alice (deployers), bob (viewers), carol (none), and
     erin, frank and grace (release_managers)."""
     with alloc.port() as leased:
-        p = start_provider(tmp_path_factory.mktemp("oidc"), [
-            {"sub": "alice", "groups": ["deployers"]},
-            {"sub": "bob", "groups": ["viewers"]},
-            {"sub": "carol"},
-            *({"sub": name, "groups": ["release_managers"]}
-              for name in ("erin", "frank", "grace")),
-        ], port=leased.port)
+        p = start_provider(
+            tmp_path_factory.mktemp("oidc"),
+            [
+                {"sub": "alice", "groups": ["deployers"]},
+                {"sub": "bob", "groups": ["viewers"]},
+                {"sub": "carol"},
+                *(
+                    {"sub": name, "groups": ["release_managers"]}
+                    for name in ("erin", "frank", "grace")
+                ),
+            ],
+            port=leased.port,
+        )
         yield p
         _stop([p.proc])
 
@@ -237,8 +288,9 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(pg_url: str, oidc: Provider, alloc: Allocator,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    pg_url: str, oidc: Provider, alloc: Allocator, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """``vmfarm server`` as a process: the session's PostgreSQL, Redis, the OIDC provider
     (audience ``vmfarm``), and an RBAC file of its own (SERVER_RBAC)."""
 
@@ -250,20 +302,30 @@ def server(pg_url: str, oidc: Provider, alloc: Allocator,
         yield from _server(pg_url, oidc, root, rbac, leased.port, broker.url)
 
 
-def _server(pg_url: str, oidc: Provider, root: Path, rbac: Path, port: int,
-            broker: str) -> Iterator[Server]:
+def _server(
+    pg_url: str, oidc: Provider, root: Path, rbac: Path, port: int, broker: str
+) -> Iterator[Server]:
     import httpx
 
-    env = base_env(VMFARM_DATABASE_URL=pg_url,
-                   VMFARM_BROKER_URL=broker,
-                   VMFARM_HOME=str(root / "home"), VMFARM_SERVER_RBAC_FILE=str(rbac),
-                   VMFARM_SERVER_USERS_FILE=str(root / "users.yaml"),
-                   VMFARM_SERVER_ISSUER=oidc.url, VMFARM_SERVER_AUDIENCE="vmfarm")
+    env = base_env(
+        VMFARM_DATABASE_URL=pg_url,
+        VMFARM_BROKER_URL=broker,
+        VMFARM_HOME=str(root / "home"),
+        VMFARM_SERVER_RBAC_FILE=str(rbac),
+        VMFARM_SERVER_USERS_FILE=str(root / "users.yaml"),
+        VMFARM_SERVER_ISSUER=oidc.url,
+        VMFARM_SERVER_AUDIENCE="vmfarm",
+    )
     log = root / "server.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "server", "--port",
-                                 str(port)], env=env, cwd=REPO, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "server", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -294,11 +356,17 @@ def signed_run(secure_cluster: Cluster, lab: Any) -> SignedRun:
     """The integration pipeline run once through the signed cluster (tag 3.0.1)."""
     from tests.conftest import DATA
 
-    res = secure_cluster.vmfarm("run", str(DATA / "itest" / "pipeline.yaml"),
-                                str(lab.infrastructure_file), "--set", "tag=3.0.1")
+    res = secure_cluster.vmfarm(
+        "run",
+        str(DATA / "itest" / "pipeline.yaml"),
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=3.0.1",
+    )
     assert res.returncode == 0, res.stdout + res.stderr + secure_cluster.worker_logs()
-    ex_id = next(line.split()[1] for line in res.stderr.splitlines()
-                 if line.startswith("execution "))
+    ex_id = next(
+        line.split()[1] for line in res.stderr.splitlines() if line.startswith("execution ")
+    )
     return SignedRun(ex_id, res.stdout, res.stderr)
 
 
@@ -326,8 +394,9 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            rec.requests.append({"path": self.path, "headers": dict(self.headers),
-                                 "body": body.decode()})
+            rec.requests.append(
+                {"path": self.path, "headers": dict(self.headers), "body": body.decode()}
+            )
             status = rec.statuses[min(len(rec.requests), len(rec.statuses)) - 1]
             self.send_response(status)
             self.send_header("Content-Type", "text/plain")
@@ -340,8 +409,9 @@ def receiver() -> Iterator[Receiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     rec = Receiver(server=server, statuses=[200])
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield rec
     server.shutdown()
@@ -369,8 +439,9 @@ def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
     controller.stop()
 
 
-def gated_pipeline(name: str, *, groups: list[str], minimum: int = 1,
-                   disallow_executor: bool = False) -> str:
+def gated_pipeline(
+    name: str, *, groups: list[str], minimum: int = 1, disallow_executor: bool = False
+) -> str:
     """A pipeline of one Approval stage (no hosts, no worker needed): what the server's
     execution routes are tried on."""
     return f"""\

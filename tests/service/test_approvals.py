@@ -28,8 +28,13 @@ def _wait_for(cluster: Cluster, ex_id: str, statuses: set[str]) -> dict[str, Any
         last.update(_status(cluster, ex_id))
         return dict(last) if last["status"] in statuses else None
 
-    report: dict[str, Any] = wait_for(reached, 60, f"{ex_id} to reach {statuses}",
-                                      interval=0.3, explain=lambda: f"status: {last['status']}")
+    report: dict[str, Any] = wait_for(
+        reached,
+        60,
+        f"{ex_id} to reach {statuses}",
+        interval=0.3,
+        explain=lambda: f"status: {last['status']}",
+    )
     return report
 
 
@@ -43,16 +48,18 @@ def _runs_on(lab: Any, ex_id: str) -> int:
 
 
 def _start(cluster: Cluster, lab: Any, *extra: str) -> str:
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), *extra, "--detach",
-                     env=_as(cluster, "alice"))
+    res = run_vmfarm(
+        "run", *FILES, str(lab.infrastructure_file), *extra, "--detach", env=_as(cluster, "alice")
+    )
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
     _wait_for(cluster, ex_id, {"WAITING"})
     return ex_id
 
 
-def test_two_approvers_other_than_the_executor_let_the_run_continue(cluster: Cluster,
-                                                                   lab: Any) -> None:
+def test_two_approvers_other_than_the_executor_let_the_run_continue(
+    cluster: Cluster, lab: Any
+) -> None:
     # Given alice started a pipeline whose approval needs 2 approvers, not the executor
     ex_id = _start(cluster, lab)
     assert _runs_on(lab, ex_id) == 0  # nothing runs while it waits
@@ -86,8 +93,7 @@ def test_two_approvers_other_than_the_executor_let_the_run_continue(cluster: Clu
     assert _runs_on(lab, ex_id) == len(lab.hosts)
 
 
-def test_a_rejection_fails_the_run_and_nothing_is_deployed(cluster: Cluster,
-                                                           lab: Any) -> None:
+def test_a_rejection_fails_the_run_and_nothing_is_deployed(cluster: Cluster, lab: Any) -> None:
     ex_id = _start(cluster, lab)
     res = run_vmfarm("reject", ex_id, "-m", "not today", env=_as(cluster, "carol"))
     assert res.returncode == 0 and "rejected by carol" in res.stdout

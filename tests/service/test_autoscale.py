@@ -28,8 +28,11 @@ from tests.conftest import REPO, base_env
 from tests.waiting import wait_for
 
 # `vmfarm` with the service commands registered (cli/main.py may or may not do it already).
-VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "sys.argv[0] = 'vmfarm'; main()"]
+VMFARM = [
+    sys.executable,
+    "-c",
+    "import sys; from cli.main import main; sys.argv[0] = 'vmfarm'; main()",
+]
 
 
 # --- the decision --------------------------------------------------------------------------------
@@ -55,9 +58,11 @@ class _SlowEC2(BaseHTTPRequestHandler):
         with _SlowEC2.lock:
             _SlowEC2.calls += 1
         time.sleep(0.25)  # the behaviour under test: a slow endpoint keeps discovery in flight
-        body = (b'<?xml version="1.0" encoding="UTF-8"?><DescribeInstancesResponse '
-                b'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>1</requestId>'
-                b"<reservationSet/></DescribeInstancesResponse>")
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><DescribeInstancesResponse '
+            b'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>1</requestId>'
+            b"<reservationSet/></DescribeInstancesResponse>"
+        )
         self.send_response(200)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -68,9 +73,18 @@ class _SlowEC2(BaseHTTPRequestHandler):
         pass
 
 
-SLOW_INFRA = {"identifier": "slow", "name": "slow", "provider": "aws", "source": "test:1",
-              "spec": {"region": "eu-west-1", "hostConnectionType": "PrivateIP",
-                       "tags": {"Fleet": "none"}, "connection": {"user": "ec2-user"}}}
+SLOW_INFRA = {
+    "identifier": "slow",
+    "name": "slow",
+    "provider": "aws",
+    "source": "test:1",
+    "spec": {
+        "region": "eu-west-1",
+        "hostConnectionType": "PrivateIP",
+        "tags": {"Fleet": "none"},
+        "connection": {"user": "ec2-user"},
+    },
+}
 
 
 @pytest.fixture
@@ -85,8 +99,13 @@ def slow_ec2() -> Iterator[str]:
 
 
 @pytest.fixture
-def as_env(pg_url: str, slow_ec2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-           redis_db: Callable[[], str]) -> Iterator[dict[str, str]]:
+def as_env(
+    pg_url: str,
+    slow_ec2: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_db: Callable[[], str],
+) -> Iterator[dict[str, str]]:
     """The environment of the autoscaler and its workers; this process's app and ledger point
     at the same Redis databases and PostgreSQL."""
     from app.celery import reconfigure
@@ -95,14 +114,29 @@ def as_env(pg_url: str, slow_ec2: str, tmp_path: Path, monkeypatch: pytest.Monke
     broker, results = redis_db(), redis_db()
     empty = tmp_path / "empty"
     empty.write_text("")
-    env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
-                   VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(tmp_path / "home"),
-                   VMFARM_HEARTBEAT_INTERVAL="0.5", AWS_ENDPOINT_URL_EC2=slow_ec2,
-                   AWS_ACCESS_KEY_ID="AKIATESTTESTTEST0000", AWS_SECRET_ACCESS_KEY="x",
-                   AWS_CONFIG_FILE=str(empty), AWS_SHARED_CREDENTIALS_FILE=str(empty),
-                   AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1")
-    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "HTTP_PROXY",
-              "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    env = base_env(
+        VMFARM_BROKER_URL=broker,
+        VMFARM_RESULT_BACKEND=results,
+        VMFARM_DATABASE_URL=pg_url,
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_HEARTBEAT_INTERVAL="0.5",
+        AWS_ENDPOINT_URL_EC2=slow_ec2,
+        AWS_ACCESS_KEY_ID="AKIATESTTESTTEST0000",
+        AWS_SECRET_ACCESS_KEY="x",
+        AWS_CONFIG_FILE=str(empty),
+        AWS_SHARED_CREDENTIALS_FILE=str(empty),
+        AWS_EC2_METADATA_DISABLED="true",
+        NO_PROXY="127.0.0.1",
+    )
+    for k in (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_SESSION_TOKEN",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ):
         env.pop(k, None)
     for k, v in env.items():
         if k.startswith("VMFARM_"):
@@ -133,7 +167,8 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, logs: Callable[[
 
 
 def test_vmfarm_autoscale_scales_a_region_up_under_load_and_back_down(
-        as_env: dict[str, str], tmp_path: Path) -> None:
+    as_env: dict[str, str], tmp_path: Path
+) -> None:
     from app.celery import app
     from app.delegates import queue_depths
     from tasks.discovery import discover_hosts
@@ -143,25 +178,56 @@ def test_vmfarm_autoscale_scales_a_region_up_under_load_and_back_down(
     pids: set[int] = set()
 
     def logs() -> str:
-        text = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                for p in (out, errf, *sorted(log_dir.glob("*.log"))) if p.exists()]
+        text = [
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in (out, errf, *sorted(log_dir.glob("*.log")))
+            if p.exists()
+        ]
         return "\n".join(text)
 
     with out.open("wb") as o, errf.open("wb") as e:
         scaler = subprocess.Popen(
-            [*VMFARM, "autoscale", "--region", "rs", "--min", "1", "--max", "4",
-             "--scale-up-depth", "3", "--scale-up-after", "1s", "--scale-down-depth", "1",
-             "--scale-down-after", "2s", "--interval", "0.5", "-c", "1",
-             "--log-dir", str(log_dir), "--stop-timeout", "60s"],
-            env=as_env, cwd=REPO, stdout=o, stderr=e, start_new_session=True)
+            [
+                *VMFARM,
+                "autoscale",
+                "--region",
+                "rs",
+                "--min",
+                "1",
+                "--max",
+                "4",
+                "--scale-up-depth",
+                "3",
+                "--scale-up-after",
+                "1s",
+                "--scale-down-depth",
+                "1",
+                "--scale-down-after",
+                "2s",
+                "--interval",
+                "0.5",
+                "-c",
+                "1",
+                "--log-dir",
+                str(log_dir),
+                "--stop-timeout",
+                "60s",
+            ],
+            env=as_env,
+            cwd=REPO,
+            stdout=o,
+            stderr=e,
+            start_new_session=True,
+        )
     try:
-        _wait("one autoscaled worker of rs registered",
-              lambda: len(_rs_workers()) == 1, 90, logs)
+        _wait("one autoscaled worker of rs registered", lambda: len(_rs_workers()) == 1, 90, logs)
         [first] = _rs_workers()
         assert first.startswith("autoscale-rs-1@")
 
-        results = [discover_hosts.apply_async(kwargs={"infra": SLOW_INFRA, "region": "rs"},
-                                              expires=600) for _ in range(120)]
+        results = [
+            discover_hosts.apply_async(kwargs={"infra": SLOW_INFRA, "region": "rs"}, expires=600)
+            for _ in range(120)
+        ]
         most = [1]
 
         def more_than_one() -> bool:
@@ -172,8 +238,9 @@ def test_vmfarm_autoscale_scales_a_region_up_under_load_and_back_down(
 
         _wait("the region scaled up while its queue was deep", more_than_one, 120, logs)
         done = [r.get(timeout=300) for r in results]
-        assert all(d == {"hosts": [], "worker": d["worker"], "queue": "vmfarm.rs"}
-                   for d in done), done[:3]
+        assert all(d == {"hosts": [], "worker": d["worker"], "queue": "vmfarm.rs"} for d in done), (
+            done[:3]
+        )
         ran_on = {d["worker"] for d in done}
         assert len(ran_on) > 1 and all(n.startswith("autoscale-rs-") for n in ran_on), ran_on
         assert _SlowEC2.calls >= 120
@@ -197,29 +264,66 @@ def test_vmfarm_autoscale_scales_a_region_up_under_load_and_back_down(
         from app.delegates import all_workers
 
         for w in all_workers():
-            if w["name"].startswith("autoscale-rs-") and _is_our_worker(int(w["pid"]),
-                                                                        w["name"]):
+            if w["name"].startswith("autoscale-rs-") and _is_our_worker(int(w["pid"]), w["name"]):
                 os.kill(int(w["pid"]), signal.SIGKILL)
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge("vmfarm.rs")
 
 
 def test_autoscale_once_in_dry_run_prints_decisions_and_starts_nothing(
-        as_env: dict[str, str]) -> None:
-    res = subprocess.run([*VMFARM, "autoscale", "--region", "rs", "--min", "2", "--max", "3",
-                          "--once", "--dry-run", "-o", "json"],
-                         env=as_env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    as_env: dict[str, str],
+) -> None:
+    res = subprocess.run(
+        [
+            *VMFARM,
+            "autoscale",
+            "--region",
+            "rs",
+            "--min",
+            "2",
+            "--max",
+            "3",
+            "--once",
+            "--dry-run",
+            "-o",
+            "json",
+        ],
+        env=as_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     [line] = res.stdout.strip().splitlines()
-    assert json.loads(line) == {"region": "rs", "current": 0, "target": 2, "action": "up",
-                                "reason": "0 below min 2", "depth": 0, "dry_run": True,
-                                "stops": [], "keeps": [], "reached": 2}
+    assert json.loads(line) == {
+        "region": "rs",
+        "current": 0,
+        "target": 2,
+        "action": "up",
+        "reason": "0 below min 2",
+        "depth": 0,
+        "dry_run": True,
+        "stops": [],
+        "keeps": [],
+        "reached": 2,
+    }
     assert _rs_workers() == {}
-    bad = subprocess.run([*VMFARM, "autoscale", "--region", "rs", "--min", "3", "--max", "2",
-                          "--once"], env=as_env, cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [*VMFARM, "autoscale", "--region", "rs", "--min", "3", "--max", "2", "--once"],
+        env=as_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "max (2) must be at least min (3)" in bad.stderr
-    embedded = subprocess.run([*VMFARM, "autoscale", "--region", "rs", "--once"],
-                              env=base_env(VMFARM_HOME=as_env["VMFARM_HOME"]), cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+    embedded = subprocess.run(
+        [*VMFARM, "autoscale", "--region", "rs", "--once"],
+        env=base_env(VMFARM_HOME=as_env["VMFARM_HOME"]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert embedded.returncode == 2 and "needs a broker" in embedded.stderr

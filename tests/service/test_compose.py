@@ -17,8 +17,11 @@ from pathlib import Path
 from tests.conftest import base_env
 from tests.waiting import wait_for
 
-VMFARM = [sys.executable, "-c", "import sys; from cli.main import main; "
-          "sys.argv[0] = 'vmfarm'; main()"]
+VMFARM = [
+    sys.executable,
+    "-c",
+    "import sys; from cli.main import main; sys.argv[0] = 'vmfarm'; main()",
+]
 
 
 # --- vmfarm flower --------------------------------------------------------------------------------
@@ -36,15 +39,27 @@ def _get(url: str, auth: str | None = None) -> int:
 
 
 def test_vmfarm_flower_serves_the_app_behind_basic_auth(
-        tmp_path: Path, free_port: Callable[[], int], redis_db: Callable[[], str]) -> None:
+    tmp_path: Path, free_port: Callable[[], int], redis_db: Callable[[], str]
+) -> None:
     port = free_port()
-    env = base_env(VMFARM_BROKER_URL=redis_db(), VMFARM_RESULT_BACKEND=redis_db(),
-                   VMFARM_HOME=str(tmp_path), FLOWER_BASIC_AUTH="admin:s3cret")
+    env = base_env(
+        VMFARM_BROKER_URL=redis_db(),
+        VMFARM_RESULT_BACKEND=redis_db(),
+        VMFARM_HOME=str(tmp_path),
+        FLOWER_BASIC_AUTH="admin:s3cret",
+    )
     log = tmp_path / "flower.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([*VMFARM, "flower", "--port", str(port)], env=env, cwd=tmp_path,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*VMFARM, "flower", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
+
     def healthy() -> bool:
         assert proc.poll() is None, log.read_text()
         try:
@@ -53,8 +68,9 @@ def test_vmfarm_flower_serves_the_app_behind_basic_auth(
             return False
 
     try:
-        wait_for(healthy, 90, "flower to answer its health check", interval=0.3,
-                 explain=log.read_text)
+        wait_for(
+            healthy, 90, "flower to answer its health check", interval=0.3, explain=log.read_text
+        )
         assert _get(f"{base}/") == 401
         assert _get(f"{base}/", "admin:wrong") == 401
         assert _get(f"{base}/", "admin:s3cret") == 200

@@ -40,21 +40,36 @@ def _wait_for(cluster: Cluster, ex_id: str, statuses: set[str]) -> dict[str, Any
         return dict(last) if last["status"] in statuses else None
 
     report: dict[str, Any] = wait_for(
-        reached, 90, f"{ex_id} to reach {statuses}", interval=0.3,
-        explain=lambda: f"status: {last.get('status')}\n{cluster.worker_logs()}")
+        reached,
+        90,
+        f"{ex_id} to reach {statuses}",
+        interval=0.3,
+        explain=lambda: f"status: {last.get('status')}\n{cluster.worker_logs()}",
+    )
     return report
 
 
 def _runs_on(lab: Any, ex_id: str) -> int:
-    return sum(path.read_text().split().count(ex_id) for h in lab.hosts
-               if (path := Path(h.host_dir) / "opt" / "custom" / "runs").exists())
+    return sum(
+        path.read_text().split().count(ex_id)
+        for h in lab.hosts
+        if (path := Path(h.host_dir) / "opt" / "custom" / "runs").exists()
+    )
 
 
 def test_custom_stage_on_the_control_worker_then_an_approved_deployment(
-        cluster: Cluster, lab: Any, health: StatusServer) -> None:
+    cluster: Cluster, lab: Any, health: StatusServer
+) -> None:
     # Given alice starts the pipeline with a broker (detached)
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health.url}", "--detach", env=_as(cluster, "alice"))
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"check_url={health.url}",
+        "--detach",
+        env=_as(cluster, "alice"),
+    )
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
 
@@ -80,9 +95,17 @@ def test_custom_stage_on_the_control_worker_then_an_approved_deployment(
 
 
 def test_a_rejected_approval_step_fails_the_stage_with_its_failure_strategy(
-        cluster: Cluster, lab: Any, health: StatusServer) -> None:
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health.url}", "--detach", env=_as(cluster, "alice"))
+    cluster: Cluster, lab: Any, health: StatusServer
+) -> None:
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"check_url={health.url}",
+        "--detach",
+        env=_as(cluster, "alice"),
+    )
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
     assert _wait_for(cluster, ex_id, {"WAITING", "FAILED"})["status"] == "WAITING"
@@ -102,11 +125,20 @@ def test_a_rejected_approval_step_fails_the_stage_with_its_failure_strategy(
     assert _runs_on(lab, ex_id) == 0
 
 
-def test_an_approval_step_that_times_out_fails_its_hosts(cluster: Cluster, lab: Any,
-                                                         health: StatusServer) -> None:
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health.url}", "--set", "timeout=2s", "--detach",
-                     env=_as(cluster, "alice"))
+def test_an_approval_step_that_times_out_fails_its_hosts(
+    cluster: Cluster, lab: Any, health: StatusServer
+) -> None:
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"check_url={health.url}",
+        "--set",
+        "timeout=2s",
+        "--detach",
+        env=_as(cluster, "alice"),
+    )
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
     assert _wait_for(cluster, ex_id, {"WAITING", "FAILED"})["status"] == "WAITING"
@@ -125,10 +157,18 @@ def test_an_approval_step_that_times_out_fails_its_hosts(cluster: Cluster, lab: 
     assert _runs_on(lab, ex_id) == 0
 
 
-def test_aborting_a_run_stopped_at_an_approval_step_ends_it(cluster: Cluster, lab: Any,
-                                                           health: StatusServer) -> None:
-    res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                     f"check_url={health.url}", "--detach", env=_as(cluster, "alice"))
+def test_aborting_a_run_stopped_at_an_approval_step_ends_it(
+    cluster: Cluster, lab: Any, health: StatusServer
+) -> None:
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"check_url={health.url}",
+        "--detach",
+        env=_as(cluster, "alice"),
+    )
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
     assert _wait_for(cluster, ex_id, {"WAITING", "FAILED"})["status"] == "WAITING"
@@ -144,8 +184,7 @@ def test_aborting_a_run_stopped_at_an_approval_step_ends_it(cluster: Cluster, la
 
 
 def test_an_approval_step_in_a_custom_stage_holds_its_later_steps(cluster: Cluster) -> None:
-    res = run_vmfarm("run", str(DATA / "custom_approval"), "--detach",
-                     env=_as(cluster, "alice"))
+    res = run_vmfarm("run", str(DATA / "custom_approval"), "--detach", env=_as(cluster, "alice"))
     assert res.returncode == 0, res.stderr
     ex_id = res.stdout.strip().splitlines()[-1]
     waiting = _wait_for(cluster, ex_id, {"WAITING", "FAILED"})

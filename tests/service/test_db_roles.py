@@ -18,8 +18,10 @@ def _login(pg_url: str, name: str, group: str) -> str:
     """A login role in ``group`` on the migrated ledger (the migration made the roles)."""
     worker_role_url(pg_url)  # migrates the ledger as its owner
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"DO $$ BEGIN CREATE ROLE {name} LOGIN IN ROLE {group}; "
-                     "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        conn.execute(
+            f"DO $$ BEGIN CREATE ROLE {name} LOGIN IN ROLE {group}; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        )
     scheme, rest = pg_url.split("://", 1)
     return f"{scheme}://{name}@{rest.split('@', 1)[1]}"
 
@@ -36,7 +38,7 @@ DENIED_TO_WORKER = [
     "DELETE FROM execution WHERE id = %(ex)s",
     "UPDATE auditevent SET outcome = 'approved'",
     "DELETE FROM auditevent",
-    "INSERT INTO auditevent (at, \"user\", action, outcome, detail) "
+    'INSERT INTO auditevent (at, "user", action, outcome, detail) '
     "VALUES (now(), 'mallory', 'approve', 'approved', '{}')",
     "UPDATE stagerun SET status = 'SUCCEEDED' WHERE execution_id = %(ex)s",
     "UPDATE phaserun SET status = 'SUCCEEDED' WHERE execution_id = %(ex)s",
@@ -48,19 +50,24 @@ DENIED_TO_WORKER = [
 
 @pytest.mark.parametrize("statement", DENIED_TO_WORKER)
 def test_the_worker_role_may_not_change_what_decides_a_run(
-        as_worker: psycopg.Connection, signed_run: SignedRun, statement: str) -> None:
+    as_worker: psycopg.Connection, signed_run: SignedRun, statement: str
+) -> None:
     with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
         as_worker.execute(statement, {"ex": signed_run.execution_id})
 
 
 def test_the_worker_role_reads_plans_and_writes_step_rows(
-        as_worker: psycopg.Connection, signed_run: SignedRun, secure_cluster: Cluster) -> None:
+    as_worker: psycopg.Connection, signed_run: SignedRun, secure_cluster: Cluster
+) -> None:
     # the signed run's steps were claimed and finished by region workers on this role
-    plan = as_worker.execute("SELECT plan FROM execution WHERE id = %s",
-                             (signed_run.execution_id,)).fetchone()
+    plan = as_worker.execute(
+        "SELECT plan FROM execution WHERE id = %s", (signed_run.execution_id,)
+    ).fetchone()
     assert plan is not None and plan[0]["stages"]
-    done = as_worker.execute("SELECT count(*) FROM hoststeprun WHERE execution_id = %s AND "
-                             "status = 'SUCCEEDED'", (signed_run.execution_id,)).fetchone()
+    done = as_worker.execute(
+        "SELECT count(*) FROM hoststeprun WHERE execution_id = %s AND status = 'SUCCEEDED'",
+        (signed_run.execution_id,),
+    ).fetchone()
     assert done is not None and done[0] > 0
     logs = "\n".join(p.read_text(errors="replace") for p in secure_cluster.logs[:2])
     assert "permission denied" not in logs
@@ -69,13 +76,16 @@ def test_the_worker_role_reads_plans_and_writes_step_rows(
 def test_the_audit_trail_is_append_only_for_the_server_and_the_owner(pg_url: str) -> None:
     server = _login(pg_url, "vmfarm_test_server", "vmfarm_server")
     with psycopg.connect(server, autocommit=True) as conn:
-        row = conn.execute("INSERT INTO auditevent (at, \"user\", action, outcome, detail) "
-                           "VALUES (now(), 'alice', 'approve', 'approved', '{}') RETURNING id"
-                           ).fetchone()
+        row = conn.execute(
+            'INSERT INTO auditevent (at, "user", action, outcome, detail) '
+            "VALUES (now(), 'alice', 'approve', 'approved', '{}') RETURNING id"
+        ).fetchone()
         assert row is not None
-        for statement in ("UPDATE auditevent SET \"user\" = 'mallory' WHERE id = %(id)s",
-                          "DELETE FROM auditevent WHERE id = %(id)s",
-                          "TRUNCATE auditevent"):
+        for statement in (
+            "UPDATE auditevent SET \"user\" = 'mallory' WHERE id = %(id)s",
+            "DELETE FROM auditevent WHERE id = %(id)s",
+            "TRUNCATE auditevent",
+        ):
             with pytest.raises(errors.InsufficientPrivilege):
                 conn.execute(statement, {"id": row[0]})
         # the server may change the rest of the ledger (it is its only writer)
@@ -99,18 +109,28 @@ def test_the_readonly_role_reads_the_ledger_but_not_token_hashes(pg_url: str) ->
             conn.execute("UPDATE execution SET error = 'x' WHERE false")
 
 
-def test_the_abort_failure_strategy_aborts_through_control(secure_cluster: Cluster,
-                                                           lab: object) -> None:
+def test_the_abort_failure_strategy_aborts_through_control(
+    secure_cluster: Cluster, lab: object
+) -> None:
     # Given a step whose failure strategy is Abort, run by region workers on the worker role
     import json
 
     from tests.conftest import DATA
 
     hosts = lab.hosts  # type: ignore[attr-defined]
-    res = secure_cluster.vmfarm("run", str(DATA / "failure"),
-                                str(lab.infrastructure_file),  # type: ignore[attr-defined]
-                                "--set", f"flaky_host={hosts[0].address}", "--set", "failures=9",
-                                "--set", "type=Abort", "-o", "json")
+    res = secure_cluster.vmfarm(
+        "run",
+        str(DATA / "failure"),
+        str(lab.infrastructure_file),  # type: ignore[attr-defined]
+        "--set",
+        f"flaky_host={hosts[0].address}",
+        "--set",
+        "failures=9",
+        "--set",
+        "type=Abort",
+        "-o",
+        "json",
+    )
     # Then the execution is aborted (by the control worker, asked by the region worker)
     report = json.loads(res.stdout)
     assert res.returncode == 1 and report["status"] == "ABORTED", res.stderr
@@ -118,8 +138,10 @@ def test_the_abort_failure_strategy_aborts_through_control(secure_cluster: Clust
     # gate applies the same strategy, and whichever comes first ends the execution)
     said = f"execution {report['id']}: aborting (failure strategy of {report['id']}:"
     deadline = time.monotonic() + 30
-    while said not in secure_cluster.logs[2].read_text(errors="replace") and \
-            time.monotonic() < deadline:
+    while (
+        said not in secure_cluster.logs[2].read_text(errors="replace")
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert said in secure_cluster.logs[2].read_text(errors="replace")
     regions = "\n".join(p.read_text(errors="replace") for p in secure_cluster.logs[:2])
@@ -143,8 +165,10 @@ def test_a_worker_role_meeting_an_old_schema_says_who_must_upgrade_it(pg_url: st
         engine = create_engine(normalise_url(url))
         # When a process on the worker role starts, it may not upgrade it: it says so
         try:
-            with pytest.raises(ConfigError, match="may not upgrade it: run any vmfarm command "
-                                                  "once as the database's owner"):
+            with pytest.raises(
+                ConfigError,
+                match="may not upgrade it: run any vmfarm command once as the database's owner",
+            ):
                 migrate(engine)
         finally:
             engine.dispose()

@@ -31,9 +31,16 @@ from tests.conftest import DATA, REDIS_BASE, REPO, _stop, base_env, run_vmfarm
 from tests.waiting import wait_for
 
 GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
-STATIC = {"identifier": "lab_rz", "name": "lab-rz", "provider": "static", "source": "test:1",
-          "spec": {"region": "rz", "hosts": [{"hostname": "127.0.1.250"},
-                                             {"hostname": "127.0.1.251", "region": "ry"}]}}
+STATIC = {
+    "identifier": "lab_rz",
+    "name": "lab-rz",
+    "provider": "static",
+    "source": "test:1",
+    "spec": {
+        "region": "rz",
+        "hosts": [{"hostname": "127.0.1.250"}, {"hostname": "127.0.1.251", "region": "ry"}],
+    },
+}
 
 
 # --- names and routing (no services) --------------------------------------------------------------
@@ -57,8 +64,11 @@ class Fleet:
         return dict(json.loads(res.stdout))
 
     def worker_logs(self) -> str:
-        return "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-3000:]}"
-                         for n, p in self.logs.items() if p.exists())
+        return "\n".join(
+            f"--- {n}\n{p.read_text(errors='replace')[-3000:]}"
+            for n, p in self.logs.items()
+            if p.exists()
+        )
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
         wait_for(check, timeout, what, interval=0.25, explain=self.worker_logs)
@@ -69,19 +79,25 @@ def _by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory,
-          alloc: Allocator) -> Iterator[Fleet]:
+def fleet(
+    pg_url: str, tmp_path_factory: pytest.TempPathFactory, alloc: Allocator
+) -> Iterator[Fleet]:
     """Two region workers of region rz: one tagged gpu, one without tags."""
     with alloc.redis_db(REDIS_BASE) as broker, alloc.redis_db(REDIS_BASE) as results:
         yield from _fleet(pg_url, tmp_path_factory, broker.url, results.url)
 
 
-def _fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory, broker: str,
-           results: str) -> Iterator[Fleet]:
+def _fleet(
+    pg_url: str, tmp_path_factory: pytest.TempPathFactory, broker: str, results: str
+) -> Iterator[Fleet]:
     home = tmp_path_factory.mktemp("delegates")
-    env = base_env(VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results,
-                   VMFARM_DATABASE_URL=pg_url, VMFARM_HOME=str(home),
-                   VMFARM_HEARTBEAT_INTERVAL="0.5")
+    env = base_env(
+        VMFARM_BROKER_URL=broker,
+        VMFARM_RESULT_BACKEND=results,
+        VMFARM_DATABASE_URL=pg_url,
+        VMFARM_HOME=str(home),
+        VMFARM_HEARTBEAT_INTERVAL="0.5",
+    )
     specs = {GPU: ["--region", "rz", "--tags", "gpu"], PLAIN: ["--region", "rz"]}
     procs, logs = {}, {}
     for name, args in specs.items():
@@ -89,11 +105,18 @@ def _fleet(pg_url: str, tmp_path_factory: pytest.TempPathFactory, broker: str,
         with logs[name].open("wb") as fh:
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "worker", "-n", name, "-c", "2", *args],
-                env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env,
+                cwd=REPO,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
     fl = Fleet(env=env, procs=procs, logs=logs)
     try:
-        fl.wait_for("both workers registered as live", lambda: all(
-            _by_name(fl.workers()).get(n, {}).get("live") for n in specs))
+        fl.wait_for(
+            "both workers registered as live",
+            lambda: all(_by_name(fl.workers()).get(n, {}).get("live") for n in specs),
+        )
         yield fl
     finally:
         _stop(list(procs.values()))
@@ -153,19 +176,25 @@ def test_requirements_are_checked_against_the_live_workers(fleet: Fleet, fleet_a
 
 
 def test_a_discovery_task_that_requires_a_tag_runs_on_a_worker_with_that_tag(
-        fleet: Fleet, fleet_app: Any) -> None:
+    fleet: Fleet, fleet_app: Any
+) -> None:
     from tasks.discovery import discover_hosts
 
-    tagged = [discover_hosts.apply_async(kwargs={"infra": STATIC, "region": "rz",
-                                                 "tags": ["gpu"]}) for _ in range(4)]
+    tagged = [
+        discover_hosts.apply_async(kwargs={"infra": STATIC, "region": "rz", "tags": ["gpu"]})
+        for _ in range(4)
+    ]
     for res in tagged:
         out = res.get(timeout=60)
         assert (out["worker"], out["queue"], res.worker) == (GPU, "vmfarm.rz[gpu]", GPU)
         assert [(h["name"], h["region"]) for h in out["hosts"]] == [
-            ("127.0.1.250", "rz"), ("127.0.1.251", "ry")]
+            ("127.0.1.250", "rz"),
+            ("127.0.1.251", "ry"),
+        ]
     # Without tags any worker of the region may take it; a bad infrastructure is data.
-    bad = discover_hosts.apply_async(kwargs={"infra": {**STATIC, "provider": "nope"},
-                                             "region": "rz"}).get(timeout=60)
+    bad = discover_hosts.apply_async(
+        kwargs={"infra": {**STATIC, "provider": "nope"}, "region": "rz"}
+    ).get(timeout=60)
     assert bad["worker"] in (GPU, PLAIN) and bad["queue"] == "vmfarm.rz"
     assert bad["error_type"] == "ConfigError" and "unknown provider 'nope'" in bad["error"]
     assert "hosts" not in bad
@@ -174,8 +203,9 @@ def test_a_discovery_task_that_requires_a_tag_runs_on_a_worker_with_that_tag(
 def test_work_nobody_can_take_shows_as_queue_depth(fleet: Fleet, fleet_app: Any) -> None:
     from tasks.discovery import discover_hosts
 
-    discover_hosts.apply_async(kwargs={"infra": STATIC, "region": "rz", "tags": ["arm"]},
-                               expires=600)
+    discover_hosts.apply_async(
+        kwargs={"infra": STATIC, "region": "rz", "tags": ["arm"]}, expires=600
+    )
     queues = {q["name"]: q for q in fleet.workers()["queues"]}
     assert queues["vmfarm.rz[arm]"]["depth"] == 1
     assert queues["vmfarm.rz[arm]"]["consumers"] == []
@@ -186,12 +216,15 @@ def test_work_nobody_can_take_shows_as_queue_depth(fleet: Fleet, fleet_app: Any)
 
 
 def test_a_killed_worker_goes_stale_and_a_stopped_one_leaves(
-        fleet: Fleet, fleet_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet: Fleet, fleet_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Runs last in this module: it stops both workers.
     os.killpg(fleet.procs[GPU].pid, signal.SIGKILL)
     fleet.procs[GPU].wait(timeout=30)
-    fleet.wait_for("the killed worker shown as stale", lambda: _by_name(
-        fleet.workers(timeout_s="2"))[GPU]["status"] == "stale")
+    fleet.wait_for(
+        "the killed worker shown as stale",
+        lambda: _by_name(fleet.workers(timeout_s="2"))[GPU]["status"] == "stale",
+    )
     report = _by_name(fleet.workers(timeout_s="2"))
     assert report[GPU]["live"] is False
     text = fleet.vmfarm("workers", timeout_s="2").stdout
@@ -218,10 +251,12 @@ class _RefusingEC2(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
-                b"<Code>AuthFailure</Code><Message>AWS was not able to validate the provided "
-                b"access credentials</Message></Error></Errors><RequestID>1</RequestID>"
-                b"</Response>")
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+            b"<Code>AuthFailure</Code><Message>AWS was not able to validate the provided "
+            b"access credentials</Message></Error></Errors><RequestID>1</RequestID>"
+            b"</Response>"
+        )
         self.send_response(401)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -238,16 +273,27 @@ def test_hosts_exits_1_naming_the_infrastructure_when_discovery_fails(tmp_path: 
     try:
         empty = tmp_path / "none"
         empty.write_text("")
-        env = base_env(VMFARM_HOME=str(tmp_path / "home"),
-                       AWS_ENDPOINT_URL_EC2=f"http://127.0.0.1:{server.server_port}",
-                       AWS_ACCESS_KEY_ID="AKIATESTTESTTEST0000", AWS_SECRET_ACCESS_KEY="x",
-                       AWS_CONFIG_FILE=str(empty), AWS_SHARED_CREDENTIALS_FILE=str(empty),
-                       AWS_EC2_METADATA_DISABLED="true", NO_PROXY="127.0.0.1")
-        for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "HTTP_PROXY",
-                  "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env = base_env(
+            VMFARM_HOME=str(tmp_path / "home"),
+            AWS_ENDPOINT_URL_EC2=f"http://127.0.0.1:{server.server_port}",
+            AWS_ACCESS_KEY_ID="AKIATESTTESTTEST0000",
+            AWS_SECRET_ACCESS_KEY="x",
+            AWS_CONFIG_FILE=str(empty),
+            AWS_SHARED_CREDENTIALS_FILE=str(empty),
+            AWS_EC2_METADATA_DISABLED="true",
+            NO_PROXY="127.0.0.1",
+        )
+        for k in (
+            "AWS_PROFILE",
+            "AWS_ENDPOINT_URL",
+            "AWS_SESSION_TOKEN",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+        ):
             env.pop(k, None)
-        res = run_vmfarm("hosts", str(DATA / "infra_aws.yaml"), "--infra", "aws_inline",
-                         env=env)
+        res = run_vmfarm("hosts", str(DATA / "infra_aws.yaml"), "--infra", "aws_inline", env=env)
     finally:
         server.shutdown()
     assert res.returncode == 1, res.stdout + res.stderr

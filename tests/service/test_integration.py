@@ -21,8 +21,13 @@ PIPELINE = str(DATA / "itest" / "pipeline.yaml")
 def _rows(cluster: Cluster, execution_id: str) -> list[HostStepRun]:
     eng = create_engine(normalise_url(cluster.env["VMFARM_DATABASE_URL"]))
     with Session(eng) as s:
-        rows = list(s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id,
-                                                     HostStepRun.kind == "deploy")))
+        rows = list(
+            s.exec(
+                select(HostStepRun).where(
+                    HostStepRun.execution_id == execution_id, HostStepRun.kind == "deploy"
+                )
+            )
+        )
     eng.dispose()
     return rows
 
@@ -85,10 +90,18 @@ def test_pipeline_runs_on_every_host_through_its_region_queue(cluster: Cluster, 
 
 
 def test_one_failing_host_fails_the_run_and_keeps_every_other_result(
-        cluster: Cluster, lab: Any) -> None:
+    cluster: Cluster, lab: Any
+) -> None:
     bad = lab.hosts[2].address
-    res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=2.0.2",
-                         "--set", f"fail_host={bad}")
+    res = cluster.vmfarm(
+        "run",
+        PIPELINE,
+        str(lab.infrastructure_file),
+        "--set",
+        "tag=2.0.2",
+        "--set",
+        f"fail_host={bad}",
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     ex_id = _execution_id(res.stderr)
     rows = {(r.host, r.step_id): r for r in _rows(cluster, ex_id)}
@@ -102,8 +115,10 @@ def test_one_failing_host_fails_the_run_and_keeps_every_other_result(
             assert rows[(h.address, "record")].status == "SUCCEEDED"
             assert rows[(h.address, "check")].status == "SUCCEEDED"
     # The CLI names the host, the unit, the exit code and the stderr tail.
-    assert (f"{bad} ({lab.hosts[2].region}): step check, unit check, exit 3: boom: {bad} was "
-            "told to fail") in res.stdout
+    assert (
+        f"{bad} ({lab.hosts[2].region}): step check, unit check, exit 3: boom: {bad} was "
+        "told to fail"
+    ) in res.stdout
     report = json.loads(cluster.vmfarm("status", ex_id, "--output", "json").stdout)
     assert report["status"] == "FAILED"
     statuses = {h["host"]: h["status"] for h in report["stages"][0]["hosts"]}
@@ -111,8 +126,9 @@ def test_one_failing_host_fails_the_run_and_keeps_every_other_result(
     assert set(statuses.values()) == {"SUCCEEDED"}
 
 
-def test_duplicate_delivery_runs_the_commands_once(cluster: Cluster, lab: Any,
-                                                    in_process_app: Any) -> None:
+def test_duplicate_delivery_runs_the_commands_once(
+    cluster: Cluster, lab: Any, in_process_app: Any
+) -> None:
     from tasks.deploy import run_step
 
     res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set", "tag=2.0.3")
@@ -120,8 +136,7 @@ def test_duplicate_delivery_runs_the_commands_once(cluster: Cluster, lab: Any,
     ex_id = _execution_id(res.stderr)
     host = lab.hosts[1]
     row = next(r for r in _rows(cluster, ex_id) if r.host == host.address and r.step_index == 0)
-    key = {"e": ex_id, "s": 0, "p": 0, "h": host.address, "i": 0, "a": 1,
-           "region": host.region}
+    key = {"e": ex_id, "s": 0, "p": 0, "h": host.address, "i": 0, "a": 1, "region": host.region}
     # The same message delivered again, twice, to the region's worker.
     results = [run_step.apply_async(kwargs={"key": key}).get(timeout=60) for _ in range(2)]
     assert all(r["duplicate"] and r["status"] == "SUCCEEDED" for r in results)
@@ -149,7 +164,8 @@ def test_ledger_records_instances_and_batched_logs(cluster: Cluster, lab: Any) -
 
 
 def test_work_that_expired_in_a_queue_fails_its_host_instead_of_hanging(
-        cluster: Cluster, lab: Any, tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path
+) -> None:
     import os
     import signal
     import subprocess
@@ -160,8 +176,13 @@ def test_work_that_expired_in_a_queue_fails_its_host_instead_of_hanging(
 
     # Given one host in region r3, where no worker runs yet, and steps that expire after 2 s
     late = lab.hosts[5].address
-    infra = Path(lab.infrastructure_file).read_text().replace(
-        f"- hostname: {late}\n        region: r2", f"- hostname: {late}\n        region: r3")
+    infra = (
+        Path(lab.infrastructure_file)
+        .read_text()
+        .replace(
+            f"- hostname: {late}\n        region: r2", f"- hostname: {late}\n        region: r3"
+        )
+    )
     assert "region: r3" in infra
     path = tmp_path / "infra.yaml"
     path.write_text(infra)
@@ -179,14 +200,21 @@ def test_work_that_expired_in_a_queue_fails_its_host_instead_of_hanging(
     with log.open("wb") as fh:
         worker = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "worker", "--region", "r3", "-n", "w-r3@test"],
-            env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env,
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def ended() -> dict[str, Any] | None:
         got: dict[str, Any] = json.loads(cluster.vmfarm("status", ex_id, "-o", "json").stdout)
         return got if got["status"] in ("SUCCEEDED", "FAILED") else None
 
     try:
-        report: dict[str, Any] = wait_for(ended, 60, "the execution to end", interval=0.5,
-                                          explain=lambda: log.read_text()[-3000:])
+        report: dict[str, Any] = wait_for(
+            ended, 60, "the execution to end", interval=0.5, explain=lambda: log.read_text()[-3000:]
+        )
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=30)

@@ -32,9 +32,18 @@ class Issuer:
                     body = {"issuer": issuer.url, "jwks_uri": issuer.url + "/jwks"}
                 elif self.path == "/jwks":
                     issuer.jwks_fetches += 1
-                    body = {"keys": [{**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(
-                        issuer.keys[k].public_key())), "kid": k, "use": "sig"}
-                        for k in issuer.published]}
+                    body = {
+                        "keys": [
+                            {
+                                **json.loads(
+                                    jwt.algorithms.RSAAlgorithm.to_jwk(issuer.keys[k].public_key())
+                                ),
+                                "kid": k,
+                                "use": "sig",
+                            }
+                            for k in issuer.published
+                        ]
+                    }
                 else:
                     self.send_error(404)
                     return
@@ -59,9 +68,12 @@ class Issuer:
 
     def token(self, kid: str, sub: str = "alice") -> str:
         now = int(time.time())
-        return jwt.encode({"iss": self.url, "aud": "vmfarm", "sub": sub, "iat": now,
-                           "exp": now + 300}, self.keys[kid], algorithm="RS256",
-                          headers={"kid": kid})
+        return jwt.encode(
+            {"iss": self.url, "aud": "vmfarm", "sub": sub, "iat": now, "exp": now + 300},
+            self.keys[kid],
+            algorithm="RS256",
+            headers={"kid": kid},
+        )
 
 
 @pytest.fixture

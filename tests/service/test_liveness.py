@@ -25,8 +25,10 @@ def _infra_with(lab: Any, tmp_path: Path, address: str, region: str) -> str:
     """The lab's infrastructure file with one host moved to another region."""
     text = Path(lab.infrastructure_file).read_text()
     old = next(h.region for h in lab.hosts if h.address == address)
-    moved = text.replace(f"- hostname: {address}\n        region: {old}",
-                         f"- hostname: {address}\n        region: {region}")
+    moved = text.replace(
+        f"- hostname: {address}\n        region: {old}",
+        f"- hostname: {address}\n        region: {region}",
+    )
     assert moved != text
     path = tmp_path / f"infra-{region}.yaml"
     path.write_text(moved)
@@ -47,14 +49,16 @@ def _wait(check: Callable[[], Any], seconds: float, what: str) -> Any:
 def _reconcile_until(env: dict[str, str], action: str, seconds: float = 60) -> list[str]:
     """Run `vmfarm reconcile` until one of its actions contains ``action`` (it does nothing
     until the heartbeat or the dispatch is stale: FAST makes that a few seconds); its actions."""
+
     def reconciled() -> list[str] | None:
         rec = run_vmfarm("reconcile", "-o", "json", env=env)
         assert rec.returncode == 0, rec.stderr
         actions: list[str] = json.loads(rec.stdout)["actions"]
         return actions if any(action in a for a in actions) else None
 
-    found: list[str] = wait_for(reconciled, seconds, f"reconcile to report {action!r}",
-                                interval=0.5)
+    found: list[str] = wait_for(
+        reconciled, seconds, f"reconcile to report {action!r}", interval=0.5
+    )
     return found
 
 
@@ -67,9 +71,24 @@ def worker_r5(cluster: Cluster, tmp_path: Path) -> Iterator[subprocess.Popen[byt
     env = {**cluster.env, **FAST}
     with (tmp_path / "w-r5.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "--region", "r5", "-c", "4",
-             "-n", "w-r5@test"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "worker",
+                "--region",
+                "r5",
+                "-c",
+                "4",
+                "-n",
+                "w-r5@test",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     yield proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -77,14 +96,23 @@ def worker_r5(cluster: Cluster, tmp_path: Path) -> Iterator[subprocess.Popen[byt
 
 
 def test_a_worker_killed_mid_step_fails_its_host_instead_of_hanging(
-        cluster: Cluster, lab: Any, tmp_path: Path,
-        worker_r5: subprocess.Popen[bytes]) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path, worker_r5: subprocess.Popen[bytes]
+) -> None:
     # Given one host served by a region worker of its own, running a long unit
     victim = lab.hosts[3].address
     env = {**cluster.env, **FAST}
     infra = _infra_with(lab, tmp_path, victim, "r5")
-    sub = run_vmfarm("run", PIPELINE, infra, "--set", f"slow_host={victim}",
-                     "--set", "slow_seconds=60", "--detach", env=env)
+    sub = run_vmfarm(
+        "run",
+        PIPELINE,
+        infra,
+        "--set",
+        f"slow_host={victim}",
+        "--set",
+        "slow_seconds=60",
+        "--detach",
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     _wait(lambda: _units(lab, victim, ex_id) == ["first"], 60, "the long unit to start")
@@ -94,8 +122,11 @@ def test_a_worker_killed_mid_step_fails_its_host_instead_of_hanging(
     # Then, once its heartbeat is stale, the reconciler fails that host as DelegateRestart
     # and the execution ends instead of staying RUNNING
     _reconcile_until(env, "worker lost")
-    report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("FAILED",) and r, 60,
-                   "the execution to end")
+    report = _wait(
+        lambda: (r := _report(env, ex_id))["status"] in ("FAILED",) and r,
+        60,
+        "the execution to end",
+    )
     hosts = {h["host"]: h for h in report["stages"][0]["hosts"]}
     lost = hosts.pop(victim)
     assert lost["status"] == "FAILED"
@@ -108,7 +139,8 @@ def test_a_worker_killed_mid_step_fails_its_host_instead_of_hanging(
 
 
 def test_work_for_a_region_without_any_worker_fails_instead_of_waiting(
-        cluster: Cluster, lab: Any, tmp_path: Path) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path
+) -> None:
     orphan = lab.hosts[4].address
     env = {**cluster.env, **FAST, "VMFARM_DISPATCH_EXPIRES": "1"}
     infra = _infra_with(lab, tmp_path, orphan, "r6")
@@ -116,13 +148,18 @@ def test_work_for_a_region_without_any_worker_fails_instead_of_waiting(
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     # Every other host finishes; this one's messages sit in vmfarm.r6, which nobody consumes
-    _wait(lambda: sum(h["status"] == "SUCCEEDED"
-                      for h in _report(env, ex_id)["stages"][0]["hosts"]) == 5, 60,
-          "the other hosts")
+    _wait(
+        lambda: (
+            sum(h["status"] == "SUCCEEDED" for h in _report(env, ex_id)["stages"][0]["hosts"]) == 5
+        ),
+        60,
+        "the other hosts",
+    )
     # Once past dispatch expiry + heartbeat timeout, the reconciler fails that host
     _reconcile_until(env, f"{orphan}: no worker took its steps")
-    report = _wait(lambda: (r := _report(env, ex_id))["status"] == "FAILED" and r, 30,
-                   "the execution to end")
+    report = _wait(
+        lambda: (r := _report(env, ex_id))["status"] == "FAILED" and r, 30, "the execution to end"
+    )
     lost = next(h for h in report["stages"][0]["hosts"] if h["host"] == orphan)
     assert lost["steps"][0]["error_class"] == "Timeout"
     assert "no worker took the steps" in lost["steps"][0]["error"]
@@ -130,15 +167,25 @@ def test_work_for_a_region_without_any_worker_fails_instead_of_waiting(
 
 
 def test_abort_stops_hosts_at_their_next_unit_and_sends_no_new_work(
-        cluster: Cluster, lab: Any) -> None:
-    sub = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), "--set",
-                         "slow_host=all", "--set", "slow_seconds=4", "--detach")
+    cluster: Cluster, lab: Any
+) -> None:
+    sub = cluster.vmfarm(
+        "run",
+        PIPELINE,
+        str(lab.infrastructure_file),
+        "--set",
+        "slow_host=all",
+        "--set",
+        "slow_seconds=4",
+        "--detach",
+    )
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     first = lab.hosts[0].address
     _wait(lambda: _units(lab, first, ex_id) == ["first"], 60, "the first unit to start")
     res = cluster.vmfarm("abort", ex_id)
     assert res.returncode == 0 and "aborted" in res.stdout
+
     def all_stopped() -> dict[str, Any] | None:
         r = _report(cluster.env, ex_id)
         return r if all(h["status"] == "ABORTED" for h in r["stages"][0]["hosts"]) else None
@@ -163,9 +210,24 @@ def r7_workers(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[str], Any
     def start(name: str) -> subprocess.Popen[bytes]:
         with (tmp_path / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "--region", "r7", "-c", "4",
-                 "-n", f"{name}@test"], env={**cluster.env, **FAST}, cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "worker",
+                    "--region",
+                    "r7",
+                    "-c",
+                    "4",
+                    "-n",
+                    f"{name}@test",
+                ],
+                env={**cluster.env, **FAST},
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(proc)
         return proc
 
@@ -187,8 +249,9 @@ def _second_phase_in_r7(lab: Any, tmp_path: Path) -> str:
     return str(path)
 
 
-def _kill_the_worker_running(env: dict[str, str], ex_id: str, host: str,
-                             workers: dict[str, subprocess.Popen[bytes]]) -> str:
+def _kill_the_worker_running(
+    env: dict[str, str], ex_id: str, host: str, workers: dict[str, subprocess.Popen[bytes]]
+) -> str:
     def running_on() -> str | None:
         r = _report(env, ex_id)
         stage = r["stages"][0]
@@ -212,31 +275,46 @@ def _attempts(env: dict[str, str], ex_id: str, host: str) -> list[tuple[int, str
 
     eng = create_engine(normalise_url(env["VMFARM_DATABASE_URL"]))
     with Session(eng) as s:
-        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == ex_id,
-                                                HostStepRun.host == host,
-                                                HostStepRun.step_id == "work")
-                      .order_by(HostStepRun.attempt)).all()  # type: ignore[arg-type]
+        rows = s.exec(
+            select(HostStepRun)
+            .where(
+                HostStepRun.execution_id == ex_id,
+                HostStepRun.host == host,
+                HostStepRun.step_id == "work",
+            )
+            .order_by(HostStepRun.attempt)
+        ).all()  # type: ignore[arg-type]
         out = [(r.attempt, r.status, str(r.worker)) for r in rows]
     eng.dispose()
     return out
 
 
 def test_a_lost_worker_s_step_is_retried_on_another_worker_of_its_region(
-        cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]
+) -> None:
     workers = {n: r7_workers(n) for n in ("w-r7a", "w-r7b")}
     _wait_for_workers({**cluster.env}, ["w-r7a@test", "w-r7b@test"])
     env = {**cluster.env, **FAST}
     victim = lab.hosts[4].address
-    sub = run_vmfarm("run", ROLLING, _second_phase_in_r7(lab, tmp_path),
-                     "--set", f"slow_host={victim}", "--detach", env=env)
+    sub = run_vmfarm(
+        "run",
+        ROLLING,
+        _second_phase_in_r7(lab, tmp_path),
+        "--set",
+        f"slow_host={victim}",
+        "--detach",
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     killed = _kill_the_worker_running(env, ex_id, victim, workers)
     # Once past the heartbeat timeout, the reconciler retries the step on the other worker
     _reconcile_until(env, "retrying as attempt 2 on queue vmfarm.r7")
-    report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
-                                                                    "ABORTED") and r,
-                   90, "the execution to end")
+    report = _wait(
+        lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED", "ABORTED") and r,
+        90,
+        "the execution to end",
+    )
     assert report["status"] == "SUCCEEDED", report.get("error")
     attempts = _attempts(env, ex_id, victim)
     assert [(a, st) for a, st, _ in attempts] == [(1, "FAILED"), (2, "SUCCEEDED")]
@@ -247,21 +325,31 @@ def test_a_lost_worker_s_step_is_retried_on_another_worker_of_its_region(
 
 
 def test_a_lost_worker_with_no_other_worker_ends_as_the_strategy_says(
-        cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]) -> None:
+    cluster: Cluster, lab: Any, tmp_path: Path, r7_workers: Callable[[str], Any]
+) -> None:
     workers = {"w-r7c": r7_workers("w-r7c")}
     _wait_for_workers({**cluster.env}, ["w-r7c@test"])
     env = {**cluster.env, **FAST}
     victim = lab.hosts[5].address
-    sub = run_vmfarm("run", ROLLING, _second_phase_in_r7(lab, tmp_path),
-                     "--set", f"slow_host={victim}", "--detach", env=env)
+    sub = run_vmfarm(
+        "run",
+        ROLLING,
+        _second_phase_in_r7(lab, tmp_path),
+        "--set",
+        f"slow_host={victim}",
+        "--detach",
+        env=env,
+    )
     assert sub.returncode == 0, sub.stderr
     ex_id = sub.stdout.strip().splitlines()[-1]
     _kill_the_worker_running(env, ex_id, victim, workers)
     _reconcile_until(env, "worker lost")
     # Retry needs a live worker on vmfarm.r7: none, so onRetryFailure (Abort) applies.
-    report = _wait(lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED",
-                                                                    "ABORTED") and r,
-                   30, "the execution to end")
+    report = _wait(
+        lambda: (r := _report(env, ex_id))["status"] in ("SUCCEEDED", "FAILED", "ABORTED") and r,
+        30,
+        "the execution to end",
+    )
     assert report["status"] == "ABORTED", report.get("error")
     attempts = _attempts(env, ex_id, victim)
     assert [(a, st) for a, st, _ in attempts] == [(1, "FAILED")]

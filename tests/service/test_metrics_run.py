@@ -30,8 +30,11 @@ def _scrape(url: str) -> str:
 
 
 def _samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
@@ -43,9 +46,14 @@ def exporter(cluster: Cluster, free_port: Callable[[], int]) -> Iterator[str]:
     """A metrics exporter process on the cluster's ledger and broker; its /metrics URL."""
     port = free_port()
     code = f"from app.metrics import serve; serve({port}, '127.0.0.1', block=True)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=cluster.env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=cluster.env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 30
@@ -63,26 +71,46 @@ def exporter(cluster: Cluster, free_port: Callable[[], int]) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_metrics_of_a_real_run_pass_promtool_check_metrics(cluster: Cluster, lab: Any,
-                                                           exporter: str) -> None:
+def test_metrics_of_a_real_run_pass_promtool_check_metrics(
+    cluster: Cluster, lab: Any, exporter: str
+) -> None:
     # Given a run of six hosts in regions r1 and r2 that has ended
     res = cluster.vmfarm("run", PIPELINE, str(lab.infrastructure_file), timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr + cluster.worker_logs()
     # When Prometheus scrapes the exporter
     text = _scrape(exporter)
     # Then promtool finds nothing to say about names, types and units
-    check = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
-                           capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), \
+    check = subprocess.run(
+        [tool("promtool"), "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), (
         check.stdout + check.stderr
+    )
     # and the numbers are the run's
     m = _samples(text)
-    assert (_get(m, "vmfarm_executions_finished_total", pipeline="liveness", environment="lab",
-                 status="SUCCEEDED") or 0) >= 1, text
+    assert (
+        _get(
+            m,
+            "vmfarm_executions_finished_total",
+            pipeline="liveness",
+            environment="lab",
+            status="SUCCEEDED",
+        )
+        or 0
+    ) >= 1, text
     hosts = {h.region for h in lab.hosts}
     for region in hosts:
-        ended = sum(v for (n, lab_), v in m.items() if n == "vmfarm_host_steps_total"
-                    and dict(lab_)["region"] == region and dict(lab_)["status"] == "SUCCEEDED")
+        ended = sum(
+            v
+            for (n, lab_), v in m.items()
+            if n == "vmfarm_host_steps_total"
+            and dict(lab_)["region"] == region
+            and dict(lab_)["status"] == "SUCCEEDED"
+        )
         assert ended >= 3, region  # three hosts per region, at least one step each
         assert _get(m, "vmfarm_workers", region=region, state="live") == 1
         assert _get(m, "vmfarm_queue_consumers", queue=f"vmfarm.{region}") == 1
@@ -98,7 +126,8 @@ def test_metrics_of_a_real_run_pass_promtool_check_metrics(cluster: Cluster, lab
 
 
 def test_a_queue_with_messages_and_no_consumer_shows_its_depth_and_0_consumers(
-        cluster: Cluster, in_process_app: Any, exporter: str) -> None:
+    cluster: Cluster, in_process_app: Any, exporter: str
+) -> None:
     # Given region r9, which no worker serves, and a step sent to it (its worker died after
     # the work was dispatched, say)
     key = {"e": "deadbeef0000", "s": 0, "p": 0, "h": "h9", "i": 0, "a": 1, "region": "r9"}

@@ -36,9 +36,15 @@ SECRET = "hunter2-s3cr3t"
 
 @pytest.fixture
 def settings(mailbox: Mailbox) -> NotifySettings:
-    return NotifySettings(smtp_host="127.0.0.1", smtp_port=mailbox.port,
-                          smtp_from="vmfarm@ci.example", webhook_retries=2,
-                          webhook_backoff=0.25, webhook_timeout=10, smtp_timeout=10)
+    return NotifySettings(
+        smtp_host="127.0.0.1",
+        smtp_port=mailbox.port,
+        smtp_from="vmfarm@ci.example",
+        webhook_retries=2,
+        webhook_backoff=0.25,
+        webhook_timeout=10,
+        smtp_timeout=10,
+    )
 
 
 class Sleeps(list[float]):
@@ -49,48 +55,113 @@ class Sleeps(list[float]):
 # --- a failed run -------------------------------------------------------------------------------
 
 
-def _host(name: str, status: str, *, step_error: str | None = None, cls: str = "CommandFailed",
-          exit_code: int | None = 1, verification: str | None = None) -> dict[str, Any]:
-    steps = [{"step": "fetch", "status": Status.SUCCEEDED, "error": None, "error_class": None,
-              "exit_code": 0}]
+def _host(
+    name: str,
+    status: str,
+    *,
+    step_error: str | None = None,
+    cls: str = "CommandFailed",
+    exit_code: int | None = 1,
+    verification: str | None = None,
+) -> dict[str, Any]:
+    steps = [
+        {
+            "step": "fetch",
+            "status": Status.SUCCEEDED,
+            "error": None,
+            "error_class": None,
+            "exit_code": 0,
+        }
+    ]
     if step_error is not None:
-        steps.append({"step": "install", "status": Status.FAILED, "error": step_error,
-                      "error_class": cls, "exit_code": exit_code})
-    return {"host": name, "region": "r1", "status": status, "steps": steps,
-            "verification": verification, "rollback": None}
+        steps.append(
+            {
+                "step": "install",
+                "status": Status.FAILED,
+                "error": step_error,
+                "error_class": cls,
+                "exit_code": exit_code,
+            }
+        )
+    return {
+        "host": name,
+        "region": "r1",
+        "status": status,
+        "steps": steps,
+        "verification": verification,
+        "rollback": None,
+    }
 
 
 def failed_report() -> dict[str, Any]:
     """The shape of app.report.execution_report for a run whose second stage failed."""
-    disk = [_host(f"web-{i:02d}", Status.FAILED, step_error="No space left on device")
-            for i in range(1, 13)]
-    refused = [_host(f"db-{i}", Status.FAILED, step_error=f"connection to db-{i} refused",
-                     cls="Connectivity", exit_code=None) for i in (1, 2)]
+    disk = [
+        _host(f"web-{i:02d}", Status.FAILED, step_error="No space left on device")
+        for i in range(1, 13)
+    ]
+    refused = [
+        _host(
+            f"db-{i}",
+            Status.FAILED,
+            step_error=f"connection to db-{i} refused",
+            cls="Connectivity",
+            exit_code=None,
+        )
+        for i in (1, 2)
+    ]
     unverified = [_host("api-1", Status.FAILED, verification="FAILED")]
     leaked = [_host("cache-1", Status.FAILED, step_error=f"bad token {SECRET}\nmore detail")]
     fine = [_host("web-99", Status.SUCCEEDED)]
     return {
-        "id": EX, "pipeline": "web_app", "pipeline_name": "Web App", "status": Status.FAILED,
-        "error": "stage 'deploy_prod': 16 host(s) failed in phase 1", "intervention": None,
+        "id": EX,
+        "pipeline": "web_app",
+        "pipeline_name": "Web App",
+        "status": Status.FAILED,
+        "error": "stage 'deploy_prod': 16 host(s) failed in phase 1",
+        "intervention": None,
         "stages": [
-            {"index": 0, "identifier": "deploy_staging", "name": "Staging",
-             "status": Status.SUCCEEDED, "error": None, "phases": [],
-             "hosts": [_host("stg-1", Status.SUCCEEDED)]},
-            {"index": 1, "identifier": "deploy_prod", "name": "Production",
-             "status": Status.FAILED, "error": "16 host(s) failed in phase 1", "phases": [],
-             "hosts": [*disk, *refused, *unverified, *leaked, *fine]},
+            {
+                "index": 0,
+                "identifier": "deploy_staging",
+                "name": "Staging",
+                "status": Status.SUCCEEDED,
+                "error": None,
+                "phases": [],
+                "hosts": [_host("stg-1", Status.SUCCEEDED)],
+            },
+            {
+                "index": 1,
+                "identifier": "deploy_prod",
+                "name": "Production",
+                "status": Status.FAILED,
+                "error": "16 host(s) failed in phase 1",
+                "phases": [],
+                "hosts": [*disk, *refused, *unverified, *leaked, *fine],
+            },
         ],
     }
 
 
-def rules(receiver: Receiver, *, events: list[str] | None = None,
-          slack: str = "Slack") -> list[dict[str, Any]]:
+def rules(
+    receiver: Receiver, *, events: list[str] | None = None, slack: str = "Slack"
+) -> list[dict[str, Any]]:
     return [
-        {"name": "team channel", "events": events or ["PipelineFailed", "StageFailed"],
-         "channel": {"type": slack, "spec": {"webhookUrl": receiver.url()}}},
-        {"name": "release managers", "events": ["AllEvents"],
-         "channel": {"type": "Email", "spec": {"to": ["rm@example.com", "ops@example.com"],
-                                               "subject": "{event}: {pipeline} {execution}"}}},
+        {
+            "name": "team channel",
+            "events": events or ["PipelineFailed", "StageFailed"],
+            "channel": {"type": slack, "spec": {"webhookUrl": receiver.url()}},
+        },
+        {
+            "name": "release managers",
+            "events": ["AllEvents"],
+            "channel": {
+                "type": "Email",
+                "spec": {
+                    "to": ["rm@example.com", "ops@example.com"],
+                    "subject": "{event}: {pipeline} {execution}",
+                },
+            },
+        },
     ]
 
 
@@ -99,14 +170,25 @@ def mask(text: str) -> str:
 
 
 def test_a_failed_run_sends_one_webhook_and_one_email_once(
-        receiver: Receiver, mailbox: Mailbox, settings: NotifySettings) -> None:
+    receiver: Receiver, mailbox: Mailbox, settings: NotifySettings
+) -> None:
     claims = InProcessClaims()
     sleeps = Sleeps()
-    out = notify_once("PipelineFailed", EX, rules(receiver), report=failed_report(),
-                      claim=claims, settings=settings, mask=mask, sleep=sleeps)
+    out = notify_once(
+        "PipelineFailed",
+        EX,
+        rules(receiver),
+        report=failed_report(),
+        claim=claims,
+        settings=settings,
+        mask=mask,
+        sleep=sleeps,
+    )
 
-    assert [(d.channel, d.ok, d.attempts) for d in out] == [("Slack", True, 1),
-                                                            ("Email", True, 1)], out
+    assert [(d.channel, d.ok, d.attempts) for d in out] == [
+        ("Slack", True, 1),
+        ("Email", True, 1),
+    ], out
     assert sleeps == []
     # Exactly one POST: Slack's text and blocks.
     assert len(receiver.requests) == 1
@@ -116,9 +198,22 @@ def test_a_failed_run_sends_one_webhook_and_one_email_once(
     body = receiver.bodies[0]
     assert set(body) == {"text", "blocks"}
     text = body["text"]
-    for expected in (EX, "deploy_prod", "Production", "FAILED", f"vmfarm status {EX}",
-                     "web-01", "web-10", "and 2 more", "db-1", "db-2", "api-1",
-                     "verification failed", "No space left on device", "Failed hosts (16)"):
+    for expected in (
+        EX,
+        "deploy_prod",
+        "Production",
+        "FAILED",
+        f"vmfarm status {EX}",
+        "web-01",
+        "web-10",
+        "and 2 more",
+        "db-1",
+        "db-2",
+        "api-1",
+        "verification failed",
+        "No space left on device",
+        "Failed hosts (16)",
+    ):
         assert expected in text, expected
     assert "web-11" not in text  # ten hosts per error are named, the rest counted
     assert "web-99" not in text and "stg-1" not in text
@@ -137,21 +232,44 @@ def test_a_failed_run_sends_one_webhook_and_one_email_once(
     assert em["Subject"] == f"PipelineFailed: web_app {EX}"
     assert em["X-Vmfarm-Execution"] == EX
     mail = em.get_content()
-    for expected in (EX, "Stage: deploy_prod (Production): FAILED", f"vmfarm status {EX}",
-                     "web-01", "db-2", "api-1", "connection to <host> refused"):
+    for expected in (
+        EX,
+        "Stage: deploy_prod (Production): FAILED",
+        f"vmfarm status {EX}",
+        "web-01",
+        "db-2",
+        "api-1",
+        "connection to <host> refused",
+    ):
         assert expected in mail, expected
     assert SECRET not in mail
 
     # The same event again: nothing is sent.
-    again = notify_once("PipelineFailed", EX, rules(receiver), report=failed_report(),
-                        claim=claims, settings=settings, mask=mask, sleep=sleeps)
+    again = notify_once(
+        "PipelineFailed",
+        EX,
+        rules(receiver),
+        report=failed_report(),
+        claim=claims,
+        settings=settings,
+        mask=mask,
+        sleep=sleeps,
+    )
     assert again == []
     assert len(receiver.requests) == 1 and len(mailbox.messages) == 1
     assert not claims(claim_key("PipelineFailed", EX))
 
     # Another event of the same execution is its own key.
-    stage = notify_once("StageFailed", EX, rules(receiver), stage="deploy_prod",
-                        report=failed_report(), claim=claims, settings=settings, mask=mask)
+    stage = notify_once(
+        "StageFailed",
+        EX,
+        rules(receiver),
+        stage="deploy_prod",
+        report=failed_report(),
+        claim=claims,
+        settings=settings,
+        mask=mask,
+    )
     assert [d.ok for d in stage] == [True, True]
     assert len(receiver.requests) == 2 and len(mailbox.messages) == 2
     assert not claims(claim_key("StageFailed", EX, 1))  # claimed by stage index
@@ -159,20 +277,24 @@ def test_a_failed_run_sends_one_webhook_and_one_email_once(
 
 def test_the_default_claim_is_per_process(receiver: Receiver, settings: NotifySettings) -> None:
     only_slack = rules(receiver)[:1]
-    first = notify_once("PipelineFailed", "default-claim-1", only_slack, report=failed_report(),
-                        settings=settings)
-    second = notify_once("PipelineFailed", "default-claim-1", only_slack,
-                         report=failed_report(), settings=settings)
+    first = notify_once(
+        "PipelineFailed", "default-claim-1", only_slack, report=failed_report(), settings=settings
+    )
+    second = notify_once(
+        "PipelineFailed", "default-claim-1", only_slack, report=failed_report(), settings=settings
+    )
     assert [d.ok for d in first] == [True] and second == []
     assert len(receiver.requests) == 1
 
 
 def test_a_webhook_that_fails_is_retried_then_reported(
-        receiver: Receiver, settings: NotifySettings, caplog: pytest.LogCaptureFixture) -> None:
+    receiver: Receiver, settings: NotifySettings, caplog: pytest.LogCaptureFixture
+) -> None:
     receiver.statuses = [500]
     sleeps = Sleeps()
-    out = notify("PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings,
-                 sleep=sleeps)
+    out = notify(
+        "PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings, sleep=sleeps
+    )
     assert len(out) == 1
     d = out[0]
     assert (d.ok, d.attempts, d.status, d.channel) == (False, 3, 500, "Slack")
@@ -186,43 +308,80 @@ def test_a_webhook_that_fails_is_retried_then_reported(
     # A 5xx then a 2xx: delivered on the second attempt.
     receiver.requests.clear()
     receiver.statuses = [503, 200]
-    out = notify("PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings,
-                 sleep=Sleeps())
+    out = notify(
+        "PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings, sleep=Sleeps()
+    )
     assert [(x.ok, x.attempts, x.status) for x in out] == [(True, 2, 200)]
 
 
 def test_a_client_error_is_not_retried(receiver: Receiver, settings: NotifySettings) -> None:
     receiver.statuses = [404]
-    out = notify("PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings,
-                 sleep=Sleeps())
+    out = notify(
+        "PipelineFailed", failed_report(), rules(receiver)[:1], settings=settings, sleep=Sleeps()
+    )
     assert [(d.ok, d.attempts, d.status) for d in out] == [(False, 1, 404)]
 
 
 def test_unreachable_receivers_are_reported_not_raised(
-        settings: NotifySettings, free_port: Callable[[], int]) -> None:
+    settings: NotifySettings, free_port: Callable[[], int]
+) -> None:
     closed = free_port()  # nothing listens there
     cfg = settings.model_copy(update={"smtp_port": closed})
     sleeps = Sleeps()
-    out = notify("PipelineFailed", failed_report(), [
-        {"name": "hook", "events": ["PipelineFailed"],
-         "channel": {"type": "Webhook", "spec": {"webhookUrl": f"http://127.0.0.1:{closed}/x"}}},
-        {"name": "mail", "events": ["PipelineFailed"],
-         "channel": {"type": "Email", "spec": {"to": ["a@example.com"]}}},
-    ], settings=cfg, sleep=sleeps)
-    assert [(d.channel, d.ok, d.attempts) for d in out] == [("Webhook", False, 3),
-                                                            ("Email", False, 3)]
+    out = notify(
+        "PipelineFailed",
+        failed_report(),
+        [
+            {
+                "name": "hook",
+                "events": ["PipelineFailed"],
+                "channel": {
+                    "type": "Webhook",
+                    "spec": {"webhookUrl": f"http://127.0.0.1:{closed}/x"},
+                },
+            },
+            {
+                "name": "mail",
+                "events": ["PipelineFailed"],
+                "channel": {"type": "Email", "spec": {"to": ["a@example.com"]}},
+            },
+        ],
+        settings=cfg,
+        sleep=sleeps,
+    )
+    assert [(d.channel, d.ok, d.attempts) for d in out] == [
+        ("Webhook", False, 3),
+        ("Email", False, 3),
+    ]
     assert all(d.error for d in out)
-    no_host = notify("PipelineFailed", failed_report(), [
-        {"name": "mail", "events": ["PipelineFailed"],
-         "channel": {"type": "Email", "spec": {"to": ["a@example.com"]}}}],
-        settings=NotifySettings(smtp_host=None), sleep=sleeps)
+    no_host = notify(
+        "PipelineFailed",
+        failed_report(),
+        [
+            {
+                "name": "mail",
+                "events": ["PipelineFailed"],
+                "channel": {"type": "Email", "spec": {"to": ["a@example.com"]}},
+            }
+        ],
+        settings=NotifySettings(smtp_host=None),
+        sleep=sleeps,
+    )
     assert [(d.ok, d.error) for d in no_host] == [(False, "VMFARM_SMTP_HOST is not set")]
 
 
-def test_a_generic_webhook_gets_structured_fields(receiver: Receiver,
-                                                  settings: NotifySettings) -> None:
-    out = notify("StageFailed", failed_report(), rules(receiver, slack="Webhook")[:1],
-                 stage=1, settings=settings, mask=mask, sleep=Sleeps())
+def test_a_generic_webhook_gets_structured_fields(
+    receiver: Receiver, settings: NotifySettings
+) -> None:
+    out = notify(
+        "StageFailed",
+        failed_report(),
+        rules(receiver, slack="Webhook")[:1],
+        stage=1,
+        settings=settings,
+        mask=mask,
+        sleep=Sleeps(),
+    )
     assert [d.ok for d in out] == [True]
     body = receiver.bodies[0]
     assert body["event"] == "StageFailed" and body["execution"] == EX
@@ -232,17 +391,22 @@ def test_a_generic_webhook_gets_structured_fields(receiver: Receiver,
     groups = body["failed_hosts"]
     assert groups[0]["count"] == 12 and len(groups[0]["hosts"]) == 10
     assert groups[0]["reason"] == "step install: CommandFailed (exit 1): No space left on device"
-    assert {g["reason"] for g in groups} >= {"verification failed",
-                                             "step install: Connectivity: connection to <host> "
-                                             "refused"}
+    assert {g["reason"] for g in groups} >= {
+        "verification failed",
+        "step install: Connectivity: connection to <host> refused",
+    }
     assert SECRET not in receiver.requests[0]["body"]
     assert "<host>" in body["text"]  # no Slack escaping outside Slack
 
 
-def test_a_webhook_url_from_the_environment(receiver: Receiver, settings: NotifySettings,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    rule = {"name": "env", "events": ["PipelineFailed"],
-            "channel": {"type": "Slack", "spec": {"webhookUrlEnv": "VMFARM_TEST_HOOK"}}}
+def test_a_webhook_url_from_the_environment(
+    receiver: Receiver, settings: NotifySettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = {
+        "name": "env",
+        "events": ["PipelineFailed"],
+        "channel": {"type": "Slack", "spec": {"webhookUrlEnv": "VMFARM_TEST_HOOK"}},
+    }
     monkeypatch.delenv("VMFARM_TEST_HOOK", raising=False)
     out = notify("PipelineFailed", failed_report(), [rule], settings=settings, sleep=Sleeps())
     assert [(d.ok, d.target) for d in out] == [(False, "$VMFARM_TEST_HOOK")]
@@ -253,26 +417,45 @@ def test_a_webhook_url_from_the_environment(receiver: Receiver, settings: Notify
 
 
 def test_rules_choose_events_stages_and_send_a_channel_once(
-        receiver: Receiver, settings: NotifySettings) -> None:
+    receiver: Receiver, settings: NotifySettings
+) -> None:
     slack = {"type": "Slack", "spec": {"webhookUrl": receiver.url()}}
-    rs = [{"name": "prod only", "events": ["StageFailed"], "stages": ["deploy_prod"],
-           "channel": slack},
-          {"name": "same channel", "events": ["AllEvents"], "channel": slack},
-          {"name": "off", "events": ["AllEvents"], "enabled": False,
-           "channel": {"type": "Webhook", "spec": {"webhookUrl": receiver.url("/off")}}},
-          {"name": "staging", "events": ["StageFailed"], "stages": ["deploy_staging"],
-           "channel": {"type": "Webhook", "spec": {"webhookUrl": receiver.url("/stg")}}}]
-    out = notify("StageFailed", failed_report(), rs, stage="deploy_prod", settings=settings,
-                 sleep=Sleeps())
+    rs = [
+        {
+            "name": "prod only",
+            "events": ["StageFailed"],
+            "stages": ["deploy_prod"],
+            "channel": slack,
+        },
+        {"name": "same channel", "events": ["AllEvents"], "channel": slack},
+        {
+            "name": "off",
+            "events": ["AllEvents"],
+            "enabled": False,
+            "channel": {"type": "Webhook", "spec": {"webhookUrl": receiver.url("/off")}},
+        },
+        {
+            "name": "staging",
+            "events": ["StageFailed"],
+            "stages": ["deploy_staging"],
+            "channel": {"type": "Webhook", "spec": {"webhookUrl": receiver.url("/stg")}},
+        },
+    ]
+    out = notify(
+        "StageFailed", failed_report(), rs, stage="deploy_prod", settings=settings, sleep=Sleeps()
+    )
     assert [(d.rule, d.ok) for d in out] == [("prod only", True)]
     assert [r["path"] for r in receiver.requests] == ["/hooks/T000/B000/token"]
     assert notify("PipelineSuccess", failed_report(), rs[:1], settings=settings) == []
 
 
 def test_an_invalid_rule_is_a_failed_delivery_not_an_error(settings: NotifySettings) -> None:
-    out = notify("PipelineFailed", failed_report(), [{"name": "typo", "events": ["Nope"],
-                                                      "channel": {"type": "Slack"}}],
-                 settings=settings)
+    out = notify(
+        "PipelineFailed",
+        failed_report(),
+        [{"name": "typo", "events": ["Nope"], "channel": {"type": "Slack"}}],
+        settings=settings,
+    )
     assert len(out) == 1 and not out[0].ok
     assert out[0].error is not None and "typo" in out[0].error
     with pytest.raises(ValueError, match="unknown notification event"):
@@ -292,8 +475,11 @@ def test_an_invalid_rule_is_a_failed_delivery_not_an_error(settings: NotifySetti
 class Ex:
     status: str
     current_stage: int = 0
-    plan: dict[str, Any] = field(default_factory=lambda: {"stages": [
-        {"identifier": "approve", "type": "Approval"}, {"identifier": "deploy"}]})
+    plan: dict[str, Any] = field(
+        default_factory=lambda: {
+            "stages": [{"identifier": "approve", "type": "Approval"}, {"identifier": "deploy"}]
+        }
+    )
     rollback: dict[str, Any] | None = None
 
 
@@ -326,30 +512,82 @@ def _record_failed_run(ex_id: str, notification_rules: list[dict[str, Any]]) -> 
     from app.db import session_scope
     from app.models import Execution, HostStepRun, StageRun
 
-    step = {"type": "Command", "name": "Install", "identifier": "install",
-            "spec": {"commandUnits": [{"identifier": "run", "type": "Script", "spec": {
-                "source": {"spec": {"script": "./install.sh"}}}}]}}
-    plan = {"identifier": "web_app", "name": "Web App", "notificationRules": notification_rules,
-            "stages": [{"identifier": "deploy", "name": "Deploy", "type": "Deployment",
-                        "index": 0, "service": {"identifier": "web_app", "name": "web-app"},
-                        "environment": {"identifier": "prod", "name": "prod",
-                                        "type": "Production"},
-                        "infrastructures": [], "steps": [step], "strategy": {"type": "Basic"}}]}
+    step = {
+        "type": "Command",
+        "name": "Install",
+        "identifier": "install",
+        "spec": {
+            "commandUnits": [
+                {
+                    "identifier": "run",
+                    "type": "Script",
+                    "spec": {"source": {"spec": {"script": "./install.sh"}}},
+                }
+            ]
+        },
+    }
+    plan = {
+        "identifier": "web_app",
+        "name": "Web App",
+        "notificationRules": notification_rules,
+        "stages": [
+            {
+                "identifier": "deploy",
+                "name": "Deploy",
+                "type": "Deployment",
+                "index": 0,
+                "service": {"identifier": "web_app", "name": "web-app"},
+                "environment": {"identifier": "prod", "name": "prod", "type": "Production"},
+                "infrastructures": [],
+                "steps": [step],
+                "strategy": {"type": "Basic"},
+            }
+        ],
+    }
     with session_scope() as s:
-        s.add(Execution(id=ex_id, pipeline="web_app", pipeline_name="Web App", plan=plan,
-                        status=Status.FAILED, error="stage 'deploy': 1 host(s) failed"))
+        s.add(
+            Execution(
+                id=ex_id,
+                pipeline="web_app",
+                pipeline_name="Web App",
+                plan=plan,
+                status=Status.FAILED,
+                error="stage 'deploy': 1 host(s) failed",
+            )
+        )
         s.flush()
-        s.add(StageRun(execution_id=ex_id, stage_index=0, identifier="deploy", name="Deploy",
-                       status=Status.FAILED, error="1 host(s) failed in phase 1",
-                       hosts=[{"name": "127.0.1.9", "region": "r1", "infrastructure": "lab"}]))
-        s.add(HostStepRun(idem_key=f"{ex_id}/h/0", execution_id=ex_id, stage_index=0, phase=0,
-                          step_index=0, step_id="install", host="127.0.1.9", region="r1",
-                          status=Status.FAILED, error_class="CommandFailed", exit_code=3,
-                          error="install.sh exited 3"))
+        s.add(
+            StageRun(
+                execution_id=ex_id,
+                stage_index=0,
+                identifier="deploy",
+                name="Deploy",
+                status=Status.FAILED,
+                error="1 host(s) failed in phase 1",
+                hosts=[{"name": "127.0.1.9", "region": "r1", "infrastructure": "lab"}],
+            )
+        )
+        s.add(
+            HostStepRun(
+                idem_key=f"{ex_id}/h/0",
+                execution_id=ex_id,
+                stage_index=0,
+                phase=0,
+                step_index=0,
+                step_id="install",
+                host="127.0.1.9",
+                region="r1",
+                status=Status.FAILED,
+                error_class="CommandFailed",
+                exit_code=3,
+                error="install.sh exited 3",
+            )
+        )
 
 
 def test_notify_once_reads_rules_and_report_from_the_ledger(
-        ledger: None, receiver: Receiver, mailbox: Mailbox, settings: NotifySettings) -> None:
+    ledger: None, receiver: Receiver, mailbox: Mailbox, settings: NotifySettings
+) -> None:
     _record_failed_run("ledgerrun001", rules(receiver))
     claims = InProcessClaims()
     out = notify_once("StageFailed", "ledgerrun001", stage=0, claim=claims, settings=settings)
@@ -359,42 +597,49 @@ def test_notify_once_reads_rules_and_report_from_the_ledger(
     assert "step install: CommandFailed (exit 3): install.sh exited 3" in text
     assert "vmfarm status ledgerrun001" in text
     assert "127.0.1.9" in mailbox.messages[0][2].get_content()
-    assert notify_once("StageFailed", "ledgerrun001", stage=0, claim=claims,
-                       settings=settings) == []
+    assert (
+        notify_once("StageFailed", "ledgerrun001", stage=0, claim=claims, settings=settings) == []
+    )
     # No rule wants it: no claim is taken, nothing is read.
     assert notify_once("PipelineStart", "ledgerrun001", rules=[], claim=claims) == []
-    assert notify_once("PipelineFailed", "no-such-execution", rules(receiver),
-                       claim=claims) == []
+    assert notify_once("PipelineFailed", "no-such-execution", rules(receiver), claim=claims) == []
     assert len(receiver.requests) == 1 and len(mailbox.messages) == 1
 
 
 def test_notify_transition_sends_each_event_of_a_change_once(
-        ledger: None, receiver: Receiver, mailbox: Mailbox, settings: NotifySettings) -> None:
+    ledger: None, receiver: Receiver, mailbox: Mailbox, settings: NotifySettings
+) -> None:
     from app.notify import notify_transition
 
     _record_failed_run("transition01", rules(receiver))
-    before = snapshot(Ex(Status.RUNNING, plan={"stages": [{"identifier": "deploy"}]}),
-                      [Run(0, Status.RUNNING)])
-    after = snapshot(Ex(Status.FAILED, plan={"stages": [{"identifier": "deploy"}]}),
-                     [Run(0, Status.FAILED)])
+    before = snapshot(
+        Ex(Status.RUNNING, plan={"stages": [{"identifier": "deploy"}]}), [Run(0, Status.RUNNING)]
+    )
+    after = snapshot(
+        Ex(Status.FAILED, plan={"stages": [{"identifier": "deploy"}]}), [Run(0, Status.FAILED)]
+    )
     claims = InProcessClaims()
     out = notify_transition("transition01", before, after, claim=claims, settings=settings)
     assert [(d.event, d.channel, d.ok) for d in out] == [
-        ("StageFailed", "Slack", True), ("StageFailed", "Email", True),
-        ("PipelineFailed", "Slack", True), ("PipelineFailed", "Email", True)]
+        ("StageFailed", "Slack", True),
+        ("StageFailed", "Email", True),
+        ("PipelineFailed", "Slack", True),
+        ("PipelineFailed", "Email", True),
+    ]
     assert [b["text"].split("\n")[0] for b in receiver.bodies] == [
         "[vmfarm] StageFailed: pipeline web_app stage deploy failed (FAILED) "
         "(execution transition01)",
-        "[vmfarm] PipelineFailed: pipeline web_app ended FAILED (execution transition01)"]
+        "[vmfarm] PipelineFailed: pipeline web_app ended FAILED (execution transition01)",
+    ]
     # A second coordinator seeing the same change sends nothing.
-    assert notify_transition("transition01", before, after, claim=claims,
-                             settings=settings) == []
+    assert notify_transition("transition01", before, after, claim=claims, settings=settings) == []
     assert notify_transition("transition01", after, after, claim=claims) == []
     assert len(receiver.requests) == 2 and len(mailbox.messages) == 2
 
 
 def test_a_claim_that_fails_sends_nothing_and_raises_nothing(
-        ledger: None, receiver: Receiver, settings: NotifySettings) -> None:
+    ledger: None, receiver: Receiver, settings: NotifySettings
+) -> None:
     def broken(key: str) -> bool:
         raise RuntimeError("database is down")
 
@@ -414,9 +659,14 @@ def _cli() -> click.Group:
     return main
 
 
-def test_notify_test_shows_and_sends(ledger: None, receiver: Receiver, mailbox: Mailbox,
-                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     free_port: Callable[[], int]) -> None:
+def test_notify_test_shows_and_sends(
+    ledger: None,
+    receiver: Receiver,
+    mailbox: Mailbox,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    free_port: Callable[[], int],
+) -> None:
     _record_failed_run("clirun000001", rules(receiver)[:1])
     runner = CliRunner()
     res = runner.invoke(_cli(), ["notify", "test", "clirun000001"])
@@ -435,17 +685,33 @@ def test_notify_test_shows_and_sends(ledger: None, receiver: Receiver, mailbox: 
         "apiVersion: v1\nkind: Pipeline\nmetadata: {name: web, identifier: web}\n"
         "spec:\n  stages: []\n  notificationRules:\n"
         "    - name: mail\n      events: [StageFailed]\n"
-        "      channel: {type: Email, spec: {to: [x@example.com]}}\n")
+        "      channel: {type: Email, spec: {to: [x@example.com]}}\n"
+    )
     monkeypatch.setenv("VMFARM_SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("VMFARM_SMTP_PORT", str(mailbox.port))
-    res = runner.invoke(_cli(), ["notify", "test", "clirun000001", "-e", "StageFailed",
-                                 "--stage", "deploy", "-f", str(pipeline), "--send"])
+    res = runner.invoke(
+        _cli(),
+        [
+            "notify",
+            "test",
+            "clirun000001",
+            "-e",
+            "StageFailed",
+            "--stage",
+            "deploy",
+            "-f",
+            str(pipeline),
+            "--send",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(mailbox.messages) == 1 and mailbox.messages[0][1] == ["x@example.com"]
     monkeypatch.setenv("VMFARM_SMTP_PORT", str(free_port()))
     monkeypatch.setenv("VMFARM_WEBHOOK_RETRIES", "0")
-    res = runner.invoke(_cli(), ["notify", "test", "clirun000001", "-e", "StageFailed",
-                                 "-f", str(pipeline), "--send"])
+    res = runner.invoke(
+        _cli(),
+        ["notify", "test", "clirun000001", "-e", "StageFailed", "-f", str(pipeline), "--send"],
+    )
     assert res.exit_code == 1, res.output
     assert "failed after 1 attempt(s)" in res.output
 

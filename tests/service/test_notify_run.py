@@ -12,10 +12,11 @@ from tests.conftest import base_env, run_vmfarm
 from tests.service.conftest import Mailbox, Receiver
 
 
-def test_a_failing_run_sends_one_webhook_and_one_email(receiver: Receiver,
-                                                       mailbox: Mailbox,
-                                                       tmp_path: Path) -> None:
-    (tmp_path / "pipeline.yaml").write_text(textwrap.dedent(f"""\
+def test_a_failing_run_sends_one_webhook_and_one_email(
+    receiver: Receiver, mailbox: Mailbox, tmp_path: Path
+) -> None:
+    (tmp_path / "pipeline.yaml").write_text(
+        textwrap.dedent(f"""\
         apiVersion: v1
         kind: Service
         metadata: {{name: web}}
@@ -76,9 +77,14 @@ def test_a_failing_run_sends_one_webhook_and_one_email(receiver: Receiver,
                                         if [ <+instance.hostName> = 10.40.0.2 ]; then
                                           echo "port 8080 already in use" >&2; exit 5
                                         fi
-        """))
-    env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SMTP_HOST="127.0.0.1",
-                   VMFARM_SMTP_PORT=str(mailbox.port), VMFARM_SMTP_FROM="vmfarm@ci.example")
+        """)
+    )
+    env = base_env(
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_SMTP_HOST="127.0.0.1",
+        VMFARM_SMTP_PORT=str(mailbox.port),
+        VMFARM_SMTP_FROM="vmfarm@ci.example",
+    )
     res = run_vmfarm("run", str(tmp_path / "pipeline.yaml"), "-o", "json", env=env)
     assert res.returncode == 1, res.stdout + res.stderr
     ex_id = json.loads(res.stdout)["id"]

@@ -30,8 +30,10 @@ def test_a_signed_in_person_is_their_subject_with_their_groups(oidc: Provider) -
     # Then she is alice, in the deployers group
     assert (who.subject, who.kind, who.groups) == ("alice", "oidc", frozenset({"deployers"}))
     # and the name of the groups claim is the server's to choose
-    assert OidcVerifier(oidc.url, AUDIENCE, groups_claim="roles").verify(
-        tokens["id_token"]).groups == frozenset()
+    assert (
+        OidcVerifier(oidc.url, AUDIENCE, groups_claim="roles").verify(tokens["id_token"]).groups
+        == frozenset()
+    )
 
 
 def test_an_expired_token_is_refused(oidc: Provider) -> None:
@@ -72,11 +74,14 @@ def test_a_tampered_token_is_refused(oidc: Provider) -> None:
 def test_a_token_signed_by_a_key_the_issuer_does_not_hold_is_refused(oidc: Provider) -> None:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    claims = jwt.decode(sign_in(oidc.url, "bob", client_id=AUDIENCE)["id_token"],
-                        options={"verify_signature": False})
+    claims = jwt.decode(
+        sign_in(oidc.url, "bob", client_id=AUDIENCE)["id_token"],
+        options={"verify_signature": False},
+    )
     mine = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    forged = jwt.encode({**claims, "sub": "alice"}, mine, algorithm="RS256",
-                        headers={"kid": "attackers-key"})
+    forged = jwt.encode(
+        {**claims, "sub": "alice"}, mine, algorithm="RS256", headers={"kid": "attackers-key"}
+    )
     verifier = OidcVerifier(oidc.url, AUDIENCE)
     with pytest.raises(AuthError, match="no key of issuer"):
         verifier.verify(forged)
@@ -90,8 +95,10 @@ def test_a_token_signed_by_a_key_the_issuer_does_not_hold_is_refused(oidc: Provi
 def test_an_algorithm_chosen_by_the_caller_is_refused(oidc: Provider, alg: str) -> None:
     import httpx
 
-    claims = jwt.decode(sign_in(oidc.url, "bob", client_id=AUDIENCE)["id_token"],
-                        options={"verify_signature": False})
+    claims = jwt.decode(
+        sign_in(oidc.url, "bob", client_id=AUDIENCE)["id_token"],
+        options={"verify_signature": False},
+    )
     jwk = httpx.get(oidc.url + "/jwks").json()["keys"][0]
     header = _b64({"alg": alg, "typ": "JWT"})
     body = _b64({**claims, "sub": "alice"})
@@ -99,8 +106,9 @@ def test_an_algorithm_chosen_by_the_caller_is_refused(oidc: Provider, alg: str) 
         import hashlib
         import hmac
 
-        mac = hmac.new(json.dumps(jwk).encode(), f"{header}.{body}".encode(),
-                       hashlib.sha256).digest()
+        mac = hmac.new(
+            json.dumps(jwk).encode(), f"{header}.{body}".encode(), hashlib.sha256
+        ).digest()
         token = f"{header}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
     else:
         token = f"{header}.{body}."

@@ -138,8 +138,10 @@ def _until(execution_id: str, statuses: Collection[str], timeout: float = 90) ->
 def _trail(execution_id: str) -> list[tuple[str, str, str]]:
     from app.audit import events
 
-    return [(e["action"], e["user"], e["outcome"])
-            for e in reversed(events(100, execution_id=execution_id))]
+    return [
+        (e["action"], e["user"], e["outcome"])
+        for e in reversed(events(100, execution_id=execution_id))
+    ]
 
 
 @contextmanager
@@ -151,16 +153,16 @@ def _run(pipeline: str, result: int, tag: str = "1.0") -> Iterator[str]:
     from app.providers.base import DEFAULT_REGION
     from app.worker import EmbeddedWorker
 
-    execution_id = operations.run(ALICE, [pipeline], inputs={"result": str(result), "tag": tag},
-                                  publish=False)
+    execution_id = operations.run(
+        ALICE, [pipeline], inputs={"result": str(result), "tag": tag}, publish=False
+    )
     with EmbeddedWorker([DEFAULT_REGION]):  # the region of a host that names none
         advance(execution_id)
         _until(execution_id, {*Status.TERMINAL, Status.WAITING})
         yield execution_id
 
 
-def test_intervene_is_refused_without_the_permission_and_audited_with_it(
-        pipeline: str) -> None:
+def test_intervene_is_refused_without_the_permission_and_audited_with_it(pipeline: str) -> None:
     with _run(pipeline, 3) as execution_id:
         # Given the stage waits for a person after its step failed
         assert _status(execution_id) == Status.WAITING
@@ -176,14 +178,16 @@ def test_intervene_is_refused_without_the_permission_and_audited_with_it(
         assert _trail(execution_id)[-1] == ("intervene", "alice", "Abort")
 
 
-def test_rollback_is_refused_without_the_permission_and_audited_with_it(
-        pipeline: str) -> None:
+def test_rollback_is_refused_without_the_permission_and_audited_with_it(pipeline: str) -> None:
     with _run(pipeline, 0, "1.0") as first:
         assert _status(first) == Status.SUCCEEDED
         # A first deployment has nothing to go back to: refused alike, nothing recorded
         for action in (operations.rollback_plan, operations.rollback):
-            with pytest.raises(LookupError, match=f"execution {first} has no host to roll "
-                                                  r"back \(1 host\(s\): no earlier version"):
+            with pytest.raises(
+                LookupError,
+                match=f"execution {first} has no host to roll "
+                r"back \(1 host\(s\): no earlier version",
+            ):
                 action(ALICE, first)
         assert _trail(first)[-1] == ("run", "alice", "submitted")
     with _run(pipeline, 0, "2.0") as execution_id:
@@ -193,8 +197,10 @@ def test_rollback_is_refused_without_the_permission_and_audited_with_it(
             operations.rollback_plan(MALLORY, execution_id)
         with pytest.raises(PermissionRefused, match="mallory may not rollback"):
             operations.rollback(MALLORY, execution_id)
-        assert _trail(execution_id)[-2:] == [("view", "mallory", "refused"),
-                                             ("rollback", "mallory", "refused")]
+        assert _trail(execution_id)[-2:] == [
+            ("view", "mallory", "refused"),
+            ("rollback", "mallory", "refused"),
+        ]
         # alice sees the host the run changed, then rolls it back as a new execution of hers
         plan = operations.rollback_plan(ALICE, execution_id)
         assert [h["host"] for st in plan["stages"] for h in st["hosts"]] == ["10.30.0.1"]

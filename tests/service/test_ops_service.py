@@ -15,8 +15,14 @@ from tests.conftest import REPO, Cluster
 
 
 def _health(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.health", *args], env=cluster.env,
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "app.health", *args],
+        env=cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_healthchecks_find_this_host_s_workers_alive(cluster: Cluster) -> None:
@@ -39,8 +45,9 @@ def _events(app: Any, command: str) -> set[str]:
     return {str(r.get("ok", r)) for reply in replies for r in reply.values()}
 
 
-def test_task_events_go_off_when_the_last_flower_exits(cluster: Cluster,
-                                                       in_process_app: Any) -> None:
+def test_task_events_go_off_when_the_last_flower_exits(
+    cluster: Cluster, in_process_app: Any
+) -> None:
     app = in_process_app
     url = cluster.env["VMFARM_BROKER_URL"]
     redis.Redis.from_url(url).delete(KEY)
@@ -48,8 +55,10 @@ def test_task_events_go_off_when_the_last_flower_exits(cluster: Cluster,
     first, second = FlowerWatch(app, url=url), FlowerWatch(app, url=url)
     with first:
         with second:
-            assert _events(app, "enable_events") <= {"task events enabled",
-                                                     "task events already enabled"}
+            assert _events(app, "enable_events") <= {
+                "task events enabled",
+                "task events already enabled",
+            }
         # When one exits, the other still watches: events stay on
         assert second.disabled is None
         assert _events(app, "enable_events") == {"task events already enabled"}

@@ -37,24 +37,42 @@ def _attempts(cluster: Cluster, ex_id: str, host: str) -> list[str]:
 
     url = cluster.env["VMFARM_DATABASE_URL"]
     with psycopg.connect(url) as db:
-        rows = db.execute("select attempt, status from hoststeprun where execution_id=%s and "
-                          "host=%s and step_id in ('flaky', '') and step_index=0 "
-                          "order by attempt", (ex_id, host)).fetchall()
+        rows = db.execute(
+            "select attempt, status from hoststeprun where execution_id=%s and "
+            "host=%s and step_id in ('flaky', '') and step_index=0 "
+            "order by attempt",
+            (ex_id, host),
+        ).fetchall()
     return [f"{a}:{s}" for a, s in rows]
 
 
 def _finished(report: dict[str, Any]) -> list[datetime]:
-    return [datetime.fromisoformat(s["finished_at"].rstrip("Z"))
-            for h in report["stages"][0]["hosts"] for s in h["steps"] if s.get("finished_at")]
+    return [
+        datetime.fromisoformat(s["finished_at"].rstrip("Z"))
+        for h in report["stages"][0]["hosts"]
+        for s in h["steps"]
+        if s.get("finished_at")
+    ]
 
 
 def test_a_phase_waits_for_a_retry_whose_interval_is_longer_than_the_heartbeat_timeout(
-        cluster: Cluster, lab: Any) -> None:
+    cluster: Cluster, lab: Any
+) -> None:
     # Given a step that fails once on one host and is retried after 20 s, and a reconciler whose
     # heartbeat timeout (1 s) is far shorter than that wait
     flaky = lab.hosts[0].address
-    res = cluster.vmfarm("run", *FILES, str(lab.infrastructure_file), "--set",
-                         f"flaky_host={flaky}", "--set", "failures=1", "--detach", "-o", "json")
+    res = cluster.vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        f"flaky_host={flaky}",
+        "--set",
+        "failures=1",
+        "--detach",
+        "-o",
+        "json",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     ex_id = json.loads(res.stdout)["id"]
     impatient = {**cluster.env, "VMFARM_HEARTBEAT_TIMEOUT": "1"}
@@ -69,8 +87,13 @@ def test_a_phase_waits_for_a_retry_whose_interval_is_longer_than_the_heartbeat_t
     _poll(others_done, 60, "the other hosts to finish")
     # and the phase has been quiet for longer than the heartbeat timeout, so that a phase whose
     # hosts were all done would be judged by the reconciler,
-    _poll(lambda: datetime.utcnow() - max(_finished(_report(cluster.env, ex_id)))
-          > timedelta(seconds=1.5), 10, "the phase to be quiet for 1.5 s")
+    _poll(
+        lambda: (
+            datetime.utcnow() - max(_finished(_report(cluster.env, ex_id))) > timedelta(seconds=1.5)
+        ),
+        10,
+        "the phase to be quiet for 1.5 s",
+    )
     rec = run_vmfarm("reconcile", "-o", "json", env=impatient)
     assert rec.returncode == 0, rec.stderr
 
@@ -84,8 +107,13 @@ def test_a_phase_waits_for_a_retry_whose_interval_is_longer_than_the_heartbeat_t
     assert deploy and all(p["status"] == "RUNNING" for p in deploy), deploy
 
     # and the last attempt runs, is recorded, and decides the run
-    done = _poll(lambda: (r := _report(cluster.env, ex_id))["status"] in
-                 ("SUCCEEDED", "FAILED", "ABORTED") and r, 90, "the run to end")
+    done = _poll(
+        lambda: (
+            (r := _report(cluster.env, ex_id))["status"] in ("SUCCEEDED", "FAILED", "ABORTED") and r
+        ),
+        90,
+        "the run to end",
+    )
     assert done["status"] == "SUCCEEDED", done.get("error")
     assert _attempts(cluster, ex_id, flaky) == ["1:FAILED", "2:SUCCEEDED"]
     host = next(h for h in lab.hosts if h.address == flaky)

@@ -27,9 +27,15 @@ SECRET = "Pw:9/x+y=z&q?t s3cr3t"
 
 def forms(value: str) -> list[str]:
     raw = value.encode()
-    return [value, base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode(),
-            base64.b64encode(raw).decode().rstrip("="), quote(value, safe=""),
-            quote_plus(value), json.dumps(value)[1:-1]]
+    return [
+        value,
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        quote(value, safe=""),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+    ]
 
 
 @pytest.fixture
@@ -37,9 +43,24 @@ def r8_worker(cluster: Cluster, tmp_path: Path) -> Iterator[str]:
     env = {**cluster.env, "VMFARM_SECRET_DB_PASSWORD": SECRET}
     with (tmp_path / "w-r8.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "--region", "r8", "-c", "4",
-             "-n", "w-r8@test"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "cli.main",
+                "worker",
+                "--region",
+                "r8",
+                "-c",
+                "4",
+                "-n",
+                "w-r8@test",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _wait_for_workers(cluster.env, ["w-r8@test"])
     yield str(tmp_path / "w-r8.log")
     os.killpg(proc.pid, signal.SIGTERM)
@@ -53,10 +74,12 @@ def _files(tmp_path: Path, lab: Any) -> list[str]:
     import yaml
 
     infra = yaml.safe_load(Path(lab.infrastructure_file).read_text())
-    infra["spec"]["spec"]["hosts"] = [{"hostname": h.address, "region": "r8"}
-                                      for h in lab.hosts[:2]]
+    infra["spec"]["spec"]["hosts"] = [
+        {"hostname": h.address, "region": "r8"} for h in lab.hosts[:2]
+    ]
     (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra))
-    (tmp_path / "pipeline.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "pipeline.yaml").write_text(
+        textwrap.dedent("""\
         apiVersion: v1
         kind: Service
         metadata: {name: db-client}
@@ -107,7 +130,8 @@ def _files(tmp_path: Path, lab: Any) -> list[str]:
                                         print(u.quote_plus(sys.argv[1]))' "$S"
                                         echo "error: bad password $S" >&2
                                         mkdir -p /opt/sec && printf '%s' "$S" > /opt/sec/db
-        """))
+        """)
+    )
     return [str(tmp_path / "pipeline.yaml"), str(tmp_path / "infra.yaml")]
 
 
@@ -121,16 +145,16 @@ def _ledger_text(cluster: Cluster, execution_id: str) -> str:
     with Session(eng) as s:
         rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == execution_id)).all()
         ids = [r.id for r in rows]
-        chunks = s.exec(select(LogChunk).where(
-            LogChunk.host_step_run_id.in_(ids))).all()  # type: ignore[union-attr]
+        chunks = s.exec(select(LogChunk).where(LogChunk.host_step_run_id.in_(ids))).all()  # type: ignore[union-attr]
         text = "\n".join(json.dumps(r.model_dump(mode="json")) for r in rows)
         text += "\n".join(c.text for c in chunks)
     eng.dispose()
     return text
 
 
-def test_a_secret_appears_nowhere_but_on_the_host(cluster: Cluster, lab: Any, tmp_path: Path,
-                                                    r8_worker: str) -> None:
+def test_a_secret_appears_nowhere_but_on_the_host(
+    cluster: Cluster, lab: Any, tmp_path: Path, r8_worker: str
+) -> None:
     import redis
 
     files = _files(tmp_path, lab)
@@ -165,9 +189,13 @@ def test_a_secret_appears_nowhere_but_on_the_host(cluster: Cluster, lab: Any, tm
     assert "password=***" in logs.stdout
     # each host printed the value raw, in base64 and URL-encoded twice: all masked
     assert logs.stdout.count("***") >= 2 * 5, logs.stdout
-    assert any("bad password ***" in (h["steps"][0]["stderr_tail"] or "")
-               for h in json.loads(status.stdout)["stages"][0]["hosts"]) or \
-        "bad password ***" in logs.stdout
+    assert (
+        any(
+            "bad password ***" in (h["steps"][0]["stderr_tail"] or "")
+            for h in json.loads(status.stdout)["stages"][0]["hosts"]
+        )
+        or "bad password ***" in logs.stdout
+    )
     assert len(captured) > 20, "the Redis monitor saw the run's traffic"
     places = {
         "ledger rows": _ledger_text(cluster, report["id"]),
@@ -195,21 +223,28 @@ def test_the_ssh_key_can_be_a_secret(lab: Any, tmp_path: Path) -> None:
     conn = infra["spec"]["spec"]["connection"]
     conn.pop("privateKeyFile")
     conn["privateKeySecret"] = "lab_key"
-    infra["spec"]["spec"]["hosts"] = [{"hostname": h.address, "region": h.region}
-                                      for h in lab.hosts[:2]]
+    infra["spec"]["spec"]["hosts"] = [
+        {"hostname": h.address, "region": h.region} for h in lab.hosts[:2]
+    ]
     (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra))
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(Path(files[0]).read_text().replace(
-        "<+secrets.getValue('db_password')>", "not a secret"))
+    pipeline.write_text(
+        Path(files[0]).read_text().replace("<+secrets.getValue('db_password')>", "not a secret")
+    )
     env = base_env(VMFARM_HOME=str(tmp_path / "home"), VMFARM_SECRET_LAB_KEY=key_text)
-    res = run_vmfarm("run", str(pipeline), str(tmp_path / "infra.yaml"), "-o", "json",
-                     env=env)
+    res = run_vmfarm("run", str(pipeline), str(tmp_path / "infra.yaml"), "-o", "json", env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     for h in lab.hosts[:2]:
         assert (Path(h.host_dir) / "opt" / "sec" / "db").read_text() == "not a secret"
     # without the secret the hosts refuse the connection, named as Authentication
-    res = run_vmfarm("run", str(pipeline), str(tmp_path / "infra.yaml"), "-o", "json",
-                     env=base_env(VMFARM_HOME=str(tmp_path / "home")))
+    res = run_vmfarm(
+        "run",
+        str(pipeline),
+        str(tmp_path / "infra.yaml"),
+        "-o",
+        "json",
+        env=base_env(VMFARM_HOME=str(tmp_path / "home")),
+    )
     assert res.returncode == 1
     step = json.loads(res.stdout)["stages"][0]["hosts"][0]["steps"][0]
     assert "lab_key" in step["error"]
@@ -224,7 +259,8 @@ def test_the_ssh_key_can_be_a_secret(lab: Any, tmp_path: Path) -> None:
 def test_a_secret_output_variable_is_masked_and_not_stored(tmp_path: Path) -> None:
     from tests.conftest import base_env, run_vmfarm
 
-    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "p.yaml").write_text(
+        textwrap.dedent("""\
         apiVersion: v1
         kind: Service
         metadata: {name: app}
@@ -292,7 +328,8 @@ def test_a_secret_output_variable_is_masked_and_not_stored(tmp_path: Path) -> No
                                       script: |
                                         echo "region <+steps.mint.output.outputVariables.region>"
                                         echo "token $(printf 'tk-%x' 2130706433)"
-        """))
+        """)
+    )
     env = base_env(VMFARM_HOME=str(tmp_path / "home"))
     res = run_vmfarm("run", str(tmp_path / "p.yaml"), "-o", "json", env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr

@@ -19,8 +19,13 @@ from app.server.routes.executions import iter_events
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
 EX = "/api/v1/executions"
-IMPOSTOR_HEADERS = {"X-User": "frank", "X-Vmfarm-User": "frank", "X-Forwarded-User": "frank",
-                    "X-Remote-User": "frank", "Remote-User": "frank"}
+IMPOSTOR_HEADERS = {
+    "X-User": "frank",
+    "X-Vmfarm-User": "frank",
+    "X-Forwarded-User": "frank",
+    "X-Remote-User": "frank",
+    "Remote-User": "frank",
+}
 
 PRODUCTION = """\
 apiVersion: v1
@@ -104,8 +109,7 @@ def _sql(pg_url: str, query: str, **params: Any) -> list[Any]:
 
 
 def _executions_of(pg_url: str, pipeline: str) -> int:
-    return int(_sql(pg_url, "SELECT count(*) FROM execution WHERE pipeline = :p",
-                    p=pipeline)[0][0])
+    return int(_sql(pg_url, "SELECT count(*) FROM execution WHERE pipeline = :p", p=pipeline)[0][0])
 
 
 class Follower(threading.Thread):
@@ -120,8 +124,9 @@ class Follower(threading.Thread):
         self.opened = threading.Event()
 
     def run(self) -> None:
-        with httpx.stream("GET", self.url, headers=_bearer(self.token),
-                          timeout=httpx.Timeout(10, read=120)) as resp:
+        with httpx.stream(
+            "GET", self.url, headers=_bearer(self.token), timeout=httpx.Timeout(10, read=120)
+        ) as resp:
             self.content_type = resp.headers.get("content-type", "")
             self.opened.set()
             for event in iter_events(resp.iter_lines()):
@@ -129,13 +134,22 @@ class Follower(threading.Thread):
 
 
 def test_the_executor_may_not_approve_and_two_other_members_let_the_run_proceed(
-        server: Server, pg_url: str) -> None:
+    server: Server, pg_url: str
+) -> None:
     erin, frank, grace = (_person(server, u) for u in ("erin", "frank", "grace"))
     # Given erin submits a run whose approval needs two release managers, not the executor,
     # while her request claims to come from frank
-    resp = httpx.post(server.url + EX, headers=_bearer(erin, **IMPOSTOR_HEADERS), json={
-        "files": {"pipeline.yaml": gated_pipeline("release", groups=["release_managers"],
-                                                  minimum=2, disallow_executor=True)}})
+    resp = httpx.post(
+        server.url + EX,
+        headers=_bearer(erin, **IMPOSTOR_HEADERS),
+        json={
+            "files": {
+                "pipeline.yaml": gated_pipeline(
+                    "release", groups=["release_managers"], minimum=2, disallow_executor=True
+                )
+            }
+        },
+    )
     assert resp.status_code == 201, resp.text
     ex_id = resp.json()["id"]
     report = httpx.get(f"{server.url}{EX}/{ex_id}", headers=_bearer(frank)).json()
@@ -151,16 +165,19 @@ def test_the_executor_may_not_approve_and_two_other_members_let_the_run_proceed(
     assert resp.status_code == 403
     assert "erin started this execution" in resp.json()["detail"]
     # frank approves, with headers naming grace: his vote, one of two
-    resp = httpx.post(f"{server.url}{EX}/{ex_id}/approve",
-                      headers=_bearer(frank, **{k: "grace" for k in IMPOSTOR_HEADERS}),
-                      json={"comment": "looks good"})
+    resp = httpx.post(
+        f"{server.url}{EX}/{ex_id}/approve",
+        headers=_bearer(frank, **{k: "grace" for k in IMPOSTOR_HEADERS}),
+        json={"comment": "looks good"},
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["outcome"] == "approved by frank (1 of 2)"
     # a second vote from frank does not count
     resp = httpx.post(f"{server.url}{EX}/{ex_id}/approve", headers=_bearer(frank))
     assert resp.status_code == 403 and "already approved" in resp.json()["detail"]
-    assert httpx.get(f"{server.url}{EX}/{ex_id}",
-                     headers=_bearer(frank)).json()["status"] == "WAITING"
+    assert (
+        httpx.get(f"{server.url}{EX}/{ex_id}", headers=_bearer(frank)).json()["status"] == "WAITING"
+    )
     # grace approves: two others, so the run goes past the approval
     resp = httpx.post(f"{server.url}{EX}/{ex_id}/approve", headers=_bearer(grace))
     assert resp.status_code == 200, resp.text
@@ -179,47 +196,70 @@ def test_the_executor_may_not_approve_and_two_other_members_let_the_run_proceed(
     assert statuses[0] == "WAITING" and statuses[-1] == "SUCCEEDED"
     assert follower.events[-1] == ("end", {"id": ex_id, "status": "SUCCEEDED"})
     # and the audit trail names the verified subjects, each with how they signed in
-    rows = _sql(pg_url, 'SELECT "user", action, outcome, detail FROM auditevent '
-                "WHERE execution_id = :e ORDER BY id", e=ex_id)
+    rows = _sql(
+        pg_url,
+        'SELECT "user", action, outcome, detail FROM auditevent '
+        "WHERE execution_id = :e ORDER BY id",
+        e=ex_id,
+    )
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("erin", "run", "submitted"), ("erin", "approve", "refused"),
-        ("frank", "approve", "approved"), ("frank", "approve", "refused"),
-        ("grace", "approve", "approved")]
+        ("erin", "run", "submitted"),
+        ("erin", "approve", "refused"),
+        ("frank", "approve", "approved"),
+        ("frank", "approve", "refused"),
+        ("grace", "approve", "approved"),
+    ]
     for user, _, _, detail in rows:
         assert detail["actor"]["subject"] == user and detail["actor"]["kind"] == "oidc"
         assert detail["actor"]["groups"] == ["release_managers"]
 
 
-def test_a_body_field_naming_a_user_is_refused_not_ignored(server: Server,
-                                                           pg_url: str) -> None:
+def test_a_body_field_naming_a_user_is_refused_not_ignored(server: Server, pg_url: str) -> None:
     erin = _person(server, "erin")
     before = _executions_of(pg_url, "impostor")
     for field in ("user", "created_by", "actor"):
-        resp = httpx.post(server.url + EX, headers=_bearer(erin), json={
-            "files": {"p.yaml": gated_pipeline("impostor", groups=["release_managers"])},
-            field: "frank"})
+        resp = httpx.post(
+            server.url + EX,
+            headers=_bearer(erin),
+            json={
+                "files": {"p.yaml": gated_pipeline("impostor", groups=["release_managers"])},
+                field: "frank",
+            },
+        )
         assert resp.status_code == 422, resp.text
     assert _executions_of(pg_url, "impostor") == before
     # the same on a decision
-    resp = httpx.post(server.url + EX, headers=_bearer(erin), json={
-        "files": {"p.yaml": gated_pipeline("impostor", groups=["release_managers"])}})
+    resp = httpx.post(
+        server.url + EX,
+        headers=_bearer(erin),
+        json={"files": {"p.yaml": gated_pipeline("impostor", groups=["release_managers"])}},
+    )
     ex_id = resp.json()["id"]
-    resp = httpx.post(f"{server.url}{EX}/{ex_id}/approve", headers=_bearer(erin),
-                      json={"user": "frank"})
+    resp = httpx.post(
+        f"{server.url}{EX}/{ex_id}/approve", headers=_bearer(erin), json={"user": "frank"}
+    )
     assert resp.status_code == 422
-    assert httpx.get(f"{server.url}{EX}/{ex_id}",
-                     headers=_bearer(erin)).json()["status"] == "WAITING"
+    assert (
+        httpx.get(f"{server.url}{EX}/{ex_id}", headers=_bearer(erin)).json()["status"] == "WAITING"
+    )
 
 
-def test_an_api_token_approves_as_itself_and_its_id_is_recorded(server: Server,
-                                                                pg_url: str) -> None:
+def test_an_api_token_approves_as_itself_and_its_id_is_recorded(
+    server: Server, pg_url: str
+) -> None:
     # Given alice made a token "holder" that may approve (the server's users file puts the
     # token's subject in group ci), and erin submitted a run that group approves
     alice, erin = _person(server, "alice"), _person(server, "erin")
-    made = httpx.post(server.url + "/api/v1/tokens", headers=_bearer(alice), json={
-        "name": "holder", "roles": ["only-pipeline-approve"], "expires": "1h"}).json()
-    ex_id = httpx.post(server.url + EX, headers=_bearer(erin), json={
-        "files": {"p.yaml": gated_pipeline("by-token", groups=["ci"])}}).json()["id"]
+    made = httpx.post(
+        server.url + "/api/v1/tokens",
+        headers=_bearer(alice),
+        json={"name": "holder", "roles": ["only-pipeline-approve"], "expires": "1h"},
+    ).json()
+    ex_id = httpx.post(
+        server.url + EX,
+        headers=_bearer(erin),
+        json={"files": {"p.yaml": gated_pipeline("by-token", groups=["ci"])}},
+    ).json()["id"]
     # When the token approves
     resp = httpx.post(f"{server.url}{EX}/{ex_id}/approve", headers=_bearer(made["token"]))
     assert resp.status_code == 200, resp.text
@@ -227,15 +267,19 @@ def test_an_api_token_approves_as_itself_and_its_id_is_recorded(server: Server,
     report = httpx.get(f"{server.url}{EX}/{ex_id}", headers=_bearer(erin)).json()
     vote = report["stages"][0]["phases"][0]["verdict"]["approvals"][0]
     assert (vote["user"], vote["token_id"]) == ("token:holder", made["id"])
-    (detail,) = [r[0] for r in _sql(
-        pg_url, "SELECT detail FROM auditevent WHERE execution_id = :e AND action = 'approve'",
-        e=ex_id)]
+    (detail,) = [
+        r[0]
+        for r in _sql(
+            pg_url,
+            "SELECT detail FROM auditevent WHERE execution_id = :e AND action = 'approve'",
+            e=ex_id,
+        )
+    ]
     assert detail["actor"] == {"subject": "token:holder", "kind": "token", "ref": made["id"]}
     assert made["token"] not in str(detail)
 
 
-def test_without_the_permission_to_deploy_nothing_is_recorded(server: Server,
-                                                              pg_url: str) -> None:
+def test_without_the_permission_to_deploy_nothing_is_recorded(server: Server, pg_url: str) -> None:
     files = {"files": {"production.yaml": PRODUCTION}}
     before = _executions_of(pg_url, "to_production")
     # A person without pipeline:execute is refused by the route
@@ -244,38 +288,54 @@ def test_without_the_permission_to_deploy_nothing_is_recorded(server: Server,
     # A token with pipeline:execute but not environment:deploy:production is refused by the
     # server's RBAC configuration on the resolved plan
     alice = _person(server, "alice")
-    made = httpx.post(server.url + "/api/v1/tokens", headers=_bearer(alice), json={
-        "name": "executor", "roles": ["only-pipeline-execute"], "expires": "1h"}).json()
+    made = httpx.post(
+        server.url + "/api/v1/tokens",
+        headers=_bearer(alice),
+        json={"name": "executor", "roles": ["only-pipeline-execute"], "expires": "1h"},
+    ).json()
     resp = httpx.post(server.url + EX, headers=_bearer(made["token"]), json=files)
     assert resp.status_code == 403, resp.text
     assert "environment:deploy:production" in resp.json()["detail"]
     assert _executions_of(pg_url, "to_production") == before
-    (detail,) = [r[0] for r in _sql(
-        pg_url, "SELECT detail FROM auditevent WHERE action = 'run' AND outcome = 'refused' "
-        "AND detail->'actor'->>'ref' = :ref", ref=made["id"])]
+    (detail,) = [
+        r[0]
+        for r in _sql(
+            pg_url,
+            "SELECT detail FROM auditevent WHERE action = 'run' AND outcome = 'refused' "
+            "AND detail->'actor'->>'ref' = :ref",
+            ref=made["id"],
+        )
+    ]
     assert detail["permission"] == "environment:deploy:production"
 
 
-def test_a_submitted_file_may_not_name_the_servers_own_machines(server: Server,
-                                                                pg_url: str) -> None:
+def test_a_submitted_file_may_not_name_the_servers_own_machines(
+    server: Server, pg_url: str
+) -> None:
     erin = _person(server, "erin")
     before = _executions_of(pg_url, "to_production")
-    local = PRODUCTION.replace("    region: r1\n", "    region: r1\n    connection:\n"
-                               "      type: SSH\n      privateKeyFile: /etc/vmfarm/id_ed25519\n")
-    resp = httpx.post(server.url + EX, headers=_bearer(erin),
-                      json={"files": {"production.yaml": local}})
+    local = PRODUCTION.replace(
+        "    region: r1\n",
+        "    region: r1\n    connection:\n"
+        "      type: SSH\n      privateKeyFile: /etc/vmfarm/id_ed25519\n",
+    )
+    resp = httpx.post(
+        server.url + EX, headers=_bearer(erin), json={"files": {"production.yaml": local}}
+    )
     assert resp.status_code == 422
     assert resp.json()["detail"].startswith("production.yaml:28:7: privateKeyFile names a path")
-    resp = httpx.post(server.url + EX, headers=_bearer(erin),
-                      json={"files": {"../escape.yaml": PRODUCTION}})
+    resp = httpx.post(
+        server.url + EX, headers=_bearer(erin), json={"files": {"../escape.yaml": PRODUCTION}}
+    )
     assert resp.status_code == 422 and "'../escape.yaml'" in resp.json()["detail"]
     assert _executions_of(pg_url, "to_production") == before
 
 
 def test_a_bad_file_is_refused_with_its_place_and_no_server_path(server: Server) -> None:
     erin = _person(server, "erin")
-    bad = gated_pipeline("bad", groups=["release_managers"]).replace("minimumCount: 1",
-                                                                     "minimumCount: many")
+    bad = gated_pipeline("bad", groups=["release_managers"]).replace(
+        "minimumCount: 1", "minimumCount: many"
+    )
     resp = httpx.post(server.url + EX, headers=_bearer(erin), json={"files": {"bad.yaml": bad}})
     assert resp.status_code == 422
     assert resp.json()["detail"].startswith("bad.yaml:")
@@ -298,32 +358,44 @@ def test_an_expired_token_gets_401(server: Server, tmp_path: Any) -> None:
     api = create_app(ServerSettings(rbac_file=rbac, issuer=server.oidc.url, audience="vmfarm"))
     api.state.verifier = OidcVerifier(server.oidc.url, "vmfarm", clock=lambda: exp + 3600)
     with TestClient(api) as client:
-        resp = client.post(EX, headers=_bearer(token), json={
-            "files": {"p.yaml": gated_pipeline("late", groups=["release_managers"])}})
+        resp = client.post(
+            EX,
+            headers=_bearer(token),
+            json={"files": {"p.yaml": gated_pipeline("late", groups=["release_managers"])}},
+        )
     assert resp.status_code == 401
     assert "expired" in resp.json()["detail"]
     assert resp.headers["www-authenticate"].startswith(
-        'Bearer realm="vmfarm", error="invalid_token"')
+        'Bearer realm="vmfarm", error="invalid_token"'
+    )
 
 
 def test_logs_and_the_list_read_the_ledger(server: Server) -> None:
     erin = _person(server, "erin")
-    ex_id = httpx.post(server.url + EX, headers=_bearer(erin), json={
-        "files": {"p.yaml": gated_pipeline("listed", groups=["release_managers"])}}).json()["id"]
-    listed = httpx.get(server.url + EX, headers=_bearer(erin),
-                       params={"status": "waiting", "limit": 100}).json()
-    assert {"id": ex_id, "pipeline": "listed", "status": "WAITING",
-            "created_by": "erin"}.items() <= next(e for e in listed if e["id"] == ex_id).items()
+    ex_id = httpx.post(
+        server.url + EX,
+        headers=_bearer(erin),
+        json={"files": {"p.yaml": gated_pipeline("listed", groups=["release_managers"])}},
+    ).json()["id"]
+    listed = httpx.get(
+        server.url + EX, headers=_bearer(erin), params={"status": "waiting", "limit": 100}
+    ).json()
+    assert {
+        "id": ex_id,
+        "pipeline": "listed",
+        "status": "WAITING",
+        "created_by": "erin",
+    }.items() <= next(e for e in listed if e["id"] == ex_id).items()
     assert httpx.get(f"{server.url}{EX}/{ex_id}/logs", headers=_bearer(erin)).json() == []
     resp = httpx.get(server.url + EX, headers=_bearer(erin), params={"status": "DONE"})
     assert resp.status_code == 422 and "unknown execution status" in resp.text
     assert httpx.get(f"{server.url}{EX}/nosuch", headers=_bearer(erin)).status_code == 404
-    assert httpx.get(f"{server.url}{EX}/nosuch/events",
-                     headers=_bearer(erin)).status_code == 404
+    assert httpx.get(f"{server.url}{EX}/nosuch/events", headers=_bearer(erin)).status_code == 404
 
 
 def test_reading_an_execution_needs_view_on_the_environments_it_deploys_to(
-        server: Server, pg_url: str, tmp_path: Any) -> None:
+    server: Server, pg_url: str, tmp_path: Any
+) -> None:
     from sqlmodel import Session
 
     from app.definitions import choose_pipeline, load, resolve
@@ -339,8 +411,15 @@ def test_reading_an_execution_needs_view_on_the_environments_it_deploys_to(
     engine = create_engine(normalise_url(pg_url))
     try:
         with Session(engine) as s:
-            s.add(Execution(id=ex_id, pipeline=plan["identifier"], plan=plan,
-                            created_by="alice", status="FAILED"))
+            s.add(
+                Execution(
+                    id=ex_id,
+                    pipeline=plan["identifier"],
+                    plan=plan,
+                    created_by="alice",
+                    status="FAILED",
+                )
+            )
             s.commit()
     finally:
         engine.dispose()
@@ -349,8 +428,12 @@ def test_reading_an_execution_needs_view_on_the_environments_it_deploys_to(
     assert resp.status_code == 403
     assert "environment:view:production" in resp.json()["detail"]
     for tail in ("/logs", "/events"):
-        assert httpx.get(f"{server.url}{EX}/{ex_id}{tail}",
-                         headers=_bearer(_person(server, "carol"))).status_code == 403
+        assert (
+            httpx.get(
+                f"{server.url}{EX}/{ex_id}{tail}", headers=_bearer(_person(server, "carol"))
+            ).status_code
+            == 403
+        )
     # erin (a deployer: environment:*) reads it
     resp = httpx.get(f"{server.url}{EX}/{ex_id}/logs", headers=_bearer(_person(server, "erin")))
     assert resp.status_code == 200 and resp.json() == []

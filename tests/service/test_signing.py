@@ -18,7 +18,7 @@ from app.models import HostStepRun
 from tests.conftest import REPO, Cluster, base_env
 from tests.service.conftest import Keys, SignedRun
 
-UNSIGNED = r'''
+UNSIGNED = r"""
 import json, sys, uuid
 from kombu import Connection, Exchange, Queue
 
@@ -36,15 +36,15 @@ with Connection(broker) as conn:
                  "argsrepr": "()", "kwargsrepr": "{}", "origin": "attacker@nowhere"},
         declare=[Queue("vmfarm.r1", exchange, routing_key="vmfarm.r1")])
 print(tid)
-'''
+"""
 
-SEND = r'''
+SEND = r"""
 import json, sys
 from app.celery import app
 
 key = json.loads(sys.argv[1])
 print(app.send_task("vmfarm.run_host", kwargs={"key": key, "until": key["i"] + 1}).id)
-'''
+"""
 
 
 def _rows(cluster: Cluster, **where: Any) -> list[HostStepRun]:
@@ -73,8 +73,9 @@ def _records(lab: Any, address: str) -> list[str]:
     return (Path(host.host_dir) / "opt" / "itest" / "record").read_text().splitlines()
 
 
-def test_a_signed_run_goes_through_both_regions(secure_cluster: Cluster,
-                                                signed_run: SignedRun, lab: Any) -> None:
+def test_a_signed_run_goes_through_both_regions(
+    secure_cluster: Cluster, signed_run: SignedRun, lab: Any
+) -> None:
     # The run (a chord per phase: chains continued and gates published by the workers
     # themselves, each with its own key) succeeded on every host through its region
     rows = _rows(secure_cluster, execution_id=signed_run.execution_id, kind="deploy")
@@ -85,51 +86,93 @@ def test_a_signed_run_goes_through_both_regions(secure_cluster: Cluster,
 
 
 def test_a_task_published_to_redis_without_a_valid_signature_runs_nothing(
-        secure_cluster: Cluster, signed_run: SignedRun, signing_keys: Keys, lab: Any,
-        tmp_path: Path) -> None:
+    secure_cluster: Cluster, signed_run: SignedRun, signing_keys: Keys, lab: Any, tmp_path: Path
+) -> None:
     from app.signing import init_keys
 
     # Given a host of region r1 that the signed run deployed to
-    [first] = _rows(secure_cluster, execution_id=signed_run.execution_id, region="r1",
-                    step_index=0, kind="deploy")[:1]
+    [first] = _rows(
+        secure_cluster,
+        execution_id=signed_run.execution_id,
+        region="r1",
+        step_index=0,
+        kind="deploy",
+    )[:1]
     before = _records(lab, first.host)
-    key = HostStepKey(execution=first.execution_id, stage=first.stage_index, phase=first.phase,
-                      host=first.host, step=0, attempt=91, region="r1")
+    key = HostStepKey(
+        execution=first.execution_id,
+        stage=first.stage_index,
+        phase=first.phase,
+        host=first.host,
+        step=0,
+        attempt=91,
+        region="r1",
+    )
     broker = secure_cluster.env["VMFARM_BROKER_URL"]
 
     # When an attacker who reaches Redis publishes vmfarm.run_host for it as plain JSON
-    out = subprocess.run([sys.executable, "-c", UNSIGNED, broker, json.dumps(key.to_dict())],
-                         env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", UNSIGNED, broker, json.dumps(key.to_dict())],
+        env=base_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     # and again signed with a key of their own, presented as the server's certificate
     attacker = init_keys(tmp_path / "attacker", "server")
-    forged = {**secure_cluster.env, "VMFARM_SECURITY_KEY": str(attacker.key),
-              "VMFARM_SECURITY_CERTIFICATE": str(signing_keys.root / "server.pem")}
+    forged = {
+        **secure_cluster.env,
+        "VMFARM_SECURITY_KEY": str(attacker.key),
+        "VMFARM_SECURITY_CERTIFICATE": str(signing_keys.root / "server.pem"),
+    }
     forged_key = {**key.to_dict(), "a": 92}
-    out = subprocess.run([sys.executable, "-c", SEND, json.dumps(forged_key)], env=forged,
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", SEND, json.dumps(forged_key)],
+        env=forged,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
 
     # Then the region's worker refuses both, saying so with the queue and the task
     log = secure_cluster.logs[0]  # s-r1
     refusal = "refused a message on queue vmfarm.r1 for task vmfarm.run_host"
-    _wait_for("two refusals in the r1 worker's log",
-              lambda: log.read_text(errors="replace").count(refusal) >= 2, secure_cluster)
+    _wait_for(
+        "two refusals in the r1 worker's log",
+        lambda: log.read_text(errors="replace").count(refusal) >= 2,
+        secure_cluster,
+    )
     text = log.read_text(errors="replace")
     assert "not signed" in text and "signature does not verify" in text
 
     # When the control plane sends the same work, signed with its key
     signed_key = {**key.to_dict(), "a": 93}
-    out = subprocess.run([sys.executable, "-c", SEND, json.dumps(signed_key)],
-                         env=secure_cluster.env, cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", SEND, json.dumps(signed_key)],
+        env=secure_cluster.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     # Then that one runs (the worker could run it: the refusals were the signature's)
     idem = HostStepKey.from_dict(signed_key).idem
-    _wait_for("the signed step", lambda: any(r.status == "SUCCEEDED" for r in _rows(
-        secure_cluster, idem_key=idem)), secure_cluster)
+    _wait_for(
+        "the signed step",
+        lambda: any(r.status == "SUCCEEDED" for r in _rows(secure_cluster, idem_key=idem)),
+        secure_cluster,
+    )
     # and nothing of the refused ones ran: no ledger row, one new line on the host
     for attempt in (91, 92):
-        assert _rows(secure_cluster, idem_key=HostStepKey.from_dict(
-            {**key.to_dict(), "a": attempt}).idem) == []
+        assert (
+            _rows(
+                secure_cluster, idem_key=HostStepKey.from_dict({**key.to_dict(), "a": attempt}).idem
+            )
+            == []
+        )
     assert len(_records(lab, first.host)) == len(before) + 1

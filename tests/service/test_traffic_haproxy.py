@@ -118,7 +118,8 @@ def version_servers(backends: None) -> Iterator[dict[str, ThreadingHTTPServer]]:
 
 @pytest.fixture
 def switch(
-    tmp_path: Path, version_servers: dict[str, ThreadingHTTPServer],
+    tmp_path: Path,
+    version_servers: dict[str, ThreadingHTTPServer],
     free_port: Callable[[], int],
 ) -> Iterator[HAProxySwitch]:
     """A switch on a free port; its HAProxy is stopped whatever the test did."""
@@ -242,7 +243,8 @@ def answered(clients: list[Client], count: int = 20) -> None:
     marks = [len(c.records) for c in clients]
     wait_for(
         lambda: all(len(c.records) >= m + count for c, m in zip(clients, marks, strict=True)),
-        30, f"{count} more answers per client",
+        30,
+        f"{count} more answers per client",
         explain=lambda: "; ".join(f"keep_alive={c.keep_alive}: {c.errors[:3]}" for c in clients),
     )
 
@@ -316,12 +318,17 @@ def test_restart_restores_the_recorded_live_set(switch: HAProxySwitch) -> None:
     # When it is started again from its state directory
     switch.start()
     # Then it serves the same set
-    wait_for(lambda: sorted(switch.live()) == V2, 10, f"HAProxy to serve {V2} again",
-             explain=lambda: f"live: {switch.live()}")
+    wait_for(
+        lambda: sorted(switch.live()) == V2,
+        10,
+        f"HAProxy to serve {V2} again",
+        explain=lambda: f"live: {switch.live()}",
+    )
 
 
 def test_a_long_state_dir_still_works(
-    tmp_path: Path, version_servers: dict[str, ThreadingHTTPServer],
+    tmp_path: Path,
+    version_servers: dict[str, ThreadingHTTPServer],
     free_port: Callable[[], int],
 ) -> None:
     # Given a state directory too long for a UNIX socket path (HAProxy's limit is about 95)
@@ -354,8 +361,9 @@ def test_empty_set_and_bad_backends_are_refused(switch: HAProxySwitch) -> None:
 def test_local_spec_builds_a_haproxy_switch(tmp_path: Path, free_port: Callable[[], int]) -> None:
     require_haproxy()
     listen = f"127.0.0.1:{free_port()}"
-    sw = traffic_switch_from_spec({"type": "Local", "listen": listen, "name": "web"},
-                                  state_dir=tmp_path)
+    sw = traffic_switch_from_spec(
+        {"type": "Local", "listen": listen, "name": "web"}, state_dir=tmp_path
+    )
     assert isinstance(sw, HAProxySwitch)
     assert sw.listen == listen and sw.state_dir == tmp_path / "haproxy-web"
     assert sw.live() == []

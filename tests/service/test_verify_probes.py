@@ -100,8 +100,14 @@ Respond = Callable[[int, str], Reply]  # (1-based request number, path) -> reply
 class LocalServer:
     """An HTTP/1.1 server in a thread that counts requests and client connections."""
 
-    def __init__(self, respond: Respond, host: str, *, idle_timeout: float | None = None,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        respond: Respond,
+        host: str,
+        *,
+        idle_timeout: float | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         server = self
         self.hits = 0
         self.peers: set[tuple[str, int]] = set()
@@ -154,10 +160,12 @@ def serve(lease_addresses: Callable[[int], AddressLease]) -> Iterator[Callable[.
     """Start servers, each on a leased 127.0.1.x address, for one test; all stop when it ends."""
     started: list[LocalServer] = []
 
-    def start(respond: Respond, *, idle_timeout: float | None = None,
-              clock: Clock | None = None) -> LocalServer:
-        server = LocalServer(respond, lease_addresses(1).addresses[0], idle_timeout=idle_timeout,
-                             clock=clock)
+    def start(
+        respond: Respond, *, idle_timeout: float | None = None, clock: Clock | None = None
+    ) -> LocalServer:
+        server = LocalServer(
+            respond, lease_addresses(1).addresses[0], idle_timeout=idle_timeout, clock=clock
+        )
         started.append(server)
         return server
 
@@ -341,10 +349,11 @@ def test_probe_reports_latency_percentiles_of_a_slow_endpoint(
     for value in (stats.p50_ms, stats.p95_ms, stats.p99_ms, stats.max_ms, stats.mean_ms):
         assert value == 125
     # A response-time threshold is judged on the latency the probe reports: 125 ms against it.
-    assert evaluate({"responseTimeBelow": 150}, stats.to_dict()) == (
-        True, ["p95 125 ms < 150 ms"])
+    assert evaluate({"responseTimeBelow": 150}, stats.to_dict()) == (True, ["p95 125 ms < 150 ms"])
     assert evaluate({"responseTimeBelow": "100ms"}, stats.to_dict()) == (
-        False, ["p95 125 ms >= 100 ms"])
+        False,
+        ["p95 125 ms >= 100 ms"],
+    )
 
 
 def test_probe_percentiles_rank_slow_and_fast_answers(

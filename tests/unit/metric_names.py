@@ -12,8 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 _NAME = re.compile(r"\b(vmfarm_[a-z0-9_]+)\b")
-_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
-             "gauge": ("",), "summary": ("", "_sum", "_count")}
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gauge": ("",),
+    "summary": ("", "_sum", "_count"),
+}
 
 
 def exported_names(home: Path) -> set[str]:
@@ -32,8 +36,7 @@ def exported_names(home: Path) -> set[str]:
     try:
         names: set[str] = set()
         for family in build_registry().collect():
-            base = family.name.removesuffix("_total") if family.type == "counter" \
-                else family.name
+            base = family.name.removesuffix("_total") if family.type == "counter" else family.name
             names.update(base + s for s in _SUFFIXES.get(family.type, ("",)))
         return names
     finally:

@@ -21,8 +21,12 @@ def _alerts() -> list[dict[str, Any]]:
 
 
 def test_the_rules_pass_promtool_check_rules() -> None:
-    res = subprocess.run([tool("promtool"), "check", "rules", str(RULES)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [tool("promtool"), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"SUCCESS: {len(_alerts())} rules found" in res.stdout
 
@@ -30,8 +34,13 @@ def test_the_rules_pass_promtool_check_rules() -> None:
 def test_every_alert_fires_and_stays_silent_in_promtool_test_rules() -> None:
     files = sorted(TESTS.glob("*.yaml"))
     assert files
-    res = subprocess.run([tool("promtool"), "test", "rules", *map(str, files)],
-                         capture_output=True, text=True, timeout=300, cwd=TESTS)
+    res = subprocess.run(
+        [tool("promtool"), "test", "rules", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=TESTS,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     firing: set[str] = set()
     silent: set[str] = set()

@@ -42,8 +42,13 @@ def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _holder(lock_dir: Path, count: int) -> tuple[subprocess.Popen[str], range]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "VMFARM_TEST_ALLOC_DIR": str(lock_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(count)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(count)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     first, n = (int(x) for x in proc.stdout.readline().split())
     return proc, range(first, first + n)

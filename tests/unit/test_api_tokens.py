@@ -38,8 +38,12 @@ def test_the_ledger_holds_the_tokens_hash_never_the_token(ledger: Path) -> None:
 def test_a_valid_token_proves_its_own_identity_and_roles(ledger: Path) -> None:
     token, row = create_token(name="ci", roles=["deployer"], created_by="alice")
     who = verify_token(token)
-    assert (who.subject, who.kind, who.roles, who.token_id) == ("token:ci", "token",
-                                                                ("deployer",), row.id)
+    assert (who.subject, who.kind, who.roles, who.token_id) == (
+        "token:ci",
+        "token",
+        ("deployer",),
+        row.id,
+    )
     # the list shows when it was last used
     [listed] = list_tokens()
     assert listed.last_used_at is not None and listed.name == "ci"
@@ -53,18 +57,22 @@ def test_a_revoked_token_is_refused(ledger: Path) -> None:
 
 
 def test_an_expired_token_is_refused(ledger: Path) -> None:
-    token, _ = create_token(name="ci", roles=["deployer"], created_by="alice",
-                            lifetime=timedelta(hours=1))
+    token, _ = create_token(
+        name="ci", roles=["deployer"], created_by="alice", lifetime=timedelta(hours=1)
+    )
     assert verify_token(token, now=utcnow() + timedelta(minutes=59)).subject == "token:ci"
     with pytest.raises(AuthError, match="expired"):
         verify_token(token, now=utcnow() + timedelta(hours=1, seconds=1))
 
 
-@pytest.mark.parametrize("forged", [
-    "vmf_" + "A" * 43,             # well formed, never issued
-    "",                            # nothing
-    "vmf_",                        # the prefix alone
-])
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "vmf_" + "A" * 43,  # well formed, never issued
+        "",  # nothing
+        "vmf_",  # the prefix alone
+    ],
+)
 def test_a_token_the_server_never_issued_is_refused(ledger: Path, forged: str) -> None:
     create_token(name="ci", roles=["deployer"], created_by="alice")
     with pytest.raises(AuthError):
@@ -73,5 +81,6 @@ def test_a_token_the_server_never_issued_is_refused(ledger: Path, forged: str) -
 
 def test_a_token_lives_at_most_a_year(ledger: Path) -> None:
     with pytest.raises(ValueError, match="366"):
-        create_token(name="ci", roles=["deployer"], created_by="alice",
-                     lifetime=timedelta(days=400))
+        create_token(
+            name="ci", roles=["deployer"], created_by="alice", lifetime=timedelta(days=400)
+        )

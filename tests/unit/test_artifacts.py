@@ -37,8 +37,7 @@ from app.settings import get_settings
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Each test has its own VMFARM_HOME (so its own cache), no proxies and quick retries."""
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
-                "all_proxy"):
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("VMFARM_HOME", str(tmp_path / "home"))
@@ -64,8 +63,12 @@ def app_dir(tmp_path: Path) -> Path:
 
 
 def local(path: Path, tag: str = "1.4.2", **spec: Any) -> dict[str, Any]:
-    return {"type": "Local", "spec": {"path": str(path), **spec}, "tag": tag,
-            "fileName": f"web_app-{tag}.tar.gz"}
+    return {
+        "type": "Local",
+        "spec": {"path": str(path), **spec},
+        "tag": tag,
+        "fileName": f"web_app-{tag}.tar.gz",
+    }
 
 
 # --- the reproducible pack ----------------------------------------------------------------------
@@ -99,8 +102,7 @@ def test_pack_gives_the_same_bytes_for_the_same_content(app_dir: Path, tmp_path:
         members = tar.getmembers()
     names = [m.name for m in members]
     assert names == sorted(names)
-    assert names == ["README", "bin", "bin/start.sh", "conf", "conf/app.ini", "current",
-                     "empty"]
+    assert names == ["README", "bin", "bin/start.sh", "conf", "conf/app.ini", "current", "empty"]
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
     modes = {m.name: m.mode for m in members}
     assert modes["bin/start.sh"] == 0o755 and modes["conf/app.ini"] == 0o644
@@ -146,33 +148,85 @@ def test_local_folder_and_file(app_dir: Path, home: Path) -> None:
 
 def test_url_mapping_of_repository_fields() -> None:
     base = "https://acme.jfrog.io/artifactory"
-    assert artifact_url("Artifactory", {"baseUrl": base, "repository": "libs-release",
-                                        "artifactPath": "/apps/web-app/"}, "web-app-1.2.tgz") \
+    assert (
+        artifact_url(
+            "Artifactory",
+            {"baseUrl": base, "repository": "libs-release", "artifactPath": "/apps/web-app/"},
+            "web-app-1.2.tgz",
+        )
         == f"{base}/libs-release/apps/web-app/web-app-1.2.tgz"
-    assert artifact_url("Artifactory", {"baseUrl": base + "/", "repository": "generic",
-                                        "artifactDirectory": "apps/web",
-                                        "artifactPath": "web-<+artifact.tag>.tar.gz"}, "1.2") \
+    )
+    assert (
+        artifact_url(
+            "Artifactory",
+            {
+                "baseUrl": base + "/",
+                "repository": "generic",
+                "artifactDirectory": "apps/web",
+                "artifactPath": "web-<+artifact.tag>.tar.gz",
+            },
+            "1.2",
+        )
         == f"{base}/generic/apps/web/web-1.2.tar.gz"
-    assert artifact_url("Artifactory", {"baseUrl": base, "repository": "r",
-                                        "artifactPath": "/apps/{tag}/",
-                                        "fileName": "app-{tag}.zip"}, "2.0 rc") \
+    )
+    assert (
+        artifact_url(
+            "Artifactory",
+            {
+                "baseUrl": base,
+                "repository": "r",
+                "artifactPath": "/apps/{tag}/",
+                "fileName": "app-{tag}.zip",
+            },
+            "2.0 rc",
+        )
         == f"{base}/r/apps/2.0%20rc/app-2.0%20rc.zip"
-    assert artifact_url("Http", {"url": "https://repo/libs/app/<tag>/app-<tag>.tar.gz"}, "1.0") \
+    )
+    assert (
+        artifact_url("Http", {"url": "https://repo/libs/app/<tag>/app-<tag>.tar.gz"}, "1.0")
         == "https://repo/libs/app/1.0/app-1.0.tar.gz"
+    )
     nexus = "https://nexus.acme.io"
-    assert artifact_url("Nexus3Registry", {"baseUrl": nexus, "repository": "raw-hosted",
-                                           "repositoryFormat": "raw",
-                                           "spec": {"group": "/web"}}, "web-1.0.tar.gz") \
+    assert (
+        artifact_url(
+            "Nexus3Registry",
+            {
+                "baseUrl": nexus,
+                "repository": "raw-hosted",
+                "repositoryFormat": "raw",
+                "spec": {"group": "/web"},
+            },
+            "web-1.0.tar.gz",
+        )
         == f"{nexus}/repository/raw-hosted/web/web-1.0.tar.gz"
-    assert artifact_url("Nexus3Registry", {
-        "baseUrl": nexus, "repository": "maven-releases", "repositoryFormat": "maven",
-        "spec": {"groupId": "com.acme.web", "artifactId": "web-app", "extension": "war",
-                 "classifier": "prod"}}, "3.1.0") == (
-        f"{nexus}/repository/maven-releases/com/acme/web/web-app/3.1.0/"
-        "web-app-3.1.0-prod.war")
-    assert artifact_url("Jenkins", {"baseUrl": "http://ci:8080", "jobName": "team/web-app",
-                                    "artifactPath": "dist/web-app.tar.gz"}, "57") \
+    )
+    assert artifact_url(
+        "Nexus3Registry",
+        {
+            "baseUrl": nexus,
+            "repository": "maven-releases",
+            "repositoryFormat": "maven",
+            "spec": {
+                "groupId": "com.acme.web",
+                "artifactId": "web-app",
+                "extension": "war",
+                "classifier": "prod",
+            },
+        },
+        "3.1.0",
+    ) == (f"{nexus}/repository/maven-releases/com/acme/web/web-app/3.1.0/web-app-3.1.0-prod.war")
+    assert (
+        artifact_url(
+            "Jenkins",
+            {
+                "baseUrl": "http://ci:8080",
+                "jobName": "team/web-app",
+                "artifactPath": "dist/web-app.tar.gz",
+            },
+            "57",
+        )
         == "http://ci:8080/job/team/job/web-app/57/artifact/dist/web-app.tar.gz"
+    )
     assert artifacts.extension("web-app-1.2.3") == "bin"
     assert artifacts.extension("web-app-1.2.3.TAR.GZ") == "tar.gz"
 
@@ -183,8 +237,12 @@ PW, TOKEN = "pw-from-the-store", "tok-from-the-store"
 
 
 def repo(url: str = "https://repo.example/libs/web-<tag>.tgz", **spec: Any) -> dict[str, Any]:
-    return {"type": "Artifactory", "tag": "1.4.2", "fileName": "web-1.4.2.tgz",
-            "spec": {"url": url, **spec}}
+    return {
+        "type": "Artifactory",
+        "tag": "1.4.2",
+        "fileName": "web-1.4.2.tgz",
+        "spec": {"url": url, **spec},
+    }
 
 
 @pytest.fixture()
@@ -200,15 +258,21 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     secrets.reset()
 
 
-@pytest.mark.parametrize(("spec", "auth"), [
-    ({"username": "deployer", "passwordRef": "account.artifactory_pw"}, ("deployer", PW, None)),
-    ({"username": "deployer", "password": '<+secrets.getValue("artifactory_pw")>'},
-     ("deployer", PW, None)),
-    ({"tokenRef": "env:ci_token"}, (None, None, TOKEN)),
-    ({"token": "<+secrets.getValue('ci_token')>"}, (None, None, TOKEN)),
-])
+@pytest.mark.parametrize(
+    ("spec", "auth"),
+    [
+        ({"username": "deployer", "passwordRef": "account.artifactory_pw"}, ("deployer", PW, None)),
+        (
+            {"username": "deployer", "password": '<+secrets.getValue("artifactory_pw")>'},
+            ("deployer", PW, None),
+        ),
+        ({"tokenRef": "env:ci_token"}, (None, None, TOKEN)),
+        ({"token": "<+secrets.getValue('ci_token')>"}, (None, None, TOKEN)),
+    ],
+)
 def test_the_secrets_a_spec_names_are_resolved_on_the_worker_that_fetches(
-        store: None, spec: dict[str, str], auth: tuple[str | None, ...]) -> None:
+    store: None, spec: dict[str, str], auth: tuple[str | None, ...]
+) -> None:
     # When the worker resolves the artifact, the secrets come from its store
     got = resolve(repo(**spec))
     assert (got.auth.username, got.auth.password, got.auth.token) == auth
@@ -233,14 +297,18 @@ def test_a_secret_the_worker_cannot_resolve_fails_the_fetch_naming_it(store: Non
     assert artifacts.check(repo(username="d", passwordRef="no_such_secret")) == []  # plan time
 
 
-@pytest.mark.parametrize("spec", [
-    {"username": "deployer", "passwordRef": "artifactory_pw"},
-    {"tokenRef": "ci_token"},
-    {"username": "deployer"},
-    {"url": "http://deployer:secret@127.0.0.1:9/libs/web-<tag>.tgz"},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"username": "deployer", "passwordRef": "artifactory_pw"},
+        {"tokenRef": "ci_token"},
+        {"username": "deployer"},
+        {"url": "http://deployer:secret@127.0.0.1:9/libs/web-<tag>.tgz"},
+    ],
+)
 def test_credentials_over_plain_http_are_refused_before_anything_is_fetched(
-        store: None, spec: dict[str, str]) -> None:
+    store: None, spec: dict[str, str]
+) -> None:
     art = repo(**{"url": "http://127.0.0.1:9/libs/web-<tag>.tgz", **spec})
     with pytest.raises(ArtifactError, match="credentials are sent over https only") as info:
         fetch(art)  # (port 9 would refuse the connection: the refusal comes first)

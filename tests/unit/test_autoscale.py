@@ -32,8 +32,16 @@ from app.autoscale import (
 from app.errors import ConfigError
 from tests.conftest import REPO
 
-P = Policy(region="rs", min=1, max=4, scale_up_depth=10, scale_up_after=30,
-           scale_down_depth=2, scale_down_after=60, step=1)
+P = Policy(
+    region="rs",
+    min=1,
+    max=4,
+    scale_up_depth=10,
+    scale_up_after=30,
+    scale_down_depth=2,
+    scale_down_after=60,
+    step=1,
+)
 
 
 def run(state: State, depth: int | None, workers: int, now: float) -> Decision:
@@ -79,8 +87,16 @@ def test_the_band_between_the_thresholds_resets_both_periods() -> None:
 
 
 def test_a_shallow_queue_scales_down_step_by_step_never_below_min() -> None:
-    p = Policy(region="rs", min=1, max=8, scale_up_depth=10, scale_up_after=0,
-               scale_down_depth=2, scale_down_after=60, step=2)
+    p = Policy(
+        region="rs",
+        min=1,
+        max=8,
+        scale_up_depth=10,
+        scale_up_after=0,
+        scale_down_depth=2,
+        scale_down_after=60,
+        step=2,
+    )
     d = run(State(p), depth=1, workers=4, now=0)
     d = run(d.state, depth=0, workers=4, now=59)
     assert d.action == "hold"
@@ -100,14 +116,15 @@ def test_a_shallow_queue_scales_down_step_by_step_never_below_min() -> None:
 
 
 def test_policies_are_checked() -> None:
-    for values, says in (({"min": 3, "max": 2}, "max (2) must be at least min (3)"),
-                         ({"scaleDownQueueDepth": 20, "scaleUpQueueDepth": 10},
-                          "must not exceed scaleUpQueueDepth"),
-                         ({"scaleUpAfter": "soon"}, "not a duration"),
-                         ({"step": 0}, "step must be 1 or more"),
-                         ({"max": "many"}, "whole number"),
-                         ({"tags": ["GPU"]}, "invalid worker tag"),
-                         ({"maxWorkers": 3}, "unknown setting")):
+    for values, says in (
+        ({"min": 3, "max": 2}, "max (2) must be at least min (3)"),
+        ({"scaleDownQueueDepth": 20, "scaleUpQueueDepth": 10}, "must not exceed scaleUpQueueDepth"),
+        ({"scaleUpAfter": "soon"}, "not a duration"),
+        ({"step": 0}, "step must be 1 or more"),
+        ({"max": "many"}, "whole number"),
+        ({"tags": ["GPU"]}, "invalid worker tag"),
+        ({"maxWorkers": 3}, "unknown setting"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(says)):
             policy_from("rs", values)
     with pytest.raises(ConfigError, match="invalid region"):
@@ -121,8 +138,7 @@ def test_the_example_file_and_a_file_of_ours_load(tmp_path: Path) -> None:
     example = load_config(REPO / "configs" / "autoscale.yaml")
     assert {p.region for p in example.policies} == {"us-east-1", "eu-west-1"}
     f = tmp_path / "as.yaml"
-    f.write_text("interval: 2s\nregions:\n  rs:\n    min: 2\n    max: 3\n"
-                 "    scaleDownAfter: 1m\n")
+    f.write_text("interval: 2s\nregions:\n  rs:\n    min: 2\n    max: 3\n    scaleDownAfter: 1m\n")
     cfg = load_config(f)
     assert cfg.interval == 2.0
     [p] = cfg.policies
@@ -178,8 +194,15 @@ def test_workers_starting_or_stopping_are_counted_as_such() -> None:
         return Fleet(workers={"rs": dict(registered)}, depths={"vmfarm.rs": depth[0]})
 
     ex = FakeExecutor()
-    p = Policy(region="rs", min=2, max=3, scale_up_depth=5, scale_up_after=0,
-               scale_down_depth=1, scale_down_after=0)
+    p = Policy(
+        region="rs",
+        min=2,
+        max=3,
+        scale_up_depth=5,
+        scale_up_after=0,
+        scale_down_depth=1,
+        scale_down_after=0,
+    )
     scaler = Autoscaler(policies=[p], executor=ex, observe=observe, clock=lambda: clock[0])
     [d] = scaler.step()
     assert (d.current, d.target, ex.started) == (1, 2, ["w0"])
@@ -205,8 +228,7 @@ def test_workers_starting_or_stopping_are_counted_as_such() -> None:
 # --- the local process executor ------------------------------------------------------------------
 
 
-def test_the_executor_adopts_and_stops_only_its_own_workers_by_name_and_pid(
-        tmp_path: Path) -> None:
+def test_the_executor_adopts_and_stops_only_its_own_workers_by_name_and_pid(tmp_path: Path) -> None:
     ex = LocalProcessExecutor(log_dir=tmp_path, hostname="hostx")
     # Stand-ins for worker processes: they only need to exist, with these command lines.
     sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "worker"]
@@ -215,11 +237,20 @@ def test_the_executor_adopts_and_stops_only_its_own_workers_by_name_and_pid(
     try:
         assert _is_our_worker(mine.pid, "autoscale-rs-7@hostx")
         assert not _is_our_worker(mine.pid, "autoscale-rs-8@hostx")
-        fleet = Fleet(workers={"rs": {
-            "autoscale-rs-7@hostx": {"pid": mine.pid, "in_flight": 0},
-            "autoscale-rs-9@hostx": {"pid": other.pid, "in_flight": 0},  # pid not that worker
-            "autoscale-rs-2@elsewhere": {"pid": other.pid, "in_flight": 0},
-            "w-rs@hostx": {"pid": other.pid, "in_flight": 0}}}, depths={})
+        fleet = Fleet(
+            workers={
+                "rs": {
+                    "autoscale-rs-7@hostx": {"pid": mine.pid, "in_flight": 0},
+                    "autoscale-rs-9@hostx": {
+                        "pid": other.pid,
+                        "in_flight": 0,
+                    },  # pid not that worker
+                    "autoscale-rs-2@elsewhere": {"pid": other.pid, "in_flight": 0},
+                    "w-rs@hostx": {"pid": other.pid, "in_flight": 0},
+                }
+            },
+            depths={},
+        )
         ex.refresh(fleet)
         assert ex.running("rs") == ["autoscale-rs-7@hostx"]
         assert ex.stop("rs", 5, fleet) == ["autoscale-rs-7@hostx"]

@@ -38,8 +38,14 @@ def test_ssh_steps_are_acknowledged_early_and_never_prefetched() -> None:
 
 
 def test_a_phase_is_one_chord_of_one_task_per_host_with_the_gate_on_control() -> None:
-    canvas = phase_canvas(execution_id="e1", stage_index=0, phase=2,
-                          hosts=[("h1", "r1"), ("h2", "r2")], step_count=3, expires=60)
+    canvas = phase_canvas(
+        execution_id="e1",
+        stage_index=0,
+        phase=2,
+        hosts=[("h1", "r1"), ("h2", "r2")],
+        step_count=3,
+        expires=60,
+    )
     header = canvas.tasks
     assert len(header) == 2
     assert [t.name for t in header] == ["vmfarm.run_host"] * 2
@@ -47,26 +53,48 @@ def test_a_phase_is_one_chord_of_one_task_per_host_with_the_gate_on_control() ->
     assert (key.idem, header[0].kwargs["until"]) == ("e1:0:2:h1:0:1", 3)
     assert header[1].kwargs["key"]["region"] == "r2"
     assert canvas.body.name == "vmfarm.verify_gate"
-    assert canvas.body.kwargs == {"execution_id": "e1", "stage_index": 0, "phase": 2,
-                                  "kind": "deploy"}
+    assert canvas.body.kwargs == {
+        "execution_id": "e1",
+        "stage_index": 0,
+        "phase": 2,
+        "kind": "deploy",
+    }
     assert canvas.body.immutable
 
 
 def test_steps_that_need_other_worker_tags_start_a_new_task_on_their_queue() -> None:
-    canvas = phase_canvas(execution_id="e1", stage_index=0, phase=0, hosts=[("h1", "r1")],
-                          step_count=4, expires=60,
-                          tags_of={("h1", 1): ("gpu",), ("h1", 2): ("gpu",)})
+    canvas = phase_canvas(
+        execution_id="e1",
+        stage_index=0,
+        phase=0,
+        hosts=[("h1", "r1")],
+        step_count=4,
+        expires=60,
+        tags_of={("h1", 1): ("gpu",), ("h1", 2): ("gpu",)},
+    )
     links = canvas.tasks[0].tasks
-    assert [(t.kwargs["key"]["i"], t.kwargs["until"], t.kwargs["key"].get("tags"))
-            for t in links] == [(0, 1, None), (1, 3, ["gpu"]), (3, 4, None)]
-    assert [route(t.name, **t.kwargs) for t in links] == ["vmfarm.r1", "vmfarm.r1[gpu]",
-                                                          "vmfarm.r1"]
+    assert [
+        (t.kwargs["key"]["i"], t.kwargs["until"], t.kwargs["key"].get("tags")) for t in links
+    ] == [(0, 1, None), (1, 3, ["gpu"]), (3, 4, None)]
+    assert [route(t.name, **t.kwargs) for t in links] == [
+        "vmfarm.r1",
+        "vmfarm.r1[gpu]",
+        "vmfarm.r1",
+    ]
 
 
 def test_lanes_chain_hosts_one_after_another() -> None:
-    canvas = phase_canvas(execution_id="e1", stage_index=0, phase=0,
-                          hosts=[("h1", "r1"), ("h2", "r1"), ("h3", "r1")], step_count=2,
-                          expires=60, lanes=2)
-    lanes = [[t.kwargs["key"]["h"] for t in (c.tasks if hasattr(c, "tasks") else [c])]
-             for c in canvas.tasks]
+    canvas = phase_canvas(
+        execution_id="e1",
+        stage_index=0,
+        phase=0,
+        hosts=[("h1", "r1"), ("h2", "r1"), ("h3", "r1")],
+        step_count=2,
+        expires=60,
+        lanes=2,
+    )
+    lanes = [
+        [t.kwargs["key"]["h"] for t in (c.tasks if hasattr(c, "tasks") else [c])]
+        for c in canvas.tasks
+    ]
     assert lanes == [["h1", "h3"], ["h2"]]

@@ -58,7 +58,7 @@ def split_mount(mount: str) -> list[str]:
     src = ""
     m = re.match(r"^(\$\{[^}]*\})", mount)
     if m:
-        src, mount = m.group(1), mount[m.end():]
+        src, mount = m.group(1), mount[m.end() :]
     first, *rest = mount.split(":")
     return [src + first, *rest]
 
@@ -66,12 +66,22 @@ def split_mount(mount: str) -> list[str]:
 def in_repo(container_path: str) -> Path:
     """A path under the image's /srv/vmfarm/configs as the repository's (it is mounted)."""
     assert container_path.startswith(f"{IMAGE_ROOT}/configs/"), container_path
-    return REPO / container_path[len(IMAGE_ROOT) + 1:]
+    return REPO / container_path[len(IMAGE_ROOT) + 1 :]
 
 
 def test_the_services_are_there_with_their_images(compose: dict[str, Any]) -> None:
-    assert set(services(compose)) == {"redis", "postgres", "control", "flower", "autoscaler",
-                                      "metrics", "prometheus", "grafana", *REGIONS, *TARGETS}
+    assert set(services(compose)) == {
+        "redis",
+        "postgres",
+        "control",
+        "flower",
+        "autoscaler",
+        "metrics",
+        "prometheus",
+        "grafana",
+        *REGIONS,
+        *TARGETS,
+    }
     assert services(compose)["redis"]["image"].startswith("redis:")
     assert services(compose)["postgres"]["image"].startswith("postgres:")
     ours = vmfarm_services(compose)
@@ -92,17 +102,23 @@ def test_the_services_are_there_with_their_images(compose: dict[str, Any]) -> No
 
 
 def test_vmfarm_services_share_one_environment_and_wait_for_their_stores(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     every = services(compose)
     for name, svc in vmfarm_services(compose).items():
         env = svc["environment"]
         # Passwords come from .env (tests/unit/test_compose_config.py renders them).
-        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/0",
-                            env["VMFARM_BROKER_URL"]), name
-        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/1",
-                            env["VMFARM_RESULT_BACKEND"]), name
-        assert re.fullmatch(r"postgresql://vmfarm:\$\{POSTGRES_PASSWORD:\?.+\}@postgres:5432/"
-                            r"vmfarm", env["VMFARM_DATABASE_URL"]), name
+        assert re.fullmatch(
+            r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/0", env["VMFARM_BROKER_URL"]
+        ), name
+        assert re.fullmatch(
+            r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/1", env["VMFARM_RESULT_BACKEND"]
+        ), name
+        assert re.fullmatch(
+            r"postgresql://vmfarm:\$\{POSTGRES_PASSWORD:\?.+\}@postgres:5432/"
+            r"vmfarm",
+            env["VMFARM_DATABASE_URL"],
+        ), name
         assert env["VMFARM_HOME"] == "/var/lib/vmfarm"
         deps = svc["depends_on"]
         assert deps["redis"] == {"condition": "service_healthy"}, name
@@ -118,8 +134,7 @@ def test_vmfarm_services_share_one_environment_and_wait_for_their_stores(
     assert set(compose["volumes"]) >= {"redis-data", "postgres-data", "vmfarm-home"}
 
 
-def test_every_worker_command_is_a_valid_vmfarm_worker_invocation(
-        compose: dict[str, Any]) -> None:
+def test_every_worker_command_is_a_valid_vmfarm_worker_invocation(compose: dict[str, Any]) -> None:
     beats = []
     for name, svc in vmfarm_services(compose).items():
         cmd = svc["command"]
@@ -139,7 +154,8 @@ def test_every_worker_command_is_a_valid_vmfarm_worker_invocation(
 
 
 def test_flower_and_the_autoscaler_commands_parse_and_point_at_real_files(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     every = services(compose)
     fl = every["flower"]
     params = parse(service_cmd.flower, fl["command"][1:])
@@ -156,7 +172,8 @@ def test_flower_and_the_autoscaler_commands_parse_and_point_at_real_files(
 
 
 def test_the_targets_get_the_public_key_and_the_example_pipeline_targets_them(
-        compose: dict[str, Any], tmp_path: Path) -> None:
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
     for name in TARGETS:
         [mount] = services(compose)[name]["volumes"]
         src, dst, mode = split_mount(mount)
@@ -169,8 +186,10 @@ def test_the_targets_get_the_public_key_and_the_example_pipeline_targets_them(
     res = run_vmfarm("plan", str(pipeline_dir), "--set", "tag=1.0.1", "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     [stage] = json.loads(res.stdout)["stages"]
-    assert stage["hosts_by_region"] == {"us-east-1": ["target-1", "target-2"],
-                                        "eu-west-1": ["target-3"]}
+    assert stage["hosts_by_region"] == {
+        "us-east-1": ["target-1", "target-2"],
+        "eu-west-1": ["target-3"],
+    }
     assert set(stage["hosts_by_region"]) == set(REGIONS.values())
     infra = yaml.safe_load((pipeline_dir / "infrastructure.yaml").read_text())
     conn = infra["spec"]["spec"]["connection"]
@@ -194,7 +213,8 @@ def test_the_dockerfiles_install_what_they_run() -> None:
     import tomllib
 
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
+        "packages"
+    ]["find"]["include"]
     for pkg in packages:
         name = pkg.rstrip("*")
         assert re.search(rf"^COPY {name} \./{name}$", main, re.M), name

@@ -24,8 +24,13 @@ REGION_WORKERS = ("worker-us-east-1", "worker-eu-west-1")
 
 
 def _client() -> list[str]:
-    if shutil.which("docker") and subprocess.run(
-            ["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=60
+        ).returncode
+        == 0
+    ):
         return ["docker", "compose"]
     return [tool("docker-compose")]  # Debian's package docker-compose
 
@@ -41,11 +46,28 @@ def _env_file(path: Path) -> dict[str, str]:
 
 def _render(env_file: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     # Nothing from this process's environment may fill the file in: only the env file.
-    env = {k: v for k, v in os.environ.items()
-           if k not in _env_file(EXAMPLE) and not k.startswith(("VMFARM_", "COMPOSE_"))}
-    return subprocess.run([*_client(), "--env-file", str(env_file), "-f", str(COMPOSE),
-                           "--project-directory", str(REPO), "config"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _env_file(EXAMPLE) and not k.startswith(("VMFARM_", "COMPOSE_"))
+    }
+    return subprocess.run(
+        [
+            *_client(),
+            "--env-file",
+            str(env_file),
+            "-f",
+            str(COMPOSE),
+            "--project-directory",
+            str(REPO),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +79,17 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return data
 
 
-def test_compose_config_accepts_the_file_with_the_example_env(rendered: dict[str, Any]
-                                                              ) -> None:
-    assert set(rendered["services"]) >= {"redis", "postgres", "control", "metrics", "flower",
-                                         "prometheus", "grafana", *REGION_WORKERS}
+def test_compose_config_accepts_the_file_with_the_example_env(rendered: dict[str, Any]) -> None:
+    assert set(rendered["services"]) >= {
+        "redis",
+        "postgres",
+        "control",
+        "metrics",
+        "flower",
+        "prometheus",
+        "grafana",
+        *REGION_WORKERS,
+    }
 
 
 def test_every_service_has_a_healthcheck(rendered: dict[str, Any]) -> None:
@@ -89,8 +118,12 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
     raw = COMPOSE.read_text()
     example = _env_file(EXAMPLE)
     secrets = {k: v for k, v in example.items() if SECRET_KEY.search(k) and v}
-    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH",
-            "GRAFANA_ADMIN_PASSWORD"} <= set(secrets)
+    assert {
+        "POSTGRES_PASSWORD",
+        "REDIS_PASSWORD",
+        "FLOWER_BASIC_AUTH",
+        "GRAFANA_ADMIN_PASSWORD",
+    } <= set(secrets)
     for key, value in secrets.items():
         assert value not in raw, f"the example value of {key} is written in the file"
         assert value.startswith(("change-me", "admin:change-me")), f"{key}: a real value?"
@@ -109,19 +142,24 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
     assert "vmfarm:vmfarm@" not in raw
     control = rendered["services"]["control"]["environment"]
     assert control["VMFARM_DATABASE_URL"] == (
-        f"postgresql://vmfarm:{example['POSTGRES_PASSWORD']}@postgres:5432/vmfarm")
+        f"postgresql://vmfarm:{example['POSTGRES_PASSWORD']}@postgres:5432/vmfarm"
+    )
     assert control["VMFARM_BROKER_URL"] == f"redis://:{example['REDIS_PASSWORD']}@redis:6379/0"
-    assert rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == \
-        example["POSTGRES_PASSWORD"]
-    assert rendered["services"]["redis"]["environment"]["REDIS_PASSWORD"] == \
-        example["REDIS_PASSWORD"]
+    assert (
+        rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+        == example["POSTGRES_PASSWORD"]
+    )
+    assert (
+        rendered["services"]["redis"]["environment"]["REDIS_PASSWORD"] == example["REDIS_PASSWORD"]
+    )
     assert "--requirepass" in " ".join(rendered["services"]["redis"]["command"])
 
 
 def test_a_missing_password_stops_compose_naming_it(tmp_path: Path) -> None:
     partial = tmp_path / "partial.env"
-    partial.write_text("".join(f"{k}={v}\n" for k, v in _env_file(EXAMPLE).items()
-                               if k != "POSTGRES_PASSWORD"))
+    partial.write_text(
+        "".join(f"{k}={v}\n" for k, v in _env_file(EXAMPLE).items() if k != "POSTGRES_PASSWORD")
+    )
     res = _render(partial, tmp_path)
     assert res.returncode != 0 and "POSTGRES_PASSWORD" in res.stderr
 
@@ -129,8 +167,15 @@ def test_a_missing_password_stops_compose_naming_it(tmp_path: Path) -> None:
 def test_each_process_gets_the_settings_it_uses(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
     # Notifications are sent by the control worker.
-    notify = ("VMFARM_SMTP_HOST", "VMFARM_SMTP_PORT", "VMFARM_SMTP_FROM", "VMFARM_SMTP_USER",
-              "VMFARM_SMTP_PASSWORD", "SLACK_WEBHOOK_URL", "DEPLOY_WEBHOOK_URL")
+    notify = (
+        "VMFARM_SMTP_HOST",
+        "VMFARM_SMTP_PORT",
+        "VMFARM_SMTP_FROM",
+        "VMFARM_SMTP_USER",
+        "VMFARM_SMTP_PASSWORD",
+        "SLACK_WEBHOOK_URL",
+        "DEPLOY_WEBHOOK_URL",
+    )
     for key in notify:
         assert key in services["control"]["environment"], key
     # Secrets are resolved by the region workers (and the autoscaler's workers).
@@ -144,8 +189,7 @@ def test_each_process_gets_the_settings_it_uses(rendered: dict[str, Any]) -> Non
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
 
 
-def test_prometheus_and_grafana_get_the_rules_and_the_dashboard(rendered: dict[str, Any]
-                                                                ) -> None:
+def test_prometheus_and_grafana_get_the_rules_and_the_dashboard(rendered: dict[str, Any]) -> None:
     def mounts(name: str) -> dict[str, str]:
         out = {}
         for v in rendered["services"][name]["volumes"]:
@@ -161,11 +205,14 @@ def test_prometheus_and_grafana_get_the_rules_and_the_dashboard(rendered: dict[s
     assert (conf_dir / "prometheus.yml").is_file() and (conf_dir / "alerts.yaml").is_file()
     config = yaml.safe_load((conf_dir / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yaml"]
-    targets = {t for job in config["scrape_configs"] for c in job["static_configs"]
-               for t in c["targets"]}
+    targets = {
+        t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
+    }
     assert "metrics:9464" in targets
     assert "9464" in " ".join(rendered["services"]["metrics"]["command"])
     graf = mounts("grafana")
-    assert Path(graf["/etc/grafana/dashboards/vmfarm.json"]) == REPO / "configs" / "grafana" / \
-        "vmfarm.json"
+    assert (
+        Path(graf["/etc/grafana/dashboards/vmfarm.json"])
+        == REPO / "configs" / "grafana" / "vmfarm.json"
+    )
     assert (Path(graf["/etc/grafana/provisioning"]) / "dashboards" / "vmfarm.yaml").is_file()

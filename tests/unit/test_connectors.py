@@ -117,7 +117,8 @@ VALID: dict[str, str] = {
 
 def connector(body: str, name: str = "conn") -> str:
     return f"connector:\n  name: {name}\n  identifier: {name}\n" + textwrap.indent(
-        textwrap.dedent(body), "  ")
+        textwrap.dedent(body), "  "
+    )
 
 
 def load_text(tmp_path: Path, text: str, name: str = "connectors.yaml") -> Any:
@@ -168,7 +169,8 @@ def test_every_connector_type_loads(tmp_path: Path, ctype: str) -> None:
 
 @pytest.mark.parametrize("ctype", sorted(VALID))
 def test_an_unknown_field_of_any_connector_type_is_refused_where_it_is(
-        tmp_path: Path, ctype: str) -> None:
+    tmp_path: Path, ctype: str
+) -> None:
     text = connector(VALID[ctype]).rstrip("\n") + "\n    tlsVerify: false\n"
     (err,) = refusals(tmp_path, ("c.yaml", text))
     assert "unknown field 'tlsVerify'" in err.message
@@ -176,82 +178,123 @@ def test_an_unknown_field_of_any_connector_type_is_refused_where_it_is(
     assert err.field == "connector.spec.tlsVerify"
 
 
-@pytest.mark.parametrize(("ctype", "written", "ref"), [
-    ("Artifactory", "passwordRef: art_pw", "password: hunter2"),
-    ("Nexus", "passwordRef: nx_pw", "password: hunter2"),
-    ("HttpHelmRepo", "passwordRef: helm_pw", "password: hunter2"),
-    ("Aws", "secretKeyRef: account.aws_sk", "secretKey: wJalrXUtnFEMI"),
-    ("Git", "passwordRef: git_token", "password: ghp_abc"),
-])
+@pytest.mark.parametrize(
+    ("ctype", "written", "ref"),
+    [
+        ("Artifactory", "passwordRef: art_pw", "password: hunter2"),
+        ("Nexus", "passwordRef: nx_pw", "password: hunter2"),
+        ("HttpHelmRepo", "passwordRef: helm_pw", "password: hunter2"),
+        ("Aws", "secretKeyRef: account.aws_sk", "secretKey: wJalrXUtnFEMI"),
+        ("Git", "passwordRef: git_token", "password: ghp_abc"),
+    ],
+)
 def test_a_secret_written_in_a_connector_is_refused_naming_the_ref_to_write(
-        tmp_path: Path, ctype: str, written: str, ref: str) -> None:
+    tmp_path: Path, ctype: str, written: str, ref: str
+) -> None:
     text = connector(VALID[ctype].replace(written, f"{written}, {ref}"))
     errs = refusals(tmp_path, ("c.yaml", text))
-    assert any("a secret written in the file is refused" in e.message
-               and written.split(":")[0] in e.message for e in errs), [str(e) for e in errs]
+    assert any(
+        "a secret written in the file is refused" in e.message
+        and written.split(":")[0] in e.message
+        for e in errs
+    ), [str(e) for e in errs]
     assert all("hunter2" not in str(e) and "wJalr" not in str(e) for e in errs)
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    ("""\
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (
+            """\
         type: Azure
         spec:
           credential:
             type: ManualConfig
             spec: {applicationId: a, tenantId: t, clientSecret: s3cret,
                    auth: {type: Secret, spec: {secretRef: az}}}
-     """, "secretRef: <secret id>"),
-    ("""\
+     """,
+            "secretRef: <secret id>",
+        ),
+        (
+            """\
         type: Gcp
         spec:
           credential: {type: ManualConfig, spec: {secretKey: '{"private_key": "x"}'}}
-     """, "secretKeyRef: <secret id>"),
-    ("""\
+     """,
+            "secretKeyRef: <secret id>",
+        ),
+        (
+            """\
         type: Artifactory
         spec:
           artifactoryServerUrl: http://acme.local/artifactory
           auth: {type: UsernamePassword, spec: {username: ci, passwordRef: art_pw}}
-     """, "credentials are sent over https only"),
-    ("""\
+     """,
+            "credentials are sent over https only",
+        ),
+        (
+            """\
         type: Artifactory
         spec:
           artifactoryServerUrl: https://ci:hunter2@acme.local/artifactory
-     """, "a user or password in the URL is refused"),
-    ("""\
+     """,
+            "a user or password in the URL is refused",
+        ),
+        (
+            """\
         type: Aws
         spec:
           credential: {type: ManualConfig, spec: {accessKey: AKIA, secretKeyRef: '<+input>'}}
-     """, "names a secret by its id"),
-    ("""\
+     """,
+            "names a secret by its id",
+        ),
+        (
+            """\
         type: Aws
         spec:
           credential: {type: InheritFromDelegate}
           executeOnDelegate: false
-     """, "executeOnDelegate: false is not supported"),
-    ("""\
+     """,
+            "executeOnDelegate: false is not supported",
+        ),
+        (
+            """\
         type: Gcp
         spec:
           credential: {type: InheritFromDelegate}
           delegateSelectors: [gcp]
-     """, "delegateSelectors on a connector are not supported"),
-    ("""\
+     """,
+            "delegateSelectors on a connector are not supported",
+        ),
+        (
+            """\
         type: Aws
         spec:
           credential:
             type: InheritFromDelegate
             crossAccountAccess: {crossAccountRoleArn: 'arn:aws:iam::1:role/x'}
-     """, "crossAccountAccess (assuming a role) is not supported"),
-    ("""\
+     """,
+            "crossAccountAccess (assuming a role) is not supported",
+        ),
+        (
+            """\
         type: Git
         spec: {url: 'git@git.acme.io:org/repo.git', type: Ssh, spec: {username: git}}
-     """, "type Ssh needs spec.sshKeyRef"),
-    ("""\
+     """,
+            "type Ssh needs spec.sshKeyRef",
+        ),
+        (
+            """\
         type: Pdc
         spec: {hosts: [{hostname: a}]}
-     """, "list the hosts under a Pdc infrastructure"),
-])
+     """,
+            "list the hosts under a Pdc infrastructure",
+        ),
+    ],
+)
 def test_connector_settings_vmfarm_cannot_carry_out_safely_are_refused(
-        tmp_path: Path, body: str, says: str) -> None:
+    tmp_path: Path, body: str, says: str
+) -> None:
     errs = refusals(tmp_path, ("c.yaml", connector(body)))
     assert any(says in e.message for e in errs), [str(e) for e in errs]
     assert all("hunter2" not in str(e) and "s3cret" not in str(e) for e in errs)
@@ -272,31 +315,39 @@ def good_files(tmp_path: Path, service: str, extra: str = "") -> list[Path]:
         out.append(tmp_path / name)
         out[-1].write_text((GOOD / name).read_text())
     (tmp_path / "service.yaml").write_text(service)
-    (tmp_path / "connectors.yaml").write_text(extra or "connector:\n  name: x\n  type: Http\n"
-                                              "  spec: {url: 'https://x.example'}\n")
+    (tmp_path / "connectors.yaml").write_text(
+        extra or "connector:\n  name: x\n  type: Http\n  spec: {url: 'https://x.example'}\n"
+    )
     return [*out, tmp_path / "service.yaml", tmp_path / "connectors.yaml"]
 
 
 def service(atype: str, spec: str) -> str:
-    return ("apiVersion: v1\nkind: Service\nmetadata: {name: hello-app, identifier: hello_app}\n"
-            "spec:\n  serviceDefinition:\n    type: Ssh\n    spec:\n      artifacts:\n"
-            f"        primary:\n          type: {atype}\n          spec:\n"
-            + textwrap.indent(textwrap.dedent(spec), " " * 12)
-            + "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
-              "        - {name: greeting, type: String, value: hi}\n")
+    return (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hello-app, identifier: hello_app}\n"
+        "spec:\n  serviceDefinition:\n    type: Ssh\n    spec:\n      artifacts:\n"
+        f"        primary:\n          type: {atype}\n          spec:\n"
+        + textwrap.indent(textwrap.dedent(spec), " " * 12)
+        + "      variables:\n        - {name: app_port, type: String, value: '8080'}\n"
+        "        - {name: greeting, type: String, value: hi}\n"
+    )
 
 
 def planned(files: list[Path]) -> dict[str, Any]:
     bundle = load(files, inputs={"tag": "1.2.3"}, require_inputs=True)
-    plan: dict[str, Any] = resolve(bundle, choose_pipeline(bundle, None),
-                                   execution_id="EX1").to_json()
+    plan: dict[str, Any] = resolve(
+        bundle, choose_pipeline(bundle, None), execution_id="EX1"
+    ).to_json()
     return plan
 
 
 def test_an_unknown_connector_ref_is_refused_at_validate_where_it_is_written(
-        tmp_path: Path) -> None:
-    svc = service("Artifactory", "connectorRef: artifactory_conector\nartifactPath: apps/x.tgz\n"
-                                 "tag: <+input>\nallowUnverified: true\n")
+    tmp_path: Path,
+) -> None:
+    svc = service(
+        "Artifactory",
+        "connectorRef: artifactory_conector\nartifactPath: apps/x.tgz\n"
+        "tag: <+input>\nallowUnverified: true\n",
+    )
     files = good_files(tmp_path, svc, ARTIFACTORY_HARNESS)
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load(files)  # validate: the tag is still a runtime input
@@ -311,18 +362,25 @@ def test_an_unknown_connector_ref_is_refused_at_validate_where_it_is_written(
 
 def test_a_connector_of_the_wrong_type_is_refused_where_it_is_named(tmp_path: Path) -> None:
     svc = service("Artifactory", "connectorRef: repo\nartifactPath: apps/x.tgz\ntag: <+input>\n")
-    errs = refusals(tmp_path, ("service.yaml", svc),
-                    ("c.yaml", connector(VALID["Git"], "repo")))
-    assert any("connector 'repo' is a Git connector; an Artifactory artifact takes an "
-               "Artifactory connector" in e.message and e.line == line_of(svc, "connectorRef")
-               for e in errs), [str(e) for e in errs]
+    errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", connector(VALID["Git"], "repo")))
+    assert any(
+        "connector 'repo' is a Git connector; an Artifactory artifact takes an "
+        "Artifactory connector"
+        in e.message
+        and e.line == line_of(svc, "connectorRef")
+        for e in errs
+    ), [str(e) for e in errs]
 
 
 def test_the_plan_fetches_artifactory_from_the_connectors_server_by_secret_reference(
-        tmp_path: Path) -> None:
-    svc = service("Artifactory", "connectorRef: account.artifactory_connector\n"
-                                 "artifactPath: libs/web/\nfileName: web-<+artifact.tag>.tgz\n"
-                                 "tag: <+input>\nallowUnverified: true\n")
+    tmp_path: Path,
+) -> None:
+    svc = service(
+        "Artifactory",
+        "connectorRef: account.artifactory_connector\n"
+        "artifactPath: libs/web/\nfileName: web-<+artifact.tag>.tgz\n"
+        "tag: <+input>\nallowUnverified: true\n",
+    )
     plan = planned(good_files(tmp_path, svc, ARTIFACTORY_HARNESS))
     spec = plan["stages"][0]["artifact"]["spec"]
     assert spec["baseUrl"] == "https://acme.jfrog.io/artifactory"
@@ -336,36 +394,49 @@ def test_the_plan_fetches_artifactory_from_the_connectors_server_by_secret_refer
 def test_nexus_and_http_connectors_build_their_urls(tmp_path: Path) -> None:
     from app.artifacts.sources import resolve as source_of
 
-    nexus = service("Nexus3Registry", "connectorRef: conn\nrepository: releases\n"
-                                      "artifactPath: web/web-<+artifact.tag>.tgz\n"
-                                      "tag: <+input>\nsha256: " + "a" * 64 + "\n")
+    nexus = service(
+        "Nexus3Registry",
+        "connectorRef: conn\nrepository: releases\n"
+        "artifactPath: web/web-<+artifact.tag>.tgz\n"
+        "tag: <+input>\nsha256: " + "a" * 64 + "\n",
+    )
     plan = planned(good_files(tmp_path, nexus, connector(VALID["Nexus"])))
     art = plan["stages"][0]["artifact"]
     assert art["spec"]["username"] == '<+secrets.getValue("nexus_user")>'
-    assert source_of(art, require_secrets=False).url == \
-        "https://nexus.acme.io/repository/releases/web/web-1.2.3.tgz"
-    http = service("Http", "connectorRef: conn\nartifactPath: /web/<+artifact.tag>/web.tgz\n"
-                           "tag: <+input>\nallowUnverified: true\n")
+    assert (
+        source_of(art, require_secrets=False).url
+        == "https://nexus.acme.io/repository/releases/web/web-1.2.3.tgz"
+    )
+    http = service(
+        "Http",
+        "connectorRef: conn\nartifactPath: /web/<+artifact.tag>/web.tgz\n"
+        "tag: <+input>\nallowUnverified: true\n",
+    )
     plan = planned(good_files(tmp_path, http, connector(VALID["Http"])))
-    assert source_of(plan["stages"][0]["artifact"], require_secrets=False).url == \
-        "https://downloads.acme.io/releases/web/1.2.3/web.tgz"
+    assert (
+        source_of(plan["stages"][0]["artifact"], require_secrets=False).url
+        == "https://downloads.acme.io/releases/web/1.2.3/web.tgz"
+    )
 
 
-def test_an_artifact_naming_a_connector_takes_neither_a_url_nor_credentials(
-        tmp_path: Path) -> None:
-    svc = service("Artifactory", "connectorRef: artifactory_connector\n"
-                                 "url: https://other.example/x.tgz\npasswordRef: other\n"
-                                 "tag: <+input>\n")
+def test_an_artifact_naming_a_connector_takes_neither_a_url_nor_credentials(tmp_path: Path) -> None:
+    svc = service(
+        "Artifactory",
+        "connectorRef: artifactory_connector\n"
+        "url: https://other.example/x.tgz\npasswordRef: other\n"
+        "tag: <+input>\n",
+    )
     errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", ARTIFACTORY_HARNESS))
     says = {e.message.split(":")[0] for e in errs}
     assert "'url' next to connectorRef" in says and "'passwordRef' next to connectorRef" in says
 
 
-def test_validate_and_plan_agree_on_an_artifact_the_connector_cannot_locate(
-        tmp_path: Path) -> None:
+def test_validate_and_plan_agree_on_an_artifact_the_connector_cannot_locate(tmp_path: Path) -> None:
     """Nexus needs a repository: validate says so, with the tag still a runtime input."""
-    svc = service("Nexus3Registry", "connectorRef: conn\nartifactPath: web.tgz\n"
-                                    "tag: <+input>\nallowUnverified: true\n")
+    svc = service(
+        "Nexus3Registry",
+        "connectorRef: conn\nartifactPath: web.tgz\ntag: <+input>\nallowUnverified: true\n",
+    )
     files = good_files(tmp_path, svc, connector(VALID["Nexus"]))
     with pytest.raises(SpecError, match=r"spec\.repository is required") as exc:
         load(files)
@@ -373,28 +444,49 @@ def test_validate_and_plan_agree_on_an_artifact_the_connector_cannot_locate(
 
 
 def cloud_infra(ref_field: str, ref: str, provider: str) -> str:
-    spec = {"aws": "region: us-east-1",
-            "azure": "subscriptionId: sub\n    resourceGroup: rg",
-            "gcp": "project: p\n    zone: us-central1-a"}[provider]
+    spec = {
+        "aws": "region: us-east-1",
+        "azure": "subscriptionId: sub\n    resourceGroup: rg",
+        "gcp": "project: p\n    zone: us-central1-a",
+    }[provider]
     itype = {"aws": "SshWinRmAws", "azure": "SshWinRmAzure", "gcp": "SshWinRmGcp"}[provider]
-    return (f"apiVersion: v1\nkind: Infrastructure\nmetadata: {{name: cloud}}\nspec:\n"
-            f"  environmentRef: test_env\n  type: {itype}\n  spec:\n    {ref_field}: {ref}\n"
-            f"    {spec}\n")
+    return (
+        f"apiVersion: v1\nkind: Infrastructure\nmetadata: {{name: cloud}}\nspec:\n"
+        f"  environmentRef: test_env\n  type: {itype}\n  spec:\n    {ref_field}: {ref}\n"
+        f"    {spec}\n"
+    )
 
 
-@pytest.mark.parametrize(("provider", "ctype", "credential"), [
-    ("aws", "Aws", {"type": "ManualConfig", "accessKey": "AKIAEXAMPLE",
-                    "secretKeyRef": "account.aws_sk"}),
-    ("azure", "Azure", {"type": "ManualConfig", "applicationId": "app-id",
-                        "tenantId": "tenant-id", "secretRef": "azure_secret"}),
-    ("gcp", "Gcp", {"type": "InheritFromDelegate"}),
-])
+@pytest.mark.parametrize(
+    ("provider", "ctype", "credential"),
+    [
+        (
+            "aws",
+            "Aws",
+            {"type": "ManualConfig", "accessKey": "AKIAEXAMPLE", "secretKeyRef": "account.aws_sk"},
+        ),
+        (
+            "azure",
+            "Azure",
+            {
+                "type": "ManualConfig",
+                "applicationId": "app-id",
+                "tenantId": "tenant-id",
+                "secretRef": "azure_secret",
+            },
+        ),
+        ("gcp", "Gcp", {"type": "InheritFromDelegate"}),
+    ],
+)
 def test_a_cloud_infrastructure_carries_its_connectors_secret_ids_into_the_plan(
-        tmp_path: Path, provider: str, ctype: str, credential: dict[str, str]) -> None:
-    files = good_files(tmp_path, (GOOD / "service.yaml").read_text(),
-                       connector(VALID[ctype], "cloud_conn"))
+    tmp_path: Path, provider: str, ctype: str, credential: dict[str, str]
+) -> None:
+    files = good_files(
+        tmp_path, (GOOD / "service.yaml").read_text(), connector(VALID[ctype], "cloud_conn")
+    )
     (tmp_path / "infrastructure.yaml").write_text(
-        cloud_infra("cloudProviderRef", "account.cloud_conn", provider))
+        cloud_infra("cloudProviderRef", "account.cloud_conn", provider)
+    )
     (GOOD / "app").exists()
     (tmp_path / "app").symlink_to(GOOD / "app")
     text = (tmp_path / "pipeline.yaml").read_text().replace("test_hosts", "cloud")
@@ -402,21 +494,36 @@ def test_a_cloud_infrastructure_carries_its_connectors_secret_ids_into_the_plan(
     plan = planned(files)
     (infra,) = plan["stages"][0]["infrastructures"]
     assert infra["provider"] == provider
-    assert infra["connector"] == {"identifier": "cloud_conn", "type": ctype,
-                                  "credential": credential}
+    assert infra["connector"] == {
+        "identifier": "cloud_conn",
+        "type": ctype,
+        "credential": credential,
+    }
     assert "hunter2" not in json.dumps(plan)
 
 
-@pytest.mark.parametrize(("infra", "says"), [
-    (cloud_infra("connectorRef", "gcp_conector", "gcp"),
-     "Connector 'gcp_conector' is not defined in the given files; did you mean 'gcp_conn'?"),
-    (cloud_infra("connectorRef", "gcp_conn", "aws"),
-     "connector 'gcp_conn' is a Gcp connector; an AWS infrastructure takes an Aws connector"),
-])
+@pytest.mark.parametrize(
+    ("infra", "says"),
+    [
+        (
+            cloud_infra("connectorRef", "gcp_conector", "gcp"),
+            "Connector 'gcp_conector' is not defined in the given files; did you mean 'gcp_conn'?",
+        ),
+        (
+            cloud_infra("connectorRef", "gcp_conn", "aws"),
+            "connector 'gcp_conn' is a Gcp connector; an AWS infrastructure takes an Aws connector",
+        ),
+    ],
+)
 def test_an_infrastructures_connector_must_exist_and_fit(
-        tmp_path: Path, infra: str, says: str) -> None:
-    errs = refusals(tmp_path, ("environment.yaml", (GOOD / "environment.yaml").read_text()),
-                    ("infra.yaml", infra), ("c.yaml", connector(VALID["Gcp"], "gcp_conn")))
+    tmp_path: Path, infra: str, says: str
+) -> None:
+    errs = refusals(
+        tmp_path,
+        ("environment.yaml", (GOOD / "environment.yaml").read_text()),
+        ("infra.yaml", infra),
+        ("c.yaml", connector(VALID["Gcp"], "gcp_conn")),
+    )
     (err,) = errs
     assert says in err.message
     assert (err.file, err.line) == (str(tmp_path / "infra.yaml"), line_of(infra, "connectorRef"))
@@ -431,13 +538,17 @@ def test_a_git_connector_is_taken_by_nothing_yet(tmp_path: Path) -> None:
 
 
 def test_an_s3_artifact_takes_an_aws_connectors_keys_by_reference(tmp_path: Path) -> None:
-    svc = service("AmazonS3", "connectorRef: conn\nbucketName: builds\n"
-                              "filePath: web/<+artifact.tag>/web.tgz\ntag: <+input>\n")
+    svc = service(
+        "AmazonS3",
+        "connectorRef: conn\nbucketName: builds\n"
+        "filePath: web/<+artifact.tag>/web.tgz\ntag: <+input>\n",
+    )
     plan = planned(good_files(tmp_path, svc, connector(VALID["Aws"])))
     spec = plan["stages"][0]["artifact"]["spec"]
     assert (spec["accessKey"], spec["secretKeyRef"]) == ("AKIAEXAMPLE", "account.aws_sk")
-    svc = service("AmazonS3", "connectorRef: conn\nbucketName: builds\nfilePath: w.tgz\n"
-                              "tag: <+input>\n")
+    svc = service(
+        "AmazonS3", "connectorRef: conn\nbucketName: builds\nfilePath: w.tgz\ntag: <+input>\n"
+    )
     errs = refusals(tmp_path, ("service.yaml", svc), ("c.yaml", connector(VALID["Gcp"])))
     assert any("an AmazonS3 artifact takes an Aws connector" in e.message for e in errs)
 
@@ -446,16 +557,26 @@ def test_an_s3_artifact_takes_an_aws_connectors_keys_by_reference(tmp_path: Path
 
 
 def test_the_discovering_worker_resolves_a_manual_connectors_secrets(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from app import secrets
     from app.errors import DiscoveryError
     from app.providers import azure
     from app.providers.base import connector_credential
 
-    infra = {"identifier": "web", "connector": {
-        "identifier": "az", "type": "Azure",
-        "credential": {"type": "ManualConfig", "applicationId": "app-id",
-                       "tenantId": "tenant-id", "secretRef": "account.az_secret"}}}
+    infra = {
+        "identifier": "web",
+        "connector": {
+            "identifier": "az",
+            "type": "Azure",
+            "credential": {
+                "type": "ManualConfig",
+                "applicationId": "app-id",
+                "tenantId": "tenant-id",
+                "secretRef": "account.az_secret",
+            },
+        },
+    }
     monkeypatch.setenv("VMFARM_SECRETS", "env")
     monkeypatch.setenv("VMFARM_SECRET_AZ_SECRET", "az-secret-value")
     for key in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
@@ -463,13 +584,27 @@ def test_the_discovering_worker_resolves_a_manual_connectors_secrets(
     secrets.reset()
     try:
         manual = connector_credential(infra)
-        assert manual == {"type": "ManualConfig", "applicationId": "app-id",
-                          "tenantId": "tenant-id", "secret": "az-secret-value"}
+        assert manual == {
+            "type": "ManualConfig",
+            "applicationId": "app-id",
+            "tenantId": "tenant-id",
+            "secret": "az-secret-value",
+        }
         cred = azure.make_credential(manual)
         assert type(cred).__name__ == "ClientSecretCredential"
-        assert connector_credential({**infra, "connector": {
-            "identifier": "az", "type": "Azure",
-            "credential": {"type": "InheritFromDelegate"}}}) is None
+        assert (
+            connector_credential(
+                {
+                    **infra,
+                    "connector": {
+                        "identifier": "az",
+                        "type": "Azure",
+                        "credential": {"type": "InheritFromDelegate"},
+                    },
+                }
+            )
+            is None
+        )
         monkeypatch.delenv("VMFARM_SECRET_AZ_SECRET")
         secrets.reset()
         with pytest.raises(DiscoveryError) as info:

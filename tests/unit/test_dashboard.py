@@ -16,8 +16,7 @@ from tests.unit.metric_names import REPO, exported_names, promql_names, tool
 DASHBOARD = REPO / "configs" / "grafana" / "vmfarm.json"
 PROVISIONING = REPO / "configs" / "grafana" / "provisioning"
 # Grafana's variables, as Prometheus would see them once Grafana has substituted them.
-_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h",
-              "$pipeline": ".*"}
+_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h", "$pipeline": ".*"}
 
 
 def _dashboard() -> dict[str, Any]:
@@ -55,12 +54,15 @@ def test_the_dashboard_is_json_grafana_can_provision() -> None:
         pos = p["gridPos"]
         assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, p["title"]
     [source] = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yaml").read_text())[
-        "datasources"]
-    uids = {t["datasource"]["uid"] for p in _panels(dash) if p["type"] != "row"
-            for t in p["targets"]}
+        "datasources"
+    ]
+    uids = {
+        t["datasource"]["uid"] for p in _panels(dash) if p["type"] != "row" for t in p["targets"]
+    }
     assert uids == {source["uid"]}  # every query goes to the provisioned Prometheus
     [provider] = yaml.safe_load((PROVISIONING / "dashboards" / "vmfarm.yaml").read_text())[
-        "providers"]
+        "providers"
+    ]
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
@@ -78,13 +80,22 @@ def test_every_query_names_only_metrics_vmfarm_exports(tmp_path: Path) -> None:
 
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     # promtool parses PromQL when it checks rules: each query becomes a recording rule.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": _concrete(expr)}
-        for i, (_title, expr) in enumerate(_exprs(_dashboard()))]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": _concrete(expr)}
+                    for i, (_title, expr) in enumerate(_exprs(_dashboard()))
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump(rules))
-    res = subprocess.run([tool("promtool"), "check", "rules", str(path)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -93,8 +104,16 @@ def test_it_shows_deployments_durations_queues_workers_rollbacks_and_gates() -> 
     assert re.search(r"sum by \(status\) \(increase\(vmfarm_executions_finished_total", exprs)
     for hist in ("vmfarm_host_step_duration_seconds", "vmfarm_phase_duration_seconds"):
         for q in ("0.5", "0.95"):
-            assert re.search(rf"histogram_quantile\({q}, sum by \(le, \w+\) \(rate\({hist}"
-                             r"_bucket", exprs), (hist, q)
-    for name in ("vmfarm_queue_depth", "vmfarm_queue_consumers", "vmfarm_workers",
-                 "vmfarm_rollbacks_total", "vmfarm_gate_verdicts_total"):
+            assert re.search(
+                rf"histogram_quantile\({q}, sum by \(le, \w+\) \(rate\({hist}"
+                r"_bucket",
+                exprs,
+            ), (hist, q)
+    for name in (
+        "vmfarm_queue_depth",
+        "vmfarm_queue_consumers",
+        "vmfarm_workers",
+        "vmfarm_rollbacks_total",
+        "vmfarm_gate_verdicts_total",
+    ):
         assert name in exprs, name

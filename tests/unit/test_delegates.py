@@ -23,9 +23,16 @@ from app.delegates import (
 )
 
 GPU, PLAIN = "w-gpu@delegates", "w-plain@delegates"
-STATIC = {"identifier": "lab_rz", "name": "lab-rz", "provider": "static", "source": "test:1",
-          "spec": {"region": "rz", "hosts": [{"hostname": "127.0.1.250"},
-                                             {"hostname": "127.0.1.251", "region": "ry"}]}}
+STATIC = {
+    "identifier": "lab_rz",
+    "name": "lab-rz",
+    "provider": "static",
+    "source": "test:1",
+    "spec": {
+        "region": "rz",
+        "hosts": [{"hostname": "127.0.1.250"}, {"hostname": "127.0.1.251", "region": "ry"}],
+    },
+}
 
 
 def route(name: str, **kwargs: object) -> str:
@@ -70,9 +77,13 @@ def test_invalid_regions_and_too_many_tags_are_refused() -> None:
 
 def test_a_worker_consumes_its_region_queue_and_one_queue_per_subset_of_its_tags() -> None:
     assert tag_subsets(["b", "a"]) == [("a",), ("b",), ("a", "b")]
-    assert len(tag_subsets([f"t{i}" for i in range(MAX_TAGS)])) == 2 ** MAX_TAGS - 1
+    assert len(tag_subsets([f"t{i}" for i in range(MAX_TAGS)])) == 2**MAX_TAGS - 1
     assert worker_queues(["r1"], ["gpu", "pci"]) == [
-        "vmfarm.r1", "vmfarm.r1[gpu,pci]", "vmfarm.r1[gpu]", "vmfarm.r1[pci]"]
+        "vmfarm.r1",
+        "vmfarm.r1[gpu,pci]",
+        "vmfarm.r1[gpu]",
+        "vmfarm.r1[pci]",
+    ]
     assert worker_queues(["r1", "r2"], []) == ["vmfarm.r1", "vmfarm.r2"]
     # Every requirement a worker can meet is one of its queues; no other is.
     mine = set(worker_queues(["r1"], ["a", "b", "c"]))
@@ -83,8 +94,10 @@ def test_a_worker_consumes_its_region_queue_and_one_queue_per_subset_of_its_tags
 
 def test_steps_with_tags_in_their_key_go_to_the_tag_queue() -> None:
     assert route("vmfarm.run_step", key={"region": "r1", "tags": ["gpu"]}) == "vmfarm.r1[gpu]"
-    assert route("vmfarm.check_host", key={"region": "r1", "tags": ["pci", "gpu"]}) == \
-        "vmfarm.r1[gpu,pci]"
+    assert (
+        route("vmfarm.check_host", key={"region": "r1", "tags": ["pci", "gpu"]})
+        == "vmfarm.r1[gpu,pci]"
+    )
     assert route("vmfarm.run_step", key={"region": "r1", "tags": []}) == "vmfarm.r1"
     assert route("vmfarm.run_step", key={"region": "r1"}) == "vmfarm.r1"
     assert route("vmfarm.advance") == CONTROL_QUEUE
@@ -98,21 +111,32 @@ def test_discovery_is_routed_by_its_region_and_tags_kwargs() -> None:
     assert "tasks.discovery" in app.conf.include
 
 
-def _w(name: str, regions: list[str], tags: list[str], *, live: bool = True,
-       age: float = 1.0) -> dict[str, Any]:
+def _w(
+    name: str, regions: list[str], tags: list[str], *, live: bool = True, age: float = 1.0
+) -> dict[str, Any]:
     return {"name": name, "regions": regions, "tags": tags, "live": live, "age": age}
 
 
 def test_a_requirement_is_served_by_a_live_worker_of_its_region_with_every_tag() -> None:
-    fleet = [_w("a@h", ["r1"], ["gpu", "pci"]), _w("b@h", ["r1"], []),
-             _w("c@h", ["r2"], ["arm"], live=False, age=300)]
-    assert unserved([("r1", frozenset({"gpu"})), ("r1", frozenset()),
-                     ("r1", {"gpu", "pci"})], workers=fleet) == []
-    msgs = unserved([("r1", {"gpu", "arm"}), ("r2", {"arm"}), ("r1", {"gpu", "arm"})],
-                    workers=fleet)
+    fleet = [
+        _w("a@h", ["r1"], ["gpu", "pci"]),
+        _w("b@h", ["r1"], []),
+        _w("c@h", ["r2"], ["arm"], live=False, age=300),
+    ]
+    assert (
+        unserved(
+            [("r1", frozenset({"gpu"})), ("r1", frozenset()), ("r1", {"gpu", "pci"})], workers=fleet
+        )
+        == []
+    )
+    msgs = unserved(
+        [("r1", {"gpu", "arm"}), ("r2", {"arm"}), ("r1", {"gpu", "arm"})], workers=fleet
+    )
     assert len(msgs) == 2  # one message per distinct requirement
-    assert msgs[0].startswith("no live worker serves region r1 with tags [arm, gpu] (live "
-                              "workers: a@h (r1, tags: gpu, pci), b@h (r1, tags: none))")
+    assert msgs[0].startswith(
+        "no live worker serves region r1 with tags [arm, gpu] (live "
+        "workers: a@h (r1, tags: gpu, pci), b@h (r1, tags: none))"
+    )
     assert "region r2 with tags [arm]" in msgs[1]
     assert "not heard from: c@h (last beat 300s ago)" in msgs[1]
 

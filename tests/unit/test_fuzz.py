@@ -65,8 +65,11 @@ def _profile(examples: int) -> Callable[[Any], Any]:
         deadline=None,
         derandomize=not _HUNT,
         database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                               HealthCheck.filter_too_much],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
     )
 
 
@@ -80,8 +83,11 @@ KNOWN_BUGS: set[tuple[str, str]] = set()  # the three found so far are fixed (te
 
 
 def _known_bug(exc: BaseException) -> bool:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if f.filename.startswith(str(REPO / "app"))]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename.startswith(str(REPO / "app"))
+    ]
     if not frames:
         return False
     where = f"{Path(frames[-1].filename).relative_to(REPO)}:{frames[-1].name}"
@@ -105,30 +111,135 @@ def unless_known_bug() -> Iterator[None]:
 
 # Strings that mean something to YAML, to the expression engine, to the shell or to a terminal.
 WEIRD_STRINGS = [
-    "", " ", "\t", "yes", "no", "on", "null", "~", "0x1F", "0o17", "1e400", "-0", ".inf", ".nan",
-    "2001-12-14", "12:30:45", "<<", "&a", "*a", "!!binary", "%YAML", "---", "...", "- x", "a: b",
-    "{", "[", "#", "|", ">", "@", "`", '"', "'", "\\", "\x00", "\x07", "\x1b[31m", "\x85",
-    "\u2028", "\u202e", "\ufeff", "\ud7ff", "\U0001f600", "e\u0301", "İ", "ß", "\u0660",
-    "a" * 300, "$(reboot)", "${HOME}", "'; rm -rf / #",
-    "<+input>", "<+input>.default(1.0)", "<+input>.allowedValues(a, b)",
-    "<+input>.regex(\\d+)", "<+input>.regex([)", "<+input>.default(x).allowedValues(x,y)",
+    "",
+    " ",
+    "\t",
+    "yes",
+    "no",
+    "on",
+    "null",
+    "~",
+    "0x1F",
+    "0o17",
+    "1e400",
+    "-0",
+    ".inf",
+    ".nan",
+    "2001-12-14",
+    "12:30:45",
+    "<<",
+    "&a",
+    "*a",
+    "!!binary",
+    "%YAML",
+    "---",
+    "...",
+    "- x",
+    "a: b",
+    "{",
+    "[",
+    "#",
+    "|",
+    ">",
+    "@",
+    "`",
+    '"',
+    "'",
+    "\\",
+    "\x00",
+    "\x07",
+    "\x1b[31m",
+    "\x85",
+    "\u2028",
+    "\u202e",
+    "\ufeff",
+    "\ud7ff",
+    "\U0001f600",
+    "e\u0301",
+    "İ",
+    "ß",
+    "\u0660",
+    "a" * 300,
+    "$(reboot)",
+    "${HOME}",
+    "'; rm -rf / #",
+    "<+input>",
+    "<+input>.default(1.0)",
+    "<+input>.allowedValues(a, b)",
+    "<+input>.regex(\\d+)",
+    "<+input>.regex([)",
+    "<+input>.default(x).allowedValues(x,y)",
     "<+input>.default(",
-    "<+input>.executionInput()", "<+input>.default())", "<+ input >",
-    "<+pipeline.variables.release_note>", "<+env.variables.install_dir>", "<+artifact.tag>",
-    "<+service.name>", "<+instance.hostName>", "<+steps.install.output.outputVariables.x>",
-    "<+unknown.thing>", "<+>", "<+<+service.name>>", "<+service.name", "service.name>",
-    '<+secrets.getValue("db")>', "<+secrets.getValue('a:b#c')>", "<+secrets.getValue(x)>",
-    '<+secrets.getValue("")>', "<+secrets.nope>",
+    "<+input>.executionInput()",
+    "<+input>.default())",
+    "<+ input >",
+    "<+pipeline.variables.release_note>",
+    "<+env.variables.install_dir>",
+    "<+artifact.tag>",
+    "<+service.name>",
+    "<+instance.hostName>",
+    "<+steps.install.output.outputVariables.x>",
+    "<+unknown.thing>",
+    "<+>",
+    "<+<+service.name>>",
+    "<+service.name",
+    "service.name>",
+    '<+secrets.getValue("db")>',
+    "<+secrets.getValue('a:b#c')>",
+    "<+secrets.getValue(x)>",
+    '<+secrets.getValue("")>',
+    "<+secrets.nope>",
 ]
 
 FIELD_NAMES = [
-    "apiVersion", "kind", "metadata", "name", "identifier", "spec", "type", "stages", "stage",
-    "steps", "step", "stepGroup", "execution", "rollbackSteps", "commandUnits", "source",
-    "script", "timeout", "failureStrategies", "onFailure", "errors", "action", "retryCount",
-    "retryIntervals", "variables", "value", "environmentVariables", "outputVariables",
-    "serviceRef", "environmentRef", "infrastructureDefinitions", "hosts", "hostname", "region",
-    "connection", "port", "artifacts", "primary", "path", "tag", "strategy", "phases",
-    "template", "templateRef", "templateInputs", "destinationPath", "sourceType", "<<",
+    "apiVersion",
+    "kind",
+    "metadata",
+    "name",
+    "identifier",
+    "spec",
+    "type",
+    "stages",
+    "stage",
+    "steps",
+    "step",
+    "stepGroup",
+    "execution",
+    "rollbackSteps",
+    "commandUnits",
+    "source",
+    "script",
+    "timeout",
+    "failureStrategies",
+    "onFailure",
+    "errors",
+    "action",
+    "retryCount",
+    "retryIntervals",
+    "variables",
+    "value",
+    "environmentVariables",
+    "outputVariables",
+    "serviceRef",
+    "environmentRef",
+    "infrastructureDefinitions",
+    "hosts",
+    "hostname",
+    "region",
+    "connection",
+    "port",
+    "artifacts",
+    "primary",
+    "path",
+    "tag",
+    "strategy",
+    "phases",
+    "template",
+    "templateRef",
+    "templateInputs",
+    "destinationPath",
+    "sourceType",
+    "<<",
 ]
 KINDS = ["Service", "Environment", "Infrastructure", "Pipeline", "Template", "service", "Kind"]
 
@@ -163,10 +274,13 @@ def documents() -> st.SearchStrategy[Any]:
     """Anything, or something shaped like a vmfarm document (so the schema code is reached)."""
     shaped = st.fixed_dictionaries(
         {"apiVersion": st.sampled_from(["v1", "v2", 1]), "kind": st.sampled_from(KINDS)},
-        optional={"metadata": st.one_of(
-            st.fixed_dictionaries({"name": scalars()}, optional={"identifier": scalars()}),
-            trees(4)),
-            "spec": trees(25)},
+        optional={
+            "metadata": st.one_of(
+                st.fixed_dictionaries({"name": scalars()}, optional={"identifier": scalars()}),
+                trees(4),
+            ),
+            "spec": trees(25),
+        },
     )
     return st.one_of(trees(), shaped)
 
@@ -194,64 +308,163 @@ def _get(data: Any, path: tuple[Any, ...]) -> Any:
 
 # Values for grafted snippets: expressions (some resolve to "" or to text) and plain values.
 GRAFT_VALUES = [
-    "<+pipeline.variables.empty>", "<+pipeline.variables.empty>", "<+pipeline.variables.empty>",
-    "<+pipeline.variables.release_note>", "<+input>",
-    "<+input>.default()", "<+input>.default(8080)", "<+input>.allowedValues(a,b)",
-    "<+input>.regex(\\d+)", "<+instance.hostName>", "<+service.name>", "<+env.variables.x>",
-    "<+artifact.tag>", "<+serviceVariables.app_port>", "", "8080", "http://h:1/", 0, None,
+    "<+pipeline.variables.empty>",
+    "<+pipeline.variables.empty>",
+    "<+pipeline.variables.empty>",
+    "<+pipeline.variables.release_note>",
+    "<+input>",
+    "<+input>.default()",
+    "<+input>.default(8080)",
+    "<+input>.allowedValues(a,b)",
+    "<+input>.regex(\\d+)",
+    "<+instance.hostName>",
+    "<+service.name>",
+    "<+env.variables.x>",
+    "<+artifact.tag>",
+    "<+serviceVariables.app_port>",
+    "",
+    "8080",
+    "http://h:1/",
+    0,
+    None,
 ]
 
 
-GRAFTABLE = {"steps", "stages", "variables", "environmentVariables", "outputVariables",
-             "commandUnits"}
+GRAFTABLE = {
+    "steps",
+    "stages",
+    "variables",
+    "environmentVariables",
+    "outputVariables",
+    "commandUnits",
+}
 
 
 def _grafts(draw: st.DrawFn, key: str) -> Any:
     """A valid-shaped entry for a list named ``key`` (steps, variables, stages, units), whose
     values are drawn from GRAFT_VALUES: reaches the checks that run after the schema."""
+
     def v() -> Any:
         return draw(st.sampled_from(GRAFT_VALUES))
 
     ident = draw(st.sampled_from(["g1", "g2", "install", "deploy", "bad-id"]))
-    command = {"identifier": "u", "type": "Script",
-               "spec": {"source": {"type": "Inline", "spec": {"script": v()}}}}
+    command = {
+        "identifier": "u",
+        "type": "Script",
+        "spec": {"source": {"type": "Inline", "spec": {"script": v()}}},
+    }
     if key == "variables":
-        return {"name": draw(st.sampled_from(["empty", "x", "release_note", "install_dir"])),
-                "type": draw(st.sampled_from(["String", "Number", "Secret"])), "value": v()}
+        return {
+            "name": draw(st.sampled_from(["empty", "x", "release_note", "install_dir"])),
+            "type": draw(st.sampled_from(["String", "Number", "Secret"])),
+            "value": v(),
+        }
     if key in ("environmentVariables", "outputVariables"):
         return {"name": draw(st.sampled_from(["A", "B", "PORT"])), "type": "String", "value": v()}
     if key == "commandUnits":
-        return draw(st.sampled_from([
-            command,
-            {"identifier": "c", "type": "Copy",
-             "spec": {"sourceType": "Artifact", "destinationPath": v()}},
-            {"identifier": "d", "type": "DownloadArtifact", "spec": {"destinationPath": v()}},
-            {"identifier": "r", "type": "Release", "spec": {"deploymentPath": v()}},
-        ]))
+        return draw(
+            st.sampled_from(
+                [
+                    command,
+                    {
+                        "identifier": "c",
+                        "type": "Copy",
+                        "spec": {"sourceType": "Artifact", "destinationPath": v()},
+                    },
+                    {
+                        "identifier": "d",
+                        "type": "DownloadArtifact",
+                        "spec": {"destinationPath": v()},
+                    },
+                    {"identifier": "r", "type": "Release", "spec": {"deploymentPath": v()}},
+                ]
+            )
+        )
     if key == "stages":
-        return draw(st.sampled_from([
-            {"stage": {"name": "Approve", "identifier": ident, "type": "Approval", "spec": {
-                "execution": {"steps": [{"step": {
-                    "type": "HarnessApproval", "name": "a", "identifier": "a", "timeout": "1d",
-                    "spec": {"approvalMessage": v(), "approvers": {"userGroups": [v()]}}}}]}}}},
-            copy.deepcopy(yaml.safe_load(GOOD_FILES["pipeline.yaml"])["spec"]["stages"][0]),
-        ]))
+        return draw(
+            st.sampled_from(
+                [
+                    {
+                        "stage": {
+                            "name": "Approve",
+                            "identifier": ident,
+                            "type": "Approval",
+                            "spec": {
+                                "execution": {
+                                    "steps": [
+                                        {
+                                            "step": {
+                                                "type": "HarnessApproval",
+                                                "name": "a",
+                                                "identifier": "a",
+                                                "timeout": "1d",
+                                                "spec": {
+                                                    "approvalMessage": v(),
+                                                    "approvers": {"userGroups": [v()]},
+                                                },
+                                            }
+                                        }
+                                    ]
+                                }
+                            },
+                        }
+                    },
+                    copy.deepcopy(yaml.safe_load(GOOD_FILES["pipeline.yaml"])["spec"]["stages"][0]),
+                ]
+            )
+        )
     # steps: a health check, a step group or a command step
     check = draw(st.sampled_from(["HTTP", "TCP", "Command"]))
     health = {"type": check, {"HTTP": "url", "TCP": "port", "Command": "command"}[check]: v()}
     if draw(st.booleans()):
         health[draw(st.sampled_from(["url", "port", "command", "host"]))] = v()
-    return draw(st.sampled_from([
-        {"step": {"type": "HealthCheck", "name": "h", "identifier": ident, "spec": health}},
-        {"stepGroup": {"name": "grp", "identifier": ident, "steps": [
-            {"step": {"type": "Command", "name": "s", "identifier": "s" + ident,
-                      "spec": {"commandUnits": [command]}}}]}},
-        {"step": {"type": "Command", "name": "c", "identifier": ident, "timeout": "1m",
-                  "failureStrategies": [{"onFailure": {"errors": ["AllErrors"], "action": {
-                      "type": "Retry", "spec": {"retryCount": 1, "retryIntervals": ["1s"],
-                                                "onRetryFailure": {"action": {"type": v()}}}}}}],
-                  "spec": {"commandUnits": [command]}}},
-    ]))
+    return draw(
+        st.sampled_from(
+            [
+                {"step": {"type": "HealthCheck", "name": "h", "identifier": ident, "spec": health}},
+                {
+                    "stepGroup": {
+                        "name": "grp",
+                        "identifier": ident,
+                        "steps": [
+                            {
+                                "step": {
+                                    "type": "Command",
+                                    "name": "s",
+                                    "identifier": "s" + ident,
+                                    "spec": {"commandUnits": [command]},
+                                }
+                            }
+                        ],
+                    }
+                },
+                {
+                    "step": {
+                        "type": "Command",
+                        "name": "c",
+                        "identifier": ident,
+                        "timeout": "1m",
+                        "failureStrategies": [
+                            {
+                                "onFailure": {
+                                    "errors": ["AllErrors"],
+                                    "action": {
+                                        "type": "Retry",
+                                        "spec": {
+                                            "retryCount": 1,
+                                            "retryIntervals": ["1s"],
+                                            "onRetryFailure": {"action": {"type": v()}},
+                                        },
+                                    },
+                                }
+                            }
+                        ],
+                        "spec": {"commandUnits": [command]},
+                    }
+                },
+            ]
+        )
+    )
 
 
 def _mutate_tree(draw: st.DrawFn, data: Any, *, graft_only: bool = False) -> Any:
@@ -268,9 +481,26 @@ def _mutate_tree(draw: st.DrawFn, data: Any, *, graft_only: bool = False) -> Any
             break
         path = draw(st.sampled_from(paths))
         parent, last = _get(data, path[:-1]), path[-1]
-        op = "graft" if graft_only else draw(st.sampled_from(
-            ["drop", "replace", "unknown_key", "weird", "huge", "listify", "duplicate_item",
-             "expression", "empty", "graft"]))
+        op = (
+            "graft"
+            if graft_only
+            else draw(
+                st.sampled_from(
+                    [
+                        "drop",
+                        "replace",
+                        "unknown_key",
+                        "weird",
+                        "huge",
+                        "listify",
+                        "duplicate_item",
+                        "expression",
+                        "empty",
+                        "graft",
+                    ]
+                )
+            )
+        )
         if op == "graft":
             lists = [p for p in paths if p[-1] in GRAFTABLE and isinstance(_get(data, p), list)]
             if lists:  # pick a kind of list first: steps as likely as variables
@@ -290,9 +520,22 @@ def _mutate_tree(draw: st.DrawFn, data: Any, *, graft_only: bool = False) -> Any
         elif op == "weird":
             parent[last] = draw(st.one_of(st.sampled_from(WEIRD_STRINGS), st.text(max_size=30)))
         elif op == "huge":
-            parent[last] = draw(st.sampled_from(
-                [10**30, -(10**30), 2**63, -(2**63) - 1, 1e308, float("inf"), float("nan"),
-                 "9" * 50, 0, -1]))
+            parent[last] = draw(
+                st.sampled_from(
+                    [
+                        10**30,
+                        -(10**30),
+                        2**63,
+                        -(2**63) - 1,
+                        1e308,
+                        float("inf"),
+                        float("nan"),
+                        "9" * 50,
+                        0,
+                        -1,
+                    ]
+                )
+            )
         elif op == "listify":
             parent[last] = [_get(data, path)]
         elif op == "duplicate_item" and isinstance(parent, list):
@@ -311,9 +554,25 @@ def _mutate_text(draw: st.DrawFn, text: str, *, at_least: int = 0, most: int = 3
     for _ in range(draw(st.integers(at_least, most))):
         lines = text.split("\n")
         i = draw(st.integers(0, max(0, len(lines) - 1)))
-        op = draw(st.sampled_from(["dup_line", "tab", "truncate", "insert_char", "anchor",
-                                   "alias_undefined", "merge", "second_doc", "bom", "crlf",
-                                   "dedent", "indent", "flow"]))
+        op = draw(
+            st.sampled_from(
+                [
+                    "dup_line",
+                    "tab",
+                    "truncate",
+                    "insert_char",
+                    "anchor",
+                    "alias_undefined",
+                    "merge",
+                    "second_doc",
+                    "bom",
+                    "crlf",
+                    "dedent",
+                    "indent",
+                    "flow",
+                ]
+            )
+        )
         if op == "dup_line":  # in a mapping: a duplicate key
             lines.insert(i, lines[i])
         elif op == "tab":
@@ -326,8 +585,12 @@ def _mutate_text(draw: st.DrawFn, text: str, *, at_least: int = 0, most: int = 3
             continue
         elif op == "insert_char":
             at = draw(st.integers(0, len(text)))
-            ch = draw(st.one_of(st.characters(), st.sampled_from(["\t", "\r", ":", "-", "&", "*",
-                                                                  "!", "%", "\x00", "\ufeff"])))
+            ch = draw(
+                st.one_of(
+                    st.characters(),
+                    st.sampled_from(["\t", "\r", ":", "-", "&", "*", "!", "%", "\x00", "\ufeff"]),
+                )
+            )
             text = text[:at] + ch + text[at:]
             continue
         elif op == "anchor":
@@ -378,9 +641,13 @@ def near_valid_pipeline(draw: st.DrawFn) -> tuple[str, str]:
     data["spec"]["variables"].append({"name": "empty", "type": "String", "value": ""})
     stage = data["spec"]["stages"][0]["stage"]["spec"]
     step = stage["execution"]["steps"][0]["step"]["spec"]
-    places = {"steps": stage["execution"]["steps"], "stages": data["spec"]["stages"],
-              "variables": data["spec"]["variables"], "commandUnits": step["commandUnits"],
-              "environmentVariables": step["environmentVariables"]}
+    places = {
+        "steps": stage["execution"]["steps"],
+        "stages": data["spec"]["stages"],
+        "variables": data["spec"]["variables"],
+        "commandUnits": step["commandUnits"],
+        "environmentVariables": step["environmentVariables"],
+    }
     for _ in range(draw(st.integers(1, 2))):
         kind = draw(st.sampled_from(sorted(places)))
         places[kind].append(_grafts(draw, kind))
@@ -401,8 +668,13 @@ def set_values() -> st.SearchStrategy[dict[str, str]]:
     return st.one_of(
         st.just({}),
         st.fixed_dictionaries({"tag": value}),
-        st.dictionaries(st.one_of(st.sampled_from(["tag", "primary.spec.tag", "x", "", "."]),
-                                  st.text(max_size=6)), value, max_size=2),
+        st.dictionaries(
+            st.one_of(
+                st.sampled_from(["tag", "primary.spec.tag", "x", "", "."]), st.text(max_size=6)
+            ),
+            value,
+            max_size=2,
+        ),
     )
 
 
@@ -453,23 +725,58 @@ def test_load_of_arbitrary_bytes_ends_in_a_clean_result(raw: bytes) -> None:
 # --- (b) the expression engine --------------------------------------------------------------------
 
 FRAGMENTS = [
-    "<+", ">", "<", "+", "<+>", "<+input>", "<+input>.default(", ")", ".default(", ".regex(",
-    ".allowedValues(", "a,b", ".executionInput()", "<+service.name>", "<+env.variables.x>",
-    "<+pipeline.variables.v>", "<+instance.hostName>", "<+infra.region>",
-    "<+steps.s.output.outputVariables.o>", "<+rollbackArtifact.tag>", "<+secrets.getValue(",
-    "secrets.getValue", '"', "'", "id", "#key", "aws:", "account.", "<+secrets.", "\n", " ",
-    "$(", "`", "${", "}", "\\", "\x00", "\U0001f600", "<+unknown>",
+    "<+",
+    ">",
+    "<",
+    "+",
+    "<+>",
+    "<+input>",
+    "<+input>.default(",
+    ")",
+    ".default(",
+    ".regex(",
+    ".allowedValues(",
+    "a,b",
+    ".executionInput()",
+    "<+service.name>",
+    "<+env.variables.x>",
+    "<+pipeline.variables.v>",
+    "<+instance.hostName>",
+    "<+infra.region>",
+    "<+steps.s.output.outputVariables.o>",
+    "<+rollbackArtifact.tag>",
+    "<+secrets.getValue(",
+    "secrets.getValue",
+    '"',
+    "'",
+    "id",
+    "#key",
+    "aws:",
+    "account.",
+    "<+secrets.",
+    "\n",
+    " ",
+    "$(",
+    "`",
+    "${",
+    "}",
+    "\\",
+    "\x00",
+    "\U0001f600",
+    "<+unknown>",
 ]
 
 
 def expression_texts() -> st.SearchStrategy[str]:
-    return st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)),
-                    max_size=12).map("".join)
+    return st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), max_size=12).map(
+        "".join
+    )
 
 
 def contexts() -> st.SearchStrategy[Context]:
-    names = st.sampled_from(["service.name", "env.variables.x", "pipeline.variables.v",
-                             "artifact.tag", "a", "x.y"])
+    names = st.sampled_from(
+        ["service.name", "env.variables.x", "pipeline.variables.v", "artifact.tag", "a", "x.y"]
+    )
     values = st.one_of(expression_texts(), scalars())
 
     def build(vals: dict[str, tuple[Any, bool]], allow: bool) -> Context:
@@ -478,20 +785,28 @@ def contexts() -> st.SearchStrategy[Context]:
             ctx.set(k, v, external=ext)
         return ctx
 
-    return st.builds(build, st.dictionaries(names, st.tuples(values, st.booleans()), max_size=4),
-                     st.booleans())
+    return st.builds(
+        build, st.dictionaries(names, st.tuples(values, st.booleans()), max_size=4), st.booleans()
+    )
 
 
 @_profile(300)
-@given(text=expression_texts(), ctx=contexts(), quote=st.booleans(),
-       bind=st.booleans(), collect=st.booleans())
-def test_render_gives_text_or_an_expression_error(text: str, ctx: Context, quote: bool,
-                                                  bind: bool, collect: bool) -> None:
+@given(
+    text=expression_texts(),
+    ctx=contexts(),
+    quote=st.booleans(),
+    bind=st.booleans(),
+    collect=st.booleans(),
+)
+def test_render_gives_text_or_an_expression_error(
+    text: str, ctx: Context, quote: bool, bind: bool, collect: bool
+) -> None:
     binder = Binder() if bind else None
     problems: list[str] = []
     try:
-        out = render(text, ctx, quote=quote, bind=binder,
-                     on_error=problems.append if collect else None)
+        out = render(
+            text, ctx, quote=quote, bind=binder, on_error=problems.append if collect else None
+        )
     except ExpressionError as exc:
         assert not collect, "with on_error, render reports instead of raising"
         assert str(exc)
@@ -527,10 +842,12 @@ def test_expression_scanners_accept_any_text(text: str) -> None:
 
 # --- bugs found by the properties above (fixed; these keep them fixed) ---------------------------
 
-GOOD_PIPELINE_WITH_EMPTY_URL = GOOD_FILES["pipeline.yaml"].replace(
-    "      value: first release\n",
-    "      value: first release\n    - name: empty\n      type: String\n      value: \"\"\n",
-) + """\
+GOOD_PIPELINE_WITH_EMPTY_URL = (
+    GOOD_FILES["pipeline.yaml"].replace(
+        "      value: first release\n",
+        '      value: first release\n    - name: empty\n      type: String\n      value: ""\n',
+    )
+    + """\
               - step:
                   type: HealthCheck
                   name: Health
@@ -539,47 +856,65 @@ GOOD_PIPELINE_WITH_EMPTY_URL = GOOD_FILES["pipeline.yaml"].replace(
                     type: HTTP
                     url: <+pipeline.variables.empty>
 """
+)
 _LINES = GOOD_PIPELINE_WITH_EMPTY_URL.split("\n")
 # The error may name the url or the check's spec: any line of the health-check step will do.
 HEALTH_STEP_LINES = range(len(_LINES) - 8, len(_LINES))
 
 # (id, file name, text, --set values, lines the error may name, exception that escapes today)
 BUGS: list[tuple[str, str, str, dict[str, str], range, type[BaseException]]] = [
-    ("control-character", "service.yaml",
-     GOOD_FILES["service.yaml"].replace("name: hello-app", "name: hello-app\x07"), {},
-     range(5, 6), yaml.reader.ReaderError),
-    ("invalid-input-regex", "service.yaml",
-     GOOD_FILES["service.yaml"].replace("tag: <+input>", "tag: <+input>.regex([)"),
-     {"tag": "1.0"}, range(16, 17), re.error),
-    ("expression-renders-check-invalid", "pipeline.yaml", GOOD_PIPELINE_WITH_EMPTY_URL, {},
-     HEALTH_STEP_LINES, ValidationError),
+    (
+        "control-character",
+        "service.yaml",
+        GOOD_FILES["service.yaml"].replace("name: hello-app", "name: hello-app\x07"),
+        {},
+        range(5, 6),
+        yaml.reader.ReaderError,
+    ),
+    (
+        "invalid-input-regex",
+        "service.yaml",
+        GOOD_FILES["service.yaml"].replace("tag: <+input>", "tag: <+input>.regex([)"),
+        {"tag": "1.0"},
+        range(16, 17),
+        re.error,
+    ),
+    (
+        "expression-renders-check-invalid",
+        "pipeline.yaml",
+        GOOD_PIPELINE_WITH_EMPTY_URL,
+        {},
+        HEALTH_STEP_LINES,
+        ValidationError,
+    ),
 ]
 
 BUG_REASONS = {
-    "control-character":
-        "bug: app/definitions/yamlload.py load_documents() builds yaml.SafeLoader(text) outside "
-        "its try block; a control character (e.g. \\x07) anywhere in a file raises "
-        "yaml.reader.ReaderError instead of a SpecError (vmfarm validate: traceback, exit 1)",
-    "invalid-input-regex":
-        "bug: app/definitions/inputs.py apply_inputs() calls re.fullmatch(regex, value) on the "
-        "<+input>.regex(...) option unchecked; an invalid pattern with a --set value raises "
-        "re.error instead of a SpecError at the input (traceback, exit 1)",
-    "expression-renders-check-invalid":
-        "bug: app/definitions/resolve.py resolve_stage() re-validates the rendered stage with "
-        "m.StageSpec.model_validate(rendered) outside any handler; an expression that renders "
-        "a field invalid (HealthCheck url <+pipeline.variables.empty> with value '') raises "
-        "pydantic ValidationError instead of a SpecError (validate/run: traceback, exit 1)",
+    "control-character": "bug: app/definitions/yamlload.py load_documents() builds yaml.SafeLoader(text) outside "
+    "its try block; a control character (e.g. \\x07) anywhere in a file raises "
+    "yaml.reader.ReaderError instead of a SpecError (vmfarm validate: traceback, exit 1)",
+    "invalid-input-regex": "bug: app/definitions/inputs.py apply_inputs() calls re.fullmatch(regex, value) on the "
+    "<+input>.regex(...) option unchecked; an invalid pattern with a --set value raises "
+    "re.error instead of a SpecError at the input (traceback, exit 1)",
+    "expression-renders-check-invalid": "bug: app/definitions/resolve.py resolve_stage() re-validates the rendered stage with "
+    "m.StageSpec.model_validate(rendered) outside any handler; an expression that renders "
+    "a field invalid (HealthCheck url <+pipeline.variables.empty> with value '') raises "
+    "pydantic ValidationError instead of a SpecError (validate/run: traceback, exit 1)",
 }
+
 
 def _bug_params(cli: bool) -> list[Any]:
     """The inputs that once escaped as tracebacks (BUG_REASONS says how); fixed, kept."""
-    return [pytest.param(name, text, sets, line, id=bug_id)
-            for bug_id, name, text, sets, line, _exc in BUGS]
+    return [
+        pytest.param(name, text, sets, line, id=bug_id)
+        for bug_id, name, text, sets, line, _exc in BUGS
+    ]
 
 
 @pytest.mark.parametrize(("name", "text", "sets", "lines"), _bug_params(cli=False))
-def test_found_bug_in_process_is_a_clean_spec_error(name: str, text: str, sets: dict[str, str],
-                                                     lines: range) -> None:
+def test_found_bug_in_process_is_a_clean_spec_error(
+    name: str, text: str, sets: dict[str, str], lines: range
+) -> None:
     with bundle_dir(name, text) as root:
         with pytest.raises((SpecError, SpecErrors)) as caught:
             load([root], inputs=sets)

@@ -73,24 +73,51 @@ def rbac_on(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _stage(ident: str, env_type: str, *, env: str | None = None, steps: tuple[str, ...] = (
-        "install",), hosts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"identifier": ident, "name": ident, "service": {"identifier": "web", "name": "web"},
-            "environment": {"identifier": env or ident + "_env", "name": env or ident,
-                            "type": env_type},
-            "steps": [{"identifier": s, "type": "Command", "spec": {}} for s in steps],
-            "infrastructures": [{"identifier": f"{ident}_hosts", "provider": "static",
-                                 "spec": {"region": "r1", "hosts": hosts or [
-                                     {"hostname": "127.0.1.250"}]}}],
-            "strategy": {"type": "Basic"}}
+def _stage(
+    ident: str,
+    env_type: str,
+    *,
+    env: str | None = None,
+    steps: tuple[str, ...] = ("install",),
+    hosts: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "identifier": ident,
+        "name": ident,
+        "service": {"identifier": "web", "name": "web"},
+        "environment": {
+            "identifier": env or ident + "_env",
+            "name": env or ident,
+            "type": env_type,
+        },
+        "steps": [{"identifier": s, "type": "Command", "spec": {}} for s in steps],
+        "infrastructures": [
+            {
+                "identifier": f"{ident}_hosts",
+                "provider": "static",
+                "spec": {"region": "r1", "hosts": hosts or [{"hostname": "127.0.1.250"}]},
+            }
+        ],
+        "strategy": {"type": "Basic"},
+    }
 
 
-def _approval(ident: str = "approve", groups: tuple[str, ...] = ("release_managers",)
-              ) -> dict[str, Any]:
-    return {"type": "Approval", "identifier": ident, "name": ident, "steps": [],
-            "infrastructures": [], "strategy": {"type": "Basic"},
-            "approval": {"identifier": "ok", "type": "HarnessApproval",
-                         "spec": {"approvers": {"userGroups": list(groups)}}}}
+def _approval(
+    ident: str = "approve", groups: tuple[str, ...] = ("release_managers",)
+) -> dict[str, Any]:
+    return {
+        "type": "Approval",
+        "identifier": ident,
+        "name": ident,
+        "steps": [],
+        "infrastructures": [],
+        "strategy": {"type": "Basic"},
+        "approval": {
+            "identifier": "ok",
+            "type": "HarnessApproval",
+            "spec": {"approvers": {"userGroups": list(groups)}},
+        },
+    }
 
 
 def _plan(*stages: dict[str, Any], ident: str = "web_release") -> dict[str, Any]:
@@ -100,23 +127,27 @@ def _plan(*stages: dict[str, Any], ident: str = "web_release") -> dict[str, Any]
 # --- RBAC -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("granted", "needed", "expected"), [
-    ("pipeline:execute", "pipeline:execute", True),
-    ("pipeline:*", "pipeline:execute", True),
-    ("pipeline:*", "pipeline:view", True),
-    ("pipeline:*", "environment:view", False),
-    ("*", "environment:deploy:production", True),
-    ("*:view", "pipeline:view", True),
-    ("*:view", "pipeline:execute", False),
-    ("environment:*", "environment:deploy:production", True),
-    ("environment:deploy", "environment:deploy:production", True),
-    ("environment:*:non-production", "environment:view:non-production", True),
-    ("environment:*:non-production", "environment:deploy:production", False),
-    ("environment:deploy:non-production", "environment:deploy:production", False),
-    ("environment:view:non-production", "environment:view", False),
-])
+@pytest.mark.parametrize(
+    ("granted", "needed", "expected"),
+    [
+        ("pipeline:execute", "pipeline:execute", True),
+        ("pipeline:*", "pipeline:execute", True),
+        ("pipeline:*", "pipeline:view", True),
+        ("pipeline:*", "environment:view", False),
+        ("*", "environment:deploy:production", True),
+        ("*:view", "pipeline:view", True),
+        ("*:view", "pipeline:execute", False),
+        ("environment:*", "environment:deploy:production", True),
+        ("environment:deploy", "environment:deploy:production", True),
+        ("environment:*:non-production", "environment:view:non-production", True),
+        ("environment:*:non-production", "environment:deploy:production", False),
+        ("environment:deploy:non-production", "environment:deploy:production", False),
+        ("environment:view:non-production", "environment:view", False),
+    ],
+)
 def test_a_granted_permission_covers_by_segment_wildcards_and_prefix(
-        granted: str, needed: str, expected: bool) -> None:
+    granted: str, needed: str, expected: bool
+) -> None:
     from app.rbac import grants
 
     assert grants(granted, needed) is expected
@@ -136,7 +167,8 @@ def test_without_an_rbac_file_everything_is_allowed(home: Path) -> None:
 
 
 def test_a_named_rbac_file_that_is_missing_refuses_rather_than_allows(
-        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.rbac import authorize, rbac_enabled
 
     monkeypatch.setenv("VMFARM_RBAC_FILE", str(home / "nope.yaml"))
@@ -175,8 +207,7 @@ def test_production_needs_the_production_qualifier(rbac_on: Path) -> None:
     assert refused.value.granted_by == ("admin", "release_manager")
 
 
-def test_the_refusal_names_the_user_the_permission_and_where_it_comes_from(
-        rbac_on: Path) -> None:
+def test_the_refusal_names_the_user_the_permission_and_where_it_comes_from(rbac_on: Path) -> None:
     from app.rbac import PermissionRefused, authorize
 
     with pytest.raises(PermissionRefused) as refused:
@@ -185,7 +216,8 @@ def test_the_refusal_names_the_user_the_permission_and_where_it_comes_from(
         "erin: missing permission environment:deploy:production on environment 'prod'; "
         f"role(s) granting it in {rbac_on}: admin, release_manager; erin has role(s) deployer "
         "(group developers); bind erin or one of their groups (developers) to one of those "
-        "roles")
+        "roles"
+    )
     assert refused.value.user == "erin"
 
 
@@ -213,16 +245,22 @@ def test_required_permissions_follow_the_stages_environment_types() -> None:
     assert required_permissions("run", plan) == [
         Need("pipeline:execute", "web_release"),
         Need("environment:deploy:non-production", "qa_env", "qa"),
-        Need("environment:deploy:production", "prod_env", "prod")]
-    assert required_permissions("view", plan)[2] == Need("environment:view:production",
-                                                         "prod_env", "prod")
+        Need("environment:deploy:production", "prod_env", "prod"),
+    ]
+    assert required_permissions("view", plan)[2] == Need(
+        "environment:view:production", "prod_env", "prod"
+    )
     assert required_permissions("intervene", plan, stage_index=2) == [
         Need("pipeline:intervene", "web_release"),
-        Need("environment:deploy:production", "prod_env", "prod")]
+        Need("environment:deploy:production", "prod_env", "prod"),
+    ]
     assert required_permissions("approve", plan) == [Need("pipeline:approve", "web_release")]
     assert required_permissions("reject", None) == [Need("pipeline:approve", None)]
     assert [n.permission for n in required_permissions("rollback", plan)] == [
-        "pipeline:rollback", "environment:deploy:non-production", "environment:deploy:production"]
+        "pipeline:rollback",
+        "environment:deploy:non-production",
+        "environment:deploy:production",
+    ]
     with pytest.raises(ValueError, match="unknown action 'deploy'"):
         required_permissions("deploy", plan)
 
@@ -240,10 +278,16 @@ def test_guard_refuses_a_production_run_and_records_the_refusal(rbac_on: Path) -
     # Then the refusal names the stage, and the audit trail has it
     assert str(refused.value).startswith(
         "dan may not run: missing permission environment:deploy:production on environment "
-        "'prod_env' (stage 'prod')")
+        "'prod_env' (stage 'prod')"
+    )
     (event,) = events(10)
-    assert (event["user"], event["action"], event["execution_id"], event["pipeline"],
-            event["outcome"]) == ("dan", "run", "ex2", "web_release", "refused")
+    assert (
+        event["user"],
+        event["action"],
+        event["execution_id"],
+        event["pipeline"],
+        event["outcome"],
+    ) == ("dan", "run", "ex2", "web_release", "refused")
     assert event["detail"]["permission"] == "environment:deploy:production"
     assert event["detail"]["stage"] == "prod"
 
@@ -267,20 +311,28 @@ def test_guard_reads_the_plan_of_an_execution_from_the_ledger(rbac_on: Path) -> 
     # an execution that does not exist is left to the command to report
     guard("abort", user="mallory", execution_id="missing")
     assert [(e["action"], e["user"], e["outcome"]) for e in events(10)] == [
-        ("approve", "dan", "refused"), ("intervene", "dan", "refused")]
+        ("approve", "dan", "refused"),
+        ("intervene", "dan", "refused"),
+    ]
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("roles: {a: [pipeline:view]}\nbindings: [{role: b, users: [x]}]", "unknown role(s) b"),
-    ("roles: {a: [pipeline:view]}\nbindings: [{role: a, groups: [ops]}]",
-     "binds group(s) ops that are not in the users file"),
-    ("roles: {a: ['pipeline view']}", "'pipeline view' is not a permission"),
-    ("roles: {a: [pipeline:view]}\nbindings: [{role: a}]", "to no user or group"),
-    ("roles: {a: [pipeline:view]}\nbinding: []", "binding: Extra inputs are not permitted"),
-    ("roles: [", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("roles: {a: [pipeline:view]}\nbindings: [{role: b, users: [x]}]", "unknown role(s) b"),
+        (
+            "roles: {a: [pipeline:view]}\nbindings: [{role: a, groups: [ops]}]",
+            "binds group(s) ops that are not in the users file",
+        ),
+        ("roles: {a: ['pipeline view']}", "'pipeline view' is not a permission"),
+        ("roles: {a: [pipeline:view]}\nbindings: [{role: a}]", "to no user or group"),
+        ("roles: {a: [pipeline:view]}\nbinding: []", "binding: Extra inputs are not permitted"),
+        ("roles: [", "not valid YAML"),
+    ],
+)
 def test_a_wrong_rbac_file_is_a_config_error_naming_it(
-        home: Path, monkeypatch: pytest.MonkeyPatch, text: str, problem: str) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch, text: str, problem: str
+) -> None:
     from app.rbac import authorize
 
     path = home / "bad-rbac.yaml"
@@ -292,7 +344,8 @@ def test_a_wrong_rbac_file_is_a_config_error_naming_it(
 
 
 def test_the_reference_user_groups_form_binds_each_group(
-        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.rbac import PermissionRefused, authorize
 
     (home / "users.yaml").write_text("groups:\n  Developers: [dan]\n  Platform Admin: [pat]\n")
@@ -349,16 +402,27 @@ def test_a_production_stage_without_an_approval_before_it_is_an_error_finding() 
     from app.policy import Finding, evaluate
 
     rules = _rules(APPROVAL_RULE)
-    findings = evaluate(_plan(_stage("qa", "PreProduction"), _stage("prod", "Production")),
-                        rules=rules)
-    assert findings == [Finding(
-        "Require Approval for Production", "error", "prod",
-        "deploys to Production environment 'prod_env' with no Approval stage before it (add an "
-        "Approval stage earlier in the pipeline)")]
+    findings = evaluate(
+        _plan(_stage("qa", "PreProduction"), _stage("prod", "Production")), rules=rules
+    )
+    assert findings == [
+        Finding(
+            "Require Approval for Production",
+            "error",
+            "prod",
+            "deploys to Production environment 'prod_env' with no Approval stage before it (add an "
+            "Approval stage earlier in the pipeline)",
+        )
+    ]
     # an approval after the production stage does not count; one before it does
     assert evaluate(_plan(_stage("prod", "Production"), _approval()), rules=rules)
-    assert evaluate(_plan(_stage("qa", "PreProduction"), _approval(),
-                          _stage("prod", "Production")), rules=rules) == []
+    assert (
+        evaluate(
+            _plan(_stage("qa", "PreProduction"), _approval(), _stage("prod", "Production")),
+            rules=rules,
+        )
+        == []
+    )
 
 
 def test_the_approval_must_ask_the_named_groups() -> None:
@@ -368,11 +432,17 @@ def test_the_approval_must_ask_the_named_groups() -> None:
 - name: prod approval
   requireApprovalBefore: {approverGroups: [release_managers]}
 """)
-    (finding,) = evaluate(_plan(_approval(groups=("sre",)), _stage("prod", "Production")),
-                          rules=rules)
+    (finding,) = evaluate(
+        _plan(_approval(groups=("sre",)), _stage("prod", "Production")), rules=rules
+    )
     assert "no Approval stage asking release_managers before it" in finding.message
-    assert evaluate(_plan(_approval(groups=("sre", "release_managers")),
-                          _stage("prod", "Production")), rules=rules) == []
+    assert (
+        evaluate(
+            _plan(_approval(groups=("sre", "release_managers")), _stage("prod", "Production")),
+            rules=rules,
+        )
+        == []
+    )
 
 
 def test_a_missing_required_step_is_a_finding() -> None:
@@ -382,12 +452,15 @@ def test_a_missing_required_step_is_a_finding() -> None:
 - name: Security Scan Required
   requiredSteps: {environmentType: Production, steps: [security_scan, "smoke*"]}
 """)
-    plan = _plan(_stage("qa", "PreProduction"),
-                 _stage("prod", "Production", steps=("install", "smoke_test")))
+    plan = _plan(
+        _stage("qa", "PreProduction"), _stage("prod", "Production", steps=("install", "smoke_test"))
+    )
     (finding,) = evaluate(plan, rules=rules)
     assert (finding.rule, finding.stage) == ("Security Scan Required", "prod")
-    assert finding.message == ("deploys to Production environment 'prod_env' without the "
-                               "required step(s) security_scan (steps: install, smoke_test)")
+    assert finding.message == (
+        "deploys to Production environment 'prod_env' without the "
+        "required step(s) security_scan (steps: install, smoke_test)"
+    )
     ok = _plan(_stage("prod", "Production", steps=("security_scan", "install", "smoke")))
     assert evaluate(ok, rules=rules) == []
 
@@ -401,19 +474,33 @@ def test_forbidden_instance_types_on_static_and_given_hosts() -> None:
   severity: warn
   forbiddenInstanceTypes: {types: ["*.metal"]}
 """)
-    plan = _plan(_stage("prod", "Production", hosts=[
-        {"hostname": "127.0.1.250", "attributes": {"instanceType": "m5.metal"}},
-        {"hostname": "127.0.1.251", "hostAttributes": {"instanceType": "m5.large"}}]))
+    plan = _plan(
+        _stage(
+            "prod",
+            "Production",
+            hosts=[
+                {"hostname": "127.0.1.250", "attributes": {"instanceType": "m5.metal"}},
+                {"hostname": "127.0.1.251", "hostAttributes": {"instanceType": "m5.large"}},
+            ],
+        )
+    )
     (finding,) = evaluate(plan, rules=rules)
-    assert finding.message == ("targets host(s) of a forbidden instance type: 127.0.1.250 "
-                               "(instanceType m5.metal)")
+    assert finding.message == (
+        "targets host(s) of a forbidden instance type: 127.0.1.250 (instanceType m5.metal)"
+    )
     # discovered cloud hosts, given per stage (a list aligned with the stages, or by id)
-    gcp = Host(name="vm-1", address="10.0.0.1", region="r1", infrastructure="gcp",
-               attributes={"machineType": "c3.metal"})
+    gcp = Host(
+        name="vm-1",
+        address="10.0.0.1",
+        region="r1",
+        infrastructure="gcp",
+        attributes={"machineType": "c3.metal"},
+    )
     (finding,) = evaluate(plan, [[gcp]], rules=rules)
     assert "vm-1 (machineType c3.metal)" in finding.message
-    (finding,) = evaluate(plan, {"prod": [{"name": "vm-2", "attributes": {"size": "x.metal"}}]},
-                          rules=rules)
+    (finding,) = evaluate(
+        plan, {"prod": [{"name": "vm-2", "attributes": {"size": "x.metal"}}]}, rules=rules
+    )
     assert "vm-2 (size x.metal)" in finding.message
 
 
@@ -429,12 +516,13 @@ def test_a_deny_rule_matches_paths_of_the_stage() -> None:
   deny:
     match: {step.identifier: ["debug*", "shell"]}
 """)
-    plan = _plan(_stage("qa", "PreProduction", steps=("install", "debug_dump")),
-                 _stage("prod", "Production"))
+    plan = _plan(
+        _stage("qa", "PreProduction", steps=("install", "debug_dump")), _stage("prod", "Production")
+    )
     assert [(f.rule, f.stage, f.message) for f in evaluate(plan, rules=rules)] == [
         ("no debug steps", "qa", "matches step.identifier=debug*|shell (step 'debug_dump')"),
-        ("no static prod", "prod", "production runs on cloud hosts (infrastructure "
-                                   "'prod_hosts')")]
+        ("no static prod", "prod", "production runs on cloud hosts (infrastructure 'prod_hosts')"),
+    ]
 
 
 def test_warnings_do_not_block_errors_do_and_are_audited(home: Path) -> None:
@@ -456,22 +544,31 @@ def test_warnings_do_not_block_errors_do_and_are_audited(home: Path) -> None:
         enforce(plan, rules=_rules(APPROVAL_RULE), user="dan", execution_id="ex2")
     assert str(denied.value).startswith(
         "refused by policy: 'Require Approval for Production': stage 'prod': deploys to "
-        "Production environment 'prod_env'")
+        "Production environment 'prod_env'"
+    )
     (event,) = events(10)
     assert (event["action"], event["outcome"], event["execution_id"]) == ("run", "denied", "ex2")
     assert event["detail"]["findings"][0]["rule"] == "Require Approval for Production"
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("policies:\n  - name: x\n", "exactly one of requireApprovalBefore"),
-    ("policies:\n  - name: x\n    severity: fatal\n    requireApprovalBefore: {}\n",
-     "policies.0.severity"),
-    ("policies:\n  - name: x\n    requiredSteps: {steps: []}\n", "requiredSteps.steps"),
-    ("policies:\n  - {name: x, deny: {match: {a: b}}}\n  - {name: x, deny: {match: {a: c}}}\n",
-     "rule names must be unique (x)"),
-])
-def test_a_wrong_policy_file_is_a_config_error_naming_it(tmp_path: Path, text: str,
-                                                         problem: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("policies:\n  - name: x\n", "exactly one of requireApprovalBefore"),
+        (
+            "policies:\n  - name: x\n    severity: fatal\n    requireApprovalBefore: {}\n",
+            "policies.0.severity",
+        ),
+        ("policies:\n  - name: x\n    requiredSteps: {steps: []}\n", "requiredSteps.steps"),
+        (
+            "policies:\n  - {name: x, deny: {match: {a: b}}}\n  - {name: x, deny: {match: {a: c}}}\n",
+            "rule names must be unique (x)",
+        ),
+    ],
+)
+def test_a_wrong_policy_file_is_a_config_error_naming_it(
+    tmp_path: Path, text: str, problem: str
+) -> None:
     from app.policy import load_policies
 
     path = tmp_path / "policies.yaml"
@@ -574,36 +671,49 @@ policies:
 
 
 def test_policy_check_prints_findings_and_exits_2_on_an_error(
-        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipeline = home / "pipeline.yaml"
     pipeline.write_text(PIPELINE_FILES)
     policies = home / "policies.yaml"
     policies.write_text(POLICIES)
     runner = CliRunner()
     # Given a Production stage with no approval and a metal host
-    res = runner.invoke(_cli(), ["policy", "check", str(pipeline), "--set", "note=hi",
-                                 "--policies", str(policies)])
+    res = runner.invoke(
+        _cli(), ["policy", "check", str(pipeline), "--set", "note=hi", "--policies", str(policies)]
+    )
     assert res.exit_code == 2, res.output
-    assert ("error [Require Approval for Production] stage 'deploy_prod': deploys to Production "
-            "environment 'prod' with no Approval stage before it") in res.stdout
-    assert ("warn  [No metal] stage 'deploy_prod': targets host(s) of a forbidden instance "
-            "type: 127.0.1.250 (instanceType m5.metal)") in res.stdout
+    assert (
+        "error [Require Approval for Production] stage 'deploy_prod': deploys to Production "
+        "environment 'prod' with no Approval stage before it"
+    ) in res.stdout
+    assert (
+        "warn  [No metal] stage 'deploy_prod': targets host(s) of a forbidden instance "
+        "type: 127.0.1.250 (instanceType m5.metal)"
+    ) in res.stdout
     assert "1 error(s), 1 warning(s): a run would be refused" in res.stdout
     # -o json, with the policy file from VMFARM_POLICY_FILE
     monkeypatch.setenv("VMFARM_POLICY_FILE", str(policies))
-    res = runner.invoke(_cli(), ["policy", "check", str(pipeline), "--set", "note=hi",
-                                 "-o", "json"])
+    res = runner.invoke(
+        _cli(), ["policy", "check", str(pipeline), "--set", "note=hi", "-o", "json"]
+    )
     monkeypatch.delenv("VMFARM_POLICY_FILE")
     assert res.exit_code == 2
     doc = json.loads(res.stdout)
     assert doc["passed"] is False and doc["pipeline"] == "web_release"
     assert [(f["rule"], f["severity"]) for f in doc["findings"]] == [
-        ("Require Approval for Production", "error"), ("No metal", "warn")]
+        ("Require Approval for Production", "error"),
+        ("No metal", "warn"),
+    ]
     # only the warning left: exit 0
-    policies.write_text(POLICIES.replace("    requireApprovalBefore", "    severity: warn\n"
-                                         "    requireApprovalBefore"))
-    res = runner.invoke(_cli(), ["policy", "check", str(pipeline), "--set", "note=hi",
-                                 "--policies", str(policies)])
+    policies.write_text(
+        POLICIES.replace(
+            "    requireApprovalBefore", "    severity: warn\n    requireApprovalBefore"
+        )
+    )
+    res = runner.invoke(
+        _cli(), ["policy", "check", str(pipeline), "--set", "note=hi", "--policies", str(policies)]
+    )
     assert res.exit_code == 0, res.output
     assert "0 error(s), 2 warning(s): a run would be allowed" in res.stdout
     # nothing was recorded: a check is not an execution
@@ -620,8 +730,9 @@ def test_policy_check_refuses_bad_input(home: Path) -> None:
     assert res.exit_code == 2 and "runtime input <+input> has no value" in res.stderr
     bad = home / "bad.yaml"
     bad.write_text("policies: [{name: x}]\n")
-    res = runner.invoke(_cli(), ["policy", "check", str(pipeline), "--set", "note=hi",
-                                 "--policies", str(bad)])
+    res = runner.invoke(
+        _cli(), ["policy", "check", str(pipeline), "--set", "note=hi", "--policies", str(bad)]
+    )
     assert res.exit_code == 2 and "exactly one of requireApprovalBefore" in res.stderr
     # without a policy file there is nothing to check
     res = runner.invoke(_cli(), ["policy", "check", str(pipeline), "--set", "note=hi"])
@@ -635,11 +746,16 @@ def test_audit_events_are_recorded_masked_and_listed(home: Path) -> None:
     with session_scope() as s:
         s.add(Execution(id="ex1", pipeline="web_release", plan={}))
     register_secret(["hunter2-governance"])
-    record("run", user="dan", execution_id="ex1", outcome="submitted",
-           detail={"note": "token is hunter2-governance", "db_password": "plain",
-                   "inputs": ["tag"]})
-    record("approve", user="alice", execution_id="ex1", outcome="approved",
-           detail={"comment": "ok"})
+    record(
+        "run",
+        user="dan",
+        execution_id="ex1",
+        outcome="submitted",
+        detail={"note": "token is hunter2-governance", "db_password": "plain", "inputs": ["tag"]},
+    )
+    record(
+        "approve", user="alice", execution_id="ex1", outcome="approved", detail={"comment": "ok"}
+    )
     record("abort", user="dan", execution_id="ex2", outcome="aborted")
     # newest first, filtered
     assert [e["action"] for e in events(10)] == ["abort", "approve", "run"]
@@ -657,7 +773,9 @@ def test_audit_events_are_recorded_masked_and_listed(home: Path) -> None:
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [(r["action"], r["execution_id"], r["outcome"]) for r in rows] == [
-        ("abort", "ex2", "aborted"), ("run", "ex1", "submitted")]
+        ("abort", "ex2", "aborted"),
+        ("run", "ex1", "submitted"),
+    ]
     assert rows[0]["at"].endswith("Z")
     res = runner.invoke(_cli(), ["audit", "--execution", "ex1", "--limit", "1"])
     assert res.exit_code == 0, res.output
@@ -672,8 +790,9 @@ def test_an_event_recorded_in_a_transaction_shares_its_fate(home: Path) -> None:
     with session_scope() as s:
         s.add(Execution(id="ex9", pipeline="api", plan={}))
         s.flush()
-        assert record("approve", user="bob", execution_id="ex9", outcome="approved",
-                      session=s) is None
+        assert (
+            record("approve", user="bob", execution_id="ex9", outcome="approved", session=s) is None
+        )
     with pytest.raises(RuntimeError), session_scope() as s:
         record("reject", user="bob", execution_id="ex9", outcome="rejected", session=s)
         raise RuntimeError("the decision failed")

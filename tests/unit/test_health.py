@@ -25,17 +25,25 @@ def service_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
     get_settings.cache_clear()
 
 
-def _w(name: str, host: str, *, regions: list[str], queues: list[str], live: bool,
-       age: float = 1.0) -> dict[str, Any]:
-    return {"name": name, "hostname": host, "regions": regions, "queues": queues,
-            "live": live, "age": age}
+def _w(
+    name: str, host: str, *, regions: list[str], queues: list[str], live: bool, age: float = 1.0
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "hostname": host,
+        "regions": regions,
+        "queues": queues,
+        "live": live,
+        "age": age,
+    }
 
 
 def test_a_worker_of_this_host_must_be_registered_and_beating(service_mode: None) -> None:
-    fleet = [_w("vmfarm-r1@c1", "c1", regions=["r1"], queues=["vmfarm.r1"], live=True),
-             _w("vmfarm-r2@c2", "c2", regions=["r2"], queues=["vmfarm.r2"], live=False,
-                age=400),
-             _w("vmfarm-control@c3", "c3", regions=[], queues=["vmfarm.control"], live=True)]
+    fleet = [
+        _w("vmfarm-r1@c1", "c1", regions=["r1"], queues=["vmfarm.r1"], live=True),
+        _w("vmfarm-r2@c2", "c2", regions=["r2"], queues=["vmfarm.r2"], live=False, age=400),
+        _w("vmfarm-control@c3", "c3", regions=[], queues=["vmfarm.control"], live=True),
+    ]
     ok, why = check_worker("worker", hostname="c1", ping=False, workers=fleet)
     assert ok and "vmfarm-r1@c1: live" in why
     ok, why = check_worker("worker", hostname="c2", ping=False, workers=fleet)
@@ -48,8 +56,9 @@ def test_a_worker_of_this_host_must_be_registered_and_beating(service_mode: None
     assert not check_worker("worker", hostname="c3", ping=False, workers=fleet)[0]
 
 
-def test_without_a_broker_there_is_no_worker_to_check(monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Path) -> None:
+def test_without_a_broker_there_is_no_worker_to_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.delenv("VMFARM_BROKER_URL", raising=False)
     monkeypatch.setenv("VMFARM_HOME", str(tmp_path))
     get_settings.cache_clear()
@@ -70,8 +79,7 @@ def test_the_autoscaler_is_alive_while_its_rounds_are_recent(tmp_path: Path) -> 
     assert check_autoscaler(path, now=json.loads(path.read_text())["at"] + 170)[0]
 
 
-def test_the_command_exits_0_1_or_2(service_mode: None, capsys: pytest.CaptureFixture[str]
-                                    ) -> None:
+def test_the_command_exits_0_1_or_2(service_mode: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bogus"]) == 2
     assert main(["autoscaler"]) == 1  # no round recorded under VMFARM_HOME
     assert "no autoscale round recorded" in capsys.readouterr().err

@@ -106,9 +106,14 @@ def indent(text: str, spaces: int) -> str:
     return textwrap.indent(textwrap.dedent(text).strip("\n"), " " * spaces)
 
 
-def files(tmp_path: Path, *, atype: str = "Http",
-          aspec: str = "url: https://example.com/web-<+artifact.tag>.tgz\ntag: 1.0",
-          infra: str | None = None, phase: str = "deploymentType: SSH") -> list[str]:
+def files(
+    tmp_path: Path,
+    *,
+    atype: str = "Http",
+    aspec: str = "url: https://example.com/web-<+artifact.tag>.tgz\ntag: 1.0",
+    infra: str | None = None,
+    phase: str = "deploymentType: SSH",
+) -> list[str]:
     """A valid set of files, with one part replaced."""
     docs = {
         "service.yaml": SERVICE % {"atype": atype, "aspec": indent(aspec, 12)},
@@ -122,8 +127,7 @@ def files(tmp_path: Path, *, atype: str = "Http",
 
 
 def validate(*args: str) -> Result:
-    return CliRunner().invoke(main, ["validate", *args],
-                              env={"COLUMNS": "10000", "NO_COLOR": "1"})
+    return CliRunner().invoke(main, ["validate", *args], env={"COLUMNS": "10000", "NO_COLOR": "1"})
 
 
 def line_of(path: str, needle: str) -> int:
@@ -172,21 +176,28 @@ def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 
 
 @pytest.mark.timeout(30)
-def test_a_billion_laughs_is_refused_at_the_alias_that_overflows(tmp_path: Path,
-                                                                  parser: str) -> None:
+def test_a_billion_laughs_is_refused_at_the_alias_that_overflows(
+    tmp_path: Path, parser: str
+) -> None:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(BOMB)
     assert bomb.stat().st_size < 500
     res = validate(str(bomb))
     # f: expands 9 x 9^5 values: the first alias there passes the limit of copied values
-    assert_refused(res, str(bomb), "f: &f", "YAML aliases copy more than 100,000 values",
-                   "MAX_ALIAS_NODES")
+    assert_refused(
+        res, str(bomb), "f: &f", "YAML aliases copy more than 100,000 values", "MAX_ALIAS_NODES"
+    )
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("text", ["a: " + "[" * 5000 + "]" * 5000 + "\n",
-                                  "- " * 5000 + "x\n",
-                                  "a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 200))])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 5000 + "]" * 5000 + "\n",
+        "- " * 5000 + "x\n",
+        "a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 200)),
+    ],
+)
 def test_values_nested_too_deep_are_refused(tmp_path: Path, parser: str, text: str) -> None:
     deep = tmp_path / "deep.yaml"
     deep.write_text(text)
@@ -215,16 +226,19 @@ def test_a_file_beyond_the_size_limit_is_refused_before_it_is_read(tmp_path: Pat
 
 
 def test_anchors_and_merge_keys_within_the_limits_still_load(tmp_path: Path) -> None:
-    paths = files(tmp_path, aspec="url: &u https://example.com/web-<+artifact.tag>.tgz\n"
-                                  "tag: 1.0")
+    paths = files(tmp_path, aspec="url: &u https://example.com/web-<+artifact.tag>.tgz\ntag: 1.0")
     env = Path(paths[1])
-    env.write_text("apiVersion: v1\nkind: Environment\nmetadata: {name: prod}\n"
-                   "spec:\n  base: &base {type: PreProduction}\n  <<: *base\n")
+    env.write_text(
+        "apiVersion: v1\nkind: Environment\nmetadata: {name: prod}\n"
+        "spec:\n  base: &base {type: PreProduction}\n  <<: *base\n"
+    )
     res = validate(*paths)
     assert res.exit_code == 2  # 'base' is not a field: the merge was read, the key checked
     assert "unknown field 'base'" in res.output
-    env.write_text("apiVersion: v1\nkind: Environment\nmetadata: &m {name: prod}\n"
-                   "spec: {type: PreProduction, tags: {x: &v one, y: *v}}\n")
+    env.write_text(
+        "apiVersion: v1\nkind: Environment\nmetadata: &m {name: prod}\n"
+        "spec: {type: PreProduction, tags: {x: &v one, y: *v}}\n"
+    )
     assert validate(*paths).exit_code == 0
 
 
@@ -248,85 +262,163 @@ spec:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("pattern", ["(a+)+$", "(a|aa)+$", "(a*)*b", "^(\\w+\\s?)*$"])
 @pytest.mark.parametrize("length", [40, 60])
-def test_a_catastrophic_pattern_answers_in_linear_time(tmp_path: Path, pattern: str,
-                                                       length: int) -> None:
+def test_a_catastrophic_pattern_answers_in_linear_time(
+    tmp_path: Path, pattern: str, length: int
+) -> None:
     svc = tmp_path / "service.yaml"
     svc.write_text(REGEX_SERVICE % pattern)
     res = validate(str(svc), "--set", f"version={'a' * length}!")
     assert_refused(res, str(svc), "<+input>", "does not match", pattern)
-    assert validate(str(svc), "--set", "version=aaaa").exit_code == (0 if pattern != "(a*)*b"
-                                                                       else 2)
+    assert validate(str(svc), "--set", "version=aaaa").exit_code == (
+        0 if pattern != "(a*)*b" else 2
+    )
 
 
-@pytest.mark.parametrize(("pattern", "why"), [("(a)\\1", "backreferences"),
-                                              ("v(?=1)", "look-around")])
+@pytest.mark.parametrize(
+    ("pattern", "why"), [("(a)\\1", "backreferences"), ("v(?=1)", "look-around")]
+)
 def test_a_pattern_re2_cannot_run_is_refused_at_load_without_any_value(
-        tmp_path: Path, pattern: str, why: str) -> None:
+    tmp_path: Path, pattern: str, why: str
+) -> None:
     svc = tmp_path / "service.yaml"
     svc.write_text(REGEX_SERVICE % pattern)
     res = validate(str(svc))
-    assert_refused(res, str(svc), "<+input>", f"<+input>.regex({pattern}) cannot be used",
-                   why, "RE2")
+    assert_refused(
+        res, str(svc), "<+input>", f"<+input>.regex({pattern}) cannot be used", why, "RE2"
+    )
 
 
 # --- every map is a schema ------------------------------------------------------------------
 
 
 def test_a_misspelt_checksum_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
-    paths = files(tmp_path, aspec="url: https://example.com/web.tgz\ntag: 1.0\n"
-                                  "sha256sum: " + "0" * 64)
+    paths = files(
+        tmp_path, aspec="url: https://example.com/web.tgz\ntag: 1.0\nsha256sum: " + "0" * 64
+    )
     res = validate(*paths)
-    assert_refused(res, paths[0], "sha256sum:", "unknown field 'sha256sum'",
-                   "did you mean 'sha256'?", "artifacts.primary.spec.sha256sum")
+    assert_refused(
+        res,
+        paths[0],
+        "sha256sum:",
+        "unknown field 'sha256sum'",
+        "did you mean 'sha256'?",
+        "artifacts.primary.spec.sha256sum",
+    )
 
 
-@pytest.mark.parametrize(("atype", "aspec", "needle", "words"), [
-    ("Local", "path: ./app\ntag: 1.0\nurl: https://x/y", "url:",
-     ["unknown field 'url' in a Local artifact's spec"]),
-    ("AmazonS3", "bucket: b\nkey: k.tgz\nbucketname: c", "bucketname",
-     ["did you mean 'bucketName'?"]),
-    ("Nexus3Registry", "baseUrl: https://n\nrepository: r\nrepositoryFormat: docker\n"
-                       "artifactPath: a.tgz", "repositoryFormat", ["not supported", "raw"]),
-    ("Nexus3Registry", "baseUrl: https://n\nrepository: r\nrepositoryFormat: raw\n"
-                       "spec: {groupId: com.acme, artifactId: web}", "repositoryFormat",
-     ["maven path"]),
-    ("Artifactory", "url: https://a/x.tgz\nconnectorRef: art", "url:",
-     ["'url' next to connectorRef", "the connector names the server"]),
-    ("Artifactory", "connectorRef: art\nartifactPath: a/x.tgz\npasswordRef: pw", "passwordRef",
-     ["the connector gives the credentials"]),
-    ("Jenkins", "jobName: j\nartifactPath: a.tgz\nconnectorRef: art", "connectorRef",
-     ["not supported for a Jenkins artifact"]),
-    # Secrets are named, never written: a value in the file would be stored with every plan.
-    ("Http", "url: https://a/x.tgz\nusername: u\npassword: hunter2", "password:",
-     ["a password written in the file is refused", "passwordRef: <secret id>"]),
-    ("Jenkins", "url: https://a/x.tgz\ntoken: <+input>", "token:",
-     ["a token written in the file is refused", "tokenRef"]),
-    ("Artifactory", "url: https://u:hunter2@a/x.tgz", "url:",
-     ["a password in url is refused", "passwordRef"]),
-    # Credentials go over https only.
-    ("Http", "url: http://a/x.tgz\nusername: u\npasswordRef: pw", "url:",
-     ["credentials are sent over https only", "use an https:// URL"]),
-    ("Nexus3Registry", "baseUrl: http://n\nrepository: r\nartifactPath: a.tgz\ntokenRef: t",
-     "baseUrl:", ["credentials are sent over https only"]),
-    # allowUnverified is a real switch of remote artifacts, and only of those.
-    ("Http", "url: https://a/x.tgz\nallowUnverified: yes please", "allowUnverified",
-     ["allowUnverified must be true or false"]),
-    ("Local", "path: ./app\ntag: 1.0\nallowUnverified: true", "allowUnverified",
-     ["unknown field 'allowUnverified' in a Local artifact's spec"]),
-])
-def test_artifact_specs_are_checked_per_type(tmp_path: Path, atype: str, aspec: str,
-                                             needle: str, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("atype", "aspec", "needle", "words"),
+    [
+        (
+            "Local",
+            "path: ./app\ntag: 1.0\nurl: https://x/y",
+            "url:",
+            ["unknown field 'url' in a Local artifact's spec"],
+        ),
+        (
+            "AmazonS3",
+            "bucket: b\nkey: k.tgz\nbucketname: c",
+            "bucketname",
+            ["did you mean 'bucketName'?"],
+        ),
+        (
+            "Nexus3Registry",
+            "baseUrl: https://n\nrepository: r\nrepositoryFormat: docker\nartifactPath: a.tgz",
+            "repositoryFormat",
+            ["not supported", "raw"],
+        ),
+        (
+            "Nexus3Registry",
+            "baseUrl: https://n\nrepository: r\nrepositoryFormat: raw\n"
+            "spec: {groupId: com.acme, artifactId: web}",
+            "repositoryFormat",
+            ["maven path"],
+        ),
+        (
+            "Artifactory",
+            "url: https://a/x.tgz\nconnectorRef: art",
+            "url:",
+            ["'url' next to connectorRef", "the connector names the server"],
+        ),
+        (
+            "Artifactory",
+            "connectorRef: art\nartifactPath: a/x.tgz\npasswordRef: pw",
+            "passwordRef",
+            ["the connector gives the credentials"],
+        ),
+        (
+            "Jenkins",
+            "jobName: j\nartifactPath: a.tgz\nconnectorRef: art",
+            "connectorRef",
+            ["not supported for a Jenkins artifact"],
+        ),
+        # Secrets are named, never written: a value in the file would be stored with every plan.
+        (
+            "Http",
+            "url: https://a/x.tgz\nusername: u\npassword: hunter2",
+            "password:",
+            ["a password written in the file is refused", "passwordRef: <secret id>"],
+        ),
+        (
+            "Jenkins",
+            "url: https://a/x.tgz\ntoken: <+input>",
+            "token:",
+            ["a token written in the file is refused", "tokenRef"],
+        ),
+        (
+            "Artifactory",
+            "url: https://u:hunter2@a/x.tgz",
+            "url:",
+            ["a password in url is refused", "passwordRef"],
+        ),
+        # Credentials go over https only.
+        (
+            "Http",
+            "url: http://a/x.tgz\nusername: u\npasswordRef: pw",
+            "url:",
+            ["credentials are sent over https only", "use an https:// URL"],
+        ),
+        (
+            "Nexus3Registry",
+            "baseUrl: http://n\nrepository: r\nartifactPath: a.tgz\ntokenRef: t",
+            "baseUrl:",
+            ["credentials are sent over https only"],
+        ),
+        # allowUnverified is a real switch of remote artifacts, and only of those.
+        (
+            "Http",
+            "url: https://a/x.tgz\nallowUnverified: yes please",
+            "allowUnverified",
+            ["allowUnverified must be true or false"],
+        ),
+        (
+            "Local",
+            "path: ./app\ntag: 1.0\nallowUnverified: true",
+            "allowUnverified",
+            ["unknown field 'allowUnverified' in a Local artifact's spec"],
+        ),
+    ],
+)
+def test_artifact_specs_are_checked_per_type(
+    tmp_path: Path, atype: str, aspec: str, needle: str, words: list[str]
+) -> None:
     paths = files(tmp_path, atype=atype, aspec=aspec)
     assert_refused(validate(*paths), paths[0], needle, *words)
 
 
 def test_credentials_named_by_reference_over_https_load(tmp_path: Path) -> None:
-    paths = files(tmp_path, atype="Artifactory", aspec=(
-        "url: https://a/x-<+artifact.tag>.tgz\ntag: 1.0\nusername: deployer\n"
-        "passwordRef: account.artifactory_pw\nallowUnverified: true"))
+    paths = files(
+        tmp_path,
+        atype="Artifactory",
+        aspec=(
+            "url: https://a/x-<+artifact.tag>.tgz\ntag: 1.0\nusername: deployer\n"
+            "passwordRef: account.artifactory_pw\nallowUnverified: true"
+        ),
+    )
     assert validate(*paths).exit_code == 0
-    paths = files(tmp_path, aspec=("url: https://a/x.tgz\ntag: 1.0\n"
-                                   "token: <+secrets.getValue(\"ci_token\")>"))
+    paths = files(
+        tmp_path, aspec=('url: https://a/x.tgz\ntag: 1.0\ntoken: <+secrets.getValue("ci_token")>')
+    )
     res = validate(*paths)
     assert res.exit_code == 0, res.output
 
@@ -334,57 +426,94 @@ def test_credentials_named_by_reference_over_https_load(tmp_path: Path) -> None:
 def test_a_misspelt_host_filter_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
     paths = files(tmp_path, infra=AWS % {"fspec": indent("regionz: [us-east-1]", 8)})
     res = validate(*paths)
-    assert_refused(res, paths[2], "regionz:", "unknown field 'regionz'",
-                   "did you mean 'regions'?", "hostFilter.spec.regionz")
+    assert_refused(
+        res,
+        paths[2],
+        "regionz:",
+        "unknown field 'regionz'",
+        "did you mean 'regions'?",
+        "hostFilter.spec.regionz",
+    )
 
 
 def test_a_host_filter_that_does_not_apply_to_the_provider_is_refused(tmp_path: Path) -> None:
     infra = (AWS % {"fspec": indent("tags: {App: web}", 8)}).replace(
-        "type: AwsInstanceFilter", "type: AzureVmFilter")
+        "type: AwsInstanceFilter", "type: AzureVmFilter"
+    )
     paths = files(tmp_path, infra=infra)
-    assert_refused(validate(*paths), paths[2], "AzureVmFilter",
-                   "does not apply to an AWS infrastructure")
+    assert_refused(
+        validate(*paths), paths[2], "AzureVmFilter", "does not apply to an AWS infrastructure"
+    )
 
 
 def test_ssh_settings_of_a_local_connection_are_not_ignored(tmp_path: Path) -> None:
     paths = files(tmp_path, infra=STATIC % {"ctype": "Local, user: deploy"})
-    assert_refused(validate(*paths), paths[2], "connection:", "'user' is not supported by a "
-                   "Local connection")
+    assert_refused(
+        validate(*paths), paths[2], "connection:", "'user' is not supported by a Local connection"
+    )
 
 
-@pytest.mark.parametrize(("phase", "needle", "words"), [
-    ("computeProviderType: QUANTUM", "computeProviderType",
-     ["unknown computeProviderType 'QUANTUM'", "computeProviderType"]),
-    ("computeProviderType: AWS", "computeProviderType",
-     ["contradicts", "PHYSICAL_DATA_CENTER"]),
-    ("infraDefinitionId: aws_prod_infra", "infraDefinitionId",
-     ["'aws_prod_infra' is not an infrastructure of this stage (hosts)"]),
-    ("serviceId: api", "serviceId", ["not the stage's service 'web'"]),
-    ("deploymentType: WinRm", "deploymentType", ["contradicts the stage's deploymentType"]),
-])
-def test_reference_phase_fields_must_agree_with_the_stage(tmp_path: Path, phase: str,
-                                                          needle: str, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("phase", "needle", "words"),
+    [
+        (
+            "computeProviderType: QUANTUM",
+            "computeProviderType",
+            ["unknown computeProviderType 'QUANTUM'", "computeProviderType"],
+        ),
+        (
+            "computeProviderType: AWS",
+            "computeProviderType",
+            ["contradicts", "PHYSICAL_DATA_CENTER"],
+        ),
+        (
+            "infraDefinitionId: aws_prod_infra",
+            "infraDefinitionId",
+            ["'aws_prod_infra' is not an infrastructure of this stage (hosts)"],
+        ),
+        ("serviceId: api", "serviceId", ["not the stage's service 'web'"]),
+        ("deploymentType: WinRm", "deploymentType", ["contradicts the stage's deploymentType"]),
+    ],
+)
+def test_reference_phase_fields_must_agree_with_the_stage(
+    tmp_path: Path, phase: str, needle: str, words: list[str]
+) -> None:
     paths = files(tmp_path, phase=phase)
     assert_refused(validate(*paths), paths[3], needle, *words)
 
 
 def test_reference_phase_fields_that_agree_load(tmp_path: Path) -> None:
-    paths = files(tmp_path, phase="deploymentType: SSH\ncomputeProviderType: "
-                                  "PHYSICAL_DATA_CENTER\ninfraDefinitionId: hosts\nserviceId: web")
+    paths = files(
+        tmp_path,
+        phase="deploymentType: SSH\ncomputeProviderType: "
+        "PHYSICAL_DATA_CENTER\ninfraDefinitionId: hosts\nserviceId: web",
+    )
     res = validate(*paths)
     assert res.exit_code == 0, res.output
 
 
 def test_harness_verification_keys_are_not_silently_ignored(tmp_path: Path) -> None:
     # A canary analysis with half its keys (tests/unit/test_canary_analysis.py has the rest)
-    paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
-                                  "    properties: {analysisType: Prometheus}")
-    assert_refused(validate(*paths), paths[3], "analysisType", "a canary analysis needs "
-                   "comparisonStrategy")
-    paths = files(tmp_path, phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
-                                  "    properties: {analysisProvider: Prometheus}")
-    assert_refused(validate(*paths), paths[3], "analysisProvider", "'analysisProvider' is not "
-                   "supported", "healthCheck")
+    paths = files(
+        tmp_path,
+        phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
+        "    properties: {analysisType: Prometheus}",
+    )
+    assert_refused(
+        validate(*paths), paths[3], "analysisType", "a canary analysis needs comparisonStrategy"
+    )
+    paths = files(
+        tmp_path,
+        phase="steps:\n  - type: VERIFICATION\n    name: Check\n"
+        "    properties: {analysisProvider: Prometheus}",
+    )
+    assert_refused(
+        validate(*paths),
+        paths[3],
+        "analysisProvider",
+        "'analysisProvider' is not supported",
+        "healthCheck",
+    )
 
 
 # --- the test-only connection --------------------------------------------------------------
@@ -393,8 +522,14 @@ def test_harness_verification_keys_are_not_silently_ignored(tmp_path: Path) -> N
 def test_a_noop_connection_in_a_pipeline_file_is_refused(tmp_path: Path) -> None:
     paths = files(tmp_path, infra=STATIC % {"ctype": "Noop"})
     res = validate(*paths)
-    assert_refused(res, paths[2], "connection:", "connection type Noop is not allowed",
-                   "VMFARM_TEST_CONNECTION", "spec.spec.connection.type")
+    assert_refused(
+        res,
+        paths[2],
+        "connection:",
+        "connection type Noop is not allowed",
+        "VMFARM_TEST_CONNECTION",
+        "spec.spec.connection.type",
+    )
 
 
 def test_only_the_workers_setting_makes_hosts_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,11 +45,13 @@ def test_groups_come_from_the_token_or_the_servers_users_file(cfg) -> None:  # t
 
 
 def test_the_callers_environment_and_working_directory_grant_nothing(
-        cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     # Given a caller who sets every variable the local CLI believes
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "rbac.yaml").write_text(
-        "roles: {all: ['*']}\nbindings: [{role: all, users: ['*']}]\n")
+        "roles: {all: ['*']}\nbindings: [{role: all, users: ['*']}]\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VMFARM_USER", "root-person")
     monkeypatch.setenv("VMFARM_RBAC_FILE", str(tmp_path / "configs" / "rbac.yaml"))
@@ -75,18 +77,27 @@ def test_nobody_makes_a_token_stronger_than_themselves(cfg) -> None:  # type: ig
 
 
 def test_operations_guard_with_the_servers_rules_counts_token_groups_and_roles(
-        cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     from app import rbac
 
     # A local RBAC file that would allow everyone everything is not the one applied
     local = tmp_path / "local-rbac.yaml"
     local.write_text('roles: {all: ["*"]}\nbindings: [{role: all, users: ["*"]}]\n')
     monkeypatch.setenv("VMFARM_RBAC_FILE", str(local))
-    plan = {"identifier": "web", "stages": [{"type": "Deployment", "identifier": "d",
-                                             "environment": {"identifier": "prod",
-                                                             "type": "Production"}}]}
-    with pytest.raises(PermissionRefused, match="carol may not run: missing permission "
-                                                "pipeline:execute"):
+    plan = {
+        "identifier": "web",
+        "stages": [
+            {
+                "type": "Deployment",
+                "identifier": "d",
+                "environment": {"identifier": "prod", "type": "Production"},
+            }
+        ],
+    }
+    with pytest.raises(
+        PermissionRefused, match="carol may not run: missing permission pipeline:execute"
+    ):
         rbac.guard("run", user="carol", plan=plan, rules=cfg)
     # alice's token says she is a deployer: that is enough outside production only
     with pytest.raises(PermissionRefused, match="environment:deploy:production"):

@@ -43,92 +43,252 @@ def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[datetime
 
 
 def _plan(*envs: str) -> dict[str, object]:
-    return {"stages": [{"environment": {"identifier": e}} if e else {"type": "Approval"}
-                       for e in envs]}
+    return {
+        "stages": [{"environment": {"identifier": e}} if e else {"type": "Approval"} for e in envs]
+    }
 
 
-def _step(ex: str, host: str, step: int, status: str, seconds: float | None, now: datetime, *,
-          kind: str = "deploy", region: str = "r1", attempt: int = 1, error_class: str = "",
-          error: str = "") -> HostStepRun:
+def _step(
+    ex: str,
+    host: str,
+    step: int,
+    status: str,
+    seconds: float | None,
+    now: datetime,
+    *,
+    kind: str = "deploy",
+    region: str = "r1",
+    attempt: int = 1,
+    error_class: str = "",
+    error: str = "",
+) -> HostStepRun:
     start = now - timedelta(hours=1)
-    return HostStepRun(idem_key=f"{ex}/{host}/{step}/{kind}/{attempt}", execution_id=ex,
-                       stage_index=0, phase=0, step_index=step, step_id=f"s{step}", kind=kind,
-                       host=host, region=region, attempt=attempt, status=status,
-                       error_class=error_class or None, error=error or None, started_at=start,
-                       heartbeat_at=now,
-                       finished_at=start + timedelta(seconds=seconds) if seconds is not None
-                       else None)
+    return HostStepRun(
+        idem_key=f"{ex}/{host}/{step}/{kind}/{attempt}",
+        execution_id=ex,
+        stage_index=0,
+        phase=0,
+        step_index=step,
+        step_id=f"s{step}",
+        kind=kind,
+        host=host,
+        region=region,
+        attempt=attempt,
+        status=status,
+        error_class=error_class or None,
+        error=error or None,
+        started_at=start,
+        heartbeat_at=now,
+        finished_at=start + timedelta(seconds=seconds) if seconds is not None else None,
+    )
 
 
-def _phase(ex: str, phase: int, kind: str, status: str, seconds: float | None, now: datetime,
-           **extra: object) -> PhaseRun:
+def _phase(
+    ex: str,
+    phase: int,
+    kind: str,
+    status: str,
+    seconds: float | None,
+    now: datetime,
+    **extra: object,
+) -> PhaseRun:
     start = now - timedelta(hours=2)
-    return PhaseRun(execution_id=ex, stage_index=0, phase=phase, kind=kind, status=status,
-                    dispatched_at=start,
-                    gate_at=start + timedelta(seconds=seconds) if seconds is not None else None,
-                    **extra)
+    return PhaseRun(
+        execution_id=ex,
+        stage_index=0,
+        phase=phase,
+        kind=kind,
+        status=status,
+        dispatched_at=start,
+        gate_at=start + timedelta(seconds=seconds) if seconds is not None else None,
+        **extra,
+    )
 
 
 def _fill(now: datetime) -> None:
     ago = now - timedelta(hours=3)
     with session_scope() as s:
-        s.add(Execution(id="exok", pipeline="web", status=Status.SUCCEEDED, plan=_plan("prod"),
-                        created_at=ago, started_at=ago, finished_at=now - timedelta(hours=2)))
-        s.add(Execution(id="exfail", pipeline="web", status=Status.FAILED,
-                        plan=_plan("staging", "", "prod", "staging"), created_at=ago,
-                        started_at=ago, finished_at=now - timedelta(hours=2)))
-        s.add(Execution(id="exold", pipeline="web", status=Status.FAILED, plan=_plan("prod"),
-                        created_at=now - timedelta(days=30),
-                        finished_at=now - timedelta(days=30)))
-        s.add(Execution(id="exrun", pipeline="api", status=Status.RUNNING, plan=_plan("dev"),
-                        created_at=now - timedelta(minutes=50),
-                        started_at=now - timedelta(minutes=40)))
-        s.add(Execution(id="exwait", pipeline="api", status=Status.WAITING, plan=_plan("", "dev"),
-                        created_at=now - timedelta(days=2), started_at=now - timedelta(days=2)))
+        s.add(
+            Execution(
+                id="exok",
+                pipeline="web",
+                status=Status.SUCCEEDED,
+                plan=_plan("prod"),
+                created_at=ago,
+                started_at=ago,
+                finished_at=now - timedelta(hours=2),
+            )
+        )
+        s.add(
+            Execution(
+                id="exfail",
+                pipeline="web",
+                status=Status.FAILED,
+                plan=_plan("staging", "", "prod", "staging"),
+                created_at=ago,
+                started_at=ago,
+                finished_at=now - timedelta(hours=2),
+            )
+        )
+        s.add(
+            Execution(
+                id="exold",
+                pipeline="web",
+                status=Status.FAILED,
+                plan=_plan("prod"),
+                created_at=now - timedelta(days=30),
+                finished_at=now - timedelta(days=30),
+            )
+        )
+        s.add(
+            Execution(
+                id="exrun",
+                pipeline="api",
+                status=Status.RUNNING,
+                plan=_plan("dev"),
+                created_at=now - timedelta(minutes=50),
+                started_at=now - timedelta(minutes=40),
+            )
+        )
+        s.add(
+            Execution(
+                id="exwait",
+                pipeline="api",
+                status=Status.WAITING,
+                plan=_plan("", "dev"),
+                created_at=now - timedelta(days=2),
+                started_at=now - timedelta(days=2),
+            )
+        )
         s.flush()
-        s.add(StageRun(execution_id="exok", stage_index=0, identifier="deploy",
-                       status=Status.SUCCEEDED))
-        s.add(StageRun(execution_id="exfail", stage_index=0, identifier="deploy",
-                       status=Status.ROLLED_BACK))
-        s.add(StageRun(execution_id="exfail", stage_index=1, identifier="prod",
-                       status=Status.ROLLBACK_FAILED))
-        s.add(StageRun(execution_id="exold", stage_index=0, identifier="deploy",
-                       status=Status.ROLLED_BACK))
+        s.add(
+            StageRun(
+                execution_id="exok", stage_index=0, identifier="deploy", status=Status.SUCCEEDED
+            )
+        )
+        s.add(
+            StageRun(
+                execution_id="exfail", stage_index=0, identifier="deploy", status=Status.ROLLED_BACK
+            )
+        )
+        s.add(
+            StageRun(
+                execution_id="exfail",
+                stage_index=1,
+                identifier="prod",
+                status=Status.ROLLBACK_FAILED,
+            )
+        )
+        s.add(
+            StageRun(
+                execution_id="exold", stage_index=0, identifier="deploy", status=Status.ROLLED_BACK
+            )
+        )
         s.add(_phase("exok", 0, "deploy", Status.SUCCEEDED, 40, now))
         s.add(_phase("exok", 0, "verify", Status.SUCCEEDED, 4, now))
         s.add(_phase("exfail", 0, "deploy", Status.SUCCEEDED, 400, now))
         s.add(_phase("exfail", 1, "verify", Status.FAILED, 20, now))
         s.add(_phase("exfail", 1, "mi-verify", Status.SUCCEEDED, 5, now))
-        s.add(_phase("exfail", 2, "rollback", Status.SUCCEEDED, 15, now,
-                     verdict={"judged_by": "the reconciler: every host had finished"}))
+        s.add(
+            _phase(
+                "exfail",
+                2,
+                "rollback",
+                Status.SUCCEEDED,
+                15,
+                now,
+                verdict={"judged_by": "the reconciler: every host had finished"},
+            )
+        )
         s.add(_phase("exrun", 0, "deploy", Status.RUNNING, None, now))  # no verdict yet
-        s.add(PhaseRun(execution_id="exwait", stage_index=0, phase=0, kind="approval",
-                       status=Status.RUNNING, dispatched_at=now - timedelta(hours=5)))
+        s.add(
+            PhaseRun(
+                execution_id="exwait",
+                stage_index=0,
+                phase=0,
+                kind="approval",
+                status=Status.RUNNING,
+                dispatched_at=now - timedelta(hours=5),
+            )
+        )
         s.add(_phase("exold", 0, "deploy", Status.FAILED, 70, now))
         s.add(_step("exok", "h1", 0, Status.SUCCEEDED, 3, now))
         s.add(_step("exok", "h2", 0, Status.SUCCEEDED, 45, now, region="r2"))
-        s.add(_step("exfail", "h1", 0, Status.FAILED, 200, now, error_class="DelegateRestart",
-                    error="worker lost: no heartbeat from w-r1@a since 10:00:00 UTC"))
-        s.add(_step("exfail", "h2", 0, Status.FAILED, 3600, now, error_class="Timeout",
-                    error="no worker took the steps of h2 within 3600 s; nothing ran"))
+        s.add(
+            _step(
+                "exfail",
+                "h1",
+                0,
+                Status.FAILED,
+                200,
+                now,
+                error_class="DelegateRestart",
+                error="worker lost: no heartbeat from w-r1@a since 10:00:00 UTC",
+            )
+        )
+        s.add(
+            _step(
+                "exfail",
+                "h2",
+                0,
+                Status.FAILED,
+                3600,
+                now,
+                error_class="Timeout",
+                error="no worker took the steps of h2 within 3600 s; nothing ran",
+            )
+        )
         s.add(_step("exfail", "h1", 0, Status.SUCCEEDED, 7, now, kind="rollback"))
         s.add(_step("exfail", "h3", 0, Status.SUCCEEDED, 10, now, kind="rollback"))
         s.add(_step("exrun", "h3", 0, Status.RUNNING, None, now))
         s.add(_step("exrun", "h4", 0, Status.SUCCEEDED, 1, now, region="r2"))
         s.add(_step("exold", "h1", 0, Status.FAILED, 5000, now))
-        s.add(WorkerBeat(name="w-r1@a", regions=["r1"], queues=["vmfarm.r1"], concurrency=4,
-                         in_flight=1, beat_at=now))
-        s.add(WorkerBeat(name="w-r1@b", regions=["r1"], queues=["vmfarm.r1"], concurrency=2,
-                         in_flight=0, beat_at=now))
-        s.add(WorkerBeat(name="w-r2@dead", regions=["r2"], queues=["vmfarm.r2"],
-                         concurrency=8, beat_at=now - timedelta(hours=1)))
-        s.add(WorkerBeat(name="w-control@a", regions=[], queues=["vmfarm.control"],
-                         concurrency=2, beat_at=now))
+        s.add(
+            WorkerBeat(
+                name="w-r1@a",
+                regions=["r1"],
+                queues=["vmfarm.r1"],
+                concurrency=4,
+                in_flight=1,
+                beat_at=now,
+            )
+        )
+        s.add(
+            WorkerBeat(
+                name="w-r1@b",
+                regions=["r1"],
+                queues=["vmfarm.r1"],
+                concurrency=2,
+                in_flight=0,
+                beat_at=now,
+            )
+        )
+        s.add(
+            WorkerBeat(
+                name="w-r2@dead",
+                regions=["r2"],
+                queues=["vmfarm.r2"],
+                concurrency=8,
+                beat_at=now - timedelta(hours=1),
+            )
+        )
+        s.add(
+            WorkerBeat(
+                name="w-control@a",
+                regions=[],
+                queues=["vmfarm.control"],
+                concurrency=2,
+                beat_at=now,
+            )
+        )
 
 
 def _samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def _get(samples: Samples, name: str, **labels: str) -> float | None:
@@ -197,12 +357,10 @@ def test_host_steps_and_their_durations_are_a_counter_and_a_histogram(ledger: da
     p = "vmfarm_phase_duration_seconds"
     assert _get(m, f"{p}_count", pipeline="web", kind="deploy", status="SUCCEEDED") == 2
     assert _get(m, f"{p}_sum", pipeline="web", kind="deploy", status="SUCCEEDED") == 440
-    assert _get(m, f"{p}_bucket", pipeline="web", kind="deploy", status="SUCCEEDED",
-                le="60.0") == 1
+    assert _get(m, f"{p}_bucket", pipeline="web", kind="deploy", status="SUCCEEDED", le="60.0") == 1
     assert _get(m, f"{p}_count", pipeline="web", kind="verify", status="FAILED") == 1
     # A manual intervention's record and a phase still running are no phase durations.
-    assert not any(n.startswith(p) and dict(lab).get("kind", "").startswith("mi")
-                   for n, lab in m)
+    assert not any(n.startswith(p) and dict(lab).get("kind", "").startswith("mi") for n, lab in m)
     assert not any(n.startswith(p) and dict(lab).get("status") == "RUNNING" for n, lab in m)
 
 
@@ -255,27 +413,43 @@ def test_workers_per_region_and_control_workers_carry_no_placeholder(ledger: dat
 
 
 def test_configured_regions_and_regions_of_unfinished_runs_name_their_queues(
-        ledger: datetime) -> None:
+    ledger: datetime,
+) -> None:
     _fill(ledger)
     with session_scope() as s:
-        s.add(StageRun(execution_id="exrun", stage_index=0, identifier="deploy",
-                       status=Status.RUNNING, hosts=[{"name": "h9", "region": "ap-south-1"}]))
+        s.add(
+            StageRun(
+                execution_id="exrun",
+                stage_index=0,
+                identifier="deploy",
+                status=Status.RUNNING,
+                hosts=[{"name": "h9", "region": "ap-south-1"}],
+            )
+        )
     m = _render(regions=["sa-east-1"])
     for queue in ("vmfarm.sa-east-1", "vmfarm.ap-south-1"):
         assert _get(m, "vmfarm_queue_consumers", queue=queue) == 0, queue
 
 
 def test_counters_only_go_up_as_executions_settle_and_match_a_fresh_exporter(
-        ledger: datetime, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.metrics import build_registry
     from app.metrics import render as render_with
 
     monkeypatch.setenv("VMFARM_METRICS_SETTLE", "0")
     _fill(ledger)
     with session_scope() as s:  # an aborted run whose step is still running on its host
-        s.add(Execution(id="exab", pipeline="api", status=Status.ABORTED, plan=_plan("dev"),
-                        created_at=ledger - timedelta(minutes=20),
-                        finished_at=ledger - timedelta(minutes=10)))
+        s.add(
+            Execution(
+                id="exab",
+                pipeline="api",
+                status=Status.ABORTED,
+                plan=_plan("dev"),
+                created_at=ledger - timedelta(minutes=20),
+                finished_at=ledger - timedelta(minutes=10),
+            )
+        )
         s.flush()
         s.add(_step("exab", "h5", 0, Status.RUNNING, None, ledger))
     registry = build_registry()  # one exporter that keeps its running totals
@@ -301,25 +475,49 @@ def test_counters_only_go_up_as_executions_settle_and_match_a_fresh_exporter(
         # The fold adds up to the whole ledger (sums of seconds: up to float rounding).
         assert second[key] == pytest.approx(fresh[key], rel=1e-9), key
         assert second[key] >= first.get(key, 0), key  # and never goes back
-    assert _get(second, "vmfarm_host_steps_total", region="r1", kind="deploy", step="s0",
-                status="FAILED") == 5
-    assert _get(second, "vmfarm_executions_finished_total", pipeline="api", environment="dev",
-                status="ABORTED") == 1
-    assert _get(second, "vmfarm_executions_started_total", pipeline="api",
-                environment="dev") == 4
+    assert (
+        _get(
+            second,
+            "vmfarm_host_steps_total",
+            region="r1",
+            kind="deploy",
+            step="s0",
+            status="FAILED",
+        )
+        == 5
+    )
+    assert (
+        _get(
+            second,
+            "vmfarm_executions_finished_total",
+            pipeline="api",
+            environment="dev",
+            status="ABORTED",
+        )
+        == 1
+    )
+    assert _get(second, "vmfarm_executions_started_total", pipeline="api", environment="dev") == 4
 
 
-def test_a_step_the_reconciler_fails_as_lost_is_counted(ledger: datetime,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+def test_a_step_the_reconciler_fails_as_lost_is_counted(
+    ledger: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.coordinator import reconcile
 
     monkeypatch.setenv("VMFARM_HEARTBEAT_TIMEOUT", "60")
     get_settings.cache_clear()
     now = ledger
     with session_scope() as s:  # an aborted run whose worker died mid-step
-        s.add(Execution(id="exlost", pipeline="web", status=Status.ABORTED, plan=_plan("prod"),
-                        created_at=now - timedelta(hours=1), finished_at=now))
+        s.add(
+            Execution(
+                id="exlost",
+                pipeline="web",
+                status=Status.ABORTED,
+                plan=_plan("prod"),
+                created_at=now - timedelta(hours=1),
+                finished_at=now,
+            )
+        )
         s.flush()
         row = _step("exlost", "h1", 0, Status.RUNNING, None, now)
         row.heartbeat_at = now - timedelta(minutes=10)
@@ -330,8 +528,12 @@ def test_a_step_the_reconciler_fails_as_lost_is_counted(ledger: datetime,
     assert any("worker lost" in a for a in actions), actions
     after = _render()
     assert _get(after, "vmfarm_reconciler_actions_total", action="lost_step") == 1
-    assert _get(after, "vmfarm_host_steps_total", region="r1", kind="deploy", step="s0",
-                status="FAILED") == 1
+    assert (
+        _get(
+            after, "vmfarm_host_steps_total", region="r1", kind="deploy", step="s0", status="FAILED"
+        )
+        == 1
+    )
 
 
 def test_refused_messages_are_counted_from_the_first_scrape(ledger: datetime) -> None:
@@ -350,14 +552,20 @@ def test_an_empty_ledger_still_exposes_the_series_alerts_need(ledger: datetime) 
     m = _render()
     assert _get(m, "vmfarm_gate_verdicts_total", kind="verify", verdict="fail") == 0
     assert _get(m, "vmfarm_control_workers", state="live") == 0
-    for action in ("lost_step", "unclaimed_step", "approval_timeout", "discovery_timeout",
-                   "lost_gate"):
+    for action in (
+        "lost_step",
+        "unclaimed_step",
+        "approval_timeout",
+        "discovery_timeout",
+        "lost_gate",
+    ):
         assert _get(m, "vmfarm_reconciler_actions_total", action=action) == 0
     assert _get(m, "vmfarm_metrics_source_up", source="ledger") == 1
 
 
-def test_an_unreadable_ledger_is_reported_not_raised(ledger: datetime,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreadable_ledger_is_reported_not_raised(
+    ledger: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # under a file: no folder can be made there, so the ledger cannot be opened
     monkeypatch.setenv("VMFARM_DATABASE_URL", "sqlite:////dev/null/x/vmfarm.db")
     get_settings.cache_clear()
@@ -382,8 +590,16 @@ def test_the_http_endpoint_serves_the_same_metrics(ledger: datetime) -> None:
     finally:
         server.close()
     m = _samples(body)
-    assert _get(m, "vmfarm_executions_finished_total", pipeline="web", environment="prod",
-                status="SUCCEEDED") == 1
+    assert (
+        _get(
+            m,
+            "vmfarm_executions_finished_total",
+            pipeline="web",
+            environment="prod",
+            status="SUCCEEDED",
+        )
+        == 1
+    )
     assert "# TYPE vmfarm_host_step_duration_seconds histogram" in body
     assert "# TYPE vmfarm_executions_started_total counter" in body
 

@@ -96,8 +96,9 @@ def test_a_native_pipeline_loads_and_plans_like_its_vmfarm_form(tmp_path: Path) 
     converted = tmp_path / "converted" / "pipeline.yaml"
     converted.parent.mkdir()
     converted.write_text(convert_text(NATIVE_PIPELINE, "vmfarm"))
-    assert converted.read_text().startswith("# deploy hello, as Harness writes it\n"
-                                            "apiVersion: v1\nkind: Pipeline\nmetadata:\n")
+    assert converted.read_text().startswith(
+        "# deploy hello, as Harness writes it\napiVersion: v1\nkind: Pipeline\nmetadata:\n"
+    )
     a = plan_json([*files, native], {"tag": "1"})
     b = plan_json([*files, converted], {"tag": "1"})
     assert comparable(a, tmp_path) == comparable(b, tmp_path)
@@ -129,8 +130,9 @@ def test_an_error_in_a_native_file_names_the_field_as_the_file_does(tmp_path: Pa
     (err,) = errors
     assert err.file == str(bad)
     assert err.line == line_of(bad, "type: Scriptx")
-    assert err.field == ("pipeline.stages[0].stage.spec.execution.steps[0].step.spec"
-                         ".commandUnits[0].type")
+    assert err.field == (
+        "pipeline.stages[0].stage.spec.execution.steps[0].step.spec.commandUnits[0].type"
+    )
     assert "unknown type 'Scriptx'" in err.message
 
 
@@ -146,9 +148,12 @@ def test_runtime_inputs_of_a_native_file_have_their_usual_names(tmp_path: Path) 
 def test_convert_round_trip_of_the_demo_keeps_its_plan(tmp_path: Path) -> None:
     """`vmfarm convert --to harness` then `--to vmfarm` of configs/demo: the same plan at
     every step, and the text back where it started."""
-    infra = (GOOD / "infrastructure.yaml").read_text() \
-        .replace("environmentRef: test_env", "environmentRef: lab") \
+    infra = (
+        (GOOD / "infrastructure.yaml")
+        .read_text()
+        .replace("environmentRef: test_env", "environmentRef: lab")
         .replace("identifier: test_hosts", "identifier: lab")
+    )
     roots = {}
     for name in ("original", "harness", "back"):
         root = tmp_path / name
@@ -157,18 +162,21 @@ def test_convert_round_trip_of_the_demo_keeps_its_plan(tmp_path: Path) -> None:
         roots[name] = root
     runner = CliRunner()
     for name, to in (("harness", "harness"), ("back", "harness")):
-        result = runner.invoke(main, ["convert", "--to", to, "--write",
-                                      str(roots[name] / "demo")])
+        result = runner.invoke(main, ["convert", "--to", to, "--write", str(roots[name] / "demo")])
         assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["convert", "--to", "vmfarm", "--write",
-                                  str(roots["back"] / "demo")])
+    result = runner.invoke(
+        main, ["convert", "--to", "vmfarm", "--write", str(roots["back"] / "demo")]
+    )
     assert result.exit_code == 0, result.output
     assert "\npipeline:\n" in (roots["harness"] / "demo" / "pipeline.yaml").read_text()
     for f in ("pipeline.yaml", "service.yaml", "environment.yaml"):
         assert (roots["back"] / "demo" / f).read_text() == (DEMO / f).read_text(), f
-    plans = {name: comparable(plan_json([root / "demo", root / "infrastructure.yaml"],
-                                        {"tag": "1.0"}), root)
-             for name, root in roots.items()}
+    plans = {
+        name: comparable(
+            plan_json([root / "demo", root / "infrastructure.yaml"], {"tag": "1.0"}), root
+        )
+        for name, root in roots.items()
+    }
     assert plans["harness"] == plans["original"]
     assert plans["back"] == plans["original"]
 

@@ -14,38 +14,63 @@ from app.errors import SpecError, SpecErrors
 GOOD = Path(__file__).resolve().parents[1] / "data" / "good"
 
 CASES = {
-    "tailFiles": ("pipeline", "name: Prepare\n                        type: Script\n"
-                  "                        spec:\n",
-                  "name: Prepare\n                        type: Script\n"
-                  "                        spec:\n"
-                  "                          tailFiles: [{tailFile: /var/log/app.log, "
-                  "tailPattern: started}]\n",
-                  "tailFiles is not supported"),
-    "Copy from config files": ("pipeline", "sourceType: Artifact", "sourceType: Config",
-                               "Copy with sourceType Config is not supported yet"),
-    "WinRM stage": ("pipeline", "deploymentType: Ssh", "deploymentType: WinRm",
-                    "deploymentType WinRm is not supported: vmfarm deploys over SSH"),
-    "WinRM infrastructure": ("infrastructure", "deploymentType: Ssh", "deploymentType: WinRm",
-                             "deploymentType WinRm is not supported"),
-    "WinRM service": ("service", "    type: SSH\n", "    type: WinRm\n",
-                      "deploymentType WinRm is not supported"),
-    "config files": ("service", "      variables:\n",
-                     "      configFiles:\n        - configFile: {name: app.conf}\n"
-                     "      variables:\n",
-                     "configFiles are not supported yet"),
-    "SSH credential reference": ("infrastructure", "    region: r1\n",
-                                 "    region: r1\n    credentialsRef: lab_ssh_key\n",
-                                 "credentialsRef (a Harness SSH credential) is not supported"),
-    "sidecar artifacts": ("service", "            tag: <+input>\n",
-                          "            tag: <+input>\n        sidecars:\n"
-                          "          - sidecar: {identifier: agent, type: Http}\n",
-                          "sidecar artifacts are not supported"),
+    "tailFiles": (
+        "pipeline",
+        "name: Prepare\n                        type: Script\n                        spec:\n",
+        "name: Prepare\n                        type: Script\n"
+        "                        spec:\n"
+        "                          tailFiles: [{tailFile: /var/log/app.log, "
+        "tailPattern: started}]\n",
+        "tailFiles is not supported",
+    ),
+    "Copy from config files": (
+        "pipeline",
+        "sourceType: Artifact",
+        "sourceType: Config",
+        "Copy with sourceType Config is not supported yet",
+    ),
+    "WinRM stage": (
+        "pipeline",
+        "deploymentType: Ssh",
+        "deploymentType: WinRm",
+        "deploymentType WinRm is not supported: vmfarm deploys over SSH",
+    ),
+    "WinRM infrastructure": (
+        "infrastructure",
+        "deploymentType: Ssh",
+        "deploymentType: WinRm",
+        "deploymentType WinRm is not supported",
+    ),
+    "WinRM service": (
+        "service",
+        "    type: SSH\n",
+        "    type: WinRm\n",
+        "deploymentType WinRm is not supported",
+    ),
+    "config files": (
+        "service",
+        "      variables:\n",
+        "      configFiles:\n        - configFile: {name: app.conf}\n      variables:\n",
+        "configFiles are not supported yet",
+    ),
+    "SSH credential reference": (
+        "infrastructure",
+        "    region: r1\n",
+        "    region: r1\n    credentialsRef: lab_ssh_key\n",
+        "credentialsRef (a Harness SSH credential) is not supported",
+    ),
+    "sidecar artifacts": (
+        "service",
+        "            tag: <+input>\n",
+        "            tag: <+input>\n        sidecars:\n"
+        "          - sidecar: {identifier: agent, type: Http}\n",
+        "sidecar artifacts are not supported",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_setting_vmfarm_does_not_carry_out_is_refused_by_name(case: str,
-                                                                 tmp_path: Path) -> None:
+def test_a_setting_vmfarm_does_not_carry_out_is_refused_by_name(case: str, tmp_path: Path) -> None:
     stem, old, new, said = CASES[case]
     folder = tmp_path / "files"
     shutil.copytree(GOOD, folder)

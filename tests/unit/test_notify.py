@@ -33,36 +33,89 @@ SECRET = "hunter2-s3cr3t"
 # --- a failed run -------------------------------------------------------------------------------
 
 
-def _host(name: str, status: str, *, step_error: str | None = None, cls: str = "CommandFailed",
-          exit_code: int | None = 1, verification: str | None = None) -> dict[str, Any]:
-    steps = [{"step": "fetch", "status": Status.SUCCEEDED, "error": None, "error_class": None,
-              "exit_code": 0}]
+def _host(
+    name: str,
+    status: str,
+    *,
+    step_error: str | None = None,
+    cls: str = "CommandFailed",
+    exit_code: int | None = 1,
+    verification: str | None = None,
+) -> dict[str, Any]:
+    steps = [
+        {
+            "step": "fetch",
+            "status": Status.SUCCEEDED,
+            "error": None,
+            "error_class": None,
+            "exit_code": 0,
+        }
+    ]
     if step_error is not None:
-        steps.append({"step": "install", "status": Status.FAILED, "error": step_error,
-                      "error_class": cls, "exit_code": exit_code})
-    return {"host": name, "region": "r1", "status": status, "steps": steps,
-            "verification": verification, "rollback": None}
+        steps.append(
+            {
+                "step": "install",
+                "status": Status.FAILED,
+                "error": step_error,
+                "error_class": cls,
+                "exit_code": exit_code,
+            }
+        )
+    return {
+        "host": name,
+        "region": "r1",
+        "status": status,
+        "steps": steps,
+        "verification": verification,
+        "rollback": None,
+    }
 
 
 def failed_report() -> dict[str, Any]:
     """The shape of app.report.execution_report for a run whose second stage failed."""
-    disk = [_host(f"web-{i:02d}", Status.FAILED, step_error="No space left on device")
-            for i in range(1, 13)]
-    refused = [_host(f"db-{i}", Status.FAILED, step_error=f"connection to db-{i} refused",
-                     cls="Connectivity", exit_code=None) for i in (1, 2)]
+    disk = [
+        _host(f"web-{i:02d}", Status.FAILED, step_error="No space left on device")
+        for i in range(1, 13)
+    ]
+    refused = [
+        _host(
+            f"db-{i}",
+            Status.FAILED,
+            step_error=f"connection to db-{i} refused",
+            cls="Connectivity",
+            exit_code=None,
+        )
+        for i in (1, 2)
+    ]
     unverified = [_host("api-1", Status.FAILED, verification="FAILED")]
     leaked = [_host("cache-1", Status.FAILED, step_error=f"bad token {SECRET}\nmore detail")]
     fine = [_host("web-99", Status.SUCCEEDED)]
     return {
-        "id": EX, "pipeline": "web_app", "pipeline_name": "Web App", "status": Status.FAILED,
-        "error": "stage 'deploy_prod': 16 host(s) failed in phase 1", "intervention": None,
+        "id": EX,
+        "pipeline": "web_app",
+        "pipeline_name": "Web App",
+        "status": Status.FAILED,
+        "error": "stage 'deploy_prod': 16 host(s) failed in phase 1",
+        "intervention": None,
         "stages": [
-            {"index": 0, "identifier": "deploy_staging", "name": "Staging",
-             "status": Status.SUCCEEDED, "error": None, "phases": [],
-             "hosts": [_host("stg-1", Status.SUCCEEDED)]},
-            {"index": 1, "identifier": "deploy_prod", "name": "Production",
-             "status": Status.FAILED, "error": "16 host(s) failed in phase 1", "phases": [],
-             "hosts": [*disk, *refused, *unverified, *leaked, *fine]},
+            {
+                "index": 0,
+                "identifier": "deploy_staging",
+                "name": "Staging",
+                "status": Status.SUCCEEDED,
+                "error": None,
+                "phases": [],
+                "hosts": [_host("stg-1", Status.SUCCEEDED)],
+            },
+            {
+                "index": 1,
+                "identifier": "deploy_prod",
+                "name": "Production",
+                "status": Status.FAILED,
+                "error": "16 host(s) failed in phase 1",
+                "phases": [],
+                "hosts": [*disk, *refused, *unverified, *leaked, *fine],
+            },
         ],
     }
 
@@ -71,40 +124,63 @@ def failed_report() -> dict[str, Any]:
 
 
 def test_the_rule_model_takes_the_file_shape() -> None:
-    r = NotificationRule.model_validate({
-        "name": "n", "identifier": "n1", "events": ["PipelineStart", "RollbackDone"],
-        "stages": ["deploy"],
-        "channel": {"type": "Email", "spec": {"to": [" a@example.com "], "subject": "hi"}}})
+    r = NotificationRule.model_validate(
+        {
+            "name": "n",
+            "identifier": "n1",
+            "events": ["PipelineStart", "RollbackDone"],
+            "stages": ["deploy"],
+            "channel": {"type": "Email", "spec": {"to": [" a@example.com "], "subject": "hi"}},
+        }
+    )
     assert isinstance(r.channel, EmailChannel) and r.channel.spec.to == ["a@example.com"]
     dumped = r.model_dump(by_alias=True, exclude_none=True)
     assert NotificationRule.model_validate(dumped) == r
-    hook = NotificationRule.model_validate({
-        "name": "h", "events": ["AllEvents"],
-        "channel": {"type": "Webhook", "spec": {"webhookUrl": "https://hooks.example.com/x"}}})
-    assert hook.model_dump(by_alias=True)["channel"]["spec"]["webhookUrl"] == \
-        "https://hooks.example.com/x"
+    hook = NotificationRule.model_validate(
+        {
+            "name": "h",
+            "events": ["AllEvents"],
+            "channel": {"type": "Webhook", "spec": {"webhookUrl": "https://hooks.example.com/x"}},
+        }
+    )
+    assert (
+        hook.model_dump(by_alias=True)["channel"]["spec"]["webhookUrl"]
+        == "https://hooks.example.com/x"
+    )
     assert hook.wants("ApprovalNeeded", "any") and not r.wants("PipelineFailed")
     assert r.wants("PipelineStart", None) and r.wants("RollbackDone", "other")
 
 
-@pytest.mark.parametrize("bad, where", [
-    ({"extra": 1}, "extra"),
-    ({"events": []}, "events"),
-    ({"events": ["PipelineExploded"]}, "events"),
-    ({"channel": {"type": "Pager", "spec": {}}}, "channel"),
-    ({"channel": {"type": "Slack", "spec": {}}}, "exactly one"),
-    ({"channel": {"type": "Slack", "spec": {"webhookUrl": "https://h.example.com/x",
-                                            "webhookUrlEnv": "X"}}}, "exactly one"),
-    ({"channel": {"type": "Slack", "spec": {"webhookUrl": "ftp://h.example.com/x"}}}, "http"),
-    ({"channel": {"type": "Slack", "spec": {"webhookUrlEnv": "not a name"}}}, "environment"),
-    ({"channel": {"type": "Email", "spec": {"to": ["nobody"]}}}, "not an email"),
-    ({"channel": {"type": "Email", "spec": {"to": []}}}, "to"),
-    ({"channel": {"type": "Email", "spec": {"to": ["a@b.c"], "cc": ["x@y.z"]}}}, "cc"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"extra": 1}, "extra"),
+        ({"events": []}, "events"),
+        ({"events": ["PipelineExploded"]}, "events"),
+        ({"channel": {"type": "Pager", "spec": {}}}, "channel"),
+        ({"channel": {"type": "Slack", "spec": {}}}, "exactly one"),
+        (
+            {
+                "channel": {
+                    "type": "Slack",
+                    "spec": {"webhookUrl": "https://h.example.com/x", "webhookUrlEnv": "X"},
+                }
+            },
+            "exactly one",
+        ),
+        ({"channel": {"type": "Slack", "spec": {"webhookUrl": "ftp://h.example.com/x"}}}, "http"),
+        ({"channel": {"type": "Slack", "spec": {"webhookUrlEnv": "not a name"}}}, "environment"),
+        ({"channel": {"type": "Email", "spec": {"to": ["nobody"]}}}, "not an email"),
+        ({"channel": {"type": "Email", "spec": {"to": []}}}, "to"),
+        ({"channel": {"type": "Email", "spec": {"to": ["a@b.c"], "cc": ["x@y.z"]}}}, "cc"),
+    ],
+)
 def test_the_rule_model_refuses_mistakes(bad: dict[str, Any], where: str) -> None:
-    rule: dict[str, Any] = {"name": "r", "events": ["PipelineFailed"],
-                            "channel": {"type": "Slack",
-                                        "spec": {"webhookUrl": "https://h.example.com/x"}}}
+    rule: dict[str, Any] = {
+        "name": "r",
+        "events": ["PipelineFailed"],
+        "channel": {"type": "Slack", "spec": {"webhookUrl": "https://h.example.com/x"}},
+    }
     rule.update(bad)
     with pytest.raises(ValidationError, match=where):
         NotificationRule.model_validate(rule)
@@ -119,25 +195,50 @@ def test_messages_per_event() -> None:
     assert "started" in start.title and "Error" not in start.text
     assert start.commands == [f"vmfarm status {EX}"] and start.failed_hosts == []
 
-    approval = {**report, "status": Status.WAITING, "stages": [
-        {"index": 0, "identifier": "approve", "name": "Approve", "status": Status.RUNNING,
-         "hosts": [], "error": None, "phases": [
-             {"kind": "approval", "verdict": {"message": "Ship it?", "groups": ["rm"],
-                                              "required": 2}}]}]}
+    approval = {
+        **report,
+        "status": Status.WAITING,
+        "stages": [
+            {
+                "index": 0,
+                "identifier": "approve",
+                "name": "Approve",
+                "status": Status.RUNNING,
+                "hosts": [],
+                "error": None,
+                "phases": [
+                    {
+                        "kind": "approval",
+                        "verdict": {"message": "Ship it?", "groups": ["rm"], "required": 2},
+                    }
+                ],
+            }
+        ],
+    }
     msg = build_message("ApprovalNeeded", approval, stage=0)
     assert "stage approve waits for approval" in msg.title
     assert "Approval: Ship it?" in msg.text and "Approvers: rm (2 needed)" in msg.text
     assert f"vmfarm approve {EX}" in msg.commands
 
-    mi = {**report, "status": Status.WAITING,
-          "intervention": {"error": "x", "timeout": "1h", "on_timeout": "StageRollback",
-                           "choices": ["Abort", "StageRollback"]}}
+    mi = {
+        **report,
+        "status": Status.WAITING,
+        "intervention": {
+            "error": "x",
+            "timeout": "1h",
+            "on_timeout": "StageRollback",
+            "choices": ["Abort", "StageRollback"],
+        },
+    }
     msg = build_message("InterventionNeeded", mi, stage="deploy_prod")
     assert f"vmfarm intervene {EX} Abort|StageRollback" in msg.commands
 
     rolled = failed_report()
-    rolled["stages"][1]["hosts"][0]["rollback"] = {"status": Status.ROLLBACK_FAILED,
-                                                   "step": "restore", "error": "disk gone"}
+    rolled["stages"][1]["hosts"][0]["rollback"] = {
+        "status": Status.ROLLBACK_FAILED,
+        "step": "restore",
+        "error": "disk gone",
+    }
     msg = build_message("RollbackDone", rolled)
     assert "rollback step restore: disk gone [1]: web-01" in msg.text
 
@@ -145,7 +246,8 @@ def test_messages_per_event() -> None:
 def test_failed_host_groups_are_capped() -> None:
     report = failed_report()
     report["stages"][1]["hosts"] = [
-        _host(f"h{i}", Status.FAILED, step_error=f"error number {i}") for i in range(8)]
+        _host(f"h{i}", Status.FAILED, step_error=f"error number {i}") for i in range(8)
+    ]
     msg = build_message("PipelineFailed", report, max_groups=3, max_hosts=2)
     assert len(msg.failed_hosts) == 3
     assert "and 5 more error(s) on 5 host(s)" in msg.text
@@ -165,8 +267,11 @@ def test_redact_url_keeps_only_scheme_host_and_port() -> None:
 class Ex:
     status: str
     current_stage: int = 0
-    plan: dict[str, Any] = field(default_factory=lambda: {"stages": [
-        {"identifier": "approve", "type": "Approval"}, {"identifier": "deploy"}]})
+    plan: dict[str, Any] = field(
+        default_factory=lambda: {
+            "stages": [{"identifier": "approve", "type": "Approval"}, {"identifier": "deploy"}]
+        }
+    )
     rollback: dict[str, Any] | None = None
 
 
@@ -176,10 +281,13 @@ class Run:
     status: str
 
 
-def snap(status: str, stages: list[str], current: int = 0,
-         cause: str | None = None) -> dict[str, Any]:
-    return snapshot(Ex(status, current, rollback={"cause": cause} if cause else None),
-                    [Run(i, s) for i, s in enumerate(stages)])
+def snap(
+    status: str, stages: list[str], current: int = 0, cause: str | None = None
+) -> dict[str, Any]:
+    return snapshot(
+        Ex(status, current, rollback={"cause": cause} if cause else None),
+        [Run(i, s) for i, s in enumerate(stages)],
+    )
 
 
 def test_events_between_snapshots() -> None:
@@ -193,21 +301,26 @@ def test_events_between_snapshots() -> None:
     mi = snap(Status.WAITING, [S, R], current=1)
     assert events_for(running, mi) == [("InterventionNeeded", 1)]
     assert events_for(running, snap(S, [S, S], current=2)) == [("PipelineSuccess", None)]
-    assert events_for(running, snap(F, [S, F], current=1)) == [("StageFailed", 1),
-                                                               ("PipelineFailed", None)]
+    assert events_for(running, snap(F, [S, F], current=1)) == [
+        ("StageFailed", 1),
+        ("PipelineFailed", None),
+    ]
     rolling = snap(Status.ROLLING_BACK, [S, Status.ROLLING_BACK], 1, cause="failure")
     assert events_for(running, rolling) == [("StageFailed", 1)]
     done = snap(F, [S, Status.ROLLED_BACK], 1, cause="failure")
     assert events_for(rolling, done) == [("RollbackDone", None), ("PipelineFailed", None)]
     # All in one step (nothing to roll back), and a requested rollback of a good execution.
-    assert events_for(running, done) == [("StageFailed", 1), ("RollbackDone", None),
-                                         ("PipelineFailed", None)]
+    assert events_for(running, done) == [
+        ("StageFailed", 1),
+        ("RollbackDone", None),
+        ("PipelineFailed", None),
+    ]
     asked = snap(Status.ROLLING_BACK, [P, P], 2, cause="requested")
     asked_running = snap(Status.ROLLING_BACK, [Status.ROLLING_BACK, P], 2, cause="requested")
     assert events_for(asked, asked_running) == []
-    assert events_for(asked_running, snap(S, [Status.ROLLED_BACK, Status.SKIPPED], 2,
-                                          cause="requested")) == [("RollbackDone", None),
-                                                                  ("PipelineSuccess", None)]
+    assert events_for(
+        asked_running, snap(S, [Status.ROLLED_BACK, Status.SKIPPED], 2, cause="requested")
+    ) == [("RollbackDone", None), ("PipelineSuccess", None)]
 
 
 # --- from the ledger ------------------------------------------------------------------------------

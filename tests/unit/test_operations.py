@@ -112,9 +112,10 @@ APPROVAL_STAGE = """\
 
 
 def _pipeline(ident: str, *stages: str) -> str:
-    return (SERVICE_AND_HOSTS + "---\napiVersion: v1\nkind: Pipeline\n"
-            f"metadata: {{name: {ident}, identifier: {ident}}}\nspec:\n  stages:\n"
-            + "".join(stages))
+    return (
+        SERVICE_AND_HOSTS + "---\napiVersion: v1\nkind: Pipeline\n"
+        f"metadata: {{name: {ident}, identifier: {ident}}}\nspec:\n  stages:\n" + "".join(stages)
+    )
 
 
 @pytest.fixture
@@ -145,8 +146,10 @@ def _trail(execution_id: str | None = None) -> list[tuple[str, str, str]]:
     """(action, user, outcome) of the audit trail, oldest first."""
     from app.audit import events
 
-    return [(e["action"], e["user"], e["outcome"])
-            for e in reversed(events(100, execution_id=execution_id))]
+    return [
+        (e["action"], e["user"], e["outcome"])
+        for e in reversed(events(100, execution_id=execution_id))
+    ]
 
 
 def _execution(execution_id: str) -> Execution:
@@ -212,10 +215,12 @@ EVERY_ACTION = [
 ]
 
 
-@pytest.mark.parametrize(("action", "state", "audited", "permission"), EVERY_ACTION,
-                         ids=[a[0] for a in EVERY_ACTION])
+@pytest.mark.parametrize(
+    ("action", "state", "audited", "permission"), EVERY_ACTION, ids=[a[0] for a in EVERY_ACTION]
+)
 def test_a_user_without_the_permission_is_refused_audited_and_nothing_is_done(
-        home: Path, action: str, state: str, audited: str, permission: str) -> None:
+    home: Path, action: str, state: str, audited: str, permission: str
+) -> None:
     # Given an execution in the state the action needs, and mallory, who holds no role
     execution_id = _state(home, state)
     before = (_count(), execution_id and _execution(execution_id).status)
@@ -230,8 +235,7 @@ def test_a_user_without_the_permission_is_refused_audited_and_nothing_is_done(
 
 
 def test_run_records_the_execution_as_the_actors_and_audits_it(home: Path) -> None:
-    execution_id = operations.run(ALICE, [str(home / "deploy.yaml")], inputs={},
-                                  publish=False)
+    execution_id = operations.run(ALICE, [str(home / "deploy.yaml")], inputs={}, publish=False)
     ex = _execution(execution_id)
     assert (ex.created_by, ex.pipeline, ex.status) == ("alice", "web_release", Status.QUEUED)
     assert _trail(execution_id) == [("run", "alice", "submitted")]
@@ -239,11 +243,13 @@ def test_run_records_the_execution_as_the_actors_and_audits_it(home: Path) -> No
 
 @pytest.mark.parametrize("rbac", [True, False], ids=["rbac on", "single-user"])
 def test_a_run_let_through_with_policy_warnings_is_audited_with_them(
-        home: Path, monkeypatch: pytest.MonkeyPatch, rbac: bool) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch, rbac: bool
+) -> None:
     # Given a warn-severity rule the pipeline breaks (no approval before production)
     (home / "policies.yaml").write_text(
         "policies:\n  - name: approval please\n    severity: warn\n"
-        "    requireApprovalBefore: {environmentType: Production}\n")
+        "    requireApprovalBefore: {environmentType: Production}\n"
+    )
     monkeypatch.setenv("VMFARM_POLICY_FILE", str(home / "policies.yaml"))
     if not rbac:
         monkeypatch.delenv("VMFARM_RBAC_FILE")
@@ -269,19 +275,20 @@ def test_retry_is_a_new_execution_by_the_actor_audited_with_what_it_retries(home
 
 
 @pytest.mark.parametrize(("approve", "outcome"), [(True, "approved"), (False, "rejected")])
-def test_an_approver_decides_and_the_decision_is_audited(home: Path, approve: bool,
-                                                         outcome: str) -> None:
+def test_an_approver_decides_and_the_decision_is_audited(
+    home: Path, approve: bool, outcome: str
+) -> None:
     execution_id = _state(home, "waiting approval")
     assert execution_id is not None
-    said = (operations.approve if approve else operations.reject)(ALICE, execution_id,
-                                                                  comment="checked")
+    said = (operations.approve if approve else operations.reject)(
+        ALICE, execution_id, comment="checked"
+    )
     assert said.startswith(f"{outcome} by alice")
     assert _trail(execution_id)[-1] == ("approve" if approve else "reject", "alice", outcome)
     assert _execution(execution_id).status != Status.WAITING
 
 
-def test_an_rbac_approver_outside_the_approval_groups_is_refused_and_audited(
-        home: Path) -> None:
+def test_an_rbac_approver_outside_the_approval_groups_is_refused_and_audited(home: Path) -> None:
     # dan holds pipeline:approve, but the approval asks release_managers only
     execution_id = _state(home, "waiting approval")
     assert execution_id is not None
@@ -311,12 +318,14 @@ def test_abort_with_rollback_needs_the_rollback_permission_too(home: Path) -> No
 
 
 def test_no_execution_is_a_lookup_error_and_nothing_is_audited(home: Path) -> None:
-    for act in (lambda: operations.abort(ALICE, "nosuchexec01"),
-                lambda: operations.retry(ALICE, "nosuchexec01"),
-                lambda: operations.approve(ALICE, "nosuchexec01"),
-                lambda: operations.intervene(ALICE, "nosuchexec01", "Ignore"),
-                lambda: operations.rollback(ALICE, "nosuchexec01"),
-                lambda: operations.rollback_plan(ALICE, "nosuchexec01")):
+    for act in (
+        lambda: operations.abort(ALICE, "nosuchexec01"),
+        lambda: operations.retry(ALICE, "nosuchexec01"),
+        lambda: operations.approve(ALICE, "nosuchexec01"),
+        lambda: operations.intervene(ALICE, "nosuchexec01", "Ignore"),
+        lambda: operations.rollback(ALICE, "nosuchexec01"),
+        lambda: operations.rollback_plan(ALICE, "nosuchexec01"),
+    ):
         with pytest.raises(LookupError, match="no execution 'nosuchexec01'"):
             act()
     assert _trail() == []
@@ -329,10 +338,15 @@ def _tick(home: Path) -> list[dict[str, Any]]:
     from app.schedules import FileClaims, load_schedules, tick
 
     path = home / "schedules.yaml"
-    path.write_text("schedules:\n  - {name: nightly, cron: '0 2 * * *', files: [gated.yaml],\n"
-                    "     startingDeadline: 1h}\n")
-    return tick(datetime(2025, 5, 1, 2, 0, 30, tzinfo=UTC), schedules=load_schedules(path),
-                store=FileClaims(home / "home"))
+    path.write_text(
+        "schedules:\n  - {name: nightly, cron: '0 2 * * *', files: [gated.yaml],\n"
+        "     startingDeadline: 1h}\n"
+    )
+    return tick(
+        datetime(2025, 5, 1, 2, 0, 30, tzinfo=UTC),
+        schedules=load_schedules(path),
+        store=FileClaims(home / "home"),
+    )
 
 
 def test_a_scheduled_run_is_refused_when_the_scheduler_may_not_execute(home: Path) -> None:
@@ -348,7 +362,8 @@ def test_a_scheduled_run_is_the_schedulers_and_audited(home: Path) -> None:
     # Given `scheduler` may run pipelines
     (home / "rbac.yaml").write_text(
         RBAC.replace("roles:\n", "roles:\n  runner: [pipeline:execute, environment:deploy]\n")
-        + "  - {role: runner, users: [scheduler]}\n")
+        + "  - {role: runner, users: [scheduler]}\n"
+    )
     # Then the due slot is an execution of its, audited as its
     [result] = _tick(home)
     execution_id = result["execution"]
@@ -365,7 +380,8 @@ def test_an_actor_always_has_a_name() -> None:
 
 
 def test_the_cli_user_is_vmfarm_user_else_user_else_the_os_account(
-        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from cli.context import Cli
 
     def actor() -> str:
@@ -381,13 +397,22 @@ def test_the_cli_user_is_vmfarm_user_else_user_else_the_os_account(
     assert actor() == pwd.getpwuid(os.getuid()).pw_name
 
 
-@pytest.mark.parametrize("args", [["retry", "{id}", "--only-failed"], ["approve", "{id}"],
-                                  ["reject", "{id}"], ["abort", "{id}"],
-                                  ["intervene", "{id}", "Ignore"], ["rollback", "{id}"],
-                                  ["rollback", "{id}", "--plan"]],
-                         ids=lambda a: " ".join(a[::2]))
-def test_the_cli_says_refused_and_exits_3(home: Path, monkeypatch: pytest.MonkeyPatch,
-                                          args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["retry", "{id}", "--only-failed"],
+        ["approve", "{id}"],
+        ["reject", "{id}"],
+        ["abort", "{id}"],
+        ["intervene", "{id}", "Ignore"],
+        ["rollback", "{id}"],
+        ["rollback", "{id}", "--plan"],
+    ],
+    ids=lambda a: " ".join(a[::2]),
+)
+def test_the_cli_says_refused_and_exits_3(
+    home: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
     from cli.main import main
 
     execution_id = _state(home, "queued")
@@ -422,7 +447,8 @@ def test_the_coordinator_imports_neither_the_operations_layer_nor_the_cli() -> N
 
 def test_the_operations_layer_imports_only_what_it_may() -> None:
     allowed = ("app.coordinator", "app.rbac", "app.audit", "app.policy", "app.definitions")
-    found = {m for m in _imports(REPO / "app" / "operations.py")
-             if m.startswith(("app", "cli", "tasks"))}
+    found = {
+        m for m in _imports(REPO / "app" / "operations.py") if m.startswith(("app", "cli", "tasks"))
+    }
     # `from app import audit, coordinator`: the package itself, then the modules named
     assert {m for m in found if m != "app" and not m.startswith(allowed)} == set()

@@ -64,17 +64,21 @@ def test_a_schedule_shows_its_last_execution_s_status(ledger: Path) -> None:
 
 
 def test_an_unreadable_ledger_leaves_the_status_unknown_and_lists_the_schedules(
-        ledger: Path) -> None:
+    ledger: Path,
+) -> None:
     store = FileClaims(ledger)
     plan = [Schedule(name="nightly", cron=Cron.parse("0 2 * * *"), files=("/p/pipe.yaml",))]
-    tick(datetime(2025, 5, 1, 2, 0, 30, tzinfo=UTC), schedules=plan,
-         submit=_submit_into_ledger, store=store)
+    tick(
+        datetime(2025, 5, 1, 2, 0, 30, tzinfo=UTC),
+        schedules=plan,
+        submit=_submit_into_ledger,
+        store=store,
+    )
 
     def broken(ids: Sequence[str]) -> dict[str, str]:
         raise OSError("database is down")
 
-    [row] = describe(plan, datetime(2025, 5, 1, 3, 0, tzinfo=UTC), store=store,
-                     statuses=broken)
+    [row] = describe(plan, datetime(2025, 5, 1, 3, 0, tzinfo=UTC), store=store, statuses=broken)
     assert row["last"]["execution"] == "exsched1" and row["last"]["status"] is None
     assert row["next_run"] == "2025-05-02T02:00:00Z"
 
@@ -84,8 +88,11 @@ def test_an_unknown_execution_status_is_refused_naming_the_real_ones(ledger: Pat
         s.add(Execution(id="ex1", pipeline="web", status=Status.FAILED, plan={}))
     assert [e.id for e in recent_executions(statuses=["failed"])] == ["ex1"]
     assert recent_executions(statuses=["RUNNING"]) == []
-    with pytest.raises(ValueError, match=r"unknown execution status 'BOGUS' \(one of: QUEUED, "
-                                         r"RUNNING, WAITING"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown execution status 'BOGUS' \(one of: QUEUED, "
+        r"RUNNING, WAITING",
+    ):
         recent_executions(statuses=["BOGUS"])
     # A host's status is not an execution's.
     with pytest.raises(ValueError, match="'SKIPPED'"):

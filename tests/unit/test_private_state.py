@@ -81,7 +81,8 @@ def test_a_home_an_earlier_version_left_open_is_closed(tmp_path: Path) -> None:
 
 
 def test_a_shared_folder_given_as_home_is_not_closed_but_the_files_are_private(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     # Given VMFARM_HOME pointing at a shared folder (like /tmp: world-writable, sticky)
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -92,7 +93,10 @@ def test_a_shared_folder_given_as_home_is_not_closed_but_the_files_are_private(
 
     assert mode(shared) == 0o1777  # other users' files there stay reachable
     assert {p.name: mode(p) for p in shared.iterdir()} == {
-        "vmfarm.db": 0o600, "broker.sqlite": 0o600, "results.sqlite": 0o600}
+        "vmfarm.db": 0o600,
+        "broker.sqlite": 0o600,
+        "results.sqlite": 0o600,
+    }
 
 
 def test_a_ledger_url_outside_home_is_private_too(tmp_path: Path) -> None:

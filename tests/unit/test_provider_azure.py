@@ -21,8 +21,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in list(os.environ):
         if var.startswith(("AZURE_", "VMFARM_AZURE_", "MSI_", "IDENTITY_", "IMDS_")):
             monkeypatch.delenv(var)
-    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
-                "all_proxy"):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
         monkeypatch.setenv(var, DEAD_PROXY)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
@@ -30,18 +29,26 @@ def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def infra(spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "connectorRef": "azure_conn", "subscriptionId": SUBSCRIPTION,
-        "resourceGroup": "rg-web", "hostConnectionType": "PrivateIP",
+        "connectorRef": "azure_conn",
+        "subscriptionId": SUBSCRIPTION,
+        "resourceGroup": "rg-web",
+        "hostConnectionType": "PrivateIP",
         "connection": {"user": "azureuser", "privateKeyFile": "/keys/id_ed25519"},
     }
     base.update(spec or {})
     base.update(extra)
-    return {"identifier": "azure_prod", "name": "Azure prod", "provider": "azure",
-            "source": "env.yaml:12", "spec": base}
+    return {
+        "identifier": "azure_prod",
+        "name": "Azure prod",
+        "provider": "azure",
+        "source": "env.yaml:12",
+        "spec": base,
+    }
 
 
 def test_missing_settings_are_config_errors_naming_the_field(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _isolate(monkeypatch)
     with pytest.raises(ConfigError, match="subscriptionId"):
         azure.discover(infra(subscriptionId=None))

@@ -38,30 +38,46 @@ HEALTH_CHECK, SECRETS = 11, 12
 INFRA_AZURE, INFRA_GCP, CICD_PIPELINE = 19, 20, 25
 PIPELINE_TEMPLATE, ENVIRONMENT_TEMPLATE, SERVICE_TEMPLATE = 29, 30, 31
 HEADINGS = {
-    SERVICE: "# Example VM Service Definition", ENVIRONMENT: "# Example Environment Configuration",
-    INFRA_AWS: "# AWS EC2 Infrastructure", PIPELINE: "# VM Deployment Pipeline",
+    SERVICE: "# Example VM Service Definition",
+    ENVIRONMENT: "# Example Environment Configuration",
+    INFRA_AWS: "# AWS EC2 Infrastructure",
+    PIPELINE: "# VM Deployment Pipeline",
     ROLLING: "# Rolling Deployment Strategy",
     BLUE_GREEN: "# Blue-Green Deployment with Load Balancer Switch",
     CANARY: "# Canary Deployment Strategy",
     TERRAFORM_PIPELINE: "# Terraform Provisioning Pipeline",
     ANSIBLE_PLAYBOOK: "# ansible/playbook.yml",
-    CONFIG_PIPELINE: "# Configuration Management Pipeline", HEALTH_CHECK: "# Health Check Step",
-    SECRETS: "# Secret Configuration", INFRA_AZURE: "# Azure Infrastructure Definition",
+    CONFIG_PIPELINE: "# Configuration Management Pipeline",
+    HEALTH_CHECK: "# Health Check Step",
+    SECRETS: "# Secret Configuration",
+    INFRA_AZURE: "# Azure Infrastructure Definition",
     INFRA_GCP: "# GCP Infrastructure Definition",
     CICD_PIPELINE: "# Full CI/CD Pipeline with VM Deployment",
     PIPELINE_TEMPLATE: "# Reusable Pipeline Template",
-    ENVIRONMENT_TEMPLATE: "# Environment Template", SERVICE_TEMPLATE: "# Service Template",
+    ENVIRONMENT_TEMPLATE: "# Environment Template",
+    SERVICE_TEMPLATE: "# Service Template",
 }
 # Blocks that are not pipeline files: their first key, and what the refusal points to.
 NOT_DOCUMENTS = {
-    10: ("monitoring", "configs/prometheus"), 13: ("rbac", "VMFARM_RBAC_FILE"),
-    14: ("bestPractices", ""), 15: ("performance", ""), 16: ("disaster_recovery", ""),
-    17: ("troubleshooting", ""), 18: ("monitoring_alerts", "alerts.yaml"),
-    21: ("costOptimization", ""), 22: ("costMonitoring", ""),
-    23: ("predictiveScaling", "vmfarm autoscale"), 24: ("autoScaling", "vmfarm autoscale"),
-    26: ("gitOps", ""), 27: ("migrationStrategy", ""), 28: ("databaseMigration", ""),
-    32: ("testingStrategy", ""), 33: ("environmentTesting", ""), 34: ("rollbackStrategy", ""),
-    35: ("delegateManagement", ""), 36: ("delegateMonitoring", ""),
+    10: ("monitoring", "configs/prometheus"),
+    13: ("rbac", "VMFARM_RBAC_FILE"),
+    14: ("bestPractices", ""),
+    15: ("performance", ""),
+    16: ("disaster_recovery", ""),
+    17: ("troubleshooting", ""),
+    18: ("monitoring_alerts", "alerts.yaml"),
+    21: ("costOptimization", ""),
+    22: ("costMonitoring", ""),
+    23: ("predictiveScaling", "vmfarm autoscale"),
+    24: ("autoScaling", "vmfarm autoscale"),
+    26: ("gitOps", ""),
+    27: ("migrationStrategy", ""),
+    28: ("databaseMigration", ""),
+    32: ("testingStrategy", ""),
+    33: ("environmentTesting", ""),
+    34: ("rollbackStrategy", ""),
+    35: ("delegateManagement", ""),
+    36: ("delegateMonitoring", ""),
     37: ("delegateStrategy", ""),
 }
 
@@ -145,8 +161,9 @@ def pipeline_with(tmp_path: Path, part: str, *, at: str, indent: int) -> Path:
     ``at``."""
     text = BLOCKS[PIPELINE]
     assert text.count(at) == 1
-    return write(tmp_path, "pipeline.yaml",
-                 text.replace(at, textwrap.indent(part, " " * indent) + at))
+    return write(
+        tmp_path, "pipeline.yaml", text.replace(at, textwrap.indent(part, " " * indent) + at)
+    )
 
 
 def body(block: str) -> str:
@@ -165,22 +182,28 @@ def test_the_copy_is_the_reference_and_every_block_is_accounted_for() -> None:
     assert covered == set(range(38)), sorted(set(range(38)) - covered)
 
 
-def test_service_environment_infrastructures_and_pipeline_load_as_written(
-        tmp_path: Path) -> None:
-    files = [*documents(tmp_path), write(tmp_path, "pipeline.yaml", BLOCKS[PIPELINE]),
-             write(tmp_path, "azure.yaml", BLOCKS[INFRA_AZURE]),
-             write(tmp_path, "gcp.yaml", BLOCKS[INFRA_GCP])]
+def test_service_environment_infrastructures_and_pipeline_load_as_written(tmp_path: Path) -> None:
+    files = [
+        *documents(tmp_path),
+        write(tmp_path, "pipeline.yaml", BLOCKS[PIPELINE]),
+        write(tmp_path, "azure.yaml", BLOCKS[INFRA_AZURE]),
+        write(tmp_path, "gcp.yaml", BLOCKS[INFRA_GCP]),
+    ]
     bundle = load(files)
     assert sorted(bundle.services) == ["web_app_vm"]
     assert sorted(bundle.environments) == ["prod_vm_env"]
-    assert sorted(bundle.infrastructures) == ["aws_ec2_infrastructure", "aws_prod_infra",
-                                              "azure_vm_infrastructure",
-                                              "gcp_compute_infrastructure"]
+    assert sorted(bundle.infrastructures) == [
+        "aws_ec2_infrastructure",
+        "aws_prod_infra",
+        "azure_vm_infrastructure",
+        "gcp_compute_infrastructure",
+    ]
     assert sorted(bundle.pipelines) == ["vm_deployment_pipeline"]
 
 
 def test_the_pipeline_plans_only_once_its_artifact_connector_can_be_resolved(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """The reference's service names `connectorRef: artifactory_connector` and no URL. Without
     the connector, validate refuses it where it is written; with an Artifactory connector
     document, the service and pipeline plan as written: the connector gives the server and the
@@ -193,8 +216,10 @@ def test_the_pipeline_plans_only_once_its_artifact_connector_can_be_resolved(
     assert len(hit) == 1, [str(e) for e in errors(exc)]
     assert "Connector 'artifactory_connector' is not defined" in hit[0].message
     assert hit[0].field.endswith("artifacts.primary.spec.connectorRef")
-    assert hit[0].line == BLOCKS[SERVICE].split("\n").index(
-        "            connectorRef: artifactory_connector") + 1
+    assert (
+        hit[0].line
+        == BLOCKS[SERVICE].split("\n").index("            connectorRef: artifactory_connector") + 1
+    )
 
     bundle = load([*documents(tmp_path), pipeline], inputs={"tag": "1.0"}, require_inputs=True)
     plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
@@ -204,8 +229,10 @@ def test_the_pipeline_plans_only_once_its_artifact_connector_can_be_resolved(
     assert artifact["spec"]["passwordRef"] == "account.artifactory_password"
     from app.artifacts.sources import resolve as source_of
 
-    assert source_of(artifact, require_secrets=False).url == \
-        "https://artifactory.example.com/artifactory/apps/web-app/1.0"
+    assert (
+        source_of(artifact, require_secrets=False).url
+        == "https://artifactory.example.com/artifactory/apps/web-app/1.0"
+    )
 
 
 def test_the_rolling_block_in_the_reference_pipeline_plans_three_phases(tmp_path: Path) -> None:
@@ -214,11 +241,13 @@ def test_the_rolling_block_in_the_reference_pipeline_plans_three_phases(tmp_path
     stage = bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage
     assert stage.spec.rollout_deployment is not None
     assert [p.phase.instance_count for p in stage.spec.rollout_deployment.phases] == [
-        "25%", "50%", "100%"]
+        "25%",
+        "50%",
+        "100%",
+    ]
 
 
-def test_the_canary_block_in_the_reference_pipeline_plans_a_canary_analysis(
-        tmp_path: Path) -> None:
+def test_the_canary_block_in_the_reference_pipeline_plans_a_canary_analysis(tmp_path: Path) -> None:
     """A 10 % canary, then ten minutes of canary analysis against the current version
     (tests/unit/test_canary_analysis.py has the rest)."""
     pipe = pipeline_with(tmp_path, body(BLOCKS[CANARY]), at="          execution:\n", indent=10)
@@ -231,27 +260,36 @@ def test_the_canary_block_in_the_reference_pipeline_plans_a_canary_analysis(
     assert verification.canary_analysis.window_seconds() == 600
 
 
-@pytest.mark.parametrize(("block", "says"), [
-    (BLUE_GREEN, "blueGreenDeployment"),
-])
+@pytest.mark.parametrize(
+    ("block", "says"),
+    [
+        (BLUE_GREEN, "blueGreenDeployment"),
+    ],
+)
 def test_strategy_blocks_vmfarm_cannot_carry_out_are_refused_never_ignored(
-        tmp_path: Path, block: int, says: str) -> None:
+    tmp_path: Path, block: int, says: str
+) -> None:
     pipe = pipeline_with(tmp_path, body(BLOCKS[block]), at="          execution:\n", indent=10)
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load([*documents(tmp_path), pipe])
-    assert any(says in (e.message + (e.field or "")) and e.file == str(pipe)
-               for e in errors(exc)), [e.message for e in errors(exc)]
+    assert any(
+        says in (e.message + (e.field or "")) and e.file == str(pipe) for e in errors(exc)
+    ), [e.message for e in errors(exc)]
 
 
 def test_the_health_check_step_runs_as_a_step_of_the_pipeline(tmp_path: Path) -> None:
     """The block's body under `- step:` among the pipeline's steps."""
     step = "- step:\n" + textwrap.indent(body(BLOCKS[HEALTH_CHECK]).split("\n", 1)[1], "  ")
-    pipe = pipeline_with(tmp_path, step, at="              - step:\n                  "
-                                              "type: Command\n                  name: Stop",
-                         indent=14)
+    pipe = pipeline_with(
+        tmp_path,
+        step,
+        at="              - step:\n                  type: Command\n                  name: Stop",
+        indent=14,
+    )
     bundle = load([*documents(tmp_path), pipe])
-    steps = bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage.spec \
-        .execution.steps
+    steps = (
+        bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage.spec.execution.steps
+    )
     assert steps[0].step.identifier == "health_check"
 
 
@@ -259,15 +297,21 @@ def test_the_secret_usage_reads_secrets_by_reference(tmp_path: Path) -> None:
     """The block's "Usage in Pipeline" part as a step's environmentVariables; its `secrets:`
     list is not a pipeline document (secrets live in a backend)."""
     usage = BLOCKS[SECRETS].split("# Usage in Pipeline\n", 1)[1]
-    text = BLOCKS[PIPELINE].replace("                    environmentVariables: []\n",
-                                    textwrap.indent(usage, " " * 20), 1)
+    text = BLOCKS[PIPELINE].replace(
+        "                    environmentVariables: []\n", textwrap.indent(usage, " " * 20), 1
+    )
     pipe = write(tmp_path, "pipeline.yaml", text)
     bundle = load([*documents(tmp_path), pipe])
-    step = bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage.spec \
-        .execution.steps[0].step
+    step = (
+        bundle.pipelines["vm_deployment_pipeline"]
+        .model.spec.stages[0]
+        .stage.spec.execution.steps[0]
+        .step
+    )
     assert [v.name for v in step.spec.environment_variables] == ["DB_PASSWORD", "API_KEY"]
-    secrets_part = write(tmp_path, "secrets.yaml",
-                         BLOCKS[SECRETS].split("# Usage in Pipeline\n", 1)[0])
+    secrets_part = write(
+        tmp_path, "secrets.yaml", BLOCKS[SECRETS].split("# Usage in Pipeline\n", 1)[0]
+    )
     with pytest.raises(SpecError) as exc:
         load([secrets_part])
     assert "'secrets' at the top of a document" in exc.value.message
@@ -277,10 +321,12 @@ def test_the_secret_usage_reads_secrets_by_reference(tmp_path: Path) -> None:
 def test_the_configuration_pipeline_names_a_variable_it_never_defines(tmp_path: Path) -> None:
     """It deploys to the environment's only infrastructure (no infrastructureDefinitions), and
     is refused for `<+pipeline.variables.ansible_repo>`, which the reference never defines."""
-    files = [write(tmp_path, "service.yaml", BLOCKS[SERVICE]),
-             write(tmp_path, "environment.yaml", BLOCKS[ENVIRONMENT]),
-             write(tmp_path, "pipeline.yaml", BLOCKS[CONFIG_PIPELINE]),
-             write(tmp_path, "connectors.yaml", CONNECTORS)]
+    files = [
+        write(tmp_path, "service.yaml", BLOCKS[SERVICE]),
+        write(tmp_path, "environment.yaml", BLOCKS[ENVIRONMENT]),
+        write(tmp_path, "pipeline.yaml", BLOCKS[CONFIG_PIPELINE]),
+        write(tmp_path, "connectors.yaml", CONNECTORS),
+    ]
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load(files)
     (err,) = errors(exc)
@@ -294,12 +340,16 @@ def test_templates_load_as_written(tmp_path: Path, block: int) -> None:
     assert len(bundle.templates) == 1
 
 
-@pytest.mark.parametrize(("block", "says"), [
-    (TERRAFORM_PIPELINE, "not supported"),
-    (CICD_PIPELINE, "vmfarm deploys and does not build"),
-])
+@pytest.mark.parametrize(
+    ("block", "says"),
+    [
+        (TERRAFORM_PIPELINE, "not supported"),
+        (CICD_PIPELINE, "vmfarm deploys and does not build"),
+    ],
+)
 def test_pipelines_vmfarm_cannot_run_are_refused_with_the_reason(
-        tmp_path: Path, block: int, says: str) -> None:
+    tmp_path: Path, block: int, says: str
+) -> None:
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load([*documents(tmp_path), write(tmp_path, "pipeline.yaml", BLOCKS[block])])
     assert any(says in e.message for e in errors(exc))
@@ -313,13 +363,13 @@ def test_the_ansible_playbook_is_not_a_pipeline_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("block", sorted(NOT_DOCUMENTS))
 def test_blocks_that_are_not_pipeline_documents_are_refused_by_their_first_key(
-        tmp_path: Path, block: int) -> None:
+    tmp_path: Path, block: int
+) -> None:
     key, points_to = NOT_DOCUMENTS[block]
     path = write(tmp_path, f"b{block}.yaml", BLOCKS[block])
     with pytest.raises(SpecError) as exc:
         load([path])
-    assert f"'{key}' at the top of a document is not something vmfarm reads" in \
-        exc.value.message
+    assert f"'{key}' at the top of a document is not something vmfarm reads" in exc.value.message
     assert points_to in exc.value.message
     line = next(n for n, t in enumerate(BLOCKS[block].split("\n"), 1) if t.startswith(key))
     assert exc.value.line == line

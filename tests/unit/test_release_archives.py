@@ -26,23 +26,27 @@ def _tarball(path: Path, members: list[tarfile.TarInfo]) -> Path:
     return path
 
 
-def _member(name: str, *, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
-            link: str = "") -> tarfile.TarInfo:
+def _member(
+    name: str, *, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = ""
+) -> tarfile.TarInfo:
     m = tarfile.TarInfo(name)
     m.type, m.mode, m.linkname = kind, mode, link
     return m
 
 
 def test_a_hostile_archive_is_refused_naming_each_member(tmp_path: Path) -> None:
-    bad = _tarball(tmp_path / "bad.tar.gz", [
-        _member("app/ok.txt"),
-        _member("../x"),
-        _member("/etc/cron.d/evil"),
-        _member("app/passwd", kind=tarfile.SYMTYPE, link="/etc/passwd"),
-        _member("app/up", kind=tarfile.SYMTYPE, link="../../../etc"),
-        _member("app/su", mode=0o4755),
-        _member("app/dev", kind=tarfile.CHRTYPE),
-    ])
+    bad = _tarball(
+        tmp_path / "bad.tar.gz",
+        [
+            _member("app/ok.txt"),
+            _member("../x"),
+            _member("/etc/cron.d/evil"),
+            _member("app/passwd", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+            _member("app/up", kind=tarfile.SYMTYPE, link="../../../etc"),
+            _member("app/su", mode=0o4755),
+            _member("app/dev", kind=tarfile.CHRTYPE),
+        ],
+    )
     problems = unsafe_members(str(bad))
     assert problems == [
         "member '../x' would land outside the release folder",
@@ -55,15 +59,19 @@ def test_a_hostile_archive_is_refused_naming_each_member(tmp_path: Path) -> None
 
 
 def test_an_ordinary_archive_passes(tmp_path: Path) -> None:
-    good = _tarball(tmp_path / "good.tar.gz", [
-        _member("app", kind=tarfile.DIRTYPE, mode=0o755),
-        _member("app/run.sh", mode=0o755),
-        _member("app/current", kind=tarfile.SYMTYPE, link="run.sh"),
-        _member("app/lib/../run2.sh"),
-    ])
+    good = _tarball(
+        tmp_path / "good.tar.gz",
+        [
+            _member("app", kind=tarfile.DIRTYPE, mode=0o755),
+            _member("app/run.sh", mode=0o755),
+            _member("app/current", kind=tarfile.SYMTYPE, link="run.sh"),
+            _member("app/lib/../run2.sh"),
+        ],
+    )
     assert unsafe_members(str(good)) == []
     assert unsafe_members(str(tmp_path / "missing.tar.gz"))[0].startswith(
-        "not a readable tar archive")
+        "not a readable tar archive"
+    )
 
 
 @pytest.mark.parametrize("version", ["..", "../../etc", "1.0/..", "-rf", ".hidden", ""])
@@ -72,19 +80,31 @@ def test_a_version_that_could_leave_the_releases_folder_is_refused(version: str)
 
 
 def _rendered(base: Path) -> RenderedRelease:
-    return RenderedRelease(identifier="release", type="Release", source="test",
-                           deploymentPath=str(base), version="1.0",
-                           releasesDirectory=f"{base}/releases", keep=3,
-                           current=f"{base}/current", currentTarget="releases/1.0",
-                           fileName="app.tar.gz", artifact={})
+    return RenderedRelease(
+        identifier="release",
+        type="Release",
+        source="test",
+        deploymentPath=str(base),
+        version="1.0",
+        releasesDirectory=f"{base}/releases",
+        keep=3,
+        current=f"{base}/current",
+        currentTarget="releases/1.0",
+        fileName="app.tar.gz",
+        artifact={},
+    )
 
 
 def _install(base: Path, archive: bytes) -> subprocess.CompletedProcess[str]:
     incoming = base / "incoming" / "app.tar.gz"
     incoming.parent.mkdir(parents=True, exist_ok=True)
     incoming.write_bytes(archive)
-    return subprocess.run(["bash", "-c", install_script(_rendered(base), str(incoming))],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["bash", "-c", install_script(_rendered(base), str(incoming))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_a_failed_unpack_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -42,14 +42,24 @@ def _vmfarm(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 
-def _row(ex_id: str, host: str, step: int, attempt: int, status: str,
-         **extra: Any) -> HostStepRun:
+def _row(ex_id: str, host: str, step: int, attempt: int, status: str, **extra: Any) -> HostStepRun:
     region = "r1" if host == HOSTS[0] else "r2"
-    return HostStepRun(idem_key=f"{ex_id}:0:0:{host}:{step}:{attempt}", execution_id=ex_id,
-                       stage_index=0, phase=0, step_index=step, step_id=STEPS[step],
-                       host=host, region=region, attempt=attempt, status=status,
-                       worker=f"w-{region}@test", queue=f"vmfarm.{region}",
-                       finished_at=utcnow(), **extra)
+    return HostStepRun(
+        idem_key=f"{ex_id}:0:0:{host}:{step}:{attempt}",
+        execution_id=ex_id,
+        stage_index=0,
+        phase=0,
+        step_index=step,
+        step_id=STEPS[step],
+        host=host,
+        region=region,
+        attempt=attempt,
+        status=status,
+        worker=f"w-{region}@test",
+        queue=f"vmfarm.{region}",
+        finished_at=utcnow(),
+        **extra,
+    )
 
 
 def _ended(ex_id: str, rows: list[HostStepRun], *, discovered: bool = False) -> None:
@@ -57,23 +67,53 @@ def _ended(ex_id: str, rows: list[HostStepRun], *, discovered: bool = False) -> 
     host steps, the stage and the execution SUCCEEDED."""
     with session_scope() as s:
         run = s.exec(select(StageRun).where(StageRun.execution_id == ex_id)).one()
-        run.phases = [{"index": 0, "name": "Phase 1", "hosts": HOSTS, "kind": "deploy",
-                       "verify": False}]
+        run.phases = [
+            {"index": 0, "name": "Phase 1", "hosts": HOSTS, "kind": "deploy", "verify": False}
+        ]
         run.status, run.started_at, run.finished_at = Status.SUCCEEDED, utcnow(), utcnow()
         s.add(run)
         if discovered:  # as coordinator.gates.discovery_done records it
-            s.add(PhaseRun(execution_id=ex_id, stage_index=0, phase=-1, kind="discover",
-                           status=Status.SUCCEEDED, hosts=HOSTS, gate_at=utcnow(),
-                           verdict={"infrastructures": [
-                                        {"identifier": "ec2", "region": "r1", "tags": []},
-                                        {"identifier": "gce", "region": "r2", "tags": []}],
-                                    "workers": [{"worker": "w-r1@test", "queue": "vmfarm.r1"},
-                                                {"worker": "w-r2@test", "queue": "vmfarm.r2"}],
-                                    "hosts": 2}))
-        s.add(PhaseRun(execution_id=ex_id, stage_index=0, phase=0, kind="deploy",
-                       status=Status.SUCCEEDED, hosts=HOSTS, gate_at=utcnow(),
-                       verdict={"passed": True, "hosts": 2, "succeeded": 2, "failed": [],
-                                "failures": {}, "rule": "any failed host fails the stage"}))
+            s.add(
+                PhaseRun(
+                    execution_id=ex_id,
+                    stage_index=0,
+                    phase=-1,
+                    kind="discover",
+                    status=Status.SUCCEEDED,
+                    hosts=HOSTS,
+                    gate_at=utcnow(),
+                    verdict={
+                        "infrastructures": [
+                            {"identifier": "ec2", "region": "r1", "tags": []},
+                            {"identifier": "gce", "region": "r2", "tags": []},
+                        ],
+                        "workers": [
+                            {"worker": "w-r1@test", "queue": "vmfarm.r1"},
+                            {"worker": "w-r2@test", "queue": "vmfarm.r2"},
+                        ],
+                        "hosts": 2,
+                    },
+                )
+            )
+        s.add(
+            PhaseRun(
+                execution_id=ex_id,
+                stage_index=0,
+                phase=0,
+                kind="deploy",
+                status=Status.SUCCEEDED,
+                hosts=HOSTS,
+                gate_at=utcnow(),
+                verdict={
+                    "passed": True,
+                    "hosts": 2,
+                    "succeeded": 2,
+                    "failed": [],
+                    "failures": {},
+                    "rule": "any failed host fails the stage",
+                },
+            )
+        )
         for r in rows:
             s.add(r)
         ex = s.get(Execution, ex_id)
@@ -83,8 +123,11 @@ def _ended(ex_id: str, rows: list[HostStepRun], *, discovered: bool = False) -> 
 
 
 def _all_passed(ex_id: str) -> list[HostStepRun]:
-    return [_row(ex_id, h, i, 1, Status.SUCCEEDED, exit_code=0) for h in HOSTS
-            for i in range(len(STEPS))]
+    return [
+        _row(ex_id, h, i, 1, Status.SUCCEEDED, exit_code=0)
+        for h in HOSTS
+        for i in range(len(STEPS))
+    ]
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -95,31 +138,51 @@ def test_a_successful_discovered_run_shows_discovery_not_a_failed_gate(recorded:
     res = _vmfarm("status", recorded)
     assert res.exit_code == 0, res.output
     assert "FAILED" not in res.stdout and "None" not in res.stdout
-    assert "discovery: 2 host(s) listed by w-r1@test (vmfarm.r1), w-r2@test (vmfarm.r2)" \
-        in res.stdout
+    assert (
+        "discovery: 2 host(s) listed by w-r1@test (vmfarm.r1), w-r2@test (vmfarm.r2)" in res.stdout
+    )
     assert "deploy of Phase 1: passed (2/2 hosts passed" in res.stdout
     shown = json.loads(_vmfarm("status", recorded, "-o", "json").stdout)
     assert shown["stages"][0]["discovery"] == {
-        "status": "SUCCEEDED", "hosts": 2, "error": None,
-        "workers": [{"worker": "w-r1@test", "queue": "vmfarm.r1"},
-                    {"worker": "w-r2@test", "queue": "vmfarm.r2"}],
-        "infrastructures": [{"identifier": "ec2", "region": "r1", "tags": []},
-                            {"identifier": "gce", "region": "r2", "tags": []}]}
+        "status": "SUCCEEDED",
+        "hosts": 2,
+        "error": None,
+        "workers": [
+            {"worker": "w-r1@test", "queue": "vmfarm.r1"},
+            {"worker": "w-r2@test", "queue": "vmfarm.r2"},
+        ],
+        "infrastructures": [
+            {"identifier": "ec2", "region": "r1", "tags": []},
+            {"identifier": "gce", "region": "r2", "tags": []},
+        ],
+    }
 
 
 def test_a_failed_discovery_says_why(recorded: str) -> None:
     _ended(recorded, [])
     with session_scope() as s:
-        s.add(PhaseRun(execution_id=recorded, stage_index=0, phase=-1, kind="discover",
-                       status=Status.FAILED, hosts=[], gate_at=utcnow(),
-                       verdict={"infrastructures": [{"identifier": "ec2", "region": "r1",
-                                                     "tags": []}],
-                                "workers": [{"worker": "w-r1@test", "queue": "vmfarm.r1"}],
-                                "hosts": 0, "error": "infrastructure 'ec2': AuthFailure",
-                                "error_class": "Authentication"}))
+        s.add(
+            PhaseRun(
+                execution_id=recorded,
+                stage_index=0,
+                phase=-1,
+                kind="discover",
+                status=Status.FAILED,
+                hosts=[],
+                gate_at=utcnow(),
+                verdict={
+                    "infrastructures": [{"identifier": "ec2", "region": "r1", "tags": []}],
+                    "workers": [{"worker": "w-r1@test", "queue": "vmfarm.r1"}],
+                    "hosts": 0,
+                    "error": "infrastructure 'ec2': AuthFailure",
+                    "error_class": "Authentication",
+                },
+            )
+        )
     res = _vmfarm("status", recorded)
-    assert "discovery FAILED on w-r1@test (vmfarm.r1): infrastructure 'ec2': AuthFailure" \
-        in res.stdout
+    assert (
+        "discovery FAILED on w-r1@test (vmfarm.r1): infrastructure 'ec2': AuthFailure" in res.stdout
+    )
     assert "None" not in res.stdout
 
 
@@ -127,19 +190,35 @@ def test_a_static_stage_shows_no_discovery(recorded: str) -> None:
     _ended(recorded, _all_passed(recorded))
     res = _vmfarm("status", recorded)
     assert "discovery" not in res.stdout
-    assert json.loads(_vmfarm("status", recorded, "-o", "json").stdout)[
-        "stages"][0]["discovery"] is None
+    assert (
+        json.loads(_vmfarm("status", recorded, "-o", "json").stdout)["stages"][0]["discovery"]
+        is None
+    )
 
 
 def test_a_manual_intervention_shows_who_chose_what_not_a_failed_gate(recorded: str) -> None:
     _ended(recorded, _all_passed(recorded))
     with session_scope() as s:  # as coordinator.actions.intervene records the answer
-        s.add(PhaseRun(execution_id=recorded, stage_index=0, phase=0, kind="mi-deploy",
-                       status=Status.SUCCEEDED, hosts=[HOSTS[0]], gate_at=utcnow(),
-                       verdict={"error": "step check failed", "timeout": "5m",
-                                "on_timeout": "Abort", "choices": ["Ignore", "Abort"],
-                                "chosen": "Ignore", "by": "oncall",
-                                "comment": "known flaky check"}))
+        s.add(
+            PhaseRun(
+                execution_id=recorded,
+                stage_index=0,
+                phase=0,
+                kind="mi-deploy",
+                status=Status.SUCCEEDED,
+                hosts=[HOSTS[0]],
+                gate_at=utcnow(),
+                verdict={
+                    "error": "step check failed",
+                    "timeout": "5m",
+                    "on_timeout": "Abort",
+                    "choices": ["Ignore", "Abort"],
+                    "chosen": "Ignore",
+                    "by": "oncall",
+                    "comment": "known flaky check",
+                },
+            )
+        )
     res = _vmfarm("status", recorded)
     assert "manual intervention: Ignore chosen by oncall (known flaky check)" in res.stdout
     assert "FAILED" not in res.stdout and "None" not in res.stdout
@@ -168,24 +247,44 @@ def test_status_shows_every_attempt_of_a_retried_step(recorded: str) -> None:
     # Given: on the first host, install failed with exit 1, then passed on attempt 2 (Retry);
     # configure's worker was lost (the reconciler's DelegateRestart), then it passed.
     first, second = HOSTS
-    rows = [_row(recorded, first, 0, 1, Status.FAILED, exit_code=1, error_class="Unknown",
-                 error="exited with code 1", failed_unit="prepare"),
-            _row(recorded, first, 0, 2, Status.SUCCEEDED, exit_code=0),
-            _row(recorded, first, 1, 1, Status.FAILED, error_class="DelegateRestart",
-                 error="worker lost: no heartbeat from w-r1@test since 12:00:00 UTC "
-                       "(timeout 30 s)"),
-            _row(recorded, first, 1, 2, Status.SUCCEEDED, exit_code=0),
-            _row(recorded, second, 0, 1, Status.SUCCEEDED, exit_code=0),
-            _row(recorded, second, 1, 1, Status.SUCCEEDED, exit_code=0)]
+    rows = [
+        _row(
+            recorded,
+            first,
+            0,
+            1,
+            Status.FAILED,
+            exit_code=1,
+            error_class="Unknown",
+            error="exited with code 1",
+            failed_unit="prepare",
+        ),
+        _row(recorded, first, 0, 2, Status.SUCCEEDED, exit_code=0),
+        _row(
+            recorded,
+            first,
+            1,
+            1,
+            Status.FAILED,
+            error_class="DelegateRestart",
+            error="worker lost: no heartbeat from w-r1@test since 12:00:00 UTC (timeout 30 s)",
+        ),
+        _row(recorded, first, 1, 2, Status.SUCCEEDED, exit_code=0),
+        _row(recorded, second, 0, 1, Status.SUCCEEDED, exit_code=0),
+        _row(recorded, second, 1, 1, Status.SUCCEEDED, exit_code=0),
+    ]
     _ended(recorded, rows)
     # When status is asked; Then the text names each earlier attempt and how it ended
     res = _vmfarm("status", recorded)
     assert res.exit_code == 0, res.output
-    assert (f"{first} (r1): step install SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)"
-            in res.stdout)
-    assert (f"{first} (r1): step configure SUCCEEDED on attempt 2; attempt 1 DelegateRestart "
-            "(worker lost: no heartbeat from w-r1@test since 12:00:00 UTC (timeout 30 s))"
-            in res.stdout)
+    assert (
+        f"{first} (r1): step install SUCCEEDED on attempt 2; attempt 1 FAILED (exit 1)"
+        in res.stdout
+    )
+    assert (
+        f"{first} (r1): step configure SUCCEEDED on attempt 2; attempt 1 DelegateRestart "
+        "(worker lost: no heartbeat from w-r1@test since 12:00:00 UTC (timeout 30 s))" in res.stdout
+    )
     assert f"{second} (r2): step" not in res.stdout  # one attempt: nothing more to say
     # and the JSON holds every attempt per host step, in order
     shown = json.loads(_vmfarm("status", recorded, "-o", "json").stdout)
@@ -193,11 +292,13 @@ def test_status_shows_every_attempt_of_a_retried_step(recorded: str) -> None:
     assert host["status"] == "SUCCEEDED"
     install, configure = host["steps"]
     assert install["status"] == "SUCCEEDED" and install["attempt"] == 2
-    assert [(a["attempt"], a["status"], a["exit_code"], a["failed_unit"])
-            for a in install["attempts"]] == [(1, "FAILED", 1, "prepare"),
-                                              (2, "SUCCEEDED", 0, None)]
-    assert [(a["attempt"], a["error_class"]) for a in configure["attempts"]] == \
-        [(1, "DelegateRestart"), (2, None)]
+    assert [
+        (a["attempt"], a["status"], a["exit_code"], a["failed_unit"]) for a in install["attempts"]
+    ] == [(1, "FAILED", 1, "prepare"), (2, "SUCCEEDED", 0, None)]
+    assert [(a["attempt"], a["error_class"]) for a in configure["attempts"]] == [
+        (1, "DelegateRestart"),
+        (2, None),
+    ]
     assert all(a["worker"] == "w-r1@test" for a in configure["attempts"])
     other = next(h for h in shown["stages"][0]["hosts"] if h["host"] == second)
     assert [len(s["attempts"]) for s in other["steps"]] == [1, 1]

@@ -28,8 +28,9 @@ from app.schedules import (
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
-def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0,
-       tz: Any = UTC) -> datetime:
+def at(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, tz: Any = UTC
+) -> datetime:
     return datetime(year, month, day, hour, minute, second, tzinfo=tz)
 
 
@@ -48,15 +49,25 @@ def test_fields_lists_ranges_steps_and_names_parse() -> None:
     assert Cron.parse("@yearly").months == {1} == Cron.parse("@annually").months
 
 
-@pytest.mark.parametrize("text, says", [
-    ("* * * *", "has 4 fields"), ("* * * * * *", "has 6 fields"),
-    ("60 * * * *", "minute: 60 is out of range 0-59"), ("* 24 * * *", "hour: 24"),
-    ("* * 0 * *", "day of month: 0"), ("* * * 13 *", "month: 13"),
-    ("* * * * 8", "day of week: 8"), ("5-1 * * * *", "goes backwards"),
-    ("*/0 * * * *", "step '0' must be a positive number"), ("1,,2 * * * *", "empty item"),
-    ("* * * foo *", "is not a number or a name"), ("@reboot", "unknown macro"),
-    ("0 0 30 2 *", "never fires"), ("0 0 31 4,6 *", "never fires"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("* * * *", "has 4 fields"),
+        ("* * * * * *", "has 6 fields"),
+        ("60 * * * *", "minute: 60 is out of range 0-59"),
+        ("* 24 * * *", "hour: 24"),
+        ("* * 0 * *", "day of month: 0"),
+        ("* * * 13 *", "month: 13"),
+        ("* * * * 8", "day of week: 8"),
+        ("5-1 * * * *", "goes backwards"),
+        ("*/0 * * * *", "step '0' must be a positive number"),
+        ("1,,2 * * * *", "empty item"),
+        ("* * * foo *", "is not a number or a name"),
+        ("@reboot", "unknown macro"),
+        ("0 0 30 2 *", "never fires"),
+        ("0 0 31 4,6 *", "never fires"),
+    ],
+)
 def test_bad_expressions_are_refused_naming_the_field(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=re.escape(says)):
         Cron.parse(text)
@@ -75,14 +86,24 @@ def test_next_runs_in_utc() -> None:
     assert either.next_after(at(2025, 6, 10)) == at(2025, 6, 13)
     # A star day-of-month keeps AND: Fridays only.
     assert Cron.parse("0 0 */1 * fri").next_after(at(2025, 6, 10)) == at(2025, 6, 13)
-    assert Cron.parse("*/15 * * * *").last_at_or_before(at(2025, 1, 1, 10, 14, 59)) == \
-        at(2025, 1, 1, 10, 0)
+    assert Cron.parse("*/15 * * * *").last_at_or_before(at(2025, 1, 1, 10, 14, 59)) == at(
+        2025, 1, 1, 10, 0
+    )
     assert Cron.parse("0 0 1 1 *").last_at_or_before(at(2025, 1, 1)) == at(2025, 1, 1)
 
 
-@pytest.mark.parametrize("text", ["*/7 * * * *", "0 */5 * * *", "30 4 1,15 * 5",
-                                  "15 10 * * mon-fri", "0 0 * * 0", "59 23 31 * *",
-                                  "0,30 8-18 * jan,jul *"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "*/7 * * * *",
+        "0 */5 * * *",
+        "30 4 1,15 * 5",
+        "15 10 * * mon-fri",
+        "0 0 * * 0",
+        "59 23 31 * *",
+        "0,30 8-18 * jan,jul *",
+    ],
+)
 @pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Kolkata"])
 def test_next_and_last_agree_with_a_brute_force_minute_scan(text: str, tz: str) -> None:
     c, zone = Cron.parse(text), ZoneInfo(tz)
@@ -101,7 +122,10 @@ def test_next_and_last_agree_with_a_brute_force_minute_scan(text: str, tz: str) 
         got.append(nxt)
         assert c.last_at_or_before(nxt, zone) == nxt
         assert c.last_at_or_before(nxt - timedelta(seconds=1), zone) in (
-            None, *([got[-2]] if len(got) > 1 else []), c.last_at_or_before(t, zone))
+            None,
+            *([got[-2]] if len(got) > 1 else []),
+            c.last_at_or_before(t, zone),
+        )
         t = nxt
     assert got == expected and expected
 
@@ -137,7 +161,9 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_a_schedules_file_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
-    f = write(tmp_path / "conf" / "schedules.yaml", """
+    f = write(
+        tmp_path / "conf" / "schedules.yaml",
+        """
 schedules:
   - name: nightly
     cron: "0 2 * * *"
@@ -150,32 +176,45 @@ schedules:
     cron: "@hourly"
     files: x.yaml
     enabled: false
-""")
+""",
+    )
     nightly, paused = load_schedules(f)
-    assert nightly.files == (str(tmp_path / "conf" / "pipes" / "app.yaml"),
-                             str(tmp_path / "shared"))
+    assert nightly.files == (
+        str(tmp_path / "conf" / "pipes" / "app.yaml"),
+        str(tmp_path / "shared"),
+    )
     assert (nightly.pipeline, dict(nightly.inputs), nightly.timezone, nightly.deadline) == (
-        "app", {"tag": "1.2.3", "n": "4"}, "Europe/Berlin", 90.0)
+        "app",
+        {"tag": "1.2.3", "n": "4"},
+        "Europe/Berlin",
+        90.0,
+    )
     assert paused.enabled is False and paused.files == (str(tmp_path / "conf" / "x.yaml"),)
     assert paused.due_slot(at(2025, 1, 1, 10, 0)) is None
     assert write(tmp_path / "empty.yaml", "") and load_schedules(tmp_path / "empty.yaml") == []
 
 
-@pytest.mark.parametrize("body, says", [
-    ("- {cron: '* * * * *', files: [a]}", "'name' must be a name"),
-    ("- {name: a, cron: '* * *', files: [a]}", "(a): cron: '* * *' has 3 fields"),
-    ("- {name: a, cron: '* * * * *'}", "'files' must list"),
-    ("- {name: a, cron: '* * * * *', files: [a], timezone: Mars/Base}", "unknown timezone"),
-    ("- {name: a, cron: '* * * * *', files: [a], when: now}", "unknown field(s) when"),
-    ("- {name: a, cron: '* * * * *', files: [a], inputs: [x]}", "'inputs' must map"),
-    ("- {name: a, cron: '* * * * *', files: [a], startingDeadline: soon}", "startingDeadline"),
-    ("- {name: a, cron: '* * * * *', files: [a]}\n- {name: a, cron: '@daily', files: [b]}",
-     "two schedules are named 'a'"),
-    ("schedules: {a: 1}", "'schedules' must be a list"),
-    ("- [unclosed", "cannot read the schedules file"),
-])
-def test_bad_schedules_files_are_refused_naming_the_entry(tmp_path: Path, body: str,
-                                                         says: str) -> None:
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ("- {cron: '* * * * *', files: [a]}", "'name' must be a name"),
+        ("- {name: a, cron: '* * *', files: [a]}", "(a): cron: '* * *' has 3 fields"),
+        ("- {name: a, cron: '* * * * *'}", "'files' must list"),
+        ("- {name: a, cron: '* * * * *', files: [a], timezone: Mars/Base}", "unknown timezone"),
+        ("- {name: a, cron: '* * * * *', files: [a], when: now}", "unknown field(s) when"),
+        ("- {name: a, cron: '* * * * *', files: [a], inputs: [x]}", "'inputs' must map"),
+        ("- {name: a, cron: '* * * * *', files: [a], startingDeadline: soon}", "startingDeadline"),
+        (
+            "- {name: a, cron: '* * * * *', files: [a]}\n- {name: a, cron: '@daily', files: [b]}",
+            "two schedules are named 'a'",
+        ),
+        ("schedules: {a: 1}", "'schedules' must be a list"),
+        ("- [unclosed", "cannot read the schedules file"),
+    ],
+)
+def test_bad_schedules_files_are_refused_naming_the_entry(
+    tmp_path: Path, body: str, says: str
+) -> None:
     f = write(tmp_path / "s.yaml", body)
     with pytest.raises(ConfigError, match=re.escape(says)) as info:
         load_schedules(f)
@@ -183,7 +222,8 @@ def test_bad_schedules_files_are_refused_naming_the_entry(tmp_path: Path, body: 
 
 
 def test_the_file_comes_from_the_environment_or_the_default_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VMFARM_SCHEDULES_FILE", raising=False)
     assert schedules_file() is None and load_schedules() == []
@@ -205,11 +245,13 @@ class FakeSubmit:
         self.fail = fail
         self.lock = threading.Lock()
 
-    def __call__(self, files: list[str], *, pipeline: str | None, inputs: dict[str, str],
-                 user: str) -> str:
+    def __call__(
+        self, files: list[str], *, pipeline: str | None, inputs: dict[str, str], user: str
+    ) -> str:
         with self.lock:
-            self.calls.append({"files": files, "pipeline": pipeline, "inputs": inputs,
-                               "user": user})
+            self.calls.append(
+                {"files": files, "pipeline": pipeline, "inputs": inputs, "user": user}
+            )
             n = len(self.calls)
         if self.fail:
             raise ConfigError("no live worker serves region r1")
@@ -227,9 +269,9 @@ def test_late_slots_are_skipped_and_failures_are_kept_not_retried(tmp_path: Path
     assert tick(at(2025, 5, 1, 2, 2, 1), schedules=plan, submit=submit, store=store) == []
     [res] = tick(at(2025, 5, 1, 2, 1, 59), schedules=plan, submit=submit, store=store)
     assert res["error"] == "no live worker serves region r1"
-    assert tick(at(2025, 5, 1, 2, 1, 59), schedules=plan, submit=submit,
-                store=store) == [{"name": "nightly", "slot": "2025-05-01T02:00:00Z",
-                                  "claimed": False}]
+    assert tick(at(2025, 5, 1, 2, 1, 59), schedules=plan, submit=submit, store=store) == [
+        {"name": "nightly", "slot": "2025-05-01T02:00:00Z", "claimed": False}
+    ]
     assert len(submit.calls) == 1
     assert store.last("nightly")["error"] == "no live worker serves region r1"  # type: ignore[index]
     # A slot older than the one kept is never claimed (the state only moves forward).
@@ -249,8 +291,9 @@ def test_the_tick_is_a_task_on_the_beat_every_minute() -> None:
     assert "app.schedules" in app.conf.include
     app.loader.import_default_modules()
     assert "vmfarm.schedules_tick" in app.tasks
-    assert app.amqp.router.route({}, "vmfarm.schedules_tick", (), {})["queue"].name == \
-        "vmfarm.control"
+    assert (
+        app.amqp.router.route({}, "vmfarm.schedules_tick", (), {})["queue"].name == "vmfarm.control"
+    )
 
 
 # --- vmfarm schedules -----------------------------------------------------------------------------

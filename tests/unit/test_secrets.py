@@ -54,7 +54,10 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     the process's default store is rebuilt for each test."""
     for key in list(os.environ):
         if key.startswith(("VMFARM_SECRET", "VAULT_")) or key.lower() in (
-                "http_proxy", "https_proxy", "all_proxy"):
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ):
             monkeypatch.delenv(key)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     home = tmp_path / "home"
@@ -81,33 +84,43 @@ def store(**overrides: Any) -> SecretStore:
 
 
 def test_find_refs_reads_both_quotes_blanks_and_scopes_in_first_seen_order() -> None:
-    text = ("export A=<+secrets.getValue(\"db_password\")>\n"
-            "B=<+secrets.getValue('account.api_key')> C=<+ secrets.getValue( \"org.x\" ) >\n"
-            "D=<+secrets.getValue(\"db_password\")> E=<+secrets.getValue(\"vault:app/db#pw\")>\n"
-            "F=<+secrets.other(\"no\")> G=<+env.variables.x> H=secrets.getValue(\"bare\")")
+    text = (
+        'export A=<+secrets.getValue("db_password")>\n'
+        "B=<+secrets.getValue('account.api_key')> C=<+ secrets.getValue( \"org.x\" ) >\n"
+        'D=<+secrets.getValue("db_password")> E=<+secrets.getValue("vault:app/db#pw")>\n'
+        'F=<+secrets.other("no")> G=<+env.variables.x> H=secrets.getValue("bare")'
+    )
     assert find_refs(text) == ["db_password", "account.api_key", "org.x", "vault:app/db#pw"]
     assert find_refs("nothing here") == []
     assert secrets.has_refs(text) and not secrets.has_refs("<+pipeline.name>")
-    assert secrets.find_refs_in(["<+secrets.getValue('a')>", "<+secrets.getValue('b')> "
-                                 "<+secrets.getValue('a')>"]) == ["a", "b"]
+    assert secrets.find_refs_in(
+        ["<+secrets.getValue('a')>", "<+secrets.getValue('b')> <+secrets.getValue('a')>"]
+    ) == ["a", "b"]
 
 
-@pytest.mark.parametrize(("sid", "name", "backend", "key", "scope"), [
-    ("db_password", "db_password", None, None, ""),
-    ("account.db_password", "db_password", None, None, "account"),
-    ("org.team.token", "team.token", None, None, "org"),
-    ("project.x", "x", None, None, "project"),
-    ("env:DB", "DB", "env", None, ""),
-    ("aws:prod/api#key", "prod/api", "aws", "key", ""),
-    ("vault:app/db#password", "app/db", "vault", "password", ""),
-    ("account.file:db", "db", "file", None, "account"),
-    ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-AbCdEf",
-     "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-AbCdEf", None, None, ""),
-    ("http:thing", "http:thing", None, None, ""),
-    ("  spaced  ", "spaced", None, None, ""),
-])
-def test_parse_id(sid: str, name: str, backend: str | None, key: str | None,
-                  scope: str) -> None:
+@pytest.mark.parametrize(
+    ("sid", "name", "backend", "key", "scope"),
+    [
+        ("db_password", "db_password", None, None, ""),
+        ("account.db_password", "db_password", None, None, "account"),
+        ("org.team.token", "team.token", None, None, "org"),
+        ("project.x", "x", None, None, "project"),
+        ("env:DB", "DB", "env", None, ""),
+        ("aws:prod/api#key", "prod/api", "aws", "key", ""),
+        ("vault:app/db#password", "app/db", "vault", "password", ""),
+        ("account.file:db", "db", "file", None, "account"),
+        (
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-AbCdEf",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api-AbCdEf",
+            None,
+            None,
+            "",
+        ),
+        ("http:thing", "http:thing", None, None, ""),
+        ("  spaced  ", "spaced", None, None, ""),
+    ],
+)
+def test_parse_id(sid: str, name: str, backend: str | None, key: str | None, scope: str) -> None:
     ref = parse_id(sid)
     assert (ref.name, ref.backend, ref.key, ref.scope) == (name, backend, key, scope)
     assert ref.id == sid.strip()
@@ -127,8 +140,11 @@ def test_substitute_replaces_once_and_returns_values() -> None:
         seen.append(ids)
         return {i: table[i] for i in ids}
 
-    text, values = substitute("x=<+secrets.getValue('a')> y=<+secrets.getValue(\"account.b\")>"
-                              " z=<+secrets.getValue('a')>", resolver)
+    text, values = substitute(
+        "x=<+secrets.getValue('a')> y=<+secrets.getValue(\"account.b\")>"
+        " z=<+secrets.getValue('a')>",
+        resolver,
+    )
     # The second value looks like a reference: it is inserted as it is, never expanded.
     assert text == "x=va$(reboot) y=<+secrets.getValue('a')> z=va$(reboot)"
     assert values == table
@@ -141,15 +157,18 @@ def test_substitute_binds_values_for_shell_scripts() -> None:
     from app.definitions.expressions import Binder
 
     binder = Binder()
-    text, values = substitute("curl -u u:<+secrets.getValue('pw')> && echo "
-                              "\"<+secrets.getValue('pw')>\"", lambda ids: {"pw": "p'w\"$x"},
-                              bind=binder)
-    assert text == "curl -u u:${VMFARM_VALUE_1} && echo \"${VMFARM_VALUE_1}\""
+    text, values = substitute(
+        "curl -u u:<+secrets.getValue('pw')> && echo \"<+secrets.getValue('pw')>\"",
+        lambda ids: {"pw": "p'w\"$x"},
+        bind=binder,
+    )
+    assert text == 'curl -u u:${VMFARM_VALUE_1} && echo "${VMFARM_VALUE_1}"'
     assert binder.env == {"VMFARM_VALUE_1": "p'w\"$x"} and values == {"pw": "p'w\"$x"}
 
 
 def test_substitute_uses_resolve_by_default_and_registers_for_masking(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("VMFARM_SECRET_DEPLOY_TOKEN", "tok-9f8e7d6c")
     text, values = substitute("T=<+secrets.getValue('project.deploy-token')>")
     assert text == "T=tok-9f8e7d6c"
@@ -166,10 +185,16 @@ def test_env_backend_names_and_json_fields(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("VMFARM_SECRET_DB_PASSWORD", "env-pw-1")
     monkeypatch.setenv("VMFARM_SECRET_CFG", json.dumps({"user": "app", "port": 5432}))
     monkeypatch.setenv("VMFARM_SECRET_EMPTY", "")
-    got = store().resolve(["db_password", "account.db-password", "env:db.password",
-                           "env:cfg#user", "cfg#port"])
-    assert got == {"db_password": "env-pw-1", "account.db-password": "env-pw-1",
-                   "env:db.password": "env-pw-1", "env:cfg#user": "app", "cfg#port": "5432"}
+    got = store().resolve(
+        ["db_password", "account.db-password", "env:db.password", "env:cfg#user", "cfg#port"]
+    )
+    assert got == {
+        "db_password": "env-pw-1",
+        "account.db-password": "env-pw-1",
+        "env:db.password": "env-pw-1",
+        "env:cfg#user": "app",
+        "cfg#port": "5432",
+    }
     with pytest.raises(SecretNotFoundError) as exc:
         store().get("env:empty")
     assert "VMFARM_SECRET_EMPTY" in str(exc.value)
@@ -179,7 +204,8 @@ def test_env_backend_names_and_json_fields(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_env_field_of_a_non_json_value_is_an_error_without_the_value(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("VMFARM_SECRET_PLAIN", "plain-value-77")
     with pytest.raises(SecretError, match="not a JSON object") as exc:
         store().get("plain#k")
@@ -208,7 +234,8 @@ def test_file_backend_round_trip_with_a_fernet_key(_env: Path, key: str) -> None
 
 
 def test_file_backend_with_a_passphrase_and_a_key_file(
-        _env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keyfile = tmp_path / "key"
     keyfile.write_text("correct horse battery staple\n")
     monkeypatch.setenv("VMFARM_SECRETS_KEY_FILE", str(keyfile))
@@ -229,7 +256,8 @@ def test_file_backend_with_a_passphrase_and_a_key_file(
 
 
 def test_file_backend_wrong_missing_and_unusable_keys(
-        _env: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _env: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secrets.store.file_backend().set("k1", "value-for-k1")
     monkeypatch.setenv("VMFARM_SECRETS_KEY", Fernet.generate_key().decode())
     with pytest.raises(SecretAccessError) as denied:
@@ -281,8 +309,9 @@ def test_file_backend_concurrent_writers_lose_nothing(_env: Path, key: str) -> N
         t.start()
     for t in threads:
         t.join()
-    assert sorted(e.name for e in FileBackend(path, key).entries()) == \
-        sorted(f"name{i}" for i in range(12))
+    assert sorted(e.name for e in FileBackend(path, key).entries()) == sorted(
+        f"name{i}" for i in range(12)
+    )
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -332,8 +361,9 @@ def test_several_failures_are_reported_together(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_errors_pickle_with_their_fields() -> None:
-    err = SecretAccessError("denied", secret_id="a", backend="vault",
-                            errors=[SecretNotFoundError("x", secret_id="b")])
+    err = SecretAccessError(
+        "denied", secret_id="a", backend="vault", errors=[SecretNotFoundError("x", secret_id="b")]
+    )
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is SecretAccessError and str(back) == str(err)
     assert (back.secret_id, back.backend, back.error_class) == ("a", "vault", "Authorization")
@@ -392,13 +422,13 @@ def test_settings_defaults(_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert run("list").exit_code == 2
 
 
-def test_resolve_registers_values_with_the_global_masker(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_registers_values_with_the_global_masker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMFARM_SECRET_GLOBAL_ONE", "gl0bal-value-x")
     assert secrets.get_secret("global_one") == "gl0bal-value-x"
     assert secrets.mask_obj({"log": "got gl0bal-value-x"}) == {"log": "got ***"}
-    assert secrets.resolve_in({"a": "<+secrets.getValue('global_one')>", "b": "x"}) == \
-        {"global_one": "gl0bal-value-x"}
+    assert secrets.resolve_in({"a": "<+secrets.getValue('global_one')>", "b": "x"}) == {
+        "global_one": "gl0bal-value-x"
+    }
 
 
 # --- AWS Secrets Manager (moto server) ------------------------------------------------------------
@@ -425,24 +455,40 @@ def vault(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeVault]:
 
 # --- masking --------------------------------------------------------------------------------------
 
-SECRET = "p@ss w0rd/+=&é\"\\x"
+SECRET = 'p@ss w0rd/+=&é"\\x'
 
 
-@pytest.mark.parametrize("form", [
-    SECRET,
-    base64.b64encode(SECRET.encode()).decode(),
-    base64.b64encode(SECRET.encode()).decode().rstrip("="),
-    base64.urlsafe_b64encode(SECRET.encode()).decode(),
-    base64.urlsafe_b64encode(SECRET.encode()).decode().rstrip("="),
-    quote(SECRET, safe=""),
-    quote(SECRET),
-    quote_plus(SECRET),
-    quote(SECRET, safe="").lower(),
-    json.dumps(SECRET)[1:-1],
-    json.dumps(SECRET, ensure_ascii=False)[1:-1],
-    json.dumps(json.dumps(SECRET)[1:-1])[1:-1],
-], ids=["raw", "b64", "b64-nopad", "urlsafe", "urlsafe-nopad", "quote", "quote-slash",
-        "quote_plus", "quote-lowerhex", "json", "json-unicode", "json-twice"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        SECRET,
+        base64.b64encode(SECRET.encode()).decode(),
+        base64.b64encode(SECRET.encode()).decode().rstrip("="),
+        base64.urlsafe_b64encode(SECRET.encode()).decode(),
+        base64.urlsafe_b64encode(SECRET.encode()).decode().rstrip("="),
+        quote(SECRET, safe=""),
+        quote(SECRET),
+        quote_plus(SECRET),
+        quote(SECRET, safe="").lower(),
+        json.dumps(SECRET)[1:-1],
+        json.dumps(SECRET, ensure_ascii=False)[1:-1],
+        json.dumps(json.dumps(SECRET)[1:-1])[1:-1],
+    ],
+    ids=[
+        "raw",
+        "b64",
+        "b64-nopad",
+        "urlsafe",
+        "urlsafe-nopad",
+        "quote",
+        "quote-slash",
+        "quote_plus",
+        "quote-lowerhex",
+        "json",
+        "json-unicode",
+        "json-twice",
+    ],
+)
 def test_mask_covers_every_form(form: str) -> None:
     m = Masker([SECRET])
     masked = m.mask(f"before {form} after")
@@ -453,9 +499,12 @@ def test_mask_inside_longer_base64_and_json_documents() -> None:
     m = Masker(["hunter2-secret"])
     basic = base64.b64encode(b"deploy:hunter2-secret").decode()
     piped = base64.b64encode(b"hunter2-secret\n").decode()  # echo $S | base64
-    for text in (f"Authorization: Basic {basic}", piped,
-                 json.dumps({"env": {"PW": "hunter2-secret"}}),
-                 json.dumps({"body": json.dumps({"pw": "hunter2-secret"})})):
+    for text in (
+        f"Authorization: Basic {basic}",
+        piped,
+        json.dumps({"env": {"PW": "hunter2-secret"}}),
+        json.dumps({"body": json.dumps({"pw": "hunter2-secret"})}),
+    ):
         masked = m.mask(text)
         assert "***" in masked
         for enc in (b"hunter2-secret", b"deploy:hunter2-secret", b"hunter2-secret\n"):
@@ -466,8 +515,10 @@ def test_mask_inside_longer_base64_and_json_documents() -> None:
 
 
 def test_mask_multi_line_values() -> None:
-    key = ("-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0B\nAQEFAASCBKcwggSjAgEAAoIB\n"
-           "-----END KEY-----\n")
+    key = (
+        "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0B\nAQEFAASCBKcwggSjAgEAAoIB\n"
+        "-----END KEY-----\n"
+    )
     m = Masker([key])
     assert m.mask(f"key: {key}done") == "key: ***done"
     assert m.mask("x " + key.replace("\n", "\r\n")) == "x ***"
@@ -490,11 +541,21 @@ def test_short_values_are_not_masked_and_longest_value_wins() -> None:
 def test_mask_obj_recurses_and_keeps_other_objects() -> None:
     m = Masker(["tok-123456"])
     Row = namedtuple("Row", "id line")
-    obj = {"tok-123456": ["a tok-123456", ("tok-123456", 5, None)], "n": 1.5,
-           "row": Row(1, "out tok-123456"), "s": {"tok-123456"}, "b": b"tok-123456"}
+    obj = {
+        "tok-123456": ["a tok-123456", ("tok-123456", 5, None)],
+        "n": 1.5,
+        "row": Row(1, "out tok-123456"),
+        "s": {"tok-123456"},
+        "b": b"tok-123456",
+    }
     got = m.mask_obj(obj)
-    assert got == {"***": ["a ***", ("***", 5, None)], "n": 1.5, "row": Row(1, "out ***"),
-                   "s": {"***"}, "b": b"tok-123456"}
+    assert got == {
+        "***": ["a ***", ("***", 5, None)],
+        "n": 1.5,
+        "row": Row(1, "out ***"),
+        "s": {"***"},
+        "b": b"tok-123456",
+    }
     assert obj["n"] == 1.5 and "tok-123456" in obj  # the original is untouched
     assert Masker().mask_obj(obj) is obj
     assert "tok-123456" not in repr(m)
@@ -579,17 +640,28 @@ def test_mask_long_log_with_many_values() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(value=st.text(alphabet=st.characters(blacklist_characters="*", blacklist_categories=(
-    "Cs",)), min_size=4, max_size=40).filter(lambda v: len(v.strip()) >= 4),
-    before=st.text(alphabet=st.characters(blacklist_characters="*",
-                                          blacklist_categories=("Cs",)), max_size=30),
-    after=st.text(alphabet=st.characters(blacklist_characters="*",
-                                         blacklist_categories=("Cs",)), max_size=30))
+@given(
+    value=st.text(
+        alphabet=st.characters(blacklist_characters="*", blacklist_categories=("Cs",)),
+        min_size=4,
+        max_size=40,
+    ).filter(lambda v: len(v.strip()) >= 4),
+    before=st.text(
+        alphabet=st.characters(blacklist_characters="*", blacklist_categories=("Cs",)), max_size=30
+    ),
+    after=st.text(
+        alphabet=st.characters(blacklist_characters="*", blacklist_categories=("Cs",)), max_size=30
+    ),
+)
 def test_masked_text_never_contains_the_value(value: str, before: str, after: str) -> None:
     m = Masker([value])
     b64 = base64.b64encode(value.encode()).decode()
-    for text in (before + value + after, before + b64 + after, before + quote(value) + after,
-                 json.dumps({"k": before + value + after})):
+    for text in (
+        before + value + after,
+        before + b64 + after,
+        before + quote(value) + after,
+        json.dumps({"k": before + value + after}),
+    ):
         masked = m.mask(text)
         assert value not in masked and value.strip() not in masked
         assert b64 not in masked
@@ -615,8 +687,9 @@ def all_output(r: Result) -> str:
     return r.output + r.stdout + r.stderr
 
 
-def test_cli_set_list_rm_never_print_values(_env: Path, key: str,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_set_list_rm_never_print_values(
+    _env: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     r = run("set", "db_password", "--value-stdin", input="cli-v4lue-1\n")
     assert r.exit_code == 0, all_output(r)
     assert "db_password created" in r.stdout and "cli-v4lue-1" not in all_output(r)
@@ -633,13 +706,19 @@ def test_cli_set_list_rm_never_print_values(_env: Path, key: str,
     assert "db_password updated" in r.stdout
     monkeypatch.setenv("VMFARM_SECRETS", "file")
     got = SecretStore.from_settings(register=False).resolve(["db_password", "api_key", "multi"])
-    assert got == {"db_password": "cli-v4lue-2", "api_key": "prompted-v4lue",
-                   "multi": "l1-secret\nl2-secret"}
+    assert got == {
+        "db_password": "cli-v4lue-2",
+        "api_key": "prompted-v4lue",
+        "multi": "l1-secret\nl2-secret",
+    }
 
     r = run("list")
     assert r.exit_code == 0
-    assert [ln.split()[0] for ln in r.stdout.strip().splitlines()[1:]] == \
-        ["api_key", "db_password", "multi"]
+    assert [ln.split()[0] for ln in r.stdout.strip().splitlines()[1:]] == [
+        "api_key",
+        "db_password",
+        "multi",
+    ]
     r = run("list", "-o", "json")
     doc = json.loads(r.stdout)
     assert [s["name"] for s in doc["secrets"]] == ["api_key", "db_password", "multi"]
@@ -648,14 +727,17 @@ def test_cli_set_list_rm_never_print_values(_env: Path, key: str,
     assert r.exit_code == 0 and "api_key removed" in r.stdout
     r = run("rm", "api_key")
     assert r.exit_code == 2 and "no secret 'api_key'" in r.stderr
-    assert [s["name"] for s in json.loads(run("list", "-o", "json").stdout)["secrets"]] == \
-        ["db_password", "multi"]
+    assert [s["name"] for s in json.loads(run("list", "-o", "json").stdout)["secrets"]] == [
+        "db_password",
+        "multi",
+    ]
     for value in ("cli-v4lue-1", "cli-v4lue-2", "prompted-v4lue", "l1-secret", "l2-secret"):
         assert value not in (_env / "secrets.enc").read_text()
 
 
-def test_cli_bad_input_exits_2_without_values(_env: Path, key: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_bad_input_exits_2_without_values(
+    _env: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert run("set", "ok_name", "--value-stdin", input="kept-value-1").exit_code == 0
     r = run("set", "bad name", "--value-stdin", input="bad-name-value")
     assert r.exit_code == 2 and "not valid" in r.stderr and "bad-name-value" not in all_output(r)
@@ -675,7 +757,8 @@ def test_cli_bad_input_exits_2_without_values(_env: Path, key: str,
 
 
 def test_cli_warns_when_pipelines_would_not_read_the_file(
-        key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VMFARM_SECRET_SHADOWED", "from-env-x")
     r = run("set", "shadowed", "--value-stdin", input="from-file-x")
     assert r.exit_code == 0 and "VMFARM_SECRET_SHADOWED is set" in r.stderr

@@ -24,21 +24,27 @@ spec:
 """
 
 
-@pytest.mark.parametrize(("connection", "extra", "where", "what"), [
-    ("Local", "", "f.yaml:11:13", "type Local"),
-    ("Sandbox", "", "f.yaml:11:13", "type Sandbox"),
-    ("SSH", "      privateKeyFile: ~/.ssh/id_ed25519\n", "f.yaml:12:7", "privateKeyFile"),
-    ("SSH", "      knownHostsFile: /etc/ssh/known\n", "f.yaml:12:7", "knownHostsFile"),
-])
+@pytest.mark.parametrize(
+    ("connection", "extra", "where", "what"),
+    [
+        ("Local", "", "f.yaml:11:13", "type Local"),
+        ("Sandbox", "", "f.yaml:11:13", "type Sandbox"),
+        ("SSH", "      privateKeyFile: ~/.ssh/id_ed25519\n", "f.yaml:12:7", "privateKeyFile"),
+        ("SSH", "      knownHostsFile: /etc/ssh/known\n", "f.yaml:12:7", "knownHostsFile"),
+    ],
+)
 def test_a_file_naming_the_servers_machines_is_refused_with_its_place(
-        connection: str, extra: str, where: str, what: str) -> None:
+    connection: str, extra: str, where: str, what: str
+) -> None:
     (problem,) = local_references("f.yaml", INFRA.format(connection=connection, extra=extra))
     assert problem.startswith(f"{where}: {what}")
 
 
 def test_a_local_artifact_is_refused_and_a_remote_one_is_not() -> None:
-    service = ("kind: Service\nspec:\n  serviceDefinition:\n    spec:\n      artifacts:\n"
-               "        primary:\n          type: {}\n          spec: {{path: /etc/shadow}}\n")
+    service = (
+        "kind: Service\nspec:\n  serviceDefinition:\n    spec:\n      artifacts:\n"
+        "        primary:\n          type: {}\n          spec: {{path: /etc/shadow}}\n"
+    )
     assert local_references("s.yaml", service.format("Local"))[0].startswith("s.yaml:7:17")
     assert local_references("s.yaml", service.format("Http")) == []
 

@@ -32,23 +32,53 @@ CONTEXTS: dict[str, tuple[str, Callable[[str], str]]] = {
     "assignment": ('x=<+v>\nprintf %s "$x" >"$OUT"', lambda v: v),
     "array": ('a=(<+v> two)\nprintf %s "${#a[@]}:${a[0]}" >"$OUT"', lambda v: f"2:{v}"),
     "parameter default": ('printf %s ${NOT_SET_:-<+v>} >"$OUT"', lambda v: v),
-    "case pattern": ('case "$V" in <+v>) printf match >"$OUT";; *) printf no >"$OUT";; esac',
-                     lambda v: "match"),
-    "[[ pattern ]]": ('[[ "$V" == <+v> ]] && printf match >"$OUT" || printf no >"$OUT"',
-                      lambda v: "match"),
+    "case pattern": (
+        'case "$V" in <+v>) printf match >"$OUT";; *) printf no >"$OUT";; esac',
+        lambda v: "match",
+    ),
+    "[[ pattern ]]": (
+        '[[ "$V" == <+v> ]] && printf match >"$OUT" || printf no >"$OUT"',
+        lambda v: "match",
+    ),
     "arithmetic": ('printf %s $(( <+v> + 1 )) >"$OUT"', lambda v: str(int(v) + 1)),
 }
 REFUSABLE = {"quoted here-document", "arithmetic"}
 
-NASTY = ["$(touch pwned)", "`touch pwned`", "'; touch pwned; '", '"; touch pwned; "', "*",
-         "-rf", "x /some/dir/keepme", "a\nb", "EOF", "${HOME}", "\\", '"', "'", "!!", "~",
-         "{a,b}", "$'\\x41'", ")", "esac", "\n", "", " ", "\t", "a\\", "$((1+1))", "-1",
-         "007", "12", "a[$(touch pwned)]"]
+NASTY = [
+    "$(touch pwned)",
+    "`touch pwned`",
+    "'; touch pwned; '",
+    '"; touch pwned; "',
+    "*",
+    "-rf",
+    "x /some/dir/keepme",
+    "a\nb",
+    "EOF",
+    "${HOME}",
+    "\\",
+    '"',
+    "'",
+    "!!",
+    "~",
+    "{a,b}",
+    "$'\\x41'",
+    ")",
+    "esac",
+    "\n",
+    "",
+    " ",
+    "\t",
+    "a\\",
+    "$((1+1))",
+    "-1",
+    "007",
+    "12",
+    "a[$(touch pwned)]",
+]
 
 values = st.one_of(
     st.sampled_from(NASTY),
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-            max_size=30),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30),
     st.text(alphabet="$`'\"\\ \n\t*?[]{}()<>|&;!#~-=EOF", max_size=20),
 )
 
@@ -66,22 +96,28 @@ def _run(template: str, value: str, tmp: Path) -> tuple[str | None, str | None]:
     work.mkdir()
     out = tmp / "out"
     env = {"PATH": os.environ["PATH"], "OUT": str(out), "V": value, **binder.env}
-    res = subprocess.run(["bash", "--noprofile", "--norc", "-c", script], cwd=work, env=env,
-                         capture_output=True, timeout=10)
+    res = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", script],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        timeout=10,
+    )
     assert res.returncode == 0, (script, res.stderr)
     assert list(work.iterdir()) == [], f"the value ran something: {script!r}"
     return out.read_bytes().decode("utf-8"), None
 
 
 @pytest.mark.parametrize("name", list(CONTEXTS))
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(value=values)
 @example(value="x /some/dir/keepme")
 @example(value="$(touch pwned)")
-def test_a_value_reaches_bash_intact_or_is_refused(name: str, value: str,
-                                                   tmp_path_factory: pytest.TempPathFactory
-                                                   ) -> None:
+def test_a_value_reaches_bash_intact_or_is_refused(
+    name: str, value: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     template, expected = CONTEXTS[name]
     got, refused = _run(template, value, tmp_path_factory.mktemp("bash"))
     if refused is not None:
@@ -120,12 +156,22 @@ def test_without_a_binder_unsafe_values_are_left_for_the_worker() -> None:
 
 
 def test_places_know_the_context_of_each_expression() -> None:
-    script = ("echo <+a> \"<+b>\" '<+c>' $'<+d>' # <+e>\n"
-              "cat <<EOF\n<+f>\nEOF\ncat <<-'X'\n\t<+g>\n\tX\necho $(( <+h> )) $(echo <+i>)\n")
+    script = (
+        "echo <+a> \"<+b>\" '<+c>' $'<+d>' # <+e>\n"
+        "cat <<EOF\n<+f>\nEOF\ncat <<-'X'\n\t<+g>\n\tX\necho $(( <+h> )) $(echo <+i>)\n"
+    )
     got = {p.expression: p.where for p in places(script)}
-    assert got == {"a": Where.WORD, "b": Where.DOUBLE, "c": Where.SINGLE, "d": Where.ANSI,
-                   "e": Where.COMMENT, "f": Where.HEREDOC, "g": Where.HEREDOC_QUOTED,
-                   "h": Where.ARITHMETIC, "i": Where.WORD}
+    assert got == {
+        "a": Where.WORD,
+        "b": Where.DOUBLE,
+        "c": Where.SINGLE,
+        "d": Where.ANSI,
+        "e": Where.COMMENT,
+        "f": Where.HEREDOC,
+        "g": Where.HEREDOC_QUOTED,
+        "h": Where.ARITHMETIC,
+        "i": Where.WORD,
+    }
 
 
 def test_an_unterminated_expression_is_found_by_line() -> None:

@@ -38,22 +38,31 @@ def test_an_existing_key_is_never_overwritten(tmp_path: Path) -> None:
 def test_half_a_signing_configuration_is_an_error(tmp_path: Path) -> None:
     made = init_keys(tmp_path, "server")
     s = Settings(broker_url="redis://127.0.0.1:6379/0", security_key=made.key)
-    with pytest.raises(ConfigError, match="VMFARM_SECURITY_CERTIFICATE, "
-                                          "VMFARM_SECURITY_CERT_STORE not set"):
+    with pytest.raises(
+        ConfigError, match="VMFARM_SECURITY_CERTIFICATE, VMFARM_SECURITY_CERT_STORE not set"
+    ):
         signing_paths(s)
 
 
 def test_service_mode_with_keys_signs_and_accepts_only_signed(tmp_path: Path) -> None:
     made = init_keys(tmp_path, "server")
-    s = Settings(broker_url="redis://127.0.0.1:6379/0", security_key=made.key,
-                 security_certificate=made.certificate, security_cert_store=str(made.store))
+    s = Settings(
+        broker_url="redis://127.0.0.1:6379/0",
+        security_key=made.key,
+        security_certificate=made.certificate,
+        security_cert_store=str(made.store),
+    )
     conf = celery_settings(signing_paths(s))
     assert conf["task_serializer"] == "auth" and conf["accept_content"] == ["auth"]
 
 
 def test_embedded_mode_does_not_sign(tmp_path: Path) -> None:
     made = init_keys(tmp_path, "server")
-    s = Settings(home=tmp_path, security_key=made.key, security_certificate=made.certificate,
-                 security_cert_store=str(made.store))
+    s = Settings(
+        home=tmp_path,
+        security_key=made.key,
+        security_certificate=made.certificate,
+        security_cert_store=str(made.store),
+    )
     assert signing_paths(s) is None
     assert celery_settings(None)["accept_content"] == ["json"]

@@ -68,7 +68,11 @@ def test_an_infrastructure_that_allows_it_takes_both(ledger: Path) -> None:
     files = ledger / "files"
     shutil.copytree(GOOD, files)
     infra = files / "infrastructure.yaml"
-    infra.write_text(infra.read_text().replace(
-        "  deploymentType: Ssh\n", "  deploymentType: Ssh\n  allowSimultaneousDeployments: true\n"))
+    infra.write_text(
+        infra.read_text().replace(
+            "  deploymentType: Ssh\n",
+            "  deploymentType: Ssh\n  allowSimultaneousDeployments: true\n",
+        )
+    )
     _start(_record(files))
     assert _record(files)

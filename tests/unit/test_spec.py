@@ -45,15 +45,17 @@ def line_of(path: Path, needle: str) -> int:
     return line
 
 
-def plan_of(paths: list[Path], inputs: dict[str, str] | None = None, *,
-            execution_id: str = "EX1") -> dict[str, Any]:
+def plan_of(
+    paths: list[Path], inputs: dict[str, str] | None = None, *, execution_id: str = "EX1"
+) -> dict[str, Any]:
     bundle = load(paths, inputs=inputs or {}, require_inputs=True)
     return resolve(bundle, choose_pipeline(bundle, None), execution_id=execution_id).to_json()
 
 
 def step(plan: dict[str, Any], ident: str) -> dict[str, Any]:
-    found: list[dict[str, Any]] = [s for s in plan["stages"][0]["steps"]
-                                   if s["identifier"] == ident]
+    found: list[dict[str, Any]] = [
+        s for s in plan["stages"][0]["steps"] if s["identifier"] == ident
+    ]
     assert len(found) == 1
     return found[0]
 
@@ -85,18 +87,26 @@ def test_reference_examples_load() -> None:
     assert sorted(bundle.pipelines) == ["vm_deployment_pipeline"]
     steps = bundle.pipelines["vm_deployment_pipeline"].model.spec.stages[0].stage.spec.execution
     assert [s.step.identifier for s in steps.steps] == [
-        "stop_app", "deploy_artifact", "configure_app", "start_app"]
+        "stop_app",
+        "deploy_artifact",
+        "configure_app",
+        "start_app",
+    ]
 
 
-@pytest.mark.parametrize(("file", "needle", "says"), [
-    ("cicd_pipeline.yaml", "type: CI", "vmfarm deploys and does not build"),
-    ("cicd_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
-    ("cicd_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
-    ("terraform_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
-    ("terraform_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
-])
+@pytest.mark.parametrize(
+    ("file", "needle", "says"),
+    [
+        ("cicd_pipeline.yaml", "type: CI", "vmfarm deploys and does not build"),
+        ("cicd_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
+        ("cicd_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
+        ("terraform_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
+        ("terraform_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
+    ],
+)
 def test_reference_pipelines_vmfarm_cannot_run_are_refused_with_the_reason(
-        file: str, needle: str, says: str) -> None:
+    file: str, needle: str, says: str
+) -> None:
     """The reference's CI/CD and Terraform pipelines, verbatim: refused where the unsupported
     type is written (a CI stage; Terraform steps, inside Custom stages that vmfarm runs),
     saying why (not 'unknown type')."""
@@ -139,8 +149,11 @@ def test_reference_artifact_is_fetched_from_its_connector() -> None:
     assert spec["baseUrl"] == "https://artifactory.example.com/artifactory"
     assert (spec["username"], spec["passwordRef"]) == ("deployer", "account.artifactory_password")
     (infra,) = plan["stages"][0]["infrastructures"]
-    assert infra["connector"] == {"identifier": "aws_connector", "type": "Aws",
-                                  "credential": {"type": "InheritFromDelegate"}}
+    assert infra["connector"] == {
+        "identifier": "aws_connector",
+        "type": "Aws",
+        "credential": {"type": "InheritFromDelegate"},
+    }
 
 
 # --- runtime inputs (--set) ---------------------------------------------------------------------
@@ -154,8 +167,9 @@ def test_short_set_key_fills_the_service_tag() -> None:
     assert art is not None and art.spec["tag"] == "2.5.0"
 
 
-@pytest.mark.parametrize("key", ["service.hello_app.artifacts.primary.spec.tag",
-                                 "primary.spec.tag", "spec.tag"])
+@pytest.mark.parametrize(
+    "key", ["service.hello_app.artifacts.primary.spec.tag", "primary.spec.tag", "spec.tag"]
+)
 def test_longer_set_keys_match_the_input_name_from_its_end(key: str) -> None:
     plan = plan_of([GOOD], {key: "3.0"})
     assert plan["stages"][0]["artifact"]["tag"] == "3.0"
@@ -235,7 +249,9 @@ def test_resolve_keeps_the_static_hosts_and_their_regions() -> None:
     assert infra["provider"] == "static"
     assert infra["spec"]["region"] == "r1"
     assert [(h["hostname"], h.get("region")) for h in infra["spec"]["hosts"]] == [
-        ("127.0.1.201", None), ("127.0.1.202", "r2")]
+        ("127.0.1.201", None),
+        ("127.0.1.202", "r2"),
+    ]
 
 
 def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Path) -> str:
@@ -249,21 +265,36 @@ def run_as_worker(plan: dict[str, Any], step_ident: str, unit: str, tmp_path: Pa
     stage = DeploymentStagePlan.model_validate(plan["stages"][0])
     host = Host(name="127.0.1.201", address="127.0.1.201", region="r1", infrastructure="i")
     binder = Binder()
-    text = render_script(script(plan, step_ident, unit), host_context(host, stage),
-                         bind=binder)
+    text = render_script(script(plan, step_ident, unit), host_context(host, stage), bind=binder)
     assert "<+" not in text.split("\n", 3)[0]
-    done = subprocess.run(["bash", "-c", env_prelude(binder.env) + text], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["bash", "-c", env_prelude(binder.env) + text],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.stdout
 
 
-@pytest.mark.parametrize("hostile", ["1.0; touch pwned", "$(touch pwned)", "`touch pwned`",
-                                     "1.0' ; touch pwned; echo '", '1.0" ; touch pwned; "'])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "1.0; touch pwned",
+        "$(touch pwned)",
+        "`touch pwned`",
+        "1.0' ; touch pwned; echo '",
+        '1.0" ; touch pwned; "',
+    ],
+)
 def test_a_runtime_input_never_runs_as_shell_code(hostile: str, tmp_path: Path) -> None:
     # Given a value given at run time that holds shell syntax (the tag may say anything: its
     # input has its own pattern)
-    files = good_copy(tmp_path, pipeline=("value: first release", "value: <+input>"),
-                      service=("tag: <+input>", "tag: <+input>.regex(.*)"))
+    files = good_copy(
+        tmp_path,
+        pipeline=("value: first release", "value: <+input>"),
+        service=("tag: <+input>", "tag: <+input>.regex(.*)"),
+    )
     plan = plan_of([files], {"tag": hostile, "release_note": hostile})
     # When the worker renders and runs the script that names it
     out = run_as_worker(plan, "install", "prepare", tmp_path)
@@ -274,14 +305,16 @@ def test_a_runtime_input_never_runs_as_shell_code(hostile: str, tmp_path: Path) 
     assert env_vars(plan, "install")["VERSION"] == hostile
 
 
-@pytest.mark.parametrize("tag", ["../../../../etc", "x /some/dir/keepme", "-rf", "1.0/evil",
-                                 "1.0; touch pwned"])
+@pytest.mark.parametrize(
+    "tag", ["../../../../etc", "x /some/dir/keepme", "-rf", "1.0/evil", "1.0; touch pwned"]
+)
 def test_a_tag_that_is_not_a_version_is_refused_before_anything_runs(tag: str) -> None:
     with pytest.raises(SpecError) as info:
         plan_of([GOOD], {"tag": tag})
     err = info.value
-    assert err.file.endswith("service.yaml") and err.line == line_of(GOOD / "service.yaml",
-                                                                     "tag: <+input>")
+    assert err.file.endswith("service.yaml") and err.line == line_of(
+        GOOD / "service.yaml", "tag: <+input>"
+    )
     assert f"artifact tag {tag!r} is not a version" in err.message
 
 
@@ -308,8 +341,11 @@ def test_values_written_in_the_files_are_inserted_as_written(tmp_path: Path) -> 
 def test_unknown_expression_names_the_known_ones() -> None:
     ctx = Context()
     ctx.set("serviceVariables.app_port", "8080")
-    with pytest.raises(ExpressionError, match=r"<\+serviceVariables\.nope> \(known: "
-                                              r"serviceVariables\.app_port\)"):
+    with pytest.raises(
+        ExpressionError,
+        match=r"<\+serviceVariables\.nope> \(known: "
+        r"serviceVariables\.app_port\)",
+    ):
         render("<+serviceVariables.nope>", ctx)
 
 
@@ -321,13 +357,15 @@ def test_render_binds_only_unsafe_external_values_and_only_in_scripts() -> None:
     ctx.set("env.name", "c d")
     binder = Binder()
     assert render("x <+artifact.tag> <+env.name>", ctx, quote=True, bind=binder) == (
-        "x ${VMFARM_VALUE_1} c d")
+        "x ${VMFARM_VALUE_1} c d"
+    )
     assert binder.env == {"VMFARM_VALUE_1": "a b"}
     # Without a binder (plan time) the unsafe value waits for the worker's render.
     assert render("x <+artifact.tag>", ctx, quote=True) == "x <+artifact.tag>"
     assert render("x <+artifact.tag> <+env.name>", ctx) == "x a b c d"
     assert render("<+instance.hostName> <+steps.a.output.x>", ctx) == (
-        "<+instance.hostName> <+steps.a.output.x>")
+        "<+instance.hostName> <+steps.a.output.x>"
+    )
 
 
 def test_unfilled_input_is_kept_only_when_allowed() -> None:
@@ -354,8 +392,11 @@ def test_choose_pipeline_takes_the_only_one() -> None:
 def test_choose_pipeline_among_several(tmp_path: Path) -> None:
     bundle = two_pipelines(tmp_path)
     assert choose_pipeline(bundle, "bye").ident == "bye"
-    with pytest.raises(SpecError, match=r"several pipelines; choose one with --pipeline "
-                                        r"\(bye, hello\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"several pipelines; choose one with --pipeline "
+        r"\(bye, hello\)",
+    ):
         choose_pipeline(bundle, None)
     with pytest.raises(SpecError, match="did you mean 'hello'"):
         choose_pipeline(bundle, "helo")
@@ -367,29 +408,39 @@ def test_choose_pipeline_among_several(tmp_path: Path) -> None:
 def test_errors_carry_file_line_col_and_field() -> None:
     bad = DATA / "bad" / "unknown_field.yaml"
     with pytest.raises(SpecError) as exc:
-        load([GOOD / "service.yaml", GOOD / "environment.yaml", GOOD / "infrastructure.yaml",
-              bad], inputs={"tag": "1.0"})
+        load(
+            [GOOD / "service.yaml", GOOD / "environment.yaml", GOOD / "infrastructure.yaml", bad],
+            inputs={"tag": "1.0"},
+        )
     err = exc.value
     assert (err.file, err.line, err.col) == (str(bad), line_of(bad, "enviromentVariables:"), 21)
     assert err.field == "spec.stages[0].stage.spec.execution.steps[0].step.spec.enviromentVariables"
-    assert str(err).startswith(f"{bad}:{err.line}:21: unknown field 'enviromentVariables'; "
-                               "did you mean 'environmentVariables'?")
+    assert str(err).startswith(
+        f"{bad}:{err.line}:21: unknown field 'enviromentVariables'; "
+        "did you mean 'environmentVariables'?"
+    )
     assert str(err).endswith(f"[{err.field}]")
 
 
 def test_several_errors_are_reported_together_in_file_order(tmp_path: Path) -> None:
-    files = good_copy(tmp_path, pipeline=("timeout: 5m", "timeout: soon"),
-                      infrastructure=("port: 22", "port: abc"))
+    files = good_copy(
+        tmp_path,
+        pipeline=("timeout: 5m", "timeout: soon"),
+        infrastructure=("port: 22", "port: abc"),
+    )
     with pytest.raises(SpecErrors) as exc:
         load([files])
     assert [(Path(e.file).name, e.line, e.field.rsplit(".", 1)[-1]) for e in exc.value.errors] == [
         ("infrastructure.yaml", line_of(files / "infrastructure.yaml", "port: abc"), "port"),
-        ("pipeline.yaml", line_of(files / "pipeline.yaml", "timeout: soon"), "timeout")]
+        ("pipeline.yaml", line_of(files / "pipeline.yaml", "timeout: soon"), "timeout"),
+    ]
 
 
 def test_unknown_expression_in_a_script_points_at_its_line(tmp_path: Path) -> None:
-    files = good_copy(tmp_path, pipeline=("greeting=<+serviceVariables.greeting>",
-                                          "greeting=<+serviceVariables.greting>"))
+    files = good_copy(
+        tmp_path,
+        pipeline=("greeting=<+serviceVariables.greeting>", "greeting=<+serviceVariables.greting>"),
+    )
     with pytest.raises(SpecError) as exc:
         load([files])
     line = line_of(files / "pipeline.yaml", "<+serviceVariables.greting>")
@@ -449,10 +500,13 @@ def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> No
                                   spec:
                                     script: echo probe
               - step:"""
-    folder = good_copy(tmp_path, pipeline=("- step:\n                  type: Command\n"
-                                           "                  name: Install",
-                                           group + "\n                  type: Command\n"
-                                           "                  name: Install"))
+    folder = good_copy(
+        tmp_path,
+        pipeline=(
+            "- step:\n                  type: Command\n                  name: Install",
+            group + "\n                  type: Command\n                  name: Install",
+        ),
+    )
     plan = plan_of([folder], {"tag": "1.0"})
     stage = plan["stages"][0]
     probe = stage["steps"][0]
@@ -465,11 +519,15 @@ def test_step_groups_flatten_with_their_failure_strategies(tmp_path: Path) -> No
 
 
 def test_a_step_entry_holds_a_step_or_a_step_group(tmp_path: Path) -> None:
-    folder = good_copy(tmp_path, pipeline=("- step:\n                  type: Command\n"
-                                           "                  name: Install",
-                                           "- {}\n              - step:\n"
-                                           "                  type: Command\n"
-                                           "                  name: Install"))
+    folder = good_copy(
+        tmp_path,
+        pipeline=(
+            "- step:\n                  type: Command\n                  name: Install",
+            "- {}\n              - step:\n"
+            "                  type: Command\n"
+            "                  name: Install",
+        ),
+    )
     with pytest.raises((SpecError, SpecErrors)) as info:
         plan_of([folder], {"tag": "1.0"})
     assert "either 'step' or 'stepGroup'" in str(info.value)
@@ -491,9 +549,12 @@ def _good_copy(tmp_path: Path, old: str, new: str, *, second_infra: bool = False
     (tmp_path / "pipeline.yaml").write_text(text.replace(old, new))
     if second_infra:
         (tmp_path / "infra2.yaml").write_text(
-            (GOOD / "infrastructure.yaml").read_text()
+            (GOOD / "infrastructure.yaml")
+            .read_text()
             .replace("identifier: test_hosts", "identifier: more_hosts")
-            .replace("127.0.1.201", "127.0.1.203").replace("127.0.1.202", "127.0.1.204"))
+            .replace("127.0.1.201", "127.0.1.203")
+            .replace("127.0.1.202", "127.0.1.204")
+        )
     return sorted(tmp_path.glob("*.yaml"))
 
 
@@ -502,24 +563,27 @@ def _infras(plan: dict[str, Any]) -> list[str]:
 
 
 def test_a_stage_without_infrastructure_definitions_uses_the_environments_only_one(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """As the reference's configuration-management pipeline writes it."""
     assert _infras(plan_of(_good_copy(tmp_path, INFRA_LIST, ""), {"tag": "1"})) == ["test_hosts"]
 
 
-def test_deploy_to_all_deploys_to_every_infrastructure_of_the_environment(
-        tmp_path: Path) -> None:
-    files = _good_copy(tmp_path, INFRA_LIST, "            deployToAll: true\n",
-                       second_infra=True)
+def test_deploy_to_all_deploys_to_every_infrastructure_of_the_environment(tmp_path: Path) -> None:
+    files = _good_copy(tmp_path, INFRA_LIST, "            deployToAll: true\n", second_infra=True)
     assert _infras(plan_of(files, {"tag": "1"})) == ["more_hosts", "test_hosts"]
 
 
-@pytest.mark.parametrize(("new", "says"), [
-    ("", "it has 2: more_hosts, test_hosts"),
-    ("            deployToAll: true\n" + INFRA_LIST, "leave infrastructureDefinitions out"),
-])
+@pytest.mark.parametrize(
+    ("new", "says"),
+    [
+        ("", "it has 2: more_hosts, test_hosts"),
+        ("            deployToAll: true\n" + INFRA_LIST, "leave infrastructureDefinitions out"),
+    ],
+)
 def test_an_ambiguous_or_contradictory_choice_of_infrastructures_is_refused(
-        tmp_path: Path, new: str, says: str) -> None:
+    tmp_path: Path, new: str, says: str
+) -> None:
     files = _good_copy(tmp_path, INFRA_LIST, new, second_infra=True)
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load(files, inputs={"tag": "1"})
@@ -529,17 +593,29 @@ def test_an_ambiguous_or_contradictory_choice_of_infrastructures_is_refused(
     assert err.field.startswith("spec.stages[0].stage.spec.environment")
 
 
-@pytest.mark.parametrize(("old", "new", "ok"), [
-    ("              - identifier: test_hosts\n",
-     "              - identifier: test_hosts\n                inputs: {region: r9}\n", False),
-    ("            environmentRef: test_env\n",
-     "            environmentRef: test_env\n            environmentInputs: {type: Production}\n",
-     False),
-    ("            environmentRef: test_env\n",
-     "            environmentRef: test_env\n            environmentInputs: <+input>\n", True),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "ok"),
+    [
+        (
+            "              - identifier: test_hosts\n",
+            "              - identifier: test_hosts\n                inputs: {region: r9}\n",
+            False,
+        ),
+        (
+            "            environmentRef: test_env\n",
+            "            environmentRef: test_env\n            environmentInputs: {type: Production}\n",
+            False,
+        ),
+        (
+            "            environmentRef: test_env\n",
+            "            environmentRef: test_env\n            environmentInputs: <+input>\n",
+            True,
+        ),
+    ],
+)
 def test_inputs_written_in_a_pipeline_are_refused_never_dropped(
-        tmp_path: Path, old: str, new: str, ok: bool) -> None:
+    tmp_path: Path, old: str, new: str, ok: bool
+) -> None:
     files = _good_copy(tmp_path, old, new)
     if ok:
         load(files, inputs={"tag": "1"})

@@ -135,38 +135,81 @@ PIPELINE = textwrap.dedent("""\
     """)
 
 SOURCE = "Http https://127.0.1.10:8081/repo/app-2.0.1.tar.gz?…"
-SETUP_SCRIPT = ("set -e\nmkdir -p /opt/app/2.0.1 /opt/app/logs\n"
-                "chown deploy:deploy /opt/app/2.0.1 /opt/app/logs\n"
-                "chmod 0750 /opt/app/2.0.1 /opt/app/logs\nls -ld /opt/app/2.0.1 /opt/app/logs\n")
+SETUP_SCRIPT = (
+    "set -e\nmkdir -p /opt/app/2.0.1 /opt/app/logs\n"
+    "chown deploy:deploy /opt/app/2.0.1 /opt/app/logs\n"
+    "chmod 0750 /opt/app/2.0.1 /opt/app/logs\nls -ld /opt/app/2.0.1 /opt/app/logs\n"
+)
 
 # unit identifier -> (fields of its JSON form, lines of the text plan)
 EXPECTED: dict[str, tuple[dict[str, Any], list[str]]] = {
-    "paths": ({"type": "Setup", "paths": ["/opt/app/2.0.1", "/opt/app/logs"],
-               "owner": "deploy:deploy", "mode": "0750", "script": SETUP_SCRIPT},
-              ["[paths] setup /opt/app/2.0.1 /opt/app/logs (owner deploy:deploy, mode 0750):",
-               *(f"  {line}" for line in SETUP_SCRIPT.splitlines())]),
-    "fetch": ({"type": "DownloadArtifact", "source": SOURCE,
-               "destination": "/opt/app/incoming/app-2.0.1.tar.gz", "checksum": SHA},
-              [f"[fetch] download {SOURCE} -> /opt/app/incoming/app-2.0.1.tar.gz (by the host, "
-               f"sha256 {SHA} checked):",
-               """  printf '%s\\n' "$VMFARM_CURL_CONFIG" | curl -fsSL --retry 3 -K - -o """
-               '/opt/app/incoming/app-2.0.1.tar.gz.part']),
-    "copy": ({"type": "Copy", "source": SOURCE,
-              "destination": "/opt/app/pushed/app-2.0.1.tar.gz", "checksum": SHA},
-             [f"[copy] copy {SOURCE} -> /opt/app/pushed/app-2.0.1.tar.gz"]),
-    "release": ({"type": "Release", "source": SOURCE, "deploymentPath": "/opt/app",
-                 "version": "2.0.1", "releasesDirectory": "/opt/app/releases", "keep": 5,
-                 "current": "/opt/app/current", "currentTarget": "releases/2.0.1"},
-                [f"[release] release 2.0.1 ({SOURCE}) into /opt/app/releases/2.0.1, keeping "
-                 "the newest 5", "  /opt/app/current -> releases/2.0.1"]),
-    "migrate": ({"type": "Script",
-                 "script": 'echo "migrating 127.0.1.10 to 2.0.1"\n'
-                           'echo "${VMFARM_VALUE_1}" > "$APP_HOME/greeting"\n',
-                 "values": {"VMFARM_VALUE_1": GREETING},
-                 "workingDirectory": "/opt/app/current"},
-                ["[migrate] script (in /opt/app/current):",
-                 '  echo "migrating 127.0.1.10 to 2.0.1"',
-                 f"  (with VMFARM_VALUE_1={GREETING!r})"]),
+    "paths": (
+        {
+            "type": "Setup",
+            "paths": ["/opt/app/2.0.1", "/opt/app/logs"],
+            "owner": "deploy:deploy",
+            "mode": "0750",
+            "script": SETUP_SCRIPT,
+        },
+        [
+            "[paths] setup /opt/app/2.0.1 /opt/app/logs (owner deploy:deploy, mode 0750):",
+            *(f"  {line}" for line in SETUP_SCRIPT.splitlines()),
+        ],
+    ),
+    "fetch": (
+        {
+            "type": "DownloadArtifact",
+            "source": SOURCE,
+            "destination": "/opt/app/incoming/app-2.0.1.tar.gz",
+            "checksum": SHA,
+        },
+        [
+            f"[fetch] download {SOURCE} -> /opt/app/incoming/app-2.0.1.tar.gz (by the host, "
+            f"sha256 {SHA} checked):",
+            """  printf '%s\\n' "$VMFARM_CURL_CONFIG" | curl -fsSL --retry 3 -K - -o """
+            "/opt/app/incoming/app-2.0.1.tar.gz.part",
+        ],
+    ),
+    "copy": (
+        {
+            "type": "Copy",
+            "source": SOURCE,
+            "destination": "/opt/app/pushed/app-2.0.1.tar.gz",
+            "checksum": SHA,
+        },
+        [f"[copy] copy {SOURCE} -> /opt/app/pushed/app-2.0.1.tar.gz"],
+    ),
+    "release": (
+        {
+            "type": "Release",
+            "source": SOURCE,
+            "deploymentPath": "/opt/app",
+            "version": "2.0.1",
+            "releasesDirectory": "/opt/app/releases",
+            "keep": 5,
+            "current": "/opt/app/current",
+            "currentTarget": "releases/2.0.1",
+        },
+        [
+            f"[release] release 2.0.1 ({SOURCE}) into /opt/app/releases/2.0.1, keeping "
+            "the newest 5",
+            "  /opt/app/current -> releases/2.0.1",
+        ],
+    ),
+    "migrate": (
+        {
+            "type": "Script",
+            "script": 'echo "migrating 127.0.1.10 to 2.0.1"\n'
+            'echo "${VMFARM_VALUE_1}" > "$APP_HOME/greeting"\n',
+            "values": {"VMFARM_VALUE_1": GREETING},
+            "workingDirectory": "/opt/app/current",
+        },
+        [
+            "[migrate] script (in /opt/app/current):",
+            '  echo "migrating 127.0.1.10 to 2.0.1"',
+            f"  (with VMFARM_VALUE_1={GREETING!r})",
+        ],
+    ),
 }
 
 
@@ -207,11 +250,15 @@ def test_plan_shows_what_each_unit_type_will_do(planned: dict[str, Any], ident: 
 
 
 def test_plan_shows_the_download_script_and_where_each_unit_comes_from(
-        planned: dict[str, Any]) -> None:
+    planned: dict[str, Any],
+) -> None:
     fetch = planned["units"]["fetch"]["script"]
     # the host writes a .part file and renames it: a file is whole or absent; then checks it
-    assert fetch.index("-K - -o /opt/app/incoming/app-2.0.1.tar.gz.part") < fetch.index(
-        "mv /opt/app/incoming/app-2.0.1.tar.gz.part") < fetch.index(SHA)
+    assert (
+        fetch.index("-K - -o /opt/app/incoming/app-2.0.1.tar.gz.part")
+        < fetch.index("mv /opt/app/incoming/app-2.0.1.tar.gz.part")
+        < fetch.index(SHA)
+    )
     assert planned["stage"]["steps"][0]["environment"] == {"APP_HOME": "/opt/app"}
     start = planned["units"]["start"]
     assert start["outputVariables"] == {"PID": "pid"}
@@ -219,7 +266,8 @@ def test_plan_shows_the_download_script_and_where_each_unit_comes_from(
 
 
 def test_plan_never_shows_credentials_signatures_or_secret_values(
-        planned: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    planned: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given the URL's user:password, a presigned query and a secret the worker could resolve
     monkeypatch.setenv("VMFARM_SECRET_DB_PASSWORD", DB_PASSWORD)
     shown = json.dumps(planned["units"]) + planned["text"]
@@ -229,8 +277,11 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
     assert '<+secrets.getValue("db_password")>' in planned["units"]["start"]["script"]
 
 
-@pytest.mark.parametrize(("artifact", "source"), [
-    (f"""type: Artifactory
+@pytest.mark.parametrize(
+    ("artifact", "source"),
+    [
+        (
+            f"""type: Artifactory
           spec:
             baseUrl: https://127.0.1.10:8081/artifactory
             username: deployer
@@ -240,8 +291,11 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
             artifactPath: app-<+artifact.tag>.tar.gz
             sha256: "{SHA}"
             tag: <+input>
-""", "Artifactory https://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz"),
-    (f"""type: Nexus3Registry
+""",
+            "Artifactory https://127.0.1.10:8081/artifactory/libs-release/web/app-2.0.1.tar.gz",
+        ),
+        (
+            f"""type: Nexus3Registry
           spec:
             nexusServerUrl: https://127.0.1.10:8443/?token={SIGNATURE}
             repository: maven-releases
@@ -250,14 +304,18 @@ def test_plan_never_shows_credentials_signatures_or_secret_values(
             extension: tar.gz
             sha256: "{SHA}"
             tag: <+input>
-""", "Nexus3Registry https://127.0.1.10:8443/repository/maven-releases/com/example/app/2.0.1/"
-     "app-2.0.1.tar.gz?…"),  # the base URL's query stays a query (shown as ?…), after the path
-], ids=["Artifactory", "Nexus3Registry"])
-def test_plan_names_the_real_source_of_a_repository_artifact(tmp_path: Path, artifact: str,
-                                                             source: str) -> None:
+""",
+            "Nexus3Registry https://127.0.1.10:8443/repository/maven-releases/com/example/app/2.0.1/"
+            "app-2.0.1.tar.gz?…",
+        ),  # the base URL's query stays a query (shown as ?…), after the path
+    ],
+    ids=["Artifactory", "Nexus3Registry"],
+)
+def test_plan_names_the_real_source_of_a_repository_artifact(
+    tmp_path: Path, artifact: str, source: str
+) -> None:
     """Regression (issue 17): ``copy None -> ...`` for Http/Artifactory artifacts."""
-    service = SERVICE.replace(
-        SERVICE[SERVICE.index("type: Http"):SERVICE.index("---")], artifact)
+    service = SERVICE.replace(SERVICE[SERVICE.index("type: Http") : SERVICE.index("---")], artifact)
     files = _write(tmp_path, service)
     text = _plan(files, tmp_path / "home")
     assert f"[copy] copy {source} -> /opt/app/pushed/app-2.0.1.tar.gz" in text, text
@@ -265,25 +323,32 @@ def test_plan_names_the_real_source_of_a_repository_artifact(tmp_path: Path, art
     for leaked in (SIGNATURE, "token"):
         assert leaked not in text
     (stage,) = json.loads(_plan(files, tmp_path / "home", "-o", "json"))["stages"]
-    assert {u["source"] for step in stage["steps"] for u in step["units"]
-            if u["type"] in ("Copy", "DownloadArtifact", "Release")} == {source}
+    assert {
+        u["source"]
+        for step in stage["steps"]
+        for u in step["units"]
+        if u["type"] in ("Copy", "DownloadArtifact", "Release")
+    } == {source}
 
 
 def test_a_unit_that_cannot_run_shows_why_instead_of_a_traceback(tmp_path: Path) -> None:
     # Given a DownloadArtifact unit, and an artifact only the worker can read (a local folder)
     (tmp_path / "app").mkdir()
     service = SERVICE.replace(
-        SERVICE[SERVICE.index("          type: Http"):SERVICE.index("---")],
+        SERVICE[SERVICE.index("          type: Http") : SERVICE.index("---")],
         f"          type: Local\n          spec:\n            path: {tmp_path / 'app'}\n"
-        "            tag: <+input>\n")
+        "            tag: <+input>\n",
+    )
     files = _write(tmp_path, service)
     # When it is planned
     out = _plan(files, tmp_path / "home", "-o", "json")
     (stage,) = json.loads(out)["stages"]
     fetch = stage["steps"][0]["units"][1]
     # Then the plan says why the unit would fail, and shows every other unit
-    assert fetch["problem"] == ("DownloadArtifact cannot fetch a Local artifact on the host; "
-                                "use Copy or Release (the worker fetches it)")
+    assert fetch["problem"] == (
+        "DownloadArtifact cannot fetch a Local artifact on the host; "
+        "use Copy or Release (the worker fetches it)"
+    )
     assert stage["steps"][0]["units"][2]["source"] == f"Local folder {tmp_path / 'app'}"
     text = _plan(files, tmp_path / "home")
     assert "[fetch] downloadartifact: cannot run: DownloadArtifact cannot fetch" in text
@@ -310,9 +375,15 @@ class RecordingConnector(Connector):
     def connect(self) -> None:
         """Nothing to open."""
 
-    def run(self, script: str, *, env: Mapping[str, str] | None = None,
-            timeout: float | None = None, on_output: OutputCallback | None = None,
-            workdir: str | None = None) -> CommandResult:
+    def run(
+        self,
+        script: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        workdir: str | None = None,
+    ) -> CommandResult:
         """Record the command; report success."""
         self.sent.append(Sent(script, dict(env or {}), workdir))
         return CommandResult(exit_code=0)
@@ -330,8 +401,9 @@ class RecordingConnector(Connector):
 
 
 @pytest.fixture
-def worker(planned: dict[str, Any], tmp_path: Path,
-           monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], Sent]]:
+def worker(
+    planned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[str, str], Sent]]:
     """Run one unit as the worker does, on the host the plan was rendered for; returns what
     the host was sent."""
     from app import secrets
@@ -344,8 +416,7 @@ def worker(planned: dict[str, Any], tmp_path: Path,
     monkeypatch.setenv("VMFARM_SECRET_DB_PASSWORD", DB_PASSWORD)
     monkeypatch.setenv("VMFARM_SECRET_REPO_PASSWORD", PASSWORD)
     secrets.reset()
-    plan, hosts = prepare(planned["files"], pipeline=None, inputs=INPUTS,
-                          execution_id="test-units")
+    plan, hosts = prepare(planned["files"], pipeline=None, inputs=INPUTS, execution_id="test-units")
     stage, host = plan.stages[0], hosts[0][0]
     assert isinstance(stage, DeploymentStagePlan)
     assert host.name == planned["stage"]["rendered_for"]
@@ -356,9 +427,17 @@ def worker(planned: dict[str, Any], tmp_path: Path,
         unit = next(u for u in step.spec.command_units if u.identifier == unit_id)
         ctx = host_context(host, stage)
         conn = RecordingConnector()
-        done = run_unit(unit, step_scope(stage, step, ctx, secrets=True),
-                        HostSession(conn=conn, host=host, out=_Discard(), timeout=60,
-                                    env=step_environment(step, ctx, secrets=True)))
+        done = run_unit(
+            unit,
+            step_scope(stage, step, ctx, secrets=True),
+            HostSession(
+                conn=conn,
+                host=host,
+                out=_Discard(),
+                timeout=60,
+                env=step_environment(step, ctx, secrets=True),
+            ),
+        )
         assert done.ok, done.error
         (sent,) = conn.sent
         return sent
@@ -374,21 +453,23 @@ class _Discard:
 
 @pytest.mark.parametrize(("step", "unit"), [("install", "paths"), ("install", "migrate")])
 def test_the_worker_sends_the_host_exactly_what_the_plan_shows(
-        planned: dict[str, Any], worker: Callable[[str, str], Sent], step: str,
-        unit: str) -> None:
+    planned: dict[str, Any], worker: Callable[[str, str], Sent], step: str, unit: str
+) -> None:
     shown = planned["units"][unit]
     sent = worker(step, unit)
     assert sent.script == shown["script"]
     # the values the plan lists travel in the environment, with the step's variables
-    environment = next(s for s in planned["stage"]["steps"]
-                       if s["identifier"] == step)["environment"]
+    environment = next(s for s in planned["stage"]["steps"] if s["identifier"] == step)[
+        "environment"
+    ]
     expected_env = {**environment, **shown["values"]} if shown["type"] == "Script" else {}
     assert sent.env == expected_env
     assert sent.workdir == shown.get("workingDirectory")
 
 
 def test_a_secret_reaches_the_script_only_through_its_environment_on_the_worker(
-        planned: dict[str, Any], worker: Callable[[str, str], Sent]) -> None:
+    planned: dict[str, Any], worker: Callable[[str, str], Sent]
+) -> None:
     shown = planned["units"]["start"]
     sent = worker("start", "start")
     # the script the plan showed, its secret reference bound to an environment variable
@@ -403,7 +484,8 @@ def test_a_secret_reaches_the_script_only_through_its_environment_on_the_worker(
 
 
 def test_the_host_downloads_with_credentials_curl_reads_from_stdin_never_from_its_argv(
-        planned: dict[str, Any], worker: Callable[[str, str], Sent], tmp_path: Path) -> None:
+    planned: dict[str, Any], worker: Callable[[str, str], Sent], tmp_path: Path
+) -> None:
     # Given the DownloadArtifact unit, whose password the worker resolves from passwordRef
     shown = planned["units"]["fetch"]
     sent = worker("install", "fetch")
@@ -424,17 +506,23 @@ def test_the_host_downloads_with_credentials_curl_reads_from_stdin_never_from_it
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "curl").write_text(
-        "#!/bin/sh\nprintf '%s\\n' \"$*\" > \"$REC/argv\"\ncat > \"$REC/stdin\"\n"
-        "env > \"$REC/env\"\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && echo body > \"$2\"; "
-        "shift; done\n")
+        '#!/bin/sh\nprintf \'%s\\n\' "$*" > "$REC/argv"\ncat > "$REC/stdin"\n'
+        'env > "$REC/env"\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && echo body > "$2"; '
+        "shift; done\n"
+    )
     (bin_dir / "curl").chmod(0o755)
     rec = tmp_path / "rec"
     rec.mkdir()
     script = sent.script.replace("/opt/app/incoming", str(tmp_path / "incoming"))
-    script = script[:script.index("if command -v sha256sum")]  # (the bytes are not the build)
-    done = subprocess.run(["bash", "-s"], input=env_prelude(sent.env) + script, text=True,
-                          capture_output=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin",
-                                                    "REC": str(rec)}, check=False)
+    script = script[: script.index("if command -v sha256sum")]  # (the bytes are not the build)
+    done = subprocess.run(
+        ["bash", "-s"],
+        input=env_prelude(sent.env) + script,
+        text=True,
+        capture_output=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "REC": str(rec)},
+        check=False,
+    )
     # Then curl had the credentials on stdin, none in its argv or its environment
     assert done.returncode == 0, done.stderr
     argv = (rec / "argv").read_text()
@@ -456,8 +544,10 @@ def test_a_download_without_a_checksum_is_refused_at_load(tmp_path: Path) -> Non
     assert "a DownloadArtifact unit fetches this artifact on the host" in res.stderr
     assert "spec.allowUnverified: true" in res.stderr and "service.yaml:" in res.stderr
     # And with allowUnverified: true it is planned, unverified
-    files = _write(tmp_path, service.replace("tag: <+input>", "tag: <+input>\n"
-                                             "            allowUnverified: true"))
+    files = _write(
+        tmp_path,
+        service.replace("tag: <+input>", "tag: <+input>\n            allowUnverified: true"),
+    )
     res = run_vmfarm("plan", *files, *sets, env=base_env(VMFARM_HOME=str(tmp_path / "home")))
     assert res.returncode == 0, res.stderr
     assert "no checksum from the source: not verified" in res.stdout

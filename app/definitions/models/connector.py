@@ -46,22 +46,30 @@ _SECRET_ID_RE = re.compile(r"^(?:(?:account|org|project)\.)?(?:[a-z]+:)?[^\s#<>]
 
 def _secret_id(v: str) -> str:
     if "<+" in v:
-        raise ValueError(f"{v!r}: a ...Ref field names a secret by its id (e.g. "
-                         "account.artifactory_password), not an expression")
+        raise ValueError(
+            f"{v!r}: a ...Ref field names a secret by its id (e.g. "
+            "account.artifactory_password), not an expression"
+        )
     if not _SECRET_ID_RE.match(v.strip()):
-        raise ValueError(f"{v!r} is not a secret id ([account.|org.]name, e.g. "
-                         "account.artifactory_password)")
+        raise ValueError(
+            f"{v!r} is not a secret id ([account.|org.]name, e.g. account.artifactory_password)"
+        )
     return v.strip()
 
 
 def _refuse_plaintext(v: Any, info: ValidationInfo) -> Any:
     if v is not None:
         name = info.field_name or "secret"
-        ref = {"secret_key": "secretKeyRef", "client_secret": "secretRef",
-               "private_key": "sshKeyRef"}.get(name, f"{_camel(name)}Ref")
-        raise ValueError(f"a secret written in the file is refused: it would be stored with "
-                         f"the files and every plan; name a secret instead: {ref}: <secret id> "
-                         "(resolved on the worker that uses it)")
+        ref = {
+            "secret_key": "secretKeyRef",
+            "client_secret": "secretRef",
+            "private_key": "sshKeyRef",
+        }.get(name, f"{_camel(name)}Ref")
+        raise ValueError(
+            f"a secret written in the file is refused: it would be stored with "
+            f"the files and every plan; name a secret instead: {ref}: <secret id> "
+            "(resolved on the worker that uses it)"
+        )
     return v
 
 
@@ -74,8 +82,9 @@ def _camel(name: str) -> str:
 SecretId = Annotated[str, AfterValidator(_secret_id)]
 # A field that would hold a secret's value: refused, with the ...Ref field to write instead.
 # (``refused``: not listed among a model's allowed fields in unknown-field messages)
-Plaintext = Annotated[Any, AfterValidator(_refuse_plaintext), Field(json_schema_extra={
-    "refused": True})]
+Plaintext = Annotated[
+    Any, AfterValidator(_refuse_plaintext), Field(json_schema_extra={"refused": True})
+]
 
 
 def _server_url(v: str) -> str:
@@ -88,8 +97,10 @@ def _server_url(v: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{v!r} is not an http(s) URL")
     if parts.username or parts.password:
-        raise ValueError("a user or password in the URL is refused: write auth: {type: "
-                         "UsernamePassword, spec: {username: ..., passwordRef: <secret id>}}")
+        raise ValueError(
+            "a user or password in the URL is refused: write auth: {type: "
+            "UsernamePassword, spec: {username: ..., passwordRef: <secret id>}}"
+        )
     return v.strip()
 
 
@@ -98,8 +109,10 @@ ServerUrl = Annotated[str, AfterValidator(_server_url)]
 
 def _on_delegate(v: bool) -> bool:
     if v is not True:
-        raise ValueError("executeOnDelegate: false is not supported: vmfarm always reaches a "
-                         "connector from a worker (the one that fetches or discovers)")
+        raise ValueError(
+            "executeOnDelegate: false is not supported: vmfarm always reaches a "
+            "connector from a worker (the one that fetches or discovers)"
+        )
     return v
 
 
@@ -108,9 +121,11 @@ OnDelegate = Annotated[bool, AfterValidator(_on_delegate)]
 
 def _no_selectors(v: list[str]) -> list[str]:
     if v:
-        raise ValueError("delegateSelectors on a connector are not supported: the worker that "
-                         "fetches (the host's) or discovers (the region's) uses it; put "
-                         "delegateSelectors on the infrastructure or the stage")
+        raise ValueError(
+            "delegateSelectors on a connector are not supported: the worker that "
+            "fetches (the host's) or discovers (the region's) uses it; put "
+            "delegateSelectors on the infrastructure or the stage"
+        )
     return v
 
 
@@ -159,9 +174,11 @@ class _ServerSpec(Model):
     @model_validator(mode="after")
     def _https_for_credentials(self) -> _ServerSpec:
         if self.auth.type != "Anonymous" and self.url().lower().startswith("http://"):
-            raise ValueError("credentials are sent over https only, and this server URL is "
-                             "plain http (anyone on the way could read them): use an https:// "
-                             "URL")
+            raise ValueError(
+                "credentials are sent over https only, and this server URL is "
+                "plain http (anyone on the way could read them): use an https:// "
+                "URL"
+            )
         return self
 
 
@@ -239,19 +256,25 @@ class AwsCredential(Model):
     @classmethod
     def _no_cross_account(cls, v: Any) -> None:
         if v is not None:
-            raise ValueError("crossAccountAccess (assuming a role) is not supported yet: give "
-                             "the role's credentials with ManualConfig, or let the worker "
-                             "assume it (InheritFromDelegate, AWS_PROFILE with role_arn)")
+            raise ValueError(
+                "crossAccountAccess (assuming a role) is not supported yet: give "
+                "the role's credentials with ManualConfig, or let the worker "
+                "assume it (InheritFromDelegate, AWS_PROFILE with role_arn)"
+            )
         return None
 
     @model_validator(mode="after")
     def _spec_matches(self) -> AwsCredential:
         if self.type == "ManualConfig" and self.spec is None:
-            raise ValueError("credential type ManualConfig needs spec: {accessKey (or "
-                             "accessKeyRef), secretKeyRef}")
+            raise ValueError(
+                "credential type ManualConfig needs spec: {accessKey (or "
+                "accessKeyRef), secretKeyRef}"
+            )
         if self.type == "InheritFromDelegate" and self.spec is not None:
-            raise ValueError("credential type InheritFromDelegate takes no spec: the worker's "
-                             "own AWS credentials are used")
+            raise ValueError(
+                "credential type InheritFromDelegate takes no spec: the worker's "
+                "own AWS credentials are used"
+            )
         return self
 
 
@@ -289,12 +312,16 @@ class AzureCredential(Model):
     @model_validator(mode="after")
     def _spec_matches(self) -> AzureCredential:
         if self.type == "ManualConfig" and self.spec is None:
-            raise ValueError("credential type ManualConfig needs spec: {applicationId, tenantId, "
-                             "auth: {type: Secret, spec: {secretRef}}}")
+            raise ValueError(
+                "credential type ManualConfig needs spec: {applicationId, tenantId, "
+                "auth: {type: Secret, spec: {secretRef}}}"
+            )
         if self.type == "InheritFromDelegate" and self.spec is not None:
-            raise ValueError("credential type InheritFromDelegate takes no spec: the worker's "
-                             "own Azure credentials (AZURE_TENANT_ID, AZURE_CLIENT_ID, "
-                             "AZURE_CLIENT_SECRET) are used")
+            raise ValueError(
+                "credential type InheritFromDelegate takes no spec: the worker's "
+                "own Azure credentials (AZURE_TENANT_ID, AZURE_CLIENT_ID, "
+                "AZURE_CLIENT_SECRET) are used"
+            )
         return self
 
 
@@ -322,11 +349,15 @@ class GcpCredential(Model):
     @model_validator(mode="after")
     def _spec_matches(self) -> GcpCredential:
         if self.type == "ManualConfig" and self.spec is None:
-            raise ValueError("credential type ManualConfig needs spec: {secretKeyRef} (a "
-                             "secret holding the service account's JSON key)")
+            raise ValueError(
+                "credential type ManualConfig needs spec: {secretKeyRef} (a "
+                "secret holding the service account's JSON key)"
+            )
         if self.type == "InheritFromDelegate" and self.spec is not None:
-            raise ValueError("credential type InheritFromDelegate takes no spec: the worker's "
-                             "Application Default Credentials are used")
+            raise ValueError(
+                "credential type InheritFromDelegate takes no spec: the worker's "
+                "Application Default Credentials are used"
+            )
         return self
 
 
@@ -371,13 +402,16 @@ class GitSpec(Model):
         a = self.spec
         if self.type == "Http":
             if a.ssh_key_ref is not None:
-                raise ValueError("sshKeyRef goes with type: Ssh; type Http takes username and "
-                                 "passwordRef")
+                raise ValueError(
+                    "sshKeyRef goes with type: Ssh; type Http takes username and passwordRef"
+                )
             if a.password_ref is not None and (a.username is None) == (a.username_ref is None):
                 raise ValueError("give one of username or usernameRef with passwordRef")
             if a.password_ref is not None and self.url.lower().startswith("http://"):
-                raise ValueError("credentials are sent over https only, and this url is plain "
-                                 "http: use an https:// URL")
+                raise ValueError(
+                    "credentials are sent over https only, and this url is plain "
+                    "http: use an https:// URL"
+                )
             if not self.url.lower().startswith(("https://", "http://")):
                 raise ValueError(f"type Http needs an http(s) url, got {self.url!r}")
         else:
@@ -386,11 +420,15 @@ class GitSpec(Model):
             if a.password_ref is not None or a.username_ref is not None:
                 raise ValueError("type Ssh takes sshKeyRef (and username), not passwordRef")
         if self.connection_type == "Account" and not self.validation_repo:
-            raise ValueError("connectionType Account needs validationRepo (a repository "
-                             "name under the account's url)")
+            raise ValueError(
+                "connectionType Account needs validationRepo (a repository "
+                "name under the account's url)"
+            )
         if self.connection_type == "Repo" and self.validation_repo:
-            raise ValueError("validationRepo goes with connectionType Account; a Repo "
-                             "connector's url is the repository")
+            raise ValueError(
+                "validationRepo goes with connectionType Account; a Repo "
+                "connector's url is the repository"
+            )
         return self
 
 
@@ -399,13 +437,25 @@ class GitConnector(Model):
     spec: GitSpec
 
 
-AnyConnector = Annotated[ArtifactoryConnector | NexusConnector | HttpConnector
-                         | HelmRepoConnector | AwsConnector | AzureConnector | GcpConnector
-                         | GitConnector, Field(discriminator="type")]
+AnyConnector = Annotated[
+    ArtifactoryConnector
+    | NexusConnector
+    | HttpConnector
+    | HelmRepoConnector
+    | AwsConnector
+    | AzureConnector
+    | GcpConnector
+    | GitConnector,
+    Field(discriminator="type"),
+]
 
 # Which connector types each user of ``connectorRef`` takes.
-ARTIFACT_CONNECTORS = {"Artifactory": ("Artifactory",), "Nexus3Registry": ("Nexus",),
-                       "Http": ("Http", "HttpHelmRepo"), "AmazonS3": ("Aws",)}
+ARTIFACT_CONNECTORS = {
+    "Artifactory": ("Artifactory",),
+    "Nexus3Registry": ("Nexus",),
+    "Http": ("Http", "HttpHelmRepo"),
+    "AmazonS3": ("Aws",),
+}
 CLOUD_CONNECTORS = {"aws": "Aws", "azure": "Azure", "gcp": "Gcp"}
 
 
@@ -421,5 +471,5 @@ def connector_id(ref: str) -> str:
     ref = ref.strip()
     for scope in ("account.", "org.", "project."):
         if ref.startswith(scope):
-            return ref[len(scope):]
+            return ref[len(scope) :]
     return ref

@@ -1,5 +1,4 @@
-"""Environments and infrastructure definitions: where the hosts are and how to reach them.
-"""
+"""Environments and infrastructure definitions: where the hosts are and how to reach them."""
 
 from __future__ import annotations
 
@@ -39,10 +38,12 @@ class Connection(Model):
     def _not_test_only(cls, v: object) -> object:
         if isinstance(v, str) and v.lower() == "noop":
             # It runs nothing and records success: a deployment that never happened.
-            raise ValueError("connection type Noop is not allowed in pipeline files: it runs "
-                             "nothing and records every step as succeeded. Benchmarks and "
-                             "tests set VMFARM_TEST_CONNECTION=noop on the workers instead "
-                             "(such a run is never recorded as a deployment)")
+            raise ValueError(
+                "connection type Noop is not allowed in pipeline files: it runs "
+                "nothing and records every step as succeeded. Benchmarks and "
+                "tests set VMFARM_TEST_CONNECTION=noop on the workers instead "
+                "(such a run is never recorded as a deployment)"
+            )
         return v
 
 
@@ -62,8 +63,16 @@ class StaticHost(Model):
 
 
 class HostFilter(Model):
-    type: Literal["AwsInstanceFilter", "AzureVMSSFilter", "AzureVmFilter", "GcpInstanceFilter",
-                  "GcpInstanceGroupFilter", "HostNames", "HostAttributes", "All"]
+    type: Literal[
+        "AwsInstanceFilter",
+        "AzureVMSSFilter",
+        "AzureVmFilter",
+        "GcpInstanceFilter",
+        "GcpInstanceGroupFilter",
+        "HostNames",
+        "HostAttributes",
+        "All",
+    ]
     spec: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -93,9 +102,11 @@ class InfraInner(Model):
     @classmethod
     def _no_credentials_ref(cls, v: str | None) -> str | None:
         if v is not None:
-            raise ValueError("credentialsRef (a Harness SSH credential) is not supported yet: "
-                             "give the user and the key as spec.connection.user and "
-                             "spec.connection.privateKeySecret (a secret id)")
+            raise ValueError(
+                "credentialsRef (a Harness SSH credential) is not supported yet: "
+                "give the user and the key as spec.connection.user and "
+                "spec.connection.privateKeySecret (a secret id)"
+            )
         return v
 
     @field_validator("region")

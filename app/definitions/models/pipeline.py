@@ -1,5 +1,4 @@
-"""Pipelines and their stages (Deployment and Approval), and the kinds a file may hold.
-"""
+"""Pipelines and their stages (Deployment and Approval), and the kinds a file may hold."""
 
 from __future__ import annotations
 
@@ -37,9 +36,12 @@ def _inputs_at_run_time(where: str) -> Any:
     def check(v: Any) -> Any:
         if v is None or v == {} or (isinstance(v, str) and v.strip() == "<+input>"):
             return None
-        raise ValueError(f"{where} with values is not supported in a pipeline file: give them "
-                         "with --set or an input set (--inputs), or write them in the "
-                         "referenced file")
+        raise ValueError(
+            f"{where} with values is not supported in a pipeline file: give them "
+            "with --set or an input set (--inputs), or write them in the "
+            "referenced file"
+        )
+
     return check
 
 
@@ -61,8 +63,9 @@ class EnvironmentRef(Model):
 
     environment_ref: str
     deploy_to_all: bool = False
-    environment_inputs: Annotated[Any, AfterValidator(
-        _inputs_at_run_time("environmentInputs"))] = None
+    environment_inputs: Annotated[Any, AfterValidator(_inputs_at_run_time("environmentInputs"))] = (
+        None
+    )
     infrastructure_definitions: list[InfraRef] = Field(default_factory=list)
 
 
@@ -78,11 +81,16 @@ class DeploymentStageSpec(Model):
 
     @model_validator(mode="after")
     def _one_strategy(self) -> DeploymentStageSpec:
-        given = [n for n, v in (("strategy", self.strategy),
-                                ("rolloutDeployment", self.rollout_deployment),
-                                ("canaryDeployment", self.canary_deployment),
-                                ("blueGreenDeployment", self.blue_green_deployment))
-                 if v is not None]
+        given = [
+            n
+            for n, v in (
+                ("strategy", self.strategy),
+                ("rolloutDeployment", self.rollout_deployment),
+                ("canaryDeployment", self.canary_deployment),
+                ("blueGreenDeployment", self.blue_green_deployment),
+            )
+            if v is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"give one of {', '.join(given)}, not several")
         return self
@@ -114,8 +122,10 @@ class StageWhen(Model):
     @model_validator(mode="after")
     def _one_status(self) -> StageWhen:
         if self.pipeline_status is not None and self.stage_status is not None:
-            raise ValueError("give pipelineStatus or stageStatus, not both (a stage's status "
-                             "is the pipeline's so far)")
+            raise ValueError(
+                "give pipelineStatus or stageStatus, not both (a stage's status "
+                "is the pipeline's so far)"
+            )
         return self
 
 
@@ -190,8 +200,7 @@ class CustomStageSpec(Model):
     delegate_fallback: list[DelegateTag] | None = None
 
 
-AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec,
-                     Field(discriminator="type")]
+AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec, Field(discriminator="type")]
 
 
 class StageElement(Model):

@@ -1,5 +1,4 @@
-"""Services and their artifacts (``kind: Service``).
-"""
+"""Services and their artifacts (``kind: Service``)."""
 
 from __future__ import annotations
 
@@ -53,8 +52,9 @@ class ArtifactSource(Model):
     fetches, sent over https only. ``CustomArtifact`` is refused.
     """
 
-    type: Literal["Local", "Artifactory", "Nexus3Registry", "AmazonS3", "Jenkins", "CustomArtifact",
-                  "Http"]
+    type: Literal[
+        "Local", "Artifactory", "Nexus3Registry", "AmazonS3", "Jenkins", "CustomArtifact", "Http"
+    ]
     spec: dict[str, Any] = Field(default_factory=dict)
     identifier: str | None = None
 
@@ -67,9 +67,11 @@ class Artifacts(Model):
     @classmethod
     def _no_sidecars(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if v:
-            raise ValueError("sidecar artifacts are not supported: vmfarm deploys the primary "
-                             "artifact; fetch others with a Script unit, or make them a service "
-                             "of their own")
+            raise ValueError(
+                "sidecar artifacts are not supported: vmfarm deploys the primary "
+                "artifact; fetch others with a Script unit, or make them a service "
+                "of their own"
+            )
         return v
 
 
@@ -82,8 +84,10 @@ class ServiceInner(Model):
     @classmethod
     def _no_config_files(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if v:
-            raise ValueError("configFiles are not supported yet: write each file with a Script "
-                             "unit (a here-document), or ship it in the artifact")
+            raise ValueError(
+                "configFiles are not supported yet: write each file with a Script "
+                "unit (a here-document), or ship it in the artifact"
+            )
         return v
 
 

@@ -1,5 +1,4 @@
-"""Steps and their command units, step groups and failure strategies.
-"""
+"""Steps and their command units, step groups and failure strategies."""
 
 from __future__ import annotations
 
@@ -39,7 +38,8 @@ class ScriptUnitSpec(Model):
         if v:
             raise ValueError(
                 "tailFiles is not supported: wait for the line in the script itself, e.g. "
-                "timeout 300 bash -c 'until grep -q PATTERN FILE; do sleep 1; done'")
+                "timeout 300 bash -c 'until grep -q PATTERN FILE; do sleep 1; done'"
+            )
         return v
 
 
@@ -111,8 +111,10 @@ class SetupUnit(_UnitBase):
     spec: SetupUnitSpec
 
 
-CommandUnit = Annotated[ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit,
-                        Field(discriminator="type")]
+CommandUnit = Annotated[
+    ScriptUnit | CopyUnit | DownloadArtifactUnit | ReleaseUnit | SetupUnit,
+    Field(discriminator="type"),
+]
 
 
 class StepVariable(Model):
@@ -129,18 +131,42 @@ class CommandStepSpec(Model):
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
 
 
-ErrorType = Literal["AllErrors", "Unknown", "Authentication", "Authorization", "Connectivity",
-                    "Timeout", "Verification", "DelegateRestart", "DelegateProvisioning",
-                    "PolicyEvaluation", "ApprovalRejection"]
+ErrorType = Literal[
+    "AllErrors",
+    "Unknown",
+    "Authentication",
+    "Authorization",
+    "Connectivity",
+    "Timeout",
+    "Verification",
+    "DelegateRestart",
+    "DelegateProvisioning",
+    "PolicyEvaluation",
+    "ApprovalRejection",
+]
 
 
-ActionType = Literal["Retry", "Ignore", "MarkAsSuccess", "Abort", "StageRollback",
-                     "PipelineRollback", "ManualIntervention", "MarkAsFailure"]
+ActionType = Literal[
+    "Retry",
+    "Ignore",
+    "MarkAsSuccess",
+    "Abort",
+    "StageRollback",
+    "PipelineRollback",
+    "ManualIntervention",
+    "MarkAsFailure",
+]
 
 
 # What a person (or the post-timeout action) may choose after a ManualIntervention.
-INTERVENTION_ACTIONS = ("Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
-                        "MarkAsFailure")
+INTERVENTION_ACTIONS = (
+    "Abort",
+    "StageRollback",
+    "PipelineRollback",
+    "MarkAsSuccess",
+    "Ignore",
+    "MarkAsFailure",
+)
 
 
 class FailureAction(Model):
@@ -168,13 +194,17 @@ class FailureAction(Model):
     @property
     def intervention(self) -> ManualInterventionSpec | None:
         """A ManualIntervention's spec, typed (None for any other action)."""
-        return ManualInterventionSpec.model_validate(self.spec) \
-            if self.type == "ManualIntervention" else None
+        return (
+            ManualInterventionSpec.model_validate(self.spec)
+            if self.type == "ManualIntervention"
+            else None
+        )
 
 
 class TimeoutAction(Model):
-    type: Literal["Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore",
-                  "MarkAsFailure"]
+    type: Literal[
+        "Abort", "StageRollback", "PipelineRollback", "MarkAsSuccess", "Ignore", "MarkAsFailure"
+    ]
 
 
 class OnTimeout(Model):
@@ -328,8 +358,10 @@ class ApprovalStepSpec(Model):
             if outer is None:
                 continue
             if name in given and getattr(self.approvers, name) != outer:
-                raise ValueError(f"{name} is given twice with different values (in approvers "
-                                 "and next to it): give it once")
+                raise ValueError(
+                    f"{name} is given twice with different values (in approvers "
+                    "and next to it): give it once"
+                )
             setattr(self.approvers, name, outer)
             setattr(self, name, None)
         return self
@@ -385,8 +417,9 @@ class WaitStep(_StepBase):
         return v
 
 
-StepSpec = Annotated[CommandStep | HealthCheckStep | ApprovalStep | WaitStep,
-                     Field(discriminator="type")]
+StepSpec = Annotated[
+    CommandStep | HealthCheckStep | ApprovalStep | WaitStep, Field(discriminator="type")
+]
 
 
 class StepGroupStepElement(Model):
@@ -417,8 +450,11 @@ class StepElement(Model):
         return self
 
 
-FlatStep = tuple[tuple[str | int, ...], "CommandStep | HealthCheckStep | ApprovalStep | WaitStep",
-                 "StepGroup | None"]
+FlatStep = tuple[
+    tuple[str | int, ...],
+    "CommandStep | HealthCheckStep | ApprovalStep | WaitStep",
+    "StepGroup | None",
+]
 
 
 def flat_steps(elements: list[StepElement]) -> list[FlatStep]:
@@ -445,7 +481,8 @@ class Execution(Model):
                 raise ValueError(
                     f"{step.type} step '{step.identifier}' in rollbackSteps is not "
                     "supported: a rollback does not wait (put it in the stage's steps; a person "
-                    "answers a ManualIntervention failure strategy)")
+                    "answers a ManualIntervention failure strategy)"
+                )
         return v
 
 
@@ -474,7 +511,8 @@ class ShellScriptSpec(Model):
             raise ValueError(
                 "a ShellScript step in a Custom stage runs on the delegate (onDelegate: true, "
                 "executionTarget: {}); running it on a host (executionTarget) is not supported: "
-                "use a Command step in a Deployment stage to run on hosts")
+                "use a Command step in a Deployment stage to run on hosts"
+            )
         return self
 
 
@@ -555,8 +593,9 @@ class HttpStep(_StepBase):
     spec: HttpStepSpec
 
 
-CustomStepSpec = Annotated[ShellScriptStep | HttpStep | WaitStep | ApprovalStep,
-                           Field(discriminator="type")]
+CustomStepSpec = Annotated[
+    ShellScriptStep | HttpStep | WaitStep | ApprovalStep, Field(discriminator="type")
+]
 
 
 class CustomStepElement(Model):

@@ -121,16 +121,20 @@ def _analysis_type(v: str) -> str:
     # Harness's other verification providers (Datadog, AppDynamics, NewRelic, ...) are refused
     # by name: a safety check the user wrote must never be skipped in silence.
     if v != "Prometheus":
-        raise ValueError(f"analysisType {v} is not supported: vmfarm's canary analysis reads "
-                         "Prometheus (analysisType: Prometheus)")
+        raise ValueError(
+            f"analysisType {v} is not supported: vmfarm's canary analysis reads "
+            "Prometheus (analysisType: Prometheus)"
+        )
     return v
 
 
 def _comparison(v: str) -> str:
     if v != "COMPARE_WITH_CURRENT":
-        raise ValueError(f"comparisonStrategy {v} is not supported: vmfarm compares the canary "
-                         "with the hosts still on the current version "
-                         "(comparisonStrategy: COMPARE_WITH_CURRENT)")
+        raise ValueError(
+            f"comparisonStrategy {v} is not supported: vmfarm compares the canary "
+            "with the hosts still on the current version "
+            "(comparisonStrategy: COMPARE_WITH_CURRENT)"
+        )
     return v
 
 
@@ -150,11 +154,15 @@ class CanaryMetric(Model):
     @model_validator(mode="after")
     def _margin(self) -> CanaryMetric:
         if self.max_increase is None and self.max_ratio is None:
-            raise ValueError(f"metric '{self.name}' needs maxIncrease and/or maxRatio (how "
-                             "much worse than the baseline the canary may be)")
+            raise ValueError(
+                f"metric '{self.name}' needs maxIncrease and/or maxRatio (how "
+                "much worse than the baseline the canary may be)"
+            )
         if "$instances" not in self.query:
-            raise ValueError(f"metric '{self.name}': the query must select the side's hosts "
-                             'with $instances, e.g. {instance=~"$instances"}')
+            raise ValueError(
+                f"metric '{self.name}': the query must select the side's hosts "
+                'with $instances, e.g. {instance=~"$instances"}'
+            )
         return self
 
 
@@ -177,8 +185,14 @@ class CanaryAnalysisSpec(Model):
 
 
 #: The reference step's keys that make a canary analysis (vmfarm's additions after the first 3).
-ANALYSIS_KEYS = ("analysisType", "comparisonStrategy", "timeDuration", "prometheusUrl",
-                 "instance", "metrics")
+ANALYSIS_KEYS = (
+    "analysisType",
+    "comparisonStrategy",
+    "timeDuration",
+    "prometheusUrl",
+    "instance",
+    "metrics",
+)
 
 
 class VerificationSpec(Model):
@@ -216,29 +230,50 @@ class TrafficSpec(Model):
     @model_validator(mode="after")
     def _complete(self) -> TrafficSpec:
         # A field another type reads would be ignored here: say so instead.
-        takes = {"Local": {"port", "name", "listen", "mode", "health_check_path"},
-                 "AwsElbV2": {"port", "region", "target_group_arn", "endpoint_url", "timeout"},
-                 "AwsLoadBalancers": {"region", "target_group_arns", "classic_load_balancers",
-                                      "endpoint_url", "timeout"}}[self.type]
+        takes = {
+            "Local": {"port", "name", "listen", "mode", "health_check_path"},
+            "AwsElbV2": {"port", "region", "target_group_arn", "endpoint_url", "timeout"},
+            "AwsLoadBalancers": {
+                "region",
+                "target_group_arns",
+                "classic_load_balancers",
+                "endpoint_url",
+                "timeout",
+            },
+        }[self.type]
         # Plans stored before these defaults became None hold them for every type.
         stored = {"port": 8080, "name": "vmfarm", "mode": "http", "timeout": 600}
-        extra = sorted(to_camel(n) for n in self.model_fields_set - takes - {"type"}
-                       if getattr(self, n) not in (None, []) and not (
-                           self.type != "AwsLoadBalancers" and stored.get(n) == getattr(self, n)))
+        extra = sorted(
+            to_camel(n)
+            for n in self.model_fields_set - takes - {"type"}
+            if getattr(self, n) not in (None, [])
+            and not (self.type != "AwsLoadBalancers" and stored.get(n) == getattr(self, n))
+        )
         if extra:
-            why = (" (the target groups' ports apply)" if self.type == "AwsLoadBalancers"
-                   and "port" in extra else "")
-            raise ValueError(f"traffic type {self.type} does not take {', '.join(extra)}{why}; "
-                             f"it takes {', '.join(sorted(to_camel(n) for n in takes))}")
-        need = {"Local": ["listen"], "AwsElbV2": ["region", "target_group_arn"],
-                "AwsLoadBalancers": ["region"]}[self.type]
+            why = (
+                " (the target groups' ports apply)"
+                if self.type == "AwsLoadBalancers" and "port" in extra
+                else ""
+            )
+            raise ValueError(
+                f"traffic type {self.type} does not take {', '.join(extra)}{why}; "
+                f"it takes {', '.join(sorted(to_camel(n) for n in takes))}"
+            )
+        need = {
+            "Local": ["listen"],
+            "AwsElbV2": ["region", "target_group_arn"],
+            "AwsLoadBalancers": ["region"],
+        }[self.type]
         missing = [to_camel(n) for n in need if not getattr(self, n)]
         if missing:
             raise ValueError(f"traffic type {self.type} needs {', '.join(missing)}")
-        if self.type == "AwsLoadBalancers" and not (self.target_group_arns
-                                                     or self.classic_load_balancers):
-            raise ValueError("traffic type AwsLoadBalancers needs targetGroupArns or "
-                             "classicLoadBalancers (where the live hosts are registered)")
+        if self.type == "AwsLoadBalancers" and not (
+            self.target_group_arns or self.classic_load_balancers
+        ):
+            raise ValueError(
+                "traffic type AwsLoadBalancers needs targetGroupArns or "
+                "classicLoadBalancers (where the live hosts are registered)"
+            )
         return self
 
     def describe(self) -> str:
@@ -253,11 +288,18 @@ class TrafficSpec(Model):
 
     def switch_spec(self) -> dict[str, Any]:
         """The keys the traffic switch itself takes (app.traffic.traffic_switch_from_spec)."""
-        keys = {"Local": ["type", "name", "listen", "mode", "healthCheckPath"],
-                "AwsElbV2": ["type", "region", "targetGroupArn", "endpointUrl", "timeout"],
-                "AwsLoadBalancers": ["type", "region", "targetGroupArns",
-                                     "classicLoadBalancers", "endpointUrl", "timeout"],
-                }[self.type]
+        keys = {
+            "Local": ["type", "name", "listen", "mode", "healthCheckPath"],
+            "AwsElbV2": ["type", "region", "targetGroupArn", "endpointUrl", "timeout"],
+            "AwsLoadBalancers": [
+                "type",
+                "region",
+                "targetGroupArns",
+                "classicLoadBalancers",
+                "endpointUrl",
+                "timeout",
+            ],
+        }[self.type]
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
         if self.type == "Local":
             data.setdefault("name", "vmfarm")
@@ -290,17 +332,23 @@ class StrategySpec(Model):
     @model_validator(mode="after")
     def _fits(self) -> StrategySpec:
         if self.switch_name is not None and self.type != "BlueGreen":
-            raise ValueError(f"switchName names a BlueGreen switch; a {self.type} strategy "
-                             "has none")
+            raise ValueError(
+                f"switchName names a BlueGreen switch; a {self.type} strategy has none"
+            )
         if self.type in ("Rolling", "Canary") and not self.phases:
             raise ValueError(f"a {self.type} strategy needs 'phases'")
         if self.type == "BlueGreen" and self.traffic is None:
             raise ValueError("a BlueGreen strategy needs 'traffic' (where to switch traffic)")
-        if self.type in ("Basic", "BlueGreen") and self.verification is not None \
-                and self.verification.canary_analysis is not None:
-            raise ValueError(f"canaryAnalysis is not supported with a {self.type} strategy: it "
-                             "compares the hosts of a phase with those not yet deployed; use "
-                             "Canary or Rolling")
+        if (
+            self.type in ("Basic", "BlueGreen")
+            and self.verification is not None
+            and self.verification.canary_analysis is not None
+        ):
+            raise ValueError(
+                f"canaryAnalysis is not supported with a {self.type} strategy: it "
+                "compares the hosts of a phase with those not yet deployed; use "
+                "Canary or Rolling"
+            )
         return self
 
 

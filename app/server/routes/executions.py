@@ -64,12 +64,16 @@ class Submission(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     files: dict[str, str] = Field(
-        min_length=1, description="Pipeline files: name (e.g. pipeline.yaml) -> YAML text",
-        examples=[{"pipeline.yaml": "apiVersion: v1\nkind: Pipeline\n..."}])
-    pipeline: str | None = Field(default=None, description="The pipeline to run, when the "
-                                 "files define several")
-    inputs: dict[str, str] = Field(default_factory=dict, alias="set",
-                                   description="Runtime inputs (``--set NAME=VALUE``)")
+        min_length=1,
+        description="Pipeline files: name (e.g. pipeline.yaml) -> YAML text",
+        examples=[{"pipeline.yaml": "apiVersion: v1\nkind: Pipeline\n..."}],
+    )
+    pipeline: str | None = Field(
+        default=None, description="The pipeline to run, when the files define several"
+    )
+    inputs: dict[str, str] = Field(
+        default_factory=dict, alias="set", description="Runtime inputs (``--set NAME=VALUE``)"
+    )
 
 
 class Decision(BaseModel):
@@ -81,8 +85,9 @@ class Decision(BaseModel):
 class AbortRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rollback: bool = Field(default=False, description="Then roll back the current stage "
-                           "(needs pipeline:rollback too)")
+    rollback: bool = Field(
+        default=False, description="Then roll back the current stage (needs pipeline:rollback too)"
+    )
 
 
 class Submitted(BaseModel):
@@ -98,8 +103,13 @@ class Outcome(BaseModel):
 def actor_of(who: Identity) -> Actor:
     """The Actor of a verified identity: its subject, groups, token id and (API token) roles;
     nothing else the request carries."""
-    return Actor(name=who.subject, groups=tuple(sorted(who.groups)), token_id=who.token_id,
-                 roles=tuple(who.roles) if who.kind == "token" else None, kind=who.kind)
+    return Actor(
+        name=who.subject,
+        groups=tuple(sorted(who.groups)),
+        token_id=who.token_id,
+        roles=tuple(who.roles) if who.kind == "token" else None,
+        kind=who.kind,
+    )
 
 
 def _http(exc: Exception, *, strip: str | None = None) -> HTTPException:
@@ -117,8 +127,10 @@ def _http(exc: Exception, *, strip: str | None = None) -> HTTPException:
         return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=text)
     if isinstance(exc, LookupError):
         missing = text.startswith("no execution")
-        return HTTPException(status.HTTP_404_NOT_FOUND if missing
-                             else status.HTTP_409_CONFLICT, detail=text.strip("'\""))
+        return HTTPException(
+            status.HTTP_404_NOT_FOUND if missing else status.HTTP_409_CONFLICT,
+            detail=text.strip("'\""),
+        )
     if isinstance(exc, ConfigError):
         return HTTPException(status.HTTP_409_CONFLICT, detail=text)
     raise exc
@@ -141,12 +153,19 @@ def local_references(name: str, text: str) -> list[str]:
             for key, value in node.value:
                 k = key.value if isinstance(key, yaml.ScalarNode) else None
                 if k in _LOCAL_KEYS:
-                    found.append(f"{at(key)}: {k} names a path on the server's machines; "
-                                 "a submitted file may not (use privateKeySecret for SSH keys)")
-                elif k == "type" and isinstance(value, yaml.ScalarNode) \
-                        and value.value in _LOCAL_TYPES:
-                    found.append(f"{at(value)}: type {value.value} runs on or reads from the "
-                                 "server's machines; a submitted file may not use it")
+                    found.append(
+                        f"{at(key)}: {k} names a path on the server's machines; "
+                        "a submitted file may not (use privateKeySecret for SSH keys)"
+                    )
+                elif (
+                    k == "type"
+                    and isinstance(value, yaml.ScalarNode)
+                    and value.value in _LOCAL_TYPES
+                ):
+                    found.append(
+                        f"{at(value)}: type {value.value} runs on or reads from the "
+                        "server's machines; a submitted file may not use it"
+                    )
                 walk(value, depth + 1)
         elif isinstance(node, yaml.SequenceNode):
             for item in node.value:
@@ -163,16 +182,21 @@ def local_references(name: str, text: str) -> list[str]:
 
 def _check_files(files: dict[str, str]) -> None:
     if len(files) > MAX_FILES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                            detail=f"at most {MAX_FILES} files per submission")
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, detail=f"at most {MAX_FILES} files per submission"
+        )
     if sum(len(t.encode()) for t in files.values()) > MAX_BYTES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
-                            detail=f"at most {MAX_BYTES // (1024 * 1024)} MiB of files")
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            detail=f"at most {MAX_BYTES // (1024 * 1024)} MiB of files",
+        )
     bad = [n for n in files if not FILE_NAME.match(n)]
     if bad:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            detail=f"file name(s) {', '.join(map(repr, sorted(bad)))}: a plain "
-                                   "name ending in .yaml or .yml (letters, digits, _ . -)")
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"file name(s) {', '.join(map(repr, sorted(bad)))}: a plain "
+            "name ending in .yaml or .yml (letters, digits, _ . -)",
+        )
     problems = [p for n, t in sorted(files.items()) for p in local_references(n, t)]
     if problems:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="\n".join(problems))
@@ -181,10 +205,17 @@ def _check_files(files: dict[str, str]) -> None:
 # --- new executions -------------------------------------------------------------------------
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=Submitted,
-             openapi_extra=needs("pipeline:execute"))
-def submit(body: Submission, who: Annotated[Identity, Depends(require("pipeline:execute"))],
-           cfg: Annotated[RbacConfig, Depends(rbac)]) -> Submitted:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Submitted,
+    openapi_extra=needs("pipeline:execute"),
+)
+def submit(
+    body: Submission,
+    who: Annotated[Identity, Depends(require("pipeline:execute"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+) -> Submitted:
     """Run the pipeline in ``files`` as the caller; the execution's id. The environments'
     deploy permissions are checked on the resolved plan; nothing is recorded when refused."""
     from app import operations
@@ -197,39 +228,54 @@ def submit(body: Submission, who: Annotated[Identity, Depends(require("pipeline:
             path.write_text(text)
             paths.append(str(path))
         try:
-            ex_id = operations.run(actor_of(who), paths, pipeline=body.pipeline,
-                                   inputs=body.inputs, rules=cfg)
+            ex_id = operations.run(
+                actor_of(who), paths, pipeline=body.pipeline, inputs=body.inputs, rules=cfg
+            )
         except Exception as exc:
             raise _http(exc, strip=tmp + "/") from None
     return Submitted(id=ex_id)
 
 
-@router.post("/{execution_id}/retry", status_code=status.HTTP_201_CREATED,
-             response_model=Submitted, openapi_extra=needs("pipeline:execute"))
-def retry(execution_id: str,
-          who: Annotated[Identity, Depends(require("pipeline:execute"))],
-          cfg: Annotated[RbacConfig, Depends(rbac)]) -> Submitted:
+@router.post(
+    "/{execution_id}/retry",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Submitted,
+    openapi_extra=needs("pipeline:execute"),
+)
+def retry(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:execute"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+) -> Submitted:
     """Run an ended execution again on the hosts that did not succeed; the new id."""
     from app import operations
 
     try:
-        return Submitted(id=operations.retry(actor_of(who), execution_id, rules=cfg),
-                         of=execution_id)
+        return Submitted(
+            id=operations.retry(actor_of(who), execution_id, rules=cfg), of=execution_id
+        )
     except Exception as exc:
         raise _http(exc) from None
 
 
-@router.post("/{execution_id}/rollback", status_code=status.HTTP_201_CREATED,
-             response_model=Submitted, openapi_extra=needs("pipeline:rollback"))
-def rollback(execution_id: str,
-             who: Annotated[Identity, Depends(require("pipeline:rollback"))],
-             cfg: Annotated[RbacConfig, Depends(rbac)]) -> Submitted:
+@router.post(
+    "/{execution_id}/rollback",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Submitted,
+    openapi_extra=needs("pipeline:rollback"),
+)
+def rollback(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:rollback"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+) -> Submitted:
     """Roll a successful execution back on every host it changed; the new id."""
     from app import operations
 
     try:
-        return Submitted(id=operations.rollback(actor_of(who), execution_id, rules=cfg),
-                         of=execution_id)
+        return Submitted(
+            id=operations.rollback(actor_of(who), execution_id, rules=cfg), of=execution_id
+        )
     except Exception as exc:
         raise _http(exc) from None
 
@@ -237,47 +283,70 @@ def rollback(execution_id: str,
 # --- decisions ------------------------------------------------------------------------------
 
 
-@router.post("/{execution_id}/approve", response_model=Outcome,
-             openapi_extra=needs("pipeline:approve"))
-def approve(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:approve"))],
-            cfg: Annotated[RbacConfig, Depends(rbac)], body: Decision | None = None) -> Outcome:
+@router.post(
+    "/{execution_id}/approve", response_model=Outcome, openapi_extra=needs("pipeline:approve")
+)
+def approve(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:approve"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+    body: Decision | None = None,
+) -> Outcome:
     """Approve the Approval stage the execution waits in, as the caller (one vote each; the
     executor may not when the approval disallows it)."""
     from app import operations
 
     try:
-        return Outcome(id=execution_id, outcome=operations.approve(
-            actor_of(who), execution_id, comment=(body or Decision()).comment, rules=cfg))
+        return Outcome(
+            id=execution_id,
+            outcome=operations.approve(
+                actor_of(who), execution_id, comment=(body or Decision()).comment, rules=cfg
+            ),
+        )
     except Exception as exc:
         raise _http(exc) from None
 
 
-@router.post("/{execution_id}/reject", response_model=Outcome,
-             openapi_extra=needs("pipeline:approve"))
-def reject(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:approve"))],
-           cfg: Annotated[RbacConfig, Depends(rbac)], body: Decision | None = None) -> Outcome:
+@router.post(
+    "/{execution_id}/reject", response_model=Outcome, openapi_extra=needs("pipeline:approve")
+)
+def reject(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:approve"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+    body: Decision | None = None,
+) -> Outcome:
     """Reject the Approval stage the execution waits in: the stage fails."""
     from app import operations
 
     try:
-        return Outcome(id=execution_id, outcome=operations.reject(
-            actor_of(who), execution_id, comment=(body or Decision()).comment, rules=cfg))
+        return Outcome(
+            id=execution_id,
+            outcome=operations.reject(
+                actor_of(who), execution_id, comment=(body or Decision()).comment, rules=cfg
+            ),
+        )
     except Exception as exc:
         raise _http(exc) from None
 
 
-@router.post("/{execution_id}/abort", response_model=Outcome,
-             openapi_extra=needs("pipeline:abort"))
-def abort(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:abort"))],
-          cfg: Annotated[RbacConfig, Depends(rbac)],
-          body: AbortRequest | None = None) -> Outcome:
+@router.post("/{execution_id}/abort", response_model=Outcome, openapi_extra=needs("pipeline:abort"))
+def abort(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:abort"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+    body: AbortRequest | None = None,
+) -> Outcome:
     """Stop an execution (and roll back its current stage with ``rollback``)."""
     from app import operations
 
     try:
-        return Outcome(id=execution_id, outcome=operations.abort(
-            actor_of(who), execution_id, rollback=(body or AbortRequest()).rollback,
-            rules=cfg))
+        return Outcome(
+            id=execution_id,
+            outcome=operations.abort(
+                actor_of(who), execution_id, rollback=(body or AbortRequest()).rollback, rules=cfg
+            ),
+        )
     except Exception as exc:
         raise _http(exc) from None
 
@@ -286,10 +355,11 @@ def abort(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:
 
 
 @router.get("", openapi_extra=needs("pipeline:view"))
-def list_(who: Annotated[Identity, Depends(require("pipeline:view"))],
-          limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-          statuses: Annotated[list[str] | None, Query(alias="status")] = None,
-          ) -> list[dict[str, Any]]:
+def list_(
+    who: Annotated[Identity, Depends(require("pipeline:view"))],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    statuses: Annotated[list[str] | None, Query(alias="status")] = None,
+) -> list[dict[str, Any]]:
     """Recent executions, newest first (``vmfarm executions -o json``)."""
     from app.report import recent_executions
 
@@ -297,9 +367,16 @@ def list_(who: Annotated[Identity, Depends(require("pipeline:view"))],
         rows = recent_executions(limit, statuses=statuses)
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-    return [{"id": e.id, "pipeline": e.pipeline, "status": e.status,
-             "created_at": e.created_at.isoformat() + "Z", "created_by": e.created_by}
-            for e in rows]
+    return [
+        {
+            "id": e.id,
+            "pipeline": e.pipeline,
+            "status": e.status,
+            "created_at": e.created_at.isoformat() + "Z",
+            "created_by": e.created_by,
+        }
+        for e in rows
+    ]
 
 
 def _may_view(who: Identity, cfg: RbacConfig, execution_id: str) -> None:
@@ -314,8 +391,11 @@ def _may_view(who: Identity, cfg: RbacConfig, execution_id: str) -> None:
 
 
 @router.get("/{execution_id}", openapi_extra=needs("pipeline:view"))
-def show(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:view"))],
-         cfg: Annotated[RbacConfig, Depends(rbac)]) -> dict[str, Any]:
+def show(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:view"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+) -> dict[str, Any]:
     """One execution: stages, phases, hosts, approvals (``vmfarm status -o json``)."""
     from app.report import execution_report
     from app.secrets import mask_obj
@@ -329,9 +409,13 @@ def show(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:v
 
 
 @router.get("/{execution_id}/logs", openapi_extra=needs("pipeline:view"))
-def logs(execution_id: str, who: Annotated[Identity, Depends(require("pipeline:view"))],
-         cfg: Annotated[RbacConfig, Depends(rbac)], host: str | None = None,
-         step: str | None = None) -> list[dict[str, Any]]:
+def logs(
+    execution_id: str,
+    who: Annotated[Identity, Depends(require("pipeline:view"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+    host: str | None = None,
+    step: str | None = None,
+) -> list[dict[str, Any]]:
     """The output of an execution's steps in order (``vmfarm logs -o json``), secrets
     masked."""
     from app.report import execution_logs, execution_progress
@@ -348,15 +432,26 @@ def _event(name: str, data: dict[str, Any], event_id: int) -> str:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/{execution_id}/events", openapi_extra={
-    **needs("pipeline:view"),
-    "responses": {"200": {"description": "``status`` events (the execution's status, current "
-                          "stage and each stage's status) whenever they change, then one "
-                          "``end`` event when it has ended",
-                          "content": {"text/event-stream": {}}}}})
-def events(execution_id: str, request: Request,
-           who: Annotated[Identity, Depends(require("pipeline:view"))],
-           cfg: Annotated[RbacConfig, Depends(rbac)]) -> StreamingResponse:
+@router.get(
+    "/{execution_id}/events",
+    openapi_extra={
+        **needs("pipeline:view"),
+        "responses": {
+            "200": {
+                "description": "``status`` events (the execution's status, current "
+                "stage and each stage's status) whenever they change, then one "
+                "``end`` event when it has ended",
+                "content": {"text/event-stream": {}},
+            }
+        },
+    },
+)
+def events(
+    execution_id: str,
+    request: Request,
+    who: Annotated[Identity, Depends(require("pipeline:view"))],
+    cfg: Annotated[RbacConfig, Depends(rbac)],
+) -> StreamingResponse:
     """Follow an execution: server-sent events of its status changes until it ends. The
     server reads the ledger every half second; a comment line keeps a quiet stream open."""
     from app.report import execution_progress
@@ -365,13 +460,14 @@ def events(execution_id: str, request: Request,
     first = execution_progress(execution_id)
     if first is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no execution '{execution_id}'")
-    return StreamingResponse(_follow(execution_id, request, first),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _follow(execution_id, request, first),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
-async def _follow(execution_id: str, request: Request,
-                  first: dict[str, Any]) -> AsyncIterator[str]:
+async def _follow(execution_id: str, request: Request, first: dict[str, Any]) -> AsyncIterator[str]:
     from anyio import to_thread
 
     from app.report import execution_progress
