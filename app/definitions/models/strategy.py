@@ -381,7 +381,7 @@ class ReferencePhaseStep(Model):
     @model_validator(mode="after")
     def _valid(self) -> ReferencePhaseStep:
         # The analysis keys are checked by the loader with their positions
-        # (app.definitions.schemas.phase_step_problems); the rest here.
+        # (app.definitions.reference_schemas.phase_step_problems); the rest here.
         keys = {"healthCheck", "probe", "successCriteria", "prometheus"}
         mine = {k: v for k, v in self.properties.items() if k in keys}
         if mine:
@@ -395,7 +395,7 @@ class ReferencePhaseBody(Model):
     ``instanceCount`` is cumulative (Harness: "Instances (cumulative)"): 25%, 50%, 100% deploys
     to a quarter of the hosts, then to the next quarter, then to the rest. deploymentType,
     computeProviderType, infraDefinitionId and serviceId repeat what the stage says: the loader
-    checks that they agree with it (app.definitions.schemas.phase_problems).
+    checks that they agree with it (app.definitions.reference_schemas.phase_problems).
     """
 
     name: str
