@@ -6,6 +6,7 @@ tests/lab/test_canary_analysis_lab.py.)"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from tests.prometheus import HAVE_PROMETHEUS, Users, scraping, version_on
 CANARY = DATA / "canary"
 STRAT = DATA / "strategies"
 
+# Skipped only on a developer's machine without Prometheus; in CI (CI=true) it fails instead.
 pytestmark = pytest.mark.skipif(
-    not HAVE_PROMETHEUS, reason="needs the prometheus binary (apt-get install prometheus)"
+    not HAVE_PROMETHEUS and not os.environ.get("CI"),
+    reason="needs the prometheus binary (apt-get install prometheus)",
 )
 
 
