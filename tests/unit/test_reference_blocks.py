@@ -260,21 +260,18 @@ def test_the_canary_block_in_the_reference_pipeline_plans_a_canary_analysis(tmp_
     assert verification.canary_analysis.window_seconds() == 600
 
 
-@pytest.mark.parametrize(
-    ("block", "says"),
-    [
-        (BLUE_GREEN, "blueGreenDeployment"),
-    ],
-)
-def test_strategy_blocks_vmfarm_cannot_carry_out_are_refused_never_ignored(
-    tmp_path: Path, block: int, says: str
+def test_the_blue_green_block_is_refused_only_for_its_auto_scaling_group_settings(
+    tmp_path: Path,
 ) -> None:
-    pipe = pipeline_with(tmp_path, body(BLOCKS[block]), at="          execution:\n", indent=10)
+    """vmfarm carries out the block's slots, switch step, target groups and classic load
+    balancer (tests/unit/test_bluegreen_reference.py); Harness's Auto Scaling group settings
+    have nothing to act on (vmfarm deploys to running instances) and are refused by name."""
+    pipe = pipeline_with(tmp_path, body(BLOCKS[BLUE_GREEN]), at="          execution:\n", indent=10)
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load([*documents(tmp_path), pipe])
-    assert any(
-        says in (e.message + (e.field or "")) and e.file == str(pipe) for e in errors(exc)
-    ), [e.message for e in errors(exc)]
+    refused = {(e.field or "").rsplit(".", 1)[-1] for e in errors(exc)}
+    assert refused == {"useAppAutoScaling", "autoScalingGroupName"}, errors(exc)
+    assert all("is not supported" in e.message and e.file == str(pipe) for e in errors(exc))
 
 
 def test_the_health_check_step_runs_as_a_step_of_the_pipeline(tmp_path: Path) -> None:
