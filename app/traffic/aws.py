@@ -37,19 +37,10 @@ from typing import Any, Protocol
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-)
 
 from app.errors import TrafficError
 from app.traffic.base import HostIds, SwitchResult, TrafficSwitch, split_backend, unique
-from app.traffic.elbv2 import ElbV2Switch
+from app.traffic.elbv2 import ElbV2Switch, aws_call
 
 log = logging.getLogger(__name__)
 
@@ -196,31 +187,16 @@ class ClassicElbSwitch:
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
         """One boto3 call; every botocore failure becomes a TrafficError naming the LB."""
-        try:
-            return getattr(self._client, operation)(**kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code, message = error.get("Code", "Unknown"), error.get("Message", str(exc))
-            raise TrafficError(
-                f"ELB {exc.operation_name} on {self.label} failed: {code}: {message}; "
-                f"{_classic_hint(code)}",
-                switch=self.label,
-            ) from None
-        except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise TrafficError(
-                f"no usable AWS credentials for {self.label} ({exc}); give the worker "
-                "credentials (instance profile, environment or ~/.aws)",
-                switch=self.label,
-            ) from None
-        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
-            where = self.endpoint_url or f"the ELB endpoint of {self.region}"
-            raise TrafficError(
-                f"cannot reach {where} for {self.label}: {exc}", switch=self.label
-            ) from None
-        except BotoCoreError as exc:
-            raise TrafficError(
-                f"ELB {operation} on {self.label} failed: {exc}", switch=self.label
-            ) from None
+        return aws_call(
+            self._client,
+            operation,
+            kwargs,
+            service="ELB",
+            what=self.label,
+            label=self.label,
+            where=self.endpoint_url or f"the ELB endpoint of {self.region}",
+            hint=lambda code, _message: _classic_hint(code),
+        )
 
 
 def _describe(row: Mapping[str, Any]) -> str:

@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,31 +308,16 @@ class ElbV2Switch(TrafficSwitch):
         """One boto3 call; every botocore failure becomes a TrafficError naming the ARN."""
         if with_arn:
             kwargs["TargetGroupArn"] = self.arn
-        try:
-            return getattr(self._client, operation)(**kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code, message = error.get("Code", "Unknown"), error.get("Message", str(exc))
-            raise TrafficError(
-                f"ELBv2 {exc.operation_name} on target group {self.arn} failed: {code}: "
-                f"{message}; {_hint(code, message)}",
-                switch=self.label,
-            ) from None
-        except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise TrafficError(
-                f"no usable AWS credentials for target group {self.arn} ({exc}); give the "
-                "worker credentials (instance profile, environment or ~/.aws)",
-                switch=self.label,
-            ) from None
-        except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
-            where = self.endpoint_url or f"the ELBv2 endpoint of {self.region}"
-            raise TrafficError(
-                f"cannot reach {where} for target group {self.arn}: {exc}", switch=self.label
-            ) from None
-        except BotoCoreError as exc:
-            raise TrafficError(
-                f"ELBv2 {operation} on target group {self.arn} failed: {exc}", switch=self.label
-            ) from None
+        return aws_call(
+            self._client,
+            operation,
+            kwargs,
+            service="ELBv2",
+            what=f"target group {self.arn}",
+            label=self.label,
+            where=self.endpoint_url or f"the ELBv2 endpoint of {self.region}",
+            hint=_hint,
+        )
 
     # -- backends -----------------------------------------------------------------------------
 
@@ -361,6 +347,41 @@ class ElbV2Switch(TrafficSwitch):
             target_id, port = split_backend(backend, label=self.label)
             out.append({"Id": target_id, "Port": port})
         return out
+
+
+def aws_call(
+    client: Any,
+    operation: str,
+    kwargs: dict[str, Any],
+    *,
+    service: str,
+    what: str,
+    label: str,
+    where: str,
+    hint: Callable[[str, str], str],
+) -> Any:
+    """One boto3 call of a load-balancer client; every botocore failure becomes a
+    TrafficError naming ``what`` (the ELBv2 and classic ELB switches share it)."""
+    try:
+        return getattr(client, operation)(**kwargs)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code, message = error.get("Code", "Unknown"), error.get("Message", str(exc))
+        raise TrafficError(
+            f"{service} {exc.operation_name} on {what} failed: {code}: {message}; "
+            f"{hint(code, message)}",
+            switch=label,
+        ) from None
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise TrafficError(
+            f"no usable AWS credentials for {what} ({exc}); give the worker credentials "
+            "(instance profile, environment or ~/.aws)",
+            switch=label,
+        ) from None
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+        raise TrafficError(f"cannot reach {where} for {what}: {exc}", switch=label) from None
+    except BotoCoreError as exc:
+        raise TrafficError(f"{service} {operation} on {what} failed: {exc}", switch=label) from None
 
 
 def _hint(code: str, message: str) -> str:
