@@ -92,23 +92,32 @@ def _secure_cluster(
     tmp_path_factory: pytest.TempPathFactory,
     broker: str,
     results: str,
+    *,
+    region_broker: tuple[str, str] | None = None,
 ) -> Iterator[Cluster]:
+    """``region_broker``: the region workers' own broker and result URLs (another Redis
+    user), when they differ from the control plane's."""
     worker_url = worker_role_url(pg_url)
     home = tmp_path_factory.mktemp("secure-home")
     common = base_env(
         VMFARM_BROKER_URL=broker, VMFARM_RESULT_BACKEND=results, VMFARM_HOME=str(home)
     )
     env = {**common, "VMFARM_DATABASE_URL": pg_url, **signing_keys.env("server")}
+    regions = (
+        {"VMFARM_BROKER_URL": region_broker[0], "VMFARM_RESULT_BACKEND": region_broker[1]}
+        if region_broker
+        else {}
+    )
     specs = [
         (
             "s-r1@test",
             ["--region", "r1", "-c", "4"],
-            {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r1")},
+            {"VMFARM_DATABASE_URL": worker_url, **regions, **signing_keys.env("region-r1")},
         ),
         (
             "s-r2@test",
             ["--region", "r2", "-c", "4"],
-            {"VMFARM_DATABASE_URL": worker_url, **signing_keys.env("region-r2")},
+            {"VMFARM_DATABASE_URL": worker_url, **regions, **signing_keys.env("region-r2")},
         ),
         (
             "s-control@test",

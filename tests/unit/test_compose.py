@@ -73,6 +73,7 @@ def test_the_services_are_there_with_their_images(compose: dict[str, Any]) -> No
     assert set(services(compose)) == {
         "redis",
         "postgres",
+        "server",
         "control",
         "flower",
         "autoscaler",
@@ -85,7 +86,7 @@ def test_the_services_are_there_with_their_images(compose: dict[str, Any]) -> No
     assert services(compose)["redis"]["image"].startswith("redis:")
     assert services(compose)["postgres"]["image"].startswith("postgres:")
     ours = vmfarm_services(compose)
-    assert set(ours) == {"control", "flower", "autoscaler", "metrics", *REGIONS}
+    assert set(ours) == {"server", "control", "flower", "autoscaler", "metrics", *REGIONS}
     # One image built once (by control), reused by the others without a pull.
     assert ours["control"]["build"]["context"] == "." and (REPO / "Dockerfile").is_file()
     for name, svc in ours.items():
@@ -101,24 +102,44 @@ def test_the_services_are_there_with_their_images(compose: dict[str, Any]) -> No
     assert [n for n, s in services(compose).items() if s.get("profiles")] == ["autoscaler"]
 
 
+# Who each vmfarm service is to Redis (its ACL user and password variable) and PostgreSQL (its
+# login role and password variable), and which signing key it holds (None: it signs nothing).
+IDENTITIES: dict[str, tuple[str, str, str, str, str | None]] = {
+    "server": ("vmfarm", "REDIS_PASSWORD", "vmfarm_api", "POSTGRES_SERVER_PASSWORD", "server"),
+    "control": ("vmfarm", "REDIS_PASSWORD", "vmfarm", "POSTGRES_PASSWORD", "control"),
+    "metrics": ("vmfarm", "REDIS_PASSWORD", "vmfarm", "POSTGRES_PASSWORD", None),
+    "flower": ("flower", "REDIS_FLOWER_PASSWORD", "vmfarm", "POSTGRES_PASSWORD", None),
+    "autoscaler": (
+        "worker", "REDIS_WORKER_PASSWORD", "vmfarm_region", "POSTGRES_WORKER_PASSWORD",
+        "autoscaler",
+    ),
+    **{
+        name: (
+            "worker", "REDIS_WORKER_PASSWORD", "vmfarm_region", "POSTGRES_WORKER_PASSWORD",
+            f"region-{region}",
+        )
+        for name, region in REGIONS.items()
+    },
+}  # fmt: skip
+
+
 def test_vmfarm_services_share_one_environment_and_wait_for_their_stores(
     compose: dict[str, Any],
 ) -> None:
     every = services(compose)
+    assert set(IDENTITIES) == set(vmfarm_services(compose))
     for name, svc in vmfarm_services(compose).items():
         env = svc["environment"]
+        user, redis_pw, role, pg_pw, _ = IDENTITIES[name]
         # Passwords come from .env (tests/unit/test_compose_config.py renders them).
+        for key, db in (("VMFARM_BROKER_URL", 0), ("VMFARM_RESULT_BACKEND", 1)):
+            assert re.fullmatch(
+                rf"redis://{user}:\$\{{{redis_pw}:\?.+\}}@redis:6379/{db}", env[key]
+            ), (name, key, env[key])
         assert re.fullmatch(
-            r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/0", env["VMFARM_BROKER_URL"]
-        ), name
-        assert re.fullmatch(
-            r"redis://:\$\{REDIS_PASSWORD:\?.+\}@redis:6379/1", env["VMFARM_RESULT_BACKEND"]
-        ), name
-        assert re.fullmatch(
-            r"postgresql://vmfarm:\$\{POSTGRES_PASSWORD:\?.+\}@postgres:5432/"
-            r"vmfarm",
+            rf"postgresql://{role}:\$\{{{pg_pw}:\?.+\}}@postgres:5432/vmfarm",
             env["VMFARM_DATABASE_URL"],
-        ), name
+        ), (name, env["VMFARM_DATABASE_URL"])
         assert env["VMFARM_HOME"] == "/var/lib/vmfarm"
         deps = svc["depends_on"]
         assert deps["redis"] == {"condition": "service_healthy"}, name
@@ -129,9 +150,74 @@ def test_vmfarm_services_share_one_environment_and_wait_for_their_stores(
         assert svc.get("init") is True and "container_name" not in svc
         mounts = {split_mount(m)[1]: m for m in svc["volumes"]}
         assert mounts[f"{IMAGE_ROOT}/configs"].endswith(":ro")
-        assert mounts["/home/vmfarm/.ssh"].endswith(":ro")
-        assert "/var/lib/vmfarm" in mounts
+        if name != "server":  # the server runs nothing over SSH and keeps no state
+            assert mounts["/home/vmfarm/.ssh"].endswith(":ro")
+            assert "/var/lib/vmfarm" in mounts
     assert set(compose["volumes"]) >= {"redis-data", "postgres-data", "vmfarm-home"}
+
+
+def test_each_signing_process_mounts_only_its_own_key(compose: dict[str, Any]) -> None:
+    for name, svc in vmfarm_services(compose).items():
+        key = IDENTITIES[name][4]
+        env = svc["environment"]
+        mounted = [split_mount(m) for m in svc["volumes"]]
+        keys = sorted(dst for _, dst, *_ in mounted if dst.endswith((".key", ".pem")))
+        if key is None:  # no key: it publishes nothing a worker would run
+            assert keys == [], name
+            assert not any(k.startswith("VMFARM_SECURITY_") for k in env), name
+            continue
+        assert keys == [f"/run/vmfarm/keys/{key}.key", f"/run/vmfarm/keys/{key}.pem"], name
+        assert env["VMFARM_SECURITY_KEY"] == f"/run/vmfarm/keys/{key}.key", name
+        assert env["VMFARM_SECURITY_CERTIFICATE"] == f"/run/vmfarm/keys/{key}.pem", name
+        assert env["VMFARM_SECURITY_CERT_STORE"] == "/run/vmfarm/keys/certs", name
+        for src, dst, *mode in mounted:
+            if dst.startswith("/run/vmfarm/keys"):
+                assert mode == ["ro"], (name, dst)
+                assert src.startswith("${VMFARM_KEYS_DIR:-./.vmfarm/keys}/"), (name, src)
+
+
+def test_the_ssh_targets_share_a_network_only_with_the_region_workers(
+    compose: dict[str, Any],
+) -> None:
+    assert compose["networks"]["targets"] == {"internal": True}
+    on_targets = {n for n, s in services(compose).items() if "targets" in s.get("networks", [])}
+    assert on_targets == {*TARGETS, *REGIONS, "autoscaler"}
+    for name in TARGETS:
+        assert services(compose)[name]["networks"] == ["targets"], name
+    for name in ("redis", "postgres", "server", "control", "flower", "metrics"):
+        assert "targets" not in services(compose)[name]["networks"], name
+        assert "backend" in services(compose)[name]["networks"], name
+
+
+def test_redis_starts_with_the_acl_users_and_postgres_makes_the_login_roles(
+    compose: dict[str, Any],
+) -> None:
+    redis_svc = services(compose)["redis"]
+    assert redis_svc["command"] == ["sh", "/etc/vmfarm-redis/start.sh"]
+    assert "./docker/redis:/etc/vmfarm-redis:ro" in redis_svc["volumes"]
+    start = (REPO / "docker" / "redis" / "start.sh").read_text()
+    assert "--aclfile /data/users.acl" in start and "requirepass" not in start
+    assert set(redis_svc["environment"]) == {
+        "REDIS_PASSWORD",
+        "REDIS_WORKER_PASSWORD",
+        "REDIS_FLOWER_PASSWORD",
+    }
+    pg = services(compose)["postgres"]
+    assert "./docker/postgres:/docker-entrypoint-initdb.d:ro" in pg["volumes"]
+    assert (REPO / "docker" / "postgres" / "10-vmfarm-roles.sh").is_file()
+    assert {"POSTGRES_WORKER_PASSWORD", "POSTGRES_SERVER_PASSWORD"} <= set(pg["environment"])
+
+
+def test_the_server_is_published_on_localhost_with_its_settings(compose: dict[str, Any]) -> None:
+    svc = services(compose)["server"]
+    assert svc["command"][:1] == ["server"] and "--host" in svc["command"]
+    assert svc["ports"] == ["127.0.0.1:8000:8000"]
+    assert "/api/health" in " ".join(svc["healthcheck"]["test"])
+    env = svc["environment"]
+    for key in ("VMFARM_SERVER_ISSUER", "VMFARM_SERVER_AUDIENCE", "VMFARM_SERVER_RBAC_FILE"):
+        assert env[key].startswith("${" + key), key
+    rbac = env["VMFARM_SERVER_RBAC_FILE"].split(":-", 1)[1].rstrip("}")
+    assert in_repo(rbac).is_file()
 
 
 def test_every_worker_command_is_a_valid_vmfarm_worker_invocation(compose: dict[str, Any]) -> None:

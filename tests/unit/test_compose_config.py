@@ -120,7 +120,11 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
     secrets = {k: v for k, v in example.items() if SECRET_KEY.search(k) and v}
     assert {
         "POSTGRES_PASSWORD",
+        "POSTGRES_WORKER_PASSWORD",
+        "POSTGRES_SERVER_PASSWORD",
         "REDIS_PASSWORD",
+        "REDIS_WORKER_PASSWORD",
+        "REDIS_FLOWER_PASSWORD",
         "FLOWER_BASIC_AUTH",
         "GRAFANA_ADMIN_PASSWORD",
     } <= set(secrets)
@@ -134,7 +138,9 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
         assert isinstance(env, dict), name
         for key, value in env.items():
             text = str(value)
-            if SECRET_KEY.search(key) and key != "GF_SECURITY_ADMIN_USER":
+            # VMFARM_SECURITY_KEY names the mounted key file, not a secret value
+            is_path = text.startswith("/run/vmfarm/keys/")
+            if SECRET_KEY.search(key) and key != "GF_SECURITY_ADMIN_USER" and not is_path:
                 assert text == "" or text.startswith("${"), (name, key)
             for userinfo in re.findall(r"://([^/@\s]*)@", text):
                 assert ":${" in userinfo, (name, key, "a password written in a URL")
@@ -144,7 +150,16 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
     assert control["VMFARM_DATABASE_URL"] == (
         f"postgresql://vmfarm:{example['POSTGRES_PASSWORD']}@postgres:5432/vmfarm"
     )
-    assert control["VMFARM_BROKER_URL"] == f"redis://:{example['REDIS_PASSWORD']}@redis:6379/0"
+    assert (
+        control["VMFARM_BROKER_URL"] == f"redis://vmfarm:{example['REDIS_PASSWORD']}@redis:6379/0"
+    )
+    region = rendered["services"]["worker-us-east-1"]["environment"]
+    assert region["VMFARM_BROKER_URL"] == (
+        f"redis://worker:{example['REDIS_WORKER_PASSWORD']}@redis:6379/0"
+    )
+    assert region["VMFARM_DATABASE_URL"] == (
+        f"postgresql://vmfarm_region:{example['POSTGRES_WORKER_PASSWORD']}@postgres:5432/vmfarm"
+    )
     assert (
         rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
         == example["POSTGRES_PASSWORD"]
@@ -152,7 +167,12 @@ def test_no_secret_value_is_written_in_the_compose_file(rendered: dict[str, Any]
     assert (
         rendered["services"]["redis"]["environment"]["REDIS_PASSWORD"] == example["REDIS_PASSWORD"]
     )
-    assert "--requirepass" in " ".join(rendered["services"]["redis"]["command"])
+    for key in ("REDIS_WORKER_PASSWORD", "REDIS_FLOWER_PASSWORD"):
+        assert rendered["services"]["redis"]["environment"][key] == example[key]
+    # No password on a command line (the ACL file is written from the environment).
+    assert not any(
+        v in " ".join(rendered["services"]["redis"]["command"]) for v in example.values() if v
+    )
 
 
 def test_a_missing_password_stops_compose_naming_it(tmp_path: Path) -> None:
