@@ -164,7 +164,9 @@ def _watches(execution_id: str, told: set[int]) -> list[tuple[str, str]]:
                     StageRun.stage_index == rec.stage_index,
                 )
             ).one()
-            found.append((run.identifier, str((watch_view(rec, planned=True) or {}).get("ends_at"))))
+            found.append(
+                (run.identifier, str((watch_view(rec, planned=True) or {}).get("ends_at")))
+            )
     return found
 
 
