@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
-from cli.remote import LoginError, ServerUnavailable, error_for
+from cli.remote import LoginError, ServerUnavailable, client_auth, error_for
 
 if TYPE_CHECKING:
     import httpx
@@ -54,13 +54,6 @@ def discovery(http: httpx.Client, issuer: str) -> dict[str, Any]:
     except (httpx.HTTPError, ValueError) as exc:
         raise ServerUnavailable(f"cannot read the identity provider's {url}: {exc}") from None
     return doc
-
-
-def _client_auth(conf: dict[str, Any]) -> dict[str, str]:
-    out = {"client_id": str(conf["client_id"])}
-    if conf.get("client_secret"):
-        out["client_secret"] = str(conf["client_secret"])
-    return out
 
 
 def _token_answer(resp: httpx.Response, what: str) -> dict[str, Any]:
@@ -170,16 +163,14 @@ def authorization_code(
     if "code" not in params:
         why = params.get("error_description") or params.get("error") or "no code"
         raise LoginError(f"the identity provider refused the sign-in: {why}")
-    resp = http.post(
-        disc["token_endpoint"],
-        data={
-            "grant_type": "authorization_code",
-            "code": params["code"],
-            "redirect_uri": redirect,
-            "code_verifier": verifier,
-            **_client_auth(conf),
-        },
+    form, auth = client_auth(conf)
+    form.update(
+        grant_type="authorization_code",
+        code=params["code"],
+        redirect_uri=redirect,
+        code_verifier=verifier,
     )
+    resp = http.post(disc["token_endpoint"], data=form, auth=auth)
     return _token_answer(resp, "exchanging the sign-in code")
 
 
@@ -202,8 +193,9 @@ def device_code(
         raise LoginError(
             "the identity provider does not offer the device flow: vmfarm login without --device"
         )
+    form, auth = client_auth(conf)
     resp = http.post(
-        endpoint, data={"scope": " ".join(conf.get("scopes") or ["openid"]), **_client_auth(conf)}
+        endpoint, data={**form, "scope": " ".join(conf.get("scopes") or ["openid"])}, auth=auth
     )
     grant = _token_answer(resp, "asking for a device code")
     where = grant.get("verification_uri_complete") or grant.get("verification_uri")
@@ -215,11 +207,8 @@ def device_code(
         sleep(interval)
         resp = http.post(
             disc["token_endpoint"],
-            data={
-                "grant_type": DEVICE_GRANT,
-                "device_code": grant["device_code"],
-                **_client_auth(conf),
-            },
+            data={**form, "grant_type": DEVICE_GRANT, "device_code": grant["device_code"]},
+            auth=auth,
         )
         if resp.status_code == 200:
             tokens: dict[str, Any] = resp.json()

@@ -181,16 +181,11 @@ def refresh(login: dict[str, Any], *, http: httpx.Client | None = None) -> dict[
     again = f"sign in again: vmfarm login {login.get('server', '')}".rstrip()
     if not login.get("refresh_token") or not login.get("token_endpoint"):
         raise LoginError(f"your sign-in has expired; {again}")
-    form = {
-        "grant_type": "refresh_token",
-        "refresh_token": login["refresh_token"],
-        "client_id": login.get("client_id", ""),
-    }
-    if login.get("client_secret"):
-        form["client_secret"] = login["client_secret"]
+    form, auth = client_auth(login)
+    form.update(grant_type="refresh_token", refresh_token=login["refresh_token"])
     client = http or httpx.Client(timeout=TIMEOUT)
     try:
-        resp = client.post(login["token_endpoint"], data=form)
+        resp = client.post(login["token_endpoint"], data=form, auth=auth)
     except httpx.HTTPError as exc:
         raise ServerUnavailable(
             f"cannot renew your sign-in at {login['token_endpoint']}: {exc}"
@@ -208,6 +203,21 @@ def refresh(login: dict[str, Any], *, http: httpx.Client | None = None) -> dict[
     if tokens.get("refresh_token"):
         renewed["refresh_token"] = tokens["refresh_token"]  # rotated
     return renewed
+
+
+def client_auth(conf: dict[str, Any]) -> tuple[dict[str, str], httpx.Auth]:
+    """How the CLI identifies itself to the token endpoint: its client id in the form (a
+    public client), or HTTP Basic with the client id and secret when the server handed out a
+    secret (client_secret_basic, the method every provider must support; RFC 6749 2.3.1:
+    both form-encoded first)."""
+    import httpx
+
+    secret = conf.get("client_secret")
+    if not secret:
+        return {"client_id": str(conf.get("client_id", ""))}, httpx.Auth()  # adds nothing
+    from urllib.parse import quote_plus
+
+    return {}, httpx.BasicAuth(quote_plus(str(conf["client_id"])), quote_plus(str(secret)))
 
 
 def _oauth_error(resp: httpx.Response) -> str:
@@ -374,6 +384,7 @@ __all__ = [
     "ServerRefused",
     "ServerUnavailable",
     "bearer_of",
+    "client_auth",
     "config_dir",
     "connect",
     "credentials",
