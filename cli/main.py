@@ -74,11 +74,28 @@ def main(ctx: click.Context) -> None:
     ctx.ensure_object(Cli)
 
 
+def _thin_client_imports(command: str) -> None:
+    """In a process that runs only a server-mode command, tell httpcore that trio is not
+    installed: it imports trio (~140 ms) when it makes its first connection, to support an
+    event loop a synchronous client never runs. (Only here, in the ``vmfarm`` process: never
+    when ``main`` is called as a library.)"""
+    import sys
+
+    from cli import thin
+    from cli.remote import server_mode
+
+    if command in thin.COMMANDS and "trio" not in sys.modules and server_mode():
+        sys.modules["trio"] = None  # type: ignore[assignment]  # import trio: ImportError
+
+
 def entry() -> None:
     """The `vmfarm` command: the click group, then a quick exit (freezing the heap skips the
     collector's walk over every object at interpreter shutdown, ~0.4 s)."""
     import gc
+    import sys
 
+    if len(sys.argv) > 1:
+        _thin_client_imports(sys.argv[1])
     try:
         main()
     finally:

@@ -239,9 +239,12 @@ def run(
         refuse_option("--override-freeze", "the server has no route for it yet")
     if not files and not pipeline:
         raise click.UsageError("give pipeline FILES, or --pipeline ID of a stored pipeline")
-    from cli.options import gather_inputs
+    from cli.options import gather_inputs, parse_sets
 
-    inputs = {str(k): str(v) for k, v in dict(gather_inputs(input_files, sets)).items()}
+    # --inputs files are read here (the server takes values); without them the loader, and
+    # its half second of imports, is not needed.
+    values = gather_inputs(input_files, sets) if input_files else parse_sets(sets)
+    inputs = {str(k): str(v) for k, v in dict(values).items()}
     body: dict[str, Any] = {"files": read_files(files) if files else {}, "set": inputs}
     if pipeline:
         body["pipeline"] = pipeline
