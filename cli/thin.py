@@ -169,7 +169,16 @@ def _events(remote: Remote, execution_id: str) -> Any:
 
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
+    watched: set[str] = set()
     for progress in _events(remote, execution_id):
+        w = progress.get("watching")
+        if w and w.get("stage") not in watched:
+            watched.add(w.get("stage"))
+            err.print(
+                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
+                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+                "ends when the watch does"
+            )
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
