@@ -99,6 +99,9 @@ class Context:
     deferred: tuple[str, ...] = DEFERRED_PREFIXES
     # validate without --set: an unfilled <+input> is fine (run will ask for it).
     allow_inputs: bool = False
+    # Earlier stages' step outputs this stage may read (app.definitions.stage_outputs), known
+    # on the worker: the expression -> '' (read later), or why it cannot be read.
+    later: dict[str, str] = field(default_factory=dict)
 
     def set(self, key: str, value: object, *, external: bool = False) -> None:
         self.values[key] = Value("" if value is None else _scalar(value), external)
@@ -110,6 +113,14 @@ class Context:
             return self.values[key]
         if key in HOST_KEYS or key.startswith(self.deferred):
             return None
+        if key in self.later:
+            if self.later[key]:
+                raise ExpressionError(self.later[key])
+            return None
+        if key.startswith("pipeline.stages."):
+            from app.definitions.stage_outputs import unknown_message
+
+            raise ExpressionError(unknown_message(key, self.later))
         if key.startswith("secrets."):
             if SECRET_RE.fullmatch(key):
                 return None  # resolved on the worker that runs the step, never before

@@ -37,6 +37,7 @@ from app.execution.ledger import (
     finish_step,
     rollback_version,
     stage_data,
+    stage_outputs,
     step_of,
     summary,
     typed_stage,
@@ -252,6 +253,8 @@ def when_skips(
     ctx = host_context(Host.from_dict(hosts[key.host]), stage)
     if any("<+steps." in c for c in conditions):
         earlier_outputs(key, ctx, stage)
+    if any("<+pipeline.stages." in c for c in conditions):
+        stage_outputs(key, ctx, " ".join(conditions))
 
     def lookup(name: str) -> str:
         val = ctx.lookup(name)
@@ -286,6 +289,8 @@ def _http_step(
     ctx = host_context(host, stage)
     if "<+steps." in str(step.spec.to_json()):
         earlier_outputs(key, ctx, stage)
+    if "<+pipeline.stages." in str(step.spec.to_json()):
+        stage_outputs(key, ctx, str(step.spec.to_json()))
     sink.unit = step.identifier
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return request(step, ctx, sink, timeout=timeout)
@@ -365,6 +370,8 @@ def _run_units(
         )
     if "<+steps." in written:
         earlier_outputs(key, ctx, stage)
+    if "<+pipeline.stages." in written:
+        stage_outputs(key, ctx, written)
     env = step_environment(step, ctx, secrets=True)
     scope = step_scope(stage, step, ctx, secrets=True)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
