@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
 from app.definitions.connectors import artifact_spec, infra_connector
+from app.definitions.terraform import TERRAFORM_STEPS, dump_step
 from app.definitions.validation import loc_to_path, position
 
 
@@ -231,7 +232,7 @@ def resolve_stage(
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     if isinstance(stage, m.CustomStageSpec):
-        return _resolve_custom(pipe, stage, index, raw, ctx, base, errs)
+        return _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
     rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
@@ -437,6 +438,7 @@ def resolve_stage(
 
 
 def _resolve_custom(
+    bundle: Bundle,
     pipe: Loaded,
     stage: m.CustomStageSpec,
     index: int,
@@ -487,6 +489,8 @@ def _resolve_custom(
                 ],
             }
             steps.append(d)
+        elif isinstance(step, TERRAFORM_STEPS):
+            steps.append(dump_step(bundle, step))
         else:
             steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
     return {

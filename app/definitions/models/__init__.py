@@ -143,6 +143,16 @@ from app.definitions.models.strategy import (
     _check_sizes,
     parse_size,
 )
+from app.definitions.models.terraform import (
+    TERRAFORM_STEP_TYPES,
+    GitStore,
+    GitStoreSpec,
+    InlineStore,
+    TerraformApplyStep,
+    TerraformDestroyStep,
+    TerraformPlanStep,
+    TerraformRollbackStep,
+)
 
 __all__ = [
     "ANALYSIS_KEYS",
@@ -151,6 +161,7 @@ __all__ = [
     "INTERVENTION_ACTIONS",
     "KINDS",
     "SWITCH_STEP_TYPE",
+    "TERRAFORM_STEP_TYPES",
     "ActionType",
     "AnyConnector",
     "AnyStage",
@@ -190,6 +201,8 @@ __all__ = [
     "FailureBudget",
     "FailureStrategy",
     "FlatStep",
+    "GitStore",
+    "GitStoreSpec",
     "HealthCheckSpec",
     "HealthCheckStep",
     "HostFilter",
@@ -205,6 +218,7 @@ __all__ = [
     "InlineInfra",
     "InlineInfraBody",
     "InlineSource",
+    "InlineStore",
     "ManualInterventionSpec",
     "Metadata",
     "OnFailure",
@@ -250,6 +264,10 @@ __all__ = [
     "StepWhen",
     "StrategySpec",
     "SuccessCriteria",
+    "TerraformApplyStep",
+    "TerraformDestroyStep",
+    "TerraformPlanStep",
+    "TerraformRollbackStep",
     "TimeoutAction",
     "TrafficSpec",
     "Variable",
