@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.db import retrying, session_scope
 from app.definitions.expressions import EXPR_RE, Context, render
@@ -29,26 +29,35 @@ def names_outputs(data: Any) -> bool:
     return f"<+{PREFIX}" in (data if isinstance(data, str) else json.dumps(data))
 
 
-def stage_outputs(execution_id: str, before_stage: int) -> dict[str, str]:
+def stage_outputs(
+    execution_id: str, before_stage: int, *, s: Session | None = None
+) -> dict[str, str]:
     """Every output recorded by a succeeded step of the stages before ``before_stage``, by
-    its expression (without ``<+`` and ``>``)."""
+    its expression (without ``<+`` and ``>``). ``s``: the caller's session (the coordinator
+    holds the ledger's write lock: a second connection would wait for it)."""
 
-    def read() -> tuple[dict[str, Any] | None, list[HostStepRun]]:
-        with session_scope() as s:
-            ex = s.get(Execution, execution_id)
-            rows = s.exec(
-                select(HostStepRun)
-                .where(
-                    HostStepRun.execution_id == execution_id,
-                    HostStepRun.stage_index < before_stage,
-                    HostStepRun.kind == "deploy",
-                    col(HostStepRun.status).in_([Status.SUCCEEDED, Status.IGNORED]),
-                )
-                .order_by(col(HostStepRun.attempt), col(HostStepRun.id))
-            ).all()
-            return (ex.plan if ex is not None else None), list(rows)
+    def read(s: Session) -> tuple[dict[str, Any] | None, list[HostStepRun]]:
+        ex = s.get(Execution, execution_id)
+        rows = s.exec(
+            select(HostStepRun)
+            .where(
+                HostStepRun.execution_id == execution_id,
+                HostStepRun.stage_index < before_stage,
+                HostStepRun.kind == "deploy",
+                col(HostStepRun.status).in_([Status.SUCCEEDED, Status.IGNORED]),
+            )
+            .order_by(col(HostStepRun.attempt), col(HostStepRun.id))
+        ).all()
+        return (ex.plan if ex is not None else None), list(rows)
 
-    plan_data, rows = retrying(read, what=f"reading earlier stages' outputs of {execution_id}")
+    def fresh() -> tuple[dict[str, Any] | None, list[HostStepRun]]:
+        with session_scope() as own:
+            return read(own)
+
+    if s is not None:
+        plan_data, rows = read(s)
+    else:
+        plan_data, rows = retrying(fresh, what=f"reading earlier stages' outputs of {execution_id}")
     if plan_data is None:
         return {}
     plan = Plan.of(plan_data)

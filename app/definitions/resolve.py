@@ -194,7 +194,7 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
 
 
 def _stage_when(
-    stage: m.StageSpec | m.ApprovalStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
     rendered: dict[str, Any],
     pipe: Loaded,
     base: tuple[str | int, ...],
@@ -460,6 +460,7 @@ def _resolve_custom(
             for expr, token in held.items():
                 spec["assertion"] = spec["assertion"].replace(expr, token)
     rendered = render_tree(data, ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     errs.raise_if_any()
     for el in rendered["spec"]["execution"]["steps"]:
         spec = el["step"].get("spec")
@@ -514,6 +515,7 @@ def _resolve_custom(
         ],
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": [],
+        "when": when,
     }
 
 
