@@ -273,6 +273,7 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
+  console-reader: [fleet:view, audit:view]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -280,6 +281,8 @@ bindings:
     groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+  - role: console-reader
+    groups: [deployers]
 """
 # Groups the identity provider does not send: API tokens named "holder" approve in "ci".
 SERVER_USERS = """
@@ -324,6 +327,8 @@ def _server(
         VMFARM_SERVER_USERS_FILE=str(root / "users.yaml"),
         VMFARM_SERVER_ISSUER=oidc.url,
         VMFARM_SERVER_AUDIENCE="vmfarm",
+        # The mock provider wants a client secret (any) from the console's sign-in.
+        VMFARM_SERVER_CONSOLE_CLIENT_SECRET="test-client-secret",
     )
     log = root / "server.log"
     with log.open("wb") as fh:
