@@ -209,6 +209,8 @@ def execution(
         summary=summary,
         approval=data.approval_of(report),
         filters={"status": status_, "q": q, "stage": chosen["index"] if chosen else None},
+        # A live update follows the stage that is running unless the person chose one.
+        pinned=stage,
         interventions=INTERVENTIONS,
         live=report["status"] not in Status.TERMINAL,
     )
