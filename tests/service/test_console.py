@@ -43,6 +43,9 @@ def test_signing_in_shows_who_you_are_with_a_secure_session_cookie(server: Serve
     assert start.status_code == 303
     page = bob.get("/console/signed-out")
     assert "Signed in as <strong>bob</strong>" in page.text
+    # no other site may frame the console's buttons
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
 
 
 def test_a_callback_with_a_forged_state_or_no_login_cookie_starts_no_session(

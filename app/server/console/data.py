@@ -8,7 +8,7 @@ and one page of hosts (the failed and running first), so a page never lists thou
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from app.status import Status
@@ -49,7 +49,7 @@ def executions(
     from sqlmodel import col, select
 
     from app.db import session_scope
-    from app.models import Execution, StageRun
+    from app.models import Execution, StageRun, utcnow
     from app.report import execution_statuses
 
     wanted = execution_statuses(statuses or [])
@@ -61,7 +61,7 @@ def executions(
     if user:
         q = q.where(Execution.created_by == user)
     if since_hours is not None:
-        q = q.where(Execution.created_at >= datetime.utcnow() - timedelta(hours=since_hours))
+        q = q.where(Execution.created_at >= utcnow() - timedelta(hours=since_hours))
     # The environment lives in the plan (JSON): read more rows and filter them here.
     q = q.order_by(col(Execution.created_at).desc()).limit(limit * (5 if environment else 1))
     with session_scope() as s:
