@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -160,7 +161,13 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     # When ada (an approver) signs in in a second browser and approves with a comment
     ada = browser()
     _sign_in(ada, console, "ada", f"/console/executions/{ex_id}")
-    ada.find_element(By.ID, "approve-link").click()
+    # by keyboard alone: Tab until the approve link has the focus, then Enter
+    for _ in range(40):
+        ada.switch_to.active_element.send_keys(Keys.TAB)
+        if ada.switch_to.active_element.get_attribute("id") == "approve-link":
+            break
+    assert ada.switch_to.active_element.get_attribute("id") == "approve-link"
+    ada.switch_to.active_element.send_keys(Keys.ENTER)
     WebDriverWait(ada, 20).until(ec.presence_of_element_located((By.ID, "comment")))
     assert f"Release shop {ex_id} to the lab?" in ada.find_element(By.ID, "approval").text
     ada.find_element(By.ID, "comment").send_keys("lab is quiet, go")
@@ -225,6 +232,16 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     audit = dana.find_element(By.ID, "audit").text
     assert re.search(r"ada approve approved", audit) and "lab is quiet, go" in audit, audit
     screenshot(dana, "audit")
+
+    # dark, when the system is
+    dana.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    dana.get(f"{console.url}/console/executions/{ex_id}")
+    background = dana.execute_script("return getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(13, 17, 23)", background
+    screenshot(dana, "execution-dark")
 
 
 def test_a_viewer_sees_no_approve_button_and_is_refused_when_it_posts(
