@@ -117,3 +117,26 @@ def test_signing_out_ends_the_session_on_the_server(server: Server) -> None:
     bob = console_sign_in(server.url, "bob")
     assert bob.post("/console/logout").status_code == 303
     assert bob.get("/console/executions").status_code == 303  # back to the sign-in
+
+
+def test_the_next_approver_sees_the_votes_so_far_with_their_comments(server: Server) -> None:
+    token = sign_in(server.oidc.url, "alice", client_id="vmfarm")["id_token"]
+    resp = httpx.post(
+        server.url + EX,
+        headers={"Authorization": f"Bearer {token}"},
+        json={
+            "files": {"gate.yaml": gated_pipeline("votes", groups=["release_managers"], minimum=2)}
+        },
+    )
+    ex_id = resp.json()["id"]
+    erin = console_sign_in(server.url, "erin")
+    assert (
+        erin.post(f"/console/executions/{ex_id}/approve", {"comment": "tests green"}).status_code
+        == 303
+    )
+    frank = console_sign_in(server.url, "frank")
+    page = frank.get(f"/console/executions/{ex_id}/confirm/approve")
+    assert "Votes so far: 1 of 2" in page.text
+    assert "erin" in page.text and "tests green" in page.text
+    again = erin.post(f"/console/executions/{ex_id}/approve", {"comment": "twice"})
+    assert again.status_code == 403 and "already approved" in again.text
