@@ -327,3 +327,91 @@ def test_the_device_flow_is_refused_when_the_provider_does_not_offer_it() -> Non
             {"token_endpoint": TOKEN_ENDPOINT},
             show=print,
         )
+
+
+# --- following a run over server-sent events ---------------------------------------------------
+
+
+class FakeServer:
+    """A server that takes a submission (e1), streams ``progress`` as status events, then
+    ``end``; ``breaks`` event requests fail first (a restart)."""
+
+    def __init__(self, progress: list[str], *, breaks: int = 0) -> None:
+        self.progress = progress
+        self.breaks = breaks
+        self.shown = 0  # how many statuses the stream has sent (GET follows it)
+        self.streams = 0
+
+    def report(self) -> dict[str, Any]:
+        status = self.progress[max(self.shown - 1, 0)]
+        return {"id": "e1", "status": status, "stages": []}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "POST" and path == "/api/v1/executions":
+            return httpx.Response(201, json={"id": "e1"})
+        if path == "/api/v1/executions/e1/events":
+            self.streams += 1
+            if self.breaks:
+                self.breaks -= 1
+                raise httpx.ReadError("connection reset")
+            return httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                content=self.stream(),
+            )
+        if path == "/api/v1/executions/e1":
+            return httpx.Response(200, json=self.report())
+        return httpx.Response(404, json={"detail": "no such route"})
+
+    def stream(self) -> Iterator[bytes]:
+        for n, status in enumerate(self.progress, 1):
+            self.shown = n
+            yield f"id: {n}\nevent: status\ndata: {json.dumps({'status': status})}\n\n".encode()
+            yield b": still following\n\n"
+        yield f"event: end\ndata: {json.dumps({'status': self.progress[-1]})}\n\n".encode()
+
+
+def following(monkeypatch: pytest.MonkeyPatch, fake: FakeServer) -> None:
+    monkeypatch.setenv("VMFARM_SERVER", SERVER)
+    monkeypatch.setattr(
+        "cli.thin.connect",
+        lambda: remote.Remote(SERVER, token="vmf_t", transport=httpx.MockTransport(fake.handler)),
+    )
+    monkeypatch.setattr("cli.thin.time.sleep", lambda _: None)
+
+
+@pytest.mark.parametrize(("final", "code"), [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_run_follows_the_events_says_when_it_waits_and_exits_with_the_outcome(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, final: str, code: int
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING", "WAITING", "WAITING", "RUNNING", final])
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == code, res.output
+    assert json.loads(res.stdout) == {"id": "e1", "status": final, "stages": []}
+    assert res.stderr.count("execution e1 is waiting for approval: vmfarm approve e1") == 1
+
+
+def test_a_broken_event_stream_is_followed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING", "SUCCEEDED"], breaks=2)
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--watch"])
+    assert res.exit_code == 0, res.output
+    assert fake.streams == 3
+    assert "execution e1 SUCCEEDED" in res.stdout  # the summary after the live view
+
+
+def test_a_stream_that_stays_broken_ends_the_follow_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING"], breaks=100)
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == 1
+    assert "lost the event stream" in res.stderr
