@@ -357,7 +357,8 @@ class Remote:
 
 
 def iter_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The (event, data) pairs of server-sent event lines; comments (keep-alives) skipped."""
+    """The (event, data) pairs of server-sent event lines; a comment (the server's keep-alive,
+    every 15 s of a quiet stream) is ``("keepalive", {})``."""
     name, data = "message", list[str]()
     for line in lines:
         if not line:
@@ -365,7 +366,7 @@ def iter_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield name, json.loads("\n".join(data))
             name, data = "message", []
         elif line.startswith(":"):
-            continue
+            yield "keepalive", {}
         elif line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):

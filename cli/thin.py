@@ -147,9 +147,10 @@ def follow(
     sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
 
 
-def _events(remote: Remote, execution_id: str) -> Any:
-    """The execution's status events until its ``end`` event, reconnecting when the stream
-    breaks (a server restart) a few times."""
+def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> Any:
+    """The execution's status events until its ``end`` event (and the keep-alives of a quiet
+    stream as ``None``, when asked), reconnecting when the stream breaks (a server restart)
+    a few times."""
     broken = 0
     while True:
         try:
@@ -159,6 +160,8 @@ def _events(remote: Remote, execution_id: str) -> Any:
                 if name == "status":
                     broken = 0
                     yield data
+                elif name == "keepalive" and keepalives:
+                    yield None
             return
         except ServerUnavailable:
             broken += 1
@@ -169,7 +172,12 @@ def _events(remote: Remote, execution_id: str) -> Any:
 
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
-    for progress in _events(remote, execution_id):
+    watched: set[str] = set()
+    for progress in _events(remote, execution_id, keepalives=True):
+        if progress is None or progress.get("status") == "RUNNING":
+            _tell_watches(remote.get(f"{EX}/{execution_id}"), watched)
+        if progress is None:
+            continue
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -184,6 +192,20 @@ def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
             told = True
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return report
+
+
+def _tell_watches(report: dict[str, Any], told: set[str]) -> None:
+    """As local mode: say once per stage when its watch after deployment has started."""
+    for st in report.get("stages", []):
+        w = st.get("watch")
+        if not w or w.get("state") == "not started" or st["identifier"] in told:
+            continue
+        told.add(st["identifier"])
+        err.print(
+            f"execution {report['id']}: stage {st['identifier']} passed its last phase; "
+            f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+            "ends when the watch does"
+        )
 
 
 def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:

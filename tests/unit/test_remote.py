@@ -256,7 +256,7 @@ def test_server_commands_say_they_need_a_server_in_local_mode() -> None:
     assert res.exit_code == 2 and "needs a vmfarm server" in res.output
 
 
-def test_the_event_stream_is_read_as_events_and_keepalives_are_skipped() -> None:
+def test_the_event_stream_is_read_as_events_and_keepalives() -> None:
     lines = [
         "id: 1",
         "event: status",
@@ -270,6 +270,7 @@ def test_the_event_stream_is_read_as_events_and_keepalives_are_skipped() -> None
     ]
     assert list(remote.iter_events(iter(lines))) == [
         ("status", {"status": "RUNNING"}),
+        ("keepalive", {}),
         ("end", {"status": "SUCCEEDED"}),
     ]
 
@@ -415,3 +416,21 @@ def test_a_stream_that_stays_broken_ends_the_follow_with_exit_1(
     res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
     assert res.exit_code == 1
     assert "lost the event stream" in res.stderr
+
+
+def test_following_quietly_says_once_when_a_watch_after_deployment_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Watching(FakeServer):
+        def report(self) -> dict[str, Any]:
+            doc = super().report()
+            watch = {"state": "not started"} if self.shown < 2 else {"ends_at": "12:00:00Z"}
+            doc["stages"] = [{"identifier": "deploy", "watch": watch}]
+            return doc
+
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    following(monkeypatch, Watching(["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]))
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == 0, res.output
+    told = "execution e1: stage deploy passed its last phase; watching it until 12:00:00Z"
+    assert res.stderr.count(told) == 1
