@@ -267,7 +267,9 @@ def run(
     # its half second of imports, is not needed.
     values = gather_inputs(input_files, sets) if input_files else parse_sets(sets)
     inputs = {str(k): str(v) for k, v in dict(values).items()}
-    body: dict[str, Any] = {"files": read_files(files) if files else {}, "set": inputs}
+    # No files: --pipeline names a pipeline stored on the server (the registry's).
+    body: dict[str, Any] = {"files": read_files(files)} if files else {}
+    body["set"] = inputs
     if pipeline:
         body["pipeline"] = pipeline
     remote = connect()

@@ -434,3 +434,16 @@ def test_following_quietly_says_once_when_a_watch_after_deployment_starts(
     assert res.exit_code == 0, res.output
     told = "execution e1: stage deploy passed its last phase; watching it until 12:00:00Z"
     assert res.stderr.count(told) == 1
+
+
+def test_run_with_only_pipeline_names_a_stored_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = server_answering(monkeypatch, 201, {"id": "e9"})
+    res = CliRunner().invoke(main, ["run", "--pipeline", "web", "--set", "tag=2", "--detach"])
+    assert res.exit_code == 0 and res.stdout.strip() == "e9", res.output
+    assert json.loads(calls[0].content) == {"set": {"tag": "2"}, "pipeline": "web"}
+
+
+def test_run_without_files_or_pipeline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = server_answering(monkeypatch, 201, {"id": "e9"})
+    res = CliRunner().invoke(main, ["run"])
+    assert res.exit_code == 2 and "--pipeline ID" in res.output and calls == []
