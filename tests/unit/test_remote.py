@@ -447,3 +447,52 @@ def test_run_without_files_or_pipeline_is_a_usage_error(monkeypatch: pytest.Monk
     calls = server_answering(monkeypatch, 201, {"id": "e9"})
     res = CliRunner().invoke(main, ["run"])
     assert res.exit_code == 2 and "--pipeline ID" in res.output and calls == []
+
+
+def test_a_sign_in_the_server_refuses_is_renewed_once_and_the_request_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old, new = (
+        jwt_of(sub="alice", exp=time.time() + 600),
+        jwt_of(sub="alice", exp=time.time() + 3600),
+    )
+    remote.write_login(stored(old))
+    renewals: list[dict[str, str]] = []
+    real_refresh = remote.refresh
+
+    def refresh(login: dict[str, Any], *, http: Any = None) -> dict[str, Any]:
+        return real_refresh(
+            login,
+            http=idp(lambda _: httpx.Response(200, json={"id_token": new}), renewals),
+        )
+
+    monkeypatch.setattr(remote, "refresh", refresh)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        ok = request.headers["authorization"] == f"Bearer {new}"
+        return httpx.Response(200 if ok else 401, json=[] if ok else {"detail": "bad key"})
+
+    client = remote.Remote(SERVER, transport=httpx.MockTransport(handler))
+    assert client.get("/api/v1/executions") == []
+    assert seen == [f"Bearer {old}", f"Bearer {new}"] and len(renewals) == 1
+    # renewed once only: a second refusal is the answer
+    seen.clear()
+    client.token = old
+    with pytest.raises(remote.ServerRefused, match="bad key"):
+        client.get("/api/v1/executions")
+    assert seen == [f"Bearer {old}"]
+
+
+def test_an_api_token_the_server_refuses_is_not_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMFARM_TOKEN", "vmf_gone")
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(401, json={"detail": "API token 'ci' was revoked"})
+
+    with pytest.raises(remote.ServerRefused, match="revoked"):
+        remote.Remote(SERVER, transport=httpx.MockTransport(handler)).get("/api/v1/tokens")
+    assert len(calls) == 1
