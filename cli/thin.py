@@ -623,7 +623,8 @@ def tokens_revoke(cli: Cli, token_id: str) -> None:
 @click.option(
     "--device",
     is_flag=True,
-    help="Sign in on another device with a code (when the identity provider offers it).",
+    help="Sign in on another device with a code (the device flow, when the identity "
+    "provider offers it; chosen by itself on a machine without a browser).",
 )
 @click.option("--no-browser", is_flag=True, help="Print the sign-in address; open nothing.")
 @remote_errors()
@@ -648,7 +649,12 @@ def login(url: str | None, device: bool, no_browser: bool) -> None:
     with httpx.Client(timeout=30.0) as http:
         conf = flows.auth_config(http, server)
         disc = flows.discovery(http, str(conf["issuer"]))
-        if device:
+        flow = flows.choose_flow(
+            disc, device=device, no_browser=no_browser, browser=flows.browser_here
+        )
+        if flow == "device" and not device:
+            show("no browser on this machine: sign in on another device with a code")
+        if flow == "device":
             answer = flows.device_code(http, conf, disc, show=show)
         else:
             answer = flows.authorization_code(

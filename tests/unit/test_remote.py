@@ -496,3 +496,22 @@ def test_an_api_token_the_server_refuses_is_not_renewed(monkeypatch: pytest.Monk
     with pytest.raises(remote.ServerRefused, match="revoked"):
         remote.Remote(SERVER, transport=httpx.MockTransport(handler)).get("/api/v1/tokens")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("offered", "device", "no_browser", "browser", "flow"),
+    [
+        (True, False, False, True, "code"),  # a desktop: the browser
+        (True, False, False, False, "device"),  # over SSH, no browser: a code
+        (False, False, False, False, "code"),  # no device flow: print the address
+        (True, False, True, False, "code"),  # --no-browser: the address, as asked
+        (True, True, False, True, "device"),  # --device
+        (False, True, False, True, "device"),  # --device, refused later by name
+    ],
+)
+def test_login_chooses_the_device_flow_when_asked_or_when_there_is_no_browser(
+    offered: bool, device: bool, no_browser: bool, browser: bool, flow: str
+) -> None:
+    disc = {"device_authorization_endpoint": "http://idp.test/device"} if offered else {}
+    chosen = flows.choose_flow(disc, device=device, no_browser=no_browser, browser=lambda: browser)
+    assert chosen == flow
