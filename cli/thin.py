@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from rich.text import Text
 
-from cli.console import err, error
+from cli.console import err, error, out
 from cli.context import Cli, pass_cli
 from cli.options import input_options, output_option, pipeline_option, watch_option
 from cli.remote import (
@@ -214,18 +214,12 @@ def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
     from cli.render import live_view
 
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
-    with Live(live_view(report), console=cli_out(), refresh_per_second=8, transient=True) as view:
+    with Live(live_view(report), console=out, refresh_per_second=8, transient=True) as view:
         for _ in _events(remote, execution_id):
             report = remote.get(f"{EX}/{execution_id}")
             view.update(live_view(report))
     final: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return final
-
-
-def cli_out() -> Any:
-    from cli.console import out
-
-    return out
 
 
 # --- new executions ---------------------------------------------------------------------------
