@@ -50,7 +50,9 @@ HOST_KEYS = frozenset(
 # resolves it (app.secrets) and passes the value in the command's environment.
 SECRET_RE = re.compile(r"""secrets\.getValue\(\s*(["'])([A-Za-z0-9_./#:@-]+)\1\s*\)""")
 # Outputs of earlier steps on the same host, read by the worker.
-DEFERRED_PREFIXES = ("steps.",)
+# Outputs of earlier stages' steps (<+pipeline.stages.S.spec.execution.steps.ID.output.X>),
+# read from the ledger when the stage that names them starts or runs.
+DEFERRED_PREFIXES = ("steps.", "pipeline.stages.")
 
 
 # Characters that mean nothing to the shell in any quoting context.
@@ -100,8 +102,9 @@ class Context:
     # validate without --set: an unfilled <+input> is fine (run will ask for it).
     allow_inputs: bool = False
     # Earlier stages' step outputs this stage may read (app.definitions.stage_outputs), known
-    # on the worker: the expression -> '' (read later), or why it cannot be read.
-    later: dict[str, str] = field(default_factory=dict)
+    # on the worker: the expression (or, ending in '.', a prefix) -> '' (read later), or why
+    # it cannot be read. None: not checked here (any pipeline.stages. expression is deferred).
+    later: dict[str, str] | None = None
 
     def set(self, key: str, value: object, *, external: bool = False) -> None:
         self.values[key] = Value("" if value is None else _scalar(value), external)
@@ -111,16 +114,13 @@ class Context:
         key = expr.strip()
         if key in self.values:
             return self.values[key]
+        if self.later is not None and key.startswith("pipeline.stages."):
+            from app.definitions.stage_outputs import check
+
+            check(key, self.later)
+            return None
         if key in HOST_KEYS or key.startswith(self.deferred):
             return None
-        if key in self.later:
-            if self.later[key]:
-                raise ExpressionError(self.later[key])
-            return None
-        if key.startswith("pipeline.stages."):
-            from app.definitions.stage_outputs import unknown_message
-
-            raise ExpressionError(unknown_message(key, self.later))
         if key.startswith("secrets."):
             if SECRET_RE.fullmatch(key):
                 return None  # resolved on the worker that runs the step, never before

@@ -45,6 +45,17 @@ def _outputs(stage: Any) -> dict[str, list[m.StepVariable]]:
     return {}
 
 
+def _terraform_steps(stage: Any) -> list[str]:
+    """A Custom stage's Terraform steps: their outputs are the configuration's (output.X)."""
+    if not isinstance(stage, m.CustomStageSpec):
+        return []
+    return [
+        el.step.identifier
+        for el in stage.spec.execution.steps
+        if str(getattr(el.step, "type", "")).startswith("Terraform")
+    ]
+
+
 def readable(stages: list[Any], index: int) -> dict[str, str]:
     """What stage ``index`` may read of the stages before it: expression -> '' (readable), or
     why not (a Secret output is never kept in the ledger)."""
@@ -64,12 +75,27 @@ def readable(stages: list[Any], index: int) -> dict[str, str]:
                     else ""
                 )
                 out[key] = out[f"{key}.list"] = why
+        for step in _terraform_steps(stage):
+            out[f"pipeline.stages.{stage.identifier}.spec.execution.steps.{step}.output."] = ""
     return out
+
+
+def check(key: str, known: dict[str, str]) -> None:
+    """Raise ExpressionError unless ``<+key>`` names an output ``known`` (readable())."""
+    from app.definitions.expressions import ExpressionError
+
+    why = known.get(key)
+    if why is None and any(k.endswith(".") and key.startswith(k) for k in known):
+        why = ""  # a Terraform step's output: its names come from the configuration
+    if why is None:
+        raise ExpressionError(unknown_message(key, known))
+    if why:
+        raise ExpressionError(why)
 
 
 def unknown_message(key: str, known: dict[str, str]) -> str:
     """Why ``<+key>`` names no earlier stage's output, and what it could name."""
-    shown = sorted(k for k in known if not k.endswith(".list"))
+    shown = sorted(k + ("X" if k.endswith(".") else "") for k in known if not k.endswith(".list"))
     hint = (
         f" (this stage may read: {', '.join(shown[:6])}{', ...' if len(shown) > 6 else ''})"
         if shown

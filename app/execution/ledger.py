@@ -306,6 +306,7 @@ def earlier_outputs(key: HostStepKey, ctx: Context, stage: DeploymentStagePlan) 
         sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1].identifier
         for name, value in (r.outputs or {}).items():
             ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
+            ctx.set(f"steps.{sid}.output.{name}", value, external=True)  # Terraform's outputs
 
 
 def stage_outputs(key: HostStepKey, ctx: Context, written: str) -> None:
