@@ -495,6 +495,10 @@ def print_plan(result: dict[str, Any]) -> None:
                     f"{st['environment']}, strategy {strategy.get('type')}",
                 )
             )
+        if st.get("loop"):  # one iteration of the stage's looping strategy
+            out.print(Text(f"  {st['loop']} (stage {st.get('name')})"))
+        if strategy.get("maxConcurrency"):
+            out.print(f"  at most {strategy['maxConcurrency']} host(s) in flight in a phase")
         hosts = st["hosts_by_region"]
         if isinstance(hosts, dict):
             for region, names in hosts.items():
@@ -532,6 +536,8 @@ def print_plan(result: dict[str, Any]) -> None:
                     style="bold",
                 )
             )
+            if step.get("loop"):
+                out.print(Text(f"      loop: {step['loop']}"))
             if step.get("when"):
                 out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():

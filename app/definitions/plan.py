@@ -87,6 +87,8 @@ class _Grouped(Model):
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # The group's ``when``: the step runs only when both its own and its group's allow it.
     group_when: StepWhen | None = None
+    # The iteration of a looping strategy this step is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 def step_when(step: Any) -> StepWhen | None:
@@ -156,6 +158,8 @@ class DeploymentStagePlan(Model):
     external_values: dict[str, str] = Field(default_factory=dict)
     # Its condition holds only literals once resolved: the coordinator judges it at the start.
     when: StageWhen | None = None
+    # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 class ApprovalStagePlan(Model):
