@@ -19,6 +19,12 @@ from cli.console import out, styled
 MATRIX_FROM = 40
 
 
+def _named(st: dict[str, Any]) -> str:
+    """A stage as status names it: its identifier, and which iteration of a loop it is."""
+    loop = st.get("loop")
+    return f"{st['identifier']} [{loop}]" if loop else str(st["identifier"])
+
+
 def live_view(report: dict[str, Any]) -> Group:
     """The live view of ``vmfarm run --watch``: a progress bar and a host table per stage."""
     parts: list[Any] = [
@@ -29,7 +35,7 @@ def live_view(report: dict[str, Any]) -> Group:
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
-            Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
+            Text.assemble(f"stage {_named(st)} ", styled(st["status"])),
             ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
             Text(f"{done}/{len(hosts)} hosts"),
         )
@@ -57,9 +63,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     for st in report["stages"]:
         if st["status"] == "SKIPPED" and st.get("error"):
             out.print(
-                Text.assemble(
-                    f"stage {st['identifier']}: ", styled(st["status"]), f" ({st['error']})"
-                )
+                Text.assemble(f"stage {_named(st)}: ", styled(st["status"]), f" ({st['error']})")
             )  # its when, or a failed stage
             continue
         if st.get("type") == "Approval":
@@ -75,8 +79,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             print_gates(st, only_failed=True)
             continue
         table = Table(
-            title=f"stage {st['identifier']} ({st['service']} -> "
-            f"{st['environment']}): {st['status']}",
+            title=f"stage {_named(st)} ({st['service']} -> {st['environment']}): {st['status']}",
             title_justify="left",
         )
         rolled = any(h.get("rollback") for h in st["hosts"])
@@ -151,7 +154,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
 def _print_custom(st: dict[str, Any]) -> None:
     """A Custom stage: its steps on the delegate, one row each (status, worker, outputs)."""
     table = Table(
-        title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
+        title=f"stage {_named(st)} (custom, on the delegate): {st['status']}",
         title_justify="left",
     )
     for c in ("step", "status", "worker", "outputs"):
@@ -353,7 +356,7 @@ def _print_matrix(st: dict[str, Any]) -> None:
     """A large stage on one screen: per step, how many hosts ended how; then the hosts that
     did not succeed, grouped by error, a few named per group."""
     title = (
-        f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+        f"stage {_named(st)} ({st['service']} -> {st['environment']}): "
         f"{st['status']}, {len(st['hosts'])} hosts"
     )
     states = [

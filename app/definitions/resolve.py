@@ -296,12 +296,10 @@ def _iterations(
 
 
 def _loop_context(ctx: Context, it: m.Iteration) -> Context:
-    """``ctx`` with an iteration's values (an inner loop's hide an outer one's)."""
+    """``ctx`` with an iteration's values: an inner loop's hide an outer one's of the same
+    name, the others stay readable (a stage's <+matrix.region> in its looped step)."""
     inner = copy.copy(ctx)
     inner.values = dict(ctx.values)
-    for k in list(inner.values):
-        if k.startswith(("repeat.", "matrix.", "strategy.")):
-            del inner.values[k]
     for k, v in it.values.items():
         inner.set(k, v)
     return inner

@@ -17,6 +17,7 @@ from app.errors import VmfarmError
 from tests.unit.test_spec import DATA, line_of, plan_of, refusal
 
 LOOPS = DATA / "loops"
+STATIC = DATA / "infra_loops.yaml"  # one static host (no lab needed to plan)
 
 
 def loops_copy(tmp_path: Path, old: str = "", new: str = "") -> Path:
@@ -36,7 +37,7 @@ def _script(step: dict[str, Any]) -> str:
 
 
 def test_a_repeated_stage_is_one_stage_per_item_named_as_harness_names_them() -> None:
-    plan = plan_of([LOOPS])
+    plan = plan_of([LOOPS, STATIC])
     stages = plan["stages"]
     # Then the looped stage became three stages in order, then the stage after it
     assert [s["identifier"] for s in stages] == ["deploy_0", "deploy_1", "deploy_2", "smoke"]
@@ -57,7 +58,7 @@ def test_a_repeated_stage_is_one_stage_per_item_named_as_harness_names_them() ->
 
 
 def test_a_matrix_expands_every_combination_but_the_excluded_ones() -> None:
-    smoke = plan_of([LOOPS])["stages"][3]
+    smoke = plan_of([LOOPS, STATIC])["stages"][3]
     probes = [s for s in smoke["steps"] if s["identifier"].startswith("probe")]
     assert [(s["identifier"], s["name"]) for s in probes] == [
         ("probe_0_0", "Probe_health_8080"),
@@ -69,7 +70,7 @@ def test_a_matrix_expands_every_combination_but_the_excluded_ones() -> None:
 
 
 def test_a_looped_step_group_repeats_its_steps_and_names_them_uniquely() -> None:
-    smoke = plan_of([LOOPS])["stages"][3]
+    smoke = plan_of([LOOPS, STATIC])["stages"][3]
     again = [s for s in smoke["steps"] if s.get("group", "").startswith("twice")]
     assert [(s["identifier"], s["group"]) for s in again] == [
         ("again_0", "twice_0"),
@@ -89,7 +90,7 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flig
         "                      items: <+stage.output.hosts>\n"
         "                      maxConcurrency: 1\n"
     )
-    with_it = plan_of([LOOPS])["stages"][0]
+    with_it = plan_of([LOOPS, STATIC])["stages"][0]
     plain = loops_copy(tmp_path, hosts_loop, "")
     text = (plain / "pipeline.yaml").read_text()
     (plain / "pipeline.yaml").write_text(
@@ -97,7 +98,7 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flig
             '"install <+repeat.item>"', '"install <+instance.hostName>"'
         )
     )
-    without = plan_of([plain])["stages"][0]
+    without = plan_of([plain, STATIC])["stages"][0]
     (a,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
     (b,) = [s for s in without["steps"] if s["identifier"] == "install"]
     # Then it is the same one step, <+repeat.item> standing for the host's name
@@ -128,7 +129,7 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
             "items: <+stage.output.hosts>\n                      maxConcurrency: 5",
         )
     )
-    stage = plan_of([folder])["stages"][0]
+    stage = plan_of([folder, STATIC])["stages"][0]
     assert stage["strategy"]["maxConcurrency"] == 1
 
 
@@ -226,7 +227,7 @@ def test_a_wrong_loop_is_refused_at_load_with_its_place(
 ) -> None:
     folder = loops_copy(tmp_path, old, new)
     with pytest.raises(VmfarmError) as exc:
-        load([folder], inputs={}, require_inputs=True)
+        load([folder, STATIC], inputs={}, require_inputs=True)
     err = refusal(exc)
     assert message in err.message
     assert field in str(err)
@@ -246,7 +247,7 @@ def test_an_unterminated_expression_in_an_item_is_refused_with_its_place(tmp_pat
         tmp_path, "items: [us-east-1, eu-west-1, ap-south-1]", "items: [us-east-1, <+stage.name]"
     )
     with pytest.raises(VmfarmError) as exc:
-        load([folder], inputs={}, require_inputs=True)
+        load([folder, STATIC], inputs={}, require_inputs=True)
     err = refusal(exc)
     assert "unterminated expression '<+stage.name'" in err.message
     assert err.line == line_of(folder / "pipeline.yaml", "<+stage.name]")
@@ -256,7 +257,7 @@ def test_an_unterminated_expression_in_an_item_is_refused_with_its_place(tmp_pat
 def test_a_loop_value_outside_its_loop_is_an_unknown_expression(tmp_path: Path) -> None:
     folder = loops_copy(tmp_path, "probe <+matrix.endpoint>", "probe <+repeat.item>")
     with pytest.raises(VmfarmError) as exc:
-        load([folder], inputs={}, require_inputs=True)
+        load([folder, STATIC], inputs={}, require_inputs=True)
     err = refusal(exc)
     assert "unknown expression <+repeat.item>" in err.message
     assert err.line == line_of(folder / "pipeline.yaml", "probe <+repeat.item>")
@@ -268,14 +269,14 @@ def test_items_may_name_values_known_before_the_stage(tmp_path: Path) -> None:
         "items: [us-east-1, eu-west-1, ap-south-1]",
         "items: [<+env.name>-a, <+env.type>]",
     )
-    stages = plan_of([folder])["stages"]
+    stages = plan_of([folder, STATIC])["stages"]
     assert [s["name"] for s in stages[:2]] == ["Deploy_lab-a", "Deploy_PreProduction"]
 
 
 def test_an_expanded_identifier_that_meets_another_stage_is_refused(tmp_path: Path) -> None:
     folder = loops_copy(tmp_path, "        identifier: smoke\n", "        identifier: deploy_1\n")
     with pytest.raises(VmfarmError) as exc:
-        load([folder], inputs={}, require_inputs=True)
+        load([folder, STATIC], inputs={}, require_inputs=True)
     assert "stage identifier 'deploy_1' is given twice once the loops are expanded" in str(
         exc.value
     )
@@ -306,7 +307,7 @@ def test_vmfarm_plan_shows_how_the_loops_expand(tmp_path: Path) -> None:
     from cli.main import main
 
     res = CliRunner().invoke(
-        main, ["plan", str(LOOPS)], env={"VMFARM_HOME": str(tmp_path / "home")}
+        main, ["plan", str(LOOPS), str(STATIC)], env={"VMFARM_HOME": str(tmp_path / "home")}
     )
     assert res.exit_code == 0, res.output
     assert "stage deploy_1:" in res.output
@@ -326,7 +327,7 @@ def test_a_bad_loop_exits_2_from_the_command_line(tmp_path: Path) -> None:
         "            maxConcurrency: -1\n        spec:",
     )
     res = CliRunner().invoke(
-        main, ["plan", str(folder)], env={"VMFARM_HOME": str(tmp_path / "home")}
+        main, ["plan", str(folder), str(STATIC)], env={"VMFARM_HOME": str(tmp_path / "home")}
     )
     assert res.exit_code == 2
     line = line_of(folder / "pipeline.yaml", "maxConcurrency: -1")
