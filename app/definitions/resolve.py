@@ -258,6 +258,18 @@ def resolve_stages(
                 )
             )
         seen[st["identifier"]] = st["index"]
+        for key in ("steps", "rollbackSteps"):
+            ids = [d.get("identifier") for d in st.get(key) or []]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                errs.add(
+                    pipe.error(
+                        f"step identifier '{twice[0]}' is given twice in stage "
+                        f"'{st['identifier']}' once the loops are expanded (a looped step's "
+                        "iterations are <identifier>_<index>): rename one",
+                        ("spec", "stages"),
+                    )
+                )
     errs.raise_if_any()
     return out
 
@@ -688,7 +700,7 @@ def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
             d["loop"] = "repeat over <+stage.output.hosts>: runs on each host of the phase" + (
                 f", at most {cap} at a time" if cap else ""
             )
-            if cap and key == "steps":
+            if cap:  # rollback phases take the stage's lanes too
                 caps.append(int(cap))
     if caps:
         strategy = stage["strategy"]

@@ -333,3 +333,20 @@ def test_a_bad_loop_exits_2_from_the_command_line(tmp_path: Path) -> None:
     line = line_of(folder / "pipeline.yaml", "maxConcurrency: -1")
     assert f"pipeline.yaml:{line}:" in res.output
     assert "maxConcurrency must be at least 1" in res.output
+
+
+def test_an_expanded_step_identifier_that_meets_another_step_is_refused(tmp_path: Path) -> None:
+    folder = loops_copy(
+        tmp_path,
+        "                  strategy:\n                    parallelism: 2\n",
+        "",
+    )
+    text = (folder / "pipeline.yaml").read_text()
+    (folder / "pipeline.yaml").write_text(
+        text.replace("identifier: again\n", "identifier: probe_0_1\n").replace(
+            "<+strategy.iteration>/<+strategy.iterations>", "x"
+        )
+    )
+    with pytest.raises(VmfarmError) as exc:
+        load([folder, STATIC], inputs={}, require_inputs=True)
+    assert "step identifier 'probe_0_1' is given twice in stage 'smoke'" in str(exc.value)
