@@ -123,6 +123,14 @@ def _load_bundle(
     from app.definitions.templates import expand_templates
 
     bundle.documents, bundle.templates = expand_templates(bundle.documents)
+    # Harness's SSH vocabulary (Phase groups, sources, credentialsRef, PDC connectors) in
+    # vmfarm's, before runtime inputs are named.
+    from app.definitions.harness_vocab import map_vocabulary
+
+    bundle.documents, problems = map_vocabulary(bundle.documents)
+    for problem in problems:
+        errs.add(problem)
+    errs.raise_if_any()
 
     bundle.inputs, bundle.external = apply_inputs(
         bundle.documents, inputs or {}, require=require_inputs
