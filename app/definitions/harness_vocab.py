@@ -234,10 +234,63 @@ def _stage(rw: _Rewrite, base: Path) -> None:
     execution = spec.get("execution")
     if not isinstance(execution, dict):
         return
+    steps = execution.get("steps")
+    if stage.get("type") == "Approval" and isinstance(steps, list) and len(steps) > 1:
+        rw.error(
+            "an Approval stage with more than one step is not supported: vmfarm's Approval "
+            "stage runs one HarnessApproval step; put the other steps in a Custom stage "
+            "(ShellScript, Http, Wait) after it, or the next approval in an Approval stage of "
+            "its own",
+            (*base, "spec", "execution", "steps", 1),
+        )
+    for key in ("steps", "rollbackSteps"):
+        if isinstance(execution.get(key), list):
+            _approvals(rw, (*base, "spec", "execution", key))
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _phases(rw, base, (*base, "spec", "execution", key), rollback=key == "rollbackSteps")
             _repeat_over_hosts(rw, (*base, "spec", "execution", key))
+
+
+def _approvals(rw: _Rewrite, path: Path) -> None:
+    """Harness's approval options: the ones its editor writes with their default values mean
+    what vmfarm does (dropped); any other is refused by name."""
+    for i, el in enumerate(_at(rw.data, path)):
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _approvals(rw, (*path, i, "stepGroup", "steps"))
+        step = el.get("step") if isinstance(el, dict) else None
+        if not isinstance(step, dict) or step.get("type") != "HarnessApproval":
+            continue
+        spec = step.get("spec")
+        if not isinstance(spec, dict):
+            continue
+        at: Path = (*path, i, "step", "spec")
+        if spec.get("isAutoRejectEnabled") is False:
+            del spec["isAutoRejectEnabled"]  # vmfarm never rejects on its own
+            rw.changed = True
+        elif "isAutoRejectEnabled" in spec:
+            rw.error(
+                "isAutoRejectEnabled: true is not supported: vmfarm waits for the approvers until "
+                "the step's timeout, then fails the step (vmfarm reject to end it sooner)",
+                (*at, "isAutoRejectEnabled"),
+            )
+        if spec.get("approverInputs") in ([], None) and "approverInputs" in spec:
+            del spec["approverInputs"]
+            rw.changed = True
+        elif "approverInputs" in spec:
+            rw.error(
+                "approverInputs are not supported: vmfarm's approvers approve or reject with a "
+                "comment; ask for values as runtime inputs (<+input>, --set) instead",
+                (*at, "approverInputs"),
+            )
+        if "autoApproval" in spec:
+            rw.error(
+                "autoApproval is not supported: vmfarm never approves on its own; without "
+                "approvers the step fails at its timeout (drop the approval step to deploy "
+                "without one)",
+                (*at, "autoApproval"),
+            )
 
 
 def _only_inputs(value: Any) -> bool:

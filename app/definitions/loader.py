@@ -180,6 +180,20 @@ NOT_A_DOCUMENT = {
 }
 
 
+# The top keys of Harness's own shape that vmfarm reads (app.definitions.native, templates,
+# inputsets, harness_vocab).
+HARNESS_TOP_KEYS = (
+    "pipeline",
+    "service",
+    "environment",
+    "infrastructureDefinition",
+    "connector",
+    "template",
+    "inputSet",
+    "secret",
+)
+
+
 def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
     data = doc.data
     if not isinstance(data, dict):
@@ -212,7 +226,10 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
                 "file holds documents with apiVersion, kind ("
                 + ", ".join([*m.KINDS, "Template"])
                 + "), "
-                "metadata and spec" + (f"; {hint}" if hint else ""),
+                "metadata and spec, or in Harness's own shape one of "
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + " at the top"
+                + (f"; {hint}" if hint else ""),
                 (first,),
                 key=True,
             )
@@ -220,7 +237,14 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
         return
     if kind is None:
         errs.add(
-            doc.error("missing required field 'kind' (one of: " + ", ".join(m.KINDS) + ")", ())
+            doc.error(
+                "missing required field 'kind' (one of: "
+                + ", ".join(m.KINDS)
+                + "); a file in Harness's own shape has no kind: its top key says it ("
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + ")",
+                (),
+            )
         )
         return
     model = m.KINDS.get(kind) if isinstance(kind, str) else None
