@@ -241,7 +241,8 @@ def _stage(rw: _Rewrite, base: Path) -> None:
             "stage runs one HarnessApproval step; put the other steps in a Custom stage "
             "(ShellScript, Http, Wait) after it, or the next approval in an Approval stage of "
             "its own",
-            (*base, "spec", "execution", "steps", 1),
+            (*base, "spec", "execution", "steps", 1, "step"),
+            key=False,
         )
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):

@@ -32,7 +32,7 @@ class RenderedCopy(Rendered):
     destination: str  # the file on the host
     checksum: str | None  # the sha256 known before fetching (else computed when fetched)
     artifact: Mapping[str, Any] = field(repr=False, compare=False, metadata=HIDDEN)  # JSON
-    source_type: str = "Artifact"
+    sourceType: str = "Artifact"  # (as the YAML field is named)
 
 
 def artifact_source(artifact: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -114,7 +114,7 @@ class Copy(UnitType[CopyUnit, RenderedCopy]):
                 destination=render(unit.spec.destination_path, scope.ctx),
                 checksum=None,
                 artifact={},
-                source_type="Config",
+                sourceType="Config",
             )
         source, checksum = artifact_source(scope.artifact_json)
         return RenderedCopy(
@@ -127,13 +127,13 @@ class Copy(UnitType[CopyUnit, RenderedCopy]):
         )
 
     def run(self, rendered: RenderedCopy, session: HostSession) -> Outcome:
-        if rendered.source_type == "Config":
+        if rendered.sourceType == "Config":
             session.out.write("stdout", "the service has no config files: nothing to copy\n")
             return Outcome()
         return push_artifact(rendered.artifact, session, rendered.destination)
 
     def describe(self, shown: Mapping[str, Any]) -> list[str]:
-        if shown.get("source_type") == "Config":
+        if shown.get("sourceType") == "Config":
             return [
                 f"[{shown['identifier']}] copy config files: none (the service has no configFiles)"
             ]
