@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
 from app.definitions.connectors import artifact_spec, infra_connector
+from app.definitions.terraform import TERRAFORM_STEPS, dump_step
 from app.definitions.validation import loc_to_path, position
 
 
@@ -217,7 +218,7 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
 
 
 def _stage_when(
-    stage: m.StageSpec | m.ApprovalStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
     rendered: dict[str, Any],
     pipe: Loaded,
     base: tuple[str | int, ...],
@@ -255,7 +256,7 @@ def resolve_stage(
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     if isinstance(stage, m.CustomStageSpec):
-        return _resolve_custom(pipe, stage, index, raw, ctx, base, errs)
+        return _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
     rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
@@ -467,10 +468,64 @@ def resolve_stage(
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": _dump_steps(out_stage.spec.execution.rollback_steps),
         "when": when,
+        "watch": _watch(out_stage, pipe, base, errs),
     }
 
 
+def _watch(
+    stage: m.StageSpec, pipe: Loaded, base: tuple[str | int, ...], errs: Collector
+) -> dict[str, Any] | None:
+    """The stage's watch after deployment (its rollbackStrategy), as plain data. A trigger on
+    health_check_success_rate without a query takes the stage's HTTP HealthCheck step's check
+    when the watch gives none; with neither, the file is refused there."""
+    from app.definitions.models.watch import HEALTH
+
+    watch = stage.rollback_strategy
+    if watch is None:
+        return None
+    if watch.health_check is None and watch.needs_health_checks():
+        found = next(
+            (
+                st.spec
+                for _, st, _ in m.flat_steps(stage.spec.execution.steps)
+                if isinstance(st, m.HealthCheckStep) and st.spec.type == "HTTP" and st.spec.url
+            ),
+            None,
+        )
+        if found is None:
+            errs.add(
+                pipe.error(
+                    "health_check_success_rate needs a health check to make: give "
+                    "rollbackStrategy.healthCheck.url, or an HTTP HealthCheck step in the stage",
+                    (
+                        *base,
+                        "rollbackStrategy",
+                        "triggers",
+                        next(
+                            i
+                            for i, t in enumerate(watch.triggers)
+                            if t.query is None and t.parsed().metric == HEALTH
+                        ),
+                        "condition",
+                    ),
+                )
+            )
+            errs.raise_if_any()
+        else:
+            watch = watch.model_copy(
+                update={
+                    "health_check": m.WatchHealthCheck(
+                        url=str(found.url),
+                        expect_status=list(getattr(found, "expect_status", None) or [200]),
+                        expect_body=getattr(found, "expect_body", None),
+                    )
+                }
+            )
+    return watch.to_json()
+
+
 def _resolve_custom(
+    bundle: Bundle,
     pipe: Loaded,
     stage: m.CustomStageSpec,
     index: int,
@@ -492,6 +547,7 @@ def _resolve_custom(
             for expr, token in held.items():
                 spec["assertion"] = spec["assertion"].replace(expr, token)
     rendered = render_tree(data, ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     errs.raise_if_any()
     for el in rendered["spec"]["execution"]["steps"]:
         spec = el["step"].get("spec")
@@ -521,6 +577,8 @@ def _resolve_custom(
                 ],
             }
             steps.append(d)
+        elif isinstance(step, TERRAFORM_STEPS):
+            steps.append(dump_step(bundle, step))
         else:
             steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
     return {
@@ -545,6 +603,7 @@ def _resolve_custom(
         ],
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": [],
+        "when": when,
     }
 
 

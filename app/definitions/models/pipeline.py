@@ -24,6 +24,7 @@ from app.definitions.models.steps import (
     FailureStrategy,
 )
 from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
+from app.definitions.models.watch import RollbackStrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -143,6 +144,9 @@ class StageSpec(Model):
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
     when: StageWhen | None = None
+    # The watch after deployment (app.definitions.models.watch): triggers that roll the stage
+    # back when its hosts go bad within a window after the last phase.
+    rollback_strategy: RollbackStrategySpec | None = None
 
 
 class ApprovalStepElement(Model):
@@ -201,6 +205,8 @@ class CustomStageSpec(Model):
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
+    # As a Deployment stage's: e.g. a TerraformRollback stage with pipelineStatus: Failure.
+    when: StageWhen | None = None
 
 
 AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec, Field(discriminator="type")]
