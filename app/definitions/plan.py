@@ -183,6 +183,7 @@ class DeploymentStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None  # the stage's labels (Harness's stage tags)
     service: ServiceOf
     environment: EnvironmentOf
     artifact: ArtifactPlan | None = None
@@ -214,6 +215,7 @@ class ApprovalStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None
     approval: ApprovalStep
     steps: list[StepPlan] = Field(default_factory=list)
     rollback_steps: list[StepPlan] = Field(default_factory=list)

@@ -5,6 +5,7 @@ rendered, scripts placed by quoting context, the strategy in one form.
 from __future__ import annotations
 
 import copy
+import posixpath
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -89,10 +90,19 @@ def stage_context(
             tag = art.spec.get("tag")
             tag_path = ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")
             ext = (svc.doc.file, svc.doc.index, tag_path) in bundle.external
+            path_of = art.spec.get("artifactPath")
+            if tag is None and isinstance(path_of, str) and path_of and "<+" not in path_of:
+                # A generic repository's file is chosen by its path (Harness's
+                # <+artifact.artifactPath>): its name is the version vmfarm records.
+                tag = posixpath.basename(path_of.rstrip("/"))
+                path_ext = (*tag_path[:-1], "artifactPath")
+                ext = (svc.doc.file, svc.doc.index, path_ext) in bundle.external
             if tag is not None:
                 ctx.set("artifact.tag", tag, external=ext)
                 ctx.set("artifacts.primary.tag", tag, external=ext)
-                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)), external=ext)
+                ctx.set(
+                    "artifact.fileName", _file_name(svc.ident, art.spec, str(tag)), external=ext
+                )
             ctx.set("artifact.type", art.type)
             # Where the artifact comes from: the local path, URL path or S3 key (its template;
             # <+artifact.tag> in it is rendered with the rest).
@@ -108,6 +118,9 @@ def stage_context(
                 # (a bad expression in it is reported where the artifact's fields are checked)
                 where = render(str(where), ctx, on_error=lambda _msg: None)
                 ctx.set("artifact.path", where, external=ext)
+            if isinstance(art.spec.get("artifactPath"), str):
+                apath = render(str(art.spec["artifactPath"]), ctx, on_error=lambda _msg: None)
+                ctx.set("artifact.artifactPath", apath, external=ext)
     env = bundle.environments.get(stage.spec.environment.environment_ref)
     if env:
         ctx.set("env.name", env.model.metadata.name)
@@ -125,6 +138,17 @@ def stage_context(
         ctx.set("infra.environmentRef", infra.model.spec.environment_ref)
         # infra.region is per host (a static infra may span regions): rendered on the worker.
     return ctx
+
+
+def _file_name(service: str, spec: dict[str, Any], tag: str) -> str:
+    """The artifact's own file name when its spec names a file (``artifactPath:
+    todolist.war`` -> ``todolist.war``), else ``<service>-<tag>.tar.gz``."""
+    path = spec.get("artifactPath")
+    if isinstance(path, str) and "<+" not in path:
+        name = posixpath.basename(path.rstrip("/"))
+        if name and name not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._+~-]+", name):
+            return name
+    return artifact_file_name(service, tag)
 
 
 def artifact_file_name(service: str, tag: str) -> str:
@@ -487,6 +511,7 @@ def resolve_stage(
             "index": index if plan_index is None else plan_index,
             "identifier": stage.identifier,
             "name": stage.name,
+            **({"tags": dict(stage.tags)} if stage.tags else {}),
             "steps": [],
             "rollbackSteps": [],
             "infrastructures": [],
@@ -543,8 +568,16 @@ def resolve_stage(
             "type": art.type,
             "spec": art_spec,
             "tag": tag.text if tag else None,
-            "fileName": artifact_file_name(svc.ident, tag.text) if tag else None,
+            "fileName": _file_name(svc.ident, art_spec, tag.text) if tag else None,
         }
+        if tag is None:
+            errs.add(
+                svc.error(
+                    "the artifact has no tag: give spec.tag (a version, or <+input> to give it "
+                    "with --set), or for a generic repository the file's spec.artifactPath",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+                )
+            )
     infras = []
     for ref in stage.spec.environment.infrastructure_definitions:
         infra = bundle.infrastructures[ref.identifier]
@@ -653,6 +686,7 @@ def resolve_stage(
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": svc.ident, "name": svc.model.metadata.name},
         "environment": {
             "identifier": env.ident,
@@ -839,6 +873,7 @@ def _resolve_custom(
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": "", "name": ""},
         "environment": {"identifier": "", "name": "", "type": "PreProduction"},
         "artifact": None,
