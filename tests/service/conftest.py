@@ -275,6 +275,9 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
+  only-registry-apply: [registry:apply]
+  only-registry-view: [registry:view]
+  registry-admin: ["registry:*"]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -282,6 +285,8 @@ bindings:
     groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+  - role: registry-admin
+    groups: [deployers, release_managers]
 """
 # Groups the identity provider does not send: API tokens named "holder" approve in "ci".
 SERVER_USERS = """
