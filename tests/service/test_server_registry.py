@@ -410,3 +410,40 @@ def test_a_run_of_a_stored_pipeline_records_the_registry_versions_it_used(
     assert resp.status_code == 404 and "registry" in resp.text
     assert httpx.post(reg_server.url + EX, headers=alice, json={}).status_code == 422
     assert _executions(pg_url, pipe) == 1
+
+
+def test_workers_read_the_registry_and_nobody_rewrites_a_version(
+    reg_server: Server, people: dict[str, dict[str, str]], pg_url: str
+) -> None:
+    import psycopg
+    from psycopg import errors
+
+    from tests.service.conftest import worker_role_url
+    from tests.service.test_db_roles import _login
+
+    name = _unique("kept")
+    assert _apply(reg_server, people["alice"], {"e.yaml": _env(name)}).status_code == 200
+    # A region worker's role reads versions and what executions used, and writes neither
+    with psycopg.connect(worker_role_url(pg_url), autocommit=True) as conn:
+        row = conn.execute("SELECT text FROM registryversion WHERE ident = %s", (name,)).fetchone()
+        assert row is not None and "PreProduction" in row[0]
+        conn.execute("SELECT count(*) FROM registryuse").fetchone()
+        for statement in (
+            "INSERT INTO registryversion (kind, ident, version, text, author, created_at) "
+            "VALUES ('Environment', %(n)s, 9, 'x', 'mallory', now())",
+            "UPDATE registryversion SET text = 'x' WHERE ident = %(n)s",
+            "DELETE FROM registryuse",
+        ):
+            with pytest.raises(errors.InsufficientPrivilege, match="permission denied"):
+                conn.execute(statement, {"n": name})
+    # The server's role adds versions but cannot change or remove one; nor can the owner
+    server = _login(pg_url, "vmfarm_test_server", "vmfarm_server")
+    for url, why in ((server, "permission denied"), (pg_url, "append-only")):
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in (
+                "UPDATE registryversion SET env_type = 'Production' WHERE ident = %(n)s",
+                "DELETE FROM registryversion WHERE ident = %(n)s",
+            ):
+                with pytest.raises(errors.InsufficientPrivilege, match=why):
+                    conn.execute(statement, {"n": name})
+    assert _versions(pg_url, name) == [1]
