@@ -447,3 +447,39 @@ def test_workers_read_the_registry_and_nobody_rewrites_a_version(
                 with pytest.raises(errors.InsufficientPrivilege, match=why):
                     conn.execute(statement, {"n": name})
     assert _versions(pg_url, name) == [1]
+
+
+def test_the_cli_refuses_a_relabelled_environment_with_exit_2_and_records_nothing(
+    reg_server: Server, people: dict[str, dict[str, str]], pg_url: str, tmp_path: Any
+) -> None:
+    from tests.conftest import run_vmfarm
+    from tests.service.test_cli_server_mode import cli_login
+
+    ids = _production(reg_server, people["alice"])
+    pipe = _unique("cli_relabel")
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        _env(ids["env"], "PreProduction")
+        + "---\n"
+        + _pipeline(pipe, service=ids["svc"], env=ids["env"], infra=ids["infra"])
+    )
+    erin = cli_login(reg_server, "erin", tmp_path / "erin")
+    res = run_vmfarm("run", str(run_file), env=erin)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "run.yaml:2:7" in res.stderr and "comes from the registry" in res.stderr
+    assert _executions(pg_url, pipe) == 0
+
+
+def test_only_an_environment_lists_a_type(
+    reg_server: Server, people: dict[str, dict[str, str]]
+) -> None:
+    svc = _unique("typed")
+    assert _apply(reg_server, people["alice"], {"s.yaml": _service(svc)}).status_code == 200
+    listed = httpx.get(f"{reg_server.url}{REG}/service", headers=people["carol"]).json()
+    assert set(next(e for e in listed if e["id"] == svc)) == {
+        "kind",
+        "id",
+        "version",
+        "author",
+        "created_at",
+    }

@@ -222,7 +222,12 @@ def apply(
     )
 
 
-@router.get("/{kind}", response_model=list[Listed], openapi_extra=needs("registry:view"))
+@router.get(
+    "/{kind}",
+    response_model=list[Listed],
+    response_model_exclude_none=True,
+    openapi_extra=needs("registry:view"),
+)
 def list_(kind: str, who: Annotated[Identity, Depends(require("registry:view"))]) -> list[Listed]:
     """The latest version of every entry of ``kind``, by identifier."""
     from app.db import session_scope
