@@ -278,6 +278,7 @@ roles:
   only-registry-apply: [registry:apply]
   only-registry-view: [registry:view]
   registry-admin: ["registry:*"]
+  console-reader: [fleet:view, audit:view]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -287,6 +288,8 @@ bindings:
     users: [carol]
   - role: registry-admin
     groups: [deployers, release_managers]
+  - role: console-reader
+    groups: [deployers]
 """
 # Groups the identity provider does not send: API tokens named "holder" approve in "ci".
 SERVER_USERS = """
@@ -333,6 +336,8 @@ def _server(
         VMFARM_SERVER_AUDIENCE="vmfarm",
         # The provider takes no public clients: vmfarm login gets this (not secret) secret.
         VMFARM_SERVER_CLI_CLIENT_SECRET="test-client-secret",
+        # The mock provider wants a client secret (any) from the console's sign-in.
+        VMFARM_SERVER_CONSOLE_CLIENT_SECRET="test-client-secret",
     )
     log = root / "server.log"
     with log.open("wb") as fh:
