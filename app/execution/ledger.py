@@ -341,11 +341,27 @@ def stage_outputs(key: HostStepKey, ctx: Context, written: str) -> None:
                 if (sid, tid) in out:
                     continue
                 index = next(
-                    i for i, st in enumerate(stages[: key.stage]) if st["identifier"] == sid
+                    (i for i, st in enumerate(stages[: key.stage]) if st["identifier"] == sid),
+                    None,
                 )
-                step = next(
-                    j for j, st in enumerate(stages[index]["steps"]) if st["identifier"] == tid
+                step = (
+                    None
+                    if index is None
+                    else next(
+                        (
+                            j
+                            for j, st in enumerate(stages[index]["steps"])
+                            if st["identifier"] == tid
+                        ),
+                        None,
+                    )
                 )
+                if index is None or step is None:  # e.g. a looping stage: S_<iteration>
+                    raise HostError(
+                        f"no step {tid} in an earlier stage {sid} of this execution (the "
+                        f"earlier stages: {', '.join(st['identifier'] for st in stages[: key.stage])})",
+                        host=key.host,
+                    )
                 run = s.exec(
                     select(StageRun).where(
                         StageRun.execution_id == key.execution, StageRun.stage_index == index
