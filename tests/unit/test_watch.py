@@ -387,3 +387,36 @@ def test_the_reconciler_gives_a_long_overdue_check_a_new_number_and_ends_ended_r
         states = {r.execution_id: r.status for r in s.exec(select(PhaseRun)).all()}
     # and the aborted run's watch ended instead of being checked forever
     assert states == {running: Status.RUNNING, aborted: Status.ABORTED}
+
+
+def test_a_trigger_with_its_own_query_reads_any_metric_in_its_own_unit() -> None:
+    s = spec(
+        triggers=[
+            {
+                "name": "queue",
+                "condition": "queue_depth > 100",
+                "query": 'max(queue_depth{instance=~"$instances"}[$window])',
+            }
+        ]
+    )
+    asked: list[str] = []
+
+    def query(url: str, q: str, **_: Any) -> float | None:
+        asked.append(q)
+        return 150.0
+
+    sample = measure(
+        s,
+        url="http://prom",
+        instances=["a:9"],
+        health_urls={},
+        started=0.0,
+        now=5.0,
+        query=query,
+        check=lambda *a, **k: Result(True),
+    )
+    assert asked == ['max(queue_depth{instance=~"a:9"}[5s])']
+    v = judge(s, [sample], started=0.0, now=5.0)
+    assert v["reasons"] == [
+        "trigger 'queue' (queue_depth > 100): 150 at 5s after the stage's last phase (window 5m)"
+    ]
