@@ -27,6 +27,7 @@ from app.definitions.models import (
     StrategySpec,
     WaitStep,
 )
+from app.definitions.models.watch import RollbackStrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -160,6 +161,9 @@ class DeploymentStagePlan(Model):
     when: StageWhen | None = None
     # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
     loop: str | None = None
+    # The watch after the last phase (its rollbackStrategy; healthCheck filled in from the
+    # stage's HTTP HealthCheck step when a trigger needs one).
+    watch: RollbackStrategySpec | None = None
 
 
 class ApprovalStagePlan(Model):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
-OPEN = {("GET", "/api/health")}
+OPEN = {("GET", "/api/health"), ("GET", "/api/v1/auth/config")}
 
 
 def _bearer(token: str) -> dict[str, str]:

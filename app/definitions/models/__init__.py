@@ -151,6 +151,11 @@ from app.definitions.models.strategy import (
     _check_sizes,
     parse_size,
 )
+from app.definitions.models.watch import (
+    RollbackStrategySpec,
+    WatchHealthCheck,
+    WatchTrigger,
+)
 
 __all__ = [
     "ANALYSIS_KEYS",
@@ -237,6 +242,7 @@ __all__ = [
     "ResponseTime",
     "RetryOnFailure",
     "RetrySpec",
+    "RollbackStrategySpec",
     "ScriptSource",
     "ScriptUnit",
     "ScriptUnitSpec",
@@ -269,6 +275,8 @@ __all__ = [
     "VerificationSpec",
     "WaitStep",
     "WaitStepSpec",
+    "WatchHealthCheck",
+    "WatchTrigger",
     "_StepBase",
     "_UnitBase",
     "_check_sizes",
