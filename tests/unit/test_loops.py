@@ -208,10 +208,26 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
         ),
         (
             "            items: [us-east-1, eu-west-1, ap-south-1]",
-            "            items: [us-east-1, eu-west-1, ap-south-1]\n            start: 0",
-            "repeat.start",
-            "unknown field 'start'",
-            "start: 0",
+            "            items: [us-east-1, eu-west-1, ap-south-1]\n            count: 0",
+            "repeat.count",
+            "unknown field 'count'",
+            "count: 0",
+        ),
+        (
+            "                      maxConcurrency: 1\n                  spec:",
+            "                      maxConcurrency: 1\n                      partitionSize: 2\n"
+            "                  spec:",
+            "step.strategy.repeat",
+            "repeat's partitionSize is not supported: hosts in batches are a Deployment stage's "
+            "strategy",
+            "items: <+stage.output.hosts>",
+        ),
+        (
+            "items: <+stage.output.hosts>",
+            "items: <+repeat.partition>",
+            "repeat.items",
+            "items <+repeat.partition> (Harness's batches of hosts) is not supported",
+            "items: <+repeat.partition>",
         ),
         (
             "                    parallelism: 2",
@@ -350,3 +366,20 @@ def test_an_expanded_step_identifier_that_meets_another_step_is_refused(tmp_path
     with pytest.raises(VmfarmError) as exc:
         load([folder, STATIC], inputs={}, require_inputs=True)
     assert "step identifier 'probe_0_1' is given twice in stage 'smoke'" in str(exc.value)
+
+
+def test_a_stage_iteration_can_be_left_out_by_its_when(tmp_path: Path) -> None:
+    from app.coordinator.machine import stage_skip
+    from app.definitions.plan import Plan
+
+    folder = loops_copy(
+        tmp_path,
+        "            maxConcurrency: 1\n        spec:",
+        "            maxConcurrency: 1\n        when:\n          pipelineStatus: Success\n"
+        '          condition: <+repeat.item> != "eu-west-1"\n        spec:',
+    )
+    plan = Plan.of(plan_of([folder, STATIC]))
+    # Then only the eu-west-1 iteration is skipped, saying why
+    why = [stage_skip(st, failed=False) for st in plan.stages]
+    assert [bool(w) for w in why] == [False, True, False, False]
+    assert 'condition "eu-west-1" != "eu-west-1" is false' in why[1]

@@ -71,6 +71,12 @@ def _max_concurrency(v: Any) -> Any:
 
 
 def _scalar_list(where: str, v: Any) -> list[Scalar]:
+    if isinstance(v, str) and v.strip() == "<+repeat.partition>":
+        raise ValueError(
+            "items <+repeat.partition> (Harness's batches of hosts) is not supported: a "
+            "Deployment stage's strategy makes the batches (spec.strategy phases), and every "
+            "step of a phase runs on each of its hosts"
+        )
     if isinstance(v, str) and v.strip().startswith("<+"):
         raise ValueError(
             f"{where} {v.strip()!r} from an expression is not supported: write the list in the "
@@ -94,6 +100,20 @@ class RepeatSpec(Model):
 
     items: Any
     max_concurrency: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _harness_only(cls, data: Any) -> Any:
+        # Harness's partitioned repeat (its rolling SSH template) is a strategy's phases here.
+        if isinstance(data, dict):
+            for name in ("partitionSize", "unit", "start", "end"):
+                if name in data:
+                    raise ValueError(
+                        f"repeat's {name} is not supported: hosts in batches are a Deployment "
+                        "stage's strategy (spec.strategy: {type: Rolling, phases: [...]}; "
+                        "README: Strategies), and a repeat lists its items"
+                    )
+        return data
 
     @field_validator("items", mode="before")
     @classmethod
