@@ -183,7 +183,7 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
             "                        - endpnt: ready",
             "strategy.matrix",
             "exclude[0] names 'endpnt', which is not a key of the matrix (keys: endpoint, port)",
-            "endpoint: [health, ready]",
+            "endpnt: ready",
         ),
         (
             "                      port: [8080, 8081]",

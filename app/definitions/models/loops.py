@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from app.definitions.base import Model, Scalar
 
@@ -179,17 +179,23 @@ class MatrixSpec(Model):
     def _cap(cls, v: Any) -> Any:
         return None if v is None else _max_concurrency(v)
 
-    @model_validator(mode="after")
-    def _excludes(self) -> MatrixSpec:
-        for i, entry in enumerate(self.exclude):
+    @field_validator("exclude")
+    @classmethod
+    def _excludes(cls, v: list[dict[str, Scalar]], info: ValidationInfo) -> list[dict[str, Scalar]]:
+        axes = info.data.get("axes") or {}
+        for i, entry in enumerate(v):
             if not entry:
                 raise ValueError(f"exclude[{i}] is empty: name the keys of the combination")
             for key in entry:
-                if key not in self.axes:
+                if key not in axes:
                     raise ValueError(
                         f"exclude[{i}] names '{key}', which is not a key of the matrix "
-                        f"(keys: {', '.join(self.axes)})"
+                        f"(keys: {', '.join(axes)})"
                     )
+        return v
+
+    @model_validator(mode="after")
+    def _something_left(self) -> MatrixSpec:
         if not combinations(self):
             raise ValueError("exclude leaves no combination of the matrix")
         return self
