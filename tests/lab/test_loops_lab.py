@@ -125,8 +125,8 @@ def test_a_matrix_with_an_exclude_runs_what_the_plan_shows(
             "probe health 8080",
             "probe health 8081",
             "probe ready 8080",
-            "again 0/2",
-            "again 1/2",
+            "again 0/2 _0",
+            "again 1/2 _1",
         ]
 
 

@@ -76,7 +76,7 @@ def test_a_looped_step_group_repeats_its_steps_and_names_them_uniquely() -> None
         ("again_0", "twice_0"),
         ("again_1", "twice_1"),
     ]
-    assert [_script(s).split()[2].strip('"') for s in again] == ["0/2", "1/2"]
+    assert [_script(s).split()[2:4] for s in again] == [["0/2", '_0"'], ["1/2", '_1"']]
     assert again[0]["loop"] == "parallelism 1/2"
 
 
@@ -360,7 +360,7 @@ def test_an_expanded_step_identifier_that_meets_another_step_is_refused(tmp_path
     text = (folder / "pipeline.yaml").read_text()
     (folder / "pipeline.yaml").write_text(
         text.replace("identifier: again\n", "identifier: probe_0_1\n").replace(
-            "<+strategy.iteration>/<+strategy.iterations>", "x"
+            "<+strategy.iteration>/<+strategy.iterations> <+strategy.identifierPostFix>", "x"
         )
     )
     with pytest.raises(VmfarmError) as exc:

@@ -33,7 +33,8 @@
 A loop is expanded when the plan is resolved: every iteration is a stage (``deploy_0``,
 ``deploy_1``...) or a step (``smoke_0_1``) of its own, with its own ledger rows, named
 ``<name>_<item>`` (a matrix: ``<name>_<value>_<value>``). ``parallelism: N`` makes N
-iterations (``<+strategy.iteration>``, ``<+strategy.iterations>``).
+iterations. Every iteration reads ``<+strategy.iteration>`` (from 0),
+``<+strategy.iterations>`` and ``<+strategy.identifierPostFix>`` (``_0``, ``_1_0``).
 
 Iterations run one after another: a stage's iterations are stages in order, a step's are
 steps in order on each host (hosts still run side by side). ``maxConcurrency`` above 1 is
@@ -312,8 +313,12 @@ class Iteration:
         return f"{self.kind} {self.index + 1}/{self.count}" + (f": {shown}" if shown else "")
 
 
-def _common(i: int, n: int) -> dict[str, str]:
-    return {"strategy.iteration": str(i), "strategy.iterations": str(n)}
+def _common(i: int, n: int, suffix: str) -> dict[str, str]:
+    return {
+        "strategy.iteration": str(i),
+        "strategy.iterations": str(n),
+        "strategy.identifierPostFix": f"_{suffix}",
+    }
 
 
 def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Iteration]:
@@ -330,7 +335,7 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
                 n,
                 str(i),
                 v,
-                {"repeat.item": v, "repeat.index": str(i), **_common(i, n)},
+                {"repeat.item": v, "repeat.index": str(i), **_common(i, n, str(i))},
             )
             for i, v in enumerate(values)
         ]
@@ -340,6 +345,7 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
         rendered = dict(zip(_matrix_slots(loop.matrix), items, strict=True)) if items else {}
         out = []
         for i, (idx, vals) in enumerate(combos):
+            suffix = "_".join(str(j) for j in idx)
             texts = {
                 k: rendered.get((k, j), _text(vals[k]))
                 for k, j in zip(loop.matrix.axes, idx, strict=True)
@@ -349,15 +355,15 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
                     "matrix",
                     i,
                     n,
-                    "_".join(str(j) for j in idx),
+                    suffix,
                     "_".join(texts.values()),
-                    {**{f"matrix.{k}": v for k, v in texts.items()}, **_common(i, n)},
+                    {**{f"matrix.{k}": v for k, v in texts.items()}, **_common(i, n, suffix)},
                 )
             )
         return out
     assert loop.parallelism is not None
     n = loop.parallelism
-    return [Iteration("parallelism", i, n, str(i), str(i), _common(i, n)) for i in range(n)]
+    return [Iteration("parallelism", i, n, str(i), str(i), _common(i, n, str(i))) for i in range(n)]
 
 
 def _matrix_slots(matrix: MatrixSpec) -> list[tuple[str, int]]:
