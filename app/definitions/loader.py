@@ -123,6 +123,14 @@ def _load_bundle(
     from app.definitions.templates import expand_templates
 
     bundle.documents, bundle.templates = expand_templates(bundle.documents)
+    # Harness's SSH vocabulary (Phase groups, sources, credentialsRef, PDC connectors) in
+    # vmfarm's, before runtime inputs are named.
+    from app.definitions.harness_vocab import map_vocabulary
+
+    bundle.documents, problems = map_vocabulary(bundle.documents)
+    for problem in problems:
+        errs.add(problem)
+    errs.raise_if_any()
 
     bundle.inputs, bundle.external = apply_inputs(
         bundle.documents, inputs or {}, require=require_inputs
@@ -173,6 +181,20 @@ NOT_A_DOCUMENT = {
 }
 
 
+# The top keys of Harness's own shape that vmfarm reads (app.definitions.native, templates,
+# inputsets, harness_vocab).
+HARNESS_TOP_KEYS = (
+    "pipeline",
+    "service",
+    "environment",
+    "infrastructureDefinition",
+    "connector",
+    "template",
+    "inputSet",
+    "secret",
+)
+
+
 def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
     data = doc.data
     if not isinstance(data, dict):
@@ -205,7 +227,10 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
                 "file holds documents with apiVersion, kind ("
                 + ", ".join([*m.KINDS, "Template"])
                 + "), "
-                "metadata and spec" + (f"; {hint}" if hint else ""),
+                "metadata and spec, or in Harness's own shape one of "
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + " at the top"
+                + (f"; {hint}" if hint else ""),
                 (first,),
                 key=True,
             )
@@ -213,7 +238,14 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
         return
     if kind is None:
         errs.add(
-            doc.error("missing required field 'kind' (one of: " + ", ".join(m.KINDS) + ")", ())
+            doc.error(
+                "missing required field 'kind' (one of: "
+                + ", ".join(m.KINDS)
+                + "); a file in Harness's own shape has no kind: its top key says it ("
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + ")",
+                (),
+            )
         )
         return
     model = m.KINDS.get(kind) if isinstance(kind, str) else None

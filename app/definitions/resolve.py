@@ -5,6 +5,7 @@ rendered, scripts placed by quoting context, the strategy in one form.
 from __future__ import annotations
 
 import copy
+import posixpath
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
 from app.definitions.connectors import artifact_spec, infra_connector
+from app.definitions.terraform import TERRAFORM_STEPS, dump_step
 from app.definitions.validation import loc_to_path, position
 
 
@@ -88,10 +90,19 @@ def stage_context(
             tag = art.spec.get("tag")
             tag_path = ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")
             ext = (svc.doc.file, svc.doc.index, tag_path) in bundle.external
+            path_of = art.spec.get("artifactPath")
+            if tag is None and isinstance(path_of, str) and path_of and "<+" not in path_of:
+                # A generic repository's file is chosen by its path (Harness's
+                # <+artifact.artifactPath>): its name is the version vmfarm records.
+                tag = posixpath.basename(path_of.rstrip("/"))
+                path_ext = (*tag_path[:-1], "artifactPath")
+                ext = (svc.doc.file, svc.doc.index, path_ext) in bundle.external
             if tag is not None:
                 ctx.set("artifact.tag", tag, external=ext)
                 ctx.set("artifacts.primary.tag", tag, external=ext)
-                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)), external=ext)
+                ctx.set(
+                    "artifact.fileName", _file_name(svc.ident, art.spec, str(tag)), external=ext
+                )
             ctx.set("artifact.type", art.type)
             # Where the artifact comes from: the local path, URL path or S3 key (its template;
             # <+artifact.tag> in it is rendered with the rest).
@@ -107,6 +118,9 @@ def stage_context(
                 # (a bad expression in it is reported where the artifact's fields are checked)
                 where = render(str(where), ctx, on_error=lambda _msg: None)
                 ctx.set("artifact.path", where, external=ext)
+            if isinstance(art.spec.get("artifactPath"), str):
+                apath = render(str(art.spec["artifactPath"]), ctx, on_error=lambda _msg: None)
+                ctx.set("artifact.artifactPath", apath, external=ext)
     env = bundle.environments.get(stage.spec.environment.environment_ref)
     if env:
         ctx.set("env.name", env.model.metadata.name)
@@ -124,6 +138,17 @@ def stage_context(
         ctx.set("infra.environmentRef", infra.model.spec.environment_ref)
         # infra.region is per host (a static infra may span regions): rendered on the worker.
     return ctx
+
+
+def _file_name(service: str, spec: dict[str, Any], tag: str) -> str:
+    """The artifact's own file name when its spec names a file (``artifactPath:
+    todolist.war`` -> ``todolist.war``), else ``<service>-<tag>.tar.gz``."""
+    path = spec.get("artifactPath")
+    if isinstance(path, str) and "<+" not in path:
+        name = posixpath.basename(path.rstrip("/"))
+        if name and name not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._+~-]+", name):
+            return name
+    return artifact_file_name(service, tag)
 
 
 def artifact_file_name(service: str, tag: str) -> str:
@@ -193,7 +218,7 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
 
 
 def _stage_when(
-    stage: m.StageSpec | m.ApprovalStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
     rendered: dict[str, Any],
     pipe: Loaded,
     base: tuple[str | int, ...],
@@ -344,8 +369,8 @@ def expand_steps(
     identifiers end in ``_<index>`` and names in ``_<item>``, each rendered with the
     iteration's values and carrying ``loop`` (what the iteration is) for the plan. A step of
     a looped group takes the group's suffix too (step identifiers stay unique in a stage).
-    Repeating a Command step over <+stage.output.hosts> is the phase's own fan-out: it is
-    rendered as if it had no strategy, ``<+repeat.item>`` standing for the host's name."""
+    A Command step's repeat over <+stage.output.hosts> (the phase's own fan-out) was taken
+    out with Harness's vocabulary (app.definitions.harness_vocab)."""
     out: list[Any] = []
     for i, el in enumerate(elements):
         at = (*path, i)
@@ -370,8 +395,6 @@ def expand_steps(
             own = dict(body)
             own.pop("strategy", None)
             inner = own.pop("steps", None) if kind == "stepGroup" else None
-            if loop is not None and loop.over_hosts:
-                own = _hosts_item(own)
             done = render_tree({kind: own}, inner_ctx, pipe, at, errs)
             tail = suffix + (f"_{it.suffix}" if it is not None else "")
             if isinstance(inner, list):
@@ -384,21 +407,8 @@ def expand_steps(
                 done[kind]["name"] += f"_{it.label}"
             if it is not None:
                 done[kind]["strategy"] = {"_loop": it.describe()}
-            elif loop is not None:
-                done[kind]["strategy"] = {"_hosts": loop.cap}
             out.append(done)
     return out
-
-
-def _hosts_item(data: Any) -> Any:
-    """``<+repeat.item>`` of a step repeated over the stage's hosts is the host's name."""
-    if isinstance(data, dict):
-        return {k: _hosts_item(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_hosts_item(v) for v in data]
-    if isinstance(data, str):
-        return re.sub(r"<\+\s*repeat\.item\s*>", "<+instance.hostName>", data)
-    return data
 
 
 def _take_loops(elements: list[Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -411,7 +421,7 @@ def _take_loops(elements: list[Any]) -> tuple[list[Any], dict[str, Any]]:
             if not isinstance(body, dict):
                 continue
             mark = body.pop("strategy", None)
-            if isinstance(mark, dict) and ("_loop" in mark or "_hosts" in mark):
+            if isinstance(mark, dict) and "_loop" in mark:
                 marks[f"{kind}:{body.get('identifier')}"] = mark
             if kind == "stepGroup" and isinstance(body.get("steps"), list):
                 _, inner = _take_loops(body["steps"])
@@ -474,7 +484,7 @@ def resolve_stage(
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     if isinstance(stage, m.CustomStageSpec):
-        out = _resolve_custom(pipe, stage, index, raw, ctx, base, errs)
+        out = _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
         return _looped(out, loop, plan_index)
     rendered, marks = _render_stage(raw, ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
@@ -486,6 +496,7 @@ def resolve_stage(
             "index": index if plan_index is None else plan_index,
             "identifier": stage.identifier,
             "name": stage.name,
+            **({"tags": dict(stage.tags)} if stage.tags else {}),
             "steps": [],
             "rollbackSteps": [],
             "infrastructures": [],
@@ -542,8 +553,16 @@ def resolve_stage(
             "type": art.type,
             "spec": art_spec,
             "tag": tag.text if tag else None,
-            "fileName": artifact_file_name(svc.ident, tag.text) if tag else None,
+            "fileName": _file_name(svc.ident, art_spec, tag.text) if tag else None,
         }
+        if tag is None:
+            errs.add(
+                svc.error(
+                    "the artifact has no tag: give spec.tag (a version, or <+input> to give it "
+                    "with --set), or for a generic repository the file's spec.artifactPath",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+                )
+            )
     infras = []
     for ref in stage.spec.environment.infrastructure_definitions:
         infra = bundle.infrastructures[ref.identifier]
@@ -652,6 +671,7 @@ def resolve_stage(
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": svc.ident, "name": svc.model.metadata.name},
         "environment": {
             "identifier": env.ident,
@@ -684,29 +704,14 @@ def resolve_stage(
 
 
 def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
-    """Each step of a loop says which iteration it is (``loop``); a Command step repeated over
-    <+stage.output.hosts> with a maxConcurrency caps the hosts in flight of every phase."""
-    caps = []
+    """Each step of a loop says which iteration it is (``loop``)."""
     for key in ("steps", "rollbackSteps"):
         for d in stage.get(key) or []:
             mark = marks.get(f"step:{d.get('identifier')}") or marks.get(
                 f"stepGroup:{d.get('group')}"
             )
-            if not mark:
-                continue
-            if "_loop" in mark:
+            if mark:
                 d["loop"] = mark["_loop"]
-                continue
-            cap = mark.get("_hosts")
-            d["loop"] = "repeat over <+stage.output.hosts>: runs on each host of the phase" + (
-                f", at most {cap} at a time" if cap else ""
-            )
-            if cap:  # rollback phases take the stage's lanes too
-                caps.append(int(cap))
-    if caps:
-        strategy = stage["strategy"]
-        given = strategy.get("maxConcurrency")
-        strategy["maxConcurrency"] = min([*caps, *([int(given)] if given else [])])
 
 
 def _looped(
@@ -776,6 +781,7 @@ def _watch(
 
 
 def _resolve_custom(
+    bundle: Bundle,
     pipe: Loaded,
     stage: m.CustomStageSpec,
     index: int,
@@ -797,6 +803,7 @@ def _resolve_custom(
             for expr, token in held.items():
                 spec["assertion"] = spec["assertion"].replace(expr, token)
     rendered, marks = _render_stage(data, ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     errs.raise_if_any()
     for el in rendered["spec"]["execution"]["steps"]:
         spec = el["step"].get("spec")
@@ -826,6 +833,8 @@ def _resolve_custom(
                 ],
             }
             steps.append(d)
+        elif isinstance(step, TERRAFORM_STEPS):
+            steps.append(dump_step(bundle, step))
         else:
             steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
     out = {
@@ -834,6 +843,7 @@ def _resolve_custom(
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": "", "name": ""},
         "environment": {"identifier": "", "name": "", "type": "PreProduction"},
         "artifact": None,
@@ -849,6 +859,7 @@ def _resolve_custom(
         ],
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": [],
+        "when": when,
     }
     _mark_loops(out, marks)
     return out

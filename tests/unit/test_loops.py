@@ -80,15 +80,12 @@ def test_a_looped_step_group_repeats_its_steps_and_names_them_uniquely() -> None
     assert again[0]["loop"] == "parallelism 1/2"
 
 
-def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flight(
-    tmp_path: Path,
-) -> None:
+def test_repeat_over_the_stage_hosts_is_the_phase_fan_out(tmp_path: Path) -> None:
     # Given the same pipeline with and without Harness's per-host repeat on the Command step
     hosts_loop = (
         "                  strategy:\n"
         "                    repeat:\n"
         "                      items: <+stage.output.hosts>\n"
-        "                      maxConcurrency: 1\n"
     )
     with_it = plan_of([LOOPS, STATIC])["stages"][0]
     plain = loops_copy(tmp_path, hosts_loop, "")
@@ -99,38 +96,27 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flig
         )
     )
     without = plan_of([plain, STATIC])["stages"][0]
-    (a,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
-    (b,) = [s for s in without["steps"] if s["identifier"] == "install"]
-    # Then it is the same one step, <+repeat.item> standing for the host's name
-    assert [s["identifier"] for s in with_it["steps"]] == [
-        s["identifier"] for s in without["steps"]
-    ]
-    assert 'echo "install <+instance.hostName>"' in _script(a)
-    assert {k: v for k, v in a.items() if k != "loop"} == b
-    # and its maxConcurrency caps the hosts in flight of the stage's phases
-    assert with_it["strategy"].get("maxConcurrency") == 1
-    assert "maxConcurrency" not in without["strategy"]
-    assert "at most 1 at a time" in a["loop"]
+    # Then it is the same one step, <+repeat.item> standing for the host's name (not the
+    # stage's item)
+    assert with_it["steps"] == without["steps"]
+    (install,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
+    assert 'echo "install <+instance.hostName>"' in _script(install)
+    assert "loop" not in install
 
 
-def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> None:
+def test_max_concurrency_on_the_hosts_repeat_is_refused_for_the_stage_strategy(
+    tmp_path: Path,
+) -> None:
     folder = loops_copy(
         tmp_path,
-        "              - identifier: lab\n          execution:\n            steps:\n"
-        "              - step:\n                  type: Command\n                  name: Install",
-        "              - identifier: lab\n          strategy:\n            type: Basic\n"
-        "            maxConcurrency: 1\n          execution:\n            steps:\n"
-        "              - step:\n                  type: Command\n                  name: Install",
+        "                      items: <+stage.output.hosts>\n",
+        "                      items: <+stage.output.hosts>\n                      maxConcurrency: 2\n",
     )
-    text = (folder / "pipeline.yaml").read_text()
-    (folder / "pipeline.yaml").write_text(
-        text.replace(
-            "items: <+stage.output.hosts>\n                      maxConcurrency: 1",
-            "items: <+stage.output.hosts>\n                      maxConcurrency: 5",
-        )
-    )
-    stage = plan_of([folder, STATIC])["stages"][0]
-    assert stage["strategy"]["maxConcurrency"] == 1
+    with pytest.raises(VmfarmError) as exc:
+        load([folder, STATIC], inputs={}, require_inputs=True)
+    err = refusal(exc)
+    assert "set how many hosts run at once with the stage's strategy.maxConcurrency" in err.message
+    assert err.line == line_of(folder / "pipeline.yaml", "maxConcurrency: 2")
 
 
 @pytest.mark.parametrize(
@@ -214,13 +200,12 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
             "count: 0",
         ),
         (
-            "                      maxConcurrency: 1\n                  spec:",
-            "                      maxConcurrency: 1\n                      partitionSize: 2\n"
-            "                  spec:",
-            "step.strategy.repeat",
+            "            items: [us-east-1, eu-west-1, ap-south-1]",
+            "            items: [us-east-1, eu-west-1, ap-south-1]\n            partitionSize: 2",
+            "stage.strategy.repeat",
             "repeat's partitionSize is not supported: hosts in batches are a Deployment stage's "
             "strategy",
-            "items: <+stage.output.hosts>",
+            "items: [us-east-1, eu-west-1, ap-south-1]",
         ),
         (
             "items: <+stage.output.hosts>",

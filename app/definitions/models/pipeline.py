@@ -136,6 +136,7 @@ class StageSpec(Model):
     identifier: Identifier
     type: Literal["Deployment"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)  # labels, shown by plan
     spec: DeploymentStageSpec
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # Workers (delegates) of the hosts' regions must carry these tags (with the pipeline's,
@@ -176,6 +177,7 @@ class ApprovalStageSpec(Model):
     identifier: Identifier
     type: Literal["Approval"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
     spec: ApprovalStageBody
     when: StageWhen | None = None
 
@@ -207,10 +209,13 @@ class CustomStageSpec(Model):
     identifier: Identifier
     type: Literal["Custom"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
     spec: CustomStageBody
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
+    # As a Deployment stage's: e.g. a TerraformRollback stage with pipelineStatus: Failure.
+    when: StageWhen | None = None
     strategy: LoopStrategy | None = None
 
     @field_validator("strategy")
