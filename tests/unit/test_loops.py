@@ -368,3 +368,43 @@ def test_a_stage_iteration_can_be_left_out_by_its_when(tmp_path: Path) -> None:
     why = [stage_skip(st, failed=False) for st in plan.stages]
     assert [bool(w) for w in why] == [False, True, False, False]
     assert 'condition "eu-west-1" != "eu-west-1" is false' in why[1]
+
+
+def test_a_loop_next_to_a_stage_template_repeats_the_templated_stage(tmp_path: Path) -> None:
+    from tests.unit.test_templates import SETS, plan, templated, tpl_copy
+
+    # Given the templated pipeline with a repeat next to its stage's template reference
+    root = tpl_copy(
+        tmp_path,
+        {
+            "templated/pipeline.yaml": (
+                "        identifier: deploy\n",
+                "        identifier: deploy\n"
+                "        strategy:\n"
+                "          repeat:\n"
+                "            items: [blue, <+pipeline.variables.release_note>]\n",
+            )
+        },
+    )
+    stages = plan(templated(root, SETS))["stages"]
+    # Then the templated stage runs once per item, each one the template's stage
+    assert [(s["identifier"], s["name"]) for s in stages] == [
+        ("deploy_0", "Deploy hello_blue"),
+        ("deploy_1", "Deploy hello_second release"),
+    ]
+    assert [s["identifier"] for s in stages[1]["steps"]] == ["install", "configure"]
+    # and a bad loop there is refused where the pipeline wrote it
+    bad = tpl_copy(
+        tmp_path / "bad",
+        {
+            "templated/pipeline.yaml": (
+                "        identifier: deploy\n",
+                "        identifier: deploy\n        strategy:\n          parallelism: 0\n",
+            )
+        },
+    )
+    with pytest.raises(VmfarmError) as exc:
+        templated(bad, SETS)
+    err = refusal(exc)
+    assert err.file.endswith("templated/pipeline.yaml")
+    assert err.line == line_of(bad / "templated" / "pipeline.yaml", "parallelism: 0")
