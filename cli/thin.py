@@ -454,8 +454,8 @@ def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
 @pass_cli
 @remote_errors(nothing="nothing was applied.")
 def apply(cli: Cli, paths: tuple[str, ...], output: str) -> None:
-    """Store Environments, Infrastructures, Services, Connectors and Templates on the
-    server: a new version of each that changed (who, when, diff)."""
+    """Store Environments, Infrastructures, Services, Connectors, Templates and Pipelines on
+    the server: a new version of each that changed (who, when, diff)."""
     answer = connect().post(REG, {"files": read_files(paths)})
     applied = answer.get("applied", []) if isinstance(answer, dict) else answer
     if output == "json":
