@@ -369,8 +369,10 @@ def expand_steps(
     identifiers end in ``_<index>`` and names in ``_<item>``, each rendered with the
     iteration's values and carrying ``loop`` (what the iteration is) for the plan. A step of
     a looped group takes the group's suffix too (step identifiers stay unique in a stage).
-    A Command step's repeat over <+stage.output.hosts> (the phase's own fan-out) was taken
-    out with Harness's vocabulary (app.definitions.harness_vocab)."""
+    A Command step's repeat over <+stage.output.hosts> is the phase's own fan-out (Harness's
+    vocabulary, app.definitions.harness_vocab, takes out one without maxConcurrency): it is
+    rendered as if it had no strategy, ``<+repeat.item>`` standing for the host's name, and
+    its maxConcurrency caps the hosts in flight."""
     out: list[Any] = []
     for i, el in enumerate(elements):
         at = (*path, i)
@@ -395,6 +397,8 @@ def expand_steps(
             own = dict(body)
             own.pop("strategy", None)
             inner = own.pop("steps", None) if kind == "stepGroup" else None
+            if loop is not None and loop.over_hosts:
+                own = _hosts_item(own)
             done = render_tree({kind: own}, inner_ctx, pipe, at, errs)
             tail = suffix + (f"_{it.suffix}" if it is not None else "")
             if isinstance(inner, list):
@@ -407,8 +411,21 @@ def expand_steps(
                 done[kind]["name"] += f"_{it.label}"
             if it is not None:
                 done[kind]["strategy"] = {"_loop": it.describe()}
+            elif loop is not None:
+                done[kind]["strategy"] = {"_hosts": loop.cap}
             out.append(done)
     return out
+
+
+def _hosts_item(data: Any) -> Any:
+    """``<+repeat.item>`` of a step repeated over the stage's hosts is the host's name."""
+    if isinstance(data, dict):
+        return {k: _hosts_item(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_hosts_item(v) for v in data]
+    if isinstance(data, str):
+        return re.sub(r"<\+\s*repeat\.item\s*>", "<+instance.hostName>", data)
+    return data
 
 
 def _take_loops(elements: list[Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -421,7 +438,7 @@ def _take_loops(elements: list[Any]) -> tuple[list[Any], dict[str, Any]]:
             if not isinstance(body, dict):
                 continue
             mark = body.pop("strategy", None)
-            if isinstance(mark, dict) and "_loop" in mark:
+            if isinstance(mark, dict) and ("_loop" in mark or "_hosts" in mark):
                 marks[f"{kind}:{body.get('identifier')}"] = mark
             if kind == "stepGroup" and isinstance(body.get("steps"), list):
                 _, inner = _take_loops(body["steps"])
@@ -704,14 +721,30 @@ def resolve_stage(
 
 
 def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
-    """Each step of a loop says which iteration it is (``loop``)."""
+    """Each step of a loop says which iteration it is (``loop``); a Command step repeated over
+    <+stage.output.hosts> with a maxConcurrency caps the hosts in flight of every phase (the
+    rollback's too)."""
+    caps = []
     for key in ("steps", "rollbackSteps"):
         for d in stage.get(key) or []:
             mark = marks.get(f"step:{d.get('identifier')}") or marks.get(
                 f"stepGroup:{d.get('group')}"
             )
-            if mark:
+            if not mark:
+                continue
+            if "_loop" in mark:
                 d["loop"] = mark["_loop"]
+                continue
+            cap = mark.get("_hosts")
+            d["loop"] = "repeat over <+stage.output.hosts>: runs on each host of the phase" + (
+                f", at most {cap} at a time" if cap else ""
+            )
+            if cap:
+                caps.append(int(cap))
+    if caps:
+        strategy = stage["strategy"]
+        given = strategy.get("maxConcurrency")
+        strategy["maxConcurrency"] = min([*caps, *([int(given)] if given else [])])
 
 
 def _looped(

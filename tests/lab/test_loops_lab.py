@@ -50,9 +50,8 @@ def _log(lab: Any, ex_id: str, host: int) -> list[str]:
 @pytest.fixture(scope="module")
 def ran(env: dict[str, str], lab: Any) -> dict[str, Any]:
     # Given the pipeline whose Deploy stage repeats over three regions (maxConcurrency 1; its
-    # install step repeats over the stage's hosts, as Harness writes it, and the stage's
-    # strategy lets one host at a time run), and a Smoke stage with a matrix step (one
-    # combination excluded) and a step group run twice
+    # install step repeats over the stage's hosts one at a time, as Harness writes it), and a
+    # Smoke stage with a matrix step (one combination excluded) and a step group run twice
     res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     report: dict[str, Any] = json.loads(res.stdout)
@@ -147,8 +146,8 @@ def test_max_concurrency_holds_by_the_ledger_times(
     # before the next one's first step started
     for i in range(2):
         assert max(b for _, b in spans[i]) <= min(a for a, _ in spans[i + 1]), i
-    # and within an iteration, the install step (repeat over the hosts; the stage's
-    # strategy.maxConcurrency 1) ran on one host at a time
+    # and within an iteration, the install step (repeat over the hosts, maxConcurrency 1)
+    # ran on one host at a time
     for i in range(3):
         install = [(_t(a), _t(b)) for s, step, _, a, b in rows if s == i and step == "install"]
         assert len(install) == len(lab.hosts)

@@ -80,12 +80,15 @@ def test_a_looped_step_group_repeats_its_steps_and_names_them_uniquely() -> None
     assert again[0]["loop"] == "parallelism 1/2"
 
 
-def test_repeat_over_the_stage_hosts_is_the_phase_fan_out(tmp_path: Path) -> None:
+def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flight(
+    tmp_path: Path,
+) -> None:
     # Given the same pipeline with and without Harness's per-host repeat on the Command step
     hosts_loop = (
         "                  strategy:\n"
         "                    repeat:\n"
         "                      items: <+stage.output.hosts>\n"
+        "                      maxConcurrency: 1\n"
     )
     with_it = plan_of([LOOPS, STATIC])["stages"][0]
     plain = loops_copy(tmp_path, hosts_loop, "")
@@ -98,25 +101,51 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out(tmp_path: Path) -> Non
     without = plan_of([plain, STATIC])["stages"][0]
     # Then it is the same one step, <+repeat.item> standing for the host's name (not the
     # stage's item)
-    assert with_it["steps"] == without["steps"]
-    (install,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
-    assert 'echo "install <+instance.hostName>"' in _script(install)
-    assert "loop" not in install
+    (a,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
+    (b,) = [s for s in without["steps"] if s["identifier"] == "install"]
+    assert [s["identifier"] for s in with_it["steps"]] == [
+        s["identifier"] for s in without["steps"]
+    ]
+    assert 'echo "install <+instance.hostName>"' in _script(a)
+    assert {k: v for k, v in a.items() if k != "loop"} == b
+    # and its maxConcurrency caps the hosts in flight of the stage's phases
+    assert with_it["strategy"].get("maxConcurrency") == 1
+    assert "maxConcurrency" not in without["strategy"]
+    assert "at most 1 at a time" in a["loop"]
 
 
-def test_max_concurrency_on_the_hosts_repeat_is_refused_for_the_stage_strategy(
+def test_without_max_concurrency_the_hosts_repeat_is_taken_out_as_written(
     tmp_path: Path,
 ) -> None:
     folder = loops_copy(
         tmp_path,
+        "                      items: <+stage.output.hosts>\n                      maxConcurrency: 1\n",
         "                      items: <+stage.output.hosts>\n",
-        "                      items: <+stage.output.hosts>\n                      maxConcurrency: 2\n",
     )
-    with pytest.raises(VmfarmError) as exc:
-        load([folder, STATIC], inputs={}, require_inputs=True)
-    err = refusal(exc)
-    assert "set how many hosts run at once with the stage's strategy.maxConcurrency" in err.message
-    assert err.line == line_of(folder / "pipeline.yaml", "maxConcurrency: 2")
+    stage = plan_of([folder, STATIC])["stages"][0]
+    (install,) = [s for s in stage["steps"] if s["identifier"] == "install"]
+    assert 'echo "install <+instance.hostName>"' in _script(install)
+    assert "maxConcurrency" not in stage["strategy"]
+
+
+def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> None:
+    folder = loops_copy(
+        tmp_path,
+        "              - identifier: lab\n          execution:\n            steps:\n"
+        "              - step:\n                  type: Command\n                  name: Install",
+        "              - identifier: lab\n          strategy:\n            type: Basic\n"
+        "            maxConcurrency: 1\n          execution:\n            steps:\n"
+        "              - step:\n                  type: Command\n                  name: Install",
+    )
+    text = (folder / "pipeline.yaml").read_text()
+    (folder / "pipeline.yaml").write_text(
+        text.replace(
+            "items: <+stage.output.hosts>\n                      maxConcurrency: 1",
+            "items: <+stage.output.hosts>\n                      maxConcurrency: 5",
+        )
+    )
+    stage = plan_of([folder, STATIC])["stages"][0]
+    assert stage["strategy"]["maxConcurrency"] == 1
 
 
 @pytest.mark.parametrize(

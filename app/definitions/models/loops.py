@@ -26,7 +26,8 @@
     strategy:
       repeat:
         items: <+stage.output.hosts>   # Harness's way of running a step on every host: in
-    spec: {...}                        # vmfarm that is what every step of a phase does
+        maxConcurrency: 1              # vmfarm that is what every step of a phase does
+    spec: {...}
 ```
 
 A loop is expanded when the plan is resolved: every iteration is a stage (``deploy_0``,
@@ -38,10 +39,10 @@ iterations. Every iteration reads ``<+strategy.iteration>`` (from 0),
 Iterations run one after another: a stage's iterations are stages in order, a step's are
 steps in order on each host (hosts still run side by side). ``maxConcurrency`` above 1 is
 refused, since vmfarm would not run iterations side by side. Repeating a Command step over
-``<+stage.output.hosts>`` is the phase's own fan-out: Harness's vocabulary
-(app.definitions.harness_vocab) takes it out before the file is validated, ``<+repeat.item>``
-in the step standing for the host's name; the stage's ``strategy.maxConcurrency`` sets how
-many hosts run at once. Anywhere else it is refused.
+``<+stage.output.hosts>`` is the phase's own fan-out: the step is planned exactly as without
+it, ``<+repeat.item>`` in it standing for the host's name, and its ``maxConcurrency`` caps the
+hosts in flight in every phase of the stage (as the strategy's ``maxConcurrency`` does; the
+smaller one wins). Anywhere else it is refused.
 """
 
 from __future__ import annotations
@@ -254,13 +255,7 @@ class LoopStrategy(Model):
                 f"maxConcurrency goes inside {given[0]} (next to parallelism only for parallelism)"
             )
         cap = self.cap
-        if cap is not None and self.over_hosts:
-            raise ValueError(
-                "maxConcurrency over <+stage.output.hosts> is not supported: a step runs on "
-                "every host of its phase; set how many hosts run at once with the stage's "
-                "strategy.maxConcurrency"
-            )
-        if cap is not None and cap > 1:
+        if cap is not None and cap > 1 and not self.over_hosts:
             raise ValueError(f"maxConcurrency {cap}: {_ONE_AT_A_TIME}")
         return self
 
