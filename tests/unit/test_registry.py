@@ -246,3 +246,20 @@ def test_every_example_document_reads_the_same_from_its_own_text() -> None:
             assert from_native(alone).data == from_native(doc).data, (path, entry.line)
             checked += 1
     assert checked > 50
+
+
+def test_a_connector_change_is_checked_on_the_environments_whose_hosts_use_it() -> None:
+    infra = registry.split({"i.yaml": INFRA})[0]
+    current = {
+        ("Environment", "prod"): RegistryVersion(
+            kind="Environment", ident="prod", version=1, text=ENV, env_type="Production"
+        ),
+        ("Infrastructure", "prod_hosts"): RegistryVersion(
+            kind="Infrastructure", ident="prod_hosts", version=1, text=infra.text, env_ref="prod"
+        ),
+    }
+    vault = "apiVersion: v1\nkind: Connector\nmetadata: {name: vault}\nspec: {type: Vault}\n"
+    changed = registry.split({"c.yaml": vault})
+    assert environment_checks(changed, changed, current) == [("prod", "Production")]
+    other = registry.split({"c.yaml": vault.replace("vault", "other")})
+    assert environment_checks(other, other, current) == []
