@@ -19,6 +19,12 @@ from cli.console import out, styled
 MATRIX_FROM = 40
 
 
+def _named(st: dict[str, Any]) -> str:
+    """A stage as status names it: its identifier, and which iteration of a loop it is."""
+    loop = st.get("loop")
+    return f"{st['identifier']} [{loop}]" if loop else str(st["identifier"])
+
+
 def live_view(report: dict[str, Any]) -> Group:
     """The live view of ``vmfarm run --watch``: a progress bar and a host table per stage."""
     parts: list[Any] = [
@@ -29,7 +35,7 @@ def live_view(report: dict[str, Any]) -> Group:
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
-            Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
+            Text.assemble(f"stage {_named(st)} ", styled(st["status"])),
             ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
             Text(f"{done}/{len(hosts)} hosts"),
         )
@@ -48,7 +54,40 @@ def live_view(report: dict[str, Any]) -> Group:
         for h in hosts:
             table.add_row(h["host"], h["region"], *[styled(s["status"]) for s in h["steps"]])
         parts.append(table)
+        parts.extend(Text(line, style=style) for line, style in watch_lines(st.get("watch")))
     return Group(*parts)
+
+
+def watch_lines(w: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The watch after deployment (a stage's rollbackStrategy.triggers), as (line, style):
+    its state, window end, and each trigger's last and worst numbers."""
+    if not w:
+        return []
+    if w.get("state") == "not started":
+        return [("  watch after deployment: starts when the last phase has passed", "")]
+    status = w.get("status")
+    span = f"window {w.get('window'):g}s, {w.get('checks', 0)} check(s)"
+    if status == "RUNNING":
+        head = (
+            f"  watch after deployment: WATCHING until {w.get('ends_at')} ({span}; the "
+            "execution ends with it)"
+        )
+        style = "yellow"
+    elif status == "SUCCEEDED":
+        head, style = f"  watch after deployment: passed ({span})", "green"
+    elif status == "FAILED":
+        head, style = f"  watch after deployment: BREACHED, stage rolled back ({span})", "red"
+    else:
+        head, style = f"  watch after deployment: {status} ({span})", ""
+    lines = [(head, style)]
+    for trig in w.get("triggers") or []:
+        if trig.get("summary"):
+            bad = trig.get("state") == "breached"
+            lines.append((f"    {trig['summary']}", "red" if bad else ""))
+    lines.extend((f"    {r}", "red") for r in w.get("reasons") or [])
+    health = ((w.get("last") or {}).get("health") or {}).get("failed") or {}
+    lines.extend((f"    {h}: health check failed: {e}", "red") for h, e in health.items())
+    return lines
 
 
 def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
@@ -57,9 +96,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     for st in report["stages"]:
         if st["status"] == "SKIPPED" and st.get("error"):
             out.print(
-                Text.assemble(
-                    f"stage {st['identifier']}: ", styled(st["status"]), f" ({st['error']})"
-                )
+                Text.assemble(f"stage {_named(st)}: ", styled(st["status"]), f" ({st['error']})")
             )  # its when, or a failed stage
             continue
         if st.get("type") == "Approval":
@@ -73,10 +110,11 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             _print_matrix(st)
             print_discovery(st)
             print_gates(st, only_failed=True)
+            for line, style in watch_lines(st.get("watch")):
+                out.print(Text(line, style=style))
             continue
         table = Table(
-            title=f"stage {st['identifier']} ({st['service']} -> "
-            f"{st['environment']}): {st['status']}",
+            title=f"stage {_named(st)} ({st['service']} -> {st['environment']}): {st['status']}",
             title_justify="left",
         )
         rolled = any(h.get("rollback") for h in st["hosts"])
@@ -134,6 +172,8 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                     Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}", style="red")
                 )
         print_gates(st, only_failed=True)
+        for line, style in watch_lines(st.get("watch")):
+            out.print(Text(line, style=style))
     if report.get("intervention"):
         v = report["intervention"]
         out.print(
@@ -151,7 +191,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
 def _print_custom(st: dict[str, Any]) -> None:
     """A Custom stage: its steps on the delegate, one row each (status, worker, outputs)."""
     table = Table(
-        title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
+        title=f"stage {_named(st)} (custom, on the delegate): {st['status']}",
         title_justify="left",
     )
     for c in ("step", "status", "worker", "outputs"):
@@ -201,7 +241,9 @@ def print_discovery(stage: dict[str, Any]) -> None:
 def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """The stage's phase records that are verdicts (not discovery, not an intervention)."""
     return [
-        p for p in stage["phases"] if p["kind"] != "discover" and not p["kind"].startswith("mi-")
+        p
+        for p in stage["phases"]
+        if p["kind"] not in ("discover", "watch") and not p["kind"].startswith("mi-")
     ]
 
 
@@ -212,7 +254,7 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
-        if p["kind"] == "discover":
+        if p["kind"] in ("discover", "watch"):  # watch: watch_lines
             continue
         if p["kind"].startswith("mi-"):
             if not only_failed and v.get("chosen"):
@@ -353,7 +395,7 @@ def _print_matrix(st: dict[str, Any]) -> None:
     """A large stage on one screen: per step, how many hosts ended how; then the hosts that
     did not succeed, grouped by error, a few named per group."""
     title = (
-        f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+        f"stage {_named(st)} ({st['service']} -> {st['environment']}): "
         f"{st['status']}, {len(st['hosts'])} hosts"
     )
     states = [
@@ -495,6 +537,10 @@ def print_plan(result: dict[str, Any]) -> None:
                     f"{st['environment']}, strategy {strategy.get('type')}",
                 )
             )
+        if st.get("loop"):  # one iteration of the stage's looping strategy
+            out.print(Text(f"  {st['loop']} (stage {st.get('name')})"))
+        if strategy.get("maxConcurrency"):
+            out.print(f"  at most {strategy['maxConcurrency']} host(s) in flight in a phase")
         hosts = st["hosts_by_region"]
         if isinstance(hosts, dict):
             for region, names in hosts.items():
@@ -532,6 +578,8 @@ def print_plan(result: dict[str, Any]) -> None:
                     style="bold",
                 )
             )
+            if step.get("loop"):
+                out.print(Text(f"      loop: {step['loop']}"))
             if step.get("when"):
                 out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():
@@ -544,6 +592,18 @@ def print_plan(result: dict[str, Any]) -> None:
                 for line in describe_unit(u):
                     out.print(Text(f"      {line}"))
         out.print(f"  on failure: {st['on_failure']}")
+        w = st.get("watch")
+        if w:
+            out.print(
+                f"  then a watch after deployment for {w['window']:g}s (a check every "
+                f"{w['interval']:g}s over the last {w['lookback']:g}s; Prometheus "
+                f"{w.get('prometheus') or 'not set: give prometheusUrl or VMFARM_PROMETHEUS_URL'}"
+                f"); a breach rolls the stage back:"
+            )
+            for trig in w["triggers"]:
+                out.print(f"    {trig['name']}: {trig['condition']} within {trig['window']:g}s")
+            if w.get("health_check"):
+                out.print(f"    health checks from the control worker: {w['health_check']}")
 
 
 def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:

@@ -25,8 +25,13 @@ from app.definitions.models import (
     StageWhen,
     StepWhen,
     StrategySpec,
+    TerraformApplyStep,
+    TerraformDestroyStep,
+    TerraformPlanStep,
+    TerraformRollbackStep,
     WaitStep,
 )
+from app.definitions.models.watch import RollbackStrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -87,6 +92,8 @@ class _Grouped(Model):
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # The group's ``when``: the step runs only when both its own and its group's allow it.
     group_when: StepWhen | None = None
+    # The iteration of a looping strategy this step is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 def step_when(step: Any) -> StepWhen | None:
@@ -119,8 +126,45 @@ class ApprovalStepPlan(ApprovalStep, _Grouped):
     """A HarnessApproval step among a stage's steps: the hosts stop there until approved."""
 
 
+class _TerraformPlanned(_Grouped):
+    # The repository each Git store of the step reads (url, auth type, secret ids), by the
+    # store's dotted path in the step: app.definitions.terraform.dump_step.
+    repositories: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class TerraformPlanStepPlan(TerraformPlanStep, _TerraformPlanned):
+    """A TerraformPlan step as it runs on the delegate (app.execution.terraform)."""
+
+
+class TerraformApplyStepPlan(TerraformApplyStep, _TerraformPlanned):
+    """A TerraformApply step as it runs on the delegate."""
+
+
+class TerraformDestroyStepPlan(TerraformDestroyStep, _TerraformPlanned):
+    """A TerraformDestroy step as it runs on the delegate."""
+
+
+class TerraformRollbackStepPlan(TerraformRollbackStep, _TerraformPlanned):
+    """A TerraformRollback step as it runs on the delegate."""
+
+
+TerraformStepPlan = (
+    TerraformPlanStepPlan
+    | TerraformApplyStepPlan
+    | TerraformDestroyStepPlan
+    | TerraformRollbackStepPlan
+)
+
 StepPlan = Annotated[
-    CommandStepPlan | HealthCheckStepPlan | HttpStepPlan | WaitStepPlan | ApprovalStepPlan,
+    CommandStepPlan
+    | HealthCheckStepPlan
+    | HttpStepPlan
+    | WaitStepPlan
+    | ApprovalStepPlan
+    | TerraformPlanStepPlan
+    | TerraformApplyStepPlan
+    | TerraformDestroyStepPlan
+    | TerraformRollbackStepPlan,
     Field(discriminator="type"),
 ]
 
@@ -139,6 +183,7 @@ class DeploymentStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None  # the stage's labels (Harness's stage tags)
     service: ServiceOf
     environment: EnvironmentOf
     artifact: ArtifactPlan | None = None
@@ -156,6 +201,11 @@ class DeploymentStagePlan(Model):
     external_values: dict[str, str] = Field(default_factory=dict)
     # Its condition holds only literals once resolved: the coordinator judges it at the start.
     when: StageWhen | None = None
+    # The watch after the last phase (its rollbackStrategy; healthCheck filled in from the
+    # stage's HTTP HealthCheck step when a trigger needs one).
+    watch: RollbackStrategySpec | None = None
+    # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 class ApprovalStagePlan(Model):
@@ -165,6 +215,7 @@ class ApprovalStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None
     approval: ApprovalStep
     steps: list[StepPlan] = Field(default_factory=list)
     rollback_steps: list[StepPlan] = Field(default_factory=list)

@@ -1,7 +1,7 @@
 """webhook deliveries: one row per trigger and delivery id (a repeated delivery starts nothing)
 
 Revision ID: 0017
-Revises: 0010
+Revises: 0011
 """
 
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ import sqlmodel
 from alembic import op
 
 revision = "0017"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
