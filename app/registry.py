@@ -252,7 +252,7 @@ def check_triggers(
             continue
         for t in found:
             if t.pipeline not in known:
-                line = int(t.source.rsplit(":", 1)[1])
+                line = t.pipeline_line
                 errs.add(
                     SpecError(
                         f"trigger '{t.id}' names pipeline '{t.pipeline}', which is neither "

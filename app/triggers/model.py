@@ -220,6 +220,7 @@ class Trigger:
 
     body: TriggerBody
     source: str
+    pipeline_line: int = 0  # where pipelineIdentifier is written
 
     @property
     def id(self) -> str:
@@ -254,7 +255,11 @@ def load_text(text: str, file: str) -> list[Trigger]:
         spec = validate(doc, (), TriggerSpec, doc.data, errs)
         if spec is None:
             continue
-        trig = Trigger(spec.trigger, f"{doc.file}:{doc.pos(('trigger',))[0]}")
+        trig = Trigger(
+            spec.trigger,
+            f"{doc.file}:{doc.pos(('trigger',))[0]}",
+            doc.pos(("trigger", "pipelineIdentifier"))[0],
+        )
         if spec.trigger.input_yaml is not None:
             from app.triggers.webhook import check_input_yaml
 
