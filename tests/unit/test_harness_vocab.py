@@ -356,7 +356,7 @@ def test_a_trigger_document_is_refused_by_name(tmp_path: Path) -> None:
     f = tmp_path / "trigger.yaml"
     f.write_text("trigger:\n  name: on push\n  identifier: on_push\n")
     (err,) = refusal([f])
-    assert "triggers are not supported" in err.message and err.line == 1
+    assert "a trigger is kept by the server" in err.message and err.line == 1
 
 
 def test_a_document_without_kind_hints_at_harness_shape(tmp_path: Path) -> None:

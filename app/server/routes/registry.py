@@ -199,6 +199,12 @@ def apply(
         registry.check(
             body.files, [registry.entry_of(r) for k, r in current.items() if k not in mine]
         )
+        registry.check_triggers(
+            entries,
+            [e.ident for e in entries if e.kind == "Pipeline"]
+            + [ident for kind, ident in current if kind == "Pipeline"],
+            body.files,
+        )
     except (SpecError, SpecErrors) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     try:
