@@ -385,3 +385,68 @@ def test_convert_of_the_harness_examples_keeps_every_plan(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     for f in HARNESS.iterdir():
         assert (back / f.name).read_text() == f.read_text(), f.name
+
+
+def lab_infrastructure(folder: Path, tmp_path: Path) -> list[Path]:
+    """A static infrastructure for a configs/ folder that has none of its own (the demo deploys
+    to the lab's, which `vmfarm lab up` writes)."""
+    if (folder / "infrastructure.yaml").exists():
+        return []
+    good = Path(__file__).resolve().parents[1] / "data" / "good" / "infrastructure.yaml"
+    path = tmp_path / "lab-infrastructure.yaml"
+    path.write_text(
+        good.read_text()
+        .replace("environmentRef: test_env", "environmentRef: lab")
+        .replace("identifier: test_hosts", "identifier: lab")
+    )
+    return [path]
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_FOLDERS = sorted(
+    {
+        f.parent
+        for f in CONFIGS.rglob("*.yaml")
+        if any(line.startswith(("kind: ", "pipeline:")) for line in f.read_text().splitlines())
+    }
+)
+
+
+def test_the_round_trip_covers_every_pipeline_folder_of_configs() -> None:
+    assert [f.relative_to(CONFIGS).as_posix() for f in CONFIG_FOLDERS] == [
+        "compose/pipeline",
+        "demo",
+    ]
+
+
+@pytest.mark.parametrize("folder", CONFIG_FOLDERS, ids=lambda f: f.name)
+def test_convert_to_harness_and_back_keeps_the_plan_of_configs(
+    folder: Path, tmp_path: Path
+) -> None:
+    """`vmfarm convert --to harness` then `--to vmfarm` of a configs/ folder: the Harness form
+    and the converted-back form plan exactly as the original."""
+    roots = {}  # each a copy of configs/ (a folder's files may name files beside it)
+    for name in ("original", "harness", "back"):
+        shutil.copytree(CONFIGS, tmp_path / name)
+        roots[name] = tmp_path / name / folder.relative_to(CONFIGS)
+    infra = lab_infrastructure(folder, tmp_path)
+    runner = CliRunner()
+    for name in ("harness", "back"):
+        result = runner.invoke(main, ["convert", "--to", "harness", "--write", str(roots[name])])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["convert", "--to", "vmfarm", "--write", str(roots["back"])])
+    assert result.exit_code == 0, result.output
+    harness_text = "".join(f.read_text() for f in roots["harness"].glob("*.yaml"))
+    assert "\npipeline:\n" in harness_text and "\nkind: " not in harness_text
+    plans = {}
+    for name, root in roots.items():
+        paths = [root, *infra]
+        bundle = load(paths, inputs={"tag": "1.0"})
+        plans[name] = comparable(
+            resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json(),
+            tmp_path / name,
+        )
+    assert plans["harness"] == plans["original"]
+    assert plans["back"] == plans["original"]
+    for f in folder.glob("*.yaml"):
+        assert (roots["back"] / f.name).read_text() == f.read_text(), f.name
