@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from app.definitions.bundle import YAML_SUFFIXES, Bundle, Collector, Loaded, missing, provider_of
 from app.definitions.inputs import apply_inputs
 from app.definitions.references import check_references
-from app.definitions.resolve import resolve_stage
+from app.definitions.resolve import resolve_stages
 from app.definitions.validation import _type_name, validate
 
 
@@ -144,11 +144,10 @@ def _load_bundle(
         errs.add(err)
     errs.raise_if_any()
     for pipe in bundle.pipelines.values():
-        for i, _ in enumerate(pipe.model.spec.stages):
-            try:
-                resolve_stage(bundle, pipe, i, execution_id="<validate>", strict_inputs=False)
-            except (SpecError, SpecErrors) as exc:
-                errs.absorb(exc)
+        try:  # every iteration of a loop, each with its own values
+            resolve_stages(bundle, pipe, execution_id="<validate>", strict_inputs=False)
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
     errs.raise_if_any()
     return bundle
 

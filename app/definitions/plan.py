@@ -92,6 +92,8 @@ class _Grouped(Model):
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # The group's ``when``: the step runs only when both its own and its group's allow it.
     group_when: StepWhen | None = None
+    # The iteration of a looping strategy this step is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 def step_when(step: Any) -> StepWhen | None:
@@ -202,6 +204,8 @@ class DeploymentStagePlan(Model):
     # The watch after the last phase (its rollbackStrategy; healthCheck filled in from the
     # stage's HTTP HealthCheck step when a trigger needs one).
     watch: RollbackStrategySpec | None = None
+    # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 class ApprovalStagePlan(Model):
