@@ -4,6 +4,7 @@ refused by name, at the line the file says it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,24 @@ def test_canary_phases_with_start_and_end_are_the_canary_and_the_rest() -> None:
     assert stage["strategy"]["type"] == "Canary"
     # one set of steps for both phases (Harness numbers them per phase)
     assert [s["identifier"] for s in stage["steps"]] == ["deploy_1"]
+
+
+def test_a_step_over_part_of_the_hosts_is_a_phase(tmp_path: Path) -> None:
+    # Given Harness's step-level form: the Command step itself repeats over a part of the
+    # hosts (start/end), its spec naming the iteration's host
+    folder, _ = copy_with(
+        tmp_path,
+        "pipeline-basic.yaml",
+        "        items: <+stage.output.hosts>\n                  spec:\n",
+        "        items: <+stage.output.hosts>\n                      maxConcurrency: 2\n"
+        "                      start: 0\n                      end: 100\n"
+        "                      unit: Percentage\n                  spec:\n"
+        "                    host: <+repeat.item>\n",
+    )
+    stage = plan([folder], "todolist_basic")["stages"][0]
+    assert stage["strategy"]["maxConcurrency"] == 2
+    assert "host" not in json.dumps(stage["steps"][0]["spec"])
+    assert phases([folder], "todolist_basic") == [("Canary 1", RACK_A)]
 
 
 def test_repeat_over_the_stage_hosts_is_the_per_host_fan_out() -> None:
