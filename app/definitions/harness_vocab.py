@@ -32,6 +32,7 @@ PDC ``connector:`` with ``hosts``                  the infrastructure's ``spec.h
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -247,6 +248,7 @@ def _stage(rw: _Rewrite, base: Path) -> None:
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _approvals(rw, (*base, "spec", "execution", key))
+            _runtime_paths(rw, (*base, "spec", "execution", key))
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _phases(rw, base, (*base, "spec", "execution", key), rollback=key == "rollbackSteps")
@@ -292,6 +294,41 @@ def _approvals(rw: _Rewrite, path: Path) -> None:
                 "without one)",
                 (*at, "autoApproval"),
             )
+
+
+_RUNTIME_PATH = re.compile(r"\$\{?HARNESS_(RUNTIME|BACKUP|STAGING)_PATH\b")
+
+
+def _runtime_paths(rw: _Rewrite, path: Path) -> None:
+    """Harness's ``$HARNESS_RUNTIME_PATH`` (and BACKUP, STAGING) are set by Harness on the host;
+    vmfarm does not set them, so a unit that reads them is refused by name (a Copy would
+    reach SFTP with the name, a script would make an empty path)."""
+    for i, el in enumerate(_at(rw.data, path)):
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _runtime_paths(rw, (*path, i, "stepGroup", "steps"))
+        step = el.get("step") if isinstance(el, dict) else None
+        spec = step.get("spec") if isinstance(step, dict) else None
+        units = spec.get("commandUnits") if isinstance(spec, dict) else None
+        for n, unit in enumerate(units if isinstance(units, list) else []):
+            uspec = unit.get("spec") if isinstance(unit, dict) else None
+            if not isinstance(uspec, dict):
+                continue
+            script = ((uspec.get("source") or {}).get("spec") or {}).get("script")
+            for key, value, at in (
+                ("destinationPath", uspec.get("destinationPath"), ("destinationPath",)),
+                ("workingDirectory", uspec.get("workingDirectory"), ("workingDirectory",)),
+                ("script", script, ("source", "spec", "script")),
+            ):
+                hit = _RUNTIME_PATH.search(value) if isinstance(value, str) else None
+                if hit:
+                    rw.error(
+                        f"{hit.group(0).lstrip('$').strip('{')} in {key} is not set by vmfarm "
+                        "(Harness sets it on the host): write the directory, e.g. "
+                        "$HOME/<+service.name>/<+env.name>/runtime",
+                        (*path, i, "step", "spec", "commandUnits", n, "spec", *at),
+                        key=False,
+                    )
 
 
 def _only_inputs(value: Any) -> bool:

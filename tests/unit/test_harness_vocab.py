@@ -348,6 +348,13 @@ REFUSED = {
         "credentialType 'Kerberos' is not supported",
         "credentialType: Kerberos",
     ),
+    "Harness's runtime path variables": (
+        "pipeline-basic.yaml",
+        "destinationPath: $HOME/<+service.name>/<+env.name>\n",
+        "destinationPath: $HARNESS_RUNTIME_PATH\n",
+        "HARNESS_RUNTIME_PATH in destinationPath is not set by vmfarm",
+        "destinationPath: $HARNESS_RUNTIME_PATH",
+    ),
     "a host filter that keeps no host": (
         "infrastructure.yaml",
         "rack: a",
