@@ -182,6 +182,15 @@ def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[Spec
             _pipeline(rw)
         elif kind == "Service":
             _service(rw)
+        elif kind == "Connector":
+            spec = _mapping(_mapping(rw.data.get("spec")).get("spec"))
+            if "awsSdkClientBackOffStrategyOverride" in spec:
+                rw.error(
+                    "awsSdkClientBackOffStrategyOverride is not supported: vmfarm's AWS calls use "
+                    "botocore's standard retry mode (backoff, a fixed number of attempts); "
+                    "remove it",
+                    ("spec", "spec", "awsSdkClientBackOffStrategyOverride"),
+                )
         elif kind == "Infrastructure":
             _infrastructure(rw, ("spec",), secrets, pdc)
         elif kind == "Environment":

@@ -476,3 +476,16 @@ def test_convert_to_harness_and_back_keeps_the_plan_of_configs(
     assert plans["back"] == plans["original"]
     for f in folder.glob("*.yaml"):
         assert (roots["back"] / f.name).read_text() == f.read_text(), f.name
+
+
+def test_an_aws_connector_retry_override_is_refused_by_name(tmp_path: Path) -> None:
+    f = tmp_path / "aws.yaml"
+    f.write_text(
+        "connector:\n  name: aws\n  identifier: aws\n  type: Aws\n  spec:\n"
+        "    credential:\n      type: InheritFromDelegate\n"
+        "    awsSdkClientBackOffStrategyOverride:\n"
+        "      type: FixedDelayBackoffStrategy\n      spec: {fixedBackoff: 0, retryCount: 0}\n"
+    )
+    (err,) = refusal([f])
+    assert "awsSdkClientBackOffStrategyOverride is not supported" in err.message
+    assert (err.file, err.line) == (str(f), line_of(f, "awsSdkClientBackOffStrategyOverride"))
