@@ -13,7 +13,12 @@ import pytest
 
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
-OPEN = {("GET", "/api/health"), ("GET", "/api/v1/auth/config")}
+OPEN = {
+    ("GET", "/api/health"),
+    ("GET", "/api/v1/auth/config"),
+    # authenticated by the trigger's own secret (tests/service/test_webhooks.py)
+    ("POST", "/api/v1/webhooks/{trigger_id}"),
+}
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -125,6 +130,7 @@ CALLS: dict[tuple[str, str], Callable[[Setup], tuple[str, dict[str, Any] | None]
     ("POST", EX + "/{execution_id}/retry"): lambda s: (f"{EX}/{s.ended()}/retry", None),
     ("POST", EX + "/{execution_id}/rollback"): lambda s: (f"{EX}/{s.succeeded()}/rollback", None),
     ("POST", REG): lambda _: (REG, {"files": {"s.yaml": ROUTE_SERVICE}}),
+    ("GET", "/api/v1/triggers"): lambda _: ("/api/v1/triggers", None),
     ("GET", REG + "/{kind}"): lambda _: (f"{REG}/service", None),
     ("GET", REG + "/{kind}/{ident}"): lambda s: (f"{REG}/service/{_stored(s)}", None),
     ("GET", REG + "/{kind}/{ident}/history"): lambda s: (

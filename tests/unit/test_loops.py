@@ -437,3 +437,21 @@ def test_a_loop_next_to_a_stage_template_repeats_the_templated_stage(tmp_path: P
     err = refusal(exc)
     assert err.file.endswith("templated/pipeline.yaml")
     assert err.line == line_of(bad / "templated" / "pipeline.yaml", "parallelism: 0")
+
+
+def test_harness_spec_host_of_the_hosts_repeat_is_dropped_with_or_without_a_cap(
+    tmp_path: Path,
+) -> None:
+    # Given Harness's `spec.host: <+repeat.item>` on the step repeated over the hosts, with
+    # its maxConcurrency (left to the looping strategies) and without
+    for cap in ("                      maxConcurrency: 1\n", ""):
+        folder = loops_copy(
+            tmp_path / str(bool(cap)),
+            "                      maxConcurrency: 1\n                  spec:\n",
+            f"{cap}                  spec:\n                    host: <+repeat.item>\n",
+        )
+        stage = plan_of([folder, STATIC])["stages"][0]
+        (install,) = [s for s in stage["steps"] if s["identifier"] == "install"]
+        assert "host" not in install["spec"]
+        assert 'echo "install <+instance.hostName>"' in _script(install)
+        assert stage["strategy"].get("maxConcurrency") == (1 if cap else None)
