@@ -120,6 +120,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     api.include_router(auth.router)
     api.include_router(tokens.router)
     api.include_router(executions.router)
+    from app.server.console import install
+
+    install(api)  # the web console (/console)
     return api
 
 

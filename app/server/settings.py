@@ -33,3 +33,9 @@ class ServerSettings(BaseSettings):
     rbac_file: Path | None = None
     # Groups the identity provider does not send (``groups: {name: [subject, ...]}``).
     users_file: Path | None = None
+    # The web console (/console): its sign-in uses the issuer above with ``audience`` as the
+    # client id; the provider may require a client secret. Sessions last this long; cookies
+    # are Secure unless the console is served over plain HTTP on purpose (local trials).
+    console_client_secret: str | None = None
+    console_session_hours: float = 8.0
+    console_insecure_cookies: bool = False

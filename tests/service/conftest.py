@@ -275,6 +275,7 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
+  console-reader: [fleet:view, audit:view]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -282,6 +283,8 @@ bindings:
     groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+  - role: console-reader
+    groups: [deployers]
 """
 # Groups the identity provider does not send: API tokens named "holder" approve in "ci".
 SERVER_USERS = """
@@ -328,6 +331,8 @@ def _server(
         VMFARM_SERVER_AUDIENCE="vmfarm",
         # The provider takes no public clients: vmfarm login gets this (not secret) secret.
         VMFARM_SERVER_CLI_CLIENT_SECRET="test-client-secret",
+        # The mock provider wants a client secret (any) from the console's sign-in.
+        VMFARM_SERVER_CONSOLE_CLIENT_SECRET="test-client-secret",
     )
     log = root / "server.log"
     with log.open("wb") as fh:
