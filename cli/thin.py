@@ -147,10 +147,9 @@ def follow(
     sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
 
 
-def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> Any:
-    """The execution's status events until its ``end`` event (and the keep-alives of a quiet
-    stream as ``None``, when asked), reconnecting when the stream breaks (a server restart)
-    a few times."""
+def _events(remote: Remote, execution_id: str) -> Any:
+    """The execution's status events until its ``end`` event, reconnecting when the stream
+    breaks (a server restart) a few times."""
     broken = 0
     while True:
         try:
@@ -160,8 +159,6 @@ def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> A
                 if name == "status":
                     broken = 0
                     yield data
-                elif name == "keepalive" and keepalives:
-                    yield None
             return
         except ServerUnavailable:
             broken += 1
