@@ -172,15 +172,11 @@ def _events(remote: Remote, execution_id: str) -> Any:
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
     watched: set[str] = set()
-    for progress in _events(remote, execution_id):
-        w = progress.get("watching")
-        if w and w.get("stage") not in watched:
-            watched.add(w.get("stage"))
-            err.print(
-                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
-                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
-                "ends when the watch does"
-            )
+    for progress in _events(remote, execution_id, keepalives=True):
+        if progress is None or progress.get("status") == "RUNNING":
+            _tell_watches(remote.get(f"{EX}/{execution_id}"), watched)
+        if progress is None:
+            continue
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -195,6 +191,20 @@ def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
             told = True
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return report
+
+
+def _tell_watches(report: dict[str, Any], told: set[str]) -> None:
+    """As local mode: say once per stage when its watch after deployment has started."""
+    for st in report.get("stages", []):
+        w = st.get("watch")
+        if not w or w.get("state") == "not started" or st["identifier"] in told:
+            continue
+        told.add(st["identifier"])
+        err.print(
+            f"execution {report['id']}: stage {st['identifier']} passed its last phase; "
+            f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+            "ends when the watch does"
+        )
 
 
 def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
@@ -457,8 +467,8 @@ def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
 @pass_cli
 @remote_errors(nothing="nothing was applied.")
 def apply(cli: Cli, paths: tuple[str, ...], output: str) -> None:
-    """Store Environments, Infrastructures, Services, Connectors and Templates on the
-    server: a new version of each that changed (who, when, diff)."""
+    """Store Environments, Infrastructures, Services, Connectors, Templates and Pipelines on
+    the server: a new version of each that changed (who, when, diff)."""
     answer = connect().post(REG, {"files": read_files(paths)})
     applied = answer.get("applied", []) if isinstance(answer, dict) else answer
     if output == "json":
@@ -537,6 +547,31 @@ def _table(cli: Cli, rows: Any) -> None:
     for r in rows:
         table.add_row(*(str(r.get(c, "")) for c in columns))
     cli.out.print(table)
+
+
+@click.command("triggers")
+@output_option
+@pass_cli
+@remote_errors()
+def triggers(cli: Cli, output: str) -> None:
+    """The server's webhook triggers (kind: Trigger) with their last deliveries."""
+    rows = connect().get("/api/v1/triggers")
+    if output == "json":
+        cli.json(rows)
+        return
+    if not rows:
+        cli.err.print("no trigger stored (vmfarm apply -f TRIGGER.yaml stores one)")
+        return
+    for t in rows:
+        state = "" if t.get("enabled", True) else " (disabled)"
+        cli.out.print(
+            f"{t['id']}{state}: pipeline {t['pipeline']}, version {t.get('version')}; "
+            f"POST /api/v1/webhooks/{t['id']}"
+        )
+        for d in t.get("deliveries") or []:
+            what = d["outcome"] + (f" {d['execution']}" if d.get("execution") else "")
+            detail = f" ({d['detail']})" if d.get("detail") else ""
+            cli.out.print(f"  {_when(d['received_at'])}  {d['delivery'][:40]}  {what}{detail}")
 
 
 # --- API tokens -------------------------------------------------------------------------------
@@ -704,6 +739,7 @@ COMMANDS: dict[str, click.Command] = {
         reject,
         abort,
         apply,
+        triggers,
         get,
         history,
         tokens,
@@ -719,7 +755,7 @@ EITHER_MODE = ("login", "logout")
 # are, never by a client).
 LOCAL_IN_SERVER_MODE = ("validate", "convert", "server", "worker", "lab", "flower", "reconcile")
 # Only the server has these.
-SERVER_ONLY = ("apply", "get", "history", "tokens")
+SERVER_ONLY = ("apply", "get", "history", "tokens", "triggers")
 
 
 def local_only(name: str, local: click.Command | None) -> click.Command:
