@@ -352,3 +352,19 @@ def test_terraform_never_reaches_a_registry(
     assert text.count("filesystem_mirror") == 2
     assert f'path = "{tmp_path / "plugins"}"' in text
     assert f'path = "{tmp_path / "tf" / "providers"}"' in text
+
+
+def test_plan_says_what_each_terraform_step_does(files: Any) -> None:
+    from app.definitions.terraform import describe
+
+    bundle = load(files(pipeline(PLAN, APPLY)))
+    steps = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX").to_json()["stages"][
+        0
+    ]["steps"]
+    assert describe(steps[0]) == [
+        "terraform plan (Apply), saved for provisioner plan, workspace prod",
+        "configuration: file:///srv/git/infra.git at main, terraform/",
+    ]
+    assert describe(steps[1]) == [
+        "terraform apply of the plan saved by provisioner plan in this execution"
+    ]
