@@ -360,6 +360,11 @@ def advance_later(*, execution_id: str) -> Signature:
     return task("vmfarm.advance", execution_id=execution_id)
 
 
+def watch_check(*, execution_id: str, stage_index: int, seq: int) -> Signature:
+    """One check of a stage's watch after deployment, on control (give it a countdown)."""
+    return task("vmfarm.watch_check", execution_id=execution_id, stage_index=stage_index, seq=seq)
+
+
 def notify(*, execution_id: str, before: dict[str, Any] | None, after: dict[str, Any]) -> Signature:
     """Send an execution's notifications for one transition, from control."""
     return task("vmfarm.notify", execution_id=execution_id, before=before, after=after)

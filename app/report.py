@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlmodel import col, select
@@ -23,6 +23,38 @@ def _gate_verdict(verdict: dict[str, Any] | None) -> dict[str, Any] | None:
     if not verdict:
         return verdict
     return {k: v for k, v in verdict.items() if k != "resent"} or None
+
+
+def _epoch(value: Any) -> str | None:
+    if value is None:
+        return None
+    moment = datetime.fromtimestamp(float(value), tz=UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="seconds") + "Z"
+
+
+def watch_view(rec: PhaseRun | None, *, planned: bool) -> dict[str, Any] | None:
+    """The stage's watch after deployment (app.coordinator.watch) as people read it: its
+    state, window, last numbers per trigger and why it breached; None when the stage has no
+    watch. ``planned``: the stage has one that has not started yet."""
+    if rec is None:
+        return {"status": "PENDING", "state": "not started"} if planned else None
+    v = rec.verdict or {}
+    return {
+        "status": rec.status,
+        "state": v.get("state"),
+        "started_at": _epoch(v.get("started")),
+        "ends_at": _epoch(v.get("ends")),
+        "window": v.get("window"),
+        "interval": v.get("interval"),
+        "checks": v.get("checks", 0),
+        "checked_at": _epoch(v.get("checked_at")),
+        "prometheus": v.get("prometheus"),
+        "hosts": rec.hosts,
+        "triggers": v.get("triggers") or [],
+        "last": v.get("last"),
+        "reasons": v.get("reasons") or [],
+        "passed": v.get("passed"),
+    }
 
 
 def execution_report(execution_id: str) -> dict[str, Any] | None:
@@ -176,6 +208,17 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     for p in phases
                     if p.stage_index == st.stage_index
                 ],
+                "watch": watch_view(
+                    next(
+                        (
+                            p
+                            for p in phases
+                            if p.stage_index == st.stage_index and p.kind == "watch"
+                        ),
+                        None,
+                    ),
+                    planned=getattr(plan, "watch", None) is not None,
+                ),
                 "hosts": hosts,
                 "strategy": plan.strategy.type,
                 "plan": st.phases,
@@ -354,8 +397,9 @@ def execution_logs(
 
 def execution_progress(execution_id: str) -> dict[str, Any] | None:
     """Where an execution stands, cheaply (two small reads, whatever its number of hosts):
-    its status, current stage and each stage's status; None when there is no such
-    execution. What a follower (the server's event stream) polls."""
+    its status, current stage and each stage's status (and the watch after deployment that
+    holds it open, if one runs); None when there is no such execution. What a follower (the
+    server's event stream) polls."""
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
         if ex is None:
@@ -365,6 +409,17 @@ def execution_progress(execution_id: str) -> dict[str, Any] | None:
             .where(StageRun.execution_id == execution_id)
             .order_by(col(StageRun.stage_index))
         ).all()
+        watch = (
+            s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == execution_id,
+                    PhaseRun.kind == "watch",
+                    PhaseRun.status == Status.RUNNING,
+                )
+            ).first()
+            if ex.status == Status.RUNNING
+            else None
+        )
         return {
             "id": ex.id,
             "pipeline": ex.pipeline,
@@ -372,6 +427,19 @@ def execution_progress(execution_id: str) -> dict[str, Any] | None:
             "current_stage": ex.current_stage,
             "error": ex.error,
             "stages": [{"identifier": st.identifier, "status": st.status} for st in stages],
+            # A stage's watch after deployment holds the execution open until this time.
+            **(
+                {
+                    "watching": {
+                        "stage": stages[watch.stage_index].identifier
+                        if watch.stage_index < len(stages)
+                        else str(watch.stage_index),
+                        "ends_at": _epoch((watch.verdict or {}).get("ends")),
+                    }
+                }
+                if watch is not None
+                else {}
+            ),
         }
 
 

@@ -48,7 +48,40 @@ def live_view(report: dict[str, Any]) -> Group:
         for h in hosts:
             table.add_row(h["host"], h["region"], *[styled(s["status"]) for s in h["steps"]])
         parts.append(table)
+        parts.extend(Text(line, style=style) for line, style in watch_lines(st.get("watch")))
     return Group(*parts)
+
+
+def watch_lines(w: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The watch after deployment (a stage's rollbackStrategy.triggers), as (line, style):
+    its state, window end, and each trigger's last and worst numbers."""
+    if not w:
+        return []
+    if w.get("state") == "not started":
+        return [("  watch after deployment: starts when the last phase has passed", "")]
+    status = w.get("status")
+    span = f"window {w.get('window'):g}s, {w.get('checks', 0)} check(s)"
+    if status == "RUNNING":
+        head = (
+            f"  watch after deployment: WATCHING until {w.get('ends_at')} ({span}; the "
+            "execution ends with it)"
+        )
+        style = "yellow"
+    elif status == "SUCCEEDED":
+        head, style = f"  watch after deployment: passed ({span})", "green"
+    elif status == "FAILED":
+        head, style = f"  watch after deployment: BREACHED, stage rolled back ({span})", "red"
+    else:
+        head, style = f"  watch after deployment: {status} ({span})", ""
+    lines = [(head, style)]
+    for trig in w.get("triggers") or []:
+        if trig.get("summary"):
+            bad = trig.get("state") == "breached"
+            lines.append((f"    {trig['summary']}", "red" if bad else ""))
+    lines.extend((f"    {r}", "red") for r in w.get("reasons") or [])
+    health = ((w.get("last") or {}).get("health") or {}).get("failed") or {}
+    lines.extend((f"    {h}: health check failed: {e}", "red") for h, e in health.items())
+    return lines
 
 
 def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
@@ -73,6 +106,8 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             _print_matrix(st)
             print_discovery(st)
             print_gates(st, only_failed=True)
+            for line, style in watch_lines(st.get("watch")):
+                out.print(Text(line, style=style))
             continue
         table = Table(
             title=f"stage {st['identifier']} ({st['service']} -> "
@@ -134,6 +169,8 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                     Text(f"  {h['host']} ({h['region']}): {_failure_detail(bad)}", style="red")
                 )
         print_gates(st, only_failed=True)
+        for line, style in watch_lines(st.get("watch")):
+            out.print(Text(line, style=style))
     if report.get("intervention"):
         v = report["intervention"]
         out.print(
@@ -201,7 +238,9 @@ def print_discovery(stage: dict[str, Any]) -> None:
 def gate_phases(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """The stage's phase records that are verdicts (not discovery, not an intervention)."""
     return [
-        p for p in stage["phases"] if p["kind"] != "discover" and not p["kind"].startswith("mi-")
+        p
+        for p in stage["phases"]
+        if p["kind"] not in ("discover", "watch") and not p["kind"].startswith("mi-")
     ]
 
 
@@ -212,7 +251,7 @@ def print_gates(stage: dict[str, Any], *, only_failed: bool) -> None:
     names = {p["index"]: p["name"] for p in stage.get("plan", [])}
     for p in stage["phases"]:
         v = p.get("verdict") or {}
-        if p["kind"] == "discover":
+        if p["kind"] in ("discover", "watch"):  # watch: watch_lines
             continue
         if p["kind"].startswith("mi-"):
             if not only_failed and v.get("chosen"):
@@ -544,6 +583,18 @@ def print_plan(result: dict[str, Any]) -> None:
                 for line in describe_unit(u):
                     out.print(Text(f"      {line}"))
         out.print(f"  on failure: {st['on_failure']}")
+        w = st.get("watch")
+        if w:
+            out.print(
+                f"  then a watch after deployment for {w['window']:g}s (a check every "
+                f"{w['interval']:g}s over the last {w['lookback']:g}s; Prometheus "
+                f"{w.get('prometheus') or 'not set: give prometheusUrl or VMFARM_PROMETHEUS_URL'}"
+                f"); a breach rolls the stage back:"
+            )
+            for trig in w["triggers"]:
+                out.print(f"    {trig['name']}: {trig['condition']} within {trig['window']:g}s")
+            if w.get("health_check"):
+                out.print(f"    health checks from the control worker: {w['health_check']}")
 
 
 def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:

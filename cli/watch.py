@@ -114,10 +114,20 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
         # Embedded, every read takes SQLite's write lock (BEGIN IMMEDIATE): ask less often.
         pause = 0.25 if get_settings().embedded else 0.1
         told = False
+        watched: set[int] = set()
+        polls = 0
         status = _status_of(execution_id)
         while status not in Status.TERMINAL:
             time.sleep(pause)
             status = _status_of(execution_id) or status
+            polls += 1
+            if status == Status.RUNNING and polls % 8 == 0:  # every second or two
+                for stage, ends in _watches(execution_id, watched):
+                    err.print(
+                        f"execution {execution_id}: stage {stage} passed its last phase; "
+                        f"watching it until {ends} (rollbackStrategy.triggers): the run "
+                        "ends when the watch does"
+                    )
             if status == Status.WAITING and not told:
                 if _report(execution_id).get("intervention"):
                     err.print(
@@ -138,6 +148,34 @@ def _wait(execution_id: str, *, live: bool) -> dict[str, Any]:
             report = _report(execution_id)
             view.update(live_view(report))
     return report
+
+
+def _watches(execution_id: str, told: set[int]) -> list[tuple[str, str]]:
+    """Watches after deployment that started since the last call: (stage, window end)."""
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import PhaseRun, StageRun
+    from app.report import watch_view
+
+    found: list[tuple[str, str]] = []
+    with session_scope() as s:
+        for rec in s.exec(
+            select(PhaseRun).where(PhaseRun.execution_id == execution_id, PhaseRun.kind == "watch")
+        ).all():
+            if rec.stage_index in told:
+                continue
+            told.add(rec.stage_index)
+            run = s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == execution_id,
+                    StageRun.stage_index == rec.stage_index,
+                )
+            ).one()
+            found.append(
+                (run.identifier, str((watch_view(rec, planned=True) or {}).get("ends_at")))
+            )
+    return found
 
 
 def _status_of(execution_id: str) -> str:

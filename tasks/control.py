@@ -61,6 +61,15 @@ def reconcile_task() -> list[str]:
     return reconcile()
 
 
+@app.task(name="vmfarm.watch_check")
+def watch_check(*, execution_id: str, stage_index: int, seq: int) -> str:
+    """One check of the watch after deployment: measure, record, judge; the next one is sent
+    with a countdown (no worker sleeps through the window)."""
+    from app.coordinator import watch_check as check
+
+    return check(execution_id, stage_index, seq)
+
+
 @app.task(name="vmfarm.advance")
 def advance_task(*, execution_id: str) -> str:
     """Advance an execution (idempotent)."""

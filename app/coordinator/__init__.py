@@ -10,6 +10,7 @@ in pyproject.toml holds it)::
     reconcile   what error callbacks miss: lost workers, unclaimed work, lost gates, timeouts
     machine     ``advance()``: the state machine, the only place that decides what happens next
     approvals   Approval stages         discovery   cloud hosts listed by region workers
+    watch       the watch after deployment (rollbackStrategy.triggers): checks, breach, pass
                                         (also for ``vmfarm hosts``: discover_on_workers)
     failure     failure strategies at the stage: ignore, fail, abort, intervene, roll back
     rollback    rollback plans from the ledger and the rollback phases
@@ -28,7 +29,13 @@ from __future__ import annotations
 from app.coordinator.actions import abort, decide_approval, intervene
 from app.coordinator.discovery import discover_on_workers
 from app.coordinator.dryrun import dry_run
-from app.coordinator.gates import discovery_done, gate, record_switch, verification_gate
+from app.coordinator.gates import (
+    discovery_done,
+    gate,
+    record_switch,
+    verification_gate,
+    watch_check,
+)
 from app.coordinator.instances import releases_held
 from app.coordinator.ledger import new_execution_id, record_lost_step
 from app.coordinator.machine import advance, send_notifications
@@ -65,4 +72,5 @@ __all__ = [
     "submit",
     "unserved_delegates",
     "verification_gate",
+    "watch_check",
 ]

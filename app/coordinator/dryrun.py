@@ -100,9 +100,31 @@ def dry_run(
                 "steps": steps,
                 "on_failure": failure_policy(stage),
                 "notes": notes,
+                "watch": watch_plan(stage),
             }
         )
     return {"pipeline": plan.identifier, "name": plan.name, "stages": stages}
+
+
+def watch_plan(stage: Any) -> dict[str, Any] | None:
+    """What the stage's watch after deployment will do (``vmfarm plan``); None without one."""
+    from app.settings import get_settings
+
+    spec = getattr(stage, "watch", None)
+    if spec is None:
+        return None
+    return {
+        "window": spec.window_seconds(),
+        "interval": spec.interval_seconds(),
+        "lookback": spec.lookback_seconds(),
+        "prometheus": spec.prometheus_url or get_settings().prometheus_url,
+        "instance": spec.instance,
+        "health_check": spec.health_check.url if spec.health_check else None,
+        "triggers": [
+            {"name": t.name, "condition": t.condition, "window": t.window_seconds()}
+            for t in spec.triggers
+        ],
+    }
 
 
 def step_when(step: StepPlan) -> str | None:

@@ -17,6 +17,7 @@ from app.coordinator.verdicts import (
     prometheus_verdict,
     within_budget,
 )
+from app.coordinator.watch import record_check, watch_inputs, watch_record
 from app.db import session_scope
 from app.models import (
     Status,
@@ -107,6 +108,46 @@ def verification_gate(execution_id: str, stage_index: int, phase: int) -> str:
         pr.status = Status.SUCCEEDED if passed else Status.FAILED
         pr.gate_at = utcnow()
         s.add(pr)
+    return advance(execution_id)
+
+
+def watch_check(execution_id: str, stage_index: int, seq: int) -> str:
+    """One check of a stage's watch after deployment (app.coordinator.watch): measure outside
+    the lock (Prometheus and the health checks may be slow), record and judge under it, send
+    the next check after the commit; advance when the watch ended."""
+    import time
+
+    from app.coordinator.ledger import lock_execution
+    from app.coordinator.publish import Dispatch, publish
+    from app.verify.probes import http_check, prometheus_query
+    from app.verify.watch import measure
+
+    with session_scope() as s:
+        found = watch_inputs(s, execution_id, stage_index, seq)
+    if found is None:
+        return "noop"
+    sample = measure(
+        found["spec"],
+        url=found["url"],
+        instances=found["instances"],
+        health_urls=found["health_urls"],
+        started=found["started"],
+        now=time.time(),
+        query=prometheus_query,
+        check=http_check,
+    )
+    with session_scope() as s:
+        ex = lock_execution(s, execution_id)
+        rec = watch_record(s, execution_id, stage_index)
+        if ex is None or rec is None or rec.status != Status.RUNNING:
+            return "noop"
+        if (rec.verdict or {}).get("seq") != seq:
+            return "noop"  # a duplicate, or the reconciler sent a newer check
+        state, wait = record_check(s, rec, sample, now=time.time())
+        next_seq = int((rec.verdict or {}).get("seq") or 0)
+    if wait is not None:
+        publish(Dispatch("watch", execution_id, stage_index, next_seq, [], countdown=wait))
+        return state
     return advance(execution_id)
 
 

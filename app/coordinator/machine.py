@@ -35,6 +35,7 @@ from app.coordinator.publish import Dispatch, publish, publish_notifications
 from app.coordinator.rollback import decide_rollback
 from app.coordinator.routing import discovered_by_workers, tags_of
 from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
+from app.coordinator.watch import decide_watch
 from app.db import session_scope
 from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan
 from app.errors import ConfigError, SpecError
@@ -177,6 +178,10 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
                     )
                     if outcome:
                         return outcome
+        # The watch after deployment (rollbackStrategy.triggers) holds the stage open.
+        watching = decide_watch(s, ex, run, stage_plan, dispatches)
+        if watching is not None:
+            return watching
         summarise_steps(s, ex, run)
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
         s.add(run)

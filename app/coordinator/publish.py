@@ -45,6 +45,11 @@ def publish(d: Dispatch) -> None:
     if d.kind == "timer":
         canvas.advance_later(execution_id=d.execution_id).apply_async(countdown=d.countdown)
         return
+    if d.kind == "watch":  # a check of the watch after deployment; ``phase`` is its number
+        canvas.watch_check(
+            execution_id=d.execution_id, stage_index=d.stage_index, seq=d.phase
+        ).apply_async(countdown=d.countdown)
+        return
     if d.kind in ("deploy", "rollback"):
         sig = canvas.phase_canvas(
             execution_id=d.execution_id,

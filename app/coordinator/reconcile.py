@@ -18,6 +18,7 @@ from app.coordinator.machine import advance
 from app.coordinator.resend import resend_lost
 from app.coordinator.retry import after_worker_lost, expire_pending
 from app.coordinator.verdicts import evaluate_phase
+from app.coordinator.watch import overdue_watches
 from app.db import session_scope
 from app.definitions.base import parse_duration
 from app.definitions.plan import ApprovalStagePlan
@@ -182,6 +183,7 @@ def reconcile(*, now: Any = None) -> list[str]:
             f"{key.execution}: {key.host} step {key.step}: worker lost; {after_worker_lost(key)}"
         )
     actions.extend(resend_lost(now))  # before the dispatch expiry: a lost message goes again
+    actions.extend(_resend_watch_checks())
     for ex_id, host, first_step in _unclaimed_hosts(waiting, unclaimed):
         record_lost_step(
             first_step,
@@ -216,6 +218,22 @@ def reconcile(*, now: Any = None) -> list[str]:
                 evaluate_phase(s, ex, run, pr, gate=False)
         actions.append(f"{ex_id}: {advance(ex_id)}")
     return actions + _judge_lost_gates(now)
+
+
+def _resend_watch_checks() -> list[str]:
+    """A watch after deployment whose next check is long overdue gets a new one."""
+    import time
+
+    from app.coordinator.publish import Dispatch, publish
+
+    with session_scope() as s:
+        overdue = overdue_watches(s, now=time.time())
+    for ex_id, stage_index, seq in overdue:  # after the commit
+        publish(Dispatch("watch", ex_id, stage_index, seq, []))
+    return [
+        f"{ex_id}: stage {si}: the watch's check was overdue; sent again"
+        for ex_id, si, _ in overdue
+    ]
 
 
 def _judge_lost_gates(now: Any) -> list[str]:

@@ -165,6 +165,8 @@ NOT_A_DOCUMENT = {
     "Operating vmfarm); an application's checks are verification gates",
     "monitoring_alerts": "alert rules are in configs/prometheus/alerts.yaml (README: Operating "
     "vmfarm)",
+    "rollbackStrategy": "a rollbackStrategy with its triggers goes in a Deployment stage, next "
+    "to failureStrategies: the watch after deployment (README: A watch after deployment)",
     "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
     "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "

@@ -31,6 +31,7 @@ from app.definitions.models import (
     TerraformRollbackStep,
     WaitStep,
 )
+from app.definitions.models.watch import RollbackStrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -197,6 +198,9 @@ class DeploymentStagePlan(Model):
     external_values: dict[str, str] = Field(default_factory=dict)
     # Its condition holds only literals once resolved: the coordinator judges it at the start.
     when: StageWhen | None = None
+    # The watch after the last phase (its rollbackStrategy; healthCheck filled in from the
+    # stage's HTTP HealthCheck step when a trigger needs one).
+    watch: RollbackStrategySpec | None = None
 
 
 class ApprovalStagePlan(Model):

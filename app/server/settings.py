@@ -23,7 +23,19 @@ class ServerSettings(BaseSettings):
     audience: str | None = None
     groups_claim: str = "groups"
     jwks_cache_seconds: float = 300.0
+    # What ``vmfarm login`` signs in with (GET /api/v1/auth/config): the client id (default:
+    # the audience), the scopes, and a client secret only for providers that require one of
+    # installed applications (it is handed to every client: not a secret).
+    cli_client_id: str | None = None
+    cli_scopes: str = "openid profile email"
+    cli_client_secret: str | None = None
     # Roles and bindings (app.rbac's file format); required: a server without it refuses.
     rbac_file: Path | None = None
     # Groups the identity provider does not send (``groups: {name: [subject, ...]}``).
     users_file: Path | None = None
+    # The web console (/console): its sign-in uses the issuer above with ``audience`` as the
+    # client id; the provider may require a client secret. Sessions last this long; cookies
+    # are Secure unless the console is served over plain HTTP on purpose (local trials).
+    console_client_secret: str | None = None
+    console_session_hours: float = 8.0
+    console_insecure_cookies: bool = False

@@ -94,9 +94,11 @@ def _secure_cluster(
     results: str,
     *,
     region_broker: tuple[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """``region_broker``: the region workers' own broker and result URLs (another Redis
-    user), when they differ from the control plane's."""
+    user), when they differ from the control plane's; ``worker_env``: more variables for
+    every worker (not the CLI's ``env``)."""
     worker_url = worker_role_url(pg_url)
     home = tmp_path_factory.mktemp("secure-home")
     common = base_env(
@@ -133,7 +135,7 @@ def _secure_cluster(
             workers.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "cli.main", "worker", "-n", name, "-l", "INFO", *args],
-                    env={**common, **extra},
+                    env={**common, **(worker_env or {}), **extra},
                     cwd=REPO,
                     stdout=fh,
                     stderr=subprocess.STDOUT,
@@ -273,6 +275,7 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
+  console-reader: [fleet:view, audit:view]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -280,6 +283,8 @@ bindings:
     groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+  - role: console-reader
+    groups: [deployers]
 """
 # Groups the identity provider does not send: API tokens named "holder" approve in "ci".
 SERVER_USERS = """
@@ -324,6 +329,10 @@ def _server(
         VMFARM_SERVER_USERS_FILE=str(root / "users.yaml"),
         VMFARM_SERVER_ISSUER=oidc.url,
         VMFARM_SERVER_AUDIENCE="vmfarm",
+        # The provider takes no public clients: vmfarm login gets this (not secret) secret.
+        VMFARM_SERVER_CLI_CLIENT_SECRET="test-client-secret",
+        # The mock provider wants a client secret (any) from the console's sign-in.
+        VMFARM_SERVER_CONSOLE_CLIENT_SECRET="test-client-secret",
     )
     log = root / "server.log"
     with log.open("wb") as fh:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
-OPEN = {("GET", "/api/health")}
+OPEN = {("GET", "/api/health"), ("GET", "/api/v1/auth/config")}
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -228,3 +228,111 @@ def test_a_token_cannot_be_made_stronger_than_its_maker(server: Server, roles: l
     )
     assert resp.status_code in (403, 422), resp.text
     assert "token" not in resp.json() or not str(resp.json().get("token", "")).startswith("vmf_")
+
+
+# --- the web console ------------------------------------------------------------------------
+# Its pages sign in with a session cookie, not a bearer token: a page without a session
+# redirects to the sign-in, a form without one is 401; a person without the permission gets
+# 403; one with it gets through (2xx, or the redirect an action answers with). Every console
+# route is here or in CONSOLE_OPEN, checked against the application's own routes.
+
+CONSOLE_OPEN = {
+    ("GET", "/console"),
+    ("GET", "/console/"),
+    ("GET", "/console/login"),
+    ("GET", "/console/callback"),
+    ("GET", "/console/signed-out"),
+    ("GET", "/console/static/{name}"),
+    ("POST", "/console/logout"),  # a session and its CSRF token, no permission
+}
+C = "/console/executions"
+CONSOLE: dict[tuple[str, str], tuple[str, Callable[[Setup], str]]] = {
+    ("GET", C): ("pipeline:view", lambda _: C),
+    ("GET", C + "/{execution_id}"): ("pipeline:view", lambda s: f"{C}/{s.ended()}"),
+    ("GET", C + "/{execution_id}/hosts/{host}"): (
+        "pipeline:view",
+        lambda s: f"{C}/{s.ended()}/hosts/127.0.0.1",
+    ),
+    ("GET", C + "/{execution_id}/hosts/{host}/log"): (
+        "pipeline:view",
+        lambda s: f"{C}/{s.ended()}/hosts/127.0.0.1/log",
+    ),
+    ("GET", C + "/{execution_id}/confirm/{action}"): (
+        "pipeline:approve",
+        lambda s: f"{C}/{s.waiting('deployers')}/confirm/approve",
+    ),
+    ("POST", C + "/{execution_id}/approve"): (
+        "pipeline:approve",
+        lambda s: f"{C}/{s.waiting('deployers')}/approve",
+    ),
+    ("POST", C + "/{execution_id}/reject"): (
+        "pipeline:approve",
+        lambda s: f"{C}/{s.waiting('deployers')}/reject",
+    ),
+    ("POST", C + "/{execution_id}/abort"): ("pipeline:abort", lambda s: f"{C}/{s.waiting()}/abort"),
+    ("POST", C + "/{execution_id}/retry"): ("pipeline:execute", lambda s: f"{C}/{s.ended()}/retry"),
+    ("POST", C + "/{execution_id}/rollback"): (
+        "pipeline:rollback",
+        lambda s: f"{C}/{s.succeeded()}/rollback",
+    ),
+    ("POST", C + "/{execution_id}/intervene"): (
+        "pipeline:intervene",
+        lambda s: f"{C}/{s.waiting()}/intervene",
+    ),
+    ("GET", "/console/fleet"): ("fleet:view", lambda _: "/console/fleet"),
+    ("GET", "/console/audit"): ("audit:view", lambda _: "/console/audit"),
+}
+# Allowed, and then told why there is nothing to do.
+CONSOLE_HOLDER = {
+    ("GET", C + "/{execution_id}/hosts/{host}"): (404, "has no host"),
+    ("POST", C + "/{execution_id}/rollback"): (409, "changed no host"),
+    ("POST", C + "/{execution_id}/intervene"): (409, "intervention"),
+}
+
+
+def test_every_console_route_is_in_the_console_table() -> None:
+    from app.server.console import auth, pages
+
+    found = {
+        (method, route.path)
+        for route in [*auth.router.routes, *pages.router.routes]
+        for method in getattr(route, "methods", set()) - {"HEAD"}
+    }
+    assert found == CONSOLE_OPEN | set(CONSOLE)
+
+
+def test_every_console_route_refuses_the_signed_out_and_the_unauthorised(server: Server) -> None:
+    from tests.console_signin import console_sign_in
+
+    alice = _person(server, "alice")
+    people = {name: console_sign_in(server.url, name) for name in ("alice", "bob", "carol")}
+    for (method, path), (permission, where) in CONSOLE.items():
+        victim = _api_token(server, alice, "victim", "only-token-view")["id"]
+        url_path = where(Setup(server, alice, victim))
+        # Signed out: a page redirects to the sign-in, a form is refused
+        resp = httpx.request(method, server.url + url_path)
+        if method == "GET":
+            assert resp.status_code == 303, (path, resp.text)
+            assert resp.headers["location"].startswith("/console/login?next="), path
+        else:
+            assert resp.status_code == 401, (path, resp.text)
+        # Signed in without the permission: 403 naming it (bob holds nothing, carol views)
+        lacking = people["bob" if permission == "pipeline:view" else "carol"]
+        if method == "GET":
+            resp = lacking.get(url_path)
+        else:
+            resp = lacking.post(url_path, {"comment": "no", "action": "Ignore"})
+        assert resp.status_code == 403, (path, resp.text)
+        assert permission in resp.text, path
+        # alice holds every permission here
+        url_path = where(Setup(server, alice, victim))
+        holder = people["alice"]
+        if method == "GET":
+            resp = holder.get(url_path)
+        else:
+            resp = holder.post(url_path, {"comment": "yes", "action": "Ignore"})
+        if (method, path) in CONSOLE_HOLDER:
+            code, why = CONSOLE_HOLDER[(method, path)]
+            assert resp.status_code == code and why in resp.text, (path, resp.text)
+        else:
+            assert resp.status_code in (200, 303), (path, resp.status_code, resp.text)

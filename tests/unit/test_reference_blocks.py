@@ -75,7 +75,7 @@ NOT_DOCUMENTS = {
     28: ("databaseMigration", ""),
     32: ("testingStrategy", ""),
     33: ("environmentTesting", ""),
-    34: ("rollbackStrategy", ""),
+    34: ("rollbackStrategy", "in a Deployment stage"),
     35: ("delegateManagement", ""),
     36: ("delegateMonitoring", ""),
     37: ("delegateStrategy", ""),

@@ -153,6 +153,11 @@ from app.definitions.models.terraform import (
     TerraformPlanStep,
     TerraformRollbackStep,
 )
+from app.definitions.models.watch import (
+    RollbackStrategySpec,
+    WatchHealthCheck,
+    WatchTrigger,
+)
 
 __all__ = [
     "ANALYSIS_KEYS",
@@ -238,6 +243,7 @@ __all__ = [
     "ResponseTime",
     "RetryOnFailure",
     "RetrySpec",
+    "RollbackStrategySpec",
     "ScriptSource",
     "ScriptUnit",
     "ScriptUnitSpec",
@@ -274,6 +280,8 @@ __all__ = [
     "VerificationSpec",
     "WaitStep",
     "WaitStepSpec",
+    "WatchHealthCheck",
+    "WatchTrigger",
     "_StepBase",
     "_UnitBase",
     "_check_sizes",

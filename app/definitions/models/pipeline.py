@@ -24,6 +24,7 @@ from app.definitions.models.steps import (
     FailureStrategy,
 )
 from app.definitions.models.strategy import ReferenceBlueGreen, ReferencePhases, StrategySpec
+from app.definitions.models.watch import RollbackStrategySpec
 from app.definitions.notifications import NotificationRule
 
 
@@ -142,6 +143,9 @@ class StageSpec(Model):
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
     when: StageWhen | None = None
+    # The watch after deployment (app.definitions.models.watch): triggers that roll the stage
+    # back when its hosts go bad within a window after the last phase.
+    rollback_strategy: RollbackStrategySpec | None = None
 
 
 class ApprovalStepElement(Model):
