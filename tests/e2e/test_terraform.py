@@ -458,3 +458,84 @@ def test_destroy_inherits_the_last_apply_and_removes_its_resources(tmp_path: Pat
     assert code == 0 and report["status"] == "SUCCEEDED", logs
     assert "Destroy complete! Resources: 1 destroyed." in logs
     assert resources(state_of(tmp_path, "web")) == []
+
+
+def test_secrets_reach_terraform_and_sensitive_outputs_are_never_stored(tmp_path: Path) -> None:
+    import hashlib
+    import secrets
+    import sqlite3
+
+    token = f"tok-{secrets.token_hex(8)}"
+    config = textwrap.indent(
+        """\
+variable "token" {
+  type      = string
+  sensitive = true
+}
+output "token" {
+  value     = var.token
+  sensitive = true
+}
+output "token_sha" {
+  value = nonsensitive(sha256(var.token))
+}
+""",
+        " " * 38,
+    )
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: secret_infra}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: secret_infra
+                    configuration:
+                      type: Inline
+                      spec:
+                        environmentVariables:
+                          - name: TF_VAR_token
+                            type: Secret
+                            value: <+secrets.getValue("infra_token")>
+                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{config}
+"""
+    )
+    env = {**env_for(tmp_path), "VMFARM_SECRETS": "env", "VMFARM_SECRET_INFRA_TOKEN": token}
+    res = run_vmfarm("run", str(pipeline), "-o", "json", env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    logs = run_vmfarm("logs", report["id"], env=env)
+    status = run_vmfarm("status", report["id"], "-o", "json", env=env)
+    with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+        (outputs,) = db.execute("select outputs from hoststeprun").fetchone()
+        rows = "\n".join(
+            str(r)
+            for table in ("logchunk", "hoststeprun", "execution")
+            for r in db.execute(f"select * from {table}").fetchall()
+        )
+    # The value reached terraform (its digest is an output) ...
+    assert json.loads(outputs)["token_sha"] == hashlib.sha256(token.encode()).hexdigest()
+    # ... and never the ledger, the logs or the CLI's output
+    assert json.loads(outputs)["token"] != token
+    for seen in (res.stdout, res.stderr, logs.stdout, status.stdout, rows):
+        assert token not in seen
