@@ -561,11 +561,22 @@ def _carry_out(
     ctype = step.spec.configuration.type
     destroying = isinstance(step, TerraformDestroyStepPlan)
     if ctype == "InheritFromPlan":
-        work = prov_dir / "plans" / execution_id
+        # A retry (vmfarm retry) applies the plan that the execution it retries saved.
+        from app.coordinator.outputs import lineage
+
+        work = next(
+            (
+                prov_dir / "plans" / e
+                for e in lineage(execution_id)
+                if (prov_dir / "plans" / e / "tfplan").exists()
+            ),
+            prov_dir / "plans" / execution_id,
+        )
         if not (work / "tfplan").exists():
             raise TerraformError(
                 f"no saved plan of provisionerIdentifier '{prov_dir.name}' in this execution: "
-                "its TerraformPlan step did not run or did not succeed"
+                "its TerraformPlan step did not run or did not succeed (or the plan was "
+                "applied already)"
             )
         meta = json.loads((work / "vmfarm-meta.json").read_text())
         _init(run, work, state, meta["workspace"])

@@ -539,3 +539,95 @@ spec:
     assert json.loads(outputs)["token"] != token
     for seen in (res.stdout, res.stderr, logs.stdout, status.stdout, rows):
         assert token not in seen
+
+
+def test_a_retry_applies_the_plan_its_first_execution_saved(tmp_path: Path) -> None:
+    """`vmfarm retry` re-runs the failed stage only: its InheritFromPlan apply applies the
+    plan the first execution saved, and a later stage reads that apply's outputs."""
+    flag = tmp_path / "failed-once"
+    content = textwrap.indent(INLINE_TF.replace("RELEASE", "v7"), " " * 38)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: retried}}
+spec:
+  stages:
+    - stage:
+        name: Plan
+        identifier: tf_plan
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformPlan
+                  name: Plan
+                  identifier: plan
+                  spec:
+                    provisionerIdentifier: web
+                    configuration:
+                      command: Apply
+                      configFiles:
+                        store:
+                          type: Inline
+                          spec:
+                            files:
+                              - name: main.tf
+                                content: |
+{content}
+    - stage:
+        name: Apply
+        identifier: tf_apply
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Flaky
+                  identifier: flaky
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source:
+                      type: Inline
+                      spec:
+                        script: test -e {flag} || {{ touch {flag}; exit 1; }}
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: web
+                    configuration: {{type: InheritFromPlan}}
+    - stage:
+        name: Report
+        identifier: report
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Say
+                  identifier: say
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source:
+                      type: Inline
+                      spec:
+                        script: echo "release <+pipeline.stages.tf_apply.spec.execution.steps.apply.output.release>"
+"""
+    )
+    code, report, logs = run(tmp_path, pipeline)
+    assert code == 1 and report["status"] == "FAILED", logs
+    env = env_for(tmp_path)
+    res = run_vmfarm("retry", report["id"], "--only-failed", "-o", "json", env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    retry = json.loads(res.stdout)
+    assert retry["status"] == "SUCCEEDED"
+    assert "release v7" in run_vmfarm("logs", retry["id"], env=env).stdout
+    assert [r["release"] for r in resources(state_of(tmp_path, "web"))] == ["v7"]
