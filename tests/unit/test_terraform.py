@@ -368,3 +368,45 @@ def test_plan_says_what_each_terraform_step_does(files: Any) -> None:
     assert describe(steps[1]) == [
         "terraform apply of the plan saved by provisioner plan in this execution"
     ]
+
+
+def test_the_reference_cicd_pipelines_terraform_stage_plans_without_its_ci_stage(
+    tmp_path: Path,
+) -> None:
+    """The reference's CI/CD pipeline with its CI stage cut out (every other line as the
+    reference writes it), the two pipeline variables it names and never defines, a Git
+    connector for its store, and the service and environments it names: its Terraform stage
+    plans (workspace from the pipeline variable) as its Deployment stages do."""
+    from tests.unit.test_custom_stages import CICD, ENVIRONMENTS
+
+    lines = CICD.read_text().split("\n")
+    head = [
+        *lines[: lines.index("  stages:")],
+        "  variables:",
+        "    - {name: environment, type: String, value: production}",
+        "    - name: green_target_group",
+        "      type: String",
+        "      value: arn:aws:elasticloadbalancing:us-east-1:1:targetgroup/green/1",
+        "  stages:",
+    ]
+    tail = lines[next(i for i, t in enumerate(lines) if "# Infrastructure Stage" in t) :]
+    (tmp_path / "pipeline.yaml").write_text("\n".join([*head, *tail]))
+    artifact = tmp_path / "app"
+    artifact.mkdir()
+    (artifact / "app.jar").write_text("jar")
+    (tmp_path / "environments.yaml").write_text(ENVIRONMENTS.format(artifact=artifact))
+    (tmp_path / "git.yaml").write_text(
+        GIT.replace(
+            "    type: Http\n",
+            "    connectionType: Account\n    validationRepo: x\n    type: Http\n",
+        )
+    )
+    bundle = load(sorted(tmp_path.glob("*.yaml")))
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX").to_json()
+    infra = plan["stages"][0]
+    assert [s["type"] for s in infra["steps"]] == ["TerraformPlan", "TerraformApply"]
+    assert infra["steps"][0]["spec"]["configuration"]["workspace"] == "production"
+    assert infra["steps"][0]["repositories"]["spec.configuration.configFiles.store"]["url"] == (
+        "file:///srv/git/infra.git/infrastructure-repo"
+    )
+    assert [s["type"] for s in plan["stages"][1:]] == ["Deployment"] * (len(plan["stages"]) - 1)
