@@ -485,7 +485,13 @@ def run_step(
         prov = step.spec.provisioner_identifier or step.identifier
         prov_dir = tf_dir() / prov
         with _locked(prov_dir):
-            outputs = _carry_out(step, run, prov_dir, execution_id=execution_id, attempt=attempt)
+            try:
+                outputs = _carry_out(
+                    step, run, prov_dir, execution_id=execution_id, attempt=attempt
+                )
+            finally:  # a working folder of its own: what it applied is kept in applied/
+                scratch = prov_dir / "runs" / f"{execution_id}-{step.identifier}-{attempt}"
+                shutil.rmtree(scratch, ignore_errors=True)
     except TerraformTimeout as exc:
         return _failed(step, str(exc), error_class="Timeout")
     except TerraformFailed as exc:

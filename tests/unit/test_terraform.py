@@ -410,3 +410,64 @@ def test_the_reference_cicd_pipelines_terraform_stage_plans_without_its_ci_stage
         "file:///srv/git/infra.git/infrastructure-repo"
     )
     assert [s["type"] for s in plan["stages"][1:]] == ["Deployment"] * (len(plan["stages"]) - 1)
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, stream: str, text: str) -> None:
+        self.lines.append(text)
+
+
+def _inline_plan(files: list[dict[str, str]], var_files: list[str]) -> Any:
+    from app.definitions.plan import TerraformPlanStepPlan
+
+    return TerraformPlanStepPlan.model_validate(
+        {
+            "type": "TerraformPlan",
+            "name": "Plan",
+            "identifier": "plan",
+            "spec": {
+                "configuration": {
+                    "command": "Apply",
+                    "configFiles": {"store": {"type": "Inline", "spec": {"files": files}}},
+                    "varFiles": [
+                        {"varFile": {"type": "Inline", "spec": {"content": c}}} for c in var_files
+                    ],
+                    "targets": ["null_resource.a"],
+                }
+            },
+        }
+    )
+
+
+def test_the_working_folder_holds_the_files_and_var_files_in_order(tmp_path: Path) -> None:
+    from app.execution.terraform import _var_args, prepare
+
+    step = _inline_plan(
+        [{"name": "main.tf", "content": "# main"}, {"name": "mod/x.tf", "content": "# x"}],
+        ['a = "1"', 'a = "2"'],
+    )
+    work = tmp_path / "work"
+    meta = prepare(step, step.spec.configuration, ("spec", "configuration"), work, _Log())
+    assert (work / "main.tf").read_text() == "# main"
+    assert (work / "mod" / "x.tf").read_text() == "# x"
+    assert [(work / n).read_text() for n in meta["varFiles"]] == ['a = "1"', 'a = "2"']
+    assert _var_args(meta) == [
+        "-var-file=vmfarm-0.tfvars",
+        "-var-file=vmfarm-1.tfvars",
+        "-target=null_resource.a",
+    ]
+
+
+def test_a_configuration_with_a_backend_of_its_own_is_refused(tmp_path: Path) -> None:
+    from app.execution.terraform import TerraformError, prepare
+
+    step = _inline_plan(
+        [{"name": "main.tf", "content": 'terraform {\n  backend "s3" {\n  }\n}\n'}], []
+    )
+    with pytest.raises(
+        TerraformError, match=r'main\.tf declares backend "s3": vmfarm keeps the state'
+    ):
+        prepare(step, step.spec.configuration, ("spec", "configuration"), tmp_path / "w", _Log())
