@@ -312,7 +312,13 @@ def _terraform_step(
         add_stage_outputs(ctx, key.execution, key.stage)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return run_step(
-        step, ctx, sink, execution_id=key.execution, attempt=key.attempt, timeout=timeout
+        step,
+        ctx,
+        sink,
+        execution_id=key.execution,
+        attempt=key.attempt,
+        timeout=timeout,
+        stop=lambda: aborted(key.execution, key.kind),
     )
 
 
