@@ -234,7 +234,7 @@ class Runner:
     @staticmethod
     def _interrupt(proc: subprocess.Popen[str]) -> None:
         """SIGINT first: terraform stops gracefully and writes its state; then harder."""
-        for sig, wait in ((signal.SIGINT, 60.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        for sig, wait in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
             try:

@@ -631,3 +631,88 @@ spec:
     assert retry["status"] == "SUCCEEDED"
     assert "release v7" in run_vmfarm("logs", retry["id"], env=env).stdout
     assert [r["release"] for r in resources(state_of(tmp_path, "web"))] == ["v7"]
+
+
+def test_an_abort_interrupts_a_running_apply(tmp_path: Path) -> None:
+    import sqlite3
+    import sys
+
+    from tests.conftest import REPO
+    from tests.waiting import wait_for
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    config = textwrap.indent(
+        f"""\
+resource "null_resource" "slow" {{
+  provisioner "local-exec" {{
+    command = "touch {started}; sleep 120; touch {finished}"
+  }}
+}}
+""",
+        " " * 38,
+    )
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: slow_infra}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: slow
+                    configuration:
+                      type: Inline
+                      spec:
+                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{config}
+"""
+    )
+    env = env_for(tmp_path)
+    # Given an apply whose resource takes two minutes, under way
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(pipeline), "-o", "json"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(started.exists, 120, "terraform to start creating the resource")
+        with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+            (ex_id,) = db.execute("select id from execution").fetchone()
+
+        # When the execution is aborted
+        res = run_vmfarm("abort", ex_id, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Then terraform was interrupted (the resource's command never finished) and the step
+    # says so
+    assert not finished.exists()
+    report = json.loads(out)
+    assert report["status"] == "ABORTED", err
+    logs = run_vmfarm("logs", ex_id, env=env).stdout
+    assert "interrupted" in logs or "Interrupt" in logs, logs
