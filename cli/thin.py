@@ -454,8 +454,8 @@ def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
 @pass_cli
 @remote_errors(nothing="nothing was applied.")
 def apply(cli: Cli, paths: tuple[str, ...], output: str) -> None:
-    """Store Environments, Infrastructures, Services, Connectors and Templates on the
-    server: a new version of each that changed (who, when, diff)."""
+    """Store Environments, Infrastructures, Services, Connectors, Templates and Pipelines on
+    the server: a new version of each that changed (who, when, diff)."""
     answer = connect().post(REG, {"files": read_files(paths)})
     applied = answer.get("applied", []) if isinstance(answer, dict) else answer
     if output == "json":
@@ -534,6 +534,31 @@ def _table(cli: Cli, rows: Any) -> None:
     for r in rows:
         table.add_row(*(str(r.get(c, "")) for c in columns))
     cli.out.print(table)
+
+
+@click.command("triggers")
+@output_option
+@pass_cli
+@remote_errors()
+def triggers(cli: Cli, output: str) -> None:
+    """The server's webhook triggers (kind: Trigger) with their last deliveries."""
+    rows = connect().get("/api/v1/triggers")
+    if output == "json":
+        cli.json(rows)
+        return
+    if not rows:
+        cli.err.print("no trigger stored (vmfarm apply -f TRIGGER.yaml stores one)")
+        return
+    for t in rows:
+        state = "" if t.get("enabled", True) else " (disabled)"
+        cli.out.print(
+            f"{t['id']}{state}: pipeline {t['pipeline']}, version {t.get('version')}; "
+            f"POST /api/v1/webhooks/{t['id']}"
+        )
+        for d in t.get("deliveries") or []:
+            what = d["outcome"] + (f" {d['execution']}" if d.get("execution") else "")
+            detail = f" ({d['detail']})" if d.get("detail") else ""
+            cli.out.print(f"  {_when(d['received_at'])}  {d['delivery'][:40]}  {what}{detail}")
 
 
 # --- API tokens -------------------------------------------------------------------------------
@@ -701,6 +726,7 @@ COMMANDS: dict[str, click.Command] = {
         reject,
         abort,
         apply,
+        triggers,
         get,
         history,
         tokens,
@@ -716,7 +742,7 @@ EITHER_MODE = ("login", "logout")
 # are, never by a client).
 LOCAL_IN_SERVER_MODE = ("validate", "convert", "server", "worker", "lab", "flower", "reconcile")
 # Only the server has these.
-SERVER_ONLY = ("apply", "get", "history", "tokens")
+SERVER_ONLY = ("apply", "get", "history", "tokens", "triggers")
 
 
 def local_only(name: str, local: click.Command | None) -> click.Command:

@@ -32,6 +32,7 @@ PDC ``connector:`` with ``hosts``                  the infrastructure's ``spec.h
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +182,15 @@ def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[Spec
             _pipeline(rw)
         elif kind == "Service":
             _service(rw)
+        elif kind == "Connector":
+            spec = _mapping(_mapping(rw.data.get("spec")).get("spec"))
+            if "awsSdkClientBackOffStrategyOverride" in spec:
+                rw.error(
+                    "awsSdkClientBackOffStrategyOverride is not supported: vmfarm's AWS calls use "
+                    "botocore's standard retry mode (backoff, a fixed number of attempts); "
+                    "remove it",
+                    ("spec", "spec", "awsSdkClientBackOffStrategyOverride"),
+                )
         elif kind == "Infrastructure":
             _infrastructure(rw, ("spec",), secrets, pdc)
         elif kind == "Environment":
@@ -247,6 +257,7 @@ def _stage(rw: _Rewrite, base: Path) -> None:
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _approvals(rw, (*base, "spec", "execution", key))
+            _runtime_paths(rw, (*base, "spec", "execution", key))
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _phases(rw, base, (*base, "spec", "execution", key), rollback=key == "rollbackSteps")
@@ -294,6 +305,41 @@ def _approvals(rw: _Rewrite, path: Path) -> None:
             )
 
 
+_RUNTIME_PATH = re.compile(r"\$\{?HARNESS_(RUNTIME|BACKUP|STAGING)_PATH\b")
+
+
+def _runtime_paths(rw: _Rewrite, path: Path) -> None:
+    """Harness's ``$HARNESS_RUNTIME_PATH`` (and BACKUP, STAGING) are set by Harness on the host;
+    vmfarm does not set them, so a unit that reads them is refused by name (a Copy would
+    reach SFTP with the name, a script would make an empty path)."""
+    for i, el in enumerate(_at(rw.data, path)):
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _runtime_paths(rw, (*path, i, "stepGroup", "steps"))
+        step = el.get("step") if isinstance(el, dict) else None
+        spec = step.get("spec") if isinstance(step, dict) else None
+        units = spec.get("commandUnits") if isinstance(spec, dict) else None
+        for n, unit in enumerate(units if isinstance(units, list) else []):
+            uspec = unit.get("spec") if isinstance(unit, dict) else None
+            if not isinstance(uspec, dict):
+                continue
+            script = ((uspec.get("source") or {}).get("spec") or {}).get("script")
+            for key, value, at in (
+                ("destinationPath", uspec.get("destinationPath"), ("destinationPath",)),
+                ("workingDirectory", uspec.get("workingDirectory"), ("workingDirectory",)),
+                ("script", script, ("source", "spec", "script")),
+            ):
+                hit = _RUNTIME_PATH.search(value) if isinstance(value, str) else None
+                if hit:
+                    rw.error(
+                        f"{hit.group(0).lstrip('$').strip('{')} in {key} is not set by vmfarm "
+                        "(Harness sets it on the host): write the directory, e.g. "
+                        "$HOME/<+service.name>/<+env.name>/runtime",
+                        (*path, i, "step", "spec", "commandUnits", n, "spec", *at),
+                        key=False,
+                    )
+
+
 def _only_inputs(value: Any) -> bool:
     """True for a Harness input block that only says "asked at run time": ``<+input>`` leaves
     (at least one), and the ``type`` Harness repeats next to a ``spec`` holding them."""
@@ -337,23 +383,20 @@ def _repeat_over_hosts(rw: _Rewrite, path: Path) -> None:
             continue
         if repeat.get("items") != HOSTS:
             continue  # another loop: vmfarm's looping reads it, or refuses it
-        extra = [k for k in repeat if k != "items"]
-        if extra:
-            rw.error(
-                f"repeat.{extra[0]} over <+stage.output.hosts> on a step is not supported: a "
-                "step runs on every host of its phase; set how many hosts run at once with the "
-                "stage's strategy.maxConcurrency",
-                (*path, i, "step", "strategy", "repeat", extra[0]),
-            )
-            continue
+        if set(repeat) != {"items"}:
+            continue  # with maxConcurrency: vmfarm's looping caps the hosts in flight
         del el["step"]["strategy"]
+        spec = el["step"].get("spec")
+        if isinstance(spec, dict) and str(spec.get("host", "")).strip() == "<+repeat.item>":
+            del spec["host"]
         rw.changed = True
 
 
 def _phase_repeat(el: Any) -> dict[str, Any] | None:
-    """The repeat of a Harness Phase step group (over the stage's hosts, in parts), else None."""
+    """The repeat of a Harness Phase (a step group, or a step, over a part of the stage's
+    hosts), else None."""
     repeat = _repeat(el)
-    if repeat is None or "stepGroup" not in el or repeat.get("items") != HOSTS:
+    if repeat is None or repeat.get("items") != HOSTS:
         return None
     if not {"partitionSize", "start", "end"} & set(repeat):
         return None
@@ -383,10 +426,11 @@ def _phases(rw: _Rewrite, stage: Path, path: Path, *, rollback: bool) -> None:
         )
         return
     strategy: dict[str, Any] = {}
+    kind = next(iter(elements[0]))
     if rolling:
-        strategy = _rolling(rw, (*path, 0, "stepGroup", "strategy", "repeat"), elements[0])
+        strategy = _rolling(rw, (*path, 0, kind, "strategy", "repeat"), repeats[0] or {})
     else:
-        strategy = _canary(rw, path, [r for r in repeats if r is not None])
+        strategy = _canary(rw, path, elements, [r for r in repeats if r is not None])
     if not strategy:
         return
     steps, inner_concurrency = _phase_steps(rw, path, elements)
@@ -396,7 +440,7 @@ def _phases(rw: _Rewrite, stage: Path, path: Path, *, rollback: bool) -> None:
         strategy["maxConcurrency"] = inner_concurrency
     # The phase group's steps become the stage's; each keeps pointing where it was written.
     origins = [rw.source(old) for _, old in steps]
-    strategy_origin = rw.source((*path, 0, "stepGroup", "strategy"))
+    strategy_origin = rw.source((*path, 0, kind, "strategy"))
     _set_at(rw.data, path, [value for value, _ in steps])
     for n, origin in enumerate(origins):
         rw.moves[(*path, n)] = origin
@@ -418,8 +462,7 @@ def _set_at(data: Any, path: Path, value: Any) -> None:
     _at(data, path[:-1])[path[-1]] = value
 
 
-def _rolling(rw: _Rewrite, at: Path, el: dict[str, Any]) -> dict[str, Any]:
-    repeat = el["stepGroup"]["strategy"]["repeat"]
+def _rolling(rw: _Rewrite, at: Path, repeat: dict[str, Any]) -> dict[str, Any]:
     known = {"items", "partitionSize", "unit", "maxConcurrency"}
     for k in repeat:
         if k not in known:
@@ -451,17 +494,29 @@ def _rolling(rw: _Rewrite, at: Path, el: dict[str, Any]) -> dict[str, Any]:
     return {"type": "Rolling", "phases": [f"{size}%" if unit == "Percentage" else size]}
 
 
-def _canary(rw: _Rewrite, path: Path, repeats: list[dict[str, Any]]) -> dict[str, Any]:
+def _canary(
+    rw: _Rewrite, path: Path, elements: list[Any], repeats: list[dict[str, Any]]
+) -> dict[str, Any]:
     ends: list[int | str] = []
     done: tuple[float, str] = (0, "")
+    concurrency = repeats[0].get("maxConcurrency")
     for i, repeat in enumerate(repeats):
-        at = (*path, i, "stepGroup", "strategy", "repeat")
-        unknown = [k for k in repeat if k not in ("items", "start", "end", "unit")]
+        at = (*path, i, next(iter(elements[i])), "strategy", "repeat")
+        unknown = [
+            k for k in repeat if k not in ("items", "start", "end", "unit", "maxConcurrency")
+        ]
         if unknown:
             rw.error(
-                f"repeat.{unknown[0]} in a canary Phase step group is not supported (vmfarm "
-                "reads items, start, end and unit)",
+                f"repeat.{unknown[0]} in a canary Phase is not supported (vmfarm reads items, "
+                "start, end, unit and maxConcurrency)",
                 (*at, unknown[0]),
+            )
+            return {}
+        if repeat.get("maxConcurrency") != concurrency:
+            rw.error(
+                "each Phase has its own maxConcurrency: vmfarm has one for the stage's phases "
+                "(the hosts in flight at once); give them all the same",
+                (*at, "maxConcurrency"),
             )
             return {}
         unit = repeat.get("unit", "Count")
@@ -495,7 +550,10 @@ def _canary(rw: _Rewrite, path: Path, repeats: list[dict[str, Any]]) -> dict[str
             (*path, len(repeats) - 1, "stepGroup", "strategy", "repeat", "end"),
         )
         return {}
-    return {"type": "Canary", "phases": ends[:-1] or ends}
+    out: dict[str, Any] = {"type": "Canary", "phases": ends[:-1] or ends}
+    if concurrency is not None:
+        out["maxConcurrency"] = concurrency
+    return out
 
 
 def _phase_steps(
@@ -506,6 +564,20 @@ def _phase_steps(
     first: list[tuple[Any, Path]] | None = None
     concurrency: int | None = None
     for i, el in enumerate(elements):
+        if "step" in el:  # a step over a part of the hosts: a Phase of that one step
+            step = copy.deepcopy(el)
+            del step["step"]["strategy"]
+            mine = [(_without_host(step), (*path, i))]
+            if first is None:
+                first = mine
+            elif _shape([s for s, _ in mine]) != _shape([s for s, _ in first]):
+                rw.error(
+                    "the steps of this Phase differ from the first Phase's: vmfarm runs the "
+                    "same steps in every phase of a stage (write one stage per set of steps)",
+                    (*path, i),
+                )
+                return None, None
+            continue
         group = el["stepGroup"]
         base: Path = (*path, i, "stepGroup")
         for k in group:
@@ -536,7 +608,7 @@ def _phase_steps(
                 concurrency = inner.get("maxConcurrency")
             base = (*base, "steps", 0, "stepGroup")
             steps = steps[0]["stepGroup"].get("steps") or []
-        mine = [(s, (*base, "steps", n)) for n, s in enumerate(steps)]
+        mine = [(_without_host(s), (*base, "steps", n)) for n, s in enumerate(steps)]
         if first is None:
             first = mine
         elif _shape([s for s, _ in mine]) != _shape([s for s, _ in first]):
@@ -547,6 +619,16 @@ def _phase_steps(
             )
             return None, None
     return first, concurrency
+
+
+def _without_host(el: Any) -> Any:
+    """A Command step without ``spec.host: <+repeat.item>`` (Harness's way of saying "the host
+    of this iteration", which is where vmfarm runs a step anyway)."""
+    spec = el.get("step", {}).get("spec") if isinstance(el, dict) else None
+    if isinstance(spec, dict) and str(spec.get("host", "")).strip() == "<+repeat.item>":
+        el = copy.deepcopy(el)
+        del el["step"]["spec"]["host"]
+    return el
 
 
 def _shape(value: Any) -> Any:
