@@ -11,11 +11,10 @@ secret ids, never a value), so that the worker needs nothing but the plan.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from app.definitions import models as m
-from app.definitions.bundle import Bundle, Collector, Loaded, get_at
+from app.definitions.bundle import Bundle, Collector, Loaded
 
 TERRAFORM_STEPS = (
     m.TerraformPlanStep,
@@ -166,63 +165,6 @@ def dump_step(bundle: Bundle, step: Any) -> dict[str, Any]:
 def dotted(path: tuple[str | int, ...]) -> str:
     """A store's key in the plan's ``repositories``."""
     return ".".join(str(p) for p in path)
-
-
-OUTPUT_RE = re.compile(
-    r"<\+\s*pipeline\.stages\.([A-Za-z0-9_]+)\.spec\.execution\.steps\.([A-Za-z0-9_]+)"
-    r"\.output\.([A-Za-z0-9_.]+?)\s*>"
-)
-
-
-def check_stage_outputs(bundle: Bundle, errs: Collector) -> None:
-    """``<+pipeline.stages.S.spec.execution.steps.ID.output.X>`` in a pipeline names a stage
-    S before the one it is written in, and a step ID of S."""
-    for pipe in bundle.pipelines.values():
-        stages = [el.stage for el in pipe.model.spec.stages]
-        order = {st.identifier: i for i, st in enumerate(stages)}
-        for i, _ in enumerate(stages):
-            base: tuple[str | int, ...] = ("spec", "stages", i, "stage")
-            for path, text in _strings(get_at(pipe.doc.data, base), base):
-                for sid, step_id, _name in OUTPUT_RE.findall(text):
-                    problem = _output_problem(stages, order, i, sid, step_id)
-                    if problem:
-                        errs.add(pipe.error(problem, path))
-
-
-def _output_problem(
-    stages: list[Any], order: dict[str, int], here: int, sid: str, step_id: str
-) -> str | None:
-    if sid not in order:
-        return f"<+pipeline.stages.{sid}...>: the pipeline has no stage '{sid}'"
-    if order[sid] >= here:
-        return (
-            f"<+pipeline.stages.{sid}...>: stage '{sid}' does not run before this one, "
-            "so its outputs are not known here"
-        )
-    elements = getattr(stages[order[sid]].spec.execution, "steps", [])
-    steps = [el.step.identifier for el in elements if getattr(el, "step", None) is not None]
-    steps += [
-        s.identifier
-        for el in elements
-        if getattr(el, "step_group", None) is not None
-        for s in (x.step for x in el.step_group.steps)
-    ]
-    if step_id not in steps:
-        return (
-            f"<+pipeline.stages.{sid}.spec.execution.steps.{step_id}...>: stage '{sid}' "
-            f"has no step '{step_id}'"
-        )
-    return None
-
-
-def _strings(v: Any, path: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
-    if isinstance(v, str):
-        return [(path, v)]
-    if isinstance(v, dict):
-        return [x for k, sub in v.items() for x in _strings(sub, (*path, k))]
-    if isinstance(v, list):
-        return [x for k, sub in enumerate(v) for x in _strings(sub, (*path, k))]
-    return []
 
 
 def describe(step: dict[str, Any]) -> list[str]:
