@@ -135,21 +135,26 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     console: Console, browser: Any
 ) -> None:
     hosts = len(console.lab.hosts)
-    # Given dana (a deployer) signed in, and her run waiting for an approval
+    # Given dana (a deployer) signed in, with a run she starts from the console's run form
     dana = browser()
     _sign_in(dana, console, "dana", "/console/executions")
-    token = sign_in(console.oidc.url, "dana", client_id="vmfarm")["id_token"]
-    resp = httpx.post(
-        console.url + "/api/v1/executions",
-        headers={"Authorization": f"Bearer {token}"},
-        json={"files": _pipeline(console), "set": {"tag": VERSION}},
-        timeout=60,
+    watcher = browser()  # a second window of hers on the list, which updates by itself
+    _sign_in(watcher, console, "dana", "/console/executions")
+    dana.find_element(By.LINK_TEXT, "Run").click()
+    files = _pipeline(console)
+    dana.find_element(By.ID, "files").send_keys(
+        files["pipeline.yaml"] + "---\n" + files["infra.yaml"]
     )
-    assert resp.status_code == 201, resp.text
-    ex_id = resp.json()["id"]
+    dana.find_element(By.ID, "inputs").send_keys(f"tag={VERSION}")
+    screenshot(dana, "run-form")
+    dana.find_element(By.ID, "run-button").click()
+    WebDriverWait(dana, 30).until(lambda d: "/console/executions/" in d.current_url)
+    ex_id = dana.current_url.rsplit("/", 1)[-1]
     # the list updates by itself: the new run appears without a reload
-    WebDriverWait(dana, 20).until(lambda d: ex_id in d.find_element(By.ID, "executions-live").text)
-    screenshot(dana, "executions")
+    WebDriverWait(watcher, 20).until(
+        lambda d: ex_id in d.find_element(By.ID, "executions-live").text
+    )
+    screenshot(watcher, "executions")
     dana.get(f"{console.url}/console/executions/{ex_id}")
     WebDriverWait(dana, 20).until(lambda d: "WAITING" in _text(d, "execution-status"))
     approval = dana.find_element(By.ID, "approval").text

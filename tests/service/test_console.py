@@ -10,6 +10,7 @@ from tests.console_signin import console_sign_in, set_cookie
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
 EX = "/api/v1/executions"
+C = "/console/executions"
 
 
 def _waiting(server: Server, subject: str = "alice", groups: list[str] | None = None) -> str:
@@ -140,3 +141,41 @@ def test_the_next_approver_sees_the_votes_so_far_with_their_comments(server: Ser
     assert "erin" in page.text and "tests green" in page.text
     again = erin.post(f"/console/executions/{ex_id}/approve", {"comment": "twice"})
     assert again.status_code == 403 and "already approved" in again.text
+
+
+def test_the_run_form_starts_an_execution_as_the_signed_in_person(server: Server) -> None:
+    alice = console_sign_in(server.url, "alice")
+    assert 'href="/console/run"' in alice.get("/console/executions").text
+    resp = alice.post(
+        "/console/run",
+        {"files": gated_pipeline("from-form", groups=["release_managers"]), "inputs": ""},
+    )
+    assert resp.status_code == 303 and resp.headers["location"].startswith(C)
+    page = alice.get(resp.headers["location"])
+    assert "WAITING" in page.text and "Started by alice" in page.text
+
+
+def test_the_run_form_says_what_is_wrong_and_keeps_the_text(server: Server) -> None:
+    alice = console_sign_in(server.url, "alice")
+    broken = gated_pipeline("broken", groups=["ci"]).replace("minimumCount: 1", "minimumCount: [")
+    resp = alice.post("/console/run", {"files": broken})
+    assert resp.status_code == 422 and "pipeline.yaml:" in resp.text
+    assert "minimumCount: [" in resp.text  # the text is still in the form
+    local = gated_pipeline("local", groups=["ci"]) + (
+        "---\nkind: Infrastructure\nspec:\n  spec:\n    connection:\n"
+        "      privateKeyFile: /root/.ssh/id_rsa\n"
+    )
+    resp = alice.post("/console/run", {"files": local})
+    assert resp.status_code == 422 and "privateKeyFile names a path" in resp.text
+    resp = alice.post(
+        "/console/run", {"files": gated_pipeline("x", groups=["ci"]), "inputs": "oops"}
+    )
+    assert resp.status_code == 422 and "inputs line 1: NAME=VALUE expected" in resp.text
+
+
+def test_without_the_permission_to_run_there_is_no_form(server: Server) -> None:
+    carol = console_sign_in(server.url, "carol")
+    assert 'href="/console/run"' not in carol.get("/console/executions").text
+    assert carol.get("/console/run").status_code == 403
+    resp = carol.post("/console/run", {"files": gated_pipeline("nope", groups=["ci"])})
+    assert resp.status_code == 403 and "pipeline:execute" in resp.text

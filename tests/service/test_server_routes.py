@@ -279,9 +279,12 @@ CONSOLE: dict[tuple[str, str], tuple[str, Callable[[Setup], str]]] = {
         "pipeline:intervene",
         lambda s: f"{C}/{s.waiting()}/intervene",
     ),
+    ("GET", "/console/run"): ("pipeline:execute", lambda _: "/console/run"),
+    ("POST", "/console/run"): ("pipeline:execute", lambda _: "/console/run"),
     ("GET", "/console/fleet"): ("fleet:view", lambda _: "/console/fleet"),
     ("GET", "/console/audit"): ("audit:view", lambda _: "/console/audit"),
 }
+RUN = gated_pipeline("console-run", groups=["ci"])
 # Allowed, and then told why there is nothing to do.
 CONSOLE_HOLDER = {
     ("GET", C + "/{execution_id}/hosts/{host}"): (404, "has no host"),
@@ -321,7 +324,7 @@ def test_every_console_route_refuses_the_signed_out_and_the_unauthorised(server:
         if method == "GET":
             resp = lacking.get(url_path)
         else:
-            resp = lacking.post(url_path, {"comment": "no", "action": "Ignore"})
+            resp = lacking.post(url_path, {"comment": "no", "action": "Ignore", "files": RUN})
         assert resp.status_code == 403, (path, resp.text)
         assert permission in resp.text, path
         # alice holds every permission here
@@ -330,7 +333,7 @@ def test_every_console_route_refuses_the_signed_out_and_the_unauthorised(server:
         if method == "GET":
             resp = holder.get(url_path)
         else:
-            resp = holder.post(url_path, {"comment": "yes", "action": "Ignore"})
+            resp = holder.post(url_path, {"comment": "yes", "action": "Ignore", "files": RUN})
         if (method, path) in CONSOLE_HOLDER:
             code, why = CONSOLE_HOLDER[(method, path)]
             assert resp.status_code == code and why in resp.text, (path, resp.text)

@@ -13,6 +13,8 @@
     POST /console/executions/{id}/retry               pipeline:execute
     POST /console/executions/{id}/rollback            pipeline:rollback
     POST /console/executions/{id}/intervene           pipeline:intervene
+    GET  /console/run                                 pipeline:execute  the run form
+    POST /console/run                                 pipeline:execute  (+ environment:deploy per stage)
     GET  /console/fleet                               fleet:view
     GET  /console/audit                               audit:view
 
@@ -388,6 +390,78 @@ def rollback(request: Request, sent: Posted, execution_id: str) -> Response:
 @router.post("/executions/{execution_id}/intervene", name="console_intervene")
 def intervene(request: Request, sent: Posted, execution_id: str) -> Response:
     return _act(request, sent, execution_id, "intervene")
+
+
+# --- a new run -----------------------------------------------------------------------------
+
+
+def _inputs(text: str) -> dict[str, str]:
+    """``NAME=VALUE`` lines (blank lines and ``#`` comments skipped); 422 naming a bad line."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        if not eq or not name.strip():
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"inputs line {n}: NAME=VALUE expected, got {line[:80]!r}",
+            )
+        out[name.strip()] = value.strip()
+    return out
+
+
+@router.get("/run", name="console_run_form")
+def run_form(request: Request, session: SignedIn) -> HTMLResponse:
+    """A form to run pipeline files (the YAML documents of the pipeline and what it uses)."""
+    authorize(rules(request), session.identity, "pipeline:execute")
+    return _render(request, session, "run.html", form={}, error=None)
+
+
+@router.post("/run", name="console_run")
+def run(request: Request, sent: Posted) -> Response:
+    """Run the submitted files as the signed-in person (as POST /api/v1/executions does);
+    the form again with the error when they are refused."""
+    import tempfile
+
+    from app import operations
+    from app.server.routes.executions import _check_files
+
+    session, form = sent
+    cfg: RbacConfig = rules(request)
+    authorize(cfg, session.identity, "pipeline:execute")
+    text = form.get("files", "")
+    try:
+        if not text.strip():
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, detail="paste the pipeline's YAML first"
+            )
+        files = {"pipeline.yaml": text}
+        _check_files(files)
+        inputs = _inputs(form.get("inputs", ""))
+        with tempfile.TemporaryDirectory(prefix="vmfarm-console-") as tmp:
+            path = Path(tmp) / "pipeline.yaml"
+            path.write_text(text)
+            try:
+                ex_id = operations.run(
+                    _actor(session.identity),
+                    [str(path)],
+                    pipeline=form.get("pipeline", "").strip() or None,
+                    inputs=inputs,
+                    rules=cfg,
+                )
+            except Exception as exc:
+                from app.server.routes.executions import _http
+
+                raise _http(exc, strip=tmp + "/") from None
+    except HTTPException as exc:
+        if exc.status_code not in (409, 413, 422):
+            raise
+        page = _render(request, session, "run.html", form=form, error=exc.detail)
+        page.status_code = exc.status_code
+        return page
+    return RedirectResponse(f"/console/executions/{ex_id}", status.HTTP_303_SEE_OTHER)
 
 
 # --- fleet and audit ------------------------------------------------------------------------
