@@ -36,7 +36,7 @@ class Execution(SQLModel, table=True):
     inputs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_by: str = Field(default="", max_length=128)
     current_stage: int = 0
-    # While and after rolling back: {"cause": failure|aborted|requested, "scope", "stages": [...],
+    # While and after rolling back: {"cause": failure|aborted|requested|watch, "scope", "stages": [...],
     # "error": what started it}.
     rollback: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = Field(default=None, sa_column=Column(Text))

@@ -397,8 +397,9 @@ def execution_logs(
 
 def execution_progress(execution_id: str) -> dict[str, Any] | None:
     """Where an execution stands, cheaply (two small reads, whatever its number of hosts):
-    its status, current stage and each stage's status; None when there is no such
-    execution. What a follower (the server's event stream) polls."""
+    its status, current stage and each stage's status (and the watch after deployment that
+    holds it open, if one runs); None when there is no such execution. What a follower (the
+    server's event stream) polls."""
     with session_scope() as s:
         ex = s.get(Execution, execution_id)
         if ex is None:
@@ -408,6 +409,17 @@ def execution_progress(execution_id: str) -> dict[str, Any] | None:
             .where(StageRun.execution_id == execution_id)
             .order_by(col(StageRun.stage_index))
         ).all()
+        watch = (
+            s.exec(
+                select(PhaseRun).where(
+                    PhaseRun.execution_id == execution_id,
+                    PhaseRun.kind == "watch",
+                    PhaseRun.status == Status.RUNNING,
+                )
+            ).first()
+            if ex.status == Status.RUNNING
+            else None
+        )
         return {
             "id": ex.id,
             "pipeline": ex.pipeline,
@@ -415,6 +427,19 @@ def execution_progress(execution_id: str) -> dict[str, Any] | None:
             "current_stage": ex.current_stage,
             "error": ex.error,
             "stages": [{"identifier": st.identifier, "status": st.status} for st in stages],
+            # A stage's watch after deployment holds the execution open until this time.
+            **(
+                {
+                    "watching": {
+                        "stage": stages[watch.stage_index].identifier
+                        if watch.stage_index < len(stages)
+                        else str(watch.stage_index),
+                        "ends_at": _epoch((watch.verdict or {}).get("ends")),
+                    }
+                }
+                if watch is not None
+                else {}
+            ),
         }
 
 

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     dispatch_expires: int = 3600
     # Default command timeout for a step without ``timeout`` (Harness's default is 10m).
     step_timeout: float = 600.0
+    # Terraform steps (app.execution.terraform): the binary (default: terraform or tofu on PATH
+    # or in this Python's bin), the folder of states and saved plans (default
+    # $VMFARM_HOME/terraform) and a provider mirror folder (filesystem_mirror layout).
+    terraform_binary: str | None = None
+    terraform_dir: Path | None = None
+    terraform_plugins: Path | None = None
     user: str | None = None
     # Who may approve: {groups: {name: [user, ...]}} (HarnessApproval userGroups).
     users_file: Path = Path("configs/users.yaml")

@@ -68,6 +68,31 @@ def _token_answer(resp: httpx.Response, what: str) -> dict[str, Any]:
     return tokens
 
 
+def choose_flow(
+    disc: dict[str, Any], *, device: bool, no_browser: bool, browser: Callable[[], bool]
+) -> str:
+    """``device`` or ``code``: the device flow when asked, or when this machine has no browser
+    to open and the provider offers it (over SSH, a redirect to 127.0.0.1 would reach the
+    wrong machine); otherwise authorization code with PKCE."""
+    if device:
+        return "device"
+    offered = bool(disc.get("device_authorization_endpoint"))
+    if offered and not no_browser and not browser():
+        return "device"
+    return "code"
+
+
+def browser_here() -> bool:
+    """Whether Python's webbrowser finds a browser to run on this machine."""
+    import webbrowser
+
+    try:
+        webbrowser.get()
+    except webbrowser.Error:
+        return False
+    return True
+
+
 # --- authorization code with PKCE -------------------------------------------------------------
 
 
@@ -226,4 +251,12 @@ def device_code(
     raise LoginError("the device code expired before anyone signed in; nothing was stored")
 
 
-__all__ = ["auth_config", "authorization_code", "device_code", "discovery", "pkce_pair"]
+__all__ = [
+    "auth_config",
+    "authorization_code",
+    "browser_here",
+    "choose_flow",
+    "device_code",
+    "discovery",
+    "pkce_pair",
+]

@@ -75,17 +75,21 @@ def main(ctx: click.Context) -> None:
 
 
 def _thin_client_imports(command: str) -> None:
-    """In a process that runs only a server-mode command, tell httpcore that trio is not
-    installed: it imports trio (~140 ms) when it makes its first connection, to support an
-    event loop a synchronous client never runs. (Only here, in the ``vmfarm`` process: never
-    when ``main`` is called as a library.)"""
+    """In a process that runs only a server-mode command, skip two imports that a
+    synchronous HTTP client never uses (``import X`` raises ImportError when
+    ``sys.modules[X]`` is None, and both libraries expect that): trio, which httpcore imports
+    at the first connection for an event loop nobody runs here (~140 ms), and httpx's own
+    command-line tool, which httpx imports with its rich and pygments output (~30 ms). Only
+    in the ``vmfarm`` process, never when ``main`` is called as a library."""
     import sys
 
     from cli import thin
     from cli.remote import server_mode
 
-    if command in thin.COMMANDS and "trio" not in sys.modules and server_mode():
-        sys.modules["trio"] = None  # type: ignore[assignment]  # import trio: ImportError
+    if command in thin.COMMANDS and server_mode():
+        for name in ("trio", "httpx._main"):
+            if name not in sys.modules:
+                sys.modules[name] = None  # type: ignore[assignment]
 
 
 def entry() -> None:

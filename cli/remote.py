@@ -27,7 +27,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -231,9 +231,10 @@ def _oauth_error(resp: httpx.Response) -> str:
     return f"HTTP {resp.status_code}"
 
 
-def credentials(server: str, *, http: httpx.Client | None = None) -> str:
+def credentials(server: str, *, http: httpx.Client | None = None, renew: bool = False) -> str:
     """The bearer token for ``server``: ``VMFARM_TOKEN``, else the stored sign-in (renewed
-    and stored again when it has expired). LoginError when there is none."""
+    and stored again when it has expired, or when ``renew`` says the server refused it).
+    LoginError when there is none."""
     env = os.environ.get("VMFARM_TOKEN", "").strip()
     if env:
         return env
@@ -244,7 +245,7 @@ def credentials(server: str, *, http: httpx.Client | None = None) -> str:
             "API token)"
         )
     token = str(login.get("token") or "")
-    if not token or needs_refresh(token):
+    if not token or renew or needs_refresh(token):
         login = refresh(login, http=http)
         write_login(login)
         token = str(login["token"])
@@ -297,6 +298,7 @@ class Remote:
     url: str
     token: str | None = None
     transport: httpx.BaseTransport | None = None  # tests: httpx.MockTransport
+    renewable: bool = field(default=False, init=False)  # the token is a stored sign-in's
 
     def _client(self, timeout: Any = TIMEOUT) -> httpx.Client:
         import httpx
@@ -314,6 +316,7 @@ class Remote:
     def _token(self) -> str:
         if self.token is None:
             self.token = credentials(self.url)
+            self.renewable = not os.environ.get("VMFARM_TOKEN", "").strip()
         return self.token
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -322,6 +325,13 @@ class Remote:
         try:
             with self._client() as http:
                 resp = http.request(method, path, **kwargs)
+                if resp.status_code == 401 and self.renewable:
+                    # A sign-in the server no longer takes before its expiry (clocks apart,
+                    # keys rotated): renewed once, the request sent again (a 401 did nothing).
+                    self.renewable = False
+                    self.token = credentials(self.url, renew=True)
+                    http.headers["Authorization"] = f"Bearer {self.token}"
+                    resp = http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ServerUnavailable(
                 f"cannot reach the vmfarm server at {self.url}: {exc}"
@@ -357,7 +367,8 @@ class Remote:
 
 
 def iter_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The (event, data) pairs of server-sent event lines; comments (keep-alives) skipped."""
+    """The (event, data) pairs of server-sent event lines; a comment (the server's keep-alive,
+    every 15 s of a quiet stream) is ``("keepalive", {})``."""
     name, data = "message", list[str]()
     for line in lines:
         if not line:
@@ -365,7 +376,7 @@ def iter_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield name, json.loads("\n".join(data))
             name, data = "message", []
         elif line.startswith(":"):
-            continue
+            yield "keepalive", {}
         elif line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 from rich.text import Text
 
-from cli.console import err, error
+from cli.console import err, error, out
 from cli.context import Cli, pass_cli
 from cli.options import input_options, output_option, pipeline_option, watch_option
 from cli.remote import (
@@ -147,9 +147,10 @@ def follow(
     sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
 
 
-def _events(remote: Remote, execution_id: str) -> Any:
-    """The execution's status events until its ``end`` event, reconnecting when the stream
-    breaks (a server restart) a few times."""
+def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> Any:
+    """The execution's status events until its ``end`` event (and the keep-alives of a quiet
+    stream as ``None``, when asked), reconnecting when the stream breaks (a server restart)
+    a few times."""
     broken = 0
     while True:
         try:
@@ -159,6 +160,8 @@ def _events(remote: Remote, execution_id: str) -> Any:
                 if name == "status":
                     broken = 0
                     yield data
+                elif name == "keepalive" and keepalives:
+                    yield None
             return
         except ServerUnavailable:
             broken += 1
@@ -169,7 +172,16 @@ def _events(remote: Remote, execution_id: str) -> Any:
 
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
+    watched: set[str] = set()
     for progress in _events(remote, execution_id):
+        w = progress.get("watching")
+        if w and w.get("stage") not in watched:
+            watched.add(w.get("stage"))
+            err.print(
+                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
+                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+                "ends when the watch does"
+            )
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -192,18 +204,12 @@ def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
     from cli.render import live_view
 
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
-    with Live(live_view(report), console=cli_out(), refresh_per_second=8, transient=True) as view:
+    with Live(live_view(report), console=out, refresh_per_second=8, transient=True) as view:
         for _ in _events(remote, execution_id):
             report = remote.get(f"{EX}/{execution_id}")
             view.update(live_view(report))
     final: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return final
-
-
-def cli_out() -> Any:
-    from cli.console import out
-
-    return out
 
 
 # --- new executions ---------------------------------------------------------------------------
@@ -245,7 +251,9 @@ def run(
     # its half second of imports, is not needed.
     values = gather_inputs(input_files, sets) if input_files else parse_sets(sets)
     inputs = {str(k): str(v) for k, v in dict(values).items()}
-    body: dict[str, Any] = {"files": read_files(files) if files else {}, "set": inputs}
+    # No files: --pipeline names a pipeline stored on the server (the registry's).
+    body: dict[str, Any] = {"files": read_files(files)} if files else {}
+    body["set"] = inputs
     if pipeline:
         body["pipeline"] = pipeline
     remote = connect()
@@ -599,7 +607,8 @@ def tokens_revoke(cli: Cli, token_id: str) -> None:
 @click.option(
     "--device",
     is_flag=True,
-    help="Sign in on another device with a code (when the identity provider offers it).",
+    help="Sign in on another device with a code (the device flow, when the identity "
+    "provider offers it; chosen by itself on a machine without a browser).",
 )
 @click.option("--no-browser", is_flag=True, help="Print the sign-in address; open nothing.")
 @remote_errors()
@@ -624,7 +633,12 @@ def login(url: str | None, device: bool, no_browser: bool) -> None:
     with httpx.Client(timeout=30.0) as http:
         conf = flows.auth_config(http, server)
         disc = flows.discovery(http, str(conf["issuer"]))
-        if device:
+        flow = flows.choose_flow(
+            disc, device=device, no_browser=no_browser, browser=flows.browser_here
+        )
+        if flow == "device" and not device:
+            show("no browser on this machine: sign in on another device with a code")
+        if flow == "device":
             answer = flows.device_code(http, conf, disc, show=show)
         else:
             answer = flows.authorization_code(

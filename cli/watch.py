@@ -73,6 +73,7 @@ def _regions_of(execution_id: str) -> list[str]:
     the region searched)."""
     from sqlmodel import select
 
+    from app.coordinator.outputs import names_outputs
     from app.coordinator.routing import discovery_region
     from app.db import session_scope
     from app.definitions.plan import DeploymentStagePlan, Plan
@@ -87,6 +88,13 @@ def _regions_of(execution_id: str) -> list[str]:
         if not isinstance(stage, DeploymentStagePlan):
             continue
         for infra in stage.infrastructures:
+            if infra.provider == "static" and names_outputs(infra.spec):
+                # hosts named by an earlier stage's outputs: listed when the stage starts
+                from app.providers.base import DEFAULT_REGION
+
+                hosts = infra.spec.get("hosts") or []
+                regions.update(str(h.get("region") or "") for h in hosts if h.get("region"))
+                regions.add(str(infra.spec.get("region") or DEFAULT_REGION))
             if infra.provider == "static":
                 continue
             regions.add(discovery_region(infra))

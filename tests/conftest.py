@@ -59,6 +59,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: LANES.index(lane(item) or "chaos"))  # stable within a lane
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stored_sign_in(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A config folder of the session's own: a developer's ``vmfarm login`` (in
+    ~/.config/vmfarm) would turn every CLI the tests run into a client of their server."""
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
+
+
 # --- the allocator -----------------------------------------------------------------------------
 
 

@@ -52,16 +52,27 @@ def delegate_host(stage: DeploymentStagePlan) -> Host:
     )
 
 
-def discover_stage(stage: DeploymentStagePlan) -> list[Host]:
+def discover_stage(
+    stage: DeploymentStagePlan, *, execution_id: str | None = None, s: Session | None = None
+) -> list[Host]:
     """The hosts of every infrastructure of the stage, listed here (static lists, or cloud
     discovery in embedded mode); a host named twice or no host at all is bad input. A Custom
-    stage's one host is its delegate."""
+    stage's one host is its delegate. With ``execution_id``, earlier stages' outputs named in
+    an infrastructure (``<+pipeline.stages.S...output.X>``, e.g. a Terraform step's
+    addresses as static hosts) are read from the ledger (app.coordinator.outputs), in ``s``
+    when the caller holds a session."""
+    from app.coordinator.outputs import names_outputs, render_outputs, stage_outputs
+
     if stage.type == "Custom":
         return [delegate_host(stage)]
     hosts: list[Host] = []
     seen: dict[str, str] = {}
     for infra in stage.infrastructures:
-        for h in discover(infra.to_json()):
+        data = infra.to_json()
+        if execution_id is not None and names_outputs(data["spec"]):
+            values = stage_outputs(execution_id, stage.index, s=s)
+            data["spec"] = render_outputs(data["spec"], values)
+        for h in discover(data):
             if h.name in seen:
                 raise SpecError(
                     f"host {h.name} appears in infrastructures '{seen[h.name]}' and "

@@ -223,7 +223,9 @@ def _start_stage(s: Session, ex: Execution, run: StageRun, stage_plan: Deploymen
     from strategies import plan as plan_phases
 
     try:
-        hosts = [Host.from_dict(h) for h in run.hosts] or discover_stage(stage_plan)
+        hosts = [Host.from_dict(h) for h in run.hosts] or discover_stage(
+            stage_plan, execution_id=ex.id, s=s
+        )
         names = [h.name for h in hosts]
         slots = {h.name: str(h.attributes["slot"]) for h in hosts if h.attributes.get("slot")}
         live = live_set(s, stage_plan) if stage_plan.strategy.type == "BlueGreen" else []

@@ -14,6 +14,7 @@ from sqlmodel import col, select
 from app.coordinator.discovery import discover_stage
 from app.coordinator.ledger import all_static, new_execution_id, plan_of
 from app.coordinator.machine import advance
+from app.coordinator.outputs import names_outputs
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import (
     choose_tags,
@@ -201,7 +202,12 @@ def prepare(
     plan = resolve(bundle, pipe, execution_id=execution_id)
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
     stage_hosts = [
-        discover_stage(st) if isinstance(st, DeploymentStagePlan) and all_static(st) else []
+        discover_stage(st)
+        if isinstance(st, DeploymentStagePlan)
+        and all_static(st)
+        # hosts named by an earlier stage's outputs are known when the stage starts
+        and not names_outputs([i.to_json()["spec"] for i in st.infrastructures])
+        else []
         for st in plan.stages
     ]
     return plan, stage_hosts

@@ -50,7 +50,9 @@ HOST_KEYS = frozenset(
 # resolves it (app.secrets) and passes the value in the command's environment.
 SECRET_RE = re.compile(r"""secrets\.getValue\(\s*(["'])([A-Za-z0-9_./#:@-]+)\1\s*\)""")
 # Outputs of earlier steps on the same host, read by the worker.
-DEFERRED_PREFIXES = ("steps.",)
+# Outputs of earlier stages' steps (<+pipeline.stages.S.spec.execution.steps.ID.output.X>),
+# read from the ledger when the stage that names them starts or runs.
+DEFERRED_PREFIXES = ("steps.", "pipeline.stages.")
 
 
 # Characters that mean nothing to the shell in any quoting context.

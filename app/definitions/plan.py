@@ -25,6 +25,10 @@ from app.definitions.models import (
     StageWhen,
     StepWhen,
     StrategySpec,
+    TerraformApplyStep,
+    TerraformDestroyStep,
+    TerraformPlanStep,
+    TerraformRollbackStep,
     WaitStep,
 )
 from app.definitions.models.watch import RollbackStrategySpec
@@ -120,8 +124,45 @@ class ApprovalStepPlan(ApprovalStep, _Grouped):
     """A HarnessApproval step among a stage's steps: the hosts stop there until approved."""
 
 
+class _TerraformPlanned(_Grouped):
+    # The repository each Git store of the step reads (url, auth type, secret ids), by the
+    # store's dotted path in the step: app.definitions.terraform.dump_step.
+    repositories: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class TerraformPlanStepPlan(TerraformPlanStep, _TerraformPlanned):
+    """A TerraformPlan step as it runs on the delegate (app.execution.terraform)."""
+
+
+class TerraformApplyStepPlan(TerraformApplyStep, _TerraformPlanned):
+    """A TerraformApply step as it runs on the delegate."""
+
+
+class TerraformDestroyStepPlan(TerraformDestroyStep, _TerraformPlanned):
+    """A TerraformDestroy step as it runs on the delegate."""
+
+
+class TerraformRollbackStepPlan(TerraformRollbackStep, _TerraformPlanned):
+    """A TerraformRollback step as it runs on the delegate."""
+
+
+TerraformStepPlan = (
+    TerraformPlanStepPlan
+    | TerraformApplyStepPlan
+    | TerraformDestroyStepPlan
+    | TerraformRollbackStepPlan
+)
+
 StepPlan = Annotated[
-    CommandStepPlan | HealthCheckStepPlan | HttpStepPlan | WaitStepPlan | ApprovalStepPlan,
+    CommandStepPlan
+    | HealthCheckStepPlan
+    | HttpStepPlan
+    | WaitStepPlan
+    | ApprovalStepPlan
+    | TerraformPlanStepPlan
+    | TerraformApplyStepPlan
+    | TerraformDestroyStepPlan
+    | TerraformRollbackStepPlan,
     Field(discriminator="type"),
 ]
 

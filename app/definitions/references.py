@@ -19,6 +19,9 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
     from app.definitions.connectors import check_connector_refs
 
     check_connector_refs(bundle, errs)
+    from app.definitions.terraform import check_terraform
+
+    check_terraform(bundle, errs)
     for infra in bundle.infrastructures.values():
         env_ref = infra.model.spec.environment_ref
         if env_ref not in bundle.environments:

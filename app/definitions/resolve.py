@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from app.definitions.bundle import Bundle, Collector, Loaded, get_at, provider_of
 from app.definitions.connectors import artifact_spec, infra_connector
+from app.definitions.terraform import TERRAFORM_STEPS, dump_step
 from app.definitions.validation import loc_to_path, position
 
 
@@ -193,7 +194,7 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
 
 
 def _stage_when(
-    stage: m.StageSpec | m.ApprovalStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
     rendered: dict[str, Any],
     pipe: Loaded,
     base: tuple[str | int, ...],
@@ -231,7 +232,7 @@ def resolve_stage(
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     if isinstance(stage, m.CustomStageSpec):
-        return _resolve_custom(pipe, stage, index, raw, ctx, base, errs)
+        return _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
     rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
@@ -490,6 +491,7 @@ def _watch(
 
 
 def _resolve_custom(
+    bundle: Bundle,
     pipe: Loaded,
     stage: m.CustomStageSpec,
     index: int,
@@ -511,6 +513,7 @@ def _resolve_custom(
             for expr, token in held.items():
                 spec["assertion"] = spec["assertion"].replace(expr, token)
     rendered = render_tree(data, ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     errs.raise_if_any()
     for el in rendered["spec"]["execution"]["steps"]:
         spec = el["step"].get("spec")
@@ -540,6 +543,8 @@ def _resolve_custom(
                 ],
             }
             steps.append(d)
+        elif isinstance(step, TERRAFORM_STEPS):
+            steps.append(dump_step(bundle, step))
         else:
             steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
     return {
@@ -563,6 +568,7 @@ def _resolve_custom(
         ],
         "externalValues": {k: v.text for k, v in ctx.values.items() if v.external},
         "rollbackSteps": [],
+        "when": when,
     }
 
 

@@ -55,10 +55,6 @@ UNSUPPORTED_TYPES = {
     "Bitbucket": "write the repository as a Git connector (type: Git)",
     "DockerRegistry": "vmfarm deploys files to VMs, not images: use an Artifactory, Nexus or "
     "Http connector",
-    "TerraformPlan": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
-    "TerraformApply": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
-    "TerraformDestroy": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
-    "TerraformRollback": "Terraform steps are not supported: vmfarm has no Terraform runner yet",
 }
 
 
@@ -71,6 +67,11 @@ OTHER_STAGE_TYPES = {
     "a HealthCheck step of type HTTP",
     "Command": "a Command step runs on hosts, in a Deployment stage; in a Custom stage write a "
     "ShellScript step",
+    **{
+        t: f"a {t} step runs in a Custom stage (on the delegate), like the reference's "
+        "Terraform pipeline; put it in a stage of type Custom"
+        for t in ("TerraformPlan", "TerraformApply", "TerraformDestroy", "TerraformRollback")
+    },
     "HealthCheck": "a HealthCheck step checks hosts, in a Deployment stage; in a Custom stage "
     "write an Http step",
 }

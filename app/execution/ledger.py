@@ -305,6 +305,7 @@ def earlier_outputs(key: HostStepKey, ctx: Context, stage: DeploymentStagePlan) 
         sid = step_of(dataclasses.replace(key, step=r.step_index), stage)[1].identifier
         for name, value in (r.outputs or {}).items():
             ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
+            ctx.set(f"steps.{sid}.output.{name}", value, external=True)  # Terraform's outputs
 
 
 # How long a step's outcome waits for an unreachable ledger: the units ran, and an outcome

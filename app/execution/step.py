@@ -26,6 +26,7 @@ from app.definitions.plan import (
     HealthCheckStepPlan,
     HttpStepPlan,
     StepPlan,
+    TerraformStepPlan,
     WaitStepPlan,
     step_when,
 )
@@ -286,9 +287,33 @@ def _http_step(
     ctx = host_context(host, stage)
     if "<+steps." in str(step.spec.to_json()):
         earlier_outputs(key, ctx, stage)
+    if "<+pipeline.stages." in str(step.spec.to_json()):
+        from app.coordinator.outputs import add_stage_outputs
+
+        add_stage_outputs(ctx, key.execution, key.stage)
     sink.unit = step.identifier
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return request(step, ctx, sink, timeout=timeout)
+
+
+def _terraform_step(
+    key: HostStepKey, stage: DeploymentStagePlan, step: TerraformStepPlan, host: Host, sink: LogSink
+) -> dict[str, Any]:
+    """A Terraform step: terraform on this worker (the delegate), app.execution.terraform."""
+    from app.execution.terraform import run_step
+
+    ctx = host_context(host, stage)
+    written = str(step.to_json())
+    if "<+steps." in written:
+        earlier_outputs(key, ctx, stage)
+    if "<+pipeline.stages." in written:
+        from app.coordinator.outputs import add_stage_outputs
+
+        add_stage_outputs(ctx, key.execution, key.stage)
+    timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
+    return run_step(
+        step, ctx, sink, execution_id=key.execution, attempt=key.attempt, timeout=timeout
+    )
 
 
 def _health_check_step(
@@ -349,6 +374,8 @@ def _run_units(
         return _http_step(key, stage, step, host, sink)
     if isinstance(step, WaitStepPlan | ApprovalStepPlan):  # (handled before: never here)
         return _stop_at_barrier(step, sink)
+    if isinstance(step, TerraformStepPlan):
+        return _terraform_step(key, stage, step, host, sink)
     spec = step.spec
     written = str(spec.to_json())  # what the units' expressions name
     # What the units' expressions need from the ledger and the artifact cache, read once.
@@ -365,6 +392,10 @@ def _run_units(
         )
     if "<+steps." in written:
         earlier_outputs(key, ctx, stage)
+    if "<+pipeline.stages." in written:
+        from app.coordinator.outputs import add_stage_outputs
+
+        add_stage_outputs(ctx, key.execution, key.stage)
     env = step_environment(step, ctx, secrets=True)
     scope = step_scope(stage, step, ctx, secrets=True)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout

@@ -340,7 +340,6 @@ def test_templates_load_as_written(tmp_path: Path, block: int) -> None:
 @pytest.mark.parametrize(
     ("block", "says"),
     [
-        (TERRAFORM_PIPELINE, "not supported"),
         (CICD_PIPELINE, "vmfarm deploys and does not build"),
     ],
 )
@@ -350,6 +349,62 @@ def test_pipelines_vmfarm_cannot_run_are_refused_with_the_reason(
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load([*documents(tmp_path), write(tmp_path, "pipeline.yaml", BLOCKS[block])])
     assert any(says in e.message for e in errors(exc))
+
+
+# The Git connector the reference's Terraform store implies (`repoName: infrastructure-repo`,
+# no connectorRef: the files' one Git connector, an Account connector with repoName under it).
+GIT_CONNECTOR = """\
+connector:
+  name: infrastructure
+  identifier: infrastructure_git
+  type: Git
+  spec:
+    url: https://git.example.com/platform
+    connectionType: Account
+    validationRepo: infrastructure-repo
+    type: Http
+    spec:
+      username: deployer
+      passwordRef: account.git_token
+"""
+
+
+def test_the_terraform_pipeline_is_refused_only_for_its_secret_manager(tmp_path: Path) -> None:
+    """vmfarm runs TerraformPlan and TerraformApply with InheritFromPlan (tests/unit/
+    test_terraform.py, tests/e2e/test_terraform.py); the plan's secretManagerRef (Harness
+    encrypts the saved plan with it) is refused by name; without that line the block plans:
+    the store's repository comes from the Git connector, the apply inherits the plan."""
+    git = write(tmp_path, "git.yaml", GIT_CONNECTOR)
+    text = BLOCKS[TERRAFORM_PIPELINE]
+    pipe = write(tmp_path, "pipeline.yaml", text)
+    with pytest.raises((SpecError, SpecErrors)) as exc:
+        load([*documents(tmp_path), git, pipe])
+    (err,) = errors(exc)
+    assert err.message.startswith("secretManagerRef is not supported")
+    assert (
+        err.line
+        == text.split("\n").index("                      secretManagerRef: vault_connector") + 1
+    )
+
+    without = write(
+        tmp_path,
+        "pipeline.yaml",
+        text.replace("                      secretManagerRef: vault_connector\n", ""),
+    )
+    bundle = load([*documents(tmp_path), git, without])
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json()
+    (planned,), (applied,) = (s["steps"] for s in plan["stages"])
+    assert planned["type"] == "TerraformPlan"
+    assert planned["spec"]["provisionerIdentifier"] == "plan_infra"
+    assert planned["spec"]["configuration"]["workspace"] == "production"
+    (repo,) = planned["repositories"].values()
+    assert repo["url"] == "https://git.example.com/platform/infrastructure-repo"
+    assert repo["passwordRef"] == "account.git_token"
+    assert applied["spec"] == {
+        "provisionerIdentifier": "plan_infra",
+        "configuration": {"type": "InheritFromPlan"},
+        "delegateSelectors": [],
+    }
 
 
 def test_the_ansible_playbook_is_not_a_pipeline_file(tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def test_server_commands_say_they_need_a_server_in_local_mode() -> None:
     assert res.exit_code == 2 and "needs a vmfarm server" in res.output
 
 
-def test_the_event_stream_is_read_as_events_and_keepalives_are_skipped() -> None:
+def test_the_event_stream_is_read_as_events_and_keepalives() -> None:
     lines = [
         "id: 1",
         "event: status",
@@ -270,6 +270,7 @@ def test_the_event_stream_is_read_as_events_and_keepalives_are_skipped() -> None
     ]
     assert list(remote.iter_events(iter(lines))) == [
         ("status", {"status": "RUNNING"}),
+        ("keepalive", {}),
         ("end", {"status": "SUCCEEDED"}),
     ]
 
@@ -327,3 +328,190 @@ def test_the_device_flow_is_refused_when_the_provider_does_not_offer_it() -> Non
             {"token_endpoint": TOKEN_ENDPOINT},
             show=print,
         )
+
+
+# --- following a run over server-sent events ---------------------------------------------------
+
+
+class FakeServer:
+    """A server that takes a submission (e1), streams ``progress`` as status events, then
+    ``end``; ``breaks`` event requests fail first (a restart)."""
+
+    def __init__(self, progress: list[str], *, breaks: int = 0) -> None:
+        self.progress = progress
+        self.breaks = breaks
+        self.shown = 0  # how many statuses the stream has sent (GET follows it)
+        self.streams = 0
+
+    def report(self) -> dict[str, Any]:
+        status = self.progress[max(self.shown - 1, 0)]
+        return {"id": "e1", "status": status, "stages": []}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "POST" and path == "/api/v1/executions":
+            return httpx.Response(201, json={"id": "e1"})
+        if path == "/api/v1/executions/e1/events":
+            self.streams += 1
+            if self.breaks:
+                self.breaks -= 1
+                raise httpx.ReadError("connection reset")
+            return httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                content=self.stream(),
+            )
+        if path == "/api/v1/executions/e1":
+            return httpx.Response(200, json=self.report())
+        return httpx.Response(404, json={"detail": "no such route"})
+
+    def stream(self) -> Iterator[bytes]:
+        for n, status in enumerate(self.progress, 1):
+            self.shown = n
+            yield f"id: {n}\nevent: status\ndata: {json.dumps({'status': status})}\n\n".encode()
+            yield b": still following\n\n"
+        yield f"event: end\ndata: {json.dumps({'status': self.progress[-1]})}\n\n".encode()
+
+
+def following(monkeypatch: pytest.MonkeyPatch, fake: FakeServer) -> None:
+    monkeypatch.setenv("VMFARM_SERVER", SERVER)
+    monkeypatch.setattr(
+        "cli.thin.connect",
+        lambda: remote.Remote(SERVER, token="vmf_t", transport=httpx.MockTransport(fake.handler)),
+    )
+    monkeypatch.setattr("cli.thin.time.sleep", lambda _: None)
+
+
+@pytest.mark.parametrize(("final", "code"), [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_run_follows_the_events_says_when_it_waits_and_exits_with_the_outcome(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, final: str, code: int
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING", "WAITING", "WAITING", "RUNNING", final])
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == code, res.output
+    assert json.loads(res.stdout) == {"id": "e1", "status": final, "stages": []}
+    assert res.stderr.count("execution e1 is waiting for approval: vmfarm approve e1") == 1
+
+
+def test_a_broken_event_stream_is_followed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING", "SUCCEEDED"], breaks=2)
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--watch"])
+    assert res.exit_code == 0, res.output
+    assert fake.streams == 3
+    assert "execution e1 SUCCEEDED" in res.stdout  # the summary after the live view
+
+
+def test_a_stream_that_stays_broken_ends_the_follow_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    fake = FakeServer(["RUNNING"], breaks=100)
+    following(monkeypatch, fake)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == 1
+    assert "lost the event stream" in res.stderr
+
+
+def test_following_quietly_says_once_when_a_watch_after_deployment_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class Watching(FakeServer):
+        def report(self) -> dict[str, Any]:
+            doc = super().report()
+            watch = {"state": "not started"} if self.shown < 2 else {"ends_at": "12:00:00Z"}
+            doc["stages"] = [{"identifier": "deploy", "watch": watch}]
+            return doc
+
+    (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
+    following(monkeypatch, Watching(["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]))
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "-o", "json"])
+    assert res.exit_code == 0, res.output
+    told = "execution e1: stage deploy passed its last phase; watching it until 12:00:00Z"
+    assert res.stderr.count(told) == 1
+
+
+def test_run_with_only_pipeline_names_a_stored_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = server_answering(monkeypatch, 201, {"id": "e9"})
+    res = CliRunner().invoke(main, ["run", "--pipeline", "web", "--set", "tag=2", "--detach"])
+    assert res.exit_code == 0 and res.stdout.strip() == "e9", res.output
+    assert json.loads(calls[0].content) == {"set": {"tag": "2"}, "pipeline": "web"}
+
+
+def test_run_without_files_or_pipeline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = server_answering(monkeypatch, 201, {"id": "e9"})
+    res = CliRunner().invoke(main, ["run"])
+    assert res.exit_code == 2 and "--pipeline ID" in res.output and calls == []
+
+
+def test_a_sign_in_the_server_refuses_is_renewed_once_and_the_request_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old, new = (
+        jwt_of(sub="alice", exp=time.time() + 600),
+        jwt_of(sub="alice", exp=time.time() + 3600),
+    )
+    remote.write_login(stored(old))
+    renewals: list[dict[str, str]] = []
+    real_refresh = remote.refresh
+
+    def refresh(login: dict[str, Any], *, http: Any = None) -> dict[str, Any]:
+        return real_refresh(
+            login,
+            http=idp(lambda _: httpx.Response(200, json={"id_token": new}), renewals),
+        )
+
+    monkeypatch.setattr(remote, "refresh", refresh)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        ok = request.headers["authorization"] == f"Bearer {new}"
+        return httpx.Response(200 if ok else 401, json=[] if ok else {"detail": "bad key"})
+
+    client = remote.Remote(SERVER, transport=httpx.MockTransport(handler))
+    assert client.get("/api/v1/executions") == []
+    assert seen == [f"Bearer {old}", f"Bearer {new}"] and len(renewals) == 1
+    # renewed once only: a second refusal is the answer
+    seen.clear()
+    client.token = old
+    with pytest.raises(remote.ServerRefused, match="bad key"):
+        client.get("/api/v1/executions")
+    assert seen == [f"Bearer {old}"]
+
+
+def test_an_api_token_the_server_refuses_is_not_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMFARM_TOKEN", "vmf_gone")
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(401, json={"detail": "API token 'ci' was revoked"})
+
+    with pytest.raises(remote.ServerRefused, match="revoked"):
+        remote.Remote(SERVER, transport=httpx.MockTransport(handler)).get("/api/v1/tokens")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("offered", "device", "no_browser", "browser", "flow"),
+    [
+        (True, False, False, True, "code"),  # a desktop: the browser
+        (True, False, False, False, "device"),  # over SSH, no browser: a code
+        (False, False, False, False, "code"),  # no device flow: print the address
+        (True, False, True, False, "code"),  # --no-browser: the address, as asked
+        (True, True, False, True, "device"),  # --device
+        (False, True, False, True, "device"),  # --device, refused later by name
+    ],
+)
+def test_login_chooses_the_device_flow_when_asked_or_when_there_is_no_browser(
+    offered: bool, device: bool, no_browser: bool, browser: bool, flow: str
+) -> None:
+    disc = {"device_authorization_endpoint": "http://idp.test/device"} if offered else {}
+    chosen = flows.choose_flow(disc, device=device, no_browser=no_browser, browser=lambda: browser)
+    assert chosen == flow

@@ -98,18 +98,15 @@ def test_reference_examples_load() -> None:
     ("file", "needle", "says"),
     [
         ("cicd_pipeline.yaml", "type: CI", "vmfarm deploys and does not build"),
-        ("cicd_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
-        ("cicd_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
-        ("terraform_pipeline.yaml", "type: TerraformPlan", "Terraform steps are not supported"),
-        ("terraform_pipeline.yaml", "type: TerraformApply", "Terraform steps are not supported"),
+        ("terraform_pipeline.yaml", "secretManagerRef", "secretManagerRef is not supported"),
     ],
 )
 def test_reference_pipelines_vmfarm_cannot_run_are_refused_with_the_reason(
     file: str, needle: str, says: str
 ) -> None:
     """The reference's CI/CD and Terraform pipelines, verbatim: refused where the unsupported
-    type is written (a CI stage; Terraform steps, inside Custom stages that vmfarm runs),
-    saying why (not 'unknown type')."""
+    thing is written (a CI stage; the Terraform plan's secretManagerRef), saying why (not
+    'unknown type')."""
     path = DATA / "reference_refused" / file
     with pytest.raises((SpecError, SpecErrors)) as exc:
         load([path])

@@ -340,3 +340,50 @@ def test_checks_come_every_interval_and_one_closes_the_window_exactly() -> None:
     assert next_check(s, started=0.0, now=3.0) == 1.0
     assert math.isclose(next_check(s, started=0.0, now=19.5), 0.5)
     assert next_check(s, started=0.0, now=21.0) == 0.0
+
+
+# --- a lost check ----------------------------------------------------------------------------
+
+
+def test_the_reconciler_gives_a_long_overdue_check_a_new_number_and_ends_ended_runs_watches(
+    ledger: Path,
+) -> None:
+    from sqlmodel import select
+
+    from app.coordinator import submit
+    from app.coordinator.watch import overdue_watches, watch_inputs
+    from app.db import session_scope
+    from app.models import Execution, PhaseRun, Status
+
+    # Given two executions watching, their next check due at t=1000 (every 30 s); the second
+    # execution was aborted meanwhile
+    running, aborted = (
+        submit([str(DATA / "good")], inputs={"tag": "1.0"}, publish=False) for _ in range(2)
+    )
+    with session_scope() as s:
+        for ex_id in (running, aborted):
+            s.add(
+                PhaseRun(
+                    execution_id=ex_id,
+                    stage_index=0,
+                    phase=-1,
+                    kind="watch",
+                    verdict={"seq": 3, "due": 1000.0, "interval": 30},
+                )
+            )
+        ex = s.get(Execution, aborted)
+        assert ex is not None
+        ex.status = Status.ABORTED
+        s.add(ex)
+    # When the reconciler looks before the grace has passed, nothing is sent again
+    with session_scope() as s:
+        assert overdue_watches(s, now=1000 + 30 + 59) == []
+    # Then after it, the running watch's check goes again with a new number
+    with session_scope() as s:
+        assert overdue_watches(s, now=1000 + 30 + 61) == [(running, 0, 4)]
+    with session_scope() as s:
+        # the lost check, should it arrive after all, is stale and does nothing
+        assert watch_inputs(s, running, 0, 3) is None
+        states = {r.execution_id: r.status for r in s.exec(select(PhaseRun)).all()}
+    # and the aborted run's watch ended instead of being checked forever
+    assert states == {running: Status.RUNNING, aborted: Status.ABORTED}

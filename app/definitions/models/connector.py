@@ -412,8 +412,14 @@ class GitSpec(Model):
                     "credentials are sent over https only, and this url is plain "
                     "http: use an https:// URL"
                 )
-            if not self.url.lower().startswith(("https://", "http://")):
-                raise ValueError(f"type Http needs an http(s) url, got {self.url!r}")
+            local = self.url.lower().startswith("file://")
+            if local and (a.password_ref is not None or a.username_ref is not None):
+                raise ValueError("a file:// repository takes no credentials")
+            if not local and not self.url.lower().startswith(("https://", "http://")):
+                raise ValueError(
+                    f"type Http needs an http(s) url (or file:// for a repository on the "
+                    f"delegate's disk), got {self.url!r}"
+                )
         else:
             if a.ssh_key_ref is None:
                 raise ValueError("type Ssh needs spec.sshKeyRef (a secret holding the key)")

@@ -202,6 +202,8 @@ class CustomStageSpec(Model):
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
+    # As a Deployment stage's: e.g. a TerraformRollback stage with pipelineStatus: Failure.
+    when: StageWhen | None = None
 
 
 AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec, Field(discriminator="type")]

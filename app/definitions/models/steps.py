@@ -593,8 +593,24 @@ class HttpStep(_StepBase):
     spec: HttpStepSpec
 
 
+# Terraform steps (app.definitions.models.terraform) build on _StepBase above.
+from app.definitions.models.terraform import (  # noqa: E402
+    TerraformApplyStep,
+    TerraformDestroyStep,
+    TerraformPlanStep,
+    TerraformRollbackStep,
+)
+
 CustomStepSpec = Annotated[
-    ShellScriptStep | HttpStep | WaitStep | ApprovalStep, Field(discriminator="type")
+    ShellScriptStep
+    | HttpStep
+    | WaitStep
+    | ApprovalStep
+    | TerraformPlanStep
+    | TerraformApplyStep
+    | TerraformDestroyStep
+    | TerraformRollbackStep,
+    Field(discriminator="type"),
 ]
 
 
