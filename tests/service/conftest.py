@@ -275,7 +275,7 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
-  console-reader: [fleet:view, audit:view]
+  console-reader: [fleet:view, audit:view, registry:view]
 bindings:
   - role: token-admin
     groups: [deployers]

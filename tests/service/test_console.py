@@ -4,7 +4,10 @@ and the permission, whatever the page showed."""
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
+import pytest
 
 from tests.console_signin import console_sign_in, set_cookie
 from tests.service.conftest import Server, gated_pipeline, sign_in
@@ -179,3 +182,36 @@ def test_without_the_permission_to_run_there_is_no_form(server: Server) -> None:
     assert carol.get("/console/run").status_code == 403
     resp = carol.post("/console/run", {"files": gated_pipeline("nope", groups=["ci"])})
     assert resp.status_code == 403 and "pipeline:execute" in resp.text
+
+
+def test_the_registry_pages_show_each_entry_and_the_diff_between_versions(
+    server: Server,
+) -> None:
+    from app.server.console.registry_pages import available
+
+    if not available():
+        pytest.skip("this tree has no registry (app.registry)")
+    token = sign_in(server.oidc.url, "alice", client_id="vmfarm")["id_token"]
+    name = f"console_{uuid.uuid4().hex[:6]}"
+    for kind in ("PreProduction", "Production"):
+        resp = httpx.post(
+            server.url + "/api/v1/registry",
+            headers={"Authorization": f"Bearer {token}"},
+            json={
+                "files": {
+                    "env.yaml": f"apiVersion: v1\nkind: Environment\nmetadata:\n  name: {name}\n"
+                    f"spec:\n  type: {kind}\n"
+                }
+            },
+        )
+        assert resp.status_code == 200, resp.text
+    alice = console_sign_in(server.url, "alice")
+    listing = alice.get("/console/registry")
+    assert listing.status_code == 200 and name in listing.text
+    page = alice.get(f"/console/registry/environment/{name}")
+    assert page.status_code == 200 and "version 2" in page.text
+    assert "-  type: PreProduction" in page.text and "+  type: Production" in page.text
+    first = alice.get(f"/console/registry/environment/{name}?version=1")
+    assert "type: PreProduction" in first.text.split('id="registry-text"')[1].split("</pre>")[0]
+    carol = console_sign_in(server.url, "carol")
+    assert carol.get("/console/registry").status_code == 403
