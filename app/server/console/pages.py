@@ -421,42 +421,34 @@ def run_form(request: Request, session: SignedIn) -> HTMLResponse:
 
 @router.post("/run", name="console_run")
 def run(request: Request, sent: Posted) -> Response:
-    """Run the submitted files as the signed-in person (as POST /api/v1/executions does);
-    the form again with the error when they are refused."""
-    import tempfile
+    """Run the submitted files as the signed-in person: exactly what POST /api/v1/executions
+    does with them (the same checks, the same refusals); the form again, with the error and
+    the text kept, when they are refused."""
+    from pydantic import ValidationError
 
-    from app import operations
-    from app.server.routes.executions import _check_files
+    from app.server.routes.executions import Submission, submit
 
     session, form = sent
     cfg: RbacConfig = rules(request)
     authorize(cfg, session.identity, "pipeline:execute")
     text = form.get("files", "")
     try:
-        if not text.strip():
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT, detail="paste the pipeline's YAML first"
+        try:
+            body = Submission.model_validate(
+                {
+                    "files": {"pipeline.yaml": text} if text.strip() else {},
+                    "pipeline": form.get("pipeline", "").strip() or None,
+                    "set": _inputs(form.get("inputs", "")),
+                }
             )
-        files = {"pipeline.yaml": text}
-        _check_files(files)
-        inputs = _inputs(form.get("inputs", ""))
-        with tempfile.TemporaryDirectory(prefix="vmfarm-console-") as tmp:
-            path = Path(tmp) / "pipeline.yaml"
-            path.write_text(text)
-            try:
-                ex_id = operations.run(
-                    _actor(session.identity),
-                    [str(path)],
-                    pipeline=form.get("pipeline", "").strip() or None,
-                    inputs=inputs,
-                    rules=cfg,
-                )
-            except Exception as exc:
-                from app.server.routes.executions import _http
-
-                raise _http(exc, strip=tmp + "/") from None
+        except ValidationError:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail="paste the pipeline's YAML (or name a stored pipeline)",
+            ) from None
+        ex_id = submit(body, session.identity, cfg).id
     except HTTPException as exc:
-        if exc.status_code not in (409, 413, 422):
+        if exc.status_code not in (404, 409, 413, 422):
             raise
         page = _render(request, session, "run.html", form=form, error=exc.detail)
         page.status_code = exc.status_code
