@@ -256,6 +256,13 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     assert re.search(r"ada approve approved", audit) and "lab is quiet, go" in audit, audit
     screenshot(dana, "audit")
 
+    # the registry's pages, where the server has a registry: the lab environment's versions
+    if _has_registry(console):
+        dana.get(console.url + "/console/registry")
+        dana.find_element(By.LINK_TEXT, "lab").click()
+        assert "type: PreProduction" in dana.find_element(By.ID, "registry-text").text
+        screenshot(dana, "registry-entry")
+
     # dark, when the system is
     dana.execute_cdp_cmd(
         "Emulation.setEmulatedMedia",
