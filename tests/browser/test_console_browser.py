@@ -258,7 +258,7 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
 
     # the registry's pages, where the server has a registry: the lab environment's versions
     if _has_registry(console):
-        dana.get(console.url + "/console/registry")
+        dana.find_element(By.LINK_TEXT, "Registry").click()
         dana.find_element(By.LINK_TEXT, "lab").click()
         assert "type: PreProduction" in dana.find_element(By.ID, "registry-text").text
         screenshot(dana, "registry-entry")

@@ -206,6 +206,7 @@ def test_the_registry_pages_show_each_entry_and_the_diff_between_versions(
         )
         assert resp.status_code == 200, resp.text
     alice = console_sign_in(server.url, "alice")
+    assert 'href="/console/registry"' in alice.get("/console/executions").text
     listing = alice.get("/console/registry")
     assert listing.status_code == 200 and name in listing.text
     page = alice.get(f"/console/registry/environment/{name}")
@@ -214,4 +215,5 @@ def test_the_registry_pages_show_each_entry_and_the_diff_between_versions(
     first = alice.get(f"/console/registry/environment/{name}?version=1")
     assert "type: PreProduction" in first.text.split('id="registry-text"')[1].split("</pre>")[0]
     carol = console_sign_in(server.url, "carol")
+    assert 'href="/console/registry"' not in carol.get("/console/executions").text
     assert carol.get("/console/registry").status_code == 403

@@ -84,10 +84,10 @@ def _actor(who: Identity) -> Any:
 def _render(request: Request, session: Session | None, name: str, **context: Any) -> HTMLResponse:
     cfg = rules(request)
     who = session.identity if session else None
-    can = {
-        p: bool(who and may(cfg, who, p))
-        for p in (*set(ACTIONS.values()), "fleet:view", "audit:view")
-    }
+    shown = (*set(ACTIONS.values()), "fleet:view", "audit:view", "registry:view")
+    can = {p: bool(who and may(cfg, who, p)) for p in shown}
+    # the registry's link only where the server has a registry
+    can["registry:view"] &= bool(getattr(request.app.state, "console_registry", False))
     return templates.TemplateResponse(
         request,
         name,
