@@ -3,9 +3,11 @@
 Three group roles (NOLOGIN); the people running vmfarm make login roles that are members::
 
     vmfarm_server    the server and the control worker: every table, but the audit trail is
-                     append-only (INSERT and SELECT; no UPDATE, DELETE or TRUNCATE), and the
+                     append-only (INSERT and SELECT; no UPDATE, DELETE or TRUNCATE), and so are
+                     the registry's versions (a version is never rewritten), and the
                      schema belongs to the migrating role, not to it
-    vmfarm_worker    region workers: read plans, stage rows, versions and step rows; write
+    vmfarm_worker    region workers: read plans, stage rows, versions, registry versions and
+                     step rows; write
                      only their step rows (HostStepRun, CheckRun), log chunks (insert only)
                      and their own heartbeat (WorkerBeat); never executions, approvals,
                      audit, API tokens
@@ -44,7 +46,7 @@ log = logging.getLogger("vmfarm.db")
 SERVER, WORKER, READONLY = "vmfarm_server", "vmfarm_worker", "vmfarm_readonly"
 ROLES = (SERVER, WORKER, READONLY)
 # Append-only for every role: rows are added and read, never changed or removed.
-APPEND_ONLY = ("auditevent",)
+APPEND_ONLY = ("auditevent", "registryversion")
 # Read by the server alone (API token hashes).
 SERVER_ONLY = ("apitoken",)
 # What a region worker reads: its plan (execution, stagerun), versions (instance), the step
@@ -58,6 +60,9 @@ WORKER_READS = (
     "checkrun",
     "instance",
     "workerbeat",
+    # The registry's versions and which of them each execution used (app.registry).
+    "registryversion",
+    "registryuse",
 )
 WORKER_WRITES: dict[str, tuple[str, ...]] = {
     "hoststeprun": ("INSERT", "UPDATE"),
@@ -144,8 +149,10 @@ def apply(conn: Any) -> bool:
     cannot be created here (logged: the grants then wait for an administrator)."""
     if conn.dialect.name != "postgresql":
         return True
+    present = set(_tables(conn))
     for table in APPEND_ONLY:
-        append_only(conn, table)
+        if table in present:  # an earlier migration runs this before a later table exists
+            append_only(conn, table)
     missing = ensure_roles(conn)
     if missing:
         log.warning(

@@ -247,3 +247,37 @@ class ApiToken(SQLModel, table=True):
     last_used_at: NaiveDatetime | None = None
     revoked_at: NaiveDatetime | None = None
     revoked_by: str | None = Field(default=None, max_length=255)
+
+
+class RegistryVersion(SQLModel, table=True):
+    """One version of a registry entry (app.registry): an Environment, Infrastructure,
+    Service, Connector, Template or Pipeline document as it was applied, who applied it and
+    when. Versions are only added (append-only, like the audit trail); the latest is the
+    entry. ``env_type`` is an Environment's type, ``env_ref`` an Infrastructure's
+    environment: the facts RBAC decides on."""
+
+    __table_args__ = (UniqueConstraint("kind", "ident", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=32, index=True)
+    ident: str = Field(max_length=255, index=True)
+    version: int
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    author: str = Field(default="", max_length=255)
+    token_id: str | None = Field(default=None, max_length=32)
+    env_type: str | None = Field(default=None, max_length=32)
+    env_ref: str | None = Field(default=None, max_length=255)
+    created_at: NaiveDatetime = Field(default_factory=utcnow)
+
+
+class RegistryUse(SQLModel, table=True):
+    """A registry version an execution was resolved with (its environments, infrastructures,
+    connectors, and the services, templates and pipeline it did not bring in its files)."""
+
+    __table_args__ = (UniqueConstraint("execution_id", "kind", "ident"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    execution_id: str = Field(foreign_key="execution.id", index=True, max_length=32)
+    kind: str = Field(max_length=32)
+    ident: str = Field(max_length=255)
+    version: int

@@ -50,6 +50,10 @@ What each action needs (``required_permissions``)::
 Pipeline permissions are checked on the pipeline's identifier, environment permissions on the
 environment's (what a binding's ``resources`` globs match).
 
+The server's registry (app.server.routes.registry) needs ``registry:apply`` or
+``registry:view``, and ``environment:edit:<qualifier>`` on each environment whose Environment
+or Infrastructure documents an apply changes (the qualifier of its type before and after).
+
 **Single-user mode**: when ``VMFARM_RBAC_FILE`` is not set and ``configs/rbac.yaml`` does not
 exist, RBAC is off and everything is allowed (``rbac_enabled()`` says which). When
 ``VMFARM_RBAC_FILE`` is set, the file must exist: a missing or invalid file refuses everything

@@ -180,6 +180,8 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "status": st.status,
                 "error": st.error,
                 "type": plan.type,
+                # The iteration of a looping strategy the stage is (repeat 2/3: eu-west-1).
+                "loop": deploying.loop if deploying else None,
                 "service": deploying.service.identifier if deploying else None,
                 "environment": deploying.environment.identifier if deploying else None,
                 "version": deploying.artifact.tag if deploying and deploying.artifact else None,

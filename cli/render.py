@@ -19,6 +19,12 @@ from cli.console import out, styled
 MATRIX_FROM = 40
 
 
+def _named(st: dict[str, Any]) -> str:
+    """A stage as status names it: its identifier, and which iteration of a loop it is."""
+    loop = st.get("loop")
+    return f"{st['identifier']} [{loop}]" if loop else str(st["identifier"])
+
+
 def live_view(report: dict[str, Any]) -> Group:
     """The live view of ``vmfarm run --watch``: a progress bar and a host table per stage."""
     parts: list[Any] = [
@@ -29,7 +35,7 @@ def live_view(report: dict[str, Any]) -> Group:
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
-            Text.assemble(f"stage {st['identifier']} ", styled(st["status"])),
+            Text.assemble(f"stage {_named(st)} ", styled(st["status"])),
             ProgressBar(total=max(len(hosts), 1), completed=done, width=30),
             Text(f"{done}/{len(hosts)} hosts"),
         )
@@ -90,9 +96,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     for st in report["stages"]:
         if st["status"] == "SKIPPED" and st.get("error"):
             out.print(
-                Text.assemble(
-                    f"stage {st['identifier']}: ", styled(st["status"]), f" ({st['error']})"
-                )
+                Text.assemble(f"stage {_named(st)}: ", styled(st["status"]), f" ({st['error']})")
             )  # its when, or a failed stage
             continue
         if st.get("type") == "Approval":
@@ -110,8 +114,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
                 out.print(Text(line, style=style))
             continue
         table = Table(
-            title=f"stage {st['identifier']} ({st['service']} -> "
-            f"{st['environment']}): {st['status']}",
+            title=f"stage {_named(st)} ({st['service']} -> {st['environment']}): {st['status']}",
             title_justify="left",
         )
         rolled = any(h.get("rollback") for h in st["hosts"])
@@ -188,7 +191,7 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
 def _print_custom(st: dict[str, Any]) -> None:
     """A Custom stage: its steps on the delegate, one row each (status, worker, outputs)."""
     table = Table(
-        title=f"stage {st['identifier']} (custom, on the delegate): {st['status']}",
+        title=f"stage {_named(st)} (custom, on the delegate): {st['status']}",
         title_justify="left",
     )
     for c in ("step", "status", "worker", "outputs"):
@@ -392,7 +395,7 @@ def _print_matrix(st: dict[str, Any]) -> None:
     """A large stage on one screen: per step, how many hosts ended how; then the hosts that
     did not succeed, grouped by error, a few named per group."""
     title = (
-        f"stage {st['identifier']} ({st['service']} -> {st['environment']}): "
+        f"stage {_named(st)} ({st['service']} -> {st['environment']}): "
         f"{st['status']}, {len(st['hosts'])} hosts"
     )
     states = [
@@ -534,6 +537,10 @@ def print_plan(result: dict[str, Any]) -> None:
                     f"{st['environment']}, strategy {strategy.get('type')}",
                 )
             )
+        if st.get("loop"):  # one iteration of the stage's looping strategy
+            out.print(Text(f"  {st['loop']} (stage {st.get('name')})"))
+        if strategy.get("maxConcurrency"):
+            out.print(f"  at most {strategy['maxConcurrency']} host(s) in flight in a phase")
         hosts = st["hosts_by_region"]
         if isinstance(hosts, dict):
             for region, names in hosts.items():
@@ -571,6 +578,8 @@ def print_plan(result: dict[str, Any]) -> None:
                     style="bold",
                 )
             )
+            if step.get("loop"):
+                out.print(Text(f"      loop: {step['loop']}"))
             if step.get("when"):
                 out.print(Text(f"      when: {step['when']}"))
             for k, v in (step.get("environment") or {}).items():

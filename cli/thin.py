@@ -173,15 +173,11 @@ def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> A
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
     watched: set[str] = set()
-    for progress in _events(remote, execution_id):
-        w = progress.get("watching")
-        if w and w.get("stage") not in watched:
-            watched.add(w.get("stage"))
-            err.print(
-                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
-                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
-                "ends when the watch does"
-            )
+    for progress in _events(remote, execution_id, keepalives=True):
+        if progress is None or progress.get("status") == "RUNNING":
+            _tell_watches(remote.get(f"{EX}/{execution_id}"), watched)
+        if progress is None:
+            continue
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -196,6 +192,20 @@ def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
             told = True
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return report
+
+
+def _tell_watches(report: dict[str, Any], told: set[str]) -> None:
+    """As local mode: say once per stage when its watch after deployment has started."""
+    for st in report.get("stages", []):
+        w = st.get("watch")
+        if not w or w.get("state") == "not started" or st["identifier"] in told:
+            continue
+        told.add(st["identifier"])
+        err.print(
+            f"execution {report['id']}: stage {st['identifier']} passed its last phase; "
+            f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+            "ends when the watch does"
+        )
 
 
 def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
@@ -444,8 +454,8 @@ def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
 @pass_cli
 @remote_errors(nothing="nothing was applied.")
 def apply(cli: Cli, paths: tuple[str, ...], output: str) -> None:
-    """Store Environments, Infrastructures, Services, Connectors and Templates on the
-    server: a new version of each that changed (who, when, diff)."""
+    """Store Environments, Infrastructures, Services, Connectors, Templates and Pipelines on
+    the server: a new version of each that changed (who, when, diff)."""
     answer = connect().post(REG, {"files": read_files(paths)})
     applied = answer.get("applied", []) if isinstance(answer, dict) else answer
     if output == "json":

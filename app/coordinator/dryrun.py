@@ -83,11 +83,14 @@ def dry_run(
         )
         sample = hosts[0] if hosts else None
         steps = [
-            {**render_step(stage, step, sample), "when": step_when(step)} for step in stage.steps
+            {**render_step(stage, step, sample), "when": step_when(step), "loop": step.loop}
+            for step in stage.steps
         ]
         stages.append(
             {
                 "identifier": stage.identifier,
+                "name": stage.name,
+                "loop": stage.loop,
                 "skipped_by_when": skipped,
                 "type": stage.type,
                 "service": stage.service.identifier,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 from app.definitions.bundle import YAML_SUFFIXES, Bundle, Collector, Loaded, missing, provider_of
 from app.definitions.inputs import apply_inputs
 from app.definitions.references import check_references
-from app.definitions.resolve import resolve_stage
+from app.definitions.resolve import resolve_stages
 from app.definitions.validation import _type_name, validate
 
 
@@ -123,6 +123,14 @@ def _load_bundle(
     from app.definitions.templates import expand_templates
 
     bundle.documents, bundle.templates = expand_templates(bundle.documents)
+    # Harness's SSH vocabulary (Phase groups, sources, credentialsRef, PDC connectors) in
+    # vmfarm's, before runtime inputs are named.
+    from app.definitions.harness_vocab import map_vocabulary
+
+    bundle.documents, problems = map_vocabulary(bundle.documents)
+    for problem in problems:
+        errs.add(problem)
+    errs.raise_if_any()
 
     bundle.inputs, bundle.external = apply_inputs(
         bundle.documents, inputs or {}, require=require_inputs
@@ -136,11 +144,10 @@ def _load_bundle(
         errs.add(err)
     errs.raise_if_any()
     for pipe in bundle.pipelines.values():
-        for i, _ in enumerate(pipe.model.spec.stages):
-            try:
-                resolve_stage(bundle, pipe, i, execution_id="<validate>", strict_inputs=False)
-            except (SpecError, SpecErrors) as exc:
-                errs.absorb(exc)
+        try:  # every iteration of a loop, each with its own values
+            resolve_stages(bundle, pipe, execution_id="<validate>", strict_inputs=False)
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
     errs.raise_if_any()
     return bundle
 
@@ -172,6 +179,20 @@ NOT_A_DOCUMENT = {
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "
     "workers",
 }
+
+
+# The top keys of Harness's own shape that vmfarm reads (app.definitions.native, templates,
+# inputsets, harness_vocab).
+HARNESS_TOP_KEYS = (
+    "pipeline",
+    "service",
+    "environment",
+    "infrastructureDefinition",
+    "connector",
+    "template",
+    "inputSet",
+    "secret",
+)
 
 
 def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
@@ -206,7 +227,10 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
                 "file holds documents with apiVersion, kind ("
                 + ", ".join([*m.KINDS, "Template"])
                 + "), "
-                "metadata and spec" + (f"; {hint}" if hint else ""),
+                "metadata and spec, or in Harness's own shape one of "
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + " at the top"
+                + (f"; {hint}" if hint else ""),
                 (first,),
                 key=True,
             )
@@ -214,7 +238,14 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
         return
     if kind is None:
         errs.add(
-            doc.error("missing required field 'kind' (one of: " + ", ".join(m.KINDS) + ")", ())
+            doc.error(
+                "missing required field 'kind' (one of: "
+                + ", ".join(m.KINDS)
+                + "); a file in Harness's own shape has no kind: its top key says it ("
+                + ", ".join(f"{k}:" for k in HARNESS_TOP_KEYS)
+                + ")",
+                (),
+            )
         )
         return
     model = m.KINDS.get(kind) if isinstance(kind, str) else None

@@ -92,6 +92,8 @@ class _Grouped(Model):
     group_failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # The group's ``when``: the step runs only when both its own and its group's allow it.
     group_when: StepWhen | None = None
+    # The iteration of a looping strategy this step is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 def step_when(step: Any) -> StepWhen | None:
@@ -181,6 +183,7 @@ class DeploymentStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None  # the stage's labels (Harness's stage tags)
     service: ServiceOf
     environment: EnvironmentOf
     artifact: ArtifactPlan | None = None
@@ -201,6 +204,8 @@ class DeploymentStagePlan(Model):
     # The watch after the last phase (its rollbackStrategy; healthCheck filled in from the
     # stage's HTTP HealthCheck step when a trigger needs one).
     watch: RollbackStrategySpec | None = None
+    # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
+    loop: str | None = None
 
 
 class ApprovalStagePlan(Model):
@@ -210,6 +215,7 @@ class ApprovalStagePlan(Model):
     index: int
     identifier: str
     name: str
+    tags: dict[str, Any] | None = None
     approval: ApprovalStep
     steps: list[StepPlan] = Field(default_factory=list)
     rollback_steps: list[StepPlan] = Field(default_factory=list)

@@ -153,14 +153,8 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                                         (*up, "spec", "sourceType"),
                                     )
                                 )
-                            if unit.spec.source_type == "Config":
-                                errs.add(
-                                    pipe.error(
-                                        "Copy with sourceType Config is not supported yet: use "
-                                        "sourceType Artifact",
-                                        (*up, "spec", "sourceType"),
-                                    )
-                                )
+                            # sourceType Config: the service's configFiles, which the
+                            # loader refuses; with none it copies nothing (app/units/copy.py).
                         if (
                             isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit)
                             and svc in bundle.services

@@ -5,6 +5,7 @@ rendered, scripts placed by quoting context, the strategy in one form.
 from __future__ import annotations
 
 import copy
+import posixpath
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -89,10 +90,19 @@ def stage_context(
             tag = art.spec.get("tag")
             tag_path = ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec", "tag")
             ext = (svc.doc.file, svc.doc.index, tag_path) in bundle.external
+            path_of = art.spec.get("artifactPath")
+            if tag is None and isinstance(path_of, str) and path_of and "<+" not in path_of:
+                # A generic repository's file is chosen by its path (Harness's
+                # <+artifact.artifactPath>): its name is the version vmfarm records.
+                tag = posixpath.basename(path_of.rstrip("/"))
+                path_ext = (*tag_path[:-1], "artifactPath")
+                ext = (svc.doc.file, svc.doc.index, path_ext) in bundle.external
             if tag is not None:
                 ctx.set("artifact.tag", tag, external=ext)
                 ctx.set("artifacts.primary.tag", tag, external=ext)
-                ctx.set("artifact.fileName", artifact_file_name(svc.ident, str(tag)), external=ext)
+                ctx.set(
+                    "artifact.fileName", _file_name(svc.ident, art.spec, str(tag)), external=ext
+                )
             ctx.set("artifact.type", art.type)
             # Where the artifact comes from: the local path, URL path or S3 key (its template;
             # <+artifact.tag> in it is rendered with the rest).
@@ -108,6 +118,9 @@ def stage_context(
                 # (a bad expression in it is reported where the artifact's fields are checked)
                 where = render(str(where), ctx, on_error=lambda _msg: None)
                 ctx.set("artifact.path", where, external=ext)
+            if isinstance(art.spec.get("artifactPath"), str):
+                apath = render(str(art.spec["artifactPath"]), ctx, on_error=lambda _msg: None)
+                ctx.set("artifact.artifactPath", apath, external=ext)
     env = bundle.environments.get(stage.spec.environment.environment_ref)
     if env:
         ctx.set("env.name", env.model.metadata.name)
@@ -125,6 +138,17 @@ def stage_context(
         ctx.set("infra.environmentRef", infra.model.spec.environment_ref)
         # infra.region is per host (a static infra may span regions): rendered on the worker.
     return ctx
+
+
+def _file_name(service: str, spec: dict[str, Any], tag: str) -> str:
+    """The artifact's own file name when its spec names a file (``artifactPath:
+    todolist.war`` -> ``todolist.war``), else ``<service>-<tag>.tar.gz``."""
+    path = spec.get("artifactPath")
+    if isinstance(path, str) and "<+" not in path:
+        name = posixpath.basename(path.rstrip("/"))
+        if name and name not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._+~-]+", name):
+            return name
+    return artifact_file_name(service, tag)
 
 
 def artifact_file_name(service: str, tag: str) -> str:
@@ -221,28 +245,273 @@ def _stage_when(
     return when
 
 
-def resolve_stage(
+def resolve_stages(
+    bundle: Bundle, pipe: Loaded, *, execution_id: str, strict_inputs: bool = True
+) -> list[dict[str, Any]]:
+    """Every stage of the pipeline as plain data, a looped stage once per iteration (its
+    ``index`` is its place in the plan, not in the file)."""
+    errs = Collector()
+    out: list[dict[str, Any]] = []
+    for i in range(len(pipe.model.spec.stages)):
+        try:
+            loops = stage_iterations(
+                bundle, pipe, i, execution_id=execution_id, strict_inputs=strict_inputs
+            )
+            for it in loops:
+                out.append(
+                    resolve_stage(
+                        bundle,
+                        pipe,
+                        i,
+                        execution_id=execution_id,
+                        strict_inputs=strict_inputs,
+                        loop=it,
+                        plan_index=len(out),
+                    )
+                )
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
+    errs.raise_if_any()
+    seen: dict[str, int] = {}
+    for st in out:  # an iteration's identifier may meet a stage's own (deploy_0)
+        if st["identifier"] in seen:
+            errs.add(
+                pipe.error(
+                    f"stage identifier '{st['identifier']}' is given twice once the loops are "
+                    "expanded (a looped stage's iterations are <identifier>_<index>): rename one",
+                    ("spec", "stages"),
+                )
+            )
+        seen[st["identifier"]] = st["index"]
+        for key in ("steps", "rollbackSteps"):
+            ids = [d.get("identifier") for d in st.get(key) or []]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                errs.add(
+                    pipe.error(
+                        f"step identifier '{twice[0]}' is given twice in stage "
+                        f"'{st['identifier']}' once the loops are expanded (a looped step's "
+                        "iterations are <identifier>_<index>): rename one",
+                        ("spec", "stages"),
+                    )
+                )
+    errs.raise_if_any()
+    return out
+
+
+def stage_iterations(
     bundle: Bundle, pipe: Loaded, index: int, *, execution_id: str, strict_inputs: bool = True
+) -> list[m.Iteration | None]:
+    """The iterations of the stage's looping strategy ([None]: it has none)."""
+    stage = pipe.model.spec.stages[index].stage
+    loop = getattr(stage, "strategy", None)
+    if not isinstance(loop, m.LoopStrategy):
+        return [None]
+    errs = Collector()
+    ctx = stage_context(bundle, pipe, stage, execution_id=execution_id)
+    ctx.allow_inputs = not strict_inputs
+    base: tuple[str | int, ...] = ("spec", "stages", index, "stage", "strategy")
+    its = _iterations(loop, ctx, pipe, base, errs)
+    errs.raise_if_any()
+    return list(its)
+
+
+def _iterations(
+    loop: m.LoopStrategy,
+    ctx: Context,
+    pipe: Loaded,
+    base: tuple[str | int, ...],
+    errs: Collector,
+) -> list[m.Iteration]:
+    """A loop's iterations, its items' expressions rendered in ``ctx`` (``base``: where the
+    ``strategy`` stands in the file)."""
+    from app.definitions.models.loops import item_paths
+
+    slots = item_paths(loop)
+    rendered = [str(render_tree(text, ctx, pipe, (*base, *at), errs)) for at, text in slots]
+    return m.iterations(loop, rendered if slots else None)
+
+
+def _loop_context(ctx: Context, it: m.Iteration) -> Context:
+    """``ctx`` with an iteration's values: an inner loop's hide an outer one's of the same
+    name, the others stay readable (a stage's <+matrix.region> in its looped step)."""
+    inner = copy.copy(ctx)
+    inner.values = dict(ctx.values)
+    for k, v in it.values.items():
+        inner.set(k, v)
+    return inner
+
+
+def _has_loops(elements: Any) -> bool:
+    if not isinstance(elements, list):
+        return False
+    for el in elements:
+        body = next(
+            (el[k] for k in ("step", "stepGroup") if isinstance(el, dict) and k in el), None
+        )
+        if isinstance(body, dict) and (
+            body.get("strategy") is not None or _has_loops(body.get("steps"))
+        ):
+            return True
+    return False
+
+
+def expand_steps(
+    elements: list[Any],
+    ctx: Context,
+    pipe: Loaded,
+    path: tuple[str | int, ...],
+    errs: Collector,
+    *,
+    suffix: str = "",
+) -> list[Any]:
+    """Step elements rendered, a looped step or step group once per iteration: its copies'
+    identifiers end in ``_<index>`` and names in ``_<item>``, each rendered with the
+    iteration's values and carrying ``loop`` (what the iteration is) for the plan. A step of
+    a looped group takes the group's suffix too (step identifiers stay unique in a stage).
+    Repeating a Command step over <+stage.output.hosts> is the phase's own fan-out: it is
+    rendered as if it had no strategy, ``<+repeat.item>`` standing for the host's name."""
+    out: list[Any] = []
+    for i, el in enumerate(elements):
+        at = (*path, i)
+        kind = next((k for k in ("step", "stepGroup") if isinstance(el, dict) and k in el), None)
+        body = el.get(kind) if kind is not None else None
+        if kind is None or not isinstance(body, dict):
+            out.append(render_tree(el, ctx, pipe, at, errs))
+            continue
+        loop_raw = body.get("strategy")
+        loop: m.LoopStrategy | None = None
+        if loop_raw is not None:
+            try:
+                loop = m.LoopStrategy.model_validate(loop_raw)
+            except ValidationError:
+                loop = None  # reported where the file was loaded
+        if loop is None or loop.over_hosts:
+            its: list[m.Iteration | None] = [None]
+        else:
+            its = list(_iterations(loop, ctx, pipe, (*at, kind, "strategy"), errs))
+        for it in its:
+            inner_ctx = ctx if it is None else _loop_context(ctx, it)
+            own = dict(body)
+            own.pop("strategy", None)
+            inner = own.pop("steps", None) if kind == "stepGroup" else None
+            if loop is not None and loop.over_hosts:
+                own = _hosts_item(own)
+            done = render_tree({kind: own}, inner_ctx, pipe, at, errs)
+            tail = suffix + (f"_{it.suffix}" if it is not None else "")
+            if isinstance(inner, list):
+                done[kind]["steps"] = expand_steps(
+                    inner, inner_ctx, pipe, (*at, kind, "steps"), errs, suffix=tail
+                )
+            if isinstance(done[kind].get("identifier"), str):
+                done[kind]["identifier"] += tail
+            if it is not None and isinstance(done[kind].get("name"), str):
+                done[kind]["name"] += f"_{it.label}"
+            if it is not None:
+                done[kind]["strategy"] = {"_loop": it.describe()}
+            elif loop is not None:
+                done[kind]["strategy"] = {"_hosts": loop.cap}
+            out.append(done)
+    return out
+
+
+def _hosts_item(data: Any) -> Any:
+    """``<+repeat.item>`` of a step repeated over the stage's hosts is the host's name."""
+    if isinstance(data, dict):
+        return {k: _hosts_item(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_hosts_item(v) for v in data]
+    if isinstance(data, str):
+        return re.sub(r"<\+\s*repeat\.item\s*>", "<+instance.hostName>", data)
+    return data
+
+
+def _take_loops(elements: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Steps rendered by ``expand_steps`` with the loop markers taken out (the file schema
+    has no place for them): (clean elements, {identifier: marker})."""
+    marks: dict[str, Any] = {}
+    for el in elements:
+        for kind in ("step", "stepGroup"):
+            body = el.get(kind) if isinstance(el, dict) else None
+            if not isinstance(body, dict):
+                continue
+            mark = body.pop("strategy", None)
+            if isinstance(mark, dict) and ("_loop" in mark or "_hosts" in mark):
+                marks[f"{kind}:{body.get('identifier')}"] = mark
+            if kind == "stepGroup" and isinstance(body.get("steps"), list):
+                _, inner = _take_loops(body["steps"])
+                marks.update(inner)
+    return elements, marks
+
+
+def _render_stage(
+    raw: Any,
+    ctx: Context,
+    pipe: Loaded,
+    base: tuple[str | int, ...],
+    errs: Collector,
+) -> tuple[Any, dict[str, Any]]:
+    """The stage's data rendered, its looped steps expanded: (data, loop markers by step)."""
+    data = copy.deepcopy(raw)
+    if isinstance(data, dict):
+        data.pop("strategy", None)  # the stage's own loop: resolve_stages expands it
+    execution = get_execution(data)
+    held = {
+        key: execution.pop(key)
+        for key in ("steps", "rollbackSteps")
+        if execution is not None and _has_loops(execution.get(key))
+    }
+    rendered = render_tree(data, ctx, pipe, base, errs)
+    marks: dict[str, Any] = {}
+    for key, elements in held.items():
+        done = expand_steps(elements, ctx, pipe, (*base, "spec", "execution", key), errs)
+        rendered["spec"]["execution"][key], found = _take_loops(done)
+        marks.update(found)
+    return rendered, marks
+
+
+def get_execution(data: Any) -> dict[str, Any] | None:
+    spec = data.get("spec") if isinstance(data, dict) else None
+    execution = spec.get("execution") if isinstance(spec, dict) else None
+    return execution if isinstance(execution, dict) else None
+
+
+def resolve_stage(
+    bundle: Bundle,
+    pipe: Loaded,
+    index: int,
+    *,
+    execution_id: str,
+    strict_inputs: bool = True,
+    loop: m.Iteration | None = None,
+    plan_index: int | None = None,
 ) -> dict[str, Any]:
-    """One stage as plain data, every host-independent expression rendered."""
+    """One stage as plain data, every host-independent expression rendered: with ``loop``,
+    one iteration of its looping strategy, at ``plan_index`` in the plan."""
     errs = Collector()
     stage = pipe.model.spec.stages[index].stage
     ctx = stage_context(bundle, pipe, stage, execution_id=execution_id)
     ctx.allow_inputs = not strict_inputs
+    if loop is not None:
+        ctx = _loop_context(ctx, loop)
+        ctx.set("stage.identifier", f"{stage.identifier}_{loop.suffix}")
+        ctx.set("stage.name", f"{stage.name}_{loop.label}")
     base: tuple[str | int, ...] = ("spec", "stages", index, "stage")
     raw = get_at(pipe.doc.data, base)
     if isinstance(stage, m.CustomStageSpec):
-        return _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
-    rendered = render_tree(copy.deepcopy(raw), ctx, pipe, base, errs)
+        out = _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
+        return _looped(out, loop, plan_index)
+    rendered, marks = _render_stage(raw, ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
         errs.raise_if_any()
         step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
         return {
             "type": "Approval",
-            "index": index,
+            "index": index if plan_index is None else plan_index,
             "identifier": stage.identifier,
             "name": stage.name,
+            **({"tags": dict(stage.tags)} if stage.tags else {}),
             "steps": [],
             "rollbackSteps": [],
             "infrastructures": [],
@@ -299,8 +568,16 @@ def resolve_stage(
             "type": art.type,
             "spec": art_spec,
             "tag": tag.text if tag else None,
-            "fileName": artifact_file_name(svc.ident, tag.text) if tag else None,
+            "fileName": _file_name(svc.ident, art_spec, tag.text) if tag else None,
         }
+        if tag is None:
+            errs.add(
+                svc.error(
+                    "the artifact has no tag: give spec.tag (a version, or <+input> to give it "
+                    "with --set), or for a generic repository the file's spec.artifactPath",
+                    ("spec", "serviceDefinition", "spec", "artifacts", "primary", "spec"),
+                )
+            )
     infras = []
     for ref in stage.spec.environment.infrastructure_definitions:
         infra = bundle.infrastructures[ref.identifier]
@@ -392,7 +669,7 @@ def resolve_stage(
                 )
             )
     errs.raise_if_any()
-    return {
+    out = {
         "strategy": strategy_of(
             out_stage,
             regions=[
@@ -409,6 +686,7 @@ def resolve_stage(
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": svc.ident, "name": svc.model.metadata.name},
         "environment": {
             "identifier": env.ident,
@@ -436,6 +714,48 @@ def resolve_stage(
         "when": when,
         "watch": _watch(out_stage, pipe, base, errs),
     }
+    _mark_loops(out, marks)
+    return _looped(out, loop, plan_index)
+
+
+def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
+    """Each step of a loop says which iteration it is (``loop``); a Command step repeated over
+    <+stage.output.hosts> with a maxConcurrency caps the hosts in flight of every phase."""
+    caps = []
+    for key in ("steps", "rollbackSteps"):
+        for d in stage.get(key) or []:
+            mark = marks.get(f"step:{d.get('identifier')}") or marks.get(
+                f"stepGroup:{d.get('group')}"
+            )
+            if not mark:
+                continue
+            if "_loop" in mark:
+                d["loop"] = mark["_loop"]
+                continue
+            cap = mark.get("_hosts")
+            d["loop"] = "repeat over <+stage.output.hosts>: runs on each host of the phase" + (
+                f", at most {cap} at a time" if cap else ""
+            )
+            if cap:  # rollback phases take the stage's lanes too
+                caps.append(int(cap))
+    if caps:
+        strategy = stage["strategy"]
+        given = strategy.get("maxConcurrency")
+        strategy["maxConcurrency"] = min([*caps, *([int(given)] if given else [])])
+
+
+def _looped(
+    stage: dict[str, Any], loop: m.Iteration | None, plan_index: int | None
+) -> dict[str, Any]:
+    """The stage as one iteration of its loop: its place in the plan, ``<identifier>_<index>``,
+    ``<name>_<item>``, and what the iteration is."""
+    if plan_index is not None:
+        stage["index"] = plan_index
+    if loop is not None:
+        stage["identifier"] = f"{stage['identifier']}_{loop.suffix}"
+        stage["name"] = f"{stage['name']}_{loop.label}"
+        stage["loop"] = loop.describe()
+    return stage
 
 
 def _watch(
@@ -512,7 +832,7 @@ def _resolve_custom(
         if isinstance(spec, dict) and isinstance(spec.get("assertion"), str):
             for expr, token in held.items():
                 spec["assertion"] = spec["assertion"].replace(expr, token)
-    rendered = render_tree(data, ctx, pipe, base, errs)
+    rendered, marks = _render_stage(data, ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
     errs.raise_if_any()
     for el in rendered["spec"]["execution"]["steps"]:
@@ -547,12 +867,13 @@ def _resolve_custom(
             steps.append(dump_step(bundle, step))
         else:
             steps.append(step.model_dump(mode="json", by_alias=True, exclude_none=True))
-    return {
+    out = {
         "type": "Custom",
         "strategy": {"type": "Basic"},
         "index": index,
         "identifier": stage.identifier,
         "name": stage.name,
+        **({"tags": dict(stage.tags)} if stage.tags else {}),
         "service": {"identifier": "", "name": ""},
         "environment": {"identifier": "", "name": "", "type": "PreProduction"},
         "artifact": None,
@@ -570,6 +891,8 @@ def _resolve_custom(
         "rollbackSteps": [],
         "when": when,
     }
+    _mark_loops(out, marks)
+    return out
 
 
 # What an artifact tag may be unless its runtime input says otherwise with .regex(): it names
@@ -653,14 +976,7 @@ def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> Plan:
     """The whole pipeline as an execution runs it (stored with ``Plan.to_json()``)."""
     from app.definitions.plan import Plan
 
-    errs = Collector()
-    stages = []
-    for i in range(len(pipeline.model.spec.stages)):
-        try:
-            stages.append(resolve_stage(bundle, pipeline, i, execution_id=execution_id))
-        except (SpecError, SpecErrors) as exc:
-            errs.absorb(exc)
-    errs.raise_if_any()
+    stages = resolve_stages(bundle, pipeline, execution_id=execution_id)
     return Plan.model_validate(
         {
             "identifier": pipeline.ident,

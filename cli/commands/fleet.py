@@ -259,7 +259,7 @@ def collect_infrastructures(
     ``infra_id`` if given (any infrastructure of the files). Raises SpecError/SpecErrors for
     bad input."""
     from app.definitions import choose_pipeline, load
-    from app.definitions.resolve import resolve_stage
+    from app.definitions.resolve import resolve_stages
 
     bundle = load(files, inputs=inputs, require_inputs=False)
     found: dict[str, dict[str, Any]] = {}
@@ -267,8 +267,7 @@ def collect_infrastructures(
     if bundle.pipelines or pipeline:
         pipe = choose_pipeline(bundle, pipeline)
         pipe_id = pipe.ident
-        for i in range(len(pipe.model.spec.stages)):
-            stage = resolve_stage(bundle, pipe, i, execution_id="<hosts>", strict_inputs=False)
+        for stage in resolve_stages(bundle, pipe, execution_id="<hosts>", strict_inputs=False):
             for infra in stage["infrastructures"]:
                 # The worker tags that list it: those of the first stage that uses it.
                 tags = sorted(

@@ -275,6 +275,9 @@ roles:
   only-pipeline-rollback: [pipeline:rollback]
   viewer: [pipeline:view]
   deployer: ["pipeline:*", "environment:*"]
+  only-registry-apply: [registry:apply]
+  only-registry-view: [registry:view]
+  registry-admin: ["registry:*"]
   console-reader: [fleet:view, audit:view, registry:view]
 bindings:
   - role: token-admin
@@ -283,6 +286,8 @@ bindings:
     groups: [deployers, release_managers]
   - role: viewer
     users: [carol]
+  - role: registry-admin
+    groups: [deployers, release_managers]
   - role: console-reader
     groups: [deployers]
 """

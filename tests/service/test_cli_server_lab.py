@@ -46,13 +46,6 @@ spec:
     type: SSH
 ---
 apiVersion: v1
-kind: Environment
-metadata:
-  name: lab
-spec:
-  type: PreProduction
----
-apiVersion: v1
 kind: Pipeline
 metadata:
   name: through-the-server
@@ -110,6 +103,15 @@ spec:
                                 mkdir -p /opt/srvlab
                                 echo "<+pipeline.variables.tag> <+pipeline.executionId>" >> /opt/srvlab/runs
                                 echo "installed <+pipeline.variables.tag> on <+instance.hostName>"
+"""
+# The environment is the registry's in server mode (a submitted file may not define it).
+ENVIRONMENT = """\
+apiVersion: v1
+kind: Environment
+metadata:
+  name: lab
+spec:
+  type: PreProduction
 """
 
 
@@ -194,8 +196,9 @@ def files(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         {"hostname": h.address, "region": h.region} for h in lab.hosts[:2]
     ]
     (root / "pipeline.yaml").write_text(PIPELINE)
+    (root / "env.yaml").write_text(ENVIRONMENT)
     (root / "infra.yaml").write_text(yaml.safe_dump(infra))
-    return [str(root / "pipeline.yaml"), str(root / "infra.yaml")]
+    return [str(root / "pipeline.yaml"), str(root / "env.yaml"), str(root / "infra.yaml")]
 
 
 VOLATILE = re.compile(r"(^id$|_id$|_at$|^at$|duration|elapsed|seconds|heartbeat|^by$|_by$)")
@@ -274,8 +277,11 @@ def test_a_deployment_through_the_server_reports_as_in_local_mode(
     # When alice submits it to the server and follows it (server-sent events) ...
     alice = cli_login(lab_server, "alice", tmp_path / "alice")
     erin = cli_login(lab_server, "erin", tmp_path / "erin")
+    # (the server takes the environment and its hosts from its registry: alice applies them)
+    applied = run_vmfarm("apply", "-f", files[1], "-f", files[2], env=alice)
+    assert applied.returncode == 0, applied.stderr
     run = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "run", *files, "--set", "tag=7.1.0", "-o", "json"],
+        [sys.executable, "-m", "cli.main", "run", files[0], "--set", "tag=7.1.0", "-o", "json"],
         env=alice,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -306,6 +312,9 @@ def test_a_deployment_through_the_server_reports_as_in_local_mode(
     status = run_vmfarm("status", ex_id, "-o", "json", env=alice)
     assert status.returncode == 0, status.stderr
     served = json.loads(status.stdout)
+    # (server mode adds the registry versions the run used)
+    assert {u["kind"] for u in served.pop("registry")} == {"Environment", "Infrastructure"}
+    followed.pop("registry", None)
     # Then the server's report is local mode's, ids, times and who aside
     assert served["status"] == "SUCCEEDED"
     ids = {local_id, ex_id}
@@ -332,7 +341,7 @@ def test_apply_get_and_history_from_the_cli(lab_server: Server, tmp_path: Path) 
     if not _registry(lab_server):
         pytest.skip("the server has no registry API (/api/v1/registry) yet")
     alice = cli_login(lab_server, "alice", tmp_path / "alice")
-    name = f"reg-{uuid.uuid4().hex[:6]}"
+    name = f"reg_{uuid.uuid4().hex[:6]}"  # its identifier: a name with "-" would be "_"
     env_file = tmp_path / "env.yaml"
     env_file.write_text(
         f"apiVersion: v1\nkind: Environment\nmetadata:\n  name: {name}\nspec:\n  type: PreProduction\n"

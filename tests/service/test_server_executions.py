@@ -280,7 +280,15 @@ def test_an_api_token_approves_as_itself_and_its_id_is_recorded(
 
 
 def test_without_the_permission_to_deploy_nothing_is_recorded(server: Server, pg_url: str) -> None:
-    files = {"files": {"production.yaml": PRODUCTION}}
+    # The environment and its hosts are the registry's (a submitted file may not define them)
+    service, environment, hosts, pipeline = PRODUCTION.split("---\n")
+    resp = httpx.post(
+        server.url + "/api/v1/registry",
+        headers=_bearer(_person(server, "alice")),
+        json={"files": {"prod.yaml": environment + "---\n" + hosts}},
+    )
+    assert resp.status_code == 200, resp.text
+    files = {"files": {"production.yaml": service + "---\n" + pipeline}}
     before = _executions_of(pg_url, "to_production")
     # A person without pipeline:execute is refused by the route
     resp = httpx.post(server.url + EX, headers=_bearer(_person(server, "bob")), json=files)

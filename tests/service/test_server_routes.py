@@ -81,6 +81,28 @@ class Setup:
 
 
 EX = "/api/v1/executions"
+REG = "/api/v1/registry"
+# A Service: what a holder of registry:apply alone may store (no environment is touched).
+ROUTE_SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata:
+  name: routes_svc
+spec:
+  serviceDefinition:
+    type: SSH
+"""
+
+
+def _stored(s: Setup) -> str:
+    """The Service above, stored (by alice), for the registry's reads."""
+    resp = httpx.post(
+        s.server.url + REG, headers=_bearer(s.alice), json={"files": {"s.yaml": ROUTE_SERVICE}}
+    )
+    assert resp.status_code == 200, resp.text
+    return "routes_svc"
+
+
 # How to call each route: (method, path) -> a function of the Setup giving (path, json body).
 CALLS: dict[tuple[str, str], Callable[[Setup], tuple[str, dict[str, Any] | None]]] = {
     ("POST", "/api/v1/tokens"): lambda _: (
@@ -102,6 +124,13 @@ CALLS: dict[tuple[str, str], Callable[[Setup], tuple[str, dict[str, Any] | None]
     ("POST", EX + "/{execution_id}/abort"): lambda s: (f"{EX}/{s.waiting()}/abort", None),
     ("POST", EX + "/{execution_id}/retry"): lambda s: (f"{EX}/{s.ended()}/retry", None),
     ("POST", EX + "/{execution_id}/rollback"): lambda s: (f"{EX}/{s.succeeded()}/rollback", None),
+    ("POST", REG): lambda _: (REG, {"files": {"s.yaml": ROUTE_SERVICE}}),
+    ("GET", REG + "/{kind}"): lambda _: (f"{REG}/service", None),
+    ("GET", REG + "/{kind}/{ident}"): lambda s: (f"{REG}/service/{_stored(s)}", None),
+    ("GET", REG + "/{kind}/{ident}/history"): lambda s: (
+        f"{REG}/Service/{_stored(s)}/history",
+        None,
+    ),
 }
 # What the holder of exactly the permission gets when it is not 2xx: allowed, and then told
 # why there is nothing to do (an approval has no hosts to roll back).

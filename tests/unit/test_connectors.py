@@ -283,13 +283,6 @@ def test_a_secret_written_in_a_connector_is_refused_naming_the_ref_to_write(
      """,
             "type Ssh needs spec.sshKeyRef",
         ),
-        (
-            """\
-        type: Pdc
-        spec: {hosts: [{hostname: a}]}
-     """,
-            "list the hosts under a Pdc infrastructure",
-        ),
     ],
 )
 def test_connector_settings_vmfarm_cannot_carry_out_safely_are_refused(

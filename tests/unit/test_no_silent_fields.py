@@ -23,12 +23,6 @@ CASES = {
         "tailPattern: started}]\n",
         "tailFiles is not supported",
     ),
-    "Copy from config files": (
-        "pipeline",
-        "sourceType: Artifact",
-        "sourceType: Config",
-        "Copy with sourceType Config is not supported yet",
-    ),
     "WinRM stage": (
         "pipeline",
         "deploymentType: Ssh",
@@ -52,12 +46,6 @@ CASES = {
         "      variables:\n",
         "      configFiles:\n        - configFile: {name: app.conf}\n      variables:\n",
         "configFiles are not supported yet",
-    ),
-    "SSH credential reference": (
-        "infrastructure",
-        "    region: r1\n",
-        "    region: r1\n    credentialsRef: lab_ssh_key\n",
-        "credentialsRef (a Harness SSH credential) is not supported",
     ),
     "sidecar artifacts": (
         "service",

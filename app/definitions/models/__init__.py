@@ -34,6 +34,14 @@ from app.definitions.models.infrastructure import (
     InlineInfraBody,
     StaticHost,
 )
+from app.definitions.models.loops import (
+    HOSTS_ITEMS,
+    Iteration,
+    LoopStrategy,
+    MatrixSpec,
+    RepeatSpec,
+    iterations,
+)
 from app.definitions.models.pipeline import (
     KINDS,
     AnyStage,
@@ -163,6 +171,7 @@ __all__ = [
     "ANALYSIS_KEYS",
     "ARTIFACT_CONNECTORS",
     "CLOUD_CONNECTORS",
+    "HOSTS_ITEMS",
     "INTERVENTION_ACTIONS",
     "KINDS",
     "SWITCH_STEP_TYPE",
@@ -224,7 +233,10 @@ __all__ = [
     "InlineInfraBody",
     "InlineSource",
     "InlineStore",
+    "Iteration",
+    "LoopStrategy",
     "ManualInterventionSpec",
+    "MatrixSpec",
     "Metadata",
     "OnFailure",
     "OnTimeout",
@@ -240,6 +252,7 @@ __all__ = [
     "ReferenceSwitchStep",
     "ReleaseUnit",
     "ReleaseUnitSpec",
+    "RepeatSpec",
     "ResponseTime",
     "RetryOnFailure",
     "RetrySpec",
@@ -287,5 +300,6 @@ __all__ = [
     "_check_sizes",
     "connector_id",
     "flat_steps",
+    "iterations",
     "parse_size",
 ]

@@ -81,7 +81,6 @@ class InfraInner(Model):
 
     connector_ref: str | None = None
     cloud_provider_ref: str | None = None
-    credentials_ref: str | None = None
     region: str | None = None
     host_connection_type: Literal["PublicIP", "PrivateIP", "Hostname"] | None = None
     host_filter: HostFilter | None = None
@@ -97,17 +96,6 @@ class InfraInner(Model):
     connection: Connection | None = None
     hosts: list[StaticHost] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
-
-    @field_validator("credentials_ref")
-    @classmethod
-    def _no_credentials_ref(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError(
-                "credentialsRef (a Harness SSH credential) is not supported yet: "
-                "give the user and the key as spec.connection.user and "
-                "spec.connection.privateKeySecret (a secret id)"
-            )
-        return v
 
     @field_validator("region")
     @classmethod

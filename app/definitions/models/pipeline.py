@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from app.definitions.base import (
     DelegateTag,
@@ -15,6 +15,7 @@ from app.definitions.base import (
 )
 from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
+from app.definitions.models.loops import LoopStrategy, no_hosts_loop
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
 from app.definitions.models.steps import (
     ApprovalStep,
@@ -135,6 +136,7 @@ class StageSpec(Model):
     identifier: Identifier
     type: Literal["Deployment"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)  # labels, shown by plan
     spec: DeploymentStageSpec
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # Workers (delegates) of the hosts' regions must carry these tags (with the pipeline's,
@@ -146,6 +148,14 @@ class StageSpec(Model):
     # The watch after deployment (app.definitions.models.watch): triggers that roll the stage
     # back when its hosts go bad within a window after the last phase.
     rollback_strategy: RollbackStrategySpec | None = None
+    # A looping strategy: one stage per iteration (app.definitions.models.loops). The
+    # deployment strategy is spec.strategy.
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a stage")
 
 
 class ApprovalStepElement(Model):
@@ -167,6 +177,7 @@ class ApprovalStageSpec(Model):
     identifier: Identifier
     type: Literal["Approval"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
     spec: ApprovalStageBody
     when: StageWhen | None = None
 
@@ -198,12 +209,19 @@ class CustomStageSpec(Model):
     identifier: Identifier
     type: Literal["Custom"]
     description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
     spec: CustomStageBody
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     delegate_selectors: list[DelegateTag] = Field(default_factory=list)
     delegate_fallback: list[DelegateTag] | None = None
     # As a Deployment stage's: e.g. a TerraformRollback stage with pipelineStatus: Failure.
     when: StageWhen | None = None
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a stage")
 
 
 AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec, Field(discriminator="type")]

@@ -15,6 +15,7 @@ from app.definitions.base import (
     VariableName,
 )
 from app.definitions.conditions import check as check_condition
+from app.definitions.models.loops import LoopStrategy, no_hosts_loop
 
 
 class InlineSource(Model):
@@ -283,6 +284,9 @@ class CommandStep(_StepBase):
     type: Literal["Command"]
     spec: CommandStepSpec
     when: StepWhen | None = None
+    # A looping strategy (app.definitions.models.loops); repeat over <+stage.output.hosts> is
+    # the phase's per-host fan-out.
+    strategy: LoopStrategy | None = None
 
 
 class HealthCheckSpec(Model):
@@ -331,6 +335,12 @@ class HealthCheckStep(_StepBase):
     type: Literal["HealthCheck"]
     spec: HealthCheckSpec
     when: StepWhen | None = None
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a HealthCheck step")
 
 
 class Approvers(Model):
@@ -437,6 +447,13 @@ class StepGroup(Model):
     failure_strategies: list[FailureStrategy] = Field(default_factory=list)
     # Applies to each of its steps, with the step's own (both must let it run).
     when: StepWhen | None = None
+    # The group's steps run once per iteration (app.definitions.models.loops).
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a step group (put it on each Command step)")
 
 
 class StepElement(Model):
@@ -537,6 +554,12 @@ class ShellScriptStep(_StepBase):
 
     type: Literal["ShellScript"]
     spec: ShellScriptSpec
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a step of a Custom stage (it has no hosts)")
 
 
 class HttpHeader(Model):
@@ -591,6 +614,12 @@ class HttpStep(_StepBase):
 
     type: Literal["Http"]
     spec: HttpStepSpec
+    strategy: LoopStrategy | None = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+        return no_hosts_loop(v, "a step of a Custom stage (it has no hosts)")
 
 
 # Terraform steps (app.definitions.models.terraform) build on _StepBase above.

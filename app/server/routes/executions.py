@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -42,6 +40,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth.identity import Identity
+from app.errors import SpecError
 from app.operations import Actor
 from app.rbac import RbacConfig
 from app.server.deps import needs, rbac, require
@@ -64,12 +63,16 @@ class Submission(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     files: dict[str, str] = Field(
-        min_length=1,
-        description="Pipeline files: name (e.g. pipeline.yaml) -> YAML text",
+        default_factory=dict,
+        description="Pipeline files: name (e.g. pipeline.yaml) -> YAML text; none to run a "
+        "stored pipeline. They may not define an Environment, Infrastructure or Connector "
+        "(those come from the registry)",
         examples=[{"pipeline.yaml": "apiVersion: v1\nkind: Pipeline\n..."}],
     )
     pipeline: str | None = Field(
-        default=None, description="The pipeline to run, when the files define several"
+        default=None,
+        description="The pipeline to run: one of the files' when they define several, or "
+        "a stored one (the registry's latest version) when they define none",
     )
     inputs: dict[str, str] = Field(
         default_factory=dict, alias="set", description="Runtime inputs (``--set NAME=VALUE``)"
@@ -180,7 +183,8 @@ def local_references(name: str, text: str) -> list[str]:
     return found
 
 
-def _check_files(files: dict[str, str]) -> None:
+def check_files(files: dict[str, str]) -> None:
+    """413/422 for too many or too large files, bad names, paths on the server's machines."""
     if len(files) > MAX_FILES:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE, detail=f"at most {MAX_FILES} files per submission"
@@ -205,6 +209,62 @@ def _check_files(files: dict[str, str]) -> None:
 # --- new executions -------------------------------------------------------------------------
 
 
+def _from_registry(files: dict[str, str], pipeline: str | None) -> list[Any]:
+    """The registry entries a run of ``files`` (or of the stored ``pipeline`` when they define
+    none) is resolved with: what they name and do not define, their latest versions."""
+    from app import registry
+    from app.db import session_scope
+
+    submitted: list[registry.Entry] = []
+    for name, text in sorted(files.items()):
+        try:
+            submitted.extend(registry.documents(name, text))
+        except SpecError:
+            continue  # the loader says what is wrong with it
+    with session_scope() as s:
+        stored = {k: registry.entry_of(r) for k, r in registry.latest(s).items()}
+    start = [e.data for e in submitted]
+    first = []
+    if pipeline and not any(e.kind == "Pipeline" for e in submitted):
+        chosen = stored.get(("Pipeline", pipeline))
+        if chosen is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND if not files else status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"no Pipeline '{pipeline}' in the files or the registry "
+                "(vmfarm get Pipeline lists the stored ones)",
+            )
+        first.append(chosen)
+        start.append(chosen.data)
+    return first + registry.reach(start, stored, skip={e.key for e in submitted})
+
+
+def _record_uses(execution_id: str, used: list[Any]) -> None:
+    """Record which registry versions the execution was resolved with (of the
+    infrastructures, those its stages deploy to)."""
+    from app.db import session_scope
+    from app.models import Execution, RegistryUse
+
+    if not used:
+        return
+    with session_scope() as s:
+        ex = s.get(Execution, execution_id)
+        plan = ex.plan if ex is not None else {}
+        infras = {
+            i.get("identifier")
+            for st in plan.get("stages", [])
+            for i in (st.get("infrastructures") or [])
+            if isinstance(i, dict)
+        }
+        for e in used:
+            if e.kind == "Infrastructure" and e.ident not in infras:
+                continue
+            s.add(
+                RegistryUse(
+                    execution_id=execution_id, kind=e.kind, ident=e.ident, version=e.version
+                )
+            )
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -216,23 +276,36 @@ def submit(
     who: Annotated[Identity, Depends(require("pipeline:execute"))],
     cfg: Annotated[RbacConfig, Depends(rbac)],
 ) -> Submitted:
-    """Run the pipeline in ``files`` as the caller; the execution's id. The environments'
-    deploy permissions are checked on the resolved plan; nothing is recorded when refused."""
-    from app import operations
+    """Run the pipeline in ``files`` (or the stored ``pipeline``) as the caller; the
+    execution's id. Environments, infrastructures and connectors, and what else the files do
+    not define, come from the registry's latest versions; the environments' deploy permissions
+    are checked on the resolved plan; nothing is recorded when refused."""
+    from app import coordinator, operations, registry
 
-    _check_files(body.files)
-    with tempfile.TemporaryDirectory(prefix="vmfarm-submit-") as tmp:
-        paths = []
-        for name, text in sorted(body.files.items()):
-            path = Path(tmp) / name
-            path.write_text(text)
-            paths.append(str(path))
+    if not body.files and not body.pipeline:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="give pipeline files, or the id of a stored pipeline in 'pipeline'",
+        )
+    check_files(body.files)
+    problems = registry.redefinitions(body.files)
+    if problems:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="\n".join(problems))
+    used = _from_registry(body.files, body.pipeline)
+    with registry.folder(body.files, used, prefix="vmfarm-submit-") as (tmp, paths):
         try:
             ex_id = operations.run(
-                actor_of(who), paths, pipeline=body.pipeline, inputs=body.inputs, rules=cfg
+                actor_of(who),
+                paths,
+                pipeline=body.pipeline,
+                inputs=body.inputs,
+                rules=cfg,
+                publish=False,
             )
         except Exception as exc:
             raise _http(exc, strip=tmp + "/") from None
+    _record_uses(ex_id, used)
+    coordinator.advance(ex_id)
     return Submitted(id=ex_id)
 
 
@@ -404,6 +477,13 @@ def show(
     report = execution_report(execution_id)
     if report is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no execution '{execution_id}'")
+    from app import registry
+    from app.db import session_scope
+
+    with session_scope() as s:
+        used = registry.uses(s, execution_id)
+    if used:  # the registry versions it was resolved with (server mode only)
+        report["registry"] = used
     masked: dict[str, Any] = mask_obj(report)
     return masked
 

@@ -1,0 +1,822 @@
+"""Harness's SSH vocabulary, read as vmfarm's.
+
+Harness generates its SSH pipelines, services and infrastructures with words vmfarm spells
+another way. This pass rewrites them, before anything is validated, into vmfarm's form; every
+part keeps pointing at where it was written (file:line:col), and whatever has no vmfarm
+counterpart is refused here by name with the vmfarm way to write it.
+
+=================================================  =============================================
+Harness                                            vmfarm
+=================================================  =============================================
+a Command step's ``strategy: repeat: items:        nothing: a Command step runs on every host of
+<+stage.output.hosts>``                            the phase (one Celery task per host)
+``stepGroup`` with ``repeat`` over                 ``strategy: {type: Rolling, phases: ["50%"]}``
+``<+stage.output.hosts>``, ``partitionSize`` and   (its inner ``Phase Group`` over
+``unit`` (Count / Percentage)                      ``<+repeat.partition>`` is the phase's hosts;
+                                                   its ``maxConcurrency`` the stage's)
+``stepGroup``\\ s with ``start``/``end``           ``strategy: {type: Canary, phases: [...]}``,
+                                                   the ends as cumulative targets
+``primaryArtifactRef`` + ``sources[]``             ``primary: {identifier, type, spec}``
+``ArtifactoryRegistry``                            ``Artifactory``
+``serviceInputs`` that only say ``<+input>``       nothing: the service's runtime inputs are
+                                                   asked anyway (--set, --inputs)
+``credentialsRef`` (a ``secret:`` of type          ``connection: {user, port, privateKeySecret |
+SSHKey, or a secret id)                            passwordSecret, passphraseSecret}``
+PDC ``connector:`` with ``hosts``                  the infrastructure's ``spec.hosts``
+``hosts`` as plain strings                         ``- hostname: ...``
+``hostFilter`` HostNames / HostAttributes          the hosts it keeps (static hosts: at load)
+``awsInstanceFilter``                              ``hostFilter: {type: AwsInstanceFilter}``
+=================================================  =============================================
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from app.definitions.templates import ExpandedDocument, Origin
+from app.definitions.yamlload import Document, Path
+from app.errors import SpecError
+
+HOSTS = "<+stage.output.hosts>"
+PARTITION = "<+repeat.partition>"
+ARTIFACT_TYPES = {"ArtifactoryRegistry": "Artifactory"}
+
+
+class _Rewrite:
+    """A document's data being rewritten, with where each moved part came from."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.data = copy.deepcopy(doc.data)
+        self.moves: dict[Path, Origin] = {}
+        self.changed = False
+        self.errors: list[SpecError] = []
+        self.problems: list[tuple[str, Path, bool]] = []
+
+    def source(self, path: Path, other: Document | None = None) -> Origin:
+        """Where ``path`` of the data as it is now (or of ``other`` document) was written."""
+        path = tuple(path)
+        if other is None:
+            for n in range(len(path), -1, -1):
+                hit = self.moves.get(path[:n])
+                if hit is not None:
+                    return hit[0], (*hit[1], *path[n:])
+        doc = other or self.doc
+        if isinstance(doc, ExpandedDocument):
+            src, p = doc.origin(path)
+            return (src if src is not None else _Plain.of(doc), p)
+        return (doc, tuple(path))
+
+    def move(self, new: Path, old: Path, other: Document | None = None) -> None:
+        self.moves[tuple(new)] = self.source(old, other)
+        self.changed = True
+
+    def error(self, message: str, path: Path, *, key: bool = True) -> None:
+        """A problem at ``path`` of the data as it is now (reported by ``result``)."""
+        self.problems.append((message, tuple(path), key))
+
+    def result(self) -> Document:
+        out = self._result()
+        self.errors += [out.error(msg, p, key=key) for msg, p, key in self.problems]
+        return out
+
+    def _result(self) -> Document:
+        if not self.changed:
+            return self.doc
+        if isinstance(self.doc, ExpandedDocument):
+            out = copy.copy(self.doc)
+            out.origins = dict(self.doc.origins)
+            # An ExpandedDocument's own parts (origin None) keep reading its own positions.
+            out.origins.setdefault((), self.source(()))
+        else:
+            out = ExpandedDocument(
+                file=self.doc.file, index=self.doc.index, data=None, line=self.doc.line
+            )
+            out.origins = {(): (self.doc, ())}
+        out.data = self.data
+        for new, origin in sorted(self.moves.items(), key=lambda kv: len(kv[0])):
+            # A deeper part moved before keeps its own origin; drop the stale ones below.
+            for p in [p for p in out.origins if p[: len(new)] == new and len(p) > len(new)]:
+                if p not in self.moves:
+                    del out.origins[p]
+            out.origins[new] = origin
+        return out
+
+
+class _Plain:
+    """An ExpandedDocument's own positions as a plain Document (for origins that point at it)."""
+
+    @staticmethod
+    def of(doc: ExpandedDocument) -> Document:
+        return Document(
+            file=doc.file,
+            index=doc.index,
+            data=doc.data,
+            values=doc.values,
+            keys=doc.keys,
+            line=doc.line,
+            sources=doc.sources,
+        )
+
+
+def _at(data: Any, path: Path) -> Any:
+    for p in path:
+        data = data[p]
+    return data
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _kind(doc: Document) -> str | None:
+    data = doc.data
+    return data.get("kind") if isinstance(data, dict) else None
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+
+def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[SpecError]]:
+    """Every document with Harness's SSH vocabulary in vmfarm's; ``secret:`` documents of type
+    SSHKey and PDC connectors are taken in by the infrastructures that name them."""
+    errors: list[SpecError] = []
+    secrets: dict[str, tuple[Document, dict[str, Any]]] = {}
+    pdc: dict[str, Document] = {}
+    rest: list[Document] = []
+    for doc in documents:
+        data = doc.data
+        if isinstance(data, dict) and set(data) == {"secret"} and isinstance(data["secret"], dict):
+            body = data["secret"]
+            if body.get("type") != "SSHKey":
+                errors.append(
+                    doc.error(
+                        f"a secret of type {body.get('type')!r} does not go in the pipeline "
+                        "files: its value lives in a secrets backend (`vmfarm secrets set ID`, "
+                        'VMFARM_SECRET_<ID>, Vault) and files read it with <+secrets.getValue("ID")>; '
+                        "only SSHKey secrets (user, port and the key's secret id) are read here",
+                        ("secret", "type"),
+                        key=False,
+                    )
+                )
+                continue
+            secrets[str(body.get("identifier") or body.get("name"))] = (doc, body)
+            continue
+        if (
+            _kind(doc) == "Connector"
+            and isinstance(data.get("spec"), dict)
+            and data["spec"].get("type") == "Pdc"
+        ):
+            meta = data.get("metadata") or {}
+            pdc[str(meta.get("identifier") or meta.get("name"))] = doc
+            continue
+        rest.append(doc)
+    out: list[Document] = []
+    for doc in rest:
+        rw = _Rewrite(doc)
+        kind = _kind(doc)
+        if kind == "Pipeline":
+            _pipeline(rw)
+        elif kind == "Service":
+            _service(rw)
+        elif kind == "Infrastructure":
+            _infrastructure(rw, ("spec",), secrets, pdc)
+        elif kind == "Environment":
+            infras = (rw.data.get("spec") or {}).get("infrastructureDefinitions")
+            for i, inline in enumerate(infras if isinstance(infras, list) else []):
+                if isinstance(inline, dict) and isinstance(inline.get("spec"), dict):
+                    _infrastructure(
+                        rw, ("spec", "infrastructureDefinitions", i, "spec"), secrets, pdc
+                    )
+        out.append(rw.result())
+        errors.extend(rw.errors)
+    return out, errors
+
+
+# --- pipelines -----------------------------------------------------------------------------------
+
+
+def _pipeline(rw: _Rewrite) -> None:
+    stages = (rw.data.get("spec") or {}).get("stages")
+    if not isinstance(stages, list):
+        return
+    for i, el in enumerate(stages):
+        if isinstance(el, dict) and isinstance(el.get("stage"), dict):
+            _stage(rw, ("spec", "stages", i, "stage"))
+        elif isinstance(el, dict) and isinstance(el.get("parallel"), list):
+            for j, inner in enumerate(el["parallel"]):
+                if isinstance(inner, dict) and isinstance(inner.get("stage"), dict):
+                    _stage(rw, ("spec", "stages", i, "parallel", j, "stage"))
+
+
+def _stage(rw: _Rewrite, base: Path) -> None:
+    stage = _at(rw.data, base)
+    if "variables" in stage:
+        rw.error(
+            "stage variables are not supported: write them as pipeline variables "
+            "(spec.variables, read as <+pipeline.variables.NAME>) or as service or "
+            "environment variables",
+            (*base, "variables"),
+        )
+    spec = stage.get("spec")
+    if not isinstance(spec, dict):
+        return
+    service = spec.get("service")
+    if isinstance(service, dict) and _only_inputs(service.get("serviceInputs")):
+        del service["serviceInputs"]  # the service's own <+input> fields are asked anyway
+        rw.changed = True
+    env = spec.get("environment")
+    if isinstance(env, dict) and _only_inputs(env.get("environmentInputs")):
+        del env["environmentInputs"]
+        rw.changed = True
+    execution = spec.get("execution")
+    if not isinstance(execution, dict):
+        return
+    steps = execution.get("steps")
+    if stage.get("type") == "Approval" and isinstance(steps, list) and len(steps) > 1:
+        rw.error(
+            "an Approval stage with more than one step is not supported: vmfarm's Approval "
+            "stage runs one HarnessApproval step; put the other steps in a Custom stage "
+            "(ShellScript, Http, Wait) after it, or the next approval in an Approval stage of "
+            "its own",
+            (*base, "spec", "execution", "steps", 1, "step"),
+            key=False,
+        )
+    for key in ("steps", "rollbackSteps"):
+        if isinstance(execution.get(key), list):
+            _approvals(rw, (*base, "spec", "execution", key))
+    for key in ("steps", "rollbackSteps"):
+        if isinstance(execution.get(key), list):
+            _phases(rw, base, (*base, "spec", "execution", key), rollback=key == "rollbackSteps")
+            _repeat_over_hosts(rw, (*base, "spec", "execution", key))
+
+
+def _approvals(rw: _Rewrite, path: Path) -> None:
+    """Harness's approval options: the ones its editor writes with their default values mean
+    what vmfarm does (dropped); any other is refused by name."""
+    for i, el in enumerate(_at(rw.data, path)):
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _approvals(rw, (*path, i, "stepGroup", "steps"))
+        step = el.get("step") if isinstance(el, dict) else None
+        if not isinstance(step, dict) or step.get("type") != "HarnessApproval":
+            continue
+        spec = step.get("spec")
+        if not isinstance(spec, dict):
+            continue
+        at: Path = (*path, i, "step", "spec")
+        if spec.get("isAutoRejectEnabled") is False:
+            del spec["isAutoRejectEnabled"]  # vmfarm never rejects on its own
+            rw.changed = True
+        elif "isAutoRejectEnabled" in spec:
+            rw.error(
+                "isAutoRejectEnabled: true is not supported: vmfarm waits for the approvers until "
+                "the step's timeout, then fails the step (vmfarm reject to end it sooner)",
+                (*at, "isAutoRejectEnabled"),
+            )
+        if spec.get("approverInputs") in ([], None) and "approverInputs" in spec:
+            del spec["approverInputs"]
+            rw.changed = True
+        elif "approverInputs" in spec:
+            rw.error(
+                "approverInputs are not supported: vmfarm's approvers approve or reject with a "
+                "comment; ask for values as runtime inputs (<+input>, --set) instead",
+                (*at, "approverInputs"),
+            )
+        if "autoApproval" in spec:
+            rw.error(
+                "autoApproval is not supported: vmfarm never approves on its own; without "
+                "approvers the step fails at its timeout (drop the approval step to deploy "
+                "without one)",
+                (*at, "autoApproval"),
+            )
+
+
+def _only_inputs(value: Any) -> bool:
+    """True for a Harness input block that only says "asked at run time": ``<+input>`` leaves
+    (at least one), and the ``type`` Harness repeats next to a ``spec`` holding them."""
+    inputs = 0
+
+    def walk(v: Any) -> bool:
+        nonlocal inputs
+        if isinstance(v, dict):
+            return all(
+                (k == "type" and "spec" in v and isinstance(x, str)) or walk(x)
+                for k, x in v.items()
+            )
+        if isinstance(v, list):
+            return all(walk(x) for x in v)
+        inputs += isinstance(v, str) and v.strip() == "<+input>"
+        return isinstance(v, str) and v.strip() == "<+input>"
+
+    return isinstance(value, dict) and walk(value) and inputs > 0
+
+
+def _repeat(el: Any) -> dict[str, Any] | None:
+    """The ``strategy.repeat`` of a step or step group element, else None."""
+    if not isinstance(el, dict) or len(el) != 1:
+        return None
+    body = next(iter(el.values()))
+    strategy = body.get("strategy") if isinstance(body, dict) else None
+    if not isinstance(strategy, dict) or set(strategy) != {"repeat"}:
+        return None
+    repeat = strategy["repeat"]
+    return repeat if isinstance(repeat, dict) else None
+
+
+def _repeat_over_hosts(rw: _Rewrite, path: Path) -> None:
+    """Drop ``repeat: items: <+stage.output.hosts>`` from Command steps (and in step groups)."""
+    for i, el in enumerate(_at(rw.data, path)):
+        repeat = _repeat(el)
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _repeat_over_hosts(rw, (*path, i, "stepGroup", "steps"))
+        if not (isinstance(el, dict) and "step" in el) or repeat is None:
+            continue
+        if repeat.get("items") != HOSTS:
+            continue  # another loop: vmfarm's looping reads it, or refuses it
+        if set(repeat) != {"items"}:
+            continue  # with maxConcurrency: vmfarm's looping caps the hosts in flight
+        del el["step"]["strategy"]
+        rw.changed = True
+
+
+def _phase_repeat(el: Any) -> dict[str, Any] | None:
+    """The repeat of a Harness Phase step group (over the stage's hosts, in parts), else None."""
+    repeat = _repeat(el)
+    if repeat is None or "stepGroup" not in el or repeat.get("items") != HOSTS:
+        return None
+    if not {"partitionSize", "start", "end"} & set(repeat):
+        return None
+    return repeat
+
+
+def _phases(rw: _Rewrite, stage: Path, path: Path, *, rollback: bool) -> None:
+    """Harness's Phase step groups -> the stage's rolling or canary strategy and its steps."""
+    elements = _at(rw.data, path)
+    repeats = [_phase_repeat(el) for el in elements]
+    if not any(r is not None for r in repeats):
+        return
+    for i, r in enumerate(repeats):
+        if r is None:
+            rw.error(
+                "a step next to Phase step groups is not supported: vmfarm runs a stage's steps "
+                "in every phase; put it inside the Phase group, or in a stage of its own",
+                (*path, i),
+            )
+            return
+    rolling = [i for i, r in enumerate(repeats) if r is not None and "partitionSize" in r]
+    if rolling and len(elements) > 1:
+        rw.error(
+            "a rolling stage has one Phase step group (partitionSize repeats it over the hosts); "
+            "write the others' steps inside it",
+            (*path, 1),
+        )
+        return
+    strategy: dict[str, Any] = {}
+    if rolling:
+        strategy = _rolling(rw, (*path, 0, "stepGroup", "strategy", "repeat"), elements[0])
+    else:
+        strategy = _canary(rw, path, [r for r in repeats if r is not None])
+    if not strategy:
+        return
+    steps, inner_concurrency = _phase_steps(rw, path, elements)
+    if steps is None:
+        return
+    if inner_concurrency is not None:
+        strategy["maxConcurrency"] = inner_concurrency
+    # The phase group's steps become the stage's; each keeps pointing where it was written.
+    origins = [rw.source(old) for _, old in steps]
+    strategy_origin = rw.source((*path, 0, "stepGroup", "strategy"))
+    _set_at(rw.data, path, [value for value, _ in steps])
+    for n, origin in enumerate(origins):
+        rw.moves[(*path, n)] = origin
+    rw.changed = True
+    if rollback:
+        return  # vmfarm rolls back the hosts it deployed, phase by phase as they were deployed
+    spec = _at(rw.data, (*stage, "spec"))
+    if "strategy" in spec:
+        rw.error(
+            "this stage has both a strategy and Harness's Phase step groups; keep one",
+            (*stage, "spec", "strategy"),
+        )
+        return
+    spec["strategy"] = strategy
+    rw.moves[(*stage, "spec", "strategy")] = strategy_origin
+
+
+def _set_at(data: Any, path: Path, value: Any) -> None:
+    _at(data, path[:-1])[path[-1]] = value
+
+
+def _rolling(rw: _Rewrite, at: Path, el: dict[str, Any]) -> dict[str, Any]:
+    repeat = el["stepGroup"]["strategy"]["repeat"]
+    known = {"items", "partitionSize", "unit", "maxConcurrency"}
+    for k in repeat:
+        if k not in known:
+            rw.error(
+                f"repeat.{k} in a Phase step group is not supported (vmfarm reads items, "
+                "partitionSize, unit and maxConcurrency: 1)",
+                (*at, k),
+            )
+            return {}
+    size = repeat.get("partitionSize")
+    unit = repeat.get("unit", "Count")
+    if unit not in ("Count", "Percentage"):
+        rw.error(f"unit {unit!r}: write Count or Percentage", (*at, "unit"), key=False)
+        return {}
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        rw.error("partitionSize must be a whole number above 0", (*at, "partitionSize"), key=False)
+        return {}
+    if unit == "Percentage" and size > 100:
+        rw.error("partitionSize is at most 100 (%)", (*at, "partitionSize"), key=False)
+        return {}
+    if repeat.get("maxConcurrency", 1) != 1:
+        rw.error(
+            "maxConcurrency of a Phase step group other than 1 is not supported: vmfarm deploys "
+            "a stage's phases one after another, each with its own gate (hosts in flight inside "
+            "a phase: the Phase Group's maxConcurrency)",
+            (*at, "maxConcurrency"),
+        )
+        return {}
+    return {"type": "Rolling", "phases": [f"{size}%" if unit == "Percentage" else size]}
+
+
+def _canary(rw: _Rewrite, path: Path, repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    ends: list[int | str] = []
+    done: tuple[float, str] = (0, "")
+    for i, repeat in enumerate(repeats):
+        at = (*path, i, "stepGroup", "strategy", "repeat")
+        unknown = [k for k in repeat if k not in ("items", "start", "end", "unit")]
+        if unknown:
+            rw.error(
+                f"repeat.{unknown[0]} in a canary Phase step group is not supported (vmfarm "
+                "reads items, start, end and unit)",
+                (*at, unknown[0]),
+            )
+            return {}
+        unit = repeat.get("unit", "Count")
+        start, end = repeat.get("start", 0), repeat.get("end")
+        if unit not in ("Count", "Percentage"):
+            rw.error(f"unit {unit!r}: write Count or Percentage", (*at, "unit"), key=False)
+            return {}
+        if not isinstance(end, int) or isinstance(end, bool) or not isinstance(start, int):
+            rw.error("start and end must be whole numbers", (*at, "end"))
+            return {}
+        previous = done[0] if (not done[1] or done[1] == unit) else None
+        if start != previous:
+            rw.error(
+                f"this Phase starts at {start} but the one before it ends at "
+                f"{done[0] if done[1] else 0}{'%' if done[1] == 'Percentage' else ''}: vmfarm's "
+                "phases follow one another over the hosts (start of each = end of the last, "
+                "in the same unit)",
+                (*at, "start"),
+            )
+            return {}
+        if end <= start or (unit == "Percentage" and end > 100):
+            rw.error(f"end {end} must be above start {start} (and at most 100%)", (*at, "end"))
+            return {}
+        ends.append(f"{end}%" if unit == "Percentage" else end)
+        done = (end, unit)
+    if done != (100, "Percentage"):
+        rw.error(
+            "the last Phase ends before every host (Harness would leave the rest on the old "
+            "version): vmfarm's canary finishes with every host, so end the last Phase at "
+            "end: 100, unit: Percentage (or add such a Phase)",
+            (*path, len(repeats) - 1, "stepGroup", "strategy", "repeat", "end"),
+        )
+        return {}
+    return {"type": "Canary", "phases": ends[:-1] or ends}
+
+
+def _phase_steps(
+    rw: _Rewrite, path: Path, elements: list[Any]
+) -> tuple[list[tuple[Any, Path]] | None, int | None]:
+    """The steps every phase runs (with where they were written), and the hosts-at-once of
+    the inner ``Phase Group``; None when the phases differ."""
+    first: list[tuple[Any, Path]] | None = None
+    concurrency: int | None = None
+    for i, el in enumerate(elements):
+        group = el["stepGroup"]
+        base: Path = (*path, i, "stepGroup")
+        for k in group:
+            if k not in ("name", "identifier", "strategy", "steps"):
+                rw.error(
+                    f"{k} on a Phase step group is not supported: give it to the stage "
+                    "(failureStrategies, when) or to its steps",
+                    (*base, k),
+                )
+                return None, None
+        steps = group.get("steps") or []
+        if (
+            len(steps) == 1
+            and isinstance(steps[0], dict)
+            and "stepGroup" in steps[0]
+            and (_repeat(steps[0]) or {}).get("items") == PARTITION
+        ):
+            inner = _repeat(steps[0]) or {}
+            extra = [k for k in inner if k not in ("items", "maxConcurrency")]
+            if extra:
+                rw.error(
+                    f"repeat.{extra[0]} in a Phase Group is not supported (vmfarm reads items "
+                    "and maxConcurrency)",
+                    (*base, "steps", 0, "stepGroup", "strategy", "repeat", extra[0]),
+                )
+                return None, None
+            if i == 0:
+                concurrency = inner.get("maxConcurrency")
+            base = (*base, "steps", 0, "stepGroup")
+            steps = steps[0]["stepGroup"].get("steps") or []
+        mine = [(s, (*base, "steps", n)) for n, s in enumerate(steps)]
+        if first is None:
+            first = mine
+        elif _shape([s for s, _ in mine]) != _shape([s for s, _ in first]):
+            rw.error(
+                "the steps of this Phase differ from the first Phase's: vmfarm runs the same "
+                "steps in every phase of a stage (write one stage per set of steps)",
+                (*path, i),
+            )
+            return None, None
+    return first, concurrency
+
+
+def _shape(value: Any) -> Any:
+    """A step list without its names and identifiers (Harness numbers them per phase)."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items() if k not in ("identifier", "name")}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return value
+
+
+# --- services ------------------------------------------------------------------------------------
+
+
+def _service(rw: _Rewrite) -> None:
+    base: Path = ("spec", "serviceDefinition", "spec", "artifacts", "primary")
+    try:
+        primary = _at(rw.data, base)
+    except (KeyError, TypeError, IndexError):
+        return
+    if not isinstance(primary, dict) or "sources" not in primary:
+        return
+    sources = primary.get("sources")
+    ref = primary.get("primaryArtifactRef")
+    if not isinstance(sources, list) or not sources:
+        rw.error("sources must list at least one artifact source", (*base, "sources"), key=False)
+        return
+    ids = [s.get("identifier") if isinstance(s, dict) else None for s in sources]
+    if ref is None or (isinstance(ref, str) and ref.strip() == "<+input>"):
+        if len(sources) > 1:
+            rw.error(
+                "primaryArtifactRef chosen at run time among several sources is not supported: "
+                f"give it one of {', '.join(map(str, ids))} (or keep one source)",
+                (*base, "primaryArtifactRef") if ref is not None else base,
+            )
+            return
+        index = 0
+    elif ref in ids:
+        index = ids.index(ref)
+    else:
+        rw.error(
+            f"primaryArtifactRef {ref!r} names no source (sources: {', '.join(map(str, ids))})",
+            (*base, "primaryArtifactRef"),
+            key=False,
+        )
+        return
+    for k in primary:
+        if k not in ("primaryArtifactRef", "sources"):
+            rw.error(f"'{k}' next to sources: write it in the source", (*base, k))
+            return
+    source = sources[index]
+    if not isinstance(source, dict):
+        rw.error("a source is a mapping with identifier, type and spec", (*base, "sources", index))
+        return
+    chosen = dict(source)
+    if chosen.get("type") in ARTIFACT_TYPES:
+        chosen["type"] = ARTIFACT_TYPES[chosen["type"]]
+    _set_at(rw.data, base, chosen)
+    rw.move(base, (*base, "sources", index))
+
+
+# --- infrastructures -----------------------------------------------------------------------------
+
+Secrets = dict[str, tuple[Document, dict[str, Any]]]
+
+
+def _infrastructure(rw: _Rewrite, base: Path, secrets: Secrets, pdc: dict[str, Document]) -> None:
+    """``base``: the path of the body that holds ``type`` and ``spec`` (and
+    ``allowSimultaneousDeployments``) of an infrastructure."""
+    body = _at(rw.data, base)
+    inner = body.get("spec")
+    if not isinstance(inner, dict):
+        return
+    at: Path = (*base, "spec")
+    for key, how in (
+        (
+            "hostGroups",
+            "list the hosts under spec.hosts (or a PDC connector's hosts) and keep "
+            "the ones to deploy to with hostFilter type HostNames or HostAttributes",
+        ),
+        ("targetedHosts", "keep the hosts to deploy to with hostFilter type HostNames"),
+        ("instanceType", "vmfarm deploys to every instance its hostFilter finds"),
+        (
+            "provisioner",
+            "vmfarm does not provision hosts: create them first (terraform) and "
+            "list or filter them",
+        ),
+    ):
+        if key in inner:
+            rw.error(f"{key} is not supported: {how}", (*at, key))
+    if "awsInstanceFilter" in inner:
+        f = inner.pop("awsInstanceFilter")
+        if "hostFilter" in inner:
+            rw.error("write either awsInstanceFilter or hostFilter", (*at, "hostFilter"))
+        elif isinstance(f, dict):
+            inner["hostFilter"] = {"type": "AwsInstanceFilter", "spec": f}
+            rw.move((*at, "hostFilter", "spec"), (*at, "awsInstanceFilter"))
+            rw.move((*at, "hostFilter"), (*at, "awsInstanceFilter"))
+    ref = inner.get("connectorRef")
+    if isinstance(ref, str) and ref in pdc:
+        _pdc_connector(rw, at, inner, pdc[ref])
+    if isinstance(inner.get("hosts"), list):
+        for i, h in enumerate(inner["hosts"]):
+            if isinstance(h, str):
+                inner["hosts"][i] = {"hostname": h}
+                rw.move((*at, "hosts", i, "hostname"), (*at, "hosts", i))
+        _host_filter(rw, at, inner)
+    cred = inner.get("credentialsRef")
+    if isinstance(cred, str):
+        _credentials(rw, at, inner, cred, secrets)
+
+
+def _pdc_connector(rw: _Rewrite, at: Path, inner: dict[str, Any], doc: Document) -> None:
+    conn = doc.data["spec"]
+    cspec = conn.get("spec") if isinstance(conn.get("spec"), dict) else {}
+    for k in cspec:
+        if k not in ("hosts", "delegateSelectors", "credentialsRef"):
+            rw.errors.append(
+                doc.error(
+                    f"{k} is not supported on a PDC connector (vmfarm reads hosts, "
+                    "delegateSelectors and credentialsRef)",
+                    ("spec", "spec", k),
+                    key=True,
+                )
+            )
+            return
+    if inner.get("hosts"):
+        rw.error(
+            "hosts are both here and in the PDC connector this infrastructure names; keep one",
+            (*at, "hosts"),
+        )
+        return
+    del inner["connectorRef"]
+    rw.changed = True
+    for key in ("hosts", "delegateSelectors", "credentialsRef"):
+        if key in cspec and key not in inner:
+            inner[key] = copy.deepcopy(cspec[key])
+            rw.move((*at, key), ("spec", "spec", key), doc)
+            if isinstance(cspec[key], list):
+                for i in range(len(cspec[key])):
+                    rw.move((*at, key, i), ("spec", "spec", key, i), doc)
+
+
+def _host_filter(rw: _Rewrite, at: Path, inner: dict[str, Any]) -> None:
+    hf = inner.get("hostFilter")
+    if not isinstance(hf, dict):
+        return
+    ftype, fspec = hf.get("type"), hf.get("spec") or {}
+    where: Path = (*at, "hostFilter")
+    if ftype == "All" and not fspec:
+        del inner["hostFilter"]
+        rw.changed = True
+        return
+    keep: Callable[[dict[str, Any]], bool]
+    if ftype == "HostNames":
+        names = fspec.get("value") if isinstance(fspec, dict) else None
+        if not isinstance(names, list) or not names:
+            rw.error("a HostNames filter lists the host names in spec.value", (*where, "spec"))
+            return
+        known = {str(h.get("hostname")) for h in inner["hosts"] if isinstance(h, dict)}
+        for n, name in enumerate(names):
+            if str(name) not in known:
+                rw.error(
+                    f"host {name!r} is not among this infrastructure's hosts",
+                    (*where, "spec", "value", n),
+                    key=False,
+                )
+                return
+        wanted = {str(n) for n in names}
+
+        def keep(h: dict[str, Any]) -> bool:
+            return str(h.get("hostname")) in wanted
+
+    elif ftype == "HostAttributes":
+        attrs = fspec.get("value") if isinstance(fspec, dict) else None
+        if not isinstance(attrs, dict) or not attrs:
+            rw.error(
+                "a HostAttributes filter gives the attributes in spec.value (name: value)",
+                (*where, "spec"),
+            )
+            return
+
+        def keep(h: dict[str, Any]) -> bool:
+            have = {**(h.get("hostAttributes") or {}), **(h.get("attributes") or {})}
+            return all(
+                str(have.get(k)) in [s.strip() for s in str(v).split(",")] for k, v in attrs.items()
+            )
+
+    else:
+        return  # a cloud filter (or a wrong one): the schema names it
+    kept = [(i, h) for i, h in enumerate(inner["hosts"]) if isinstance(h, dict) and keep(h)]
+    if not kept:
+        rw.error("this host filter keeps none of the hosts", where)
+        return
+    inner["hosts"] = [h for _, h in kept]
+    del inner["hostFilter"]
+    old = {n: rw.source((*at, "hosts", i)) for n, (i, _) in enumerate(kept)}
+    rw.changed = True
+    for n, origin in old.items():
+        rw.moves[(*at, "hosts", n)] = origin
+
+
+def _credentials(rw: _Rewrite, at: Path, inner: dict[str, Any], ref: str, secrets: Secrets) -> None:
+    """``credentialsRef`` -> the connection's user, port and secret ids."""
+    existed = "connection" in inner
+    conn = inner.setdefault("connection", {})
+    if not isinstance(conn, dict):
+        return
+    clash = [k for k in ("privateKeySecret", "passwordSecret", "privateKeyFile") if k in conn]
+    if clash:
+        rw.error(
+            f"credentialsRef and connection.{clash[0]} both say how to log in; keep one",
+            (*at, "credentialsRef"),
+        )
+        return
+    del inner["credentialsRef"]
+    rw.changed = True
+    if ref not in secrets:  # a secret id: the SSH private key, read on the worker
+        conn["privateKeySecret"] = ref
+        rw.move((*at, "connection", "privateKeySecret"), (*at, "credentialsRef"))
+        if not existed:
+            rw.move((*at, "connection"), (*at, "credentialsRef"))
+        return
+    doc, body = secrets[ref]
+    spec = _mapping(body.get("spec"))
+    auth = _mapping(spec.get("auth"))
+    aspec = _mapping(auth.get("spec"))
+    if auth.get("type") != "SSH":
+        rw.errors.append(
+            doc.error(
+                f"auth type {auth.get('type')!r} is not supported: vmfarm logs in over SSH with a "
+                "key or a password (auth.type: SSH)",
+                ("secret", "spec", "auth", "type"),
+                key=False,
+            )
+        )
+        return
+    ctype = aspec.get("credentialType")
+    cred = _mapping(aspec.get("spec"))
+    p: Path = ("secret", "spec", "auth", "spec", "spec")
+    fields = {
+        "KeyReference": {
+            "userName": "user",
+            "key": "privateKeySecret",
+            "encryptedPassphrase": "passphraseSecret",
+        },
+        "KeyPath": {
+            "userName": "user",
+            "keyPath": "privateKeyFile",
+            "encryptedPassphrase": "passphraseSecret",
+        },
+        "Password": {"userName": "user", "password": "passwordSecret"},
+    }.get(str(ctype))
+    if fields is None:
+        rw.errors.append(
+            doc.error(
+                f"credentialType {ctype!r} is not supported: write KeyReference (a secret with the "
+                "private key), KeyPath (a key file on the worker) or Password",
+                ("secret", "spec", "auth", "spec", "credentialType"),
+                key=False,
+            )
+        )
+        return
+    for k, v in cred.items():
+        if k not in fields:
+            rw.errors.append(
+                doc.error(
+                    f"{k} is not supported in a {ctype} credential (vmfarm reads "
+                    f"{', '.join(fields)})",
+                    (*p, k),
+                )
+            )
+            return
+        conn[fields[k]] = v
+        rw.move((*at, "connection", fields[k]), (*p, k), doc)
+    if "port" in spec:
+        conn["port"] = spec["port"]
+        rw.move((*at, "connection", "port"), ("secret", "spec", "port"), doc)
+    if not existed:
+        rw.move((*at, "connection"), (*at, "credentialsRef"))
