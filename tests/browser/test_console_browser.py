@@ -258,6 +258,9 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
 
     # the registry's pages, where the server has a registry: the lab environment's versions
     if _has_registry(console):
+        dana.get(f"{console.url}/console/executions/{ex_id}")
+        used = dana.find_element(By.ID, "registry-used").text
+        assert "Environment lab v" in used and "Infrastructure lab v" in used, used
         dana.find_element(By.LINK_TEXT, "Registry").click()
         dana.find_element(By.LINK_TEXT, "lab").click()
         assert "type: PreProduction" in dana.find_element(By.ID, "registry-text").text

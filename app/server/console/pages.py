@@ -202,10 +202,13 @@ def execution(
     summary = (
         data.summarise(chosen, status=status_, search=q.strip(), page=page) if chosen else None
     )
+    from app.server.console.registry_pages import used_by
+
     return _render(
         request,
         session,
         "execution_live.html" if partial else "execution.html",
+        registry=[] if partial else used_by(execution_id),
         ex=report,
         stage=chosen,
         summary=summary,

@@ -46,6 +46,17 @@ def _row(r: Any) -> dict[str, Any]:
     }
 
 
+def used_by(execution_id: str) -> list[dict[str, Any]]:
+    """The registry versions an execution was resolved with (none without a registry)."""
+    if not available():
+        return []
+    from app.db import session_scope
+
+    with session_scope() as s:
+        found: list[dict[str, Any]] = _registry().uses(s, execution_id)
+    return found
+
+
 @router.get("", name="console_registry")
 def listing(request: Request, session: SignedIn) -> HTMLResponse:
     """The latest version of every entry, by kind."""
@@ -101,4 +112,4 @@ def entry(
     )
 
 
-__all__ = ["available", "router"]
+__all__ = ["available", "router", "used_by"]
