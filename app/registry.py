@@ -120,6 +120,13 @@ def _slices(text: str) -> dict[int, str]:
     return out
 
 
+def _dump(data: Any) -> str:
+    """A document's text when its own cannot be cut out of the file (never expected)."""
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
 def documents(name: str, text: str) -> Iterator[Entry]:
     """The documents of one file as entries (their kind may be one the registry does not keep:
     ``split`` refuses those). SpecError on YAML the loader would refuse, with its place."""
@@ -131,7 +138,7 @@ def documents(name: str, text: str) -> Iterator[Entry]:
     slices = _slices(text) if docs else {}
     for raw in docs:
         line, col = raw.pos(())
-        own = slices.get(raw.line, "")
+        own = slices.get(raw.line) or _dump(raw.data)
         # where its kind is written (Harness's shape: the document's top key)
         has_kind = isinstance(raw.data, dict) and "kind" in raw.data
         kind_at = raw.pos(("kind",)) if has_kind else (line, col)

@@ -101,6 +101,10 @@ class Context:
     deferred: tuple[str, ...] = DEFERRED_PREFIXES
     # validate without --set: an unfilled <+input> is fine (run will ask for it).
     allow_inputs: bool = False
+    # Earlier stages' step outputs this stage may read (app.definitions.stage_outputs), known
+    # on the worker: the expression (or, ending in '.', a prefix) -> '' (read later), or why
+    # it cannot be read. None: not checked here (any pipeline.stages. expression is deferred).
+    later: dict[str, str] | None = None
 
     def set(self, key: str, value: object, *, external: bool = False) -> None:
         self.values[key] = Value("" if value is None else _scalar(value), external)
@@ -110,6 +114,11 @@ class Context:
         key = expr.strip()
         if key in self.values:
             return self.values[key]
+        if self.later is not None and key.startswith("pipeline.stages."):
+            from app.definitions.stage_outputs import check
+
+            check(key, self.later)
+            return None
         if key in HOST_KEYS or key.startswith(self.deferred):
             return None
         if key.startswith("secrets."):

@@ -23,6 +23,7 @@ from app.definitions.expressions import (
     render_script,
 )
 from app.definitions.shell import unterminated
+from app.definitions.stage_outputs import readable
 from app.errors import SpecError, SpecErrors
 
 if TYPE_CHECKING:
@@ -232,7 +233,8 @@ def _stage_when(
     left = [
         e
         for e in EXPR_RE.findall(str(when.get("condition") or ""))
-        if e.strip() in HOST_KEYS or e.strip().startswith(("steps.", "secrets."))
+        if e.strip() in HOST_KEYS
+        or e.strip().startswith(("steps.", "secrets.", "pipeline.stages."))
     ]
     if left:
         errs.add(
@@ -492,6 +494,7 @@ def resolve_stage(
     stage = pipe.model.spec.stages[index].stage
     ctx = stage_context(bundle, pipe, stage, execution_id=execution_id)
     ctx.allow_inputs = not strict_inputs
+    ctx.later = readable([el.stage for el in pipe.model.spec.stages], index)
     if loop is not None:
         ctx = _loop_context(ctx, loop)
         ctx.set("stage.identifier", f"{stage.identifier}_{loop.suffix}")

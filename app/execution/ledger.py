@@ -30,6 +30,7 @@ from app.canvas import HostStepKey
 from app.db import claim_once, retrying, session_scope
 from app.definitions.expressions import Context
 from app.definitions.plan import DeploymentStagePlan, StepPlan
+from app.errors import HostError
 from app.execution.logs import heartbeats
 from app.models import Execution, HostStepRun, StageRun, Status, utcnow
 
@@ -306,6 +307,104 @@ def earlier_outputs(key: HostStepKey, ctx: Context, stage: DeploymentStagePlan) 
         for name, value in (r.outputs or {}).items():
             ctx.set(f"steps.{sid}.output.outputVariables.{name}", value, external=True)
             ctx.set(f"steps.{sid}.output.{name}", value, external=True)  # Terraform's outputs
+
+
+def stage_outputs(key: HostStepKey, ctx: Context, written: str) -> None:
+    """``<+pipeline.stages.S.spec.execution.steps.T.output.outputVariables.X>`` (and its
+    ``.list``) named in ``written``, from earlier stages' rows (app.definitions.stage_outputs):
+    this host's own value, or the delegate's when the step ran on a delegate; a host with
+    neither fails (HostError) naming the hosts that have one."""
+    import json
+
+    from app.definitions.expressions import expressions_in
+    from app.definitions.stage_outputs import STAGE_OUTPUT_RE
+
+    wanted = [
+        (e, found)
+        for e in dict.fromkeys(expressions_in(written))
+        if (found := STAGE_OUTPUT_RE.fullmatch(e)) is not None
+    ]
+    if not wanted:
+        return
+
+    Found = tuple[list[str], dict[str, dict[str, Any]], bool]
+
+    def read() -> dict[tuple[str, str], Found]:
+        out: dict[tuple[str, str], Found] = {}
+        with session_scope() as s:
+            ex = s.get(Execution, key.execution)
+            if ex is None:
+                raise LookupError(f"execution {key.execution} not found")
+            stages = ex.plan["stages"]
+            for _, found in wanted:
+                sid, tid = found.group(1), found.group(2)
+                if (sid, tid) in out:
+                    continue
+                index = next(
+                    (i for i, st in enumerate(stages[: key.stage]) if st["identifier"] == sid),
+                    None,
+                )
+                step = (
+                    None
+                    if index is None
+                    else next(
+                        (
+                            j
+                            for j, st in enumerate(stages[index]["steps"])
+                            if st["identifier"] == tid
+                        ),
+                        None,
+                    )
+                )
+                if index is None or step is None:  # e.g. a looping stage: S_<iteration>
+                    raise HostError(
+                        f"no step {tid} in an earlier stage {sid} of this execution (the "
+                        f"earlier stages: {', '.join(st['identifier'] for st in stages[: key.stage])})",
+                        host=key.host,
+                    )
+                run = s.exec(
+                    select(StageRun).where(
+                        StageRun.execution_id == key.execution, StageRun.stage_index == index
+                    )
+                ).one()
+                rows: dict[str, dict[str, Any]] = {}
+                for r in s.exec(
+                    select(HostStepRun)
+                    .where(
+                        HostStepRun.execution_id == key.execution,
+                        HostStepRun.stage_index == index,
+                        HostStepRun.step_index == step,
+                        HostStepRun.kind == "deploy",
+                        HostStepRun.status == Status.SUCCEEDED,
+                    )
+                    .order_by(col(HostStepRun.attempt))
+                ).all():
+                    rows[r.host] = dict(r.outputs or {})  # the latest attempt wins
+                spec = stages[index]["steps"][step].get("spec") or {}
+                on_delegate = stages[index].get("type") == "Custom" or bool(spec.get("onDelegate"))
+                out[(sid, tid)] = ([h["name"] for h in run.hosts], rows, on_delegate)
+        return out
+
+    found_rows = retrying(read, what=f"reading earlier stages' outputs for {key.idem}")
+    for expr, found in wanted:
+        order, rows, on_delegate = found_rows[(found.group(1), found.group(2))]
+        name = found.group(3)
+        values = {h: rows[h][name] for h in order if h in rows and name in rows[h]}
+        if found.group(4):
+            ctx.set(expr, json.dumps(list(values.values())), external=True)
+        elif key.host in rows and key.host in values:
+            ctx.set(expr, values[key.host], external=True)
+        elif on_delegate and len(values) == 1:  # the delegate's one value, for every host
+            ctx.set(expr, next(iter(values.values())), external=True)
+        else:
+            have = ", ".join(list(values)[:5]) + (" ..." if len(values) > 5 else "")
+            raise HostError(
+                f"<+{expr}> has no value for host {key.host}: step {found.group(2)} of stage "
+                f"{found.group(1)} recorded {name} on {len(values)} host(s)"
+                + (f" ({have}), not on this one" if values else "")
+                + f"; <+{expr}.list> gathers them all",
+                host=key.host,
+            )
 
 
 # How long a step's outcome waits for an unreachable ledger: the units ran, and an outcome

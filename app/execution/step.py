@@ -38,6 +38,7 @@ from app.execution.ledger import (
     finish_step,
     rollback_version,
     stage_data,
+    stage_outputs,
     step_of,
     summary,
     typed_stage,
@@ -253,6 +254,8 @@ def when_skips(
     ctx = host_context(Host.from_dict(hosts[key.host]), stage)
     if any("<+steps." in c for c in conditions):
         earlier_outputs(key, ctx, stage)
+    if any("<+pipeline.stages." in c for c in conditions):
+        stage_outputs(key, ctx, " ".join(conditions))
 
     def lookup(name: str) -> str:
         val = ctx.lookup(name)
@@ -290,7 +293,8 @@ def _http_step(
     if "<+pipeline.stages." in str(step.spec.to_json()):
         from app.coordinator.outputs import add_stage_outputs
 
-        add_stage_outputs(ctx, key.execution, key.stage)
+        add_stage_outputs(ctx, key.execution, key.stage)  # a Terraform step's output.X
+        stage_outputs(key, ctx, str(step.spec.to_json()))  # outputVariables: per host
     sink.unit = step.identifier
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return request(step, ctx, sink, timeout=timeout)
@@ -310,6 +314,7 @@ def _terraform_step(
         from app.coordinator.outputs import add_stage_outputs
 
         add_stage_outputs(ctx, key.execution, key.stage)
+        stage_outputs(key, ctx, written)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return run_step(
         step, ctx, sink, execution_id=key.execution, attempt=key.attempt, timeout=timeout
@@ -395,7 +400,8 @@ def _run_units(
     if "<+pipeline.stages." in written:
         from app.coordinator.outputs import add_stage_outputs
 
-        add_stage_outputs(ctx, key.execution, key.stage)
+        add_stage_outputs(ctx, key.execution, key.stage)  # a Terraform step's output.X
+        stage_outputs(key, ctx, written)  # outputVariables: per host, the delegate's, .list
     env = step_environment(step, ctx, secrets=True)
     scope = step_scope(stage, step, ctx, secrets=True)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout

@@ -221,3 +221,45 @@ def test_a_change_is_checked_on_every_environment_it_touches_before_and_after() 
     new_env = registry.split({"n.yaml": ENV.replace("prod", "fresh")})
     assert environment_checks(new_env, new_env, current) == [("fresh", "Production")]
     assert environment_checks([], new_env, current) == []
+
+
+def test_every_example_document_reads_the_same_from_its_own_text() -> None:
+    from pathlib import Path
+
+    from app.definitions.native import from_native
+    from app.definitions.yamlload import load_documents
+
+    root = Path(__file__).resolve().parents[2]
+    checked = 0
+    for path in sorted([*root.glob("configs/**/*.yaml"), *root.glob("tests/data/**/*.yaml")]):
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # the hostile-input samples
+            continue
+        try:
+            docs = load_documents(text, path.name)
+            entries = list(registry.documents(path.name, text))
+        except SpecError:
+            continue
+        for doc, entry in zip(docs, entries, strict=True):
+            (alone,) = load_documents(entry.text, "alone.yaml")
+            assert from_native(alone).data == from_native(doc).data, (path, entry.line)
+            checked += 1
+    assert checked > 50
+
+
+def test_a_connector_change_is_checked_on_the_environments_whose_hosts_use_it() -> None:
+    infra = registry.split({"i.yaml": INFRA})[0]
+    current = {
+        ("Environment", "prod"): RegistryVersion(
+            kind="Environment", ident="prod", version=1, text=ENV, env_type="Production"
+        ),
+        ("Infrastructure", "prod_hosts"): RegistryVersion(
+            kind="Infrastructure", ident="prod_hosts", version=1, text=infra.text, env_ref="prod"
+        ),
+    }
+    vault = "apiVersion: v1\nkind: Connector\nmetadata: {name: vault}\nspec: {type: Vault}\n"
+    changed = registry.split({"c.yaml": vault})
+    assert environment_checks(changed, changed, current) == [("prod", "Production")]
+    other = registry.split({"c.yaml": vault.replace("vault", "other")})
+    assert environment_checks(other, other, current) == []

@@ -387,3 +387,55 @@ def test_the_reconciler_gives_a_long_overdue_check_a_new_number_and_ends_ended_r
         states = {r.execution_id: r.status for r in s.exec(select(PhaseRun)).all()}
     # and the aborted run's watch ended instead of being checked forever
     assert states == {running: Status.RUNNING, aborted: Status.ABORTED}
+
+
+def test_a_trigger_with_its_own_query_reads_any_metric_in_its_own_unit() -> None:
+    s = spec(
+        triggers=[
+            {
+                "name": "queue",
+                "condition": "queue_depth > 100",
+                "query": 'max(queue_depth{instance=~"$instances"}[$window])',
+            }
+        ]
+    )
+    asked: list[str] = []
+
+    def query(url: str, q: str, **_: Any) -> float | None:
+        asked.append(q)
+        return 150.0
+
+    sample = measure(
+        s,
+        url="http://prom",
+        instances=["a:9"],
+        health_urls={},
+        started=0.0,
+        now=5.0,
+        query=query,
+        check=lambda *a, **k: Result(True),
+    )
+    assert asked == ['max(queue_depth{instance=~"a:9"}[5s])']
+    v = judge(s, [sample], started=0.0, now=5.0)
+    assert v["reasons"] == [
+        "trigger 'queue' (queue_depth > 100): 150 at 5s after the stage's last phase (window 5m)"
+    ]
+
+
+def test_plan_shows_the_watch_its_triggers_and_where_it_reads(ledger: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    paths = files(tmp_path)
+    res = CliRunner().invoke(main, ["plan", *map(str, paths), "--set", "tag=1.0"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "then a watch after deployment for 12s (a check every 1s over the last 3s; Prometheus "
+        "not set: give prometheusUrl or VMFARM_PROMETHEUS_URL); a breach rolls the stage back:"
+    ) in res.stdout
+    assert "    High Error Rate: error_rate > 5% within 12s" in res.stdout
+    assert "    Health Check Failure: health_check_success_rate < 80% within 6s" in res.stdout
+    assert (
+        "    health checks from the control worker: http://<+instance.hostName>:8080/health"
+    ) in res.stdout
