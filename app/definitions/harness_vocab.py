@@ -383,13 +383,32 @@ def _repeat_over_hosts(rw: _Rewrite, path: Path) -> None:
             continue
         if repeat.get("items") != HOSTS:
             continue  # another loop: vmfarm's looping reads it, or refuses it
-        if set(repeat) != {"items"}:
-            continue  # with maxConcurrency: vmfarm's looping caps the hosts in flight
-        del el["step"]["strategy"]
         spec = el["step"].get("spec")
         if isinstance(spec, dict) and str(spec.get("host", "")).strip() == "<+repeat.item>":
             del spec["host"]
+            rw.changed = True
+        if set(repeat) != {"items"}:
+            continue  # with maxConcurrency: vmfarm's looping caps the hosts in flight
+        del el["step"]["strategy"]
+        _item_is_the_host(el["step"])
         rw.changed = True
+
+
+def _item_is_the_host(data: Any) -> None:
+    """In a step repeated over the stage's hosts, ``<+repeat.item>`` is the host: written as
+    ``<+instance.hostName>`` (in place, so every part keeps its place in the file)."""
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else []
+    )
+    for k, v in list(items):
+        if isinstance(v, str) and "repeat.item" in v:
+            data[k] = re.sub(r"<\+\s*repeat\.item\s*>", "<+instance.hostName>", v)
+        elif isinstance(v, dict | list):
+            _item_is_the_host(v)
 
 
 def _phase_repeat(el: Any) -> dict[str, Any] | None:

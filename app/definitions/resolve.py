@@ -371,8 +371,10 @@ def expand_steps(
     identifiers end in ``_<index>`` and names in ``_<item>``, each rendered with the
     iteration's values and carrying ``loop`` (what the iteration is) for the plan. A step of
     a looped group takes the group's suffix too (step identifiers stay unique in a stage).
-    Repeating a Command step over <+stage.output.hosts> is the phase's own fan-out: it is
-    rendered as if it had no strategy, ``<+repeat.item>`` standing for the host's name."""
+    A Command step's repeat over <+stage.output.hosts> is the phase's own fan-out (Harness's
+    vocabulary, app.definitions.harness_vocab, takes out one without maxConcurrency): it is
+    rendered as if it had no strategy, ``<+repeat.item>`` standing for the host's name, and
+    its maxConcurrency caps the hosts in flight."""
     out: list[Any] = []
     for i, el in enumerate(elements):
         at = (*path, i)
@@ -723,7 +725,8 @@ def resolve_stage(
 
 def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
     """Each step of a loop says which iteration it is (``loop``); a Command step repeated over
-    <+stage.output.hosts> with a maxConcurrency caps the hosts in flight of every phase."""
+    <+stage.output.hosts> with a maxConcurrency caps the hosts in flight of every phase (the
+    rollback's too)."""
     caps = []
     for key in ("steps", "rollbackSteps"):
         for d in stage.get(key) or []:
@@ -739,7 +742,7 @@ def _mark_loops(stage: dict[str, Any], marks: dict[str, Any]) -> None:
             d["loop"] = "repeat over <+stage.output.hosts>: runs on each host of the phase" + (
                 f", at most {cap} at a time" if cap else ""
             )
-            if cap:  # rollback phases take the stage's lanes too
+            if cap:
                 caps.append(int(cap))
     if caps:
         strategy = stage["strategy"]
