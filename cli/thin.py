@@ -172,11 +172,15 @@ def _events(remote: Remote, execution_id: str) -> Any:
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
     watched: set[str] = set()
-    for progress in _events(remote, execution_id, keepalives=True):
-        if progress is None or progress.get("status") == "RUNNING":
-            _tell_watches(remote.get(f"{EX}/{execution_id}"), watched)
-        if progress is None:
-            continue
+    for progress in _events(remote, execution_id):
+        w = progress.get("watching")  # the watch after deployment that holds the run open
+        if w and w.get("stage") not in watched:
+            watched.add(w.get("stage"))
+            err.print(
+                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
+                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+                "ends when the watch does"
+            )
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -191,20 +195,6 @@ def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
             told = True
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return report
-
-
-def _tell_watches(report: dict[str, Any], told: set[str]) -> None:
-    """As local mode: say once per stage when its watch after deployment has started."""
-    for st in report.get("stages", []):
-        w = st.get("watch")
-        if not w or w.get("state") == "not started" or st["identifier"] in told:
-            continue
-        told.add(st["identifier"])
-        err.print(
-            f"execution {report['id']}: stage {st['identifier']} passed its last phase; "
-            f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
-            "ends when the watch does"
-        )
 
 
 def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
