@@ -278,7 +278,7 @@ roles:
   only-registry-apply: [registry:apply]
   only-registry-view: [registry:view]
   registry-admin: ["registry:*"]
-  console-reader: [fleet:view, audit:view]
+  console-reader: [fleet:view, audit:view, registry:view]
 bindings:
   - role: token-admin
     groups: [deployers]
