@@ -207,12 +207,14 @@ CASES: dict[str, Case] = {
     ),
     "tokens list": Case(lambda _, __: ["tokens", "list"], "token:view"),
     "tokens revoke": Case(lambda _, __: ["tokens", "revoke", "0" * 32], "token:revoke"),
-    "apply": Case(lambda _, t: ["apply", "-f", _env_file(t)], None, who="bob", registry=True),
-    "get": Case(lambda _, __: ["get", "Environment"], None, who="bob", registry=True),
-    "triggers": Case(lambda _, __: ["triggers"], "registry:view", who="bob"),
-    "history": Case(
-        lambda _, __: ["history", "Environment", "lab"], None, who="bob", registry=True
+    "apply": Case(
+        lambda _, t: ["apply", "-f", _env_file(t)], "registry:apply", who="bob", registry=True
     ),
+    "get": Case(lambda _, __: ["get", "Environment"], "registry:view", who="bob", registry=True),
+    "history": Case(
+        lambda _, __: ["history", "Environment", "lab"], "registry:view", who="bob", registry=True
+    ),
+    "triggers": Case(lambda _, __: ["triggers"], "registry:view", who="bob", registry=True),
 }
 
 
