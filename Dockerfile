@@ -9,9 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# ssh-keyscan/ssh for operators; tzdata for schedules in named timezones (zoneinfo).
+# ssh-keyscan/ssh for operators; tzdata for schedules in named timezones (zoneinfo); git for
+# Terraform steps' configuration from Git connectors.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openssh-client tzdata \
+    && apt-get install -y --no-install-recommends openssh-client tzdata git \
     && rm -rf /var/lib/apt/lists/*
 
 # Workers run as an unprivileged user; VMFARM_HOME (ledger cache, artifacts, known_hosts,
@@ -24,7 +25,8 @@ WORKDIR /srv/vmfarm
 
 # Dependencies in their own layer: a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# (with the terraform extra: the delegates run Terraform steps with its terraform and providers)
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['terraform']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -281,3 +281,20 @@ class RegistryUse(SQLModel, table=True):
     kind: str = Field(max_length=32)
     ident: str = Field(max_length=255)
     version: int
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """A delivery to a webhook trigger (``POST /api/v1/webhooks/{trigger}``), one row per
+    trigger and delivery id: a repeated delivery finds its row and starts nothing new.
+    ``outcome`` is started (``execution_id`` set), skipped (its conditions did not hold;
+    ``detail`` says which) or pending (being started). No payload is kept."""
+
+    __table_args__ = (UniqueConstraint("trigger_id", "delivery_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    trigger_id: str = Field(max_length=128, index=True)
+    delivery_id: str = Field(max_length=160)
+    received_at: NaiveDatetime = Field(default_factory=utcnow)
+    outcome: str = Field(max_length=16)
+    execution_id: str | None = Field(default=None, max_length=32)
+    detail: str = Field(default="", max_length=1000)

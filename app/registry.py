@@ -42,6 +42,7 @@ KINDS: tuple[str, ...] = (
     "Connector",
     "Template",
     "Pipeline",
+    "Trigger",
 )
 # What a submitted run may not define: these come only from the registry.
 REGISTRY_ONLY: tuple[str, ...] = ("Environment", "Infrastructure", "Connector")
@@ -120,6 +121,13 @@ def _slices(text: str) -> dict[int, str]:
     return out
 
 
+def _dump(data: Any) -> str:
+    """A document's text when its own cannot be cut out of the file (never expected)."""
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
 def documents(name: str, text: str) -> Iterator[Entry]:
     """The documents of one file as entries (their kind may be one the registry does not keep:
     ``split`` refuses those). SpecError on YAML the loader would refuse, with its place."""
@@ -131,7 +139,7 @@ def documents(name: str, text: str) -> Iterator[Entry]:
     slices = _slices(text) if docs else {}
     for raw in docs:
         line, col = raw.pos(())
-        own = slices.get(raw.line, "")
+        own = slices.get(raw.line) or _dump(raw.data)
         # where its kind is written (Harness's shape: the document's top key)
         has_kind = isinstance(raw.data, dict) and "kind" in raw.data
         kind_at = raw.pos(("kind",)) if has_kind else (line, col)
@@ -156,6 +164,19 @@ def documents(name: str, text: str) -> Iterator[Entry]:
                 kind_at=kind_at,
             )
             continue
+        if _is_trigger(raw.data):
+            body = raw.data.get("trigger")
+            yield Entry(
+                "Trigger",
+                str(body.get("identifier") or "") if isinstance(body, dict) else "",
+                own,
+                name,
+                line,
+                col,
+                data=raw.data,
+                kind_at=kind_at,
+            )
+            continue
         doc = from_native(raw)
         data = doc.data
         kind = data.get("kind") if isinstance(data, dict) else None
@@ -177,6 +198,119 @@ def documents(name: str, text: str) -> Iterator[Entry]:
             data=data,
             kind_at=kind_at,
         )
+
+
+def _is_trigger(data: Any) -> bool:
+    """A webhook trigger: Harness's ``trigger:`` document (``kind: Trigger`` optional)."""
+    return (
+        isinstance(data, dict)
+        and data.get("kind") in (None, "Trigger")
+        and isinstance(data.get("trigger"), dict)
+    ) or (isinstance(data, dict) and data.get("kind") == "Trigger")
+
+
+def _without_triggers(text: str) -> str:
+    """The file with its trigger documents blanked out, line for line (the loader's errors
+    keep their lines; triggers are checked by ``check_triggers``)."""
+    import yaml
+
+    loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    lines = text.splitlines(keepends=True)
+    try:
+        nodes = [n for n in yaml.compose_all(text, Loader=loader) if n is not None]
+    except yaml.YAMLError:
+        return text  # the loader says what is wrong
+    for node in nodes:
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+        kind = next(
+            (
+                v.value
+                for k, v in node.value
+                if isinstance(k, yaml.ScalarNode) and k.value == "kind"
+            ),
+            None,
+        )
+        if kind == "Trigger" or ("trigger" in keys and kind is None):
+            first, last = node.start_mark.line, node.end_mark.line
+            if node.end_mark.column == 0:
+                last -= 1
+            for i in range(first, min(last + 1, len(lines))):
+                lines[i] = "\n"
+    return "".join(lines)
+
+
+def check_triggers(
+    entries: Iterable[Entry], pipelines: Iterable[str], files: Mapping[str, str]
+) -> None:
+    """Each applied trigger as ``app.triggers`` reads it, naming a pipeline that is stored or
+    applied with it: SpecError(s) with the file, line and field."""
+    from app.definitions.bundle import Collector
+    from app.triggers import load_text
+
+    errs = Collector()
+    known = set(pipelines)
+    for name in sorted({e.file for e in entries if e.kind == "Trigger"}):
+        try:
+            found = load_text(_only_triggers(files[name]), name)
+        except (SpecError, SpecErrors) as exc:
+            errs.absorb(exc)
+            continue
+        for t in found:
+            if t.pipeline not in known:
+                line = t.pipeline_line
+                errs.add(
+                    SpecError(
+                        f"trigger '{t.id}' names pipeline '{t.pipeline}', which is neither "
+                        "stored nor applied with it (vmfarm get Pipeline lists them)",
+                        file=name,
+                        line=line,
+                        col=1,
+                        field="trigger.pipelineIdentifier",
+                    )
+                )
+    errs.raise_if_any()
+
+
+def _only_triggers(text: str) -> str:
+    """The file with everything but its trigger documents blanked out, line for line."""
+    keep = _without_triggers(text)
+    return "".join(
+        line if kept.strip() == "" or line.strip() in ("---", "...") else "\n"
+        for line, kept in zip(
+            text.splitlines(keepends=True), keep.splitlines(keepends=True), strict=False
+        )
+    )
+
+
+def stored_trigger(ident: str) -> Any:
+    """The latest version of the stored trigger ``ident`` (an ``app.triggers.Trigger``), or
+    None."""
+    from app.db import session_scope
+    from app.triggers import load_text
+
+    with session_scope() as s:
+        row = latest(s, kind="Trigger").get(("Trigger", ident))
+        if row is None:
+            return None
+        text, name = row.text, file_name(row.kind, row.ident)
+    found = load_text(text, name)
+    return found[0] if found else None
+
+
+def stored_triggers() -> list[tuple[int, Any]]:
+    """Every stored trigger's latest version: (version, trigger), by id."""
+    from app.db import session_scope
+    from app.triggers import load_text
+
+    with session_scope() as s:
+        rows = [
+            (r.version, r.text, file_name(r.kind, r.ident))
+            for r in latest(s, kind="Trigger").values()
+        ]
+    out = [(v, t) for v, text, name in rows for t in load_text(text, name)]
+    return sorted(out, key=lambda vt: vt[1].id)
 
 
 def split(files: Mapping[str, str]) -> list[Entry]:
@@ -311,7 +445,7 @@ def reach(
         pending = []
         names |= found
         for key, e in stored.items():
-            if key in chosen or key in skip or e.kind == "Pipeline":
+            if key in chosen or key in skip or e.kind in ("Pipeline", "Trigger"):
                 continue
             base = e.ident.split("@")[0] if e.kind == "Template" else e.ident
             hit = (
@@ -427,6 +561,16 @@ def check(files: Mapping[str, str], stored: Iterable[Entry]) -> None:
     ``registry/kind-id.yaml`` for a stored entry it breaks)."""
     from app.definitions import load
 
+    files = {name: _without_triggers(text) for name, text in files.items()}
+    files = {  # a file of triggers only is checked by check_triggers
+        name: text
+        for name, text in files.items()
+        if any(
+            ln.strip() not in ("", "---", "...") and not ln.lstrip().startswith("#")
+            for ln in text.splitlines()
+        )
+    }
+    stored = [e for e in stored if e.kind != "Trigger"]
     with folder(files, stored, prefix="vmfarm-apply-") as (tmp, paths):
         try:
             load(paths, inputs={}, require_inputs=False)

@@ -609,6 +609,10 @@ def print_plan(result: dict[str, Any]) -> None:
 def _barrier_or_http(step: dict[str, Any], *, custom: bool) -> list[str]:
     """The plan's lines for an Http, Wait or HarnessApproval step."""
     spec = step.get("spec") or {}
+    if step["type"].startswith("Terraform"):
+        from app.definitions.terraform import describe
+
+        return describe(step)
     if step["type"] == "Http":
         return [
             f"{spec.get('method', 'GET')} {spec.get('url')}",

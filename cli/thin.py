@@ -46,6 +46,8 @@ REG = "/api/v1/registry"
 YAML_SUFFIXES = (".yaml", ".yml")
 # How often following an execution reconnects after its event stream broke, before giving up.
 RECONNECTS = 5
+NO_FREEZE_FILES = "the server's operators decide the freeze windows"
+NO_ROUTE = "the server has no route for it yet"
 
 
 def stop(exc: RemoteError, *, nothing: str | None = None) -> NoReturn:
@@ -147,10 +149,9 @@ def follow(
     sys.exit(0 if report["status"] == "SUCCEEDED" else 1)
 
 
-def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> Any:
-    """The execution's status events until its ``end`` event (and the keep-alives of a quiet
-    stream as ``None``, when asked), reconnecting when the stream breaks (a server restart)
-    a few times."""
+def _events(remote: Remote, execution_id: str) -> Any:
+    """The execution's status events until its ``end`` event, reconnecting when the stream
+    breaks (a server restart) a few times."""
     broken = 0
     while True:
         try:
@@ -160,8 +161,6 @@ def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> A
                 if name == "status":
                     broken = 0
                     yield data
-                elif name == "keepalive" and keepalives:
-                    yield None
             return
         except ServerUnavailable:
             broken += 1
@@ -173,11 +172,15 @@ def _events(remote: Remote, execution_id: str, *, keepalives: bool = False) -> A
 def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
     told = False
     watched: set[str] = set()
-    for progress in _events(remote, execution_id, keepalives=True):
-        if progress is None or progress.get("status") == "RUNNING":
-            _tell_watches(remote.get(f"{EX}/{execution_id}"), watched)
-        if progress is None:
-            continue
+    for progress in _events(remote, execution_id):
+        w = progress.get("watching")  # the watch after deployment that holds the run open
+        if w and w.get("stage") not in watched:
+            watched.add(w.get("stage"))
+            err.print(
+                f"execution {execution_id}: stage {w.get('stage')} passed its last phase; "
+                f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
+                "ends when the watch does"
+            )
         if progress.get("status") == "WAITING" and not told:
             if remote.get(f"{EX}/{execution_id}").get("intervention"):
                 err.print(
@@ -192,20 +195,6 @@ def _follow_quiet(remote: Remote, execution_id: str) -> dict[str, Any]:
             told = True
     report: dict[str, Any] = remote.get(f"{EX}/{execution_id}")
     return report
-
-
-def _tell_watches(report: dict[str, Any], told: set[str]) -> None:
-    """As local mode: say once per stage when its watch after deployment has started."""
-    for st in report.get("stages", []):
-        w = st.get("watch")
-        if not w or w.get("state") == "not started" or st["identifier"] in told:
-            continue
-        told.add(st["identifier"])
-        err.print(
-            f"execution {report['id']}: stage {st['identifier']} passed its last phase; "
-            f"watching it until {w.get('ends_at')} (rollbackStrategy.triggers): the run "
-            "ends when the watch does"
-        )
 
 
 def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
@@ -230,8 +219,14 @@ def _follow_live(remote: Remote, execution_id: str) -> dict[str, Any]:
 @pipeline_option
 @input_options(set_help="Fill a runtime input <+input>; KEY may be the input's last name parts.")
 @watch_option("Show live progress (default on a terminal) or return after submitting.")
-@click.option("--freeze", "freeze_files", multiple=True, type=click.Path(dir_okay=False))
-@click.option("--override-freeze", is_flag=True)
+@click.option(
+    "--freeze",
+    "freeze_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help=f"Refused in server mode: {NO_FREEZE_FILES}.",
+)
+@click.option("--override-freeze", is_flag=True, help=f"Refused in server mode: {NO_ROUTE}.")
 @output_option
 @pass_cli
 @remote_errors(nothing="nothing was run.")
@@ -250,9 +245,9 @@ def run(
     ID and no files), then follow it. Exit 0 when it succeeds, 1 when it fails, 2 on bad
     input, 3 when refused."""
     if freeze_files:
-        refuse_option("--freeze", "the server's operators decide the freeze windows")
+        refuse_option("--freeze", NO_FREEZE_FILES)
     if override_freeze:
-        refuse_option("--override-freeze", "the server has no route for it yet")
+        refuse_option("--override-freeze", NO_ROUTE)
     if not files and not pipeline:
         raise click.UsageError("give pipeline FILES, or --pipeline ID of a stored pipeline")
     from cli.options import gather_inputs, parse_sets
@@ -273,9 +268,11 @@ def run(
 
 @click.command("retry")
 @click.argument("execution_id")
-@click.option("--only-failed", is_flag=True, required=True)
+@click.option(
+    "--only-failed", is_flag=True, required=True, help="Re-run only the hosts that did not succeed."
+)
 @watch_option()
-@click.option("--override-freeze", is_flag=True)
+@click.option("--override-freeze", is_flag=True, help=f"Refused in server mode: {NO_ROUTE}.")
 @output_option
 @pass_cli
 @remote_errors()
@@ -289,7 +286,7 @@ def retry(
 ) -> None:
     """Re-run an ended execution on the hosts that did not succeed, as a new execution."""
     if override_freeze:
-        refuse_option("--override-freeze", "the server has no route for it yet")
+        refuse_option("--override-freeze", NO_ROUTE)
     remote = connect()
     new = remote.post(f"{EX}/{execution_id}/retry")
     if output != "json":
@@ -299,7 +296,9 @@ def retry(
 
 @click.command("rollback")
 @click.argument("execution_id")
-@click.option("--plan", "show_plan", is_flag=True)
+@click.option(
+    "--plan", "show_plan", is_flag=True, help="Refused in server mode: no preview route yet."
+)
 @watch_option()
 @output_option
 @pass_cli
@@ -320,7 +319,7 @@ def rollback(cli: Cli, execution_id: str, show_plan: bool, watch: bool | None, o
 
 @click.command("status")
 @click.argument("execution_id")
-@click.option("--all-hosts", is_flag=True)
+@click.option("--all-hosts", is_flag=True, help="One line per host even for large stages.")
 @output_option
 @pass_cli
 @remote_errors()
@@ -342,7 +341,9 @@ def status(cli: Cli, execution_id: str, all_hosts: bool, output: str) -> None:
 
 @click.command("executions")
 @click.option("--limit", default=20, show_default=True)
-@click.option("--status", "statuses", multiple=True)
+@click.option(
+    "--status", "statuses", multiple=True, help="Only executions in this status (repeatable)."
+)
 @output_option
 @pass_cli
 @remote_errors()
@@ -366,8 +367,8 @@ def executions(cli: Cli, limit: int, statuses: tuple[str, ...], output: str) -> 
 
 @click.command("logs")
 @click.argument("execution_id")
-@click.option("--host")
-@click.option("--step")
+@click.option("--host", help="Only this host.")
+@click.option("--step", help="Only this step identifier.")
 @output_option
 @pass_cli
 @remote_errors()
@@ -397,7 +398,7 @@ def _decide(cli: Cli, execution_id: str, verb: str, comment: str) -> None:
 
 @click.command("approve")
 @click.argument("execution_id")
-@click.option("--comment", "-m", default="")
+@click.option("--comment", "-m", default="", help="Why (kept with the decision).")
 @pass_cli
 @remote_errors()
 def approve(cli: Cli, execution_id: str, comment: str) -> None:
@@ -407,7 +408,7 @@ def approve(cli: Cli, execution_id: str, comment: str) -> None:
 
 @click.command("reject")
 @click.argument("execution_id")
-@click.option("--comment", "-m", default="")
+@click.option("--comment", "-m", default="", help="Why (kept with the decision).")
 @pass_cli
 @remote_errors()
 def reject(cli: Cli, execution_id: str, comment: str) -> None:
@@ -417,7 +418,9 @@ def reject(cli: Cli, execution_id: str, comment: str) -> None:
 
 @click.command("abort")
 @click.argument("execution_id")
-@click.option("--rollback", is_flag=True)
+@click.option(
+    "--rollback", is_flag=True, help="Then roll back the hosts the current stage changed."
+)
 @pass_cli
 @remote_errors()
 def abort(cli: Cli, execution_id: str, rollback: bool) -> None:
@@ -534,6 +537,31 @@ def _table(cli: Cli, rows: Any) -> None:
     for r in rows:
         table.add_row(*(str(r.get(c, "")) for c in columns))
     cli.out.print(table)
+
+
+@click.command("triggers")
+@output_option
+@pass_cli
+@remote_errors()
+def triggers(cli: Cli, output: str) -> None:
+    """The server's webhook triggers (kind: Trigger) with their last deliveries."""
+    rows = connect().get("/api/v1/triggers")
+    if output == "json":
+        cli.json(rows)
+        return
+    if not rows:
+        cli.err.print("no trigger stored (vmfarm apply -f TRIGGER.yaml stores one)")
+        return
+    for t in rows:
+        state = "" if t.get("enabled", True) else " (disabled)"
+        cli.out.print(
+            f"{t['id']}{state}: pipeline {t['pipeline']}, version {t.get('version')}; "
+            f"POST /api/v1/webhooks/{t['id']}"
+        )
+        for d in t.get("deliveries") or []:
+            what = d["outcome"] + (f" {d['execution']}" if d.get("execution") else "")
+            detail = f" ({d['detail']})" if d.get("detail") else ""
+            cli.out.print(f"  {_when(d['received_at'])}  {d['delivery'][:40]}  {what}{detail}")
 
 
 # --- API tokens -------------------------------------------------------------------------------
@@ -701,6 +729,7 @@ COMMANDS: dict[str, click.Command] = {
         reject,
         abort,
         apply,
+        triggers,
         get,
         history,
         tokens,
@@ -716,7 +745,7 @@ EITHER_MODE = ("login", "logout")
 # are, never by a client).
 LOCAL_IN_SERVER_MODE = ("validate", "convert", "server", "worker", "lab", "flower", "reconcile")
 # Only the server has these.
-SERVER_ONLY = ("apply", "get", "history", "tokens")
+SERVER_ONLY = ("apply", "get", "history", "tokens", "triggers")
 
 
 def local_only(name: str, local: click.Command | None) -> click.Command:

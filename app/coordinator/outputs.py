@@ -38,17 +38,22 @@ def stage_outputs(
 
     def read(s: Session) -> tuple[dict[str, Any] | None, list[HostStepRun]]:
         ex = s.get(Execution, execution_id)
-        rows = s.exec(
-            select(HostStepRun)
-            .where(
-                HostStepRun.execution_id == execution_id,
-                HostStepRun.stage_index < before_stage,
-                HostStepRun.kind == "deploy",
-                col(HostStepRun.status).in_([Status.SUCCEEDED, Status.IGNORED]),
+        chain = lineage_in(s, execution_id)  # a retry reads what the stages it skipped output
+        rows: list[HostStepRun] = []
+        for ident in reversed(chain):  # the oldest first: a later execution's value wins
+            rows.extend(
+                s.exec(
+                    select(HostStepRun)
+                    .where(
+                        HostStepRun.execution_id == ident,
+                        HostStepRun.stage_index < before_stage,
+                        HostStepRun.kind == "deploy",
+                        col(HostStepRun.status).in_([Status.SUCCEEDED, Status.IGNORED]),
+                    )
+                    .order_by(col(HostStepRun.attempt), col(HostStepRun.id))
+                ).all()
             )
-            .order_by(col(HostStepRun.attempt), col(HostStepRun.id))
-        ).all()
-        return (ex.plan if ex is not None else None), list(rows)
+        return (ex.plan if ex is not None else None), rows
 
     def fresh() -> tuple[dict[str, Any] | None, list[HostStepRun]]:
         with session_scope() as own:
@@ -72,6 +77,27 @@ def stage_outputs(
             out[f"{head}.{name}"] = str(value)
             out[f"{head}.outputVariables.{name}"] = str(value)
     return out
+
+
+def lineage_in(s: Session, execution_id: str) -> list[str]:
+    """The execution, then the one it retries (``vmfarm retry``), and so on."""
+    chain: list[str] = []
+    ident: str | None = execution_id
+    while ident and ident not in chain and len(chain) < 100:
+        chain.append(ident)
+        ex = s.get(Execution, ident)
+        ident = str((ex.inputs or {}).get("retry_of") or "") if ex is not None else None
+    return chain
+
+
+def lineage(execution_id: str) -> list[str]:
+    """``lineage_in`` with a session of its own."""
+
+    def read() -> list[str]:
+        with session_scope() as s:
+            return lineage_in(s, execution_id)
+
+    return retrying(read, what=f"reading the retries of {execution_id}")
 
 
 def add_stage_outputs(ctx: Context, execution_id: str, before_stage: int) -> None:

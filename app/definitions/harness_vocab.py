@@ -32,7 +32,7 @@ PDC ``connector:`` with ``hosts``                  the infrastructure's ``spec.h
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import re
 from typing import Any
 
 from app.definitions.templates import ExpandedDocument, Origin
@@ -142,6 +142,8 @@ def _kind(doc: Document) -> str | None:
 def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[SpecError]]:
     """Every document with Harness's SSH vocabulary in vmfarm's; ``secret:`` documents of type
     SSHKey and PDC connectors are taken in by the infrastructures that name them."""
+    from app.definitions.harness_hosts import infrastructure, service
+
     errors: list[SpecError] = []
     secrets: dict[str, tuple[Document, dict[str, Any]]] = {}
     pdc: dict[str, Document] = {}
@@ -180,14 +182,23 @@ def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[Spec
         if kind == "Pipeline":
             _pipeline(rw)
         elif kind == "Service":
-            _service(rw)
+            service(rw)
+        elif kind == "Connector":
+            spec = _mapping(_mapping(rw.data.get("spec")).get("spec"))
+            if "awsSdkClientBackOffStrategyOverride" in spec:
+                rw.error(
+                    "awsSdkClientBackOffStrategyOverride is not supported: vmfarm's AWS calls use "
+                    "botocore's standard retry mode (backoff, a fixed number of attempts); "
+                    "remove it",
+                    ("spec", "spec", "awsSdkClientBackOffStrategyOverride"),
+                )
         elif kind == "Infrastructure":
-            _infrastructure(rw, ("spec",), secrets, pdc)
+            infrastructure(rw, ("spec",), secrets, pdc)
         elif kind == "Environment":
             infras = (rw.data.get("spec") or {}).get("infrastructureDefinitions")
             for i, inline in enumerate(infras if isinstance(infras, list) else []):
                 if isinstance(inline, dict) and isinstance(inline.get("spec"), dict):
-                    _infrastructure(
+                    infrastructure(
                         rw, ("spec", "infrastructureDefinitions", i, "spec"), secrets, pdc
                     )
         out.append(rw.result())
@@ -247,6 +258,7 @@ def _stage(rw: _Rewrite, base: Path) -> None:
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _approvals(rw, (*base, "spec", "execution", key))
+            _runtime_paths(rw, (*base, "spec", "execution", key))
     for key in ("steps", "rollbackSteps"):
         if isinstance(execution.get(key), list):
             _phases(rw, base, (*base, "spec", "execution", key), rollback=key == "rollbackSteps")
@@ -294,6 +306,41 @@ def _approvals(rw: _Rewrite, path: Path) -> None:
             )
 
 
+_RUNTIME_PATH = re.compile(r"\$\{?HARNESS_(RUNTIME|BACKUP|STAGING)_PATH\b")
+
+
+def _runtime_paths(rw: _Rewrite, path: Path) -> None:
+    """Harness's ``$HARNESS_RUNTIME_PATH`` (and BACKUP, STAGING) are set by Harness on the host;
+    vmfarm does not set them, so a unit that reads them is refused by name (a Copy would
+    reach SFTP with the name, a script would make an empty path)."""
+    for i, el in enumerate(_at(rw.data, path)):
+        group = el.get("stepGroup") if isinstance(el, dict) else None
+        if isinstance(group, dict) and isinstance(group.get("steps"), list):
+            _runtime_paths(rw, (*path, i, "stepGroup", "steps"))
+        step = el.get("step") if isinstance(el, dict) else None
+        spec = step.get("spec") if isinstance(step, dict) else None
+        units = spec.get("commandUnits") if isinstance(spec, dict) else None
+        for n, unit in enumerate(units if isinstance(units, list) else []):
+            uspec = unit.get("spec") if isinstance(unit, dict) else None
+            if not isinstance(uspec, dict):
+                continue
+            script = ((uspec.get("source") or {}).get("spec") or {}).get("script")
+            for key, value, at in (
+                ("destinationPath", uspec.get("destinationPath"), ("destinationPath",)),
+                ("workingDirectory", uspec.get("workingDirectory"), ("workingDirectory",)),
+                ("script", script, ("source", "spec", "script")),
+            ):
+                hit = _RUNTIME_PATH.search(value) if isinstance(value, str) else None
+                if hit:
+                    rw.error(
+                        f"{hit.group(0).lstrip('$').strip('{')} in {key} is not set by vmfarm "
+                        "(Harness sets it on the host): write the directory, e.g. "
+                        "$HOME/<+service.name>/<+env.name>/runtime",
+                        (*path, i, "step", "spec", "commandUnits", n, "spec", *at),
+                        key=False,
+                    )
+
+
 def _only_inputs(value: Any) -> bool:
     """True for a Harness input block that only says "asked at run time": ``<+input>`` leaves
     (at least one), and the ``type`` Harness repeats next to a ``spec`` holding them."""
@@ -337,16 +384,39 @@ def _repeat_over_hosts(rw: _Rewrite, path: Path) -> None:
             continue
         if repeat.get("items") != HOSTS:
             continue  # another loop: vmfarm's looping reads it, or refuses it
+        spec = el["step"].get("spec")
+        if isinstance(spec, dict) and str(spec.get("host", "")).strip() == "<+repeat.item>":
+            del spec["host"]
+            rw.changed = True
         if set(repeat) != {"items"}:
             continue  # with maxConcurrency: vmfarm's looping caps the hosts in flight
         del el["step"]["strategy"]
+        _item_is_the_host(el["step"])
         rw.changed = True
 
 
+def _item_is_the_host(data: Any) -> None:
+    """In a step repeated over the stage's hosts, ``<+repeat.item>`` is the host: written as
+    ``<+instance.hostName>`` (in place, so every part keeps its place in the file)."""
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else []
+    )
+    for k, v in list(items):
+        if isinstance(v, str) and "repeat.item" in v:
+            data[k] = re.sub(r"<\+\s*repeat\.item\s*>", "<+instance.hostName>", v)
+        elif isinstance(v, dict | list):
+            _item_is_the_host(v)
+
+
 def _phase_repeat(el: Any) -> dict[str, Any] | None:
-    """The repeat of a Harness Phase step group (over the stage's hosts, in parts), else None."""
+    """The repeat of a Harness Phase (a step group, or a step, over a part of the stage's
+    hosts), else None."""
     repeat = _repeat(el)
-    if repeat is None or "stepGroup" not in el or repeat.get("items") != HOSTS:
+    if repeat is None or repeat.get("items") != HOSTS:
         return None
     if not {"partitionSize", "start", "end"} & set(repeat):
         return None
@@ -376,10 +446,11 @@ def _phases(rw: _Rewrite, stage: Path, path: Path, *, rollback: bool) -> None:
         )
         return
     strategy: dict[str, Any] = {}
+    kind = next(iter(elements[0]))
     if rolling:
-        strategy = _rolling(rw, (*path, 0, "stepGroup", "strategy", "repeat"), elements[0])
+        strategy = _rolling(rw, (*path, 0, kind, "strategy", "repeat"), repeats[0] or {})
     else:
-        strategy = _canary(rw, path, [r for r in repeats if r is not None])
+        strategy = _canary(rw, path, elements, [r for r in repeats if r is not None])
     if not strategy:
         return
     steps, inner_concurrency = _phase_steps(rw, path, elements)
@@ -389,7 +460,7 @@ def _phases(rw: _Rewrite, stage: Path, path: Path, *, rollback: bool) -> None:
         strategy["maxConcurrency"] = inner_concurrency
     # The phase group's steps become the stage's; each keeps pointing where it was written.
     origins = [rw.source(old) for _, old in steps]
-    strategy_origin = rw.source((*path, 0, "stepGroup", "strategy"))
+    strategy_origin = rw.source((*path, 0, kind, "strategy"))
     _set_at(rw.data, path, [value for value, _ in steps])
     for n, origin in enumerate(origins):
         rw.moves[(*path, n)] = origin
@@ -411,8 +482,7 @@ def _set_at(data: Any, path: Path, value: Any) -> None:
     _at(data, path[:-1])[path[-1]] = value
 
 
-def _rolling(rw: _Rewrite, at: Path, el: dict[str, Any]) -> dict[str, Any]:
-    repeat = el["stepGroup"]["strategy"]["repeat"]
+def _rolling(rw: _Rewrite, at: Path, repeat: dict[str, Any]) -> dict[str, Any]:
     known = {"items", "partitionSize", "unit", "maxConcurrency"}
     for k in repeat:
         if k not in known:
@@ -444,17 +514,29 @@ def _rolling(rw: _Rewrite, at: Path, el: dict[str, Any]) -> dict[str, Any]:
     return {"type": "Rolling", "phases": [f"{size}%" if unit == "Percentage" else size]}
 
 
-def _canary(rw: _Rewrite, path: Path, repeats: list[dict[str, Any]]) -> dict[str, Any]:
+def _canary(
+    rw: _Rewrite, path: Path, elements: list[Any], repeats: list[dict[str, Any]]
+) -> dict[str, Any]:
     ends: list[int | str] = []
     done: tuple[float, str] = (0, "")
+    concurrency = repeats[0].get("maxConcurrency")
     for i, repeat in enumerate(repeats):
-        at = (*path, i, "stepGroup", "strategy", "repeat")
-        unknown = [k for k in repeat if k not in ("items", "start", "end", "unit")]
+        at = (*path, i, next(iter(elements[i])), "strategy", "repeat")
+        unknown = [
+            k for k in repeat if k not in ("items", "start", "end", "unit", "maxConcurrency")
+        ]
         if unknown:
             rw.error(
-                f"repeat.{unknown[0]} in a canary Phase step group is not supported (vmfarm "
-                "reads items, start, end and unit)",
+                f"repeat.{unknown[0]} in a canary Phase is not supported (vmfarm reads items, "
+                "start, end, unit and maxConcurrency)",
                 (*at, unknown[0]),
+            )
+            return {}
+        if repeat.get("maxConcurrency") != concurrency:
+            rw.error(
+                "each Phase has its own maxConcurrency: vmfarm has one for the stage's phases "
+                "(the hosts in flight at once); give them all the same",
+                (*at, "maxConcurrency"),
             )
             return {}
         unit = repeat.get("unit", "Count")
@@ -488,7 +570,10 @@ def _canary(rw: _Rewrite, path: Path, repeats: list[dict[str, Any]]) -> dict[str
             (*path, len(repeats) - 1, "stepGroup", "strategy", "repeat", "end"),
         )
         return {}
-    return {"type": "Canary", "phases": ends[:-1] or ends}
+    out: dict[str, Any] = {"type": "Canary", "phases": ends[:-1] or ends}
+    if concurrency is not None:
+        out["maxConcurrency"] = concurrency
+    return out
 
 
 def _phase_steps(
@@ -499,6 +584,20 @@ def _phase_steps(
     first: list[tuple[Any, Path]] | None = None
     concurrency: int | None = None
     for i, el in enumerate(elements):
+        if "step" in el:  # a step over a part of the hosts: a Phase of that one step
+            step = copy.deepcopy(el)
+            del step["step"]["strategy"]
+            mine = [(_without_host(step), (*path, i))]
+            if first is None:
+                first = mine
+            elif _shape([s for s, _ in mine]) != _shape([s for s, _ in first]):
+                rw.error(
+                    "the steps of this Phase differ from the first Phase's: vmfarm runs the "
+                    "same steps in every phase of a stage (write one stage per set of steps)",
+                    (*path, i),
+                )
+                return None, None
+            continue
         group = el["stepGroup"]
         base: Path = (*path, i, "stepGroup")
         for k in group:
@@ -529,7 +628,7 @@ def _phase_steps(
                 concurrency = inner.get("maxConcurrency")
             base = (*base, "steps", 0, "stepGroup")
             steps = steps[0]["stepGroup"].get("steps") or []
-        mine = [(s, (*base, "steps", n)) for n, s in enumerate(steps)]
+        mine = [(_without_host(s), (*base, "steps", n)) for n, s in enumerate(steps)]
         if first is None:
             first = mine
         elif _shape([s for s, _ in mine]) != _shape([s for s, _ in first]):
@@ -542,6 +641,16 @@ def _phase_steps(
     return first, concurrency
 
 
+def _without_host(el: Any) -> Any:
+    """A Command step without ``spec.host: <+repeat.item>`` (Harness's way of saying "the host
+    of this iteration", which is where vmfarm runs a step anyway)."""
+    spec = el.get("step", {}).get("spec") if isinstance(el, dict) else None
+    if isinstance(spec, dict) and str(spec.get("host", "")).strip() == "<+repeat.item>":
+        el = copy.deepcopy(el)
+        del el["step"]["spec"]["host"]
+    return el
+
+
 def _shape(value: Any) -> Any:
     """A step list without its names and identifiers (Harness numbers them per phase)."""
     if isinstance(value, dict):
@@ -549,274 +658,3 @@ def _shape(value: Any) -> Any:
     if isinstance(value, list):
         return [_shape(v) for v in value]
     return value
-
-
-# --- services ------------------------------------------------------------------------------------
-
-
-def _service(rw: _Rewrite) -> None:
-    base: Path = ("spec", "serviceDefinition", "spec", "artifacts", "primary")
-    try:
-        primary = _at(rw.data, base)
-    except (KeyError, TypeError, IndexError):
-        return
-    if not isinstance(primary, dict) or "sources" not in primary:
-        return
-    sources = primary.get("sources")
-    ref = primary.get("primaryArtifactRef")
-    if not isinstance(sources, list) or not sources:
-        rw.error("sources must list at least one artifact source", (*base, "sources"), key=False)
-        return
-    ids = [s.get("identifier") if isinstance(s, dict) else None for s in sources]
-    if ref is None or (isinstance(ref, str) and ref.strip() == "<+input>"):
-        if len(sources) > 1:
-            rw.error(
-                "primaryArtifactRef chosen at run time among several sources is not supported: "
-                f"give it one of {', '.join(map(str, ids))} (or keep one source)",
-                (*base, "primaryArtifactRef") if ref is not None else base,
-            )
-            return
-        index = 0
-    elif ref in ids:
-        index = ids.index(ref)
-    else:
-        rw.error(
-            f"primaryArtifactRef {ref!r} names no source (sources: {', '.join(map(str, ids))})",
-            (*base, "primaryArtifactRef"),
-            key=False,
-        )
-        return
-    for k in primary:
-        if k not in ("primaryArtifactRef", "sources"):
-            rw.error(f"'{k}' next to sources: write it in the source", (*base, k))
-            return
-    source = sources[index]
-    if not isinstance(source, dict):
-        rw.error("a source is a mapping with identifier, type and spec", (*base, "sources", index))
-        return
-    chosen = dict(source)
-    if chosen.get("type") in ARTIFACT_TYPES:
-        chosen["type"] = ARTIFACT_TYPES[chosen["type"]]
-    _set_at(rw.data, base, chosen)
-    rw.move(base, (*base, "sources", index))
-
-
-# --- infrastructures -----------------------------------------------------------------------------
-
-Secrets = dict[str, tuple[Document, dict[str, Any]]]
-
-
-def _infrastructure(rw: _Rewrite, base: Path, secrets: Secrets, pdc: dict[str, Document]) -> None:
-    """``base``: the path of the body that holds ``type`` and ``spec`` (and
-    ``allowSimultaneousDeployments``) of an infrastructure."""
-    body = _at(rw.data, base)
-    inner = body.get("spec")
-    if not isinstance(inner, dict):
-        return
-    at: Path = (*base, "spec")
-    for key, how in (
-        (
-            "hostGroups",
-            "list the hosts under spec.hosts (or a PDC connector's hosts) and keep "
-            "the ones to deploy to with hostFilter type HostNames or HostAttributes",
-        ),
-        ("targetedHosts", "keep the hosts to deploy to with hostFilter type HostNames"),
-        ("instanceType", "vmfarm deploys to every instance its hostFilter finds"),
-        (
-            "provisioner",
-            "vmfarm does not provision hosts: create them first (terraform) and "
-            "list or filter them",
-        ),
-    ):
-        if key in inner:
-            rw.error(f"{key} is not supported: {how}", (*at, key))
-    if "awsInstanceFilter" in inner:
-        f = inner.pop("awsInstanceFilter")
-        if "hostFilter" in inner:
-            rw.error("write either awsInstanceFilter or hostFilter", (*at, "hostFilter"))
-        elif isinstance(f, dict):
-            inner["hostFilter"] = {"type": "AwsInstanceFilter", "spec": f}
-            rw.move((*at, "hostFilter", "spec"), (*at, "awsInstanceFilter"))
-            rw.move((*at, "hostFilter"), (*at, "awsInstanceFilter"))
-    ref = inner.get("connectorRef")
-    if isinstance(ref, str) and ref in pdc:
-        _pdc_connector(rw, at, inner, pdc[ref])
-    if isinstance(inner.get("hosts"), list):
-        for i, h in enumerate(inner["hosts"]):
-            if isinstance(h, str):
-                inner["hosts"][i] = {"hostname": h}
-                rw.move((*at, "hosts", i, "hostname"), (*at, "hosts", i))
-        _host_filter(rw, at, inner)
-    cred = inner.get("credentialsRef")
-    if isinstance(cred, str):
-        _credentials(rw, at, inner, cred, secrets)
-
-
-def _pdc_connector(rw: _Rewrite, at: Path, inner: dict[str, Any], doc: Document) -> None:
-    conn = doc.data["spec"]
-    cspec = conn.get("spec") if isinstance(conn.get("spec"), dict) else {}
-    for k in cspec:
-        if k not in ("hosts", "delegateSelectors", "credentialsRef"):
-            rw.errors.append(
-                doc.error(
-                    f"{k} is not supported on a PDC connector (vmfarm reads hosts, "
-                    "delegateSelectors and credentialsRef)",
-                    ("spec", "spec", k),
-                    key=True,
-                )
-            )
-            return
-    if inner.get("hosts"):
-        rw.error(
-            "hosts are both here and in the PDC connector this infrastructure names; keep one",
-            (*at, "hosts"),
-        )
-        return
-    del inner["connectorRef"]
-    rw.changed = True
-    for key in ("hosts", "delegateSelectors", "credentialsRef"):
-        if key in cspec and key not in inner:
-            inner[key] = copy.deepcopy(cspec[key])
-            rw.move((*at, key), ("spec", "spec", key), doc)
-            if isinstance(cspec[key], list):
-                for i in range(len(cspec[key])):
-                    rw.move((*at, key, i), ("spec", "spec", key, i), doc)
-
-
-def _host_filter(rw: _Rewrite, at: Path, inner: dict[str, Any]) -> None:
-    hf = inner.get("hostFilter")
-    if not isinstance(hf, dict):
-        return
-    ftype, fspec = hf.get("type"), hf.get("spec") or {}
-    where: Path = (*at, "hostFilter")
-    if ftype == "All" and not fspec:
-        del inner["hostFilter"]
-        rw.changed = True
-        return
-    keep: Callable[[dict[str, Any]], bool]
-    if ftype == "HostNames":
-        names = fspec.get("value") if isinstance(fspec, dict) else None
-        if not isinstance(names, list) or not names:
-            rw.error("a HostNames filter lists the host names in spec.value", (*where, "spec"))
-            return
-        known = {str(h.get("hostname")) for h in inner["hosts"] if isinstance(h, dict)}
-        for n, name in enumerate(names):
-            if str(name) not in known:
-                rw.error(
-                    f"host {name!r} is not among this infrastructure's hosts",
-                    (*where, "spec", "value", n),
-                    key=False,
-                )
-                return
-        wanted = {str(n) for n in names}
-
-        def keep(h: dict[str, Any]) -> bool:
-            return str(h.get("hostname")) in wanted
-
-    elif ftype == "HostAttributes":
-        attrs = fspec.get("value") if isinstance(fspec, dict) else None
-        if not isinstance(attrs, dict) or not attrs:
-            rw.error(
-                "a HostAttributes filter gives the attributes in spec.value (name: value)",
-                (*where, "spec"),
-            )
-            return
-
-        def keep(h: dict[str, Any]) -> bool:
-            have = {**(h.get("hostAttributes") or {}), **(h.get("attributes") or {})}
-            return all(
-                str(have.get(k)) in [s.strip() for s in str(v).split(",")] for k, v in attrs.items()
-            )
-
-    else:
-        return  # a cloud filter (or a wrong one): the schema names it
-    kept = [(i, h) for i, h in enumerate(inner["hosts"]) if isinstance(h, dict) and keep(h)]
-    if not kept:
-        rw.error("this host filter keeps none of the hosts", where)
-        return
-    inner["hosts"] = [h for _, h in kept]
-    del inner["hostFilter"]
-    old = {n: rw.source((*at, "hosts", i)) for n, (i, _) in enumerate(kept)}
-    rw.changed = True
-    for n, origin in old.items():
-        rw.moves[(*at, "hosts", n)] = origin
-
-
-def _credentials(rw: _Rewrite, at: Path, inner: dict[str, Any], ref: str, secrets: Secrets) -> None:
-    """``credentialsRef`` -> the connection's user, port and secret ids."""
-    existed = "connection" in inner
-    conn = inner.setdefault("connection", {})
-    if not isinstance(conn, dict):
-        return
-    clash = [k for k in ("privateKeySecret", "passwordSecret", "privateKeyFile") if k in conn]
-    if clash:
-        rw.error(
-            f"credentialsRef and connection.{clash[0]} both say how to log in; keep one",
-            (*at, "credentialsRef"),
-        )
-        return
-    del inner["credentialsRef"]
-    rw.changed = True
-    if ref not in secrets:  # a secret id: the SSH private key, read on the worker
-        conn["privateKeySecret"] = ref
-        rw.move((*at, "connection", "privateKeySecret"), (*at, "credentialsRef"))
-        if not existed:
-            rw.move((*at, "connection"), (*at, "credentialsRef"))
-        return
-    doc, body = secrets[ref]
-    spec = _mapping(body.get("spec"))
-    auth = _mapping(spec.get("auth"))
-    aspec = _mapping(auth.get("spec"))
-    if auth.get("type") != "SSH":
-        rw.errors.append(
-            doc.error(
-                f"auth type {auth.get('type')!r} is not supported: vmfarm logs in over SSH with a "
-                "key or a password (auth.type: SSH)",
-                ("secret", "spec", "auth", "type"),
-                key=False,
-            )
-        )
-        return
-    ctype = aspec.get("credentialType")
-    cred = _mapping(aspec.get("spec"))
-    p: Path = ("secret", "spec", "auth", "spec", "spec")
-    fields = {
-        "KeyReference": {
-            "userName": "user",
-            "key": "privateKeySecret",
-            "encryptedPassphrase": "passphraseSecret",
-        },
-        "KeyPath": {
-            "userName": "user",
-            "keyPath": "privateKeyFile",
-            "encryptedPassphrase": "passphraseSecret",
-        },
-        "Password": {"userName": "user", "password": "passwordSecret"},
-    }.get(str(ctype))
-    if fields is None:
-        rw.errors.append(
-            doc.error(
-                f"credentialType {ctype!r} is not supported: write KeyReference (a secret with the "
-                "private key), KeyPath (a key file on the worker) or Password",
-                ("secret", "spec", "auth", "spec", "credentialType"),
-                key=False,
-            )
-        )
-        return
-    for k, v in cred.items():
-        if k not in fields:
-            rw.errors.append(
-                doc.error(
-                    f"{k} is not supported in a {ctype} credential (vmfarm reads "
-                    f"{', '.join(fields)})",
-                    (*p, k),
-                )
-            )
-            return
-        conn[fields[k]] = v
-        rw.move((*at, "connection", fields[k]), (*p, k), doc)
-    if "port" in spec:
-        conn["port"] = spec["port"]
-        rw.move((*at, "connection", "port"), ("secret", "spec", "port"), doc)
-    if not existed:
-        rw.move((*at, "connection"), (*at, "credentialsRef"))

@@ -174,7 +174,8 @@ NOT_A_DOCUMENT = {
     "vmfarm)",
     "rollbackStrategy": "a rollbackStrategy with its triggers goes in a Deployment stage, next "
     "to failureStrategies: the watch after deployment (README: A watch after deployment)",
-    "trigger": "triggers are not supported yet: `vmfarm schedules` runs pipelines on a cron",
+    "trigger": "a trigger is kept by the server: store it with `vmfarm apply -f FILE` "
+    "(README: Webhook triggers); `vmfarm schedules` runs pipelines on a cron",
     "autoScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its workers",
     "predictiveScaling": "vmfarm does not scale your instances; `vmfarm autoscale` scales its "
     "workers",
@@ -207,6 +208,15 @@ def _load_document(doc: Document, bundle: Bundle, errs: Collector) -> None:
         )
         return
     kind = data.get("kind")
+    if kind == "Trigger":
+        errs.add(
+            doc.error(
+                "a trigger does not go with the pipeline files: the server keeps it "
+                "(`vmfarm apply -f FILE`; README: Webhook triggers)",
+                ("kind",),
+            )
+        )
+        return
     if kind == "Freeze" or (kind is None and "freeze" in data):
         errs.add(
             doc.error(

@@ -70,7 +70,9 @@ DOCUMENT_KINDS = ("Pipeline", "Service", "Environment", "Infrastructure")
 ELEMENT_TYPES = {"stage": "Stage", "step": "Step", "stepGroup": "StepGroup"}
 _WHAT = {"stage": "a stage", "step": "a step", "stepGroup": "a step group"}
 # Fields an entry that uses a template may keep next to ``template``.
-_ENTRY_FIELDS = ("name", "identifier", "description", "template")
+# A looping ``strategy`` (app.definitions.models.loops) may stand next to ``template``: the
+# entry's loop, over whatever the template holds.
+_ENTRY_FIELDS = ("name", "identifier", "description", "template", "strategy")
 MAX_DEPTH = 20
 Version = str | int | float
 
@@ -519,7 +521,9 @@ class _Expander:
             )
         # Where each part was written, worked out before the entry is replaced.
         kept = {
-            k: out.origin((*path, k)) for k in ("name", "identifier", "description") if k in entry
+            k: out.origin((*path, k))
+            for k in ("name", "identifier", "description", "strategy")
+            if k in entry
         }
         from_inputs = {s: out.origin((*inputs_at, *ip)) for s, ip in filled.items()}
         if document_level:
@@ -527,8 +531,9 @@ class _Expander:
         else:
             new = {k: entry[k] for k in ("name", "identifier")}
             new.update((k, v) for k, v in body.items() if k not in ("name", "identifier"))
-            if "description" in entry:
-                new["description"] = entry["description"]
+            for k in ("description", "strategy"):
+                if k in entry:
+                    new[k] = entry[k]
         _set(out.data, path, new)
         for p in [p for p in out.origins if len(p) > len(path) and p[: len(path)] == path]:
             del out.origins[p]

@@ -165,3 +165,49 @@ def dump_step(bundle: Bundle, step: Any) -> dict[str, Any]:
 def dotted(path: tuple[str | int, ...]) -> str:
     """A store's key in the plan's ``repositories``."""
     return ".".join(str(p) for p in path)
+
+
+def describe(step: dict[str, Any]) -> list[str]:
+    """What ``vmfarm plan`` says of a Terraform step (its plan data)."""
+    spec = step.get("spec") or {}
+    prov = spec.get("provisionerIdentifier")
+    repos = step.get("repositories") or {}
+    conf = spec.get("configuration") or {}
+    kind = step["type"]
+    if kind == "TerraformRollback":
+        return [
+            f"rolls back provisioner {prov}: applies again what stood before this execution, "
+            "or destroys what it created"
+        ]
+    ctype = conf.get("type")
+    if ctype == "InheritFromPlan":
+        verb = "destroy" if kind == "TerraformDestroy" else "apply"
+        return [f"terraform {verb} of the plan saved by provisioner {prov} in this execution"]
+    if ctype == "InheritFromApply":
+        return [f"terraform destroy with the configuration of provisioner {prov}'s last apply"]
+    body = conf if kind == "TerraformPlan" else (conf.get("spec") or {})
+    base = "spec.configuration" + ("" if kind == "TerraformPlan" else ".spec")
+    what = {
+        "TerraformPlan": f"terraform plan ({body.get('command')}), saved for provisioner {prov}",
+        "TerraformApply": f"terraform apply, provisioner {prov}",
+        "TerraformDestroy": f"terraform destroy, provisioner {prov}",
+    }[kind]
+    lines = [f"{what}, workspace {body.get('workspace') or 'default'}"]
+    store = (body.get("configFiles") or {}).get("store") or {}
+    if store.get("type") == "Git":
+        repo = repos.get(f"{base}.configFiles.store") or {}
+        s = store.get("spec") or {}
+        at = s.get("branch") or s.get("commitId")
+        lines.append(f"configuration: {repo.get('url')} at {at}, {s.get('folderPath') or '/'}")
+    else:
+        names = [f.get("name") for f in (store.get("spec") or {}).get("files", [])]
+        lines.append(f"configuration: inline ({', '.join(map(str, names))})")
+    for i, el in enumerate(body.get("varFiles") or []):
+        vf = el.get("varFile") or {}
+        if vf.get("type") == "Inline":
+            lines.append("var file: inline")
+        else:
+            repo = repos.get(f"{base}.varFiles.{i}.varFile.spec.store") or {}
+            paths = ((vf.get("spec") or {}).get("store") or {}).get("spec", {}).get("paths", [])
+            lines.append(f"var files: {', '.join(paths)} of {repo.get('url')}")
+    return lines

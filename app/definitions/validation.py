@@ -108,6 +108,9 @@ def friendly(err: Mapping[str, Any], model: type[Any], loc_path: tuple[Any, ...]
         return f"'{name}' must be a mapping, got {_type_name(inp)}"
     if etype == "list_type":
         return f"'{name}' must be a list, got {_type_name(inp)}"
+    if etype == "string_pattern_mismatch":  # e.g. a delegate tag: say which pattern
+        pattern = err.get("ctx", {}).get("pattern", "")
+        return f"'{name}' {inp!r} does not match {pattern}"
     if etype.startswith(("int_", "float_", "bool_", "string_")) or etype in (
         "string_type",
         "int_type",

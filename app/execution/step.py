@@ -317,7 +317,13 @@ def _terraform_step(
         stage_outputs(key, ctx, written)
     timeout = parse_duration(step.timeout) if step.timeout else get_settings().step_timeout
     return run_step(
-        step, ctx, sink, execution_id=key.execution, attempt=key.attempt, timeout=timeout
+        step,
+        ctx,
+        sink,
+        execution_id=key.execution,
+        attempt=key.attempt,
+        timeout=timeout,
+        stop=lambda: aborted(key.execution, key.kind),
     )
 
 

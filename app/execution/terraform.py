@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ WORKSPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,90}$")
 # What the terraform process inherits from the worker: nothing else (no cloud credentials,
 # no TF_* of the worker's own): the step's environmentVariables add the rest.
 PATH = "/usr/local/bin:/usr/bin:/bin"
+# How often a running terraform checks the step's deadline and whether the execution was
+# aborted.
+POLL_SECONDS = 2.0
 
 
 class TerraformError(Exception):
@@ -160,11 +163,20 @@ def cli_config() -> Path:
 class Runner:
     """Runs terraform in one folder, its output into the step's log."""
 
-    def __init__(self, *, binary: str, sink: LogSink, env: Mapping[str, str], deadline: float):
+    def __init__(
+        self,
+        *,
+        binary: str,
+        sink: LogSink,
+        env: Mapping[str, str],
+        deadline: float,
+        stop: Callable[[], bool] = lambda: False,
+    ):
         self.binary = binary
         self.sink = sink
         self.env = dict(env)
         self.deadline = deadline
+        self.stop = stop  # asked every few seconds: the execution was aborted
 
     def __call__(self, cwd: Path, *args: str, quiet: bool = False, check: bool = True) -> str:
         """Run ``terraform ARGS`` in ``cwd``; its stdout (also logged unless ``quiet``)."""
@@ -197,23 +209,43 @@ class Runner:
         ]
         for t in threads:
             t.start()
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+        code: int | None = None
+        while code is None:
+            left = self.deadline - time.monotonic()
             try:
-                proc.wait(timeout=10)
+                code = proc.wait(timeout=max(0.01, min(POLL_SECONDS, left)))
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise TerraformTimeout(f"terraform {args[0]} passed the step's timeout") from None
+                if left <= POLL_SECONDS:
+                    self._interrupt(proc)
+                    raise TerraformTimeout(
+                        f"terraform {args[0]} passed the step's timeout"
+                    ) from None
+                if self.stop():
+                    self._interrupt(proc)
+                    raise TerraformAborted(
+                        f"terraform {args[0]} was interrupted: the execution was aborted"
+                    ) from None
         for t in threads:
             t.join(timeout=5)
         if check and code != 0:
             raise TerraformFailed(f"terraform {args[0]} exited with {code}", code)
         return "".join(out)
+
+    @staticmethod
+    def _interrupt(proc: subprocess.Popen[str]) -> None:
+        """SIGINT first: terraform stops gracefully and writes its state; then harder."""
+        for sig, wait in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class TerraformAborted(TerraformError):
+    """The execution was aborted while terraform ran (it was interrupted)."""
 
 
 class TerraformTimeout(TerraformError):
@@ -455,8 +487,10 @@ def run_step(
     execution_id: str,
     attempt: int,
     timeout: float,
+    stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Carry out one Terraform step; the step's ledger fields (outputs into ``sink``)."""
+    """Carry out one Terraform step; the step's ledger fields (outputs into ``sink``).
+    ``stop`` says the execution was aborted: terraform is interrupted (SIGINT)."""
     sink.unit = step.identifier
     binary = find_binary()
     if binary is None:
@@ -480,14 +514,26 @@ def run_step(
         for v in conf.environment_variables if conf is not None else []:
             env[v.name] = with_secrets(str(v.value if v.value is not None else ""))
         run = Runner(
-            binary=binary, sink=sink, env=env, deadline=time.monotonic() + max(1.0, timeout)
+            binary=binary,
+            sink=sink,
+            env=env,
+            deadline=time.monotonic() + max(1.0, timeout),
+            stop=stop,
         )
         prov = step.spec.provisioner_identifier or step.identifier
         prov_dir = tf_dir() / prov
         with _locked(prov_dir):
-            outputs = _carry_out(step, run, prov_dir, execution_id=execution_id, attempt=attempt)
+            try:
+                outputs = _carry_out(
+                    step, run, prov_dir, execution_id=execution_id, attempt=attempt
+                )
+            finally:  # a working folder of its own: what it applied is kept in applied/
+                scratch = prov_dir / "runs" / f"{execution_id}-{step.identifier}-{attempt}"
+                shutil.rmtree(scratch, ignore_errors=True)
     except TerraformTimeout as exc:
         return _failed(step, str(exc), error_class="Timeout")
+    except TerraformAborted as exc:
+        return {"status": Status.ABORTED, "failed_unit": step.identifier, "error": str(exc)}
     except TerraformFailed as exc:
         return {**_failed(step, str(exc)), "exit_code": exc.code}
     except TerraformError as exc:
@@ -561,11 +607,22 @@ def _carry_out(
     ctype = step.spec.configuration.type
     destroying = isinstance(step, TerraformDestroyStepPlan)
     if ctype == "InheritFromPlan":
-        work = prov_dir / "plans" / execution_id
+        # A retry (vmfarm retry) applies the plan that the execution it retries saved.
+        from app.coordinator.outputs import lineage
+
+        work = next(
+            (
+                prov_dir / "plans" / e
+                for e in lineage(execution_id)
+                if (prov_dir / "plans" / e / "tfplan").exists()
+            ),
+            prov_dir / "plans" / execution_id,
+        )
         if not (work / "tfplan").exists():
             raise TerraformError(
                 f"no saved plan of provisionerIdentifier '{prov_dir.name}' in this execution: "
-                "its TerraformPlan step did not run or did not succeed"
+                "its TerraformPlan step did not run or did not succeed (or the plan was "
+                "applied already)"
             )
         meta = json.loads((work / "vmfarm-meta.json").read_text())
         _init(run, work, state, meta["workspace"])

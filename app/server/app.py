@@ -82,7 +82,7 @@ class RbacSource:
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The server application. ConfigError when its configuration is incomplete: no RBAC
     file, or an issuer without an audience."""
-    from app.server.routes import auth, executions, health, registry, tokens
+    from app.server.routes import auth, executions, health, registry, tokens, webhooks
 
     cfg = settings or ServerSettings()
     if cfg.rbac_file is None:
@@ -120,6 +120,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     api.include_router(auth.router)
     api.include_router(tokens.router)
     api.include_router(executions.router)
+    api.include_router(webhooks.router)
     api.include_router(registry.router)
     from app.server.console import install
 

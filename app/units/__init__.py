@@ -171,6 +171,8 @@ def render_step(stage: DeploymentStagePlan, step: StepPlan, host: Host | None) -
             }
         out["onDelegate"] = not isinstance(step, WaitStepPlan | ApprovalStepPlan)
         out["spec"] = spec
+        if hasattr(step, "repositories"):  # Terraform steps: their Git stores' repositories
+            out["repositories"] = step.repositories
         return out
     out["onDelegate"] = step.spec.on_delegate
     out["environment"] = step_environment(step, ctx)

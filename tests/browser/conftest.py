@@ -29,7 +29,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 RBAC = """
 roles:
-  deployer: [pipeline:execute, pipeline:view, pipeline:abort, "environment:*"]
+  deployer: [pipeline:execute, pipeline:view, pipeline:abort, "environment:*", "registry:*"]
   approver: [pipeline:view, pipeline:approve, "environment:view"]
   viewer: [pipeline:view, "environment:view"]
   reader: [fleet:view, audit:view]

@@ -22,7 +22,34 @@ VERSION = "2.4.0"
 TIMES = "\u00d7"  # how the console writes "version x count"
 
 
-def _pipeline(console: Console) -> dict[str, str]:
+ENVIRONMENT = """\
+apiVersion: v1
+kind: Environment
+metadata:
+  name: lab
+  identifier: lab
+spec:
+  type: PreProduction
+"""
+
+
+def _has_registry(console: Console) -> bool:
+    return "/api/v1/registry" in httpx.get(console.url + "/api/openapi.json").json()["paths"]
+
+
+def _pipeline(console: Console, token: str) -> dict[str, str]:
+    """The files a run submits. Where the server has a registry, environments and their
+    hosts come only from it: they are applied there first, and the run brings the rest."""
+    where = {"env.yaml": ENVIRONMENT, "infra.yaml": console.infrastructure}
+    if _has_registry(console):
+        resp = httpx.post(
+            console.url + "/api/v1/registry",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"files": where},
+            timeout=60,
+        )
+        assert resp.status_code == 200, resp.text
+        where = {}
     pipeline = """\
 apiVersion: v1
 kind: Service
@@ -40,14 +67,6 @@ spec:
             url: http://127.0.0.1:9/shop-<+artifact.tag>.tar.gz
             tag: <+input>
             allowUnverified: true
----
-apiVersion: v1
-kind: Environment
-metadata:
-  name: lab
-  identifier: lab
-spec:
-  type: PreProduction
 ---
 apiVersion: v1
 kind: Pipeline
@@ -108,7 +127,7 @@ spec:
                                 echo <+artifact.tag> > /opt/shop/VERSION
                                 echo "installed"
 """
-    return {"pipeline.yaml": pipeline, "infra.yaml": console.infrastructure}
+    return {"pipeline.yaml": pipeline, **where}
 
 
 def _sign_in(driver: Any, console: Console, subject: str, path: str) -> None:
@@ -135,21 +154,25 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     console: Console, browser: Any
 ) -> None:
     hosts = len(console.lab.hosts)
-    # Given dana (a deployer) signed in, and her run waiting for an approval
+    # Given dana (a deployer) signed in, with a run she starts from the console's run form
     dana = browser()
     _sign_in(dana, console, "dana", "/console/executions")
+    watcher = browser()  # a second window of hers on the list, which updates by itself
+    _sign_in(watcher, console, "dana", "/console/executions")
+    dana.find_element(By.LINK_TEXT, "Run").click()
     token = sign_in(console.oidc.url, "dana", client_id="vmfarm")["id_token"]
-    resp = httpx.post(
-        console.url + "/api/v1/executions",
-        headers={"Authorization": f"Bearer {token}"},
-        json={"files": _pipeline(console), "set": {"tag": VERSION}},
-        timeout=60,
-    )
-    assert resp.status_code == 201, resp.text
-    ex_id = resp.json()["id"]
+    files = _pipeline(console, token)
+    dana.find_element(By.ID, "files").send_keys("---\n".join(files.values()))
+    dana.find_element(By.ID, "inputs").send_keys(f"tag={VERSION}")
+    screenshot(dana, "run-form")
+    dana.find_element(By.ID, "run-button").click()
+    WebDriverWait(dana, 30).until(lambda d: "/console/executions/" in d.current_url)
+    ex_id = dana.current_url.rsplit("/", 1)[-1]
     # the list updates by itself: the new run appears without a reload
-    WebDriverWait(dana, 20).until(lambda d: ex_id in d.find_element(By.ID, "executions-live").text)
-    screenshot(dana, "executions")
+    WebDriverWait(watcher, 20).until(
+        lambda d: ex_id in d.find_element(By.ID, "executions-live").text
+    )
+    screenshot(watcher, "executions")
     dana.get(f"{console.url}/console/executions/{ex_id}")
     WebDriverWait(dana, 20).until(lambda d: "WAITING" in _text(d, "execution-status"))
     approval = dana.find_element(By.ID, "approval").text
@@ -233,6 +256,16 @@ def test_a_deployer_watches_an_approver_release_to_every_lab_host(
     assert re.search(r"ada approve approved", audit) and "lab is quiet, go" in audit, audit
     screenshot(dana, "audit")
 
+    # the registry's pages, where the server has a registry: the lab environment's versions
+    if _has_registry(console):
+        dana.get(f"{console.url}/console/executions/{ex_id}")
+        used = dana.find_element(By.ID, "registry-used").text
+        assert "Environment lab v" in used and "Infrastructure lab v" in used, used
+        dana.find_element(By.LINK_TEXT, "Registry").click()
+        dana.find_element(By.LINK_TEXT, "lab").click()
+        assert "type: PreProduction" in dana.find_element(By.ID, "registry-text").text
+        screenshot(dana, "registry-entry")
+
     # dark, when the system is
     dana.execute_cdp_cmd(
         "Emulation.setEmulatedMedia",
@@ -248,7 +281,7 @@ def test_a_viewer_sees_no_approve_button_and_is_refused_when_it_posts(
     console: Console, browser: Any
 ) -> None:
     token = sign_in(console.oidc.url, "dana", client_id="vmfarm")["id_token"]
-    files = _pipeline(console)
+    files = _pipeline(console, token)
     resp = httpx.post(
         console.url + "/api/v1/executions",
         headers={"Authorization": f"Bearer {token}"},

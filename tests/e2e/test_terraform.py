@@ -458,3 +458,261 @@ def test_destroy_inherits_the_last_apply_and_removes_its_resources(tmp_path: Pat
     assert code == 0 and report["status"] == "SUCCEEDED", logs
     assert "Destroy complete! Resources: 1 destroyed." in logs
     assert resources(state_of(tmp_path, "web")) == []
+
+
+def test_secrets_reach_terraform_and_sensitive_outputs_are_never_stored(tmp_path: Path) -> None:
+    import hashlib
+    import secrets
+    import sqlite3
+
+    token = f"tok-{secrets.token_hex(8)}"
+    config = textwrap.indent(
+        """\
+variable "token" {
+  type      = string
+  sensitive = true
+}
+output "token" {
+  value     = var.token
+  sensitive = true
+}
+output "token_sha" {
+  value = nonsensitive(sha256(var.token))
+}
+""",
+        " " * 38,
+    )
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: secret_infra}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: secret_infra
+                    configuration:
+                      type: Inline
+                      spec:
+                        environmentVariables:
+                          - name: TF_VAR_token
+                            type: Secret
+                            value: <+secrets.getValue("infra_token")>
+                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{config}
+"""
+    )
+    env = {**env_for(tmp_path), "VMFARM_SECRETS": "env", "VMFARM_SECRET_INFRA_TOKEN": token}
+    res = run_vmfarm("run", str(pipeline), "-o", "json", env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads(res.stdout)
+    logs = run_vmfarm("logs", report["id"], env=env)
+    status = run_vmfarm("status", report["id"], "-o", "json", env=env)
+    with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+        (outputs,) = db.execute("select outputs from hoststeprun").fetchone()
+        rows = "\n".join(
+            str(r)
+            for table in ("logchunk", "hoststeprun", "execution")
+            for r in db.execute(f"select * from {table}").fetchall()
+        )
+    # The value reached terraform (its digest is an output) ...
+    assert json.loads(outputs)["token_sha"] == hashlib.sha256(token.encode()).hexdigest()
+    # ... and never the ledger, the logs or the CLI's output
+    assert json.loads(outputs)["token"] != token
+    for seen in (res.stdout, res.stderr, logs.stdout, status.stdout, rows):
+        assert token not in seen
+
+
+def test_a_retry_applies_the_plan_its_first_execution_saved(tmp_path: Path) -> None:
+    """`vmfarm retry` re-runs the failed stage only: its InheritFromPlan apply applies the
+    plan the first execution saved, and a later stage reads that apply's outputs."""
+    flag = tmp_path / "failed-once"
+    content = textwrap.indent(INLINE_TF.replace("RELEASE", "v7"), " " * 38)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: retried}}
+spec:
+  stages:
+    - stage:
+        name: Plan
+        identifier: tf_plan
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformPlan
+                  name: Plan
+                  identifier: plan
+                  spec:
+                    provisionerIdentifier: web
+                    configuration:
+                      command: Apply
+                      configFiles:
+                        store:
+                          type: Inline
+                          spec:
+                            files:
+                              - name: main.tf
+                                content: |
+{content}
+    - stage:
+        name: Apply
+        identifier: tf_apply
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Flaky
+                  identifier: flaky
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source:
+                      type: Inline
+                      spec:
+                        script: test -e {flag} || {{ touch {flag}; exit 1; }}
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: web
+                    configuration: {{type: InheritFromPlan}}
+    - stage:
+        name: Report
+        identifier: report
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Say
+                  identifier: say
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source:
+                      type: Inline
+                      spec:
+                        script: echo "release <+pipeline.stages.tf_apply.spec.execution.steps.apply.output.release>"
+"""
+    )
+    code, report, logs = run(tmp_path, pipeline)
+    assert code == 1 and report["status"] == "FAILED", logs
+    env = env_for(tmp_path)
+    res = run_vmfarm("retry", report["id"], "--only-failed", "-o", "json", env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    retry = json.loads(res.stdout)
+    assert retry["status"] == "SUCCEEDED"
+    assert "release v7" in run_vmfarm("logs", retry["id"], env=env).stdout
+    assert [r["release"] for r in resources(state_of(tmp_path, "web"))] == ["v7"]
+
+
+def test_an_abort_interrupts_a_running_apply(tmp_path: Path) -> None:
+    import sqlite3
+    import sys
+
+    from tests.conftest import REPO
+    from tests.waiting import wait_for
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    config = textwrap.indent(
+        f"""\
+resource "null_resource" "slow" {{
+  provisioner "local-exec" {{
+    command = "touch {started}; sleep 120; touch {finished}"
+  }}
+}}
+""",
+        " " * 38,
+    )
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: slow_infra}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: slow
+                    configuration:
+                      type: Inline
+                      spec:
+                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{config}
+"""
+    )
+    env = env_for(tmp_path)
+    # Given an apply whose resource takes two minutes, under way
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(pipeline), "-o", "json"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(started.exists, 120, "terraform to start creating the resource")
+        with sqlite3.connect(tmp_path / "home" / "vmfarm.db") as db:
+            (ex_id,) = db.execute("select id from execution").fetchone()
+
+        # When the execution is aborted
+        res = run_vmfarm("abort", ex_id, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Then terraform was interrupted (the resource's command never finished) and the step
+    # says so
+    assert not finished.exists()
+    report = json.loads(out)
+    assert report["status"] == "ABORTED", err
+    logs = run_vmfarm("logs", ex_id, env=env).stdout
+    assert "interrupted" in logs or "Interrupt" in logs, logs

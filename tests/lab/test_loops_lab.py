@@ -49,9 +49,9 @@ def _log(lab: Any, ex_id: str, host: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ran(env: dict[str, str], lab: Any) -> dict[str, Any]:
-    # Given the pipeline whose Deploy stage repeats over three regions (maxConcurrency 1, and
-    # its install step repeats over the stage's hosts one at a time), and a Smoke stage with a
-    # matrix step (one combination excluded) and a step group run twice
+    # Given the pipeline whose Deploy stage repeats over three regions (maxConcurrency 1; its
+    # install step repeats over the stage's hosts one at a time, as Harness writes it), and a
+    # Smoke stage with a matrix step (one combination excluded) and a step group run twice
     res = run_vmfarm("run", *FILES, str(lab.infrastructure_file), "-o", "json", env=env)
     assert res.returncode == 0, res.stderr
     report: dict[str, Any] = json.loads(res.stdout)
@@ -125,8 +125,8 @@ def test_a_matrix_with_an_exclude_runs_what_the_plan_shows(
             "probe health 8080",
             "probe health 8081",
             "probe ready 8080",
-            "again 0/2",
-            "again 1/2",
+            "again 0/2 _0",
+            "again 1/2 _1",
         ]
 
 
@@ -172,3 +172,42 @@ def test_status_shows_a_line_per_stage_iteration(
         line = next(x for x in res.stdout.splitlines() if f"deploy_{i}" in x)
         assert "SUCCEEDED" in line, line
         assert f"[repeat {i + 1}/3: {region}]" in line, line
+
+
+def test_a_failed_iteration_fails_alone_and_the_later_ones_do_not_start(
+    env: dict[str, str], lab: Any
+) -> None:
+    # Given the eu-west-1 iteration's step fails on every host (and the stage's failure
+    # strategy is the default: roll the stage back, stop the pipeline)
+    res = run_vmfarm(
+        "run",
+        *FILES,
+        str(lab.infrastructure_file),
+        "--set",
+        "fail_in=eu-west-1",
+        "-o",
+        "json",
+        env=env,
+    )
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    # Then the first iteration succeeded, the second failed (and rolled back) with its own
+    # rows, and the third and the stage after are SKIPPED: neither ran a step
+    status = {s["identifier"]: s["status"] for s in report["stages"]}
+    assert status["deploy_0"] == "SUCCEEDED"
+    assert status == {
+        "deploy_0": "SUCCEEDED",
+        "deploy_1": "ROLLED_BACK",
+        "deploy_2": "SKIPPED",
+        "smoke": "SKIPPED",
+    }
+    assert "stage 'deploy_1'" in report["error"]
+    with _db(env) as db:
+        rows = db.execute(
+            "select stage_index, step_id, status from hoststeprun where execution_id=? "
+            "and kind='deploy'",
+            (report["id"],),
+        ).fetchall()
+    assert {r[0] for r in rows} == {0, 1}
+    assert {r[2] for r in rows if r[0] == 1 and r[1] == "region"} == {"FAILED"}
+    assert {r[2] for r in rows if r[0] == 0} == {"SUCCEEDED"}

@@ -278,7 +278,7 @@ roles:
   only-registry-apply: [registry:apply]
   only-registry-view: [registry:view]
   registry-admin: ["registry:*"]
-  console-reader: [fleet:view, audit:view]
+  console-reader: [fleet:view, audit:view, registry:view]
 bindings:
   - role: token-admin
     groups: [deployers]
@@ -322,7 +322,13 @@ def server(
 
 
 def _server(
-    pg_url: str, oidc: Provider, root: Path, rbac: Path, port: int, broker: str
+    pg_url: str,
+    oidc: Provider,
+    root: Path,
+    rbac: Path,
+    port: int,
+    broker: str,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     import httpx
 
@@ -338,6 +344,7 @@ def _server(
         VMFARM_SERVER_CLI_CLIENT_SECRET="test-client-secret",
         # The mock provider wants a client secret (any) from the console's sign-in.
         VMFARM_SERVER_CONSOLE_CLIENT_SECRET="test-client-secret",
+        **(extra_env or {}),
     )
     log = root / "server.log"
     with log.open("wb") as fh:

@@ -149,7 +149,7 @@ def test_api_tokens_are_made_listed_used_and_revoked_from_the_cli(
     assert listed.returncode == 0 and token not in listed.stdout
     row = next(t for t in json.loads(listed.stdout) if t["name"] == name)
     assert row["last_used_at"] is not None and row["revoked_at"] is None
-    text = vmfarm(people["alice"], "tokens", "list")
+    text = vmfarm({**people["alice"], "COLUMNS": "250"}, "tokens", "list")  # no cut names
     assert name in text.stdout and token not in text.stdout
     # revoked: refused from then on, with the server's reason
     revoked = vmfarm(people["alice"], "tokens", "revoke", row["id"])
@@ -207,11 +207,14 @@ CASES: dict[str, Case] = {
     ),
     "tokens list": Case(lambda _, __: ["tokens", "list"], "token:view"),
     "tokens revoke": Case(lambda _, __: ["tokens", "revoke", "0" * 32], "token:revoke"),
-    "apply": Case(lambda _, t: ["apply", "-f", _env_file(t)], None, who="bob", registry=True),
-    "get": Case(lambda _, __: ["get", "Environment"], None, who="bob", registry=True),
-    "history": Case(
-        lambda _, __: ["history", "Environment", "lab"], None, who="bob", registry=True
+    "apply": Case(
+        lambda _, t: ["apply", "-f", _env_file(t)], "registry:apply", who="bob", registry=True
     ),
+    "get": Case(lambda _, __: ["get", "Environment"], "registry:view", who="bob", registry=True),
+    "history": Case(
+        lambda _, __: ["history", "Environment", "lab"], "registry:view", who="bob", registry=True
+    ),
+    "triggers": Case(lambda _, __: ["triggers"], "registry:view", who="bob", registry=True),
 }
 
 

@@ -4,12 +4,16 @@ and the permission, whatever the page showed."""
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
+import pytest
 
 from tests.console_signin import console_sign_in, set_cookie
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
 EX = "/api/v1/executions"
+C = "/console/executions"
 
 
 def _waiting(server: Server, subject: str = "alice", groups: list[str] | None = None) -> str:
@@ -140,3 +144,76 @@ def test_the_next_approver_sees_the_votes_so_far_with_their_comments(server: Ser
     assert "erin" in page.text and "tests green" in page.text
     again = erin.post(f"/console/executions/{ex_id}/approve", {"comment": "twice"})
     assert again.status_code == 403 and "already approved" in again.text
+
+
+def test_the_run_form_starts_an_execution_as_the_signed_in_person(server: Server) -> None:
+    alice = console_sign_in(server.url, "alice")
+    assert 'href="/console/run"' in alice.get("/console/executions").text
+    resp = alice.post(
+        "/console/run",
+        {"files": gated_pipeline("from-form", groups=["release_managers"]), "inputs": ""},
+    )
+    assert resp.status_code == 303 and resp.headers["location"].startswith(C)
+    page = alice.get(resp.headers["location"])
+    assert "WAITING" in page.text and "Started by alice" in page.text
+
+
+def test_the_run_form_says_what_is_wrong_and_keeps_the_text(server: Server) -> None:
+    alice = console_sign_in(server.url, "alice")
+    broken = gated_pipeline("broken", groups=["ci"]).replace("minimumCount: 1", "minimumCount: [")
+    resp = alice.post("/console/run", {"files": broken})
+    assert resp.status_code == 422 and "pipeline.yaml:" in resp.text
+    assert "minimumCount: [" in resp.text  # the text is still in the form
+    local = gated_pipeline("local", groups=["ci"]) + (
+        "---\nkind: Infrastructure\nspec:\n  spec:\n    connection:\n"
+        "      privateKeyFile: /root/.ssh/id_rsa\n"
+    )
+    resp = alice.post("/console/run", {"files": local})
+    assert resp.status_code == 422 and "privateKeyFile names a path" in resp.text
+    resp = alice.post(
+        "/console/run", {"files": gated_pipeline("x", groups=["ci"]), "inputs": "oops"}
+    )
+    assert resp.status_code == 422 and "inputs line 1: NAME=VALUE expected" in resp.text
+
+
+def test_without_the_permission_to_run_there_is_no_form(server: Server) -> None:
+    carol = console_sign_in(server.url, "carol")
+    assert 'href="/console/run"' not in carol.get("/console/executions").text
+    assert carol.get("/console/run").status_code == 403
+    resp = carol.post("/console/run", {"files": gated_pipeline("nope", groups=["ci"])})
+    assert resp.status_code == 403 and "pipeline:execute" in resp.text
+
+
+def test_the_registry_pages_show_each_entry_and_the_diff_between_versions(
+    server: Server,
+) -> None:
+    from app.server.console.registry_pages import available
+
+    if not available():
+        pytest.skip("this tree has no registry (app.registry)")
+    token = sign_in(server.oidc.url, "alice", client_id="vmfarm")["id_token"]
+    name = f"console_{uuid.uuid4().hex[:6]}"
+    for kind in ("PreProduction", "Production"):
+        resp = httpx.post(
+            server.url + "/api/v1/registry",
+            headers={"Authorization": f"Bearer {token}"},
+            json={
+                "files": {
+                    "env.yaml": f"apiVersion: v1\nkind: Environment\nmetadata:\n  name: {name}\n"
+                    f"spec:\n  type: {kind}\n"
+                }
+            },
+        )
+        assert resp.status_code == 200, resp.text
+    alice = console_sign_in(server.url, "alice")
+    assert 'href="/console/registry"' in alice.get("/console/executions").text
+    listing = alice.get("/console/registry")
+    assert listing.status_code == 200 and name in listing.text
+    page = alice.get(f"/console/registry/environment/{name}")
+    assert page.status_code == 200 and "version 2" in page.text
+    assert "-  type: PreProduction" in page.text and "+  type: Production" in page.text
+    first = alice.get(f"/console/registry/environment/{name}?version=1")
+    assert "type: PreProduction" in first.text.split('id="registry-text"')[1].split("</pre>")[0]
+    carol = console_sign_in(server.url, "carol")
+    assert 'href="/console/registry"' not in carol.get("/console/executions").text
+    assert carol.get("/console/registry").status_code == 403

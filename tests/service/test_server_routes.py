@@ -13,7 +13,12 @@ import pytest
 
 from tests.service.conftest import Server, gated_pipeline, sign_in
 
-OPEN = {("GET", "/api/health"), ("GET", "/api/v1/auth/config")}
+OPEN = {
+    ("GET", "/api/health"),
+    ("GET", "/api/v1/auth/config"),
+    # authenticated by the trigger's own secret (tests/service/test_webhooks.py)
+    ("POST", "/api/v1/webhooks/{trigger_id}"),
+}
 
 
 def _bearer(token: str) -> dict[str, str]:
@@ -125,6 +130,7 @@ CALLS: dict[tuple[str, str], Callable[[Setup], tuple[str, dict[str, Any] | None]
     ("POST", EX + "/{execution_id}/retry"): lambda s: (f"{EX}/{s.ended()}/retry", None),
     ("POST", EX + "/{execution_id}/rollback"): lambda s: (f"{EX}/{s.succeeded()}/rollback", None),
     ("POST", REG): lambda _: (REG, {"files": {"s.yaml": ROUTE_SERVICE}}),
+    ("GET", "/api/v1/triggers"): lambda _: ("/api/v1/triggers", None),
     ("GET", REG + "/{kind}"): lambda _: (f"{REG}/service", None),
     ("GET", REG + "/{kind}/{ident}"): lambda s: (f"{REG}/service/{_stored(s)}", None),
     ("GET", REG + "/{kind}/{ident}/history"): lambda s: (
@@ -275,6 +281,14 @@ CONSOLE_OPEN = {
     ("POST", "/console/logout"),  # a session and its CSRF token, no permission
 }
 C = "/console/executions"
+
+
+def _registry_pages_available() -> bool:
+    from app.server.console.registry_pages import available
+
+    return available()
+
+
 CONSOLE: dict[tuple[str, str], tuple[str, Callable[[Setup], str]]] = {
     ("GET", C): ("pipeline:view", lambda _: C),
     ("GET", C + "/{execution_id}"): ("pipeline:view", lambda s: f"{C}/{s.ended()}"),
@@ -308,11 +322,21 @@ CONSOLE: dict[tuple[str, str], tuple[str, Callable[[Setup], str]]] = {
         "pipeline:intervene",
         lambda s: f"{C}/{s.waiting()}/intervene",
     ),
+    ("GET", "/console/run"): ("pipeline:execute", lambda _: "/console/run"),
+    ("POST", "/console/run"): ("pipeline:execute", lambda _: "/console/run"),
     ("GET", "/console/fleet"): ("fleet:view", lambda _: "/console/fleet"),
     ("GET", "/console/audit"): ("audit:view", lambda _: "/console/audit"),
 }
+RUN = gated_pipeline("console-run", groups=["ci"])
+if _registry_pages_available():  # the registry's pages exist where the registry does
+    CONSOLE[("GET", "/console/registry")] = ("registry:view", lambda _: "/console/registry")
+    CONSOLE[("GET", "/console/registry/{kind}/{ident}")] = (
+        "registry:view",
+        lambda _: "/console/registry/environment/nowhere",
+    )
 # Allowed, and then told why there is nothing to do.
 CONSOLE_HOLDER = {
+    ("GET", "/console/registry/{kind}/{ident}"): (404, "in the registry"),
     ("GET", C + "/{execution_id}/hosts/{host}"): (404, "has no host"),
     ("POST", C + "/{execution_id}/rollback"): (409, "changed no host"),
     ("POST", C + "/{execution_id}/intervene"): (409, "intervention"),
@@ -320,11 +344,14 @@ CONSOLE_HOLDER = {
 
 
 def test_every_console_route_is_in_the_console_table() -> None:
-    from app.server.console import auth, pages
+    from app.server.console import auth, pages, registry_pages
 
+    routes = [*auth.router.routes, *pages.router.routes]
+    if registry_pages.available():
+        routes += registry_pages.router.routes
     found = {
         (method, route.path)
-        for route in [*auth.router.routes, *pages.router.routes]
+        for route in routes
         for method in getattr(route, "methods", set()) - {"HEAD"}
     }
     assert found == CONSOLE_OPEN | set(CONSOLE)
@@ -350,7 +377,7 @@ def test_every_console_route_refuses_the_signed_out_and_the_unauthorised(server:
         if method == "GET":
             resp = lacking.get(url_path)
         else:
-            resp = lacking.post(url_path, {"comment": "no", "action": "Ignore"})
+            resp = lacking.post(url_path, {"comment": "no", "action": "Ignore", "files": RUN})
         assert resp.status_code == 403, (path, resp.text)
         assert permission in resp.text, path
         # alice holds every permission here
@@ -359,7 +386,7 @@ def test_every_console_route_refuses_the_signed_out_and_the_unauthorised(server:
         if method == "GET":
             resp = holder.get(url_path)
         else:
-            resp = holder.post(url_path, {"comment": "yes", "action": "Ignore"})
+            resp = holder.post(url_path, {"comment": "yes", "action": "Ignore", "files": RUN})
         if (method, path) in CONSOLE_HOLDER:
             code, why = CONSOLE_HOLDER[(method, path)]
             assert resp.status_code == code and why in resp.text, (path, resp.text)

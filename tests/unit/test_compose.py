@@ -304,6 +304,9 @@ def test_the_dockerfiles_install_what_they_run() -> None:
     for pkg in packages:
         name = pkg.rstrip("*")
         assert re.search(rf"^COPY {name} \./{name}$", main, re.M), name
+    # Terraform steps run on the control and region workers: git and the terraform extra
+    assert re.search(r"install -y .*\bgit\b", main)
+    assert "['optional-dependencies']['terraform']" in main
     sshd_dir = REPO / "docker" / "sshd"
     sshd = (sshd_dir / "Dockerfile").read_text()
     assert re.search(r"^FROM debian:", sshd, re.M)

@@ -85,3 +85,50 @@ def test_the_approval_shows_its_message_and_votes_only_while_waiting() -> None:
         "erin",
     )
     assert approval_of({**report, "status": "RUNNING"}) is None
+
+
+def test_the_execution_page_shows_counts_failures_phases_and_the_watch() -> None:
+    from app.server.console.pages import templates
+
+    hosts = [_host(i, "SUCCEEDED", exit_code=0) for i in range(495)]
+    hosts += [_host(495 + i, "FAILED", error="disk full", exit_code=1) for i in range(5)]
+    stage = {
+        **_stage(hosts),
+        "index": 0,
+        "name": "Deploy",
+        "status": "RUNNING",
+        "type": "Deployment",
+        "environment": "prod",
+        "version": "2.0",
+        "strategy": "Rolling",
+        "error": None,
+        "phases": [
+            {
+                "phase": 0,
+                "kind": "deploy",
+                "status": "SUCCEEDED",
+                "hosts": ["h000"],
+                "verdict": {"passed": True, "canary": {"error_rate": 0.0123456, "baseline": 0.01}},
+                "gate_at": None,
+            }
+        ],
+        "watch": {"status": "RUNNING", "state": "watching", "window": "10m", "reasons": []},
+    }
+    report = {"id": "e1", "status": "RUNNING", "stages": [stage], "intervention": None}
+    html = templates.get_template("execution_live.html").render(
+        ex=report,
+        stage=stage,
+        summary=summarise(stage),
+        approval=None,
+        filters={"status": "", "q": "", "stage": 0},
+        pinned=None,
+        interventions=(),
+        live=True,
+        can={"pipeline:abort": False},
+    )
+    assert "500 hosts" in html and "FAILED 5" in html and "SUCCEEDED 495" in html
+    assert "check: CommandFailed: disk full" in html
+    assert "error_rate: 0.01235" in html  # a gate's numbers, one level deep
+    assert "Watch after deployment" in html and "window 10m" in html
+    assert html.count('href="/console/executions/e1/hosts/') == 100 + 5  # a page + failure links
+    assert "Abort" not in html  # not permitted: not offered

@@ -4,6 +4,7 @@ refused by name, at the line the file says it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,24 @@ def test_canary_phases_with_start_and_end_are_the_canary_and_the_rest() -> None:
     assert stage["strategy"]["type"] == "Canary"
     # one set of steps for both phases (Harness numbers them per phase)
     assert [s["identifier"] for s in stage["steps"]] == ["deploy_1"]
+
+
+def test_a_step_over_part_of_the_hosts_is_a_phase(tmp_path: Path) -> None:
+    # Given Harness's step-level form: the Command step itself repeats over a part of the
+    # hosts (start/end), its spec naming the iteration's host
+    folder, _ = copy_with(
+        tmp_path,
+        "pipeline-basic.yaml",
+        "        items: <+stage.output.hosts>\n                  spec:\n",
+        "        items: <+stage.output.hosts>\n                      maxConcurrency: 2\n"
+        "                      start: 0\n                      end: 100\n"
+        "                      unit: Percentage\n                  spec:\n"
+        "                    host: <+repeat.item>\n",
+    )
+    stage = plan([folder], "todolist_basic")["stages"][0]
+    assert stage["strategy"]["maxConcurrency"] == 2
+    assert "host" not in json.dumps(stage["steps"][0]["spec"])
+    assert phases([folder], "todolist_basic") == [("Canary 1", RACK_A)]
 
 
 def test_repeat_over_the_stage_hosts_is_the_per_host_fan_out() -> None:
@@ -329,6 +348,13 @@ REFUSED = {
         "credentialType 'Kerberos' is not supported",
         "credentialType: Kerberos",
     ),
+    "Harness's runtime path variables": (
+        "pipeline-basic.yaml",
+        "destinationPath: $HOME/<+service.name>/<+env.name>\n",
+        "destinationPath: $HARNESS_RUNTIME_PATH\n",
+        "HARNESS_RUNTIME_PATH in destinationPath is not set by vmfarm",
+        "destinationPath: $HARNESS_RUNTIME_PATH",
+    ),
     "a host filter that keeps no host": (
         "infrastructure.yaml",
         "rack: a",
@@ -356,7 +382,7 @@ def test_a_trigger_document_is_refused_by_name(tmp_path: Path) -> None:
     f = tmp_path / "trigger.yaml"
     f.write_text("trigger:\n  name: on push\n  identifier: on_push\n")
     (err,) = refusal([f])
-    assert "triggers are not supported" in err.message and err.line == 1
+    assert "a trigger is kept by the server" in err.message and err.line == 1
 
 
 def test_a_document_without_kind_hints_at_harness_shape(tmp_path: Path) -> None:
@@ -385,3 +411,81 @@ def test_convert_of_the_harness_examples_keeps_every_plan(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     for f in HARNESS.iterdir():
         assert (back / f.name).read_text() == f.read_text(), f.name
+
+
+def lab_infrastructure(folder: Path, tmp_path: Path) -> list[Path]:
+    """A static infrastructure for a configs/ folder that has none of its own (the demo deploys
+    to the lab's, which `vmfarm lab up` writes)."""
+    if (folder / "infrastructure.yaml").exists():
+        return []
+    good = Path(__file__).resolve().parents[1] / "data" / "good" / "infrastructure.yaml"
+    path = tmp_path / "lab-infrastructure.yaml"
+    path.write_text(
+        good.read_text()
+        .replace("environmentRef: test_env", "environmentRef: lab")
+        .replace("identifier: test_hosts", "identifier: lab")
+    )
+    return [path]
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_FOLDERS = sorted(
+    {
+        f.parent
+        for f in CONFIGS.rglob("*.yaml")
+        if any(line.startswith(("kind: ", "pipeline:")) for line in f.read_text().splitlines())
+    }
+)
+
+
+def test_the_round_trip_covers_every_pipeline_folder_of_configs() -> None:
+    assert [f.relative_to(CONFIGS).as_posix() for f in CONFIG_FOLDERS] == [
+        "compose/pipeline",
+        "demo",
+    ]
+
+
+@pytest.mark.parametrize("folder", CONFIG_FOLDERS, ids=lambda f: f.name)
+def test_convert_to_harness_and_back_keeps_the_plan_of_configs(
+    folder: Path, tmp_path: Path
+) -> None:
+    """`vmfarm convert --to harness` then `--to vmfarm` of a configs/ folder: the Harness form
+    and the converted-back form plan exactly as the original."""
+    roots = {}  # each a copy of configs/ (a folder's files may name files beside it)
+    for name in ("original", "harness", "back"):
+        shutil.copytree(CONFIGS, tmp_path / name)
+        roots[name] = tmp_path / name / folder.relative_to(CONFIGS)
+    infra = lab_infrastructure(folder, tmp_path)
+    runner = CliRunner()
+    for name in ("harness", "back"):
+        result = runner.invoke(main, ["convert", "--to", "harness", "--write", str(roots[name])])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["convert", "--to", "vmfarm", "--write", str(roots["back"])])
+    assert result.exit_code == 0, result.output
+    harness_text = "".join(f.read_text() for f in roots["harness"].glob("*.yaml"))
+    assert "\npipeline:\n" in harness_text and "\nkind: " not in harness_text
+    plans = {}
+    for name, root in roots.items():
+        paths = [root, *infra]
+        bundle = load(paths, inputs={"tag": "1.0"})
+        plans[name] = comparable(
+            resolve(bundle, choose_pipeline(bundle, None), execution_id="EX1").to_json(),
+            tmp_path / name,
+        )
+    assert plans["harness"] == plans["original"]
+    assert plans["back"] == plans["original"]
+    for f in folder.glob("*.yaml"):
+        assert (roots["back"] / f.name).read_text() == f.read_text(), f.name
+
+
+def test_an_aws_connector_retry_override_is_refused_by_name(tmp_path: Path) -> None:
+    f = tmp_path / "aws.yaml"
+    f.write_text(
+        "connector:\n  name: aws\n  identifier: aws\n  type: Aws\n  spec:\n"
+        "    credential:\n      type: InheritFromDelegate\n"
+        "    awsSdkClientBackOffStrategyOverride:\n"
+        "      type: FixedDelayBackoffStrategy\n      spec: {fixedBackoff: 0, retryCount: 0}\n"
+    )
+    (err,) = refusal([f])
+    assert "awsSdkClientBackOffStrategyOverride is not supported" in err.message
+    assert (err.file, err.line) == (str(f), line_of(f, "awsSdkClientBackOffStrategyOverride"))

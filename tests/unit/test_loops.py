@@ -76,7 +76,7 @@ def test_a_looped_step_group_repeats_its_steps_and_names_them_uniquely() -> None
         ("again_0", "twice_0"),
         ("again_1", "twice_1"),
     ]
-    assert [_script(s).split()[2].strip('"') for s in again] == ["0/2", "1/2"]
+    assert [_script(s).split()[2:4] for s in again] == [["0/2", '_0"'], ["1/2", '_1"']]
     assert again[0]["loop"] == "parallelism 1/2"
 
 
@@ -99,9 +99,10 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flig
         )
     )
     without = plan_of([plain, STATIC])["stages"][0]
+    # Then it is the same one step, <+repeat.item> standing for the host's name (not the
+    # stage's item)
     (a,) = [s for s in with_it["steps"] if s["identifier"] == "install"]
     (b,) = [s for s in without["steps"] if s["identifier"] == "install"]
-    # Then it is the same one step, <+repeat.item> standing for the host's name
     assert [s["identifier"] for s in with_it["steps"]] == [
         s["identifier"] for s in without["steps"]
     ]
@@ -111,6 +112,20 @@ def test_repeat_over_the_stage_hosts_is_the_phase_fan_out_and_caps_hosts_in_flig
     assert with_it["strategy"].get("maxConcurrency") == 1
     assert "maxConcurrency" not in without["strategy"]
     assert "at most 1 at a time" in a["loop"]
+
+
+def test_without_max_concurrency_the_hosts_repeat_is_taken_out_as_written(
+    tmp_path: Path,
+) -> None:
+    folder = loops_copy(
+        tmp_path,
+        "                      items: <+stage.output.hosts>\n                      maxConcurrency: 1\n",
+        "                      items: <+stage.output.hosts>\n",
+    )
+    stage = plan_of([folder, STATIC])["stages"][0]
+    (install,) = [s for s in stage["steps"] if s["identifier"] == "install"]
+    assert 'echo "install <+instance.hostName>"' in _script(install)
+    assert "maxConcurrency" not in stage["strategy"]
 
 
 def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> None:
@@ -183,7 +198,7 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
             "                        - endpnt: ready",
             "strategy.matrix",
             "exclude[0] names 'endpnt', which is not a key of the matrix (keys: endpoint, port)",
-            "endpoint: [health, ready]",
+            "endpnt: ready",
         ),
         (
             "                      port: [8080, 8081]",
@@ -208,10 +223,25 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
         ),
         (
             "            items: [us-east-1, eu-west-1, ap-south-1]",
-            "            items: [us-east-1, eu-west-1, ap-south-1]\n            start: 0",
-            "repeat.start",
-            "unknown field 'start'",
-            "start: 0",
+            "            items: [us-east-1, eu-west-1, ap-south-1]\n            count: 0",
+            "repeat.count",
+            "unknown field 'count'",
+            "count: 0",
+        ),
+        (
+            "            items: [us-east-1, eu-west-1, ap-south-1]",
+            "            items: [us-east-1, eu-west-1, ap-south-1]\n            partitionSize: 2",
+            "stage.strategy.repeat",
+            "repeat's partitionSize is not supported: hosts in batches are a Deployment stage's "
+            "strategy",
+            "items: [us-east-1, eu-west-1, ap-south-1]",
+        ),
+        (
+            "items: <+stage.output.hosts>",
+            "items: <+repeat.partition>",
+            "repeat.items",
+            "items <+repeat.partition> (Harness's batches of hosts) is not supported",
+            "items: <+repeat.partition>",
         ),
         (
             "                    parallelism: 2",
@@ -344,9 +374,84 @@ def test_an_expanded_step_identifier_that_meets_another_step_is_refused(tmp_path
     text = (folder / "pipeline.yaml").read_text()
     (folder / "pipeline.yaml").write_text(
         text.replace("identifier: again\n", "identifier: probe_0_1\n").replace(
-            "<+strategy.iteration>/<+strategy.iterations>", "x"
+            "<+strategy.iteration>/<+strategy.iterations> <+strategy.identifierPostFix>", "x"
         )
     )
     with pytest.raises(VmfarmError) as exc:
         load([folder, STATIC], inputs={}, require_inputs=True)
     assert "step identifier 'probe_0_1' is given twice in stage 'smoke'" in str(exc.value)
+
+
+def test_a_stage_iteration_can_be_left_out_by_its_when(tmp_path: Path) -> None:
+    from app.coordinator.machine import stage_skip
+    from app.definitions.plan import Plan
+
+    folder = loops_copy(
+        tmp_path,
+        "            maxConcurrency: 1\n        spec:",
+        "            maxConcurrency: 1\n        when:\n          pipelineStatus: Success\n"
+        '          condition: <+repeat.item> != "eu-west-1"\n        spec:',
+    )
+    plan = Plan.of(plan_of([folder, STATIC]))
+    # Then only the eu-west-1 iteration is skipped, saying why
+    why = [stage_skip(st, failed=False) for st in plan.stages]
+    assert [bool(w) for w in why] == [False, True, False, False]
+    assert 'condition "eu-west-1" != "eu-west-1" is false' in why[1]
+
+
+def test_a_loop_next_to_a_stage_template_repeats_the_templated_stage(tmp_path: Path) -> None:
+    from tests.unit.test_templates import SETS, plan, templated, tpl_copy
+
+    # Given the templated pipeline with a repeat next to its stage's template reference
+    root = tpl_copy(
+        tmp_path,
+        {
+            "templated/pipeline.yaml": (
+                "        identifier: deploy\n",
+                "        identifier: deploy\n"
+                "        strategy:\n"
+                "          repeat:\n"
+                "            items: [blue, <+pipeline.variables.release_note>]\n",
+            )
+        },
+    )
+    stages = plan(templated(root, SETS))["stages"]
+    # Then the templated stage runs once per item, each one the template's stage
+    assert [(s["identifier"], s["name"]) for s in stages] == [
+        ("deploy_0", "Deploy hello_blue"),
+        ("deploy_1", "Deploy hello_second release"),
+    ]
+    assert [s["identifier"] for s in stages[1]["steps"]] == ["install", "configure"]
+    # and a bad loop there is refused where the pipeline wrote it
+    bad = tpl_copy(
+        tmp_path / "bad",
+        {
+            "templated/pipeline.yaml": (
+                "        identifier: deploy\n",
+                "        identifier: deploy\n        strategy:\n          parallelism: 0\n",
+            )
+        },
+    )
+    with pytest.raises(VmfarmError) as exc:
+        templated(bad, SETS)
+    err = refusal(exc)
+    assert err.file.endswith("templated/pipeline.yaml")
+    assert err.line == line_of(bad / "templated" / "pipeline.yaml", "parallelism: 0")
+
+
+def test_harness_spec_host_of_the_hosts_repeat_is_dropped_with_or_without_a_cap(
+    tmp_path: Path,
+) -> None:
+    # Given Harness's `spec.host: <+repeat.item>` on the step repeated over the hosts, with
+    # its maxConcurrency (left to the looping strategies) and without
+    for cap in ("                      maxConcurrency: 1\n", ""):
+        folder = loops_copy(
+            tmp_path / str(bool(cap)),
+            "                      maxConcurrency: 1\n                  spec:\n",
+            f"{cap}                  spec:\n                    host: <+repeat.item>\n",
+        )
+        stage = plan_of([folder, STATIC])["stages"][0]
+        (install,) = [s for s in stage["steps"] if s["identifier"] == "install"]
+        assert "host" not in install["spec"]
+        assert 'echo "install <+instance.hostName>"' in _script(install)
+        assert stage["strategy"].get("maxConcurrency") == (1 if cap else None)

@@ -4,6 +4,8 @@ change touches (what RBAC is asked)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -58,7 +60,8 @@ spec:
 def test_a_kind_is_named_in_any_case_and_unknown_kinds_are_none() -> None:
     assert registry.kind_of("environment") == "Environment"
     assert registry.kind_of("INFRASTRUCTURE") == "Infrastructure"
-    assert registry.kind_of("Trigger") is None and registry.kind_of("environments") is None
+    assert registry.kind_of("trigger") == "Trigger"
+    assert registry.kind_of("Freeze") is None and registry.kind_of("environments") is None
     assert set(registry.KINDS) == {
         "Environment",
         "Infrastructure",
@@ -66,6 +69,7 @@ def test_a_kind_is_named_in_any_case_and_unknown_kinds_are_none() -> None:
         "Connector",
         "Template",
         "Pipeline",
+        "Trigger",
     }
 
 
@@ -221,3 +225,65 @@ def test_a_change_is_checked_on_every_environment_it_touches_before_and_after() 
     new_env = registry.split({"n.yaml": ENV.replace("prod", "fresh")})
     assert environment_checks(new_env, new_env, current) == [("fresh", "Production")]
     assert environment_checks([], new_env, current) == []
+
+
+def test_every_example_document_reads_the_same_from_its_own_text() -> None:
+    from pathlib import Path
+
+    from app.definitions.native import from_native
+    from app.definitions.yamlload import load_documents
+
+    root = Path(__file__).resolve().parents[2]
+    checked = 0
+    for path in sorted([*root.glob("configs/**/*.yaml"), *root.glob("tests/data/**/*.yaml")]):
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # the hostile-input samples
+            continue
+        try:
+            docs = load_documents(text, path.name)
+            entries = list(registry.documents(path.name, text))
+        except SpecError:
+            continue
+        for doc, entry in zip(docs, entries, strict=True):
+            (alone,) = load_documents(entry.text, "alone.yaml")
+            assert from_native(alone).data == from_native(doc).data, (path, entry.line)
+            checked += 1
+    assert checked > 50
+
+
+def test_a_connector_change_is_checked_on_the_environments_whose_hosts_use_it() -> None:
+    infra = registry.split({"i.yaml": INFRA})[0]
+    current = {
+        ("Environment", "prod"): RegistryVersion(
+            kind="Environment", ident="prod", version=1, text=ENV, env_type="Production"
+        ),
+        ("Infrastructure", "prod_hosts"): RegistryVersion(
+            kind="Infrastructure", ident="prod_hosts", version=1, text=infra.text, env_ref="prod"
+        ),
+    }
+    vault = "apiVersion: v1\nkind: Connector\nmetadata: {name: vault}\nspec: {type: Vault}\n"
+    changed = registry.split({"c.yaml": vault})
+    assert environment_checks(changed, changed, current) == [("prod", "Production")]
+    other = registry.split({"c.yaml": vault.replace("vault", "other")})
+    assert environment_checks(other, other, current) == []
+
+
+def test_a_trigger_is_an_entry_and_is_checked_apart_from_the_pipeline_files() -> None:
+    trigger = (
+        Path(__file__).resolve().parents[1] / "data" / "triggers" / "on_publish.yaml"
+    ).read_text()
+    files = {"mixed.yaml": "# the service\n" + NATIVE_SERVICE + "---\n" + trigger}
+    kinds = [(e.kind, e.ident) for e in registry.split(files)]
+    assert ("Trigger", "on_publish") in kinds
+    # the trigger's pipeline must be stored or applied with it: the error names its line
+    with pytest.raises(SpecError) as info:
+        registry.check_triggers(registry.split(files), [], files)
+    err = info.value
+    assert err.file == "mixed.yaml" and "webhook_deploy" in err.message
+    assert files["mixed.yaml"].splitlines()[err.line - 1].strip().startswith("pipelineIdentifier:")
+    registry.check_triggers(registry.split(files), ["webhook_deploy"], files)
+    # the pipeline loader sees the service only, on its own lines
+    blanked = registry._without_triggers(files["mixed.yaml"])
+    assert blanked.count("\n") == files["mixed.yaml"].count("\n")
+    assert "trigger:" not in blanked and "service:" in blanked

@@ -422,11 +422,15 @@ def test_following_quietly_says_once_when_a_watch_after_deployment_starts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     class Watching(FakeServer):
-        def report(self) -> dict[str, Any]:
-            doc = super().report()
-            watch = {"state": "not started"} if self.shown < 2 else {"ends_at": "12:00:00Z"}
-            doc["stages"] = [{"identifier": "deploy", "watch": watch}]
-            return doc
+        def stream(self) -> Iterator[bytes]:
+            # the server's status events name the watch that holds the run open
+            for n, status in enumerate(self.progress, 1):
+                self.shown = n
+                data: dict[str, Any] = {"status": status}
+                if 1 < n < len(self.progress):
+                    data["watching"] = {"stage": "deploy", "ends_at": "12:00:00Z"}
+                yield f"event: status\ndata: {json.dumps(data)}\n\n".encode()
+            yield f"event: end\ndata: {json.dumps({'status': 'SUCCEEDED'})}\n\n".encode()
 
     (tmp_path / "p.yaml").write_text("kind: Pipeline\n")
     following(monkeypatch, Watching(["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]))

@@ -33,14 +33,16 @@
 A loop is expanded when the plan is resolved: every iteration is a stage (``deploy_0``,
 ``deploy_1``...) or a step (``smoke_0_1``) of its own, with its own ledger rows, named
 ``<name>_<item>`` (a matrix: ``<name>_<value>_<value>``). ``parallelism: N`` makes N
-iterations (``<+strategy.iteration>``, ``<+strategy.iterations>``).
+iterations. Every iteration reads ``<+strategy.iteration>`` (from 0),
+``<+strategy.iterations>`` and ``<+strategy.identifierPostFix>`` (``_0``, ``_1_0``).
 
 Iterations run one after another: a stage's iterations are stages in order, a step's are
 steps in order on each host (hosts still run side by side). ``maxConcurrency`` above 1 is
 refused, since vmfarm would not run iterations side by side. Repeating a Command step over
 ``<+stage.output.hosts>`` is the phase's own fan-out: the step is planned exactly as without
-it, and its ``maxConcurrency`` caps the hosts in flight in every phase of the stage (as the
-strategy's ``maxConcurrency`` does; the smaller one wins).
+it, ``<+repeat.item>`` in it standing for the host's name, and its ``maxConcurrency`` caps the
+hosts in flight in every phase of the stage (as the strategy's ``maxConcurrency`` does; the
+smaller one wins). Anywhere else it is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from app.definitions.base import Model, Scalar
 
@@ -71,6 +73,12 @@ def _max_concurrency(v: Any) -> Any:
 
 
 def _scalar_list(where: str, v: Any) -> list[Scalar]:
+    if isinstance(v, str) and v.strip() == "<+repeat.partition>":
+        raise ValueError(
+            "items <+repeat.partition> (Harness's batches of hosts) is not supported: a "
+            "Deployment stage's strategy makes the batches (spec.strategy phases), and every "
+            "step of a phase runs on each of its hosts"
+        )
     if isinstance(v, str) and v.strip().startswith("<+"):
         raise ValueError(
             f"{where} {v.strip()!r} from an expression is not supported: write the list in the "
@@ -94,6 +102,20 @@ class RepeatSpec(Model):
 
     items: Any
     max_concurrency: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _harness_only(cls, data: Any) -> Any:
+        # Harness's partitioned repeat (its rolling SSH template) is a strategy's phases here.
+        if isinstance(data, dict):
+            for name in ("partitionSize", "unit", "start", "end"):
+                if name in data:
+                    raise ValueError(
+                        f"repeat's {name} is not supported: hosts in batches are a Deployment "
+                        "stage's strategy (spec.strategy: {type: Rolling, phases: [...]}; "
+                        "README: Strategies), and a repeat lists its items"
+                    )
+        return data
 
     @field_validator("items", mode="before")
     @classmethod
@@ -159,17 +181,23 @@ class MatrixSpec(Model):
     def _cap(cls, v: Any) -> Any:
         return None if v is None else _max_concurrency(v)
 
-    @model_validator(mode="after")
-    def _excludes(self) -> MatrixSpec:
-        for i, entry in enumerate(self.exclude):
+    @field_validator("exclude")
+    @classmethod
+    def _excludes(cls, v: list[dict[str, Scalar]], info: ValidationInfo) -> list[dict[str, Scalar]]:
+        axes = info.data.get("axes") or {}
+        for i, entry in enumerate(v):
             if not entry:
                 raise ValueError(f"exclude[{i}] is empty: name the keys of the combination")
             for key in entry:
-                if key not in self.axes:
+                if key not in axes:
                     raise ValueError(
                         f"exclude[{i}] names '{key}', which is not a key of the matrix "
-                        f"(keys: {', '.join(self.axes)})"
+                        f"(keys: {', '.join(axes)})"
                     )
+        return v
+
+    @model_validator(mode="after")
+    def _something_left(self) -> MatrixSpec:
         if not combinations(self):
             raise ValueError("exclude leaves no combination of the matrix")
         return self
@@ -286,8 +314,12 @@ class Iteration:
         return f"{self.kind} {self.index + 1}/{self.count}" + (f": {shown}" if shown else "")
 
 
-def _common(i: int, n: int) -> dict[str, str]:
-    return {"strategy.iteration": str(i), "strategy.iterations": str(n)}
+def _common(i: int, n: int, suffix: str) -> dict[str, str]:
+    return {
+        "strategy.iteration": str(i),
+        "strategy.iterations": str(n),
+        "strategy.identifierPostFix": f"_{suffix}",
+    }
 
 
 def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Iteration]:
@@ -304,7 +336,7 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
                 n,
                 str(i),
                 v,
-                {"repeat.item": v, "repeat.index": str(i), **_common(i, n)},
+                {"repeat.item": v, "repeat.index": str(i), **_common(i, n, str(i))},
             )
             for i, v in enumerate(values)
         ]
@@ -314,6 +346,7 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
         rendered = dict(zip(_matrix_slots(loop.matrix), items, strict=True)) if items else {}
         out = []
         for i, (idx, vals) in enumerate(combos):
+            suffix = "_".join(str(j) for j in idx)
             texts = {
                 k: rendered.get((k, j), _text(vals[k]))
                 for k, j in zip(loop.matrix.axes, idx, strict=True)
@@ -323,15 +356,15 @@ def iterations(loop: LoopStrategy, items: list[str] | None = None) -> list[Itera
                     "matrix",
                     i,
                     n,
-                    "_".join(str(j) for j in idx),
+                    suffix,
                     "_".join(texts.values()),
-                    {**{f"matrix.{k}": v for k, v in texts.items()}, **_common(i, n)},
+                    {**{f"matrix.{k}": v for k, v in texts.items()}, **_common(i, n, suffix)},
                 )
             )
         return out
     assert loop.parallelism is not None
     n = loop.parallelism
-    return [Iteration("parallelism", i, n, str(i), str(i), _common(i, n)) for i in range(n)]
+    return [Iteration("parallelism", i, n, str(i), str(i), _common(i, n, str(i))) for i in range(n)]
 
 
 def _matrix_slots(matrix: MatrixSpec) -> list[tuple[str, int]]:

@@ -27,6 +27,11 @@ def install(api: FastAPI) -> None:
     state.console_sessions = SessionStore(state.settings.console_session_hours * 3600.0)
     api.include_router(auth.router)
     api.include_router(pages.router)
+    from app.server.console import registry_pages
+
+    state.console_registry = registry_pages.available()
+    if state.console_registry:  # the registry's pages only where there is a registry
+        api.include_router(registry_pages.router)
 
     @api.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:

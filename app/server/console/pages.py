@@ -13,6 +13,8 @@
     POST /console/executions/{id}/retry               pipeline:execute
     POST /console/executions/{id}/rollback            pipeline:rollback
     POST /console/executions/{id}/intervene           pipeline:intervene
+    GET  /console/run                                 pipeline:execute  the run form
+    POST /console/run                                 pipeline:execute  (+ environment:deploy per stage)
     GET  /console/fleet                               fleet:view
     GET  /console/audit                               audit:view
 
@@ -82,10 +84,10 @@ def _actor(who: Identity) -> Any:
 def _render(request: Request, session: Session | None, name: str, **context: Any) -> HTMLResponse:
     cfg = rules(request)
     who = session.identity if session else None
-    can = {
-        p: bool(who and may(cfg, who, p))
-        for p in (*set(ACTIONS.values()), "fleet:view", "audit:view")
-    }
+    shown = (*set(ACTIONS.values()), "fleet:view", "audit:view", "registry:view")
+    can = {p: bool(who and may(cfg, who, p)) for p in shown}
+    # the registry's link only where the server has a registry
+    can["registry:view"] &= bool(getattr(request.app.state, "console_registry", False))
     return templates.TemplateResponse(
         request,
         name,
@@ -200,10 +202,13 @@ def execution(
     summary = (
         data.summarise(chosen, status=status_, search=q.strip(), page=page) if chosen else None
     )
+    from app.server.console.registry_pages import used_by
+
     return _render(
         request,
         session,
         "execution_live.html" if partial else "execution.html",
+        registry=[] if partial else used_by(execution_id),
         ex=report,
         stage=chosen,
         summary=summary,
@@ -388,6 +393,70 @@ def rollback(request: Request, sent: Posted, execution_id: str) -> Response:
 @router.post("/executions/{execution_id}/intervene", name="console_intervene")
 def intervene(request: Request, sent: Posted, execution_id: str) -> Response:
     return _act(request, sent, execution_id, "intervene")
+
+
+# --- a new run -----------------------------------------------------------------------------
+
+
+def _inputs(text: str) -> dict[str, str]:
+    """``NAME=VALUE`` lines (blank lines and ``#`` comments skipped); 422 naming a bad line."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        if not eq or not name.strip():
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"inputs line {n}: NAME=VALUE expected, got {line[:80]!r}",
+            )
+        out[name.strip()] = value.strip()
+    return out
+
+
+@router.get("/run", name="console_run_form")
+def run_form(request: Request, session: SignedIn) -> HTMLResponse:
+    """A form to run pipeline files (the YAML documents of the pipeline and what it uses)."""
+    authorize(rules(request), session.identity, "pipeline:execute")
+    return _render(request, session, "run.html", form={}, error=None)
+
+
+@router.post("/run", name="console_run")
+def run(request: Request, sent: Posted) -> Response:
+    """Run the submitted files as the signed-in person: exactly what POST /api/v1/executions
+    does with them (the same checks, the same refusals); the form again, with the error and
+    the text kept, when they are refused."""
+    from pydantic import ValidationError
+
+    from app.server.routes.executions import Submission, submit
+
+    session, form = sent
+    cfg: RbacConfig = rules(request)
+    authorize(cfg, session.identity, "pipeline:execute")
+    text = form.get("files", "")
+    try:
+        try:
+            body = Submission.model_validate(
+                {
+                    "files": {"pipeline.yaml": text} if text.strip() else {},
+                    "pipeline": form.get("pipeline", "").strip() or None,
+                    "set": _inputs(form.get("inputs", "")),
+                }
+            )
+        except ValidationError:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail="paste the pipeline's YAML (or name a stored pipeline)",
+            ) from None
+        ex_id = submit(body, session.identity, cfg).id
+    except HTTPException as exc:
+        if exc.status_code not in (404, 409, 413, 422):
+            raise
+        page = _render(request, session, "run.html", form=form, error=exc.detail)
+        page.status_code = exc.status_code
+        return page
+    return RedirectResponse(f"/console/executions/{ex_id}", status.HTTP_303_SEE_OTHER)
 
 
 # --- fleet and audit ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -265,6 +265,35 @@ def _record_uses(execution_id: str, used: list[Any]) -> None:
             )
 
 
+def start_run(
+    actor: Actor,
+    files: dict[str, str],
+    pipeline: str | None,
+    inputs: Mapping[str, str],
+    cfg: RbacConfig,
+) -> str:
+    """Record and start a run of ``files`` (or of the stored ``pipeline``) by ``actor``, with
+    the registry's latest versions of what the files do not define (a submission's and a
+    webhook trigger's way in); HTTPException when refused, nothing recorded then."""
+    from app import coordinator, operations, registry
+
+    check_files(files)
+    problems = registry.redefinitions(files)
+    if problems:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="\n".join(problems))
+    used = _from_registry(files, pipeline)
+    with registry.folder(files, used, prefix="vmfarm-submit-") as (tmp, paths):
+        try:
+            ex_id = operations.run(
+                actor, paths, pipeline=pipeline, inputs=inputs, rules=cfg, publish=False
+            )
+        except Exception as exc:
+            raise _http(exc, strip=tmp + "/") from None
+    _record_uses(ex_id, used)
+    coordinator.advance(ex_id)
+    return ex_id
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -280,32 +309,12 @@ def submit(
     execution's id. Environments, infrastructures and connectors, and what else the files do
     not define, come from the registry's latest versions; the environments' deploy permissions
     are checked on the resolved plan; nothing is recorded when refused."""
-    from app import coordinator, operations, registry
-
     if not body.files and not body.pipeline:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail="give pipeline files, or the id of a stored pipeline in 'pipeline'",
         )
-    check_files(body.files)
-    problems = registry.redefinitions(body.files)
-    if problems:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="\n".join(problems))
-    used = _from_registry(body.files, body.pipeline)
-    with registry.folder(body.files, used, prefix="vmfarm-submit-") as (tmp, paths):
-        try:
-            ex_id = operations.run(
-                actor_of(who),
-                paths,
-                pipeline=body.pipeline,
-                inputs=body.inputs,
-                rules=cfg,
-                publish=False,
-            )
-        except Exception as exc:
-            raise _http(exc, strip=tmp + "/") from None
-    _record_uses(ex_id, used)
-    coordinator.advance(ex_id)
+    ex_id = start_run(actor_of(who), body.files, body.pipeline, body.inputs, cfg)
     return Submitted(id=ex_id)
 
 

@@ -108,8 +108,9 @@ def environment_checks(
 ) -> list[tuple[str, str | None]]:
     """(environment id, type or None) for each environment a change touches: an Environment's
     type before and after; an Infrastructure's environment (before and after) with that
-    environment's types; every environment using a changed Environment or Infrastructure
-    template (None: its type may change with the template)."""
+    environment's types; every environment whose hosts use a changed Connector, with its
+    types; every environment using a changed Environment or Infrastructure template (None: its
+    type may change with the template)."""
     applied_types = {e.ident: _type(e.env_type) for e in applied if e.kind == "Environment"}
 
     def types_of(env: str) -> set[str | None]:
@@ -121,6 +122,22 @@ def environment_checks(
             out.add(_type(old.env_type))
         return out or {None}
 
+    def using(name: str) -> set[str]:
+        """The environments whose Environment or Infrastructure documents (applied, else
+        stored) name ``name``."""
+        docs = {x.key: x for x in applied if x.kind in ("Environment", "Infrastructure")}
+        for key, row in current.items():
+            if key[0] in ("Environment", "Infrastructure") and key not in docs:
+                docs[key] = registry.entry_of(row)
+        out: set[str] = set()
+        for u in docs.values():
+            names: set[str] = set()
+            registry.refs(u.data, names)
+            env = u.ident if u.kind == "Environment" else u.env_ref
+            if name in names and env:
+                out.add(env)
+        return out
+
     needed: set[tuple[str, str | None]] = set()
     for e in changed:
         old = current.get(e.key)
@@ -131,20 +148,9 @@ def environment_checks(
                 assert env is not None
                 needed |= {(env, t) for t in types_of(env)}
         elif e.kind == "Template" and e.template_type in _ENV_TEMPLATES:
-            base = e.ident.split("@")[0]
-            users = [x for x in applied if x.kind in ("Environment", "Infrastructure")]
-            users += [
-                registry.entry_of(row)
-                for key, row in current.items()
-                if key[0] in ("Environment", "Infrastructure")
-            ]
-            for u in users:
-                names: set[str] = set()
-                registry.refs(u.data, names)
-                if base in names:
-                    env = u.ident if u.kind == "Environment" else u.env_ref
-                    if env:
-                        needed.add((env, None))
+            needed |= {(env, None) for env in using(e.ident.split("@")[0])}
+        elif e.kind == "Connector":
+            needed |= {(env, t) for env in using(e.ident) for t in types_of(env)}
     return sorted(needed, key=lambda p: (p[0], p[1] or ""))
 
 
@@ -192,6 +198,12 @@ def apply(
     try:
         registry.check(
             body.files, [registry.entry_of(r) for k, r in current.items() if k not in mine]
+        )
+        registry.check_triggers(
+            entries,
+            [e.ident for e in entries if e.kind == "Pipeline"]
+            + [ident for kind, ident in current if kind == "Pipeline"],
+            body.files,
         )
     except (SpecError, SpecErrors) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
