@@ -64,9 +64,11 @@ DB = "vmfarm_scale"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def files(root: Path, hosts: int, steps: int, phases: str, lanes: int | None) -> Path:
+def files(
+    root: Path, hosts: int, steps: int, phases: str, lanes: int | None, regions: int = 2
+) -> Path:
     lines = [
-        f"      - {{hostname: h{i:05d}, region: {'r1' if i % 2 else 'r2'}}}" for i in range(hosts)
+        f"      - {{hostname: h{i:06d}, region: {region_name(i, regions)}}}" for i in range(hosts)
     ]
     step = """\
               - step:
@@ -121,6 +123,31 @@ spec:
     path = root / "scale.yaml"
     path.write_text(text)
     return path
+
+
+def region_name(i: int, regions: int) -> str:
+    """Host i's region: r1 .. rN in turn (with 2 regions odd hosts are r1, as before)."""
+    return f"r{(i - 1) % regions + 1}"
+
+
+def worker_regions(regions: int) -> tuple[list[str], list[str]]:
+    """The two region workers' queues: r1 .. r(N/2) and the rest (one each with 2 regions)."""
+    names = [f"r{k}" for k in range(1, regions + 1)]
+    half = (regions + 1) // 2
+    return names[:half], names[half:]
+
+
+def ledger_size() -> dict[str, dict[str, int]]:
+    """Per table of the scale database: its rows and its bytes on disk (indexes and TOAST)."""
+    out = {}
+    for line in psql(
+        "SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables"
+    ).splitlines():
+        name, size = line.split("|")
+        rows = int(psql(f'SELECT count(*) FROM "{name}"'))
+        if rows:
+            out[name] = {"rows": rows, "bytes": int(size)}
+    return out
 
 
 # --- /proc ---------------------------------------------------------------------------------------
@@ -452,6 +479,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--phases", default="10%")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument(
+        "--regions",
+        type=int,
+        default=2,
+        help="hosts spread over r1 .. rN in turn; the two region workers consume half each",
+    )
     ap.add_argument("--lanes", type=int, default=None, help="maxConcurrency of the stage")
     ap.add_argument("--timeout", type=float, default=3600, help="give up after this many s")
     ap.add_argument(
@@ -509,7 +542,8 @@ def main() -> int:
         # connections are no-ops, and the coordinator records no deployment.
         VMFARM_TEST_CONNECTION="noop",
     )
-    spec = files(root, args.hosts, args.steps, args.phases, args.lanes)
+    spec = files(root, args.hosts, args.steps, args.phases, args.lanes, args.regions)
+    queues = worker_regions(max(args.regions, 2))
     if args.coordinator_only:
         try:
             return subprocess.run(
@@ -523,8 +557,8 @@ def main() -> int:
     spies: list[subprocess.Popen[bytes]] = []
     for name, extra in (
         ("control", ["--control"]),
-        ("r1", ["--region", "r1", "-c", str(args.concurrency)]),
-        ("r2", ["--region", "r2", "-c", str(args.concurrency)]),
+        ("r1", [*(x for q in queues[0] for x in ("--region", q)), "-c", str(args.concurrency)]),
+        ("r2", [*(x for q in queues[1] for x in ("--region", q)), "-c", str(args.concurrency)]),
     ):
         log = (root / f"{name}.log").open("wb")
         workers.append(
@@ -614,6 +648,7 @@ def main() -> int:
         time.sleep(11)  # idle backends report their counters within 10 s (PostgreSQL 15)
         pg = pg_delta(pg0, pg_counters())
         host_steps = args.hosts * args.steps
+        ledger = ledger_size()
         run_s = (finished - created) if finished else total
         peaks: dict[str, Any] = {"cli_plan": plan_rss, "cli_submit": submit_rss}
         rss_end: dict[str, Any] = {}
@@ -654,6 +689,14 @@ def main() -> int:
             "redis_commands_per_host_step": round(redis / host_steps, 1),
             "sql_commits_per_host_step": round(pg["commits"] / host_steps, 2),
             "phase_timings": phase_timings(ex_id),
+            "regions": args.regions,
+            "ledger": ledger,
+            "ledger_rows_per_host_step": round(
+                sum(t["rows"] for t in ledger.values()) / host_steps, 2
+            ),
+            "ledger_bytes_per_host_step": round(
+                sum(t["bytes"] for t in ledger.values()) / host_steps
+            ),
         }
         text = json.dumps(result, indent=2)
         if args.json:
