@@ -332,14 +332,7 @@ def test_a_deployment_through_the_server_reports_as_in_local_mode(
     )
 
 
-def _registry(server: Server) -> bool:
-    doc = httpx.get(server.url + "/api/openapi.json", timeout=10).json()
-    return any(p.startswith("/api/v1/registry") for p in doc["paths"])
-
-
 def test_apply_get_and_history_from_the_cli(lab_server: Server, tmp_path: Path) -> None:
-    if not _registry(lab_server):
-        pytest.skip("the server has no registry API (/api/v1/registry) yet")
     alice = cli_login(lab_server, "alice", tmp_path / "alice")
     name = f"reg_{uuid.uuid4().hex[:6]}"  # its identifier: a name with "-" would be "_"
     env_file = tmp_path / "env.yaml"
