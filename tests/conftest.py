@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,31 @@ def redis_urls(alloc: Allocator) -> Iterator[tuple[str, str]]:
         yield broker.url, results.url
 
 
+def stop_listeners(addresses: list[str], port: int | None = None) -> None:
+    """Stop the processes listening on these lab addresses (on ``port``, or on any port): the
+    apps tests deployed to lab hosts keep running after the test (and after ``lab down``), and
+    the lab hosts are shared by a session's tests, so an app left by one test would answer for
+    another's. Waits until nothing listens there any more."""
+    import re
+
+    wanted = set(addresses)
+
+    def listening() -> list[int]:
+        query = ["ss", "-ltnpH"] + ([f"sport = :{port}"] if port is not None else [])
+        out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+        pids = []
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and fields[3].rsplit(":", 1)[0] in wanted:
+                pids += [int(p) for p in re.findall(r"pid=(\d+)", line)]
+        return pids
+
+    for pid in set(listening()):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not listening(), timeout=15, what=f"the apps on {sorted(wanted)} to stop")
+
+
 @contextmanager
 def lab_hosts(
     factory: pytest.TempPathFactory,
@@ -258,6 +283,7 @@ def lab_hosts(
             yield state
         finally:
             lab_down(root=root)
+            stop_listeners([h.address for h in state.hosts])
 
 
 @pytest.fixture(scope="session")

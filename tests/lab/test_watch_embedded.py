@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, base_env, run_vmfarm
+from tests.conftest import DATA, base_env, run_vmfarm, stop_listeners
 from tests.prometheus import version_on
 
 STRAT = DATA / "strategies"
@@ -19,7 +19,10 @@ WATCH = DATA / "watch"
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path, lab: Any) -> dict[str, str]:
+    # The lab hosts are the session's: an app another test left on port 8080 would answer
+    # the health checks and version_on() for this test's app.
+    stop_listeners([h.address for h in lab.hosts], 8080)
     return base_env(VMFARM_HOME=str(tmp_path / "home"))
 
 
