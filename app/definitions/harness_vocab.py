@@ -142,7 +142,6 @@ def _kind(doc: Document) -> str | None:
 def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[SpecError]]:
     """Every document with Harness's SSH vocabulary in vmfarm's; ``secret:`` documents of type
     SSHKey and PDC connectors are taken in by the infrastructures that name them."""
-    from app.definitions.harness_hosts import infrastructure, service
 
     errors: list[SpecError] = []
     secrets: dict[str, tuple[Document, dict[str, Any]]] = {}
@@ -171,39 +170,55 @@ def map_vocabulary(documents: list[Document]) -> tuple[list[Document], list[Spec
             and isinstance(data.get("spec"), dict)
             and data["spec"].get("type") == "Pdc"
         ):
-            meta = data.get("metadata") or {}
+            meta = _mapping(data.get("metadata"))
             pdc[str(meta.get("identifier") or meta.get("name"))] = doc
             continue
         rest.append(doc)
     out: list[Document] = []
     for doc in rest:
-        rw = _Rewrite(doc)
-        kind = _kind(doc)
-        if kind == "Pipeline":
-            _pipeline(rw)
-        elif kind == "Service":
-            service(rw)
-        elif kind == "Connector":
-            spec = _mapping(_mapping(rw.data.get("spec")).get("spec"))
-            if "awsSdkClientBackOffStrategyOverride" in spec:
-                rw.error(
-                    "awsSdkClientBackOffStrategyOverride is not supported: vmfarm's AWS calls use "
-                    "botocore's standard retry mode (backoff, a fixed number of attempts); "
-                    "remove it",
-                    ("spec", "spec", "awsSdkClientBackOffStrategyOverride"),
-                )
-        elif kind == "Infrastructure":
-            infrastructure(rw, ("spec",), secrets, pdc)
-        elif kind == "Environment":
-            infras = (rw.data.get("spec") or {}).get("infrastructureDefinitions")
-            for i, inline in enumerate(infras if isinstance(infras, list) else []):
-                if isinstance(inline, dict) and isinstance(inline.get("spec"), dict):
-                    infrastructure(
-                        rw, ("spec", "infrastructureDefinitions", i, "spec"), secrets, pdc
-                    )
+        try:
+            rw = _rewritten(doc, secrets, pdc)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+            # A shape this pass does not read (a mapping where a list stands, a number where a
+            # mapping does): the document goes on as written, and validation names the field.
+            out.append(doc)
+            continue
         out.append(rw.result())
         errors.extend(rw.errors)
     return out, errors
+
+
+def _rewritten(
+    doc: Document,
+    secrets: dict[str, tuple[Document, dict[str, Any]]],
+    pdc: dict[str, Document],
+) -> _Rewrite:
+    """One document's rewrite (its data copied; the document itself is left as it is)."""
+    from app.definitions.harness_hosts import infrastructure, service
+
+    rw = _Rewrite(doc)
+    kind = _kind(doc)
+    if kind == "Pipeline":
+        _pipeline(rw)
+    elif kind == "Service":
+        service(rw)
+    elif kind == "Connector":
+        spec = _mapping(_mapping(rw.data.get("spec")).get("spec"))
+        if "awsSdkClientBackOffStrategyOverride" in spec:
+            rw.error(
+                "awsSdkClientBackOffStrategyOverride is not supported: vmfarm's AWS calls use "
+                "botocore's standard retry mode (backoff, a fixed number of attempts); "
+                "remove it",
+                ("spec", "spec", "awsSdkClientBackOffStrategyOverride"),
+            )
+    elif kind == "Infrastructure":
+        infrastructure(rw, ("spec",), secrets, pdc)
+    elif kind == "Environment":
+        infras = (rw.data.get("spec") or {}).get("infrastructureDefinitions")
+        for i, inline in enumerate(infras if isinstance(infras, list) else []):
+            if isinstance(inline, dict) and isinstance(inline.get("spec"), dict):
+                infrastructure(rw, ("spec", "infrastructureDefinitions", i, "spec"), secrets, pdc)
+    return rw
 
 
 # --- pipelines -----------------------------------------------------------------------------------
