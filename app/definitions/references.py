@@ -74,45 +74,19 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
             if isinstance(st, m.CustomStageSpec):
                 _custom_steps(pipe, st, sp, errs)
                 continue
-            svc = st.spec.service.service_ref
-            if svc not in bundle.services:
-                errs.add(
-                    pipe.error(
-                        missing("Service", svc, bundle.services),
-                        (*sp, "spec", "service", "serviceRef"),
-                    )
-                )
-            env = st.spec.environment.environment_ref
-            if env not in bundle.environments:
-                errs.add(
-                    pipe.error(
-                        missing("Environment", env, bundle.environments),
-                        (*sp, "spec", "environment", "environmentRef"),
-                    )
-                )
-            _choose_infrastructures(bundle, pipe, st, sp, errs)
-            for ii, ref in enumerate(st.spec.environment.infrastructure_definitions):
-                ip = (*sp, "spec", "environment", "infrastructureDefinitions", ii, "identifier")
-                target = bundle.infrastructures.get(ref.identifier)
-                if target is None:
-                    errs.add(
-                        pipe.error(
-                            missing("Infrastructure", ref.identifier, bundle.infrastructures), ip
-                        )
-                    )
-                elif (
-                    env in bundle.environments
-                    and target.model.spec.environment_ref in bundle.environments
-                    and target.model.spec.environment_ref != env
-                ):
-                    # (an infrastructure naming an unknown environment is reported above)
-                    errs.add(
-                        pipe.error(
-                            f"infrastructure '{ref.identifier}' belongs to environment "
-                            f"'{target.model.spec.environment_ref}', not '{env}'",
-                            ip,
-                        )
-                    )
+            from app.definitions.loop_refs import iteration_targets
+
+            targets = iteration_targets(pipe, si, errs)
+            if targets is None:
+                _targets(bundle, pipe, st, sp, errs)
+            for it, copy in targets or []:
+                _targets(bundle, pipe, copy, sp, errs, note=f" (iteration {it.describe()})")
+            # The services the stage deploys (one per iteration when its loop chooses it).
+            services = sorted(
+                {c.spec.service.service_ref for _, c in targets}
+                if targets is not None
+                else {st.spec.service.service_ref}
+            )
             for section in ("steps", "rollbackSteps"):
                 steps = getattr(
                     st.spec.execution, "steps" if section == "steps" else "rollback_steps"
@@ -143,32 +117,8 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                                 )
                             )
                         unit_ids.add(unit.identifier)
-                        if isinstance(unit, m.CopyUnit) and svc in bundle.services:
-                            art = bundle.services[svc].model.spec.service_definition.spec
-                            if unit.spec.source_type == "Artifact" and not art.artifacts.primary:
-                                errs.add(
-                                    pipe.error(
-                                        f"Copy with sourceType Artifact, but service '{svc}' has no "
-                                        "artifacts.primary",
-                                        (*up, "spec", "sourceType"),
-                                    )
-                                )
-                            # sourceType Config: the service's configFiles, which the
-                            # loader refuses; with none it copies nothing (app/units/copy.py).
-                        if (
-                            isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit)
-                            and svc in bundle.services
-                            and not bundle.services[
-                                svc
-                            ].model.spec.service_definition.spec.artifacts.primary
-                        ):
-                            errs.add(
-                                pipe.error(
-                                    f"{unit.type} needs an artifact, but service '{svc}' has no "
-                                    "artifacts.primary",
-                                    (*up, "type"),
-                                )
-                            )
+                        for svc in services:
+                            _artifact_unit(bundle, pipe, svc, unit, up, errs)
                     for vname in ("environmentVariables", "outputVariables"):
                         attr = (
                             "environment_variables"
@@ -187,6 +137,92 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                             names.add(var.name)
         for vars_owner in [pipe, *bundle.services.values(), *bundle.environments.values()]:
             check_variables(vars_owner, errs)
+
+
+def _artifact_unit(
+    bundle: Bundle,
+    pipe: Loaded,
+    svc: str,
+    unit: object,
+    up: tuple[str | int, ...],
+    errs: Collector,
+) -> None:
+    """A command unit that needs the service's artifact, in a stage whose service has none."""
+    if svc not in bundle.services:
+        return  # reported with the stage's references
+    art = bundle.services[svc].model.spec.service_definition.spec
+    # (Copy sourceType Config: the service's configFiles, which the loader refuses; with none
+    # it copies nothing: app/units/copy.py.)
+    if (
+        isinstance(unit, m.CopyUnit)
+        and unit.spec.source_type == "Artifact"
+        and not art.artifacts.primary
+    ):
+        errs.add(
+            pipe.error(
+                f"Copy with sourceType Artifact, but service '{svc}' has no artifacts.primary",
+                (*up, "spec", "sourceType"),
+            )
+        )
+    if isinstance(unit, m.DownloadArtifactUnit | m.ReleaseUnit) and not art.artifacts.primary:
+        errs.add(
+            pipe.error(
+                f"{unit.type} needs an artifact, but service '{svc}' has no artifacts.primary",
+                (*up, "type"),
+            )
+        )
+
+
+def _targets(
+    bundle: Bundle,
+    pipe: Loaded,
+    st: m.StageSpec,
+    sp: tuple[str | int, ...],
+    errs: Collector,
+    *,
+    note: str = "",
+) -> None:
+    """The stage's service, environment and infrastructures exist and belong together
+    (``note``: which iteration of a looped stage whose references read its loop)."""
+    svc = st.spec.service.service_ref
+    if svc not in bundle.services:
+        errs.add(
+            pipe.error(
+                missing("Service", svc, bundle.services) + note,
+                (*sp, "spec", "service", "serviceRef"),
+            )
+        )
+    env = st.spec.environment.environment_ref
+    if env not in bundle.environments:
+        errs.add(
+            pipe.error(
+                missing("Environment", env, bundle.environments) + note,
+                (*sp, "spec", "environment", "environmentRef"),
+            )
+        )
+    _choose_infrastructures(bundle, pipe, st, sp, errs, note=note)
+    for ii, ref in enumerate(st.spec.environment.infrastructure_definitions):
+        ip = (*sp, "spec", "environment", "infrastructureDefinitions", ii, "identifier")
+        target = bundle.infrastructures.get(ref.identifier)
+        if target is None:
+            errs.add(
+                pipe.error(
+                    missing("Infrastructure", ref.identifier, bundle.infrastructures) + note, ip
+                )
+            )
+        elif (
+            env in bundle.environments
+            and target.model.spec.environment_ref in bundle.environments
+            and target.model.spec.environment_ref != env
+        ):
+            # (an infrastructure naming an unknown environment is reported above)
+            errs.add(
+                pipe.error(
+                    f"infrastructure '{ref.identifier}' belongs to environment "
+                    f"'{target.model.spec.environment_ref}', not '{env}'{note}",
+                    ip,
+                )
+            )
 
 
 def _custom_steps(
@@ -239,7 +275,13 @@ def check_variables(owner: Loaded, errs: Collector) -> None:
 
 
 def _choose_infrastructures(
-    bundle: Bundle, pipe: Loaded, st: m.StageSpec, sp: tuple[str | int, ...], errs: Collector
+    bundle: Bundle,
+    pipe: Loaded,
+    st: m.StageSpec,
+    sp: tuple[str | int, ...],
+    errs: Collector,
+    *,
+    note: str = "",
 ) -> None:
     """``deployToAll: true``: every infrastructure of the environment; neither it nor a list:
     the environment's only infrastructure. Fills ``infrastructure_definitions`` in place."""
@@ -258,7 +300,7 @@ def _choose_infrastructures(
                 pipe.error(
                     "deployToAll: true deploys to every infrastructure of the "
                     "environment: leave infrastructureDefinitions out, or set "
-                    "deployToAll: false",
+                    "deployToAll: false" + note,
                     (*at, "deployToAll"),
                 )
             )
@@ -266,7 +308,7 @@ def _choose_infrastructures(
             errs.add(
                 pipe.error(
                     f"deployToAll: environment '{target.environment_ref}' has no "
-                    "infrastructure in the given files",
+                    "infrastructure in the given files" + note,
                     (*at, "deployToAll"),
                 )
             )
@@ -283,7 +325,7 @@ def _choose_infrastructures(
         pipe.error(
             f"the stage names no infrastructure of environment "
             f"'{target.environment_ref}' and {which}: list them under "
-            "infrastructureDefinitions, or set deployToAll: true",
+            "infrastructureDefinitions, or set deployToAll: true" + note,
             at,
         )
     )

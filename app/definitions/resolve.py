@@ -38,6 +38,7 @@ from app.definitions.loop_expansion import (
     _render_stage,
     stage_iterations,
 )
+from app.definitions.loop_refs import iteration_target
 from app.definitions.terraform import TERRAFORM_STEPS, dump_step
 from app.definitions.validation import loc_to_path, position
 from app.definitions.watch_plan import stage_watch
@@ -323,6 +324,8 @@ def resolve_stage(
     one iteration of its looping strategy, at ``plan_index`` in the plan."""
     errs = Collector()
     stage = pipe.model.spec.stages[index].stage
+    if loop is not None:  # an iteration deploying where its loop says (app.definitions.loop_refs)
+        stage = iteration_target(bundle, pipe, index, loop) or stage
     ctx = stage_context(bundle, pipe, stage, execution_id=execution_id)
     ctx.allow_inputs = not strict_inputs
     ctx.later = readable([el.stage for el in pipe.model.spec.stages], index)

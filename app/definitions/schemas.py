@@ -489,77 +489,99 @@ def check_maps(bundle: Any, provider_of: Callable[[Any], str]) -> list[SpecError
             st = el.stage
             if not isinstance(st, m.StageSpec):
                 continue
-            providers = {
-                ref.identifier: provider_of(bundle.infrastructures[ref.identifier].model)
-                for ref in st.spec.environment.infrastructure_definitions
-                if ref.identifier in bundle.infrastructures
-            }
-            bg_base: Where = ("spec", "stages", si, "stage", "spec", "blueGreenDeployment")
-            block = _at(pipe.raw, bg_base)
-            if isinstance(block, Mapping):
-                infras = [
-                    bundle.infrastructures[ref.identifier].model.spec.spec
-                    for ref in st.spec.environment.infrastructure_definitions
-                    if providers.get(ref.identifier) == "aws"
-                ]
-                regions = [r for inner in infras for r in _aws_regions(inner)]
-                without_ids = {
-                    ref.identifier: [
-                        h.hostname
-                        for h in bundle.infrastructures[ref.identifier].model.spec.spec.hosts
-                        if not (
-                            h.attributes.get("instanceId") or h.host_attributes.get("instanceId")
-                        )
-                    ]
-                    for ref in st.spec.environment.infrastructure_definitions
-                    if providers.get(ref.identifier) == "static"
+            for one in _variants(
+                bundle, pipe, si, st
+            ):  # a looped stage's targets may read its loop
+                providers = {
+                    ref.identifier: provider_of(bundle.infrastructures[ref.identifier].model)
+                    for ref in one.spec.environment.infrastructure_definitions
+                    if ref.identifier in bundle.infrastructures
                 }
-                report(
-                    pipe,
-                    bg_base,
-                    blue_green_problems(
-                        block, infrastructures=providers, regions=regions, without_ids=without_ids
-                    ),
-                )
-            for form in ("rolloutDeployment", "canaryDeployment"):
-                base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
-                phases = _at(pipe.raw, base)
-                first: Any = None  # the stage's gate: one verification for all its phases
-                for pi, entry in enumerate(phases if isinstance(phases, list) else []):
-                    phase = _at(entry, ("phase",))
-                    if not isinstance(phase, Mapping):
-                        continue
+                bg_base: Where = ("spec", "stages", si, "stage", "spec", "blueGreenDeployment")
+                block = _at(pipe.raw, bg_base)
+                if isinstance(block, Mapping):
+                    infras = [
+                        bundle.infrastructures[ref.identifier].model.spec.spec
+                        for ref in one.spec.environment.infrastructure_definitions
+                        if providers.get(ref.identifier) == "aws"
+                    ]
+                    regions = [r for inner in infras for r in _aws_regions(inner)]
+                    without_ids = {
+                        ref.identifier: [
+                            h.hostname
+                            for h in bundle.infrastructures[ref.identifier].model.spec.spec.hosts
+                            if not (
+                                h.attributes.get("instanceId")
+                                or h.host_attributes.get("instanceId")
+                            )
+                        ]
+                        for ref in one.spec.environment.infrastructure_definitions
+                        if providers.get(ref.identifier) == "static"
+                    }
                     report(
                         pipe,
-                        (*base, pi, "phase"),
-                        phase_problems(
-                            phase,
-                            service=st.spec.service.service_ref,
-                            deployment_type=st.spec.deployment_type,
+                        bg_base,
+                        blue_green_problems(
+                            block,
                             infrastructures=providers,
+                            regions=regions,
+                            without_ids=without_ids,
                         ),
                     )
-                    steps = phase.get("steps")
-                    for k, step in enumerate(steps if isinstance(steps, list) else []):
-                        if isinstance(step, Mapping):
-                            report(
-                                pipe, (*base, pi, "phase", "steps", k), phase_step_problems(step)
-                            )
-                            props = step.get("properties")
-                            if first is None:
-                                first = props
-                            elif props != first:
+                for form in ("rolloutDeployment", "canaryDeployment"):
+                    base: Where = ("spec", "stages", si, "stage", "spec", form, "phases")
+                    phases = _at(pipe.raw, base)
+                    first: Any = None  # the stage's gate: one verification for all its phases
+                    for pi, entry in enumerate(phases if isinstance(phases, list) else []):
+                        phase = _at(entry, ("phase",))
+                        if not isinstance(phase, Mapping):
+                            continue
+                        report(
+                            pipe,
+                            (*base, pi, "phase"),
+                            phase_problems(
+                                phase,
+                                service=one.spec.service.service_ref,
+                                deployment_type=one.spec.deployment_type,
+                                infrastructures=providers,
+                            ),
+                        )
+                        steps = phase.get("steps")
+                        for k, step in enumerate(steps if isinstance(steps, list) else []):
+                            if isinstance(step, Mapping):
                                 report(
                                     pipe,
                                     (*base, pi, "phase", "steps", k),
-                                    [
-                                        Problem(
-                                            "this VERIFICATION step's properties differ from the "
-                                            "first one's: vmfarm runs one verification after every "
-                                            "gated phase of a stage; write the same properties",
-                                            ("properties",),
-                                            key=True,
-                                        )
-                                    ],
+                                    phase_step_problems(step),
                                 )
-    return out
+                                props = step.get("properties")
+                                if first is None:
+                                    first = props
+                                elif props != first:
+                                    report(
+                                        pipe,
+                                        (*base, pi, "phase", "steps", k),
+                                        [
+                                            Problem(
+                                                "this VERIFICATION step's properties differ from the "
+                                                "first one's: vmfarm runs one verification after every "
+                                                "gated phase of a stage; write the same properties",
+                                                ("properties",),
+                                                key=True,
+                                            )
+                                        ],
+                                    )
+    said: dict[str, SpecError] = {}  # an iteration's problem is its siblings' too: said once
+    for e in out:
+        said.setdefault(str(e), e)
+    return list(said.values())
+
+
+def _variants(bundle: Any, pipe: Any, index: int, stage: m.StageSpec) -> list[m.StageSpec]:
+    """The stage, or one copy per iteration when its references read its loop (their
+    infrastructures chosen; what is wrong with them is reported by check_references)."""
+    from app.definitions.bundle import Collector
+    from app.definitions.loop_refs import iteration_targets
+
+    found = iteration_targets(pipe, index, Collector(), bundle=bundle)
+    return [stage] if found is None else [copy for _, copy in found]
