@@ -28,10 +28,8 @@ from app.notify import (
     notify_once,
     snapshot,
 )
+from tests.notify_report import EX, SECRET, failed_report
 from tests.service.conftest import Mailbox, Receiver
-
-EX = "a1b2c3d4e5f6"
-SECRET = "hunter2-s3cr3t"
 
 
 @pytest.fixture
@@ -53,93 +51,6 @@ class Sleeps(list[float]):
 
 
 # --- a failed run -------------------------------------------------------------------------------
-
-
-def _host(
-    name: str,
-    status: str,
-    *,
-    step_error: str | None = None,
-    cls: str = "CommandFailed",
-    exit_code: int | None = 1,
-    verification: str | None = None,
-) -> dict[str, Any]:
-    steps = [
-        {
-            "step": "fetch",
-            "status": Status.SUCCEEDED,
-            "error": None,
-            "error_class": None,
-            "exit_code": 0,
-        }
-    ]
-    if step_error is not None:
-        steps.append(
-            {
-                "step": "install",
-                "status": Status.FAILED,
-                "error": step_error,
-                "error_class": cls,
-                "exit_code": exit_code,
-            }
-        )
-    return {
-        "host": name,
-        "region": "r1",
-        "status": status,
-        "steps": steps,
-        "verification": verification,
-        "rollback": None,
-    }
-
-
-def failed_report() -> dict[str, Any]:
-    """The shape of app.report.execution_report for a run whose second stage failed."""
-    disk = [
-        _host(f"web-{i:02d}", Status.FAILED, step_error="No space left on device")
-        for i in range(1, 13)
-    ]
-    refused = [
-        _host(
-            f"db-{i}",
-            Status.FAILED,
-            step_error=f"connection to db-{i} refused",
-            cls="Connectivity",
-            exit_code=None,
-        )
-        for i in (1, 2)
-    ]
-    unverified = [_host("api-1", Status.FAILED, verification="FAILED")]
-    leaked = [_host("cache-1", Status.FAILED, step_error=f"bad token {SECRET}\nmore detail")]
-    fine = [_host("web-99", Status.SUCCEEDED)]
-    return {
-        "id": EX,
-        "pipeline": "web_app",
-        "pipeline_name": "Web App",
-        "status": Status.FAILED,
-        "error": "stage 'deploy_prod': 16 host(s) failed in phase 1",
-        "intervention": None,
-        "stages": [
-            {
-                "index": 0,
-                "identifier": "deploy_staging",
-                "name": "Staging",
-                "status": Status.SUCCEEDED,
-                "error": None,
-                "phases": [],
-                "hosts": [_host("stg-1", Status.SUCCEEDED)],
-            },
-            {
-                "index": 1,
-                "identifier": "deploy_prod",
-                "name": "Production",
-                "status": Status.FAILED,
-                "error": "16 host(s) failed in phase 1",
-                "phases": [],
-                "hosts": [*disk, *refused, *unverified, *leaked, *fine],
-            },
-        ],
-    }
 
 
 def rules(
