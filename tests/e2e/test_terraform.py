@@ -460,6 +460,49 @@ def test_destroy_inherits_the_last_apply_and_removes_its_resources(tmp_path: Pat
     assert resources(state_of(tmp_path, "web")) == []
 
 
+def inline_apply(
+    tmp_path: Path, name: str, config: str, *, provisioner: str = "", env_vars: str = ""
+) -> Path:
+    """pipeline.yaml in ``tmp_path``: one Custom stage applying ``config`` (main.tf, indented
+    to stand in the YAML) as provisioner ``provisioner`` (``name`` without one), with
+    ``env_vars`` (YAML lines of the configuration's spec) before its files."""
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"""\
+apiVersion: v1
+kind: Pipeline
+metadata: {{name: {name}}}
+spec:
+  stages:
+    - stage:
+        name: Apply
+        identifier: apply_stage
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: TerraformApply
+                  name: Apply
+                  identifier: apply
+                  spec:
+                    provisionerIdentifier: {provisioner or name}
+                    configuration:
+                      type: Inline
+                      spec:
+{env_vars}                        configFiles:
+                          store:
+                            type: Inline
+                            spec:
+                              files:
+                                - name: main.tf
+                                  content: |
+{config}
+"""
+    )
+    return pipeline
+
+
 def test_secrets_reach_terraform_and_sensitive_outputs_are_never_stored(tmp_path: Path) -> None:
     import hashlib
     import secrets
@@ -482,43 +525,16 @@ output "token_sha" {
 """,
         " " * 38,
     )
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(
-        f"""\
-apiVersion: v1
-kind: Pipeline
-metadata: {{name: secret_infra}}
-spec:
-  stages:
-    - stage:
-        name: Apply
-        identifier: apply_stage
-        type: Custom
-        spec:
-          execution:
-            steps:
-              - step:
-                  type: TerraformApply
-                  name: Apply
-                  identifier: apply
-                  spec:
-                    provisionerIdentifier: secret_infra
-                    configuration:
-                      type: Inline
-                      spec:
+    pipeline = inline_apply(
+        tmp_path,
+        "secret_infra",
+        config,
+        env_vars="""\
                         environmentVariables:
                           - name: TF_VAR_token
                             type: Secret
                             value: <+secrets.getValue("infra_token")>
-                        configFiles:
-                          store:
-                            type: Inline
-                            spec:
-                              files:
-                                - name: main.tf
-                                  content: |
-{config}
-"""
+""",
     )
     env = {**env_for(tmp_path), "VMFARM_SECRETS": "env", "VMFARM_SECRET_INFRA_TOKEN": token}
     res = run_vmfarm("run", str(pipeline), "-o", "json", env=env, timeout=120)
@@ -651,40 +667,7 @@ resource "null_resource" "slow" {{
 """,
         " " * 38,
     )
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(
-        f"""\
-apiVersion: v1
-kind: Pipeline
-metadata: {{name: slow_infra}}
-spec:
-  stages:
-    - stage:
-        name: Apply
-        identifier: apply_stage
-        type: Custom
-        spec:
-          execution:
-            steps:
-              - step:
-                  type: TerraformApply
-                  name: Apply
-                  identifier: apply
-                  spec:
-                    provisionerIdentifier: slow
-                    configuration:
-                      type: Inline
-                      spec:
-                        configFiles:
-                          store:
-                            type: Inline
-                            spec:
-                              files:
-                                - name: main.tf
-                                  content: |
-{config}
-"""
-    )
+    pipeline = inline_apply(tmp_path, "slow_infra", config, provisioner="slow")
     env = env_for(tmp_path)
     # Given an apply whose resource takes two minutes, under way
     proc = subprocess.Popen(
