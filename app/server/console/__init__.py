@@ -21,10 +21,10 @@ def install(api: FastAPI) -> None:
     from fastapi.exception_handlers import http_exception_handler
 
     from app.server.console import auth, pages
-    from app.server.console.session import SessionStore
+    from app.server.console.session import session_store
 
     state: Any = api.state
-    state.console_sessions = SessionStore(state.settings.console_session_hours * 3600.0)
+    state.console_sessions = session_store(state.settings.console_session_hours * 3600.0)
     api.include_router(auth.router)
     api.include_router(pages.router)
     from app.server.console import registry_pages

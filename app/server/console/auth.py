@@ -21,7 +21,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import time
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
@@ -30,7 +29,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from app.auth.identity import AuthError, Identity
 from app.rbac import PermissionRefused, RbacConfig
-from app.server.console.session import LOGIN_COOKIE, SESSION_COOKIE, Session, SessionStore
+from app.server.console.session import LOGIN_COOKIE, SESSION_COOKIE, Session, Sessions
 
 log = logging.getLogger("vmfarm.server.console")
 
@@ -47,8 +46,8 @@ class SignInRequired(Exception):
         self.next_url = next_url
 
 
-def store(request: Request) -> SessionStore:
-    sessions: SessionStore = request.app.state.console_sessions
+def store(request: Request) -> Sessions:
+    sessions: Sessions = request.app.state.console_sessions
     return sessions
 
 
@@ -243,7 +242,7 @@ def callback(
     resp.set_cookie(
         SESSION_COOKIE,
         session.id,
-        max_age=int(max(60.0, session.expires - time.monotonic())),
+        max_age=int(max(60.0, session.seconds_left())),
         httponly=True,
         secure=_secure(request),
         samesite="lax",
