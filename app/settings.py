@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # Benchmarks and tests only: every host of the workers a no-op (app.connectors.pool reads
     # VMFARM_TEST_CONNECTION itself); with it set, the coordinator records no deployment.
     test_connection: str | None = None
+    # A region worker opens pooled SSH connections, when it starts, to up to this many hosts of
+    # its regions that deployments of the last warm_hours used (0: none), so that the first
+    # deployment after a worker starts does not pay the SSH handshakes (app/warm.py).
+    warm_hosts: int = 256
+    warm_hours: float = 24.0
 
     @property
     def embedded(self) -> bool:

@@ -3,7 +3,9 @@
 A ``vmfarm worker`` may carry tags (``--tags gpu,pci``): it then also consumes the tag queues of
 its regions (see app.delegates). It registers in the ledger's worker registry (``WorkerBeat``)
 once ready and renews its row every ``heartbeat_interval`` from a daemon thread; the row is
-deleted on a clean shutdown, so a row that stops beating is a worker that died.
+deleted on a clean shutdown, so a row that stops beating is a worker that died. A region worker
+also warms itself once ready (app.warm): imports, the ledger's pool, and SSH connections to the
+recent hosts of its regions.
 
 The embedded worker is a real Celery worker (threads pool) running inside the CLI process on
 kombu's sqla+sqlite broker and the db+sqlite result backend: the same canvases and tasks as a
@@ -89,10 +91,27 @@ def run_worker(
         regions=regions, tags=list(tag_list), queues=queues, concurrency=conc, pool=pool
     )
     heartbeat.connect(default_name=hostname)
+    if regions:  # SSH work runs in this one process (threads pool): warm it when ready
+        _warm_when_ready(regions)
     try:
         app.worker_main(argv)
     finally:
         heartbeat.stop()
+
+
+def _warm_when_ready(regions: list[str]) -> None:
+    """Once the worker is ready, warm it in a daemon thread (app.warm): tasks are taken
+    meanwhile; a task for a host not warmed yet connects as it always did."""
+    from celery.signals import worker_ready
+
+    def on_ready(**_: Any) -> None:
+        from app.warm import warm_start
+
+        threading.Thread(
+            target=warm_start, args=(list(regions),), name="vmfarm-warm", daemon=True
+        ).start()
+
+    worker_ready.connect(on_ready, weak=False)
 
 
 class Heartbeat:
