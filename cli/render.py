@@ -519,6 +519,14 @@ def print_plan(result: dict[str, Any]) -> None:
                 )
             )
             continue
+        if st.get("type") == "Pipeline":
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"), f": {st['summary']}"))
+            for name, value in (st.get("inputs") or {}).items():
+                out.print(f"  variable {name} = {value}")
+            out.print(f"  --- the plan of pipeline {st['pipeline']} ---")
+            print_plan({"pipeline": st["pipeline"], "name": st["name"], "stages": st["stages"]})
+            out.print(f"  --- end of pipeline {st['pipeline']} ---")
+            continue
         strategy = st["strategy"]
         if st.get("type") == "Custom":
             out.print(

@@ -37,7 +37,12 @@ from app.coordinator.routing import discovered_by_workers, tags_of
 from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
 from app.coordinator.watch import decide_watch
 from app.db import session_scope
-from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan
+from app.definitions.plan import (
+    AnyStagePlan,
+    ApprovalStagePlan,
+    DeploymentStagePlan,
+    PipelineStagePlan,
+)
 from app.errors import ConfigError, SpecError
 from app.models import (
     Execution,
@@ -99,6 +104,8 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             if outcome:
                 return outcome
             continue
+        if isinstance(stage_plan, PipelineStagePlan):  # refused when recorded (submit.record)
+            return fail_stage(s, ex, run, "a Pipeline stage cannot run in this version")
         if run.status == Status.PENDING and not run.hosts and discovered_by_workers(stage_plan):
             outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
             if outcome:
@@ -189,7 +196,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         s.add(ex)
 
 
-def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan, *, failed: bool) -> str:
+def stage_skip(stage: AnyStagePlan, *, failed: bool) -> str:
     """Why the stage does not run ('' when it does): an earlier stage ``failed`` and its
     ``when`` does not ask to run after a failure, or it asks for a failure and none happened,
     or its condition (bound when the plan was resolved: only literals are left) is false."""

@@ -78,6 +78,12 @@ def record(
     from app import policy
 
     who = user or get_settings().user or ""
+    chained = [st.identifier for st in plan.stages if st.type == "Pipeline"]
+    if chained:
+        raise ConfigError(
+            f"stage '{chained[0]}' is a Pipeline stage: vmfarm plans and validates pipeline "
+            "chains, and does not run them yet"
+        )
     data = plan.to_json()  # what the ledger stores; policies read it as a document
     warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
@@ -200,8 +206,13 @@ def prepare(
     bundle = load(paths, inputs=inputs if inputs is not None else {}, require_inputs=True)
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
+    return plan, static_hosts(plan)
+
+
+def static_hosts(plan: Plan) -> list[list[Host]]:
+    """Each stage's static hosts ([] where they are discovered when it starts)."""
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts = [
+    return [
         discover_stage(st)
         if isinstance(st, DeploymentStagePlan)
         and all_static(st)
@@ -210,7 +221,6 @@ def prepare(
         else []
         for st in plan.stages
     ]
-    return plan, stage_hosts
 
 
 def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> str:
