@@ -15,6 +15,7 @@ from app.coordinator.discovery import discover_stage
 from app.coordinator.ledger import all_static, new_execution_id, plan_of
 from app.coordinator.machine import advance
 from app.coordinator.outputs import names_outputs
+from app.coordinator.records import record_rows
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import (
     choose_tags,
@@ -78,12 +79,6 @@ def record(
     from app import policy
 
     who = user or get_settings().user or ""
-    chained = [st.identifier for st in plan.stages if st.type == "Pipeline"]
-    if chained:
-        raise ConfigError(
-            f"stage '{chained[0]}' is a Pipeline stage: vmfarm plans and validates pipeline "
-            "chains, and does not run them yet"
-        )
     data = plan.to_json()  # what the ledger stores; policies read it as a document
     warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
@@ -125,26 +120,7 @@ def record(
         )
         s.add(ex)
         s.flush()
-        for i, stage in enumerate(plan.stages):
-            s.add(
-                StageRun(
-                    execution_id=execution_id,
-                    stage_index=i,
-                    identifier=stage.identifier,
-                    name=stage.name,
-                    hosts=host_dicts[i],
-                )
-            )
-            for j, step in enumerate(stage.steps):
-                s.add(
-                    StepRun(
-                        execution_id=execution_id,
-                        stage_index=i,
-                        step_index=j,
-                        identifier=step.identifier,
-                        name=step.name,
-                    )
-                )
+        record_rows(s, execution_id, plan, host_dicts)
     if publish:
         advance(execution_id)
     return list(warnings)
@@ -278,9 +254,12 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                     for i in range(n_steps)
                 )
             ]
+            kind = plan.stages[run.stage_index].type
             skip = (
                 approvals.get(run.stage_index) == Status.SUCCEEDED
-                if plan.stages[run.stage_index].type == "Approval"
+                if kind == "Approval"
+                else run.status == Status.SUCCEEDED  # its child runs again otherwise
+                if kind == "Pipeline"
                 else not redo
             )
             stages.append((run, redo, skip))
