@@ -43,6 +43,9 @@ class Execution(SQLModel, table=True):
     created_at: NaiveDatetime = Field(default_factory=utcnow)
     started_at: NaiveDatetime | None = None
     finished_at: NaiveDatetime | None = None
+    # Pipeline chaining: the execution (and its stage) that started this one as its child.
+    parent_execution_id: str | None = Field(default=None, index=True, max_length=32)
+    parent_stage: int | None = None
 
 
 class StageRun(SQLModel, table=True):

@@ -432,20 +432,30 @@ def reach(
     """The stored entries the documents ``start`` name, and what those name in turn: the
     environments, infrastructures, services, connectors and templates a run is resolved with.
     An environment brings its infrastructures (a stage deploys to all, or to its only one);
-    a reference written as an expression brings every entry of the kinds it could name.
+    a reference written as an expression brings every entry of the kinds it could name; a
+    Pipeline stage brings the pipeline it chains (app.definitions.chaining).
     ``skip``: entries the submitted files define themselves."""
+    from app.definitions.chaining import chained
+
     pending = list(start)
     names: set[str] = set()
+    pipelines: set[str] = set()
     chosen: dict[tuple[str, str], Entry] = {}
     everything = False
     while pending:
         found: set[str] = set()
         for data in pending:
             everything = refs(data, found) or everything
+            pipelines |= chained(data)
         pending = []
         names |= found
         for key, e in stored.items():
-            if key in chosen or key in skip or e.kind in ("Pipeline", "Trigger"):
+            if key in chosen or key in skip or e.kind == "Trigger":
+                continue
+            if e.kind == "Pipeline":
+                if e.ident in pipelines:  # a child: what it names is reached in turn
+                    chosen[key] = e
+                    pending.append(e.data)
                 continue
             base = e.ident.split("@")[0] if e.kind == "Template" else e.ident
             hit = (
