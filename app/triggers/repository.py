@@ -120,6 +120,19 @@ def _http(atype: str, fields: Mapping[str, str], url: str, what: str) -> Any:
 
 def builds(artifact: Any, connector: Any, what: str) -> list[Build]:
     """The builds the repository holds now (see the module docstring)."""
+    from app.artifacts.errors import ArtifactAuthError
+
+    try:
+        return _builds(artifact, connector, what)
+    except ArtifactAuthError as exc:  # the credentials are the connector's, not a spec's
+        message = str(exc).replace(
+            "set spec.username and spec.passwordRef, or a token",
+            "give the trigger's connector credentials (auth: UsernamePassword)",
+        )
+        raise ArtifactAuthError(message, artifact=what) from None
+
+
+def _builds(artifact: Any, connector: Any, what: str) -> list[Build]:
     spec = artifact.spec
     fields = connector_fields(connector, artifact.type, what)
     if artifact.type == "AmazonS3":

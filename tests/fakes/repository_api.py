@@ -2,7 +2,7 @@
 on port 0), answering with their real responses' shapes, for artifact triggers' polls::
 
     with RepositoryApi() as repo:
-        repo.add("releases/web/web-1.0.tar.gz")            # a file of a repository
+        repo.add("releases/web/web-1.0.tar.gz")            # files of a repository
         repo.add_maven("maven-releases", "com.acme", "web", "1.0", "tar.gz")
         repo.status = 401                                  # every request answers 401
 
@@ -50,8 +50,13 @@ class RepositoryApi:
         self._clock += timedelta(minutes=1)
         return self._clock.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    def add(self, path: str) -> None:
-        self.files[path.strip("/")] = self._tick()
+    def add(self, *paths: str) -> None:
+        """Files of repositories ("repo/folder/name"), all at once (one listing sees all or
+        none of them), the later ones newer."""
+        files = dict(self.files)
+        for path in paths:
+            files[path.strip("/")] = self._tick()
+        self.files = files
 
     def add_maven(self, repo: str, group: str, artifact: str, version: str, ext: str) -> None:
         self.maven.append(

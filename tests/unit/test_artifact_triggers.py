@@ -257,5 +257,21 @@ def test_the_http_repositories_are_read_through_their_listing_apis() -> None:
         with pytest.raises(ArtifactError, match="takes an Artifactory connector"):
             builds(art, _connector("Nexus", repo.url), "trigger on_build")
         repo.status = 401
-        with pytest.raises(ArtifactError, match="HTTP 401"):
+        with pytest.raises(ArtifactError, match=r"HTTP 401.*the trigger's connector credentials"):
             builds(art, _connector("Artifactory", repo.url), "trigger on_build")
+
+
+def test_an_interval_of_zero_turns_polling_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from app.server import poller
+
+    polled = threading.Event()
+    monkeypatch.setattr(poller, "poll_all", lambda rbac: polled.set())
+    off = poller.Poller(lambda: None, 0).start()
+    assert not polled.wait(0.3) and not off._thread.is_alive()
+    on = poller.Poller(lambda: None, 30).start()
+    try:
+        assert polled.wait(5) and on._thread.daemon  # the first poll at once, then every 30 s
+    finally:
+        on.stop()
