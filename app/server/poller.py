@@ -2,14 +2,15 @@
 repository for its builds every ``VMFARM_ARTIFACT_POLL_INTERVAL`` seconds (default 60; 0: no
 polling).
 
-* The first poll of a trigger (or of its source, when a new version of the trigger polls
-  another place) records what the repository holds and starts nothing: only builds that
-  appear afterwards are new (as Harness does).
+* The first poll of a trigger (or of its source, when a new version of the trigger or of its
+  connector polls another place) records what the repository holds and starts nothing: only
+  builds that appear afterwards are new (as Harness does). A disabled trigger is not polled.
 * A poll that finds new builds starts one execution, for the newest of those the
   eventConditions hold for, with ``<+trigger.artifact.build>`` set to it, the way a webhook
   delivery starts one (``start_run``: the trigger's input set, issue 12's value rules, the
   subject ``trigger:ID``'s permissions, an audit entry). The other new builds are recorded as
-  skipped, with the reason.
+  skipped, with the reason; a build whose run is refused (permissions, an input's check) is
+  recorded as failed with the reason, and is not tried again.
 * One row per trigger and build (``ArtifactBuild``), inserted or skipped: however many server
   processes poll the same repository, one of them starts a build, once.
 * A poll that fails (the repository is down, refuses the credentials, the connector is gone)
@@ -31,9 +32,11 @@ from app.errors import VmfarmError
 log = logging.getLogger("vmfarm.server")
 
 
-def _fingerprint(trig: Any) -> str:
+def _fingerprint(trig: Any, connector: Any) -> str:
+    """What is polled: the artifact spec but its conditions, and the connector (its server)."""
     spec = trig.artifact.model_dump(mode="json", exclude={"spec": {"event_conditions"}})
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    conn = connector.model_dump(mode="json") if connector is not None else None
+    return hashlib.sha256(json.dumps([spec, conn], sort_keys=True).encode()).hexdigest()
 
 
 def _connector(ref: str | None) -> Any:
@@ -162,13 +165,14 @@ def poll(trig: Any, rbac: Callable[[], Any]) -> str | None:
 
     what = f"trigger {trig.id}"
     try:
-        found = repository.builds(trig.artifact, _connector(trig.artifact.spec.connector_ref), what)
+        connector = _connector(trig.artifact.spec.connector_ref)
+        found = repository.builds(trig.artifact, connector, what)
     except Exception as exc:
         message = _message(exc)
         log.warning("artifact trigger %s: the poll failed: %s", trig.id, message)
         _record_poll(trig.id, error=message)
         return None
-    source = _fingerprint(trig)
+    source = _fingerprint(trig, connector)
     state = _state(trig.id)
     if state is None or not state.primed or state.source != source:
         _insert_builds(trig.id, ({"build": b.build[:1024], "outcome": "seen"} for b in found))

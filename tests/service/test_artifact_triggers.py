@@ -50,6 +50,7 @@ def ids() -> dict[str, str]:
         "s3": f"on_s3_{tag}",
         "art": f"on_art_{tag}",
         "down": f"on_down_{tag}",
+        "denied": f"on_denied_{tag}",
         "pipe": f"polled_{tag}",
         "svc": f"pollsvc_{tag}",
         "env": f"pollenv_{tag}",
@@ -220,7 +221,9 @@ spec:
         + "---\n"
         + trigger(ids["art"], artifactory.format(conn=f"art_{ids['art']}"))
         + "---\n"
-        + trigger(ids["down"], artifactory.format(conn=f"down_{ids['down']}")),
+        + trigger(ids["down"], artifactory.format(conn=f"down_{ids['down']}"))
+        + "---\n"
+        + trigger(ids["denied"], s3.replace("web/web-", "api/api-")),
     }
 
 
@@ -286,7 +289,11 @@ def stored(
         timeout=60,
     )
     assert resp.status_code == 200, resp.text
-    for t in (ids["s3"], ids["art"]):  # the first polls: what is there starts nothing
+    for t in (
+        ids["s3"],
+        ids["art"],
+        ids["denied"],
+    ):  # the first polls: what is there starts nothing
         _wait(
             f"the first poll of {t}",
             lambda t=t: _sql(
@@ -421,3 +428,40 @@ def test_an_artifact_trigger_naming_no_connector_is_refused_at_apply(
     )
     assert resp.status_code == 422, resp.text
     assert "t.yaml:10" in resp.text and "no_such_conn" in resp.text
+
+
+def test_a_build_whose_run_is_refused_is_recorded_and_not_tried_again(
+    servers: list[Server], stored: dict[str, str], moto_url: str, pg_url: str
+) -> None:
+    # trigger:<denied> is bound to no role: its new build is refused as any user's run is
+    s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto_url)
+    s3.put_object(Bucket=stored["bucket"], Key="api/api-3.0.tar.gz", Body=b"api")
+    rows = _wait(
+        "the refused build",
+        lambda: _sql(
+            pg_url,
+            "SELECT outcome, detail FROM artifactbuild WHERE trigger_id = :t AND build = :b "
+            "AND outcome <> 'pending'",
+            t=stored["denied"],
+            b="api/api-3.0.tar.gz",
+        ),
+    )
+    assert rows[0][0] == "failed" and "missing permission pipeline:execute" in rows[0][1], rows
+    _several_polls(pg_url, stored["denied"])
+    assert _runs(pg_url, stored["denied"]) == []
+    assert [
+        r[0]
+        for r in _sql(
+            pg_url,
+            "SELECT outcome FROM artifactbuild WHERE trigger_id = :t AND build = :b",
+            t=stored["denied"],
+            b="api/api-3.0.tar.gz",
+        )
+    ] == ["failed"]  # not tried again
+    audit = _sql(
+        pg_url,
+        "SELECT outcome FROM auditevent WHERE action = 'artifact-trigger' AND \"user\" = :u",
+        u=f"trigger:{stored['denied']}",
+    )
+    assert [r[0] for r in audit] == ["refused"]
+    assert all(httpx.get(s.url + "/api/health").status_code == 200 for s in servers)
