@@ -109,6 +109,8 @@ def _state(trigger_id: str) -> Any:
 def _record_poll(trigger_id: str, *, error: str = "", primed: str | None = None) -> None:
     """The poll's time and error; with ``primed`` (the source's fingerprint), that the builds
     of that source are recorded."""
+    from sqlalchemy.exc import IntegrityError
+
     from app.db import session_scope
     from app.models import ArtifactPoll, utcnow
 
@@ -124,7 +126,7 @@ def _record_poll(trigger_id: str, *, error: str = "", primed: str | None = None)
                     row.primed, row.source = True, primed
                 s.add(row)
             return
-        except Exception:
+        except IntegrityError:
             if attempt:
                 raise
 

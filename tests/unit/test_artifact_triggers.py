@@ -275,3 +275,54 @@ def test_an_interval_of_zero_turns_polling_off(monkeypatch: pytest.MonkeyPatch) 
         assert polled.wait(5) and on._thread.daemon  # the first poll at once, then every 30 s
     finally:
         on.stop()
+
+
+def test_a_poll_on_sqlite_primes_then_starts_the_newest_new_build_once(
+    ledger: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller's bookkeeping on the SQLite ledger; the repository and the run are stand-ins
+    here (the service lane polls real ones on PostgreSQL)."""
+    from sqlmodel import select
+
+    from app.artifacts import ArtifactAuthError
+    from app.db import session_scope
+    from app.models import ArtifactBuild, ArtifactPoll
+    from app.server import poller
+    from app.server.routes import executions
+    from app.triggers import repository
+
+    trig = load_text(GOOD, "on_build.yaml")[0]
+    held: list[Build] = [Build("web-1.0.tar.gz", "2026-01-01")]
+    started: list[dict[str, str]] = []
+    monkeypatch.setattr(poller, "_connector", lambda ref: None)
+    monkeypatch.setattr(repository, "builds", lambda art, conn, what: list(held))
+    monkeypatch.setattr(
+        executions,
+        "start_run",
+        lambda actor, files, pipeline, inputs, cfg: started.append(dict(inputs)) or "ex1",
+    )
+
+    def rows() -> dict[str, tuple[str, str | None]]:
+        with session_scope() as s:
+            found = s.exec(select(ArtifactBuild)).all()
+            return {r.build: (r.outcome, r.execution_id) for r in found}
+
+    assert poller.poll(trig, lambda: None) is None  # the first poll: recorded, nothing started
+    assert rows() == {"web-1.0.tar.gz": ("seen", None)} and started == []
+    held += [Build("web-1.1.tar.gz", "2026-01-02"), Build("web-1.2.tar.gz", "2026-01-03")]
+    held.append(Build("notes.txt", "2026-01-04"))  # newest, but its condition does not hold
+    assert poller.poll(trig, lambda: None) == "ex1"
+    assert started == [{"pipeline.artifact_deploy.variables.version": "web-1.2.tar.gz"}]
+    assert rows()["web-1.2.tar.gz"] == ("started", "ex1")
+    assert rows()["web-1.1.tar.gz"][0] == rows()["notes.txt"][0] == "skipped"
+    assert poller.poll(trig, lambda: None) is None and len(started) == 1  # seen again
+
+    # a repository that refuses: recorded on the poll, nothing else changes
+    def refuse(art: object, conn: object, what: str) -> list[Build]:
+        raise ArtifactAuthError(f"artifact {what}: refused (HTTP 401)")
+
+    monkeypatch.setattr(repository, "builds", refuse)
+    assert poller.poll(trig, lambda: None) is None
+    with session_scope() as s:
+        state = s.get(ArtifactPoll, "on_build")
+        assert state is not None and "HTTP 401" in state.error and state.ok_at is not None
