@@ -10,6 +10,7 @@ control worker publishes the second from the first one's gate.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -293,3 +294,107 @@ def _local_ports() -> set[int]:
         if inode in inodes and int(remote.split(":")[1], 16) == redis_port:
             ports.add(int(local.split(":")[1], 16))
     return ports
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis that, once armed, forwards half of the next chunk of LPUSH
+    commands and then closes both sides: a pipeline cut in the middle, some of its messages
+    taken by Redis and the rest lost, and the publisher's read meets a closed connection."""
+
+    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.upstream, self.armed, self.cuts = upstream, False, 0
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.port = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, to_redis: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if to_redis and self.armed and chunk.count(b"LPUSH") > 1:
+                    self.armed = False
+                    self.cuts += 1
+                    dst.sendall(chunk[: len(chunk) // 2])
+                    break
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_pipeline_cut_in_the_middle_is_sent_again_and_no_message_is_lost(
+    free_port: Any, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import redis
+
+    from app import celery
+    from app.coordinator.publish import Dispatch, publish
+    from app.db import reset_engines
+
+    # Given a publisher whose broker connection goes through a proxy that cuts a pipeline of
+    # 50 messages halfway, once the first pipeline of a 200-host phase has gone through (no
+    # worker consumes: the queues are read afterwards)
+    broker = redis_db()
+    host, port = broker.split("//", 1)[1].split("/", 1)[0].split(":")
+    proxy = CuttingProxy(free_port(), (host, int(port)))
+    monkeypatch.setenv(
+        "VMFARM_BROKER_URL", f"redis://127.0.0.1:{proxy.port}/{broker.rsplit('/', 1)[1]}"
+    )
+    monkeypatch.setenv("VMFARM_RESULT_BACKEND", redis_db())
+    celery.reconfigure()
+    monkeypatch.setattr(celery, "PUBLISH_BATCH", BATCH)
+    flush = celery.ReplayingBatch.flush
+    flushes: list[int] = []
+
+    def arm_after_first(batch: Any) -> None:
+        flush(batch)
+        flushes.append(1)
+        proxy.armed = len(flushes) == 1
+
+    monkeypatch.setattr(celery.ReplayingBatch, "flush", arm_after_first)
+    hosts = [(f"c{i:03d}", f"r{i % 2 + 1}") for i in range(200)]
+    try:
+        # When the phase is published
+        publish(Dispatch("deploy", "cutexec", 0, 0, hosts, step_count=2))
+    finally:
+        proxy.close()
+        monkeypatch.undo()
+        celery.reconfigure()
+        reset_engines()
+
+    # Then the cut happened, and every host's message is in its region's queue: those Redis
+    # took before the cut twice at most (they run once: same task id, idempotent claim), none
+    # lost, none of another pipeline sent again
+    assert proxy.cuts == 1
+    r = redis.Redis.from_url(broker)
+    seen: Counter[str] = Counter()
+    for region in ("r1", "r2"):
+        for raw in r.lrange(f"vmfarm.{region}", 0, -1):
+            headers = json.loads(raw)["headers"]
+            key = headers["kwargsrepr"].split("'")[3]  # {'key': 'cutexec:0:0:HOST:0:1', ...}
+            assert key.split(":")[3] in {h for h, reg in hosts if reg == region}
+            seen[key.split(":")[3]] += 1
+    assert set(seen) == {h for h, _ in hosts}
+    assert set(seen.values()) <= {1, 2} and sum(seen.values()) - len(hosts) < BATCH
