@@ -78,6 +78,25 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
             .where(HostStepRun.execution_id == execution_id)
             .order_by(col(HostStepRun.id))
         ).all()
+        # Pipeline chaining: each Pipeline stage's child, and the parent of a child.
+        children = {
+            c.parent_stage: c
+            for c in s.exec(
+                select(Execution)
+                .where(Execution.parent_execution_id == execution_id)
+                .order_by(col(Execution.created_at))
+            ).all()
+        }
+        parent_stage = (
+            s.exec(
+                select(StageRun.identifier).where(
+                    StageRun.execution_id == ex.parent_execution_id,
+                    StageRun.stage_index == ex.parent_stage,
+                )
+            ).first()
+            if ex.parent_execution_id
+            else None
+        )
         names = {h["name"] for st in stages for h in st.hosts}
         instances = (
             s.exec(select(Instance).where(col(Instance.host).in_(names))).all() if names else []
@@ -180,6 +199,16 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                 "status": st.status,
                 "error": st.error,
                 "type": plan.type,
+                # A Pipeline stage's child execution (the latest it started).
+                "child_execution": (
+                    {
+                        "id": children[st.stage_index].id,
+                        "pipeline": children[st.stage_index].pipeline,
+                        "status": children[st.stage_index].status,
+                    }
+                    if st.stage_index in children
+                    else None
+                ),
                 # The iteration of a looping strategy the stage is (repeat 2/3: eu-west-1).
                 "loop": deploying.loop if deploying else None,
                 "service": deploying.service.identifier if deploying else None,
@@ -241,6 +270,11 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
         "started_at": _t(ex.started_at),
         "finished_at": _t(ex.finished_at),
         "rollback": ex.rollback,
+        "parent": (
+            {"id": ex.parent_execution_id, "stage": parent_stage}
+            if ex.parent_execution_id
+            else None
+        ),
         "intervention": intervention,
         "stages": out_stages,
     }

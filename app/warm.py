@@ -1,5 +1,8 @@
-"""A region worker's warm start: what the first deployment after a worker starts would otherwise
-pay, done when the worker starts.
+"""A worker's warm start: what the first deployment after a worker starts would otherwise pay,
+done when the worker starts.
+
+A control worker (prefork) warms each pool process as it starts (:func:`warm_control`): the
+coordinator's modules, which a gate imports lazily, and the ledger's pool of that process.
 
 A ``vmfarm worker --region R`` (threads pool: SSH work happens in its one process) calls
 :func:`warm_start` in a background thread once it is ready. It imports what a host step imports
@@ -128,6 +131,22 @@ def warm_start(regions: Iterable[str]) -> WarmReport:
             else "",
         )
     return report
+
+
+def warm_control() -> None:
+    """In a control worker's pool process: import what a gate imports and open the ledger's
+    pool. Never raises."""
+    try:
+        from sqlalchemy import text
+
+        import app.coordinator
+        import app.execution.checks  # noqa: F401  (the traffic switch of a blue-green gate)
+        from app.db import session_scope
+
+        with session_scope() as s:
+            s.connection().execute(text("SELECT 1"))
+    except Exception as exc:
+        log.warning("warm start: the control worker starts cold: %s", exc)
 
 
 def _connect(host: Any) -> str | None:

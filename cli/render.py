@@ -93,6 +93,9 @@ def watch_lines(w: dict[str, Any] | None) -> list[tuple[str, str]]:
 def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
     """An ended (or waiting) execution: per stage its hosts, failures and gates."""
     out.print(Text.assemble("execution ", (report["id"], "bold"), " ", styled(report["status"])))
+    parent = report.get("parent")
+    if parent:
+        out.print(f"  run by execution {parent['id']}, stage {parent['stage']} (a Pipeline stage)")
     for st in report["stages"]:
         if st["status"] == "SKIPPED" and st.get("error"):
             out.print(
@@ -105,6 +108,23 @@ def print_summary(report: dict[str, Any], *, every_host: bool = False) -> None:
             continue
         if st.get("type") == "Custom":
             _print_custom(st)
+            continue
+        if st.get("type") == "Pipeline":
+            child = st.get("child_execution")
+            out.print(
+                Text.assemble(
+                    f"stage {_named(st)} (pipeline): ",
+                    styled(st["status"]),
+                    *(
+                        (" child execution ", (child["id"], "bold"), f" ({child['pipeline']}) ")
+                        if child
+                        else (" no child execution yet",)
+                    ),
+                    *((styled(child["status"]),) if child else ()),
+                )
+            )
+            if st.get("error"):
+                out.print(Text(f"  {st['error']}", style="red"))
             continue
         if len(st["hosts"]) > MATRIX_FROM and not every_host:
             _print_matrix(st)
@@ -518,6 +538,14 @@ def print_plan(result: dict[str, Any]) -> None:
                     "\nstage ", (st["identifier"], "bold"), f": approval, {st['summary']}"
                 )
             )
+            continue
+        if st.get("type") == "Pipeline":
+            out.print(Text.assemble("\nstage ", (st["identifier"], "bold"), f": {st['summary']}"))
+            for name, value in (st.get("inputs") or {}).items():
+                out.print(f"  variable {name} = {value}")
+            out.print(f"  --- the plan of pipeline {st['pipeline']} ---")
+            print_plan({"pipeline": st["pipeline"], "name": st["name"], "stages": st["stages"]})
+            out.print(f"  --- end of pipeline {st['pipeline']} ---")
             continue
         strategy = st["strategy"]
         if st.get("type") == "Custom":

@@ -76,7 +76,7 @@ def _regions_of(execution_id: str) -> list[str]:
     from app.coordinator.outputs import names_outputs
     from app.coordinator.routing import discovery_region
     from app.db import session_scope
-    from app.definitions.plan import DeploymentStagePlan, Plan
+    from app.definitions.plan import DeploymentStagePlan, PipelineStagePlan, Plan
     from app.models import Execution, StageRun
 
     with session_scope() as s:
@@ -84,7 +84,16 @@ def _regions_of(execution_id: str) -> list[str]:
         regions = {h["region"] for r in runs for h in r.hosts}
         ex = s.get(Execution, execution_id)
         plan = Plan.of(ex.plan) if ex is not None and ex.plan else None
-    for stage in plan.stages if plan is not None else []:
+    stages = list(plan.stages) if plan is not None else []
+    while stages:
+        stage = stages.pop(0)
+        if isinstance(stage, PipelineStagePlan):  # the child's hosts run in this process too
+            from app.coordinator.submit import static_hosts
+
+            child = stage.child_plan()
+            regions.update(h.region for hosts in static_hosts(child) for h in hosts)
+            stages.extend(child.stages)
+            continue
         if not isinstance(stage, DeploymentStagePlan):
             continue
         for infra in stage.infrastructures:

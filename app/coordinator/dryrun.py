@@ -9,8 +9,9 @@ from app.coordinator.failure import failure_policy
 from app.coordinator.ledger import after_failure_status, live_set
 from app.coordinator.submit import prepare
 from app.db import session_scope
-from app.definitions.plan import ApprovalStagePlan, StepPlan
+from app.definitions.plan import ApprovalStagePlan, PipelineStagePlan, Plan, StepPlan
 from app.definitions.plan import step_when as own_when
+from app.providers.base import Host
 from app.status import Status
 
 
@@ -20,10 +21,16 @@ def dry_run(
     """What a run would do, as plain data: hosts per region, phases, every command unit
     rendered for the stage's first host, and what happens on failure. Touches no host and
     writes nothing."""
+    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs, execution_id="<dry-run>")
+    return {"pipeline": plan.identifier, "name": plan.name, "stages": _stages(plan, stage_hosts)}
+
+
+def _stages(plan: Plan, stage_hosts: list[list[Host]]) -> list[dict[str, Any]]:
+    """Each stage of ``plan`` as ``vmfarm plan`` shows it (a Pipeline stage: its child's)."""
+    from app.coordinator.submit import static_hosts
     from app.units import render_step
     from strategies import plan as plan_phases
 
-    plan, stage_hosts = prepare(paths, pipeline=pipeline, inputs=inputs, execution_id="<dry-run>")
     stages: list[dict[str, Any]] = []
     for stage, hosts in zip(plan.stages, stage_hosts, strict=True):
         from app.coordinator.machine import stage_skip
@@ -36,6 +43,22 @@ def dry_run(
                 if after == "Failure"
                 else skipped
             )
+        if isinstance(stage, PipelineStagePlan):
+            child = stage.child_plan()
+            stages.append(
+                {
+                    "identifier": stage.identifier,
+                    "name": stage.name,
+                    "type": "Pipeline",
+                    "skipped_by_when": skipped,
+                    "pipeline": stage.pipeline,
+                    "inputs": dict(stage.child_inputs),
+                    "summary": f"runs pipeline '{stage.pipeline}' ({child.name}) as an "
+                    "execution of its own and waits for it; a failed child fails the stage",
+                    "stages": _stages(child, static_hosts(child)),
+                }
+            )
+            continue
         if isinstance(stage, ApprovalStagePlan):
             approvers = stage.approval.spec.approvers
             stages.append(
@@ -106,7 +129,7 @@ def dry_run(
                 "watch": watch_plan(stage),
             }
         )
-    return {"pipeline": plan.identifier, "name": plan.name, "stages": stages}
+    return stages
 
 
 def watch_plan(stage: Any) -> dict[str, Any] | None:

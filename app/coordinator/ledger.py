@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 
 from app.canvas import HostStepKey
 from app.db import session_scope
-from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan, Plan
+from app.definitions.plan import AnyStagePlan, DeploymentStagePlan, Plan
 from app.models import (
     Execution,
     HostStepRun,
@@ -63,7 +63,7 @@ def plan_of(ex: Execution) -> Plan:
     return plan
 
 
-def stage_of(ex: Execution, index: int) -> DeploymentStagePlan | ApprovalStagePlan:
+def stage_of(ex: Execution, index: int) -> AnyStagePlan:
     """Stage ``index`` of the execution's plan."""
     return plan_of(ex).stages[index]
 
@@ -293,7 +293,7 @@ GO_ON = "a stage failed; the stages that run after a failure go on"
 FAILED_STAGES = frozenset({Status.FAILED, Status.ROLLED_BACK})
 
 
-def after_failure_status(stage: DeploymentStagePlan | ApprovalStagePlan) -> str:
+def after_failure_status(stage: AnyStagePlan) -> str:
     """The pipeline status a stage's ``when`` asks for (Success without one)."""
     when = stage.when
     return (when.pipeline_status or when.stage_status or "Success") if when else "Success"
@@ -326,7 +326,7 @@ def failed_so_far(s: Session, ex: Execution) -> bool:
     )
 
 
-def all_static(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
+def all_static(stage: AnyStagePlan) -> bool:
     return all(i.provider == "static" for i in stage.infrastructures)
 
 

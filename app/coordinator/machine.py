@@ -16,6 +16,7 @@ from sqlmodel import Session, col, select
 
 from app.coordinator.approvals import decide_approval_stage
 from app.coordinator.barriers import decide_barrier
+from app.coordinator.chaining import decide_pipeline_stage
 from app.coordinator.discovery import decide_discovery, discover_stage
 from app.coordinator.failure import fail_stage, stage_failed
 from app.coordinator.ledger import (
@@ -37,7 +38,12 @@ from app.coordinator.routing import discovered_by_workers, tags_of
 from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
 from app.coordinator.watch import decide_watch
 from app.db import session_scope
-from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan
+from app.definitions.plan import (
+    AnyStagePlan,
+    ApprovalStagePlan,
+    DeploymentStagePlan,
+    PipelineStagePlan,
+)
 from app.errors import ConfigError, SpecError
 from app.models import (
     Execution,
@@ -65,11 +71,20 @@ def advance(execution_id: str) -> str:
         while decision == GO_ON:  # a stage failed and a later one runs after a failure
             decision = _decide(s, ex, dispatches)
         after = notify_snapshot(s, ex)
+        parent = ex.parent_execution_id if ex.status in Status.TERMINAL else None
     # Publish only after COMMIT: a task must never run before its rows are visible.
     for d in dispatches:
         publish(d)
     notify_transition(execution_id, before, after)
+    wake_parent(parent)
     return decision
+
+
+def wake_parent(parent_id: str | None) -> None:
+    """A chained pipeline's execution ended: its parent's Pipeline stage decides again (after
+    the child's commit: the parent reads the child's final status)."""
+    if parent_id is not None:
+        advance(parent_id)
 
 
 def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
@@ -98,6 +113,11 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             outcome = decide_approval_stage(s, ex, run, stage_plan, dispatches)
             if outcome:
                 return outcome
+            continue
+        if isinstance(stage_plan, PipelineStagePlan):  # a child execution of its own
+            chained = decide_pipeline_stage(s, ex, run, stage_plan, dispatches)
+            if chained:
+                return chained
             continue
         if run.status == Status.PENDING and not run.hosts and discovered_by_workers(stage_plan):
             outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
@@ -189,7 +209,7 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
         s.add(ex)
 
 
-def stage_skip(stage: DeploymentStagePlan | ApprovalStagePlan, *, failed: bool) -> str:
+def stage_skip(stage: AnyStagePlan, *, failed: bool) -> str:
     """Why the stage does not run ('' when it does): an earlier stage ``failed`` and its
     ``when`` does not ask to run after a failure, or it asks for a failure and none happened,
     or its condition (bound when the plan was resolved: only literals are left) is false."""

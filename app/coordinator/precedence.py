@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from app.definitions.base import parse_duration
 from app.definitions.models import FailureAction
-from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan, StepPlan
+from app.definitions.plan import AnyStagePlan, DeploymentStagePlan, StepPlan
 
-Stage = DeploymentStagePlan | ApprovalStagePlan
+Stage = AnyStagePlan
 
 # When hosts of one phase fail in different ways, the strongest action wins.
 _SEVERITY = (

@@ -7,7 +7,7 @@ from typing import Any
 
 from app.coordinator.ledger import all_static
 from app.definitions.plan import (
-    ApprovalStagePlan,
+    AnyStagePlan,
     DeploymentStagePlan,
     InfrastructurePlan,
     StepPlan,
@@ -122,7 +122,7 @@ def queue_served(region: str, tags: tuple[str, ...] = ()) -> bool:
     return any(q.get("name") == queue for qs in replies.values() for q in qs or [])
 
 
-def discovered_by_workers(stage: DeploymentStagePlan | ApprovalStagePlan) -> bool:
+def discovered_by_workers(stage: AnyStagePlan) -> bool:
     """Cloud hosts are listed by the region's workers (they hold its credentials); embedded
     runs, and static host lists, need no task."""
     return not get_settings().embedded and not all_static(stage)

@@ -15,6 +15,7 @@ from app.coordinator.discovery import discover_stage
 from app.coordinator.ledger import all_static, new_execution_id, plan_of
 from app.coordinator.machine import advance
 from app.coordinator.outputs import names_outputs
+from app.coordinator.records import record_rows
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import (
     choose_tags,
@@ -119,26 +120,7 @@ def record(
         )
         s.add(ex)
         s.flush()
-        for i, stage in enumerate(plan.stages):
-            s.add(
-                StageRun(
-                    execution_id=execution_id,
-                    stage_index=i,
-                    identifier=stage.identifier,
-                    name=stage.name,
-                    hosts=host_dicts[i],
-                )
-            )
-            for j, step in enumerate(stage.steps):
-                s.add(
-                    StepRun(
-                        execution_id=execution_id,
-                        stage_index=i,
-                        step_index=j,
-                        identifier=step.identifier,
-                        name=step.name,
-                    )
-                )
+        record_rows(s, execution_id, plan, host_dicts)
     if publish:
         advance(execution_id)
     return list(warnings)
@@ -200,8 +182,13 @@ def prepare(
     bundle = load(paths, inputs=inputs if inputs is not None else {}, require_inputs=True)
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
+    return plan, static_hosts(plan)
+
+
+def static_hosts(plan: Plan) -> list[list[Host]]:
+    """Each stage's static hosts ([] where they are discovered when it starts)."""
     # Discover static hosts now: a bad host list is bad input, refused before anything runs.
-    stage_hosts = [
+    return [
         discover_stage(st)
         if isinstance(st, DeploymentStagePlan)
         and all_static(st)
@@ -210,7 +197,6 @@ def prepare(
         else []
         for st in plan.stages
     ]
-    return plan, stage_hosts
 
 
 def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> str:
@@ -268,9 +254,12 @@ def retry_failed(execution_id: str, *, user: str = "", publish: bool = True) -> 
                     for i in range(n_steps)
                 )
             ]
+            kind = plan.stages[run.stage_index].type
             skip = (
                 approvals.get(run.stage_index) == Status.SUCCEEDED
-                if plan.stages[run.stage_index].type == "Approval"
+                if kind == "Approval"
+                else run.status == Status.SUCCEEDED  # its child runs again otherwise
+                if kind == "Pipeline"
                 else not redo
             )
             stages.append((run, redo, skip))

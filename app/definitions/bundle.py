@@ -70,6 +70,8 @@ class Bundle:
     templates: list[Document] = field(default_factory=list)
     # (file, path) of every value that came from a runtime input: quoted in scripts.
     external: set[tuple[str, int, tuple[str | int, ...]]] = field(default_factory=set)
+    # Hook (chaining): pipeline identifier -> its variables written <+input> in the files.
+    chain_inputs: dict[str, set[str]] = field(default_factory=dict)
 
     def by_kind(self, kind: str) -> dict[str, Loaded]:
         return {

@@ -77,9 +77,15 @@ def find_inputs(
 
 
 def apply_inputs(
-    bundle_docs: list[Document], inputs: Mapping[str, str], *, require: bool
+    bundle_docs: list[Document],
+    inputs: Mapping[str, str],
+    *,
+    require: bool,
+    optional: Iterable[str] = (),
 ) -> tuple[list[InputSlot], set[tuple[str, int, tuple[Any, ...]]]]:
-    """Fill every ``<+input>`` from ``inputs`` (``--set`` keys match a name's trailing parts)."""
+    """Fill every ``<+input>`` from ``inputs`` (``--set`` keys match a name's trailing parts).
+    ``optional``: names that need no value here (a Pipeline stage gives them to its child)."""
+    optional = set(optional)
     errs = Collector()
     slots: list[InputSlot] = []
     for doc in bundle_docs:
@@ -143,7 +149,7 @@ def apply_inputs(
                 continue
         elif "default" in slot.options:
             value = slot.options["default"]
-        elif require:
+        elif require and slot.name not in optional:
             errs.add(
                 slot.doc.error(
                     f"runtime input <+input> has no value: give it with --set {slot.name}=VALUE "

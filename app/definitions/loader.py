@@ -132,14 +132,22 @@ def _load_bundle(
         errs.add(problem)
     errs.raise_if_any()
 
+    # Hook (chaining): a child pipeline's <+input> variables that a Pipeline stage gives.
+    from app.definitions.chaining import chain_filled, check_chains, declared_inputs
+
+    bundle.chain_inputs = declared_inputs(bundle.documents)
     bundle.inputs, bundle.external = apply_inputs(
-        bundle.documents, inputs or {}, require=require_inputs
+        bundle.documents,
+        inputs or {},
+        require=require_inputs,
+        optional=chain_filled(bundle.documents),
     )
 
     for doc in bundle.documents:
         _load_document(doc, bundle, errs)
     errs.raise_if_any()
     check_references(bundle, errs)
+    check_chains(bundle, errs)
     for err in check_maps(bundle, provider_of):  # every free-form map is a schema too
         errs.add(err)
     errs.raise_if_any()
@@ -366,6 +374,11 @@ def choose_pipeline(bundle: Bundle, pipeline: str | None) -> Loaded:
         return bundle.pipelines[pipeline]
     if len(bundle.pipelines) == 1:
         return next(iter(bundle.pipelines.values()))
+    from app.definitions.chaining import roots
+
+    top = roots(bundle)
+    if len(top) == 1 and bundle.pipelines:  # the others are its children
+        return bundle.pipelines[top[0]]
     if not bundle.pipelines:
         raise SpecError(
             "the given files define no Pipeline",

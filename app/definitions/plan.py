@@ -224,6 +224,39 @@ class ApprovalStagePlan(Model):
     when: StageWhen | None = None
 
 
+class PipelineStagePlan(Model):
+    """A Pipeline stage (pipeline chaining): the coordinator records the child's plan as an
+    execution of its own and the stage waits for it (app.coordinator.chaining). ``child`` is
+    the child's whole plan, resolved under ``child_execution_id``, which the coordinator
+    replaces with the new execution's id."""
+
+    type: Literal["Pipeline"]
+    index: int
+    identifier: str
+    name: str
+    tags: dict[str, Any] | None = None
+    pipeline: str
+    child_inputs: dict[str, str] = Field(default_factory=dict)
+    child_execution_id: str
+    child: dict[str, Any]
+    steps: list[StepPlan] = Field(default_factory=list)
+    rollback_steps: list[StepPlan] = Field(default_factory=list)
+    infrastructures: list[InfrastructurePlan] = Field(default_factory=list)
+    strategy: StrategyPlan = Field(default_factory=StrategyPlan)
+    when: StageWhen | None = None
+    # The stage's, then the pipeline's (app.definitions.chaining refuses the actions that
+    # would roll the child back or run it again).
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+
+    def child_plan(self) -> Plan:
+        """The child's plan."""
+        return Plan.of(self.child)
+
+
+# Any stage of a plan, typed.
+AnyStagePlan = DeploymentStagePlan | ApprovalStagePlan | PipelineStagePlan
+
+
 def _stage_kind(value: Any) -> str:
     kind = str(
         (value.get("type") if isinstance(value, dict) else getattr(value, "type", None))
@@ -234,7 +267,8 @@ def _stage_kind(value: Any) -> str:
 
 StagePlan = Annotated[
     Annotated[DeploymentStagePlan, Tag("Deployment")]
-    | Annotated[ApprovalStagePlan, Tag("Approval")],
+    | Annotated[ApprovalStagePlan, Tag("Approval")]
+    | Annotated[PipelineStagePlan, Tag("Pipeline")],
     Discriminator(_stage_kind),
 ]
 

@@ -69,6 +69,8 @@ def check_references(bundle: Bundle, errs: Collector) -> None:
                     pipe.error(f"duplicate stage identifier '{st.identifier}'", (*sp, "identifier"))
                 )
             stage_ids[st.identifier] = si
+            if isinstance(st, m.PipelineStageSpec):
+                continue  # its child: app.definitions.chaining.check_chains
             if isinstance(st, m.ApprovalStageSpec):
                 continue  # approvers' groups are checked when someone approves
             if isinstance(st, m.CustomStageSpec):

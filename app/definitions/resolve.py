@@ -62,7 +62,7 @@ def _variables_ctx(
 def stage_context(
     bundle: Bundle,
     pipe: Loaded,
-    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec | m.PipelineStageSpec,
     *,
     execution_id: str,
 ) -> Context:
@@ -77,7 +77,7 @@ def stage_context(
         ctx, "pipeline.variables", pipe, pm.spec.variables, ("spec", "variables"), bundle
     )
     ctx.set("stage.name", stage.name)
-    if isinstance(stage, m.ApprovalStageSpec | m.CustomStageSpec):
+    if isinstance(stage, m.ApprovalStageSpec | m.CustomStageSpec | m.PipelineStageSpec):
         ctx.set("stage.identifier", stage.identifier)
         return ctx
     ctx.set("stage.identifier", stage.identifier)
@@ -228,7 +228,7 @@ def render_condition(text: str, ctx: Context, *, on_error: Callable[[str], None]
 
 
 def _stage_when(
-    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec,
+    stage: m.StageSpec | m.ApprovalStageSpec | m.CustomStageSpec | m.PipelineStageSpec,
     rendered: dict[str, Any],
     pipe: Loaded,
     base: tuple[str | int, ...],
@@ -340,6 +340,20 @@ def resolve_stage(
         return _looped(out, loop, plan_index)
     rendered, marks = _render_stage(raw, ctx, pipe, base, errs)
     when = _stage_when(stage, rendered, pipe, base, errs)
+    if isinstance(stage, m.PipelineStageSpec):
+        errs.raise_if_any()
+        from app.definitions.chaining import resolve_pipeline_stage
+
+        return resolve_pipeline_stage(
+            bundle,
+            pipe,
+            index,
+            stage,
+            rendered,
+            when,
+            plan_index=index if plan_index is None else plan_index,
+            strict_inputs=strict_inputs,
+        )
     if isinstance(stage, m.ApprovalStageSpec):
         errs.raise_if_any()
         step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step
@@ -717,11 +731,18 @@ def strategy_of(stage: m.StageSpec, *, regions: list[str] | None = None) -> dict
     return out
 
 
-def resolve(bundle: Bundle, pipeline: Loaded, *, execution_id: str) -> Plan:
+def resolve(
+    bundle: Bundle, pipeline: Loaded, *, execution_id: str, strict_inputs: bool = True
+) -> Plan:
     """The whole pipeline as an execution runs it (stored with ``Plan.to_json()``)."""
+    from app.definitions.chaining import check_unfilled
     from app.definitions.plan import Plan
 
-    stages = resolve_stages(bundle, pipeline, execution_id=execution_id)
+    if strict_inputs:  # a child's variables a chain would give: given by --set when run alone
+        check_unfilled(pipeline)
+    stages = resolve_stages(
+        bundle, pipeline, execution_id=execution_id, strict_inputs=strict_inputs
+    )
     return Plan.model_validate(
         {
             "identifier": pipeline.ident,

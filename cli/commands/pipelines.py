@@ -73,9 +73,11 @@ def validate(
             )
             sys.exit(2)
         fail_input(exc)
+    from app.definitions.chaining import chain_filled
     from app.definitions.templates import templates_of
 
     all_docs = [*bundle.documents, *bundle.templates]
+    chained = chain_filled(bundle.documents)
     summary: dict[str, Any] = {
         "valid": True,
         "templates": sorted(
@@ -93,6 +95,7 @@ def validate(
             {
                 "name": s.name,
                 **({"default": s.options["default"]} if "default" in s.options else {}),
+                **({"given_by": "a Pipeline stage that chains it"} if s.name in chained else {}),
             }
             for s in bundle.inputs
             if "<+input>" in str(_value_at(s))
@@ -120,7 +123,13 @@ def validate(
     for i in summary["inputs"]:
         cli.out.print(
             f"  runtime input: {i['name']}"
-            + (f" (default {i['default']})" if "default" in i else " (give it with --set)")
+            + (
+                f" (default {i['default']})"
+                if "default" in i
+                else f" (given by {i['given_by']}; --set when run alone)"
+                if "given_by" in i
+                else " (give it with --set)"
+            )
         )
 
 

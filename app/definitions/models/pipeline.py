@@ -1,4 +1,5 @@
-"""Pipelines and their stages (Deployment and Approval), and the kinds a file may hold."""
+"""Pipelines and their stages (Deployment, Approval, Custom, Pipeline), and the kinds a file may
+hold."""
 
 from __future__ import annotations
 
@@ -224,7 +225,78 @@ class CustomStageSpec(Model):
         return no_hosts_loop(v, "a stage")
 
 
-AnyStage = Annotated[StageSpec | ApprovalStageSpec | CustomStageSpec, Field(discriminator="type")]
+class ChildVariable(Model):
+    """A value for one of the child pipeline's variables (``name``, ``type``, ``value``)."""
+
+    name: str
+    type: Literal["String", "Number"] = "String"
+    value: Scalar
+
+
+class ChildInputs(Model):
+    """The child's runtime inputs as Harness writes them: ``identifier`` (the child's) and
+    ``variables``, only for variables the child declares ``<+input>``. Other runtime inputs
+    of the child (an artifact tag, a service's) are the run's: ``--set`` or an input set.
+    Checked by app.definitions.chaining."""
+
+    identifier: str | None = None
+    variables: list[ChildVariable] = Field(default_factory=list)
+
+
+class ChildOutput(Model):
+    name: str
+    value: str
+
+
+class PipelineChainSpec(Model):
+    """Which pipeline the stage runs, and with which inputs. ``org`` and ``project`` are read
+    as Harness writes them (vmfarm has one namespace: when the child records its own
+    orgIdentifier or projectIdentifier they must match)."""
+
+    org: str | None = None
+    project: str | None = None
+    pipeline: str
+    inputs: ChildInputs | None = None
+    # Checked and refused by app.definitions.chaining (never accepted and ignored).
+    outputs: list[ChildOutput] = Field(default_factory=list)
+
+
+class PipelineStageSpec(Model):
+    """Pipeline chaining: a stage that runs another pipeline (the child) as an execution of
+    its own and waits for it; the stage succeeds when the child SUCCEEDED and fails, naming
+    the child's execution and its error, otherwise (app.definitions.chaining,
+    app.coordinator.chaining).
+
+    ```yaml
+    - stage:
+        name: Deploy backend
+        identifier: backend
+        type: Pipeline
+        spec:
+          org: default
+          project: shop
+          pipeline: backend_deploy
+          inputs:
+            identifier: backend_deploy
+            variables:
+              - {name: release, type: String, value: "1.4.2"}
+    ```
+    """
+
+    name: str
+    identifier: Identifier
+    type: Literal["Pipeline"]
+    description: str | None = None
+    tags: dict[str, Scalar] = Field(default_factory=dict)
+    spec: PipelineChainSpec
+    failure_strategies: list[FailureStrategy] = Field(default_factory=list)
+    when: StageWhen | None = None
+
+
+AnyStage = Annotated[
+    StageSpec | ApprovalStageSpec | CustomStageSpec | PipelineStageSpec,
+    Field(discriminator="type"),
+]
 
 
 class StageElement(Model):

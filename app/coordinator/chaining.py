@@ -1,0 +1,138 @@
+"""Pipeline stages (pipeline chaining): the parent's stage records the child's plan as an
+execution of its own (``parent_execution_id``, ``parent_stage``) and waits; nothing sleeps.
+
+::
+
+    parent advance()  stage PENDING  -> record the child execution, stage RUNNING,
+                                        a timer advances the child (after the commit)
+                      stage RUNNING  -> child not ended: "waiting"
+                                        child SUCCEEDED: the stage SUCCEEDED, the parent goes on
+                                        child FAILED / ABORTED: the stage's failure strategy
+                                        (MarkAsFailure by default; Abort, Ignore, MarkAsSuccess)
+    child advance()   ends           -> wake_parent(): the parent's advance() decides again
+
+The child's plan was resolved with the parent (app.definitions.chaining), so RBAC, policies
+and freeze windows judged it when the parent was submitted; its ``<+pipeline.executionId>``
+was rendered as a placeholder that is replaced here by the child's own id.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlmodel import Session, col, select
+
+from app.coordinator.failure import fail_stage
+from app.coordinator.ledger import finish, new_execution_id
+from app.coordinator.precedence import stage_action
+from app.coordinator.publish import Dispatch
+from app.coordinator.records import record_rows
+from app.definitions.plan import PipelineStagePlan, Plan
+from app.models import Execution, StageRun, Status, utcnow
+
+
+def child_of(s: Session, parent_id: str, stage_index: int) -> Execution | None:
+    """The latest child execution a parent's Pipeline stage started (None: not yet)."""
+    return s.exec(
+        select(Execution)
+        .where(
+            Execution.parent_execution_id == parent_id,
+            Execution.parent_stage == stage_index,
+        )
+        .order_by(col(Execution.created_at).desc())
+    ).first()
+
+
+def running_children(s: Session, parent_id: str) -> list[str]:
+    """The children of a parent that have not ended (an abort of the parent aborts them)."""
+    return list(
+        s.exec(
+            select(Execution.id).where(
+                Execution.parent_execution_id == parent_id,
+                col(Execution.status).not_in(list(Status.TERMINAL)),
+            )
+        ).all()
+    )
+
+
+def decide_pipeline_stage(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    stage: PipelineStagePlan,
+    dispatches: list[Dispatch],
+) -> str | None:
+    """The Pipeline stage's next move: what happened ("waiting", "failed", ...), or None when
+    the stage is done and the parent goes on to its next stage."""
+    if run.status == Status.PENDING:
+        child_id = start_child(s, ex, run, stage)
+        dispatches.append(Dispatch("timer", child_id, 0, -1, [], countdown=0.0))
+        return f"started child execution {child_id} (pipeline {stage.pipeline})"
+    child = child_of(s, ex.id, run.stage_index)
+    if child is None:  # recorded with the stage; only a hand-edited ledger gets here
+        return fail_stage(s, ex, run, "its child execution is missing from the ledger")
+    if child.status not in Status.TERMINAL:
+        return "waiting"
+    if child.status == Status.SUCCEEDED:
+        run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+        run.error = None
+        s.add(run)
+        ex.current_stage += 1
+        s.add(ex)
+        return None
+    error = f"child execution {child.id} (pipeline {stage.pipeline}) {child.status}" + (
+        f": {child.error}" if child.error else ""
+    )
+    action = stage_action(stage, [(None, "Unknown")]).type
+    if action in ("Ignore", "MarkAsSuccess"):
+        run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+        run.error = f"{error} ({action} by the failure strategy)"
+        s.add(run)
+        ex.current_stage += 1
+        s.add(ex)
+        return None
+    if action == "Abort":
+        run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
+        s.add(run)
+        finish(
+            s,
+            ex,
+            Status.ABORTED,
+            error=f"stage '{run.identifier}': {error} (aborted by the failure strategy)",
+        )
+        return "aborted"
+    # MarkAsFailure (the default); StageRollback and the others are refused at load.
+    return fail_stage(s, ex, run, error)
+
+
+def start_child(s: Session, ex: Execution, run: StageRun, stage: PipelineStagePlan) -> str:
+    """Record the child execution (its rows as a run records them) and start the stage."""
+    child_id = new_execution_id()
+    data = json.loads(json.dumps(stage.child).replace(stage.child_execution_id, child_id))
+    plan = Plan.of(data)
+    s.add(
+        Execution(
+            id=child_id,
+            pipeline=plan.identifier,
+            pipeline_name=plan.name,
+            plan=data,
+            inputs={
+                **{
+                    f"pipeline.{stage.pipeline}.variables.{k}": v
+                    for k, v in stage.child_inputs.items()
+                },
+                "chained_by": f"{ex.id}/{run.identifier}",
+            },
+            created_by=ex.created_by,
+            parent_execution_id=ex.id,
+            parent_stage=run.stage_index,
+        )
+    )
+    s.flush()
+    record_rows(s, child_id, plan, [[] for _ in plan.stages])
+    run.status, run.started_at, run.error = Status.RUNNING, utcnow(), None
+    s.add(run)
+    if ex.status == Status.QUEUED:
+        ex.status, ex.started_at = Status.RUNNING, utcnow()
+        s.add(ex)
+    return child_id
