@@ -52,14 +52,26 @@ def run_host(
         prev = execute(k, prev=prev, task_id=req.id, worker=req.hostname, queue=queue)
         if prev.get("handover") or prev.get("status") == "WAITING":
             break  # WAITING: a Wait or approval step; the coordinator continues the host
+        if _still_running_elsewhere(prev):
+            break  # a second copy of this message: the first runs the host's later steps
     assert prev is not None
     return prev
 
 
 def _stopped(prev: dict[str, Any], key: dict[str, Any]) -> bool:
     """This host stopped at a Wait or approval step in an earlier link of its chain: its later
-    steps run when the coordinator continues it, not now."""
-    return prev.get("status") == "WAITING" and prev.get("host") == key["h"]
+    steps run when the coordinator continues it, not now. Or the earlier link was a second
+    copy of a message whose first copy is still running that step on this host: the first
+    copy's chain runs the later steps, in order, once it ends."""
+    if prev.get("host") != key["h"]:
+        return False
+    return prev.get("status") == "WAITING" or _still_running_elsewhere(prev)
+
+
+def _still_running_elsewhere(result: dict[str, Any]) -> bool:
+    """A duplicate delivery's result (app.execution.ledger.summary) for a step another
+    delivery has claimed and not finished."""
+    return bool(result.get("duplicate")) and result.get("status") == "RUNNING"
 
 
 @app.task(name="vmfarm.check_host", bind=True)

@@ -229,3 +229,54 @@ def test_work_that_expired_in_a_queue_fails_its_host_instead_of_hanging(
     assert {h["status"] for h in hosts.values()} == {"SUCCEEDED"}
     record = _host_file(lab, late, "itest/record").read_text()
     assert ex_id not in record
+
+
+def test_a_second_copy_of_a_running_host_message_leaves_the_later_steps_to_the_first(
+    cluster: Cluster, lab: Any, in_process_app: Any, tmp_path: Path
+) -> None:
+    """A message delivered twice (a publish sent again after Redis cut it, a redelivery) while
+    the first copy still runs the host's first step: the copy must not run the host's second
+    step before the first step has ended on that host (it would find no artifact there)."""
+    from tasks.deploy import run_host
+
+    slow = tmp_path / "slow.yaml"
+    # The same pipeline with a slow first step (its artifact read from where it lives)
+    text = (
+        Path(PIPELINE).read_text().replace("path: ./payload", f"path: {DATA / 'itest' / 'payload'}")
+    )
+    assert text.count('mkdir -p "$DIR"\n') == 1
+    slow.write_text(text.replace('mkdir -p "$DIR"\n', "sleep 6\n" + " " * 32 + 'mkdir -p "$DIR"\n'))
+    sub = cluster.vmfarm(
+        "run", str(slow), str(lab.infrastructure_file), "--set", "tag=5.0.0", "--detach"
+    )
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    ex_id = sub.stdout.strip().splitlines()[-1]
+    host = lab.hosts[0]
+
+    def first_step_running() -> bool:
+        return any(
+            r.host == host.address and r.step_index == 0 and r.status == "RUNNING"
+            for r in _rows(cluster, ex_id)
+        )
+
+    wait_for(first_step_running, timeout=60, what="the host's first step to start")
+    key = {"e": ex_id, "s": 0, "p": 0, "h": host.address, "i": 0, "a": 1, "region": host.region}
+
+    copy = run_host.apply_async(kwargs={"key": key, "until": 2}).get(timeout=60)
+
+    assert copy.get("duplicate") and copy["status"] == "RUNNING", copy
+
+    def ended() -> bool:
+        report = json.loads(cluster.vmfarm("status", ex_id, "--output", "json").stdout)
+        return report["status"] in ("SUCCEEDED", "FAILED", "ABORTED")
+
+    wait_for(ended, timeout=120, what="the execution to end")
+    report = json.loads(cluster.vmfarm("status", ex_id, "--output", "json").stdout)
+    assert report["status"] == "SUCCEEDED", report
+    rows = sorted(
+        (r for r in _rows(cluster, ex_id) if r.host == host.address), key=lambda r: r.step_index
+    )
+    assert [(r.step_index, r.status) for r in rows] == [(0, "SUCCEEDED"), (1, "SUCCEEDED")]
+    assert rows[0].finished_at is not None and rows[1].started_at >= rows[0].finished_at
+    checked = _host_file(lab, host.address, "itest/checked").read_text().splitlines()
+    assert len([line for line in checked if line.startswith(ex_id)]) == 1
