@@ -25,7 +25,7 @@ from app.coordinator.routing import (
     unserved_delegates,
 )
 from app.db import session_scope
-from app.definitions.plan import DeploymentStagePlan, Plan
+from app.definitions.plan import DeploymentStagePlan, PipelineStagePlan, Plan
 from app.errors import ConfigError
 from app.models import (
     Execution,
@@ -81,6 +81,10 @@ def record(
     who = user or get_settings().user or ""
     data = plan.to_json()  # what the ledger stores; policies read it as a document
     warnings = policy.enforce(data, stage_hosts, user=who, execution_id=execution_id)
+    for child in chained_plans(plan):  # a Pipeline stage's child: its policies apply too
+        warnings += policy.enforce(
+            child.to_json(), static_hosts(child), user=who, execution_id=execution_id
+        )
     host_dicts = [[h.to_dict() for h in hosts] for hosts in stage_hosts]  # once: 10,000s
     deployments = [
         (st, hosts)
@@ -183,6 +187,16 @@ def prepare(
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     return plan, static_hosts(plan)
+
+
+def chained_plans(plan: Plan) -> list[Plan]:
+    """The plans of the pipelines ``plan`` chains (Pipeline stages), at any depth."""
+    out: list[Plan] = []
+    for st in plan.stages:
+        if isinstance(st, PipelineStagePlan):
+            child = st.child_plan()
+            out += [child, *chained_plans(child)]
+    return out
 
 
 def static_hosts(plan: Plan) -> list[list[Host]]:

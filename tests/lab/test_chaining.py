@@ -100,3 +100,12 @@ def test_a_failing_child_fails_the_parent_naming_the_child(
     # and the stage after it did not run
     assert after["status"] == "SKIPPED"
     assert _status(env, child_id)["status"] == "FAILED"
+    # When the parent is retried, its Pipeline stage runs the child again: a new execution
+    res = run_vmfarm("retry", report["id"], "--only-failed", "-o", "json", env=env)
+    again = json.loads(res.stdout)
+    assert again["id"] != report["id"]
+    second = again["stages"][0]["child_execution"]["id"]
+    assert second != child_id
+    assert _status(env, second)["parent"] == {"id": again["id"], "stage": "child"}
+    assert len(_runs(lab, second)) == len(lab.hosts)  # (and fails again: the same plan)
+    assert res.returncode == 1 and again["status"] == "FAILED"

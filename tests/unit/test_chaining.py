@@ -7,10 +7,12 @@ tests/service/test_chaining.py (server mode).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from sqlmodel import select
 
 from app.definitions.loader import choose_pipeline, load
 from app.definitions.plan import PipelineStagePlan
@@ -242,3 +244,132 @@ def test_in_server_mode_the_registry_brings_the_child_and_what_it_names() -> Non
     reached = registry.reach([yaml.safe_load(top)], stored, skip=set())
     # the chained pipeline, and the environment it names; not the pipeline nothing chains
     assert [e.key for e in reached] == [("Environment", "prod"), ("Pipeline", "child")]
+
+
+def test_running_a_chain_needs_the_childs_permissions_too(tmp_path: Path) -> None:
+    from app.rbac import PermissionRefused, load_rbac, required_permissions
+
+    # Given erin may run the parent only (a binding scoped to its identifier)
+    paths = write(tmp_path, parent())
+    bundle = load(paths, inputs={}, require_inputs=True)
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="x").to_json()
+    rules = tmp_path / "rbac.yaml"
+    rules.write_text(
+        "roles:\n  runner: [pipeline:execute]\n"
+        "bindings:\n  - role: runner\n    users: [erin]\n    resources: [parent]\n"
+        "  - role: runner\n    users: [dave]\n"
+    )
+    cfg = load_rbac(rules)
+    assert cfg is not None
+    # Then running it needs pipeline:execute on the child as well, named by the chain's stage
+    needs = required_permissions("run", plan)
+    assert [(n.permission, n.resource, n.stage) for n in needs] == [
+        ("pipeline:execute", "parent", None),
+        ("pipeline:execute", "child", "run_child → child"),
+    ]
+    cfg.authorize("erin", "pipeline:execute", resource="parent")
+    with pytest.raises(PermissionRefused) as exc:
+        cfg.authorize("erin", "pipeline:execute", resource="child", stage=needs[1].stage)
+    assert "child" in str(exc.value)
+    # and dave, who may run every pipeline, may run the chain
+    for n in needs:
+        cfg.authorize("dave", n.permission, resource=n.resource)
+    # (viewing the parent does not need the child's permissions)
+    assert [n.resource for n in required_permissions("view", plan)] == ["parent"]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """An empty SQLite ledger (embedded mode: published work waits in its SQLite broker, no
+    worker takes it), and the chain's files with a lab environment of one host that does not
+    exist (nothing here contacts it)."""
+    import os
+
+    from app.db import reset_engines
+    from app.settings import get_settings
+
+    for key in list(os.environ):
+        if key.startswith("VMFARM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("VMFARM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    reset_engines()
+    infra = tmp_path / "infra.yaml"
+    infra.write_text(
+        "apiVersion: v1\nkind: Environment\nmetadata: {name: lab}\nspec: {type: PreProduction}\n"
+        "---\napiVersion: v1\nkind: Infrastructure\nmetadata: {name: lab}\nspec:\n"
+        "  environmentRef: lab\n  type: Pdc\n  spec:\n    hosts: [{hostname: 127.0.1.250}]\n"
+    )
+    try:
+        yield [str(Path(__file__).resolve().parents[1] / "data" / "chain"), str(infra)]
+    finally:
+        reset_engines()
+        get_settings.cache_clear()
+
+
+def test_the_childs_deployments_answer_to_the_policies_when_the_parent_is_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: list[str]
+) -> None:
+    from app.coordinator import prepare, record
+    from app.policy import PolicyViolation
+
+    # Given a policy that denies static hosts, and a child deploying to static hosts
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(
+        "policies:\n  - name: no static\n    deny:\n"
+        "      match: {infrastructure.provider: static}\n      message: cloud hosts only\n"
+    )
+    monkeypatch.setenv("VMFARM_POLICY_FILE", str(policies))
+    plan, hosts = prepare(ledger, pipeline=None, inputs={}, execution_id="p1")
+    # When the parent is recorded, the child's stage is judged: the run is refused
+    with pytest.raises(PolicyViolation) as exc:
+        record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
+    assert "cloud hosts only" in str(exc.value) and "'deploy'" in str(exc.value)
+
+
+def test_the_reconciler_wakes_a_parent_whose_child_ended_unnoticed(ledger: list[str]) -> None:
+    from datetime import timedelta
+
+    from app.coordinator import advance, prepare, reconcile, record
+    from app.db import session_scope
+    from app.models import Execution, StageRun, utcnow
+
+    # Given a parent whose Pipeline stage started its child
+    plan, hosts = prepare(ledger, pipeline=None, inputs={}, execution_id="p1")
+    record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
+    assert advance("p1").startswith("started child execution")
+    # and the child ended, but the process that ended it stopped before waking the parent
+    with session_scope() as s:
+        (child,) = s.exec(select(Execution).where(Execution.parent_execution_id == "p1")).all()
+        child.status, child.finished_at = "SUCCEEDED", utcnow() - timedelta(hours=1)
+        s.add(child)
+    # When the reconciler runs, the parent goes on past its Pipeline stage
+    said = reconcile()
+    assert any(a.startswith("p1: ") for a in said), said
+    with session_scope() as s:
+        runs = s.exec(select(StageRun).where(StageRun.execution_id == "p1")).all()
+        assert {r.stage_index: r.status for r in runs}[0] == "SUCCEEDED"
+
+
+def test_a_freeze_on_the_childs_environment_holds_for_the_parent(
+    tmp_path: Path, ledger: list[str]
+) -> None:
+    from datetime import UTC, datetime
+
+    from app.coordinator import prepare
+    from app.definitions import freeze
+
+    # Given a freeze of every PreProduction environment, and a parent whose child deploys to one
+    path = tmp_path / "freeze.yaml"
+    path.write_text(
+        "freeze:\n  name: Hold\n  identifier: hold\n  status: Enabled\n  entityConfigs:\n"
+        "    - name: rule\n      entities:\n"
+        "        - {type: EnvType, filterType: Equals, entityRefs: [PreProduction]}\n"
+        "  windows:\n    - {timeZone: UTC, startTime: 2026-12-20 06:00 PM, duration: 2w}\n"
+    )
+    plan, _ = prepare(ledger, pipeline=None, inputs={}, execution_id="p1")
+    (found,) = freeze.load([path])
+    # Then the freeze holds for the parent's run, at the child's stage
+    (hit,) = freeze.active([found], plan, datetime(2026, 12, 25, tzinfo=UTC))
+    assert "child/deploy" in hit.stages
