@@ -19,6 +19,7 @@ import yaml
 
 from tests.alloc import Allocator
 from tests.conftest import DATA, REPO, Cluster, run_vmfarm
+from tests.console_signin import console_sign_in
 from tests.service.conftest import SERVER_RBAC, SERVER_USERS, Provider, Server, _stop
 from tests.service.test_cli_server_lab import lab_cluster  # noqa: F401  (a fixture)
 from tests.service.test_cli_server_mode import cli_login
@@ -57,6 +58,7 @@ def chain_server(
             "VMFARM_SERVER_ISSUER": oidc.url,
             "VMFARM_SERVER_AUDIENCE": "vmfarm",
             "VMFARM_SERVER_CLI_CLIENT_SECRET": "test-client-secret",
+            "VMFARM_SERVER_CONSOLE_CLIENT_SECRET": "test-client-secret",
         }
         log = root / "server.log"
         with log.open("wb") as fh:
@@ -152,6 +154,7 @@ def _runs_on(lab: Any, ex_id: str) -> int:
 
 def test_the_parent_runs_the_child_from_the_registry_then_goes_on(
     lab_cluster: Cluster,  # noqa: F811
+    chain_server: Server,
     people: dict[str, Any],
     applied: Path,
     lab: Any,
@@ -172,6 +175,13 @@ def test_the_parent_runs_the_child_from_the_registry_then_goes_on(
     assert child["parent"] == {"id": ex_id, "stage": "child"}
     # and the child's deployment ran on both hosts, by the region workers
     assert _runs_on(lab, child_id) == 2
+    # and the console links the parent's stage to its child, and the child to its parent
+    console = console_sign_in(chain_server.url, "alice")
+    page = console.get(f"/console/executions/{ex_id}?stage=0")
+    assert page.status_code == 200
+    assert f'href="/console/executions/{child_id}"' in page.text
+    page = console.get(f"/console/executions/{child_id}")
+    assert page.status_code == 200 and f'href="/console/executions/{ex_id}"' in page.text
 
 
 def test_aborting_the_parent_aborts_its_child(
