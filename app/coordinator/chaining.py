@@ -26,7 +26,7 @@ from app.coordinator.failure import fail_stage
 from app.coordinator.ledger import finish, new_execution_id
 from app.coordinator.precedence import stage_action
 from app.coordinator.publish import Dispatch
-from app.coordinator.records import record_rows
+from app.coordinator.records import deploying_elsewhere, record_rows
 from app.definitions.plan import PipelineStagePlan, Plan
 from app.models import Execution, StageRun, Status, utcnow
 
@@ -66,6 +66,8 @@ def decide_pipeline_stage(
     the stage is done and the parent goes on to its next stage."""
     if run.status == Status.PENDING:
         child_id = start_child(s, ex, run, stage)
+        if not child_id:
+            return fail_stage(s, ex, run, f"its child could not start: {run.error}")
         dispatches.append(Dispatch("timer", child_id, 0, -1, [], countdown=0.0))
         return f"started child execution {child_id} (pipeline {stage.pipeline})"
     child = child_of(s, ex.id, run.stage_index)
@@ -106,10 +108,15 @@ def decide_pipeline_stage(
 
 
 def start_child(s: Session, ex: Execution, run: StageRun, stage: PipelineStagePlan) -> str:
-    """Record the child execution (its rows as a run records them) and start the stage."""
+    """Record the child execution (its rows as a run records them) and start the stage; ''
+    with the reason in ``run.error`` when the child may not start now."""
     child_id = new_execution_id()
     data = json.loads(json.dumps(stage.child).replace(stage.child_execution_id, child_id))
     plan = Plan.of(data)
+    busy = deploying_elsewhere(s, plan)
+    if busy:  # allowSimultaneousDeployments: false, as for any run
+        run.error = "; ".join(busy)
+        return ""
     s.add(
         Execution(
             id=child_id,

@@ -79,6 +79,10 @@ def test_a_pipeline_stage_runs_the_child_deployment_then_the_parent_goes_on(
     assert [h["status"] for h in child["stages"][0]["hosts"]] == ["SUCCEEDED"] * len(lab.hosts)
     # with the release the parent gave, and its own execution id
     assert sorted(_runs(lab, child_id)) == [f"2.0 {child_id}"] * len(lab.hosts)
+    # and rolling the parent back asks for its child to be rolled back first
+    res = run_vmfarm("rollback", report["id"], "--plan", env=env)
+    assert res.returncode != 0
+    assert f"roll that one back first (vmfarm rollback {child_id})" in res.stderr, res.stderr
 
 
 def test_a_failing_child_fails_the_parent_naming_the_child(

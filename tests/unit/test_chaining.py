@@ -373,3 +373,34 @@ def test_a_freeze_on_the_childs_environment_holds_for_the_parent(
     # Then the freeze holds for the parent's run, at the child's stage
     (hit,) = freeze.active([found], plan, datetime(2026, 12, 25, tzinfo=UTC))
     assert "child/deploy" in hit.stages
+
+
+def test_a_child_does_not_start_while_another_run_deploys_its_service_there(
+    ledger: list[str],
+) -> None:
+    from app.coordinator import advance, prepare, record
+    from app.db import session_scope
+    from app.models import Execution, StageRun
+
+    # Given a chain whose child is deploying chained_app to the lab infrastructure
+    for ex_id in ("p1", "p2"):
+        plan, hosts = prepare(ledger, pipeline=None, inputs={}, execution_id=ex_id)
+        record(plan, hosts, execution_id=ex_id, inputs={}, user="dan", publish=False)
+    advance("p1")
+    with session_scope() as s:
+        (child,) = s.exec(select(Execution).where(Execution.parent_execution_id == "p1")).all()
+        run = s.exec(select(StageRun).where(StageRun.execution_id == child.id)).one()
+        run.status = "RUNNING"  # (its worker would have started it)
+        s.add(run)
+    # When a second chain reaches its Pipeline stage (the infrastructure does not allow
+    # simultaneous deployments, Harness's default)
+    assert advance("p2") == "failed"
+    # Then its child is not started and the stage fails saying why
+    with session_scope() as s:
+        assert not s.exec(select(Execution).where(Execution.parent_execution_id == "p2")).all()
+        stage = s.exec(
+            select(StageRun).where(StageRun.execution_id == "p2", StageRun.stage_index == 0)
+        ).one()
+        assert stage.status == "FAILED"
+        assert "being deployed to infrastructure 'lab'" in (stage.error or "")
+        assert child.id in (stage.error or "")
