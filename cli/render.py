@@ -543,6 +543,11 @@ def print_plan(result: dict[str, Any]) -> None:
             out.print(Text.assemble("\nstage ", (st["identifier"], "bold"), f": {st['summary']}"))
             for name, value in (st.get("inputs") or {}).items():
                 out.print(f"  variable {name} = {value}")
+            for name, value in (st.get("outputs") or {}).items():
+                out.print(
+                    f"  output {name} = {value} (later stages: "
+                    f"<+pipeline.stages.{st['identifier']}.output.{name}>)"
+                )
             out.print(f"  --- the plan of pipeline {st['pipeline']} ---")
             print_plan({"pipeline": st["pipeline"], "name": st["name"], "stages": st["stages"]})
             out.print(f"  --- end of pipeline {st['pipeline']} ---")

@@ -146,18 +146,80 @@ def test_other_inputs_of_the_child_are_refused_by_name(tmp_path: Path) -> None:
     assert any("unknown field 'stages'" in e.message for e in errs), [e.message for e in errs]
 
 
-def test_outputs_are_refused_rather_than_ignored(tmp_path: Path) -> None:
+def _with_outputs(*outputs: str, later: str = "") -> str:
     text = parent().replace(
         "          inputs:",
-        "          outputs:\n            - {name: v, value: <+pipeline.variables.release>}\n"
-        "          inputs:",
+        "          outputs:\n"
+        + "".join(
+            f"            - {{name: {o.split('=')[0]}, value: '{o.split('=', 1)[1]}'}}\n"
+            for o in outputs
+        )
+        + "          inputs:",
     )
-    paths = write(tmp_path, text)
+    return text + later
+
+
+SAY = "<+pipeline.stages.hello.spec.execution.steps.say.output.outputVariables.{}>"
+LATER = """\
+    - stage:
+        name: After
+        identifier: after
+        type: Custom
+        spec:
+          execution:
+            steps:
+              - step:
+                  type: ShellScript
+                  name: Use
+                  identifier: use
+                  spec:
+                    shell: Bash
+                    onDelegate: true
+                    source: {{type: Inline, spec: {{script: 'echo {}'}}}}
+"""
+
+
+def test_outputs_name_a_step_output_of_the_child_and_later_stages_read_them(
+    tmp_path: Path,
+) -> None:
+    child = CHILD.replace(
+        "                    shell: Bash\n",
+        "                    shell: Bash\n"
+        "                    outputVariables: [{name: build, type: String, value: BUILD}]\n",
+    )
+    text = _with_outputs(
+        "build=" + SAY.format("build"),
+        "builds=" + SAY.format("build.list"),
+        later=LATER.format("<+pipeline.stages.run_child.output.build>"),
+    )
+    paths = write(tmp_path, text, child)
+    bundle = load(paths, inputs={}, require_inputs=True)
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="x")
+    stage = plan.stages[0]
+    assert isinstance(stage, PipelineStagePlan)
+    assert [o["name"] for o in stage.outputs] == ["build", "builds"]
+    res = CliRunner().invoke(main, ["plan", *map(str, paths)])
+    assert res.exit_code == 0, res.output
+    assert "output build = " + SAY.format("build") in res.output
+    assert "<+pipeline.stages.run_child.output.build>" in res.output
+    # an output the child does not have is refused at its line, naming what it may read
+    paths = write(tmp_path, _with_outputs("nope=" + SAY.format("nothing")), child)
     (err,) = errors_of(paths)
-    assert "outputs of a Pipeline stage are not supported" in err.message
-    assert err.line == line_of(paths[0], "outputs:") + 1 or err.line == line_of(
-        paths[0], "outputs:"
+    assert "output 'nope' of pipeline 'child'" in err.message and "say" in err.message
+    assert err.line == line_of(paths[0], "name: nope")
+    # a value that is not one step output is refused
+    paths = write(tmp_path, _with_outputs("x=<+pipeline.variables.release>"), child)
+    (err,) = errors_of(paths)
+    assert "reads one step output of pipeline 'child'" in err.message
+    # and a later stage may read only the outputs the Pipeline stage declares
+    text = _with_outputs(
+        "build=" + SAY.format("build"),
+        later=LATER.format("<+pipeline.stages.run_child.output.other>"),
     )
+    errs = errors_of(write(tmp_path, text, child))
+    assert any("pipeline.stages.run_child.output.other" in e.message for e in errs), [
+        e.message for e in errs
+    ]
 
 
 def test_a_cycle_of_chains_is_refused_at_load(tmp_path: Path) -> None:
@@ -348,8 +410,15 @@ def test_the_reconciler_wakes_a_parent_whose_child_ended_unnoticed(ledger: list[
     said = reconcile()
     assert any(a.startswith("p1: ") for a in said), said
     with session_scope() as s:
-        runs = s.exec(select(StageRun).where(StageRun.execution_id == "p1")).all()
-        assert {r.stage_index: r.status for r in runs}[0] == "SUCCEEDED"
+        stage = s.exec(
+            select(StageRun).where(StageRun.execution_id == "p1", StageRun.stage_index == 0)
+        ).one()
+        # (the child recorded no step rows here, so the output it promised is missing: the
+        # parent's stage, woken, fails saying so)
+        assert stage.status == "FAILED"
+        assert "output installed: step install of stage deploy recorded no installed" in str(
+            stage.error
+        )
 
 
 def test_a_freeze_on_the_childs_environment_holds_for_the_parent(
