@@ -47,8 +47,8 @@ SERVER, WORKER, READONLY = "vmfarm_server", "vmfarm_worker", "vmfarm_readonly"
 ROLES = (SERVER, WORKER, READONLY)
 # Append-only for every role: rows are added and read, never changed or removed.
 APPEND_ONLY = ("auditevent", "registryversion")
-# Read by the server alone (API token hashes, webhook deliveries).
-SERVER_ONLY = ("apitoken", "webhookdelivery")
+# Read by the server alone (API token hashes, webhook deliveries, artifact triggers' polls).
+SERVER_ONLY = ("apitoken", "webhookdelivery", "artifactpoll", "artifactbuild")
 # What a region worker reads: its plan (execution, stagerun), versions (instance), the step
 # rows it claims and the earlier outputs of its host, the worker registry, the schema version.
 WORKER_READS = (

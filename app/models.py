@@ -304,3 +304,35 @@ class WebhookDelivery(SQLModel, table=True):
     outcome: str = Field(max_length=16)
     execution_id: str | None = Field(default=None, max_length=32)
     detail: str = Field(default="", max_length=1000)
+
+
+class ArtifactPoll(SQLModel, table=True):
+    """An artifact trigger's last poll of its repository: when, and what went wrong (the
+    error's message, no credential in it; "" when it went well). ``primed`` once the first
+    poll recorded what the repository held: builds it finds later are new."""
+
+    trigger_id: str = Field(max_length=128, primary_key=True)
+    polled_at: NaiveDatetime = Field(default_factory=utcnow)
+    ok_at: NaiveDatetime | None = None
+    error: str = Field(default="", max_length=1000)
+    primed: bool = False
+    # The polled source (a hash of the trigger's artifact spec): another source primes again.
+    source: str = Field(default="", max_length=64)
+
+
+class ArtifactBuild(SQLModel, table=True):
+    """A build an artifact trigger saw, one row per trigger and build (inserted or skipped:
+    however many server processes poll, one of them starts it). ``outcome`` is seen (there
+    at the first poll), started (``execution_id`` set), skipped (an eventCondition does not
+    hold, or a newer build came in the same poll; ``detail`` says which), failed (refused;
+    ``detail`` says why) or pending (being started)."""
+
+    __table_args__ = (UniqueConstraint("trigger_id", "build"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    trigger_id: str = Field(max_length=128, index=True)
+    build: str = Field(max_length=1024)
+    seen_at: NaiveDatetime = Field(default_factory=utcnow)
+    outcome: str = Field(max_length=16)
+    execution_id: str | None = Field(default=None, max_length=32)
+    detail: str = Field(default="", max_length=1000)

@@ -242,10 +242,15 @@ def _without_triggers(text: str) -> str:
 
 
 def check_triggers(
-    entries: Iterable[Entry], pipelines: Iterable[str], files: Mapping[str, str]
+    entries: Iterable[Entry],
+    pipelines: Iterable[str],
+    files: Mapping[str, str],
+    connectors: Mapping[str, str] | None = None,
 ) -> None:
     """Each applied trigger as ``app.triggers`` reads it, naming a pipeline that is stored or
-    applied with it: SpecError(s) with the file, line and field."""
+    applied with it, and (an artifact trigger) a connector of ``connectors`` (id -> type, the
+    stored and applied ones) of the type its repository takes: SpecError(s) with the file,
+    line and field."""
     from app.definitions.bundle import Collector
     from app.triggers import load_text
 
@@ -270,7 +275,39 @@ def check_triggers(
                         field="trigger.pipelineIdentifier",
                     )
                 )
+            if connectors is not None and t.kind == "artifact":
+                problem = _connector_problem(t, connectors)
+                if problem:
+                    errs.add(
+                        SpecError(
+                            problem,
+                            file=name,
+                            line=t.connector_line,
+                            col=1,
+                            field="trigger.source.spec.spec.connectorRef",
+                        )
+                    )
     errs.raise_if_any()
+
+
+def _connector_problem(trig: Any, connectors: Mapping[str, str]) -> str | None:
+    """Why an artifact trigger's connectorRef does not fit (None when it does)."""
+    from app.definitions.models.connector import connector_id
+    from app.triggers.artifact import CONNECTOR_TYPES
+
+    ref = trig.artifact.spec.connector_ref
+    if not ref:
+        return None
+    want = CONNECTOR_TYPES[trig.artifact.type]
+    got = connectors.get(connector_id(ref))
+    if got is None:
+        return (
+            f"trigger '{trig.id}' names connector '{ref}', which is neither stored nor "
+            "applied with it (vmfarm get Connector lists them)"
+        )
+    if got != want:
+        return f"connector '{ref}' is of type {got}; a {trig.artifact.type} trigger takes {want}"
+    return None
 
 
 def _only_triggers(text: str) -> str:

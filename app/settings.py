@@ -19,6 +19,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 90.0
     # How often the periodic reconciler runs (`vmfarm worker --control --beat`).
     reconcile_interval: float = 30.0
+    # How often `vmfarm server` polls each artifact trigger's repository (seconds; 0: never).
+    artifact_poll_interval: float = Field(default=60.0, ge=0)
     # Celery task events from every worker and publisher (VMFARM_TASK_EVENTS=1). Off by default:
     # they are three to four Redis messages per task for nobody. `vmfarm flower` (Flower's
     # --enable_events, on by default) switches them on in the running workers while it watches.
@@ -64,6 +67,11 @@ class Settings(BaseSettings):
     # Benchmarks and tests only: every host of the workers a no-op (app.connectors.pool reads
     # VMFARM_TEST_CONNECTION itself); with it set, the coordinator records no deployment.
     test_connection: str | None = None
+    # A region worker opens pooled SSH connections, when it starts, to up to this many hosts of
+    # its regions that deployments of the last warm_hours used (0: none), so that the first
+    # deployment after a worker starts does not pay the SSH handshakes (app/warm.py).
+    warm_hosts: int = 256
+    warm_hours: float = 24.0
 
     @property
     def embedded(self) -> bool:

@@ -3,7 +3,9 @@
 A ``vmfarm worker`` may carry tags (``--tags gpu,pci``): it then also consumes the tag queues of
 its regions (see app.delegates). It registers in the ledger's worker registry (``WorkerBeat``)
 once ready and renews its row every ``heartbeat_interval`` from a daemon thread; the row is
-deleted on a clean shutdown, so a row that stops beating is a worker that died.
+deleted on a clean shutdown, so a row that stops beating is a worker that died. A region worker
+also warms itself once ready (app.warm): imports, the ledger's pool, and SSH connections to the
+recent hosts of its regions.
 
 The embedded worker is a real Celery worker (threads pool) running inside the CLI process on
 kombu's sqla+sqlite broker and the db+sqlite result backend: the same canvases and tasks as a
@@ -89,10 +91,45 @@ def run_worker(
         regions=regions, tags=list(tag_list), queues=queues, concurrency=conc, pool=pool
     )
     heartbeat.connect(default_name=hostname)
+    if regions:  # SSH work runs in this one process (threads pool): warm it when ready
+        _warm_when_ready(regions, control=control)
+    else:  # prefork: each pool process warms itself as it starts
+        _warm_pool_processes()
     try:
         app.worker_main(argv)
     finally:
         heartbeat.stop()
+
+
+def _warm_when_ready(regions: list[str], *, control: bool) -> None:
+    """Once the worker is ready, warm it in a daemon thread (app.warm): tasks are taken
+    meanwhile; a task for a host not warmed yet connects as it always did."""
+    from celery.signals import worker_ready
+
+    def warm() -> None:
+        from app.warm import warm_control, warm_start
+
+        if control:
+            warm_control()
+        warm_start(regions)
+
+    def on_ready(**_: Any) -> None:
+        threading.Thread(target=warm, name="vmfarm-warm", daemon=True).start()
+
+    worker_ready.connect(on_ready, weak=False)
+
+
+def _warm_pool_processes() -> None:
+    """A control worker's pool processes import the coordinator and open their ledger pool in
+    a daemon thread as they start (app.warm.warm_control), not on their first gate."""
+    from celery.signals import worker_process_init
+
+    def on_init(**_: Any) -> None:
+        from app.warm import warm_control
+
+        threading.Thread(target=warm_control, name="vmfarm-warm", daemon=True).start()
+
+    worker_process_init.connect(on_init, weak=False)
 
 
 class Heartbeat:

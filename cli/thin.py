@@ -544,7 +544,8 @@ def _table(cli: Cli, rows: Any) -> None:
 @pass_cli
 @remote_errors()
 def triggers(cli: Cli, output: str) -> None:
-    """The server's webhook triggers (kind: Trigger) with their last deliveries."""
+    """The server's triggers (kind: Trigger): webhook triggers with their last deliveries,
+    artifact triggers with their last poll (and its error) and the last builds they found."""
     rows = connect().get("/api/v1/triggers")
     if output == "json":
         cli.json(rows)
@@ -554,6 +555,9 @@ def triggers(cli: Cli, output: str) -> None:
         return
     for t in rows:
         state = "" if t.get("enabled", True) else " (disabled)"
+        if t.get("kind") == "artifact":
+            _artifact_trigger(cli, t, state)
+            continue
         cli.out.print(
             f"{t['id']}{state}: pipeline {t['pipeline']}, version {t.get('version')}; "
             f"POST /api/v1/webhooks/{t['id']}"
@@ -562,6 +566,31 @@ def triggers(cli: Cli, output: str) -> None:
             what = d["outcome"] + (f" {d['execution']}" if d.get("execution") else "")
             detail = f" ({d['detail']})" if d.get("detail") else ""
             cli.out.print(f"  {_when(d['received_at'])}  {d['delivery'][:40]}  {what}{detail}")
+
+
+def _artifact_trigger(cli: Cli, t: dict[str, Any], state: str) -> None:
+    from rich.text import Text
+
+    cli.out.print(
+        Text(
+            f"{t['id']}{state}: pipeline {t['pipeline']}, version {t.get('version')}; "
+            f"polls {t.get('source')}"
+        )
+    )
+    poll = t.get("poll")
+    if poll is None:
+        cli.out.print("  not polled yet")
+    elif poll.get("error"):
+        ok = f"; last good poll {_when(poll['ok_at'])}" if poll.get("ok_at") else ""
+        cli.out.print(
+            Text(f"  last poll {_when(poll['polled_at'])} FAILED: {poll['error']}{ok}", style="red")
+        )
+    else:
+        cli.out.print(f"  last poll {_when(poll['polled_at'])}: ok")
+    for b in t.get("builds") or []:
+        what = b["outcome"] + (f" {b['execution']}" if b.get("execution") else "")
+        detail = f" ({b['detail']})" if b.get("detail") else ""
+        cli.out.print(Text(f"  {_when(b['seen_at'])}  {b['build'][:80]}  {what}{detail}"))
 
 
 # --- API tokens -------------------------------------------------------------------------------

@@ -242,6 +242,31 @@ class HttpSource:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    # --- a repository's API (an artifact trigger's poll) ----------------------------------------
+
+    def get_json(self, url: str, *, limit: int = 8 * 1024 * 1024) -> Any:
+        """The JSON document at ``url`` (same credentials and errors as a download; at most
+        ``limit`` bytes)."""
+        import json
+
+        def get() -> Any:
+            with self._open("GET", url) as resp:
+                body = resp.read(limit + 1)
+            if len(body) > limit:
+                raise ArtifactError(
+                    f"artifact {self.what}: the repository's answer is over {limit} bytes",
+                    artifact=self.what,
+                )
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise ArtifactError(
+                    f"artifact {self.what}: the repository's answer is not JSON",
+                    artifact=self.what,
+                ) from None
+
+        return self._retrying(get)
+
     # --- checksums the repository publishes ----------------------------------------------------
 
     def header_checksum(self) -> str | None:

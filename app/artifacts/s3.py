@@ -195,3 +195,21 @@ class S3Source:
             raise
         except Exception as exc:
             raise self._error(exc, "downloading") from None
+
+    def objects(self, prefix: str, limit: int) -> list[tuple[str, str]]:
+        """(key, last modified as ISO 8601) of up to ``limit`` objects whose key starts with
+        ``prefix`` (an artifact trigger's poll); ArtifactError as for a download."""
+        out: list[tuple[str, str]] = []
+        try:
+            pages = self._client().get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents") or []:
+                    modified = obj.get("LastModified")
+                    out.append((str(obj["Key"]), modified.isoformat() if modified else ""))
+                    if len(out) >= limit:
+                        return out
+        except ArtifactError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "listing the bucket") from None
+        return out

@@ -34,11 +34,14 @@ the payload (``inputYaml``, an input set in Harness's shape whose values may rea
               type: String
               value: <+trigger.payload.version>
 
-What vmfarm does not carry out is refused at load by name (never ignored): source types other
-than a ``Custom`` webhook (``Github``/``Gitlab``/``Bitbucket`` webhooks read their repository
-through a connector; ``Artifact`` and ``Scheduled`` triggers poll or wait), ``jexlCondition``,
-``inputSetRefs``, ``stagesToExecute``, ``pipelineBranchName``. A trigger without a secret is
-refused: an unsigned delivery could start a deployment.
+The second kind, ``source: {type: Artifact, ...}``, polls a repository for new builds
+(``app.triggers.artifact``): it has no secret and takes no delivery.
+
+What vmfarm does not carry out is refused at load by name (never ignored): webhook types other
+than ``Custom`` (``Github``/``Gitlab``/``Bitbucket`` webhooks read their repository through a
+connector), ``Scheduled`` and ``Manifest`` triggers, ``jexlCondition``, ``inputSetRefs``,
+``stagesToExecute``, ``pipelineBranchName``. A webhook trigger without a secret is refused: an
+unsigned delivery could start a deployment.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator
 
 from app.definitions.base import Identifier, Model
+from app.triggers.artifact import ArtifactSource
 
 OPERATORS = (
     "Equals",
@@ -149,16 +153,16 @@ class Source(Model):
     @field_validator("type", mode="before")
     @classmethod
     def _type(cls, v: Any) -> Any:
-        if v in ("Artifact", "Manifest", "Scheduled", "MultiRegionArtifact"):
+        if v in ("Manifest", "Scheduled", "MultiRegionArtifact"):
             raise ValueError(
                 f"a {v} trigger is not supported: vmfarm starts pipelines from signed webhooks "
-                "(type: Webhook); have the system that publishes the artifact call the webhook, "
-                "or run `vmfarm run --pipeline ID` from a scheduler"
+                "(type: Webhook) and new builds in a repository (type: Artifact); "
+                "run `vmfarm run --pipeline ID` from a scheduler"
             )
         return v
 
 
-class TriggerBody(Model):
+class _Body(Model):
     name: str
     identifier: Identifier
     enabled: bool = True
@@ -168,11 +172,6 @@ class TriggerBody(Model):
     org_identifier: str | None = None
     project_identifier: str | None = None
     pipeline_identifier: Identifier
-    encrypted_webhook_secret_identifier: str = Field(
-        min_length=1,
-        description="the id of the secret that signs deliveries (X-Hub-Signature-256)",
-    )
-    source: Source
     input_yaml: str | None = None
     input_set_refs: Annotated[
         list[Any],
@@ -193,6 +192,16 @@ class TriggerBody(Model):
         ),
     ] = None
 
+
+class TriggerBody(_Body):
+    """A webhook trigger."""
+
+    encrypted_webhook_secret_identifier: str = Field(
+        min_length=1,
+        description="the id of the secret that signs deliveries (X-Hub-Signature-256)",
+    )
+    source: Source
+
     @field_validator("encrypted_webhook_secret_identifier")
     @classmethod
     def _secret(cls, v: str) -> str:
@@ -206,21 +215,51 @@ class TriggerBody(Model):
         return v
 
 
+class ArtifactTriggerBody(_Body):
+    """An artifact trigger: polled, so no secret."""
+
+    source: ArtifactSource
+    encrypted_webhook_secret_identifier: Annotated[
+        str | None,
+        _refused(
+            "encryptedWebhookSecretIdentifier",
+            "an artifact trigger takes no deliveries (the server polls the repository)",
+        ),
+    ] = None
+
+
+def _body_tag(v: Any) -> str:
+    src = v.get("source") if isinstance(v, dict) else getattr(v, "source", None)
+    kind = src.get("type") if isinstance(src, dict) else getattr(src, "type", None)
+    return "artifact" if kind == "Artifact" else "webhook"
+
+
+AnyTrigger = Annotated[
+    Annotated[TriggerBody, Tag("webhook")] | Annotated[ArtifactTriggerBody, Tag("artifact")],
+    Discriminator(_body_tag),
+]
+
+
 class TriggerSpec(Model):
     """A trigger document: Harness's ``trigger:`` (``kind: Trigger``, ``apiVersion`` optional)."""
 
     api_version: Literal["v1"] | None = None
     kind: Literal["Trigger"] | None = None
-    trigger: TriggerBody
+    trigger: AnyTrigger
 
 
 @dataclass(frozen=True)
 class Trigger:
     """A loaded trigger and where it was written (``file:line``)."""
 
-    body: TriggerBody
+    body: TriggerBody | ArtifactTriggerBody
     source: str
     pipeline_line: int = 0  # where pipelineIdentifier is written
+    connector_line: int = 0  # where an artifact trigger's connectorRef is written
+
+    @property
+    def kind(self) -> Literal["webhook", "artifact"]:
+        return "artifact" if isinstance(self.body, ArtifactTriggerBody) else "webhook"
 
     @property
     def id(self) -> str:
@@ -232,10 +271,19 @@ class Trigger:
 
     @property
     def secret_ref(self) -> str:
+        assert isinstance(self.body, TriggerBody), "an artifact trigger has no secret"
         return self.body.encrypted_webhook_secret_identifier
 
     @property
+    def artifact(self) -> Any:
+        """An artifact trigger's source (``S3Artifact`` ...; ``app.triggers.artifact``)."""
+        assert isinstance(self.body, ArtifactTriggerBody), "a webhook trigger polls nothing"
+        return self.body.source.spec
+
+    @property
     def conditions(self) -> list[tuple[str, Condition]]:
+        if not isinstance(self.body, TriggerBody):
+            return []
         spec = self.body.source.spec.spec
         return [("payload", c) for c in spec.payload_conditions] + [
             ("header", c) for c in spec.header_conditions
@@ -259,13 +307,19 @@ def load_text(text: str, file: str) -> list[Trigger]:
             spec.trigger,
             f"{doc.file}:{doc.pos(('trigger',))[0]}",
             doc.pos(("trigger", "pipelineIdentifier"))[0],
+            doc.pos(("trigger", "source", "spec", "spec", "connectorRef"))[0],
         )
         if spec.trigger.input_yaml is not None:
             from app.triggers.webhook import check_input_yaml
 
             line = doc.pos(("trigger", "inputYaml"))[0]
             try:
-                check_input_yaml(spec.trigger.input_yaml, file, line)
+                check_input_yaml(
+                    spec.trigger.input_yaml,
+                    file,
+                    line,
+                    allowed=("artifact",) if trig.kind == "artifact" else ("payload", "header"),
+                )
             except Exception as exc:
                 from app.errors import SpecError, SpecErrors
 

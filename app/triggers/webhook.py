@@ -59,6 +59,8 @@ def parse_key(text: str) -> tuple[str, tuple[str | int, ...] | str]:
 
 def _parse_inner(inner: str, shown: str) -> tuple[str, tuple[str | int, ...] | str]:
     inner = inner.strip()
+    if inner in ("artifact.build", "artifact.tag"):  # an artifact trigger's new build
+        return "artifact", "build"
     m = _PAYLOAD.fullmatch(inner)
     if m:
         path = tuple((name if name else int(index)) for name, index in _PART.findall(m.group(1)))
@@ -68,7 +70,8 @@ def _parse_inner(inner: str, shown: str) -> tuple[str, tuple[str | int, ...] | s
         return "header", h.group(2).lower()
     raise ValueError(
         f"'{shown}' is not a trigger value vmfarm reads: write <+trigger.payload.PATH> "
-        "(PATH as a.b[0].c) or <+trigger.header['NAME']>"
+        "(PATH as a.b[0].c) or <+trigger.header['NAME']> (a webhook trigger), or "
+        "<+trigger.artifact.build> (an artifact trigger)"
     )
 
 
@@ -115,6 +118,11 @@ def _value(
     headers: Mapping[str, str],
     shown: str,
 ) -> str | None:
+    if where == "artifact":
+        value = headers.get("\0artifact.build")
+        if value is None:
+            raise DeliveryError(f"{shown} is an artifact trigger's value; a delivery has none")
+        return value
     if where == "header":
         assert isinstance(path, str)
         return headers.get(path)
@@ -135,7 +143,7 @@ def _value(
     return str(node)
 
 
-def _holds(op: str, actual: str | None, expected: str) -> bool:
+def holds(op: str, actual: str | None, expected: str) -> bool:
     if actual is None:
         return False
     if op == "Equals":
@@ -166,7 +174,7 @@ def unmet(trigger: Any, payload: Any, headers: Mapping[str, str]) -> str | None:
     """Why the delivery does not match the trigger's conditions (None when every one holds)."""
     for _, cond in trigger.conditions:
         actual = value_of(cond.key, payload, headers)
-        if not _holds(cond.operator, actual, cond.value):
+        if not holds(cond.operator, actual, cond.value):
             got = "absent" if actual is None else repr(actual[:200])
             return f"condition {cond.key} {cond.operator} {cond.value!r} does not hold ({got})"
     return None
@@ -196,13 +204,21 @@ def _walk(data: Any, fn: Any) -> Any:
 
 
 def inputs_of(
-    input_yaml: str | None, payload: Any, headers: Mapping[str, str], *, source: str
+    input_yaml: str | None,
+    payload: Any,
+    headers: Mapping[str, str],
+    *,
+    source: str,
+    build: str | None = None,
 ) -> dict[str, str]:
-    """The runtime inputs a delivery fills: ``input_yaml`` with its trigger values replaced
-    (each value is a YAML scalar: nothing in the payload changes the input set's shape), read
-    as an input set. DeliveryError when a value is missing; SpecError(s) from the input set."""
+    """The runtime inputs a delivery (or an artifact trigger's new ``build``) fills:
+    ``input_yaml`` with its trigger values replaced (each value is a YAML scalar: nothing in
+    the payload changes the input set's shape), read as an input set. DeliveryError when a
+    value is missing; SpecError(s) from the input set."""
     if not input_yaml or not input_yaml.strip():
         return {}
+    if build is not None:  # <+trigger.artifact.build>: a key no HTTP header can have
+        headers = {**headers, "\0artifact.build": build}
     import yaml
 
     try:
@@ -225,20 +241,38 @@ def _read_input_set(text: str, source: str) -> Mapping[str, str]:
         return read_input_sets([path])
 
 
-def check_input_yaml(text: str, file: str, line: int) -> None:
+def check_input_yaml(
+    text: str, file: str, line: int, *, allowed: tuple[str, ...] = ("payload", "header")
+) -> None:
     """Check a trigger's ``inputYaml`` at load: its trigger values are written as this module
-    reads them, and it is an input set. Errors name ``file`` and the line in it (``line`` is
-    the line of the ``inputYaml`` key; a block's first line follows it)."""
+    reads them, are ``allowed`` for the trigger's kind (a webhook's payload and headers, an
+    artifact trigger's build), and it is an input set. Errors name ``file`` and the line in it
+    (``line`` is the line of the ``inputYaml`` key; a block's first line follows it)."""
     from app.errors import SpecError, SpecErrors
 
     for n, raw in enumerate(text.splitlines(), start=1):
         for m in _EXPR.finditer(raw):
             try:
-                _parse_inner(m.group(1), m.group(0))
+                where, _ = _parse_inner(m.group(1), m.group(0))
             except ValueError as exc:
                 raise SpecError(
                     str(exc), file=file, line=line + n, col=1, field="trigger.inputYaml"
                 ) from None
+            if where not in allowed:
+                why = (
+                    "an artifact trigger has no payload or headers: it reads "
+                    "<+trigger.artifact.build>"
+                    if where != "artifact"
+                    else "a webhook trigger has no artifact build: it reads "
+                    "<+trigger.payload.PATH> and <+trigger.header['NAME']>"
+                )
+                raise SpecError(
+                    f"{m.group(0)}: {why}",
+                    file=file,
+                    line=line + n,
+                    col=m.start() + 1,
+                    field="trigger.inputYaml",
+                )
         if "<+trigger." in raw and not _EXPR.search(raw[raw.index("<+trigger.") :]):
             raise SpecError(
                 "unterminated <+trigger. expression (no closing > on its line)",

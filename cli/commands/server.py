@@ -38,7 +38,8 @@ def server(ctx: click.Context, host: str | None, port: int | None, log_level: st
     VMFARM_SERVER_ISSUER and VMFARM_SERVER_AUDIENCE (OpenID Connect sign-in),
     VMFARM_SERVER_GROUPS_CLAIM (default groups), VMFARM_SERVER_USERS_FILE; the ledger and
     broker as every vmfarm process (VMFARM_DATABASE_URL, VMFARM_BROKER_URL, and the
-    VMFARM_SECURITY_* paths that sign messages).
+    VMFARM_SECURITY_* paths that sign messages). It polls the artifact triggers' repositories
+    every VMFARM_ARTIFACT_POLL_INTERVAL seconds (default 60; 0: never).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -57,6 +58,9 @@ def server(ctx: click.Context, host: str | None, port: int | None, log_level: st
         api = create_app(settings)
     except ConfigError as exc:
         fail(str(exc))
+    from app.server import poller
+
+    poller.start(api.state.rbac.get)  # artifact triggers (VMFARM_ARTIFACT_POLL_INTERVAL)
     uvicorn.run(
         api, host=settings.host, port=settings.port, log_level=log_level, proxy_headers=False
     )

@@ -41,7 +41,12 @@ def test_harness_trigger_loads_with_its_pipeline_secret_and_conditions() -> None
 @pytest.mark.parametrize(
     ("old", "new", "field", "says"),
     [
-        ("type: Webhook", "type: Artifact", "trigger.source.type", "Artifact trigger is not"),
+        (
+            "type: Webhook",
+            "type: Artifact",
+            "trigger.source.spec.type",
+            "Custom artifact trigger is not supported",
+        ),
         ("type: Webhook", "type: Scheduled", "trigger.source.type", "vmfarm run --pipeline"),
         ("type: Custom", "type: Github", "trigger.source.spec.type", "X-GitHub-Event"),
         (

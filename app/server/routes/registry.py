@@ -162,6 +162,21 @@ def _audit(who: Identity, outcome: str, **detail: object) -> None:
     )
 
 
+def _connector_types(entries: list[Any], current: dict[Any, Any]) -> dict[str, str]:
+    """Every stored or applied connector's type, by id (for artifact triggers' checks)."""
+    from app import registry
+
+    out = {
+        ident: str(((registry.entry_of(row).data or {}).get("spec") or {}).get("type"))
+        for (kind, ident), row in current.items()
+        if kind == "Connector"
+    }
+    for e in entries:
+        if e.kind == "Connector" and isinstance(e.data, dict):
+            out[e.ident] = str((e.data.get("spec") or {}).get("type"))
+    return out
+
+
 @router.post("", response_model=Applied, openapi_extra=needs("registry:apply"))
 def apply(
     body: ApplyRequest,
@@ -204,6 +219,7 @@ def apply(
             [e.ident for e in entries if e.kind == "Pipeline"]
             + [ident for kind, ident in current if kind == "Pipeline"],
             body.files,
+            _connector_types(entries, current),
         )
     except (SpecError, SpecErrors) as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None

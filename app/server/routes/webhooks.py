@@ -5,6 +5,7 @@
                                       200 {"outcome": "duplicate" | "skipped" | "disabled", ...}
                                       401 unsigned or wrongly signed (audited), 404 unknown
     GET  /api/v1/triggers             registry:view   the triggers and their last deliveries
+                                      (an artifact trigger: its last poll and builds)
 
 The trigger is the registry's latest version (``kind: Trigger``); its pipeline is the
 registry's stored pipeline, run as the subject ``trigger:ID`` (``app.operations`` checks that
@@ -135,8 +136,8 @@ def _deliver(
     from app.triggers import webhook
 
     trig = _trigger(trigger_id)
-    if trig is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no trigger {trigger_id!r}")
+    if trig is None or trig.kind != "webhook":  # an artifact trigger takes no delivery
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no webhook trigger {trigger_id!r}")
     try:
         secret = get_secret(trig.secret_ref)
     except SecretError as exc:
@@ -201,13 +202,74 @@ class Delivery(BaseModel):
     detail: str
 
 
+class PollInfo(BaseModel):
+    polled_at: datetime
+    ok_at: datetime | None
+    error: str
+
+
+class BuildInfo(BaseModel):
+    build: str
+    seen_at: datetime
+    outcome: str
+    execution: str | None
+    detail: str
+
+
 class TriggerInfo(BaseModel):
     id: str
     name: str
     pipeline: str
     enabled: bool
     version: int | None
+    kind: str = "webhook"
     deliveries: list[Delivery]
+    source: str | None = None  # an artifact trigger's repository, for people
+    poll: PollInfo | None = None
+    builds: list[BuildInfo] = []
+
+
+def _polled(s: Any, trig: Any) -> dict[str, Any]:
+    """An artifact trigger's source, last poll and last builds (newest first)."""
+    from sqlmodel import col, select
+
+    from app.models import ArtifactBuild, ArtifactPoll
+
+    art = trig.artifact
+    spec = art.spec
+    where = (
+        f"s3://{spec.bucket_name}/ ~ {spec.file_path_regex}"
+        if art.type == "AmazonS3"
+        else f"{spec.repository}/{spec.artifact_directory.strip('/')}"
+        if art.type == "ArtifactoryRegistry"
+        else f"{spec.repository} {spec.group_id}:{spec.artifact_id}"
+        if spec.repository_format == "maven"
+        else f"{spec.repository} {spec.group}"
+    )
+    state = s.get(ArtifactPoll, trig.id)
+    rows = s.exec(
+        select(ArtifactBuild)
+        .where(ArtifactBuild.trigger_id == trig.id, ArtifactBuild.outcome != "seen")
+        .order_by(col(ArtifactBuild.seen_at).desc(), col(ArtifactBuild.id).desc())
+        .limit(LAST_DELIVERIES)
+    ).all()
+    return {
+        "kind": "artifact",
+        "source": f"{art.type} {where}",
+        "poll": PollInfo(polled_at=state.polled_at, ok_at=state.ok_at, error=state.error)
+        if state is not None
+        else None,
+        "builds": [
+            BuildInfo(
+                build=r.build,
+                seen_at=r.seen_at,
+                outcome=r.outcome,
+                execution=r.execution_id,
+                detail=r.detail,
+            )
+            for r in rows
+        ],
+    }
 
 
 @router.get(
@@ -217,7 +279,8 @@ def list_triggers(
     who: Annotated[Identity, Depends(require("registry:view"))],
     cfg: Annotated[RbacConfig, Depends(rbac)],
 ) -> list[TriggerInfo]:
-    """Every stored trigger (its latest version) with its last deliveries, newest first."""
+    """Every stored trigger (its latest version) with its last deliveries, newest first; an
+    artifact trigger with its last poll (and its error) and the last builds it found."""
     from sqlmodel import col, select
 
     from app.db import session_scope
@@ -233,6 +296,7 @@ def list_triggers(
                 .order_by(col(WebhookDelivery.received_at).desc())
                 .limit(LAST_DELIVERIES)
             ).all()
+            extra = _polled(s, trig) if trig.kind == "artifact" else {}
             out.append(
                 TriggerInfo(
                     id=trig.id,
@@ -240,6 +304,7 @@ def list_triggers(
                     pipeline=trig.pipeline,
                     enabled=trig.body.enabled,
                     version=version,
+                    **extra,
                     deliveries=[
                         Delivery(
                             delivery=r.delivery_id,
