@@ -1,5 +1,4 @@
-"""execution parent: the execution (and stage) that started a chained pipeline's run, and a
-Pipeline stage's outputs
+"""execution parent: the execution (and stage) that started a chained pipeline's run
 
 Revision ID: 0018
 Revises: 0017
@@ -16,8 +15,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("stagerun", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("outputs", sa.JSON(), nullable=True))
     with op.batch_alter_table("execution", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column(
@@ -33,8 +30,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("stagerun", schema=None) as batch_op:
-        batch_op.drop_column("outputs")
     with op.batch_alter_table("execution", schema=None) as batch_op:
         batch_op.drop_index("ix_execution_parent_execution_id")
         batch_op.drop_column("parent_stage")
