@@ -473,3 +473,44 @@ def test_a_child_does_not_start_while_another_run_deploys_its_service_there(
         assert stage.status == "FAILED"
         assert "being deployed to infrastructure 'lab'" in (stage.error or "")
         assert child.id in (stage.error or "")
+
+
+def test_a_chain_of_three_carries_the_grandchild_and_its_permissions(tmp_path: Path) -> None:
+    from app.rbac import required_permissions
+
+    # Given parent -> child -> grandchild, the child passing its own input on
+    grand = CHILD.replace("name: Child\n  identifier: child", "name: Grand\n  identifier: grand")
+    child = (
+        "pipeline:\n  name: Child\n  identifier: child\n"
+        "  variables:\n    - {name: release, type: String, value: <+input>}\n"
+        "  stages:\n    - stage:\n        name: Down\n        identifier: down\n"
+        "        type: Pipeline\n        spec:\n          pipeline: grand\n"
+        "          inputs:\n            variables:\n"
+        "              - {name: release, value: <+pipeline.variables.release>}\n"
+    )
+    paths = write(tmp_path, parent(), child)
+    (tmp_path / "grand.yaml").write_text(grand)
+    bundle = load([*paths, tmp_path / "grand.yaml"], inputs={}, require_inputs=True)
+    plan = resolve(bundle, choose_pipeline(bundle, None), execution_id="x")
+    # Then the parent's plan holds both levels, the value handed down twice
+    stage = plan.stages[0]
+    assert isinstance(stage, PipelineStagePlan)
+    down = stage.child_plan().stages[0]
+    assert isinstance(down, PipelineStagePlan) and down.pipeline == "grand"
+    assert down.child_inputs == {"release": "2.0"}
+    assert "echo release 2.0" in str(down.child_plan().stages[0].steps[0].model_dump())
+    # and running it needs permission to run every pipeline of the chain
+    needs = required_permissions("run", plan.to_json())
+    assert [(n.resource, n.stage) for n in needs] == [
+        ("parent", None),
+        ("child", "run_child → child"),
+        ("grand", "run_child → child/down → grand"),
+    ]
+    # and a chain of three that comes back is a cycle
+    back = grand + (
+        "    - stage:\n        name: Back\n        identifier: back\n        type: Pipeline\n"
+        "        spec: {pipeline: parent}\n"
+    )
+    (tmp_path / "grand.yaml").write_text(back)
+    errs = errors_of([*paths, tmp_path / "grand.yaml"])
+    assert any("is a cycle" in e.message for e in errs), [e.message for e in errs]
