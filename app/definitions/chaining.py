@@ -105,7 +105,11 @@ def chain_filled(documents: list[Document]) -> set[str]:
             variables = inputs.get("variables")
             for v in variables if isinstance(variables, list) else []:
                 name = v.get("name") if isinstance(v, dict) else None
-                if isinstance(child, str) and name in declared.get(child, set()):
+                if (
+                    isinstance(child, str)
+                    and isinstance(name, str)
+                    and name in declared.get(child, set())
+                ):
                     out.add(f"pipeline.{child}.variables.{name}")
     return out
 
