@@ -31,6 +31,17 @@ def live_view(report: dict[str, Any]) -> Group:
         Text.assemble("execution ", (report["id"], "bold"), "  ", styled(report["status"]))
     ]
     for st in report["stages"]:
+        if st.get("type") == "Pipeline":  # its hosts are the child's: follow it there
+            child = st.get("child_execution")
+            parts.append(
+                Text.assemble(
+                    f"stage {_named(st)} ",
+                    styled(st["status"]),
+                    f"  child execution {child['id']} ({child['pipeline']}) " if child else "",
+                    styled(child["status"]) if child else "",
+                )
+            )
+            continue
         hosts = st["hosts"]
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))

@@ -514,3 +514,28 @@ def test_a_chain_of_three_carries_the_grandchild_and_its_permissions(tmp_path: P
     (tmp_path / "grand.yaml").write_text(back)
     errs = errors_of([*paths, tmp_path / "grand.yaml"])
     assert any("is a cycle" in e.message for e in errs), [e.message for e in errs]
+
+
+def test_the_live_view_and_the_summary_name_the_child_execution() -> None:
+    from rich.console import Console
+
+    from cli.render import live_view
+
+    report = {
+        "id": "p1",
+        "status": "RUNNING",
+        "stages": [
+            {
+                "identifier": "run_child",
+                "name": "Run child",
+                "status": "RUNNING",
+                "type": "Pipeline",
+                "child_execution": {"id": "c1", "pipeline": "child", "status": "WAITING"},
+                "hosts": [],
+                "steps": [],
+            }
+        ],
+    }
+    console = Console(record=True, width=120)
+    console.print(live_view(report))
+    assert "stage run_child RUNNING  child execution c1 (child) WAITING" in console.export_text()
