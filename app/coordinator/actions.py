@@ -20,6 +20,7 @@ from app.definitions.models import INTERVENTION_ACTIONS
 from app.definitions.plan import ApprovalStagePlan
 from app.errors import ApprovalRefused
 from app.models import (
+    Execution,
     PhaseRun,
     StageRun,
     Status,
@@ -211,3 +212,24 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
         abort(child, user=user, rollback=rollback)
     wake_parent(parent)  # a child aborted on its own: its parent's stage fails
     return outcome
+
+
+def abort_orphans() -> list[str]:
+    """Chained executions still going whose parent has ended (the process that aborted the
+    parent stopped before aborting its child): aborted now, as the parent's abort would."""
+    from sqlalchemy.orm import aliased
+
+    parent = aliased(Execution)
+    with session_scope() as s:
+        rows = s.exec(
+            select(Execution.id, parent.id, parent.status)
+            .join(parent, col(Execution.parent_execution_id) == col(parent.id))
+            .where(
+                col(Execution.status).not_in(list(Status.TERMINAL)),
+                col(parent.status).in_(list(Status.TERMINAL)),
+            )
+        ).all()
+    return [
+        f"{child}: its parent {of} is {status}: {abort(child, user='the reconciler')}"
+        for child, of, status in rows
+    ]

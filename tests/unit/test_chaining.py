@@ -539,3 +539,29 @@ def test_the_live_view_and_the_summary_name_the_child_execution() -> None:
     console = Console(record=True, width=120)
     console.print(live_view(report))
     assert "stage run_child RUNNING  child execution c1 (child) WAITING" in console.export_text()
+
+
+def test_the_reconciler_aborts_a_child_whose_parent_ended_without_it(ledger: list[str]) -> None:
+    from app.coordinator import advance, prepare, reconcile, record
+    from app.db import session_scope
+    from app.models import Execution
+
+    # Given a parent whose child runs, and the parent ended (its abort did not reach the child:
+    # the process stopped in between)
+    plan, hosts = prepare(ledger, pipeline=None, inputs={}, execution_id="p1")
+    record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
+    advance("p1")
+    with session_scope() as s:
+        parent = s.get(Execution, "p1")
+        assert parent is not None
+        parent.status = "ABORTED"
+        s.add(parent)
+        (child,) = s.exec(select(Execution).where(Execution.parent_execution_id == "p1")).all()
+        child_id = child.id
+    # When the reconciler runs, the child is aborted too, and says why
+    said = reconcile()
+    assert any(a.startswith(f"{child_id}: its parent p1 is ABORTED") for a in said), said
+    with session_scope() as s:
+        child = s.get(Execution, child_id)
+        assert child is not None and child.status == "ABORTED"
+        assert child.error == "aborted by the reconciler"
