@@ -565,3 +565,61 @@ def test_the_reconciler_aborts_a_child_whose_parent_ended_without_it(ledger: lis
         child = s.get(Execution, child_id)
         assert child is not None and child.status == "ABORTED"
         assert child.error == "aborted by the reconciler"
+
+
+@pytest.mark.parametrize(
+    ("action", "stage_status", "parent_status", "next_stage"),
+    [
+        ("Ignore", "SUCCEEDED", "RUNNING", "RUNNING"),
+        ("MarkAsSuccess", "SUCCEEDED", "RUNNING", "RUNNING"),
+        ("Abort", "ABORTED", "ABORTED", "SKIPPED"),
+        (None, "FAILED", "FAILED", "SKIPPED"),  # MarkAsFailure, the default
+    ],
+)
+def test_a_failed_child_meets_the_pipeline_stages_failure_strategy(
+    ledger: list[str],
+    tmp_path: Path,
+    action: str | None,
+    stage_status: str,
+    parent_status: str,
+    next_stage: str,
+) -> None:
+    import shutil
+
+    from app.coordinator import advance, prepare, record
+    from app.db import session_scope
+    from app.models import Execution, StageRun
+
+    # Given the chain, its Pipeline stage with the failure strategy (or none)
+    files = tmp_path / "chain"
+    shutil.copytree(ledger[0], files)
+    if action:
+        text = (files / "parent.yaml").read_text()
+        (files / "parent.yaml").write_text(
+            text.replace(
+                "        type: Pipeline\n",
+                "        type: Pipeline\n        failureStrategies:\n"
+                f"          - onFailure: {{errors: [AllErrors], action: {{type: {action}}}}}\n",
+            )
+        )
+    plan, hosts = prepare([str(files), ledger[1]], pipeline=None, inputs={}, execution_id="p1")
+    record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
+    advance("p1")
+    # When its child fails
+    with session_scope() as s:
+        (child,) = s.exec(select(Execution).where(Execution.parent_execution_id == "p1")).all()
+        child.status, child.error = "FAILED", "stage 'deploy': install failed"
+        s.add(child)
+    advance("p1")
+    # Then the stage and the parent end as the strategy says, naming the child
+    with session_scope() as s:
+        runs = {
+            r.stage_index: r
+            for r in s.exec(select(StageRun).where(StageRun.execution_id == "p1")).all()
+        }
+        parent = s.get(Execution, "p1")
+        assert parent is not None
+        assert runs[0].status == stage_status
+        assert f"child execution {child.id} (pipeline child_deploy) FAILED" in str(runs[0].error)
+        assert parent.status == parent_status
+        assert runs[1].status == next_stage
