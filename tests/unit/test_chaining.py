@@ -623,3 +623,40 @@ def test_a_failed_child_meets_the_pipeline_stages_failure_strategy(
         assert f"child execution {child.id} (pipeline child_deploy) FAILED" in str(runs[0].error)
         assert parent.status == parent_status
         assert runs[1].status == next_stage
+
+
+def test_a_pipeline_stage_skipped_by_its_when_starts_no_child(
+    ledger: list[str], tmp_path: Path
+) -> None:
+    import shutil
+
+    from app.coordinator import advance, prepare, record
+    from app.db import session_scope
+    from app.models import Execution, StageRun
+
+    # Given a Pipeline stage whose condition is false
+    files = tmp_path / "chain"
+    shutil.copytree(ledger[0], files)
+    text = (files / "parent.yaml").read_text()
+    (files / "parent.yaml").write_text(
+        text.replace(
+            "        type: Pipeline\n",
+            "        type: Pipeline\n        when:\n"
+            '          condition: <+pipeline.variables.fail> == "maybe"\n',
+        )
+    )
+    plan, hosts = prepare([str(files), ledger[1]], pipeline=None, inputs={}, execution_id="p1")
+    record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
+    # When the parent starts
+    advance("p1")
+    # Then the stage is SKIPPED with the reason, no child was recorded, and the parent went on
+    with session_scope() as s:
+        run = s.exec(
+            select(StageRun).where(StageRun.execution_id == "p1", StageRun.stage_index == 0)
+        ).one()
+        assert run.status == "SKIPPED" and 'condition "no" == "maybe" is false' in str(run.error)
+        assert not s.exec(select(Execution).where(Execution.parent_execution_id == "p1")).all()
+        nxt = s.exec(
+            select(StageRun).where(StageRun.execution_id == "p1", StageRun.stage_index == 1)
+        ).one()
+        assert nxt.status == "RUNNING"
