@@ -218,6 +218,14 @@ def _check_stage(
                     at,
                 )
             )
+        elif var.type != known[var.name].type:
+            errs.add(
+                pipe.error(
+                    f"variable '{var.name}' of pipeline '{child.ident}' is a "
+                    f"{known[var.name].type}, not a {var.type}",
+                    (*sp, "inputs", "variables", vi, "type"),
+                )
+            )
         elif var.name not in declared:
             errs.add(
                 pipe.error(

@@ -140,6 +140,16 @@ def test_a_variable_the_child_does_not_declare_as_input_is_refused(tmp_path: Pat
         assert hit[0].line == line_of(paths[0], f"name: {var}")
 
 
+def test_a_variable_given_with_another_type_than_the_childs_is_refused(tmp_path: Path) -> None:
+    paths = write(
+        tmp_path,
+        parent().replace("type: String, value: <+pipeline", "type: Number, value: <+pipeline"),
+    )
+    (err,) = errors_of(paths)
+    assert "variable 'release' of pipeline 'child' is a String, not a Number" in err.message
+    assert err.field.endswith("variables[0].type")
+
+
 def test_other_inputs_of_the_child_are_refused_by_name(tmp_path: Path) -> None:
     text = parent().replace("            identifier: child\n", "            stages: []\n")
     errs = errors_of(write(tmp_path, text))
