@@ -129,6 +129,16 @@ def _quiet(sig: Signature) -> Signature:
     return sig.set(ignore_result=True) if celery_app.backend.supports_native_join else sig
 
 
+def _brief(key: HostStepKey, until: int | None = None) -> str:
+    """What task events and Flower show of a host task's kwargs: its idempotency key (the
+    rest is in the ledger), instead of Celery's repr of the whole key, built per message."""
+    return (
+        f"{{'key': {key.idem!r}}}"
+        if until is None
+        else f"{{'key': {key.idem!r}, 'until': {until}}}"
+    )
+
+
 def phase_canvas(
     *,
     execution_id: str,
@@ -187,7 +197,9 @@ def _host_links(
         while end < count and (tags_of or {}).get((first.host, end), ()) == tags:
             end += 1
         key = dataclasses.replace(first, step=start, tags=tags)
-        sig = _quiet(link("vmfarm.run_host", key=key.to_dict(), until=end))
+        sig = _quiet(link("vmfarm.run_host", key=key.to_dict(), until=end)).set(
+            kwargsrepr=_brief(key, end)
+        )
         out.append(sig.set(task_id=task_id_of(key)) if traced() else sig)
         start = end
     return out
@@ -287,24 +299,27 @@ def verify_canvas(
     the verdict on control. With ``countdown`` (a canary analysis's window) the checks wait
     that long in the broker first, so the verdict comes when the window has passed."""
     deadline = round(time.time() + countdown + expires, 3)
-    header = group(
-        _quiet(
-            task(
-                "vmfarm.check_host",
-                key=HostStepKey(
-                    execution_id,
-                    stage_index,
-                    phase,
-                    h,
-                    -1,
-                    1,
-                    r,
-                    deadline,
-                    tags=(tags_of or {}).get((h, -1), ()),
-                ).to_dict(),
-            ).set(**({"countdown": countdown} if countdown else {}))
+    keys = [
+        HostStepKey(
+            execution_id,
+            stage_index,
+            phase,
+            h,
+            -1,
+            1,
+            r,
+            deadline,
+            tags=(tags_of or {}).get((h, -1), ()),
         )
         for h, r in hosts
+    ]
+    header = group(
+        _quiet(
+            task("vmfarm.check_host", key=key.to_dict()).set(
+                kwargsrepr=_brief(key), **({"countdown": countdown} if countdown else {})
+            )
+        )
+        for key in keys
     )
     body = task(
         "vmfarm.verification_gate", execution_id=execution_id, stage_index=stage_index, phase=phase

@@ -266,19 +266,24 @@ def retrying(fn: Callable[[], T], *, what: str, within: float = RECONNECT_SECOND
         delay = min(delay * 2, 2.0)
 
 
+def insert_stmt(model: type[Any]) -> Any:
+    """An INSERT of ``model`` in the ledger's dialect (for ``on_conflict_do_nothing``)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return (pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert)(model)
+
+
 def insert_once(model: type[Any], values: dict[str, Any]) -> tuple[int, Any | None]:
     """Insert a row keyed by its unique ``idem_key`` unless it exists.
 
     Returns (id, None) when this call inserted it (the caller owns the work), or (id, row) when
     it was already there (a duplicate delivery: the caller returns the recorded result).
     """
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
     from sqlmodel import select
 
-    ins = pg_insert if get_engine().dialect.name == "postgresql" else sqlite_insert
     stmt = (
-        ins(model)
+        insert_stmt(model)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["idem_key"])
         .returning(model.id)

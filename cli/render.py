@@ -583,6 +583,8 @@ def print_plan(result: dict[str, Any]) -> None:
             )
         if st.get("loop"):  # one iteration of the stage's looping strategy
             out.print(Text(f"  {st['loop']} (stage {st.get('name')})"))
+        if st.get("concurrency"):  # its loop's iterations run side by side
+            out.print(Text(f"  {st['concurrency']['says']}"))
         if strategy.get("maxConcurrency"):
             out.print(f"  at most {strategy['maxConcurrency']} host(s) in flight in a phase")
         hosts = st["hosts_by_region"]

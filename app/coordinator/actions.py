@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from app.coordinator.approvals import approval_record, approvers
 from app.coordinator.chaining import running_children
-from app.coordinator.ledger import finish, lock_execution, stage_of
+from app.coordinator.ledger import finish, lock_execution, plan_of, stage_of
 from app.coordinator.machine import advance, notify_snapshot, notify_transition, wake_parent
 from app.coordinator.publish import Dispatch, publish
 from app.coordinator.retry import cancel_pending
 from app.coordinator.rollback import begin_rollback
 from app.db import session_scope
 from app.definitions.models import INTERVENTION_ACTIONS
-from app.definitions.plan import ApprovalStagePlan
+from app.definitions.plan import ApprovalStagePlan, DeploymentStagePlan
 from app.errors import ApprovalRefused
 from app.models import (
     Execution,
@@ -142,12 +142,40 @@ def intervene(execution_id: str, *, action: str, user: str = "", comment: str = 
     return f"{action} chosen by {user or 'someone'}; execution {advance(execution_id)}"
 
 
-def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
-    """Stop an execution: no new work is sent; running hosts stop at their next unit.
+def _in_flight(s: Session, ex: Execution) -> tuple[StageRun | None, list[StageRun]]:
+    """The current stage's row, and with a looped stage whose iterations run side by side,
+    the first of them running and the others in flight with it (running, or rolling back
+    their own failure)."""
+    stages = plan_of(ex).stages
+    stage = stages[ex.current_stage] if ex.current_stage < len(stages) else None
+    group = stage.concurrency if isinstance(stage, DeploymentStagePlan) else None
+    if group is None:
+        current = s.exec(
+            select(StageRun).where(
+                StageRun.execution_id == ex.id, StageRun.stage_index == ex.current_stage
+            )
+        ).first()
+        return current, []
+    flight = s.exec(
+        select(StageRun)
+        .where(
+            StageRun.execution_id == ex.id,
+            col(StageRun.stage_index).between(group.first, group.last),
+            col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]),
+        )
+        .order_by(col(StageRun.stage_index))
+    ).all()
+    first = next((r for r in flight if r.status == Status.RUNNING), None)
+    return first, [r for r in flight if r is not first]
 
-    With ``rollback``, the current stage then rolls back the hosts it changed (once their
-    running steps have stopped). Returns "aborted", "rolling back", "missing", or the status of
-    an execution that had already ended.
+
+def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
+    """Stop an execution: no new work is sent; running hosts stop at their next unit (every
+    iteration in flight of a looped stage run side by side).
+
+    With ``rollback``, the current stage (each iteration in flight) then rolls back the hosts
+    it changed (once their running steps have stopped). Returns "aborted", "rolling back",
+    "missing", or the status of an execution that had already ended.
     """
     dispatches: list[Dispatch] = []
     with session_scope() as s:
@@ -169,11 +197,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
             if pr.kind != "rollback":
                 pr.status, pr.gate_at = Status.ABORTED, utcnow()
                 s.add(pr)
-        current = s.exec(
-            select(StageRun).where(
-                StageRun.execution_id == execution_id, StageRun.stage_index == ex.current_stage
-            )
-        ).first()
+        current, together = _in_flight(s, ex)
         if (
             rollback
             and ex.status != Status.ROLLING_BACK
@@ -189,6 +213,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
                 scope="StageRollback",
                 cause="aborted",
                 dispatches=dispatches,
+                together=together,
             )
             outcome = "rolling back"
         else:

@@ -84,9 +84,7 @@ def decide_pipeline_stage(
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
         run.error, run.outputs = None, outputs or None
         s.add(run)
-        ex.current_stage += 1
-        s.add(ex)
-        return None
+        return None  # the caller (app.coordinator.machine) goes on to the next stage
     error = f"child execution {child.id} (pipeline {stage.pipeline}) {child.status}" + (
         f": {child.error}" if child.error else ""
     )
@@ -95,9 +93,7 @@ def decide_pipeline_stage(
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
         run.error = f"{error} ({action} by the failure strategy)"
         s.add(run)
-        ex.current_stage += 1
-        s.add(ex)
-        return None
+        return None  # the caller (app.coordinator.machine) goes on to the next stage
     if action == "Abort":
         run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
         s.add(run)

@@ -115,6 +115,13 @@ def _stages(plan: Plan, stage_hosts: list[list[Host]]) -> list[dict[str, Any]]:
                 "identifier": stage.identifier,
                 "name": stage.name,
                 "loop": stage.loop,
+                # Iterations of its loop run side by side, this many at once.
+                "concurrency": {
+                    **stage.concurrency.to_json(),
+                    "says": stage.concurrency.describe([st.identifier for st in plan.stages]),
+                }
+                if stage.concurrency
+                else None,
                 "skipped_by_when": skipped,
                 "type": stage.type,
                 "service": stage.service.identifier,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.coordinator.ledger import end_failed, finish, stage_of, summarise_steps
 from app.coordinator.precedence import stage_action
 from app.coordinator.publish import Dispatch
-from app.coordinator.rollback import begin_rollback
+from app.coordinator.retry import cancel_pending
+from app.coordinator.rollback import begin_iteration_rollback, begin_rollback
 from app.definitions.base import parse_duration
 from app.definitions.models import INTERVENTION_ACTIONS, FailureAction
 from app.definitions.plan import DeploymentStagePlan, StepPlan
@@ -92,6 +93,8 @@ def stage_failed(
         )
         error = f"{error}; manual intervention: {action.type} {who}"
     kind_of = action.type
+    if side_by_side(ex, run) and kind_of not in ("Ignore", "MarkAsSuccess"):
+        return _iteration_failed(s, ex, run, error, kind_of, dispatches)
     if kind_of in ("Ignore", "MarkAsSuccess") and record is not None:
         verdict = dict(record.verdict or {})
         verdict.update(
@@ -124,11 +127,64 @@ def stage_failed(
 
 def fail_stage(s: Session, ex: Execution, run: StageRun, error: str) -> str:
     """The stage fails; so does the execution, unless a later stage runs after a failure
-    (then GO_ON)."""
+    (then GO_ON). An iteration of a looped stage run side by side fails alone: the execution
+    ends once its other iterations have (app.coordinator.machine)."""
     summarise_steps(s, ex, run)
     run.status, run.error, run.finished_at = Status.FAILED, error, utcnow()
     s.add(run)
+    if side_by_side(ex, run):
+        return f"stage '{run.identifier}' failed; the iterations in flight with it go on"
     return end_failed(s, ex, f"stage '{run.identifier}': {error}") or "failed"
+
+
+def side_by_side(ex: Execution, run: StageRun) -> bool:
+    """Is the stage an iteration of a loop whose iterations run side by side?"""
+    return getattr(stage_of(ex, run.stage_index), "concurrency", None) is not None
+
+
+def _iteration_failed(
+    s: Session, ex: Execution, run: StageRun, error: str, kind_of: str, dispatches: list[Dispatch]
+) -> str:
+    """An iteration side by side failed: StageRollback rolls back its hosts alone, Abort stops
+    every iteration in flight, MarkAsFailure fails it alone. (PipelineRollback and
+    ManualIntervention are refused at load: app.definitions.stage_concurrency.)"""
+    if kind_of == "Abort":
+        summarise_steps(s, ex, run)
+        run.status, run.error, run.finished_at = Status.ABORTED, error, utcnow()
+        s.add(run)
+        stop_execution(
+            s,
+            ex,
+            f"stage '{run.identifier}': {error} (aborted by the failure strategy)",
+        )
+        return "aborted"
+    if kind_of in ("StageRollback", "PipelineRollback"):
+        return begin_iteration_rollback(s, ex, run, error, dispatches)
+    return fail_stage(s, ex, run, error)
+
+
+def stop_execution(s: Session, ex: Execution, error: str) -> None:
+    """End the execution ABORTED: attempts waiting to start never do, running phases and
+    stages (every iteration in flight of a looped stage) are aborted, their running hosts stop
+    at their next unit."""
+    cancel_pending(s, ex.id, f"skipped: {error} before this attempt started")
+    for pr in s.exec(
+        select(PhaseRun).where(PhaseRun.execution_id == ex.id, PhaseRun.status == Status.RUNNING)
+    ).all():
+        if pr.kind != "rollback":
+            pr.status, pr.gate_at = Status.ABORTED, utcnow()
+            s.add(pr)
+    finish(s, ex, Status.ABORTED, error=error)
+    for other in s.exec(
+        select(StageRun).where(
+            StageRun.execution_id == ex.id,
+            col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]),
+        )
+    ).all():
+        summarise_steps(s, ex, other)
+        other.status, other.finished_at = Status.ABORTED, utcnow()
+        other.error = other.error or error
+        s.add(other)
 
 
 def failure_policy(stage: DeploymentStagePlan) -> str:
@@ -160,6 +216,21 @@ def failure_policy(stage: DeploymentStagePlan) -> str:
         "PipelineRollback": f"this stage and the earlier ones roll back ({how})",
         **_THEN,
     }[action]
+    if stage.concurrency is not None:  # an iteration side by side with others
+        alone = {
+            "StageRollback": f"this iteration rolls back alone ({how})",
+            "MarkAsFailure": "this iteration fails alone; its hosts keep what they have",
+            "Abort": "the execution is aborted: every iteration in flight stops; hosts keep "
+            "what they have",
+        }.get(action)
+        if alone:
+            return (
+                f"{tolerance}; later phases do not start; {alone}; the iterations in flight "
+                "with it finish and keep what they did, those not started and later stages do "
+                "not start, and the pipeline ends FAILED."
+                if action != "Abort"
+                else f"{tolerance}; {alone}."
+            )
     return f"{tolerance}; later phases and stages do not start; {then}."
 
 

@@ -23,6 +23,7 @@ from app.coordinator.ledger import (
     GO_ON,
     after_failure_status,
     deployment_stage,
+    end_failed,
     failed_so_far,
     finish,
     live_set,
@@ -33,7 +34,7 @@ from app.coordinator.ledger import (
     summarise_steps,
 )
 from app.coordinator.publish import Dispatch, publish, publish_notifications
-from app.coordinator.rollback import decide_rollback
+from app.coordinator.rollback import decide_rollback, roll_back_stage, rolled_back_count
 from app.coordinator.routing import discovered_by_workers, tags_of
 from app.coordinator.verdicts import evaluate_phase, failures_of, phase_failure
 from app.coordinator.watch import decide_watch
@@ -43,6 +44,7 @@ from app.definitions.plan import (
     ApprovalStagePlan,
     DeploymentStagePlan,
     PipelineStagePlan,
+    StageConcurrency,
 )
 from app.errors import ConfigError, SpecError
 from app.models import (
@@ -99,114 +101,205 @@ def _decide(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
             finish(s, ex, Status.SUCCEEDED)
             return "succeeded"
         stage_plan = stages[ex.current_stage]
-        run = stage_run(s, ex, ex.current_stage)
-        if run.status == Status.PENDING:
-            why = stage_skip(stage_plan, failed=ex.current_stage > 0 and failed_so_far(s, ex))
-            if why:
-                run.status, run.error, run.finished_at = Status.SKIPPED, why, utcnow()
-                s.add(run)
-        if run.status == Status.SKIPPED:  # by its when; or a retry leaves out stages that
-            ex.current_stage += 1  # need nothing
-            s.add(ex)
+        group = stage_plan.concurrency if isinstance(stage_plan, DeploymentStagePlan) else None
+        if group is not None:  # a looped stage's iterations side by side
+            outcome = _decide_group(s, ex, group, dispatches)
+        else:
+            run = stage_run(s, ex, ex.current_stage)
+            outcome = _decide_stage(s, ex, run, stage_plan, dispatches)
+        if outcome:
+            return outcome
+        ex.current_stage = (group.last if group is not None else ex.current_stage) + 1
+        s.add(ex)
+
+
+# A looped stage's iteration in these states ended badly: the iterations not started yet do
+# not start, and the execution ends FAILED once those in flight have ended.
+_ENDED_BADLY = frozenset(
+    {Status.FAILED, Status.ROLLED_BACK, Status.ROLLBACK_FAILED, Status.ABORTED}
+)
+
+
+def _in_flight(run: StageRun) -> bool:
+    """Started and not ended (a PENDING stage with a start time is discovering its hosts)."""
+    return run.status in (Status.RUNNING, Status.ROLLING_BACK) or (
+        run.status == Status.PENDING and run.started_at is not None
+    )
+
+
+def _decide_group(
+    s: Session, ex: Execution, group: StageConcurrency, dispatches: list[Dispatch]
+) -> str:
+    """The iterations ``group.first`` to ``group.last`` of a looped stage, side by side: those
+    in flight go on (one that failed rolls back alone), then iterations not started yet start
+    in order while fewer than ``group.cap`` are in flight. '' once every one succeeded (or was
+    skipped by its when); the execution ends FAILED (or goes on to a stage that runs after a
+    failure) once every one ended and one of them failed."""
+    stages = plan_of(ex).stages
+    said: list[str] = []
+
+    def step(run: StageRun) -> bool:
+        """Decide for one iteration; False when the execution ended (an Abort)."""
+        if run.status == Status.ROLLING_BACK:
+            out = roll_back_stage(s, ex, run, dispatches)
+        else:
+            stage_plan = stages[run.stage_index]
+            assert isinstance(stage_plan, DeploymentStagePlan)
+            out = _decide_stage(s, ex, run, stage_plan, dispatches)
+        if out:
+            said.append(out if out.startswith("stage '") else f"{run.identifier}: {out}")
+        return ex.status not in Status.TERMINAL
+
+    runs = [stage_run(s, ex, i) for i in range(group.first, group.last + 1)]
+    for run in runs:  # those in flight first: each may end and free its place
+        if _in_flight(run) and not step(run):
+            return said[-1] if said else str(ex.status).lower()
+    in_flight = sum(1 for r in runs if _in_flight(r))
+    for run in runs:
+        if run.status != Status.PENDING or run.started_at is not None:
             continue
-        if isinstance(stage_plan, ApprovalStagePlan):
-            outcome = decide_approval_stage(s, ex, run, stage_plan, dispatches)
-            if outcome:
-                return outcome
+        if any(r.status in _ENDED_BADLY for r in runs):
+            run.status, run.finished_at = Status.SKIPPED, utcnow()
+            run.error = "skipped: an iteration of its loop failed"
+            s.add(run)
             continue
-        if isinstance(stage_plan, PipelineStagePlan):  # a child execution of its own
-            chained = decide_pipeline_stage(s, ex, run, stage_plan, dispatches)
-            if chained:
-                return chained
-            continue
-        if run.status == Status.PENDING and not run.hosts and discovered_by_workers(stage_plan):
-            outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
-            if outcome:
-                return outcome
-        if run.status == Status.PENDING:
-            problem = _start_stage(s, ex, run, stage_plan)
-            if problem:
-                return stage_failed(
-                    s, ex, run, problem, [(None, "Unknown")], None, dispatches
-                ) or fail_stage(s, ex, run, problem)
-        # Phases run one after another: every phase before the last one dispatched has passed
-        # its gates. Read the records from that one on (not all of them at every advance).
-        latest = s.exec(
-            select(func.max(PhaseRun.phase)).where(
+        if in_flight >= group.cap:
+            break  # it starts when one in flight ends
+        if not step(run):
+            return said[-1] if said else str(ex.status).lower()
+        in_flight += _in_flight(run)
+    if any(_in_flight(r) or r.status == Status.PENDING for r in runs):
+        return "; ".join(said) or "waiting"
+    bad = [r for r in runs if r.status in _ENDED_BADLY]
+    if not bad:
+        return ""
+    ex.current_stage = group.last  # the stages after the loop come next
+    s.add(ex)
+    error = "; ".join(f"stage '{r.identifier}': {r.error}{_rolled_back(s, ex, r)}" for r in bad)
+    if any(r.status == Status.ROLLBACK_FAILED for r in bad):
+        finish(s, ex, Status.ROLLBACK_FAILED, error=f"{error}; the rollback failed on some hosts")
+        return "rollback failed"
+    return end_failed(s, ex, error) or "failed"
+
+
+def _rolled_back(s: Session, ex: Execution, run: StageRun) -> str:
+    if run.status != Status.ROLLED_BACK:
+        return ""
+    done = rolled_back_count(s, ex, run.stage_index)
+    return (
+        f"; rolled back {done} host(s)"
+        if done
+        else "; nothing was rolled back (no host had an earlier version recorded)"
+    )
+
+
+def _decide_stage(
+    s: Session,
+    ex: Execution,
+    run: StageRun,
+    stage_plan: AnyStagePlan,
+    dispatches: list[Dispatch],
+) -> str:
+    """One stage (or one iteration of a looped stage): what is under way, or '' once it
+    succeeded or was skipped (the caller goes on)."""
+    if run.status == Status.PENDING:
+        why = stage_skip(stage_plan, failed=ex.current_stage > 0 and failed_so_far(s, ex))
+        if why:
+            run.status, run.error, run.finished_at = Status.SKIPPED, why, utcnow()
+            s.add(run)
+    if run.status == Status.SKIPPED:  # by its when; or a retry leaves out stages that
+        return ""  # need nothing
+    if isinstance(stage_plan, ApprovalStagePlan):
+        return decide_approval_stage(s, ex, run, stage_plan, dispatches)
+    if isinstance(stage_plan, PipelineStagePlan):  # a child execution of its own
+        return decide_pipeline_stage(s, ex, run, stage_plan, dispatches) or ""
+    if run.status == Status.PENDING and not run.hosts and discovered_by_workers(stage_plan):
+        outcome = decide_discovery(s, ex, run, stage_plan, dispatches)
+        if outcome:
+            return outcome
+    if run.status == Status.PENDING:
+        problem = _start_stage(s, ex, run, stage_plan)
+        if problem:
+            return stage_failed(
+                s, ex, run, problem, [(None, "Unknown")], None, dispatches
+            ) or fail_stage(s, ex, run, problem)
+    # Phases run one after another: every phase before the last one dispatched has passed
+    # its gates. Read the records from that one on (not all of them at every advance).
+    latest = s.exec(
+        select(func.max(PhaseRun.phase)).where(
+            PhaseRun.execution_id == ex.id,
+            PhaseRun.stage_index == run.stage_index,
+            col(PhaseRun.kind).in_(["deploy", "switch"]),
+        )
+    ).one()
+    records = {
+        (p.phase, p.kind): p
+        for p in s.exec(
+            select(PhaseRun).where(
                 PhaseRun.execution_id == ex.id,
                 PhaseRun.stage_index == run.stage_index,
-                col(PhaseRun.kind).in_(["deploy", "switch"]),
+                PhaseRun.phase >= (latest if latest is not None else -1),
             )
-        ).one()
-        records = {
-            (p.phase, p.kind): p
-            for p in s.exec(
-                select(PhaseRun).where(
-                    PhaseRun.execution_id == ex.id,
-                    PhaseRun.stage_index == run.stage_index,
-                    PhaseRun.phase >= (latest if latest is not None else -1),
-                )
-            ).all()
-        }
-        verification = stage_plan.strategy.verification
-        start = 0 if latest is None else stage_data(s, ex, run).position.get(int(latest), 0)
-        for i in range(start, len(run.phases)):
-            phase = Phase.from_dict(run.phases[i])
-            main = records.get((phase.index, phase.kind))
-            if main is None:
-                _dispatch(s, ex, run, phase, phase.kind, dispatches)
-                return f"dispatched {phase.name}"
-            if main.status == Status.RUNNING and not (
-                phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)
-            ):
-                # Hosts stopped at a Wait or approval step wait for the coordinator.
-                said = (
-                    decide_barrier(s, ex, run, stage_plan, main, dispatches)
-                    if phase.kind == "deploy"
-                    else "waiting"
-                )
-                if said is not None or not evaluate_phase(s, ex, run, main, gate=False):
-                    return said or "waiting"
-            if main.status == Status.FAILED:
+        ).all()
+    }
+    verification = stage_plan.strategy.verification
+    start = 0 if latest is None else stage_data(s, ex, run).position.get(int(latest), 0)
+    for i in range(start, len(run.phases)):
+        phase = Phase.from_dict(run.phases[i])
+        main = records.get((phase.index, phase.kind))
+        if main is None:
+            _dispatch(s, ex, run, phase, phase.kind, dispatches)
+            return f"dispatched {phase.name}"
+        if main.status == Status.RUNNING and not (
+            phase.kind == "deploy" and evaluate_phase(s, ex, run, main, gate=False)
+        ):
+            # Hosts stopped at a Wait or approval step wait for the coordinator.
+            said = (
+                decide_barrier(s, ex, run, stage_plan, main, dispatches)
+                if phase.kind == "deploy"
+                else "waiting"
+            )
+            if said is not None or not evaluate_phase(s, ex, run, main, gate=False):
+                return said or "waiting"
+        if main.status == Status.FAILED:
+            outcome = stage_failed(
+                s,
+                ex,
+                run,
+                phase_failure(phase, main),
+                failures_of(stage_plan, main),
+                main,
+                dispatches,
+            )
+            if outcome:
+                return outcome
+        if phase.verify and verification:
+            check = records.get((phase.index, "verify"))
+            if check is None:
+                _dispatch(s, ex, run, phase, "verify", dispatches)
+                return f"verifying {phase.name}"
+            if check.status == Status.RUNNING:
+                return "waiting"
+            if check.status == Status.FAILED:
                 outcome = stage_failed(
                     s,
                     ex,
                     run,
-                    phase_failure(phase, main),
-                    failures_of(stage_plan, main),
-                    main,
+                    phase_failure(phase, check),
+                    [(None, "Verification")],
+                    check,
                     dispatches,
                 )
                 if outcome:
                     return outcome
-            if phase.verify and verification:
-                check = records.get((phase.index, "verify"))
-                if check is None:
-                    _dispatch(s, ex, run, phase, "verify", dispatches)
-                    return f"verifying {phase.name}"
-                if check.status == Status.RUNNING:
-                    return "waiting"
-                if check.status == Status.FAILED:
-                    outcome = stage_failed(
-                        s,
-                        ex,
-                        run,
-                        phase_failure(phase, check),
-                        [(None, "Verification")],
-                        check,
-                        dispatches,
-                    )
-                    if outcome:
-                        return outcome
-        # The watch after deployment (rollbackStrategy.triggers) holds the stage open.
-        watching = decide_watch(s, ex, run, stage_plan, dispatches)
-        if watching is not None:
-            return watching
-        summarise_steps(s, ex, run)
-        run.status, run.finished_at = Status.SUCCEEDED, utcnow()
-        s.add(run)
-        ex.current_stage += 1
-        s.add(ex)
+    # The watch after deployment (rollbackStrategy.triggers) holds the stage open.
+    watching = decide_watch(s, ex, run, stage_plan, dispatches)
+    if watching is not None:
+        return watching
+    summarise_steps(s, ex, run)
+    run.status, run.finished_at = Status.SUCCEEDED, utcnow()
+    s.add(run)
+    return ""
 
 
 def stage_skip(stage: AnyStagePlan, *, failed: bool) -> str:

@@ -39,17 +39,15 @@ class Dispatch:
     first_step: int = 0
 
 
-def publish(d: Dispatch) -> None:
-    """Send what ``d`` describes (call after the commit that recorded it)."""
+def _canvas(d: Dispatch) -> Any:
+    """The signature ``d`` describes, built now (dispatch deadlines count from now)."""
     expires = get_settings().dispatch_expires
     if d.kind == "timer":
-        canvas.advance_later(execution_id=d.execution_id).apply_async(countdown=d.countdown)
-        return
+        return canvas.advance_later(execution_id=d.execution_id)
     if d.kind == "watch":  # a check of the watch after deployment; ``phase`` is its number
-        canvas.watch_check(
+        return canvas.watch_check(
             execution_id=d.execution_id, stage_index=d.stage_index, seq=d.phase
-        ).apply_async(countdown=d.countdown)
-        return
+        )
     if d.kind in ("deploy", "rollback"):
         sig = canvas.phase_canvas(
             execution_id=d.execution_id,
@@ -104,7 +102,21 @@ def publish(d: Dispatch) -> None:
         sig = canvas.switch_canvas(
             execution_id=d.execution_id, stage_index=d.stage_index, phase=d.phase, kind=d.kind
         )
-    sig.apply_async()
+    return sig
+
+
+def publish(d: Dispatch) -> None:
+    """Send what ``d`` describes (call after the commit that recorded it).
+
+    A canvas goes out in a few Redis round trips (``app.celery.batched``: pipelines of a few
+    hundred messages, no result subscriptions)."""
+    from app.celery import batched
+
+    if d.kind in ("timer", "watch"):
+        _canvas(d).apply_async(countdown=d.countdown)
+        return
+    with batched():
+        _canvas(d).apply_async()
     log.info(
         "execution %s: published %s of stage %d phase %d (%d hosts)",
         d.execution_id,

@@ -160,6 +160,15 @@ def reconcile(*, now: Any = None) -> list[str]:
             e.id
             for e in s.exec(select(Execution).where(Execution.status == Status.ROLLING_BACK)).all()
         )
+        # So does an iteration of a looped stage rolling back alone (its execution RUNNING).
+        touched.update(
+            r
+            for (r,) in s.execute(
+                select(StageRun.execution_id)
+                .where(StageRun.status == Status.ROLLING_BACK)
+                .distinct()
+            ).all()
+        )
         waiting = {
             pr.execution_id
             for pr in s.exec(

@@ -20,6 +20,7 @@ stage, ``decide_rollback`` dispatches each rollback phase once and ends the exec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -224,10 +225,20 @@ def begin_rollback(
     scope: str,
     cause: str,
     dispatches: list[Dispatch],
+    together: Sequence[StageRun] = (),
 ) -> str:
     """Mark the stage failed (or aborted) and start rolling back: this stage, or with
-    PipelineRollback every deployment stage so far, latest first."""
+    PipelineRollback every deployment stage so far, latest first. ``together``: the other
+    iterations of a looped stage in flight with it (an abort), marked like it and rolled back
+    after it (one already rolling back its own failure goes on)."""
     stages = [run.stage_index]
+    for other in together:
+        stages.append(other.stage_index)
+        if other.status != Status.ROLLING_BACK:
+            summarise_steps(s, ex, other)
+            other.status = Status.ABORTED if cause == "aborted" else Status.FAILED
+            other.error, other.finished_at = error, utcnow()
+            s.add(other)
     if scope == "PipelineRollback":
         for i in range(run.stage_index - 1, -1, -1):
             if stage_of(ex, i).type in ("Approval", "Custom"):  # nothing deployed there
@@ -250,83 +261,39 @@ def begin_rollback(
     return decide_rollback(s, ex, dispatches)
 
 
+def begin_iteration_rollback(
+    s: Session, ex: Execution, run: StageRun, error: str, dispatches: list[Dispatch]
+) -> str:
+    """One iteration of a looped stage whose iterations run side by side failed: it rolls
+    back on its own (the execution goes on RUNNING, its other iterations in flight finish);
+    app.coordinator.machine carries its rollback on and ends the group once every iteration
+    ended."""
+    summarise_steps(s, ex, run)
+    run.status, run.error, run.finished_at = Status.ROLLING_BACK, error, utcnow()
+    s.add(run)
+    said = roll_back_stage(s, ex, run, dispatches)
+    return f"stage '{run.identifier}': " + (said or "rolled back")
+
+
+def rolled_back_count(s: Session, ex: Execution, stage_index: int | None = None) -> int:
+    """How many hosts the execution (or one of its stages) rolled back."""
+    where = [
+        PhaseRun.execution_id == ex.id,
+        PhaseRun.kind == "rollback",
+        PhaseRun.status == Status.SUCCEEDED,
+    ]
+    if stage_index is not None:
+        where.append(PhaseRun.stage_index == stage_index)
+    return sum(len(r.hosts) for r in s.exec(select(PhaseRun).where(*where)).all())
+
+
 def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> str:
     """Roll back the stages named in ``ex.rollback``, each phase as its own canvas, once."""
     info = ex.rollback or {}
     for si in info.get("stages", []):
-        run = stage_run(s, ex, si)
-        if run.status in (Status.ROLLED_BACK, Status.ROLLBACK_FAILED):
-            continue
-        if run.rollback is None:
-            running = s.exec(
-                select(HostStepRun).where(
-                    HostStepRun.execution_id == ex.id,
-                    HostStepRun.stage_index == si,
-                    HostStepRun.kind == "deploy",
-                    HostStepRun.status == Status.RUNNING,
-                )
-            ).all()
-            if running:  # an abort: hosts stop at their next unit, then roll back
-                return f"rolling back: waiting for {len(running)} running step(s) to stop"
-            run.rollback = plan_stage_rollback(s, ex, run)
-            run.status = Status.ROLLING_BACK
-            s.add(run)
-        # Host lists are read only for the phase being judged (a deferred column).
-        records = {
-            p.phase: p
-            for p in s.exec(
-                select(PhaseRun)
-                .where(
-                    PhaseRun.execution_id == ex.id,
-                    PhaseRun.stage_index == si,
-                    PhaseRun.kind == "rollback",
-                )
-                .options(*deferred(PhaseRun.hosts))
-            ).all()
-        }
-        switches = {
-            p.phase: p
-            for p in s.exec(
-                select(PhaseRun)
-                .where(
-                    PhaseRun.execution_id == ex.id,
-                    PhaseRun.stage_index == si,
-                    PhaseRun.kind == "rollback-switch",
-                )
-                .options(*deferred(PhaseRun.hosts))
-            ).all()
-        }
-        for ph in run.rollback["phases"]:
-            if not ph["hosts"]:
-                continue
-            if ph.get("kind") == "switch":  # traffic first (blue-green)
-                rec = switches.get(ph["index"])
-                if rec is None:
-                    s.add(
-                        PhaseRun(
-                            execution_id=ex.id,
-                            stage_index=si,
-                            phase=ph["index"],
-                            kind="rollback-switch",
-                            hosts=list(ph["hosts"]),
-                        )
-                    )
-                    s.flush()
-                    dispatches.append(Dispatch("rollback-switch", ex.id, si, ph["index"], []))
-                    return f"dispatched {ph['name']}"
-                if rec.status == Status.RUNNING:
-                    return "rolling back"
-                continue
-            rec = records.get(ph["index"])
-            if rec is None:
-                _dispatch_rollback(s, ex, run, ph, dispatches)
-                return f"dispatched {ph['name']}"
-            if rec.status == Status.RUNNING and not evaluate_phase(s, ex, run, rec, gate=False):
-                return "rolling back"
-        failed = [r for r in [*records.values(), *switches.values()] if r.status == Status.FAILED]
-        run.status = Status.ROLLBACK_FAILED if failed else Status.ROLLED_BACK
-        run.finished_at = utcnow()
-        s.add(run)
+        said = roll_back_stage(s, ex, stage_run(s, ex, si), dispatches)
+        if said:
+            return said
     runs = s.exec(
         select(StageRun).where(
             StageRun.execution_id == ex.id, col(StageRun.stage_index).in_(info.get("stages", []))
@@ -343,16 +310,7 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
     final = {"aborted": Status.ABORTED, "requested": Status.SUCCEEDED}.get(
         info.get("cause", ""), Status.FAILED
     )
-    done = sum(
-        len(r.hosts)
-        for r in s.exec(
-            select(PhaseRun).where(
-                PhaseRun.execution_id == ex.id,
-                PhaseRun.kind == "rollback",
-                PhaseRun.status == Status.SUCCEEDED,
-            )
-        ).all()
-    )
+    done = rolled_back_count(s, ex)
     note = (
         ""
         if info.get("cause") == "requested"
@@ -367,6 +325,89 @@ def decide_rollback(s: Session, ex: Execution, dispatches: list[Dispatch]) -> st
         return end_failed(s, ex, error) or "rolled back"  # later stages may run after it
     finish(s, ex, final, error=error if final != Status.SUCCEEDED else None)
     return "rolled back"
+
+
+def roll_back_stage(
+    s: Session, ex: Execution, run: StageRun, dispatches: list[Dispatch]
+) -> str | None:
+    """Roll back one stage (or one iteration of a looped stage), each phase as its own canvas,
+    once: what is under way while it rolls back, None once it ended (ROLLED_BACK, or
+    ROLLBACK_FAILED when a phase failed)."""
+    if run.status in (Status.ROLLED_BACK, Status.ROLLBACK_FAILED):
+        return None
+    if run.rollback is None:
+        running = s.exec(
+            select(HostStepRun).where(
+                HostStepRun.execution_id == ex.id,
+                HostStepRun.stage_index == run.stage_index,
+                HostStepRun.kind == "deploy",
+                HostStepRun.status == Status.RUNNING,
+            )
+        ).all()
+        if running:  # an abort: hosts stop at their next unit, then roll back
+            return f"rolling back: waiting for {len(running)} running step(s) to stop"
+        run.rollback = plan_stage_rollback(s, ex, run)
+        run.status = Status.ROLLING_BACK
+        s.add(run)
+    # Host lists are read only for the phase being judged (a deferred column).
+    records = {
+        p.phase: p
+        for p in s.exec(
+            select(PhaseRun)
+            .where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.kind == "rollback",
+            )
+            .options(*deferred(PhaseRun.hosts))
+        ).all()
+    }
+    switches = {
+        p.phase: p
+        for p in s.exec(
+            select(PhaseRun)
+            .where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.kind == "rollback-switch",
+            )
+            .options(*deferred(PhaseRun.hosts))
+        ).all()
+    }
+    for ph in run.rollback["phases"]:
+        if not ph["hosts"]:
+            continue
+        if ph.get("kind") == "switch":  # traffic first (blue-green)
+            rec = switches.get(ph["index"])
+            if rec is None:
+                s.add(
+                    PhaseRun(
+                        execution_id=ex.id,
+                        stage_index=run.stage_index,
+                        phase=ph["index"],
+                        kind="rollback-switch",
+                        hosts=list(ph["hosts"]),
+                    )
+                )
+                s.flush()
+                dispatches.append(
+                    Dispatch("rollback-switch", ex.id, run.stage_index, ph["index"], [])
+                )
+                return f"dispatched {ph['name']}"
+            if rec.status == Status.RUNNING:
+                return "rolling back"
+            continue
+        rec = records.get(ph["index"])
+        if rec is None:
+            _dispatch_rollback(s, ex, run, ph, dispatches)
+            return f"dispatched {ph['name']}"
+        if rec.status == Status.RUNNING and not evaluate_phase(s, ex, run, rec, gate=False):
+            return "rolling back"
+    failed = [r for r in [*records.values(), *switches.values()] if r.status == Status.FAILED]
+    run.status = Status.ROLLBACK_FAILED if failed else Status.ROLLED_BACK
+    run.finished_at = utcnow()
+    s.add(run)
+    return None
 
 
 def _dispatch_rollback(

@@ -30,6 +30,7 @@ from app.definitions.bundle import YAML_SUFFIXES, Bundle, Collector, Loaded, mis
 from app.definitions.inputs import apply_inputs
 from app.definitions.references import check_references
 from app.definitions.resolve import resolve_stages
+from app.definitions.stage_concurrency import check_stage_concurrency
 from app.definitions.validation import _type_name, validate
 
 
@@ -147,6 +148,7 @@ def _load_bundle(
         _load_document(doc, bundle, errs)
     errs.raise_if_any()
     check_references(bundle, errs)
+    check_stage_concurrency(bundle, errs)  # what iterations side by side cannot carry out
     check_chains(bundle, errs)
     for err in check_maps(bundle, provider_of):  # every free-form map is a schema too
         errs.add(err)

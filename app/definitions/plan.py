@@ -172,6 +172,24 @@ StepPlan = Annotated[
 BarrierStep = WaitStepPlan | ApprovalStepPlan
 
 
+class StageConcurrency(Model):
+    """The iterations of a looped stage that run side by side: plan indexes ``first`` to
+    ``last`` (this stage among them), at most ``cap`` at a time (the loop's maxConcurrency).
+    A stage without one runs after the stage before it has ended."""
+
+    first: int
+    last: int
+    cap: int
+
+    def describe(self, ids: list[str]) -> str:
+        """One line for ``vmfarm plan`` (``ids``: the plan's stage identifiers)."""
+        group = f"{ids[self.first]} to {ids[self.last]}"
+        n = self.last - self.first + 1
+        if self.cap >= n:
+            return f"side by side: {group}, all {n} at once"
+        return f"side by side: {group}, {self.cap} at a time (the next one starts when one ends)"
+
+
 class DeploymentStagePlan(Model):
     """A Deployment stage: hosts, phases from its strategy, steps on every host.
 
@@ -206,6 +224,8 @@ class DeploymentStagePlan(Model):
     watch: RollbackStrategySpec | None = None
     # The iteration of a looping strategy this stage is (``repeat 2/3: us-east-1``).
     loop: str | None = None
+    # Its loop's iterations run side by side (maxConcurrency above 1).
+    concurrency: StageConcurrency | None = None
 
 
 class ApprovalStagePlan(Model):

@@ -23,6 +23,7 @@ from app.definitions.expressions import (
     render_script,
 )
 from app.definitions.shell import unterminated
+from app.definitions.stage_concurrency import mark_groups, side_by_side
 from app.definitions.stage_outputs import readable
 from app.errors import SpecError, SpecErrors
 
@@ -268,6 +269,7 @@ def resolve_stages(
             loops = stage_iterations(
                 bundle, pipe, i, execution_id=execution_id, strict_inputs=strict_inputs
             )
+            first = len(out)
             for it in loops:
                 out.append(
                     resolve_stage(
@@ -280,6 +282,7 @@ def resolve_stages(
                         plan_index=len(out),
                     )
                 )
+            mark_groups(out, first, side_by_side(pipe.model.spec.stages[i].stage))
         except (SpecError, SpecErrors) as exc:
             errs.absorb(exc)
     errs.raise_if_any()

@@ -27,7 +27,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
-from app.db import claim_once, retrying, session_scope
+from app.db import insert_stmt, retrying, session_scope
 from app.definitions.expressions import Context
 from app.definitions.plan import DeploymentStagePlan, StepPlan
 from app.errors import HostError
@@ -99,8 +99,9 @@ def _read_stage_data(
 def claim(
     key: HostStepKey, *, task_id: str | None, worker: str | None, queue: str | None
 ) -> tuple[int, HostStepRun | None]:
-    """Insert the HostStepRun for ``key``; (id, None) if we own it, (id, row) if it existed
-    (tried again across a ledger restart: ``claim_once``)."""
+    """Take or insert the HostStepRun for ``key`` in one transaction; (id, None) if we own it,
+    (id, row) if another delivery did (a duplicate: the unique idempotency key). Tried again
+    across a ledger restart: a commit whose answer was lost is recognised as this call's."""
     now = utcnow()
     values = dict(
         idem_key=key.idem,
@@ -130,9 +131,10 @@ def claim(
         "heartbeat_at": now,
     }
 
-    def take_pending() -> int | None:
-        # A retried attempt (or a host handed over to a retry's lane) was recorded PENDING by
-        # the retry engine before it was sent: the first delivery takes it over.
+    def take() -> tuple[int, HostStepRun | None]:
+        # One transaction (one commit per claim). A retried attempt (or a host handed over to
+        # a retry's lane) was recorded PENDING by the retry engine before it was sent: the
+        # first delivery takes it over; otherwise the row is inserted unless it exists.
         with session_scope() as s:
             taken = s.execute(
                 update(HostStepRun)
@@ -140,20 +142,25 @@ def claim(
                     col(HostStepRun.idem_key) == key.idem, col(HostStepRun.status) == Status.PENDING
                 )
                 .values(**owner)
-            )
-            if not getattr(taken, "rowcount", 0):
-                return None
-            return s.exec(select(HostStepRun.id).where(HostStepRun.idem_key == key.idem)).one()
+                .returning(col(HostStepRun.id))
+            ).scalar()
+            if taken is not None:
+                return int(taken), None
+            new_id = s.execute(
+                insert_stmt(HostStepRun)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["idem_key"])
+                .returning(col(HostStepRun.id))
+            ).scalar()
+            if new_id is not None:
+                return int(new_id), None
+            row = s.exec(select(HostStepRun).where(HostStepRun.idem_key == key.idem)).one()
+        # Ours if this call's own commit was lost: the same owner to the microsecond.
+        if all(getattr(row, k) == owner[k] for k in ("status", "task_id", "worker", "started_at")):
+            return int(row.id or 0), None
+        return int(row.id or 0), row
 
-    taken = retrying(take_pending, what=f"claiming {key.idem}")
-    if taken is not None:
-        return int(taken), None
-    return claim_once(
-        HostStepRun,
-        values,
-        what=f"claiming {key.idem}",
-        owner=("status", "task_id", "worker", "started_at"),
-    )
+    return retrying(take, what=f"claiming {key.idem}")
 
 
 def summary(row: HostStepRun, *, duplicate: bool = False) -> dict[str, Any]:

@@ -249,6 +249,65 @@ def test_pooled_connections_outlive_a_restart_without_a_ping_per_transaction(
     assert seen == ["select 1"] * 3, seen
 
 
+def test_a_claim_is_one_commit_and_only_its_own_delivery_owns_the_step(
+    ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host step's claim (take a PENDING row over, or insert it) is one transaction; the
+    unique idempotency key still gives the step to one delivery only."""
+    from sqlalchemy import event
+    from sqlmodel import select
+
+    from app.canvas import HostStepKey
+    from app.db import get_engine, session_scope
+    from app.execution import ledger as steps
+    from app.models import Execution, HostStepRun, Status
+
+    with session_scope() as s:
+        s.add(Execution(id="svcclaim", pipeline="p", status=Status.RUNNING))
+    fresh = HostStepKey("svcclaim", 0, 0, "h1", 0, 1, "r1")
+    retried = HostStepKey("svcclaim", 0, 0, "h2", 0, 2, "r1")
+    with session_scope() as s:  # the retry engine records attempt 2 PENDING before sending it
+        pending = HostStepRun(
+            idem_key=retried.idem,
+            execution_id="svcclaim",
+            stage_index=0,
+            phase=0,
+            step_index=0,
+            step_id="",
+            host="h2",
+            region="r1",
+            attempt=2,
+            status=Status.PENDING,
+            outputs={},
+        )
+        s.add(pending)
+    commits: list[int] = []
+    event.listen(get_engine(), "commit", lambda _conn: commits.append(1))
+
+    # a first delivery inserts the row and owns it: one commit
+    _, existing = steps.claim(fresh, task_id="t1", worker="w1", queue="vmfarm.r1")
+    assert existing is None and len(commits) == 1
+    # the first delivery of a retried attempt takes its PENDING row over: one commit
+    taken, existing = steps.claim(retried, task_id="t2", worker="w1", queue="vmfarm.r1")
+    assert existing is None and taken == pending.id and len(commits) == 2
+    # a second delivery of either finds the row and does not own it (nothing runs twice)
+    for key in (fresh, retried):
+        again = steps.claim(key, task_id="t3", worker="w2", queue="vmfarm.r1")
+        assert again[1] is not None and again[1].worker == "w1"
+    with session_scope() as s:
+        rows = s.exec(select(HostStepRun).where(HostStepRun.execution_id == "svcclaim")).all()
+    assert sorted((r.host, r.status, r.task_id) for r in rows) == [
+        ("h1", Status.RUNNING, "t1"),
+        ("h2", Status.RUNNING, "t2"),
+    ]
+    # a claim tried again after its commit's answer was lost (same owner, same start to the
+    # microsecond) recognises the row as its own
+    mine = HostStepKey("svcclaim", 0, 0, "h3", 0, 1, "r1")
+    monkeypatch.setattr(steps, "utcnow", lambda: rows[0].started_at)
+    first = steps.claim(mine, task_id="t4", worker="w1", queue="vmfarm.r1")
+    assert steps.claim(mine, task_id="t4", worker="w1", queue="vmfarm.r1") == (first[0], None)
+
+
 def test_a_transaction_waits_for_a_restarting_server_and_a_cut_one_is_tried_again(
     ledger: str, private_pg: PrivatePostgres
 ) -> None:

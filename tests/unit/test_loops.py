@@ -187,11 +187,11 @@ def test_a_stricter_strategy_cap_wins_over_the_hosts_repeat(tmp_path: Path) -> N
             "maxConcurrency: 0",
         ),
         (
-            "            maxConcurrency: 1\n        spec:",
-            "            maxConcurrency: 3\n        spec:",
-            "stage.strategy",
-            "maxConcurrency 3: vmfarm runs a loop's iterations one after another",
-            "          repeat:\n            items: [us-east-1",
+            "                    parallelism: 2",
+            "                    parallelism: 2\n                    maxConcurrency: 2",
+            "stepGroup.strategy",
+            "maxConcurrency 2: vmfarm runs a step's (or step group's) iterations one after another",
+            "parallelism: 2\n",
         ),
         (
             "                        - endpoint: ready",

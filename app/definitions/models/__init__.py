@@ -40,6 +40,7 @@ from app.definitions.models.loops import (
     LoopStrategy,
     MatrixSpec,
     RepeatSpec,
+    StageLoopStrategy,
     iterations,
 )
 from app.definitions.models.pipeline import (
@@ -274,6 +275,7 @@ __all__ = [
     "Size",
     "Sizes",
     "StageElement",
+    "StageLoopStrategy",
     "StageSpec",
     "StageWhen",
     "StaticHost",

@@ -36,9 +36,10 @@ A loop is expanded when the plan is resolved: every iteration is a stage (``depl
 iterations. Every iteration reads ``<+strategy.iteration>`` (from 0),
 ``<+strategy.iterations>`` and ``<+strategy.identifierPostFix>`` (``_0``, ``_1_0``).
 
-Iterations run one after another: a stage's iterations are stages in order, a step's are
-steps in order on each host (hosts still run side by side). ``maxConcurrency`` above 1 is
-refused, since vmfarm would not run iterations side by side. Repeating a Command step over
+A stage's iterations are stages in order, run one after another, or with ``maxConcurrency``
+above 1 side by side, that many at a time (app.definitions.stage_concurrency says what such a
+stage may not hold). A step's iterations are steps in order on each host (hosts still run side
+by side): there ``maxConcurrency`` above 1 is refused. Repeating a Command step over
 ``<+stage.output.hosts>`` is the phase's own fan-out: the step is planned exactly as without
 it, ``<+repeat.item>`` in it standing for the host's name, and its ``maxConcurrency`` caps the
 hosts in flight in every phase of the stage (as the strategy's ``maxConcurrency`` does; the
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -58,9 +59,9 @@ from app.definitions.base import Model, Scalar
 HOSTS_ITEMS = "<+stage.output.hosts>"
 
 _ONE_AT_A_TIME = (
-    "vmfarm runs a loop's iterations one after another (stages in order; a step's items in "
-    "order on each host), so at most 1 runs at a time: running them side by side is not "
-    "supported (leave maxConcurrency out, or write 1)"
+    "vmfarm runs a step's (or step group's) iterations one after another, in order on each "
+    "host, so at most 1 runs at a time: running them side by side is not supported (leave "
+    "maxConcurrency out, or write 1; a stage's iterations may run side by side)"
 )
 
 
@@ -255,9 +256,12 @@ class LoopStrategy(Model):
                 f"maxConcurrency goes inside {given[0]} (next to parallelism only for parallelism)"
             )
         cap = self.cap
-        if cap is not None and cap > 1 and not self.over_hosts:
+        if cap is not None and cap > 1 and not self.over_hosts and not self._side_by_side:
             raise ValueError(f"maxConcurrency {cap}: {_ONE_AT_A_TIME}")
         return self
+
+    # A stage's iterations may run side by side (StageLoopStrategy); a step's may not.
+    _side_by_side: ClassVar[bool] = False
 
     @property
     def cap(self) -> int | None:
@@ -277,7 +281,26 @@ class LoopStrategy(Model):
         return self.repeat is not None and self.repeat.over_hosts
 
 
-def no_hosts_loop(loop: LoopStrategy | None, where: str) -> LoopStrategy | None:
+_Loop = TypeVar("_Loop", bound=LoopStrategy)
+
+
+class StageLoopStrategy(LoopStrategy):
+    """A stage's looping strategy: its ``maxConcurrency`` is how many iterations run side by
+    side (app.definitions.stage_concurrency)."""
+
+    _side_by_side: ClassVar[bool] = True
+
+    def count(self) -> int:
+        """How many iterations the loop makes."""
+        return len(iterations(self))
+
+    def side_by_side(self) -> int:
+        """How many iterations run at once: ``maxConcurrency`` (at most the iterations),
+        1 without it."""
+        return max(1, min(self.cap or 1, self.count()))
+
+
+def no_hosts_loop(loop: _Loop | None, where: str) -> _Loop | None:
     """Refuse ``<+stage.output.hosts>`` where it does not mean the phase's per-host fan-out."""
     if loop is not None and loop.over_hosts:
         raise ValueError(

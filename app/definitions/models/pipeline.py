@@ -16,7 +16,7 @@ from app.definitions.base import (
 )
 from app.definitions.models.connector import ConnectorSpec
 from app.definitions.models.infrastructure import EnvironmentSpec, InfrastructureSpec
-from app.definitions.models.loops import LoopStrategy, no_hosts_loop
+from app.definitions.models.loops import StageLoopStrategy, no_hosts_loop
 from app.definitions.models.service import Metadata, ServiceSpec, Variable
 from app.definitions.models.steps import (
     ApprovalStep,
@@ -149,13 +149,14 @@ class StageSpec(Model):
     # The watch after deployment (app.definitions.models.watch): triggers that roll the stage
     # back when its hosts go bad within a window after the last phase.
     rollback_strategy: RollbackStrategySpec | None = None
-    # A looping strategy: one stage per iteration (app.definitions.models.loops). The
-    # deployment strategy is spec.strategy.
-    strategy: LoopStrategy | None = None
+    # A looping strategy: one stage per iteration (app.definitions.models.loops), with
+    # maxConcurrency above 1 side by side (app.definitions.stage_concurrency). The deployment
+    # strategy is spec.strategy.
+    strategy: StageLoopStrategy | None = None
 
     @field_validator("strategy")
     @classmethod
-    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+    def _loop(cls, v: StageLoopStrategy | None) -> StageLoopStrategy | None:
         return no_hosts_loop(v, "a stage")
 
 
@@ -217,11 +218,11 @@ class CustomStageSpec(Model):
     delegate_fallback: list[DelegateTag] | None = None
     # As a Deployment stage's: e.g. a TerraformRollback stage with pipelineStatus: Failure.
     when: StageWhen | None = None
-    strategy: LoopStrategy | None = None
+    strategy: StageLoopStrategy | None = None
 
     @field_validator("strategy")
     @classmethod
-    def _loop(cls, v: LoopStrategy | None) -> LoopStrategy | None:
+    def _loop(cls, v: StageLoopStrategy | None) -> StageLoopStrategy | None:
         return no_hosts_loop(v, "a stage")
 
 
