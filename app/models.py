@@ -71,6 +71,9 @@ class StageRun(SQLModel, table=True):
     error: str | None = Field(default=None, sa_column=Column(Text))
     started_at: NaiveDatetime | None = None
     finished_at: NaiveDatetime | None = None
+    # A Pipeline stage's outputs, read from its child when it succeeded (name -> value):
+    # later stages read them as <+pipeline.stages.ID.output.NAME>.
+    outputs: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class PhaseRun(SQLModel, table=True):

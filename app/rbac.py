@@ -40,6 +40,7 @@ The environment qualifier is ``production`` for an environment of type Productio
 What each action needs (``required_permissions``)::
 
     run, retry     pipeline:execute      + environment:deploy:<qualifier> per deployment stage
+                   (+ the same for the child pipeline of each Pipeline stage, recursively)
     rollback       pipeline:rollback     + environment:deploy:<qualifier> per deployment stage
     intervene      pipeline:intervene    + environment:deploy:<qualifier> of the paused stage
     abort          pipeline:abort
@@ -198,6 +199,20 @@ def required_permissions(
         return needs
     for i, stage in enumerate(plan.get("stages") or []):
         if stage_index is not None and i != stage_index:
+            continue
+        child = stage.get("child")
+        if stage.get("type") == "Pipeline" and action in ("run", "retry") and child:
+            # Pipeline chaining: starting the chain runs the child too, so the child's own
+            # permissions are needed as well (its pipeline, its environments, its children).
+            for need in required_permissions(action, child):
+                where = f"{stage['identifier']} → {child.get('identifier')}"
+                need = Need(
+                    need.permission, need.resource, f"{where}/{need.stage}" if need.stage else where
+                )
+                if not any(
+                    n.permission == need.permission and n.resource == need.resource for n in needs
+                ):
+                    needs.append(need)
             continue
         env = stage.get("environment")
         if stage.get("type") in ("Approval", "Custom") or not isinstance(env, Mapping):

@@ -209,6 +209,7 @@ def execution_report(execution_id: str) -> dict[str, Any] | None:
                     if st.stage_index in children
                     else None
                 ),
+                "outputs": st.outputs,
                 # The iteration of a looping strategy the stage is (repeat 2/3: eu-west-1).
                 "loop": deploying.loop if deploying else None,
                 "service": deploying.service.identifier if deploying else None,

@@ -31,6 +31,17 @@ def live_view(report: dict[str, Any]) -> Group:
         Text.assemble("execution ", (report["id"], "bold"), "  ", styled(report["status"]))
     ]
     for st in report["stages"]:
+        if st.get("type") == "Pipeline":  # its hosts are the child's: follow it there
+            child = st.get("child_execution")
+            parts.append(
+                Text.assemble(
+                    f"stage {_named(st)} ",
+                    styled(st["status"]),
+                    f"  child execution {child['id']} ({child['pipeline']}) " if child else "",
+                    styled(child["status"]) if child else "",
+                )
+            )
+            continue
         hosts = st["hosts"]
         done = sum(h["status"] in ("SUCCEEDED", "FAILED", "SKIPPED") for h in hosts)
         bar = Table.grid(padding=(0, 1))
@@ -543,6 +554,11 @@ def print_plan(result: dict[str, Any]) -> None:
             out.print(Text.assemble("\nstage ", (st["identifier"], "bold"), f": {st['summary']}"))
             for name, value in (st.get("inputs") or {}).items():
                 out.print(f"  variable {name} = {value}")
+            for name, value in (st.get("outputs") or {}).items():
+                out.print(
+                    f"  output {name} = {value} (later stages: "
+                    f"<+pipeline.stages.{st['identifier']}.output.{name}>)"
+                )
             out.print(f"  --- the plan of pipeline {st['pipeline']} ---")
             print_plan({"pipeline": st["pipeline"], "name": st["name"], "stages": st["stages"]})
             out.print(f"  --- end of pipeline {st['pipeline']} ---")

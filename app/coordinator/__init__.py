@@ -26,7 +26,9 @@ The coordinator never imports worker code (``tasks/``, ``app.execution``); worke
 
 from __future__ import annotations
 
-from app.coordinator.actions import abort, decide_approval, intervene
+from typing import Any
+
+from app.coordinator.actions import abort, abort_orphans, decide_approval, intervene
 from app.coordinator.discovery import discover_on_workers
 from app.coordinator.dryrun import dry_run
 from app.coordinator.gates import (
@@ -40,11 +42,18 @@ from app.coordinator.instances import releases_held
 from app.coordinator.ledger import new_execution_id, record_lost_step
 from app.coordinator.machine import advance, send_notifications
 from app.coordinator.precedence import stage_action
-from app.coordinator.reconcile import reconcile
+from app.coordinator.reconcile import reconcile as _reconcile
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import discovery_region, unserved_delegates
 from app.coordinator.submit import prepare, record, retry_failed, rollback_execution, submit
 from app.errors import ApprovalRefused
+
+
+def reconcile(*, now: Any = None) -> list[str]:
+    """The reconciler (app.coordinator.reconcile), then the chained executions whose parent
+    ended without them (actions.abort_orphans)."""
+    return _reconcile(now=now) + abort_orphans()
+
 
 __all__ = [
     "ApprovalRefused",

@@ -9,8 +9,9 @@ from collections.abc import Collection
 from sqlmodel import Session, col, select
 
 from app.coordinator.approvals import approval_record, approvers
+from app.coordinator.chaining import running_children
 from app.coordinator.ledger import finish, lock_execution, plan_of, stage_of
-from app.coordinator.machine import advance, notify_snapshot, notify_transition
+from app.coordinator.machine import advance, notify_snapshot, notify_transition, wake_parent
 from app.coordinator.publish import Dispatch, publish
 from app.coordinator.retry import cancel_pending
 from app.coordinator.rollback import begin_rollback
@@ -201,7 +202,7 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
             rollback
             and ex.status != Status.ROLLING_BACK
             and current is not None
-            and stage_of(ex, current.stage_index).type not in ("Approval", "Custom")
+            and stage_of(ex, current.stage_index).type not in ("Approval", "Custom", "Pipeline")
             and current.status == Status.RUNNING
         ):
             begin_rollback(
@@ -227,7 +228,33 @@ def abort(execution_id: str, *, user: str = "", rollback: bool = False) -> str:
                 s.add(run)
             outcome = "aborted"
         after = notify_snapshot(s, ex)
+        children = running_children(s, execution_id)
+        parent = ex.parent_execution_id if ex.status in Status.TERMINAL else None
     for d in dispatches:
         publish(d)
     notify_transition(execution_id, before, after)
+    for child in children:  # the chained pipelines it started stop with it
+        abort(child, user=user, rollback=rollback)
+    wake_parent(parent)  # a child aborted on its own: its parent's stage fails
     return outcome
+
+
+def abort_orphans() -> list[str]:
+    """Chained executions still going whose parent has ended (the process that aborted the
+    parent stopped before aborting its child): aborted now, as the parent's abort would."""
+    from sqlalchemy.orm import aliased
+
+    parent = aliased(Execution)
+    with session_scope() as s:
+        rows = s.exec(
+            select(Execution.id, parent.id, parent.status)
+            .join(parent, col(Execution.parent_execution_id) == col(parent.id))
+            .where(
+                col(Execution.status).not_in(list(Status.TERMINAL)),
+                col(parent.status).in_(list(Status.TERMINAL)),
+            )
+        ).all()
+    return [
+        f"{child}: its parent {of} is {status}: {abort(child, user='the reconciler')}"
+        for child, of, status in rows
+    ]

@@ -6,7 +6,8 @@ execution of its own (``parent_execution_id``, ``parent_stage``) and waits; noth
     parent advance()  stage PENDING  -> record the child execution, stage RUNNING,
                                         a timer advances the child (after the commit)
                       stage RUNNING  -> child not ended: "waiting"
-                                        child SUCCEEDED: the stage SUCCEEDED, the parent goes on
+                                        child SUCCEEDED: the stage takes its outputs from the
+                                        child's ledger, SUCCEEDED, and the parent goes on
                                         child FAILED / ABORTED: the stage's failure strategy
                                         (MarkAsFailure by default; Abort, Ignore, MarkAsSuccess)
     child advance()   ends           -> wake_parent(): the parent's advance() decides again
@@ -19,6 +20,7 @@ was rendered as a placeholder that is replaced here by the child's own id.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -26,9 +28,9 @@ from app.coordinator.failure import fail_stage
 from app.coordinator.ledger import finish, new_execution_id
 from app.coordinator.precedence import stage_action
 from app.coordinator.publish import Dispatch
-from app.coordinator.records import record_rows
+from app.coordinator.records import deploying_elsewhere, record_rows
 from app.definitions.plan import PipelineStagePlan, Plan
-from app.models import Execution, StageRun, Status, utcnow
+from app.models import Execution, HostStepRun, StageRun, Status, utcnow
 
 
 def child_of(s: Session, parent_id: str, stage_index: int) -> Execution | None:
@@ -66,6 +68,8 @@ def decide_pipeline_stage(
     the stage is done and the parent goes on to its next stage."""
     if run.status == Status.PENDING:
         child_id = start_child(s, ex, run, stage)
+        if not child_id:
+            return fail_stage(s, ex, run, f"its child could not start: {run.error}")
         dispatches.append(Dispatch("timer", child_id, 0, -1, [], countdown=0.0))
         return f"started child execution {child_id} (pipeline {stage.pipeline})"
     child = child_of(s, ex.id, run.stage_index)
@@ -74,8 +78,11 @@ def decide_pipeline_stage(
     if child.status not in Status.TERMINAL:
         return "waiting"
     if child.status == Status.SUCCEEDED:
+        outputs, problem = child_outputs(s, child, stage)
+        if problem:
+            return fail_stage(s, ex, run, f"child execution {child.id}: {problem}")
         run.status, run.finished_at = Status.SUCCEEDED, utcnow()
-        run.error = None
+        run.error, run.outputs = None, outputs or None
         s.add(run)
         return None  # the caller (app.coordinator.machine) goes on to the next stage
     error = f"child execution {child.id} (pipeline {stage.pipeline}) {child.status}" + (
@@ -101,11 +108,82 @@ def decide_pipeline_stage(
     return fail_stage(s, ex, run, error)
 
 
+def child_outputs(
+    s: Session, child: Execution, stage: PipelineStagePlan
+) -> tuple[dict[str, str], str]:
+    """The stage's outputs, read from the child's ledger: (name -> value, '') or ({}, what
+    is wrong). A step output that ran on several hosts is one value only when every host
+    recorded the same (``.list`` gathers them, in the child stage's host order)."""
+    from app.definitions.chaining import OUTPUT_RE
+
+    if not stage.outputs:
+        return {}, ""
+    plan = Plan.of(child.plan)
+    out: dict[str, str] = {}
+    for o in stage.outputs:
+        key = o["value"].strip().removeprefix("<+").removesuffix(">").strip()
+        found = OUTPUT_RE.fullmatch(key)
+        if found is None:  # checked at load
+            return {}, f"output {o['name']}: {o['value']} is not a step output"
+        sid, tid, name, gather = found.groups()
+        index = next((i for i, st in enumerate(plan.stages) if st.identifier == sid), None)
+        step = (
+            None
+            if index is None
+            else next(
+                (j for j, st in enumerate(plan.stages[index].steps) if st.identifier == tid), None
+            )
+        )
+        if index is None or step is None:
+            return {}, f"output {o['name']}: the child has no step {tid} in a stage {sid}"
+        run = s.exec(
+            select(StageRun).where(StageRun.execution_id == child.id, StageRun.stage_index == index)
+        ).one()
+        latest: dict[str, Any] = {}
+        for r in s.exec(
+            select(HostStepRun)
+            .where(
+                HostStepRun.execution_id == child.id,
+                HostStepRun.stage_index == index,
+                HostStepRun.step_index == step,
+                HostStepRun.kind == "deploy",
+                HostStepRun.status == Status.SUCCEEDED,
+            )
+            .order_by(col(HostStepRun.attempt))
+        ).all():
+            latest[r.host] = dict(r.outputs or {})  # the latest attempt wins
+        values = [
+            str(latest[h["name"]][name])
+            for h in run.hosts
+            if h["name"] in latest and name in latest[h["name"]]
+        ]
+        if gather:
+            out[o["name"]] = json.dumps(values)
+        elif not values:
+            return {}, (
+                f"output {o['name']}: step {tid} of stage {sid} recorded no {name} "
+                "(skipped or failed on every host)"
+            )
+        elif len(set(values)) > 1:
+            return {}, (
+                f"output {o['name']}: step {tid} of stage {sid} recorded {len(set(values))} "
+                f"different values of {name} on its hosts; read them with {name}.list"
+            )
+        else:
+            out[o["name"]] = values[0]
+    return out, ""
+
+
 def start_child(s: Session, ex: Execution, run: StageRun, stage: PipelineStagePlan) -> str:
-    """Record the child execution (its rows as a run records them) and start the stage."""
+    """Record the child execution (its rows as a run records them) and start the stage; ''
+    with the reason in ``run.error`` when the child may not start now."""
     child_id = new_execution_id()
     data = json.loads(json.dumps(stage.child).replace(stage.child_execution_id, child_id))
     plan = Plan.of(data)
+    busy = deploying_elsewhere(s, plan)
+    if busy:  # allowSimultaneousDeployments: false, as for any run
+        run.error = "; ".join(busy)
+        return ""
     s.add(
         Execution(
             id=child_id,

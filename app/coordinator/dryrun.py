@@ -53,6 +53,7 @@ def _stages(plan: Plan, stage_hosts: list[list[Host]]) -> list[dict[str, Any]]:
                     "skipped_by_when": skipped,
                     "pipeline": stage.pipeline,
                     "inputs": dict(stage.child_inputs),
+                    "outputs": {o["name"]: o["value"] for o in stage.outputs},
                     "summary": f"runs pipeline '{stage.pipeline}' ({child.name}) as an "
                     "execution of its own and waits for it; a failed child fails the stage",
                     "stages": _stages(child, static_hosts(child)),

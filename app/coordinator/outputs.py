@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from app.db import retrying, session_scope
 from app.definitions.expressions import EXPR_RE, Context, render
 from app.definitions.plan import Plan
-from app.models import Execution, HostStepRun, Status
+from app.models import Execution, HostStepRun, StageRun, Status
 
 PREFIX = "pipeline.stages."
 
@@ -36,9 +36,20 @@ def stage_outputs(
     its expression (without ``<+`` and ``>``). ``s``: the caller's session (the coordinator
     holds the ledger's write lock: a second connection would wait for it)."""
 
+    chained: dict[int, dict[str, Any]] = {}  # a Pipeline stage's outputs (app.coordinator.chaining)
+
     def read(s: Session) -> tuple[dict[str, Any] | None, list[HostStepRun]]:
         ex = s.get(Execution, execution_id)
         chain = lineage_in(s, execution_id)  # a retry reads what the stages it skipped output
+        for ident in reversed(chain):
+            for run in s.exec(
+                select(StageRun).where(
+                    StageRun.execution_id == ident,
+                    StageRun.stage_index < before_stage,
+                    col(StageRun.outputs).is_not(None),
+                )
+            ).all():
+                chained[run.stage_index] = dict(run.outputs or {})
         rows: list[HostStepRun] = []
         for ident in reversed(chain):  # the oldest first: a later execution's value wins
             rows.extend(
@@ -66,7 +77,11 @@ def stage_outputs(
     if plan_data is None:
         return {}
     plan = Plan.of(plan_data)
-    out: dict[str, str] = {}
+    out: dict[str, str] = {
+        f"{PREFIX}{plan.stages[i].identifier}.output.{name}": str(value)
+        for i, values in sorted(chained.items())
+        for name, value in values.items()
+    }
     for r in rows:
         stage = plan.stages[r.stage_index]
         if r.step_index >= len(stage.steps):

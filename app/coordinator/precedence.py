@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from app.definitions.base import parse_duration
 from app.definitions.models import FailureAction
-from app.definitions.plan import AnyStagePlan, DeploymentStagePlan, StepPlan
+from app.definitions.plan import AnyStagePlan, DeploymentStagePlan, PipelineStagePlan, StepPlan
 
 Stage = AnyStagePlan
 
@@ -30,7 +30,11 @@ def failure_action(step: StepPlan | None, stage: Stage, error_class: str) -> Fai
     entries, then its step group's, then the stage's, then the pipeline's (Harness's
     precedence; the plan lists a stage's entries before the pipeline's)."""
     own = [*step.failure_strategies, *step.group_failure_strategies] if step else []
-    stage_level = stage.failure_strategies if isinstance(stage, DeploymentStagePlan) else []
+    stage_level = (
+        stage.failure_strategies
+        if isinstance(stage, DeploymentStagePlan | PipelineStagePlan)
+        else []
+    )
     for entry in [*own, *stage_level]:
         on = entry.on_failure
         if "AllErrors" in on.errors or error_class in on.errors:
@@ -68,9 +72,11 @@ def stage_action(stage: Stage, failures: list[tuple[StepPlan | None, str]]) -> F
     """The failure strategy action for a failed phase (Harness precedence per failure, then the
     strongest across failures). A Retry that ran out gives its onRetryFailure action. With no
     matching strategy a deployment stage rolls back; an approval or Custom stage (nothing
-    deployed to roll back) just fails."""
+    deployed to roll back) just fails; so does a Pipeline stage (its child deployed)."""
     default = FailureAction(
-        type="MarkAsFailure" if stage.type in ("Approval", "Custom") else "StageRollback"
+        type="MarkAsFailure"
+        if stage.type in ("Approval", "Custom", "Pipeline")
+        else "StageRollback"
     )
     chosen: FailureAction | None = None
     for step, error_class in failures:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 
 from app.canvas import HostStepKey
@@ -178,6 +179,21 @@ def reconcile(*, now: Any = None) -> list[str]:
                 )
             ).all()
         }
+        # A parent whose chained child ended while nothing woke it (the process that ended
+        # the child stopped before its wake_parent).
+        child = aliased(Execution)
+        touched.update(
+            s.exec(
+                select(Execution.id)
+                .join(child, col(child.parent_execution_id) == col(Execution.id))
+                .where(
+                    col(Execution.status).not_in(list(Status.TERMINAL)),
+                    col(child.status).in_(list(Status.TERMINAL)),
+                    col(child.finished_at) < stale,
+                )
+                .distinct()
+            ).all()
+        )
         # An execution whose submitter died between recording it and dispatching it.
         touched.update(
             e.id

@@ -449,6 +449,25 @@ def _dispatch_rollback(
     )
 
 
+def _child_rolled_back_first(s: Session, ex: Execution, run: StageRun) -> None:
+    """A Pipeline stage's child deployed on its own account: ``vmfarm rollback`` of the parent
+    does not reach into it, so the child is rolled back first (LookupError otherwise)."""
+    child = s.exec(
+        select(Execution)
+        .where(
+            Execution.parent_execution_id == ex.id,
+            Execution.parent_stage == run.stage_index,
+        )
+        .order_by(col(Execution.created_at).desc())
+    ).first()
+    if child is not None and child.status == Status.SUCCEEDED and _rolled_back_by(s, child) is None:
+        raise LookupError(
+            f"stage '{run.identifier}' of execution {ex.id} ran pipeline {child.pipeline} as "
+            f"execution {child.id}: roll that one back first (vmfarm rollback {child.id}), "
+            f"then {ex.id}"
+        )
+
+
 def rollback_plan(execution_id: str) -> dict[str, Any]:
     """What ``vmfarm rollback`` would do for a finished execution, per stage and host (the
     plan the rollback execution itself computes)."""
@@ -490,6 +509,8 @@ def rollback_plan(execution_id: str) -> dict[str, Any]:
             .order_by(col(StageRun.stage_index).desc())
         ).all():
             stage = stage_of(ex, run.stage_index)
+            if stage.type == "Pipeline" and run.status == Status.SUCCEEDED:
+                _child_rolled_back_first(s, ex, run)
             if (
                 not isinstance(stage, DeploymentStagePlan)
                 or stage.type == "Custom"

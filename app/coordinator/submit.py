@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import text
 from sqlmodel import col, select
 
 from app.coordinator.discovery import discover_stage
 from app.coordinator.ledger import all_static, new_execution_id, plan_of
 from app.coordinator.machine import advance
 from app.coordinator.outputs import names_outputs
-from app.coordinator.records import record_rows
+from app.coordinator.records import deploying_elsewhere, record_rows
 from app.coordinator.rollback import rollback_plan
 from app.coordinator.routing import (
     choose_tags,
@@ -25,7 +24,7 @@ from app.coordinator.routing import (
     unserved_delegates,
 )
 from app.db import session_scope
-from app.definitions.plan import DeploymentStagePlan, Plan
+from app.definitions.plan import DeploymentStagePlan, PipelineStagePlan, Plan
 from app.errors import ConfigError
 from app.models import (
     Execution,
@@ -87,6 +86,16 @@ def record(
         for st, hosts in zip(plan.stages, host_dicts, strict=True)
         if isinstance(st, DeploymentStagePlan)
     ]
+    for child in chained_plans(plan):  # a Pipeline stage's child: the same checks apply
+        child_hosts = static_hosts(child)
+        warnings += policy.enforce(
+            child.to_json(), child_hosts, user=who, execution_id=execution_id
+        )
+        deployments += [
+            (st, [h.to_dict() for h in hosts])
+            for st, hosts in zip(child.stages, child_hosts, strict=True)
+            if isinstance(st, DeploymentStagePlan)
+        ]
     refused = [
         f"stage '{st.identifier}': {why}"
         for st, hosts in deployments
@@ -107,7 +116,7 @@ def record(
             "--tags ...`, or give the stage a delegateFallback)"
         )
     with session_scope() as s:
-        busy = _deploying_elsewhere(s, plan)
+        busy = deploying_elsewhere(s, plan)
         if busy:  # nothing is recorded: allowSimultaneousDeployments is false there
             raise ConfigError("; ".join(busy))
         ex = Execution(
@@ -126,48 +135,6 @@ def record(
     return list(warnings)
 
 
-def _deploying_elsewhere(s: Any, plan: Plan) -> list[str]:
-    """Why ``plan`` may not start now: a stage under way deploys one of its services to one of
-    its infrastructures that does not allow simultaneous deployments (Harness's
-    ``allowSimultaneousDeployments: false``, the default). Checked under a lock that serialises
-    the recording of runs, so two runs cannot both pass it. (A run refused here can simply be
-    submitted again once the other has ended.)"""
-    wanted = {
-        (st.service.identifier, infra.identifier): infra
-        for st in plan.stages
-        if isinstance(st, DeploymentStagePlan)
-        for infra in st.infrastructures
-        if not infra.allow_simultaneous_deployments
-    }
-    if not wanted:
-        return []
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(hashtext('vmfarm.deployment-lock'))"))
-    busy = []
-    # Only a stage under way holds its infrastructures (one waiting to start holds nothing).
-    for run in s.exec(
-        select(StageRun).where(col(StageRun.status).in_([Status.RUNNING, Status.ROLLING_BACK]))
-    ).all():
-        other = s.get(Execution, run.execution_id)
-        if other is None or other.status in Status.TERMINAL:
-            continue
-        st = plan_of(other).stages[run.stage_index]
-        if not isinstance(st, DeploymentStagePlan):
-            continue
-        for infra in st.infrastructures:
-            mine = wanted.get((st.service.identifier, infra.identifier))
-            if mine is not None:
-                busy.append(
-                    f"service '{st.service.identifier}' is being deployed to "
-                    f"infrastructure '{infra.identifier}' ({mine.source}) by "
-                    f"execution {other.id} (stage '{st.identifier}'), and that "
-                    "infrastructure does not allow simultaneous deployments: wait "
-                    f"for it (vmfarm status {other.id}), or set "
-                    "allowSimultaneousDeployments: true"
-                )
-    return list(dict.fromkeys(busy))
-
-
 def prepare(
     paths: Iterable[str],
     *,
@@ -183,6 +150,16 @@ def prepare(
     pipe = choose_pipeline(bundle, pipeline)
     plan = resolve(bundle, pipe, execution_id=execution_id)
     return plan, static_hosts(plan)
+
+
+def chained_plans(plan: Plan) -> list[Plan]:
+    """The plans of the pipelines ``plan`` chains (Pipeline stages), at any depth."""
+    out: list[Plan] = []
+    for st in plan.stages:
+        if isinstance(st, PipelineStagePlan):
+            child = st.child_plan()
+            out += [child, *chained_plans(child)]
+    return out
 
 
 def static_hosts(plan: Plan) -> list[list[Host]]:

@@ -11,7 +11,9 @@ brings every pipeline a stage chains). At load:
 - ``inputs.variables`` may give only variables the child declares ``<+input>`` (its other
   runtime inputs are the run's: ``--set`` or an input set);
 - a chain that comes back to a pipeline already in it (a → b → a) is refused;
-- ``outputs`` is refused (reading a child's outputs in later stages is not implemented);
+- each of ``outputs`` names one step output of the child (checked as a later stage of the
+  child would read it); later stages of the parent read it as
+  ``<+pipeline.stages.ID.output.NAME>``, taken from the child when it SUCCEEDED;
 - failure strategies that would need the child rolled back or run again are refused: a
   PipelineRollback at or after a Pipeline stage, and a StageRollback, Retry or
   ManualIntervention that applies to the Pipeline stage.
@@ -23,6 +25,7 @@ the parent's plan: RBAC, policies and freeze windows read it when the parent is 
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -102,7 +105,11 @@ def chain_filled(documents: list[Document]) -> set[str]:
             variables = inputs.get("variables")
             for v in variables if isinstance(variables, list) else []:
                 name = v.get("name") if isinstance(v, dict) else None
-                if isinstance(child, str) and name in declared.get(child, set()):
+                if (
+                    isinstance(child, str)
+                    and isinstance(name, str)
+                    and name in declared.get(child, set())
+                ):
                     out.add(f"pipeline.{child}.variables.{name}")
     return out
 
@@ -148,15 +155,6 @@ def _check_stage(
 ) -> None:
     sp: Where = ("spec", "stages", si, "stage", "spec")
     child = bundle.pipelines.get(st.spec.pipeline)
-    if st.spec.outputs:
-        errs.add(
-            pipe.error(
-                "outputs of a Pipeline stage are not supported: vmfarm does not carry a "
-                "child pipeline's outputs into later stages; remove outputs (the child's "
-                "results are in `vmfarm status CHILD`)",
-                (*sp, "outputs"),
-            )
-        )
     if st.spec.pipeline == pipe.ident:
         errs.add(
             pipe.error(
@@ -171,6 +169,7 @@ def _check_stage(
             pipe.error(missing("Pipeline", st.spec.pipeline, bundle.pipelines), (*sp, "pipeline"))
         )
         return
+    _check_outputs(pipe, st, child, sp, errs)
     meta = child.model.metadata
     for key, mine, theirs in (
         ("org", st.spec.org, meta.org_identifier),
@@ -219,6 +218,14 @@ def _check_stage(
                     at,
                 )
             )
+        elif var.type != known[var.name].type:
+            errs.add(
+                pipe.error(
+                    f"variable '{var.name}' of pipeline '{child.ident}' is a "
+                    f"{known[var.name].type}, not a {var.type}",
+                    (*sp, "inputs", "variables", vi, "type"),
+                )
+            )
         elif var.name not in declared:
             errs.add(
                 pipe.error(
@@ -227,6 +234,54 @@ def _check_stage(
                     + (", ".join(sorted(declared)) or "it declares none")
                     + ")",
                     at,
+                )
+            )
+
+
+OUTPUT_RE = re.compile(
+    r"pipeline\.stages\.([A-Za-z_]\w*)\.spec\.execution\.steps\.([A-Za-z_]\w*)"
+    r"\.output\.(?:outputVariables\.)?([A-Za-z_][\w.-]*?)(\.list)?"
+)
+
+
+def _check_outputs(
+    pipe: Loaded, st: m.PipelineStageSpec, child: Loaded, sp: Where, errs: Collector
+) -> None:
+    """Each output names one step output of the child, as a later stage of the child would
+    read it: ``<+pipeline.stages.S.spec.execution.steps.T.output.outputVariables.X>`` (or
+    ``.list``); its value is taken when the child has SUCCEEDED."""
+    from app.definitions.expressions import EXPR_RE, ExpressionError
+    from app.definitions.stage_outputs import check, readable
+
+    known = readable([el.stage for el in child.model.spec.stages], len(child.model.spec.stages))
+    names: set[str] = set()
+    for i, out in enumerate(st.spec.outputs):
+        at: Where = (*sp, "outputs", i)
+        if not b.IDENT_RE.match(out.name):
+            errs.add(
+                pipe.error(f"output name '{out.name}' must be letters, digits and _", (*at, "name"))
+            )
+        if out.name in names:
+            errs.add(pipe.error(f"output '{out.name}' is given twice", (*at, "name")))
+        names.add(out.name)
+        whole = EXPR_RE.fullmatch(out.value.strip())
+        key = whole.group(1).strip() if whole else ""
+        if not whole or not OUTPUT_RE.fullmatch(key):
+            errs.add(
+                pipe.error(
+                    f"output '{out.name}' reads one step output of pipeline '{child.ident}', "
+                    "written <+pipeline.stages.STAGE.spec.execution.steps.STEP.output."
+                    "outputVariables.NAME> (or .list); got " + repr(out.value),
+                    (*at, "value"),
+                )
+            )
+            continue
+        try:
+            check(key, known)
+        except ExpressionError as exc:
+            errs.add(
+                pipe.error(
+                    f"output '{out.name}' of pipeline '{child.ident}': {exc}", (*at, "value")
                 )
             )
 
@@ -393,6 +448,7 @@ def resolve_pipeline_stage(
         "pipeline": child.ident,
         "childInputs": given,
         "childExecutionId": placeholder,
+        "outputs": [{"name": o.name, "value": o.value.strip()} for o in stage.spec.outputs],
         "child": plan.to_json(),
         "failureStrategies": [
             *[f.model_dump(mode="json", by_alias=True) for f in stage.failure_strategies],

@@ -329,21 +329,25 @@ class ActiveFreeze:
 
 
 def _stage_values(plan: Any) -> list[tuple[str, dict[str, str]]]:
-    from app.definitions.plan import DeploymentStagePlan
+    from app.definitions.plan import DeploymentStagePlan, PipelineStagePlan
 
-    return [
-        (
-            st.identifier,
-            {
-                "Service": st.service.identifier,
-                "Environment": st.environment.identifier,
-                "EnvType": st.environment.type,
-                "Pipeline": plan.identifier,
-            },
-        )
-        for st in plan.stages
-        if isinstance(st, DeploymentStagePlan)
-    ]
+    out: list[tuple[str, dict[str, str]]] = []
+    for st in plan.stages:
+        if isinstance(st, DeploymentStagePlan):
+            out.append(
+                (
+                    st.identifier,
+                    {
+                        "Service": st.service.identifier,
+                        "Environment": st.environment.identifier,
+                        "EnvType": st.environment.type,
+                        "Pipeline": plan.identifier,
+                    },
+                )
+            )
+        elif isinstance(st, PipelineStagePlan):  # a chained pipeline deploys too
+            out += [(f"{st.identifier}/{i}", v) for i, v in _stage_values(st.child_plan())]
+    return out
 
 
 def frozen_stages(body: FreezeBody, plan: Any) -> list[str]:

@@ -259,6 +259,8 @@ class PipelineStagePlan(Model):
     child_inputs: dict[str, str] = Field(default_factory=dict)
     child_execution_id: str
     child: dict[str, Any]
+    # name -> the child's step output it reads (taken when the child SUCCEEDED).
+    outputs: list[dict[str, str]] = Field(default_factory=list)
     steps: list[StepPlan] = Field(default_factory=list)
     rollback_steps: list[StepPlan] = Field(default_factory=list)
     infrastructures: list[InfrastructurePlan] = Field(default_factory=list)

@@ -341,9 +341,13 @@ def resolve_stage(
     if isinstance(stage, m.CustomStageSpec):
         out = _resolve_custom(bundle, pipe, stage, index, raw, ctx, base, errs)
         return _looped(out, loop, plan_index)
-    rendered, marks = _render_stage(raw, ctx, pipe, base, errs)
-    when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.PipelineStageSpec):
+        # Its outputs read the child's steps, in the child's context: not rendered here.
+        own = copy.deepcopy(raw)
+        if isinstance(own.get("spec"), dict):
+            own["spec"].pop("outputs", None)
+        rendered, _ = _render_stage(own, ctx, pipe, base, errs)
+        when = _stage_when(stage, rendered, pipe, base, errs)
         errs.raise_if_any()
         from app.definitions.chaining import resolve_pipeline_stage
 
@@ -357,6 +361,8 @@ def resolve_stage(
             plan_index=index if plan_index is None else plan_index,
             strict_inputs=strict_inputs,
         )
+    rendered, marks = _render_stage(raw, ctx, pipe, base, errs)
+    when = _stage_when(stage, rendered, pipe, base, errs)
     if isinstance(stage, m.ApprovalStageSpec):
         errs.raise_if_any()
         step = m.ApprovalStageSpec.model_validate(rendered).spec.execution.steps[0].step

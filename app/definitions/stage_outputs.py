@@ -77,6 +77,9 @@ def readable(stages: list[Any], index: int) -> dict[str, str]:
                 out[key] = out[f"{key}.list"] = why
         for step in _terraform_steps(stage):
             out[f"pipeline.stages.{stage.identifier}.spec.execution.steps.{step}.output."] = ""
+        if isinstance(stage, m.PipelineStageSpec):  # its child's outputs (app.definitions.chaining)
+            for o in stage.spec.outputs:
+                out[f"pipeline.stages.{stage.identifier}.output.{o.name}"] = ""
     return out
 
 

@@ -255,6 +255,9 @@ def when_skips(
     if any("<+steps." in c for c in conditions):
         earlier_outputs(key, ctx, stage)
     if any("<+pipeline.stages." in c for c in conditions):
+        from app.coordinator.outputs import add_stage_outputs
+
+        add_stage_outputs(ctx, key.execution, key.stage)  # a Pipeline stage's output.NAME
         stage_outputs(key, ctx, " ".join(conditions))
 
     def lookup(name: str) -> str:

@@ -1,7 +1,8 @@
 """Pipeline chaining on the lab, as a user runs it (embedded mode, the `vmfarm` command in a
 subprocess, real sshd hosts): a parent's Pipeline stage runs the child pipeline's deployment
-as an execution of its own, waits for it, and goes on when it SUCCEEDED; a failing child fails
-the parent's stage, naming the child's execution."""
+as an execution of its own, waits for it, takes its outputs and goes on when it SUCCEEDED (a
+later stage reads them); a failing child fails the parent's stage, naming the child's
+execution, and a retry runs the child again."""
 
 from __future__ import annotations
 
@@ -79,6 +80,18 @@ def test_a_pipeline_stage_runs_the_child_deployment_then_the_parent_goes_on(
     assert [h["status"] for h in child["stages"][0]["hosts"]] == ["SUCCEEDED"] * len(lab.hosts)
     # with the release the parent gave, and its own execution id
     assert sorted(_runs(lab, child_id)) == [f"2.0 {child_id}"] * len(lab.hosts)
+    # and the stage took the child's install output, which the stage after it read: one
+    # value (every host recorded the same) and the list of every host's
+    assert child_stage["outputs"] == {
+        "installed": "2.0",
+        "hosts": json.dumps(["2.0"] * len(lab.hosts)),
+    }
+    (announce,) = after["hosts"][0]["steps"]
+    assert announce["outputs"] == {"got": "2.0", "all": json.dumps(["2.0"] * len(lab.hosts))}
+    # and rolling the parent back asks for its child to be rolled back first
+    res = run_vmfarm("rollback", report["id"], "--plan", env=env)
+    assert res.returncode != 0
+    assert f"roll that one back first (vmfarm rollback {child_id})" in res.stderr, res.stderr
 
 
 def test_a_failing_child_fails_the_parent_naming_the_child(
@@ -100,3 +113,12 @@ def test_a_failing_child_fails_the_parent_naming_the_child(
     # and the stage after it did not run
     assert after["status"] == "SKIPPED"
     assert _status(env, child_id)["status"] == "FAILED"
+    # When the parent is retried, its Pipeline stage runs the child again: a new execution
+    res = run_vmfarm("retry", report["id"], "--only-failed", "-o", "json", env=env)
+    again = json.loads(res.stdout)
+    assert again["id"] != report["id"]
+    second = again["stages"][0]["child_execution"]["id"]
+    assert second != child_id
+    assert _status(env, second)["parent"] == {"id": again["id"], "stage": "child"}
+    assert len(_runs(lab, second)) == len(lab.hosts)  # (and fails again: the same plan)
+    assert res.returncode == 1 and again["status"] == "FAILED"

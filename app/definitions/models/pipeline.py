@@ -245,6 +245,9 @@ class ChildInputs(Model):
 
 
 class ChildOutput(Model):
+    """``- name: build`` / ``value: <+pipeline.stages.S.spec.execution.steps.T.output
+    .outputVariables.X>``: one step output of the child (``.list``: every host's)."""
+
     name: str
     value: str
 
@@ -258,7 +261,8 @@ class PipelineChainSpec(Model):
     project: str | None = None
     pipeline: str
     inputs: ChildInputs | None = None
-    # Checked and refused by app.definitions.chaining (never accepted and ignored).
+    # Step outputs of the child, taken when it SUCCEEDED; later stages read them as
+    # <+pipeline.stages.ID.output.NAME> (app.definitions.chaining, app.coordinator.chaining).
     outputs: list[ChildOutput] = Field(default_factory=list)
 
 
