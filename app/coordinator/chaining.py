@@ -104,7 +104,12 @@ def decide_pipeline_stage(
             error=f"stage '{run.identifier}': {error} (aborted by the failure strategy)",
         )
         return "aborted"
-    # MarkAsFailure (the default); StageRollback and the others are refused at load.
+    if action == "StageRollback":  # the pipeline's: the stage's own is refused at load
+        error += (
+            f" (a Pipeline stage has nothing of its own to roll back: roll the child back "
+            f"with vmfarm rollback {child.id})"
+        )
+    # MarkAsFailure (the default); Retry and ManualIntervention are refused at load.
     return fail_stage(s, ex, run, error)
 
 

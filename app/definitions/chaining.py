@@ -326,7 +326,11 @@ def _check_rollbacks(pipe: Loaded, first: int, errs: Collector) -> None:
                     at,
                 )
             )
-        elif kind in _REFUSED_ACTIONS and set(fs.on_failure.errors) & {"AllErrors", "Unknown"}:
+        elif (
+            kind in _REFUSED_ACTIONS
+            and kind != "StageRollback"  # a Pipeline stage then fails, as a Custom stage does
+            and set(fs.on_failure.errors) & {"AllErrors", "Unknown"}
+        ):
             errs.add(
                 pipe.error(
                     f"{kind} here applies to the Pipeline stages too (a failed child is an "

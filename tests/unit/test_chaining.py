@@ -258,6 +258,21 @@ def test_a_project_that_is_not_the_childs_is_refused(tmp_path: Path) -> None:
     assert err.line == line_of(paths[0], "project: other")
 
 
+def test_the_pipelines_stage_rollback_fails_a_pipeline_stage_as_it_does_a_custom_one(
+    tmp_path: Path,
+) -> None:
+    extra = (
+        "  failureStrategies:\n"
+        "    - onFailure: {errors: [AllErrors], action: {type: StageRollback}}\n"
+        "    - onFailure: {errors: [Unknown], action: {type: Retry, spec: {retryCount: 1,"
+        " retryIntervals: [1s]}}}\n"
+    )
+    paths = write(tmp_path, parent(extra=extra))
+    (err,) = errors_of(paths)  # the StageRollback loads; the Retry does not
+    assert "Retry here applies to the Pipeline stages too" in err.message
+    assert err.line == line_of(paths[0], "type: Retry")
+
+
 def test_pipeline_rollback_at_or_after_a_pipeline_stage_is_refused(tmp_path: Path) -> None:
     extra = (
         "  failureStrategies:\n"
@@ -584,6 +599,7 @@ def test_the_reconciler_aborts_a_child_whose_parent_ended_without_it(ledger: lis
         ("MarkAsSuccess", "SUCCEEDED", "RUNNING", "RUNNING"),
         ("Abort", "ABORTED", "ABORTED", "SKIPPED"),
         (None, "FAILED", "FAILED", "SKIPPED"),  # MarkAsFailure, the default
+        ("StageRollback", "FAILED", "FAILED", "SKIPPED"),  # nothing of its own to roll back
     ],
 )
 def test_a_failed_child_meets_the_pipeline_stages_failure_strategy(
@@ -603,15 +619,16 @@ def test_a_failed_child_meets_the_pipeline_stages_failure_strategy(
     # Given the chain, its Pipeline stage with the failure strategy (or none)
     files = tmp_path / "chain"
     shutil.copytree(ledger[0], files)
-    if action:
-        text = (files / "parent.yaml").read_text()
-        (files / "parent.yaml").write_text(
-            text.replace(
-                "        type: Pipeline\n",
-                "        type: Pipeline\n        failureStrategies:\n"
-                f"          - onFailure: {{errors: [AllErrors], action: {{type: {action}}}}}\n",
-            )
+    text = (files / "parent.yaml").read_text()
+    strategy = f"- onFailure: {{errors: [AllErrors], action: {{type: {action}}}}}\n"
+    if action == "StageRollback":  # the pipeline's (the stage's own is refused at load)
+        text = text.replace("  stages:\n", "  failureStrategies:\n    " + strategy + "  stages:\n")
+    elif action:
+        text = text.replace(
+            "        type: Pipeline\n",
+            "        type: Pipeline\n        failureStrategies:\n          " + strategy,
         )
+    (files / "parent.yaml").write_text(text)
     plan, hosts = prepare([str(files), ledger[1]], pipeline=None, inputs={}, execution_id="p1")
     record(plan, hosts, execution_id="p1", inputs={}, user="dan", publish=False)
     advance("p1")
@@ -633,6 +650,8 @@ def test_a_failed_child_meets_the_pipeline_stages_failure_strategy(
         assert f"child execution {child.id} (pipeline child_deploy) FAILED" in str(runs[0].error)
         assert parent.status == parent_status
         assert runs[1].status == next_stage
+        if action == "StageRollback":
+            assert f"roll the child back with vmfarm rollback {child.id}" in str(runs[0].error)
 
 
 def test_a_pipeline_stage_skipped_by_its_when_starts_no_child(
