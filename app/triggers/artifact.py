@@ -79,23 +79,27 @@ def _check_regex(v: str) -> str:
     return v
 
 
+# A condition's operators, for a build here and for a payload or header in a webhook trigger.
+Operator = Literal[
+    "Equals",
+    "NotEquals",
+    "In",
+    "NotIn",
+    "StartsWith",
+    "EndsWith",
+    "Contains",
+    "DoesNotContain",
+    "Regex",
+]
+
+
 class EventCondition(Model):
     """A condition on the build: ``{key: build, operator: Regex, value: ^1\\.}``."""
 
     key: Literal["build"] = Field(
         description="the build (version, file name or key): the only value a poll has"
     )
-    operator: Literal[
-        "Equals",
-        "NotEquals",
-        "In",
-        "NotIn",
-        "StartsWith",
-        "EndsWith",
-        "Contains",
-        "DoesNotContain",
-        "Regex",
-    ]
+    operator: Operator
     value: str
 
     @field_validator("key", mode="before")

@@ -52,30 +52,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator
 
 from app.definitions.base import Identifier, Model
-from app.triggers.artifact import ArtifactSource
-
-OPERATORS = (
-    "Equals",
-    "NotEquals",
-    "In",
-    "NotIn",
-    "StartsWith",
-    "EndsWith",
-    "Contains",
-    "DoesNotContain",
-    "Regex",
-)
-Operator = Literal[
-    "Equals",
-    "NotEquals",
-    "In",
-    "NotIn",
-    "StartsWith",
-    "EndsWith",
-    "Contains",
-    "DoesNotContain",
-    "Regex",
-]
+from app.triggers.artifact import ArtifactSource, Operator
 
 
 def _refused(what: str, why: str) -> Any:
