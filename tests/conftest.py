@@ -145,6 +145,25 @@ def run_vmfarm(
     )
 
 
+@contextmanager
+def vmfarm_in_background(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Start the vmfarm command as a user would, in the background (its output piped, as
+    text); kill it on the way out if it still runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMFARM_")}
     env["PYTHONPATH"] = str(REPO)
@@ -404,18 +423,28 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-@pytest.fixture
-def in_process_app(cluster: Cluster) -> Iterator[Any]:
-    """This test process's Celery app and ledger, pointed at the cluster's Redis and PostgreSQL."""
+@contextmanager
+def app_pointed_at(env: dict[str, str]) -> Iterator[Any]:
+    """This test process's Celery app and ledger, pointed at the Redis and PostgreSQL that the
+    VMFARM_ variables of ``env`` name (this process's environment restored on the way out)."""
     saved = dict(os.environ)
-    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("VMFARM_")})
+    os.environ.update({k: v for k, v in env.items() if k.startswith("VMFARM_")})
     from app.celery import app, reconfigure
     from app.db import reset_engines
 
     reconfigure()
     reset_engines()
-    yield app
-    os.environ.clear()
-    os.environ.update(saved)
-    reconfigure()
-    reset_engines()
+    try:
+        yield app
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        reconfigure()
+        reset_engines()
+
+
+@pytest.fixture
+def in_process_app(cluster: Cluster) -> Iterator[Any]:
+    """This test process's Celery app and ledger, pointed at the cluster's Redis and PostgreSQL."""
+    with app_pointed_at(cluster.env) as app:
+        yield app

@@ -350,30 +350,8 @@ def roll_back_stage(
         run.status = Status.ROLLING_BACK
         s.add(run)
     # Host lists are read only for the phase being judged (a deferred column).
-    records = {
-        p.phase: p
-        for p in s.exec(
-            select(PhaseRun)
-            .where(
-                PhaseRun.execution_id == ex.id,
-                PhaseRun.stage_index == run.stage_index,
-                PhaseRun.kind == "rollback",
-            )
-            .options(*deferred(PhaseRun.hosts))
-        ).all()
-    }
-    switches = {
-        p.phase: p
-        for p in s.exec(
-            select(PhaseRun)
-            .where(
-                PhaseRun.execution_id == ex.id,
-                PhaseRun.stage_index == run.stage_index,
-                PhaseRun.kind == "rollback-switch",
-            )
-            .options(*deferred(PhaseRun.hosts))
-        ).all()
-    }
+    records = _phase_runs(s, ex, run, "rollback")
+    switches = _phase_runs(s, ex, run, "rollback-switch")
     for ph in run.rollback["phases"]:
         if not ph["hosts"]:
             continue
@@ -408,6 +386,22 @@ def roll_back_stage(
     run.finished_at = utcnow()
     s.add(run)
     return None
+
+
+def _phase_runs(s: Session, ex: Execution, run: StageRun, kind: str) -> dict[int, PhaseRun]:
+    """The stage's phase records of one kind, by phase index (host lists deferred)."""
+    return {
+        p.phase: p
+        for p in s.exec(
+            select(PhaseRun)
+            .where(
+                PhaseRun.execution_id == ex.id,
+                PhaseRun.stage_index == run.stage_index,
+                PhaseRun.kind == kind,
+            )
+            .options(*deferred(PhaseRun.hosts))
+        ).all()
+    }
 
 
 def _dispatch_rollback(

@@ -60,7 +60,10 @@ CONNECTOR_TYPES = {
 BUILD_EXPRESSION = "<+trigger.artifact.build>"
 
 
-def _refused(what: str, why: str) -> Any:
+def refused(what: str, why: str) -> Any:
+    """A field vmfarm does not carry out: refused at load, naming it and what to write instead,
+    unless it is left empty."""
+
     def check(v: Any) -> Any:
         if v not in (None, [], {}, ""):
             raise ValueError(f"{what} is not supported: {why}")
@@ -79,23 +82,27 @@ def _check_regex(v: str) -> str:
     return v
 
 
+# A condition's operators, for a build here and for a payload or header in a webhook trigger.
+Operator = Literal[
+    "Equals",
+    "NotEquals",
+    "In",
+    "NotIn",
+    "StartsWith",
+    "EndsWith",
+    "Contains",
+    "DoesNotContain",
+    "Regex",
+]
+
+
 class EventCondition(Model):
     """A condition on the build: ``{key: build, operator: Regex, value: ^1\\.}``."""
 
     key: Literal["build"] = Field(
         description="the build (version, file name or key): the only value a poll has"
     )
-    operator: Literal[
-        "Equals",
-        "NotEquals",
-        "In",
-        "NotIn",
-        "StartsWith",
-        "EndsWith",
-        "Contains",
-        "DoesNotContain",
-        "Regex",
-    ]
+    operator: Operator
     value: str
 
     @field_validator("key", mode="before")
@@ -127,14 +134,14 @@ class _Common(Model):
     event_conditions: list[EventCondition] = Field(default_factory=list)
     meta_data_conditions: Annotated[
         list[Any],
-        _refused(
+        refused(
             "metaDataConditions",
             "a poll sees builds, not their metadata: write eventConditions on the build",
         ),
     ] = Field(default_factory=list)
     jexl_condition: Annotated[
         str | None,
-        _refused("jexlCondition", "write the conditions as eventConditions (all must hold)"),
+        refused("jexlCondition", "write the conditions as eventConditions (all must hold)"),
     ] = None
 
 
@@ -160,10 +167,10 @@ class ArtifactorySpec(_Common):
     repository_format: Literal["generic"] = "generic"
     artifact_directory: str = "/"
     artifact_path: str | None = None
-    repository_url: Annotated[str | None, _refused("repositoryUrl", _NO_IMAGE)] = None
+    repository_url: Annotated[str | None, refused("repositoryUrl", _NO_IMAGE)] = None
     artifact_filter: Annotated[
         str | None,
-        _refused(
+        refused(
             "artifactFilter",
             "write an eventCondition on the build (key: build, operator: Regex)",
         ),
@@ -200,12 +207,12 @@ class NexusSpec(_Common):
     extension: str | None = None
     group: str | None = None
     tag: str | None = None
-    repository_url: Annotated[str | None, _refused("repositoryUrl", _NO_IMAGE)] = None
-    repository_port: Annotated[str | None, _refused("repositoryPort", _NO_IMAGE)] = None
-    image_path: Annotated[str | None, _refused("imagePath", _NO_IMAGE)] = None
-    artifact_path: Annotated[str | None, _refused("artifactPath", _NO_IMAGE)] = None
+    repository_url: Annotated[str | None, refused("repositoryUrl", _NO_IMAGE)] = None
+    repository_port: Annotated[str | None, refused("repositoryPort", _NO_IMAGE)] = None
+    image_path: Annotated[str | None, refused("imagePath", _NO_IMAGE)] = None
+    artifact_path: Annotated[str | None, refused("artifactPath", _NO_IMAGE)] = None
     package_name: Annotated[
-        str | None, _refused("packageName", "npm and NuGet repositories are not polled")
+        str | None, refused("packageName", "npm and NuGet repositories are not polled")
     ] = None
 
     @field_validator("repository_format", mode="before")

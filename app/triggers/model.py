@@ -49,42 +49,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from app.definitions.base import Identifier, Model
-from app.triggers.artifact import ArtifactSource
-
-OPERATORS = (
-    "Equals",
-    "NotEquals",
-    "In",
-    "NotIn",
-    "StartsWith",
-    "EndsWith",
-    "Contains",
-    "DoesNotContain",
-    "Regex",
-)
-Operator = Literal[
-    "Equals",
-    "NotEquals",
-    "In",
-    "NotIn",
-    "StartsWith",
-    "EndsWith",
-    "Contains",
-    "DoesNotContain",
-    "Regex",
-]
-
-
-def _refused(what: str, why: str) -> Any:
-    def check(v: Any) -> Any:
-        if v not in (None, [], {}, ""):
-            raise ValueError(f"{what} is not supported: {why}")
-        return v
-
-    return AfterValidator(check)
+from app.triggers.artifact import ArtifactSource, Operator, refused
 
 
 class Condition(Model):
@@ -119,7 +87,7 @@ class CustomWebhook(Model):
     header_conditions: list[HeaderCondition] = Field(default_factory=list)
     jexl_condition: Annotated[
         str | None,
-        _refused(
+        refused(
             "jexlCondition",
             "write the conditions as payloadConditions and headerConditions (all must hold)",
         ),
@@ -175,18 +143,18 @@ class _Body(Model):
     input_yaml: str | None = None
     input_set_refs: Annotated[
         list[Any],
-        _refused(
+        refused(
             "inputSetRefs",
             "write the inputs in inputYaml (the trigger's own input set)",
         ),
     ] = Field(default_factory=list)
     stages_to_execute: Annotated[
         list[Any],
-        _refused("stagesToExecute", "a trigger runs the whole pipeline; write []"),
+        refused("stagesToExecute", "a trigger runs the whole pipeline; write []"),
     ] = Field(default_factory=list)
     pipeline_branch_name: Annotated[
         str | None,
-        _refused(
+        refused(
             "pipelineBranchName",
             "pipelines come from the registry, not from a Git branch",
         ),
@@ -221,7 +189,7 @@ class ArtifactTriggerBody(_Body):
     source: ArtifactSource
     encrypted_webhook_secret_identifier: Annotated[
         str | None,
-        _refused(
+        refused(
             "encryptedWebhookSecretIdentifier",
             "an artifact trigger takes no deliveries (the server polls the repository)",
         ),

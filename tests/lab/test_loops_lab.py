@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DATA, base_env, run_vmfarm
+from tests.lab.spans import most_in_flight
 
 FILES = [str(DATA / "loops")]
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
@@ -30,16 +31,6 @@ def _db(env: dict[str, str]) -> sqlite3.Connection:
 
 def _t(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-def _most_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
-    """The largest number of spans open at one instant (an end before a start at a tie)."""
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    most = now = 0
-    for _, d in events:
-        now += d
-        most = max(most, now)
-    return most
 
 
 def _log(lab: Any, ex_id: str, host: int) -> list[str]:
@@ -151,7 +142,7 @@ def test_max_concurrency_holds_by_the_ledger_times(
     for i in range(3):
         install = [(_t(a), _t(b)) for s, step, _, a, b in rows if s == i and step == "install"]
         assert len(install) == len(lab.hosts)
-        assert _most_in_flight(install) == 1, i
+        assert most_in_flight(install) == 1, i
     # and a host's items of the matrix step ran one after another
     for h in lab.hosts:
         probes = [
@@ -160,7 +151,7 @@ def test_max_concurrency_holds_by_the_ledger_times(
             if s == 3 and host == h.address and step.startswith("probe")
         ]
         assert len(probes) == 3
-        assert _most_in_flight(probes) == 1
+        assert most_in_flight(probes) == 1
 
 
 def test_status_shows_a_line_per_stage_iteration(

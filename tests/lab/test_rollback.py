@@ -8,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, REPO, base_env, run_vmfarm
+from tests.conftest import DATA, base_env, run_vmfarm, vmfarm_in_background
 from tests.waiting import wait_for
 
 RB = [str(DATA / "rollback" / "service.yaml"), str(DATA / "rollback" / "pipeline.yaml")]
@@ -155,10 +153,7 @@ def test_manual_intervention_times_out_into_its_post_timeout_action(
 
 def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -> None:
     addrs = [h.address for h in lab.hosts]
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
+    args = [
         "run",
         *RB_MI,
         str(lab.infrastructure_file),
@@ -171,10 +166,7 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
         "-o",
         "json",
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with vmfarm_in_background(*args, env=env) as proc:
 
         def waiting() -> str | None:
             rows: list[tuple[Any, ...]] = []
@@ -197,9 +189,6 @@ def test_a_person_answers_a_manual_intervention(env: dict[str, str], lab: Any) -
         assert res.returncode == 0, res.stderr
         assert "Ignore chosen by oncall" in res.stdout
         out, errs = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     report = json.loads(out)
     assert proc.returncode == 0, errs
     assert report["status"] == "SUCCEEDED"
@@ -253,10 +242,7 @@ def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str]
     addrs = [h.address for h in lab.hosts]
     code, first = _run(env, lab, RB_STEPS, "1.0")
     assert code == 0, first
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
+    args = [
         "run",
         *RB_STEPS,
         str(lab.infrastructure_file),
@@ -267,18 +253,12 @@ def test_abort_with_rollback_stops_the_stage_then_rolls_back(env: dict[str, str]
         "-o",
         "json",
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with vmfarm_in_background(*args, env=env) as proc:
         wait_for(lambda: _on_host(lab, 0, "version") == ["2.0"], 60, "2.0 to start", interval=0.2)
         ex_id = _ledger(env, "select id from execution order by created_at desc")[0][0]
         res = run_vmfarm("abort", ex_id, "--rollback", env=env)
         assert res.returncode == 0 and "roll back" in res.stdout, res.stdout + res.stderr
         out, errs = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     report = json.loads(out)
     assert proc.returncode == 1, errs
     assert report["status"] == "ABORTED" and report["stages"][0]["status"] == "ROLLED_BACK"

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, REPO, base_env, run_vmfarm
+from tests.conftest import DATA, base_env, run_vmfarm, vmfarm_in_background
+from tests.lab.spans import most_in_flight
 from tests.waiting import wait_for
 
 REGIONS = ["us-east-1", "eu-west-1", "ap-south-1"]
@@ -25,16 +24,6 @@ CAP = "            maxConcurrency: 3\n"
 
 def _t(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-def _most_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
-    """The largest number of spans open at one instant (an end before a start at a tie)."""
-    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-    most = now = 0
-    for _, d in events:
-        now += d
-        most = max(most, now)
-    return most
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +115,7 @@ def test_three_iterations_with_max_concurrency_3_deploy_at_once(
     # before any of the others' last step ended (one after another, they could not)
     spans = _spans(rows)
     assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
-    assert _most_in_flight(list(spans.values())) == 3
+    assert most_in_flight(list(spans.values())) == 3
     # and the stage after the loop started once all three had ended
     after = min(_t(r[5]) for r in rows if r[0] == 3)
     assert after >= max(b for _, b in spans.values())
@@ -146,7 +135,7 @@ def test_max_concurrency_2_never_has_more_than_two_iterations_in_flight(
     assert sorted(spans) == [0, 1, 2]
     # Then two iterations ran side by side, never three: the third started when one of the
     # first two had ended
-    assert _most_in_flight(list(spans.values())) == 2, spans
+    assert most_in_flight(list(spans.values())) == 2, spans
     assert spans[1][0] < spans[0][1]  # the first two overlapped
     assert spans[2][0] >= min(spans[0][1], spans[1][1])
 
@@ -221,12 +210,8 @@ def test_abort_with_rollback_stops_every_iteration_in_flight_and_rolls_each_back
     env: dict[str, str], lab: Any, tmp: Path
 ) -> None:
     # Given maxConcurrency 2 and steps that take 4 s, running in the background
-    cmd = [sys.executable, "-m", "cli.main", "run", _files(tmp, 2), str(lab.infrastructure_file)]
-    cmd += ["--set", "seconds=4", "-o", "json"]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    args = ["run", _files(tmp, 2), str(lab.infrastructure_file), "--set", "seconds=4", "-o", "json"]
+    with vmfarm_in_background(*args, env=env) as proc:
         db = Path(env["VMFARM_HOME"]) / "vmfarm.db"
 
         def both_running() -> str | None:
@@ -251,9 +236,6 @@ def test_abort_with_rollback_stops_every_iteration_in_flight_and_rolls_each_back
         res = run_vmfarm("abort", ex_id, "--rollback", env=env)
         assert res.returncode == 0 and "roll back" in res.stdout, res.stdout + res.stderr
         out, errs = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     report = json.loads(out)
     assert proc.returncode == 1, errs
     # Then both iterations in flight stopped and rolled back; the third and the stage after

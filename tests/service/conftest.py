@@ -469,18 +469,12 @@ def mailbox(free_port: Callable[[], int]) -> Iterator[Mailbox]:
     controller.stop()
 
 
-def gated_pipeline(
-    name: str, *, groups: list[str], minimum: int = 1, disallow_executor: bool = False
+def approval_stage(
+    message: str, *, groups: list[str], minimum: int = 1, disallow_executor: bool = False
 ) -> str:
-    """A pipeline of one Approval stage (no hosts, no worker needed): what the server's
-    execution routes are tried on."""
+    """A pipeline's Approval stage ``approve`` (one HarnessApproval step, a day to answer), as
+    a line of its ``stages:`` list."""
     return f"""\
-apiVersion: v1
-kind: Pipeline
-metadata:
-  name: {name}
-spec:
-  stages:
     - stage:
         name: Approve
         identifier: approve
@@ -494,9 +488,96 @@ spec:
                   identifier: approve
                   timeout: 1d
                   spec:
-                    approvalMessage: Release <+pipeline.executionId>?
+                    approvalMessage: {message}
                     approvers:
                       userGroups: {groups}
                       minimumCount: {minimum}
                       disallowPipelineExecutor: {str(disallow_executor).lower()}
 """
+
+
+def gated_pipeline(
+    name: str, *, groups: list[str], minimum: int = 1, disallow_executor: bool = False
+) -> str:
+    """A pipeline of one Approval stage (no hosts, no worker needed): what the server's
+    execution routes are tried on."""
+    stage = approval_stage(
+        "Release <+pipeline.executionId>?",
+        groups=groups,
+        minimum=minimum,
+        disallow_executor=disallow_executor,
+    )
+    return f"""\
+apiVersion: v1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  stages:
+{stage}"""
+
+
+def approved_release_pipeline(name: str, *, env: str, infra: str, svc: str, version: str) -> str:
+    """A pipeline with a ``version`` input (a value matching the regex ``version``) whose
+    release_managers approve (one of them), then a Deploy stage of ``svc`` on ``env``'s ``infra``
+    that echoes the version: a triggered run waits at the approval, so no worker is needed."""
+    stage = approval_stage("Deploy <+pipeline.variables.version>?", groups=["release_managers"])
+    return f"""\
+apiVersion: v1
+kind: Pipeline
+metadata:
+  name: {name}
+spec:
+  variables:
+    - name: version
+      type: String
+      value: <+input>.regex({version})
+  stages:
+{stage}\
+    - stage:
+        name: Deploy
+        identifier: deploy
+        type: Deployment
+        spec:
+          service:
+            serviceRef: {svc}
+          environment:
+            environmentRef: {env}
+            infrastructureDefinitions:
+              - identifier: {infra}
+          execution:
+            steps:
+              - step:
+                  type: Command
+                  name: Work
+                  identifier: work
+                  spec:
+                    commandUnits:
+                      - identifier: note
+                        type: Script
+                        spec:
+                          source:
+                            type: Inline
+                            spec:
+                              script: echo <+pipeline.variables.version>
+"""
+
+
+def bearer(server: Server, who: str = "alice") -> dict[str, str]:
+    """The Authorization header of ``who`` signed in at the server's identity provider."""
+    token = sign_in(server.oidc.url, who, client_id="vmfarm")["id_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def sql(pg_url: str, query: str, **params: Any) -> list[Any]:
+    """The rows of one query on the ledger (its own connection, closed after)."""
+    from sqlalchemy import create_engine, text
+
+    from app.db import normalise_url
+
+    engine = create_engine(normalise_url(pg_url))
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(query), params).all())
+    finally:
+        engine.dispose()

@@ -11,21 +11,26 @@ no worker is needed to see what was started."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import boto3
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
-from app.db import normalise_url
 from tests.alloc import Allocator
 from tests.conftest import REDIS_BASE, base_env, moto_server, run_vmfarm
 from tests.fakes.repository_api import RepositoryApi
-from tests.service.conftest import SERVER_USERS, Provider, Server, _server, sign_in
+from tests.service.conftest import (
+    SERVER_USERS,
+    Provider,
+    Server,
+    _server,
+    approved_release_pipeline,
+    bearer,
+    sql,
+)
+from tests.waiting import wait_for
 
 REG = "/api/v1/registry"
 REGION = "eu-west-1"
@@ -111,67 +116,14 @@ def servers(
                 lease.release()
 
 
-def _bearer(server: Server, who: str = "alice") -> dict[str, str]:
-    token = sign_in(server.oidc.url, who, client_id="vmfarm")["id_token"]
-    return {"Authorization": f"Bearer {token}"}
-
-
 def _files(ids: dict[str, str], good: RepositoryApi, down: RepositoryApi) -> dict[str, str]:
-    pipeline = f"""\
-apiVersion: v1
-kind: Pipeline
-metadata:
-  name: {ids["pipe"]}
-spec:
-  variables:
-    - name: version
-      type: String
-      value: <+input>.regex(^[A-Za-z0-9._/-]+$)
-  stages:
-    - stage:
-        name: Approve
-        identifier: approve
-        type: Approval
-        spec:
-          execution:
-            steps:
-              - step:
-                  type: HarnessApproval
-                  name: Approve
-                  identifier: approve
-                  timeout: 1d
-                  spec:
-                    approvalMessage: Deploy <+pipeline.variables.version>?
-                    approvers:
-                      userGroups: [release_managers]
-                      minimumCount: 1
-    - stage:
-        name: Deploy
-        identifier: deploy
-        type: Deployment
-        spec:
-          service:
-            serviceRef: {ids["svc"]}
-          environment:
-            environmentRef: {ids["env"]}
-            infrastructureDefinitions:
-              - identifier: {ids["env"]}_hosts
-          execution:
-            steps:
-              - step:
-                  type: Command
-                  name: Work
-                  identifier: work
-                  spec:
-                    commandUnits:
-                      - identifier: note
-                        type: Script
-                        spec:
-                          source:
-                            type: Inline
-                            spec:
-                              script: echo <+pipeline.variables.version>
-"""
+    pipeline = approved_release_pipeline(
+        ids["pipe"],
+        env=ids["env"],
+        infra=f"{ids['env']}_hosts",
+        svc=ids["svc"],
+        version="^[A-Za-z0-9._/-]+$",
+    )
 
     def connector(name: str, url: str) -> str:
         return (
@@ -227,18 +179,9 @@ spec:
     }
 
 
-def _sql(pg_url: str, query: str, **params: Any) -> list[Any]:
-    engine = create_engine(normalise_url(pg_url))
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(query), params).all())
-    finally:
-        engine.dispose()
-
-
 def _runs(pg_url: str, trigger: str) -> list[tuple[str, str]]:
     """(execution id, plan) of the runs the trigger started."""
-    rows = _sql(
+    rows = sql(
         pg_url,
         "SELECT id, CAST(plan AS TEXT) FROM execution WHERE created_by = :u ORDER BY created_at",
         u=f"trigger:{trigger}",
@@ -248,25 +191,17 @@ def _runs(pg_url: str, trigger: str) -> list[tuple[str, str]]:
 
 def _polls(pg_url: str, trigger: str) -> int:
     """How many polls have ended since the row was made (its time, as a changing value)."""
-    rows = _sql(pg_url, "SELECT polled_at FROM artifactpoll WHERE trigger_id = :t", t=trigger)
+    rows = sql(pg_url, "SELECT polled_at FROM artifactpoll WHERE trigger_id = :t", t=trigger)
     return 0 if not rows else int(rows[0][0].timestamp() * 1000)
-
-
-def _wait(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _several_polls(pg_url: str, trigger: str, n: int = 4) -> None:
     """Wait until the trigger has been polled ``n`` more times (by either server)."""
     for _ in range(n):
         before = _polls(pg_url, trigger)
-        _wait(f"a poll of {trigger}", lambda b=before: _polls(pg_url, trigger) != b)
+        wait_for(
+            lambda b=before: _polls(pg_url, trigger) != b, 30, f"a poll of {trigger}", interval=0.2
+        )
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +219,7 @@ def stored(
     good.add("releases/web/web-1.0.tar.gz")
     resp = httpx.post(
         servers[0].url + REG,
-        headers=_bearer(servers[0]),
+        headers=bearer(servers[0]),
         json={"files": _files(ids, good, down)},
         timeout=60,
     )
@@ -294,11 +229,13 @@ def stored(
         ids["art"],
         ids["denied"],
     ):  # the first polls: what is there starts nothing
-        _wait(
-            f"the first poll of {t}",
-            lambda t=t: _sql(
+        wait_for(
+            lambda t=t: sql(
                 pg_url, "SELECT primed FROM artifactpoll WHERE trigger_id = :t AND primed", t=t
             ),
+            30,
+            f"the first poll of {t}",
+            interval=0.2,
         )
     return ids
 
@@ -313,18 +250,18 @@ def test_a_new_s3_object_starts_exactly_one_run_with_its_key(
     s3.put_object(Bucket=stored["bucket"], Key="web/web-1.1.tar.gz", Body=b"two")
     s3.put_object(Bucket=stored["bucket"], Key="web/readme.txt", Body=b"not a build")
     # Then one of the two servers starts one run with the new key as the build
-    runs = _wait("a run", lambda: _runs(pg_url, stored["s3"]))
+    runs = wait_for(lambda: _runs(pg_url, stored["s3"]), 30, "a run", interval=0.2)
     _several_polls(pg_url, stored["s3"])
     runs = _runs(pg_url, stored["s3"])
     assert len(runs) == 1, runs
     ex_id, plan = runs[0]
     assert "web/web-1.1.tar.gz" in plan
     report = httpx.get(
-        f"{servers[1].url}/api/v1/executions/{ex_id}", headers=_bearer(servers[1])
+        f"{servers[1].url}/api/v1/executions/{ex_id}", headers=bearer(servers[1])
     ).json()
     assert report["status"] == "WAITING"
     assert "Deploy web/web-1.1.tar.gz?" in json.dumps(report)
-    rows = _sql(
+    rows = sql(
         pg_url,
         "SELECT build, outcome, execution_id FROM artifactbuild WHERE trigger_id = :t "
         "ORDER BY build",
@@ -334,7 +271,7 @@ def test_a_new_s3_object_starts_exactly_one_run_with_its_key(
         ("web/web-1.0.tar.gz", "seen", None),
         ("web/web-1.1.tar.gz", "started", ex_id),
     ]
-    audit = _sql(
+    audit = sql(
         pg_url,
         "SELECT outcome FROM auditevent WHERE action = 'artifact-trigger' AND \"user\" = :u",
         u=f"trigger:{stored['s3']}",
@@ -355,11 +292,11 @@ def test_a_new_artifactory_file_starts_one_run_and_conditions_choose(
     assert _runs(pg_url, stored["art"]) == []
     # two new builds in one poll: the newest starts, the other is recorded as skipped
     good.add("releases/web/web-2.0.tar.gz", "releases/web/web-2.1.tar.gz")
-    _wait("a run", lambda: _runs(pg_url, stored["art"]))
+    wait_for(lambda: _runs(pg_url, stored["art"]), 30, "a run", interval=0.2)
     _several_polls(pg_url, stored["art"])
     runs = _runs(pg_url, stored["art"])
     assert len(runs) == 1 and "web-2.1.tar.gz" in runs[0][1], runs
-    rows = _sql(
+    rows = sql(
         pg_url,
         "SELECT build, outcome, detail FROM artifactbuild WHERE trigger_id = :t",
         t=stored["art"],
@@ -381,18 +318,20 @@ def test_vmfarm_triggers_shows_polls_builds_and_a_repositorys_error(
 ) -> None:
     made = httpx.post(
         servers[0].url + "/api/v1/tokens",
-        headers=_bearer(servers[0]),
+        headers=bearer(servers[0]),
         json={"name": "poll-test", "roles": ["admin"], "expires": "1d"},
     )
     assert made.status_code in (200, 201), made.text
     env = base_env(VMFARM_SERVER=servers[1].url, VMFARM_TOKEN=made.json()["token"], COLUMNS="250")
-    _wait(
-        "the refused poll",
-        lambda: _sql(
+    wait_for(
+        lambda: sql(
             pg_url,
             "SELECT error FROM artifactpoll WHERE trigger_id = :t AND error <> ''",
             t=stored["down"],
         ),
+        30,
+        "the refused poll",
+        interval=0.2,
     )
     res = run_vmfarm("triggers", env=env)
     assert res.returncode == 0, res.stderr
@@ -424,7 +363,7 @@ def test_an_artifact_trigger_naming_no_connector_is_refused_at_apply(
         "        repository: releases\n"
     )
     resp = httpx.post(
-        servers[0].url + REG, headers=_bearer(servers[0]), json={"files": {"t.yaml": text_}}
+        servers[0].url + REG, headers=bearer(servers[0]), json={"files": {"t.yaml": text_}}
     )
     assert resp.status_code == 422, resp.text
     assert "t.yaml:10" in resp.text and "no_such_conn" in resp.text
@@ -436,29 +375,31 @@ def test_a_build_whose_run_is_refused_is_recorded_and_not_tried_again(
     # trigger:<denied> is bound to no role: its new build is refused as any user's run is
     s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto_url)
     s3.put_object(Bucket=stored["bucket"], Key="api/api-3.0.tar.gz", Body=b"api")
-    rows = _wait(
-        "the refused build",
-        lambda: _sql(
+    rows = wait_for(
+        lambda: sql(
             pg_url,
             "SELECT outcome, detail FROM artifactbuild WHERE trigger_id = :t AND build = :b "
             "AND outcome <> 'pending'",
             t=stored["denied"],
             b="api/api-3.0.tar.gz",
         ),
+        30,
+        "the refused build",
+        interval=0.2,
     )
     assert rows[0][0] == "failed" and "missing permission pipeline:execute" in rows[0][1], rows
     _several_polls(pg_url, stored["denied"])
     assert _runs(pg_url, stored["denied"]) == []
     assert [
         r[0]
-        for r in _sql(
+        for r in sql(
             pg_url,
             "SELECT outcome FROM artifactbuild WHERE trigger_id = :t AND build = :b",
             t=stored["denied"],
             b="api/api-3.0.tar.gz",
         )
     ] == ["failed"]  # not tried again
-    audit = _sql(
+    audit = sql(
         pg_url,
         "SELECT outcome FROM auditevent WHERE action = 'artifact-trigger' AND \"user\" = :u",
         u=f"trigger:{stored['denied']}",

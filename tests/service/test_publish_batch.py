@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.alloc import Allocator
-from tests.conftest import REDIS_BASE, Cluster
+from tests.conftest import REDIS_BASE, Cluster, app_pointed_at
 from tests.service.conftest import Keys, _secure_cluster
 from tests.waiting import wait_for
 
@@ -111,20 +111,12 @@ def noop_cluster(
 @pytest.fixture
 def here(noop_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """This process as the cluster's submitter (the server's key), pipelines of BATCH."""
-    for k, v in noop_cluster.env.items():
-        if k.startswith("VMFARM_"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("VMFARM_TEST_CONNECTION", "noop")
     from app import celery
-    from app.db import reset_engines
 
-    celery.reconfigure()
-    reset_engines()
-    monkeypatch.setattr(celery, "PUBLISH_BATCH", BATCH)
-    yield celery
-    monkeypatch.undo()
-    celery.reconfigure()
-    reset_engines()
+    with app_pointed_at({**noop_cluster.env, "VMFARM_TEST_CONNECTION": "noop"}):
+        monkeypatch.setattr(celery, "PUBLISH_BATCH", BATCH)
+        yield celery
+        monkeypatch.undo()
 
 
 class RoundTrips:

@@ -17,12 +17,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
-from app.db import normalise_url
 from tests.alloc import Allocator
 from tests.conftest import REDIS_BASE
-from tests.service.conftest import SERVER_USERS, Provider, Server, _server, sign_in
+from tests.service.conftest import (
+    SERVER_USERS,
+    Provider,
+    Server,
+    _server,
+    approved_release_pipeline,
+    bearer,
+    sql,
+)
 
 SECRET = "s3cret-" + uuid.uuid4().hex
 REG = "/api/v1/registry"
@@ -81,69 +87,8 @@ def hook_server(
         )
 
 
-def _bearer(server: Server, who: str) -> dict[str, str]:
-    return {
-        "Authorization": "Bearer "
-        + str(sign_in(server.oidc.url, who, client_id="vmfarm")["id_token"])
-    }
-
-
 def _pipeline(name: str, env: str, infra: str, svc: str) -> str:
-    return f"""\
-apiVersion: v1
-kind: Pipeline
-metadata:
-  name: {name}
-spec:
-  variables:
-    - name: version
-      type: String
-      value: <+input>.regex(^[^|]+$)
-  stages:
-    - stage:
-        name: Approve
-        identifier: approve
-        type: Approval
-        spec:
-          execution:
-            steps:
-              - step:
-                  type: HarnessApproval
-                  name: Approve
-                  identifier: approve
-                  timeout: 1d
-                  spec:
-                    approvalMessage: Deploy <+pipeline.variables.version>?
-                    approvers:
-                      userGroups: [release_managers]
-                      minimumCount: 1
-    - stage:
-        name: Deploy
-        identifier: deploy
-        type: Deployment
-        spec:
-          service:
-            serviceRef: {svc}
-          environment:
-            environmentRef: {env}
-            infrastructureDefinitions:
-              - identifier: {infra}
-          execution:
-            steps:
-              - step:
-                  type: Command
-                  name: Work
-                  identifier: work
-                  spec:
-                    commandUnits:
-                      - identifier: note
-                        type: Script
-                        spec:
-                          source:
-                            type: Inline
-                            spec:
-                              script: echo <+pipeline.variables.version>
-"""
+    return approved_release_pipeline(name, env=env, infra=infra, svc=svc, version="^[^|]+$")
 
 
 def _trigger(ident: str, pipeline: str) -> str:
@@ -215,7 +160,7 @@ def _env_files(ids: dict[str, str]) -> dict[str, str]:
 def stored(hook_server: Server, ids: dict[str, str]) -> dict[str, str]:
     resp = httpx.post(
         hook_server.url + REG,
-        headers=_bearer(hook_server, "alice"),
+        headers=bearer(hook_server, "alice"),
         json={"files": _env_files(ids)},
         timeout=60,
     )
@@ -247,17 +192,8 @@ def _deliver(
     return httpx.post(f"{server.url}{HOOKS}/{trigger}", content=body, headers=headers, timeout=60)
 
 
-def _sql(pg_url: str, query: str, **params: Any) -> list[Any]:
-    engine = create_engine(normalise_url(pg_url))
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(text(query), params).all())
-    finally:
-        engine.dispose()
-
-
 def _runs(pg_url: str, pipeline: str) -> list[tuple[str, str, str]]:
-    rows = _sql(
+    rows = sql(
         pg_url,
         "SELECT id, created_by, CAST(plan AS TEXT) FROM execution WHERE pipeline = :p "
         "ORDER BY created_at",
@@ -281,7 +217,7 @@ def test_a_signed_delivery_starts_exactly_one_run_with_the_payloads_version(
     assert [r[0] for r in runs] == [ex_id]
     assert runs[0][1] == f"trigger:{stored['pre']}"
     report = httpx.get(
-        f"{hook_server.url}/api/v1/executions/{ex_id}", headers=_bearer(hook_server, "alice")
+        f"{hook_server.url}/api/v1/executions/{ex_id}", headers=bearer(hook_server, "alice")
     ).json()
     assert report["status"] == "WAITING"
     assert f"Deploy {version}?" in json.dumps(report)
@@ -328,7 +264,7 @@ def test_a_delivery_without_the_triggers_signature_is_refused_and_audited(
     assert resp.status_code == 401, resp.text
     assert SECRET not in resp.text
     assert len(_runs(pg_url, stored["pipe"])) == before
-    refused = _sql(
+    refused = sql(
         pg_url,
         "SELECT outcome, CAST(detail AS TEXT) FROM auditevent WHERE action = 'webhook' "
         'AND "user" = :u ORDER BY id DESC LIMIT 1',
@@ -363,7 +299,7 @@ def test_conditions_and_payload_values_decide_what_starts(
     assert ok.status_code == 201, ok.text
     report = httpx.get(
         f"{hook_server.url}/api/v1/executions/{ok.json()['execution']}",
-        headers=_bearer(hook_server, "alice"),
+        headers=bearer(hook_server, "alice"),
     ).json()
     assert f"Deploy {hostile}?" in json.dumps(report, ensure_ascii=False)
 
@@ -380,7 +316,7 @@ def test_the_trigger_deploys_only_where_its_subject_may(
     assert "environment:deploy:production" in resp.text
     assert _runs(pg_url, stored["prodpipe"]) == []
     # and the refused delivery may be sent again once allowed (it was not kept as started)
-    rows = _sql(
+    rows = sql(
         pg_url, "SELECT count(*) FROM webhookdelivery WHERE trigger_id = :t", t=stored["prod"]
     )
     assert rows[0][0] == 0
@@ -391,7 +327,7 @@ def test_unknown_triggers_and_the_listing(
 ) -> None:
     assert _deliver(hook_server, "no_such_trigger", {"branch": "main"}).status_code == 404
     # vmfarm triggers' source: every trigger with its last deliveries, for registry:view only
-    alice, bob = _bearer(hook_server, "alice"), _bearer(hook_server, "bob")
+    alice, bob = bearer(hook_server, "alice"), bearer(hook_server, "bob")
     assert httpx.get(hook_server.url + "/api/v1/triggers", headers=bob).status_code == 403
     listing = httpx.get(hook_server.url + "/api/v1/triggers", headers=alice).json()
     mine = {t["id"]: t for t in listing}
@@ -405,7 +341,7 @@ def test_a_trigger_naming_no_stored_pipeline_is_refused_at_apply(
 ) -> None:
     resp = httpx.post(
         hook_server.url + REG,
-        headers=_bearer(hook_server, "alice"),
+        headers=bearer(hook_server, "alice"),
         json={"files": {"t.yaml": _trigger("dangling_" + stored["pre"], "no_such_pipeline")}},
     )
     assert resp.status_code == 422, resp.text
