@@ -336,6 +336,12 @@ def reconfigure() -> None:
     get_settings.cache_clear()
     app.conf.update(build_config())
     setup(app, signing_paths(get_settings()))
+    # A task bound to the app keeps the serializer of the configuration it was bound under
+    # (Celery's Task.bind copies task_serializer once): give every task today's, so a process
+    # that turns signing on or off here sends what the workers accept.
+    if app.finalized:
+        for task in app.tasks.values():
+            type(task).serializer = app.conf.task_serializer
     # The broker connection and producer pools and the result backend are cached on first use:
     # drop them. kombu keeps its pools in global groups keyed by broker URL, so a closed pool
     # would come back for the same URL later: clear those groups too.

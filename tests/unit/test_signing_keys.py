@@ -66,3 +66,30 @@ def test_embedded_mode_does_not_sign(tmp_path: Path) -> None:
     )
     assert signing_paths(s) is None
     assert celery_settings(None)["accept_content"] == ["json"]
+
+
+def test_a_process_that_turns_signing_on_after_its_tasks_are_bound_sends_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Celery copies task_serializer into each task class once, when the app binds its tasks: a
+    # process configured again (tests; app.celery.reconfigure) must not keep sending JSON to
+    # workers that accept only signed messages.
+    import tasks.deploy  # noqa: F401  (registers vmfarm.run_step)
+    from app.celery import app, reconfigure
+
+    made = init_keys(tmp_path, "server")
+    run_step = app.tasks["vmfarm.run_step"]  # the app is finalized: its tasks are bound
+    assert run_step.serializer == "json"
+    monkeypatch.setenv("VMFARM_BROKER_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("VMFARM_SECURITY_KEY", str(made.key))
+    monkeypatch.setenv("VMFARM_SECURITY_CERTIFICATE", str(made.certificate))
+    monkeypatch.setenv("VMFARM_SECURITY_CERT_STORE", str(made.store))
+    try:
+        reconfigure()
+        assert run_step.serializer == "auth"
+        monkeypatch.undo()
+        reconfigure()
+        assert run_step.serializer == "json"
+    finally:
+        monkeypatch.undo()
+        reconfigure()
