@@ -339,9 +339,14 @@ def reconfigure() -> None:
     # A task bound to the app keeps the serializer of the configuration it was bound under
     # (Celery's Task.bind copies task_serializer once): give every task today's, so a process
     # that turns signing on or off here sends what the workers accept.
+    # Each task also caches its send options (serializer among them) on first send, and the
+    # app's message sender caches the default serializer when first built: drop both.
     if app.finalized:
         for task in app.tasks.values():
             type(task).serializer = app.conf.task_serializer
+            type(task)._exec_options = None
+            task._exec_options = None
+    app.amqp.__dict__.pop("send_task_message", None)
     # The broker connection and producer pools and the result backend are cached on first use:
     # drop them. kombu keeps its pools in global groups keyed by broker URL, so a closed pool
     # would come back for the same URL later: clear those groups too.

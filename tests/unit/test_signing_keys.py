@@ -93,3 +93,44 @@ def test_a_process_that_turns_signing_on_after_its_tasks_are_bound_sends_signed(
     finally:
         monkeypatch.undo()
         reconfigure()
+
+
+def test_a_process_configured_again_sends_real_messages_with_the_new_serializer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What matters is the message on the wire, not the attribute: a task already sent once
+    # caches its send options (serializer among them), and Celery's sender caches the default.
+    # Sent over kombu's in-memory transport (no broker needed); the content type is read from
+    # what the producer hands the transport.
+    from kombu.messaging import Producer
+
+    import tasks.deploy  # noqa: F401  (registers vmfarm.run_step)
+    from app.celery import app, reconfigure
+
+    sent: list[str] = []
+    real_publish = Producer._publish
+
+    def spy(
+        self: Producer, body: object, priority: object, content_type: str, *a: object, **kw: object
+    ) -> object:
+        sent.append(content_type)
+        return real_publish(self, body, priority, content_type, *a, **kw)
+
+    monkeypatch.setattr(Producer, "_publish", spy)
+    made = init_keys(tmp_path, "server")
+    run_step = app.tasks["vmfarm.run_step"]
+    with monkeypatch.context() as env:
+        env.setenv("VMFARM_BROKER_URL", "memory://")
+        try:
+            reconfigure()
+            run_step.apply_async(kwargs={"key": {"region": "r1"}})  # caches its options
+            env.setenv("VMFARM_SECURITY_KEY", str(made.key))
+            env.setenv("VMFARM_SECURITY_CERTIFICATE", str(made.certificate))
+            env.setenv("VMFARM_SECURITY_CERT_STORE", str(made.store))
+            reconfigure()
+            run_step.apply_async(kwargs={"key": {"region": "r1"}})
+            app.send_task("vmfarm.run_step", kwargs={"key": {"region": "r1"}})
+        finally:
+            env.undo()
+            reconfigure()
+    assert sent == ["application/json", "application/data", "application/data"]
