@@ -344,7 +344,6 @@ def reconfigure() -> None:
     if app.finalized:
         for task in app.tasks.values():
             type(task).serializer = app.conf.task_serializer
-            type(task)._exec_options = None
             task._exec_options = None
     app.amqp.__dict__.pop("send_task_message", None)
     # The broker connection and producer pools and the result backend are cached on first use:
